@@ -1,0 +1,59 @@
+"""Closed-form checks of step-score aggregation and voting."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from treesearch.aggregation import aggregate
+from treesearch.voting import majority, weighted_majority
+
+
+@pytest.mark.parametrize(
+    "name, scores, expected",
+    [
+        ("geometric_mean", [0.25, 1.0], 0.5),            # sqrt(0.25 * 1)
+        ("geometric_mean", [0.5, 0.5, 0.5], 0.5),
+        ("geometric_mean", [0.0, 1.0], math.sqrt(1e-10)),  # clamped at 1e-10 before the log
+        ("min", [0.3, 0.1, 0.7], 0.1),
+        ("product", [0.5, 0.4], 0.2),
+        ("last", [0.9, 0.2], 0.2),
+        ("mean", [0.2, 0.4, 0.9], 0.5),
+    ],
+)
+def test_aggregations_closed_form(name, scores, expected):
+    assert aggregate(scores, name) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", ["geometric_mean", "min", "product", "last", "mean"])
+def test_empty_path_scores_zero(name):
+    assert aggregate([], name) == 0.0
+
+
+def test_geometric_mean_is_the_default():
+    assert aggregate([0.25, 1.0]) == pytest.approx(0.5)
+
+
+def test_unknown_aggregation_lists_valid():
+    with pytest.raises(ValueError, match="valid: geometric_mean, last, mean, min, product"):
+        aggregate([0.5], "harmonic")
+
+
+def test_majority_counts_and_breaks_ties_by_first_seen():
+    assert majority(["3", "4", "4", None]) == "4"
+    assert majority(["5", "6", "6", "5"]) == "5"  # 2-2 tie: "5" was seen first
+    assert majority([None, None]) is None
+    assert majority([]) is None
+
+
+def test_weighted_majority_sums_weights():
+    # "3": 0.9; "4": 0.2 + 0.3 = 0.5
+    assert weighted_majority(["3", "4", "4"], [0.9, 0.2, 0.3]) == "3"
+    # "4": 0.5 + 0.5 = 1.0 beats "3": 0.9
+    assert weighted_majority(["3", "4", "4"], [0.9, 0.5, 0.5]) == "4"
+    assert weighted_majority(["3", None], [0.1, 5.0]) == "3"  # a missing answer never wins
+
+
+def test_weighted_majority_length_mismatch():
+    with pytest.raises(ValueError, match="2 answers but 1 weights"):
+        weighted_majority(["1", "2"], [1.0])

@@ -1,0 +1,86 @@
+"""Step splitting, the records and the tree."""
+from __future__ import annotations
+
+import json
+
+import networkx as nx
+import pytest
+from hypothesis import given, strategies as st
+
+from treesearch.records import Prefix, Problem, Step
+from treesearch.steps import StepFormat, split_steps
+from treesearch.tree import Tree
+
+
+def test_split_reference_format():
+    text = "<think>1 + 2 = 3.\n\n3 * 2 = 6.\n\n</think>Answer: 6"
+    assert split_steps(text) == ["<think>1 + 2 = 3.\n\n", "3 * 2 = 6.\n\n", "</think>Answer: 6"]
+
+
+def test_split_runs_and_separator_after_think():
+    # the separator right after <think> and the second of a run do not start steps
+    text = "<think>.\n\nA.\n\n.\n\nB.\n\n</think>C"
+    assert split_steps(text) == ["<think>.\n\nA.\n\n.\n\n", "B.\n\n", "</think>C"]
+
+
+def test_separators_outside_think_do_not_split():
+    assert split_steps("a.\n\n</think>b.\n\nc") == ["a.\n\n", "</think>b.\n\nc"]
+    assert split_steps("pre.\n\n<think>a.\n\nb") == ["pre.\n\n<think>a.\n\n", "b"]
+
+
+def test_custom_separator():
+    fmt = StepFormat(separator="\n", think_open="", think_close="")
+    assert split_steps("a\nb\n\nc", fmt) == ["a\n", "b\n\n", "c"]  # "\n\n" is a run of two
+
+
+def test_empty_separator_rejected():
+    with pytest.raises(ValueError, match="separator"):
+        StepFormat(separator="")
+
+
+@given(st.lists(st.sampled_from(["a", ".", "\n", "<think>", "</think>", ".\n\n", " "]), max_size=40).map("".join))
+def test_split_is_lossless_and_has_no_empty_steps(text):
+    steps = split_steps(text)
+    assert "".join(steps) == text
+    assert all(steps)
+
+
+def test_step_validation():
+    with pytest.raises(ValueError, match="finish='stop'"):
+        Step("a", (1,), (-0.1,), "stop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="2 token_ids but 1 token_logprobs"):
+        Step("a", (1, 2), (-0.1,), "eos")
+    s = Step("ab", (1, 2), (-0.5, -0.25), "separator")
+    assert s.logprob == -0.75 and not s.is_terminal
+
+
+def _tree() -> Tree:
+    tree = Tree(Problem("p", "q", "3", {"k": 1}))
+    a = tree.add(0, Step("a.\n\n", (1, 2), (-0.1, -0.2), "separator"), prior=0.6, score=0.7)
+    tree.add(a, Step("b", (3,), (-0.3,), "eos", tokens_forwarded=4), prior=1.0, score=0.4)
+    tree.add(0, Step("c", (5,), (-1.0,), "length"), prior=0.4, score=0.1)
+    return tree
+
+
+def test_tree_paths_and_leaves():
+    tree = _tree()
+    assert [s.text for s in tree.path(2)] == ["a.\n\n", "b"]
+    assert tree.leaves() == [2, 3]
+    assert tree.prefix(2) == Prefix(tree.problem, tree.path(2))
+    assert tree.nodes[2].depth == 2 and tree.nodes[2].is_terminal
+
+
+def test_tree_networkx_export():
+    g = _tree().to_networkx()
+    assert isinstance(g, nx.DiGraph)
+    assert sorted(g.edges) == [(0, 1), (0, 3), (1, 2)]
+    assert g.nodes[1]["score"] == 0.7 and g.nodes[3]["finish"] == "length"
+
+
+def test_tree_json_round_trip():
+    tree = _tree()
+    data = json.loads(json.dumps(tree.to_json()))
+    back = Tree.from_json(data)
+    assert back.problem == tree.problem
+    assert [n.step for n in back.nodes] == [n.step for n in tree.nodes]
+    assert [n.children for n in back.nodes] == [n.children for n in tree.nodes]

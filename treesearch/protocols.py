@@ -1,0 +1,50 @@
+"""The plug-in interfaces the search core consumes: `Policy` and `Scorer`.
+
+They are owned here (the consumer); `policies/` and `scorers/` implement them without inheriting
+from anything. Both are batch-first and keep the input order.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+from treesearch.records import Prefix, Step
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A generator of reasoning steps.
+
+    num_parameters: parameter count of the model, for FLOPs estimates (2 x params x tokens).
+    """
+
+    num_parameters: int
+
+    def propose(
+        self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool = True
+    ) -> list[list[Step]]:
+        """Sample n next steps for each prefix: result[i][j] is the j-th sample after prefixes[i].
+
+        With stop_at_step=False a "step" runs to the end of the sequence (one step per sample).
+        Same inputs and seed give the same outputs.
+        """
+        ...
+
+    def rollout(self, prefixes: Sequence[Prefix], n: int, seed: int) -> list[list[list[Step]]]:
+        """Sample n completions to the end for each prefix, split into steps:
+        result[i][j] is the j-th completion of prefixes[i] as a list of steps, the last one
+        terminal (finish "eos" or "length"), the others ending on the separator."""
+        ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores partial or complete paths step by step."""
+
+    def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
+        """One score in [0, 1] per step of each path, in input order."""
+        ...
+
+    def cost(self, paths: Sequence[Prefix]) -> int:
+        """Tokens the scorer runs through a model to score these paths (0 when it reads what the
+        policy already computed, such as token log-probs or head scores from generation)."""
+        ...

@@ -1,0 +1,94 @@
+"""Frozen records that cross module boundaries: a problem, a step, a partial path (prefix).
+
+Everything a policy, a scorer or a strategy exchanges is one of these; none of them changes after
+it is made, so a tree, a result file and a metric all see the same values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+Finish = Literal["separator", "eos", "length"]
+FINISH_REASONS: tuple[str, ...] = ("separator", "eos", "length")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One question to solve.
+
+    id: stable identifier, unique within a task split.
+    question: the text shown to the policy (the policy's prompt template wraps it).
+    answer: the reference final answer as a string, or None when it is unknown.
+    meta: task-specific extras (difficulty, source file and line, ...); never read by the search.
+    """
+
+    id: str
+    question: str
+    answer: str | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One reasoning step as the policy produced it.
+
+    text: the decoded step, separator included when the step ended on one.
+    token_ids: the generated token ids of this step (what a continuation appends, never re-tokenised).
+    token_logprobs: log-probability of each generated token under the policy (temperature 1), same
+        length as token_ids.
+    finish: "separator" (the step ended on the step separator), "eos" (the sequence ended) or
+        "length" (a token limit cut it).
+    tokens_forwarded: tokens the backend ran through the model to make this step, prompt tokens
+        that were not cached included; when several samples share one prefill, the prefill is
+        counted on the first sample only, so sums over steps equal the real work.
+    score: a step score in [0, 1] attached by a policy that owns a scorer head, else None.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    token_logprobs: tuple[float, ...]
+    finish: Finish
+    tokens_forwarded: int = 0
+    score: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.finish not in FINISH_REASONS:
+            raise ValueError(f"Step.finish={self.finish!r}; valid: {', '.join(FINISH_REASONS)}")
+        if len(self.token_ids) != len(self.token_logprobs):
+            raise ValueError(
+                f"Step has {len(self.token_ids)} token_ids but {len(self.token_logprobs)} token_logprobs"
+            )
+
+    @property
+    def logprob(self) -> float:
+        """Sum of the step's token log-probabilities."""
+        return float(sum(self.token_logprobs))
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_terminal(self) -> bool:
+        """True when nothing can follow this step (the sequence ended or was cut)."""
+        return self.finish != "separator"
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """A partial solution: the problem and the steps taken so far (possibly none)."""
+
+    problem: Problem
+    steps: tuple[Step, ...] = ()
+
+    def extend(self, step: Step) -> "Prefix":
+        return Prefix(self.problem, self.steps + (step,))
+
+    @property
+    def text(self) -> str:
+        """The solution text so far (steps joined as generated)."""
+        return "".join(s.text for s in self.steps)
+
+    @property
+    def is_terminal(self) -> bool:
+        return bool(self.steps) and self.steps[-1].is_terminal

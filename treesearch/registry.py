@@ -1,0 +1,46 @@
+"""The strategy registry: every strategy has the signature
+`search(problems, policy, scorer, cfg) -> list[SearchResult]` and a config dataclass.
+
+    spec = get_strategy("best_of_n")
+    results = spec.fn(problems, policy, scorer, spec.config(n=16))
+    # or: run_search("best_of_n", problems, policy, scorer, n=16)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from treesearch.best_of_n import BestOfNConfig, best_of_n
+from treesearch.protocols import Policy, Scorer
+from treesearch.records import Problem
+from treesearch.result import SearchResult
+
+SearchFn = Callable[[Sequence[Problem], Policy, Scorer, Any], list[SearchResult]]
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """fn: the search function; config: its config dataclass."""
+
+    fn: SearchFn
+    config: type
+
+
+STRATEGIES: dict[str, StrategySpec] = {
+    "best_of_n": StrategySpec(best_of_n, BestOfNConfig),
+}
+
+
+def get_strategy(name: str) -> StrategySpec:
+    """The registered strategy, or a ValueError that lists the valid names."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name]
+
+
+def run_search(
+    name: str, problems: Sequence[Problem], policy: Policy, scorer: Scorer, **cfg: Any
+) -> list[SearchResult]:
+    """Build the strategy's config from keyword arguments and run it."""
+    spec = get_strategy(name)
+    return spec.fn(problems, policy, scorer, spec.config(**cfg))

@@ -1,0 +1,65 @@
+"""Splitting a solution text into reasoning steps.
+
+A step ends with the separator (default ".\\n\\n", kept in the step). Only separators inside the
+think span count: the span starts after `<think>` (or at the start of the text when the text has
+no `<think>`, because the prompt opened it) and ends at `</think>` (or the end of the text). As in
+the reference, only the first separator of a run ends a step (the rest stay attached to it), and a
+separator right after `<think>` does not end a step. Text before the span joins the first step;
+`</think>` and everything after it is the last step. Joining the steps gives the text back.
+
+    >>> split_steps("<think>1 + 2 = 3.\\n\\n3 * 2 = 6.\\n\\n</think>Answer: 6")
+    ['<think>1 + 2 = 3.\\n\\n', '3 * 2 = 6.\\n\\n', '</think>Answer: 6']
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepFormat:
+    """separator: ends a step; think_open / think_close: the think span markers ("" for none)."""
+
+    separator: str = ".\n\n"
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+
+    def __post_init__(self) -> None:
+        if not self.separator:
+            raise ValueError("StepFormat.separator must be a non-empty string")
+
+
+def think_span(text: str, fmt: StepFormat = StepFormat()) -> tuple[int, int]:
+    """[start, end) character span in which separators end steps."""
+    start = 0
+    if fmt.think_open and fmt.think_open in text:
+        start = text.index(fmt.think_open) + len(fmt.think_open)
+    end = len(text)
+    if fmt.think_close:
+        close = text.find(fmt.think_close, start)
+        if close >= 0:
+            end = close
+    return start, end
+
+
+def step_end_offsets(text: str, fmt: StepFormat = StepFormat()) -> list[int]:
+    """Character offsets just after each separator that ends a step."""
+    start, end = think_span(text, fmt)
+    sep = fmt.separator
+    ends: list[int] = []
+    pos = start
+    while True:
+        hit = text.find(sep, pos, end)
+        if hit < 0:
+            return ends
+        stop = hit + len(sep)
+        while text.startswith(sep, stop) and stop + len(sep) <= end:  # swallow a run
+            stop += len(sep)
+        if hit != start:  # a separator right after <think> is not a step
+            ends.append(stop)
+        pos = stop
+
+
+def split_steps(text: str, fmt: StepFormat = StepFormat()) -> list[str]:
+    """The steps of text (see the module docstring); [] for an empty text."""
+    cuts = [0] + step_end_offsets(text, fmt) + [len(text)]
+    return [text[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]

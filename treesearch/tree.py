@@ -1,0 +1,143 @@
+"""The search tree: each node is one reasoning step; the path from the root is a partial solution.
+
+Every strategy builds a `Tree` (Best-of-N builds N chains under the root), so trees from all
+strategies plot, export and compare the same way. The tree is mutable while a strategy builds it
+and is handed over in the frozen `SearchResult`; nodes are addressed by integer ids.
+
+    tree = Tree(problem)
+    a = tree.add(tree.root_id, step_a, prior=0.7)
+    tree.path(a)             # (step_a,)
+    tree.to_networkx()       # networkx.DiGraph with node attributes
+    Tree.from_json(tree.to_json())
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from treesearch.records import Prefix, Problem, Step
+
+ROOT_ID = 0
+
+
+@dataclass
+class Node:
+    """One node. id: index in the tree; parent: parent id (None for the root); step: the step that
+    leads here (None for the root); children: child ids in creation order; visits / value: search
+    statistics (value = running mean or max of backed-up values, strategy dependent); prior: the
+    policy's prior for this child among its siblings; score: the scorer's score of this step."""
+
+    id: int
+    parent: int | None
+    step: Step | None
+    depth: int
+    children: list[int] = field(default_factory=list)
+    visits: int = 0
+    value: float = 0.0
+    prior: float = 1.0
+    score: float | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.step is not None and self.step.is_terminal
+
+
+class Tree:
+    """Nodes of one problem's search; node 0 is the root (the bare problem)."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        self.nodes: list[Node] = [Node(id=ROOT_ID, parent=None, step=None, depth=0)]
+
+    @property
+    def root_id(self) -> int:
+        return ROOT_ID
+
+    def add(self, parent: int, step: Step, prior: float = 1.0, score: float | None = None) -> int:
+        """Add a child of `parent` reached by `step`; return its id."""
+        node = Node(
+            id=len(self.nodes),
+            parent=parent,
+            step=step,
+            depth=self.nodes[parent].depth + 1,
+            prior=prior,
+            score=score,
+        )
+        self.nodes.append(node)
+        self.nodes[parent].children.append(node.id)
+        return node.id
+
+    def add_path(self, steps: list[Step] | tuple[Step, ...], scores: list[float] | None = None) -> int:
+        """Add a chain of steps under the root; return the leaf id."""
+        node = self.root_id
+        for i, step in enumerate(steps):
+            node = self.add(node, step, score=None if scores is None else scores[i])
+        return node
+
+    def path(self, node_id: int) -> tuple[Step, ...]:
+        """Steps from the root to node_id."""
+        steps: list[Step] = []
+        node = self.nodes[node_id]
+        while node.step is not None:
+            steps.append(node.step)
+            node = self.nodes[node.parent]  # type: ignore[index]
+        return tuple(reversed(steps))
+
+    def prefix(self, node_id: int) -> Prefix:
+        return Prefix(self.problem, self.path(node_id))
+
+    def leaves(self) -> list[int]:
+        return [n.id for n in self.nodes if not n.children and n.id != ROOT_ID]
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def to_networkx(self) -> nx.DiGraph:
+        """DiGraph with one node per step (attributes: text, score, visits, value, prior, depth,
+        finish) and parent -> child edges."""
+        graph = nx.DiGraph(problem_id=self.problem.id)
+        for node in self.nodes:
+            graph.add_node(
+                node.id,
+                text="" if node.step is None else node.step.text,
+                finish=None if node.step is None else node.step.finish,
+                score=node.score,
+                visits=node.visits,
+                value=node.value,
+                prior=node.prior,
+                depth=node.depth,
+            )
+            if node.parent is not None:
+                graph.add_edge(node.parent, node.id)
+        return graph
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (steps included) that `from_json` reads back."""
+        return {
+            "problem": {**asdict(self.problem), "meta": dict(self.problem.meta)},
+            "nodes": [_node_to_json(n) for n in self.nodes],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Tree":
+        tree = cls(Problem(**data["problem"]))
+        tree.nodes = [_node_from_json(d) for d in data["nodes"]]
+        return tree
+
+
+def _node_to_json(node: Node) -> dict[str, Any]:
+    out = asdict(node)
+    if node.step is not None:
+        out["step"] = {**asdict(node.step), "token_ids": list(node.step.token_ids),
+                       "token_logprobs": list(node.step.token_logprobs)}
+    return out
+
+
+def _node_from_json(data: dict[str, Any]) -> Node:
+    step = data.get("step")
+    if step is not None:
+        step = Step(**{**step, "token_ids": tuple(step["token_ids"]),
+                       "token_logprobs": tuple(step["token_logprobs"])})
+    return Node(**{**data, "step": step, "children": list(data["children"])})
