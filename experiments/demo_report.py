@@ -1,0 +1,102 @@
+"""The demo's tables: accuracy of each selection rule at N = 1, 2, 4, ..., written as
+`report.md` and `metrics.json` (flat keys "<task>.<metric>", fractions in [0, 1]).
+
+Selection rules on the same sampled candidates (disjoint groups of N, see experiments.metrics):
+  pass@1      a single sample (mean over all samples)
+  maj@N       majority vote over the final answers
+  wmaj@N      confidence-weighted majority vote
+  conf_bon@N  Best-of-N by the policy's own confidence (step token log-probs, geometric mean)
+  random_bon@N Best-of-N by a random scorer (the floor)
+  pass@N      oracle: any of the N is right
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from experiments.metrics import Estimate, ProblemOutcome, accuracy
+
+
+@dataclass(frozen=True)
+class TaskOutcomes:
+    """Everything the tables need for one task.
+
+    greedy: one greedy candidate per problem; conf: the sampled candidates scored by confidence;
+    random: the same candidates scored by the random scorer; compute: per-problem means.
+    """
+
+    task: str
+    greedy: Sequence[ProblemOutcome]
+    conf: Sequence[ProblemOutcome]
+    random: Sequence[ProblemOutcome]
+    compute: dict[str, float]
+
+
+def budgets(n: int) -> list[int]:
+    """1, 2, 4, ... up to n (and n itself)."""
+    out = [1]
+    while out[-1] * 2 <= n:
+        out.append(out[-1] * 2)
+    return out if out[-1] == n else out + [n]
+
+
+def estimates(t: TaskOutcomes) -> dict[str, Estimate]:
+    n = len(t.conf[0].candidates)
+    est: dict[str, Estimate] = {
+        "greedy": accuracy(t.greedy, 1, "first"),
+        "pass@1": accuracy(t.conf, 1, "first"),
+    }
+    for k in budgets(n):
+        est[f"maj@{k}"] = accuracy(t.conf, k, "majority")
+        est[f"wmaj@{k}"] = accuracy(t.conf, k, "weighted_majority")
+        est[f"conf_bon@{k}"] = accuracy(t.conf, k, "best_score")
+        est[f"random_bon@{k}"] = accuracy(t.random, k, "best_score")
+        est[f"pass@{k}"] = accuracy(t.conf, k, "oracle")
+    return est
+
+
+def metrics_json(tasks: Sequence[TaskOutcomes]) -> dict:
+    out: dict = {}
+    for t in tasks:
+        for name, e in estimates(t).items():
+            out[f"{t.task}.{name}"] = e.mean
+            out.setdefault(f"{t.task}.ci95", {})[name] = [e.low, e.high]
+        out[f"{t.task}.problems"] = len(t.conf)
+        out[f"{t.task}.compute"] = t.compute
+    return out
+
+
+def markdown_table(t: TaskOutcomes) -> str:
+    est = estimates(t)
+    n = len(t.conf[0].candidates)
+    cols = ["maj", "wmaj", "conf_bon", "random_bon", "pass"]
+    lines = [
+        f"| N | pass@1 | {' | '.join(c + '@N' for c in cols)} |",
+        "|---|" + "---|" * (len(cols) + 1),
+    ]
+    for k in budgets(n):
+        cells = [est["pass@1"].fmt()] + [est[f"{c}@{k}"].fmt() for c in cols]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, tasks: Sequence[TaskOutcomes], header: str) -> None:
+    """Write report.md and metrics.json into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = [header]
+    for t in tasks:
+        est = estimates(t)
+        parts += [
+            f"## {t.task}: {len(t.conf)} test problems, {len(t.conf[0].candidates)} samples each",
+            f"Greedy pass@1: {est['greedy'].fmt()}. Sampled pass@1: {est['pass@1'].fmt()}.",
+            "Accuracy (mean [95% bootstrap interval over problems]) on disjoint groups of N samples:",
+            markdown_table(t),
+            "Compute per problem (all samples): "
+            + ", ".join(f"{k} {v:.4g}" for k, v in t.compute.items()),
+        ]
+    (out_dir / "report.md").write_text("\n\n".join(parts) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics_json(tasks), indent=2) + "\n")
+
+
