@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.best_of_n import BestOfNConfig, best_of_n
+from treesearch.dvts import DVTSConfig, dvts
+from treesearch.mcts import MCTSConfig, mcts
 from treesearch.protocols import Policy, Scorer
 from treesearch.records import Problem
 from treesearch.result import SearchResult
@@ -28,6 +31,9 @@ class StrategySpec:
 
 STRATEGIES: dict[str, StrategySpec] = {
     "best_of_n": StrategySpec(best_of_n, BestOfNConfig),
+    "beam_search": StrategySpec(beam_search, BeamSearchConfig),
+    "dvts": StrategySpec(dvts, DVTSConfig),
+    "mcts": StrategySpec(mcts, MCTSConfig),
 }
 
 

@@ -1,0 +1,225 @@
+"""Step-level beam search (search-and-learn's `beam_search`), batched across problems.
+
+N candidates per problem, beam width M: the root is sampled N times; the N/M best unfinished
+children by aggregated path score become the beams; every later round samples M next steps for
+each beam (N paths again) and keeps the N/M best unfinished ones. A child whose step is terminal
+(finish "eos" or "length") leaves the beam and becomes a candidate. A problem stops when it has N
+candidates, when no beam is left, or at max_depth, where the beams that survive the last
+selection become candidates as they stand (their last step keeps its finish, "separator").
+
+Batching (unlike search-and-learn, which runs one problem at a time): each round sends the beams
+of ALL problems to `policy.propose` in one call and all new paths to `scorer.score` in one call;
+lookahead k adds k more calls per round, each batched the same way.
+
+Options:
+- dedup: among one problem's unfinished children, keep only the first of each identical path
+  text before choosing beams (as search-and-learn's `filter_duplicates`); duplicates stay in the
+  tree and in compute, they were generated.
+- lookahead k: before scoring, each unfinished child is extended by up to k more steps, one
+  sample each (`propose(n=1)`), and the child is ranked by the aggregated score of that longer
+  path; the lookahead steps are counted in compute but are not tree nodes. Deviation: search-and-
+  learn samples lookahead steps at temperature 0; the Policy protocol has no temperature knob, so
+  here they are single samples at the policy's own temperature (greedy when the policy is).
+
+Node fields set: score (the scorer's score of the node's step), value (the aggregated path score
+that ranked it, lookahead included). Ties go to the earlier-generated child.
+
+Compute (`treesearch.frontier.Ledger`): every step generated for a problem (pruned, duplicate and
+lookahead steps included), the policy calls that included it, the scorer cost of its paths, and
+the call's wall time split evenly over the problems, as best_of_n counts.
+
+    results = beam_search(problems, policy, scorer, BeamSearchConfig(n=8, beam_width=4, max_depth=20))
+
+Tests: `.venv/bin/pytest tests/test_beam_search.py`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from treesearch.aggregation import aggregate, check_aggregation
+from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, round_seed, score_rows
+from treesearch.protocols import Policy, Scorer
+from treesearch.records import Problem
+from treesearch.result import Candidate, SearchResult, argmax_first
+from treesearch.tree import ROOT_ID, Tree
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_beam_shape(owner: str, n: int, beam_width: int, max_depth: int) -> None:
+    """Validate the (n, beam_width, max_depth) triple shared by beam search and DVTS."""
+    if not _is_int(n) or n < 1:
+        raise ValueError(f"{owner}.n={n!r} must be an integer >= 1")
+    if not _is_int(beam_width) or beam_width < 1:
+        raise ValueError(f"{owner}.beam_width={beam_width!r} must be an integer >= 1")
+    if beam_width > n:
+        raise ValueError(f"{owner}.beam_width={beam_width} must be <= n={n}")
+    if n % beam_width:
+        raise ValueError(f"{owner}.n={n} must be divisible by beam_width={beam_width}")
+    if not _is_int(max_depth) or max_depth < 1:
+        raise ValueError(f"{owner}.max_depth={max_depth!r} must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class BeamSearchConfig:
+    """n: candidates per problem (N); beam_width: samples per beam per round (M), N/M beams are
+    kept; max_depth: most steps in a path; aggregation: step scores -> path score; dedup: drop
+    duplicate path texts before choosing beams; lookahead: extra steps sampled to score a child;
+    seed: base of the per-round policy seeds."""
+
+    n: int = 8
+    beam_width: int = 4
+    max_depth: int = 40
+    aggregation: str = "geometric_mean"
+    dedup: bool = False
+    lookahead: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_beam_shape("BeamSearchConfig", self.n, self.beam_width, self.max_depth)
+        check_aggregation(self.aggregation)
+        if not isinstance(self.dedup, bool):
+            raise ValueError(f"BeamSearchConfig.dedup={self.dedup!r} must be a bool")
+        if not _is_int(self.lookahead) or self.lookahead < 0:
+            raise ValueError(f"BeamSearchConfig.lookahead={self.lookahead!r} must be an integer >= 0")
+        if not _is_int(self.seed):
+            raise ValueError(f"BeamSearchConfig.seed={self.seed!r} must be an integer")
+
+
+@dataclass(frozen=True)
+class Beam:
+    """A path being extended. problem: index of its problem; node: its last node in that
+    problem's tree; subtree: which DVTS subtree it belongs to (0 for beam search)."""
+
+    problem: int
+    node: int
+    subtree: int = 0
+
+
+@dataclass(frozen=True)
+class ScoredChild:
+    """A step generated this round, added to its tree and scored.
+
+    problem: index of its problem; beam: index of the beam it extends in the round's beam list;
+    sample: its index among that beam's samples; node: its node id; step_scores: the scorer's
+    scores of the path's own steps; rank: the aggregated score that ranks it (lookahead steps
+    included); terminal: its step ended the sequence.
+    """
+
+    problem: int
+    beam: int
+    sample: int
+    node: int
+    step_scores: tuple[float, ...]
+    rank: float
+    terminal: bool
+
+
+def expand_beams(
+    beams: Sequence[Beam], trees: list[Tree], policy: Policy, scorer: Scorer, ledgers: list[Ledger],
+    *, n: int, lookahead: int, aggregation: str, seed: int, round_index: int,
+) -> list[ScoredChild]:
+    """One round: sample n steps after every beam (one policy call), add them to the trees,
+    extend them by `lookahead` steps, score all paths (one scorer call). Children in beam order."""
+    items = [Item(b.problem, trees[b.problem].prefix(b.node)) for b in beams]
+    rows = propose_rows(policy, items, n, round_seed(seed, round_index), ledgers)
+    added = [(bi, j, trees[beam.problem].add(beam.node, step))
+             for bi, (beam, row) in enumerate(zip(beams, rows)) for j, step in enumerate(row)]
+    paths = [Item(beams[bi].problem, trees[beams[bi].problem].prefix(node)) for bi, _, node in added]
+    scored = extend_by_lookahead(policy, paths, lookahead, seed, round_index, ledgers)
+    scores = score_rows(scorer, scored, ledgers)
+    children = []
+    for (bi, j, node), path, row in zip(added, paths, scores):
+        depth = len(path.prefix.steps)
+        rank = aggregate(row, aggregation)
+        tree_node = trees[path.problem].nodes[node]
+        tree_node.score, tree_node.value = row[depth - 1], rank
+        children.append(ScoredChild(path.problem, bi, j, node, tuple(row[:depth]), rank,
+                                    path.prefix.is_terminal))
+    return children
+
+
+def extend_by_lookahead(
+    policy: Policy, items: list[Item], k: int, seed: int, round_index: int, ledgers: list[Ledger]
+) -> list[Item]:
+    """Each unfinished path extended by up to k single-sample steps (one batched call per step);
+    a path stops early when it ends or the policy returns nothing for it."""
+    paths = list(items)
+    stalled: set[int] = set()
+    for step_index in range(k):
+        open_ = [i for i, it in enumerate(paths) if not it.prefix.is_terminal and i not in stalled]
+        rows = propose_rows(policy, [paths[i] for i in open_], 1,
+                            round_seed(seed, round_index, 1 + step_index), ledgers)
+        for i, row in zip(open_, rows):
+            if row:
+                paths[i] = Item(paths[i].problem, paths[i].prefix.extend(row[0]))
+            else:
+                stalled.add(i)
+    return paths
+
+
+def top_by_rank(children: list[ScoredChild], k: int) -> list[ScoredChild]:
+    """The k best children by rank (earlier child on ties), returned in generation order."""
+    order = sorted(range(len(children)), key=lambda i: -children[i].rank)[:k]
+    return [children[i] for i in sorted(order)]
+
+
+def _unique_paths(children: list[ScoredChild], tree: Tree) -> list[ScoredChild]:
+    seen: set[str] = set()
+    out = []
+    for child in children:
+        text = tree.prefix(child.node).text
+        if text not in seen:
+            seen.add(text)
+            out.append(child)
+    return out
+
+
+def _select_beams(
+    children: list[ScoredChild], trees: list[Tree], candidates: list[list[Candidate]],
+    cfg: BeamSearchConfig, last_round: bool,
+) -> list[Beam]:
+    """Finished children -> candidates; the N/M best unfinished ones per problem -> next beams
+    (or, in the last round, -> candidates cut by max_depth)."""
+    by_problem: dict[int, list[ScoredChild]] = {}
+    for child in children:
+        by_problem.setdefault(child.problem, []).append(child)
+    beams = []
+    for problem, kids in by_problem.items():
+        tree, mine = trees[problem], candidates[problem]
+        mine.extend(make_candidate(tree, c.node, c.step_scores, cfg.aggregation) for c in kids if c.terminal)
+        alive = [c for c in kids if not c.terminal]
+        kept = top_by_rank(_unique_paths(alive, tree) if cfg.dedup else alive, cfg.n // cfg.beam_width)
+        if last_round:
+            mine.extend(make_candidate(tree, c.node, c.step_scores, cfg.aggregation) for c in kept)
+        elif len(mine) < cfg.n:
+            beams.extend(Beam(problem, c.node) for c in kept)
+    return beams
+
+
+def beam_search(
+    problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: BeamSearchConfig
+) -> list[SearchResult]:
+    start = time.perf_counter()
+    trees = [Tree(p) for p in problems]
+    ledgers = [Ledger() for _ in problems]
+    candidates: list[list[Candidate]] = [[] for _ in problems]
+    beams = [Beam(i, ROOT_ID) for i in range(len(problems))]
+    for depth in range(1, cfg.max_depth + 1):
+        if not beams:
+            break
+        # the first round samples the root N times; later rounds sample each of the N/M beams M times
+        children = expand_beams(beams, trees, policy, scorer, ledgers,
+                                n=cfg.n if depth == 1 else cfg.beam_width, lookahead=cfg.lookahead,
+                                aggregation=cfg.aggregation, seed=cfg.seed, round_index=depth - 1)
+        beams = _select_beams(children, trees, candidates, cfg, last_round=depth == cfg.max_depth)
+    wall = (time.perf_counter() - start) / max(len(problems), 1)
+    return [
+        SearchResult(problem, "beam_search", asdict(cfg), tuple(cands),
+                     argmax_first([c.score for c in cands]), tree, ledger.compute(policy, scorer, wall))
+        for problem, tree, cands, ledger in zip(problems, trees, candidates, ledgers)
+    ]

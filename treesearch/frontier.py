@@ -1,0 +1,144 @@
+"""The frontier of a step-level search: batched policy / scorer calls over the prefixes of MANY
+problems at once, with each call's cost attributed to the problems it served.
+
+Beam search, DVTS and MCTS all run in rounds; in each round every prefix of every problem that
+needs a step goes to the policy in ONE call and every path that needs a score goes to the scorer
+in ONE call (DESIGN.md section 6.4: search-and-learn's one-problem-at-a-time beam search is the
+anti-pattern). A `Ledger` per problem records every step generated for it (pruned, duplicate,
+lookahead and rollout steps included), the policy calls that included it and its scorer tokens,
+so `Compute` is exactly what best_of_n reports for the same work.
+
+    ledgers = [Ledger() for _ in problems]
+    items = [Item(i, Prefix(p)) for i, p in enumerate(problems)]
+    rows = propose_rows(policy, items, n=4, seed=round_seed(cfg.seed, 0), ledgers=ledgers)
+    paths = [Item(i, item.prefix.extend(row[0])) for i, (item, row) in enumerate(zip(items, rows))]
+    scores = score_rows(scorer, paths, ledgers)
+    ledgers[0].compute(policy, scorer, wall_time_s=0.1)
+
+Run the tests that pin it: `.venv/bin/pytest tests/test_beam_search.py tests/test_mcts.py`.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from treesearch.aggregation import aggregate
+from treesearch.compute import Compute, step_compute
+from treesearch.protocols import Policy, Scorer
+from treesearch.records import Prefix, Step
+from treesearch.result import Candidate
+from treesearch.tree import Tree
+
+
+@dataclass(frozen=True)
+class Item:
+    """One row of a batched call. problem: index of its problem in the search call's problem list;
+    prefix: the partial path to extend or score."""
+
+    problem: int
+    prefix: Prefix
+
+
+@dataclass
+class Ledger:
+    """What one problem's search has cost so far (mutable while that one search call runs).
+
+    steps: every step the policy generated for this problem, each once.
+    policy_calls: policy calls (propose / rollout) that included at least one of its prefixes.
+    scorer_tokens: sum of `scorer.cost` over the paths of this problem that were scored.
+    tokens_generated: running sum of the steps' tokens (read by token budgets).
+    """
+
+    steps: list[Step] = field(default_factory=list)
+    policy_calls: int = 0
+    scorer_tokens: int = 0
+    tokens_generated: int = 0
+
+    def add_steps(self, steps: Sequence[Step]) -> None:
+        self.steps.extend(steps)
+        self.tokens_generated += sum(s.num_tokens for s in steps)
+
+    def compute(self, policy: Policy, scorer: Scorer, wall_time_s: float) -> Compute:
+        """The problem's `Compute`, counted as best_of_n counts it."""
+        base = step_compute(self.steps, policy.num_parameters, self.scorer_tokens,
+                            getattr(scorer, "num_parameters", 0))
+        return base + Compute(policy_calls=self.policy_calls, wall_time_s=wall_time_s)
+
+
+def round_seed(seed: int, round_index: int, phase: int = 0) -> int:
+    """A policy-call seed from the config seed, the round and the call's phase within the round
+    (0: expansion, 1..: lookahead or rollout), so same seed -> same tree. Hashed rather than
+    summed so that (seed, round) pairs never collide; 32 bits fit every RNG a backend may use."""
+    digest = hashlib.blake2b(f"{seed}|{round_index}|{phase}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _charge_calls(items: Sequence[Item], ledgers: list[Ledger]) -> None:
+    for problem in {item.problem for item in items}:
+        ledgers[problem].policy_calls += 1
+
+
+def propose_rows(
+    policy: Policy, items: Sequence[Item], n: int, seed: int, ledgers: list[Ledger]
+) -> list[list[Step]]:
+    """One `policy.propose` call for all items (none when items is empty); rows in item order.
+    A row may be shorter than n (even empty): the strategies treat that as fewer children."""
+    if not items:
+        return []
+    rows = policy.propose([item.prefix for item in items], n=n, seed=seed)
+    _check_rows(rows, items, "propose")
+    _charge_calls(items, ledgers)
+    for item, row in zip(items, rows):
+        ledgers[item.problem].add_steps(row)
+    return [list(row) for row in rows]
+
+
+def rollout_rows(
+    policy: Policy, items: Sequence[Item], seed: int, ledgers: list[Ledger]
+) -> list[list[Step]]:
+    """One `policy.rollout` call (n=1) for all items; row i is the steps that complete item i
+    (empty when the policy returned no completion)."""
+    if not items:
+        return []
+    rows = policy.rollout([item.prefix for item in items], n=1, seed=seed)
+    _check_rows(rows, items, "rollout")
+    _charge_calls(items, ledgers)
+    out = []
+    for item, completions in zip(items, rows):
+        steps = list(completions[0]) if completions else []
+        ledgers[item.problem].add_steps(steps)
+        out.append(steps)
+    return out
+
+
+def score_rows(scorer: Scorer, items: Sequence[Item], ledgers: list[Ledger]) -> list[list[float]]:
+    """One `scorer.score` call for all items; each problem is charged `scorer.cost` of its own
+    paths (computed per problem so a length-dependent cost is attributed exactly)."""
+    if not items:
+        return []
+    paths = [item.prefix for item in items]
+    scores = scorer.score(paths)
+    if len(scores) != len(paths):
+        raise ValueError(f"scorer returned {len(scores)} score rows for {len(paths)} paths")
+    for path, row in zip(paths, scores):
+        if len(row) != len(path.steps):
+            raise ValueError(f"scorer returned {len(row)} scores for a path of {len(path.steps)} steps")
+    by_problem: dict[int, list[Prefix]] = {}
+    for item in items:
+        by_problem.setdefault(item.problem, []).append(item.prefix)
+    for problem, mine in by_problem.items():
+        ledgers[problem].scorer_tokens += scorer.cost(mine)
+    return [list(row) for row in scores]
+
+
+def _check_rows(rows: Sequence[Any], items: Sequence[Item], method: str) -> None:
+    if len(rows) != len(items):
+        raise ValueError(f"policy.{method} returned {len(rows)} rows for {len(items)} prefixes")
+
+
+def make_candidate(tree: Tree, node_id: int, step_scores: Sequence[float], aggregation: str) -> Candidate:
+    """The candidate ending at node_id, ranked by the aggregation of its own step scores."""
+    scores = tuple(float(s) for s in step_scores)
+    return Candidate(tree.path(node_id), scores, aggregate(scores, aggregation), node_id)
+
