@@ -1,0 +1,43 @@
+"""Next-token choice from a batch of logits: temperature, top-p (nucleus) or greedy, with the
+chosen token's log-probability under the raw distribution (temperature 1).
+
+Usage:
+    tokens, logprobs = sample_next_tokens(logits, temperature=0.6, top_p=0.95, generator=gen)
+
+Randomness comes only from the explicit `torch.Generator`, so the same logits and generator state
+give the same tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def sample_next_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose one token per row of `logits` [B, V]; return (tokens [B] long, logprobs [B] float32).
+
+    temperature 0 takes the argmax (no randomness used). The returned log-prob is
+    log_softmax(logits) at the chosen token, i.e. at temperature 1 and before top-p, which is what
+    scorers and selectors read as the policy's own confidence.
+    """
+    logits = logits.float()  # [B, V]; bf16 logits would make log-probs and ties noisy
+    if temperature == 0:
+        tokens = logits.argmax(dim=-1)  # [B]
+    else:
+        probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
+        if top_p < 1:
+            probs = top_p_filter(probs, top_p)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # [B]
+    return tokens, logprobs
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero all but the smallest set of most likely tokens whose mass reaches `top_p`, per row of
+    `probs` [B, V]; the top token is always kept. Returns unnormalised probs [B, V] (multinomial
+    normalises)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V] mass of strictly better tokens
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)

@@ -1,0 +1,64 @@
+"""`SamplingConfig`: how a generation backend samples tokens and where it stops.
+
+Usage:
+    from policies.sampling_config import SamplingConfig
+    cfg = SamplingConfig(temperature=0.6, top_p=0.95, max_step_tokens=128, max_total_tokens=1024)
+
+One frozen, validated record shared by the generation backends (transformers in-process, vLLM);
+a bad value fails at construction with a message that names it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling and stopping settings of a policy.
+
+    temperature: softmax temperature for sampling; 0 means greedy (argmax). Token log-probs are
+        always reported at temperature 1, whatever this is.
+    top_p: nucleus sampling mass in (0, 1]; 1 keeps the whole distribution.
+    max_step_tokens: most tokens of one step when a call stops at steps
+        (`propose(..., stop_at_step=True)`); a step cut here ends with finish "length".
+        Runs to the end of the sequence (`rollout`, `propose(stop_at_step=False)`) are bounded by
+        max_total_tokens only.
+    max_total_tokens: most generated tokens of a whole path, the prefix's steps included (the
+        prompt is not counted).
+    batch_size: most rows (samples) in one forward pass.
+    separator: the text that ends a reasoning step (a token whose decoded text ends with it).
+    think_open, think_close: the thinking-section markers; when the tokenizer has both as single
+        tokens, separators end steps only inside the section.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_step_tokens: int = 256
+    max_total_tokens: int = 1024
+    batch_size: int = 256
+    separator: str = ".\n\n"
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # also rejects NaN
+            raise ValueError(f"temperature={self.temperature!r} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        for name in ("max_step_tokens", "max_total_tokens", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        for name in ("separator", "think_open", "think_close"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name}={value!r} must be a non-empty string")
+        if self.think_open == self.think_close:
+            raise ValueError(
+                f"think_open={self.think_open!r} and think_close={self.think_close!r} must differ"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        """True when tokens are chosen by argmax (temperature 0)."""
+        return self.temperature == 0

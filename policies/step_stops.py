@@ -1,0 +1,157 @@
+"""Where a reasoning step ends: the separator/EOS/think lookup over the vocabulary, the
+think-aware boundary rule applied token by token during decoding, and the split of a finished
+sequence into steps.
+
+Usage:
+    rule = StepStopRule.from_tokenizer(tokenizer, vocab_size, ".\\n\\n", "<think>", "</think>", eos_ids)
+    state = rule.initial_state([context_ids, ...], device)      # per row, from prompt + prefix
+    boundary, state = rule.advance(tokens, state)               # per decoded token, tensors only
+    ends = split_step_ends(boundary_flags, separator_flags)     # after decoding, per row
+
+The rule, as in the MetaStone-S1 reference: a separator token (one whose decoded text ends with
+the separator string) ends a step only while the path is inside <think> ... </think> (always,
+when the tokenizer lacks the think tokens), and not when it directly follows another separator
+or <think>, so a run of separators counts once.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class StopState:
+    """Per-row decoding state the boundary rule needs.
+
+    inside_think: [B] bool, the path is inside <think> ... </think> (always True when the rule is
+        not think-aware).
+    after_separator_or_open: [B] bool, the last token was a separator or <think>.
+    """
+
+    inside_think: torch.Tensor
+    after_separator_or_open: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> "StopState":
+        """Keep only `rows` [B'] (long indices), e.g. after finished rows leave the batch."""
+        return StopState(self.inside_think[rows], self.after_separator_or_open[rows])
+
+
+@dataclass(frozen=True)
+class StepStopRule:
+    """Token-id lookups for step and sequence ends.
+
+    is_separator: [V] bool, the token's decoded text ends with the separator string.
+    is_eos: [V] bool, the token ends the sequence.
+    think_open_id, think_close_id: ids of the single-token think markers, or None when the
+        tokenizer lacks either (then separators end steps everywhere).
+    """
+
+    is_separator: torch.Tensor
+    is_eos: torch.Tensor
+    think_open_id: int | None
+    think_close_id: int | None
+
+    @classmethod
+    def from_tokenizer(
+        cls,
+        tokenizer: Any,
+        vocab_size: int,
+        separator: str,
+        think_open: str,
+        think_close: str,
+        eos_ids: Iterable[int],
+        device: torch.device | str = "cpu",
+    ) -> "StepStopRule":
+        """Build the lookups once: decode every token id on its own (one batched call) and mark
+        those whose text ends with `separator`. `vocab_size` is the model's logit width (it may
+        exceed the tokenizer's, the extra ids are never separators)."""
+        num_tokens = min(len(tokenizer), vocab_size)
+        texts = tokenizer.batch_decode(
+            [[i] for i in range(num_tokens)], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        is_separator = torch.zeros(vocab_size, dtype=torch.bool)
+        is_separator[[i for i, text in enumerate(texts) if text.endswith(separator)]] = True
+        if not is_separator.any():
+            # e.g. a vocabulary that spells ".\n\n" as "." + "\n\n": steps then never end on a
+            # separator (a text-level stop would be needed); whole sequences still work.
+            warnings.warn(f"no token's text ends with separator={separator!r}; steps will not end on it")
+        is_eos = torch.zeros(vocab_size, dtype=torch.bool)
+        eos_list = [i for i in eos_ids if 0 <= i < vocab_size]
+        if not eos_list:
+            raise ValueError(f"no EOS token id within the vocabulary of size {vocab_size}: {list(eos_ids)}")
+        is_eos[eos_list] = True
+        open_id, close_id = _single_token_id(tokenizer, think_open), _single_token_id(tokenizer, think_close)
+        if open_id is None or close_id is None:
+            open_id = close_id = None
+        return cls(is_separator.to(device), is_eos.to(device), open_id, close_id)
+
+    @property
+    def think_aware(self) -> bool:
+        return self.think_open_id is not None
+
+    def initial_state(self, contexts: Sequence[Sequence[int]], device: torch.device | str) -> StopState:
+        """The state after reading each context (prompt + prefix tokens), one row per context."""
+        inside, after = [], []
+        separators = self.is_separator.tolist()
+        for ids in contexts:
+            inside.append(self._inside_think_after(ids))
+            last = ids[-1] if ids else None
+            after.append(last is not None and (separators[last] or last == self.think_open_id))
+        return StopState(
+            torch.tensor(inside, dtype=torch.bool, device=device),
+            torch.tensor(after, dtype=torch.bool, device=device),
+        )
+
+    def advance(self, tokens: torch.Tensor, state: StopState) -> tuple[torch.Tensor, StopState]:
+        """Apply the rule to the next token of each row, `tokens` [B] long.
+        Returns (boundary [B] bool: the token ends a step, the state after the token)."""
+        is_sep = self.is_separator[tokens]  # [B]
+        boundary = is_sep & state.inside_think & ~state.after_separator_or_open  # [B]
+        if not self.think_aware:
+            return boundary, StopState(state.inside_think, is_sep)
+        is_open = tokens == self.think_open_id  # [B]
+        inside = (state.inside_think | is_open) & (tokens != self.think_close_id)  # [B]
+        return boundary, StopState(inside, is_sep | is_open)
+
+    def _inside_think_after(self, ids: Sequence[int]) -> bool:
+        if not self.think_aware:
+            return True
+        for token in reversed(ids):
+            if token == self.think_open_id:
+                return True
+            if token == self.think_close_id:
+                return False
+        return False
+
+
+def split_step_ends(boundary: Sequence[bool], is_separator: Sequence[bool]) -> list[int]:
+    """End positions (exclusive) of the steps of one generated sequence.
+
+    A step ends after a boundary token and after any separators that directly follow it (a run of
+    separators stays attached to the step it ends); the last step ends at the sequence's end.
+    E.g. tokens `a . . b . c` with boundaries at 1 and 4 (the `.` at 2 follows a separator) give
+    ends [3, 5, 6]: `a . .`, `b .`, `c`.
+    """
+    num_tokens, ends, t = len(boundary), [], 0
+    while t < num_tokens:
+        if boundary[t]:
+            t += 1
+            while t < num_tokens and is_separator[t]:
+                t += 1
+            ends.append(t)
+        else:
+            t += 1
+    if not ends or ends[-1] != num_tokens:
+        ends.append(num_tokens)
+    return ends
+
+
+def _single_token_id(tokenizer: Any, text: str) -> int | None:
+    """The id of `text` when the tokenizer has it as one token, else None."""
+    token_id = tokenizer.get_vocab().get(text)
+    if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None):
+        return None
+    return int(token_id)

@@ -1,0 +1,297 @@
+"""`TransformersPolicy`: the `treesearch.protocols.Policy` served in-process by a transformers
+causal LM, with its own batched, KV-cached sampling loop.
+
+Usage:
+    policy = TransformersPolicy.from_pretrained("runs/tiny", SamplingConfig(temperature=0.6),
+                                                prompt_fn=lambda p: p.question)
+    steps = policy.propose([Prefix(problem)], n=8, seed=0)          # steps[0][j]: j-th next step
+    paths = policy.rollout([Prefix(problem)], n=32, seed=0)         # paths[0][j]: list of steps
+
+How a call runs: the model input of a prefix is the tokenised prompt (special tokens added)
+followed by the exact `token_ids` of its steps (never re-tokenised text). Prefixes are sorted by
+length and packed into chunks of at most `batch_size` sample rows; each chunk prefills every
+prefix once (left padded), replicates its KV cache for its samples and decodes token by token,
+dropping finished rows (`decode_loop`). A call re-prefills its prefixes; nothing is cached across
+calls. Step ends follow the reference's think-aware separator rule (`step_stops`).
+
+Randomness: one `torch.Generator(seed)` per call, so the same prefixes, n, seed and config give
+the same samples; another prefix list or batch_size draws differently (greedy output does not
+depend on either).
+
+Compute accounting (`Step.tokens_forwarded`): a prefix's prefill tokens are counted on its first
+sample in each chunk, and each generated token that was fed back to the model on the step that
+holds it (the last token of a sequence is never fed). Sums over all returned steps equal the
+non-pad tokens the model ran.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from policies.checkpoint import load_checkpoint
+from policies.decode_loop import FINISH_CODES, decode_chunk
+from policies.sampling_config import SamplingConfig
+from policies.step_stops import StepStopRule, split_step_ends
+from treesearch.records import Prefix, Problem, Step
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """One generated sequence before it becomes steps.
+
+    token_ids, logprobs, boundary: per generated token (boundary: the token ends a step).
+    finish: "separator" | "eos" | "length". prefill_tokens: prefill work counted on this sample.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    boundary: list[bool]
+    finish: str
+    prefill_tokens: int
+
+
+@dataclass(frozen=True)
+class _RawStep:
+    """A step before its text is decoded (all texts of a call are decoded in one batch)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish: str
+    tokens_forwarded: int
+
+
+class TransformersPolicy:
+    """A `Policy` over a transformers causal LM and its tokenizer (see the module docstring).
+
+    model: a causal LM called as `model(input_ids, attention_mask, position_ids, past_key_values,
+        use_cache, logits_to_keep)` returning `.logits` and `.past_key_values` (any transformers
+        `*ForCausalLM` with a DynamicCache).
+    tokenizer: its tokenizer (`__call__`, `batch_decode`, `get_vocab`, `eos_token_id`).
+    sampling: temperature, top-p, token limits, batch size, separator and think markers.
+    prompt_fn: the prompt template, Problem -> text (the step tokens follow it directly).
+    """
+
+    def __init__(
+        self, model: Any, tokenizer: Any, sampling: SamplingConfig, prompt_fn: Callable[[Problem], str]
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.prompt_fn = prompt_fn
+        self.num_parameters: int = sum(p.numel() for p in model.parameters())
+        self.device = next(model.parameters()).device
+        eos_ids = _eos_ids(model, tokenizer)
+        self.rule = StepStopRule.from_tokenizer(
+            tokenizer, _logit_width(model, tokenizer), sampling.separator, sampling.think_open,
+            sampling.think_close, eos_ids, self.device,
+        )
+        self._is_separator: list[bool] = self.rule.is_separator.tolist()
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id: int = pad_id if pad_id is not None else eos_ids[0]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        sampling: SamplingConfig,
+        prompt_fn: Callable[[Problem], str],
+        dtype: torch.dtype = torch.float32,
+    ) -> "TransformersPolicy":
+        """Load a checkpoint directory (`policies.checkpoint`; FileNotFoundError names a missing file)."""
+        model, tokenizer = load_checkpoint(path, dtype)
+        return cls(model, tokenizer, sampling, prompt_fn)
+
+    def propose(
+        self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool = True
+    ) -> list[list[Step]]:
+        """n sampled next steps per prefix, result[i][j] after prefixes[i]. A step ends at a
+        step separator (kept in its text), at EOS (in token_ids, not in text), or at
+        max_step_tokens / max_total_tokens ("length"); with stop_at_step=False it runs to EOS or
+        max_total_tokens. A prefix with no token budget left gets empty "length" steps."""
+        samples = self._generate(prefixes, n, seed, stop_at_boundary=stop_at_step)
+        raw = [[_whole_step(sample) for sample in row] for row in samples]
+        return self._with_texts(raw)
+
+    def rollout(self, prefixes: Sequence[Prefix], n: int, seed: int) -> list[list[list[Step]]]:
+        """n sampled completions per prefix, result[i][j] = the steps of the j-th completion of
+        prefixes[i]: generated to EOS or max_total_tokens in one loop, then split at step
+        boundaries (a run of separators stays with the step it ends). Intermediate steps end on
+        "separator", the last one on "eos" or "length"."""
+        samples = self._generate(prefixes, n, seed, stop_at_boundary=False)
+        raw = [[self._split_steps(sample) for sample in row] for row in samples]
+        return self._with_texts(raw)
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def _generate(
+        self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_boundary: bool
+    ) -> list[list[_Sample]]:
+        """Sample n sequences per prefix, batched over all prefixes; result in input order."""
+        _check_request(prefixes, n, seed)
+        contexts = self._contexts(prefixes)
+        budgets = [self._budget(prefix, stop_at_boundary) for prefix in prefixes]
+        samples: list[list[_Sample]] = [[] for _ in prefixes]
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        order = sorted(range(len(prefixes)), key=lambda i: len(contexts[i]))  # less padding per chunk
+        counts = [n if budgets[i] > 0 else 0 for i in order]
+        for chunk in plan_chunks(counts, self.sampling.batch_size):
+            members = [order[k] for k, _ in chunk]  # prefix indices, one per unique context
+            row_context = [u for u, (_, count) in enumerate(chunk) for _ in range(count)]
+            out = decode_chunk(
+                self.model, [contexts[i] for i in members], row_context,
+                [budgets[members[u]] for u in row_context], self.rule, stop_at_boundary,
+                self.sampling.temperature, self.sampling.top_p, generator, self.pad_id,
+            )
+            _collect(out, members, row_context, [len(contexts[i]) for i in members], samples)
+        for i in range(len(prefixes)):
+            if budgets[i] <= 0:
+                samples[i] = [_Sample([], [], [], "length", 0) for _ in range(n)]
+        return samples
+
+    def _contexts(self, prefixes: Sequence[Prefix]) -> list[list[int]]:
+        """Model input per prefix: prompt ids (special tokens added) + each step's token_ids."""
+        prompts = [self.prompt_fn(prefix.problem) for prefix in prefixes]
+        unique = list(dict.fromkeys(prompts))
+        encoded = self.tokenizer(unique, add_special_tokens=True).input_ids if unique else []
+        prompt_ids = dict(zip(unique, encoded))
+        contexts = []
+        for prefix, prompt in zip(prefixes, prompts):
+            ids = list(prompt_ids[prompt])
+            for step in prefix.steps:
+                ids.extend(step.token_ids)
+            if not ids:
+                raise ValueError(f"problem {prefix.problem.id!r}: the prompt encodes to no tokens")
+            contexts.append(ids)
+        return contexts
+
+    def _budget(self, prefix: Prefix, stop_at_boundary: bool) -> int:
+        """Tokens this call may generate after the prefix (<= 0: none left)."""
+        left = self.sampling.max_total_tokens - sum(step.num_tokens for step in prefix.steps)
+        return min(left, self.sampling.max_step_tokens) if stop_at_boundary else left
+
+    def _split_steps(self, sample: _Sample) -> list[_RawStep]:
+        """Cut one rollout at its step ends; tokens_forwarded per step as in the module docstring."""
+        ends = split_step_ends(sample.boundary, [self._is_separator[t] for t in sample.token_ids])
+        steps, start = [], 0
+        for k, end in enumerate(ends):
+            last = k == len(ends) - 1
+            fed = (end - start) - (1 if last and end > start else 0)
+            steps.append(
+                _RawStep(
+                    sample.token_ids[start:end], sample.logprobs[start:end],
+                    sample.finish if last else "separator", fed + (sample.prefill_tokens if k == 0 else 0),
+                )
+            )
+            start = end
+        return steps
+
+    def _with_texts(self, raw: list) -> list:
+        """Turn the nested lists of _RawStep into Steps, decoding all texts in one batched call."""
+        flat: list[_RawStep] = []
+        _flatten(raw, flat)
+        texts = self.tokenizer.batch_decode(
+            [s.token_ids[:-1] if s.finish == "eos" else s.token_ids for s in flat],
+            skip_special_tokens=False, clean_up_tokenization_spaces=False,
+        ) if flat else []
+        steps = iter(
+            Step(text, tuple(s.token_ids), tuple(s.logprobs), s.finish, s.tokens_forwarded)
+            for s, text in zip(flat, texts)
+        )
+        return _rebuild(raw, steps)
+
+
+def plan_chunks(counts: Sequence[int], batch_size: int) -> list[list[tuple[int, int]]]:
+    """Pack counts[k] sample rows of item k into chunks of at most batch_size rows, in order.
+    Returns per chunk a list of (k, rows of item k in it); an item larger than the room left is
+    split across chunks (each part prefills its prefix again). E.g. counts [4, 4], batch 5 ->
+    [[(0, 4), (1, 1)], [(1, 3)]]."""
+    chunks: list[list[tuple[int, int]]] = []
+    current: list[tuple[int, int]] = []
+    room = batch_size
+    for k, count in enumerate(counts):
+        while count > 0:
+            take = min(count, room)
+            current.append((k, take))
+            count, room = count - take, room - take
+            if room == 0:
+                chunks.append(current)
+                current, room = [], batch_size
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _collect(out, members: list[int], row_context: list[int], prefill_sizes: list[int], samples) -> None:
+    """Append the chunk's rows to samples[prefix index]; a context's prefill goes on its first row."""
+    token_ids, logprobs, boundary = out.token_ids.tolist(), out.logprobs.tolist(), out.boundary.tolist()
+    lengths, finish = out.lengths.tolist(), out.finish.tolist()
+    seen: set[int] = set()
+    for r, u in enumerate(row_context):
+        length = lengths[r]
+        samples[members[u]].append(
+            _Sample(
+                token_ids[r][:length], logprobs[r][:length], boundary[r][:length],
+                FINISH_CODES[finish[r]], prefill_sizes[u] if u not in seen else 0,
+            )
+        )
+        seen.add(u)
+
+
+def _whole_step(sample: _Sample) -> _RawStep:
+    fed = max(len(sample.token_ids) - 1, 0)  # every generated token but the last was fed back
+    return _RawStep(sample.token_ids, sample.logprobs, sample.finish, sample.prefill_tokens + fed)
+
+
+def _flatten(nested: list, out: list[_RawStep]) -> None:
+    for item in nested:
+        if isinstance(item, list):
+            _flatten(item, out)
+        else:
+            out.append(item)
+
+
+def _rebuild(nested: list, steps) -> list:
+    return [_rebuild(item, steps) if isinstance(item, list) else next(steps) for item in nested]
+
+
+def _check_request(prefixes: Sequence[Prefix], n: int, seed: int) -> None:
+    if not _is_integer(n) or n < 1:
+        raise ValueError(f"n={n!r} must be an integer >= 1")
+    if not _is_integer(seed):
+        raise ValueError(f"seed={seed!r} must be an integer")
+    for i, prefix in enumerate(prefixes):
+        if not isinstance(prefix, Prefix):
+            raise TypeError(f"prefixes[{i}] is a {type(prefix).__name__}, not a Prefix")
+        if prefix.is_terminal:
+            raise ValueError(
+                f"prefixes[{i}] (problem {prefix.problem.id!r}) is terminal "
+                f"(last step finish={prefix.steps[-1].finish!r}); nothing can follow it"
+            )
+
+
+def _is_integer(value: Any) -> bool:
+    """int-like (Python or numpy integer), but not bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """EOS ids of the tokenizer and the model's generation config (which may list several)."""
+    ids: list[int] = []
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (getattr(tokenizer, "eos_token_id", None), config_eos):
+        for token in value if isinstance(value, (list, tuple)) else [value]:
+            if token is not None and token not in ids:
+                ids.append(int(token))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation config names an EOS token")
+    return ids
+
+
+def _logit_width(model: Any, tokenizer: Any) -> int:
+    """Size of the model's output vocabulary (may exceed the tokenizer's)."""
+    config_size = getattr(getattr(model, "config", None), "vocab_size", None) or 0
+    return max(int(config_size), len(tokenizer))

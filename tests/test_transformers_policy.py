@@ -1,0 +1,402 @@
+"""Tests of the in-process transformers policy on a tiny random Llama and a word-level tokenizer
+built here: order and counts, seeding, greedy against a cache-free loop, left-padding
+independence, log-probs against a full forward, stop reasons, think-awareness, rollout splitting,
+compute accounting and input validation. A `ScriptedLM` wrapper forces chosen tokens at chosen
+positions (a +100 logit) while still running the real model, so stop behaviour is deterministic.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from policies.checkpoint import save_checkpoint
+from policies.sampling import top_p_filter
+from policies.sampling_config import SamplingConfig
+from policies.step_stops import split_step_ends
+from policies.transformers_policy import TransformersPolicy, plan_chunks
+from treesearch.protocols import Policy
+from treesearch.records import Prefix, Problem, Step
+
+SEP = ".\n\n"
+CHARS = list("0123456789+-=x ")
+
+
+def make_tokenizer(with_think: bool = True) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: <pad>=0 <bos>=1 <eos>=2 <unk>=3, then the step tokens, then one
+    token per character; decoding concatenates tokens."""
+    step_tokens = ["<think>", "</think>", SEP] if with_think else [SEP]
+    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + step_tokens + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<bos>", "<eos>")])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in step_tokens])
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def make_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # sharper logits than the 0.02 init, so samples differ visibly
+        model.lm_head.weight.mul_(20)
+    return model.eval()
+
+
+class ScriptedLM(torch.nn.Module):
+    """Runs the wrapped model, then adds +100 to the logit of script[p] when predicting the token
+    at absolute position p (position id of the fed token + 1)."""
+
+    def __init__(self, inner: LlamaForCausalLM, script: dict[int, int]) -> None:
+        super().__init__()
+        self.inner, self.script = inner, script
+        self.config, self.generation_config = inner.config, inner.generation_config
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        target = kwargs["position_ids"][:, -1] + 1  # [B]
+        bias = torch.zeros_like(out.logits[:, -1, :])  # [B, V]
+        for row, position in enumerate(target.tolist()):
+            if position in self.script:
+                bias[row, self.script[position]] = 100.0
+        out.logits = out.logits.clone()
+        out.logits[:, -1, :] += bias
+        return out
+
+
+class ForwardLog:
+    """Forward pre-hook recording (rows, non-pad new tokens) of every model call."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls: list[tuple[int, int]] = []
+        model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        self.calls.append((ids.shape[0], int(mask[:, -ids.shape[1]:].sum())))
+
+    @property
+    def tokens(self) -> int:
+        return sum(tokens for _, tokens in self.calls)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model gains nothing from a second thread, and two spinning OpenMP threads slow
+    down 100x when another process holds a core (measured here); restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TOK = make_tokenizer()
+ID = TOK.get_vocab()
+
+
+def ids(text: str) -> list[int]:
+    return TOK(text, add_special_tokens=False).input_ids
+
+
+def policy(model=None, tokenizer=TOK, **sampling) -> TransformersPolicy:
+    settings = dict(temperature=1.0, max_step_tokens=8, max_total_tokens=16, batch_size=64)
+    settings.update(sampling)
+    model = model if model is not None else make_model(len(tokenizer))
+    return TransformersPolicy(model, tokenizer, SamplingConfig(**settings), prompt_fn=lambda p: p.question)
+
+
+def scripted(script_text: dict[int, str], tokenizer=TOK, **sampling) -> TransformersPolicy:
+    vocab = tokenizer.get_vocab()
+    model = ScriptedLM(make_model(len(tokenizer)), {p: vocab[t] for p, t in script_text.items()})
+    return policy(model, tokenizer, **sampling)
+
+
+def mixed_prefixes() -> list[Prefix]:
+    """Prefixes of different lengths, some with steps (given as token ids)."""
+    step = Step("3+4" + SEP, tuple(ids("3+4" + SEP)), (0.0,) * 4, "separator")
+    return [
+        Prefix(Problem("a", "<think>1+2=")),
+        Prefix(Problem("b", "<think>12+34=56-7")),
+        Prefix(Problem("c", "<think>5"), (step,)),
+        Prefix(Problem("d", "9")),
+    ]
+
+
+def full_logprobs(model, context: list[int], generated: list[int]) -> list[float]:
+    """log_softmax at each generated token from one cache-free forward over the whole sequence."""
+    seq = torch.tensor([context + generated])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)  # [L, V]
+    start = len(context) - 1
+    return [logp[start + k, t].item() for k, t in enumerate(generated)]
+
+
+def context_of(prefix: Prefix) -> list[int]:
+    return TOK(prefix.problem.question).input_ids + [t for s in prefix.steps for t in s.token_ids]
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-1.0), "temperature=-1.0 must be >= 0"),
+        (dict(top_p=0.0), "top_p=0.0"),
+        (dict(top_p=1.5), "top_p=1.5"),
+        (dict(max_step_tokens=0), "max_step_tokens=0"),
+        (dict(max_total_tokens=-3), "max_total_tokens=-3"),
+        (dict(batch_size=0), "batch_size=0"),
+        (dict(separator=""), "separator=''"),
+        (dict(think_open="<t>", think_close="<t>"), "must differ"),
+    ],
+)
+def test_sampling_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**kwargs)
+
+
+def test_plan_chunks_splits_items_larger_than_the_room():
+    assert plan_chunks([4, 4], 5) == [[(0, 4), (1, 1)], [(1, 3)]]
+    assert plan_chunks([0, 2, 0], 8) == [[(1, 2)]]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    probs = torch.tensor([[0.125, 0.5, 0.25, 0.125]])
+    # sorted 0.5, 0.25, 0.125, 0.125: mass before each = 0, 0.5, 0.75, 0.875 -> top_p 0.75 keeps
+    # 0.5 and 0.25 (the third token's predecessors already reach 0.75)
+    assert top_p_filter(probs, 0.75).tolist() == [[0.0, 0.5, 0.25, 0.0]]
+    assert top_p_filter(probs, 1e-9).tolist() == [[0.0, 0.5, 0.0, 0.0]]
+
+
+# -- batching, seeds, greedy ----------------------------------------------------------------------
+
+
+def test_is_a_policy_and_counts_parameters():
+    p = policy()
+    assert isinstance(p, Policy)
+    assert p.num_parameters == sum(x.numel() for x in p.model.parameters())
+    assert p.propose([], 3, seed=0) == [] and p.rollout([], 3, seed=0) == []
+
+
+def test_order_and_counts_kept_across_chunks():
+    # batch_size 5 with 4 prefixes x 3 samples: chunks split prefixes; greedy rows must still
+    # equal each prefix proposed alone.
+    model, prefixes = make_model(len(TOK)), mixed_prefixes()
+    batched = policy(model, temperature=0.0, batch_size=5).propose(prefixes, 3, seed=0)
+    assert [len(row) for row in batched] == [3, 3, 3, 3]
+    alone = policy(model, temperature=0.0)
+    for prefix, row in zip(prefixes, batched):
+        expected = alone.propose([prefix], 1, seed=0)[0][0]
+        assert all(step.token_ids == expected.token_ids for step in row)
+
+
+def test_same_seed_same_output_different_seed_differs():
+    p, prefixes = policy(), mixed_prefixes()
+    first, again = p.rollout(prefixes, 4, seed=7), p.rollout(prefixes, 4, seed=7)
+    assert first == again
+    assert p.propose(prefixes, 4, seed=7) == p.propose(prefixes, 4, seed=7)
+    other = p.rollout(prefixes, 4, seed=8)
+    assert [[s.token_ids for s in path] for row in first for path in row] != [
+        [s.token_ids for s in path] for row in other for path in row
+    ]
+
+
+def test_greedy_equals_a_manual_loop_without_cache():
+    model, prefixes = make_model(len(TOK)), mixed_prefixes()
+    steps = policy(model, temperature=0.0, max_total_tokens=12).propose(prefixes, 2, seed=0, stop_at_step=False)
+    for prefix, row in zip(prefixes, steps):
+        seq = context_of(prefix)
+        generated: list[int] = []
+        while len(generated) < 12 - sum(s.num_tokens for s in prefix.steps):
+            with torch.no_grad():
+                token = int(model(input_ids=torch.tensor([seq + generated])).logits[0, -1].argmax())
+            generated.append(token)
+            if token == ID["<eos>"]:
+                break
+        assert row[0].token_ids == tuple(generated) and row[1].token_ids == tuple(generated)
+        assert row[0].finish == ("eos" if generated[-1] == ID["<eos>"] else "length")
+
+
+def test_rows_do_not_depend_on_the_rest_of_the_batch():
+    # Left padding: the short prefix "d" alone vs among longer ones (and "b" among shorter ones).
+    model, prefixes = make_model(len(TOK)), mixed_prefixes()
+    p = policy(model, temperature=0.0, max_total_tokens=12)
+    mixed = p.propose(prefixes, 1, seed=0, stop_at_step=False)
+    for i in (1, 3):
+        alone = p.propose([prefixes[i]], 1, seed=0, stop_at_step=False)[0][0]
+        assert mixed[i][0].token_ids == alone.token_ids
+        assert mixed[i][0].token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-4)
+
+
+def test_logprobs_equal_a_full_forward_over_the_final_text():
+    model, prefixes = make_model(len(TOK)), mixed_prefixes()
+    paths = policy(model, top_p=0.9, max_total_tokens=14).rollout(prefixes, 3, seed=1)
+    for prefix, row in zip(prefixes, paths):
+        for path in row:
+            generated = [t for s in path for t in s.token_ids]
+            logprobs = [lp for s in path for lp in s.token_logprobs]
+            assert logprobs == pytest.approx(full_logprobs(model, context_of(prefix), generated), abs=1e-4)
+
+
+def test_tiny_top_p_is_greedy():
+    model, prefixes = make_model(len(TOK)), mixed_prefixes()
+    greedy = policy(model, temperature=0.0).propose(prefixes, 1, seed=0)
+    nucleus = policy(model, temperature=1.0, top_p=1e-6).propose(prefixes, 3, seed=5)
+    for g, row in zip(greedy, nucleus):
+        assert all(s.token_ids == g[0].token_ids for s in row)
+
+
+def test_continuing_a_path_appends_the_step_token_ids():
+    # Greedy step by step (each call re-prefills prompt + step ids) equals one greedy run.
+    p = scripted({3: SEP, 6: SEP}, temperature=0.0, max_total_tokens=9)  # 2 steps at least
+    prefix = Prefix(Problem("a", "<think>"))
+    whole = p.propose([prefix], 1, seed=0, stop_at_step=False)[0][0]
+    while not prefix.is_terminal:
+        prefix = prefix.extend(p.propose([prefix], 1, seed=0)[0][0])
+    assert len(prefix.steps) >= 2
+    assert tuple(t for s in prefix.steps for t in s.token_ids) == whole.token_ids
+
+
+# -- stops ----------------------------------------------------------------------------------------
+
+
+def test_stop_at_separator_eos_and_length():
+    # "<bos><think>" fills positions 0-1; the script forces the tokens from position 2 on.
+    prefix = [Prefix(Problem("a", "<think>"))]
+    step = scripted({2: "1", 3: SEP}).propose(prefix, 2, seed=0)[0][0]
+    assert (step.text, step.finish, step.token_ids) == ("1" + SEP, "separator", (ID["1"], ID[SEP]))
+    step = scripted({2: "1", 3: "<eos>"}).propose(prefix, 2, seed=0)[0][0]
+    assert (step.text, step.finish, step.token_ids) == ("1", "eos", (ID["1"], ID["<eos>"]))
+    step = scripted({2: "1", 3: "2", 4: "3"}, max_step_tokens=3).propose(prefix, 1, seed=0)[0][0]
+    assert (step.text, step.finish) == ("123", "length")
+
+
+def test_max_total_tokens_counts_the_prefix_steps():
+    done = Step("12", (ID["1"], ID["2"]), (0.0, 0.0), "separator")
+    p = scripted({4: "1", 5: "2", 6: "3"}, max_total_tokens=4)
+    step = p.propose([Prefix(Problem("a", "<think>"), (done,))], 1, seed=0)[0][0]
+    assert (step.text, step.finish) == ("12", "length")  # 4 - 2 prefix tokens = 2 left
+    full = Step("1234", tuple(ids("1234")), (0.0,) * 4, "separator")
+    empty = p.propose([Prefix(Problem("a", "<think>"), (full,))], 2, seed=0)[0]
+    assert [(s.text, s.finish, s.token_ids, s.tokens_forwarded) for s in empty] == [("", "length", (), 0)] * 2
+
+
+def test_separators_end_steps_only_inside_think():
+    script = {2: "1", 3: SEP, 4: "2", 5: "<eos>"}
+    outside = scripted(script).propose([Prefix(Problem("a", "7"))], 1, seed=0)[0][0]
+    assert (outside.text, outside.finish) == ("1" + SEP + "2", "eos")
+    after_close = scripted({2: "7", 3: "</think>", 4: "1", 5: SEP, 6: "<eos>"})
+    step = after_close.propose([Prefix(Problem("a", "<think>"))], 1, seed=0)[0][0]
+    assert (step.text, step.finish) == ("7</think>1" + SEP, "eos")
+
+
+def test_separator_right_after_think_or_a_separator_does_not_end_a_step():
+    p = scripted({2: SEP, 3: "1", 4: SEP})
+    step = p.propose([Prefix(Problem("a", "<think>"))], 1, seed=0)[0][0]
+    assert (step.text, step.finish) == (SEP + "1" + SEP, "separator")
+    prev = Step("1" + SEP, (ID["1"], ID[SEP]), (0.0, 0.0), "separator")
+    p = scripted({4: SEP, 5: "2", 6: SEP})
+    step = p.propose([Prefix(Problem("a", "<think>"), (prev,))], 1, seed=0)[0][0]
+    assert (step.text, step.finish) == (SEP + "2" + SEP, "separator")
+
+
+def test_without_think_tokens_separators_always_end_steps():
+    tok = make_tokenizer(with_think=False)
+    step = scripted({1: "1", 2: SEP}, tokenizer=tok).propose([Prefix(Problem("a", ""))], 1, seed=0)[0][0]
+    assert (step.text, step.finish) == ("1" + SEP, "separator")
+
+
+def test_a_separator_no_token_ends_with_is_reported():
+    with pytest.warns(UserWarning, match="separator='!!'"):
+        policy(separator="!!")
+
+
+def test_finished_rows_leave_the_batch_and_prefixes_prefill_once():
+    # "a" = <bos><think> (2 tokens) ends at position 3; "b" = <bos><think>1 ends at once.
+    p = scripted({2: "5", 3: "<eos>"}, max_total_tokens=6)
+    log = ForwardLog(p.model)
+    out = p.propose([Prefix(Problem("a", "<think>")), Prefix(Problem("b", "<think>1"))], 4, seed=0)
+    assert [s.text for s in out[0]] == ["5"] * 4 and [s.text for s in out[1]] == [""] * 4
+    assert log.calls == [(2, 5), (4, 4)]  # prefill 2 rows (2 + 3 tokens), one decode of a's 4 rows
+
+
+# -- rollout ------------------------------------------------------------------------------------
+
+
+def test_split_step_ends_attaches_separator_runs():
+    # tokens a . . b . c: boundaries at 1 and 4 -> steps "a..", "b.", "c"
+    assert split_step_ends([0, 1, 0, 0, 1, 0], [0, 1, 1, 0, 1, 0]) == [3, 5, 6]
+    assert split_step_ends([0, 1], [0, 1]) == [2]
+
+
+def test_rollout_splits_at_separators_inside_think():
+    script = ["1", SEP, "2", SEP, SEP, "3", "</think>", "4", SEP, "<eos>"]
+    p = scripted({2 + k: t for k, t in enumerate(script)}, max_total_tokens=20)
+    paths = p.rollout([Prefix(Problem("a", "<think>"))], 2, seed=0)[0]
+    for path in paths:
+        assert [(s.text, s.finish) for s in path] == [
+            ("1" + SEP, "separator"), ("2" + SEP + SEP, "separator"), ("3</think>4" + SEP, "eos"),
+        ]
+        assert [t for s in path for t in s.token_ids] == [ID[t] for t in script]
+
+
+def test_rollout_cut_by_length_ends_on_length():
+    p = scripted({2: "1", 3: SEP, 4: "2", 5: "3"}, max_total_tokens=3)
+    path = p.rollout([Prefix(Problem("a", "<think>"))], 1, seed=0)[0][0]
+    assert [(s.text, s.finish) for s in path] == [("1" + SEP, "separator"), ("2", "length")]
+
+
+# -- compute accounting ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["propose", "propose_whole", "rollout"])
+def test_tokens_forwarded_sum_to_the_real_work(call):
+    p = policy(batch_size=5, max_total_tokens=10)
+    log = ForwardLog(p.model)
+    prefixes = mixed_prefixes()
+    if call == "rollout":
+        steps = [s for row in p.rollout(prefixes, 3, seed=0) for path in row for s in path]
+    else:
+        steps = [s for row in p.propose(prefixes, 3, seed=0, stop_at_step=call == "propose") for s in row]
+    assert sum(s.tokens_forwarded for s in steps) == log.tokens > 0
+    generated = sum(s.num_tokens for s in steps)
+    assert log.tokens < generated + 3 * sum(len(context_of(x)) for x in prefixes)
+
+
+# -- validation and loading -----------------------------------------------------------------------
+
+
+def test_invalid_requests_name_the_value():
+    p, prefixes = policy(), mixed_prefixes()
+    with pytest.raises(ValueError, match="n=0"):
+        p.propose(prefixes, 0, seed=0)
+    with pytest.raises(ValueError, match="seed=None"):
+        p.rollout(prefixes, 1, seed=None)
+    with pytest.raises(TypeError, match=r"prefixes\[0\]"):
+        p.propose([Problem("a", "1")], 1, seed=0)
+    ended = Prefix(Problem("z", "1"), (Step("2", (ID["2"],), (0.0,), "eos"),))
+    with pytest.raises(ValueError, match=r"prefixes\[1\].*'z'.*terminal"):
+        p.propose([prefixes[0], ended], 1, seed=0)
+
+
+def test_from_pretrained_round_trip(tmp_path):
+    model = make_model(len(TOK))
+    save_checkpoint(model, TOK, tmp_path / "ckpt")
+    cfg = SamplingConfig(temperature=0.0, max_total_tokens=8)
+    loaded = TransformersPolicy.from_pretrained(tmp_path / "ckpt", cfg, prompt_fn=lambda p: p.question)
+    prefixes = mixed_prefixes()
+    assert loaded.propose(prefixes, 1, seed=0) == policy(model, temperature=0.0, max_total_tokens=8).propose(
+        prefixes, 1, seed=0
+    )
+    with pytest.raises(FileNotFoundError, match="missing"):
+        TransformersPolicy.from_pretrained(tmp_path / "missing", cfg, prompt_fn=lambda p: p.question)
