@@ -1,0 +1,173 @@
+"""The result JSON file: one problem's `SearchResult` as plain JSON, the record plots read.
+
+A result JSON holds (keys in `RESULT_KEYS`):
+    problem      the problem: {"id", "question", "answer", "meta"}
+    strategy     registry name of the strategy ("mcts", "beam_search", ...)
+    config       the strategy config as a dict
+    chosen       index into candidates of the chosen answer, or null
+    chosen_node  tree node id of the chosen candidate's leaf, or null
+    candidates   [{"node_id", "score", "step_scores"}] in generation order (their steps are the
+                 tree path to node_id)
+    tree         `Tree.to_json()`: {"problem", "nodes": [...]}, node i has id i
+    compute      `Compute.to_dict()`
+
+`save_result` writes atomically (temp file in the same folder + `os.replace`), so a reader (the
+plots, a live HTML page being regenerated) never sees a half-written file, even while a running
+search rewrites it.
+
+    save_result("runs/trap_mcts.json", result)
+    record = load_result("runs/trap_mcts.json")   # ResultRecord, or ResultFileError naming the problem
+    python -m experiments.plot tree runs/trap_mcts.json
+
+Tests: `.venv/bin/pytest tests/test_tree_plot.py`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from treesearch.result import SearchResult
+from treesearch.tree import Tree
+
+RESULT_KEYS = ("problem", "strategy", "config", "chosen", "chosen_node", "candidates", "tree", "compute")
+NODE_KEYS = ("id", "parent", "step", "depth", "children", "visits", "value", "prior", "score")
+
+
+class ResultFileError(ValueError):
+    """A file that is missing, not JSON, or not a result JSON; the message names what is wrong."""
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """A result JSON as read back (fields as in the module docstring; dicts are the JSON's own).
+
+    problem: {"id", "question", "answer", "meta"}.
+    strategy: registry name of the strategy.
+    config: strategy config dict.
+    chosen: index into candidates, or None.
+    chosen_node: tree node id of the chosen leaf, or None.
+    candidates: [{"node_id", "score", "step_scores"}] in generation order.
+    tree: `Tree.to_json()` dict (what the plots draw).
+    compute: `Compute.to_dict()`.
+    """
+
+    problem: dict[str, Any]
+    strategy: str
+    config: dict[str, Any]
+    chosen: int | None
+    chosen_node: int | None
+    candidates: list[dict[str, Any]]
+    tree: dict[str, Any]
+    compute: dict[str, Any]
+
+    def to_tree(self) -> Tree:
+        return Tree.from_json(self.tree)
+
+
+def result_to_json(result: SearchResult) -> dict[str, Any]:
+    """The result as a JSON-ready dict (see the module docstring)."""
+    chosen = result.chosen_candidate
+    return {
+        "problem": {**asdict(result.problem), "meta": dict(result.problem.meta)},
+        "strategy": result.strategy,
+        "config": dict(result.config),
+        "chosen": result.chosen,
+        "chosen_node": None if chosen is None else chosen.node_id,
+        "candidates": [
+            {"node_id": c.node_id, "score": c.score, "step_scores": list(c.step_scores)}
+            for c in result.candidates
+        ],
+        "tree": result.tree.to_json(),
+        "compute": result.compute.to_dict(),
+    }
+
+
+def result_from_json(data: Any) -> ResultRecord:
+    """Check a parsed result JSON and wrap it; ResultFileError names the first missing key."""
+    if not isinstance(data, dict):
+        raise ResultFileError(f"expected a JSON object with keys {', '.join(RESULT_KEYS)}; got {type(data).__name__}")
+    _require_keys(data, RESULT_KEYS, "result", hint=_bare_tree_hint(data))
+    _check_tree(data["tree"])
+    chosen_node = data["chosen_node"]
+    num_nodes = len(data["tree"]["nodes"])
+    if chosen_node is not None and not (isinstance(chosen_node, int) and 0 <= chosen_node < num_nodes):
+        raise ResultFileError(f"chosen_node={chosen_node!r} is not a node id of the tree (0..{num_nodes - 1})")
+    return ResultRecord(**{key: data[key] for key in RESULT_KEYS})
+
+
+def load_result(path: str | os.PathLike[str]) -> ResultRecord:
+    """Read and check a result JSON file; ResultFileError says which file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultFileError(f"{path}: no such file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ResultFileError(f"{path}: not JSON ({err})") from None
+    try:
+        return result_from_json(data)
+    except ResultFileError as err:
+        raise ResultFileError(f"{path}: not a result JSON: {err}") from None
+
+
+def save_result(path: str | os.PathLike[str], result: SearchResult) -> Path:
+    """Write `result_to_json(result)` to path atomically; return the path."""
+    return write_atomic(path, json.dumps(result_to_json(result), ensure_ascii=False))
+
+
+def write_atomic(path: str | os.PathLike[str], content: str | bytes) -> Path:
+    """Write content to a temp file next to path, then `os.replace` it over path (atomic on POSIX
+    and Windows when both lie on one file system, which the same folder guarantees)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    # Not tempfile.mkstemp: its files are mode 0600; open(..., "xb") keeps the umask's mode.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _require_keys(data: Mapping[str, Any], keys: tuple[str, ...], where: str, hint: str = "") -> None:
+    for key in keys:
+        if key not in data:
+            raise ResultFileError(f"{where} is missing key {key!r}{hint}")
+
+
+def _bare_tree_hint(data: Mapping[str, Any]) -> str:
+    """A bare `Tree.to_json()` (e.g. the demo's tree_example.json) is the likeliest wrong file."""
+    if "nodes" in data and "problem" in data:
+        return (" (this looks like a bare Tree.to_json(); plots need a result JSON written by"
+                " experiments.result_json.save_result)")
+    return ""
+
+
+def _check_tree(tree: Any) -> None:
+    if not isinstance(tree, dict):
+        raise ResultFileError(f"tree must be an object; got {type(tree).__name__}")
+    _require_keys(tree, ("problem", "nodes"), "tree")
+    if not isinstance(tree["problem"], dict) or "id" not in tree["problem"]:
+        raise ResultFileError("tree.problem is missing key 'id'")
+    nodes = tree["nodes"]
+    if not isinstance(nodes, list) or not nodes:
+        raise ResultFileError("tree.nodes must be a non-empty list")
+    for i, node in enumerate(nodes):
+        if not isinstance(node, dict):
+            raise ResultFileError(f"tree.nodes[{i}] must be an object")
+        _require_keys(node, NODE_KEYS, f"tree.nodes[{i}]")
+        if node["id"] != i:
+            raise ResultFileError(f"tree.nodes[{i}] has id {node['id']!r}; node i must have id i")
+        if node["step"] is not None and not (isinstance(node["step"], dict) and "text" in node["step"]):
+            raise ResultFileError(f"tree.nodes[{i}].step is missing key 'text'")
+        bad = [c for c in node["children"] if not (isinstance(c, int) and 0 < c < len(nodes))]
+        if bad:
+            raise ResultFileError(f"tree.nodes[{i}].children has ids outside the tree: {bad}")

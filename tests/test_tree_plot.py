@@ -1,0 +1,157 @@
+"""Result JSON, tree PNG / HTML and the `python -m experiments.plot tree` CLI, on real trees that
+MCTS and beam search build on the scripted step trees (tests/step_tree_fakes.py).
+
+    .venv/bin/pytest tests/test_tree_plot.py
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+
+import matplotlib.image
+import pytest
+
+from experiments.plot import main, render_if_changed
+from experiments.result_json import ResultFileError, load_result, result_to_json, save_result
+from experiments.tree_html import write_tree_html
+from experiments.tree_plot import chosen_path, tree_layout
+from step_tree_fakes import TRAP_CHILDREN, TRAP_SCORES, ScriptedPolicy, ScriptedScorer, scripted_problem, trap_problem
+from treesearch.registry import run_search
+
+# A terminal step whose text tries to break out of the page: markup, a script end tag, an
+# ampersand, quotes, a newline and a template placeholder.
+HOSTILE = "<script>alert('x')</script> & \"q\" __DATA__\n<b>end$"
+
+
+def hostile_problem():
+    children = dict(TRAP_CHILDREN, **{"b": ["b1$", "b2$", HOSTILE]})
+    return scripted_problem("hostile", children, dict(TRAP_SCORES, **{HOSTILE: 0.5}))
+
+
+def mcts_result(problem):
+    return run_search("mcts", [problem], ScriptedPolicy(), ScriptedScorer(), iterations=12, expand_width=3)[0]
+
+
+def node_texts(tree_json):
+    return [n["step"]["text"] for n in tree_json["nodes"] if n["step"] is not None]
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    result = mcts_result(hostile_problem())
+    path = save_result(tmp_path / "hostile_mcts.json", result)
+    return result, path
+
+
+def test_result_json_round_trip(tmp_path):
+    result = run_search("beam_search", [trap_problem()], ScriptedPolicy(), ScriptedScorer(), n=4, beam_width=2)[0]
+    path = save_result(tmp_path / "beam.json", result)
+    record = load_result(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["beam.json"]  # the temp file was renamed away
+    assert record.strategy == "beam_search" and record.config["beam_width"] == 2
+    assert record.chosen == result.chosen
+    assert record.chosen_node == result.candidates[result.chosen].node_id
+    assert [c["node_id"] for c in record.candidates] == [c.node_id for c in result.candidates]
+    assert record.candidates[0]["step_scores"] == list(result.candidates[0].step_scores)
+    assert record.compute == result.compute.to_dict()
+    assert record.to_tree().to_json() == result.tree.to_json()
+    assert json.loads(path.read_text()) == result_to_json(result)
+
+
+def test_layout_centres_parents_over_children():
+    tree_json = mcts_result(trap_problem()).tree.to_json()
+    pos = tree_layout(tree_json)
+    # trap tree: root -> a (1), b (2); a -> a1$, a2$; b -> b1$, b2$: leaves at x = 0, 1, 2, 3 in
+    # depth-first order, a at (0+1)/2, b at (2+3)/2, root at (0.5+2.5)/2.
+    by_text = {n["step"]["text"]: n["id"] for n in tree_json["nodes"] if n["step"]}
+    assert [pos[by_text[t]] for t in ("a1$", "a2$", "b1$", "b2$")] == [(0.0, 2), (1.0, 2), (2.0, 2), (3.0, 2)]
+    assert pos[by_text["a/"]] == (0.5, 1) and pos[by_text["b/"]] == (2.5, 1) and pos[0] == (1.5, 0)
+
+
+def test_cli_writes_png_and_html(saved, tmp_path, capsys):
+    result, path = saved
+    out_dir = tmp_path / "plots"
+    assert main(["tree", str(path), "--out-dir", str(out_dir)]) == 0
+    png, page = out_dir / "hostile_mcts.png", out_dir / "hostile_mcts.html"
+    assert capsys.readouterr().out.split() == [str(png), str(page)]
+
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = matplotlib.image.imread(png).shape
+    assert 250 <= height <= 3000 and 500 <= width <= 5000
+
+    text = page.read_text(encoding="utf-8")
+    assert not re.search(r"https?://", text)  # self-contained: no CDN, no external links
+    assert not re.search(r"<(script|link|img)[^>]*\s(src|href)=", text)
+    tree_json = result.tree.to_json()
+    for step_text in node_texts(tree_json):
+        assert html.escape(step_text) in text
+    path_ids = chosen_path(tree_json, result.candidates[result.chosen].node_id)
+    assert len(path_ids) >= 3 and path_ids[0] == 0
+    marked = re.findall(r'class="node chosen" data-id="(\d+)"', text)
+    assert sorted(map(int, marked)) == sorted(path_ids)
+    assert len(re.findall(r'class="edge chosen"', text)) == len(path_ids) - 1
+    data = json.loads(re.search(r'<script type="application/json" id="tree-data">(.*?)</script>', text, re.S).group(1))
+    assert data["chosen_path"] == path_ids and [n["text"] for n in data["nodes"][1:]] == node_texts(tree_json)
+
+
+def test_step_text_with_script_is_escaped(saved, tmp_path):
+    result, _ = saved
+    page = write_tree_html(result.tree.to_json(), None, tmp_path / "t.html")
+    text = page.read_text(encoding="utf-8")
+    assert "<script>alert" not in text and "</script> &" not in text and "<b>end" not in text
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;q&quot;" in text  # SVG tooltip
+    assert "\\u003cscript\\u003ealert" in text  # the JSON block
+    assert text.count("<script") == 2  # the data block and the page's own script, nothing injected
+    # the step's own "__DATA__", verbatim in its tooltip and in the JSON, was not substituted into
+    assert text.count("__DATA__") == 2 and '"chosen_path": []' in text
+
+
+def test_live_mode_reloads_and_rerenders_on_change(saved, tmp_path, capsys):
+    result, path = saved
+    page = write_tree_html(result.tree.to_json(), None, tmp_path / "live.html", refresh_s=2.5)
+    text = page.read_text(encoding="utf-8")
+    assert '"refresh_s": 2.5' in text and "location.reload()" in text
+    assert '"refresh_s": null' in write_tree_html(result.tree.to_json(), None, tmp_path / "s.html").read_text()
+
+    out_dir = tmp_path / "live"
+    assert render_if_changed(tmp_path / "not_yet.json", out_dir, 1.0, None) is None
+    mtime = render_if_changed(path, out_dir, 1.0, None)
+    assert len(capsys.readouterr().out.split()) == 2  # rendered: PNG and HTML paths printed
+    assert render_if_changed(path, out_dir, 1.0, mtime) == mtime
+    assert capsys.readouterr().out == ""  # unchanged file: nothing re-rendered
+    assert '"refresh_s": 1.0' in (out_dir / "hostile_mcts.html").read_text()
+
+
+def test_cli_errors_name_the_problem(saved, tmp_path, capsys):
+    result, _ = saved
+    missing = tmp_path / "nope.json"
+    assert main(["tree", str(missing)]) == 2
+    assert f"{missing}: no such file" in capsys.readouterr().err
+
+    not_json = tmp_path / "junk.json"
+    not_json.write_text("{oops")
+    assert main(["tree", str(not_json)]) == 2
+    assert "not JSON" in capsys.readouterr().err
+
+    no_tree = tmp_path / "no_tree.json"
+    no_tree.write_text(json.dumps({k: v for k, v in result_to_json(result).items() if k != "tree"}))
+    assert main(["tree", str(no_tree)]) == 2
+    assert "not a result JSON: result is missing key 'tree'" in capsys.readouterr().err
+
+    bare_tree = tmp_path / "tree_example.json"
+    bare_tree.write_text(json.dumps(result.tree.to_json()))
+    assert main(["tree", str(bare_tree)]) == 2
+    err = capsys.readouterr().err
+    assert "missing key 'strategy'" in err and "bare Tree.to_json()" in err
+
+    bad_node = result_to_json(result)
+    del bad_node["tree"]["nodes"][2]["visits"]
+    with pytest.raises(ResultFileError, match=r"tree.nodes\[2\] is missing key 'visits'"):
+        load_result(save_result_json(tmp_path / "bad_node.json", bad_node))
+    assert not list(tmp_path.glob("*.png"))  # nothing was drawn for a bad file
+
+
+def save_result_json(path, data):
+    path.write_text(json.dumps(data))
+    return path
