@@ -117,6 +117,7 @@ def short_label(node: dict[str, Any]) -> str:
     """A one-line, truncated step text for small trees."""
     step = node["step"]
     text = "" if step is None else " ".join(str(step["text"]).split())
+    text = "".join(c if c.isprintable() else "?" for c in text)  # no glyph for control chars
     return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "…"
 
 

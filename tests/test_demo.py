@@ -1,0 +1,55 @@
+"""End-to-end smoke test of the demo pipeline at a tiny budget: train (a few SFT steps of a very
+small model), reuse the cached checkpoint, search, grade, write the report."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.demo import DemoConfig, run_demo
+from policies.sft import SFTConfig
+from policies.tiny_model import TinyModelConfig
+
+REQUIRED_KEYS = ["arith.pass@1", "arith.greedy", "arith.maj@4", "arith.conf_bon@4", "arith.pass@4"]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
+    cfg = DemoConfig(
+        out_dir=str(tmp_path / "demo"),
+        checkpoint=str(tmp_path / "ckpt"),
+        problems=3,
+        n=4,
+        chunk=2,
+        train_problems=64,
+        max_total_tokens=24,
+        sft=SFTConfig(max_minutes=None, max_steps=2, batch_size=4, warmup_steps=1, checkpoint_every=0),
+        model=TinyModelConfig(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64),
+    )
+    metrics = run_demo(cfg)
+    for key in REQUIRED_KEYS + ["arith.maj@1", "arith.wmaj@2", "arith.random_bon@4", "arith.pass@2"]:
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["arith.problems"] == 3
+    assert metrics["arith.pass@4"] >= metrics["arith.pass@1"] - 1e-12  # oracle never below a single sample
+    assert metrics["arith.compute"]["tokens_generated"] > 0
+    assert metrics["arith.compute"]["flops"] > 0
+    out = tmp_path / "demo"
+    assert "| N | pass@1 |" in (out / "report.md").read_text()
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["candidates"]) == 4 for r in rows)
+    assert json.loads((out / "tree_example.json").read_text())["tree"]["nodes"][0]["parent"] is None
+    assert (out / "tree_example.png").stat().st_size > 1000 and (out / "tree_example.html").is_file()
+    assert (tmp_path / "ckpt" / "final" / "config.json").is_file()
+
+    # second run: the cached checkpoint is reused (no training), same records for the same seed
+    capsys.readouterr()
+    again = run_demo(cfg)
+    assert "training the tiny arith policy" not in capsys.readouterr().out
+    assert again["arith.pass@4"] == metrics["arith.pass@4"]
+
+
+def test_demo_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="DemoConfig.n=0"):
+        DemoConfig(n=0)
+    with pytest.raises(ValueError, match="DemoConfig.temperature=-0.5"):
+        DemoConfig(temperature=-0.5)
