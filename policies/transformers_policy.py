@@ -6,22 +6,32 @@ Usage:
                                                 prompt_fn=lambda p: p.question)
     steps = policy.propose([Prefix(problem)], n=8, seed=0)          # steps[0][j]: j-th next step
     paths = policy.rollout([Prefix(problem)], n=32, seed=0)         # paths[0][j]: list of steps
+    reuse = TransformersPolicy(model, tokenizer, sampling, prompt_fn, prefix_cache=PrefixCacheConfig())
 
 How a call runs: the model input of a prefix is the tokenised prompt (special tokens added)
 followed by the exact `token_ids` of its steps (never re-tokenised text). Prefixes are sorted by
 length and packed into chunks of at most `batch_size` sample rows; each chunk prefills every
 prefix once (left padded), replicates its KV cache for its samples and decodes token by token,
-dropping finished rows (`decode_loop`). A call re-prefills its prefixes; nothing is cached across
-calls. Step ends follow the reference's think-aware separator rule (`step_stops`).
+dropping finished rows (`decode_loop`). Step ends follow the reference's think-aware separator
+rule (`step_stops`).
+
+Prefix reuse across calls (opt-in, `prefix_cache=PrefixCacheConfig(...)`; without it every call
+re-prefills its prefixes from the prompt): each chunk looks up the longest cached prefix of each
+context (`policies.prefix_cache`) and forwards only the rest; every sample that ends on a step
+separator stores the KV of what it fed (context + its step but the last token), so when a search
+extends that child next round only the step's last token and nothing else is forwarded. Steps
+that end the sequence ("eos", "length") are not stored: nothing extends them. Outputs equal those
+without the cache up to float rounding (the same KV computed in another order). The cache is
+only valid for the weights that filled it: `policy.prefix_cache.clear()` after changing them.
 
 Randomness: one `torch.Generator(seed)` per call, so the same prefixes, n, seed and config give
 the same samples; another prefix list or batch_size draws differently (greedy output does not
 depend on either).
 
-Compute accounting (`Step.tokens_forwarded`): a prefix's prefill tokens are counted on its first
-sample in each chunk, and each generated token that was fed back to the model on the step that
-holds it (the last token of a sequence is never fed). Sums over all returned steps equal the
-non-pad tokens the model ran.
+Compute accounting (`Step.tokens_forwarded`): a prefix's prefill tokens (those not taken from the
+prefix cache) are counted on its first sample in each chunk, and each generated token that was
+fed back to the model on the step that holds it (the last token of a sequence is never fed).
+Sums over all returned steps equal the non-pad tokens the model ran.
 """
 from __future__ import annotations
 
@@ -33,7 +43,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from policies.checkpoint import load_checkpoint
-from policies.decode_loop import FINISH_CODES, decode_chunk
+from policies.decode_loop import FINISH_CODES, ChunkOutput, decode_chunk
+from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.sampling_config import SamplingConfig
 from policies.step_stops import StepStopRule, split_step_ends
 from treesearch.records import Prefix, Problem, Step
@@ -73,10 +84,17 @@ class TransformersPolicy:
     tokenizer: its tokenizer (`__call__`, `batch_decode`, `get_vocab`, `eos_token_id`).
     sampling: temperature, top-p, token limits, batch size, separator and think markers.
     prompt_fn: the prompt template, Problem -> text (the step tokens follow it directly).
+    prefix_cache: reuse prefixes' KV across calls (module docstring); None (or enabled=False)
+        re-prefills every prefix in every call. The store is `self.prefix_cache` (None when off).
     """
 
     def __init__(
-        self, model: Any, tokenizer: Any, sampling: SamplingConfig, prompt_fn: Callable[[Problem], str]
+        self,
+        model: Any,
+        tokenizer: Any,
+        sampling: SamplingConfig,
+        prompt_fn: Callable[[Problem], str],
+        prefix_cache: PrefixCacheConfig | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -92,6 +110,11 @@ class TransformersPolicy:
         self._is_separator: list[bool] = self.rule.is_separator.tolist()
         pad_id = getattr(tokenizer, "pad_token_id", None)
         self.pad_id: int = pad_id if pad_id is not None else eos_ids[0]
+        if prefix_cache is not None and not isinstance(prefix_cache, PrefixCacheConfig):
+            raise TypeError(f"prefix_cache is a {type(prefix_cache).__name__}, not a PrefixCacheConfig")
+        self.prefix_cache: PrefixCache | None = (
+            PrefixCache(prefix_cache) if prefix_cache is not None and prefix_cache.enabled else None
+        )
 
     @classmethod
     def from_pretrained(
@@ -100,10 +123,11 @@ class TransformersPolicy:
         sampling: SamplingConfig,
         prompt_fn: Callable[[Problem], str],
         dtype: torch.dtype = torch.float32,
+        prefix_cache: PrefixCacheConfig | None = None,
     ) -> "TransformersPolicy":
         """Load a checkpoint directory (`policies.checkpoint`; FileNotFoundError names a missing file)."""
         model, tokenizer = load_checkpoint(path, dtype)
-        return cls(model, tokenizer, sampling, prompt_fn)
+        return cls(model, tokenizer, sampling, prompt_fn, prefix_cache)
 
     def propose(
         self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool = True
@@ -132,7 +156,7 @@ class TransformersPolicy:
     ) -> list[list[_Sample]]:
         """Sample n sequences per prefix, batched over all prefixes; result in input order."""
         _check_request(prefixes, n, seed)
-        contexts = self._contexts(prefixes)
+        contexts, prompt_lengths = self._contexts(prefixes)
         budgets = [self._budget(prefix, stop_at_boundary) for prefix in prefixes]
         samples: list[list[_Sample]] = [[] for _ in prefixes]
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
@@ -141,32 +165,57 @@ class TransformersPolicy:
         for chunk in plan_chunks(counts, self.sampling.batch_size):
             members = [order[k] for k, _ in chunk]  # prefix indices, one per unique context
             row_context = [u for u, (_, count) in enumerate(chunk) for _ in range(count)]
+            past = [self._cached_prefix(contexts[i], prompt_lengths[i], prefixes[i]) for i in members]
             out = decode_chunk(
                 self.model, [contexts[i] for i in members], row_context,
                 [budgets[members[u]] for u in row_context], self.rule, stop_at_boundary,
                 self.sampling.temperature, self.sampling.top_p, generator, self.pad_id,
+                past=past if self.prefix_cache is not None else None,
+                keep_kv=self.prefix_cache is not None and stop_at_boundary,
             )
-            _collect(out, members, row_context, [len(contexts[i]) for i in members], samples)
+            prefill_sizes = [len(contexts[i]) - (p.length if p else 0) for i, p in zip(members, past)]
+            _collect(out, members, row_context, prefill_sizes, samples)
+            self._store_fed(out, [contexts[i] for i in members], row_context)
         for i in range(len(prefixes)):
             if budgets[i] <= 0:
                 samples[i] = [_Sample([], [], [], "length", 0) for _ in range(n)]
         return samples
 
-    def _contexts(self, prefixes: Sequence[Prefix]) -> list[list[int]]:
-        """Model input per prefix: prompt ids (special tokens added) + each step's token_ids."""
+    def _contexts(self, prefixes: Sequence[Prefix]) -> tuple[list[list[int]], list[int]]:
+        """Model input per prefix: prompt ids (special tokens added) + each step's token_ids;
+        and the prompt's length in it."""
         prompts = [self.prompt_fn(prefix.problem) for prefix in prefixes]
         unique = list(dict.fromkeys(prompts))
         encoded = self.tokenizer(unique, add_special_tokens=True).input_ids if unique else []
         prompt_ids = dict(zip(unique, encoded))
-        contexts = []
+        contexts, prompt_lengths = [], []
         for prefix, prompt in zip(prefixes, prompts):
             ids = list(prompt_ids[prompt])
+            prompt_lengths.append(len(ids))
             for step in prefix.steps:
                 ids.extend(step.token_ids)
             if not ids:
                 raise ValueError(f"problem {prefix.problem.id!r}: the prompt encodes to no tokens")
             contexts.append(ids)
-        return contexts
+        return contexts, prompt_lengths
+
+    def _cached_prefix(self, context: list[int], prompt_length: int, prefix: Prefix) -> PrefixKV | None:
+        """The KV of the longest cached prefix of context (None: none, or no cache)."""
+        if self.prefix_cache is None:
+            return None
+        lengths = candidate_lengths(len(context), prompt_length, [s.num_tokens for s in prefix.steps])
+        hit = self.prefix_cache.longest(context, lengths)
+        return None if hit is None else hit[1]
+
+    def _store_fed(self, out: ChunkOutput, contexts: list[list[int]], row_context: list[int]) -> None:
+        """Store what each row that ended on a separator fed: its context + its tokens but the last."""
+        if self.prefix_cache is None:
+            return
+        lengths = out.lengths.tolist()
+        for r, kv in enumerate(out.fed_kv):
+            if kv is not None:
+                fed = out.token_ids[r, : lengths[r] - 1].tolist()
+                self.prefix_cache.store(contexts[row_context[r]] + fed, kv)
 
     def _budget(self, prefix: Prefix, stop_at_boundary: bool) -> int:
         """Tokens this call may generate after the prefix (<= 0: none left)."""

@@ -1,0 +1,164 @@
+"""Benchmark of cross-call prefix reuse in the transformers backend: step-level beam search and
+MCTS on arith, each run with the prefix cache OFF and ON, side by side, as a markdown table.
+
+    python -m experiments.bench_prefix_reuse                       # 16 test problems
+    python -m experiments.bench_prefix_reuse --problems 4 --checkpoint /tmp/runs/r1/final
+
+The policy is the trained checkpoint (default outputs/checkpoints/tiny-arith) when it exists,
+else a freshly initialised tiny Llama with the tiny tokenizer (a random model rarely ends a step
+on the separator, so its trees are shallow and reuse has little to save: train first for a
+meaningful number). The scorer is the policy's own confidence (no forward pass), so every token
+counted is the policy's.
+
+Columns: tokens generated and tokens forwarded (prefills + fed-back tokens, from
+`Step.tokens_forwarded`, summed over problems), their ratio (without reuse every round re-prefills
+prompt and path; with reuse each extended child forwards about one token), wall time of the
+search call, the cache hit rate (lookups of a prefix that found a cached prefix of it), mean
+candidates per problem, accuracy of the chosen answers, and whether the cached run chose the same
+texts as the uncached one (it should: the cache changes only float rounding).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: shared cores
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+import torch  # noqa: E402
+
+from experiments.tasks import arith  # noqa: E402
+from policies.checkpoint import load_checkpoint  # noqa: E402
+from policies.prefix_cache import PrefixCacheConfig  # noqa: E402
+from policies.sampling_config import SamplingConfig  # noqa: E402
+from policies.tiny_model import TinyModelConfig, build_model  # noqa: E402
+from policies.tiny_tokenizer import build_tokenizer  # noqa: E402
+from policies.transformers_policy import TransformersPolicy  # noqa: E402
+from scorers.confidence import ConfidenceScorer  # noqa: E402
+from treesearch.records import Problem  # noqa: E402
+from treesearch.registry import run_search  # noqa: E402
+from treesearch.result import SearchResult  # noqa: E402
+
+DEFAULT_CHECKPOINT = Path("outputs/checkpoints/tiny-arith")
+# Strategy settings: beam search with N=16 paths, 4 samples per beam; MCTS whose simulation
+# budget gives about 16 candidate leaves per problem at 4 samples per expansion.
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "beam_search": dict(n=16, beam_width=4, max_depth=20),
+    "mcts": dict(iterations=8, expand_width=4, leaves_per_round=4, max_depth=20),
+}
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One (strategy, reuse) run summed over problems (see the module docstring for columns)."""
+
+    strategy: str
+    reuse: bool
+    tokens_generated: int
+    tokens_forwarded: int
+    wall_s: float
+    hit_rate: float | None
+    candidates_per_problem: float
+    accuracy: float
+    chosen_texts: tuple[str | None, ...]
+
+    @property
+    def ratio(self) -> float:
+        return self.tokens_forwarded / max(self.tokens_generated, 1)
+
+
+def load_policy_parts(checkpoint: Path) -> tuple[Any, Any, str]:
+    """(model, tokenizer, description): the checkpoint if it exists, else a random tiny Llama."""
+    if (checkpoint / "config.json").is_file():
+        model, tokenizer = load_checkpoint(checkpoint)
+        return model, tokenizer, f"checkpoint {checkpoint}"
+    tokenizer = build_tokenizer()
+    return build_model(TinyModelConfig(), tokenizer), tokenizer, "random tiny Llama (no checkpoint found)"
+
+
+def run_one(
+    strategy: str, reuse: bool, problems: Sequence[Problem], model: Any, tokenizer: Any,
+    sampling: SamplingConfig, max_bytes: int,
+) -> BenchRow:
+    """One search over all problems with a fresh policy (an empty cache when reuse is on)."""
+    cache = PrefixCacheConfig(max_bytes=max_bytes) if reuse else None
+    policy = TransformersPolicy(model, tokenizer, sampling, arith.prompt_text, prefix_cache=cache)
+    start = time.perf_counter()
+    results = run_search(strategy, problems, policy, ConfidenceScorer(), **STRATEGIES[strategy])
+    wall = time.perf_counter() - start
+    stats = policy.prefix_cache.stats() if policy.prefix_cache is not None else None
+    return BenchRow(
+        strategy, reuse,
+        sum(r.compute.tokens_generated for r in results),
+        sum(r.compute.tokens_forwarded for r in results),
+        wall,
+        stats.hit_rate if stats is not None else None,
+        sum(len(r.candidates) for r in results) / max(len(results), 1),
+        sum(_correct(r) for r in results) / max(len(results), 1),
+        tuple(_chosen_text(r) for r in results),
+    )
+
+
+def _chosen_text(result: SearchResult) -> str | None:
+    chosen = result.chosen_candidate
+    return None if chosen is None else chosen.text
+
+
+def _correct(result: SearchResult) -> bool:
+    text = _chosen_text(result)
+    return text is not None and arith.grade(result.problem, text)
+
+
+def markdown_table(rows: Sequence[BenchRow]) -> str:
+    """The results as a markdown table; 'same choice' compares each ON row with its OFF row."""
+    off = {row.strategy: row for row in rows if not row.reuse}
+    lines = [
+        "| strategy | reuse | tokens generated | tokens forwarded | forwarded/generated | wall s "
+        "| hit rate | candidates/problem | accuracy | same choice as off |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        hit = "-" if row.hit_rate is None else f"{row.hit_rate:.2f}"
+        same = "-" if not row.reuse or row.strategy not in off else (
+            "yes" if row.chosen_texts == off[row.strategy].chosen_texts else "no")
+        lines.append(
+            f"| {row.strategy} | {'on' if row.reuse else 'off'} | {row.tokens_generated} | "
+            f"{row.tokens_forwarded} | {row.ratio:.2f} | {row.wall_s:.1f} | {hit} | "
+            f"{row.candidates_per_problem:.1f} | {row.accuracy:.2f} | {same} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Prefix reuse OFF vs ON for beam search and MCTS on arith.")
+    parser.add_argument("--problems", type=int, default=16, help="arith test problems")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--seed", type=int, default=0, help="problem generation seed")
+    parser.add_argument("--max-bytes", type=int, default=PrefixCacheConfig().max_bytes, help="cache budget")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer, source = load_policy_parts(args.checkpoint)
+    problems = arith.generate_problems("test", args.problems, seed=args.seed)
+    sampling = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_step_tokens=48,
+                              max_total_tokens=256, batch_size=256)
+    rows = [
+        run_one(strategy, reuse, problems, model, tokenizer, sampling, args.max_bytes)
+        for strategy in STRATEGIES for reuse in (False, True)
+    ]
+    print(f"policy: {source}; {len(problems)} arith test problems; scorer: confidence; "
+          f"threads: {args.threads}; cache budget: {args.max_bytes / 2**20:.0f} MiB")
+    print(f"strategies: {STRATEGIES}")
+    print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()

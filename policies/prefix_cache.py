@@ -1,0 +1,231 @@
+"""`PrefixCache`: key/value tensors of token-id prefixes kept across policy calls, so a step-level
+search that extends last round's paths forwards only the new tokens.
+
+Usage:
+    cache = PrefixCache(PrefixCacheConfig(max_bytes=256 * 2**20))
+    cache.store(tuple(ids), PrefixKV(keys, values))              # per layer [heads, len, head_dim]
+    hit = cache.longest(ids, candidate_lengths(len(ids), prompt_len, step_lengths))
+    if hit is not None:
+        length, kv = hit                                         # ids[:length] need no forward
+    cache.stats()                                                # hits, misses, evictions, bytes
+
+What is stored: one entry per path, keyed by the exact token ids whose KV it holds (one row,
+unpadded, on CPU). Entries are full copies, so paths of one tree hold the shared prompt once
+each: simple and exact, at the price of memory a paged or radix layout would share.
+
+Lookup checks only the lengths a search can have stored (`candidate_lengths`: each step boundary
+of the query and one token before it, since a step's last token is never fed back while it is
+generated), longest first, in a hash map: no trie needed. At least one token of a query is always
+left to forward, because its logits are what the next token is sampled from.
+
+Eviction: least recently used (a hit or a store counts as a use) until the stored bytes fit
+`max_bytes`; an entry larger than the whole budget is not stored. Entries are only valid for the
+weights that computed them: call `clear()` after changing the model.
+
+Tests: `.venv/bin/pytest tests/test_prefix_cache.py`.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+DEFAULT_MAX_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class PrefixCacheConfig:
+    """Settings of the cross-call prefix cache of a generation backend.
+
+    enabled: reuse cached prefixes (False behaves exactly as no cache).
+    max_bytes: memory budget of the stored key/value tensors; least recently used entries are
+        evicted beyond it.
+    """
+
+    enabled: bool = True
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"PrefixCacheConfig.enabled={self.enabled!r} must be a bool")
+        if not isinstance(self.max_bytes, int) or isinstance(self.max_bytes, bool) or self.max_bytes < 1:
+            raise ValueError(f"PrefixCacheConfig.max_bytes={self.max_bytes!r} must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class PrefixKV:
+    """The attention keys and values of one token sequence, one tensor per layer.
+
+    keys, values: per layer [kv_heads, length, head_dim], no padding, same length in every layer.
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.keys) != len(self.values) or not self.keys:
+            raise ValueError(
+                f"PrefixKV needs as many value as key layers (>= 1): {len(self.keys)} vs {len(self.values)}"
+            )
+        tensors = self.keys + self.values
+        lengths = sorted({t.shape[-2] for t in tensors})
+        if len(lengths) != 1 or any(t.dim() != 3 for t in tensors):
+            raise ValueError(f"PrefixKV tensors must be [heads, length, head_dim] of one length, got {lengths}")
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    """Counters since the cache was made (or cleared).
+
+    hits / misses: lookups that found / did not find a cached prefix.
+    tokens_reused: prefix tokens the hits spared from forwarding.
+    stores: entries written (a repeated key only refreshes its use).
+    evictions: entries dropped to fit the budget. oversized: entries larger than the whole budget,
+        never stored.
+    entries, bytes: what the cache holds now.
+    """
+
+    hits: int
+    misses: int
+    tokens_reused: int
+    stores: int
+    evictions: int
+    oversized: int
+    entries: int
+    bytes: int
+
+    @property
+    def hit_rate(self) -> float:
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
+
+class PrefixCache:
+    """An LRU map from token-id tuples to their `PrefixKV`, bounded in bytes (module docstring)."""
+
+    def __init__(self, config: PrefixCacheConfig) -> None:
+        self.config = config
+        self._entries: OrderedDict[tuple[int, ...], PrefixKV] = OrderedDict()  # oldest use first
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop every entry and reset the counters (e.g. after the model's weights changed)."""
+        self._entries.clear()
+        self._bytes = 0
+        self._hits = self._misses = self._tokens_reused = 0
+        self._stores = self._evictions = self._oversized = 0
+
+    def longest(self, token_ids: Sequence[int], lengths: Sequence[int]) -> tuple[int, PrefixKV] | None:
+        """The longest cached token_ids[:length] among `lengths` (each in [1, len(token_ids)]), as
+        (length, its KV), or None. A hit becomes the most recently used entry."""
+        ids = tuple(token_ids)
+        for length in sorted(set(lengths), reverse=True):
+            entry = self._entries.get(ids[:length])
+            if entry is not None:
+                self._entries.move_to_end(ids[:length])
+                self._hits += 1
+                self._tokens_reused += length
+                return length, entry
+        self._misses += 1
+        return None
+
+    def store(self, token_ids: Sequence[int], kv: PrefixKV) -> None:
+        """Keep kv as the KV of token_ids (most recently used), then evict to fit the budget."""
+        key = tuple(token_ids)
+        if kv.length != len(key):
+            raise ValueError(f"PrefixKV of length {kv.length} stored under {len(key)} token ids")
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return
+        if kv.nbytes > self.config.max_bytes:
+            self._oversized += 1
+            return
+        self._entries[key] = kv
+        self._bytes += kv.nbytes
+        self._stores += 1
+        self._evict_to_budget()
+
+    def _evict_to_budget(self) -> None:
+        while self._bytes > self.config.max_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= dropped.nbytes
+            self._evictions += 1
+
+    def __contains__(self, token_ids: Sequence[int]) -> bool:
+        return tuple(token_ids) in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys_in_lru_order(self) -> list[tuple[int, ...]]:
+        """Stored keys, least recently used first (the next to be evicted)."""
+        return list(self._entries)
+
+    def stats(self) -> PrefixCacheStats:
+        return PrefixCacheStats(
+            self._hits, self._misses, self._tokens_reused, self._stores, self._evictions,
+            self._oversized, len(self._entries), self._bytes,
+        )
+
+
+def candidate_lengths(length: int, prompt_length: int, step_lengths: Sequence[int]) -> list[int]:
+    """Prefix lengths of a query worth looking up, longest first: one token short of the whole
+    query (what generating its last step stored), and each step boundary and one token before it
+    (boundaries: prompt_length + the cumulative step lengths). Only lengths in [1, length - 1]:
+    the last token is always forwarded for its logits.
+    E.g. length 10, prompt 4, steps [3, 3] -> boundaries 4, 7, 10 -> [9, 7, 6, 4, 3]."""
+    boundaries, total = [prompt_length], prompt_length
+    for step_length in step_lengths:
+        total += step_length
+        boundaries.append(total)
+    wanted = {length - 1} | set(boundaries) | {b - 1 for b in boundaries}
+    return sorted((n for n in wanted if 1 <= n <= length - 1), reverse=True)
+
+
+def pad_past(entries: Sequence[PrefixKV | None], device: torch.device | str) -> tuple[list, torch.Tensor]:
+    """Stack cached prefixes of different lengths into a left-padded batch past.
+
+    entries: per row a PrefixKV or None (nothing cached), at least one not None.
+    Returns (per layer (keys, values), each [U, kv_heads, P, head_dim] with row u's cached tensors
+    in its last len_u columns and zeros before; past_mask [U, P] long, 1 on cached columns),
+    P = the longest cached length.
+    """
+    sample = next(e for e in entries if e is not None)
+    width = max(e.length for e in entries if e is not None)
+    past_mask = torch.zeros((len(entries), width), dtype=torch.long)  # [U, P]
+    layers = []
+    for layer in range(len(sample.keys)):
+        heads, _, head_dim = sample.keys[layer].shape
+        shape = (len(entries), heads, width, head_dim)
+        keys = torch.zeros(shape, dtype=sample.keys[layer].dtype)  # [U, H, P, D]
+        values = torch.zeros(shape, dtype=sample.values[layer].dtype)  # [U, H, P, D]
+        for row, entry in enumerate(entries):
+            if entry is not None:
+                keys[row, :, width - entry.length:] = entry.keys[layer]
+                values[row, :, width - entry.length:] = entry.values[layer]
+        layers.append((keys.to(device), values.to(device)))
+    for row, entry in enumerate(entries):
+        if entry is not None:
+            past_mask[row, width - entry.length:] = 1
+    return layers, past_mask.to(device)
+
+
+def row_kv(cache, row: int, valid: torch.Tensor) -> PrefixKV:
+    """One row of a batch `DynamicCache` as an unpadded CPU `PrefixKV`.
+
+    valid: [S] bool, the row's non-pad columns (its attention mask). Boolean indexing copies, so
+    the entry holds no view into the batch cache.
+    """
+    keys = tuple(layer.keys[row][:, valid].to("cpu") for layer in cache.layers)  # [H, len, D] each
+    values = tuple(layer.values[row][:, valid].to("cpu") for layer in cache.layers)  # [H, len, D]
+    return PrefixKV(keys, values)

@@ -1,0 +1,303 @@
+"""Tests of cross-call prefix reuse: the `PrefixCache` store (longest match, LRU order, byte
+budget, counters, config validation) and `TransformersPolicy(prefix_cache=...)`, whose outputs
+must equal the cache-free policy's over several rounds of propose on growing paths (greedy and
+seeded sampling, mixed batches of different cached lengths, chunks, a tiny budget), while it
+forwards fewer tokens and `Step.tokens_forwarded` still sums to what a forward hook counts.
+
+The tiny random Llama and word-level tokenizer come from test_transformers_policy. A
+`ScriptedLM` forces the separator at every third position, so steps end on separators often and
+paths grow over rounds; all other tokens are sampled from the real model.
+
+    .venv/bin/pytest tests/test_prefix_cache.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from policies.prefix_cache import (
+    PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths, pad_past,
+)
+from policies.sampling_config import SamplingConfig
+from policies.transformers_policy import TransformersPolicy
+from test_transformers_policy import ID, SEP, TOK, ForwardLog, ScriptedLM, make_model, mixed_prefixes
+from treesearch.records import Prefix, Problem, Step
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: the tiny model gains nothing from two, and the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+BASE = make_model(len(TOK))
+SEPARATOR_EVERY_THIRD = {p: ID[SEP] for p in range(4, 64, 3)}  # steps of ~3 tokens
+
+
+def policy(cache: PrefixCacheConfig | None, **sampling) -> TransformersPolicy:
+    settings = dict(temperature=1.0, max_step_tokens=8, max_total_tokens=24, batch_size=64)
+    settings.update(sampling)
+    return TransformersPolicy(
+        ScriptedLM(BASE, SEPARATOR_EVERY_THIRD), TOK, SamplingConfig(**settings),
+        prompt_fn=lambda p: p.question, prefix_cache=cache,
+    )
+
+
+def kv(length: int, fill: float = 0.0, layers: int = 2) -> PrefixKV:
+    """A PrefixKV of `length` tokens: per layer [1 head, length, 2 dims] float32 = 8 bytes/token
+    per tensor, so 2 layers x (keys + values) = 32 bytes per token."""
+    tensor = lambda: torch.full((1, length, 2), fill)  # noqa: E731
+    return PrefixKV(tuple(tensor() for _ in range(layers)), tuple(tensor() for _ in range(layers)))
+
+
+def run_rounds(p: TransformersPolicy, rounds: int, n: int, width: int = 6, fresh: bool = True):
+    """A small step-level search: each round proposes n steps for every frontier prefix; the next
+    frontier is the first `width` unfinished children plus (with fresh) one new problem, so each
+    batch mixes cache hits of different lengths with misses. Returns every round's output."""
+    frontier, outputs = mixed_prefixes(), []
+    for r in range(rounds):
+        rows = p.propose(frontier, n, seed=r)
+        outputs.append(rows)
+        new = [Prefix(Problem(f"new{r}", f"<think>{r}+{r}="))] if fresh else []
+        frontier = children(frontier, rows)[:width] + new
+    return outputs
+
+
+def assert_same_outputs(a, b) -> None:
+    """Same tokens and finish reasons, log-probs within 1e-4 (the same KV summed in another order)."""
+    flat_a = [s for rows in a for row in rows for s in row]
+    flat_b = [s for rows in b for row in rows for s in row]
+    key = lambda s: (s.token_ids, s.finish, s.text)  # noqa: E731
+    assert [key(s) for s in flat_a] == [key(s) for s in flat_b]
+    for x, y in zip(flat_a, flat_b):
+        assert x.token_logprobs == pytest.approx(y.token_logprobs, abs=1e-4)
+
+
+def children(prefixes: list[Prefix], rows) -> list[Prefix]:
+    """Every proposed child that can still be extended, in order."""
+    return [x.extend(s) for x, row in zip(prefixes, rows) for s in row if not s.is_terminal]
+
+
+def forwarded(outputs) -> int:
+    return sum(s.tokens_forwarded for rows in outputs for row in rows for s in row)
+
+
+# -- config and store -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(enabled="yes"), "enabled='yes'"),
+        (dict(max_bytes=0), "max_bytes=0 must be"),
+        (dict(max_bytes=-5), "max_bytes=-5"),
+        (dict(max_bytes=1.5), "max_bytes=1.5"),
+        (dict(max_bytes=True), "max_bytes=True"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PrefixCacheConfig(**kwargs)
+
+
+def test_policy_rejects_a_non_config():
+    with pytest.raises(TypeError, match="dict, not a PrefixCacheConfig"):
+        policy({"max_bytes": 10})  # type: ignore[arg-type]
+
+
+def test_candidate_lengths_are_step_boundaries_and_one_before():
+    # length 10, prompt 4, steps [3, 3]: boundaries 4, 7, 10; with one before each: 3, 6, 9;
+    # 10 itself is excluded (its last token must be forwarded for the logits)
+    assert candidate_lengths(10, 4, [3, 3]) == [9, 7, 6, 4, 3]
+    assert candidate_lengths(1, 1, []) == []  # a one-token prompt: nothing can be skipped
+
+
+def test_longest_takes_the_longest_candidate_and_counts():
+    cache = PrefixCache(PrefixCacheConfig())
+    query = [5, 6, 7, 8, 9]
+    cache.store(query[:2], kv(2))
+    cache.store(query[:4], kv(4))
+    cache.store([5, 6, 0], kv(3))  # same length as a candidate, other tokens: never matches
+    length, entry = cache.longest(query, [4, 3, 2])
+    assert length == 4 and entry.length == 4
+    assert cache.longest(query, [3, 2])[0] == 2
+    assert cache.longest([1, 2, 3], [2, 1]) is None
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.tokens_reused, stats.stores) == (2, 1, 4 + 2, 3)
+    assert stats.hit_rate == pytest.approx(2 / 3)
+    assert (stats.entries, stats.bytes) == (3, 32 * (2 + 4 + 3))  # 32 bytes per token, see kv()
+
+
+def test_lru_eviction_under_the_byte_budget():
+    # each 2-token entry is 64 bytes; a 200-byte budget holds three
+    cache = PrefixCache(PrefixCacheConfig(max_bytes=200))
+    for key in ([1, 1], [2, 2], [3, 3]):
+        cache.store(key, kv(2))
+    assert cache.longest([1, 1, 9], [2]) is not None  # a hit makes [1, 1] the most recent use
+    cache.store([2, 2], kv(2))  # storing an existing key refreshes it too
+    assert cache.keys_in_lru_order() == [(3, 3), (1, 1), (2, 2)]
+    cache.store([4, 4], kv(2))  # 256 bytes > 200: the least recent, [3, 3], goes
+    assert cache.keys_in_lru_order() == [(1, 1), (2, 2), (4, 4)]
+    cache.store([5, 5, 5], kv(3))  # 96 bytes: two entries must go (64 + 64 + 96 = 224 > 200 after one)
+    assert cache.keys_in_lru_order() == [(4, 4), (5, 5, 5)]
+    stats = cache.stats()
+    assert (stats.evictions, stats.stores, stats.entries, stats.bytes) == (3, 5, 2, 64 + 96)
+
+
+def test_an_entry_larger_than_the_budget_is_not_stored():
+    cache = PrefixCache(PrefixCacheConfig(max_bytes=100))
+    cache.store([1, 2, 3, 4], kv(4))  # 128 bytes
+    assert len(cache) == 0 and cache.stats().oversized == 1
+    with pytest.raises(ValueError, match="length 2 stored under 3"):
+        cache.store([1, 2, 3], kv(2))
+
+
+def test_clear_drops_entries_and_counters():
+    cache = PrefixCache(PrefixCacheConfig())
+    cache.store([1, 2], kv(2))
+    cache.longest([1, 2, 3], [2])
+    cache.clear()
+    assert len(cache) == 0 and cache.stats() == PrefixCache(PrefixCacheConfig()).stats()
+
+
+def test_pad_past_left_pads_with_masked_zeros():
+    # lengths 2 and 3 and a miss -> P = 3; row 0 starts at column 1, the miss is all padding
+    layers, mask = pad_past([kv(2, fill=1.0), kv(3, fill=2.0), None], "cpu")
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 0]]
+    keys, values = layers[0]
+    assert keys.shape == (3, 1, 3, 2)
+    assert keys[0, 0, :, 0].tolist() == [0.0, 1.0, 1.0] and values[1, 0, :, 1].tolist() == [2.0] * 3
+    assert keys[2].abs().sum() == 0
+
+
+# -- the policy with the cache on equals it with the cache off ------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_outputs_equal_the_cache_free_policy_over_rounds(temperature):
+    off = run_rounds(policy(None, temperature=temperature), rounds=4, n=2)
+    cached = policy(PrefixCacheConfig(), temperature=temperature)
+    on = run_rounds(cached, rounds=4, n=2)
+    assert_same_outputs(off, on)
+    assert max(len(s.token_ids) for s in on[-1][0]) >= 1  # the paths really grew
+    stats = cached.prefix_cache.stats()
+    assert stats.hits >= 3 * 6 and stats.misses >= 4 + 3  # every child hits; first round + new problems miss
+    assert forwarded(on) < forwarded(off)
+
+
+def test_batches_mixing_cached_lengths_and_misses_equal_each_row_alone():
+    # One call whose contexts hit at different depths (1 and 2 steps, different prompts) or miss,
+    # vs each prefix alone without any cache.
+    cached = policy(PrefixCacheConfig(), temperature=0.0)
+    depth1 = extend_all(cached, mixed_prefixes())
+    depth2 = extend_all(cached, depth1[:2])
+    batch = [*depth1[1:], Prefix(Problem("m", "<think>7-2=")), *depth2]
+    assert len({len(x.steps) for x in batch}) >= 3 and len({len(x.problem.question) for x in batch}) >= 3
+    log = ForwardLog(cached.model)
+    hits_before = cached.prefix_cache.stats().hits
+    mixed = cached.propose(batch, 3, seed=5)
+    assert cached.prefix_cache.stats().hits - hits_before == len(batch) - 1  # all but the new problem
+    plain = policy(None, temperature=0.0)
+    for prefix, row in zip(batch, mixed):
+        alone = plain.propose([prefix], 3, seed=5)[0]
+        assert [s.token_ids for s in row] == [s.token_ids for s in alone]
+        for x, y in zip(row, alone):
+            assert x.token_logprobs == pytest.approx(y.token_logprobs, abs=1e-4)
+    assert sum(s.tokens_forwarded for row in mixed for s in row) == log.tokens
+
+
+def extend_all(p: TransformersPolicy, prefixes: list[Prefix]) -> list[Prefix]:
+    """Each prefix extended by one proposed step, keeping those that can still be extended."""
+    rows = p.propose(prefixes, 1, seed=0)
+    return [x.extend(row[0]) for x, row in zip(prefixes, rows) if not row[0].is_terminal]
+
+
+def test_a_child_forwards_only_its_last_token():
+    # Round 2 prefill: each child's context minus its last token is cached, so the prefill call
+    # has U rows and U tokens.
+    cached = policy(PrefixCacheConfig(), temperature=1.0)
+    first = cached.propose(mixed_prefixes(), 2, seed=0)
+    kids = children(mixed_prefixes(), first)
+    assert len(kids) >= 2
+    log = ForwardLog(cached.model)
+    second = cached.propose(kids, 2, seed=1)
+    assert log.calls[0] == (len(kids), len(kids))
+    assert sum(row[0].tokens_forwarded for row in second) >= len(kids)  # 1 prefill token each + fed
+
+
+def test_split_chunks_and_rollout_equal_the_cache_free_policy():
+    # batch_size 5 splits prefixes across chunks (each part looks up again); rollout reads the cache.
+    def both(p):
+        rounds = run_rounds(p, rounds=3, n=3)
+        return rounds, p.rollout(children(mixed_prefixes(), rounds[0]), 2, seed=9)
+
+    off, off_roll = both(policy(None, batch_size=5))
+    on, on_roll = both(policy(PrefixCacheConfig(), batch_size=5))
+    assert_same_outputs(off, on)
+    flatten_paths = lambda rows: [[[s for path in row for s in path] for row in rows]]  # noqa: E731
+    assert_same_outputs(flatten_paths(off_roll), flatten_paths(on_roll))
+
+
+def test_a_tiny_budget_gives_the_same_outputs_with_more_forwarding():
+    off = run_rounds(policy(None), rounds=4, n=2)
+    roomy = policy(PrefixCacheConfig())
+    # 512 bytes per token (2 layers x keys and values x 2 kv heads x 16 dims x 4 bytes): 12 KiB
+    # holds about two paths
+    small = policy(PrefixCacheConfig(max_bytes=3 * 2**12))
+    tiny = policy(PrefixCacheConfig(max_bytes=1))  # nothing fits
+    outs = {name: run_rounds(p, rounds=4, n=2) for name, p in (("roomy", roomy), ("small", small), ("tiny", tiny))}
+    for out in outs.values():
+        assert_same_outputs(off, out)
+    assert small.prefix_cache.stats().evictions > 0 and small.prefix_cache.stats().hits > 0
+    assert roomy.prefix_cache.stats().evictions == 0
+    assert tiny.prefix_cache.stats().hits == 0 and len(tiny.prefix_cache) == 0
+    assert forwarded(outs["roomy"]) < forwarded(outs["small"]) <= forwarded(outs["tiny"]) == forwarded(off)
+
+
+@pytest.mark.parametrize("call", ["propose", "rollout"])
+def test_tokens_forwarded_sum_to_the_hook_count_with_the_cache(call):
+    cached = policy(PrefixCacheConfig(), batch_size=5)
+    log = ForwardLog(cached.model)
+    rounds = run_rounds(cached, rounds=3, n=3)
+    steps = [s for rows in rounds for row in rows for s in row]
+    if call == "rollout":
+        frontier = children(mixed_prefixes(), rounds[0])
+        steps += [s for row in cached.rollout(frontier, 2, seed=3) for path in row for s in path]
+    assert sum(s.tokens_forwarded for s in steps) == log.tokens > 0
+    assert cached.prefix_cache.stats().hits > 0
+
+
+def test_disabled_or_absent_cache_is_todays_policy():
+    absent, disabled = policy(None), policy(PrefixCacheConfig(enabled=False))
+    assert absent.prefix_cache is None and disabled.prefix_cache is None
+    log_absent, log_disabled = ForwardLog(absent.model), ForwardLog(disabled.model)
+    assert_same_outputs(run_rounds(absent, rounds=2, n=2), run_rounds(disabled, rounds=2, n=2))
+    assert log_disabled.calls == log_absent.calls  # the very same forward calls
+
+
+def test_terminal_steps_are_not_stored():
+    # stop_at_step=False ends every sample on eos/length: nothing can extend it, nothing is stored.
+    cached = policy(PrefixCacheConfig())
+    cached.propose(mixed_prefixes(), 2, seed=0, stop_at_step=False)
+    cached.rollout(mixed_prefixes(), 2, seed=0)
+    assert len(cached.prefix_cache) == 0 and cached.prefix_cache.stats().misses == 8
+
+
+def test_the_stored_key_is_the_context_ids_and_the_step_but_its_last_token():
+    # A prefix with a hand-made step: after one greedy step the cache holds exactly
+    # prompt ids + the prefix's step ids + the new step's ids but the last, and extending the
+    # child forwards one token.
+    cached = policy(PrefixCacheConfig(), temperature=0.0)
+    step = Step("1" + SEP, (ID["1"], ID[SEP]), (0.0, 0.0), "separator")
+    prefix = Prefix(Problem("a", "<think>"), (step,))
+    first = cached.propose([prefix], 1, seed=0)[0][0]
+    assert not first.is_terminal
+    child = prefix.extend(first)
+    context = TOK("<think>").input_ids + [ID["1"], ID[SEP]] + list(first.token_ids)
+    assert context[:-1] in cached.prefix_cache
+    log = ForwardLog(cached.model)
+    cached.propose([child], 1, seed=0)
+    assert log.calls[0] == (1, 1)
