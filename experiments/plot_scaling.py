@@ -1,0 +1,86 @@
+"""Plot accuracy against log compute for a sweep: one line per strategy, fits and CI error bars.
+
+Reads only the sweep's saved records (`experiments.sweep_metrics`), fits accuracy = a + b log2 C
+per strategy (`experiments.scaling`) and draws each strategy's pooled points (95% bootstrap CI
+error bars, labelled with their budget N) and its fitted line; a strategy measured at one
+compute only (greedy) is a single marker.
+
+    python -m experiments.plot_scaling outputs/sweeps/budget_sweep              # -> SWEEP_DIR/scaling.png
+    python -m experiments.plot_scaling outputs/sweeps/budget_sweep --out s.png --threshold 0.02
+
+`plot_scaling(sweep_dir, out_png)` is the function `python -m experiments.plot scaling` wires to.
+Bad input prints "error: <folder>: <what is wrong>" and exits with code 2.
+
+Tests: `.venv/bin/pytest tests/test_scaling.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_strategy  # noqa: E402
+from experiments.sweep_metrics import RunFolderError, sweep_summaries  # noqa: E402
+
+
+def draw_series(ax: plt.Axes, series: SeriesScaling, color: str) -> None:
+    """Points with CI error bars and N labels, plus the fitted line over the measured range."""
+    c = np.array([p.compute for p in series.points])
+    y = np.array([p.accuracy.mean for p in series.points])
+    err = np.array([[p.accuracy.mean - p.accuracy.low for p in series.points],
+                    [p.accuracy.high - p.accuracy.mean for p in series.points]])  # [2, P]
+    label = series.name if series.fit is None else f"{series.name}: {series.fit.slope:+.3f}/doubling"
+    ax.errorbar(c, y, yerr=err, fmt="o", color=color, capsize=3, label=label)
+    for p in series.points:
+        ax.annotate(f"N={p.budget}", (p.compute, p.accuracy.mean), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7, color=color)
+    if series.fit is not None:
+        grid = np.geomspace(c.min(), c.max(), 50)
+        ax.plot(grid, series.fit.predict(grid), "-", color=color, alpha=0.7)
+
+
+def plot_scaling(sweep_dir: str | Path, out_png: str | Path, threshold: float = DEFAULT_THRESHOLD) -> Path:
+    """Draw the sweep's accuracy-vs-compute plot into out_png; return its path."""
+    series = scaling_by_strategy(sweep_summaries(sweep_dir), threshold)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, s in enumerate(series):
+        draw_series(ax, s, colors[i % len(colors)])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("compute C = policy parameters x tokens generated per problem (log2 scale)")
+    ax.set_ylabel("accuracy (chosen answer, 95% CI)")
+    ax.set_title(f"Test-time search scaling: {Path(sweep_dir).name}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("--out", type=Path, default=None, help="PNG path (default: SWEEP_DIR/scaling.png)")
+    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    args = ap.parse_args(argv)
+    try:
+        out = plot_scaling(args.sweep_dir, args.out or args.sweep_dir / "scaling.png", args.threshold)
+    except (RunFolderError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

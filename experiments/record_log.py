@@ -1,0 +1,78 @@
+"""An append-only JSONL log of per-problem records that survives being killed at any moment.
+
+Writes: `append_rows` encodes complete lines (each ends with a newline), writes them with ONE
+`os.write` on a file opened with O_APPEND, then fsyncs; a kill can at worst leave a torn last
+line, never a torn line in the middle. Reads: `load_rows` returns every complete row and cuts a
+torn last line off the file (so the next append starts on a fresh line); a corrupt line that is
+not the last one is an error naming the file and line, not something to guess around.
+
+    rows = load_rows(path)                      # [] when the file does not exist
+    append_rows(path, [{"problem_id": "p1", ...}])
+
+Tests: `.venv/bin/pytest tests/test_search_resume.py`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+
+class RecordLogError(ValueError):
+    """A records file that cannot be trusted (a corrupt line before the end)."""
+
+
+def encode_rows(rows: Sequence[dict[str, Any]]) -> bytes:
+    """One JSON document per line, every line newline-terminated."""
+    return "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
+
+
+def append_rows(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> None:
+    """Append rows as complete lines: one write (O_APPEND), then fsync."""
+    if not rows:
+        return
+    data = encode_rows(rows)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        while written < len(data):  # a short write (rare on regular files): finish it
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _parse_lines(path: Path, raw: bytes) -> tuple[list[dict[str, Any]], int]:
+    """(rows, byte length of the trusted part). A torn or unparsable LAST line is left out."""
+    rows: list[dict[str, Any]] = []
+    good = 0
+    lines = raw.split(b"\n")
+    # after the last "\n" comes b"" (a clean end) or the torn rest of a line
+    for number, line in enumerate(lines[:-1], start=1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if number == len(lines) - 1 and not lines[-1]:
+                break  # the last complete-looking line is garbage: treat it as torn
+            raise RecordLogError(f"{path}: line {number} is not a JSON object ({err}); refusing to guess") from err
+        rows.append(row)
+        good += len(line) + 1
+    return rows, good
+
+
+def load_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every complete row of the log, in file order; cuts a torn last line off the file."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    rows, good = _parse_lines(path, raw)
+    if good < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+            f.flush()
+            os.fsync(f.fileno())
+    return rows

@@ -1,0 +1,199 @@
+"""The scaling law of test-time search: accuracy against log compute, one fit per strategy.
+
+Compute C = policy parameters x draft tokens generated per problem (`experiments.sweep_metrics`).
+Points: the runs of one (strategy, scorer) series at one budget N are pooled over their seeds
+(per problem: the mean correctness over seeds; then a bootstrap over problems), at their mean C.
+Fit: least squares of accuracy = a + b log2 C over the points (numpy), so the slope b is the
+accuracy gained per doubling of compute. Where it flattens: the marginal gain per doubling
+between consecutive budgets, (acc_{i+1} - acc_i) / log2(C_{i+1} / C_i); `last_gaining_budget`
+is the last budget reached by a step whose gain exceeds the threshold (default 0.01, one point
+of accuracy per doubling), and `flattened` says whether any budget beyond it was measured.
+
+    python -m experiments.scaling outputs/sweeps/budget_sweep              # table + scaling.json
+    python -m experiments.scaling outputs/sweeps/budget_sweep --threshold 0.02
+
+Tests: `.venv/bin/pytest tests/test_scaling.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from experiments.metrics import Estimate, bootstrap
+from experiments.sweep_metrics import RunFolderError, RunSummary, estimate_dict, sweep_summaries
+
+DEFAULT_THRESHOLD = 0.01
+
+
+@dataclass(frozen=True)
+class ScalingPoint:
+    """One budget of one series: budget N, mean compute C of its runs, pooled accuracy + CI,
+    number of runs (seeds) pooled."""
+
+    budget: int
+    compute: float
+    accuracy: Estimate
+    runs: int
+
+
+@dataclass(frozen=True)
+class LogFit:
+    """accuracy = intercept + slope * log2(C); slope = gain per doubling; r2 of the fit."""
+
+    intercept: float
+    slope: float
+    r2: float
+
+    def predict(self, compute: np.ndarray | float) -> np.ndarray:
+        return self.intercept + self.slope * np.log2(compute)
+
+
+@dataclass(frozen=True)
+class SeriesScaling:
+    """One strategy's (+ scorer's, when a sweep has several) curve.
+
+    name: series label; points: by increasing C; fit: None with fewer than two distinct C;
+    gains: marginal gain per doubling of each consecutive pair of points; last_gaining_budget:
+    see the module docstring (None when no step gains more than the threshold); flattened: a
+    budget beyond last_gaining_budget was measured (the curve flattens within the sweep).
+    """
+
+    name: str
+    points: tuple[ScalingPoint, ...]
+    fit: LogFit | None
+    gains: tuple[float, ...]
+    last_gaining_budget: int | None
+    flattened: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "points": [{"budget": p.budget, "compute": p.compute, "runs": p.runs,
+                        "accuracy": estimate_dict(p.accuracy)} for p in self.points],
+            "fit": None if self.fit is None else {"intercept": self.fit.intercept, "slope_per_doubling": self.fit.slope,
+                                                  "r2": self.fit.r2},
+            "gains_per_doubling": list(self.gains),
+            "last_gaining_budget": self.last_gaining_budget,
+            "flattened": self.flattened,
+        }
+
+
+def fit_log_linear(compute: Sequence[float], accuracy: Sequence[float]) -> LogFit:
+    """Least squares of accuracy on log2(compute); needs two distinct positive computes."""
+    c = np.asarray(compute, dtype=float)
+    y = np.asarray(accuracy, dtype=float)
+    if c.shape != y.shape or c.ndim != 1:
+        raise ValueError(f"compute and accuracy must be 1-D of one length, got {c.shape} and {y.shape}")
+    if np.any(c <= 0):
+        raise ValueError(f"compute must be > 0 to take its log, got {c.tolist()}")
+    x = np.log2(c)
+    if np.unique(x).size < 2:
+        raise ValueError(f"need at least two distinct compute values to fit a slope, got {c.tolist()}")
+    design = np.stack([np.ones_like(x), x], axis=1)  # [P, 2]
+    (intercept, slope), *_ = np.linalg.lstsq(design, y, rcond=None)
+    residual = y - (intercept + slope * x)
+    total = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(residual**2)) / total if total > 0 else 1.0
+    return LogFit(float(intercept), float(slope), r2)
+
+
+def marginal_gains(points: Sequence[ScalingPoint]) -> list[float]:
+    """Accuracy gained per doubling of C between consecutive points (sorted by C)."""
+    gains = []
+    for lo, hi in zip(points, points[1:]):
+        doublings = math.log2(hi.compute / lo.compute) if lo.compute > 0 and hi.compute > lo.compute else 0.0
+        gains.append((hi.accuracy.mean - lo.accuracy.mean) / doublings if doublings > 0 else 0.0)
+    return gains
+
+
+def last_gaining(points: Sequence[ScalingPoint], gains: Sequence[float], threshold: float) -> tuple[int | None, bool]:
+    """(budget at the end of the last step gaining more than threshold per doubling, whether a
+    larger budget was measured after it)."""
+    index = max((i + 1 for i, g in enumerate(gains) if g > threshold), default=None)
+    if index is None:
+        return None, len(points) > 1
+    return points[index].budget, index < len(points) - 1
+
+
+def pooled_points(runs: Sequence[RunSummary]) -> list[ScalingPoint]:
+    """One point per budget: per-problem correctness averaged over seeds, bootstrapped over
+    problems; compute = mean C of the runs. Sorted by compute."""
+    by_budget: dict[int, list[RunSummary]] = defaultdict(list)
+    for run in runs:
+        by_budget[run.budget].append(run)
+    points = []
+    for budget, group in by_budget.items():
+        per_problem: dict[str, list[float]] = defaultdict(list)
+        for run in group:
+            for problem_id, correct in run.per_problem:
+                per_problem[problem_id].append(correct)
+        values = [sum(v) / len(v) for v in per_problem.values()]
+        compute = sum(r.compute_C for r in group) / len(group)
+        points.append(ScalingPoint(budget, compute, bootstrap(values), len(group)))
+    return sorted(points, key=lambda p: (p.compute, p.budget))
+
+
+def series_name(run: RunSummary, several_scorers: bool) -> str:
+    return f"{run.strategy} ({run.scorer})" if several_scorers else run.strategy
+
+
+def series_scaling(name: str, runs: Sequence[RunSummary], threshold: float = DEFAULT_THRESHOLD) -> SeriesScaling:
+    points = pooled_points(runs)
+    computes = [p.compute for p in points if p.compute > 0]
+    fit = None
+    if len(set(computes)) >= 2 and len(computes) == len(points):
+        fit = fit_log_linear([p.compute for p in points], [p.accuracy.mean for p in points])
+    gains = marginal_gains(points)
+    budget, flattened = last_gaining(points, gains, threshold)
+    return SeriesScaling(name, tuple(points), fit, tuple(gains), budget, flattened)
+
+
+def scaling_by_strategy(runs: Sequence[RunSummary], threshold: float = DEFAULT_THRESHOLD) -> list[SeriesScaling]:
+    """One SeriesScaling per strategy (per strategy and scorer when the sweep has several scorers)."""
+    several = len({r.scorer for r in runs}) > 1
+    groups: dict[str, list[RunSummary]] = defaultdict(list)
+    for run in runs:
+        groups[series_name(run, several)].append(run)
+    return [series_scaling(name, groups[name], threshold) for name in sorted(groups)]
+
+
+def format_scaling(series: Sequence[SeriesScaling], threshold: float) -> str:
+    lines = [f"{'series':<32} {'points':>6} {'slope/doubling':>14} {'r2':>6} "
+             f"{'last budget gaining > ' + format(threshold, 'g'):>28}"]
+    for s in series:
+        slope = "-" if s.fit is None else f"{s.fit.slope:+.4f}"
+        r2 = "-" if s.fit is None else f"{s.fit.r2:.2f}"
+        where = "-" if s.last_gaining_budget is None else (
+            f"N={s.last_gaining_budget}" + (" (flattens after)" if s.flattened else " (still rising)"))
+        lines.append(f"{s.name:<32} {len(s.points):>6} {slope:>14} {r2:>6} {where:>28}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                    help="marginal accuracy gain per doubling of C below which the curve counts as flat")
+    args = ap.parse_args(argv)
+    try:
+        series = scaling_by_strategy(sweep_summaries(args.sweep_dir), args.threshold)
+    except (RunFolderError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = args.sweep_dir / "scaling.json"
+    out.write_text(json.dumps({"threshold": args.threshold, "series": [s.to_dict() for s in series]}, indent=2))
+    print(format_scaling(series, args.threshold))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,293 @@
+"""`python -m experiments.search`: run a search strategy over a task's problems, resumably (Hydra).
+
+    python -m experiments.search                                        # Best-of-8, confidence, 100 arith problems
+    python -m experiments.search search=beam search.n=16 task.count=50
+    python -m experiments.search search=greedy scorer=oracle out_dir=runs/greedy
+    python -m experiments.search -m search=best_of_n,beam budget=4,8 seed=0,1   # a sweep
+    python -m experiments.search experiment=budget_sweep                        # strategy x budget x seed
+    python -m experiments.search experiment=budget_sweep hydra/launcher=local num_threads=1  # 2 at a time
+
+Configs live in `experiments/conf/` (primary: `search.yaml`); every component is built with
+`hydra.utils.instantiate` from `_target_` nodes that mirror the constructors: `policy`, `scorer`,
+`search` (the strategy's config dataclass; the strategy is the registry entry of that class) and
+`task` (a module with generate_problems / prompt_text / grade / extract_answer, plus its config).
+
+A run folder (the Hydra run dir, or `out_dir=`) receives:
+  records.jsonl  one row per problem (`experiments.outcomes.record` + policy_parameters):
+                 problem, strategy and its config, candidates (texts, answers, grades, step
+                 scores, scores), chosen index, correct, compute;
+  config.yaml    the resolved config;
+  metrics.json   `experiments.sweep_metrics.run_metrics` over the run's problems.
+
+Resuming: problems run in fixed chunks of `chunk` problems; each chunk's seed is a hash of the
+run seed and the chunk's problem ids, so a chunk gives the same results whenever it runs. Each
+finished chunk's rows are appended as complete lines with one write + fsync
+(`experiments.record_log`); after a kill, rerunning the same command drops a torn last line,
+reruns only chunks with a missing problem and appends only the missing rows: no duplicates,
+nothing lost, the same records as an uninterrupted run. A folder whose config.yaml differs from
+the current config (ignoring out_dir, progress, num_threads) is refused, never mixed. A lock
+file stops two processes from writing one folder at once.
+
+`run_search_experiment(cfg)` is the plain function (tests call it with `hydra.compose`); `main`
+is the thin `@hydra.main` around it. Tests: `.venv/bin/pytest tests/test_experiment_configs.py
+tests/test_search_resume.py`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from tqdm import tqdm
+
+from experiments.outcomes import grade_results, record
+from experiments.record_log import append_rows, load_rows
+from experiments.result_json import write_atomic
+from experiments.sweep_metrics import run_metrics
+from treesearch.protocols import Policy, Scorer
+from treesearch.records import Problem
+from treesearch.registry import STRATEGIES, StrategySpec
+
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
+# top-level keys that do not change what a run computes (left out of the config comparison)
+IGNORED_KEYS: tuple[str, ...] = ("out_dir", "progress", "num_threads")
+RECORDS, CONFIG, METRICS, LOCK = "records.jsonl", "config.yaml", "metrics.json", ".lock"
+
+# hydra.run.dir / hydra.sweep.subdir: the override string ("/" in a value made "_", so a path
+# stays one folder), or "default" when there is none
+OmegaConf.register_new_resolver("ts_run_name", lambda name: name.replace("/", "_") or "default", replace=True)
+
+
+class ConfigMismatchError(ValueError):
+    """The run folder holds records of another config."""
+
+
+class Task(Protocol):
+    """What `task.module` must provide (experiments/tasks/arith.py does)."""
+
+    def generate_problems(self, split: str, count: int, seed: int, cfg: Any) -> list[Problem]: ...
+    def prompt_text(self, problem: Problem) -> str: ...
+    def grade(self, problem: Problem, completion_text: str) -> bool: ...
+    def extract_answer(self, text: str) -> str | None: ...
+
+
+# -- building components ------------------------------------------------------------------------
+
+
+def strategy_of(strategy_cfg: Any) -> tuple[str, StrategySpec]:
+    """The registry entry whose config class `strategy_cfg` is an instance of."""
+    for name, spec in STRATEGIES.items():
+        if type(strategy_cfg) is spec.config:
+            return name, spec
+    valid = ", ".join(f"{spec.config.__name__} ({name})" for name, spec in STRATEGIES.items())
+    raise ValueError(f"search config {type(strategy_cfg).__name__} is not a registered strategy config; valid: {valid}")
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """instantiate a component; a constructor's own ValueError / TypeError / FileNotFoundError
+    (which name the bad value or the missing file) is raised as itself, not wrapped by Hydra."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, TypeError, FileNotFoundError)):
+            raise cause from None
+        raise
+
+
+def build_frozen(node: DictConfig) -> Any:
+    """Build a config dataclass; list fields become tuples (frozen configs hold tuples)."""
+    return build(node, **{key: tuple(value) for key, value in node.items() if isinstance(value, ListConfig)})
+
+
+def build_policy(node: DictConfig) -> Policy:
+    """The policy; a missing checkpoint says how to make the default one."""
+    try:
+        return build(node)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err}. Train the default tiny policy with `python -m experiments.train_sft --out "
+            "outputs/checkpoints/tiny-arith` (or `make demo`), or point policy.path= at a checkpoint"
+        ) from err
+
+
+def load_task(task_cfg: DictConfig) -> tuple[Task, list[Problem]]:
+    """(the task module, its problems for split / count / seed / config)."""
+    module = importlib.import_module(task_cfg.module)
+    problems = module.generate_problems(task_cfg.split, task_cfg.count, task_cfg.seed, build_frozen(task_cfg.config))
+    return module, problems  # type: ignore[return-value]
+
+
+def chunk_seed(seed: int, problem_ids: Sequence[str]) -> int:
+    """The strategy seed of one chunk: a hash of the run seed and the chunk's problem ids, so a
+    chunk draws the same samples whether it runs first, last or after a restart."""
+    digest = hashlib.blake2b(f"{seed}|{'|'.join(problem_ids)}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def chunks(problems: Sequence[Problem], size: int) -> list[Sequence[Problem]]:
+    if size < 1:
+        raise ValueError(f"chunk={size} must be >= 1")
+    return [problems[i : i + size] for i in range(0, len(problems), size)]
+
+
+# -- the run folder -----------------------------------------------------------------------------
+
+
+def resolve_out_dir(cfg: DictConfig) -> Path:
+    """out_dir when set, else the Hydra run dir (an error outside Hydra)."""
+    if cfg.get("out_dir"):
+        return Path(cfg.out_dir)
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    raise ValueError("out_dir is not set and no Hydra run dir exists: pass out_dir=... (e.g. under hydra.compose)")
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain data with every interpolation resolved (without the hydra node)."""
+    keys = [key for key in cfg.keys() if key != "hydra"]
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)  # type: ignore[return-value]
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: saved -> current' for every result-relevant key that differs."""
+    a = _flatten({k: v for k, v in saved.items() if k not in IGNORED_KEYS})
+    b = _flatten({k: v for k, v in current.items() if k not in IGNORED_KEYS})
+    return [f"{key}: {a.get(key, _ABSENT)!r} -> {b.get(key, _ABSENT)!r}"
+            for key in sorted(set(a) | set(b)) if a.get(key, _ABSENT) != b.get(key, _ABSENT)]
+
+
+def claim_run_dir(out: Path, config: dict[str, Any]) -> None:
+    """Save config.yaml in a folder without records; in one with records, refuse unless the
+    saved config matches (a folder whose run failed before its first row is simply reused)."""
+    path, records = out / CONFIG, out / RECORDS
+    has_records = records.exists() and records.stat().st_size > 0
+    if has_records and not path.exists():
+        raise ConfigMismatchError(f"{out} has {RECORDS} but no {CONFIG}: cannot tell what made them; use another out_dir")
+    if has_records:
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        diffs = config_differences(saved, config)  # type: ignore[arg-type]
+        if diffs:
+            raise ConfigMismatchError(
+                f"{out} holds records of a different config ({'; '.join(diffs)}); refusing to mix them: "
+                "use another out_dir (or delete that folder)"
+            )
+        return
+    write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(config)))
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on the run folder (released by the OS if the process dies)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                raise RuntimeError(f"another process is writing into {out}; wait for it or use another out_dir") from err
+            raise
+        yield
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def run_chunk(
+    part: Sequence[Problem], spec: StrategySpec, strategy_cfg: Any, policy: Policy, scorer: Scorer,
+    task: Task, seed: int, skip: set[str],
+) -> list[dict[str, Any]]:
+    """Search one chunk (all of it, so its samples do not depend on what was done before) and
+    return the rows of the problems not in skip."""
+    cfg = dataclasses.replace(strategy_cfg, seed=chunk_seed(seed, [p.id for p in part]))
+    results = spec.fn(part, policy, scorer, cfg)
+    outcomes = grade_results(results, task.grade, task.extract_answer)
+    return [
+        {**record(result, outcome), "policy_parameters": policy.num_parameters}
+        for result, outcome in zip(results, outcomes) if result.problem.id not in skip
+    ]
+
+
+def search_missing(
+    cfg: DictConfig, out: Path, task: Task, parts: Sequence[Sequence[Problem]], strategy_cfg: Any, spec: StrategySpec,
+) -> None:
+    """Run every chunk that has a problem without a row; append its missing rows."""
+    done = {row["problem_id"] for row in load_rows(out / RECORDS)}
+    todo = [part for part in parts if any(p.id not in done for p in part)]
+    if not todo:
+        return
+    policy, scorer = build_policy(cfg.policy), build(cfg.scorer)  # loaded only when there is work
+    total = sum(len(part) for part in parts)
+    with tqdm(total=total, initial=total - sum(p.id not in done for part in todo for p in part), unit="problem", disable=not cfg.progress,
+              desc=spec.fn.__name__) as bar:
+        for part in todo:
+            rows = run_chunk(part, spec, strategy_cfg, policy, scorer, task, cfg.seed, done)
+            append_rows(out / RECORDS, rows)
+            bar.update(len(rows))
+
+
+def write_metrics(out: Path, problems: Sequence[Problem]) -> dict[str, Any]:
+    """metrics.json over the rows of this run's problems."""
+    wanted = {p.id for p in problems}
+    rows = [row for row in load_rows(out / RECORDS) if row["problem_id"] in wanted]
+    metrics = run_metrics(rows)
+    write_atomic(out / METRICS, json.dumps(metrics, indent=2))
+    return metrics
+
+
+def run_search_experiment(cfg: DictConfig) -> Path:
+    """Run (or resume) the search the config describes; return the run folder."""
+    if cfg.get("num_threads"):
+        import torch  # only to set threads; the policy imports it anyway
+
+        torch.set_num_threads(int(cfg.num_threads))
+    strategy_cfg = build_frozen(cfg.search)  # validates before anything is loaded or written
+    _, spec = strategy_of(strategy_cfg)
+    task, problems = load_task(cfg.task)
+    parts = chunks(problems, cfg.chunk)
+    out = resolve_out_dir(cfg)
+    with run_lock(out):
+        claim_run_dir(out, resolved_config(cfg))
+        search_missing(cfg, out, task, parts, strategy_cfg, spec)
+        write_metrics(out, problems)
+    return out
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="search", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    out = run_search_experiment(cfg)
+    metrics = json.loads((out / METRICS).read_text())
+    acc = metrics["accuracy"]
+    print(f"{out}: accuracy {acc['mean']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] over {metrics['problems']} problems")
+
+
+if __name__ == "__main__":
+    main()

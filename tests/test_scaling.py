@@ -1,0 +1,182 @@
+"""Post-hoc sweep metrics with hand-computed values, the log-compute fit on synthetic data with a
+known slope, where a curve flattens, the scaling plot, and each experiment file run end to end
+through the Hydra entry point (multirun, in-process) at a tiny budget.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from experiments import plot_scaling as plot_scaling_module
+from experiments import scaling, search, sweep_metrics
+from experiments.metrics import Estimate
+from experiments.record_log import append_rows
+from experiments.scaling import ScalingPoint, fit_log_linear, last_gaining, marginal_gains, scaling_by_strategy
+from experiments.sweep_metrics import budget_ladder, run_metrics, sweep_summaries
+from tiny_checkpoint import save_tiny_checkpoint
+
+torch.set_num_threads(1)
+
+
+def cand(answer: str, correct: bool, score: float) -> dict:
+    return {"text": f"</think>Answer: {answer}", "answer": answer, "correct": correct, "score": score,
+            "step_scores": [score], "num_tokens": 5, "finish": "eos"}
+
+
+def row(pid: str, cands: list[dict], num_ops: int, tokens: int, strategy: str = "best_of_n", n: int = 4) -> dict:
+    scores = [c["score"] for c in cands]
+    chosen = scores.index(max(scores)) if cands else None
+    return {
+        "problem_id": pid, "question": "q", "answer": "1", "meta": {"num_ops": num_ops},
+        "strategy": strategy, "config": {"n": n, "iterations": n, "seed": 0}, "chosen": chosen,
+        "correct": None if chosen is None else cands[chosen]["correct"], "candidates": cands,
+        "compute": {"tokens_generated": tokens, "tokens_forwarded": 2 * tokens, "scorer_tokens": 0,
+                    "policy_calls": 1, "flops": 4000.0 * tokens, "wall_time_s": 0.1},
+        "policy_parameters": 1000,
+    }
+
+
+# A: candidates 1c .9 | 2w .95 | 1c .1 | 3w .2   (chosen: .95, wrong)
+# B: candidates 7w .3 | 8c .6  | 7w .4 | 7w .1   (chosen: .6, correct)
+ROWS = [
+    row("A", [cand("1", True, 0.9), cand("2", False, 0.95), cand("1", True, 0.1), cand("3", False, 0.2)], 2, 40),
+    row("B", [cand("7", False, 0.3), cand("8", True, 0.6), cand("7", False, 0.4), cand("7", False, 0.1)], 3, 60),
+]
+
+
+def test_run_metrics_by_hand():
+    m = run_metrics(ROWS)
+    mean = lambda key: m["best_of_n"][key]["mean"]  # noqa: E731
+    # N=1: the mean grade of all samples: A 2/4, B 1/4 -> 0.375 (every selector alike)
+    assert [mean(f"{k}@1") for k in ("bon", "maj", "wmaj", "pass")] == [0.375] * 4
+    # N=2, groups (0,1), (2,3):
+    #   bon:  A .95 w, .2 w -> 0;        B .6 c, .4 w -> .5        => .25
+    #   maj:  A tie 1/2 -> 1 c, tie 1/3 -> 1 c -> 1;  B tie 7/8 -> 7 w, 7 w -> 0   => .5
+    #   wmaj: A 2 (.95 > .9) w, 3 (.2 > .1) w -> 0;   B 8 (.6 > .3) c, 7 w -> .5   => .25
+    #   pass: A 1, 1 -> 1;  B 1, 0 -> .5   => .75
+    assert (mean("bon@2"), mean("maj@2"), mean("wmaj@2"), mean("pass@2")) == (0.25, 0.5, 0.25, 0.75)
+    # N=4: bon A w, B c -> .5; maj A 1 (2 votes) c, B 7 w -> .5; wmaj A 1 (1.0 > .95) c, B 7 (.8 > .6) w -> .5
+    assert (mean("bon@4"), mean("maj@4"), mean("wmaj@4"), mean("pass@4")) == (0.5, 0.5, 0.5, 1.0)
+    assert m["accuracy"]["mean"] == 0.5 == mean("bon@4")  # the chosen answer is Best-of-4
+    assert m["accuracy_by_num_ops"]["2"]["mean"] == 0.0 and m["accuracy_by_num_ops"]["3"]["mean"] == 1.0
+    assert m["all_candidates"] == {"maj@all": {"mean": 0.5, "low": 0.0, "high": 1.0},
+                                   "wmaj@all": {"mean": 0.5, "low": 0.0, "high": 1.0},
+                                   "pass@all": {"mean": 1.0, "low": 1.0, "high": 1.0}}
+    # tokens 40, 60 -> 50 per problem; C = 1000 params x 50
+    assert m["compute"]["tokens_generated"] == 50 and m["compute"]["C"] == 50_000
+    assert m["problems"] == 2 and m["budget"] == 4
+
+
+def test_run_metrics_of_a_tree_strategy_skip_the_disjoint_group_curve():
+    rows = [row("A", ROWS[0]["candidates"][:3], 2, 10, strategy="beam_search"), row("B", [], 2, 10, strategy="beam_search")]
+    m = run_metrics(rows + rows[:1])  # a duplicated row is counted once
+    assert "best_of_n" not in m and m["problems"] == 2
+    assert m["accuracy"]["mean"] == 0.0  # A chooses 2 (.95, wrong); B has no candidate
+    assert m["all_candidates"]["pass@all"]["mean"] == 0.5
+
+
+def test_budget_ladder():
+    assert budget_ladder(1) == [1] and budget_ladder(8) == [1, 2, 4, 8] and budget_ladder(6) == [1, 2, 4, 6]
+
+
+def test_fit_recovers_a_known_slope():
+    compute = 2.0 ** np.arange(10, 17)
+    exact = fit_log_linear(compute, 0.1 + 0.05 * np.log2(compute))
+    assert exact.slope == pytest.approx(0.05, abs=1e-12) and exact.intercept == pytest.approx(0.1, abs=1e-10)
+    assert exact.r2 == pytest.approx(1.0)
+    noisy = 0.1 + 0.05 * np.log2(compute) + np.random.default_rng(0).normal(0, 0.005, compute.size)
+    assert fit_log_linear(compute, noisy).slope == pytest.approx(0.05, abs=0.005)
+    with pytest.raises(ValueError, match="two distinct compute"):
+        fit_log_linear([8.0, 8.0], [0.1, 0.2])
+
+
+def point(budget: int, compute: float, acc: float) -> ScalingPoint:
+    return ScalingPoint(budget, compute, Estimate(acc, acc, acc), 1)
+
+
+def test_where_the_curve_flattens():
+    # doubling C each time; gains per doubling .1, .05, .005, .001 -> last step above .01 ends at N=8
+    points = [point(2, 100, 0.2), point(4, 200, 0.3), point(8, 400, 0.35), point(16, 800, 0.355), point(32, 1600, 0.356)]
+    assert marginal_gains(points) == pytest.approx([0.1, 0.05, 0.005, 0.001])
+    assert last_gaining(points, marginal_gains(points), 0.01) == (8, True)
+    assert last_gaining(points, marginal_gains(points), 0.0001) == (32, False)  # still rising at the end
+    # C x4 with +.1: .05 per doubling
+    assert marginal_gains([point(1, 100, 0.2), point(2, 400, 0.3)]) == pytest.approx([0.05])
+
+
+def write_run(folder: Path, strategy: str, budget: int, seed: int, correct: list[bool], tokens: int) -> None:
+    """A run folder as experiments.search writes it: records.jsonl + config.yaml."""
+    folder.mkdir(parents=True)
+    rows = [row(f"p{i}", [cand("1", ok, 0.5)], 2, tokens, strategy, budget) for i, ok in enumerate(correct)]
+    append_rows(folder / "records.jsonl", rows)
+    config = {"seed": seed, "scorer": {"_target_": "scorers.confidence.ConfidenceScorer"},
+              "policy": {"sampling": {"temperature": 0.7}}}
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+
+
+@pytest.fixture
+def synthetic_sweep(tmp_path) -> Path:
+    """best_of_n: accuracy 0.2 + 0.1 per doubling of N (tokens = 10 N), two seeds; beam: flat 0.5."""
+    for k, budget in enumerate((2, 4, 8)):
+        for seed in (0, 1):
+            good = 2 + k  # of 10 problems: .2, .3, .4
+            write_run(tmp_path / f"bon-{budget}-{seed}", "best_of_n", budget, seed, [i < good for i in range(10)], 10 * budget)
+            write_run(tmp_path / f"beam-{budget}-{seed}", "beam_search", budget, seed, [i < 5 for i in range(10)], 10 * budget)
+    return tmp_path
+
+
+def test_sweep_summaries_and_the_fit_per_strategy(synthetic_sweep):
+    runs = sweep_summaries(synthetic_sweep)
+    assert len(runs) == 12
+    first = runs[0].table_row()
+    assert first["strategy"] == "beam_search" and first["budget"] == 2 and first["seed"] == 0
+    assert first["tokens_per_problem"] == 20 and first["compute_C"] == 20_000 and first["accuracy"] == 0.5
+    series = {s.name: s for s in scaling_by_strategy(runs, threshold=0.01)}
+    bon, beam = series["best_of_n"], series["beam_search"]
+    assert [p.runs for p in bon.points] == [2, 2, 2]  # seeds pooled per budget
+    assert bon.fit.slope == pytest.approx(0.1) and bon.fit.intercept == pytest.approx(0.2 - 0.1 * np.log2(20_000))
+    assert bon.last_gaining_budget == 8 and not bon.flattened
+    assert beam.fit.slope == pytest.approx(0.0, abs=1e-12) and beam.last_gaining_budget is None
+
+
+def test_sweep_and_scaling_commands_write_their_files(synthetic_sweep, capsys):
+    assert sweep_metrics.main([str(synthetic_sweep)]) == 0
+    assert (synthetic_sweep / "sweep_metrics.csv").read_text().startswith("run,strategy,scorer,budget,seed")
+    assert len(json.loads((synthetic_sweep / "sweep_metrics.json").read_text())) == 12
+    assert scaling.main([str(synthetic_sweep)]) == 0
+    saved = json.loads((synthetic_sweep / "scaling.json").read_text())
+    assert {s["name"] for s in saved["series"]} == {"best_of_n", "beam_search"}
+    out = plot_scaling_module.plot_scaling(synthetic_sweep, synthetic_sweep / "plots" / "scaling.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sweep_metrics.main([str(synthetic_sweep / "empty")]) == 2
+    assert "no records.jsonl" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "final")
+
+
+@pytest.mark.parametrize("experiment,narrow", [
+    ("budget_sweep", ["budget=4", "seed=0"]),                 # all four strategies at N=4
+    ("scorer_sweep", ["budget=2", "search=best_of_n"]),       # all three scorers
+])
+def test_experiment_runs_end_to_end_through_the_entry_point(experiment, narrow, ckpt, tmp_path, monkeypatch):
+    sweep = tmp_path / experiment
+    argv = ["search", f"experiment={experiment}", f"hydra.sweep.dir={sweep}", f"policy.path={ckpt}", "task.count=2",
+            "policy.sampling.max_total_tokens=8", "policy.sampling.max_step_tokens=4", "progress=false"] + narrow
+    monkeypatch.setattr(sys, "argv", argv)
+    search.main()
+    runs = sweep_summaries(sweep)
+    if experiment == "budget_sweep":
+        assert sorted(r.strategy for r in runs) == ["beam_search", "best_of_n", "dvts", "mcts"]
+    else:
+        assert sorted(r.scorer for r in runs) == ["ConfidenceScorer", "OutcomeOracleScorer", "RandomScorer"]
+    assert all(r.problems == 2 and r.compute_C > 0 for r in runs)
+    assert plot_scaling_module.main([str(sweep)]) == 0 and (sweep / "scaling.png").is_file()

@@ -1,0 +1,127 @@
+"""Resuming `python -m experiments.search`: a run killed by PID after its first rows, then rerun,
+gives exactly the records of an uninterrupted run (same problem ids, no duplicates, the same
+per-problem results, since each chunk's seed comes from its problem ids); the record log drops a
+torn last line and refuses a corrupt middle line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from experiments.record_log import RecordLogError, append_rows, load_rows
+from experiments.search import CONFIG_DIR, chunk_seed, run_search_experiment
+from tiny_checkpoint import save_tiny_checkpoint
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+COUNT = 24
+# one problem per chunk so rows land one by one; long enough generations that the run is killable
+RUN = [f"task.count={COUNT}", "chunk=1", "search.n=4", "policy.sampling.max_total_tokens=24", "num_threads=1", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "final")
+
+
+def run_in_process(overrides: list[str]) -> Path:
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return run_search_experiment(compose("search", overrides=overrides))
+
+
+def comparable(rows: list[dict]) -> dict[str, dict]:
+    """Rows by problem id without the one field that is not reproducible (wall time)."""
+    out = {}
+    for row in rows:
+        row = json.loads(json.dumps(row))
+        del row["compute"]["wall_time_s"]
+        out[row["problem_id"]] = row
+    return out
+
+
+def rows_written(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_records(ckpt, tmp_path):
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "experiments.search", f"policy.path={ckpt}", f"hydra.run.dir={killed}"] + RUN
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while rows_written(killed / "records.jsonl") < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    written = rows_written(killed / "records.jsonl")
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert 2 <= written < COUNT, f"the run was not killed midway ({written} of {COUNT} rows)"
+
+    # a kill during a write leaves a torn line: simulate one on top of the real kill
+    with open(killed / "records.jsonl", "ab") as f:
+        f.write(b'{"problem_id": "torn", "candi')
+
+    run_in_process([f"policy.path={ckpt}", f"out_dir={killed}"] + RUN)
+    full = run_in_process([f"policy.path={ckpt}", f"out_dir={tmp_path / 'full'}"] + RUN)
+
+    resumed_rows = load_rows(killed / "records.jsonl")
+    full_rows = load_rows(full / "records.jsonl")
+    ids = [r["problem_id"] for r in resumed_rows]
+    assert len(ids) == len(set(ids)) == COUNT  # nothing lost, no duplicates, the torn line gone
+    assert ids[:written] == [r["problem_id"] for r in full_rows][:written]
+    assert comparable(resumed_rows) == comparable(full_rows)
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["problems"] == COUNT
+    assert metrics["accuracy"] == json.loads((full / "metrics.json").read_text())["accuracy"]
+
+
+def test_partly_written_chunk_is_rerun_whole_and_only_missing_rows_added(ckpt, tmp_path):
+    out = tmp_path / "run"
+    overrides = [f"policy.path={ckpt}", f"out_dir={out}", "task.count=4", "chunk=2", "search.n=2",
+                 "policy.sampling.max_total_tokens=8", "progress=false"]
+    run_in_process(overrides)
+    path = out / "records.jsonl"
+    before = load_rows(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in before[:3]))  # the last chunk lost one row
+    run_in_process(overrides)
+    after = load_rows(path)
+    assert [r["problem_id"] for r in after] == [r["problem_id"] for r in before]
+    assert comparable(after) == comparable(before)  # the rerun chunk drew the same samples
+
+
+def test_chunk_seed_depends_on_seed_and_problem_ids_only():
+    assert chunk_seed(0, ["a", "b"]) == chunk_seed(0, ["a", "b"])
+    assert len({chunk_seed(0, ["a", "b"]), chunk_seed(1, ["a", "b"]), chunk_seed(0, ["a", "c"]),
+                chunk_seed(0, ["b", "a"])}) == 4
+    assert 0 <= chunk_seed(123, ["x"]) < 2**31
+
+
+def test_record_log_drops_a_torn_last_line_and_keeps_appending(tmp_path):
+    path = tmp_path / "records.jsonl"
+    assert load_rows(path) == []
+    append_rows(path, [{"problem_id": "a"}, {"problem_id": "b"}])
+    with open(path, "ab") as f:
+        f.write(b'{"problem_id": "c", "x":')
+    assert [r["problem_id"] for r in load_rows(path)] == ["a", "b"]
+    assert path.read_bytes().endswith(b'"b"}\n')  # the torn tail is cut off the file
+    append_rows(path, [{"problem_id": "c"}])
+    assert [r["problem_id"] for r in load_rows(path)] == ["a", "b", "c"]
+
+
+def test_record_log_treats_a_garbage_last_line_as_torn_but_refuses_one_in_the_middle(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(b'{"problem_id": "a"}\n\x00\x00\x00\n')
+    assert load_rows(path) == [{"problem_id": "a"}]
+    path.write_bytes(b'{"problem_id": "a"}\nnot json\n{"problem_id": "b"}\n')
+    with pytest.raises(RecordLogError, match="line 2"):
+        load_rows(path)
