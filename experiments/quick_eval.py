@@ -1,0 +1,161 @@
+"""Quick evaluation of a policy on arith problems with HF `generate`: greedy pass@1, sampled
+pass@1, oracle pass@k and majority@k.
+
+This is a sanity check of a trained checkpoint, independent of the project's step-wise backend:
+    python -m experiments.quick_eval outputs/checkpoints/tiny-arith/final --problems 200
+Sampled pass@1 is the mean correctness of the k samples (an unbiased estimate); pass@k is 1 for
+a problem when any of its k samples is correct; majority@k grades the most frequent extracted
+answer (ties: the answer seen first).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from experiments.tasks import arith
+from treesearch.records import Problem
+
+
+@dataclass(frozen=True)
+class QuickEvalConfig:
+    """num_problems: test problems (seed `problem_seed`); num_samples: k samples per problem at
+    `temperature` (pure temperature sampling, no top-k/top-p); max_new_tokens: generation limit;
+    batch_size: sequences per generate call; seed: sampling seed; bf16: autocast generation."""
+
+    num_problems: int = 200
+    num_samples: int = 32
+    temperature: float = arith.DEFAULT_TEMPERATURE
+    max_new_tokens: int = 96
+    batch_size: int = 256
+    seed: int = 0
+    problem_seed: int = 1234
+    bf16: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_problems", "num_samples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"QuickEvalConfig.{name}={getattr(self, name)}; must be >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"QuickEvalConfig.temperature={self.temperature}; must be > 0")
+
+
+@dataclass(frozen=True)
+class QuickEvalReport:
+    """Accuracies in [0, 1] over num_problems problems; tokens_per_s counts generated tokens."""
+
+    num_problems: int
+    num_samples: int
+    temperature: float
+    greedy_pass1: float
+    sampled_pass1: float
+    pass_at_k: float
+    majority_at_k: float
+    tokens_per_s: float
+    seconds: float
+
+
+@torch.no_grad()
+def generate_completions(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], n: int,
+    temperature: float | None, max_new_tokens: int, batch_size: int, seed: int, bf16: bool = True,
+) -> tuple[list[list[str]], int]:
+    """(n completions per prompt, generated tokens); temperature None = greedy (n must be 1)."""
+    if temperature is None and n != 1:
+        raise ValueError(f"greedy decoding with n={n}; greedy gives one completion per prompt")
+    per_call = max(1, batch_size // n)
+    # Pure temperature sampling: top_k=0 switches off transformers' default top-k of 50.
+    sampling = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation appends on the right
+    out: list[list[str]] = []
+    generated = 0
+    try:
+        for call, start in enumerate(range(0, len(prompts), per_call)):
+            enc = tokenizer(list(prompts[start : start + per_call]), return_tensors="pt", padding=True)
+            with torch.random.fork_rng(devices=[]), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                torch.manual_seed(seed * 100_003 + call)
+                sequences = model.generate(
+                    **enc, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                )  # [P*n, prompt_len + new]
+            new = sequences[:, enc["input_ids"].shape[1] :]  # [P*n, new]
+            generated += int((new != tokenizer.pad_token_id).sum())
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            out += [texts[i : i + n] for i in range(0, len(texts), n)]
+    finally:
+        tokenizer.padding_side = old_side
+    return out, generated
+
+
+def majority_answer(completions: Sequence[str]) -> str | None:
+    """Most frequent extracted answer (first seen wins ties); None when none has an answer."""
+    answers = [a for a in (arith.extract_answer(c) for c in completions) if a is not None]
+    return Counter(answers).most_common(1)[0][0] if answers else None
+
+
+def quick_eval(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], cfg: QuickEvalConfig
+) -> QuickEvalReport:
+    """Greedy and sampled evaluation of `problems` (graded by arith.grade)."""
+    model.eval()
+    prompts = [arith.prompt_text(p) for p in problems]
+    t0 = time.perf_counter()
+    greedy, tokens_g = generate_completions(model, tokenizer, prompts, 1, None, cfg.max_new_tokens, cfg.batch_size, cfg.seed, cfg.bf16)
+    sampled, tokens_s = generate_completions(
+        model, tokenizer, prompts, cfg.num_samples, cfg.temperature, cfg.max_new_tokens, cfg.batch_size, cfg.seed, cfg.bf16
+    )
+    seconds = time.perf_counter() - t0
+    correct = [[arith.grade(p, c) for c in cs] for p, cs in zip(problems, sampled)]  # [P][k]
+    majority = [majority_answer(cs) for cs in sampled]
+    n = len(problems)
+    return QuickEvalReport(
+        num_problems=n,
+        num_samples=cfg.num_samples,
+        temperature=cfg.temperature,
+        greedy_pass1=sum(arith.grade(p, g[0]) for p, g in zip(problems, greedy)) / n,
+        sampled_pass1=sum(sum(c) / len(c) for c in correct) / n,
+        pass_at_k=sum(any(c) for c in correct) / n,
+        majority_at_k=sum(m is not None and m == p.answer for p, m in zip(problems, majority)) / n,
+        tokens_per_s=(tokens_g + tokens_s) / seconds,
+        seconds=seconds,
+    )
+
+
+def format_report(report: QuickEvalReport) -> str:
+    return (
+        f"{report.num_problems} test problems: greedy pass@1 {report.greedy_pass1:.3f} | "
+        f"sampled pass@1 (T={report.temperature}) {report.sampled_pass1:.3f} | "
+        f"pass@{report.num_samples} {report.pass_at_k:.3f} | majority@{report.num_samples} "
+        f"{report.majority_at_k:.3f} | {report.tokens_per_s:.0f} generated tok/s, {report.seconds:.0f} s"
+    )
+
+
+def eval_problems(cfg: QuickEvalConfig, task_cfg: arith.ArithConfig = arith.ArithConfig()) -> list[Problem]:
+    return arith.generate_problems("test", cfg.num_problems, seed=cfg.problem_seed, cfg=task_cfg)
+
+
+def _main() -> None:
+    from policies.checkpoint import load_checkpoint
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a model directory written by save_checkpoint")
+    parser.add_argument("--problems", type=int, default=QuickEvalConfig.num_problems)
+    parser.add_argument("--samples", type=int, default=QuickEvalConfig.num_samples)
+    parser.add_argument("--temperature", type=float, default=QuickEvalConfig.temperature)
+    parser.add_argument("--seed", type=int, default=QuickEvalConfig.seed)
+    args = parser.parse_args()
+    cfg = QuickEvalConfig(num_problems=args.problems, num_samples=args.samples, temperature=args.temperature, seed=args.seed)
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    report = quick_eval(model, tokenizer, eval_problems(cfg), cfg)
+    print(format_report(report))
+    print(json.dumps(asdict(report)))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,314 @@
+"""The `arith` task: generated multi-step arithmetic word problems with exact integer answers.
+
+A problem starts from a quantity ("Ann has 23 coins.") and applies 2-5 operations in words
+("She gets 14 more coins. She gives away 9 coins. Then her coins are tripled."). The reference
+solution writes one step per operation inside the think span, each step ending on the step
+separator, then the answer:
+
+    prompt:    "<question>\\n<think>"
+    solution:  "23 + 14 = 37.\\n\\n37 - 9 = 28.\\n\\n28 * 3 = 84.\\n\\n</think>Answer: 84"
+
+`ArithConfig` is the difficulty knob. Splits are assigned by a stable hash of the problem's
+arithmetic skeleton (start value and operations, names and objects left out), so train and test
+never share a problem, not even one reworded. Run `python -m experiments.tasks.arith` to print a
+few problems with their solutions.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from treesearch.records import Problem
+
+SEPARATOR = ".\n\n"
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+ANSWER_PREFIX = "Answer: "
+# Sampling temperature at which the default policy is evaluated (sampled pass@1, pass@k).
+DEFAULT_TEMPERATURE = 0.7
+# One problem in TEST_MODULUS (by stable hash) belongs to the test split.
+TEST_MODULUS = 5
+OPERATIONS: tuple[str, ...] = ("+", "-", "*", "/")
+
+Split = Literal["train", "test"]
+
+_NAMES: tuple[tuple[str, str], ...] = (  # (name, "f" | "m")
+    ("Ann", "f"), ("Ben", "m"), ("Cara", "f"), ("Dan", "m"), ("Eva", "f"), ("Finn", "m"),
+    ("Gina", "f"), ("Hugo", "m"), ("Ivy", "f"), ("Jack", "m"), ("Kim", "f"), ("Leo", "m"),
+    ("Mia", "f"), ("Noah", "m"), ("Rosa", "f"), ("Sam", "m"),
+)
+_OBJECTS: tuple[str, ...] = (
+    "coins", "apples", "marbles", "stickers", "books", "cards", "shells", "stamps", "pencils",
+    "beads", "cookies", "pebbles",
+)
+_PRONOUNS = {"f": ("she", "her", "her"), "m": ("he", "him", "his")}  # subject, object, possessive
+_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "+": (
+        "{Sub} gets {n} more {obj}.",
+        "{Sub} finds {n} more {obj}.",
+        "{Sub} buys {n} more {obj}.",
+        "A friend gives {objp} {n} more {obj}.",
+    ),
+    "-": (
+        "{Sub} gives away {n} {obj}.",
+        "{Sub} loses {n} {obj}.",
+        "{Sub} sells {n} {obj}.",
+        "{Sub} uses {n} of {poss} {obj}.",
+    ),
+    "*": (
+        "Then {poss} {obj} are multiplied by {n}.",
+        "Then {sub} has {n} times as many {obj} as before.",
+    ),
+    "/": (
+        "Then {sub} splits {poss} {obj} into {n} equal piles and keeps one pile.",
+        "Then {sub} shares {poss} {obj} equally among {n} friends and keeps one share.",
+    ),
+}
+_MUL_WORDS = {2: "Then {poss} {obj} are doubled.", 3: "Then {poss} {obj} are tripled."}
+
+
+@dataclass(frozen=True)
+class ArithConfig:
+    """Difficulty of generated problems.
+
+    min_ops, max_ops: number of operations per problem, drawn uniformly in [min_ops, max_ops].
+    max_number: largest start value and largest operand of + and - (operands start at 1).
+    max_value: every intermediate value stays in [0, max_value].
+    max_factor: largest multiplier / divisor of * and / (they start at 2).
+    operations: which of "+", "-", "*", "/" may appear; must include "+" or "-" so that a
+        feasible next operation always exists.
+    """
+
+    min_ops: int = 2
+    max_ops: int = 5
+    max_number: int = 99
+    max_value: int = 999
+    max_factor: int = 9
+    operations: tuple[str, ...] = ("+", "-", "*")
+
+    def __post_init__(self) -> None:
+        if self.min_ops < 1:
+            raise ValueError(f"ArithConfig.min_ops={self.min_ops}; must be >= 1")
+        if self.max_ops < self.min_ops:
+            raise ValueError(f"ArithConfig.max_ops={self.max_ops}; must be >= min_ops={self.min_ops}")
+        if self.max_number < 2:
+            raise ValueError(f"ArithConfig.max_number={self.max_number}; must be >= 2")
+        if self.max_value < self.max_number:
+            raise ValueError(
+                f"ArithConfig.max_value={self.max_value}; must be >= max_number={self.max_number}"
+            )
+        if self.max_factor < 2:
+            raise ValueError(f"ArithConfig.max_factor={self.max_factor}; must be >= 2")
+        unknown = [op for op in self.operations if op not in OPERATIONS]
+        if unknown or not self.operations:
+            raise ValueError(
+                f"ArithConfig.operations={self.operations!r}; each must be one of {OPERATIONS}"
+            )
+        if "+" not in self.operations and "-" not in self.operations:
+            raise ValueError(f"ArithConfig.operations={self.operations!r}; must include '+' or '-'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def _apply(value: int, op: str, operand: int) -> int:
+    if op == "+":
+        return value + operand
+    if op == "-":
+        return value - operand
+    if op == "*":
+        return value * operand
+    return value // operand  # "/": operands are always exact divisors
+
+
+def _candidate_operands(value: int, op: str, cfg: ArithConfig) -> range | list[int]:
+    """Operands that keep the result in [0, max_value] (an empty range if the op is infeasible)."""
+    if op == "+":
+        return range(1, min(cfg.max_number, cfg.max_value - value) + 1)
+    if op == "-":
+        return range(1, min(cfg.max_number, value) + 1)
+    if op == "*":
+        return range(2, min(cfg.max_factor, cfg.max_value // value if value else 0) + 1)
+    # "/": exact divisors whose quotient is at least 2 (dividing down to 1 or 0 is degenerate)
+    return [d for d in range(2, cfg.max_factor + 1) if value % d == 0 and value // d >= 2]
+
+
+def _draw_operations(rng: random.Random, cfg: ArithConfig) -> tuple[int, tuple[tuple[str, int], ...]] | None:
+    """(start, ((op, operand), ...)), or None when the walk got stuck (caller redraws)."""
+    value = rng.randint(1, cfg.max_number)
+    start, ops = value, []
+    for _ in range(rng.randint(cfg.min_ops, cfg.max_ops)):
+        feasible = [op for op in cfg.operations if len(_candidate_operands(value, op, cfg)) > 0]
+        if not feasible:
+            return None
+        op = rng.choice(feasible)
+        operand = rng.choice(_candidate_operands(value, op, cfg))
+        ops.append((op, operand))
+        value = _apply(value, op, operand)
+    return start, tuple(ops)
+
+
+def _values(start: int, ops: tuple[tuple[str, int], ...]) -> tuple[int, ...]:
+    """Values after each operation (the final answer last)."""
+    out, value = [], start
+    for op, operand in ops:
+        value = _apply(value, op, operand)
+        out.append(value)
+    return tuple(out)
+
+
+def canonical_key(start: int, ops: tuple[tuple[str, int], ...]) -> str:
+    """The arithmetic skeleton of a problem, e.g. "23 +14 -9 *3" (wording left out)."""
+    return " ".join([str(start)] + [f"{op}{operand}" for op, operand in ops])
+
+
+def stable_hash(text: str) -> int:
+    """A hash that is the same in every process (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def split_of(key: str) -> Split:
+    """The split a problem belongs to, fixed by its canonical key."""
+    return "test" if stable_hash(key) % TEST_MODULUS == 0 else "train"
+
+
+def _sentence(op: str, operand: int, names: dict[str, str], rng: random.Random) -> str:
+    if op == "*" and operand in _MUL_WORDS and rng.random() < 0.5:
+        template = _MUL_WORDS[operand]
+    else:
+        template = rng.choice(_TEMPLATES[op])
+    return template.format(n=operand, **names)
+
+
+def _question(start: int, ops: tuple[tuple[str, int], ...], rng: random.Random) -> str:
+    name, gender = rng.choice(_NAMES)
+    obj = rng.choice(_OBJECTS)
+    sub, objp, poss = _PRONOUNS[gender]
+    names = {"Sub": sub.capitalize(), "sub": sub, "objp": objp, "poss": poss, "obj": obj}
+    sentences = [f"{name} has {start} {obj}."]
+    sentences += [_sentence(op, operand, names, rng) for op, operand in ops]
+    sentences.append(f"How many {obj} does {sub} have now?")
+    return " ".join(sentences)
+
+
+def generate_problems(split: Split, count: int, seed: int, cfg: ArithConfig = ArithConfig()) -> list[Problem]:
+    """`count` distinct problems of one split, the same for the same (split, count, seed, cfg).
+
+    A problem belongs to the test split iff stable_hash(canonical_key) % 5 == 0, so the splits
+    are disjoint by construction whatever the seeds. A prefix of a longer list with the same
+    seed equals the shorter list.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}; valid: 'train', 'test'")
+    if count < 0:
+        raise ValueError(f"count={count}; must be >= 0")
+    rng = random.Random(seed)
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    max_draws = 100 * count + 1000
+    for _ in range(max_draws):
+        if len(problems) == count:
+            break
+        drawn = _draw_operations(rng, cfg)
+        if drawn is None:
+            continue
+        start, ops = drawn
+        key = canonical_key(start, ops)
+        question = _question(start, ops, rng)  # drawn for every problem: keeps the stream aligned
+        if key in seen or split_of(key) != split:
+            continue
+        seen.add(key)
+        problems.append(_make_problem(key, question, start, ops, cfg, split))
+    if len(problems) < count:
+        raise ValueError(
+            f"count={count}: only {len(problems)} distinct {split} problems found in {max_draws} "
+            f"draws with {cfg}; raise the difficulty or ask for fewer"
+        )
+    return problems
+
+
+def _make_problem(
+    key: str, question: str, start: int, ops: tuple[tuple[str, int], ...], cfg: ArithConfig, split: Split
+) -> Problem:
+    values = _values(start, ops)
+    meta = {
+        "task": "arith",
+        "split": split,
+        "num_ops": len(ops),
+        "max_number": cfg.max_number,
+        "start": start,
+        "operations": ops,  # ((op, operand), ...)
+        "values": values,  # value after each operation
+        "key": key,
+    }
+    return Problem(id=f"arith-{stable_hash(key):016x}", question=question, answer=str(values[-1]), meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text formats
+
+
+def prompt_text(problem: Problem) -> str:
+    """What the policy sees: the question, then the opening of the think span."""
+    return f"{problem.question}\n{THINK_OPEN}"
+
+
+def solution_steps(problem: Problem) -> list[str]:
+    """The reference steps, one per operation, each ending on SEPARATOR."""
+    steps, value = [], problem.meta["start"]
+    for op, operand in problem.meta["operations"]:
+        result = _apply(value, op, operand)
+        steps.append(f"{value} {op} {operand} = {result}{SEPARATOR}")
+        value = result
+    return steps
+
+
+def solution_text(problem: Problem) -> str:
+    """The reference completion of prompt_text(problem): steps, then "</think>Answer: N"."""
+    return "".join(solution_steps(problem)) + f"{THINK_CLOSE}{ANSWER_PREFIX}{problem.answer}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Grading
+
+_ANSWER_RE = re.compile(r"Answer\s*:\s*(-?\d[\d,]*)")
+
+
+def extract_answer(text: str) -> str | None:
+    """The last "Answer: <int>" after the last </think> (anywhere if there is no </think>), as a
+    canonical integer string ("084" -> "84", "1,234" -> "1234"); None when there is none.
+    Never raises."""
+    try:
+        if not isinstance(text, str):
+            return None
+        tail = text.rsplit(THINK_CLOSE, 1)[-1]
+        matches = _ANSWER_RE.findall(tail)
+        if not matches:
+            return None
+        digits = matches[-1].replace(",", "")
+        if len(digits.lstrip("-")) > 100:  # absurd; int() of a huge string can raise
+            return None
+        return str(int(digits))
+    except Exception:  # a grader must never crash a search run
+        return None
+
+
+def grade(problem: Problem, completion_text: str) -> bool:
+    """True iff the completion's extracted answer equals the reference integer exactly."""
+    if problem.answer is None:
+        return False
+    predicted = extract_answer(completion_text)
+    return predicted is not None and predicted == str(int(problem.answer))
+
+
+def _main() -> None:
+    for problem in generate_problems("test", 3, seed=0):
+        print(prompt_text(problem) + solution_text(problem), end="\n\n---\n")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,102 @@
+"""Saving and loading a policy as an ordinary transformers model directory, atomically.
+
+A checkpoint directory holds config.json, model.safetensors, generation_config.json and the
+tokenizer files, so `AutoModelForCausalLM.from_pretrained(dir)` and vLLM read it as is.
+Writes go to a temporary sibling directory that is renamed into place, so a reader (or a crash)
+never sees a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+REQUIRED_FILES: tuple[str, ...] = (
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside out_dir; on success it replaces out_dir.
+
+    The old directory (if any) is first renamed aside and removed only after the new one is in
+    place; on an exception the temporary directory is removed and out_dir is left untouched.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{tmp.name[-8:]}"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _no_hf_progress_bars() -> Iterator[None]:
+    """Silence transformers' per-shard progress bars (they would break a training bar)."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def write_checkpoint_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
+    """save_pretrained of model (safetensors, generation config) and tokenizer into directory."""
+    with _no_hf_progress_bars():
+        model.save_pretrained(str(directory), safe_serialization=True)
+    if not (directory / "generation_config.json").exists():  # only written when non-default
+        model.generation_config.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """Write model + tokenizer to out_dir atomically (replacing what was there); return out_dir."""
+    with atomic_directory(out_dir) as tmp:
+        write_checkpoint_files(model, tokenizer, tmp)
+    return Path(out_dir)
+
+
+def check_checkpoint(directory: str | Path) -> Path:
+    """Raise FileNotFoundError naming the first missing required file (and the folder)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {directory} does not exist")
+    for name in REQUIRED_FILES:
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"checkpoint folder {directory} has no {name}")
+    return directory
+
+
+def load_checkpoint(
+    directory: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model in eval mode, tokenizer) from a directory written by save_checkpoint."""
+    directory = check_checkpoint(directory)
+    with _no_hf_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,174 @@
+"""The arith task: determinism, disjoint splits, solution format, grading, config validation."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from experiments.tasks import arith
+from experiments.tasks.arith import ArithConfig, extract_answer, generate_problems, grade, prompt_text, solution_text
+from treesearch.records import Problem
+
+STEP_RE = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)\.\n\n$")
+
+
+@pytest.fixture(scope="module")
+def test_problems() -> list[Problem]:
+    return generate_problems("test", 300, seed=0)
+
+
+def test_same_seed_same_problems_and_prefix_property():
+    a = generate_problems("train", 200, seed=7)
+    assert a == generate_problems("train", 200, seed=7)
+    assert a[:50] == generate_problems("train", 50, seed=7)  # a longer list extends a shorter one
+    assert [p.id for p in a] != [p.id for p in generate_problems("train", 200, seed=8)]
+
+
+def test_problems_are_distinct_within_a_split():
+    problems = generate_problems("train", 2000, seed=0)
+    assert len({p.id for p in problems}) == len({p.meta["key"] for p in problems}) == 2000
+
+
+def test_train_and_test_never_share_a_problem():
+    train = generate_problems("train", 3000, seed=0)
+    test = generate_problems("test", 600, seed=0) + generate_problems("test", 600, seed=1)
+    assert not {p.meta["key"] for p in train} & {p.meta["key"] for p in test}
+    assert not {p.question for p in train} & {p.question for p in test}
+    assert not {p.id for p in train} & {p.id for p in test}
+    # the rule itself: test iff stable hash of the canonical key % 5 == 0
+    assert all(arith.stable_hash(p.meta["key"]) % 5 == 0 for p in test)
+    assert all(arith.stable_hash(p.meta["key"]) % 5 != 0 for p in train)
+
+
+def test_stable_hash_is_fixed():
+    # sha256("23 +14") first 8 bytes, big-endian: a golden value, the same in every process
+    assert arith.stable_hash("23 +14") == int.from_bytes(__import__("hashlib").sha256(b"23 +14").digest()[:8], "big")
+    assert arith.canonical_key(23, (("+", 14), ("-", 9), ("*", 3))) == "23 +14 -9 *3"
+
+
+def test_problem_fields_respect_the_config(test_problems):
+    cfg = ArithConfig()
+    for p in test_problems:
+        assert cfg.min_ops <= p.meta["num_ops"] <= cfg.max_ops
+        assert p.meta["max_number"] == cfg.max_number
+        assert 1 <= p.meta["start"] <= cfg.max_number
+        assert all(0 <= v <= cfg.max_value for v in p.meta["values"])
+        assert p.answer == str(p.meta["values"][-1])
+        assert p.question.startswith(tuple(name for name, _ in arith._NAMES))
+        assert p.question.endswith("have now?")
+        assert str(p.meta["start"]) in p.question
+        for op, operand in p.meta["operations"]:
+            assert op in cfg.operations
+            limit = cfg.max_number if op in "+-" else cfg.max_factor
+            assert (1 if op in "+-" else 2) <= operand <= limit
+
+
+def test_question_example_reads_like_a_word_problem():
+    p = generate_problems("test", 1, seed=0)[0]
+    # e.g. "Hugo has 32 cards. Then his cards are multiplied by 6. He buys 91 more cards. How many ..."
+    assert re.match(r"^[A-Z][a-z]+ has \d+ [a-z]+\. ", p.question)
+
+
+def test_solution_format_one_step_per_operation_inside_think(test_problems):
+    for p in test_problems:
+        prompt, solution = prompt_text(p), solution_text(p)
+        assert prompt == p.question + "\n<think>"
+        think, answer = solution.split("</think>")
+        assert answer == f"Answer: {p.answer}"
+        steps = arith.solution_steps(p)
+        assert "".join(steps) == think and len(steps) == p.meta["num_ops"]
+        value = p.meta["start"]
+        for step, (op, operand) in zip(steps, p.meta["operations"]):
+            a, sym, b, c = STEP_RE.match(step).groups()
+            assert (int(a), sym, int(b)) == (value, op, operand)
+            value = int(c)
+        assert str(value) == p.answer
+        assert think.count(arith.SEPARATOR) == p.meta["num_ops"]
+
+
+def test_documented_example_solution():
+    p = Problem("x", "q", "84", {"start": 23, "operations": (("+", 14), ("-", 9), ("*", 3))})
+    assert solution_text(p) == "23 + 14 = 37.\n\n37 - 9 = 28.\n\n28 * 3 = 84.\n\n</think>Answer: 84"
+
+
+def test_reference_solution_grades_correct(test_problems):
+    assert all(grade(p, solution_text(p)) for p in test_problems)
+    assert all(grade(p, prompt_text(p) + solution_text(p)) for p in test_problems)
+
+
+def test_wrong_and_malformed_answers_grade_false():
+    p = Problem("x", "q", "84", {})
+    for text in [
+        "", "garbage", "Answer:", "Answer: ", "Answer: abc", "</think>", "</think>Answer: 85",
+        "1 + 1 = 2.\n\n</think>Answer: -84", "Answer: 84</think>Answer: 83", "</think>Answer: 8 4",
+        "</think>Answer: " + "9" * 5000, "\x00\xff<think></think>", "Answer: 84.5.5</think>",
+    ]:
+        assert grade(p, text) is False, text
+    assert grade(Problem("y", "q", None, {}), "Answer: 84") is False  # unknown reference
+
+
+def test_tolerant_extraction():
+    assert extract_answer("</think>Answer: 84") == "84"
+    assert extract_answer("Answer: 084") == "84"
+    assert extract_answer("Answer:84") == "84"
+    assert extract_answer("</think> Answer: 1,234 apples") == "1234"
+    assert extract_answer("Answer: 1 ... Answer: 2") == "2"  # the last one counts
+    assert extract_answer("Answer: 7 </think> no answer here") is None  # only after </think>
+    assert extract_answer("Answer: -5") == "-5"
+    assert extract_answer(None) is None  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_grading_never_raises(text):
+    p = Problem("x", "q", "84", {})
+    assert grade(p, text) in (True, False)
+    result = extract_answer(text)
+    assert result is None or re.fullmatch(r"-?\d+", result)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"min_ops": 0}, "min_ops=0"),
+        ({"min_ops": 3, "max_ops": 2}, "max_ops=2"),
+        ({"max_number": 1}, "max_number=1"),
+        ({"max_value": 50}, "max_value=50"),
+        ({"max_factor": 1}, "max_factor=1"),
+        ({"operations": ("+", "%")}, "'%'"),
+        ({"operations": ("*",)}, "operations=('*',)"),
+    ],
+)
+def test_config_validation_names_the_bad_value(kwargs, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        ArithConfig(**kwargs)
+
+
+def test_generation_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="split='dev'"):
+        generate_problems("dev", 1, seed=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="count=-1"):
+        generate_problems("train", -1, seed=0)
+    tiny = ArithConfig(min_ops=1, max_ops=1, max_number=2, max_value=4, operations=("+",))
+    with pytest.raises(ValueError, match="count=100"):  # only a handful of distinct problems exist
+        generate_problems("train", 100, seed=0, cfg=tiny)
+
+
+def test_difficulty_knob_changes_problems():
+    easy = ArithConfig(min_ops=1, max_ops=2, max_number=9, max_value=99, operations=("+", "-"))
+    for p in generate_problems("train", 200, seed=0, cfg=easy):
+        assert p.meta["num_ops"] in (1, 2)
+        assert all(op in "+-" and n <= 9 for op, n in p.meta["operations"])
+        assert grade(p, solution_text(p))
+
+
+def test_division_when_enabled_is_exact():
+    cfg = ArithConfig(operations=("+", "-", "*", "/"))
+    problems = generate_problems("train", 500, seed=0, cfg=cfg)
+    divisions = [(p, i) for p in problems for i, (op, _) in enumerate(p.meta["operations"]) if op == "/"]
+    assert divisions
+    for p, _ in divisions:
+        assert grade(p, solution_text(p))
+        assert all(STEP_RE.match(s) for s in arith.solution_steps(p))

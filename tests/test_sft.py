@@ -1,0 +1,206 @@
+"""The tiny model, checkpoints and the SFT trainer: loss goes down, files, exact resume."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+import policies.sft as sft
+from experiments.tasks import arith
+from policies.checkpoint import REQUIRED_FILES, load_checkpoint, save_checkpoint
+from policies.sft import SFTConfig, train_sft
+from policies.tiny_model import TinyModelConfig, build_model, num_parameters
+from policies.tiny_tokenizer import build_tokenizer
+
+SMALL = TinyModelConfig(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64, max_position=160)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def examples():
+    problems = arith.generate_problems("train", 96, seed=0)
+    return [(arith.prompt_text(p), arith.solution_text(p)) for p in problems]
+
+
+def steps_cfg(steps: int, **kwargs) -> SFTConfig:
+    # one thread: on a shared 2-core machine, 2 spinning OpenMP threads can run several times slower
+    base = dict(max_minutes=None, max_steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=0, num_threads=1)
+    return SFTConfig(**{**base, **kwargs})
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- model -------------------------------------------------------------------------------------
+
+
+def test_model_takes_ids_from_tokenizer_and_ties_embeddings(tok):
+    model = build_model(SMALL, tok)
+    assert model.config.vocab_size == len(tok)
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
+        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
+    )
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    # embedding V*C + 1 layer (4 C^2 attention + 3 C*I MLP + 2C norms) + final norm C
+    c, i, v = 32, 64, len(tok)
+    assert num_parameters(model) == v * c + 4 * c * c + 3 * c * i + 2 * c + c
+    same = build_model(SMALL, tok)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
+
+
+def test_model_config_validation_names_the_value():
+    with pytest.raises(ValueError, match="hidden=30"):
+        TinyModelConfig(hidden=30, heads=4)
+    with pytest.raises(ValueError, match="layers=0"):
+        TinyModelConfig(layers=0)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_and_missing_file_is_named(tok, tmp_path):
+    model = build_model(SMALL, tok)
+    path = save_checkpoint(model, tok, tmp_path / "ckpt")
+    assert all((path / name).is_file() for name in REQUIRED_FILES)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    loaded, loaded_tok = load_checkpoint(path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert loaded_tok.get_vocab() == tok.get_vocab()
+    save_checkpoint(model, tok, path)  # replacing an existing checkpoint works
+    (path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors") as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+# --- trainer pieces ----------------------------------------------------------------------------
+
+
+def test_config_validation_names_the_value():
+    with pytest.raises(ValueError, match="max_minutes=None and max_steps=None"):
+        SFTConfig(max_minutes=None, max_steps=None)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        SFTConfig(batch_size=0)
+    with pytest.raises(ValueError, match="lr=-1"):
+        SFTConfig(lr=-1)
+    with pytest.raises(ValueError, match="max_minutes=0"):
+        SFTConfig(max_minutes=0)
+
+
+def test_collate_masks_prompt_and_padding(tok):
+    data = sft.tokenize_examples([("ab\n<think>", "1 + 1 = 2.\n\n"), ("a\n<think>", "3")], tok, max_length=64)
+    assert data[0].input_ids[0] == tok.bos_token_id and data[0].input_ids[-1] == tok.eos_token_id
+    input_ids, labels = sft.collate(data, tok.pad_token_id)
+    for row, e in enumerate(data):
+        n = len(e.input_ids)
+        assert (labels[row, : e.prompt_len] == sft.IGNORE_INDEX).all()
+        assert labels[row, e.prompt_len : n].tolist() == list(e.input_ids[e.prompt_len :])
+        assert (labels[row, n:] == sft.IGNORE_INDEX).all() and (input_ids[row, n:] == tok.pad_token_id).all()
+    # the completion of the second example is "3" <eos>: exactly two labelled tokens
+    assert int((labels[1] != sft.IGNORE_INDEX).sum()) == 2
+
+
+def test_batches_are_a_pure_function_of_seed_and_epoch():
+    lengths = [i % 17 for i in range(100)]
+    a = sft.epoch_batches(lengths, 8, 4, seed=0, epoch=3)
+    assert a == sft.epoch_batches(lengths, 8, 4, seed=0, epoch=3)
+    assert a != sft.epoch_batches(lengths, 8, 4, seed=0, epoch=4)
+    flat = [i for b in a for i in b]
+    assert len(a) == 100 // 8 and all(len(b) == 8 for b in a) and len(set(flat)) == len(flat)
+
+
+def test_learning_rate_schedule_closed_form():
+    cfg = SFTConfig(max_minutes=None, max_steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert sft.learning_rate(0, 0.0, cfg) == pytest.approx(1e-4)  # warmup: (0+1)/10 of lr
+    assert sft.learning_rate(50, 0.5, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # cos(pi/2)=0
+    assert sft.learning_rate(100, 1.0, cfg) == pytest.approx(1e-4)  # the floor
+    timed = SFTConfig(max_minutes=2.0, max_steps=1000)
+    assert sft.budget_fraction(10, 60.0, timed) == 0.5  # time dominates: 60 s of 120 s
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def test_training_lowers_the_loss_and_writes_checkpoints(tok, examples, tmp_path):
+    model = build_model(SMALL, tok)
+    data = sft.tokenize_examples(examples, tok, 256)
+    before = sft.evaluate_loss(model, data, tok.pad_token_id, steps_cfg(1))
+    final = train_sft(steps_cfg(30, checkpoint_every=10), examples, tmp_path / "run", model, tok, progress=False)
+    trained, _ = load_checkpoint(final)
+    after = sft.evaluate_loss(trained, data, tok.pad_token_id, steps_cfg(1))
+    assert after < before - 1.0, (before, after)  # ln(453) ~ 6.1 at init
+    assert final == tmp_path / "run" / "final"
+    assert all((tmp_path / "run" / "last" / name).is_file() for name in REQUIRED_FILES + (sft.STATE_FILE,))
+    state = torch.load(tmp_path / "run" / "last" / sft.STATE_FILE, weights_only=False)
+    assert state["step"] == 30 and "optimizer" in state and "rng" in state
+    summary = json.loads((tmp_path / "run" / sft.SUMMARY_FILE).read_text())
+    assert summary["steps"] == 30 and summary["tokens"] > 0 and math.isfinite(summary["final_loss"])
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_interruption_is_exact(tok, examples, tmp_path, monkeypatch):
+    cfg = steps_cfg(8, checkpoint_every=4)
+    straight = train_sft(cfg, examples, tmp_path / "a", build_model(SMALL, tok), tok, progress=False)
+
+    real_step, calls = sft.train_step, []
+
+    def crash_on_fifth_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # after the step-4 checkpoint
+            raise _Crash()
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "train_step", crash_on_fifth_step)
+    with pytest.raises(_Crash):
+        train_sft(cfg, examples, tmp_path / "b", build_model(SMALL, tok), tok, progress=False)
+    monkeypatch.setattr(sft, "train_step", real_step)
+    torch.manual_seed(12345)  # resuming restores the RNG state itself
+    resumed = train_sft(cfg, examples, tmp_path / "b", None, None, progress=False)
+
+    a, _ = load_checkpoint(straight)
+    b, _ = load_checkpoint(resumed)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert torch.load(tmp_path / "b" / "last" / sft.STATE_FILE, weights_only=False)["step"] == 8
+    # calling again on a finished run trains no further
+    again = train_sft(cfg, examples, tmp_path / "b", None, None, progress=False)
+    c, _ = load_checkpoint(again)
+    assert all(torch.equal(x, y) for x, y in zip(b.state_dict().values(), c.state_dict().values()))
+
+
+def test_time_budget_ends_training(tok, examples, tmp_path):
+    cfg = SFTConfig(max_minutes=0.03, max_steps=None, batch_size=8, checkpoint_every=0, num_threads=1)  # 1.8 s
+    train_sft(cfg, examples, tmp_path / "t", build_model(SMALL, tok), tok, progress=False)
+    summary = json.loads((tmp_path / "t" / sft.SUMMARY_FILE).read_text())
+    assert 1.8 <= summary["elapsed_s"] < 1.8 + 2.0 and summary["steps"] >= 1
+
+
+# --- the CLI and the quick evaluation (smoke) --------------------------------------------------
+
+
+def test_train_sft_cli_smoke(tmp_path, monkeypatch, capsys):
+    from experiments import train_sft as cli
+
+    monkeypatch.setattr(cli, "TinyModelConfig", lambda seed: SMALL)
+    argv = ["train_sft", "--out", str(tmp_path / "cli"), "--minutes", "0", "--max-steps", "2",
+            "--batch-size", "4", "--train-problems", "40", "--eval-problems", "2", "--eval-samples", "2",
+            "--threads", "1", "--no-progress"]
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.main()
+    out = capsys.readouterr().out
+    assert "trained 2 steps" in out and "greedy pass@1" in out and "pass@2" in out
+    report = json.loads((tmp_path / "cli" / "quick_eval.json").read_text())
+    assert report["num_problems"] == 2 and 0 <= report["sampled_pass1"] <= report["pass_at_k"] <= 1
