@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from experiments.plot_scaling import register_scaling
 from experiments.result_json import ResultFileError, load_result
 from experiments.tree_html import write_tree_html
 from experiments.tree_plot import draw_tree_png
@@ -87,7 +88,7 @@ def register_tree(subparsers: Any) -> None:
     parser.set_defaults(run=run_tree)
 
 
-SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (register_tree,)
+SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (register_tree, register_scaling)
 
 
 def build_parser() -> argparse.ArgumentParser:

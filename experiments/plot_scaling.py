@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -67,12 +67,7 @@ def plot_scaling(sweep_dir: str | Path, out_png: str | Path, threshold: float = 
     return out_png
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sweep_dir", type=Path)
-    ap.add_argument("--out", type=Path, default=None, help="PNG path (default: SWEEP_DIR/scaling.png)")
-    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
-    args = ap.parse_args(argv)
+def run_scaling(args: argparse.Namespace) -> int:
     try:
         out = plot_scaling(args.sweep_dir, args.out or args.sweep_dir / "scaling.png", args.threshold)
     except (RunFolderError, ValueError) as err:
@@ -80,6 +75,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"wrote {out}")
     return 0
+
+
+def add_scaling_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("sweep_dir", type=Path, help="a sweep folder of `python -m experiments.search -m`")
+    ap.add_argument("--out", type=Path, default=None, help="PNG path (default: SWEEP_DIR/scaling.png)")
+    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    ap.set_defaults(run=run_scaling)
+
+
+def register_scaling(subparsers: Any) -> None:
+    """The `scaling` subcommand of `python -m experiments.plot`."""
+    add_scaling_arguments(subparsers.add_parser("scaling", help="accuracy vs log compute, one line per strategy"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_scaling_arguments(ap)
+    args = ap.parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":
