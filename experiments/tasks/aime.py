@@ -1,0 +1,124 @@
+"""The `aime` task: AIME 2024 and AIME 2025 (30 problems each; integer answers 0-999), read in
+place from MetaStone-S1's files in `../shared/data/metastone/` (see its SOURCE.md):
+
+- `aime24.jsonl`, `aime25.jsonl`: their test files; `prompt` = problem + "\\n" + the boxed
+  instruction (stripped here: prompt_text adds it back), `answer` an int.
+- `aime.parquet`: their verl RL validation file, AIME 2024 only; `question`,
+  `reward_model.ground_truth.target` (a zero-padded string such as "025"), `extra_info.index`.
+  Its texts differ slightly from the jsonl's (some keep the [asy] diagram code) and its rows come
+  in another order; the answers agree.
+
+Same interface as `experiments.tasks.arith`:
+
+    from experiments.tasks import aime
+    problems = aime.load_aime(24)                        # 30 Problems
+    problems = aime.load_aime(24, parquet=True)          # the same problems from the parquet file
+    aime.grade(problems[0], "... \\\\boxed{204}")          # True
+
+Problem.answer is the canonical integer string ("025" -> "25"); ids are "aime24-<index>" (line
+order in the jsonl, extra_info.index in the parquet, so ids differ between the two files). Run
+`python -m experiments.tasks.aime` to print a few problems.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from experiments.tasks import grading, prompts
+from experiments.tasks.loader_errors import RowLocation, read_jsonl, read_parquet_rows, resolve_data_file
+from treesearch.records import Problem
+
+Year = Literal[24, 25]
+JSONL_FILES = {24: "metastone/aime24.jsonl", 25: "metastone/aime25.jsonl"}
+PARQUET_FILES = {24: "metastone/aime.parquet"}  # MetaStone ships no AIME 2025 parquet
+_PROMPT_SUFFIX = "\n" + prompts.BOXED_INSTRUCTION
+
+
+def _canonical_answer(value: Any, where: RowLocation, field: str) -> str:
+    """An AIME answer as a canonical integer string; DataFormatError unless it is an integer."""
+    text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
+    if not text.lstrip("-").isdigit() or len(text) > 12:
+        raise where.error(f"expected an integer answer, got {value!r}", field=field)
+    return str(int(text))
+
+
+def _jsonl_problem(where: RowLocation, record: dict[str, Any], year: int) -> Problem:
+    prompt = where.require(record, "prompt", str)
+    question = prompt[: -len(_PROMPT_SUFFIX)] if prompt.endswith(_PROMPT_SUFFIX) else prompt
+    answer = _canonical_answer(where.require(record, "answer", (int, str)), where, "answer")
+    index = where.line - 1
+    meta = {"task": "aime", "year": 2000 + year, "index": index, "source": str(where.path), "line": where.line}
+    return Problem(id=f"aime{year}-{index}", question=question, answer=answer, meta=meta)
+
+
+def _nested(record: dict[str, Any], where: RowLocation, dotted: str, kind: type) -> Any:
+    """record["a"]["b"]... for dotted = "a.b...", with errors that name the dotted field."""
+    value: Any = record
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise where.error("missing", field=dotted)
+        value = value[part]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise where.error(f"expected {kind.__name__}, got {type(value).__name__} ({value!r:.60})", field=dotted)
+    return value
+
+
+def _parquet_problem(where: RowLocation, record: dict[str, Any], year: int) -> Problem:
+    target = _nested(record, where, "reward_model.ground_truth.target", str)
+    index = _nested(record, where, "extra_info.index", int)
+    meta = {
+        "task": "aime",
+        "year": 2000 + year,
+        "index": index,
+        "source": str(where.path),
+        "row": where.line,
+        "data_source": record.get("data_source"),
+    }
+    return Problem(
+        id=f"aime{year}-{index}",
+        question=where.require(record, "question", str),
+        answer=_canonical_answer(target, where, "reward_model.ground_truth.target"),
+        meta=meta,
+    )
+
+
+def load_aime(year: Year, path: str | os.PathLike[str] | None = None, parquet: bool = False) -> list[Problem]:
+    """The problems of AIME 20<year> in file order. parquet=True reads MetaStone's verl parquet
+    file instead of the jsonl (AIME 2024 only, unless `path` names another parquet file). `path`
+    wins over the shared data folder."""
+    if year not in (24, 25):
+        raise ValueError(f"year={year!r}; valid: 24, 25")
+    if not parquet:
+        rows = read_jsonl(resolve_data_file(path, JSONL_FILES[year]))
+        return [_jsonl_problem(where, record, year) for where, record in rows]
+    if path is None and year not in PARQUET_FILES:
+        raise ValueError(f"year={year} with parquet=True: MetaStone ships only AIME 2024 as parquet; "
+                         "pass path=... to a parquet file of your own, or use parquet=False")
+    rows = read_parquet_rows(resolve_data_file(path, PARQUET_FILES.get(year, "")))
+    return [_parquet_problem(where, record, year) for where, record in rows]
+
+
+def prompt_text(problem: Problem, tokenizer: Any = None, think: bool | None = None) -> str:
+    """What the policy sees: the problem and the boxed instruction (MetaStone's test prompt) in the
+    chat template."""
+    return prompts.render_prompt(prompts.math_user_message(problem.question), tokenizer, think=think)
+
+
+def extract_answer(text: str) -> str | None:
+    """The completion's final answer (last \\boxed{}, else "#### N", else "Answer: N"), or None."""
+    return grading.extract_final_answer(text)
+
+
+def grade(problem: Problem, completion_text: str) -> bool:
+    """True iff the completion's final answer equals the reference integer ("025" == "25")."""
+    return grading.grade_math(completion_text, problem.answer)
+
+
+def _main() -> None:
+    for year in (24, 25):
+        problem = load_aime(year)[0]
+        print(prompt_text(problem) + f" [reference: {problem.answer}]", end="\n\n---\n")
+
+
+if __name__ == "__main__":
+    _main()

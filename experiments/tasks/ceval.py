@@ -1,0 +1,98 @@
+"""The `ceval` task: C-Eval's validation split (1346 four-choice questions in Chinese, 52
+subjects) as MetaStone-S1 evaluates it, read in place from `../shared/data/metastone/ceval.json`
+(see its SOURCE.md; a JSON array with fields model_input, answer, sub, id).
+
+Each `model_input` is MetaStone's full prompt: a header naming the subject, the question, the
+choices "A. {...}" to "D. {...}", then an instruction to end with the line 'ANSWER: $LETTER'.
+The loader takes the question and the four choices apart (meta["choices"]) and keeps the prompt
+(meta["model_input"]); prompt_text sends that prompt unchanged, in the chat template.
+
+Same interface as `experiments.tasks.arith`:
+
+    from experiments.tasks import ceval
+    problems = ceval.load_ceval()                       # 1346 Problems
+    ceval.grade(problems[0], "...\\nANSWER: C")          # True when the reference letter is C
+
+Problem.answer is the reference letter; ids are "ceval-<sub>-<id>" (ids restart per subject). Run
+`python -m experiments.tasks.ceval` to print a few problems.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from experiments.tasks import grading, prompts
+from experiments.tasks.loader_errors import RowLocation, read_json_array, resolve_data_file
+from treesearch.records import Problem
+
+DATA_FILE = "metastone/ceval.json"
+LETTERS = grading.CHOICE_LETTERS
+# MetaStone's prompt: header (subject in Chinese), {question}, four {choices}, instruction.
+_PROMPT_RE = re.compile(
+    r"^\s*以下是中国关于(?P<subject>.+?)考试的单项选择题，请选出其中的正确答案。\n"
+    r"(?P<question>.*)\nA\. (?P<A>.*)\nB\. (?P<B>.*)\nC\. (?P<C>.*)\nD\. (?P<D>.*)\n"
+    r"(?P<instruction>让我们一步一步思考。[^\n]*)\s*$",
+    re.S,
+)
+
+
+def _unbrace(text: str) -> str:
+    """MetaStone wraps the question and each choice in one pair of literal braces; drop them."""
+    return text[1:-1] if text.startswith("{") and text.endswith("}") else text
+
+
+def _problem(where: RowLocation, record: dict[str, Any]) -> Problem:
+    model_input = where.require(record, "model_input", str)
+    answer = where.require(record, "answer", str)
+    if answer not in LETTERS or len(answer) != 1:
+        raise where.error(f"expected one of {', '.join(LETTERS)}, got {answer!r}", field="answer")
+    subject = where.require(record, "sub", str)
+    number = where.require(record, "id", int)
+    parts = _PROMPT_RE.match(model_input)
+    if parts is None:
+        raise where.error("not MetaStone's C-Eval prompt (header, question, choices A-D, instruction)",
+                          field="model_input")
+    meta = {
+        "task": "ceval",
+        "subject": subject,
+        "subject_zh": parts.group("subject"),
+        "choices": tuple(_unbrace(parts.group(letter)) for letter in LETTERS),
+        "model_input": model_input,
+        "source": str(where.path),
+        "line": where.line,
+    }
+    return Problem(id=f"ceval-{subject}-{number}", question=_unbrace(parts.group("question")), answer=answer, meta=meta)
+
+
+def load_ceval(path: str | os.PathLike[str] | None = None) -> list[Problem]:
+    """All questions in file order. `path` (a JSON array file of the same form) wins over the
+    shared data folder. Raises DataFormatError naming file, line and field for a bad item."""
+    rows = read_json_array(resolve_data_file(path, DATA_FILE))
+    return [_problem(where, record) for where, record in rows]
+
+
+def prompt_text(problem: Problem, tokenizer: Any = None, think: bool | None = None) -> str:
+    """What the policy sees: MetaStone's prompt (question, choices, 'ANSWER: $LETTER'
+    instruction) in the chat template."""
+    return prompts.render_prompt(problem.meta["model_input"].strip(), tokenizer, think=think)
+
+
+def extract_answer(text: str) -> str | None:
+    """The chosen letter: last "ANSWER: X", else last \\boxed{X}, else a last line that is only a
+    letter; None when there is none."""
+    return grading.extract_choice(text, LETTERS)
+
+
+def grade(problem: Problem, completion_text: str) -> bool:
+    """True iff the chosen letter is the reference letter."""
+    return grading.grade_choice(completion_text, problem.answer, LETTERS)
+
+
+def _main() -> None:
+    for problem in load_ceval()[:2]:
+        print(prompt_text(problem) + f" [reference: {problem.answer}]", end="\n\n---\n")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,350 @@
+"""Final-answer extraction and answer equivalence for the real benchmarks (GSM8K, MATH-500, AIME,
+C-Eval).
+
+Extraction reads what a completion commits to:
+
+    last_boxed("... so \\boxed{\\frac{1}{2}}.")   -> "\\frac{1}{2}"   (last one; nested braces kept)
+    hash_answer("... \\n#### 1,234")              -> "1,234"
+    answer_line("...\\nAnswer: 42")               -> "42"
+    extract_choice("...\\nANSWER: C")             -> "C"
+    extract_final_answer(text)                   -> boxed, else "####", else "Answer:"; None if none
+
+Equivalence (`answers_match(predicted, reference)`) tries a fast path first (equal text after
+light normalisation; plain numbers such as "$1,000", "0.5" and "1/2" compared exactly as
+fractions) and only then asks `math_verify` (parse + verify), with a time limit on every parse and
+comparison, so a pathological answer such as 9^{9^{9^{9}}} costs at most a few seconds instead of
+hanging. math_verify's own limit is a SIGALRM, which works only in the main thread; in any other
+thread (a server's worker pool) the same check runs in a helper process that is killed when it
+overruns. Nothing here raises on garbage: a failed parse is "not equal".
+
+    from experiments.tasks.grading import grade_math, grade_choice
+    grade_math("\\\\boxed{0.5}", reference="\\\\frac{1}{2}")   # True
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+from fractions import Fraction
+from pathlib import Path
+
+THINK_CLOSE = "</think>"
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # for the helper process's import path
+CHOICE_LETTERS = "ABCD"
+# Seconds math_verify may spend on one parse and on one comparison (its limits are whole seconds).
+DEFAULT_TIMEOUT_S = 5
+# Answers longer than this are not worth a symbolic check (and are the usual pathological inputs).
+MAX_ANSWER_CHARS = 1000
+# A plain number longer than this is not read as a number (int() of a huge string is slow).
+_MAX_NUMBER_CHARS = 60
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
+_ANSWER_RE = re.compile(r"(?im)^[ \t*#>]*answer[ \t*]*[:：][ \t*]*(.+?)[ \t]*$")
+# "ANSWER: C", "answer is (B).", "答案：D": the letter must end the statement, so that
+# "Answer: A triangle has ..." is not read as choice A.
+_CHOICE_ANSWER_RE = re.compile(
+    r"(?im)(?:answer|答案)\s*(?:is|为|是)?\s*[:：]?\s*[(（{]?\s*([A-Z])\s*[)）}]?\s*(?=$|[.。,，;；])"
+)
+_LONE_LETTER_RE = re.compile(r"^[(（{]?\s*([A-Z])\s*[)）}]?[.。]?$")
+_TEXT_WRAPPER_RE = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\{(.*)\}$", re.S)
+
+
+def _balanced_group(text: str, start: int) -> str | None:
+    """Contents of the brace group opened at text[start] == "{", or None when it never closes.
+    Escaped braces (\\{ \\}) are content, not grouping."""
+    depth, i = 0, start
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2  # skip the escaped character (\{, \}, \\)
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i]
+        i += 1
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Contents of the last \\boxed{...} (or \\fbox{...}), nested braces kept, stripped.
+
+    None when there is none, or when the last one never closes (a cut-off generation has not
+    committed to an answer, so an earlier box is not taken in its place)."""
+    if not isinstance(text, str):
+        return None
+    matches = list(_BOXED_RE.finditer(text))
+    if not matches:
+        return None
+    content = _balanced_group(text, matches[-1].end() - 1)
+    return None if content is None else content.strip()
+
+
+def hash_answer(text: str) -> str | None:
+    """What follows the last "####" on its line (GSM8K's format), stripped; None if none/empty."""
+    if not isinstance(text, str):
+        return None
+    matches = _HASH_RE.findall(text)
+    answer = matches[-1].strip() if matches else ""
+    return answer or None
+
+
+def answer_line(text: str) -> str | None:
+    """The rest of the last line that starts with "Answer:" (any case), without a final period."""
+    if not isinstance(text, str):
+        return None
+    matches = _ANSWER_RE.findall(text)
+    if not matches:
+        return None
+    answer = matches[-1].strip().rstrip(".").strip()
+    return answer or None
+
+
+def _after_think(text: str) -> str:
+    """The part after the last </think> when it exists, else the whole text."""
+    return text.rsplit(THINK_CLOSE, 1)[-1]
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The final answer a math completion commits to: the last \\boxed{}, else "#### N", else
+    "Answer: X"; looked for after the last </think> first, then in the whole text. Never raises."""
+    if not isinstance(text, str):
+        return None
+    for scope in (_after_think(text), text):
+        for extractor in (last_boxed, hash_answer, answer_line):
+            answer = extractor(scope)
+            if answer is not None:
+                return answer
+    return None
+
+
+def _letter_in(candidate: str, letters: str) -> str | None:
+    """candidate as a bare choice letter ("C", "(C)", "\\text{C}", "C.") if it is one, else None."""
+    text = candidate.strip().strip("$").strip()
+    wrapped = _TEXT_WRAPPER_RE.match(text)
+    if wrapped:
+        text = wrapped.group(1).strip()
+    match = _LONE_LETTER_RE.match(text)
+    return match.group(1) if match and match.group(1) in letters else None
+
+
+def extract_choice(text: str, letters: str = CHOICE_LETTERS) -> str | None:
+    """The choice letter a multiple-choice completion commits to, or None. In order: the last
+    "ANSWER: X" / "答案：X", the last \\boxed{X}, a last non-empty line that is only a letter.
+    Looked for after the last </think> first. Letters outside `letters` are ignored."""
+    if not isinstance(text, str):
+        return None
+    for scope in (_after_think(text), text):
+        stated = [m for m in _CHOICE_ANSWER_RE.findall(scope) if m in letters]
+        if stated:
+            return stated[-1]
+        boxed = last_boxed(scope)
+        if boxed is not None and _letter_in(boxed, letters):
+            return _letter_in(boxed, letters)
+        lines = [line for line in scope.splitlines() if line.strip()]
+        if lines and _letter_in(lines[-1], letters):
+            return _letter_in(lines[-1], letters)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence: fast path
+
+_GROUPED_INT_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_DECIMAL_RE = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)$")
+_FRACTION_RE = re.compile(r"^[-+]?\d+\s*/\s*\d+$")
+_LATEX_FRACTION_RE = re.compile(r"^([-+]?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
+_SIZING_RE = re.compile(r"\\(?:left|right)(?![A-Za-z])|\\!")  # \left( -> (, not \rightarrow
+_PERCENT_RE = re.compile(r"\s*\\?%$")
+_THIN_SPACE_RE = re.compile(r"\\[,;: ]")
+
+
+def normalize_text(answer: str) -> str:
+    """Light, meaning-preserving cleanup: surrounding $ and spaces, a trailing period, \\left /
+    \\right, thin spaces, and inner whitespace runs."""
+    text = answer.strip()
+    if len(text) >= 2 and text.startswith("$") and text.endswith("$"):
+        text = text.strip("$").strip()
+    text = text.rstrip(".").strip()
+    text = _SIZING_RE.sub("", text)
+    text = _THIN_SPACE_RE.sub(" ", text)
+    return " ".join(text.split())
+
+
+def parse_number(answer: str) -> Fraction | None:
+    """answer as an exact number when it is a plain one ("42", "-3.5", "1,234", "$18", "\\$18.50",
+    "1/2", "\\frac{1}{2}", "25\\%"), else None (units and expressions go to math_verify).
+
+    A trailing percent sign is dropped ("25\\%" reads as 25, not 0.25): GSM8K and MATH references
+    write a percentage without it, and math_verify alone would judge "25\\%" != "25"."""
+    text = normalize_text(answer)
+    text = text.replace("\\$", "").replace("$", "").strip()
+    text = _PERCENT_RE.sub("", text)
+    if len(text) > _MAX_NUMBER_CHARS:
+        return None
+    if _GROUPED_INT_RE.match(text):
+        text = text.replace(",", "")
+    try:
+        if _DECIMAL_RE.match(text):
+            return Fraction(text)
+        if _FRACTION_RE.match(text):
+            numerator, denominator = (part.strip() for part in text.split("/"))
+            return Fraction(int(numerator), int(denominator)) if int(denominator) else None
+        latex = _LATEX_FRACTION_RE.match(text)
+        if latex and int(latex.group(3)):
+            sign = -1 if latex.group(1) == "-" else 1
+            return sign * Fraction(int(latex.group(2)), int(latex.group(3)))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def fast_match(predicted: str, reference: str) -> bool | None:
+    """True/False when the answers can be decided without a symbolic check (equal normalised text;
+    two plain numbers), else None."""
+    if normalize_text(predicted) == normalize_text(reference):
+        return True
+    predicted_number, reference_number = parse_number(predicted), parse_number(reference)
+    if predicted_number is not None and reference_number is not None:
+        return predicted_number == reference_number
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence: math_verify with a time limit
+
+
+def _as_boxed(answer: str) -> str:
+    """An extracted answer in the form math_verify reads most reliably."""
+    return "\\boxed{" + normalize_text(answer) + "}"
+
+
+def symbolic_match(predicted: str, reference: str, timeout_s: int | None) -> bool:
+    """math_verify's judgement; timeout_s None disables its SIGALRM limits (caller bounds time)."""
+    from math_verify import parse, verify
+
+    gold = parse(_as_boxed(reference), parsing_timeout=timeout_s)
+    guess = parse(_as_boxed(predicted), parsing_timeout=timeout_s)
+    if not gold or not guess:
+        return False
+    return bool(verify(gold, guess, timeout_seconds=timeout_s))
+
+
+def serve_stdio() -> None:
+    """Helper-process loop: read JSON [predicted, reference] lines on stdin, write "true"/"false"
+    lines on stdout, until stdin closes. Started by _HelperProcessVerifier, not by users."""
+    import math_verify  # noqa: F401  (import before "ready", so the parent's clock is fair)
+
+    print("ready", flush=True)
+    for line in sys.stdin:
+        try:
+            predicted, reference = json.loads(line)
+            equal = symbolic_match(predicted, reference, timeout_s=None)
+        except Exception:  # a grader must never crash; the parent reads this as "not equal"
+            equal = False
+        print("true" if equal else "false", flush=True)
+
+
+class _HelperProcessVerifier:
+    """math_verify in one long-lived helper process, for threads where SIGALRM is unavailable.
+    A comparison that overruns its limit kills the process; the next call starts a fresh one.
+
+    A plain subprocess rather than multiprocessing: spawn and forkserver re-run the user's main
+    script in the child, and fork is unsafe in a threaded process."""
+
+    START_TIMEOUT_S = 120.0  # importing sympy in a fresh interpreter on a busy machine
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[str] | None = None
+
+    def _read_line(self, timeout_s: float) -> str | None:
+        """The helper's next output line, or None when none comes within timeout_s."""
+        assert self._process is not None and self._process.stdout is not None
+        ready, _, _ = select.select([self._process.stdout], [], [], timeout_s)
+        return self._process.stdout.readline().strip() if ready else None
+
+    def _start(self) -> bool:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "from experiments.tasks.grading import serve_stdio; serve_stdio()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, bufsize=1, env=env,
+        )
+        if self._read_line(self.START_TIMEOUT_S) == "ready":
+            return True
+        self._stop()
+        return False
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(timeout=5)
+        self._process = None
+
+    def check(self, predicted: str, reference: str, timeout_s: float) -> bool:
+        with self._lock:
+            try:
+                if (self._process is None or self._process.poll() is not None) and not self._start():
+                    return False
+                assert self._process is not None and self._process.stdin is not None
+                self._process.stdin.write(json.dumps([predicted, reference]) + "\n")
+                self._process.stdin.flush()
+                reply = self._read_line(timeout_s)
+                if reply in ("true", "false"):
+                    return reply == "true"
+                logger.warning("math_verify overran %.1f s on %r vs %r", timeout_s, predicted[:80], reference[:80])
+            except (OSError, ValueError):  # the helper died or its pipe broke: start over next time
+                pass
+            self._stop()
+            return False
+
+
+_HELPER = _HelperProcessVerifier()
+
+
+def answers_match(predicted: str | None, reference: str | None, timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
+    """True iff the predicted final answer equals the reference: fast exact/numeric path, then
+    math_verify with at most `timeout_s` seconds per parse and per comparison (in a non-main
+    thread: `3 * timeout_s` for the whole check in a helper process). Never raises."""
+    try:
+        if not isinstance(predicted, str) or not isinstance(reference, str):
+            return False
+        if not predicted.strip() or not reference.strip():
+            return False
+        decided = fast_match(predicted, reference)
+        if decided is not None:
+            return decided
+        if len(predicted) > MAX_ANSWER_CHARS or len(reference) > MAX_ANSWER_CHARS:
+            return False
+        if threading.current_thread() is threading.main_thread():
+            return symbolic_match(predicted, reference, timeout_s=max(1, int(timeout_s)))
+        return _HELPER.check(predicted, reference, timeout_s=3.0 * max(1, int(timeout_s)))
+    except Exception:  # a grader must never crash a search run
+        return False
+
+
+def grade_math(completion_text: str, reference: str | None, timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
+    """True iff the completion's final answer (extract_final_answer) equals the reference."""
+    return answers_match(extract_final_answer(completion_text), reference, timeout_s=timeout_s)
+
+
+def grade_choice(completion_text: str, reference: str | None, letters: str = CHOICE_LETTERS) -> bool:
+    """True iff the completion's chosen letter (extract_choice) is the reference letter."""
+    if not isinstance(reference, str) or reference.strip() not in letters:
+        return False
+    return extract_choice(completion_text, letters) == reference.strip()

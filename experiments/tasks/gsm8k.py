@@ -1,0 +1,85 @@
+"""The `gsm8k` task: GSM8K grade-school math word problems (openai/grade-school-math), read in
+place from `../shared/data/gsm8k/{train,test}.jsonl` (see its SOURCE.md).
+
+Same interface as `experiments.tasks.arith`, so experiments treat both alike:
+
+    from experiments.tasks import gsm8k
+    problems = gsm8k.load_gsm8k("test")                 # 1319 Problems
+    text = gsm8k.prompt_text(problems[0], tokenizer)    # chat template + boxed instruction
+    gsm8k.grade(problems[0], "... \\\\boxed{18}")          # True
+
+Problem.answer is the number after "####" in the reference solution with its thousands commas
+removed ("1,450,000" -> "1450000"); meta keeps the full worked solution (`solution`, with the
+<<calc>> annotations), the source file and line. Run `python -m experiments.tasks.gsm8k` to print
+a few problems.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from experiments.tasks import grading, prompts
+from experiments.tasks.loader_errors import RowLocation, read_hub_rows, read_jsonl, resolve_data_file
+from treesearch.records import Problem
+
+Split = Literal["train", "test"]
+HUB_DATASET = ("openai/gsm8k", "main")
+
+
+def _reference_answer(solution: str, where: RowLocation) -> str:
+    """The "#### N" number of a reference solution, commas removed; DataFormatError if absent."""
+    answer = grading.hash_answer(solution)
+    if answer is None:
+        raise where.error("no '#### <answer>' line in the solution", field="answer")
+    return answer.replace(",", "")
+
+
+def _problem(where: RowLocation, record: dict[str, Any], split: Split) -> Problem:
+    question = where.require(record, "question", str)
+    solution = where.require(record, "answer", str)
+    meta = {
+        "task": "gsm8k",
+        "split": split,
+        "solution": solution,
+        "source": str(where.path),
+        "line": where.line,
+    }
+    return Problem(id=f"gsm8k-{split}-{where.line}", question=question,
+                   answer=_reference_answer(solution, where), meta=meta)
+
+
+def load_gsm8k(split: Split = "test", path: str | os.PathLike[str] | None = None, hub: bool = False) -> list[Problem]:
+    """All problems of a split, in file order. `path` (a jsonl file) wins over the shared data
+    folder; hub=True reads openai/gsm8k through `datasets` instead (optional, needs the hub)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}; valid: 'train', 'test'")
+    if hub:
+        rows = read_hub_rows(*HUB_DATASET, split=split)
+    else:
+        rows = read_jsonl(resolve_data_file(path, f"gsm8k/{split}.jsonl"))
+    return [_problem(where, record, split) for where, record in rows]
+
+
+def prompt_text(problem: Problem, tokenizer: Any = None, think: bool | None = None) -> str:
+    """What the policy sees: the question and the boxed instruction in the chat template (see
+    prompts.render_prompt for the plain form without a tokenizer)."""
+    return prompts.render_prompt(prompts.math_user_message(problem.question), tokenizer, think=think)
+
+
+def extract_answer(text: str) -> str | None:
+    """The completion's final answer (last \\boxed{}, else "#### N", else "Answer: N"), or None."""
+    return grading.extract_final_answer(text)
+
+
+def grade(problem: Problem, completion_text: str) -> bool:
+    """True iff the completion's final answer equals the reference number ("$1,000" == "1000")."""
+    return grading.grade_math(completion_text, problem.answer)
+
+
+def _main() -> None:
+    for problem in load_gsm8k("test")[:3]:
+        print(prompt_text(problem) + f" [reference: {problem.answer}]", end="\n\n---\n")
+
+
+if __name__ == "__main__":
+    _main()

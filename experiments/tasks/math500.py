@@ -1,0 +1,79 @@
+"""The `math500` task: MATH-500, the 500-problem test subset of the MATH benchmark used by
+PRM800K ("Let's Verify Step by Step"), read in place from `../shared/data/math500/test.jsonl`
+(see its SOURCE.md).
+
+Same interface as `experiments.tasks.arith`:
+
+    from experiments.tasks import math500
+    problems = math500.load_math500()                   # 500 Problems
+    text = math500.prompt_text(problems[0], tokenizer)
+    math500.grade(problems[0], "... \\\\boxed{\\\\left( 3, \\\\frac{\\\\pi}{2} \\\\right)}")   # True
+
+Problem.id is the row's unique_id ("test/precalculus/807.json"), Problem.answer its `answer` field
+(LaTeX); meta holds subject, level (1-5), the worked solution, the source file and line. Grading
+goes through math_verify (see grading.answers_match). Run `python -m experiments.tasks.math500` to
+print a few problems.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from experiments.tasks import grading, prompts
+from experiments.tasks.loader_errors import RowLocation, read_hub_rows, read_jsonl, resolve_data_file
+from treesearch.records import Problem
+
+HUB_DATASET = ("HuggingFaceH4/MATH-500", None)
+
+
+def _problem(where: RowLocation, record: dict[str, Any]) -> Problem:
+    level = where.require(record, "level", int)
+    if not 1 <= level <= 5:
+        raise where.error(f"expected a level in 1-5, got {level}", field="level")
+    meta = {
+        "task": "math500",
+        "subject": where.require(record, "subject", str),
+        "level": level,
+        "solution": where.require(record, "solution", str),
+        "source": str(where.path),
+        "line": where.line,
+    }
+    return Problem(
+        id=where.require(record, "unique_id", str),
+        question=where.require(record, "problem", str),
+        answer=where.require(record, "answer", str),
+        meta=meta,
+    )
+
+
+def load_math500(path: str | os.PathLike[str] | None = None, hub: bool = False) -> list[Problem]:
+    """The 500 problems in file order. `path` (a jsonl file) wins over the shared data folder;
+    hub=True reads HuggingFaceH4/MATH-500 through `datasets` instead (optional, needs the hub)."""
+    rows = read_hub_rows(*HUB_DATASET, split="test") if hub else read_jsonl(
+        resolve_data_file(path, "math500/test.jsonl")
+    )
+    return [_problem(where, record) for where, record in rows]
+
+
+def prompt_text(problem: Problem, tokenizer: Any = None, think: bool | None = None) -> str:
+    """What the policy sees: the problem and the boxed instruction in the chat template."""
+    return prompts.render_prompt(prompts.math_user_message(problem.question), tokenizer, think=think)
+
+
+def extract_answer(text: str) -> str | None:
+    """The completion's final answer (last \\boxed{}, else "#### X", else "Answer: X"), or None."""
+    return grading.extract_final_answer(text)
+
+
+def grade(problem: Problem, completion_text: str) -> bool:
+    """True iff the completion's final answer is mathematically equal to the reference answer."""
+    return grading.grade_math(completion_text, problem.answer)
+
+
+def _main() -> None:
+    for problem in load_math500()[:3]:
+        print(prompt_text(problem) + f" [reference: {problem.answer}]", end="\n\n---\n")
+
+
+if __name__ == "__main__":
+    _main()
