@@ -17,11 +17,19 @@ tokens of contexts[u]; only the rest is forwarded. A row's columns are then
 P, the new tokens to the longest suffix S, and both pad runs are masked, so a row still does not
 depend on the others. With `keep_kv`, each row that ends on a step separator returns the KV of
 everything it fed (context + its tokens but the last) for the caller to store.
+
+Step scores with no extra forward (`step_head`, e.g. `policies.reflective_model.ReflectiveModel`):
+every forward also returns the hidden states (`output_hidden_states=True`), and each sampled
+token that is a step boundary under the rule is scored by the head on the feature-layer state of
+the position whose logits sampled it, i.e. the token just before the separator, exactly where the
+reference's SPRM reads (`scorers.sprm_positions`). Cost: the head on the boundary rows only (one
+[n, C] x [C, 2C] product per decode step that has any), plus the hidden states the LM returns
+(all layers of the prefill chunk, one token per layer while decoding).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -32,6 +40,19 @@ from policies.step_stops import StepStopRule, StopState
 
 FINISH_CODES: tuple[str, ...] = ("separator", "eos", "length")  # index = finish code in ChunkOutput
 _SEPARATOR, _EOS, _LENGTH = 0, 1, 2
+
+
+class StepHead(Protocol):
+    """A step scorer on the policy's own hidden states (owned here, the consumer).
+
+    feature_layer: index into the model's `hidden_states` (forward with output_hidden_states=True).
+    """
+
+    feature_layer: int
+
+    def step_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Scores in [0, 1] of feature-layer states [N, C] -> [N] float32."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -45,6 +66,8 @@ class ChunkOutput:
     finish: [R] long, index into FINISH_CODES.
     fed_kv: with keep_kv, per row the KV of context + token_ids[r, :lengths[r] - 1] (what the row
         fed) when it ended on a separator, else None; empty without keep_kv.
+    step_scores: with a step head, [R, T] float32: the head's score where boundary is True, NaN
+        elsewhere; None without a head.
     """
 
     token_ids: torch.Tensor
@@ -53,6 +76,7 @@ class ChunkOutput:
     lengths: torch.Tensor
     finish: torch.Tensor
     fed_kv: tuple[PrefixKV | None, ...] = ()
+    step_scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -82,13 +106,16 @@ def prefill(
     pad_id: int,
     device: torch.device,
     past: Sequence[PrefixKV | None] | None = None,
+    feature_layer: int | None = None,
 ):
     """Run the left-padded contexts through the model once, each from its cached prefix if any.
 
     past: per context the KV of its first past[u].length tokens (shorter than the context), or
         None; without any, this is a plain left-padded prefill.
+    feature_layer: also return the last token's hidden state of this layer (None: don't ask).
     Returns (cache with one row per context, last-token logits [U, V], attention_mask [U, P+L]
-    over cached and new columns, next_position [U] = context lengths).
+    over cached and new columns, next_position [U] = context lengths, last-token features
+    [U, C] or None).
     """
     cached = [0] * len(contexts) if past is None else [0 if p is None else p.length for p in past]
     if any(c >= len(ids) for c, ids in zip(cached, contexts)):
@@ -111,9 +138,21 @@ def prefill(
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **_hidden_state_request(feature_layer),
     )
     next_position = offset[:, 0] + new_mask.sum(-1)  # [U]
-    return out.past_key_values, out.logits[:, -1, :], attention_mask, next_position
+    features = _last_features(out, feature_layer)  # [U, C] or None; left padding: -1 is real
+    return out.past_key_values, out.logits[:, -1, :], attention_mask, next_position, features
+
+
+def _hidden_state_request(feature_layer: int | None) -> dict[str, bool]:
+    """The forward's extra keyword: hidden states only when a head reads them."""
+    return {} if feature_layer is None else {"output_hidden_states": True}
+
+
+def _last_features(out: Any, feature_layer: int | None) -> torch.Tensor | None:
+    """The last position's state of the feature layer, [B, C], or None."""
+    return None if feature_layer is None else out.hidden_states[feature_layer][:, -1, :]
 
 
 def _start_cache(model: Any, past: Sequence[PrefixKV | None] | None, new_mask: torch.Tensor, device):
@@ -139,13 +178,16 @@ def decode_chunk(
     pad_id: int,
     past: Sequence[PrefixKV | None] | None = None,
     keep_kv: bool = False,
+    step_head: StepHead | None = None,
 ) -> ChunkOutput:
     """Sample one sequence per row: row r continues contexts[row_context[r]] for at most
     budgets[r] tokens, stopping early at EOS or (when stop_at_boundary) at a step boundary.
     past: cached KV per context (see prefill); keep_kv: return the fed KV of rows that end on a
-    separator (ChunkOutput.fed_kv)."""
+    separator (ChunkOutput.fed_kv); step_head: score every boundary token from the hidden state
+    that sampled it (ChunkOutput.step_scores)."""
     device = rule.is_eos.device
-    batch, logits = _start_batch(model, contexts, row_context, budgets, rule, pad_id, device, past)
+    layer = None if step_head is None else step_head.feature_layer
+    batch, logits, features = _start_batch(model, contexts, row_context, budgets, rule, pad_id, device, past, layer)
     num_rows, width = len(row_context), max(budgets)
     token_ids = torch.zeros((num_rows, width), dtype=torch.long, device=device)  # [R, T]
     logprobs = torch.zeros((num_rows, width), dtype=torch.float32, device=device)  # [R, T]
@@ -153,12 +195,15 @@ def decode_chunk(
     lengths = torch.zeros(num_rows, dtype=torch.long, device=device)  # [R]
     finish = torch.zeros(num_rows, dtype=torch.long, device=device)  # [R]
     fed_kv: list[PrefixKV | None] = [None] * num_rows if keep_kv else []
+    scores = None if step_head is None else torch.full((num_rows, width), float("nan"), device=device)  # [R, T]
     for t in range(width):
         tokens, token_logprobs = sample_next_tokens(logits, temperature, top_p, generator)  # [B], [B]
         is_boundary, batch.state = rule.advance(tokens, batch.state)  # [B]
         token_ids[batch.rows, t] = tokens
         logprobs[batch.rows, t] = token_logprobs
         boundary[batch.rows, t] = is_boundary
+        if step_head is not None:
+            _score_boundaries(step_head, features, is_boundary, batch.rows, t, scores)
         code, done = _finish_codes(tokens, is_boundary & stop_at_boundary, t + 1 >= batch.budget, rule)
         lengths[batch.rows[done]], finish[batch.rows[done]] = t + 1, code[done]
         if keep_kv:
@@ -168,8 +213,19 @@ def decode_chunk(
         if bool(done.any()):
             batch.keep(~done)
             tokens = tokens[~done]
-        logits = _decode_step(model, batch, tokens)
-    return ChunkOutput(token_ids, logprobs, boundary, lengths, finish, tuple(fed_kv))
+        logits, features = _decode_step(model, batch, tokens, layer)
+    return ChunkOutput(token_ids, logprobs, boundary, lengths, finish, tuple(fed_kv), scores)
+
+
+def _score_boundaries(
+    head: StepHead, features: torch.Tensor, is_boundary: torch.Tensor, rows: torch.Tensor, t: int,
+    scores: torch.Tensor,
+) -> None:
+    """Write the head's score of the rows whose token t is a boundary into scores [R, T];
+    features [B, C] are the states that sampled token t (same forward as its logits)."""
+    hit = is_boundary.nonzero().squeeze(-1)  # [n]
+    if hit.numel():
+        scores[rows[hit], t] = head.step_scores(features[hit]).to(scores.dtype)
 
 
 def _copy_fed_kv(batch: _Batch, rows: torch.Tensor, fed_kv: list[PrefixKV | None]) -> None:
@@ -188,10 +244,14 @@ def _start_batch(
     pad_id: int,
     device: torch.device,
     past: Sequence[PrefixKV | None] | None = None,
-) -> tuple[_Batch, torch.Tensor]:
+    feature_layer: int | None = None,
+) -> tuple[_Batch, torch.Tensor, torch.Tensor | None]:
     """Prefill each context once (from its cached prefix, if any), then replicate its cache rows
-    for its samples. Returns (the batch of R rows, their next-token logits [R, V])."""
-    cache, logits, attention_mask, next_position = prefill(model, contexts, pad_id, device, past)
+    for its samples. Returns (the batch of R rows, their next-token logits [R, V], the
+    feature-layer states that produced them [R, C] or None)."""
+    cache, logits, attention_mask, next_position, features = prefill(
+        model, contexts, pad_id, device, past, feature_layer
+    )
     expand = torch.tensor(row_context, dtype=torch.long, device=device)  # [R] context of each row
     cache.batch_select_indices(expand)  # gathers (and repeats) cache rows: [U, ...] -> [R, ...]
     batch = _Batch(
@@ -202,7 +262,7 @@ def _start_batch(
         state=rule.initial_state(contexts, device).select(expand),
         budget=torch.tensor(budgets, dtype=torch.long, device=device),
     )
-    return batch, logits[expand]
+    return batch, logits[expand], None if features is None else features[expand]
 
 
 def _finish_codes(
@@ -216,8 +276,11 @@ def _finish_codes(
     return code, is_eos | at_boundary | out_of_budget
 
 
-def _decode_step(model: Any, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
-    """Feed each active row's last token [B]; return the next logits [B, V]."""
+def _decode_step(
+    model: Any, batch: _Batch, tokens: torch.Tensor, feature_layer: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Feed each active row's last token [B]; return the next logits [B, V] and, with a
+    feature layer, the states that produced them [B, C] (else None)."""
     ones = torch.ones((len(tokens), 1), dtype=batch.attention_mask.dtype, device=tokens.device)
     batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=-1)  # [B, S+1]
     out = model(
@@ -226,6 +289,7 @@ def _decode_step(model: Any, batch: _Batch, tokens: torch.Tensor) -> torch.Tenso
         position_ids=batch.next_position[:, None],
         past_key_values=batch.cache,
         use_cache=True,
+        **_hidden_state_request(feature_layer),
     )
     batch.next_position = batch.next_position + 1
-    return out.logits[:, -1, :]
+    return out.logits[:, -1, :], _last_features(out, feature_layer)

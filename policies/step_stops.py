@@ -68,24 +68,13 @@ class StepStopRule:
         """Build the lookups once: decode every token id on its own (one batched call) and mark
         those whose text ends with `separator`. `vocab_size` is the model's logit width (it may
         exceed the tokenizer's, the extra ids are never separators)."""
-        num_tokens = min(len(tokenizer), vocab_size)
-        texts = tokenizer.batch_decode(
-            [[i] for i in range(num_tokens)], skip_special_tokens=False, clean_up_tokenization_spaces=False
-        )
-        is_separator = torch.zeros(vocab_size, dtype=torch.bool)
-        is_separator[[i for i, text in enumerate(texts) if text.endswith(separator)]] = True
-        if not is_separator.any():
-            # e.g. a vocabulary that spells ".\n\n" as "." + "\n\n": steps then never end on a
-            # separator (a text-level stop would be needed); whole sequences still work.
-            warnings.warn(f"no token's text ends with separator={separator!r}; steps will not end on it")
+        is_separator = separator_mask(tokenizer, vocab_size, separator)
         is_eos = torch.zeros(vocab_size, dtype=torch.bool)
         eos_list = [i for i in eos_ids if 0 <= i < vocab_size]
         if not eos_list:
             raise ValueError(f"no EOS token id within the vocabulary of size {vocab_size}: {list(eos_ids)}")
         is_eos[eos_list] = True
-        open_id, close_id = _single_token_id(tokenizer, think_open), _single_token_id(tokenizer, think_close)
-        if open_id is None or close_id is None:
-            open_id = close_id = None
+        open_id, close_id = think_ids(tokenizer, think_open, think_close)
         return cls(is_separator.to(device), is_eos.to(device), open_id, close_id)
 
     @property
@@ -147,6 +136,31 @@ def split_step_ends(boundary: Sequence[bool], is_separator: Sequence[bool]) -> l
     if not ends or ends[-1] != num_tokens:
         ends.append(num_tokens)
     return ends
+
+
+def separator_mask(tokenizer: Any, vocab_size: int, separator: str) -> torch.Tensor:
+    """[vocab_size] bool on CPU: the token's text, decoded on its own (one batched call), ends
+    with `separator`. Ids beyond the tokenizer's size (a wider logit layer) are never separators."""
+    num_tokens = min(len(tokenizer), vocab_size)
+    texts = tokenizer.batch_decode(
+        [[i] for i in range(num_tokens)], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    is_separator = torch.zeros(vocab_size, dtype=torch.bool)
+    is_separator[[i for i, text in enumerate(texts) if text.endswith(separator)]] = True
+    if not is_separator.any():
+        # e.g. a vocabulary that spells ".\n\n" as "." + "\n\n": steps then never end on a
+        # separator (a text-level stop would be needed); whole sequences still work.
+        warnings.warn(f"no token's text ends with separator={separator!r}; steps will not end on it")
+    return is_separator
+
+
+def think_ids(tokenizer: Any, think_open: str, think_close: str) -> tuple[int | None, int | None]:
+    """(open id, close id) of the single-token think markers, or (None, None) when the tokenizer
+    lacks either one (then the rule is not think-aware)."""
+    open_id, close_id = _single_token_id(tokenizer, think_open), _single_token_id(tokenizer, think_close)
+    if open_id is None or close_id is None:
+        return None, None
+    return open_id, close_id
 
 
 def _single_token_id(tokenizer: Any, text: str) -> int | None:

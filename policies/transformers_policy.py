@@ -7,6 +7,8 @@ Usage:
     steps = policy.propose([Prefix(problem)], n=8, seed=0)          # steps[0][j]: j-th next step
     paths = policy.rollout([Prefix(problem)], n=32, seed=0)         # paths[0][j]: list of steps
     reuse = TransformersPolicy(model, tokenizer, sampling, prompt_fn, prefix_cache=PrefixCacheConfig())
+    scored = TransformersPolicy.from_pretrained("runs/tiny-sprm", sampling, prompt_fn, with_step_head=True)
+    scored.rollout([Prefix(problem)], n=8, seed=0)[0][0][0].score   # SPRM step score, no 2nd forward
 
 How a call runs: the model input of a prefix is the tokenised prompt (special tokens added)
 followed by the exact `token_ids` of its steps (never re-tokenised text). Prefixes are sorted by
@@ -28,6 +30,15 @@ Randomness: one `torch.Generator(seed)` per call, so the same prefixes, n, seed 
 the same samples; another prefix list or batch_size draws differently (greedy output does not
 depend on either).
 
+Step scores with no extra forward (opt-in, `step_head=`, or `from_reflective(ReflectiveModel)`):
+the decode loop also takes the LM's hidden states and scores each step-ending separator with the
+head on the state of the token before it (`policies.decode_loop`); `Step.score` is the reading of
+the step's own separator, and a step without one (the terminal "</think>Answer: ..." step) gets
+the geometric mean of the path's earlier step scores (0.0 with none; None when an earlier step of
+the prefix has no score), as `scorers.sprm_positions.step_score` defines and
+`scorers.sprm_scorer.SPRMScorer` reproduces with a second forward. Without a head, Step.score is
+None and the forwards are exactly those of before.
+
 Compute accounting (`Step.tokens_forwarded`): a prefix's prefill tokens (those not taken from the
 prefix cache) are counted on its first sample in each chunk, and each generated token that was
 fed back to the model on the step that holds it (the last token of a sequence is never fed).
@@ -43,10 +54,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from policies.checkpoint import load_checkpoint
-from policies.decode_loop import FINISH_CODES, ChunkOutput, decode_chunk
+from policies.decode_loop import FINISH_CODES, ChunkOutput, StepHead, decode_chunk
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
+from policies.reflective_model import ReflectiveModel
 from policies.sampling_config import SamplingConfig
 from policies.step_stops import StepStopRule, split_step_ends
+from scorers.sprm_positions import step_score
 from treesearch.records import Prefix, Problem, Step
 
 
@@ -56,6 +69,8 @@ class _Sample:
 
     token_ids, logprobs, boundary: per generated token (boundary: the token ends a step).
     finish: "separator" | "eos" | "length". prefill_tokens: prefill work counted on this sample.
+    scores: with a step head, per generated token the head's score of a boundary token, NaN on
+        the others; None without a head.
     """
 
     token_ids: list[int]
@@ -63,6 +78,11 @@ class _Sample:
     boundary: list[bool]
     finish: str
     prefill_tokens: int
+    scores: list[float] | None = None
+
+    def own_scores(self, start: int, end: int) -> list[float]:
+        """The head's readings on tokens [start, end) (empty without a head)."""
+        return [x for x in (self.scores or [])[start:end] if x == x]  # x == x drops NaN
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,7 @@ class _RawStep:
     logprobs: list[float]
     finish: str
     tokens_forwarded: int
+    score: float | None = None
 
 
 class TransformersPolicy:
@@ -86,6 +107,10 @@ class TransformersPolicy:
     prompt_fn: the prompt template, Problem -> text (the step tokens follow it directly).
     prefix_cache: reuse prefixes' KV across calls (module docstring); None (or enabled=False)
         re-prefills every prefix in every call. The store is `self.prefix_cache` (None when off).
+    step_head: a head on the model's own hidden states (`policies.decode_loop.StepHead`, e.g. a
+        `ReflectiveModel` whose `.lm` is `model`) that attaches `Step.score` while generating;
+        None leaves scores None. `num_parameters` counts the LM only (the head runs once per
+        step, not per token).
     """
 
     def __init__(
@@ -95,8 +120,10 @@ class TransformersPolicy:
         sampling: SamplingConfig,
         prompt_fn: Callable[[Problem], str],
         prefix_cache: PrefixCacheConfig | None = None,
+        step_head: StepHead | None = None,
     ) -> None:
         self.model = model.eval()
+        self.step_head = step_head
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.prompt_fn = prompt_fn
@@ -124,10 +151,29 @@ class TransformersPolicy:
         prompt_fn: Callable[[Problem], str],
         dtype: torch.dtype = torch.float32,
         prefix_cache: PrefixCacheConfig | None = None,
+        with_step_head: bool = False,
     ) -> "TransformersPolicy":
-        """Load a checkpoint directory (`policies.checkpoint`; FileNotFoundError names a missing file)."""
+        """Load a checkpoint directory (`policies.checkpoint`; FileNotFoundError names a missing
+        file). with_step_head=True loads it as a `ReflectiveModel` (score_module.pt beside it)
+        whose head scores the steps."""
+        if with_step_head:
+            reflective, tokenizer = ReflectiveModel.from_pretrained(path, dtype)
+            return cls.from_reflective(reflective, tokenizer, sampling, prompt_fn, prefix_cache)
         model, tokenizer = load_checkpoint(path, dtype)
         return cls(model, tokenizer, sampling, prompt_fn, prefix_cache)
+
+    @classmethod
+    def from_reflective(
+        cls,
+        reflective: ReflectiveModel,
+        tokenizer: Any,
+        sampling: SamplingConfig,
+        prompt_fn: Callable[[Problem], str],
+        prefix_cache: PrefixCacheConfig | None = None,
+    ) -> "TransformersPolicy":
+        """A policy over a `policies.reflective_model.ReflectiveModel`: its LM generates and its
+        SPRM head scores each step on the way (Step.score, no extra forward)."""
+        return cls(reflective.lm, tokenizer, sampling, prompt_fn, prefix_cache, step_head=reflective)
 
     def propose(
         self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool = True
@@ -137,7 +183,9 @@ class TransformersPolicy:
         max_step_tokens / max_total_tokens ("length"); with stop_at_step=False it runs to EOS or
         max_total_tokens. A prefix with no token budget left gets empty "length" steps."""
         samples = self._generate(prefixes, n, seed, stop_at_boundary=stop_at_step)
-        raw = [[_whole_step(sample) for sample in row] for row in samples]
+        raw = [
+            [self._whole_step(sample, prefix) for sample in row] for prefix, row in zip(prefixes, samples)
+        ]
         return self._with_texts(raw)
 
     def rollout(self, prefixes: Sequence[Prefix], n: int, seed: int) -> list[list[list[Step]]]:
@@ -146,7 +194,9 @@ class TransformersPolicy:
         boundaries (a run of separators stays with the step it ends). Intermediate steps end on
         "separator", the last one on "eos" or "length"."""
         samples = self._generate(prefixes, n, seed, stop_at_boundary=False)
-        raw = [[self._split_steps(sample) for sample in row] for row in samples]
+        raw = [
+            [self._split_steps(sample, prefix) for sample in row] for prefix, row in zip(prefixes, samples)
+        ]
         return self._with_texts(raw)
 
     # -- phases -------------------------------------------------------------------------------
@@ -172,13 +222,15 @@ class TransformersPolicy:
                 self.sampling.temperature, self.sampling.top_p, generator, self.pad_id,
                 past=past if self.prefix_cache is not None else None,
                 keep_kv=self.prefix_cache is not None and stop_at_boundary,
+                step_head=self.step_head,
             )
             prefill_sizes = [len(contexts[i]) - (p.length if p else 0) for i, p in zip(members, past)]
             _collect(out, members, row_context, prefill_sizes, samples)
             self._store_fed(out, [contexts[i] for i in members], row_context)
         for i in range(len(prefixes)):
             if budgets[i] <= 0:
-                samples[i] = [_Sample([], [], [], "length", 0) for _ in range(n)]
+                no_scores = None if self.step_head is None else []
+                samples[i] = [_Sample([], [], [], "length", 0, no_scores) for _ in range(n)]
         return samples
 
     def _contexts(self, prefixes: Sequence[Prefix]) -> tuple[list[list[int]], list[int]]:
@@ -222,21 +274,37 @@ class TransformersPolicy:
         left = self.sampling.max_total_tokens - sum(step.num_tokens for step in prefix.steps)
         return min(left, self.sampling.max_step_tokens) if stop_at_boundary else left
 
-    def _split_steps(self, sample: _Sample) -> list[_RawStep]:
-        """Cut one rollout at its step ends; tokens_forwarded per step as in the module docstring."""
+    def _whole_step(self, sample: _Sample, prefix: Prefix) -> _RawStep:
+        """The sample as one step (every generated token but the last was fed back)."""
+        fed = max(len(sample.token_ids) - 1, 0)
+        score = self._step_score(sample.own_scores(0, len(sample.token_ids)), [s.score for s in prefix.steps])
+        return _RawStep(sample.token_ids, sample.logprobs, sample.finish, sample.prefill_tokens + fed, score)
+
+    def _split_steps(self, sample: _Sample, prefix: Prefix) -> list[_RawStep]:
+        """Cut one rollout at its step ends; tokens_forwarded per step as in the module docstring,
+        scores as in `scorers.sprm_positions.step_score` (after the prefix's step scores)."""
         ends = split_step_ends(sample.boundary, [self._is_separator[t] for t in sample.token_ids])
-        steps, start = [], 0
+        steps: list[_RawStep] = []
+        previous = [s.score for s in prefix.steps]
+        start = 0
         for k, end in enumerate(ends):
             last = k == len(ends) - 1
             fed = (end - start) - (1 if last and end > start else 0)
+            score = self._step_score(sample.own_scores(start, end), previous)
+            previous.append(score)
             steps.append(
                 _RawStep(
                     sample.token_ids[start:end], sample.logprobs[start:end],
                     sample.finish if last else "separator", fed + (sample.prefill_tokens if k == 0 else 0),
+                    score,
                 )
             )
             start = end
         return steps
+
+    def _step_score(self, own: list[float], previous: list[float | None]) -> float | None:
+        """None without a step head, else `step_score` of the step's own readings."""
+        return None if self.step_head is None else step_score(own, previous)
 
     def _with_texts(self, raw: list) -> list:
         """Turn the nested lists of _RawStep into Steps, decoding all texts in one batched call."""
@@ -247,7 +315,7 @@ class TransformersPolicy:
             skip_special_tokens=False, clean_up_tokenization_spaces=False,
         ) if flat else []
         steps = iter(
-            Step(text, tuple(s.token_ids), tuple(s.logprobs), s.finish, s.tokens_forwarded)
+            Step(text, tuple(s.token_ids), tuple(s.logprobs), s.finish, s.tokens_forwarded, s.score)
             for s, text in zip(flat, texts)
         )
         return _rebuild(raw, steps)
@@ -278,6 +346,7 @@ def _collect(out, members: list[int], row_context: list[int], prefill_sizes: lis
     """Append the chunk's rows to samples[prefix index]; a context's prefill goes on its first row."""
     token_ids, logprobs, boundary = out.token_ids.tolist(), out.logprobs.tolist(), out.boundary.tolist()
     lengths, finish = out.lengths.tolist(), out.finish.tolist()
+    scores = None if out.step_scores is None else out.step_scores.tolist()
     seen: set[int] = set()
     for r, u in enumerate(row_context):
         length = lengths[r]
@@ -285,14 +354,10 @@ def _collect(out, members: list[int], row_context: list[int], prefill_sizes: lis
             _Sample(
                 token_ids[r][:length], logprobs[r][:length], boundary[r][:length],
                 FINISH_CODES[finish[r]], prefill_sizes[u] if u not in seen else 0,
+                None if scores is None else scores[r][:length],
             )
         )
         seen.add(u)
-
-
-def _whole_step(sample: _Sample) -> _RawStep:
-    fed = max(len(sample.token_ids) - 1, 0)  # every generated token but the last was fed back
-    return _RawStep(sample.token_ids, sample.logprobs, sample.finish, sample.prefill_tokens + fed)
 
 
 def _flatten(nested: list, out: list[_RawStep]) -> None:

@@ -1,0 +1,126 @@
+"""`ReflectiveModel`: the reflective generative form of MetaStone-S1 / XBai-o4 in one object: a
+transformers causal LM, the SPRM head (`scorers.sprm_head`) and the index of the hidden layer the
+head reads (default -2: the output of the second-to-last decoder layer, before the final norm).
+
+Usage:
+    model = ReflectiveModel(lm, build_sprm_head(lm.config.hidden_size, seed=0))
+    model.save_pretrained("runs/tiny-sprm", tokenizer)     # transformers folder + score_module.pt
+    model, tokenizer = ReflectiveModel.from_pretrained("runs/tiny-sprm")
+    out = model(input_ids, attention_mask)                 # .logits, .features [B, L, C]
+    probs = model.step_scores(out.features[0, positions])  # [K] in [0, 1]
+    policy = TransformersPolicy.from_reflective(model, tokenizer, sampling, prompt_fn)
+
+As a policy's step head (`policies.decode_loop.StepHead`): the decode loop asks the LM for its
+hidden states, and at each sampled step separator applies `step_scores` to the feature-layer state
+of the position that sampled it, so scoring costs no extra forward pass.
+
+On disk: the folder is an ordinary transformers checkpoint (`policies.checkpoint`) plus
+`score_module.pt`, the reference's layout, so a MetaStone-S1 / XBai-o4 folder loads as is. The
+feature layer is not part of the reference's format; `save_pretrained` writes it to
+`sprm.json` and a folder without that file reads -2 (the reference's layer).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from policies.checkpoint import atomic_directory, load_checkpoint, write_checkpoint_files
+from scorers.sprm_head import (
+    build_sprm_head, head_hidden_size, load_score_module, save_score_module, sprm_logits,
+)
+
+SPRM_CONFIG_FILE = "sprm.json"
+DEFAULT_FEATURE_LAYER = -2
+
+
+@dataclass(frozen=True)
+class ReflectiveOutput:
+    """logits: [B, L', V] (L' = L, or logits_to_keep); features: [B, L, C], the feature layer."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class ReflectiveModel(nn.Module):
+    """A causal LM with an SPRM head on one of its hidden layers (see the module docstring).
+
+    lm: a transformers causal LM (`config.hidden_size`, `config.num_hidden_layers`, accepts
+        `output_hidden_states=True`).
+    head: the SPRM head (`nn.Sequential` of the reference's shape); None builds a fresh one.
+    feature_layer: index into `hidden_states` (num_hidden_layers + 1 entries: the embeddings, then
+        each decoder layer's output, the last after the final norm); -2 as the reference.
+    """
+
+    def __init__(self, lm: Any, head: nn.Sequential | None = None, feature_layer: int = DEFAULT_FEATURE_LAYER) -> None:
+        super().__init__()
+        hidden_size = int(lm.config.hidden_size)
+        head = head if head is not None else build_sprm_head(hidden_size)
+        if head_hidden_size(head) != hidden_size:
+            raise ValueError(f"the head reads {head_hidden_size(head)} features, the LM's hidden size is {hidden_size}")
+        num_states = int(lm.config.num_hidden_layers) + 1
+        if not isinstance(feature_layer, int) or not -num_states <= feature_layer < num_states:
+            raise ValueError(
+                f"feature_layer={feature_layer!r} must index the {num_states} hidden states "
+                f"(an integer in [{-num_states}, {num_states - 1}])"
+            )
+        self.lm, self.head, self.feature_layer = lm, head, feature_layer
+
+    @property
+    def config(self) -> Any:
+        return self.lm.config
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> ReflectiveOutput:
+        """One LM forward with hidden states: (logits, feature-layer states [B, L, C]).
+        logits_to_keep=1 skips the full [B, L, V] logits when only features are wanted."""
+        out = self.lm(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            output_hidden_states=True, use_cache=False, logits_to_keep=logits_to_keep,
+        )
+        return ReflectiveOutput(out.logits, out.hidden_states[self.feature_layer])
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Training path: the head in its current mode (dropout on in train mode): [..., C] -> [...]."""
+        return self.head(features.to(self.head[0].weight.dtype)).squeeze(-1)
+
+    def step_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Inference path (`StepHead`): sigmoid of the head without dropout, [N, C] -> [N] float32."""
+        return torch.sigmoid(sprm_logits(self.head, features))
+
+    def save_pretrained(self, out_dir: str | Path, tokenizer: Any) -> Path:
+        """Write LM + tokenizer (transformers folder), score_module.pt and sprm.json atomically."""
+        with atomic_directory(out_dir) as tmp:
+            write_checkpoint_files(self.lm, tokenizer, tmp)
+            save_score_module(self.head, tmp)
+            (tmp / SPRM_CONFIG_FILE).write_text(json.dumps({"feature_layer": self.feature_layer}) + "\n")
+        return Path(out_dir)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, dtype: torch.dtype = torch.float32, feature_layer: int | None = None
+    ) -> tuple["ReflectiveModel", Any]:
+        """(model in eval mode, tokenizer) from a folder of `save_pretrained` or of the reference.
+        FileNotFoundError names a missing file (score_module.pt included). The head keeps the
+        dtype it was saved in; feature_layer overrides sprm.json (default -2 without it)."""
+        directory = Path(directory)
+        lm, tokenizer = load_checkpoint(directory, dtype)
+        head = load_score_module(directory, int(lm.config.hidden_size))
+        if feature_layer is None:
+            config_path = directory / SPRM_CONFIG_FILE
+            saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
+            feature_layer = int(saved.get("feature_layer", DEFAULT_FEATURE_LAYER))
+        return cls(lm, head, feature_layer).eval(), tokenizer

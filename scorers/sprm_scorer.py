@@ -1,0 +1,158 @@
+"""`SPRMScorer`: the SPRM head scored the reference's way, with a second full forward over
+prompt + path (what the reference's `/score` service does), as a `treesearch.protocols.Scorer`.
+
+Usage:
+    model, tokenizer = ReflectiveModel.from_pretrained("runs/tiny-sprm")
+    scorer = SPRMScorer(model, tokenizer, prompt_fn=arith.prompt_text)
+    scorer.score(paths)          # [[step score, ...], ...] one per step, in [0, 1]
+    scorer.path_scores(paths)    # the reference's value: geometric mean over separator positions, 0 if none
+    scorer.read(paths)           # SPRMReading: token ids, positions, per-position and per-step scores
+    scorer.cost(paths)           # tokens forwarded (prompt + every step token, per path)
+
+The sequence of a path is the tokenised prompt (special tokens added, as the policy builds it)
+followed by its steps' exact token_ids; the LM runs over it once (right padded in batches,
+`output_hidden_states=True`), the head reads the feature layer at `scorers.sprm_positions`
+positions of the completion, sigmoid. A step's score: the reading at its own separator; a step
+with none (the terminal step) the geometric mean of the earlier step scores, 0.0 with none (see
+`scorers.sprm_positions`): so the geometric-mean path score of a rollout equals `path_scores`.
+
+A policy built with the same model as step head (`TransformersPolicy.from_reflective`) attaches
+the same scores while generating (equal within float rounding) at no extra forward; read them
+with `scorers.step_score_reader.StepScoreReader`. This scorer is for paths from other policies,
+or to check that equality.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from policies.reflective_model import ReflectiveModel
+from scorers.sprm_positions import StepMarkers, path_step_scores, score_positions, step_of_positions
+from treesearch.aggregation import aggregate
+from treesearch.records import Prefix, Problem
+from treesearch.steps import StepFormat
+
+
+@dataclass(frozen=True)
+class SPRMReading:
+    """What the head read on one path (the reference service's `return_all_scores` fields).
+
+    token_ids: the forwarded sequence, prompt + steps.
+    prompt_length: tokens of the prompt at its start.
+    positions: indices into token_ids the head read (the token before each scored separator).
+    position_scores: sigmoid of the head at each position.
+    step_scores: one per step of the path (module docstring).
+    value: geometric mean of position_scores (clamped at 1e-10), 0.0 with none: the reference's score.
+    """
+
+    token_ids: tuple[int, ...]
+    prompt_length: int
+    positions: tuple[int, ...]
+    position_scores: tuple[float, ...]
+    step_scores: tuple[float, ...]
+    value: float
+
+
+class SPRMScorer:
+    """Scores paths with a `ReflectiveModel`'s SPRM head over a separate forward pass.
+
+    model: the reflective model (LM + head + feature layer); put in eval mode here.
+    tokenizer: its tokenizer (the prompt is encoded with special tokens, as the policy does).
+    prompt_fn: the policy's prompt template, Problem -> text.
+    step_format: separator and think markers (the policy's `SamplingConfig` strings).
+    batch_size: paths per forward.
+    """
+
+    def __init__(
+        self,
+        model: ReflectiveModel,
+        tokenizer: Any,
+        prompt_fn: Callable[[Problem], str],
+        step_format: StepFormat = StepFormat(),
+        batch_size: int = 16,
+    ) -> None:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+        self.model = model.eval()
+        self.tokenizer, self.prompt_fn, self.batch_size = tokenizer, prompt_fn, batch_size
+        # ids past the tokenizer's size (a wider logit layer) are never separators
+        self.markers = StepMarkers.from_tokenizer(tokenizer, len(tokenizer), step_format)
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id: int = pad_id if pad_id is not None else int(tokenizer.eos_token_id)
+        self.num_parameters: int = model.num_parameters
+        self.device = next(model.parameters()).device
+
+    def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
+        return [list(r.step_scores) for r in self.read(paths)]
+
+    def path_scores(self, paths: Sequence[Prefix]) -> list[float]:
+        return [r.value for r in self.read(paths)]
+
+    def cost(self, paths: Sequence[Prefix]) -> int:
+        """Tokens forwarded: each path's prompt + step tokens (the reference rescans whole texts)."""
+        return sum(len(ids) for ids, _ in self._sequences(paths))
+
+    def read(self, paths: Sequence[Prefix]) -> list[SPRMReading]:
+        """Forward every path once (batched, shortest first) and read the head at its positions."""
+        sequences = self._sequences(paths)
+        order = sorted(range(len(paths)), key=lambda i: len(sequences[i][0]))
+        readings: list[SPRMReading | None] = [None] * len(paths)
+        for first in range(0, len(order), self.batch_size):
+            batch = order[first : first + self.batch_size]
+            scores = self._position_scores([sequences[i] for i in batch])
+            for i, (positions, values) in zip(batch, scores):
+                readings[i] = self._reading(paths[i], *sequences[i], positions, values)
+        return readings  # type: ignore[return-value]
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def _sequences(self, paths: Sequence[Prefix]) -> list[tuple[list[int], int]]:
+        """(prompt ids + step ids, prompt length) per path."""
+        prompts = [self.prompt_fn(p.problem) for p in paths]
+        unique = list(dict.fromkeys(prompts))
+        encoded = dict(zip(unique, self.tokenizer(unique, add_special_tokens=True).input_ids)) if unique else {}
+        out = []
+        for path, prompt in zip(paths, prompts):
+            ids = list(encoded[prompt])
+            out.append((ids + [t for s in path.steps for t in s.token_ids], len(ids)))
+        return out
+
+    @torch.inference_mode()
+    def _position_scores(self, batch: list[tuple[list[int], int]]) -> list[tuple[list[int], list[float]]]:
+        """One right-padded forward; per sequence (positions, sigmoid of the head there)."""
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # [B, L]
+        mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, L]
+        for row, (ids, _) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, : len(ids)] = 1
+        positions = [score_positions(ids, self.markers, start) for ids, start in batch]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]; right pads are masked anyway
+        out = self.model(
+            input_ids.to(self.device), mask.to(self.device), position_ids.to(self.device), logits_to_keep=1
+        )
+        rows = torch.tensor([r for r, p in enumerate(positions) for _ in p], dtype=torch.long)  # [K]
+        cols = torch.tensor([c for p in positions for c in p], dtype=torch.long)  # [K]
+        values = self.model.step_scores(out.features[rows.to(self.device), cols.to(self.device)]).tolist()  # [K]
+        result, k = [], 0
+        for p in positions:
+            result.append((p, values[k : k + len(p)]))
+            k += len(p)
+        return result
+
+    def _reading(
+        self, path: Prefix, ids: list[int], prompt_length: int, positions: list[int], values: list[float]
+    ) -> SPRMReading:
+        """Assign each reading to the step holding its separator; the step scores follow."""
+        owner = step_of_positions([p + 1 for p in positions], [s.num_tokens for s in path.steps], prompt_length)
+        own: list[list[float]] = [[] for _ in path.steps]
+        for step, value in zip(owner, values):
+            own[step].append(value)
+        step_scores = path_step_scores(own)
+        return SPRMReading(
+            tuple(ids), prompt_length, tuple(positions), tuple(values),
+            tuple(float(s) for s in step_scores),  # type: ignore[arg-type]  # never None without previous
+            aggregate(values, "geometric_mean"),
+        )

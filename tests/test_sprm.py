@@ -1,0 +1,259 @@
+"""Tests of the SPRM head (reference shapes, the score_module.pt file), its positions (hand-made
+sequences, and a cross-check against the reference's vectorised training mask) and the
+second-forward `SPRMScorer` (positions against a manual forward, step mapping, the terminal-step
+rule, empty paths, batching, cost).
+
+    .venv/bin/pytest tests/test_sprm.py
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from policies.reflective_model import ReflectiveModel
+from scorers.sprm_head import (
+    SCORE_MODULE_FILE, build_sprm_head, load_score_module, save_score_module, sprm_head_num_parameters,
+    sprm_logits,
+)
+from scorers.sprm_positions import (
+    StepMarkers, path_step_scores, score_positions, separator_positions, step_of_positions, step_score,
+)
+from scorers.sprm_scorer import SPRMScorer
+from test_transformers_policy import ID, SEP, TOK, ids, make_model
+from treesearch.aggregation import geometric_mean
+from treesearch.protocols import Scorer
+from treesearch.records import Prefix, Problem, Step
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: the tiny model gains nothing from two, and the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference_head(c: int) -> nn.Sequential:
+    """The head exactly as the reference's score service builds it."""
+    return nn.Sequential(nn.Linear(c, c * 2), nn.ReLU(), nn.Dropout(p=0.5), nn.Linear(c * 2, 1))
+
+
+# -- the head -------------------------------------------------------------------------------------
+
+
+def test_head_has_the_reference_keys_shapes_and_size():
+    head = build_sprm_head(1536)
+    shapes = {k: list(v.shape) for k, v in head.state_dict().items()}
+    assert shapes == {"0.weight": [3072, 1536], "0.bias": [3072], "3.weight": [1, 3072], "3.bias": [1]}
+    # 1536*3072 + 3072 + 3072 + 1 = 4,718,592 + 6,144 + 1 = 4,724,737 (the "4.7M" of the paper)
+    assert sum(p.numel() for p in head.parameters()) == sprm_head_num_parameters(1536) == 4_724_737
+    with torch.device("meta"):  # the 32B model's head, counted without allocating it
+        big = build_sprm_head(5120)
+    # 5120*10240 + 10240 + 10240 + 1 = 52,428,800 + 20,480 + 1 = 52,449,281 ("52.4M")
+    assert sum(p.numel() for p in big.parameters()) == sprm_head_num_parameters(5120) == 52_449_281
+
+
+def test_a_reference_state_dict_loads_unchanged(tmp_path):
+    torch.manual_seed(0)
+    theirs = reference_head(1536)
+    torch.save(theirs.state_dict(), tmp_path / "score_module.pt")  # as the reference writes it
+    ours = load_score_module(tmp_path)  # C read from the file
+    assert not ours.training
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    x = torch.randn(3, 1536)
+    assert torch.allclose(sprm_logits(ours, x), theirs.eval()(x).squeeze(-1), atol=1e-5)
+    assert load_score_module(tmp_path, hidden_size=1536) is not None
+
+
+def test_save_and_load_round_trip(tmp_path):
+    head = build_sprm_head(8, seed=3)
+    assert torch.equal(head[0].weight, build_sprm_head(8, seed=3)[0].weight)  # seeded
+    path = save_score_module(head, tmp_path / "model")
+    assert path.name == SCORE_MODULE_FILE and [p.name for p in path.parent.iterdir()] == [SCORE_MODULE_FILE]
+    loaded = load_score_module(tmp_path / "model", 8)
+    x = torch.randn(4, 8)
+    assert torch.equal(sprm_logits(loaded, x), sprm_logits(head, x))
+
+
+def test_load_errors_name_the_file_key_and_shapes(tmp_path):
+    with pytest.raises(FileNotFoundError, match="score_module.pt"):
+        load_score_module(tmp_path)
+    save_score_module(build_sprm_head(8), tmp_path)
+    with pytest.raises(ValueError, match=r"0\.weight has shape \[16, 8\], expected \[32, 16\] for hidden size 16"):
+        load_score_module(tmp_path, hidden_size=16)
+    torch.save({"weight": torch.zeros(2, 2)}, tmp_path / SCORE_MODULE_FILE)
+    with pytest.raises(ValueError, match=r"missing keys \['0.weight'.*unexpected keys \['weight'\]"):
+        load_score_module(tmp_path, hidden_size=8)
+
+
+def test_inference_logits_skip_dropout_even_in_train_mode():
+    head = build_sprm_head(16, seed=0).train()
+    x = torch.randn(64, 16)
+    first, again = sprm_logits(head, x), sprm_logits(head, x)
+    assert torch.equal(first, again)
+    assert torch.allclose(first, head.eval()(x).squeeze(-1), atol=1e-6)
+
+
+# -- positions ------------------------------------------------------------------------------------
+
+SEP_ID, OPEN, CLOSE = 9, 7, 8
+MARKERS = StepMarkers(frozenset({SEP_ID}), OPEN, CLOSE)
+
+
+def test_positions_follow_the_reference_rules():
+    # idx:  0  1     2    3  4    5    6  7    8      9  10
+    seq = [1, OPEN, SEP_ID, 2, SEP_ID, SEP_ID, 3, SEP_ID, CLOSE, 4, SEP_ID]
+    # 2: right after <think> (skipped); 4: counts; 5: second of a run; 7: counts; 10: after </think>
+    assert separator_positions(seq, MARKERS) == [4, 7]
+    assert score_positions(seq, MARKERS) == [3, 6]  # the token just before each separator
+    assert score_positions(seq, MARKERS, start=5) == [6]  # only separators of the completion
+
+
+def test_a_prompt_that_opens_think_starts_the_span_and_may_hold_the_read_token():
+    prompt, completion = [1, OPEN, 2], [SEP_ID, 3, SEP_ID]
+    # the first separator's read position is the prompt's last token (2)
+    assert score_positions(prompt + completion, MARKERS, start=len(prompt)) == [2, 4]
+    assert score_positions([1, 2, SEP_ID, 3, SEP_ID], MARKERS) == []  # no <think>: nothing counts
+
+
+def test_without_think_markers_every_first_separator_counts():
+    markers = StepMarkers(frozenset({SEP_ID, 10}))
+    seq = [SEP_ID, 1, SEP_ID, 10, 2, 10]  # a run may mix separator ids
+    assert separator_positions(seq, markers) == [0, 2, 5]
+    assert score_positions(seq, markers) == [1, 4]  # position 0 has no token before it
+
+
+def test_markers_validate():
+    with pytest.raises(ValueError, match="give both or neither"):
+        StepMarkers(frozenset({1}), 2, None)
+    with pytest.raises(ValueError, match="also a separator"):
+        StepMarkers(frozenset({2}), 2, 3)
+    markers = StepMarkers.from_tokenizer(TOK, len(TOK))
+    assert markers == StepMarkers(frozenset({ID[SEP]}), ID["<think>"], ID["</think>"])
+
+
+def reference_training_mask(x: torch.Tensor) -> torch.Tensor:
+    """The reference's get_score_mask (dp_actor.py), re-typed: separators [B, L] that are first
+    of a run, not right after <think>, between the first <think> and the last </think>."""
+    mask = x == SEP_ID
+    first = mask & ~nn.functional.pad(mask[:, :-1], (1, 0), value=False)
+    after_open = nn.functional.pad((x == OPEN)[:, :-1], (1, 0), value=False)
+    final = first & ~after_open
+    is_start, is_end = x == OPEN, x == CLOSE
+    length = x.shape[1]
+    start = torch.where(is_start.any(1), is_start.float().argmax(1), torch.zeros(x.shape[0], dtype=torch.long))
+    end = length - 1 - torch.flip(is_end, dims=[1]).float().argmax(1)
+    positions = torch.arange(length)[None]
+    return final & (positions >= start[:, None]) & (positions <= end[:, None])
+
+
+def test_positions_equal_the_reference_mask_on_well_formed_traces():
+    rng = random.Random(0)
+    for _ in range(200):
+        body = lambda n: [rng.choice([1, 2, 3, SEP_ID, SEP_ID]) for _ in range(n)]  # noqa: E731
+        seq = body(rng.randint(0, 3)) + [OPEN] + body(rng.randint(0, 12))
+        if rng.random() < 0.7:
+            seq += [CLOSE] + body(rng.randint(0, 4))
+        expected = reference_training_mask(torch.tensor([seq]))[0].nonzero().squeeze(-1).tolist()
+        assert separator_positions(seq, MARKERS) == expected, seq
+
+
+def test_positions_map_to_the_step_holding_the_separator():
+    # steps of 2 and 3 tokens from position 3: [3, 5) and [5, 8)
+    assert step_of_positions([4, 5, 7], [2, 3], start=3) == [0, 1, 1]
+    with pytest.raises(ValueError, match="beyond the last step"):
+        step_of_positions([8], [2, 3], start=3)
+
+
+def test_step_scores_own_reading_else_the_mean_of_earlier_steps():
+    assert step_score([0.3], []) == 0.3
+    assert step_score([0.25, 1.0], []) == pytest.approx(0.5)  # geometric mean of its own readings
+    assert step_score([], [0.25, 1.0]) == pytest.approx(0.5)  # sqrt(0.25 * 1.0)
+    assert step_score([], []) == 0.0  # no separator anywhere: the reference's 0
+    assert step_score([], [0.5, None]) is None  # an unscored earlier step: unknown
+    scores = path_step_scores([[0.25], [1.0], []])
+    assert scores == pytest.approx([0.25, 1.0, 0.5])
+    # the terminal step keeps the path's geometric mean: (0.25 * 1 * 0.5)^(1/3) = 0.5
+    assert geometric_mean(scores) == pytest.approx(geometric_mean([0.25, 1.0]))
+
+
+# -- the second-forward scorer --------------------------------------------------------------------
+
+LM = make_model(len(TOK))
+HEAD = build_sprm_head(64, seed=1)
+with torch.no_grad():
+    HEAD[3].weight.mul_(8)  # spread the scores over (0, 1) rather than ~0.5
+MODEL = ReflectiveModel(LM, HEAD)
+SCORER = SPRMScorer(MODEL, TOK, prompt_fn=lambda p: p.question)
+
+
+def step(text: str, finish: str = "separator") -> Step:
+    token_ids = tuple(ids(text)) + ((ID["<eos>"],) if finish == "eos" else ())
+    return Step(text, token_ids, (0.0,) * len(token_ids), finish)
+
+
+def manual_scores(sequence: list[int], positions: list[int], layer: int = -2) -> list[float]:
+    with torch.no_grad():
+        hidden = LM(input_ids=torch.tensor([sequence]), output_hidden_states=True).hidden_states[layer][0]
+        return torch.sigmoid(HEAD.eval()(hidden[positions]).squeeze(-1)).tolist()
+
+
+def test_scorer_reads_the_token_before_each_separator_and_maps_steps():
+    path = Prefix(
+        Problem("a", "<think>1"),
+        (step("+2=3" + SEP), step(SEP + "3x2=6" + SEP + SEP), step("</think>6" + SEP, "eos")),
+    )
+    reading = SCORER.read([path])[0]
+    prompt = TOK("<think>1").input_ids  # <bos> <think> 1
+    sequence = prompt + [t for s in path.steps for t in s.token_ids]
+    assert reading.token_ids == tuple(sequence) and reading.prompt_length == 3
+    # the 1st separator is at 3 + 4 = 7 (read 6); the 2nd step's leading separator (8) follows one
+    # (skipped), its own is at 8 + 1 + 5 = 14 (read 13), then 15 continues the run; the separator
+    # after </think> (18) is outside the span
+    assert reading.positions == (6, 13)
+    expected = manual_scores(sequence, [6, 13])
+    assert reading.position_scores == pytest.approx(expected, abs=1e-5)
+    a, b = expected
+    assert reading.step_scores == pytest.approx([a, b, math.sqrt(a * b)], abs=1e-5)
+    assert reading.value == pytest.approx(math.sqrt(a * b), abs=1e-5)  # the reference's value
+    assert geometric_mean(reading.step_scores) == pytest.approx(reading.value, abs=1e-5)
+    assert isinstance(SCORER, Scorer) and SCORER.score([path])[0] == list(reading.step_scores)
+
+
+def test_paths_without_separators_score_zero():
+    empty, direct = Prefix(Problem("a", "<think>1")), Prefix(Problem("b", "<think>"), (step("</think>4", "eos"),))
+    readings = SCORER.read([empty, direct])
+    assert [r.step_scores for r in readings] == [(), (0.0,)]
+    assert [r.value for r in readings] == [0.0, 0.0]
+    assert SCORER.path_scores([empty]) == [0.0]
+
+
+def test_batches_mixing_lengths_equal_each_path_alone_and_cost_counts_tokens():
+    paths = [
+        Prefix(Problem("a", "<think>1"), (step("+2=3" + SEP), step("</think>3", "eos"))),
+        Prefix(Problem("b", "<think>12+34=46-7"), (step("=39" + SEP),)),
+        Prefix(Problem("c", "<think>5"), (step("x2=10" + SEP), step("+1=11" + SEP), step("1", "length"))),
+    ]
+    batched = SPRMScorer(MODEL, TOK, prompt_fn=lambda p: p.question, batch_size=2).score(paths)
+    for path, row in zip(paths, batched):
+        assert row == pytest.approx(SCORER.score([path])[0], abs=1e-5)
+    lengths = [len(TOK(p.problem.question).input_ids) + sum(s.num_tokens for s in p.steps) for p in paths]
+    assert SCORER.cost(paths) == sum(lengths)
+
+
+def test_the_feature_layer_is_a_setting():
+    path = Prefix(Problem("a", "<think>1"), (step("+2=3" + SEP),))
+    last = SPRMScorer(ReflectiveModel(LM, HEAD, feature_layer=-1), TOK, prompt_fn=lambda p: p.question)
+    reading = last.read([path])[0]
+    assert reading.position_scores == pytest.approx(manual_scores(list(reading.token_ids), [6], layer=-1), abs=1e-5)
+    assert reading.position_scores != pytest.approx(SCORER.read([path])[0].position_scores, abs=1e-3)
+    with pytest.raises(ValueError, match="feature_layer=3 must index the 3 hidden states"):
+        ReflectiveModel(LM, HEAD, feature_layer=3)
+    with pytest.raises(ValueError, match="reads 8 features"):
+        ReflectiveModel(LM, build_sprm_head(8))
