@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from experiments.plot_aha import register_aha
 from experiments.plot_scaling import register_scaling
 from experiments.result_json import ResultFileError, load_result
 from experiments.tree_html import write_tree_html
@@ -88,7 +89,7 @@ def register_tree(subparsers: Any) -> None:
     parser.set_defaults(run=run_tree)
 
 
-SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (register_tree, register_scaling)
+SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (register_tree, register_scaling, register_aha)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,145 @@
+"""Plot the "aha moment" of a joint GRPO + SPR run: the SPRM head's mean path score of correct
+and of incorrect rollouts over training steps, on the training batches and on the fixed
+held-out rollouts, with their difference and the reward below.
+
+    python -m experiments.plot_aha outputs/train/default/metrics.jsonl            # -> metrics.aha.png beside it
+    python -m experiments.plot_aha runs/joint/metrics.jsonl --out aha.png
+
+Reads only the run's saved rows (`experiments.train` writes metrics.jsonl): fc/correct_prob,
+fc/false_prob, fc/diff_prob (training batch, every step), heldout_fc/* (every eval_every steps,
+and step 0), reward/mean and heldout/greedy_acc when present. Where the correct and incorrect
+curves split is the reference's "aha moment"; a train gap without a held-out gap is the
+self-confirmation DESIGN.md section 4 warns about.
+
+`plot_aha(metrics_jsonl, out_png)` is the function `python -m experiments.plot aha` wires to
+(`register_aha(subparsers)` adds the subcommand). Bad input prints "error: <file>: <what is
+wrong>" and exits with code 2.
+
+Tests: `.venv/bin/pytest tests/test_train_loop.py -k plot`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+CURVES: tuple[tuple[str, str, str, str], ...] = (  # (key, label, color, line style)
+    ("fc/correct_prob", "correct (train batch)", "tab:green", "-"),
+    ("fc/false_prob", "incorrect (train batch)", "tab:red", "-"),
+    ("heldout_fc/correct_prob", "correct (held-out)", "tab:green", "--"),
+    ("heldout_fc/false_prob", "incorrect (held-out)", "tab:red", "--"),
+)
+LOWER: tuple[tuple[str, str, str, str], ...] = (
+    ("fc/diff_prob", "gap, train batch", "tab:blue", "-"),
+    ("heldout_fc/diff_prob", "gap, held-out", "tab:blue", "--"),
+    ("reward/mean", "reward (train batch)", "tab:gray", "-"),
+    ("heldout/greedy_acc", "greedy accuracy (held-out)", "black", ":"),
+)
+
+
+class AhaInputError(ValueError):
+    """A metrics file that cannot be plotted."""
+
+
+def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the rows where key holds a number (null and absent are skipped)."""
+    points = [(int(r["step"]), float(r[key])) for r in rows if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, read-only (a run may be appending to it: an incomplete last
+    line is skipped, never cut off the file as `experiments.record_log.load_rows` would)."""
+    if not path.is_file():
+        raise AhaInputError(f"{path}: no such file")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            if number == len(lines):  # the torn tail of a line being written
+                break
+            raise AhaInputError(f"{path}: line {number} is not JSON ({err})") from err
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise AhaInputError(f"{path}: line {number} is not a metrics row with an integer 'step'")
+        rows.append(row)
+    return rows
+
+
+def load_metrics(path: Path) -> list[dict[str, Any]]:
+    rows = read_rows(path)
+    if not any(series(rows, key)[0] for key, *_ in CURVES):
+        raise AhaInputError(f"{path}: no fc/* or heldout_fc/* values (is it an experiments.train metrics.jsonl?)")
+    return rows
+
+
+def draw(ax: plt.Axes, rows: Sequence[dict[str, Any]], curves: Sequence[tuple[str, str, str, str]]) -> None:
+    for key, label, color, style in curves:
+        steps, values = series(rows, key)
+        if steps:
+            ax.plot(steps, values, style, color=color, label=label, marker="o" if len(steps) < 30 else None, ms=3)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_aha(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
+    """Draw the aha curves of a run's metrics.jsonl into out_png; return its path."""
+    metrics_jsonl, out_png = Path(metrics_jsonl), Path(out_png)
+    rows = load_metrics(metrics_jsonl)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=[3, 2])
+    draw(top, rows, CURVES)
+    top.set_ylabel("mean path score (geometric mean of step scores)")
+    top.set_title(f"SPRM scores of correct vs incorrect rollouts: {metrics_jsonl.parent.name}")
+    draw(bottom, rows, LOWER)
+    bottom.axhline(0.0, color="gray", lw=0.5)
+    bottom.set_xlabel("training step")
+    bottom.set_ylabel("gap / accuracy")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def run_aha(args: argparse.Namespace) -> int:
+    out = args.out or args.metrics.with_suffix(".aha.png")
+    try:
+        plot_aha(args.metrics, out)
+    except AhaInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def add_aha_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("metrics", type=Path, help="metrics.jsonl of `python -m experiments.train`")
+    ap.add_argument("--out", type=Path, default=None, help="PNG path (default: METRICS with suffix .aha.png)")
+    ap.set_defaults(run=run_aha)
+
+
+def register_aha(subparsers: Any) -> None:
+    """The `aha` subcommand of `python -m experiments.plot`."""
+    add_aha_arguments(subparsers.add_parser("aha", help="SPRM scores of correct vs incorrect rollouts over training"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_aha_arguments(ap)
+    args = ap.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

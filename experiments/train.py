@@ -1,0 +1,699 @@
+"""`python -m experiments.train`: joint GRPO + SPR training of the reflective model (the policy and
+its SPRM head on ONE backbone, as MetaStone-S1 / XBai-o4 train it), resumable, on one process or
+several (accelerate, DDP).
+
+    python -m experiments.train                                  # from outputs/checkpoints/tiny-arith/final
+    python -m experiments.train run.max_steps=50 out_dir=runs/joint num_threads=1
+    python -m experiments.train train_loss=grpo_only             # ablations: grpo_only | spr_only | bce
+    accelerate launch --multi_gpu --num_processes 2 -m experiments.train device=cpu num_threads=1 out_dir=runs/ddp
+    python -m experiments.plot_aha runs/joint/metrics.jsonl      # the "aha" curves
+
+(On a CPU machine `--multi_gpu` is what makes accelerate start the processes, through torchrun;
+`accelerate launch --cpu --num_processes 2` starts only ONE process unless MPI is set up.
+`device=cpu` then makes each process a gloo DDP rank.)
+
+One step, per process (its own share of the step's prompts):
+  1. rollouts: G samples per prompt from the current policy (`TransformersPolicy.from_reflective`:
+     the head's path score comes attached, no extra forward), graded 1/0 by the task;
+  2. one train-mode forward of `JointForward` over prompt + completion: token logits and the
+     head's logits at the step positions; reference log-probs from the frozen initial policy;
+  3. loss = GRPO + SPR (`policies.joint_step`), one backward;
+  4. two AdamW optimisers (actor = backbone + LM head, and the SPRM head), each clipped;
+  5. every checkpoint_every steps: out_dir/ckpt-<step> and out_dir/last (`policies.train_state`);
+  6. a metrics.jsonl row (main process): fc/* on the batch (the path scores attached at
+     generation: the head before this step's update, without dropout), heldout_fc/* on a fixed
+     held-out set of rollouts re-scored by the current head every eval_every steps (and at step
+     0), heldout/greedy_acc every greedy_every steps, losses, the agreement filter's kept share,
+     grad norms, rewards, tokens/s (`experiments.aha_metrics`); optional TensorBoard (when the
+     `tensorboard` package is importable).
+Rerunning the same command resumes from out_dir/last: same weights and the same metric rows
+(time/* aside) as a run that was never stopped. Randomness is explicit: the data order is a pure
+function of (seed, position), rollout seeds and the head's dropout seed of (seed, step, rank).
+
+`run_training(cfg) -> Path` is the plain function (tests call it with `hydra.compose`); `main` is
+the thin `@hydra.main` around it. Tests: `.venv/bin/pytest tests/test_train_loop.py`.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: set before torch loads
+
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import hashlib  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from accelerate import Accelerator, PartialState  # noqa: E402
+from accelerate.utils import broadcast_object_list, gather_object  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from experiments.aha_metrics import fc_metrics, path_scores, prefixed  # noqa: E402
+from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: E402
+from experiments.result_json import write_atomic  # noqa: E402
+from experiments.search import CONFIG_DIR, build, build_frozen, resolve_out_dir, resolved_config  # noqa: E402
+from policies.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from policies.joint_step import JointForward, JointLossConfig, frozen_logprobs, joint_step  # noqa: E402
+from policies.reflective_model import ReflectiveModel  # noqa: E402
+from policies.rollout_batch import (  # noqa: E402
+    Rollout, RolloutBatch, RolloutSource, TransformersRolloutSource, collate_rollouts,
+)
+from policies.sampling_config import SamplingConfig  # noqa: E402
+from policies.train_state import (  # noqa: E402
+    JointTrainState, capture_rng, config_differences, load_joint_state, load_policy_with_head,
+    publish_checkpoint, restore_rng, resume_point,
+)
+from policies.transformers_policy import TransformersPolicy  # noqa: E402
+from scorers.sprm_positions import StepMarkers  # noqa: E402
+from treesearch.records import Problem  # noqa: E402
+from treesearch.steps import StepFormat  # noqa: E402
+
+METRICS, HELDOUT, CONFIG, REFERENCE = "metrics.jsonl", "heldout_rollouts.jsonl", "config.yaml", "reference"
+# keys that do not change what a run computes: a resume may change them
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "out_dir", "device", "num_threads", "progress", "tensorboard", "run.max_steps", "run.max_minutes",
+    "run.checkpoint_every", "run.keep_checkpoints",
+)
+OLD_LOGPROBS: tuple[str, ...] = ("recompute", "rollout")
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The loop.
+
+    max_steps: optimizer steps (rollout batches) to reach; max_minutes: also stop after the step
+        that crosses this wall time (None: no limit).
+    prompts_per_step: prompts per step over all processes (split evenly between them).
+    rollouts_per_prompt: G, the GRPO group (8 in the reference).
+    mini_batches: optimizer steps per rollout batch, each over whole prompts (1: on-policy, the
+        PPO ratio is 1 and the clip never binds; verl's ppo_mini_batch_size < batch gives > 1).
+    old_logprobs: "recompute" (verl: the current weights before the update; free when
+        mini_batches is 1) or "rollout" (the sampler's own log-probs, needs temperature 1).
+    checkpoint_every: K, steps between out_dir/ckpt-<step> checkpoints (0: only out_dir/last at
+        the end); keep_checkpoints: newest ckpt-* kept (0: all).
+    eval_every: held-out fc metrics every N steps (0: off); greedy_every: greedy held-out
+        accuracy every N steps (0: off). Both also at step 0 (before any update).
+    eval_batch_size: sequences per forward when re-scoring the held-out rollouts.
+    seed: data order, rollout seeds, dropout seeds. head_seed: a fresh head's initialisation.
+    feature_layer: the hidden layer a fresh head reads (-2 as the reference).
+    """
+
+    max_steps: int = 200
+    max_minutes: float | None = None
+    prompts_per_step: int = 8
+    rollouts_per_prompt: int = 8
+    mini_batches: int = 1
+    old_logprobs: str = "recompute"
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    eval_every: int = 5
+    greedy_every: int = 10
+    eval_batch_size: int = 64
+    seed: int = 0
+    head_seed: int = 0
+    feature_layer: int = -2
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "prompts_per_step", "rollouts_per_prompt", "mini_batches", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RunConfig.{name}={getattr(self, name)!r} must be >= 1")
+        for name in ("checkpoint_every", "keep_checkpoints", "eval_every", "greedy_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RunConfig.{name}={getattr(self, name)!r} must be >= 0")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"RunConfig.max_minutes={self.max_minutes!r} must be > 0 (or null)")
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ValueError(f"RunConfig.old_logprobs={self.old_logprobs!r}; valid: {', '.join(OLD_LOGPROBS)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """train_problems: size of the training pool (the task's train split, drawn in shuffled
+    epochs); heldout_problems x heldout_rollouts: the fixed held-out rollouts (test split), made
+    once by the initial policy; seed: problem generation seed."""
+
+    train_problems: int = 20_000
+    heldout_problems: int = 32
+    heldout_rollouts: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train_problems", "heldout_problems", "heldout_rollouts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DataConfig.{name}={getattr(self, name)!r} must be >= 1")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW of one parameter set: lr, weight_decay (on every parameter, as verl), betas, eps;
+    grad_clip: max gradient norm of this set (0: measured, not clipped); warmup_steps: linear
+    warmup, constant after."""
+
+    lr: float
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"OptimizerConfig.lr={self.lr!r} must be > 0")
+        if not (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"OptimizerConfig.betas={self.betas!r} must be two values in [0, 1)")
+        for name in ("weight_decay", "grad_clip", "warmup_steps", "eps"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"OptimizerConfig.{name}={getattr(self, name)!r} must be >= 0")
+
+    def lr_at(self, step: int) -> float:
+        return self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.lr
+
+    def build(self, params: Sequence[torch.nn.Parameter]) -> torch.optim.AdamW:
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every validated component config of one run (built from the Hydra config by `settings`)."""
+
+    init_from: str
+    run: RunConfig
+    data: DataConfig
+    loss: JointLossConfig
+    sampling: SamplingConfig
+    actor_optim: OptimizerConfig
+    head_optim: OptimizerConfig
+    task_module: str
+    task_config: Any
+
+
+def settings(cfg: DictConfig) -> Settings:
+    """Build and cross-check the component configs; errors name the bad value."""
+    s = Settings(
+        init_from=str(cfg.init_from), run=build_frozen(cfg.run), data=build_frozen(cfg.data),
+        loss=build_frozen(cfg.train_loss), sampling=build_frozen(cfg.sampling),
+        actor_optim=build_frozen(cfg.actor_optim), head_optim=build_frozen(cfg.head_optim),
+        task_module=str(cfg.task.module), task_config=build_frozen(cfg.task.config),
+    )
+    if s.sampling.temperature != s.loss.temperature:
+        raise ValueError(
+            f"train_loss.temperature={s.loss.temperature} differs from sampling.temperature="
+            f"{s.sampling.temperature}: the policy's log-probs must be those of the distribution that sampled"
+        )
+    if s.run.old_logprobs == "rollout" and s.sampling.temperature != 1.0:
+        raise ValueError(
+            f"run.old_logprobs=rollout needs sampling.temperature=1.0 (the sampler reports temperature-1 "
+            f"log-probs), got {s.sampling.temperature}; use run.old_logprobs=recompute"
+        )
+    return s
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 31-bit seed that is a pure function of parts (e.g. seed, "rollout", step, rank)."""
+    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, size: int) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch))
+    return tuple(torch.randperm(size, generator=generator).tolist())
+
+
+def stream_indices(start: int, count: int, size: int, seed: int) -> list[int]:
+    """Positions [start, start + count) of an endless stream of shuffled epochs of range(size)."""
+    return [_epoch_order(seed, pos // size, size)[pos % size] for pos in range(start, start + count)]
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    """Everything one process holds during a run (mutable: step, data_position, elapsed_s)."""
+
+    s: Settings
+    accelerator: Accelerator
+    out: Path
+    model: torch.nn.Module  # the prepared JointForward (DDP-wrapped with several processes)
+    reflective: ReflectiveModel
+    tokenizer: Any
+    ref_lm: Any | None
+    actor_opt: Any
+    head_opt: Any
+    source: RolloutSource
+    greedy: RolloutSource  # the same policy at temperature 0
+    markers: StepMarkers
+    task: Any
+    train_problems: list[Problem]
+    heldout_problems: list[Problem]
+    heldout: list[tuple[int, Rollout, bool]]  # (problem index, rollout, correct)
+    pad_id: int = 0  # the policy's pad id (EOS when the tokenizer has none)
+    step: int = 0
+    data_position: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def load_start(s: Settings, out: Path, world: int) -> tuple[ReflectiveModel, Any, JointTrainState | None]:
+    """(model, tokenizer, saved state) from out_dir/last, or the init policy and no state."""
+    last = resume_point(out)
+    if last is None:
+        try:
+            reflective, tokenizer = load_policy_with_head(s.init_from, s.run.head_seed, s.run.feature_layer)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"init_from: {err}. Train the default tiny policy with `python -m experiments.train_sft --out "
+                "outputs/checkpoints/tiny-arith` (or `make demo`), or point init_from= at a checkpoint"
+            ) from err
+        return reflective, tokenizer, None
+    state = load_joint_state(last)
+    if state.world_size != world:
+        raise ValueError(f"{last} was trained by {state.world_size} processes; resume it with as many, not {world}")
+    reflective, tokenizer = ReflectiveModel.from_pretrained(last)
+    return reflective, tokenizer, state
+
+
+def reference_lm(trainer_out: Path, reflective: ReflectiveModel, tokenizer: Any, fresh: bool, main: bool, s: Settings):
+    """The frozen initial policy: a copy of the starting LM on a fresh start (the main process
+    saves it to out_dir/reference), loaded from there on resume; None when kl_coef is 0."""
+    if fresh and main:
+        save_checkpoint(reflective.lm, tokenizer, trainer_out / REFERENCE)
+    if s.loss.kl_coef == 0:
+        return None
+    lm = copy.deepcopy(reflective.lm) if fresh else load_checkpoint(trainer_out / REFERENCE)[0]
+    return lm.eval().requires_grad_(False)
+
+
+def claim_out_dir(out: Path, config: dict[str, Any], resuming: bool, main: bool) -> None:
+    """Resuming: refuse a config that differs in a result-relevant key. Fresh: reset the run files."""
+    path = out / CONFIG
+    if resuming:
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.is_file() else {}
+        diffs = config_differences(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
+        if diffs:
+            raise ValueError(f"{out} holds a run of another config ({'; '.join(diffs)}); use another out_dir")
+        return
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (METRICS, HELDOUT):
+            (out / name).unlink(missing_ok=True)
+        write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(config)))
+
+
+def open_run(cfg: DictConfig, s: Settings, accelerator: Accelerator) -> tuple[Trainer, bool]:
+    """Load or resume everything a process needs; returns (trainer, resumed)."""
+    out = resolve_out_dir(cfg)
+    per_process, rest = divmod(s.run.prompts_per_step, accelerator.num_processes)
+    if rest or per_process % s.run.mini_batches:
+        raise ValueError(
+            f"run.prompts_per_step={s.run.prompts_per_step} must split evenly over {accelerator.num_processes} "
+            f"processes and then into run.mini_batches={s.run.mini_batches}"
+        )
+    reflective, tokenizer, state = load_start(s, out, accelerator.num_processes)
+    claim_out_dir(out, resolved_config(cfg), state is not None, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    ref_lm = reference_lm(out, reflective, tokenizer, state is None, accelerator.is_main_process, s)
+    if ref_lm is not None:
+        ref_lm.to(accelerator.device)
+    actor_opt = s.actor_optim.build(list(reflective.lm.parameters()))
+    head_opt = s.head_optim.build(list(reflective.head.parameters()))
+    model, actor_opt, head_opt = accelerator.prepare(JointForward(reflective), actor_opt, head_opt)
+    reflective = accelerator.unwrap_model(model).reflective
+    trainer = _assemble(s, accelerator, out, model, reflective, tokenizer, ref_lm, actor_opt, head_opt)
+    if state is not None:
+        actor_opt.load_state_dict(state.actor_optimizer)
+        head_opt.load_state_dict(state.head_optimizer)
+        restore_rng(state.rng[trainer.rank])
+        trainer.step, trainer.data_position, trainer.elapsed_s = state.step, state.data_position, state.elapsed_s
+    return trainer, state is not None
+
+
+def _assemble(
+    s: Settings, accelerator: Accelerator, out: Path, model, reflective, tokenizer, ref_lm, actor_opt, head_opt
+) -> Trainer:
+    """The rollout sources, step markers and problems around the prepared model."""
+    task = importlib.import_module(s.task_module)
+    prompt_fn = task.prompt_text
+    policy = TransformersPolicy.from_reflective(reflective, tokenizer, s.sampling, prompt_fn)
+    greedy = TransformersPolicy(reflective.lm, tokenizer, dataclasses.replace(s.sampling, temperature=0.0), prompt_fn)
+    fmt = StepFormat(s.sampling.separator, s.sampling.think_open, s.sampling.think_close)
+    width = max(int(reflective.config.vocab_size), len(tokenizer))
+    return Trainer(
+        s=s, accelerator=accelerator, out=out, model=model, reflective=reflective, tokenizer=tokenizer,
+        ref_lm=ref_lm, actor_opt=actor_opt, head_opt=head_opt, source=TransformersRolloutSource(policy),
+        greedy=TransformersRolloutSource(greedy), markers=StepMarkers.from_tokenizer(tokenizer, width, fmt), task=task,
+        train_problems=task.generate_problems("train", s.data.train_problems, s.data.seed, s.task_config),
+        heldout_problems=task.generate_problems("test", s.data.heldout_problems, s.data.seed, s.task_config),
+        heldout=[], pad_id=policy.pad_id,
+    )
+
+
+# -- held-out rollouts and evaluation -----------------------------------------------------------
+
+
+def make_heldout(t: Trainer, resumed: bool) -> None:
+    """Generate the fixed held-out rollouts with the initial policy (problems shared out over
+    the processes) and save them (main process); or load them when resuming."""
+    path = t.out / HELDOUT
+    if resumed:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the held-out rollouts of this run are gone; use a new out_dir")
+        t.heldout = [_heldout_from_row(row) for row in load_rows(path)]
+        return
+    t.reflective.eval()
+    local = list(range(t.rank, len(t.heldout_problems), t.world))
+    problems = [t.heldout_problems[i] for i in local]
+    groups = t.source.rollouts(problems, t.s.data.heldout_rollouts, derived_seed(t.s.run.seed, "heldout", t.rank))
+    mine = [(i, r, bool(t.task.grade(p, r.text))) for i, p, group in zip(local, problems, groups) for r in group]
+    t.heldout = sorted(gather_object(mine), key=lambda item: item[0])
+    if t.main:
+        write_atomic(path, encode_rows([_heldout_row(i, r, ok) for i, r, ok in t.heldout]))
+
+
+def _heldout_row(index: int, r: Rollout, correct: bool) -> dict[str, Any]:
+    return {"problem_index": index, "correct": correct, **dataclasses.asdict(r)}
+
+
+def _heldout_from_row(row: dict[str, Any]) -> tuple[int, Rollout, bool]:
+    fields = {f.name: row[f.name] for f in dataclasses.fields(Rollout)}
+    for name in ("prompt_ids", "completion_ids", "completion_logprobs"):
+        fields[name] = tuple(fields[name])
+    return int(row["problem_index"]), Rollout(**fields), bool(row["correct"])
+
+
+@torch.no_grad()
+def rescore(t: Trainer, rollouts: Sequence[Rollout]) -> list[float]:
+    """Path scores of the current head (eval mode, no dropout) over the rollouts, in order."""
+    t.reflective.eval()
+    scores: list[float] = []
+    size = t.s.run.eval_batch_size
+    for start in range(0, len(rollouts), size):
+        chunk = rollouts[start : start + size]
+        batch = collate_rollouts(chunk, [0.0] * len(chunk), 1, t.markers, t.pad_id)
+        batch = batch.to(t.accelerator.device)
+        out = t.reflective(batch.input_ids, batch.attention_mask, logits_to_keep=1)  # features [b, L, C]
+        probs = t.reflective.step_scores(out.features[batch.step_rows, batch.step_cols])  # [n]
+        scores += path_scores(probs.cpu(), batch.step_rows.cpu(), len(chunk)).tolist()
+    return scores
+
+
+def heldout_metrics(t: Trainer) -> dict[str, float | None]:
+    """heldout_fc/*: the current head on the fixed held-out rollouts (shared out, gathered)."""
+    local = list(range(t.rank, len(t.heldout), t.world))
+    scores = rescore(t, [t.heldout[i][1] for i in local])
+    gathered = dict(gather_object(list(zip(local, scores))))
+    ordered = [gathered[i] for i in range(len(t.heldout))]
+    fc = fc_metrics(ordered, [ok for _, _, ok in t.heldout], [i for i, _, _ in t.heldout])
+    return prefixed("heldout_fc/", fc)
+
+
+def greedy_accuracy(t: Trainer) -> dict[str, float]:
+    """heldout/greedy_acc: greedy pass@1 of the current policy on the held-out problems."""
+    t.reflective.eval()
+    local = [t.heldout_problems[i] for i in range(t.rank, len(t.heldout_problems), t.world)]
+    rollouts = t.greedy.rollouts(local, 1, 0) if local else []
+    correct = [bool(t.task.grade(p, row[0].text)) for p, row in zip(local, rollouts)]
+    everyone = gather_object(correct)
+    return {"heldout/greedy_acc": sum(everyone) / len(everyone)}
+
+
+def evaluations(t: Trainer, step: int) -> dict[str, float | None]:
+    """The held-out metrics due at this step (every eval_every / greedy_every steps, and step 0)."""
+    row: dict[str, float | None] = {}
+    if t.s.run.eval_every and step % t.s.run.eval_every == 0:
+        row.update(heldout_metrics(t))
+    if t.s.run.greedy_every and step % t.s.run.greedy_every == 0:
+        row.update(greedy_accuracy(t))
+    return row
+
+
+# -- one training step --------------------------------------------------------------------------
+
+
+def collect(t: Trainer, step: int) -> tuple[list[Problem], list[Rollout], list[float]]:
+    """This process's prompts of the step, their rollouts (prompt-major) and rewards."""
+    per_process = t.s.run.prompts_per_step // t.world
+    start = t.data_position + t.rank * per_process
+    problems = [t.train_problems[i] for i in stream_indices(start, per_process, len(t.train_problems), t.s.run.seed)]
+    t.reflective.eval()
+    seed = derived_seed(t.s.run.seed, "rollout", step, t.rank)
+    groups = t.source.rollouts(problems, t.s.run.rollouts_per_prompt, seed)
+    rollouts = [r for group in groups for r in group]
+    rewards = [float(t.task.grade(p, r.text)) for p, group in zip(problems, groups) for r in group]
+    return problems, rollouts, rewards
+
+
+def with_old_logprobs(t: Trainer, batch: RolloutBatch) -> RolloutBatch:
+    """verl's recompute before several updates on one batch (one update reads them from its own
+    forward, `joint_step`); "rollout" keeps the sampler's."""
+    if t.s.run.old_logprobs == "recompute" and t.s.run.mini_batches > 1:
+        return dataclasses.replace(batch, old_logprobs=frozen_logprobs(t.reflective.lm, batch, t.s.loss))
+    return batch
+
+
+def update(t: Trainer, batch: RolloutBatch, step: int) -> dict[str, float]:
+    """mini_batches optimizer steps of both optimisers on the batch; mean metrics over them."""
+    t.reflective.train()
+    torch.manual_seed(derived_seed(t.s.run.seed, "dropout", step, t.rank))  # the head's dropout
+    for opt, optim_cfg in ((t.actor_opt, t.s.actor_optim), (t.head_opt, t.s.head_optim)):
+        for group in opt.param_groups:
+            group["lr"] = optim_cfg.lr_at(step)
+    batch = with_old_logprobs(t, batch)
+    size = batch.num_groups // t.s.run.mini_batches
+    rows: list[dict[str, float]] = []
+    for k in range(t.s.run.mini_batches):
+        out = joint_step(t.model, batch.groups(k * size, (k + 1) * size), t.ref_lm, t.s.loss)
+        t.accelerator.backward(out.loss)
+        norms = {
+            "grad_norm/actor": _clip(t, t.reflective.lm.parameters(), t.s.actor_optim.grad_clip),
+            "grad_norm/head": _clip(t, t.reflective.head.parameters(), t.s.head_optim.grad_clip),
+        }
+        # the head steps only when its loss is on (AdamW's decay would move it even at zero gradient)
+        for opt in (t.actor_opt, t.head_opt) if t.s.loss.spr_coef > 0 else (t.actor_opt,):
+            opt.step()
+        for opt in (t.actor_opt, t.head_opt):
+            opt.zero_grad(set_to_none=True)
+        rows.append({**out.metrics, **norms})
+    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+
+
+def _clip(t: Trainer, params, max_norm: float) -> float:
+    return float(t.accelerator.clip_grad_norm_(list(params), max_norm if max_norm > 0 else math.inf))
+
+
+def local_report(t: Trainer, problems: list[Problem], rollouts: list[Rollout], rewards: list[float],
+                 batch: RolloutBatch, losses: dict[str, float]) -> dict[str, Any]:
+    """What this process contributes to the step's row: loss scalars and per-rollout records
+    (group id, path score attached at generation, correct, completion tokens, cut by length)."""
+    scores = [r.path_score for r in rollouts]
+    if any(score is None for score in scores):  # a source without a head: score with the current one
+        scores = rescore(t, rollouts)
+    g = t.s.run.rollouts_per_prompt
+    records = [
+        (t.data_position + t.rank * len(problems) + i // g, float(scores[i]), rewards[i] > 0.5,
+         len(r.completion_ids), r.finish == "length")
+        for i, r in enumerate(rollouts)
+    ]
+    return {"losses": losses, "records": records, "train_tokens": int(batch.attention_mask.sum())}
+
+
+def step_row(step: int, reports: list[dict[str, Any]], t: Trainer) -> dict[str, Any]:
+    """The metrics row of a step from every process's report (losses averaged over processes)."""
+    records = [rec for rep in reports for rec in rep["records"]]
+    groups, scores, correct = [r[0] for r in records], [r[1] for r in records], [r[2] for r in records]
+    by_group: dict[int, list[bool]] = {}
+    for group, ok in zip(groups, correct):
+        by_group.setdefault(group, []).append(ok)
+    row: dict[str, Any] = {"step": step}
+    row.update({k: sum(rep["losses"][k] for rep in reports) / len(reports) for k in reports[0]["losses"]})
+    row.update(prefixed("fc/", fc_metrics(scores, correct, groups)))
+    row.update({
+        "reward/mean": sum(correct) / len(correct),
+        "reward/pass_at_g": sum(any(v) for v in by_group.values()) / len(by_group),
+        "grpo/mixed_groups": sum(any(v) and not all(v) for v in by_group.values()) / len(by_group),
+        "rollout/length": sum(r[3] for r in records) / len(records),
+        "rollout/cut_by_length": sum(r[4] for r in records) / len(records),
+        "lr/actor": t.s.actor_optim.lr_at(step - 1), "lr/head": t.s.head_optim.lr_at(step - 1),
+    })
+    return row
+
+
+def train_step(t: Trainer) -> dict[str, Any]:
+    """One step (rollouts, update, held-out evaluation when due); returns the row (complete on
+    the main process) and advances step, data_position."""
+    t0 = time.perf_counter()
+    problems, rollouts, rewards = collect(t, t.step)
+    t1 = time.perf_counter()
+    batch = collate_rollouts(
+        rollouts, rewards, t.s.run.rollouts_per_prompt, t.markers, t.pad_id,
+        with_old_logprobs=t.s.run.old_logprobs == "rollout",
+    ).to(t.accelerator.device)
+    losses = update(t, batch, t.step)
+    t2 = time.perf_counter()
+    reports = gather_object([local_report(t, problems, rollouts, rewards, batch, losses)])
+    t.step, t.data_position = t.step + 1, t.data_position + t.s.run.prompts_per_step
+    row = {**step_row(t.step, reports, t), **evaluations(t, t.step)}
+    generated = sum(rec[3] for rep in reports for rec in rep["records"])
+    trained = sum(rep["train_tokens"] for rep in reports)
+    t.elapsed_s += time.perf_counter() - t0
+    row.update({
+        "time/rollout_s": t1 - t0, "time/update_s": t2 - t1, "time/step_s": time.perf_counter() - t0,
+        "time/tokens_per_s": generated / (time.perf_counter() - t0),
+        "time/train_tokens_per_s": trained / max(t2 - t1, 1e-9), "time/elapsed_s": t.elapsed_s,
+    })
+    return row
+
+
+# -- checkpoints, logging, the loop -------------------------------------------------------------
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """A float64 sum over every parameter: equal on all processes when DDP kept them in step."""
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def checkpoint(t: Trainer, numbered: bool) -> None:
+    """Every process hands its RNG state (and a weights checksum) to the main process, which
+    checks the processes still hold the same weights and writes the checkpoint."""
+    rng = gather_object([capture_rng()])
+    sums = gather_object([weights_checksum(t.reflective)])
+    if len(set(sums)) > 1:
+        raise RuntimeError(f"the processes' weights diverged at step {t.step} (checksums {sums})")
+    if t.main:
+        state = JointTrainState(
+            step=t.step, data_position=t.data_position, elapsed_s=t.elapsed_s,
+            actor_optimizer=t.actor_opt.state_dict(), head_optimizer=t.head_opt.state_dict(),
+            rng=tuple(rng), world_size=t.world,
+        )
+        publish_checkpoint(t.out, t.reflective, t.tokenizer, state, numbered, t.s.run.keep_checkpoints)
+    t.accelerator.wait_for_everyone()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of steps <= step: a run killed after its last checkpoint may have logged
+    later steps, which the resumed run logs again."""
+    rows = load_rows(path)
+    kept = [row for row in rows if row["step"] <= step]
+    if len(kept) != len(rows):
+        write_atomic(path, encode_rows(kept))
+
+
+class MetricsLog:
+    """metrics.jsonl (crash-safe appends) and, when the package is importable, TensorBoard."""
+
+    def __init__(self, out: Path, tensorboard: bool, start_step: int) -> None:
+        self.path = out / METRICS
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:  # the tensorboard package is optional
+                self.tb = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        append_rows(self.path, [row])
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def should_stop(t: Trainer) -> bool:
+    """max_steps reached, or (decided by the main process, shared with all) max_minutes."""
+    if t.step >= t.s.run.max_steps:
+        return True
+    over = t.s.run.max_minutes is not None and t.elapsed_s >= 60 * t.s.run.max_minutes
+    return bool(broadcast_object_list([over])[0])
+
+
+def train_loop(t: Trainer, log: MetricsLog | None, progress: bool) -> None:
+    """Steps until the budget ends; a checkpoint every checkpoint_every steps and at the end."""
+    k = t.s.run.checkpoint_every
+    bar = tqdm(total=t.s.run.max_steps, initial=t.step, unit="step", desc="grpo+spr",
+               disable=not (progress and t.main), dynamic_ncols=True)
+    saved_at = t.step
+    while not should_stop(t):
+        row = train_step(t)
+        if log is not None:
+            log.write(row)
+        if k and t.step % k == 0:
+            checkpoint(t, numbered=True)
+            saved_at = t.step
+        bar.set_postfix(reward=f"{row['reward/mean']:.2f}", diff=_fmt(row.get("fc/diff_prob")), refresh=False)
+        bar.update(1)
+    bar.close()
+    if saved_at != t.step:
+        checkpoint(t, numbered=False)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
+def run_training(cfg: DictConfig) -> Path:
+    """Train (or resume) the run the config describes; return its folder (module docstring)."""
+    s = settings(cfg)  # validates before anything is loaded or written
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    t, resumed = open_run(cfg, s, accelerator)
+    make_heldout(t, resumed)
+    log = MetricsLog(t.out, bool(cfg.tensorboard), t.step) if t.main else None
+    if resumed and t.main:
+        truncate_metrics(t.out / METRICS, t.step)
+    if not resumed:
+        baseline = {"step": 0, **evaluations(t, 0)}
+        if log is not None:
+            log.write(baseline)
+    try:
+        train_loop(t, log, bool(cfg.progress))
+    finally:
+        if log is not None:
+            log.close()
+    accelerator.wait_for_everyone()
+    return t.out
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    out = run_training(cfg)
+    rows = load_rows(out / METRICS)
+    if rows and PartialState().is_main_process:
+        last = rows[-1]
+        print(f"{out}: step {last['step']}, reward {last.get('reward/mean')}, fc/diff_prob {last.get('fc/diff_prob')}")
+        print(json.dumps({k: v for k, v in last.items() if k.startswith(("heldout", "fc/"))}))
+
+
+if __name__ == "__main__":
+    main()

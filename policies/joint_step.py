@@ -1,0 +1,179 @@
+"""The loss of one joint training step of the reflective model (MetaStone-S1 / XBai-o4): GRPO for
+the policy plus the SPR loss for the SPRM head, from ONE forward of the shared backbone, summed
+into one scalar for one backward.
+
+Usage:
+    model = JointForward(reflective)                   # (or the accelerate/DDP-wrapped one)
+    out = joint_step(model, batch, ref_lm, JointLossConfig(temperature=1.0))
+    out.loss.backward()                                # policy + head gradients together
+    out.metrics["loss/pg"], out.metrics["spr/kept_fraction"], ...
+
+What one step computes (B rollouts, L tokens, T = L-1 target positions, N scored steps):
+    logits, head_logits = model(input_ids, mask, step_rows, step_cols)   # [B, L, V], [N]
+    logprobs, entropy   = of logits[:, :-1] / temperature at the targets  # [B, T] each (verl)
+    old_logprobs        = batch.old_logprobs, or logprobs.detach() (one update per rollout batch:
+                          what a separate no-grad forward of the same weights gives, at no cost)
+    ref_logprobs        = the frozen initial policy's, no grad (only when kl_coef > 0)
+    advantages          = group_advantages(rewards [P, G])                # [B]
+    grpo                = policies.grpo.grpo_loss(...)                    # pg - 0.001 H + 0.001 KL
+    spr                 = scorers.spr_loss.spr_loss(head_logits, reward[step_rows] > 0.5, mode)
+    loss                = grpo_coef * grpo.total + spr_coef * spr.loss
+The head reads the backbone's features through `scale_backbone_grad` (value unchanged, gradient
+into the backbone x 1e-4, as the reference), so the backbone's SPR gradient is 1e-4 of what the
+head's input receives; with spr_coef = 0 the head's gradient is exactly zero (it still runs, so a
+DDP reducer sees every parameter used).
+
+Tests: `.venv/bin/pytest tests/test_joint_step.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from policies.grpo import GRPOLoss, GRPOLossConfig, group_advantages, grpo_loss, token_entropy
+from policies.reflective_model import ReflectiveModel
+from policies.rollout_batch import RolloutBatch
+from scorers.spr_loss import BACKBONE_GRAD_SCALE, SPR_MODES, SPRLoss, scale_backbone_grad, spr_loss
+
+
+@dataclass(frozen=True)
+class JointLossConfig:
+    """The terms of the joint loss.
+
+    temperature: logits are divided by it for the policy's log-probs and entropy (verl's rule: the
+        rollout temperature, so the ratio compares the distribution that sampled); > 0.
+    clip_ratio, entropy_coef, kl_coef: GRPO (`policies.grpo.GRPOLossConfig`); kl_coef 0 skips the
+        reference forward.
+    grpo_coef, spr_coef: weights of the two losses (1 and 1 in the reference; 0 turns one off).
+    spr_mode: "reference" | "paper" | "bce" (`scorers.spr_loss`).
+    backbone_grad_scale: factor on the SPR gradient into the backbone (1e-4 in the reference;
+        0 trains the head on frozen features, 1 lets the head's loss reach the backbone fully).
+    bf16: bf16 autocast of the forward (CPU or CUDA); weights stay float32.
+    """
+
+    temperature: float = 1.0
+    clip_ratio: float = 0.2
+    entropy_coef: float = 0.001
+    kl_coef: float = 0.001
+    grpo_coef: float = 1.0
+    spr_coef: float = 1.0
+    spr_mode: str = "reference"
+    backbone_grad_scale: float = BACKBONE_GRAD_SCALE
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(
+                f"JointLossConfig.temperature={self.temperature!r} must be > 0 (GRPO needs sampled rollouts)"
+            )
+        if self.spr_mode not in SPR_MODES:
+            raise ValueError(f"JointLossConfig.spr_mode={self.spr_mode!r}; valid: {', '.join(SPR_MODES)}")
+        for name in ("grpo_coef", "spr_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"JointLossConfig.{name}={getattr(self, name)!r} must be >= 0")
+        if not 0 <= self.backbone_grad_scale <= 1:
+            raise ValueError(f"JointLossConfig.backbone_grad_scale={self.backbone_grad_scale!r} must be in [0, 1]")
+        GRPOLossConfig(self.clip_ratio, self.entropy_coef, self.kl_coef)  # validates those three
+
+    @property
+    def grpo(self) -> GRPOLossConfig:
+        return GRPOLossConfig(self.clip_ratio, self.entropy_coef, self.kl_coef)
+
+
+class JointForward(nn.Module):
+    """The reflective model's training forward in one module (so DDP sees every parameter used in
+    its forward): LM logits and the head's logits at the given positions.
+
+    reflective: the `ReflectiveModel` (its `.lm` is the policy, `.head` the SPRM head).
+    """
+
+    def __init__(self, reflective: ReflectiveModel) -> None:
+        super().__init__()
+        self.reflective = reflective
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        step_rows: torch.Tensor,
+        step_cols: torch.Tensor,
+        backbone_grad_scale: float = BACKBONE_GRAD_SCALE,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask [B, L]; step_rows, step_cols [N] -> (logits [B, L, V],
+        head logits [N] float32; the head in its current mode, dropout on in train mode)."""
+        out = self.reflective(input_ids, attention_mask)  # logits [B, L, V], features [B, L, C]
+        features = out.features[step_rows, step_cols]  # [N, C]
+        features = scale_backbone_grad(features, backbone_grad_scale)  # backbone grad x scale
+        return out.logits, self.reflective.head_logits(features).float()  # [B, L, V], [N]
+
+
+@dataclass(frozen=True)
+class JointStepOutput:
+    """loss: the scalar to backpropagate; grpo, spr: the two losses with their parts; head_logits:
+    [N] detached (train mode: with dropout); metrics: floats for the log (module docstring)."""
+
+    loss: torch.Tensor
+    grpo: GRPOLoss
+    spr: SPRLoss
+    head_logits: torch.Tensor
+    metrics: dict[str, float]
+
+
+def target_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each target token [B, T], tempered logits [B, T, V]) from logits [B, L, V]."""
+    tempered = logits[:, :-1].float() / temperature  # [B, T, V]
+    logprobs = torch.log_softmax(tempered, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, T]
+    return logprobs, tempered
+
+
+@torch.no_grad()
+def frozen_logprobs(lm: Any, batch: RolloutBatch, cfg: JointLossConfig) -> torch.Tensor:
+    """An LM's target log-probs [B, T] without gradient (same temperature and autocast): the
+    reference policy's, or the current policy's before several updates on one rollout batch."""
+    with _autocast(batch.input_ids.device, cfg.bf16):
+        logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return target_logprobs(logits, batch.input_ids, cfg.temperature)[0]
+
+
+def joint_step(model: nn.Module, batch: RolloutBatch, ref_lm: Any | None, cfg: JointLossConfig) -> JointStepOutput:
+    """The joint loss of one (mini-)batch of whole groups (module docstring). model: a
+    `JointForward` (or its DDP wrapper); ref_lm: the frozen initial LM, None only with kl_coef 0."""
+    with _autocast(batch.input_ids.device, cfg.bf16):
+        logits, head_logits = model(
+            batch.input_ids, batch.attention_mask, batch.step_rows, batch.step_cols, cfg.backbone_grad_scale
+        )  # [B, L, V], [N]
+    logprobs, tempered = target_logprobs(logits, batch.input_ids, cfg.temperature)  # [B, T], [B, T, V]
+    entropy = token_entropy(tempered)  # [B, T]
+    old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()  # [B, T]
+    ref = frozen_logprobs(ref_lm, batch, cfg) if cfg.kl_coef > 0 else None  # [B, T] or None
+    advantages = group_advantages(batch.rewards.view(-1, batch.group_size)).view(-1)  # [B]
+    grpo = grpo_loss(logprobs, old, ref, advantages, entropy, batch.completion_mask, cfg.grpo)
+    spr = spr_loss(head_logits, batch.rewards[batch.step_rows] > 0.5, cfg.spr_mode)
+    loss = cfg.grpo_coef * grpo.total + cfg.spr_coef * spr.loss
+    return JointStepOutput(loss, grpo, spr, head_logits.detach(), _metrics(loss, grpo, spr, batch))
+
+
+def _metrics(loss: torch.Tensor, grpo: GRPOLoss, spr: SPRLoss, batch: RolloutBatch) -> dict[str, float]:
+    return {
+        "loss/total": float(loss.detach()),
+        "loss/pg": float(grpo.policy.detach()),
+        "loss/entropy": float(grpo.entropy.detach()),
+        "loss/kl": float(grpo.kl.detach()),
+        "loss/spr": float(spr.loss.detach()),
+        "ppo/clip_fraction": float(grpo.clip_fraction),
+        "ppo/approx_kl": float(grpo.approx_kl),
+        "spr/kept_fraction": spr.kept_fraction,
+        "spr/agreement": spr.agreement,
+        "spr/steps": float(batch.step_rows.numel()),
+        "spr/kept_positive": float(spr.kept_positive),
+        "spr/kept_negative": float(spr.kept_negative),
+    }
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

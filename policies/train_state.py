@@ -1,0 +1,155 @@
+"""Checkpoint and exact resume of the joint GRPO + SPR trainer (`python -m experiments.train`).
+
+Layout of a run folder:
+    config.yaml             the resolved config; resuming with a result-relevant difference is refused
+    reference/              the frozen initial policy (a transformers folder): the KL reference
+    heldout_rollouts.jsonl  the fixed held-out rollouts, made once at the start
+    metrics.jsonl           one row per step (row 0: the held-out baseline before any update)
+    ckpt-<step>/            a checkpoint every checkpoint_every steps (the newest `keep` kept)
+    last/                   the latest checkpoint: what a rerun of the same command resumes from
+
+A checkpoint folder is a `ReflectiveModel` folder (transformers files, score_module.pt,
+sprm.json: `ReflectiveModel.from_pretrained` and `TransformersPolicy.from_pretrained(...,
+with_step_head=True)` load it as is) plus `joint_state.pt`: step, data position, elapsed time,
+both optimisers' states, and the RNG states (python, numpy, torch) of every process. Folders are
+written to a temporary sibling and renamed (`policies.checkpoint.atomic_directory`): a kill
+never leaves half a checkpoint.
+
+Usage:
+    reflective, tok = load_policy_with_head("outputs/checkpoints/tiny-arith/final", head_seed=0)
+    save_joint_checkpoint(out / "ckpt-10", reflective, tok, state)
+    state = load_joint_state(out / "last")              # JointTrainState
+    restore_rng(state.rng[rank])
+
+Tests: `.venv/bin/pytest tests/test_train_loop.py`.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from policies.checkpoint import atomic_directory, load_checkpoint, write_checkpoint_files
+from policies.reflective_model import DEFAULT_FEATURE_LAYER, SPRM_CONFIG_FILE, ReflectiveModel
+from scorers.sprm_head import SCORE_MODULE_FILE, build_sprm_head, save_score_module
+
+STATE_FILE = "joint_state.pt"
+LAST = "last"
+CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)$")
+
+
+@dataclass(frozen=True)
+class JointTrainState:
+    """What a checkpoint holds besides the model.
+
+    step: optimizer steps done (rollout batches trained on).
+    data_position: prompts consumed from the training stream (all processes together).
+    elapsed_s: wall time spent in the loop so far.
+    actor_optimizer, head_optimizer: the two AdamW state dicts.
+    rng: per process (index = process rank) the `capture_rng` dict.
+    world_size: processes that trained (a resume must use as many).
+    """
+
+    step: int
+    data_position: int
+    elapsed_s: float
+    actor_optimizer: dict
+    head_optimizer: dict
+    rng: tuple[dict, ...]
+    world_size: int
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's python, numpy and torch (CPU) RNG states."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+
+
+def load_policy_with_head(
+    directory: str | Path, head_seed: int = 0, feature_layer: int = DEFAULT_FEATURE_LAYER
+) -> tuple[ReflectiveModel, Any]:
+    """(ReflectiveModel, tokenizer) from a checkpoint folder; a folder without score_module.pt (an
+    SFT policy) gets a fresh head (seeded, float32) reading `feature_layer`. FileNotFoundError
+    names a missing file."""
+    directory = Path(directory)
+    if (directory / SCORE_MODULE_FILE).is_file():
+        return ReflectiveModel.from_pretrained(directory)
+    lm, tokenizer = load_checkpoint(directory)
+    head = build_sprm_head(int(lm.config.hidden_size), seed=head_seed)
+    return ReflectiveModel(lm, head, feature_layer).eval(), tokenizer
+
+
+def save_joint_checkpoint(directory: Path, reflective: ReflectiveModel, tokenizer: Any, state: JointTrainState) -> Path:
+    """The reflective model's folder (the layout of `ReflectiveModel.save_pretrained`) plus
+    joint_state.pt, all in one atomic rename."""
+    with atomic_directory(directory) as tmp:
+        write_checkpoint_files(reflective.lm, tokenizer, tmp)
+        save_score_module(reflective.head, tmp)
+        (tmp / SPRM_CONFIG_FILE).write_text(json.dumps({"feature_layer": reflective.feature_layer}) + "\n")
+        torch.save(asdict(state), tmp / STATE_FILE)
+    return directory
+
+
+def load_joint_state(directory: Path) -> JointTrainState:
+    raw = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    return JointTrainState(**{**raw, "rng": tuple(raw["rng"])})
+
+
+def resume_point(out_dir: Path) -> Path | None:
+    """out_dir/last when it holds a complete checkpoint, else None (a fresh start)."""
+    last = Path(out_dir) / LAST
+    return last if (last / STATE_FILE).is_file() else None
+
+
+def publish_checkpoint(
+    out_dir: Path, reflective: ReflectiveModel, tokenizer: Any, state: JointTrainState, numbered: bool, keep: int
+) -> Path:
+    """Write out_dir/last (and first out_dir/ckpt-<step> when `numbered`, copied to last), then
+    drop all but the newest `keep` numbered checkpoints (keep 0: keep all). Returns last."""
+    out_dir = Path(out_dir)
+    if not numbered:
+        return save_joint_checkpoint(out_dir / LAST, reflective, tokenizer, state)
+    numbered_dir = save_joint_checkpoint(out_dir / f"ckpt-{state.step}", reflective, tokenizer, state)
+    with atomic_directory(out_dir / LAST) as tmp:
+        shutil.copytree(numbered_dir, tmp, dirs_exist_ok=True)
+    if keep > 0:
+        steps = sorted(int(m.group(1)) for p in out_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)))
+        for step in steps[:-keep]:
+            shutil.rmtree(out_dir / f"ckpt-{step}", ignore_errors=True)
+    return out_dir / LAST
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], ignored: tuple[str, ...]) -> list[str]:
+    """'key: saved -> current' for every flattened key that differs, except the ignored ones
+    (a key is ignored when it equals an ignored name or lies under it)."""
+    a, b = flatten(saved), flatten(current)
+
+    def relevant(key: str) -> bool:
+        return not any(key == name or key.startswith(name + ".") for name in ignored)
+
+    return [
+        f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"
+        for key in sorted(set(a) | set(b)) if relevant(key) and a.get(key) != b.get(key)
+    ]
