@@ -22,6 +22,7 @@ overruns. Nothing here raises on garbage: a failed parse is "not equal".
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -296,6 +297,11 @@ class _HelperProcessVerifier:
             self._process.wait(timeout=5)
         self._process = None
 
+    def close(self) -> None:
+        """Stop the helper process (if any)."""
+        with self._lock:
+            self._stop()
+
     def check(self, predicted: str, reference: str, timeout_s: float) -> bool:
         with self._lock:
             try:
@@ -315,6 +321,7 @@ class _HelperProcessVerifier:
 
 
 _HELPER = _HelperProcessVerifier()
+atexit.register(_HELPER.close)  # never leave the helper process behind
 
 
 def answers_match(predicted: str | None, reference: str | None, timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
