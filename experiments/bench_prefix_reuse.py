@@ -4,7 +4,7 @@ MCTS on arith, each run with the prefix cache OFF and ON, side by side, as a mar
     python -m experiments.bench_prefix_reuse                       # 16 test problems
     python -m experiments.bench_prefix_reuse --problems 4 --checkpoint /tmp/runs/r1/final
 
-The policy is the trained checkpoint (default outputs/checkpoints/tiny-arith) when it exists,
+The policy is the trained checkpoint (default outputs/checkpoints/tiny-arith/final) when it exists,
 else a freshly initialised tiny Llama with the tiny tokenizer (a random model rarely ends a step
 on the separator, so its trees are shallow and reuse has little to save: train first for a
 meaningful number). The scorer is the policy's own confidence (no forward pass), so every token
@@ -43,7 +43,7 @@ from treesearch.records import Problem  # noqa: E402
 from treesearch.registry import run_search  # noqa: E402
 from treesearch.result import SearchResult  # noqa: E402
 
-DEFAULT_CHECKPOINT = Path("outputs/checkpoints/tiny-arith")
+DEFAULT_CHECKPOINT = Path("outputs/checkpoints/tiny-arith/final")
 # Strategy settings: beam search with N=16 paths, 4 samples per beam; MCTS whose simulation
 # budget gives about 16 candidate leaves per problem at 4 samples per expansion.
 STRATEGIES: dict[str, dict[str, Any]] = {
