@@ -1,7 +1,7 @@
 """`make demo`: the main job on the embedded default, from a fresh clone.
 
 1. Loads the tiny arith policy from `outputs/checkpoints/tiny-arith`, or trains it there first
-   (SFT, about 7 minutes on 2 CPU cores) when no checkpoint is cached.
+   (SFT, 8 minutes on 2 CPU cores) when no checkpoint is cached.
 2. Greedy decoding and Best-of-N sampling (N = 32) on the arith test split, batched, with a
    progress bar.
 3. Writes `outputs/demo/report.md`, `outputs/demo/metrics.json` (keys documented in the README),

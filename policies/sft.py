@@ -65,9 +65,9 @@ class SFTConfig:
     num_threads: torch intra-op threads (None = all cores).
     """
 
-    max_minutes: float | None = 7.0
+    max_minutes: float | None = 8.0
     max_steps: int | None = None
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 50

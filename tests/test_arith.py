@@ -65,6 +65,18 @@ def test_problem_fields_respect_the_config(test_problems):
             assert (1 if op in "+-" else 2) <= operand <= limit
 
 
+def test_numbers_in_a_question_are_distinct(test_problems):
+    for p in test_problems:
+        numbers = [p.meta["start"]] + [n for _, n in p.meta["operations"]]
+        assert len(set(numbers)) == len(numbers)
+        # the numbers appear in story order; only "doubled" / "tripled" spell one as a word
+        found = iter(int(x) for x in re.findall(r"\d+", p.question))
+        expected = [p.meta["start"]] + [
+            n for op, n in p.meta["operations"] if not (op == "*" and n in (2, 3) and ("doubled" in p.question or "tripled" in p.question))
+        ]
+        assert all(n in found for n in expected)
+
+
 def test_question_example_reads_like_a_word_problem():
     p = generate_problems("test", 1, seed=0)[0]
     # e.g. "Hugo has 32 cards. Then his cards are multiplied by 6. He buys 91 more cards. How many ..."

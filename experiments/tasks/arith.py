@@ -1,7 +1,9 @@
 """The `arith` task: generated multi-step arithmetic word problems with exact integer answers.
 
-A problem starts from a quantity ("Ann has 23 coins.") and applies 2-5 operations in words
-("She gets 14 more coins. She gives away 9 coins. Then her coins are tripled."). The reference
+A problem starts from a quantity ("Ann has 23 coins.") and applies operations in words ("She gets
+14 more coins. She gives away 9 coins. Then her coins are tripled."); the default is 2-4
+operations on distinct numbers up to 10 with values in [0, 99], which the tiny policy learns in
+8 minutes of SFT on 2 CPU cores to about the level the foundation issue asks for. The reference
 solution writes one step per operation inside the think span, each step ending on the step
 separator, then the answer:
 
@@ -28,7 +30,7 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 ANSWER_PREFIX = "Answer: "
 # Sampling temperature at which the default policy is evaluated (sampled pass@1, pass@k).
-DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TEMPERATURE = 0.6
 # One problem in TEST_MODULUS (by stable hash) belongs to the test split.
 TEST_MODULUS = 5
 OPERATIONS: tuple[str, ...] = ("+", "-", "*", "/")
@@ -80,14 +82,17 @@ class ArithConfig:
     max_factor: largest multiplier / divisor of * and / (they start at 2).
     operations: which of "+", "-", "*", "/" may appear; must include "+" or "-" so that a
         feasible next operation always exists.
+    distinct_numbers: every number in a question (start and operands) is different, so each
+        step's operand can be found in the question by its value alone.
     """
 
     min_ops: int = 2
-    max_ops: int = 5
-    max_number: int = 99
-    max_value: int = 999
-    max_factor: int = 9
+    max_ops: int = 4
+    max_number: int = 10
+    max_value: int = 99
+    max_factor: int = 5
     operations: tuple[str, ...] = ("+", "-", "*")
+    distinct_numbers: bool = True
 
     def __post_init__(self) -> None:
         if self.min_ops < 1:
@@ -140,16 +145,23 @@ def _candidate_operands(value: int, op: str, cfg: ArithConfig) -> range | list[i
 def _draw_operations(rng: random.Random, cfg: ArithConfig) -> tuple[int, tuple[tuple[str, int], ...]] | None:
     """(start, ((op, operand), ...)), or None when the walk got stuck (caller redraws)."""
     value = rng.randint(1, cfg.max_number)
-    start, ops = value, []
+    start, ops, used = value, [], {value}
     for _ in range(rng.randint(cfg.min_ops, cfg.max_ops)):
-        feasible = [op for op in cfg.operations if len(_candidate_operands(value, op, cfg)) > 0]
+        options = {op: _fresh_operands(value, op, cfg, used) for op in cfg.operations}
+        feasible = [op for op in cfg.operations if options[op]]
         if not feasible:
             return None
         op = rng.choice(feasible)
-        operand = rng.choice(_candidate_operands(value, op, cfg))
+        operand = rng.choice(options[op])
         ops.append((op, operand))
+        used.add(operand)
         value = _apply(value, op, operand)
     return start, tuple(ops)
+
+
+def _fresh_operands(value: int, op: str, cfg: ArithConfig, used: set[int]) -> list[int]:
+    """Feasible operands, without the numbers already in the question if distinct_numbers."""
+    return [n for n in _candidate_operands(value, op, cfg) if not (cfg.distinct_numbers and n in used)]
 
 
 def _values(start: int, ops: tuple[tuple[str, int], ...]) -> tuple[int, ...]:
