@@ -147,7 +147,7 @@ def test_grading_never_raises(text):
         ({"min_ops": 0}, "min_ops=0"),
         ({"min_ops": 3, "max_ops": 2}, "max_ops=2"),
         ({"max_number": 1}, "max_number=1"),
-        ({"max_value": 50}, "max_value=50"),
+        ({"max_number": 60, "max_value": 50}, "max_value=50"),  # below max_number
         ({"max_factor": 1}, "max_factor=1"),
         ({"operations": ("+", "%")}, "'%'"),
         ({"operations": ("*",)}, "operations=('*',)"),
