@@ -48,7 +48,7 @@ DEFAULT_CHECKPOINT = Path("outputs/checkpoints/tiny-arith/final")
 # budget gives about 16 candidate leaves per problem at 4 samples per expansion.
 STRATEGIES: dict[str, dict[str, Any]] = {
     "beam_search": dict(n=16, beam_width=4, max_depth=20),
-    "mcts": dict(iterations=8, expand_width=4, leaves_per_round=4, max_depth=20),
+    "mcts": dict(iterations=32, expand_width=4, leaves_per_round=4, max_depth=20),
 }
 
 
