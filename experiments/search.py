@@ -55,6 +55,7 @@ from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
 from experiments.sweep_metrics import run_metrics
+from treesearch.config_diff import config_differences
 from treesearch.protocols import Policy, Scorer
 from treesearch.records import Problem
 from treesearch.registry import STRATEGIES, StrategySpec
@@ -160,31 +161,6 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)  # type: ignore[return-value]
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
-
-
-class _Absent:
-    def __repr__(self) -> str:
-        return "<absent>"
-
-
-_ABSENT = _Absent()
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: saved -> current' for every result-relevant key that differs."""
-    a = _flatten({k: v for k, v in saved.items() if k not in IGNORED_KEYS})
-    b = _flatten({k: v for k, v in current.items() if k not in IGNORED_KEYS})
-    return [f"{key}: {a.get(key, _ABSENT)!r} -> {b.get(key, _ABSENT)!r}"
-            for key in sorted(set(a) | set(b)) if a.get(key, _ABSENT) != b.get(key, _ABSENT)]
-
-
 def claim_run_dir(out: Path, config: dict[str, Any]) -> None:
     """Save config.yaml in a folder without records; in one with records, refuse unless the
     saved config matches (a folder whose run failed before its first row is simply reused)."""
@@ -194,7 +170,7 @@ def claim_run_dir(out: Path, config: dict[str, Any]) -> None:
         raise ConfigMismatchError(f"{out} has {RECORDS} but no {CONFIG}: cannot tell what made them; use another out_dir")
     if has_records:
         saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        diffs = config_differences(saved, config)  # type: ignore[arg-type]
+        diffs = config_differences(saved, config, tuple(IGNORED_KEYS))  # type: ignore[arg-type]
         if diffs:
             raise ConfigMismatchError(
                 f"{out} holds records of a different config ({'; '.join(diffs)}); refusing to mix them: "

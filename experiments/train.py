@@ -70,11 +70,12 @@ from policies.rollout_batch import (  # noqa: E402
 )
 from policies.sampling_config import SamplingConfig  # noqa: E402
 from policies.train_state import (  # noqa: E402
-    JointTrainState, capture_rng, config_differences, load_joint_state, load_policy_with_head,
+    JointTrainState, capture_rng, load_joint_state, load_policy_with_head,
     publish_checkpoint, restore_rng, resume_point,
 )
 from policies.transformers_policy import TransformersPolicy  # noqa: E402
 from scorers.sprm_positions import StepMarkers  # noqa: E402
+from treesearch.config_diff import config_differences  # noqa: E402
 from treesearch.records import Problem  # noqa: E402
 from treesearch.steps import StepFormat  # noqa: E402
 

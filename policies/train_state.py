@@ -130,26 +130,3 @@ def publish_checkpoint(
             shutil.rmtree(out_dir / f"ckpt-{step}", ignore_errors=True)
     return out_dir / LAST
 
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any], ignored: tuple[str, ...]) -> list[str]:
-    """'key: saved -> current' for every flattened key that differs, except the ignored ones
-    (a key is ignored when it equals an ignored name or lies under it)."""
-    a, b = flatten(saved), flatten(current)
-
-    def relevant(key: str) -> bool:
-        return not any(key == name or key.startswith(name + ".") for name in ignored)
-
-    return [
-        f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"
-        for key in sorted(set(a) | set(b)) if relevant(key) and a.get(key) != b.get(key)
-    ]
