@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test bench clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# Benchmarks print ratios measured side by side in one run (run `make demo` first so they use
+# the trained policy); the tables also land in outputs/bench/report.md.
+bench: setup
+	mkdir -p outputs/bench
+	{ echo "# treesearch benchmarks (make bench)"; echo; \
+	  echo "## Scoring overhead of Best-of-N"; $(BIN)/python -m experiments.bench_scoring_overhead; echo; \
+	  echo "## Prefix reuse in step-level search"; $(BIN)/python -m experiments.bench_prefix_reuse; } \
+	  | tee outputs/bench/report.md
 
 clean-demo:
 	rm -rf outputs/demo

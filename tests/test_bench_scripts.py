@@ -1,0 +1,26 @@
+"""Smoke runs of the benchmark scripts at a tiny size (a random tiny Llama: no checkpoint)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experiments import bench_scoring_overhead
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_scoring_overhead_table(tmp_path):
+    table = bench_scoring_overhead.run(tmp_path / "no-checkpoint", problems=2, n=2, repeats=1, seed=0)
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in table.splitlines()[3:]}
+    assert set(rows) == {"none", "in_gen", "second"}
+    forwarded = {name: int(cells[1]) for name, cells in rows.items()}
+    assert rows["none"][2].strip() == "1.000"
+    assert forwarded["in_gen"] == forwarded["none"]  # scoring in generation forwards nothing extra
+    assert forwarded["second"] > forwarded["none"]   # the reference's way forwards every candidate again
