@@ -31,7 +31,8 @@ bench: setup
 	mkdir -p outputs/bench
 	{ echo "# treesearch benchmarks (make bench)"; echo; \
 	  echo "## Scoring overhead of Best-of-N"; $(BIN)/python -m experiments.bench_scoring_overhead; echo; \
-	  echo "## Prefix reuse in step-level search"; $(BIN)/python -m experiments.bench_prefix_reuse; } \
+	  echo "## Prefix reuse in step-level search"; $(BIN)/python -m experiments.bench_prefix_reuse; echo; \
+	  echo "## Batched vs one problem at a time"; $(BIN)/python -m experiments.bench_batching; } \
 	  | tee outputs/bench/report.md
 
 clean-demo:
