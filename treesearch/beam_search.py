@@ -35,14 +35,14 @@ Tests: `.venv/bin/pytest tests/test_beam_search.py`.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 from treesearch.aggregation import aggregate, check_aggregation
-from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, round_seed, score_rows
+from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, ranked_results, round_seed, score_rows
 from treesearch.protocols import Policy, Scorer
 from treesearch.records import Problem
-from treesearch.result import Candidate, SearchResult, argmax_first
+from treesearch.result import Candidate, SearchResult
 from treesearch.tree import ROOT_ID, Tree
 
 
@@ -217,9 +217,4 @@ def beam_search(
                                 n=cfg.n if depth == 1 else cfg.beam_width, lookahead=cfg.lookahead,
                                 aggregation=cfg.aggregation, seed=cfg.seed, round_index=depth - 1)
         beams = _select_beams(children, trees, candidates, cfg, last_round=depth == cfg.max_depth)
-    wall = (time.perf_counter() - start) / max(len(problems), 1)
-    return [
-        SearchResult(problem, "beam_search", asdict(cfg), tuple(cands),
-                     argmax_first([c.score for c in cands]), tree, ledger.compute(policy, scorer, wall))
-        for problem, tree, cands, ledger in zip(problems, trees, candidates, ledgers)
-    ]
+    return ranked_results("beam_search", problems, cfg, trees, candidates, ledgers, policy, scorer, start)

@@ -19,15 +19,15 @@ Tests: `.venv/bin/pytest tests/test_dvts.py`.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 from treesearch.aggregation import check_aggregation
 from treesearch.beam_search import Beam, ScoredChild, check_beam_shape, expand_beams, top_by_rank
-from treesearch.frontier import Ledger, make_candidate
+from treesearch.frontier import Ledger, make_candidate, ranked_results
 from treesearch.protocols import Policy, Scorer
 from treesearch.records import Problem
-from treesearch.result import Candidate, SearchResult, argmax_first
+from treesearch.result import Candidate, SearchResult
 from treesearch.tree import ROOT_ID, Tree
 
 
@@ -99,9 +99,4 @@ def dvts(problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: DVTSC
                                 aggregation=cfg.aggregation, seed=cfg.seed, round_index=depth - 1)
         groups = _group_by_subtree(children, beams, cfg.beam_width, first)
         beams = _advance_subtrees(groups, trees, candidates, cfg, last_round=depth == cfg.max_depth)
-    wall = (time.perf_counter() - start) / max(len(problems), 1)
-    return [
-        SearchResult(problem, "dvts", asdict(cfg), tuple(cands),
-                     argmax_first([c.score for c in cands]), tree, ledger.compute(policy, scorer, wall))
-        for problem, tree, cands, ledger in zip(problems, trees, candidates, ledgers)
-    ]
+    return ranked_results("dvts", problems, cfg, trees, candidates, ledgers, policy, scorer, start)

@@ -20,14 +20,15 @@ Run the tests that pin it: `.venv/bin/pytest tests/test_beam_search.py tests/tes
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from treesearch.aggregation import aggregate
 from treesearch.compute import Compute, step_compute
 from treesearch.protocols import Policy, Scorer
-from treesearch.records import Prefix, Step
-from treesearch.result import Candidate
+from treesearch.records import Prefix, Problem, Step
+from treesearch.result import Candidate, SearchResult, argmax_first
 from treesearch.tree import Tree
 
 
@@ -142,3 +143,18 @@ def make_candidate(tree: Tree, node_id: int, step_scores: Sequence[float], aggre
     scores = tuple(float(s) for s in step_scores)
     return Candidate(tree.path(node_id), scores, aggregate(scores, aggregation), node_id)
 
+
+
+def ranked_results(
+    strategy: str, problems: Sequence[Problem], cfg: Any, trees: Sequence[Tree],
+    candidates: Sequence[Sequence[Candidate]], ledgers: Sequence[Ledger], policy: Policy,
+    scorer: Scorer, start: float,
+) -> list[SearchResult]:
+    """One SearchResult per problem choosing the best-scored candidate (first on ties), with the
+    call's wall time since `start` (time.perf_counter) split evenly over the problems."""
+    wall = (time.perf_counter() - start) / max(len(problems), 1)
+    return [
+        SearchResult(problem, strategy, asdict(cfg), tuple(cands),
+                     argmax_first([c.score for c in cands]), tree, ledger.compute(policy, scorer, wall))
+        for problem, tree, cands, ledger in zip(problems, trees, candidates, ledgers)
+    ]
