@@ -61,7 +61,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from experiments.aha_metrics import fc_metrics, path_scores, prefixed  # noqa: E402
 from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: E402
 from experiments.result_json import write_atomic  # noqa: E402
-from experiments.search import CONFIG_DIR, build, build_frozen, resolve_out_dir, resolved_config  # noqa: E402
+from experiments.search import CONFIG_DIR, build_frozen, resolve_out_dir, resolved_config  # noqa: E402
 from policies.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from policies.joint_step import JointForward, JointLossConfig, frozen_logprobs, joint_step  # noqa: E402
 from policies.reflective_model import ReflectiveModel  # noqa: E402
