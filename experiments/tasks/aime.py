@@ -24,8 +24,9 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from experiments.tasks import grading, prompts
+from experiments.tasks import prompts
 from experiments.tasks.loader_errors import RowLocation, read_jsonl, read_parquet_rows, resolve_data_file
+from experiments.tasks.math_task import extract_answer, grade, prompt_text  # noqa: F401  (the task interface)
 from treesearch.records import Problem
 
 Year = Literal[24, 25]
@@ -96,22 +97,6 @@ def load_aime(year: Year, path: str | os.PathLike[str] | None = None, parquet: b
                          "pass path=... to a parquet file of your own, or use parquet=False")
     rows = read_parquet_rows(resolve_data_file(path, PARQUET_FILES.get(year, "")))
     return [_parquet_problem(where, record, year) for where, record in rows]
-
-
-def prompt_text(problem: Problem, tokenizer: Any = None, think: bool | None = None) -> str:
-    """What the policy sees: the problem and the boxed instruction (MetaStone's test prompt) in the
-    chat template."""
-    return prompts.render_prompt(prompts.math_user_message(problem.question), tokenizer, think=think)
-
-
-def extract_answer(text: str) -> str | None:
-    """The completion's final answer (last \\boxed{}, else "#### N", else "Answer: N"), or None."""
-    return grading.extract_final_answer(text)
-
-
-def grade(problem: Problem, completion_text: str) -> bool:
-    """True iff the completion's final answer equals the reference integer ("025" == "25")."""
-    return grading.grade_math(completion_text, problem.answer)
 
 
 def _main() -> None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from experiments.tasks import grading, prompts
+from experiments.tasks import grading
 from experiments.tasks.loader_errors import RowLocation, read_hub_rows, read_jsonl, resolve_data_file
+from experiments.tasks.math_task import extract_answer, grade, prompt_text  # noqa: F401  (the task interface)
 from treesearch.records import Problem
 
 Split = Literal["train", "test"]
@@ -58,22 +59,6 @@ def load_gsm8k(split: Split = "test", path: str | os.PathLike[str] | None = None
     else:
         rows = read_jsonl(resolve_data_file(path, f"gsm8k/{split}.jsonl"))
     return [_problem(where, record, split) for where, record in rows]
-
-
-def prompt_text(problem: Problem, tokenizer: Any = None, think: bool | None = None) -> str:
-    """What the policy sees: the question and the boxed instruction in the chat template (see
-    prompts.render_prompt for the plain form without a tokenizer)."""
-    return prompts.render_prompt(prompts.math_user_message(problem.question), tokenizer, think=think)
-
-
-def extract_answer(text: str) -> str | None:
-    """The completion's final answer (last \\boxed{}, else "#### N", else "Answer: N"), or None."""
-    return grading.extract_final_answer(text)
-
-
-def grade(problem: Problem, completion_text: str) -> bool:
-    """True iff the completion's final answer equals the reference number ("$1,000" == "1000")."""
-    return grading.grade_math(completion_text, problem.answer)
 
 
 def _main() -> None:

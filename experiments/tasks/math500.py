@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from experiments.tasks import grading, prompts
 from experiments.tasks.loader_errors import RowLocation, read_hub_rows, read_jsonl, resolve_data_file
+from experiments.tasks.math_task import extract_answer, grade, prompt_text  # noqa: F401  (the task interface)
 from treesearch.records import Problem
 
 HUB_DATASET = ("HuggingFaceH4/MATH-500", None)
@@ -53,21 +53,6 @@ def load_math500(path: str | os.PathLike[str] | None = None, hub: bool = False) 
         resolve_data_file(path, "math500/test.jsonl")
     )
     return [_problem(where, record) for where, record in rows]
-
-
-def prompt_text(problem: Problem, tokenizer: Any = None, think: bool | None = None) -> str:
-    """What the policy sees: the problem and the boxed instruction in the chat template."""
-    return prompts.render_prompt(prompts.math_user_message(problem.question), tokenizer, think=think)
-
-
-def extract_answer(text: str) -> str | None:
-    """The completion's final answer (last \\boxed{}, else "#### X", else "Answer: X"), or None."""
-    return grading.extract_final_answer(text)
-
-
-def grade(problem: Problem, completion_text: str) -> bool:
-    """True iff the completion's final answer is mathematically equal to the reference answer."""
-    return grading.grade_math(completion_text, problem.answer)
 
 
 def _main() -> None:

@@ -1,0 +1,28 @@
+"""The task interface shared by the free-form math benchmarks (GSM8K, MATH-500, AIME): the prompt
+(problem + the reference's boxed instruction in the chat template), answer extraction and
+grading through math-verify. Each benchmark module re-exports these three names, so experiments
+treat `experiments.tasks.<name>` like `experiments.tasks.arith`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from experiments.tasks import grading, prompts
+from treesearch.records import Problem
+
+
+def prompt_text(problem: Problem, tokenizer: Any = None, think: bool | None = None) -> str:
+    """What the policy sees: the problem and the boxed instruction (MetaStone's test prompt) in
+    the chat template (see prompts.render_prompt for the plain form without a tokenizer)."""
+    return prompts.render_prompt(prompts.math_user_message(problem.question), tokenizer, think=think)
+
+
+def extract_answer(text: str) -> str | None:
+    """The completion's final answer (last \\boxed{}, else "#### X", else "Answer: X"), or None."""
+    return grading.extract_final_answer(text)
+
+
+def grade(problem: Problem, completion_text: str) -> bool:
+    """True iff the completion's final answer is mathematically equal to the reference answer
+    ("025" == "25", "$1,000" == "1000", "\\frac{1}{2}" == "0.5")."""
+    return grading.grade_math(completion_text, problem.answer)
