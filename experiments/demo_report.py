@@ -8,14 +8,21 @@ Selection rules on the same sampled candidates (disjoint groups of N, see experi
   conf_bon@N  Best-of-N by the policy's own confidence (step token log-probs, geometric mean)
   random_bon@N Best-of-N by a random scorer (the floor)
   pass@N      oracle: any of the N is right
+
+With a strategy sweep (`experiments.demo_sweep`) per task, the report adds the compute-matched
+table of Best-of-N / beam search / DVTS / MCTS and the scaling plot, and metrics.json adds
+`<task>.budget_table` (a list of {strategy, budget, tokens, accuracy, low, high}),
+`<task>.scaling.<strategy>.slope` and, for the first task swept, `scaling.<strategy>.slope`
+(accuracy gained per doubling of compute C = parameters x generated tokens).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
+from experiments.demo_sweep import StrategySweep, budget_markdown
 from experiments.metrics import Estimate, ProblemOutcome, accuracy
 
 
@@ -57,7 +64,30 @@ def estimates(t: TaskOutcomes) -> dict[str, Estimate]:
     return est
 
 
-def metrics_json(tasks: Sequence[TaskOutcomes]) -> dict:
+def sweep_metrics(task: str, sweep: StrategySweep, first: bool) -> dict:
+    """The sweep's keys of metrics.json for one task."""
+    out: dict = {f"{task}.budget_table": sweep.budget_table}
+    for strategy, slope in sweep.slopes.items():
+        out[f"{task}.scaling.{strategy}.slope"] = slope
+        if first:
+            out[f"scaling.{strategy}.slope"] = slope
+    return out
+
+
+def sweep_section(task: str, sweep: StrategySweep, out_dir: Path) -> str:
+    """The report's section of one task's strategy sweep."""
+    problems = sweep.runs[0].problems if sweep.runs else 0
+    return (
+        f"## {task}: strategies at equal budgets ({problems} test problems)\n\n"
+        "Accuracy [95% CI] and tokens generated per problem; N = samples (Best-of-N), total beams "
+        "(beam search, DVTS; beam width 4) or simulations (MCTS, expansion width 4); scorer: the "
+        "policy's own step confidence.\n\n"
+        + budget_markdown(sweep)
+        + f"\n\n![accuracy against log compute]({sweep.plot.relative_to(out_dir) if sweep.plot.is_relative_to(out_dir) else sweep.plot})"
+    )
+
+
+def metrics_json(tasks: Sequence[TaskOutcomes], sweeps: Mapping[str, StrategySweep] | None = None) -> dict:
     out: dict = {}
     for t in tasks:
         for name, e in estimates(t).items():
@@ -65,6 +95,8 @@ def metrics_json(tasks: Sequence[TaskOutcomes]) -> dict:
             out.setdefault(f"{t.task}.ci95", {})[name] = [e.low, e.high]
         out[f"{t.task}.problems"] = len(t.conf)
         out[f"{t.task}.compute"] = t.compute
+    for i, (task, sweep) in enumerate((sweeps or {}).items()):
+        out.update(sweep_metrics(task, sweep, first=i == 0))
     return out
 
 
@@ -82,8 +114,10 @@ def markdown_table(t: TaskOutcomes) -> str:
     return "\n".join(lines)
 
 
-def write_report(out_dir: Path, tasks: Sequence[TaskOutcomes], header: str) -> None:
-    """Write report.md and metrics.json into out_dir."""
+def write_report(
+    out_dir: Path, tasks: Sequence[TaskOutcomes], header: str, sweeps: Mapping[str, StrategySweep] | None = None
+) -> None:
+    """Write report.md and metrics.json into out_dir (with each task's strategy sweep, if given)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = [header]
     for t in tasks:
@@ -96,7 +130,8 @@ def write_report(out_dir: Path, tasks: Sequence[TaskOutcomes], header: str) -> N
             "Compute per problem (all samples): "
             + ", ".join(f"{k} {v:.4g}" for k, v in t.compute.items()),
         ]
+    parts += [sweep_section(task, sweep, out_dir) for task, sweep in (sweeps or {}).items()]
     (out_dir / "report.md").write_text("\n\n".join(parts) + "\n")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics_json(tasks), indent=2) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics_json(tasks, sweeps), indent=2) + "\n")
 
 

@@ -23,6 +23,8 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
         chunk=2,
         train_problems=64,
         max_total_tokens=24,
+        sweep_problems=2,
+        sweep_budgets=(4, 8),
         sft=SFTConfig(max_minutes=None, max_steps=2, batch_size=4, warmup_steps=1, checkpoint_every=0),
         model=TinyModelConfig(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64),
     )
@@ -41,6 +43,20 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
     assert (out / "tree_example.png").stat().st_size > 1000 and (out / "tree_example.html").is_file()
     assert (tmp_path / "ckpt" / "final" / "config.json").is_file()
 
+    # the compute-matched strategy sweep: one row per (strategy, budget), a slope per strategy
+    table = metrics["arith.budget_table"]
+    assert sorted((r["strategy"], r["budget"]) for r in table) == sorted(
+        (s, b) for s in ("best_of_n", "beam_search", "dvts", "mcts") for b in (4, 8)
+    )
+    assert all(r["tokens"] > 0 and r["low"] <= r["accuracy"] <= r["high"] for r in table)
+    assert isinstance(metrics["scaling.best_of_n.slope"], float)  # twice the samples, twice the compute
+    for strategy in ("best_of_n", "beam_search", "dvts", "mcts"):
+        # None only when both budgets spent the same compute (a saturated MCTS tree of a random policy)
+        assert metrics[f"scaling.{strategy}.slope"] is None or isinstance(metrics[f"scaling.{strategy}.slope"], float)
+        assert metrics[f"arith.scaling.{strategy}.slope"] == metrics[f"scaling.{strategy}.slope"]
+    assert (out / "scaling_arith.png").stat().st_size > 1000
+    assert "strategies at equal budgets" in (out / "report.md").read_text()
+
     # second run: the cached checkpoint is reused (no training), same records for the same seed
     capsys.readouterr()
     again = run_demo(cfg)
@@ -53,3 +69,5 @@ def test_demo_config_rejects_bad_values():
         DemoConfig(n=0)
     with pytest.raises(ValueError, match="DemoConfig.temperature=-0.5"):
         DemoConfig(temperature=-0.5)
+    with pytest.raises(ValueError, match="DemoConfig.sweep_problems=-1"):
+        DemoConfig(sweep_problems=-1)

@@ -1,0 +1,121 @@
+"""The demo's compute-matched comparison: Best-of-N, beam search, DVTS and MCTS at four budgets on
+one task, run through `experiments.search` (so every run is resumable and cached on disk), then
+the scaling fit per strategy, the scaling plot and the budget table.
+
+    from experiments.demo_sweep import SweepSpec, run_strategy_sweep
+    sweep = run_strategy_sweep(SweepSpec(out_dir=Path("outputs/demo/sweep_arith"),
+                                         checkpoint="outputs/checkpoints/tiny-arith/final"))
+    sweep.budget_table       # [{strategy, budget, tokens, accuracy, low, high}, ...]
+    sweep.slopes             # {strategy: accuracy gained per doubling of compute}
+
+The same runs by hand: `python -m experiments.search search=beam budget=16 task.count=100
+out_dir=...` for each (strategy, budget); `python -m experiments.plot scaling DIR` draws the plot
+from the folder. Each strategy is scored by the scorer of `scorer` (confidence by default: the
+policy's own step-token log-probs); equal budgets N are not equal token counts across strategies,
+so the table reports tokens per problem beside each accuracy and the scaling fit is against
+compute C = parameters x generated tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+
+from experiments.plot_scaling import plot_scaling
+from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_strategy
+from experiments.search import CONFIG_DIR, run_search_experiment
+from experiments.sweep_metrics import RunSummary, sweep_summaries
+
+DEMO_STRATEGIES: tuple[str, ...] = ("best_of_n", "beam", "dvts", "mcts")
+DEMO_BUDGETS: tuple[int, ...] = (4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """out_dir: one sub-folder per (strategy, budget) run goes here; checkpoint: the policy's
+    model directory; task: a config of the `task` group; problems: test problems per run;
+    strategies: options of the `search` group; budgets: N (MCTS: simulations); scorer: an option
+    of the `scorer` group; seed: sampling seed; overrides: extra Hydra overrides for every run
+    (e.g. "policy.sampling.temperature=0.8")."""
+
+    out_dir: Path
+    checkpoint: str
+    task: str = "arith"
+    problems: int = 100
+    strategies: tuple[str, ...] = DEMO_STRATEGIES
+    budgets: tuple[int, ...] = DEMO_BUDGETS
+    scorer: str = "confidence"
+    seed: int = 0
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.problems < 1:
+            raise ValueError(f"SweepSpec.problems={self.problems!r} must be >= 1")
+        if not self.strategies or not self.budgets:
+            raise ValueError(f"SweepSpec needs strategies and budgets, got {self.strategies!r} and {self.budgets!r}")
+        bad = [b for b in self.budgets if b < 4 or b % 4]
+        if bad:  # beam search and DVTS use beam width 4
+            raise ValueError(f"SweepSpec.budgets={self.budgets!r}: each must be a multiple of 4 (the beam width), got {bad}")
+
+
+@dataclass(frozen=True)
+class StrategySweep:
+    """What the demo reports from a sweep: the runs, one scaling series per strategy, the table
+    rows and the plot's path."""
+
+    runs: tuple[RunSummary, ...]
+    series: tuple[SeriesScaling, ...]
+    plot: Path
+
+    @property
+    def budget_table(self) -> list[dict[str, Any]]:
+        """One row per run: strategy, budget, tokens generated per problem, accuracy and its CI."""
+        return [
+            {"strategy": r.strategy, "budget": r.budget, "tokens": r.tokens_per_problem,
+             "accuracy": r.accuracy.mean, "low": r.accuracy.low, "high": r.accuracy.high}
+            for r in self.runs
+        ]
+
+    @property
+    def slopes(self) -> dict[str, float | None]:
+        """Accuracy gained per doubling of compute, per strategy (None without a fit)."""
+        return {s.name: None if s.fit is None else s.fit.slope for s in self.series}
+
+
+def run_overrides(spec: SweepSpec, strategy: str, budget: int) -> list[str]:
+    """The Hydra overrides of one run of the sweep."""
+    return [
+        f"search={strategy}", f"budget={budget}", f"seed={spec.seed}", f"scorer={spec.scorer}",
+        f"task={spec.task}", f"task.count={spec.problems}", f"policy.path={spec.checkpoint}",
+        f"out_dir={spec.out_dir / f'{strategy}_{budget}'}", *spec.overrides,
+    ]
+
+
+def run_strategy_sweep(spec: SweepSpec) -> StrategySweep:
+    """Run (or resume; finished runs cost nothing) every (strategy, budget) and summarise them."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        for strategy in spec.strategies:
+            for budget in spec.budgets:
+                run_search_experiment(compose("search", overrides=run_overrides(spec, strategy, budget)))
+    runs = tuple(sweep_summaries(spec.out_dir))
+    series = tuple(scaling_by_strategy(runs, DEFAULT_THRESHOLD))
+    plot = plot_scaling(spec.out_dir, spec.out_dir.parent / f"scaling_{spec.task}.png")
+    return StrategySweep(runs, series, plot)
+
+
+def budget_markdown(sweep: StrategySweep) -> str:
+    """The budget table as markdown: one row per budget, one accuracy [CI] (tokens) per strategy."""
+    strategies = list(dict.fromkeys(r.strategy for r in sweep.runs))
+    budgets = sorted({r.budget for r in sweep.runs})
+    cell = {(r.strategy, r.budget): r for r in sweep.runs}
+    lines = ["| N | " + " | ".join(strategies) + " |", "|---|" + "---|" * len(strategies)]
+    for b in budgets:
+        cells = [
+            f"{cell[s, b].accuracy.fmt()} ({cell[s, b].tokens_per_problem:.0f} tok)" if (s, b) in cell else "-"
+            for s in strategies
+        ]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    slopes = ", ".join(f"{k} {v:+.3f}" if v is not None else f"{k} n/a" for k, v in sweep.slopes.items())
+    return "\n".join(lines) + f"\n\nFit accuracy = a + b log2 C per strategy; b (gain per doubling of compute): {slopes}."
