@@ -1,11 +1,13 @@
-"""Quick evaluation of a policy on arith problems with HF `generate`: greedy pass@1, sampled
-pass@1, oracle pass@k and majority@k.
+"""Quick evaluation of a policy on an embedded task (arith by default) with HF `generate`:
+greedy pass@1, sampled pass@1, oracle pass@k and majority@k.
 
 This is a sanity check of a trained checkpoint, independent of the project's step-wise backend:
     python -m experiments.quick_eval outputs/checkpoints/tiny-arith/final --problems 200
+    python -m experiments.quick_eval outputs/checkpoints/tiny-countdown/final --task countdown
 Sampled pass@1 is the mean correctness of the k samples (an unbiased estimate); pass@k is 1 for
-a problem when any of its k samples is correct; majority@k grades the most frequent extracted
-answer (ties: the answer seen first).
+a problem when any of its k samples is correct; majority@k grades a completion holding the most
+frequent extracted answer (ties: the answer seen first), so it works for tasks with many correct
+answers too.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from types import ModuleType
+from typing import Any, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -93,35 +96,43 @@ def generate_completions(
     return out, generated
 
 
-def majority_answer(completions: Sequence[str]) -> str | None:
+def majority_answer(completions: Sequence[str], task: ModuleType = arith) -> str | None:
     """Most frequent extracted answer (first seen wins ties); None when none has an answer."""
-    answers = [a for a in (arith.extract_answer(c) for c in completions) if a is not None]
+    answers = [a for a in (task.extract_answer(c) for c in completions) if a is not None]
     return Counter(answers).most_common(1)[0][0] if answers else None
 
 
+def majority_correct(problem: Problem, completions: Sequence[str], task: ModuleType = arith) -> bool:
+    """Grade of the first completion whose answer is the majority answer (False with none)."""
+    top = majority_answer(completions, task)
+    if top is None:
+        return False
+    return task.grade(problem, next(c for c in completions if task.extract_answer(c) == top))
+
+
 def quick_eval(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], cfg: QuickEvalConfig
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], cfg: QuickEvalConfig,
+    task: ModuleType = arith,
 ) -> QuickEvalReport:
-    """Greedy and sampled evaluation of `problems` (graded by arith.grade)."""
+    """Greedy and sampled evaluation of `problems`, graded by `task.grade`."""
     model.eval()
-    prompts = [arith.prompt_text(p) for p in problems]
+    prompts = [task.prompt_text(p) for p in problems]
     t0 = time.perf_counter()
     greedy, tokens_g = generate_completions(model, tokenizer, prompts, 1, None, cfg.max_new_tokens, cfg.batch_size, cfg.seed, cfg.bf16)
     sampled, tokens_s = generate_completions(
         model, tokenizer, prompts, cfg.num_samples, cfg.temperature, cfg.max_new_tokens, cfg.batch_size, cfg.seed, cfg.bf16
     )
     seconds = time.perf_counter() - t0
-    correct = [[arith.grade(p, c) for c in cs] for p, cs in zip(problems, sampled)]  # [P][k]
-    majority = [majority_answer(cs) for cs in sampled]
+    correct = [[task.grade(p, c) for c in cs] for p, cs in zip(problems, sampled)]  # [P][k]
     n = len(problems)
     return QuickEvalReport(
         num_problems=n,
         num_samples=cfg.num_samples,
         temperature=cfg.temperature,
-        greedy_pass1=sum(arith.grade(p, g[0]) for p, g in zip(problems, greedy)) / n,
+        greedy_pass1=sum(task.grade(p, g[0]) for p, g in zip(problems, greedy)) / n,
         sampled_pass1=sum(sum(c) / len(c) for c in correct) / n,
         pass_at_k=sum(any(c) for c in correct) / n,
-        majority_at_k=sum(m is not None and m == p.answer for p, m in zip(problems, majority)) / n,
+        majority_at_k=sum(majority_correct(p, cs, task) for p, cs in zip(problems, sampled)) / n,
         tokens_per_s=(tokens_g + tokens_s) / seconds,
         seconds=seconds,
     )
@@ -136,8 +147,8 @@ def format_report(report: QuickEvalReport) -> str:
     )
 
 
-def eval_problems(cfg: QuickEvalConfig, task_cfg: arith.ArithConfig = arith.ArithConfig()) -> list[Problem]:
-    return arith.generate_problems("test", cfg.num_problems, seed=cfg.problem_seed, cfg=task_cfg)
+def eval_problems(cfg: QuickEvalConfig, task_cfg: Any = arith.ArithConfig(), task: ModuleType = arith) -> list[Problem]:
+    return task.generate_problems("test", cfg.num_problems, seed=cfg.problem_seed, cfg=task_cfg)
 
 
 def _main() -> None:
@@ -145,14 +156,19 @@ def _main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a model directory written by save_checkpoint")
+    parser.add_argument("--task", default="arith", help="an embedded task: arith | countdown")
     parser.add_argument("--problems", type=int, default=QuickEvalConfig.num_problems)
     parser.add_argument("--samples", type=int, default=QuickEvalConfig.num_samples)
-    parser.add_argument("--temperature", type=float, default=QuickEvalConfig.temperature)
+    parser.add_argument("--temperature", type=float, default=None, help="default: the task's DEFAULT_TEMPERATURE")
     parser.add_argument("--seed", type=int, default=QuickEvalConfig.seed)
     args = parser.parse_args()
-    cfg = QuickEvalConfig(num_problems=args.problems, num_samples=args.samples, temperature=args.temperature, seed=args.seed)
+    from experiments.sft_tasks import get_sft_task
+
+    task = get_sft_task(args.task)
+    temperature = task.module.DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
+    cfg = QuickEvalConfig(num_problems=args.problems, num_samples=args.samples, temperature=temperature, seed=args.seed)
     model, tokenizer = load_checkpoint(args.checkpoint)
-    report = quick_eval(model, tokenizer, eval_problems(cfg), cfg)
+    report = quick_eval(model, tokenizer, eval_problems(cfg, task.default_config, task.module), cfg, task.module)
     print(format_report(report))
     print(json.dumps(asdict(report)))
 

@@ -1,6 +1,8 @@
-"""The embedded default policy: reuse the cached tiny arith model, or train it when missing.
+"""The embedded default policies: reuse the cached tiny model of a task, or train it when missing.
 
     final = ensure_policy(Path("outputs/checkpoints/tiny-arith"), SFTConfig(), TinyModelConfig(), ArithConfig())
+    final = ensure_policy(Path("outputs/checkpoints/tiny-countdown"), SFTConfig(), TinyModelConfig(),
+                          CountdownConfig(), task="countdown")
 
 The run folder holds `final/` (an ordinary transformers directory) once training has finished and
 `last/` (resume state) while it runs; an interrupted run resumes from `last/`. A `final/` folder
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.tasks import arith
-from experiments.train_sft import DEFAULT_TRAIN_PROBLEMS, sft_examples
+from typing import Any
+
+from experiments.sft_tasks import get_sft_task
+from experiments.train_sft import DEFAULT_TRAIN_PROBLEMS
 from policies.checkpoint import check_checkpoint
 from policies.sft import SFTConfig, train_sft
 from policies.tiny_model import TinyModelConfig, build_model
@@ -34,16 +38,20 @@ def ensure_policy(
     run_dir: Path,
     sft: SFTConfig,
     model: TinyModelConfig,
-    task: arith.ArithConfig,
+    task_cfg: Any,
     train_problems: int = DEFAULT_TRAIN_PROBLEMS,
     progress: bool = True,
+    task: str = "arith",
 ) -> Path:
-    """The trained policy's directory: the cached one, or a freshly trained (or resumed) one."""
+    """The trained policy's directory: the cached one, or a freshly trained (or resumed) one.
+    task: an `experiments.sft_tasks` name; task_cfg: its difficulty config; train_problems: SFT
+    pairs to draw (more than a run consumes)."""
     cached = cached_policy(run_dir)
     if cached is not None:
         return cached
-    print(f"no cached policy in {run_dir}: training the tiny arith policy (SFT)")
-    tokenizer = build_tokenizer()
+    print(f"no cached policy in {run_dir}: training the tiny {task} policy (SFT)")
+    sft_task = get_sft_task(task)
+    pairs = sft_task.training_pairs(task_cfg, train_problems, seed=sft.seed)
+    tokenizer = build_tokenizer(corpus=sft_task.tokenizer_corpus(pairs))
     net = build_model(model, tokenizer)
-    train = arith.generate_problems("train", train_problems, seed=sft.seed, cfg=task)
-    return train_sft(sft, sft_examples(train), run_dir, net, tokenizer, progress=progress)
+    return train_sft(sft, pairs, run_dir, net, tokenizer, progress=progress)

@@ -1,0 +1,523 @@
+"""The `countdown` task: make a target from given numbers with + - * /, each number used once.
+
+The embedded task with a generator-verifier gap (DESIGN.md section 4, issue 3 item 8). Game of 24
+is the special case of four numbers and target 24 (`GAME_OF_24`). Unlike `arith`, where every
+correct rollout of a problem is the same text, a Countdown problem has many correct solution
+paths (the default generator's test problems average about 7 solution traces, most have more
+than one), and a step is easier to check than to choose: about three quarters of the legal first
+moves are dead ends, which the exact solver sees at once (run this module for the numbers).
+
+    prompt:    "Use 8 5 6 6 to make 24.\\n<think>"
+    solution:  "8 - 5 = 3, left 6 6 3.\\n\\n6 * 3 = 18, left 6 18.\\n\\n18 + 6 = 24, left 24.\\n\\n"
+               "</think>Answer: (6 * (8 - 5)) + 6"
+
+Rules (`countdown_steps.Rules`): every intermediate value is a non-negative integer at most
+`max_value` (subtraction never goes negative, division only when exact), which keeps the
+arithmetic within what a 4M-parameter model learns: with the default single-digit numbers and
+values below 100 every step is a times-table or two-digit fact. Problems are generated only when
+the exact solver finds a solution under these rules (classic 24 puzzles that need a fraction,
+such as 3 3 8 8, are therefore left out).
+
+Steps: one per operation, "x op y = r, left <numbers still unused>" (countdown_steps.py says why
+the "left" clause is there), larger operand first. Answer: the whole computation as one
+expression, each intermediate result in parentheses (composing it from the steps is a mechanical
+substitution, with no precedence to reason about; the grader accepts any parenthesisation with
+the usual precedence). The reference solution of an example is drawn at random among the valid
+traces (`solution_text(problem, seed)`, uniform over the moves that keep the target reachable at
+each step), so SFT teaches diverse valid paths rather than one canonical path per problem.
+
+Grading reads the final expression, not the step trace: the completion is correct iff its last
+"Answer: <expression>" after </think> parses, uses each given number exactly once, and evaluates
+to the target under the same rules (every intermediate value a non-negative integer <= max_value,
+exact division). Correctness is then a function of the extracted answer alone, as the metrics
+(`experiments/metrics.py`) assume. `extract_answer` returns the expression in canonical form
+(operands of + and * ordered, spacing and redundant parentheses normalised), so majority voting
+groups the same computation written differently; distinct correct answers still exist, which is
+exactly why majority is weak here. The step trace is graded separately by `true_step_labels`
+(`countdown_steps.py` for the rules of one step). Nothing here raises on malformed text.
+
+`CountdownConfig` is the difficulty knob. Splits are assigned by a stable hash of the sorted
+numbers and the target, so train and test never share a problem, not even with the numbers in
+another order. Run `python -m experiments.tasks.countdown` for a few problems with solutions and
+statistics (`--game24` for Game of 24, `--problems N`).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import re
+import statistics
+from dataclasses import dataclass
+from typing import Literal, Sequence, Union
+
+from experiments.tasks.countdown_steps import (
+    OPERATIONS,
+    SEPARATOR,
+    THINK_OPEN,
+    Move,
+    Rules,
+    all_solutions,
+    apply_op,
+    dead_end_share,
+    format_step,
+    left_after,
+    next_state,
+    random_solution,
+    reachable,
+    solution_count,
+    step_body,
+    step_labels,
+)
+from treesearch.records import Problem
+
+THINK_CLOSE = "</think>"
+ANSWER_PREFIX = "Answer: "
+# Sampling temperature at which the policy is evaluated (as arith; not yet tuned for this task).
+DEFAULT_TEMPERATURE = 0.6
+# One problem in TEST_MODULUS (by stable hash) belongs to the test split.
+TEST_MODULUS = 5
+# Longest number list a config may ask for: the solver's work grows factorially with it.
+MAX_NUMBERS_LIMIT = 6
+# An answer line longer than this is not parsed (garbage, and it bounds the parser's recursion).
+MAX_ANSWER_CHARS = 200
+
+Split = Literal["train", "test"]
+__all__ = [
+    "ANSWER_PREFIX", "DEFAULT_TEMPERATURE", "GAME_OF_24", "OPERATIONS", "SEPARATOR", "TEST_MODULUS",
+    "THINK_CLOSE", "THINK_OPEN", "CountdownConfig", "canonical_key", "extract_answer", "generate_problems",
+    "grade", "make_problem", "prompt_text", "solution_steps", "solution_text", "split_of", "stable_hash", "training_pairs",
+    "true_step_labels",
+]
+
+
+@dataclass(frozen=True)
+class CountdownConfig:
+    """Difficulty of generated problems.
+
+    min_numbers, max_numbers: how many numbers a problem gives, drawn uniformly in the range.
+    max_number: the numbers are drawn uniformly in [1, max_number] (repeats allowed).
+    min_target, max_target: the target is drawn uniformly in [min_target, max_target]; draws the
+        solver cannot solve are rejected, so every problem has at least one solution.
+    max_value: every intermediate value stays in [0, max_value] (see Rules).
+    operations: the allowed operators, a subset of "+", "-", "*", "/".
+    """
+
+    min_numbers: int = 4
+    max_numbers: int = 4
+    max_number: int = 9
+    min_target: int = 10
+    max_target: int = 50
+    max_value: int = 99
+    operations: tuple[str, ...] = OPERATIONS
+
+    def __post_init__(self) -> None:
+        if self.min_numbers < 2:
+            raise ValueError(f"CountdownConfig.min_numbers={self.min_numbers}; must be >= 2")
+        if not self.min_numbers <= self.max_numbers <= MAX_NUMBERS_LIMIT:
+            raise ValueError(
+                f"CountdownConfig.max_numbers={self.max_numbers}; must be in "
+                f"[min_numbers={self.min_numbers}, {MAX_NUMBERS_LIMIT}]"
+            )
+        if self.max_number < 1:
+            raise ValueError(f"CountdownConfig.max_number={self.max_number}; must be >= 1")
+        if self.min_target < 0:
+            raise ValueError(f"CountdownConfig.min_target={self.min_target}; must be >= 0")
+        if self.max_target < self.min_target:
+            raise ValueError(
+                f"CountdownConfig.max_target={self.max_target}; must be >= min_target={self.min_target}"
+            )
+        if self.max_value < max(self.max_number, self.max_target):
+            raise ValueError(
+                f"CountdownConfig.max_value={self.max_value}; must be >= max_number={self.max_number} "
+                f"and >= max_target={self.max_target}"
+            )
+        Rules(self.max_value, self.operations)  # validates operations, naming the bad value
+
+    @property
+    def rules(self) -> Rules:
+        return Rules(self.max_value, self.operations)
+
+
+# Game of 24 (four numbers 1-13, target 24), with this task's integer-only rules.
+GAME_OF_24 = CountdownConfig(min_numbers=4, max_numbers=4, max_number=13, min_target=24, max_target=24, max_value=99)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def canonical_key(numbers: Sequence[int], target: int) -> str:
+    """The problem up to the order of its numbers, e.g. "5 6 6 8 -> 24"."""
+    return f"{' '.join(str(n) for n in sorted(numbers))} -> {target}"
+
+
+def stable_hash(text: str) -> int:
+    """A hash that is the same in every process (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def split_of(key: str) -> Split:
+    """The split a problem belongs to, fixed by its canonical key."""
+    return "test" if stable_hash(key) % TEST_MODULUS == 0 else "train"
+
+
+def _draw(rng: random.Random, cfg: CountdownConfig) -> tuple[tuple[int, ...], int]:
+    """(numbers in question order, target), solvable or not."""
+    numbers = tuple(rng.randint(1, cfg.max_number) for _ in range(rng.randint(cfg.min_numbers, cfg.max_numbers)))
+    return numbers, rng.randint(cfg.min_target, cfg.max_target)
+
+
+def generate_problems(
+    split: Split, count: int, seed: int, cfg: CountdownConfig = CountdownConfig()
+) -> list[Problem]:
+    """`count` distinct solvable problems of one split, the same for the same (split, count, seed,
+    cfg). A problem belongs to the test split iff stable_hash(canonical_key) % 5 == 0, so the
+    splits are disjoint whatever the seeds. A prefix of a longer list with the same seed equals
+    the shorter list. The problem space is finite (the default has about 12k solvable problems,
+    a fifth of them in test): asking for more than a split holds is an error."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}; valid: 'train', 'test'")
+    if count < 0:
+        raise ValueError(f"count={count}; must be >= 0")
+    rng, rules = random.Random(seed), cfg.rules
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    max_draws = 100 * count + 1000
+    for _ in range(max_draws):
+        if len(problems) == count:
+            break
+        numbers, target = _draw(rng, cfg)
+        key = canonical_key(numbers, target)
+        if key in seen or split_of(key) != split:
+            continue
+        seen.add(key)
+        if reachable(tuple(sorted(numbers)), target, rules):
+            problems.append(make_problem(numbers, target, cfg))
+    if len(problems) < count:
+        raise ValueError(
+            f"count={count}: only {len(problems)} distinct solvable {split} problems found in {max_draws} "
+            f"draws with {cfg}; widen the number or target range or ask for fewer"
+        )
+    return problems
+
+
+def make_problem(numbers: Sequence[int], target: int, cfg: CountdownConfig = CountdownConfig()) -> Problem:
+    """The problem "use `numbers` to make `target`" under cfg's rules (its ranges are not enforced,
+    so any puzzle can be posed); a ValueError naming the numbers when it has no solution."""
+    numbers = tuple(int(n) for n in numbers)
+    if not 2 <= len(numbers) <= MAX_NUMBERS_LIMIT or min(numbers) < 0 or target < 0:
+        raise ValueError(
+            f"numbers={numbers}, target={target}: need 2 to {MAX_NUMBERS_LIMIT} non-negative numbers and a non-negative target"
+        )
+    if not reachable(tuple(sorted(numbers)), target, cfg.rules):
+        raise ValueError(f"numbers={numbers}: {target} cannot be made from them under {cfg.rules}")
+    key = canonical_key(numbers, target)
+    reference = _expression_of(numbers, _moves_of_seed(key, numbers, target, cfg.rules, 0))
+    return Problem(
+        id=f"countdown-{stable_hash(key):016x}",
+        question=f"Use {' '.join(map(str, numbers))} to make {target}.",
+        answer=extract_answer(f"{ANSWER_PREFIX}{reference}"),  # reference solution 0: one of possibly many
+        meta=_meta(key, numbers, target, cfg),
+    )
+
+
+def _meta(key: str, numbers: tuple[int, ...], target: int, cfg: CountdownConfig) -> dict:
+    state, rules = tuple(sorted(numbers)), cfg.rules
+    return {
+        "task": "countdown",
+        "split": split_of(key),
+        "numbers": numbers,  # in question order
+        "target": target,
+        "num_numbers": len(numbers),
+        "max_value": cfg.max_value,
+        "operations": cfg.operations,
+        "num_solutions": solution_count(state, target, rules),  # distinct solution traces
+        "dead_end_share": round(dead_end_share(state, target, rules), 4),  # of the legal first moves
+        "key": key,
+    }
+
+
+def _rules_of(problem: Problem) -> Rules:
+    return Rules(int(problem.meta["max_value"]), tuple(problem.meta["operations"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Text formats
+
+
+def prompt_text(problem: Problem) -> str:
+    """What the policy sees: the question, then the opening of the think span."""
+    return f"{problem.question}\n{THINK_OPEN}"
+
+
+def _moves_of_seed(key: str, numbers: Sequence[int], target: int, rules: Rules, seed: int) -> list[Move]:
+    """The moves of reference solution `seed`, drawn by an RNG seeded from the problem key and seed,
+    so each (problem, seed) always gives the same solution and different seeds give varied ones."""
+    rng = random.Random(stable_hash(f"{key}|{seed}"))
+    return random_solution(tuple(sorted(numbers)), target, rules, rng)
+
+
+def _solution_moves(problem: Problem, seed: int) -> list[Move]:
+    meta = problem.meta
+    return _moves_of_seed(meta["key"], meta["numbers"], int(meta["target"]), _rules_of(problem), seed)
+
+
+def _expression_of(numbers: Sequence[int], moves: Sequence[Move]) -> str:
+    """The solution's expression, each intermediate result in parentheses, the outermost bare.
+    Operands are taken like the "left" list: first occurrence of the value."""
+    items: list[tuple[int, str]] = [(n, str(n)) for n in numbers]
+    for move in moves:
+        x = items.pop(next(i for i, (v, _) in enumerate(items) if v == move.x))
+        y = items.pop(next(i for i, (v, _) in enumerate(items) if v == move.y))
+        items.append((move.result, f"({x[1]} {move.op} {y[1]})"))
+    text = items[0][1]
+    return text[1:-1] if text.startswith("(") else text
+
+
+def _steps_of(numbers: Sequence[int], moves: Sequence[Move]) -> list[str]:
+    steps, left = [], list(numbers)
+    for move in moves:
+        left = left_after(left, move)
+        steps.append(format_step(move, left))
+    return steps
+
+
+def solution_steps(problem: Problem, seed: int = 0) -> list[str]:
+    """The reference steps of solution `seed`, one per operation, each ending on SEPARATOR."""
+    return _steps_of(problem.meta["numbers"], _solution_moves(problem, seed))
+
+
+def solution_text(problem: Problem, seed: int = 0) -> str:
+    """A reference completion of prompt_text(problem): steps, then "</think>Answer: <expression>".
+    Different seeds give different valid solutions where the problem has several."""
+    numbers, moves = problem.meta["numbers"], _solution_moves(problem, seed)
+    return "".join(_steps_of(numbers, moves)) + f"{THINK_CLOSE}{ANSWER_PREFIX}{_expression_of(numbers, moves)}"
+
+
+def training_pairs(problems: Sequence[Problem], count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """`count` (prompt, completion) SFT pairs cycling over `problems`; pass k over the list uses
+    solution seed `seed + k`, so a problem seen again comes with another random valid solution
+    (the problem space is finite, so a long run sees each problem several times)."""
+    if count < 0:
+        raise ValueError(f"count={count}; must be >= 0")
+    if count and not problems:
+        raise ValueError(f"count={count} pairs asked from an empty problem list")
+    return [
+        (prompt_text(p), solution_text(p, seed + i // len(problems)))
+        for i, p in ((i, problems[i % len(problems)]) for i in range(count))
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The answer expression: parse, evaluate, canonical form
+
+Expr = Union[int, tuple[str, "Expr", "Expr"]]  # a number, or (op, left, right)
+_TOKEN_RE = re.compile(r"\s*(?:(\d{1,6})|([-+*/()]))")
+
+
+def _tokens(text: str) -> list[str] | None:
+    out, pos, text = [], 0, text.rstrip()
+    while pos < len(text):
+        match = _TOKEN_RE.match(text, pos)
+        if match is None:
+            return None
+        out.append(match.group(1) or match.group(2))
+        pos = match.end()
+    return out
+
+
+def _parse_expression(text: str) -> Expr | None:
+    """An expression of non-negative integers, + - * / and parentheses with the usual precedence
+    (left-associative); None when malformed (no unary minus, no decimals)."""
+    tokens = _tokens(text) if len(text) <= MAX_ANSWER_CHARS else None
+    if not tokens:
+        return None
+    expr, pos = _sum(tokens, 0)
+    return expr if expr is not None and pos == len(tokens) else None
+
+
+def _sum(tokens: list[str], pos: int) -> tuple[Expr | None, int]:
+    left, pos = _product(tokens, pos)
+    while left is not None and pos < len(tokens) and tokens[pos] in "+-":
+        op = tokens[pos]
+        right, pos = _product(tokens, pos + 1)
+        left = None if right is None else (op, left, right)
+    return left, pos
+
+
+def _product(tokens: list[str], pos: int) -> tuple[Expr | None, int]:
+    left, pos = _atom(tokens, pos)
+    while left is not None and pos < len(tokens) and tokens[pos] in "*/":
+        op = tokens[pos]
+        right, pos = _atom(tokens, pos + 1)
+        left = None if right is None else (op, left, right)
+    return left, pos
+
+
+def _atom(tokens: list[str], pos: int) -> tuple[Expr | None, int]:
+    if pos >= len(tokens):
+        return None, pos
+    if tokens[pos].isdigit():
+        return int(tokens[pos]), pos + 1
+    if tokens[pos] == "(":
+        inner, pos = _sum(tokens, pos + 1)
+        if inner is None or pos >= len(tokens) or tokens[pos] != ")":
+            return None, pos
+        return inner, pos + 1
+    return None, pos
+
+
+def _evaluate(expr: Expr, rules: Rules) -> int | None:
+    """The value under the task's rules (None when any intermediate value breaks them)."""
+    if isinstance(expr, int):
+        return expr
+    op, left, right = expr
+    a, b = _evaluate(left, rules), _evaluate(right, rules)
+    return None if a is None or b is None else apply_op(a, op, b, rules)
+
+
+def _leaves(expr: Expr) -> list[int]:
+    return [expr] if isinstance(expr, int) else _leaves(expr[1]) + _leaves(expr[2])
+
+
+def _canonical(expr: Expr, top: bool = True) -> str:
+    """Every binary operation in parentheses except the outermost; operands of + and * in sorted
+    order, so commuted forms of one computation print alike."""
+    if isinstance(expr, int):
+        return str(expr)
+    op, left, right = expr
+    a, b = _canonical(left, False), _canonical(right, False)
+    if op in "+*":
+        a, b = sorted((a, b))
+    text = f"{a} {op} {b}"
+    return text if top else f"({text})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Grading
+
+_ANSWER_RE = re.compile(r"Answer\s*:[ \t]*([^\n]*)")
+
+
+def extract_answer(text: str) -> str | None:
+    """The last "Answer: <expression>" after the last </think> (anywhere if there is no
+    </think>), in canonical form ("(8-5)*6+6" -> "((8 - 5) * 6) + 6" with + and * operands
+    sorted); None when there is none or it does not parse. Never raises."""
+    try:
+        if not isinstance(text, str):
+            return None
+        matches = _ANSWER_RE.findall(text.rsplit(THINK_CLOSE, 1)[-1])
+        if not matches:
+            return None
+        line = matches[-1].strip()
+        line = line[:-1].rstrip() if line.endswith(".") else line
+        expr = _parse_expression(line)
+        return None if expr is None else _canonical(expr)
+    except Exception:  # a grader must never crash a search run
+        return None
+
+
+def grade(problem: Problem, completion_text: str) -> bool:
+    """True iff the completion's answer expression uses each of the problem's numbers exactly once
+    and evaluates to the target under the task's rules. Never raises."""
+    try:
+        answer = extract_answer(completion_text)
+        expr = None if answer is None else _parse_expression(answer)
+        if expr is None:
+            return False
+        if sorted(_leaves(expr)) != sorted(int(n) for n in problem.meta["numbers"]):
+            return False
+        return _evaluate(expr, _rules_of(problem)) == int(problem.meta["target"])
+    except Exception:  # a grader must never crash a search run
+        return False
+
+
+def true_step_labels(problem: Problem, step_texts: Sequence[str]) -> list[bool]:
+    """One label per step text (as `treesearch.steps.split_steps` cuts a completion). A think-span
+    step is correct iff it is well formed ("x op y = r, left ..."), uses numbers still available,
+    its arithmetic is right under the rules, its "left" list is right, the target is still
+    reachable from what is left, and every earlier step is correct (countdown_steps.step_labels).
+    The answer step ("</think>Answer: ...") is correct iff nothing but blanks precedes </think>
+    in it, every earlier step is correct and grade() accepts it; anything after it is wrong.
+    Never raises."""
+    texts = [t if isinstance(t, str) else "" for t in step_texts]
+    end = next((i for i, t in enumerate(texts) if THINK_CLOSE in t), len(texts))
+    try:
+        labels = step_labels(problem.meta["numbers"], int(problem.meta["target"]), _rules_of(problem), texts[:end])
+    except Exception:
+        labels = [False] * end
+    if end < len(texts):
+        before = texts[end].split(THINK_CLOSE, 1)[0]
+        labels.append(step_body(before) == "" and all(labels) and grade(problem, texts[end]))
+        labels += [False] * (len(texts) - end - 1)
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# `python -m experiments.tasks.countdown`: examples and statistics
+
+
+def _problem_stats(problem: Problem) -> dict[str, float]:
+    numbers, target, rules = problem.meta["numbers"], int(problem.meta["target"]), _rules_of(problem)
+    traces = list(all_solutions(tuple(sorted(numbers)), target, rules))
+    answers = {_canonical(_parse_expression(_expression_of(numbers, t))) for t in traces}  # type: ignore[arg-type]
+    return {
+        "traces": len(traces),
+        "answers": len(answers),
+        "steps": len(numbers) - 1,
+        "first_dead": dead_end_share(tuple(sorted(numbers)), target, rules),
+        "path_dead": _path_dead_share(problem),
+    }
+
+
+def _path_dead_share(problem: Problem) -> float:
+    """Mean dead-end share of the legal moves at each state along reference solution 0."""
+    state, target, rules = tuple(sorted(problem.meta["numbers"])), int(problem.meta["target"]), _rules_of(problem)
+    shares = []
+    for move in _solution_moves(problem, 0):
+        shares.append(dead_end_share(state, target, rules))
+        state = next_state(state, move)
+    return statistics.mean(shares)
+
+
+def _token_lengths(problems: Sequence[Problem]) -> tuple[float, float, int]:
+    """(mean prompt tokens, mean completion tokens, max total) with a tiny tokenizer learned from
+    countdown text (imported lazily: it needs transformers)."""
+    from policies.tiny_tokenizer import build_tokenizer
+
+    corpus = [prompt_text(p) + solution_text(p, s) for p in problems for s in range(2)]
+    tok = build_tokenizer(corpus=corpus)
+    prompts = [len(tok(prompt_text(p))["input_ids"]) for p in problems]
+    completions = [len(tok(solution_text(p), add_special_tokens=False)["input_ids"]) + 1 for p in problems]  # + <eos>
+    return statistics.mean(prompts), statistics.mean(completions), max(a + b for a, b in zip(prompts, completions))
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="Countdown problems, solutions and statistics.")
+    parser.add_argument("--problems", type=int, default=500, help="test problems for the statistics")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--game24", action="store_true", help="Game of 24 instead of the default config")
+    args = parser.parse_args()
+    cfg = GAME_OF_24 if args.game24 else CountdownConfig()
+    problems = generate_problems("test", args.problems, seed=args.seed, cfg=cfg)
+    for problem in problems[:3]:
+        print(prompt_text(problem) + solution_text(problem, 0), end="\n\n")
+        print(f"another solution: {solution_text(problem, 1)!r}", end="\n---\n")
+    stats = [_problem_stats(p) for p in problems]
+    col = {k: [s[k] for s in stats] for k in stats[0]}
+    print(f"{cfg}\n{len(problems)} test problems")
+    print(f"solution traces per problem: mean {statistics.mean(col['traces']):.2f}, median "
+          f"{statistics.median(col['traces']):.0f}, share with one {sum(t == 1 for t in col['traces']) / len(stats):.2f}")
+    print(f"distinct answer expressions per problem: mean {statistics.mean(col['answers']):.2f}, median "
+          f"{statistics.median(col['answers']):.0f}, share with one {sum(a == 1 for a in col['answers']) / len(stats):.2f}")
+    print(f"steps per solution: mean {statistics.mean(col['steps']):.2f}")
+    print(f"dead-end share of legal first moves: mean {statistics.mean(col['first_dead']):.3f}; "
+          f"of legal moves along a solution path: mean {statistics.mean(col['path_dead']):.3f}")
+    prompt_len, completion_len, longest = _token_lengths(problems)
+    print(f"tiny tokenizer (learned on countdown text): prompt {prompt_len:.1f} tokens, completion "
+          f"{completion_len:.1f} tokens (with <eos>), longest example {longest}")
+
+
+if __name__ == "__main__":
+    _main()
