@@ -1,18 +1,20 @@
 """`make demo`: the main job on the embedded default, from a fresh clone.
 
-1. Loads the tiny arith policy from `outputs/checkpoints/tiny-arith`, or trains it there first
+For each embedded task (`arith`, and `countdown`: the task with a generator-verifier gap):
+1. Loads its tiny policy from `outputs/checkpoints/tiny-<task>/final`, or trains it there first
    (SFT, 8 minutes on 2 CPU cores) when no checkpoint is cached.
-2. Greedy decoding and Best-of-N sampling (N = 32) on the arith test split, batched, with a
-   progress bar.
+2. Greedy decoding and Best-of-N sampling (N = 32) on the test split, batched, with a progress
+   bar; every smaller N post hoc from the same samples.
 3. The compute-matched comparison (`experiments.demo_sweep`): Best-of-N, beam search, DVTS and
    MCTS at N = 4, 8, 16, 32 on the first 100 test problems, each run resumable and cached in
-   `outputs/demo/sweep_arith/`; the scaling fit per strategy and its plot `scaling_arith.png`.
+   `outputs/demo/sweep_<task>/`; the scaling fit per strategy and its plot `scaling_<task>.png`.
 4. Writes `outputs/demo/report.md`, `outputs/demo/metrics.json` (keys documented in the README),
-   `outputs/demo/records.jsonl` (every candidate with its scores) and one example tree: a
-   step-level beam search on the first problem (`tree_example.json`, `.png`, `.html`).
+   `outputs/demo/records_<task>.jsonl` (every candidate with its scores) and one example tree per
+   task: a step-level beam search on the first problem (`tree_<task>.json`, `.png`, `.html`).
 
     python -m experiments.demo                       # the default
     python -m experiments.demo --problems 50 --n 8   # smaller
+    python -m experiments.demo --tasks countdown --sweep-problems 0
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from types import ModuleType
+from typing import Any, Sequence
 
 from tqdm import tqdm
 
@@ -31,7 +34,7 @@ from experiments.metrics import ProblemOutcome
 from experiments.outcomes import grade_results, write_records
 from experiments.plot import render_tree
 from experiments.result_json import save_result
-from experiments.tasks import arith
+from experiments.sft_tasks import get_sft_task
 from experiments.tiny_policy import ensure_policy
 from policies.sampling_config import SamplingConfig
 from policies.sft import SFTConfig
@@ -49,26 +52,57 @@ from treesearch.result import SearchResult
 
 
 @dataclass(frozen=True)
+class DemoTask:
+    """One embedded task of the demo: its name (an `experiments.sft_tasks` entry and the metric
+    prefix), its difficulty config (None: the task's default), the sampling temperature (None:
+    the task's DEFAULT_TEMPERATURE) and the generation cap per solution."""
+
+    name: str
+    config: Any = None
+    temperature: float | None = None
+    max_total_tokens: int = 160
+
+    def __post_init__(self) -> None:
+        get_sft_task(self.name)  # a ValueError naming the valid tasks
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"DemoTask({self.name}).temperature={self.temperature!r} must be >= 0")
+
+    @property
+    def module(self) -> ModuleType:
+        return get_sft_task(self.name).module
+
+    @property
+    def task_config(self) -> Any:
+        return get_sft_task(self.name).default_config if self.config is None else self.config
+
+    @property
+    def sampling_temperature(self) -> float:
+        return self.module.DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
+
+
+DEFAULT_TASKS: tuple[DemoTask, ...] = (DemoTask("arith"), DemoTask("countdown", max_total_tokens=128))
+
+
+@dataclass(frozen=True)
 class DemoConfig:
-    """out_dir: where the report goes; checkpoint: the cached policy (trained when missing);
-    problems: arith test problems; n: samples per problem (largest Best-of-N); chunk: problems per
-    policy call (one progress tick each); temperature: sampling temperature; seed: problems and
-    sampling seed; max_total_tokens: generation cap per solution; sweep_problems,
-    sweep_strategies, sweep_budgets: the compute-matched strategy comparison (0 problems: skip it)."""
+    """out_dir: where the report goes; checkpoints: the cached policies, one run folder
+    tiny-<task> each (trained when missing); tasks: the embedded tasks; problems: test problems
+    per task; n: samples per problem (largest Best-of-N); chunk: problems per policy call (one
+    progress tick each); seed: problems and sampling seed; train_problems: SFT pairs to draw;
+    sweep_problems, sweep_strategies, sweep_budgets: the compute-matched strategy comparison
+    (0 problems: skip it)."""
 
     out_dir: str = "outputs/demo"
-    checkpoint: str = "outputs/checkpoints/tiny-arith"  # run folder; the model is <checkpoint>/final
+    checkpoints: str = "outputs/checkpoints"
+    tasks: tuple[DemoTask, ...] = DEFAULT_TASKS
     problems: int = 200
     n: int = 32
     chunk: int = 16
-    temperature: float = arith.DEFAULT_TEMPERATURE
     seed: int = 0
-    max_total_tokens: int = 160
     train_problems: int = 100_000
     sweep_problems: int = 100
     sweep_strategies: tuple[str, ...] = DEMO_STRATEGIES
     sweep_budgets: tuple[int, ...] = DEMO_BUDGETS
-    task: arith.ArithConfig = field(default_factory=arith.ArithConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     model: TinyModelConfig = field(default_factory=TinyModelConfig)
 
@@ -78,8 +112,11 @@ class DemoConfig:
         for name in ("problems", "n", "chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DemoConfig.{name}={getattr(self, name)!r} must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"DemoConfig.temperature={self.temperature!r} must be >= 0")
+        if not self.tasks:
+            raise ValueError("DemoConfig.tasks is empty: name at least one task")
+
+    def run_dir(self, task: DemoTask) -> Path:
+        return Path(self.checkpoints) / f"tiny-{task.name}"
 
 
 def search_in_chunks(
@@ -110,61 +147,82 @@ def mean_compute(results: Sequence[SearchResult]) -> dict[str, float]:
     return {k: v / len(results) for k, v in total.to_dict().items()}
 
 
-def write_example_tree(out: Path, problem: Problem, policy: Policy, scorer: Scorer, cfg: DemoConfig) -> None:
+def write_example_tree(out: Path, problem: Problem, policy: Policy, scorer: Scorer, cfg: DemoConfig, task: str) -> None:
     """A step-level beam search on one problem, saved as a result JSON with its PNG and HTML."""
     width = 4 if cfg.n >= 4 else 1
     beam_cfg = BeamSearchConfig(n=min(cfg.n, 8) // width * width, beam_width=width, seed=cfg.seed)
     (result,) = beam_search([problem], policy, scorer, beam_cfg)
-    path = save_result(out / "tree_example.json", result)
+    path = save_result(out / f"tree_{task}.json", result)
     render_tree(path)
 
 
-def strategy_sweep(cfg: DemoConfig, ckpt: Path) -> StrategySweep | None:
-    """The compute-matched comparison on arith (None when cfg.sweep_problems is 0)."""
+def strategy_sweep(cfg: DemoConfig, task: DemoTask, ckpt: Path) -> StrategySweep | None:
+    """The compute-matched comparison on one task (None when cfg.sweep_problems is 0)."""
     if cfg.sweep_problems == 0:
         return None
     spec = SweepSpec(
-        out_dir=Path(cfg.out_dir) / "sweep_arith", checkpoint=str(ckpt), task="arith",
+        out_dir=Path(cfg.out_dir) / f"sweep_{task.name}", checkpoint=str(ckpt), task=task.name,
         problems=cfg.sweep_problems, strategies=cfg.sweep_strategies, budgets=cfg.sweep_budgets, seed=cfg.seed,
-        overrides=(f"policy.sampling.temperature={cfg.temperature}", f"policy.sampling.max_total_tokens={cfg.max_total_tokens}"),
+        overrides=(f"policy.sampling.temperature={task.sampling_temperature}",
+                   f"policy.sampling.max_total_tokens={task.max_total_tokens}"),
     )
     return run_strategy_sweep(spec)
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """What one task adds to the report: its outcomes, its sweep and a line for the header."""
+
+    outcomes: TaskOutcomes
+    sweep: StrategySweep | None
+    summary: str
+
+
+def run_task(cfg: DemoConfig, task: DemoTask, out: Path) -> TaskRun:
+    """Train-or-load the task's policy, sample greedy and Best-of-N, grade, sweep the strategies."""
+    module = task.module
+    ckpt = ensure_policy(cfg.run_dir(task), cfg.sft, cfg.model, task.task_config, cfg.train_problems, task=task.name)
+    problems = module.generate_problems("test", cfg.problems, cfg.seed, task.task_config)
+    sampling = SamplingConfig(temperature=task.sampling_temperature, max_total_tokens=task.max_total_tokens)
+    policy = TransformersPolicy.from_pretrained(ckpt, sampling, module.prompt_text)
+    greedy = TransformersPolicy(policy.model, policy.tokenizer, replace(sampling, temperature=0.0), module.prompt_text)
+    scorer = ConfidenceScorer()
+
+    start = time.perf_counter()
+    greedy_results = search_in_chunks(problems, greedy, scorer, BestOfNConfig(n=1), cfg.chunk * cfg.n, f"{task.name} greedy")
+    sampled = search_in_chunks(problems, policy, scorer, BestOfNConfig(n=cfg.n, seed=cfg.seed), cfg.chunk,
+                               f"{task.name} best-of-{cfg.n}")
+    elapsed = time.perf_counter() - start
+
+    conf = grade_results(sampled, module.grade, module.extract_answer)
+    outcomes = TaskOutcomes(
+        task=task.name,
+        greedy=grade_results(greedy_results, module.grade, module.extract_answer),
+        conf=conf,
+        random=rescored(sampled, conf, RandomScorer(seed=cfg.seed)),
+        compute=mean_compute(sampled),
+    )
+    write_records(out / f"records_{task.name}.jsonl", sampled, conf)
+    write_example_tree(out, problems[0], policy, scorer, cfg, task.name)
+    tokens = sum(r.compute.tokens_generated for r in sampled + greedy_results)
+    summary = (
+        f"- {task.name}: policy `{ckpt}` ({policy.num_parameters / 1e6:.2f}M parameters), temperature "
+        f"{task.sampling_temperature}; greedy + Best-of-{cfg.n} took {elapsed:.0f} s for {tokens} tokens "
+        f"({tokens / elapsed:.0f} tokens/s)."
+    )
+    return TaskRun(outcomes, strategy_sweep(cfg, task, ckpt), summary)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo; return the metrics written to metrics.json."""
     out = Path(cfg.out_dir)
-    ckpt = ensure_policy(Path(cfg.checkpoint), cfg.sft, cfg.model, cfg.task, cfg.train_problems)
-    problems = arith.generate_problems("test", cfg.problems, cfg.seed, cfg.task)
-    sampling = SamplingConfig(temperature=cfg.temperature, max_total_tokens=cfg.max_total_tokens)
-    policy = TransformersPolicy.from_pretrained(ckpt, sampling, arith.prompt_text)
-    greedy = TransformersPolicy(policy.model, policy.tokenizer, replace(sampling, temperature=0.0), arith.prompt_text)
-    scorer = ConfidenceScorer()
-
-    start = time.perf_counter()
-    greedy_results = search_in_chunks(problems, greedy, scorer, BestOfNConfig(n=1), cfg.chunk * cfg.n, "greedy")
-    sampled = search_in_chunks(problems, policy, scorer, BestOfNConfig(n=cfg.n, seed=cfg.seed), cfg.chunk, f"best-of-{cfg.n}")
-    elapsed = time.perf_counter() - start
-
-    conf = grade_results(sampled, arith.grade, arith.extract_answer)
-    task = TaskOutcomes(
-        task="arith",
-        greedy=grade_results(greedy_results, arith.grade, arith.extract_answer),
-        conf=conf,
-        random=rescored(sampled, conf, RandomScorer(seed=cfg.seed)),
-        compute=mean_compute(sampled),
+    runs = [run_task(cfg, task, out) for task in cfg.tasks]
+    header = "\n".join(
+        ["# treesearch demo report", ""] + [r.summary for r in runs]
+        + ["", f"Config: `{json.dumps(asdict(cfg), default=str)}`"]
     )
-    write_records(out / "records.jsonl", sampled, conf)
-    write_example_tree(out, problems[0], policy, scorer, cfg)
-    tokens = sum(r.compute.tokens_generated for r in sampled + greedy_results)
-    header = (
-        "# treesearch demo report\n\n"
-        f"Policy: `{ckpt}` ({policy.num_parameters / 1e6:.2f}M parameters), sampling temperature "
-        f"{cfg.temperature}. Generation took {elapsed:.0f} s for {tokens} tokens "
-        f"({tokens / elapsed:.0f} tokens/s). Config: `{json.dumps(asdict(cfg), default=str)}`"
-    )
-    sweep = strategy_sweep(cfg, ckpt)
-    write_report(out, [task], header, {"arith": sweep} if sweep else {})
+    sweeps = {r.outcomes.task: r.sweep for r in runs if r.sweep is not None}
+    write_report(out, [r.outcomes for r in runs], header, sweeps)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -172,23 +230,29 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     d = DemoConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default=d.out_dir)
-    ap.add_argument("--checkpoint", default=d.checkpoint)
+    ap.add_argument("--checkpoints", default=d.checkpoints, help="folder of the cached tiny-<task> policies")
+    ap.add_argument("--tasks", default=",".join(t.name for t in d.tasks), help="comma-separated: arith,countdown")
     ap.add_argument("--problems", type=int, default=d.problems)
     ap.add_argument("--n", type=int, default=d.n)
     ap.add_argument("--chunk", type=int, default=d.chunk)
-    ap.add_argument("--temperature", type=float, default=d.temperature)
+    ap.add_argument("--temperature", type=float, default=None, help="default: each task's own")
+    ap.add_argument("--sweep-problems", type=int, default=d.sweep_problems, help="0 skips the strategy sweep")
     ap.add_argument("--seed", type=int, default=d.seed)
     a = ap.parse_args(argv)
-    return DemoConfig(out_dir=a.out_dir, checkpoint=a.checkpoint, problems=a.problems, n=a.n,
-                      chunk=a.chunk, temperature=a.temperature, seed=a.seed)
+    defaults = {t.name: t for t in d.tasks}
+    tasks = tuple(replace(defaults.get(name, DemoTask(name)), temperature=a.temperature)
+                  for name in a.tasks.split(",") if name)
+    return DemoConfig(out_dir=a.out_dir, checkpoints=a.checkpoints, tasks=tasks, problems=a.problems, n=a.n,
+                      chunk=a.chunk, seed=a.seed, sweep_problems=a.sweep_problems)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_args(argv)
     metrics = run_demo(cfg)
     print((Path(cfg.out_dir) / "report.md").read_text())
-    keys = ["arith.greedy", "arith.pass@1", f"arith.maj@{cfg.n}", f"arith.conf_bon@{cfg.n}", f"arith.pass@{cfg.n}"]
-    print({k: round(metrics[k], 3) for k in keys if k in metrics})
+    for task in cfg.tasks:
+        keys = ["greedy", "pass@1", f"maj@{cfg.n}", f"conf_bon@{cfg.n}", f"pass@{cfg.n}"]
+        print(task.name, {k: round(metrics[f"{task.name}.{k}"], 3) for k in keys if f"{task.name}.{k}" in metrics})
 
 
 if __name__ == "__main__":

@@ -108,8 +108,11 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 
 def build_frozen(node: DictConfig) -> Any:
-    """Build a config dataclass; list fields become tuples (frozen configs hold tuples)."""
-    return build(node, **{key: tuple(value) for key, value in node.items() if isinstance(value, ListConfig)})
+    """Build a config dataclass; list fields become tuples (frozen configs hold tuples; a kwarg
+    given to `instantiate` would be turned back into a ListConfig, so the tuples are put in after)."""
+    built = build(node, _convert_="all")
+    lists = {key: tuple(value) for key, value in node.items() if isinstance(value, ListConfig)}
+    return dataclasses.replace(built, **lists) if lists else built
 
 
 def build_policy(node: DictConfig) -> Policy:

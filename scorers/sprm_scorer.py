@@ -4,6 +4,7 @@ prompt + path (what the reference's `/score` service does), as a `treesearch.pro
 Usage:
     model, tokenizer = ReflectiveModel.from_pretrained("runs/tiny-sprm")
     scorer = SPRMScorer(model, tokenizer, prompt_fn=arith.prompt_text)
+    scorer = SPRMScorer.from_pretrained("runs/tiny-sprm", arith.prompt_text)   # the same, in one call
     scorer.score(paths)          # [[step score, ...], ...] one per step, in [0, 1]
     scorer.path_scores(paths)    # the reference's value: geometric mean over separator positions, 0 if none
     scorer.read(paths)           # SPRMReading: token ids, positions, per-position and per-step scores
@@ -24,6 +25,7 @@ or to check that equality.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -83,6 +85,23 @@ class SPRMScorer:
         self.pad_id: int = pad_id if pad_id is not None else int(tokenizer.eos_token_id)
         self.num_parameters: int = model.num_parameters
         self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        prompt_fn: Callable[[Problem], str],
+        step_format: StepFormat = StepFormat(),
+        batch_size: int = 16,
+        feature_layer: int | None = None,
+    ) -> "SPRMScorer":
+        """Load a reflective checkpoint folder (transformers files + score_module.pt, e.g. a
+        `python -m experiments.train` checkpoint or an XBai-o4 / MetaStone-S1 folder) with
+        `ReflectiveModel.from_pretrained` (FileNotFoundError names a missing file) and score with
+        it; feature_layer overrides the folder's sprm.json (-2 without one). `scorer=sprm_forward`
+        in the search configs builds it from here."""
+        model, tokenizer = ReflectiveModel.from_pretrained(path, feature_layer=feature_layer)
+        return cls(model, tokenizer, prompt_fn, step_format, batch_size)
 
     def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
         return [list(r.step_scores) for r in self.read(paths)]

@@ -1,5 +1,6 @@
 """The real benchmarks read in place from ../shared/data: row counts, reference answers that grade
-equal to themselves (MATH-500 through math_verify), AIME jsonl vs parquet, C-Eval letters;
+equal to themselves (MATH-500 through math_verify), AIME jsonl vs parquet, C-Eval letters; the
+search task interface (generate_problems: splits, count, seeded shuffle, config errors);
 malformed rows that name file, line and field; answer extraction; the grading time limit;
 prompts through a chat template."""
 from __future__ import annotations
@@ -14,6 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from experiments.tasks import aime, arith, ceval, grading, gsm8k, math500, prompts
+from experiments.tasks.aime import AimeConfig
+from experiments.tasks.benchmark_split import BenchmarkConfig
 from experiments.tasks.grading import (
     answer_line,
     answers_match,
@@ -147,6 +150,98 @@ def test_ceval_letters_choices_and_grading():
 def test_every_module_has_the_arith_task_interface():
     for module in (arith, gsm8k, math500, aime, ceval):
         assert callable(module.prompt_text) and callable(module.extract_answer) and callable(module.grade)
+        assert callable(module.generate_problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# The search task interface: generate_problems(split, count, seed, cfg)
+
+# (task module, its config, a split, the loader's problems of that split)
+BENCHMARKS = {
+    "gsm8k train": (gsm8k, BenchmarkConfig(), "train", lambda: gsm8k.load_gsm8k("train")),
+    "gsm8k test": (gsm8k, BenchmarkConfig(), "test", lambda: gsm8k.load_gsm8k("test")),
+    "math500": (math500, BenchmarkConfig(), "test", math500.load_math500),
+    "aime24": (aime, AimeConfig(year=24), "test", lambda: aime.load_aime(24)),
+    "aime24 parquet": (aime, AimeConfig(year=24, parquet=True), "test", lambda: aime.load_aime(24, parquet=True)),
+    "aime25": (aime, AimeConfig(year=25), "test", lambda: aime.load_aime(25)),
+    "ceval": (ceval, BenchmarkConfig(), "test", ceval.load_ceval),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_generate_problems_takes_the_first_count_in_file_order(name):
+    module, cfg, split, load = BENCHMARKS[name]
+    everything = load()
+    ids = [p.id for p in everything]
+    assert [p.id for p in module.generate_problems(split, 3, 0, cfg)] == ids[:3]
+    assert [p.id for p in module.generate_problems(split, 3, 7, cfg)] == ids[:3]  # the seed only shuffles
+    assert module.generate_problems(split, None, 0, cfg) == everything  # None and -1: the whole split
+    assert module.generate_problems(split, -1, 0, cfg) == everything
+    assert module.generate_problems(split, 0, 0, cfg) == []
+
+
+def test_shuffle_is_seeded_and_a_smaller_count_is_a_prefix():
+    shuffled = BenchmarkConfig(shuffle=True)
+    ten = [p.id for p in gsm8k.generate_problems("test", 10, 1, shuffled)]
+    assert ten == [p.id for p in gsm8k.generate_problems("test", 10, 1, shuffled)]
+    assert ten[:4] == [p.id for p in gsm8k.generate_problems("test", 4, 1, shuffled)]
+    assert ten != [p.id for p in gsm8k.generate_problems("test", 10, 2, shuffled)]
+    assert ten != [p.id for p in gsm8k.generate_problems("test", 10, 1, BenchmarkConfig())]
+    every = gsm8k.generate_problems("test", None, 1, shuffled)  # a permutation: nothing lost or repeated
+    assert sorted(p.id for p in every) == sorted(p.id for p in gsm8k.load_gsm8k("test"))
+    aime_order = [p.id for p in aime.generate_problems("test", None, 0, AimeConfig(year=25, shuffle=True))]
+    assert sorted(aime_order) == sorted(p.id for p in aime.load_aime(25)) and aime_order != sorted(aime_order)
+
+
+@pytest.mark.parametrize(
+    "module, cfg, split, valid",
+    [
+        (gsm8k, BenchmarkConfig(), "validation", "gsm8k: split='validation'; valid: 'train', 'test'"),
+        (math500, BenchmarkConfig(), "train", "math500: split='train'; valid: 'test'"),
+        (aime, AimeConfig(year=25), "train", "aime25: split='train'; valid: 'test'"),
+        (ceval, BenchmarkConfig(), "val", "ceval: split='val'; valid: 'test'"),
+    ],
+)
+def test_a_wrong_split_lists_the_valid_ones_before_reading(module, cfg, split, valid, tmp_path, monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))  # no files there: the split is refused first
+    with pytest.raises(ValueError) as caught:
+        module.generate_problems(split, 3, 0, cfg)
+    assert str(caught.value) == valid
+
+
+def test_a_count_beyond_the_split_names_both_numbers():
+    with pytest.raises(ValueError, match=r"aime24: count=31 but the test split has only 30 problems"):
+        aime.generate_problems("test", 31, 0, AimeConfig(year=24))
+    with pytest.raises(ValueError, match=r"gsm8k: count=1320 but the test split has only 1319 problems"):
+        gsm8k.generate_problems("test", 1320, 0, BenchmarkConfig())
+    for bad in (-2, 2.5, "3", True):
+        with pytest.raises(ValueError, match=rf"math500: count={bad!r} must be an integer >= 0, or -1 / null"):
+            math500.generate_problems("test", bad, 0, BenchmarkConfig())
+
+
+def test_task_configs_name_bad_values(tmp_path):
+    with pytest.raises(ValueError, match=r"BenchmarkConfig.shuffle='yes' must be true or false"):
+        BenchmarkConfig(shuffle="yes")
+    with pytest.raises(ValueError, match=r"BenchmarkConfig.hub=1 must be true or false"):
+        BenchmarkConfig(hub=1)
+    with pytest.raises(ValueError, match=r"BenchmarkConfig.path='' must be a file path or null"):
+        BenchmarkConfig(path="")
+    for year in (26, True, "24"):
+        with pytest.raises(ValueError, match=rf"AimeConfig.year={year!r}; valid: 24, 25"):
+            AimeConfig(year=year)
+    with pytest.raises(ValueError, match=r"AimeConfig.parquet=True with year=25: MetaStone ships only AIME 2024"):
+        AimeConfig(year=25, parquet=True)
+    AimeConfig(year=25, parquet=True, path=str(tmp_path / "own.parquet"))  # a file of one's own is allowed
+    with pytest.raises(ValueError, match=r"ceval: hub=True is not supported"):
+        ceval.generate_problems("test", 1, 0, BenchmarkConfig(hub=True))
+
+
+def test_generate_problems_reads_a_user_path(tmp_path):
+    own = _write(tmp_path / "mine.jsonl", [json.dumps(GOOD_MATH)])
+    [problem] = math500.generate_problems("test", None, 0, BenchmarkConfig(path=str(own)))
+    assert problem.id == "test/algebra/1.json" and problem.meta["source"] == str(own)
+    with pytest.raises(ValueError, match=r"count=2 but the test split has only 1 problems"):
+        math500.generate_problems("test", 2, 0, BenchmarkConfig(path=str(own)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments.demo import DemoConfig, run_demo
+from experiments.demo import DemoConfig, DemoTask, parse_args, run_demo
 from policies.sft import SFTConfig
 from policies.tiny_model import TinyModelConfig
 
@@ -17,12 +17,12 @@ REQUIRED_KEYS = ["arith.pass@1", "arith.greedy", "arith.maj@4", "arith.conf_bon@
 def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
     cfg = DemoConfig(
         out_dir=str(tmp_path / "demo"),
-        checkpoint=str(tmp_path / "ckpt"),
+        checkpoints=str(tmp_path / "ckpt"),
+        tasks=(DemoTask("arith", max_total_tokens=24), DemoTask("countdown", max_total_tokens=24)),
         problems=3,
         n=4,
         chunk=2,
         train_problems=64,
-        max_total_tokens=24,
         sweep_problems=2,
         sweep_budgets=(4, 8),
         sft=SFTConfig(max_minutes=None, max_steps=2, batch_size=4, warmup_steps=1, checkpoint_every=0),
@@ -37,11 +37,13 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
     assert metrics["arith.compute"]["flops"] > 0
     out = tmp_path / "demo"
     assert "| N | pass@1 |" in (out / "report.md").read_text()
-    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all(len(r["candidates"]) == 4 for r in rows)
-    assert json.loads((out / "tree_example.json").read_text())["tree"]["nodes"][0]["parent"] is None
-    assert (out / "tree_example.png").stat().st_size > 1000 and (out / "tree_example.html").is_file()
-    assert (tmp_path / "ckpt" / "final" / "config.json").is_file()
+    for task in ("arith", "countdown"):
+        rows = [json.loads(line) for line in (out / f"records_{task}.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and all(len(r["candidates"]) == 4 for r in rows)
+        assert json.loads((out / f"tree_{task}.json").read_text())["tree"]["nodes"][0]["parent"] is None
+        assert (out / f"tree_{task}.png").stat().st_size > 1000 and (out / f"tree_{task}.html").is_file()
+        assert (tmp_path / "ckpt" / f"tiny-{task}" / "final" / "config.json").is_file()
+        assert metrics[f"{task}.problems"] == 3
 
     # the compute-matched strategy sweep: one row per (strategy, budget), a slope per strategy
     table = metrics["arith.budget_table"]
@@ -60,14 +62,23 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
     # second run: the cached checkpoint is reused (no training), same records for the same seed
     capsys.readouterr()
     again = run_demo(cfg)
-    assert "training the tiny arith policy" not in capsys.readouterr().out
+    assert "training the tiny" not in capsys.readouterr().out
     assert again["arith.pass@4"] == metrics["arith.pass@4"]
 
 
 def test_demo_config_rejects_bad_values():
     with pytest.raises(ValueError, match="DemoConfig.n=0"):
         DemoConfig(n=0)
-    with pytest.raises(ValueError, match="DemoConfig.temperature=-0.5"):
-        DemoConfig(temperature=-0.5)
+    with pytest.raises(ValueError, match=r"DemoTask\(arith\).temperature=-0.5"):
+        DemoTask("arith", temperature=-0.5)
     with pytest.raises(ValueError, match="DemoConfig.sweep_problems=-1"):
         DemoConfig(sweep_problems=-1)
+    with pytest.raises(ValueError, match="unknown task 'chess'; valid: arith, countdown"):
+        DemoTask("chess")
+
+
+def test_demo_command_line_picks_tasks_and_temperature():
+    cfg = parse_args(["--tasks", "countdown", "--temperature", "0.9", "--sweep-problems", "0"])
+    assert [t.name for t in cfg.tasks] == ["countdown"] and cfg.tasks[0].sampling_temperature == 0.9
+    assert cfg.tasks[0].max_total_tokens == 128 and cfg.sweep_problems == 0
+    assert parse_args([]).tasks[0].sampling_temperature == 0.6

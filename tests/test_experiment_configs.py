@@ -1,7 +1,10 @@
 """Every Hydra config of `experiments/conf` composes and instantiates; config errors are clear; the
-search entry runs every strategy at a tiny budget; every experiment file sweeps valid configs.
+search entry runs every strategy at a tiny budget, the SPRM policy / scorers and a real benchmark
+task end to end; every experiment file sweeps valid configs; the SLURM launcher preset composes.
 
-A tiny random checkpoint in tmp stands in for the trained policy (`tests/tiny_checkpoint.py`).
+A tiny random checkpoint in tmp stands in for the trained policy (`tests/tiny_checkpoint.py`); a
+second one carries a random SPRM head (score_module.pt) for policy=tiny_sprm and the sprm scorers.
+The benchmark tasks read the real files of ../shared/data and skip, saying so, without them.
 """
 from __future__ import annotations
 
@@ -13,19 +16,32 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.search import CONFIG_DIR, ConfigMismatchError, build, build_frozen, load_task, run_search_experiment, strategy_of
-from experiments.tasks import arith
+from experiments.tasks import aime, arith, ceval, countdown, gsm8k, math500
+from experiments.tasks.loader_errors import default_data_dir
+from policies.train_state import LAST
 from policies.transformers_policy import TransformersPolicy
 from scorers.outcome_oracle import OutcomeOracleScorer
-from tiny_checkpoint import save_tiny_checkpoint
+from scorers.sprm_head import build_sprm_head, save_score_module
+from scorers.sprm_positions import StepMarkers
+from scorers.sprm_scorer import SPRMScorer
+from scorers.step_score_reader import StepScoreReader
+from tiny_checkpoint import TINY_SHAPE, save_tiny_checkpoint
 from treesearch.protocols import Scorer
 from treesearch.records import Prefix, Step
+from treesearch.steps import StepFormat
 
 torch.set_num_threads(1)
 
 GROUPS = ("policy", "scorer", "search", "task")
+DATA = default_data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "gsm8k").is_dir(), reason=f"shared data folder missing: {DATA}")
+# each benchmark task: its module and the number of problems of its split in the shared files
+BENCHMARKS = {"gsm8k": (gsm8k, 1319), "math500": (math500, 500), "aime24": (aime, 30), "aime25": (aime, 30),
+              "ceval": (ceval, 1346)}
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 # a budget every strategy accepts at tiny size (beam / dvts: n divisible by beam_width)
 TINY = ["task.count=2", "chunk=2", "budget=2", "policy.sampling.max_total_tokens=8",
@@ -47,6 +63,14 @@ def ckpt(tmp_path_factory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "final")
 
 
+@pytest.fixture(scope="module")
+def sprm_ckpt(tmp_path_factory) -> Path:
+    """The tiny random checkpoint plus a random SPRM head: a reflective folder as experiments.train writes."""
+    out = save_tiny_checkpoint(tmp_path_factory.mktemp("sprm") / LAST)
+    save_score_module(build_sprm_head(TINY_SHAPE.hidden, seed=0), out)
+    return out
+
+
 def composed(overrides: list[str], hydra_node: bool = False) -> DictConfig:
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose("search", overrides=overrides, return_hydra_config=hydra_node)
@@ -54,26 +78,53 @@ def composed(overrides: list[str], hydra_node: bool = False) -> DictConfig:
 
 def test_every_group_has_the_promised_options():
     assert options("search") == ["beam", "best_of_n", "dvts", "greedy", "mcts"]
-    assert options("scorer") == ["confidence", "oracle", "random"]
-    assert options("policy") == ["tiny"] and options("task") == ["arith"]
+    assert options("scorer") == ["confidence", "oracle", "random", "sprm", "sprm_forward"]
+    assert options("policy") == ["tiny", "tiny_sprm"]
+    assert options("task") == ["aime24", "aime25", "arith", "ceval", "countdown", "gsm8k", "math500"]
+    assert options("hydra/launcher") == ["local", "submitit_slurm"]
     assert EXPERIMENTS == ["budget_sweep", "scorer_sweep"]
 
 
-def test_default_checkpoint_path_is_the_trained_tiny_policy():
-    assert composed([]).policy.path == "outputs/checkpoints/tiny-arith/final"
+def test_default_checkpoint_paths_are_where_training_writes():
+    assert composed([]).policy.path == "outputs/checkpoints/tiny-arith/final"  # experiments.train_sft --out .../tiny-arith
+    # policy=tiny_sprm: the `last` folder of a plain `python -m experiments.train` run
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        train = compose("train", return_hydra_config=True)
+    assert composed(["policy=tiny_sprm"]).policy.path == f"{train.hydra.run.dir}/{LAST}"
 
 
 @pytest.mark.parametrize("option", options("policy"))
-def test_policy_options_instantiate(option, ckpt):
-    policy = build(composed([f"policy={option}", f"policy.path={ckpt}"]).policy)
+def test_policy_options_instantiate(option, sprm_ckpt):
+    policy = build(composed([f"policy={option}", f"policy.path={sprm_ckpt}"]).policy)
     assert isinstance(policy, TransformersPolicy) and policy.num_parameters > 0
     assert policy.prompt_fn is arith.prompt_text and policy.sampling.temperature == arith.DEFAULT_TEMPERATURE
+    assert (policy.step_head is not None) == (option == "tiny_sprm")
 
 
 @pytest.mark.parametrize("option", options("scorer"))
-def test_scorer_options_instantiate(option):
-    scorer = build(composed([f"scorer={option}"]).scorer)
+def test_scorer_options_instantiate(option, sprm_ckpt):
+    scorer = build(composed([f"scorer={option}", f"policy.path={sprm_ckpt}"]).scorer)
     assert isinstance(scorer, Scorer)
+    expected = {"sprm": StepScoreReader, "sprm_forward": SPRMScorer}.get(option)
+    assert expected is None or type(scorer) is expected
+
+
+def test_sprm_forward_reads_the_policy_format_and_prompt(sprm_ckpt):
+    cfg = composed(["scorer=sprm_forward", "policy=tiny_sprm", f"policy.path={sprm_ckpt}", "task=gsm8k",
+                    "scorer.batch_size=4", "scorer.feature_layer=-1"])
+    scorer = build(cfg.scorer)
+    assert scorer.prompt_fn is gsm8k.prompt_text and scorer.batch_size == 4 and scorer.model.feature_layer == -1
+    sampling = cfg.policy.sampling
+    policy_format = StepFormat(sampling.separator, sampling.think_open, sampling.think_close)
+    assert scorer.markers == StepMarkers.from_tokenizer(scorer.tokenizer, len(scorer.tokenizer), policy_format)
+    assert scorer.markers.separator_ids and scorer.markers.think_open_id is not None
+
+
+def test_a_folder_without_a_head_names_the_missing_file(ckpt):
+    with pytest.raises(FileNotFoundError, match="score_module.pt"):
+        build(composed(["policy=tiny_sprm", f"policy.path={ckpt}"]).policy)
+    with pytest.raises(FileNotFoundError, match="score_module.pt"):
+        build(composed(["scorer=sprm_forward", f"policy.path={ckpt}"]).scorer)
 
 
 @pytest.mark.parametrize("option", options("search"))
@@ -89,13 +140,62 @@ def test_greedy_is_best_of_one_at_temperature_zero():
     assert build_frozen(cfg.search).n == 1 and cfg.policy.sampling.temperature == 0.0
 
 
-@pytest.mark.parametrize("option", options("task"))
-def test_task_options_make_problems(option):
-    cfg = composed([f"task={option}", "task.count=3", "task.config.max_ops=2"])
+def test_countdown_task_makes_problems_with_tuple_operations():
+    cfg = composed(["task=countdown", "task.count=3", "task.config.operations=[+,-]"])
+    task, problems = load_task(cfg.task)
+    assert task is countdown and len(problems) == 3
+    assert problems[0].meta["operations"] == ("+", "-")  # a tuple: frozen, JSON-able, never a ListConfig
+    assert task.grade(problems[0], countdown.solution_text(problems[0]))
+
+
+def test_arith_task_makes_problems():
+    cfg = composed(["task=arith", "task.count=3", "task.config.max_ops=2"])
     task, problems = load_task(cfg.task)
     assert len(problems) == 3 and all(p.meta["num_ops"] == 2 for p in problems)
     assert build_frozen(cfg.task.config).operations == ("+", "-", "*")  # a tuple, as the dataclass wants
     assert task.grade(problems[0], arith.solution_text(problems[0]))
+
+
+@needs_data
+@pytest.mark.parametrize("option", sorted(BENCHMARKS))
+def test_benchmark_task_options_load_real_rows(option):
+    module, size = BENCHMARKS[option]
+    task, problems = load_task(composed([f"task={option}", "task.count=3"]).task)
+    everything = load_task(composed([f"task={option}"]).task)[1]  # the default count: null = the whole split
+    assert task is module and len(everything) == size and problems == everything[:3]  # the first 3 in file order
+    right = f"ANSWER: {problems[0].answer}" if option == "ceval" else f"\\boxed{{{problems[0].answer}}}"
+    assert task.grade(problems[0], right) and not task.grade(problems[0], "no answer")
+    if option.startswith("aime"):
+        assert {p.meta["year"] for p in problems} == {2000 + int(option[-2:])}
+
+
+@needs_data
+def test_benchmark_shuffle_and_train_split_through_the_config():
+    base = ["task=gsm8k", "task.count=5"]
+    shuffled = load_task(composed(base + ["task.config.shuffle=true", "task.seed=3"]).task)[1]
+    assert [p.id for p in shuffled] != [f"gsm8k-test-{i}" for i in range(1, 6)]
+    assert shuffled == load_task(composed(base + ["task.config.shuffle=true", "task.seed=3"]).task)[1]
+    train = load_task(composed(base + ["task.split=train"]).task)[1]
+    assert [p.id for p in train] == [f"gsm8k-train-{i}" for i in range(1, 6)]
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["task=math500", "task.split=train"], r"math500: split='train'; valid: 'test'"),
+        (["task=gsm8k", "task.split=dev"], r"gsm8k: split='dev'; valid: 'train', 'test'"),
+        (["task=aime25", "task.count=31"], r"aime25: count=31 but the test split has only 30 problems"),
+        (["task=ceval", "task.count=-5"], r"ceval: count=-5 must be an integer >= 0, or -1 / null"),
+        (["task=aime24", "task.config.year=23"], r"AimeConfig.year=23; valid: 24, 25"),
+        (["task=gsm8k", "task.config.shuffle=maybe"], r"BenchmarkConfig.shuffle='maybe' must be true or false"),
+    ],
+)
+def test_bad_benchmark_task_configs_are_clear_errors(overrides, message, ckpt, tmp_path):
+    cfg = composed(overrides + [f"policy.path={ckpt}", f"out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=message):
+        run_search_experiment(cfg)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("launcher", ["basic", "local", "joblib"])
@@ -104,6 +204,21 @@ def test_launcher_options_compose(launcher):
     assert launcher.replace("local", "joblib") in cfg.hydra.launcher._target_.lower()
     if launcher == "local":
         assert cfg.hydra.launcher.n_jobs == 2
+
+
+def test_slurm_launcher_preset_composes_without_slurm():
+    """Composition and the launcher object only: nothing is submitted (no sbatch needed)."""
+    cfg = composed(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], hydra_node=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.partition, launcher.timeout_min, launcher.gpus_per_node) == ("gpu", 240, 1)
+    assert launcher.cpus_per_task >= 1 and launcher.mem_gb >= 1 and launcher.array_parallelism >= 1
+    config = pytest.importorskip("hydra_plugins.hydra_submitit_launcher.config",
+                                 reason="hydra-submitit-launcher is not installed (pip install hydra-submitit-launcher)")
+    schema = set(OmegaConf.structured(config.SlurmQueueConf).keys())
+    assert set(launcher.keys()) == schema  # every field written out, none unknown to the plugin
+    built = instantiate(launcher)
+    assert type(built).__name__ == "SlurmLauncher" and built.params["partition"] == "gpu"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -180,6 +295,54 @@ def test_search_entry_smoke_runs_every_strategy(strategy, ckpt, tmp_path):
     assert metrics["problems"] == 2 and 0.0 <= metrics["accuracy"]["mean"] <= 1.0
     assert metrics["compute"]["C"] == pytest.approx(metrics["compute"]["policy_parameters"] * metrics["compute"]["tokens_generated"])
     assert (out / "config.yaml").is_file()
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+ONE_PROBLEM = [o for o in TINY if not o.startswith("task.count=")] + ["task.count=1", "search.n=4",
+               "policy.sampling.max_total_tokens=24", "policy.sampling.max_step_tokens=12"]
+
+
+def test_search_with_the_sprm_head_while_generating_and_over_a_second_forward(sprm_ckpt, tmp_path):
+    """policy=tiny_sprm with scorer=sprm (scores attached while generating) and with
+    scorer=sprm_forward (the head over a second forward of the same folder): the same seeds give
+    the same candidates, and the two ways give the same step scores up to float rounding."""
+    base = ["policy=tiny_sprm", f"policy.path={sprm_ckpt}"] + ONE_PROBLEM
+    attached = _rows(run_search_experiment(composed(base + ["scorer=sprm", f"out_dir={tmp_path / 'sprm'}"])))
+    forward = _rows(run_search_experiment(composed(base + ["scorer=sprm_forward", f"out_dir={tmp_path / 'fwd'}"])))
+    assert len(attached) == len(forward) == 1
+    [a], [f] = attached, forward
+    assert [c["text"] for c in a["candidates"]] == [c["text"] for c in f["candidates"]] and len(a["candidates"]) == 4
+    for ca, cf in zip(a["candidates"], f["candidates"]):
+        assert ca["step_scores"] and all(0.0 <= x <= 1.0 for x in ca["step_scores"])
+        assert ca["step_scores"] == pytest.approx(cf["step_scores"], abs=1e-5)
+        assert ca["score"] == pytest.approx(cf["score"], abs=1e-5)
+    assert a["compute"]["scorer_tokens"] == 0 < f["compute"]["scorer_tokens"]
+
+
+def test_sprm_scorer_without_a_step_head_says_so(ckpt, tmp_path):
+    cfg = composed(["scorer=sprm", f"policy.path={ckpt}", f"out_dir={tmp_path / 'run'}"] + ONE_PROBLEM)
+    with pytest.raises(ValueError, match=r"has no score: the policy did not attach step scores"):
+        run_search_experiment(cfg)
+    assert not (tmp_path / "run" / "records.jsonl").exists()
+
+
+@needs_data
+def test_search_on_gsm8k_end_to_end(ckpt, tmp_path):
+    """Two real GSM8K test problems through the random tiny policy, graded by math-verify (the
+    policy writes noise, so nothing is right; what matters is that every stage runs)."""
+    out = tmp_path / "gsm8k"
+    run_search_experiment(composed(["task=gsm8k", f"policy.path={ckpt}", f"out_dir={out}"] + TINY))
+    rows = _rows(out)
+    first_two = gsm8k.load_gsm8k("test")[:2]
+    assert [r["problem_id"] for r in rows] == [p.id for p in first_two]
+    assert [r["answer"] for r in rows] == [p.answer for p in first_two] == ["18", "3"]
+    assert all(r["correct"] is False and len(r["candidates"]) == 2 for r in rows)
+    assert rows[0]["meta"]["task"] == "gsm8k"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["problems"] == 2 and metrics["accuracy"]["mean"] == 0.0
 
 
 def test_search_entry_with_the_oracle_scorer(ckpt, tmp_path):

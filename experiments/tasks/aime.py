@@ -8,11 +8,14 @@ place from MetaStone-S1's files in `../shared/data/metastone/` (see its SOURCE.m
   Its texts differ slightly from the jsonl's (some keep the [asy] diagram code) and its rows come
   in another order; the answers agree.
 
-Same interface as `experiments.tasks.arith`:
+Same interface as `experiments.tasks.arith` (`python -m experiments.search task=aime24`, or
+task=aime25: experiments/conf/task/aime2{4,5}.yaml, both this module with `AimeConfig.year`);
+AIME has only a test split:
 
     from experiments.tasks import aime
     problems = aime.load_aime(24)                        # 30 Problems
     problems = aime.load_aime(24, parquet=True)          # the same problems from the parquet file
+    problems = aime.generate_problems("test", None, seed=0, cfg=AimeConfig(year=25))   # all 30 of 2025
     aime.grade(problems[0], "... \\\\boxed{204}")          # True
 
 Problem.answer is the canonical integer string ("025" -> "25"); ids are "aime24-<index>" (line
@@ -22,9 +25,11 @@ order in the jsonl, extra_info.index in the parquet, so ids differ between the t
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from experiments.tasks import prompts
+from experiments.tasks.benchmark_split import check_count, check_flag, check_path, check_split, select_problems
 from experiments.tasks.loader_errors import RowLocation, read_jsonl, read_parquet_rows, resolve_data_file
 from experiments.tasks.math_task import extract_answer, grade, prompt_text  # noqa: F401  (the task interface)
 from treesearch.records import Problem
@@ -33,6 +38,34 @@ Year = Literal[24, 25]
 JSONL_FILES = {24: "metastone/aime24.jsonl", 25: "metastone/aime25.jsonl"}
 PARQUET_FILES = {24: "metastone/aime.parquet"}  # MetaStone ships no AIME 2025 parquet
 _PROMPT_SUFFIX = "\n" + prompts.BOXED_INSTRUCTION
+SPLITS: tuple[str, ...] = ("test",)
+
+
+@dataclass(frozen=True)
+class AimeConfig:
+    """Which AIME file a search run reads (the task config of `generate_problems`).
+
+    year: 24 (AIME 2024) or 25 (AIME 2025).
+    path: a file to read instead of the shared copy (a jsonl, or a parquet file with parquet=True).
+    parquet: read MetaStone's verl parquet file instead of the jsonl (AIME 2024 only, unless
+        path names a parquet file of your own); its ids differ from the jsonl's (module docstring).
+    shuffle: draw the problems in a permutation seeded by the task's seed instead of file order.
+    """
+
+    year: int = 24
+    path: str | None = None
+    parquet: bool = False
+    shuffle: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.year, bool) or not isinstance(self.year, int) or self.year not in JSONL_FILES:
+            raise ValueError(f"AimeConfig.year={self.year!r}; valid: {', '.join(map(str, JSONL_FILES))}")
+        check_path("AimeConfig", self.path)
+        check_flag("AimeConfig", "parquet", self.parquet)
+        check_flag("AimeConfig", "shuffle", self.shuffle)
+        if self.parquet and self.path is None and self.year not in PARQUET_FILES:
+            raise ValueError(f"AimeConfig.parquet=True with year={self.year}: MetaStone ships only AIME 2024 as "
+                             "parquet; set path= to a parquet file of your own, or parquet=false")
 
 
 def _canonical_answer(value: Any, where: RowLocation, field: str) -> str:
@@ -97,6 +130,17 @@ def load_aime(year: Year, path: str | os.PathLike[str] | None = None, parquet: b
                          "pass path=... to a parquet file of your own, or use parquet=False")
     rows = read_parquet_rows(resolve_data_file(path, PARQUET_FILES.get(year, "")))
     return [_parquet_problem(where, record, year) for where, record in rows]
+
+
+def generate_problems(split: str, count: int | None, seed: int, cfg: AimeConfig = AimeConfig()) -> list[Problem]:
+    """The search task interface: the first `count` problems of AIME 20<cfg.year> (None / -1: all
+    30) in file order, or shuffled by seed with cfg.shuffle (`experiments.tasks.benchmark_split`);
+    split "test"."""
+    task = f"aime{cfg.year}"
+    check_split(task, split, SPLITS)
+    check_count(task, count)
+    problems = load_aime(cfg.year, cfg.path, cfg.parquet)  # type: ignore[arg-type]  # checked by AimeConfig
+    return select_problems(problems, task, split, count, seed, cfg.shuffle)
 
 
 def _main() -> None:

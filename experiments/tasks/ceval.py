@@ -7,10 +7,13 @@ choices "A. {...}" to "D. {...}", then an instruction to end with the line 'ANSW
 The loader takes the question and the four choices apart (meta["choices"]) and keeps the prompt
 (meta["model_input"]); prompt_text sends that prompt unchanged, in the chat template.
 
-Same interface as `experiments.tasks.arith`:
+Same interface as `experiments.tasks.arith` (`python -m experiments.search task=ceval
+task.count=50`, experiments/conf/task/ceval.yaml). The file is C-Eval's validation split, which
+MetaStone evaluates on; here it is the task's only split, "test":
 
     from experiments.tasks import ceval
     problems = ceval.load_ceval()                       # 1346 Problems
+    problems = ceval.generate_problems("test", 50, seed=0, cfg=BenchmarkConfig(shuffle=True))   # 50 drawn across subjects
     ceval.grade(problems[0], "...\\nANSWER: C")          # True when the reference letter is C
 
 Problem.answer is the reference letter; ids are "ceval-<sub>-<id>" (ids restart per subject). Run
@@ -23,11 +26,13 @@ import re
 from typing import Any
 
 from experiments.tasks import grading, prompts
+from experiments.tasks.benchmark_split import BenchmarkConfig, check_count, check_split, select_problems
 from experiments.tasks.loader_errors import RowLocation, read_json_array, resolve_data_file
 from treesearch.records import Problem
 
 DATA_FILE = "metastone/ceval.json"
 LETTERS = grading.CHOICE_LETTERS
+SPLITS: tuple[str, ...] = ("test",)
 # MetaStone's prompt: header (subject in Chinese), {question}, four {choices}, instruction.
 _PROMPT_RE = re.compile(
     r"^\s*以下是中国关于(?P<subject>.+?)考试的单项选择题，请选出其中的正确答案。\n"
@@ -70,6 +75,18 @@ def load_ceval(path: str | os.PathLike[str] | None = None) -> list[Problem]:
     shared data folder. Raises DataFormatError naming file, line and field for a bad item."""
     rows = read_json_array(resolve_data_file(path, DATA_FILE))
     return [_problem(where, record) for where, record in rows]
+
+
+def generate_problems(split: str, count: int | None, seed: int, cfg: BenchmarkConfig = BenchmarkConfig()) -> list[Problem]:
+    """The search task interface: the first `count` questions (None / -1: all 1346) in file order
+    (grouped by subject), or shuffled by seed with cfg.shuffle (`experiments.tasks.benchmark_split`);
+    split "test". cfg.hub is refused: MetaStone's prompts exist only in their file."""
+    check_split("ceval", split, SPLITS)
+    check_count("ceval", count)
+    if cfg.hub:
+        raise ValueError("ceval: hub=True is not supported (the task uses MetaStone's prompts, which only "
+                         "their ceval.json holds); set path= to another copy of that file instead")
+    return select_problems(load_ceval(cfg.path), "ceval", split, count, seed, cfg.shuffle)
 
 
 def prompt_text(problem: Problem, tokenizer: Any = None, think: bool | None = None) -> str:

@@ -1,10 +1,12 @@
 """The `gsm8k` task: GSM8K grade-school math word problems (openai/grade-school-math), read in
 place from `../shared/data/gsm8k/{train,test}.jsonl` (see its SOURCE.md).
 
-Same interface as `experiments.tasks.arith`, so experiments treat both alike:
+Same interface as `experiments.tasks.arith`, so experiments treat both alike
+(`python -m experiments.search task=gsm8k task.count=50`, experiments/conf/task/gsm8k.yaml):
 
     from experiments.tasks import gsm8k
     problems = gsm8k.load_gsm8k("test")                 # 1319 Problems
+    problems = gsm8k.generate_problems("test", 50, seed=0, cfg=BenchmarkConfig())   # the first 50
     text = gsm8k.prompt_text(problems[0], tokenizer)    # chat template + boxed instruction
     gsm8k.grade(problems[0], "... \\\\boxed{18}")          # True
 
@@ -19,11 +21,13 @@ import os
 from typing import Any, Literal
 
 from experiments.tasks import grading
+from experiments.tasks.benchmark_split import BenchmarkConfig, check_count, check_split, select_problems
 from experiments.tasks.loader_errors import RowLocation, read_hub_rows, read_jsonl, resolve_data_file
 from experiments.tasks.math_task import extract_answer, grade, prompt_text  # noqa: F401  (the task interface)
 from treesearch.records import Problem
 
 Split = Literal["train", "test"]
+SPLITS: tuple[str, ...] = ("train", "test")
 HUB_DATASET = ("openai/gsm8k", "main")
 
 
@@ -52,13 +56,21 @@ def _problem(where: RowLocation, record: dict[str, Any], split: Split) -> Proble
 def load_gsm8k(split: Split = "test", path: str | os.PathLike[str] | None = None, hub: bool = False) -> list[Problem]:
     """All problems of a split, in file order. `path` (a jsonl file) wins over the shared data
     folder; hub=True reads openai/gsm8k through `datasets` instead (optional, needs the hub)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split={split!r}; valid: 'train', 'test'")
+    check_split("gsm8k", split, SPLITS)
     if hub:
         rows = read_hub_rows(*HUB_DATASET, split=split)
     else:
         rows = read_jsonl(resolve_data_file(path, f"gsm8k/{split}.jsonl"))
     return [_problem(where, record, split) for where, record in rows]
+
+
+def generate_problems(split: Split, count: int | None, seed: int, cfg: BenchmarkConfig = BenchmarkConfig()) -> list[Problem]:
+    """The search task interface: the first `count` problems of a split (None / -1: all) in file
+    order, or shuffled by seed with cfg.shuffle (`experiments.tasks.benchmark_split`)."""
+    check_split("gsm8k", split, SPLITS)
+    check_count("gsm8k", count)
+    problems = load_gsm8k(split, cfg.path, cfg.hub)
+    return select_problems(problems, "gsm8k", split, count, seed, cfg.shuffle)
 
 
 def _main() -> None:

@@ -2,10 +2,12 @@
 PRM800K ("Let's Verify Step by Step"), read in place from `../shared/data/math500/test.jsonl`
 (see its SOURCE.md).
 
-Same interface as `experiments.tasks.arith`:
+Same interface as `experiments.tasks.arith` (`python -m experiments.search task=math500
+task.count=50`, experiments/conf/task/math500.yaml); MATH-500 has only a test split:
 
     from experiments.tasks import math500
     problems = math500.load_math500()                   # 500 Problems
+    problems = math500.generate_problems("test", 50, seed=0, cfg=BenchmarkConfig())   # the first 50
     text = math500.prompt_text(problems[0], tokenizer)
     math500.grade(problems[0], "... \\\\boxed{\\\\left( 3, \\\\frac{\\\\pi}{2} \\\\right)}")   # True
 
@@ -19,11 +21,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from experiments.tasks.benchmark_split import BenchmarkConfig, check_count, check_split, select_problems
 from experiments.tasks.loader_errors import RowLocation, read_hub_rows, read_jsonl, resolve_data_file
 from experiments.tasks.math_task import extract_answer, grade, prompt_text  # noqa: F401  (the task interface)
 from treesearch.records import Problem
 
 HUB_DATASET = ("HuggingFaceH4/MATH-500", None)
+SPLITS: tuple[str, ...] = ("test",)
 
 
 def _problem(where: RowLocation, record: dict[str, Any]) -> Problem:
@@ -53,6 +57,14 @@ def load_math500(path: str | os.PathLike[str] | None = None, hub: bool = False) 
         resolve_data_file(path, "math500/test.jsonl")
     )
     return [_problem(where, record) for where, record in rows]
+
+
+def generate_problems(split: str, count: int | None, seed: int, cfg: BenchmarkConfig = BenchmarkConfig()) -> list[Problem]:
+    """The search task interface: the first `count` problems (None / -1: all 500) in file order,
+    or shuffled by seed with cfg.shuffle (`experiments.tasks.benchmark_split`); split "test"."""
+    check_split("math500", split, SPLITS)
+    check_count("math500", count)
+    return select_problems(load_math500(cfg.path, cfg.hub), "math500", split, count, seed, cfg.shuffle)
 
 
 def _main() -> None:
