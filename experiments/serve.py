@@ -1,0 +1,128 @@
+"""Start the policy or the SPRM scorer as an HTTP service with the reference's endpoints
+(MetaStone-S1 / XBai-o4: `POST /generate`, `POST /score`; plus `GET /health`), on FastAPI + uvicorn.
+
+Usage:
+    python -m experiments.serve policy --model outputs/checkpoints/tiny-arith/final [--backend transformers|vllm]
+                                       [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    python -m experiments.serve scorer --model runs/tiny-sprm [--port 8001] [--api-key KEY]
+    python -m experiments.serve policy --help                # every limit and batching knob
+
+The API key may also come from the environment variable TREESEARCH_API_KEY; with one set, every
+request needs `Authorization: Bearer KEY` (else 401). The default host is 127.0.0.1 (this machine
+only); binding another address without a key prints a warning. Request and response formats:
+`experiments.services.api_schemas`; the services: `experiments.services.policy_service` and
+`experiments.services.scorer_service`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # heavy imports wait until a service is chosen, so --help is instant
+    import torch
+    from fastapi import FastAPI
+
+    from experiments.services.micro_batcher import BatcherConfig
+
+API_KEY_ENV = "TREESEARCH_API_KEY"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _common_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder (transformers dir; + score_module.pt for the scorer)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=default_port)
+    parser.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--max-batch", type=int, default=32, help="most requests batched into one backend call")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for more requests to batch")
+    parser.add_argument("--log-level", default="warning", help="uvicorn log level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments.serve", description=__doc__.split("\n\n")[0])
+    services = parser.add_subparsers(dest="service", required=True)
+    policy = services.add_parser("policy", help="POST /generate: completions of a raw text prompt")
+    _common_arguments(policy, 8000)
+    policy.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
+    policy.add_argument("--max-response-num", type=int, default=64, help="most completions per request")
+    policy.add_argument("--max-rows", type=int, default=256, help="most completions (rows) per backend call")
+    policy.add_argument("--max-prompt-chars", type=int, default=1_000_000)
+    policy.add_argument("--top-p", type=float, default=0.95, help="server-side top-p (the reference's 0.95)")
+    policy.add_argument("--repetition-penalty", type=float, default=1.05, help="server-side (the reference's 1.05)")
+    policy.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM on CPU: VLLM_CPU_KVCACHE_SPACE")
+    scorer = services.add_parser("scorer", help="POST /score: SPRM path score of a text")
+    _common_arguments(scorer, 8001)
+    scorer.add_argument("--max-text-tokens", type=int, default=None, help="default: the model's context")
+    scorer.add_argument("--max-text-chars", type=int, default=1_000_000)
+    scorer.add_argument("--max-batch-tokens", type=int, default=16384, help="most padded tokens per forward")
+    scorer.add_argument("--feature-layer", type=int, default=None, help="override sprm.json (default -2)")
+    scorer.add_argument("--no-prepend-special-tokens", action="store_true",
+                        help="tokenise exactly as the reference (add_special_tokens=False), no BOS added")
+    return parser
+
+
+def _batch_config(args: argparse.Namespace, max_weight: int | None) -> "BatcherConfig":
+    from experiments.services.micro_batcher import BatcherConfig
+
+    return BatcherConfig(max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000, max_weight=max_weight)
+
+
+def _torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, name)
+
+
+def build_policy(args: argparse.Namespace) -> "FastAPI":
+    """The policy app for the parsed arguments (loads the model)."""
+    from experiments.services.policy_service import PolicyConfig, build_policy_app
+    from experiments.services.text_completer import SamplingDefaults, TransformersCompleter
+
+    sampling = SamplingDefaults(top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    if args.backend == "vllm":
+        from experiments.services.vllm_completer import VLLMCompleter
+
+        completer = VLLMCompleter.from_pretrained(args.model, sampling, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib)
+    else:
+        completer = TransformersCompleter.from_pretrained(args.model, sampling, args.max_rows, _torch_dtype(args.dtype))
+    config = PolicyConfig(args.max_response_num, args.max_prompt_chars, _batch_config(args, args.max_rows))
+    return build_policy_app(completer, config, args.model, _api_key(args))
+
+
+def build_scorer(args: argparse.Namespace) -> "FastAPI":
+    """The scorer app for the parsed arguments (loads the model and its head)."""
+    from experiments.services.scorer_service import ScorerConfig, TextSPRM, build_scorer_app
+    from policies.reflective_model import ReflectiveModel
+
+    model, tokenizer = ReflectiveModel.from_pretrained(args.model, _torch_dtype(args.dtype), args.feature_layer)
+    scorer = TextSPRM(model, tokenizer, prepend_special_tokens=not args.no_prepend_special_tokens,
+                      max_batch_tokens=args.max_batch_tokens)
+    config = ScorerConfig(args.max_text_chars, args.max_text_tokens, _batch_config(args, None))
+    return build_scorer_app(scorer, config, args.model, _api_key(args))
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.host not in LOOPBACK and not _api_key(args):
+        print(f"warning: serving on {args.host} without an API key (--api-key or ${API_KEY_ENV})", file=sys.stderr)
+    app = build_policy(args) if args.service == "policy" else build_scorer(args)
+    import uvicorn
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":  # the guard vLLM's spawned workers need
+    main()

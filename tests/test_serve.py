@@ -1,0 +1,352 @@
+"""Tests of the HTTP services (`python -m experiments.serve`): each service runs as a real
+subprocess on a free port of 127.0.0.1 with a tiny model made here, and is always stopped by PID.
+
+Pinned: the reference's JSON formats exactly (`/generate` -> {"results"}, `/score` -> {"value"}
+plus the three lists when asked); the scorer's value equals `SPRMScorer`'s path score of the same
+sequence; concurrent requests get their own answers (equal to the answer sent alone) and are
+batched; bad input gets a 4xx JSON error naming the field and the server keeps serving; the API
+key; the micro-batcher's routing and failure isolation in-process; the vLLM backend (marked
+`vllm`). Run: `.venv/bin/python -m pytest tests/test_serve.py`.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from experiments.services.micro_batcher import BatcherConfig, MicroBatcher
+from tiny_checkpoint import save_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+START_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service subprocess: its process, base URL, log file and the headers it needs."""
+
+    process: subprocess.Popen
+    url: str
+    log: Path
+    headers: dict[str, str]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_service(args: list[str], log: Path, headers: dict[str, str] | None = None) -> Service:
+    """Launch `python -m experiments.serve ARGS --port P` (output to log); does not wait."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("TREESEARCH_API_KEY", None)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "experiments.serve", *args, "--port", str(port), "--threads", "1"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    return Service(process, f"http://127.0.0.1:{port}", log, headers or {})
+
+
+def wait_ready(service: Service) -> None:
+    """Poll /health until it answers 200; fail with the log if the process dies or times out."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            pytest.fail(f"service exited with {service.process.returncode}:\n{service.log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{service.url}/health", headers=service.headers, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"service not ready after {START_TIMEOUT_S} s:\n{service.log.read_text()[-3000:]}")
+
+
+def stop_service(service: Service) -> None:
+    """Terminate the subprocess by its PID (kill if it does not exit)."""
+    if service.process.poll() is None:
+        os.kill(service.process.pid, 15)
+        try:
+            service.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(service.process.pid, 9)
+            service.process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The tiny random Llama + tokenizer, with a seeded SPRM head (score_module.pt) beside it."""
+    from scorers.sprm_head import build_sprm_head, save_score_module
+
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny")
+    save_score_module(build_sprm_head(32, seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def services(checkpoint, tmp_path_factory) -> Iterator[dict[str, Service]]:
+    """The scorer (with an API key and small text limits) and the transformers policy, started
+    together; both stopped by PID at the end."""
+    logs = tmp_path_factory.mktemp("logs")
+    started: dict[str, Service] = {}
+    try:
+        started["scorer"] = start_service(
+            ["scorer", "--model", str(checkpoint), "--api-key", API_KEY, "--max-text-chars", "3000",
+             "--max-text-tokens", "200", "--max-wait-ms", "30"], logs / "scorer.log", AUTH)
+        started["policy"] = start_service(
+            ["policy", "--model", str(checkpoint), "--max-response-num", "8", "--max-wait-ms", "30"],
+            logs / "policy.log")
+        for service in started.values():
+            wait_ready(service)
+        yield started
+    finally:
+        for service in started.values():
+            stop_service(service)
+
+
+def post(service: Service, path: str, body: Any = None, content: bytes | None = None,
+         headers: dict[str, str] | None = None) -> httpx.Response:
+    merged = {**service.headers, **(headers or {})}
+    if content is not None:
+        return httpx.post(service.url + path, content=content, headers={**merged, "Content-Type": "application/json"}, timeout=60)
+    return httpx.post(service.url + path, json=body, headers=merged, timeout=60)
+
+
+def in_parallel(fn, items: list[Any]) -> list[Any]:
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        return list(pool.map(fn, items))
+
+
+def trace(i: int) -> str:
+    """A distinct well-formed think trace with 1-4 steps."""
+    steps = [f"step {i} part {k} adds {i * k % 17}" for k in range(1 + i % 4)]
+    return f"Question {i}?\n<think>" + ".\n\n".join(steps) + f".\n\n</think>Answer: {i}"
+
+
+# -- scorer ---------------------------------------------------------------------------------------
+
+def test_scorer_health_and_reference_format(services):
+    scorer = services["scorer"]
+    health = httpx.get(scorer.url + "/health", headers=AUTH).json()
+    assert health["status"] == "ok" and health["service"] == "scorer" and health["feature_layer"] == -2
+    plain = post(scorer, "/score", {"text": trace(3)})
+    assert plain.status_code == 200 and set(plain.json()) == {"value"}
+    full = post(scorer, "/score", {"text": trace(3), "return_all_scores": True}).json()
+    assert set(full) == {"value", "all_scores", "token_ids", "score_positions"}
+    assert full["value"] == pytest.approx(plain.json()["value"], abs=1e-6)
+    assert len(full["all_scores"]) == len(full["score_positions"]) == 4  # 4 steps inside <think>
+    # value = geometric mean of the readings; no separator at all -> 0 (the reference's rule)
+    gm = 1.0
+    for s in full["all_scores"]:
+        gm *= s
+    assert full["value"] == pytest.approx(gm ** (1 / 4), rel=1e-6)
+    assert post(scorer, "/score", {"text": "no steps here"}).json() == {"value": 0.0}
+
+
+def test_scorer_value_equals_sprm_scorer(services, checkpoint):
+    """The service's value and readings equal `SPRMScorer` on prompt (BOS added) + completion ids."""
+    from policies.reflective_model import ReflectiveModel
+    from scorers.sprm_scorer import SPRMScorer
+    from treesearch.records import Prefix, Problem, Step
+
+    model, tokenizer = ReflectiveModel.from_pretrained(checkpoint)
+    prompt = "Question: 12 + 30?\n<think>"
+    completion = "12 plus 30 is 42.\n\nSo we have 42.\n\n.\n\nCheck 42.\n\n</think>Answer: 42"
+    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
+    path = Prefix(Problem("p", "q"), (Step(completion, tuple(completion_ids), (0.0,) * len(completion_ids), "eos"),))
+    expected = SPRMScorer(model, tokenizer, prompt_fn=lambda _: prompt).read([path])[0]
+    got = post(services["scorer"], "/score", {"text": prompt + completion, "return_all_scores": True}).json()
+    assert got["token_ids"] == list(expected.token_ids)  # BOS + prompt + completion, as the policy saw it
+    assert got["score_positions"] == list(expected.positions) and len(expected.positions) == 3  # a run counts once
+    assert got["all_scores"] == pytest.approx(list(expected.position_scores), abs=1e-4)
+    assert got["value"] == pytest.approx(expected.value, abs=1e-4)
+
+
+def test_scorer_concurrent_requests_get_their_own_answers_batched(services):
+    scorer = services["scorer"]
+    texts = [trace(i) for i in range(24)]
+    alone = [post(scorer, "/score", {"text": t}).json()["value"] for t in texts]
+    before = httpx.get(scorer.url + "/health", headers=AUTH).json()["batches_run"]
+    together = in_parallel(lambda t: post(scorer, "/score", {"text": t}).json()["value"], texts)
+    after = httpx.get(scorer.url + "/health", headers=AUTH).json()["batches_run"]
+    assert together == pytest.approx(alone, abs=1e-4)
+    assert len(set(round(v, 6) for v in alone)) > 10  # distinct answers, so a mix-up would show
+    assert after - before < len(texts)  # some requests shared a forward
+
+
+@pytest.mark.parametrize("body, content, status, field", [
+    (None, b'{"text": "a"', 422, "body"),                      # malformed JSON
+    (None, b"[1, 2]", 422, "body"),                             # not an object
+    ({"txt": "a"}, None, 422, "text"),                          # missing field
+    ({"text": 5}, None, 422, "text"),                           # wrong type
+    ({"text": "a", "return_all_scores": "maybe"}, None, 422, "return_all_scores"),
+    ({"text": "x" * 3001}, None, 413, "text"),                  # over --max-text-chars
+    ({"text": "1 " * 150}, None, 413, "text"),                  # over --max-text-tokens (300 digits + spaces)
+])
+def test_scorer_rejects_bad_input_and_keeps_serving(services, body, content, status, field):
+    scorer = services["scorer"]
+    response = post(scorer, "/score", body, content=content)
+    assert response.status_code == status
+    assert response.json()["field"] == field and response.json()["error"].startswith(field)
+    assert post(scorer, "/score", {"text": trace(1)}).status_code == 200
+
+
+def test_scorer_api_key(services):
+    scorer = services["scorer"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        response = httpx.post(scorer.url + "/score", json={"text": "a"}, headers=headers)
+        assert response.status_code == 401 and "API key" in response.json()["error"]
+        assert httpx.get(scorer.url + "/health", headers=headers).status_code == 401
+    # 401 comes before the body is read: a malformed body without the key is still 401
+    assert httpx.post(scorer.url + "/score", content=b"{", headers={"Content-Type": "application/json"}).status_code == 401
+    assert httpx.post(scorer.url + "/score", json={"text": "a"}, headers=AUTH).status_code == 200
+
+
+# -- policy (transformers backend) ----------------------------------------------------------------
+
+def generate_body(i: int, **overrides: Any) -> dict[str, Any]:
+    body = {"prefix_prompt": f"Question {i}: what is {i} + 1?\n<think>", "max_tokens": 12, "response_num": 2,
+            "temperature": 0.0 if i % 2 == 0 else 0.8, "seed": 100 + i}
+    return {**body, **overrides}
+
+
+def test_policy_health_and_reference_format(services):
+    policy = services["policy"]
+    health = httpx.get(policy.url + "/health").json()
+    assert health["status"] == "ok" and health["service"] == "policy" and health["backend"] == "transformers"
+    response = post(policy, "/generate", {"prefix_prompt": "Question: 1 + 1?\n<think>", "response_num": 3, "max_tokens": 8})
+    assert response.status_code == 200 and set(response.json()) == {"results"}
+    results = response.json()["results"]
+    assert len(results) == 3 and all(isinstance(r, str) for r in results)
+    # the reference's client posts to the bare address given on its command line
+    assert post(policy, "/", generate_body(4)).json() == post(policy, "/generate", generate_body(4)).json()
+    # a body without max_tokens (default 1024) on a 512-token model: as much as fits, not an error
+    assert len(post(policy, "/generate", {"prefix_prompt": "Hi", "response_num": 1, "seed": 0}).json()["results"]) == 1
+
+
+def test_policy_seeds_and_stop_strings(services):
+    policy = services["policy"]
+    sampled = generate_body(1, response_num=4, max_tokens=10)
+    first = post(policy, "/generate", sampled).json()["results"]
+    assert post(policy, "/generate", sampled).json()["results"] == first  # same seed, same completions
+    assert len(set(first)) > 1  # four samples differ
+    assert post(policy, "/generate", {**sampled, "seed": 7}).json()["results"] != first
+    greedy = post(policy, "/generate", generate_body(0, max_tokens=16, response_num=1)).json()["results"][0]
+    start = next(k for k in range(len(greedy) // 2, len(greedy) - 1) if "\ufffd" not in greedy[k : k + 2])
+    stop = greedy[start : start + 2]  # a stop string from the middle (no partial-byte character)
+    cut = post(policy, "/generate", generate_body(0, max_tokens=16, response_num=1, stop=stop)).json()["results"][0]
+    assert cut == greedy[: greedy.index(stop) + len(stop)]  # ends at the first stop string, kept
+    assert post(policy, "/generate", generate_body(0, max_tokens=16, response_num=1, stop=[stop])).json()["results"] == [cut]
+
+
+def test_policy_concurrent_requests_get_their_own_answers_batched(services):
+    policy = services["policy"]
+    bodies = [generate_body(i) for i in range(16)]
+    alone = [post(policy, "/generate", b).json()["results"] for b in bodies]
+    before = httpx.get(policy.url + "/health").json()["batches_run"]
+    together = in_parallel(lambda b: post(policy, "/generate", b).json()["results"], bodies)
+    after = httpx.get(policy.url + "/health").json()["batches_run"]
+    assert together == alone
+    sampled = [tuple(r) for r, b in zip(alone, bodies) if b["temperature"] > 0]
+    assert len(set(sampled)) == len(sampled)  # distinct seeds, distinct answers: a mix-up would show
+    assert after - before < len(bodies)
+
+
+@pytest.mark.parametrize("body, content, field", [
+    (None, b'{"prefix_prompt": ', "body"),                       # malformed JSON
+    ({"response_num": 2}, None, "prefix_prompt"),                 # missing field
+    ({"prefix_prompt": ["a"]}, None, "prefix_prompt"),            # wrong type
+    ({"prefix_prompt": "a", "response_num": "two"}, None, "response_num"),
+    ({"prefix_prompt": "a", "response_num": 0}, None, "response_num"),
+    ({"prefix_prompt": "a", "response_num": 9}, None, "response_num"),   # over --max-response-num 8
+    ({"prefix_prompt": "a", "response_num": True}, None, "response_num"),
+    ({"prefix_prompt": "a", "max_tokens": 0}, None, "max_tokens"),
+    ({"prefix_prompt": "a", "max_tokens": 600}, None, "max_tokens"),     # context is 512
+    ({"prefix_prompt": "a", "temperature": -0.1}, None, "temperature"),
+    ({"prefix_prompt": "a", "stop": [""]}, None, "stop"),
+    ({"prefix_prompt": "a", "stop": [3]}, None, "stop[0]"),
+    ({"prefix_prompt": "a", "seed": -1}, None, "seed"),
+])
+def test_policy_rejects_bad_input_and_keeps_serving(services, body, content, field):
+    policy = services["policy"]
+    response = post(policy, "/generate", body, content=content)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field and response.json()["error"].startswith(field)
+    assert len(post(policy, "/generate", generate_body(2)).json()["results"]) == 2
+
+
+# -- micro-batcher in-process ---------------------------------------------------------------------
+
+def test_micro_batcher_routes_results_and_isolates_failures():
+    calls: list[list[int]] = []
+
+    def run_batch(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if 13 in items:
+            raise ValueError("13 is unlucky")
+        return [10 * x for x in items]
+
+    async def main() -> list[Any]:
+        batcher = MicroBatcher(run_batch, BatcherConfig(max_batch=8, max_wait_s=0.05, max_weight=20), weight=lambda x: x)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(x) for x in [1, 2, 3, 13, 5, 6, 7]), return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(main())
+    assert results[:3] == [10, 20, 30] and results[4:] == [50, 60, 70]
+    assert isinstance(results[3], ValueError)  # only the bad item failed
+    assert all(sum(c) <= 20 or len(c) == 1 for c in calls)  # max_weight held
+    assert len(calls[0]) > 1  # concurrent submits were batched
+
+
+# -- vLLM backend ---------------------------------------------------------------------------------
+
+@pytest.mark.vllm
+def test_vllm_policy_service(tmp_path):
+    """The policy service on vLLM: the reference format, seeds, stop strings kept, concurrent
+    answers equal lone ones, bad input rejected, and greedy text equal to the transformers backend
+    on the bigram model (whose next token is far ahead of the rest, so float noise cannot flip it)."""
+    from vllm_fixtures import require_vllm, save_bigram_checkpoint
+
+    require_vllm()
+    from experiments.services.text_completer import CompletionRequest, TransformersCompleter
+
+    path = save_bigram_checkpoint(tmp_path / "bigram")
+    service = start_service(["policy", "--model", str(path), "--backend", "vllm", "--kv-cache-gib", "0.25",
+                             "--max-wait-ms", "30"], tmp_path / "vllm.log")
+    try:
+        wait_ready(service)
+        assert httpx.get(service.url + "/health").json()["backend"] == "vllm"
+        greedy = post(service, "/generate", {"prefix_prompt": "3", "max_tokens": 8, "response_num": 2, "temperature": 0})
+        assert greedy.status_code == 200 and set(greedy.json()) == {"results"}
+        expected = TransformersCompleter.from_pretrained(path).complete([CompletionRequest("3", 2, 8, 0.0)])[0]
+        assert greedy.json()["results"] == expected == ["</think>4", "</think>4"]
+        sampled = {"prefix_prompt": "1", "max_tokens": 12, "response_num": 4, "temperature": 1.0, "seed": 3, "stop": "="}
+        first = post(service, "/generate", sampled).json()["results"]
+        assert len(first) == 4 and post(service, "/generate", sampled).json()["results"] == first
+        assert all(r.endswith("=") or "=" not in r for r in first)  # ends at the stop string, kept
+        bodies = [{**sampled, "prefix_prompt": p, "seed": s} for p in ("1", "2", "1+", "3") for s in range(4)]
+        alone = [post(service, "/generate", b).json()["results"] for b in bodies]
+        assert in_parallel(lambda b: post(service, "/generate", b).json()["results"], bodies) == alone
+        bad = post(service, "/generate", {"prefix_prompt": "1", "max_tokens": 1000})
+        assert bad.status_code == 422 and bad.json()["field"] == "max_tokens"  # context is 256
+        assert post(service, "/generate", sampled).json()["results"] == first
+    finally:
+        stop_service(service)
