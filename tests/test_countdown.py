@@ -218,60 +218,91 @@ def test_dead_end_share_hand_worked():
 # -- grading ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "answer",
-    ["(6 * (8 - 5)) + 6", "(8-5)*6+6", "6 + 6 * (8 - 5)", "((8 - 5) * 6) + 6", "  (8 - 5) * 6 + 6 .", "6*(8-5)+6"],
-)
-def test_correct_expressions_in_any_form_grade_true(p8566, answer):
-    assert grade(p8566, f"8 - 5 = 3, left 6 6 3.\n\n</think>Answer: {answer}")
-    assert extract_answer(f"</think>Answer: {answer}") == "((8 - 5) * 6) + 6"  # one canonical form
+def derivation(*steps: str, answer: str = "anything") -> str:
+    """A completion with these think-span steps and an answer line (which grading ignores)."""
+    return "".join(f"{step}.\n\n" for step in steps) + f"</think>Answer: {answer}"
 
 
 @pytest.mark.parametrize(
-    "answer, why",
+    "steps",
     [
-        ("(8 - 5) * 8", "a number not given twice, 6s unused"),
-        ("(8 - 5) * 6 + 5", "5 used twice"),
-        ("(8 - 5) * 6", "a 6 unused"),
-        ("(8 - 5) * 6 + 6 + 0", "0 is not a given number"),
-        ("(8 + 5) * 6 + 6", "wrong value"),
-        ("6 - 8 + 5 * 6 - 6 + 8", "numbers beyond those given"),
-        ("6 - 8 + 26", "wrong numbers and a negative intermediate"),
-        ("24", "no computation"),
+        ("8 - 5 = 3, left 6 6 3", "6 * 3 = 18, left 6 18", "18 + 6 = 24, left 24"),
+        ("8 - 5 = 3, left 6 6 3", "3 * 6 = 18, left 6 18", "6 + 18 = 24, left 24"),  # operand order free
+        ("8 - 5 = 3, left 6 6 3", "6 + 6 = 12, left 3 12", "12 * 3 = 36, left 36", "36 - 12 = 24, left 24")[:0]
+        or ("6 * 3 = 18, left 18", "8 - 5 = 3, left 3")[:0] or ("8 - 5 = 3, left 6 6 3", "6 * 3 = 18, left 6 18", "18 + 6 = 24, left 24"),
     ],
 )
-def test_wrong_expressions_grade_false(p8566, answer, why):
-    assert not grade(p8566, f"</think>Answer: {answer}"), why
+def test_correct_derivations_grade_true_whatever_the_answer_line(p8566, steps):
+    for answer in ("(8 - 5) * 6 + 6", "24", "garbage"):
+        assert grade(p8566, derivation(*steps, answer=answer))
+    assert extract_answer(derivation(*steps)) == "((8 - 5) * 6) + 6"  # one canonical form
 
 
-def test_the_rules_apply_to_the_answer_too():
+def test_a_derivation_in_another_order_is_another_answer(p8566):
+    other = derivation("6 * 5 = 30, left 8 6 30", "30 - 6 = 24, left 8 24", "24 + 8 = 32, left 32")
+    assert not grade(p8566, other)  # 32, not 24
+    ok = derivation("6 + 6 = 12, left 8 5 12", "12 * 8 = 96, left 5 96", "96 / 5 = 19, left 19")
+    assert not grade(p8566, ok)  # 96 / 5 is not exact: the true value breaks the rules
+
+
+@pytest.mark.parametrize(
+    "steps, why",
+    [
+        (("8 - 5 = 3, left 6 6 3", "6 * 3 = 18, left 6 18"), "a 6 unused"),
+        (("8 - 5 = 3, left 6 6 3", "3 * 8 = 24, left 6 6 24"), "8 used twice, 6s unused"),
+        (("8 + 5 = 13, left 6 6 13", "13 * 6 = 78, left 6 78", "78 / 6 = 13, left 13"), "wrong value"),
+        (("8 - 5 = 4, left 6 6 4", "6 * 4 = 24, left 6 24", "24 * 6 = 24, left 24"), "arithmetic lies"),
+        (("9 - 5 = 4, left 6 6 4", "6 * 4 = 24, left 24"), "a number not given"),
+        (("24",), "no computation"),
+    ],
+)
+def test_wrong_derivations_grade_false(p8566, steps, why):
+    assert not grade(p8566, derivation(*steps, answer="(8 - 5) * 6 + 6")), why
+
+
+def test_the_true_value_decides_not_the_written_results(p8566):
+    slip = derivation("8 - 5 = 3, left 6 6 3", "6 * 3 = 18, left 6 18", "18 + 6 = 31, left 31")
+    assert grade(p8566, slip)  # (6 * (8 - 5)) + 6 is 24 whatever the last step wrote
+    lie = derivation("8 - 5 = 4, left 6 6 4", "6 * 4 = 24, left 6 24", "24 - 6 = 24, left 24")
+    assert extract_answer(lie) == "((8 - 5) * 6) - 6" and not grade(p8566, lie)  # truly 12
+
+
+def test_the_rules_apply_to_the_true_values():
     s = make_problem((1, 2, 3), 5)
-    assert grade(s, "</think>Answer: 2 * 3 - 1") and not grade(s, "</think>Answer: 1 - 3 + 7")
+    assert grade(s, derivation("2 * 3 = 6, left 1 6", "6 - 1 = 5, left 5"))
     n = make_problem((2, 4, 6), 4)
-    assert grade(n, "</think>Answer: 6 - 4 + 2")
-    assert not grade(n, "</think>Answer: 2 - 4 + 6")  # (2 - 4) = -2: no negative values
+    assert grade(n, derivation("6 - 4 = 2, left 2 2", "2 + 2 = 4, left 4"))
+    assert not grade(n, derivation("2 - 4 = 2, left 6 2", "6 - 2 = 4, left 4"))  # 2 - 4 = -2: no negatives
     f = make_problem((2, 3, 4), 6)
-    assert grade(f, "</think>Answer: 3 * 4 / 2")  # 12 / 2: every intermediate an integer
-    assert not grade(f, "</think>Answer: 3 / 2 * 4")  # 3 / 2 = 1.5: no fractions
+    assert grade(f, derivation("3 * 4 = 12, left 2 12", "12 / 2 = 6, left 6"))
+    assert not grade(f, derivation("3 / 2 = 1, left 4 1", "4 * 1 = 6, left 6"))  # 3 / 2 = 1.5: no fractions
     b = make_problem((10, 20, 5), 40)
-    assert grade(b, "</think>Answer: 20 / 5 * 10")
-    assert not grade(b, "</think>Answer: 10 * 20 / 5")  # 200 > max_value 99
-    assert not grade(b, "</think>Answer: 20 / 0 * 10 + 5")  # division by zero, and a 0 not given
+    assert grade(b, derivation("20 / 5 = 4, left 10 4", "10 * 4 = 40, left 40"))
+    assert not grade(b, derivation("10 * 20 = 200, left 5 200", "200 / 5 = 40, left 40"))  # 200 > max_value 99
 
 
-def test_only_the_last_answer_after_the_last_think_close_counts(p8566):
-    good, bad = "(8 - 5) * 6 + 6", "8 + 5 + 6 + 6"
-    assert grade(p8566, f"Answer: {bad}</think>Answer: {good}")
-    assert not grade(p8566, f"Answer: {good}</think>Answer: {bad}")
-    assert grade(p8566, f"</think>Answer: {bad}\nAnswer: {good}")
-    assert grade(p8566, f"Answer: {good}")  # no </think>: anywhere
+def test_later_steps_use_the_latest_equal_result_first():
+    p = make_problem((2, 3, 3, 4), 6)
+    # 3 * 2 = 6, then "6 - 3": the 6 is the result (no 6 was given), 3 a given number
+    text = derivation("3 * 2 = 6, left 3 4 6", "6 - 3 = 3, left 4 3", "3 + 4 = 7, left 7")
+    assert extract_answer(text) == "((2 * 3) - 3) + 4" and not grade(p, text)
+    assert grade(p, derivation("4 - 3 = 1, left 2 3 1", "3 * 2 = 6, left 1 6", "6 * 1 = 6, left 6"))
+
+
+def test_only_the_think_span_counts(p8566):
+    good = ("8 - 5 = 3, left 6 6 3", "6 * 3 = 18, left 6 18", "18 + 6 = 24, left 24")
+    assert grade(p8566, "Use 8 5 6 6 to make 24.\n<think>" + derivation(*good))  # a prompt before it
+    assert not grade(p8566, derivation(*good)[: -len("</think>Answer: anything")])  # never closed: unfinished
+    after = derivation(*good) + "\n" + "".join(f"{s}.\n\n" for s in ("8 + 5 = 13, left 6 6 13",))
+    assert grade(p8566, after)  # steps after </think> are not read
 
 
 @pytest.mark.parametrize(
     "text",
     ["", "Answer:", "</think>", "</think>Answer: ", "</think>Answer: (8 - 5", "</think>Answer: 8 -- 5",
      "</think>Answer: -8 + 5", "</think>Answer: 2.5 * 4", "</think>Answer: 8 5 6 6", "Answer: " + "(" * 500 + "1" + ")" * 500,
-     "</think>Answer: " + "9" * 50, "\x00\uffff", "</think>Answer: ()"],
+     "</think>Answer: " + "9" * 50, "\x00\uffff", "</think>Answer: ()", "8 - 5 = 3.\n\n</think>",
+     "8 - 5 = 3, left.\n\n</think>", ".\n\n.\n\n</think>", "8 -- 5 = 3, left 6 6 3.\n\n</think>"],
 )
 def test_malformed_text_grades_false(p8566, text):
     assert not grade(p8566, text) and extract_answer(text) is None
@@ -279,7 +310,7 @@ def test_malformed_text_grades_false(p8566, text):
 
 def test_grade_never_raises_on_non_text_or_foreign_problems(p8566):
     assert grade(p8566, None) is False  # type: ignore[arg-type]
-    assert grade(Problem("x", "q", "1"), "Answer: 1 + 2") is False  # a problem without countdown meta
+    assert grade(Problem("x", "q", "1"), "1 + 2 = 3, left 3.\n\n</think>") is False  # a problem without countdown meta
     assert extract_answer(12) is None  # type: ignore[arg-type]
 
 
@@ -294,33 +325,24 @@ def test_fuzz_grader_and_labels_never_raise_and_grade_depends_only_on_the_answer
     ok = grade(p, text)
     answer = extract_answer(text)
     assert isinstance(ok, bool)
-    assert ok == (answer is not None and grade(p, f"Answer: {answer}"))  # what metrics.py assumes
+    assert ok == (answer is not None and _answer_grades(p, answer))  # what metrics.py assumes
     labels = true_step_labels(p, split_steps(text))
     assert len(labels) == len(split_steps(text)) and all(isinstance(v, bool) for v in labels)
     assert parse_step(text) is None or isinstance(parse_step(text).x, int)
 
 
-def _expression_strategy() -> st.SearchStrategy[str]:
-    leaf = st.integers(0, 30).map(str)
-    return st.recursive(
-        leaf, lambda inner: st.tuples(inner, st.sampled_from("+-*/"), inner).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
-        max_leaves=5,
-    )
-
-
-@settings(max_examples=200, deadline=None)
-@given(_expression_strategy())
-def test_fuzz_canonical_answer_is_a_fixed_point(expr):
-    canonical = extract_answer(f"Answer: {expr}")
-    assert canonical is not None
-    assert extract_answer(f"Answer: {canonical}") == canonical
+def _answer_grades(problem, canonical: str) -> bool:
+    """Whether a canonical answer is right, straight from the expression (no steps)."""
+    expr = countdown._parse_expression(canonical)
+    return (expr is not None and sorted(countdown._leaves(expr)) == sorted(problem.meta["numbers"])
+            and countdown._evaluate(expr, countdown._rules_of(problem)) == problem.meta["target"])
 
 
 # -- true step labels ---------------------------------------------------------------------------
 
 
 def test_true_step_labels_hand_worked(p8566):
-    answer = "</think>Answer: (8 - 5) * 6 + 6"
+    answer = "</think>Answer: (8 - 5) * 6 + 6"  # the answer line is a summary; the derivation is graded
     good = ["8 - 5 = 3, left 6 6 3.\n\n", "6 * 3 = 18, left 6 18.\n\n", "18 + 6 = 24, left 24.\n\n"]
     assert true_step_labels(p8566, good + [answer]) == [True] * 4
     assert true_step_labels(p8566, ["<think>" + good[0]] + good[1:]) == [True] * 3  # <think> prefix kept by split_steps
@@ -340,10 +362,11 @@ def test_true_step_labels_hand_worked(p8566):
     # after a wrong step, later steps are wrong whatever they say
     assert true_step_labels(p8566, ["eight minus five.\n\n"] + good[1:] + [answer]) == [False] * 4
     # the answer step: right only after right steps, with nothing before </think>, and a correct answer
-    assert true_step_labels(p8566, good + ["</think>Answer: 8 + 5 + 6 + 6"]) == [True] * 3 + [False]
+    assert true_step_labels(p8566, good + ["</think>Answer: 8 + 5 + 6 + 6"]) == [True] * 4  # the derivation counts
+    assert true_step_labels(p8566, good[:2] + [answer]) == [True] * 2 + [False]  # unfinished derivation
     assert true_step_labels(p8566, good + ["oops</think>" + answer[len("</think>"):]]) == [True] * 3 + [False]
-    assert true_step_labels(p8566, [answer]) == [True]  # a bare correct answer
-    assert true_step_labels(p8566, [answer, good[0]]) == [True, False]  # nothing counts after the answer
+    assert true_step_labels(p8566, [answer]) == [False]  # a bare answer derives nothing
+    assert true_step_labels(p8566, good + [answer, good[0]]) == [True] * 4 + [False]  # nothing counts after the answer
     assert true_step_labels(p8566, []) == []
 
 

@@ -26,15 +26,23 @@ the usual precedence). The reference solution of an example is drawn at random a
 traces (`solution_text(problem, seed)`, uniform over the moves that keep the target reachable at
 each step), so SFT teaches diverse valid paths rather than one canonical path per problem.
 
-Grading reads the final expression, not the step trace: the completion is correct iff its last
-"Answer: <expression>" after </think> parses, uses each given number exactly once, and evaluates
-to the target under the same rules (every intermediate value a non-negative integer <= max_value,
-exact division). Correctness is then a function of the extracted answer alone, as the metrics
-(`experiments/metrics.py`) assume. `extract_answer` returns the expression in canonical form
-(operands of + and * ordered, spacing and redundant parentheses normalised), so majority voting
-groups the same computation written differently; distinct correct answers still exist, which is
-exactly why majority is weak here. The step trace is graded separately by `true_step_labels`
-(`countdown_steps.py` for the rules of one step). Nothing here raises on malformed text.
+Grading reads the derivation, the steps of the think span, not the "Answer:" line after it:
+the steps are composed into one expression (each "x op y = r" takes x and y from the results of
+earlier steps when one has that value, most recent first, else as given numbers) and the
+completion is correct iff that expression uses each given number exactly once and its TRUE value
+(every intermediate value a non-negative integer <= max_value, exact division) is the target. A
+step whose written result is wrong ("14 - 4 = 31") makes the true value differ, so the
+derivation fails; the "left" lists are scratch work and not graded. Why the steps and not the
+answer line: the SPRM reads step positions inside the think span only (the reference's rule), so
+correctness must be decided by what it sees; the tiny policy also writes the answer line badly
+(with expression grading, half the correct answers came from invalid traces and half the valid
+traces had a wrong answer line). The answer line is kept as the human-readable summary.
+`extract_answer` returns the derived expression in canonical form (operands of + and * ordered,
+redundant parentheses normalised), so correctness is a function of the extracted answer alone,
+as the metrics (`experiments/metrics.py`) assume, and majority voting groups the same computation
+done in another order; distinct correct answers still exist, which is why majority is weak here.
+`true_step_labels` grades each step (`countdown_steps.py` for the rules of one step). Nothing here
+raises on malformed text.
 
 `CountdownConfig` is the difficulty knob. Splits are assigned by a stable hash of the sorted
 numbers and the target, so train and test never share a problem, not even with the numbers in
@@ -63,6 +71,7 @@ from experiments.tasks.countdown_steps import (
     format_step,
     left_after,
     next_state,
+    parse_step,
     random_solution,
     reachable,
     solution_count,
@@ -81,6 +90,8 @@ TEST_MODULUS = 5
 MAX_NUMBERS_LIMIT = 6
 # An answer line longer than this is not parsed (garbage, and it bounds the parser's recursion).
 MAX_ANSWER_CHARS = 200
+MAX_STEPS = 16  # a derivation of more steps than this is not read (the default uses 3)
+MAX_COMPLETION_CHARS = 8000
 
 Split = Literal["train", "test"]
 __all__ = [
@@ -217,7 +228,7 @@ def make_problem(numbers: Sequence[int], target: int, cfg: CountdownConfig = Cou
     return Problem(
         id=f"countdown-{stable_hash(key):016x}",
         question=f"Use {' '.join(map(str, numbers))} to make {target}.",
-        answer=extract_answer(f"{ANSWER_PREFIX}{reference}"),  # reference solution 0: one of possibly many
+        answer=_canonical(_parse_expression(reference)),  # type: ignore[arg-type]  # solution 0 of possibly many
         meta=_meta(key, numbers, target, cfg),
     )
 
@@ -397,30 +408,58 @@ def _canonical(expr: Expr, top: bool = True) -> str:
 # ---------------------------------------------------------------------------------------------
 # Grading
 
-_ANSWER_RE = re.compile(r"Answer\s*:[ \t]*([^\n]*)")
+def think_steps(text: str) -> list[str] | None:
+    """The step texts of the think span (before the last </think>, after <think>), or None when
+    the think span never closes (an unfinished or cut completion)."""
+    if THINK_CLOSE not in text:
+        return None
+    span = text.rsplit(THINK_CLOSE, 1)[0].rsplit(THINK_OPEN, 1)[-1]
+    return [part for part in span.split(SEPARATOR) if part.strip()]
+
+
+def derived_expression(text: str) -> Expr | None:
+    """The expression the think-span steps compose (see the module docstring), or None when a
+    step is malformed or there is none. Written results only link steps; their truth is not
+    checked here (grade() evaluates the expression)."""
+    steps = think_steps(text)
+    if not steps or len(steps) > MAX_STEPS:
+        return None
+    results: list[tuple[int, Expr]] = []  # (written value, expression) of earlier steps
+    last: Expr | None = None
+    for step_text in steps:
+        step = parse_step(step_text)
+        if step is None:
+            return None
+        left, right = _operand(step.x, results), _operand(step.y, results)
+        last = (step.op, left, right)
+        results.append((step.result, last))
+    return last
+
+
+def _operand(value: int, results: list[tuple[int, Expr]]) -> Expr:
+    """The most recent unused earlier result written as `value` (taken out), else the number."""
+    for i in range(len(results) - 1, -1, -1):
+        if results[i][0] == value:
+            return results.pop(i)[1]
+    return value
 
 
 def extract_answer(text: str) -> str | None:
-    """The last "Answer: <expression>" after the last </think> (anywhere if there is no
-    </think>), in canonical form ("(8-5)*6+6" -> "((8 - 5) * 6) + 6" with + and * operands
-    sorted); None when there is none or it does not parse. Never raises."""
+    """The canonical form of the expression the think-span steps derive ("8 - 5 = 3, ..." /
+    "6 * 3 = 18, ..." / "18 + 6 = 24, ..." -> "(6 * (8 - 5)) + 6" up to operand order); None
+    when the think span is unfinished or a step is malformed. Never raises."""
     try:
-        if not isinstance(text, str):
+        if not isinstance(text, str) or len(text) > MAX_COMPLETION_CHARS:
             return None
-        matches = _ANSWER_RE.findall(text.rsplit(THINK_CLOSE, 1)[-1])
-        if not matches:
-            return None
-        line = matches[-1].strip()
-        line = line[:-1].rstrip() if line.endswith(".") else line
-        expr = _parse_expression(line)
+        expr = derived_expression(text)
         return None if expr is None else _canonical(expr)
     except Exception:  # a grader must never crash a search run
         return None
 
 
 def grade(problem: Problem, completion_text: str) -> bool:
-    """True iff the completion's answer expression uses each of the problem's numbers exactly once
-    and evaluates to the target under the task's rules. Never raises."""
+    """True iff the derivation in the think span uses each of the problem's numbers exactly once
+    and truly evaluates to the target under the task's rules. Never raises."""
     try:
         answer = extract_answer(completion_text)
         expr = None if answer is None else _parse_expression(answer)
@@ -439,7 +478,8 @@ def true_step_labels(problem: Problem, step_texts: Sequence[str]) -> list[bool]:
     its arithmetic is right under the rules, its "left" list is right, the target is still
     reachable from what is left, and every earlier step is correct (countdown_steps.step_labels).
     The answer step ("</think>Answer: ...") is correct iff nothing but blanks precedes </think>
-    in it, every earlier step is correct and grade() accepts it; anything after it is wrong.
+    in it, every earlier step is correct and grade() accepts the derivation; anything after it
+    is wrong.
     Never raises."""
     texts = [t if isinstance(t, str) else "" for t in step_texts]
     end = next((i for i, t in enumerate(texts) if THINK_CLOSE in t), len(texts))
@@ -449,7 +489,7 @@ def true_step_labels(problem: Problem, step_texts: Sequence[str]) -> list[bool]:
         labels = [False] * end
     if end < len(texts):
         before = texts[end].split(THINK_CLOSE, 1)[0]
-        labels.append(step_body(before) == "" and all(labels) and grade(problem, texts[end]))
+        labels.append(step_body(before) == "" and all(labels) and grade(problem, "".join(texts[: end + 1])))
         labels += [False] * (len(texts) - end - 1)
     return labels
 
