@@ -9,7 +9,8 @@ tokenizer corpus come from, and their default difficulty.
 `arith` has one reference solution per problem and a practically unbounded train split, so each
 pair is a new problem. `countdown`'s default train split holds ~9.9k problems, so its pairs cycle
 over them, each pass drawing another random valid solution (many paths are correct: the policy
-should learn to produce diverse ones, which is what gives a verifier room to help).
+should learn to produce diverse ones) or, for half the pairs, an honest attempt that may miss
+the target (so the policy's arithmetic stays honest and a failure is visible to a verifier).
 """
 from __future__ import annotations
 
@@ -53,12 +54,14 @@ def arith_pairs(config: arith.ArithConfig, count: int, seed: int) -> Pairs:
 
 
 COUNTDOWN_TRAIN_PROBLEMS = 9_000  # of the ~9.9k the default train split holds
+COUNTDOWN_SOLVED_SHARE = 0.5  # the rest are honest attempts (countdown.training_pairs says why)
 
 
 def countdown_pairs(config: countdown.CountdownConfig, count: int, seed: int) -> Pairs:
-    """Pairs cycling over the train problems, another random valid solution on each pass."""
+    """Pairs cycling over the train problems: half valid solutions (another random one on each
+    pass), half honest attempts that may miss the target."""
     problems = countdown.generate_problems("train", COUNTDOWN_TRAIN_PROBLEMS, seed=seed, cfg=config)
-    return countdown.training_pairs(problems, count, seed)
+    return countdown.training_pairs(problems, count, seed, solved_share=COUNTDOWN_SOLVED_SHARE)
 
 
 SFT_TASKS: dict[str, SFTTask] = {

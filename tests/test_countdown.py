@@ -388,3 +388,21 @@ def test_true_step_labels_agree_with_the_solver_on_random_moves(test_problems):
         assert true_step_labels(p, [text]) == [expected]
         seen.add(expected)
     assert seen == {True, False}
+
+
+def test_training_pairs_mix_solutions_with_honest_attempts(test_problems):
+    pairs = countdown.training_pairs(test_problems[:50], 400, seed=3, solved_share=0.5)
+    by_prompt = {prompt_text(p): p for p in test_problems[:50]}
+    solved = [grade(by_prompt[prompt], completion) for prompt, completion in pairs]
+    assert 0.4 < sum(solved) / len(solved) < 0.7  # half solutions, plus the attempts that happen to hit
+    for prompt, completion in pairs:
+        problem = by_prompt[prompt]
+        steps = split_steps(completion)
+        assert len(steps) == len(problem.meta["numbers"])  # one step per operation, then the answer
+        for text in steps[:-1]:  # honest: every written result is the true one
+            step = parse_step(text)
+            assert countdown.apply_op(step.x, step.op, step.y, countdown._rules_of(problem)) == step.result
+    assert countdown.training_pairs(test_problems[:50], 400, seed=3, solved_share=0.5) == pairs  # seeded
+    assert all(grade(by_prompt[p], c) for p, c in countdown.training_pairs(test_problems[:50], 60, seed=3))
+    with pytest.raises(ValueError, match="solved_share=1.5"):
+        countdown.training_pairs(test_problems[:5], 4, solved_share=1.5)

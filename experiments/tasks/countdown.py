@@ -70,6 +70,7 @@ from experiments.tasks.countdown_steps import (
     dead_end_share,
     format_step,
     left_after,
+    legal_moves,
     next_state,
     parse_step,
     random_solution,
@@ -306,18 +307,59 @@ def solution_text(problem: Problem, seed: int = 0) -> str:
     return "".join(_steps_of(numbers, moves)) + f"{THINK_CLOSE}{ANSWER_PREFIX}{_expression_of(numbers, moves)}"
 
 
-def training_pairs(problems: Sequence[Problem], count: int, seed: int = 0) -> list[tuple[str, str]]:
+def attempt_moves(problem: Problem, seed: int) -> list[Move] | None:
+    """An honest attempt: legal moves drawn uniformly until one number is left, whether or not it
+    is the target (None when a state has no legal move under the rules)."""
+    meta, rules = problem.meta, _rules_of(problem)
+    rng = random.Random(stable_hash(f"{meta['key']}|attempt|{seed}"))
+    state, moves = tuple(sorted(meta["numbers"])), []
+    while len(state) > 1:
+        options = legal_moves(state, rules)
+        if not options:
+            return None
+        move = rng.choice(options)
+        moves.append(move)
+        state = next_state(state, move)
+    return moves
+
+
+def attempt_text(problem: Problem, seed: int) -> str | None:
+    """The completion of an honest attempt (see `attempt_moves`): correct arithmetic throughout,
+    the last step's result whatever the moves give; None when the attempt got stuck."""
+    numbers, moves = problem.meta["numbers"], attempt_moves(problem, seed)
+    if moves is None:
+        return None
+    return "".join(_steps_of(numbers, moves)) + f"{THINK_CLOSE}{ANSWER_PREFIX}{_expression_of(numbers, moves)}"
+
+
+def training_pairs(
+    problems: Sequence[Problem], count: int, seed: int = 0, solved_share: float = 1.0
+) -> list[tuple[str, str]]:
     """`count` (prompt, completion) SFT pairs cycling over `problems`; pass k over the list uses
     solution seed `seed + k`, so a problem seen again comes with another random valid solution
-    (the problem space is finite, so a long run sees each problem several times)."""
+    (the problem space is finite, so a long run sees each problem several times).
+
+    solved_share: the share of pairs whose completion is a valid solution; the others are honest
+    attempts (`attempt_text`: uniformly drawn legal moves, arithmetic right, ending wherever they
+    end). With only solutions (1.0) a small policy that cannot plan learns that the last result
+    IS the target and writes it whatever the arithmetic gives ("14 - 4 = 31"): its failures are
+    then lies no cheap check sees. Mixing in honest attempts keeps its arithmetic honest, so a
+    failed attempt shows on its last step (the result is not the target): choosing a path is
+    still a search, checking one becomes a comparison, the generator-verifier gap a verifier
+    can use."""
     if count < 0:
         raise ValueError(f"count={count}; must be >= 0")
     if count and not problems:
         raise ValueError(f"count={count} pairs asked from an empty problem list")
-    return [
-        (prompt_text(p), solution_text(p, seed + i // len(problems)))
-        for i, p in ((i, problems[i % len(problems)]) for i in range(count))
-    ]
+    if not 0.0 <= solved_share <= 1.0:
+        raise ValueError(f"solved_share={solved_share!r} must be in [0, 1]")
+    rng = random.Random(stable_hash(f"pairs|{seed}"))
+    pairs = []
+    for i in range(count):
+        problem, pass_seed = problems[i % len(problems)], seed + i // len(problems)
+        attempt = attempt_text(problem, pass_seed) if rng.random() >= solved_share else None
+        pairs.append((prompt_text(problem), attempt if attempt is not None else solution_text(problem, pass_seed)))
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------
