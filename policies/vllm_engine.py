@@ -72,6 +72,9 @@ class VLLMEngineConfig:
     gpu_memory_utilization: share of GPU memory vLLM may take (GPU only, with kv_cache_gib None).
     tensor_parallel_size: GPUs to shard the model over (GPU only).
     max_num_seqs: most sequences per engine step; None: vLLM's default.
+    enable_chunked_prefill: split long prefills over engine steps; None: off on CPU (vLLM 0.32's
+        CPU sampler raises "CPU Generator does not use offset" when a seeded request's prefill is
+        chunked, which happens once a batch's prompts pass 4096 tokens), vLLM's default on GPU.
     multiprocessing: run the engine core in a child process (VLLM_ENABLE_V1_MULTIPROCESSING=1);
         the default False keeps it in-process (fast start; needed for
         `policies.vllm_layer_features` without a plugin).
@@ -89,6 +92,7 @@ class VLLMEngineConfig:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     max_num_seqs: int | None = None
+    enable_chunked_prefill: bool | None = None
     multiprocessing: bool = False
 
     def __post_init__(self) -> None:
@@ -175,7 +179,16 @@ def _engine_kwargs(config: VLLMEngineConfig) -> dict[str, Any]:
         kwargs["max_model_len"] = config.max_model_len
     if config.max_num_seqs is not None:
         kwargs["max_num_seqs"] = config.max_num_seqs
+    chunked = config.enable_chunked_prefill
+    if chunked is None and not _cuda_available():
+        chunked = False  # see the field's docstring: seeded sampling breaks with it on CPU
+    if chunked is not None:
+        kwargs["enable_chunked_prefill"] = chunked
     return kwargs
+
+
+def _cuda_available() -> bool:
+    return bool(torch.cuda.is_available())
 
 
 def _pooling_kwargs(directory: Path, feature_layer: int) -> dict[str, Any]:

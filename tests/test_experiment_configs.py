@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,8 @@ from scorers.sprm_scorer import SPRMScorer
 from scorers.step_score_reader import StepScoreReader
 from tiny_checkpoint import TINY_SHAPE, save_tiny_checkpoint
 from treesearch.protocols import Scorer
-from treesearch.records import Prefix, Step
+from treesearch.records import Prefix, Problem, Step
+from vllm_fixtures import require_vllm, save_bigram_checkpoint
 from treesearch.steps import StepFormat
 
 torch.set_num_threads(1)
@@ -79,7 +81,7 @@ def composed(overrides: list[str], hydra_node: bool = False) -> DictConfig:
 def test_every_group_has_the_promised_options():
     assert options("search") == ["beam", "best_of_n", "dvts", "greedy", "mcts"]
     assert options("scorer") == ["confidence", "oracle", "random", "sprm", "sprm_forward"]
-    assert options("policy") == ["tiny", "tiny_sprm"]
+    assert options("policy") == ["openai", "tiny", "tiny_sprm", "vllm"]
     assert options("task") == ["aime24", "aime25", "arith", "ceval", "countdown", "gsm8k", "math500"]
     assert options("hydra/launcher") == ["local", "submitit_slurm"]
     assert EXPERIMENTS == ["budget_sweep", "scorer_sweep"]
@@ -93,12 +95,45 @@ def test_default_checkpoint_paths_are_where_training_writes():
     assert composed(["policy=tiny_sprm"]).policy.path == f"{train.hydra.run.dir}/{LAST}"
 
 
-@pytest.mark.parametrize("option", options("policy"))
+@pytest.mark.parametrize("option", ["tiny", "tiny_sprm"])
 def test_policy_options_instantiate(option, sprm_ckpt):
     policy = build(composed([f"policy={option}", f"policy.path={sprm_ckpt}"]).policy)
     assert isinstance(policy, TransformersPolicy) and policy.num_parameters > 0
     assert policy.prompt_fn is arith.prompt_text and policy.sampling.temperature == arith.DEFAULT_TEMPERATURE
     assert (policy.step_head is not None) == (option == "tiny_sprm")
+
+
+def test_openai_policy_option_instantiates_without_a_server(ckpt):
+    from policies.openai_policy import OpenAIPolicy
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = composed(["policy=openai", f"policy.path={ckpt}", f"policy.base_url={url}", "policy.max_retries=0"])
+    with build(cfg.policy) as policy:  # the server is first asked at the first call
+        assert isinstance(policy, OpenAIPolicy) and policy.num_parameters > 0
+        assert policy.prompt_fn is arith.prompt_text and policy.sampling.temperature == arith.DEFAULT_TEMPERATURE
+        with pytest.raises(ConnectionError, match=url):
+            policy.propose([Prefix(arith.generate_problems("test", 1, seed=0)[0])], 1, seed=0)
+
+
+@pytest.mark.vllm
+def test_vllm_policy_option_instantiates(tmp_path_factory):  # bigram: vLLM's CPU attention rejects head size 16
+    require_vllm()
+    from policies.vllm_policy import VLLMPolicy
+
+    path = save_bigram_checkpoint(tmp_path_factory.mktemp("vllm_cfg") / "bigram")
+    cfg = composed(["policy=vllm", f"policy.path={path}", "policy.engine.kv_cache_gib=0.25",
+                    f"policy.engine.cache_root={tmp_path_factory.mktemp('vllm_cache')}"])
+    with build(cfg.policy) as policy:
+        assert isinstance(policy, VLLMPolicy) and policy.num_parameters > 0
+        assert policy.prompt_fn is arith.prompt_text and policy.sampling.temperature == arith.DEFAULT_TEMPERATURE
+        (row,) = policy.propose([Prefix(Problem("p", "<think>"))], 2, seed=0)
+        assert len(row) == 2 and all(step.token_ids for step in row)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("option", options("scorer"))

@@ -439,3 +439,15 @@ def test_every_strategy_runs_on_the_vllm_policy(vllm_policy, name):
     for result in results:
         assert result.candidates and result.compute.tokens_generated > 0
         assert result.compute.tokens_forwarded > 0
+
+
+@pytest.mark.vllm
+def test_seeded_sampling_over_more_than_4096_prompt_tokens_does_not_crash(vllm_policy):
+    # vLLM 0.32 on CPU raised "CPU Generator does not use offset" when chunked prefill split a
+    # seeded request's prompt over engine steps (a batch of prompts above 4096 tokens); the engine
+    # config turns chunked prefill off on CPU. 96 distinct prompts of ~60 tokens x 2 samples.
+    sampled = vllm_policy.with_sampling(SamplingConfig(temperature=0.8, max_step_tokens=4, max_total_tokens=8))
+    problems = [Prefix(Problem(f"p{i}", "<think>" + "1+2=3" * 12 + str(i))) for i in range(96)]
+    rows = sampled.propose(problems, 2, seed=0)
+    assert len(rows) == 96 and all(len(row) == 2 for row in rows)
+    assert sum(len(p.problem.question) for p in problems) * 2 > 4096

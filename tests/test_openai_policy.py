@@ -1,0 +1,442 @@
+"""Tests of `policies.openai_policy.OpenAIPolicy`, the client of an OpenAI-compatible completions
+server.
+
+Without vLLM: a scripted HTTP server in a thread (`http.server`) pins the request body (token-id
+prompt, seed, logprobs, vLLM's extra fields, max_tokens clamped to the context window), the
+response parsing (token_ids, the "token_id:N" and text fallbacks, cached tokens), retries of
+500 / 429 with backoff, no retry of a 400, a timeout, and a server that is down (a ConnectionError
+naming the URL and how to start a server, after the retries, in well under a second here).
+
+With vLLM (`@pytest.mark.vllm`, skipped with the install hint when vLLM cannot be imported): vLLM's
+OpenAI server started by the test as a subprocess on the bigram checkpoint of
+`tests/vllm_fixtures.py` (127.0.0.1, a free port, eager, block size 32, a 0.25 GiB KV cache) and
+always stopped by PID. Greedy output equals `TransformersPolicy` step for step (token ids, texts,
+finish reasons, log-probs within 1e-3); seeded samples are reproducible and equal to the offline
+`VLLMPolicy`'s; prefix-cache hits come back through `prompt_tokens_details`; every registered
+strategy runs on it. The server takes 20-70 s to start on a busy 2-core machine; the offline
+engine starts meanwhile.
+
+Run: `.venv/bin/python -m pytest tests/test_openai_policy.py`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from policies.openai_policy import OpenAIPolicy, OpenAIServerConfig, OpenAIServerError
+from policies.sampling_config import SamplingConfig
+from policies.transformers_policy import TransformersPolicy
+from scorers.confidence import ConfidenceScorer
+from treesearch.protocols import Policy
+from treesearch.records import Prefix, Problem, Step
+from treesearch.registry import STRATEGIES, run_search
+from vllm_fixtures import SEP, make_char_tokenizer, require_vllm, save_bigram_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TOK = make_char_tokenizer()
+ID = TOK.get_vocab()
+S, EOS = ID[SEP], ID["<eos>"]
+GREEDY = SamplingConfig(temperature=0.0, max_step_tokens=8, max_total_tokens=20)
+SAMPLED = SamplingConfig(temperature=1.0, max_step_tokens=8, max_total_tokens=20)
+START_TIMEOUT_S = 240.0
+FAST = dict(max_retries=2, backoff_s=0.05, timeout_s=5.0)  # retry settings of the scripted-server tests
+
+
+def ids(text: str) -> tuple[int, ...]:
+    return tuple(TOK(text, add_special_tokens=False).input_ids)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_bigram_checkpoint(tmp_path_factory.mktemp("openai_policy") / "bigram")
+
+
+# -- a scripted server --------------------------------------------------------------------------
+
+
+@dataclass
+class Script:
+    """What the scripted server answers: /v1/models lists `model` with `window`; each POST to
+    /v1/completions takes the next (status, body) of `answers` (the last one repeats), after
+    `delay_s`. Every completions body received is kept in `bodies`."""
+
+    answers: list[tuple[int, dict[str, Any]]]
+    window: int | None = 256
+    model: str = "fake"
+    lists_models: bool = True  # False: GET /v1/models is a 404 (servers without it)
+    delay_s: float = 0.0
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    authorization: list[str | None] = field(default_factory=list)
+
+
+def completion_body(token_ids: list[int] | None, logprobs: list[float], text: str = "", cached: int | None = None,
+                    tokens: list[str] | None = None) -> dict[str, Any]:
+    usage: dict[str, Any] = {"prompt_tokens": 3, "completion_tokens": len(logprobs)}
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    choice = {"index": 0, "text": text, "finish_reason": "stop", "token_ids": token_ids,
+              "logprobs": {"token_logprobs": logprobs, "tokens": tokens or []}}
+    return {"choices": [choice], "usage": usage}
+
+
+def handler_for(script: Script) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # quiet
+            pass
+
+        def _send(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (the timeout test)
+                pass
+
+        def do_GET(self) -> None:
+            if not script.lists_models:
+                self._send(404, {"detail": "Not Found"})
+                return
+            self._send(200, {"data": [{"id": script.model, "max_model_len": script.window}]})
+
+        def do_POST(self) -> None:
+            script.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            script.authorization.append(self.headers.get("Authorization"))
+            time.sleep(script.delay_s)
+            status, body = script.answers[min(len(script.bodies), len(script.answers)) - 1]
+            self._send(status, body)
+
+    return Handler
+
+
+@pytest.fixture
+def scripted() -> Iterator[Any]:
+    """start(script) -> base URL of a scripted server on a free port; all stopped at the end."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(script: Script) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(script))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+EOS_STEP = completion_body([ID["</think>"], ID["4"], EOS], [-0.1, -0.2, -0.3], cached=1)
+
+
+def one_step(url: str, checkpoint: Path, sampling: SamplingConfig = SAMPLED, question: str = "<think>3",
+             model: str | None = None, **client):
+    with OpenAIPolicy(url, model, checkpoint, sampling, lambda p: p.question, **{**FAST, **client}) as policy:
+        (row,) = policy.propose([Prefix(Problem("p", question))], 1, seed=7)
+        return row[0], policy
+
+
+def test_request_body_and_parsing(scripted, checkpoint):
+    script = Script([(200, EOS_STEP)])
+    step, policy = one_step(scripted(script), checkpoint)
+    assert step.token_ids == (ID["</think>"], ID["4"], EOS) and step.text == "</think>4" and step.finish == "eos"
+    assert step.token_logprobs == (-0.1, -0.2, -0.3)
+    # prompt 3 tokens, 1 cached; 2 of the 3 generated tokens fed back: 2 + 2
+    assert step.tokens_forwarded == 4
+    assert (policy.last_usage.requests, policy.last_usage.cached_prompt_tokens) == (1, 1)
+    (body,) = script.bodies
+    assert body["prompt"] == list(TOK("<think>3").input_ids) and body["model"] == "fake" and body["n"] == 1
+    assert body["max_tokens"] == 8 and body["temperature"] == 1.0 and body["top_p"] == 1.0
+    assert body["logprobs"] == 0 and body["stop_token_ids"] == [S] and isinstance(body["seed"], int)
+    assert body["return_token_ids"] and body["return_tokens_as_token_ids"] and body["skip_special_tokens"] is False
+    assert body["top_k"] == 0 and body["repetition_penalty"] == 1.0  # not the server's generation_config
+    assert isinstance(policy, Policy) and policy.num_parameters > 0
+
+
+def test_greedy_sends_no_seed_and_the_window_clamps_max_tokens(scripted, checkpoint):
+    script = Script([(200, EOS_STEP)], window=5)
+    one_step(scripted(script), checkpoint, GREEDY)  # prompt <bos><think>3: room for 2 tokens
+    assert "seed" not in script.bodies[0] and script.bodies[0]["max_tokens"] == 2
+    step, policy = one_step(scripted(Script([(200, EOS_STEP)], window=3)), checkpoint, GREEDY)
+    assert step.token_ids == () and step.finish == "length" and policy.last_usage.prompt_tokens == 3
+
+
+def test_a_server_without_a_model_list_needs_the_model_name(scripted, checkpoint):
+    script = Script([(200, EOS_STEP)], lists_models=False)
+    url = scripted(script)
+    step, _ = one_step(url, checkpoint, model="served-name")
+    assert step.finish == "eos" and script.bodies[0]["model"] == "served-name"
+    with pytest.raises(OpenAIServerError, match="answered 404"):
+        one_step(url, checkpoint)
+
+
+def test_the_api_key_is_sent_as_a_bearer_token(scripted, checkpoint, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    script = Script([(200, EOS_STEP)])
+    url = scripted(script)
+    one_step(url, checkpoint)
+    one_step(url, checkpoint, api_key="given")
+    monkeypatch.setenv("OPENAI_API_KEY", "from-env")
+    one_step(url, checkpoint)
+    assert script.authorization == [None, "Bearer given", "Bearer from-env"]
+
+
+def test_token_ids_from_logprob_tokens_or_the_text(scripted, checkpoint):
+    as_ids = completion_body(None, [-0.1, -0.2, -0.3], tokens=[f"token_id:{t}" for t in (5, 11, 2)])
+    step, policy = one_step(scripted(Script([(200, as_ids)])), checkpoint)
+    assert step.token_ids == (5, 11, 2) and step.finish == "eos" and policy.last_usage.cached_prompt_tokens == 0
+    as_text = completion_body(None, [-0.1, -0.2, -0.3], text="</think>4<eos>", tokens=["</think>", "4", "<eos>"])
+    step, _ = one_step(scripted(Script([(200, as_text)])), checkpoint)
+    assert step.token_ids == (5, 11, 2) and step.text == "</think>4"
+    no_logprobs = completion_body([5, 11, 2], [])
+    with pytest.raises(ValueError, match="one sampled-token log-prob per generated token"):
+        one_step(scripted(Script([(200, no_logprobs)])), checkpoint)
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_an_error_status_is_retried_with_backoff(scripted, checkpoint, status):
+    script = Script([(status, {"error": {"message": "busy"}}), (status, {}), (200, EOS_STEP)])
+    start = time.monotonic()
+    step, _ = one_step(scripted(script), checkpoint)
+    assert step.finish == "eos" and len(script.bodies) == 3
+    assert time.monotonic() - start >= 0.05 + 0.1  # backoff_s, then twice that
+    with pytest.raises(OpenAIServerError, match=f"answered {status} on all 3 tries: busy") as error:
+        one_step(scripted(Script([(status, {"error": {"message": "busy"}})])), checkpoint)
+    assert error.value.status == status
+
+
+def test_a_client_error_is_not_retried_and_names_the_servers_message(scripted, checkpoint):
+    script = Script([(400, {"error": {"message": "max_tokens=300 cannot be greater than max_model_len"}})])
+    with pytest.raises(OpenAIServerError, match="answered 400: max_tokens=300") as error:
+        one_step(scripted(script), checkpoint)
+    assert len(script.bodies) == 1 and error.value.status == 400
+
+
+def test_a_slow_server_is_a_timeout_error(scripted, checkpoint):
+    script = Script([(200, EOS_STEP)], delay_s=1.0)
+    with pytest.raises(TimeoutError, match=r"timeout_s=0\.2 on all 2 tries"):
+        one_step(scripted(script), checkpoint, timeout_s=0.2, max_retries=1)
+
+
+def test_a_server_that_is_down_is_a_clear_connection_error_after_the_retries(checkpoint):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(ConnectionError) as error:
+        one_step(url, checkpoint)
+    message = str(error.value)
+    assert url in message and "3 tries" in message
+    assert "python -m vllm.entrypoints.openai.api_server" in message and str(checkpoint) in message
+    assert 0.05 + 0.1 <= time.monotonic() - start < 5
+
+
+def test_bad_settings_name_the_value(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="base_url='127.0.0.1:8000'"):
+        OpenAIServerConfig("127.0.0.1:8000")
+    with pytest.raises(ValueError, match="max_concurrency=0"):
+        OpenAIServerConfig("http://x", max_concurrency=0)
+    with pytest.raises(ValueError, match="max_retries=-1"):
+        OpenAIServerConfig("http://x", max_retries=-1)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        OpenAIPolicy("http://x", None, tmp_path / "nope", GREEDY, str)
+    with pytest.raises(TypeError, match="not a SamplingConfig"):
+        OpenAIPolicy("http://x", None, checkpoint, {"temperature": 0}, str)  # type: ignore[arg-type]
+
+
+# -- a real vLLM server -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Engines:
+    """The vLLM server (its URL) and, for comparison, the offline VLLMPolicy."""
+
+    url: str
+    offline: Any
+
+
+def server_command(checkpoint: Path, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+        "--model", str(checkpoint), "--dtype", "float32", "--enforce-eager", "--block-size", "32",
+        "--enable-prefix-caching", "--kv-cache-memory-bytes", str(2**28), "--seed", "0",
+        "--enable-prompt-tokens-details", "--generation-config", "vllm", "--disable-log-stats",
+        "--uvicorn-log-level", "warning", "--no-enable-chunked-prefill",  # (policies/openai_policy.py)
+    ]
+
+
+def wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"vLLM server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"vLLM server not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Terminate by PID (kill if it does not exit); its engine-core child exits with it."""
+    if process.poll() is None:
+        os.kill(process.pid, 15)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, 9)
+            process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def engines(checkpoint, tmp_path_factory) -> Iterator[Engines]:
+    """Start the server, build the offline engine while it boots, wait for /health; stop both."""
+    require_vllm()
+    from policies.vllm_engine import VLLMEngineConfig
+    from policies.vllm_policy import VLLMPolicy
+
+    folder = tmp_path_factory.mktemp("vllm_server")
+    port, log = free_port(), folder / "server.log"
+    # the server always runs its engine core in a child process (vLLM's async client has no
+    # in-process mode), so VLLM_ENABLE_V1_MULTIPROCESSING does not speed its start up
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_CACHE_ROOT": str(folder / "cache")}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(server_command(checkpoint, port), cwd=REPO, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    offline = None
+    try:
+        engine = VLLMEngineConfig(str(checkpoint), kv_cache_gib=0.25, cache_root=str(folder / "offline_cache"))
+        offline = VLLMPolicy.from_pretrained(checkpoint, SAMPLED, lambda p: p.question, engine=engine)
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(process, url, log)
+        yield Engines(url, offline)
+    finally:
+        stop(process)
+        if offline is not None:
+            offline.close()
+
+
+@pytest.fixture(scope="module")
+def hf_policy(checkpoint):
+    return TransformersPolicy.from_pretrained(checkpoint, GREEDY, lambda p: p.question)
+
+
+def served(engines: Engines, checkpoint: Path, sampling: SamplingConfig) -> OpenAIPolicy:
+    return OpenAIPolicy(engines.url, None, checkpoint, sampling, lambda p: p.question, max_concurrency=8)
+
+
+def step_of(text: str) -> Step:
+    tokens = ids(text)
+    return Step(text, tokens, (0.0,) * len(tokens), "separator")
+
+
+LONG_QUESTION = "<think>" + "1+2=3 4-5=x " * 4  # 50 tokens: one whole 32-token cache block
+
+
+def prefixes() -> list[Prefix]:
+    """As tests/test_vllm_policy.py: right after <think>, EOS soon, after a separator, after
+    </think>, a long one, and one with no budget left."""
+    return [
+        Prefix(Problem("think", "<think>")),
+        Prefix(Problem("eos", "<think>3")),
+        Prefix(Problem("after-sep", "<think>"), (step_of("1+2" + SEP),)),
+        Prefix(Problem("closed", "<think>3</think>")),
+        Prefix(Problem("long", LONG_QUESTION)),
+        Prefix(Problem("full", "<think>"), (step_of("1+2+2+2+2+2+2+2+2+" + SEP + SEP),)),
+    ]
+
+
+def assert_same_steps(got: list[Step], expected: list[Step]) -> None:
+    assert [s.token_ids for s in got] == [s.token_ids for s in expected]
+    assert [s.text for s in got] == [s.text for s in expected]
+    assert [s.finish for s in got] == [s.finish for s in expected]
+    for a, b in zip(got, expected):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-3)
+
+
+def drawn(nested) -> list:
+    """Token ids and finish of every step (without the cache-dependent tokens_forwarded)."""
+    if isinstance(nested, Step):
+        return [nested.token_ids, nested.finish]
+    return [drawn(item) for item in nested]
+
+
+@pytest.mark.vllm
+def test_greedy_output_equals_transformers_step_for_step(engines, checkpoint, hf_policy):
+    with served(engines, checkpoint, GREEDY) as policy:
+        assert policy.num_parameters == hf_policy.num_parameters
+        for stop_at_step in (True, False):
+            got = policy.propose(prefixes(), 2, seed=0, stop_at_step=stop_at_step)
+            expected = hf_policy.propose(prefixes(), 2, seed=0, stop_at_step=stop_at_step)
+            for got_row, expected_row in zip(got, expected):
+                assert_same_steps(got_row, expected_row)
+        assert [row[0].finish for row in got] == ["length", "eos", "length", "eos", "length", "length"]
+        steps = policy.propose(prefixes(), 1, seed=0)
+        assert [row[0].text for row in steps[:4]] == [SEP + "1+2" + SEP, "</think>4", "1+2" + SEP, "4"]
+        rollouts = zip(policy.rollout(prefixes(), 1, seed=0), hf_policy.rollout(prefixes(), 1, seed=0))
+        for got_row, expected_row in rollouts:
+            assert_same_steps(got_row[0], expected_row[0])
+
+
+@pytest.mark.vllm
+def test_seeded_samples_are_reproducible_and_equal_the_offline_engines(engines, checkpoint):
+    with served(engines, checkpoint, SAMPLED) as policy:
+        first = policy.propose(prefixes(), 6, seed=3)
+        assert drawn(policy.propose(prefixes(), 6, seed=3)) == drawn(first)
+        assert drawn(policy.propose(prefixes(), 6, seed=4)) != drawn(first)
+        assert drawn(first) == drawn(engines.offline.propose(prefixes(), 6, seed=3))
+        assert {s.finish for row in first for s in row} == {"separator", "eos", "length"}
+        assert policy.last_usage.requests > 6 * len(prefixes())  # continuations after non-boundary separators
+        rollouts = policy.rollout(prefixes(), 3, seed=5)
+        assert drawn(rollouts) == drawn(engines.offline.rollout(prefixes(), 3, seed=5))
+
+
+@pytest.mark.vllm
+def test_prefix_cache_hits_come_back_as_cached_tokens(engines, checkpoint):
+    with served(engines, checkpoint, SAMPLED) as policy:
+        prefix = [Prefix(Problem("cache", "<think>" + "x=5-4 3=2+1 " * 4))]  # a first block no other test sends
+        first = policy.propose(prefix, 4, seed=0)
+        second = policy.propose(prefix, 4, seed=0)
+        warm = policy.last_usage
+        assert drawn(second) == drawn(first)
+        assert warm.cached_prompt_tokens >= 4 * 32 and warm.cached_share > 0.5
+        assert second[0][0].tokens_forwarded <= first[0][0].tokens_forwarded - 32
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_runs_on_the_served_policy(engines, checkpoint, name):
+    budgets = {
+        "best_of_n": dict(n=4),
+        "beam_search": dict(n=4, beam_width=2, max_depth=4),
+        "dvts": dict(n=4, beam_width=2, max_depth=4),
+        "mcts": dict(iterations=4, expand_width=2, max_depth=4, rollout=True),
+    }
+    sampling = SamplingConfig(temperature=1.0, max_step_tokens=8, max_total_tokens=24)
+    with served(engines, checkpoint, sampling) as policy:
+        results = run_search(name, [Problem("p0", "<think>"), Problem("p1", "<think>1")], policy,
+                             ConfidenceScorer(), **budgets[name])
+    assert len(results) == 2
+    for result in results:
+        assert result.candidates and result.compute.tokens_generated > 0 and result.compute.tokens_forwarded > 0
