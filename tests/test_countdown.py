@@ -260,11 +260,12 @@ def test_wrong_derivations_grade_false(p8566, steps, why):
     assert not grade(p8566, derivation(*steps, answer="(8 - 5) * 6 + 6")), why
 
 
-def test_the_true_value_decides_not_the_written_results(p8566):
+def test_a_wrong_written_result_fails_the_derivation(p8566):
     slip = derivation("8 - 5 = 3, left 6 6 3", "6 * 3 = 18, left 6 18", "18 + 6 = 31, left 31")
-    assert grade(p8566, slip)  # (6 * (8 - 5)) + 6 is 24 whatever the last step wrote
-    lie = derivation("8 - 5 = 4, left 6 6 4", "6 * 4 = 24, left 6 24", "24 - 6 = 24, left 24")
-    assert extract_answer(lie) == "((8 - 5) * 6) - 6" and not grade(p8566, lie)  # truly 12
+    assert not grade(p8566, slip) and extract_answer(slip) is None  # the value is 24, but 18 + 6 is not 31
+    assert true_step_labels(p8566, split_steps(slip)) == [True, True, False, False]  # labels agree
+    assert extract_answer(derivation("5 - 8 = 3, left 6 6 3")) is None  # negative
+    assert extract_answer(derivation("8 - 5 = 3, left 6 6 3")) == "8 - 5"
 
 
 def test_the_rules_apply_to_the_true_values():

@@ -459,10 +459,15 @@ def think_steps(text: str) -> list[str] | None:
     return [part for part in span.split(SEPARATOR) if part.strip()]
 
 
+# extract_answer does not know the problem's rules: it checks the written arithmetic only (exact,
+# non-negative); grade() then applies the problem's own max_value and operations
+ARITHMETIC_ONLY = Rules(max_value=10**9)
+
+
 def derived_expression(text: str) -> Expr | None:
     """The expression the think-span steps compose (see the module docstring), or None when a
-    step is malformed or there is none. Written results only link steps; their truth is not
-    checked here (grade() evaluates the expression)."""
+    step is malformed, a written result is not the true result of its operation, or there is
+    no step."""
     steps = think_steps(text)
     if not steps or len(steps) > MAX_STEPS:
         return None
@@ -470,8 +475,8 @@ def derived_expression(text: str) -> Expr | None:
     last: Expr | None = None
     for step_text in steps:
         step = parse_step(step_text)
-        if step is None:
-            return None
+        if step is None or apply_op(step.x, step.op, step.y, ARITHMETIC_ONLY) != step.result:
+            return None  # malformed, or the written result is not x op y
         left, right = _operand(step.x, results), _operand(step.y, results)
         last = (step.op, left, right)
         results.append((step.result, last))

@@ -1,0 +1,310 @@
+"""Train an SPRM head on a frozen policy's cached rollouts and measure it on held-out rollouts:
+the aha metrics, within-problem and step-level AUC, the SPR loss's self-chosen labels against the
+true ones, and Best-of-N by the head against confidence, majority and the oracle (issue 3 items
+6, 7 and 10).
+
+Usage:
+    python -m experiments.train_head --train outputs/heads/countdown_train.pt \\
+        --test outputs/heads/countdown_test.pt --labels spr --out outputs/heads/countdown_spr
+    python -m experiments.train_head ... --labels spr --warmup-steps 100 --layer -1 --lr 3e-4 --steps 800
+    python -m experiments.plot aha outputs/heads/countdown_spr/metrics.jsonl     # the aha curves
+
+Label modes and training: `scorers.head_training`. Caches: `experiments.rollout_cache` (the test
+cache's n rollouts per problem set the largest Best-of-N).
+
+Writes into --out:
+  metrics.jsonl  one row per logged step (`step`; training rows: loss, grad_norm, spr/kept_fraction,
+                 spr/agreement, fc/correct_prob, fc/false_prob, fc/diff_prob of the batch; evaluation
+                 rows, at step 0, every --eval-every steps and at the end: heldout_fc/* (correct_prob,
+                 false_prob, diff_prob, within_auc), heldout/step_auc, heldout/spr_label_precision,
+                 heldout/sprm_bon@n, train_fc/*): the rows `experiments.plot_aha` draws;
+  metrics.json   the final numbers, flat keys `<task>.<metric>` as the demo's (`sprm_bon@N`,
+                 `sprm_wmaj@N`, `sprm_min_bon@N` (path score = the lowest step score: Best-of-N
+                 with aggregation=min, a named deviation), `conf_bon@N`, `confmin_bon@N`, `maj@N`, `pass@N` (oracle),
+                 `true_prm_bon@N` (a perfect step verifier, with true step labels),
+                 `pass@1`, `sprm_within_auc`, `sprm_step_auc`, `sprm_diff_prob`, `conf_within_auc`,
+                 `<task>.ci95` {metric: [low, high]}), `aha.diff_prob_first` / `aha.diff_prob_last`
+                 (held-out), the config and the wall time;
+  final/         the policy with the trained head (`ReflectiveModel.save_pretrained`), loadable by
+                 `TransformersPolicy.from_pretrained(out/'final', ..., with_step_head=True)` and
+                 `SPRMScorer.from_pretrained` (skipped with --no-save).
+
+Metric definitions. Path score: geometric mean of a rollout's step scores (the reference's).
+Within-problem AUC: `experiments.aha_metrics.within_problem_auc` (what Best-of-N needs). Step
+AUC: pooled over all held-out scored positions against their true step labels. SPR label
+precision: among the positions the SPR filter would keep under the head (logit sign agrees with
+the outcome), the share whose outcome label equals the true step label; `outcome_label_agreement`
+is that share over all positions (what plain outcome BCE trains on). Best-of-N: the reference's
+disjoint groups of N in generation order (`experiments.metrics`); `conf` is
+`ConfidenceScorer("mean")`, `confmin` its "min" reduction (DESIGN.md section 4's best arith
+selector was a min-log-prob one); `sprm_wmaj` is majority weighted by the head's path scores.
+
+Tests: `.venv/bin/pytest tests/test_train_head.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from experiments.aha_metrics import fc_metrics, prefixed
+from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, accuracy, problem_accuracy
+from experiments.record_log import encode_rows
+from experiments.result_json import write_atomic
+from experiments.rollout_cache import RolloutCache, confidence_path_scores, load_cache
+from scorers.head_training import (
+    HeadTrainConfig, LABEL_MODES, position_logits, position_probs, rollout_min_scores, rollout_path_scores,
+    save_reflective_head, train_head,
+)
+from scorers.spr_loss import agreement_mask
+
+# Best-of-N rows of the final table: name -> (selector of experiments.metrics, score source)
+BON_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("sprm_bon", "best_score", "head"),
+    ("sprm_wmaj", "weighted_majority", "head"),
+    ("sprm_min_bon", "best_score", "head_min"),
+    ("conf_bon", "best_score", "conf"),
+    ("confmin_bon", "best_score", "confmin"),
+    ("maj", "majority", "head"),
+    ("pass", "oracle", "head"),
+    ("true_prm_bon", "best_score", "true_prm"),  # only with true step labels
+)
+
+
+# -- metrics on hand-checkable inputs -------------------------------------------------------------
+
+
+def pooled_auc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """P(score of a positive > score of a negative), ties 1/2, over all pairs (Mann-Whitney by
+    average ranks); None without both classes. E.g. scores [0.1, 0.4, 0.35, 0.8], labels
+    [0, 0, 1, 1]: pairs (0.35 > 0.1), (0.35 < 0.4), (0.8 > 0.1), (0.8 > 0.4) -> 3/4."""
+    labels = labels.bool()
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return None
+    _, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)  # sorted unique
+    ends = counts.cumsum(0).double()  # [U] 1-based rank of the last member of each tie group
+    ranks = (ends - (counts.double() - 1) / 2)[inverse]  # [N] average rank
+    wins = float(ranks[labels].sum()) - positives * (positives + 1) / 2
+    return wins / (positives * negatives)
+
+
+def spr_label_agreement(logits: torch.Tensor, outcome: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+    """How well SPR's self-chosen labels match the truth, per position: kept_fraction (the filter
+    keeps a position when its logit sign agrees with the outcome), label_precision (share of kept
+    positions whose outcome equals the true step label; None with none kept), and
+    outcome_label_agreement (that share over all positions). E.g. logits [2, -1, 3], outcome
+    [1, 1, 0], labels [1, 0, 1]: kept [T, F, F]; precision 1/1; agreement [T, F, F] -> 1/3."""
+    outcome, labels = outcome.bool(), labels.bool()
+    kept = agreement_mask(logits, outcome)  # [P]
+    same = outcome == labels  # [P]
+    return {
+        "kept_fraction": float(kept.float().mean()) if len(kept) else None,
+        "label_precision": float(same[kept].float().mean()) if bool(kept.any()) else None,
+        "outcome_label_agreement": float(same.float().mean()) if len(same) else None,
+    }
+
+
+def bon_sizes(n: int) -> list[int]:
+    """Group sizes reported: the powers of two below n, and n.
+    E.g. 32 -> [1, 2, 4, 8, 16, 32]; 12 -> [1, 2, 4, 8, 12]."""
+    sizes = [2**k for k in range(n.bit_length()) if 2**k < n]
+    return sizes + [n]
+
+
+def problem_outcomes(cache: RolloutCache, scores: torch.Tensor) -> list[ProblemOutcome]:
+    """The cache's rollouts as `experiments.metrics` outcomes (problem-major, generation order)."""
+    values, correct = scores.tolist(), cache.correct.tolist()
+    n = cache.n
+    return [
+        ProblemOutcome(
+            pid, tuple(CandidateOutcome(cache.answers[r], correct[r], values[r]) for r in range(i * n, (i + 1) * n))
+        )
+        for i, pid in enumerate(cache.problem_ids)
+    ]
+
+
+def bon_table(
+    cache: RolloutCache, head_scores: torch.Tensor, sizes: Sequence[int] | None = None,
+    head_min_scores: torch.Tensor | None = None,
+) -> dict[str, Estimate]:
+    """Every BON_ROWS metric at each group size (bootstrap intervals over problems), plus pass@1;
+    `true_prm_bon` (Best-of-N by a perfect step verifier: the path score is 1 iff all the scored
+    steps are right) only when the cache has true step labels; `sprm_min_bon` (the head's lowest
+    step score as the path score) only with head_min_scores."""
+    sources = {
+        "head": problem_outcomes(cache, head_scores),
+        "conf": problem_outcomes(cache, confidence_path_scores(cache, "mean")),
+        "confmin": problem_outcomes(cache, confidence_path_scores(cache, "min")),
+    }
+    if head_min_scores is not None:
+        sources["head_min"] = problem_outcomes(cache, head_min_scores)
+    labels = cache.position_labels
+    if labels is not None:  # a perfect process verifier: path score 1 iff every scored step is right
+        sources["true_prm"] = problem_outcomes(cache, rollout_path_scores(labels.float(), cache))
+    table = {"pass@1": accuracy(sources["head"], 1, "first")}
+    for size in sizes or bon_sizes(cache.n):
+        for name, selector, source in BON_ROWS:
+            if source in sources:
+                table[f"{name}@{size}"] = accuracy(sources[source], size, selector)
+    return table
+
+
+# -- evaluation of a head -------------------------------------------------------------------------
+
+
+def cache_metrics(head: nn.Sequential, cache: RolloutCache, layer: int, prefix: str, with_bon: bool) -> dict[str, Any]:
+    """`<prefix>_fc/*` (fc metrics with the within-problem AUC) and `<prefix>/*` (step AUC, SPR
+    label agreement, and with_bon the head's Best-of-n and score-weighted majority at the
+    cache's n, without intervals) of the head on a cache."""
+    logits = position_logits(head, cache.layer(layer))  # [P]
+    probs = torch.sigmoid(logits)  # [P]
+    scores = rollout_path_scores(probs, cache)  # [R]
+    fc = fc_metrics(scores.tolist(), cache.correct.tolist(), cache.rollout_problem.tolist())
+    row: dict[str, Any] = prefixed(f"{prefix}_fc/", fc)
+    labels = cache.position_labels
+    if labels is not None:
+        row[f"{prefix}/step_auc"] = pooled_auc(probs, labels)
+        agreement = spr_label_agreement(logits, cache.position_outcome, labels)
+        row.update({f"{prefix}/spr_{k}": v for k, v in agreement.items()})
+    if with_bon:
+        outcomes = problem_outcomes(cache, scores)
+        for name, selector in (("sprm_bon", "best_score"), ("sprm_wmaj", "weighted_majority")):
+            values = [problem_accuracy(o, cache.n, selector) for o in outcomes]
+            row[f"{prefix}/{name}@{cache.n}"] = sum(values) / len(values) if values else None
+    return row
+
+
+def make_evaluate(train: RolloutCache, test: RolloutCache, layer: int):
+    """The evaluation the training loop calls: held-out metrics (with Best-of-n) and train-cache
+    metrics (self-confirmation shows as a train gap without a held-out one)."""
+
+    def evaluate(head: nn.Sequential, step: int) -> dict[str, Any]:
+        held = cache_metrics(head, test, layer, "heldout", True)
+        return {**held, **cache_metrics(head, train, layer, "train", False)}
+
+    return evaluate
+
+
+def final_metrics(
+    run_rows: Sequence[dict[str, Any]], head: nn.Sequential, test: RolloutCache, layer: int
+) -> dict[str, Any]:
+    """metrics.json's numbers (module docstring)."""
+    task = test.task
+    probs = position_probs(head, test.layer(layer))  # [P]
+    table = bon_table(test, rollout_path_scores(probs, test), head_min_scores=rollout_min_scores(probs, test))
+    held = cache_metrics(head, test, layer, "heldout", False)
+    conf_scores = confidence_path_scores(test, "mean")
+    conf = fc_metrics(conf_scores.tolist(), test.correct.tolist(), test.rollout_problem.tolist())
+    diffs = [r["heldout_fc/diff_prob"] for r in run_rows if r.get("heldout_fc/diff_prob") is not None]
+    out: dict[str, Any] = {f"{task}.{k}": v.mean for k, v in table.items()}
+    out.update({
+        f"{task}.sprm_within_auc": held["heldout_fc/within_auc"],
+        f"{task}.sprm_step_auc": held.get("heldout/step_auc"),
+        f"{task}.sprm_diff_prob": held["heldout_fc/diff_prob"],
+        f"{task}.sprm_correct_prob": held["heldout_fc/correct_prob"],
+        f"{task}.sprm_false_prob": held["heldout_fc/false_prob"],
+        f"{task}.spr_label_precision": held.get("heldout/spr_label_precision"),
+        f"{task}.spr_kept_fraction": held.get("heldout/spr_kept_fraction"),
+        f"{task}.outcome_label_agreement": held.get("heldout/spr_outcome_label_agreement"),
+        f"{task}.conf_within_auc": conf["within_auc"],
+        f"{task}.problems": test.num_problems,
+        f"{task}.ci95": {k: [v.low, v.high] for k, v in table.items()},
+        "aha.diff_prob_first": diffs[0] if diffs else None,
+        "aha.diff_prob_last": diffs[-1] if diffs else None,
+    })
+    return out
+
+
+# -- a run ----------------------------------------------------------------------------------------
+
+
+def check_pair(train: RolloutCache, test: RolloutCache, layer: int) -> None:
+    """The two caches must come from one policy and hold the layer."""
+    if train.spec["policy_dir"] != test.spec["policy_dir"] or train.hidden_size != test.hidden_size:
+        raise ValueError(
+            f"train cache of {train.spec['policy_dir']} (C={train.hidden_size}) and test cache of "
+            f"{test.spec['policy_dir']} (C={test.hidden_size}) come from different policies"
+        )
+    if train.task != test.task:
+        raise ValueError(f"train cache task {train.task!r} differs from test cache task {test.task!r}")
+    train.layer(layer), test.layer(layer)  # KeyError naming the cached layers
+
+
+def run_head_training(
+    train_path: str | Path, test_path: str | Path, cfg: HeadTrainConfig, out_dir: str | Path,
+    save: bool = True, progress: bool = True,
+) -> dict[str, Any]:
+    """Train on train_path's cache, evaluate on test_path's, write out_dir (module docstring);
+    returns metrics.json's content."""
+    out_dir = Path(out_dir)
+    train, test = load_cache(train_path), load_cache(test_path)
+    check_pair(train, test, cfg.feature_layer)
+    run = train_head(train, cfg, make_evaluate(train, test, cfg.feature_layer), progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "metrics.jsonl", encode_rows(list(run.rows)))
+    metrics = final_metrics(run.rows, run.head, test, cfg.feature_layer)
+    metrics.update({"config": asdict(cfg), "train_cache": str(train_path), "test_cache": str(test_path),
+                    "train_seconds": run.seconds})
+    write_atomic(out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    if save:
+        save_reflective_head(run.head, train.spec["policy_dir"], cfg.feature_layer, out_dir / "final")
+    return metrics
+
+
+def format_summary(metrics: dict[str, Any], task: str, n: int) -> str:
+    """One line of the numbers that decide whether the head helps."""
+    def fmt(key: str) -> str:
+        value = metrics.get(f"{task}.{key}")
+        return "-" if value is None else f"{value:.3f}"
+
+    keys = ("sprm_diff_prob", "sprm_within_auc", "sprm_step_auc", "spr_label_precision", "outcome_label_agreement",
+            f"sprm_bon@{n}", f"sprm_wmaj@{n}", f"sprm_min_bon@{n}", f"conf_bon@{n}", f"confmin_bon@{n}",
+            f"maj@{n}", "pass@1", f"pass@{n}",
+            f"true_prm_bon@{n}")
+    return "  ".join(f"{k} {fmt(k)}" for k in keys)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Train an SPRM head on cached rollouts of a frozen policy.")
+    ap.add_argument("--train", required=True, type=Path, help="train rollout cache (.pt)")
+    ap.add_argument("--test", required=True, type=Path, help="held-out rollout cache (.pt)")
+    ap.add_argument("--labels", default="spr", choices=LABEL_MODES)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--layer", type=int, default=-2, help="cached feature layer (-2: the reference's)")
+    ap.add_argument("--lr", type=float, default=HeadTrainConfig.lr)
+    ap.add_argument("--weight-decay", type=float, default=HeadTrainConfig.weight_decay)
+    ap.add_argument("--grad-clip", type=float, default=HeadTrainConfig.grad_clip)
+    ap.add_argument("--steps", type=int, default=HeadTrainConfig.steps)
+    ap.add_argument("--epochs", type=float, default=None,
+                    help="train this many passes over the train rollouts (overrides --steps)")
+    ap.add_argument("--batch-rollouts", type=int, default=HeadTrainConfig.batch_rollouts)
+    ap.add_argument("--warmup-steps", type=int, default=0, help="plain BCE steps before the SPR filter engages")
+    ap.add_argument("--eval-every", type=int, default=HeadTrainConfig.eval_every)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-save", action="store_true", help="do not write the final/ reflective folder")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = args.steps
+    if args.epochs is not None:
+        rollouts = len(load_cache(args.train).correct)
+        steps = max(1, round(args.epochs * rollouts / args.batch_rollouts))
+    cfg = HeadTrainConfig(args.labels, args.layer, args.lr, args.weight_decay, args.grad_clip, steps,
+                          args.batch_rollouts, args.warmup_steps, args.eval_every, seed=args.seed)
+    started = time.perf_counter()
+    metrics = run_head_training(args.train, args.test, cfg, args.out, save=not args.no_save)
+    task = next(k for k in metrics if k.endswith(".problems")).split(".")[0]
+    n = max(int(k.rsplit("@", 1)[1]) for k in metrics if k.startswith(f"{task}.pass@"))
+    print(f"{args.out} ({time.perf_counter() - started:.0f} s): {format_summary(metrics, task, n)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,374 @@
+"""Tests of head-only SPRM training: the rollout cache (shapes, true step labels, the confidence
+baseline, features equal to what `SPRMScorer` reads), the training loop (every label mode moves
+the head, the BCE warm-up, true labels learn a separable cache) and the evaluation metrics
+(pooled AUC, SPR label agreement, Best-of-N on hand-made candidates), end to end on a tiny
+random checkpoint.
+
+    .venv/bin/pytest tests/test_train_head.py
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from experiments.aha_metrics import path_scores as aha_path_scores
+from experiments.plot_aha import load_metrics
+from experiments.rollout_cache import (
+    CacheSpec, RolloutCache, arith_true_step_labels, build_rollout_cache, cache_from_paths, confidence_path_scores,
+    load_cache, save_cache,
+)
+from experiments.tasks import arith
+from experiments.train_head import (
+    bon_sizes, bon_table, cache_metrics, pooled_auc, run_head_training, spr_label_agreement,
+)
+from policies.checkpoint import load_checkpoint
+from policies.sampling_config import SamplingConfig
+from policies.transformers_policy import TransformersPolicy
+from scorers.confidence import ConfidenceScorer
+from scorers.head_training import (
+    LABEL_MODES, HeadTrainConfig, RolloutBatches, path_scores, position_probs, rollout_min_scores,
+    rollout_path_scores, save_reflective_head, train_head,
+)
+from scorers.sprm_head import build_sprm_head
+from scorers.sprm_scorer import SPRMScorer
+from tiny_checkpoint import save_tiny_checkpoint
+from treesearch.aggregation import aggregate
+from treesearch.records import Prefix, Problem, Step
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- a synthetic cache ------------------------------------------------------------------------------
+
+
+def synthetic_cache(
+    correct: list[bool], n: int, steps_per_rollout: list[int], features: torch.Tensor | None = None,
+    labels: list[bool] | None = None, answers: list[str | None] | None = None,
+    mean_logprobs: list[float] | None = None, c: int = 4, task: str = "arith",
+) -> RolloutCache:
+    """A cache of len(correct) rollouts (problem r // n); rollout r has steps_per_rollout[r] think
+    steps, each with one scored position, then one unscored answer step of 2 tokens."""
+    r_count = len(correct)
+    counts = [k + 1 for k in steps_per_rollout]  # + the answer step
+    rollout_steps = torch.tensor([0] + list(torch.tensor(counts).cumsum(0).tolist()))
+    s_count = int(rollout_steps[-1])
+    think = [int(rollout_steps[r]) + k for r in range(r_count) for k in range(steps_per_rollout[r])]
+    p_count = len(think)
+    step_labels = None
+    if labels is not None:  # labels of the positions; answer steps get the rollout's outcome
+        step_labels = torch.tensor([bool(correct[r]) for r in range(r_count) for _ in range(counts[r])])
+        step_labels[torch.tensor(think, dtype=torch.long)] = torch.tensor(labels)
+    return RolloutCache(
+        spec={"policy_dir": "none", "task": task, "n": n, "split": "test"}, hidden_size=c,
+        problem_ids=tuple(f"p{i}" for i in range(r_count // n)), questions=tuple("q" for _ in range(r_count // n)),
+        rollout_problem=torch.arange(r_count) // n, correct=torch.tensor(correct),
+        answers=tuple(answers or [None] * r_count), finish=("eos",) * r_count, rollout_steps=rollout_steps,
+        step_texts=("s",) * s_count, step_tokens=torch.arange(s_count + 1) * 2,
+        token_ids=torch.zeros(2 * s_count, dtype=torch.long),
+        step_mean_logprob=torch.tensor(mean_logprobs or [-0.1] * s_count, dtype=torch.float64),
+        step_min_logprob=torch.tensor(mean_logprobs or [-0.1] * s_count, dtype=torch.float64) * 2,
+        step_num_tokens=torch.full((s_count,), 2), step_labels=step_labels,
+        position_rollout=torch.arange(r_count).repeat_interleave(torch.tensor(steps_per_rollout, dtype=torch.long)),
+        position_step=torch.tensor(think, dtype=torch.long), position_index=torch.arange(p_count),
+        features={-2: features if features is not None else random_features(p_count, c)},
+    )
+
+
+def random_features(count: int, c: int) -> torch.Tensor:
+    return torch.randn(count, c, generator=torch.Generator().manual_seed(0))  # [count, C]
+
+
+def separable_cache(problems: int, seed: int, n: int = 4, steps: int = 3, c: int = 8) -> RolloutCache:
+    """Step label = a random bit; features = noise + 2 * (2 label - 1) * a fixed direction; a
+    rollout is correct iff all its steps are."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.rand(problems * n, steps, generator=g) < 0.7  # [R, steps]
+    direction = torch.ones(c) / math.sqrt(c)
+    signs = labels.reshape(-1, 1).float() * 2 - 1  # [R * steps, 1] +-1
+    features = torch.randn(problems * n * steps, c, generator=g) + 2.0 * signs * direction
+    flat = labels.reshape(-1).tolist()
+    return synthetic_cache(labels.all(1).tolist(), n, [steps] * (problems * n), features, flat, c=c)
+
+
+# -- metrics on hand-made inputs --------------------------------------------------------------------
+
+
+def test_pooled_auc_counts_ordered_pairs_with_ties_as_half():
+    # pairs (positive, negative): (0.35, 0.1) right, (0.35, 0.4) wrong, (0.8, 0.1), (0.8, 0.4) right -> 3/4
+    assert pooled_auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.75)
+    # one tied pair -> 1/2; one class only -> None
+    assert pooled_auc(torch.tensor([0.5, 0.5]), torch.tensor([True, False])) == pytest.approx(0.5)
+    assert pooled_auc(torch.tensor([0.2, 0.3]), torch.tensor([True, True])) is None
+    # ties across groups: positives [0.5, 0.9], negatives [0.5, 0.1]: (0.5,0.5) 1/2, (0.5,0.1) 1, (0.9, .) 2 -> 3.5/4
+    assert pooled_auc(torch.tensor([0.5, 0.9, 0.5, 0.1]), torch.tensor([1, 1, 0, 0])) == pytest.approx(0.875)
+
+
+def test_spr_label_agreement_by_hand():
+    # logits [2, -1, 3], outcome [1, 1, 0]: kept [T (2>0, correct), F (-1<0 but correct), F (3>0, wrong)]
+    # kept position 0: outcome 1 == label 1 -> precision 1/1; outcome == label on [T, F, F] -> 1/3
+    out = spr_label_agreement(torch.tensor([2.0, -1.0, 3.0]), torch.tensor([1, 1, 0]), torch.tensor([1, 0, 1]))
+    third = pytest.approx(1 / 3)
+    assert out == {"kept_fraction": third, "label_precision": 1.0, "outcome_label_agreement": third}
+    none_kept = spr_label_agreement(torch.tensor([-1.0]), torch.tensor([1]), torch.tensor([1]))
+    assert none_kept["label_precision"] is None and none_kept["kept_fraction"] == 0.0
+
+
+def test_bon_sizes_are_powers_of_two_and_n():
+    assert bon_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert bon_sizes(12) == [1, 2, 4, 8, 12]
+    assert bon_sizes(1) == [1]
+
+
+def test_bon_table_on_hand_made_candidates():
+    # one problem, 4 rollouts: outcome [F, T, F, T], answers [1, 2, 3, 2], head scores [0.9, 0.5, 0.1, 0.8]
+    # mean log-probs per step (one think step + answer step each): confidence = exp(mean of the two)
+    lps = [-1.0, -1.0, -0.1, -0.1, -2.0, -2.0, -0.5, -0.5]  # conf [e^-1, e^-0.1, e^-2, e^-0.5]
+    cache = synthetic_cache([False, True, False, True], 4, [1] * 4, answers=["1", "2", "3", "2"], mean_logprobs=lps)
+    table = bon_table(cache, torch.tensor([0.9, 0.5, 0.1, 0.8]), sizes=[2, 4])
+    got = {k: v.mean for k, v in table.items()}
+    # groups of 2: [0, 1] picks 0 (F), [2, 3] picks 3 (T) -> 0.5; all 4: picks 0 (F) -> 0
+    assert got["sprm_bon@2"] == 0.5 and got["sprm_bon@4"] == 0.0
+    # confidence picks 1 in [0, 1] (T) and 3 in [2, 3] (T) -> 1; of all 4 picks 1 (T) -> 1
+    assert got["conf_bon@2"] == 1.0 and got["conf_bon@4"] == 1.0
+    # majority of 4: "2" twice -> T; of [0, 1] and [2, 3]: a tie goes to the first seen ("1", "3") -> 0
+    assert got["maj@4"] == 1.0 and got["maj@2"] == 0.0
+    # weighted by head: "1" 0.9, "2" 0.5 + 0.8 = 1.3, "3" 0.1 -> "2" (T)
+    assert got["sprm_wmaj@4"] == 1.0
+    assert got["pass@1"] == 0.5 and got["pass@2"] == 1.0 and got["pass@4"] == 1.0
+    assert "sprm_min_bon@4" not in got
+    with_min = bon_table(cache, torch.zeros(4), sizes=[4], head_min_scores=torch.tensor([0.1, 0.2, 0.9, 0.3]))
+    assert with_min["sprm_min_bon@4"].mean == 0.0  # picks rollout 2 (F)
+    assert "true_prm_bon@4" not in got  # no true step labels in this cache
+    # with labels [F, T, F, T] a perfect step verifier scores [1e-10, 1, 1e-10, 1] and picks 1 (T)
+    labelled = synthetic_cache([False, True, False, True], 4, [1, 1, 1, 1], labels=[False, True, False, True])
+    assert bon_table(labelled, torch.zeros(4), sizes=[4])["true_prm_bon@4"].mean == 1.0
+
+
+def test_confidence_path_scores_equal_the_confidence_scorer():
+    lps = [-0.2, -0.4, -0.05, -3.0]  # rollout 0: steps 0, 1; rollout 1: steps 2, 3
+    cache = synthetic_cache([True, False], 2, [1, 1], mean_logprobs=lps)
+    # rollout 0: geometric mean of e^-0.2 and e^-0.4 = e^-0.3 = 0.7408
+    assert confidence_path_scores(cache).tolist() == pytest.approx([math.exp(-0.3), math.exp(-1.525)])
+    # the same through ConfidenceScorer: each step's tokens all carry its mean log-prob
+    steps = [Step("s", (1, 2), (lp, lp), "separator") for lp in lps]
+    paths = [Prefix(Problem("p", "q"), tuple(steps[2 * r : 2 * r + 2])) for r in range(2)]
+    expected = [aggregate(scores) for scores in ConfidenceScorer().score(paths)]
+    assert confidence_path_scores(cache).tolist() == pytest.approx(expected, abs=1e-12)
+    # "min" reads the min log-probs (here twice the mean): e^-0.6
+    assert confidence_path_scores(cache, "min")[0].item() == pytest.approx(math.exp(-0.6))
+
+
+def test_rollout_path_scores_are_geometric_means_of_positions():
+    cache = synthetic_cache([True, False, True], 3, [2, 1, 0])
+    # rollout 0: sqrt(0.25 * 1.0) = 0.5; rollout 1: 0.8; rollout 2 has no position: 0
+    assert rollout_path_scores(torch.tensor([0.25, 1.0, 0.8]), cache).tolist() == pytest.approx([0.5, 0.8, 0.0])
+    # the lowest step score: rollout 0 min(0.25, 1.0); rollout 2 has none -> 0
+    assert rollout_min_scores(torch.tensor([0.25, 1.0, 0.8]), cache).tolist() == pytest.approx([0.25, 0.8, 0.0])
+    # the same numbers as the joint trainer's aha metrics (a zero score is clamped at 1e-10)
+    probs, rows = torch.tensor([0.0, 0.3, 0.9, 0.5]), torch.tensor([0, 0, 1, 2])
+    assert torch.equal(path_scores(probs, rows, 4), aha_path_scores(probs, rows, 4))
+
+
+def test_arith_true_step_labels_follow_the_one_correct_path():
+    problem = arith.generate_problems("test", 1, seed=0)[0]
+    reference = arith.solution_steps(problem)
+    answer = f"</think>Answer: {problem.answer}"
+    assert arith_true_step_labels(problem, [*reference, answer]) == [True] * (len(reference) + 1)
+    wrong = reference[0].replace("=", "= 1")  # a changed result
+    labels = arith_true_step_labels(problem, [wrong, *reference[1:], answer])
+    assert labels == [False] * (len(reference) + 1)  # every later step is wrong too
+    # the right answer after too few steps is not a correct answer step
+    assert arith_true_step_labels(problem, [reference[0], answer])[-1] is (len(reference) == 1)
+
+
+def test_rollout_batches_cover_each_rollout_once_per_epoch():
+    cache = synthetic_cache([True] * 6, 2, [2, 0, 1, 3, 1, 2])
+    batches = RolloutBatches(cache, 4, torch.Generator().manual_seed(0))
+    first, second = batches.next(), batches.next()
+    assert len(first) == 4 and len(second) == 4  # 2 left over -> a new epoch
+    positions, rows = batches.positions(torch.tensor([3, 0]))
+    # rollout 3 holds positions 3, 4, 5 (after 2 + 0 + 1); rollout 0 holds 0, 1
+    assert positions.tolist() == [3, 4, 5, 0, 1] and rows.tolist() == [0, 0, 0, 1, 1]
+
+
+# -- configs ---------------------------------------------------------------------------------------
+
+
+def test_configs_name_the_bad_value():
+    with pytest.raises(ValueError, match="'nope'"):
+        HeadTrainConfig(labels="nope")
+    with pytest.raises(ValueError, match="warmup_steps=5"):
+        HeadTrainConfig(labels="outcome_bce", warmup_steps=5)
+    with pytest.raises(ValueError, match="lr=-1"):
+        HeadTrainConfig(lr=-1)
+    with pytest.raises(ValueError, match="'val'"):
+        CacheSpec("x", "arith", "val", 1, 1)
+    with pytest.raises(ValueError, match="feature_layers"):
+        CacheSpec("x", "arith", "test", 1, 1, feature_layers=(-2, -2))
+
+
+def test_warmup_trains_plain_bce_before_the_filter():
+    cfg = HeadTrainConfig(labels="spr", warmup_steps=2)
+    assert [cfg.loss_mode(s) for s in range(3)] == ["bce", "bce", "reference"]
+    assert HeadTrainConfig(labels="spr_paper").loss_mode(0) == "paper"
+    assert HeadTrainConfig(labels="true_labels").uses_true_labels
+
+
+# -- training --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("labels", LABEL_MODES)
+def test_each_label_mode_trains_and_changes_the_head(labels):
+    cache = separable_cache(problems=8, seed=1)
+    cfg = HeadTrainConfig(labels=labels, steps=3, batch_rollouts=8, eval_every=0, log_every=1, seed=3)
+    run = train_head(cache, cfg, progress=False)
+    initial = build_sprm_head(cache.hidden_size, seed=3).state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in run.head.state_dict().items())
+    assert [r["step"] for r in run.rows] == [0, 1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in run.rows[1:])
+
+
+def test_true_labels_learn_a_separable_cache():
+    train, test = separable_cache(problems=40, seed=1), separable_cache(problems=20, seed=2)
+    cfg = HeadTrainConfig(labels="true_labels", steps=150, batch_rollouts=32, lr=3e-3, eval_every=0)
+    run = train_head(train, cfg, progress=False)
+    assert pooled_auc(position_probs(run.head, test.layer(-2)), test.position_labels) > 0.9
+    metrics = cache_metrics(run.head, test, -2, "heldout", True)
+    assert metrics["heldout/step_auc"] > 0.9 and metrics["heldout_fc/diff_prob"] > 0.1
+
+
+def test_true_labels_need_a_cache_with_labels():
+    cache = synthetic_cache([True, False], 2, [1, 1])
+    with pytest.raises(ValueError, match="true step labels"):
+        train_head(cache, HeadTrainConfig(labels="true_labels", steps=1), progress=False)
+
+
+# -- the cache on a tiny checkpoint ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "final")
+    lm, tokenizer = load_checkpoint(path)
+    return path, lm, tokenizer
+
+
+def handmade_paths(tokenizer, problems: list[Problem], n: int) -> list[list[tuple[Step, ...]]]:
+    """n rollouts per problem from its reference solution: even ones as is, odd ones with a wrong
+    first step and a wrong answer; token log-probs -0.1 * (k + 1) on step k."""
+    def steps_of(texts: list[str]) -> tuple[Step, ...]:
+        out = []
+        for k, text in enumerate(texts):
+            last = k == len(texts) - 1
+            ids = tokenizer(text, add_special_tokens=False).input_ids + ([tokenizer.eos_token_id] if last else [])
+            out.append(Step(text, tuple(ids), (-0.1 * (k + 1),) * len(ids), "eos" if last else "separator"))
+        return tuple(out)
+
+    paths = []
+    for p in problems:
+        good = [*arith.solution_steps(p), f"</think>Answer: {p.answer}"]
+        bad = [good[0].replace("=", "= 1"), *good[1:-1], f"</think>Answer: {int(p.answer) + 1}"]
+        paths.append([steps_of(good if j % 2 == 0 else bad) for j in range(n)])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def handmade(tiny):
+    path, lm, tokenizer = tiny
+    problems = arith.generate_problems("test", 3, seed=0)
+    spec = CacheSpec(str(path), "arith", "test", 3, 2, feature_layers=(-2, -1), forward_batch=4)
+    paths = handmade_paths(tokenizer, problems, 2)
+    return cache_from_paths(spec, lm, tokenizer, problems, paths), problems, paths
+
+
+def test_handmade_cache_shapes_and_labels(handmade, tiny):
+    cache, problems, paths = handmade
+    _, _, tokenizer = tiny
+    think_steps = [len(arith.solution_steps(p)) for p in problems for _ in range(2)]
+    assert cache.num_rollouts == 6 and cache.rollout_problem.tolist() == [0, 0, 1, 1, 2, 2]
+    assert len(cache.position_rollout) == sum(think_steps)  # one separator per think step
+    assert cache.features[-2].shape == cache.features[-1].shape == (sum(think_steps), 32)
+    assert cache.correct.tolist() == [True, False] * 3
+    # the token after each position is the step's separator, the last token of its step
+    separator = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(".\n\n"))[0]
+    prompt_lengths = [len(tokenizer(arith.prompt_text(problems[int(p)])).input_ids) for p in cache.position_problem]
+    for k in range(len(cache.position_rollout)):
+        s = int(cache.position_step[k])
+        step_ids = cache.token_ids[int(cache.step_tokens[s]) : int(cache.step_tokens[s + 1])].tolist()
+        assert step_ids[-1] == separator
+        offset = int(cache.position_index[k]) + 1 - prompt_lengths[k]  # index of the separator in the completion
+        r = int(cache.position_rollout[k])
+        first, last = int(cache.rollout_steps[r]), int(cache.rollout_steps[r + 1])
+        completion = cache.token_ids[int(cache.step_tokens[first]) : int(cache.step_tokens[last])]
+        assert int(completion[offset]) == separator
+    # true labels: good rollouts all True, bad ones all False (the first step is wrong)
+    assert cache.position_labels.tolist() == [bool(cache.correct[int(r)]) for r in cache.position_rollout]
+    # confidence: step k of every rollout has mean log-prob -0.1 (k + 1)
+    k = think_steps[0] + 1
+    assert confidence_path_scores(cache)[0].item() == pytest.approx(math.exp(-0.1 * (k + 1) / 2))
+
+
+@pytest.mark.parametrize("layer", [-2, -1])
+def test_cached_features_give_sprm_scorer_scores(handmade, tiny, tmp_path, layer):
+    cache, problems, paths = handmade
+    checkpoint, _, _ = tiny
+    head = build_sprm_head(cache.hidden_size, seed=5)
+    with torch.no_grad():
+        head[3].weight.mul_(20.0)  # spread the scores, so equality means something
+    folder = save_reflective_head(head, checkpoint, layer, tmp_path / "final")
+    scorer = SPRMScorer.from_pretrained(folder, arith.prompt_text, batch_size=3)
+    prefixes = [Prefix(problems[i], steps) for i, row in enumerate(paths) for steps in row]
+    expected = scorer.path_scores(prefixes)
+    got = rollout_path_scores(position_probs(head, cache.layer(layer)), cache).tolist()
+    assert max(expected) - min(expected) > 1e-3
+    assert got == pytest.approx(expected, abs=1e-5)
+    sampling = SamplingConfig(temperature=0.6)
+    policy = TransformersPolicy.from_pretrained(folder, sampling, arith.prompt_text, with_step_head=True)
+    assert policy.step_head.feature_layer == layer
+
+
+def test_build_save_load_round_trip_on_the_tiny_policy(tiny, tmp_path):
+    path, _, _ = tiny
+    cache = build_rollout_cache(
+        path, "arith", "train", 3, 2, seed=1, max_total_tokens=12, feature_layers=(-1,), progress=False
+    )
+    assert cache.num_rollouts == 6 and cache.num_problems == 3
+    assert int(cache.rollout_steps[-1]) == len(cache.step_texts) and int(cache.step_tokens[-1]) == len(cache.token_ids)
+    assert int(cache.step_num_tokens.sum()) == len(cache.token_ids) <= 6 * 12
+    assert sorted(cache.features) == [-1]
+    assert cache.layer(1) is cache.layer(-1)  # TINY_SHAPE has 1 layer: 2 hidden states, -1 is 1
+    with pytest.raises(KeyError, match="holds \\[-1\\]"):
+        cache.layer(0)
+    out = save_cache(cache, tmp_path / "c.pt")
+    assert json.loads((tmp_path / "c.json").read_text())["rollouts"] == 6
+    loaded = load_cache(out)
+    assert loaded.step_texts == cache.step_texts and torch.equal(loaded.features[-1], cache.features[-1])
+    assert torch.equal(loaded.correct, cache.correct) and loaded.spec == cache.spec
+    torch.save({"format": "other"}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not a rollout cache"):
+        load_cache(tmp_path / "bad.pt")
+
+
+def test_run_writes_metrics_plot_rows_and_a_loadable_head(handmade, tmp_path):
+    cache, problems, paths = handmade
+    save_cache(cache, tmp_path / "train.pt")
+    cfg = HeadTrainConfig(labels="spr", warmup_steps=2, steps=4, batch_rollouts=2, eval_every=2, log_every=1)
+    metrics = run_head_training(tmp_path / "train.pt", tmp_path / "train.pt", cfg, tmp_path / "run", progress=False)
+    assert {"arith.sprm_bon@2", "arith.conf_bon@2", "arith.maj@2", "arith.pass@1", "arith.pass@2",
+            "arith.sprm_within_auc", "arith.sprm_step_auc", "aha.diff_prob_first", "arith.ci95"} <= set(metrics)
+    rows = load_metrics(tmp_path / "run" / "metrics.jsonl")  # what `python -m experiments.plot aha` reads
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in rows if "heldout_fc/diff_prob" in r] == [0, 2, 4]
+    assert [r["loss_mode_bce"] for r in rows[1:]] == [1.0, 1.0, 0.0, 0.0]
+    scorer = SPRMScorer.from_pretrained(tmp_path / "run" / "final", arith.prompt_text)
+    prefixes = [Prefix(problems[i], steps) for i, row in enumerate(paths) for steps in row]
+    assert len(scorer.path_scores(prefixes)) == 6
