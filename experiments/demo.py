@@ -11,6 +11,10 @@ For each embedded task (`arith`, and `countdown`: the task with a generator-veri
 4. Writes `outputs/demo/report.md`, `outputs/demo/metrics.json` (keys documented in the README),
    `outputs/demo/records_<task>.jsonl` (every candidate with its scores) and one example tree per
    task: a step-level beam search on the first problem (`tree_<task>.json`, `.png`, `.html`).
+5. For countdown (the task the SPRM is trained on, `experiments.demo_sprm`): rollouts of the
+   train and test splits with hidden states (cached), a head trained with the reference's SPR
+   loss on the frozen policy's features, the aha plot `aha_countdown.png`, and the head as a
+   scorer of the Best-of-N candidates (`sprm_bon@N`, `sprm_wmaj@N`).
 
     python -m experiments.demo                       # the default
     python -m experiments.demo --problems 50 --n 8   # smaller
@@ -29,6 +33,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from experiments.demo_report import TaskOutcomes, write_report
+from experiments.demo_sprm import SPRMResult, SPRMStage, run_sprm_stage
 from experiments.demo_sweep import DEMO_BUDGETS, DEMO_STRATEGIES, StrategySweep, SweepSpec, run_strategy_sweep
 from experiments.metrics import ProblemOutcome
 from experiments.outcomes import grade_results, write_records
@@ -42,6 +47,7 @@ from policies.tiny_model import TinyModelConfig
 from policies.transformers_policy import TransformersPolicy
 from scorers.confidence import ConfidenceScorer
 from scorers.random_scorer import RandomScorer
+from scorers.sprm_scorer import SPRMScorer
 from treesearch.aggregation import aggregate
 from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.best_of_n import BestOfNConfig, best_of_n
@@ -49,18 +55,22 @@ from treesearch.compute import Compute
 from treesearch.protocols import Policy, Scorer
 from treesearch.records import Prefix, Problem
 from treesearch.result import SearchResult
+from treesearch.steps import StepFormat
 
 
 @dataclass(frozen=True)
 class DemoTask:
     """One embedded task of the demo: its name (an `experiments.sft_tasks` entry and the metric
     prefix), its difficulty config (None: the task's default), the sampling temperature (None:
-    the task's DEFAULT_TEMPERATURE) and the generation cap per solution."""
+    the task's DEFAULT_TEMPERATURE), the generation cap per solution, its SFT budget (None: the
+    demo's) and its SPRM stage (None: none)."""
 
     name: str
     config: Any = None
     temperature: float | None = None
     max_total_tokens: int = 160
+    sft: SFTConfig | None = None  # None: DemoConfig.sft
+    sprm: SPRMStage | None = None  # train an SPRM head on this task (cached) and score with it
 
     def __post_init__(self) -> None:
         get_sft_task(self.name)  # a ValueError naming the valid tasks
@@ -80,7 +90,13 @@ class DemoTask:
         return self.module.DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
 
 
-DEFAULT_TASKS: tuple[DemoTask, ...] = (DemoTask("arith"), DemoTask("countdown", max_total_tokens=128))
+# countdown's policy must learn more (legal moves, honest arithmetic, the "left" lists): a fixed
+# step budget (~17 min on 2 free cores) rather than arith's 8 minutes
+COUNTDOWN_SFT = SFTConfig(max_minutes=None, max_steps=1600)
+DEFAULT_TASKS: tuple[DemoTask, ...] = (
+    DemoTask("arith"),
+    DemoTask("countdown", max_total_tokens=128, sft=COUNTDOWN_SFT, sprm=SPRMStage("countdown")),
+)
 
 
 @dataclass(frozen=True)
@@ -169,6 +185,13 @@ def strategy_sweep(cfg: DemoConfig, task: DemoTask, ckpt: Path) -> StrategySweep
     return run_strategy_sweep(spec)
 
 
+def sprm_scorer(sprm: SPRMResult, module: ModuleType, sampling: SamplingConfig) -> SPRMScorer:
+    """The trained head as a scorer of the demo's candidates (a second forward: they were sampled
+    without the head)."""
+    fmt = StepFormat(sampling.separator, sampling.think_open, sampling.think_close)
+    return SPRMScorer.from_pretrained(sprm.head_dir, module.prompt_text, fmt, batch_size=64)
+
+
 @dataclass(frozen=True)
 class TaskRun:
     """What one task adds to the report: its outcomes, its sweep and a line for the header."""
@@ -181,7 +204,8 @@ class TaskRun:
 def run_task(cfg: DemoConfig, task: DemoTask, out: Path) -> TaskRun:
     """Train-or-load the task's policy, sample greedy and Best-of-N, grade, sweep the strategies."""
     module = task.module
-    ckpt = ensure_policy(cfg.run_dir(task), cfg.sft, cfg.model, task.task_config, cfg.train_problems, task=task.name)
+    ckpt = ensure_policy(cfg.run_dir(task), task.sft or cfg.sft, cfg.model, task.task_config, cfg.train_problems,
+                         task=task.name)
     problems = module.generate_problems("test", cfg.problems, cfg.seed, task.task_config)
     sampling = SamplingConfig(temperature=task.sampling_temperature, max_total_tokens=task.max_total_tokens)
     policy = TransformersPolicy.from_pretrained(ckpt, sampling, module.prompt_text)
@@ -195,12 +219,15 @@ def run_task(cfg: DemoConfig, task: DemoTask, out: Path) -> TaskRun:
     elapsed = time.perf_counter() - start
 
     conf = grade_results(sampled, module.grade, module.extract_answer)
+    sprm = None if task.sprm is None else run_sprm_stage(task.sprm, ckpt, out)
     outcomes = TaskOutcomes(
         task=task.name,
         greedy=grade_results(greedy_results, module.grade, module.extract_answer),
         conf=conf,
         random=rescored(sampled, conf, RandomScorer(seed=cfg.seed)),
         compute=mean_compute(sampled),
+        sprm=None if sprm is None else rescored(sampled, conf, sprm_scorer(sprm, module, sampling)),
+        extra={} if sprm is None else sprm.metrics,
     )
     write_records(out / f"records_{task.name}.jsonl", sampled, conf)
     write_example_tree(out, problems[0], policy, scorer, cfg, task.name)

@@ -18,9 +18,9 @@ table of Best-of-N / beam search / DVTS / MCTS and the scaling plot, and metrics
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from experiments.demo_sweep import StrategySweep, budget_markdown
 from experiments.metrics import Estimate, ProblemOutcome, accuracy
@@ -31,7 +31,9 @@ class TaskOutcomes:
     """Everything the tables need for one task.
 
     greedy: one greedy candidate per problem; conf: the sampled candidates scored by confidence;
-    random: the same candidates scored by the random scorer; compute: per-problem means.
+    random: the same candidates scored by the random scorer; compute: per-problem means;
+    sprm: the same candidates scored by a trained SPRM head (None: no head for this task);
+    extra: further metrics.json keys (the SPRM stage's AUCs, aha numbers).
     """
 
     task: str
@@ -39,6 +41,8 @@ class TaskOutcomes:
     conf: Sequence[ProblemOutcome]
     random: Sequence[ProblemOutcome]
     compute: dict[str, float]
+    sprm: Sequence[ProblemOutcome] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def budgets(n: int) -> list[int]:
@@ -61,6 +65,9 @@ def estimates(t: TaskOutcomes) -> dict[str, Estimate]:
         est[f"conf_bon@{k}"] = accuracy(t.conf, k, "best_score")
         est[f"random_bon@{k}"] = accuracy(t.random, k, "best_score")
         est[f"pass@{k}"] = accuracy(t.conf, k, "oracle")
+        if t.sprm is not None:
+            est[f"sprm_bon@{k}"] = accuracy(t.sprm, k, "best_score")
+            est[f"sprm_wmaj@{k}"] = accuracy(t.sprm, k, "weighted_majority")
     return est
 
 
@@ -87,6 +94,20 @@ def sweep_section(task: str, sweep: StrategySweep, out_dir: Path) -> str:
     )
 
 
+def sprm_section(t: TaskOutcomes) -> str:
+    """What the SPRM stage measured on this task, with the aha plot."""
+    x = t.extra
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    return (
+        f"SPRM on {t.task} (`sprm_bon` / `sprm_wmaj` above: a head trained with the "
+        f"`{x.get(t.task + '.sprm_labels')}` loss on the frozen policy's features, scoring these candidates): "
+        f"held-out within-problem AUC {fmt(x.get(t.task + '.sprm_within_auc'))} (confidence "
+        f"{fmt(x.get(t.task + '.conf_within_auc'))}), step AUC against true step labels "
+        f"{fmt(x.get(t.task + '.sprm_step_auc'))}, held-out diff_prob {fmt(x.get('aha.diff_prob_first'))} at the "
+        f"start and {fmt(x.get('aha.diff_prob_last'))} at the end.\n\n![aha curves](aha_{t.task}.png)"
+    )
+
+
 def metrics_json(tasks: Sequence[TaskOutcomes], sweeps: Mapping[str, StrategySweep] | None = None) -> dict:
     out: dict = {}
     for t in tasks:
@@ -95,6 +116,7 @@ def metrics_json(tasks: Sequence[TaskOutcomes], sweeps: Mapping[str, StrategySwe
             out.setdefault(f"{t.task}.ci95", {})[name] = [e.low, e.high]
         out[f"{t.task}.problems"] = len(t.conf)
         out[f"{t.task}.compute"] = t.compute
+        out.update(t.extra)
     for i, (task, sweep) in enumerate((sweeps or {}).items()):
         out.update(sweep_metrics(task, sweep, first=i == 0))
     return out
@@ -103,7 +125,7 @@ def metrics_json(tasks: Sequence[TaskOutcomes], sweeps: Mapping[str, StrategySwe
 def markdown_table(t: TaskOutcomes) -> str:
     est = estimates(t)
     n = len(t.conf[0].candidates)
-    cols = ["maj", "wmaj", "conf_bon", "random_bon", "pass"]
+    cols = ["maj", "wmaj", "conf_bon", "random_bon"] + (["sprm_bon", "sprm_wmaj"] if t.sprm is not None else []) + ["pass"]
     lines = [
         f"| N | pass@1 | {' | '.join(c + '@N' for c in cols)} |",
         "|---|" + "---|" * (len(cols) + 1),
@@ -130,6 +152,8 @@ def write_report(
             "Compute per problem (all samples): "
             + ", ".join(f"{k} {v:.4g}" for k, v in t.compute.items()),
         ]
+        if t.sprm is not None:
+            parts.append(sprm_section(t))
     parts += [sweep_section(task, sweep, out_dir) for task, sweep in (sweeps or {}).items()]
     (out_dir / "report.md").write_text("\n\n".join(parts) + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(metrics_json(tasks, sweeps), indent=2) + "\n")

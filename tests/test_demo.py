@@ -7,6 +7,7 @@ import json
 import pytest
 
 from experiments.demo import DemoConfig, DemoTask, parse_args, run_demo
+from experiments.demo_sprm import SPRMStage
 from policies.sft import SFTConfig
 from policies.tiny_model import TinyModelConfig
 
@@ -18,7 +19,10 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
     cfg = DemoConfig(
         out_dir=str(tmp_path / "demo"),
         checkpoints=str(tmp_path / "ckpt"),
-        tasks=(DemoTask("arith", max_total_tokens=24), DemoTask("countdown", max_total_tokens=24)),
+        tasks=(DemoTask("arith", max_total_tokens=24),
+               DemoTask("countdown", max_total_tokens=24,
+                        sprm=SPRMStage("countdown", train_problems=4, train_n=2, test_problems=3, test_n=2,
+                                       steps=3, max_total_tokens=24))),
         problems=3,
         n=4,
         chunk=2,
@@ -58,6 +62,16 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
         assert metrics[f"arith.scaling.{strategy}.slope"] == metrics[f"scaling.{strategy}.slope"]
     assert (out / "scaling_arith.png").stat().st_size > 1000
     assert "strategies at equal budgets" in (out / "report.md").read_text()
+
+    # the SPRM stage on countdown: a head, its aha plot, its scores on the Best-of-N candidates
+    assert metrics["sprm_task"] == "countdown" and metrics["countdown.sprm_labels"] == "spr"
+    for key in ("countdown.sprm_bon@4", "countdown.sprm_wmaj@4", "countdown.sprm_bon@1"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert "arith.sprm_bon@4" not in metrics  # no head for arith
+    assert "aha.diff_prob_first" in metrics and "aha.diff_prob_last" in metrics
+    assert (out / "aha_countdown.png").stat().st_size > 1000
+    assert (out / "sprm_countdown" / "head" / "final" / "score_module.pt").is_file()
+    assert "SPRM on countdown" in (out / "report.md").read_text()
 
     # second run: the cached checkpoint is reused (no training), same records for the same seed
     capsys.readouterr()

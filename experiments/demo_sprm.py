@@ -1,0 +1,116 @@
+"""The demo's SPRM stage: a head trained on the task's frozen policy from cached rollouts and
+hidden states (`experiments.rollout_cache`, `experiments.train_head`), cached on disk, its aha
+plot, and the head used as a scorer of the demo's Best-of-N candidates.
+
+    from experiments.demo_sprm import SPRMStage, run_sprm_stage
+    stage = run_sprm_stage(SPRMStage(task="countdown"), Path("outputs/checkpoints/tiny-countdown/final"),
+                           Path("outputs/demo"))
+    stage.head_dir          # the policy with the trained head (transformers dir + score_module.pt)
+    stage.metrics           # sprm_task, T.sprm_within_auc, T.sprm_step_auc, aha.diff_prob_first / _last
+    stage.aha_plot          # outputs/demo/aha_<task>.png
+
+Files (each reused when present, so a second `make demo` costs nothing here):
+`<out>/sprm_<task>/train.pt` and `test.pt` (rollout caches of the train and test splits),
+`<out>/sprm_<task>/head/` (metrics.jsonl, metrics.json, final/). The head is trained with the
+reference's SPR loss by default (labels="spr"); `labels` takes every mode of
+`scorers.head_training` (outcome_bce: an outcome reward model on frozen features; true_labels:
+the upper bound with true step labels).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from experiments.plot_aha import plot_aha
+from experiments.rollout_cache import CacheSpec, build_from_spec, load_cache, save_cache
+from experiments.train_head import run_head_training
+from scorers.head_training import HeadTrainConfig
+
+# metrics of the head run copied into the demo's metrics.json (the rest stays in its metrics.json)
+HEAD_KEYS: tuple[str, ...] = ("sprm_within_auc", "sprm_step_auc", "sprm_diff_prob", "conf_within_auc",
+                              "spr_label_precision")
+
+
+@dataclass(frozen=True)
+class SPRMStage:
+    """task: the embedded task the SPRM is trained on; train_problems x train_n: training rollouts
+    (train split); test_problems x test_n: held-out rollouts (test split, for the aha curves and
+    AUCs); labels, steps, lr, feature_layer: the head's training (`HeadTrainConfig`);
+    max_total_tokens: rollout length cap."""
+
+    task: str = "countdown"
+    train_problems: int = 512
+    train_n: int = 8
+    test_problems: int = 100
+    test_n: int = 16
+    labels: str = "spr"
+    steps: int = 400
+    lr: float = 1e-3
+    feature_layer: int = -2
+    max_total_tokens: int = 128
+
+    def head_config(self) -> HeadTrainConfig:
+        return HeadTrainConfig(labels=self.labels, feature_layer=self.feature_layer, lr=self.lr, steps=self.steps)
+
+
+@dataclass(frozen=True)
+class SPRMResult:
+    """head_dir: the reflective model (policy + trained head); metrics: keys for the demo's
+    metrics.json; aha_plot: the PNG of the held-out curves."""
+
+    head_dir: Path
+    metrics: dict[str, Any]
+    aha_plot: Path
+
+
+def cached_rollouts(spec: CacheSpec, path: Path) -> Path:
+    """The cache at path when it was built from this spec, else a fresh one saved there."""
+    if path.exists() and load_cache(path).spec == _spec_dict(spec):
+        return path
+    save_cache(build_from_spec(spec), path)
+    return path
+
+
+def _spec_dict(spec: CacheSpec) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    data = asdict(spec)
+    data["feature_layers"] = list(spec.feature_layers)
+    return data
+
+
+def run_sprm_stage(stage: SPRMStage, policy_dir: Path, out_dir: Path) -> SPRMResult:
+    """Cache the rollouts, train the head (or reuse the trained one), draw the aha plot."""
+    work = out_dir / f"sprm_{stage.task}"
+    work.mkdir(parents=True, exist_ok=True)
+    common = dict(policy_dir=str(policy_dir), task=stage.task, max_total_tokens=stage.max_total_tokens,
+                  feature_layers=(stage.feature_layer,))
+    train = cached_rollouts(CacheSpec(split="train", problems=stage.train_problems, n=stage.train_n, **common),
+                            work / "train.pt")
+    test = cached_rollouts(CacheSpec(split="test", problems=stage.test_problems, n=stage.test_n, **common),
+                           work / "test.pt")
+    head = work / "head"
+    cfg = stage.head_config()
+    if _trained_with(head, cfg, train, test):
+        metrics = json.loads((head / "metrics.json").read_text())
+    else:
+        metrics = run_head_training(train, test, cfg, head)
+    aha = plot_aha(head / "metrics.jsonl", out_dir / f"aha_{stage.task}.png")
+    keep = {f"{stage.task}.{k}": metrics.get(f"{stage.task}.{k}") for k in HEAD_KEYS}
+    keep.update({"sprm_task": stage.task, "aha.diff_prob_first": metrics.get("aha.diff_prob_first"),
+                 "aha.diff_prob_last": metrics.get("aha.diff_prob_last"),
+                 f"{stage.task}.sprm_labels": stage.labels})
+    return SPRMResult(head / "final", keep, aha)
+
+
+def _trained_with(head: Path, cfg: HeadTrainConfig, train: Path, test: Path) -> bool:
+    """A finished head run of this config on these caches exists."""
+    path = head / "metrics.json"
+    if not path.is_file() or not (head / "final" / "score_module.pt").is_file():
+        return False
+    from dataclasses import asdict
+
+    saved = json.loads(path.read_text())
+    return saved.get("config") == asdict(cfg) and saved.get("train_cache") == str(train) and saved.get("test_cache") == str(test)
