@@ -39,7 +39,12 @@ bench: setup
 	{ echo "# treesearch benchmarks (make bench)"; echo; \
 	  echo "## Scoring overhead of Best-of-N"; $(BIN)/python -m experiments.bench_scoring_overhead; echo; \
 	  echo "## Prefix reuse in step-level search"; $(BIN)/python -m experiments.bench_prefix_reuse; echo; \
-	  echo "## Batched vs one problem at a time"; $(BIN)/python -m experiments.bench_batching; } \
+	  echo "## Batched vs one problem at a time"; $(BIN)/python -m experiments.bench_batching; echo; \
+	  echo "## Engine overhead at N = 32"; $(BIN)/python -m experiments.bench_engine_overhead; echo; \
+	  echo "## FLOP/s vs a matmul peak measured in the same run"; $(BIN)/python -m experiments.bench_flops; echo; \
+	  echo "## Training throughput: joint GRPO + SPR vs plain forward + backward"; $(BIN)/python -m experiments.bench_train_throughput; echo; \
+	  echo "## Peak RSS vs N (one process per row)"; $(BIN)/python -m experiments.bench_memory; echo; \
+	  echo "## transformers vs vLLM"; $(BIN)/python -m experiments.bench_vllm; } \
 	  | tee outputs/bench/report.md
 
 clean-demo:

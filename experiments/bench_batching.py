@@ -4,7 +4,13 @@ time (search-and-learn's way), measured side by side in one run on the same prob
 Each round of a batched run sends the beams of ALL problems to the policy in one call; the
 sequential run calls the strategy once per problem. The chosen answers must grade the same on
 average (the per-problem seeds are the same; batching changes only float rounding). Target:
-batched at least 4x faster.
+batched at least 4x faster. Wall time and this process's CPU time are both printed (on a shared
+machine another job's load stretches wall time; a one-thread run's CPU time much less).
+
+The ceiling line measures the bare model's decode step (a KV-cached forward of one token per
+row, no search) at the rows one problem sends per forward (N) and at the rows a batched chunk
+sends (all problems' N, up to the policy's batch_size): the speed-up a perfectly overhead-free
+engine could get from batching alone, since one problem at a time is already a batch of N rows.
 
     python -m experiments.bench_batching                     # 64 problems, N = 8, M = 4
     python -m experiments.bench_batching --problems 8 --n 4 --beam-width 2
@@ -16,14 +22,15 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: shared cores
 
 import argparse  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Sequence  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
 from experiments.bench_prefix_reuse import DEFAULT_CHECKPOINT, load_policy_parts  # noqa: E402
+from experiments.bench_timing import best_of, timed  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
+from policies.decode_loop import slot_cache  # noqa: E402
 from policies.prefix_cache import PrefixCacheConfig  # noqa: E402
 from policies.sampling_config import SamplingConfig  # noqa: E402
 from policies.transformers_policy import TransformersPolicy  # noqa: E402
@@ -36,6 +43,36 @@ def accuracy(results: Sequence[SearchResult]) -> float:
     return sum(arith.grade(r.problem, r.chosen_text) for r in results) / len(results)
 
 
+@torch.inference_mode()
+def decode_step_seconds(lm: Any, rows: int, context: int = 48, steps: int = 16, repeats: int = 3) -> float:
+    """Wall seconds of one bare decode step of `rows` rows over a `context`-token KV cache (the
+    decode loop's own cache, `policies.decode_loop.slot_cache`): best of `repeats` runs of
+    `steps` steps, per step."""
+    ids = torch.randint(3, int(lm.config.vocab_size), (rows, context))
+    prefilled = lm(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+
+    def decode() -> None:
+        cache = slot_cache(prefilled, torch.arange(rows))
+        mask = torch.ones((rows, context), dtype=torch.long)
+        for step in range(steps):
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long)], dim=-1)
+            position = torch.full((rows, 1), context + step)
+            lm(input_ids=ids[:, -1:], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+
+    return best_of(decode, repeats) / steps
+
+
+def ceiling_line(checkpoint: Path, problems: int, n: int) -> str:
+    """The bare decode step's time per row-token at N rows (one problem) and at the rows of a
+    batched chunk (problems x N, at most the policy's batch_size), and their ratio."""
+    lm = load_policy_parts(checkpoint)[0].eval()
+    small_rows, large_rows = n, min(problems * n, SamplingConfig().batch_size)
+    small = decode_step_seconds(lm, small_rows) / small_rows
+    large = decode_step_seconds(lm, large_rows) / large_rows
+    return (f"ceiling (bare decode step, no search): {small * 1e6:.0f} us per row-token at {small_rows} rows, "
+            f"{large * 1e6:.0f} us at {large_rows} rows: batching alone can give at most ~{small / large:.2f}x")
+
+
 def run(checkpoint: Path, problems: int, n: int, beam_width: int, seed: int) -> str:
     lm, tokenizer, source = load_policy_parts(checkpoint)
     sampling = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_total_tokens=160)
@@ -45,18 +82,20 @@ def run(checkpoint: Path, problems: int, n: int, beam_width: int, seed: int) -> 
     def policy() -> TransformersPolicy:  # a fresh prefix cache for each run: no head start
         return TransformersPolicy(lm, tokenizer, sampling, arith.prompt_text, prefix_cache=PrefixCacheConfig())
 
-    start = time.perf_counter()
-    batched = beam_search(probs, policy(), ConfidenceScorer(), cfg)
-    t_batched = time.perf_counter() - start
-    start = time.perf_counter()
-    one_by_one = [r for p in probs for r in beam_search([p], policy(), ConfidenceScorer(), cfg)]
-    t_single = time.perf_counter() - start
+    batched: list[SearchResult] = []
+    one_by_one: list[SearchResult] = []
+    t_batched = timed(lambda: batched.extend(beam_search(probs, policy(), ConfidenceScorer(), cfg)))
+    t_single = timed(lambda: one_by_one.extend(
+        r for p in probs for r in beam_search([p], policy(), ConfidenceScorer(), cfg)))
     return "\n".join([
-        f"policy: {source}; beam search N={n}, M={beam_width} on {problems} arith test problems; torch threads {torch.get_num_threads()}",
-        "| run | wall s | accuracy | speed-up |",
-        "|---|---:|---:|---:|",
-        f"| one problem at a time | {t_single:.2f} | {accuracy(one_by_one):.3f} | 1.00 |",
-        f"| all problems batched | {t_batched:.2f} | {accuracy(batched):.3f} | {t_single / t_batched:.2f} |",
+        f"policy: {source}; beam search N={n}, M={beam_width} on {problems} arith test problems; "
+        f"torch threads {torch.get_num_threads()}",
+        "| run | wall s | accuracy | speed-up | cpu s | cpu speed-up |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| one problem at a time | {t_single.wall_s:.2f} | {accuracy(one_by_one):.3f} | 1.00 | "
+        f"{t_single.cpu_s:.2f} | 1.00 |",
+        f"| all problems batched | {t_batched.wall_s:.2f} | {accuracy(batched):.3f} | "
+        f"{t_single.wall_s / t_batched.wall_s:.2f} | {t_batched.cpu_s:.2f} | {t_single.cpu_s / t_batched.cpu_s:.2f} |",
     ])
 
 
@@ -67,11 +106,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--beam-width", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     print(run(args.checkpoint, args.problems, args.n, args.beam_width, args.seed))
+    print(ceiling_line(args.checkpoint, args.problems, args.n))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
 """The batched sampling loop of the transformers policy: prefill each context once, replicate its
 KV cache for its samples, decode token by token, and drop finished rows from the batch.
 
+The decode KV cache is `SlotLayer` per layer: buffers allocated ahead that each token is written
+into in place, where transformers' DynamicCache re-copies the whole cache at every token (at a
+few hundred rows of a small model that copy cost more than the matmuls). Finished rows leave by
+moving live rows into their slots, so the batch order is not the row order; sampling still walks
+the rows in row order, so the same seed draws the same tokens for the same row.
+
 Usage (one chunk, i.e. at most `batch_size` sample rows):
     out = decode_chunk(model, contexts, row_context, budgets, rule, stop_at_boundary=True,
                        temperature=0.6, top_p=1.0, generator=gen, pad_id=0)
@@ -33,13 +39,15 @@ from typing import Any, Protocol, Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
-from policies.prefix_cache import PrefixKV, pad_past, row_kv
+from policies.prefix_cache import PrefixKV, pad_past
 from policies.sampling import sample_next_tokens
 from policies.step_stops import StepStopRule, StopState
 
 FINISH_CODES: tuple[str, ...] = ("separator", "eos", "length")  # index = finish code in ChunkOutput
 _SEPARATOR, _EOS, _LENGTH = 0, 1, 2
+KV_GROWTH = 32  # columns a decode buffer gains when full (one copy of the live rows per 32 tokens)
 
 
 class StepHead(Protocol):
@@ -79,24 +87,105 @@ class ChunkOutput:
     step_scores: torch.Tensor | None = None
 
 
+class SlotLayer(DynamicLayer):
+    """One layer's KV of the decoding rows, in buffers [B, H, capacity, D] allocated ahead:
+    `keys` / `values` are views of the first `rows` rows and `length` columns.
+
+    Why: a plain DynamicLayer appends by concatenation, copying the whole cache at every decoded
+    token; at a few hundred rows of a small model that copy costs more than the matmuls
+    (experiments/bench_batching.py). Here a token is written in place and the buffer grows by
+    KV_GROWTH columns when full; a finished row's slot is refilled by moving a live row from the
+    end (`move_rows`), so dropping rows copies only the rows that move.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, growth: int = KV_GROWTH) -> None:
+        """keys, values [U, H, S, D]: a prefilled layer; rows [B] long: the row of it each slot
+        starts from (repeats allowed). Both are copied into the buffers."""
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.growth = growth
+        self._rows, self._length = int(rows.numel()), int(keys.shape[2])
+        self._key_buf, self._value_buf = _buffers(keys, values, rows, self._length + growth)
+        self._set_views()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append the new columns [B, H, s, D] in place; return the whole KV [B, H, S+s, D] (views)."""
+        end = self._length + int(key_states.shape[2])
+        if end > self._key_buf.shape[2]:
+            self._reallocate(torch.arange(self._rows, device=self.device), end + self.growth)
+        self._key_buf[: self._rows, :, self._length : end] = key_states
+        self._value_buf[: self._rows, :, self._length : end] = value_states
+        self._length = end
+        self._set_views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep (and repeat) the rows indices [B'] in that order (copies every kept row)."""
+        self._reallocate(indices, int(self._key_buf.shape[2]))
+
+    def move_rows(self, slots: torch.Tensor, sources: torch.Tensor, rows: int) -> None:
+        """Copy rows sources [k] into slots [k], then keep the first `rows` rows."""
+        if slots.numel():
+            self._key_buf[slots, :, : self._length] = self._key_buf[sources, :, : self._length]
+            self._value_buf[slots, :, : self._length] = self._value_buf[sources, :, : self._length]
+        self._rows = rows
+        self._set_views()
+
+    def _reallocate(self, rows: torch.Tensor, capacity: int) -> None:
+        """New buffers of `capacity` columns holding the current rows `rows` [B']."""
+        self._key_buf, self._value_buf = _buffers(self.keys, self.values, rows, capacity)
+        self._rows = int(rows.numel())
+        self._set_views()
+
+    def _set_views(self) -> None:
+        self.keys = self._key_buf[: self._rows, :, : self._length]
+        self.values = self._value_buf[: self._rows, :, : self._length]
+
+
+def _buffers(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, capacity: int):
+    """New buffers [B, H, capacity, D] whose first S columns hold keys[rows], values[rows]
+    ([U, H, S, D] each). Gathered straight into the buffer: a temporary of this size would cost a
+    fresh allocation (page faults) as large as the copy itself."""
+    out = []
+    for source in (keys, values):
+        buf = source.new_empty((int(rows.numel()), source.shape[1], capacity, source.shape[3]))
+        torch.index_select(source, 0, rows, out=buf[:, :, : source.shape[2]])
+        out.append(buf)
+    return out[0], out[1]
+
+
+def slot_cache(cache: Any, rows: torch.Tensor) -> Cache:
+    """A cache of `SlotLayer`s holding the rows `rows` [R] (repeats allowed) of a prefilled cache."""
+    return Cache(layers=[SlotLayer(layer.keys, layer.values, rows) for layer in cache.layers])
+
+
 @dataclass
 class _Batch:
-    """The rows still decoding: their cache, mask, positions and rule state (all [B, ...])."""
+    """The rows still decoding: their cache, mask, positions and rule state (all [B, ...]).
+    Slot b holds chunk row rows[b]; dropping rows reorders the slots (see `keep`)."""
 
     rows: torch.Tensor  # [B] long, index of each active row in the chunk
-    cache: Any  # transformers DynamicCache with B rows
+    cache: Any  # a Cache of SlotLayer with B rows
     attention_mask: torch.Tensor  # [B, S] long, 0 on left padding
     next_position: torch.Tensor  # [B] long, position id of the next fed token
     state: StopState
     budget: torch.Tensor  # [B] long, most tokens this row may generate
 
-    def keep(self, keep_mask: torch.Tensor) -> None:
-        """Drop rows where keep_mask [B] is False, cache included, so they cost nothing more."""
-        index = keep_mask.nonzero().squeeze(-1)  # [B']
+    def keep(self, keep_mask: torch.Tensor) -> torch.Tensor:
+        """Drop rows where keep_mask [B] is False, so they cost nothing more: each freed slot below
+        the new size takes a live row from beyond it, so only those rows' KV is copied. Returns the
+        old slot of each new slot [B'] (to reorder other per-row tensors the same way)."""
+        size = int(keep_mask.sum())
+        slots = (~keep_mask[:size]).nonzero().squeeze(-1)  # [k] freed slots that stay
+        sources = keep_mask[size:].nonzero().squeeze(-1) + size  # [k] live rows past the new end
+        for layer in self.cache.layers:
+            layer.move_rows(slots, sources, size)
+        index = torch.arange(size, device=keep_mask.device)
+        index[slots] = sources  # [B'] new slot s holds old slot index[s]
         self.rows, self.budget = self.rows[index], self.budget[index]
-        self.cache.batch_select_indices(index)
         self.attention_mask, self.next_position = self.attention_mask[index], self.next_position[index]
         self.state = self.state.select(index)
+        return index
 
 
 @torch.inference_mode()
@@ -197,7 +286,7 @@ def decode_chunk(
     fed_kv: list[PrefixKV | None] = [None] * num_rows if keep_kv else []
     scores = None if step_head is None else torch.full((num_rows, width), float("nan"), device=device)  # [R, T]
     for t in range(width):
-        tokens, token_logprobs = sample_next_tokens(logits, temperature, top_p, generator)  # [B], [B]
+        tokens, token_logprobs = _sample_in_row_order(logits, batch.rows, temperature, top_p, generator)  # [B], [B]
         is_boundary, batch.state = rule.advance(tokens, batch.state)  # [B]
         token_ids[batch.rows, t] = tokens
         logprobs[batch.rows, t] = token_logprobs
@@ -211,10 +300,21 @@ def decode_chunk(
         if bool(done.all()):
             break
         if bool(done.any()):
-            batch.keep(~done)
-            tokens = tokens[~done]
+            tokens = tokens[batch.keep(~done)]
         logits, features = _decode_step(model, batch, tokens, layer)
     return ChunkOutput(token_ids, logprobs, boundary, lengths, finish, tuple(fed_kv), scores)
+
+
+def _sample_in_row_order(
+    logits: torch.Tensor, rows: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_next_tokens` of logits [B, V] taken in chunk-row order, so the generator's draws go
+    to the same rows whatever slots `_Batch.keep` moved them to. Returns ([B], [B]) in slot order."""
+    order = rows.argsort()  # [B] slots by chunk row
+    tokens, logprobs = sample_next_tokens(logits[order], temperature, top_p, generator)
+    back = torch.empty_like(order)
+    back[order] = torch.arange(len(order), device=order.device)  # [B] rank of each slot
+    return tokens[back], logprobs[back]
 
 
 def _score_boundaries(
@@ -230,9 +330,15 @@ def _score_boundaries(
 
 def _copy_fed_kv(batch: _Batch, rows: torch.Tensor, fed_kv: list[PrefixKV | None]) -> None:
     """Copy out the KV of the active rows where rows [B] is True: the cache holds exactly what
-    each fed (the token sampled this step is not fed yet), its columns where the mask is 1."""
+    each fed (the token sampled this step is not fed yet), its columns where the mask is 1, as an
+    unpadded CPU entry: `prefix_cache.row_kv`, but with one column index per row for all layers
+    (index_select took 45% less time than boolean indexing over a beam search's copies)."""
     for b in rows.nonzero().squeeze(-1).tolist():
-        fed_kv[int(batch.rows[b])] = row_kv(batch.cache, b, batch.attention_mask[b].bool())
+        columns = batch.attention_mask[b].nonzero().squeeze(-1)  # [len] the row's non-pad columns
+        fed_kv[int(batch.rows[b])] = PrefixKV(
+            tuple(layer.keys[b].index_select(1, columns).to("cpu") for layer in batch.cache.layers),  # [H, len, D]
+            tuple(layer.values[b].index_select(1, columns).to("cpu") for layer in batch.cache.layers),
+        )
 
 
 def _start_batch(
@@ -253,10 +359,9 @@ def _start_batch(
         model, contexts, pad_id, device, past, feature_layer
     )
     expand = torch.tensor(row_context, dtype=torch.long, device=device)  # [R] context of each row
-    cache.batch_select_indices(expand)  # gathers (and repeats) cache rows: [U, ...] -> [R, ...]
     batch = _Batch(
         rows=torch.arange(len(row_context), device=device),
-        cache=cache,
+        cache=slot_cache(cache, expand),  # gathers (and repeats) cache rows: [U, ...] -> [R, ...]
         attention_mask=attention_mask[expand],
         next_position=next_position[expand],
         state=rule.initial_state(contexts, device).select(expand),

@@ -1,0 +1,183 @@
+"""Benchmark: the engine's own share of wall time at N = 32, i.e. the time a search spends outside
+the model's forward calls (target: at most 5%), for Best-of-N and step-level beam search on arith.
+
+Each strategy runs once on the same problems with the transformers backend (prefix cache on, the
+policy's confidence as scorer: every forward is the policy's). Forward hooks on the LM time every
+forward (`experiments.bench_timing.ForwardClock`); the policy's `propose` / `rollout` calls are
+timed too, so the table splits wall time into
+  in forward     inside the LM's forward (the backend's compute, prefill and decode);
+  backend rest   inside policy calls but outside the forward: sampling, the stop rule, KV-cache
+                 bookkeeping, prefix-cache copies, building steps and texts;
+  search rest    outside policy calls: the strategy itself (trees, selection, scoring, records).
+"outside forward" = 1 - in forward / wall is the engine overhead the target is about. For each
+strategy above the target, a second run under cProfile (profiling switched off inside the
+forward) lists the top Python hotspots outside the model.
+
+    python -m experiments.bench_engine_overhead                  # 32 problems, N = 32, M = 4
+    python -m experiments.bench_engine_overhead --problems 4 --n 4 --top 5
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: shared cores
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import pstats  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+import torch  # noqa: E402
+
+from experiments.bench_prefix_reuse import DEFAULT_CHECKPOINT, load_policy_parts  # noqa: E402
+from experiments.bench_timing import ForwardClock, PolicyClock, timed  # noqa: E402
+from experiments.tasks import arith  # noqa: E402
+from policies.prefix_cache import PrefixCacheConfig  # noqa: E402
+from policies.sampling_config import SamplingConfig  # noqa: E402
+from policies.transformers_policy import TransformersPolicy  # noqa: E402
+from scorers.confidence import ConfidenceScorer  # noqa: E402
+from treesearch.records import Problem  # noqa: E402
+from treesearch.registry import run_search  # noqa: E402
+
+TARGET = 0.05  # most share of wall time outside the forward
+
+
+@dataclass(frozen=True)
+class OverheadRow:
+    """One search over all problems: wall_s / cpu_s of the search call, forward_s and
+    forward_calls inside the LM's forward, policy_s inside policy calls, tokens_generated."""
+
+    strategy: str
+    wall_s: float
+    cpu_s: float
+    forward_s: float
+    forward_calls: int
+    policy_s: float
+    tokens_generated: int
+
+    @property
+    def outside_forward(self) -> float:
+        return 1 - self.forward_s / self.wall_s
+
+    @property
+    def backend_rest(self) -> float:
+        return (self.policy_s - self.forward_s) / self.wall_s
+
+    @property
+    def search_rest(self) -> float:
+        return 1 - self.policy_s / self.wall_s
+
+
+def make_policy(lm: Any, tokenizer: Any) -> TransformersPolicy:
+    """The backend as the searches use it: arith sampling, a fresh prefix cache."""
+    sampling = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_total_tokens=160)
+    return TransformersPolicy(lm, tokenizer, sampling, arith.prompt_text, prefix_cache=PrefixCacheConfig())
+
+
+def measure(strategy: str, cfg: dict[str, Any], problems: Sequence[Problem], lm: Any, tokenizer: Any) -> OverheadRow:
+    """One timed search with the forward and the policy calls clocked."""
+    policy = make_policy(lm, tokenizer)
+    results: list = []
+    with ForwardClock(lm) as forward, PolicyClock(policy) as calls:
+        timing = timed(lambda: results.extend(run_search(strategy, problems, policy, ConfidenceScorer(), **cfg)))
+    generated = sum(r.compute.tokens_generated for r in results)
+    return OverheadRow(strategy, timing.wall_s, timing.cpu_s, forward.seconds, forward.calls, calls.seconds, generated)
+
+
+def hotspots(
+    strategy: str, cfg: dict[str, Any], problems: Sequence[Problem], lm: Any, tokenizer: Any, top: int
+) -> list[tuple[str, float]]:
+    """The `top` functions by self time outside the LM's forward, (name, seconds), from one run
+    under cProfile that is switched off for the duration of every forward."""
+    policy, profile = make_policy(lm, tokenizer), cProfile.Profile()
+    handles = [
+        lm.register_forward_pre_hook(lambda *_: profile.disable()),
+        lm.register_forward_hook(lambda *_: profile.enable()),
+    ]
+    try:
+        profile.enable()
+        run_search(strategy, problems, policy, ConfidenceScorer(), **cfg)
+        profile.disable()
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (calls, primitive, tottime, cumtime, callers)}
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return [(_function_name(key), value[2]) for key, value in ranked]
+
+
+def _function_name(key: tuple[str, int, str]) -> str:
+    """'policies/decode_loop.py:120(move_rows)' from a pstats key (site-packages paths shortened)."""
+    path, line, name = key
+    if path == "~":
+        return name  # a builtin, e.g. "<built-in method torch.multinomial>"
+    for marker in ("site-packages/", str(Path.cwd()) + "/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+    return f"{path}:{line}({name})"
+
+
+def overhead_table(rows: Sequence[OverheadRow]) -> str:
+    lines = [
+        "| strategy | wall s | cpu s | forward calls | tokens generated | in forward | backend rest "
+        "| search rest | outside forward | target <= 5% |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.strategy} | {r.wall_s:.2f} | {r.cpu_s:.2f} | {r.forward_calls} | {r.tokens_generated} | "
+            f"{r.forward_s / r.wall_s:.1%} | {r.backend_rest:.1%} | {r.search_rest:.1%} | "
+            f"{r.outside_forward:.1%} | {'met' if r.outside_forward <= TARGET else 'not met'} |"
+        )
+    return "\n".join(lines)
+
+
+def hotspot_table(strategy: str, wall_s: float, spots: Sequence[tuple[str, float]]) -> str:
+    lines = [
+        f"Top Python hotspots outside the model, {strategy} (cProfile self time; profiling adds overhead):",
+        "| function | self s | share of unprofiled wall |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| `{name}` | {seconds:.3f} | {seconds / wall_s:.1%} |" for name, seconds in spots]
+    return "\n".join(lines)
+
+
+def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed: int) -> str:
+    lm, tokenizer, source = load_policy_parts(checkpoint)
+    probs = arith.generate_problems("test", problems, seed=seed)
+    strategies = {
+        "best_of_n": dict(n=n, seed=seed),
+        "beam_search": dict(n=n, beam_width=beam_width, max_depth=20, seed=seed),
+    }
+    run_search("best_of_n", probs[:1], make_policy(lm, tokenizer), ConfidenceScorer(), n=2)  # warm-up
+    rows = [measure(name, cfg, probs, lm, tokenizer) for name, cfg in strategies.items()]
+    parts = [
+        f"policy: {source}; {problems} arith test problems; N={n}, beam width M={beam_width}; scorer: confidence; "
+        f"prefix cache on; torch threads {torch.get_num_threads()}",
+        overhead_table(rows),
+    ]
+    for row in rows:
+        if row.outside_forward > TARGET and top > 0:
+            spots = hotspots(row.strategy, strategies[row.strategy], probs, lm, tokenizer, top)
+            parts += ["", hotspot_table(row.strategy, row.wall_s, spots)]
+    return "\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--problems", type=int, default=32)
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--beam-width", type=int, default=4)
+    ap.add_argument("--top", type=int, default=10, help="hotspots listed per strategy above the target (0: none)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(run(args.checkpoint, args.problems, args.n, args.beam_width, args.top, args.seed))
+
+
+if __name__ == "__main__":
+    main()

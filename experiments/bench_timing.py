@@ -1,0 +1,126 @@
+"""Timing and memory probes shared by the benchmark scripts (`experiments/bench_*.py`).
+
+Usage:
+    with ForwardClock(model) as forward:          # time inside model.forward (hooks, any nn.Module)
+        with PolicyClock(policy) as calls:        # time inside policy.propose / policy.rollout
+            timing = timed(lambda: search(...))   # Timing(wall_s, cpu_s) of the whole call
+    forward.seconds, forward.calls, calls.seconds
+    best = best_of(lambda: torch.mm(a, b), repeats=5)   # least wall seconds of several runs
+    peak_rss_mib()                                # this process's resident-set high-water mark
+
+Wall time is what a user waits for; CPU time of this process is printed beside it because these
+machines are shared (another job's load stretches wall time, much less a single-threaded
+process's CPU time). Neither is used as an absolute target: the scripts print ratios.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Timing:
+    """wall_s: elapsed seconds (perf_counter); cpu_s: CPU seconds of this process, all threads."""
+
+    wall_s: float
+    cpu_s: float
+
+
+def timed(fn: Callable[[], Any]) -> Timing:
+    """Run fn once and time it (its result is dropped)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def best_of(fn: Callable[[], Any], repeats: int) -> float:
+    """The least wall seconds of `repeats` runs of fn (a peak: the run least disturbed)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+class ForwardClock:
+    """Seconds spent inside `module.forward` while the context is open (forward pre/post hooks;
+    nested calls of the same module would be counted once each, the LM is never nested)."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.seconds = 0.0
+        self.calls = 0
+        self._started = 0.0
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "ForwardClock":
+        self._handles = [
+            self.module.register_forward_pre_hook(self._pre),
+            self.module.register_forward_hook(self._post),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _pre(self, module: Any, args: Any) -> None:
+        self._started = time.perf_counter()
+
+    def _post(self, module: Any, args: Any, output: Any) -> None:
+        self.seconds += time.perf_counter() - self._started
+        self.calls += 1
+
+
+class PolicyClock:
+    """Seconds spent inside a policy's `propose` / `rollout` calls while the context is open
+    (the bound methods are wrapped on the instance and restored on exit)."""
+
+    METHODS = ("propose", "rollout")
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __enter__(self) -> "PolicyClock":
+        for name in self.METHODS:
+            setattr(self.policy, name, self._wrap(getattr(self.policy, name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name in self.METHODS:
+            vars(self.policy).pop(name, None)  # back to the class's method
+
+    def _wrap(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+
+        return timed_call
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, MiB (`ru_maxrss`: KiB on Linux, bytes on
+    macOS). A high-water mark: measure each configuration in a fresh process."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def current_rss_mib() -> float:
+    """This process's resident set size now, MiB (Linux /proc; the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except OSError:
+        return peak_rss_mib()
+    return pages * resource.getpagesize() / 2**20

@@ -1,0 +1,106 @@
+"""Smoke runs of the performance benchmarks (issue 8 items 3-7) at tiny settings on a tiny random
+checkpoint (`tests/tiny_checkpoint.py`): each prints its table with the expected rows. No timing
+is asserted (these machines are shared and noisy; the scripts print ratios for a person to read).
+
+    .venv/bin/pytest tests/test_bench_perf.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny_checkpoint import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def table_rows(text: str, header_start: str) -> dict[str, list[str]]:
+    """The rows of the markdown table whose header starts with header_start, by first cell."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.slow
+def test_engine_overhead_table(checkpoint):
+    from experiments import bench_engine_overhead
+
+    text = bench_engine_overhead.run(checkpoint, problems=2, n=2, beam_width=1, top=3, seed=0)
+    rows = table_rows(text, "| strategy |")
+    assert set(rows) == {"best_of_n", "beam_search"}
+    for cells in rows.values():
+        in_forward, backend, search, outside = (float(c.rstrip("%")) for c in cells[4:8])
+        assert in_forward + backend + search == pytest.approx(100.0, abs=0.2)  # the three parts of wall time
+        assert outside == pytest.approx(backend + search, abs=0.2)
+        assert cells[8] in ("met", "not met")
+    if "not met" in text:  # each strategy above the target gets its hotspot list
+        assert "Top Python hotspots outside the model" in text
+
+
+@pytest.mark.slow
+def test_flops_table(checkpoint):
+    from experiments import bench_flops
+
+    text = bench_flops.run(checkpoint, problems=2, n=2, prompts=2, group=2, matmul_size=64,
+                           forward_rows=2, forward_length=8, repeats=1, seed=0)
+    names = list(table_rows(text, "| workload |"))
+    assert [name.split(" (")[0] for name in names] == [
+        "matmul 64x64 float32", "matmul 64x64 bfloat16", "generation", "bare forward", "training step",
+    ]
+    rows = table_rows(text, "| workload |")
+    assert rows[names[0]][4] == "100.0%"  # the fp32 peak is its own reference
+
+
+def test_causal_keys_closed_form():
+    from experiments.bench_flops import causal_keys
+
+    assert causal_keys(0, 3) == 1 + 2 + 3  # a 3-token prefill: positions 0, 1, 2 see 1, 2, 3 keys
+    assert causal_keys(5, 2) == 6 + 7  # two fed tokens at positions 5, 6
+
+
+@pytest.mark.slow
+def test_train_throughput_table(checkpoint):
+    from experiments import bench_train_throughput
+
+    text = bench_train_throughput.run(checkpoint, prompts=2, group=2, repeats=1, seed=0)
+    rows = table_rows(text, "| step |")
+    assert list(rows) == ["plain forward + backward", "joint GRPO + SPR", "joint, no KL reference forward"]
+    assert rows["plain forward + backward"][3] == "1.00"
+    assert len({cells[1] for cells in rows.values()}) == 1  # every row counts the same batch's tokens
+
+
+@pytest.mark.slow
+def test_memory_table(checkpoint):
+    from experiments import bench_memory
+
+    text = bench_memory.run(checkpoint, ns=(2,), bon_problems=2, beam_problems=2, beam_width=4, threads=1, seed=0)
+    rows = table_rows(text, "| strategy |")
+    assert list(rows) == ["best_of_n", "beam_search (M=2)"]  # M is capped at N
+    for cells in rows.values():
+        loaded, peak = float(cells[3]), float(cells[4])
+        assert 0 < loaded <= peak  # fresh process per row: the peak includes loading
+
+
+@pytest.mark.slow
+def test_batching_ceiling_line(checkpoint):
+    from experiments import bench_batching
+
+    line = bench_batching.ceiling_line(checkpoint, problems=2, n=2)
+    assert line.startswith("ceiling (bare decode step, no search): ") and "at 2 rows" in line and "at 4 rows" in line
