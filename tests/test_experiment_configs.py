@@ -80,7 +80,7 @@ def composed(overrides: list[str], hydra_node: bool = False) -> DictConfig:
 
 def test_every_group_has_the_promised_options():
     assert options("search") == ["beam", "best_of_n", "dvts", "greedy", "mcts"]
-    assert options("scorer") == ["confidence", "oracle", "random", "sprm", "sprm_forward"]
+    assert options("scorer") == ["confidence", "oracle", "orm", "random", "sprm", "sprm_forward"]
     assert options("policy") == ["openai", "tiny", "tiny_sprm", "vllm"]
     assert options("task") == ["aime24", "aime25", "arith", "ceval", "countdown", "gsm8k", "math500"]
     assert options("hydra/launcher") == ["local", "submitit_slurm"]
@@ -138,10 +138,17 @@ def free_port() -> int:
 
 @pytest.mark.parametrize("option", options("scorer"))
 def test_scorer_options_instantiate(option, sprm_ckpt):
-    scorer = build(composed([f"scorer={option}", f"policy.path={sprm_ckpt}"]).scorer)
+    overrides = [f"scorer={option}", f"policy.path={sprm_ckpt}"] + ([f"scorer.path={sprm_ckpt}"] if option == "orm" else [])
+    scorer = build(composed(overrides).scorer)
     assert isinstance(scorer, Scorer)
-    expected = {"sprm": StepScoreReader, "sprm_forward": SPRMScorer}.get(option)
+    expected = {"sprm": StepScoreReader, "sprm_forward": SPRMScorer, "orm": SPRMScorer}.get(option)
     assert expected is None or type(scorer) is expected
+
+
+def test_orm_defaults_to_the_documented_head_folder():
+    assert composed(["scorer=orm"]).scorer.path == "outputs/heads/arith_orm/final"
+    with pytest.raises(FileNotFoundError, match="arith_orm"):
+        build(composed(["scorer=orm", "scorer.path=outputs/heads/arith_orm_missing/final"]).scorer)
 
 
 def test_sprm_forward_reads_the_policy_format_and_prompt(sprm_ckpt):
