@@ -81,10 +81,13 @@ def composed(overrides: list[str], hydra_node: bool = False) -> DictConfig:
 def test_every_group_has_the_promised_options():
     assert options("search") == ["beam", "best_of_n", "dvts", "greedy", "mcts"]
     assert options("scorer") == ["confidence", "oracle", "orm", "random", "sprm", "sprm_forward"]
-    assert options("policy") == ["openai", "tiny", "tiny_sprm", "vllm"]
+    assert options("policy") == [
+        "metastone_s1_1p5b", "metastone_s1_32b", "metastone_s1_7b", "openai", "qwen25_math_1p5b", "qwen25_math_7b",
+        "r1_distill_qwen_1p5b", "smollm2", "tiny", "tiny_sprm", "vllm", "xbai_o4",
+    ]
     assert options("task") == ["aime24", "aime25", "arith", "ceval", "countdown", "gsm8k", "math500"]
     assert options("hydra/launcher") == ["local", "submitit_slurm"]
-    assert EXPERIMENTS == ["budget_sweep", "scorer_sweep"]
+    assert EXPERIMENTS == ["budget_sweep", "reasoning_high", "reasoning_low", "reasoning_medium", "scorer_sweep"]
 
 
 def test_default_checkpoint_paths_are_where_training_writes():
@@ -263,7 +266,7 @@ def test_slurm_launcher_preset_composes_without_slurm():
     assert type(built).__name__ == "SlurmLauncher" and built.params["partition"] == "gpu"
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", ["budget_sweep", "scorer_sweep"])
 def test_experiment_sweeps_only_valid_configs(experiment):
     """Compose every job of the experiment's sweep and build its components (a bad combination,
     e.g. a budget the beam width does not divide, fails here rather than mid-sweep)."""
@@ -276,6 +279,13 @@ def test_experiment_sweeps_only_valid_configs(experiment):
         job = composed([f"experiment={experiment}"] + [f"{k}={v}" for k, v in zip(params, combo)])
         strategy_of(build_frozen(job.search))
         build(job.scorer)
+
+
+@pytest.mark.parametrize("mode, budget", [("reasoning_low", 2), ("reasoning_medium", 8), ("reasoning_high", 32)])
+def test_reasoning_modes_are_the_references_best_of_2_8_32(mode, budget):
+    cfg = composed([f"experiment={mode}"])
+    strategy = build_frozen(cfg.search)
+    assert strategy_of(strategy)[0] == "best_of_n" and strategy.n == budget
 
 
 def test_unknown_group_option_lists_the_valid_ones():

