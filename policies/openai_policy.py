@@ -65,7 +65,6 @@ Tests: `.venv/bin/pytest tests/test_openai_policy.py` (the server ones are marke
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +76,7 @@ from typing import Any, Callable, Sequence
 import httpx
 from transformers import AutoConfig, AutoTokenizer
 
+from policies.policy_requests import check_request, encode_contexts, is_integer, step_budget
 from policies.sampling_config import SamplingConfig
 from policies.step_assembly import (
     CompleteFn, Completion, CompletionRequest, SampleRequest, SampleTokens, StepMarks, decode_steps, derive_seed,
@@ -137,11 +137,11 @@ class OpenAIServerConfig:
             raise ValueError(f"OpenAIServerConfig.model={self.model!r} must be a non-empty string or None")
         if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
             raise ValueError(f"OpenAIServerConfig.timeout_s={self.timeout_s!r} must be > 0")
-        if not _is_integer(self.max_retries) or self.max_retries < 0:
+        if not is_integer(self.max_retries) or self.max_retries < 0:
             raise ValueError(f"OpenAIServerConfig.max_retries={self.max_retries!r} must be an integer >= 0")
         if not isinstance(self.backoff_s, (int, float)) or not self.backoff_s >= 0:
             raise ValueError(f"OpenAIServerConfig.backoff_s={self.backoff_s!r} must be >= 0")
-        if not _is_integer(self.max_concurrency) or self.max_concurrency < 1:
+        if not is_integer(self.max_concurrency) or self.max_concurrency < 1:
             raise ValueError(f"OpenAIServerConfig.max_concurrency={self.max_concurrency!r} must be an integer >= 1")
 
     @property
@@ -344,10 +344,10 @@ class OpenAIPolicy:
 
     def _sample(self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool) -> list[list[SampleTokens]]:
         """All n x len(prefixes) samples in one assembly (one concurrent burst per round)."""
-        _check_request(prefixes, n, seed)
-        contexts = self._contexts(prefixes)
+        check_request(prefixes, n, seed)
+        contexts, _ = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
         requests = [
-            SampleRequest(tuple(contexts[i]), self._budget(prefix, stop_at_step), derive_seed(seed, i, j))
+            SampleRequest(tuple(contexts[i]), step_budget(self.sampling, prefix, stop_at_step), derive_seed(seed, i, j))
             for i, prefix in enumerate(prefixes) for j in range(n)
         ]
         flat = sample_continuations(requests, self._complete_fn(), self.marks, stop_at_step) if requests else []
@@ -397,24 +397,6 @@ class OpenAIPolicy:
         cached = min(max(int(details.get("cached_tokens") or 0), 0), prompt_tokens)
         return Completion(tokens, tuple(float(x) for x in logprobs), prompt_tokens, cached)
 
-    def _contexts(self, prefixes: Sequence[Prefix]) -> list[list[int]]:
-        """Model input per prefix: prompt ids (special tokens added) + each step's token_ids."""
-        prompts = [self.prompt_fn(prefix.problem) for prefix in prefixes]
-        unique = list(dict.fromkeys(prompts))
-        encoded = self.tokenizer(unique, add_special_tokens=True).input_ids if unique else []
-        prompt_ids = dict(zip(unique, encoded))
-        contexts = []
-        for prefix, prompt in zip(prefixes, prompts):
-            ids = list(prompt_ids[prompt]) + [t for step in prefix.steps for t in step.token_ids]
-            if not ids:
-                raise ValueError(f"problem {prefix.problem.id!r}: the prompt encodes to no tokens")
-            contexts.append(ids)
-        return contexts
-
-    def _budget(self, prefix: Prefix, stop_at_step: bool) -> int:
-        """Tokens this call may generate after the prefix (<= 0: none left)."""
-        left = self.sampling.max_total_tokens - sum(step.num_tokens for step in prefix.steps)
-        return min(left, self.sampling.max_step_tokens) if stop_at_step else left
 
 
 def _token_ids(choice: dict[str, Any]) -> tuple[int, ...] | None:
@@ -448,21 +430,3 @@ def _start_hint(directory: Path, root: str) -> str:
             "--enable-prompt-tokens-details --generation-config vllm --enforce-eager --no-enable-chunked-prefill")
 
 
-def _check_request(prefixes: Sequence[Prefix], n: int, seed: int) -> None:
-    if not _is_integer(n) or n < 1:
-        raise ValueError(f"n={n!r} must be an integer >= 1")
-    if not _is_integer(seed):
-        raise ValueError(f"seed={seed!r} must be an integer")
-    for i, prefix in enumerate(prefixes):
-        if not isinstance(prefix, Prefix):
-            raise TypeError(f"prefixes[{i}] is a {type(prefix).__name__}, not a Prefix")
-        if prefix.is_terminal:
-            raise ValueError(
-                f"prefixes[{i}] (problem {prefix.problem.id!r}) is terminal "
-                f"(last step finish={prefix.steps[-1].finish!r}); nothing can follow it"
-            )
-
-
-def _is_integer(value: Any) -> bool:
-    """int-like (Python or numpy integer), but not bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

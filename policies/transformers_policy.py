@@ -46,7 +46,6 @@ Sums over all returned steps equal the non-pad tokens the model ran.
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -55,6 +54,7 @@ import torch
 
 from policies.checkpoint import load_checkpoint
 from policies.decode_loop import FINISH_CODES, ChunkOutput, StepHead, decode_chunk
+from policies.policy_requests import check_request, encode_contexts, step_budget
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
 from policies.sampling_config import SamplingConfig
@@ -205,9 +205,9 @@ class TransformersPolicy:
         self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_boundary: bool
     ) -> list[list[_Sample]]:
         """Sample n sequences per prefix, batched over all prefixes; result in input order."""
-        _check_request(prefixes, n, seed)
-        contexts, prompt_lengths = self._contexts(prefixes)
-        budgets = [self._budget(prefix, stop_at_boundary) for prefix in prefixes]
+        check_request(prefixes, n, seed)
+        contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
+        budgets = [step_budget(self.sampling, prefix, stop_at_boundary) for prefix in prefixes]
         samples: list[list[_Sample]] = [[] for _ in prefixes]
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         order = sorted(range(len(prefixes)), key=lambda i: len(contexts[i]))  # less padding per chunk
@@ -233,24 +233,6 @@ class TransformersPolicy:
                 samples[i] = [_Sample([], [], [], "length", 0, no_scores) for _ in range(n)]
         return samples
 
-    def _contexts(self, prefixes: Sequence[Prefix]) -> tuple[list[list[int]], list[int]]:
-        """Model input per prefix: prompt ids (special tokens added) + each step's token_ids;
-        and the prompt's length in it."""
-        prompts = [self.prompt_fn(prefix.problem) for prefix in prefixes]
-        unique = list(dict.fromkeys(prompts))
-        encoded = self.tokenizer(unique, add_special_tokens=True).input_ids if unique else []
-        prompt_ids = dict(zip(unique, encoded))
-        contexts, prompt_lengths = [], []
-        for prefix, prompt in zip(prefixes, prompts):
-            ids = list(prompt_ids[prompt])
-            prompt_lengths.append(len(ids))
-            for step in prefix.steps:
-                ids.extend(step.token_ids)
-            if not ids:
-                raise ValueError(f"problem {prefix.problem.id!r}: the prompt encodes to no tokens")
-            contexts.append(ids)
-        return contexts, prompt_lengths
-
     def _cached_prefix(self, context: list[int], prompt_length: int, prefix: Prefix) -> PrefixKV | None:
         """The KV of the longest cached prefix of context (None: none, or no cache)."""
         if self.prefix_cache is None:
@@ -268,11 +250,6 @@ class TransformersPolicy:
             if kv is not None:
                 fed = out.token_ids[r, : lengths[r] - 1].tolist()
                 self.prefix_cache.store(contexts[row_context[r]] + fed, kv)
-
-    def _budget(self, prefix: Prefix, stop_at_boundary: bool) -> int:
-        """Tokens this call may generate after the prefix (<= 0: none left)."""
-        left = self.sampling.max_total_tokens - sum(step.num_tokens for step in prefix.steps)
-        return min(left, self.sampling.max_step_tokens) if stop_at_boundary else left
 
     def _whole_step(self, sample: _Sample, prefix: Prefix) -> _RawStep:
         """The sample as one step (every generated token but the last was fed back)."""
@@ -370,26 +347,6 @@ def _flatten(nested: list, out: list[_RawStep]) -> None:
 
 def _rebuild(nested: list, steps) -> list:
     return [_rebuild(item, steps) if isinstance(item, list) else next(steps) for item in nested]
-
-
-def _check_request(prefixes: Sequence[Prefix], n: int, seed: int) -> None:
-    if not _is_integer(n) or n < 1:
-        raise ValueError(f"n={n!r} must be an integer >= 1")
-    if not _is_integer(seed):
-        raise ValueError(f"seed={seed!r} must be an integer")
-    for i, prefix in enumerate(prefixes):
-        if not isinstance(prefix, Prefix):
-            raise TypeError(f"prefixes[{i}] is a {type(prefix).__name__}, not a Prefix")
-        if prefix.is_terminal:
-            raise ValueError(
-                f"prefixes[{i}] (problem {prefix.problem.id!r}) is terminal "
-                f"(last step finish={prefix.steps[-1].finish!r}); nothing can follow it"
-            )
-
-
-def _is_integer(value: Any) -> bool:
-    """int-like (Python or numpy integer), but not bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -50,7 +50,6 @@ Tests: `.venv/bin/pytest tests/test_vllm_policy.py` (the vLLM ones are marked `v
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -60,6 +59,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from policies.checkpoint import check_checkpoint
+from policies.policy_requests import check_request, encode_contexts, step_budget
 from policies.sampling_config import SamplingConfig
 from policies.step_assembly import (
     CompleteFn, SampleRequest, SampleTokens, StepMarks, decode_steps, derive_seed, sample_continuations,
@@ -198,12 +198,12 @@ class VLLMPolicy:
 
     def _sample(self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool) -> list[list[SampleTokens]]:
         """All n x len(prefixes) samples in one assembly (one vLLM call per continuation round)."""
-        _check_request(prefixes, n, seed)
+        check_request(prefixes, n, seed)
         if self.llm is None:
             raise RuntimeError("this VLLMPolicy was closed; build a new one")
-        contexts = self._contexts(prefixes)
+        contexts, _ = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
         requests = [
-            SampleRequest(tuple(contexts[i]), self._budget(prefix, stop_at_step), derive_seed(seed, i, j))
+            SampleRequest(tuple(contexts[i]), step_budget(self.sampling, prefix, stop_at_step), derive_seed(seed, i, j))
             for i, prefix in enumerate(prefixes) for j in range(n)
         ]
         flat = sample_continuations(requests, self._complete_fn(), self.marks, stop_at_step)
@@ -214,24 +214,6 @@ class VLLMPolicy:
     def _complete_fn(self) -> CompleteFn:
         return partial(complete_tokens, self.llm, temperature=self.sampling.temperature, top_p=self.sampling.top_p)
 
-    def _contexts(self, prefixes: Sequence[Prefix]) -> list[list[int]]:
-        """Model input per prefix: prompt ids (special tokens added) + each step's token_ids."""
-        prompts = [self.prompt_fn(prefix.problem) for prefix in prefixes]
-        unique = list(dict.fromkeys(prompts))
-        encoded = self.tokenizer(unique, add_special_tokens=True).input_ids if unique else []
-        prompt_ids = dict(zip(unique, encoded))
-        contexts = []
-        for prefix, prompt in zip(prefixes, prompts):
-            ids = list(prompt_ids[prompt]) + [t for step in prefix.steps for t in step.token_ids]
-            if not ids:
-                raise ValueError(f"problem {prefix.problem.id!r}: the prompt encodes to no tokens")
-            contexts.append(ids)
-        return contexts
-
-    def _budget(self, prefix: Prefix, stop_at_step: bool) -> int:
-        """Tokens this call may generate after the prefix (<= 0: none left)."""
-        left = self.sampling.max_total_tokens - sum(step.num_tokens for step in prefix.steps)
-        return min(left, self.sampling.max_step_tokens) if stop_at_step else left
 
 
 def count_parameters(config: Any) -> int:
@@ -259,21 +241,3 @@ def checkpoint_eos_ids(directory: str | Path, tokenizer: Any) -> list[int]:
     return ids
 
 
-def _check_request(prefixes: Sequence[Prefix], n: int, seed: int) -> None:
-    if not _is_integer(n) or n < 1:
-        raise ValueError(f"n={n!r} must be an integer >= 1")
-    if not _is_integer(seed):
-        raise ValueError(f"seed={seed!r} must be an integer")
-    for i, prefix in enumerate(prefixes):
-        if not isinstance(prefix, Prefix):
-            raise TypeError(f"prefixes[{i}] is a {type(prefix).__name__}, not a Prefix")
-        if prefix.is_terminal:
-            raise ValueError(
-                f"prefixes[{i}] (problem {prefix.problem.id!r}) is terminal "
-                f"(last step finish={prefix.steps[-1].finish!r}); nothing can follow it"
-            )
-
-
-def _is_integer(value: Any) -> bool:
-    """int-like (Python or numpy integer), but not bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

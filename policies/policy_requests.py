@@ -1,0 +1,66 @@
+"""What every generation backend does the same way before it generates: check a propose / rollout
+request, build the model input of each prefix, and the token budget of a call.
+
+    check_request(prefixes, n, seed)                       # ValueError / TypeError naming the bad value
+    contexts, prompt_lengths = encode_contexts(tokenizer, prompt_fn, prefixes)
+    budget = step_budget(sampling, prefix, stop_at_step)   # <= 0: nothing left to generate
+
+Shared by `policies.transformers_policy`, `policies.vllm_policy` and `policies.openai_policy`, so the
+three backends see the same tokens for the same prefix and refuse the same requests.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Sequence
+
+from policies.sampling_config import SamplingConfig
+from treesearch.records import Prefix, Problem
+
+
+def is_integer(value: Any) -> bool:
+    """int-like (Python or numpy integer), but not bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_request(prefixes: Sequence[Prefix], n: int, seed: int) -> None:
+    """n >= 1 and an integer seed; every prefix a Prefix that is not terminal."""
+    if not is_integer(n) or n < 1:
+        raise ValueError(f"n={n!r} must be an integer >= 1")
+    if not is_integer(seed):
+        raise ValueError(f"seed={seed!r} must be an integer")
+    for i, prefix in enumerate(prefixes):
+        if not isinstance(prefix, Prefix):
+            raise TypeError(f"prefixes[{i}] is a {type(prefix).__name__}, not a Prefix")
+        if prefix.is_terminal:
+            raise ValueError(
+                f"prefixes[{i}] (problem {prefix.problem.id!r}) is terminal "
+                f"(last step finish={prefix.steps[-1].finish!r}); nothing can follow it"
+            )
+
+
+def encode_contexts(
+    tokenizer: Any, prompt_fn: Callable[[Problem], str], prefixes: Sequence[Prefix]
+) -> tuple[list[list[int]], list[int]]:
+    """Model input per prefix: the prompt's ids (special tokens added; each distinct prompt encoded
+    once) followed by each step's exact token_ids (never re-tokenised text); and the prompt's
+    length in it."""
+    prompts = [prompt_fn(prefix.problem) for prefix in prefixes]
+    unique = list(dict.fromkeys(prompts))
+    encoded = tokenizer(unique, add_special_tokens=True).input_ids if unique else []
+    prompt_ids = dict(zip(unique, encoded))
+    contexts, prompt_lengths = [], []
+    for prefix, prompt in zip(prefixes, prompts):
+        ids = list(prompt_ids[prompt])
+        prompt_lengths.append(len(ids))
+        ids += [t for step in prefix.steps for t in step.token_ids]
+        if not ids:
+            raise ValueError(f"problem {prefix.problem.id!r}: the prompt encodes to no tokens")
+        contexts.append(ids)
+    return contexts, prompt_lengths
+
+
+def step_budget(sampling: SamplingConfig, prefix: Prefix, stop_at_step: bool) -> int:
+    """Tokens one call may generate after the prefix (<= 0: none left): the path's remaining
+    max_total_tokens, capped at max_step_tokens when the call stops at a step."""
+    left = sampling.max_total_tokens - sum(step.num_tokens for step in prefix.steps)
+    return min(left, sampling.max_step_tokens) if stop_at_step else left
