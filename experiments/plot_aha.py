@@ -93,9 +93,16 @@ def draw(ax: plt.Axes, rows: Sequence[dict[str, Any]], curves: Sequence[tuple[st
     ax.legend(fontsize=8)
 
 
+def metrics_file(path: str | Path) -> Path:
+    """A run folder's metrics.jsonl, or the file itself when given one."""
+    path = Path(path)
+    return path / "metrics.jsonl" if path.is_dir() else path
+
+
 def plot_aha(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
-    """Draw the aha curves of a run's metrics.jsonl into out_png; return its path."""
-    metrics_jsonl, out_png = Path(metrics_jsonl), Path(out_png)
+    """Draw the aha curves of a run's metrics.jsonl (or of a run folder holding one) into
+    out_png; return its path."""
+    metrics_jsonl, out_png = metrics_file(metrics_jsonl), Path(out_png)
     rows = load_metrics(metrics_jsonl)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=[3, 2])
@@ -113,7 +120,7 @@ def plot_aha(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
 
 
 def run_aha(args: argparse.Namespace) -> int:
-    out = args.out or args.metrics.with_suffix(".aha.png")
+    out = args.out or metrics_file(args.metrics).with_suffix(".aha.png")
     try:
         plot_aha(args.metrics, out)
     except AhaInputError as err:
@@ -124,7 +131,8 @@ def run_aha(args: argparse.Namespace) -> int:
 
 
 def add_aha_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("metrics", type=Path, help="metrics.jsonl of `python -m experiments.train`")
+    ap.add_argument("metrics", type=Path, help="a run folder (RUN_DIR) or its metrics.jsonl (experiments.train, "
+                    "experiments.train_head)")
     ap.add_argument("--out", type=Path, default=None, help="PNG path (default: METRICS with suffix .aha.png)")
     ap.set_defaults(run=run_aha)
 

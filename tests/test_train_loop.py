@@ -279,6 +279,7 @@ def test_plot_aha_draws_a_runs_metrics(init_dir, tmp_path):
     register_aha(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["aha", str(out / "metrics.jsonl"), "--out", str(tmp_path / "cli.png")])
     assert args.run(args) == 0 and (tmp_path / "cli.png").is_file()
+    assert plot_aha_main([str(out)]) == 0 and (out / "metrics.aha.png").stat().st_size > 10_000  # RUN_DIR
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     assert plot_aha_main([str(bad)]) == 2
