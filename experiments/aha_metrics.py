@@ -25,18 +25,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Hashable, Sequence
 
-import torch
-
-PATH_SCORE_EPS = 1e-10  # the reference's clamp before the log
-
-
-def path_scores(step_probs: torch.Tensor, step_rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Geometric mean of the step scores of each rollout: step_probs [N] in [0, 1], step_rows
-    [N] (the rollout of each step) -> [num_rows] float32; 0 for a rollout with no step."""
-    logs = torch.log(step_probs.detach().float().clamp(min=PATH_SCORE_EPS))  # [N]
-    sums = torch.zeros(num_rows).index_add_(0, step_rows, logs)  # [B]
-    counts = torch.zeros(num_rows).index_add_(0, step_rows, torch.ones_like(logs))  # [B]
-    return torch.where(counts > 0, torch.exp(sums / counts.clamp(min=1)), torch.zeros(num_rows))
+# the geometric mean of each rollout's step scores (the reference's path score) lives with the head
+# code in `scorers.head_training`; re-exported here, where the training loops' metrics use it
+from scorers.head_training import PATH_SCORE_EPS, path_scores  # noqa: F401
 
 
 def _mean(values: Sequence[float]) -> float | None:

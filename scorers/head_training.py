@@ -170,7 +170,8 @@ def position_probs(head: nn.Sequential, features: torch.Tensor, batch: int = 819
 
 def path_scores(probs: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Geometric mean of the scores of each row: probs [k] in [0, 1], rows [k] -> [num_rows]
-    float32, each score clamped at 1e-10, 0 for a row with none (`experiments.aha_metrics.path_scores`)."""
+    float32, each score clamped at 1e-10, 0 for a row with none (the reference's path score; also
+    `experiments.aha_metrics.path_scores`)."""
     logs = torch.log(probs.detach().float().clamp(min=PATH_SCORE_EPS))  # [k]
     sums = torch.zeros(num_rows).index_add_(0, rows, logs)  # [num_rows]
     counts = torch.zeros(num_rows).index_add_(0, rows, torch.ones_like(logs))  # [num_rows]
