@@ -199,11 +199,16 @@ class TaskRun:
     outcomes: TaskOutcomes
     sweep: StrategySweep | None
     summary: str
+    seconds: dict[str, float]
 
 
 def run_task(cfg: DemoConfig, task: DemoTask, out: Path) -> TaskRun:
-    """Train-or-load the task's policy, sample greedy and Best-of-N, grade, sweep the strategies."""
+    """Train-or-load the task's policy, sample greedy and Best-of-N, grade, sweep the strategies.
+    TaskRun.seconds: wall time of each stage (policy, sampling, sprm, sweep; a cached stage is
+    ~0 s)."""
     module = task.module
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
     ckpt = ensure_policy(cfg.run_dir(task), task.sft or cfg.sft, cfg.model, task.task_config, cfg.train_problems,
                          task=task.name)
     problems = module.generate_problems("test", cfg.problems, cfg.seed, task.task_config)
@@ -211,14 +216,16 @@ def run_task(cfg: DemoConfig, task: DemoTask, out: Path) -> TaskRun:
     policy = TransformersPolicy.from_pretrained(ckpt, sampling, module.prompt_text)
     greedy = TransformersPolicy(policy.model, policy.tokenizer, replace(sampling, temperature=0.0), module.prompt_text)
     scorer = ConfidenceScorer()
+    seconds["policy"] = time.perf_counter() - start
 
     start = time.perf_counter()
     greedy_results = search_in_chunks(problems, greedy, scorer, BestOfNConfig(n=1), cfg.chunk * cfg.n, f"{task.name} greedy")
     sampled = search_in_chunks(problems, policy, scorer, BestOfNConfig(n=cfg.n, seed=cfg.seed), cfg.chunk,
                                f"{task.name} best-of-{cfg.n}")
-    elapsed = time.perf_counter() - start
+    elapsed = seconds["sampling"] = time.perf_counter() - start
 
     conf = grade_results(sampled, module.grade, module.extract_answer)
+    start = time.perf_counter()
     sprm = None if task.sprm is None else run_sprm_stage(task.sprm, ckpt, out)
     outcomes = TaskOutcomes(
         task=task.name,
@@ -229,6 +236,7 @@ def run_task(cfg: DemoConfig, task: DemoTask, out: Path) -> TaskRun:
         sprm=None if sprm is None else rescored(sampled, conf, sprm_scorer(sprm, module, sampling)),
         extra={} if sprm is None else sprm.metrics,
     )
+    seconds["sprm"] = time.perf_counter() - start
     write_records(out / f"records_{task.name}.jsonl", sampled, conf)
     write_example_tree(out, problems[0], policy, scorer, cfg, task.name)
     tokens = sum(r.compute.tokens_generated for r in sampled + greedy_results)
@@ -237,7 +245,27 @@ def run_task(cfg: DemoConfig, task: DemoTask, out: Path) -> TaskRun:
         f"{task.sampling_temperature}; greedy + Best-of-{cfg.n} took {elapsed:.0f} s for {tokens} tokens "
         f"({tokens / elapsed:.0f} tokens/s)."
     )
-    return TaskRun(outcomes, strategy_sweep(cfg, task, ckpt), summary)
+    start = time.perf_counter()
+    sweep = strategy_sweep(cfg, task, ckpt)
+    seconds["sweep"] = time.perf_counter() - start
+    return TaskRun(outcomes, sweep, summary, seconds)
+
+
+def timing_lines(runs: Sequence[TaskRun]) -> list[str]:
+    """The report's stage-time table (seconds this run spent; cached stages cost ~0)."""
+    stages = ("policy", "sampling", "sprm", "sweep")
+    lines = ["| task | " + " | ".join(stages) + " | total |", "|---" * (len(stages) + 2) + "|"]
+    for r in runs:
+        cells = [f"{r.seconds.get(s, 0.0):.0f} s" for s in stages]
+        lines.append(f"| {r.outcomes.task} | " + " | ".join(cells) + f" | {sum(r.seconds.values()):.0f} s |")
+    return lines
+
+
+def timing_metrics(runs: Sequence[TaskRun]) -> dict[str, float]:
+    """`timing.<task>.<stage>_s` and `timing.total_s` for metrics.json."""
+    out = {f"timing.{r.outcomes.task}.{stage}_s": round(s, 1) for r in runs for stage, s in r.seconds.items()}
+    out["timing.total_s"] = round(sum(sum(r.seconds.values()) for r in runs), 1)
+    return out
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -246,11 +274,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     runs = [run_task(cfg, task, out) for task in cfg.tasks]
     header = "\n".join(
         ["# treesearch demo report", ""] + [r.summary for r in runs]
+        + ["", "Wall time of this run by stage (a stage reused from disk costs ~0 s):", ""] + timing_lines(runs)
         + ["", f"Config: `{json.dumps(asdict(cfg), default=str)}`"]
     )
     sweeps = {r.outcomes.task: r.sweep for r in runs if r.sweep is not None}
     write_report(out, [r.outcomes for r in runs], header, sweeps)
-    return json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text()) | timing_metrics(runs)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:

@@ -48,6 +48,10 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
         assert (out / f"tree_{task}.png").stat().st_size > 1000 and (out / f"tree_{task}.html").is_file()
         assert (tmp_path / "ckpt" / f"tiny-{task}" / "final" / "config.json").is_file()
         assert metrics[f"{task}.problems"] == 3
+        stages = [metrics[f"timing.{task}.{stage}_s"] for stage in ("policy", "sampling", "sprm", "sweep")]
+        assert all(s >= 0.0 for s in stages) and metrics[f"timing.{task}.sampling_s"] > 0.0
+    assert metrics["timing.total_s"] >= metrics["timing.arith.sampling_s"]
+    assert "| task | policy | sampling | sprm | sweep | total |" in (out / "report.md").read_text()
 
     # the compute-matched strategy sweep: one row per (strategy, budget), a slope per strategy
     table = metrics["arith.budget_table"]
