@@ -66,8 +66,21 @@ IGNORED_KEYS: tuple[str, ...] = ("out_dir", "progress", "num_threads")
 RECORDS, CONFIG, METRICS, LOCK = "records.jsonl", "config.yaml", "metrics.json", ".lock"
 
 # hydra.run.dir / hydra.sweep.subdir: the override string ("/" in a value made "_", so a path
-# stays one folder), or "default" when there is none
-OmegaConf.register_new_resolver("ts_run_name", lambda name: name.replace("/", "_") or "default", replace=True)
+# stays one folder), or "default" when there is none; a name longer than a file name may be
+# (255 bytes) keeps its first MAX_RUN_NAME characters and a hash of the whole
+MAX_RUN_NAME = 200
+
+
+def run_name(overrides: str) -> str:
+    """The run folder name of an override string (see above), e.g. "task=countdown,run.seed=1"."""
+    name = overrides.replace("/", "_") or "default"
+    if len(name.encode("utf-8")) <= MAX_RUN_NAME:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
+    return f"{name.encode('utf-8')[:MAX_RUN_NAME].decode('utf-8', 'ignore')}...{digest}"
+
+
+OmegaConf.register_new_resolver("ts_run_name", run_name, replace=True)
 
 
 class ConfigMismatchError(ValueError):

@@ -20,7 +20,9 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.search import CONFIG_DIR, ConfigMismatchError, build, build_frozen, load_task, run_search_experiment, strategy_of
+from experiments.search import (
+    CONFIG_DIR, MAX_RUN_NAME, ConfigMismatchError, build, build_frozen, load_task, run_name, run_search_experiment, strategy_of,
+)
 from experiments.tasks import aime, arith, ceval, countdown, gsm8k, math500
 from experiments.tasks.loader_errors import default_data_dir
 from policies.train_state import LAST
@@ -421,3 +423,12 @@ def test_out_dir_with_another_config_is_refused(ckpt, tmp_path):
     (out / "config.yaml").unlink()
     with pytest.raises(ConfigMismatchError, match="no config.yaml"):
         run_search_experiment(composed(base))
+
+
+def test_run_folder_names_stay_within_file_name_limits():
+    assert run_name("") == "default"
+    assert run_name("task=countdown,init_from=outputs/a/b") == "task=countdown,init_from=outputs_a_b"
+    many = ",".join(f"run.option_{i}={'x' * 20}" for i in range(20))  # ~600 characters of overrides
+    a, b = run_name(many), run_name(many + "y")
+    assert len(a.encode()) <= MAX_RUN_NAME + 15 < 255 and a.startswith("run.option_0=")
+    assert a != b  # the hash of the whole name keeps two long runs apart
