@@ -7,8 +7,10 @@ SPRM head attached), collated by `collate_rollouts` (right-padded, step position
 head is freshly initialised (its values do not change the cost). Each timed unit is forward +
 loss + backward (gradients zeroed before, no optimizer step: the same for every row):
   plain        LM forward, token cross-entropy on the completion tokens, backward;
-  joint        `policies.joint_step.joint_step` as the trainer calls it: one forward of the
-               backbone + head, the frozen reference LM's forward for the KL term, GRPO + SPR;
+  joint        `policies.joint_step.joint_step` as the trainer calls it (train_loss=reference):
+               one forward of the backbone + head, the frozen reference LM's forward for the KL
+               term in bf16 (ref_bf16, as verl's reference model), GRPO + SPR;
+  joint, fp32 reference  the same with the reference forward in float32 (ref_bf16 off);
   joint no KL  the same with kl_coef = 0 (no reference forward): what the extra forward costs.
 tokens/s counts the non-pad tokens of the batch; times are medians of --repeats rounds, the
 rows alternating within each round.
@@ -114,10 +116,11 @@ def joint_unit(parts: TrainParts, batch: RolloutBatch, cfg: JointLossConfig) -> 
 
 def step_units(parts: TrainParts, batch: RolloutBatch) -> dict[str, Callable[[], torch.Tensor]]:
     """The timed units by row name (each zeroes the gradients first)."""
-    joint_cfg = JointLossConfig()  # the reference's loss (train_loss=reference)
+    joint_cfg = JointLossConfig(ref_bf16=True)  # the reference's loss (train_loss=reference)
     units = {
         "plain forward + backward": lambda: plain_step(parts, batch),
         "joint GRPO + SPR": lambda: joint_unit(parts, batch, joint_cfg),
+        "joint, fp32 reference forward": lambda: joint_unit(parts, batch, dataclasses.replace(joint_cfg, ref_bf16=False)),
         "joint, no KL reference forward": lambda: joint_unit(parts, batch, dataclasses.replace(joint_cfg, kl_coef=0.0)),
     }
     return {name: _zeroing(parts.reflective, unit) for name, unit in units.items()}

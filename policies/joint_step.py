@@ -52,6 +52,9 @@ class JointLossConfig:
     backbone_grad_scale: factor on the SPR gradient into the backbone (1e-4 in the reference;
         0 trains the head on frozen features, 1 lets the head's loss reach the backbone fully).
     bf16: bf16 autocast of the forward (CPU or CUDA); weights stay float32.
+    ref_bf16: bf16 autocast of the frozen reference's forward alone (the KL term's only input; verl
+        runs its reference model in bf16 too). On CPU it takes the reference forward from ~25% of
+        the step to ~10% (`experiments.bench_train_throughput`); the KL moves by ~1e-4.
     """
 
     temperature: float = 1.0
@@ -63,6 +66,7 @@ class JointLossConfig:
     spr_mode: str = "reference"
     backbone_grad_scale: float = BACKBONE_GRAD_SCALE
     bf16: bool = False
+    ref_bf16: bool = False
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -132,10 +136,11 @@ def target_logprobs(
 
 
 @torch.no_grad()
-def frozen_logprobs(lm: Any, batch: RolloutBatch, cfg: JointLossConfig) -> torch.Tensor:
-    """An LM's target log-probs [B, T] without gradient (same temperature and autocast): the
-    reference policy's, or the current policy's before several updates on one rollout batch."""
-    with _autocast(batch.input_ids.device, cfg.bf16):
+def frozen_logprobs(lm: Any, batch: RolloutBatch, cfg: JointLossConfig, bf16: bool | None = None) -> torch.Tensor:
+    """An LM's target log-probs [B, T] without gradient (same temperature; bf16 autocast as
+    cfg.bf16 unless given): the reference policy's, or the current policy's before several
+    updates on one rollout batch."""
+    with _autocast(batch.input_ids.device, cfg.bf16 if bf16 is None else bf16):
         logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     return target_logprobs(logits, batch.input_ids, cfg.temperature)[0]
 
@@ -150,7 +155,7 @@ def joint_step(model: nn.Module, batch: RolloutBatch, ref_lm: Any | None, cfg: J
     logprobs, tempered = target_logprobs(logits, batch.input_ids, cfg.temperature)  # [B, T], [B, T, V]
     entropy = token_entropy(tempered)  # [B, T]
     old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()  # [B, T]
-    ref = frozen_logprobs(ref_lm, batch, cfg) if cfg.kl_coef > 0 else None  # [B, T] or None
+    ref = frozen_logprobs(ref_lm, batch, cfg, cfg.bf16 or cfg.ref_bf16) if cfg.kl_coef > 0 else None  # [B, T] or None
     advantages = group_advantages(batch.rewards.view(-1, batch.group_size)).view(-1)  # [B]
     grpo = grpo_loss(logprobs, old, ref, advantages, entropy, batch.completion_mask, cfg.grpo)
     spr = spr_loss(head_logits, batch.rewards[batch.step_rows] > 0.5, cfg.spr_mode)

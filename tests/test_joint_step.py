@@ -221,3 +221,13 @@ def test_config_errors_name_the_field():
         JointLossConfig(backbone_grad_scale=2)
     with pytest.raises(ValueError, match="clip_ratio"):
         JointLossConfig(clip_ratio=1.5)
+
+
+def test_reference_forward_in_bf16_moves_the_kl_term_only_slightly():
+    model, ref = reflective_model(0).eval(), build_model(dataclasses.replace(SHAPE, seed=1), TOK).eval()
+    batch = hand_batch()
+    exact = joint_step(JointForward(model), batch, ref, JointLossConfig())
+    half = joint_step(JointForward(model), batch, ref, JointLossConfig(ref_bf16=True))
+    assert half.grpo.policy.item() == exact.grpo.policy.item()  # the policy's own forward stays fp32
+    assert half.grpo.kl.item() != exact.grpo.kl.item()  # the reference really ran in bf16
+    assert half.grpo.kl.item() == pytest.approx(exact.grpo.kl.item(), rel=0.05, abs=1e-3)
