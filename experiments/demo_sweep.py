@@ -11,12 +11,16 @@ the scaling fit per strategy, the scaling plot and the budget table.
 The same runs by hand: `python -m experiments.search search=beam budget=16 task.count=100
 out_dir=...` for each (strategy, budget); `python -m experiments.plot scaling DIR` draws the plot
 from the folder. Each strategy is scored by the scorer of `scorer` (confidence by default: the
-policy's own step-token log-probs); equal budgets N are not equal token counts across strategies,
-so the table reports tokens per problem beside each accuracy and the scaling fit is against
-compute C = parameters x generated tokens.
+policy's own step-token log-probs). Compute matching: Best-of-N, beam search and DVTS at the same
+N generate about the same tokens; MCTS at budget N gets a token budget equal to Best-of-N's
+tokens per problem at N (measured in the same sweep, which runs best_of_n first) and up to
+MCTS_SIMULATIONS_PER_SAMPLE x N simulations to spend it (MCTS that converges early spends
+less: its tokens are in the table). The table reports tokens per problem beside each accuracy
+and the scaling fit is against compute C = parameters x generated tokens.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ from experiments.sweep_metrics import RunSummary, sweep_summaries
 
 DEMO_STRATEGIES: tuple[str, ...] = ("best_of_n", "beam", "dvts", "mcts")
 DEMO_BUDGETS: tuple[int, ...] = (4, 8, 16, 32)
+MCTS_SIMULATIONS_PER_SAMPLE = 16  # most MCTS simulations per unit of N when matched to tokens
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,9 @@ class SweepSpec:
     model directory; task: a config of the `task` group; problems: test problems per run;
     strategies: options of the `search` group; budgets: N (MCTS: simulations); scorer: an option
     of the `scorer` group; seed: sampling seed; overrides: extra Hydra overrides for every run
-    (e.g. "policy.sampling.temperature=0.8")."""
+    (e.g. "policy.sampling.temperature=0.8"); match_tokens: MCTS gets Best-of-N's tokens at the
+    same N as its token budget (module docstring; needs best_of_n among the strategies), False:
+    N simulations and no token budget."""
 
     out_dir: Path
     checkpoint: str
@@ -49,6 +56,7 @@ class SweepSpec:
     scorer: str = "confidence"
     seed: int = 0
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    match_tokens: bool = True
 
     def __post_init__(self) -> None:
         if self.problems < 1:
@@ -84,21 +92,36 @@ class StrategySweep:
         return {s.name: None if s.fit is None else s.fit.slope for s in self.series}
 
 
-def run_overrides(spec: SweepSpec, strategy: str, budget: int) -> list[str]:
-    """The Hydra overrides of one run of the sweep."""
+def run_overrides(spec: SweepSpec, strategy: str, budget: int, token_budget: int | None = None) -> list[str]:
+    """The Hydra overrides of one run of the sweep; token_budget: MCTS's, when matched."""
+    matched = [] if token_budget is None else [
+        f"search.token_budget={token_budget}", f"search.iterations={MCTS_SIMULATIONS_PER_SAMPLE * budget}",
+    ]
     return [
         f"search={strategy}", f"budget={budget}", f"seed={spec.seed}", f"scorer={spec.scorer}",
         f"task={spec.task}", f"task.count={spec.problems}", f"policy.path={spec.checkpoint}",
-        f"out_dir={spec.out_dir / f'{strategy}_{budget}'}", *spec.overrides,
+        f"out_dir={spec.out_dir / f'{strategy}_{budget}'}", *matched, *spec.overrides,
     ]
+
+
+def token_budgets(spec: SweepSpec, strategy: str) -> dict[int, int]:
+    """{N: MCTS's token budget} (Best-of-N's tokens per problem at N, rounded up) when the
+    strategy is MCTS and the sweep matches tokens; else {}."""
+    if strategy != "mcts" or not spec.match_tokens:
+        return {}
+    tokens = {r.budget: r.tokens_per_problem for r in sweep_summaries(spec.out_dir) if r.strategy == "best_of_n"}
+    return {n: max(1, math.ceil(t)) for n, t in tokens.items()}
 
 
 def run_strategy_sweep(spec: SweepSpec) -> StrategySweep:
     """Run (or resume; finished runs cost nothing) every (strategy, budget) and summarise them."""
+    order = sorted(spec.strategies, key=lambda s: s != "best_of_n")  # Best-of-N's tokens first
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        for strategy in spec.strategies:
+        for strategy in order:
+            budgets = token_budgets(spec, strategy)
             for budget in spec.budgets:
-                run_search_experiment(compose("search", overrides=run_overrides(spec, strategy, budget)))
+                overrides = run_overrides(spec, strategy, budget, budgets.get(budget))
+                run_search_experiment(compose("search", overrides=overrides))
     runs = tuple(sweep_summaries(spec.out_dir))
     series = tuple(scaling_by_strategy(runs, DEFAULT_THRESHOLD))
     plot = plot_scaling(spec.out_dir, spec.out_dir.parent / f"scaling_{spec.task}.png")

@@ -132,6 +132,15 @@ def budget_of(strategy: str, config: dict[str, Any]) -> int:
     return int(config[BUDGET_FIELDS.get(strategy, "n")])
 
 
+def run_budget(strategy: str, strategy_config: dict[str, Any], run_config: dict[str, Any]) -> int:
+    """The N a sweep row is filed under: `budget_of`, except for an MCTS run with a token budget
+    (compute-matched by `experiments.demo_sweep`: its iterations are only a cap), which takes the
+    run config's top-level `budget`."""
+    if strategy == "mcts" and strategy_config.get("token_budget") is not None and isinstance(run_config.get("budget"), int):
+        return int(run_config["budget"])
+    return budget_of(strategy, strategy_config)
+
+
 def run_metrics(rows: Sequence[dict[str, Any]], difficulty_key: str = "num_ops", seed: int = 0) -> dict[str, Any]:
     """Every metric of one run's rows (see the module docstring)."""
     rows = unique_rows(rows)
@@ -217,7 +226,7 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
         run=str(run_dir.relative_to(root)) if run_dir != root else ".",
         strategy=strategy_label(strategy, rows[0]["config"], temperature),
         scorer=str(config.get("scorer", {}).get("_target_", "?")).rsplit(".", 1)[-1],
-        budget=budget_of(strategy, rows[0]["config"]),
+        budget=run_budget(strategy, rows[0]["config"], config),
         seed=int(config.get("seed", 0)),
         problems=len(rows),
         tokens_per_problem=compute["tokens_generated"],

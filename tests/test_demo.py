@@ -3,8 +3,10 @@ small model), reuse the cached checkpoint, search, grade, write the report."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import yaml
 
 from experiments.demo import DemoConfig, DemoTask, parse_args, run_demo
 from experiments.demo_sprm import SPRMStage
@@ -59,6 +61,10 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
         (s, b) for s in ("best_of_n", "beam_search", "dvts", "mcts") for b in (4, 8)
     )
     assert all(r["tokens"] > 0 and r["low"] <= r["accuracy"] <= r["high"] for r in table)
+    bon_tokens = {r["budget"]: r["tokens"] for r in table if r["strategy"] == "best_of_n"}
+    for n in (4, 8):  # MCTS's token budget is Best-of-N's tokens at the same N, simulations a cap
+        mcts_cfg = yaml.safe_load((out / "sweep_arith" / f"mcts_{n}" / "config.yaml").read_text())["search"]
+        assert mcts_cfg["token_budget"] == math.ceil(bon_tokens[n]) and mcts_cfg["iterations"] == 16 * n
     assert isinstance(metrics["scaling.best_of_n.slope"], float)  # twice the samples, twice the compute
     for strategy in ("best_of_n", "beam_search", "dvts", "mcts"):
         # None only when both budgets spent the same compute (a saturated MCTS tree of a random policy)
