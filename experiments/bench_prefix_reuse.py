@@ -24,6 +24,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: shared cores
 
 import argparse  # noqa: E402
+import math  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -44,11 +45,13 @@ from treesearch.registry import run_search  # noqa: E402
 from treesearch.result import SearchResult  # noqa: E402
 
 DEFAULT_CHECKPOINT = Path("outputs/checkpoints/tiny-arith/final")
-# Strategy settings: beam search with N=16 paths, 4 samples per beam; MCTS whose simulation
-# budget gives about 16 candidate leaves per problem at 4 samples per expansion.
+# Strategy settings: beam search with N=16 paths, 4 samples per beam; MCTS at the same compute,
+# as the demo's sweep matches it (`experiments.demo_sweep`): a token budget equal to the beam
+# search's tokens per problem (the uncached beam run, measured first in the same run), up to
+# 16 x 16 simulations to spend it.
 STRATEGIES: dict[str, dict[str, Any]] = {
     "beam_search": dict(n=16, beam_width=4, max_depth=20),
-    "mcts": dict(iterations=32, expand_width=4, leaves_per_round=4, max_depth=20),
+    "mcts": dict(iterations=16 * 16, expand_width=4, leaves_per_round=4, max_depth=20),
 }
 
 
@@ -82,13 +85,15 @@ def load_policy_parts(checkpoint: Path) -> tuple[Any, Any, str]:
 
 def run_one(
     strategy: str, reuse: bool, problems: Sequence[Problem], model: Any, tokenizer: Any,
-    sampling: SamplingConfig, max_bytes: int,
+    sampling: SamplingConfig, max_bytes: int, **overrides: Any,
 ) -> BenchRow:
-    """One search over all problems with a fresh policy (an empty cache when reuse is on)."""
+    """One search over all problems with a fresh policy (an empty cache when reuse is on);
+    overrides: strategy settings on top of STRATEGIES[strategy]."""
     cache = PrefixCacheConfig(max_bytes=max_bytes) if reuse else None
     policy = TransformersPolicy(model, tokenizer, sampling, arith.prompt_text, prefix_cache=cache)
     start = time.perf_counter()
-    results = run_search(strategy, problems, policy, ConfidenceScorer(), **STRATEGIES[strategy])
+    settings = {**STRATEGIES[strategy], **overrides}
+    results = run_search(strategy, problems, policy, ConfidenceScorer(), **settings)
     wall = time.perf_counter() - start
     stats = policy.prefix_cache.stats() if policy.prefix_cache is not None else None
     return BenchRow(
@@ -150,13 +155,15 @@ def main() -> None:
     problems = arith.generate_problems("test", args.problems, seed=args.seed)
     sampling = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_step_tokens=48,
                               max_total_tokens=256, batch_size=256)
-    rows = [
-        run_one(strategy, reuse, problems, model, tokenizer, sampling, args.max_bytes)
-        for strategy in STRATEGIES for reuse in (False, True)
+    rows = [run_one("beam_search", reuse, problems, model, tokenizer, sampling, args.max_bytes) for reuse in (False, True)]
+    token_budget = math.ceil(rows[0].tokens_generated / len(problems))  # the uncached beam search's
+    rows += [
+        run_one("mcts", reuse, problems, model, tokenizer, sampling, args.max_bytes, token_budget=token_budget)
+        for reuse in (False, True)
     ]
     print(f"policy: {source}; {len(problems)} arith test problems; scorer: confidence; "
           f"threads: {args.threads}; cache budget: {args.max_bytes / 2**20:.0f} MiB")
-    print(f"strategies: {STRATEGIES}")
+    print(f"strategies: {STRATEGIES}; MCTS token_budget: {token_budget} per problem (beam search's)")
     print(markdown_table(rows))
 
 

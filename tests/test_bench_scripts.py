@@ -34,3 +34,20 @@ def test_batching_table(tmp_path):
     rows = [line.split("|")[1:-1] for line in table.splitlines()[3:]]
     assert [r[0].strip() for r in rows] == ["one problem at a time", "all problems batched"]
     assert rows[0][2] == rows[1][2]  # same accuracy: batching changes no choice here
+
+
+@pytest.mark.slow
+def test_prefix_reuse_table_matches_mcts_to_beam_tokens(tmp_path, monkeypatch, capsys):
+    from experiments import bench_prefix_reuse
+
+    monkeypatch.setattr("sys.argv", ["bench_prefix_reuse", "--problems", "2", "--checkpoint", str(tmp_path / "none")])
+    monkeypatch.setitem(bench_prefix_reuse.STRATEGIES, "beam_search", dict(n=4, beam_width=2, max_depth=3))
+    monkeypatch.setitem(bench_prefix_reuse.STRATEGIES, "mcts", dict(iterations=64, expand_width=2, leaves_per_round=2, max_depth=3))
+    bench_prefix_reuse.main()
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| beam") or line.startswith("| mcts")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        ("beam_search", "off"), ("beam_search", "on"), ("mcts", "off"), ("mcts", "on")]
+    budget = int(out.split("MCTS token_budget: ")[1].split()[0])
+    beam_tokens = int(rows[0][2])
+    assert budget == -(-beam_tokens // 2)  # ceil of the uncached beam search's tokens per problem
