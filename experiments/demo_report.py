@@ -87,8 +87,9 @@ def sweep_section(task: str, sweep: StrategySweep, out_dir: Path) -> str:
     return (
         f"## {task}: strategies at equal budgets ({problems} test problems)\n\n"
         "Accuracy [95% CI] and tokens generated per problem; N = samples (Best-of-N), total beams "
-        "(beam search, DVTS; beam width 4) or simulations (MCTS, expansion width 4); scorer: the "
-        "policy's own step confidence.\n\n"
+        "(beam search, DVTS; beam width 4); MCTS (expansion width 4) gets Best-of-N's tokens per problem "
+        "at the same N as its token budget and up to 16 N simulations (it stops earlier when its tree "
+        "converges: fewer tokens in its column); scorer: the policy's own step confidence.\n\n"
         + budget_markdown(sweep)
         + f"\n\n![accuracy against log compute]({sweep.plot.relative_to(out_dir) if sweep.plot.is_relative_to(out_dir) else sweep.plot})"
     )
