@@ -81,7 +81,8 @@ def test_train_throughput_table(checkpoint):
 
     text = bench_train_throughput.run(checkpoint, prompts=2, group=2, repeats=1, seed=0)
     rows = table_rows(text, "| step |")
-    assert list(rows) == ["plain forward + backward", "joint GRPO + SPR", "joint, no KL reference forward"]
+    assert list(rows) == ["plain forward + backward", "joint GRPO + SPR", "joint, fp32 reference forward",
+                          "joint, no KL reference forward"]
     assert rows["plain forward + backward"][3] == "1.00"
     assert len({cells[1] for cells in rows.values()}) == 1  # every row counts the same batch's tokens
 
