@@ -5,7 +5,9 @@ Usage:
     tokens, logprobs = sample_next_tokens(logits, temperature=0.6, top_p=0.95, generator=gen)
 
 Randomness comes only from the explicit `torch.Generator`, so the same logits and generator state
-give the same tokens.
+give the same tokens. A draw is by inverse CDF (one uniform per row, `draw_tokens`): on CPU it is
+7-17x faster than torch.multinomial at 32-1024 rows of a 453-token vocabulary, where multinomial
+took ~4% of a Best-of-32 run's wall time (`experiments.bench_engine_overhead`).
 """
 from __future__ import annotations
 
@@ -28,9 +30,19 @@ def sample_next_tokens(
         probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
         if top_p < 1:
             probs = top_p_filter(probs, top_p)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+        tokens = draw_tokens(probs, generator)  # [B]
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # [B]
     return tokens, logprobs
+
+
+def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of `probs` [B, V] (non-negative, unnormalised allowed, each row with
+    some mass) with probability proportional to its entry: the first token whose cumulative mass
+    exceeds u x total, u ~ U[0, 1) drawn from `generator` (exactly B draws, in row order). A token
+    of zero mass is never drawn. Returns [B] long."""
+    cdf = probs.float().cumsum(dim=-1)  # [B, V]
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]  # [B, 1]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from policies.checkpoint import save_checkpoint
-from policies.sampling import top_p_filter
+from policies.sampling import draw_tokens, top_p_filter
 from policies.sampling_config import SamplingConfig
 from policies.step_stops import split_step_ends
 from policies.transformers_policy import TransformersPolicy, plan_chunks
@@ -176,6 +176,19 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     # 0.5 and 0.25 (the third token's predecessors already reach 0.75)
     assert top_p_filter(probs, 0.75).tolist() == [[0.0, 0.5, 0.25, 0.0]]
     assert top_p_filter(probs, 1e-9).tolist() == [[0.0, 0.5, 0.0, 0.0]]
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_the_generator():
+    probs = torch.tensor([[0.2, 0.0, 1.2, 0.6]]).expand(60_000, 4)  # unnormalised: 0.1, 0, 0.6, 0.3
+    draws = draw_tokens(probs, torch.Generator().manual_seed(0))
+    share = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert share[1] == 0.0  # zero mass is never drawn
+    assert torch.allclose(share, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.01)
+    again = draw_tokens(probs, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)  # the generator alone decides
+    one_hot = torch.zeros(5, 7)
+    one_hot[torch.arange(5), torch.tensor([6, 0, 3, 6, 2])] = 1.0
+    assert draw_tokens(one_hot, None).tolist() == [6, 0, 3, 6, 2]  # a single token with mass, edges included
 
 
 # -- batching, seeds, greedy ----------------------------------------------------------------------

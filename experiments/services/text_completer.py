@@ -38,7 +38,7 @@ import torch
 
 from policies.checkpoint import load_checkpoint
 from policies.decode_loop import prefill
-from policies.sampling import top_p_filter
+from policies.sampling import draw_tokens, top_p_filter
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ class _RowSampler:
                 probs = top_p_filter(probs, self.sampling.top_p)
             for k, b in enumerate(sampled.tolist()):
                 generator = self.generators[int(active[b])]
-                tokens[b] = torch.multinomial(probs[k], 1, generator=generator)[0]
+                tokens[b] = draw_tokens(probs[k : k + 1], generator)[0]
         self.seen[active, tokens] = True
         return tokens
 
