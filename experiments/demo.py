@@ -280,10 +280,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         + ["", f"Config: `{json.dumps(asdict(cfg), default=str)}`"]
     )
     sweeps = {r.outcomes.task: r.sweep for r in runs if r.sweep is not None}
-    write_report(out, [r.outcomes for r in runs], header, sweeps)
-    metrics = json.loads((out / "metrics.json").read_text()) | timing_metrics(runs)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    write_report(out, [r.outcomes for r in runs], header, sweeps, extra=timing_metrics(runs))
+    return json.loads((out / "metrics.json").read_text())
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:

@@ -138,9 +138,11 @@ def markdown_table(t: TaskOutcomes) -> str:
 
 
 def write_report(
-    out_dir: Path, tasks: Sequence[TaskOutcomes], header: str, sweeps: Mapping[str, StrategySweep] | None = None
+    out_dir: Path, tasks: Sequence[TaskOutcomes], header: str, sweeps: Mapping[str, StrategySweep] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write report.md and metrics.json into out_dir (with each task's strategy sweep, if given)."""
+    """Write report.md and metrics.json into out_dir (with each task's strategy sweep, if given;
+    extra: more metrics.json keys, e.g. the demo's stage timings)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = [header]
     for t in tasks:
@@ -157,6 +159,7 @@ def write_report(
             parts.append(sprm_section(t))
     parts += [sweep_section(task, sweep, out_dir) for task, sweep in (sweeps or {}).items()]
     (out_dir / "report.md").write_text("\n\n".join(parts) + "\n")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics_json(tasks, sweeps), indent=2) + "\n")
+    metrics = metrics_json(tasks, sweeps) | dict(extra or {})
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 

@@ -41,7 +41,7 @@ MCTS_SIMULATIONS_PER_SAMPLE = 16  # most MCTS simulations per unit of N when mat
 class SweepSpec:
     """out_dir: one sub-folder per (strategy, budget) run goes here; checkpoint: the policy's
     model directory; task: a config of the `task` group; problems: test problems per run;
-    strategies: options of the `search` group; budgets: N (MCTS: simulations); scorer: an option
+    strategies: options of the `search` group; budgets: N (MCTS: see match_tokens); scorer: an option
     of the `scorer` group; seed: sampling seed; overrides: extra Hydra overrides for every run
     (e.g. "policy.sampling.temperature=0.8"); match_tokens: MCTS gets Best-of-N's tokens at the
     same N as its token budget (module docstring; needs best_of_n among the strategies), False:
@@ -107,7 +107,7 @@ def run_overrides(spec: SweepSpec, strategy: str, budget: int, token_budget: int
 def token_budgets(spec: SweepSpec, strategy: str) -> dict[int, int]:
     """{N: MCTS's token budget} (Best-of-N's tokens per problem at N, rounded up) when the
     strategy is MCTS and the sweep matches tokens; else {}."""
-    if strategy != "mcts" or not spec.match_tokens:
+    if strategy != "mcts" or not spec.match_tokens or "best_of_n" not in spec.strategies:
         return {}
     tokens = {r.budget: r.tokens_per_problem for r in sweep_summaries(spec.out_dir) if r.strategy == "best_of_n"}
     return {n: max(1, math.ceil(t)) for n, t in tokens.items()}

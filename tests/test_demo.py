@@ -106,3 +106,13 @@ def test_demo_command_line_picks_tasks_and_temperature():
     assert [t.name for t in cfg.tasks] == ["countdown"] and cfg.tasks[0].sampling_temperature == 0.9
     assert cfg.tasks[0].max_total_tokens == 128 and cfg.sweep_problems == 0
     assert parse_args([]).tasks[0].sampling_temperature == 0.6
+
+
+def test_mcts_is_matched_only_to_a_best_of_n_of_the_same_sweep(tmp_path):
+    from experiments.demo_sweep import SweepSpec, run_overrides, token_budgets
+
+    alone = SweepSpec(out_dir=tmp_path / "empty", checkpoint="ckpt", strategies=("mcts",))
+    assert token_budgets(alone, "mcts") == {}  # nothing to match: N simulations, no token budget
+    assert not any(o.startswith("search.token_budget") for o in run_overrides(alone, "mcts", 8))
+    matched = run_overrides(alone, "mcts", 8, token_budget=230)
+    assert "search.token_budget=230" in matched and "search.iterations=128" in matched
