@@ -68,8 +68,8 @@ from policies.prefix_cache import PrefixCacheConfig
 from policies.sampling_config import SamplingConfig
 from policies.smollm2 import DEFAULT_DIR, SEPARATOR, ensure_smollm2
 from policies.transformers_policy import TransformersPolicy
-from treesearch.protocols import Policy
 from scorers.confidence import ConfidenceScorer
+from treesearch.protocols import Policy
 from treesearch.records import Prefix, Problem, Step
 from treesearch.registry import run_search
 from treesearch.result import SearchResult
@@ -204,9 +204,7 @@ def make_policy(cfg: EvalConfig, temperature: float, reuse_prefixes: bool = Fals
         max_total_tokens=cfg.max_total_tokens, batch_size=cfg.batch_size, separator=SEPARATOR,
     )
     if cfg.backend == "vllm":
-        base = _vllm_base(cfg.model_dir)
-        return type(base)(base.llm, base.tokenizer, sampling, prompt_fn(cfg), base.num_parameters, base.eos_ids,
-                          base.vocab_size)
+        return _vllm_base(cfg.model_dir).with_sampling(sampling)  # its prompt: the same chat template
     model, tokenizer = _model(cfg.model_dir)
     cache = PrefixCacheConfig() if reuse_prefixes else None
     return TransformersPolicy(model, tokenizer, sampling, prompt_fn(cfg), prefix_cache=cache)
