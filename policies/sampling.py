@@ -41,8 +41,10 @@ def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None) -> torch
     exceeds u x total, u ~ U[0, 1) drawn from `generator` (exactly B draws, in row order). A token
     of zero mass is never drawn. Returns [B] long."""
     cdf = probs.float().cumsum(dim=-1)  # [B, V]
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]  # [B, 1]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    total = cdf[:, -1:]  # [B, 1]
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * total  # [B, 1]
+    u = u.minimum(torch.nextafter(total, torch.zeros_like(total)))  # below total even if u x total rounds up
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # first cdf > u: a token with mass
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

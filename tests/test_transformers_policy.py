@@ -413,3 +413,12 @@ def test_from_pretrained_round_trip(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="missing"):
         TransformersPolicy.from_pretrained(tmp_path / "missing", cfg, prompt_fn=lambda p: p.question)
+
+
+def test_inverse_cdf_never_draws_a_trailing_zero_mass_token_at_the_top_of_the_range(monkeypatch):
+    probs = torch.tensor([[0.3, 0.7, 0.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    assert set(draw_tokens(probs.expand(2000, 4) * 3.0, g).tolist()) == {0, 1}
+    # u x total that reaches the total itself (u = 1, the very top) still lands on a token with mass
+    monkeypatch.setattr(torch, "rand", lambda rows, cols, **_: torch.ones(rows, cols))
+    assert draw_tokens(probs, None).item() == 1
