@@ -331,8 +331,8 @@ def _score_boundaries(
 def _copy_fed_kv(batch: _Batch, rows: torch.Tensor, fed_kv: list[PrefixKV | None]) -> None:
     """Copy out the KV of the active rows where rows [B] is True: the cache holds exactly what
     each fed (the token sampled this step is not fed yet), its columns where the mask is 1, as an
-    unpadded CPU entry: `prefix_cache.row_kv`, but with one column index per row for all layers
-    (index_select took 45% less time than boolean indexing over a beam search's copies)."""
+    unpadded CPU entry, with one column index per row for all layers (index_select took 45% less
+    time than boolean indexing over a beam search's copies)."""
     for b in rows.nonzero().squeeze(-1).tolist():
         columns = batch.attention_mask[b].nonzero().squeeze(-1)  # [len] the row's non-pad columns
         fed_kv[int(batch.rows[b])] = PrefixKV(

@@ -218,14 +218,3 @@ def pad_past(entries: Sequence[PrefixKV | None], device: torch.device | str) -> 
         if entry is not None:
             past_mask[row, width - entry.length:] = 1
     return layers, past_mask.to(device)
-
-
-def row_kv(cache, row: int, valid: torch.Tensor) -> PrefixKV:
-    """One row of a batch `DynamicCache` as an unpadded CPU `PrefixKV`.
-
-    valid: [S] bool, the row's non-pad columns (its attention mask). Boolean indexing copies, so
-    the entry holds no view into the batch cache.
-    """
-    keys = tuple(layer.keys[row][:, valid].to("cpu") for layer in cache.layers)  # [H, len, D] each
-    values = tuple(layer.values[row][:, valid].to("cpu") for layer in cache.layers)  # [H, len, D]
-    return PrefixKV(keys, values)
