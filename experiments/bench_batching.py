@@ -12,7 +12,11 @@ row, no search) at the rows one problem sends per forward (N) and at the rows a 
 sends (all problems' N, up to the policy's batch_size): the speed-up a perfectly overhead-free
 engine could get from batching alone, since one problem at a time is already a batch of N rows.
 
-    python -m experiments.bench_batching                     # 64 problems, N = 8, M = 4
+    python -m experiments.bench_batching                     # tiny: 64 problems, N = 8, M = 4
+    python -m experiments.bench_batching --model smollm2 --problems 16
+
+Workloads (`--model`, `experiments.bench_workload`): `tiny`, the trained 3.5M-parameter arith
+policy, and `smollm2`, SmolLM2-135M-Instruct on GSM8K (answers cut at 128 tokens).
     python -m experiments.bench_batching --problems 8 --n 4 --beam-width 2
 """
 from __future__ import annotations
@@ -27,20 +31,12 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_prefix_reuse import DEFAULT_CHECKPOINT, load_policy_parts  # noqa: E402
+from experiments.bench_workload import DEFAULT_CHECKPOINT, WORKLOADS, Workload, load_workload  # noqa: E402
 from experiments.bench_timing import best_of, timed  # noqa: E402
-from experiments.tasks import arith  # noqa: E402
 from policies.decode_loop import slot_cache  # noqa: E402
-from policies.prefix_cache import PrefixCacheConfig  # noqa: E402
-from policies.sampling_config import SamplingConfig  # noqa: E402
-from policies.transformers_policy import TransformersPolicy  # noqa: E402
 from scorers.confidence import ConfidenceScorer  # noqa: E402
 from treesearch.beam_search import BeamSearchConfig, beam_search  # noqa: E402
 from treesearch.result import SearchResult  # noqa: E402
-
-
-def accuracy(results: Sequence[SearchResult]) -> float:
-    return sum(arith.grade(r.problem, r.chosen_text) for r in results) / len(results)
 
 
 @torch.inference_mode()
@@ -62,46 +58,41 @@ def decode_step_seconds(lm: Any, rows: int, context: int = 48, steps: int = 16, 
     return best_of(decode, repeats) / steps
 
 
-def ceiling_line(checkpoint: Path, problems: int, n: int) -> str:
+def ceiling_line(work: Workload, n: int) -> str:
     """The bare decode step's time per row-token at N rows (one problem) and at the rows of a
     batched chunk (problems x N, at most the policy's batch_size), and their ratio."""
-    lm = load_policy_parts(checkpoint)[0].eval()
-    small_rows, large_rows = n, min(problems * n, SamplingConfig().batch_size)
+    lm = work.lm
+    small_rows, large_rows = n, min(len(work.problems) * n, work.sampling.batch_size)
     small = decode_step_seconds(lm, small_rows) / small_rows
     large = decode_step_seconds(lm, large_rows) / large_rows
     return (f"ceiling (bare decode step, no search): {small * 1e6:.0f} us per row-token at {small_rows} rows, "
             f"{large * 1e6:.0f} us at {large_rows} rows: batching alone can give at most ~{small / large:.2f}x")
 
 
-def run(checkpoint: Path, problems: int, n: int, beam_width: int, seed: int) -> str:
-    lm, tokenizer, source = load_policy_parts(checkpoint)
-    sampling = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_total_tokens=160)
-    probs = arith.generate_problems("test", problems, seed=seed)
+def run(work: Workload, n: int, beam_width: int, seed: int) -> str:
+    probs, policy = work.problems, work.policy  # a fresh prefix cache for each run: no head start
     cfg = BeamSearchConfig(n=n, beam_width=beam_width, max_depth=20, seed=seed)
-
-    def policy() -> TransformersPolicy:  # a fresh prefix cache for each run: no head start
-        return TransformersPolicy(lm, tokenizer, sampling, arith.prompt_text, prefix_cache=PrefixCacheConfig())
-
     batched: list[SearchResult] = []
     one_by_one: list[SearchResult] = []
     t_batched = timed(lambda: batched.extend(beam_search(probs, policy(), ConfidenceScorer(), cfg)))
     t_single = timed(lambda: one_by_one.extend(
         r for p in probs for r in beam_search([p], policy(), ConfidenceScorer(), cfg)))
     return "\n".join([
-        f"policy: {source}; beam search N={n}, M={beam_width} on {problems} arith test problems; "
+        f"{work.description}; beam search N={n}, M={beam_width}; "
         f"torch threads {torch.get_num_threads()}",
         "| run | wall s | accuracy | speed-up | cpu s | cpu speed-up |",
         "|---|---:|---:|---:|---:|---:|",
-        f"| one problem at a time | {t_single.wall_s:.2f} | {accuracy(one_by_one):.3f} | 1.00 | "
+        f"| one problem at a time | {t_single.wall_s:.2f} | {work.accuracy(one_by_one):.3f} | 1.00 | "
         f"{t_single.cpu_s:.2f} | 1.00 |",
-        f"| all problems batched | {t_batched.wall_s:.2f} | {accuracy(batched):.3f} | "
+        f"| all problems batched | {t_batched.wall_s:.2f} | {work.accuracy(batched):.3f} | "
         f"{t_single.wall_s / t_batched.wall_s:.2f} | {t_batched.cpu_s:.2f} | {t_single.cpu_s / t_batched.cpu_s:.2f} |",
     ])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--model", choices=WORKLOADS, default="tiny", help="workload (experiments.bench_workload)")
+    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the tiny policy")
     ap.add_argument("--problems", type=int, default=64)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--beam-width", type=int, default=4)
@@ -109,8 +100,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(run(args.checkpoint, args.problems, args.n, args.beam_width, args.seed))
-    print(ceiling_line(args.checkpoint, args.problems, args.n))
+    work = load_workload(args.model, args.problems, args.seed, args.checkpoint)
+    print(run(work, args.n, args.beam_width, args.seed))
+    print(ceiling_line(work, args.n))
 
 
 if __name__ == "__main__":

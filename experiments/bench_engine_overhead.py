@@ -1,6 +1,9 @@
 """Benchmark: the engine's own share of wall time at N = 32, i.e. the time a search spends outside
-the model's forward calls (target: at most 5%), for Best-of-N and step-level beam search on arith.
+the model's forward calls (target: at most 5%), for Best-of-N and step-level beam search.
 
+Workloads (`--model`, `experiments.bench_workload`): `tiny`, the trained 3.5M-parameter arith
+policy, whose decode forward takes ~1 ms, so the per-step bookkeeping of the engine weighs as
+much as it ever can; `smollm2`, SmolLM2-135M-Instruct on GSM8K, the smallest real model.
 Each strategy runs once on the same problems with the transformers backend (prefix cache on, the
 policy's confidence as scorer: every forward is the policy's). Forward hooks on the LM time every
 forward (`experiments.bench_timing.ForwardClock`); the policy's `propose` / `rollout` calls are
@@ -13,7 +16,8 @@ timed too, so the table splits wall time into
 strategy above the target, a second run under cProfile (profiling switched off inside the
 forward) lists the top Python hotspots outside the model.
 
-    python -m experiments.bench_engine_overhead                  # 32 problems, N = 32, M = 4
+    python -m experiments.bench_engine_overhead                  # tiny: 32 problems, N = 32, M = 4
+    python -m experiments.bench_engine_overhead --model smollm2 --problems 4
     python -m experiments.bench_engine_overhead --problems 4 --n 4 --top 5
 """
 from __future__ import annotations
@@ -31,14 +35,9 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_prefix_reuse import DEFAULT_CHECKPOINT, load_policy_parts  # noqa: E402
+from experiments.bench_workload import DEFAULT_CHECKPOINT, WORKLOADS, Workload, load_workload  # noqa: E402
 from experiments.bench_timing import ForwardClock, PolicyClock, timed  # noqa: E402
-from experiments.tasks import arith  # noqa: E402
-from policies.prefix_cache import PrefixCacheConfig  # noqa: E402
-from policies.sampling_config import SamplingConfig  # noqa: E402
-from policies.transformers_policy import TransformersPolicy  # noqa: E402
 from scorers.confidence import ConfidenceScorer  # noqa: E402
-from treesearch.records import Problem  # noqa: E402
 from treesearch.registry import run_search  # noqa: E402
 
 TARGET = 0.05  # most share of wall time outside the forward
@@ -70,35 +69,27 @@ class OverheadRow:
         return 1 - self.policy_s / self.wall_s
 
 
-def make_policy(lm: Any, tokenizer: Any) -> TransformersPolicy:
-    """The backend as the searches use it: arith sampling, a fresh prefix cache."""
-    sampling = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_total_tokens=160)
-    return TransformersPolicy(lm, tokenizer, sampling, arith.prompt_text, prefix_cache=PrefixCacheConfig())
-
-
-def measure(strategy: str, cfg: dict[str, Any], problems: Sequence[Problem], lm: Any, tokenizer: Any) -> OverheadRow:
-    """One timed search with the forward and the policy calls clocked."""
-    policy = make_policy(lm, tokenizer)
+def measure(strategy: str, cfg: dict[str, Any], work: Workload) -> OverheadRow:
+    """One timed search (a fresh policy and prefix cache) with the forward and the policy calls clocked."""
+    policy, lm = work.policy(), work.lm
     results: list = []
     with ForwardClock(lm) as forward, PolicyClock(policy) as calls:
-        timing = timed(lambda: results.extend(run_search(strategy, problems, policy, ConfidenceScorer(), **cfg)))
+        timing = timed(lambda: results.extend(run_search(strategy, work.problems, policy, ConfidenceScorer(), **cfg)))
     generated = sum(r.compute.tokens_generated for r in results)
     return OverheadRow(strategy, timing.wall_s, timing.cpu_s, forward.seconds, forward.calls, calls.seconds, generated)
 
 
-def hotspots(
-    strategy: str, cfg: dict[str, Any], problems: Sequence[Problem], lm: Any, tokenizer: Any, top: int
-) -> list[tuple[str, float]]:
+def hotspots(strategy: str, cfg: dict[str, Any], work: Workload, top: int) -> list[tuple[str, float]]:
     """The `top` functions by self time outside the LM's forward, (name, seconds), from one run
     under cProfile that is switched off for the duration of every forward."""
-    policy, profile = make_policy(lm, tokenizer), cProfile.Profile()
+    policy, profile, lm = work.policy(), cProfile.Profile(), work.lm
     handles = [
         lm.register_forward_pre_hook(lambda *_: profile.disable()),
         lm.register_forward_hook(lambda *_: profile.enable()),
     ]
     try:
         profile.enable()
-        run_search(strategy, problems, policy, ConfidenceScorer(), **cfg)
+        run_search(strategy, work.problems, policy, ConfidenceScorer(), **cfg)
         profile.disable()
     finally:
         for handle in handles:
@@ -144,30 +135,30 @@ def hotspot_table(strategy: str, wall_s: float, spots: Sequence[tuple[str, float
     return "\n".join(lines)
 
 
-def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed: int) -> str:
-    lm, tokenizer, source = load_policy_parts(checkpoint)
-    probs = arith.generate_problems("test", problems, seed=seed)
+def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed: int, model: str = "tiny") -> str:
+    work = load_workload(model, problems, seed, checkpoint)
     strategies = {
         "best_of_n": dict(n=n, seed=seed),
         "beam_search": dict(n=n, beam_width=beam_width, max_depth=20, seed=seed),
     }
-    run_search("best_of_n", probs[:1], make_policy(lm, tokenizer), ConfidenceScorer(), n=2)  # warm-up
-    rows = [measure(name, cfg, probs, lm, tokenizer) for name, cfg in strategies.items()]
+    run_search("best_of_n", work.problems[:1], work.policy(), ConfidenceScorer(), n=2)  # warm-up
+    rows = [measure(name, cfg, work) for name, cfg in strategies.items()]
     parts = [
-        f"policy: {source}; {problems} arith test problems; N={n}, beam width M={beam_width}; scorer: confidence; "
+        f"{work.description}; N={n}, beam width M={beam_width}; scorer: confidence; "
         f"prefix cache on; torch threads {torch.get_num_threads()}",
         overhead_table(rows),
     ]
     for row in rows:
         if row.outside_forward > TARGET and top > 0:
-            spots = hotspots(row.strategy, strategies[row.strategy], probs, lm, tokenizer, top)
+            spots = hotspots(row.strategy, strategies[row.strategy], work, top)
             parts += ["", hotspot_table(row.strategy, row.wall_s, spots)]
     return "\n".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--model", choices=WORKLOADS, default="tiny", help="workload (experiments.bench_workload)")
+    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the tiny policy")
     ap.add_argument("--problems", type=int, default=32)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--beam-width", type=int, default=4)
@@ -176,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(run(args.checkpoint, args.problems, args.n, args.beam_width, args.top, args.seed))
+    print(run(args.checkpoint, args.problems, args.n, args.beam_width, args.top, args.seed, args.model))
 
 
 if __name__ == "__main__":

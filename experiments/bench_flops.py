@@ -32,7 +32,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_prefix_reuse import DEFAULT_CHECKPOINT  # noqa: E402
+from experiments.bench_workload import DEFAULT_CHECKPOINT  # noqa: E402
 from experiments.bench_timing import best_of, timed  # noqa: E402
 from experiments.bench_train_throughput import (  # noqa: E402
     TrainParts, joint_unit, load_train_parts, rollout_batch,

@@ -62,7 +62,7 @@ class MemoryRow:
 
 def child(config: MemoryConfig, checkpoint: Path, seed: int) -> dict:
     """Load the policy, run the configured search once, return the measurements (JSON-ready)."""
-    from experiments.bench_prefix_reuse import load_policy_parts
+    from experiments.bench_workload import load_tiny_parts
     from experiments.bench_timing import current_rss_mib, peak_rss_mib, timed
     from experiments.tasks import arith
     from policies.prefix_cache import PrefixCacheConfig
@@ -71,7 +71,7 @@ def child(config: MemoryConfig, checkpoint: Path, seed: int) -> dict:
     from scorers.confidence import ConfidenceScorer
     from treesearch.registry import run_search
 
-    lm, tokenizer, _ = load_policy_parts(checkpoint)
+    lm, tokenizer, _ = load_tiny_parts(checkpoint)
     problems = arith.generate_problems("test", config.problems, seed=seed)
     sampling = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_total_tokens=160)
     cache = PrefixCacheConfig() if config.strategy == "beam_search" else None
@@ -127,7 +127,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from experiments.bench_prefix_reuse import DEFAULT_CHECKPOINT
+    from experiments.bench_workload import DEFAULT_CHECKPOINT
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)

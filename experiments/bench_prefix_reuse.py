@@ -32,19 +32,16 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
+from experiments.bench_workload import DEFAULT_CHECKPOINT, load_tiny_parts  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
-from policies.checkpoint import load_checkpoint  # noqa: E402
 from policies.prefix_cache import PrefixCacheConfig  # noqa: E402
 from policies.sampling_config import SamplingConfig  # noqa: E402
-from policies.tiny_model import TinyModelConfig, build_model  # noqa: E402
-from policies.tiny_tokenizer import build_tokenizer  # noqa: E402
 from policies.transformers_policy import TransformersPolicy  # noqa: E402
 from scorers.confidence import ConfidenceScorer  # noqa: E402
 from treesearch.records import Problem  # noqa: E402
 from treesearch.registry import run_search  # noqa: E402
 from treesearch.result import SearchResult  # noqa: E402
 
-DEFAULT_CHECKPOINT = Path("outputs/checkpoints/tiny-arith/final")
 # Strategy settings: beam search with N=16 paths, 4 samples per beam; MCTS at the same compute,
 # as the demo's sweep matches it (`experiments.demo_sweep`): a token budget equal to the beam
 # search's tokens per problem (the uncached beam run, measured first in the same run), up to
@@ -72,15 +69,6 @@ class BenchRow:
     @property
     def ratio(self) -> float:
         return self.tokens_forwarded / max(self.tokens_generated, 1)
-
-
-def load_policy_parts(checkpoint: Path) -> tuple[Any, Any, str]:
-    """(model, tokenizer, description): the checkpoint if it exists, else a random tiny Llama."""
-    if (checkpoint / "config.json").is_file():
-        model, tokenizer = load_checkpoint(checkpoint)
-        return model, tokenizer, f"checkpoint {checkpoint}"
-    tokenizer = build_tokenizer()
-    return build_model(TinyModelConfig(), tokenizer), tokenizer, "random tiny Llama (no checkpoint found)"
 
 
 def run_one(
@@ -151,7 +139,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer, source = load_policy_parts(args.checkpoint)
+    model, tokenizer, source = load_tiny_parts(args.checkpoint)
     problems = arith.generate_problems("test", args.problems, seed=args.seed)
     sampling = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_step_tokens=48,
                               max_total_tokens=256, batch_size=256)

@@ -26,7 +26,7 @@ from typing import Callable, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_prefix_reuse import DEFAULT_CHECKPOINT, load_policy_parts  # noqa: E402
+from experiments.bench_workload import DEFAULT_CHECKPOINT, load_tiny_parts  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
 from policies.reflective_model import ReflectiveModel  # noqa: E402
 from policies.sampling_config import SamplingConfig  # noqa: E402
@@ -52,7 +52,7 @@ def _rollout_forwarded(policy: TransformersPolicy, problems: Sequence[Problem], 
 
 
 def run(checkpoint: Path, problems: int, n: int, repeats: int, seed: int) -> str:
-    lm, tokenizer, source = load_policy_parts(checkpoint)
+    lm, tokenizer, source = load_tiny_parts(checkpoint)
     reflective = ReflectiveModel(lm).eval()  # a fresh head: its values do not change the cost
     sampling = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_total_tokens=160)
     plain = TransformersPolicy(lm, tokenizer, sampling, arith.prompt_text)

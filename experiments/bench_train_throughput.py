@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_prefix_reuse import DEFAULT_CHECKPOINT, load_policy_parts  # noqa: E402
+from experiments.bench_workload import DEFAULT_CHECKPOINT, load_tiny_parts  # noqa: E402
 from experiments.bench_timing import timed  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
 from policies.joint_step import JointForward, JointLossConfig, joint_step  # noqa: E402
@@ -75,7 +75,7 @@ class ThroughputRow:
 
 
 def load_train_parts(checkpoint: Path) -> TrainParts:
-    lm, tokenizer, source = load_policy_parts(checkpoint)
+    lm, tokenizer, source = load_tiny_parts(checkpoint)
     reflective = ReflectiveModel(lm)  # a fresh head: its values do not change the cost
     ref_lm = copy.deepcopy(lm).eval().requires_grad_(False)
     return TrainParts(reflective, ref_lm, tokenizer, source)

@@ -123,7 +123,8 @@ class EvalConfig:
         holds chunk_rows // paths-per-problem problems, at least one): the unit of resuming, sized
         so one chunk takes minutes on 2 CPU cores.
     train_problems, train_n: the SPRM's training rollouts (first problems of GSM8K train).
-    labels, head_steps, head_lr, feature_layer: the head's training (`scorers.head_training`).
+    labels, head_steps, head_lr, head_warmup_steps, feature_layer: the head's training
+        (`scorers.head_training`; head_warmup_steps of plain outcome BCE before the SPR filter).
     sprm_grader: the grader whose outcomes the head trains on and is measured by (GRADERS).
     batch_size: most sample rows per forward; threads: torch CPU threads.
     backend: "transformers" (`TransformersPolicy`) or "vllm" (`VLLMPolicy`, one engine per
@@ -147,6 +148,7 @@ class EvalConfig:
     labels: str = "spr"
     head_steps: int = 300
     head_lr: float = 1e-3
+    head_warmup_steps: int = 0
     feature_layer: int = -2
     sprm_grader: str = "flexible"
     batch_size: int = 128
@@ -374,7 +376,8 @@ def run_sprm_stage(cfg: EvalConfig, out: Path, deadline: float) -> bool:
         save_cache(build_cache(cfg, stage, rows, n), path)
         print(f"sprm: {path} read in {time.perf_counter() - started:.0f} s")
     head_cfg = HeadTrainConfig(labels=cfg.labels, feature_layer=cfg.feature_layer, lr=cfg.head_lr,
-                               steps=cfg.head_steps, batch_rollouts=min(64, cfg.train_problems * cfg.train_n))
+                               steps=cfg.head_steps, batch_rollouts=min(64, cfg.train_problems * cfg.train_n),
+                               warmup_steps=cfg.head_warmup_steps)
     run_head_training(caches[0][0], caches[1][0], head_cfg, folder, save=False, progress=False)
     return True
 
@@ -496,13 +499,20 @@ def write_report(cfg: EvalConfig, out: Path) -> dict[str, Any]:
 # -- the run --------------------------------------------------------------------------------------
 
 
+def config_defaults() -> dict[str, Any]:
+    """EvalConfig's defaults, for config.json files written before a field existed."""
+    return {f.name: f.default for f in dataclasses.fields(EvalConfig)}
+
+
 def claim_out_dir(cfg: EvalConfig, out: Path) -> None:
     """Save config.json, or refuse a folder whose rows came from another config."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / CONFIG_FILE
     mine = {k: v for k, v in asdict(cfg).items() if k not in FREE_FIELDS}
     if path.is_file():
-        saved = {k: v for k, v in json.loads(path.read_text()).items() if k not in FREE_FIELDS}
+        # a field added after the folder was made counts as its default (the behaviour it had then)
+        saved = {**config_defaults(), **json.loads(path.read_text())}
+        saved = {k: v for k, v in saved.items() if k not in FREE_FIELDS}
         diffs = [f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
         if diffs:
             raise ValueError(f"{out} holds a run of another config ({'; '.join(diffs)}): use another --out")

@@ -48,6 +48,10 @@ from policies.step_stops import StepStopRule, StopState
 FINISH_CODES: tuple[str, ...] = ("separator", "eos", "length")  # index = finish code in ChunkOutput
 _SEPARATOR, _EOS, _LENGTH = 0, 1, 2
 KV_GROWTH = 32  # columns a decode buffer gains when full (one copy of the live rows per 32 tokens)
+# Columns reserved at the start of a chunk: its largest budget, up to this many, so a chunk whose
+# budgets fit never copies its KV to grow (each growth copied every live row's whole cache: 3% of
+# a SmolLM2 beam search's wall time went to those copies and the first gather).
+KV_RESERVE_LIMIT = 1024
 
 
 class StepHead(Protocol):
@@ -94,18 +98,24 @@ class SlotLayer(DynamicLayer):
     Why: a plain DynamicLayer appends by concatenation, copying the whole cache at every decoded
     token; at a few hundred rows of a small model that copy costs more than the matmuls
     (experiments/bench_batching.py). Here a token is written in place and the buffer grows by
-    KV_GROWTH columns when full; a finished row's slot is refilled by moving a live row from the
-    end (`move_rows`), so dropping rows copies only the rows that move.
+    KV_GROWTH columns when full (the first buffers reserve `reserve` columns, the chunk's budget);
+    a finished row's slot is refilled by moving a live row from the end (`move_rows`), so dropping
+    rows copies only the rows that move.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, growth: int = KV_GROWTH) -> None:
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, growth: int = KV_GROWTH,
+        reserve: int | None = None,
+    ) -> None:
         """keys, values [U, H, S, D]: a prefilled layer; rows [B] long: the row of it each slot
-        starts from (repeats allowed). Both are copied into the buffers."""
+        starts from (repeats allowed). Both are copied into buffers of S + reserve columns
+        (default reserve: growth)."""
         super().__init__()
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self.growth = growth
         self._rows, self._length = int(rows.numel()), int(keys.shape[2])
-        self._key_buf, self._value_buf = _buffers(keys, values, rows, self._length + growth)
+        columns = self._length + max(growth if reserve is None else reserve, 1)
+        self._key_buf, self._value_buf = _buffers(keys, values, rows, columns)
         self._set_views()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -154,9 +164,10 @@ def _buffers(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, capac
     return out[0], out[1]
 
 
-def slot_cache(cache: Any, rows: torch.Tensor) -> Cache:
-    """A cache of `SlotLayer`s holding the rows `rows` [R] (repeats allowed) of a prefilled cache."""
-    return Cache(layers=[SlotLayer(layer.keys, layer.values, rows) for layer in cache.layers])
+def slot_cache(cache: Any, rows: torch.Tensor, reserve: int | None = None) -> Cache:
+    """A cache of `SlotLayer`s holding the rows `rows` [R] (repeats allowed) of a prefilled cache,
+    with `reserve` free columns (default KV_GROWTH)."""
+    return Cache(layers=[SlotLayer(layer.keys, layer.values, rows, reserve=reserve) for layer in cache.layers])
 
 
 @dataclass
@@ -308,13 +319,10 @@ def decode_chunk(
 def _sample_in_row_order(
     logits: torch.Tensor, rows: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sample_next_tokens` of logits [B, V] taken in chunk-row order, so the generator's draws go
-    to the same rows whatever slots `_Batch.keep` moved them to. Returns ([B], [B]) in slot order."""
-    order = rows.argsort()  # [B] slots by chunk row
-    tokens, logprobs = sample_next_tokens(logits[order], temperature, top_p, generator)
-    back = torch.empty_like(order)
-    back[order] = torch.arange(len(order), device=order.device)  # [B] rank of each slot
-    return tokens[back], logprobs[back]
+    """`sample_next_tokens` of logits [B, V] in slot order, with the generator's draws taken in
+    chunk-row order (draw k goes to the slot of the k-th row), so a row gets the same draw
+    whatever slot `_Batch.keep` moved it to. Returns ([B], [B]) in slot order."""
+    return sample_next_tokens(logits, temperature, top_p, generator, draw_slots=rows.argsort())
 
 
 def _score_boundaries(
@@ -361,7 +369,7 @@ def _start_batch(
     expand = torch.tensor(row_context, dtype=torch.long, device=device)  # [R] context of each row
     batch = _Batch(
         rows=torch.arange(len(row_context), device=device),
-        cache=slot_cache(cache, expand),  # gathers (and repeats) cache rows: [U, ...] -> [R, ...]
+        cache=slot_cache(cache, expand, min(max(budgets), KV_RESERVE_LIMIT)),  # gathers (and repeats) rows: [U, ...] -> [R, ...]
         attention_mask=attention_mask[expand],
         next_position=next_position[expand],
         state=rule.initial_state(contexts, device).select(expand),

@@ -15,34 +15,62 @@ import torch
 
 
 def sample_next_tokens(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    draw_slots: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose one token per row of `logits` [B, V]; return (tokens [B] long, logprobs [B] float32).
 
     temperature 0 takes the argmax (no randomness used). The returned log-prob is
     log_softmax(logits) at the chosen token, i.e. at temperature 1 and before top-p, which is what
     scorers and selectors read as the policy's own confidence.
+    draw_slots [B] long: the row that takes the generator's k-th draw is draw_slots[k] (default:
+    row k), so a caller whose rows are permuted keeps each draw with the same logical row
+    without gathering the [B, V] logits into that order.
+
+    Vocabulary-sized work per call: the scaled logits, their softmax (its CDF built in place)
+    and one log_softmax; a real model's vocabulary (49k tokens for SmolLM2) makes each [B, V]
+    temporary cost as much as a small matmul.
     """
     logits = logits.float()  # [B, V]; bf16 logits would make log-probs and ties noisy
     if temperature == 0:
         tokens = logits.argmax(dim=-1)  # [B]
     else:
-        probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
+        probs = torch.softmax(logits / temperature, dim=-1)  # [B, V], ours to overwrite
         if top_p < 1:
             probs = top_p_filter(probs, top_p)
-        tokens = draw_tokens(probs, generator)  # [B]
+        tokens = _draw_from_cdf(probs.cumsum_(dim=-1), _uniforms(probs.shape[0], generator, probs.device, draw_slots))
+    # log_softmax + gather: twice as fast on CPU as logits[token] - logsumexp(logits) at [128, 49k]
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # [B]
     return tokens, logprobs
 
 
-def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def draw_tokens(
+    probs: torch.Tensor, generator: torch.Generator | None, draw_slots: torch.Tensor | None = None
+) -> torch.Tensor:
     """One token per row of `probs` [B, V] (non-negative, unnormalised allowed, each row with
     some mass) with probability proportional to its entry: the first token whose cumulative mass
-    exceeds u x total, u ~ U[0, 1) drawn from `generator` (exactly B draws, in row order). A token
-    of zero mass is never drawn. Returns [B] long."""
-    cdf = probs.float().cumsum(dim=-1)  # [B, V]
+    exceeds u x total, u ~ U[0, 1) drawn from `generator` (exactly B draws, row draw_slots[k] takes
+    draw k; default row k). A token of zero mass is never drawn. Returns [B] long."""
+    return _draw_from_cdf(probs.float().cumsum(dim=-1), _uniforms(probs.shape[0], generator, probs.device, draw_slots))
+
+
+def _uniforms(
+    rows: int, generator: torch.Generator | None, device: torch.device, draw_slots: torch.Tensor | None
+) -> torch.Tensor:
+    """[rows, 1] uniforms in [0, 1), draw k going to row draw_slots[k] (default row k)."""
+    u = torch.rand(rows, 1, generator=generator, device=device)  # [B, 1] in draw order
+    if draw_slots is None:
+        return u
+    return torch.empty_like(u).index_copy_(0, draw_slots, u)
+
+
+def _draw_from_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first token whose cumulative mass cdf [B, V] exceeds u [B, 1] x the row's total."""
     total = cdf[:, -1:]  # [B, 1]
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * total  # [B, 1]
+    u = u * total
     u = u.minimum(torch.nextafter(total, torch.zeros_like(total)))  # below total even if u x total rounds up
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # first cdf > u: a token with mass
 

@@ -52,6 +52,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from policies.allocator import keep_freed_memory
 from policies.checkpoint import load_checkpoint
 from policies.decode_loop import FINISH_CODES, ChunkOutput, StepHead, decode_chunk
 from policies.policy_requests import check_request, encode_contexts, step_budget
@@ -122,6 +123,7 @@ class TransformersPolicy:
         prefix_cache: PrefixCacheConfig | None = None,
         step_head: StepHead | None = None,
     ) -> None:
+        keep_freed_memory()  # per-token temporaries reuse heap blocks (policies/allocator.py)
         self.model = model.eval()
         self.step_head = step_head
         self.tokenizer = tokenizer

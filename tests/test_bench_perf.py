@@ -103,5 +103,7 @@ def test_memory_table(checkpoint):
 def test_batching_ceiling_line(checkpoint):
     from experiments import bench_batching
 
-    line = bench_batching.ceiling_line(checkpoint, problems=2, n=2)
+    from experiments.bench_workload import load_workload
+
+    line = bench_batching.ceiling_line(load_workload("tiny", problems=2, seed=0, checkpoint=checkpoint), n=2)
     assert line.startswith("ceiling (bare decode step, no search): ") and "at 2 rows" in line and "at 4 rows" in line

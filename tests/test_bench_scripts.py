@@ -30,7 +30,10 @@ def test_scoring_overhead_table(tmp_path):
 def test_batching_table(tmp_path):
     from experiments import bench_batching
 
-    table = bench_batching.run(tmp_path / "no-checkpoint", problems=2, n=2, beam_width=1, seed=0)
+    from experiments.bench_workload import load_workload
+
+    work = load_workload("tiny", problems=2, seed=0, checkpoint=tmp_path / "no-checkpoint")
+    table = bench_batching.run(work, n=2, beam_width=1, seed=0)
     rows = [line.split("|")[1:-1] for line in table.splitlines()[3:]]
     assert [r[0].strip() for r in rows] == ["one problem at a time", "all problems batched"]
     assert rows[0][2] == rows[1][2]  # same accuracy: batching changes no choice here

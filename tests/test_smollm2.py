@@ -172,3 +172,21 @@ def test_the_evaluations_vllm_backend_decodes_as_transformers(converted, problem
     assert [s.finish for s in paths["vllm"]] == [s.finish for s in paths["transformers"]]
     with pytest.raises(ValueError, match="backend='tgi'"):
         EvalConfig(backend="tgi")
+
+
+@needs_wheel
+@needs_gsm8k
+def test_the_smollm2_benchmark_workload_times_its_forward(converted):
+    """`--model smollm2` of the engine-overhead benchmark: SmolLM2 on GSM8K through the chat
+    template; the clocked forward is a real share of the wall time, the rest is accounted for."""
+    from experiments import bench_engine_overhead
+    from experiments.bench_workload import smollm2_workload
+
+    out, _ = converted
+    work = smollm2_workload(problems=1, seed=0, model_dir=out)
+    assert work.sampling.separator == smollm2.SEPARATOR and "GSM8K" in work.description
+    assert work.prompt_fn(work.problems[0]).endswith("<|im_start|>assistant\n")
+    row = bench_engine_overhead.measure("best_of_n", dict(n=2, seed=0), work)
+    assert row.tokens_generated > 0 and row.forward_calls >= row.tokens_generated // 2
+    assert 0 < row.forward_s < row.policy_s <= row.wall_s
+    assert 0 <= work.accuracy([]) <= 1

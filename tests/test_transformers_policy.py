@@ -422,3 +422,37 @@ def test_inverse_cdf_never_draws_a_trailing_zero_mass_token_at_the_top_of_the_ra
     # u x total that reaches the total itself (u = 1, the very top) still lands on a token with mass
     monkeypatch.setattr(torch, "rand", lambda rows, cols, **_: torch.ones(rows, cols))
     assert draw_tokens(probs, None).item() == 1
+
+
+def test_keep_freed_memory_is_idempotent_and_can_be_switched_off(monkeypatch):
+    from policies import allocator
+
+    allocator.keep_freed_memory.cache_clear()
+    monkeypatch.setenv(allocator.ENV_SWITCH, "0")
+    assert allocator.keep_freed_memory() is False  # off: glibc untouched
+    allocator.keep_freed_memory.cache_clear()
+    monkeypatch.delenv(allocator.ENV_SWITCH)
+    first = allocator.keep_freed_memory()
+    assert allocator.keep_freed_memory() is first  # once per process
+    big = torch.ones(8 * 1024 * 1024)  # 32 MB: served and freed either way
+    assert float(big.sum()) == big.numel()
+
+
+def test_a_slot_cache_reserves_its_budget_and_grows_only_past_it():
+    from transformers import DynamicCache
+
+    from policies.decode_loop import KV_GROWTH, slot_cache
+
+    prefilled = DynamicCache()
+    keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)  # [U, H, S, D]
+    prefilled.update(keys, values, 0)
+    cache = slot_cache(prefilled, torch.tensor([0, 1, 1]), reserve=10)
+    layer = cache.layers[0]
+    buffer = layer._key_buf
+    assert buffer.shape == (3, 3, 15, 4) and torch.equal(layer.keys[2], keys[1])
+    for _ in range(10):  # the reserved columns: written in place, never reallocated
+        layer.update(torch.ones(3, 3, 1, 4), torch.ones(3, 3, 1, 4))
+    assert layer._key_buf is buffer and layer.keys.shape[2] == 15
+    layer.update(torch.ones(3, 3, 1, 4), torch.ones(3, 3, 1, 4))  # one past the reserve: grows
+    assert layer._key_buf is not buffer and layer._key_buf.shape[2] == 16 + KV_GROWTH
+    assert torch.equal(layer.keys[:, :, :5], keys[[0, 1, 1]])  # the prefill survived the move

