@@ -40,7 +40,9 @@ bench: setup
 	  echo "## Scoring overhead of Best-of-N"; $(BIN)/python -m experiments.bench_scoring_overhead; echo; \
 	  echo "## Prefix reuse in step-level search"; $(BIN)/python -m experiments.bench_prefix_reuse; echo; \
 	  echo "## Batched vs one problem at a time"; $(BIN)/python -m experiments.bench_batching; echo; \
+	  echo "### the same with SmolLM2-135M on GSM8K"; $(BIN)/python -m experiments.bench_batching --model smollm2 --problems 16; echo; \
 	  echo "## Engine overhead at N = 32"; $(BIN)/python -m experiments.bench_engine_overhead; echo; \
+	  echo "### the same with SmolLM2-135M on GSM8K"; $(BIN)/python -m experiments.bench_engine_overhead --model smollm2 --problems 4; echo; \
 	  echo "## FLOP/s vs a matmul peak measured in the same run"; $(BIN)/python -m experiments.bench_flops; echo; \
 	  echo "## Training throughput: joint GRPO + SPR vs plain forward + backward"; $(BIN)/python -m experiments.bench_train_throughput; echo; \
 	  echo "## Peak RSS vs N (one process per row)"; $(BIN)/python -m experiments.bench_memory; echo; \

@@ -118,6 +118,19 @@ class SlotLayer(DynamicLayer):
         self._key_buf, self._value_buf = _buffers(keys, values, rows, columns)
         self._set_views()
 
+    @classmethod
+    def over(cls, key_buf: torch.Tensor, value_buf: torch.Tensor, length: int, growth: int = KV_GROWTH) -> "SlotLayer":
+        """A layer that takes buffers [B, H, capacity, D] as its own (no copy), their first
+        `length` columns filled (e.g. `prefix_cache.pad_past` with extra columns)."""
+        layer = cls.__new__(cls)
+        DynamicLayer.__init__(layer)
+        layer.dtype, layer.device, layer.is_initialized = key_buf.dtype, key_buf.device, True
+        layer.growth = growth
+        layer._rows, layer._length = int(key_buf.shape[0]), int(length)
+        layer._key_buf, layer._value_buf = key_buf, value_buf
+        layer._set_views()
+        return layer
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append the new columns [B, H, s, D] in place; return the whole KV [B, H, S+s, D] (views)."""
         end = self._length + int(key_states.shape[2])
@@ -256,12 +269,16 @@ def _last_features(out: Any, feature_layer: int | None) -> torch.Tensor | None:
 
 
 def _start_cache(model: Any, past: Sequence[PrefixKV | None] | None, new_mask: torch.Tensor, device):
-    """(DynamicCache holding the padded past or empty, attention mask [U, P+L] = past | new)."""
+    """(an empty DynamicCache, or SlotLayers over the padded past with room for the L new
+    columns, so the prefill appends in place instead of concatenating a copy of the past;
+    attention mask [U, P+L] = past | new)."""
     config = getattr(model, "config", None)
     if past is None:
         return DynamicCache(config=config), new_mask
-    layers, past_mask = pad_past(past, device)  # per layer [U, H, P, D]; [U, P]
-    return DynamicCache(layers, config=config), torch.cat([past_mask, new_mask], dim=-1)
+    width = int(new_mask.shape[1])
+    layers, past_mask = pad_past(past, device, extra_columns=width)  # per layer [U, H, P + L, D]; [U, P]
+    cache = Cache(layers=[SlotLayer.over(keys, values, past_mask.shape[1]) for keys, values in layers])
+    return cache, torch.cat([past_mask, new_mask], dim=-1)
 
 
 @torch.inference_mode()

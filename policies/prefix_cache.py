@@ -192,13 +192,17 @@ def candidate_lengths(length: int, prompt_length: int, step_lengths: Sequence[in
     return sorted((n for n in wanted if 1 <= n <= length - 1), reverse=True)
 
 
-def pad_past(entries: Sequence[PrefixKV | None], device: torch.device | str) -> tuple[list, torch.Tensor]:
+def pad_past(
+    entries: Sequence[PrefixKV | None], device: torch.device | str, extra_columns: int = 0
+) -> tuple[list, torch.Tensor]:
     """Stack cached prefixes of different lengths into a left-padded batch past.
 
     entries: per row a PrefixKV or None (nothing cached), at least one not None.
-    Returns (per layer (keys, values), each [U, kv_heads, P, head_dim] with row u's cached tensors
-    in its last len_u columns and zeros before; past_mask [U, P] long, 1 on cached columns),
-    P = the longest cached length.
+    extra_columns: free columns allocated after the past (uninitialised), so a caller can append
+        the next tokens' KV in place (`policies.decode_loop.SlotLayer.over`).
+    Returns (per layer (keys, values), each [U, kv_heads, P + extra_columns, head_dim] with row
+    u's cached tensors in columns P - len_u .. P - 1 and zeros before; past_mask [U, P] long, 1 on
+    cached columns), P = the longest cached length.
     """
     sample = next(e for e in entries if e is not None)
     width = max(e.length for e in entries if e is not None)
@@ -206,13 +210,15 @@ def pad_past(entries: Sequence[PrefixKV | None], device: torch.device | str) -> 
     layers = []
     for layer in range(len(sample.keys)):
         heads, _, head_dim = sample.keys[layer].shape
-        shape = (len(entries), heads, width, head_dim)
-        keys = torch.zeros(shape, dtype=sample.keys[layer].dtype)  # [U, H, P, D]
-        values = torch.zeros(shape, dtype=sample.values[layer].dtype)  # [U, H, P, D]
+        shape = (len(entries), heads, width + extra_columns, head_dim)
+        keys = torch.empty(shape, dtype=sample.keys[layer].dtype)  # [U, H, P + extra, D]
+        values = torch.empty(shape, dtype=sample.values[layer].dtype)
+        keys[:, :, :width].zero_()
+        values[:, :, :width].zero_()
         for row, entry in enumerate(entries):
             if entry is not None:
-                keys[row, :, width - entry.length:] = entry.keys[layer]
-                values[row, :, width - entry.length:] = entry.values[layer]
+                keys[row, :, width - entry.length : width] = entry.keys[layer]
+                values[row, :, width - entry.length : width] = entry.values[layer]
         layers.append((keys.to(device), values.to(device)))
     for row, entry in enumerate(entries):
         if entry is not None:

@@ -171,6 +171,10 @@ def test_pad_past_left_pads_with_masked_zeros():
     assert keys.shape == (3, 1, 3, 2)
     assert keys[0, 0, :, 0].tolist() == [0.0, 1.0, 1.0] and values[1, 0, :, 1].tolist() == [2.0] * 3
     assert keys[2].abs().sum() == 0
+    # room for 4 more columns after the past: the first 3 columns and the mask are the same
+    roomy, same_mask = pad_past([kv(2, fill=1.0), kv(3, fill=2.0), None], "cpu", extra_columns=4)
+    assert torch.equal(same_mask, mask) and roomy[0][0].shape == (3, 1, 7, 2)
+    assert torch.equal(roomy[0][0][:, :, :3], keys) and torch.equal(roomy[0][1][:, :, :3], values)
 
 
 # -- the policy with the cache on equals it with the cache off ------------------------------------
