@@ -111,12 +111,8 @@ class SlotLayer(DynamicLayer):
         starts from (repeats allowed). Both are copied into buffers of S + reserve columns
         (default reserve: growth)."""
         super().__init__()
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self.growth = growth
-        self._rows, self._length = int(rows.numel()), int(keys.shape[2])
-        columns = self._length + max(growth if reserve is None else reserve, 1)
-        self._key_buf, self._value_buf = _buffers(keys, values, rows, columns)
-        self._set_views()
+        columns = int(keys.shape[2]) + max(growth if reserve is None else reserve, 1)
+        self._own(*_buffers(keys, values, rows, columns), int(keys.shape[2]), growth)
 
     @classmethod
     def over(cls, key_buf: torch.Tensor, value_buf: torch.Tensor, length: int, growth: int = KV_GROWTH) -> "SlotLayer":
@@ -124,12 +120,16 @@ class SlotLayer(DynamicLayer):
         `length` columns filled (e.g. `prefix_cache.pad_past` with extra columns)."""
         layer = cls.__new__(cls)
         DynamicLayer.__init__(layer)
-        layer.dtype, layer.device, layer.is_initialized = key_buf.dtype, key_buf.device, True
-        layer.growth = growth
-        layer._rows, layer._length = int(key_buf.shape[0]), int(length)
-        layer._key_buf, layer._value_buf = key_buf, value_buf
-        layer._set_views()
+        layer._own(key_buf, value_buf, int(length), growth)
         return layer
+
+    def _own(self, key_buf: torch.Tensor, value_buf: torch.Tensor, length: int, growth: int) -> None:
+        """Take the buffers [B, H, capacity, D] (first `length` columns filled) as this layer's."""
+        self.dtype, self.device, self.is_initialized = key_buf.dtype, key_buf.device, True
+        self.growth = growth
+        self._rows, self._length = int(key_buf.shape[0]), length
+        self._key_buf, self._value_buf = key_buf, value_buf
+        self._set_views()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append the new columns [B, H, s, D] in place; return the whole KV [B, H, S+s, D] (views)."""
