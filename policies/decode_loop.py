@@ -1,9 +1,9 @@
 """The batched sampling loop of the transformers policy: prefill each context once, replicate its
 KV cache for its samples, decode token by token, and drop finished rows from the batch.
 
-The decode KV cache is `SlotLayer` per layer: buffers allocated ahead that each token is written
-into in place, where transformers' DynamicCache re-copies the whole cache at every token (at a
-few hundred rows of a small model that copy cost more than the matmuls). Finished rows leave by
+The decode KV cache is a `SlotCache`: buffers of every layer allocated ahead that each token is
+written into in place, where transformers' DynamicCache re-copies the whole cache at every token
+(at a few hundred rows of a small model that copy cost more than the matmuls). Finished rows leave by
 moving live rows into their slots, so the batch order is not the row order; sampling still walks
 the rows in row order, so the same seed draws the same tokens for the same row.
 
@@ -91,96 +91,137 @@ class ChunkOutput:
     step_scores: torch.Tensor | None = None
 
 
+class _SlotBuffers:
+    """What the layers of a `SlotCache` share: key and value buffers [L, B, H, capacity, D] of
+    every layer and the number of rows in use (a plain holder, so layers and cache do not form a
+    reference cycle that would keep the buffers alive until the garbage collector runs)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, growth: int) -> None:
+        self.keys, self.values, self.growth = keys, values, growth
+        self.rows = int(keys.shape[1])
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys.shape[3])
+
+    def grow(self, capacity: int, length: int) -> None:
+        """New buffers of `capacity` columns holding the first `length` columns of the rows in use."""
+        self.keys, self.values = (
+            _gather_into(old[:, : self.rows, :, :length], torch.arange(self.rows, device=old.device), capacity)
+            for old in (self.keys, self.values)
+        )
+
+
 class SlotLayer(DynamicLayer):
-    """One layer's KV of the decoding rows, in buffers [B, H, capacity, D] allocated ahead:
-    `keys` / `values` are views of the first `rows` rows and `length` columns.
+    """One layer of a `SlotCache`: `keys` / `values` are views [B, H, length, D] of its slice of the
+    shared buffers; `update` writes the new columns in place (growing all layers' buffers by
+    KV_GROWTH columns when full)."""
 
-    Why: a plain DynamicLayer appends by concatenation, copying the whole cache at every decoded
-    token; at a few hundred rows of a small model that copy costs more than the matmuls
-    (experiments/bench_batching.py). Here a token is written in place and the buffer grows by
-    KV_GROWTH columns when full (the first buffers reserve `reserve` columns, the chunk's budget);
-    a finished row's slot is refilled by moving a live row from the end (`move_rows`), so dropping
-    rows copies only the rows that move.
-    """
-
-    def __init__(
-        self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, growth: int = KV_GROWTH,
-        reserve: int | None = None,
-    ) -> None:
-        """keys, values [U, H, S, D]: a prefilled layer; rows [B] long: the row of it each slot
-        starts from (repeats allowed). Both are copied into buffers of S + reserve columns
-        (default reserve: growth)."""
+    def __init__(self, buffers: _SlotBuffers, index: int, length: int) -> None:
         super().__init__()
-        columns = int(keys.shape[2]) + max(growth if reserve is None else reserve, 1)
-        self._own(*_buffers(keys, values, rows, columns), int(keys.shape[2]), growth)
-
-    @classmethod
-    def over(cls, key_buf: torch.Tensor, value_buf: torch.Tensor, length: int, growth: int = KV_GROWTH) -> "SlotLayer":
-        """A layer that takes buffers [B, H, capacity, D] as its own (no copy), their first
-        `length` columns filled (e.g. `prefix_cache.pad_past` with extra columns)."""
-        layer = cls.__new__(cls)
-        DynamicLayer.__init__(layer)
-        layer._own(key_buf, value_buf, int(length), growth)
-        return layer
-
-    def _own(self, key_buf: torch.Tensor, value_buf: torch.Tensor, length: int, growth: int) -> None:
-        """Take the buffers [B, H, capacity, D] (first `length` columns filled) as this layer's."""
-        self.dtype, self.device, self.is_initialized = key_buf.dtype, key_buf.device, True
-        self.growth = growth
-        self._rows, self._length = int(key_buf.shape[0]), length
-        self._key_buf, self._value_buf = key_buf, value_buf
-        self._set_views()
+        self.dtype, self.device, self.is_initialized = buffers.keys.dtype, buffers.keys.device, True
+        self._buffers, self._index, self._length = buffers, index, length
+        self.refresh()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append the new columns [B, H, s, D] in place; return the whole KV [B, H, S+s, D] (views)."""
-        end = self._length + int(key_states.shape[2])
-        if end > self._key_buf.shape[2]:
-            self._reallocate(torch.arange(self._rows, device=self.device), end + self.growth)
-        self._key_buf[: self._rows, :, self._length : end] = key_states
-        self._value_buf[: self._rows, :, self._length : end] = value_states
+        buffers, end = self._buffers, self._length + int(key_states.shape[2])
+        if end > buffers.capacity:
+            buffers.grow(end + buffers.growth, self._length)
+        buffers.keys[self._index, : buffers.rows, :, self._length : end] = key_states
+        buffers.values[self._index, : buffers.rows, :, self._length : end] = value_states
         self._length = end
-        self._set_views()
+        self.refresh()
         return self.keys, self.values
 
+    def refresh(self) -> None:
+        """Point `keys` / `values` at the current buffers, rows and length."""
+        rows = self._buffers.rows
+        self.keys = self._buffers.keys[self._index, :rows, :, : self._length]
+        self.values = self._buffers.values[self._index, :rows, :, : self._length]
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep (and repeat) the rows indices [B'] in that order (copies every kept row)."""
-        self._reallocate(indices, int(self._key_buf.shape[2]))
+        raise NotImplementedError("a SlotLayer's rows move with SlotCache.move_rows (all layers at once)")
+
+
+class SlotCache(Cache):
+    """The KV cache of the decoding rows: every layer's keys and values in two buffers
+    [L, B, H, capacity, D] allocated ahead, one `SlotLayer` view per layer.
+
+    Why: a plain DynamicLayer appends by concatenation, copying the whole cache at every decoded
+    token; at a few hundred rows of a small model that copy costs more than the matmuls
+    (experiments/bench_batching.py). Here a token is written in place; a finished row's slot is
+    refilled by moving a live row from the end (`move_rows`), and a row's KV is copied out
+    (`row_kv`), each in one op over all layers rather than one per layer (SmolLM2 has 30).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, growth: int = KV_GROWTH) -> None:
+        """Take buffers [L, B, H, capacity, D] (no copy) whose first `length` columns are filled."""
+        self._buffers = _SlotBuffers(keys, values, growth)
+        super().__init__(layers=[SlotLayer(self._buffers, index, int(length)) for index in range(int(keys.shape[0]))])
+
+    @classmethod
+    def gathered(cls, cache: Any, rows: torch.Tensor, reserve: int = KV_GROWTH) -> "SlotCache":
+        """The rows `rows` [R] (repeats allowed) of a prefilled cache (one layer list of
+        [U, H, S, D] keys / values), in buffers with `reserve` free columns after the S filled."""
+        layers = cache.layers
+        length = int(layers[0].keys.shape[2])
+        if isinstance(cache, SlotCache):  # one gather over all layers
+            buffers = cache._buffers
+            keys, values = (
+                _gather_into(b[:, : buffers.rows, :, :length], rows, length + max(reserve, 1))
+                for b in (buffers.keys, buffers.values)
+            )
+            return cls(keys, values, length)
+        keys, values = (_stack_gather([getattr(layer, name) for layer in layers], rows, length + max(reserve, 1))
+                        for name in ("keys", "values"))
+        return cls(keys, values, length)
+
+    @property
+    def length(self) -> int:
+        """Columns filled (the same in every layer between forwards)."""
+        return self.layers[0]._length
 
     def move_rows(self, slots: torch.Tensor, sources: torch.Tensor, rows: int) -> None:
-        """Copy rows sources [k] into slots [k], then keep the first `rows` rows."""
+        """Copy rows sources [k] into slots [k] in every layer, then keep the first `rows` rows."""
+        buffers, length = self._buffers, self.length
         if slots.numel():
-            self._key_buf[slots, :, : self._length] = self._key_buf[sources, :, : self._length]
-            self._value_buf[slots, :, : self._length] = self._value_buf[sources, :, : self._length]
-        self._rows = rows
-        self._set_views()
+            buffers.keys[:, slots, :, :length] = buffers.keys[:, sources, :, :length]
+            buffers.values[:, slots, :, :length] = buffers.values[:, sources, :, :length]
+        buffers.rows = rows
+        for layer in self.layers:
+            layer.refresh()
 
-    def _reallocate(self, rows: torch.Tensor, capacity: int) -> None:
-        """New buffers of `capacity` columns holding the current rows `rows` [B']."""
-        self._key_buf, self._value_buf = _buffers(self.keys, self.values, rows, capacity)
-        self._rows = int(rows.numel())
-        self._set_views()
-
-    def _set_views(self) -> None:
-        self.keys = self._key_buf[: self._rows, :, : self._length]
-        self.values = self._value_buf[: self._rows, :, : self._length]
+    def row_kv(self, row: int, columns: torch.Tensor) -> PrefixKV:
+        """A copy on CPU of slot `row`'s KV at `columns` [n] of every layer."""
+        keys, values = self._buffers.keys[:, row], self._buffers.values[:, row]  # [L, H, capacity, D]
+        return PrefixKV(keys.index_select(2, columns).to("cpu"), values.index_select(2, columns).to("cpu"))
 
 
-def _buffers(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, capacity: int):
-    """New buffers [B, H, capacity, D] whose first S columns hold keys[rows], values[rows]
-    ([U, H, S, D] each). Gathered straight into the buffer: a temporary of this size would cost a
+def _gather_into(source: torch.Tensor, rows: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A new buffer [L, R, H, capacity, D] whose first S columns hold source[:, rows] (source
+    [L, U, H, S, D]); gathered straight into the buffer: a temporary of this size would cost a
     fresh allocation (page faults) as large as the copy itself."""
-    out = []
-    for source in (keys, values):
-        buf = source.new_empty((int(rows.numel()), source.shape[1], capacity, source.shape[3]))
-        torch.index_select(source, 0, rows, out=buf[:, :, : source.shape[2]])
-        out.append(buf)
-    return out[0], out[1]
+    layers, _, heads, length, dim = source.shape
+    buf = source.new_empty((layers, int(rows.numel()), heads, capacity, dim))
+    torch.index_select(source, 1, rows, out=buf[:, :, :, :length])
+    return buf
 
 
-def slot_cache(cache: Any, rows: torch.Tensor, reserve: int | None = None) -> Cache:
-    """A cache of `SlotLayer`s holding the rows `rows` [R] (repeats allowed) of a prefilled cache,
-    with `reserve` free columns (default KV_GROWTH)."""
-    return Cache(layers=[SlotLayer(layer.keys, layer.values, rows, reserve=reserve) for layer in cache.layers])
+def _stack_gather(tensors: Sequence[torch.Tensor], rows: torch.Tensor, capacity: int) -> torch.Tensor:
+    """`_gather_into` of per-layer tensors [U, H, S, D] (a DynamicCache's layers)."""
+    sample = tensors[0]
+    _, heads, length, dim = sample.shape
+    buf = sample.new_empty((len(tensors), int(rows.numel()), heads, capacity, dim))
+    for index, tensor in enumerate(tensors):
+        torch.index_select(tensor, 0, rows, out=buf[index, :, :, :length])
+    return buf
+
+
+def slot_cache(cache: Any, rows: torch.Tensor, reserve: int | None = None) -> SlotCache:
+    """A cache holding the rows `rows` [R] (repeats allowed) of a prefilled cache, with `reserve`
+    free columns (default KV_GROWTH)."""
+    return SlotCache.gathered(cache, rows, KV_GROWTH if reserve is None else reserve)
 
 
 @dataclass
@@ -189,7 +230,7 @@ class _Batch:
     Slot b holds chunk row rows[b]; dropping rows reorders the slots (see `keep`)."""
 
     rows: torch.Tensor  # [B] long, index of each active row in the chunk
-    cache: Any  # a Cache of SlotLayer with B rows
+    cache: SlotCache  # B rows
     attention_mask: torch.Tensor  # [B, S] long, 0 on left padding
     next_position: torch.Tensor  # [B] long, position id of the next fed token
     state: StopState
@@ -202,8 +243,7 @@ class _Batch:
         size = int(keep_mask.sum())
         slots = (~keep_mask[:size]).nonzero().squeeze(-1)  # [k] freed slots that stay
         sources = keep_mask[size:].nonzero().squeeze(-1) + size  # [k] live rows past the new end
-        for layer in self.cache.layers:
-            layer.move_rows(slots, sources, size)
+        self.cache.move_rows(slots, sources, size)
         index = torch.arange(size, device=keep_mask.device)
         index[slots] = sources  # [B'] new slot s holds old slot index[s]
         self.rows, self.budget = self.rows[index], self.budget[index]
@@ -275,9 +315,8 @@ def _start_cache(model: Any, past: Sequence[PrefixKV | None] | None, new_mask: t
     config = getattr(model, "config", None)
     if past is None:
         return DynamicCache(config=config), new_mask
-    width = int(new_mask.shape[1])
-    layers, past_mask = pad_past(past, device, extra_columns=width)  # per layer [U, H, P + L, D]; [U, P]
-    cache = Cache(layers=[SlotLayer.over(keys, values, past_mask.shape[1]) for keys, values in layers])
+    keys, values, past_mask = pad_past(past, device, extra_columns=int(new_mask.shape[1]))  # [L, U, H, P + L, D]
+    cache = SlotCache(keys, values, past_mask.shape[1])
     return cache, torch.cat([past_mask, new_mask], dim=-1)
 
 
@@ -360,10 +399,7 @@ def _copy_fed_kv(batch: _Batch, rows: torch.Tensor, fed_kv: list[PrefixKV | None
     time than boolean indexing over a beam search's copies)."""
     for b in rows.nonzero().squeeze(-1).tolist():
         columns = batch.attention_mask[b].nonzero().squeeze(-1)  # [len] the row's non-pad columns
-        fed_kv[int(batch.rows[b])] = PrefixKV(
-            tuple(layer.keys[b].index_select(1, columns).to("cpu") for layer in batch.cache.layers),  # [H, len, D]
-            tuple(layer.values[b].index_select(1, columns).to("cpu") for layer in batch.cache.layers),
-        )
+        fed_kv[int(batch.rows[b])] = batch.cache.row_kv(b, columns)
 
 
 def _start_batch(

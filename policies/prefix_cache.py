@@ -3,7 +3,7 @@ search that extends last round's paths forwards only the new tokens.
 
 Usage:
     cache = PrefixCache(PrefixCacheConfig(max_bytes=256 * 2**20))
-    cache.store(tuple(ids), PrefixKV(keys, values))              # per layer [heads, len, head_dim]
+    cache.store(tuple(ids), PrefixKV(keys, values))              # [layers, heads, len, head_dim] each
     hit = cache.longest(ids, candidate_lengths(len(ids), prompt_len, step_lengths))
     if hit is not None:
         length, kv = hit                                         # ids[:length] need no forward
@@ -56,31 +56,29 @@ class PrefixCacheConfig:
 
 @dataclass(frozen=True)
 class PrefixKV:
-    """The attention keys and values of one token sequence, one tensor per layer.
+    """The attention keys and values of one token sequence, every layer in one tensor.
 
-    keys, values: per layer [kv_heads, length, head_dim], no padding, same length in every layer.
+    keys, values: [layers, kv_heads, length, head_dim] each, no padding (one tensor for all
+    layers, so copying a row in or out of the decode cache is one op, not one per layer).
     """
 
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
+    keys: torch.Tensor
+    values: torch.Tensor
 
     def __post_init__(self) -> None:
-        if len(self.keys) != len(self.values) or not self.keys:
+        if self.keys.dim() != 4 or self.keys.shape != self.values.shape or self.keys.shape[0] < 1:
             raise ValueError(
-                f"PrefixKV needs as many value as key layers (>= 1): {len(self.keys)} vs {len(self.values)}"
+                "PrefixKV keys and values must both be [layers >= 1, heads, length, head_dim], got "
+                f"{tuple(self.keys.shape)} and {tuple(self.values.shape)}"
             )
-        tensors = self.keys + self.values
-        lengths = sorted({t.shape[-2] for t in tensors})
-        if len(lengths) != 1 or any(t.dim() != 3 for t in tensors):
-            raise ValueError(f"PrefixKV tensors must be [heads, length, head_dim] of one length, got {lengths}")
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[-2]
+        return int(self.keys.shape[-2])
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
 
 @dataclass(frozen=True)
@@ -194,33 +192,28 @@ def candidate_lengths(length: int, prompt_length: int, step_lengths: Sequence[in
 
 def pad_past(
     entries: Sequence[PrefixKV | None], device: torch.device | str, extra_columns: int = 0
-) -> tuple[list, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack cached prefixes of different lengths into a left-padded batch past.
 
     entries: per row a PrefixKV or None (nothing cached), at least one not None.
     extra_columns: free columns allocated after the past (uninitialised), so a caller can append
-        the next tokens' KV in place (`policies.decode_loop.SlotLayer.over`).
-    Returns (per layer (keys, values), each [U, kv_heads, P + extra_columns, head_dim] with row
-    u's cached tensors in columns P - len_u .. P - 1 and zeros before; past_mask [U, P] long, 1 on
-    cached columns), P = the longest cached length.
+        the next tokens' KV in place (`policies.decode_loop.SlotCache`).
+    Returns (keys, values, past_mask): keys and values [layers, U, kv_heads, P + extra_columns,
+    head_dim] with row u's cached tensors in columns P - len_u .. P - 1 and zeros before;
+    past_mask [U, P] long, 1 on cached columns; P = the longest cached length.
     """
     sample = next(e for e in entries if e is not None)
     width = max(e.length for e in entries if e is not None)
+    layers, heads, _, head_dim = sample.keys.shape
+    shape = (layers, len(entries), heads, width + extra_columns, head_dim)
+    keys = torch.empty(shape, dtype=sample.keys.dtype)  # [L, U, H, P + extra, D]
+    values = torch.empty(shape, dtype=sample.values.dtype)
+    keys[:, :, :, :width].zero_()
+    values[:, :, :, :width].zero_()
     past_mask = torch.zeros((len(entries), width), dtype=torch.long)  # [U, P]
-    layers = []
-    for layer in range(len(sample.keys)):
-        heads, _, head_dim = sample.keys[layer].shape
-        shape = (len(entries), heads, width + extra_columns, head_dim)
-        keys = torch.empty(shape, dtype=sample.keys[layer].dtype)  # [U, H, P + extra, D]
-        values = torch.empty(shape, dtype=sample.values[layer].dtype)
-        keys[:, :, :width].zero_()
-        values[:, :, :width].zero_()
-        for row, entry in enumerate(entries):
-            if entry is not None:
-                keys[row, :, width - entry.length : width] = entry.keys[layer]
-                values[row, :, width - entry.length : width] = entry.values[layer]
-        layers.append((keys.to(device), values.to(device)))
     for row, entry in enumerate(entries):
         if entry is not None:
+            keys[:, row, :, width - entry.length : width] = entry.keys
+            values[:, row, :, width - entry.length : width] = entry.values
             past_mask[row, width - entry.length:] = 1
-    return layers, past_mask.to(device)
+    return keys.to(device), values.to(device), past_mask.to(device)

@@ -47,10 +47,9 @@ def policy(cache: PrefixCacheConfig | None, **sampling) -> TransformersPolicy:
 
 
 def kv(length: int, fill: float = 0.0, layers: int = 2) -> PrefixKV:
-    """A PrefixKV of `length` tokens: per layer [1 head, length, 2 dims] float32 = 8 bytes/token
-    per tensor, so 2 layers x (keys + values) = 32 bytes per token."""
-    tensor = lambda: torch.full((1, length, 2), fill)  # noqa: E731
-    return PrefixKV(tuple(tensor() for _ in range(layers)), tuple(tensor() for _ in range(layers)))
+    """A PrefixKV of `length` tokens: [layers, 1 head, length, 2 dims] float32 = 8 bytes/token
+    per layer and tensor, so 2 layers x (keys + values) = 32 bytes per token."""
+    return PrefixKV(torch.full((layers, 1, length, 2), fill), torch.full((layers, 1, length, 2), fill))
 
 
 def run_rounds(p: TransformersPolicy, rounds: int, n: int, width: int = 6, fresh: bool = True):
@@ -165,16 +164,22 @@ def test_clear_drops_entries_and_counters():
 
 def test_pad_past_left_pads_with_masked_zeros():
     # lengths 2 and 3 and a miss -> P = 3; row 0 starts at column 1, the miss is all padding
-    layers, mask = pad_past([kv(2, fill=1.0), kv(3, fill=2.0), None], "cpu")
+    keys, values, mask = pad_past([kv(2, fill=1.0), kv(3, fill=2.0), None], "cpu")
     assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 0]]
-    keys, values = layers[0]
-    assert keys.shape == (3, 1, 3, 2)
-    assert keys[0, 0, :, 0].tolist() == [0.0, 1.0, 1.0] and values[1, 0, :, 1].tolist() == [2.0] * 3
-    assert keys[2].abs().sum() == 0
+    assert keys.shape == values.shape == (2, 3, 1, 3, 2)  # [layers, rows, heads, P, dims]
+    assert keys[1, 0, 0, :, 0].tolist() == [0.0, 1.0, 1.0] and values[0, 1, 0, :, 1].tolist() == [2.0] * 3
+    assert keys[:, 2].abs().sum() == 0
     # room for 4 more columns after the past: the first 3 columns and the mask are the same
-    roomy, same_mask = pad_past([kv(2, fill=1.0), kv(3, fill=2.0), None], "cpu", extra_columns=4)
-    assert torch.equal(same_mask, mask) and roomy[0][0].shape == (3, 1, 7, 2)
-    assert torch.equal(roomy[0][0][:, :, :3], keys) and torch.equal(roomy[0][1][:, :, :3], values)
+    roomy_keys, roomy_values, same_mask = pad_past([kv(2, fill=1.0), kv(3, fill=2.0), None], "cpu", extra_columns=4)
+    assert torch.equal(same_mask, mask) and roomy_keys.shape == (2, 3, 1, 7, 2)
+    assert torch.equal(roomy_keys[..., :3, :], keys) and torch.equal(roomy_values[..., :3, :], values)
+
+
+def test_a_prefix_kv_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"\[layers >= 1, heads, length, head_dim\].*\(2, 1, 3, 2\).*\(2, 1, 4, 2\)"):
+        PrefixKV(torch.zeros(2, 1, 3, 2), torch.zeros(2, 1, 4, 2))
+    with pytest.raises(ValueError, match="layers >= 1"):
+        PrefixKV(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2))
 
 
 # -- the policy with the cache on equals it with the cache off ------------------------------------

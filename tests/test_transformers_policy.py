@@ -444,15 +444,39 @@ def test_a_slot_cache_reserves_its_budget_and_grows_only_past_it():
     from policies.decode_loop import KV_GROWTH, slot_cache
 
     prefilled = DynamicCache()
-    keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)  # [U, H, S, D]
-    prefilled.update(keys, values, 0)
+    keys = [torch.randn(2, 3, 5, 4) for _ in range(2)]  # per layer [U, H, S, D]
+    values = [torch.randn(2, 3, 5, 4) for _ in range(2)]
+    for index in range(2):
+        prefilled.update(keys[index], values[index], index)
     cache = slot_cache(prefilled, torch.tensor([0, 1, 1]), reserve=10)
-    layer = cache.layers[0]
-    buffer = layer._key_buf
-    assert buffer.shape == (3, 3, 15, 4) and torch.equal(layer.keys[2], keys[1])
+    buffer = cache._buffers.keys
+    assert buffer.shape == (2, 3, 3, 15, 4)  # [L, R, H, S + reserve, D]
+    assert torch.equal(cache.layers[1].keys[2], keys[1][1]) and torch.equal(cache.layers[0].values[0], values[0][0])
     for _ in range(10):  # the reserved columns: written in place, never reallocated
-        layer.update(torch.ones(3, 3, 1, 4), torch.ones(3, 3, 1, 4))
-    assert layer._key_buf is buffer and layer.keys.shape[2] == 15
-    layer.update(torch.ones(3, 3, 1, 4), torch.ones(3, 3, 1, 4))  # one past the reserve: grows
-    assert layer._key_buf is not buffer and layer._key_buf.shape[2] == 16 + KV_GROWTH
-    assert torch.equal(layer.keys[:, :, :5], keys[[0, 1, 1]])  # the prefill survived the move
+        for layer in cache.layers:
+            layer.update(torch.ones(3, 3, 1, 4), torch.ones(3, 3, 1, 4))
+    assert cache._buffers.keys is buffer and cache.layers[1].keys.shape[2] == 15 and cache.length == 15
+    for layer in cache.layers:  # one past the reserve: the first layer grows every layer's buffer
+        layer.update(torch.full((3, 3, 1, 4), 2.0), torch.full((3, 3, 1, 4), 2.0))
+    assert cache._buffers.keys is not buffer and cache._buffers.keys.shape[3] == 16 + KV_GROWTH
+    for index in range(2):  # the prefill and both layers' new columns survived the move
+        assert torch.equal(cache.layers[index].keys[:, :, :5], keys[index][[0, 1, 1]])
+        assert bool((cache.layers[index].values[:, :, 5:15] == 1).all() and (cache.layers[index].values[:, :, 15] == 2).all())
+
+
+def test_a_slot_cache_moves_rows_and_copies_a_row_out_in_every_layer():
+    from policies.decode_loop import SlotCache
+
+    keys = torch.arange(2 * 4 * 1 * 6 * 2, dtype=torch.float32).reshape(2, 4, 1, 6, 2)  # [L, B, H, cap, D]
+    values = -keys.clone()
+    cache = SlotCache(keys.clone(), values.clone(), length=5)
+    cache.move_rows(torch.tensor([1]), torch.tensor([3]), rows=3)  # slot 1 takes row 3; row 2 stays
+    for index in range(2):
+        assert cache.layers[index].keys.shape == (3, 1, 5, 2)
+        assert torch.equal(cache.layers[index].keys[1], keys[index, 3, :, :5])
+        assert torch.equal(cache.layers[index].values[2], values[index, 2, :, :5])
+    kv = cache.row_kv(1, torch.tensor([0, 3, 4]))  # slot 1 (was row 3), columns 0, 3, 4
+    assert kv.length == 3 and kv.keys.shape == (2, 1, 3, 2)
+    assert torch.equal(kv.keys, keys[:, 3][:, :, [0, 3, 4]]) and torch.equal(kv.values, values[:, 3][:, :, [0, 3, 4]])
+    with pytest.raises(NotImplementedError, match="move_rows"):
+        cache.batch_select_indices(torch.tensor([0]))
