@@ -12,7 +12,10 @@ timed too, so the table splits wall time into
   backend rest   inside policy calls but outside the forward: sampling, the stop rule, KV-cache
                  bookkeeping, prefix-cache copies, building steps and texts;
   search rest    outside policy calls: the strategy itself (trees, selection, scoring, records).
-"outside forward" = 1 - in forward / wall is the engine overhead the target is about. For each
+"outside forward" = 1 - in forward / wall is the engine overhead the target is about; the same
+share of this process's CPU time is printed beside it ("outside forward, CPU"), which other jobs
+on a shared machine do not move (they stretch wall time inside and outside the forward alike,
+but not evenly), and the target is judged on it when the two differ. For each
 strategy above the target, a second run under cProfile (profiling switched off inside the
 forward) lists the top Python hotspots outside the model.
 
@@ -45,13 +48,15 @@ TARGET = 0.05  # most share of wall time outside the forward
 
 @dataclass(frozen=True)
 class OverheadRow:
-    """One search over all problems: wall_s / cpu_s of the search call, forward_s and
-    forward_calls inside the LM's forward, policy_s inside policy calls, tokens_generated."""
+    """One search over all problems: wall_s / cpu_s of the search call, forward_s (wall),
+    forward_cpu_s (CPU) and forward_calls inside the LM's forward, policy_s inside policy calls,
+    tokens_generated."""
 
     strategy: str
     wall_s: float
     cpu_s: float
     forward_s: float
+    forward_cpu_s: float
     forward_calls: int
     policy_s: float
     tokens_generated: int
@@ -59,6 +64,10 @@ class OverheadRow:
     @property
     def outside_forward(self) -> float:
         return 1 - self.forward_s / self.wall_s
+
+    @property
+    def outside_forward_cpu(self) -> float:
+        return 1 - self.forward_cpu_s / self.cpu_s
 
     @property
     def backend_rest(self) -> float:
@@ -76,7 +85,10 @@ def measure(strategy: str, cfg: dict[str, Any], work: Workload) -> OverheadRow:
     with ForwardClock(lm) as forward, PolicyClock(policy) as calls:
         timing = timed(lambda: results.extend(run_search(strategy, work.problems, policy, ConfidenceScorer(), **cfg)))
     generated = sum(r.compute.tokens_generated for r in results)
-    return OverheadRow(strategy, timing.wall_s, timing.cpu_s, forward.seconds, forward.calls, calls.seconds, generated)
+    return OverheadRow(
+        strategy, timing.wall_s, timing.cpu_s, forward.seconds, forward.cpu_seconds, forward.calls, calls.seconds,
+        generated,
+    )
 
 
 def hotspots(strategy: str, cfg: dict[str, Any], work: Workload, top: int) -> list[tuple[str, float]]:
@@ -113,14 +125,15 @@ def _function_name(key: tuple[str, int, str]) -> str:
 def overhead_table(rows: Sequence[OverheadRow]) -> str:
     lines = [
         "| strategy | wall s | cpu s | forward calls | tokens generated | in forward | backend rest "
-        "| search rest | outside forward | target <= 5% |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| search rest | outside forward | outside forward, CPU | target <= 5% (CPU) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.strategy} | {r.wall_s:.2f} | {r.cpu_s:.2f} | {r.forward_calls} | {r.tokens_generated} | "
             f"{r.forward_s / r.wall_s:.1%} | {r.backend_rest:.1%} | {r.search_rest:.1%} | "
-            f"{r.outside_forward:.1%} | {'met' if r.outside_forward <= TARGET else 'not met'} |"
+            f"{r.outside_forward:.1%} | {r.outside_forward_cpu:.1%} | "
+            f"{'met' if r.outside_forward_cpu <= TARGET else 'not met'} |"
         )
     return "\n".join(lines)
 
@@ -149,7 +162,7 @@ def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed
         overhead_table(rows),
     ]
     for row in rows:
-        if row.outside_forward > TARGET and top > 0:
+        if row.outside_forward_cpu > TARGET and top > 0:
             spots = hotspots(row.strategy, strategies[row.strategy], work, top)
             parts += ["", hotspot_table(row.strategy, row.wall_s, spots)]
     return "\n".join(parts)

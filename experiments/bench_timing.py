@@ -48,13 +48,17 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
 
 class ForwardClock:
     """Seconds spent inside `module.forward` while the context is open (forward pre/post hooks;
-    nested calls of the same module would be counted once each, the LM is never nested)."""
+    nested calls of the same module would be counted once each, the LM is never nested):
+    `seconds` of wall time and `cpu_seconds` of this process's CPU time (all its threads), the
+    latter unmoved by other jobs taking the cores away."""
 
     def __init__(self, module: Any) -> None:
         self.module = module
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.calls = 0
         self._started = 0.0
+        self._cpu_started = 0.0
         self._handles: list[Any] = []
 
     def __enter__(self) -> "ForwardClock":
@@ -70,10 +74,11 @@ class ForwardClock:
         self._handles = []
 
     def _pre(self, module: Any, args: Any) -> None:
-        self._started = time.perf_counter()
+        self._started, self._cpu_started = time.perf_counter(), time.process_time()
 
     def _post(self, module: Any, args: Any, output: Any) -> None:
         self.seconds += time.perf_counter() - self._started
+        self.cpu_seconds += time.process_time() - self._cpu_started
         self.calls += 1
 
 

@@ -189,4 +189,5 @@ def test_the_smollm2_benchmark_workload_times_its_forward(converted):
     row = bench_engine_overhead.measure("best_of_n", dict(n=2, seed=0), work)
     assert row.tokens_generated > 0 and row.forward_calls >= row.tokens_generated // 2
     assert 0 < row.forward_s < row.policy_s <= row.wall_s
+    assert 0 < row.forward_cpu_s < row.cpu_s  # CPU time inside the forward, a part of the search's
     assert 0 <= work.accuracy([]) <= 1
