@@ -10,8 +10,9 @@ Usage:
     cache.stats()                                                # hits, misses, evictions, bytes
 
 What is stored: one entry per path, keyed by the exact token ids whose KV it holds (one row,
-unpadded, on CPU). Entries are full copies, so paths of one tree hold the shared prompt once
-each: simple and exact, at the price of memory a paged or radix layout would share.
+unpadded, on CPU), as a chain of segments: a step generated from a cached prefix stores only its
+own columns and points at that prefix's entry (`PrefixKV.parent`), so storing a step copies one
+step and the paths of a tree share their prompt and common steps in memory.
 
 Lookup checks only the lengths a search can have stored (`candidate_lengths`: each step boundary
 of the query and one token before it, since a step's last token is never fed back while it is
@@ -19,7 +20,9 @@ generated), longest first, in a hash map: no trie needed. At least one token of 
 left to forward, because its logits are what the next token is sampled from.
 
 Eviction: least recently used (a hit or a store counts as a use) until the stored bytes fit
-`max_bytes`; an entry larger than the whole budget is not stored. Entries are only valid for the
+`max_bytes`; an entry larger than the whole budget is not stored. Each entry counts the bytes of
+its whole sequence (`PrefixKV.nbytes`), so the budget bounds memory even though an evicted
+entry's segments live on while a stored entry extends them. Entries are only valid for the
 weights that computed them: call `clear()` after changing the model.
 
 Tests: `.venv/bin/pytest tests/test_prefix_cache.py`.
@@ -54,16 +57,25 @@ class PrefixCacheConfig:
             raise ValueError(f"PrefixCacheConfig.max_bytes={self.max_bytes!r} must be an integer >= 1")
 
 
+MAX_CHAIN = 16  # most segments of a PrefixKV chain; a longer one is stored whole (see PrefixKV)
+
+
 @dataclass(frozen=True)
 class PrefixKV:
-    """The attention keys and values of one token sequence, every layer in one tensor.
+    """The attention keys and values of one token sequence, every layer in one tensor, stored as a
+    chain: `parent` holds the first parent.length tokens (None: nothing), keys / values the rest.
 
-    keys, values: [layers, kv_heads, length, head_dim] each, no padding (one tensor for all
-    layers, so copying a row in or out of the decode cache is one op, not one per layer).
+    keys, values: [layers, kv_heads, own length, head_dim] each, no padding (one tensor for all
+        layers, so copying a row in or out of the decode cache is one op, not one per layer).
+    parent: the entry this one extends. A step-level search stores each new step as the columns
+        it added on top of the prefix it was generated from, so an entry costs one step's copy
+        and the paths of one tree share their common prefix in memory; a chain longer than
+        MAX_CHAIN segments is stored whole (the decode loop copies the full row then).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
+    parent: PrefixKV | None = None
 
     def __post_init__(self) -> None:
         if self.keys.dim() != 4 or self.keys.shape != self.values.shape or self.keys.shape[0] < 1:
@@ -71,14 +83,37 @@ class PrefixKV:
                 "PrefixKV keys and values must both be [layers >= 1, heads, length, head_dim], got "
                 f"{tuple(self.keys.shape)} and {tuple(self.values.shape)}"
             )
+        if self.parent is not None and self.parent.keys.shape[:2] + self.parent.keys.shape[3:] != (
+            self.keys.shape[:2] + self.keys.shape[3:]
+        ):
+            raise ValueError(
+                f"PrefixKV extends a parent of another shape: {tuple(self.parent.keys.shape)} vs {tuple(self.keys.shape)}"
+            )
 
     @property
     def length(self) -> int:
-        return int(self.keys.shape[-2])
+        """Tokens of the whole sequence (the parent's and this segment's)."""
+        return int(self.keys.shape[-2]) + (0 if self.parent is None else self.parent.length)
+
+    @property
+    def depth(self) -> int:
+        """Segments in the chain (1: stored whole)."""
+        return 1 if self.parent is None else self.parent.depth + 1
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        """Bytes of the whole sequence as if stored flat: what the cache's budget counts, an upper
+        bound on what it holds (segments shared with other entries are counted by each)."""
+        per_token = sum(t.numel() * t.element_size() for t in (self.keys, self.values)) // max(int(self.keys.shape[-2]), 1)
+        return per_token * self.length
+
+    def segments(self) -> list[PrefixKV]:
+        """The chain, first tokens first (each segment's own keys / values)."""
+        chain, entry = [], self
+        while entry is not None:
+            chain.append(entry)
+            entry = entry.parent
+        return chain[::-1]
 
 
 @dataclass(frozen=True)
@@ -213,7 +248,11 @@ def pad_past(
     past_mask = torch.zeros((len(entries), width), dtype=torch.long)  # [U, P]
     for row, entry in enumerate(entries):
         if entry is not None:
-            keys[:, row, :, width - entry.length : width] = entry.keys
-            values[:, row, :, width - entry.length : width] = entry.values
+            start = width - entry.length
+            for segment in entry.segments():
+                end = start + int(segment.keys.shape[-2])
+                keys[:, row, :, start:end] = segment.keys
+                values[:, row, :, start:end] = segment.values
+                start = end
             past_mask[row, width - entry.length:] = 1
     return keys.to(device), values.to(device), past_mask.to(device)

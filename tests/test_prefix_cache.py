@@ -310,3 +310,43 @@ def test_the_stored_key_is_the_context_ids_and_the_step_but_its_last_token():
     log = ForwardLog(cached.model)
     cached.propose([child], 1, seed=0)
     assert log.calls[0] == (1, 1)
+
+
+# -- chained entries ------------------------------------------------------------------------------
+
+
+def test_a_chained_entry_pads_like_the_flat_one_and_counts_its_whole_length():
+    whole = PrefixKV(torch.arange(2 * 5 * 2, dtype=torch.float32).reshape(2, 1, 5, 2),
+                     -torch.arange(2 * 5 * 2, dtype=torch.float32).reshape(2, 1, 5, 2))
+    root = PrefixKV(whole.keys[:, :, :2], whole.values[:, :, :2])
+    middle = PrefixKV(whole.keys[:, :, 2:4], whole.values[:, :, 2:4], parent=root)
+    chained = PrefixKV(whole.keys[:, :, 4:], whole.values[:, :, 4:], parent=middle)
+    assert chained.length == 5 and chained.depth == 3 and [s.keys.shape[2] for s in chained.segments()] == [2, 2, 1]
+    assert chained.nbytes == whole.nbytes  # the budget counts the whole sequence
+    flat_keys, flat_values, flat_mask = pad_past([whole, kv(6)], "cpu", extra_columns=2)
+    keys, values, mask = pad_past([chained, kv(6)], "cpu", extra_columns=2)
+    assert torch.equal(mask, flat_mask) and mask[0].tolist() == [0, 1, 1, 1, 1, 1]
+    assert torch.equal(keys[..., :6, :], flat_keys[..., :6, :]) and torch.equal(values[..., :6, :], flat_values[..., :6, :])
+    with pytest.raises(ValueError, match="extends a parent of another shape"):
+        PrefixKV(torch.zeros(3, 1, 1, 2), torch.zeros(3, 1, 1, 2), parent=root)
+
+
+def test_a_step_search_stores_each_step_as_a_segment_over_its_prefix():
+    p = policy(PrefixCacheConfig())
+    run_rounds(p, rounds=4, n=2)
+    entries = list(p.prefix_cache._entries.values())
+    chained = [e for e in entries if e.parent is not None]
+    assert chained, "later rounds extend the entries of earlier ones"
+    for entry in chained:  # a segment holds only what its step added
+        assert entry.keys.shape[2] < entry.length and entry.length == entry.parent.length + entry.keys.shape[2]
+
+
+def test_a_chain_at_its_longest_is_stored_whole_and_outputs_do_not_change(monkeypatch):
+    import policies.decode_loop as decode_loop
+
+    chained = run_rounds(policy(PrefixCacheConfig()), rounds=5, n=2)
+    monkeypatch.setattr(decode_loop, "MAX_CHAIN", 2)
+    p = policy(PrefixCacheConfig())
+    short = run_rounds(p, rounds=5, n=2)
+    assert max(e.depth for e in p.prefix_cache._entries.values()) == 2
+    assert short == chained  # where the KV lives changes nothing generated
