@@ -42,6 +42,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from policies.kv_pool import BufferPool
 from policies.prefix_cache import MAX_CHAIN, PrefixKV, pad_past
 from policies.sampling import sample_next_tokens
 from policies.step_stops import StepStopRule, StopState
@@ -53,6 +54,9 @@ KV_GROWTH = 32  # columns a decode buffer gains when full (one copy of the live 
 # budgets fit never copies its KV to grow (each growth copied every live row's whole cache: 3% of
 # a SmolLM2 beam search's wall time went to those copies and the first gather).
 KV_RESERVE_LIMIT = 1024
+# The KV buffers of every chunk come from here and go back when the chunk is done, so the next
+# chunk's buffers reuse memory whose pages are already mapped (`policies.kv_pool`).
+KV_POOL = BufferPool()
 
 
 class StepHead(Protocol):
@@ -193,6 +197,11 @@ class SlotCache(Cache):
         for layer in self.layers:
             layer.refresh()
 
+    def release(self) -> None:
+        """Hand the buffers back to KV_POOL; the cache must not be used afterwards."""
+        KV_POOL.give(self._buffers.keys)
+        KV_POOL.give(self._buffers.values)
+
     def row_kv(self, row: int, columns: torch.Tensor, parent: PrefixKV | None = None) -> PrefixKV:
         """A copy on CPU of slot `row`'s KV at `columns` [n] of every layer, extending `parent`."""
         keys, values = self._buffers.keys[:, row], self._buffers.values[:, row]  # [L, H, capacity, D]
@@ -204,7 +213,7 @@ def _gather_into(source: torch.Tensor, rows: torch.Tensor, capacity: int) -> tor
     [L, U, H, S, D]); gathered straight into the buffer: a temporary of this size would cost a
     fresh allocation (page faults) as large as the copy itself."""
     layers, _, heads, length, dim = source.shape
-    buf = source.new_empty((layers, int(rows.numel()), heads, capacity, dim))
+    buf = KV_POOL.take((layers, int(rows.numel()), heads, capacity, dim), source.dtype, source.device)
     torch.index_select(source, 1, rows, out=buf[:, :, :, :length])
     return buf
 
@@ -213,7 +222,7 @@ def _stack_gather(tensors: Sequence[torch.Tensor], rows: torch.Tensor, capacity:
     """`_gather_into` of per-layer tensors [U, H, S, D] (a DynamicCache's layers)."""
     sample = tensors[0]
     _, heads, length, dim = sample.shape
-    buf = sample.new_empty((len(tensors), int(rows.numel()), heads, capacity, dim))
+    buf = KV_POOL.take((len(tensors), int(rows.numel()), heads, capacity, dim), sample.dtype, sample.device)
     for index, tensor in enumerate(tensors):
         torch.index_select(tensor, 0, rows, out=buf[index, :, :, :length])
     return buf
@@ -316,7 +325,7 @@ def _start_cache(model: Any, past: Sequence[PrefixKV | None] | None, new_mask: t
     config = getattr(model, "config", None)
     if past is None:
         return DynamicCache(config=config), new_mask
-    keys, values, past_mask = pad_past(past, device, extra_columns=int(new_mask.shape[1]))  # [L, U, H, P + L, D]
+    keys, values, past_mask = pad_past(past, device, extra_columns=int(new_mask.shape[1]), pool=KV_POOL)  # [L, U, H, P + L, D]
     cache = SlotCache(keys, values, past_mask.shape[1])
     return cache, torch.cat([past_mask, new_mask], dim=-1)
 
@@ -372,6 +381,7 @@ def decode_chunk(
         if bool(done.any()):
             tokens = tokens[batch.keep(~done)]
         logits, features = _decode_step(model, batch, tokens, layer)
+    batch.cache.release()
     return ChunkOutput(token_ids, logprobs, boundary, lengths, finish, tuple(fed_kv), scores)
 
 
@@ -432,9 +442,12 @@ def _start_batch(
         model, contexts, pad_id, device, past, feature_layer
     )
     expand = torch.tensor(row_context, dtype=torch.long, device=device)  # [R] context of each row
+    rows_cache = slot_cache(cache, expand, min(max(budgets), KV_RESERVE_LIMIT))  # gathers (and repeats) rows: [U, ...] -> [R, ...]
+    if isinstance(cache, SlotCache):
+        cache.release()  # the padded past's buffers serve the next chunk
     batch = _Batch(
         rows=torch.arange(len(row_context), device=device),
-        cache=slot_cache(cache, expand, min(max(budgets), KV_RESERVE_LIMIT)),  # gathers (and repeats) rows: [U, ...] -> [R, ...]
+        cache=rows_cache,
         attention_mask=attention_mask[expand],
         next_position=next_position[expand],
         state=rule.initial_state(contexts, device).select(expand),

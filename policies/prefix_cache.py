@@ -35,6 +35,8 @@ from typing import Sequence
 
 import torch
 
+from policies.kv_pool import BufferPool
+
 DEFAULT_MAX_BYTES = 512 * 2**20
 
 
@@ -226,13 +228,15 @@ def candidate_lengths(length: int, prompt_length: int, step_lengths: Sequence[in
 
 
 def pad_past(
-    entries: Sequence[PrefixKV | None], device: torch.device | str, extra_columns: int = 0
+    entries: Sequence[PrefixKV | None], device: torch.device | str, extra_columns: int = 0,
+    pool: BufferPool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack cached prefixes of different lengths into a left-padded batch past.
 
     entries: per row a PrefixKV or None (nothing cached), at least one not None.
     extra_columns: free columns allocated after the past (uninitialised), so a caller can append
         the next tokens' KV in place (`policies.decode_loop.SlotCache`).
+    pool: where the two buffers come from (`policies.kv_pool`; default: fresh memory).
     Returns (keys, values, past_mask): keys and values [layers, U, kv_heads, P + extra_columns,
     head_dim] with row u's cached tensors in columns P - len_u .. P - 1 and zeros before;
     past_mask [U, P] long, 1 on cached columns; P = the longest cached length.
@@ -241,8 +245,8 @@ def pad_past(
     width = max(e.length for e in entries if e is not None)
     layers, heads, _, head_dim = sample.keys.shape
     shape = (layers, len(entries), heads, width + extra_columns, head_dim)
-    keys = torch.empty(shape, dtype=sample.keys.dtype)  # [L, U, H, P + extra, D]
-    values = torch.empty(shape, dtype=sample.values.dtype)
+    take = (lambda dtype: torch.empty(shape, dtype=dtype)) if pool is None else (lambda dtype: pool.take(shape, dtype, "cpu"))
+    keys, values = take(sample.keys.dtype), take(sample.values.dtype)  # [L, U, H, P + extra, D]
     keys[:, :, :, :width].zero_()
     values[:, :, :, :width].zero_()
     past_mask = torch.zeros((len(entries), width), dtype=torch.long)  # [U, P]

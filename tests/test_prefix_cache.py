@@ -350,3 +350,42 @@ def test_a_chain_at_its_longest_is_stored_whole_and_outputs_do_not_change(monkey
     short = run_rounds(p, rounds=5, n=2)
     assert max(e.depth for e in p.prefix_cache._entries.values()) == 2
     assert short == chained  # where the KV lives changes nothing generated
+
+
+# -- the KV buffer pool ---------------------------------------------------------------------------
+
+
+def test_the_pool_serves_a_given_back_buffer_to_the_next_request_that_fits():
+    from policies.kv_pool import HEADROOM, BufferPool
+
+    pool = BufferPool(max_free=2)
+    first = pool.take((2, 3, 4), torch.float32, "cpu")
+    assert first.shape == (2, 3, 4) and first.is_contiguous() and pool.allocations == 1
+    pool.give(first)
+    again = pool.take((2, 3, 5), torch.float32, "cpu")  # 30 <= 24 * HEADROOM: the same memory
+    assert int(24 * HEADROOM) >= 30 and again.data_ptr() == first.data_ptr() and pool.allocations == 1
+    other = pool.take((2, 3, 5), torch.float16, "cpu")  # another dtype never shares
+    bigger = pool.take((100,), torch.float32, "cpu")  # nothing free fits
+    assert pool.allocations == 3 and other.dtype == torch.float16
+    pool.give(bigger[1:])  # not the start of a buffer: ignored
+    assert pool._free == []
+    for tensor in (again, other, bigger):
+        pool.give(tensor)
+    pool.give(bigger)  # twice: kept once
+    assert len(pool._free) == 2 and pool._free[0].numel() == int(100 * HEADROOM)  # the largest kept
+    assert pool._free[1].numel() == int(24 * HEADROOM)  # a whole buffer comes back, not the view
+
+
+def test_a_step_search_reuses_its_kv_buffers_from_the_pool_round_to_round():
+    import policies.decode_loop as decode_loop
+    from policies.kv_pool import BufferPool
+
+    pool = BufferPool()
+    decode_loop.KV_POOL, saved = pool, decode_loop.KV_POOL
+    try:
+        cached = run_rounds(policy(PrefixCacheConfig()), rounds=4, n=2)
+    finally:
+        decode_loop.KV_POOL = saved
+    calls = 4 * 1  # run_rounds makes one propose call per round; each chunk takes up to four buffers
+    assert 0 < pool.allocations < 4 * calls and pool._free  # most buffers came back and were reused
+    assert_same_outputs(cached, run_rounds(policy(None), rounds=4, n=2))
