@@ -59,6 +59,7 @@ from policies.policy_requests import check_request, encode_contexts, step_budget
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
 from policies.sampling_config import SamplingConfig
+from policies.step_assembly import decode_texts
 from policies.step_stops import StepStopRule, split_step_ends
 from scorers.sprm_positions import step_score
 from treesearch.records import Prefix, Problem, Step
@@ -289,10 +290,7 @@ class TransformersPolicy:
         """Turn the nested lists of _RawStep into Steps, decoding all texts in one batched call."""
         flat: list[_RawStep] = []
         _flatten(raw, flat)
-        texts = self.tokenizer.batch_decode(
-            [s.token_ids[:-1] if s.finish == "eos" else s.token_ids for s in flat],
-            skip_special_tokens=False, clean_up_tokenization_spaces=False,
-        ) if flat else []
+        texts = decode_texts(self.tokenizer, [s.token_ids[:-1] if s.finish == "eos" else s.token_ids for s in flat])
         steps = iter(
             Step(text, tuple(s.token_ids), tuple(s.logprobs), s.finish, s.tokens_forwarded, s.score)
             for s, text in zip(flat, texts)

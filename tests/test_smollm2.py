@@ -191,3 +191,17 @@ def test_the_smollm2_benchmark_workload_times_its_forward(converted):
     assert 0 < row.forward_s < row.policy_s <= row.wall_s
     assert 0 < row.forward_cpu_s < row.cpu_s  # CPU time inside the forward, a part of the search's
     assert 0 <= work.accuracy([]) <= 1
+
+
+def test_decode_texts_equals_batch_decode_on_the_smollm2_tokenizer(converted):
+    from transformers import AutoTokenizer
+
+    from policies.step_assembly import decode_texts
+
+    out, _ = converted
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = "<|im_start|>user\nNatalia sold 48 clips in April, and half as many in May. 72 café ✓\n\n<|im_end|>"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    sequences = [ids, ids[:7], ids[5:9], [tokenizer.eos_token_id]]
+    expected = tokenizer.batch_decode(sequences, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    assert decode_texts(tokenizer, sequences) == expected and expected[0] == text

@@ -480,3 +480,11 @@ def test_a_slot_cache_moves_rows_and_copies_a_row_out_in_every_layer():
     assert torch.equal(kv.keys, keys[:, 3][:, :, [0, 3, 4]]) and torch.equal(kv.values, values[:, 3][:, :, [0, 3, 4]])
     with pytest.raises(NotImplementedError, match="move_rows"):
         cache.batch_select_indices(torch.tensor([0]))
+
+def test_decode_texts_equals_batch_decode_with_special_tokens_kept():
+    from policies.step_assembly import decode_texts
+
+    sequences = [ids("<think>3 + 4 = 7.\n\n"), [TOK.eos_token_id], ids(" 12 * 3"), []]
+    expected = TOK.batch_decode(sequences, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    assert decode_texts(TOK, sequences) == expected and decode_texts(TOK, []) == []
+    assert "<think>" in expected[0]  # the special tokens stayed
