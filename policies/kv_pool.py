@@ -40,14 +40,13 @@ class BufferPool:
         numel = math.prod(int(s) for s in shape)
         device = torch.device(device)
         inference = torch.is_inference_mode_enabled()  # an inference tensor cannot be written outside that mode
-        fits = [
-            b for b in self._free
-            if b.dtype == dtype and b.device == device and b.numel() >= numel and b.is_inference() == inference
-        ]
+        same_kind = [b for b in self._free if b.dtype == dtype and b.device == device and b.is_inference() == inference]
+        fits = [b for b in same_kind if b.numel() >= numel]
         if fits:
             flat = min(fits, key=lambda b: b.numel())
             self._free = [b for b in self._free if b is not flat]
-        else:
+        else:  # requests grow as paths do: a smaller free buffer of this kind would only sit there
+            self._free = [b for b in self._free if not any(b is small for small in same_kind)]
             flat = torch.empty(max(int(numel * HEADROOM), 1), dtype=dtype, device=device)
             self.allocations += 1
         return flat[:numel].view(tuple(int(s) for s in shape))

@@ -365,15 +365,18 @@ def test_the_pool_serves_a_given_back_buffer_to_the_next_request_that_fits():
     again = pool.take((2, 3, 5), torch.float32, "cpu")  # 30 <= 24 * HEADROOM: the same memory
     assert int(24 * HEADROOM) >= 30 and again.data_ptr() == first.data_ptr() and pool.allocations == 1
     other = pool.take((2, 3, 5), torch.float16, "cpu")  # another dtype never shares
-    bigger = pool.take((100,), torch.float32, "cpu")  # nothing free fits
-    assert pool.allocations == 3 and other.dtype == torch.float16
+    pool.give(again)
+    bigger = pool.take((100,), torch.float32, "cpu")  # nothing free fits: the too small one is dropped
+    assert pool.allocations == 3 and other.dtype == torch.float16 and pool._free == []
+    again = pool.take((2, 3, 5), torch.float32, "cpu")
+    assert pool.allocations == 4
     pool.give(bigger[1:])  # not the start of a buffer: ignored
     assert pool._free == []
     for tensor in (again, other, bigger):
         pool.give(tensor)
     pool.give(bigger)  # twice: kept once
     assert len(pool._free) == 2 and pool._free[0].numel() == int(100 * HEADROOM)  # the largest kept
-    assert pool._free[1].numel() == int(24 * HEADROOM)  # a whole buffer comes back, not the view
+    assert pool._free[1].numel() == int(30 * HEADROOM)  # a whole buffer comes back, not the view
 
 
 def test_a_step_search_reuses_its_kv_buffers_from_the_pool_round_to_round():
