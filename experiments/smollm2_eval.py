@@ -483,10 +483,25 @@ def format_report(cfg: EvalConfig, metrics: dict[str, Any]) -> str:
         "| metric | strict | flexible |", "|---|---|---|",
     ]
     lines += [f"| {name} | {cell(TASK, name)} | {cell(flexible, name)} |" for name in names]
+    lines += flat_head_warning(cfg, metrics)
     lines += ["", f"Throughput (generated tokens / wall second, {cfg.threads} CPU threads shared with other jobs, "
               f"batch {cfg.batch_size}):", ""]
     lines += [f"- {stage}: {value:.1f} tokens/s" for stage, value in metrics[f"{TASK}.tokens_per_s"].items()]
     return "\n".join(lines) + "\n"
+
+
+def flat_head_warning(cfg: EvalConfig, metrics: dict[str, Any]) -> list[str]:
+    """A paragraph for the report when the head scores every candidate alike (within-problem AUC
+    exactly 0.5 and no gap between correct and incorrect paths): its Best-of-N is then the tie
+    rule of the selection, not a signal. Empty otherwise."""
+    prefix = f"{TASK}_{cfg.sprm_grader}" if cfg.sprm_grader != "strict" else TASK
+    auc, gap = metrics.get(f"{prefix}.sprm_within_auc"), metrics.get(f"{prefix}.sprm_diff_prob")
+    if auc is None or gap is None or auc != 0.5 or abs(gap) > 1e-6:
+        return []
+    positives = round(metrics.get(f"{prefix}.train_pass@1", 0.0) * cfg.train_problems * cfg.train_n)
+    return ["", f"The SPRM head scores every candidate alike (within-problem AUC 0.5, correct - incorrect path "
+                f"score {gap:.1e}): its sprm rows are the selection's tie rule, not a signal. It trained on "
+                f"{positives} correct of {cfg.train_problems * cfg.train_n} train rollouts."]
 
 
 def write_report(cfg: EvalConfig, out: Path) -> dict[str, Any]:

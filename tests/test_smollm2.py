@@ -205,3 +205,16 @@ def test_decode_texts_equals_batch_decode_on_the_smollm2_tokenizer(converted):
     sequences = [ids, ids[:7], ids[5:9], [tokenizer.eos_token_id]]
     expected = tokenizer.batch_decode(sequences, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     assert decode_texts(tokenizer, sequences) == expected and expected[0] == text
+
+
+def test_the_report_says_when_the_head_scores_every_candidate_alike():
+    from experiments.smollm2_eval import EvalConfig, flat_head_warning
+
+    cfg = EvalConfig(train_problems=256, train_n=4)
+    flat = {"gsm8k_flexible.sprm_within_auc": 0.5, "gsm8k_flexible.sprm_diff_prob": 2.6e-13,
+            "gsm8k_flexible.train_pass@1": 5 / 1024}
+    text = " ".join(flat_head_warning(cfg, flat))
+    assert "tie rule" in text and "5 correct of 1024" in text
+    assert flat_head_warning(cfg, {**flat, "gsm8k_flexible.sprm_within_auc": 0.61}) == []
+    assert flat_head_warning(cfg, {**flat, "gsm8k_flexible.sprm_diff_prob": 0.02}) == []
+    assert flat_head_warning(cfg, {}) == []
