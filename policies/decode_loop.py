@@ -171,15 +171,16 @@ class SlotCache(Cache):
         [U, H, S, D] keys / values), in buffers with `reserve` free columns after the S filled."""
         layers = cache.layers
         length = int(layers[0].keys.shape[2])
+        capacity = length + max(reserve, 1)
         if isinstance(cache, SlotCache):  # one gather over all layers
             buffers = cache._buffers
             keys, values = (
-                _gather_into(b[:, : buffers.rows, :, :length], rows, length + max(reserve, 1))
-                for b in (buffers.keys, buffers.values)
+                _gather_into(b[:, : buffers.rows, :, :length], rows, capacity) for b in (buffers.keys, buffers.values)
             )
-            return cls(keys, values, length)
-        keys, values = (_stack_gather([getattr(layer, name) for layer in layers], rows, length + max(reserve, 1))
-                        for name in ("keys", "values"))
+        else:
+            keys, values = (
+                _stack_gather([getattr(layer, name) for layer in layers], rows, capacity) for name in ("keys", "values")
+            )
         return cls(keys, values, length)
 
     @property
