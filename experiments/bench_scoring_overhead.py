@@ -6,8 +6,9 @@ Three ways to get Best-of-N candidates on arith, same problems, same seed, same 
             while generating that step (ours: no second forward);
   second    the policy samples, then `SPRMScorer` runs a second full forward over every candidate
             (the reference's way: a separate scorer pass per candidate).
-It prints wall time and tokens forwarded for each and the ratios to `none` (target for in_gen:
-at most 1.05). Times are medians of --repeats runs; the machine is noisy, so read the ratios.
+It prints wall time, CPU time and tokens forwarded for each and the ratios to `none` (target for
+in_gen: at most 1.05). Times are medians of --repeats interleaved rounds after a warm-up round;
+this process's CPU time stands beside wall time because other jobs stretch wall time unevenly.
 
     python -m experiments.bench_scoring_overhead                       # 32 problems x N=32
     python -m experiments.bench_scoring_overhead --problems 8 --n 8 --repeats 1
@@ -20,12 +21,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
+from experiments.bench_timing import Timing, timed  # noqa: E402
 from experiments.bench_workload import DEFAULT_CHECKPOINT, load_tiny_parts  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
 from policies.reflective_model import ReflectiveModel  # noqa: E402
@@ -35,14 +36,21 @@ from scorers.sprm_scorer import SPRMScorer  # noqa: E402
 from treesearch.records import Prefix, Problem  # noqa: E402
 
 
-def _timed(fn: Callable[[], int], repeats: int) -> tuple[float, int]:
-    """(median seconds, tokens forwarded of the last run)."""
-    times, forwarded = [], 0
+def _interleaved(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, tuple[Timing, int]]:
+    """Per name: (median wall and CPU seconds, tokens forwarded of the last run). The functions
+    run in rounds (none, in_gen, second, none, ...), so a slow spell of the machine or a warming
+    allocator falls on every variant alike instead of on whichever ran during it."""
+    runs: dict[str, list[Timing]] = {name: [] for name in fns}
+    forwarded: dict[str, int] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        forwarded = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), forwarded
+        for name, fn in fns.items():
+            result: list[int] = []
+            runs[name].append(timed(lambda: result.append(fn())))
+            forwarded[name] = result[0]
+    return {
+        name: (Timing(statistics.median(t.wall_s for t in ts), statistics.median(t.cpu_s for t in ts)), forwarded[name])
+        for name, ts in runs.items()
+    }
 
 
 def _rollout_forwarded(policy: TransformersPolicy, problems: Sequence[Problem], n: int, seed: int) -> tuple[list[Prefix], int]:
@@ -73,15 +81,22 @@ def run(checkpoint: Path, problems: int, n: int, repeats: int, seed: int) -> str
         scorer.score(paths)
         return forwarded + scorer.cost(paths)
 
-    rows = {name: _timed(fn, repeats) for name, fn in (("none", none), ("in_gen", in_gen), ("second", second))}
-    base_t, base_f = rows["none"]
+    warm = {"none": none, "in_gen": in_gen, "second": second}
+    for fn in warm.values():
+        fn()  # one untimed round: first-call costs (allocator, lazy init) out of the medians
+    rows = _interleaved(warm, repeats)
+    base, base_f = rows["none"]
     lines = [
-        f"policy: {source}; {problems} arith test problems x N={n}; torch threads {torch.get_num_threads()}; median of {repeats}",
-        "| scoring | wall s | tokens forwarded | time / none | forwarded / none |",
-        "|---|---:|---:|---:|---:|",
+        f"policy: {source}; {problems} arith test problems x N={n}; torch threads {torch.get_num_threads()}; "
+        f"median of {repeats} interleaved rounds after one warm-up round",
+        "| scoring | wall s | CPU s | tokens forwarded | wall / none | CPU / none | forwarded / none |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, (t, f) in rows.items():
-        lines.append(f"| {name} | {t:.2f} | {f} | {t / base_t:.3f} | {f / base_f:.3f} |")
+        lines.append(
+            f"| {name} | {t.wall_s:.2f} | {t.cpu_s:.2f} | {f} | {t.wall_s / base.wall_s:.3f} | "
+            f"{t.cpu_s / base.cpu_s:.3f} | {f / base_f:.3f} |"
+        )
     return "\n".join(lines)
 
 

@@ -20,8 +20,8 @@ def test_scoring_overhead_table(tmp_path):
     table = bench_scoring_overhead.run(tmp_path / "no-checkpoint", problems=2, n=2, repeats=1, seed=0)
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in table.splitlines()[3:]}
     assert set(rows) == {"none", "in_gen", "second"}
-    forwarded = {name: int(cells[1]) for name, cells in rows.items()}
-    assert rows["none"][2].strip() == "1.000"
+    forwarded = {name: int(cells[2]) for name, cells in rows.items()}
+    assert rows["none"][3].strip() == "1.000" and rows["none"][4].strip() == "1.000"  # wall and CPU / none
     assert forwarded["in_gen"] == forwarded["none"]  # scoring in generation forwards nothing extra
     assert forwarded["second"] > forwarded["none"]   # the reference's way forwards every candidate again
 
