@@ -202,12 +202,14 @@ class SampleTokens:
 
 @dataclass(frozen=True)
 class RawStep:
-    """A step before its text is decoded (`decode_steps` decodes all texts in one batch)."""
+    """A step before its text is decoded (`decode_steps` decodes all texts in one batch); score:
+    the step head's reading at the step's end, None without a head."""
 
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...]
+    token_ids: Sequence[int]
+    logprobs: Sequence[float]
     finish: Finish
     tokens_forwarded: int
+    score: float | None = None
 
 
 def derive_seed(*parts: int) -> int:
@@ -352,7 +354,8 @@ def decode_steps(nested: list, tokenizer: Any) -> list:
     _flatten(nested, flat)
     texts = decode_texts(tokenizer, [s.token_ids[:-1] if s.finish == "eos" else s.token_ids for s in flat])
     steps = iter(
-        Step(text, s.token_ids, s.logprobs, s.finish, s.tokens_forwarded) for s, text in zip(flat, texts)
+        Step(text, tuple(s.token_ids), tuple(s.logprobs), s.finish, s.tokens_forwarded, s.score)
+        for s, text in zip(flat, texts)
     )
     return _rebuild(nested, steps)
 

@@ -59,7 +59,7 @@ from policies.policy_requests import check_request, encode_contexts, step_budget
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
 from policies.sampling_config import SamplingConfig
-from policies.step_assembly import decode_texts
+from policies.step_assembly import RawStep, decode_steps
 from policies.step_stops import StepStopRule, split_step_ends
 from scorers.sprm_positions import step_score
 from treesearch.records import Prefix, Problem, Step
@@ -85,17 +85,6 @@ class _Sample:
     def own_scores(self, start: int, end: int) -> list[float]:
         """The head's readings on tokens [start, end) (empty without a head)."""
         return [x for x in (self.scores or [])[start:end] if x == x]  # x == x drops NaN
-
-
-@dataclass(frozen=True)
-class _RawStep:
-    """A step before its text is decoded (all texts of a call are decoded in one batch)."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    finish: str
-    tokens_forwarded: int
-    score: float | None = None
 
 
 class TransformersPolicy:
@@ -189,7 +178,7 @@ class TransformersPolicy:
         raw = [
             [self._whole_step(sample, prefix) for sample in row] for prefix, row in zip(prefixes, samples)
         ]
-        return self._with_texts(raw)
+        return decode_steps(raw, self.tokenizer)
 
     def rollout(self, prefixes: Sequence[Prefix], n: int, seed: int) -> list[list[list[Step]]]:
         """n sampled completions per prefix, result[i][j] = the steps of the j-th completion of
@@ -200,7 +189,7 @@ class TransformersPolicy:
         raw = [
             [self._split_steps(sample, prefix) for sample in row] for prefix, row in zip(prefixes, samples)
         ]
-        return self._with_texts(raw)
+        return decode_steps(raw, self.tokenizer)
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -254,17 +243,17 @@ class TransformersPolicy:
                 fed = out.token_ids[r, : lengths[r] - 1].tolist()
                 self.prefix_cache.store(contexts[row_context[r]] + fed, kv)
 
-    def _whole_step(self, sample: _Sample, prefix: Prefix) -> _RawStep:
+    def _whole_step(self, sample: _Sample, prefix: Prefix) -> RawStep:
         """The sample as one step (every generated token but the last was fed back)."""
         fed = max(len(sample.token_ids) - 1, 0)
         score = self._step_score(sample.own_scores(0, len(sample.token_ids)), [s.score for s in prefix.steps])
-        return _RawStep(sample.token_ids, sample.logprobs, sample.finish, sample.prefill_tokens + fed, score)
+        return RawStep(sample.token_ids, sample.logprobs, sample.finish, sample.prefill_tokens + fed, score)
 
-    def _split_steps(self, sample: _Sample, prefix: Prefix) -> list[_RawStep]:
+    def _split_steps(self, sample: _Sample, prefix: Prefix) -> list[RawStep]:
         """Cut one rollout at its step ends; tokens_forwarded per step as in the module docstring,
         scores as in `scorers.sprm_positions.step_score` (after the prefix's step scores)."""
         ends = split_step_ends(sample.boundary, [self._is_separator[t] for t in sample.token_ids])
-        steps: list[_RawStep] = []
+        steps: list[RawStep] = []
         previous = [s.score for s in prefix.steps]
         start = 0
         for k, end in enumerate(ends):
@@ -273,7 +262,7 @@ class TransformersPolicy:
             score = self._step_score(sample.own_scores(start, end), previous)
             previous.append(score)
             steps.append(
-                _RawStep(
+                RawStep(
                     sample.token_ids[start:end], sample.logprobs[start:end],
                     sample.finish if last else "separator", fed + (sample.prefill_tokens if k == 0 else 0),
                     score,
@@ -285,17 +274,6 @@ class TransformersPolicy:
     def _step_score(self, own: list[float], previous: list[float | None]) -> float | None:
         """None without a step head, else `step_score` of the step's own readings."""
         return None if self.step_head is None else step_score(own, previous)
-
-    def _with_texts(self, raw: list) -> list:
-        """Turn the nested lists of _RawStep into Steps, decoding all texts in one batched call."""
-        flat: list[_RawStep] = []
-        _flatten(raw, flat)
-        texts = decode_texts(self.tokenizer, [s.token_ids[:-1] if s.finish == "eos" else s.token_ids for s in flat])
-        steps = iter(
-            Step(text, tuple(s.token_ids), tuple(s.logprobs), s.finish, s.tokens_forwarded, s.score)
-            for s, text in zip(flat, texts)
-        )
-        return _rebuild(raw, steps)
 
 
 def plan_chunks(counts: Sequence[int], batch_size: int) -> list[list[tuple[int, int]]]:
@@ -335,18 +313,6 @@ def _collect(out, members: list[int], row_context: list[int], prefill_sizes: lis
             )
         )
         seen.add(u)
-
-
-def _flatten(nested: list, out: list[_RawStep]) -> None:
-    for item in nested:
-        if isinstance(item, list):
-            _flatten(item, out)
-        else:
-            out.append(item)
-
-
-def _rebuild(nested: list, steps) -> list:
-    return [_rebuild(item, steps) if isinstance(item, list) else next(steps) for item in nested]
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
