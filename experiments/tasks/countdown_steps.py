@@ -89,11 +89,16 @@ class Move:
 @dataclass(frozen=True)
 class StepCheck:
     """The verdict on one step: ok, why not (empty when ok), and the state after it (None when the
-    step could not be applied)."""
+    step could not be applied); kind: which rule failed, one of STEP_FAULTS ("" when ok)."""
 
     ok: bool
     reason: str
     state_after: State | None
+    kind: str = ""
+
+
+# What can be wrong with a step, in the order check_step tests it.
+STEP_FAULTS: tuple[str, ...] = ("malformed", "operands", "not allowed", "arithmetic", "left list", "dead end")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,20 +281,20 @@ def check_step(state: State, target: int, text: str, rules: Rules) -> StepCheck:
     """Whether step `text` is correct from `state` (see the module docstring). Never raises."""
     step = parse_step(text)
     if step is None:
-        return StepCheck(False, f"malformed step {text!r}", None)
+        return StepCheck(False, f"malformed step {text!r}", None, "malformed")
     rest = remove_pair(state, step.x, step.y)
     if rest is None:
-        return StepCheck(False, f"{step.x} and {step.y} are not both among {state}", None)
+        return StepCheck(False, f"{step.x} and {step.y} are not both among {state}", None, "operands")
     value = apply_op(step.x, step.op, step.y, rules)
     if value is None:
-        return StepCheck(False, f"{step.x} {step.op} {step.y} is not allowed by {rules}", None)
+        return StepCheck(False, f"{step.x} {step.op} {step.y} is not allowed by {rules}", None, "not allowed")
     if value != step.result:
-        return StepCheck(False, f"{step.x} {step.op} {step.y} is {value}, not {step.result}", None)
+        return StepCheck(False, f"{step.x} {step.op} {step.y} is {value}, not {step.result}", None, "arithmetic")
     after = tuple(sorted(rest + (value,)))
     if tuple(sorted(step.left)) != after:
-        return StepCheck(False, f"left {list(step.left)} should be {list(after)} as a multiset", after)
+        return StepCheck(False, f"left {list(step.left)} should be {list(after)} as a multiset", after, "left list")
     if not reachable(after, target, rules):
-        return StepCheck(False, f"dead end: {target} cannot be made from {list(after)}", after)
+        return StepCheck(False, f"dead end: {target} cannot be made from {list(after)}", after, "dead end")
     return StepCheck(True, "", after)
 
 

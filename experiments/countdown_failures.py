@@ -1,0 +1,130 @@
+"""Why countdown rollouts fail: the first wrong step of each rollout and what its last step wrote.
+
+The ground truth a verifier is measured against (issue 3 item 7): a Countdown rollout fails at
+its first wrong step (`countdown_steps.STEP_FAULTS`: malformed, operands not available, an
+operation the rules forbid, wrong arithmetic, a wrong "left" list, or a dead end from which the
+target cannot be made), and whether it then "lands" on the target shows in its last step: the
+written result is the target or not, with true arithmetic or not. A failed rollout whose last
+step honestly misses the target is caught by a comparison; one that writes the target with false
+arithmetic ("14 + 4 = 17") needs the arithmetic checked; a dead end is as hard to see as
+solving the problem.
+
+    python -m experiments.countdown_failures outputs/demo/sprm_countdown/test.pt
+
+Prints two markdown tables (first fault per outcome; last step per outcome). `diagnose` is the
+plain function on one rollout; `diagnose_cache` runs it over a rollout cache
+(`experiments.rollout_cache`) of the countdown task.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+from experiments.rollout_cache import RolloutCache, load_cache
+from experiments.tasks import countdown
+from experiments.tasks.countdown_steps import STEP_FAULTS, Rules, apply_op, check_step, parse_step
+from treesearch.records import Problem
+
+
+@dataclass(frozen=True)
+class RolloutDiagnosis:
+    """correct: the grader's outcome; fault: the first wrong think step's kind (a STEP_FAULTS
+    entry), "unfinished" when the think span never closes or holds no step, None when every step is
+    right; fault_step: its index; wrote_target: the last think step's written result is the
+    target; last_step_true: its arithmetic is right under the rules (None when it does not parse)."""
+
+    correct: bool
+    fault: str | None
+    fault_step: int | None
+    wrote_target: bool
+    last_step_true: bool | None
+
+
+def diagnose(numbers: Sequence[int], target: int, rules: Rules, completion: str, correct: bool) -> RolloutDiagnosis:
+    """The diagnosis of one completion of "use `numbers` to make `target`". Never raises."""
+    steps = countdown.think_steps(completion)
+    if not steps:
+        return RolloutDiagnosis(correct, "unfinished", None, False, None)
+    fault, fault_step, state = None, None, tuple(sorted(numbers))
+    for i, text in enumerate(steps):
+        verdict = check_step(state, target, text, rules)
+        if not verdict.ok:
+            fault, fault_step = verdict.kind, i
+            break
+        state = verdict.state_after
+    last = parse_step(steps[-1])
+    if last is None:
+        return RolloutDiagnosis(correct, fault, fault_step, False, None)
+    true_value = apply_op(last.x, last.op, last.y, rules)
+    return RolloutDiagnosis(correct, fault, fault_step, last.result == target, true_value == last.result)
+
+
+def _problem_numbers(problem: Problem) -> tuple[tuple[int, ...], int, Rules]:
+    meta = problem.meta
+    return tuple(meta["numbers"]), int(meta["target"]), Rules(int(meta["max_value"]), tuple(meta["operations"]))
+
+
+def cache_problems(cache: RolloutCache) -> list[Problem]:
+    """The cache's problems, regenerated from its spec (split, count, seed); a ValueError when the
+    cache is not a countdown cache or the regenerated ids differ from the cached ones."""
+    if cache.task != "countdown":
+        raise ValueError(f"a countdown rollout cache is needed, this one is of task {cache.task!r}")
+    spec = cache.spec
+    problems = countdown.generate_problems(spec["split"], int(spec["problems"]), seed=int(spec["seed"]))
+    if tuple(p.id for p in problems) != tuple(cache.problem_ids):
+        raise ValueError("the cache's problems cannot be regenerated from its spec (another generator version?)")
+    return problems
+
+
+def diagnose_cache(cache: RolloutCache) -> list[RolloutDiagnosis]:
+    """One diagnosis per cached rollout, in cache order."""
+    problems = [_problem_numbers(p) for p in cache_problems(cache)]
+    out = []
+    for r in range(cache.num_rollouts):
+        numbers, target, rules = problems[int(cache.rollout_problem[r])]
+        first, last = int(cache.rollout_steps[r]), int(cache.rollout_steps[r + 1])
+        completion = "".join(cache.step_texts[first:last])
+        out.append(diagnose(numbers, target, rules, completion, bool(cache.correct[r])))
+    return out
+
+
+def fault_table(diagnoses: Sequence[RolloutDiagnosis]) -> str:
+    """Markdown: rollouts per first fault (rows) and outcome (columns), with shares."""
+    counts = Counter((d.fault or "none", d.correct) for d in diagnoses)
+    total = max(1, len(diagnoses))
+    lines = ["| first fault | correct | incorrect | share of rollouts |", "|---|---:|---:|---:|"]
+    for kind in ("none", *STEP_FAULTS, "unfinished"):
+        good, bad = counts[(kind, True)], counts[(kind, False)]
+        if good or bad:
+            lines.append(f"| {kind} | {good} | {bad} | {(good + bad) / total:.3f} |")
+    return "\n".join(lines)
+
+
+def last_step_table(diagnoses: Sequence[RolloutDiagnosis]) -> str:
+    """Markdown: rollouts per (written result is the target, its arithmetic is true) and outcome."""
+    counts = Counter((d.wrote_target, d.last_step_true, d.correct) for d in diagnoses)
+    lines = ["| last step writes the target | its arithmetic is true | correct | incorrect |", "|---|---|---:|---:|"]
+    for wrote in (True, False):
+        for true in (True, False, None):
+            good, bad = counts[(wrote, true, True)], counts[(wrote, true, False)]
+            if good or bad:
+                lines.append(f"| {wrote} | {'unparsed' if true is None else true} | {good} | {bad} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cache", help="a countdown rollout cache (.pt) from experiments.rollout_cache")
+    args = ap.parse_args(argv)
+    cache = load_cache(args.cache)
+    diagnoses = diagnose_cache(cache)
+    print(f"{args.cache}: {len(diagnoses)} rollouts, {sum(d.correct for d in diagnoses)} correct\n")
+    print(fault_table(diagnoses))
+    print()
+    print(last_step_table(diagnoses))
+
+
+if __name__ == "__main__":
+    main()

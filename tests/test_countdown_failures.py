@@ -1,0 +1,49 @@
+"""experiments.countdown_failures: the first fault and the last step of countdown completions."""
+from __future__ import annotations
+
+from experiments.countdown_failures import RolloutDiagnosis, diagnose, fault_table, last_step_table
+from experiments.tasks.countdown_steps import Rules, check_step
+
+RULES = Rules(max_value=99)
+NUMBERS, TARGET = (8, 5, 6, 6), 24
+
+
+def completion(*steps: str) -> str:
+    return "".join(s + ".\n\n" for s in steps) + "</think>Answer: 1"
+
+
+def test_a_solution_has_no_fault_and_lands_honestly():
+    d = diagnose(NUMBERS, TARGET, RULES, completion("8 - 5 = 3, left 6 6 3", "6 * 3 = 18, left 6 18", "18 + 6 = 24, left 24"), True)
+    assert d == RolloutDiagnosis(True, None, None, True, True)
+
+
+def test_a_dead_end_that_lies_on_its_last_step():
+    # 8 + 5 = 13 leaves 6 6 13, from which 24 cannot be made; the last step then writes the target
+    # with false arithmetic (13 + 36 is 49)
+    d = diagnose(NUMBERS, TARGET, RULES, completion("8 + 5 = 13, left 6 6 13", "6 * 6 = 36, left 13 36", "36 + 13 = 24, left 24"), False)
+    assert (d.fault, d.fault_step, d.wrote_target, d.last_step_true) == ("dead end", 0, True, False)
+
+
+def test_each_fault_kind_is_named():
+    state = (5, 6, 6, 8)
+    assert check_step(state, TARGET, "8 - 5 = 4, left 6 6 4", RULES).kind == "arithmetic"
+    assert check_step(state, TARGET, "9 - 5 = 4, left 6 6 4", RULES).kind == "operands"
+    assert check_step(state, TARGET, "5 - 8 = 3, left 6 6 3", RULES).kind == "not allowed"
+    assert check_step(state, TARGET, "8 - 5 = 3, left 6 3", RULES).kind == "left list"
+    assert check_step(state, TARGET, "eight minus five", RULES).kind == "malformed"
+    assert check_step(state, TARGET, "8 - 5 = 3, left 6 6 3", RULES).kind == ""
+
+
+def test_unfinished_and_unparsed_last_steps():
+    assert diagnose(NUMBERS, TARGET, RULES, "8 - 5 = 3, left 6 6 3.\n\n", False).fault == "unfinished"
+    d = diagnose(NUMBERS, TARGET, RULES, completion("8 - 5 = 3, left 6 6 3", "garbage"), False)
+    assert (d.fault, d.fault_step, d.last_step_true) == ("malformed", 1, None)
+
+
+def test_tables_count_per_outcome():
+    ds = [RolloutDiagnosis(True, None, None, True, True), RolloutDiagnosis(False, "dead end", 0, True, False),
+          RolloutDiagnosis(False, "dead end", 1, False, True)]
+    faults = fault_table(ds)
+    assert "| none | 1 | 0 | 0.333 |" in faults and "| dead end | 0 | 2 | 0.667 |" in faults
+    last = last_step_table(ds)
+    assert "| True | True | 1 | 0 |" in last and "| True | False | 0 | 1 |" in last and "| False | True | 0 | 1 |" in last
