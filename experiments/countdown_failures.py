@@ -11,8 +11,10 @@ solving the problem.
 
     python -m experiments.countdown_failures outputs/demo/sprm_countdown/test.pt
 
-Prints two markdown tables (first fault per outcome; last step per outcome). `diagnose` is the
-plain function on one rollout; `diagnose_cache` runs it over a rollout cache
+Prints two markdown tables (first fault per outcome; last step per outcome) and what Best-of-n
+would reach with the cheap checks as the verifier (`check_bon`: a candidate whose last step
+writes the target, honestly or at all, ranks first; ties go to the policy's confidence). `diagnose`
+is the plain function on one rollout; `diagnose_cache` runs it over a rollout cache
 (`experiments.rollout_cache`) of the countdown task.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from experiments.rollout_cache import RolloutCache, load_cache
+from experiments.rollout_cache import RolloutCache, confidence_path_scores, load_cache
 from experiments.tasks import countdown
 from experiments.tasks.countdown_steps import STEP_FAULTS, Rules, apply_op, check_step, parse_step
 from treesearch.records import Problem
@@ -114,6 +116,28 @@ def last_step_table(diagnoses: Sequence[RolloutDiagnosis]) -> str:
     return "\n".join(lines)
 
 
+# verifier name -> the rule that ranks a candidate first (ties by confidence)
+CHECKS = {
+    "confidence alone": lambda d: False,
+    "last step writes the target": lambda d: d.wrote_target,
+    "... with true arithmetic": lambda d: d.wrote_target and bool(d.last_step_true),
+}
+
+
+def check_bon(cache: RolloutCache, diagnoses: Sequence[RolloutDiagnosis]) -> dict[str, float]:
+    """Best-of-n accuracy (n = the cache's rollouts per problem) of each CHECKS rule, ties broken
+    by the mean token log-prob: what a verifier that only knew that check would reach."""
+    confidence = confidence_path_scores(cache, "mean").tolist()
+    n, out = cache.n, {}
+    for name, rule in CHECKS.items():
+        hits = 0
+        for problem in range(cache.num_problems):
+            rows = range(problem * n, (problem + 1) * n)
+            hits += diagnoses[max(rows, key=lambda r: (rule(diagnoses[r]), confidence[r]))].correct
+        out[name] = hits / max(1, cache.num_problems)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cache", help="a countdown rollout cache (.pt) from experiments.rollout_cache")
@@ -124,6 +148,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(fault_table(diagnoses))
     print()
     print(last_step_table(diagnoses))
+    print()
+    print(f"| verifier | Best-of-{cache.n} |\n|---|---:|")
+    for name, acc in check_bon(cache, diagnoses).items():
+        print(f"| {name} | {acc:.3f} |")
+    print(f"| oracle (pass@{cache.n}) | {_oracle(cache):.3f} |")
+
+
+def _oracle(cache: RolloutCache) -> float:
+    solved = cache.correct.view(cache.num_problems, cache.n).any(dim=1)
+    return float(solved.float().mean())
 
 
 if __name__ == "__main__":

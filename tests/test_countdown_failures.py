@@ -47,3 +47,17 @@ def test_tables_count_per_outcome():
     assert "| none | 1 | 0 | 0.333 |" in faults and "| dead end | 0 | 2 | 0.667 |" in faults
     last = last_step_table(ds)
     assert "| True | True | 1 | 0 |" in last and "| True | False | 0 | 1 |" in last and "| False | True | 0 | 1 |" in last
+
+
+def test_check_bon_ranks_by_the_check_then_by_confidence():
+    from experiments.countdown_failures import check_bon
+    from tests.test_train_head import synthetic_cache
+
+    # problem 0: rollout 0 is correct; rollout 1 writes the target with false arithmetic and is
+    # more confident. Problem 1: neither is correct.
+    cache = synthetic_cache([True, False, False, False], n=2, steps_per_rollout=[1, 1, 1, 1],
+                            mean_logprobs=[-1.0, -1.0, -0.1, -0.1, -0.5, -0.5, -0.2, -0.2], task="countdown")
+    ds = [RolloutDiagnosis(True, None, None, True, True), RolloutDiagnosis(False, "dead end", 0, True, False),
+          RolloutDiagnosis(False, "dead end", 0, False, True), RolloutDiagnosis(False, "arithmetic", 0, False, False)]
+    got = check_bon(cache, ds)
+    assert got == {"confidence alone": 0.0, "last step writes the target": 0.0, "... with true arithmetic": 0.5}
