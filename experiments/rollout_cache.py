@@ -372,7 +372,7 @@ class FeatureReader:
         self.device = next(lm.parameters()).device
 
     def read(self, paths: Sequence[Prefix]) -> list[_Reading]:
-        sequences = self._sequences(paths)
+        sequences = self.sequences(paths)
         order = sorted(range(len(paths)), key=lambda i: len(sequences[i][0]))
         out: list[_Reading | None] = [None] * len(paths)
         for first in range(0, len(order), self.batch_size):
@@ -381,7 +381,7 @@ class FeatureReader:
                 out[i] = reading
         return out  # type: ignore[return-value]
 
-    def _sequences(self, paths: Sequence[Prefix]) -> list[tuple[list[int], int]]:
+    def sequences(self, paths: Sequence[Prefix]) -> list[tuple[list[int], int]]:
         """(prompt ids + step ids, prompt length) per path, as SPRMScorer._sequences."""
         prompts = [self.prompt_fn(p.problem) for p in paths]
         unique = list(dict.fromkeys(prompts))

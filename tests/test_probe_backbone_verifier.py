@@ -1,0 +1,84 @@
+"""experiments.probe_backbone_verifier on a random tiny policy and hand-made countdown caches."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experiments.probe_backbone_verifier import ProbeConfig, collate, rollout_examples, run, solution_examples
+from experiments.rollout_cache import CacheSpec, FeatureReader, cache_from_paths, save_cache
+from experiments.tasks import countdown
+from policies.checkpoint import load_checkpoint
+from tiny_checkpoint import save_tiny_checkpoint
+from treesearch.records import Step
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def steps_of(tokenizer, text: str) -> tuple[Step, ...]:
+    parts = [p + ".\n\n" for p in text.split("</think>")[0].split(".\n\n") if p] + ["</think>" + text.split("</think>")[1]]
+    out = []
+    for k, part in enumerate(parts):
+        last = k == len(parts) - 1
+        ids = tokenizer(part, add_special_tokens=False).input_ids + ([tokenizer.eos_token_id] if last else [])
+        out.append(Step(part, tuple(ids), (-0.1,) * len(ids), "eos" if last else "separator"))
+    return tuple(out)
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    """Train and test caches of 2 countdown problems x 2 rollouts: a reference solution and the
+    same with its last result off by one (false arithmetic)."""
+    folder = tmp_path_factory.mktemp("probe")
+    path = save_tiny_checkpoint(folder / "final")
+    lm, tokenizer = load_checkpoint(path)
+    out = {}
+    for split in ("train", "test"):
+        problems = countdown.generate_problems(split, 2, seed=0)
+        paths = []
+        for p in problems:
+            good = countdown.solution_text(p)
+            target = p.meta["target"]
+            bad = good.replace(f"= {target}, left {target}.", f"= {target + 1}, left {target + 1}.")
+            paths.append([steps_of(tokenizer, good), steps_of(tokenizer, bad)])
+        spec = CacheSpec(str(path), "countdown", split, 2, 2, feature_layers=(-2,), forward_batch=4)
+        out[split] = save_cache(cache_from_paths(spec, lm, tokenizer, problems, paths), folder / f"{split}.pt")
+    return path, out, lm, tokenizer
+
+
+def test_examples_carry_positions_outcomes_and_reference_solutions(caches):
+    path, files, lm, tokenizer = caches
+    from experiments.rollout_cache import load_cache
+
+    cache = load_cache(files["train"])
+    reader = FeatureReader(lm, tokenizer, countdown.prompt_text, [-2])
+    rollouts = rollout_examples(cache, reader)
+    assert [e.correct for e in rollouts] == [True, False, True, False]
+    assert all(len(e.positions) == 3 and e.start < min(e.positions) for e in rollouts)  # 3 think steps each
+    solutions = solution_examples(cache, reader, per_problem=1)
+    assert solutions[0].ids == rollouts[0].ids and solutions[0].positions == rollouts[0].positions  # same tokens
+    batch = collate(rollouts[:2], reader.pad_id)
+    assert batch["labels"].tolist() == [True] * 3 + [False] * 3
+    assert batch["completion"][0].sum() == len(rollouts[0].ids) - rollouts[0].start
+
+
+def test_run_trains_the_backbone_and_reports_before_and_after(caches):
+    path, files, _, _ = caches
+    cfg = ProbeConfig(steps=3, batch=2, backbone_lr=1e-2, head_lr=1e-2, kl_coef=0.1, reference_solutions=1)
+    result = run(path, files["train"], files["test"], cfg, progress=False)
+    assert result["train_examples"] == 4 + 2 and result["train_correct"] == 2 + 2
+    for when in ("before", "after"):
+        assert {"heldout_fc/within_auc", "sprm_bon@2", "conf_bon@2", "pass@2"} <= set(result[when])
+    assert result["after"]["heldout_fc/diff_prob"] != result["before"]["heldout_fc/diff_prob"]
+
+
+def test_config_names_the_bad_value():
+    with pytest.raises(ValueError, match="batch=3"):
+        ProbeConfig(batch=3)
+    with pytest.raises(ValueError, match="kl_coef"):
+        ProbeConfig(kl_coef=-1.0)
