@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from experiments.probe_backbone_verifier import ProbeConfig, collate, rollout_examples, run, solution_examples
 from experiments.rollout_cache import CacheSpec, FeatureReader, cache_from_paths, save_cache
@@ -10,14 +9,6 @@ from experiments.tasks import countdown
 from policies.checkpoint import load_checkpoint
 from tiny_checkpoint import save_tiny_checkpoint
 from treesearch.records import Step
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def steps_of(tokenizer, text: str) -> tuple[Step, ...]:
