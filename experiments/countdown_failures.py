@@ -64,8 +64,7 @@ def diagnose(numbers: Sequence[int], target: int, rules: Rules, completion: str,
 
 
 def _problem_numbers(problem: Problem) -> tuple[tuple[int, ...], int, Rules]:
-    meta = problem.meta
-    return tuple(meta["numbers"]), int(meta["target"]), Rules(int(meta["max_value"]), tuple(meta["operations"]))
+    return tuple(problem.meta["numbers"]), int(problem.meta["target"]), countdown.rules_of(problem)
 
 
 def cache_problems(cache: RolloutCache) -> list[Problem]:

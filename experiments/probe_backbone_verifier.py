@@ -48,7 +48,7 @@ from policies.reflective_model import ReflectiveModel  # noqa: E402
 from scorers.head_training import position_probs, rollout_min_scores, rollout_path_scores  # noqa: E402
 from scorers.sprm_positions import score_positions  # noqa: E402
 from scorers.spr_loss import spr_loss  # noqa: E402
-from treesearch.records import Prefix  # noqa: E402
+from treesearch.records import Prefix, Problem  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -86,25 +86,24 @@ class Example:
     correct: bool
 
 
-def paths_of(cache: RolloutCache) -> list[Prefix]:
-    """The cached rollouts as Prefixes of their regenerated problems (cache order)."""
-    problems = cache_problems(cache)
+def paths_of(cache: RolloutCache, problems: Sequence[Problem]) -> list[Prefix]:
+    """The cached rollouts as Prefixes of the cache's problems (`cache_problems`), in cache order."""
     return [Prefix(problems[int(cache.rollout_problem[r])], tuple(cache.steps_of(r))) for r in range(cache.num_rollouts)]
 
 
-def rollout_examples(cache: RolloutCache, reader: FeatureReader) -> list[Example]:
+def rollout_examples(cache: RolloutCache, problems: Sequence[Problem], reader: FeatureReader) -> list[Example]:
     positions: list[list[int]] = [[] for _ in range(cache.num_rollouts)]
     for p in range(len(cache.position_rollout)):
         positions[int(cache.position_rollout[p])].append(int(cache.position_index[p]))
-    sequences = reader.sequences(paths_of(cache))
+    sequences = reader.sequences(paths_of(cache, problems))
     return [Example(ids, start, positions[r], bool(cache.correct[r])) for r, (ids, start) in enumerate(sequences)]
 
 
-def solution_examples(cache: RolloutCache, reader: FeatureReader, per_problem: int) -> list[Example]:
-    """Reference solutions of the cache's problems, tokenized as the policy writes them (+ EOS)."""
+def solution_examples(problems: Sequence[Problem], reader: FeatureReader, per_problem: int) -> list[Example]:
+    """Reference solutions of the problems, tokenized as the policy writes them (+ EOS)."""
     tokenizer, out = reader.tokenizer, []
     for k in range(per_problem):
-        for problem in cache_problems(cache):
+        for problem in problems:
             prompt = tokenizer(countdown.prompt_text(problem)).input_ids
             body = tokenizer(countdown.solution_text(problem, seed=k), add_special_tokens=False).input_ids
             ids = prompt + body + [int(tokenizer.eos_token_id)]
@@ -166,9 +165,9 @@ def train(reflective: ReflectiveModel, frozen: Any, examples: Sequence[Example],
     return log
 
 
-def evaluate(reflective: ReflectiveModel, test: RolloutCache, reader: FeatureReader) -> dict[str, float]:
-    """The tuned model re-reads the held-out rollouts; its head ranks them."""
-    readings = reader.read(paths_of(test))
+def evaluate(reflective: ReflectiveModel, test: RolloutCache, paths: Sequence[Prefix], reader: FeatureReader) -> dict[str, float]:
+    """The model re-reads the held-out rollouts (`paths_of(test, ...)`); its head ranks them."""
+    readings = reader.read(paths)
     layer = reflective.feature_layer
     features = torch.cat([r.features[layer] for r in readings])  # [P, C], the cache's position order
     reread = replace(test, features={layer: features})
@@ -187,11 +186,13 @@ def run(policy: Path, train_cache: Path, test_cache: Path, cfg: ProbeConfig, pro
     reflective = ReflectiveModel(lm)
     train_set, test = load_cache(train_cache), load_cache(test_cache)
     reader = FeatureReader(lm, tokenizer, countdown.prompt_text, [reflective.feature_layer])
-    examples = rollout_examples(train_set, reader) + solution_examples(train_set, reader, cfg.reference_solutions)
+    train_problems = cache_problems(train_set)
+    examples = rollout_examples(train_set, train_problems, reader) + solution_examples(train_problems, reader, cfg.reference_solutions)
+    test_paths = paths_of(test, cache_problems(test))
     started = time.perf_counter()
-    before = evaluate(reflective, test, reader)
+    before = evaluate(reflective, test, test_paths, reader)
     log = train(reflective, frozen, examples, reader.pad_id, cfg, progress)
-    after = evaluate(reflective, test, reader)
+    after = evaluate(reflective, test, test_paths, reader)
     return {"config": asdict(cfg), "train_examples": len(examples), "train_correct": sum(e.correct for e in examples),
             "seconds": time.perf_counter() - started, "before": before, "after": after,
             "loss_first": log[0]["loss"], "loss_last_50": sum(r["loss"] for r in log[-50:]) / min(50, len(log))}

@@ -336,7 +336,7 @@ def _answer_grades(problem, canonical: str) -> bool:
     """Whether a canonical answer is right, straight from the expression (no steps)."""
     expr = countdown._parse_expression(canonical)
     return (expr is not None and sorted(countdown._leaves(expr)) == sorted(problem.meta["numbers"])
-            and countdown._evaluate(expr, countdown._rules_of(problem)) == problem.meta["target"])
+            and countdown._evaluate(expr, countdown.rules_of(problem)) == problem.meta["target"])
 
 
 # -- true step labels ---------------------------------------------------------------------------
@@ -402,7 +402,7 @@ def test_training_pairs_mix_solutions_with_honest_attempts(test_problems):
         assert len(steps) == len(problem.meta["numbers"])  # one step per operation, then the answer
         for text in steps[:-1]:  # honest: every written result is the true one
             step = parse_step(text)
-            assert countdown.apply_op(step.x, step.op, step.y, countdown._rules_of(problem)) == step.result
+            assert countdown.apply_op(step.x, step.op, step.y, countdown.rules_of(problem)) == step.result
     assert countdown.training_pairs(test_problems[:50], 400, seed=3, solved_share=0.5) == pairs  # seeded
     assert all(grade(by_prompt[p], c) for p, c in countdown.training_pairs(test_problems[:50], 60, seed=3))
     with pytest.raises(ValueError, match="solved_share=1.5"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from experiments.countdown_failures import cache_problems
 from experiments.probe_backbone_verifier import ProbeConfig, collate, rollout_examples, run, solution_examples
 from experiments.rollout_cache import CacheSpec, FeatureReader, cache_from_paths, save_cache
 from experiments.tasks import countdown
@@ -48,10 +49,11 @@ def test_examples_carry_positions_outcomes_and_reference_solutions(caches):
 
     cache = load_cache(files["train"])
     reader = FeatureReader(lm, tokenizer, countdown.prompt_text, [-2])
-    rollouts = rollout_examples(cache, reader)
+    problems = cache_problems(cache)
+    rollouts = rollout_examples(cache, problems, reader)
     assert [e.correct for e in rollouts] == [True, False, True, False]
     assert all(len(e.positions) == 3 and e.start < min(e.positions) for e in rollouts)  # 3 think steps each
-    solutions = solution_examples(cache, reader, per_problem=1)
+    solutions = solution_examples(problems, reader, per_problem=1)
     assert solutions[0].ids == rollouts[0].ids and solutions[0].positions == rollouts[0].positions  # same tokens
     batch = collate(rollouts[:2], reader.pad_id)
     assert batch["labels"].tolist() == [True] * 3 + [False] * 3

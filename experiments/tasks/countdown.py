@@ -250,7 +250,8 @@ def _meta(key: str, numbers: tuple[int, ...], target: int, cfg: CountdownConfig)
     }
 
 
-def _rules_of(problem: Problem) -> Rules:
+def rules_of(problem: Problem) -> Rules:
+    """The rules a countdown problem was generated under (its max_value and operations)."""
     return Rules(int(problem.meta["max_value"]), tuple(problem.meta["operations"]))
 
 
@@ -272,7 +273,7 @@ def _moves_of_seed(key: str, numbers: Sequence[int], target: int, rules: Rules, 
 
 def _solution_moves(problem: Problem, seed: int) -> list[Move]:
     meta = problem.meta
-    return _moves_of_seed(meta["key"], meta["numbers"], int(meta["target"]), _rules_of(problem), seed)
+    return _moves_of_seed(meta["key"], meta["numbers"], int(meta["target"]), rules_of(problem), seed)
 
 
 def _expression_of(numbers: Sequence[int], moves: Sequence[Move]) -> str:
@@ -310,7 +311,7 @@ def solution_text(problem: Problem, seed: int = 0) -> str:
 def attempt_moves(problem: Problem, seed: int) -> list[Move] | None:
     """An honest attempt: legal moves drawn uniformly until one number is left, whether or not it
     is the target (None when a state has no legal move under the rules)."""
-    meta, rules = problem.meta, _rules_of(problem)
+    meta, rules = problem.meta, rules_of(problem)
     rng = random.Random(stable_hash(f"{meta['key']}|attempt|{seed}"))
     state, moves = tuple(sorted(meta["numbers"])), []
     while len(state) > 1:
@@ -514,7 +515,7 @@ def grade(problem: Problem, completion_text: str) -> bool:
             return False
         if sorted(_leaves(expr)) != sorted(int(n) for n in problem.meta["numbers"]):
             return False
-        return _evaluate(expr, _rules_of(problem)) == int(problem.meta["target"])
+        return _evaluate(expr, rules_of(problem)) == int(problem.meta["target"])
     except Exception:  # a grader must never crash a search run
         return False
 
@@ -531,7 +532,7 @@ def true_step_labels(problem: Problem, step_texts: Sequence[str]) -> list[bool]:
     texts = [t if isinstance(t, str) else "" for t in step_texts]
     end = next((i for i, t in enumerate(texts) if THINK_CLOSE in t), len(texts))
     try:
-        labels = step_labels(problem.meta["numbers"], int(problem.meta["target"]), _rules_of(problem), texts[:end])
+        labels = step_labels(problem.meta["numbers"], int(problem.meta["target"]), rules_of(problem), texts[:end])
     except Exception:
         labels = [False] * end
     if end < len(texts):
@@ -546,7 +547,7 @@ def true_step_labels(problem: Problem, step_texts: Sequence[str]) -> list[bool]:
 
 
 def _problem_stats(problem: Problem) -> dict[str, float]:
-    numbers, target, rules = problem.meta["numbers"], int(problem.meta["target"]), _rules_of(problem)
+    numbers, target, rules = problem.meta["numbers"], int(problem.meta["target"]), rules_of(problem)
     traces = list(all_solutions(tuple(sorted(numbers)), target, rules))
     answers = {_canonical(_parse_expression(_expression_of(numbers, t))) for t in traces}  # type: ignore[arg-type]
     return {
@@ -560,7 +561,7 @@ def _problem_stats(problem: Problem) -> dict[str, float]:
 
 def _path_dead_share(problem: Problem) -> float:
     """Mean dead-end share of the legal moves at each state along reference solution 0."""
-    state, target, rules = tuple(sorted(problem.meta["numbers"])), int(problem.meta["target"]), _rules_of(problem)
+    state, target, rules = tuple(sorted(problem.meta["numbers"])), int(problem.meta["target"]), rules_of(problem)
     shares = []
     for move in _solution_moves(problem, 0):
         shares.append(dead_end_share(state, target, rules))
