@@ -165,8 +165,10 @@ def train(reflective: ReflectiveModel, frozen: Any, examples: Sequence[Example],
     return log
 
 
-def evaluate(reflective: ReflectiveModel, test: RolloutCache, paths: Sequence[Prefix], reader: FeatureReader) -> dict[str, float]:
-    """The model re-reads the held-out rollouts (`paths_of(test, ...)`); its head ranks them."""
+def evaluate(reflective: ReflectiveModel, test: RolloutCache, paths: Sequence[Prefix], reader: FeatureReader
+             ) -> tuple[dict[str, float], torch.Tensor]:
+    """The model re-reads the held-out rollouts (`paths_of(test, ...)`); its head ranks them.
+    Returns the metrics and the head's [P] step scores in the cache's position order."""
     readings = reader.read(paths)
     layer = reflective.feature_layer
     features = torch.cat([r.features[layer] for r in readings])  # [P, C], the cache's position order
@@ -176,7 +178,7 @@ def evaluate(reflective: ReflectiveModel, test: RolloutCache, paths: Sequence[Pr
     held = cache_metrics(reflective.head, reread, layer, "heldout", False)
     out = {k: v for k, v in held.items() if isinstance(v, float)}
     out.update({k: v.mean for k, v in table.items()})
-    return out
+    return out, probs
 
 
 def run(policy: Path, train_cache: Path, test_cache: Path, cfg: ProbeConfig, progress: bool = True) -> dict[str, Any]:
@@ -190,12 +192,13 @@ def run(policy: Path, train_cache: Path, test_cache: Path, cfg: ProbeConfig, pro
     examples = rollout_examples(train_set, train_problems, reader) + solution_examples(train_problems, reader, cfg.reference_solutions)
     test_paths = paths_of(test, cache_problems(test))
     started = time.perf_counter()
-    before = evaluate(reflective, test, test_paths, reader)
+    before, _ = evaluate(reflective, test, test_paths, reader)
     log = train(reflective, frozen, examples, reader.pad_id, cfg, progress)
-    after = evaluate(reflective, test, test_paths, reader)
+    after, after_probs = evaluate(reflective, test, test_paths, reader)
     return {"config": asdict(cfg), "train_examples": len(examples), "train_correct": sum(e.correct for e in examples),
             "seconds": time.perf_counter() - started, "before": before, "after": after,
-            "loss_first": log[0]["loss"], "loss_last_50": sum(r["loss"] for r in log[-50:]) / min(50, len(log))}
+            "loss_first": log[0]["loss"], "loss_last_50": sum(r["loss"] for r in log[-50:]) / min(50, len(log)),
+            "after_step_scores": after_probs.tolist()}
 
 
 def summary(result: dict[str, Any], n: int) -> str:
@@ -229,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(summary(result, load_cache(args.test).n))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        args.out.write_text(json.dumps(result, indent=1))  # after_step_scores: the held-out step scores
 
 
 if __name__ == "__main__":
