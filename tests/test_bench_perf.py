@@ -7,7 +7,6 @@ is asserted (these machines are shared and noisy; the scripts print ratios for a
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tiny_checkpoint import save_tiny_checkpoint
 
@@ -17,12 +16,7 @@ def checkpoint(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def table_rows(text: str, header_start: str) -> dict[str, list[str]]:

@@ -2,17 +2,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from experiments import bench_scoring_overhead
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.slow

@@ -37,13 +37,7 @@ MARKERS = StepMarkers.from_tokenizer(TOK, len(TOK))
 SHAPE = TinyModelConfig(hidden=32, layers=2, heads=2, kv_heads=2, intermediate=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the cores are shared with other jobs, and a 30k-parameter model gains nothing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def biased_lm(tokenizer=TOK, seed: int = 0, sep_logit: float = 4.5, eos_logit: float = 2.5):

@@ -33,13 +33,7 @@ from treesearch.best_of_n import BestOfNConfig, best_of_n
 from treesearch.records import Prefix, Problem, Step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the tiny model gains nothing from two, and the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 BASE = make_model(len(TOK))

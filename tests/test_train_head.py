@@ -39,12 +39,7 @@ from treesearch.aggregation import aggregate
 from treesearch.records import Prefix, Problem, Step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # -- a synthetic cache ------------------------------------------------------------------------------

@@ -70,12 +70,7 @@ HELDOUT_KEYS = {f"heldout_fc/{k}" for k in FC}
 GREEDY_KEYS = {"heldout/greedy_acc"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

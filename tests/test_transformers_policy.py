@@ -89,14 +89,7 @@ class ForwardLog:
         return sum(tokens for _, tokens in self.calls)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model gains nothing from a second thread, and two spinning OpenMP threads slow
-    down 100x when another process holds a core (measured here); restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 TOK = make_tokenizer()
