@@ -11,7 +11,8 @@ solving the problem.
 
     python -m experiments.countdown_failures outputs/demo/sprm_countdown/test.pt
 
-Prints two markdown tables (first fault per outcome; last step per outcome) and what Best-of-n
+Prints three markdown tables (first fault per outcome; last step per outcome; how often the
+policy's arithmetic is right by step, operator and operand size) and what Best-of-n
 would reach with the cheap checks as the verifier (`check_bon`: a candidate whose last step
 writes the target, honestly or at all, ranks first; ties go to the policy's confidence). `diagnose`
 is the plain function on one rollout; `diagnose_cache` runs it over a rollout cache
@@ -115,6 +116,31 @@ def last_step_table(diagnoses: Sequence[RolloutDiagnosis]) -> str:
     return "\n".join(lines)
 
 
+def arithmetic_rows(rollouts: Sequence[Sequence[str]]) -> dict[tuple[int, str, str], tuple[int, int]]:
+    """(think step index, operator, "1 digit" | "2 digits": the larger operand) -> (steps, steps
+    whose written result is the true value) over every well-formed think step of the rollouts
+    (each a list of step texts; the answer step and malformed steps are skipped). Never raises."""
+    counts: Counter = Counter()
+    for steps in rollouts:
+        for index, text in enumerate(t for t in steps if countdown.THINK_CLOSE not in t):
+            step = parse_step(text)
+            if step is None:
+                continue
+            key = (index, step.op, "1 digit" if max(step.x, step.y) < 10 else "2 digits")
+            counts[key, "all"] += 1
+            counts[key, "true"] += apply_op(step.x, step.op, step.y, countdown.ARITHMETIC_ONLY) == step.result
+    return {key: (counts[key, "all"], counts[key, "true"]) for key, kind in counts if kind == "all"}
+
+
+def arithmetic_table(rows: dict[tuple[int, str, str], tuple[int, int]]) -> str:
+    """Markdown of `arithmetic_rows`: how often the policy's arithmetic is right, by step, operator
+    and operand size (what a verifier of the last step has to recompute)."""
+    lines = ["| step | operator | operands | steps | arithmetic right |", "|---:|---|---|---:|---:|"]
+    for (index, op, size), (total, true) in sorted(rows.items()):
+        lines.append(f"| {index} | {op} | {size} | {total} | {true / total:.3f} |")
+    return "\n".join(lines)
+
+
 # verifier name -> the rule that ranks a candidate first (ties by confidence)
 CHECKS = {
     "confidence alone": lambda d: False,
@@ -147,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(fault_table(diagnoses))
     print()
     print(last_step_table(diagnoses))
+    print()
+    rollouts = [[s.text for s in cache.steps_of(r)] for r in range(cache.num_rollouts)]
+    print(arithmetic_table(arithmetic_rows(rollouts)))
     print()
     print(f"| verifier | Best-of-{cache.n} |\n|---|---:|")
     for name, acc in check_bon(cache, diagnoses).items():

@@ -1,7 +1,9 @@
 """experiments.countdown_failures: the first fault and the last step of countdown completions."""
 from __future__ import annotations
 
-from experiments.countdown_failures import RolloutDiagnosis, diagnose, fault_table, last_step_table
+from experiments.countdown_failures import (
+    RolloutDiagnosis, arithmetic_rows, arithmetic_table, diagnose, fault_table, last_step_table,
+)
 from experiments.tasks.countdown_steps import Rules, check_step
 
 RULES = Rules(max_value=99)
@@ -61,3 +63,19 @@ def test_check_bon_ranks_by_the_check_then_by_confidence():
           RolloutDiagnosis(False, "dead end", 0, False, True), RolloutDiagnosis(False, "arithmetic", 0, False, False)]
     got = check_bon(cache, ds)
     assert got == {"confidence alone": 0.0, "last step writes the target": 0.0, "... with true arithmetic": 0.5}
+
+
+def test_arithmetic_rows_count_true_results_by_step_operator_and_size():
+    rollouts = [
+        ["8 - 5 = 3, left 6 6 3.\n\n", "6 * 3 = 18, left 6 18.\n\n", "18 + 6 = 24, left 24.\n\n", "</think>Answer: 1"],
+        ["8 - 5 = 4, left 6 6 4.\n\n", "garbage.\n\n", "14 + 6 = 21, left 21.\n\n"],
+    ]
+    rows = arithmetic_rows(rollouts)
+    # step 0: both "-" with one-digit operands, one right (8 - 5 = 3) and one wrong (= 4); the
+    # malformed step 1 of the second rollout is skipped but still counts as a step index
+    assert rows[(0, "-", "1 digit")] == (2, 1)
+    assert rows[(1, "*", "1 digit")] == (1, 1)
+    assert rows[(2, "+", "2 digits")] == (2, 1)  # 18 + 6 = 24 right, 14 + 6 = 21 wrong
+    assert len(rows) == 3  # the answer step is not a think step
+    table = arithmetic_table(rows)
+    assert "| 2 | + | 2 digits | 2 | 0.500 |" in table
