@@ -12,14 +12,17 @@ frozen policy on the batch's completion tokens (--kl-coef: keeps the policy a po
 held-out rollouts are read again with the tuned backbone and the head ranks them: within-problem
 AUC, held-out fc/diff_prob and Best-of-n against confidence, majority and the oracle.
 
-It measures; it does not produce the demo's scorer (the tuned backbone samples other rollouts than
-the cached ones, so a real SPRM built this way must be re-evaluated on its own samples).
+It measures; it does not produce the demo's scorer. The tuned backbone samples other rollouts than
+the cached ones: `--own-problems K` lets it sample its own rollouts of K test problems and rank
+them with its head (is it still a policy, and does its head still pick the right answers);
+`--save DIR` keeps the tuned reflective model.
 
     python -m experiments.rollout_cache --policy outputs/checkpoints/tiny-countdown/final --task countdown \\
         --split train --problems 4096 --n 8 --out /tmp/cd/train.pt            # ~7 min, 32768 rollouts
     python -m experiments.rollout_cache ... --split test --problems 200 --n 32 --out /tmp/cd/test.pt
     python -m experiments.probe_backbone_verifier --train /tmp/cd/train.pt --test /tmp/cd/test.pt \\
         --steps 900 --backbone-lr 1e-3 --reference-solutions 2 --out /tmp/cd/probe.json   # ~15 min, 2 cores
+    ... --kl-coef 0.1 --own-problems 200 --save /tmp/cd/tuned
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft
 import argparse  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -39,7 +43,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from experiments.countdown_failures import cache_problems  # noqa: E402
-from experiments.rollout_cache import FeatureReader, RolloutCache, load_cache  # noqa: E402
+from experiments.rollout_cache import FeatureReader, RolloutCache, build_rollout_cache, load_cache  # noqa: E402
 from experiments.tasks import countdown  # noqa: E402
 from experiments.train_head import bon_table, cache_metrics  # noqa: E402
 from policies.checkpoint import load_checkpoint  # noqa: E402
@@ -181,7 +185,28 @@ def evaluate(reflective: ReflectiveModel, test: RolloutCache, paths: Sequence[Pr
     return out, probs
 
 
-def run(policy: Path, train_cache: Path, test_cache: Path, cfg: ProbeConfig, progress: bool = True) -> dict[str, Any]:
+def own_samples(folder: Path, problems: int, n: int, progress: bool = True) -> dict[str, float]:
+    """The tuned model as a policy: it samples n rollouts of each of the first `problems` test
+    problems (`rollout_cache.build_rollout_cache`, the task's default temperature) and its own
+    head ranks them (the same scores as in-generation scoring, `policies.reflective_model`):
+    pass@1, pass@n, Best-of-n by the head and by confidence, majority, `own_fc/*`."""
+    reflective, _ = ReflectiveModel.from_pretrained(folder)
+    layer = reflective.feature_layer
+    cache = build_rollout_cache(folder, "countdown", "test", problems, n, feature_layers=(layer,), progress=progress)
+    probs = position_probs(reflective.head, cache.layer(layer))
+    table = bon_table(cache, rollout_path_scores(probs, cache), sizes=[n])
+    held = cache_metrics(reflective.head, cache, layer, "own", False)
+    out = {k: v for k, v in held.items() if isinstance(v, float)}
+    out.update({k: v.mean for k, v in table.items()})
+    return out
+
+
+def run(policy: Path, train_cache: Path, test_cache: Path, cfg: ProbeConfig, progress: bool = True,
+        save_dir: Path | None = None, own_problems: int = 0) -> dict[str, Any]:
+    """Train and measure (module docstring); save_dir: also save the tuned reflective model there
+    (transformers folder + score_module.pt); own_problems: also let the tuned model sample its own
+    rollouts of that many test problems (n as the held-out cache) and rank them (`own_samples`:
+    does it still solve problems, and does its head pick the right ones)."""
     torch.manual_seed(cfg.seed)
     lm, tokenizer = load_checkpoint(policy)
     frozen = load_checkpoint(policy)[0] if cfg.kl_coef else None
@@ -195,7 +220,13 @@ def run(policy: Path, train_cache: Path, test_cache: Path, cfg: ProbeConfig, pro
     before, _ = evaluate(reflective, test, test_paths, reader)
     log = train(reflective, frozen, examples, reader.pad_id, cfg, progress)
     after, after_probs = evaluate(reflective, test, test_paths, reader)
-    return {"config": asdict(cfg), "train_examples": len(examples), "train_correct": sum(e.correct for e in examples),
+    own: dict[str, float] = {}
+    if save_dir is not None or own_problems:
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = save_dir or Path(scratch) / "tuned"
+            reflective.save_pretrained(folder, tokenizer)
+            own = own_samples(folder, own_problems, test.n, progress) if own_problems else {}
+    return {"own": own, "config": asdict(cfg), "train_examples": len(examples), "train_correct": sum(e.correct for e in examples),
             "seconds": time.perf_counter() - started, "before": before, "after": after,
             "loss_first": log[0]["loss"], "loss_last_50": sum(r["loss"] for r in log[-50:]) / min(50, len(log)),
             "after_step_scores": after_probs.tolist()}
@@ -217,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--train", type=Path, required=True, help="train-split rollout cache (.pt)")
     ap.add_argument("--test", type=Path, required=True, help="held-out rollout cache (.pt)")
     ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    ap.add_argument("--save", type=Path, default=None, help="save the tuned reflective model in this folder")
+    ap.add_argument("--own-problems", type=int, default=0,
+                    help="the tuned model samples its own rollouts of this many test problems; its head ranks them")
     for name in ("steps", "batch", "reference_solutions", "seed"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     for name in ("backbone_lr", "head_lr", "grad_scale", "kl_coef"):
@@ -228,8 +262,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     cfg = ProbeConfig(args.steps, args.batch, args.backbone_lr, args.head_lr, args.grad_scale, args.loss,
                       args.kl_coef, args.reference_solutions, args.seed)
-    result = run(args.policy, args.train, args.test, cfg)
-    print(summary(result, load_cache(args.test).n))
+    result = run(args.policy, args.train, args.test, cfg, save_dir=args.save, own_problems=args.own_problems)
+    n = load_cache(args.test).n
+    print(summary(result, n))
+    if result["own"]:
+        keys = ["own_fc/diff_prob", "own_fc/within_auc", "pass@1", f"sprm_bon@{n}", f"conf_bon@{n}", f"maj@{n}", f"pass@{n}"]
+        print(f"\nthe tuned model's own samples ({args.own_problems} test problems x {n}):")
+        print("| " + " | ".join(keys) + " |\n|" + "---:|" * len(keys))
+        print("| " + " | ".join(f"{result['own'].get(k, float('nan')):.3f}" for k in keys) + " |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))  # after_step_scores: the held-out step scores

@@ -70,6 +70,20 @@ def test_run_trains_the_backbone_and_reports_before_and_after(caches):
     assert result["after"]["heldout_fc/diff_prob"] != result["before"]["heldout_fc/diff_prob"]
 
 
+def test_the_tuned_model_is_saved_and_ranks_its_own_samples(caches, tmp_path):
+    from policies.reflective_model import ReflectiveModel
+
+    path, files, _, _ = caches
+    cfg = ProbeConfig(steps=1, batch=2, reference_solutions=0)
+    result = run(path, files["train"], files["test"], cfg, progress=False, save_dir=tmp_path / "tuned", own_problems=1)
+    model, _ = ReflectiveModel.from_pretrained(tmp_path / "tuned")  # policy + score_module.pt
+    assert model.feature_layer == -2
+    own = result["own"]
+    assert {"pass@1", "pass@2", "sprm_bon@2", "conf_bon@2"} <= set(own)
+    assert own["own_fc/num_correct"] + own["own_fc/num_false"] == 2  # 1 problem x n = 2 own rollouts
+    assert 0.0 <= own["pass@1"] <= own["pass@2"] <= 1.0
+
+
 def test_config_names_the_bad_value():
     with pytest.raises(ValueError, match="batch=3"):
         ProbeConfig(batch=3)
