@@ -178,11 +178,19 @@ def evaluate(reflective: ReflectiveModel, test: RolloutCache, paths: Sequence[Pr
     features = torch.cat([r.features[layer] for r in readings])  # [P, C], the cache's position order
     reread = replace(test, features={layer: features})
     probs = position_probs(reflective.head, features)
-    table = bon_table(reread, rollout_path_scores(probs, reread), head_min_scores=rollout_min_scores(probs, reread))
-    held = cache_metrics(reflective.head, reread, layer, "heldout", False)
+    metrics = ranking_metrics(reflective, reread, probs, "heldout", head_min_scores=rollout_min_scores(probs, reread))
+    return metrics, probs
+
+
+def ranking_metrics(reflective: ReflectiveModel, cache: RolloutCache, probs: torch.Tensor, prefix: str,
+                    **table_options: Any) -> dict[str, float]:
+    """`<prefix>_fc/*` of the head on the cache's features and `bon_table` (means) of its [P] step
+    scores `probs`; table_options go to bon_table."""
+    table = bon_table(cache, rollout_path_scores(probs, cache), **table_options)
+    held = cache_metrics(reflective.head, cache, reflective.feature_layer, prefix, False)
     out = {k: v for k, v in held.items() if isinstance(v, float)}
     out.update({k: v.mean for k, v in table.items()})
-    return out, probs
+    return out
 
 
 def own_samples(folder: Path, problems: int, n: int, progress: bool = True) -> dict[str, float]:
@@ -193,12 +201,7 @@ def own_samples(folder: Path, problems: int, n: int, progress: bool = True) -> d
     reflective, _ = ReflectiveModel.from_pretrained(folder)
     layer = reflective.feature_layer
     cache = build_rollout_cache(folder, "countdown", "test", problems, n, feature_layers=(layer,), progress=progress)
-    probs = position_probs(reflective.head, cache.layer(layer))
-    table = bon_table(cache, rollout_path_scores(probs, cache), sizes=[n])
-    held = cache_metrics(reflective.head, cache, layer, "own", False)
-    out = {k: v for k, v in held.items() if isinstance(v, float)}
-    out.update({k: v.mean for k, v in table.items()})
-    return out
+    return ranking_metrics(reflective, cache, position_probs(reflective.head, cache.layer(layer)), "own", sizes=[n])
 
 
 def run(policy: Path, train_cache: Path, test_cache: Path, cfg: ProbeConfig, progress: bool = True,
