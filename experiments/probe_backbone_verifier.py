@@ -60,8 +60,10 @@ class ProbeConfig:
     """steps: optimizer steps; batch: rollouts per step, half correct and half not; backbone_lr,
     head_lr: AdamW learning rates; grad_scale: the head's gradient into the backbone (the
     reference's 1e-4 leaves the backbone as it is); loss: `scorers.spr_loss` mode; kl_coef: KL to
-    the frozen policy on completion tokens (0: none); reference_solutions: reference traces per
-    train problem added as correct examples; seed."""
+    the frozen policy on completion tokens (0: none); lm_coef: next-token loss on the completion
+    tokens of the batch's correct examples (0: none; keeps and sharpens the policy, rejection-
+    sampling fine-tuning); reference_solutions: reference traces per train problem added as
+    correct examples; seed."""
 
     steps: int = 900
     batch: int = 64
@@ -72,12 +74,13 @@ class ProbeConfig:
     kl_coef: float = 0.0
     reference_solutions: int = 2
     seed: int = 0
+    lm_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 2 or self.batch % 2:
             raise ValueError(f"steps={self.steps} must be >= 1 and batch={self.batch} an even number >= 2")
-        if min(self.backbone_lr, self.head_lr, self.grad_scale, self.kl_coef, self.reference_solutions) < 0:
-            raise ValueError("learning rates, grad_scale, kl_coef and reference_solutions must be >= 0")
+        if min(self.backbone_lr, self.head_lr, self.grad_scale, self.kl_coef, self.lm_coef, self.reference_solutions) < 0:
+            raise ValueError("learning rates, grad_scale, kl_coef, lm_coef and reference_solutions must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         rows += [i] * len(e.positions)
         cols += e.positions
         labels += [e.correct] * len(e.positions)
-    return {"ids": ids, "mask": mask, "completion": completion, "rows": torch.tensor(rows, dtype=torch.long),
+    return {"ids": ids, "mask": mask, "completion": completion,
+            "correct": torch.tensor([e.correct for e in examples]), "rows": torch.tensor(rows, dtype=torch.long),
             "cols": torch.tensor(cols, dtype=torch.long), "labels": torch.tensor(labels)}
 
 
@@ -139,6 +143,14 @@ def kl_to_frozen(logits: torch.Tensor, frozen: Any, batch: dict[str, torch.Tenso
     current = torch.log_softmax(logits[:, :-1].float(), -1)
     kl = (ref.exp() * (ref - current)).sum(-1)  # [B, L-1]
     return (kl * batch["completion"]).sum() / batch["completion"].sum().clamp(min=1)
+
+
+def lm_loss_on_correct(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the completion tokens of the batch's correct examples."""
+    weights = batch["completion"] * batch["correct"][:, None]  # [B, L-1]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["ids"][:, 1:],
+                                            reduction="none")  # [B, L-1]
+    return (nll * weights).sum() / weights.sum().clamp(min=1)
 
 
 def train(reflective: ReflectiveModel, frozen: Any, examples: Sequence[Example], pad_id: int, cfg: ProbeConfig,
@@ -159,12 +171,13 @@ def train(reflective: ReflectiveModel, frozen: Any, examples: Sequence[Example],
         logits, head = model(batch["ids"], batch["mask"], batch["rows"], batch["cols"], cfg.grad_scale)
         spr = spr_loss(head, batch["labels"], cfg.loss).loss
         kl = kl_to_frozen(logits, frozen, batch) if cfg.kl_coef else torch.zeros(())
-        loss = spr + cfg.kl_coef * kl
+        lm = lm_loss_on_correct(logits, batch) if cfg.lm_coef else torch.zeros(())
+        loss = spr + cfg.kl_coef * kl + cfg.lm_coef * lm
         optim.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(reflective.parameters(), 1.0)
         optim.step()
-        log.append({"loss": loss.item(), "spr": spr.item(), "kl": kl.item()})
+        log.append({"loss": loss.item(), "spr": spr.item(), "kl": kl.item(), "lm": lm.item()})
     reflective.eval()
     return log
 
@@ -256,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="the tuned model samples its own rollouts of this many test problems; its head ranks them")
     for name in ("steps", "batch", "reference_solutions", "seed"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
-    for name in ("backbone_lr", "head_lr", "grad_scale", "kl_coef"):
+    for name in ("backbone_lr", "head_lr", "grad_scale", "kl_coef", "lm_coef"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
     ap.add_argument("--loss", default=d.loss, help="scorers.spr_loss mode: reference | paper | bce")
     ap.add_argument("--threads", type=int, default=None)
@@ -264,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = ProbeConfig(args.steps, args.batch, args.backbone_lr, args.head_lr, args.grad_scale, args.loss,
-                      args.kl_coef, args.reference_solutions, args.seed)
+                      args.kl_coef, args.reference_solutions, args.seed, args.lm_coef)
     result = run(args.policy, args.train, args.test, cfg, save_dir=args.save, own_problems=args.own_problems)
     n = load_cache(args.test).n
     print(summary(result, n))

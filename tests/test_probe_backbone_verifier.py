@@ -4,7 +4,10 @@ from __future__ import annotations
 import pytest
 
 from experiments.countdown_failures import cache_problems
-from experiments.probe_backbone_verifier import ProbeConfig, collate, rollout_examples, run, solution_examples
+import torch
+
+from experiments.probe_backbone_verifier import (ProbeConfig, collate, lm_loss_on_correct, rollout_examples, run,
+                                                solution_examples)
 from experiments.rollout_cache import CacheSpec, FeatureReader, cache_from_paths, save_cache
 from experiments.tasks import countdown
 from policies.checkpoint import load_checkpoint
@@ -62,7 +65,7 @@ def test_examples_carry_positions_outcomes_and_reference_solutions(caches):
 
 def test_run_trains_the_backbone_and_reports_before_and_after(caches):
     path, files, _, _ = caches
-    cfg = ProbeConfig(steps=3, batch=2, backbone_lr=1e-2, head_lr=1e-2, kl_coef=0.1, reference_solutions=1)
+    cfg = ProbeConfig(steps=3, batch=2, backbone_lr=1e-2, head_lr=1e-2, kl_coef=0.1, reference_solutions=1, lm_coef=0.5)
     result = run(path, files["train"], files["test"], cfg, progress=False)
     assert result["train_examples"] == 4 + 2 and result["train_correct"] == 2 + 2
     for when in ("before", "after"):
@@ -84,8 +87,27 @@ def test_the_tuned_model_is_saved_and_ranks_its_own_samples(caches, tmp_path):
     assert 0.0 <= own["pass@1"] <= own["pass@2"] <= 1.0
 
 
+def test_lm_loss_counts_only_the_completion_tokens_of_correct_examples(caches):
+    _, files, lm, tokenizer = caches
+    from experiments.rollout_cache import load_cache
+
+    cache = load_cache(files["train"])
+    reader = FeatureReader(lm, tokenizer, countdown.prompt_text, [-2])
+    good, bad = rollout_examples(cache, cache_problems(cache), reader)[:2]
+    batch = collate([good, bad], reader.pad_id)
+    logits = torch.randn(2, batch["ids"].shape[1], lm.config.vocab_size)
+    logits[1] = 100.0 * torch.randn_like(logits[1])  # the incorrect row's loss would be huge
+    # by hand: the mean of -log p(next token) over the good row's completion targets
+    logp = torch.log_softmax(logits[0], -1)
+    targets = range(good.start - 1, len(good.ids) - 1)  # position t predicts token t + 1
+    expected = -sum(logp[t, good.ids[t + 1]] for t in targets) / len(targets)
+    assert torch.allclose(lm_loss_on_correct(logits, batch), expected, atol=1e-5)
+
+
 def test_config_names_the_bad_value():
     with pytest.raises(ValueError, match="batch=3"):
         ProbeConfig(batch=3)
     with pytest.raises(ValueError, match="kl_coef"):
         ProbeConfig(kl_coef=-1.0)
+    with pytest.raises(ValueError, match="lm_coef"):
+        ProbeConfig(lm_coef=-1.0)
