@@ -9,7 +9,9 @@ Reads only the run's saved rows (`experiments.train` writes metrics.jsonl): fc/c
 fc/false_prob, fc/diff_prob (training batch, every step), heldout_fc/* (every eval_every steps,
 and step 0), reward/mean and heldout/greedy_acc when present. Where the correct and incorrect
 curves split is the reference's "aha moment"; a train gap without a held-out gap is the
-self-confirmation DESIGN.md section 4 warns about.
+self-confirmation DESIGN.md section 4 warns about. The plot marks the split with a vertical line:
+`experiments.aha_metrics.aha_step`, the first step from which the held-out gap stays above
+AHA_THRESHOLD (0.1) to the end of the run (the train-batch gap when a run has no held-out rows).
 
 `plot_aha(metrics_jsonl, out_png)` is the function `python -m experiments.plot aha` wires to
 (`register_aha(subparsers)` adds the subcommand). Bad input prints "error: <file>: <what is
@@ -29,6 +31,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments.aha_metrics import AHA_THRESHOLD, aha_step  # noqa: E402
 
 
 CURVES: tuple[tuple[str, str, str, str], ...] = (  # (key, label, color, line style)
@@ -99,6 +103,25 @@ def metrics_file(path: str | Path) -> Path:
     return path / "metrics.jsonl" if path.is_dir() else path
 
 
+def split_step(rows: Sequence[dict[str, Any]], threshold: float = AHA_THRESHOLD) -> tuple[int | None, str]:
+    """(the aha step of the run, the gap it was read from): `aha_step` of the held-out gap, or of
+    the train-batch gap when the run has no held-out rows."""
+    for key in ("heldout_fc/diff_prob", "fc/diff_prob"):
+        steps, gaps = series(rows, key)
+        if steps:
+            return aha_step(steps, gaps, threshold), key
+    return None, "heldout_fc/diff_prob"
+
+
+def mark_split(axes: Sequence[plt.Axes], step: int | None, key: str) -> None:
+    if step is None:
+        return
+    for ax in axes:
+        ax.axvline(step, color="tab:purple", lw=1.2, ls="-.")
+    axes[-1].text(step, axes[-1].get_ylim()[1], f" aha: step {step} ({key} > {AHA_THRESHOLD} from here on)",
+                  color="tab:purple", fontsize=8, va="top")
+
+
 def plot_aha(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     """Draw the aha curves of a run's metrics.jsonl (or of a run folder holding one) into
     out_png; return its path."""
@@ -111,6 +134,7 @@ def plot_aha(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     top.set_title(f"SPRM scores of correct vs incorrect rollouts: {metrics_jsonl.parent.name}")
     draw(bottom, rows, LOWER)
     bottom.axhline(0.0, color="gray", lw=0.5)
+    mark_split((top, bottom), *split_step(rows))
     bottom.set_xlabel("training step")
     bottom.set_ylabel("gap / accuracy")
     fig.tight_layout()

@@ -29,9 +29,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from experiments.aha_metrics import fc_metrics, path_scores, within_problem_auc
+from experiments.aha_metrics import aha_step, fc_metrics, path_scores, within_problem_auc
 from experiments.plot_aha import main as plot_aha_main
-from experiments.plot_aha import plot_aha, register_aha
+from experiments.plot_aha import plot_aha, register_aha, split_step
 from experiments.tasks import arith
 from experiments.train import CONFIG_DIR, run_training, settings, stream_indices
 from policies.checkpoint import save_checkpoint
@@ -264,6 +264,19 @@ def test_aha_path_scores_and_fc_metrics_in_closed_form():
     assert fc["diff_prob"] == pytest.approx(0.35) and fc["within_auc"] == pytest.approx(0.75)
     assert fc_metrics([0.3], [False])["correct_prob"] is None and fc_metrics([0.3], [False])["within_auc"] is None
     assert within_problem_auc([0.1, 0.9], [True, False], ["a", "b"]) is None  # no problem with both outcomes
+
+
+def test_aha_step_is_where_the_gap_stays_above_the_threshold():
+    # the gap crosses 0.1 at step 20, falls back at 30, and stays above from 40 on
+    assert aha_step([0, 10, 20, 30, 40, 50], [0.0, 0.05, 0.2, 0.08, 0.15, 0.4]) == 40
+    assert aha_step([0, 10], [0.0, 0.1]) is None  # "above" is strict; the last gap decides
+    assert aha_step([0, 10], [0.3, 0.3]) == 0
+    assert aha_step([0, 10], [0.3, 0.3], threshold=0.5) is None
+    with pytest.raises(ValueError, match="2 steps but 1 gaps"):
+        aha_step([0, 1], [0.5])
+    rows = [{"step": 0, "fc/diff_prob": 0.5, "heldout_fc/diff_prob": 0.0}, {"step": 5, "heldout_fc/diff_prob": 0.2}]
+    assert split_step(rows) == (5, "heldout_fc/diff_prob")  # the held-out gap, never the train batch's
+    assert split_step([{"step": 3, "fc/diff_prob": 0.5}]) == (3, "fc/diff_prob")
 
 
 def test_plot_aha_draws_a_runs_metrics(init_dir, tmp_path):
