@@ -11,10 +11,13 @@ For each embedded task (`arith`, and `countdown`: the task with a generator-veri
 4. Writes `outputs/demo/report.md`, `outputs/demo/metrics.json` (keys documented in the README),
    `outputs/demo/records_<task>.jsonl` (every candidate with its scores) and one example tree per
    task: a step-level beam search on the first problem (`tree_<task>.json`, `.png`, `.html`).
-5. For countdown (the task the SPRM is trained on, `experiments.demo_sprm`): rollouts of the
-   train and test splits with hidden states (cached), a head trained with the reference's SPR
-   loss on the frozen policy's features, the aha plot `aha_countdown.png`, and the head as a
-   scorer of the Best-of-N candidates (`sprm_bon@N`, `sprm_wmaj@N`).
+5. For countdown (the task the SPRM is trained on, `experiments.demo_reflective`): the reflective
+   model (policy + SPRM head on one backbone) trained from the SFT policy on its cached train
+   rollouts (~30 min on 2 cores, cached), the aha plot `aha_countdown.png`; the countdown table is
+   then the reflective model's own Best-of-N samples, each step scored by its head while it is
+   generated (`sprm_bon@N`, `sprm_wmaj@N`), and `countdown.sft_*` keeps the SFT policy's numbers.
+   (`experiments.demo_sprm`, a head trained on a frozen policy's features, is the other option of
+   `DemoTask`: `sprm=`.)
 
     python -m experiments.demo                       # the default
     python -m experiments.demo --problems 50 --n 8   # smaller
@@ -32,7 +35,8 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from experiments.demo_report import TaskOutcomes, write_report
+from experiments.demo_reflective import ReflectiveStage, run_reflective_stage
+from experiments.demo_report import TaskOutcomes, estimates, write_report
 from experiments.demo_sprm import SPRMResult, SPRMStage, run_sprm_stage
 from experiments.demo_sweep import DEMO_BUDGETS, DEMO_STRATEGIES, StrategySweep, SweepSpec, run_strategy_sweep
 from experiments.metrics import ProblemOutcome
@@ -48,6 +52,7 @@ from policies.transformers_policy import TransformersPolicy
 from scorers.confidence import ConfidenceScorer
 from scorers.random_scorer import RandomScorer
 from scorers.sprm_scorer import SPRMScorer
+from scorers.step_score_reader import StepScoreReader
 from treesearch.aggregation import aggregate
 from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.best_of_n import BestOfNConfig, best_of_n
@@ -63,7 +68,9 @@ class DemoTask:
     """One embedded task of the demo: its name (an `experiments.sft_tasks` entry and the metric
     prefix), its difficulty config (None: the task's default), the sampling temperature (None:
     the task's DEFAULT_TEMPERATURE), the generation cap per solution, its SFT budget (None: the
-    demo's) and its SPRM stage (None: none)."""
+    demo's) and its SPRM stage: `reflective` (policy and head trained together; the task's
+    table is then the reflective model's) or `sprm` (a head on the frozen policy's features),
+    at most one; None: none."""
 
     name: str
     config: Any = None
@@ -71,9 +78,12 @@ class DemoTask:
     max_total_tokens: int = 160
     sft: SFTConfig | None = None  # None: DemoConfig.sft
     sprm: SPRMStage | None = None  # train an SPRM head on this task (cached) and score with it
+    reflective: ReflectiveStage | None = None  # train the reflective model (cached) and search with it
 
     def __post_init__(self) -> None:
         get_sft_task(self.name)  # a ValueError naming the valid tasks
+        if self.sprm is not None and self.reflective is not None:
+            raise ValueError(f"DemoTask({self.name}) has both an sprm and a reflective stage: choose one")
         if self.temperature is not None and self.temperature < 0:
             raise ValueError(f"DemoTask({self.name}).temperature={self.temperature!r} must be >= 0")
 
@@ -100,7 +110,7 @@ ARITH_SFT = SFTConfig(max_minutes=None, max_steps=1400)
 COUNTDOWN_SFT = SFTConfig(max_minutes=None, max_steps=4800)
 DEFAULT_TASKS: tuple[DemoTask, ...] = (
     DemoTask("arith", sft=ARITH_SFT),
-    DemoTask("countdown", max_total_tokens=128, sft=COUNTDOWN_SFT, sprm=SPRMStage("countdown")),
+    DemoTask("countdown", max_total_tokens=128, sft=COUNTDOWN_SFT, reflective=ReflectiveStage("countdown")),
 )
 
 
@@ -207,46 +217,90 @@ class TaskRun:
     seconds: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Samples:
+    """One model's greedy and Best-of-N results on the demo's problems."""
+
+    policy: TransformersPolicy
+    greedy: list[SearchResult]
+    sampled: list[SearchResult]
+
+
+def sample_problems(model_dir: Path, problems: Sequence[Problem], cfg: DemoConfig, task: DemoTask,
+                    with_step_head: bool = False) -> Samples:
+    """Greedy and Best-of-cfg.n of the model on the problems, batched, with progress bars.
+    with_step_head: the model's SPRM head scores each step while it is generated (Step.score)."""
+    sampling = SamplingConfig(temperature=task.sampling_temperature, max_total_tokens=task.max_total_tokens)
+    policy = TransformersPolicy.from_pretrained(model_dir, sampling, task.module.prompt_text,
+                                                with_step_head=with_step_head)
+    greedy = TransformersPolicy(policy.model, policy.tokenizer, replace(sampling, temperature=0.0),
+                                task.module.prompt_text, step_head=policy.step_head)
+    label = f"{task.name}{' reflective' if with_step_head else ''}"
+    scorer = ConfidenceScorer()
+    greedy_results = search_in_chunks(problems, greedy, scorer, BestOfNConfig(n=1), cfg.chunk * cfg.n, f"{label} greedy")
+    sampled = search_in_chunks(problems, policy, scorer, BestOfNConfig(n=cfg.n, seed=cfg.seed), cfg.chunk,
+                               f"{label} best-of-{cfg.n}")
+    return Samples(policy, greedy_results, sampled)
+
+
+def sft_baseline(samples: Samples, task: DemoTask, n: int) -> dict[str, float]:
+    """`<task>.sft_<metric>`: the SFT policy's greedy, pass@1, maj@n, conf_bon@n and pass@n, kept
+    beside the reflective model's table."""
+    module = task.module
+    conf = grade_results(samples.sampled, module.grade, module.extract_answer)
+    outcomes = TaskOutcomes(task.name, grade_results(samples.greedy, module.grade, module.extract_answer), conf, conf, {})
+    est = estimates(outcomes)
+    return {f"{task.name}.sft_{k}": est[k].mean for k in ("greedy", "pass@1", f"maj@{n}", f"conf_bon@{n}", f"pass@{n}")}
+
+
 def run_task(cfg: DemoConfig, task: DemoTask, out: Path) -> TaskRun:
-    """Train-or-load the task's policy, sample greedy and Best-of-N, grade, sweep the strategies.
-    TaskRun.seconds: wall time of each stage (policy, sampling, sprm, sweep; a cached stage is
-    ~0 s)."""
+    """Train-or-load the task's policy (and its reflective model, for a task with that stage),
+    sample greedy and Best-of-N, grade, sweep the strategies. TaskRun.seconds: wall time of each
+    stage (policy, sprm, sampling, sweep; a cached stage is ~0 s)."""
     module = task.module
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     ckpt = ensure_policy(cfg.run_dir(task), task.sft or cfg.sft, cfg.model, task.task_config, cfg.train_problems,
                          task=task.name)
     problems = module.generate_problems("test", cfg.problems, cfg.seed, task.task_config)
-    sampling = SamplingConfig(temperature=task.sampling_temperature, max_total_tokens=task.max_total_tokens)
-    policy = TransformersPolicy.from_pretrained(ckpt, sampling, module.prompt_text)
-    greedy = TransformersPolicy(policy.model, policy.tokenizer, replace(sampling, temperature=0.0), module.prompt_text)
-    scorer = ConfidenceScorer()
     seconds["policy"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    greedy_results = search_in_chunks(problems, greedy, scorer, BestOfNConfig(n=1), cfg.chunk * cfg.n, f"{task.name} greedy")
-    sampled = search_in_chunks(problems, policy, scorer, BestOfNConfig(n=cfg.n, seed=cfg.seed), cfg.chunk,
-                               f"{task.name} best-of-{cfg.n}")
+    reflective = None if task.reflective is None else run_reflective_stage(task.reflective, ckpt, out)
+    seconds["sprm"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    base = sample_problems(ckpt, problems, cfg, task)
+    samples = base if reflective is None else sample_problems(reflective.head_dir, problems, cfg, task, True)
     elapsed = seconds["sampling"] = time.perf_counter() - start
+    policy, sampled = samples.policy, samples.sampled
 
     conf = grade_results(sampled, module.grade, module.extract_answer)
     start = time.perf_counter()
-    sprm = None if task.sprm is None else run_sprm_stage(task.sprm, ckpt, out)
+    head = None if task.sprm is None else run_sprm_stage(task.sprm, ckpt, out)
+    if reflective is not None:
+        sprm = rescored(sampled, conf, StepScoreReader())  # the scores the head attached while generating
+        extra = {**reflective.metrics, **sft_baseline(base, task, cfg.n)}
+    elif head is not None:
+        sprm, extra = rescored(sampled, conf, sprm_scorer(head, module, policy.sampling)), head.metrics
+    else:
+        sprm, extra = None, {}
     outcomes = TaskOutcomes(
         task=task.name,
-        greedy=grade_results(greedy_results, module.grade, module.extract_answer),
+        greedy=grade_results(samples.greedy, module.grade, module.extract_answer),
         conf=conf,
         random=rescored(sampled, conf, RandomScorer(seed=cfg.seed)),
         compute=mean_compute(sampled),
-        sprm=None if sprm is None else rescored(sampled, conf, sprm_scorer(sprm, module, sampling)),
-        extra={} if sprm is None else sprm.metrics,
+        sprm=sprm,
+        extra=extra,
     )
-    seconds["sprm"] = time.perf_counter() - start
+    seconds["sprm"] += time.perf_counter() - start
     write_records(out / f"records_{task.name}.jsonl", sampled, conf)
-    write_example_tree(out, problems[0], policy, scorer, cfg, task.name)
-    tokens = sum(r.compute.tokens_generated for r in sampled + greedy_results)
+    write_example_tree(out, problems[0], policy, ConfidenceScorer(), cfg, task.name)
+    tokens = sum(r.compute.tokens_generated for r in sampled + samples.greedy)
+    model = ckpt if reflective is None else reflective.head_dir
     summary = (
-        f"- {task.name}: policy `{ckpt}` ({policy.num_parameters / 1e6:.2f}M parameters), temperature "
+        f"- {task.name}: policy `{model}` ({policy.num_parameters / 1e6:.2f}M parameters), temperature "
         f"{task.sampling_temperature}; greedy + Best-of-{cfg.n} took {elapsed:.0f} s for {tokens} tokens "
         f"({tokens / elapsed:.0f} tokens/s)."
     )
@@ -258,7 +312,7 @@ def run_task(cfg: DemoConfig, task: DemoTask, out: Path) -> TaskRun:
 
 def timing_lines(runs: Sequence[TaskRun]) -> list[str]:
     """The report's stage-time table (seconds this run spent; cached stages cost ~0)."""
-    stages = ("policy", "sampling", "sprm", "sweep")
+    stages = ("policy", "sprm", "sampling", "sweep")
     lines = ["| task | " + " | ".join(stages) + " | total |", "|---" * (len(stages) + 2) + "|"]
     for r in runs:
         cells = [f"{r.seconds.get(s, 0.0):.0f} s" for s in stages]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from experiments.aha_metrics import fc_metrics
 from experiments.demo_sweep import StrategySweep, budget_markdown
 from experiments.metrics import Estimate, ProblemOutcome, accuracy
 
@@ -71,6 +72,25 @@ def estimates(t: TaskOutcomes) -> dict[str, Estimate]:
     return est
 
 
+def ranking(t: TaskOutcomes) -> dict[str, float | None]:
+    """How the SPRM and the policy's confidence rank these candidates (None without an SPRM):
+    `<task>.sprm_within_auc`, `<task>.conf_within_auc` (within-problem AUC against the true
+    outcome, `experiments.aha_metrics`) and `<task>.sprm_diff_prob` (mean path score of correct
+    minus incorrect candidates)."""
+    if t.sprm is None:
+        return {}
+    out: dict[str, float | None] = {}
+    for name, outcomes in (("sprm", t.sprm), ("conf", t.conf)):
+        scores = [c.score for o in outcomes for c in o.candidates]
+        correct = [c.correct for o in outcomes for c in o.candidates]
+        groups = [o.problem_id for o in outcomes for _ in o.candidates]
+        fc = fc_metrics(scores, correct, groups)
+        out[f"{t.task}.{name}_within_auc"] = fc["within_auc"]
+        if name == "sprm":
+            out[f"{t.task}.sprm_diff_prob"] = fc["diff_prob"]
+    return out
+
+
 def sweep_metrics(task: str, sweep: StrategySweep, first: bool) -> dict:
     """The sweep's keys of metrics.json for one task."""
     out: dict = {f"{task}.budget_table": sweep.budget_table}
@@ -97,15 +117,14 @@ def sweep_section(task: str, sweep: StrategySweep, out_dir: Path) -> str:
 
 def sprm_section(t: TaskOutcomes) -> str:
     """What the SPRM stage measured on this task, with the aha plot."""
-    x = t.extra
+    x = {**t.extra, **ranking(t)}
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     return (
-        f"SPRM on {t.task} (`sprm_bon` / `sprm_wmaj` above: a head trained with the "
-        f"`{x.get(t.task + '.sprm_labels')}` loss on the frozen policy's features, scoring these candidates): "
-        f"held-out within-problem AUC {fmt(x.get(t.task + '.sprm_within_auc'))} (confidence "
-        f"{fmt(x.get(t.task + '.conf_within_auc'))}), step AUC against true step labels "
+        f"SPRM on {t.task} (`sprm_bon` / `sprm_wmaj` above; trained with `{x.get(t.task + '.sprm_labels')}`): "
+        f"within-problem AUC on these candidates {fmt(x.get(t.task + '.sprm_within_auc'))} (confidence "
+        f"{fmt(x.get(t.task + '.conf_within_auc'))}), step AUC against true step labels on held-out rollouts "
         f"{fmt(x.get(t.task + '.sprm_step_auc'))}, held-out diff_prob {fmt(x.get('aha.diff_prob_first'))} at the "
-        f"start and {fmt(x.get('aha.diff_prob_last'))} at the end.\n\n![aha curves](aha_{t.task}.png)"
+        f"start of training and {fmt(x.get('aha.diff_prob_last'))} at the end.\n\n![aha curves](aha_{t.task}.png)"
     )
 
 
@@ -118,6 +137,7 @@ def metrics_json(tasks: Sequence[TaskOutcomes], sweeps: Mapping[str, StrategySwe
         out[f"{t.task}.problems"] = len(t.conf)
         out[f"{t.task}.compute"] = t.compute
         out.update(t.extra)
+        out.update(ranking(t))  # on the candidates themselves (a head stage's held-out AUCs give way)
     for i, (task, sweep) in enumerate((sweeps or {}).items()):
         out.update(sweep_metrics(task, sweep, first=i == 0))
     return out

@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from experiments.demo import DemoConfig, DemoTask, parse_args, run_demo
+from experiments.backbone_tuning import BackboneTuneConfig
+from experiments.demo_reflective import ReflectiveStage
 from experiments.demo_sprm import SPRMStage
 from policies.sft import SFTConfig
 from policies.tiny_model import TinyModelConfig
@@ -21,10 +23,14 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
     cfg = DemoConfig(
         out_dir=str(tmp_path / "demo"),
         checkpoints=str(tmp_path / "ckpt"),
-        tasks=(DemoTask("arith", max_total_tokens=24),
-               DemoTask("countdown", max_total_tokens=24,
-                        sprm=SPRMStage("countdown", train_problems=4, train_n=2, test_problems=3, test_n=2,
-                                       steps=3, max_total_tokens=24))),
+        tasks=(DemoTask("arith", max_total_tokens=24,  # a head on the frozen policy's features
+                        sprm=SPRMStage("arith", train_problems=4, train_n=2, test_problems=3, test_n=2, steps=3,
+                                       max_total_tokens=24)),
+               DemoTask("countdown", max_total_tokens=24,  # the reflective model: backbone + head
+                        reflective=ReflectiveStage(train_problems=4, train_n=2, heldout_problems=3, heldout_n=2,
+                                                   tune=BackboneTuneConfig(steps=2, batch=2, kl_coef=0.1,
+                                                                           reference_solutions=1),
+                                                   eval_every=1, max_total_tokens=24))),
         problems=3,
         n=4,
         chunk=2,
@@ -53,7 +59,7 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
         stages = [metrics[f"timing.{task}.{stage}_s"] for stage in ("policy", "sampling", "sprm", "sweep")]
         assert all(s >= 0.0 for s in stages) and metrics[f"timing.{task}.sampling_s"] > 0.0
     assert metrics["timing.total_s"] >= metrics["timing.arith.sampling_s"]
-    assert "| task | policy | sampling | sprm | sweep | total |" in (out / "report.md").read_text()
+    assert "| task | policy | sprm | sampling | sweep | total |" in (out / "report.md").read_text()
 
     # the compute-matched strategy sweep: one row per (strategy, budget), a slope per strategy
     table = metrics["arith.budget_table"]
@@ -73,21 +79,34 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
     assert (out / "scaling_arith.png").stat().st_size > 1000
     assert "strategies at equal budgets" in (out / "report.md").read_text()
 
-    # the SPRM stage on countdown: a head, its aha plot, its scores on the Best-of-N candidates
-    assert metrics["sprm_task"] == "countdown" and metrics["countdown.sprm_labels"] == "spr"
-    for key in ("countdown.sprm_bon@4", "countdown.sprm_wmaj@4", "countdown.sprm_bon@1"):
+    # arith: a head on the frozen policy's features scores the SFT policy's candidates
+    assert metrics["arith.sprm_labels"] == "spr" and 0.0 <= metrics["arith.sprm_bon@4"] <= 1.0
+    assert (out / "sprm_arith" / "head" / "final" / "score_module.pt").is_file()
+    assert (out / "aha_arith.png").stat().st_size > 1000
+    # countdown: the reflective model samples the candidates and its head scores them on the way
+    assert metrics["sprm_task"] == "countdown" and metrics["countdown.sprm_labels"].startswith("backbone+head")
+    for key in ("countdown.sprm_bon@4", "countdown.sprm_wmaj@4", "countdown.sprm_bon@1", "countdown.sft_pass@1",
+                "countdown.sft_pass@4", "countdown.sft_conf_bon@4"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    assert "arith.sprm_bon@4" not in metrics  # no head for arith
-    assert "aha.diff_prob_first" in metrics and "aha.diff_prob_last" in metrics
-    assert (out / "aha_countdown.png").stat().st_size > 1000
-    assert (out / "sprm_countdown" / "head" / "final" / "score_module.pt").is_file()
+    assert "aha.diff_prob_first" in metrics and "aha.diff_prob_last" in metrics  # None: no correct held-out rollout
+    assert "countdown.sprm_within_auc" in metrics and "countdown.conf_within_auc" in metrics
+    work = out / "reflective_countdown"
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and all("heldout_fc/diff_prob" in r for r in rows)
+    assert (work / "model" / "score_module.pt").is_file() and (out / "aha_countdown.png").stat().st_size > 1000
+    scored = [json.loads(line) for line in (out / "records_countdown.jsonl").read_text().splitlines()]
+    assert "reflective_countdown/model" in (out / "report.md").read_text()  # the table is the reflective model's
     assert "SPRM on countdown" in (out / "report.md").read_text()
+    assert len(scored) == 3
 
     # second run: the cached checkpoint is reused (no training), same records for the same seed
     capsys.readouterr()
+    trained_at = (work / "metrics.json").stat().st_mtime_ns
     again = run_demo(cfg)
     assert "training the tiny" not in capsys.readouterr().out
     assert again["arith.pass@4"] == metrics["arith.pass@4"]
+    assert (work / "metrics.json").stat().st_mtime_ns == trained_at  # the reflective model is reused
+    assert again["countdown.sprm_bon@4"] == metrics["countdown.sprm_bon@4"]
 
 
 def test_demo_config_rejects_bad_values():

@@ -1,4 +1,4 @@
-"""experiments.probe_backbone_verifier on a random tiny policy and hand-made countdown caches."""
+"""experiments.backbone_tuning and experiments.probe_backbone_verifier on a random tiny policy and hand-made countdown caches."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,9 @@ import pytest
 from experiments.countdown_failures import cache_problems
 import torch
 
-from experiments.probe_backbone_verifier import (ProbeConfig, collate, lm_loss_on_correct, rollout_examples, run,
-                                                solution_examples)
+from experiments.backbone_tuning import (BackboneTuneConfig, collate, lm_loss_on_correct, rollout_examples,
+                                         solution_examples)
+from experiments.probe_backbone_verifier import run
 from experiments.rollout_cache import CacheSpec, FeatureReader, cache_from_paths, save_cache
 from experiments.tasks import countdown
 from policies.checkpoint import load_checkpoint
@@ -65,7 +66,7 @@ def test_examples_carry_positions_outcomes_and_reference_solutions(caches):
 
 def test_run_trains_the_backbone_and_reports_before_and_after(caches):
     path, files, _, _ = caches
-    cfg = ProbeConfig(steps=3, batch=2, backbone_lr=1e-2, head_lr=1e-2, kl_coef=0.1, reference_solutions=1, lm_coef=0.5)
+    cfg = BackboneTuneConfig(steps=3, batch=2, backbone_lr=1e-2, head_lr=1e-2, kl_coef=0.1, reference_solutions=1, lm_coef=0.5)
     result = run(path, files["train"], files["test"], cfg, progress=False)
     assert result["train_examples"] == 4 + 2 and result["train_correct"] == 2 + 2
     for when in ("before", "after"):
@@ -77,7 +78,7 @@ def test_the_tuned_model_is_saved_and_ranks_its_own_samples(caches, tmp_path):
     from policies.reflective_model import ReflectiveModel
 
     path, files, _, _ = caches
-    cfg = ProbeConfig(steps=1, batch=2, reference_solutions=0)
+    cfg = BackboneTuneConfig(steps=1, batch=2, reference_solutions=0)
     result = run(path, files["train"], files["test"], cfg, progress=False, save_dir=tmp_path / "tuned", own_problems=1)
     model, _ = ReflectiveModel.from_pretrained(tmp_path / "tuned")  # policy + score_module.pt
     assert model.feature_layer == -2
@@ -104,10 +105,31 @@ def test_lm_loss_counts_only_the_completion_tokens_of_correct_examples(caches):
     assert torch.allclose(lm_loss_on_correct(logits, batch), expected, atol=1e-5)
 
 
+def test_train_evaluates_at_the_start_every_k_steps_and_at_the_end(caches):
+    from experiments.backbone_tuning import train
+    from experiments.rollout_cache import load_cache
+    from policies.reflective_model import ReflectiveModel
+
+    path, files, _, _ = caches
+    lm, tokenizer = load_checkpoint(path)
+    reader = FeatureReader(lm, tokenizer, countdown.prompt_text, [-2])
+    cache = load_cache(files["train"])
+    examples = rollout_examples(cache, cache_problems(cache), reader)
+    seen = []
+    rows = train(ReflectiveModel(lm), None, examples, reader.pad_id, BackboneTuneConfig(steps=5, batch=2),
+                 progress=False, evaluate=lambda step: seen.append(step) or {"heldout_fc/diff_prob": 0.1 * step},
+                 eval_every=2)
+    assert seen == [0, 2, 4, 5] and [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert rows[2]["heldout_fc/diff_prob"] == pytest.approx(0.2) and "heldout_fc/diff_prob" not in rows[3]
+    assert rows[1]["fc/diff_prob"] is not None and rows[1]["loss/kl"] == 0.0  # one correct + one incorrect per batch
+    with pytest.raises(ValueError, match="needs the frozen reference LM"):
+        train(ReflectiveModel(lm), None, examples, reader.pad_id, BackboneTuneConfig(steps=1, batch=2, kl_coef=0.1))
+
+
 def test_config_names_the_bad_value():
     with pytest.raises(ValueError, match="batch=3"):
-        ProbeConfig(batch=3)
+        BackboneTuneConfig(batch=3)
     with pytest.raises(ValueError, match="kl_coef"):
-        ProbeConfig(kl_coef=-1.0)
+        BackboneTuneConfig(kl_coef=-1.0)
     with pytest.raises(ValueError, match="lm_coef"):
-        ProbeConfig(lm_coef=-1.0)
+        BackboneTuneConfig(lm_coef=-1.0)
