@@ -35,6 +35,8 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from experiments.demo_ablation import (ABLATION_SIZES, FROZEN_HEADS, ablation_markdown, ablation_metrics, ablation_rows,
+                                      frozen_head)
 from experiments.demo_reflective import ReflectiveStage, run_reflective_stage
 from experiments.demo_report import TaskOutcomes, estimates, write_report
 from experiments.demo_sprm import SPRMResult, SPRMStage, run_sprm_stage
@@ -253,6 +255,21 @@ def sft_baseline(samples: Samples, task: DemoTask, n: int) -> dict[str, float]:
     return {f"{task.name}.sft_{k}": est[k].mean for k in ("greedy", "pass@1", f"maj@{n}", f"conf_bon@{n}", f"pass@{n}")}
 
 
+def frozen_heads_outcomes(reflective: SPRMResult, task: DemoTask, samples: Samples, conf: Sequence[ProblemOutcome]
+                          ) -> dict[str, list[ProblemOutcome]]:
+    """The ablation's heads on the SFT policy's frozen features (`experiments.demo_ablation`),
+    trained on the reflective stage's caches, each scoring the candidates with a second forward."""
+    assert reflective.train_cache is not None and reflective.heldout_cache is not None
+    work = reflective.train_cache.parent
+    layer = task.reflective.feature_layer if task.reflective else -2
+    out = {}
+    for name, labels in FROZEN_HEADS:
+        folder = frozen_head(reflective.train_cache, reflective.heldout_cache, labels, layer, work)
+        head = SPRMResult(folder, {}, reflective.aha_plot)
+        out[name] = rescored(samples.sampled, conf, sprm_scorer(head, task.module, samples.policy.sampling))
+    return out
+
+
 def run_task(cfg: DemoConfig, task: DemoTask, out: Path) -> TaskRun:
     """Train-or-load the task's policy (and its reflective model, for a task with that stage),
     sample greedy and Best-of-N, grade, sweep the strategies. TaskRun.seconds: wall time of each
@@ -278,9 +295,13 @@ def run_task(cfg: DemoConfig, task: DemoTask, out: Path) -> TaskRun:
     conf = grade_results(sampled, module.grade, module.extract_answer)
     start = time.perf_counter()
     head = None if task.sprm is None else run_sprm_stage(task.sprm, ckpt, out)
+    ablation = None
     if reflective is not None:
         sprm = rescored(sampled, conf, StepScoreReader())  # the scores the head attached while generating
-        extra = {**reflective.metrics, **sft_baseline(base, task, cfg.n)}
+        rows = ablation_rows(conf, {"sprm (joint)": sprm, **frozen_heads_outcomes(reflective, task, samples, conf)},
+                             ABLATION_SIZES)
+        ablation = ablation_markdown(rows)
+        extra = {**reflective.metrics, **sft_baseline(base, task, cfg.n), **ablation_metrics(task.name, rows)}
     elif head is not None:
         sprm, extra = rescored(sampled, conf, sprm_scorer(head, module, policy.sampling)), head.metrics
     else:
@@ -293,6 +314,7 @@ def run_task(cfg: DemoConfig, task: DemoTask, out: Path) -> TaskRun:
         compute=mean_compute(sampled),
         sprm=sprm,
         extra=extra,
+        ablation=ablation,
     )
     seconds["sprm"] += time.perf_counter() - start
     write_records(out / f"records_{task.name}.jsonl", sampled, conf)

@@ -160,4 +160,4 @@ def run_reflective_stage(stage: ReflectiveStage, policy_dir: Path, out_dir: Path
     aha = plot_aha(work / "metrics.jsonl", out_dir / f"aha_{stage.task}.png")
     metrics = {"sprm_task": stage.task, f"{stage.task}.sprm_labels": f"backbone+head, {stage.tune.loss} on outcomes",
                f"{stage.task}.sprm_train_seconds": saved["seconds"], **saved["summary"]}
-    return SPRMResult(work / "model", metrics, aha)
+    return SPRMResult(work / "model", metrics, aha, train_cache, heldout_cache)

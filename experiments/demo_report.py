@@ -34,7 +34,8 @@ class TaskOutcomes:
     greedy: one greedy candidate per problem; conf: the sampled candidates scored by confidence;
     random: the same candidates scored by the random scorer; compute: per-problem means;
     sprm: the same candidates scored by a trained SPRM head (None: no head for this task);
-    extra: further metrics.json keys (the SPRM stage's AUCs, aha numbers).
+    extra: further metrics.json keys (the SPRM stage's AUCs, aha numbers); ablation: the
+    markdown table of `experiments.demo_ablation` (None: none).
     """
 
     task: str
@@ -44,6 +45,7 @@ class TaskOutcomes:
     compute: dict[str, float]
     sprm: Sequence[ProblemOutcome] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    ablation: str | None = None
 
 
 def budgets(n: int) -> list[int]:
@@ -177,6 +179,9 @@ def write_report(
         ]
         if t.sprm is not None:
             parts.append(sprm_section(t))
+        if t.ablation is not None:
+            parts.append(f"Ablation on {t.task}: the same candidates chosen by each rule, accuracy at N [95% CI] "
+                         f"(`experiments.demo_ablation`):\n\n{t.ablation}")
     parts += [sweep_section(task, sweep, out_dir) for task, sweep in (sweeps or {}).items()]
     (out_dir / "report.md").write_text("\n\n".join(parts) + "\n")
     metrics = metrics_json(tasks, sweeps) | dict(extra or {})

@@ -58,11 +58,15 @@ class SPRMStage:
 @dataclass(frozen=True)
 class SPRMResult:
     """head_dir: the reflective model (policy + trained head); metrics: keys for the demo's
-    metrics.json; aha_plot: the PNG of the held-out curves."""
+    metrics.json; aha_plot: the PNG of the held-out curves; train_cache, heldout_cache: the rollout
+    caches it was trained and evaluated on (the frozen policy's features; the ablation's frozen
+    heads train on them)."""
 
     head_dir: Path
     metrics: dict[str, Any]
     aha_plot: Path
+    train_cache: Path | None = None
+    heldout_cache: Path | None = None
 
 
 def cached_rollouts(spec: CacheSpec, path: Path) -> Path:
@@ -102,7 +106,7 @@ def run_sprm_stage(stage: SPRMStage, policy_dir: Path, out_dir: Path) -> SPRMRes
     keep.update({"sprm_task": stage.task, "aha.diff_prob_first": metrics.get("aha.diff_prob_first"),
                  "aha.diff_prob_last": metrics.get("aha.diff_prob_last"),
                  f"{stage.task}.sprm_labels": stage.labels})
-    return SPRMResult(head / "final", keep, aha)
+    return SPRMResult(head / "final", keep, aha, train, test)
 
 
 def _trained_with(head: Path, cfg: HeadTrainConfig, train: Path, test: Path) -> bool:

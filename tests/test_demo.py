@@ -98,6 +98,15 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
     assert "reflective_countdown/model" in (out / "report.md").read_text()  # the table is the reflective model's
     assert "SPRM on countdown" in (out / "report.md").read_text()
     assert len(scored) == 3
+    # the ablation: the same candidates chosen by the joint head, two frozen-feature heads, confidence, majority
+    ablation = metrics["countdown.ablation"]
+    assert list(ablation) == ["sprm (joint)", "orm (frozen)", "true-label head", "confidence", "majority",
+                              "oracle (pass@N)"]
+    assert set(ablation["majority"]) == {"2", "within_auc"}  # N = 2 only: 4 candidates per problem
+    assert ablation["oracle (pass@N)"]["2"] == metrics["countdown.pass@2"]
+    assert ablation["sprm (joint)"]["2"] == metrics["countdown.sprm_bon@2"]
+    assert (work / "head_outcome_bce" / "final" / "score_module.pt").is_file()
+    assert "Ablation on countdown" in (out / "report.md").read_text()
 
     # second run: the cached checkpoint is reused (no training), same records for the same seed
     capsys.readouterr()
