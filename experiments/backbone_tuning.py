@@ -45,7 +45,9 @@ class BackboneTuneConfig:
     the frozen policy on completion tokens (0: none); lm_coef: next-token loss on the completion
     tokens of the batch's correct examples (0: none; keeps and sharpens the policy, rejection-
     sampling fine-tuning); reference_solutions: reference traces per train problem added as
-    correct examples; seed."""
+    correct examples; seed; ref_bf16: the frozen policy's forward (the KL term's only input) in
+    bf16 autocast, as `policies.joint_step` and verl do (0.28 s instead of 0.52 s of a ~1.5 s step
+    on 2 cores; the reference log-probs move by ~0.05 on average)."""
 
     steps: int = 900
     batch: int = 64
@@ -57,6 +59,7 @@ class BackboneTuneConfig:
     reference_solutions: int = 2
     seed: int = 0
     lm_coef: float = 0.0
+    ref_bf16: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 2 or self.batch % 2:
@@ -121,10 +124,12 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
             "cols": torch.tensor(cols, dtype=torch.long), "labels": torch.tensor(labels)}
 
 
-def kl_to_frozen(logits: torch.Tensor, frozen: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """KL(frozen || current) per completion token, averaged."""
-    with torch.no_grad():
-        ref = torch.log_softmax(frozen(input_ids=batch["ids"], attention_mask=batch["mask"]).logits[:, :-1].float(), -1)
+def kl_to_frozen(logits: torch.Tensor, frozen: Any, batch: dict[str, torch.Tensor], bf16: bool = False) -> torch.Tensor:
+    """KL(frozen || current) per completion token, averaged; bf16: the frozen forward in bf16 autocast."""
+    device = batch["ids"].device.type
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        ref_logits = frozen(input_ids=batch["ids"], attention_mask=batch["mask"]).logits
+    ref = torch.log_softmax(ref_logits[:, :-1].float(), -1)
     current = torch.log_softmax(logits[:, :-1].float(), -1)
     kl = (ref.exp() * (ref - current)).sum(-1)  # [B, L-1]
     return (kl * batch["completion"]).sum() / batch["completion"].sum().clamp(min=1)
@@ -169,7 +174,7 @@ def train(reflective: ReflectiveModel, frozen: Any, examples: Sequence[Example],
         batch = collate(rng.sample(positives, cfg.batch // 2) + rng.sample(negatives, cfg.batch // 2), pad_id)
         logits, head = model(batch["ids"], batch["mask"], batch["rows"], batch["cols"], cfg.grad_scale)
         spr = spr_loss(head, batch["labels"], cfg.loss).loss
-        kl = kl_to_frozen(logits, frozen, batch) if cfg.kl_coef else torch.zeros(())
+        kl = kl_to_frozen(logits, frozen, batch, cfg.ref_bf16) if cfg.kl_coef else torch.zeros(())
         lm = lm_loss_on_correct(logits, batch) if cfg.lm_coef else torch.zeros(())
         loss = spr + cfg.kl_coef * kl + cfg.lm_coef * lm
         optim.zero_grad()
