@@ -1,5 +1,6 @@
 """Train the reflective model's backbone and SPRM head together on cached rollouts, so that the
-policy's own hidden states learn to verify (issue 3; README, "The countdown verifier").
+policy's own hidden states learn to verify (issue 3; README, "The countdown verifier"). Embedded
+tasks (arith, countdown): their reference solutions join the training set.
 
 A head on a frozen tiny policy's features has no signal on countdown: what decides a rollout is
 whether its last step writes the target with true arithmetic, and next-token prediction never
@@ -29,7 +30,8 @@ from tqdm.auto import tqdm
 
 from experiments.aha_metrics import fc_metrics, path_scores, prefixed
 from experiments.rollout_cache import FeatureReader, RolloutCache
-from experiments.tasks import countdown
+from experiments.sft_tasks import get_sft_task
+from experiments.tasks import arith, countdown
 from policies.joint_step import JointForward
 from policies.reflective_model import ReflectiveModel
 from scorers.sprm_positions import score_positions
@@ -92,13 +94,29 @@ def rollout_examples(cache: RolloutCache, problems: Sequence[Problem], reader: F
     return [Example(ids, start, positions[r], bool(cache.correct[r])) for r, (ids, start) in enumerate(sequences)]
 
 
-def solution_examples(problems: Sequence[Problem], reader: FeatureReader, per_problem: int) -> list[Example]:
-    """Reference solutions of the problems, tokenized as the policy writes them (+ EOS)."""
+REFERENCE_TASKS: tuple[str, ...] = ("arith", "countdown")  # the tasks `reference_solution` knows
+
+
+def reference_solution(task: str, problem: Problem, k: int) -> str:
+    """The k-th reference completion of an embedded task's problem: countdown has many (one per
+    solver seed), arith one (every k gives the same text)."""
+    if task == "countdown":
+        return countdown.solution_text(problem, seed=k)
+    if task == "arith":
+        return arith.solution_text(problem)
+    raise ValueError(f"no reference solutions for task {task!r} (embedded tasks: arith, countdown)")
+
+
+def solution_examples(problems: Sequence[Problem], reader: FeatureReader, per_problem: int,
+                      task: str = "countdown") -> list[Example]:
+    """per_problem reference solutions of each problem (`reference_solution`), tokenized as the
+    policy writes them (+ EOS), as correct examples."""
     tokenizer, out = reader.tokenizer, []
+    prompt_text = get_sft_task(task).module.prompt_text
     for k in range(per_problem):
         for problem in problems:
-            prompt = tokenizer(countdown.prompt_text(problem)).input_ids
-            body = tokenizer(countdown.solution_text(problem, seed=k), add_special_tokens=False).input_ids
+            prompt = tokenizer(prompt_text(problem)).input_ids
+            body = tokenizer(reference_solution(task, problem, k), add_special_tokens=False).input_ids
             ids = prompt + body + [int(tokenizer.eos_token_id)]
             out.append(Example(ids, len(prompt), score_positions(ids, reader.markers, len(prompt)), True))
     return out

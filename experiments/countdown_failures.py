@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from experiments.rollout_cache import RolloutCache, confidence_path_scores, load_cache
+from experiments.rollout_cache import cache_problems as problems_of_cache
 from experiments.tasks import countdown
 from experiments.tasks.countdown_steps import STEP_FAULTS, Rules, apply_op, check_step, parse_step
 from treesearch.records import Problem
@@ -73,11 +74,7 @@ def cache_problems(cache: RolloutCache) -> list[Problem]:
     cache is not a countdown cache or the regenerated ids differ from the cached ones."""
     if cache.task != "countdown":
         raise ValueError(f"a countdown rollout cache is needed, this one is of task {cache.task!r}")
-    spec = cache.spec
-    problems = countdown.generate_problems(spec["split"], int(spec["problems"]), seed=int(spec["seed"]))
-    if tuple(p.id for p in problems) != tuple(cache.problem_ids):
-        raise ValueError("the cache's problems cannot be regenerated from its spec (another generator version?)")
-    return problems
+    return problems_of_cache(cache)
 
 
 def diagnose_cache(cache: RolloutCache) -> list[RolloutDiagnosis]:

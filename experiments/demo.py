@@ -11,13 +11,16 @@ For each embedded task (`arith`, and `countdown`: the task with a generator-veri
 4. Writes `outputs/demo/report.md`, `outputs/demo/metrics.json` (keys documented in the README),
    `outputs/demo/records_<task>.jsonl` (every candidate with its scores) and one example tree per
    task: a step-level beam search on the first problem (`tree_<task>.json`, `.png`, `.html`).
-5. For countdown (the task the SPRM is trained on, `experiments.demo_reflective`): the reflective
-   model (policy + SPRM head on one backbone) trained from the SFT policy on its cached train
-   rollouts (~30 min on 2 cores, cached), the aha plot `aha_countdown.png`; the countdown table is
-   then the reflective model's own Best-of-N samples, each step scored by its head while it is
-   generated (`sprm_bon@N`, `sprm_wmaj@N`), and `countdown.sft_*` keeps the SFT policy's numbers.
-   (`experiments.demo_sprm`, a head trained on a frozen policy's features, is the other option of
-   `DemoTask`: `sprm=`.)
+5. Before sampling, each task's SPRM stage (`experiments.demo_reflective`): the reflective model
+   (policy + SPRM head on one backbone) trained from the SFT policy on its cached train rollouts
+   (~30 min on 2 cores for countdown, ~15 for arith; cached), the aha plot `aha_<task>.png`; the
+   task's table is then the reflective model's own Best-of-N samples, each step scored by its head
+   while it is generated (`sprm_bon@N`, `sprm_wmaj@N`), `<task>.sft_*` keeps the SFT policy's
+   numbers, and an ablation table (`experiments.demo_ablation`) ranks the same candidates by heads
+   on frozen features, confidence and majority. `sprm_task` (countdown, the task where
+   verification pays) names the task whose held-out aha numbers are `aha.diff_prob_first` /
+   `_last`. (`experiments.demo_sprm`, a head trained on a frozen policy's features, is the other
+   option of `DemoTask`: `sprm=`.)
 
     python -m experiments.demo                       # the default
     python -m experiments.demo --problems 50 --n 8   # smaller
@@ -37,7 +40,7 @@ from tqdm import tqdm
 
 from experiments.demo_ablation import (ABLATION_SIZES, FROZEN_HEADS, ablation_markdown, ablation_metrics, ablation_rows,
                                       frozen_head)
-from experiments.demo_reflective import ReflectiveStage, run_reflective_stage
+from experiments.demo_reflective import ARITH_TUNE, ReflectiveStage, run_reflective_stage
 from experiments.demo_report import TaskOutcomes, estimates, write_report
 from experiments.demo_sprm import SPRMResult, SPRMStage, run_sprm_stage
 from experiments.demo_sweep import DEMO_BUDGETS, DEMO_STRATEGIES, StrategySweep, SweepSpec, run_strategy_sweep
@@ -111,7 +114,7 @@ class DemoTask:
 ARITH_SFT = SFTConfig(max_minutes=None, max_steps=1400)
 COUNTDOWN_SFT = SFTConfig(max_minutes=None, max_steps=4800)
 DEFAULT_TASKS: tuple[DemoTask, ...] = (
-    DemoTask("arith", sft=ARITH_SFT),
+    DemoTask("arith", sft=ARITH_SFT, reflective=ReflectiveStage("arith", tune=ARITH_TUNE)),
     DemoTask("countdown", max_total_tokens=128, sft=COUNTDOWN_SFT, reflective=ReflectiveStage("countdown")),
 )
 
@@ -123,7 +126,8 @@ class DemoConfig:
     per task; n: samples per problem (largest Best-of-N); chunk: problems per policy call (one
     progress tick each); seed: problems and sampling seed; train_problems: SFT pairs to draw;
     sweep_problems, sweep_strategies, sweep_budgets: the compute-matched strategy comparison
-    (0 problems: skip it)."""
+    (0 problems: skip it); sprm_task: the task whose SPRM stage gives the top-level `aha.*` keys
+    (when it runs; else the last task with a stage)."""
 
     out_dir: str = "outputs/demo"
     checkpoints: str = "outputs/checkpoints"
@@ -138,6 +142,7 @@ class DemoConfig:
     sweep_budgets: tuple[int, ...] = DEMO_BUDGETS
     sft: SFTConfig = field(default_factory=SFTConfig)
     model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    sprm_task: str = "countdown"
 
     def __post_init__(self) -> None:
         if self.sweep_problems < 0:
@@ -349,6 +354,17 @@ def timing_metrics(runs: Sequence[TaskRun]) -> dict[str, float]:
     return out
 
 
+def sprm_task_metrics(runs: Sequence[TaskRun], preferred: str) -> dict[str, Any]:
+    """`sprm_task` and the top-level `aha.diff_prob_first` / `_last` of that task (the preferred
+    one when its stage ran, else the last task with a stage); {} when no task has a stage."""
+    staged = [r.outcomes.task for r in runs if f"{r.outcomes.task}.aha.diff_prob_last" in r.outcomes.extra]
+    if not staged:
+        return {}
+    task = preferred if preferred in staged else staged[-1]
+    extra = next(r.outcomes.extra for r in runs if r.outcomes.task == task)
+    return {"sprm_task": task, **{f"aha.{k}": extra[f"{task}.aha.{k}"] for k in ("diff_prob_first", "diff_prob_last")}}
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo; return the metrics written to metrics.json."""
     out = Path(cfg.out_dir)
@@ -359,7 +375,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         + ["", f"Config: `{json.dumps(asdict(cfg), default=str)}`"]
     )
     sweeps = {r.outcomes.task: r.sweep for r in runs if r.sweep is not None}
-    write_report(out, [r.outcomes for r in runs], header, sweeps, extra=timing_metrics(runs))
+    extra = timing_metrics(runs) | sprm_task_metrics(runs, cfg.sprm_task)
+    write_report(out, [r.outcomes for r in runs], header, sweeps, extra=extra)
     return json.loads((out / "metrics.json").read_text())
 
 

@@ -1,11 +1,11 @@
-"""The demo's SPRM stage on countdown: the reflective model (policy + SPRM head on one backbone)
+"""The demo's SPRM stage on an embedded task (countdown, arith): the reflective model (policy + SPRM head on one backbone)
 trained from the task's SFT policy, cached on disk, with its aha curves on held-out rollouts.
 
     from experiments.demo_reflective import ReflectiveStage, run_reflective_stage
     stage = run_reflective_stage(ReflectiveStage(), Path("outputs/checkpoints/tiny-countdown/final"),
                                  Path("outputs/demo"))
     stage.head_dir    # outputs/demo/reflective_countdown/model: transformers dir + score_module.pt
-    stage.metrics     # sprm_task, aha.diff_prob_first / _last, countdown.sprm_step_auc, ...
+    stage.metrics     # countdown.aha.diff_prob_first / _last, countdown.sprm_step_auc, ...
     stage.aha_plot    # outputs/demo/aha_countdown.png
 
 What it does (`experiments.backbone_tuning`, measured by `experiments.probe_backbone_verifier`):
@@ -32,11 +32,11 @@ from typing import Any, Callable
 
 import torch
 
-from experiments.backbone_tuning import BackboneTuneConfig, paths_of, rollout_examples, solution_examples, train
-from experiments.countdown_failures import cache_problems
+from experiments.backbone_tuning import (REFERENCE_TASKS, BackboneTuneConfig, paths_of, rollout_examples,
+                                         solution_examples, train)
 from experiments.demo_sprm import SPRMResult, cached_rollouts
 from experiments.plot_aha import plot_aha
-from experiments.rollout_cache import CacheSpec, FeatureReader, RolloutCache, load_cache
+from experiments.rollout_cache import CacheSpec, FeatureReader, RolloutCache, cache_problems, load_cache
 from experiments.sft_tasks import get_sft_task
 from experiments.train_head import cache_metrics
 from policies.checkpoint import load_checkpoint
@@ -48,11 +48,15 @@ from policies.reflective_model import ReflectiveModel
 # own 200 x 32 samples Best-of-32 0.385 vs confidence 0.045; 600 steps gave 0.200 on 100 problems).
 DEFAULT_TUNE = BackboneTuneConfig(steps=1200, batch=64, backbone_lr=1e-3, head_lr=1e-3, kl_coef=0.5,
                                   reference_solutions=2)
+# Arith has no target (every correct rollout of a problem is the same text; majority is near
+# optimal) and one reference solution per problem: the same recipe for half the steps, so that the
+# demo reports the same numbers for it at half the time.
+ARITH_TUNE = replace(DEFAULT_TUNE, steps=600, reference_solutions=1)
 
 
 @dataclass(frozen=True)
 class ReflectiveStage:
-    """task: an embedded task with reference solutions (countdown); train_problems x train_n: the
+    """task: an embedded task with reference solutions (`REFERENCE_TASKS`); train_problems x train_n: the
     SFT policy's training rollouts (train split); heldout_problems x heldout_n: the held-out
     rollouts of the aha curves (test split); tune: the training (`BackboneTuneConfig`);
     eval_every: steps between held-out evaluations; feature_layer: the head's input (-2, the
@@ -69,8 +73,9 @@ class ReflectiveStage:
     max_total_tokens: int = 128
 
     def __post_init__(self) -> None:
-        if self.task != "countdown":
-            raise ValueError(f"ReflectiveStage(task={self.task!r}): only countdown has the reference solutions it uses")
+        if self.task not in REFERENCE_TASKS:
+            raise ValueError(f"ReflectiveStage(task={self.task!r}): only the embedded tasks {REFERENCE_TASKS} have the "
+                             "reference solutions it uses")
         for name in ("train_problems", "train_n", "heldout_problems", "heldout_n", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ReflectiveStage.{name}={getattr(self, name)!r} must be >= 1")
@@ -99,8 +104,8 @@ def summary(rows: list[dict[str, Any]], task: str) -> dict[str, Any]:
     evals = [r for r in rows if "heldout_fc/diff_prob" in r]
     last = evals[-1] if evals else {}
     return {
-        "aha.diff_prob_first": evals[0]["heldout_fc/diff_prob"] if evals else None,
-        "aha.diff_prob_last": last.get("heldout_fc/diff_prob"),
+        f"{task}.aha.diff_prob_first": evals[0]["heldout_fc/diff_prob"] if evals else None,
+        f"{task}.aha.diff_prob_last": last.get("heldout_fc/diff_prob"),
         f"{task}.sprm_step_auc": last.get("heldout/step_auc"),
         f"{task}.sprm_heldout_within_auc": last.get("heldout_fc/within_auc"),
     }
@@ -118,8 +123,8 @@ def train_reflective(stage: ReflectiveStage, policy_dir: Path, train_cache: Path
     reader = FeatureReader(lm, tokenizer, prompt_fn, [stage.feature_layer])
     train_set, heldout = load_cache(train_cache), load_cache(heldout_cache)
     problems = cache_problems(train_set)
-    examples = rollout_examples(train_set, problems, reader) + solution_examples(problems, reader,
-                                                                                 stage.tune.reference_solutions)
+    examples = rollout_examples(train_set, problems, reader) + solution_examples(
+        problems, reader, stage.tune.reference_solutions, stage.task)
     rows = train(reflective, frozen, examples, reader.pad_id, stage.tune, progress,
                  heldout_evaluator(reflective, reader, heldout), stage.eval_every)
     (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -159,6 +164,6 @@ def run_reflective_stage(stage: ReflectiveStage, policy_dir: Path, out_dir: Path
     saved = _trained(work, stage, policy_dir) or train_reflective(stage, policy_dir, train_cache, heldout_cache, work,
                                                                  progress)
     aha = plot_aha(work / "metrics.jsonl", out_dir / f"aha_{stage.task}.png")
-    metrics = {"sprm_task": stage.task, f"{stage.task}.sprm_labels": f"backbone+head, {stage.tune.loss} on outcomes",
+    metrics = {f"{stage.task}.sprm_labels": f"backbone+head, {stage.tune.loss} on outcomes",
                f"{stage.task}.sprm_train_seconds": saved["seconds"], **saved["summary"]}
     return SPRMResult(work / "model", metrics, aha, train_cache, heldout_cache)

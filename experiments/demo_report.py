@@ -125,8 +125,8 @@ def sprm_section(t: TaskOutcomes) -> str:
         f"SPRM on {t.task} (`sprm_bon` / `sprm_wmaj` above; trained with `{x.get(t.task + '.sprm_labels')}`): "
         f"within-problem AUC on these candidates {fmt(x.get(t.task + '.sprm_within_auc'))} (confidence "
         f"{fmt(x.get(t.task + '.conf_within_auc'))}), step AUC against true step labels on held-out rollouts "
-        f"{fmt(x.get(t.task + '.sprm_step_auc'))}, held-out diff_prob {fmt(x.get('aha.diff_prob_first'))} at the "
-        f"start of training and {fmt(x.get('aha.diff_prob_last'))} at the end.\n\n![aha curves](aha_{t.task}.png)"
+        f"{fmt(x.get(t.task + '.sprm_step_auc'))}, held-out diff_prob {fmt(x.get(t.task + '.aha.diff_prob_first'))} at the "
+        f"start of training and {fmt(x.get(t.task + '.aha.diff_prob_last'))} at the end.\n\n![aha curves](aha_{t.task}.png)"
     )
 
 

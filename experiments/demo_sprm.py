@@ -103,8 +103,8 @@ def run_sprm_stage(stage: SPRMStage, policy_dir: Path, out_dir: Path) -> SPRMRes
         metrics = run_head_training(train, test, cfg, head)
     aha = plot_aha(head / "metrics.jsonl", out_dir / f"aha_{stage.task}.png")
     keep = {f"{stage.task}.{k}": metrics.get(f"{stage.task}.{k}") for k in HEAD_KEYS}
-    keep.update({"sprm_task": stage.task, "aha.diff_prob_first": metrics.get("aha.diff_prob_first"),
-                 "aha.diff_prob_last": metrics.get("aha.diff_prob_last"),
+    keep.update({f"{stage.task}.aha.diff_prob_first": metrics.get("aha.diff_prob_first"),
+                 f"{stage.task}.aha.diff_prob_last": metrics.get("aha.diff_prob_last"),
                  f"{stage.task}.sprm_labels": stage.labels})
     return SPRMResult(head / "final", keep, aha, train, test)
 

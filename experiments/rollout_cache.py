@@ -511,6 +511,18 @@ def load_cache(path: str | Path) -> RolloutCache:
     return RolloutCache(**payload)
 
 
+def cache_problems(cache: RolloutCache) -> list[Problem]:
+    """The cache's problems, regenerated from its spec (task, split, count, seed); a ValueError
+    when the regenerated ids differ from the cached ones."""
+    spec = cache.spec
+    module = get_sft_task(cache.task).module
+    problems = module.generate_problems(spec["split"], int(spec["problems"]), seed=int(spec["seed"]))
+    if tuple(p.id for p in problems) != tuple(cache.problem_ids):
+        raise ValueError(f"the {cache.task} cache's problems cannot be regenerated from its spec "
+                         "(another generator version?)")
+    return problems
+
+
 def summary(cache: RolloutCache) -> dict[str, Any]:
     """What a cache holds, in numbers (the JSON beside the file)."""
     per_problem = cache.correct.view(cache.num_problems, cache.n).float() if cache.num_rollouts else torch.zeros(0, 1)

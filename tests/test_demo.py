@@ -88,7 +88,9 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
     for key in ("countdown.sprm_bon@4", "countdown.sprm_wmaj@4", "countdown.sprm_bon@1", "countdown.sft_pass@1",
                 "countdown.sft_pass@4", "countdown.sft_conf_bon@4"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    assert "aha.diff_prob_first" in metrics and "aha.diff_prob_last" in metrics  # None: no correct held-out rollout
+    # sprm_task's held-out gap is the top-level aha.* (None: no correct held-out rollout); each task keeps its own
+    for key in ("diff_prob_first", "diff_prob_last"):
+        assert metrics[f"aha.{key}"] == metrics[f"countdown.aha.{key}"] and f"arith.aha.{key}" in metrics
     assert "countdown.sprm_within_auc" in metrics and "countdown.conf_within_auc" in metrics
     work = out / "reflective_countdown"
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
@@ -127,6 +129,30 @@ def test_demo_config_rejects_bad_values():
         DemoConfig(sweep_problems=-1)
     with pytest.raises(ValueError, match="unknown task 'chess'; valid: arith, countdown"):
         DemoTask("chess")
+
+
+def test_sprm_task_prefers_the_configured_task_and_falls_back_to_the_last_staged():
+    from experiments.demo import TaskRun, sprm_task_metrics
+    from experiments.demo_report import TaskOutcomes
+
+    def run(task: str, extra: dict) -> TaskRun:
+        return TaskRun(TaskOutcomes(task, [], [], [], {}, extra=extra), None, "", {})
+
+    arith = run("arith", {"arith.aha.diff_prob_first": 0.01, "arith.aha.diff_prob_last": 0.2})
+    countdown = run("countdown", {"countdown.aha.diff_prob_first": 0.02, "countdown.aha.diff_prob_last": 0.6})
+    plain = run("countdown", {})
+    assert sprm_task_metrics([countdown, arith], "countdown") == {
+        "sprm_task": "countdown", "aha.diff_prob_first": 0.02, "aha.diff_prob_last": 0.6}
+    assert sprm_task_metrics([arith, plain], "countdown")["sprm_task"] == "arith"  # countdown without a stage
+    assert sprm_task_metrics([plain], "countdown") == {}
+
+
+def test_default_demo_trains_a_reflective_model_on_both_embedded_tasks():
+    tasks = {t.name: t for t in DemoConfig().tasks}
+    assert tasks["arith"].reflective.task == "arith" and tasks["countdown"].reflective.task == "countdown"
+    assert tasks["arith"].reflective.tune.reference_solutions == 1  # arith has one solution per problem
+    with pytest.raises(ValueError, match="ReflectiveStage\\(task='gsm8k'\\).*arith.*countdown"):
+        ReflectiveStage("gsm8k")
 
 
 def test_demo_command_line_picks_tasks_and_temperature():

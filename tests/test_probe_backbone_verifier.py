@@ -6,8 +6,8 @@ import pytest
 from experiments.countdown_failures import cache_problems
 import torch
 
-from experiments.backbone_tuning import (BackboneTuneConfig, collate, lm_loss_on_correct, rollout_examples,
-                                         solution_examples)
+from experiments.backbone_tuning import (BackboneTuneConfig, collate, lm_loss_on_correct, reference_solution,
+                                         rollout_examples, solution_examples)
 from experiments.probe_backbone_verifier import run
 from experiments.rollout_cache import CacheSpec, FeatureReader, cache_from_paths, save_cache
 from experiments.tasks import countdown
@@ -124,6 +124,24 @@ def test_train_evaluates_at_the_start_every_k_steps_and_at_the_end(caches):
     assert rows[1]["fc/diff_prob"] is not None and rows[1]["loss/kl"] == 0.0  # one correct + one incorrect per batch
     with pytest.raises(ValueError, match="needs the frozen reference LM"):
         train(ReflectiveModel(lm), None, examples, reader.pad_id, BackboneTuneConfig(steps=1, batch=2, kl_coef=0.1))
+
+
+def test_reference_solutions_of_both_embedded_tasks(caches):
+    path, files, lm, tokenizer = caches
+    from experiments.tasks import arith
+
+    problems = arith.generate_problems("train", 2, seed=0)
+    assert reference_solution("arith", problems[0], 3) == arith.solution_text(problems[0])  # one per problem
+    cd = countdown.generate_problems("train", 1, seed=0)[0]
+    assert reference_solution("countdown", cd, 1) == countdown.solution_text(cd, seed=1)
+    reader = FeatureReader(lm, tokenizer, arith.prompt_text, [-2])
+    examples = solution_examples(problems, reader, per_problem=1, task="arith")
+    prompt = tokenizer(arith.prompt_text(problems[0])).input_ids
+    assert examples[0].ids[: len(prompt)] == prompt and examples[0].start == len(prompt) and examples[0].correct
+    steps = len(arith.solution_steps(problems[0]))
+    assert len(examples[0].positions) == steps  # one score position per reference step
+    with pytest.raises(ValueError, match="no reference solutions for task 'gsm8k'"):
+        reference_solution("gsm8k", problems[0], 0)
 
 
 def test_config_names_the_bad_value():
