@@ -164,6 +164,7 @@ def run_reflective_stage(stage: ReflectiveStage, policy_dir: Path, out_dir: Path
     saved = _trained(work, stage, policy_dir) or train_reflective(stage, policy_dir, train_cache, heldout_cache, work,
                                                                  progress)
     aha = plot_aha(work / "metrics.jsonl", out_dir / f"aha_{stage.task}.png")
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
     metrics = {f"{stage.task}.sprm_labels": f"backbone+head, {stage.tune.loss} on outcomes",
-               f"{stage.task}.sprm_train_seconds": saved["seconds"], **saved["summary"]}
+               f"{stage.task}.sprm_train_seconds": saved["seconds"], **summary(rows, stage.task)}
     return SPRMResult(work / "model", metrics, aha, train_cache, heldout_cache)

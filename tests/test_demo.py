@@ -112,8 +112,12 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
 
     # second run: the cached checkpoint is reused (no training), same records for the same seed
     capsys.readouterr()
+    saved = json.loads((work / "metrics.json").read_text())
+    saved["summary"] = {"aha.diff_prob_last": -1.0}  # a cache from an older version: keys come from metrics.jsonl
+    (work / "metrics.json").write_text(json.dumps(saved))
     trained_at = (work / "metrics.json").stat().st_mtime_ns
     again = run_demo(cfg)
+    assert again["sprm_task"] == "countdown" and again["aha.diff_prob_last"] == metrics["aha.diff_prob_last"]
     assert "training the tiny" not in capsys.readouterr().out
     assert again["arith.pass@4"] == metrics["arith.pass@4"]
     assert (work / "metrics.json").stat().st_mtime_ns == trained_at  # the reflective model is reused
