@@ -71,10 +71,15 @@ class SPRMResult:
 
 def cached_rollouts(spec: CacheSpec, path: Path) -> Path:
     """The cache at path when it was built from this spec, else a fresh one saved there."""
-    if path.exists() and load_cache(path).spec == _spec_dict(spec):
+    if path.exists() and _as_json(load_cache(path).spec) == _as_json(_spec_dict(spec)):
         return path
     save_cache(build_from_spec(spec), path)
     return path
+
+
+def _as_json(data: dict[str, Any]) -> Any:
+    """data as read back from JSON (tuples as lists), so a saved spec compares equal to its own."""
+    return json.loads(json.dumps(data))
 
 
 def _spec_dict(spec: CacheSpec) -> dict[str, Any]:

@@ -116,7 +116,9 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
     saved["summary"] = {"aha.diff_prob_last": -1.0}  # a cache from an older version: keys come from metrics.jsonl
     (work / "metrics.json").write_text(json.dumps(saved))
     trained_at = (work / "metrics.json").stat().st_mtime_ns
+    cached_at = {name: (work / name).stat().st_mtime_ns for name in ("train.pt", "heldout.pt")}
     again = run_demo(cfg)
+    assert {name: (work / name).stat().st_mtime_ns for name in cached_at} == cached_at  # the rollouts are reused
     assert again["sprm_task"] == "countdown" and again["aha.diff_prob_last"] == metrics["aha.diff_prob_last"]
     assert "training the tiny" not in capsys.readouterr().out
     assert again["arith.pass@4"] == metrics["arith.pass@4"]
