@@ -4,10 +4,12 @@ greedy pass@1, sampled pass@1, oracle pass@k and majority@k.
 This is a sanity check of a trained checkpoint, independent of the project's step-wise backend:
     python -m experiments.quick_eval outputs/checkpoints/tiny-arith/final --problems 200
     python -m experiments.quick_eval outputs/checkpoints/tiny-countdown/final --task countdown
+    python -m experiments.quick_eval RUN/last --task countdown --baseline INIT_MODEL   # paired change
 Sampled pass@1 is the mean correctness of the k samples (an unbiased estimate); pass@k is 1 for
 a problem when any of its k samples is correct; majority@k grades a completion holding the most
 frequent extracted answer (ties: the answer seen first), so it works for tasks with many correct
-answers too.
+answers too. With --baseline, both checkpoints answer the same problems and the change of each
+metric gets a 95% bootstrap interval over problems, paired (what "GRPO raised pass@1" needs).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from experiments.metrics import Estimate, bootstrap
 from experiments.tasks import arith
 from treesearch.records import Problem
 
@@ -110,11 +113,32 @@ def majority_correct(problem: Problem, completions: Sequence[str], task: ModuleT
     return task.grade(problem, next(c for c in completions if task.extract_answer(c) == top))
 
 
-def quick_eval(
+@dataclass(frozen=True)
+class ProblemGrades:
+    """Per-problem grades of one policy: greedy[i], sampled[i][j] (k samples) and majority[i]
+    for problem i; generated tokens and wall seconds of the whole evaluation."""
+
+    greedy: tuple[bool, ...]
+    sampled: tuple[tuple[bool, ...], ...]
+    majority: tuple[bool, ...]
+    tokens: int
+    seconds: float
+
+    def per_problem(self) -> dict[str, list[float]]:
+        """Each metric's value per problem: greedy, pass@1 (mean of the k samples), pass@k, majority@k."""
+        return {
+            "greedy": [float(g) for g in self.greedy],
+            "pass@1": [sum(c) / len(c) for c in self.sampled],
+            "pass@k": [float(any(c)) for c in self.sampled],
+            "majority@k": [float(m) for m in self.majority],
+        }
+
+
+def grade_policy(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], cfg: QuickEvalConfig,
     task: ModuleType = arith,
-) -> QuickEvalReport:
-    """Greedy and sampled evaluation of `problems`, graded by `task.grade`."""
+) -> ProblemGrades:
+    """Greedy and k sampled completions of each problem, graded by `task.grade`."""
     model.eval()
     prompts = [task.prompt_text(p) for p in problems]
     t0 = time.perf_counter()
@@ -122,20 +146,53 @@ def quick_eval(
     sampled, tokens_s = generate_completions(
         model, tokenizer, prompts, cfg.num_samples, cfg.temperature, cfg.max_new_tokens, cfg.batch_size, cfg.seed, cfg.bf16
     )
-    seconds = time.perf_counter() - t0
-    correct = [[task.grade(p, c) for c in cs] for p, cs in zip(problems, sampled)]  # [P][k]
-    n = len(problems)
+    return ProblemGrades(
+        greedy=tuple(task.grade(p, g[0]) for p, g in zip(problems, greedy)),
+        sampled=tuple(tuple(task.grade(p, c) for c in cs) for p, cs in zip(problems, sampled)),
+        majority=tuple(majority_correct(p, cs, task) for p, cs in zip(problems, sampled)),
+        tokens=tokens_g + tokens_s,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def report_of(grades: ProblemGrades, cfg: QuickEvalConfig) -> QuickEvalReport:
+    """The means over problems of `grades`."""
+    values = grades.per_problem()
+    n = len(grades.greedy)
     return QuickEvalReport(
         num_problems=n,
         num_samples=cfg.num_samples,
         temperature=cfg.temperature,
-        greedy_pass1=sum(task.grade(p, g[0]) for p, g in zip(problems, greedy)) / n,
-        sampled_pass1=sum(sum(c) / len(c) for c in correct) / n,
-        pass_at_k=sum(any(c) for c in correct) / n,
-        majority_at_k=sum(majority_correct(p, cs, task) for p, cs in zip(problems, sampled)) / n,
-        tokens_per_s=(tokens_g + tokens_s) / seconds,
-        seconds=seconds,
+        greedy_pass1=sum(values["greedy"]) / n,
+        sampled_pass1=sum(values["pass@1"]) / n,
+        pass_at_k=sum(values["pass@k"]) / n,
+        majority_at_k=sum(values["majority@k"]) / n,
+        tokens_per_s=grades.tokens / grades.seconds,
+        seconds=grades.seconds,
     )
+
+
+def quick_eval(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], cfg: QuickEvalConfig,
+    task: ModuleType = arith,
+) -> QuickEvalReport:
+    """Greedy and sampled evaluation of `problems`, graded by `task.grade`."""
+    return report_of(grade_policy(model, tokenizer, problems, cfg, task), cfg)
+
+
+def paired_difference(baseline: ProblemGrades, new: ProblemGrades, seed: int = 0) -> dict[str, Estimate]:
+    """new minus baseline for each metric of `ProblemGrades.per_problem`, on the same problems,
+    with a 95% bootstrap interval over problems (paired: one resample draws a problem for both)."""
+    if len(baseline.greedy) != len(new.greedy):
+        raise ValueError(f"paired comparison of {len(baseline.greedy)} and {len(new.greedy)} problems")
+    base, other = baseline.per_problem(), new.per_problem()
+    return {k: bootstrap([b - a for a, b in zip(base[k], other[k])], iters=2000, seed=seed) for k in base}
+
+
+def format_difference(diff: dict[str, Estimate], num_samples: int) -> str:
+    """One line: each metric's change with its interval, `k` spelled as num_samples."""
+    parts = [f"{k.replace('@k', f'@{num_samples}')} {e.mean:+.4f} [{e.low:+.4f}, {e.high:+.4f}]" for k, e in diff.items()]
+    return "change vs baseline (95% paired bootstrap over problems): " + " | ".join(parts)
 
 
 def format_report(report: QuickEvalReport) -> str:
@@ -161,17 +218,28 @@ def _main() -> None:
     parser.add_argument("--samples", type=int, default=QuickEvalConfig.num_samples)
     parser.add_argument("--temperature", type=float, default=None, help="default: the task's DEFAULT_TEMPERATURE")
     parser.add_argument("--seed", type=int, default=QuickEvalConfig.seed)
+    parser.add_argument("--baseline", default=None,
+                        help="a second checkpoint evaluated on the same problems; prints the paired change")
     args = parser.parse_args()
     from experiments.sft_tasks import get_sft_task
 
     task = get_sft_task(args.task)
     temperature = task.module.DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
     cfg = QuickEvalConfig(num_problems=args.problems, num_samples=args.samples, temperature=temperature, seed=args.seed)
-    model, tokenizer = load_checkpoint(args.checkpoint)
-    report = quick_eval(model, tokenizer, eval_problems(cfg, task.default_config, task.module), cfg, task.module)
-    print(format_report(report))
-    print(json.dumps(asdict(report)))
-
+    problems = eval_problems(cfg, task.default_config, task.module)
+    grades = grade_policy(*load_checkpoint(args.checkpoint), problems, cfg, task.module)
+    report = report_of(grades, cfg)
+    if args.baseline is None:
+        print(format_report(report))
+        print(json.dumps(asdict(report)))
+        return
+    base = grade_policy(*load_checkpoint(args.baseline), problems, cfg, task.module)
+    diff = paired_difference(base, grades, cfg.seed)
+    print(f"baseline {args.baseline}: {format_report(report_of(base, cfg))}")
+    print(f"{args.checkpoint}: {format_report(report)}")
+    print(format_difference(diff, cfg.num_samples))
+    print(json.dumps({"baseline": asdict(report_of(base, cfg)), "report": asdict(report),
+                      "difference": {k: asdict(e) for k, e in diff.items()}}))
 
 if __name__ == "__main__":
     _main()
