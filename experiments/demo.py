@@ -8,6 +8,8 @@ For each embedded task (`arith`, and `countdown`: the task with a generator-veri
 3. The compute-matched comparison (`experiments.demo_sweep`): Best-of-N, beam search, DVTS and
    MCTS at N = 4, 8, 16, 32 on the first 100 test problems, each run resumable and cached in
    `outputs/demo/sweep_<task>/`; the scaling fit per strategy and its plot `scaling_<task>.png`.
+   Ranked by the SFT policy's confidence, or (countdown: `DemoTask.sweep_scorer="sprm"`) by the
+   reflective model's head, each step scored while generated (`outputs/demo/sweep_<task>_sprm/`).
 4. Writes `outputs/demo/report.md`, `outputs/demo/metrics.json` (keys documented in the README),
    `outputs/demo/records_<task>.jsonl` (every candidate with its scores) and one example tree per
    task: a step-level beam search on the first problem (`tree_<task>.json`, `.png`, `.html`).
@@ -68,6 +70,9 @@ from treesearch.result import SearchResult
 from treesearch.steps import StepFormat
 
 
+SWEEP_SCORERS = ("confidence", "sprm")
+
+
 @dataclass(frozen=True)
 class DemoTask:
     """One embedded task of the demo: its name (an `experiments.sft_tasks` entry and the metric
@@ -75,7 +80,9 @@ class DemoTask:
     the task's DEFAULT_TEMPERATURE), the generation cap per solution, its SFT budget (None: the
     demo's) and its SPRM stage: `reflective` (policy and head trained together; the task's
     table is then the reflective model's) or `sprm` (a head on the frozen policy's features),
-    at most one; None: none."""
+    at most one; None: none. sweep_scorer: what ranks candidates and steps in the strategy sweep:
+    "confidence" (the SFT policy's own step confidence) or "sprm" (the reflective model, its
+    head scoring each step while generating; needs the reflective stage)."""
 
     name: str
     config: Any = None
@@ -84,6 +91,7 @@ class DemoTask:
     sft: SFTConfig | None = None  # None: DemoConfig.sft
     sprm: SPRMStage | None = None  # train an SPRM head on this task (cached) and score with it
     reflective: ReflectiveStage | None = None  # train the reflective model (cached) and search with it
+    sweep_scorer: str = "confidence"  # the strategy sweep's scorer: confidence (SFT policy) | sprm (reflective model)
 
     def __post_init__(self) -> None:
         get_sft_task(self.name)  # a ValueError naming the valid tasks
@@ -91,6 +99,10 @@ class DemoTask:
             raise ValueError(f"DemoTask({self.name}) has both an sprm and a reflective stage: choose one")
         if self.temperature is not None and self.temperature < 0:
             raise ValueError(f"DemoTask({self.name}).temperature={self.temperature!r} must be >= 0")
+        if self.sweep_scorer not in SWEEP_SCORERS:
+            raise ValueError(f"DemoTask({self.name}).sweep_scorer={self.sweep_scorer!r}; valid: {', '.join(SWEEP_SCORERS)}")
+        if self.sweep_scorer == "sprm" and self.reflective is None:
+            raise ValueError(f"DemoTask({self.name}).sweep_scorer='sprm' needs a reflective stage (its head scores the steps)")
 
     @property
     def module(self) -> ModuleType:
@@ -115,7 +127,8 @@ ARITH_SFT = SFTConfig(max_minutes=None, max_steps=1400)
 COUNTDOWN_SFT = SFTConfig(max_minutes=None, max_steps=4800)
 DEFAULT_TASKS: tuple[DemoTask, ...] = (
     DemoTask("arith", sft=ARITH_SFT, reflective=ReflectiveStage("arith", tune=ARITH_TUNE)),
-    DemoTask("countdown", max_total_tokens=128, sft=COUNTDOWN_SFT, reflective=ReflectiveStage("countdown")),
+    DemoTask("countdown", max_total_tokens=128, sft=COUNTDOWN_SFT, reflective=ReflectiveStage("countdown"),
+             sweep_scorer="sprm"),
 )
 
 
@@ -194,13 +207,19 @@ def write_example_tree(out: Path, problem: Problem, policy: Policy, scorer: Scor
     render_tree(path)
 
 
-def strategy_sweep(cfg: DemoConfig, task: DemoTask, ckpt: Path) -> StrategySweep | None:
-    """The compute-matched comparison on one task (None when cfg.sweep_problems is 0)."""
+def strategy_sweep(cfg: DemoConfig, task: DemoTask, ckpt: Path, reflective: SPRMResult | None) -> StrategySweep | None:
+    """The compute-matched comparison on one task (None when cfg.sweep_problems is 0): the SFT
+    policy ranked by its confidence, or the reflective model ranked by its head (sweep_scorer)."""
     if cfg.sweep_problems == 0:
         return None
+    sprm = task.sweep_scorer == "sprm"
+    if sprm and reflective is None:
+        raise ValueError(f"the {task.name} sweep ranks by the SPRM but the task has no reflective model")
     spec = SweepSpec(
-        out_dir=Path(cfg.out_dir) / f"sweep_{task.name}", checkpoint=str(ckpt), task=task.name,
-        problems=cfg.sweep_problems, strategies=cfg.sweep_strategies, budgets=cfg.sweep_budgets, seed=cfg.seed,
+        out_dir=Path(cfg.out_dir) / (f"sweep_{task.name}_sprm" if sprm else f"sweep_{task.name}"),
+        checkpoint=str(reflective.head_dir if sprm else ckpt), task=task.name, problems=cfg.sweep_problems,
+        strategies=cfg.sweep_strategies, budgets=cfg.sweep_budgets, seed=cfg.seed,
+        scorer=task.sweep_scorer, policy="tiny_sprm" if sprm else "tiny",
         overrides=(f"policy.sampling.temperature={task.sampling_temperature}",
                    f"policy.sampling.max_total_tokens={task.max_total_tokens}"),
     )
@@ -332,7 +351,7 @@ def run_task(cfg: DemoConfig, task: DemoTask, out: Path) -> TaskRun:
         f"({tokens / elapsed:.0f} tokens/s)."
     )
     start = time.perf_counter()
-    sweep = strategy_sweep(cfg, task, ckpt)
+    sweep = strategy_sweep(cfg, task, ckpt, reflective)
     seconds["sweep"] = time.perf_counter() - start
     return TaskRun(outcomes, sweep, summary, seconds)
 

@@ -103,6 +103,16 @@ def sweep_metrics(task: str, sweep: StrategySweep, first: bool) -> dict:
     return out
 
 
+def scorer_phrase(sweep: StrategySweep) -> str:
+    """How the sweep's candidates and steps were ranked, for the report."""
+    if sweep.scorer == "sprm":
+        return (f"scorer: the SPRM head of the reflective model `{sweep.checkpoint}`, each step scored while it "
+                "is generated (no second forward)")
+    if sweep.scorer == "confidence":
+        return f"scorer: the policy's own step confidence (policy `{sweep.checkpoint}`)"
+    return f"scorer: `{sweep.scorer}` (policy `{sweep.checkpoint}`)"
+
+
 def sweep_section(task: str, sweep: StrategySweep, out_dir: Path) -> str:
     """The report's section of one task's strategy sweep."""
     problems = sweep.runs[0].problems if sweep.runs else 0
@@ -111,7 +121,7 @@ def sweep_section(task: str, sweep: StrategySweep, out_dir: Path) -> str:
         "Accuracy [95% CI] and tokens generated per problem; N = samples (Best-of-N), total beams "
         "(beam search, DVTS; beam width 4); MCTS (expansion width 4) gets Best-of-N's tokens per problem "
         "at the same N as its token budget and up to 16 N simulations (it stops earlier when its tree "
-        "converges: fewer tokens in its column); scorer: the policy's own step confidence.\n\n"
+        f"converges: fewer tokens in its column); {scorer_phrase(sweep)}.\n\n"
         + budget_markdown(sweep)
         + f"\n\n![accuracy against log compute]({sweep.plot.relative_to(out_dir) if sweep.plot.is_relative_to(out_dir) else sweep.plot})"
     )

@@ -42,7 +42,8 @@ class SweepSpec:
     """out_dir: one sub-folder per (strategy, budget) run goes here; checkpoint: the policy's
     model directory; task: a config of the `task` group; problems: test problems per run;
     strategies: options of the `search` group; budgets: N (MCTS: see match_tokens); scorer: an option
-    of the `scorer` group; seed: sampling seed; overrides: extra Hydra overrides for every run
+    of the `scorer` group; policy: an option of the `policy` group (tiny, or tiny_sprm for a
+    reflective model whose head scores each step while it is generated: scorer=sprm); seed: sampling seed; overrides: extra Hydra overrides for every run
     (e.g. "policy.sampling.temperature=0.8"); match_tokens: MCTS gets Best-of-N's tokens at the
     same N as its token budget (module docstring; needs best_of_n among the strategies), False:
     N simulations and no token budget."""
@@ -54,6 +55,7 @@ class SweepSpec:
     strategies: tuple[str, ...] = DEMO_STRATEGIES
     budgets: tuple[int, ...] = DEMO_BUDGETS
     scorer: str = "confidence"
+    policy: str = "tiny"
     seed: int = 0
     overrides: tuple[str, ...] = field(default_factory=tuple)
     match_tokens: bool = True
@@ -76,6 +78,8 @@ class StrategySweep:
     runs: tuple[RunSummary, ...]
     series: tuple[SeriesScaling, ...]
     plot: Path
+    scorer: str = "confidence"
+    checkpoint: str = ""
 
     @property
     def budget_table(self) -> list[dict[str, Any]]:
@@ -98,7 +102,7 @@ def run_overrides(spec: SweepSpec, strategy: str, budget: int, token_budget: int
         f"search.token_budget={token_budget}", f"search.iterations={MCTS_SIMULATIONS_PER_SAMPLE * budget}",
     ]
     return [
-        f"search={strategy}", f"budget={budget}", f"seed={spec.seed}", f"scorer={spec.scorer}",
+        f"policy={spec.policy}", f"search={strategy}", f"budget={budget}", f"seed={spec.seed}", f"scorer={spec.scorer}",
         f"task={spec.task}", f"task.count={spec.problems}", f"policy.path={spec.checkpoint}",
         f"out_dir={spec.out_dir / f'{strategy}_{budget}'}", *matched, *spec.overrides,
     ]
@@ -125,7 +129,7 @@ def run_strategy_sweep(spec: SweepSpec) -> StrategySweep:
     runs = tuple(sweep_summaries(spec.out_dir))
     series = tuple(scaling_by_strategy(runs, DEFAULT_THRESHOLD))
     plot = plot_scaling(spec.out_dir, spec.out_dir.parent / f"scaling_{spec.task}.png")
-    return StrategySweep(runs, series, plot)
+    return StrategySweep(runs, series, plot, spec.scorer, spec.checkpoint)
 
 
 def budget_markdown(sweep: StrategySweep) -> str:

@@ -30,7 +30,8 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
                         reflective=ReflectiveStage(train_problems=4, train_n=2, heldout_problems=3, heldout_n=2,
                                                    tune=BackboneTuneConfig(steps=2, batch=2, kl_coef=0.1,
                                                                            reference_solutions=1),
-                                                   eval_every=1, max_total_tokens=24))),
+                                                   eval_every=1, max_total_tokens=24),
+                        sweep_scorer="sprm")),  # its sweep: the reflective model ranked by its head
         problems=3,
         n=4,
         chunk=2,
@@ -78,6 +79,12 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
         assert metrics[f"arith.scaling.{strategy}.slope"] == metrics[f"scaling.{strategy}.slope"]
     assert (out / "scaling_arith.png").stat().st_size > 1000
     assert "strategies at equal budgets" in (out / "report.md").read_text()
+    # countdown's sweep: the reflective model, each step ranked by its head's score from generation
+    run_cfg = yaml.safe_load((out / "sweep_countdown_sprm" / "beam_4" / "config.yaml").read_text())
+    assert run_cfg["scorer"]["_target_"].endswith("StepScoreReader") and run_cfg["policy"]["with_step_head"] is True
+    assert run_cfg["policy"]["path"].endswith("reflective_countdown/model")
+    assert len(metrics["countdown.budget_table"]) == 8 and not (out / "sweep_countdown").exists()
+    assert "scorer: the SPRM head of the reflective model" in (out / "report.md").read_text()
 
     # arith: a head on the frozen policy's features scores the SFT policy's candidates
     assert metrics["arith.sprm_labels"] == "spr" and 0.0 <= metrics["arith.sprm_bon@4"] <= 1.0
@@ -135,6 +142,10 @@ def test_demo_config_rejects_bad_values():
         DemoConfig(sweep_problems=-1)
     with pytest.raises(ValueError, match="unknown task 'chess'; valid: arith, countdown"):
         DemoTask("chess")
+    with pytest.raises(ValueError, match="sweep_scorer='oracle'; valid: confidence, sprm"):
+        DemoTask("arith", sweep_scorer="oracle")
+    with pytest.raises(ValueError, match="sweep_scorer='sprm' needs a reflective stage"):
+        DemoTask("arith", sweep_scorer="sprm")
 
 
 def test_sprm_task_prefers_the_configured_task_and_falls_back_to_the_last_staged():
@@ -157,6 +168,7 @@ def test_default_demo_trains_a_reflective_model_on_both_embedded_tasks():
     tasks = {t.name: t for t in DemoConfig().tasks}
     assert tasks["arith"].reflective.task == "arith" and tasks["countdown"].reflective.task == "countdown"
     assert tasks["arith"].reflective.tune.reference_solutions == 1  # arith has one solution per problem
+    assert tasks["countdown"].sweep_scorer == "sprm" and tasks["arith"].sweep_scorer == "confidence"
     with pytest.raises(ValueError, match="ReflectiveStage\\(task='gsm8k'\\).*arith.*countdown"):
         ReflectiveStage("gsm8k")
 
