@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from experiments.metrics import Estimate, bootstrap
@@ -71,8 +72,10 @@ class QuickEvalReport:
 def generate_completions(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], n: int,
     temperature: float | None, max_new_tokens: int, batch_size: int, seed: int, bf16: bool = True,
+    progress: str | None = None,
 ) -> tuple[list[list[str]], int]:
-    """(n completions per prompt, generated tokens); temperature None = greedy (n must be 1)."""
+    """(n completions per prompt, generated tokens); temperature None = greedy (n must be 1);
+    progress: a progress bar with this label (None: none)."""
     if temperature is None and n != 1:
         raise ValueError(f"greedy decoding with n={n}; greedy gives one completion per prompt")
     per_call = max(1, batch_size // n)
@@ -82,7 +85,8 @@ def generate_completions(
     out: list[list[str]] = []
     generated = 0
     try:
-        for call, start in enumerate(range(0, len(prompts), per_call)):
+        starts = range(0, len(prompts), per_call)
+        for call, start in enumerate(tqdm(starts, desc=progress, unit="call", disable=progress is None)):
             enc = tokenizer(list(prompts[start : start + per_call]), return_tensors="pt", padding=True)
             with torch.random.fork_rng(devices=[]), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 torch.manual_seed(seed * 100_003 + call)
@@ -136,15 +140,18 @@ class ProblemGrades:
 
 def grade_policy(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], cfg: QuickEvalConfig,
-    task: ModuleType = arith,
+    task: ModuleType = arith, progress: str | None = None,
 ) -> ProblemGrades:
-    """Greedy and k sampled completions of each problem, graded by `task.grade`."""
+    """Greedy and k sampled completions of each problem, graded by `task.grade`; progress: a
+    label for progress bars (None: none)."""
     model.eval()
     prompts = [task.prompt_text(p) for p in problems]
     t0 = time.perf_counter()
-    greedy, tokens_g = generate_completions(model, tokenizer, prompts, 1, None, cfg.max_new_tokens, cfg.batch_size, cfg.seed, cfg.bf16)
+    greedy, tokens_g = generate_completions(model, tokenizer, prompts, 1, None, cfg.max_new_tokens, cfg.batch_size,
+                                            cfg.seed, cfg.bf16, progress and f"{progress} greedy")
     sampled, tokens_s = generate_completions(
-        model, tokenizer, prompts, cfg.num_samples, cfg.temperature, cfg.max_new_tokens, cfg.batch_size, cfg.seed, cfg.bf16
+        model, tokenizer, prompts, cfg.num_samples, cfg.temperature, cfg.max_new_tokens, cfg.batch_size, cfg.seed, cfg.bf16,
+        progress and f"{progress} sampled",
     )
     return ProblemGrades(
         greedy=tuple(task.grade(p, g[0]) for p, g in zip(problems, greedy)),
@@ -227,13 +234,13 @@ def _main() -> None:
     temperature = task.module.DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
     cfg = QuickEvalConfig(num_problems=args.problems, num_samples=args.samples, temperature=temperature, seed=args.seed)
     problems = eval_problems(cfg, task.default_config, task.module)
-    grades = grade_policy(*load_checkpoint(args.checkpoint), problems, cfg, task.module)
+    grades = grade_policy(*load_checkpoint(args.checkpoint), problems, cfg, task.module, progress=args.checkpoint)
     report = report_of(grades, cfg)
     if args.baseline is None:
         print(format_report(report))
         print(json.dumps(asdict(report)))
         return
-    base = grade_policy(*load_checkpoint(args.baseline), problems, cfg, task.module)
+    base = grade_policy(*load_checkpoint(args.baseline), problems, cfg, task.module, progress=args.baseline)
     diff = paired_difference(base, grades, cfg.seed)
     print(f"baseline {args.baseline}: {format_report(report_of(base, cfg))}")
     print(f"{args.checkpoint}: {format_report(report)}")
