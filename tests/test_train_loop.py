@@ -292,3 +292,14 @@ def test_plot_aha_draws_a_runs_metrics(init_dir, tmp_path):
     bad.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     assert plot_aha_main([str(bad)]) == 2
     assert plot_aha_main([str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_grpo_countdown_recipe_is_the_measured_run():
+    """recipe=grpo_countdown: the config README's GRPO numbers come from, rollouts and loss at one temperature."""
+    cfg = composed(["recipe=grpo_countdown"])
+    assert cfg.task.module == "experiments.tasks.countdown" and cfg.train_loss.spr_mode == "bce"
+    assert cfg.init_from == "outputs/demo/reflective_countdown/model"
+    assert cfg.sampling.temperature == cfg.train_loss.temperature == 0.6
+    assert (cfg.run.prompts_per_step, cfg.run.rollouts_per_prompt, cfg.run.max_steps) == (16, 16, 150)
+    assert (cfg.actor_optim.lr, cfg.head_optim.lr, cfg.train_loss.kl_coef) == (1e-4, 1e-3, 0.01)
+    assert composed([]).task.module == "experiments.tasks.arith"  # no recipe: the defaults
