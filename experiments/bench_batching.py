@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from experiments.bench_workload import DEFAULT_CHECKPOINT, WORKLOADS, Workload, load_workload  # noqa: E402
 from experiments.bench_timing import best_of, timed  # noqa: E402
+from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.decode_loop import slot_cache  # noqa: E402
 from scorers.confidence import ConfidenceScorer  # noqa: E402
 from treesearch.beam_search import BeamSearchConfig, beam_search  # noqa: E402
@@ -101,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = load_workload(args.model, args.problems, args.seed, args.checkpoint)
+    freeze_long_lived()  # as the CLIs do (policies/gc_freeze.py); both runs alike
     print(run(work, args.n, args.beam_width, args.seed))
     print(ceiling_line(work, args.n))
 

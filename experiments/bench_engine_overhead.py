@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from experiments.bench_workload import DEFAULT_CHECKPOINT, WORKLOADS, Workload, load_workload  # noqa: E402
 from experiments.bench_timing import ForwardClock, PolicyClock, timed  # noqa: E402
+from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from scorers.confidence import ConfidenceScorer  # noqa: E402
 from treesearch.registry import run_search  # noqa: E402
 
@@ -180,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(f"gc: {freeze_long_lived()} objects frozen out of the collector's walks, as the CLIs do (policies/gc_freeze.py)")
     print(run(args.checkpoint, args.problems, args.n, args.beam_width, args.top, args.seed, args.model))
 
 

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from experiments.bench_timing import Timing, timed  # noqa: E402
 from experiments.bench_workload import DEFAULT_CHECKPOINT, load_tiny_parts  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
+from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.reflective_model import ReflectiveModel  # noqa: E402
 from policies.sampling_config import SamplingConfig  # noqa: E402
 from policies.transformers_policy import TransformersPolicy  # noqa: E402
@@ -111,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    freeze_long_lived()  # as the CLIs do (policies/gc_freeze.py); every variant alike
     print(run(args.checkpoint, args.problems, args.n, args.repeats, args.seed))
 
 

@@ -52,6 +52,7 @@ from experiments.plot import render_tree
 from experiments.result_json import save_result
 from experiments.sft_tasks import get_sft_task
 from experiments.tiny_policy import ensure_policy
+from policies.gc_freeze import freeze_long_lived
 from policies.sampling_config import SamplingConfig
 from policies.sft import SFTConfig
 from policies.tiny_model import TinyModelConfig
@@ -421,6 +422,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_args(argv)
+    freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     metrics = run_demo(cfg)
     print((Path(cfg.out_dir) / "report.md").read_text())
     for task in cfg.tasks:

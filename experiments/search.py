@@ -55,6 +55,7 @@ from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
 from experiments.sweep_metrics import run_metrics
+from policies.gc_freeze import freeze_long_lived
 from treesearch.config_diff import config_differences
 from treesearch.protocols import Policy, Scorer
 from treesearch.records import Problem
@@ -275,6 +276,7 @@ def run_search_experiment(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="search", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     out = run_search_experiment(cfg)
     metrics = json.loads((out / METRICS).read_text())
     acc = metrics["accuracy"]

@@ -119,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.host not in LOOPBACK and not _api_key(args):
         print(f"warning: serving on {args.host} without an API key (--api-key or ${API_KEY_ENV})", file=sys.stderr)
     app = build_policy(args) if args.service == "policy" else build_scorer(args)
+    from policies.gc_freeze import freeze_long_lived
+
+    freeze_long_lived()  # imports and model: out of the garbage collector's walks (policies/gc_freeze.py)
     import uvicorn
 
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

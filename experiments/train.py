@@ -63,6 +63,7 @@ from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: 
 from experiments.result_json import write_atomic  # noqa: E402
 from experiments.search import CONFIG_DIR, build_frozen, resolve_out_dir, resolved_config  # noqa: E402
 from policies.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.joint_step import JointForward, JointLossConfig, frozen_logprobs, joint_step  # noqa: E402
 from policies.reflective_model import ReflectiveModel  # noqa: E402
 from policies.rollout_batch import (  # noqa: E402
@@ -688,6 +689,7 @@ def run_training(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     out = run_training(cfg)
     rows = load_rows(out / METRICS)
     if rows and PartialState().is_main_process:

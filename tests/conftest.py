@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 
@@ -16,3 +17,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_gc():
+    """A test that runs a command-line entry point freezes the objects alive (policies/gc_freeze.py);
+    unfreeze after each test, so the suite's dropped models stay collectable."""
+    yield
+    gc.unfreeze()
