@@ -191,9 +191,9 @@ class SlotCache(Cache):
     def move_rows(self, slots: torch.Tensor, sources: torch.Tensor, rows: int) -> None:
         """Copy rows sources [k] into slots [k] in every layer, then keep the first `rows` rows."""
         buffers, length = self._buffers, self.length
-        if slots.numel():
-            buffers.keys[:, slots, :, :length] = buffers.keys[:, sources, :, :length]
-            buffers.values[:, slots, :, :length] = buffers.values[:, sources, :, :length]
+        for slot, source in zip(slots.tolist(), sources.tolist()):  # straight copies: no gathered temporary
+            buffers.keys[:, slot, :, :length].copy_(buffers.keys[:, source, :, :length])
+            buffers.values[:, slot, :, :length].copy_(buffers.values[:, source, :, :length])
         buffers.rows = rows
         for layer in self.layers:
             layer.refresh()
