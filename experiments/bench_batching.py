@@ -33,8 +33,8 @@ import torch  # noqa: E402
 
 from experiments.bench_workload import DEFAULT_CHECKPOINT, WORKLOADS, Workload, load_workload  # noqa: E402
 from experiments.bench_timing import best_of, timed  # noqa: E402
-from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.decode_loop import slot_cache  # noqa: E402
+from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from scorers.confidence import ConfidenceScorer  # noqa: E402
 from treesearch.beam_search import BeamSearchConfig, beam_search  # noqa: E402
 from treesearch.result import SearchResult  # noqa: E402

@@ -214,8 +214,7 @@ def strategy_sweep(cfg: DemoConfig, task: DemoTask, ckpt: Path, reflective: SPRM
     if cfg.sweep_problems == 0:
         return None
     sprm = task.sweep_scorer == "sprm"
-    if sprm and reflective is None:
-        raise ValueError(f"the {task.name} sweep ranks by the SPRM but the task has no reflective model")
+    assert reflective is not None or not sprm  # DemoTask: sweep_scorer="sprm" needs the reflective stage
     spec = SweepSpec(
         out_dir=Path(cfg.out_dir) / (f"sweep_{task.name}_sprm" if sprm else f"sweep_{task.name}"),
         checkpoint=str(reflective.head_dir if sprm else ckpt), task=task.name, problems=cfg.sweep_problems,

@@ -19,7 +19,7 @@ the upper bound with true step labels).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ class SPRMResult:
 
 def cached_rollouts(spec: CacheSpec, path: Path) -> Path:
     """The cache at path when it was built from this spec, else a fresh one saved there."""
-    if path.exists() and _as_json(load_cache(path).spec) == _as_json(_spec_dict(spec)):
+    if path.exists() and _as_json(load_cache(path).spec) == _as_json(asdict(spec)):
         return path
     save_cache(build_from_spec(spec), path)
     return path
@@ -80,14 +80,6 @@ def cached_rollouts(spec: CacheSpec, path: Path) -> Path:
 def _as_json(data: dict[str, Any]) -> Any:
     """data as read back from JSON (tuples as lists), so a saved spec compares equal to its own."""
     return json.loads(json.dumps(data))
-
-
-def _spec_dict(spec: CacheSpec) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    data = asdict(spec)
-    data["feature_layers"] = list(spec.feature_layers)
-    return data
 
 
 def run_sprm_stage(stage: SPRMStage, policy_dir: Path, out_dir: Path) -> SPRMResult:
@@ -119,7 +111,5 @@ def _trained_with(head: Path, cfg: HeadTrainConfig, train: Path, test: Path) -> 
     path = head / "metrics.json"
     if not path.is_file() or not (head / "final" / "score_module.pt").is_file():
         return False
-    from dataclasses import asdict
-
     saved = json.loads(path.read_text())
     return saved.get("config") == asdict(cfg) and saved.get("train_cache") == str(train) and saved.get("test_cache") == str(test)

@@ -43,8 +43,9 @@ class SweepSpec:
     model directory; task: a config of the `task` group; problems: test problems per run;
     strategies: options of the `search` group; budgets: N (MCTS: see match_tokens); scorer: an option
     of the `scorer` group; policy: an option of the `policy` group (tiny, or tiny_sprm for a
-    reflective model whose head scores each step while it is generated: scorer=sprm); seed: sampling seed; overrides: extra Hydra overrides for every run
-    (e.g. "policy.sampling.temperature=0.8"); match_tokens: MCTS gets Best-of-N's tokens at the
+    reflective model whose head scores each step while it is generated: scorer=sprm); seed:
+    sampling seed; overrides: extra Hydra overrides for every run (e.g.
+    "policy.sampling.temperature=0.8"); match_tokens: MCTS gets Best-of-N's tokens at the
     same N as its token budget (module docstring; needs best_of_n among the strategies), False:
     N simulations and no token budget."""
 

@@ -153,12 +153,13 @@ def grade_policy(
         model, tokenizer, prompts, cfg.num_samples, cfg.temperature, cfg.max_new_tokens, cfg.batch_size, cfg.seed, cfg.bf16,
         progress and f"{progress} sampled",
     )
+    seconds = time.perf_counter() - t0  # generation only, as tokens_per_s means
     return ProblemGrades(
         greedy=tuple(task.grade(p, g[0]) for p, g in zip(problems, greedy)),
         sampled=tuple(tuple(task.grade(p, c) for c in cs) for p, cs in zip(problems, sampled)),
         majority=tuple(majority_correct(p, cs, task) for p, cs in zip(problems, sampled)),
         tokens=tokens_g + tokens_s,
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
     )
 
 
@@ -241,12 +242,13 @@ def _main() -> None:
         print(json.dumps(asdict(report)))
         return
     base = grade_policy(*load_checkpoint(args.baseline), problems, cfg, task.module, progress=args.baseline)
-    diff = paired_difference(base, grades, cfg.seed)
-    print(f"baseline {args.baseline}: {format_report(report_of(base, cfg))}")
+    base_report, diff = report_of(base, cfg), paired_difference(base, grades, cfg.seed)
+    print(f"baseline {args.baseline}: {format_report(base_report)}")
     print(f"{args.checkpoint}: {format_report(report)}")
     print(format_difference(diff, cfg.num_samples))
-    print(json.dumps({"baseline": asdict(report_of(base, cfg)), "report": asdict(report),
+    print(json.dumps({"baseline": asdict(base_report), "report": asdict(report),
                       "difference": {k: asdict(e) for k, e in diff.items()}}))
+
 
 if __name__ == "__main__":
     _main()

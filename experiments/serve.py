@@ -20,6 +20,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Sequence
 
+from policies.gc_freeze import freeze_long_lived
+
 if TYPE_CHECKING:  # heavy imports wait until a service is chosen, so --help is instant
     import torch
     from fastapi import FastAPI
@@ -119,8 +121,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.host not in LOOPBACK and not _api_key(args):
         print(f"warning: serving on {args.host} without an API key (--api-key or ${API_KEY_ENV})", file=sys.stderr)
     app = build_policy(args) if args.service == "policy" else build_scorer(args)
-    from policies.gc_freeze import freeze_long_lived
-
     freeze_long_lived()  # imports and model: out of the garbage collector's walks (policies/gc_freeze.py)
     import uvicorn
 
