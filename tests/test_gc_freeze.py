@@ -20,7 +20,7 @@ def test_freeze_collects_garbage_first_then_freezes_what_is_alive():
     kept = Node()
     frozen = freeze_long_lived()
     assert dead() is None  # collected before the freeze, not frozen forever
-    assert frozen == gc.get_freeze_count() > 0
+    assert frozen > 0 and gc.get_freeze_count() > 0  # (frozen objects that die leave the count)
     assert not any(o is kept for o in gc.get_objects())  # frozen objects are out of the collector's lists
     gc.unfreeze()
     assert any(o is kept for o in gc.get_objects())
