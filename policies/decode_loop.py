@@ -208,6 +208,13 @@ class SlotCache(Cache):
         keys, values = self._buffers.keys[:, row], self._buffers.values[:, row]  # [L, H, capacity, D]
         return PrefixKV(keys.index_select(2, columns).to("cpu"), values.index_select(2, columns).to("cpu"), parent)
 
+    def row_tail(self, row: int, start: int, parent: PrefixKV | None = None) -> PrefixKV:
+        """`row_kv` of the filled columns from `start` on (one contiguous span: a slice copy,
+        cheaper than an index gather)."""
+        span = self.length - start
+        keys, values = (b[:, row, :, start : start + span] for b in (self._buffers.keys, self._buffers.values))
+        return PrefixKV(keys.to("cpu", copy=True).contiguous(), values.to("cpu", copy=True).contiguous(), parent)
+
 
 def _gather_into(source: torch.Tensor, rows: torch.Tensor, capacity: int) -> torch.Tensor:
     """A new buffer [L, R, H, capacity, D] whose first S columns hold source[:, rows] (source
@@ -364,6 +371,7 @@ def decode_chunk(
     fed_kv: list[PrefixKV | None] = [None] * num_rows if keep_kv else []
     row_past = [None if past is None else past[u] for u in row_context]  # what each row's fed KV extends
     past_width = max((p.length for p in row_past if p is not None), default=0)  # P: cached columns
+    shared = _SharedContexts(batch.attention_mask.shape[1], list(row_context), {})  # uncached contexts' KV, once each
     scores = None if step_head is None else torch.full((num_rows, width), float("nan"), device=device)  # [R, T]
     for t in range(width):
         tokens, token_logprobs = _sample_in_row_order(logits, batch.rows, temperature, top_p, generator)  # [B], [B]
@@ -376,7 +384,7 @@ def decode_chunk(
         code, done = _finish_codes(tokens, is_boundary & stop_at_boundary, t + 1 >= batch.budget, rule)
         lengths[batch.rows[done]], finish[batch.rows[done]] = t + 1, code[done]
         if keep_kv:
-            _copy_fed_kv(batch, done & (code == _SEPARATOR), fed_kv, row_past, past_width)
+            _copy_fed_kv(batch, done & (code == _SEPARATOR), fed_kv, row_past, past_width, shared)
         if bool(done.all()):
             break
         if bool(done.any()):
@@ -406,23 +414,49 @@ def _score_boundaries(
         scores[rows[hit], t] = head.step_scores(features[hit]).to(scores.dtype)
 
 
+@dataclass
+class _SharedContexts:
+    """The KV of each context that had no cached prefix, copied out once and shared (as the
+    parent of a chain) by every row of it that ends on a separator: prefill_width: the columns
+    the prefill filled (cached past + new tokens); row_context: each chunk row's context;
+    entries: context -> its entry, made when its first row needs it."""
+
+    prefill_width: int
+    row_context: list[int]
+    entries: dict[int, PrefixKV]
+
+    def entry(self, batch: "_Batch", b: int, row: int) -> PrefixKV:
+        """The entry of row's context, copied from slot b (any row of a context holds its KV)."""
+        context = self.row_context[row]
+        if context not in self.entries:
+            columns = batch.attention_mask[b, : self.prefill_width].nonzero().squeeze(-1)  # the context, unpadded
+            self.entries[context] = batch.cache.row_kv(b, columns)
+        return self.entries[context]
+
+
 def _copy_fed_kv(
     batch: _Batch, rows: torch.Tensor, fed_kv: list[PrefixKV | None], row_past: Sequence[PrefixKV | None],
-    past_width: int,
+    past_width: int, shared: _SharedContexts,
 ) -> None:
     """Copy out the KV of the active rows where rows [B] is True: the cache holds exactly what
-    each fed (the token sampled this step is not fed yet), its columns where the mask is 1, as an
-    unpadded CPU entry. A row prefilled from a cached prefix row_past[r] (its tokens in the first
-    past_width columns) copies only the columns after them and extends that entry, unless its
-    chain is MAX_CHAIN long already (then the whole row)."""
+    each fed (the token sampled this step is not fed yet), as an unpadded CPU entry. A row
+    prefilled from a cached prefix row_past[r] (its tokens in the first past_width columns)
+    copies only the columns after them and extends that entry, unless its chain is MAX_CHAIN
+    long already (then the whole row); a row with no cached prefix extends its context's entry
+    (`_SharedContexts`: the prompt copied once, not once per sample)."""
+    length = batch.cache.length
     for b in rows.nonzero().squeeze(-1).tolist():
         row = int(batch.rows[b])
         parent = row_past[row]
-        if parent is not None and parent.depth < MAX_CHAIN:
-            columns = batch.attention_mask[b, past_width:].nonzero().squeeze(-1) + past_width  # [new] after the past
+        if parent is None:
+            parent, start = shared.entry(batch, b, row), shared.prefill_width
+        elif parent.depth < MAX_CHAIN:
+            # after the past: the left-padded new tokens, then every decoded one (a contiguous span)
+            start = past_width + int(batch.attention_mask[b, past_width:].argmax())  # first 1
         else:
-            parent, columns = None, batch.attention_mask[b].nonzero().squeeze(-1)  # [len] every non-pad column
-        fed_kv[row] = batch.cache.row_kv(b, columns, parent)
+            fed_kv[row] = batch.cache.row_kv(b, batch.attention_mask[b].nonzero().squeeze(-1))  # the whole row
+            continue
+        fed_kv[row] = parent if start == length else batch.cache.row_tail(b, start, parent)
 
 
 def _start_batch(
