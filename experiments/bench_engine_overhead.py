@@ -7,8 +7,8 @@ much as it ever can; `smollm2`, SmolLM2-135M-Instruct on GSM8K, the smallest rea
 Each strategy runs once on the same problems with the transformers backend (prefix cache on, the
 policy's confidence as scorer: every forward is the policy's), after one untimed run of the same
 size with another seed (`warm_up`: steady state, the KV buffer pool filled). Forward hooks on
-the LM time every forward (`experiments.bench_timing.ForwardClock`); the policy's `propose` / `rollout` calls are
-timed too, so the table splits wall time into
+the LM time every forward (`experiments.bench_timing.ForwardClock`); the policy's `propose` /
+`rollout` calls are timed too, so the table splits wall time into
   in forward     inside the LM's forward (the backend's compute, prefill and decode);
   backend rest   inside policy calls but outside the forward: sampling, the stop rule, KV-cache
                  bookkeeping, prefix-cache copies, building steps and texts;

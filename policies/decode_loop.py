@@ -211,9 +211,8 @@ class SlotCache(Cache):
     def row_tail(self, row: int, start: int, parent: PrefixKV | None = None) -> PrefixKV:
         """`row_kv` of the filled columns from `start` on (one contiguous span: a slice copy,
         cheaper than an index gather)."""
-        span = self.length - start
-        keys, values = (b[:, row, :, start : start + span] for b in (self._buffers.keys, self._buffers.values))
-        return PrefixKV(keys.to("cpu", copy=True).contiguous(), values.to("cpu", copy=True).contiguous(), parent)
+        keys, values = (b[:, row, :, start : self.length] for b in (self._buffers.keys, self._buffers.values))
+        return PrefixKV(keys.to("cpu", copy=True), values.to("cpu", copy=True), parent)  # a copy, never a view
 
 
 def _gather_into(source: torch.Tensor, rows: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -371,7 +370,7 @@ def decode_chunk(
     fed_kv: list[PrefixKV | None] = [None] * num_rows if keep_kv else []
     row_past = [None if past is None else past[u] for u in row_context]  # what each row's fed KV extends
     past_width = max((p.length for p in row_past if p is not None), default=0)  # P: cached columns
-    shared = _SharedContexts(batch.attention_mask.shape[1], list(row_context), {})  # uncached contexts' KV, once each
+    shared = _SharedContexts(batch.attention_mask.shape[1], row_context, {})  # uncached contexts' KV, once each
     scores = None if step_head is None else torch.full((num_rows, width), float("nan"), device=device)  # [R, T]
     for t in range(width):
         tokens, token_logprobs = _sample_in_row_order(logits, batch.rows, temperature, top_p, generator)  # [B], [B]
@@ -422,10 +421,10 @@ class _SharedContexts:
     entries: context -> its entry, made when its first row needs it."""
 
     prefill_width: int
-    row_context: list[int]
+    row_context: Sequence[int]
     entries: dict[int, PrefixKV]
 
-    def entry(self, batch: "_Batch", b: int, row: int) -> PrefixKV:
+    def entry(self, batch: _Batch, b: int, row: int) -> PrefixKV:
         """The entry of row's context, copied from slot b (any row of a context holds its KV)."""
         context = self.row_context[row]
         if context not in self.entries:
