@@ -1,0 +1,179 @@
+"""`SlotCache`: the decode loop's KV cache: every layer's keys and values in two buffers
+[layers, rows, kv_heads, capacity, head_dim] allocated ahead (from `KV_POOL`), each new token
+written in place, finished rows' slots refilled by moving live rows into them.
+
+Why: a plain DynamicLayer appends by concatenation, copying the whole cache at every decoded
+token; at a few hundred rows of a small model that copy costs more than the matmuls
+(experiments/bench_batching.py).
+
+    cache = slot_cache(prefilled, rows=torch.tensor([0, 0, 1]), reserve=64)   # rows of a prefill
+    model(input_ids=..., past_key_values=cache, ...)     # appends one column per layer in place
+    cache.move_rows(slots, sources, rows=2)              # drop finished rows
+    cache.row_tail(0, start=10)                          # a row's columns 10.. as a CPU PrefixKV
+    cache.release()                                      # buffers back to KV_POOL
+
+Tests: `.venv/bin/python -m pytest tests/test_transformers_policy.py -k slot_cache`.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from policies.kv_pool import BufferPool
+from policies.prefix_cache import PrefixKV
+
+KV_GROWTH = 32  # columns a decode buffer gains when full (one copy of the live rows per 32 tokens)
+# Columns reserved at the start of a chunk: its largest budget, up to this many, so a chunk whose
+# budgets fit never copies its KV to grow (each growth copied every live row's whole cache: 3% of
+# a SmolLM2 beam search's wall time went to those copies and the first gather).
+KV_RESERVE_LIMIT = 1024
+# The KV buffers of every chunk come from here and go back when the chunk is done, so the next
+# chunk's buffers reuse memory whose pages are already mapped (`policies.kv_pool`).
+KV_POOL = BufferPool()
+
+
+class _SlotBuffers:
+    """What the layers of a `SlotCache` share: key and value buffers [L, B, H, capacity, D] of
+    every layer and the number of rows in use (a plain holder, so layers and cache do not form a
+    reference cycle that would keep the buffers alive until the garbage collector runs)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, growth: int) -> None:
+        self.keys, self.values, self.growth = keys, values, growth
+        self.rows = int(keys.shape[1])
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys.shape[3])
+
+    def grow(self, capacity: int, length: int) -> None:
+        """New buffers of `capacity` columns holding the first `length` columns of the rows in use."""
+        self.keys, self.values = (
+            _gather_into(old[:, : self.rows, :, :length], torch.arange(self.rows, device=old.device), capacity)
+            for old in (self.keys, self.values)
+        )
+
+
+class SlotLayer(DynamicLayer):
+    """One layer of a `SlotCache`: `keys` / `values` are views [B, H, length, D] of its slice of the
+    shared buffers; `update` writes the new columns in place (growing all layers' buffers by
+    KV_GROWTH columns when full)."""
+
+    def __init__(self, buffers: _SlotBuffers, index: int, length: int) -> None:
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = buffers.keys.dtype, buffers.keys.device, True
+        self._buffers, self._index, self._length = buffers, index, length
+        self.refresh()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append the new columns [B, H, s, D] in place; return the whole KV [B, H, S+s, D] (views)."""
+        buffers, end = self._buffers, self._length + int(key_states.shape[2])
+        if end > buffers.capacity:
+            buffers.grow(end + buffers.growth, self._length)
+        buffers.keys[self._index, : buffers.rows, :, self._length : end] = key_states
+        buffers.values[self._index, : buffers.rows, :, self._length : end] = value_states
+        self._length = end
+        self.refresh()
+        return self.keys, self.values
+
+    def refresh(self) -> None:
+        """Point `keys` / `values` at the current buffers, rows and length."""
+        rows = self._buffers.rows
+        self.keys = self._buffers.keys[self._index, :rows, :, : self._length]
+        self.values = self._buffers.values[self._index, :rows, :, : self._length]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a SlotLayer's rows move with SlotCache.move_rows (all layers at once)")
+
+
+class SlotCache(Cache):
+    """The KV cache of the decoding rows: every layer's keys and values in two buffers
+    [L, B, H, capacity, D] allocated ahead, one `SlotLayer` view per layer.
+
+    Why: a plain DynamicLayer appends by concatenation, copying the whole cache at every decoded
+    token; at a few hundred rows of a small model that copy costs more than the matmuls
+    (experiments/bench_batching.py). Here a token is written in place; a finished row's slot is
+    refilled by moving a live row from the end (`move_rows`), and a row's KV is copied out
+    (`row_kv`), each in one op over all layers rather than one per layer (SmolLM2 has 30).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, growth: int = KV_GROWTH) -> None:
+        """Take buffers [L, B, H, capacity, D] (no copy) whose first `length` columns are filled."""
+        self._buffers = _SlotBuffers(keys, values, growth)
+        super().__init__(layers=[SlotLayer(self._buffers, index, int(length)) for index in range(int(keys.shape[0]))])
+
+    @classmethod
+    def gathered(cls, cache: Any, rows: torch.Tensor, reserve: int = KV_GROWTH) -> "SlotCache":
+        """The rows `rows` [R] (repeats allowed) of a prefilled cache (one layer list of
+        [U, H, S, D] keys / values), in buffers with `reserve` free columns after the S filled."""
+        layers = cache.layers
+        length = int(layers[0].keys.shape[2])
+        capacity = length + max(reserve, 1)
+        if isinstance(cache, SlotCache):  # one gather over all layers
+            buffers = cache._buffers
+            keys, values = (
+                _gather_into(b[:, : buffers.rows, :, :length], rows, capacity) for b in (buffers.keys, buffers.values)
+            )
+        else:
+            keys, values = (
+                _stack_gather([getattr(layer, name) for layer in layers], rows, capacity) for name in ("keys", "values")
+            )
+        return cls(keys, values, length)
+
+    @property
+    def length(self) -> int:
+        """Columns filled (the same in every layer between forwards)."""
+        return self.layers[0]._length
+
+    def move_rows(self, slots: torch.Tensor, sources: torch.Tensor, rows: int) -> None:
+        """Copy rows sources [k] into slots [k] in every layer, then keep the first `rows` rows."""
+        buffers, length = self._buffers, self.length
+        for slot, source in zip(slots.tolist(), sources.tolist()):  # straight copies: no gathered temporary
+            buffers.keys[:, slot, :, :length].copy_(buffers.keys[:, source, :, :length])
+            buffers.values[:, slot, :, :length].copy_(buffers.values[:, source, :, :length])
+        buffers.rows = rows
+        for layer in self.layers:
+            layer.refresh()
+
+    def release(self) -> None:
+        """Hand the buffers back to KV_POOL; the cache must not be used afterwards."""
+        KV_POOL.give(self._buffers.keys)
+        KV_POOL.give(self._buffers.values)
+
+    def row_kv(self, row: int, columns: torch.Tensor, parent: PrefixKV | None = None) -> PrefixKV:
+        """A copy on CPU of slot `row`'s KV at `columns` [n] of every layer, extending `parent`."""
+        keys, values = self._buffers.keys[:, row], self._buffers.values[:, row]  # [L, H, capacity, D]
+        return PrefixKV(keys.index_select(2, columns).to("cpu"), values.index_select(2, columns).to("cpu"), parent)
+
+    def row_tail(self, row: int, start: int, parent: PrefixKV | None = None) -> PrefixKV:
+        """`row_kv` of the filled columns from `start` on (one contiguous span: a slice copy,
+        cheaper than an index gather)."""
+        keys, values = (b[:, row, :, start : self.length] for b in (self._buffers.keys, self._buffers.values))
+        return PrefixKV(keys.to("cpu", copy=True), values.to("cpu", copy=True), parent)  # a copy, never a view
+
+
+def _gather_into(source: torch.Tensor, rows: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A new buffer [L, R, H, capacity, D] whose first S columns hold source[:, rows] (source
+    [L, U, H, S, D]); gathered straight into the buffer: a temporary of this size would cost a
+    fresh allocation (page faults) as large as the copy itself."""
+    layers, _, heads, length, dim = source.shape
+    buf = KV_POOL.take((layers, int(rows.numel()), heads, capacity, dim), source.dtype, source.device)
+    torch.index_select(source, 1, rows, out=buf[:, :, :, :length])
+    return buf
+
+
+def _stack_gather(tensors: Sequence[torch.Tensor], rows: torch.Tensor, capacity: int) -> torch.Tensor:
+    """`_gather_into` of per-layer tensors [U, H, S, D] (a DynamicCache's layers)."""
+    sample = tensors[0]
+    _, heads, length, dim = sample.shape
+    buf = KV_POOL.take((len(tensors), int(rows.numel()), heads, capacity, dim), sample.dtype, sample.device)
+    for index, tensor in enumerate(tensors):
+        torch.index_select(tensor, 0, rows, out=buf[index, :, :, :length])
+    return buf
+
+
+def slot_cache(cache: Any, rows: torch.Tensor, reserve: int | None = None) -> SlotCache:
+    """A cache holding the rows `rows` [R] (repeats allowed) of a prefilled cache, with `reserve`
+    free columns (default KV_GROWTH)."""
+    return SlotCache.gathered(cache, rows, KV_GROWTH if reserve is None else reserve)
