@@ -43,6 +43,7 @@ from transformers import DynamicCache
 
 from policies.prefix_cache import MAX_CHAIN, PrefixKV, pad_past
 from policies.sampling import sample_next_tokens
+from policies.shared_prefix import SharedPrefixCache, shared_prefix_attention, supports_shared_prefix
 from policies.slot_cache import KV_GROWTH, KV_POOL, KV_RESERVE_LIMIT, SlotCache, slot_cache  # noqa: F401 (re-exported)
 from policies.step_stops import StepStopRule, StopState
 
@@ -94,8 +95,8 @@ class _Batch:
     Slot b holds chunk row rows[b]; dropping rows reorders the slots (see `keep`)."""
 
     rows: torch.Tensor  # [B] long, index of each active row in the chunk
-    cache: SlotCache  # B rows
-    attention_mask: torch.Tensor  # [B, S] long, 0 on left padding
+    cache: SlotCache  # B rows (a SharedPrefixCache: each row's own columns, its context's prefix shared)
+    attention_mask: torch.Tensor | None  # [B, S] long, 0 on left padding; None with a shared prefix
     next_position: torch.Tensor  # [B] long, position id of the next fed token
     state: StopState
     budget: torch.Tensor  # [B] long, most tokens this row may generate
@@ -110,8 +111,9 @@ class _Batch:
         self.cache.move_rows(slots, sources, size)
         index = torch.arange(size, device=keep_mask.device)
         index[slots] = sources  # [B'] new slot s holds old slot index[s]
-        self.rows, self.budget = self.rows[index], self.budget[index]
-        self.attention_mask, self.next_position = self.attention_mask[index], self.next_position[index]
+        self.rows, self.budget, self.next_position = self.rows[index], self.budget[index], self.next_position[index]
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask[index]
         self.state = self.state.select(index)
         return index
 
@@ -199,15 +201,21 @@ def decode_chunk(
     past: Sequence[PrefixKV | None] | None = None,
     keep_kv: bool = False,
     step_head: StepHead | None = None,
+    shared_prefix: bool | None = None,
 ) -> ChunkOutput:
     """Sample one sequence per row: row r continues contexts[row_context[r]] for at most
     budgets[r] tokens, stopping early at EOS or (when stop_at_boundary) at a step boundary.
     past: cached KV per context (see prefill); keep_kv: return the fed KV of rows that end on a
     separator (ChunkOutput.fed_kv); step_head: score every boundary token from the hidden state
-    that sampled it (ChunkOutput.step_scores)."""
+    that sampled it (ChunkOutput.step_scores); shared_prefix: the rows of a context share its
+    prefill KV (`policies.shared_prefix`) instead of each holding a copy (None: whenever the
+    model supports it)."""
     device = rule.is_eos.device
     layer = None if step_head is None else step_head.feature_layer
-    batch, logits, features = _start_batch(model, contexts, row_context, budgets, rule, pad_id, device, past, layer)
+    shared_prefix = supports_shared_prefix(model) if shared_prefix is None else shared_prefix
+    batch, logits, features = _start_batch(
+        model, contexts, row_context, budgets, rule, pad_id, device, past, layer, shared_prefix
+    )
     num_rows, width = len(row_context), max(budgets)
     token_ids = torch.zeros((num_rows, width), dtype=torch.long, device=device)  # [R, T]
     logprobs = torch.zeros((num_rows, width), dtype=torch.float32, device=device)  # [R, T]
@@ -215,9 +223,7 @@ def decode_chunk(
     lengths = torch.zeros(num_rows, dtype=torch.long, device=device)  # [R]
     finish = torch.zeros(num_rows, dtype=torch.long, device=device)  # [R]
     fed_kv: list[PrefixKV | None] = [None] * num_rows if keep_kv else []
-    row_past = [None if past is None else past[u] for u in row_context]  # what each row's fed KV extends
-    past_width = max((p.length for p in row_past if p is not None), default=0)  # P: cached columns
-    shared = _SharedContexts(batch.attention_mask.shape[1], row_context, {})  # uncached contexts' KV, once each
+    copy_out = _fed_kv_copier(batch, row_context, past)
     scores = None if step_head is None else torch.full((num_rows, width), float("nan"), device=device)  # [R, T]
     for t in range(width):
         tokens, token_logprobs = _sample_in_row_order(logits, batch.rows, temperature, top_p, generator)  # [B], [B]
@@ -230,7 +236,7 @@ def decode_chunk(
         code, done = _finish_codes(tokens, is_boundary & stop_at_boundary, t + 1 >= batch.budget, rule)
         lengths[batch.rows[done]], finish[batch.rows[done]] = t + 1, code[done]
         if keep_kv:
-            _copy_fed_kv(batch, done & (code == _SEPARATOR), fed_kv, row_past, past_width, shared)
+            copy_out(batch, done & (code == _SEPARATOR), fed_kv)
         if bool(done.all()):
             break
         if bool(done.any()):
@@ -258,6 +264,49 @@ def _score_boundaries(
     hit = is_boundary.nonzero().squeeze(-1)  # [n]
     if hit.numel():
         scores[rows[hit], t] = head.step_scores(features[hit]).to(scores.dtype)
+
+
+def _fed_kv_copier(batch: _Batch, row_context: Sequence[int], past: Sequence[PrefixKV | None] | None):
+    """The function that copies out the fed KV of finished rows, for this batch's kind of cache."""
+    past = [None] * len(set(row_context)) if past is None else past
+    past_width = max((p.length for p in past if p is not None), default=0)  # P: cached columns
+    if isinstance(batch.cache, SharedPrefixCache):
+        return _ContextEntries(batch.cache, past, past_width, row_context, {}).copy_fed_kv
+    row_past = [past[u] for u in row_context]  # what each row's fed KV extends
+    shared = _SharedContexts(batch.attention_mask.shape[1], row_context, {})  # uncached contexts' KV, once each
+    return lambda batch, rows, fed_kv: _copy_fed_kv(batch, rows, fed_kv, row_past, past_width, shared)
+
+
+@dataclass
+class _ContextEntries:
+    """Fed KV with a shared prefix: each context's prefill KV is copied out once, as an entry
+    extending its cached prefix past[u] (past_width: the cached columns, left-padded; a chain
+    MAX_CHAIN - 1 long or none: the whole context); a finished row's entry is its own decoded
+    columns on top of its context's entry."""
+
+    cache: SharedPrefixCache
+    past: Sequence[PrefixKV | None]
+    past_width: int
+    row_context: Sequence[int]
+    entries: dict[int, PrefixKV]
+
+    def entry(self, context: int) -> PrefixKV:
+        if context not in self.entries:
+            mask, parent = self.cache.prefix_mask[context], self.past[context]  # [P + L] bool
+            if parent is not None and parent.depth < MAX_CHAIN - 1:  # the new columns after the past: a contiguous span
+                start = self.past_width + int(mask[self.past_width:].int().argmax())
+                columns = torch.arange(start, int(mask.numel()), device=mask.device)
+            else:
+                parent, columns = None, mask.nonzero().squeeze(-1)  # the whole context, unpadded
+            self.entries[context] = self.cache.prefix_kv(context, columns, parent)
+        return self.entries[context]
+
+    def copy_fed_kv(self, batch: _Batch, rows: torch.Tensor, fed_kv: list[PrefixKV | None]) -> None:
+        """fed_kv[row] for the active rows where rows [B] is True (see `_copy_fed_kv`)."""
+        for b in rows.nonzero().squeeze(-1).tolist():
+            row = int(batch.rows[b])
+            parent = self.entry(self.row_context[row])
+            fed_kv[row] = parent if self.cache.length == 0 else self.cache.row_tail(b, 0, parent)
 
 
 @dataclass
@@ -315,21 +364,26 @@ def _start_batch(
     device: torch.device,
     past: Sequence[PrefixKV | None] | None = None,
     feature_layer: int | None = None,
+    shared_prefix: bool = False,
 ) -> tuple[_Batch, torch.Tensor, torch.Tensor | None]:
-    """Prefill each context once (from its cached prefix, if any), then replicate its cache rows
-    for its samples. Returns (the batch of R rows, their next-token logits [R, V], the
-    feature-layer states that produced them [R, C] or None)."""
+    """Prefill each context once (from its cached prefix, if any); its samples then share that
+    KV (shared_prefix) or each get a copy of it. Returns (the batch of R rows, their next-token
+    logits [R, V], the feature-layer states that produced them [R, C] or None)."""
     cache, logits, attention_mask, next_position, features = prefill(
         model, contexts, pad_id, device, past, feature_layer
     )
     expand = torch.tensor(row_context, dtype=torch.long, device=device)  # [R] context of each row
-    rows_cache = slot_cache(cache, expand, min(max(budgets), KV_RESERVE_LIMIT))  # gathers (and repeats) rows: [U, ...] -> [R, ...]
-    if isinstance(cache, SlotCache):
-        cache.release()  # the padded past's buffers serve the next chunk
+    reserve = min(max(budgets), KV_RESERVE_LIMIT)
+    if shared_prefix:
+        rows_cache = SharedPrefixCache.over(cache, attention_mask, expand, reserve)
+    else:
+        rows_cache = slot_cache(cache, expand, reserve)  # gathers (and repeats) rows: [U, ...] -> [R, ...]
+        if isinstance(cache, SlotCache):
+            cache.release()  # the padded past's buffers serve the next chunk
     batch = _Batch(
         rows=torch.arange(len(row_context), device=device),
         cache=rows_cache,
-        attention_mask=attention_mask[expand],
+        attention_mask=None if shared_prefix else attention_mask[expand],
         next_position=next_position[expand],
         state=rule.initial_state(contexts, device).select(expand),
         budget=torch.tensor(budgets, dtype=torch.long, device=device),
@@ -353,15 +407,27 @@ def _decode_step(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Feed each active row's last token [B]; return the next logits [B, V] and, with a
     feature layer, the states that produced them [B, C] (else None)."""
-    ones = torch.ones((len(tokens), 1), dtype=batch.attention_mask.dtype, device=tokens.device)
-    batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=-1)  # [B, S+1]
-    out = model(
-        input_ids=tokens[:, None],
-        attention_mask=batch.attention_mask,
-        position_ids=batch.next_position[:, None],
-        past_key_values=batch.cache,
-        use_cache=True,
-        **_hidden_state_request(feature_layer),
-    )
+    if isinstance(batch.cache, SharedPrefixCache):
+        batch.cache.set_slots(batch.rows)
+        with shared_prefix_attention(model):
+            out = model(
+                input_ids=tokens[:, None],
+                position_ids=batch.next_position[:, None],
+                past_key_values=batch.cache,
+                use_cache=True,
+                shared_prefix=batch.cache,
+                **_hidden_state_request(feature_layer),
+            )
+    else:
+        ones = torch.ones((len(tokens), 1), dtype=batch.attention_mask.dtype, device=tokens.device)
+        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=-1)  # [B, S+1]
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=batch.attention_mask,
+            position_ids=batch.next_position[:, None],
+            past_key_values=batch.cache,
+            use_cache=True,
+            **_hidden_state_request(feature_layer),
+        )
     batch.next_position = batch.next_position + 1
     return out.logits[:, -1, :], _last_features(out, feature_layer)

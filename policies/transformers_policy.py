@@ -102,6 +102,10 @@ class TransformersPolicy:
         `ReflectiveModel` whose `.lm` is `model`) that attaches `Step.score` while generating;
         None leaves scores None. `num_parameters` counts the LM only (the head runs once per
         step, not per token).
+    shared_prefix: the samples of one context read its KV in place while decoding
+        (`policies.shared_prefix`) instead of each holding a copy; None (default) whenever the
+        model supports it, False always copies (the older path, kept for benchmarks and models
+        with sliding-window or soft-capped attention).
     """
 
     def __init__(
@@ -112,10 +116,12 @@ class TransformersPolicy:
         prompt_fn: Callable[[Problem], str],
         prefix_cache: PrefixCacheConfig | None = None,
         step_head: StepHead | None = None,
+        shared_prefix: bool | None = None,
     ) -> None:
         keep_freed_memory()  # per-token temporaries reuse heap blocks (policies/allocator.py)
         self.model = model.eval()
         self.step_head = step_head
+        self.shared_prefix = shared_prefix  # decode_chunk's: None = whenever the model supports it
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.prompt_fn = prompt_fn
@@ -215,6 +221,7 @@ class TransformersPolicy:
                 past=past if self.prefix_cache is not None else None,
                 keep_kv=self.prefix_cache is not None and stop_at_boundary,
                 step_head=self.step_head,
+                shared_prefix=self.shared_prefix,
             )
             prefill_sizes = [len(contexts[i]) - (p.length if p else 0) for i, p in zip(members, past)]
             _collect(out, members, row_context, prefill_sizes, samples)

@@ -374,15 +374,11 @@ def test_the_pool_serves_a_given_back_buffer_to_the_next_request_that_fits():
 
 
 def test_a_step_search_reuses_its_kv_buffers_from_the_pool_round_to_round():
-    import policies.decode_loop as decode_loop
-    from policies.kv_pool import BufferPool
+    from policies.slot_cache import KV_POOL as pool  # the decode loop's pool, emptied first
 
-    pool = BufferPool()
-    decode_loop.KV_POOL, saved = pool, decode_loop.KV_POOL
-    try:
-        cached = run_rounds(policy(PrefixCacheConfig()), rounds=4, n=2)
-    finally:
-        decode_loop.KV_POOL = saved
+    pool.clear()
+    before = pool.allocations
+    cached = run_rounds(policy(PrefixCacheConfig()), rounds=4, n=2)
     calls = 4 * 1  # run_rounds makes one propose call per round; each chunk takes up to four buffers
-    assert 0 < pool.allocations < 4 * calls and pool._free  # most buffers came back and were reused
+    assert 0 < pool.allocations - before < 4 * calls and pool._free  # most buffers came back and were reused
     assert_same_outputs(cached, run_rounds(policy(None), rounds=4, n=2))

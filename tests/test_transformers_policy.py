@@ -81,8 +81,8 @@ class ForwardLog:
         model.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
-        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-        self.calls.append((ids.shape[0], int(mask[:, -ids.shape[1]:].sum())))
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")  # no mask: a shared-prefix decode step
+        self.calls.append((ids.shape[0], ids.numel() if mask is None else int(mask[:, -ids.shape[1]:].sum())))
 
     @property
     def tokens(self) -> int:

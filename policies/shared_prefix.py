@@ -1,0 +1,199 @@
+"""Decode attention over a shared prefix: the sample rows of one context read that context's KV
+once, instead of each row holding (and attention reading) its own copy.
+
+Why: Best-of-N draws N samples of one prompt and beam search M of each kept path. With one KV
+row per sample, a chunk first copies each context's KV into all of its rows (`slot_cache`), and
+every decode step's attention then reads those copies: on a CPU, decode attention is bound by
+memory reads, and at 256 rows of the tiny policy it took half of each step (8.4 ms of a layer's
+attention vs 4.8 ms here with M = 4 rows per context, 2.4 ms with 32;
+`python -m experiments.bench_shared_prefix` measures it).
+
+How: the prefill's cache holds one row per context (U rows, left-padded, `prefix_mask` marks the
+real columns); a `SharedPrefixCache` keeps it as the prefix and holds only each sample row's own
+new columns (a `SlotCache` of R rows that starts empty; every row of a chunk decodes in lockstep,
+so its columns need no padding). `shared_prefix_attention` scatters each row's query into its
+context's group ([U, G rows, ...]), multiplies the group by the context's prefix keys once, and
+gathers the scores back per row, next to the row's own columns; softmax over both; the values
+likewise. Per row this is exactly attention over [prefix | own columns].
+
+    cache = SharedPrefixCache.over(prefilled, prefix_mask, row_context, reserve=64)
+    cache.set_slots(chunk_rows)              # which chunk row each batch slot holds, per step
+    with shared_prefix_attention(model):
+        model(input_ids=tokens[:, None], position_ids=..., past_key_values=cache,
+              use_cache=True, shared_prefix=cache)   # the kwarg reaches the attention function
+
+`supports_shared_prefix(model)` says whether a model can use it (plain full attention whose
+modules read the model's config: Llama, Qwen2/3, SmolLM2, the tiny policy); the decode loop
+falls back to one KV row per sample otherwise.
+
+Tests: `.venv/bin/python -m pytest tests/test_shared_prefix.py`.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+from transformers import AttentionInterface
+
+from policies.prefix_cache import PrefixKV
+from policies.slot_cache import KV_POOL, SlotCache
+
+ATTENTION_NAME = "treesearch_shared_prefix"
+_PLAIN_ATTENTION = ("sdpa", "eager")  # implementations whose math this one reproduces
+
+
+class SharedPrefixCache(SlotCache):
+    """The KV of a chunk's sample rows: per context its prefill KV (`prefix_keys(layer)`,
+    [U, kv_heads, P, head_dim], one row per context), per sample row its own decoded columns (the
+    `SlotCache` part: R rows, `length` columns, the same for every row).
+
+    prefix_mask: [U, P] bool, True on real (not left-padding) prefix columns.
+    row_context: [R] long, the context of each chunk row; row_rank: [R] long, its index among its
+        context's rows (< group). `set_slots` says which chunk row each batch slot holds now."""
+
+    def __init__(
+        self, prefix: Sequence[tuple[torch.Tensor, torch.Tensor]], prefix_mask: torch.Tensor,
+        row_context: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    ) -> None:
+        super().__init__(keys, values, 0)
+        self.prefix = list(prefix)
+        self.prefix_mask = prefix_mask
+        self.row_context = row_context
+        self.row_rank, self.group = _ranks_within(row_context)
+        self.contexts = int(prefix_mask.shape[0])
+        self.set_slots(torch.arange(int(row_context.numel()), device=row_context.device))
+
+    @classmethod
+    def over(cls, prefilled: Any, prefix_mask: torch.Tensor, row_context: torch.Tensor, reserve: int) -> "SharedPrefixCache":
+        """A cache over a prefill's cache (U rows; a DynamicCache or a SlotCache, kept, not
+        copied) for the rows `row_context` [R], with `reserve` columns per row allocated ahead."""
+        layers = prefilled.layers
+        sample = layers[0].keys  # [U, H, P, D]
+        shape = (len(layers), int(row_context.numel()), int(sample.shape[1]), max(int(reserve), 1), int(sample.shape[3]))
+        keys, values = (KV_POOL.take(shape, sample.dtype, sample.device) for _ in range(2))
+        cache = cls([(layer.keys, layer.values) for layer in layers], prefix_mask.bool(), row_context, keys, values)
+        cache._prefilled = prefilled
+        return cache
+
+    def set_slots(self, rows: torch.Tensor) -> None:
+        """Batch slot b holds chunk row rows[b] (after `move_rows` reordered them): the context,
+        rank and prefix mask of each slot, for the next forward."""
+        self.slot_context = self.row_context[rows]  # [B]
+        self.slot_rank = self.row_rank[rows]  # [B]
+        self.slot_prefix_mask = self.prefix_mask[self.slot_context]  # [B, P]
+
+    def prefix_keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's prefix keys and values, [U, kv_heads, P, head_dim] each."""
+        return self.prefix[layer]
+
+    def prefix_kv(self, context: int, columns: torch.Tensor, parent: PrefixKV | None = None) -> PrefixKV:
+        """A CPU PrefixKV of the prefix columns `columns` [n] of one context, every layer."""
+        keys = torch.stack([k[context].index_select(1, columns) for k, _ in self.prefix]).to("cpu")
+        values = torch.stack([v[context].index_select(1, columns) for _, v in self.prefix]).to("cpu")
+        return PrefixKV(keys, values, parent)
+
+    def release(self) -> None:
+        """Hand the row buffers (and a pooled prefill cache's) back to KV_POOL."""
+        super().release()
+        if isinstance(getattr(self, "_prefilled", None), SlotCache):
+            self._prefilled.release()
+        self.prefix = []
+
+
+def _ranks_within(row_context: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(rank [R] of each row among the rows of its context, in row order; the largest group)."""
+    order = torch.argsort(row_context, stable=True)
+    sorted_context = row_context[order]
+    counts = torch.bincount(sorted_context)
+    starts = torch.cumsum(counts, 0) - counts  # first sorted position of each context
+    rank = torch.empty_like(row_context)
+    rank[order] = torch.arange(int(row_context.numel()), device=row_context.device) - starts[sorted_context]
+    return rank, int(counts.max()) if counts.numel() else 1
+
+
+def shared_prefix_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    shared_prefix: SharedPrefixCache | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of one new token per row over [its context's prefix | its own columns].
+
+    query [B, heads, 1, D]; key / value [B, kv_heads, t, D]: the rows' own columns (what the
+    cache's update returned, this token's included). Returns ([B, 1, heads, D], None) as
+    transformers' attention functions do. The prefix is read once per context: queries are
+    grouped [U, kv_heads, G * q_per_kv, D] for one matmul per context and head."""
+    if shared_prefix is None or query.shape[2] != 1:
+        raise ValueError("shared_prefix attention decodes one token per row and needs shared_prefix=<its cache>")
+    cache = shared_prefix
+    prefix_keys, prefix_values = cache.prefix_keys(module.layer_idx)  # [U, Hkv, P, D]
+    rows, heads, _, dim = query.shape
+    kv_heads, width = int(key.shape[1]), int(prefix_keys.shape[2])
+    per_kv = heads // kv_heads
+    scale = dim ** -0.5 if scaling is None else scaling
+    q = query.reshape(rows, kv_heads, per_kv, dim)  # head h reads kv head h // per_kv
+    context, rank = cache.slot_context, cache.slot_rank
+    grouped = _scatter_groups(q, context, rank, cache.contexts, cache.group)  # [U, Hkv, G*g, D]
+    prefix_scores = _rows_of(torch.matmul(grouped, prefix_keys.transpose(-1, -2)), context, rank, cache.group, per_kv)
+    prefix_scores = prefix_scores.masked_fill(~cache.slot_prefix_mask[:, None, None, :], float("-inf"))  # [B, Hkv, g, P]
+    own_scores = torch.matmul(q, key.transpose(-1, -2))  # [B, Hkv, g, t]
+    probs = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1).float() * scale, dim=-1).to(q.dtype)
+    prefix_probs, own_probs = probs[..., :width], probs[..., width:]
+    grouped_probs = _scatter_groups(prefix_probs, context, rank, cache.contexts, cache.group)  # [U, Hkv, G*g, P]
+    out = _rows_of(torch.matmul(grouped_probs, prefix_values), context, rank, cache.group, per_kv)  # [B, Hkv, g, D]
+    out = out + torch.matmul(own_probs, value)
+    return out.reshape(rows, 1, heads, dim), None
+
+
+def _scatter_groups(x: torch.Tensor, context: torch.Tensor, rank: torch.Tensor, contexts: int, group: int) -> torch.Tensor:
+    """Per-row x [B, Hkv, g, n] -> per-context [U, Hkv, G * g, n] (row b at group slot rank[b] of
+    context[b]; empty slots are zeros)."""
+    rows, kv_heads, per_kv, n = x.shape
+    out = x.new_zeros((contexts, group, kv_heads, per_kv, n))
+    out[context, rank] = x
+    return out.permute(0, 2, 1, 3, 4).reshape(contexts, kv_heads, group * per_kv, n)
+
+
+def _rows_of(x: torch.Tensor, context: torch.Tensor, rank: torch.Tensor, group: int, per_kv: int) -> torch.Tensor:
+    """Per-context [U, Hkv, G * g, n] -> per-row [B, Hkv, g, n] (the inverse of _scatter_groups)."""
+    contexts, kv_heads, _, n = x.shape
+    return x.view(contexts, kv_heads, group, per_kv, n).permute(0, 2, 1, 3, 4)[context, rank]
+
+
+AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention_forward)
+
+
+def supports_shared_prefix(model: Any) -> bool:
+    """Whether `model` can decode with `shared_prefix_attention`: its attention is plain full
+    attention (sdpa or eager; no sliding window, logit soft-capping or sinks) and every attention
+    module reads the model's own config (where the context manager switches the implementation)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) not in _PLAIN_ATTENTION:
+        return False
+    if any(getattr(config, name, None) for name in ("attn_logit_softcapping", "use_sliding_window")):
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    attention = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config") and hasattr(m, "o_proj")]
+    return bool(attention) and all(m.config is config for m in attention)
+
+
+@contextmanager
+def shared_prefix_attention(model: Any) -> Iterator[None]:
+    """Within the block, the model's attention is `shared_prefix_attention_forward` (and
+    transformers builds no mask: the function masks the prefix itself)."""
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
