@@ -33,40 +33,57 @@ import torch  # noqa: E402
 
 from experiments.bench_workload import DEFAULT_CHECKPOINT, WORKLOADS, Workload, load_workload  # noqa: E402
 from experiments.bench_timing import best_of, timed  # noqa: E402
-from policies.decode_loop import slot_cache  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
+from policies.shared_prefix import SharedPrefixCache, shared_prefix_attention, supports_shared_prefix  # noqa: E402
+from policies.slot_cache import slot_cache  # noqa: E402
 from scorers.confidence import ConfidenceScorer  # noqa: E402
 from treesearch.beam_search import BeamSearchConfig, beam_search  # noqa: E402
 from treesearch.result import SearchResult  # noqa: E402
 
 
 @torch.inference_mode()
-def decode_step_seconds(lm: Any, rows: int, context: int = 48, steps: int = 16, repeats: int = 3) -> float:
-    """Wall seconds of one bare decode step of `rows` rows over a `context`-token KV cache (the
-    decode loop's own cache, `policies.decode_loop.slot_cache`): best of `repeats` runs of
-    `steps` steps, per step."""
-    ids = torch.randint(3, int(lm.config.vocab_size), (rows, context))
+def decode_step_seconds(
+    lm: Any, rows: int, group: int = 1, context: int = 48, steps: int = 16, repeats: int = 3
+) -> float:
+    """Wall seconds of one bare decode step of `rows` rows over a `context`-token KV cache, laid
+    out as the decode loop lays it out: `group` rows per context reading its KV in place
+    (`policies.shared_prefix`) when the model supports it, else one copied row each
+    (`policies.slot_cache`). Best of `repeats` runs of `steps` steps, per step."""
+    contexts = max(rows // group, 1)
+    ids = torch.randint(3, int(lm.config.vocab_size), (contexts, context))
     prefilled = lm(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    row_context = torch.arange(rows) // group
+    tokens, shared = ids[row_context, -1:], supports_shared_prefix(lm)
 
     def decode() -> None:
-        cache = slot_cache(prefilled, torch.arange(rows))
+        if shared:
+            cache = SharedPrefixCache.over(prefilled, torch.ones((contexts, context)), row_context, steps)
+        else:
+            cache = slot_cache(prefilled, row_context, steps)
         mask = torch.ones((rows, context), dtype=torch.long)
         for step in range(steps):
-            mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long)], dim=-1)
             position = torch.full((rows, 1), context + step)
-            lm(input_ids=ids[:, -1:], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+            if shared:
+                with shared_prefix_attention(lm):
+                    lm(input_ids=tokens, position_ids=position, past_key_values=cache, use_cache=True, shared_prefix=cache)
+            else:
+                mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long)], dim=-1)
+                lm(input_ids=tokens, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+        cache.release()
 
     return best_of(decode, repeats) / steps
 
 
-def ceiling_line(work: Workload, n: int) -> str:
+def ceiling_line(work: Workload, n: int, beam_width: int) -> str:
     """The bare decode step's time per row-token at N rows (one problem) and at the rows of a
-    batched chunk (problems x N, at most the policy's batch_size), and their ratio."""
+    batched chunk (problems x N, at most the policy's batch_size), M rows per context, and their
+    ratio."""
     lm = work.lm
     small_rows, large_rows = n, min(len(work.problems) * n, work.sampling.batch_size)
-    small = decode_step_seconds(lm, small_rows) / small_rows
-    large = decode_step_seconds(lm, large_rows) / large_rows
-    return (f"ceiling (bare decode step, no search): {small * 1e6:.0f} us per row-token at {small_rows} rows, "
+    small = decode_step_seconds(lm, small_rows, beam_width) / small_rows
+    large = decode_step_seconds(lm, large_rows, beam_width) / large_rows
+    return (f"ceiling (bare decode step, no search, {beam_width} rows per context): "
+            f"{small * 1e6:.0f} us per row-token at {small_rows} rows, "
             f"{large * 1e6:.0f} us at {large_rows} rows: batching alone can give at most ~{small / large:.2f}x")
 
 
@@ -104,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     work = load_workload(args.model, args.problems, args.seed, args.checkpoint)
     freeze_long_lived()  # as the CLIs do (policies/gc_freeze.py); both runs alike
     print(run(work, args.n, args.beam_width, args.seed))
-    print(ceiling_line(work, args.n))
+    print(ceiling_line(work, args.n, args.beam_width))
 
 
 if __name__ == "__main__":

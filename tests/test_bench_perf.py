@@ -100,5 +100,17 @@ def test_batching_ceiling_line(checkpoint):
 
     from experiments.bench_workload import load_workload
 
-    line = bench_batching.ceiling_line(load_workload("tiny", problems=2, seed=0, checkpoint=checkpoint), n=2)
-    assert line.startswith("ceiling (bare decode step, no search): ") and "at 2 rows" in line and "at 4 rows" in line
+    line = bench_batching.ceiling_line(load_workload("tiny", problems=2, seed=0, checkpoint=checkpoint), n=2, beam_width=2)
+    assert line.startswith("ceiling (bare decode step, no search, 2 rows per context): ")
+    assert "at 2 rows" in line and "at 4 rows" in line
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_bare_decode_step_runs_with_and_without_a_shared_prefix(shared, monkeypatch):
+    from experiments import bench_batching
+    from test_transformers_policy import make_model
+
+    model = make_model(40)
+    monkeypatch.setattr(bench_batching, "supports_shared_prefix", lambda lm: shared)
+    seconds = bench_batching.decode_step_seconds(model, rows=6, group=3, context=5, steps=2, repeats=1)
+    assert 0 < seconds < 10
