@@ -30,7 +30,7 @@ Tests: `.venv/bin/pytest tests/test_prefix_cache.py`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -78,6 +78,8 @@ class PrefixKV:
     keys: torch.Tensor
     values: torch.Tensor
     parent: PrefixKV | None = None
+    length: int = field(init=False, repr=False, compare=False)  # tokens of the whole sequence (the parent's and this one's)
+    depth: int = field(init=False, repr=False, compare=False)  # segments in the chain (1: stored whole)
 
     def __post_init__(self) -> None:
         if self.keys.dim() != 4 or self.keys.shape != self.values.shape or self.keys.shape[0] < 1:
@@ -91,16 +93,10 @@ class PrefixKV:
             raise ValueError(
                 f"PrefixKV extends a parent of another shape: {tuple(self.parent.keys.shape)} vs {tuple(self.keys.shape)}"
             )
+        # computed once: a search asks for them per row per call, and a chain would walk its parents
+        object.__setattr__(self, "length", int(self.keys.shape[-2]) + (0 if self.parent is None else self.parent.length))
+        object.__setattr__(self, "depth", 1 if self.parent is None else self.parent.depth + 1)
 
-    @property
-    def length(self) -> int:
-        """Tokens of the whole sequence (the parent's and this segment's)."""
-        return int(self.keys.shape[-2]) + (0 if self.parent is None else self.parent.length)
-
-    @property
-    def depth(self) -> int:
-        """Segments in the chain (1: stored whole)."""
-        return 1 if self.parent is None else self.parent.depth + 1
 
     @property
     def nbytes(self) -> int:
@@ -252,11 +248,9 @@ def pad_past(
     past_mask = torch.zeros((len(entries), width), dtype=torch.long)  # [U, P]
     for row, entry in enumerate(entries):
         if entry is not None:
-            start = width - entry.length
-            for segment in entry.segments():
-                end = start + int(segment.keys.shape[-2])
-                keys[:, row, :, start:end] = segment.keys
-                values[:, row, :, start:end] = segment.values
-                start = end
+            segments = entry.segments()
+            for buf, name in ((keys, "keys"), (values, "values")):  # a chain is concatenated, then copied once
+                parts = [getattr(s, name) for s in segments]
+                buf[:, row, :, width - entry.length : width] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
             past_mask[row, width - entry.length:] = 1
     return keys.to(device), values.to(device), past_mask.to(device)
