@@ -54,9 +54,12 @@ class Workload:
     grade: Callable[[Problem, str], bool]
     description: str
 
-    def policy(self, prefix_cache: bool = True) -> TransformersPolicy:
+    def policy(self, prefix_cache: bool = True, shared_prefix: bool | None = None) -> TransformersPolicy:
+        """A fresh policy; shared_prefix: `TransformersPolicy`'s (None: whenever the model supports it)."""
         cache = PrefixCacheConfig() if prefix_cache else None
-        return TransformersPolicy(self.lm, self.tokenizer, self.sampling, self.prompt_fn, prefix_cache=cache)
+        return TransformersPolicy(
+            self.lm, self.tokenizer, self.sampling, self.prompt_fn, prefix_cache=cache, shared_prefix=shared_prefix
+        )
 
     def accuracy(self, results: Sequence[SearchResult]) -> float:
         return sum(bool(self.grade(r.problem, r.chosen_text or "")) for r in results) / max(len(results), 1)

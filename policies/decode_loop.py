@@ -1,11 +1,15 @@
-"""The batched sampling loop of the transformers policy: prefill each context once, replicate its
-KV cache for its samples, decode token by token, and drop finished rows from the batch.
+"""The batched sampling loop of the transformers policy: prefill each context once, let its samples
+share that KV, decode token by token, and drop finished rows from the batch.
 
-The decode KV cache is a `SlotCache`: buffers of every layer allocated ahead that each token is
-written into in place, where transformers' DynamicCache re-copies the whole cache at every token
-(at a few hundred rows of a small model that copy cost more than the matmuls). Finished rows leave by
-moving live rows into their slots, so the batch order is not the row order; sampling still walks
-the rows in row order, so the same seed draws the same tokens for the same row.
+The samples of a context read its prefill KV in place (`policies.shared_prefix`: one copy per
+context, not per sample, read once per decode step for all of them) and write their own tokens'
+KV into a `policies.slot_cache.SlotCache`: buffers of every layer allocated ahead that each token
+is written into in place, where transformers' DynamicCache re-copies the whole cache at every
+token. A model whose attention cannot share a prefix (sliding window, soft-capping; see
+`supports_shared_prefix`) gets a SlotCache holding a copy of its context's KV per sample row.
+Finished rows leave by moving live rows into their slots, so the batch order is not the row
+order; sampling still walks the rows in row order, so the same seed draws the same tokens for the
+same row.
 
 Usage (one chunk, i.e. at most `batch_size` sample rows):
     out = decode_chunk(model, contexts, row_context, budgets, rule, stop_at_boundary=True,
@@ -22,8 +26,9 @@ tokens of contexts[u]; only the rest is forwarded. A row's columns are then
 `[zeros | cached | pads | new tokens]`: the cached KV is left-padded to the longest cached length
 P, the new tokens to the longest suffix S, and both pad runs are masked, so a row still does not
 depend on the others. With `keep_kv`, each row that ends on a step separator returns the KV of
-everything it fed (context + its tokens but the last) for the caller to store, as a segment that
-extends the cached prefix it started from (`PrefixKV.parent`): only the new columns are copied.
+everything it fed (context + its tokens but the last) for the caller to store, as a chain that
+extends the cached prefix it started from (`PrefixKV.parent`): only the new columns are copied
+(with a shared prefix, a context's new columns once, then each row's own tokens).
 
 Step scores with no extra forward (`step_head`, e.g. `policies.reflective_model.ReflectiveModel`):
 every forward also returns the hidden states (`output_hidden_states=True`), and each sampled

@@ -6,7 +6,7 @@ row per sample, a chunk first copies each context's KV into all of its rows (`sl
 every decode step's attention then reads those copies: on a CPU, decode attention is bound by
 memory reads, and at 256 rows of the tiny policy it took half of each step (8.4 ms of a layer's
 attention vs 4.8 ms here with M = 4 rows per context, 2.4 ms with 32;
-`python -m experiments.bench_shared_prefix` measures it).
+`python -m experiments.bench_shared_prefix` times whole searches both ways).
 
 How: the prefill's cache holds one row per context (U rows, left-padded, `prefix_mask` marks the
 real columns); a `SharedPrefixCache` keeps it as the prefix and holds only each sample row's own

@@ -48,3 +48,20 @@ def test_prefix_reuse_table_matches_mcts_to_beam_tokens(tmp_path, monkeypatch, c
     budget = int(out.split("MCTS token_budget: ")[1].split()[0])
     beam_tokens = int(rows[0][2])
     assert budget == -(-beam_tokens // 2)  # ceil of the uncached beam search's tokens per problem
+
+
+@pytest.mark.slow
+def test_shared_prefix_table_compares_both_ways_on_the_same_work(tmp_path):
+    from experiments import bench_shared_prefix
+    from experiments.bench_workload import load_workload
+
+    work = load_workload("tiny", problems=2, seed=0, checkpoint=tmp_path / "no-checkpoint")
+    table = bench_shared_prefix.run(work, n=4, beam_width=2, rounds=1, seed=0)
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()[3:]]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("best_of_n", "shared prefix"), ("best_of_n", "copied rows"),
+        ("beam_search", "shared prefix"), ("beam_search", "copied rows"),
+    ]
+    assert rows[0][4] == rows[2][4] == "1.00x"  # each strategy's ratio is against its shared run
+    for shared, copied in ((rows[0], rows[1]), (rows[2], rows[3])):
+        assert int(shared[5]) > 0 and abs(int(shared[5]) - int(copied[5])) <= int(shared[5]) // 10  # same work
