@@ -40,6 +40,7 @@ reference's SPRM reads (`scorers.sprm_positions`). Cost: the head on the boundar
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -214,10 +215,11 @@ def decode_chunk(
     separator (ChunkOutput.fed_kv); step_head: score every boundary token from the hidden state
     that sampled it (ChunkOutput.step_scores); shared_prefix: the rows of a context share its
     prefill KV (`policies.shared_prefix`) instead of each holding a copy (None: whenever the
-    model supports it)."""
+    model supports it and the contexts have about as many rows each, `groups_are_even`)."""
     device = rule.is_eos.device
     layer = None if step_head is None else step_head.feature_layer
-    shared_prefix = supports_shared_prefix(model) if shared_prefix is None else shared_prefix
+    if shared_prefix is None:
+        shared_prefix = supports_shared_prefix(model) and groups_are_even(row_context)
     batch, logits, features = _start_batch(
         model, contexts, row_context, budgets, rule, pad_id, device, past, layer, shared_prefix
     )
@@ -249,6 +251,15 @@ def decode_chunk(
         logits, features = _decode_step(model, batch, tokens, layer)
     batch.cache.release()
     return ChunkOutput(token_ids, logprobs, boundary, lengths, finish, tuple(fed_kv), scores)
+
+
+def groups_are_even(row_context: Sequence[int], slack: float = 2.0) -> bool:
+    """Whether contexts x the most rows of one context is at most `slack` x the rows: shared-prefix
+    attention pads every context's group of queries to the largest, so one context with many
+    rows among many with few would multiply its prefix work (Best-of-N, beam search and MCTS ask
+    the same n of every context; a chunk boundary leaves one group short)."""
+    counts = Counter(row_context)
+    return len(counts) * max(counts.values(), default=0) <= slack * max(len(row_context), 1)
 
 
 def _sample_in_row_order(

@@ -136,3 +136,11 @@ def test_the_attention_implementation_comes_back_after_the_block_even_on_error()
             assert model.config._attn_implementation == ATTENTION_NAME
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_uneven_groups_keep_copied_rows():
+    from policies.decode_loop import groups_are_even
+
+    assert groups_are_even([0] * 32)  # Best-of-N
+    assert groups_are_even([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])  # a chunk boundary cut the last group short
+    assert not groups_are_even([0] * 16 + list(range(1, 17)))  # 17 contexts padded to 16 rows each: 272 > 2 x 32
