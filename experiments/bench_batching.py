@@ -8,9 +8,12 @@ batched at least 4x faster. Wall time and this process's CPU time are both print
 machine another job's load stretches wall time; a one-thread run's CPU time much less).
 
 The ceiling line measures the bare model's decode step (a KV-cached forward of one token per
-row, no search) at the rows one problem sends per forward (N) and at the rows a batched chunk
-sends (all problems' N, up to the policy's batch_size): the speed-up a perfectly overhead-free
-engine could get from batching alone, since one problem at a time is already a batch of N rows.
+row, no search, M rows per context sharing its KV as the decode loop does, at the workload's
+median prompt length) at the rows one problem sends per forward (N) and at the rows a batched
+chunk sends (all problems' N, up to the policy's batch_size): the speed-up a perfectly
+overhead-free engine could get from batching alone, since one problem at a time is already a
+batch of N rows. (Contexts grow as steps are added, and per-row attention with them, so the
+later steps of a search batch a little less well than this.)
 
     python -m experiments.bench_batching                     # tiny: 64 problems, N = 8, M = 4
     python -m experiments.bench_batching --model smollm2 --problems 16
@@ -74,15 +77,22 @@ def decode_step_seconds(
     return best_of(decode, repeats) / steps
 
 
+def median_prompt_tokens(work: Workload) -> int:
+    """The median token length of the workload's prompts (the context a search's first steps decode at)."""
+    lengths = sorted(len(work.tokenizer(work.prompt_fn(p)).input_ids) for p in work.problems)
+    return lengths[len(lengths) // 2]
+
+
 def ceiling_line(work: Workload, n: int, beam_width: int) -> str:
     """The bare decode step's time per row-token at N rows (one problem) and at the rows of a
     batched chunk (problems x N, at most the policy's batch_size), M rows per context, and their
     ratio."""
-    lm = work.lm
+    lm, context = work.lm, median_prompt_tokens(work)
     small_rows, large_rows = n, min(len(work.problems) * n, work.sampling.batch_size)
-    small = decode_step_seconds(lm, small_rows, beam_width) / small_rows
-    large = decode_step_seconds(lm, large_rows, beam_width) / large_rows
-    return (f"ceiling (bare decode step, no search, {beam_width} rows per context): "
+    small = decode_step_seconds(lm, small_rows, beam_width, context) / small_rows
+    large = decode_step_seconds(lm, large_rows, beam_width, context) / large_rows
+    return (f"ceiling (bare decode step, no search, {beam_width} rows per context, "
+            f"{context}-token context = the median prompt): "
             f"{small * 1e6:.0f} us per row-token at {small_rows} rows, "
             f"{large * 1e6:.0f} us at {large_rows} rows: batching alone can give at most ~{small / large:.2f}x")
 

@@ -101,7 +101,8 @@ def test_batching_ceiling_line(checkpoint):
     from experiments.bench_workload import load_workload
 
     line = bench_batching.ceiling_line(load_workload("tiny", problems=2, seed=0, checkpoint=checkpoint), n=2, beam_width=2)
-    assert line.startswith("ceiling (bare decode step, no search, 2 rows per context): ")
+    assert line.startswith("ceiling (bare decode step, no search, 2 rows per context, ")
+    assert "-token context = the median prompt): " in line
     assert "at 2 rows" in line and "at 4 rows" in line
 
 
