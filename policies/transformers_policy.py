@@ -150,15 +150,16 @@ class TransformersPolicy:
         dtype: torch.dtype = torch.float32,
         prefix_cache: PrefixCacheConfig | None = None,
         with_step_head: bool = False,
+        shared_prefix: bool | None = None,
     ) -> "TransformersPolicy":
         """Load a checkpoint directory (`policies.checkpoint`; FileNotFoundError names a missing
         file). with_step_head=True loads it as a `ReflectiveModel` (score_module.pt beside it)
-        whose head scores the steps."""
+        whose head scores the steps. shared_prefix: see the class."""
         if with_step_head:
             reflective, tokenizer = ReflectiveModel.from_pretrained(path, dtype)
-            return cls.from_reflective(reflective, tokenizer, sampling, prompt_fn, prefix_cache)
+            return cls.from_reflective(reflective, tokenizer, sampling, prompt_fn, prefix_cache, shared_prefix)
         model, tokenizer = load_checkpoint(path, dtype)
-        return cls(model, tokenizer, sampling, prompt_fn, prefix_cache)
+        return cls(model, tokenizer, sampling, prompt_fn, prefix_cache, shared_prefix=shared_prefix)
 
     @classmethod
     def from_reflective(
@@ -168,10 +169,12 @@ class TransformersPolicy:
         sampling: SamplingConfig,
         prompt_fn: Callable[[Problem], str],
         prefix_cache: PrefixCacheConfig | None = None,
+        shared_prefix: bool | None = None,
     ) -> "TransformersPolicy":
         """A policy over a `policies.reflective_model.ReflectiveModel`: its LM generates and its
         SPRM head scores each step on the way (Step.score, no extra forward)."""
-        return cls(reflective.lm, tokenizer, sampling, prompt_fn, prefix_cache, step_head=reflective)
+        return cls(reflective.lm, tokenizer, sampling, prompt_fn, prefix_cache, step_head=reflective,
+                   shared_prefix=shared_prefix)
 
     def propose(
         self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool = True

@@ -106,6 +106,9 @@ def test_policy_options_instantiate(option, sprm_ckpt):
     assert isinstance(policy, TransformersPolicy) and policy.num_parameters > 0
     assert policy.prompt_fn is arith.prompt_text and policy.sampling.temperature == arith.DEFAULT_TEMPERATURE
     assert (policy.step_head is not None) == (option == "tiny_sprm")
+    assert policy.shared_prefix is None  # decode with a shared prefix whenever the model allows
+    copies = build(composed([f"policy={option}", f"policy.path={sprm_ckpt}", "+policy.shared_prefix=false"]).policy)
+    assert copies.shared_prefix is False
 
 
 def test_openai_policy_option_instantiates_without_a_server(ckpt):
