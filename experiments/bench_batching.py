@@ -29,12 +29,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: shared cores
 
 import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_workload import DEFAULT_CHECKPOINT, WORKLOADS, Workload, load_workload  # noqa: E402
+from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
 from experiments.bench_timing import best_of, timed  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.shared_prefix import SharedPrefixCache, shared_prefix_attention, supports_shared_prefix  # noqa: E402
@@ -119,13 +118,7 @@ def run(work: Workload, n: int, beam_width: int, seed: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=WORKLOADS, default="tiny", help="workload (experiments.bench_workload)")
-    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the tiny policy")
-    ap.add_argument("--problems", type=int, default=64)
-    ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--beam-width", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
+    add_search_arguments(ap, problems=64, n=8)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = load_workload(args.model, args.problems, args.seed, args.checkpoint)

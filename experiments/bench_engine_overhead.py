@@ -39,7 +39,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_workload import DEFAULT_CHECKPOINT, WORKLOADS, Workload, load_workload  # noqa: E402
+from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
 from experiments.bench_timing import ForwardClock, PolicyClock, timed  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from scorers.confidence import ConfidenceScorer  # noqa: E402
@@ -182,14 +182,8 @@ def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=WORKLOADS, default="tiny", help="workload (experiments.bench_workload)")
-    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the tiny policy")
-    ap.add_argument("--problems", type=int, default=32)
-    ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--beam-width", type=int, default=4)
+    add_search_arguments(ap, problems=32, n=32)
     ap.add_argument("--top", type=int, default=10, help="hotspots listed per strategy above the target (0: none)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"gc: {freeze_long_lived()} objects frozen out of the collector's walks, as the CLIs do (policies/gc_freeze.py)")

@@ -19,13 +19,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft
 import argparse  # noqa: E402
 import statistics  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
 from experiments.bench_timing import Timing, timed  # noqa: E402
-from experiments.bench_workload import DEFAULT_CHECKPOINT, WORKLOADS, Workload, load_workload  # noqa: E402
+from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from scorers.confidence import ConfidenceScorer  # noqa: E402
 from treesearch.registry import run_search  # noqa: E402
@@ -96,14 +95,8 @@ def run(work: Workload, n: int, beam_width: int, rounds: int, seed: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=WORKLOADS, default="tiny", help="workload (experiments.bench_workload)")
-    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the tiny policy")
-    ap.add_argument("--problems", type=int, default=32)
-    ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--beam-width", type=int, default=4)
+    add_search_arguments(ap, problems=32, n=32)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds of each way (alternating)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = load_workload(args.model, args.problems, args.seed, args.checkpoint)

@@ -17,6 +17,7 @@ Two workloads, picked by name (`--model` of the benchmarks that take it):
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -106,3 +107,15 @@ def load_workload(name: str, problems: int, seed: int, checkpoint: Path = DEFAUL
     if name == "smollm2":
         return smollm2_workload(problems, seed)
     raise ValueError(f"model={name!r}; valid: {', '.join(WORKLOADS)}")
+
+
+def add_search_arguments(ap: argparse.ArgumentParser, problems: int, n: int) -> None:
+    """The options every search benchmark takes: --model, --checkpoint, --problems, --n,
+    --beam-width, --seed, --threads (defaults: these problems and N, M = 4, seed 0, 1 thread)."""
+    ap.add_argument("--model", choices=WORKLOADS, default="tiny", help="workload (experiments.bench_workload)")
+    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the tiny policy")
+    ap.add_argument("--problems", type=int, default=problems)
+    ap.add_argument("--n", type=int, default=n)
+    ap.add_argument("--beam-width", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
