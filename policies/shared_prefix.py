@@ -50,14 +50,18 @@ class SharedPrefixCache(SlotCache):
 
     prefix_mask: [U, P] bool, True on real (not left-padding) prefix columns.
     row_context: [R] long, the context of each chunk row; row_rank: [R] long, its index among its
-        context's rows (< group). `set_slots` says which chunk row each batch slot holds now."""
+        context's rows (< group). `set_slots` says which chunk row each batch slot holds now.
+    keys, values: the rows' own buffers [L, R, kv_heads, capacity, head_dim] (empty at first).
+    prefilled: the cache the prefix views belong to, released with this one when it is a
+        pooled `SlotCache`."""
 
     def __init__(
         self, prefix: Sequence[tuple[torch.Tensor, torch.Tensor]], prefix_mask: torch.Tensor,
-        row_context: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+        row_context: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefilled: Any = None,
     ) -> None:
         super().__init__(keys, values, 0)
         self.prefix = list(prefix)
+        self._prefilled = prefilled
         self.prefix_mask = prefix_mask
         self.row_context = row_context
         self.row_rank, self.group = _ranks_within(row_context)
@@ -72,9 +76,7 @@ class SharedPrefixCache(SlotCache):
         sample = layers[0].keys  # [U, H, P, D]
         shape = (len(layers), int(row_context.numel()), int(sample.shape[1]), max(int(reserve), 1), int(sample.shape[3]))
         keys, values = (KV_POOL.take(shape, sample.dtype, sample.device) for _ in range(2))
-        cache = cls([(layer.keys, layer.values) for layer in layers], prefix_mask.bool(), row_context, keys, values)
-        cache._prefilled = prefilled
-        return cache
+        return cls([(layer.keys, layer.values) for layer in layers], prefix_mask.bool(), row_context, keys, values, prefilled)
 
     def set_slots(self, rows: torch.Tensor) -> None:
         """Batch slot b holds chunk row rows[b] (after `move_rows` reordered them): the context,
@@ -96,7 +98,7 @@ class SharedPrefixCache(SlotCache):
     def release(self) -> None:
         """Hand the row buffers (and a pooled prefill cache's) back to KV_POOL."""
         super().release()
-        if isinstance(getattr(self, "_prefilled", None), SlotCache):
+        if isinstance(self._prefilled, SlotCache):
             self._prefilled.release()
         self.prefix = []
 
