@@ -248,10 +248,10 @@ class TransformersPolicy:
         if self.prefix_cache is None:
             return
         lengths = out.lengths.tolist()
+        token_ids = out.token_ids[:, : max(lengths, default=0)].tolist()  # one conversion, not one per row
         for r, kv in enumerate(out.fed_kv):
             if kv is not None:
-                fed = out.token_ids[r, : lengths[r] - 1].tolist()
-                self.prefix_cache.store(contexts[row_context[r]] + fed, kv)
+                self.prefix_cache.store(contexts[row_context[r]] + token_ids[r][: lengths[r] - 1], kv)
 
     def _whole_step(self, sample: _Sample, prefix: Prefix) -> RawStep:
         """The sample as one step (every generated token but the last was fed back)."""
@@ -309,9 +309,11 @@ def plan_chunks(counts: Sequence[int], batch_size: int) -> list[list[tuple[int, 
 
 def _collect(out, members: list[int], row_context: list[int], prefill_sizes: list[int], samples) -> None:
     """Append the chunk's rows to samples[prefix index]; a context's prefill goes on its first row."""
-    token_ids, logprobs, boundary = out.token_ids.tolist(), out.logprobs.tolist(), out.boundary.tolist()
     lengths, finish = out.lengths.tolist(), out.finish.tolist()
-    scores = None if out.step_scores is None else out.step_scores.tolist()
+    width = max(lengths, default=0)  # columns past every row's length are never read
+    token_ids, logprobs = out.token_ids[:, :width].tolist(), out.logprobs[:, :width].tolist()
+    boundary = out.boundary[:, :width].tolist()
+    scores = None if out.step_scores is None else out.step_scores[:, :width].tolist()
     seen: set[int] = set()
     for r, u in enumerate(row_context):
         length = lengths[r]
