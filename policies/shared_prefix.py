@@ -44,7 +44,7 @@ _PLAIN_ATTENTION = ("sdpa", "eager")  # implementations whose math this one repr
 
 
 class SharedPrefixCache(SlotCache):
-    """The KV of a chunk's sample rows: per context its prefill KV (`prefix_keys(layer)`,
+    """The KV of a chunk's sample rows: per context its prefill KV (`layer_prefix(layer)`,
     [U, kv_heads, P, head_dim], one row per context), per sample row its own decoded columns (the
     `SlotCache` part: R rows, `length` columns, the same for every row).
 
@@ -85,7 +85,7 @@ class SharedPrefixCache(SlotCache):
         self.slot_rank = self.row_rank[rows]  # [B]
         self.slot_prefix_mask = self.prefix_mask[self.slot_context]  # [B, P]
 
-    def prefix_keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's prefix keys and values, [U, kv_heads, P, head_dim] each."""
         return self.prefix[layer]
 
@@ -134,7 +134,7 @@ def shared_prefix_attention_forward(
     if shared_prefix is None or query.shape[2] != 1:
         raise ValueError("shared_prefix attention decodes one token per row and needs shared_prefix=<its cache>")
     cache = shared_prefix
-    prefix_keys, prefix_values = cache.prefix_keys(module.layer_idx)  # [U, Hkv, P, D]
+    prefix_keys, prefix_values = cache.layer_prefix(module.layer_idx)  # [U, Hkv, P, D]
     rows, heads, _, dim = query.shape
     kv_heads, width = int(key.shape[1]), int(prefix_keys.shape[2])
     per_kv = heads // kv_heads
