@@ -13,8 +13,9 @@ Usage:
 How a call runs: the model input of a prefix is the tokenised prompt (special tokens added)
 followed by the exact `token_ids` of its steps (never re-tokenised text). Prefixes are sorted by
 length and packed into chunks of at most `batch_size` sample rows; each chunk prefills every
-prefix once (left padded), replicates its KV cache for its samples and decodes token by token,
-dropping finished rows (`decode_loop`). Step ends follow the reference's think-aware separator
+prefix once (left padded), lets its samples read that KV in place (`shared_prefix`; a copy per
+sample for models whose attention cannot share it) and decodes token by token, dropping finished
+rows (`decode_loop`). Step ends follow the reference's think-aware separator
 rule (`step_stops`).
 
 Prefix reuse across calls (opt-in, `prefix_cache=PrefixCacheConfig(...)`; without it every call
