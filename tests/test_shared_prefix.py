@@ -39,8 +39,16 @@ def test_rows_are_ranked_within_their_context_in_row_order():
     assert rank.tolist() == [0, 0, 1, 0, 1, 2] and group == 3
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
-def test_attention_matches_sdpa_over_each_rows_whole_kv(heads, kv_heads):
+@pytest.mark.parametrize("heads,kv_heads,dtype", [(4, 4, torch.float32), (6, 2, torch.float32), (6, 2, torch.bfloat16)])
+def test_attention_matches_sdpa_over_each_rows_whole_kv(heads, kv_heads, dtype):
+    torch.set_default_dtype(dtype)
+    try:
+        _check_attention_against_sdpa(heads, kv_heads, tolerance=1e-5 if dtype == torch.float32 else 2e-2)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _check_attention_against_sdpa(heads: int, kv_heads: int, tolerance: float) -> None:
     gen = torch.Generator().manual_seed(0)
     contexts, width, dim, own = 3, 7, 8, 4
     row_context = torch.tensor([0, 0, 1, 2, 2, 2, 1])
@@ -62,8 +70,8 @@ def test_attention_matches_sdpa_over_each_rows_whole_kv(heads, kv_heads):
         query, full_k.repeat_interleave(heads // kv_heads, 1), full_v.repeat_interleave(heads // kv_heads, 1),
         attn_mask=full_mask[:, None, None, :], scale=0.3,
     )  # [B, H, 1, D]
-    assert out.shape == (len(slots), 1, heads, dim)
-    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    assert out.shape == (len(slots), 1, heads, dim) and out.dtype == query.dtype
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=tolerance, rtol=tolerance)
 
 
 def test_attention_asks_for_its_cache_and_one_token_per_row():
