@@ -108,15 +108,9 @@ class _Batch:
     budget: torch.Tensor  # [B] long, most tokens this row may generate
 
     def keep(self, keep_mask: torch.Tensor) -> torch.Tensor:
-        """Drop rows where keep_mask [B] is False, so they cost nothing more: each freed slot below
-        the new size takes a live row from beyond it, so only those rows' KV is copied. Returns the
-        old slot of each new slot [B'] (to reorder other per-row tensors the same way)."""
-        size = int(keep_mask.sum())
-        slots = (~keep_mask[:size]).nonzero().squeeze(-1)  # [k] freed slots that stay
-        sources = keep_mask[size:].nonzero().squeeze(-1) + size  # [k] live rows past the new end
-        self.cache.move_rows(slots, sources, size)
-        index = torch.arange(size, device=keep_mask.device)
-        index[slots] = sources  # [B'] new slot s holds old slot index[s]
+        """Drop rows where keep_mask [B] is False, so they cost nothing more (`SlotCache.keep`).
+        Returns the old slot of each new slot [B'] (to reorder other per-row tensors the same way)."""
+        index = self.cache.keep(keep_mask)
         self.rows, self.budget, self.next_position = self.rows[index], self.budget[index], self.next_position[index]
         if self.attention_mask is not None:
             self.attention_mask = self.attention_mask[index]

@@ -136,6 +136,18 @@ class SlotCache(Cache):
         for layer in self.layers:
             layer.refresh()
 
+    def keep(self, keep_mask: torch.Tensor) -> torch.Tensor:
+        """Drop the rows where keep_mask [B] is False: each freed slot below the new size takes a
+        live row from beyond it, so only those rows' KV is copied. Returns the old slot of each new
+        slot [B'] (to reorder other per-row tensors the same way)."""
+        size = int(keep_mask.sum())
+        slots = (~keep_mask[:size]).nonzero().squeeze(-1)  # [k] freed slots that stay
+        sources = keep_mask[size:].nonzero().squeeze(-1) + size  # [k] live rows past the new end
+        self.move_rows(slots, sources, size)
+        index = torch.arange(size, device=keep_mask.device)
+        index[slots] = sources  # [B'] new slot s holds old slot index[s]
+        return index
+
     def release(self) -> None:
         """Hand the buffers back to KV_POOL; the cache must not be used afterwards."""
         KV_POOL.give(self._buffers.keys)

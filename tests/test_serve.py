@@ -350,3 +350,18 @@ def test_vllm_policy_service(tmp_path):
         assert post(service, "/generate", sampled).json()["results"] == first
     finally:
         stop_service(service)
+
+
+def test_completer_gives_the_same_text_with_a_shared_prefix_and_with_copied_rows(checkpoint, monkeypatch):
+    """In-process: several prompts x n samples, rows finishing at different times (stop strings,
+    budgets): the rows of a prompt reading its KV in place give what copied rows give."""
+    from experiments.services import text_completer
+    from experiments.services.text_completer import CompletionRequest, TransformersCompleter
+
+    completer = TransformersCompleter.from_pretrained(checkpoint)
+    requests = [CompletionRequest(prompt, 4, tokens, 1.0, (".",), seed)
+                for prompt, tokens, seed in (("1+2=", 12, 0), ("3", 6, 1), ("12+34=5", 16, 2))]
+    shared = completer.complete(requests)
+    monkeypatch.setattr(text_completer, "supports_shared_prefix", lambda model: False)
+    copied = completer.complete(requests)
+    assert shared == copied and len({t for texts in shared for t in texts}) > 3

@@ -17,8 +17,9 @@ one multiplied), the temperature (0: greedy), and top-p, in that order.
 
 How a batch runs: the requests' rows (n per request) are sorted by prompt length and cut into
 chunks of at most `max_rows`; each chunk prefills every distinct prompt once (left padded,
-`policies.decode_loop.prefill`), replicates its KV cache for its rows and decodes token by
-token, dropping finished rows from the batch.
+`policies.decode_loop.prefill`), lets its rows read that KV in place (`policies.shared_prefix`;
+a copy per row where the model's attention cannot share it) and decodes token by token, dropping
+finished rows from the batch.
 
 Seeds: row j of a request samples from its own `torch.Generator` seeded from (seed, j), and a
 row's logits do not depend on the other rows (left padding is masked), so a request's
@@ -37,7 +38,9 @@ import numpy as np
 import torch
 
 from policies.checkpoint import load_checkpoint
-from policies.decode_loop import prefill
+from policies.decode_loop import groups_are_even, prefill
+from policies.shared_prefix import SharedPrefixCache, shared_prefix_attention, supports_shared_prefix
+from policies.slot_cache import KV_RESERVE_LIMIT
 from policies.sampling import draw_tokens, top_p_filter
 
 
@@ -182,24 +185,46 @@ class TransformersCompleter:
         contexts = list(dict.fromkeys(r.prompt_ids for r in rows))
         row_context = torch.tensor([contexts.index(r.prompt_ids) for r in rows], dtype=torch.long, device=self.device)
         cache, logits, mask, position, _ = prefill(self.model, contexts, self.pad_id, self.device)
-        cache.batch_select_indices(row_context)  # [U, ...] -> [R, ...]: one cache row per sample
-        mask, position, logits = mask[row_context], position[row_context], logits[row_context]  # [R, S], [R], [R, V]
+        if supports_shared_prefix(self.model) and groups_are_even(row_context.tolist()):
+            # the rows of a prompt read its KV in place (policies/shared_prefix.py)
+            reserve = min(max(r.max_tokens for r in rows), KV_RESERVE_LIMIT)
+            cache, mask = SharedPrefixCache.over(cache, mask, row_context, reserve), None
+        else:
+            cache.batch_select_indices(row_context)  # [U, ...] -> [R, ...]: one cache row per sample
+            mask = mask[row_context]  # [R, S]
+        position, logits = position[row_context], logits[row_context]  # [R], [R, V]
         sampler = _RowSampler(rows, self.sampling, self.vocab_size, self.device)
         generated: list[list[int]] = [[] for _ in rows]
         active = torch.arange(len(rows), device=self.device)  # [B] rows still decoding
-        while True:
-            tokens = sampler.choose(logits, active)  # [B]
-            done = self._record(rows, active, tokens.tolist(), generated)  # [B] bool
-            if bool(done.all()):
-                break
-            keep = (~done).nonzero().squeeze(-1)  # [B']
-            cache.batch_select_indices(keep)
-            active, tokens, mask, position = active[keep], tokens[keep], mask[keep], position[keep]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)  # [B', S+1]
-            out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[:, None],
-                             past_key_values=cache, use_cache=True)
-            logits, position = out.logits[:, -1, :], position + 1
+        try:
+            while True:
+                tokens = sampler.choose(logits, active)  # [B]
+                done = self._record(rows, active, tokens.tolist(), generated)  # [B] bool
+                if bool(done.all()):
+                    break
+                keep = _drop_rows(cache, done)  # [B'] old slot of each row that goes on
+                active, tokens, position = active[keep], tokens[keep], position[keep]
+                logits, mask = self._step(cache, tokens, position, active, None if mask is None else mask[keep])
+                position = position + 1
+        finally:
+            if isinstance(cache, SharedPrefixCache):
+                cache.release()
         return [self._text(row, ids) for row, ids in zip(rows, generated)]
+
+    def _step(
+        self, cache: Any, tokens: torch.Tensor, position: torch.Tensor, active: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed each row's token [B]; (next logits [B, V], the grown mask [B, S+1] or None with a shared prefix)."""
+        if isinstance(cache, SharedPrefixCache):
+            cache.set_slots(active)
+            with shared_prefix_attention(self.model):
+                out = self.model(input_ids=tokens[:, None], position_ids=position[:, None], past_key_values=cache,
+                                 use_cache=True, shared_prefix=cache)
+            return out.logits[:, -1, :], None
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)  # [B, S+1]
+        out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[:, None],
+                         past_key_values=cache, use_cache=True)
+        return out.logits[:, -1, :], mask
 
     def _record(self, rows: list[_Row], active: torch.Tensor, tokens: list[int], generated: list[list[int]]) -> torch.Tensor:
         """Append each active row's token; done [B] where it was EOS, the budget, or a stop string."""
@@ -226,6 +251,15 @@ class TransformersCompleter:
         with self._tokenizer_lock:
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return cut_at_stop(text, row.stop)
+
+
+def _drop_rows(cache: Any, done: torch.Tensor) -> torch.Tensor:
+    """Drop the finished rows (done [B]) from the cache; the old slot of each remaining row [B']."""
+    if isinstance(cache, SharedPrefixCache):
+        return cache.keep(~done)  # moves live rows into freed slots: the order changes
+    keep = (~done).nonzero().squeeze(-1)  # [B'], in order
+    cache.batch_select_indices(keep)
+    return keep
 
 
 class _RowSampler:
