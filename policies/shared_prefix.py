@@ -191,7 +191,9 @@ def supports_shared_prefix(model: Any) -> bool:
 @contextmanager
 def shared_prefix_attention(model: Any) -> Iterator[None]:
     """Within the block, the model's attention is `shared_prefix_attention_forward` (and
-    transformers builds no mask: the function masks the prefix itself)."""
+    transformers builds no mask: the function masks the prefix itself). The switch is on the
+    model's config, so no other thread may run the same model meanwhile (the decode loop and the
+    policy service's single worker thread do not)."""
     config = model.config
     previous = config._attn_implementation
     config._attn_implementation = ATTENTION_NAME
