@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
 from experiments.bench_timing import best_of, timed  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
-from policies.shared_prefix import SharedPrefixCache, shared_prefix_attention, supports_shared_prefix  # noqa: E402
+from policies.shared_prefix import SharedPrefixCache, supports_shared_prefix  # noqa: E402
 from policies.slot_cache import slot_cache  # noqa: E402
 from scorers.confidence import ConfidenceScorer  # noqa: E402
 from treesearch.beam_search import BeamSearchConfig, beam_search  # noqa: E402
@@ -55,7 +55,7 @@ def decode_step_seconds(
     ids = torch.randint(3, int(lm.config.vocab_size), (contexts, context))
     prefilled = lm(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
     row_context = torch.arange(rows) // group
-    tokens, shared = ids[row_context, -1:], supports_shared_prefix(lm)
+    tokens, shared, slots = ids[row_context, -1:], supports_shared_prefix(lm), torch.arange(rows)  # slot b holds row b
 
     def decode() -> None:
         if shared:
@@ -66,8 +66,7 @@ def decode_step_seconds(
         for step in range(steps):
             position = torch.full((rows, 1), context + step)
             if shared:
-                with shared_prefix_attention(lm):
-                    lm(input_ids=tokens, position_ids=position, past_key_values=cache, use_cache=True, shared_prefix=cache)
+                cache.forward(lm, slots, tokens, position)
             else:
                 mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long)], dim=-1)
                 lm(input_ids=tokens, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)

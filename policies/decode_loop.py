@@ -6,7 +6,7 @@ context, not per sample, read once per decode step for all of them) and write th
 KV into a `policies.slot_cache.SlotCache`: buffers of every layer allocated ahead that each token
 is written into in place, where transformers' DynamicCache re-copies the whole cache at every
 token. A model whose attention cannot share a prefix (sliding window, soft-capping; see
-`supports_shared_prefix`) gets a SlotCache holding a copy of its context's KV per sample row.
+`policies.shared_prefix.supports_shared_prefix`) gets a SlotCache holding a copy of its context's KV per sample row.
 Finished rows leave by moving live rows into their slots, so the batch order is not the row
 order; sampling still walks the rows in row order, so the same seed draws the same tokens for the
 same row.
@@ -40,7 +40,6 @@ reference's SPRM reads (`scorers.sprm_positions`). Cost: the head on the boundar
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -49,7 +48,7 @@ from transformers import DynamicCache
 
 from policies.prefix_cache import MAX_CHAIN, PrefixKV, pad_past
 from policies.sampling import sample_next_tokens
-from policies.shared_prefix import SharedPrefixCache, shared_prefix_attention, supports_shared_prefix
+from policies.shared_prefix import SharedPrefixCache, worth_sharing
 from policies.slot_cache import KV_GROWTH, KV_POOL, KV_RESERVE_LIMIT, SlotCache, slot_cache  # noqa: F401 (re-exported)
 from policies.step_stops import StepStopRule, StopState
 
@@ -209,11 +208,11 @@ def decode_chunk(
     separator (ChunkOutput.fed_kv); step_head: score every boundary token from the hidden state
     that sampled it (ChunkOutput.step_scores); shared_prefix: the rows of a context share its
     prefill KV (`policies.shared_prefix`) instead of each holding a copy (None: whenever the
-    model supports it and the contexts have about as many rows each, `groups_are_even`)."""
+    model supports it and the contexts have about as many rows each, `worth_sharing`)."""
     device = rule.is_eos.device
     layer = None if step_head is None else step_head.feature_layer
     if shared_prefix is None:
-        shared_prefix = supports_shared_prefix(model) and groups_are_even(row_context)
+        shared_prefix = worth_sharing(model, row_context)
     batch, logits, features = _start_batch(
         model, contexts, row_context, budgets, rule, pad_id, device, past, layer, shared_prefix
     )
@@ -245,15 +244,6 @@ def decode_chunk(
         logits, features = _decode_step(model, batch, tokens, layer)
     batch.cache.release()
     return ChunkOutput(token_ids, logprobs, boundary, lengths, finish, tuple(fed_kv), scores)
-
-
-def groups_are_even(row_context: Sequence[int], slack: float = 2.0) -> bool:
-    """Whether contexts x the most rows of one context is at most `slack` x the rows: shared-prefix
-    attention pads every context's group of queries to the largest, so one context with many
-    rows among many with few would multiply its prefix work (Best-of-N, beam search and MCTS ask
-    the same n of every context; a chunk boundary leaves one group short)."""
-    counts = Counter(row_context)
-    return len(counts) * max(counts.values(), default=0) <= slack * max(len(row_context), 1)
 
 
 def _sample_in_row_order(
@@ -418,16 +408,9 @@ def _decode_step(
     """Feed each active row's last token [B]; return the next logits [B, V] and, with a
     feature layer, the states that produced them [B, C] (else None)."""
     if isinstance(batch.cache, SharedPrefixCache):
-        batch.cache.set_slots(batch.rows)
-        with shared_prefix_attention(model):
-            out = model(
-                input_ids=tokens[:, None],
-                position_ids=batch.next_position[:, None],
-                past_key_values=batch.cache,
-                use_cache=True,
-                shared_prefix=batch.cache,
-                **_hidden_state_request(feature_layer),
-            )
+        out = batch.cache.forward(
+            model, batch.rows, tokens[:, None], batch.next_position[:, None], **_hidden_state_request(feature_layer)
+        )
     else:
         ones = torch.ones((len(tokens), 1), dtype=batch.attention_mask.dtype, device=tokens.device)
         batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=-1)  # [B, S+1]

@@ -16,11 +16,13 @@ context's group ([U, G rows, ...]), multiplies the group by the context's prefix
 gathers the scores back per row, next to the row's own columns; softmax over both; the values
 likewise. Per row this is exactly attention over [prefix | own columns].
 
-    cache = SharedPrefixCache.over(prefilled, prefix_mask, row_context, reserve=64)
-    cache.set_slots(chunk_rows)              # which chunk row each batch slot holds, per step
-    with shared_prefix_attention(model):
-        model(input_ids=tokens[:, None], position_ids=..., past_key_values=cache,
-              use_cache=True, shared_prefix=cache)   # the kwarg reaches the attention function
+    if worth_sharing(model, row_context):                        # the model allows it, groups are even
+        cache = SharedPrefixCache.over(prefilled, prefix_mask, row_context, reserve=64)
+        out = cache.forward(model, slot_rows, tokens[:, None], positions[:, None])  # one decode step
+        index = cache.keep(~done)                                 # drop finished rows (slots move)
+        cache.release()
+`forward` says which chunk row each batch slot holds (`set_slots`), switches the model's attention
+to `shared_prefix_attention_forward` for the call and passes the cache as its `shared_prefix`.
 
 `supports_shared_prefix(model)` says whether a model can use it (plain full attention whose
 modules read the model's config: Llama, Qwen2/3, SmolLM2, the tiny policy); the decode loop
@@ -31,6 +33,7 @@ Tests: `.venv/bin/python -m pytest tests/test_shared_prefix.py`.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from collections import Counter
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -84,6 +87,15 @@ class SharedPrefixCache(SlotCache):
         self.slot_context = self.row_context[rows]  # [B]
         self.slot_rank = self.row_rank[rows]  # [B]
         self.slot_prefix_mask = self.prefix_mask[self.slot_context]  # [B, P]
+
+    def forward(self, model: Any, rows: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, **kwargs: Any) -> Any:
+        """One decode forward of `model` over this cache: slot b holds chunk row rows[b] and feeds
+        input_ids[b] [B, 1] at position_ids[b] [B, 1]; kwargs go to the model (e.g.
+        output_hidden_states). Returns the model's output."""
+        self.set_slots(rows)
+        with shared_prefix_attention(model):
+            return model(input_ids=input_ids, position_ids=position_ids, past_key_values=self, use_cache=True,
+                         shared_prefix=self, **kwargs)
 
     def layer_prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's prefix keys and values, [U, kv_heads, P, head_dim] each."""
@@ -169,6 +181,21 @@ def _rows_of(x: torch.Tensor, context: torch.Tensor, rank: torch.Tensor, group: 
 
 
 AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention_forward)
+
+
+def worth_sharing(model: Any, row_context: Sequence[int]) -> bool:
+    """Whether rows with these contexts should decode over a shared prefix: the model supports it
+    and the groups are even."""
+    return supports_shared_prefix(model) and groups_are_even(row_context)
+
+
+def groups_are_even(row_context: Sequence[int], slack: float = 2.0) -> bool:
+    """Whether contexts x the most rows of one context is at most `slack` x the rows: shared-prefix
+    attention pads every context's group of queries to the largest, so one context with many
+    rows among many with few would multiply its prefix work (Best-of-N, beam search and MCTS ask
+    the same n of every context; a chunk boundary leaves one group short)."""
+    counts = Counter(row_context)
+    return len(counts) * max(counts.values(), default=0) <= slack * max(len(row_context), 1)
 
 
 def supports_shared_prefix(model: Any) -> bool:

@@ -362,6 +362,6 @@ def test_completer_gives_the_same_text_with_a_shared_prefix_and_with_copied_rows
     requests = [CompletionRequest(prompt, 4, tokens, 1.0, (".",), seed)
                 for prompt, tokens, seed in (("1+2=", 12, 0), ("3", 6, 1), ("12+34=5", 16, 2))]
     shared = completer.complete(requests)
-    monkeypatch.setattr(text_completer, "supports_shared_prefix", lambda model: False)
+    monkeypatch.setattr(text_completer, "worth_sharing", lambda model, row_context: False)
     copied = completer.complete(requests)
     assert shared == copied and len({t for texts in shared for t in texts}) > 3

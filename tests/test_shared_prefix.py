@@ -147,7 +147,7 @@ def test_the_attention_implementation_comes_back_after_the_block_even_on_error()
 
 
 def test_uneven_groups_keep_copied_rows():
-    from policies.decode_loop import groups_are_even
+    from policies.shared_prefix import groups_are_even
 
     assert groups_are_even([0] * 32)  # Best-of-N
     assert groups_are_even([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])  # a chunk boundary cut the last group short

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from policies.checkpoint import load_checkpoint
-from policies.decode_loop import groups_are_even, prefill
-from policies.shared_prefix import SharedPrefixCache, shared_prefix_attention, supports_shared_prefix
+from policies.decode_loop import prefill
+from policies.shared_prefix import SharedPrefixCache, worth_sharing
 from policies.slot_cache import KV_RESERVE_LIMIT
 from policies.sampling import draw_tokens, top_p_filter
 
@@ -185,7 +185,7 @@ class TransformersCompleter:
         contexts = list(dict.fromkeys(r.prompt_ids for r in rows))
         row_context = torch.tensor([contexts.index(r.prompt_ids) for r in rows], dtype=torch.long, device=self.device)
         cache, logits, mask, position, _ = prefill(self.model, contexts, self.pad_id, self.device)
-        if supports_shared_prefix(self.model) and groups_are_even(row_context.tolist()):
+        if worth_sharing(self.model, row_context.tolist()):
             # the rows of a prompt read its KV in place (policies/shared_prefix.py)
             reserve = min(max(r.max_tokens for r in rows), KV_RESERVE_LIMIT)
             cache, mask = SharedPrefixCache.over(cache, mask, row_context, reserve), None
@@ -216,11 +216,7 @@ class TransformersCompleter:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed each row's token [B]; (next logits [B, V], the grown mask [B, S+1] or None with a shared prefix)."""
         if isinstance(cache, SharedPrefixCache):
-            cache.set_slots(active)
-            with shared_prefix_attention(self.model):
-                out = self.model(input_ids=tokens[:, None], position_ids=position[:, None], past_key_values=cache,
-                                 use_cache=True, shared_prefix=cache)
-            return out.logits[:, -1, :], None
+            return cache.forward(self.model, active, tokens[:, None], position[:, None]).logits[:, -1, :], None
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)  # [B, S+1]
         out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[:, None],
                          past_key_values=cache, use_cache=True)
