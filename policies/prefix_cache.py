@@ -243,14 +243,23 @@ def pad_past(
     shape = (layers, len(entries), heads, width + extra_columns, head_dim)
     take = (lambda dtype: torch.empty(shape, dtype=dtype)) if pool is None else (lambda dtype: pool.take(shape, dtype, "cpu"))
     keys, values = take(sample.keys.dtype), take(sample.values.dtype)  # [L, U, H, P + extra, D]
-    keys[:, :, :, :width].zero_()
-    values[:, :, :, :width].zero_()
     past_mask = torch.zeros((len(entries), width), dtype=torch.long)  # [U, P]
     for row, entry in enumerate(entries):
+        start = width - (0 if entry is None else entry.length)
+        if start:  # only the left padding is zeroed (masked, but 0 x garbage could be NaN)
+            keys[:, row, :, :start].zero_()
+            values[:, row, :, :start].zero_()
         if entry is not None:
-            segments = entry.segments()
-            for buf, name in ((keys, "keys"), (values, "values")):  # a chain is concatenated, then copied once
-                parts = [getattr(s, name) for s in segments]
-                buf[:, row, :, width - entry.length : width] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-            past_mask[row, width - entry.length:] = 1
+            _copy_chain(entry, keys[:, row], values[:, row], start)
+            past_mask[row, start:] = 1
     return keys.to(device), values.to(device), past_mask.to(device)
+
+
+def _copy_chain(entry: PrefixKV, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+    """Copy a chain's segments, first tokens first, into keys / values [L, H, columns, D] from
+    column `start` on: each segment straight into place (no concatenated temporary)."""
+    for segment in entry.segments():
+        end = start + int(segment.keys.shape[2])
+        keys[:, :, start:end].copy_(segment.keys)
+        values[:, :, start:end].copy_(segment.values)
+        start = end

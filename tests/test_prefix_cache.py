@@ -18,6 +18,7 @@ import torch
 from policies.prefix_cache import (
     PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths, pad_past,
 )
+from policies.kv_pool import BufferPool
 from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
 from test_transformers_policy import ID, SEP, TOK, ForwardLog, ScriptedLM, make_model, mixed_prefixes
@@ -167,6 +168,18 @@ def test_pad_past_left_pads_with_masked_zeros():
     roomy_keys, roomy_values, same_mask = pad_past([kv(2, fill=1.0), kv(3, fill=2.0), None], "cpu", extra_columns=4)
     assert torch.equal(same_mask, mask) and roomy_keys.shape == (2, 3, 1, 7, 2)
     assert torch.equal(roomy_keys[..., :3, :], keys) and torch.equal(roomy_values[..., :3, :], values)
+
+
+def test_pad_past_zeroes_the_padding_of_a_reused_dirty_buffer():
+    # a pooled buffer still holds the last chunk's values (here NaN): only the padding is
+    # rewritten, and it must come out zero, since masked attention weights times NaN are NaN
+    pool = BufferPool()
+    for _ in range(2):
+        pool.give(torch.full((2, 3, 1, 3, 2), float("nan")))
+    keys, values, mask = pad_past([kv(2, fill=1.0), kv(3, fill=2.0), None], "cpu", pool=pool)
+    assert not keys.isnan().any() and not values.isnan().any()
+    assert keys[:, 0, :, 0].abs().sum() == 0 and values[:, 2].abs().sum() == 0
+    assert keys[0, 0, 0, 1:, 0].tolist() == [1.0, 1.0] and mask.tolist()[0] == [0, 1, 1]
 
 
 def test_a_prefix_kv_refuses_mismatched_shapes():
