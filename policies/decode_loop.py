@@ -294,8 +294,7 @@ class _ContextEntries:
         if context not in self.entries:
             mask, parent = self.cache.prefix_mask[context], self.past[context]  # [P + L] bool
             if parent is not None and parent.depth < MAX_CHAIN - 1:  # the new columns after the past: a contiguous span
-                start = self.past_width + int(mask[self.past_width:].int().argmax())
-                columns = torch.arange(start, int(mask.numel()), device=mask.device)
+                columns = slice(self.past_width + int(mask[self.past_width:].int().argmax()), int(mask.numel()))
             else:
                 parent, columns = None, mask.nonzero().squeeze(-1)  # the whole context, unpadded
             self.entries[context] = self.cache.prefix_kv(context, columns, parent)

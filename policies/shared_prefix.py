@@ -101,8 +101,13 @@ class SharedPrefixCache(SlotCache):
         """This layer's prefix keys and values, [U, kv_heads, P, head_dim] each."""
         return self.prefix[layer]
 
-    def prefix_kv(self, context: int, columns: torch.Tensor, parent: PrefixKV | None = None) -> PrefixKV:
-        """A CPU PrefixKV of the prefix columns `columns` [n] of one context, every layer."""
+    def prefix_kv(self, context: int, columns: torch.Tensor | slice, parent: PrefixKV | None = None) -> PrefixKV:
+        """A CPU PrefixKV of one context's prefix columns (`columns`: indices [n], or a slice of
+        one contiguous span: then, over a pooled prefill cache, one copy of all layers at once)."""
+        if isinstance(columns, slice) and isinstance(self._prefilled, SlotCache):
+            return self._prefilled.row_kv_span(context, columns, parent)
+        if isinstance(columns, slice):
+            columns = torch.arange(int(self.prefix_mask.shape[1]))[columns]
         keys = torch.stack([k[context].index_select(1, columns) for k, _ in self.prefix]).to("cpu")
         values = torch.stack([v[context].index_select(1, columns) for _, v in self.prefix]).to("cpu")
         return PrefixKV(keys, values, parent)

@@ -161,7 +161,11 @@ class SlotCache(Cache):
     def row_tail(self, row: int, start: int, parent: PrefixKV | None = None) -> PrefixKV:
         """`row_kv` of the filled columns from `start` on (one contiguous span: a slice copy,
         cheaper than an index gather)."""
-        keys, values = (b[:, row, :, start : self.length] for b in (self._buffers.keys, self._buffers.values))
+        return self.row_kv_span(row, slice(start, self.length), parent)
+
+    def row_kv_span(self, row: int, columns: slice, parent: PrefixKV | None = None) -> PrefixKV:
+        """`row_kv` of one contiguous span of columns (a slice copy of every layer at once)."""
+        keys, values = (b[:, row, :, columns] for b in (self._buffers.keys, self._buffers.values))
         return PrefixKV(keys.to("cpu", copy=True), values.to("cpu", copy=True), parent)  # a copy, never a view
 
 
