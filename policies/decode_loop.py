@@ -302,10 +302,11 @@ class _ContextEntries:
 
     def copy_fed_kv(self, batch: _Batch, rows: torch.Tensor, fed_kv: list[PrefixKV | None]) -> None:
         """fed_kv[row] for the active rows where rows [B] is True (see `_copy_fed_kv`)."""
-        for b in rows.nonzero().squeeze(-1).tolist():
-            row = int(batch.rows[b])
+        slots = rows.nonzero().squeeze(-1)
+        length = self.cache.length
+        for b, row in zip(slots.tolist(), batch.rows[slots].tolist()):
             parent = self.entry(self.row_context[row])
-            fed_kv[row] = parent if self.cache.length == 0 else self.cache.row_tail(b, 0, parent)
+            fed_kv[row] = parent if length == 0 else self.cache.row_tail(b, 0, parent)
 
 
 @dataclass
