@@ -17,8 +17,10 @@ the LM time every forward (`experiments.bench_timing.ForwardClock`); the policy'
 share of this process's CPU time is printed beside it ("outside forward, CPU"), which other jobs
 on a shared machine do not move (they stretch wall time inside and outside the forward alike,
 but not evenly), and the target is judged on it when the two differ. For each
-strategy above the target, a second run under cProfile (profiling switched off inside the
-forward) lists the top Python hotspots outside the model.
+strategy above the target, one more run splits the time outside the forward into the engine's
+phases (`PHASES`, wall-clock: KV copies between the prefix cache and the batch, sampling, the
+stop rule, dropping finished rows, turning samples into steps, ...; `PhaseClock`), and a run
+under cProfile (profiling switched off inside the forward) lists the top Python hotspots.
 
     python -m experiments.bench_engine_overhead                  # tiny: 32 problems, N = 32, M = 4
     python -m experiments.bench_engine_overhead --model smollm2 --problems 4
@@ -40,12 +42,32 @@ from typing import Any, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
-from experiments.bench_timing import ForwardClock, PolicyClock, timed  # noqa: E402
+from experiments.bench_timing import ForwardClock, PhaseClock, PolicyClock, timed  # noqa: E402
+from policies import decode_loop, transformers_policy  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
+from policies.step_stops import StepStopRule  # noqa: E402
+from policies.transformers_policy import TransformersPolicy  # noqa: E402
 from scorers.confidence import ConfidenceScorer  # noqa: E402
 from treesearch.registry import run_search  # noqa: E402
 
 TARGET = 0.05  # most share of wall time outside the forward
+
+# The engine's phases outside the forward (transformers backend), each the functions it spans.
+PHASES: dict[str, list[tuple[Any, str]]] = {
+    "cached prefixes -> the batch's KV (`pad_past`)": [(decode_loop, "pad_past")],
+    "new KV -> the prefix cache (copy-out)": [(decode_loop._ContextEntries, "copy_fed_kv"), (decode_loop, "_copy_fed_kv")],
+    "sampling": [(decode_loop, "_sample_in_row_order")],
+    "stop rule": [(StepStopRule, "advance"), (decode_loop, "_finish_codes")],
+    "dropping finished rows": [(decode_loop._Batch, "keep")],
+    "samples -> steps and texts": [
+        (transformers_policy, "_collect"), (transformers_policy, "decode_steps"),
+        (TransformersPolicy, "_whole_step"), (TransformersPolicy, "_split_steps"),
+    ],
+    "prompts, prefix-cache lookups and stores": [
+        (transformers_policy, "encode_contexts"), (TransformersPolicy, "_cached_prefix"),
+        (TransformersPolicy, "_store_fed"),
+    ],
+}
 
 
 @dataclass(frozen=True)
@@ -99,6 +121,30 @@ def warm_up(strategy: str, cfg: dict[str, Any], work: Workload) -> None:
     in any run longer than one batch; a cold first run also pays those one-time page faults
     (tiny Best-of-32, 2026-12-03: 5.7% outside the forward cold, 4.3% warm)."""
     run_search(strategy, work.problems, work.policy(), ConfidenceScorer(), **cfg)
+
+
+def phase_table(strategy: str, cfg: dict[str, Any], work: Workload) -> str:
+    """One more run with the forward, the policy calls and the engine's `PHASES` clocked: the
+    wall time outside the forward split into those phases, the rest of the backend (the decode
+    steps' own tensors and calls, prefill setup) and the search outside policy calls."""
+    policy, lm = work.policy(), work.lm
+    with ForwardClock(lm) as forward, PolicyClock(policy) as calls, PhaseClock(PHASES, forward) as phases:
+        timing = timed(lambda: run_search(strategy, work.problems, policy, ConfidenceScorer(), **cfg))
+    wall = timing.wall_s
+    rows = sorted(phases.seconds.items(), key=lambda item: -item[1])
+    rest = calls.seconds - forward.seconds - sum(phases.seconds.values())
+    lines = [
+        f"Where the time outside the forward goes, {strategy} (wall clock, one more run: "
+        f"{1 - forward.seconds / wall:.1%} outside the forward):",
+        "| phase | s | calls | share of wall |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {name} | {seconds:.3f} | {phases.calls[name]} | {seconds / wall:.1%} |" for name, seconds in rows]
+    lines += [
+        f"| rest of the backend (decode-step calls, prefill setup, loop tensors) | {rest:.3f} | | {rest / wall:.1%} |",
+        f"| search, outside policy calls | {wall - calls.seconds:.3f} | | {(wall - calls.seconds) / wall:.1%} |",
+    ]
+    return "\n".join(lines)
 
 
 def hotspots(strategy: str, cfg: dict[str, Any], work: Workload, top: int) -> list[tuple[str, float]]:
@@ -174,6 +220,8 @@ def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed
         overhead_table(rows),
     ]
     for row in rows:
+        if row.outside_forward_cpu > TARGET:
+            parts += ["", phase_table(row.strategy, strategies[row.strategy], work)]
         if row.outside_forward_cpu > TARGET and top > 0:
             spots = hotspots(row.strategy, strategies[row.strategy], work, top)
             parts += ["", hotspot_table(row.strategy, row.wall_s, spots)]

@@ -2,6 +2,8 @@
 
 Usage:
     with ForwardClock(model) as forward:          # time inside model.forward (hooks, any nn.Module)
+        with PhaseClock({"sampling": [(decode_loop, "_sample_in_row_order")]}, forward) as phases:
+            ...                                   # phases.seconds["sampling"]: outside the forward
         with PolicyClock(policy) as calls:        # time inside policy.propose / policy.rollout
             timing = timed(lambda: search(...))   # Timing(wall_s, cpu_s) of the whole call
     forward.seconds, forward.calls, calls.seconds
@@ -112,6 +114,48 @@ class PolicyClock:
                 self.calls += 1
 
         return timed_call
+
+
+class PhaseClock:
+    """Wall seconds inside named phases of the engine while the context is open: each phase is
+    a list of (owner, attribute) functions (module functions or class methods), wrapped on the
+    owner and restored on exit; time inside the forward (a `ForwardClock` on the model, open
+    around this one) during a phase is not counted. Phases must not nest one another.
+
+        with ForwardClock(lm) as forward, PhaseClock({"sampling": [(decode_loop, "_sample_in_row_order")]}, forward) as phases:
+            search(...)
+        phases.seconds["sampling"], phases.calls["sampling"]
+    """
+
+    def __init__(self, phases: dict[str, list[tuple[Any, str]]], forward: ForwardClock) -> None:
+        self.phases, self.forward = phases, forward
+        self.seconds = {name: 0.0 for name in phases}
+        self.calls = {name: 0 for name in phases}
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> "PhaseClock":
+        for name, targets in self.phases.items():
+            for owner, attribute in targets:
+                original = vars(owner)[attribute]  # a class's own entry, not an inherited one
+                self._saved.append((owner, attribute, original))
+                setattr(owner, attribute, self._wrap(name, getattr(owner, attribute)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, attribute, original in reversed(self._saved):
+            setattr(owner, attribute, original)
+        self._saved = []
+
+    def _wrap(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_phase(*args: Any, **kwargs: Any) -> Any:
+            start, inside = time.perf_counter(), self.forward.seconds
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start - (self.forward.seconds - inside)
+                self.calls[name] += 1
+
+        return timed_phase
 
 
 def peak_rss_mib() -> float:

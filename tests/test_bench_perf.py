@@ -45,8 +45,40 @@ def test_engine_overhead_table(checkpoint):
         assert outside == pytest.approx(backend + search, abs=0.2)
         assert 0 < outside_cpu < 100  # the CPU-time share: the forward took some, the engine too
         assert cells[9] == ("met" if outside_cpu <= 5.0 else "not met")
-    if "not met" in text:  # each strategy above the target gets its hotspot list
+    if "not met" in text:  # each strategy above the target gets its phases and hotspot list
         assert "Top Python hotspots outside the model" in text
+        phases = table_rows(text, "| phase |")
+        assert set(bench_engine_overhead.PHASES) < set(phases)
+        assert all(float(cells[-1].rstrip("%")) >= 0 for cells in phases.values())
+
+
+def test_phase_clock_counts_time_outside_the_forward_and_restores_the_functions():
+    import time
+    import types
+
+    import torch
+
+    from experiments.bench_timing import ForwardClock, PhaseClock
+
+    class Sleeper(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)
+            return x
+
+    model = Sleeper()
+    module = types.SimpleNamespace()
+
+    def step(x):  # 0.02 s of its own around a 0.05 s forward
+        time.sleep(0.02)
+        return model(x)
+
+    module.step = step
+    with ForwardClock(model) as forward, PhaseClock({"step": [(module, "step")]}, forward) as phases:
+        module.step(torch.zeros(1))
+        module.step(torch.zeros(1))
+    assert phases.calls["step"] == 2 and forward.calls == 2
+    assert 0.04 <= phases.seconds["step"] < 0.09  # the forward's 0.1 s is not counted
+    assert module.step is step  # restored on exit
 
 
 @pytest.mark.slow
