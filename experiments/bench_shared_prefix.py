@@ -17,69 +17,15 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: shared cores
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+from typing import Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_timing import Timing, timed  # noqa: E402
+from experiments.bench_ways import compare, way_table  # noqa: E402
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
-from scorers.confidence import ConfidenceScorer  # noqa: E402
-from treesearch.registry import run_search  # noqa: E402
 
 WAYS: dict[str, bool] = {"shared prefix": True, "copied rows": False}  # label -> TransformersPolicy(shared_prefix=)
-
-
-@dataclass(frozen=True)
-class WayRow:
-    """One strategy run one way: median wall / CPU seconds over the timed rounds, tokens
-    generated and accuracy of the last round."""
-
-    strategy: str
-    way: str
-    wall_s: float
-    cpu_s: float
-    tokens_generated: int
-    accuracy: float
-
-
-def run_once(strategy: str, cfg: dict[str, Any], work: Workload, shared: bool) -> tuple[Timing, int, float]:
-    """(timing, tokens generated, accuracy) of one search with a fresh policy."""
-    results: list = []
-    policy = work.policy(shared_prefix=shared)
-    timing = timed(lambda: results.extend(run_search(strategy, work.problems, policy, ConfidenceScorer(), **cfg)))
-    return timing, sum(r.compute.tokens_generated for r in results), work.accuracy(results)
-
-
-def compare(strategy: str, cfg: dict[str, Any], work: Workload, rounds: int) -> list[WayRow]:
-    """Both ways of one strategy: one untimed round each, then `rounds` alternating timed rounds."""
-    for shared in WAYS.values():
-        run_once(strategy, cfg, work, shared)
-    runs: dict[str, list[tuple[Timing, int, float]]] = {way: [] for way in WAYS}
-    for _ in range(rounds):
-        for way, shared in WAYS.items():
-            runs[way].append(run_once(strategy, cfg, work, shared))
-    return [
-        WayRow(strategy, way, statistics.median(t.wall_s for t, _, _ in got), statistics.median(t.cpu_s for t, _, _ in got),
-               got[-1][1], got[-1][2])
-        for way, got in runs.items()
-    ]
-
-
-def table(rows: Sequence[WayRow]) -> str:
-    lines = [
-        "| strategy | KV of a context's samples | wall s | cpu s | time / shared (wall) | tokens generated | accuracy |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    shared = {r.strategy: r for r in rows if r.way == "shared prefix"}
-    for r in rows:
-        lines.append(
-            f"| {r.strategy} | {r.way} | {r.wall_s:.2f} | {r.cpu_s:.2f} | {r.wall_s / shared[r.strategy].wall_s:.2f}x | "
-            f"{r.tokens_generated} | {r.accuracy:.3f} |"
-        )
-    return "\n".join(lines)
 
 
 def run(work: Workload, n: int, beam_width: int, rounds: int, seed: int) -> str:
@@ -87,10 +33,11 @@ def run(work: Workload, n: int, beam_width: int, rounds: int, seed: int) -> str:
         "best_of_n": dict(n=n, seed=seed),
         "beam_search": dict(n=n, beam_width=beam_width, max_depth=20, seed=seed),
     }
-    rows = [row for name, cfg in strategies.items() for row in compare(name, cfg, work, rounds)]
+    ways = {way: (lambda shared=shared: work.policy(shared_prefix=shared)) for way, shared in WAYS.items()}
+    rows = [row for name, cfg in strategies.items() for row in compare(name, cfg, work, ways, rounds)]
     header = (f"{work.description}; N={n}, beam width M={beam_width}; median of {rounds} alternating rounds; "
               f"torch threads {torch.get_num_threads()}")
-    return "\n".join([header, table(rows)])
+    return "\n".join([header, way_table(rows, reference="shared prefix", way_title="KV of a context's samples")])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -55,11 +55,13 @@ class Workload:
     grade: Callable[[Problem, str], bool]
     description: str
 
-    def policy(self, prefix_cache: bool = True, shared_prefix: bool | None = None) -> TransformersPolicy:
-        """A fresh policy; shared_prefix: `TransformersPolicy`'s (None: whenever the model supports it)."""
+    def policy(self, prefix_cache: bool = True, shared_prefix: bool | None = None, lm: Any = None) -> TransformersPolicy:
+        """A fresh policy; shared_prefix: `TransformersPolicy`'s (None: whenever the model supports
+        it); lm: another copy of the model to serve (e.g. in another dtype; default: `self.lm`)."""
         cache = PrefixCacheConfig() if prefix_cache else None
         return TransformersPolicy(
-            self.lm, self.tokenizer, self.sampling, self.prompt_fn, prefix_cache=cache, shared_prefix=shared_prefix
+            self.lm if lm is None else lm, self.tokenizer, self.sampling, self.prompt_fn, prefix_cache=cache,
+            shared_prefix=shared_prefix,
         )
 
     def accuracy(self, results: Sequence[SearchResult]) -> float:

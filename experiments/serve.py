@@ -23,14 +23,13 @@ from typing import TYPE_CHECKING, Sequence
 from policies.gc_freeze import freeze_long_lived
 
 if TYPE_CHECKING:  # heavy imports wait until a service is chosen, so --help is instant
-    import torch
     from fastapi import FastAPI
 
     from experiments.services.micro_batcher import BatcherConfig
 
 API_KEY_ENV = "TREESEARCH_API_KEY"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")  # policies.checkpoint.DTYPES, named here so --help imports no torch
 
 
 def _common_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -74,12 +73,6 @@ def _batch_config(args: argparse.Namespace, max_weight: int | None) -> "BatcherC
     return BatcherConfig(max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000, max_weight=max_weight)
 
 
-def _torch_dtype(name: str) -> "torch.dtype":
-    import torch
-
-    return getattr(torch, name)
-
-
 def build_policy(args: argparse.Namespace) -> "FastAPI":
     """The policy app for the parsed arguments (loads the model)."""
     from experiments.services.policy_service import PolicyConfig, build_policy_app
@@ -91,7 +84,7 @@ def build_policy(args: argparse.Namespace) -> "FastAPI":
 
         completer = VLLMCompleter.from_pretrained(args.model, sampling, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib)
     else:
-        completer = TransformersCompleter.from_pretrained(args.model, sampling, args.max_rows, _torch_dtype(args.dtype))
+        completer = TransformersCompleter.from_pretrained(args.model, sampling, args.max_rows, args.dtype)
     config = PolicyConfig(args.max_response_num, args.max_prompt_chars, _batch_config(args, args.max_rows))
     return build_policy_app(completer, config, args.model, _api_key(args))
 
@@ -101,7 +94,7 @@ def build_scorer(args: argparse.Namespace) -> "FastAPI":
     from experiments.services.scorer_service import ScorerConfig, TextSPRM, build_scorer_app
     from policies.reflective_model import ReflectiveModel
 
-    model, tokenizer = ReflectiveModel.from_pretrained(args.model, _torch_dtype(args.dtype), args.feature_layer)
+    model, tokenizer = ReflectiveModel.from_pretrained(args.model, args.dtype, args.feature_layer)
     scorer = TextSPRM(model, tokenizer, prepend_special_tokens=not args.no_prepend_special_tokens,
                       max_batch_tokens=args.max_batch_tokens)
     config = ScorerConfig(args.max_text_chars, args.max_text_tokens, _batch_config(args, None))

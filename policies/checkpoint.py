@@ -18,6 +18,19 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")  # the weight dtypes a checkpoint loads in
+
+
+def torch_dtype(value: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from itself or its name in DTYPES (as a config or a command line gives it);
+    ValueError names any other value."""
+    if isinstance(value, torch.dtype) and str(value).removeprefix("torch.") in DTYPES:
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
+        return getattr(torch, value.removeprefix("torch."))
+    raise ValueError(f"dtype={value!r} is not one of {', '.join(DTYPES)}")
+
+
 REQUIRED_FILES: tuple[str, ...] = (
     "config.json",
     "model.safetensors",
@@ -91,9 +104,11 @@ def check_checkpoint(directory: str | Path) -> Path:
 
 
 def load_checkpoint(
-    directory: str | Path, dtype: torch.dtype = torch.float32
+    directory: str | Path, dtype: torch.dtype | str = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model in eval mode, tokenizer) from a directory written by save_checkpoint."""
+    """(model in eval mode, tokenizer) from a directory written by save_checkpoint; dtype: the
+    weights' (a torch dtype or its name in DTYPES)."""
+    dtype = torch_dtype(dtype)
     directory = check_checkpoint(directory)
     with _no_hf_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)

@@ -111,7 +111,7 @@ class ReflectiveModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, dtype: torch.dtype = torch.float32, feature_layer: int | None = None
+        cls, directory: str | Path, dtype: torch.dtype | str = torch.float32, feature_layer: int | None = None
     ) -> tuple["ReflectiveModel", Any]:
         """(model in eval mode, tokenizer) from a folder of `save_pretrained` or of the reference.
         FileNotFoundError names a missing file (score_module.pt included). The head keeps the

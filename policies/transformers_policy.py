@@ -148,14 +148,17 @@ class TransformersPolicy:
         path: str | Path,
         sampling: SamplingConfig,
         prompt_fn: Callable[[Problem], str],
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         prefix_cache: PrefixCacheConfig | None = None,
         with_step_head: bool = False,
         shared_prefix: bool | None = None,
     ) -> "TransformersPolicy":
         """Load a checkpoint directory (`policies.checkpoint`; FileNotFoundError names a missing
-        file). with_step_head=True loads it as a `ReflectiveModel` (score_module.pt beside it)
-        whose head scores the steps. shared_prefix: see the class."""
+        file). dtype: the LM's weights, a torch dtype or "float32" / "bfloat16" / "float16"
+        (Hydra: `policy.dtype=bfloat16`; on a CPU with bf16 matmuls SmolLM2 beam search ran
+        1.7x the tokens/s of float32, `python -m experiments.bench_dtype --model smollm2`; the
+        samples then differ from float32's). with_step_head=True loads it as a `ReflectiveModel`
+        (score_module.pt beside it) whose head scores the steps. shared_prefix: see the class."""
         if with_step_head:
             reflective, tokenizer = ReflectiveModel.from_pretrained(path, dtype)
             return cls.from_reflective(reflective, tokenizer, sampling, prompt_fn, prefix_cache, shared_prefix)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from experiments import bench_scoring_overhead
 
@@ -65,3 +66,18 @@ def test_shared_prefix_table_compares_both_ways_on_the_same_work(tmp_path):
     assert rows[0][4] == rows[2][4] == "1.00x"  # each strategy's ratio is against its shared run
     for shared, copied in ((rows[0], rows[1]), (rows[2], rows[3])):
         assert int(shared[5]) > 0 and abs(int(shared[5]) - int(copied[5])) <= int(shared[5]) // 10  # same work
+
+
+def test_dtype_table_runs_each_strategy_in_both_dtypes(tmp_path):
+    from experiments import bench_dtype
+    from experiments.bench_workload import load_workload
+
+    work = load_workload("tiny", problems=2, seed=0, checkpoint=tmp_path / "no-checkpoint")
+    table = bench_dtype.run(work, n=4, beam_width=2, rounds=1, seed=0)
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()[3:]]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("best_of_n", "float32"), ("best_of_n", "bfloat16"), ("beam_search", "float32"), ("beam_search", "bfloat16"),
+    ]
+    assert rows[0][4] == rows[0][7] == rows[2][4] == rows[2][7] == "1.00x"  # ratios against float32
+    assert all(int(r[5]) > 0 and float(r[6]) > 0 for r in rows)
+    assert next(work.lm.parameters()).dtype == torch.float32  # the workload's model is left as it was

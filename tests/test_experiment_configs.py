@@ -109,6 +109,14 @@ def test_policy_options_instantiate(option, sprm_ckpt):
     assert policy.shared_prefix is None  # decode with a shared prefix whenever the model allows
     copies = build(composed([f"policy={option}", f"policy.path={sprm_ckpt}", "+policy.shared_prefix=false"]).policy)
     assert copies.shared_prefix is False
+    assert next(policy.model.parameters()).dtype == torch.float32
+    half = build(composed([f"policy={option}", f"policy.path={sprm_ckpt}", "+policy.dtype=bfloat16"]).policy)
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    steps = half.propose([Prefix(arith.generate_problems("test", 1, seed=0)[0])], n=2, seed=0)[0]
+    assert len(steps) == 2 and all(step.token_ids for step in steps)
+    assert (steps[0].score is not None) == (option == "tiny_sprm")  # the head reads bf16 states
+    with pytest.raises(ValueError, match="dtype='int8' is not one of float32, bfloat16, float16"):
+        build(composed([f"policy={option}", f"policy.path={sprm_ckpt}", "+policy.dtype=int8"]).policy)
 
 
 def test_openai_policy_option_instantiates_without_a_server(ckpt):

@@ -74,6 +74,10 @@ def test_save_load_round_trip_and_missing_file_is_named(tok, tmp_path):
     loaded, loaded_tok = load_checkpoint(path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     assert loaded_tok.get_vocab() == tok.get_vocab()
+    half, _ = load_checkpoint(path, "bfloat16")  # a dtype by name, as configs give it
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype='fp8' is not one of float32, bfloat16, float16"):
+        load_checkpoint(path, "fp8")
     save_checkpoint(model, tok, path)  # replacing an existing checkpoint works
     (path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors") as info:

@@ -149,6 +149,7 @@ def test_policy_preset_composes_and_instantiates(converted):
     assert isinstance(policy, TransformersPolicy) and policy.sampling.separator == smollm2.SEPARATOR
     assert policy.prompt_fn == ChatPrompt(str(out), "experiments.tasks.gsm8k", think=False)
     assert 130e6 < policy.num_parameters < 140e6
+    assert cfg.policy.dtype == "float32" and next(policy.model.parameters()).dtype == torch.float32
 
 
 @needs_wheel

@@ -141,7 +141,7 @@ class TransformersCompleter:
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, sampling: SamplingDefaults = SamplingDefaults(),
-        max_rows: int = 64, dtype: torch.dtype = torch.float32,
+        max_rows: int = 64, dtype: torch.dtype | str = torch.float32,
     ) -> "TransformersCompleter":
         model, tokenizer = load_checkpoint(directory, dtype)
         return cls(model, tokenizer, sampling, max_rows)

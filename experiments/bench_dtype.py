@@ -1,0 +1,63 @@
+"""Benchmark: the policy's weights in bfloat16 vs float32 (`policy.dtype=bfloat16`), side by side
+in one run on the same problems and seeds: Best-of-N and step-level beam search, time, tokens/s
+and accuracy each way (`experiments.bench_ways`: alternating rounds, medians).
+
+On a CPU with bf16 matmul instructions (AVX-512 BF16 / AMX; `python -m experiments.bench_flops`
+prints the bf16 matmul peak beside fp32's) a decode step reads half the weight bytes and
+multiplies faster; on one without them bf16 can be slower: measure before switching. The two
+dtypes sample different tokens (bf16 rounds the logits' inputs), so the runs do not generate the
+same text; compare tokens/s, and accuracy only over enough problems.
+
+    python -m experiments.bench_dtype                                   # tiny: 32 arith problems, N = 32, M = 4
+    python -m experiments.bench_dtype --model smollm2 --problems 2 --n 8 --rounds 1
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: shared cores
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+import torch  # noqa: E402
+
+from experiments.bench_ways import compare, way_table  # noqa: E402
+from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
+from policies.checkpoint import torch_dtype  # noqa: E402
+from policies.gc_freeze import freeze_long_lived  # noqa: E402
+
+REFERENCE = "float32"
+
+
+def run(work: Workload, n: int, beam_width: int, rounds: int, seed: int, other: str = "bfloat16") -> str:
+    """The table of both strategies in float32 (the workload's model) and in `other`."""
+    converted = copy.deepcopy(work.lm).to(torch_dtype(other))  # what loading the checkpoint in `other` gives
+    ways = {REFERENCE: lambda: work.policy(), other: lambda: work.policy(lm=converted)}
+    strategies = {
+        "best_of_n": dict(n=n, seed=seed),
+        "beam_search": dict(n=n, beam_width=beam_width, max_depth=20, seed=seed),
+    }
+    rows = [row for name, cfg in strategies.items() for row in compare(name, cfg, work, ways, rounds)]
+    header = (f"{work.description}; N={n}, beam width M={beam_width}; median of {rounds} alternating rounds; "
+              f"torch threads {torch.get_num_threads()}")
+    return "\n".join([header, way_table(rows, reference=REFERENCE, way_title="weights")])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_search_arguments(ap, problems=32, n=32)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds of each dtype (alternating)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="compared with float32")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = load_workload(args.model, args.problems, args.seed, args.checkpoint)
+    if next(work.lm.parameters()).dtype != torch.float32:
+        raise SystemExit(f"the workload's model is {next(work.lm.parameters()).dtype}, not float32")
+    freeze_long_lived()  # as the CLIs do (policies/gc_freeze.py); both dtypes alike
+    print(run(work, args.n, args.beam_width, args.rounds, args.seed, args.dtype))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Side-by-side runs of the same searches under several ways of building the policy (the shared
+machinery of `experiments/bench_shared_prefix.py` and `experiments/bench_dtype.py`).
+
+Each strategy runs every way once untimed (the KV buffer pool filled), then in `rounds`
+alternating timed rounds, so a noisy machine slows all ways alike; a row holds the median wall
+and CPU seconds, the tokens generated and the accuracy of the last round.
+
+    ways = {"shared prefix": lambda: work.policy(shared_prefix=True), "copied rows": lambda: work.policy(shared_prefix=False)}
+    rows = [row for name, cfg in strategies.items() for row in compare(name, cfg, work, ways, rounds=3)]
+    print(way_table(rows, reference="shared prefix", way_title="KV of a context's samples"))
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from experiments.bench_timing import Timing, timed
+from experiments.bench_workload import Workload
+from scorers.confidence import ConfidenceScorer
+from treesearch.protocols import Policy
+from treesearch.registry import run_search
+
+
+@dataclass(frozen=True)
+class WayRow:
+    """One strategy run one way: median wall / CPU seconds over the timed rounds, tokens
+    generated and accuracy of the last round."""
+
+    strategy: str
+    way: str
+    wall_s: float
+    cpu_s: float
+    tokens_generated: int
+    accuracy: float
+
+
+def run_once(strategy: str, cfg: dict[str, Any], work: Workload, policy: Policy) -> tuple[Timing, int, float]:
+    """(timing, tokens generated, accuracy) of one search of the workload's problems."""
+    results: list = []
+    timing = timed(lambda: results.extend(run_search(strategy, work.problems, policy, ConfidenceScorer(), **cfg)))
+    return timing, sum(r.compute.tokens_generated for r in results), work.accuracy(results)
+
+
+def compare(
+    strategy: str, cfg: dict[str, Any], work: Workload, ways: Mapping[str, Callable[[], Policy]], rounds: int
+) -> list[WayRow]:
+    """Every way of one strategy (ways: label -> a fresh policy): one untimed round each, then
+    `rounds` alternating timed rounds."""
+    for make_policy in ways.values():
+        run_once(strategy, cfg, work, make_policy())
+    runs: dict[str, list[tuple[Timing, int, float]]] = {way: [] for way in ways}
+    for _ in range(rounds):
+        for way, make_policy in ways.items():
+            runs[way].append(run_once(strategy, cfg, work, make_policy()))
+    return [
+        WayRow(strategy, way, statistics.median(t.wall_s for t, _, _ in got), statistics.median(t.cpu_s for t, _, _ in got),
+               got[-1][1], got[-1][2])
+        for way, got in runs.items()
+    ]
+
+
+def way_table(rows: Sequence[WayRow], reference: str, way_title: str) -> str:
+    """Markdown: per row its time / the reference way's (wall, same strategy) and its tokens/s /
+    the reference's (the ways may generate different tokens)."""
+    lines = [
+        f"| strategy | {way_title} | wall s | cpu s | time / {reference} (wall) | tokens generated | tokens/s "
+        f"| tokens/s / {reference} | accuracy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = {r.strategy: r for r in rows if r.way == reference}
+    for r in rows:
+        rate, base_rate = r.tokens_generated / r.wall_s, base[r.strategy].tokens_generated / base[r.strategy].wall_s
+        lines.append(
+            f"| {r.strategy} | {r.way} | {r.wall_s:.2f} | {r.cpu_s:.2f} | {r.wall_s / base[r.strategy].wall_s:.2f}x | "
+            f"{r.tokens_generated} | {rate:.1f} | {rate / base_rate:.2f}x | {r.accuracy:.3f} |"
+        )
+    return "\n".join(lines)
