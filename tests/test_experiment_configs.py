@@ -107,6 +107,9 @@ def test_policy_options_instantiate(option, sprm_ckpt):
     assert policy.prompt_fn is arith.prompt_text and policy.sampling.temperature == arith.DEFAULT_TEMPERATURE
     assert (policy.step_head is not None) == (option == "tiny_sprm")
     assert policy.shared_prefix is None  # decode with a shared prefix whenever the model allows
+    assert policy.prefix_cache is not None  # a search's steps reuse their prefixes' KV by default
+    fresh = build(composed([f"policy={option}", f"policy.path={sprm_ckpt}", "+policy.prefix_cache=null"]).policy)
+    assert fresh.prefix_cache is None
     copies = build(composed([f"policy={option}", f"policy.path={sprm_ckpt}", "+policy.shared_prefix=false"]).policy)
     assert copies.shared_prefix is False
     assert next(policy.model.parameters()).dtype == torch.float32
