@@ -157,7 +157,8 @@ class TransformersPolicy:
         """Load a checkpoint directory (`policies.checkpoint`; FileNotFoundError names a missing
         file). prefix_cache: on by default here (what the Hydra presets build: a step-level search
         then forwards only each step's new tokens; tiny beam search took 1.7x the time without
-        it, `python -m experiments.bench_prefix_reuse`), None re-prefills every prefix in every call (Hydra: `+policy.prefix_cache=null`).
+        it, `python -m experiments.bench_prefix_reuse`); None re-prefills every prefix in every
+        call (Hydra: `+policy.prefix_cache=null`).
         dtype: the LM's weights, a torch dtype or "float32" / "bfloat16" / "float16"
         (Hydra: `policy.dtype=bfloat16`; on a CPU with bf16 matmuls SmolLM2 beam search ran
         1.7x the tokens/s of float32, `python -m experiments.bench_dtype --model smollm2`; the
