@@ -110,6 +110,9 @@ def test_policy_options_instantiate(option, sprm_ckpt):
     assert policy.prefix_cache is not None  # a search's steps reuse their prefixes' KV by default
     fresh = build(composed([f"policy={option}", f"policy.path={sprm_ckpt}", "+policy.prefix_cache=null"]).policy)
     assert fresh.prefix_cache is None
+    budget = ["+policy.prefix_cache._target_=policies.prefix_cache.PrefixCacheConfig", "+policy.prefix_cache.max_bytes=4096"]
+    small = build(composed([f"policy={option}", f"policy.path={sprm_ckpt}", *budget]).policy)
+    assert small.prefix_cache.config.max_bytes == 4096
     copies = build(composed([f"policy={option}", f"policy.path={sprm_ckpt}", "+policy.shared_prefix=false"]).policy)
     assert copies.shared_prefix is False
     assert next(policy.model.parameters()).dtype == torch.float32
