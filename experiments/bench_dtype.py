@@ -23,7 +23,7 @@ from typing import Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_ways import compare, way_table  # noqa: E402
+from experiments.bench_ways import ways_report  # noqa: E402
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
 from policies.checkpoint import torch_dtype  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
@@ -35,14 +35,7 @@ def run(work: Workload, n: int, beam_width: int, rounds: int, seed: int, other: 
     """The table of both strategies in float32 (the workload's model) and in `other`."""
     converted = copy.deepcopy(work.lm).to(torch_dtype(other))  # what loading the checkpoint in `other` gives
     ways = {REFERENCE: lambda: work.policy(), other: lambda: work.policy(lm=converted)}
-    strategies = {
-        "best_of_n": dict(n=n, seed=seed),
-        "beam_search": dict(n=n, beam_width=beam_width, max_depth=20, seed=seed),
-    }
-    rows = [row for name, cfg in strategies.items() for row in compare(name, cfg, work, ways, rounds)]
-    header = (f"{work.description}; N={n}, beam width M={beam_width}; median of {rounds} alternating rounds; "
-              f"torch threads {torch.get_num_threads()}")
-    return "\n".join([header, way_table(rows, reference=REFERENCE, way_title="weights")])
+    return ways_report(work, ways, n, beam_width, rounds, seed, way_title="weights")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

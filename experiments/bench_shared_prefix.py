@@ -21,7 +21,7 @@ from typing import Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_ways import compare, way_table  # noqa: E402
+from experiments.bench_ways import ways_report  # noqa: E402
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
 
@@ -29,15 +29,8 @@ WAYS: dict[str, bool] = {"shared prefix": True, "copied rows": False}  # label -
 
 
 def run(work: Workload, n: int, beam_width: int, rounds: int, seed: int) -> str:
-    strategies = {
-        "best_of_n": dict(n=n, seed=seed),
-        "beam_search": dict(n=n, beam_width=beam_width, max_depth=20, seed=seed),
-    }
     ways = {way: (lambda shared=shared: work.policy(shared_prefix=shared)) for way, shared in WAYS.items()}
-    rows = [row for name, cfg in strategies.items() for row in compare(name, cfg, work, ways, rounds)]
-    header = (f"{work.description}; N={n}, beam width M={beam_width}; median of {rounds} alternating rounds; "
-              f"torch threads {torch.get_num_threads()}")
-    return "\n".join([header, way_table(rows, reference="shared prefix", way_title="KV of a context's samples")])
+    return ways_report(work, ways, n, beam_width, rounds, seed, way_title="KV of a context's samples")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,14 +6,15 @@ alternating timed rounds, so a noisy machine slows all ways alike; a row holds t
 and CPU seconds, the tokens generated and the accuracy of the last round.
 
     ways = {"shared prefix": lambda: work.policy(shared_prefix=True), "copied rows": lambda: work.policy(shared_prefix=False)}
-    rows = [row for name, cfg in strategies.items() for row in compare(name, cfg, work, ways, rounds=3)]
-    print(way_table(rows, reference="shared prefix", way_title="KV of a context's samples"))
+    print(ways_report(work, ways, n=32, beam_width=4, rounds=3, seed=0, way_title="KV of a context's samples"))
 """
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
+
+import torch
 
 from experiments.bench_timing import Timing, timed
 from experiments.bench_workload import Workload
@@ -76,3 +77,19 @@ def way_table(rows: Sequence[WayRow], reference: str, way_title: str) -> str:
             f"{r.tokens_generated} | {rate:.1f} | {rate / base_rate:.2f}x | {r.accuracy:.3f} |"
         )
     return "\n".join(lines)
+
+
+def ways_report(
+    work: Workload, ways: Mapping[str, Callable[[], Policy]], n: int, beam_width: int, rounds: int, seed: int,
+    way_title: str,
+) -> str:
+    """Best-of-N and beam search (N = n, M = beam_width) every way (the first is the reference of
+    the ratios), as a header line and `way_table`."""
+    strategies = {
+        "best_of_n": dict(n=n, seed=seed),
+        "beam_search": dict(n=n, beam_width=beam_width, max_depth=20, seed=seed),
+    }
+    rows = [row for name, cfg in strategies.items() for row in compare(name, cfg, work, ways, rounds)]
+    header = (f"{work.description}; N={n}, beam width M={beam_width}; median of {rounds} alternating rounds; "
+              f"torch threads {torch.get_num_threads()}")
+    return "\n".join([header, way_table(rows, reference=next(iter(ways)), way_title=way_title)])
