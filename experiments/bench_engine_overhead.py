@@ -219,10 +219,9 @@ def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed
         f"prefix cache on; torch threads {torch.get_num_threads()}",
         overhead_table(rows),
     ]
-    for row in rows:
-        if row.outside_forward_cpu > TARGET:
-            parts += ["", phase_table(row.strategy, strategies[row.strategy], work)]
-        if row.outside_forward_cpu > TARGET and top > 0:
+    for row in (r for r in rows if r.outside_forward_cpu > TARGET):
+        parts += ["", phase_table(row.strategy, strategies[row.strategy], work)]
+        if top > 0:
             spots = hotspots(row.strategy, strategies[row.strategy], work, top)
             parts += ["", hotspot_table(row.strategy, row.wall_s, spots)]
     return "\n".join(parts)
