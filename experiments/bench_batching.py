@@ -7,6 +7,11 @@ average (the per-problem seeds are the same; batching changes only float roundin
 batched at least 4x faster. Wall time and this process's CPU time are both printed (on a shared
 machine another job's load stretches wall time; a one-thread run's CPU time much less).
 
+The last column says how full the decode forwards were: the mean and median rows of a forward
+that feeds one token per row, against a full batch (one problem's N rows; the batched run's
+problems x N, at most the policy's batch_size). Every row of a beam-search round decodes until its
+step ends, so the longest step of a round holds the forward at few rows (stragglers).
+
 The ceiling line measures the bare model's decode step (a KV-cached forward of one token per
 row, no search, M rows per context sharing its KV as the decode loop does, at the workload's
 median prompt length) at the rows one problem sends per forward (N) and at the rows a batched
@@ -34,7 +39,7 @@ from typing import Any, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
-from experiments.bench_timing import best_of, timed  # noqa: E402
+from experiments.bench_timing import DecodeRows, best_of, timed  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.shared_prefix import SharedPrefixCache, supports_shared_prefix  # noqa: E402
 from policies.slot_cache import slot_cache  # noqa: E402
@@ -100,18 +105,22 @@ def run(work: Workload, n: int, beam_width: int, seed: int) -> str:
     cfg = BeamSearchConfig(n=n, beam_width=beam_width, max_depth=20, seed=seed)
     batched: list[SearchResult] = []
     one_by_one: list[SearchResult] = []
-    t_batched = timed(lambda: batched.extend(beam_search(probs, policy(), ConfidenceScorer(), cfg)))
-    t_single = timed(lambda: one_by_one.extend(
-        r for p in probs for r in beam_search([p], policy(), ConfidenceScorer(), cfg)))
+    with DecodeRows(work.lm) as rows_batched:
+        t_batched = timed(lambda: batched.extend(beam_search(probs, policy(), ConfidenceScorer(), cfg)))
+    with DecodeRows(work.lm) as rows_single:
+        t_single = timed(lambda: one_by_one.extend(
+            r for p in probs for r in beam_search([p], policy(), ConfidenceScorer(), cfg)))
+    full = min(len(probs) * n, work.sampling.batch_size)
     return "\n".join([
         f"{work.description}; beam search N={n}, M={beam_width}; "
         f"torch threads {torch.get_num_threads()}",
-        "| run | wall s | accuracy | speed-up | cpu s | cpu speed-up |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| run | wall s | accuracy | speed-up | cpu s | cpu speed-up | rows per decode forward: mean / median (full) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         f"| one problem at a time | {t_single.wall_s:.2f} | {work.accuracy(one_by_one):.3f} | 1.00 | "
-        f"{t_single.cpu_s:.2f} | 1.00 |",
+        f"{t_single.cpu_s:.2f} | 1.00 | {rows_single.mean:.1f} / {rows_single.median:.0f} ({n}) |",
         f"| all problems batched | {t_batched.wall_s:.2f} | {work.accuracy(batched):.3f} | "
-        f"{t_single.wall_s / t_batched.wall_s:.2f} | {t_batched.cpu_s:.2f} | {t_single.cpu_s / t_batched.cpu_s:.2f} |",
+        f"{t_single.wall_s / t_batched.wall_s:.2f} | {t_batched.cpu_s:.2f} | {t_single.cpu_s / t_batched.cpu_s:.2f} | "
+        f"{rows_batched.mean:.1f} / {rows_batched.median:.0f} ({full}) |",
     ])
 
 

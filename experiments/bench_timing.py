@@ -7,6 +7,7 @@ Usage:
         with PolicyClock(policy) as calls:        # time inside policy.propose / policy.rollout
             timing = timed(lambda: search(...))   # Timing(wall_s, cpu_s) of the whole call
     forward.seconds, forward.calls, calls.seconds
+    with DecodeRows(model) as rows: ...           # rows.mean / rows.median: rows per decode forward
     best = best_of(lambda: torch.mm(a, b), repeats=5)   # least wall seconds of several runs
     peak_rss_mib()                                # this process's resident-set high-water mark
 
@@ -82,6 +83,42 @@ class ForwardClock:
         self.seconds += time.perf_counter() - self._started
         self.cpu_seconds += time.process_time() - self._cpu_started
         self.calls += 1
+
+
+class DecodeRows:
+    """The rows of every decode forward (one new token per row) of a model while the context is
+    open (a forward pre-hook reading `input_ids`): how full a batch the decode loop keeps.
+
+        with DecodeRows(lm) as rows:
+            search(...)
+        rows.mean, rows.median, rows.rows
+    """
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.rows: list[int] = []
+        self._handle: Any = None
+
+    def __enter__(self) -> "DecodeRows":
+        self._handle = self.module.register_forward_pre_hook(self._pre, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+    def _pre(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.dim() == 2 and ids.shape[1] == 1:
+            self.rows.append(int(ids.shape[0]))
+
+    @property
+    def mean(self) -> float:
+        return sum(self.rows) / len(self.rows) if self.rows else 0.0
+
+    @property
+    def median(self) -> float:
+        ordered = sorted(self.rows)
+        return float(ordered[len(ordered) // 2]) if ordered else 0.0
 
 
 class PolicyClock:

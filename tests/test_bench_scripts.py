@@ -32,6 +32,9 @@ def test_batching_table(tmp_path):
     rows = [line.split("|")[1:-1] for line in table.splitlines()[3:]]
     assert [r[0].strip() for r in rows] == ["one problem at a time", "all problems batched"]
     assert rows[0][2] == rows[1][2]  # same accuracy: batching changes no choice here
+    single, batched = (r[6].strip() for r in rows)  # "mean / median (full)" rows per decode forward
+    assert single.endswith("(2)") and batched.endswith("(4)")
+    assert 0 < float(single.split(" / ")[0]) <= 2 and 0 < float(batched.split(" / ")[0]) <= 4
 
 
 @pytest.mark.slow
