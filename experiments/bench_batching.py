@@ -8,7 +8,8 @@ batched at least 4x faster. Wall time and this process's CPU time are both print
 machine another job's load stretches wall time; a one-thread run's CPU time much less).
 
 The last column says how full the decode forwards were: the mean and median rows of a forward
-that feeds one token per row, against a full batch (one problem's N rows; the batched run's
+that feeds one token per row (decode steps; a round's prefill that feeds only each context's
+last token counts too, with one row per context), against a full batch (one problem's N rows; the batched run's
 problems x N, at most the policy's batch_size). Every row of a beam-search round decodes until its
 step ends, so the longest step of a round holds the forward at few rows (stragglers).
 

@@ -86,8 +86,9 @@ class ForwardClock:
 
 
 class DecodeRows:
-    """The rows of every decode forward (one new token per row) of a model while the context is
-    open (a forward pre-hook reading `input_ids`): how full a batch the decode loop keeps.
+    """The rows of every forward that feeds one token per row (`input_ids` [B, 1]: the decode
+    steps, and a step search's prefills that only feed each context's last token) while the
+    context is open (a forward pre-hook): how full a batch the decode loop keeps.
 
         with DecodeRows(lm) as rows:
             search(...)
