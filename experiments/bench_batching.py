@@ -9,9 +9,10 @@ machine another job's load stretches wall time; a one-thread run's CPU time much
 
 The last column says how full the decode forwards were: the mean and median rows of a forward
 that feeds one token per row (decode steps; a round's prefill that feeds only each context's
-last token counts too, with one row per context), against a full batch (one problem's N rows; the batched run's
-problems x N, at most the policy's batch_size). Every row of a beam-search round decodes until its
-step ends, so the longest step of a round holds the forward at few rows (stragglers).
+last token counts too, with one row per context), against a full batch (one problem's N rows;
+the batched run's problems x N, at most the policy's batch_size). Every row of a beam-search
+round decodes until its step ends, so the longest step of a round holds the forward at few rows
+(stragglers).
 
 The ceiling line measures the bare model's decode step (a KV-cached forward of one token per
 row, no search, M rows per context sharing its KV as the decode loop does, at the workload's

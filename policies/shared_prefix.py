@@ -106,10 +106,8 @@ class SharedPrefixCache(SlotCache):
         one contiguous span: then, over a pooled prefill cache, one copy of all layers at once)."""
         if isinstance(columns, slice) and isinstance(self._prefilled, SlotCache):
             return self._prefilled.row_kv_span(context, columns, parent)
-        if isinstance(columns, slice):
-            columns = torch.arange(int(self.prefix_mask.shape[1]))[columns]
-        keys = torch.stack([k[context].index_select(1, columns) for k, _ in self.prefix]).to("cpu")
-        values = torch.stack([v[context].index_select(1, columns) for _, v in self.prefix]).to("cpu")
+        keys = torch.stack([k[context][:, columns] for k, _ in self.prefix]).to("cpu")  # stack copies: no views kept
+        values = torch.stack([v[context][:, columns] for _, v in self.prefix]).to("cpu")
         return PrefixKV(keys, values, parent)
 
     def release(self) -> None:
