@@ -47,7 +47,7 @@ import torch
 from transformers import DynamicCache
 
 from policies.prefix_cache import MAX_CHAIN, PrefixKV, pad_past
-from policies.sampling import sample_next_tokens
+from policies.sampling import SplitDraws, sample_next_tokens
 from policies.shared_prefix import SharedPrefixCache, worth_sharing
 from policies.slot_cache import KV_GROWTH, KV_POOL, KV_RESERVE_LIMIT, SlotCache, slot_cache  # noqa: F401 (re-exported)
 from policies.step_stops import StepStopRule, StopState
@@ -209,45 +209,161 @@ def decode_chunk(
     that sampled it (ChunkOutput.step_scores); shared_prefix: the rows of a context share its
     prefill KV (`policies.shared_prefix`) instead of each holding a copy (None: whenever the
     model supports it and the contexts have about as many rows each, `worth_sharing`)."""
-    device = rule.is_eos.device
-    layer = None if step_head is None else step_head.feature_layer
-    if shared_prefix is None:
-        shared_prefix = worth_sharing(model, row_context)
-    batch, logits, features = _start_batch(
-        model, contexts, row_context, budgets, rule, pad_id, device, past, layer, shared_prefix
-    )
-    num_rows, width = len(row_context), max(budgets)
-    token_ids = torch.zeros((num_rows, width), dtype=torch.long, device=device)  # [R, T]
-    logprobs = torch.zeros((num_rows, width), dtype=torch.float32, device=device)  # [R, T]
-    boundary = torch.zeros((num_rows, width), dtype=torch.bool, device=device)  # [R, T]
-    lengths = torch.zeros(num_rows, dtype=torch.long, device=device)  # [R]
-    finish = torch.zeros(num_rows, dtype=torch.long, device=device)  # [R]
-    fed_kv: list[PrefixKV | None] = [None] * num_rows if keep_kv else []
-    copy_out = _fed_kv_copier(batch, row_context, past)
-    scores = None if step_head is None else torch.full((num_rows, width), float("nan"), device=device)  # [R, T]
-    for t in range(width):
-        tokens, token_logprobs = _sample_in_row_order(logits, batch.rows, temperature, top_p, generator)  # [B], [B]
-        is_boundary, batch.state = rule.advance(tokens, batch.state)  # [B]
-        token_ids[batch.rows, t] = tokens
-        logprobs[batch.rows, t] = token_logprobs
-        boundary[batch.rows, t] = is_boundary
-        if step_head is not None:
-            _score_boundaries(step_head, features, is_boundary, batch.rows, t, scores)
-        code, done = _finish_codes(tokens, is_boundary & stop_at_boundary, t + 1 >= batch.budget, rule)
-        lengths[batch.rows[done]], finish[batch.rows[done]] = t + 1, code[done]
-        if keep_kv:
-            copy_out(batch, done & (code == _SEPARATOR), fed_kv)
+    request = ChunkRequest(contexts, row_context, budgets, stop_at_boundary, temperature, top_p, generator,
+                           past, keep_kv, shared_prefix)
+    return decode_request(model, request, rule, pad_id, step_head)
+
+
+@torch.inference_mode()
+def decode_request(
+    model: Any, request: "ChunkRequest", rule: StepStopRule, pad_id: int, step_head: StepHead | None = None
+) -> ChunkOutput:
+    """`decode_chunk` of a `ChunkRequest`: one chunk decoded to the end in this thread."""
+    run = ChunkRun(model, request, rule, pad_id, step_head)
+    while run.sample():
+        run.feed()
+    return run.output()
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    """What one chunk asks of the decode loop (the arguments of `decode_chunk`, as a record that
+    `policies.continuous_engine` can queue): contexts, the context of each sample row, each row's
+    token budget, whether a step boundary ends a row, sampling settings, the call's generator,
+    the cached prefix per context, whether to return the fed KV and whether rows share their
+    context's prefill KV (None: `worth_sharing`).
+
+    split_generators: for the chunks of several calls decoded as one (`policies.chunk_merge`),
+    (generator, rows) of each call in row order: each call's rows draw from its own generator, in
+    their own row order, as they would alone (`generator` is then unused); empty: one generator.
+    """
+
+    contexts: Sequence[Sequence[int]]
+    row_context: Sequence[int]
+    budgets: Sequence[int]
+    stop_at_boundary: bool
+    temperature: float
+    top_p: float
+    generator: torch.Generator | None
+    past: Sequence[PrefixKV | None] | None = None
+    keep_kv: bool = False
+    shared_prefix: bool | None = None
+    split_generators: tuple[tuple[torch.Generator | None, int], ...] = ()
+
+
+class ChunkRun:
+    """One chunk being decoded a step at a time: `__init__` prefills it, `sample` draws every
+    live row's next token from the last logits (and drops the rows that finished), `feed`
+    forwards the new tokens; `output` hands back what the rows generated. `decode_chunk` runs one
+    chunk to the end; `policies.continuous_engine` runs several at once and feeds all their rows
+    in one forward (`feed_inputs` / `take_forward`).
+
+        run = ChunkRun(model, request, rule, pad_id)
+        while run.sample():
+            run.feed()
+        out = run.output()
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model: Any, request: ChunkRequest, rule: StepStopRule, pad_id: int,
+                 step_head: StepHead | None = None) -> None:
+        self.model, self.request, self.rule, self.step_head = model, request, rule, step_head
+        device = rule.is_eos.device
+        self.layer = None if step_head is None else step_head.feature_layer
+        shared = request.shared_prefix
+        if shared is None:
+            shared = worth_sharing(model, request.row_context)
+        self.batch, self.logits, self.features = _start_batch(
+            model, request.contexts, request.row_context, request.budgets, rule, pad_id, device, request.past,
+            self.layer, shared,
+        )
+        num_rows, width = len(request.row_context), max(request.budgets)
+        self.token_ids = torch.zeros((num_rows, width), dtype=torch.long, device=device)  # [R, T]
+        self.logprobs = torch.zeros((num_rows, width), dtype=torch.float32, device=device)  # [R, T]
+        self.boundary = torch.zeros((num_rows, width), dtype=torch.bool, device=device)  # [R, T]
+        self.lengths = torch.zeros(num_rows, dtype=torch.long, device=device)  # [R]
+        self.finish = torch.zeros(num_rows, dtype=torch.long, device=device)  # [R]
+        self.fed_kv: list[PrefixKV | None] = [None] * num_rows if request.keep_kv else []
+        self.copy_out = _fed_kv_copier(self.batch, request.row_context, request.past)
+        self.scores = None if step_head is None else torch.full((num_rows, width), float("nan"), device=device)
+        self.row_group = _row_groups(request.split_generators, device)  # [R] call of each row, or None
+        self.group_ids = torch.arange(len(request.split_generators), device=device)  # [G]
+        self.t = 0  # index of the token the next `sample` draws
+        self.tokens: torch.Tensor | None = None  # [B] the live rows' last sampled tokens, to feed
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether the rows read their context's KV in place (a `SharedPrefixCache`)."""
+        return isinstance(self.batch.cache, SharedPrefixCache)
+
+    @torch.inference_mode()
+    def sample(self) -> bool:
+        """Draw token t of every live row, record it, copy out the KV of rows that ended on a
+        separator (keep_kv) and drop the finished rows. Returns whether any row is still live
+        (then `feed` its tokens next); every row ends by its budget at the latest."""
+        request, batch, t = self.request, self.batch, self.t
+        tokens, token_logprobs = _sample_in_row_order(
+            self.logits, batch.rows, request.temperature, request.top_p, self._draws()
+        )  # [B], [B]
+        is_boundary, batch.state = self.rule.advance(tokens, batch.state)  # [B]
+        self.token_ids[batch.rows, t] = tokens
+        self.logprobs[batch.rows, t] = token_logprobs
+        self.boundary[batch.rows, t] = is_boundary
+        if self.step_head is not None:
+            _score_boundaries(self.step_head, self.features, is_boundary, batch.rows, t, self.scores)
+        code, done = _finish_codes(tokens, is_boundary & request.stop_at_boundary, t + 1 >= batch.budget, self.rule)
+        self.lengths[batch.rows[done]], self.finish[batch.rows[done]] = t + 1, code[done]
+        if request.keep_kv:
+            self.copy_out(batch, done & (code == _SEPARATOR), self.fed_kv)
+        self.t = t + 1
         if bool(done.all()):
-            break
-        if bool(done.any()):
-            tokens = tokens[batch.keep(~done)]
-        logits, features = _decode_step(model, batch, tokens, layer)
-    batch.cache.release()
-    return ChunkOutput(token_ids, logprobs, boundary, lengths, finish, tuple(fed_kv), scores)
+            self.tokens = None
+            return False
+        self.tokens = tokens[batch.keep(~done)] if bool(done.any()) else tokens
+        return True
+
+    def _draws(self) -> torch.Generator | SplitDraws | None:
+        """The request's generator, or each call's for its live rows (`ChunkRequest.split_generators`)."""
+        if self.row_group is None:
+            return self.request.generator
+        generators = [g for g, _ in self.request.split_generators]
+        counts = (self.row_group[self.batch.rows, None] == self.group_ids).sum(0).tolist()
+        return SplitDraws(generators, counts)
+
+    @torch.inference_mode()
+    def feed(self) -> None:
+        """Forward the live rows' last tokens (after a `sample` that returned True)."""
+        self.logits, self.features = _decode_step(self.model, self.batch, self.tokens, self.layer)
+
+    def feed_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids [B, 1], position ids [B, 1]) of the next forward of this chunk's live rows,
+        for a caller that forwards several chunks at once (then `take_forward`)."""
+        return self.tokens[:, None], self.batch.next_position[:, None]
+
+    def take_forward(self, logits: torch.Tensor, features: torch.Tensor | None) -> None:
+        """The next-token logits [B, V] (and feature-layer states [B, C]) a joint forward computed
+        for this chunk's rows from `feed_inputs`."""
+        self.batch.next_position = self.batch.next_position + 1
+        self.logits, self.features = logits, features
+
+    @torch.inference_mode()
+    def output(self) -> ChunkOutput:
+        """What the rows generated (after `sample` returned False); the KV buffers go back to the pool."""
+        self.batch.cache.release()
+        return ChunkOutput(self.token_ids, self.logprobs, self.boundary, self.lengths, self.finish,
+                           tuple(self.fed_kv), self.scores)
+
+
+def _row_groups(split: Sequence[tuple[Any, int]], device: torch.device) -> torch.Tensor | None:
+    """[R] index of the call each row belongs to (rows of a call are contiguous), or None."""
+    if not split:
+        return None
+    return torch.repeat_interleave(torch.arange(len(split), device=device), torch.tensor([n for _, n in split]))
 
 
 def _sample_in_row_order(
-    logits: torch.Tensor, rows: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor, rows: torch.Tensor, temperature: float, top_p: float,
+    generator: torch.Generator | SplitDraws | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample_next_tokens` of logits [B, V] in slot order, with the generator's draws taken in
     chunk-row order (draw k goes to the slot of the k-th row), so a row gets the same draw

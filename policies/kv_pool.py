@@ -62,6 +62,11 @@ class BufferPool:
         self._free.sort(key=lambda b: -b.numel() * b.element_size())  # the largest in bytes first
         del self._free[self.max_free:]
 
+    def set_max_free(self, max_free: int) -> None:
+        """Keep at most max_free free buffers from now on (the largest; the rest are dropped)."""
+        self.max_free = max_free
+        del self._free[max_free:]
+
     def clear(self) -> None:
         """Drop every free buffer (their memory goes back to the allocator)."""
         self._free.clear()

@@ -11,14 +11,34 @@ took ~4% of a Best-of-32 run's wall time (`experiments.bench_engine_overhead`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
+
+
+@dataclass(frozen=True)
+class SplitDraws:
+    """Uniform draws from several generators in turn: the first counts[0] draws from
+    generators[0], the next counts[1] from generators[1], ... (chunks of several policy calls
+    decoded as one, each call's rows drawing from its own generator: `policies.chunk_merge`)."""
+
+    generators: Sequence[torch.Generator | None]
+    counts: Sequence[int]
+
+    def rand(self, rows: int, device: torch.device) -> torch.Tensor:
+        """[rows, 1] uniforms in [0, 1), in draw order (rows must equal the counts' sum)."""
+        if sum(self.counts) != rows:
+            raise ValueError(f"SplitDraws counts {list(self.counts)} do not sum to {rows} rows")
+        parts = [torch.rand(c, 1, generator=g, device=device) for g, c in zip(self.generators, self.counts) if c]
+        return torch.cat(parts) if len(parts) != 1 else parts[0]
 
 
 def sample_next_tokens(
     logits: torch.Tensor,
     temperature: float,
     top_p: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | SplitDraws | None,
     draw_slots: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose one token per row of `logits` [B, V]; return (tokens [B] long, logprobs [B] float32).
@@ -26,6 +46,7 @@ def sample_next_tokens(
     temperature 0 takes the argmax (no randomness used). The returned log-prob is
     log_softmax(logits) at the chosen token, i.e. at temperature 1 and before top-p, which is what
     scorers and selectors read as the policy's own confidence.
+    generator: where the uniforms come from (a `SplitDraws` takes them from several in turn).
     draw_slots [B] long: the row that takes the generator's k-th draw is draw_slots[k] (default:
     row k), so a caller whose rows are permuted keeps each draw with the same logical row
     without gathering the [B, V] logits into that order.
@@ -58,10 +79,13 @@ def draw_tokens(
 
 
 def _uniforms(
-    rows: int, generator: torch.Generator | None, device: torch.device, draw_slots: torch.Tensor | None
+    rows: int, generator: torch.Generator | SplitDraws | None, device: torch.device, draw_slots: torch.Tensor | None
 ) -> torch.Tensor:
     """[rows, 1] uniforms in [0, 1), draw k going to row draw_slots[k] (default row k)."""
-    u = torch.rand(rows, 1, generator=generator, device=device)  # [B, 1] in draw order
+    if isinstance(generator, SplitDraws):
+        u = generator.rand(rows, device)
+    else:
+        u = torch.rand(rows, 1, generator=generator, device=device)  # [B, 1] in draw order
     if draw_slots is None:
         return u
     return torch.empty_like(u).index_copy_(0, draw_slots, u)

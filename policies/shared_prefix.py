@@ -219,14 +219,15 @@ def supports_shared_prefix(model: Any) -> bool:
 
 
 @contextmanager
-def shared_prefix_attention(model: Any) -> Iterator[None]:
-    """Within the block, the model's attention is `shared_prefix_attention_forward` (and
+def shared_prefix_attention(model: Any, name: str = ATTENTION_NAME) -> Iterator[None]:
+    """Within the block, the model's attention is the registered function `name` (by default
+    `shared_prefix_attention_forward`; `policies.joint_forward` passes its own) (and
     transformers builds no mask: the function masks the prefix itself). The switch is on the
     model's config, so no other thread may run the same model meanwhile (the decode loop and the
     policy service's single worker thread do not)."""
     config = model.config
     previous = config._attn_implementation
-    config._attn_implementation = ATTENTION_NAME
+    config._attn_implementation = name
     try:
         yield
     finally:

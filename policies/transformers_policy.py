@@ -48,6 +48,7 @@ Sums over all returned steps equal the non-pad tokens the model ran.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -56,7 +57,7 @@ import torch
 
 from policies.allocator import keep_freed_memory
 from policies.checkpoint import load_checkpoint
-from policies.decode_loop import FINISH_CODES, ChunkOutput, StepHead, decode_chunk
+from policies.decode_loop import FINISH_CODES, ChunkOutput, ChunkRequest, StepHead, decode_request
 from policies.policy_requests import check_request, encode_contexts, step_budget
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
@@ -142,6 +143,11 @@ class TransformersPolicy:
         self.prefix_cache: PrefixCache | None = (
             PrefixCache(prefix_cache) if prefix_cache is not None and prefix_cache.enabled else None
         )
+        # Who decodes a chunk: this thread (default), or `policies.continuous_engine`, which lets
+        # calls from many threads decode together; the lock guards the tokenizer and the prefix
+        # cache, which those threads share.
+        self.chunk_decoder: Callable[[ChunkRequest], ChunkOutput] = self._decode_here
+        self.lock = threading.RLock()
 
     @classmethod
     def from_pretrained(
@@ -196,7 +202,8 @@ class TransformersPolicy:
         raw = [
             [self._whole_step(sample, prefix) for sample in row] for prefix, row in zip(prefixes, samples)
         ]
-        return decode_steps(raw, self.tokenizer)
+        with self.lock:
+            return decode_steps(raw, self.tokenizer)
 
     def rollout(self, prefixes: Sequence[Prefix], n: int, seed: int) -> list[list[list[Step]]]:
         """n sampled completions per prefix, result[i][j] = the steps of the j-th completion of
@@ -207,7 +214,8 @@ class TransformersPolicy:
         raw = [
             [self._split_steps(sample, prefix) for sample in row] for prefix, row in zip(prefixes, samples)
         ]
-        return decode_steps(raw, self.tokenizer)
+        with self.lock:
+            return decode_steps(raw, self.tokenizer)
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -216,7 +224,8 @@ class TransformersPolicy:
     ) -> list[list[_Sample]]:
         """Sample n sequences per prefix, batched over all prefixes; result in input order."""
         check_request(prefixes, n, seed)
-        contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
+        with self.lock:
+            contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
         budgets = [step_budget(self.sampling, prefix, stop_at_boundary) for prefix in prefixes]
         samples: list[list[_Sample]] = [[] for _ in prefixes]
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
@@ -225,24 +234,28 @@ class TransformersPolicy:
         for chunk in plan_chunks(counts, self.sampling.batch_size):
             members = [order[k] for k, _ in chunk]  # prefix indices, one per unique context
             row_context = [u for u, (_, count) in enumerate(chunk) for _ in range(count)]
-            past = [self._cached_prefix(contexts[i], prompt_lengths[i], prefixes[i]) for i in members]
-            out = decode_chunk(
-                self.model, [contexts[i] for i in members], row_context,
-                [budgets[members[u]] for u in row_context], self.rule, stop_at_boundary,
-                self.sampling.temperature, self.sampling.top_p, generator, self.pad_id,
+            with self.lock:
+                past = [self._cached_prefix(contexts[i], prompt_lengths[i], prefixes[i]) for i in members]
+            out = self.chunk_decoder(ChunkRequest(
+                [contexts[i] for i in members], row_context, [budgets[members[u]] for u in row_context],
+                stop_at_boundary, self.sampling.temperature, self.sampling.top_p, generator,
                 past=past if self.prefix_cache is not None else None,
                 keep_kv=self.prefix_cache is not None and stop_at_boundary,
-                step_head=self.step_head,
                 shared_prefix=self.shared_prefix,
-            )
+            ))
             prefill_sizes = [len(contexts[i]) - (p.length if p else 0) for i, p in zip(members, past)]
             _collect(out, members, row_context, prefill_sizes, samples)
-            self._store_fed(out, [contexts[i] for i in members], row_context)
+            with self.lock:
+                self._store_fed(out, [contexts[i] for i in members], row_context)
         for i in range(len(prefixes)):
             if budgets[i] <= 0:
                 no_scores = None if self.step_head is None else []
                 samples[i] = [_Sample([], [], [], "length", 0, no_scores) for _ in range(n)]
         return samples
+
+    def _decode_here(self, request: ChunkRequest) -> ChunkOutput:
+        """Decode one chunk in this thread, to the end (`policies.decode_loop.decode_request`)."""
+        return decode_request(self.model, request, self.rule, self.pad_id, self.step_head)
 
     def _cached_prefix(self, context: list[int], prompt_length: int, prefix: Prefix) -> PrefixKV | None:
         """The KV of the longest cached prefix of context (None: none, or no cache)."""

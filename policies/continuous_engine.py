@@ -1,0 +1,237 @@
+"""Continuous batching for the transformers policy: the chunks of many concurrent policy calls
+decode together, each joining the batch between two decode steps and leaving when its last row
+ends, instead of every call waiting for the slowest row of a lockstep round.
+
+Why: a batched step-level search sends all problems' beams in one call per round, and the round
+lasts as long as its longest step; while the stragglers finish, the forward runs at a few rows
+(`python -m experiments.bench_batching` prints the rows per forward). Here each problem runs its
+own search in its own thread (`treesearch.concurrent.search_each`); the policy's calls queue
+their chunks (`policies.decode_loop.ChunkRequest`) with one engine thread, which admits them
+while rows are free, samples every chunk from its own logits and feeds all live rows in one
+forward (`policies.joint_forward`). A problem's next round starts as soon as its own step ends.
+
+Each chunk keeps the generator of its call and draws in its own row order, so a problem's
+samples equal those of running that problem alone (one problem at a time), up to float rounding.
+
+    with ContinuousEngine.attached(policy):                   # the policy's calls go to the engine
+        results = search_each(beam_search, problems, policy, scorer, cfg)   # one thread per problem
+
+    python -m experiments.search ... +continuous=true                       # the same from Hydra
+
+Errors: a chunk whose prefill or sampling raises fails only its own call (the exception is
+raised in the caller's thread); a joint forward that raises fails the chunks in it. The engine
+keeps serving the others.
+
+Tests: `.venv/bin/python -m pytest tests/test_continuous_engine.py`.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterator
+
+import torch
+
+from policies.chunk_merge import merge_key, merge_requests, split_output
+from policies.decode_loop import ChunkOutput, ChunkRequest, ChunkRun, StepHead
+from policies.joint_forward import feed_jointly
+from policies.slot_cache import KV_POOL
+from policies.step_stops import StepStopRule
+
+POOL_BUFFERS_PER_CHUNK = 4  # KV buffers a running chunk holds (prefill keys / values, rows' keys / values)
+
+
+@dataclass
+class _Call:
+    """One queued chunk of a policy call, and what its caller waits for."""
+
+    request: ChunkRequest
+    done: threading.Event = field(default_factory=threading.Event)
+    output: ChunkOutput | None = None
+    error: BaseException | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.request.row_context)
+
+    def finish(self, output: ChunkOutput | None = None, error: BaseException | None = None) -> None:
+        self.output, self.error = output, error
+        self.done.set()
+
+
+@dataclass
+class _Cohort:
+    """The calls admitted together (with one `merge_key`), decoded as one merged chunk."""
+
+    calls: list[_Call]
+    run: ChunkRun | None = None
+
+    @property
+    def live_rows(self) -> int:
+        return int(self.run.batch.rows.numel())
+
+    def deliver(self) -> None:
+        """Hand each call its rows of the finished run."""
+        outputs = split_output(self.run.output(), [call.request for call in self.calls])
+        for call, output in zip(self.calls, outputs):
+            call.finish(output)
+
+    def fail(self, error: BaseException) -> None:
+        """Fail every call of the cohort (its KV buffers go back to the pool)."""
+        if self.run is not None:
+            self.run.batch.cache.release()
+        for call in self.calls:
+            call.finish(error=error)
+
+
+class ContinuousEngine:
+    """One thread that decodes every queued chunk of a model (see the module docstring).
+
+    max_rows: most sample rows decoding at once (the policy's batch_size); a chunk waits until
+        its rows fit, except that one chunk is always admitted when none runs.
+    """
+
+    def __init__(self, model: Any, rule: StepStopRule, pad_id: int, step_head: StepHead | None, max_rows: int) -> None:
+        if max_rows < 1:
+            raise ValueError(f"ContinuousEngine max_rows={max_rows} must be >= 1")
+        self.model, self.rule, self.pad_id, self.step_head, self.max_rows = model, rule, pad_id, step_head, max_rows
+        self._queue: list[_Job] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._held = False
+        self.forwards = 0  # decode forwards of the running cohorts (joint or alone), for benchmarks
+        self.cohorts_fed = 0  # cohorts summed over those forwards (/ forwards: cohorts per forward)
+        self.most_cohorts = 0  # most cohorts in one forward
+        self._thread = threading.Thread(target=self._serve, name="continuous-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    @contextmanager
+    def attached(cls, policy: Any) -> Iterator["ContinuousEngine"]:
+        """Within the block, `policy` (a TransformersPolicy) decodes its chunks on a new engine,
+        from any number of threads; the engine stops afterwards."""
+        engine = cls(policy.model, policy.rule, policy.pad_id, policy.step_head, policy.sampling.batch_size)
+        previous, pool_size = policy.chunk_decoder, KV_POOL.max_free
+        policy.chunk_decoder = engine.decode
+        try:
+            yield engine
+        finally:
+            policy.chunk_decoder = previous
+            engine.close()
+            KV_POOL.set_max_free(pool_size)  # the buffers of the extra chunks go back to the allocator
+
+    def decode(self, request: ChunkRequest) -> ChunkOutput:
+        """Queue one chunk and wait for what its rows generated (`decode_chunk`'s result); an
+        error in it is raised here."""
+        call = _Call(request)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the continuous engine is closed")
+            self._queue.append(call)
+            self._wake.notify()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.output
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Within the block, queued calls wait (the running ones go on); afterwards all of them
+        are admitted at once, as far as rows allow (tests use it to line calls up)."""
+        with self._wake:
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._held = False
+                self._wake.notify()
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting to be admitted."""
+        with self._wake:
+            return len(self._queue)
+
+    def close(self) -> None:
+        """Stop the engine thread once the chunks it holds are done; later `decode` calls fail."""
+        with self._wake:
+            self._closed, self._held = True, False
+            self._wake.notify()
+        self._thread.join()
+
+    # -- the engine thread --------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        running: list[_Cohort] = []
+        with torch.inference_mode():
+            while True:
+                admitted = self._admit(running)
+                if admitted is None:
+                    return
+                running.extend(cohort for cohort in map(self._start, _cohorts(admitted)) if cohort.run is not None)
+                running = [cohort for cohort in running if self._sample(cohort)]
+                if running:
+                    self._feed(running)
+
+    def _admit(self, running: list[_Cohort]) -> list[_Call] | None:
+        """The queued calls whose rows fit beside the running ones (first come first; blocks
+        while nothing runs or waits; None once closed and idle)."""
+        with self._wake:
+            while (self._held or not self._queue) and not running:
+                if self._closed and not self._queue:
+                    return None
+                self._wake.wait()
+            if self._held:
+                return []
+            free = self.max_rows - sum(cohort.live_rows for cohort in running)
+            admitted: list[_Call] = []
+            while self._queue and (self._queue[0].rows <= free or not (running or admitted)):
+                call = self._queue.pop(0)
+                free -= call.rows
+                admitted.append(call)
+        cohorts = len(running) + len({merge_key(call.request) for call in admitted})
+        KV_POOL.set_max_free(max(KV_POOL.max_free, POOL_BUFFERS_PER_CHUNK * cohorts))
+        return admitted
+
+    def _start(self, cohort: _Cohort) -> _Cohort:
+        """Prefill the cohort's merged chunk (its first logits); on an error its calls fail."""
+        try:
+            request = merge_requests([call.request for call in cohort.calls])
+            cohort.run = ChunkRun(self.model, request, self.rule, self.pad_id, self.step_head)
+        except Exception as error:  # noqa: BLE001 - the callers get it
+            cohort.fail(error)
+            cohort.run = None
+        return cohort
+
+    def _sample(self, cohort: _Cohort) -> bool:
+        """Sample the cohort's next tokens; a cohort that ends (or fails) is handed back.
+        Returns whether it still decodes."""
+        try:
+            if cohort.run.sample():
+                return True
+            cohort.deliver()
+        except Exception as error:  # noqa: BLE001
+            cohort.fail(error)
+        return False
+
+    def _feed(self, running: list[_Cohort]) -> None:
+        """One forward for every live row; if it raises, its cohorts fail."""
+        try:
+            feed_jointly(self.model, [cohort.run for cohort in running])
+            self.forwards += 1
+            self.cohorts_fed += len(running)
+            self.most_cohorts = max(self.most_cohorts, len(running))
+        except Exception as error:  # noqa: BLE001
+            for cohort in running:
+                cohort.fail(error)
+            running.clear()
+
+
+def _cohorts(calls: list[_Call]) -> list[_Cohort]:
+    """The admitted calls grouped by `merge_key`, in order of arrival."""
+    groups: dict[Hashable, list[_Call]] = {}
+    for call in calls:
+        groups.setdefault(merge_key(call.request), []).append(call)
+    return [_Cohort(group) for group in groups.values()]

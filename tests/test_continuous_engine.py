@@ -1,0 +1,169 @@
+"""Tests of continuous batching (`policies.continuous_engine`, `policies.chunk_merge`,
+`policies.joint_forward`, `treesearch.concurrent`): policy calls made from many threads at once
+through the engine give what each call gives alone (merged into one chunk, fed jointly with
+other chunks, joining while others run; with and without the prefix cache, greedy and sampled,
+with an SPRM head); a step-level search run per problem in threads equals one problem at a time;
+a failing call fails alone and the engine keeps serving; split draws equal separate generators.
+
+The tiny random Llama, word-level tokenizer and `ScriptedLM` (a separator every third position)
+come from test_transformers_policy / test_prefix_cache.
+
+    .venv/bin/python -m pytest tests/test_continuous_engine.py
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from policies.chunk_merge import merge_requests
+from policies.continuous_engine import ContinuousEngine
+from policies.decode_loop import ChunkRequest
+from policies.prefix_cache import PrefixCacheConfig, PrefixKV
+from policies.sampling import SplitDraws
+from scorers.confidence import ConfidenceScorer
+from test_prefix_cache import assert_same_outputs, children, policy
+from test_reflective_policy import policy as reflective_policy
+from test_transformers_policy import mixed_prefixes
+from treesearch.beam_search import BeamSearchConfig, beam_search
+from treesearch.concurrent import search_each
+from treesearch.records import Prefix, Problem
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+# (prefix indices into mixed_prefixes(), n, seed, stop_at_step): two kinds of call, so the engine
+# runs two cohorts (propose to a step end, propose to the end) and feeds them jointly
+CALLS = [([0, 1], 3, 0, True), ([2], 4, 1, True), ([3, 0], 2, 2, False), ([1, 2, 3], 3, 3, True), ([1], 5, 4, False)]
+
+
+def _call(p, prefixes, spec):
+    indices, n, seed, stop = spec
+    return p.propose([prefixes[i] for i in indices], n, seed=seed, stop_at_step=stop)
+
+
+def _in_threads(p, engine, prefixes, calls, late=()):
+    """Every call in its own thread: `calls` lined up while the engine holds, so they are
+    admitted together; `late` ones start once those run. Outputs in order, calls then late."""
+    outputs: dict[int, object] = {}
+
+    def worker(k, spec):
+        outputs[k] = _call(p, prefixes, spec)
+
+    threads = [threading.Thread(target=worker, args=(k, spec)) for k, spec in enumerate(calls)]
+    with engine.hold():
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while engine.queued < len(calls) and time.monotonic() < deadline:
+            time.sleep(0.001)
+    later = [threading.Thread(target=worker, args=(len(calls) + k, spec)) for k, spec in enumerate(late)]
+    for thread in later:
+        thread.start()
+    for thread in threads + later:
+        thread.join()
+    return [outputs[k] for k in range(len(calls) + len(late))]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("cache", [None, PrefixCacheConfig()])
+def test_concurrent_calls_equal_each_call_alone(temperature, cache):
+    prefixes = mixed_prefixes()
+    alone = [_call(policy(cache, temperature=temperature), prefixes, spec) for spec in CALLS + CALLS[:2]]
+    p = policy(cache, temperature=temperature)
+    with ContinuousEngine.attached(p) as engine:
+        together = _in_threads(p, engine, prefixes, CALLS, late=CALLS[:2])
+    for a, b in zip(alone, together):
+        assert_same_outputs([a], [b])
+    assert engine.most_cohorts >= 2  # the two kinds of call shared forwards
+    assert p.chunk_decoder == p._decode_here  # detached again
+
+
+def test_rounds_of_a_step_search_through_the_engine_reuse_prefixes_and_match():
+    """Two rounds: the second extends the first's children from the prefix cache."""
+    prefixes = mixed_prefixes()
+    alone_policy, p = policy(PrefixCacheConfig()), policy(PrefixCacheConfig())
+    first_alone = alone_policy.propose(prefixes, 3, seed=0)
+    second_alone = alone_policy.propose(children(prefixes, first_alone), 2, seed=1)
+    with ContinuousEngine.attached(p):
+        first = p.propose(prefixes, 3, seed=0)
+        second = p.propose(children(prefixes, first), 2, seed=1)
+    assert_same_outputs([first_alone, second_alone], [first, second])
+    assert p.prefix_cache.stats().hits > 0
+
+
+def test_step_head_scores_through_the_engine_equal_alone():
+    prefixes = mixed_prefixes()
+    alone = [_call(reflective_policy(temperature=1.0), prefixes, spec) for spec in CALLS]
+    p = reflective_policy(temperature=1.0)
+    with ContinuousEngine.attached(p) as engine:
+        together = _in_threads(p, engine, prefixes, CALLS)
+    for a, b in zip(alone, together):
+        assert_same_outputs([a], [b])
+        scores_a = [s.score for row in a for s in row]
+        scores_b = [s.score for row in b for s in row]
+        assert scores_a == pytest.approx(scores_b, abs=1e-4) and any(x is not None for x in scores_a)
+
+
+def test_a_search_per_problem_in_threads_equals_one_problem_at_a_time():
+    problems = [Problem(f"p{i}", f"<think>{i}+{i + 1}=") for i in range(5)]
+    cfg = BeamSearchConfig(n=4, beam_width=2, max_depth=4, seed=3)
+    alone = [beam_search([q], policy(PrefixCacheConfig()), ConfidenceScorer(), cfg)[0] for q in problems]
+    p = policy(PrefixCacheConfig())
+    with ContinuousEngine.attached(p) as engine:
+        together = search_each(beam_search, problems, p, ConfidenceScorer(), cfg)
+    assert [r.problem.id for r in together] == [q.id for q in problems]
+    for a, b in zip(alone, together):
+        assert [c.text for c in a.candidates] == [c.text for c in b.candidates]
+        assert a.chosen == b.chosen
+        assert a.compute.tokens_generated == b.compute.tokens_generated
+    assert engine.forwards > 0
+
+
+def test_a_failing_call_fails_alone_and_the_engine_keeps_serving():
+    p = policy(PrefixCacheConfig())
+    ids = [1, 5, 6]
+    whole = PrefixKV(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16))  # as long as the context: invalid
+    bad = ChunkRequest([ids], [0, 0], [4, 4], True, 1.0, 1.0, torch.Generator().manual_seed(0), past=[whole])
+    with ContinuousEngine.attached(p) as engine:
+        with pytest.raises(ValueError, match="cached prefix must leave at least one context token"):
+            engine.decode(bad)
+        out = p.propose(mixed_prefixes(), 2, seed=0)
+    assert_same_outputs([out], [policy(PrefixCacheConfig()).propose(mixed_prefixes(), 2, seed=0)])
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.decode(bad)
+
+
+def test_split_draws_equal_each_generator_drawn_alone():
+    a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    split = SplitDraws([a, b], [3, 2]).rand(5, torch.device("cpu"))
+    expected = torch.cat([torch.rand(3, 1, generator=torch.Generator().manual_seed(1)),
+                          torch.rand(2, 1, generator=torch.Generator().manual_seed(2))])
+    assert torch.equal(split, expected)
+    with pytest.raises(ValueError, match="do not sum to 4 rows"):
+        SplitDraws([a, b], [3, 2]).rand(4, torch.device("cpu"))
+
+
+def test_only_requests_of_one_kind_merge():
+    gen = torch.Generator()
+    propose = ChunkRequest([[1, 2]], [0], [4], True, 1.0, 1.0, gen)
+    to_end = ChunkRequest([[1, 3]], [0], [4], False, 1.0, 1.0, gen)
+    merged = merge_requests([propose, propose])
+    assert merged.row_context == [0, 1] and [n for _, n in merged.split_generators] == [1, 1]
+    with pytest.raises(ValueError, match="equal merge_key"):
+        merge_requests([propose, to_end])
+
+
+def test_search_each_raises_a_problems_error_and_checks_workers():
+    def fails_on_b(problems, policy, scorer, cfg):
+        if problems[0].id == "b":
+            raise RuntimeError("problem b broke")
+        return [problems[0].id]
+
+    problems = [Problem("a", "1"), Problem("b", "2")]
+    with pytest.raises(RuntimeError, match="problem b broke"):
+        search_each(fails_on_b, problems, None, None, None)
+    with pytest.raises(ValueError, match="workers=0"):
+        search_each(fails_on_b, problems, None, None, None, workers=0)
+    assert search_each(fails_on_b, [], None, None, None) == []

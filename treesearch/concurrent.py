@@ -1,0 +1,49 @@
+"""Run a strategy on each problem in its own thread, for a policy that batches concurrent calls
+(continuous batching, `policies.continuous_engine`): every problem's search proceeds at its own
+pace, and the policy decodes whatever calls are waiting together.
+
+    with ContinuousEngine.attached(policy):
+        results = search_each(beam_search, problems, policy, scorer, BeamSearchConfig(n=8))
+
+Results are in problem order and equal `[fn([p], ...)[0] for p in problems]`, one problem at a
+time (search-and-learn's way), since each search makes the same calls with the same seeds; only
+the wall time a problem's compute ledger records includes waiting for the others' rows.
+An error in one problem's search is raised here after the other searches end.
+
+Tests: `.venv/bin/python -m pytest tests/test_continuous_engine.py`.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+from treesearch.protocols import Policy, Scorer
+from treesearch.records import Problem
+from treesearch.result import SearchResult
+
+MAX_WORKERS = 256  # threads at most; more problems wait for a free one
+
+
+def search_each(
+    fn: Callable[[Sequence[Problem], Policy, Scorer, Any], list[SearchResult]],
+    problems: Sequence[Problem],
+    policy: Policy,
+    scorer: Scorer,
+    cfg: Any,
+    workers: int | None = None,
+) -> list[SearchResult]:
+    """fn([problem], policy, scorer, cfg) for every problem, `workers` at a time (default: all,
+    up to MAX_WORKERS), in threads; the results in problem order."""
+    if workers is not None and workers < 1:
+        raise ValueError(f"search_each workers={workers} must be >= 1")
+    if not problems:
+        return []
+    count = min(len(problems), MAX_WORKERS) if workers is None else workers
+
+    def one(problem: Problem) -> SearchResult:
+        (result,) = fn([problem], policy, scorer, cfg)
+        return result
+
+    with ThreadPoolExecutor(max_workers=count, thread_name_prefix="search") as pool:
+        futures = [pool.submit(one, problem) for problem in problems]
+        return [future.result() for future in futures]
