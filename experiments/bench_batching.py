@@ -41,12 +41,14 @@ from typing import Any, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
-from experiments.bench_timing import DecodeRows, best_of, timed  # noqa: E402
+from experiments.bench_timing import DecodeRows, Timing, best_of, timed  # noqa: E402
+from policies.continuous_engine import ContinuousEngine  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.shared_prefix import SharedPrefixCache, supports_shared_prefix  # noqa: E402
 from policies.slot_cache import slot_cache  # noqa: E402
 from scorers.confidence import ConfidenceScorer  # noqa: E402
 from treesearch.beam_search import BeamSearchConfig, beam_search  # noqa: E402
+from treesearch.concurrent import search_each  # noqa: E402
 from treesearch.result import SearchResult  # noqa: E402
 
 
@@ -107,23 +109,37 @@ def run(work: Workload, n: int, beam_width: int, seed: int) -> str:
     cfg = BeamSearchConfig(n=n, beam_width=beam_width, max_depth=20, seed=seed)
     batched: list[SearchResult] = []
     one_by_one: list[SearchResult] = []
+    continuous: list[SearchResult] = []
     with DecodeRows(work.lm) as rows_batched:
         t_batched = timed(lambda: batched.extend(beam_search(probs, policy(), ConfidenceScorer(), cfg)))
     with DecodeRows(work.lm) as rows_single:
         t_single = timed(lambda: one_by_one.extend(
             r for p in probs for r in beam_search([p], policy(), ConfidenceScorer(), cfg)))
+    shared = policy()
+    with DecodeRows(work.lm) as rows_continuous, ContinuousEngine.attached(shared) as engine:
+        t_continuous = timed(lambda: continuous.extend(search_each(beam_search, probs, shared, ConfidenceScorer(), cfg)))
+    same = sum(_candidates(a) == _candidates(b) for a, b in zip(one_by_one, continuous))
     full = min(len(probs) * n, work.sampling.batch_size)
+
+    def line(name: str, t: Timing, results: list[SearchResult], rows: DecodeRows, full_rows: int) -> str:
+        return (f"| {name} | {t.wall_s:.2f} | {work.accuracy(results):.3f} | {t_single.wall_s / t.wall_s:.2f} | "
+                f"{t.cpu_s:.2f} | {t_single.cpu_s / t.cpu_s:.2f} | {rows.mean:.1f} / {rows.median:.0f} ({full_rows}) |")
+
     return "\n".join([
         f"{work.description}; beam search N={n}, M={beam_width}; "
         f"torch threads {torch.get_num_threads()}",
         "| run | wall s | accuracy | speed-up | cpu s | cpu speed-up | rows per decode forward: mean / median (full) |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        f"| one problem at a time | {t_single.wall_s:.2f} | {work.accuracy(one_by_one):.3f} | 1.00 | "
-        f"{t_single.cpu_s:.2f} | 1.00 | {rows_single.mean:.1f} / {rows_single.median:.0f} ({n}) |",
-        f"| all problems batched | {t_batched.wall_s:.2f} | {work.accuracy(batched):.3f} | "
-        f"{t_single.wall_s / t_batched.wall_s:.2f} | {t_batched.cpu_s:.2f} | {t_single.cpu_s / t_batched.cpu_s:.2f} | "
-        f"{rows_batched.mean:.1f} / {rows_batched.median:.0f} ({full}) |",
+        line("one problem at a time", t_single, one_by_one, rows_single, n),
+        line("all problems batched (lockstep rounds)", t_batched, batched, rows_batched, full),
+        line("continuous batching (a thread per problem)", t_continuous, continuous, rows_continuous, full),
+        f"continuous batching: {engine.cohorts_fed / max(engine.forwards, 1):.1f} cohorts per decode forward "
+        f"(most {engine.most_cohorts}); {same} of {len(probs)} problems have the same candidates as one at a time",
     ])
+
+
+def _candidates(result: SearchResult) -> list[str]:
+    return [c.text for c in result.candidates]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,6 +6,7 @@
     python -m experiments.search -m search=best_of_n,beam budget=4,8 seed=0,1   # a sweep
     python -m experiments.search experiment=budget_sweep                        # strategy x budget x seed
     python -m experiments.search experiment=budget_sweep hydra/launcher=local num_threads=1  # 2 at a time
+    python -m experiments.search search=beam chunk=16 +batching=continuous    # continuous batching
 
 Configs live in `experiments/conf/` (primary: `search.yaml`); every component is built with
 `hydra.utils.instantiate` from `_target_` nodes that mirror the constructors: `policy`, `scorer`,
@@ -56,6 +57,7 @@ from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
 from experiments.sweep_metrics import run_metrics
 from policies.gc_freeze import freeze_long_lived
+from treesearch.concurrent import search_each
 from treesearch.config_diff import config_differences
 from treesearch.protocols import Policy, Scorer
 from treesearch.records import Problem
@@ -65,6 +67,10 @@ CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 # top-level keys that do not change what a run computes (left out of the config comparison)
 IGNORED_KEYS: tuple[str, ...] = ("out_dir", "progress", "num_threads")
 RECORDS, CONFIG, METRICS, LOCK = "records.jsonl", "config.yaml", "metrics.json", ".lock"
+# `+batching=`: lockstep (default: every round of a chunk's problems in one policy call) or
+# continuous (each problem searched in its own thread, the policy decoding whatever calls wait
+# together: `policies.continuous_engine`; a problem's samples are then those of searching it alone)
+BATCHING: tuple[str, ...] = ("lockstep", "continuous")
 
 # hydra.run.dir / hydra.sweep.subdir: the override string ("/" in a value made "_", so a path
 # stays one folder), or "default" when there is none; a name longer than a file name may be
@@ -214,14 +220,37 @@ def run_lock(out: Path) -> Iterator[None]:
 # -- running ------------------------------------------------------------------------------------
 
 
+def check_batching(batching: str) -> str:
+    """The `+batching=` value, validated (BATCHING lists the valid ones)."""
+    if batching not in BATCHING:
+        raise ValueError(f"batching={batching!r}; valid: {', '.join(BATCHING)}")
+    return batching
+
+
+def search_chunk(
+    part: Sequence[Problem], spec: StrategySpec, cfg: Any, policy: Policy, scorer: Scorer, batching: str,
+) -> list[Any]:
+    """The strategy over one chunk: in lockstep (one call per round for all problems) or with
+    continuous batching (each problem's search in its own thread, the policy's calls decoded
+    together by a `policies.continuous_engine.ContinuousEngine`; transformers policy only)."""
+    if check_batching(batching) == "lockstep":
+        return spec.fn(part, policy, scorer, cfg)
+    if not hasattr(policy, "chunk_decoder"):
+        raise ValueError(f"batching=continuous needs the in-process transformers policy, not {type(policy).__name__}")
+    from policies.continuous_engine import ContinuousEngine  # torch: only when asked for
+
+    with ContinuousEngine.attached(policy):
+        return search_each(spec.fn, part, policy, scorer, cfg)
+
+
 def run_chunk(
     part: Sequence[Problem], spec: StrategySpec, strategy_cfg: Any, policy: Policy, scorer: Scorer,
-    task: Task, seed: int, skip: set[str],
+    task: Task, seed: int, skip: set[str], batching: str = "lockstep",
 ) -> list[dict[str, Any]]:
     """Search one chunk (all of it, so its samples do not depend on what was done before) and
     return the rows of the problems not in skip."""
     cfg = dataclasses.replace(strategy_cfg, seed=chunk_seed(seed, [p.id for p in part]))
-    results = spec.fn(part, policy, scorer, cfg)
+    results = search_chunk(part, spec, cfg, policy, scorer, batching)
     outcomes = grade_results(results, task.grade, task.extract_answer)
     return [
         {**record(result, outcome), "policy_parameters": policy.num_parameters}
@@ -242,7 +271,8 @@ def search_missing(
     with tqdm(total=total, initial=total - sum(p.id not in done for part in todo for p in part), unit="problem", disable=not cfg.progress,
               desc=spec.fn.__name__) as bar:
         for part in todo:
-            rows = run_chunk(part, spec, strategy_cfg, policy, scorer, task, cfg.seed, done)
+            rows = run_chunk(part, spec, strategy_cfg, policy, scorer, task, cfg.seed, done,
+                             cfg.get("batching", "lockstep"))
             append_rows(out / RECORDS, rows)
             bar.update(len(rows))
 
@@ -263,6 +293,7 @@ def run_search_experiment(cfg: DictConfig) -> Path:
 
         torch.set_num_threads(int(cfg.num_threads))
     strategy_cfg = build_frozen(cfg.search)  # validates before anything is loaded or written
+    check_batching(cfg.get("batching", "lockstep"))
     _, spec = strategy_of(strategy_cfg)
     task, problems = load_task(cfg.task)
     parts = chunks(problems, cfg.chunk)

@@ -29,12 +29,15 @@ def test_batching_table(tmp_path):
 
     work = load_workload("tiny", problems=2, seed=0, checkpoint=tmp_path / "no-checkpoint")
     table = bench_batching.run(work, n=2, beam_width=1, seed=0)
-    rows = [line.split("|")[1:-1] for line in table.splitlines()[3:]]
-    assert [r[0].strip() for r in rows] == ["one problem at a time", "all problems batched"]
-    assert rows[0][2] == rows[1][2]  # same accuracy: batching changes no choice here
-    single, batched = (r[6].strip() for r in rows)  # "mean / median (full)" rows per decode forward
-    assert single.endswith("(2)") and batched.endswith("(4)")
+    lines = table.splitlines()
+    rows = [line.split("|")[1:-1] for line in lines[3:6]]
+    assert [r[0].strip() for r in rows] == [
+        "one problem at a time", "all problems batched (lockstep rounds)", "continuous batching (a thread per problem)"]
+    assert rows[0][2] == rows[1][2] == rows[2][2]  # same accuracy: batching changes no choice here
+    single, batched, continuous = (r[6].strip() for r in rows)  # "mean / median (full)" rows per decode forward
+    assert single.endswith("(2)") and batched.endswith("(4)") and continuous.endswith("(4)")
     assert 0 < float(single.split(" / ")[0]) <= 2 and 0 < float(batched.split(" / ")[0]) <= 4
+    assert lines[6].startswith("continuous batching: ") and lines[6].endswith("2 of 2 problems have the same candidates as one at a time")
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ The benchmark tasks read the real files of ../shared/data and skip, saying so, w
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import socket
@@ -21,7 +22,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.search import (
-    CONFIG_DIR, MAX_RUN_NAME, ConfigMismatchError, build, build_frozen, load_task, run_name, run_search_experiment, strategy_of,
+    CONFIG_DIR, MAX_RUN_NAME, ConfigMismatchError, build, build_frozen, chunk_seed, load_task, run_name,
+    run_search_experiment, strategy_of,
 )
 from experiments.tasks import aime, arith, ceval, countdown, gsm8k, math500
 from experiments.tasks.loader_errors import default_data_dir
@@ -366,6 +368,27 @@ def test_search_entry_smoke_runs_every_strategy(strategy, ckpt, tmp_path):
     assert metrics["problems"] == 2 and 0.0 <= metrics["accuracy"]["mean"] <= 1.0
     assert metrics["compute"]["C"] == pytest.approx(metrics["compute"]["policy_parameters"] * metrics["compute"]["tokens_generated"])
     assert (out / "config.yaml").is_file()
+
+
+def test_continuous_batching_gives_each_problem_its_search_alone(ckpt, tmp_path):
+    """+batching=continuous: the chunk's problems are searched in threads through the engine;
+    each problem's candidates equal a search of that problem alone with the chunk's seed."""
+    out = tmp_path / "continuous"
+    overrides = ["search=beam", f"policy.path={ckpt}", f"out_dir={out}", "+batching=continuous"] + TINY + TINY_BY_STRATEGY["beam"]
+    cfg = composed(overrides)
+    run_search_experiment(cfg)
+    rows = {row["problem_id"]: row for row in _rows(out)}
+    _, problems = load_task(cfg.task)
+    strategy_cfg = build_frozen(cfg.search)
+    _, spec = strategy_of(strategy_cfg)
+    seeded = dataclasses.replace(strategy_cfg, seed=chunk_seed(cfg.seed, [p.id for p in problems]))
+    policy = build(cfg.policy)
+    for problem in problems:
+        (alone,) = spec.fn([problem], policy, build(cfg.scorer), seeded)
+        assert [c["text"] for c in rows[problem.id]["candidates"]] == [c.text for c in alone.candidates]
+    with pytest.raises(ValueError, match="batching='sometimes'; valid: lockstep, continuous"):
+        run_search_experiment(composed([f"out_dir={tmp_path / 'bad'}", "+batching=sometimes"] + TINY))
+    assert not (tmp_path / "bad").exists()
 
 
 def _rows(out: Path) -> list[dict]:
