@@ -7,6 +7,13 @@ average (the per-problem seeds are the same; batching changes only float roundin
 batched at least 4x faster. Wall time and this process's CPU time are both printed (on a shared
 machine another job's load stretches wall time; a one-thread run's CPU time much less).
 
+A third run uses continuous batching (`policies.continuous_engine`): each problem's search in
+its own thread (`treesearch.concurrent.search_each`), every policy call's chunk joining the batch
+between two decode steps, so a problem starts its next round as soon as its own step ends
+instead of waiting for the round's longest step. Each problem then samples exactly what it
+samples alone, so its candidates equal the one-at-a-time run's (the last line counts the
+problems where they do, up to float rounding) and its speed-up is over the same results.
+
 The last column says how full the decode forwards were: the mean and median rows of a forward
 that feeds one token per row (decode steps; a round's prefill that feeds only each context's
 last token counts too, with one row per context), against a full batch (one problem's N rows;

@@ -112,13 +112,15 @@ class ContinuousEngine:
         """Within the block, `policy` (a TransformersPolicy) decodes its chunks on a new engine,
         from any number of threads; the engine stops afterwards."""
         engine = cls(policy.model, policy.rule, policy.pad_id, policy.step_head, policy.sampling.batch_size)
-        previous, pool_size = policy.chunk_decoder, KV_POOL.max_free
+        previous, pool_size, drop_smaller = policy.chunk_decoder, KV_POOL.max_free, KV_POOL.drop_smaller
         policy.chunk_decoder = engine.decode
+        KV_POOL.drop_smaller = False  # chunks of many sizes run at once: keep every free buffer for reuse
         try:
             yield engine
         finally:
             policy.chunk_decoder = previous
             engine.close()
+            KV_POOL.drop_smaller = drop_smaller
             KV_POOL.set_max_free(pool_size)  # the buffers of the extra chunks go back to the allocator
 
     def decode(self, request: ChunkRequest) -> ChunkOutput:

@@ -30,8 +30,12 @@ class BufferPool:
     """Free flat buffers by dtype, device and inference mode; `take` a view of one, `give` it
     back when done."""
 
-    def __init__(self, max_free: int = MAX_FREE) -> None:
+    def __init__(self, max_free: int = MAX_FREE, drop_smaller: bool = True) -> None:
         self.max_free = max_free
+        # a take that nothing free fits drops the smaller free buffers of its kind (a step search
+        # asks for ever larger ones); False keeps them for later, smaller requests (the continuous
+        # engine's chunks come in many sizes at once)
+        self.drop_smaller = drop_smaller
         self._free: list[torch.Tensor] = []  # flat, contiguous
         self.allocations = 0  # buffers made (not served from the pool), for tests and benchmarks
 
@@ -45,8 +49,9 @@ class BufferPool:
         if fits:
             flat = min(fits, key=lambda b: b.numel())
             self._free = [b for b in self._free if b is not flat]
-        else:  # requests grow as paths do: a smaller free buffer of this kind would only sit there
-            self._free = [b for b in self._free if not any(b is small for small in same_kind)]
+        else:
+            if self.drop_smaller:  # requests grow as paths do: a smaller free buffer would only sit there
+                self._free = [b for b in self._free if not any(b is small for small in same_kind)]
             flat = torch.empty(max(int(numel * HEADROOM), 1), dtype=dtype, device=device)
             self.allocations += 1
         return flat[:numel].view(tuple(int(s) for s in shape))

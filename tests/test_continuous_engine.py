@@ -27,8 +27,8 @@ from scorers.confidence import ConfidenceScorer
 from test_prefix_cache import assert_same_outputs, children, policy
 from test_reflective_policy import policy as reflective_policy
 from test_transformers_policy import mixed_prefixes
-from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.concurrent import search_each
+from treesearch.registry import get_strategy
 from treesearch.records import Prefix, Problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -106,13 +106,19 @@ def test_step_head_scores_through_the_engine_equal_alone():
         assert scores_a == pytest.approx(scores_b, abs=1e-4) and any(x is not None for x in scores_a)
 
 
-def test_a_search_per_problem_in_threads_equals_one_problem_at_a_time():
+@pytest.mark.parametrize("strategy,settings", [
+    ("beam_search", dict(n=4, beam_width=2, max_depth=4)),
+    ("mcts", dict(iterations=6, expand_width=2, leaves_per_round=2, max_depth=4)),
+    ("best_of_n", dict(n=4)),
+])
+def test_a_search_per_problem_in_threads_equals_one_problem_at_a_time(strategy, settings):
     problems = [Problem(f"p{i}", f"<think>{i}+{i + 1}=") for i in range(5)]
-    cfg = BeamSearchConfig(n=4, beam_width=2, max_depth=4, seed=3)
-    alone = [beam_search([q], policy(PrefixCacheConfig()), ConfidenceScorer(), cfg)[0] for q in problems]
+    spec = get_strategy(strategy)
+    cfg = spec.config(seed=3, **settings)
+    alone = [spec.fn([q], policy(PrefixCacheConfig()), ConfidenceScorer(), cfg)[0] for q in problems]
     p = policy(PrefixCacheConfig())
     with ContinuousEngine.attached(p) as engine:
-        together = search_each(beam_search, problems, p, ConfidenceScorer(), cfg)
+        together = search_each(spec.fn, problems, p, ConfidenceScorer(), cfg)
     assert [r.problem.id for r in together] == [q.id for q in problems]
     for a, b in zip(alone, together):
         assert [c.text for c in a.candidates] == [c.text for c in b.candidates]

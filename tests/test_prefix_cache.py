@@ -386,6 +386,21 @@ def test_the_pool_serves_a_given_back_buffer_to_the_next_request_that_fits():
     assert pool._free[1].numel() == int(30 * HEADROOM)  # a whole buffer comes back, not the view
 
 
+def test_a_pool_of_many_sizes_keeps_smaller_buffers_and_trims_to_max_free():
+    from policies.kv_pool import BufferPool
+
+    pool = BufferPool(max_free=4, drop_smaller=False)  # as the continuous engine runs it
+    small = pool.take((10,), torch.float32, "cpu")
+    pool.give(small)
+    pool.take((1000,), torch.float32, "cpu")  # nothing free fits: a new one, the small one stays
+    assert pool.allocations == 2 and [b.numel() for b in pool._free] == [12]
+    assert pool.take((8,), torch.float32, "cpu").data_ptr() == small.data_ptr() and pool.allocations == 2
+    for size in (20, 30, 40, 50):
+        pool.give(torch.empty(size))
+    pool.set_max_free(2)
+    assert [b.numel() for b in pool._free] == [50, 40]  # the largest kept
+
+
 def test_a_step_search_reuses_its_kv_buffers_from_the_pool_round_to_round():
     from policies.slot_cache import KV_POOL as pool  # the decode loop's pool, emptied first
 
