@@ -338,6 +338,27 @@ def test_a_chained_entry_pads_like_the_flat_one_and_counts_its_whole_length():
         PrefixKV(torch.zeros(3, 1, 1, 2), torch.zeros(3, 1, 1, 2), parent=root)
 
 
+def test_the_budget_counts_each_held_segment_once():
+    """A tree's paths share their prompt: the budget counts it once; an evicted entry's segments
+    stay counted while a stored entry extends them."""
+    def step(parent: PrefixKV) -> PrefixKV:
+        return PrefixKV(torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), parent=parent)  # 2 tokens: 64 bytes
+
+    cache = PrefixCache(PrefixCacheConfig(max_bytes=256))
+    root = kv(4)  # 128 bytes
+    a, b = step(root), step(root)
+    cache.store((1, 2, 3, 4), root)
+    cache.store((1, 2, 3, 4, 5, 6), a)
+    cache.store((1, 2, 3, 4, 7, 8), b)
+    assert cache.stats().bytes == 128 + 64 + 64  # the root once, not three times (its flat count: 448)
+    c = step(a)
+    cache.store((1, 2, 3, 4, 5, 6, 9, 9), c)  # 320 > 256: root's entry goes (its segment is held on),
+    stats = cache.stats()                      # then a's (held by c), then b's, which frees 64
+    assert (stats.evictions, stats.entries, stats.bytes) == (3, 1, 256)
+    cache.store(tuple(range(10, 18)), kv(8))  # 256 more: c goes and its whole chain with it
+    assert (cache.stats().entries, cache.stats().bytes) == (1, 256)
+
+
 def test_a_step_search_stores_each_step_as_a_segment_over_its_prefix():
     p = policy(PrefixCacheConfig())
     run_rounds(p, rounds=4, n=2)
