@@ -1,4 +1,5 @@
-"""Decode the chunks of several policy calls as one chunk, and split the result back per call.
+"""Decode the chunks of several policy calls as one chunk (each call then takes its own rows back:
+`ChunkRun.rows_output`).
 
 Why: under continuous batching (`policies.continuous_engine`) many calls arrive between two
 decode steps, each a few contexts with n sample rows. Decoded as separate chunks, each would
@@ -8,8 +9,9 @@ round does. Each call's rows keep their own generator (`ChunkRequest.split_gener
 in their own row order, so every call samples what it would alone (up to float rounding).
 
     merged = merge_requests([a, b, c])                # compatible requests (`merge_key`)
-    out = decode_request(model, merged, rule, pad_id)
-    out_a, out_b, out_c = split_output(out, [a, b, c])
+    run = ChunkRun(model, merged, rule, pad_id)
+    ...                                               # sample / feed; once a's rows are all done:
+    out_a = run.rows_output(slice(0, len(a.row_context)))
 
 Tests: `.venv/bin/python -m pytest tests/test_continuous_engine.py`.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from typing import Hashable, Sequence
 
-from policies.decode_loop import ChunkOutput, ChunkRequest
+from policies.decode_loop import ChunkRequest
 
 
 def merge_key(request: ChunkRequest) -> Hashable:
@@ -46,18 +48,3 @@ def merge_requests(requests: Sequence[ChunkRequest]) -> ChunkRequest:
         past=None if first.past is None else past, keep_kv=first.keep_kv, shared_prefix=first.shared_prefix,
         split_generators=tuple((r.generator, len(r.row_context)) for r in requests),
     )
-
-
-def split_output(out: ChunkOutput, requests: Sequence[ChunkRequest]) -> list[ChunkOutput]:
-    """The merged chunk's output, back per request (each its own rows, in its own row order)."""
-    if len(requests) == 1:
-        return [out]
-    parts, start = [], 0
-    for request in requests:
-        rows = slice(start, start + len(request.row_context))
-        parts.append(ChunkOutput(
-            out.token_ids[rows], out.logprobs[rows], out.boundary[rows], out.lengths[rows], out.finish[rows],
-            out.fed_kv[rows], None if out.step_scores is None else out.step_scores[rows],
-        ))
-        start = rows.stop
-    return parts

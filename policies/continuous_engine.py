@@ -33,7 +33,7 @@ from typing import Any, Hashable, Iterator
 
 import torch
 
-from policies.chunk_merge import merge_key, merge_requests, split_output
+from policies.chunk_merge import merge_key, merge_requests
 from policies.decode_loop import ChunkOutput, ChunkRequest, ChunkRun, StepHead
 from policies.joint_forward import feed_jointly
 from policies.slot_cache import KV_POOL
@@ -62,27 +62,45 @@ class _Call:
 
 @dataclass
 class _Cohort:
-    """The calls admitted together (with one `merge_key`), decoded as one merged chunk."""
+    """The calls admitted together (with one `merge_key`), decoded as one merged chunk; each call
+    is handed its rows as soon as they are all done (`deliver_done`), not when the whole chunk is."""
 
     calls: list[_Call]
     run: ChunkRun | None = None
+    pending: list[tuple[_Call, slice]] = field(default_factory=list)  # calls not handed back yet, their rows
+
+    def __post_init__(self) -> None:
+        start = 0
+        for call in self.calls:
+            self.pending.append((call, slice(start, start + call.rows)))
+            start += call.rows
 
     @property
     def live_rows(self) -> int:
         return int(self.run.batch.rows.numel())
 
+    def deliver_done(self) -> None:
+        """Hand back every pending call whose rows have all finished."""
+        waiting = []
+        for call, rows in self.pending:
+            if self.run.rows_done(rows):
+                call.finish(self.run.rows_output(rows))
+            else:
+                waiting.append((call, rows))
+        self.pending = waiting
+
     def deliver(self) -> None:
-        """Hand each call its rows of the finished run."""
-        outputs = split_output(self.run.output(), [call.request for call in self.calls])
-        for call, output in zip(self.calls, outputs):
-            call.finish(output)
+        """The run has ended: its buffers go back to the pool and the last calls are handed back."""
+        self.run.output()
+        self.deliver_done()
 
     def fail(self, error: BaseException) -> None:
-        """Fail every call of the cohort (its KV buffers go back to the pool)."""
+        """Fail every call not handed back yet (the KV buffers go back to the pool)."""
         if self.run is not None:
             self.run.batch.cache.release()
-        for call in self.calls:
+        for call, _ in self.pending:
             call.finish(error=error)
+        self.pending = []
 
 
 class ContinuousEngine:
@@ -212,6 +230,7 @@ class ContinuousEngine:
         Returns whether it still decodes."""
         try:
             if cohort.run.sample():
+                cohort.deliver_done()
                 return True
             cohort.deliver()
         except Exception as error:  # noqa: BLE001

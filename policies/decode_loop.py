@@ -353,6 +353,18 @@ class ChunkRun:
         return ChunkOutput(self.token_ids, self.logprobs, self.boundary, self.lengths, self.finish,
                            tuple(self.fed_kv), self.scores)
 
+    def rows_done(self, rows: slice) -> bool:
+        """Whether every row in `rows` has finished (each row generates at least one token)."""
+        return bool((self.lengths[rows] > 0).all())
+
+    @torch.inference_mode()
+    def rows_output(self, rows: slice) -> ChunkOutput:
+        """What the finished rows `rows` generated, copied out while the others still decode (the
+        continuous engine hands each merged call its rows as soon as they are all done)."""
+        scores = None if self.scores is None else self.scores[rows].clone()
+        return ChunkOutput(self.token_ids[rows].clone(), self.logprobs[rows].clone(), self.boundary[rows].clone(),
+                           self.lengths[rows].clone(), self.finish[rows].clone(), tuple(self.fed_kv[rows]), scores)
+
 
 def _row_groups(split: Sequence[tuple[Any, int]], device: torch.device) -> torch.Tensor | None:
     """[R] index of the call each row belongs to (rows of a call are contiguous), or None."""

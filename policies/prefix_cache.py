@@ -24,11 +24,11 @@ Eviction: least recently used (a hit or a store counts as a use) until the store
 not stored. The stored bytes are those of every segment the entries' chains hold, each counted
 once however many entries share it (a tree's prompt and common steps once, not once per path):
 the memory the cache keeps alive, since an evicted entry's segments stay counted while a stored
-entry extends them. (Counting each entry's whole sequence instead made a SmolLM2 beam search
-over 16 GSM8K problems evict most of a round's children before the next round could reuse
-them: 128 paths of ~200 tokens at 46 KB per token counted 1.2 GB against 512 MiB, where their
-segments held a fraction of that.) Entries are only valid for the weights that computed them:
-call `clear()` after changing the model.
+entry extends them. (Counting each entry's whole sequence instead, a SmolLM2 beam search over
+16 GSM8K problems, N = 8, depth 3, evicted most of a round's children before the next round
+could reuse them: 41 of 80 lookups hit, 269 evictions, 146 s; counted once: 64 hits, none
+evicted, 474 MiB held, 99 s, as many tokens generated.) Entries are only valid for the weights
+that computed them: call `clear()` after changing the model.
 
 Tests: `.venv/bin/pytest tests/test_prefix_cache.py`.
 """

@@ -26,7 +26,10 @@ from policies.sampling import SplitDraws
 from scorers.confidence import ConfidenceScorer
 from test_prefix_cache import assert_same_outputs, children, policy
 from test_reflective_policy import policy as reflective_policy
-from test_transformers_policy import mixed_prefixes
+from policies.sampling_config import SamplingConfig
+from policies.transformers_policy import TransformersPolicy
+from test_prefix_cache import BASE
+from test_transformers_policy import TOK, ScriptedLM, mixed_prefixes
 from treesearch.concurrent import search_each
 from treesearch.registry import get_strategy
 from treesearch.records import Prefix, Problem
@@ -125,6 +128,47 @@ def test_a_search_per_problem_in_threads_equals_one_problem_at_a_time(strategy, 
         assert a.chosen == b.chosen
         assert a.compute.tokens_generated == b.compute.tokens_generated
     assert engine.forwards > 0
+
+
+class GatedLM(ScriptedLM):
+    """Decode forwards past position 8 wait (up to 10 s) for `gate`, recording whether it opened."""
+
+    def __init__(self, inner, gate: threading.Event) -> None:
+        super().__init__(inner, {})
+        self.gate, self.opened = gate, []
+
+    def forward(self, **kwargs):
+        if kwargs["input_ids"].shape[1] == 1 and int(kwargs["position_ids"].max()) > 8:
+            self.opened.append(self.gate.wait(10))
+        return super().forward(**kwargs)
+
+
+def test_a_merged_call_is_handed_back_when_its_own_rows_end():
+    """Two calls merged into one chunk: the short one returns while the long one still decodes
+    (the long one's forwards wait for the short one's caller to have its result)."""
+    gate = threading.Event()
+    lm = GatedLM(BASE, gate)
+    p = TransformersPolicy(lm, TOK, SamplingConfig(temperature=1.0, max_total_tokens=24), prompt_fn=lambda q: q.question)
+    short = ChunkRequest([[1, 5, 6]], [0, 0], [1, 1], False, 1.0, 1.0, torch.Generator().manual_seed(0))
+    long = ChunkRequest([[1, 7, 8]], [0, 0], [12, 12], False, 1.0, 1.0, torch.Generator().manual_seed(1))
+    outputs = {}
+
+    def call(name, request):
+        outputs[name] = p.chunk_decoder(request)
+        if name == "short":
+            gate.set()
+
+    with ContinuousEngine.attached(p) as engine:
+        threads = [threading.Thread(target=call, args=item) for item in (("short", short), ("long", long))]
+        with engine.hold():
+            for thread in threads:
+                thread.start()
+            while engine.queued < 2:
+                time.sleep(0.001)
+        for thread in threads:
+            thread.join()
+    assert outputs["short"].lengths.tolist() == [1, 1] and outputs["long"].lengths.tolist() == [12, 12]
+    assert lm.opened and all(lm.opened)  # every gated forward found the short call handed back
 
 
 def test_a_failing_call_fails_alone_and_the_engine_keeps_serving():
