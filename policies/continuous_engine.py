@@ -9,18 +9,21 @@ own search in its own thread (`treesearch.concurrent.search_each`); the policy's
 their chunks (`policies.decode_loop.ChunkRequest`) with one engine thread, which admits them
 while rows are free, samples every chunk from its own logits and feeds all live rows in one
 forward (`policies.joint_forward`). A problem's next round starts as soon as its own step ends.
+Calls that arrive between the same two decode steps are merged into one chunk, a "cohort"
+(`policies.chunk_merge`: one prefill, one sampling, one attention pass), and each is handed
+back as soon as its own rows end, not when its cohort does.
 
-Each chunk keeps the generator of its call and draws in its own row order, so a problem's
-samples equal those of running that problem alone (one problem at a time), up to float rounding.
+Each call keeps its own generator and draws in its own row order, so a problem's samples equal
+those of running that problem alone (one problem at a time), up to float rounding.
 
     with ContinuousEngine.attached(policy):                   # the policy's calls go to the engine
         results = search_each(beam_search, problems, policy, scorer, cfg)   # one thread per problem
 
-    python -m experiments.search ... +continuous=true                       # the same from Hydra
+    python -m experiments.search search=beam chunk=16 +batching=continuous  # the same from Hydra
 
-Errors: a chunk whose prefill or sampling raises fails only its own call (the exception is
-raised in the caller's thread); a joint forward that raises fails the chunks in it. The engine
-keeps serving the others.
+Errors: a cohort whose prefill or sampling raises fails only its own calls (the exception is
+raised in each caller's thread); a joint forward that raises fails the cohorts in it. The
+engine keeps serving the others.
 
 Tests: `.venv/bin/python -m pytest tests/test_continuous_engine.py`.
 """
@@ -114,7 +117,7 @@ class ContinuousEngine:
         if max_rows < 1:
             raise ValueError(f"ContinuousEngine max_rows={max_rows} must be >= 1")
         self.model, self.rule, self.pad_id, self.step_head, self.max_rows = model, rule, pad_id, step_head, max_rows
-        self._queue: list[_Job] = []
+        self._queue: list[_Call] = []
         self._wake = threading.Condition()
         self._closed = False
         self._held = False

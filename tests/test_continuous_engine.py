@@ -32,7 +32,7 @@ from test_prefix_cache import BASE
 from test_transformers_policy import TOK, ScriptedLM, mixed_prefixes
 from treesearch.concurrent import search_each
 from treesearch.registry import get_strategy
-from treesearch.records import Prefix, Problem
+from treesearch.records import Problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
