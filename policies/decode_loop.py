@@ -15,6 +15,8 @@ Usage (one chunk, i.e. at most `batch_size` sample rows):
     out = decode_chunk(model, contexts, row_context, budgets, rule, stop_at_boundary=True,
                        temperature=0.6, top_p=1.0, generator=gen, pad_id=0)
     out.token_ids[r, :out.lengths[r]]        # what sample row r generated
+    run = ChunkRun(model, request, rule, pad_id)   # the same a step at a time (a ChunkRequest):
+    while run.sample(): run.feed()                 # what policies.continuous_engine interleaves
 
 Left padding is done with an attention mask and position ids from the cumulative mask, so a row's
 tokens and log-probs do not depend on the other rows of the batch. All per-token work is tensor
