@@ -120,6 +120,7 @@ class ContinuousEngine:
         self._queue: list[_Call] = []
         self._wake = threading.Condition()
         self._closed = False
+        self._broken: BaseException | None = None  # what stopped the engine thread, if anything did
         self._held = False
         self.forwards = 0  # decode forwards of the running cohorts (joint or alone), for benchmarks
         self.cohorts_fed = 0  # cohorts summed over those forwards (/ forwards: cohorts per forward)
@@ -150,7 +151,7 @@ class ContinuousEngine:
         call = _Call(request)
         with self._wake:
             if self._closed:
-                raise RuntimeError("the continuous engine is closed")
+                raise RuntimeError("the continuous engine is closed") from self._broken
             self._queue.append(call)
             self._wake.notify()
         call.done.wait()
@@ -188,15 +189,28 @@ class ContinuousEngine:
 
     def _serve(self) -> None:
         running: list[_Cohort] = []
-        with torch.inference_mode():
-            while True:
-                admitted = self._admit(running)
-                if admitted is None:
-                    return
-                running.extend(cohort for cohort in map(self._start, _cohorts(admitted)) if cohort.run is not None)
-                running = [cohort for cohort in running if self._sample(cohort)]
-                if running:
-                    self._feed(running)
+        try:
+            with torch.inference_mode():
+                while True:
+                    admitted = self._admit(running)
+                    if admitted is None:
+                        return
+                    running.extend(c for c in map(self._start, _cohorts(admitted)) if c.run is not None)
+                    running = [cohort for cohort in running if self._sample(cohort)]
+                    if running:
+                        self._feed(running)
+        except BaseException as error:  # a bug in the loop itself: no caller may wait forever
+            self._shut_down(running, error)
+
+    def _shut_down(self, running: list[_Cohort], error: BaseException) -> None:
+        """Fail every running and queued call with `error` and refuse new ones."""
+        with self._wake:
+            self._closed, self._broken = True, error
+            queued, self._queue = self._queue, []
+        for cohort in running:
+            cohort.fail(error)
+        for call in queued:
+            call.finish(error=error)
 
     def _admit(self, running: list[_Cohort]) -> list[_Call] | None:
         """The queued calls whose rows fit beside the running ones (first come first; blocks

@@ -185,6 +185,17 @@ def test_a_failing_call_fails_alone_and_the_engine_keeps_serving():
         engine.decode(bad)
 
 
+def test_a_broken_engine_loop_fails_the_waiting_calls_instead_of_hanging(monkeypatch):
+    p = policy(None)
+    with ContinuousEngine.attached(p) as engine:
+        monkeypatch.setattr(engine, "_sample", lambda cohort: 1 / 0)  # a bug inside the loop
+        with pytest.raises(ZeroDivisionError):
+            p.propose(mixed_prefixes(), 2, seed=0)
+        with pytest.raises(RuntimeError, match="closed") as closed:
+            p.propose(mixed_prefixes(), 2, seed=0)
+        assert isinstance(closed.value.__cause__, ZeroDivisionError)  # says why
+
+
 def test_split_draws_equal_each_generator_drawn_alone():
     a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     split = SplitDraws([a, b], [3, 2]).rand(5, torch.device("cpu"))
