@@ -23,7 +23,8 @@ those of running that problem alone (one problem at a time), up to float roundin
 
 Errors: a cohort whose prefill or sampling raises fails only its own calls (the exception is
 raised in each caller's thread); a joint forward that raises fails the cohorts in it. The
-engine keeps serving the others.
+engine keeps serving the others. An error in the engine's own loop fails every waiting call and
+closes the engine (later calls raise, with that error as the cause): no caller waits forever.
 
 Tests: `.venv/bin/python -m pytest tests/test_continuous_engine.py`.
 """
