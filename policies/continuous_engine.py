@@ -79,10 +79,6 @@ class _Cohort:
             self.pending.append((call, slice(start, start + call.rows)))
             start += call.rows
 
-    @property
-    def live_rows(self) -> int:
-        return int(self.run.batch.rows.numel())
-
     def deliver_done(self) -> None:
         """Hand back every pending call whose rows have all finished."""
         waiting = []
@@ -95,13 +91,13 @@ class _Cohort:
 
     def deliver(self) -> None:
         """The run has ended: its buffers go back to the pool and the last calls are handed back."""
-        self.run.output()
+        self.run.release()
         self.deliver_done()
 
     def fail(self, error: BaseException) -> None:
         """Fail every call not handed back yet (the KV buffers go back to the pool)."""
         if self.run is not None:
-            self.run.batch.cache.release()
+            self.run.release()
         for call, _ in self.pending:
             call.finish(error=error)
         self.pending = []
@@ -223,7 +219,7 @@ class ContinuousEngine:
                 self._wake.wait()
             if self._held:
                 return []
-            free = self.max_rows - sum(cohort.live_rows for cohort in running)
+            free = self.max_rows - sum(cohort.run.live_rows for cohort in running)
             admitted: list[_Call] = []
             while self._queue and (self._queue[0].rows <= free or not (running or admitted)):
                 call = self._queue.pop(0)

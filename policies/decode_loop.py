@@ -348,10 +348,19 @@ class ChunkRun:
         self.batch.next_position = self.batch.next_position + 1
         self.logits, self.features = logits, features
 
+    @property
+    def live_rows(self) -> int:
+        """Rows still decoding."""
+        return int(self.batch.rows.numel())
+
+    def release(self) -> None:
+        """Hand the KV buffers back to the pool (when done, or abandoned after an error)."""
+        self.batch.cache.release()
+
     @torch.inference_mode()
     def output(self) -> ChunkOutput:
         """What the rows generated (after `sample` returned False); the KV buffers go back to the pool."""
-        self.batch.cache.release()
+        self.release()
         return ChunkOutput(self.token_ids, self.logprobs, self.boundary, self.lengths, self.finish,
                            tuple(self.fed_kv), self.scores)
 
