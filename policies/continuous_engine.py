@@ -21,6 +21,11 @@ those of running that problem alone (one problem at a time), up to float roundin
 
     python -m experiments.search search=beam chunk=16 +batching=continuous  # the same from Hydra
 
+Threads: the policy guards its tokenizer and prefix cache with `policy.lock`; a scorer is called
+from the problems' threads at once, so one that runs a model (`scorers.sprm_scorer`'s second
+forward) must not share the policy's model object, whose attention the engine switches per
+forward (`policies.shared_prefix.shared_prefix_attention`).
+
 Errors: a cohort whose prefill or sampling raises fails only its own calls (the exception is
 raised in each caller's thread); a joint forward that raises fails the cohorts in it. The
 engine keeps serving the others. An error in the engine's own loop fails every waiting call and
