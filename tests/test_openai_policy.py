@@ -412,6 +412,11 @@ def test_seeded_samples_are_reproducible_and_equal_the_offline_engines(engines, 
         assert drawn(rollouts) == drawn(engines.offline.rollout(prefixes(), 3, seed=5))
 
 
+def forwarded(rows) -> int:
+    """Tokens forwarded over every step of every sample."""
+    return sum(step.tokens_forwarded for row in rows for step in row)
+
+
 @pytest.mark.vllm
 def test_prefix_cache_hits_come_back_as_cached_tokens(engines, checkpoint):
     with served(engines, checkpoint, SAMPLED) as policy:
@@ -421,7 +426,9 @@ def test_prefix_cache_hits_come_back_as_cached_tokens(engines, checkpoint):
         warm = policy.last_usage
         assert drawn(second) == drawn(first)
         assert warm.cached_prompt_tokens >= 4 * 32 and warm.cached_share > 0.5
-        assert second[0][0].tokens_forwarded <= first[0][0].tokens_forwarded - 32
+        # Which of the first call's requests computes the prompt and which hit the cache depends on
+        # arrival order, so compare the whole call: at least one first request computed every block.
+        assert forwarded(second) <= forwarded(first) - 32
 
 
 @pytest.mark.vllm
