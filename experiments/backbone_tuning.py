@@ -22,7 +22,7 @@ Used by `experiments.demo_reflective` (the demo's SPRM stage) and measured by
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -32,6 +32,7 @@ from experiments.aha_metrics import fc_metrics, path_scores, prefixed
 from experiments.rollout_cache import FeatureReader, RolloutCache
 from experiments.sft_tasks import get_sft_task
 from experiments.tasks import arith, countdown
+from policies.bf16_support import native_bf16
 from policies.joint_step import JointForward
 from policies.reflective_model import ReflectiveModel
 from scorers.sprm_positions import score_positions
@@ -49,7 +50,8 @@ class BackboneTuneConfig:
     sampling fine-tuning); reference_solutions: reference traces per train problem added as
     correct examples; seed; ref_bf16: the frozen policy's forward (the KL term's only input) in
     bf16 autocast, as `policies.joint_step` and verl do (0.28 s instead of 0.52 s of a ~1.5 s step
-    on 2 cores; the reference log-probs move by ~0.05 on average)."""
+    on 2 cores; the reference log-probs move by ~0.05 on average); default: where the CPU has bf16
+    matmuls (`policies.bf16_support`)."""
 
     steps: int = 900
     batch: int = 64
@@ -61,7 +63,7 @@ class BackboneTuneConfig:
     reference_solutions: int = 2
     seed: int = 0
     lm_coef: float = 0.0
-    ref_bf16: bool = True
+    ref_bf16: bool = field(default_factory=native_bf16)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 2 or self.batch % 2:

@@ -9,7 +9,8 @@ loss + backward (gradients zeroed before, no optimizer step: the same for every 
   plain        LM forward, token cross-entropy on the completion tokens, backward;
   joint        `policies.joint_step.joint_step` as the trainer calls it (train_loss=reference):
                one forward of the backbone + head, the frozen reference LM's forward for the KL
-               term in bf16 (ref_bf16, as verl's reference model), GRPO + SPR;
+               term in bf16 where the CPU has bf16 matmuls (ref_bf16 None, as verl's reference
+               model; `policies.bf16_support`), GRPO + SPR;
   joint, fp32 reference  the same with the reference forward in float32 (ref_bf16 off);
   joint no KL  the same with kl_coef = 0 (no reference forward): what the extra forward costs.
 tokens/s counts the non-pad tokens of the batch; times are medians of --repeats rounds, the
@@ -116,7 +117,7 @@ def joint_unit(parts: TrainParts, batch: RolloutBatch, cfg: JointLossConfig) -> 
 
 def step_units(parts: TrainParts, batch: RolloutBatch) -> dict[str, Callable[[], torch.Tensor]]:
     """The timed units by row name (each zeroes the gradients first)."""
-    joint_cfg = JointLossConfig(ref_bf16=True)  # the reference's loss (train_loss=reference)
+    joint_cfg = JointLossConfig(ref_bf16=None)  # the reference's loss (train_loss=reference)
     units = {
         "plain forward + backward": lambda: plain_step(parts, batch),
         "joint GRPO + SPR": lambda: joint_unit(parts, batch, joint_cfg),

@@ -17,7 +17,7 @@ import argparse
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any, Sequence
 
@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from experiments.metrics import Estimate, bootstrap
 from experiments.tasks import arith
+from policies.bf16_support import native_bf16
 from treesearch.records import Problem
 
 
@@ -34,7 +35,8 @@ from treesearch.records import Problem
 class QuickEvalConfig:
     """num_problems: test problems (seed `problem_seed`); num_samples: k samples per problem at
     `temperature` (pure temperature sampling, no top-k/top-p); max_new_tokens: generation limit;
-    batch_size: sequences per generate call; seed: sampling seed; bf16: autocast generation."""
+    batch_size: sequences per generate call; seed: sampling seed; bf16: autocast generation (default: where the CPU has bf16
+    matmuls, `policies.bf16_support`)."""
 
     num_problems: int = 200
     num_samples: int = 32
@@ -43,7 +45,7 @@ class QuickEvalConfig:
     batch_size: int = 256
     seed: int = 0
     problem_seed: int = 1234
-    bf16: bool = True
+    bf16: bool = field(default_factory=native_bf16)
 
     def __post_init__(self) -> None:
         for name in ("num_problems", "num_samples", "max_new_tokens", "batch_size"):
@@ -71,7 +73,7 @@ class QuickEvalReport:
 @torch.no_grad()
 def generate_completions(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], n: int,
-    temperature: float | None, max_new_tokens: int, batch_size: int, seed: int, bf16: bool = True,
+    temperature: float | None, max_new_tokens: int, batch_size: int, seed: int, bf16: bool = False,
     progress: str | None = None,
 ) -> tuple[list[list[str]], int]:
     """(n completions per prompt, generated tokens); temperature None = greedy (n must be 1);

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from policies.bf16_support import native_bf16
 from policies.grpo import GRPOLoss, GRPOLossConfig, group_advantages, grpo_loss, token_entropy
 from policies.reflective_model import ReflectiveModel
 from policies.rollout_batch import RolloutBatch
@@ -54,7 +55,8 @@ class JointLossConfig:
     bf16: bf16 autocast of the forward (CPU or CUDA); weights stay float32.
     ref_bf16: bf16 autocast of the frozen reference's forward alone (the KL term's only input; verl
         runs its reference model in bf16 too). On CPU it takes the reference forward from ~25% of
-        the step to ~10% (`experiments.bench_train_throughput`); the KL moves by ~1e-4.
+        the step to ~10% (`experiments.bench_train_throughput`); the KL moves by ~1e-4. None: bf16
+        where the device has bf16 matmuls (`policies.bf16_support`; without them bf16 is slower).
     """
 
     temperature: float = 1.0
@@ -66,7 +68,7 @@ class JointLossConfig:
     spr_mode: str = "reference"
     backbone_grad_scale: float = BACKBONE_GRAD_SCALE
     bf16: bool = False
-    ref_bf16: bool = False
+    ref_bf16: bool | None = False
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -155,7 +157,7 @@ def joint_step(model: nn.Module, batch: RolloutBatch, ref_lm: Any | None, cfg: J
     logprobs, tempered = target_logprobs(logits, batch.input_ids, cfg.temperature)  # [B, T], [B, T, V]
     entropy = token_entropy(tempered)  # [B, T]
     old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()  # [B, T]
-    ref = frozen_logprobs(ref_lm, batch, cfg, cfg.bf16 or cfg.ref_bf16) if cfg.kl_coef > 0 else None  # [B, T] or None
+    ref = frozen_logprobs(ref_lm, batch, cfg, cfg.bf16 or reference_bf16(cfg, batch.input_ids.device)) if cfg.kl_coef > 0 else None  # [B, T] or None
     advantages = group_advantages(batch.rewards.view(-1, batch.group_size)).view(-1)  # [B]
     grpo = grpo_loss(logprobs, old, ref, advantages, entropy, batch.completion_mask, cfg.grpo)
     spr = spr_loss(head_logits, batch.rewards[batch.step_rows] > 0.5, cfg.spr_mode)
@@ -178,6 +180,11 @@ def _metrics(loss: torch.Tensor, grpo: GRPOLoss, spr: SPRLoss, batch: RolloutBat
         "spr/kept_positive": float(spr.kept_positive),
         "spr/kept_negative": float(spr.kept_negative),
     }
+
+
+def reference_bf16(cfg: JointLossConfig, device: torch.device) -> bool:
+    """Whether the reference forward runs in bf16: cfg.ref_bf16, or (None) whether `device` has bf16 matmuls."""
+    return native_bf16(str(device)) if cfg.ref_bf16 is None else cfg.ref_bf16
 
 
 def _autocast(device: torch.device, enabled: bool):

@@ -29,7 +29,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from policies.bf16_support import native_bf16
 from policies.checkpoint import atomic_directory, load_checkpoint, save_checkpoint, write_checkpoint_files
 
 IGNORE_INDEX = -100
@@ -55,7 +56,8 @@ class SFTConfig:
     batch_size: sequences per optimizer step. lr: peak learning rate; min_lr_ratio: final lr as a
         fraction of lr. warmup_steps: linear warmup length. weight_decay: AdamW decay on matrices.
     betas: AdamW betas. grad_clip: max global gradient norm (0 = off).
-    bf16: bf16 autocast of forward/backward (weights and optimizer stay float32).
+    bf16: bf16 autocast of forward/backward (weights and optimizer stay float32); default: where
+        the CPU has bf16 matmuls (`policies.bf16_support`: without them bf16 is ~56x slower).
     checkpoint_every: steps between periodic checkpoints into out_dir/last (0 = only at the end).
     bucket_batches: batches whose examples are sorted by length together (1 = no bucketing).
     max_length: examples longer than this many tokens are truncated.
@@ -74,7 +76,7 @@ class SFTConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    bf16: bool = True
+    bf16: bool = field(default_factory=native_bf16)
     checkpoint_every: int = 500
     bucket_batches: int = 16
     max_length: int = 256
