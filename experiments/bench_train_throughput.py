@@ -11,7 +11,8 @@ loss + backward (gradients zeroed before, no optimizer step: the same for every 
                one forward of the backbone + head, the frozen reference LM's forward for the KL
                term in bf16 where the CPU has bf16 matmuls (ref_bf16 None, as verl's reference
                model; `policies.bf16_support`), GRPO + SPR;
-  joint, fp32 reference  the same with the reference forward in float32 (ref_bf16 off);
+  joint, fp32 reference  the same with the reference forward in float32 (ref_bf16 off; only on
+               a machine with bf16 matmuls, where the joint row ran it in bf16);
   joint no KL  the same with kl_coef = 0 (no reference forward): what the extra forward costs.
 tokens/s counts the non-pad tokens of the batch; times are medians of --repeats rounds, the
 rows alternating within each round.
@@ -38,6 +39,7 @@ import torch  # noqa: E402
 from experiments.bench_workload import DEFAULT_CHECKPOINT, load_tiny_parts  # noqa: E402
 from experiments.bench_timing import timed  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
+from policies.bf16_support import native_bf16  # noqa: E402
 from policies.joint_step import JointForward, JointLossConfig, joint_step  # noqa: E402
 from policies.reflective_model import ReflectiveModel  # noqa: E402
 from policies.rollout_batch import RolloutBatch, TransformersRolloutSource, collate_rollouts  # noqa: E402
@@ -118,12 +120,14 @@ def joint_unit(parts: TrainParts, batch: RolloutBatch, cfg: JointLossConfig) -> 
 def step_units(parts: TrainParts, batch: RolloutBatch) -> dict[str, Callable[[], torch.Tensor]]:
     """The timed units by row name (each zeroes the gradients first)."""
     joint_cfg = JointLossConfig(ref_bf16=None)  # the reference's loss (train_loss=reference)
+    bf16 = native_bf16(str(batch.input_ids.device))  # what ref_bf16=None picks here
     units = {
         "plain forward + backward": lambda: plain_step(parts, batch),
-        "joint GRPO + SPR": lambda: joint_unit(parts, batch, joint_cfg),
-        "joint, fp32 reference forward": lambda: joint_unit(parts, batch, dataclasses.replace(joint_cfg, ref_bf16=False)),
-        "joint, no KL reference forward": lambda: joint_unit(parts, batch, dataclasses.replace(joint_cfg, kl_coef=0.0)),
+        f"joint GRPO + SPR (reference forward in {'bf16' if bf16 else 'fp32'})": lambda: joint_unit(parts, batch, joint_cfg),
     }
+    if bf16:  # without bf16 matmuls a bf16 reference would be far slower, not a choice worth timing
+        units["joint, fp32 reference forward"] = lambda: joint_unit(parts, batch, dataclasses.replace(joint_cfg, ref_bf16=False))
+    units["joint, no KL reference forward"] = lambda: joint_unit(parts, batch, dataclasses.replace(joint_cfg, kl_coef=0.0))
     return {name: _zeroing(parts.reflective, unit) for name, unit in units.items()}
 
 
