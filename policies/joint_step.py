@@ -37,6 +37,7 @@ from policies.bf16_support import native_bf16
 from policies.grpo import GRPOLoss, GRPOLossConfig, group_advantages, grpo_loss, token_entropy
 from policies.reflective_model import ReflectiveModel
 from policies.rollout_batch import RolloutBatch
+from policies.shared_prompt_logprobs import shared_prompt_lengths, shared_prompt_logprobs
 from scorers.spr_loss import BACKBONE_GRAD_SCALE, SPR_MODES, SPRLoss, scale_backbone_grad, spr_loss
 
 
@@ -141,8 +142,12 @@ def target_logprobs(
 def frozen_logprobs(lm: Any, batch: RolloutBatch, cfg: JointLossConfig, bf16: bool | None = None) -> torch.Tensor:
     """An LM's target log-probs [B, T] without gradient (same temperature; bf16 autocast as
     cfg.bf16 unless given): the reference policy's, or the current policy's before several
-    updates on one rollout batch."""
+    updates on one rollout batch. Each group's prompt is forwarded once, not once per rollout
+    (`policies.shared_prompt_logprobs`; targets inside it are 0), when its rows share it."""
+    shared = shared_prompt_lengths(batch)
     with _autocast(batch.input_ids.device, cfg.bf16 if bf16 is None else bf16):
+        if shared is not None:
+            return shared_prompt_logprobs(lm, batch, shared, cfg.temperature)
         logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     return target_logprobs(logits, batch.input_ids, cfg.temperature)[0]
 
