@@ -87,3 +87,12 @@ def test_dtype_table_runs_each_strategy_in_both_dtypes(tmp_path):
     assert rows[0][4] == rows[0][7] == rows[2][4] == rows[2][7] == "1.00x"  # ratios against float32
     assert all(int(r[5]) > 0 and float(r[6]) > 0 for r in rows)
     assert next(work.lm.parameters()).dtype == torch.float32  # the workload's model is left as it was
+
+
+def test_bench_dtype_skips_bf16_without_bf16_matmuls(monkeypatch, capsys):
+    from experiments import bench_dtype
+
+    monkeypatch.setattr(bench_dtype, "native_bf16", lambda: False)
+    monkeypatch.setattr(bench_dtype, "load_workload", lambda *a, **k: pytest.fail("nothing is timed"))
+    bench_dtype.main([])
+    assert capsys.readouterr().out.strip() == bench_dtype.SKIPPED
