@@ -8,12 +8,16 @@ head is freshly initialised (its values do not change the cost). Each timed unit
 loss + backward (gradients zeroed before, no optimizer step: the same for every row):
   plain        LM forward, token cross-entropy on the completion tokens, backward;
   joint        `policies.joint_step.joint_step` as the trainer calls it (train_loss=reference):
-               one forward of the backbone + head, the frozen reference LM's forward for the KL
-               term in bf16 where the CPU has bf16 matmuls (ref_bf16 None, as verl's reference
-               model; `policies.bf16_support`), GRPO + SPR;
+               one forward of the backbone + head and the frozen reference LM's forward for the
+               KL term, each running every group's prompt once (`policies.shared_prompt`), the
+               reference in bf16 where the CPU has bf16 matmuls (ref_bf16 None, as verl's
+               reference model; `policies.bf16_support`), GRPO + SPR;
   joint, fp32 reference  the same with the reference forward in float32 (ref_bf16 off; only on
                a machine with bf16 matmuls, where the joint row ran it in bf16);
-  joint no KL  the same with kl_coef = 0 (no reference forward): what the extra forward costs.
+  joint no KL  the same with kl_coef = 0 (no reference forward): what the extra forward costs;
+  joint, every prompt forwarded per rollout  the joint step with the policy's forward over the
+               whole batch (shared_prompt off), as before each group's prompt ran once
+               (`policies.shared_prompt`; the reference forward shares it either way).
 tokens/s counts the non-pad tokens of the batch; times are medians of --repeats rounds, the
 rows alternating within each round.
 
@@ -128,6 +132,8 @@ def step_units(parts: TrainParts, batch: RolloutBatch) -> dict[str, Callable[[],
     if bf16:  # without bf16 matmuls a bf16 reference would be far slower, not a choice worth timing
         units["joint, fp32 reference forward"] = lambda: joint_unit(parts, batch, dataclasses.replace(joint_cfg, ref_bf16=False))
     units["joint, no KL reference forward"] = lambda: joint_unit(parts, batch, dataclasses.replace(joint_cfg, kl_coef=0.0))
+    units["joint, every prompt forwarded per rollout"] = lambda: joint_unit(
+        parts, batch, dataclasses.replace(joint_cfg, shared_prompt=False))
     return {name: _zeroing(parts.reflective, unit) for name, unit in units.items()}
 
 

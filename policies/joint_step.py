@@ -37,7 +37,7 @@ from policies.bf16_support import native_bf16
 from policies.grpo import GRPOLoss, GRPOLossConfig, group_advantages, grpo_loss, token_entropy
 from policies.reflective_model import ReflectiveModel
 from policies.rollout_batch import RolloutBatch
-from policies.shared_prompt_logprobs import shared_prompt_lengths, shared_prompt_logprobs
+from policies.shared_prompt import shared_prompt_forward, shared_prompt_lengths
 from scorers.spr_loss import BACKBONE_GRAD_SCALE, SPR_MODES, SPRLoss, scale_backbone_grad, spr_loss
 
 
@@ -58,6 +58,9 @@ class JointLossConfig:
         runs its reference model in bf16 too). On CPU it takes the reference forward from ~25% of
         the step to ~10% (`experiments.bench_train_throughput`); the KL moves by ~1e-4. None: bf16
         where the device has bf16 matmuls (`policies.bf16_support`; without them bf16 is slower).
+    shared_prompt: the policy's forward runs each group's prompt once, not once per rollout
+        (`policies.shared_prompt`; the same loss and gradients up to float rounding); the
+        reference forward always does.
     """
 
     temperature: float = 1.0
@@ -70,6 +73,7 @@ class JointLossConfig:
     backbone_grad_scale: float = BACKBONE_GRAD_SCALE
     bf16: bool = False
     ref_bf16: bool | None = False
+    shared_prompt: bool = True
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -108,13 +112,24 @@ class JointForward(nn.Module):
         step_rows: torch.Tensor,
         step_cols: torch.Tensor,
         backbone_grad_scale: float = BACKBONE_GRAD_SCALE,
+        group_size: int = 1,
+        shared: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask [B, L]; step_rows, step_cols [N] -> (logits [B, L, V],
-        head logits [N] float32; the head in its current mode, dropout on in train mode)."""
-        out = self.reflective(input_ids, attention_mask)  # logits [B, L, V], features [B, L, C]
-        features = out.features[step_rows, step_cols]  # [N, C]
+        head logits [N] float32; the head in its current mode, dropout on in train mode).
+        shared: per group of group_size rows the leading tokens they share
+        (`policies.shared_prompt.shared_prompt_lengths`), forwarded once per group (the logits
+        before each group's last shared token are then 0; no loss reads them); None: plain."""
+        if shared is None:
+            out = self.reflective(input_ids, attention_mask)  # logits [B, L, V], features [B, L, C]
+            logits, all_features = out.logits, out.features
+        else:
+            logits, states = shared_prompt_forward(self.reflective.lm, input_ids, attention_mask, group_size, shared,
+                                                   output_hidden_states=True)
+            all_features = states[self.reflective.feature_layer]
+        features = all_features[step_rows, step_cols]  # [N, C]
         features = scale_backbone_grad(features, backbone_grad_scale)  # backbone grad x scale
-        return out.logits, self.reflective.head_logits(features).float()  # [B, L, V], [N]
+        return logits, self.reflective.head_logits(features).float()  # [B, L, V], [N]
 
 
 @dataclass(frozen=True)
@@ -142,13 +157,14 @@ def target_logprobs(
 def frozen_logprobs(lm: Any, batch: RolloutBatch, cfg: JointLossConfig, bf16: bool | None = None) -> torch.Tensor:
     """An LM's target log-probs [B, T] without gradient (same temperature; bf16 autocast as
     cfg.bf16 unless given): the reference policy's, or the current policy's before several
-    updates on one rollout batch. Each group's prompt is forwarded once, not once per rollout
-    (`policies.shared_prompt_logprobs`; targets inside it are 0), when its rows share it."""
+    updates on one rollout batch. Each group's prompt is forwarded once, not once per rollout,
+    when its rows share it (`policies.shared_prompt`: the targets inside it are not computed)."""
     shared = shared_prompt_lengths(batch)
     with _autocast(batch.input_ids.device, cfg.bf16 if bf16 is None else bf16):
         if shared is not None:
-            return shared_prompt_logprobs(lm, batch, shared, cfg.temperature)
-        logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            logits, _ = shared_prompt_forward(lm, batch.input_ids, batch.attention_mask, batch.group_size, shared)
+        else:
+            logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     return target_logprobs(logits, batch.input_ids, cfg.temperature)[0]
 
 
@@ -157,7 +173,8 @@ def joint_step(model: nn.Module, batch: RolloutBatch, ref_lm: Any | None, cfg: J
     `JointForward` (or its DDP wrapper); ref_lm: the frozen initial LM, None only with kl_coef 0."""
     with _autocast(batch.input_ids.device, cfg.bf16):
         logits, head_logits = model(
-            batch.input_ids, batch.attention_mask, batch.step_rows, batch.step_cols, cfg.backbone_grad_scale
+            batch.input_ids, batch.attention_mask, batch.step_rows, batch.step_cols, cfg.backbone_grad_scale,
+            batch.group_size, shared_prompt_lengths(batch) if cfg.shared_prompt else None,
         )  # [B, L, V], [N]
     logprobs, tempered = target_logprobs(logits, batch.input_ids, cfg.temperature)  # [B, T], [B, T, V]
     entropy = token_entropy(tempered)  # [B, T]

@@ -113,6 +113,7 @@ def test_train_throughput_table(checkpoint):
     bf16 = native_bf16()  # the joint row's reference forward follows the machine; fp32 is its alternative
     expected = ["plain forward + backward", f"joint GRPO + SPR (reference forward in {'bf16' if bf16 else 'fp32'})"]
     expected += ["joint, fp32 reference forward"] * bf16 + ["joint, no KL reference forward"]
+    expected += ["joint, every prompt forwarded per rollout"]
     assert list(rows) == expected
     assert rows["plain forward + backward"][3] == "1.00"
     assert len({cells[1] for cells in rows.values()}) == 1  # every row counts the same batch's tokens
