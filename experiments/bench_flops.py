@@ -11,7 +11,8 @@ Rows:
   training step          the joint GRPO + SPR step (`experiments.bench_train_throughput`, P x G
                          rollouts): 6 x params x non-pad tokens per second of forward + backward
                          (the KL reference forward is real work too but, as in the usual MFU
-                         convention, not counted).
+                         convention, not counted); the policy's forward runs every rollout's
+                         prompt (shared_prompt off), so every counted token is really forwarded.
 The "+ attention" column adds the attention score and value products (4 x layers x width x
 attended keys per token, x3 for a training step) that 2/6 x params leaves out. params counts
 every LM weight: the embedding matrix is the (tied) output layer's.
@@ -124,7 +125,7 @@ def training_step(parts: TrainParts, prompts: int, group: int, seed: int, repeat
     """The joint step (forward + backward) over P x G rollouts: 6 x params x non-pad tokens."""
     batch = rollout_batch(parts, prompts, group, seed)
     parts.reflective.train()
-    cfg = JointLossConfig()
+    cfg = JointLossConfig(shared_prompt=False)  # every counted token forwarded (not each prompt once per group)
 
     def unit() -> None:
         parts.reflective.zero_grad(set_to_none=True)
