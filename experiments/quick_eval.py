@@ -35,8 +35,8 @@ from treesearch.records import Problem
 class QuickEvalConfig:
     """num_problems: test problems (seed `problem_seed`); num_samples: k samples per problem at
     `temperature` (pure temperature sampling, no top-k/top-p); max_new_tokens: generation limit;
-    batch_size: sequences per generate call; seed: sampling seed; bf16: autocast generation (default: where the CPU has bf16
-    matmuls, `policies.bf16_support`)."""
+    batch_size: sequences per generate call; seed: sampling seed; bf16: autocast generation
+    (default: where the CPU has bf16 matmuls, `policies.bf16_support`)."""
 
     num_problems: int = 200
     num_samples: int = 32

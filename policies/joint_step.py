@@ -124,9 +124,8 @@ class JointForward(nn.Module):
             out = self.reflective(input_ids, attention_mask)  # logits [B, L, V], features [B, L, C]
             logits, all_features = out.logits, out.features
         else:
-            logits, states = shared_prompt_forward(self.reflective.lm, input_ids, attention_mask, group_size, shared,
-                                                   output_hidden_states=True)
-            all_features = states[self.reflective.feature_layer]
+            logits, all_features = shared_prompt_forward(self.reflective.lm, input_ids, attention_mask, group_size,
+                                                         shared, self.reflective.feature_layer)
         features = all_features[step_rows, step_cols]  # [N, C]
         features = scale_backbone_grad(features, backbone_grad_scale)  # backbone grad x scale
         return logits, self.reflective.head_logits(features).float()  # [B, L, V], [N]

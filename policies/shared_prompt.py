@@ -15,11 +15,12 @@ every position the SPRM head reads (`RolloutBatch.step_cols`) in the computed pa
 
     shared = shared_prompt_lengths(batch)                  # [P] or None: sharing does not apply
     logits, features = shared_prompt_forward(lm, batch.input_ids, batch.attention_mask,
-                                             batch.group_size, shared, output_hidden_states=True)
-    logits[:, :, :]                                        # [B, L, V]; features: out.hidden_states of every layer, [B, L, C] each
+                                             batch.group_size, shared, feature_layer=-2)
+    # logits [B, L, V]; features [B, L, C]: hidden_states[-2] (None without feature_layer)
 
-Why: with the tiny policy's 8 x 8 arith rollouts, prompts are about half the tokens, and the
-reference forward alone was a third of the joint step (`python -m experiments.bench_train_throughput`).
+Why: with the tiny policy's 8 x 8 arith rollouts, prompts are about half the tokens. Measured
+(`python -m experiments.bench_train_throughput`, fp32, 1 thread, 2026-12-03): the joint step
+went from 0.73x the tokens/s of a plain forward + backward to 1.03-1.07x (1.30-1.35x faster).
 
 Tests: `.venv/bin/pytest tests/test_shared_prompt.py`.
 """
@@ -60,12 +61,14 @@ def shared_prompt_lengths(batch: RolloutBatch) -> torch.Tensor | None:
 
 def shared_prompt_forward(
     lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, group_size: int, shared: torch.Tensor,
-    output_hidden_states: bool = False,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-    """(logits [B, L, V], every layer's hidden states [B, L, C] or None) of `lm` (a transformers
-    causal LM) over right-padded input_ids / attention_mask [B, L] of groups of `group_size` rows
-    sharing their first shared[p] tokens: as `lm(input_ids, attention_mask)` from each row's
-    position shared - 1 on, 0 before (module docstring). Gradients flow as through the plain forward."""
+    feature_layer: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits [B, L, V], the hidden states [B, L, C] of `feature_layer` (an index into the LM's
+    `hidden_states`) or None) of `lm` (a transformers causal LM) over right-padded input_ids /
+    attention_mask [B, L] of groups of `group_size` rows sharing their first shared[p] tokens: as
+    `lm(input_ids, attention_mask)` from each row's position shared - 1 on, 0 before (module
+    docstring). Gradients flow as through the plain forward."""
+    hidden = feature_layer is not None
     rows, width = input_ids.shape
     device = input_ids.device
     row_group = torch.arange(rows, device=device) // group_size  # [B]
@@ -73,7 +76,7 @@ def shared_prompt_forward(
     prompt_width = int(shared.max())
     prompt_mask = torch.arange(prompt_width, device=device) < shared[:, None]  # [P, S]
     prompt = lm(input_ids=input_ids[::group_size, :prompt_width], attention_mask=prompt_mask.long(),
-                use_cache=True, output_hidden_states=output_hidden_states)
+                use_cache=True, output_hidden_states=hidden)
     cache = prompt.past_key_values
     cache.batch_repeat_interleave(group_size)  # each group's prompt KV in its rows (differentiable)
     rest = width - int(shared.min())  # columns after the shortest shared prompt: every row's rest fits
@@ -81,13 +84,12 @@ def shared_prompt_forward(
     valid = columns < attention_mask.sum(-1)[:, None]
     rest_ids = torch.where(valid, input_ids.gather(1, columns.clamp(max=width - 1)), 0)  # [B, C]
     out = lm(input_ids=rest_ids, attention_mask=torch.cat([prompt_mask[row_group], valid], -1).long(),
-             position_ids=columns, past_key_values=cache, use_cache=True, output_hidden_states=output_hidden_states)
+             position_ids=columns, past_key_values=cache, use_cache=True, output_hidden_states=hidden)
     index = _source_columns(start, width, rest)  # [B, L] into [0 | last shared token | the rest]
     logits = _assemble(prompt.logits, out.logits, shared, row_group, index)
-    if not output_hidden_states:
+    if not hidden:
         return logits, None
-    states = tuple(_assemble(p, r, shared, row_group, index) for p, r in zip(prompt.hidden_states, out.hidden_states))
-    return logits, states
+    return logits, _assemble(prompt.hidden_states[feature_layer], out.hidden_states[feature_layer], shared, row_group, index)
 
 
 def _source_columns(start: torch.Tensor, width: int, rest: int) -> torch.Tensor:

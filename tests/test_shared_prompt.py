@@ -72,12 +72,13 @@ def test_a_head_read_before_the_prompt_ends_shortens_the_shared_part():
 def test_logits_and_features_equal_the_plain_forward_where_read():
     model, b = lm(), batch()
     shared = shared_prompt_lengths(b)
-    logits, states = shared_prompt_forward(model, b.input_ids, b.attention_mask, 3, shared, output_hidden_states=True)
     plain = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, output_hidden_states=True)
     read = read_positions(b)
-    torch.testing.assert_close(logits[read], plain.logits[read], rtol=1e-5, atol=1e-5)
-    for got, want in zip(states, plain.hidden_states):
-        torch.testing.assert_close(got[read], want[read], rtol=1e-5, atol=1e-5)
+    for layer in range(-len(plain.hidden_states), len(plain.hidden_states)):
+        logits, features = shared_prompt_forward(model, b.input_ids, b.attention_mask, 3, shared, layer)
+        torch.testing.assert_close(logits[read], plain.logits[read], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(features[read], plain.hidden_states[layer][read], rtol=1e-5, atol=1e-5)
+    assert shared_prompt_forward(model, b.input_ids, b.attention_mask, 3, shared)[1] is None
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
