@@ -37,7 +37,8 @@ def shared_prompt_lengths(batch: RolloutBatch) -> torch.Tensor | None:
     """[P] per group the number of leading tokens all its rows share and the forward runs once:
     its prompt (up to the first completion target, or the row's length without one), capped so
     that every position the head reads stays after it; None when sharing does not apply: one
-    rollout per group, masks not right-padded, or rows of a group whose prompts differ."""
+    rollout per group, masks not right-padded, rows of a group whose prompts differ, or no row
+    with a token after its group's shared part."""
     ids, mask, group = batch.input_ids, batch.attention_mask, batch.group_size
     rows, width = ids.shape
     if group < 2 or rows % group:
@@ -50,7 +51,7 @@ def shared_prompt_lengths(batch: RolloutBatch) -> torch.Tensor | None:
     if batch.step_rows.numel():  # a read at column c needs the states of c computed: c >= shared - 1
         prompt = prompt.scatter_reduce(0, batch.step_rows, batch.step_cols + 1, reduce="amin")
     shared = prompt.view(-1, group).min(-1).values  # [P]
-    if int(shared.min()) < 1:
+    if int(shared.min()) < 1 or int(shared.min()) >= width:  # nothing to share, or nothing after it
         return None
     first = ids[::group].repeat_interleave(group, dim=0)  # [B, L] the first row of each group, per row
     inside = torch.arange(width, device=ids.device) < shared.repeat_interleave(group)[:, None]  # [B, L]

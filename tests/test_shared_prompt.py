@@ -116,6 +116,8 @@ def test_sharing_does_not_apply_to_unshared_or_unusual_batches():
     assert shared_prompt_lengths(dataclasses.replace(b, input_ids=other)) is None
     left = b.attention_mask.flip(-1)  # not right-padded
     assert shared_prompt_lengths(dataclasses.replace(b, attention_mask=left)) is None
+    prompts_only = collate_rollouts([rollout(PROMPTS[0], [])] * 3, [1.0, 0.0, 1.0], 3, MARKERS, PAD)
+    assert shared_prompt_lengths(prompts_only) is None  # nothing after the prompt to forward per row
 
 
 def test_frozen_logprobs_without_sharing_is_the_plain_forward():
