@@ -73,8 +73,8 @@ PHASES: dict[str, list[tuple[Any, str]]] = {
 @dataclass(frozen=True)
 class OverheadRow:
     """One search over all problems: wall_s / cpu_s of the search call, forward_s (wall),
-    forward_cpu_s (CPU) and forward_calls inside the LM's forward, policy_s inside policy calls,
-    tokens_generated."""
+    forward_cpu_s (CPU) and forward_calls inside the backend's timed calls (the LM's forward; with
+    vLLM, `LLM.generate`), policy_s inside policy calls, tokens_generated."""
 
     strategy: str
     wall_s: float
@@ -178,10 +178,12 @@ def _function_name(key: tuple[str, int, str]) -> str:
     return f"{path}:{line}({name})"
 
 
-def overhead_table(rows: Sequence[OverheadRow]) -> str:
+def overhead_table(rows: Sequence[OverheadRow], inside: str = "forward") -> str:
+    """The rows as a markdown table; inside: what the backend's timed calls are ("forward": the
+    LM's forward; "generate": vLLM's `LLM.generate`, `experiments.bench_vllm_overhead`)."""
     lines = [
-        "| strategy | wall s | cpu s | forward calls | tokens generated | in forward | backend rest "
-        "| search rest | outside forward | outside forward, CPU | target <= 5% (CPU) |",
+        f"| strategy | wall s | cpu s | {inside} calls | tokens generated | in {inside} | backend rest "
+        f"| search rest | outside {inside} | outside {inside}, CPU | target <= 5% (CPU) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:

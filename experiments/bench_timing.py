@@ -5,6 +5,7 @@ Usage:
         with PhaseClock({"sampling": [(decode_loop, "_sample_in_row_order")]}, forward) as phases:
             ...                                   # phases.seconds["sampling"]: outside the forward
         with PolicyClock(policy) as calls:        # time inside policy.propose / policy.rollout
+        with GenerateClock(vllm_policy) as engine:  # time inside its engine's LLM.generate
             timing = timed(lambda: search(...))   # Timing(wall_s, cpu_s) of the whole call
     forward.seconds, forward.calls, calls.seconds
     with DecodeRows(model) as rows: ...           # rows.mean / rows.median: rows per decode forward
@@ -152,6 +153,48 @@ class PolicyClock:
                 self.calls += 1
 
         return timed_call
+
+
+class GenerateClock:
+    """Seconds inside the `generate` calls of a policy's engine (`policy.llm`, e.g. a
+    `VLLMPolicy`'s `vllm.LLM`) while the context is open: `seconds` (wall), `cpu_seconds` (this
+    process's CPU time; vLLM's in-process engine computes in this process) and `calls`. The
+    engine is swapped for a pass-through that times `generate`, and put back on exit."""
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+        self.calls = 0
+        self._engine: Any = None
+
+    def __enter__(self) -> "GenerateClock":
+        self._engine = self.policy.llm
+        self.policy.llm = _TimedEngine(self._engine, self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.policy.llm = self._engine
+
+
+@dataclass
+class _TimedEngine:
+    """An engine whose `generate` is timed into `clock`; every other attribute is the engine's."""
+
+    engine: Any
+    clock: GenerateClock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return self.engine.generate(*args, **kwargs)
+        finally:
+            self.clock.seconds += time.perf_counter() - wall
+            self.clock.cpu_seconds += time.process_time() - cpu
+            self.clock.calls += 1
 
 
 class PhaseClock:

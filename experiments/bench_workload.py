@@ -54,6 +54,7 @@ class Workload:
     prompt_fn: Callable[[Problem], str]
     grade: Callable[[Problem, str], bool]
     description: str
+    path: Path | None = None  # the checkpoint folder the model came from (None: built in memory)
 
     def policy(self, prefix_cache: bool = True, shared_prefix: bool | None = None, lm: Any = None) -> TransformersPolicy:
         """A fresh policy; shared_prefix: `TransformersPolicy`'s (None: whenever the model supports
@@ -70,11 +71,15 @@ class Workload:
 
 def load_tiny_parts(checkpoint: Path) -> tuple[Any, Any, str]:
     """(model, tokenizer, description): the checkpoint if it exists, else a random tiny Llama."""
-    if (checkpoint / "config.json").is_file():
+    if has_checkpoint(checkpoint):
         model, tokenizer = load_checkpoint(checkpoint)
         return model, tokenizer, f"checkpoint {checkpoint}"
     tokenizer = build_tokenizer()
     return build_model(TinyModelConfig(), tokenizer), tokenizer, "random tiny Llama (no checkpoint found)"
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
 
 
 def tiny_workload(problems: int, seed: int, checkpoint: Path = DEFAULT_CHECKPOINT) -> Workload:
@@ -82,7 +87,8 @@ def tiny_workload(problems: int, seed: int, checkpoint: Path = DEFAULT_CHECKPOIN
     sampling = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_total_tokens=160)
     probs = tuple(arith.generate_problems("test", problems, seed=seed))
     return Workload("tiny", lm.eval(), tokenizer, probs, sampling, arith.prompt_text, arith.grade,
-                    f"policy: {source}; {problems} arith test problems")
+                    f"policy: {source}; {problems} arith test problems",
+                    checkpoint if has_checkpoint(checkpoint) else None)
 
 
 def smollm2_workload(problems: int, seed: int, model_dir: Path | None = None) -> Workload:
@@ -99,7 +105,7 @@ def smollm2_workload(problems: int, seed: int, model_dir: Path | None = None) ->
     prompt = ChatPrompt(str(path), "experiments.tasks.gsm8k", think=False)
     return Workload("smollm2", lm.eval(), tokenizer, probs, sampling, prompt, gsm8k.grade,
                     f"policy: SmolLM2-135M-Instruct ({path}); {problems} GSM8K test problems, "
-                    f"at most {SMOLLM2_MAX_TOTAL_TOKENS} new tokens")
+                    f"at most {SMOLLM2_MAX_TOTAL_TOKENS} new tokens", path)
 
 
 def load_workload(name: str, problems: int, seed: int, checkpoint: Path = DEFAULT_CHECKPOINT) -> Workload:
