@@ -206,14 +206,19 @@ def hotspot_table(strategy: str, wall_s: float, spots: Sequence[tuple[str, float
     return "\n".join(lines)
 
 
-def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed: int, model: str = "tiny") -> str:
-    work = load_workload(model, problems, seed, checkpoint)
-    strategies = {
+def strategies(n: int, beam_width: int, seed: int) -> dict[str, dict[str, Any]]:
+    """The searches measured, by name: Best-of-N and beam search (beam width M, depth <= 20)."""
+    return {
         "best_of_n": dict(n=n, seed=seed),
         "beam_search": dict(n=n, beam_width=beam_width, max_depth=20, seed=seed),
     }
+
+
+def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed: int, model: str = "tiny") -> str:
+    work = load_workload(model, problems, seed, checkpoint)
+    plan = strategies(n, beam_width, seed)
     rows = []
-    for name, cfg in strategies.items():
+    for name, cfg in plan.items():
         warm_up(name, {**cfg, "seed": seed + 1}, work)
         rows.append(measure(name, cfg, work))
     parts = [
@@ -222,9 +227,9 @@ def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed
         overhead_table(rows),
     ]
     for row in (r for r in rows if r.outside_forward_cpu > TARGET):
-        parts += ["", phase_table(row.strategy, strategies[row.strategy], work)]
+        parts += ["", phase_table(row.strategy, plan[row.strategy], work)]
         if top > 0:
-            spots = hotspots(row.strategy, strategies[row.strategy], work, top)
+            spots = hotspots(row.strategy, plan[row.strategy], work, top)
             parts += ["", hotspot_table(row.strategy, row.wall_s, spots)]
     return "\n".join(parts)
 

@@ -36,7 +36,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_engine_overhead import TARGET, OverheadRow, overhead_table  # noqa: E402
+from experiments.bench_engine_overhead import TARGET, OverheadRow, overhead_table, strategies  # noqa: E402
 from experiments.bench_timing import GenerateClock, PolicyClock, timed  # noqa: E402
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
 from policies.checkpoint import save_checkpoint  # noqa: E402
@@ -45,14 +45,6 @@ from policies.vllm_engine import VLLMEngineConfig  # noqa: E402
 from policies.vllm_policy import VLLMPolicy  # noqa: E402
 from scorers.confidence import ConfidenceScorer  # noqa: E402
 from treesearch.registry import run_search  # noqa: E402
-
-
-def strategies(n: int, beam_width: int, seed: int) -> dict[str, dict[str, Any]]:
-    """The two searches of `experiments.bench_engine_overhead`, same settings."""
-    return {
-        "best_of_n": dict(n=n, seed=seed),
-        "beam_search": dict(n=n, beam_width=beam_width, max_depth=20, seed=seed),
-    }
 
 
 def measure(strategy: str, cfg: dict[str, Any], work: Workload, policy: VLLMPolicy) -> OverheadRow:
