@@ -37,7 +37,7 @@ test: setup
 bench: setup
 	mkdir -p outputs/bench
 	{ echo "# treesearch benchmarks (make bench)"; echo; \
-	  echo "## Scoring overhead of Best-of-N"; $(BIN)/python -m experiments.bench_scoring_overhead; echo; \
+	  echo "## Scoring overhead of Best-of-N"; $(BIN)/python -m experiments.bench_scoring_overhead --threads 1; echo; \
 	  echo "## Prefix reuse in step-level search"; $(BIN)/python -m experiments.bench_prefix_reuse; echo; \
 	  echo "## Batched vs one problem at a time"; $(BIN)/python -m experiments.bench_batching; echo; \
 	  echo "### the same with SmolLM2-135M on GSM8K"; $(BIN)/python -m experiments.bench_batching --model smollm2 --problems 16; echo; \
