@@ -79,6 +79,7 @@ def load_tiny_parts(checkpoint: Path) -> tuple[Any, Any, str]:
 
 
 def has_checkpoint(folder: Path) -> bool:
+    """Whether folder holds a saved model (its config.json)."""
     return (folder / "config.json").is_file()
 
 
