@@ -36,10 +36,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Sequence
 
+import numpy as np
 import torch
 
+from policies.host_copy import host_array
 from policies.kv_pool import BufferPool
 
 DEFAULT_MAX_BYTES = 512 * 2**20
@@ -102,6 +105,15 @@ class PrefixKV:
         object.__setattr__(self, "length", int(self.keys.shape[-2]) + (0 if self.parent is None else self.parent.length))
         object.__setattr__(self, "depth", 1 if self.parent is None else self.parent.depth + 1)
 
+
+    @cached_property
+    def host(self) -> tuple[np.ndarray, np.ndarray]:
+        """numpy views (keys, values) of this segment's own tensors, for `pad_past`'s copies
+        (`policies.host_copy`); a segment on another device is copied to the CPU first."""
+        arrays = tuple(host_array(t) for t in (self.keys, self.values))
+        if any(a is None for a in arrays):
+            arrays = tuple(host_array(t.detach().to("cpu")) for t in (self.keys, self.values))
+        return arrays
 
     @property
     def own_nbytes(self) -> int:
@@ -269,28 +281,32 @@ def pad_past(
     past_mask [U, P] long, 1 on cached columns; P = the longest cached length.
     """
     sample = next(e for e in entries if e is not None)
+    if any(e is not None and (e.keys.dtype, e.values.dtype) != (sample.keys.dtype, sample.values.dtype) for e in entries):
+        raise ValueError("pad_past needs cached prefixes of one dtype (the copies move bits, they do not convert)")
     width = max(e.length for e in entries if e is not None)
     layers, heads, _, head_dim = sample.keys.shape
     shape = (layers, len(entries), heads, width + extra_columns, head_dim)
     take = (lambda dtype: torch.empty(shape, dtype=dtype)) if pool is None else (lambda dtype: pool.take(shape, dtype, "cpu"))
     keys, values = take(sample.keys.dtype), take(sample.values.dtype)  # [L, U, H, P + extra, D]
     past_mask = torch.zeros((len(entries), width), dtype=torch.long)  # [U, P]
+    host = host_array(keys), host_array(values)  # numpy views: cheaper per-row copies (`policies.host_copy`)
     for row, entry in enumerate(entries):
         start = width - (0 if entry is None else entry.length)
         if start:  # only the left padding is zeroed (masked, but 0 x garbage could be NaN)
-            keys[:, row, :, :start].zero_()
-            values[:, row, :, :start].zero_()
+            for array in host:
+                array[:, row, :, :start] = 0
         if entry is not None:
-            _copy_chain(entry, keys[:, row], values[:, row], start)
+            _copy_chain(entry, host[0][:, row], host[1][:, row], start)
             past_mask[row, start:] = 1
     return keys.to(device), values.to(device), past_mask.to(device)
 
 
-def _copy_chain(entry: PrefixKV, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
-    """Copy a chain's segments, first tokens first, into keys / values [L, H, columns, D] from
-    column `start` on: each segment straight into place (no concatenated temporary)."""
+def _copy_chain(entry: PrefixKV, keys: np.ndarray, values: np.ndarray, start: int) -> None:
+    """Copy a chain's segments, first tokens first, into keys / values [L, H, columns, D] (numpy
+    views of CPU buffers) from column `start` on: each segment straight into place (no
+    concatenated temporary)."""
     for segment in entry.segments():
         end = start + int(segment.keys.shape[2])
-        keys[:, :, start:end].copy_(segment.keys)
-        values[:, :, start:end].copy_(segment.values)
+        keys[:, :, start:end] = segment.host[0]
+        values[:, :, start:end] = segment.host[1]
         start = end

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from policies.host_copy import host_array, tensor_from
 from policies.kv_pool import BufferPool
 from policies.prefix_cache import PrefixKV
 
@@ -42,6 +43,15 @@ class _SlotBuffers:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, growth: int) -> None:
         self.keys, self.values, self.growth = keys, values, growth
         self.rows = int(keys.shape[1])
+        self._host: tuple | None = None
+
+    @property
+    def host(self) -> tuple | None:
+        """numpy views (keys, values) of the buffers for cheap per-row copies (`policies.host_copy`),
+        or None off the CPU."""
+        if self._host is None:
+            self._host = (host_array(self.keys), host_array(self.values))
+        return None if self._host[0] is None or self._host[1] is None else self._host
 
     @property
     def capacity(self) -> int:
@@ -53,6 +63,7 @@ class _SlotBuffers:
             _gather_into(old[:, : self.rows, :, :length], torch.arange(self.rows, device=old.device), capacity)
             for old in (self.keys, self.values)
         )
+        self._host = None
 
 
 class SlotLayer(DynamicLayer):
@@ -129,9 +140,16 @@ class SlotCache(Cache):
     def move_rows(self, slots: torch.Tensor, sources: torch.Tensor, rows: int) -> None:
         """Copy rows sources [k] into slots [k] in every layer, then keep the first `rows` rows."""
         buffers, length = self._buffers, self.length
-        for slot, source in zip(slots.tolist(), sources.tolist()):  # straight copies: no gathered temporary
-            buffers.keys[:, slot, :, :length].copy_(buffers.keys[:, source, :, :length])
-            buffers.values[:, slot, :, :length].copy_(buffers.values[:, source, :, :length])
+        pairs = zip(slots.tolist(), sources.tolist())
+        host = buffers.host
+        if host is not None:  # numpy: a third of torch's per-op cost (`policies.host_copy`)
+            for slot, source in pairs:
+                for array in host:
+                    array[:, slot, :, :length] = array[:, source, :, :length]
+        else:
+            for slot, source in pairs:  # straight copies: no gathered temporary
+                buffers.keys[:, slot, :, :length].copy_(buffers.keys[:, source, :, :length])
+                buffers.values[:, slot, :, :length].copy_(buffers.values[:, source, :, :length])
         buffers.rows = rows
         for layer in self.layers:
             layer.refresh()
@@ -165,7 +183,12 @@ class SlotCache(Cache):
 
     def row_kv_span(self, row: int, columns: slice, parent: PrefixKV | None = None) -> PrefixKV:
         """`row_kv` of one contiguous span of columns (a slice copy of every layer at once)."""
-        keys, values = (b[:, row, :, columns] for b in (self._buffers.keys, self._buffers.values))
+        buffers = self._buffers
+        host = buffers.host
+        if host is not None:  # numpy: a third of torch's per-op cost (`policies.host_copy`)
+            keys, values = (tensor_from(a[:, row, :, columns].copy(), buffers.keys.dtype) for a in host)
+            return PrefixKV(keys, values, parent)
+        keys, values = (b[:, row, :, columns] for b in (buffers.keys, buffers.values))
         return PrefixKV(keys.to("cpu", copy=True), values.to("cpu", copy=True), parent)  # a copy, never a view
 
 
