@@ -90,21 +90,19 @@ class PrefixKV:
     depth: int = field(init=False, repr=False, compare=False)  # segments in the chain (1: stored whole)
 
     def __post_init__(self) -> None:
-        if self.keys.dim() != 4 or self.keys.shape != self.values.shape or self.keys.shape[0] < 1:
+        shape, parent = self.keys.shape, self.parent  # checked on torch.Size tuples: a search makes one per row per step
+        if len(shape) != 4 or shape != self.values.shape or shape[0] < 1:
             raise ValueError(
                 "PrefixKV keys and values must both be [layers >= 1, heads, length, head_dim], got "
-                f"{tuple(self.keys.shape)} and {tuple(self.values.shape)}"
+                f"{tuple(shape)} and {tuple(self.values.shape)}"
             )
-        if self.parent is not None and self.parent.keys.shape[:2] + self.parent.keys.shape[3:] != (
-            self.keys.shape[:2] + self.keys.shape[3:]
-        ):
-            raise ValueError(
-                f"PrefixKV extends a parent of another shape: {tuple(self.parent.keys.shape)} vs {tuple(self.keys.shape)}"
-            )
+        if parent is not None:
+            above = parent.keys.shape
+            if above[0] != shape[0] or above[1] != shape[1] or above[3] != shape[3]:
+                raise ValueError(f"PrefixKV extends a parent of another shape: {tuple(above)} vs {tuple(shape)}")
         # computed once: a search asks for them per row per call, and a chain would walk its parents
-        object.__setattr__(self, "length", int(self.keys.shape[-2]) + (0 if self.parent is None else self.parent.length))
-        object.__setattr__(self, "depth", 1 if self.parent is None else self.parent.depth + 1)
-
+        object.__setattr__(self, "length", shape[2] + (0 if parent is None else parent.length))
+        object.__setattr__(self, "depth", 1 if parent is None else parent.depth + 1)
 
     @cached_property
     def host(self) -> tuple[np.ndarray, np.ndarray]:

@@ -186,8 +186,11 @@ class SlotCache(Cache):
         buffers = self._buffers
         host = buffers.host
         if host is not None:  # numpy: a third of torch's per-op cost (`policies.host_copy`)
-            keys, values = (tensor_from(a[:, row, :, columns].copy(), buffers.keys.dtype) for a in host)
-            return PrefixKV(keys, values, parent)
+            (keys, values), dtype = host, buffers.keys.dtype
+            return PrefixKV(
+                tensor_from(keys[:, row, :, columns].copy(), dtype), tensor_from(values[:, row, :, columns].copy(), dtype),
+                parent,
+            )
         keys, values = (b[:, row, :, columns] for b in (buffers.keys, buffers.values))
         return PrefixKV(keys.to("cpu", copy=True), values.to("cpu", copy=True), parent)  # a copy, never a view
 
