@@ -288,23 +288,28 @@ def pad_past(
     keys, values = take(sample.keys.dtype), take(sample.values.dtype)  # [L, U, H, P + extra, D]
     past_mask = torch.zeros((len(entries), width), dtype=torch.long)  # [U, P]
     host = host_array(keys), host_array(values)  # numpy views: cheaper per-row copies (`policies.host_copy`)
+    into = (keys, values) if any(a is None for a in host) else host  # torch copies for dtypes numpy cannot view
     for row, entry in enumerate(entries):
         start = width - (0 if entry is None else entry.length)
         if start:  # only the left padding is zeroed (masked, but 0 x garbage could be NaN)
-            for array in host:
-                array[:, row, :, :start] = 0
+            for buffer in into:
+                buffer[:, row, :, :start] = 0
         if entry is not None:
-            _copy_chain(entry, host[0][:, row], host[1][:, row], start)
+            _copy_chain(entry, into[0][:, row], into[1][:, row], start)
             past_mask[row, start:] = 1
     return keys.to(device), values.to(device), past_mask.to(device)
 
 
-def _copy_chain(entry: PrefixKV, keys: np.ndarray, values: np.ndarray, start: int) -> None:
+def _copy_chain(
+    entry: PrefixKV, keys: np.ndarray | torch.Tensor, values: np.ndarray | torch.Tensor, start: int
+) -> None:
     """Copy a chain's segments, first tokens first, into keys / values [L, H, columns, D] (numpy
-    views of CPU buffers) from column `start` on: each segment straight into place (no
-    concatenated temporary)."""
+    views of CPU buffers, or the tensors themselves) from column `start` on: each segment
+    straight into place (no concatenated temporary)."""
+    through_numpy = isinstance(keys, np.ndarray)
     for segment in entry.segments():
         end = start + int(segment.keys.shape[2])
-        keys[:, :, start:end] = segment.host[0]
-        values[:, :, start:end] = segment.host[1]
+        source = segment.host if through_numpy else (segment.keys, segment.values)
+        keys[:, :, start:end] = source[0]
+        values[:, :, start:end] = source[1]
         start = end

@@ -77,3 +77,26 @@ def test_pad_past_refuses_prefixes_of_mixed_dtypes():
     kv16 = PrefixKV(torch.zeros(1, 1, 2, 2, dtype=torch.float16), torch.zeros(1, 1, 2, 2, dtype=torch.float16))
     with pytest.raises(ValueError, match="one dtype"):
         pad_past([kv32, kv16], "cpu")
+
+
+def test_the_torch_path_gives_the_same_copies(monkeypatch):
+    """Where numpy cannot view a tensor (CUDA, exotic dtypes) the same functions copy with torch."""
+    import policies.prefix_cache as prefix_cache
+    import policies.slot_cache as slot_cache
+
+    def copies():
+        torch.manual_seed(0)
+        cache = _random_cache(torch.float32)
+        kv = cache.row_tail(1, start=2)
+        cache.move_rows(torch.tensor([0]), torch.tensor([3]), rows=3)
+        root = PrefixKV(torch.randn(2, 3, 3, 4), torch.randn(2, 3, 3, 4))
+        padded = pad_past([PrefixKV(torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4), root), None], "cpu")
+        return [kv.keys, kv.values, cache._buffers.keys, cache._buffers.values, *padded]
+
+    through_numpy = copies()
+    monkeypatch.setattr(prefix_cache, "host_array", lambda tensor: None)
+    monkeypatch.setattr(slot_cache, "host_array", lambda tensor: None)
+    through_torch = copies()
+    assert len(through_numpy) == len(through_torch) == 7
+    for a, b in zip(through_numpy, through_torch):
+        assert torch.equal(a, b)
