@@ -140,16 +140,11 @@ class SlotCache(Cache):
     def move_rows(self, slots: torch.Tensor, sources: torch.Tensor, rows: int) -> None:
         """Copy rows sources [k] into slots [k] in every layer, then keep the first `rows` rows."""
         buffers, length = self._buffers, self.length
-        pairs = zip(slots.tolist(), sources.tolist())
-        host = buffers.host
-        if host is not None:  # numpy: a third of torch's per-op cost (`policies.host_copy`)
-            for slot, source in pairs:
-                for array in host:
-                    array[:, slot, :, :length] = array[:, source, :, :length]
-        else:
-            for slot, source in pairs:  # straight copies: no gathered temporary
-                buffers.keys[:, slot, :, :length].copy_(buffers.keys[:, source, :, :length])
-                buffers.values[:, slot, :, :length].copy_(buffers.values[:, source, :, :length])
+        # numpy views where there are (a third of torch's per-op cost, `policies.host_copy`), else the tensors
+        into = buffers.host or (buffers.keys, buffers.values)
+        for slot, source in zip(slots.tolist(), sources.tolist()):  # straight copies: no gathered temporary
+            for buffer in into:
+                buffer[:, slot, :, :length] = buffer[:, source, :, :length]
         buffers.rows = rows
         for layer in self.layers:
             layer.refresh()
