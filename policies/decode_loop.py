@@ -142,11 +142,10 @@ def prefill(
         raise ValueError("a cached prefix must leave at least one context token to forward")
     suffixes = [ids[c:] for ids, c in zip(contexts, cached)]
     width = max(len(ids) for ids in suffixes)
-    input_ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)  # [U, L]
-    new_mask = torch.zeros((len(contexts), width), dtype=torch.long)  # [U, L]
-    for row, ids in enumerate(suffixes):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        new_mask[row, width - len(ids):] = 1
+    # left-padded in Python and made a tensor once: a step search prefills hundreds of short suffixes
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in suffixes], dtype=torch.long)  # [U, L]
+    pads = torch.tensor([width - len(ids) for ids in suffixes], dtype=torch.long)  # [U]
+    new_mask = (torch.arange(width) >= pads[:, None]).long()  # [U, L], 1 on the suffix's tokens
     input_ids, new_mask = input_ids.to(device), new_mask.to(device)
     offset = torch.tensor(cached, dtype=torch.long, device=device)[:, None]  # [U, 1]
     position_ids = offset + (new_mask.cumsum(-1) - 1).clamp(min=0)  # [U, L]; pads masked anyway
