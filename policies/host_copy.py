@@ -16,6 +16,7 @@ a copy moves bits, never converts.
     keys = host_array(buffer)                     # numpy view of a CPU tensor, or None
     if keys is not None:
         row = tensor_from(keys[:, 3, :, 0:7].copy(), buffer.dtype)   # a torch tensor again
+    pair = host_pair(keys_buffer, values_buffer)  # both views, or None if either has none
 
 Tests: `.venv/bin/python -m pytest tests/test_host_copy.py`.
 """
@@ -48,3 +49,9 @@ def tensor_from(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """The torch tensor (same memory) of an array made from a `host_array` of a `dtype` tensor."""
     tensor = torch.from_numpy(array)
     return tensor if tensor.dtype == dtype else tensor.view(dtype)
+
+
+def host_pair(keys: torch.Tensor, values: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """`host_array` of both a keys and a values tensor, or None when either has no numpy view."""
+    pair = host_array(keys), host_array(values)
+    return None if pair[0] is None or pair[1] is None else pair

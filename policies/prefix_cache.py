@@ -42,7 +42,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from policies.host_copy import host_array
+from policies.host_copy import host_pair
 from policies.kv_pool import BufferPool
 
 DEFAULT_MAX_BYTES = 512 * 2**20
@@ -108,10 +108,7 @@ class PrefixKV:
     def host(self) -> tuple[np.ndarray, np.ndarray]:
         """numpy views (keys, values) of this segment's own tensors, for `pad_past`'s copies
         (`policies.host_copy`); a segment on another device is copied to the CPU first."""
-        arrays = tuple(host_array(t) for t in (self.keys, self.values))
-        if any(a is None for a in arrays):
-            arrays = tuple(host_array(t.detach().to("cpu")) for t in (self.keys, self.values))
-        return arrays
+        return host_pair(self.keys, self.values) or host_pair(self.keys.detach().cpu(), self.values.detach().cpu())
 
     @property
     def own_nbytes(self) -> int:
@@ -287,8 +284,8 @@ def pad_past(
     take = (lambda dtype: torch.empty(shape, dtype=dtype)) if pool is None else (lambda dtype: pool.take(shape, dtype, "cpu"))
     keys, values = take(sample.keys.dtype), take(sample.values.dtype)  # [L, U, H, P + extra, D]
     past_mask = torch.zeros((len(entries), width), dtype=torch.long)  # [U, P]
-    host = host_array(keys), host_array(values)  # numpy views: cheaper per-row copies (`policies.host_copy`)
-    into = (keys, values) if any(a is None for a in host) else host  # torch copies for dtypes numpy cannot view
+    # numpy views: cheaper per-row copies (`policies.host_copy`); torch copies for dtypes numpy cannot view
+    into = host_pair(keys, values) or (keys, values)
     for row, entry in enumerate(entries):
         start = width - (0 if entry is None else entry.length)
         if start:  # only the left padding is zeroed (masked, but 0 x garbage could be NaN)

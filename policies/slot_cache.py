@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from policies.host_copy import host_array, tensor_from
+from policies.host_copy import host_pair, tensor_from
 from policies.kv_pool import BufferPool
 from policies.prefix_cache import PrefixKV
 
@@ -43,15 +43,7 @@ class _SlotBuffers:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, growth: int) -> None:
         self.keys, self.values, self.growth = keys, values, growth
         self.rows = int(keys.shape[1])
-        self._host: tuple | None = None
-
-    @property
-    def host(self) -> tuple | None:
-        """numpy views (keys, values) of the buffers for cheap per-row copies (`policies.host_copy`),
-        or None off the CPU."""
-        if self._host is None:
-            self._host = (host_array(self.keys), host_array(self.values))
-        return None if self._host[0] is None or self._host[1] is None else self._host
+        self.host = host_pair(keys, values)  # numpy views for cheap per-row copies (`policies.host_copy`); None off the CPU
 
     @property
     def capacity(self) -> int:
@@ -63,7 +55,7 @@ class _SlotBuffers:
             _gather_into(old[:, : self.rows, :, :length], torch.arange(self.rows, device=old.device), capacity)
             for old in (self.keys, self.values)
         )
-        self._host = None
+        self.host = host_pair(self.keys, self.values)
 
 
 class SlotLayer(DynamicLayer):

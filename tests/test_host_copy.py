@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policies.host_copy import host_array, tensor_from
+from policies.host_copy import host_array, host_pair, tensor_from
 from policies.prefix_cache import PrefixKV, pad_past
 from policies.slot_cache import SlotCache
 
@@ -27,6 +27,8 @@ def test_host_array_shares_memory_and_round_trips_bits(dtype):
 
 def test_host_array_declines_tensors_torch_must_copy():
     assert host_array(torch.zeros(2, requires_grad=True)) is None
+    assert host_pair(torch.zeros(2), torch.zeros(2, requires_grad=True)) is None
+    assert host_pair(torch.zeros(2), torch.zeros(2)) is not None
 
 
 def _random_cache(dtype: torch.dtype, rows: int = 4, length: int = 5) -> SlotCache:
@@ -94,8 +96,8 @@ def test_the_torch_path_gives_the_same_copies(monkeypatch):
         return [kv.keys, kv.values, cache._buffers.keys, cache._buffers.values, *padded]
 
     through_numpy = copies()
-    monkeypatch.setattr(prefix_cache, "host_array", lambda tensor: None)
-    monkeypatch.setattr(slot_cache, "host_array", lambda tensor: None)
+    monkeypatch.setattr(prefix_cache, "host_pair", lambda keys, values: None)
+    monkeypatch.setattr(slot_cache, "host_pair", lambda keys, values: None)
     through_torch = copies()
     assert len(through_numpy) == len(through_torch) == 7
     for a, b in zip(through_numpy, through_torch):
