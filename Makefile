@@ -40,7 +40,7 @@ bench: setup
 	  echo "## Scoring overhead of Best-of-N"; $(BIN)/python -m experiments.bench_scoring_overhead --threads 1; echo; \
 	  echo "## Prefix reuse in step-level search"; $(BIN)/python -m experiments.bench_prefix_reuse; echo; \
 	  echo "## Batched vs one problem at a time"; $(BIN)/python -m experiments.bench_batching; echo; \
-	  echo "### the same with SmolLM2-135M on GSM8K"; $(BIN)/python -m experiments.bench_batching --model smollm2 --problems 16; echo; \
+	  echo "### the same with SmolLM2-135M on GSM8K"; $(BIN)/python -m experiments.bench_batching --model smollm2 --problems 16 --rounds 1; echo; \
 	  echo "## Shared prefix vs copied KV rows"; $(BIN)/python -m experiments.bench_shared_prefix; echo; \
 	  echo "## Weights in bfloat16 vs float32"; $(BIN)/python -m experiments.bench_dtype; echo; \
 	  echo "## Engine overhead at N = 32"; $(BIN)/python -m experiments.bench_engine_overhead; echo; \

@@ -5,7 +5,11 @@ Each round of a batched run sends the beams of ALL problems to the policy in one
 sequential run calls the strategy once per problem. The chosen answers must grade the same on
 average (the per-problem seeds are the same; batching changes only float rounding). Target:
 batched at least 4x faster. Wall time and this process's CPU time are both printed (on a shared
-machine another job's load stretches wall time; a one-thread run's CPU time much less).
+machine another job's load stretches wall time; a one-thread run's CPU time much less). The
+three runs go in --rounds interleaved rounds (default 3; batched, one at a time, continuous,
+batched, ...): each time is the median of its rounds and each speed-up the median of the rounds'
+ratios, a last line lists those ratios (single runs of the tiny policy's lockstep speed-up ranged
+from 3.8x to 5.1x on this kind of shared machine).
 
 A third run uses continuous batching (`policies.continuous_engine`): each problem's search in
 its own thread (`treesearch.concurrent.search_each`), every policy call's chunk joining the batch
@@ -30,7 +34,7 @@ batch of N rows. (Contexts grow as steps are added, and per-row attention with t
 later steps of a search batch a little less well than this.)
 
     python -m experiments.bench_batching                     # tiny: 64 problems, N = 8, M = 4
-    python -m experiments.bench_batching --model smollm2 --problems 16
+    python -m experiments.bench_batching --model smollm2 --problems 16 --rounds 1
 
 Workloads (`--model`, `experiments.bench_workload`): `tiny`, the trained 3.5M-parameter arith
 policy, and `smollm2`, SmolLM2-135M-Instruct on GSM8K (answers cut at 128 tokens).
@@ -43,7 +47,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: shared cores
 
 import argparse  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+import statistics  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, Callable, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -111,38 +117,89 @@ def ceiling_line(work: Workload, n: int, beam_width: int) -> str:
             f"{large * 1e6:.0f} us at {large_rows} rows: batching alone can give at most ~{small / large:.2f}x")
 
 
-def run(work: Workload, n: int, beam_width: int, seed: int) -> str:
+@dataclass(frozen=True)
+class _Runs:
+    """One configuration over the rounds: its timing per round, the results and decode rows of
+    its first round (every round searches the same problems with the same seeds)."""
+
+    timings: tuple[Timing, ...]
+    results: tuple[SearchResult, ...]
+    rows: DecodeRows
+
+    @property
+    def wall_s(self) -> float:
+        return statistics.median(t.wall_s for t in self.timings)
+
+    @property
+    def cpu_s(self) -> float:
+        return statistics.median(t.cpu_s for t in self.timings)
+
+
+def _interleaved(lm: Any, configs: dict[str, Callable[[], list[SearchResult]]], rounds: int) -> dict[str, _Runs]:
+    """Each configuration run `rounds` times, in rounds (a, b, c, a, b, c, ...), so a slow spell of
+    the shared machine falls on every configuration alike instead of on whichever ran during it."""
+    timings: dict[str, list[Timing]] = {name: [] for name in configs}
+    first: dict[str, tuple[list[SearchResult], DecodeRows]] = {}
+    for _ in range(rounds):
+        for name, search in configs.items():
+            results: list[SearchResult] = []
+            with DecodeRows(lm) as rows:
+                timings[name].append(timed(lambda: results.extend(search())))
+            first.setdefault(name, (results, rows))
+    return {name: _Runs(tuple(timings[name]), tuple(first[name][0]), first[name][1]) for name in configs}
+
+
+def _speed_ups(single: _Runs, other: _Runs, cpu: bool = False) -> list[float]:
+    """One problem at a time / other, per round (the two runs of a round are close in time)."""
+    pick = (lambda t: t.cpu_s) if cpu else (lambda t: t.wall_s)
+    return [pick(s) / pick(o) for s, o in zip(single.timings, other.timings)]
+
+
+def run(work: Workload, n: int, beam_width: int, seed: int, rounds: int = 1) -> str:
+    """The table: one problem at a time, all batched, continuous batching; times are medians of
+    `rounds` interleaved rounds and each speed-up the median of its rounds' ratios."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be >= 1")
     probs, policy = work.problems, work.policy  # a fresh prefix cache for each run: no head start
     cfg = BeamSearchConfig(n=n, beam_width=beam_width, max_depth=20, seed=seed)
-    batched: list[SearchResult] = []
-    one_by_one: list[SearchResult] = []
-    continuous: list[SearchResult] = []
-    with DecodeRows(work.lm) as rows_batched:
-        t_batched = timed(lambda: batched.extend(beam_search(probs, policy(), ConfidenceScorer(), cfg)))
-    with DecodeRows(work.lm) as rows_single:
-        t_single = timed(lambda: one_by_one.extend(
-            r for p in probs for r in beam_search([p], policy(), ConfidenceScorer(), cfg)))
-    shared = policy()
-    with DecodeRows(work.lm) as rows_continuous, ContinuousEngine.attached(shared) as engine:
-        t_continuous = timed(lambda: continuous.extend(search_each(beam_search, probs, shared, ConfidenceScorer(), cfg)))
-    same = sum(_candidates(a) == _candidates(b) for a, b in zip(one_by_one, continuous))
+
+    def continuous() -> list[SearchResult]:
+        shared = policy()
+        with ContinuousEngine.attached(shared) as engine:
+            results = search_each(beam_search, probs, shared, ConfidenceScorer(), cfg)
+        engines.append(engine)
+        return results
+
+    engines: list[ContinuousEngine] = []
+    runs = _interleaved(work.lm, {
+        "batched": lambda: beam_search(probs, policy(), ConfidenceScorer(), cfg),
+        "single": lambda: [r for p in probs for r in beam_search([p], policy(), ConfidenceScorer(), cfg)],
+        "continuous": continuous,
+    }, rounds)
+    single, engine = runs["single"], engines[0]
+    same = sum(_candidates(a) == _candidates(b) for a, b in zip(single.results, runs["continuous"].results))
     full = min(len(probs) * n, work.sampling.batch_size)
 
-    def line(name: str, t: Timing, results: list[SearchResult], rows: DecodeRows, full_rows: int) -> str:
-        return (f"| {name} | {t.wall_s:.2f} | {work.accuracy(results):.3f} | {t_single.wall_s / t.wall_s:.2f} | "
-                f"{t.cpu_s:.2f} | {t_single.cpu_s / t.cpu_s:.2f} | {rows.mean:.1f} / {rows.median:.0f} ({full_rows}) |")
+    def line(name: str, r: _Runs, full_rows: int) -> str:
+        speed_up, cpu_speed_up = (statistics.median(_speed_ups(single, r, cpu)) for cpu in (False, True))
+        return (f"| {name} | {r.wall_s:.2f} | {work.accuracy(r.results):.3f} | {speed_up:.2f} | "
+                f"{r.cpu_s:.2f} | {cpu_speed_up:.2f} | {r.rows.mean:.1f} / {r.rows.median:.0f} ({full_rows}) |")
 
-    return "\n".join([
-        f"{work.description}; beam search N={n}, M={beam_width}; "
-        f"torch threads {torch.get_num_threads()}",
+    lines = [
+        f"{work.description}; beam search N={n}, M={beam_width}; torch threads {torch.get_num_threads()}; "
+        + ("one round" if rounds == 1 else f"medians of {rounds} interleaved rounds"),
         "| run | wall s | accuracy | speed-up | cpu s | cpu speed-up | rows per decode forward: mean / median (full) |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        line("one problem at a time", t_single, one_by_one, rows_single, n),
-        line("all problems batched (lockstep rounds)", t_batched, batched, rows_batched, full),
-        line("continuous batching (a thread per problem)", t_continuous, continuous, rows_continuous, full),
+        line("one problem at a time", single, n),
+        line("all problems batched (lockstep rounds)", runs["batched"], full),
+        line("continuous batching (a thread per problem)", runs["continuous"], full),
         f"continuous batching: {engine.cohorts_fed / max(engine.forwards, 1):.1f} cohorts per decode forward "
         f"(most {engine.most_cohorts}); {same} of {len(probs)} problems have the same candidates as one at a time",
-    ])
+    ]
+    if rounds > 1:
+        lines.append("speed-up (wall) per round: lockstep " + ", ".join(f"{x:.2f}x" for x in _speed_ups(single, runs["batched"]))
+                     + "; continuous " + ", ".join(f"{x:.2f}x" for x in _speed_ups(single, runs["continuous"])))
+    return "\n".join(lines)
 
 
 def _candidates(result: SearchResult) -> list[str]:
@@ -152,11 +209,12 @@ def _candidates(result: SearchResult) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(ap, problems=64, n=8)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; times and speed-ups are their medians")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = load_workload(args.model, args.problems, args.seed, args.checkpoint)
     freeze_long_lived()  # as the CLIs do (policies/gc_freeze.py); both runs alike
-    print(run(work, args.n, args.beam_width, args.seed))
+    print(run(work, args.n, args.beam_width, args.seed, args.rounds))
     print(ceiling_line(work, args.n, args.beam_width))
 
 

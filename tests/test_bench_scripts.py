@@ -1,6 +1,8 @@
 """Smoke runs of the benchmark scripts at a tiny size (a random tiny Llama: no checkpoint)."""
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -28,8 +30,9 @@ def test_batching_table(tmp_path):
     from experiments.bench_workload import load_workload
 
     work = load_workload("tiny", problems=2, seed=0, checkpoint=tmp_path / "no-checkpoint")
-    table = bench_batching.run(work, n=2, beam_width=1, seed=0)
+    table = bench_batching.run(work, n=2, beam_width=1, seed=0, rounds=2)
     lines = table.splitlines()
+    assert lines[0].endswith("; medians of 2 interleaved rounds")
     rows = [line.split("|")[1:-1] for line in lines[3:6]]
     assert [r[0].strip() for r in rows] == [
         "one problem at a time", "all problems batched (lockstep rounds)", "continuous batching (a thread per problem)"]
@@ -38,6 +41,17 @@ def test_batching_table(tmp_path):
     assert single.endswith("(2)") and batched.endswith("(4)") and continuous.endswith("(4)")
     assert 0 < float(single.split(" / ")[0]) <= 2 and 0 < float(batched.split(" / ")[0]) <= 4
     assert lines[6].startswith("continuous batching: ") and lines[6].endswith("2 of 2 problems have the same candidates as one at a time")
+    per_round = lines[7].removeprefix("speed-up (wall) per round: lockstep ").split("; continuous ")
+    assert [len(part.split(", ")) for part in per_round] == [2, 2]  # one ratio per round, each run's
+    median = statistics.median(float(x.rstrip("x")) for x in per_round[0].split(", "))
+    assert float(rows[1][3]) == pytest.approx(median, abs=0.006)  # the table's speed-up: their median
+
+
+def test_batching_needs_a_round():
+    from experiments import bench_batching
+
+    with pytest.raises(ValueError, match="rounds=0 must be >= 1"):
+        bench_batching.run(None, n=2, beam_width=1, seed=0, rounds=0)
 
 
 @pytest.mark.slow
