@@ -44,7 +44,7 @@ bench: setup
 	  echo "## Shared prefix vs copied KV rows"; $(BIN)/python -m experiments.bench_shared_prefix; echo; \
 	  echo "## Weights in bfloat16 vs float32"; $(BIN)/python -m experiments.bench_dtype; echo; \
 	  echo "## Engine overhead at N = 32"; $(BIN)/python -m experiments.bench_engine_overhead; echo; \
-	  echo "### the same with SmolLM2-135M on GSM8K"; $(BIN)/python -m experiments.bench_engine_overhead --model smollm2 --problems 4; echo; \
+	  echo "### the same with SmolLM2-135M on GSM8K"; $(BIN)/python -m experiments.bench_engine_overhead --model smollm2 --problems 4 --rounds 1; echo; \
 	  echo "### the same through vLLM (outside LLM.generate)"; $(BIN)/python -m experiments.bench_vllm_overhead; echo; \
 	  echo "## FLOP/s vs a matmul peak measured in the same run"; $(BIN)/python -m experiments.bench_flops; echo; \
 	  echo "## Training throughput: joint GRPO + SPR vs plain forward + backward"; $(BIN)/python -m experiments.bench_train_throughput; echo; \

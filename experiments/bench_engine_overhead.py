@@ -4,9 +4,12 @@ the model's forward calls (target: at most 5%), for Best-of-N and step-level bea
 Workloads (`--model`, `experiments.bench_workload`): `tiny`, the trained 3.5M-parameter arith
 policy, whose decode forward takes ~1 ms, so the per-step bookkeeping of the engine weighs as
 much as it ever can; `smollm2`, SmolLM2-135M-Instruct on GSM8K, the smallest real model.
-Each strategy runs once on the same problems with the transformers backend (prefix cache on, the
+Each strategy runs on the same problems with the transformers backend (prefix cache on, the
 policy's confidence as scorer: every forward is the policy's), after one untimed run of the same
-size with another seed (`warm_up`: steady state, the KV buffer pool filled). Forward hooks on
+size with another seed (`warm_up`: steady state, the KV buffer pool filled), in --rounds
+interleaved rounds (default 3: Best-of-N, beam search, Best-of-N, ...); the table shows each
+strategy's median run by CPU share and a line lists every round's share (single runs of the tiny
+Best-of-32 ranged from 4.8% to 5.5% on this kind of shared machine). Forward hooks on
 the LM time every forward (`experiments.bench_timing.ForwardClock`); the policy's `propose` /
 `rollout` calls are timed too, so the table splits wall time into
   in forward     inside the LM's forward (the backend's compute, prefill and decode);
@@ -23,7 +26,7 @@ stop rule, dropping finished rows, turning samples into steps, ...; `PhaseClock`
 under cProfile (profiling switched off inside the forward) lists the top Python hotspots.
 
     python -m experiments.bench_engine_overhead                  # tiny: 32 problems, N = 32, M = 4
-    python -m experiments.bench_engine_overhead --model smollm2 --problems 4
+    python -m experiments.bench_engine_overhead --model smollm2 --problems 4 --rounds 1
     python -m experiments.bench_engine_overhead --problems 4 --n 4 --top 5
 """
 from __future__ import annotations
@@ -214,18 +217,37 @@ def strategies(n: int, beam_width: int, seed: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed: int, model: str = "tiny") -> str:
+def median_run(runs: Sequence[OverheadRow]) -> OverheadRow:
+    """The run whose CPU share outside the forward is the median (the lower middle of an even
+    count): one real run, so every column of its table row comes from the same search."""
+    ordered = sorted(runs, key=lambda r: r.outside_forward_cpu)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed: int, model: str = "tiny",
+        rounds: int = 1) -> str:
+    """The overhead table (each strategy's median run of `rounds` interleaved rounds, the
+    shares of every round listed below it), then phases and hotspots of those above the target."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be >= 1")
     work = load_workload(model, problems, seed, checkpoint)
     plan = strategies(n, beam_width, seed)
-    rows = []
-    for name, cfg in plan.items():
-        warm_up(name, {**cfg, "seed": seed + 1}, work)
-        rows.append(measure(name, cfg, work))
+    runs: dict[str, list[OverheadRow]] = {name: [] for name in plan}
+    for round_ in range(rounds):
+        for name, cfg in plan.items():  # interleaved: a slow spell of the machine falls on both alike
+            if round_ == 0:
+                warm_up(name, {**cfg, "seed": seed + 1}, work)
+            runs[name].append(measure(name, cfg, work))
+    rows = [median_run(r) for r in runs.values()]
     parts = [
         f"{work.description}; N={n}, beam width M={beam_width}; scorer: confidence; "
-        f"prefix cache on; torch threads {torch.get_num_threads()}",
+        f"prefix cache on; torch threads {torch.get_num_threads()}; "
+        + ("one run each" if rounds == 1 else f"the median of {rounds} interleaved rounds each (by CPU share)"),
         overhead_table(rows),
     ]
+    if rounds > 1:
+        parts.append("outside the forward, CPU, per round: " + "; ".join(
+            f"{name} " + ", ".join(f"{r.outside_forward_cpu:.1%}" for r in rs) for name, rs in runs.items()))
     for row in (r for r in rows if r.outside_forward_cpu > TARGET):
         parts += ["", phase_table(row.strategy, plan[row.strategy], work)]
         if top > 0:
@@ -237,11 +259,12 @@ def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(ap, problems=32, n=32)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows each strategy's median run")
     ap.add_argument("--top", type=int, default=10, help="hotspots listed per strategy above the target (0: none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"gc: {freeze_long_lived()} objects frozen out of the collector's walks, as the CLIs do (policies/gc_freeze.py)")
-    print(run(args.checkpoint, args.problems, args.n, args.beam_width, args.top, args.seed, args.model))
+    print(run(args.checkpoint, args.problems, args.n, args.beam_width, args.top, args.seed, args.model, args.rounds))
 
 
 if __name__ == "__main__":

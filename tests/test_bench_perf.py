@@ -36,9 +36,14 @@ def table_rows(text: str, header_start: str) -> dict[str, list[str]]:
 def test_engine_overhead_table(checkpoint):
     from experiments import bench_engine_overhead
 
-    text = bench_engine_overhead.run(checkpoint, problems=2, n=2, beam_width=1, top=3, seed=0)
+    text = bench_engine_overhead.run(checkpoint, problems=2, n=2, beam_width=1, top=3, seed=0, rounds=3)
     rows = table_rows(text, "| strategy |")
     assert set(rows) == {"best_of_n", "beam_search"}
+    per_round = text.split("outside the forward, CPU, per round: ")[1].splitlines()[0]
+    for part in per_round.split("; "):  # "best_of_n 5.1%, 4.9%, 5.3%": the table shows the median round
+        name, shares = part.split(" ", 1)
+        values = sorted(float(x.rstrip("%")) for x in shares.split(", "))
+        assert len(values) == 3 and rows[name][8] == f"{values[1]:.1f}%"
     for cells in rows.values():
         in_forward, backend, search, outside, outside_cpu = (float(c.rstrip("%")) for c in cells[4:9])
         assert in_forward + backend + search == pytest.approx(100.0, abs=0.2)  # the three parts of wall time
@@ -50,6 +55,21 @@ def test_engine_overhead_table(checkpoint):
         phases = table_rows(text, "| phase |")
         assert set(bench_engine_overhead.PHASES) < set(phases)
         assert all(float(cells[-1].rstrip("%")) >= 0 for cells in phases.values())
+
+
+def test_median_run_is_one_real_run():
+    from experiments.bench_engine_overhead import OverheadRow, median_run
+
+    def row(forward_cpu_s: float) -> OverheadRow:
+        return OverheadRow("beam_search", 1.0, 1.0, forward_cpu_s, forward_cpu_s, 10, 1.0, 100)
+
+    runs = [row(0.90), row(0.95), row(0.80)]  # CPU shares outside the forward 10%, 5%, 20%
+    assert median_run(runs) is runs[0]
+    assert median_run(runs[:2]) is runs[1]  # an even count: the lower middle
+    with pytest.raises(ValueError, match="rounds=0 must be >= 1"):
+        from experiments import bench_engine_overhead
+
+        bench_engine_overhead.run(None, problems=2, n=2, beam_width=1, top=0, seed=0, rounds=0)
 
 
 def test_phase_clock_counts_time_outside_the_forward_and_restores_the_functions():
