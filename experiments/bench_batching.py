@@ -54,7 +54,7 @@ from typing import Any, Callable, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
-from experiments.bench_timing import DecodeRows, Timing, best_of, timed  # noqa: E402
+from experiments.bench_timing import DecodeRows, Timing, best_of, interleaved, median_timing  # noqa: E402
 from policies.continuous_engine import ContinuousEngine  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.shared_prefix import SharedPrefixCache, supports_shared_prefix  # noqa: E402
@@ -128,25 +128,25 @@ class _Runs:
 
     @property
     def wall_s(self) -> float:
-        return statistics.median(t.wall_s for t in self.timings)
+        return median_timing(self.timings).wall_s
 
     @property
     def cpu_s(self) -> float:
-        return statistics.median(t.cpu_s for t in self.timings)
+        return median_timing(self.timings).cpu_s
 
 
-def _interleaved(lm: Any, configs: dict[str, Callable[[], list[SearchResult]]], rounds: int) -> dict[str, _Runs]:
-    """Each configuration run `rounds` times, in rounds (a, b, c, a, b, c, ...), so a slow spell of
-    the shared machine falls on every configuration alike instead of on whichever ran during it."""
-    timings: dict[str, list[Timing]] = {name: [] for name in configs}
-    first: dict[str, tuple[list[SearchResult], DecodeRows]] = {}
-    for _ in range(rounds):
-        for name, search in configs.items():
-            results: list[SearchResult] = []
+def _rounds(lm: Any, configs: dict[str, Callable[[], list[SearchResult]]], rounds: int) -> dict[str, _Runs]:
+    """Each configuration's searches in `rounds` interleaved rounds (`bench_timing.interleaved`),
+    the rows of every decode forward counted."""
+
+    def counted(search: Callable[[], list[SearchResult]]) -> Callable[[], tuple[list[SearchResult], DecodeRows]]:
+        def run_counted() -> tuple[list[SearchResult], DecodeRows]:
             with DecodeRows(lm) as rows:
-                timings[name].append(timed(lambda: results.extend(search())))
-            first.setdefault(name, (results, rows))
-    return {name: _Runs(tuple(timings[name]), tuple(first[name][0]), first[name][1]) for name in configs}
+                return search(), rows
+        return run_counted
+
+    runs = interleaved({name: counted(search) for name, search in configs.items()}, rounds)
+    return {name: _Runs(tuple(t for t, _ in got), tuple(got[0][1][0]), got[0][1][1]) for name, got in runs.items()}
 
 
 def _speed_ups(single: _Runs, other: _Runs, cpu: bool = False) -> list[float]:
@@ -171,7 +171,7 @@ def run(work: Workload, n: int, beam_width: int, seed: int, rounds: int = 1) -> 
         return results
 
     engines: list[ContinuousEngine] = []
-    runs = _interleaved(work.lm, {
+    runs = _rounds(work.lm, {
         "batched": lambda: beam_search(probs, policy(), ConfidenceScorer(), cfg),
         "single": lambda: [r for p in probs for r in beam_search([p], policy(), ConfidenceScorer(), cfg)],
         "continuous": continuous,

@@ -20,13 +20,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: shared cores
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_timing import Timing, timed  # noqa: E402
+from experiments.bench_timing import Timing, interleaved, median_timing  # noqa: E402
 from experiments.bench_workload import DEFAULT_CHECKPOINT, load_tiny_parts  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
@@ -38,19 +37,10 @@ from treesearch.records import Prefix, Problem  # noqa: E402
 
 
 def _interleaved(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, tuple[Timing, int]]:
-    """Per name: (median wall and CPU seconds, tokens forwarded of the last run). The functions
-    run in rounds (none, in_gen, second, none, ...), so a slow spell of the machine or a warming
-    allocator falls on every variant alike instead of on whichever ran during it."""
-    runs: dict[str, list[Timing]] = {name: [] for name in fns}
-    forwarded: dict[str, int] = {}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            result: list[int] = []
-            runs[name].append(timed(lambda: result.append(fn())))
-            forwarded[name] = result[0]
+    """Per name: (median wall and CPU seconds, tokens forwarded of the last run), the functions
+    run in interleaved rounds (none, in_gen, second, none, ...: `bench_timing.interleaved`)."""
     return {
-        name: (Timing(statistics.median(t.wall_s for t in ts), statistics.median(t.cpu_s for t in ts)), forwarded[name])
-        for name, ts in runs.items()
+        name: (median_timing(t for t, _ in got), got[-1][1]) for name, got in interleaved(fns, repeats).items()
     }
 
 

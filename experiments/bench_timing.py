@@ -10,6 +10,8 @@ Usage:
     forward.seconds, forward.calls, calls.seconds
     with DecodeRows(model) as rows: ...           # rows.mean / rows.median: rows per decode forward
     best = best_of(lambda: torch.mm(a, b), repeats=5)   # least wall seconds of several runs
+    runs = interleaved({"a": run_a, "b": run_b}, rounds=3)  # a, b, a, b, a, b: [(Timing, result), ...] each
+    median_timing(t for t, _ in runs["a"])        # Timing of the median wall and median CPU seconds
     peak_rss_mib()                                # this process's resident-set high-water mark
 
 Wall time is what a user waits for; CPU time of this process is printed beside it because these
@@ -19,10 +21,13 @@ process's CPU time). Neither is used as an absolute target: the scripts print ra
 from __future__ import annotations
 
 import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,25 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def interleaved(fns: Mapping[str, Callable[[], T]], rounds: int) -> dict[str, list[tuple[Timing, T]]]:
+    """Each function timed `rounds` times, in rounds (a, b, c, a, b, c, ...), so a slow spell of a
+    shared machine falls on every one alike instead of on whichever ran during it. Returns per
+    name every round's (timing, result), in order."""
+    runs: dict[str, list[tuple[Timing, T]]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            result: list[T] = []
+            timing = timed(lambda: result.append(fn()))
+            runs[name].append((timing, result[0]))
+    return runs
+
+
+def median_timing(timings: Iterable[Timing]) -> Timing:
+    """The median wall seconds and the median CPU seconds of several runs."""
+    timings = list(timings)
+    return Timing(statistics.median(t.wall_s for t in timings), statistics.median(t.cpu_s for t in timings))
 
 
 class ForwardClock:

@@ -57,6 +57,27 @@ def test_engine_overhead_table(checkpoint):
         assert all(float(cells[-1].rstrip("%")) >= 0 for cells in phases.values())
 
 
+def test_interleaved_runs_the_functions_in_rounds_and_keeps_every_result():
+    from experiments.bench_timing import interleaved
+
+    calls: list[str] = []
+
+    def call(name: str):
+        return lambda: calls.append(name) or len(calls)  # the result: how many calls so far
+
+    runs = interleaved({"a": call("a"), "b": call("b")}, rounds=3)
+    assert calls == ["a", "b"] * 3  # rounds, not all of a then all of b
+    assert [result for _, result in runs["a"]] == [1, 3, 5] and [result for _, result in runs["b"]] == [2, 4, 6]
+    assert all(t.wall_s >= 0 and t.cpu_s >= 0 for got in runs.values() for t, _ in got)
+
+
+def test_median_timing_takes_wall_and_cpu_medians_apart():
+    from experiments.bench_timing import Timing, median_timing
+
+    assert median_timing([Timing(1.0, 5.0), Timing(3.0, 1.0), Timing(2.0, 3.0)]) == Timing(2.0, 3.0)
+    assert median_timing(iter([Timing(1.0, 2.0), Timing(3.0, 4.0)])) == Timing(2.0, 3.0)
+
+
 def test_median_run_is_one_real_run():
     from experiments.bench_engine_overhead import OverheadRow, median_run
 
