@@ -278,7 +278,7 @@ class TransformersPolicy:
     def _whole_step(self, sample: _Sample, prefix: Prefix) -> RawStep:
         """The sample as one step (every generated token but the last was fed back)."""
         fed = max(len(sample.token_ids) - 1, 0)
-        score = self._step_score(sample.own_scores(0, len(sample.token_ids)), [s.score for s in prefix.steps])
+        score = self._step_score(sample, 0, len(sample.token_ids), prefix.steps)
         return RawStep(sample.token_ids, sample.logprobs, sample.finish, sample.prefill_tokens + fed, score)
 
     def _split_steps(self, sample: _Sample, prefix: Prefix) -> list[RawStep]:
@@ -286,13 +286,11 @@ class TransformersPolicy:
         scores as in `scorers.sprm_positions.step_score` (after the prefix's step scores)."""
         ends = split_step_ends(sample.boundary, [self._is_separator[t] for t in sample.token_ids])
         steps: list[RawStep] = []
-        previous = [s.score for s in prefix.steps]
         start = 0
         for k, end in enumerate(ends):
             last = k == len(ends) - 1
             fed = (end - start) - (1 if last and end > start else 0)
-            score = self._step_score(sample.own_scores(start, end), previous)
-            previous.append(score)
+            score = self._step_score(sample, start, end, [*prefix.steps, *steps])
             steps.append(
                 RawStep(
                     sample.token_ids[start:end], sample.logprobs[start:end],
@@ -303,9 +301,12 @@ class TransformersPolicy:
             start = end
         return steps
 
-    def _step_score(self, own: list[float], previous: list[float | None]) -> float | None:
-        """None without a step head, else `step_score` of the step's own readings."""
-        return None if self.step_head is None else step_score(own, previous)
+    def _step_score(self, sample: _Sample, start: int, end: int, before: Sequence[Step | RawStep]) -> float | None:
+        """None without a step head (nothing read), else `step_score` of the head's readings on
+        the sample's tokens [start, end) after the scores of the steps `before` it."""
+        if self.step_head is None:
+            return None
+        return step_score(sample.own_scores(start, end), [s.score for s in before])
 
 
 def plan_chunks(counts: Sequence[int], batch_size: int) -> list[list[tuple[int, int]]]:
