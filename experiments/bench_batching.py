@@ -162,6 +162,7 @@ def run(work: Workload, n: int, beam_width: int, seed: int, rounds: int = 1) -> 
         raise ValueError(f"rounds={rounds} must be >= 1")
     probs, policy = work.problems, work.policy  # a fresh prefix cache for each run: no head start
     cfg = BeamSearchConfig(n=n, beam_width=beam_width, max_depth=20, seed=seed)
+    engines: list[ContinuousEngine] = []  # each continuous run's, for its cohort counts
 
     def continuous() -> list[SearchResult]:
         shared = policy()
@@ -170,7 +171,6 @@ def run(work: Workload, n: int, beam_width: int, seed: int, rounds: int = 1) -> 
         engines.append(engine)
         return results
 
-    engines: list[ContinuousEngine] = []
     runs = _rounds(work.lm, {
         "batched": lambda: beam_search(probs, policy(), ConfidenceScorer(), cfg),
         "single": lambda: [r for p in probs for r in beam_search([p], policy(), ConfidenceScorer(), cfg)],

@@ -232,11 +232,11 @@ def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed
         raise ValueError(f"rounds={rounds} must be >= 1")
     work = load_workload(model, problems, seed, checkpoint)
     plan = strategies(n, beam_width, seed)
+    for name, cfg in plan.items():
+        warm_up(name, {**cfg, "seed": seed + 1}, work)
     runs: dict[str, list[OverheadRow]] = {name: [] for name in plan}
-    for round_ in range(rounds):
+    for _ in range(rounds):
         for name, cfg in plan.items():  # interleaved: a slow spell of the machine falls on both alike
-            if round_ == 0:
-                warm_up(name, {**cfg, "seed": seed + 1}, work)
             runs[name].append(measure(name, cfg, work))
     rows = [median_run(r) for r in runs.values()]
     parts = [
