@@ -278,7 +278,7 @@ class TransformersPolicy:
     def _whole_step(self, sample: _Sample, prefix: Prefix) -> RawStep:
         """The sample as one step (every generated token but the last was fed back)."""
         fed = max(len(sample.token_ids) - 1, 0)
-        score = self._step_score(sample, 0, len(sample.token_ids), prefix.steps)
+        score = self._step_score(sample, 0, len(sample.token_ids), prefix.steps, ())
         return RawStep(sample.token_ids, sample.logprobs, sample.finish, sample.prefill_tokens + fed, score)
 
     def _split_steps(self, sample: _Sample, prefix: Prefix) -> list[RawStep]:
@@ -290,7 +290,7 @@ class TransformersPolicy:
         for k, end in enumerate(ends):
             last = k == len(ends) - 1
             fed = (end - start) - (1 if last and end > start else 0)
-            score = self._step_score(sample, start, end, [*prefix.steps, *steps])
+            score = self._step_score(sample, start, end, prefix.steps, steps)
             steps.append(
                 RawStep(
                     sample.token_ids[start:end], sample.logprobs[start:end],
@@ -301,12 +301,15 @@ class TransformersPolicy:
             start = end
         return steps
 
-    def _step_score(self, sample: _Sample, start: int, end: int, before: Sequence[Step | RawStep]) -> float | None:
-        """None without a step head (nothing read), else `step_score` of the head's readings on
-        the sample's tokens [start, end) after the scores of the steps `before` it."""
+    def _step_score(
+        self, sample: _Sample, start: int, end: int, prefix_steps: Sequence[Step], earlier: Sequence[RawStep]
+    ) -> float | None:
+        """None without a step head (nothing read or built), else `step_score` of the head's
+        readings on the sample's tokens [start, end) after the scores of the prefix's steps and
+        of this sample's earlier steps."""
         if self.step_head is None:
             return None
-        return step_score(sample.own_scores(start, end), [s.score for s in before])
+        return step_score(sample.own_scores(start, end), [s.score for s in (*prefix_steps, *earlier)])
 
 
 def plan_chunks(counts: Sequence[int], batch_size: int) -> list[list[tuple[int, int]]]:
