@@ -28,6 +28,7 @@ under cProfile (profiling switched off inside the forward) lists the top Python 
     python -m experiments.bench_engine_overhead                  # tiny: 32 problems, N = 32, M = 4
     python -m experiments.bench_engine_overhead --model smollm2 --problems 4 --rounds 1
     python -m experiments.bench_engine_overhead --problems 4 --n 4 --top 5
+    python -m experiments.bench_engine_overhead --device cuda       # the model on a GPU (wall shares)
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
+from experiments.bench_workload import Workload, add_device_argument, add_search_arguments, load_workload  # noqa: E402
 from experiments.bench_timing import ForwardClock, PhaseClock, PolicyClock, timed  # noqa: E402
 from policies import decode_loop, transformers_policy  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
@@ -225,12 +226,12 @@ def median_run(runs: Sequence[OverheadRow]) -> OverheadRow:
 
 
 def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed: int, model: str = "tiny",
-        rounds: int = 1) -> str:
+        rounds: int = 1, device: str = "cpu") -> str:
     """The overhead table (each strategy's median run of `rounds` interleaved rounds, the
     shares of every round listed below it), then phases and hotspots of those above the target."""
     if rounds < 1:
         raise ValueError(f"rounds={rounds} must be >= 1")
-    work = load_workload(model, problems, seed, checkpoint)
+    work = load_workload(model, problems, seed, checkpoint, device)
     plan = strategies(n, beam_width, seed)
     for name, cfg in plan.items():
         warm_up(name, {**cfg, "seed": seed + 1}, work)
@@ -245,6 +246,9 @@ def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed
         + ("one run each" if rounds == 1 else f"the median of {rounds} interleaved rounds each (by CPU share)"),
         overhead_table(rows),
     ]
+    if work.lm.device.type == "cuda":
+        parts.append("On a GPU the CPU share counts this process waiting for the GPU (inside the forward's "
+                     "synchronize) as CPU time: read the wall share there.")
     if rounds > 1:
         parts.append("outside the forward, CPU, per round: " + "; ".join(
             f"{name} " + ", ".join(f"{r.outside_forward_cpu:.1%}" for r in rs) for name, rs in runs.items()))
@@ -259,12 +263,14 @@ def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(ap, problems=32, n=32)
+    add_device_argument(ap)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows each strategy's median run")
     ap.add_argument("--top", type=int, default=10, help="hotspots listed per strategy above the target (0: none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"gc: {freeze_long_lived()} objects frozen out of the collector's walks, as the CLIs do (policies/gc_freeze.py)")
-    print(run(args.checkpoint, args.problems, args.n, args.beam_width, args.top, args.seed, args.model, args.rounds))
+    print(run(args.checkpoint, args.problems, args.n, args.beam_width, args.top, args.seed, args.model, args.rounds,
+              args.device))
 
 
 if __name__ == "__main__":

@@ -78,10 +78,13 @@ class ForwardClock:
     """Seconds spent inside `module.forward` while the context is open (forward pre/post hooks;
     nested calls of the same module would be counted once each, the LM is never nested):
     `seconds` of wall time and `cpu_seconds` of this process's CPU time (all its threads), the
-    latter unmoved by other jobs taking the cores away."""
+    latter unmoved by other jobs taking the cores away. A module on a CUDA GPU is synchronized
+    before and after each forward, so the forward's kernels count inside it, not in whatever
+    waits for them next (its CPU seconds then include the wait, so read wall time there)."""
 
     def __init__(self, module: Any) -> None:
         self.module = module
+        self._sync = _synchronizer(module)
         self.seconds = 0.0
         self.cpu_seconds = 0.0
         self.calls = 0
@@ -102,12 +105,24 @@ class ForwardClock:
         self._handles = []
 
     def _pre(self, module: Any, args: Any) -> None:
+        self._sync()
         self._started, self._cpu_started = time.perf_counter(), time.process_time()
 
     def _post(self, module: Any, args: Any, output: Any) -> None:
+        self._sync()
         self.seconds += time.perf_counter() - self._started
         self.cpu_seconds += time.process_time() - self._cpu_started
         self.calls += 1
+
+
+def _synchronizer(module: Any) -> Callable[[], None]:
+    """torch.cuda.synchronize for a module whose first parameter is on a CUDA GPU, else a no-op."""
+    import torch
+
+    parameter = next(iter(module.parameters()), None)
+    if parameter is None or parameter.device.type != "cuda":
+        return lambda: None
+    return lambda: torch.cuda.synchronize(parameter.device)
 
 
 class DecodeRows:

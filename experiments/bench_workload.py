@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from experiments.tasks import arith, gsm8k
 from policies.checkpoint import load_checkpoint
+from policies.devices import resolve_device
 from policies.prefix_cache import PrefixCacheConfig
 from policies.sampling_config import SamplingConfig
 from policies.tiny_model import TinyModelConfig, build_model
@@ -83,17 +84,19 @@ def has_checkpoint(folder: Path) -> bool:
     return (folder / "config.json").is_file()
 
 
-def tiny_workload(problems: int, seed: int, checkpoint: Path = DEFAULT_CHECKPOINT) -> Workload:
+def tiny_workload(problems: int, seed: int, checkpoint: Path = DEFAULT_CHECKPOINT, device: str = "cpu") -> Workload:
+    target = resolve_device(device)
     lm, tokenizer, source = load_tiny_parts(checkpoint)
     sampling = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_total_tokens=160)
     probs = tuple(arith.generate_problems("test", problems, seed=seed))
-    return Workload("tiny", lm.eval(), tokenizer, probs, sampling, arith.prompt_text, arith.grade,
-                    f"policy: {source}; {problems} arith test problems",
+    return Workload("tiny", lm.eval().to(target), tokenizer, probs, sampling, arith.prompt_text, arith.grade,
+                    f"policy: {source} on {target}; {problems} arith test problems",
                     checkpoint if has_checkpoint(checkpoint) else None)
 
 
-def smollm2_workload(problems: int, seed: int, model_dir: Path | None = None) -> Workload:
+def smollm2_workload(problems: int, seed: int, model_dir: Path | None = None, device: str = "cpu") -> Workload:
     """SmolLM2 on the first `problems` GSM8K test problems (converted from the wheel on first use)."""
+    target = resolve_device(device)
     from experiments.tasks.benchmark_split import BenchmarkConfig
     from experiments.tasks.chat_prompt import ChatPrompt
     from policies.smollm2 import DEFAULT_DIR, SEPARATOR, ensure_smollm2
@@ -104,17 +107,20 @@ def smollm2_workload(problems: int, seed: int, model_dir: Path | None = None) ->
                               max_step_tokens=SMOLLM2_MAX_STEP_TOKENS, separator=SEPARATOR)
     probs = tuple(gsm8k.generate_problems("test", problems, seed, BenchmarkConfig()))
     prompt = ChatPrompt(str(path), "experiments.tasks.gsm8k", think=False)
-    return Workload("smollm2", lm.eval(), tokenizer, probs, sampling, prompt, gsm8k.grade,
-                    f"policy: SmolLM2-135M-Instruct ({path}); {problems} GSM8K test problems, "
+    return Workload("smollm2", lm.eval().to(target), tokenizer, probs, sampling, prompt, gsm8k.grade,
+                    f"policy: SmolLM2-135M-Instruct ({path}) on {target}; {problems} GSM8K test problems, "
                     f"at most {SMOLLM2_MAX_TOTAL_TOKENS} new tokens", path)
 
 
-def load_workload(name: str, problems: int, seed: int, checkpoint: Path = DEFAULT_CHECKPOINT) -> Workload:
-    """The workload `name` (WORKLOADS); checkpoint: the tiny policy's folder."""
+def load_workload(
+    name: str, problems: int, seed: int, checkpoint: Path = DEFAULT_CHECKPOINT, device: str = "cpu"
+) -> Workload:
+    """The workload `name` (WORKLOADS); checkpoint: the tiny policy's folder; device: where the
+    model runs ("cpu", "cuda[:N]"; `policies.devices.resolve_device`)."""
     if name == "tiny":
-        return tiny_workload(problems, seed, checkpoint)
+        return tiny_workload(problems, seed, checkpoint, device)
     if name == "smollm2":
-        return smollm2_workload(problems, seed)
+        return smollm2_workload(problems, seed, device=device)
     raise ValueError(f"model={name!r}; valid: {', '.join(WORKLOADS)}")
 
 
@@ -128,3 +134,8 @@ def add_search_arguments(ap: argparse.ArgumentParser, problems: int, n: int) -> 
     ap.add_argument("--beam-width", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
+
+
+def add_device_argument(ap: argparse.ArgumentParser) -> None:
+    """--device: where the workload's model runs (cpu, cuda, cuda:N; default cpu)."""
+    ap.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")

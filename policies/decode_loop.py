@@ -472,7 +472,7 @@ def _copy_fed_kv(
     past_width: int, shared: _SharedContexts,
 ) -> None:
     """Copy out the KV of the active rows where rows [B] is True: the cache holds exactly what
-    each fed (the token sampled this step is not fed yet), as an unpadded CPU entry. A row
+    each fed (the token sampled this step is not fed yet), as an unpadded entry. A row
     prefilled from a cached prefix row_past[r] (its tokens in the first past_width columns)
     copies only the columns after them and extends that entry, unless its chain is MAX_CHAIN
     long already (then the whole row); a row with no cached prefix extends its context's entry

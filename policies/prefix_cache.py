@@ -10,7 +10,7 @@ Usage:
     cache.stats()                                                # hits, misses, evictions, bytes
 
 What is stored: one entry per path, keyed by the exact token ids whose KV it holds (one row,
-unpadded, on CPU), as a chain of segments: a step generated from a cached prefix stores only its
+unpadded, on the model's device: host memory on a CPU, GPU memory on a GPU), as a chain of segments: a step generated from a cached prefix stores only its
 own columns and points at that prefix's entry (`PrefixKV.parent`), so storing a step copies one
 step and the paths of a tree share their prompt and common steps in memory.
 
@@ -271,17 +271,27 @@ def pad_past(
     extra_columns: free columns allocated after the past (uninitialised), so a caller can append
         the next tokens' KV in place (`policies.decode_loop.SlotCache`).
     pool: where the two buffers come from (`policies.kv_pool`; default: fresh memory).
+    The batch is assembled on the entries' device (the model's, where they were copied out), then
+    moved to `device` if that differs.
     Returns (keys, values, past_mask): keys and values [layers, U, kv_heads, P + extra_columns,
     head_dim] with row u's cached tensors in columns P - len_u .. P - 1 and zeros before;
     past_mask [U, P] long, 1 on cached columns; P = the longest cached length.
     """
     sample = next(e for e in entries if e is not None)
-    if any(e is not None and (e.keys.dtype, e.values.dtype) != (sample.keys.dtype, sample.values.dtype) for e in entries):
-        raise ValueError("pad_past needs cached prefixes of one dtype (the copies move bits, they do not convert)")
+    home = sample.keys.device  # where they were copied out: the model's
+    kind = (sample.keys.dtype, sample.values.dtype, home)
+    if any(e is not None and (e.keys.dtype, e.values.dtype, e.keys.device) != kind for e in entries):
+        raise ValueError(
+            "pad_past needs cached prefixes of one dtype and device (the copies move bits, they do not "
+            "convert; clear the prefix cache after moving the model)"
+        )
     width = max(e.length for e in entries if e is not None)
     layers, heads, _, head_dim = sample.keys.shape
     shape = (layers, len(entries), heads, width + extra_columns, head_dim)
-    take = (lambda dtype: torch.empty(shape, dtype=dtype)) if pool is None else (lambda dtype: pool.take(shape, dtype, "cpu"))
+    if pool is None:
+        take = lambda dtype: torch.empty(shape, dtype=dtype, device=home)  # noqa: E731
+    else:
+        take = lambda dtype: pool.take(shape, dtype, home)  # noqa: E731
     keys, values = take(sample.keys.dtype), take(sample.values.dtype)  # [L, U, H, P + extra, D]
     past_mask = torch.zeros((len(entries), width), dtype=torch.long)  # [U, P]
     # numpy views: cheaper per-row copies (`policies.host_copy`); torch copies for dtypes numpy cannot view

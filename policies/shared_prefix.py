@@ -102,12 +102,13 @@ class SharedPrefixCache(SlotCache):
         return self.prefix[layer]
 
     def prefix_kv(self, context: int, columns: torch.Tensor | slice, parent: PrefixKV | None = None) -> PrefixKV:
-        """A CPU PrefixKV of one context's prefix columns (`columns`: indices [n], or a slice of
-        one contiguous span: then, over a pooled prefill cache, one copy of all layers at once)."""
+        """A PrefixKV (a copy, on the model's device) of one context's prefix columns (`columns`:
+        indices [n], or a slice of one contiguous span: then, over a pooled prefill cache, one
+        copy of all layers at once)."""
         if isinstance(columns, slice) and isinstance(self._prefilled, SlotCache):
             return self._prefilled.row_kv_span(context, columns, parent)
-        keys = torch.stack([k[context][:, columns] for k, _ in self.prefix]).to("cpu")  # stack copies: no views kept
-        values = torch.stack([v[context][:, columns] for _, v in self.prefix]).to("cpu")
+        keys = torch.stack([k[context][:, columns] for k, _ in self.prefix])  # stack copies: no views kept
+        values = torch.stack([v[context][:, columns] for _, v in self.prefix])
         return PrefixKV(keys, values, parent)
 
     def release(self) -> None:

@@ -58,6 +58,7 @@ import torch
 from policies.allocator import keep_freed_memory
 from policies.checkpoint import load_checkpoint
 from policies.decode_loop import FINISH_CODES, ChunkOutput, ChunkRequest, StepHead, decode_request
+from policies.devices import resolve_device
 from policies.policy_requests import check_request, encode_contexts, step_budget
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
@@ -159,6 +160,7 @@ class TransformersPolicy:
         prefix_cache: PrefixCacheConfig | None = PrefixCacheConfig(),
         with_step_head: bool = False,
         shared_prefix: bool | None = None,
+        device: str = "cpu",
     ) -> "TransformersPolicy":
         """Load a checkpoint directory (`policies.checkpoint`; FileNotFoundError names a missing
         file). prefix_cache: on by default here (what the Hydra presets build: a step-level search
@@ -169,12 +171,17 @@ class TransformersPolicy:
         (Hydra: `policy.dtype=bfloat16`; on a CPU with bf16 matmuls SmolLM2 beam search ran
         1.7x the tokens/s of float32, `python -m experiments.bench_dtype --model smollm2`; the
         samples then differ from float32's). with_step_head=True loads it as a `ReflectiveModel`
-        (score_module.pt beside it) whose head scores the steps. shared_prefix: see the class."""
+        (score_module.pt beside it) whose head scores the steps. shared_prefix: see the class.
+        device: where the model runs, "cpu" or "cuda[:N]" (Hydra: `+policy.device=cuda`;
+        `policies.devices.resolve_device` rejects one torch cannot see before loading); the
+        prefix cache keeps its entries on that device (its `max_bytes` is then GPU memory)."""
+        target = resolve_device(device)
         if with_step_head:
             reflective, tokenizer = ReflectiveModel.from_pretrained(path, dtype)
+            reflective = reflective.to(target)
             return cls.from_reflective(reflective, tokenizer, sampling, prompt_fn, prefix_cache, shared_prefix)
         model, tokenizer = load_checkpoint(path, dtype)
-        return cls(model, tokenizer, sampling, prompt_fn, prefix_cache, shared_prefix=shared_prefix)
+        return cls(model.to(target), tokenizer, sampling, prompt_fn, prefix_cache, shared_prefix=shared_prefix)
 
     @classmethod
     def from_reflective(
