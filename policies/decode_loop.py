@@ -380,7 +380,7 @@ def _row_groups(split: Sequence[tuple[Any, int]], device: torch.device) -> torch
     """[R] index of the call each row belongs to (rows of a call are contiguous), or None."""
     if not split:
         return None
-    return torch.repeat_interleave(torch.arange(len(split), device=device), torch.tensor([n for _, n in split]))
+    return torch.repeat_interleave(torch.arange(len(split), device=device), torch.tensor([n for _, n in split], device=device))
 
 
 def _sample_in_row_order(

@@ -10,7 +10,8 @@ tests/test_reflective_policy.py moved to the GPU generates greedily the very tok
 on the CPU, with the same log-probs and SPRM step scores (fp32, TF32 off, within 1e-4); sampled
 rounds of propose with the prefix cache on score every step as a second full forward on the GPU
 does; the shared-prefix decode and the per-row copies give the same greedy steps; a beam search
-runs end to end on the GPU; checkpoints load onto the GPU by `device="cuda"`.
+runs end to end on the GPU; checkpoints load onto the GPU by `device="cuda"`; calls merged by
+continuous batching sample what each samples alone.
 
     .venv/bin/pytest tests/test_cuda_backend.py
     python3 -m pytest tests/test_cuda_backend.py        # on a GPU machine
@@ -190,3 +191,22 @@ def test_checkpoints_load_onto_the_gpu(tmp_path, exact_fp32):
         assert [s.score for s in path.steps] == pytest.approx(row, abs=TOL)
     with pytest.raises(ValueError, match=f"torch sees {torch.cuda.device_count()} CUDA GPU"):
         resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU visible to torch")
+def test_continuous_batching_on_the_gpu_equals_each_call_alone(gpu_reflective):
+    from policies.continuous_engine import ContinuousEngine
+    from test_continuous_engine import CALLS, _call, _in_threads
+    from test_prefix_cache import assert_same_outputs
+
+    prefixes = mixed_prefixes()
+    make = lambda: reflective_policy(gpu_reflective, PrefixCacheConfig(), temperature=1.0)  # noqa: E731
+    alone = [_call(make(), prefixes, spec) for spec in CALLS]
+    p = make()
+    with ContinuousEngine.attached(p) as engine:
+        together = _in_threads(p, engine, prefixes, CALLS)  # merged chunks: each call's own generator
+    for a, b in zip(alone, together):
+        assert_same_outputs([a], [b])
+        assert [s.score for row in a for s in row] == pytest.approx([s.score for row in b for s in row], abs=TOL)
+    assert engine.most_cohorts >= 2
