@@ -380,7 +380,8 @@ def _row_groups(split: Sequence[tuple[Any, int]], device: torch.device) -> torch
     """[R] index of the call each row belongs to (rows of a call are contiguous), or None."""
     if not split:
         return None
-    return torch.repeat_interleave(torch.arange(len(split), device=device), torch.tensor([n for _, n in split], device=device))
+    counts = torch.tensor([n for _, n in split], device=device)  # on the rows' device: a GPU's too
+    return torch.repeat_interleave(torch.arange(len(split), device=device), counts)
 
 
 def _sample_in_row_order(

@@ -10,9 +10,10 @@ Usage:
     cache.stats()                                                # hits, misses, evictions, bytes
 
 What is stored: one entry per path, keyed by the exact token ids whose KV it holds (one row,
-unpadded, on the model's device: host memory on a CPU, GPU memory on a GPU), as a chain of segments: a step generated from a cached prefix stores only its
-own columns and points at that prefix's entry (`PrefixKV.parent`), so storing a step copies one
-step and the paths of a tree share their prompt and common steps in memory.
+unpadded, on the model's device: host memory on a CPU, GPU memory on a GPU), as a chain of
+segments: a step generated from a cached prefix stores only its own columns and points at that
+prefix's entry (`PrefixKV.parent`), so storing a step copies one step and the paths of a tree
+share their prompt and common steps in memory.
 
 Lookup checks only the lengths a search can have stored (`candidate_lengths`: each step boundary
 of the query and one token before it, since a step's last token is never fed back while it is
