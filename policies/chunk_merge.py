@@ -24,8 +24,9 @@ from policies.decode_loop import ChunkRequest
 
 def merge_key(request: ChunkRequest) -> Hashable:
     """Requests with equal keys can decode as one chunk: the same stop rule use, sampling
-    settings, KV return and prefix sharing (their rows differ only in context and budget)."""
-    return (request.stop_at_boundary, request.temperature, request.top_p, request.keep_kv,
+    settings, KV return (and its filter) and prefix sharing (their rows differ only in context and
+    budget)."""
+    return (request.stop_at_boundary, request.temperature, request.top_p, request.keep_kv, request.kv_wanted,
             request.shared_prefix, request.past is None)
 
 
@@ -46,5 +47,5 @@ def merge_requests(requests: Sequence[ChunkRequest]) -> ChunkRequest:
     return ChunkRequest(
         contexts, row_context, budgets, first.stop_at_boundary, first.temperature, first.top_p, None,
         past=None if first.past is None else past, keep_kv=first.keep_kv, shared_prefix=first.shared_prefix,
-        split_generators=tuple((r.generator, len(r.row_context)) for r in requests),
+        split_generators=tuple((r.generator, len(r.row_context)) for r in requests), kv_wanted=first.kv_wanted,
     )

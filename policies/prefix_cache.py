@@ -234,6 +234,14 @@ class PrefixCache:
     def __contains__(self, token_ids: Sequence[int]) -> bool:
         return tuple(token_ids) in self._entries
 
+    def touch(self, token_ids: tuple[int, ...]) -> bool:
+        """Whether token_ids are stored; if so they become the most recently used entry, as
+        storing them again would (the decode loop then skips copying out a KV the cache has)."""
+        if token_ids in self._entries:
+            self._entries.move_to_end(token_ids)
+            return True
+        return False
+
     def __len__(self) -> int:
         return len(self._entries)
 

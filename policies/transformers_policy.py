@@ -248,7 +248,7 @@ class TransformersPolicy:
                 stop_at_boundary, self.sampling.temperature, self.sampling.top_p, generator,
                 past=past if self.prefix_cache is not None else None,
                 keep_kv=self.prefix_cache is not None and stop_at_boundary,
-                shared_prefix=self.shared_prefix,
+                shared_prefix=self.shared_prefix, kv_wanted=self._kv_is_new,
             ))
             prefill_sizes = [len(contexts[i]) - (p.length if p else 0) for i, p in zip(members, past)]
             _collect(out, members, row_context, prefill_sizes, samples)
@@ -271,6 +271,12 @@ class TransformersPolicy:
         lengths = candidate_lengths(len(context), prompt_length, [s.num_tokens for s in prefix.steps])
         hit = self.prefix_cache.longest(context, lengths)
         return None if hit is None else hit[1]
+
+    def _kv_is_new(self, key: tuple[int, ...]) -> bool:
+        """Whether the decode loop should copy out the fed KV stored under key: not when the prefix
+        cache has it (that entry then becomes the most recently used, as storing it would)."""
+        with self.lock:  # the continuous engine decodes on its own thread
+            return self.prefix_cache is None or not self.prefix_cache.touch(key)
 
     def _store_fed(self, out: ChunkOutput, contexts: list[list[int]], row_context: list[int]) -> None:
         """Store what each row that ended on a separator fed: its context + its tokens but the last."""

@@ -141,6 +141,15 @@ def test_lru_eviction_under_the_byte_budget():
     assert (stats.evictions, stats.stores, stats.entries, stats.bytes) == (3, 5, 2, 64 + 96)
 
 
+def test_touch_says_whether_an_entry_is_stored_and_makes_it_the_most_recent():
+    cache = PrefixCache(PrefixCacheConfig())
+    cache.store((1, 2), kv(2))
+    cache.store((3, 4), kv(2))
+    assert cache.touch((1, 2)) and not cache.touch((5, 6))
+    assert cache.keys_in_lru_order() == [(3, 4), (1, 2)]
+    assert cache.stats().hits == cache.stats().misses == 0  # not a lookup
+
+
 def test_an_entry_larger_than_the_budget_is_not_stored():
     cache = PrefixCache(PrefixCacheConfig(max_bytes=100))
     cache.store([1, 2, 3, 4], kv(4))  # 128 bytes
@@ -300,6 +309,32 @@ def test_terminal_steps_are_not_stored():
     cached.propose(mixed_prefixes(), 2, seed=0, stop_at_step=False)
     cached.rollout(mixed_prefixes(), 2, seed=0)
     assert len(cached.prefix_cache) == 0 and cached.prefix_cache.stats().misses == 8
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_only_kv_new_to_the_cache_is_copied_out(monkeypatch, shared_prefix):
+    """Greedy samples of one context are all the same step: its KV is copied out once, not once
+    per sample; the same call again finds every key stored and copies nothing, and the stored
+    entries and outputs are those of copying every row."""
+    from policies import slot_cache
+
+    copies = []
+    for name in ("row_kv", "row_kv_span"):
+        original = getattr(slot_cache.SlotCache, name)
+        monkeypatch.setattr(slot_cache.SlotCache, name,
+                            lambda self, *a, _f=original, **k: copies.append(1) or _f(self, *a, **k))
+    prefixes = [x for x in mixed_prefixes() if not x.steps]  # 3 contexts, none cached
+    p = policy(PrefixCacheConfig(), temperature=0.0)
+    p.shared_prefix = shared_prefix
+    first = p.propose(prefixes, 4, seed=0)
+    ended = [row for row in first if row[0].finish == "separator"]  # contexts whose (one) step is kept
+    assert len(ended) >= 2 and all(len({s.token_ids for s in row}) == 1 for row in first)
+    assert len(p.prefix_cache) == len(ended)
+    assert len(ended) <= len(copies) <= 2 * len(ended)  # its step once (and its context once): not 4 rows
+    stored = len(p.prefix_cache)
+    copies.clear()
+    assert p.propose(prefixes, 4, seed=0) == first
+    assert copies == [] and len(p.prefix_cache) == stored
 
 
 def test_the_stored_key_is_the_context_ids_and_the_step_but_its_last_token():
