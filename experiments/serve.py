@@ -5,6 +5,7 @@ Usage:
     python -m experiments.serve policy --model outputs/checkpoints/tiny-arith/final [--backend transformers|vllm]
                                        [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     python -m experiments.serve scorer --model runs/tiny-sprm [--port 8001] [--api-key KEY]
+    python -m experiments.serve scorer --model runs/tiny-sprm --device cuda   # the model on a GPU
     python -m experiments.serve policy --help                # every limit and batching knob
 
 The API key may also come from the environment variable TREESEARCH_API_KEY; with one set, every
@@ -38,6 +39,8 @@ def _common_arguments(parser: argparse.ArgumentParser, default_port: int) -> Non
     parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:N: where the transformers backend / the scorer runs (vLLM places itself)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-batch", type=int, default=32, help="most requests batched into one backend call")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for more requests to batch")
@@ -80,11 +83,13 @@ def build_policy(args: argparse.Namespace) -> "FastAPI":
 
     sampling = SamplingDefaults(top_p=args.top_p, repetition_penalty=args.repetition_penalty)
     if args.backend == "vllm":
+        if args.device != "cpu":
+            raise SystemExit("--device is for --backend transformers: vLLM uses the GPU it finds")
         from experiments.services.vllm_completer import VLLMCompleter
 
         completer = VLLMCompleter.from_pretrained(args.model, sampling, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib)
     else:
-        completer = TransformersCompleter.from_pretrained(args.model, sampling, args.max_rows, args.dtype)
+        completer = TransformersCompleter.from_pretrained(args.model, sampling, args.max_rows, args.dtype, args.device)
     config = PolicyConfig(args.max_response_num, args.max_prompt_chars, _batch_config(args, args.max_rows))
     return build_policy_app(completer, config, args.model, _api_key(args))
 
@@ -92,9 +97,12 @@ def build_policy(args: argparse.Namespace) -> "FastAPI":
 def build_scorer(args: argparse.Namespace) -> "FastAPI":
     """The scorer app for the parsed arguments (loads the model and its head)."""
     from experiments.services.scorer_service import ScorerConfig, TextSPRM, build_scorer_app
+    from policies.devices import resolve_device
     from policies.reflective_model import ReflectiveModel
 
+    device = resolve_device(args.device)  # before loading: a GPU torch cannot see is named at once
     model, tokenizer = ReflectiveModel.from_pretrained(args.model, args.dtype, args.feature_layer)
+    model = model.to(device)
     scorer = TextSPRM(model, tokenizer, prepend_special_tokens=not args.no_prepend_special_tokens,
                       max_batch_tokens=args.max_batch_tokens)
     config = ScorerConfig(args.max_text_chars, args.max_text_tokens, _batch_config(args, None))

@@ -365,3 +365,23 @@ def test_completer_gives_the_same_text_with_a_shared_prefix_and_with_copied_rows
     monkeypatch.setattr(text_completer, "worth_sharing", lambda model, row_context: False)
     copied = completer.complete(requests)
     assert shared == copied and len({t for texts in shared for t in texts}) > 3
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is visible here")
+@pytest.mark.parametrize("service", ["policy", "scorer"])
+def test_a_gpu_torch_cannot_see_is_named_before_the_model_loads(service, tmp_path):
+    from experiments import serve
+
+    args = serve.build_parser().parse_args([service, "--model", str(tmp_path / "nowhere"), "--device", "cuda"])
+    build = serve.build_policy if service == "policy" else serve.build_scorer
+    with pytest.raises(ValueError, match="device='cuda' but torch .* sees no CUDA GPU"):
+        build(args)  # the missing folder would be a FileNotFoundError: the device is checked first
+
+
+def test_device_is_refused_for_the_vllm_backend(tmp_path):
+    from experiments import serve
+
+    args = serve.build_parser().parse_args(
+        ["policy", "--model", str(tmp_path), "--backend", "vllm", "--device", "cuda"])
+    with pytest.raises(SystemExit, match="--device is for --backend transformers"):
+        serve.build_policy(args)
