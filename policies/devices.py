@@ -4,6 +4,8 @@ here before any weights move, so a run asked for a GPU it cannot see fails at on
     from policies.devices import resolve_device
     device = resolve_device("cuda:0")        # torch.device("cuda:0"), or ValueError saying why not
 
+`policies.checkpoint.load_checkpoint(..., device=)` calls it, so every loader on top of it
+(`ReflectiveModel`, `TransformersPolicy`, `SPRMScorer`, the services) takes a device the same way.
 Hydra: `+policy.device=cuda` on the in-process presets (`experiments/conf/policy/tiny.yaml`,
 `tiny_sprm.yaml`, `smollm2.yaml`); the vLLM presets place the model themselves.
 

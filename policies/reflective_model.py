@@ -111,14 +111,16 @@ class ReflectiveModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, dtype: torch.dtype | str = torch.float32, feature_layer: int | None = None
+        cls, directory: str | Path, dtype: torch.dtype | str = torch.float32, feature_layer: int | None = None,
+        device: str | torch.device = "cpu",
     ) -> tuple["ReflectiveModel", Any]:
         """(model in eval mode, tokenizer) from a folder of `save_pretrained` or of the reference.
         FileNotFoundError names a missing file (score_module.pt included). The head keeps the
-        dtype it was saved in; feature_layer overrides sprm.json (default -2 without it)."""
+        dtype it was saved in; feature_layer overrides sprm.json (default -2 without it); device:
+        where both go (`load_checkpoint`)."""
         directory = Path(directory)
-        lm, tokenizer = load_checkpoint(directory, dtype)
-        head = load_score_module(directory, int(lm.config.hidden_size))
+        lm, tokenizer = load_checkpoint(directory, dtype, device)
+        head = load_score_module(directory, int(lm.config.hidden_size), map_location=lm.device)
         if feature_layer is None:
             config_path = directory / SPRM_CONFIG_FILE
             saved = json.loads(config_path.read_text()) if config_path.is_file() else {}

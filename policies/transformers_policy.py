@@ -58,7 +58,6 @@ import torch
 from policies.allocator import keep_freed_memory
 from policies.checkpoint import load_checkpoint
 from policies.decode_loop import FINISH_CODES, ChunkOutput, ChunkRequest, StepHead, decode_request
-from policies.devices import resolve_device
 from policies.policy_requests import check_request, encode_contexts, step_budget
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
@@ -175,13 +174,11 @@ class TransformersPolicy:
         device: where the model runs, "cpu" or "cuda[:N]" (Hydra: `+policy.device=cuda`;
         `policies.devices.resolve_device` rejects one torch cannot see before loading); the
         prefix cache keeps its entries on that device (its `max_bytes` is then GPU memory)."""
-        target = resolve_device(device)
         if with_step_head:
-            reflective, tokenizer = ReflectiveModel.from_pretrained(path, dtype)
-            reflective = reflective.to(target)
+            reflective, tokenizer = ReflectiveModel.from_pretrained(path, dtype, device=device)
             return cls.from_reflective(reflective, tokenizer, sampling, prompt_fn, prefix_cache, shared_prefix)
-        model, tokenizer = load_checkpoint(path, dtype)
-        return cls(model.to(target), tokenizer, sampling, prompt_fn, prefix_cache, shared_prefix=shared_prefix)
+        model, tokenizer = load_checkpoint(path, dtype, device)
+        return cls(model, tokenizer, sampling, prompt_fn, prefix_cache, shared_prefix=shared_prefix)
 
     @classmethod
     def from_reflective(

@@ -30,7 +30,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from policies.devices import resolve_device
 from policies.reflective_model import ReflectiveModel
 from scorers.sprm_positions import StepMarkers, path_step_scores, score_positions, step_of_positions
 from treesearch.aggregation import aggregate
@@ -103,9 +102,8 @@ class SPRMScorer:
         it; feature_layer overrides the folder's sprm.json (-2 without one). `scorer=sprm_forward`
         in the search configs builds it from here. device: where it runs, "cpu" or "cuda[:N]"
         (`policies.devices.resolve_device`; Hydra: `+scorer.device=cuda`)."""
-        target = resolve_device(device)
-        model, tokenizer = ReflectiveModel.from_pretrained(path, feature_layer=feature_layer)
-        return cls(model.to(target), tokenizer, prompt_fn, step_format, batch_size)
+        model, tokenizer = ReflectiveModel.from_pretrained(path, feature_layer=feature_layer, device=device)
+        return cls(model, tokenizer, prompt_fn, step_format, batch_size)
 
     def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
         return [list(r.step_scores) for r in self.read(paths)]

@@ -39,7 +39,6 @@ import torch
 
 from policies.checkpoint import load_checkpoint
 from policies.decode_loop import prefill
-from policies.devices import resolve_device
 from policies.shared_prefix import SharedPrefixCache, worth_sharing
 from policies.slot_cache import KV_RESERVE_LIMIT
 from policies.sampling import draw_tokens, top_p_filter
@@ -145,9 +144,8 @@ class TransformersCompleter:
         max_rows: int = 64, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
     ) -> "TransformersCompleter":
         """Load a checkpoint folder onto `device` ("cpu", "cuda[:N]"; `policies.devices`)."""
-        target = resolve_device(device)
-        model, tokenizer = load_checkpoint(directory, dtype)
-        return cls(model.to(target), tokenizer, sampling, max_rows)
+        model, tokenizer = load_checkpoint(directory, dtype, device)
+        return cls(model, tokenizer, sampling, max_rows)
 
     def count_tokens(self, text: str) -> int:
         with self._tokenizer_lock:
