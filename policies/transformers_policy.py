@@ -11,9 +11,10 @@ Usage:
     scored.rollout([Prefix(problem)], n=8, seed=0)[0][0][0].score   # SPRM step score, no 2nd forward
 
 How a call runs: the model input of a prefix is the tokenised prompt (special tokens added)
-followed by the exact `token_ids` of its steps (never re-tokenised text). Prefixes are sorted by
-length and packed into chunks of at most `batch_size` sample rows; each chunk prefills every
-prefix once (left padded), lets its samples read that KV in place (`shared_prefix`; a copy per
+followed by the exact `token_ids` of its steps (never re-tokenised text). Equal inputs are merged
+(`merge_identical`: a beam search's kept beams often sampled the same steps), sorted by length
+and packed into chunks of at most `batch_size` sample rows; each chunk prefills every distinct
+input once (left padded), lets its samples read that KV in place (`shared_prefix`; a copy per
 sample for models whose attention cannot share it) and decodes token by token, dropping finished
 rows (`decode_loop`). Step ends follow the reference's think-aware separator
 rule (`step_stops`).
@@ -233,11 +234,15 @@ class TransformersPolicy:
         budgets = [step_budget(self.sampling, prefix, stop_at_boundary) for prefix in prefixes]
         samples: list[list[_Sample]] = [[] for _ in prefixes]
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        order = sorted(range(len(prefixes)), key=lambda i: len(contexts[i]))  # less padding per chunk
-        counts = [n if budgets[i] > 0 else 0 for i in order]
+        items = merge_identical(contexts, budgets)  # less padding per chunk; one context per distinct input
+        counts = [n * len(owners) if budgets[owners[0]] > 0 else 0 for owners in items]
+        taken = [0] * len(items)  # rows of each item handed out so far (an item may span chunks)
         for chunk in plan_chunks(counts, self.sampling.batch_size):
-            members = [order[k] for k, _ in chunk]  # prefix indices, one per unique context
+            members = [items[k][0] for k, _ in chunk]  # prefix indices, one per unique context
             row_context = [u for u, (_, count) in enumerate(chunk) for _ in range(count)]
+            row_owner = [items[k][(taken[k] + j) // n] for k, count in chunk for j in range(count)]
+            for k, count in chunk:
+                taken[k] += count
             with self.lock:
                 past = [self._cached_prefix(contexts[i], prompt_lengths[i], prefixes[i]) for i in members]
             out = self.chunk_decoder(ChunkRequest(
@@ -248,7 +253,7 @@ class TransformersPolicy:
                 shared_prefix=self.shared_prefix, kv_wanted=self._kv_is_new,
             ))
             prefill_sizes = [len(contexts[i]) - (p.length if p else 0) for i, p in zip(members, past)]
-            _collect(out, members, row_context, prefill_sizes, samples)
+            _collect(out, row_owner, row_context, prefill_sizes, samples)
             with self.lock:
                 self._store_fed(out, [contexts[i] for i in members], row_context)
         for i in range(len(prefixes)):
@@ -343,8 +348,22 @@ def plan_chunks(counts: Sequence[int], batch_size: int) -> list[list[tuple[int, 
     return chunks
 
 
-def _collect(out, members: list[int], row_context: list[int], prefill_sizes: list[int], samples) -> None:
-    """Append the chunk's rows to samples[prefix index]; a context's prefill goes on its first row."""
+def merge_identical(contexts: Sequence[Sequence[int]], budgets: Sequence[int]) -> list[list[int]]:
+    """Group the prefixes whose model inputs and token budgets are equal, shortest input first
+    (less padding per chunk): per group the prefix indices in input order, so one context is
+    prefilled (and its cached prefix copied and looked up) once for all their samples.
+    A step-level beam search asks for many equal prefixes: the tiny policy's beam search, 32
+    problems at N = 32, sent 64 contexts per call of which 8 were distinct (its kept beams
+    had sampled the same steps). E.g. contexts [[1, 2], [3], [1, 2]] -> [[1], [0, 2]]."""
+    groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
+    for i, (ids, budget) in enumerate(zip(contexts, budgets)):
+        groups.setdefault((tuple(ids), budget), []).append(i)
+    return sorted(groups.values(), key=lambda owners: len(contexts[owners[0]]))
+
+
+def _collect(out, row_owner: list[int], row_context: list[int], prefill_sizes: list[int], samples) -> None:
+    """Append each chunk row to samples[the prefix it belongs to] (row_owner), in row order; a
+    context's prefill goes on its first row."""
     lengths, finish = out.lengths.tolist(), out.finish.tolist()
     width = max(lengths, default=0)  # columns past every row's length are never read
     token_ids, logprobs = out.token_ids[:, :width].tolist(), out.logprobs[:, :width].tolist()
@@ -353,7 +372,7 @@ def _collect(out, members: list[int], row_context: list[int], prefill_sizes: lis
     seen: set[int] = set()
     for r, u in enumerate(row_context):
         length = lengths[r]
-        samples[members[u]].append(
+        samples[row_owner[r]].append(
             _Sample(
                 token_ids[r][:length], logprobs[r][:length], boundary[r][:length],
                 FINISH_CODES[finish[r]], prefill_sizes[u] if u not in seen else 0,

@@ -47,12 +47,16 @@ def kv(length: int, fill: float = 0.0, layers: int = 2) -> PrefixKV:
     return PrefixKV(torch.full((layers, 1, length, 2), fill), torch.full((layers, 1, length, 2), fill))
 
 
-def run_rounds(p: TransformersPolicy, rounds: int, n: int, width: int = 6, fresh: bool = True):
+def run_rounds(p: TransformersPolicy, rounds: int, n: int, width: int = 6, fresh: bool = True,
+               frontiers: list | None = None):
     """A small step-level search: each round proposes n steps for every frontier prefix; the next
     frontier is the first `width` unfinished children plus (with fresh) one new problem, so each
-    batch mixes cache hits of different lengths with misses. Returns every round's output."""
+    batch mixes cache hits of different lengths with misses. Returns every round's output (and
+    appends each round's frontier to `frontiers` when given)."""
     frontier, outputs = mixed_prefixes(), []
     for r in range(rounds):
+        if frontiers is not None:
+            frontiers.append(frontier)
         rows = p.propose(frontier, n, seed=r)
         outputs.append(rows)
         new = [Prefix(Problem(f"new{r}", f"<think>{r}+{r}="))] if fresh else []
@@ -68,6 +72,11 @@ def assert_same_outputs(a, b) -> None:
     assert [key(s) for s in flat_a] == [key(s) for s in flat_b]
     for x, y in zip(flat_a, flat_b):
         assert x.token_logprobs == pytest.approx(y.token_logprobs, abs=1e-4)
+
+
+def path_key(prefix: Prefix) -> tuple:
+    """What makes two prefixes the same model input: the question and the steps' tokens."""
+    return prefix.problem.question, tuple(tuple(s.token_ids) for s in prefix.steps)
 
 
 def children(prefixes: list[Prefix], rows) -> list[Prefix]:
@@ -205,11 +214,15 @@ def test_a_prefix_kv_refuses_mismatched_shapes():
 def test_outputs_equal_the_cache_free_policy_over_rounds(temperature):
     off = run_rounds(policy(None, temperature=temperature), rounds=4, n=2)
     cached = policy(PrefixCacheConfig(), temperature=temperature)
-    on = run_rounds(cached, rounds=4, n=2)
+    frontiers: list = []
+    on = run_rounds(cached, rounds=4, n=2, frontiers=frontiers)
     assert_same_outputs(off, on)
     assert max(len(s.token_ids) for s in on[-1][0]) >= 1  # the paths really grew
     stats = cached.prefix_cache.stats()
-    assert stats.hits >= 3 * 6 and stats.misses >= 4 + 3  # every child hits; first round + new problems miss
+    # every distinct child is looked up once per call (equal ones merged) and hits; the first
+    # round and each round's new problem miss
+    distinct_children = sum(len({path_key(x) for x in frontier[:-1]}) for frontier in frontiers[1:])
+    assert distinct_children >= 3 and stats.hits == distinct_children and stats.misses >= 4 + 3
     assert forwarded(on) < forwarded(off)
 
 
@@ -242,15 +255,16 @@ def extend_all(p: TransformersPolicy, prefixes: list[Prefix]) -> list[Prefix]:
 
 def test_a_child_forwards_only_its_last_token():
     # Round 2 prefill: each child's context minus its last token is cached, so the prefill call
-    # has U rows and U tokens.
+    # has U rows and U tokens (U distinct children: equal ones are one context).
     cached = policy(PrefixCacheConfig(), temperature=1.0)
     first = cached.propose(mixed_prefixes(), 2, seed=0)
     kids = children(mixed_prefixes(), first)
-    assert len(kids) >= 2
+    distinct = len({path_key(k) for k in kids})
+    assert distinct >= 2
     log = ForwardLog(cached.model)
     second = cached.propose(kids, 2, seed=1)
-    assert log.calls[0] == (len(kids), len(kids))
-    assert sum(row[0].tokens_forwarded for row in second) >= len(kids)  # 1 prefill token each + fed
+    assert log.calls[0] == (distinct, distinct)
+    assert sum(row[0].tokens_forwarded for row in second) >= distinct  # 1 prefill token each + fed
 
 
 def test_split_chunks_and_rollout_equal_the_cache_free_policy():

@@ -15,7 +15,7 @@ from policies.checkpoint import save_checkpoint
 from policies.sampling import draw_tokens, top_p_filter
 from policies.sampling_config import SamplingConfig
 from policies.step_stops import split_step_ends
-from policies.transformers_policy import TransformersPolicy, plan_chunks
+from policies.transformers_policy import TransformersPolicy, merge_identical, plan_chunks
 from treesearch.protocols import Policy
 from treesearch.records import Prefix, Problem, Step
 
@@ -334,6 +334,32 @@ def test_finished_rows_leave_the_batch_and_prefixes_prefill_once():
     out = p.propose([Prefix(Problem("a", "<think>")), Prefix(Problem("b", "<think>1"))], 4, seed=0)
     assert [s.text for s in out[0]] == ["5"] * 4 and [s.text for s in out[1]] == [""] * 4
     assert log.calls == [(2, 5), (4, 4)]  # prefill 2 rows (2 + 3 tokens), one decode of a's 4 rows
+
+
+
+def test_merge_identical_groups_equal_inputs_and_budgets_shortest_first():
+    assert merge_identical([[1, 2], [3], [1, 2], [1, 2]], [5, 5, 5, 4]) == [[1], [0, 2], [3]]
+    assert merge_identical([], []) == []
+
+
+@pytest.mark.parametrize("batch_size", [64, 5])
+def test_equal_prefixes_prefill_once_and_sample_independently(batch_size):
+    # Three copies of "a" among other prefixes: one prefill row for them (per chunk), n samples
+    # each, the prefill counted once; with batch_size 5 the merged rows span chunks.
+    a = Prefix(Problem("a", "<think>1+2"))
+    prefixes = [a, Prefix(Problem("b", "<think>3")), a, a]
+    p = policy(batch_size=batch_size)
+    log = ForwardLog(p.model)
+    out = p.propose(prefixes, 3, seed=4)
+    assert [len(row) for row in out] == [3, 3, 3, 3]
+    if batch_size == 64:
+        assert log.calls[0] == (2, len(context_of(a)) + len(context_of(prefixes[1])))
+        assert sum(s.tokens_forwarded for row in out for s in row) == log.tokens
+    texts = [s.token_ids for i in (0, 2, 3) for s in out[i]]
+    assert len(set(texts)) > 1  # 9 independent draws, not one repeated
+    greedy = policy(p.model, temperature=0.0, batch_size=batch_size).propose(prefixes, 2, seed=0)
+    ids = [[s.token_ids for s in row] for row in greedy]
+    assert ids[0] == ids[2] == ids[3] != ids[1]
 
 
 # -- rollout ------------------------------------------------------------------------------------
