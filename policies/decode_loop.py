@@ -42,6 +42,7 @@ reference's SPRM reads (`scorers.sprm_positions`). Cost: the head on the boundar
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -50,7 +51,7 @@ from transformers import DynamicCache
 
 from policies.prefix_cache import MAX_CHAIN, PrefixKV, pad_past
 from policies.sampling import SplitDraws, sample_next_tokens
-from policies.shared_prefix import SharedPrefixCache, worth_sharing
+from policies.shared_prefix import SharedPrefixCache, shared_prefix_attention, worth_sharing
 from policies.slot_cache import KV_GROWTH, KV_POOL, KV_RESERVE_LIMIT, SlotCache, slot_cache  # noqa: F401 (re-exported)
 from policies.step_stops import StepStopRule, StopState
 
@@ -219,10 +220,12 @@ def decode_chunk(
 def decode_request(
     model: Any, request: "ChunkRequest", rule: StepStopRule, pad_id: int, step_head: StepHead | None = None
 ) -> ChunkOutput:
-    """`decode_chunk` of a `ChunkRequest`: one chunk decoded to the end in this thread."""
+    """`decode_chunk` of a `ChunkRequest`: one chunk decoded to the end in this thread (with a
+    shared prefix, the model's attention switched once for all its decode steps)."""
     run = ChunkRun(model, request, rule, pad_id, step_head)
-    while run.sample():
-        run.feed()
+    with shared_prefix_attention(model) if run.shares_prefix else nullcontext():
+        while run.sample():
+            run.feed()
     return run.output()
 
 

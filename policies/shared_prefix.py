@@ -84,6 +84,7 @@ class SharedPrefixCache(SlotCache):
     def set_slots(self, rows: torch.Tensor) -> None:
         """Batch slot b holds chunk row rows[b] (after `move_rows` reordered them): the context,
         rank and prefix mask of each slot, for the next forward."""
+        self._slot_rows = rows
         self.slot_context = self.row_context[rows]  # [B]
         self.slot_rank = self.row_rank[rows]  # [B]
         self.slot_prefix_mask = self.prefix_mask[self.slot_context]  # [B, P]
@@ -92,7 +93,8 @@ class SharedPrefixCache(SlotCache):
         """One decode forward of `model` over this cache: slot b holds chunk row rows[b] and feeds
         input_ids[b] [B, 1] at position_ids[b] [B, 1]; kwargs go to the model (e.g.
         output_hidden_states). Returns the model's output."""
-        self.set_slots(rows)
+        if rows is not self._slot_rows:  # the decode loop replaces its rows tensor only when rows leave
+            self.set_slots(rows)
         with shared_prefix_attention(model):
             return model(input_ids=input_ids, position_ids=position_ids, past_key_values=self, use_cache=True,
                          shared_prefix=self, **kwargs)
@@ -225,9 +227,14 @@ def shared_prefix_attention(model: Any, name: str = ATTENTION_NAME) -> Iterator[
     `shared_prefix_attention_forward`; `policies.joint_forward` passes its own) (and
     transformers builds no mask: the function masks the prefix itself). The switch is on the
     model's config, so no other thread may run the same model meanwhile (the decode loop and the
-    policy service's single worker thread do not)."""
+    policy service's single worker thread do not). Within a block that switched to `name`
+    already (`policies.decode_loop.decode_request` holds it for a whole chunk), this one does
+    nothing: the switch runs transformers' config setter, ~50 us a time on a CPU."""
     config = model.config
     previous = config._attn_implementation
+    if previous == name:
+        yield
+        return
     config._attn_implementation = name
     try:
         yield
