@@ -63,6 +63,7 @@ PHASES: dict[str, list[tuple[Any, str]]] = {
     "sampling": [(decode_loop, "_sample_in_row_order")],
     "stop rule": [(StepStopRule, "advance"), (decode_loop, "_finish_codes")],
     "dropping finished rows": [(decode_loop._Batch, "keep")],
+    "decode-step calls around the forward (`ChunkRun.feed`)": [(decode_loop.ChunkRun, "feed")],
     "samples -> steps and texts": [
         (transformers_policy, "_collect"), (transformers_policy, "decode_steps"),
         (TransformersPolicy, "_whole_step"), (TransformersPolicy, "_split_steps"),
@@ -129,8 +130,8 @@ def warm_up(strategy: str, cfg: dict[str, Any], work: Workload) -> None:
 
 def phase_table(strategy: str, cfg: dict[str, Any], work: Workload) -> str:
     """One more run with the forward, the policy calls and the engine's `PHASES` clocked: the
-    wall time outside the forward split into those phases, the rest of the backend (the decode
-    steps' own tensors and calls, prefill setup) and the search outside policy calls."""
+    wall time outside the forward split into those phases, the rest of the backend (prefill
+    setup, recording each step's tokens, the chunk's records) and the search outside policy calls."""
     policy, lm = work.policy(), work.lm
     with ForwardClock(lm) as forward, PolicyClock(policy) as calls, PhaseClock(PHASES, forward) as phases:
         timing = timed(lambda: run_search(strategy, work.problems, policy, ConfidenceScorer(), **cfg))
@@ -145,7 +146,7 @@ def phase_table(strategy: str, cfg: dict[str, Any], work: Workload) -> str:
     ]
     lines += [f"| {name} | {seconds:.3f} | {phases.calls[name]} | {seconds / wall:.1%} |" for name, seconds in rows]
     lines += [
-        f"| rest of the backend (decode-step calls, prefill setup, loop tensors) | {rest:.3f} | | {rest / wall:.1%} |",
+        f"| rest of the backend (prefill setup, recording tokens, loop tensors) | {rest:.3f} | | {rest / wall:.1%} |",
         f"| search, outside policy calls | {wall - calls.seconds:.3f} | | {(wall - calls.seconds) / wall:.1%} |",
     ]
     return "\n".join(lines)
