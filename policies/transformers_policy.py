@@ -236,13 +236,13 @@ class TransformersPolicy:
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         items = merge_identical(contexts, budgets)  # less padding per chunk; one context per distinct input
         counts = [n * len(owners) if budgets[owners[0]] > 0 else 0 for owners in items]
-        taken = [0] * len(items)  # rows of each item handed out so far (an item may span chunks)
+        owners_in_row_order = [i for owners, count in zip(items, counts) if count for i in owners for _ in range(n)]
+        done_rows = 0  # rows handed to earlier chunks (an item may span chunks)
         for chunk in plan_chunks(counts, self.sampling.batch_size):
             members = [items[k][0] for k, _ in chunk]  # prefix indices, one per unique context
             row_context = [u for u, (_, count) in enumerate(chunk) for _ in range(count)]
-            row_owner = [items[k][(taken[k] + j) // n] for k, count in chunk for j in range(count)]
-            for k, count in chunk:
-                taken[k] += count
+            row_owner = owners_in_row_order[done_rows: done_rows + len(row_context)]  # the prefix of each row
+            done_rows += len(row_context)
             with self.lock:
                 past = [self._cached_prefix(contexts[i], prompt_lengths[i], prefixes[i]) for i in members]
             out = self.chunk_decoder(ChunkRequest(
