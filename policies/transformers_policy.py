@@ -42,8 +42,9 @@ the prefix has no score), as `scorers.sprm_positions.step_score` defines and
 `scorers.sprm_scorer.SPRMScorer` reproduces with a second forward. Without a head, Step.score is
 None and the forwards are exactly those of before.
 
-Compute accounting (`Step.tokens_forwarded`): a prefix's prefill tokens (those not taken from the
-prefix cache) are counted on its first sample in each chunk, and each generated token that was
+Compute accounting (`Step.tokens_forwarded`): an input's prefill tokens (those not taken from the
+prefix cache) are counted on its first sample in each chunk (with equal prefixes in one call, on
+the first of them: the others' samples ran no prefill), and each generated token that was
 fed back to the model on the step that holds it (the last token of a sequence is never fed).
 Sums over all returned steps equal the non-pad tokens the model ran.
 """
