@@ -21,7 +21,7 @@ from policies.prefix_cache import (
 from policies.kv_pool import BufferPool
 from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
-from test_transformers_policy import ID, SEP, TOK, ForwardLog, ScriptedLM, make_model, mixed_prefixes
+from test_transformers_policy import ID, SEP, TOK, ForwardLog, ScriptedLM, context_of, make_model, mixed_prefixes
 from treesearch.records import Prefix, Problem, Step
 
 
@@ -72,11 +72,6 @@ def assert_same_outputs(a, b) -> None:
     assert [key(s) for s in flat_a] == [key(s) for s in flat_b]
     for x, y in zip(flat_a, flat_b):
         assert x.token_logprobs == pytest.approx(y.token_logprobs, abs=1e-4)
-
-
-def path_key(prefix: Prefix) -> tuple:
-    """What makes two prefixes the same model input: the question and the steps' tokens."""
-    return prefix.problem.question, tuple(tuple(s.token_ids) for s in prefix.steps)
 
 
 def children(prefixes: list[Prefix], rows) -> list[Prefix]:
@@ -221,7 +216,7 @@ def test_outputs_equal_the_cache_free_policy_over_rounds(temperature):
     stats = cached.prefix_cache.stats()
     # every distinct child is looked up once per call (equal ones merged) and hits; the first
     # round and each round's new problem miss
-    distinct_children = sum(len({path_key(x) for x in frontier[:-1]}) for frontier in frontiers[1:])
+    distinct_children = sum(len({tuple(context_of(x)) for x in frontier[:-1]}) for frontier in frontiers[1:])
     assert distinct_children >= 3 and stats.hits == distinct_children and stats.misses >= 4 + 3
     assert forwarded(on) < forwarded(off)
 
@@ -259,7 +254,7 @@ def test_a_child_forwards_only_its_last_token():
     cached = policy(PrefixCacheConfig(), temperature=1.0)
     first = cached.propose(mixed_prefixes(), 2, seed=0)
     kids = children(mixed_prefixes(), first)
-    distinct = len({path_key(k) for k in kids})
+    distinct = len({tuple(context_of(k)) for k in kids})
     assert distinct >= 2
     log = ForwardLog(cached.model)
     second = cached.propose(kids, 2, seed=1)

@@ -336,7 +336,6 @@ def test_finished_rows_leave_the_batch_and_prefixes_prefill_once():
     assert log.calls == [(2, 5), (4, 4)]  # prefill 2 rows (2 + 3 tokens), one decode of a's 4 rows
 
 
-
 def test_merge_identical_groups_equal_inputs_and_budgets_shortest_first():
     assert merge_identical([[1, 2], [3], [1, 2], [1, 2]], [5, 5, 5, 4]) == [[1], [0, 2], [3]]
     assert merge_identical([], []) == []
@@ -354,7 +353,7 @@ def test_equal_prefixes_prefill_once_and_sample_independently(batch_size):
     assert [len(row) for row in out] == [3, 3, 3, 3]
     if batch_size == 64:
         assert log.calls[0] == (2, len(context_of(a)) + len(context_of(prefixes[1])))
-        assert sum(s.tokens_forwarded for row in out for s in row) == log.tokens
+    assert sum(s.tokens_forwarded for row in out for s in row) == log.tokens
     texts = [s.token_ids for i in (0, 2, 3) for s in out[i]]
     assert len(set(texts)) > 1  # 9 independent draws, not one repeated
     greedy = policy(p.model, temperature=0.0, batch_size=batch_size).propose(prefixes, 2, seed=0)
