@@ -2,7 +2,7 @@
 
 Usage:
     with ForwardClock(model) as forward:          # time inside model.forward (hooks, any nn.Module)
-        with PhaseClock({"sampling": [(decode_loop, "_sample_in_row_order")]}, forward) as phases:
+        with PhaseClock({"sampling": [(decode_loop, "sample_next_tokens")]}, forward) as phases:
             ...                                   # phases.seconds["sampling"]: outside the forward
         with PolicyClock(policy) as calls:        # time inside policy.propose / policy.rollout
         with GenerateClock(vllm_policy) as engine:  # time inside its engine's LLM.generate
@@ -242,7 +242,7 @@ class PhaseClock:
     owner and restored on exit; time inside the forward (a `ForwardClock` on the model, open
     around this one) during a phase is not counted. Phases must not nest one another.
 
-        with ForwardClock(lm) as forward, PhaseClock({"sampling": [(decode_loop, "_sample_in_row_order")]}, forward) as phases:
+        with ForwardClock(lm) as forward, PhaseClock({"sampling": [(decode_loop, "sample_next_tokens")]}, forward) as phases:
             search(...)
         phases.seconds["sampling"], phases.calls["sampling"]
     """

@@ -302,6 +302,7 @@ class ChunkRun:
         self.t = 0  # index of the token the next `sample` draws
         self._context_keys: list[tuple[int, ...]] | None = None  # each context's ids, made when first needed
         self.tokens: torch.Tensor | None = None  # [B] the live rows' last sampled tokens, to feed
+        self._slots_for: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, their `_draw_slots`)
 
     @property
     def shares_prefix(self) -> bool:
@@ -314,8 +315,8 @@ class ChunkRun:
         separator (keep_kv) and drop the finished rows. Returns whether any row is still live
         (then `feed` its tokens next); every row ends by its budget at the latest."""
         request, batch, t = self.request, self.batch, self.t
-        tokens, token_logprobs = _sample_in_row_order(
-            self.logits, batch.rows, request.temperature, request.top_p, self._draws()
+        tokens, token_logprobs = sample_next_tokens(
+            self.logits, request.temperature, request.top_p, self._draws(), draw_slots=self._draw_slots()
         )  # [B], [B]
         is_boundary, batch.state = self.rule.advance(tokens, batch.state)  # [B]
         self.token_ids[batch.rows, t] = tokens
@@ -354,6 +355,15 @@ class ChunkRun:
         mask = torch.zeros_like(candidates)
         mask[torch.tensor(chosen, dtype=torch.long, device=mask.device)] = True
         return mask
+
+    def _draw_slots(self) -> torch.Tensor:
+        """[B] the slot that takes the generator's k-th draw: the slot of the k-th row in chunk-row
+        order, so a row gets the same draw whatever slot `_Batch.keep` moved it to. Sorted again
+        only after rows left (`keep` replaces the rows tensor), not at every step."""
+        rows = self.batch.rows
+        if self._slots_for is None or self._slots_for[0] is not rows:
+            self._slots_for = (rows, rows.argsort())
+        return self._slots_for[1]
 
     def _draws(self) -> torch.Generator | SplitDraws | None:
         """The request's generator, or each call's for its live rows (`ChunkRequest.split_generators`)."""
@@ -414,16 +424,6 @@ def _row_groups(split: Sequence[tuple[Any, int]], device: torch.device) -> torch
         return None
     counts = torch.tensor([n for _, n in split], device=device)  # on the rows' device: a GPU's too
     return torch.repeat_interleave(torch.arange(len(split), device=device), counts)
-
-
-def _sample_in_row_order(
-    logits: torch.Tensor, rows: torch.Tensor, temperature: float, top_p: float,
-    generator: torch.Generator | SplitDraws | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sample_next_tokens` of logits [B, V] in slot order, with the generator's draws taken in
-    chunk-row order (draw k goes to the slot of the k-th row), so a row gets the same draw
-    whatever slot `_Batch.keep` moved it to. Returns ([B], [B]) in slot order."""
-    return sample_next_tokens(logits, temperature, top_p, generator, draw_slots=rows.argsort())
 
 
 def _score_boundaries(

@@ -70,6 +70,20 @@ def test_tree_paths_and_leaves():
     assert tree.nodes[2].depth == 2 and tree.nodes[2].is_terminal
 
 
+def test_tree_paths_in_any_order_match_the_walk_from_the_root():
+    """Paths are kept once made: asking a deep node first, then its ancestors and siblings (and
+    a tree read back from JSON) gives each node exactly its root-to-node steps."""
+    tree = _tree()
+    d = tree.add(2, Step("d", (6,), (-0.5,), "eos"))
+    e = tree.add(1, Step("e", (7,), (-0.6,), "eos"))
+    texts = lambda path: [s.text for s in path]  # noqa: E731
+    assert texts(tree.path(d)) == ["a.\n\n", "b", "d"]
+    assert texts(tree.path(1)) == ["a.\n\n"] and texts(tree.path(e)) == ["a.\n\n", "e"]
+    assert tree.path(0) == () and texts(tree.path(3)) == ["c"]
+    back = Tree.from_json(json.loads(json.dumps(tree.to_json())))
+    assert [back.path(n.id) for n in reversed(back.nodes)] == [tree.path(n.id) for n in reversed(tree.nodes)]
+
+
 def test_tree_networkx_export():
     g = _tree().to_networkx()
     assert isinstance(g, nx.DiGraph)

@@ -50,6 +50,7 @@ class Tree:
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
         self.nodes: list[Node] = [Node(id=ROOT_ID, parent=None, step=None, depth=0)]
+        self._paths: dict[int, tuple[Step, ...]] = {ROOT_ID: ()}  # node id -> `path`, filled as asked
 
     @property
     def root_id(self) -> int:
@@ -77,13 +78,21 @@ class Tree:
         return node
 
     def path(self, node_id: int) -> tuple[Step, ...]:
-        """Steps from the root to node_id."""
-        steps: list[Step] = []
-        node = self.nodes[node_id]
-        while node.step is not None:
-            steps.append(node.step)
+        """Steps from the root to node_id. Each node's path is kept once made (nodes never move),
+        so a search that asks for the paths of a node's children extends the node's path by one
+        step instead of walking up to the root for each."""
+        paths = self._paths
+        if node_id in paths:
+            return paths[node_id]
+        pending, node = [], self.nodes[node_id]  # the nodes between node_id and its nearest known ancestor
+        while node.id not in paths:
+            pending.append(node)
             node = self.nodes[node.parent]  # type: ignore[index]
-        return tuple(reversed(steps))
+        path = paths[node.id]
+        for node in reversed(pending):
+            path = path + (node.step,)
+            paths[node.id] = path
+        return path
 
     def prefix(self, node_id: int) -> Prefix:
         return Prefix(self.problem, self.path(node_id))
@@ -123,7 +132,7 @@ class Tree:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Tree":
         tree = cls(Problem(**data["problem"]))
-        tree.nodes = [_node_from_json(d) for d in data["nodes"]]
+        tree.nodes = [_node_from_json(d) for d in data["nodes"]]  # no path was asked yet: none is stale
         return tree
 
 
