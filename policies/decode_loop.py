@@ -43,7 +43,7 @@ reference's SPRM reads (`scorers.sprm_positions`). Cost: the head on the boundar
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -108,12 +108,19 @@ class _Batch:
     next_position: torch.Tensor  # [B] long, position id of the next fed token
     state: StopState
     budget: torch.Tensor  # [B] long, most tokens this row may generate
+    # [B] the slot that takes the generator's k-th draw, i.e. the slot of the k-th row in chunk-row
+    # order, so a row gets the same draw whatever slot `keep` moved it to (sorted when rows change)
+    draw_slots: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.draw_slots = self.rows.argsort()
 
     def keep(self, keep_mask: torch.Tensor) -> torch.Tensor:
         """Drop rows where keep_mask [B] is False, so they cost nothing more (`SlotCache.keep`).
         Returns the old slot of each new slot [B'] (to reorder other per-row tensors the same way)."""
         index = self.cache.keep(keep_mask)
         self.rows, self.budget, self.next_position = self.rows[index], self.budget[index], self.next_position[index]
+        self.draw_slots = self.rows.argsort()
         if self.attention_mask is not None:
             self.attention_mask = self.attention_mask[index]
         self.state = self.state.select(index)
@@ -302,7 +309,6 @@ class ChunkRun:
         self.t = 0  # index of the token the next `sample` draws
         self._context_keys: list[tuple[int, ...]] | None = None  # each context's ids, made when first needed
         self.tokens: torch.Tensor | None = None  # [B] the live rows' last sampled tokens, to feed
-        self._slots_for: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, their `_draw_slots`)
 
     @property
     def shares_prefix(self) -> bool:
@@ -316,7 +322,7 @@ class ChunkRun:
         (then `feed` its tokens next); every row ends by its budget at the latest."""
         request, batch, t = self.request, self.batch, self.t
         tokens, token_logprobs = sample_next_tokens(
-            self.logits, request.temperature, request.top_p, self._draws(), draw_slots=self._draw_slots()
+            self.logits, request.temperature, request.top_p, self._draws(), draw_slots=batch.draw_slots
         )  # [B], [B]
         is_boundary, batch.state = self.rule.advance(tokens, batch.state)  # [B]
         self.token_ids[batch.rows, t] = tokens
@@ -355,15 +361,6 @@ class ChunkRun:
         mask = torch.zeros_like(candidates)
         mask[torch.tensor(chosen, dtype=torch.long, device=mask.device)] = True
         return mask
-
-    def _draw_slots(self) -> torch.Tensor:
-        """[B] the slot that takes the generator's k-th draw: the slot of the k-th row in chunk-row
-        order, so a row gets the same draw whatever slot `_Batch.keep` moved it to. Sorted again
-        only after rows left (`keep` replaces the rows tensor), not at every step."""
-        rows = self.batch.rows
-        if self._slots_for is None or self._slots_for[0] is not rows:
-            self._slots_for = (rows, rows.argsort())
-        return self._slots_for[1]
 
     def _draws(self) -> torch.Generator | SplitDraws | None:
         """The request's generator, or each call's for its live rows (`ChunkRequest.split_generators`)."""
