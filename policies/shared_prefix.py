@@ -32,6 +32,7 @@ Tests: `.venv/bin/python -m pytest tests/test_shared_prefix.py`.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from collections import Counter
 from typing import Any, Iterator, Sequence
@@ -217,8 +218,23 @@ def supports_shared_prefix(model: Any) -> bool:
         return False
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return False
+    return _attention_reads_config(model, config)
+
+
+# model -> (id of the config checked, result): the module walk costs ~0.4 ms on a small model,
+# paid once per model instead of once per chunk (tiny beam search: 17 chunks, 0.2% of its wall)
+_READS_CONFIG: "weakref.WeakKeyDictionary[Any, tuple[int, bool]]" = weakref.WeakKeyDictionary()
+
+
+def _attention_reads_config(model: Any, config: Any) -> bool:
+    """Whether the model has attention modules and each reads `config` (the model's own)."""
+    known = _READS_CONFIG.get(model)
+    if known is not None and known[0] == id(config):
+        return known[1]
     attention = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config") and hasattr(m, "o_proj")]
-    return bool(attention) and all(m.config is config for m in attention)
+    result = bool(attention) and all(m.config is config for m in attention)
+    _READS_CONFIG[model] = (id(config), result)
+    return result
 
 
 @contextmanager

@@ -6,6 +6,8 @@ implementation coming back after the block.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,6 +137,13 @@ def test_which_models_can_share_a_prefix():
     windowed.config.layer_types = ["sliding_attention"]
     assert not supports_shared_prefix(windowed)
     assert not supports_shared_prefix(torch.nn.Linear(2, 2))
+
+
+def test_a_model_given_a_new_config_is_checked_again():
+    model = make_model(40)
+    assert supports_shared_prefix(model) and supports_shared_prefix(model)  # the second from the cache
+    model.config = copy.deepcopy(model.config)  # the attention modules still read the old one
+    assert not supports_shared_prefix(model)
 
 
 def test_the_attention_implementation_comes_back_after_the_block_even_on_error():
