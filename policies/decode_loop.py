@@ -52,7 +52,9 @@ from transformers import DynamicCache
 from policies.prefix_cache import MAX_CHAIN, PrefixKV, pad_past
 from policies.sampling import SplitDraws, sample_next_tokens
 from policies.shared_prefix import SharedPrefixCache, shared_prefix_attention, worth_sharing
-from policies.slot_cache import KV_GROWTH, KV_POOL, KV_RESERVE_LIMIT, SlotCache, slot_cache  # noqa: F401 (re-exported)
+from policies.slot_cache import (  # noqa: F401 (re-exported)
+    KV_GROWTH, KV_POOL, KV_RESERVE_LIMIT, STEP_KV_RESERVE, SlotCache, slot_cache,
+)
 from policies.step_stops import StepStopRule, StopState
 
 FINISH_CODES: tuple[str, ...] = ("separator", "eos", "length")  # index = finish code in ChunkOutput
@@ -293,7 +295,7 @@ class ChunkRun:
             shared = worth_sharing(model, request.row_context)
         self.batch, self.logits, self.features = _start_batch(
             model, request.contexts, request.row_context, request.budgets, rule, pad_id, device, request.past,
-            self.layer, shared,
+            self.layer, shared, request.stop_at_boundary,
         )
         num_rows, width = len(request.row_context), max(request.budgets)
         self.token_ids = torch.zeros((num_rows, width), dtype=torch.long, device=device)  # [R, T]
@@ -533,15 +535,18 @@ def _start_batch(
     past: Sequence[PrefixKV | None] | None = None,
     feature_layer: int | None = None,
     shared_prefix: bool = False,
+    stop_at_boundary: bool = False,
 ) -> tuple[_Batch, torch.Tensor, torch.Tensor | None]:
     """Prefill each context once (from its cached prefix, if any); its samples then share that
-    KV (shared_prefix) or each get a copy of it. Returns (the batch of R rows, their next-token
-    logits [R, V], the feature-layer states that produced them [R, C] or None)."""
+    KV (shared_prefix) or each get a copy of it, with columns reserved for the largest budget (up
+    to KV_RESERVE_LIMIT, or STEP_KV_RESERVE when the rows stop at a step boundary). Returns (the
+    batch of R rows, their next-token logits [R, V], the feature-layer states that produced them
+    [R, C] or None)."""
     cache, logits, attention_mask, next_position, features = prefill(
         model, contexts, pad_id, device, past, feature_layer
     )
     expand = torch.tensor(row_context, dtype=torch.long, device=device)  # [R] context of each row
-    reserve = min(max(budgets), KV_RESERVE_LIMIT)
+    reserve = min(max(budgets), STEP_KV_RESERVE if stop_at_boundary else KV_RESERVE_LIMIT)
     if shared_prefix:
         rows_cache = SharedPrefixCache.over(cache, attention_mask, expand, reserve)
     else:

@@ -482,6 +482,25 @@ def test_a_slot_cache_reserves_its_budget_and_grows_only_past_it():
         assert bool((cache.layers[index].values[:, :, 5:15] == 1).all() and (cache.layers[index].values[:, :, 15] == 2).all())
 
 
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_steps_longer_than_the_step_reserve_grow_the_cache_and_equal_a_full_reserve(monkeypatch, shared_prefix):
+    from policies import decode_loop
+
+    model, prefixes = make_model(len(TOK)), mixed_prefixes()
+    runs = {}
+    for reserve in (1024, 2):  # the budget reserved ahead; 2: most steps outgrow it (KV_GROWTH at a time)
+        monkeypatch.setattr(decode_loop, "STEP_KV_RESERVE", reserve)
+        p = policy(model, max_step_tokens=12, max_total_tokens=40)
+        p.shared_prefix = shared_prefix
+        runs[reserve] = p.propose(prefixes, 4, seed=3)
+    long_steps = [s for row in runs[2] for s in row if len(s.token_ids) > 2]
+    assert long_steps  # the growth path ran
+    for full, grown in zip(runs[1024], runs[2]):
+        assert [s.token_ids for s in full] == [s.token_ids for s in grown]
+        for a, b in zip(full, grown):
+            assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-5)
+
+
 def test_a_slot_cache_moves_rows_and_copies_a_row_out_in_every_layer():
     from policies.decode_loop import SlotCache
 
