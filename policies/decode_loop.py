@@ -333,14 +333,18 @@ class ChunkRun:
         if self.step_head is not None:
             _score_boundaries(self.step_head, self.features, is_boundary, batch.rows, t, self.scores)
         code, done = _finish_codes(tokens, is_boundary & request.stop_at_boundary, t + 1 >= batch.budget, self.rule)
-        self.lengths[batch.rows[done]], self.finish[batch.rows[done]] = t + 1, code[done]
-        if request.keep_kv:
+        if not bool(done.any()):  # most steps: every row goes on, nothing to record or drop
+            self.t, self.tokens = t + 1, tokens
+            return True
+        ended = batch.rows[done]
+        self.lengths[ended], self.finish[ended] = t + 1, code[done]
+        if request.keep_kv:  # (before t moves on: the rows fed tokens 0..t-1)
             self.copy_out(batch, self._new_kv_rows(done & (code == _SEPARATOR)), self.fed_kv)
         self.t = t + 1
-        if bool(done.all()):
+        if ended.numel() == done.numel():
             self.tokens = None
             return False
-        self.tokens = tokens[batch.keep(~done)] if bool(done.any()) else tokens
+        self.tokens = tokens[batch.keep(~done)]
         return True
 
     def _new_kv_rows(self, candidates: torch.Tensor) -> torch.Tensor:
