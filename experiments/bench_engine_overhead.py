@@ -61,7 +61,7 @@ PHASES: dict[str, list[tuple[Any, str]]] = {
     "cached prefixes -> the batch's KV (`pad_past`)": [(decode_loop, "pad_past")],
     "new KV -> the prefix cache (copy-out)": [(decode_loop._ContextEntries, "copy_fed_kv"), (decode_loop, "_copy_fed_kv")],
     "sampling": [(decode_loop, "sample_next_tokens")],
-    "stop rule": [(StepStopRule, "advance"), (decode_loop, "_finish_codes")],
+    "stop rule": [(StepStopRule, "advance"), (decode_loop, "_ended"), (decode_loop, "_finish_codes")],
     "dropping finished rows": [(decode_loop._Batch, "keep")],
     "decode-step calls around the forward (`ChunkRun.feed`)": [(decode_loop.ChunkRun, "feed")],
     "samples -> steps and texts": [

@@ -111,11 +111,18 @@ class _Batch:
     state: StopState
     budget: torch.Tensor  # [B] long, most tokens this row may generate
     # [B] the slot that takes the generator's k-th draw, i.e. the slot of the k-th row in chunk-row
-    # order, so a row gets the same draw whatever slot `keep` moved it to (sorted when rows change)
-    draw_slots: torch.Tensor = field(init=False)
+    # order, so a row gets the same draw whatever slot `keep` moved it to (sorted when rows change);
+    # None while the slots hold the rows in chunk order (rows made as an arange, nothing dropped)
+    draw_slots: torch.Tensor | None = field(init=False)
+    # the smallest budget: no row can run out before token index min_budget - 1, so the decode
+    # loop compares t with the budgets only from there on (each torch op costs 10-25 us right
+    # after a forward has evicted the caches)
+    min_budget: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.draw_slots = self.rows.argsort()
+        in_order = bool(torch.equal(self.rows, torch.arange(len(self.rows), device=self.rows.device)))
+        self.draw_slots = None if in_order else self.rows.argsort()
+        self.min_budget = int(self.budget.min()) if len(self.budget) else 0
 
     def keep(self, keep_mask: torch.Tensor) -> torch.Tensor:
         """Drop rows where keep_mask [B] is False, so they cost nothing more (`SlotCache.keep`).
@@ -123,6 +130,7 @@ class _Batch:
         index = self.cache.keep(keep_mask)
         self.rows, self.budget, self.next_position = self.rows[index], self.budget[index], self.next_position[index]
         self.draw_slots = self.rows.argsort()
+        self.min_budget = int(self.budget.min()) if len(self.budget) else 0
         if self.attention_mask is not None:
             self.attention_mask = self.attention_mask[index]
         self.state = self.state.select(index)
@@ -332,10 +340,11 @@ class ChunkRun:
         self.boundary[batch.rows, t] = is_boundary
         if self.step_head is not None:
             _score_boundaries(self.step_head, self.features, is_boundary, batch.rows, t, self.scores)
-        code, done = _finish_codes(tokens, is_boundary & request.stop_at_boundary, t + 1 >= batch.budget, self.rule)
+        is_eos, at_boundary, done = _ended(tokens, is_boundary if request.stop_at_boundary else None, t, batch, self.rule)
         if not bool(done.any()):  # most steps: every row goes on, nothing to record or drop
             self.t, self.tokens = t + 1, tokens
             return True
+        code = _finish_codes(is_eos, at_boundary)
         ended = batch.rows[done]
         self.lengths[ended], self.finish[ended] = t + 1, code[done]
         if request.keep_kv:  # (before t moves on: the rows fed tokens 0..t-1)
@@ -568,15 +577,25 @@ def _start_batch(
     return batch, logits[expand], None if features is None else features[expand]
 
 
-def _finish_codes(
-    tokens: torch.Tensor, at_boundary: torch.Tensor, out_of_budget: torch.Tensor, rule: StepStopRule
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(finish code [B], done [B]); EOS wins over a boundary, which wins over the length cut."""
+def _ended(
+    tokens: torch.Tensor, at_boundary: torch.Tensor | None, t: int, batch: _Batch, rule: StepStopRule
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(is_eos [B], at_boundary, done [B]) after token t of each row: done at EOS, at a step
+    boundary (at_boundary [B], None when the rows do not stop there) or at the row's budget (only
+    compared once t reaches the smallest budget)."""
     is_eos = rule.is_eos[tokens]  # [B]
-    code = torch.full_like(tokens, _LENGTH)
-    code = torch.where(at_boundary, _SEPARATOR, code)
-    code = torch.where(is_eos, _EOS, code)
-    return code, is_eos | at_boundary | out_of_budget
+    done = is_eos if at_boundary is None else is_eos | at_boundary
+    if t + 1 >= batch.min_budget:
+        done = done | (t + 1 >= batch.budget)
+    return is_eos, at_boundary, done
+
+
+def _finish_codes(is_eos: torch.Tensor, at_boundary: torch.Tensor | None) -> torch.Tensor:
+    """Finish code [B] of rows that ended: EOS wins over a boundary, which wins over the length cut."""
+    code = torch.full_like(is_eos, _LENGTH, dtype=torch.long)
+    if at_boundary is not None:
+        code = torch.where(at_boundary, _SEPARATOR, code)
+    return torch.where(is_eos, _EOS, code)
 
 
 def _decode_step(
