@@ -122,7 +122,7 @@ class _Batch:
     def __post_init__(self) -> None:
         in_order = bool(torch.equal(self.rows, torch.arange(len(self.rows), device=self.rows.device)))
         self.draw_slots = None if in_order else self.rows.argsort()
-        self.min_budget = int(self.budget.min()) if len(self.budget) else 0
+        self.min_budget = _smallest(self.budget)
 
     def keep(self, keep_mask: torch.Tensor) -> torch.Tensor:
         """Drop rows where keep_mask [B] is False, so they cost nothing more (`SlotCache.keep`).
@@ -130,7 +130,7 @@ class _Batch:
         index = self.cache.keep(keep_mask)
         self.rows, self.budget, self.next_position = self.rows[index], self.budget[index], self.next_position[index]
         self.draw_slots = self.rows.argsort()
-        self.min_budget = int(self.budget.min()) if len(self.budget) else 0
+        self.min_budget = _smallest(self.budget)
         if self.attention_mask is not None:
             self.attention_mask = self.attention_mask[index]
         self.state = self.state.select(index)
@@ -340,7 +340,8 @@ class ChunkRun:
         self.boundary[batch.rows, t] = is_boundary
         if self.step_head is not None:
             _score_boundaries(self.step_head, self.features, is_boundary, batch.rows, t, self.scores)
-        is_eos, at_boundary, done = _ended(tokens, is_boundary if request.stop_at_boundary else None, t, batch, self.rule)
+        at_boundary = is_boundary if request.stop_at_boundary else None
+        is_eos, done = _ended(tokens, at_boundary, t, batch, self.rule)
         if not bool(done.any()):  # most steps: every row goes on, nothing to record or drop
             self.t, self.tokens = t + 1, tokens
             return True
@@ -579,15 +580,20 @@ def _start_batch(
 
 def _ended(
     tokens: torch.Tensor, at_boundary: torch.Tensor | None, t: int, batch: _Batch, rule: StepStopRule
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(is_eos [B], at_boundary, done [B]) after token t of each row: done at EOS, at a step
-    boundary (at_boundary [B], None when the rows do not stop there) or at the row's budget (only
-    compared once t reaches the smallest budget)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(is_eos [B], done [B]) after token t of each row: done at EOS, at a step boundary
+    (at_boundary [B], None when the rows do not stop there) or at the row's budget (only compared
+    once t reaches the smallest budget)."""
     is_eos = rule.is_eos[tokens]  # [B]
     done = is_eos if at_boundary is None else is_eos | at_boundary
     if t + 1 >= batch.min_budget:
         done = done | (t + 1 >= batch.budget)
-    return is_eos, at_boundary, done
+    return is_eos, done
+
+
+def _smallest(budget: torch.Tensor) -> int:
+    """The smallest of the rows' budgets [B] (0 for no rows)."""
+    return int(budget.min()) if len(budget) else 0
 
 
 def _finish_codes(is_eos: torch.Tensor, at_boundary: torch.Tensor | None) -> torch.Tensor:

@@ -33,8 +33,9 @@ KV_RESERVE_LIMIT = 1024
 # ... and for a chunk that stops at step boundaries, up to this many: its rows end after a step,
 # most within a few dozen tokens, while its budget is the whole max_step_tokens. Columns reserved
 # but never written still take memory once a pooled buffer of another shape has touched their
-# pages (64-problem tiny beam search, peak RSS: 725 MiB reserving the budget, 577 MiB at 48), and
-# a growth past them copies only the rows still live, a chunk's few longest.
+# pages (64-problem tiny beam search at N = 32, peak RSS: 717-737 MiB reserving the budget,
+# 550-579 MiB at 64), and a growth past them copies only the rows still live, a chunk's few
+# longest.
 STEP_KV_RESERVE = 64
 # The KV buffers of every chunk come from here and go back when the chunk is done, so the next
 # chunk's buffers reuse memory whose pages are already mapped (`policies.kv_pool`).
