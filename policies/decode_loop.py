@@ -357,13 +357,13 @@ class ChunkRun:
         self.tokens = tokens[batch.keep(~done)]
         return True
 
-    def _new_kv_rows(self, candidates: torch.Tensor) -> torch.Tensor:
+    def _new_kv_rows(self, candidates: torch.Tensor) -> list[tuple[int, int]]:
         """Of the live slots where candidates [B] is True (rows that just ended on a separator),
         those whose fed KV to copy out: the lowest row of each key that `kv_wanted` wants (see
-        `ChunkRequest`); the slots [B] as a bool mask."""
+        `ChunkRequest`); (slot, chunk row) of each, by row."""
         slots = candidates.nonzero().squeeze(-1)
         if not slots.numel():
-            return candidates
+            return []
         rows = self.batch.rows[slots]
         fed = self.token_ids[rows, : self.t].tolist()  # the tokens each fed (token t is not fed)
         if self._context_keys is None:
@@ -372,11 +372,9 @@ class ChunkRun:
         for row, slot, ids in sorted(zip(rows.tolist(), slots.tolist(), fed)):
             key = self._context_keys[row_context[row]] + tuple(ids)
             if key not in seen and (wanted is None or wanted(key)):
-                chosen.append(slot)
+                chosen.append((slot, row))
             seen.add(key)
-        mask = torch.zeros_like(candidates)
-        mask[torch.tensor(chosen, dtype=torch.long, device=mask.device)] = True
-        return mask
+        return chosen
 
     def _draws(self) -> torch.Generator | SplitDraws | None:
         """The request's generator, or each call's for its live rows (`ChunkRequest.split_generators`)."""
@@ -458,7 +456,7 @@ def _fed_kv_copier(batch: _Batch, row_context: Sequence[int], past: Sequence[Pre
         return _ContextEntries(batch.cache, past, past_width, row_context, {}).copy_fed_kv
     row_past = [past[u] for u in row_context]  # what each row's fed KV extends
     shared = _SharedContexts(batch.attention_mask.shape[1], row_context, {})  # uncached contexts' KV, once each
-    return lambda batch, rows, fed_kv: _copy_fed_kv(batch, rows, fed_kv, row_past, past_width, shared)
+    return lambda batch, chosen, fed_kv: _copy_fed_kv(batch, chosen, fed_kv, row_past, past_width, shared)
 
 
 @dataclass
@@ -484,11 +482,10 @@ class _ContextEntries:
             self.entries[context] = self.cache.prefix_kv(context, columns, parent)
         return self.entries[context]
 
-    def copy_fed_kv(self, batch: _Batch, rows: torch.Tensor, fed_kv: list[PrefixKV | None]) -> None:
-        """fed_kv[row] for the active rows where rows [B] is True (see `_copy_fed_kv`)."""
-        slots = rows.nonzero().squeeze(-1)
+    def copy_fed_kv(self, batch: _Batch, chosen: Sequence[tuple[int, int]], fed_kv: list[PrefixKV | None]) -> None:
+        """fed_kv[row] for each (slot, chunk row) of `chosen` (see `_copy_fed_kv`)."""
         length = self.cache.length
-        for b, row in zip(slots.tolist(), batch.rows[slots].tolist()):
+        for b, row in chosen:
             parent = self.entry(self.row_context[row])
             fed_kv[row] = parent if length == 0 else self.cache.row_tail(b, 0, parent)
 
@@ -514,18 +511,17 @@ class _SharedContexts:
 
 
 def _copy_fed_kv(
-    batch: _Batch, rows: torch.Tensor, fed_kv: list[PrefixKV | None], row_past: Sequence[PrefixKV | None],
-    past_width: int, shared: _SharedContexts,
+    batch: _Batch, chosen: Sequence[tuple[int, int]], fed_kv: list[PrefixKV | None],
+    row_past: Sequence[PrefixKV | None], past_width: int, shared: _SharedContexts,
 ) -> None:
-    """Copy out the KV of the active rows where rows [B] is True: the cache holds exactly what
+    """Copy out the KV of each (slot, chunk row) of `chosen`: the cache holds exactly what
     each fed (the token sampled this step is not fed yet), as an unpadded entry. A row
     prefilled from a cached prefix row_past[r] (its tokens in the first past_width columns)
     copies only the columns after them and extends that entry, unless its chain is MAX_CHAIN
     long already (then the whole row); a row with no cached prefix extends its context's entry
     (`_SharedContexts`: the prompt copied once, not once per sample)."""
     length = batch.cache.length
-    for b in rows.nonzero().squeeze(-1).tolist():
-        row = int(batch.rows[b])
+    for b, row in chosen:
         parent = row_past[row]
         if parent is None:
             parent, start = shared.entry(batch, b, row), shared.prefill_width
