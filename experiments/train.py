@@ -690,12 +690,23 @@ def run_training(cfg: DictConfig) -> Path:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
-    out = run_training(cfg)
-    rows = load_rows(out / METRICS)
-    if rows and PartialState().is_main_process:
-        last = rows[-1]
-        print(f"{out}: step {last['step']}, reward {last.get('reward/mean')}, fc/diff_prob {last.get('fc/diff_prob')}")
-        print(json.dumps({k: v for k, v in last.items() if k.startswith(("heldout", "fc/"))}))
+    try:
+        out = run_training(cfg)
+        rows = load_rows(out / METRICS)
+        if rows and PartialState().is_main_process:
+            last = rows[-1]
+            print(f"{out}: step {last['step']}, reward {last.get('reward/mean')}, fc/diff_prob {last.get('fc/diff_prob')}")
+            print(json.dumps({k: v for k, v in last.items() if k.startswith(("heldout", "fc/"))}))
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy the distributed process group, if this process joined one (`accelerate launch`),
+    before the interpreter exits: left to the exit's destructors, a gloo rank sometimes aborted
+    there ("terminate called without an active exception", exit code -6) after a finished run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
