@@ -45,14 +45,6 @@ class StopState:
         """The state of rows [B] given as two bool tensors."""
         return cls((inside_think.long() * _INSIDE + after_separator_or_open.long() * _AFTER) * _CLASSES)
 
-    @property
-    def inside_think(self) -> torch.Tensor:
-        return (self.code // _CLASSES) & _INSIDE != 0  # [B] bool
-
-    @property
-    def after_separator_or_open(self) -> torch.Tensor:
-        return (self.code // _CLASSES) & _AFTER != 0  # [B] bool
-
     def select(self, rows: torch.Tensor) -> "StopState":
         """Keep only `rows` [B'] (long indices), e.g. after finished rows leave the batch."""
         return StopState(self.code[rows])
