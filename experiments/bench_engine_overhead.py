@@ -66,7 +66,7 @@ PHASES: dict[str, list[tuple[Any, str]]] = {
     "decode-step calls around the forward (`ChunkRun.feed`)": [(decode_loop.ChunkRun, "feed")],
     "samples -> steps and texts": [
         (transformers_policy, "_collect"), (transformers_policy, "decode_steps"),
-        (TransformersPolicy, "_whole_step"), (TransformersPolicy, "_split_steps"),
+        (TransformersPolicy, "_whole_steps"), (TransformersPolicy, "_split_steps"),
     ],
     "prompts, prefix-cache lookups and stores": [
         (transformers_policy, "encode_contexts"), (TransformersPolicy, "_cached_prefix"),

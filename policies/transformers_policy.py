@@ -64,7 +64,7 @@ from policies.policy_requests import check_request, encode_contexts, step_budget
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
 from policies.sampling_config import SamplingConfig
-from policies.step_assembly import RawStep, decode_steps
+from policies.step_assembly import RawStep, decode_steps, decode_texts
 from policies.step_stops import StepStopRule, split_step_ends
 from scorers.sprm_positions import step_score
 from treesearch.records import Prefix, Problem, Step
@@ -74,15 +74,16 @@ from treesearch.records import Prefix, Problem, Step
 class _Sample:
     """One generated sequence before it becomes steps.
 
-    token_ids, logprobs, boundary: per generated token (boundary: the token ends a step).
+    token_ids, logprobs, boundary: per generated token (boundary: the token ends a step; None for
+        a propose call's samples, which are one step each and never split).
     finish: "separator" | "eos" | "length". prefill_tokens: prefill work counted on this sample.
     scores: with a step head, per generated token the head's score of a boundary token, NaN on
         the others; None without a head.
     """
 
-    token_ids: list[int]
-    logprobs: list[float]
-    boundary: list[bool]
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    boundary: tuple[bool, ...] | None
     finish: str
     prefill_tokens: int
     scores: list[float] | None = None
@@ -204,19 +205,15 @@ class TransformersPolicy:
         step separator (kept in its text), at EOS (in token_ids, not in text), or at
         max_step_tokens / max_total_tokens ("length"); with stop_at_step=False it runs to EOS or
         max_total_tokens. A prefix with no token budget left gets empty "length" steps."""
-        samples = self._generate(prefixes, n, seed, stop_at_boundary=stop_at_step)
-        raw = [
-            [self._whole_step(sample, prefix) for sample in row] for prefix, row in zip(prefixes, samples)
-        ]
-        with self.lock:
-            return decode_steps(raw, self.tokenizer)
+        samples = self._generate(prefixes, n, seed, stop_at_boundary=stop_at_step, with_boundary=False)
+        return self._whole_steps(prefixes, samples)
 
     def rollout(self, prefixes: Sequence[Prefix], n: int, seed: int) -> list[list[list[Step]]]:
         """n sampled completions per prefix, result[i][j] = the steps of the j-th completion of
         prefixes[i]: generated to EOS or max_total_tokens in one loop, then split at step
         boundaries (a run of separators stays with the step it ends). Intermediate steps end on
         "separator", the last one on "eos" or "length"."""
-        samples = self._generate(prefixes, n, seed, stop_at_boundary=False)
+        samples = self._generate(prefixes, n, seed, stop_at_boundary=False, with_boundary=True)
         raw = [
             [self._split_steps(sample, prefix) for sample in row] for prefix, row in zip(prefixes, samples)
         ]
@@ -226,9 +223,10 @@ class TransformersPolicy:
     # -- phases -------------------------------------------------------------------------------
 
     def _generate(
-        self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_boundary: bool
+        self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_boundary: bool, with_boundary: bool
     ) -> list[list[_Sample]]:
-        """Sample n sequences per prefix, batched over all prefixes; result in input order."""
+        """Sample n sequences per prefix, batched over all prefixes; result in input order
+        (with_boundary: each sample's boundary flags too, to split it into steps)."""
         check_request(prefixes, n, seed)
         with self.lock:
             contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
@@ -254,13 +252,13 @@ class TransformersPolicy:
                 shared_prefix=self.shared_prefix, kv_wanted=self._kv_is_new,
             ))
             prefill_sizes = [len(contexts[i]) - (p.length if p else 0) for i, p in zip(members, past)]
-            _collect(out, row_owner, row_context, prefill_sizes, samples)
+            _collect(out, row_owner, row_context, prefill_sizes, samples, with_boundary)
             with self.lock:
                 self._store_fed(out, [contexts[i] for i in members], row_context)
         for i in range(len(prefixes)):
             if budgets[i] <= 0:
                 no_scores = None if self.step_head is None else []
-                samples[i] = [_Sample([], [], [], "length", 0, no_scores) for _ in range(n)]
+                samples[i] = [_Sample((), (), () if with_boundary else None, "length", 0, no_scores) for _ in range(n)]
         return samples
 
     def _decode_here(self, request: ChunkRequest) -> ChunkOutput:
@@ -291,16 +289,26 @@ class TransformersPolicy:
             if kv is not None:
                 self.prefix_cache.store(contexts[row_context[r]] + token_ids[r][: lengths[r] - 1], kv)
 
-    def _whole_step(self, sample: _Sample, prefix: Prefix) -> RawStep:
-        """The sample as one step (every generated token but the last was fed back)."""
-        fed = max(len(sample.token_ids) - 1, 0)
-        score = self._step_score(sample, 0, len(sample.token_ids), prefix.steps, ())
-        return RawStep(sample.token_ids, sample.logprobs, sample.finish, sample.prefill_tokens + fed, score)
+    def _whole_steps(self, prefixes: Sequence[Prefix], samples: list[list[_Sample]]) -> list[list[Step]]:
+        """Each sample as one step, samples[i][j] -> result[i][j] (every generated token but the
+        last was fed back); the texts decoded in one batch, without a final EOS token. Straight
+        from the samples to Steps: no intermediate RawStep per sample (a tiny beam search makes
+        4k steps per search)."""
+        flat = [(sample, prefix) for prefix, row in zip(prefixes, samples) for sample in row]
+        with self.lock:
+            texts = decode_texts(self.tokenizer, [s.token_ids[:-1] if s.finish == "eos" else s.token_ids for s, _ in flat])
+        steps = iter([
+            Step(text, sample.token_ids, sample.logprobs, sample.finish,  # type: ignore[arg-type]
+                 sample.prefill_tokens + max(len(sample.token_ids) - 1, 0),
+                 self._step_score(sample, 0, len(sample.token_ids), prefix.steps, ()))
+            for (sample, prefix), text in zip(flat, texts)
+        ])
+        return [[next(steps) for _ in row] for row in samples]
 
     def _split_steps(self, sample: _Sample, prefix: Prefix) -> list[RawStep]:
         """Cut one rollout at its step ends; tokens_forwarded per step as in the module docstring,
         scores as in `scorers.sprm_positions.step_score` (after the prefix's step scores)."""
-        ends = split_step_ends(sample.boundary, [self._is_separator[t] for t in sample.token_ids])
+        ends = split_step_ends(sample.boundary or (), [self._is_separator[t] for t in sample.token_ids])
         steps: list[RawStep] = []
         start = 0
         for k, end in enumerate(ends):
@@ -362,20 +370,23 @@ def merge_identical(contexts: Sequence[Sequence[int]], budgets: Sequence[int]) -
     return sorted(groups.values(), key=lambda owners: len(contexts[owners[0]]))
 
 
-def _collect(out, row_owner: list[int], row_context: list[int], prefill_sizes: list[int], samples) -> None:
+def _collect(
+    out, row_owner: list[int], row_context: list[int], prefill_sizes: list[int], samples, with_boundary: bool
+) -> None:
     """Append each chunk row to samples[the prefix it belongs to] (row_owner), in row order; a
-    context's prefill goes on its first row."""
+    context's prefill goes on its first row; boundary flags only with_boundary."""
     lengths, finish = out.lengths.tolist(), out.finish.tolist()
     width = max(lengths, default=0)  # columns past every row's length are never read
     token_ids, logprobs = out.token_ids[:, :width].tolist(), out.logprobs[:, :width].tolist()
-    boundary = out.boundary[:, :width].tolist()
+    boundary = out.boundary[:, :width].tolist() if with_boundary else None
     scores = None if out.step_scores is None else out.step_scores[:, :width].tolist()
     seen: set[int] = set()
     for r, u in enumerate(row_context):
         length = lengths[r]
         samples[row_owner[r]].append(
             _Sample(
-                token_ids[r][:length], logprobs[r][:length], boundary[r][:length],
+                tuple(token_ids[r][:length]), tuple(logprobs[r][:length]),
+                None if boundary is None else tuple(boundary[r][:length]),
                 FINISH_CODES[finish[r]], prefill_sizes[u] if u not in seen else 0,
                 None if scores is None else scores[r][:length],
             )
