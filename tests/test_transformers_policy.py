@@ -525,3 +525,21 @@ def test_decode_texts_equals_batch_decode_with_special_tokens_kept():
     expected = TOK.batch_decode(sequences, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     assert decode_texts(TOK, sequences) == expected and decode_texts(TOK, []) == []
     assert "<think>" in expected[0]  # the special tokens stayed
+
+
+def test_decode_texts_decodes_equal_sequences_once_and_keeps_their_order():
+    from policies.step_assembly import decode_texts
+
+    calls: list[list[list[int]]] = []
+
+    class Counting:  # the slow path: a tokenizer without a Rust backend
+        def batch_decode(self, sequences, **kwargs):
+            calls.append(sequences)
+            return TOK.batch_decode(sequences, **kwargs)
+
+    a, b = ids("3 + 4 = 7.\n\n"), ids(" 12 * 3")
+    sequences = [a, b, tuple(a), list(b), a, []]
+    expected = TOK.batch_decode([list(s) for s in sequences], skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+    assert decode_texts(Counting(), sequences) == expected == decode_texts(TOK, sequences)
+    assert calls == [[a, b, []]]  # each distinct sequence once, first-seen order
