@@ -354,12 +354,17 @@ def decode_texts(tokenizer: Any, sequences: Sequence[Sequence[int]]) -> list[str
     return [by_key[key] for key in keys]
 
 
+def text_ids(token_ids: Sequence[int], finish: str) -> Sequence[int]:
+    """The ids a step's text is decoded from: all of them but a final EOS token (a separator stays)."""
+    return token_ids[:-1] if finish == "eos" else token_ids
+
+
 def decode_steps(nested: list, tokenizer: Any) -> list:
     """Turn nested lists of RawStep into Steps, decoding every text in one batched call. The text
     keeps the separator and leaves out a final EOS token (as `TransformersPolicy`)."""
     flat: list[RawStep] = []
     _flatten(nested, flat)
-    texts = decode_texts(tokenizer, [s.token_ids[:-1] if s.finish == "eos" else s.token_ids for s in flat])
+    texts = decode_texts(tokenizer, [text_ids(s.token_ids, s.finish) for s in flat])
     steps = iter(
         Step(text, tuple(s.token_ids), tuple(s.logprobs), s.finish, s.tokens_forwarded, s.score)
         for s, text in zip(flat, texts)

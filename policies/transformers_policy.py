@@ -64,7 +64,7 @@ from policies.policy_requests import check_request, encode_contexts, step_budget
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
 from policies.sampling_config import SamplingConfig
-from policies.step_assembly import RawStep, decode_steps, decode_texts
+from policies.step_assembly import RawStep, decode_steps, decode_texts, text_ids
 from policies.step_stops import StepStopRule, split_step_ends
 from scorers.sprm_positions import step_score
 from treesearch.records import Prefix, Problem, Step
@@ -296,7 +296,7 @@ class TransformersPolicy:
         4k steps per search)."""
         flat = [(sample, prefix) for prefix, row in zip(prefixes, samples) for sample in row]
         with self.lock:
-            texts = decode_texts(self.tokenizer, [s.token_ids[:-1] if s.finish == "eos" else s.token_ids for s, _ in flat])
+            texts = decode_texts(self.tokenizer, [text_ids(s.token_ids, s.finish) for s, _ in flat])
         steps = iter([
             Step(text, sample.token_ids, sample.logprobs, sample.finish,  # type: ignore[arg-type]
                  sample.prefill_tokens + max(len(sample.token_ids) - 1, 0),
