@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from experiments.bench_workload import Workload, add_device_argument, add_search_arguments, load_workload  # noqa: E402
 from experiments.bench_timing import ForwardClock, PhaseClock, PolicyClock, timed  # noqa: E402
 from policies import decode_loop, transformers_policy  # noqa: E402
+from policies.decode_batch import DecodeBatch  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.step_stops import StepStopRule  # noqa: E402
 from policies.transformers_policy import TransformersPolicy  # noqa: E402
@@ -62,7 +63,8 @@ PHASES: dict[str, list[tuple[Any, str]]] = {
     "new KV -> the prefix cache (copy-out)": [(decode_loop._ContextEntries, "copy_fed_kv"), (decode_loop, "_copy_fed_kv")],
     "sampling": [(decode_loop, "sample_next_tokens")],
     "stop rule": [(StepStopRule, "advance"), (decode_loop, "_ended"), (decode_loop, "_finish_codes")],
-    "dropping finished rows": [(decode_loop._Batch, "keep")],
+    "dropping finished rows": [(DecodeBatch, "keep")],
+    "forking rows that drew differently": [(DecodeBatch, "fork")],
     "decode-step calls around the forward (`ChunkRun.feed`)": [(decode_loop.ChunkRun, "feed")],
     "samples -> steps and texts": [
         (transformers_policy, "_collect"), (transformers_policy, "decode_steps"),

@@ -57,13 +57,16 @@ class Workload:
     description: str
     path: Path | None = None  # the checkpoint folder the model came from (None: built in memory)
 
-    def policy(self, prefix_cache: bool = True, shared_prefix: bool | None = None, lm: Any = None) -> TransformersPolicy:
-        """A fresh policy; shared_prefix: `TransformersPolicy`'s (None: whenever the model supports
-        it); lm: another copy of the model to serve (e.g. in another dtype; default: `self.lm`)."""
+    def policy(
+        self, prefix_cache: bool = True, shared_prefix: bool | None = None, lm: Any = None, forked: bool = True
+    ) -> TransformersPolicy:
+        """A fresh policy; shared_prefix, forked: `TransformersPolicy`'s (shared_prefix None:
+        whenever the model supports it); lm: another copy of the model to serve (e.g. in another
+        dtype; default: `self.lm`)."""
         cache = PrefixCacheConfig() if prefix_cache else None
         return TransformersPolicy(
             self.lm if lm is None else lm, self.tokenizer, self.sampling, self.prompt_fn, prefix_cache=cache,
-            shared_prefix=shared_prefix,
+            shared_prefix=shared_prefix, forked=forked,
         )
 
     def accuracy(self, results: Sequence[SearchResult]) -> float:

@@ -24,10 +24,10 @@ from policies.decode_loop import ChunkRequest
 
 def merge_key(request: ChunkRequest) -> Hashable:
     """Requests with equal keys can decode as one chunk: the same stop rule use, sampling
-    settings, KV return (and its filter) and prefix sharing (their rows differ only in context and
+    settings, KV return (and its filter), prefix sharing and forked decoding (their rows differ only in context and
     budget)."""
     return (request.stop_at_boundary, request.temperature, request.top_p, request.keep_kv, request.kv_wanted,
-            request.shared_prefix, request.past is None)
+            request.shared_prefix, request.past is None, request.forked)
 
 
 def merge_requests(requests: Sequence[ChunkRequest]) -> ChunkRequest:
@@ -48,4 +48,5 @@ def merge_requests(requests: Sequence[ChunkRequest]) -> ChunkRequest:
         contexts, row_context, budgets, first.stop_at_boundary, first.temperature, first.top_p, None,
         past=None if first.past is None else past, keep_kv=first.keep_kv, shared_prefix=first.shared_prefix,
         split_generators=tuple((r.generator, len(r.row_context)) for r in requests), kv_wanted=first.kv_wanted,
+        forked=first.forked,
     )

@@ -43,12 +43,13 @@ reference's SPRM reads (`scorers.sprm_positions`). Cost: the head on the boundar
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from transformers import DynamicCache
 
+from policies.decode_batch import DecodeBatch
 from policies.prefix_cache import MAX_CHAIN, PrefixKV, pad_past
 from policies.sampling import SplitDraws, sample_next_tokens
 from policies.shared_prefix import SharedPrefixCache, shared_prefix_attention, worth_sharing
@@ -87,6 +88,10 @@ class ChunkOutput:
         fed) when it ended on a separator, else None; empty without keep_kv.
     step_scores: with a step head, [R, T] float32: the head's score where boundary is True, NaN
         elsewhere; None without a head.
+    fed: [R, T] bool, True where the row's token was fed back by a forward counted on this row:
+        every token but the last, except that rows decoding alike share a forward (forked
+        decoding, `policies.decode_batch`), counted on the lowest of them. Its sum over all rows
+        is the decode tokens the model ran; None: every token but each row's last.
     """
 
     token_ids: torch.Tensor
@@ -96,45 +101,8 @@ class ChunkOutput:
     finish: torch.Tensor
     fed_kv: tuple[PrefixKV | None, ...] = ()
     step_scores: torch.Tensor | None = None
+    fed: torch.Tensor | None = None
 
-
-
-@dataclass
-class _Batch:
-    """The rows still decoding: their cache, mask, positions and rule state (all [B, ...]).
-    Slot b holds chunk row rows[b]; dropping rows reorders the slots (see `keep`)."""
-
-    rows: torch.Tensor  # [B] long, index of each active row in the chunk
-    cache: SlotCache  # B rows (a SharedPrefixCache: each row's own columns, its context's prefix shared)
-    attention_mask: torch.Tensor | None  # [B, S] long, 0 on left padding; None with a shared prefix
-    next_position: torch.Tensor  # [B] long, position id of the next fed token
-    state: StopState
-    budget: torch.Tensor  # [B] long, most tokens this row may generate
-    # [B] the slot that takes the generator's k-th draw, i.e. the slot of the k-th row in chunk-row
-    # order, so a row gets the same draw whatever slot `keep` moved it to (sorted when rows change);
-    # None while the slots hold the rows in chunk order (rows made as an arange, nothing dropped)
-    draw_slots: torch.Tensor | None = field(init=False)
-    # the smallest budget: no row can run out before token index min_budget - 1, so the decode
-    # loop compares t with the budgets only from there on (each torch op costs 10-25 us right
-    # after a forward has evicted the caches)
-    min_budget: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        in_order = bool(torch.equal(self.rows, torch.arange(len(self.rows), device=self.rows.device)))
-        self.draw_slots = None if in_order else self.rows.argsort()
-        self.min_budget = _smallest(self.budget)
-
-    def keep(self, keep_mask: torch.Tensor) -> torch.Tensor:
-        """Drop rows where keep_mask [B] is False, so they cost nothing more (`SlotCache.keep`).
-        Returns the old slot of each new slot [B'] (to reorder other per-row tensors the same way)."""
-        index = self.cache.keep(keep_mask)
-        self.rows, self.budget, self.next_position = self.rows[index], self.budget[index], self.next_position[index]
-        self.draw_slots = self.rows.argsort()
-        self.min_budget = _smallest(self.budget)
-        if self.attention_mask is not None:
-            self.attention_mask = self.attention_mask[index]
-        self.state = self.state.select(index)
-        return index
 
 
 @torch.inference_mode()
@@ -220,6 +188,7 @@ def decode_chunk(
     keep_kv: bool = False,
     step_head: StepHead | None = None,
     shared_prefix: bool | None = None,
+    forked: bool = True,
 ) -> ChunkOutput:
     """Sample one sequence per row: row r continues contexts[row_context[r]] for at most
     budgets[r] tokens, stopping early at EOS or (when stop_at_boundary) at a step boundary.
@@ -227,9 +196,11 @@ def decode_chunk(
     separator (ChunkOutput.fed_kv); step_head: score every boundary token from the hidden state
     that sampled it (ChunkOutput.step_scores); shared_prefix: the rows of a context share its
     prefill KV (`policies.shared_prefix`) instead of each holding a copy (None: whenever the
-    model supports it and the contexts have about as many rows each, `worth_sharing`)."""
+    model supports it and the contexts have about as many rows each, `worth_sharing`); forked: the
+    rows of a context share one forward per token until their tokens differ
+    (`policies.decode_batch`)."""
     request = ChunkRequest(contexts, row_context, budgets, stop_at_boundary, temperature, top_p, generator,
-                           past, keep_kv, shared_prefix)
+                           past, keep_kv, shared_prefix, forked=forked)
     return decode_request(model, request, rule, pad_id, step_head)
 
 
@@ -263,6 +234,8 @@ class ChunkRequest:
         Either way only the first row (lowest) of each key in a chunk is copied: rows that
         sampled the same step from the same context have the same KV (a tiny beam search,
         32 problems, N = 32: 3190 rows ended on a separator, 253 keys were new to the cache).
+    forked: the rows of a context share one forward until their tokens differ
+        (`policies.decode_batch`); False: every row is forwarded on its own from the start.
     """
 
     contexts: Sequence[Sequence[int]]
@@ -277,6 +250,7 @@ class ChunkRequest:
     shared_prefix: bool | None = None
     split_generators: tuple[tuple[torch.Generator | None, int], ...] = ()
     kv_wanted: Callable[[tuple[int, ...]], bool] | None = None
+    forked: bool = True
 
 
 class ChunkRun:
@@ -303,7 +277,7 @@ class ChunkRun:
             shared = worth_sharing(model, request.row_context)
         self.batch, self.logits, self.features = _start_batch(
             model, request.contexts, request.row_context, request.budgets, rule, pad_id, device, request.past,
-            self.layer, shared, request.stop_at_boundary,
+            self.layer, shared, request.stop_at_boundary, request.forked,
         )
         num_rows, width = len(request.row_context), max(request.budgets)
         self.token_ids = torch.zeros((num_rows, width), dtype=torch.long, device=device)  # [R, T]
@@ -311,6 +285,7 @@ class ChunkRun:
         self.boundary = torch.zeros((num_rows, width), dtype=torch.bool, device=device)  # [R, T]
         self.lengths = torch.zeros(num_rows, dtype=torch.long, device=device)  # [R]
         self.finish = torch.zeros(num_rows, dtype=torch.long, device=device)  # [R]
+        self.fed = torch.zeros((num_rows, width), dtype=torch.bool, device=device)  # [R, T] (ChunkOutput.fed)
         self.fed_kv: list[PrefixKV | None] = [None] * num_rows if request.keep_kv else []
         self.copy_out = _fed_kv_copier(self.batch, request.row_context, request.past)
         self.scores = None if step_head is None else torch.full((num_rows, width), float("nan"), device=device)
@@ -329,24 +304,31 @@ class ChunkRun:
     def sample(self) -> bool:
         """Draw token t of every live row, record it, copy out the KV of rows that ended on a
         separator (keep_kv) and drop the finished rows. Returns whether any row is still live
-        (then `feed` its tokens next); every row ends by its budget at the latest."""
+        (then `feed` its slots' tokens next); every row ends by its budget at the latest."""
         request, batch, t = self.request, self.batch, self.t
+        row_slot = batch.row_slot  # [A] the slot whose logits and features each live row reads, or None
         tokens, token_logprobs = sample_next_tokens(
-            self.logits, request.temperature, request.top_p, self._draws(), draw_slots=batch.draw_slots
-        )  # [B], [B]
-        is_boundary, batch.state = self.rule.advance(tokens, batch.state)  # [B]
-        self.token_ids[batch.rows, t] = tokens
-        self.logprobs[batch.rows, t] = token_logprobs
-        self.boundary[batch.rows, t] = is_boundary
+            self.logits, request.temperature, request.top_p, self._draws(), draw_slots=batch.draw_slots,
+            row_slot=row_slot,
+        )  # [A], [A]
+        batch.fork(tokens, int(self.logits.shape[-1]))
+        slot_tokens = batch.slot_tokens(tokens)  # [B]
+        slot_boundary, batch.state = self.rule.advance(slot_tokens, batch.state)  # [B]
+        is_boundary = batch.per_row(slot_boundary)  # [A]
+        live = batch.live
+        self.token_ids[live, t] = tokens
+        self.logprobs[live, t] = token_logprobs
+        self.boundary[live, t] = is_boundary
         if self.step_head is not None:
-            _score_boundaries(self.step_head, self.features, is_boundary, batch.rows, t, self.scores)
+            _score_boundaries(self.step_head, self.features, is_boundary, live, t, self.scores, row_slot)
         at_boundary = is_boundary if request.stop_at_boundary else None
         is_eos, done = _ended(tokens, at_boundary, t, batch, self.rule)
         if not bool(done.any()):  # most steps: every row goes on, nothing to record or drop
-            self.t, self.tokens = t + 1, tokens
+            self.t, self.tokens = t + 1, slot_tokens
+            self.fed[batch.rows, t] = True  # each slot's forward of token t counted on its naming row
             return True
         code = _finish_codes(is_eos, at_boundary)
-        ended = batch.rows[done]
+        ended = live[done]
         self.lengths[ended], self.finish[ended] = t + 1, code[done]
         if request.keep_kv:  # (before t moves on: the rows fed tokens 0..t-1)
             self.copy_out(batch, self._new_kv_rows(done & (code == _SEPARATOR)), self.fed_kv)
@@ -354,17 +336,18 @@ class ChunkRun:
         if ended.numel() == done.numel():
             self.tokens = None
             return False
-        self.tokens = tokens[batch.keep(~done)]
+        self.tokens = slot_tokens[batch.keep(~done)]
+        self.fed[batch.rows, t] = True
         return True
 
     def _new_kv_rows(self, candidates: torch.Tensor) -> list[tuple[int, int]]:
-        """Of the live slots where candidates [B] is True (rows that just ended on a separator),
+        """Of the live rows where candidates [A] is True (rows that just ended on a separator),
         those whose fed KV to copy out: the lowest row of each key that `kv_wanted` wants (see
         `ChunkRequest`); (slot, chunk row) of each, by row."""
-        slots = candidates.nonzero().squeeze(-1)
-        if not slots.numel():
+        positions = candidates.nonzero().squeeze(-1)
+        if not positions.numel():
             return []
-        rows = self.batch.rows[slots]
+        rows, slots = self.batch.live[positions], self.batch.slot_of(positions)
         fed = self.token_ids[rows, : self.t].tolist()  # the tokens each fed (token t is not fed)
         if self._context_keys is None:
             self._context_keys = [tuple(ids) for ids in self.request.contexts]
@@ -381,29 +364,29 @@ class ChunkRun:
         if self.row_group is None:
             return self.request.generator
         generators = [g for g, _ in self.request.split_generators]
-        counts = (self.row_group[self.batch.rows, None] == self.group_ids).sum(0).tolist()
+        counts = (self.row_group[self.batch.live, None] == self.group_ids).sum(0).tolist()
         return SplitDraws(generators, counts)
 
     @torch.inference_mode()
     def feed(self) -> None:
-        """Forward the live rows' last tokens (after a `sample` that returned True)."""
+        """Forward the live slots' last tokens (after a `sample` that returned True)."""
         self.logits, self.features = _decode_step(self.model, self.batch, self.tokens, self.layer)
 
     def feed_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input ids [B, 1], position ids [B, 1]) of the next forward of this chunk's live rows,
+        """(input ids [B, 1], position ids [B, 1]) of the next forward of this chunk's live slots,
         for a caller that forwards several chunks at once (then `take_forward`)."""
         return self.tokens[:, None], self.batch.next_position[:, None]
 
     def take_forward(self, logits: torch.Tensor, features: torch.Tensor | None) -> None:
         """The next-token logits [B, V] (and feature-layer states [B, C]) a joint forward computed
-        for this chunk's rows from `feed_inputs`."""
+        for this chunk's slots from `feed_inputs`."""
         self.batch.next_position = self.batch.next_position + 1
         self.logits, self.features = logits, features
 
     @property
     def live_rows(self) -> int:
-        """Rows still decoding."""
-        return int(self.batch.rows.numel())
+        """Rows still decoding (forked decoding forwards them in as many slots or fewer)."""
+        return int(self.batch.live.numel())
 
     def release(self) -> None:
         """Hand the KV buffers back to the pool (when done, or abandoned after an error)."""
@@ -414,7 +397,7 @@ class ChunkRun:
         """What the rows generated (after `sample` returned False); the KV buffers go back to the pool."""
         self.release()
         return ChunkOutput(self.token_ids, self.logprobs, self.boundary, self.lengths, self.finish,
-                           tuple(self.fed_kv), self.scores)
+                           tuple(self.fed_kv), self.scores, self.fed)
 
     def rows_done(self, rows: slice) -> bool:
         """Whether every row in `rows` has finished (each row generates at least one token)."""
@@ -426,7 +409,8 @@ class ChunkRun:
         continuous engine hands each merged call its rows as soon as they are all done)."""
         scores = None if self.scores is None else self.scores[rows].clone()
         return ChunkOutput(self.token_ids[rows].clone(), self.logprobs[rows].clone(), self.boundary[rows].clone(),
-                           self.lengths[rows].clone(), self.finish[rows].clone(), tuple(self.fed_kv[rows]), scores)
+                           self.lengths[rows].clone(), self.finish[rows].clone(), tuple(self.fed_kv[rows]), scores,
+                           self.fed[rows].clone())
 
 
 def _row_groups(split: Sequence[tuple[Any, int]], device: torch.device) -> torch.Tensor | None:
@@ -439,16 +423,18 @@ def _row_groups(split: Sequence[tuple[Any, int]], device: torch.device) -> torch
 
 def _score_boundaries(
     head: StepHead, features: torch.Tensor, is_boundary: torch.Tensor, rows: torch.Tensor, t: int,
-    scores: torch.Tensor,
+    scores: torch.Tensor, row_slot: torch.Tensor | None = None,
 ) -> None:
-    """Write the head's score of the rows whose token t is a boundary into scores [R, T];
-    features [B, C] are the states that sampled token t (same forward as its logits)."""
+    """Write the head's score of the rows [A] whose token t is a boundary (is_boundary [A]) into
+    scores [R, T]; features [B, C] are the states that sampled token t (same forward as its
+    logits), row a's at row_slot[a] (None: at a)."""
     hit = is_boundary.nonzero().squeeze(-1)  # [n]
     if hit.numel():
-        scores[rows[hit], t] = head.step_scores(features[hit]).to(scores.dtype)
+        states = features[hit] if row_slot is None else features[row_slot[hit]]
+        scores[rows[hit], t] = head.step_scores(states).to(scores.dtype)
 
 
-def _fed_kv_copier(batch: _Batch, row_context: Sequence[int], past: Sequence[PrefixKV | None] | None):
+def _fed_kv_copier(batch: DecodeBatch, row_context: Sequence[int], past: Sequence[PrefixKV | None] | None):
     """The function that copies out the fed KV of finished rows, for this batch's kind of cache."""
     past = [None] * len(set(row_context)) if past is None else past
     past_width = max((p.length for p in past if p is not None), default=0)  # P: cached columns
@@ -482,7 +468,7 @@ class _ContextEntries:
             self.entries[context] = self.cache.prefix_kv(context, columns, parent)
         return self.entries[context]
 
-    def copy_fed_kv(self, batch: _Batch, chosen: Sequence[tuple[int, int]], fed_kv: list[PrefixKV | None]) -> None:
+    def copy_fed_kv(self, batch: DecodeBatch, chosen: Sequence[tuple[int, int]], fed_kv: list[PrefixKV | None]) -> None:
         """fed_kv[row] for each (slot, chunk row) of `chosen` (see `_copy_fed_kv`)."""
         length = self.cache.length
         for b, row in chosen:
@@ -501,7 +487,7 @@ class _SharedContexts:
     row_context: Sequence[int]
     entries: dict[int, PrefixKV]
 
-    def entry(self, batch: _Batch, b: int, row: int) -> PrefixKV:
+    def entry(self, batch: DecodeBatch, b: int, row: int) -> PrefixKV:
         """The entry of row's context, copied from slot b (any row of a context holds its KV)."""
         context = self.row_context[row]
         if context not in self.entries:
@@ -511,7 +497,7 @@ class _SharedContexts:
 
 
 def _copy_fed_kv(
-    batch: _Batch, chosen: Sequence[tuple[int, int]], fed_kv: list[PrefixKV | None],
+    batch: DecodeBatch, chosen: Sequence[tuple[int, int]], fed_kv: list[PrefixKV | None],
     row_past: Sequence[PrefixKV | None], past_width: int, shared: _SharedContexts,
 ) -> None:
     """Copy out the KV of each (slot, chunk row) of `chosen`: the cache holds exactly what
@@ -546,36 +532,49 @@ def _start_batch(
     feature_layer: int | None = None,
     shared_prefix: bool = False,
     stop_at_boundary: bool = False,
-) -> tuple[_Batch, torch.Tensor, torch.Tensor | None]:
+    forked: bool = False,
+) -> tuple[DecodeBatch, torch.Tensor, torch.Tensor | None]:
     """Prefill each context once (from its cached prefix, if any); its samples then share that
     KV (shared_prefix) or each get a copy of it, with columns reserved for the largest budget (up
-    to KV_RESERVE_LIMIT, or STEP_KV_RESERVE when the rows stop at a step boundary). Returns (the
-    batch of R rows, their next-token logits [R, V], the feature-layer states that produced them
-    [R, C] or None)."""
+    to KV_RESERVE_LIMIT, or STEP_KV_RESERVE when the rows stop at a step boundary). forked: the
+    rows of a context start in one slot (`policies.decode_batch`), else in one each. Returns (the
+    batch of R rows, its slots' next-token logits [B, V], the feature-layer states that produced
+    them [B, C] or None)."""
     cache, logits, attention_mask, next_position, features = prefill(
         model, contexts, pad_id, device, past, feature_layer
     )
     expand = torch.tensor(row_context, dtype=torch.long, device=device)  # [R] context of each row
+    live = torch.arange(len(row_context), device=device)
+    row_slot = rep = None
+    slot_context = expand  # [B] context of each slot
+    if forked:
+        slot_context, row_slot = torch.unique(expand, return_inverse=True)  # one slot per context with rows
+        rep = torch.full_like(slot_context, len(row_context)).scatter_reduce_(0, row_slot, live, "amin")
+    slot_rows = live if rep is None else rep  # the chunk row naming each slot
+    room = len(row_context) - int(slot_context.numel())  # spare slots for rows that fork off
     reserve = min(max(budgets), STEP_KV_RESERVE if stop_at_boundary else KV_RESERVE_LIMIT)
     if shared_prefix:
-        rows_cache = SharedPrefixCache.over(cache, attention_mask, expand, reserve)
+        rows_cache = SharedPrefixCache.over(cache, attention_mask, expand, reserve, slot_rows)
     else:
-        rows_cache = slot_cache(cache, expand, reserve)  # gathers (and repeats) rows: [U, ...] -> [R, ...]
+        rows_cache = slot_cache(cache, slot_context, reserve, room)  # gathers (and repeats) rows: [U, ...] -> [B, ...]
         if isinstance(cache, SlotCache):
             cache.release()  # the padded past's buffers serve the next chunk
-    batch = _Batch(
-        rows=torch.arange(len(row_context), device=device),
+    batch = DecodeBatch(
+        rows=slot_rows,
         cache=rows_cache,
-        attention_mask=None if shared_prefix else attention_mask[expand],
-        next_position=next_position[expand],
-        state=rule.initial_state(contexts, device).select(expand),
+        attention_mask=None if shared_prefix else attention_mask[slot_context],
+        next_position=next_position[slot_context],
+        state=rule.initial_state(contexts, device).select(slot_context),
+        live=live,
         budget=torch.tensor(budgets, dtype=torch.long, device=device),
+        row_slot=row_slot,
+        rep=rep,
     )
-    return batch, logits[expand], None if features is None else features[expand]
+    return batch, logits[slot_context], None if features is None else features[slot_context]
 
 
 def _ended(
-    tokens: torch.Tensor, at_boundary: torch.Tensor | None, t: int, batch: _Batch, rule: StepStopRule
+    tokens: torch.Tensor, at_boundary: torch.Tensor | None, t: int, batch: DecodeBatch, rule: StepStopRule
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(is_eos [B], done [B]) after token t of each row: done at EOS, at a step boundary
     (at_boundary [B], None when the rows do not stop there) or at the row's budget (only compared
@@ -601,7 +600,7 @@ def _finish_codes(is_eos: torch.Tensor, at_boundary: torch.Tensor | None) -> tor
 
 
 def _decode_step(
-    model: Any, batch: _Batch, tokens: torch.Tensor, feature_layer: int | None = None
+    model: Any, batch: DecodeBatch, tokens: torch.Tensor, feature_layer: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Feed each active row's last token [B]; return the next logits [B, V] and, with a
     feature layer, the states that produced them [B, C] (else None)."""

@@ -40,6 +40,7 @@ def sample_next_tokens(
     top_p: float,
     generator: torch.Generator | SplitDraws | None,
     draw_slots: torch.Tensor | None = None,
+    row_slot: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose one token per row of `logits` [B, V]; return (tokens [B] long, logprobs [B] float32).
 
@@ -50,6 +51,9 @@ def sample_next_tokens(
     draw_slots [B] long: the row that takes the generator's k-th draw is draw_slots[k] (default:
     row k), so a caller whose rows are permuted keeps each draw with the same logical row
     without gathering the [B, V] logits into that order.
+    row_slot [A] long: draw A tokens instead, row a from the logits of row row_slot[a] (rows that
+    share one forward: `policies.decode_batch`); each drawn row takes its own uniform, and the
+    softmax and log_softmax are computed once per logits row. draw_slots then indexes the A rows.
 
     Vocabulary-sized work per call: the scaled logits, their softmax (its CDF built in place)
     and one log_softmax; a real model's vocabulary (49k tokens for SmolLM2) makes each [B, V]
@@ -58,14 +62,21 @@ def sample_next_tokens(
     logits = logits.float()  # [B, V]; bf16 logits would make log-probs and ties noisy
     if temperature == 0:
         tokens = logits.argmax(dim=-1)  # [B]
+        if row_slot is not None:
+            tokens = tokens[row_slot]  # [A]
     else:
         probs = torch.softmax(logits / temperature, dim=-1)  # [B, V], ours to overwrite
         if top_p < 1:
             probs = top_p_filter(probs, top_p)
-        tokens = _draw_from_cdf(probs.cumsum_(dim=-1), _uniforms(probs.shape[0], generator, probs.device, draw_slots))
+        cdf = probs.cumsum_(dim=-1)
+        if row_slot is not None:
+            cdf = cdf[row_slot]  # [A, V]
+        tokens = _draw_from_cdf(cdf, _uniforms(cdf.shape[0], generator, probs.device, draw_slots))
     # log_softmax + gather: twice as fast on CPU as logits[token] - logsumexp(logits) at [128, 49k]
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # [B]
-    return tokens, logprobs
+    log_probs = torch.log_softmax(logits, dim=-1)  # [B, V]
+    if row_slot is not None:
+        return tokens, log_probs[row_slot, tokens]  # [A]
+    return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)  # [B]
 
 
 def draw_tokens(

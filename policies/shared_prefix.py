@@ -53,8 +53,10 @@ class SharedPrefixCache(SlotCache):
     `SlotCache` part: R rows, `length` columns, the same for every row).
 
     prefix_mask: [U, P] bool, True on real (not left-padding) prefix columns.
-    row_context: [R] long, the context of each chunk row; row_rank: [R] long, its index among its
-        context's rows (< group). `set_slots` says which chunk row each batch slot holds now.
+    row_context: [R] long, the context of each chunk row. `set_slots` says which chunk row each
+        batch slot holds now; slot_rank [B] is then each slot's index among its context's slots
+        (< group, the most slots of one context), so the attention's per-context groups shrink
+        as rows leave.
     keys, values: the rows' own buffers [L, R, kv_heads, capacity, head_dim] (empty at first).
     prefilled: the cache the prefix views belong to, released with this one when it is a
         pooled `SlotCache`."""
@@ -62,32 +64,39 @@ class SharedPrefixCache(SlotCache):
     def __init__(
         self, prefix: Sequence[tuple[torch.Tensor, torch.Tensor]], prefix_mask: torch.Tensor,
         row_context: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefilled: Any = None,
+        slots: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(keys, values, 0)
+        slots = torch.arange(int(row_context.numel()), device=row_context.device) if slots is None else slots
+        super().__init__(keys, values, 0, rows=int(slots.numel()))
         self.prefix = list(prefix)
         self._prefilled = prefilled
         self.prefix_mask = prefix_mask
         self.row_context = row_context
-        self.row_rank, self.group = _ranks_within(row_context)
         self.contexts = int(prefix_mask.shape[0])
-        self.set_slots(torch.arange(int(row_context.numel()), device=row_context.device))
+        self.set_slots(slots)
 
     @classmethod
-    def over(cls, prefilled: Any, prefix_mask: torch.Tensor, row_context: torch.Tensor, reserve: int) -> "SharedPrefixCache":
+    def over(
+        cls, prefilled: Any, prefix_mask: torch.Tensor, row_context: torch.Tensor, reserve: int,
+        slots: torch.Tensor | None = None,
+    ) -> "SharedPrefixCache":
         """A cache over a prefill's cache (U rows; a DynamicCache or a SlotCache, kept, not
-        copied) for the rows `row_context` [R], with `reserve` columns per row allocated ahead."""
+        copied) for the rows `row_context` [R], with `reserve` columns per row allocated ahead.
+        slots: the chunk rows the first slots hold (default every row, in order; fewer when rows
+        that decode alike share a slot until they fork, `policies.decode_batch`)."""
         layers = prefilled.layers
         sample = layers[0].keys  # [U, H, P, D]
         shape = (len(layers), int(row_context.numel()), int(sample.shape[1]), max(int(reserve), 1), int(sample.shape[3]))
         keys, values = (KV_POOL.take(shape, sample.dtype, sample.device) for _ in range(2))
-        return cls([(layer.keys, layer.values) for layer in layers], prefix_mask.bool(), row_context, keys, values, prefilled)
+        return cls([(layer.keys, layer.values) for layer in layers], prefix_mask.bool(), row_context, keys, values, prefilled,
+                   slots)
 
     def set_slots(self, rows: torch.Tensor) -> None:
         """Batch slot b holds chunk row rows[b] (after `move_rows` reordered them): the context,
-        rank and prefix mask of each slot, for the next forward."""
+        rank among its context's slots and prefix mask of each slot, for the next forward."""
         self._slot_rows = rows
         self.slot_context = self.row_context[rows]  # [B]
-        self.slot_rank = self.row_rank[rows]  # [B]
+        self.slot_rank, self.group = _ranks_within(self.slot_context)  # [B], the most slots of a context
         self.slot_prefix_mask = self.prefix_mask[self.slot_context]  # [B, P]
 
     def forward(self, model: Any, rows: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, **kwargs: Any) -> Any:
@@ -124,6 +133,8 @@ class SharedPrefixCache(SlotCache):
 
 def _ranks_within(row_context: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(rank [R] of each row among the rows of its context, in row order; the largest group)."""
+    if not row_context.numel():
+        return row_context.clone(), 1
     order = torch.argsort(row_context, stable=True)
     sorted_context = row_context[order]
     counts = torch.bincount(sorted_context)

@@ -50,6 +50,7 @@ class _SlotBuffers:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, growth: int) -> None:
         self.keys, self.values, self.growth = keys, values, growth
         self.rows = int(keys.shape[1])
+        self.spare = 0  # rows beyond `rows` that a growth keeps allocated (set by the decode batch)
         self.host = host_pair(keys, values)  # numpy views for cheap per-row copies (`policies.host_copy`); None off the CPU
 
     @property
@@ -57,9 +58,11 @@ class _SlotBuffers:
         return int(self.keys.shape[3])
 
     def grow(self, capacity: int, length: int) -> None:
-        """New buffers of `capacity` columns holding the first `length` columns of the rows in use."""
+        """New buffers of `capacity` columns holding the first `length` columns of the rows in use
+        and `spare` more rows for rows that may still fork off (`policies.decode_batch`)."""
+        room = self.spare
         self.keys, self.values = (
-            _gather_into(old[:, : self.rows, :, :length], torch.arange(self.rows, device=old.device), capacity)
+            _gather_into(old[:, : self.rows, :, :length], torch.arange(self.rows, device=old.device), capacity, room)
             for old in (self.keys, self.values)
         )
         self.host = host_pair(self.keys, self.values)
@@ -108,33 +111,45 @@ class SlotCache(Cache):
     (`row_kv`), each in one op over all layers rather than one per layer (SmolLM2 has 30).
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, growth: int = KV_GROWTH) -> None:
-        """Take buffers [L, B, H, capacity, D] (no copy) whose first `length` columns are filled."""
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, length: int, growth: int = KV_GROWTH, rows: int | None = None
+    ) -> None:
+        """Take buffers [L, B, H, capacity, D] (no copy) whose first `length` columns are filled;
+        rows: how many of the B rows are in use (default all; the rest is room for rows that
+        fork off later, `move_rows`)."""
         self._buffers = _SlotBuffers(keys, values, growth)
+        if rows is not None:
+            self._buffers.rows = int(rows)
         super().__init__(layers=[SlotLayer(self._buffers, index, int(length)) for index in range(int(keys.shape[0]))])
 
     @classmethod
-    def gathered(cls, cache: Any, rows: torch.Tensor, reserve: int = KV_GROWTH) -> "SlotCache":
+    def gathered(cls, cache: Any, rows: torch.Tensor, reserve: int = KV_GROWTH, room: int = 0) -> "SlotCache":
         """The rows `rows` [R] (repeats allowed) of a prefilled cache (one layer list of
-        [U, H, S, D] keys / values), in buffers with `reserve` free columns after the S filled."""
+        [U, H, S, D] keys / values), in buffers with `reserve` free columns after the S filled
+        and `room` more rows than R allocated for rows that fork off later."""
         layers = cache.layers
         length = int(layers[0].keys.shape[2])
         capacity = length + max(reserve, 1)
         if isinstance(cache, SlotCache):  # one gather over all layers
             buffers = cache._buffers
             keys, values = (
-                _gather_into(b[:, : buffers.rows, :, :length], rows, capacity) for b in (buffers.keys, buffers.values)
+                _gather_into(b[:, : buffers.rows, :, :length], rows, capacity, room) for b in (buffers.keys, buffers.values)
             )
         else:
             keys, values = (
-                _stack_gather([getattr(layer, name) for layer in layers], rows, capacity) for name in ("keys", "values")
+                _stack_gather([getattr(layer, name) for layer in layers], rows, capacity, room) for name in ("keys", "values")
             )
-        return cls(keys, values, length)
+        return cls(keys, values, length, rows=int(rows.numel()))
 
     @property
     def length(self) -> int:
         """Columns filled (the same in every layer between forwards)."""
         return self.layers[0]._length
+
+    def keep_spare_rows(self, count: int) -> None:
+        """Allocate `count` rows beyond those in use whenever the buffers grow (room for rows
+        that fork off later; they must fit in the buffers allocated now)."""
+        self._buffers.spare = int(count)
 
     def move_rows(self, slots: torch.Tensor, sources: torch.Tensor, rows: int) -> None:
         """Copy rows sources [k] into slots [k] in every layer, then keep the first `rows` rows."""
@@ -193,27 +208,29 @@ class SlotCache(Cache):
                         values.clone(memory_format=torch.contiguous_format), parent)
 
 
-def _gather_into(source: torch.Tensor, rows: torch.Tensor, capacity: int) -> torch.Tensor:
-    """A new buffer [L, R, H, capacity, D] whose first S columns hold source[:, rows] (source
-    [L, U, H, S, D]); gathered straight into the buffer: a temporary of this size would cost a
-    fresh allocation (page faults) as large as the copy itself."""
+def _gather_into(source: torch.Tensor, rows: torch.Tensor, capacity: int, room: int = 0) -> torch.Tensor:
+    """A new buffer [L, R + room, H, capacity, D] whose first R rows' first S columns hold
+    source[:, rows] (source [L, U, H, S, D]); gathered straight into the buffer: a temporary of
+    this size would cost a fresh allocation (page faults) as large as the copy itself."""
     layers, _, heads, length, dim = source.shape
-    buf = KV_POOL.take((layers, int(rows.numel()), heads, capacity, dim), source.dtype, source.device)
-    torch.index_select(source, 1, rows, out=buf[:, :, :, :length])
+    count = int(rows.numel())
+    buf = KV_POOL.take((layers, count + room, heads, capacity, dim), source.dtype, source.device)
+    torch.index_select(source, 1, rows, out=buf[:, :count, :, :length])
     return buf
 
 
-def _stack_gather(tensors: Sequence[torch.Tensor], rows: torch.Tensor, capacity: int) -> torch.Tensor:
+def _stack_gather(tensors: Sequence[torch.Tensor], rows: torch.Tensor, capacity: int, room: int = 0) -> torch.Tensor:
     """`_gather_into` of per-layer tensors [U, H, S, D] (a DynamicCache's layers)."""
     sample = tensors[0]
     _, heads, length, dim = sample.shape
-    buf = KV_POOL.take((len(tensors), int(rows.numel()), heads, capacity, dim), sample.dtype, sample.device)
+    count = int(rows.numel())
+    buf = KV_POOL.take((len(tensors), count + room, heads, capacity, dim), sample.dtype, sample.device)
     for index, tensor in enumerate(tensors):
-        torch.index_select(tensor, 0, rows, out=buf[index, :, :, :length])
+        torch.index_select(tensor, 0, rows, out=buf[index, :count, :, :length])
     return buf
 
 
-def slot_cache(cache: Any, rows: torch.Tensor, reserve: int | None = None) -> SlotCache:
+def slot_cache(cache: Any, rows: torch.Tensor, reserve: int | None = None, room: int = 0) -> SlotCache:
     """A cache holding the rows `rows` [R] (repeats allowed) of a prefilled cache, with `reserve`
-    free columns (default KV_GROWTH)."""
-    return SlotCache.gathered(cache, rows, KV_GROWTH if reserve is None else reserve)
+    free columns (default KV_GROWTH) and `room` spare rows for rows that fork off later."""
+    return SlotCache.gathered(cache, rows, KV_GROWTH if reserve is None else reserve, room)

@@ -46,7 +46,9 @@ Compute accounting (`Step.tokens_forwarded`): an input's prefill tokens (those n
 prefix cache) are counted on its first sample in each chunk (with equal prefixes in one call, on
 the first of them: the others' samples ran no prefill), and each generated token that was
 fed back to the model on the step that holds it (the last token of a sequence is never fed).
-Sums over all returned steps equal the non-pad tokens the model ran.
+Samples of one context that drew the same tokens so far share one forward per token (forked
+decoding, `policies.decode_batch`): that forward counts on the lowest of them only. Sums over
+all returned steps equal the non-pad tokens the model ran.
 """
 from __future__ import annotations
 
@@ -79,6 +81,9 @@ class _Sample:
     finish: "separator" | "eos" | "length". prefill_tokens: prefill work counted on this sample.
     scores: with a step head, per generated token the head's score of a boundary token, NaN on
         the others; None without a head.
+    fed_tokens: decode work counted on this sample: its tokens fed back to the model, less those
+        a forward shared with a sample that decoded alike counted on that one (`ChunkOutput.fed`).
+    fed: with boundary flags, per generated token whether that work includes it; else None.
     """
 
     token_ids: tuple[int, ...]
@@ -87,6 +92,8 @@ class _Sample:
     finish: str
     prefill_tokens: int
     scores: list[float] | None = None
+    fed_tokens: int = 0
+    fed: tuple[bool, ...] | None = None
 
     def own_scores(self, start: int, end: int) -> list[float]:
         """The head's readings on tokens [start, end) (empty without a head)."""
@@ -112,6 +119,10 @@ class TransformersPolicy:
         (`policies.shared_prefix`) instead of each holding a copy; None (default) whenever the
         model supports it, False always copies (the older path, kept for benchmarks and models
         with sliding-window or soft-capped attention).
+    forked: the samples of one context that drew the same tokens so far share one forward per
+        token and fork when they differ (`policies.decode_batch`; same samples, fewer forwards);
+        False forwards every sample row on its own (the older path, kept for benchmarks). Hydra:
+        `+policy.forked=false`.
     """
 
     def __init__(
@@ -123,11 +134,13 @@ class TransformersPolicy:
         prefix_cache: PrefixCacheConfig | None = None,
         step_head: StepHead | None = None,
         shared_prefix: bool | None = None,
+        forked: bool = True,
     ) -> None:
         keep_freed_memory()  # per-token temporaries reuse heap blocks (policies/allocator.py)
         self.model = model.eval()
         self.step_head = step_head
         self.shared_prefix = shared_prefix  # decode_chunk's: None = whenever the model supports it
+        self.forked = forked
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.prompt_fn = prompt_fn
@@ -163,6 +176,7 @@ class TransformersPolicy:
         with_step_head: bool = False,
         shared_prefix: bool | None = None,
         device: str = "cpu",
+        forked: bool = True,
     ) -> "TransformersPolicy":
         """Load a checkpoint directory (`policies.checkpoint`; FileNotFoundError names a missing
         file). prefix_cache: on by default here (what the Hydra presets build: a step-level search
@@ -173,15 +187,15 @@ class TransformersPolicy:
         (Hydra: `policy.dtype=bfloat16`; on a CPU with bf16 matmuls SmolLM2 beam search ran
         1.7x the tokens/s of float32, `python -m experiments.bench_dtype --model smollm2`; the
         samples then differ from float32's). with_step_head=True loads it as a `ReflectiveModel`
-        (score_module.pt beside it) whose head scores the steps. shared_prefix: see the class.
+        (score_module.pt beside it) whose head scores the steps. shared_prefix, forked: see the class.
         device: where the model runs, "cpu" or "cuda[:N]" (Hydra: `+policy.device=cuda`;
         `policies.devices.resolve_device` rejects one torch cannot see before loading); the
         prefix cache keeps its entries on that device (its `max_bytes` is then GPU memory)."""
         if with_step_head:
             reflective, tokenizer = ReflectiveModel.from_pretrained(path, dtype, device=device)
-            return cls.from_reflective(reflective, tokenizer, sampling, prompt_fn, prefix_cache, shared_prefix)
+            return cls.from_reflective(reflective, tokenizer, sampling, prompt_fn, prefix_cache, shared_prefix, forked)
         model, tokenizer = load_checkpoint(path, dtype, device)
-        return cls(model, tokenizer, sampling, prompt_fn, prefix_cache, shared_prefix=shared_prefix)
+        return cls(model, tokenizer, sampling, prompt_fn, prefix_cache, shared_prefix=shared_prefix, forked=forked)
 
     @classmethod
     def from_reflective(
@@ -192,11 +206,12 @@ class TransformersPolicy:
         prompt_fn: Callable[[Problem], str],
         prefix_cache: PrefixCacheConfig | None = None,
         shared_prefix: bool | None = None,
+        forked: bool = True,
     ) -> "TransformersPolicy":
         """A policy over a `policies.reflective_model.ReflectiveModel`: its LM generates and its
         SPRM head scores each step on the way (Step.score, no extra forward)."""
         return cls(reflective.lm, tokenizer, sampling, prompt_fn, prefix_cache, step_head=reflective,
-                   shared_prefix=shared_prefix)
+                   shared_prefix=shared_prefix, forked=forked)
 
     def propose(
         self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool = True
@@ -249,7 +264,7 @@ class TransformersPolicy:
                 stop_at_boundary, self.sampling.temperature, self.sampling.top_p, generator,
                 past=past if self.prefix_cache is not None else None,
                 keep_kv=self.prefix_cache is not None and stop_at_boundary,
-                shared_prefix=self.shared_prefix, kv_wanted=self._kv_is_new,
+                shared_prefix=self.shared_prefix, kv_wanted=self._kv_is_new, forked=self.forked,
             ))
             prefill_sizes = [len(contexts[i]) - (p.length if p else 0) for i, p in zip(members, past)]
             _collect(out, row_owner, row_context, prefill_sizes, samples, with_boundary)
@@ -299,7 +314,7 @@ class TransformersPolicy:
             texts = decode_texts(self.tokenizer, [text_ids(s.token_ids, s.finish) for s, _ in flat])
         steps = iter([
             Step(text, sample.token_ids, sample.logprobs, sample.finish,  # type: ignore[arg-type]
-                 sample.prefill_tokens + max(len(sample.token_ids) - 1, 0),
+                 sample.prefill_tokens + sample.fed_tokens,
                  self._step_score(sample, 0, len(sample.token_ids), prefix.steps, ()))
             for (sample, prefix), text in zip(flat, texts)
         ])
@@ -313,7 +328,7 @@ class TransformersPolicy:
         start = 0
         for k, end in enumerate(ends):
             last = k == len(ends) - 1
-            fed = (end - start) - (1 if last and end > start else 0)
+            fed = sum((sample.fed or ())[start:end])
             score = self._step_score(sample, start, end, prefix.steps, steps)
             steps.append(
                 RawStep(
@@ -374,11 +389,15 @@ def _collect(
     out, row_owner: list[int], row_context: list[int], prefill_sizes: list[int], samples, with_boundary: bool
 ) -> None:
     """Append each chunk row to samples[the prefix it belongs to] (row_owner), in row order; a
-    context's prefill goes on its first row; boundary flags only with_boundary."""
+    context's prefill goes on its first row, each decode forward on the row it was counted on
+    (`ChunkOutput.fed`); boundary and fed flags only with_boundary."""
     lengths, finish = out.lengths.tolist(), out.finish.tolist()
     width = max(lengths, default=0)  # columns past every row's length are never read
     token_ids, logprobs = out.token_ids[:, :width].tolist(), out.logprobs[:, :width].tolist()
     boundary = out.boundary[:, :width].tolist() if with_boundary else None
+    fed_mask = out.fed[:, :width] if out.fed is not None else out.lengths[:, None] - 1 > torch.arange(width)
+    fed_tokens = fed_mask.sum(-1).tolist()
+    fed = fed_mask.tolist() if with_boundary else None
     scores = None if out.step_scores is None else out.step_scores[:, :width].tolist()
     seen: set[int] = set()
     for r, u in enumerate(row_context):
@@ -388,7 +407,8 @@ def _collect(
                 tuple(token_ids[r][:length]), tuple(logprobs[r][:length]),
                 None if boundary is None else tuple(boundary[r][:length]),
                 FINISH_CODES[finish[r]], prefill_sizes[u] if u not in seen else 0,
-                None if scores is None else scores[r][:length],
+                None if scores is None else scores[r][:length], fed_tokens[r],
+                None if fed is None else tuple(fed[r][:length]),
             )
         )
         seen.add(u)

@@ -333,7 +333,12 @@ def test_finished_rows_leave_the_batch_and_prefixes_prefill_once():
     log = ForwardLog(p.model)
     out = p.propose([Prefix(Problem("a", "<think>")), Prefix(Problem("b", "<think>1"))], 4, seed=0)
     assert [s.text for s in out[0]] == ["5"] * 4 and [s.text for s in out[1]] == [""] * 4
-    assert log.calls == [(2, 5), (4, 4)]  # prefill 2 rows (2 + 3 tokens), one decode of a's 4 rows
+    # prefill 2 rows (2 + 3 tokens), one decode of a's 4 rows: in one row while they decode alike
+    assert log.calls == [(2, 5), (1, 1)]
+    p.forked = False  # (forked decoding off: every row forwarded on its own)
+    log.calls.clear()
+    p.propose([Prefix(Problem("a", "<think>")), Prefix(Problem("b", "<think>1"))], 4, seed=0)
+    assert log.calls == [(2, 5), (4, 4)]
 
 
 def test_merge_identical_groups_equal_inputs_and_budgets_shortest_first():
