@@ -42,8 +42,11 @@ bench: setup
 	  echo "## Batched vs one problem at a time"; $(BIN)/python -m experiments.bench_batching; echo; \
 	  echo "### the same with SmolLM2-135M on GSM8K"; $(BIN)/python -m experiments.bench_batching --model smollm2 --problems 16 --rounds 1; echo; \
 	  echo "## Shared prefix vs copied KV rows"; $(BIN)/python -m experiments.bench_shared_prefix; echo; \
+	  echo "## Forked decoding vs every sample row forwarded alone"; $(BIN)/python -m experiments.bench_forked; echo; \
 	  echo "## Weights in bfloat16 vs float32"; $(BIN)/python -m experiments.bench_dtype; echo; \
 	  echo "## Engine overhead at N = 32"; $(BIN)/python -m experiments.bench_engine_overhead; echo; \
+	  echo "### the same with every sample row forwarded alone (no forked decoding)"; \
+	    $(BIN)/python -m experiments.bench_engine_overhead --no-forked --top 0; echo; \
 	  echo "### the same with SmolLM2-135M on GSM8K"; $(BIN)/python -m experiments.bench_engine_overhead --model smollm2 --problems 4 --rounds 1; echo; \
 	  echo "### the same through vLLM (outside LLM.generate)"; $(BIN)/python -m experiments.bench_vllm_overhead; echo; \
 	  echo "## FLOP/s vs a matmul peak measured in the same run"; $(BIN)/python -m experiments.bench_flops; echo; \

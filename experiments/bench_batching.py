@@ -31,7 +31,11 @@ median prompt length) at the rows one problem sends per forward (N) and at the r
 chunk sends (all problems' N, up to the policy's batch_size): the speed-up a perfectly
 overhead-free engine could get from batching alone, since one problem at a time is already a
 batch of N rows. (Contexts grow as steps are added, and per-row attention with them, so the
-later steps of a search batch a little less well than this.)
+later steps of a search batch a little less well than this.) The searches decode forked (the
+policy's default, `policies.decode_batch`): the samples of a context share one forward row until
+they draw different tokens, so the runs forward fewer rows than they sample and the batched run
+can beat this ceiling, which forwards every row (`python -m experiments.bench_forked` compares
+forked decoding with every row alone).
 
     python -m experiments.bench_batching                     # tiny: 64 problems, N = 8, M = 4
     python -m experiments.bench_batching --model smollm2 --problems 16 --rounds 1
@@ -114,7 +118,8 @@ def ceiling_line(work: Workload, n: int, beam_width: int) -> str:
     return (f"ceiling (bare decode step, no search, {beam_width} rows per context, "
             f"{context}-token context = the median prompt): "
             f"{small * 1e6:.0f} us per row-token at {small_rows} rows, "
-            f"{large * 1e6:.0f} us at {large_rows} rows: batching alone can give at most ~{small / large:.2f}x")
+            f"{large * 1e6:.0f} us at {large_rows} rows: batching alone, every row forwarded, can give at most "
+            f"~{small / large:.2f}x")
 
 
 @dataclass(frozen=True)

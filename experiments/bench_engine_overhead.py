@@ -25,10 +25,17 @@ phases (`PHASES`, wall-clock: KV copies between the prefix cache and the batch, 
 stop rule, dropping finished rows, turning samples into steps, ...; `PhaseClock`), and a run
 under cProfile (profiling switched off inside the forward) lists the top Python hotspots.
 
+Forked decoding (the policy's default, `policies.decode_batch`) forwards a context's samples in
+one row until they draw different tokens: the same search then spends far less time in the
+forward (tiny beam search 3.3x less wall time, `python -m experiments.bench_forked`) and about
+as much outside it, so its share outside the forward is larger than with every row forwarded
+on its own (`--no-forked`, the engine the 5% target was first measured on).
+
     python -m experiments.bench_engine_overhead                  # tiny: 32 problems, N = 32, M = 4
     python -m experiments.bench_engine_overhead --model smollm2 --problems 4 --rounds 1
     python -m experiments.bench_engine_overhead --problems 4 --n 4 --top 5
     python -m experiments.bench_engine_overhead --device cuda       # the model on a GPU (wall shares)
+    python -m experiments.bench_engine_overhead --no-forked         # every sample row forwarded alone
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import pstats  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
@@ -229,12 +236,13 @@ def median_run(runs: Sequence[OverheadRow]) -> OverheadRow:
 
 
 def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed: int, model: str = "tiny",
-        rounds: int = 1, device: str = "cpu") -> str:
+        rounds: int = 1, device: str = "cpu", forked: bool = True) -> str:
     """The overhead table (each strategy's median run of `rounds` interleaved rounds, the
-    shares of every round listed below it), then phases and hotspots of those above the target."""
+    shares of every round listed below it), then phases and hotspots of those above the target.
+    forked: the policy's forked decoding (False: every sample row forwarded on its own)."""
     if rounds < 1:
         raise ValueError(f"rounds={rounds} must be >= 1")
-    work = load_workload(model, problems, seed, checkpoint, device)
+    work = replace(load_workload(model, problems, seed, checkpoint, device), forked=forked)
     plan = strategies(n, beam_width, seed)
     for name, cfg in plan.items():
         warm_up(name, {**cfg, "seed": seed + 1}, work)
@@ -245,7 +253,7 @@ def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed
     rows = [median_run(r) for r in runs.values()]
     parts = [
         f"{work.description}; N={n}, beam width M={beam_width}; scorer: confidence; "
-        f"prefix cache on; torch threads {torch.get_num_threads()}; "
+        f"prefix cache on; forked decoding {'on' if forked else 'off'}; torch threads {torch.get_num_threads()}; "
         + ("one run each" if rounds == 1 else f"the median of {rounds} interleaved rounds each (by CPU share)"),
         overhead_table(rows),
     ]
@@ -269,11 +277,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_device_argument(ap)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows each strategy's median run")
     ap.add_argument("--top", type=int, default=10, help="hotspots listed per strategy above the target (0: none)")
+    ap.add_argument("--no-forked", dest="forked", action="store_false",
+                    help="every sample row forwarded on its own (the engine before forked decoding)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"gc: {freeze_long_lived()} objects frozen out of the collector's walks, as the CLIs do (policies/gc_freeze.py)")
     print(run(args.checkpoint, args.problems, args.n, args.beam_width, args.top, args.seed, args.model, args.rounds,
-              args.device))
+              args.device, args.forked))
 
 
 if __name__ == "__main__":

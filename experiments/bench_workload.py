@@ -45,7 +45,8 @@ SMOLLM2_TEMPERATURE = 0.6
 @dataclass(frozen=True)
 class Workload:
     """One benchmark workload. policy() gives a fresh TransformersPolicy (a fresh prefix cache
-    when prefix_cache, so no run gets a head start); grade(problem, text) -> correct."""
+    when prefix_cache, so no run gets a head start); grade(problem, text) -> correct.
+    forked: the policies' forked decoding unless policy() says otherwise."""
 
     name: str
     lm: Any
@@ -56,17 +57,18 @@ class Workload:
     grade: Callable[[Problem, str], bool]
     description: str
     path: Path | None = None  # the checkpoint folder the model came from (None: built in memory)
+    forked: bool = True
 
     def policy(
-        self, prefix_cache: bool = True, shared_prefix: bool | None = None, lm: Any = None, forked: bool = True
+        self, prefix_cache: bool = True, shared_prefix: bool | None = None, lm: Any = None, forked: bool | None = None
     ) -> TransformersPolicy:
         """A fresh policy; shared_prefix, forked: `TransformersPolicy`'s (shared_prefix None:
-        whenever the model supports it); lm: another copy of the model to serve (e.g. in another
-        dtype; default: `self.lm`)."""
+        whenever the model supports it; forked None: the workload's); lm: another copy of the
+        model to serve (e.g. in another dtype; default: `self.lm`)."""
         cache = PrefixCacheConfig() if prefix_cache else None
         return TransformersPolicy(
             self.lm if lm is None else lm, self.tokenizer, self.sampling, self.prompt_fn, prefix_cache=cache,
-            shared_prefix=shared_prefix, forked=forked,
+            shared_prefix=shared_prefix, forked=self.forked if forked is None else forked,
         )
 
     def accuracy(self, results: Sequence[SearchResult]) -> float:

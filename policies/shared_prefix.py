@@ -93,7 +93,10 @@ class SharedPrefixCache(SlotCache):
 
     def set_slots(self, rows: torch.Tensor) -> None:
         """Batch slot b holds chunk row rows[b] (after `move_rows` reordered them): the context,
-        rank among its context's slots and prefix mask of each slot, for the next forward."""
+        rank among its context's slots and prefix mask of each slot, for the next forward (nothing
+        to do for the rows tensor of the last call: the decode loop replaces it when rows change)."""
+        if rows is getattr(self, "_slot_rows", None):
+            return
         self._slot_rows = rows
         self.slot_context = self.row_context[rows]  # [B]
         self.slot_rank, self.group = _ranks_within(self.slot_context)  # [B], the most slots of a context
@@ -103,8 +106,7 @@ class SharedPrefixCache(SlotCache):
         """One decode forward of `model` over this cache: slot b holds chunk row rows[b] and feeds
         input_ids[b] [B, 1] at position_ids[b] [B, 1]; kwargs go to the model (e.g.
         output_hidden_states). Returns the model's output."""
-        if rows is not self._slot_rows:  # the decode loop replaces its rows tensor only when rows leave
-            self.set_slots(rows)
+        self.set_slots(rows)
         with shared_prefix_attention(model):
             return model(input_ids=input_ids, position_ids=position_ids, past_key_values=self, use_cache=True,
                          shared_prefix=self, **kwargs)

@@ -88,6 +88,23 @@ def test_shared_prefix_table_compares_both_ways_on_the_same_work(tmp_path):
         assert int(shared[5]) > 0 and abs(int(shared[5]) - int(copied[5])) <= int(shared[5]) // 10  # same work
 
 
+@pytest.mark.slow
+def test_forked_table_compares_both_ways_on_the_same_work(tmp_path):
+    from experiments import bench_forked
+    from experiments.bench_workload import load_workload
+
+    work = load_workload("tiny", problems=2, seed=0, checkpoint=tmp_path / "no-checkpoint")
+    table = bench_forked.run(work, n=4, beam_width=2, rounds=1, seed=0)
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()[3:]]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("best_of_n", "forked"), ("best_of_n", "every row alone"),
+        ("beam_search", "forked"), ("beam_search", "every row alone"),
+    ]
+    assert rows[0][4] == rows[2][4] == "1.00x"  # each strategy's ratio is against its forked run
+    for forked, alone in ((rows[0], rows[1]), (rows[2], rows[3])):
+        assert int(forked[5]) > 0 and abs(int(forked[5]) - int(alone[5])) <= int(forked[5]) // 10  # same work
+
+
 def test_dtype_table_runs_each_strategy_in_both_dtypes(tmp_path):
     from experiments import bench_dtype
     from experiments.bench_workload import load_workload

@@ -1,0 +1,50 @@
+"""Benchmark: forked decoding (`policies.decode_batch`, the default: the samples of a context
+share one forward per token until their tokens differ) vs every sample row forwarded on its own
+(`TransformersPolicy(forked=False)`, the engine before it), side by side in one run on the same
+problems and seeds.
+
+Best-of-N (N samples of each prompt) and step-level beam search (M samples of each kept path)
+run both ways in alternating rounds (after one untimed round of each: the KV buffer pool
+filled); the table gives each way's median wall and CPU time, their ratio, the tokens generated
+and accuracy (the same seeds and uniforms: only float rounding differs between the two, so a
+few samples may).
+
+    python -m experiments.bench_forked                      # tiny: 32 arith problems, N = 32, M = 4
+    python -m experiments.bench_forked --model smollm2 --problems 2 --rounds 1
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: shared cores
+
+import argparse  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+import torch  # noqa: E402
+
+from experiments.bench_ways import ways_report  # noqa: E402
+from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
+from policies.gc_freeze import freeze_long_lived  # noqa: E402
+
+WAYS: dict[str, bool] = {"forked": True, "every row alone": False}  # label -> TransformersPolicy(forked=)
+
+
+def run(work: Workload, n: int, beam_width: int, rounds: int, seed: int) -> str:
+    ways = {way: (lambda forked=forked: work.policy(forked=forked)) for way, forked in WAYS.items()}
+    return ways_report(work, ways, n, beam_width, rounds, seed, way_title="decode rows of a context's samples")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_search_arguments(ap, problems=32, n=32)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds of each way (alternating)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = load_workload(args.model, args.problems, args.seed, args.checkpoint)
+    freeze_long_lived()  # as the CLIs do (policies/gc_freeze.py); both ways alike
+    print(run(work, args.n, args.beam_width, args.rounds, args.seed))
+
+
+if __name__ == "__main__":
+    main()
