@@ -18,32 +18,23 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: shared cores
 
-import argparse  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-import torch  # noqa: E402
-
-from experiments.bench_ways import ways_report  # noqa: E402
-from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
-from policies.gc_freeze import freeze_long_lived  # noqa: E402
+from experiments.bench_ways import flag_ways_report, ways_main  # noqa: E402
+from experiments.bench_workload import Workload  # noqa: E402
 
 WAYS: dict[str, bool] = {"forked": True, "every row alone": False}  # label -> TransformersPolicy(forked=)
 
 
 def run(work: Workload, n: int, beam_width: int, rounds: int, seed: int) -> str:
-    ways = {way: (lambda forked=forked: work.policy(forked=forked)) for way, forked in WAYS.items()}
-    return ways_report(work, ways, n, beam_width, rounds, seed, way_title="decode rows of a context's samples")
+    return flag_ways_report(
+        work, "forked", WAYS, n, beam_width, rounds, seed,
+        way_title="decode rows of a context's samples",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_search_arguments(ap, problems=32, n=32)
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds of each way (alternating)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    work = load_workload(args.model, args.problems, args.seed, args.checkpoint)
-    freeze_long_lived()  # as the CLIs do (policies/gc_freeze.py); both ways alike
-    print(run(work, args.n, args.beam_width, args.rounds, args.seed))
+    ways_main(__doc__, argv, run)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Side-by-side runs of the same searches under several ways of building the policy (the shared
-machinery of `experiments/bench_shared_prefix.py` and `experiments/bench_dtype.py`).
+machinery of `experiments/bench_shared_prefix.py`, `experiments/bench_forked.py` and
+`experiments/bench_dtype.py`).
 
 Each strategy runs every way once untimed (the KV buffer pool filled), then in `rounds`
 alternating timed rounds, so a noisy machine slows all ways alike; a row holds the median wall
@@ -7,9 +8,13 @@ and CPU seconds, the tokens generated and the accuracy of the last round.
 
     ways = {"shared prefix": lambda: work.policy(shared_prefix=True), "copied rows": lambda: work.policy(shared_prefix=False)}
     print(ways_report(work, ways, n=32, beam_width=4, rounds=3, seed=0, way_title="KV of a context's samples"))
+    # the same, ways that differ in one `Workload.policy` keyword; and a script's whole command line:
+    flag_ways_report(work, "shared_prefix", {"shared prefix": True, "copied rows": False}, 32, 4, 3, 0, "KV ...")
+    ways_main(__doc__, argv, run)      # run(work, n, beam_width, rounds, seed) -> the table
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -17,7 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from experiments.bench_timing import Timing, timed
-from experiments.bench_workload import Workload
+from experiments.bench_workload import Workload, add_search_arguments, load_workload
+from policies.gc_freeze import freeze_long_lived
 from scorers.confidence import ConfidenceScorer
 from treesearch.protocols import Policy
 from treesearch.registry import run_search
@@ -93,3 +99,26 @@ def ways_report(
     header = (f"{work.description}; N={n}, beam width M={beam_width}; median of {rounds} alternating rounds; "
               f"torch threads {torch.get_num_threads()}")
     return "\n".join([header, way_table(rows, reference=next(iter(ways)), way_title=way_title)])
+
+
+def flag_ways_report(
+    work: Workload, flag: str, ways: Mapping[str, Any], n: int, beam_width: int, rounds: int, seed: int,
+    way_title: str,
+) -> str:
+    """`ways_report` of policies that differ in one keyword of `Workload.policy` (ways: label ->
+    the value of `flag`, e.g. {"forked": True, "every row alone": False} for flag "forked")."""
+    makers = {way: (lambda value=value: work.policy(**{flag: value})) for way, value in ways.items()}
+    return ways_report(work, makers, n, beam_width, rounds, seed, way_title)
+
+
+def ways_main(doc: str, argv: Sequence[str] | None, run: Callable[[Workload, int, int, int, int], str]) -> None:
+    """The command line of a two-way benchmark: the search options (32 problems, N = 32) and
+    --rounds; prints run(work, n, beam_width, rounds, seed)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_search_arguments(ap, problems=32, n=32)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds of each way (alternating)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = load_workload(args.model, args.problems, args.seed, args.checkpoint)
+    freeze_long_lived()  # as the CLIs do (policies/gc_freeze.py); every way alike
+    print(run(work, args.n, args.beam_width, args.rounds, args.seed))

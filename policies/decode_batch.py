@@ -9,8 +9,10 @@ step scores are what they would be with a slot of its own (the same logits, the 
 in the same order), but a confident policy forwards far fewer rows: in a tiny beam search only
 ~6% of the decode row-forwards fed a distinct (context, tokens so far).
 
-    batch = DecodeBatch.start(cache, rows, attention_mask, next_position, state, budget, row_slot, rep)
+    batch = DecodeBatch(rows=first_rows, cache=cache, attention_mask=None, next_position=positions,
+                        state=state, live=torch.arange(R), budget=budgets, row_slot=slot_of_row, rep=first_rows)
     tokens = ...                      # [A] one per live row (`batch.live`), from the slots' logits
+                                      # (`sample_next_tokens(logits, ..., row_slot=batch.row_slot)`)
     batch.fork(tokens, vocab_size)    # rows that drew differently get their own slots
     slot_tokens = batch.slot_tokens(tokens)   # [B] the token each slot feeds next
     index = batch.keep(~done)         # drop finished rows and the slots left without one

@@ -9,7 +9,9 @@ token. A model whose attention cannot share a prefix (sliding window, soft-cappi
 `policies.shared_prefix.supports_shared_prefix`) gets a SlotCache holding a copy of its context's KV per sample row.
 Finished rows leave by moving live rows into their slots, so the batch order is not the row
 order; sampling still walks the rows in row order, so the same seed draws the same tokens for the
-same row.
+same row. Forked decoding (`ChunkRequest.forked`, the default; `policies.decode_batch`): the rows
+of a context start in one slot, forwarded once per token, each drawing its own token from the
+slot's logits; rows that drew differently fork into slots of their own with a copy of its KV.
 
 Usage (one chunk, i.e. at most `batch_size` sample rows):
     out = decode_chunk(model, contexts, row_context, budgets, rule, stop_at_boundary=True,
@@ -56,7 +58,7 @@ from policies.shared_prefix import SharedPrefixCache, shared_prefix_attention, w
 from policies.slot_cache import (  # noqa: F401 (re-exported)
     KV_GROWTH, KV_POOL, KV_RESERVE_LIMIT, STEP_KV_RESERVE, SlotCache, slot_cache,
 )
-from policies.step_stops import StepStopRule, StopState
+from policies.step_stops import StepStopRule
 
 FINISH_CODES: tuple[str, ...] = ("separator", "eos", "length")  # index = finish code in ChunkOutput
 _SEPARATOR, _EOS, _LENGTH = 0, 1, 2
@@ -584,11 +586,6 @@ def _ended(
     if t + 1 >= batch.min_budget:
         done = done | (t + 1 >= batch.budget)
     return is_eos, done
-
-
-def _smallest(budget: torch.Tensor) -> int:
-    """The smallest of the rows' budgets [B] (0 for no rows)."""
-    return int(budget.min()) if len(budget) else 0
 
 
 def _finish_codes(is_eos: torch.Tensor, at_boundary: torch.Tensor | None) -> torch.Tensor:
