@@ -25,7 +25,8 @@ class SamplingConfig:
         max_total_tokens only.
     max_total_tokens: most generated tokens of a whole path, the prefix's steps included (the
         prompt is not counted).
-    batch_size: most rows (samples) in one forward pass.
+    batch_size: most sample rows decoded together (one chunk; a forward pass holds at most this
+        many rows, fewer with forked decoding, `policies.decode_batch`).
     separator: the text that ends a reasoning step (a token whose decoded text ends with it).
     think_open, think_close: the thinking-section markers; when the tokenizer has both as single
         tokens, separators end steps only inside the section.
