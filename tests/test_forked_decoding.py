@@ -42,13 +42,14 @@ def policy_rule(model) -> TransformersPolicy:
     return TransformersPolicy(model, TOK, SamplingConfig(temperature=1.0), prompt_fn=lambda p: p.question)
 
 
-def decode(model, forked: bool, shared: bool, stop: bool, budgets=None, temperature: float = 1.0, **extra):
+def decode(model, forked: bool, shared: bool, stop: bool, budgets=None, temperature: float = 1.0, top_p: float = 1.0,
+           **extra):
     """One chunk over CONTEXTS, 5 rows each, row budgets 3..14 unless given."""
     row_context = [u for u in range(len(CONTEXTS)) for _ in range(5)]
     budgets = budgets or [3 + (r * 7) % 12 for r in range(len(row_context))]
     p = policy_rule(model)
     return decode_chunk(
-        model, CONTEXTS, row_context, budgets, p.rule, stop_at_boundary=stop, temperature=temperature, top_p=1.0,
+        model, CONTEXTS, row_context, budgets, p.rule, stop_at_boundary=stop, temperature=temperature, top_p=top_p,
         generator=torch.Generator().manual_seed(7), pad_id=0, shared_prefix=shared, forked=forked, **extra,
     )
 
@@ -98,6 +99,11 @@ def test_rows_that_decode_alike_share_one_forward_and_fork_with_their_kv(shared)
     # ChunkOutput.fed counts each forwarded token once, on one row of the forward
     assert int(forked.fed.sum()) == sum(tokens for _, tokens in decode_calls)
     assert int(alone.fed.sum()) == int((alone.lengths - 1).sum())
+
+
+def test_top_p_samples_the_same_forked_or_not():
+    model = ScriptedLM(BASE, {p: ID[SEP] for p in range(6, 64, 4)})
+    assert_same_rows(*(decode(model, f, True, stop=False, top_p=0.8) for f in (True, False)))
 
 
 def test_kv_growth_keeps_room_for_rows_that_fork_later(monkeypatch):
