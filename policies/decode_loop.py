@@ -86,14 +86,14 @@ class ChunkOutput:
     boundary: [R, T] bool, the token ends a step under the rule (see step_stops).
     lengths: [R] long, tokens generated per row (>= 1).
     finish: [R] long, index into FINISH_CODES.
+    fed: [R, T] bool, True where the row's token was fed back by a forward counted on this row:
+        every token but the last, except that rows decoding alike share a forward (forked
+        decoding, `policies.decode_batch`), counted on the lowest of them. Its sum over all rows
+        is the decode tokens the model ran.
     fed_kv: with keep_kv, per row the KV of context + token_ids[r, :lengths[r] - 1] (what the row
         fed) when it ended on a separator, else None; empty without keep_kv.
     step_scores: with a step head, [R, T] float32: the head's score where boundary is True, NaN
         elsewhere; None without a head.
-    fed: [R, T] bool, True where the row's token was fed back by a forward counted on this row:
-        every token but the last, except that rows decoding alike share a forward (forked
-        decoding, `policies.decode_batch`), counted on the lowest of them. Its sum over all rows
-        is the decode tokens the model ran; None: every token but each row's last.
     """
 
     token_ids: torch.Tensor
@@ -101,9 +101,9 @@ class ChunkOutput:
     boundary: torch.Tensor
     lengths: torch.Tensor
     finish: torch.Tensor
+    fed: torch.Tensor
     fed_kv: tuple[PrefixKV | None, ...] = ()
     step_scores: torch.Tensor | None = None
-    fed: torch.Tensor | None = None
 
 
 
@@ -398,8 +398,8 @@ class ChunkRun:
     def output(self) -> ChunkOutput:
         """What the rows generated (after `sample` returned False); the KV buffers go back to the pool."""
         self.release()
-        return ChunkOutput(self.token_ids, self.logprobs, self.boundary, self.lengths, self.finish,
-                           tuple(self.fed_kv), self.scores, self.fed)
+        return ChunkOutput(self.token_ids, self.logprobs, self.boundary, self.lengths, self.finish, self.fed,
+                           tuple(self.fed_kv), self.scores)
 
     def rows_done(self, rows: slice) -> bool:
         """Whether every row in `rows` has finished (each row generates at least one token)."""
@@ -411,8 +411,8 @@ class ChunkRun:
         continuous engine hands each merged call its rows as soon as they are all done)."""
         scores = None if self.scores is None else self.scores[rows].clone()
         return ChunkOutput(self.token_ids[rows].clone(), self.logprobs[rows].clone(), self.boundary[rows].clone(),
-                           self.lengths[rows].clone(), self.finish[rows].clone(), tuple(self.fed_kv[rows]), scores,
-                           self.fed[rows].clone())
+                           self.lengths[rows].clone(), self.finish[rows].clone(), self.fed[rows].clone(),
+                           tuple(self.fed_kv[rows]), scores)
 
 
 def _row_groups(split: Sequence[tuple[Any, int]], device: torch.device) -> torch.Tensor | None:

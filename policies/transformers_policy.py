@@ -395,7 +395,7 @@ def _collect(
     width = max(lengths, default=0)  # columns past every row's length are never read
     token_ids, logprobs = out.token_ids[:, :width].tolist(), out.logprobs[:, :width].tolist()
     boundary = out.boundary[:, :width].tolist() if with_boundary else None
-    fed_mask = out.fed[:, :width] if out.fed is not None else out.lengths[:, None] - 1 > torch.arange(width)
+    fed_mask = out.fed[:, :width]
     fed_tokens = fed_mask.sum(-1).tolist()
     fed = fed_mask.tolist() if with_boundary else None
     scores = None if out.step_scores is None else out.step_scores[:, :width].tolist()
