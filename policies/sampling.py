@@ -70,7 +70,7 @@ def sample_next_tokens(
             probs = top_p_filter(probs, top_p)
         cdf = probs.cumsum_(dim=-1)
         if row_slot is not None:
-            cdf = cdf[row_slot]  # [A, V]
+            cdf = cdf.index_select(0, row_slot)  # [A, V] (8x faster on CPU than cdf[row_slot] at [40 -> 256, 453])
         tokens = _draw_from_cdf(cdf, _uniforms(cdf.shape[0], generator, probs.device, draw_slots))
     # log_softmax + gather: twice as fast on CPU as logits[token] - logsumexp(logits) at [128, 49k]
     log_probs = torch.log_softmax(logits, dim=-1)  # [B, V]

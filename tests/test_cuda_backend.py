@@ -11,7 +11,8 @@ on the CPU, with the same log-probs and SPRM step scores (fp32, TF32 off, within
 rounds of propose with the prefix cache on score every step as a second full forward on the GPU
 does; the shared-prefix decode and the per-row copies give the same greedy steps; a beam search
 runs end to end on the GPU; checkpoints load onto the GPU by `device="cuda"`; calls merged by
-continuous batching sample what each samples alone.
+continuous batching sample what each samples alone. Forked decoding (`policies.decode_batch`)
+samples what every row alone does, on the CPU here and on the GPU there.
 
     .venv/bin/pytest tests/test_cuda_backend.py
     python3 -m pytest tests/test_cuda_backend.py        # on a GPU machine
@@ -210,3 +211,29 @@ def test_continuous_batching_on_the_gpu_equals_each_call_alone(gpu_reflective):
         assert_same_outputs([a], [b])
         assert [s.score for row in a for s in row] == pytest.approx([s.score for row in b for s in row], abs=TOL)
     assert engine.most_cohorts >= 2
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU visible to torch")]),
+])
+def test_forked_decoding_samples_what_every_row_alone_does_on_the_device(device, exact_fp32):
+    # temperature 1 over a random policy: the rows of a context fork often; their tokens, finishes,
+    # step scores and log-probs are what each row samples with a slot of its own on that device
+    model = REFLECTIVE if device == "cpu" else copy.deepcopy(REFLECTIVE).to(device)
+    cfg = SamplingConfig(temperature=1.0, max_step_tokens=8, max_total_tokens=20, batch_size=64)
+    make = lambda forked: TransformersPolicy.from_reflective(  # noqa: E731
+        model, TOK, cfg, lambda p: p.question, prefix_cache=PrefixCacheConfig(), forked=forked
+    )
+    forked, alone = make(True), make(False)
+    assert forked.device.type == device
+    for call, seed in (("propose", 0), ("rollout", 1), ("propose", 2)):  # the later calls prefill from the cache
+        a = flat_steps(getattr(forked, call)(mixed_prefixes(), 6, seed=seed))
+        b = flat_steps(getattr(alone, call)(mixed_prefixes(), 6, seed=seed))
+        assert [s.token_ids for s in a] == [s.token_ids for s in b]
+        assert [s.finish for s in a] == [s.finish for s in b]
+        assert [s.score for s in a] == pytest.approx([s.score for s in b], abs=TOL)
+        assert [x for s in a for x in s.token_logprobs] == pytest.approx([x for s in b for x in s.token_logprobs], abs=TOL)
+    assert len({s.token_ids for s in a}) > 4  # the rows did fork: more distinct steps than prefixes
+    # the forked policy forwarded fewer decode tokens for the same samples
+    assert sum(s.tokens_forwarded for s in a) < sum(s.tokens_forwarded for s in b)
