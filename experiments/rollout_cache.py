@@ -54,6 +54,7 @@ from policies.checkpoint import load_checkpoint
 from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
 from scorers.sprm_positions import StepMarkers, score_positions, step_of_positions
+from scorers.sprm_scorer import path_sequences
 from treesearch.aggregation import EPS as PATH_SCORE_EPS
 from treesearch.records import Prefix, Problem, Step
 from treesearch.steps import StepFormat
@@ -382,15 +383,8 @@ class FeatureReader:
         return out  # type: ignore[return-value]
 
     def sequences(self, paths: Sequence[Prefix]) -> list[tuple[list[int], int]]:
-        """(prompt ids + step ids, prompt length) per path, as SPRMScorer._sequences."""
-        prompts = [self.prompt_fn(p.problem) for p in paths]
-        unique = list(dict.fromkeys(prompts))
-        encoded = dict(zip(unique, self.tokenizer(unique, add_special_tokens=True).input_ids)) if unique else {}
-        out = []
-        for path, prompt in zip(paths, prompts):
-            ids = list(encoded[prompt])
-            out.append((ids + [t for s in path.steps for t in s.token_ids], len(ids)))
-        return out
+        """(prompt ids + step ids, prompt length) per path, as SPRMScorer reads them."""
+        return path_sequences(self.tokenizer, self.prompt_fn, paths)
 
     @torch.inference_mode()
     def _forward(self, batch: list[tuple[list[int], int]], paths: Sequence[Prefix]) -> list[_Reading]:

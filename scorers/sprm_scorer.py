@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from policies.policy_requests import encode_contexts
 from policies.reflective_model import ReflectiveModel
 from scorers.sprm_positions import StepMarkers, path_step_scores, score_positions, step_of_positions
 from treesearch.aggregation import aggregate
@@ -124,21 +125,13 @@ class SPRMScorer:
             batch = order[first : first + self.batch_size]
             scores = self._position_scores([sequences[i] for i in batch])
             for i, (positions, values) in zip(batch, scores):
-                readings[i] = self._reading(paths[i], *sequences[i], positions, values)
+                readings[i] = sprm_reading(paths[i], *sequences[i], positions, values)
         return readings  # type: ignore[return-value]
 
     # -- phases -------------------------------------------------------------------------------
 
     def _sequences(self, paths: Sequence[Prefix]) -> list[tuple[list[int], int]]:
-        """(prompt ids + step ids, prompt length) per path."""
-        prompts = [self.prompt_fn(p.problem) for p in paths]
-        unique = list(dict.fromkeys(prompts))
-        encoded = dict(zip(unique, self.tokenizer(unique, add_special_tokens=True).input_ids)) if unique else {}
-        out = []
-        for path, prompt in zip(paths, prompts):
-            ids = list(encoded[prompt])
-            out.append((ids + [t for s in path.steps for t in s.token_ids], len(ids)))
-        return out
+        return path_sequences(self.tokenizer, self.prompt_fn, paths)
 
     @torch.inference_mode()
     def _position_scores(self, batch: list[tuple[list[int], int]]) -> list[tuple[list[int], list[float]]]:
@@ -163,17 +156,28 @@ class SPRMScorer:
             k += len(p)
         return result
 
-    def _reading(
-        self, path: Prefix, ids: list[int], prompt_length: int, positions: list[int], values: list[float]
-    ) -> SPRMReading:
-        """Assign each reading to the step holding its separator; the step scores follow."""
-        owner = step_of_positions([p + 1 for p in positions], [s.num_tokens for s in path.steps], prompt_length)
-        own: list[list[float]] = [[] for _ in path.steps]
-        for step, value in zip(owner, values):
-            own[step].append(value)
-        step_scores = path_step_scores(own)
-        return SPRMReading(
-            tuple(ids), prompt_length, tuple(positions), tuple(values),
-            tuple(float(s) for s in step_scores),  # type: ignore[arg-type]  # never None without previous
-            aggregate(values, "geometric_mean"),
-        )
+
+def path_sequences(
+    tokenizer: Any, prompt_fn: Callable[[Problem], str], paths: Sequence[Prefix]
+) -> list[tuple[list[int], int]]:
+    """(prompt ids + step ids, prompt length) per path: what a scorer forwards, the very input the
+    policy decoded the steps from (`policies.policy_requests.encode_contexts`)."""
+    contexts, prompt_lengths = encode_contexts(tokenizer, prompt_fn, paths)
+    return list(zip(contexts, prompt_lengths))
+
+
+def sprm_reading(
+    path: Prefix, ids: list[int], prompt_length: int, positions: list[int], values: list[float]
+) -> SPRMReading:
+    """A path's SPRMReading from the head's readings at its positions, each assigned to the step
+    that holds its separator; the step scores follow (`scorers.sprm_positions.path_step_scores`)."""
+    owner = step_of_positions([p + 1 for p in positions], [s.num_tokens for s in path.steps], prompt_length)
+    own: list[list[float]] = [[] for _ in path.steps]
+    for step, value in zip(owner, values):
+        own[step].append(value)
+    step_scores = path_step_scores(own)
+    return SPRMReading(
+        tuple(ids), prompt_length, tuple(positions), tuple(values),
+        tuple(float(s) for s in step_scores),  # type: ignore[arg-type]  # never None without previous
+        aggregate(values, "geometric_mean"),
+    )

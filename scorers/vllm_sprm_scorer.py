@@ -40,9 +40,8 @@ from policies.checkpoint import check_checkpoint
 from policies.reflective_model import DEFAULT_FEATURE_LAYER, SPRM_CONFIG_FILE
 from policies.vllm_engine import VLLMEngineConfig, build_llm, encode_hidden_states, shutdown_llm
 from scorers.sprm_head import load_score_module, sprm_logits
-from scorers.sprm_positions import StepMarkers, path_step_scores, score_positions, step_of_positions
-from scorers.sprm_scorer import SPRMReading
-from treesearch.aggregation import aggregate
+from scorers.sprm_positions import StepMarkers, score_positions
+from scorers.sprm_scorer import SPRMReading, path_sequences, sprm_reading
 from treesearch.records import Prefix, Problem
 from treesearch.steps import StepFormat
 
@@ -113,7 +112,7 @@ class VLLMSPRMScorer:
         positions = [score_positions(ids, self.markers, start) for ids, start in sequences]
         values = self._head_scores(states, positions)
         return [
-            reading(path, ids, start, p, v)
+            sprm_reading(path, ids, start, p, v)
             for path, (ids, start), p, v in zip(paths, sequences, positions, values)
         ]
 
@@ -126,15 +125,7 @@ class VLLMSPRMScorer:
     # -- phases -------------------------------------------------------------------------------
 
     def _sequences(self, paths: Sequence[Prefix]) -> list[tuple[list[int], int]]:
-        """(prompt ids + step ids, prompt length) per path."""
-        prompts = [self.prompt_fn(p.problem) for p in paths]
-        unique = list(dict.fromkeys(prompts))
-        encoded = dict(zip(unique, self.tokenizer(unique, add_special_tokens=True).input_ids)) if unique else {}
-        out = []
-        for path, prompt in zip(paths, prompts):
-            ids = list(encoded[prompt])
-            out.append((ids + [t for s in path.steps for t in s.token_ids], len(ids)))
-        return out
+        return path_sequences(self.tokenizer, self.prompt_fn, paths)
 
     @torch.inference_mode()
     def _head_scores(self, states: list[torch.Tensor], positions: list[list[int]]) -> list[list[float]]:
@@ -148,23 +139,6 @@ class VLLMSPRMScorer:
             out.append(flat[k : k + len(p)])
             k += len(p)
         return out
-
-
-def reading(
-    path: Prefix, ids: list[int], prompt_length: int, positions: list[int], values: list[float]
-) -> SPRMReading:
-    """A path's SPRMReading from the head's readings at its positions, each assigned to the step
-    that holds its separator (as `SPRMScorer` assigns them)."""
-    owner = step_of_positions([p + 1 for p in positions], [s.num_tokens for s in path.steps], prompt_length)
-    own: list[list[float]] = [[] for _ in path.steps]
-    for step, value in zip(owner, values):
-        own[step].append(value)
-    step_scores = path_step_scores(own)
-    return SPRMReading(
-        tuple(ids), prompt_length, tuple(positions), tuple(values),
-        tuple(float(s) for s in step_scores),  # type: ignore[arg-type]  # never None without previous
-        aggregate(values, "geometric_mean"),
-    )
 
 
 def _saved_feature_layer(directory: Path) -> int:
