@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 from experiments.bench_workload import Workload, add_device_argument, add_search_arguments, load_workload  # noqa: E402
 from experiments.bench_timing import ForwardClock, PhaseClock, PolicyClock, timed  # noqa: E402
-from policies import decode_loop, transformers_policy  # noqa: E402
+from policies import decode_loop, fed_kv, transformers_policy  # noqa: E402
 from policies.decode_batch import DecodeBatch  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.step_stops import StepStopRule  # noqa: E402
@@ -67,7 +67,7 @@ TARGET = 0.05  # most share of wall time outside the forward
 # The engine's phases outside the forward (transformers backend), each the functions it spans.
 PHASES: dict[str, list[tuple[Any, str]]] = {
     "cached prefixes -> the batch's KV (`pad_past`)": [(decode_loop, "pad_past")],
-    "new KV -> the prefix cache (copy-out)": [(decode_loop._ContextEntries, "copy_fed_kv"), (decode_loop, "_copy_fed_kv")],
+    "new KV -> the prefix cache (copy-out)": [(fed_kv.ContextEntries, "copy_fed_kv"), (fed_kv, "copy_fed_kv")],
     "sampling": [(decode_loop, "sample_next_tokens")],
     "stop rule": [(StepStopRule, "advance"), (decode_loop, "_ended"), (decode_loop, "_finish_codes")],
     "dropping finished rows": [(DecodeBatch, "keep")],

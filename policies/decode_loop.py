@@ -52,7 +52,8 @@ import torch
 from transformers import DynamicCache
 
 from policies.decode_batch import DecodeBatch
-from policies.prefix_cache import MAX_CHAIN, PrefixKV, pad_past
+from policies.fed_kv import fed_kv_copier
+from policies.prefix_cache import PrefixKV, pad_past
 from policies.sampling import SplitDraws, sample_next_tokens
 from policies.shared_prefix import SharedPrefixCache, shared_prefix_attention, worth_sharing
 from policies.slot_cache import (  # noqa: F401 (re-exported)
@@ -289,7 +290,7 @@ class ChunkRun:
         self.finish = torch.zeros(num_rows, dtype=torch.long, device=device)  # [R]
         self.fed = torch.zeros((num_rows, width), dtype=torch.bool, device=device)  # [R, T] (ChunkOutput.fed)
         self.fed_kv: list[PrefixKV | None] = [None] * num_rows if request.keep_kv else []
-        self.copy_out = _fed_kv_copier(self.batch, request.row_context, request.past)
+        self.copy_out = fed_kv_copier(self.batch, request.row_context, request.past)
         self.scores = None if step_head is None else torch.full((num_rows, width), float("nan"), device=device)
         self.row_group = _row_groups(request.split_generators, device)  # [R] call of each row, or None
         self.group_ids = torch.arange(len(request.split_generators), device=device)  # [G]
@@ -434,92 +435,6 @@ def _score_boundaries(
     if hit.numel():
         states = features[hit] if row_slot is None else features[row_slot[hit]]
         scores[rows[hit], t] = head.step_scores(states).to(scores.dtype)
-
-
-def _fed_kv_copier(batch: DecodeBatch, row_context: Sequence[int], past: Sequence[PrefixKV | None] | None):
-    """The function that copies out the fed KV of finished rows, for this batch's kind of cache."""
-    past = [None] * len(set(row_context)) if past is None else past
-    past_width = max((p.length for p in past if p is not None), default=0)  # P: cached columns
-    if isinstance(batch.cache, SharedPrefixCache):
-        return _ContextEntries(batch.cache, past, past_width, row_context, {}).copy_fed_kv
-    row_past = [past[u] for u in row_context]  # what each row's fed KV extends
-    shared = _SharedContexts(batch.attention_mask.shape[1], row_context, {})  # uncached contexts' KV, once each
-    return lambda batch, chosen, fed_kv: _copy_fed_kv(batch, chosen, fed_kv, row_past, past_width, shared)
-
-
-@dataclass
-class _ContextEntries:
-    """Fed KV with a shared prefix: each context's prefill KV is copied out once, as an entry
-    extending its cached prefix past[u] (past_width: the cached columns, left-padded; a chain
-    MAX_CHAIN - 1 long or none: the whole context); a finished row's entry is its own decoded
-    columns on top of its context's entry."""
-
-    cache: SharedPrefixCache
-    past: Sequence[PrefixKV | None]
-    past_width: int
-    row_context: Sequence[int]
-    entries: dict[int, PrefixKV]
-
-    def entry(self, context: int) -> PrefixKV:
-        if context not in self.entries:
-            mask, parent = self.cache.prefix_mask[context], self.past[context]  # [P + L] bool
-            if parent is not None and parent.depth < MAX_CHAIN - 1:  # the new columns after the past: a contiguous span
-                columns = slice(self.past_width + int(mask[self.past_width:].int().argmax()), int(mask.numel()))
-            else:
-                parent, columns = None, mask.nonzero().squeeze(-1)  # the whole context, unpadded
-            self.entries[context] = self.cache.prefix_kv(context, columns, parent)
-        return self.entries[context]
-
-    def copy_fed_kv(self, batch: DecodeBatch, chosen: Sequence[tuple[int, int]], fed_kv: list[PrefixKV | None]) -> None:
-        """fed_kv[row] for each (slot, chunk row) of `chosen` (see `_copy_fed_kv`)."""
-        length = self.cache.length
-        for b, row in chosen:
-            parent = self.entry(self.row_context[row])
-            fed_kv[row] = parent if length == 0 else self.cache.row_tail(b, 0, parent)
-
-
-@dataclass
-class _SharedContexts:
-    """The KV of each context that had no cached prefix, copied out once and shared (as the
-    parent of a chain) by every row of it that ends on a separator: prefill_width: the columns
-    the prefill filled (cached past + new tokens); row_context: each chunk row's context;
-    entries: context -> its entry, made when its first row needs it."""
-
-    prefill_width: int
-    row_context: Sequence[int]
-    entries: dict[int, PrefixKV]
-
-    def entry(self, batch: DecodeBatch, b: int, row: int) -> PrefixKV:
-        """The entry of row's context, copied from slot b (any row of a context holds its KV)."""
-        context = self.row_context[row]
-        if context not in self.entries:
-            columns = batch.attention_mask[b, : self.prefill_width].nonzero().squeeze(-1)  # the context, unpadded
-            self.entries[context] = batch.cache.row_kv(b, columns)
-        return self.entries[context]
-
-
-def _copy_fed_kv(
-    batch: DecodeBatch, chosen: Sequence[tuple[int, int]], fed_kv: list[PrefixKV | None],
-    row_past: Sequence[PrefixKV | None], past_width: int, shared: _SharedContexts,
-) -> None:
-    """Copy out the KV of each (slot, chunk row) of `chosen`: the cache holds exactly what
-    each fed (the token sampled this step is not fed yet), as an unpadded entry. A row
-    prefilled from a cached prefix row_past[r] (its tokens in the first past_width columns)
-    copies only the columns after them and extends that entry, unless its chain is MAX_CHAIN
-    long already (then the whole row); a row with no cached prefix extends its context's entry
-    (`_SharedContexts`: the prompt copied once, not once per sample)."""
-    length = batch.cache.length
-    for b, row in chosen:
-        parent = row_past[row]
-        if parent is None:
-            parent, start = shared.entry(batch, b, row), shared.prefill_width
-        elif parent.depth < MAX_CHAIN:
-            # after the past: the left-padded new tokens, then every decoded one (a contiguous span)
-            start = past_width + int(batch.attention_mask[b, past_width:].argmax())  # first 1
-        else:
-            fed_kv[row] = batch.cache.row_kv(b, batch.attention_mask[b].nonzero().squeeze(-1))  # the whole row
-            continue
-        fed_kv[row] = parent if start == length else batch.cache.row_tail(b, start, parent)
 
 
 def _start_batch(

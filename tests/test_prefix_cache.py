@@ -414,10 +414,10 @@ def test_a_step_search_stores_each_step_as_a_segment_over_its_prefix():
 
 
 def test_a_chain_at_its_longest_is_stored_whole_and_outputs_do_not_change(monkeypatch):
-    import policies.decode_loop as decode_loop
+    import policies.fed_kv as fed_kv
 
     chained = run_rounds(policy(PrefixCacheConfig()), rounds=5, n=2)
-    monkeypatch.setattr(decode_loop, "MAX_CHAIN", 2)
+    monkeypatch.setattr(fed_kv, "MAX_CHAIN", 2)
     p = policy(PrefixCacheConfig())
     short = run_rounds(p, rounds=5, n=2)
     assert max(e.depth for e in p.prefix_cache._entries.values()) == 2
