@@ -32,7 +32,8 @@ P, the new tokens to the longest suffix S, and both pad runs are masked, so a ro
 depend on the others. With `keep_kv`, each row that ends on a step separator returns the KV of
 everything it fed (context + its tokens but the last) for the caller to store, as a chain that
 extends the cached prefix it started from (`PrefixKV.parent`): only the new columns are copied
-(with a shared prefix, a context's new columns once, then each row's own tokens).
+(with a shared prefix, a context's new columns once, then each row's own tokens;
+`policies.fed_kv`).
 
 Step scores with no extra forward (`step_head`, e.g. `policies.reflective_model.ReflectiveModel`):
 every forward also returns the hidden states (`output_hidden_states=True`), and each sampled
