@@ -426,13 +426,17 @@ class _RowSpans:
 
     def lists(self, values: torch.Tensor) -> list[list]:
         """values [R, T] as one list per row, each its row's valid entries."""
-        flat = values.reshape(-1).index_select(0, self.flat_index).tolist()
+        flat = self._valid(values)
         return [flat[a:b] for a, b in self.bounds]
 
     def tuples(self, values: torch.Tensor) -> list[tuple]:
         """`lists`, each row a tuple."""
-        flat = values.reshape(-1).index_select(0, self.flat_index).tolist()
+        flat = self._valid(values)
         return [tuple(flat[a:b]) for a, b in self.bounds]
+
+    def _valid(self, values: torch.Tensor) -> list:
+        """The valid entries of values [R, T], row by row, as one Python list."""
+        return values.reshape(-1).index_select(0, self.flat_index).tolist()
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
