@@ -112,7 +112,8 @@ class OpenAIServerError(RuntimeError):
 class OpenAIServerConfig:
     """How to reach the server.
 
-    base_url: the server root, e.g. "http://127.0.0.1:8000" (the client adds /v1/...).
+    base_url: the server root, e.g. "http://127.0.0.1:8000" (the client adds /v1/...; a trailing
+        /v1, as OpenAI's SDK takes it, is dropped).
     model: the served model name; None: the first model the server lists (`GET /v1/models`).
     api_key: sent as "Authorization: Bearer <key>" (vLLM's --api-key); None: the OPENAI_API_KEY
         environment variable when set (which keeps the key out of saved run configs), else none.
@@ -146,7 +147,10 @@ class OpenAIServerConfig:
 
     @property
     def root(self) -> str:
-        return self.base_url.rstrip("/")
+        """The server root the client adds /v1/... to: base_url without a trailing "/" or "/v1"
+        (OpenAI's SDK takes base URLs ending in /v1; both forms reach the same routes)."""
+        root = self.base_url.rstrip("/")
+        return root[: -len("/v1")] if root.endswith("/v1") else root
 
 
 @dataclass(frozen=True)

@@ -249,6 +249,14 @@ def test_a_server_that_is_down_is_a_clear_connection_error_after_the_retries(che
     assert 0.05 + 0.1 <= time.monotonic() - start < 5
 
 
+def test_base_url_reaches_the_server_root_with_or_without_v1():
+    roots = {OpenAIServerConfig(url).root for url in (
+        "http://127.0.0.1:8000", "http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1/")}
+    assert roots == {"http://127.0.0.1:8000"}
+    assert OpenAIServerConfig("https://host/api/v1").root == "https://host/api"
+    assert OpenAIServerConfig("https://host/v1beta").root == "https://host/v1beta"  # only a whole /v1 segment
+
+
 def test_bad_settings_name_the_value(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="base_url='127.0.0.1:8000'"):
         OpenAIServerConfig("127.0.0.1:8000")

@@ -195,6 +195,9 @@ def test_scorer_concurrent_requests_get_their_own_answers_batched(services):
     ({"txt": "a"}, None, 422, "text"),                          # missing field
     ({"text": 5}, None, 422, "text"),                           # wrong type
     ({"text": "a", "return_all_scores": "maybe"}, None, 422, "return_all_scores"),
+    ({"text": "a", "return_all_scores": 1}, None, 422, "return_all_scores"),   # strict: not a bool
+    (None, b'{"text": "\xff\xfe"}', 422, "body"),               # not UTF-8
+    (None, b'{"text": ' + b"[" * 100_000, 422, "body"),          # nested past the recursion limit
     ({"text": "x" * 3001}, None, 413, "text"),                  # over --max-text-chars
     ({"text": "1 " * 150}, None, 413, "text"),                  # over --max-text-tokens (300 digits + spaces)
 ])
@@ -278,6 +281,10 @@ def test_policy_concurrent_requests_get_their_own_answers_batched(services):
     ({"prefix_prompt": "a", "max_tokens": 0}, None, "max_tokens"),
     ({"prefix_prompt": "a", "max_tokens": 600}, None, "max_tokens"),     # context is 512
     ({"prefix_prompt": "a", "temperature": -0.1}, None, "temperature"),
+    ({"prefix_prompt": "a", "temperature": 2.5}, None, "temperature"),   # vLLM's and OpenAI's range is [0, 2]
+    ({"prefix_prompt": ""}, None, "prefix_prompt"),                     # empty: nothing to continue
+    ({"prefix_prompt": "a", "max_tokens": "4"}, None, "max_tokens"),     # strict: a string is not a count
+    (None, b'{"prefix_prompt": "\xff"}', "body"),                       # not UTF-8
     ({"prefix_prompt": "a", "stop": [""]}, None, "stop"),
     ({"prefix_prompt": "a", "stop": [3]}, None, "stop[0]"),
     ({"prefix_prompt": "a", "seed": -1}, None, "seed"),

@@ -18,15 +18,16 @@ client written for those services works unchanged against ours):
     a backend failure -> {"error": str} (status 500; the reference answers the same body with 200,
                    and its client treats both alike)
 Unknown fields are ignored, as the reference's models do. Fields are checked more strictly than
-the reference's (which only has the types): counts >= 1, temperature >= 0 and finite, seed in
-[0, 2^63), stop strings non-empty, a bool is not accepted for a number. Limits that depend on the
+the reference's (which only has the types): types strictly (no "4" for 4, no 1 or "yes" for true,
+no bool for a number; an integer is a valid float), counts >= 1, a non-empty prompt, temperature
+in [0, 2] (vLLM's and OpenAI's range) and finite, seed in [0, 2^63), stop strings non-empty. Limits that depend on the
 model or the server's configuration (the most responses, the context length, the longest text)
 are checked by the services and raised as `FieldError`.
 
 Errors: every rejected request gets a JSON body
     {"error": "<field>: <what is wrong>", "field": "<field>", "detail": [pydantic's errors]}
-with status 422 (invalid or malformed body; "field" is "body" for malformed JSON or a missing
-body), 413 (text over the configured length) or 401 (missing or wrong API key, when one is set:
+with status 422 (invalid or malformed body; "field" is "body" for malformed JSON, a body that is
+not UTF-8 or nested too deeply to parse, or a missing body), 413 (text over the configured length) or 401 (missing or wrong API key, when one is set:
 every endpoint, /health included, needs `Authorization: Bearer KEY`). Other HTTP errors (404,
 405) answer {"error": str} with their status.
 """
@@ -42,6 +43,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 MAX_SEED = 2**63  # exclusive; torch generators and vLLM take 64-bit seeds
+MAX_TEMPERATURE = 2.0  # inclusive; vLLM rejects more (a 500 from its backend) and so does OpenAI's API
+# FastAPI's HTTPException detail for a body json.loads raised on with anything but a JSONDecodeError
+# (not UTF-8, nested past the recursion limit): answered as a malformed body, 422 naming "body"
+_UNPARSABLE_BODY = "There was an error parsing the body"
 
 
 def _no_bool(value: Any) -> Any:
@@ -60,17 +65,17 @@ class GenerateRequest(BaseModel):
     response_num: completions to sample (>= 1; at most the server's --max-response-num).
     stop: stop string(s); a completion ends at the first one and keeps it (the reference sets
         include_stop_str_in_output=True). null or [] for none.
-    temperature: >= 0; 0 is greedy (the reference reads 0 as "unset" and samples at 0.8).
+    temperature: in [0, 2]; 0 is greedy (the reference reads 0 as "unset" and samples at 0.8).
     seed: makes the completions reproducible (null: a fresh draw per request).
     """
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
 
-    prefix_prompt: str
+    prefix_prompt: str = Field(min_length=1)
     max_tokens: int = Field(1024, ge=1)
     response_num: int = Field(8, ge=1)
     stop: list[str] | str | None = None
-    temperature: float = Field(0.8, ge=0.0, allow_inf_nan=False)
+    temperature: float = Field(0.8, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=MAX_SEED)
 
     @field_validator("max_tokens", "response_num", "temperature", "seed", mode="before")
@@ -103,7 +108,7 @@ class ScoreRequest(BaseModel):
     """`POST /score`: the SPRM path score of a whole text (prompt + response, as the reference's
     client sends it). return_all_scores adds the per-position readings."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
 
     text: str
     return_all_scores: bool = False
@@ -182,6 +187,8 @@ def install_contract(app: FastAPI, api_key: str | None = None) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
+            return JSONResponse(error_body("body", "could not be parsed as JSON (not UTF-8, or nested too deeply)"), 422)
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(FieldError)

@@ -4,8 +4,8 @@ into one backend call.
 
 Usage:
     python -m experiments.serve policy --model outputs/checkpoints/tiny-arith/final --port 8000
-    curl -s localhost:8000/generate -d '{"prefix_prompt": "Q: 2+3?\\n<think>", "response_num": 2,
-                                        "max_tokens": 64, "stop": [".\\n\\n"], "seed": 1}'
+    curl -s localhost:8000/generate -H 'Content-Type: application/json' \\
+        -d '{"prefix_prompt": "Q: 2+3?\\n<think>", "response_num": 2, "max_tokens": 64, "stop": [".\\n\\n"], "seed": 1}'
     # {"results": ["2+3=5.\\n\\n", "2+3=5.\\n\\n"]}
 
 In Python:
@@ -19,7 +19,8 @@ handler on `POST /`; `GET /health`.
 Limits checked per request (422 naming the field): response_num <= config.max_response_num;
 the prompt's tokens + max_tokens <= the model's context (`max_tokens`, when the client sets it;
 vLLM's own OpenAI server answers such a request 400 too; a body without max_tokens gets the
-reference's default 1024 cut to what fits); an empty prompt (`prefix_prompt`); a prompt over the
+reference's default 1024 cut to what fits); a prompt of no token (`prefix_prompt`; the schema
+already refuses ""); a prompt over the
 model's context or config.max_prompt_chars (413). The backend runs in one worker thread; a backend failure
 answers {"error": str} with status 500.
 """

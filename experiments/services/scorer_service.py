@@ -3,7 +3,8 @@ out) on a `ReflectiveModel`, with concurrent requests batched into one padded fo
 
 Usage:
     python -m experiments.serve scorer --model runs/tiny-sprm --port 8001
-    curl -s localhost:8001/score -d '{"text": "Q ...<think>a.\\n\\nb.\\n\\n</think>", "return_all_scores": true}'
+    curl -s localhost:8001/score -H 'Content-Type: application/json' \\
+        -d '{"text": "Q ...<think>a.\\n\\nb.\\n\\n</think>", "return_all_scores": true}'
     # {"value": 0.51, "all_scores": [0.49, 0.53], "token_ids": [...], "score_positions": [5, 9]}
 
 In Python:
