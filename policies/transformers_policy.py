@@ -124,6 +124,11 @@ class TransformersPolicy:
         token and fork when they differ (`policies.decode_batch`; same samples, fewer forwards);
         False forwards every sample row on its own (the older path, kept for benchmarks). Hydra:
         `+policy.forked=false`.
+
+    Threads: calls from several threads at once are safe. Without an engine each chunk decodes
+    in its caller's thread, one chunk at a time (`decode_lock`: the model's attention is
+    switched per chunk, so two decode loops on one model would corrupt each other); with
+    `policies.continuous_engine.ContinuousEngine.attached(policy)` they decode together.
     """
 
     def __init__(
@@ -165,6 +170,7 @@ class TransformersPolicy:
         # cache, which those threads share.
         self.chunk_decoder: Callable[[ChunkRequest], ChunkOutput] = self._decode_here
         self.lock = threading.RLock()
+        self.decode_lock = threading.Lock()  # one chunk at a time on this model without an engine
 
     @classmethod
     def from_pretrained(
@@ -278,8 +284,10 @@ class TransformersPolicy:
         return samples
 
     def _decode_here(self, request: ChunkRequest) -> ChunkOutput:
-        """Decode one chunk in this thread, to the end (`policies.decode_loop.decode_request`)."""
-        return decode_request(self.model, request, self.rule, self.pad_id, self.step_head)
+        """Decode one chunk in this thread, to the end (`policies.decode_loop.decode_request`),
+        while no other thread decodes on this model (`decode_lock`)."""
+        with self.decode_lock:
+            return decode_request(self.model, request, self.rule, self.pad_id, self.step_head)
 
     def _cached_prefix(self, context: list[int], prompt_length: int, prefix: Prefix) -> PrefixKV | None:
         """The KV of the longest cached prefix of context (None: none, or no cache)."""

@@ -50,6 +50,7 @@ Tests: `.venv/bin/pytest tests/test_vllm_policy.py` (the vLLM ones are marked `v
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -115,6 +116,10 @@ class VLLMPolicy:
     num_parameters: the model's parameter count (for FLOPs estimates).
     eos_ids: ids that end a sequence (the tokenizer's and the generation config's).
     vocab_size: the model's logit width (may exceed the tokenizer's).
+    engine_lock: held around each call's use of the engine (`vllm.LLM` is not thread-safe);
+        policies sharing one engine (`with_sampling`) share it; None: a new one.
+
+    Threads: calls from several threads at once are safe and run one at a time.
     """
 
     def __init__(
@@ -126,10 +131,12 @@ class VLLMPolicy:
         num_parameters: int,
         eos_ids: Sequence[int],
         vocab_size: int,
+        engine_lock: threading.Lock | None = None,
     ) -> None:
         if not isinstance(sampling, SamplingConfig):
             raise TypeError(f"sampling is a {type(sampling).__name__}, not a SamplingConfig")
         self.llm, self.tokenizer, self.sampling, self.prompt_fn = llm, tokenizer, sampling, prompt_fn
+        self.engine_lock = engine_lock if engine_lock is not None else threading.Lock()
         self.num_parameters: int = int(num_parameters)
         self.eos_ids, self.vocab_size = tuple(int(i) for i in eos_ids), int(vocab_size)
         rule = StepStopRule.from_tokenizer(
@@ -167,26 +174,30 @@ class VLLMPolicy:
         `TransformersPolicy.propose` (a step ends at a boundary separator, kept in its text, at
         EOS, kept in token_ids but not in text, or at a token limit: "length")."""
         samples = self._sample(prefixes, n, seed, stop_at_step)
-        return decode_steps([[whole_step(s) for s in row] for row in samples], self.tokenizer)
+        with self.engine_lock:
+            return decode_steps([[whole_step(s) for s in row] for row in samples], self.tokenizer)
 
     def rollout(self, prefixes: Sequence[Prefix], n: int, seed: int) -> list[list[list[Step]]]:
         """n sampled completions per prefix to EOS or max_total_tokens, each split into steps
         (a run of separators stays with the step it ends); inner steps finish "separator"."""
         samples = self._sample(prefixes, n, seed, stop_at_step=False)
-        return decode_steps([[split_steps(s, self.marks) for s in row] for row in samples], self.tokenizer)
+        with self.engine_lock:
+            return decode_steps([[split_steps(s, self.marks) for s in row] for row in samples], self.tokenizer)
 
     def with_sampling(self, sampling: SamplingConfig) -> "VLLMPolicy":
         """Another policy on the same engine with other sampling settings (e.g. greedy next to
         sampled); closing either one stops the engine for both."""
         return VLLMPolicy(
-            self.llm, self.tokenizer, sampling, self.prompt_fn, self.num_parameters, self.eos_ids, self.vocab_size
+            self.llm, self.tokenizer, sampling, self.prompt_fn, self.num_parameters, self.eos_ids, self.vocab_size,
+            self.engine_lock,
         )
 
     def close(self) -> None:
         """Stop the engine and free vLLM's process-wide state (`vllm_engine.shutdown_llm`)."""
-        if self.llm is not None:
-            shutdown_llm(self.llm)
-            self.llm = None
+        with self.engine_lock:  # not while a call uses the engine
+            if self.llm is not None:
+                shutdown_llm(self.llm)
+                self.llm = None
 
     def __enter__(self) -> "VLLMPolicy":
         return self
@@ -199,16 +210,17 @@ class VLLMPolicy:
     def _sample(self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool) -> list[list[SampleTokens]]:
         """All n x len(prefixes) samples in one assembly (one vLLM call per continuation round)."""
         check_request(prefixes, n, seed)
-        if self.llm is None:
-            raise RuntimeError("this VLLMPolicy was closed; build a new one")
-        contexts, _ = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
-        requests = [
-            SampleRequest(tuple(contexts[i]), step_budget(self.sampling, prefix, stop_at_step), derive_seed(seed, i, j))
-            for i, prefix in enumerate(prefixes) for j in range(n)
-        ]
-        flat = sample_continuations(requests, self._complete_fn(), self.marks, stop_at_step)
-        self.last_usage = VLLMUsage.of(flat)
-        self.usage = self.usage + self.last_usage
+        with self.engine_lock:  # also guards the tokenizer and the usage counts
+            if self.llm is None:
+                raise RuntimeError("this VLLMPolicy was closed; build a new one")
+            contexts, _ = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
+            requests = [
+                SampleRequest(tuple(contexts[i]), step_budget(self.sampling, prefix, stop_at_step), derive_seed(seed, i, j))
+                for i, prefix in enumerate(prefixes) for j in range(n)
+            ]
+            flat = sample_continuations(requests, self._complete_fn(), self.marks, stop_at_step)
+            self.last_usage = VLLMUsage.of(flat)
+            self.usage = self.usage + self.last_usage
         return [flat[i * n : (i + 1) * n] for i in range(len(prefixes))]
 
     def _complete_fn(self) -> CompleteFn:

@@ -130,6 +130,23 @@ def test_a_search_per_problem_in_threads_equals_one_problem_at_a_time(strategy, 
     assert engine.forwards > 0
 
 
+@pytest.mark.parametrize("strategy,settings", [
+    ("beam_search", dict(n=4, beam_width=2, max_depth=4)),
+    ("best_of_n", dict(n=4)),
+])
+def test_a_search_per_problem_in_threads_without_an_engine_equals_one_problem_at_a_time(strategy, settings):
+    """Without an engine the threads' chunks decode one at a time on the shared model
+    (`TransformersPolicy.decode_lock`), so the results are those of one problem at a time."""
+    problems = [Problem(f"p{i}", f"<think>{i}+{i + 1}=") for i in range(6)]
+    spec = get_strategy(strategy)
+    cfg = spec.config(seed=3, **settings)
+    alone = [spec.fn([q], policy(PrefixCacheConfig()), ConfidenceScorer(), cfg)[0] for q in problems]
+    together = search_each(spec.fn, problems, policy(PrefixCacheConfig()), ConfidenceScorer(), cfg)
+    for a, b in zip(alone, together):
+        assert [c.text for c in a.candidates] == [c.text for c in b.candidates]
+        assert a.chosen == b.chosen
+
+
 class GatedLM(ScriptedLM):
     """Decode forwards past position 8 wait (up to 10 s) for `gate`, recording whether it opened."""
 

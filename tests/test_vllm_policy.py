@@ -14,6 +14,7 @@ prefix-cache accounting, and every registered search strategy running on it unch
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -373,6 +374,17 @@ def test_samples_are_seeded_counted_and_end_by_the_rule(vllm_policy):
     rollouts = policy.rollout(batch, 3, seed=3)
     assert drawn(policy.rollout(batch, 3, seed=3)) == drawn(rollouts)
     assert [len(row) for row in rollouts] == [3] * len(batch)
+
+
+@pytest.mark.vllm
+def test_calls_from_several_threads_equal_the_same_calls_in_turn(vllm_policy):
+    """`vllm.LLM` is not thread-safe: the policies on one engine take turns (`engine_lock`)."""
+    policies = [vllm_policy.with_sampling(SAMPLED), vllm_policy.with_sampling(replace(SAMPLED, temperature=0.7))]
+    calls = [(policies[k % 2], seed) for k, seed in enumerate(range(8))]
+    in_turn = [drawn(p.propose(prefixes(), 3, seed=seed)) for p, seed in calls]
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        together = list(pool.map(lambda call: drawn(call[0].propose(prefixes(), 3, seed=call[1])), calls))
+    assert together == in_turn
 
 
 @pytest.mark.vllm
