@@ -77,7 +77,7 @@ def _canonical_answer(value: Any, where: RowLocation, field: str) -> str:
 
 
 def _jsonl_problem(where: RowLocation, record: dict[str, Any], year: int) -> Problem:
-    prompt = where.require(record, "prompt", str)
+    prompt = where.require_text(record, "prompt")
     question = prompt[: -len(_PROMPT_SUFFIX)] if prompt.endswith(_PROMPT_SUFFIX) else prompt
     answer = _canonical_answer(where.require(record, "answer", (int, str)), where, "answer")
     index = where.line - 1
@@ -110,7 +110,7 @@ def _parquet_problem(where: RowLocation, record: dict[str, Any], year: int) -> P
     }
     return Problem(
         id=f"aime{year}-{index}",
-        question=where.require(record, "question", str),
+        question=where.require_text(record, "question"),
         answer=_canonical_answer(target, where, "reward_model.ground_truth.target"),
         meta=meta,
     )

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from experiments.tasks.benchmark_split import check_generated_count
 from treesearch.records import Problem
 
 SEPARATOR = ".\n\n"
@@ -216,8 +217,7 @@ def generate_problems(split: Split, count: int, seed: int, cfg: ArithConfig = Ar
     """
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r}; valid: 'train', 'test'")
-    if count < 0:
-        raise ValueError(f"count={count}; must be >= 0")
+    check_generated_count("arith", count)
     rng = random.Random(seed)
     problems: list[Problem] = []
     seen: set[str] = set()

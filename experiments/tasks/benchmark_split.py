@@ -83,6 +83,15 @@ def check_count(task: str, count: int | None) -> None:
         raise ValueError(f"{task}: count={count!r} must be an integer >= 0, or -1 / null for the whole split")
 
 
+def check_generated_count(task: str, count: object) -> None:
+    """ValueError unless count is an integer >= 0: the check of the generated tasks (arith,
+    countdown), which have no whole split to take, so null / -1 mean nothing there. 0 gives no
+    problems, as it does for a benchmark."""
+    if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 0:
+        raise ValueError(f"{task}: count={count!r} must be an integer >= 0 (how many problems to generate; "
+                         "a generated task has no whole split, so null / -1 do not apply)")
+
+
 def select_problems(
     problems: Sequence[Problem], task: str, split: str, count: int | None, seed: int, shuffle: bool
 ) -> list[Problem]:

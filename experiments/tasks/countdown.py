@@ -59,6 +59,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Literal, Sequence, Union
 
+from experiments.tasks.benchmark_split import check_generated_count
 from experiments.tasks.countdown_steps import (
     OPERATIONS,
     SEPARATOR,
@@ -190,8 +191,7 @@ def generate_problems(
     a fifth of them in test): asking for more than a split holds is an error."""
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r}; valid: 'train', 'test'")
-    if count < 0:
-        raise ValueError(f"count={count}; must be >= 0")
+    check_generated_count("countdown", count)
     rng, rules = random.Random(seed), cfg.rules
     problems: list[Problem] = []
     seen: set[str] = set()

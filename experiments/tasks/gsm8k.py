@@ -18,6 +18,7 @@ a few problems.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 
 from experiments.tasks import grading
@@ -31,16 +32,25 @@ SPLITS: tuple[str, ...] = ("train", "test")
 HUB_DATASET = ("openai/gsm8k", "main")
 
 
+# GSM8K's final answers: an integer, thousands commas allowed ("1,450,000"), maybe negative or
+# with decimals; what follows "####" must be all of it.
+_NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
 def _reference_answer(solution: str, where: RowLocation) -> str:
-    """The "#### N" number of a reference solution, commas removed; DataFormatError if absent."""
+    """The "#### N" number of a reference solution, commas removed; DataFormatError if absent
+    or not a number."""
     answer = grading.hash_answer(solution)
     if answer is None:
         raise where.error("no '#### <answer>' line in the solution", field="answer")
+    if not _NUMBER_RE.fullmatch(answer):
+        raise where.error(f"expected a number after '####' (such as 18, -3, 1,450,000 or 2.5), got {answer!r:.60}",
+                          field="answer")
     return answer.replace(",", "")
 
 
 def _problem(where: RowLocation, record: dict[str, Any], split: Split) -> Problem:
-    question = where.require(record, "question", str)
+    question = where.require_text(record, "question")
     solution = where.require(record, "answer", str)
     meta = {
         "task": "gsm8k",

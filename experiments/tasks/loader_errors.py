@@ -8,6 +8,9 @@ the same way everywhere:
 
     DataFormatError: /.../test.jsonl, line 7, field 'answer': expected str, got int (42)
 
+Files must be UTF-8: bytes that are not raise the same DataFormatError, naming the line and the
+byte offset in the file.
+
 Where the files are: a path the user gives wins; else `$TREESEARCH_DATA_DIR/<relative>`; else
 `<repo>/../shared/data/<relative>` (the shared data folder beside the checkout). The project
 reads the files in place and never copies them.
@@ -49,6 +52,14 @@ class RowLocation:
         """A DataFormatError at this place (the caller raises it)."""
         return DataFormatError(self.path, self.line, message, field=field, unit=self.unit)
 
+    def require_text(self, record: Row, field: str) -> str:
+        """record[field] when it is a string with something besides whitespace; else a
+        DataFormatError naming file, line and field."""
+        value = self.require(record, field, str)
+        if not value.strip():
+            raise self.error(f"expected non-empty text, got {value!r:.60}", field=field)
+        return value
+
     def require(self, record: Row, field: str, kind: type | tuple[type, ...]) -> Any:
         """record[field] when present and of type `kind` (a bool never counts as an int); else a
         DataFormatError naming file, line and field."""
@@ -68,30 +79,71 @@ def default_data_dir() -> Path:
     return Path(override) if override else _REPO_ROOT.parent / "shared" / "data"
 
 
+def _missing_file_hint(relative: str) -> str:
+    """How to point a loader elsewhere, saying which data folder was searched and why."""
+    folder = default_data_dir()
+    other_copy = "or pass task.config.path=... (path=... in Python) to read another copy"
+    if os.environ.get(DATA_DIR_ENV):
+        return f" (looked in ${DATA_DIR_ENV}={folder}; point it at a folder holding {relative}, {other_copy})"
+    return f" (looked in the shared data folder {folder}; set ${DATA_DIR_ENV} to a folder holding {relative}, {other_copy})"
+
+
 def resolve_data_file(path: str | os.PathLike[str] | None, relative: str) -> Path:
     """The file to read: `path` when given, else default_data_dir() / relative. Raises
     FileNotFoundError that says which path was tried and how to point elsewhere."""
     chosen = Path(path) if path is not None else default_data_dir() / relative
     if not chosen.is_file():
-        hint = "" if path is not None else f" (set ${DATA_DIR_ENV} or pass path=... to read another copy)"
+        hint = "" if path is not None else _missing_file_hint(relative)
         raise FileNotFoundError(f"benchmark file not found: {chosen}{hint}")
     return chosen
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[RowLocation, Row]]:
-    """(where, record) for each non-blank line; bad JSON or a non-object raises
-    DataFormatError naming the line."""
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+def _not_utf8(path: Path, line: int, error: UnicodeDecodeError, line_start: int) -> DataFormatError:
+    """The DataFormatError for bytes that are not UTF-8; line_start is the file offset of the
+    bytes that error.start counts from."""
+    offset = line_start + error.start
+    bad = error.object[error.start:error.end]
+    return DataFormatError(path, line, f"not valid UTF-8: byte 0x{bad[0]:02x} at byte offset {offset} of the file "
+                           f"({error.reason}); save the file as UTF-8")
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) for each line of a UTF-8 file (split on "\\n" only);
+    DataFormatError naming the line and byte offset at the first byte that is not UTF-8."""
+    offset = 0
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataFormatError(path, line_number, f"bad JSON: {error.msg} (column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise DataFormatError(path, line_number, f"expected a JSON object, got {type(record).__name__}")
-            yield RowLocation(Path(path), line_number), record
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise _not_utf8(path, line_number, error, offset) from None
+            yield line_number, text
+            offset += len(raw)
+
+
+def _decoded_text(path: Path) -> str:
+    """The whole file as text; DataFormatError naming the line and byte offset at the first byte
+    that is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, data.count(b"\n", 0, error.start) + 1, error, 0) from None
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[RowLocation, Row]]:
+    """(where, record) for each non-blank line; bytes that are not UTF-8, bad JSON or a
+    non-object raise DataFormatError naming the line."""
+    for line_number, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataFormatError(path, line_number, f"bad JSON: {error.msg} (column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise DataFormatError(path, line_number, f"expected a JSON object, got {type(record).__name__}")
+        yield RowLocation(Path(path), line_number), record
 
 
 def _skip_whitespace(text: str, index: int) -> int:
@@ -107,8 +159,8 @@ def _line_of(text: str, index: int) -> int:
 def read_json_array(path: Path) -> Iterator[tuple[RowLocation, Row]]:
     """(where the item starts, record) for each item of a file holding one JSON array of
     objects. Items are decoded one at a time (json.load gives no positions), so bad JSON, a
-    missing comma or a non-object raises DataFormatError naming the line."""
-    text = Path(path).read_text(encoding="utf-8")
+    missing comma, a non-object or bytes that are not UTF-8 raise DataFormatError naming the line."""
+    text = _decoded_text(path)
     decoder = json.JSONDecoder()
     index = _skip_whitespace(text, 0)
     if not text.startswith("[", index):

@@ -44,8 +44,8 @@ def _problem(where: RowLocation, record: dict[str, Any]) -> Problem:
     }
     return Problem(
         id=where.require(record, "unique_id", str),
-        question=where.require(record, "problem", str),
-        answer=where.require(record, "answer", str),
+        question=where.require_text(record, "problem"),
+        answer=where.require_text(record, "answer"),
         meta=meta,
     )
 

@@ -1,0 +1,160 @@
+"""What the task loaders do with bad input: files that are not UTF-8, GSM8K rows with an empty
+question or a non-numeric final answer, a bad `count` for the generated tasks (arith,
+countdown), and the hint of a missing data file. Synthetic files only (no shared data needed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from experiments.search import load_task
+from experiments.tasks import aime, arith, ceval, countdown, gsm8k, math500
+from experiments.tasks.loader_errors import DATA_DIR_ENV, DataFormatError, default_data_dir, resolve_data_file
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "conf"
+GOOD_ROWS = {
+    "gsm8k": {"question": "q", "answer": "#### 1"},
+    "math500": {"problem": "1+1?", "solution": "\\boxed{2}", "answer": "2", "subject": "Algebra", "level": 1,
+                "unique_id": "test/algebra/1.json"},
+    "aime": {"prompt": "p", "answer": 1},
+}
+LOADERS = {
+    "gsm8k": lambda path: gsm8k.load_gsm8k("test", path),
+    "math500": math500.load_math500,
+    "aime": lambda path: aime.load_aime(24, path),
+}
+
+
+def _write_bytes(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    return _write_bytes(path, [json.dumps(row).encode() for row in rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that are not UTF-8
+
+
+@pytest.mark.parametrize("name", sorted(LOADERS))
+def test_jsonl_that_is_not_utf8_names_file_line_and_byte_offset(tmp_path, name):
+    good = json.dumps(GOOD_ROWS[name]).encode()
+    bad = good.replace(b'"', b'"\xff\xfe', 1)  # two bytes that no UTF-8 text holds, inside row 3
+    path = _write_bytes(tmp_path / "rows.jsonl", [good, b"", bad])
+    with pytest.raises(DataFormatError) as caught:
+        LOADERS[name](path)
+    offset = len(good) + 2 + bad.index(b"\xff")  # row 1 + newline, blank line 2, then into row 3
+    assert (caught.value.path, caught.value.line, caught.value.field) == (str(path), 3, None)
+    assert str(caught.value).startswith(f"{path}, line 3: not valid UTF-8: byte 0xff at byte offset {offset}")
+
+
+def test_utf8_beyond_ascii_still_loads(tmp_path):
+    path = _write_rows(tmp_path / "rows.jsonl", [{"question": "Zoë pays 5 €?", "answer": "#### 5"}])
+    assert gsm8k.load_gsm8k("test", path)[0].question == "Zoë pays 5 €?"
+
+
+def test_json_array_that_is_not_utf8_names_the_line(tmp_path):
+    item = {"model_input": "x", "answer": "A", "sub": "math", "id": 0}
+    text = "[\n" + json.dumps(item) + ",\n" + json.dumps(item) + "\n]"
+    data = text.encode().replace(b'"x"', b'"x\xff"', 2)
+    path = tmp_path / "ceval.json"
+    path.write_bytes(data)
+    with pytest.raises(DataFormatError) as caught:
+        ceval.load_ceval(path)
+    assert (caught.value.path, caught.value.line) == (str(path), 2)
+    offset = data.index(b"\xff")
+    assert f"byte offset {offset}" in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# GSM8K rows
+
+
+@pytest.mark.parametrize(
+    "row, field",
+    [
+        ({"question": "", "answer": "#### 18"}, "question"),
+        ({"question": " \n ", "answer": "#### 18"}, "question"),
+        ({"question": "q", "answer": "so #### eighteen"}, "answer"),
+        ({"question": "q", "answer": "#### 18 apples"}, "answer"),
+        ({"question": "q", "answer": "#### 1,2"}, "answer"),
+    ],
+)
+def test_gsm8k_refuses_an_empty_question_and_a_non_numeric_answer(tmp_path, row, field):
+    path = _write_rows(tmp_path / "rows.jsonl", [GOOD_ROWS["gsm8k"], row])
+    with pytest.raises(DataFormatError) as caught:
+        gsm8k.load_gsm8k("test", path)
+    assert (caught.value.path, caught.value.line, caught.value.field) == (str(path), 2, field)
+
+
+def test_gsm8k_numbers_with_commas_signs_and_decimals_load(tmp_path):
+    answers = ["18", "1,000", "1,450,000", "-3", "2.5", "-1,200.75"]
+    path = _write_rows(tmp_path / "rows.jsonl", [{"question": "q", "answer": f"x\n#### {a}"} for a in answers])
+    assert [p.answer for p in gsm8k.load_gsm8k("test", path)] == ["18", "1000", "1450000", "-3", "2.5", "-1200.75"]
+
+
+@pytest.mark.parametrize("name, field", [("math500", "problem"), ("math500", "answer"), ("aime", "prompt")])
+def test_other_loaders_refuse_empty_question_text(tmp_path, name, field):
+    path = _write_rows(tmp_path / "rows.jsonl", [{**GOOD_ROWS[name], field: "  "}])
+    with pytest.raises(DataFormatError) as caught:
+        LOADERS[name](path)
+    assert (caught.value.line, caught.value.field) == (1, field)
+
+
+# ---------------------------------------------------------------------------------------------
+# count of the generated tasks
+
+
+@pytest.mark.parametrize("module", [arith, countdown], ids=["arith", "countdown"])
+@pytest.mark.parametrize("count", ["abc", 2.5, None, True, -1])
+def test_generated_tasks_name_a_bad_count(module, count):
+    task = module.__name__.rsplit(".", 1)[-1]
+    with pytest.raises(ValueError, match=f"{task}: count={count!r} must be an integer >= 0"):
+        module.generate_problems("test", count, seed=0)
+
+
+@pytest.mark.parametrize("module", [arith, countdown], ids=["arith", "countdown"])
+def test_generated_tasks_take_count_zero_like_the_benchmarks(module):
+    assert module.generate_problems("test", 0, seed=0) == []
+
+
+@pytest.mark.parametrize("value, shown", [("abc", "'abc'"), ("2.5", "2.5")])
+def test_arith_count_from_the_hydra_command_line(value, shown):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("search", overrides=["task=arith", f"task.count={value}"])
+    with pytest.raises(ValueError, match=f"arith: count={shown} must be an integer >= 0"):
+        load_task(cfg.task)
+
+
+# ---------------------------------------------------------------------------------------------
+# The missing-file hint
+
+
+def test_missing_file_hint_when_the_env_var_is_set(tmp_path, monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError) as caught:
+        gsm8k.load_gsm8k("test")
+    message = str(caught.value)
+    assert f"{tmp_path / 'gsm8k' / 'test.jsonl'}" in message
+    assert f"looked in ${DATA_DIR_ENV}={tmp_path};" in message and f"set ${DATA_DIR_ENV}" not in message
+    assert "task.config.path=..." in message
+
+
+def test_missing_file_hint_when_the_env_var_is_unset(monkeypatch):
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    with pytest.raises(FileNotFoundError) as caught:
+        resolve_data_file(None, "nothing-here/test.jsonl")
+    message = str(caught.value)
+    assert f"looked in the shared data folder {default_data_dir()};" in message
+    assert f"set ${DATA_DIR_ENV} to a folder holding nothing-here/test.jsonl" in message
+    assert "task.config.path=..." in message
+
+
+def test_a_user_path_that_is_missing_gets_no_data_dir_hint(tmp_path):
+    with pytest.raises(FileNotFoundError) as caught:
+        gsm8k.load_gsm8k("test", tmp_path / "absent.jsonl")
+    assert DATA_DIR_ENV not in str(caught.value)
