@@ -13,11 +13,15 @@ Configs live in `experiments/conf/` (primary: `search.yaml`); every component is
 `search` (the strategy's config dataclass; the strategy is the registry entry of that class) and
 `task` (a module with generate_problems / prompt_text / grade / extract_answer, plus its config).
 
-A run folder (the Hydra run dir, or `out_dir=`) receives:
+A run folder receives (one folder per run: `out_dir=` when given, which is then also Hydra's run
+dir holding `.hydra/` and `search.log`; else outputs/search/<overrides>; a sweep's job folder):
   records.jsonl  one row per problem (`experiments.outcomes.record` + policy_parameters):
                  problem, strategy and its config, candidates (texts, answers, grades, step
                  scores, scores), chosen index, correct, compute;
-  config.yaml    the resolved config;
+  config.yaml    the resolved config; its `budget` is the one the strategy ran with (search.n, or
+                 search.iterations for MCTS), so `search.n=4` is not saved beside an unused
+                 `budget: 8` (MCTS with a token budget keeps `budget` as given: the N the run is
+                 filed under, `experiments.sweep_metrics.run_budget`);
   metrics.json   `experiments.sweep_metrics.run_metrics` over the run's problems.
 
 Resuming: problems run in fixed chunks of `chunk` problems; each chunk's seed is a hash of the
@@ -29,9 +33,17 @@ nothing lost, the same records as an uninterrupted run. A folder whose config.ya
 the current config (ignoring out_dir, progress, num_threads) is refused, never mixed. A lock
 file stops two processes from writing one folder at once.
 
+Errors: bad input (a ValueError or FileNotFoundError: a bad value, a missing file, a task without
+problems, a folder of another config; or a folder in use) prints one line `error: <message>` on
+stderr and exits 2. The config's values and the task's problems are checked before the policy
+loads or the run folder is written (a folder Hydra made for a refused run, holding only its own
+files, is removed again). In a sweep (-m) a bad job's message is printed without a traceback
+after the other jobs ran (exit 1, Hydra's). HYDRA_FULL_ERROR=1 shows the full traceback instead;
+any other exception is a bug and keeps its traceback.
+
 `run_search_experiment(cfg)` is the plain function (tests call it with `hydra.compose`); `main`
 is the thin `@hydra.main` around it. Tests: `.venv/bin/pytest tests/test_experiment_configs.py
-tests/test_search_resume.py`.
+tests/test_search_resume.py tests/test_search_cli.py`.
 """
 from __future__ import annotations
 
@@ -42,12 +54,16 @@ import fcntl
 import hashlib
 import importlib
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import CompactHydraException, InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
@@ -55,7 +71,7 @@ from tqdm import tqdm
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
-from experiments.sweep_metrics import run_metrics
+from experiments.sweep_metrics import BUDGET_FIELDS, run_metrics
 from policies.gc_freeze import freeze_long_lived
 from treesearch.concurrent import search_each
 from treesearch.config_diff import config_differences
@@ -87,11 +103,30 @@ def run_name(overrides: str) -> str:
     return f"{name.encode('utf-8')[:MAX_RUN_NAME].decode('utf-8', 'ignore')}...{digest}"
 
 
+def run_dir(out_dir: str | None, default: str) -> str:
+    """hydra.run.dir: out_dir when given (so one run leaves one folder), else default."""
+    return str(out_dir) if out_dir else default
+
+
 OmegaConf.register_new_resolver("ts_run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("ts_run_dir", run_dir, replace=True)
 
 
 class ConfigMismatchError(ValueError):
     """The run folder holds records of another config."""
+
+
+class RunDirBusyError(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+class SweepJobInputError(CompactHydraException):
+    """Bad input of one job of a sweep: Hydra prints the message without a traceback."""
+
+
+# bad input (the message names the key and value, or the file): `error: <message>`, exit 2
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, RunDirBusyError)
+USAGE_EXIT = 2
 
 
 class Task(Protocol):
@@ -101,6 +136,39 @@ class Task(Protocol):
     def prompt_text(self, problem: Problem) -> str: ...
     def grade(self, problem: Problem, completion_text: str) -> bool: ...
     def extract_answer(self, text: str) -> str | None: ...
+
+
+# -- validating the top-level keys -------------------------------------------------------------
+
+
+def check_int(key: str, value: Any, minimum: int | None = None, or_else: str = "") -> int:
+    """value when it is an integer (not a bool, not a string) >= minimum; else a ValueError
+    naming the key and the value (or_else: the other valid values, e.g. ", or null for ...")."""
+    if isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum):
+        return value
+    bound = "" if minimum is None else f" >= {minimum}"
+    raise ValueError(f"{key}={value!r} must be an integer{bound}{or_else}")
+
+
+def check_run_scalars(cfg: DictConfig) -> None:
+    """The top-level scalars, before anything is loaded or written: seed an integer (a string
+    would be hashed into some seed), budget and chunk integers >= 1, num_threads null (torch's
+    default) or an integer >= 1 (0 means nothing), progress true or false."""
+    check_int("seed", cfg.get("seed"))
+    check_int("budget", cfg.get("budget"), minimum=1)
+    check_int("chunk", cfg.get("chunk"), minimum=1)
+    if cfg.get("num_threads") is not None:
+        check_int("num_threads", cfg.num_threads, minimum=1, or_else=", or null for torch's default")
+    if not isinstance(cfg.get("progress", True), bool):
+        raise ValueError(f"progress={cfg.progress!r} must be true or false")
+
+
+def set_num_threads(num_threads: int | None) -> None:
+    """torch's CPU threads (None: torch's default, left alone)."""
+    if num_threads is not None:
+        import torch  # only to set threads; the policy imports it anyway
+
+        torch.set_num_threads(num_threads)
 
 
 # -- building components ------------------------------------------------------------------------
@@ -153,6 +221,17 @@ def load_task(task_cfg: DictConfig) -> tuple[Task, list[Problem]]:
     return module, problems  # type: ignore[return-value]
 
 
+def check_has_problems(task_cfg: DictConfig, problems: Sequence[Problem]) -> None:
+    """A ValueError naming the task when it gives no problems (count 0, an empty file): refused
+    before the policy loads or the run folder is written, not after with "no records"."""
+    if not problems:
+        name = str(task_cfg.module).rsplit(".", 1)[-1]
+        raise ValueError(
+            f"task {name} (split={task_cfg.split!r}, count={task_cfg.count!r}) has no problems: nothing to search; "
+            "pass task.count >= 1 or a task / file with problems"
+        )
+
+
 def chunk_seed(seed: int, problem_ids: Sequence[str]) -> int:
     """The strategy seed of one chunk: a hash of the run seed and the chunk's problem ids, so a
     chunk draws the same samples whether it runs first, last or after a restart."""
@@ -184,15 +263,29 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)  # type: ignore[return-value]
 
 
-def claim_run_dir(out: Path, config: dict[str, Any]) -> None:
+def with_run_budget(config: dict[str, Any], field: str) -> dict[str, Any]:
+    """config with its top-level `budget` set to the budget the strategy ran with (search.<field>:
+    `n`, or `iterations` for MCTS), so an override such as `search.n=4` is not saved beside a
+    `budget: 8` it replaced; unchanged when the search node has no such field, and for MCTS with
+    a token budget, whose `budget` is a separate knob (the N the run is filed under,
+    `experiments.sweep_metrics.run_budget`)."""
+    search = config.get("search")
+    if not isinstance(search, dict) or field not in search or search.get("token_budget") is not None:
+        return config
+    return {**config, "budget": search[field]}
+
+
+def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") -> None:
     """Save config.yaml in a folder without records; in one with records, refuse unless the
-    saved config matches (a folder whose run failed before its first row is simply reused)."""
+    saved config matches (a folder whose run failed before its first row is simply reused).
+    The saved config's budget is read as `with_run_budget` records it (budget_field: the
+    strategy's), so folders saved before it recorded the budget that ran still resume."""
     path, records = out / CONFIG, out / RECORDS
     has_records = records.exists() and records.stat().st_size > 0
     if has_records and not path.exists():
         raise ConfigMismatchError(f"{out} has {RECORDS} but no {CONFIG}: cannot tell what made them; use another out_dir")
     if has_records:
-        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        saved = with_run_budget(OmegaConf.to_container(OmegaConf.load(path), resolve=True), budget_field)  # type: ignore[arg-type]
         diffs = config_differences(saved, config, tuple(IGNORED_KEYS))  # type: ignore[arg-type]
         if diffs:
             raise ConfigMismatchError(
@@ -212,7 +305,7 @@ def run_lock(out: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno in (errno.EAGAIN, errno.EACCES):
-                raise RuntimeError(f"another process is writing into {out}; wait for it or use another out_dir") from err
+                raise RunDirBusyError(f"another process is writing into {out}; wait for it or use another out_dir") from err
             raise
         yield
 
@@ -288,27 +381,72 @@ def write_metrics(out: Path, problems: Sequence[Problem]) -> dict[str, Any]:
 
 def run_search_experiment(cfg: DictConfig) -> Path:
     """Run (or resume) the search the config describes; return the run folder."""
-    if cfg.get("num_threads"):
-        import torch  # only to set threads; the policy imports it anyway
-
-        torch.set_num_threads(int(cfg.num_threads))
-    strategy_cfg = build_frozen(cfg.search)  # validates before anything is loaded or written
+    check_run_scalars(cfg)  # validates before anything is loaded or written
+    set_num_threads(cfg.get("num_threads"))
+    strategy_cfg = build_frozen(cfg.search)
     check_batching(cfg.get("batching", "lockstep"))
-    _, spec = strategy_of(strategy_cfg)
+    name, spec = strategy_of(strategy_cfg)
     task, problems = load_task(cfg.task)
+    check_has_problems(cfg.task, problems)
     parts = chunks(problems, cfg.chunk)
     out = resolve_out_dir(cfg)
+    budget_field = BUDGET_FIELDS.get(name, "n")
     with run_lock(out):
-        claim_run_dir(out, resolved_config(cfg))
+        claim_run_dir(out, with_run_budget(resolved_config(cfg), budget_field), budget_field)
         search_missing(cfg, out, task, parts, strategy_cfg, spec)
         write_metrics(out, problems)
     return out
 
 
+# -- the command line ---------------------------------------------------------------------------
+
+
+def full_error_wanted() -> bool:
+    """HYDRA_FULL_ERROR=1 (Hydra's own switch): show every error's full traceback."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def discard_hydra_only_dir(run_dir: Path, job_name: str) -> None:
+    """Remove the folder Hydra made for a run refused on bad input, when it holds nothing but
+    Hydra's own files (.hydra/ with its three yaml files, an empty <job>.log); anything else in
+    it (records, a config.yaml, the user's files) keeps it all."""
+    hydra_dir, log = run_dir / ".hydra", run_dir / f"{job_name}.log"
+    if not run_dir.is_dir() or not set(run_dir.iterdir()) <= {hydra_dir, log}:
+        return
+    if log.exists() and log.stat().st_size > 0:
+        return
+    if hydra_dir.exists() and not {p.name for p in hydra_dir.iterdir()} <= {"config.yaml", "hydra.yaml", "overrides.yaml"}:
+        return
+    shutil.rmtree(hydra_dir, ignore_errors=True)
+    log.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
+
+
+@contextlib.contextmanager
+def user_errors_reported() -> Iterator[None]:
+    """Bad input (USER_ERRORS) as one line: `error: <message>` on stderr and exit 2 for a single
+    run; in a sweep, an error Hydra prints without a traceback (the other jobs still run). Either
+    way the folder Hydra made for the job goes when it holds only Hydra's files. Other exceptions,
+    and all of them under HYDRA_FULL_ERROR=1, pass through with their traceback."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        hydra_cfg = HydraConfig.get()
+        discard_hydra_only_dir(Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.name)
+        if full_error_wanted():
+            raise
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise SweepJobInputError(f"error: {err}") from err
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(USAGE_EXIT) from None
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="search", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
-    out = run_search_experiment(cfg)
+    with user_errors_reported():
+        out = run_search_experiment(cfg)
     metrics = json.loads((out / METRICS).read_text())
     acc = metrics["accuracy"]
     print(f"{out}: accuracy {acc['mean']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] over {metrics['problems']} problems")

@@ -1,0 +1,144 @@
+"""`python -m experiments.search` as a user meets it: top-level scalars validated before anything
+loads, a task without problems refused up front, bad input as one `error: ...` line with exit 2
+(the full traceback under HYDRA_FULL_ERROR=1; a bug keeps its traceback; a sweep's bad job does
+not stop the others), config.yaml recording the budget that ran, and out_dir as the one folder
+of a run (Hydra's files included) that a rerun of the same command resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from experiments.search import CONFIG_DIR, run_search_experiment, with_run_budget
+from tiny_checkpoint import save_tiny_checkpoint
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["task.count=2", "chunk=2", "search.n=2", "policy.sampling.max_total_tokens=8",
+        "policy.sampling.max_step_tokens=4", "progress=false", "num_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "final")
+
+
+def run_in_process(overrides: list[str]) -> Path:
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return run_search_experiment(compose("search", overrides=overrides))
+
+
+def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The command in cwd (so Hydra's default folders would land there), the repo importable."""
+    environ = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    environ.update(PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore", **env)
+    return subprocess.run([sys.executable, "-m", "experiments.search", *args], cwd=cwd, env=environ,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seed=abc", r"^seed='abc' must be an integer$"),
+        ("seed=1.5", r"^seed=1.5 must be an integer$"),
+        ("num_threads=0", r"^num_threads=0 must be an integer >= 1, or null for torch's default$"),
+        ("num_threads=-1", r"^num_threads=-1 must be an integer >= 1, or null for torch's default$"),
+        ("budget=0", r"^budget=0 must be an integer >= 1$"),
+        ("chunk=abc", r"^chunk='abc' must be an integer >= 1$"),
+        ("progress=maybe", r"^progress='maybe' must be true or false$"),
+    ],
+)
+def test_top_level_scalars_are_refused_before_anything_loads(override, message, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):  # the policy folder does not exist: never loaded
+        run_in_process([override, f"policy.path={tmp_path / 'nope'}", f"out_dir={out}"])
+    assert not out.exists()
+
+
+def test_a_task_without_problems_is_refused_before_the_policy_or_the_folder(monkeypatch, tmp_path):
+    (tmp_path / "empty_task.py").write_text(
+        "from experiments.tasks.arith import prompt_text, grade, extract_answer\n"
+        "def generate_problems(split, count, seed, cfg):\n    return []\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^task empty_task \(split='test', count=100\) has no problems"):
+        run_in_process(["task.module=empty_task", f"policy.path={tmp_path / 'nope'}", f"out_dir={out}"])
+    assert not out.exists()
+
+
+def test_a_finished_run_resumes_without_loading_the_policy(ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run_in_process([f"policy.path={ckpt}", f"out_dir={out}"] + TINY)
+    rows = (out / "records.jsonl").read_text()
+    # nothing left to do (the problems check passes on the task's problems): no policy is
+    # loaded and the metrics are rewritten
+    (out / "metrics.json").unlink()
+    monkeypatch.setattr("experiments.search.build_policy", lambda node: pytest.fail("the policy was loaded"))
+    run_in_process([f"policy.path={ckpt}", f"out_dir={out}"] + TINY)
+    assert (out / "records.jsonl").read_text() == rows and json.loads((out / "metrics.json").read_text())["problems"] == 2
+
+
+def test_config_yaml_records_the_budget_that_ran(ckpt, tmp_path):
+    out = tmp_path / "run"
+    run_in_process([f"policy.path={ckpt}", f"out_dir={out}"] + TINY)  # budget stays 8, search.n=2 runs
+    saved = OmegaConf.load(out / "config.yaml")
+    assert saved.budget == saved.search.n == 2
+    assert json.loads((out / "metrics.json").read_text())["budget"] == 2
+    # a folder saved before (budget: 8 beside search.n: 2) still resumes
+    saved.budget = 8
+    OmegaConf.save(saved, out / "config.yaml")
+    run_in_process([f"policy.path={ckpt}", f"out_dir={out}"] + TINY)
+
+
+def test_mcts_with_a_token_budget_keeps_budget_as_its_filing_n():
+    mcts = {"budget": 4, "search": {"iterations": 16, "token_budget": 100}}
+    assert with_run_budget(mcts, "iterations") == mcts
+    assert with_run_budget({"budget": 8, "search": {"iterations": 4, "token_budget": None}}, "iterations")["budget"] == 4
+    assert with_run_budget({"budget": 8, "search": {"n": 1}}, "n")["budget"] == 1  # greedy is Best-of-1
+
+
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
+    out = tmp_path / "run"
+    done = run_cli(["seed=abc", f"out_dir={out}"], cwd=tmp_path)
+    assert (done.returncode, done.stderr.strip()) == (2, "error: seed='abc' must be an integer")
+    assert not out.exists() and not (tmp_path / "outputs").exists()  # no folder left behind, Hydra's neither
+    full = run_cli(["seed=abc", f"out_dir={out}"], cwd=tmp_path, HYDRA_FULL_ERROR="1")
+    assert full.returncode == 1 and "Traceback" in full.stderr
+    assert full.stderr.strip().endswith("ValueError: seed='abc' must be an integer")
+
+
+def test_an_internal_error_keeps_its_traceback(ckpt, tmp_path):
+    done = run_cli([f"policy.path={ckpt}", f"out_dir={tmp_path / 'run'}", "+search.bogus=1"] + TINY, cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "TypeError" in done.stderr
+
+
+def test_out_dir_is_the_one_folder_of_a_run_and_a_rerun_resumes(ckpt, tmp_path):
+    out = tmp_path / "run"
+    args = [f"policy.path={ckpt}", f"out_dir={out}"] + TINY
+    first = run_cli(args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert {p.name for p in tmp_path.iterdir()} == {"run"}  # no outputs/search/... beside it
+    assert {".hydra", "search.log", "records.jsonl", "config.yaml", "metrics.json"} <= {p.name for p in out.iterdir()}
+    rows = (out / "records.jsonl").read_text()
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "records.jsonl").read_text() == rows  # resumed: nothing rerun, nothing duplicated
+
+
+def test_a_sweep_reports_a_bad_job_in_one_line_and_runs_the_others(ckpt, tmp_path):
+    sweep = tmp_path / "sweep"
+    done = run_cli(["-m", f"policy.path={ckpt}", f"hydra.sweep.dir={sweep}", "seed=abc,0"] + TINY, cwd=tmp_path)
+    assert done.returncode == 1 and "error: seed='abc' must be an integer" in done.stderr
+    assert "Traceback" not in done.stderr
+    (job,) = [p for p in sweep.iterdir() if p.is_dir()]  # the refused job's folder is gone
+    assert "seed=0" in job.name and (job / "metrics.json").is_file()
