@@ -5,10 +5,15 @@
     python -m experiments.plot tree RESULT.json --watch 2        # live: re-render whenever RESULT.json
                                                                  # changes; the page reloads every 2 s
 
+In watch mode a file that cannot be read after a good render (caught mid-write by a writer that
+does not replace it atomically) keeps the last render, prints a one-line note on stderr and is
+retried at its next change; only a file bad before the first good render is an error.
+
 Each plot is one argparse subcommand, registered by a `register(subparsers)` function that adds
 its parser and sets `run=` (a function of the parsed args returning an exit code). New plots
 (`scaling`, `aha`) live in their own files and are added to `SUBCOMMANDS`. Plots read saved
-records only (DESIGN.md 6.11); bad input gives "error: <file>: <what is wrong>" and exit code 2.
+records only (DESIGN.md 6.11); bad input (or an --out-dir that is not a folder) gives
+"error: <file>: <what is wrong>" and exit code 2.
 
 Tests: `.venv/bin/pytest tests/test_tree_plot.py`.
 """
@@ -27,6 +32,19 @@ from experiments.tree_html import write_tree_html
 from experiments.tree_plot import draw_tree_png
 
 
+class OutputDirError(ValueError):
+    """An output folder that cannot be one (an existing file); the message names the path."""
+
+
+def check_out_dir(out_dir: Path | None) -> None:
+    """OutputDirError when out_dir (or a folder above it) exists and is not a folder."""
+    if out_dir is None:
+        return
+    for path in (out_dir, *out_dir.parents):
+        if path.exists() and not path.is_dir():
+            raise OutputDirError(f"{path}: --out-dir needs a folder here, but it is an existing file")
+
+
 def render_tree(result_path: Path, out_dir: Path | None = None, refresh_s: float | None = None) -> tuple[Path, Path]:
     """Write <stem>.png and <stem>.html for one result JSON (next to it, or into out_dir)."""
     record = load_result(result_path)
@@ -38,29 +56,46 @@ def render_tree(result_path: Path, out_dir: Path | None = None, refresh_s: float
     return png, page
 
 
-def render_if_changed(result_path: Path, out_dir: Path | None, refresh_s: float, last_mtime: int | None) -> int | None:
+def render_if_changed(
+    result_path: Path, out_dir: Path | None, refresh_s: float, last_mtime: int | None, keep_last: bool = False
+) -> int | None:
     """One watch poll: re-render when the file's mtime differs from last_mtime; return the mtime
-    seen (None while the file does not exist yet). The writer replaces the file atomically
-    (`save_result`), so a changed mtime means a complete new file."""
-    if not result_path.is_file():
-        return None
-    mtime = result_path.stat().st_mtime_ns
-    if mtime != last_mtime:
-        for path in render_tree(result_path, out_dir, refresh_s=refresh_s):
-            print(path, flush=True)
+    seen (None while the file does not exist yet). `save_result` replaces the file atomically,
+    but another writer may not: with keep_last (a good render exists) a file that does not load
+    prints a one-line note and keeps the last render; its mtime is returned, so the next change
+    retries. Without keep_last the ResultFileError propagates."""
+    try:
+        mtime = result_path.stat().st_mtime_ns if result_path.is_file() else None
+    except FileNotFoundError:  # removed between the two calls
+        mtime = None
+    if mtime is None or mtime == last_mtime:
+        return mtime
+    try:
+        paths = render_tree(result_path, out_dir, refresh_s=refresh_s)
+    except ResultFileError as err:
+        if not keep_last:
+            raise
+        print(f"note: {err}; keeping the last render, retrying when the file changes", file=sys.stderr, flush=True)
+        return mtime
+    for path in paths:
+        print(path, flush=True)
     return mtime
 
 
 def watch_tree(result_path: Path, out_dir: Path | None, interval_s: float) -> None:
-    """Poll every interval_s seconds until interrupted (Ctrl-C)."""
+    """Poll every interval_s seconds until interrupted (Ctrl-C); after the first good render a
+    bad file is a note, not an error (`render_if_changed`)."""
     last: int | None = None
+    rendered = False
     while True:
-        last = render_if_changed(result_path, out_dir, interval_s, last)
+        last = render_if_changed(result_path, out_dir, interval_s, last, keep_last=rendered)
+        rendered = rendered or last is not None
         time.sleep(interval_s)
 
 
 def run_tree(args: argparse.Namespace) -> int:
     result_path: Path = args.result
+    check_out_dir(args.out_dir)
     if args.watch is None:
         for path in render_tree(result_path, args.out_dir):
             print(path)
@@ -105,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ResultFileError as err:
+    except (ResultFileError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

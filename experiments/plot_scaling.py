@@ -3,7 +3,9 @@
 Reads only the sweep's saved records (`experiments.sweep_metrics`), fits accuracy = a + b log2 C
 per strategy (`experiments.scaling`) and draws each strategy's pooled points (95% bootstrap CI
 error bars, labelled with their budget N) and its fitted line; a strategy measured at one
-compute only (greedy) is a single marker.
+compute only (greedy) is a single marker. A sweep folder holding runs of several workloads
+(task / policy configs, `experiments.sweep_metrics`) gets one line per workload and strategy,
+labelled "strategy [workload]", a marker shape per workload, and a one-line note on stderr.
 
     python -m experiments.plot_scaling outputs/sweeps/budget_sweep              # -> SWEEP_DIR/scaling.png
     python -m experiments.plot_scaling outputs/sweeps/budget_sweep --out s.png --threshold 0.02
@@ -27,17 +29,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_strategy  # noqa: E402
-from experiments.sweep_metrics import RunFolderError, sweep_summaries  # noqa: E402
+from experiments.sweep_metrics import RunFolderError, RunSummary, sweep_summaries, workload_note  # noqa: E402
+
+WORKLOAD_MARKERS = ("o", "s", "^", "D", "v", "P")  # one shape per workload
 
 
-def draw_series(ax: plt.Axes, series: SeriesScaling, color: str) -> None:
+def draw_series(ax: plt.Axes, series: SeriesScaling, color: str, marker: str = "o") -> None:
     """Points with CI error bars and N labels, plus the fitted line over the measured range."""
     c = np.array([p.compute for p in series.points])
     y = np.array([p.accuracy.mean for p in series.points])
     err = np.array([[p.accuracy.mean - p.accuracy.low for p in series.points],
                     [p.accuracy.high - p.accuracy.mean for p in series.points]])  # [2, P]
-    label = series.name if series.fit is None else f"{series.name}: {series.fit.slope:+.3f}/doubling"
-    ax.errorbar(c, y, yerr=err, fmt="o", color=color, capsize=3, label=label)
+    label = series.name if series.fit is None else f"{series.name}: {round(series.fit.slope, 3) + 0.0:+.3f}/doubling"
+    ax.errorbar(c, y, yerr=err, fmt=marker, color=color, capsize=3, label=label)
     for p in series.points:
         ax.annotate(f"N={p.budget}", (p.compute, p.accuracy.mean), textcoords="offset points",
                     xytext=(4, 4), fontsize=7, color=color)
@@ -48,17 +52,24 @@ def draw_series(ax: plt.Axes, series: SeriesScaling, color: str) -> None:
 
 def plot_scaling(sweep_dir: str | Path, out_png: str | Path, threshold: float = DEFAULT_THRESHOLD) -> Path:
     """Draw the sweep's accuracy-vs-compute plot into out_png; return its path."""
-    series = scaling_by_strategy(sweep_summaries(sweep_dir), threshold)
+    return plot_runs(sweep_summaries(sweep_dir), Path(sweep_dir).name, out_png, threshold)
+
+
+def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, threshold: float = DEFAULT_THRESHOLD) -> Path:
+    """The plot of `plot_scaling` from the sweep's RunSummary rows; name goes in the title."""
+    series = scaling_by_strategy(runs, threshold)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    workloads = sorted({s.workload for s in series})
     for i, s in enumerate(series):
-        draw_series(ax, s, colors[i % len(colors)])
+        marker = WORKLOAD_MARKERS[workloads.index(s.workload) % len(WORKLOAD_MARKERS)]
+        draw_series(ax, s, colors[i % len(colors)], marker)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("compute C = policy parameters x tokens generated per problem (log2 scale)")
     ax.set_ylabel("accuracy (chosen answer, 95% CI)")
-    ax.set_title(f"Test-time search scaling: {Path(sweep_dir).name}")
+    ax.set_title(f"Test-time search scaling: {name}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -69,7 +80,11 @@ def plot_scaling(sweep_dir: str | Path, out_png: str | Path, threshold: float = 
 
 def run_scaling(args: argparse.Namespace) -> int:
     try:
-        out = plot_scaling(args.sweep_dir, args.out or args.sweep_dir / "scaling.png", args.threshold)
+        runs = sweep_summaries(args.sweep_dir)
+        note = workload_note(runs, args.sweep_dir)
+        if note:
+            print(note, file=sys.stderr)
+        out = plot_runs(runs, args.sweep_dir.name, args.out or args.sweep_dir / "scaling.png", args.threshold)
     except (RunFolderError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

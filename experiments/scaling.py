@@ -1,10 +1,15 @@
 """The scaling law of test-time search: accuracy against log compute, one fit per strategy.
 
 Compute C = policy parameters x draft tokens generated per problem (`experiments.sweep_metrics`).
-Points: the runs of one (strategy, scorer) series at one budget N are pooled over their seeds
-(per problem: the mean correctness over seeds; then a bootstrap over problems), at their mean C.
-Fit: least squares of accuracy = a + b log2 C over the points (numpy), so the slope b is the
-accuracy gained per doubling of compute. Where it flattens: the marginal gain per doubling
+Series: one per strategy (and scorer, when the sweep has several); a sweep folder holding runs of
+several workloads (task / policy configs, `experiments.sweep_metrics`) gets one series per
+workload and strategy, named "strategy [workload]", and a one-line note on stderr: runs of
+different problem sets are never pooled. Points: the runs of one series at one budget N are
+pooled over their seeds (per problem: the mean correctness over seeds; then a bootstrap over
+problems), at their mean C. Fit: least squares of accuracy = a + b log2 C over the points
+(numpy), so the slope b is the accuracy gained per doubling of compute; its r2 is undefined
+(None; null in scaling.json, "n/a" in the table) when accuracy is the same at every point.
+Where it flattens: the marginal gain per doubling
 between consecutive budgets, (acc_{i+1} - acc_i) / log2(C_{i+1} / C_i); `last_gaining_budget`
 is the last budget reached by a step whose gain exceeds the threshold (default 0.01, one point
 of accuracy per doubling), and `flattened` says whether any budget beyond it was measured.
@@ -28,9 +33,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments.metrics import Estimate, bootstrap
-from experiments.sweep_metrics import RunFolderError, RunSummary, estimate_dict, sweep_summaries
+from experiments.sweep_metrics import RunFolderError, RunSummary, estimate_dict, sweep_summaries, workload_note
 
 DEFAULT_THRESHOLD = 0.01
+FLAT_TOLERANCE = 1e-12  # accuracies this close (relative) are one value: a flat series, r2 undefined
 
 
 @dataclass(frozen=True)
@@ -46,11 +52,12 @@ class ScalingPoint:
 
 @dataclass(frozen=True)
 class LogFit:
-    """accuracy = intercept + slope * log2(C); slope = gain per doubling; r2 of the fit."""
+    """accuracy = intercept + slope * log2(C); slope = gain per doubling; r2 of the fit (None
+    when the accuracies are all equal: no variance to explain, R^2 undefined)."""
 
     intercept: float
     slope: float
-    r2: float
+    r2: float | None
 
     def predict(self, compute: np.ndarray | float) -> np.ndarray:
         return self.intercept + self.slope * np.log2(compute)
@@ -60,13 +67,15 @@ class LogFit:
 class SeriesScaling:
     """One strategy's (+ scorer's, when a sweep has several) curve.
 
-    name: series label; points: by increasing C; fit: None with fewer than two distinct C;
+    name: series label; workload: the runs' workload label (`experiments.sweep_metrics`);
+    points: by increasing C; fit: None with fewer than two distinct C;
     gains: marginal gain per doubling of each consecutive pair of points; last_gaining_budget:
     see the module docstring (None when no step gains more than the threshold); flattened: a
     budget beyond last_gaining_budget was measured (the curve flattens within the sweep).
     """
 
     name: str
+    workload: str
     points: tuple[ScalingPoint, ...]
     fit: LogFit | None
     gains: tuple[float, ...]
@@ -76,6 +85,7 @@ class SeriesScaling:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "workload": self.workload,
             "points": [{"budget": p.budget, "compute": p.compute, "runs": p.runs,
                         "accuracy": estimate_dict(p.accuracy)} for p in self.points],
             "fit": None if self.fit is None else {"intercept": self.fit.intercept, "slope_per_doubling": self.fit.slope,
@@ -87,7 +97,8 @@ class SeriesScaling:
 
 
 def fit_log_linear(compute: Sequence[float], accuracy: Sequence[float]) -> LogFit:
-    """Least squares of accuracy on log2(compute); needs two distinct positive computes."""
+    """Least squares of accuracy on log2(compute); needs two distinct positive computes. r2 is
+    None for a flat series (all accuracies equal within FLAT_TOLERANCE: R^2 = 1 - 0/0)."""
     c = np.asarray(compute, dtype=float)
     y = np.asarray(accuracy, dtype=float)
     if c.shape != y.shape or c.ndim != 1:
@@ -101,7 +112,8 @@ def fit_log_linear(compute: Sequence[float], accuracy: Sequence[float]) -> LogFi
     (intercept, slope), *_ = np.linalg.lstsq(design, y, rcond=None)
     residual = y - (intercept + slope * x)
     total = float(np.sum((y - y.mean()) ** 2))
-    r2 = 1.0 - float(np.sum(residual**2)) / total if total > 0 else 1.0
+    flat = float(np.ptp(y)) <= FLAT_TOLERANCE * max(1.0, float(np.abs(y).max()))
+    r2 = None if flat else 1.0 - float(np.sum(residual**2)) / total
     return LogFit(float(intercept), float(slope), r2)
 
 
@@ -141,11 +153,14 @@ def pooled_points(runs: Sequence[RunSummary]) -> list[ScalingPoint]:
     return sorted(points, key=lambda p: (p.compute, p.budget))
 
 
-def series_name(run: RunSummary, several_scorers: bool) -> str:
-    return f"{run.strategy} ({run.scorer})" if several_scorers else run.strategy
+def series_name(run: RunSummary, several_scorers: bool, several_workloads: bool = False) -> str:
+    """strategy, + " (scorer)" when the sweep has several scorers, + " [workload]" when several workloads."""
+    name = f"{run.strategy} ({run.scorer})" if several_scorers else run.strategy
+    return f"{name} [{run.workload}]" if several_workloads else name
 
 
 def series_scaling(name: str, runs: Sequence[RunSummary], threshold: float = DEFAULT_THRESHOLD) -> SeriesScaling:
+    """The series of runs (one workload, strategy and scorer): pooled points, fit, gains."""
     points = pooled_points(runs)
     computes = [p.compute for p in points if p.compute > 0]
     fit = None
@@ -153,27 +168,39 @@ def series_scaling(name: str, runs: Sequence[RunSummary], threshold: float = DEF
         fit = fit_log_linear([p.compute for p in points], [p.accuracy.mean for p in points])
     gains = marginal_gains(points)
     budget, flattened = last_gaining(points, gains, threshold)
-    return SeriesScaling(name, tuple(points), fit, tuple(gains), budget, flattened)
+    workloads = sorted({r.workload for r in runs})
+    if len(workloads) > 1:
+        raise ValueError(f"series {name!r} mixes runs of workloads {workloads}; pass one workload's runs")
+    return SeriesScaling(name, "".join(workloads), tuple(points), fit, tuple(gains), budget, flattened)
 
 
 def scaling_by_strategy(runs: Sequence[RunSummary], threshold: float = DEFAULT_THRESHOLD) -> list[SeriesScaling]:
-    """One SeriesScaling per strategy (per strategy and scorer when the sweep has several scorers)."""
-    several = len({r.scorer for r in runs}) > 1
+    """One SeriesScaling per strategy (per strategy and scorer when the sweep has several scorers;
+    per workload too when its runs measured several, `experiments.sweep_metrics`)."""
+    several_scorers = len({r.scorer for r in runs}) > 1
+    several_workloads = len({r.workload for r in runs}) > 1
     groups: dict[str, list[RunSummary]] = defaultdict(list)
     for run in runs:
-        groups[series_name(run, several)].append(run)
+        groups[series_name(run, several_scorers, several_workloads)].append(run)
     return [series_scaling(name, groups[name], threshold) for name in sorted(groups)]
 
 
+def r2_text(fit: LogFit | None) -> str:
+    """The table's r2 cell: "-" without a fit, "n/a" where R^2 is undefined (a flat series)."""
+    if fit is None:
+        return "-"
+    return "n/a" if fit.r2 is None else f"{fit.r2:.2f}"
+
+
 def format_scaling(series: Sequence[SeriesScaling], threshold: float) -> str:
-    lines = [f"{'series':<32} {'points':>6} {'slope/doubling':>14} {'r2':>6} "
+    width = max([32] + [len(s.name) for s in series])
+    lines = [f"{'series':<{width}} {'points':>6} {'slope/doubling':>14} {'r2':>6} "
              f"{'last budget gaining > ' + format(threshold, 'g'):>28}"]
     for s in series:
-        slope = "-" if s.fit is None else f"{s.fit.slope:+.4f}"
-        r2 = "-" if s.fit is None else f"{s.fit.r2:.2f}"
+        slope = "-" if s.fit is None else f"{round(s.fit.slope, 4) + 0.0:+.4f}"  # + 0.0: no "-0.0000"
         where = "-" if s.last_gaining_budget is None else (
             f"N={s.last_gaining_budget}" + (" (flattens after)" if s.flattened else " (still rising)"))
-        lines.append(f"{s.name:<32} {len(s.points):>6} {slope:>14} {r2:>6} {where:>28}")
+        lines.append(f"{s.name:<{width}} {len(s.points):>6} {slope:>14} {r2_text(s.fit):>6} {where:>28}")
     return "\n".join(lines)
 
 
@@ -184,10 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="marginal accuracy gain per doubling of C below which the curve counts as flat")
     args = ap.parse_args(argv)
     try:
-        series = scaling_by_strategy(sweep_summaries(args.sweep_dir), args.threshold)
+        runs = sweep_summaries(args.sweep_dir)
+        series = scaling_by_strategy(runs, args.threshold)
     except (RunFolderError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    note = workload_note(runs, args.sweep_dir)
+    if note:
+        print(note, file=sys.stderr)
     out = args.sweep_dir / "scaling.json"
     out.write_text(json.dumps({"threshold": args.threshold, "series": [s.to_dict() for s in series]}, indent=2))
     print(format_scaling(series, args.threshold))

@@ -12,7 +12,17 @@ model. For one run (`run_metrics`), all with 95% bootstrap intervals over proble
   compute             mean per problem of every `Compute` field, the policy's parameter count and
                       C = policy parameters x tokens generated (the scaling law's x axis).
 For a sweep folder (`sweep_summaries`): one row per run folder below it (any depth) holding
-records.jsonl: strategy, scorer, N, seed, tokens generated per problem, C, FLOPs, accuracy + CI.
+records.jsonl: workload, strategy, scorer, N, seed, tokens generated per problem, C, FLOPs,
+accuracy + CI.
+
+Workload: what a run measured, apart from the method: its config.yaml's `task` (name, split,
+count, seed, config: path, shuffle, ...) and `policy` (checkpoint, sampling, backend). Greedy's
+temperature 0 belongs to its strategy: a greedy run joins the sampled runs' workload that differs
+from its own only in the temperature (`attach_greedy`). A sweep folder can hold several (a
+rerun of `experiment=budget_sweep` with another `task.count` or `task=` writes beside the old
+runs): rows, scaling series and plot lines are then kept apart per workload, never pooled as if
+they were seeds, each labelled by its task and the keys that tell it apart (`arith
+(task.count=2)`), and the commands print a one-line note on stderr (`workload_note`).
 
     python -m experiments.sweep_metrics outputs/search/RUN          # prints the run's metrics JSON
     python -m experiments.sweep_metrics outputs/sweeps/budget_sweep # table; writes sweep_metrics.csv/.json
@@ -26,7 +36,7 @@ import csv
 import json
 import sys
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,6 +44,7 @@ from omegaconf import OmegaConf
 
 from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, bootstrap, problem_accuracy
 from experiments.record_log import load_rows
+from treesearch.config_diff import flatten
 
 RECORDS = "records.jsonl"
 CONFIG = "config.yaml"
@@ -41,8 +52,12 @@ CONFIG = "config.yaml"
 BUDGET_FIELDS: dict[str, str] = {"mcts": "iterations"}
 # name in metrics -> selector of experiments.metrics
 CURVE_SELECTORS: dict[str, str] = {"bon": "best_score", "maj": "majority", "wmaj": "weighted_majority", "pass": "oracle"}
-SWEEP_COLUMNS = ("run", "strategy", "scorer", "budget", "seed", "problems", "tokens_per_problem",
+SWEEP_COLUMNS = ("run", "workload", "strategy", "scorer", "budget", "seed", "problems", "tokens_per_problem",
                  "compute_C", "flops_per_problem", "accuracy", "accuracy_low", "accuracy_high")
+# the run config's nodes that say which problems were searched with which policy
+WORKLOAD_NODES: tuple[str, ...] = ("task", "policy")
+LABEL_KEYS = 3  # most differing keys a workload label names
+LABEL_VALUE_CHARS = 40  # a longer value is shown by its end ("…" + tail)
 
 
 class RunFolderError(ValueError):
@@ -172,15 +187,19 @@ def run_metrics(rows: Sequence[dict[str, Any]], difficulty_key: str = "num_ops",
 class RunSummary:
     """One run of a sweep.
 
-    run: the run folder relative to the sweep folder; strategy: registry name, or "greedy" for
-    Best-of-1 at temperature 0; scorer: the scorer's class name; budget: N (MCTS: iterations);
-    seed: the run's top-level seed; problems: problems with records; tokens_per_problem: mean
-    tokens generated; compute_C: policy parameters x tokens_per_problem; flops_per_problem: mean
-    FLOPs estimate; accuracy: chosen-answer accuracy with its CI; per_problem: (problem id,
-    correct) pairs, for pooling seeds of one budget.
+    run: the run folder relative to the sweep folder; workload: label of the problems and policy
+    it measured (the task name; in a sweep of several workloads also the keys that tell them
+    apart, `workload_labels`); strategy: registry name, or "greedy" for Best-of-1 at temperature
+    0; scorer: the scorer's class name; budget: N (MCTS: iterations); seed: the run's top-level
+    seed; problems: problems with records; tokens_per_problem: mean tokens generated; compute_C:
+    policy parameters x tokens_per_problem; flops_per_problem: mean FLOPs estimate; accuracy:
+    chosen-answer accuracy with its CI; per_problem: (problem id, correct) pairs, for pooling
+    seeds of one budget; workload_key: canonical JSON of `run_workload` (equal for runs of one
+    workload; not a table column).
     """
 
     run: str
+    workload: str
     strategy: str
     scorer: str
     budget: int
@@ -191,9 +210,10 @@ class RunSummary:
     flops_per_problem: float
     accuracy: Estimate
     per_problem: tuple[tuple[str, float], ...]
+    workload_key: str = "{}"
 
     def table_row(self) -> dict[str, Any]:
-        row = {k: v for k, v in asdict(self).items() if k not in ("accuracy", "per_problem")}
+        row = {k: v for k, v in asdict(self).items() if k not in ("accuracy", "per_problem", "workload_key")}
         row.update(accuracy=self.accuracy.mean, accuracy_low=self.accuracy.low, accuracy_high=self.accuracy.high)
         return row
 
@@ -203,6 +223,85 @@ def strategy_label(strategy: str, strategy_config: dict[str, Any], temperature: 
     if strategy == "best_of_n" and strategy_config.get("n") == 1 and temperature == 0:
         return "greedy"
     return strategy
+
+
+def run_workload(config: dict[str, Any]) -> dict[str, Any]:
+    """The run config's WORKLOAD_NODES (absent ones left out): which problems, which policy."""
+    return {node: config[node] for node in WORKLOAD_NODES if node in config}
+
+
+def without_temperature(workload_key: str) -> str:
+    """The workload key with the policy's sampling temperature left out."""
+    workload = json.loads(workload_key)
+    sampling = workload.get("policy", {}).get("sampling")
+    if isinstance(sampling, dict):
+        sampling.pop("temperature", None)
+    return json.dumps(workload, sort_keys=True)
+
+
+def attach_greedy(summaries: Sequence[RunSummary]) -> list[RunSummary]:
+    """Greedy runs (temperature 0 is part of their strategy) take the workload key of the sampled
+    runs whose workload differs from theirs only in the temperature, when exactly one such key
+    exists; otherwise they keep their own (its label then shows the temperature)."""
+    by_base: dict[str, set[str]] = defaultdict(set)
+    for s in summaries:
+        if s.strategy != "greedy":
+            by_base[without_temperature(s.workload_key)].add(s.workload_key)
+    out = []
+    for s in summaries:
+        match = by_base.get(without_temperature(s.workload_key), set())
+        out.append(replace(s, workload_key=next(iter(match))) if s.strategy == "greedy" and len(match) == 1 else s)
+    return out
+
+
+def task_name(workload: dict[str, Any]) -> str:
+    """The task module's last part ("arith" for experiments.tasks.arith), "?" when not recorded."""
+    return str(workload.get("task", {}).get("module", "?")).rsplit(".", 1)[-1]
+
+
+def value_text(value: Any) -> str:
+    """A config value for a label: strings as they are, else JSON; long ones by their end."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= LABEL_VALUE_CHARS else "…" + text[-(LABEL_VALUE_CHARS - 1):]
+
+
+def differing_keys(workloads: Sequence[dict[str, Any]]) -> list[str]:
+    """Flattened keys (task.count, policy.path, ...) whose value is not the same in all the
+    workloads (a key missing from some differs), task keys first."""
+    flat = [flatten(w) for w in workloads]
+    keys = set().union(*flat) if flat else set()
+    differ = [k for k in keys if len({json.dumps(f[k], sort_keys=True) if k in f else None for f in flat}) > 1]
+    return sorted(differ, key=lambda k: (not k.startswith("task."), k))
+
+
+def workload_label(workload: dict[str, Any], keys: Sequence[str]) -> str:
+    """The task name, then `key=value` of up to LABEL_KEYS of keys ("+k more" for the rest)."""
+    flat = flatten(workload)
+    shown = [f"{k}={value_text(flat[k]) if k in flat else 'unset'}" for k in keys[:LABEL_KEYS]]
+    if len(keys) > LABEL_KEYS:
+        shown.append(f"+{len(keys) - LABEL_KEYS} more")
+    return task_name(workload) + (f" ({', '.join(shown)})" if shown else "")
+
+
+def workload_labels(workload_keys: Sequence[str]) -> dict[str, str]:
+    """{workload_key: label} for the distinct workloads (canonical JSON of `run_workload`): the task
+    name, plus the keys that differ between the workloads of that task. Labels are unique (a
+    clash left by shortened values gets " #2", " #3", ...)."""
+    distinct = sorted(set(workload_keys))
+    workloads = {key: json.loads(key) for key in distinct}
+    by_task: dict[str, list[str]] = defaultdict(list)
+    for key in distinct:
+        by_task[task_name(workloads[key])].append(key)
+    labels: dict[str, str] = {}
+    for keys in by_task.values():
+        differ = differing_keys([workloads[k] for k in keys])
+        labels.update({k: workload_label(workloads[k], differ) for k in keys})
+    seen: dict[str, int] = defaultdict(int)
+    for key in distinct:
+        seen[labels[key]] += 1
+        if seen[labels[key]] > 1:
+            labels[key] = f"{labels[key]} #{seen[labels[key]]}"
+    return labels
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
@@ -222,9 +321,12 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
     temperature = config.get("policy", {}).get("sampling", {}).get("temperature")
     compute = mean_compute(rows)
     correct = [chosen_correct(r) for r in rows]
+    label = strategy_label(strategy, rows[0]["config"], temperature)
+    workload = run_workload(config)
     return RunSummary(
         run=str(run_dir.relative_to(root)) if run_dir != root else ".",
-        strategy=strategy_label(strategy, rows[0]["config"], temperature),
+        workload=task_name(workload),
+        strategy=label,
         scorer=str(config.get("scorer", {}).get("_target_", "?")).rsplit(".", 1)[-1],
         budget=run_budget(strategy, rows[0]["config"], config),
         seed=int(config.get("seed", 0)),
@@ -234,6 +336,7 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
         flops_per_problem=compute["flops"],
         accuracy=bootstrap(correct, seed=seed),
         per_problem=tuple((r["problem_id"], c) for r, c in zip(rows, correct)),
+        workload_key=json.dumps(workload, sort_keys=True),
     )
 
 
@@ -243,13 +346,33 @@ def run_folders(sweep_dir: Path) -> list[Path]:
 
 
 def sweep_summaries(sweep_dir: str | Path) -> list[RunSummary]:
-    """One RunSummary per run folder, ordered by strategy, scorer, budget, seed."""
+    """One RunSummary per run folder, each labelled with its workload (`workload_labels`),
+    ordered by workload, strategy, scorer, budget, seed."""
     root = Path(sweep_dir)
+    if not root.exists():
+        raise RunFolderError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise RunFolderError(f"{root}: not a folder")
     folders = run_folders(root)
     if not folders:
         raise RunFolderError(f"{root}: no {RECORDS} found at or below it")
-    summaries = [summarize_run(folder, root) for folder in folders]
-    return sorted(summaries, key=lambda s: (s.strategy, s.scorer, s.budget, s.seed, s.run))
+    summaries = attach_greedy([summarize_run(folder, root) for folder in folders])
+    labels = workload_labels([s.workload_key for s in summaries])
+    summaries = [replace(s, workload=labels[s.workload_key]) for s in summaries]
+    return sorted(summaries, key=lambda s: (s.workload, s.strategy, s.scorer, s.budget, s.seed, s.run))
+
+
+def workload_note(summaries: Sequence[RunSummary], sweep_dir: str | Path) -> str | None:
+    """One line for stderr when the runs measured more than one workload (None for one): how
+    many, and each label with its number of runs."""
+    counts: dict[str, int] = defaultdict(int)
+    for s in summaries:
+        counts[s.workload] += 1
+    if len(counts) < 2:
+        return None
+    groups = "; ".join(f"{label}: {n} run{'s' if n > 1 else ''}" for label, n in sorted(counts.items()))
+    return (f"note: {sweep_dir} holds runs of {len(counts)} workloads (task / policy configs); "
+            f"each is its own group, never pooled: {groups}")
 
 
 def write_sweep_table(summaries: Sequence[RunSummary], out_dir: Path) -> tuple[Path, Path]:
@@ -265,11 +388,12 @@ def write_sweep_table(summaries: Sequence[RunSummary], out_dir: Path) -> tuple[P
 
 
 def format_table(summaries: Sequence[RunSummary]) -> str:
-    lines = [f"{'strategy':<12} {'scorer':<20} {'N':>4} {'seed':>4} {'probs':>5} {'tok/prob':>9} "
-             f"{'C':>10} {'accuracy [95% CI]':>24}"]
+    width = max([len("workload")] + [len(s.workload) for s in summaries])
+    lines = [f"{'workload':<{width}} {'strategy':<12} {'scorer':<20} {'N':>4} {'seed':>4} {'probs':>5} "
+             f"{'tok/prob':>9} {'C':>10} {'accuracy [95% CI]':>24}"]
     for s in summaries:
-        lines.append(f"{s.strategy:<12} {s.scorer:<20} {s.budget:>4} {s.seed:>4} {s.problems:>5} "
-                     f"{s.tokens_per_problem:>9.1f} {s.compute_C:>10.3g} {s.accuracy.fmt():>24}")
+        lines.append(f"{s.workload:<{width}} {s.strategy:<12} {s.scorer:<20} {s.budget:>4} {s.seed:>4} "
+                     f"{s.problems:>5} {s.tokens_per_problem:>9.1f} {s.compute_C:>10.3g} {s.accuracy.fmt():>24}")
     return "\n".join(lines)
 
 
@@ -285,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RunFolderError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    note = workload_note(summaries, args.path)
+    if note:
+        print(note, file=sys.stderr)
     csv_path, _ = write_sweep_table(summaries, args.path)
     print(format_table(summaries))
     print(f"wrote {csv_path}")

@@ -1,6 +1,7 @@
 """Post-hoc sweep metrics with hand-computed values, the log-compute fit on synthetic data with a
-known slope, where a curve flattens, the scaling plot, and each experiment file run end to end
-through the Hydra entry point (multirun, in-process) at a tiny budget.
+known slope, where a curve flattens, the scaling plot, runs of several workloads in one sweep
+folder kept apart, and each experiment file run end to end through the Hydra entry point
+(multirun, in-process) at a tiny budget.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from experiments import plot as plot_module
 from experiments import plot_scaling as plot_scaling_module
 from experiments import scaling, search, sweep_metrics
 from experiments.metrics import Estimate
 from experiments.record_log import append_rows
 from experiments.scaling import ScalingPoint, fit_log_linear, last_gaining, marginal_gains, scaling_by_strategy
-from experiments.sweep_metrics import budget_ladder, run_metrics, sweep_summaries
+from experiments.sweep_metrics import budget_ladder, run_metrics, sweep_summaries, workload_labels
 from tiny_checkpoint import save_tiny_checkpoint
 
 torch.set_num_threads(1)
@@ -96,6 +98,15 @@ def test_fit_recovers_a_known_slope():
         fit_log_linear([8.0, 8.0], [0.1, 0.2])
 
 
+def test_a_flat_series_has_no_r2():
+    # constant accuracy: nothing to explain, R^2 = 1 - 0/0 is undefined (not a perfect 1.00)
+    flat = fit_log_linear([100.0, 200.0, 400.0], [0.5, 0.5, 0.5])
+    assert flat.slope == pytest.approx(0.0, abs=1e-12) and flat.r2 is None
+    assert scaling.r2_text(flat) == "n/a" and scaling.r2_text(None) == "-"
+    assert fit_log_linear([100.0, 200.0, 400.0], [0.1 + 0.2, 0.3, 0.3]).r2 is None  # flat up to rounding
+    assert fit_log_linear([100.0, 200.0, 400.0], [0.3, 0.3, 0.31]).r2 == pytest.approx(0.75)
+
+
 def point(budget: int, compute: float, acc: float) -> ScalingPoint:
     return ScalingPoint(budget, compute, Estimate(acc, acc, acc), 1)
 
@@ -110,13 +121,17 @@ def test_where_the_curve_flattens():
     assert marginal_gains([point(1, 100, 0.2), point(2, 400, 0.3)]) == pytest.approx([0.05])
 
 
-def write_run(folder: Path, strategy: str, budget: int, seed: int, correct: list[bool], tokens: int) -> None:
+ARITH = {"module": "experiments.tasks.arith", "split": "test", "count": 10, "seed": 0, "config": {"max_ops": 4}}
+
+
+def write_run(folder: Path, strategy: str, budget: int, seed: int, correct: list[bool], tokens: int,
+              task: dict | None = None, temperature: float = 0.7, policy_path: str = "ckpt/final") -> None:
     """A run folder as experiments.search writes it: records.jsonl + config.yaml."""
     folder.mkdir(parents=True)
     rows = [row(f"p{i}", [cand("1", ok, 0.5)], 2, tokens, strategy, budget) for i, ok in enumerate(correct)]
     append_rows(folder / "records.jsonl", rows)
-    config = {"seed": seed, "scorer": {"_target_": "scorers.confidence.ConfidenceScorer"},
-              "policy": {"sampling": {"temperature": 0.7}}}
+    config = {"seed": seed, "scorer": {"_target_": "scorers.confidence.ConfidenceScorer"}, "task": task or ARITH,
+              "policy": {"path": policy_path, "sampling": {"temperature": temperature}}}
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
 
 
@@ -136,6 +151,7 @@ def test_sweep_summaries_and_the_fit_per_strategy(synthetic_sweep):
     assert len(runs) == 12
     first = runs[0].table_row()
     assert first["strategy"] == "beam_search" and first["budget"] == 2 and first["seed"] == 0
+    assert first["workload"] == "arith"  # one workload: just the task's name
     assert first["tokens_per_problem"] == 20 and first["compute_C"] == 20_000 and first["accuracy"] == 0.5
     series = {s.name: s for s in scaling_by_strategy(runs, threshold=0.01)}
     bon, beam = series["best_of_n"], series["beam_search"]
@@ -147,20 +163,113 @@ def test_sweep_summaries_and_the_fit_per_strategy(synthetic_sweep):
 
 def test_sweep_and_scaling_commands_write_their_files(synthetic_sweep, capsys):
     assert sweep_metrics.main([str(synthetic_sweep)]) == 0
-    assert (synthetic_sweep / "sweep_metrics.csv").read_text().startswith("run,strategy,scorer,budget,seed")
+    assert (synthetic_sweep / "sweep_metrics.csv").read_text().startswith("run,workload,strategy,scorer,budget,seed")
     assert len(json.loads((synthetic_sweep / "sweep_metrics.json").read_text())) == 12
     assert scaling.main([str(synthetic_sweep)]) == 0
     saved = json.loads((synthetic_sweep / "scaling.json").read_text())
     assert {s["name"] for s in saved["series"]} == {"best_of_n", "beam_search"}
+    beam = next(s for s in saved["series"] if s["name"] == "beam_search")
+    assert beam["fit"]["slope_per_doubling"] == pytest.approx(0.0, abs=1e-12) and beam["fit"]["r2"] is None  # flat
+    table = capsys.readouterr()
+    assert next(line for line in table.out.splitlines() if line.startswith("beam_search")).split()[3] == "n/a"
+    assert "note:" not in table.err  # one workload: nothing to say
     out = plot_scaling_module.plot_scaling(synthetic_sweep, synthetic_sweep / "plots" / "scaling.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (synthetic_sweep / "empty").mkdir()
     assert sweep_metrics.main([str(synthetic_sweep / "empty")]) == 2
     assert "no records.jsonl" in capsys.readouterr().err
+
+
+def test_a_missing_sweep_folder_is_named_as_missing(tmp_path, capsys):
+    missing = tmp_path / "no_such_sweep"
+    for command in (lambda: plot_module.main(["scaling", str(missing)]), lambda: scaling.main([str(missing)]),
+                    lambda: sweep_metrics.main([str(missing)])):
+        assert command() == 2
+        assert capsys.readouterr().err == f"error: {missing}: no such folder\n"
+    a_file = tmp_path / "records.txt"
+    a_file.write_text("x")
+    assert plot_module.main(["scaling", str(a_file)]) == 2
+    assert capsys.readouterr().err == f"error: {a_file}: not a folder\n"
+
+
+@pytest.fixture
+def two_workload_sweep(tmp_path) -> Path:
+    """budget_sweep rerun with another task.count into the same folder: Best-of-4 on 10 problems
+    (seeds 0, 1: 2 of 10 right) and a greedy run beside them (temperature 0: same workload),
+    plus Best-of-4 on the first 4 of them (all 4 right: problem ids p0..p3 overlap the others)."""
+    for seed in (0, 1):
+        write_run(tmp_path / f"count10-bon4-{seed}", "best_of_n", 4, seed, [i < 2 for i in range(10)], 40)
+    write_run(tmp_path / "count10-greedy", "best_of_n", 1, 0, [i < 1 for i in range(10)], 10, temperature=0.0)
+    write_run(tmp_path / "count4-bon4-0", "best_of_n", 4, 0, [True] * 4, 40, task={**ARITH, "count": 4})
+    return tmp_path
+
+
+def test_runs_of_different_workloads_are_grouped_apart_not_pooled(two_workload_sweep, capsys):
+    runs = sweep_summaries(two_workload_sweep)
+    by_run = {r.run: r.workload for r in runs}
+    assert by_run == {"count10-bon4-0": "arith (task.count=10)", "count10-bon4-1": "arith (task.count=10)",
+                      "count10-greedy": "arith (task.count=10)", "count4-bon4-0": "arith (task.count=4)"}
+    series = {s.name: s for s in scaling_by_strategy(runs)}
+    assert set(series) == {"best_of_n [arith (task.count=10)]", "best_of_n [arith (task.count=4)]",
+                           "greedy [arith (task.count=10)]"}
+    ten, four = series["best_of_n [arith (task.count=10)]"].points, series["best_of_n [arith (task.count=4)]"].points
+    assert [(p.budget, p.runs, p.accuracy.mean) for p in ten] == [(4, 2, 0.2)]  # the seeds still pool
+    assert [(p.budget, p.runs, p.accuracy.mean) for p in four] == [(4, 1, 1.0)]
+
+    def note() -> str:
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("note: ") and "2 workloads" in err[0]
+        return err[0]
+
+    assert sweep_metrics.main([str(two_workload_sweep)]) == 0
+    assert "arith (task.count=10): 3 runs; arith (task.count=4): 1 run" in note()
+    rows = json.loads((two_workload_sweep / "sweep_metrics.json").read_text())
+    assert sorted({r["workload"] for r in rows}) == ["arith (task.count=10)", "arith (task.count=4)"]
+    assert scaling.main([str(two_workload_sweep)]) == 0
+    note()
+    saved = json.loads((two_workload_sweep / "scaling.json").read_text())["series"]
+    assert sorted((s["workload"], s["points"][0]["runs"]) for s in saved if s["name"].startswith("best_of_n")) == [
+        ("arith (task.count=10)", 2), ("arith (task.count=4)", 1)]
+    assert plot_module.main(["scaling", str(two_workload_sweep)]) == 0 and (two_workload_sweep / "scaling.png").is_file()
+    note()
+
+
+def test_workload_labels_name_the_task_and_the_keys_that_differ():
+    def key(task: dict, path: str = "ckpt/final", **sampling) -> str:
+        return json.dumps({"task": task, "policy": {"path": path, "sampling": sampling}}, sort_keys=True)
+
+    gsm8k = {"module": "experiments.tasks.gsm8k", "split": "test", "count": None, "config": {"path": None, "shuffle": False}}
+    labels = workload_labels([key(ARITH), key(gsm8k), key({**gsm8k, "split": "train"}), key(ARITH, "other/final")])
+    assert sorted(labels.values()) == ["arith (policy.path=ckpt/final)", "arith (policy.path=other/final)",
+                                       "gsm8k (task.split=test)", "gsm8k (task.split=train)"]
+    assert list(workload_labels([key(ARITH), key(gsm8k)]).values()) == ["arith", "gsm8k"]  # tasks differ: names do
+    many = workload_labels([key(ARITH, temperature=0.6, top_p=1.0), key({**ARITH, "count": 5, "seed": 1}, top_p=0.9)])
+    assert sorted(many.values()) == ["arith (task.count=10, task.seed=0, policy.sampling.temperature=0.6, +1 more)",
+                                     "arith (task.count=5, task.seed=1, policy.sampling.temperature=unset, +1 more)"]
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "final")
+
+
+def test_budget_sweep_rerun_with_another_task_count_is_two_workloads(ckpt, tmp_path, monkeypatch, capsys):
+    """The audit's case: experiment=budget_sweep always writes to one folder; a rerun at another
+    task.count lands beside the first runs and must not be pooled with them as a seed."""
+    sweep = tmp_path / "budget_sweep"
+    for count in (2, 4):
+        monkeypatch.setattr(sys, "argv", [
+            "search", "experiment=budget_sweep", f"hydra.sweep.dir={sweep}", f"policy.path={ckpt}", f"task.count={count}",
+            "policy.sampling.max_total_tokens=8", "policy.sampling.max_step_tokens=4", "progress=false",
+            "search=best_of_n", "budget=4", "seed=0"])
+        search.main()
+    capsys.readouterr()
+    assert scaling.main([str(sweep)]) == 0
+    assert "note: " in capsys.readouterr().err
+    saved = json.loads((sweep / "scaling.json").read_text())["series"]
+    assert sorted((s["workload"], s["points"][0]["runs"]) for s in saved) == [
+        ("arith (task.count=2)", 1), ("arith (task.count=4)", 1)]  # not "budget 4, runs 2"
+    assert sorted(r.problems for r in sweep_summaries(sweep)) == [2, 4]
 
 
 @pytest.mark.parametrize("experiment,narrow", [

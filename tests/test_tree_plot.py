@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 
 import matplotlib.image
 import pytest
 
+from experiments import plot as plot_module
 from experiments.plot import main, render_if_changed
 from experiments.result_json import ResultFileError, load_result, result_to_json, save_result
 from experiments.tree_html import write_tree_html
@@ -121,6 +123,68 @@ def test_live_mode_reloads_and_rerenders_on_change(saved, tmp_path, capsys):
     assert render_if_changed(path, out_dir, 1.0, mtime) == mtime
     assert capsys.readouterr().out == ""  # unchanged file: nothing re-rendered
     assert '"refresh_s": 1.0' in (out_dir / "hostile_mcts.html").read_text()
+
+
+def set_mtime(path, ns: int) -> None:
+    """A distinct modification time, so the watcher sees a change whatever the clock's resolution."""
+    os.utime(path, ns=(ns, ns))
+
+
+def test_watch_keeps_the_last_render_through_a_half_written_file(saved, tmp_path, capsys):
+    result, path = saved
+    good = path.read_text()
+    out_dir = tmp_path / "live"
+    mtime = render_if_changed(path, out_dir, 1.0, None)
+    png = (out_dir / "hostile_mcts.png").read_bytes()
+    capsys.readouterr()
+    path.write_text(good[: len(good) // 2])  # a writer caught mid-write
+    set_mtime(path, mtime + 1)
+    with pytest.raises(ResultFileError, match="not JSON"):  # no good render yet: still an error
+        render_if_changed(path, out_dir, 1.0, mtime)
+    assert render_if_changed(path, out_dir, 1.0, mtime, keep_last=True) == mtime + 1
+    out, err = capsys.readouterr()
+    assert out == "" and (out_dir / "hostile_mcts.png").read_bytes() == png  # the last render stays
+    assert err.count("\n") == 1 and err.startswith("note: ") and "not JSON" in err and "keeping the last render" in err
+    assert render_if_changed(path, out_dir, 1.0, mtime + 1, keep_last=True) == mtime + 1  # unchanged: no retry
+    assert capsys.readouterr() == ("", "")
+
+
+def test_watch_cli_survives_a_half_written_file_after_a_good_render(saved, tmp_path, monkeypatch, capsys):
+    """--watch: good file, then a half-written one, then a good one again: two renders and one
+    note, no exit; a file that is bad on the first read is still the usual error."""
+    _, path = saved
+    good = path.read_text()
+    base = path.stat().st_mtime_ns
+    contents = [good[:100], good]  # what the writer leaves before each later poll
+
+    def fake_sleep(_: float) -> None:
+        if not contents:
+            raise KeyboardInterrupt
+        path.write_text(contents.pop(0))
+        set_mtime(path, base + 1_000_000 * (2 - len(contents)))  # a new, distinct mtime
+
+    monkeypatch.setattr(plot_module.time, "sleep", fake_sleep)
+    assert main(["tree", str(path), "--out-dir", str(tmp_path / "live"), "--watch", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.split()) == 4  # rendered twice (PNG + HTML each): before and after the bad file
+    assert err.count("note: ") == 1 and "not JSON" in err
+
+    junk = tmp_path / "junk.json"
+    junk.write_text("{oops")
+    assert main(["tree", str(junk), "--watch", "1"]) == 2
+    assert "not JSON" in capsys.readouterr().err
+
+
+def test_out_dir_that_is_a_file_is_a_one_line_error(saved, tmp_path, capsys):
+    _, path = saved
+    a_file = tmp_path / "plots"
+    a_file.write_text("not a folder")
+    for out_dir in (a_file, a_file / "sub"):
+        assert main(["tree", str(path), "--out-dir", str(out_dir)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"error: {a_file}: --out-dir needs a folder here, but it is an existing file\n"
+    assert main(["tree", str(path), "--out-dir", str(a_file), "--watch", "1"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {a_file}: ")
 
 
 def test_cli_errors_name_the_problem(saved, tmp_path, capsys):
