@@ -36,7 +36,7 @@ from policies.bf16_support import native_bf16
 from policies.joint_step import JointForward
 from policies.reflective_model import ReflectiveModel
 from scorers.sprm_positions import score_positions
-from scorers.spr_loss import spr_loss
+from scorers.spr_loss import SPR_MODES, spr_loss
 from treesearch.records import Prefix, Problem
 
 
@@ -70,6 +70,8 @@ class BackboneTuneConfig:
             raise ValueError(f"steps={self.steps} must be >= 1 and batch={self.batch} an even number >= 2")
         if min(self.backbone_lr, self.head_lr, self.grad_scale, self.kl_coef, self.lm_coef, self.reference_solutions) < 0:
             raise ValueError("learning rates, grad_scale, kl_coef, lm_coef and reference_solutions must be >= 0")
+        if self.loss not in SPR_MODES:
+            raise ValueError(f"BackboneTuneConfig.loss={self.loss!r}; valid: {', '.join(SPR_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,16 @@ def batch_fc(head_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[
     return prefixed("fc/", {k: fc[k] for k in ("correct_prob", "false_prob", "diff_prob")})
 
 
+def check_examples(examples: Sequence[Example], batch: int) -> tuple[list[Example], list[Example]]:
+    """(correct, incorrect) examples, or a ValueError unless each side fills half a batch."""
+    positives = [e for e in examples if e.correct]
+    negatives = [e for e in examples if not e.correct]
+    if len(positives) < batch // 2 or len(negatives) < batch // 2:
+        raise ValueError(f"batch={batch} needs {batch // 2} correct and {batch // 2} incorrect examples, "
+                         f"have {len(positives)} / {len(negatives)}")
+    return positives, negatives
+
+
 def train(reflective: ReflectiveModel, frozen: Any, examples: Sequence[Example], pad_id: int, cfg: BackboneTuneConfig,
           progress: bool = True, evaluate: Callable[[int], dict[str, Any]] | None = None, eval_every: int = 0,
           ) -> list[dict[str, Any]]:
@@ -178,10 +190,7 @@ def train(reflective: ReflectiveModel, frozen: Any, examples: Sequence[Example],
     batch's fc/*); evaluate(step), when given, is called at step 0, every eval_every steps and at
     the last step, and its metrics are merged into that step's row (step 0: a row of its own).
     frozen: the reference LM of the KL term (None when kl_coef is 0)."""
-    positives = [e for e in examples if e.correct]
-    negatives = [e for e in examples if not e.correct]
-    if len(positives) < cfg.batch // 2 or len(negatives) < cfg.batch // 2:
-        raise ValueError(f"need {cfg.batch // 2} correct and incorrect examples, have {len(positives)} / {len(negatives)}")
+    positives, negatives = check_examples(examples, cfg.batch)
     if cfg.kl_coef and frozen is None:
         raise ValueError(f"kl_coef={cfg.kl_coef} needs the frozen reference LM")
     model, rng = JointForward(reflective), random.Random(cfg.seed)

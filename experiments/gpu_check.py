@@ -14,7 +14,8 @@ run); it prints the accuracy with its interval and the tokens generated per wall
 It skips (exit 0, one line "gpu_check: skipped: <why>") when no CUDA GPU is visible to torch,
 when vLLM does not import, or when the preset's checkpoint folder is missing (the line names the
 folder and the environment variable that sets it). Anything that fails after those checks is a
-real failure (non-zero exit). An unknown preset is an error that lists the valid ones.
+real failure (non-zero exit). An unknown preset or scorer, or a count below 1, prints
+"error: <message>" (listing the valid options) on stderr and exits with code 2.
 
 Tests: `.venv/bin/pytest tests/test_gpu_presets.py`.
 """
@@ -24,6 +25,7 @@ import argparse
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -45,6 +47,21 @@ def check_preset(preset: str) -> None:
     """ValueError listing the valid presets unless preset is one."""
     if preset not in GPU_PRESETS:
         raise ValueError(f"--preset {preset!r}; valid: {', '.join(GPU_PRESETS)}")
+
+
+def scorer_options() -> tuple[str, ...]:
+    """The scorer options of experiments/conf/scorer (one yaml each)."""
+    return tuple(sorted(path.stem for path in (CONFIG_DIR / "scorer").glob("*.yaml")))
+
+
+def check_args(preset: str, problems: int, budget: int, scorer: str) -> None:
+    """ValueError naming the first bad setting (checked before the config is composed)."""
+    check_preset(preset)
+    for name, value in (("problems", problems), ("budget", budget)):
+        if value < 1:
+            raise ValueError(f"--{name} {value} must be >= 1")
+    if scorer not in scorer_options():
+        raise ValueError(f"--scorer {scorer!r}; valid: {', '.join(scorer_options())}")
 
 
 def compose_check(preset: str, problems: int, budget: int, scorer: str, out_dir: Path) -> DictConfig:
@@ -89,6 +106,17 @@ def tokens_per_second(out: Path) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; our own input errors (ValueError, FileNotFoundError: an unknown preset or
+    scorer, a bad count) print "error: <message>" on stderr and give exit code 2."""
+    try:
+        return check_command(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def check_command(argv: Sequence[str] | None = None) -> int:
+    """Parse argv, skip saying why or run the check, print its line."""
     ap = argparse.ArgumentParser(description="Run one GPU policy preset end to end at small scale (or skip, saying why).")
     ap.add_argument("--preset", required=True, help=f"one of {', '.join(GPU_PRESETS)}")
     ap.add_argument("--problems", type=int, default=4, help="first GSM8K test problems")
@@ -96,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--scorer", default="confidence", help="a scorer option of experiments/conf/scorer")
     ap.add_argument("--out", type=Path, default=None, help="run folder (default outputs/gpu_check/<preset>)")
     args = ap.parse_args(argv)
-    check_preset(args.preset)
+    check_args(args.preset, args.problems, args.budget, args.scorer)
     out = args.out or DEFAULT_OUT / args.preset
     cfg = compose_check(args.preset, args.problems, args.budget, args.scorer, out)
     reason = skip_reason(cfg, args.preset)

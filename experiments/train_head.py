@@ -10,7 +10,11 @@ Usage:
     python -m experiments.plot aha outputs/heads/countdown_spr/metrics.jsonl     # the aha curves
 
 Label modes and training: `scorers.head_training`. Caches: `experiments.rollout_cache` (the test
-cache's n rollouts per problem set the largest Best-of-N).
+cache's n rollouts per problem set the largest Best-of-N). --epochs E trains E passes over the
+train rollouts (steps = E * rollouts / min(--batch-rollouts, rollouts)); a --batch-rollouts above
+the train cache's rollouts gives a one-line note and full-batch steps. Every setting is checked
+before a cache is read; a bad setting or input (a missing or damaged cache, caches of different
+policies, a layer the caches lack) prints "error: <message>" on stderr and exits with code 2.
 
 Writes into --out:
   metrics.jsonl  one row per logged step (`step`; training rows: loss, grad_norm, spr/kept_fraction,
@@ -45,8 +49,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -225,8 +231,8 @@ def final_metrics(
 # -- a run ----------------------------------------------------------------------------------------
 
 
-def check_pair(train: RolloutCache, test: RolloutCache, layer: int) -> None:
-    """The two caches must come from one policy and hold the layer."""
+def check_same_source(train: RolloutCache, test: RolloutCache) -> None:
+    """The two caches must come from one policy on one task (a ValueError naming both)."""
     if train.spec["policy_dir"] != test.spec["policy_dir"] or train.hidden_size != test.hidden_size:
         raise ValueError(
             f"train cache of {train.spec['policy_dir']} (C={train.hidden_size}) and test cache of "
@@ -234,7 +240,50 @@ def check_pair(train: RolloutCache, test: RolloutCache, layer: int) -> None:
         )
     if train.task != test.task:
         raise ValueError(f"train cache task {train.task!r} differs from test cache task {test.task!r}")
-    train.layer(layer), test.layer(layer)  # KeyError naming the cached layers
+
+
+def check_pair(train: RolloutCache, test: RolloutCache, layer: int) -> None:
+    """The two caches must come from one policy on one task and hold the layer."""
+    check_same_source(train, test)
+    for name, cache in (("train", train), ("test", test)):
+        try:
+            cache.layer(layer)
+        except KeyError as err:
+            raise ValueError(f"{name} cache: {err.args[0]}") from None
+
+
+def check_epochs(epochs: float) -> float:
+    """epochs, or a ValueError unless it is a finite number > 0."""
+    if not math.isfinite(epochs) or epochs <= 0:
+        raise ValueError(f"epochs={epochs!r} must be a finite number > 0")
+    return epochs
+
+
+def positive_epochs(text: str) -> float:
+    """--epochs' argparse type: a finite number > 0 (refused before any cache is read)."""
+    try:
+        return check_epochs(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0") from None
+
+
+def steps_for_epochs(epochs: float, rollouts: int, batch_rollouts: int) -> int:
+    """Optimiser steps of `epochs` passes over `rollouts` train rollouts, at least 1; a step
+    draws min(batch_rollouts, rollouts) of them (`scorers.head_training.RolloutBatches`). E.g.
+    2 epochs of 640 rollouts by 64 -> 20; by 1000 (each step a full pass) -> 2."""
+    check_epochs(epochs)
+    if rollouts < 1:
+        raise ValueError("the train cache holds no rollouts")
+    return max(1, round(epochs * rollouts / min(batch_rollouts, rollouts)))
+
+
+def batch_note(batch_rollouts: int, rollouts: int) -> str | None:
+    """A one-line note when a step asks for more rollouts than the train cache holds (every step
+    is then a full pass over it), else None."""
+    if batch_rollouts <= rollouts:
+        return None
+    return (f"note: batch_rollouts={batch_rollouts} exceeds the train cache's {rollouts} rollouts: "
+            f"every step trains on all {rollouts} (full-batch steps)")
 
 
 def run_head_training(
@@ -246,6 +295,9 @@ def run_head_training(
     out_dir = Path(out_dir)
     train, test = load_cache(train_path), load_cache(test_path)
     check_pair(train, test, cfg.feature_layer)
+    note = batch_note(cfg.batch_rollouts, train.num_rollouts)
+    if note is not None:
+        print(note, file=sys.stderr)
     run = train_head(train, cfg, make_evaluate(train, test, cfg.feature_layer), progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "metrics.jsonl", encode_rows(list(run.rows)))
@@ -272,6 +324,18 @@ def format_summary(metrics: dict[str, Any], task: str, n: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; our own input errors (ValueError, FileNotFoundError: a bad setting, a
+    missing or damaged cache, caches of different policies) print "error: <message>" on stderr
+    and give exit code 2."""
+    try:
+        return train_command(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def train_command(argv: Sequence[str] | None = None) -> int:
+    """Parse argv (every setting checked before a cache is read), train, write --out, print a summary."""
     ap = argparse.ArgumentParser(description="Train an SPRM head on cached rollouts of a frozen policy.")
     ap.add_argument("--train", required=True, type=Path, help="train rollout cache (.pt)")
     ap.add_argument("--test", required=True, type=Path, help="held-out rollout cache (.pt)")
@@ -282,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--weight-decay", type=float, default=HeadTrainConfig.weight_decay)
     ap.add_argument("--grad-clip", type=float, default=HeadTrainConfig.grad_clip)
     ap.add_argument("--steps", type=int, default=HeadTrainConfig.steps)
-    ap.add_argument("--epochs", type=float, default=None,
+    ap.add_argument("--epochs", type=positive_epochs, default=None,
                     help="train this many passes over the train rollouts (overrides --steps)")
     ap.add_argument("--batch-rollouts", type=int, default=HeadTrainConfig.batch_rollouts)
     ap.add_argument("--warmup-steps", type=int, default=0, help="plain BCE steps before the SPR filter engages")
@@ -292,12 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-save", action="store_true", help="do not write the final/ reflective folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    steps = args.steps
-    if args.epochs is not None:
-        rollouts = len(load_cache(args.train).correct)
-        steps = max(1, round(args.epochs * rollouts / args.batch_rollouts))
-    cfg = HeadTrainConfig(args.labels, args.layer, args.lr, args.weight_decay, args.grad_clip, steps,
+    cfg = HeadTrainConfig(args.labels, args.layer, args.lr, args.weight_decay, args.grad_clip, args.steps,
                           args.batch_rollouts, args.warmup_steps, args.eval_every, seed=args.seed)
+    if args.epochs is not None:
+        rollouts = load_cache(args.train).num_rollouts
+        cfg = replace(cfg, steps=steps_for_epochs(args.epochs, rollouts, cfg.batch_rollouts))
     started = time.perf_counter()
     metrics = run_head_training(args.train, args.test, cfg, args.out, save=not args.no_save)
     task = next(k for k in metrics if k.endswith(".problems")).split(".")[0]

@@ -3,12 +3,20 @@
     python -m experiments.train_sft --out outputs/checkpoints/tiny-arith            # the default run
     python -m experiments.train_sft --task countdown --out outputs/checkpoints/tiny-countdown
     python -m experiments.train_sft --out /tmp/run --minutes 2 --eval-problems 50    # a short one
+    python -m experiments.train_sft --out /tmp/run --minutes 4 --eval-problems 50    # the same run, trained longer
 
 Builds the tiny tokenizer and model (policies/tiny_tokenizer.py, policies/tiny_model.py),
 draws the task's training pairs (experiments/sft_tasks.py), trains with policies/sft.py (resuming from OUT/last if a run was
 interrupted), then prints greedy pass@1, sampled pass@1 at the default temperature and pass@k on
 held-out test problems (experiments/quick_eval.py) and writes them to OUT/quick_eval.json.
 The trained model is OUT/final, an ordinary transformers directory.
+
+Resuming: rerunning on the same OUT resumes from OUT/last ("resuming from OUT/last at step K").
+Only --minutes, --max-steps (a larger budget trains the run longer), --checkpoint-every and
+--threads may change; another --task, --lr, --batch-size, --seed or --train-problems is refused,
+naming the differing keys (policies/sft.py RESUMABLE_KEYS), as is a damaged OUT/last.
+Ctrl-C stops after the current step, saves OUT/last and exits 130 saying how to resume.
+A bad value or run folder prints "error: <what is wrong>" and exits 2.
 """
 from __future__ import annotations
 
@@ -21,65 +29,127 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Sequence  # noqa: E402
 
 from experiments.quick_eval import QuickEvalConfig, format_report, quick_eval, eval_problems  # noqa: E402
 from experiments.sft_tasks import SFT_TASKS, SFTTask, get_sft_task  # noqa: E402
 from policies.checkpoint import load_checkpoint  # noqa: E402
-from policies.sft import SUMMARY_FILE, SFTConfig, train_sft  # noqa: E402
+from policies.sft import SUMMARY_FILE, SFTConfig, SFTError, TrainingInterrupted, train_sft  # noqa: E402
 from policies.tiny_model import TinyModelConfig, build_model, num_parameters  # noqa: E402
 from policies.tiny_tokenizer import build_tokenizer  # noqa: E402
 
 DEFAULT_TRAIN_PROBLEMS = 100_000  # more than a default run consumes: no example is seen twice
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     d = SFTConfig()
     parser = argparse.ArgumentParser(description="SFT of a tiny policy on an embedded task, then a quick evaluation.")
     parser.add_argument("--task", default="arith", choices=list(SFT_TASKS), help="the embedded task")
     parser.add_argument("--out", required=True, help="run folder: OUT/final (model), OUT/last (resume state)")
-    parser.add_argument("--minutes", type=float, default=d.max_minutes, help="wall-clock training budget")
+    parser.add_argument("--minutes", type=float, default=d.max_minutes,
+                        help="wall-clock training budget (0: no time limit, then --max-steps is needed)")
     parser.add_argument("--max-steps", type=int, default=None, help="step budget (with or instead of --minutes)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                        help="steps between resume checkpoints in OUT/last (0: only at the end and on Ctrl-C)")
     parser.add_argument("--train-problems", type=int, default=DEFAULT_TRAIN_PROBLEMS)
     parser.add_argument("--eval-problems", type=int, default=QuickEvalConfig.num_problems, help="0 = no evaluation")
     parser.add_argument("--eval-samples", type=int, default=QuickEvalConfig.num_samples)
     parser.add_argument("--temperature", type=float, default=None, help="default: the task's DEFAULT_TEMPERATURE")
     parser.add_argument("--threads", type=int, default=d.num_threads, help="torch threads (default: all cores)")
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args()
+    return parser
 
 
-def main() -> None:
-    args = parse_args()
-    out = Path(args.out)
-    sft_cfg = SFTConfig(
-        max_minutes=args.minutes if args.minutes and args.minutes > 0 else None,
+@dataclass(frozen=True)
+class RunPlan:
+    """The validated command line: the task, its SFT config, training pairs to draw, and the quick
+    evaluation's config (None: no evaluation)."""
+
+    task: SFTTask
+    sft: SFTConfig
+    train_problems: int
+    quick_eval: QuickEvalConfig | None
+
+
+def sft_config(args: argparse.Namespace) -> SFTConfig:
+    """The SFTConfig of the flags; an SFTError names a bad flag as typed (--minutes 0: no time limit)."""
+    if not (args.minutes >= 0 and math.isfinite(args.minutes)):
+        raise SFTError(f"--minutes {args.minutes:g}: must be > 0 (or 0 for no time limit)")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SFTError(f"--max-steps {args.max_steps}: must be >= 1")
+    if args.minutes == 0 and args.max_steps is None:
+        raise SFTError("--minutes 0 (no time limit) needs --max-steps N: the run has no budget")
+    return SFTConfig(
+        max_minutes=args.minutes if args.minutes > 0 else None,
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        num_threads=args.threads,
+        checkpoint_every=args.checkpoint_every, num_threads=args.threads,
     )
+
+
+def plan_run(args: argparse.Namespace) -> RunPlan:
+    """Validate every flag before any work (an evaluation flag too, not after minutes of training):
+    an SFTError names the first bad one."""
     task = get_sft_task(args.task)
-    pairs = task.training_pairs(task.default_config, args.train_problems, seed=args.seed)
+    cfg = sft_config(args)
+    if args.train_problems < 1:
+        raise SFTError(f"--train-problems {args.train_problems}: must be >= 1")
+    if args.eval_problems < 0:
+        raise SFTError(f"--eval-problems {args.eval_problems}: must be >= 0 (0: no evaluation)")
+    if args.eval_problems == 0:
+        return RunPlan(task, cfg, args.train_problems, None)
+    if args.eval_samples < 1:
+        raise SFTError(f"--eval-samples {args.eval_samples}: must be >= 1")
+    temperature = task.module.DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
+    if not temperature > 0:
+        raise SFTError(f"--temperature {temperature:g}: must be > 0")
+    quick = QuickEvalConfig(num_problems=args.eval_problems, num_samples=args.eval_samples, temperature=temperature)
+    return RunPlan(task, cfg, args.train_problems, quick)
+
+
+def run(plan: RunPlan, out: Path, seed: int, progress: bool) -> None:
+    """Train (or resume) the planned run into out, then evaluate it when planned."""
+    task = plan.task
+    pairs = task.training_pairs(task.default_config, plan.train_problems, seed=seed)
     tokenizer = build_tokenizer(corpus=task.tokenizer_corpus(pairs))
-    model = build_model(TinyModelConfig(seed=args.seed), tokenizer)
+    model = build_model(TinyModelConfig(seed=seed), tokenizer)
     print(f"tiny {task.name} policy: {num_parameters(model) / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
-    final = train_sft(sft_cfg, pairs, out, model, tokenizer, progress=not args.no_progress)
+    run_info = {"task": task.name, "train_problems": plan.train_problems}
+    final = train_sft(plan.sft, pairs, out, model, tokenizer, progress=progress, run_info=run_info)
     summary = json.loads((out / SUMMARY_FILE).read_text())
     print(
         f"trained {summary['steps']} steps in {summary['elapsed_s'] / 60:.1f} min, "
         f"{summary['tokens_per_s']:.0f} tokens/s, final loss {summary['final_loss']:.4f} -> {final}"
     )
-    if args.eval_problems > 0:
-        evaluate(final, args, task, out)
+    if plan.quick_eval is not None:
+        evaluate(final, plan.quick_eval, task, out)
 
 
-def evaluate(final: Path, args: argparse.Namespace, task: SFTTask, out: Path) -> None:
-    temperature = task.module.DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
-    cfg = QuickEvalConfig(num_problems=args.eval_problems, num_samples=args.eval_samples, temperature=temperature)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse argv (default: sys.argv) and run. A bad value or run folder (SFTError) prints
+    "error: ..." and gives 2; Ctrl-C during training saves OUT/last and gives 130; any other
+    exception is a bug and keeps its traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(plan_run(args), Path(args.out), args.seed, progress=not args.no_progress)
+    except SFTError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as err:
+        print(err, file=sys.stderr)
+        return 130
+    return 0
+
+
+def evaluate(final: Path, cfg: QuickEvalConfig, task: SFTTask, out: Path) -> None:
+    """Quick evaluation of the trained model: print it and write OUT/quick_eval.json."""
     model, tokenizer = load_checkpoint(final)
     t0 = time.perf_counter()
     report = quick_eval(model, tokenizer, eval_problems(cfg, task.default_config, task.module), cfg, task.module)
@@ -89,4 +159,4 @@ def evaluate(final: Path, args: argparse.Namespace, task: SFTTask, out: Path) ->
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -12,26 +12,45 @@ the learning-rate schedule follows the fraction of the budget used, so a time-bu
 finishes its decay in time however busy the CPU is.
 
 Layout of out_dir:
-    out_dir/last/    the latest periodic checkpoint: a loadable model directory plus
-                     trainer_state.pt (optimizer, step, elapsed time, RNG states, loss history);
-                     train_sft on the same out_dir resumes from it.
+    out_dir/last/    the latest checkpoint (every checkpoint_every steps, on Ctrl-C, at the end): a
+                     loadable model directory plus trainer_state.pt (optimizer, step, elapsed
+                     time, RNG states, loss history, the run's identity); train_sft on the same
+                     out_dir resumes from it.
     out_dir/final/   the trained model (save_checkpoint format); train_sft returns this path.
     out_dir/sft_summary.json   config, steps, time, tokens/s, final loss, per-step history.
 
 The data order is a pure function of (seed, step), so training 2K steps straight and training K
 steps, stopping, then resuming for K more give bit-identical weights. Run it through
 `python -m experiments.train_sft`.
+
+Resuming (`resume_point`, `check_resumable`): a resume must train the same run. Its identity (the
+SFTConfig, a digest of the training pairs, the starting model's shape and weights, the
+tokenizer's vocabulary, the caller's run_info such as the task) is saved with every checkpoint;
+a resume whose identity differs is refused with an SFTError naming each differing key. Only the
+"how long / how" keys in RESUMABLE_KEYS may change: max_steps and max_minutes (a larger budget is
+how a run trains longer; from the resume on, the learning rate follows the new budget's schedule,
+so it rises from the old floor to where the longer schedule is at that point: an extended run is
+not bit-identical to one given the longer budget from the start), checkpoint_every, num_threads,
+eval_every, eval_max_examples. A damaged or missing last/ in a folder that holds a run is an
+SFTError naming it, never a silent fresh start. Ctrl-C stops after the current step, saves last/
+and raises TrainingInterrupted (a KeyboardInterrupt); a second Ctrl-C aborts at once.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
+import signal
+import threading
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,11 +59,36 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from policies.bf16_support import native_bf16
-from policies.checkpoint import atomic_directory, load_checkpoint, save_checkpoint, write_checkpoint_files
+from policies.checkpoint import (
+    atomic_directory, check_checkpoint, load_checkpoint, save_checkpoint, write_checkpoint_files,
+)
+from treesearch.config_diff import config_differences
 
 IGNORE_INDEX = -100
 STATE_FILE = "trainer_state.pt"
 SUMMARY_FILE = "sft_summary.json"
+LAST, FINAL = "last", "final"
+# identity keys a resume may change: how long the run trains and how it is run, not what it learns
+BUDGET_KEYS: tuple[str, ...] = ("sft.max_steps", "sft.max_minutes")
+RESUMABLE_KEYS: tuple[str, ...] = BUDGET_KEYS + (
+    "sft.checkpoint_every", "sft.num_threads", "sft.eval_every", "sft.eval_max_examples",
+)
+
+
+class SFTError(ValueError):
+    """A problem the user must fix: a bad setting, a run folder that cannot be resumed (another
+    config, a damaged checkpoint). Command lines print it as one line, without a traceback."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: out_dir/last holds the run at `step`, rerunning resumes it."""
+
+    def __init__(self, step: int, last: Path) -> None:
+        super().__init__(f"interrupted: saved {last} at step {step}; rerun the same command to resume")
+        self.step, self.last = step, last
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -86,26 +130,27 @@ class SFTConfig:
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
+        """SFTError (a ValueError) naming the first bad value; nan fails every check."""
         if self.max_minutes is None and self.max_steps is None:
-            raise ValueError("SFTConfig: max_minutes=None and max_steps=None; set at least one budget")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"SFTConfig.max_minutes={self.max_minutes}; must be > 0")
+            raise SFTError("SFTConfig: max_minutes=None and max_steps=None; set at least one budget")
+        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
+            raise SFTError(f"SFTConfig.max_minutes={self.max_minutes}; must be > 0 and finite")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"SFTConfig.max_steps={self.max_steps}; must be >= 1")
+            raise SFTError(f"SFTConfig.max_steps={self.max_steps}; must be >= 1")
         for name in ("batch_size", "bucket_batches", "max_length", "eval_max_examples"):
             if getattr(self, name) < 1:
-                raise ValueError(f"SFTConfig.{name}={getattr(self, name)}; must be >= 1")
+                raise SFTError(f"SFTConfig.{name}={getattr(self, name)}; must be >= 1")
         for name in ("warmup_steps", "checkpoint_every", "eval_every", "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"SFTConfig.{name}={getattr(self, name)}; must be >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"SFTConfig.lr={self.lr}; must be > 0")
+            if not getattr(self, name) >= 0:
+                raise SFTError(f"SFTConfig.{name}={getattr(self, name)}; must be >= 0")
+        if not 0 < self.lr < math.inf:
+            raise SFTError(f"SFTConfig.lr={self.lr}; must be > 0 and finite")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"SFTConfig.min_lr_ratio={self.min_lr_ratio}; must be in [0, 1]")
-        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
-            raise ValueError(f"SFTConfig.betas={self.betas}; must be two values in [0, 1)")
+            raise SFTError(f"SFTConfig.min_lr_ratio={self.min_lr_ratio}; must be in [0, 1]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise SFTError(f"SFTConfig.betas={self.betas}; must be two values in [0, 1)")
         if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"SFTConfig.num_threads={self.num_threads}; must be >= 1")
+            raise SFTError(f"SFTConfig.num_threads={self.num_threads}; must be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +170,7 @@ def tokenize_examples(
 ) -> list[TokenizedExample]:
     """Prompt with <bos> (add_special_tokens), completion without, then <eos>; truncated."""
     if not examples:
-        raise ValueError("no training examples")
+        raise SFTError("no training examples")
     prompts = tokenizer([p for p, _ in examples], add_special_tokens=True)["input_ids"]
     completions = tokenizer([c for _, c in examples], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
@@ -158,7 +203,7 @@ class BatchSchedule:
 
     def __init__(self, lengths: Sequence[int], cfg: SFTConfig) -> None:
         if len(lengths) < cfg.batch_size:
-            raise ValueError(f"{len(lengths)} examples < SFTConfig.batch_size={cfg.batch_size}")
+            raise SFTError(f"{len(lengths)} examples < SFTConfig.batch_size={cfg.batch_size}")
         self.lengths, self.cfg = list(lengths), cfg
         self._epoch, self._batches = -1, []
 
@@ -239,6 +284,7 @@ class TrainerProgress:
     elapsed_s: float = 0.0
     tokens: int = 0  # real (non-pad) tokens forwarded
     history: list | None = None  # [{"step", "loss", "lr", "elapsed_s", "eval_loss"?}, ...]
+    resumes: list | None = None  # [{"step", "changed": ["sft.max_steps: 30 -> 40", ...]}, ...]
 
 
 def _rng_states() -> dict:
@@ -253,7 +299,7 @@ def _set_rng_states(states: dict) -> None:
 
 def save_training_checkpoint(
     directory: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-    optimizer: torch.optim.Optimizer, progress: TrainerProgress, cfg: SFTConfig,
+    optimizer: torch.optim.Optimizer, progress: TrainerProgress, cfg: SFTConfig, identity: Mapping[str, Any],
 ) -> None:
     """Model directory + trainer_state.pt, written atomically."""
     state = {
@@ -261,19 +307,195 @@ def save_training_checkpoint(
         "elapsed_s": progress.elapsed_s,
         "tokens": progress.tokens,
         "history": progress.history,
+        "resumes": progress.resumes,
         "optimizer": optimizer.state_dict(),
         "rng": _rng_states(),
         "config": asdict(cfg),
+        "identity": dict(identity),
     }
     with atomic_directory(directory) as tmp:
         write_checkpoint_files(model, tokenizer, tmp)
         torch.save(state, tmp / STATE_FILE)
 
 
+def _first_sentence(err: BaseException) -> str:
+    """'ErrorType: the first sentence of its message' (torch's read errors go on for lines)."""
+    return f"{type(err).__name__}: {str(err).split('. ')[0].strip()}"
+
+
+def _start_over_hint(out_dir: Path) -> str:
+    return f"this trainer keeps no older checkpoint: to train from scratch, remove {out_dir} or use another out_dir (--out)"
+
+
+def resume_point(out_dir: Path) -> Path | None:
+    """out_dir/last when it holds a complete trainer checkpoint; None when out_dir holds no run
+    (a fresh start). Anything between is an SFTError naming the damaged or missing part: a
+    folder that holds a run (last/, final/, sft_summary.json, or a checkpoint write cut between
+    its two renames) is never silently trained over."""
+    last = out_dir / LAST
+    if last.exists():
+        if not (last / STATE_FILE).is_file():
+            raise SFTError(
+                f"cannot resume from {last}: it has no {STATE_FILE} (a damaged checkpoint); {_start_over_hint(out_dir)}"
+            )
+        try:
+            check_checkpoint(last)
+        except FileNotFoundError as err:
+            raise SFTError(f"cannot resume: {err} (a damaged checkpoint); {_start_over_hint(out_dir)}") from err
+        return last
+    aside = sorted(out_dir.glob(f".{LAST}.old-*"))  # atomic_directory's previous copy, cut before its rename
+    if aside:
+        raise SFTError(
+            f"{last} is missing but {aside[-1]} holds the previous checkpoint (a checkpoint write was cut off); "
+            f"rename it to {last} to resume from it"
+        )
+    for name in (FINAL, SUMMARY_FILE):
+        if (out_dir / name).exists():
+            raise SFTError(
+                f"{out_dir} holds a run ({out_dir / name}) but no {last} to resume from; {_start_over_hint(out_dir)}"
+            )
+    return None
+
+
+# what torch.load raises on a truncated or corrupted file: a zip without its central directory is
+# miniz's RuntimeError or OSError EINVAL; a pickle cut short is EOFError or UnpicklingError
+STATE_READ_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
+)
+
+
 def load_training_checkpoint(directory: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
-    model, tokenizer = load_checkpoint(directory)
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    """(model, tokenizer, trainer state) from a folder resume_point accepted; an SFTError names a
+    file that does not load (truncated, corrupt)."""
+    path = directory / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except STATE_READ_ERRORS as err:
+        raise SFTError(
+            f"cannot resume: {path} is damaged ({_first_sentence(err)}); {_start_over_hint(directory.parent)}"
+        ) from err
+    try:
+        model, tokenizer = load_checkpoint(directory)
+    except Exception as err:  # safetensors, json, tokenizers: each reader has its own error types
+        raise SFTError(
+            f"cannot resume: the model in {directory} does not load ({_first_sentence(err)}); "
+            f"{_start_over_hint(directory.parent)}"
+        ) from err
     return model, tokenizer, state
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's identity: what a resume must share with the run it continues
+
+MODEL_SHAPE_KEYS: tuple[str, ...] = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings",
+)
+
+
+def _digest(chunks: Iterator[bytes]) -> str:
+    sha = hashlib.sha256()
+    for chunk in chunks:
+        sha.update(chunk)
+    return sha.hexdigest()[:16]
+
+
+def data_fingerprint(examples: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """{"examples": count, "sha256": digest of every (prompt, completion) in order}."""
+    return {"examples": len(examples), "sha256": _digest(f"{p}\0{c}\0".encode() for p, c in examples)}
+
+
+def model_fingerprint(model: PreTrainedModel) -> dict[str, Any]:
+    """The starting model's shape (its config's MODEL_SHAPE_KEYS) and a digest of its weights
+    (which also tells apart initialisation seeds and starting checkpoints)."""
+    shape = {key: getattr(model.config, key) for key in MODEL_SHAPE_KEYS if hasattr(model.config, key)}
+    tensors = sorted(model.state_dict().items())
+    weights = (name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() for name, t in tensors)
+    return {**shape, "weights_sha256": _digest(weights)}
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """{"size": vocabulary size, "sha256": digest of the (token, id) pairs}."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return {"size": len(tokenizer), "sha256": _digest(iter([json.dumps(vocab).encode()]))}
+
+
+def run_identity(
+    cfg: SFTConfig, examples: Sequence[tuple[str, str]], model: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase | None, run_info: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """What defines a run: "sft" (the config), "data", and where given "model" and "tokenizer"
+    (the starting ones) and "run" (the caller's run_info, e.g. {"task": "arith"})."""
+    identity: dict[str, Any] = {"sft": asdict(cfg), "data": data_fingerprint(examples)}
+    if model is not None:
+        identity["model"] = model_fingerprint(model)
+    if tokenizer is not None:
+        identity["tokenizer"] = tokenizer_fingerprint(tokenizer)
+    if run_info is not None:
+        identity["run"] = dict(run_info)
+    return identity
+
+
+def saved_identity(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity a trainer state was saved with (a state from before identities: its config)."""
+    return dict(state["identity"]) if "identity" in state else {"sft": state["config"]}
+
+
+def _reading_order(line: str) -> int:
+    """Settings the user typed (run_info such as the task, then the config) before the
+    fingerprints that follow from them (data, model, tokenizer)."""
+    return {"run": 0, "sft": 1}.get(line.split(".", 1)[0], 2)
+
+
+def check_resumable(last: Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The differences in RESUMABLE_KEYS ('key: saved -> current', for the record), or an SFTError
+    naming every other difference (_reading_order: a task change reads first).
+    Parts one side lacks (a model not passed, a state saved before identities) are not compared."""
+    shared = [part for part in current if part in saved]
+    a, b = {part: saved[part] for part in shared}, {part: current[part] for part in shared}
+    refused = sorted(config_differences(a, b, RESUMABLE_KEYS), key=_reading_order)
+    if refused:
+        allowed = ", ".join(key.removeprefix("sft.") for key in RESUMABLE_KEYS)
+        raise SFTError(
+            f"{last} holds a run of another config ({'; '.join(refused)}); a resume may change only {allowed}: "
+            f"rerun with the saved settings, or use another out_dir (--out) for this one"
+        )
+    return config_differences(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C: stop at a step boundary, where the state is consistent
+
+
+@dataclass
+class StopRequest:
+    """Set by the first Ctrl-C of `stop_at_step_boundary`."""
+
+    requested: bool = False
+
+
+@contextlib.contextmanager
+def stop_at_step_boundary() -> Iterator[StopRequest]:
+    """While active, the first Ctrl-C (SIGINT) only sets .requested, so the loop stops after the
+    current step (a step cut in the middle, e.g. half of optimizer.step, could not be saved); a
+    second Ctrl-C raises KeyboardInterrupt at once. Off the main thread, or where SIGINT is
+    ignored, Ctrl-C is left alone."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield stop
+        return
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        tqdm.write("Ctrl-C: saving a checkpoint after this step (Ctrl-C again aborts without saving)")
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,54 +531,93 @@ def train_sft(
     tokenizer: PreTrainedTokenizerBase | None = None,
     progress: bool = True,
     eval_examples: Sequence[tuple[str, str]] | None = None,
+    run_info: Mapping[str, Any] | None = None,
 ) -> Path:
     """Train (or resume training) and return out_dir/final, the trained model directory.
 
-    If out_dir/last holds a trainer state, model and tokenizer are loaded from it (the arguments
-    are ignored) and training continues where it stopped. Otherwise model and tokenizer are used
-    as given (both None: the default tiny model and tokenizer).
+    If out_dir/last holds a trainer state, training continues where it stopped (printing
+    "resuming from out_dir/last at step K") with the model and tokenizer loaded from it; the
+    arguments then only serve the identity check (module docstring): the same training pairs,
+    config (up to RESUMABLE_KEYS), run_info, and where passed the same starting model and
+    tokenizer, or an SFTError. Otherwise model and tokenizer are used as given (both None: the
+    default tiny model and tokenizer). run_info: JSON-able facts the arguments do not show (the
+    CLI: task, train_problems). Ctrl-C: TrainingInterrupted after saving out_dir/last.
     """
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
     try:
-        return _train_sft(cfg, train_examples, Path(out_dir), model, tokenizer, progress, eval_examples)
+        return _train_sft(cfg, train_examples, Path(out_dir), model, tokenizer, progress, eval_examples, run_info)
     finally:
         torch.set_num_threads(threads_before)
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where training starts: the model, tokenizer, identity to save, and saved state (None: fresh)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    identity: dict
+    state: dict | None
+    changed: tuple[str, ...] = ()
+
+
+def _start(
+    cfg: SFTConfig, train_examples: Sequence[tuple[str, str]], out_dir: Path, model: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase | None, run_info: Mapping[str, Any] | None,
+) -> _Start:
+    """Resume from out_dir/last after checking the run's identity, or start fresh."""
+    if (model is None) != (tokenizer is None):
+        raise ValueError("pass both model and tokenizer, or neither")
+    last = resume_point(out_dir)
+    if last is None:
+        if model is None or tokenizer is None:
+            model, tokenizer = _default_model_and_tokenizer()
+        return _Start(model, tokenizer, run_identity(cfg, train_examples, model, tokenizer, run_info), None)
+    saved_model, saved_tokenizer, state = load_training_checkpoint(last)
+    saved = saved_identity(state)
+    current = run_identity(cfg, train_examples, model, tokenizer, run_info)
+    changed = check_resumable(last, saved, current)
+    print(f"resuming from {last} at step {state['step']}")
+    if changed:
+        budget = any(line.split(":")[0] in BUDGET_KEYS for line in changed)
+        print(f"changed on resume: {'; '.join(changed)}" + ("; the learning rate follows the new budget from here" if budget else ""))
+    return _Start(saved_model, saved_tokenizer, {**saved, **current}, state, tuple(changed))
 
 
 def _train_sft(
     cfg: SFTConfig, train_examples: Sequence[tuple[str, str]], out_dir: Path, model: PreTrainedModel | None,
     tokenizer: PreTrainedTokenizerBase | None, progress: bool, eval_examples: Sequence[tuple[str, str]] | None,
+    run_info: Mapping[str, Any] | None,
 ) -> Path:
-    last = out_dir / "last"
-    if (last / STATE_FILE).is_file():
-        model, tokenizer, state = load_training_checkpoint(last)
-    else:
-        if model is None or tokenizer is None:
-            if model is not None or tokenizer is not None:
-                raise ValueError("pass both model and tokenizer, or neither")
-            model, tokenizer = _default_model_and_tokenizer()
-        state = None
-
+    start = _start(cfg, train_examples, out_dir, model, tokenizer, run_info)
+    model, tokenizer, state = start.model, start.tokenizer, start.state
     data = tokenize_examples(train_examples, tokenizer, cfg.max_length)
     held_out = tokenize_examples(eval_examples[: cfg.eval_max_examples], tokenizer, cfg.max_length) if eval_examples else []
     schedule = BatchSchedule([len(e.input_ids) for e in data], cfg)
     optimizer = make_optimizer(model, cfg)
-    run = TrainerProgress(history=[])
+    run = TrainerProgress(history=[], resumes=[])
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        run = TrainerProgress(state["step"], state["elapsed_s"], state["tokens"], state["history"])
+        resumes = list(state.get("resumes") or []) + [{"step": state["step"], "changed": list(start.changed)}]
+        run = TrainerProgress(state["step"], state["elapsed_s"], state["tokens"], state["history"], resumes)
         _set_rng_states(state["rng"])
 
-    _train_loop(model, tokenizer, optimizer, data, held_out, schedule, run, cfg, out_dir, progress)
-    save_training_checkpoint(last, model, tokenizer, optimizer, run, cfg)
+    last = out_dir / LAST
+    with stop_at_step_boundary() as stop:
+        _train_loop(model, tokenizer, optimizer, data, held_out, schedule, run, cfg, out_dir, progress, start.identity, stop)
+        if stop.requested:
+            save_training_checkpoint(last, model, tokenizer, optimizer, run, cfg, start.identity)
+            raise TrainingInterrupted(run.step, last)
+    save_training_checkpoint(last, model, tokenizer, optimizer, run, cfg, start.identity)
     write_summary(out_dir / SUMMARY_FILE, run, cfg, len(data))
     model.eval()
-    return save_checkpoint(model, tokenizer, out_dir / "final")
+    return save_checkpoint(model, tokenizer, out_dir / FINAL)
 
 
 def write_summary(path: Path, run: TrainerProgress, cfg: SFTConfig, num_examples: int) -> dict:
-    """A JSON summary of the run (config, steps, time, throughput, loss, per-step history)."""
+    """A JSON summary of the run (config: the latest one, steps, time, throughput, loss, the
+    resumes with what each changed, per-step history)."""
     summary = {
         "config": asdict(cfg),
         "num_examples": num_examples,
@@ -365,6 +626,7 @@ def write_summary(path: Path, run: TrainerProgress, cfg: SFTConfig, num_examples
         "tokens": run.tokens,
         "tokens_per_s": run.tokens / run.elapsed_s if run.elapsed_s > 0 else 0.0,
         "final_loss": recent_loss(run.history),
+        "resumes": run.resumes or [],
         "history": run.history,
     }
     path.write_text(json.dumps(summary, indent=1))
@@ -390,10 +652,12 @@ def train_step(
 def _train_loop(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer,
     data: list[TokenizedExample], held_out: list[TokenizedExample], schedule: BatchSchedule,
-    run: TrainerProgress, cfg: SFTConfig, out_dir: Path, progress: bool,
+    run: TrainerProgress, cfg: SFTConfig, out_dir: Path, progress: bool, identity: Mapping[str, Any],
+    stop: StopRequest,
 ) -> None:
-    """Optimizer steps until the budget is used, checkpointing every cfg.checkpoint_every steps.
-    run.elapsed_s counts everything in the loop (checkpoints and evaluations included)."""
+    """Optimizer steps until the budget is used or a stop is requested, checkpointing every
+    cfg.checkpoint_every steps. run.elapsed_s counts everything in the loop (checkpoints and
+    evaluations included)."""
     model.train()
     timed = cfg.max_steps is None
     bar = tqdm(
@@ -402,7 +666,7 @@ def _train_loop(
         unit="s" if timed else "step", disable=not progress, dynamic_ncols=True, desc="sft",
     )
     pad_id = tokenizer.pad_token_id
-    while budget_fraction(run.step, run.elapsed_s, cfg) < 1.0:
+    while budget_fraction(run.step, run.elapsed_s, cfg) < 1.0 and not stop.requested:
         t0 = time.perf_counter()
         lr = learning_rate(run.step, budget_fraction(run.step, run.elapsed_s, cfg), cfg)
         input_ids, labels = collate([data[i] for i in schedule.batch(run.step)], pad_id)  # [B, L]
@@ -417,7 +681,7 @@ def _train_loop(
         run.history.append(record)
         if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
             t1 = time.perf_counter()
-            save_training_checkpoint(out_dir / "last", model, tokenizer, optimizer, run, cfg)
+            save_training_checkpoint(out_dir / LAST, model, tokenizer, optimizer, run, cfg, identity)
             run.elapsed_s += time.perf_counter() - t1
         if progress:
             bar.set_postfix(loss=f"{recent_loss(run.history, 20):.3f}", tok_s=f"{tokens_per_second(run.history):.0f}",

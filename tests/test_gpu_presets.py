@@ -98,9 +98,31 @@ def test_gpu_check_skips_here_saying_why(capsys):
     assert out.startswith("gpu_check: skipped: ") and reason in out
 
 
-def test_gpu_check_names_the_valid_presets():
-    with pytest.raises(ValueError, match="qwen25_math_1p5b"):
-        gpu_check.main(["--preset", "qwen25-math"])
+def test_gpu_check_names_the_valid_presets(capsys):
+    assert gpu_check.main(["--preset", "qwen25-math"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --preset 'qwen25-math'; valid: ") and "qwen25_math_1p5b" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scorer", "sprm2"], "error: --scorer 'sprm2'; valid: confidence, oracle"),
+    (["--budget", "0"], "error: --budget 0 must be >= 1"),
+    (["--problems", "-1"], "error: --problems -1 must be >= 1"),
+])
+def test_gpu_check_refuses_bad_settings_before_composing(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(gpu_check, "compose_check", lambda *a: pytest.fail("composed a bad setting"))
+    assert gpu_check.main(["--preset", "qwen25_math_1p5b", *args]) == 2
+    assert capsys.readouterr().err.startswith(message)
+
+
+def test_gpu_check_keeps_the_traceback_of_a_genuine_bug(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gpu_check, "compose_check", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        gpu_check.main(["--preset", "qwen25_math_1p5b"])
 
 
 def test_a_missing_folder_names_its_environment_variable(monkeypatch, tmp_path):

@@ -8,7 +8,8 @@ import torch
 
 from experiments.backbone_tuning import (BackboneTuneConfig, collate, lm_loss_on_correct, reference_solution,
                                          rollout_examples, solution_examples)
-from experiments.probe_backbone_verifier import run
+from experiments import probe_backbone_verifier
+from experiments.probe_backbone_verifier import main, run, same_folder
 from experiments.rollout_cache import CacheSpec, FeatureReader, cache_from_paths, save_cache
 from experiments.tasks import countdown
 from policies.checkpoint import load_checkpoint
@@ -151,3 +152,35 @@ def test_config_names_the_bad_value():
         BackboneTuneConfig(kl_coef=-1.0)
     with pytest.raises(ValueError, match="lm_coef"):
         BackboneTuneConfig(lm_coef=-1.0)
+    with pytest.raises(ValueError, match="BackboneTuneConfig.loss='foo'; valid: reference, paper, bce"):
+        BackboneTuneConfig(loss="foo")
+
+
+def test_cli_refuses_a_bad_loss_before_reading_anything(tmp_path, capsys):
+    missing = ["--train", str(tmp_path / "none.pt"), "--test", str(tmp_path / "none.pt")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*missing, "--loss", "foo"])
+    assert exit_info.value.code == 2 and "invalid choice: 'foo'" in capsys.readouterr().err
+    assert main([*missing, "--batch", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: steps=900 must be >= 1 and batch=3") and "Traceback" not in err
+    assert main(missing) == 2 and capsys.readouterr().err == f"error: no rollout cache {tmp_path / 'none.pt'}\n"
+
+
+def test_caches_of_another_policy_are_refused_before_loading_it(caches, tmp_path):
+    path, files, _, _ = caches
+    other = tmp_path / "tiny-arith" / "final"  # never loaded: the check comes first
+    with pytest.raises(ValueError, match=f"--policy {other} and the rollout caches \\(of {path}\\) come from different"):
+        run(other, files["train"], files["test"], BackboneTuneConfig(steps=1, batch=2), progress=False)
+    assert same_folder(path, path.parent / ".." / path.parent.name / path.name)
+
+
+def test_too_few_examples_for_a_batch_are_refused_before_the_first_evaluation(caches, monkeypatch):
+    path, files, _, _ = caches
+
+    def no_evaluation(*args):
+        raise AssertionError("evaluated before the examples were checked")
+
+    monkeypatch.setattr(probe_backbone_verifier, "evaluate", no_evaluation)
+    with pytest.raises(ValueError, match="batch=8 needs 4 correct and 4 incorrect examples, have 4 / 2"):
+        run(path, files["train"], files["test"], BackboneTuneConfig(steps=1, batch=8, reference_solutions=1), progress=False)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import signal
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -93,6 +96,10 @@ def test_save_load_round_trip_and_missing_file_is_named(tok, tmp_path):
 def test_config_validation_names_the_value():
     with pytest.raises(ValueError, match="max_minutes=None and max_steps=None"):
         SFTConfig(max_minutes=None, max_steps=None)
+    with pytest.raises(sft.SFTError, match="max_minutes=nan"):  # nan passed every check before
+        SFTConfig(max_minutes=float("nan"))
+    with pytest.raises(sft.SFTError, match="grad_clip=nan"):
+        SFTConfig(grad_clip=float("nan"))
     with pytest.raises(ValueError, match="batch_size=0"):
         SFTConfig(batch_size=0)
     with pytest.raises(ValueError, match="lr=-1"):
@@ -190,6 +197,106 @@ def test_time_budget_ends_training(tok, examples, tmp_path):
     train_sft(cfg, examples, tmp_path / "t", build_model(SMALL, tok), tok, progress=False)
     summary = json.loads((tmp_path / "t" / sft.SUMMARY_FILE).read_text())
     assert 1.8 <= summary["elapsed_s"] < 1.8 + 2.0 and summary["steps"] >= 1
+
+
+# --- resuming: identity checks, damaged folders, Ctrl-C -----------------------------------------
+
+
+def state_step(run_dir) -> int:
+    return torch.load(run_dir / "last" / sft.STATE_FILE, weights_only=False)["step"]
+
+
+def test_resume_refuses_another_config_and_allows_a_longer_budget(tok, examples, tmp_path, capsys):
+    run, arith_info = tmp_path / "run", {"task": "arith"}
+    train_sft(steps_cfg(4), examples, run, build_model(SMALL, tok), tok, progress=False, run_info=arith_info)
+    refusals = [  # (config, examples, model, run_info) of the resume, what the error names
+        ((steps_cfg(6, lr=0.5), examples, build_model(SMALL, tok), arith_info), "sft.lr: 0.003 -> 0.5"),
+        ((steps_cfg(6, batch_size=4), examples, None, arith_info), "sft.batch_size: 8 -> 4"),
+        ((steps_cfg(6), examples, None, {"task": "countdown"}), "run.task: 'arith' -> 'countdown'"),
+        ((steps_cfg(6), examples[:-1], None, arith_info), "data.examples: 96 -> 95"),
+        ((steps_cfg(6), examples, build_model(replace(SMALL, seed=1), tok), arith_info),
+         "model.weights_sha256"),
+    ]
+    for (cfg, data, model, info), names in refusals:
+        with pytest.raises(sft.SFTError, match=f"{run / 'last'} holds a run of another config .*{names}"):
+            train_sft(cfg, data, run, model, None if model is None else tok, progress=False, run_info=info)
+        assert state_step(run) == 4  # nothing trained, nothing overwritten
+    capsys.readouterr()
+    # a longer budget (and another checkpoint interval) is how a run trains longer
+    longer = steps_cfg(6, checkpoint_every=5)
+    train_sft(longer, examples, run, build_model(SMALL, tok), tok, progress=False, run_info=arith_info)
+    out = capsys.readouterr().out
+    assert f"resuming from {run / 'last'} at step 4\n" in out and "sft.max_steps: 4 -> 6" in out
+    assert state_step(run) == 6
+    summary = json.loads((run / sft.SUMMARY_FILE).read_text())
+    assert summary["resumes"] == [{"step": 4, "changed": ["sft.checkpoint_every: 0 -> 5", "sft.max_steps: 4 -> 6"]}]
+
+
+def test_state_saved_before_identities_compares_its_config(tok, examples, tmp_path):
+    run = tmp_path / "run"
+    train_sft(steps_cfg(2), examples, run, build_model(SMALL, tok), tok, progress=False)
+    path = run / "last" / sft.STATE_FILE
+    state = torch.load(path, weights_only=False)
+    del state["identity"], state["resumes"]
+    torch.save(state, path)
+    with pytest.raises(sft.SFTError, match="sft.lr: 0.003 -> 0.5"):
+        train_sft(steps_cfg(3, lr=0.5), examples, run, build_model(SMALL, tok), tok, progress=False)
+    train_sft(steps_cfg(3), examples, run, build_model(SMALL, tok), tok, progress=False)
+    assert state_step(run) == 3
+
+
+def test_a_damaged_run_folder_is_an_error_never_a_fresh_start(tok, examples, tmp_path):
+    run = tmp_path / "run"
+    train_sft(steps_cfg(2), examples, run, build_model(SMALL, tok), tok, progress=False)
+    final_weights = (run / "final" / "model.safetensors").read_bytes()
+    state, last = run / "last" / sft.STATE_FILE, run / "last"
+
+    def resume_fails(match: str) -> None:
+        with pytest.raises(sft.SFTError, match=match):
+            train_sft(steps_cfg(4), examples, run, build_model(SMALL, tok), tok, progress=False)
+        assert (run / "final" / "model.safetensors").read_bytes() == final_weights
+
+    good = state.read_bytes()
+    state.write_bytes(good[:1000])  # truncated: a bare OSError or RuntimeError from torch.load before
+    resume_fails(f"cannot resume: {state} is damaged .*remove {run} or use another out_dir")
+    state.unlink()
+    resume_fails(f"cannot resume from {last}: it has no {sft.STATE_FILE}")
+    state.write_bytes(good)
+    aside = run / ".last.old-1-abcdefgh"  # a checkpoint write cut between its two renames
+    last.rename(aside)
+    resume_fails(f"{last} is missing but {aside} holds the previous checkpoint.*rename it")
+    shutil.rmtree(aside)
+    resume_fails(f"{run} holds a run \\({run / 'final'}\\) but no {last}")
+
+
+def _interrupt_at_call(monkeypatch, call: int) -> None:
+    """sft.train_step sends this process a SIGINT (a real Ctrl-C) during its `call`-th call."""
+    real_step, calls = sft.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "train_step", step)
+
+
+def test_ctrl_c_saves_the_current_step_and_resumes_exactly(tok, examples, tmp_path, monkeypatch):
+    cfg = steps_cfg(6)  # no periodic checkpoint: only the Ctrl-C one
+    straight = train_sft(cfg, examples, tmp_path / "a", build_model(SMALL, tok), tok, progress=False)
+    _interrupt_at_call(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt) as info:  # before: a bare KeyboardInterrupt, no checkpoint
+        train_sft(cfg, examples, tmp_path / "b", build_model(SMALL, tok), tok, progress=False)
+    assert isinstance(info.value, sft.TrainingInterrupted) and info.value.step == 3
+    assert str(info.value) == f"interrupted: saved {tmp_path / 'b' / 'last'} at step 3; rerun the same command to resume"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    assert state_step(tmp_path / "b") == 3 and not (tmp_path / "b" / "final").exists()
+    monkeypatch.undo()
+    resumed = train_sft(cfg, examples, tmp_path / "b", build_model(SMALL, tok), tok, progress=False)
+    a, _ = load_checkpoint(straight)
+    b, _ = load_checkpoint(resumed)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 # --- the CLI and the quick evaluation (smoke) --------------------------------------------------

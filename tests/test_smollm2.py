@@ -191,6 +191,7 @@ def test_the_evaluation_loads_the_model_in_its_dtype_and_keeps_it_per_run_folder
     del saved["dtype"]  # a folder made before the field existed: its runs were float32
     (folder / "config.json").write_text(json.dumps(saved))
     claim_out_dir(EvalConfig(model_dir=str(out)), folder)
+    (folder / "greedy.jsonl").write_text("")  # a stage output made with float32
     with pytest.raises(ValueError, match="dtype: 'float32' -> 'bfloat16'"):
         claim_out_dir(EvalConfig(model_dir=str(out), dtype="bfloat16"), folder)
 
@@ -239,3 +240,57 @@ def test_the_report_says_when_the_head_scores_every_candidate_alike():
     assert flat_head_warning(cfg, {**flat, "gsm8k_flexible.sprm_within_auc": 0.61}) == []
     assert flat_head_warning(cfg, {**flat, "gsm8k_flexible.sprm_diff_prob": 0.02}) == []
     assert flat_head_warning(cfg, {}) == []
+
+
+# -- settings checked before any stage ------------------------------------------------------------
+
+
+def test_every_setting_is_checked_before_any_stage_or_file(tmp_path, capsys):
+    from experiments.smollm2_eval import EvalConfig, main
+
+    for bad, message in ((dict(labels="foo"), "HeadTrainConfig.labels='foo'"),
+                         (dict(labels="true_labels"), "needs true step labels; gsm8k has none"),
+                         (dict(labels="outcome_bce", head_warmup_steps=5), "warmup_steps=5"),
+                         (dict(head_lr=-1.0), "HeadTrainConfig.lr=-1.0")):
+        with pytest.raises(ValueError, match=message):
+            EvalConfig(**bad)
+    out = tmp_path / "run"
+    assert main(["--labels", "foo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: EvalConfig head settings") and "labels='foo'" in err and "Traceback" not in err
+    assert not out.exists()  # nothing saved: a rerun with --labels spr is not refused
+    assert main(["--stages", "greedyy", "--out", str(out)]) == 2 and not out.exists()
+    assert main(["--max-minutes", "0", "--stages", "report", "--out", str(out)]) == 2 and not out.exists()
+
+
+def test_a_feature_layer_the_model_lacks_is_refused_when_the_sprm_stage_is_due(tmp_path, monkeypatch):
+    from experiments import smollm2_eval
+    from experiments.smollm2_eval import EvalConfig, check_run
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"num_hidden_layers": 30}))
+    monkeypatch.setattr(smollm2_eval, "ensure_smollm2", lambda model_dir: tmp_path / "model")
+    check_run(EvalConfig(feature_layer=-31), tmp_path / "run", ["sprm"], None)
+    with pytest.raises(ValueError, match="feature_layer=31 does not index the model's 31 hidden states"):
+        check_run(EvalConfig(feature_layer=31), tmp_path / "run", ["greedy", "sprm"], None)
+    check_run(EvalConfig(feature_layer=31), tmp_path / "run", ["greedy"], None)  # no sprm stage: not read
+
+
+def test_a_later_stages_setting_may_change_until_that_stage_has_outputs(tmp_path):
+    from experiments.smollm2_eval import EvalConfig, claim_out_dir
+
+    folder = tmp_path / "run"
+    saved = lambda: json.loads((folder / "config.json").read_text())  # noqa: E731
+    claim_out_dir(EvalConfig(), folder)
+    claim_out_dir(EvalConfig(n=4), folder)  # no stage output yet: any field may change
+    assert saved()["n"] == 4
+    (folder / "greedy.jsonl").write_text("")
+    (folder / "best_of_n.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"n: 4 -> 8 \(greedy.jsonl, best_of_n.jsonl made with it\)"):
+        claim_out_dir(EvalConfig(n=8), folder)
+    claim_out_dir(EvalConfig(n=4, labels="outcome_bce", head_steps=50, beam_width=2), folder)
+    assert (saved()["labels"], saved()["head_steps"], saved()["beam_width"]) == ("outcome_bce", 50, 2)
+    (folder / "sprm").mkdir()
+    (folder / "sprm" / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"labels: 'outcome_bce' -> 'spr' \(sprm/metrics.json made with it\)"):
+        claim_out_dir(EvalConfig(n=4, head_steps=50, beam_width=2), folder)

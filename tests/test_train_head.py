@@ -22,7 +22,8 @@ from experiments.rollout_cache import (
 )
 from experiments.tasks import arith
 from experiments.train_head import (
-    bon_sizes, bon_table, cache_metrics, pooled_auc, run_head_training, spr_label_agreement,
+    batch_note, bon_sizes, bon_table, cache_metrics, check_pair, main, pooled_auc, run_head_training,
+    spr_label_agreement, steps_for_epochs,
 )
 from policies.checkpoint import load_checkpoint
 from policies.sampling_config import SamplingConfig
@@ -210,6 +211,75 @@ def test_configs_name_the_bad_value():
         CacheSpec("x", "arith", "val", 1, 1)
     with pytest.raises(ValueError, match="feature_layers"):
         CacheSpec("x", "arith", "test", 1, 1, feature_layers=(-2, -2))
+
+
+def test_epochs_count_full_batch_steps_and_must_be_positive():
+    assert steps_for_epochs(2, 640, 64) == 20
+    assert steps_for_epochs(10, 64, 1000) == 10  # a batch larger than the cache is one full pass
+    assert steps_for_epochs(0.001, 64, 64) == 1
+    for bad in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="epochs=.* must be a finite number > 0"):
+            steps_for_epochs(bad, 64, 64)
+
+
+def test_cli_refuses_bad_settings_before_reading_a_cache(tmp_path, capsys):
+    missing = ["--train", str(tmp_path / "none.pt"), "--test", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_info:  # argparse: the caches are never read
+        main([*missing, "--epochs", "-1"])
+    assert exit_info.value.code == 2 and "--epochs: '-1' must be a finite number > 0" in capsys.readouterr().err
+    assert main([*missing, "--lr", "-1"]) == 2  # the config before the cache
+    err = capsys.readouterr().err
+    assert err.startswith("error: HeadTrainConfig.lr=-1.0") and "Traceback" not in err
+    assert main(missing) == 2 and capsys.readouterr().err == f"error: no rollout cache {tmp_path / 'none.pt'}\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_keeps_the_traceback_of_a_genuine_bug(tmp_path, monkeypatch):
+    from experiments import train_head
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(train_head, "run_head_training", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["--train", "a.pt", "--test", "b.pt", "--out", str(tmp_path / "o")])
+
+
+def test_cache_cli_prints_bad_settings_as_one_error_line(tmp_path, capsys):
+    from experiments.rollout_cache import main as cache_main
+
+    args = ["--policy", str(tmp_path / "none"), "--problems", "2", "--n", "2"]
+    assert cache_main([*args, "--task", "foo", "--out", str(tmp_path / "c.pt")]) == 2
+    assert capsys.readouterr().err == "error: unknown task 'foo'; valid: arith, countdown\n"
+    assert cache_main([*args, "--task", "arith", "--out", str(tmp_path)]) == 2  # before any rollout
+    assert capsys.readouterr().err.startswith(f"error: --out {tmp_path} is a folder")
+    assert cache_main([*args, "--task", "arith", "--out", str(tmp_path / "c.pt")]) == 2
+    assert capsys.readouterr().err == f"error: checkpoint folder {tmp_path / 'none'} does not exist\n"
+
+
+def test_a_batch_larger_than_the_cache_is_noted(tmp_path, capsys):
+    assert batch_note(64, 64) is None
+    assert batch_note(1000, 64) == ("note: batch_rollouts=1000 exceeds the train cache's 64 rollouts: every step "
+                                    "trains on all 64 (full-batch steps)")
+    save_cache(synthetic_cache([True, False] * 4, 2, [1] * 8), tmp_path / "c.pt")
+    cfg = HeadTrainConfig(steps=1, batch_rollouts=1000, eval_every=0)
+    run_head_training(tmp_path / "c.pt", tmp_path / "c.pt", cfg, tmp_path / "run", save=False, progress=False)
+    assert "batch_rollouts=1000 exceeds the train cache's 8 rollouts" in capsys.readouterr().err
+
+
+def test_a_layer_the_caches_lack_is_a_value_error_naming_the_cache():
+    cache = synthetic_cache([True, False], 2, [1, 1])
+    with pytest.raises(ValueError, match=r"train cache: feature_layer=-1 is not in the cache \(it holds \[-2\]\)"):
+        check_pair(cache, cache, -1)
+
+
+def test_a_damaged_cache_file_is_named(tmp_path):
+    path = save_cache(synthetic_cache([True, False] * 4, 2, [3] * 8), tmp_path / "c.pt")
+    data = path.read_bytes()
+    for size in range(0, len(data), 97):  # torch.load raises EOFError, RuntimeError or OSError [Errno 22]
+        path.write_bytes(data[:size])
+        with pytest.raises(ValueError, match=f"{path} is damaged .*rebuild it"):
+            load_cache(path)
 
 
 def test_warmup_trains_plain_bce_before_the_filter():

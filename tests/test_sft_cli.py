@@ -1,0 +1,122 @@
+"""`python -m experiments.train_sft`: one-line errors (exit 2), resume refusals and notes,
+--checkpoint-every, Ctrl-C (exit 130, resumable). A few steps of a tiny model each.
+
+    .venv/bin/python -m pytest -q tests/test_sft_cli.py
+"""
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+import experiments.sft_tasks as sft_tasks
+import policies.sft as sft
+from experiments import train_sft as cli
+from policies.tiny_model import TinyModelConfig
+
+SMALL = TinyModelConfig(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64, max_position=160)
+FAST = ["--train-problems", "40", "--eval-problems", "0", "--batch-size", "4", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def small_runs(monkeypatch):
+    """The small model, and countdown drawn from 50 train problems (9k take ~14 s)."""
+    monkeypatch.setattr(cli, "TinyModelConfig", lambda seed: SMALL)
+    monkeypatch.setattr(sft_tasks, "COUNTDOWN_TRAIN_PROBLEMS", 50)
+
+
+def main(*argv: str) -> int:
+    """cli.main with FAST, then argv (a flag given again overrides FAST's); a Ctrl-C escaping it
+    fails the test instead of stopping the session."""
+    try:
+        return cli.main([*FAST, *argv])
+    except KeyboardInterrupt as err:
+        pytest.fail(f"KeyboardInterrupt escaped main: {err!r}")
+
+
+def state_step(out) -> int:
+    return torch.load(out / "last" / sft.STATE_FILE, weights_only=False)["step"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--minutes", "-3"], "--minutes -3: must be > 0 (or 0 for no time limit)"),
+        (["--minutes", "nan"], "--minutes nan: must be > 0"),
+        (["--minutes", "0"], "--minutes 0 (no time limit) needs --max-steps N"),
+        (["--max-steps", "0"], "--max-steps 0: must be >= 1"),
+        (["--batch-size", "0"], "SFTConfig.batch_size=0; must be >= 1"),
+        (["--lr", "-1"], "SFTConfig.lr=-1.0; must be > 0"),
+        (["--checkpoint-every", "-1"], "SFTConfig.checkpoint_every=-1; must be >= 0"),
+        (["--train-problems", "0"], "--train-problems 0: must be >= 1"),
+        (["--eval-problems", "3", "--eval-samples", "0"], "--eval-samples 0: must be >= 1"),
+    ],
+)
+def test_a_bad_value_is_one_error_line_and_exit_2(tmp_path, capsys, flags, message):
+    rc = main("--out", str(tmp_path / "run"), *flags)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not a bad setting")
+
+    monkeypatch.setattr(cli, "train_sft", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main("--out", str(tmp_path / "run"), "--max-steps", "2")
+
+
+def test_resume_says_so_extends_and_refuses_another_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main("--out", str(out), "--max-steps", "2") == 0
+    capsys.readouterr()
+    assert main("--out", str(out), "--max-steps", "3") == 0  # a longer budget trains the same run longer
+    printed = capsys.readouterr().out
+    assert f"resuming from {out / 'last'} at step 2\n" in printed and "trained 3 steps" in printed
+    for flags, names in [
+        (["--task", "countdown"], "run.task: 'arith' -> 'countdown'"),
+        (["--lr", "0.5"], "sft.lr: 0.002 -> 0.5"),
+        (["--seed", "1"], "sft.seed: 0 -> 1"),
+        (["--batch-size", "8"], "sft.batch_size: 4 -> 8"),
+    ]:
+        assert main("--out", str(out), "--max-steps", "4", *flags) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {out / 'last'} holds a run of another config ({names}") and err.count("\n") == 1, err
+    assert state_step(out) == 3
+
+
+def test_checkpoint_every_sets_the_resume_interval(tmp_path, monkeypatch):
+    out, real_step, calls = tmp_path / "run", sft.train_step, []
+
+    def crash_on_fourth_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "train_step", crash_on_fourth_step)
+    with pytest.raises(RuntimeError, match="crash"):
+        main("--out", str(out), "--max-steps", "6", "--checkpoint-every", "3")
+    assert state_step(out) == 3
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    out, real_step, calls = tmp_path / "run", sft.train_step, []
+
+    def interrupt_on_second_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, delivered during the step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "train_step", interrupt_on_second_step)
+    assert main("--out", str(out), "--max-steps", "4") == 130
+    err = capsys.readouterr().err
+    assert err == f"interrupted: saved {out / 'last'} at step 2; rerun the same command to resume\n"
+    assert state_step(out) == 2
+    monkeypatch.setattr(sft, "train_step", real_step)
+    assert main("--out", str(out), "--max-steps", "4") == 0
+    assert f"resuming from {out / 'last'} at step 2\n" in capsys.readouterr().out and state_step(out) == 4
