@@ -68,6 +68,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
+from experiments.checkpoint_hints import checkpoint_hint
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
@@ -204,14 +205,19 @@ def build_frozen(node: DictConfig) -> Any:
 
 
 def build_policy(node: DictConfig) -> Policy:
-    """The policy; a missing checkpoint says how to make the default one."""
+    """The policy; a missing or incomplete checkpoint says how to get it (`checkpoint_hint`)."""
     try:
         return build(node)
     except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"{err}. Train the default tiny policy with `python -m experiments.train_sft --out "
-            "outputs/checkpoints/tiny-arith` (or `make demo`), or point policy.path= at a checkpoint"
-        ) from err
+        raise FileNotFoundError(f"{err}. {checkpoint_hint(node.get('path'), err, 'policy.path')}") from err
+
+
+def build_scorer(node: DictConfig) -> Scorer:
+    """The scorer; one that loads a checkpoint (scorer=sprm_forward) says how to get a missing one."""
+    try:
+        return build(node)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}. {checkpoint_hint(node.get('path'), err, 'scorer.path')}") from err
 
 
 def load_task(task_cfg: DictConfig) -> tuple[Task, list[Problem]]:
@@ -359,7 +365,7 @@ def search_missing(
     todo = [part for part in parts if any(p.id not in done for p in part)]
     if not todo:
         return
-    policy, scorer = build_policy(cfg.policy), build(cfg.scorer)  # loaded only when there is work
+    policy, scorer = build_policy(cfg.policy), build_scorer(cfg.scorer)  # loaded only when there is work
     total = sum(len(part) for part in parts)
     with tqdm(total=total, initial=total - sum(p.id not in done for part in todo for p in part), unit="problem", disable=not cfg.progress,
               desc=spec.fn.__name__) as bar:

@@ -27,7 +27,13 @@ One step, per process (its own share of the step's prompts):
      grad norms, rewards, tokens/s (`experiments.aha_metrics`); optional TensorBoard (when the
      `tensorboard` package is importable).
 Rerunning the same command resumes from out_dir/last: same weights and the same metric rows
-(time/* aside) as a run that was never stopped. Randomness is explicit: the data order is a pure
+(time/* aside) as a run that was never stopped. When last/ is incomplete or damaged (a missing or
+truncated file) it resumes from the newest complete ckpt-<K> instead, printing one line that says
+which and why, and metrics.jsonl is cut back to step K; a folder with checkpoints of which none is
+complete, or without its config.yaml, is refused (nothing is deleted).
+Checked before anything loads: device= (cpu, cuda, cuda:N: one torch cannot see is refused; auto:
+accelerate picks), and the configs (`settings`: e.g. run.rollouts_per_prompt >= 2 while the loss
+has a GRPO term). Randomness is explicit: the data order is a pure
 function of (seed, position), rollout seeds and the head's dropout seed of (seed, step, rank).
 
 `run_training(cfg) -> Path` is the plain function (tests call it with `hydra.compose`); `main` is
@@ -61,8 +67,12 @@ from tqdm.auto import tqdm  # noqa: E402
 from experiments.aha_metrics import fc_metrics, path_scores, prefixed  # noqa: E402
 from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: E402
 from experiments.result_json import write_atomic  # noqa: E402
-from experiments.search import CONFIG_DIR, build_frozen, resolve_out_dir, resolved_config  # noqa: E402
+from experiments.checkpoint_hints import checkpoint_hint  # noqa: E402
+from experiments.search import (  # noqa: E402
+    CONFIG_DIR, build_frozen, resolve_out_dir, resolved_config,
+)
 from policies.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from policies.devices import resolve_device  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.joint_step import JointForward, JointLossConfig, frozen_logprobs, joint_step  # noqa: E402
 from policies.reflective_model import ReflectiveModel  # noqa: E402
@@ -71,8 +81,7 @@ from policies.rollout_batch import (  # noqa: E402
 )
 from policies.sampling_config import SamplingConfig  # noqa: E402
 from policies.train_state import (  # noqa: E402
-    JointTrainState, capture_rng, load_joint_state, load_policy_with_head,
-    publish_checkpoint, restore_rng, resume_point,
+    JointTrainState, ResumePoint, capture_rng, load_policy_with_head, publish_checkpoint, restore_rng, resume_point,
 )
 from policies.transformers_policy import TransformersPolicy  # noqa: E402
 from scorers.sprm_positions import StepMarkers  # noqa: E402
@@ -87,6 +96,8 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "run.checkpoint_every", "run.keep_checkpoints",
 )
 OLD_LOGPROBS: tuple[str, ...] = ("recompute", "rollout")
+# `device=`: cpu, cuda, cuda:N (checked by policies.devices.resolve_device), or auto (accelerate's pick)
+AUTO_DEVICE = "auto"
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -215,12 +226,45 @@ def settings(cfg: DictConfig) -> Settings:
             f"train_loss.temperature={s.loss.temperature} differs from sampling.temperature="
             f"{s.sampling.temperature}: the policy's log-probs must be those of the distribution that sampled"
         )
+    if s.run.rollouts_per_prompt < 2 and s.loss.grpo_coef > 0:
+        raise ValueError(
+            f"run.rollouts_per_prompt={s.run.rollouts_per_prompt}: a GRPO group of one rollout has no baseline "
+            f"(its advantage is always 0, so the policy loss does nothing); use >= 2, or train_loss.grpo_coef=0 "
+            f"(train_loss=spr_only)"
+        )
     if s.run.old_logprobs == "rollout" and s.sampling.temperature != 1.0:
         raise ValueError(
             f"run.old_logprobs=rollout needs sampling.temperature=1.0 (the sampler reports temperature-1 "
             f"log-probs), got {s.sampling.temperature}; use run.old_logprobs=recompute"
         )
     return s
+
+
+def train_device(device: Any) -> torch.device | None:
+    """The device of `device=`: "cpu", "cuda" or "cuda:N" once torch can use it here (else a
+    ValueError naming it, `policies.devices.resolve_device`), or None for "auto" (accelerate picks:
+    a GPU when there is one)."""
+    if str(device) == AUTO_DEVICE:
+        return None
+    try:
+        return resolve_device(str(device))
+    except ValueError as error:
+        raise ValueError(f"{error} (the trainer's device= takes cpu, cuda, cuda:N or {AUTO_DEVICE})") from None
+
+
+def make_accelerator(device: torch.device | None) -> Accelerator:
+    """The Accelerator on `device` (None: accelerate's choice). cuda:N becomes the current CUDA
+    device first (a single process puts its model there); several processes each take their
+    local GPU, so they refuse an index. RuntimeError if accelerate ended up elsewhere."""
+    if device is not None and device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    accelerator = Accelerator(cpu=device is not None and device.type == "cpu")
+    if device is not None and device.index is not None and accelerator.num_processes > 1:
+        raise ValueError(f"device={device} with {accelerator.num_processes} processes: pass device=cuda (each process "
+                         "takes its local GPU)")
+    if device is not None and accelerator.device.type != device.type:
+        raise RuntimeError(f"device={device} asked, but accelerate placed the run on {accelerator.device}")
+    return accelerator
 
 
 def derived_seed(*parts: Any) -> int:
@@ -281,23 +325,26 @@ class Trainer:
         return self.accelerator.is_main_process
 
 
-def load_start(s: Settings, out: Path, world: int) -> tuple[ReflectiveModel, Any, JointTrainState | None]:
-    """(model, tokenizer, saved state) from out_dir/last, or the init policy and no state."""
-    last = resume_point(out)
-    if last is None:
+def load_start(s: Settings, out: Path, world: int) -> tuple[ReflectiveModel, Any, ResumePoint | None]:
+    """(model, tokenizer, resume point) from out_dir's newest complete checkpoint
+    (`policies.train_state.resume_point`), or the init policy and None on a fresh start."""
+    point = resume_point(out)
+    if point is None:
         try:
             reflective, tokenizer = load_policy_with_head(s.init_from, s.run.head_seed, s.run.feature_layer)
         except FileNotFoundError as err:
-            raise FileNotFoundError(
-                f"init_from: {err}. Train the default tiny policy with `python -m experiments.train_sft --out "
-                "outputs/checkpoints/tiny-arith` (or `make demo`), or point init_from= at a checkpoint"
-            ) from err
+            raise FileNotFoundError(f"init_from: {err}. {checkpoint_hint(s.init_from, err, 'init_from')}") from err
         return reflective, tokenizer, None
-    state = load_joint_state(last)
-    if state.world_size != world:
-        raise ValueError(f"{last} was trained by {state.world_size} processes; resume it with as many, not {world}")
-    reflective, tokenizer = ReflectiveModel.from_pretrained(last)
-    return reflective, tokenizer, state
+    if point.state.world_size != world:
+        raise ValueError(
+            f"{point.directory} was trained by {point.state.world_size} processes; resume it with as many, not {world}"
+        )
+    return point.reflective, point.tokenizer, point
+
+
+def resume_message(point: ResumePoint) -> str:
+    """The one line a resume from an older checkpoint prints: which one, and why not the newer ones."""
+    return f"resuming from {point.directory} (step {point.state.step}): {'; '.join(point.passed_over)}"
 
 
 def reference_lm(trainer_out: Path, reflective: ReflectiveModel, tokenizer: Any, fresh: bool, main: bool, s: Settings):
@@ -315,7 +362,12 @@ def claim_out_dir(out: Path, config: dict[str, Any], resuming: bool, main: bool)
     """Resuming: refuse a config that differs in a result-relevant key. Fresh: reset the run files."""
     path = out / CONFIG
     if resuming:
-        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.is_file() else {}
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: {out} holds checkpoints of a run whose config is gone, so a resume cannot be "
+                "checked against it; restore config.yaml, or pass another out_dir= to start a new run"
+            )
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         diffs = config_differences(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
         if diffs:
             raise ValueError(f"{out} holds a run of another config ({'; '.join(diffs)}); use another out_dir")
@@ -336,8 +388,11 @@ def open_run(cfg: DictConfig, s: Settings, accelerator: Accelerator) -> tuple[Tr
             f"run.prompts_per_step={s.run.prompts_per_step} must split evenly over {accelerator.num_processes} "
             f"processes and then into run.mini_batches={s.run.mini_batches}"
         )
-    reflective, tokenizer, state = load_start(s, out, accelerator.num_processes)
+    reflective, tokenizer, point = load_start(s, out, accelerator.num_processes)
+    state = point.state if point is not None else None
     claim_out_dir(out, resolved_config(cfg), state is not None, accelerator.is_main_process)
+    if point is not None and point.passed_over and accelerator.is_main_process:
+        print(resume_message(point), flush=True)
     accelerator.wait_for_everyone()
     ref_lm = reference_lm(out, reflective, tokenizer, state is None, accelerator.is_main_process, s)
     if ref_lm is not None:
@@ -666,9 +721,10 @@ def _fmt(value: float | None) -> str:
 def run_training(cfg: DictConfig) -> Path:
     """Train (or resume) the run the config describes; return its folder (module docstring)."""
     s = settings(cfg)  # validates before anything is loaded or written
+    device = train_device(cfg.device)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    accelerator = make_accelerator(device)
     t, resumed = open_run(cfg, s, accelerator)
     make_heldout(t, resumed)
     log = MetricsLog(t.out, bool(cfg.tensorboard), t.step) if t.main else None

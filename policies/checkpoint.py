@@ -3,18 +3,22 @@
 A checkpoint directory holds config.json, model.safetensors, generation_config.json and the
 tokenizer files, so `AutoModelForCausalLM.from_pretrained(dir)` and vLLM read it as is.
 Writes go to a temporary sibling directory that is renamed into place, so a reader (or a crash)
-never sees a half-written checkpoint.
+never sees a half-written checkpoint. Loading names the file at fault: a missing one is a
+FileNotFoundError, one that is there but truncated or corrupted a `DamagedCheckpointError`.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -40,6 +44,60 @@ REQUIRED_FILES: tuple[str, ...] = (
     "tokenizer.json",
     "tokenizer_config.json",
 )
+
+
+# what torch.load raises on a truncated or corrupted file (a zip without its central directory is
+# miniz's RuntimeError or an OSError EINVAL; an old-format pickle cut short is EOFError /
+# UnpicklingError); a missing file or a permission error is not damage and stays itself
+TORCH_LOAD_ERRORS: tuple[type[BaseException], ...] = (
+    RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+)
+NOT_DAMAGE: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that is there but cannot be read (truncated by a full disk or a copy cut
+    short, corrupted): the message names the file."""
+
+
+def damaged(path: Path, error: BaseException) -> DamagedCheckpointError:
+    """The DamagedCheckpointError of `path`, quoting the first sentence of the reader's own error."""
+    reason = str(error).split(". ")[0].strip()
+    return DamagedCheckpointError(
+        f"{path} is damaged or incomplete (truncated or corrupted): {type(error).__name__}: {reason}"
+    )
+
+
+def check_safetensors(path: Path) -> None:
+    """DamagedCheckpointError naming path unless its header parses and the tensors it lists cover
+    the file exactly (safetensors' own check, reading only the header)."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as error:
+        raise damaged(path, error) from error
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn a reader's error on a truncated or corrupted file into a DamagedCheckpointError naming
+    path (a missing file or a permission error stays itself)."""
+    try:
+        yield
+    except NOT_DAMAGE:
+        raise
+    except TORCH_LOAD_ERRORS as error:
+        raise damaged(path, error) from error
+
+
+def load_torch_file(path: str | Path, **kwargs: Any) -> Any:
+    """torch.load(path, **kwargs); FileNotFoundError when it is not there, DamagedCheckpointError
+    naming it when it is truncated or corrupted."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    with reading(path):
+        return torch.load(path, **kwargs)
 
 
 @contextlib.contextmanager
@@ -110,9 +168,12 @@ def load_checkpoint(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model in eval mode, tokenizer) from a directory written by save_checkpoint; dtype: the
     weights' (a torch dtype or its name in DTYPES); device: where the model goes ("cpu",
-    "cuda[:N]"; one torch cannot see is a ValueError naming it, raised before anything loads)."""
+    "cuda[:N]"; one torch cannot see is a ValueError naming it, raised before anything loads).
+    A missing file is a FileNotFoundError, a truncated model.safetensors a DamagedCheckpointError,
+    both naming the file."""
     dtype, target = torch_dtype(dtype), resolve_device(device)
     directory = check_checkpoint(directory)
+    check_safetensors(directory / "model.safetensors")
     with _no_hf_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))

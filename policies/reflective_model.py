@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from policies.checkpoint import atomic_directory, load_checkpoint, write_checkpoint_files
+from policies.checkpoint import atomic_directory, load_checkpoint, reading, write_checkpoint_files
 from scorers.sprm_head import (
-    build_sprm_head, head_hidden_size, load_score_module, save_score_module, sprm_logits,
+    SCORE_MODULE_FILE, build_sprm_head, head_hidden_size, load_score_module, save_score_module, sprm_logits,
 )
 
 SPRM_CONFIG_FILE = "sprm.json"
@@ -115,12 +115,14 @@ class ReflectiveModel(nn.Module):
         device: str | torch.device = "cpu",
     ) -> tuple["ReflectiveModel", Any]:
         """(model in eval mode, tokenizer) from a folder of `save_pretrained` or of the reference.
-        FileNotFoundError names a missing file (score_module.pt included). The head keeps the
+        FileNotFoundError names a missing file (score_module.pt included), DamagedCheckpointError a
+        truncated or corrupted one (model.safetensors, score_module.pt). The head keeps the
         dtype it was saved in; feature_layer overrides sprm.json (default -2 without it); device:
         where both go (`load_checkpoint`)."""
         directory = Path(directory)
         lm, tokenizer = load_checkpoint(directory, dtype, device)
-        head = load_score_module(directory, int(lm.config.hidden_size), map_location=lm.device)
+        with reading(directory / SCORE_MODULE_FILE):
+            head = load_score_module(directory, int(lm.config.hidden_size), map_location=lm.device)
         if feature_layer is None:
             config_path = directory / SPRM_CONFIG_FILE
             saved = json.loads(config_path.read_text()) if config_path.is_file() else {}

@@ -15,10 +15,16 @@ both optimisers' states, and the RNG states (python, numpy, torch) of every proc
 written to a temporary sibling and renamed (`policies.checkpoint.atomic_directory`): a kill
 never leaves half a checkpoint.
 
+Resuming (`resume_point`): last/ when it is complete, else the newest complete ckpt-<K> (a
+folder whose files are missing or truncated, e.g. by a full disk or a hand, is passed over and
+the reason kept); a run folder with checkpoint folders of which none is complete is a
+`DamagedCheckpointError` naming each folder's fault, so a rerun never starts over on top of it.
+
 Usage:
     reflective, tok = load_policy_with_head("outputs/checkpoints/tiny-arith/final", head_seed=0)
     save_joint_checkpoint(out / "ckpt-10", reflective, tok, state)
     state = load_joint_state(out / "last")              # JointTrainState
+    point = resume_point(out)                           # ResumePoint (folder, state, model) or None
     restore_rng(state.rng[rank])
 
 Tests: `.venv/bin/pytest tests/test_train_loop.py`.
@@ -36,7 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from policies.checkpoint import atomic_directory, load_checkpoint, write_checkpoint_files
+from policies.checkpoint import (
+    REQUIRED_FILES, DamagedCheckpointError, atomic_directory, load_checkpoint, load_torch_file, write_checkpoint_files,
+)
 from policies.reflective_model import DEFAULT_FEATURE_LAYER, SPRM_CONFIG_FILE, ReflectiveModel
 from scorers.sprm_head import SCORE_MODULE_FILE, build_sprm_head, save_score_module
 
@@ -103,14 +111,69 @@ def save_joint_checkpoint(directory: Path, reflective: ReflectiveModel, tokenize
 
 
 def load_joint_state(directory: Path) -> JointTrainState:
-    raw = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    """joint_state.pt of a checkpoint folder; FileNotFoundError / DamagedCheckpointError name the file."""
+    raw = load_torch_file(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
     return JointTrainState(**{**raw, "rng": tuple(raw["rng"])})
 
 
-def resume_point(out_dir: Path) -> Path | None:
-    """out_dir/last when it holds a complete checkpoint, else None (a fresh start)."""
-    last = Path(out_dir) / LAST
-    return last if (last / STATE_FILE).is_file() else None
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a rerun continues from: its folder, saved state, model and tokenizer;
+    passed_over: why each newer checkpoint folder was not used (empty when it is last/)."""
+
+    directory: Path
+    state: JointTrainState
+    reflective: ReflectiveModel
+    tokenizer: Any
+    passed_over: tuple[str, ...] = ()
+
+
+def checkpoint_folders(out_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, newest first: last/ (when there), then ckpt-<K> by K descending."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    numbered = sorted(
+        ((int(m.group(1)), p) for p in out_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()),
+        reverse=True,
+    )
+    return ([out_dir / LAST] if (out_dir / LAST).is_dir() else []) + [p for _, p in numbered]
+
+
+def missing_files(directory: Path) -> list[str]:
+    """The files of a complete checkpoint folder that `directory` lacks."""
+    return [name for name in (*REQUIRED_FILES, SCORE_MODULE_FILE, STATE_FILE) if not (Path(directory) / name).is_file()]
+
+
+def load_checkpoint_folder(directory: Path) -> tuple[JointTrainState, ReflectiveModel, Any]:
+    """(state, model, tokenizer) of one checkpoint folder; FileNotFoundError names its missing
+    files, DamagedCheckpointError a truncated or corrupted one."""
+    missing = missing_files(directory)
+    if missing:
+        raise FileNotFoundError(f"{directory} has no {', '.join(missing)}")
+    state = load_joint_state(directory)
+    reflective, tokenizer = ReflectiveModel.from_pretrained(directory)
+    return state, reflective, tokenizer
+
+
+def resume_point(out_dir: Path) -> ResumePoint | None:
+    """The newest complete checkpoint of out_dir (last/ first, then ckpt-<K> by K descending), or
+    None when out_dir holds no checkpoint folder (a fresh start). A run whose checkpoint folders
+    are all incomplete or damaged is a DamagedCheckpointError naming each one's fault."""
+    passed_over: list[str] = []
+    for directory in checkpoint_folders(out_dir):
+        try:
+            state, reflective, tokenizer = load_checkpoint_folder(directory)
+        except (FileNotFoundError, DamagedCheckpointError) as error:
+            passed_over.append(str(error))
+            continue
+        return ResumePoint(directory, state, reflective, tokenizer, tuple(passed_over))
+    if passed_over:
+        raise DamagedCheckpointError(
+            f"{out_dir} holds a run but no complete checkpoint to resume from ({'; '.join(passed_over)}). "
+            f"Nothing was deleted: restore the files, or pass another out_dir= to start a new run"
+        )
+    return None
 
 
 def publish_checkpoint(

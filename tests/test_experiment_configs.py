@@ -330,8 +330,9 @@ def test_missing_checkpoint_names_the_folder(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         build(composed([f"policy.path={tmp_path / 'half'}"]).policy)
-    # through the entry point the error also says how to make the default checkpoint
-    with pytest.raises(FileNotFoundError, match=r"nope does not exist\. Train the default tiny policy"):
+    # through the entry point the error also says where to point policy.path (an arbitrary folder;
+    # the default tiny-arith folder gets its training command, tests/test_train_inputs.py)
+    with pytest.raises(FileNotFoundError, match=r"nope does not exist\. Point policy.path= at an existing checkpoint"):
         run_search_experiment(composed([f"policy.path={tmp_path / 'nope'}", f"out_dir={tmp_path / 'run'}"] + TINY))
     assert not (tmp_path / "run" / "records.jsonl").exists()
 

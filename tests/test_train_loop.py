@@ -136,8 +136,12 @@ def test_bad_values_are_named(override, message):
 
 
 def test_a_missing_init_policy_says_how_to_make_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="experiments.train_sft"):
+    default = tmp_path / "outputs" / "checkpoints" / "tiny-arith" / "final"
+    with pytest.raises(FileNotFoundError, match="experiments.train_sft --out outputs/checkpoints/tiny-arith"):
+        run_training(composed(tiny(default, tmp_path / "run")))
+    with pytest.raises(FileNotFoundError, match="Point init_from= at an existing checkpoint folder") as caught:
         run_training(composed(tiny(tmp_path / "nowhere", tmp_path / "run")))
+    assert "train_sft" not in str(caught.value)  # the tiny policy's command only for its folder
 
 
 def test_the_data_stream_is_a_pure_function_of_seed_and_position():

@@ -1,0 +1,81 @@
+"""What to tell a user whose checkpoint folder is missing or incomplete: how to get that folder.
+
+The project's own folders name the command that writes them (tiny-arith, tiny-countdown, the
+demo's reflective models); a folder without score_module.pt needs a reflective checkpoint (the
+joint trainer's `last/`); a GPU preset's folder names its environment variable and the download.
+
+    raise FileNotFoundError(f"{err}. {checkpoint_hint(path, err, 'policy.path')}")
+    # ... Train the default tiny policy with `python -m experiments.train_sft --out
+    # outputs/checkpoints/tiny-arith` (or `make demo`), or point policy.path= at a checkpoint
+
+Used by `experiments.search` (policy.path, scorer.path) and `experiments.train` (init_from).
+Tests: `.venv/bin/python -m pytest tests/test_train_inputs.py`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"  # experiments.search.CONFIG_DIR (the policy presets)
+
+# folders the project's own commands write (matched by the end of their path) and how to make each
+MADE_CHECKPOINTS: tuple[tuple[str, str], ...] = (
+    ("checkpoints/tiny-arith", "Train the default tiny policy with `python -m experiments.train_sft --out "
+                               "outputs/checkpoints/tiny-arith` (or `make demo`)"),
+    ("checkpoints/tiny-countdown", "Train the countdown policy with `python -m experiments.train_sft --task countdown "
+                                   "--out outputs/checkpoints/tiny-countdown` (or `make demo`)"),
+    ("demo/reflective_countdown", "`make demo` writes it (the demo's reflective model of countdown, trained from "
+                                  "outputs/checkpoints/tiny-countdown/final)"),
+    ("demo/reflective_arith", "`make demo` writes it (the demo's reflective model of arith, trained from "
+                              "outputs/checkpoints/tiny-arith/final)"),
+)
+HEAD_FILE = "score_module.pt"  # scorers.sprm_head.SCORE_MODULE_FILE (not imported: it loads torch)
+HEAD_HINT = (
+    "A reflective checkpoint (policy and SPRM head on one backbone) is needed: the joint training "
+    "`python -m experiments.train` writes one as the `last/` of its run (outputs/train/default/last; with "
+    "out_dir=DIR, DIR/last); or rank without a head (scorer=confidence)"
+)
+PRESET_ENV = re.compile(r"\$\{oc\.env:([A-Za-z0-9_]+),([^}]+)\}")  # path: ${oc.env:VAR,placeholder}
+HUB_REPO = re.compile(r"\(([\w.-]+/[\w.-]+):")  # a GPU preset's first line: "... (MetaStone-AI/XBai-o4: ..."
+
+
+def lies_under(path: Path, suffix: str) -> bool:
+    """Whether path's parts hold suffix's ("checkpoints/tiny-arith") one after the other."""
+    want, parts = tuple(suffix.split("/")), path.parts
+    return any(parts[i : i + len(want)] == want for i in range(len(parts) - len(want) + 1))
+
+
+def env_preset_of(path: Path) -> tuple[str, str, str, str | None] | None:
+    """(preset, environment variable, placeholder, Hub repository or None) of the policy preset of
+    experiments/conf/policy whose checkpoint folder is path (the variable's value or its
+    placeholder), else None."""
+    for config in sorted((CONFIG_DIR / "policy").glob("*.yaml")):
+        text = config.read_text()
+        match = PRESET_ENV.search(text)
+        if match and str(path) in (match.group(2).strip(), os.environ.get(match.group(1))):
+            repo = HUB_REPO.search(text.splitlines()[0])
+            return config.stem, match.group(1), match.group(2).strip(), repo.group(1) if repo else None
+    return None
+
+
+def checkpoint_hint(path: str | Path | None, error: BaseException, key: str) -> str:
+    """How to get the checkpoint folder `path` (given by `key`) that `error` found missing or
+    incomplete: a head for a folder without score_module.pt; the command that writes one of the
+    project's own folders (tiny-arith, tiny-countdown, the demo's); a GPU preset's environment
+    variable and download; else where to point key."""
+    if path is None:
+        return f"Point {key}= at a checkpoint folder"
+    path = Path(str(path))
+    if HEAD_FILE in str(error) or lies_under(path, "train/default/last"):
+        return HEAD_HINT
+    for suffix, how in MADE_CHECKPOINTS:
+        if lies_under(path, suffix):
+            return f"{how}, or point {key}= at a checkpoint"
+    preset = env_preset_of(path)
+    if preset is not None:
+        name, variable, placeholder, repo = preset
+        download = f"download {repo} (e.g. `hf download {repo} --local-dir <folder>`)" if repo else "download the model"
+        return (f"policy={name} reads its folder from ${variable} (unset: {placeholder}): {download} and set "
+                f"{variable}=<folder>; `python -m experiments.gpu_check --preset {name}` checks it end to end")
+    return f"Point {key}= at an existing checkpoint folder"

@@ -1,0 +1,145 @@
+"""The joint trainer's inputs and run folder (`python -m experiments.train`): a damaged last/
+resumes from the newest complete ckpt-<K> (one line says which and why, metrics.jsonl cut back to
+it) and a run with no complete checkpoint is refused with nothing deleted; device= and
+run.rollouts_per_prompt are checked before anything loads; truncated checkpoint files and a
+missing config.yaml are errors naming the file; the missing-checkpoint hints of the trainer and of
+`experiments.search` fit the folder (tiny-arith, tiny-countdown, the demo's, a head, a GPU preset).
+
+Runs use the tiny fixtures of tests/test_train_loop.py (a random biased Llama, a coin-flip task).
+
+    .venv/bin/pytest tests/test_train_inputs.py
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from experiments.checkpoint_hints import checkpoint_hint
+from experiments.search import CONFIG_DIR, build_policy
+from experiments.train import run_training, settings
+from policies.checkpoint import DamagedCheckpointError, load_checkpoint, save_checkpoint
+from policies.reflective_model import ReflectiveModel
+from policies.train_state import STATE_FILE, load_joint_state
+from test_joint_step import TOK, biased_lm
+from test_train_loop import composed, rows_of, tiny, untimed
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory) -> Path:
+    """An SFT-style policy folder (no score_module.pt: the run adds a fresh head)."""
+    return save_checkpoint(biased_lm(), TOK, tmp_path_factory.mktemp("init") / "final")
+
+
+@pytest.fixture(scope="module")
+def finished(init_dir, tmp_path_factory) -> Path:
+    """A 3-step run: ckpt-2/ and last/ (step 3), metric rows of steps 0..3."""
+    return run_training(composed(tiny(init_dir, tmp_path_factory.mktemp("finished") / "run")))
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    """Cut the file to `keep` of its size, as a full disk or a copy cut short leaves it."""
+    with open(path, "r+b") as handle:
+        handle.truncate(int(path.stat().st_size * keep))
+
+
+# -- resuming from a damaged run folder ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["missing state", "truncated state", "truncated weights"])
+def test_a_damaged_last_resumes_from_the_newest_complete_checkpoint(init_dir, finished, tmp_path, capsys, damage):
+    out = copy_run(finished, tmp_path)
+    if damage == "missing state":
+        (out / "last" / STATE_FILE).unlink()
+    else:
+        truncate(out / "last" / (STATE_FILE if damage == "truncated state" else "model.safetensors"))
+    run_training(composed(tiny(init_dir, out)))
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"resuming from {out / 'ckpt-2'} (step 2): {out / 'last'}"), line
+    assert "truncated" in line if damage.startswith("truncated") else f"has no {STATE_FILE}" in line
+    assert untimed(rows_of(out)) == untimed(rows_of(finished))  # rows of step 3 cut, then logged again
+    assert load_joint_state(out / "last").step == 3
+
+
+def test_a_run_without_a_complete_checkpoint_is_refused_and_kept(init_dir, tmp_path):
+    out = run_training(composed(tiny(init_dir, tmp_path / "run", "run.max_steps=2", "run.checkpoint_every=0")))
+    truncate(out / "last" / "model.safetensors")
+    rows = (out / "metrics.jsonl").read_text()
+    refused = rf"{out} holds a run but no complete checkpoint .*model\.safetensors"
+    with pytest.raises(DamagedCheckpointError, match=refused):
+        run_training(composed(tiny(init_dir, out, "run.max_steps=2", "run.checkpoint_every=0")))
+    assert (out / "metrics.jsonl").read_text() == rows  # nothing wiped
+
+
+def test_a_missing_config_yaml_is_named(init_dir, finished, tmp_path):
+    out = copy_run(finished, tmp_path)
+    (out / "config.yaml").unlink()
+    with pytest.raises(FileNotFoundError, match=r"config\.yaml is missing") as caught:
+        run_training(composed(tiny(init_dir, out)))
+    assert "another config" not in str(caught.value) and "<absent>" not in str(caught.value)
+
+
+# -- truncated files name themselves ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", STATE_FILE, "score_module.pt"])
+def test_a_truncated_checkpoint_file_is_named(finished, tmp_path, name):
+    folder = Path(shutil.copytree(finished / "last", tmp_path / "last"))
+    truncate(folder / name)
+    loaders = {"model.safetensors": load_checkpoint, STATE_FILE: load_joint_state}
+    load = loaders.get(name, ReflectiveModel.from_pretrained)
+    with pytest.raises(DamagedCheckpointError, match=rf"{folder / name} is damaged or incomplete"):
+        load(folder)
+
+
+# -- inputs checked before anything loads -------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:99", *(["cuda"] if not torch.cuda.is_available() else [])])
+def test_a_device_torch_cannot_use_is_refused_before_anything_is_written(init_dir, tmp_path, device):
+    with pytest.raises(ValueError, match=rf"device='{device}'"):
+        run_training(composed(tiny(init_dir, tmp_path / "run", f"device={device}")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_grpo_group_of_one_is_refused_unless_the_loss_has_no_grpo_term():
+    with pytest.raises(ValueError, match=r"run\.rollouts_per_prompt=1: a GRPO group of one"):
+        settings(composed(["run.rollouts_per_prompt=1"]))
+    assert settings(composed(["run.rollouts_per_prompt=1", "train_loss=spr_only"])).run.rollouts_per_prompt == 1
+
+
+# -- missing-checkpoint hints -------------------------------------------------------------------
+
+
+def search_policy(overrides: list[str]):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("search", overrides=overrides).policy
+
+
+def test_a_missing_init_policy_gets_the_hint_of_its_folder(tmp_path):
+    countdown = tmp_path / "outputs" / "checkpoints" / "tiny-countdown" / "final"
+    with pytest.raises(FileNotFoundError, match=r"train_sft --task countdown --out outputs/checkpoints/tiny-countdown"):
+        run_training(composed(tiny(countdown, tmp_path / "run")))
+    recipe = composed(["recipe=grpo_countdown"]).init_from
+    hint = checkpoint_hint(recipe, FileNotFoundError(f"checkpoint folder {recipe} does not exist"), "init_from")
+    assert "make demo" in hint and "tiny-arith" not in hint
+
+
+def test_search_hints_fit_a_headless_folder_and_gpu_presets(init_dir, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"reflective checkpoint .* `python -m experiments\.train`") as caught:
+        build_policy(search_policy(["policy=tiny_sprm", f"policy.path={init_dir}", "scorer=sprm"]))
+    assert "train_sft" not in str(caught.value)
+    for preset, variable in (("xbai_o4", "XBAI_O4_PATH"), ("qwen25_math_1p5b", "QWEN25_MATH_1P5B_PATH")):
+        monkeypatch.delenv(variable, raising=False)
+        with pytest.raises(FileNotFoundError, match=rf"policy={preset} reads its folder from \${variable}") as caught:
+            build_policy(search_policy([f"policy={preset}", "task=gsm8k"]))
+        assert "hf download" in str(caught.value) and "train_sft" not in str(caught.value)
