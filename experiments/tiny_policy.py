@@ -6,9 +6,9 @@
 
 The run folder holds `final/` (an ordinary transformers directory) once training has finished and
 `last/` (resume state) while it runs; an interrupted run resumes from `last/` when it was made by
-the same settings (else `policies.sft.SFTError` names what differs). A `final/` folder with a file
-missing is not silently reused: it is reported and written again from `last/` (an SFTError when
-`last/` is missing or damaged: the folder is never silently trained over).
+the same settings (else `policies.sft_resume.SFTError` names what differs). A `final/` folder with
+a file missing is not silently reused: it is reported and written again from `last/` (an SFTError
+when `last/` is missing or damaged: the folder is never silently trained over).
 """
 from __future__ import annotations
 

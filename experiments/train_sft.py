@@ -14,7 +14,7 @@ The trained model is OUT/final, an ordinary transformers directory.
 Resuming: rerunning on the same OUT resumes from OUT/last ("resuming from OUT/last at step K").
 Only --minutes, --max-steps (a larger budget trains the run longer), --checkpoint-every and
 --threads may change; another --task, --lr, --batch-size, --seed or --train-problems is refused,
-naming the differing keys (policies/sft.py RESUMABLE_KEYS), as is a damaged OUT/last.
+naming the differing keys (policies/sft_resume.py RESUMABLE_KEYS), as is a damaged OUT/last.
 Ctrl-C stops after the current step, saves OUT/last and exits 130 saying how to resume.
 A bad value or run folder prints "error: <what is wrong>" and exits 2.
 """
@@ -39,7 +39,8 @@ from typing import Sequence  # noqa: E402
 from experiments.quick_eval import QuickEvalConfig, format_report, quick_eval, eval_problems  # noqa: E402
 from experiments.sft_tasks import SFT_TASKS, SFTTask, get_sft_task  # noqa: E402
 from policies.checkpoint import load_checkpoint  # noqa: E402
-from policies.sft import SUMMARY_FILE, SFTConfig, SFTError, TrainingInterrupted, train_sft  # noqa: E402
+from policies.sft import SFTConfig, train_sft  # noqa: E402
+from policies.sft_resume import SUMMARY_FILE, SFTError, TrainingInterrupted  # noqa: E402
 from policies.tiny_model import TinyModelConfig, build_model, num_parameters  # noqa: E402
 from policies.tiny_tokenizer import build_tokenizer  # noqa: E402
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import policies.sft as sft
+import policies.sft_resume as sft_resume
 from experiments.tasks import arith
 from policies.checkpoint import REQUIRED_FILES, load_checkpoint, save_checkpoint
 from policies.sft import SFTConfig, train_sft
@@ -96,9 +97,9 @@ def test_save_load_round_trip_and_missing_file_is_named(tok, tmp_path):
 def test_config_validation_names_the_value():
     with pytest.raises(ValueError, match="max_minutes=None and max_steps=None"):
         SFTConfig(max_minutes=None, max_steps=None)
-    with pytest.raises(sft.SFTError, match="max_minutes=nan"):  # nan passed every check before
+    with pytest.raises(sft_resume.SFTError, match="max_minutes=nan"):  # nan passed every check before
         SFTConfig(max_minutes=float("nan"))
-    with pytest.raises(sft.SFTError, match="grad_clip=nan"):
+    with pytest.raises(sft_resume.SFTError, match="grad_clip=nan"):
         SFTConfig(grad_clip=float("nan"))
     with pytest.raises(ValueError, match="batch_size=0"):
         SFTConfig(batch_size=0)
@@ -151,10 +152,10 @@ def test_training_lowers_the_loss_and_writes_checkpoints(tok, examples, tmp_path
     after = sft.evaluate_loss(trained, data, tok.pad_token_id, steps_cfg(1))
     assert after < before - 1.0, (before, after)  # ln(453) ~ 6.1 at init
     assert final == tmp_path / "run" / "final"
-    assert all((tmp_path / "run" / "last" / name).is_file() for name in REQUIRED_FILES + (sft.STATE_FILE,))
-    state = torch.load(tmp_path / "run" / "last" / sft.STATE_FILE, weights_only=False)
+    assert all((tmp_path / "run" / "last" / name).is_file() for name in REQUIRED_FILES + (sft_resume.STATE_FILE,))
+    state = torch.load(tmp_path / "run" / "last" / sft_resume.STATE_FILE, weights_only=False)
     assert state["step"] == 30 and "optimizer" in state and "rng" in state
-    summary = json.loads((tmp_path / "run" / sft.SUMMARY_FILE).read_text())
+    summary = json.loads((tmp_path / "run" / sft_resume.SUMMARY_FILE).read_text())
     assert summary["steps"] == 30 and summary["tokens"] > 0 and math.isfinite(summary["final_loss"])
 
 
@@ -185,7 +186,7 @@ def test_resume_after_interruption_is_exact(tok, examples, tmp_path, monkeypatch
     b, _ = load_checkpoint(resumed)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
-    assert torch.load(tmp_path / "b" / "last" / sft.STATE_FILE, weights_only=False)["step"] == 8
+    assert torch.load(tmp_path / "b" / "last" / sft_resume.STATE_FILE, weights_only=False)["step"] == 8
     # calling again on a finished run trains no further
     again = train_sft(cfg, examples, tmp_path / "b", None, None, progress=False)
     c, _ = load_checkpoint(again)
@@ -195,7 +196,7 @@ def test_resume_after_interruption_is_exact(tok, examples, tmp_path, monkeypatch
 def test_time_budget_ends_training(tok, examples, tmp_path):
     cfg = SFTConfig(max_minutes=0.03, max_steps=None, batch_size=8, checkpoint_every=0, num_threads=1)  # 1.8 s
     train_sft(cfg, examples, tmp_path / "t", build_model(SMALL, tok), tok, progress=False)
-    summary = json.loads((tmp_path / "t" / sft.SUMMARY_FILE).read_text())
+    summary = json.loads((tmp_path / "t" / sft_resume.SUMMARY_FILE).read_text())
     assert 1.8 <= summary["elapsed_s"] < 1.8 + 2.0 and summary["steps"] >= 1
 
 
@@ -203,7 +204,7 @@ def test_time_budget_ends_training(tok, examples, tmp_path):
 
 
 def state_step(run_dir) -> int:
-    return torch.load(run_dir / "last" / sft.STATE_FILE, weights_only=False)["step"]
+    return torch.load(run_dir / "last" / sft_resume.STATE_FILE, weights_only=False)["step"]
 
 
 def test_resume_refuses_another_config_and_allows_a_longer_budget(tok, examples, tmp_path, capsys):
@@ -218,7 +219,7 @@ def test_resume_refuses_another_config_and_allows_a_longer_budget(tok, examples,
          "model.weights_sha256"),
     ]
     for (cfg, data, model, info), names in refusals:
-        with pytest.raises(sft.SFTError, match=f"{run / 'last'} holds a run of another config .*{names}"):
+        with pytest.raises(sft_resume.SFTError, match=f"{run / 'last'} holds a run of another config .*{names}"):
             train_sft(cfg, data, run, model, None if model is None else tok, progress=False, run_info=info)
         assert state_step(run) == 4  # nothing trained, nothing overwritten
     capsys.readouterr()
@@ -228,18 +229,18 @@ def test_resume_refuses_another_config_and_allows_a_longer_budget(tok, examples,
     out = capsys.readouterr().out
     assert f"resuming from {run / 'last'} at step 4\n" in out and "sft.max_steps: 4 -> 6" in out
     assert state_step(run) == 6
-    summary = json.loads((run / sft.SUMMARY_FILE).read_text())
+    summary = json.loads((run / sft_resume.SUMMARY_FILE).read_text())
     assert summary["resumes"] == [{"step": 4, "changed": ["sft.checkpoint_every: 0 -> 5", "sft.max_steps: 4 -> 6"]}]
 
 
 def test_state_saved_before_identities_compares_its_config(tok, examples, tmp_path):
     run = tmp_path / "run"
     train_sft(steps_cfg(2), examples, run, build_model(SMALL, tok), tok, progress=False)
-    path = run / "last" / sft.STATE_FILE
+    path = run / "last" / sft_resume.STATE_FILE
     state = torch.load(path, weights_only=False)
     del state["identity"], state["resumes"]
     torch.save(state, path)
-    with pytest.raises(sft.SFTError, match="sft.lr: 0.003 -> 0.5"):
+    with pytest.raises(sft_resume.SFTError, match="sft.lr: 0.003 -> 0.5"):
         train_sft(steps_cfg(3, lr=0.5), examples, run, build_model(SMALL, tok), tok, progress=False)
     train_sft(steps_cfg(3), examples, run, build_model(SMALL, tok), tok, progress=False)
     assert state_step(run) == 3
@@ -249,10 +250,10 @@ def test_a_damaged_run_folder_is_an_error_never_a_fresh_start(tok, examples, tmp
     run = tmp_path / "run"
     train_sft(steps_cfg(2), examples, run, build_model(SMALL, tok), tok, progress=False)
     final_weights = (run / "final" / "model.safetensors").read_bytes()
-    state, last = run / "last" / sft.STATE_FILE, run / "last"
+    state, last = run / "last" / sft_resume.STATE_FILE, run / "last"
 
     def resume_fails(match: str) -> None:
-        with pytest.raises(sft.SFTError, match=match):
+        with pytest.raises(sft_resume.SFTError, match=match):
             train_sft(steps_cfg(4), examples, run, build_model(SMALL, tok), tok, progress=False)
         assert (run / "final" / "model.safetensors").read_bytes() == final_weights
 
@@ -260,7 +261,7 @@ def test_a_damaged_run_folder_is_an_error_never_a_fresh_start(tok, examples, tmp
     state.write_bytes(good[:1000])  # truncated: a bare OSError or RuntimeError from torch.load before
     resume_fails(f"cannot resume: {state} is damaged .*remove {run} or use another out_dir")
     state.unlink()
-    resume_fails(f"cannot resume from {last}: it has no {sft.STATE_FILE}")
+    resume_fails(f"cannot resume from {last}: it has no {sft_resume.STATE_FILE}")
     state.write_bytes(good)
     aside = run / ".last.old-1-abcdefgh"  # a checkpoint write cut between its two renames
     last.rename(aside)
@@ -288,7 +289,7 @@ def test_ctrl_c_saves_the_current_step_and_resumes_exactly(tok, examples, tmp_pa
     _interrupt_at_call(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt) as info:  # before: a bare KeyboardInterrupt, no checkpoint
         train_sft(cfg, examples, tmp_path / "b", build_model(SMALL, tok), tok, progress=False)
-    assert isinstance(info.value, sft.TrainingInterrupted) and info.value.step == 3
+    assert isinstance(info.value, sft_resume.TrainingInterrupted) and info.value.step == 3
     assert str(info.value) == f"interrupted: saved {tmp_path / 'b' / 'last'} at step 3; rerun the same command to resume"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
     assert state_step(tmp_path / "b") == 3 and not (tmp_path / "b" / "final").exists()

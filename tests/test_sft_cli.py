@@ -12,6 +12,7 @@ import torch
 
 import experiments.sft_tasks as sft_tasks
 import policies.sft as sft
+import policies.sft_resume as sft_resume
 from experiments import train_sft as cli
 from policies.tiny_model import TinyModelConfig
 
@@ -36,7 +37,7 @@ def main(*argv: str) -> int:
 
 
 def state_step(out) -> int:
-    return torch.load(out / "last" / sft.STATE_FILE, weights_only=False)["step"]
+    return torch.load(out / "last" / sft_resume.STATE_FILE, weights_only=False)["step"]
 
 
 @pytest.mark.parametrize(
