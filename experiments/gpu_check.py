@@ -25,13 +25,13 @@ import argparse
 import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Sequence
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from experiments.cli_errors import run_command
 from experiments.record_log import load_rows
 from experiments.search import CONFIG_DIR, METRICS, RECORDS, run_search_experiment
 
@@ -108,11 +108,7 @@ def tokens_per_second(out: Path) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; our own input errors (ValueError, FileNotFoundError: an unknown preset or
     scorer, a bad count) print "error: <message>" on stderr and give exit code 2."""
-    try:
-        return check_command(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(check_command, argv)
 
 
 def check_command(argv: Sequence[str] | None = None) -> int:

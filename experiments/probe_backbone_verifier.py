@@ -33,7 +33,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, replace  # noqa: E402
@@ -42,6 +41,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
+from experiments.cli_errors import run_command  # noqa: E402
 from experiments.backbone_tuning import (BackboneTuneConfig, check_examples, paths_of, rollout_examples,  # noqa: E402
                                          solution_examples, train)
 from experiments.countdown_failures import cache_problems  # noqa: E402
@@ -162,11 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; our own input errors (ValueError, FileNotFoundError: a bad setting, a
     missing or damaged cache, caches of another policy) print "error: <message>" on stderr and
     give exit code 2."""
-    try:
-        return probe_command(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(probe_command, argv)
 
 
 def probe_command(argv: Sequence[str] | None = None) -> int:

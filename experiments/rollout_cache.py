@@ -41,7 +41,6 @@ import json
 import math
 import os
 import pickle
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from experiments.cli_errors import run_command
 from experiments.sft_tasks import get_sft_task
 from experiments.tasks import arith, countdown
 from policies.checkpoint import load_checkpoint
@@ -563,11 +563,7 @@ def summary(cache: RolloutCache) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; our own input errors (ValueError, FileNotFoundError: a bad setting, a
     missing policy folder) print "error: <message>" on stderr and give exit code 2."""
-    try:
-        return build_command(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(build_command, argv)
 
 
 def build_command(argv: Sequence[str] | None = None) -> int:

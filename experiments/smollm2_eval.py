@@ -54,7 +54,6 @@ import dataclasses
 import functools
 import json
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,6 +61,7 @@ from typing import Any, Sequence
 
 import torch
 
+from experiments.cli_errors import run_command
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
@@ -630,11 +630,7 @@ def run(cfg: EvalConfig, out: Path, stages: Sequence[str], max_minutes: float | 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; our own input errors (ValueError, FileNotFoundError: a bad setting, a
     folder of another config) print "error: <message>" on stderr and give exit code 2."""
-    try:
-        return eval_command(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(eval_command, argv)
 
 
 def eval_command(argv: Sequence[str] | None = None) -> int:

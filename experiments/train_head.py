@@ -59,6 +59,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from experiments.cli_errors import run_command
 from experiments.aha_metrics import fc_metrics, prefixed
 from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, accuracy, problem_accuracy
 from experiments.record_log import encode_rows
@@ -327,11 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; our own input errors (ValueError, FileNotFoundError: a bad setting, a
     missing or damaged cache, caches of different policies) print "error: <message>" on stderr
     and give exit code 2."""
-    try:
-        return train_command(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(train_command, argv)
 
 
 def train_command(argv: Sequence[str] | None = None) -> int:
