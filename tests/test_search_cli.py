@@ -14,27 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from experiments.search import CONFIG_DIR, run_search_experiment, with_run_budget
-from tiny_checkpoint import save_tiny_checkpoint
+from experiments.search import with_run_budget
+from test_search_resume import ckpt, run_in_process  # noqa: F401 (ckpt: the module-scoped checkpoint fixture)
 
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["task.count=2", "chunk=2", "search.n=2", "policy.sampling.max_total_tokens=8",
         "policy.sampling.max_step_tokens=4", "progress=false", "num_threads=1"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "final")
-
-
-def run_in_process(overrides: list[str]) -> Path:
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return run_search_experiment(compose("search", overrides=overrides))
 
 
 def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
