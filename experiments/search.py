@@ -204,6 +204,14 @@ def build_frozen(node: DictConfig) -> Any:
     return dataclasses.replace(built, **lists) if lists else built
 
 
+def check_policy_sampling(policy_cfg: DictConfig) -> None:
+    """Build the policy's sampling settings (`policy.sampling`, a small validated record) before
+    the policy loads or the run folder is written, so a bad value is refused up front."""
+    sampling = policy_cfg.get("sampling")
+    if isinstance(sampling, DictConfig) and "_target_" in sampling:
+        build(sampling)
+
+
 def build_policy(node: DictConfig) -> Policy:
     """The policy; a missing or incomplete checkpoint says how to get it (`checkpoint_hint`)."""
     try:
@@ -390,6 +398,7 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     check_run_scalars(cfg)  # validates before anything is loaded or written
     set_num_threads(cfg.get("num_threads"))
     strategy_cfg = build_frozen(cfg.search)
+    check_policy_sampling(cfg.policy)
     check_batching(cfg.get("batching", "lockstep"))
     name, spec = strategy_of(strategy_cfg)
     task, problems = load_task(cfg.task)

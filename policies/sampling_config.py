@@ -42,6 +42,10 @@ class SamplingConfig:
     think_close: str = "</think>"
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be a number")
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature={self.temperature!r} must be >= 0")
         if not 0 < self.top_p <= 1:

@@ -44,6 +44,8 @@ def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProce
         ("budget=0", r"^budget=0 must be an integer >= 1$"),
         ("chunk=abc", r"^chunk='abc' must be an integer >= 1$"),
         ("progress=maybe", r"^progress='maybe' must be true or false$"),
+        ("policy.sampling.temperature=abc", r"^temperature='abc' must be a number$"),  # the policy's record
+        ("policy.sampling.top_p=2", r"^top_p=2 must be in \(0, 1\]$"),
     ],
 )
 def test_top_level_scalars_are_refused_before_anything_loads(override, message, tmp_path):

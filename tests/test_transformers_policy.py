@@ -144,6 +144,8 @@ def context_of(prefix: Prefix) -> list[int]:
     "kwargs, message",
     [
         (dict(temperature=-1.0), "temperature=-1.0 must be >= 0"),
+        (dict(temperature="abc"), "temperature='abc' must be a number"),   # Hydra's policy.sampling.temperature=abc
+        (dict(top_p=True), "top_p=True must be a number"),
         (dict(top_p=0.0), "top_p=0.0"),
         (dict(top_p=1.5), "top_p=1.5"),
         (dict(max_step_tokens=0), "max_step_tokens=0"),
