@@ -39,11 +39,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import pickle
 import random
 import signal
 import threading
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -53,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from policies.checkpoint import atomic_directory, check_checkpoint, load_checkpoint, write_checkpoint_files
+from policies.checkpoint import atomic_directory, check_checkpoint, load_checkpoint, load_torch_file, write_checkpoint_files
 from treesearch.config_diff import config_differences
 
 STATE_FILE = "trainer_state.pt"
@@ -168,23 +166,16 @@ def resume_point(out_dir: Path) -> Path | None:
     return None
 
 
-# what torch.load raises on a truncated or corrupted file: a zip without its central directory is
-# miniz's RuntimeError or OSError EINVAL; a pickle cut short is EOFError or UnpicklingError
-STATE_READ_ERRORS: tuple[type[Exception], ...] = (
-    RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
-)
 
 
 def load_training_checkpoint(directory: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
     """(model, tokenizer, trainer state) from a folder resume_point accepted; an SFTError names a
     file that does not load (truncated, corrupt)."""
     path = directory / STATE_FILE
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except STATE_READ_ERRORS as err:
-        raise SFTError(
-            f"cannot resume: {path} is damaged ({_first_sentence(err)}); {_start_over_hint(directory.parent)}"
-        ) from err
+    try:  # a truncated or corrupted file: DamagedCheckpointError (a ValueError) naming it
+        state = load_torch_file(path, map_location="cpu", weights_only=False)
+    except ValueError as err:
+        raise SFTError(f"cannot resume: {err}; {_start_over_hint(directory.parent)}") from err
     try:
         model, tokenizer = load_checkpoint(directory)
     except Exception as err:  # safetensors, json, tokenizers: each reader has its own error types
