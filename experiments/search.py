@@ -69,6 +69,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from experiments.checkpoint_hints import checkpoint_hint
+from experiments.config_keys import check_known_keys
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
@@ -164,6 +165,15 @@ def check_run_scalars(cfg: DictConfig) -> None:
         raise ValueError(f"progress={cfg.progress!r} must be true or false")
 
 
+def check_component_keys(cfg: DictConfig) -> None:
+    """Every key of search / task / policy / scorer is one its target takes (`+search.bogus=1`,
+    `policy.sampling.temprature=0.5` refused naming the key), before anything loads or is written."""
+    for section in ("search", "task", "policy", "scorer"):
+        node = cfg.get(section)
+        if isinstance(node, DictConfig):
+            check_known_keys(node)
+
+
 def set_num_threads(num_threads: int | None) -> None:
     """torch's CPU threads (None: torch's default, left alone)."""
     if num_threads is not None:
@@ -185,8 +195,10 @@ def strategy_of(strategy_cfg: Any) -> tuple[str, StrategySpec]:
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
-    """instantiate a component; a constructor's own ValueError / TypeError / FileNotFoundError
+    """instantiate a component; a key its target does not take is a ValueError naming it
+    (`check_known_keys`), and a constructor's own ValueError / TypeError / FileNotFoundError
     (which name the bad value or the missing file) is raised as itself, not wrapped by Hydra."""
+    check_known_keys(node)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -396,6 +408,7 @@ def write_metrics(out: Path, problems: Sequence[Problem]) -> dict[str, Any]:
 def run_search_experiment(cfg: DictConfig) -> Path:
     """Run (or resume) the search the config describes; return the run folder."""
     check_run_scalars(cfg)  # validates before anything is loaded or written
+    check_component_keys(cfg)
     set_num_threads(cfg.get("num_threads"))
     strategy_cfg = build_frozen(cfg.search)
     check_policy_sampling(cfg.policy)

@@ -55,6 +55,24 @@ def test_top_level_scalars_are_refused_before_anything_loads(override, message, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+search.bogus=1", r"^search.bogus is not a setting of BestOfNConfig; it takes: aggregation, n, seed$"),
+        ("+policy.sampling.temprature=0.5", r"^policy.sampling.temprature is not a setting of SamplingConfig; "),
+        ("+policy.dtyp=bf16", r"^policy.dtyp is not a setting of TransformersPolicy.from_pretrained; it takes: "
+                              r"device, dtype, forked, path, prefix_cache, prompt_fn, sampling, "),
+        ("+task.config.max_opps=3", r"^task.config.max_opps is not a setting of ArithConfig; "),
+        ("+scorer.reduc=min", r"^scorer.reduc is not a setting of ConfidenceScorer; it takes: reduce$"),
+    ],
+)
+def test_an_unknown_setting_is_named_before_anything_loads(override, message, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        run_in_process([override, f"policy.path={tmp_path / 'nope'}", f"out_dir={out}"])
+    assert not out.exists()
+
+
 def test_a_task_without_problems_is_refused_before_the_policy_or_the_folder(monkeypatch, tmp_path):
     (tmp_path / "empty_task.py").write_text(
         "from experiments.tasks.arith import prompt_text, grade, extract_answer\n"
@@ -108,9 +126,12 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
     assert full.stderr.strip().endswith("ValueError: seed='abc' must be an integer")
 
 
-def test_an_internal_error_keeps_its_traceback(ckpt, tmp_path):
-    done = run_cli([f"policy.path={ckpt}", f"out_dir={tmp_path / 'run'}", "+search.bogus=1"] + TINY, cwd=tmp_path)
-    assert done.returncode == 1 and "Traceback" in done.stderr and "TypeError" in done.stderr
+def test_an_internal_error_keeps_its_traceback(tmp_path):
+    (tmp_path / "broken_task.py").write_text(  # importable: `python -m` puts the cwd on sys.path
+        "def generate_problems(split, count, seed, cfg):\n    raise RuntimeError('a bug in the task')\n"
+    )
+    done = run_cli(["task.module=broken_task", f"out_dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "RuntimeError: a bug in the task" in done.stderr
 
 
 def test_out_dir_is_the_one_folder_of_a_run_and_a_rerun_resumes(ckpt, tmp_path):
