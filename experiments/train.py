@@ -69,7 +69,7 @@ from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: 
 from experiments.result_json import write_atomic  # noqa: E402
 from experiments.checkpoint_hints import checkpoint_hint  # noqa: E402
 from experiments.search import (  # noqa: E402
-    CONFIG_DIR, build_frozen, resolve_out_dir, resolved_config,
+    CONFIG_DIR, build_frozen, resolve_out_dir, resolved_config, user_errors_reported,
 )
 from policies.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from policies.devices import resolve_device  # noqa: E402
@@ -747,7 +747,8 @@ def run_training(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     try:
-        out = run_training(cfg)
+        with user_errors_reported():  # bad input: one line `error: ...`, exit 2 (experiments/search.py)
+            out = run_training(cfg)
         rows = load_rows(out / METRICS)
         if rows and PartialState().is_main_process:
             last = rows[-1]

@@ -143,3 +143,25 @@ def test_search_hints_fit_a_headless_folder_and_gpu_presets(init_dir, monkeypatc
         with pytest.raises(FileNotFoundError, match=rf"policy={preset} reads its folder from \${variable}") as caught:
             build_policy(search_policy([f"policy={preset}", "task=gsm8k"]))
         assert "hf download" in str(caught.value) and "train_sft" not in str(caught.value)
+
+
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
+    """`python -m experiments.train` with a setting its config does not take, or a refused value:
+    one line `error: ...` on stderr, exit 2, no run folder and none of Hydra's left behind."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    env.update(PYTHONPATH=str(repo), PYTHONWARNINGS="ignore")
+    out = tmp_path / "run"
+    for override, message in [
+        ("+run.bogus=1", "error: run.bogus is not a setting of RunConfig; it takes: checkpoint_every, "),
+        ("run.rollouts_per_prompt=1", "error: run.rollouts_per_prompt=1: a GRPO group of one rollout"),
+    ]:
+        done = subprocess.run([sys.executable, "-m", "experiments.train", override, f"out_dir={out}"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith(message)
+    assert not out.exists() and not (tmp_path / "outputs").exists()
