@@ -24,6 +24,12 @@ runs): rows, scaling series and plot lines are then kept apart per workload, nev
 they were seeds, each labelled by its task and the keys that tell it apart (`arith
 (task.count=2)`), and the commands print a one-line note on stderr (`workload_note`).
 
+Scorer: the scorer's class (`SPRMScorer` for `scorers.sprm_scorer.SPRMScorer.from_pretrained`);
+runs of one workload whose scorers share a class but differ in a setting (`scorer=sprm_forward,orm`
+are both SPRMScorer heads, at different paths; `scorer.reduce=mean,min`) are told apart by it
+(`SPRMScorer (scorer.path=outputs/heads/arith_orm/final)`) and never pooled. A scorer's `seed` is
+the run's (`${seed}`), a draw like the strategy's, not a different scorer (`SCORER_DRAW_KEYS`).
+
     python -m experiments.sweep_metrics outputs/search/RUN          # prints the run's metrics JSON
     python -m experiments.sweep_metrics outputs/sweeps/budget_sweep # table; writes sweep_metrics.csv/.json
 
@@ -38,7 +44,7 @@ import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from omegaconf import OmegaConf
 
@@ -56,7 +62,9 @@ SWEEP_COLUMNS = ("run", "workload", "strategy", "scorer", "budget", "seed", "pro
                  "compute_C", "flops_per_problem", "accuracy", "accuracy_low", "accuracy_high")
 # the run config's nodes that say which problems were searched with which policy
 WORKLOAD_NODES: tuple[str, ...] = ("task", "policy")
-LABEL_KEYS = 3  # most differing keys a workload label names
+# scorer settings that are a run's draw, not which scorer it is (RandomScorer's seed is ${seed})
+SCORER_DRAW_KEYS: tuple[str, ...] = ("seed",)
+LABEL_KEYS = 3  # most differing keys a workload (or scorer) label names
 LABEL_VALUE_CHARS = 40  # a longer value is shown by its end ("…" + tail)
 
 
@@ -190,12 +198,13 @@ class RunSummary:
     run: the run folder relative to the sweep folder; workload: label of the problems and policy
     it measured (the task name; in a sweep of several workloads also the keys that tell them
     apart, `workload_labels`); strategy: registry name, or "greedy" for Best-of-1 at temperature
-    0; scorer: the scorer's class name; budget: N (MCTS: iterations); seed: the run's top-level
+    0; scorer: the scorer's class name (in a sweep, with the settings that tell apart scorers of
+    one class, `scorer_labels`); budget: N (MCTS: iterations); seed: the run's top-level
     seed; problems: problems with records; tokens_per_problem: mean tokens generated; compute_C:
     policy parameters x tokens_per_problem; flops_per_problem: mean FLOPs estimate; accuracy:
     chosen-answer accuracy with its CI; per_problem: (problem id, correct) pairs, for pooling
     seeds of one budget; workload_key: canonical JSON of `run_workload` (equal for runs of one
-    workload; not a table column).
+    workload; not a table column); scorer_key: canonical JSON of `run_scorer` (likewise).
     """
 
     run: str
@@ -211,9 +220,11 @@ class RunSummary:
     accuracy: Estimate
     per_problem: tuple[tuple[str, float], ...]
     workload_key: str = "{}"
+    scorer_key: str = "{}"
 
     def table_row(self) -> dict[str, Any]:
-        row = {k: v for k, v in asdict(self).items() if k not in ("accuracy", "per_problem", "workload_key")}
+        hidden = ("accuracy", "per_problem", "workload_key", "scorer_key")
+        row = {k: v for k, v in asdict(self).items() if k not in hidden}
         row.update(accuracy=self.accuracy.mean, accuracy_low=self.accuracy.low, accuracy_high=self.accuracy.high)
         return row
 
@@ -228,6 +239,23 @@ def strategy_label(strategy: str, strategy_config: dict[str, Any], temperature: 
 def run_workload(config: dict[str, Any]) -> dict[str, Any]:
     """The run config's WORKLOAD_NODES (absent ones left out): which problems, which policy."""
     return {node: config[node] for node in WORKLOAD_NODES if node in config}
+
+
+def run_scorer(config: dict[str, Any]) -> dict[str, Any]:
+    """{"scorer": the run config's scorer node without its draw keys (SCORER_DRAW_KEYS)}."""
+    scorer = config.get("scorer", {})
+    if not isinstance(scorer, dict):
+        return {"scorer": scorer}
+    return {"scorer": {k: v for k, v in scorer.items() if k not in SCORER_DRAW_KEYS}}
+
+
+def scorer_name(scorer_config: dict[str, Any]) -> str:
+    """The class its `_target_` names: the last dotted part that starts with a capital
+    (`SPRMScorer` for `scorers.sprm_scorer.SPRMScorer.from_pretrained`), "?" when not recorded."""
+    scorer = scorer_config.get("scorer", {})
+    parts = str(scorer.get("_target_", "?") if isinstance(scorer, dict) else "?").split(".")
+    classes = [part for part in parts if part[:1].isupper()]
+    return classes[-1] if classes else parts[-1]
 
 
 def without_temperature(workload_key: str) -> str:
@@ -274,34 +302,50 @@ def differing_keys(workloads: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(differ, key=lambda k: (not k.startswith("task."), k))
 
 
-def workload_label(workload: dict[str, Any], keys: Sequence[str]) -> str:
-    """The task name, then `key=value` of up to LABEL_KEYS of keys ("+k more" for the rest)."""
-    flat = flatten(workload)
+def config_label(config: dict[str, Any], keys: Sequence[str], name: str) -> str:
+    """name, then `key=value` of up to LABEL_KEYS of keys ("+k more" for the rest)."""
+    flat = flatten(config)
     shown = [f"{k}={value_text(flat[k]) if k in flat else 'unset'}" for k in keys[:LABEL_KEYS]]
     if len(keys) > LABEL_KEYS:
         shown.append(f"+{len(keys) - LABEL_KEYS} more")
-    return task_name(workload) + (f" ({', '.join(shown)})" if shown else "")
+    return name + (f" ({', '.join(shown)})" if shown else "")
 
 
-def workload_labels(workload_keys: Sequence[str]) -> dict[str, str]:
-    """{workload_key: label} for the distinct workloads (canonical JSON of `run_workload`): the task
-    name, plus the keys that differ between the workloads of that task. Labels are unique (a
-    clash left by shortened values gets " #2", " #3", ...)."""
-    distinct = sorted(set(workload_keys))
-    workloads = {key: json.loads(key) for key in distinct}
-    by_task: dict[str, list[str]] = defaultdict(list)
+def distinct_labels(config_keys: Sequence[str], name_of: Callable[[dict[str, Any]], str]) -> dict[str, str]:
+    """{config_key: label} for the distinct configs (canonical JSON): name_of(config), plus the
+    keys that differ between the configs of that name. Labels are unique (a clash left by
+    shortened values gets " #2", " #3", ...)."""
+    distinct = sorted(set(config_keys))
+    configs = {key: json.loads(key) for key in distinct}
+    by_name: dict[str, list[str]] = defaultdict(list)
     for key in distinct:
-        by_task[task_name(workloads[key])].append(key)
+        by_name[name_of(configs[key])].append(key)
     labels: dict[str, str] = {}
-    for keys in by_task.values():
-        differ = differing_keys([workloads[k] for k in keys])
-        labels.update({k: workload_label(workloads[k], differ) for k in keys})
+    for name, keys in by_name.items():
+        differ = differing_keys([configs[k] for k in keys])
+        labels.update({k: config_label(configs[k], differ, name) for k in keys})
     seen: dict[str, int] = defaultdict(int)
     for key in distinct:
         seen[labels[key]] += 1
         if seen[labels[key]] > 1:
             labels[key] = f"{labels[key]} #{seen[labels[key]]}"
     return labels
+
+
+def workload_labels(workload_keys: Sequence[str]) -> dict[str, str]:
+    """{workload_key: label} for the distinct workloads (canonical JSON of `run_workload`): the task
+    name, plus the keys that differ between the workloads of that task (`distinct_labels`)."""
+    return distinct_labels(workload_keys, task_name)
+
+
+def scorer_labels(summaries: Sequence[RunSummary]) -> list[RunSummary]:
+    """Each run's scorer labelled within its workload: the class name, plus the settings that
+    differ between that workload's scorers of the class (`distinct_labels`)."""
+    by_workload: dict[str, list[str]] = defaultdict(list)
+    for s in summaries:
+        by_workload[s.workload_key].append(s.scorer_key)
+    labels = {workload: distinct_labels(keys, scorer_name) for workload, keys in by_workload.items()}
+    return [replace(s, scorer=labels[s.workload_key][s.scorer_key]) for s in summaries]
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
@@ -327,7 +371,7 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
         run=str(run_dir.relative_to(root)) if run_dir != root else ".",
         workload=task_name(workload),
         strategy=label,
-        scorer=str(config.get("scorer", {}).get("_target_", "?")).rsplit(".", 1)[-1],
+        scorer=scorer_name(run_scorer(config)),
         budget=run_budget(strategy, rows[0]["config"], config),
         seed=int(config.get("seed", 0)),
         problems=len(rows),
@@ -337,6 +381,7 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
         accuracy=bootstrap(correct, seed=seed),
         per_problem=tuple((r["problem_id"], c) for r, c in zip(rows, correct)),
         workload_key=json.dumps(workload, sort_keys=True),
+        scorer_key=json.dumps(run_scorer(config), sort_keys=True),
     )
 
 
@@ -346,7 +391,8 @@ def run_folders(sweep_dir: Path) -> list[Path]:
 
 
 def sweep_summaries(sweep_dir: str | Path) -> list[RunSummary]:
-    """One RunSummary per run folder, each labelled with its workload (`workload_labels`),
+    """One RunSummary per run folder, each labelled with its workload (`workload_labels`) and
+    scorer (`scorer_labels`),
     ordered by workload, strategy, scorer, budget, seed."""
     root = Path(sweep_dir)
     if not root.exists():
@@ -356,7 +402,7 @@ def sweep_summaries(sweep_dir: str | Path) -> list[RunSummary]:
     folders = run_folders(root)
     if not folders:
         raise RunFolderError(f"{root}: no {RECORDS} found at or below it")
-    summaries = attach_greedy([summarize_run(folder, root) for folder in folders])
+    summaries = scorer_labels(attach_greedy([summarize_run(folder, root) for folder in folders]))
     labels = workload_labels([s.workload_key for s in summaries])
     summaries = [replace(s, workload=labels[s.workload_key]) for s in summaries]
     return sorted(summaries, key=lambda s: (s.workload, s.strategy, s.scorer, s.budget, s.seed, s.run))
@@ -389,10 +435,11 @@ def write_sweep_table(summaries: Sequence[RunSummary], out_dir: Path) -> tuple[P
 
 def format_table(summaries: Sequence[RunSummary]) -> str:
     width = max([len("workload")] + [len(s.workload) for s in summaries])
-    lines = [f"{'workload':<{width}} {'strategy':<12} {'scorer':<20} {'N':>4} {'seed':>4} {'probs':>5} "
+    scorer_width = max([20] + [len(s.scorer) for s in summaries])
+    lines = [f"{'workload':<{width}} {'strategy':<12} {'scorer':<{scorer_width}} {'N':>4} {'seed':>4} {'probs':>5} "
              f"{'tok/prob':>9} {'C':>10} {'accuracy [95% CI]':>24}"]
     for s in summaries:
-        lines.append(f"{s.workload:<{width}} {s.strategy:<12} {s.scorer:<20} {s.budget:>4} {s.seed:>4} "
+        lines.append(f"{s.workload:<{width}} {s.strategy:<12} {s.scorer:<{scorer_width}} {s.budget:>4} {s.seed:>4} "
                      f"{s.problems:>5} {s.tokens_per_problem:>9.1f} {s.compute_C:>10.3g} {s.accuracy.fmt():>24}")
     return "\n".join(lines)
 

@@ -124,13 +124,17 @@ def test_where_the_curve_flattens():
 ARITH = {"module": "experiments.tasks.arith", "split": "test", "count": 10, "seed": 0, "config": {"max_ops": 4}}
 
 
+CONFIDENCE = {"_target_": "scorers.confidence.ConfidenceScorer"}
+
+
 def write_run(folder: Path, strategy: str, budget: int, seed: int, correct: list[bool], tokens: int,
-              task: dict | None = None, temperature: float = 0.7, policy_path: str = "ckpt/final") -> None:
+              task: dict | None = None, temperature: float = 0.7, policy_path: str = "ckpt/final",
+              scorer: dict | None = None) -> None:
     """A run folder as experiments.search writes it: records.jsonl + config.yaml."""
     folder.mkdir(parents=True)
     rows = [row(f"p{i}", [cand("1", ok, 0.5)], 2, tokens, strategy, budget) for i, ok in enumerate(correct)]
     append_rows(folder / "records.jsonl", rows)
-    config = {"seed": seed, "scorer": {"_target_": "scorers.confidence.ConfidenceScorer"}, "task": task or ARITH,
+    config = {"seed": seed, "scorer": scorer or CONFIDENCE, "task": task or ARITH,
               "policy": {"path": policy_path, "sampling": {"temperature": temperature}}}
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
 
@@ -178,6 +182,33 @@ def test_sweep_and_scaling_commands_write_their_files(synthetic_sweep, capsys):
     (synthetic_sweep / "empty").mkdir()
     assert sweep_metrics.main([str(synthetic_sweep / "empty")]) == 2
     assert "no records.jsonl" in capsys.readouterr().err
+
+
+def test_scorers_of_one_class_with_other_settings_are_separate_series(tmp_path):
+    """scorer=sprm_forward,orm (two SPRMScorer heads at different paths) and scorer.reduce=mean,min
+    each stay their own series; a RandomScorer's seed (the run's ${seed}) pools like any seed."""
+    sprm = {"_target_": "scorers.sprm_scorer.SPRMScorer.from_pretrained", "path": "ckpt/final", "batch_size": 16}
+    scorers = {
+        "sprm": sprm, "orm": {**sprm, "path": "heads/arith_orm/final"},
+        "conf-mean": {**CONFIDENCE, "reduce": "mean"}, "conf-min": {**CONFIDENCE, "reduce": "min"},
+    }
+    for name, scorer in scorers.items():
+        good = {"sprm": 6, "orm": 3, "conf-mean": 5, "conf-min": 4}[name]
+        write_run(tmp_path / f"{name}-4", "best_of_n", 4, 0, [i < good for i in range(10)], 40, scorer=scorer)
+    for seed in (0, 1):
+        random = {"_target_": "scorers.random_scorer.RandomScorer", "seed": seed}
+        write_run(tmp_path / f"random-4-{seed}", "best_of_n", 4, seed, [i < 1 for i in range(10)], 40, scorer=random)
+    runs = sweep_summaries(tmp_path)
+    assert {r.run: r.scorer for r in runs} == {
+        "sprm-4": "SPRMScorer (scorer.path=ckpt/final)", "orm-4": "SPRMScorer (scorer.path=heads/arith_orm/final)",
+        "conf-mean-4": "ConfidenceScorer (scorer.reduce=mean)", "conf-min-4": "ConfidenceScorer (scorer.reduce=min)",
+        "random-4-0": "RandomScorer", "random-4-1": "RandomScorer",
+    }
+    series = {s.name: s for s in scaling_by_strategy(runs, threshold=0.01)}
+    assert series["best_of_n (SPRMScorer (scorer.path=heads/arith_orm/final))"].points[0].accuracy.mean == 0.3
+    assert series["best_of_n (ConfidenceScorer (scorer.reduce=min))"].points[0].accuracy.mean == 0.4
+    assert series["best_of_n (RandomScorer)"].points[0].runs == 2  # seeds pooled
+    assert len(series) == 5
 
 
 def test_a_missing_sweep_folder_is_named_as_missing(tmp_path, capsys):
