@@ -85,6 +85,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 # top-level keys that do not change what a run computes (left out of the config comparison)
 IGNORED_KEYS: tuple[str, ...] = ("out_dir", "progress", "num_threads")
 RECORDS, CONFIG, METRICS, LOCK = "records.jsonl", "config.yaml", "metrics.json", ".lock"
+HYDRA_SUBDIR = ".hydra"  # Hydra's record of the invocation, written by `save_hydra_files`
 # `+batching=`: lockstep (default: every round of a chunk's problems in one policy call) or
 # continuous (each problem searched in its own thread, the policy decoding whatever calls wait
 # together: `policies.continuous_engine`; a problem's samples are then those of searching it alone)
@@ -322,6 +323,21 @@ def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") ->
     write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(config)))
 
 
+def save_hydra_files(out: Path, cfg: DictConfig) -> None:
+    """Hydra's record of this invocation (config.yaml, hydra.yaml, overrides.yaml in out/.hydra),
+    written once the run folder is claimed. `hydra.output_subdir: null` keeps Hydra from writing
+    them before the run starts, where a refused command (a folder of another config, one another
+    process is running) overwrote the accepted run's. Nothing outside a Hydra app (composed configs)."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = out / HYDRA_SUBDIR
+    folder.mkdir(exist_ok=True)
+    write_atomic(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_atomic(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+    write_atomic(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
+
+
 @contextlib.contextmanager
 def run_lock(out: Path) -> Iterator[None]:
     """An exclusive lock on the run folder (released by the OS if the process dies)."""
@@ -421,6 +437,7 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     budget_field = BUDGET_FIELDS.get(name, "n")
     with run_lock(out):
         claim_run_dir(out, with_run_budget(resolved_config(cfg), budget_field), budget_field)
+        save_hydra_files(out, cfg)
         search_missing(cfg, out, task, parts, strategy_cfg, spec)
         write_metrics(out, problems)
     return out

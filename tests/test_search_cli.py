@@ -145,6 +145,12 @@ def test_out_dir_is_the_one_folder_of_a_run_and_a_rerun_resumes(ckpt, tmp_path):
     again = run_cli(args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (out / "records.jsonl").read_text() == rows  # resumed: nothing rerun, nothing duplicated
+    hydra_files = {name: (out / ".hydra" / name).read_text() for name in ("config.yaml", "hydra.yaml", "overrides.yaml")}
+    assert "- seed=0" not in hydra_files["overrides.yaml"] and f"- out_dir={out}" in hydra_files["overrides.yaml"]
+    refused = run_cli(args + ["seed=1"], cwd=tmp_path)  # another config: refused, the folder untouched
+    assert refused.returncode == 2 and "holds records of a different config (search.seed: 0 -> 1; seed: 0 -> 1)" in refused.stderr
+    assert {name: (out / ".hydra" / name).read_text() for name in hydra_files} == hydra_files
+    assert (out / "records.jsonl").read_text() == rows
 
 
 def test_a_sweep_reports_a_bad_job_in_one_line_and_runs_the_others(ckpt, tmp_path):
