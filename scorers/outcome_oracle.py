@@ -25,6 +25,11 @@ from treesearch.records import Prefix, Problem
 Grader = Callable[[Problem, str], bool]
 
 
+def _is_unit_number(value: object) -> bool:
+    """An int or float (not a bool) in [0, 1]; NaN fails the comparison."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
 @dataclass(frozen=True)
 class OutcomeOracleScorer:
     """grade: the task grader, (problem, completion text) -> correct; unfinished: the score of
@@ -36,8 +41,8 @@ class OutcomeOracleScorer:
     def __post_init__(self) -> None:
         if not callable(self.grade):
             raise ValueError(f"OutcomeOracleScorer.grade={self.grade!r} must be callable (problem, text) -> bool")
-        if not 0.0 <= self.unfinished <= 1.0:  # also rejects NaN
-            raise ValueError(f"OutcomeOracleScorer.unfinished={self.unfinished!r} must be in [0, 1]")
+        if not _is_unit_number(self.unfinished):
+            raise ValueError(f"OutcomeOracleScorer.unfinished={self.unfinished!r} must be a number in [0, 1]")
 
     def path_value(self, path: Prefix) -> float:
         """1.0 / 0.0 for a finished path by its grade, `unfinished` otherwise."""

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from policies.checkpoint import load_torch_file
+
 SCORE_MODULE_FILE = "score_module.pt"
 DROPOUT = 0.5
 
@@ -115,11 +117,13 @@ def load_score_module(
     model_dir: str | Path, hidden_size: int | None = None, map_location: str | torch.device = "cpu"
 ) -> nn.Sequential:
     """The head saved in model_dir/score_module.pt, in eval mode, float32 unless the file holds
-    another dtype. hidden_size=None reads C from the file; a given one must match it."""
+    another dtype. hidden_size=None reads C from the file; a given one must match it. A missing
+    file is a FileNotFoundError, a truncated or corrupted one a DamagedCheckpointError (a
+    ValueError) naming it."""
     path = Path(model_dir) / SCORE_MODULE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no SPRM head file {path} ({SCORE_MODULE_FILE} beside the model)")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    state = load_torch_file(path, map_location=map_location, weights_only=True)
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     if hidden_size is None:

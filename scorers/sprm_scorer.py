@@ -76,8 +76,7 @@ class SPRMScorer:
         step_format: StepFormat = StepFormat(),
         batch_size: int = 16,
     ) -> None:
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+        check_batch_size(batch_size)
         self.model = model.eval()
         self.tokenizer, self.prompt_fn, self.batch_size = tokenizer, prompt_fn, batch_size
         # ids past the tokenizer's size (a wider logit layer) are never separators
@@ -103,6 +102,7 @@ class SPRMScorer:
         it; feature_layer overrides the folder's sprm.json (-2 without one). `scorer=sprm_forward`
         in the search configs builds it from here. device: where it runs, "cpu" or "cuda[:N]"
         (`policies.devices.resolve_device`; Hydra: `+scorer.device=cuda`)."""
+        check_batch_size(batch_size)  # before minutes of loading a large model
         model, tokenizer = ReflectiveModel.from_pretrained(path, feature_layer=feature_layer, device=device)
         return cls(model, tokenizer, prompt_fn, step_format, batch_size)
 
@@ -155,6 +155,12 @@ class SPRMScorer:
             result.append((p, values[k : k + len(p)]))
             k += len(p)
         return result
+
+
+def check_batch_size(batch_size: object) -> None:
+    """ValueError unless batch_size (paths per forward) is an integer >= 1."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
 
 
 def path_sequences(

@@ -45,7 +45,7 @@ AGGREGATIONS: dict[str, Callable[[Sequence[float]], float]] = {
 
 def check_aggregation(name: str) -> str:
     """Return name if it is a known aggregation, else raise naming the valid ones."""
-    if name not in AGGREGATIONS:
+    if not isinstance(name, str) or name not in AGGREGATIONS:  # a list is not even hashable
         raise ValueError(f"unknown aggregation {name!r}; valid: {', '.join(sorted(AGGREGATIONS))}")
     return name
 

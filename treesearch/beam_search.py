@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from treesearch.aggregation import aggregate, check_aggregation
+from treesearch.config_checks import check_int, search_inputs
 from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, ranked_results, round_seed, score_rows
 from treesearch.protocols import Policy, Scorer
 from treesearch.records import Problem
@@ -46,22 +47,15 @@ from treesearch.result import Candidate, SearchResult
 from treesearch.tree import ROOT_ID, Tree
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_beam_shape(owner: str, n: int, beam_width: int, max_depth: int) -> None:
     """Validate the (n, beam_width, max_depth) triple shared by beam search and DVTS."""
-    if not _is_int(n) or n < 1:
-        raise ValueError(f"{owner}.n={n!r} must be an integer >= 1")
-    if not _is_int(beam_width) or beam_width < 1:
-        raise ValueError(f"{owner}.beam_width={beam_width!r} must be an integer >= 1")
+    check_int(owner, "n", n, minimum=1)
+    check_int(owner, "beam_width", beam_width, minimum=1)
     if beam_width > n:
         raise ValueError(f"{owner}.beam_width={beam_width} must be <= n={n}")
     if n % beam_width:
         raise ValueError(f"{owner}.n={n} must be divisible by beam_width={beam_width}")
-    if not _is_int(max_depth) or max_depth < 1:
-        raise ValueError(f"{owner}.max_depth={max_depth!r} must be an integer >= 1")
+    check_int(owner, "max_depth", max_depth, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -84,10 +78,8 @@ class BeamSearchConfig:
         check_aggregation(self.aggregation)
         if not isinstance(self.dedup, bool):
             raise ValueError(f"BeamSearchConfig.dedup={self.dedup!r} must be a bool")
-        if not _is_int(self.lookahead) or self.lookahead < 0:
-            raise ValueError(f"BeamSearchConfig.lookahead={self.lookahead!r} must be an integer >= 0")
-        if not _is_int(self.seed):
-            raise ValueError(f"BeamSearchConfig.seed={self.seed!r} must be an integer")
+        check_int("BeamSearchConfig", "lookahead", self.lookahead, minimum=0)
+        check_int("BeamSearchConfig", "seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -204,6 +196,7 @@ def _select_beams(
 def beam_search(
     problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: BeamSearchConfig
 ) -> list[SearchResult]:
+    problems = search_inputs("beam_search", problems, cfg, BeamSearchConfig)
     start = time.perf_counter()
     trees = [Tree(p) for p in problems]
     ledgers = [Ledger() for _ in problems]

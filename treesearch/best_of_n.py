@@ -1,7 +1,10 @@
 """Best-of-N: sample N complete solutions per problem, score every step, return the best path.
 
 One batched `policy.rollout` call serves all problems; one `scorer.score` call scores all
-candidates. Ties go to the first candidate (as the reference's metric).
+candidates. Ties go to the first candidate (as the reference's metric). A problem whose row of
+completions is shorter than n (a policy may return fewer) has that many candidates; a rollout
+that returns more or fewer rows than problems, or a scorer whose rows do not match the paths or
+whose scores leave [0, 1], is refused with a ValueError (`treesearch.frontier`).
 
     results = best_of_n(problems, policy, scorer, BestOfNConfig(n=32))
 """
@@ -13,6 +16,8 @@ from typing import Sequence
 
 from treesearch.aggregation import aggregate, check_aggregation
 from treesearch.compute import Compute, step_compute
+from treesearch.config_checks import check_int, search_inputs
+from treesearch.frontier import check_rows, check_scores
 from treesearch.protocols import Policy, Scorer
 from treesearch.records import Prefix, Problem, Step
 from treesearch.result import Candidate, SearchResult, argmax_first
@@ -29,23 +34,27 @@ class BestOfNConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"BestOfNConfig.n={self.n!r} must be an integer >= 1")
+        check_int("BestOfNConfig", "n", self.n, minimum=1)
         check_aggregation(self.aggregation)
+        check_int("BestOfNConfig", "seed", self.seed)
 
 
 def best_of_n(
     problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: BestOfNConfig
 ) -> list[SearchResult]:
+    problems = search_inputs("best_of_n", problems, cfg, BestOfNConfig)
     start = time.perf_counter()
     rollouts = policy.rollout([Prefix(p) for p in problems], n=cfg.n, seed=cfg.seed)
-    paths = [Prefix(p, tuple(r)) for p, rs in zip(problems, rollouts) for r in rs]
+    check_rows(rollouts, len(problems), "rollout")
+    by_problem = [[Prefix(p, tuple(r)) for r in rs] for p, rs in zip(problems, rollouts)]
+    paths = [path for mine in by_problem for path in mine]
     flat_scores = scorer.score(paths)
+    check_scores(paths, flat_scores)
     wall = (time.perf_counter() - start) / max(len(problems), 1)
-    results = []
-    for i, problem in enumerate(problems):
-        mine = paths[i * cfg.n : (i + 1) * cfg.n]
-        scores = flat_scores[i * cfg.n : (i + 1) * cfg.n]
+    results, first = [], 0
+    for problem, mine in zip(problems, by_problem):  # rows may differ in length: slice by each
+        scores = flat_scores[first : first + len(mine)]
+        first += len(mine)
         results.append(_result(problem, mine, scores, policy, scorer, cfg, wall))
     return results
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
+from treesearch.config_checks import is_int
 from treesearch.protocols import Policy, Scorer
 from treesearch.records import Problem
 from treesearch.result import SearchResult
@@ -34,8 +35,8 @@ def search_each(
 ) -> list[SearchResult]:
     """fn([problem], policy, scorer, cfg) for every problem, `workers` at a time (default: all,
     up to MAX_WORKERS), in threads; the results in problem order."""
-    if workers is not None and workers < 1:
-        raise ValueError(f"search_each workers={workers} must be >= 1")
+    if workers is not None and (not is_int(workers) or workers < 1):
+        raise ValueError(f"search_each workers={workers!r} must be an integer >= 1 (or None: one per problem)")
     if not problems:
         return []
     count = min(len(problems), MAX_WORKERS) if workers is None else workers

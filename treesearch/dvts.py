@@ -24,6 +24,7 @@ from typing import Sequence
 
 from treesearch.aggregation import check_aggregation
 from treesearch.beam_search import Beam, ScoredChild, check_beam_shape, expand_beams, top_by_rank
+from treesearch.config_checks import check_int, search_inputs
 from treesearch.frontier import Ledger, make_candidate, ranked_results
 from treesearch.protocols import Policy, Scorer
 from treesearch.records import Problem
@@ -46,8 +47,7 @@ class DVTSConfig:
     def __post_init__(self) -> None:
         check_beam_shape("DVTSConfig", self.n, self.beam_width, self.max_depth)
         check_aggregation(self.aggregation)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"DVTSConfig.seed={self.seed!r} must be an integer")
+        check_int("DVTSConfig", "seed", self.seed)
 
 
 def _group_by_subtree(
@@ -83,6 +83,7 @@ def _advance_subtrees(
 
 
 def dvts(problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: DVTSConfig) -> list[SearchResult]:
+    problems = search_inputs("dvts", problems, cfg, DVTSConfig)
     start = time.perf_counter()
     trees = [Tree(p) for p in problems]
     ledgers = [Ledger() for _ in problems]

@@ -88,7 +88,7 @@ def propose_rows(
     if not items:
         return []
     rows = policy.propose([item.prefix for item in items], n=n, seed=seed)
-    _check_rows(rows, items, "propose")
+    check_rows(rows, len(items), "propose")
     _charge_calls(items, ledgers)
     for item, row in zip(items, rows):
         ledgers[item.problem].add_steps(row)
@@ -103,7 +103,7 @@ def rollout_rows(
     if not items:
         return []
     rows = policy.rollout([item.prefix for item in items], n=1, seed=seed)
-    _check_rows(rows, items, "rollout")
+    check_rows(rows, len(items), "rollout")
     _charge_calls(items, ledgers)
     out = []
     for item, completions in zip(items, rows):
@@ -120,11 +120,7 @@ def score_rows(scorer: Scorer, items: Sequence[Item], ledgers: list[Ledger]) -> 
         return []
     paths = [item.prefix for item in items]
     scores = scorer.score(paths)
-    if len(scores) != len(paths):
-        raise ValueError(f"scorer returned {len(scores)} score rows for {len(paths)} paths")
-    for path, row in zip(paths, scores):
-        if len(row) != len(path.steps):
-            raise ValueError(f"scorer returned {len(row)} scores for a path of {len(path.steps)} steps")
+    check_scores(paths, scores)
     by_problem: dict[int, list[Prefix]] = {}
     for item in items:
         by_problem.setdefault(item.problem, []).append(item.prefix)
@@ -133,9 +129,34 @@ def score_rows(scorer: Scorer, items: Sequence[Item], ledgers: list[Ledger]) -> 
     return [list(row) for row in scores]
 
 
-def _check_rows(rows: Sequence[Any], items: Sequence[Item], method: str) -> None:
-    if len(rows) != len(items):
-        raise ValueError(f"policy.{method} returned {len(rows)} rows for {len(items)} prefixes")
+def check_scores(paths: Sequence[Prefix], scores: Sequence[Sequence[float]]) -> None:
+    """ValueError unless the scorer gave one row per path, one score per step, each a number in
+    [0, 1] (the `Scorer` protocol: a logit or a NaN would rank paths by nothing, silently)."""
+    if len(scores) != len(paths):
+        raise ValueError(f"scorer returned {len(scores)} score rows for {len(paths)} paths")
+    for path, row in zip(paths, scores):
+        if len(row) != len(path.steps):
+            raise ValueError(f"scorer returned {len(row)} scores for a path of {len(path.steps)} steps")
+        for j, value in enumerate(row):
+            if not _is_unit_score(value):
+                raise ValueError(
+                    f"scorer returned step score {value!r} for step {j} of a path of problem "
+                    f"{path.problem.id!r}; a step score must be a number in [0, 1]"
+                )
+
+
+def _is_unit_score(value: Any) -> bool:
+    """A number in [0, 1]: NaN fails both comparisons, a string cannot be compared."""
+    try:
+        return bool(0.0 <= value <= 1.0)
+    except TypeError:
+        return False
+
+
+def check_rows(rows: Sequence[Any], expected: int, method: str) -> None:
+    """ValueError unless a policy call returned one row per prefix."""
+    if len(rows) != expected:
+        raise ValueError(f"policy.{method} returned {len(rows)} rows for {expected} prefixes")
 
 
 def make_candidate(tree: Tree, node_id: int, step_scores: Sequence[float], aggregation: str) -> Candidate:

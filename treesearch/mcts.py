@@ -40,6 +40,7 @@ from itertools import count
 from typing import Sequence
 
 from treesearch.aggregation import aggregate, check_aggregation
+from treesearch.config_checks import check_finite, check_int, is_int, search_inputs
 from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, rollout_rows, round_seed, score_rows
 from treesearch.protocols import Policy, Scorer
 from treesearch.puct import puct_score, sibling_priors, step_prior_logit, with_virtual_loss
@@ -49,14 +50,6 @@ from treesearch.tree import ROOT_ID, Tree
 
 BACKUPS = ("mean", "max")
 FINALS = ("visits", "value")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -84,24 +77,19 @@ class MCTSConfig:
 
     def __post_init__(self) -> None:
         for name in ("iterations", "expand_width", "leaves_per_round", "max_depth"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"MCTSConfig.{name}={value!r} must be an integer >= 1")
-        for name in ("c_puct", "virtual_loss"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ValueError(f"MCTSConfig.{name}={value!r} must be a number >= 0")
+            check_int("MCTSConfig", name, getattr(self, name), minimum=1)
+        for name in ("c_puct", "virtual_loss"):  # NaN or inf would make every PUCT score NaN / inf
+            check_finite("MCTSConfig", name, getattr(self, name), minimum=0.0)
         if self.backup not in BACKUPS:
             raise ValueError(f"MCTSConfig.backup={self.backup!r}; valid: {', '.join(BACKUPS)}")
         if self.final not in FINALS:
             raise ValueError(f"MCTSConfig.final={self.final!r}; valid: {', '.join(FINALS)}")
         if not isinstance(self.rollout, bool):
             raise ValueError(f"MCTSConfig.rollout={self.rollout!r} must be a bool")
-        if self.token_budget is not None and (not _is_int(self.token_budget) or self.token_budget < 1):
+        if self.token_budget is not None and (not is_int(self.token_budget) or self.token_budget < 1):
             raise ValueError(f"MCTSConfig.token_budget={self.token_budget!r} must be None or an integer >= 1")
         check_aggregation(self.aggregation)
-        if not _is_int(self.seed):
-            raise ValueError(f"MCTSConfig.seed={self.seed!r} must be an integer")
+        check_int("MCTSConfig", "seed", self.seed)
 
 
 @dataclass
@@ -261,6 +249,7 @@ def _choose(candidates: list[Candidate], tree: Tree, final: str) -> int | None:
 
 
 def mcts(problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: MCTSConfig) -> list[SearchResult]:
+    problems = search_inputs("mcts", problems, cfg, MCTSConfig)
     start = time.perf_counter()
     searches = [_ProblemSearch(Tree(p)) for p in problems]
     ledgers = [Ledger() for _ in problems]

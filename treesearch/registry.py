@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
 from treesearch.beam_search import BeamSearchConfig, beam_search
@@ -39,14 +39,24 @@ STRATEGIES: dict[str, StrategySpec] = {
 
 def get_strategy(name: str) -> StrategySpec:
     """The registered strategy, or a ValueError that lists the valid names."""
-    if name not in STRATEGIES:
+    if not isinstance(name, str) or name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(sorted(STRATEGIES))}")
     return STRATEGIES[name]
+
+
+def build_config(name: str, **cfg: Any) -> Any:
+    """The config of strategy `name` from keyword arguments; a setting it does not have is a
+    TypeError naming it and listing the strategy's settings (MCTS has `iterations`, not `n`)."""
+    spec = get_strategy(name)
+    valid = [f.name for f in fields(spec.config)]
+    unknown = [key for key in cfg if key not in valid]
+    if unknown:
+        raise TypeError(f"{name} has no setting {unknown[0]!r}; valid: {', '.join(valid)}")
+    return spec.config(**cfg)
 
 
 def run_search(
     name: str, problems: Sequence[Problem], policy: Policy, scorer: Scorer, **cfg: Any
 ) -> list[SearchResult]:
-    """Build the strategy's config from keyword arguments and run it."""
-    spec = get_strategy(name)
-    return spec.fn(problems, policy, scorer, spec.config(**cfg))
+    """Build the strategy's config from keyword arguments (`build_config`) and run it."""
+    return get_strategy(name).fn(problems, policy, scorer, build_config(name, **cfg))

@@ -1,0 +1,239 @@
+"""The library API used as a researcher would, with bad input: every strategy refuses what it
+cannot use with an error naming the setting (or the policy / scorer output) and the valid range,
+and never pairs a candidate with another problem or a score outside [0, 1].
+
+    .venv/bin/python -m pytest tests/test_library_api.py -q
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import pytest
+
+from fakes import FakePolicy, OracleScorer
+from scorers.outcome_oracle import OutcomeOracleScorer
+from scorers.sprm_head import build_sprm_head, load_score_module, save_score_module
+from scorers.sprm_scorer import SPRMScorer
+from treesearch.aggregation import check_aggregation
+from treesearch.beam_search import BeamSearchConfig, beam_search
+from treesearch.best_of_n import BestOfNConfig, best_of_n
+from treesearch.concurrent import search_each
+from treesearch.dvts import DVTSConfig, dvts
+from treesearch.mcts import MCTSConfig, mcts
+from treesearch.records import Prefix, Problem, Step
+from treesearch.registry import run_search
+
+SMALL = {  # each strategy at a few samples
+    "best_of_n": {"n": 2},
+    "beam_search": {"n": 2, "beam_width": 2},
+    "dvts": {"n": 2, "beam_width": 2},
+    "mcts": {"iterations": 3, "expand_width": 2},
+}
+STRATEGIES = [(best_of_n, BestOfNConfig(n=2)), (beam_search, BeamSearchConfig(n=2, beam_width=2)),
+              (dvts, DVTSConfig(n=2, beam_width=2)), (mcts, MCTSConfig(iterations=3, expand_width=2))]
+
+
+def problems(k: int = 3) -> list[Problem]:
+    return [Problem(f"p{i}", f"q{i}", str(i), {"answers": [str(i), "x"]}) for i in range(k)]
+
+
+# -- Best-of-N: what the policy and the scorer return -------------------------------------------
+
+
+def _owned_step(problem: Problem, j: int) -> Step:
+    """A terminal step whose text names its problem, so a candidate shows whose it is."""
+    text = f"</think>Answer: {problem.id}-{j}"
+    return Step(text, tuple(range(len(text))), tuple(-0.1 for _ in text), "eos")
+
+
+@dataclass
+class ShortRowPolicy:
+    """Rollouts that name their problem; the first problem gets one completion fewer than n."""
+
+    num_parameters: int = 10
+
+    def propose(self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool = True) -> list[list[Step]]:
+        raise AssertionError("Best-of-N only rolls out")
+
+    def rollout(self, prefixes: Sequence[Prefix], n: int, seed: int) -> list[list[list[Step]]]:
+        rows = [[[_owned_step(p.problem, j)] for j in range(n)] for p in prefixes]
+        rows[0] = rows[0][: n - 1]
+        return rows
+
+
+def test_best_of_n_keeps_each_candidate_with_its_own_problem_when_a_row_is_short():
+    # before: candidates were cut at fixed offsets of n, so p0's short row shifted the rest by one
+    # (p0 got [p0-0, p1-0], p1 got [p1-1, p2-0], p2 got [p2-1])
+    results = best_of_n(problems(3), ShortRowPolicy(), OracleScorer(), BestOfNConfig(n=2))
+    for r in results:
+        assert all(c.text.startswith(f"</think>Answer: {r.problem.id}-") for c in r.candidates)
+    assert [len(r.candidates) for r in results] == [1, 2, 2]
+
+
+class MissingRowPolicy(FakePolicy):
+    def rollout(self, prefixes, n, seed):  # type: ignore[override]
+        return super().rollout(prefixes, n, seed)[:-1]
+
+
+def test_best_of_n_refuses_a_policy_that_drops_a_problem():
+    # before: the last problem silently had no candidates
+    with pytest.raises(ValueError, match="policy.rollout returned 2 rows for 3 prefixes"):
+        best_of_n(problems(3), MissingRowPolicy(), OracleScorer(), BestOfNConfig(n=2))
+
+
+class DropRowScorer(OracleScorer):
+    def score(self, paths):  # type: ignore[override]
+        return super().score(paths)[:-1]
+
+
+class DropStepScorer(OracleScorer):
+    def score(self, paths):  # type: ignore[override]
+        return [row[:-1] for row in super().score(paths)]
+
+
+@pytest.mark.parametrize("scorer, message", [
+    (DropRowScorer(), "scorer returned 5 score rows for 6 paths"),  # before: one candidate silently lost
+    (DropStepScorer(), "scorer returned 1 scores for a path of 2 steps"),  # before: IndexError in tree.py
+])
+def test_best_of_n_refuses_a_scorer_whose_rows_do_not_match_the_paths(scorer, message):
+    with pytest.raises(ValueError, match=message):
+        best_of_n(problems(3), FakePolicy(), scorer, BestOfNConfig(n=2))
+
+
+# -- every strategy: scores outside [0, 1] --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConstantScorer:
+    """Every step scores `value` (a logit or NaN: what a misconfigured PRM returns)."""
+
+    value: float
+
+    def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
+        return [[self.value] * len(p.steps) for p in paths]
+
+    def cost(self, paths: Sequence[Prefix]) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("value", [-2.5, 1.5, math.nan])
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_strategy_refuses_step_scores_outside_the_unit_interval(name, value):
+    # before: logits were clamped by the geometric mean or compared as NaN, and a path was
+    # chosen by nothing, silently
+    with pytest.raises(ValueError, match=r"step score .* must be a number in \[0, 1\]"):
+        run_search(name, problems(2), FakePolicy(), ConstantScorer(value), **SMALL[name])
+
+
+# -- every strategy: its own config, a list of problems ---------------------------------------------
+
+
+@pytest.mark.parametrize("fn, cfg", STRATEGIES)
+def test_a_strategy_refuses_another_strategys_config(fn, cfg):
+    # before: AttributeError deep inside (e.g. 'BestOfNConfig' object has no attribute 'max_depth')
+    wrong = BestOfNConfig(n=2) if fn is not best_of_n else BeamSearchConfig(n=2, beam_width=2)
+    with pytest.raises(TypeError, match=f"{fn.__name__} takes a {type(cfg).__name__}, not a {type(wrong).__name__}"):
+        fn(problems(1), FakePolicy(), OracleScorer(), wrong)
+    with pytest.raises(TypeError, match=f"{fn.__name__} takes a {type(cfg).__name__}, not a dict"):
+        fn(problems(1), FakePolicy(), OracleScorer(), {"n": 2})
+
+
+@pytest.mark.parametrize("fn, cfg", STRATEGIES)
+def test_a_strategy_names_a_problem_list_it_cannot_use(fn, cfg):
+    (one,) = problems(1)
+    # before: "'Problem' object is not iterable" / "'str' object has no attribute 'id'" deep inside
+    with pytest.raises(TypeError, match=r"problems must be a list of Problem, not a Problem \(wrap it: \[problem\]\)"):
+        fn(one, FakePolicy(), OracleScorer(), cfg)
+    with pytest.raises(TypeError, match=r"problems\[1\] is a str, not a Problem"):
+        fn([one, "q"], FakePolicy(), OracleScorer(), cfg)
+
+
+@pytest.mark.parametrize("fn, cfg", STRATEGIES)
+def test_a_strategy_takes_any_iterable_of_problems(fn, cfg):
+    # before: "object of type 'generator' has no len()"
+    results = fn((p for p in problems(2)), FakePolicy(), OracleScorer(), cfg)
+    assert [r.problem.id for r in results] == ["p0", "p1"]
+
+
+# -- configs --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"seed": "1"}, "BestOfNConfig.seed='1' must be an integer"),
+    ({"seed": 1.5}, "BestOfNConfig.seed=1.5 must be an integer"),
+    ({"n": True}, "BestOfNConfig.n=True must be an integer >= 1"),
+])
+def test_best_of_n_config_checks_its_settings_as_the_others_do(settings, message):
+    # before: accepted (a string seed reached the policy, n=True ran Best-of-1)
+    with pytest.raises(ValueError, match=message):
+        BestOfNConfig(**settings)
+
+
+@pytest.mark.parametrize("name", ["c_puct", "virtual_loss"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_mcts_config_refuses_a_weight_that_is_not_finite(name, value):
+    # before: accepted; with c_puct=nan every PUCT score is NaN and selection always takes the first child
+    with pytest.raises(ValueError, match=f"MCTSConfig.{name}={value} must be a finite number >= 0"):
+        MCTSConfig(**{name: value})
+
+
+def test_an_aggregation_that_is_not_a_string_is_named():
+    # before: TypeError: unhashable type: 'list'
+    with pytest.raises(ValueError, match=r"unknown aggregation \['mean'\]; valid: geometric_mean"):
+        check_aggregation(["mean"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name, settings, valid", [
+    ("mcts", {"n": 8}, "iterations"),
+    ("best_of_n", {"beam_width": 2}, "n, aggregation, seed"),
+])
+def test_run_search_names_a_setting_the_strategy_does_not_take_and_lists_its_settings(name, settings, valid):
+    # before: "MCTSConfig.__init__() got an unexpected keyword argument 'n'", no list of settings
+    with pytest.raises(TypeError, match=f"{name} has no setting {sorted(settings)[0]!r}; valid: .*{valid}"):
+        run_search(name, problems(1), FakePolicy(), OracleScorer(), **settings)
+
+
+def test_an_unknown_strategy_that_is_not_a_string_is_named():
+    # before: TypeError: unhashable type: 'list'
+    with pytest.raises(ValueError, match=r"unknown strategy \['mcts'\]; valid: beam_search, best_of_n, dvts, mcts"):
+        run_search(["mcts"], problems(1), FakePolicy(), OracleScorer())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("workers", ["2", 2.5, True, 0])
+def test_search_each_names_a_bad_worker_count(workers):
+    # before: '2' raised "'<' not supported between instances of 'str' and 'int'"; 2.5 and True ran
+    with pytest.raises(ValueError, match=f"search_each workers={workers!r} must be an integer >= 1"):
+        search_each(best_of_n, problems(2), FakePolicy(), OracleScorer(), BestOfNConfig(n=2), workers=workers)
+
+
+# -- scorers --------------------------------------------------------------------------------------
+
+
+def _grade(problem: Problem, text: str) -> bool:
+    return text.endswith(f"Answer: {problem.answer}")
+
+
+@pytest.mark.parametrize("unfinished", ["0.5", None, True, math.nan, 1.5])
+def test_outcome_oracle_names_an_unfinished_score_that_is_not_a_number_in_the_unit_interval(unfinished):
+    # before: "0.5" and None raised "'<=' not supported between ...", True was accepted
+    with pytest.raises(ValueError, match=r"OutcomeOracleScorer.unfinished=.* must be a number in \[0, 1\]"):
+        OutcomeOracleScorer(grade=_grade, unfinished=unfinished)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file", "half"])
+def test_a_damaged_score_module_is_named(tmp_path, content: Any):
+    path = save_score_module(build_sprm_head(4, seed=0), tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if content == "half" else content)
+    # before: a raw EOFError (with no message), UnpicklingError or PytorchStreamReader RuntimeError
+    with pytest.raises(ValueError, match=f"{path} is damaged or incomplete"):
+        load_score_module(tmp_path)
+
+
+def test_sprm_scorer_checks_batch_size_before_loading_anything(tmp_path):
+    # before: the model loaded first, so a missing folder hid the bad batch size (and a big model
+    # loaded for minutes before the refusal)
+    with pytest.raises(ValueError, match="batch_size=0 must be an integer >= 1"):
+        SPRMScorer.from_pretrained(tmp_path / "absent", lambda p: p.question, batch_size=0)
