@@ -152,11 +152,21 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     return Path(out_dir)
 
 
+def missing_folder_error(directory: Path) -> FileNotFoundError:
+    """The error for a checkpoint folder that is not a folder: missing, or a file inside one
+    (`.../final/config.json` names its folder)."""
+    if directory.is_file():
+        return FileNotFoundError(
+            f"{directory} is a file, not a checkpoint folder; pass the folder that holds it ({directory.parent})"
+        )
+    return FileNotFoundError(f"checkpoint folder {directory} does not exist")
+
+
 def check_checkpoint(directory: str | Path) -> Path:
     """Raise FileNotFoundError naming the first missing required file (and the folder)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {directory} does not exist")
+        raise missing_folder_error(directory)
     for name in REQUIRED_FILES:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"checkpoint folder {directory} has no {name}")

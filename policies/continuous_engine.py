@@ -134,7 +134,13 @@ class ContinuousEngine:
     @contextmanager
     def attached(cls, policy: Any) -> Iterator["ContinuousEngine"]:
         """Within the block, `policy` (a TransformersPolicy) decodes its chunks on a new engine,
-        from any number of threads; the engine stops afterwards."""
+        from any number of threads; the engine stops afterwards. Another policy is a TypeError
+        (vLLM and OpenAI-compatible policies are called from `search_each`'s threads as they are)."""
+        if not hasattr(policy, "chunk_decoder"):
+            raise TypeError(
+                f"ContinuousEngine.attached takes a TransformersPolicy (it decodes that policy's chunks), not a "
+                f"{type(policy).__name__}; call search_each without the engine for other policies"
+            )
         engine = cls(policy.model, policy.rule, policy.pad_id, policy.step_head, policy.sampling.batch_size)
         previous, pool_size, drop_smaller = policy.chunk_decoder, KV_POOL.max_free, KV_POOL.drop_smaller
         policy.chunk_decoder = engine.decode

@@ -76,6 +76,7 @@ from typing import Any, Callable, Sequence
 import httpx
 from transformers import AutoConfig, AutoTokenizer
 
+from policies.checkpoint import missing_folder_error
 from policies.policy_requests import check_request, encode_contexts, is_integer, step_budget
 from policies.sampling_config import SamplingConfig
 from policies.step_assembly import (
@@ -419,7 +420,7 @@ def _check_client_files(path: str | Path) -> Path:
     checked by loading it)."""
     directory = Path(path)
     if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {directory} does not exist")
+        raise missing_folder_error(directory)
     for name in CLIENT_FILES:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"checkpoint folder {directory} has no {name}")

@@ -237,3 +237,26 @@ def test_sprm_scorer_checks_batch_size_before_loading_anything(tmp_path):
     # loaded for minutes before the refusal)
     with pytest.raises(ValueError, match="batch_size=0 must be an integer >= 1"):
         SPRMScorer.from_pretrained(tmp_path / "absent", lambda p: p.question, batch_size=0)
+
+
+def test_a_file_given_as_a_checkpoint_folder_names_the_folder_that_holds_it(tmp_path):
+    from policies.checkpoint import check_checkpoint
+
+    (tmp_path / "final").mkdir()
+    config = tmp_path / "final" / "config.json"
+    config.write_text("{}")
+    message = rf"{config} is a file, not a checkpoint folder; pass the folder that holds it \({tmp_path / 'final'}\)"
+    with pytest.raises(FileNotFoundError, match=message):
+        check_checkpoint(config)
+    with pytest.raises(FileNotFoundError, match=message):
+        SPRMScorer.from_pretrained(config, prompt_fn=str)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint folder .*nope does not exist"):
+        check_checkpoint(tmp_path / "nope")
+
+
+def test_the_continuous_engine_names_a_policy_it_cannot_drive():
+    from policies.continuous_engine import ContinuousEngine
+
+    with pytest.raises(TypeError, match=r"takes a TransformersPolicy .*not a FakePolicy; call search_each without"):
+        with ContinuousEngine.attached(FakePolicy()):
+            pass
