@@ -212,7 +212,7 @@ def _candidates(result: SearchResult) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_batching", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(ap, problems=64, n=8)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; times and speed-ups are their medians")
     args = ap.parse_args(argv)

@@ -44,7 +44,7 @@ def run(work: Workload, n: int, beam_width: int, rounds: int, seed: int, other: 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_dtype", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(ap, problems=32, n=32)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds of each dtype (alternating)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="compared with float32")

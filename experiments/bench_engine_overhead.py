@@ -272,7 +272,7 @@ def run(checkpoint: Path, problems: int, n: int, beam_width: int, top: int, seed
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_engine_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(ap, problems=32, n=32)
     add_device_argument(ap)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows each strategy's median run")

@@ -129,7 +129,7 @@ def run(
 def main(argv: Sequence[str] | None = None) -> None:
     from experiments.bench_workload import DEFAULT_CHECKPOINT
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     ap.add_argument("--ns", type=lambda s: tuple(int(x) for x in s.split(",")), default=DEFAULT_NS,
                     help="comma-separated N values (default 4,8,16,32)")

@@ -127,7 +127,7 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Prefix reuse OFF vs ON for beam search and MCTS on arith.")
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_prefix_reuse", description="Prefix reuse OFF vs ON for beam search and MCTS on arith.")
     parser.add_argument("--problems", type=int, default=16, help="arith test problems")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--seed", type=int, default=0, help="problem generation seed")

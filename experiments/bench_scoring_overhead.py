@@ -92,7 +92,7 @@ def run(checkpoint: Path, problems: int, n: int, repeats: int, seed: int) -> str
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_scoring_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     ap.add_argument("--problems", type=int, default=32)
     ap.add_argument("--n", type=int, default=32)

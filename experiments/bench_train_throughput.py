@@ -186,7 +186,7 @@ def run(checkpoint: Path, prompts: int, group: int, repeats: int, seed: int) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_train_throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     ap.add_argument("--prompts", type=int, default=8, help="P, prompts per step (train.yaml: 8)")
     ap.add_argument("--group", type=int, default=8, help="G, rollouts per prompt (train.yaml: 8)")

@@ -284,7 +284,7 @@ def resolve_checkpoint(checkpoint: Path, scratch: Path) -> tuple[Path, str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Transformers vs vLLM: Best-of-N and beam search on arith.")
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_vllm", description="Transformers vs vLLM: Best-of-N and beam search on arith.")
     parser.add_argument("--problems", type=int, default=64, help="arith test problems")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--seed", type=int, default=0, help="problem generation seed")

@@ -88,7 +88,7 @@ def run(model: str, checkpoint: Path, problems: int, n: int, beam_width: int, se
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_vllm_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(ap, problems=32, n=32)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM's KV cache size")
     args = ap.parse_args(argv)

@@ -114,7 +114,7 @@ def flag_ways_report(
 def ways_main(doc: str, argv: Sequence[str] | None, run: Callable[[Workload, int, int, int, int], str]) -> None:
     """The command line of a two-way benchmark: the search options (32 problems, N = 32) and
     --rounds; prints run(work, n, beam_width, rounds, seed)."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_ways", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(ap, problems=32, n=32)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds of each way (alternating)")
     args = ap.parse_args(argv)

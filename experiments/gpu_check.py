@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def check_command(argv: Sequence[str] | None = None) -> int:
     """Parse argv, skip saying why or run the check, print its line."""
-    ap = argparse.ArgumentParser(description="Run one GPU policy preset end to end at small scale (or skip, saying why).")
+    ap = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description="Run one GPU policy preset end to end at small scale (or skip, saying why).")
     ap.add_argument("--preset", required=True, help=f"one of {', '.join(GPU_PRESETS)}")
     ap.add_argument("--problems", type=int, default=4, help="first GSM8K test problems")
     ap.add_argument("--budget", type=int, default=2, help="Best-of-N's N")

@@ -105,7 +105,7 @@ def register_scaling(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.plot_scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_scaling_arguments(ap)
     args = ap.parse_args(argv)
     return args.run(args)

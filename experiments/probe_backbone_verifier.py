@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def probe_command(argv: Sequence[str] | None = None) -> int:
     """Parse argv (the config checked before anything is loaded), run the probe, print the tables."""
     d = BackboneTuneConfig()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.probe_backbone_verifier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", type=Path, default=Path("outputs/checkpoints/tiny-countdown/final"))
     ap.add_argument("--train", type=Path, required=True, help="train-split rollout cache (.pt)")
     ap.add_argument("--test", type=Path, required=True, help="held-out rollout cache (.pt)")

@@ -568,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_command(argv: Sequence[str] | None = None) -> int:
     """Parse argv, build the cache, save it and print a one-line summary."""
-    ap = argparse.ArgumentParser(description="Build a rollout cache (rollouts, grades, SPRM-position features).")
+    ap = argparse.ArgumentParser(prog="python -m experiments.rollout_cache", description="Build a rollout cache (rollouts, grades, SPRM-position features).")
     ap.add_argument("--policy", required=True, help="policy checkpoint folder")
     ap.add_argument("--task", required=True, help="embedded task: arith | countdown")
     ap.add_argument("--split", default="train", choices=("train", "test"))

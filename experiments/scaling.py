@@ -205,7 +205,7 @@ def format_scaling(series: Sequence[SeriesScaling], threshold: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dir", type=Path)
     ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                     help="marginal accuracy gain per doubling of C below which the curve counts as flat")

@@ -636,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def eval_command(argv: Sequence[str] | None = None) -> int:
     """Parse argv into an EvalConfig (every setting checked), run the stages, print the metrics."""
     defaults = EvalConfig()
-    ap = argparse.ArgumentParser(description="SmolLM2-135M-Instruct on GSM8K: greedy, Best-of-N, beam search, head-only SPRM.")
+    ap = argparse.ArgumentParser(prog="python -m experiments.smollm2_eval", description="SmolLM2-135M-Instruct on GSM8K: greedy, Best-of-N, beam search, head-only SPRM.")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--stages", nargs="+", default=list(STAGES), help=f"any of {', '.join(STAGES)}")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop searching after this (resumes on rerun)")

@@ -445,7 +445,7 @@ def format_table(summaries: Sequence[RunSummary]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.sweep_metrics", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", type=Path, help="a run folder (holds records.jsonl) or a sweep folder")
     args = ap.parse_args(argv)
     try:

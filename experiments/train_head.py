@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train_command(argv: Sequence[str] | None = None) -> int:
     """Parse argv (every setting checked before a cache is read), train, write --out, print a summary."""
-    ap = argparse.ArgumentParser(description="Train an SPRM head on cached rollouts of a frozen policy.")
+    ap = argparse.ArgumentParser(prog="python -m experiments.train_head", description="Train an SPRM head on cached rollouts of a frozen policy.")
     ap.add_argument("--train", required=True, type=Path, help="train rollout cache (.pt)")
     ap.add_argument("--test", required=True, type=Path, help="held-out rollout cache (.pt)")
     ap.add_argument("--labels", default="spr", choices=LABEL_MODES)

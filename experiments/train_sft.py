@@ -49,7 +49,7 @@ DEFAULT_TRAIN_PROBLEMS = 100_000  # more than a default run consumes: no example
 
 def build_parser() -> argparse.ArgumentParser:
     d = SFTConfig()
-    parser = argparse.ArgumentParser(description="SFT of a tiny policy on an embedded task, then a quick evaluation.")
+    parser = argparse.ArgumentParser(prog="python -m experiments.train_sft", description="SFT of a tiny policy on an embedded task, then a quick evaluation.")
     parser.add_argument("--task", default="arith", choices=list(SFT_TASKS), help="the embedded task")
     parser.add_argument("--out", required=True, help="run folder: OUT/final (model), OUT/last (resume state)")
     parser.add_argument("--minutes", type=float, default=d.max_minutes,
