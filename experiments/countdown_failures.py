@@ -9,22 +9,25 @@ step honestly misses the target is caught by a comparison; one that writes the t
 arithmetic ("14 + 4 = 17") needs the arithmetic checked; a dead end is as hard to see as
 solving the problem.
 
-    python -m experiments.countdown_failures outputs/demo/sprm_countdown/test.pt
+    python -m experiments.countdown_failures outputs/demo/reflective_countdown/heldout.pt
 
 Prints three markdown tables (first fault per outcome; last step per outcome; how often the
 policy's arithmetic is right by step, operator and operand size) and what Best-of-n
 would reach with the cheap checks as the verifier (`check_bon`: a candidate whose last step
 writes the target, honestly or at all, ranks first; ties go to the policy's confidence). `diagnose`
 is the plain function on one rollout; `diagnose_cache` runs it over a rollout cache
-(`experiments.rollout_cache`) of the countdown task.
+(`experiments.rollout_cache`) of the countdown task. A missing, damaged or non-countdown cache
+prints one line `error: ...` and exits 2.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
+from experiments.cli_errors import run_command
 from experiments.rollout_cache import RolloutCache, confidence_path_scores, load_cache
 from experiments.rollout_cache import cache_problems as problems_of_cache
 from experiments.tasks import countdown
@@ -160,7 +163,13 @@ def check_bon(cache: RolloutCache, diagnoses: Sequence[RolloutDiagnosis]) -> dic
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; a missing, damaged or non-countdown cache prints `error: ...` (exit 2)."""
+    return run_command(report_command, argv)
+
+
+def report_command(argv: Sequence[str] | None = None) -> int:
+    """Parse argv, diagnose the cache's rollouts and print the tables."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cache", help="a countdown rollout cache (.pt) from experiments.rollout_cache")
     args = ap.parse_args(argv)
@@ -178,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, acc in check_bon(cache, diagnoses).items():
         print(f"| {name} | {acc:.3f} |")
     print(f"| oracle (pass@{cache.n}) | {_oracle(cache):.3f} |")
+    return 0
 
 
 def _oracle(cache: RolloutCache) -> float:
@@ -186,4 +196,4 @@ def _oracle(cache: RolloutCache) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,12 +41,14 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from experiments.cli_errors import run_command
 from experiments.demo_ablation import (ABLATION_SIZES, FROZEN_HEADS, ablation_markdown, ablation_metrics, ablation_rows,
                                       frozen_head)
-from experiments.demo_reflective import ARITH_TUNE, ReflectiveStage, run_reflective_stage
+from experiments.demo_reflective import ARITH_TUNE, ReflectiveStage, run_reflective_stage, stage_dir
 from experiments.demo_report import TaskOutcomes, estimates, write_report
 from experiments.demo_sprm import SPRMResult, SPRMStage, run_sprm_stage
-from experiments.demo_sweep import DEMO_BUDGETS, DEMO_STRATEGIES, StrategySweep, SweepSpec, run_strategy_sweep
+from experiments.demo_sweep import (DEMO_BUDGETS, DEMO_STRATEGIES, StrategySweep, SweepSpec, check_sweep_folder,
+                                   run_strategy_sweep)
 from experiments.metrics import ProblemOutcome
 from experiments.outcomes import grade_results, write_records
 from experiments.plot import render_tree
@@ -98,7 +101,7 @@ class DemoTask:
         get_sft_task(self.name)  # a ValueError naming the valid tasks
         if self.sprm is not None and self.reflective is not None:
             raise ValueError(f"DemoTask({self.name}) has both an sprm and a reflective stage: choose one")
-        if self.temperature is not None and self.temperature < 0:
+        if self.temperature is not None and not self.temperature >= 0:  # also refuses NaN
             raise ValueError(f"DemoTask({self.name}).temperature={self.temperature!r} must be >= 0")
         if self.sweep_scorer not in SWEEP_SCORERS:
             raise ValueError(f"DemoTask({self.name}).sweep_scorer={self.sweep_scorer!r}; valid: {', '.join(SWEEP_SCORERS)}")
@@ -208,22 +211,28 @@ def write_example_tree(out: Path, problem: Problem, policy: Policy, scorer: Scor
     render_tree(path)
 
 
-def strategy_sweep(cfg: DemoConfig, task: DemoTask, ckpt: Path, reflective: SPRMResult | None) -> StrategySweep | None:
+def sweep_spec(cfg: DemoConfig, task: DemoTask) -> SweepSpec | None:
     """The compute-matched comparison on one task (None when cfg.sweep_problems is 0): the SFT
     policy ranked by its confidence, or the reflective model ranked by its head (sweep_scorer)."""
     if cfg.sweep_problems == 0:
         return None
     sprm = task.sweep_scorer == "sprm"
-    assert reflective is not None or not sprm  # DemoTask: sweep_scorer="sprm" needs the reflective stage
-    spec = SweepSpec(
+    assert task.reflective is not None or not sprm  # DemoTask: sweep_scorer="sprm" needs the reflective stage
+    policy_dir = stage_dir(task.reflective, Path(cfg.out_dir)) / "model" if sprm else cfg.run_dir(task) / "final"
+    return SweepSpec(
         out_dir=Path(cfg.out_dir) / (f"sweep_{task.name}_sprm" if sprm else f"sweep_{task.name}"),
-        checkpoint=str(reflective.head_dir if sprm else ckpt), task=task.name, problems=cfg.sweep_problems,
+        checkpoint=str(policy_dir), task=task.name, problems=cfg.sweep_problems,
         strategies=cfg.sweep_strategies, budgets=cfg.sweep_budgets, seed=cfg.seed,
         scorer=task.sweep_scorer, policy="tiny_sprm" if sprm else "tiny",
         overrides=(f"policy.sampling.temperature={task.sampling_temperature}",
                    f"policy.sampling.max_total_tokens={task.max_total_tokens}"),
     )
-    return run_strategy_sweep(spec)
+
+
+def strategy_sweep(cfg: DemoConfig, task: DemoTask) -> StrategySweep | None:
+    """Run the task's `sweep_spec` (None: no sweep); its policy folder is the one the earlier stages made."""
+    spec = sweep_spec(cfg, task)
+    return None if spec is None else run_strategy_sweep(spec)
 
 
 def sprm_scorer(sprm: SPRMResult, module: ModuleType, sampling: SamplingConfig) -> SPRMScorer:
@@ -351,7 +360,7 @@ def run_task(cfg: DemoConfig, task: DemoTask, out: Path) -> TaskRun:
         f"({tokens / elapsed:.0f} tokens/s)."
     )
     start = time.perf_counter()
-    sweep = strategy_sweep(cfg, task, ckpt, reflective)
+    sweep = strategy_sweep(cfg, task)
     seconds["sweep"] = time.perf_counter() - start
     return TaskRun(outcomes, sweep, summary, seconds)
 
@@ -419,15 +428,37 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
                       chunk=a.chunk, seed=a.seed, sweep_problems=a.sweep_problems)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def check_output_folders(cfg: DemoConfig) -> None:
+    """A ValueError naming --out-dir or --checkpoints when it, or a folder above it, is a file, or
+    a sweep folder of other settings: refused before anything trains, not when first written."""
+    for flag, folder in (("--out-dir", cfg.out_dir), ("--checkpoints", cfg.checkpoints)):
+        existing = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())
+        if not existing.is_dir():
+            raise ValueError(f"{flag} {folder}: {existing} is a file, not a folder")
+    for task in cfg.tasks:  # a sweep folder of other settings (--seed, --sweep-problems, ...)
+        spec = sweep_spec(cfg, task)
+        if spec is not None:
+            check_sweep_folder(spec)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; a bad setting (an unknown task, a count below 1, an output folder that is
+    a file) prints one line `error: ...` before anything runs and exits 2."""
+    return run_command(demo_command, argv)
+
+
+def demo_command(argv: Sequence[str] | None = None) -> int:
+    """Parse and check argv, run the demo, print the report and each task's headline numbers."""
     cfg = parse_args(argv)
+    check_output_folders(cfg)
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     metrics = run_demo(cfg)
     print((Path(cfg.out_dir) / "report.md").read_text())
     for task in cfg.tasks:
         keys = ["greedy", "pass@1", f"maj@{cfg.n}", f"conf_bon@{cfg.n}", f"pass@{cfg.n}"]
         print(task.name, {k: round(metrics[f"{task.name}.{k}"], 3) for k in keys if f"{task.name}.{k}" in metrics})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

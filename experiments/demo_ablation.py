@@ -16,8 +16,8 @@ The frozen heads are trained on the reflective stage's rollout caches (`train.pt
 the SFT policy's features at the head's layer), cached in `<out>/reflective_<task>/head_<labels>/`,
 and read the candidates with a second forward of the SFT policy (`scorers.sprm_scorer`).
 
-    rows = ablation_rows(candidates, conf, sprm, {"orm (frozen)": orm_outcomes}, sizes=(2, 8, 32))
-    ablation_markdown(rows, sizes)      # the report's table
+    rows = ablation_rows(conf, {"sprm (joint)": sprm, "orm (frozen)": orm_outcomes}, sizes=(2, 8, 32))
+    ablation_markdown(rows)             # the report's table
 """
 from __future__ import annotations
 
@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from experiments.aha_metrics import fc_metrics
-from experiments.demo_sprm import _trained_with
+from experiments.demo_sprm import train_head_once
 from experiments.metrics import Estimate, ProblemOutcome, accuracy
-from experiments.train_head import run_head_training
 from scorers.head_training import HeadTrainConfig
 
 ABLATION_SIZES: tuple[int, ...] = (2, 8, 32)
@@ -89,7 +88,6 @@ def frozen_head(train_cache: Path, heldout_cache: Path, labels: str, feature_lay
     """A head trained on the frozen features of the caches with `labels` (cached in
     work/head_<labels>); the folder of the SFT policy with that head."""
     out = work / f"head_{labels}"
-    cfg = HeadTrainConfig(labels=labels, feature_layer=feature_layer, steps=steps)
-    if not _trained_with(out, cfg, train_cache, heldout_cache):
-        run_head_training(train_cache, heldout_cache, cfg, out)
+    train_head_once(train_cache, heldout_cache, HeadTrainConfig(labels=labels, feature_layer=feature_layer, steps=steps),
+                    out)
     return out / "final"

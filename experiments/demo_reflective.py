@@ -114,6 +114,7 @@ def summary(rows: list[dict[str, Any]], task: str) -> dict[str, Any]:
 def train_reflective(stage: ReflectiveStage, policy_dir: Path, train_cache: Path, heldout_cache: Path, work: Path,
                      progress: bool = True) -> dict[str, Any]:
     """Train, write metrics.jsonl, model/ and (last, as the run's completion mark) metrics.json."""
+    (work / "metrics.json").unlink(missing_ok=True)  # an older run's mark must not vouch for this run's model/
     started = time.perf_counter()
     torch.manual_seed(stage.tune.seed)
     lm, tokenizer = load_checkpoint(policy_dir)
@@ -151,9 +152,14 @@ def _trained(work: Path, stage: ReflectiveStage, policy_dir: Path) -> dict[str, 
     return saved if same else None
 
 
+def stage_dir(stage: ReflectiveStage, out_dir: Path) -> Path:
+    """The stage's folder in out_dir (caches, metrics, model/)."""
+    return out_dir / f"reflective_{stage.task}"
+
+
 def run_reflective_stage(stage: ReflectiveStage, policy_dir: Path, out_dir: Path, progress: bool = True) -> SPRMResult:
     """Cache the rollouts, train the reflective model (or reuse it), draw the aha plot."""
-    work = out_dir / f"reflective_{stage.task}"
+    work = stage_dir(stage, out_dir)
     work.mkdir(parents=True, exist_ok=True)
     common = dict(policy_dir=str(policy_dir), task=stage.task, max_total_tokens=stage.max_total_tokens,
                   feature_layers=(stage.feature_layer,))

@@ -19,6 +19,7 @@ the upper bound with true step labels).
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -93,17 +94,25 @@ def run_sprm_stage(stage: SPRMStage, policy_dir: Path, out_dir: Path) -> SPRMRes
     test = cached_rollouts(CacheSpec(split="test", problems=stage.test_problems, n=stage.test_n, **common),
                            work / "test.pt")
     head = work / "head"
-    cfg = stage.head_config()
-    if _trained_with(head, cfg, train, test):
-        metrics = json.loads((head / "metrics.json").read_text())
-    else:
-        metrics = run_head_training(train, test, cfg, head)
+    metrics = train_head_once(train, test, stage.head_config(), head)
     aha = plot_aha(head / "metrics.jsonl", out_dir / f"aha_{stage.task}.png")
     keep = {f"{stage.task}.{k}": metrics.get(f"{stage.task}.{k}") for k in HEAD_KEYS}
     keep.update({f"{stage.task}.aha.diff_prob_first": metrics.get("aha.diff_prob_first"),
                  f"{stage.task}.aha.diff_prob_last": metrics.get("aha.diff_prob_last"),
                  f"{stage.task}.sprm_labels": stage.labels})
     return SPRMResult(head / "final", keep, aha, train, test)
+
+
+def train_head_once(train: Path, test: Path, cfg: HeadTrainConfig, head: Path) -> dict[str, Any]:
+    """The metrics of the head run of this config on these caches in `head`: the finished one, or a
+    new run. Its old metrics.json and final/ go first: `run_head_training` writes metrics.json
+    before final/, so a run stopped between the two must not pair one config's metrics.json with
+    another's head (`_trained_with` would take that for done)."""
+    if _trained_with(head, cfg, train, test):
+        return json.loads((head / "metrics.json").read_text())
+    (head / "metrics.json").unlink(missing_ok=True)
+    shutil.rmtree(head / "final", ignore_errors=True)
+    return run_head_training(train, test, cfg, head)
 
 
 def _trained_with(head: Path, cfg: HeadTrainConfig, train: Path, test: Path) -> bool:

@@ -16,10 +16,13 @@ N generate about the same tokens; MCTS at budget N gets a token budget equal to 
 tokens per problem at N (measured in the same sweep, which runs best_of_n first) and up to
 MCTS_SIMULATIONS_PER_SAMPLE x N simulations to spend it (MCTS that converges early spends
 less: its tokens are in the table). The table reports tokens per problem beside each accuracy
-and the scaling fit is against compute C = parameters x generated tokens.
+and the scaling fit is against compute C = parameters x generated tokens. `out_dir/sweep.json`
+keeps the settings its runs share (checkpoint, task, problems, scorer, policy, seed, overrides):
+a sweep of other settings into the same folder is refused before any run (`check_sweep_folder`).
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 
 from experiments.plot_scaling import plot_scaling
+from experiments.result_json import write_atomic
 from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_strategy
 from experiments.search import CONFIG_DIR, run_search_experiment
 from experiments.sweep_metrics import RunSummary, sweep_summaries
@@ -118,8 +122,34 @@ def token_budgets(spec: SweepSpec, strategy: str) -> dict[int, int]:
     return {n: max(1, math.ceil(t)) for n, t in tokens.items()}
 
 
+SWEEP_STAMP = "sweep.json"  # in out_dir: the settings its runs were made with
+IDENTITY = ("checkpoint", "task", "problems", "scorer", "policy", "seed", "overrides", "match_tokens")
+
+
+def check_sweep_folder(spec: SweepSpec) -> None:
+    """A ValueError naming what differs when spec.out_dir holds a sweep made with other settings
+    (its SWEEP_STAMP): each of its runs would refuse the new config only when reached, after
+    every stage before it had run."""
+    path = spec.out_dir / SWEEP_STAMP
+    if not path.is_file():
+        return
+    saved, now = json.loads(path.read_text()), _identity(spec)
+    diffs = [f"{key}: {saved.get(key)!r} -> {now[key]!r}" for key in IDENTITY if saved.get(key) != now[key]]
+    if diffs:
+        raise ValueError(f"{spec.out_dir} holds a strategy sweep of other settings ({'; '.join(diffs)}); "
+                         "use another output folder (--out-dir) or delete that one")
+
+
+def _identity(spec: SweepSpec) -> dict[str, Any]:
+    """The settings every run of the sweep shares, as read back from JSON (tuples as lists)."""
+    return json.loads(json.dumps({key: str(getattr(spec, key)) if key == "checkpoint" else getattr(spec, key)
+                                  for key in IDENTITY}))
+
+
 def run_strategy_sweep(spec: SweepSpec) -> StrategySweep:
     """Run (or resume; finished runs cost nothing) every (strategy, budget) and summarise them."""
+    check_sweep_folder(spec)
+    write_atomic(spec.out_dir / SWEEP_STAMP, json.dumps(_identity(spec), indent=1) + "\n")
     order = sorted(spec.strategies, key=lambda s: s != "best_of_n")  # Best-of-N's tokens first
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         for strategy in order:

@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 from experiments.metrics import CandidateOutcome, ProblemOutcome
+from experiments.result_json import write_atomic
 from treesearch.records import Problem
 from treesearch.result import SearchResult
 
@@ -58,10 +58,6 @@ def record(result: SearchResult, outcome: ProblemOutcome) -> dict:
 
 
 def write_records(path: Path, results: Sequence[SearchResult], outcomes: Sequence[ProblemOutcome]) -> None:
-    """Write all rows to path atomically (a temp file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for r, o in zip(results, outcomes):
-            f.write(json.dumps(record(r, o)) + "\n")
-    os.replace(tmp, path)
+    """Write all rows to path atomically (`write_atomic`: a temp file renamed into place, removed
+    again when the write is interrupted); one outcome per result."""
+    write_atomic(path, "".join(json.dumps(record(r, o)) + "\n" for r, o in zip(results, outcomes, strict=True)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from experiments.cli_errors import run_command
 from experiments.metrics import Estimate, bootstrap
 from experiments.tasks import arith
 from policies.bf16_support import native_bf16
@@ -218,8 +220,28 @@ def eval_problems(cfg: QuickEvalConfig, task_cfg: Any = arith.ArithConfig(), tas
     return task.generate_problems("test", cfg.num_problems, seed=cfg.problem_seed, cfg=task_cfg)
 
 
-def _main() -> None:
+def load_policy(directory: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`load_checkpoint(directory)`; a config or tokenizer file that does not parse is a ValueError
+    naming the folder (transformers' own error names neither the folder nor, for the tokenizer, the file)."""
     from policies.checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(directory)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:  # e.g. a config.json or tokenizer.json cut short
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"checkpoint folder {directory} cannot be loaded ({reason})") from err
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; a bad setting or checkpoint folder prints one line `error: ...` and exits 2."""
+    return run_command(quick_eval_command, argv)
+
+
+def quick_eval_command(argv: Sequence[str] | None = None) -> int:
+    """Parse argv, check both checkpoint folders before generating anything, evaluate, print."""
+    from policies.checkpoint import check_checkpoint, check_safetensors
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a model directory written by save_checkpoint")
@@ -230,27 +252,31 @@ def _main() -> None:
     parser.add_argument("--seed", type=int, default=QuickEvalConfig.seed)
     parser.add_argument("--baseline", default=None,
                         help="a second checkpoint evaluated on the same problems; prints the paired change")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from experiments.sft_tasks import get_sft_task
 
     task = get_sft_task(args.task)
     temperature = task.module.DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
     cfg = QuickEvalConfig(num_problems=args.problems, num_samples=args.samples, temperature=temperature, seed=args.seed)
+    for folder in (args.checkpoint, args.baseline):  # both, before minutes of generation
+        if folder is not None:
+            check_safetensors(check_checkpoint(folder) / "model.safetensors")
     problems = eval_problems(cfg, task.default_config, task.module)
-    grades = grade_policy(*load_checkpoint(args.checkpoint), problems, cfg, task.module, progress=args.checkpoint)
+    grades = grade_policy(*load_policy(args.checkpoint), problems, cfg, task.module, progress=args.checkpoint)
     report = report_of(grades, cfg)
     if args.baseline is None:
         print(format_report(report))
         print(json.dumps(asdict(report)))
-        return
-    base = grade_policy(*load_checkpoint(args.baseline), problems, cfg, task.module, progress=args.baseline)
+        return 0
+    base = grade_policy(*load_policy(args.baseline), problems, cfg, task.module, progress=args.baseline)
     base_report, diff = report_of(base, cfg), paired_difference(base, grades, cfg.seed)
     print(f"baseline {args.baseline}: {format_report(base_report)}")
     print(f"{args.checkpoint}: {format_report(report)}")
     print(format_difference(diff, cfg.num_samples))
     print(json.dumps({"baseline": asdict(base_report), "report": asdict(report),
                       "difference": {k: asdict(e) for k, e in diff.items()}}))
+    return 0
 
 
 if __name__ == "__main__":
-    _main()
+    sys.exit(main())

@@ -94,7 +94,7 @@ def result_from_json(data: Any) -> ResultRecord:
     _check_tree(data["tree"])
     chosen_node = data["chosen_node"]
     num_nodes = len(data["tree"]["nodes"])
-    if chosen_node is not None and not (isinstance(chosen_node, int) and 0 <= chosen_node < num_nodes):
+    if chosen_node is not None and not (_is_id(chosen_node) and chosen_node < num_nodes):
         raise ResultFileError(f"chosen_node={chosen_node!r} is not a node id of the tree (0..{num_nodes - 1})")
     return ResultRecord(**{key: data[key] for key in RESULT_KEYS})
 
@@ -168,6 +168,28 @@ def _check_tree(tree: Any) -> None:
             raise ResultFileError(f"tree.nodes[{i}] has id {node['id']!r}; node i must have id i")
         if node["step"] is not None and not (isinstance(node["step"], dict) and "text" in node["step"]):
             raise ResultFileError(f"tree.nodes[{i}].step is missing key 'text'")
-        bad = [c for c in node["children"] if not (isinstance(c, int) and 0 < c < len(nodes))]
-        if bad:
-            raise ResultFileError(f"tree.nodes[{i}].children has ids outside the tree: {bad}")
+        _check_links(nodes, i)
+    for i, node in enumerate(nodes):  # parents and children agree: no cycle for a plot to loop on
+        stray = [c for c in node["children"] if nodes[c]["parent"] != i]
+        if stray:
+            raise ResultFileError(f"tree.nodes[{i}].children {stray} name another node as their parent")
+        if i and i not in nodes[node["parent"]]["children"]:
+            raise ResultFileError(f"tree.nodes[{i}] is missing from the children of its parent {node['parent']}")
+
+
+def _check_links(nodes: list[dict[str, Any]], i: int) -> None:
+    """Node i's parent is null for the root and an earlier node's id otherwise (`Tree.add` appends
+    each child after its parent), and its children are later nodes' ids."""
+    parent, children = nodes[i]["parent"], nodes[i]["children"]
+    if (parent is not None) if i == 0 else not (_is_id(parent) and parent < i):
+        must = "null (the root)" if i == 0 else f"the id of an earlier node (0..{i - 1})"
+        raise ResultFileError(f"tree.nodes[{i}].parent={parent!r}; must be {must}")
+    if not isinstance(children, list):
+        raise ResultFileError(f"tree.nodes[{i}].children must be a list; got {type(children).__name__}")
+    bad = [c for c in children if not (_is_id(c) and i < c < len(nodes))]
+    if bad:
+        raise ResultFileError(f"tree.nodes[{i}].children has ids outside the tree or not after it: {bad}")
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -79,3 +79,19 @@ def test_arithmetic_rows_count_true_results_by_step_operator_and_size():
     assert len(rows) == 3  # the answer step is not a think step
     table = arithmetic_table(rows)
     assert "| 2 | + | 2 digits | 2 | 0.500 |" in table
+
+
+def test_cli_bad_caches_are_one_line_errors(tmp_path, capsys):
+    from experiments.countdown_failures import main
+    from experiments.rollout_cache import save_cache
+    from tests.test_train_head import synthetic_cache
+
+    arith = save_cache(synthetic_cache([True, False], n=2, steps_per_rollout=[1, 1]), tmp_path / "arith.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(arith.read_bytes()[:200])
+    cases = [(tmp_path / "missing.pt", "no rollout cache"), (arith, "a countdown rollout cache is needed"),
+             (truncated, "truncated.pt is damaged")]
+    for path, message in cases:
+        assert main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err

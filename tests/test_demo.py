@@ -2,6 +2,7 @@
 small model), reuse the cached checkpoint, search, grade, write the report."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -78,6 +79,7 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
         assert metrics[f"scaling.{strategy}.slope"] is None or isinstance(metrics[f"scaling.{strategy}.slope"], float)
         assert metrics[f"arith.scaling.{strategy}.slope"] == metrics[f"scaling.{strategy}.slope"]
     assert (out / "scaling_arith.png").stat().st_size > 1000
+    assert json.loads((out / "sweep_arith" / "sweep.json").read_text())["problems"] == 2  # its settings, for reruns
     assert "strategies at equal budgets" in (out / "report.md").read_text()
     # countdown's sweep: the reflective model, each step ranked by its head's score from generation
     run_cfg = yaml.safe_load((out / "sweep_countdown_sprm" / "beam_4" / "config.yaml").read_text())
@@ -138,6 +140,8 @@ def test_demo_config_rejects_bad_values():
         DemoConfig(n=0)
     with pytest.raises(ValueError, match=r"DemoTask\(arith\).temperature=-0.5"):
         DemoTask("arith", temperature=-0.5)
+    with pytest.raises(ValueError, match=r"DemoTask\(arith\).temperature=nan"):  # not first refused by the sampler
+        DemoTask("arith", temperature=float("nan"))
     with pytest.raises(ValueError, match="DemoConfig.sweep_problems=-1"):
         DemoConfig(sweep_problems=-1)
     with pytest.raises(ValueError, match="unknown task 'chess'; valid: arith, countdown"):
@@ -188,3 +192,104 @@ def test_mcts_is_matched_only_to_a_best_of_n_of_the_same_sweep(tmp_path):
     assert not any(o.startswith("search.token_budget") for o in run_overrides(alone, "mcts", 8))
     matched = run_overrides(alone, "mcts", 8, token_budget=230)
     assert "search.token_budget=230" in matched and "search.iterations=128" in matched
+
+
+def test_demo_command_line_errors_are_one_line_before_anything_runs(tmp_path, monkeypatch, capsys):
+    import experiments.demo as demo
+
+    monkeypatch.setattr(demo, "run_demo", lambda cfg: pytest.fail("the demo ran before its inputs were checked"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases = [
+        (["--tasks", "chess"], "unknown task 'chess'"),
+        (["--n", "0"], "DemoConfig.n=0"),
+        (["--temperature", "nan"], "temperature=nan must be >= 0"),  # was refused only when sampling began
+        (["--out-dir", str(a_file)], f"--out-dir {a_file}: {a_file} is a file"),
+        (["--out-dir", str(a_file / "demo")], f"{a_file} is a file"),
+        (["--checkpoints", str(a_file)], f"--checkpoints {a_file}: {a_file} is a file"),
+    ]
+    for argv, message in cases:
+        assert demo.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_head_run_stopped_before_its_head_is_saved_is_not_taken_for_done(tmp_path, monkeypatch):
+    """train_head writes metrics.json, then final/: Ctrl-C between the two must not leave the new
+    config's metrics.json vouching for the old config's head."""
+    import experiments.demo_sprm as demo_sprm
+    from scorers.head_training import HeadTrainConfig
+
+    head, train, test = tmp_path / "head", tmp_path / "train.pt", tmp_path / "test.pt"
+    old, new = HeadTrainConfig(labels="spr", steps=3), HeadTrainConfig(labels="outcome_bce", steps=3)
+
+    def finished_run(cfg):
+        (head / "final").mkdir(parents=True, exist_ok=True)
+        (head / "final" / "score_module.pt").write_text("a head")
+        (head / "metrics.json").write_text(json.dumps(
+            {"config": dataclasses.asdict(cfg), "train_cache": str(train), "test_cache": str(test)}))
+
+    def stopped_after_metrics_json(train_path, test_path, cfg, out_dir):
+        (out_dir / "metrics.json").write_text(json.dumps(
+            {"config": dataclasses.asdict(cfg), "train_cache": str(train_path), "test_cache": str(test_path)}))
+        raise KeyboardInterrupt
+
+    finished_run(old)
+    assert demo_sprm.train_head_once(train, test, old, head)["config"]["labels"] == "spr"  # reused
+    monkeypatch.setattr(demo_sprm, "run_head_training", stopped_after_metrics_json)
+    with pytest.raises(KeyboardInterrupt):
+        demo_sprm.train_head_once(train, test, new, head)
+    assert not demo_sprm._trained_with(head, new, train, test)  # the head there is not the new config's
+
+
+def test_a_reflective_run_stopped_after_saving_its_model_is_not_taken_for_the_older_run(tmp_path, monkeypatch):
+    """model/ is saved before metrics.json, the completion mark: an older config's mark must not
+    survive into a new run, or a stop between the two pairs it with the new model."""
+    import types
+
+    import experiments.demo_reflective as dr
+
+    policy, work = tmp_path / "policy", tmp_path / "work"
+    work.mkdir()
+    older, newer = ReflectiveStage(eval_every=150), ReflectiveStage(eval_every=100)
+    (work / "model").mkdir()
+    (work / "model" / "score_module.pt").write_text("the older model")
+    (work / "metrics.json").write_text(json.dumps({"config": dr._config(older), "policy_dir": str(policy)}))
+    assert dr._trained(work, older, policy) is not None
+
+    class StoppedAfterSaving:  # the new model lands in model/, then Ctrl-C
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def save_pretrained(self, out_dir, tokenizer):
+            (out_dir / "score_module.pt").write_text("the newer model")
+            raise KeyboardInterrupt
+
+    lm = types.SimpleNamespace(eval=lambda: lm)
+    for name, fake in {"load_checkpoint": lambda path: (lm, None), "ReflectiveModel": StoppedAfterSaving,
+                       "FeatureReader": lambda *a, **k: types.SimpleNamespace(pad_id=0),
+                       "load_cache": lambda path: None, "cache_problems": lambda cache: [],
+                       "rollout_examples": lambda *a: [], "solution_examples": lambda *a: [],
+                       "heldout_evaluator": lambda *a: None, "train": lambda *a, **k: []}.items():
+        monkeypatch.setattr(dr, name, fake)
+    with pytest.raises(KeyboardInterrupt):
+        dr.train_reflective(newer, policy, tmp_path / "train.pt", tmp_path / "heldout.pt", work, progress=False)
+    assert dr._trained(work, older, policy) is None  # model/ holds the newer run's model now
+
+
+def test_a_rerun_whose_sweep_settings_differ_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """Each sweep run refuses another config only when reached, after training and sampling: the
+    demo checks the sweep folders' settings (sweep.json) first."""
+    import experiments.demo as demo
+    from experiments.demo_sweep import SWEEP_STAMP, _identity, check_sweep_folder
+
+    out = tmp_path / "demo"
+    first = demo.sweep_spec(parse_args(["--out-dir", str(out)]), DemoConfig().tasks[0])
+    first.out_dir.mkdir(parents=True)
+    (first.out_dir / SWEEP_STAMP).write_text(json.dumps(_identity(first)))
+    check_sweep_folder(first)  # the same settings: resumed
+    monkeypatch.setattr(demo, "run_demo", lambda cfg: pytest.fail("the demo ran before its sweep folders were checked"))
+    assert demo.main(["--out-dir", str(out), "--seed", "1", "--sweep-problems", "50"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {first.out_dir} holds a strategy sweep of other settings") and len(err.splitlines()) == 1
+    assert "problems: 100 -> 50" in err and "seed: 0 -> 1" in err

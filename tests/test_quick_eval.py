@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-import sys
+import re
+import shutil
 
 import pytest
 import torch
@@ -44,13 +45,15 @@ def test_paired_difference_needs_the_same_problems():
         qe.paired_difference(one, two)
 
 
-def test_cli_baseline_of_the_same_checkpoint_changes_nothing(tmp_path, monkeypatch, capsys):
+def small_checkpoint(folder):
     torch.manual_seed(0)
     tok = build_tokenizer()
-    ckpt = save_checkpoint(build_model(SMALL, tok), tok, tmp_path / "ckpt")
-    monkeypatch.setattr(sys, "argv", ["quick_eval", str(ckpt), "--baseline", str(ckpt), "--problems", "3",
-                                      "--samples", "2"])
-    qe._main()
+    return save_checkpoint(build_model(SMALL, tok), tok, folder)
+
+
+def test_cli_baseline_of_the_same_checkpoint_changes_nothing(tmp_path, capsys):
+    ckpt = small_checkpoint(tmp_path / "ckpt")
+    assert qe.main([str(ckpt), "--baseline", str(ckpt), "--problems", "3", "--samples", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("baseline ") and "change vs baseline" in lines[2]
     result = json.loads(lines[-1])
@@ -58,3 +61,30 @@ def test_cli_baseline_of_the_same_checkpoint_changes_nothing(tmp_path, monkeypat
     assert result["report"]["num_problems"] == 3
     # same model, same problems, same sampling seeds: every paired change is exactly 0
     assert all(e == {"mean": 0.0, "low": 0.0, "high": 0.0} for e in result["difference"].values())
+
+
+def test_cli_bad_inputs_are_one_line_errors_before_any_generation(tmp_path, monkeypatch, capsys):
+    ckpt = small_checkpoint(tmp_path / "ckpt")
+    monkeypatch.setattr(qe, "grade_policy", lambda *a, **k: pytest.fail("generated before the inputs were checked"))
+    bad_config = shutil.copytree(ckpt, tmp_path / "bad_config")
+    (bad_config / "config.json").write_text("{oops")
+    truncated = shutil.copytree(ckpt, tmp_path / "truncated")
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    cases = [
+        ([str(tmp_path / "missing")], "checkpoint folder .*missing does not exist"),
+        ([str(ckpt), "--task", "chess"], "unknown task 'chess'"),
+        ([str(ckpt), "--samples", "0"], "num_samples=0"),
+        ([str(ckpt), "--baseline", str(truncated)], "truncated/model.safetensors is damaged"),  # the baseline too
+        ([str(ckpt), "--baseline", str(tmp_path / "missing")], "missing does not exist"),
+    ]
+    for argv, message in cases:
+        assert qe.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert re.search(message, err), (message, err)
+    monkeypatch.undo()
+    # a config.json that does not parse is named with its folder (transformers' own error is an OSError)
+    assert qe.main([str(bad_config), "--problems", "1", "--samples", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint folder {bad_config} cannot be loaded") and len(err.splitlines()) == 1
