@@ -4,9 +4,12 @@ Writes: `append_rows` encodes complete lines (each ends with a newline), writes 
 `os.write` on a file opened with O_APPEND, then fsyncs; a kill can at worst leave a torn last
 line, never a torn line in the middle. Reads: `load_rows` returns every complete row and cuts a
 torn last line off the file (so the next append starts on a fresh line); a corrupt line that is
-not the last one is an error naming the file and line, not something to guess around.
+not the last one is an error naming the file and line, not something to guess around. Readers
+that do not append (sweep tables, plots) pass `repair=False`: the torn line is skipped and the
+file left alone (it may be a row another process is still writing, or a read-only copy).
 
     rows = load_rows(path)                      # [] when the file does not exist
+    rows = load_rows(path, repair=False)        # the same, never writing to the file
     append_rows(path, [{"problem_id": "p1", ...}])
 
 Tests: `.venv/bin/pytest tests/test_search_resume.py`.
@@ -63,14 +66,15 @@ def _parse_lines(path: Path, raw: bytes) -> tuple[list[dict[str, Any]], int]:
     return rows, good
 
 
-def load_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every complete row of the log, in file order; cuts a torn last line off the file."""
+def load_rows(path: str | os.PathLike[str], repair: bool = True) -> list[dict[str, Any]]:
+    """Every complete row of the log, in file order; cuts a torn last line off the file unless
+    repair is False (a reader that does not append: the file is only read)."""
     path = Path(path)
     if not path.exists():
         return []
     raw = path.read_bytes()
     rows, good = _parse_lines(path, raw)
-    if good < len(raw):
+    if repair and good < len(raw):
         with open(path, "r+b") as f:
             f.truncate(good)
             f.flush()

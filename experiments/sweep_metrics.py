@@ -357,7 +357,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
     """The sweep row of one run folder."""
-    rows = unique_rows(load_rows(run_dir / RECORDS))
+    rows = unique_rows(load_rows(run_dir / RECORDS, repair=False))  # a search may still be appending
     if not rows:
         raise RunFolderError(f"{run_dir}: {RECORDS} has no complete rows")
     config = read_run_config(run_dir)
@@ -450,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if (args.path / RECORDS).is_file():
-            print(json.dumps(run_metrics(load_rows(args.path / RECORDS)), indent=2))
+            print(json.dumps(run_metrics(load_rows(args.path / RECORDS, repair=False)), indent=2))
             return 0
         summaries = sweep_summaries(args.path)
     except (RunFolderError, ValueError) as err:

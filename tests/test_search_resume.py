@@ -118,6 +118,33 @@ def test_record_log_drops_a_torn_last_line_and_keeps_appending(tmp_path):
     assert [r["problem_id"] for r in load_rows(path)] == ["a", "b", "c"]
 
 
+def test_a_sweep_table_reads_records_a_search_is_still_writing_without_cutting_them(tmp_path):
+    """sweep_metrics / plot scaling --watch read run folders while searches append: the half
+    written last row is skipped, never cut off the file under the writer (nor a read-only copy)."""
+    import os
+    import stat
+
+    from experiments.sweep_metrics import summarize_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\nscorer: {_target_: scorers.confidence.ConfidenceScorer}\n")
+    row = {"problem_id": "a", "strategy": "best_of_n", "config": {"n": 1}, "candidates": [], "chosen_index": None,
+           "compute": {"tokens_generated": 1, "tokens_forwarded": 1, "scorer_tokens": 0, "C": 1, "flops": 1}}
+    append_rows(run / "records.jsonl", [row])
+    half = b'{"problem_id": "b", "strategy": "best_of_n", "candi'
+    with open(run / "records.jsonl", "ab") as f:
+        f.write(half)
+    before = (run / "records.jsonl").read_bytes()
+    os.chmod(run / "records.jsonl", stat.S_IRUSR)  # a read-only copy
+    try:
+        assert summarize_run(run, tmp_path).problems == 1
+        assert load_rows(run / "records.jsonl", repair=False) == [row]
+    finally:
+        os.chmod(run / "records.jsonl", stat.S_IRUSR | stat.S_IWUSR)
+    assert (run / "records.jsonl").read_bytes() == before and before.endswith(half)
+
+
 def test_record_log_treats_a_garbage_last_line_as_torn_but_refuses_one_in_the_middle(tmp_path):
     path = tmp_path / "records.jsonl"
     path.write_bytes(b'{"problem_id": "a"}\n\x00\x00\x00\n')
