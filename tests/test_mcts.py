@@ -18,6 +18,7 @@ from step_tree_fakes import (TRAP_CHILDREN, TRAP_SCORES, EndlessPolicy, Scripted
                              scripted_problem, step_named, trap_problem)
 from treesearch.frontier import round_seed
 from treesearch.mcts import MCTSConfig, mcts
+from treesearch.records import Step
 from treesearch.puct import puct_score, sibling_priors, step_prior_logit, with_virtual_loss
 from treesearch.registry import run_search
 
@@ -155,6 +156,25 @@ def test_token_budget_stops_and_keeps_the_cut_leaves():
     (r,) = run([trap_problem()], MCTSConfig(iterations=50, expand_width=2, token_budget=4), policy)
     assert len(policy.calls) == 1 and r.compute.tokens_generated == 4
     assert [c.text for c in r.candidates] == ["a/", "b/"] and r.chosen_text == "a/"
+
+
+def test_a_token_budget_caps_the_leaves_a_round_may_expand():
+    """Tokens left / (expand_width x mean tokens per step so far), at least 1, at most
+    leaves_per_round: the last round of a compute-matched MCTS overshoots by about one leaf."""
+    from treesearch.frontier import Ledger
+    from treesearch.mcts import leaves_within_budget
+
+    def ledger(step_tokens: list[int]) -> Ledger:
+        out = Ledger()
+        out.add_steps([Step("x", tuple(range(k)), tuple(-0.1 for _ in range(k)), "separator") for k in step_tokens])
+        return out
+
+    cfg = MCTSConfig(iterations=64, expand_width=2, leaves_per_round=4, token_budget=40)
+    assert leaves_within_budget(Ledger(), cfg) == 4  # nothing generated yet: no estimate, no cap
+    assert leaves_within_budget(ledger([3, 3, 2, 2]), cfg) == 4  # 30 left, 5 a leaf: 6 -> 4
+    assert leaves_within_budget(ledger([3, 3, 3, 3, 3, 3, 2, 2, 2, 2]), cfg) == 2  # 14 left, 5 a leaf
+    assert leaves_within_budget(ledger([5] * 7), cfg) == 1  # 5 left, 10 a leaf: still one
+    assert leaves_within_budget(ledger([5] * 7), MCTSConfig(leaves_per_round=4)) == 4  # no budget
 
 
 def test_same_seed_same_tree_other_seed_other_tree():

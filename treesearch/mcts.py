@@ -16,8 +16,10 @@ Node value is the mean of the values backed up through it (backup="mean") or the
 Closed leaves, never expanded: a terminal step (finish "eos" / "length"), a node at max_depth (a
 path cut there keeps its last step's finish), and a node the policy returned no steps for. One
 simulation = one selected leaf; a problem stops after `iterations` simulations, once it has
-generated `token_budget` tokens (checked before each round, so the last round may overshoot),
-or when its root is closed.
+generated `token_budget` tokens (checked before each round), or when its root is closed. Under a
+token budget a round selects only as many leaves as the tokens left pay for at the problem's
+mean cost of an expansion so far (at least one, `leaves_within_budget`), so the last round
+overshoots by about one leaf's expansion, not a whole round's (compute-matched sweeps).
 
 Result: candidates are the closed leaves in creation order (if none is closed, the open leaves
 cut by the budget); the chosen one has the most visits (ties: higher value, then earlier) with
@@ -134,11 +136,24 @@ def _descend(search: _ProblemSearch, cfg: MCTSConfig) -> int:
     return node.id
 
 
-def select(search: _ProblemSearch, cfg: MCTSConfig) -> list[int]:
-    """Up to leaves_per_round distinct leaves; stops early when a descent repeats a leaf (virtual
-    loss was not enough to divert it: the tree has no other leaf worth a simulation now)."""
+def leaves_within_budget(ledger: Ledger, cfg: MCTSConfig) -> int:
+    """The most leaves this round may select: leaves_per_round, or under a token budget as many
+    as the tokens left pay for at expand_width x the problem's mean tokens per generated step so
+    far (at least 1; no cap before the first expansion)."""
+    if cfg.token_budget is None or not ledger.steps or ledger.tokens_generated == 0:
+        return cfg.leaves_per_round
+    per_leaf = cfg.expand_width * ledger.tokens_generated / len(ledger.steps)
+    left = cfg.token_budget - ledger.tokens_generated
+    return max(1, min(cfg.leaves_per_round, int(left // per_leaf)))
+
+
+def select(search: _ProblemSearch, cfg: MCTSConfig, most: int | None = None) -> list[int]:
+    """Up to `most` (default leaves_per_round) distinct leaves; stops early when a descent
+    repeats a leaf (virtual loss was not enough to divert it: the tree has no other leaf worth a
+    simulation now)."""
     leaves: list[int] = []
-    for _ in range(min(cfg.leaves_per_round, cfg.iterations - search.simulations)):
+    most = cfg.leaves_per_round if most is None else most
+    for _ in range(min(most, cfg.iterations - search.simulations)):
         leaf = _descend(search, cfg)
         if leaf in leaves:
             break
@@ -257,7 +272,7 @@ def mcts(problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: MCTSC
         active = [i for i, s in enumerate(searches) if _within_budget(s, ledgers[i], cfg)]
         if not active:  # every round adds >= 1 simulation per active problem, so this is reached
             break
-        selected = {i: select(searches[i], cfg) for i in active}
+        selected = {i: select(searches[i], cfg, leaves_within_budget(ledgers[i], cfg)) for i in active}
         new = expand(searches, selected, policy, cfg, round_index, ledgers)
         evaluate(searches, new, policy, scorer, cfg, round_index, ledgers)
         for i, leaves in selected.items():
