@@ -23,11 +23,22 @@ Tests: `.venv/bin/pytest tests/test_train_loop.py -k aha`.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Hashable, Sequence
+from typing import Any, Hashable, Sequence
 
-# the geometric mean of each rollout's step scores (the reference's path score) lives with the head
-# code in `scorers.head_training`; re-exported here, where the training loops' metrics use it
-from scorers.head_training import PATH_SCORE_EPS, path_scores  # noqa: F401
+# The geometric mean of each rollout's step scores (the reference's path score) lives with the head
+# code in `scorers.head_training`; re-exported here, where the training loops' metrics use it.
+# Lazily: that module imports torch and transformers (~5 s), which `python -m experiments.plot`
+# (it reads AHA_THRESHOLD and aha_step only) must not pay on every tree or aha plot.
+_LAZY_FROM_HEAD_TRAINING = ("PATH_SCORE_EPS", "path_scores")
+
+
+def __getattr__(name: str) -> Any:
+    """`path_scores` and `PATH_SCORE_EPS`, imported from `scorers.head_training` on first use."""
+    if name in _LAZY_FROM_HEAD_TRAINING:
+        from scorers import head_training
+
+        return getattr(head_training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _mean(values: Sequence[float]) -> float | None:

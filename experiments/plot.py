@@ -13,9 +13,12 @@ Each plot is one argparse subcommand, registered by a `register(subparsers)` fun
 its parser and sets `run=` (a function of the parsed args returning an exit code). New plots
 (`scaling`, `aha`) live in their own files and are added to `SUBCOMMANDS`. Plots read saved
 records only (DESIGN.md 6.11); bad input (or an --out-dir that is not a folder) gives
-"error: <file>: <what is wrong>" and exit code 2.
+"error: <file>: <what is wrong>" and exit code 2. `tree` reads one result JSON
+(`experiments.result_json.save_result`, e.g. the demo's outputs/demo/tree_<task>.json): given a
+folder, or a JSONL file such as `experiments.search`'s records.jsonl (no trees in it), the error
+says so.
 
-Tests: `.venv/bin/pytest tests/test_tree_plot.py`.
+Tests: `.venv/bin/pytest tests/test_tree_plot.py tests/test_plot_cli.py`.
 """
 from __future__ import annotations
 
@@ -27,9 +30,12 @@ from typing import Any, Callable, Sequence
 
 from experiments.plot_aha import register_aha
 from experiments.plot_scaling import register_scaling
-from experiments.result_json import ResultFileError, load_result
+from experiments.result_json import ResultFileError, ResultRecord, load_result
 from experiments.tree_html import write_tree_html
-from experiments.tree_plot import draw_tree_png
+from experiments.tree_plot import TreeJsonError, check_drawable, draw_tree_png
+
+RESULT_HINT = ("plot tree reads one result JSON written by experiments.result_json.save_result, e.g. the demo's "
+               "outputs/demo/tree_<task>.json; experiments.search's records.jsonl holds no trees")
 
 
 class OutputDirError(ValueError):
@@ -45,9 +51,31 @@ def check_out_dir(out_dir: Path | None) -> None:
             raise OutputDirError(f"{path}: --out-dir needs a folder here, but it is an existing file")
 
 
+def check_result_path(result_path: Path) -> None:
+    """ResultFileError when RESULT is a folder (read as "no such file", and watched forever)."""
+    if result_path.is_dir():
+        raise ResultFileError(f"{result_path}: a folder, not a result JSON file; {RESULT_HINT}")
+
+
+def load_tree_record(result_path: Path) -> ResultRecord:
+    """`load_result`, with a hint for a JSONL file, and `check_drawable`: ResultFileError naming
+    the file before anything is drawn."""
+    try:
+        record = load_result(result_path)
+    except ResultFileError as err:
+        if result_path.suffix == ".jsonl":
+            raise ResultFileError(f"{err}; {RESULT_HINT}") from None
+        raise
+    try:
+        check_drawable(record.tree)
+    except TreeJsonError as err:
+        raise ResultFileError(f"{result_path}: cannot draw the tree: {err}") from None
+    return record
+
+
 def render_tree(result_path: Path, out_dir: Path | None = None, refresh_s: float | None = None) -> tuple[Path, Path]:
     """Write <stem>.png and <stem>.html for one result JSON (next to it, or into out_dir)."""
-    record = load_result(result_path)
+    record = load_tree_record(result_path)
     folder = result_path.parent if out_dir is None else out_dir
     stem = result_path.stem
     title = f"{record.strategy} · problem {record.tree['problem']['id']}"
@@ -95,6 +123,7 @@ def watch_tree(result_path: Path, out_dir: Path | None, interval_s: float) -> No
 
 def run_tree(args: argparse.Namespace) -> int:
     result_path: Path = args.result
+    check_result_path(result_path)
     check_out_dir(args.out_dir)
     if args.watch is None:
         for path in render_tree(result_path, args.out_dir):

@@ -15,9 +15,11 @@ AHA_THRESHOLD (0.1) to the end of the run (the train-batch gap when a run has no
 
 `plot_aha(metrics_jsonl, out_png)` is the function `python -m experiments.plot aha` wires to
 (`register_aha(subparsers)` adds the subcommand). Bad input prints "error: <file>: <what is
-wrong>" and exits with code 2.
+wrong>" and exits with code 2; so does an --out that cannot be an image file (an existing
+folder, a path under a file, a suffix matplotlib cannot write). An --out without a suffix is
+written as PNG to exactly that path.
 
-Tests: `.venv/bin/pytest tests/test_train_loop.py -k plot`.
+Tests: `.venv/bin/pytest tests/test_train_loop.py -k plot` and `tests/test_plot_cli.py`.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from experiments.aha_metrics import AHA_THRESHOLD, aha_step  # noqa: E402
 
@@ -64,7 +68,10 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     line is skipped, never cut off the file as `experiments.record_log.load_rows` would)."""
     if not path.is_file():
         raise AhaInputError(f"{path}: no such file")
-    lines = path.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise AhaInputError(f"{path}: not UTF-8 text ({err})") from None
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -94,13 +101,19 @@ def draw(ax: plt.Axes, rows: Sequence[dict[str, Any]], curves: Sequence[tuple[st
         if steps:
             ax.plot(steps, values, style, color=color, label=label, marker="o" if len(steps) < 30 else None, ms=3)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # an empty legend is a stray box and a UserWarning
+        ax.legend(fontsize=8)
 
 
 def metrics_file(path: str | Path) -> Path:
     """A run folder's metrics.jsonl, or the file itself when given one."""
     path = Path(path)
     return path / "metrics.jsonl" if path.is_dir() else path
+
+
+def run_name(metrics_jsonl: Path) -> str:
+    """The run folder's name (also for a bare "metrics.jsonl" given inside the run folder)."""
+    return metrics_jsonl.resolve().parent.name
 
 
 def split_step(rows: Sequence[dict[str, Any]], threshold: float = AHA_THRESHOLD) -> tuple[int | None, str]:
@@ -114,12 +127,33 @@ def split_step(rows: Sequence[dict[str, Any]], threshold: float = AHA_THRESHOLD)
 
 
 def mark_split(axes: Sequence[plt.Axes], step: int | None, key: str) -> None:
+    """A vertical line at the aha step on every axes, labelled on the last; the label runs left of
+    the line in the right half of the run, so it stays inside the axes (a split at the last
+    step is common)."""
     if step is None:
         return
     for ax in axes:
         ax.axvline(step, color="tab:purple", lw=1.2, ls="-.")
-    axes[-1].text(step, axes[-1].get_ylim()[1], f" aha: step {step} ({key} > {AHA_THRESHOLD} from here on)",
-                  color="tab:purple", fontsize=8, va="top")
+    left, right = axes[-1].get_xlim()
+    ha = "right" if step > (left + right) / 2 else "left"
+    axes[-1].text(step, axes[-1].get_ylim()[1], f" aha: step {step} ({key} > {AHA_THRESHOLD} from here on) ",
+                  color="tab:purple", fontsize=8, va="top", ha=ha)
+
+
+def check_out_path(out_png: Path) -> str:
+    """The image format for out_png (its suffix; "png" without one), or AhaInputError naming an
+    --out that cannot be written: an existing folder, a path under a file, an unknown suffix."""
+    if out_png.is_dir():
+        raise AhaInputError(f"{out_png}: --out is an existing folder; give a file path such as {out_png / 'aha.png'}")
+    for parent in out_png.parents:
+        if parent.exists() and not parent.is_dir():
+            raise AhaInputError(f"{parent}: --out needs a folder here, but it is an existing file")
+    fmt = out_png.suffix[1:].lower() or "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise AhaInputError(f"{out_png}: --out must end in an image suffix matplotlib writes "
+                            f"({', '.join(sorted(supported))}), not .{fmt}")
+    return fmt
 
 
 def plot_aha(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
@@ -127,18 +161,20 @@ def plot_aha(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     out_png; return its path."""
     metrics_jsonl, out_png = metrics_file(metrics_jsonl), Path(out_png)
     rows = load_metrics(metrics_jsonl)
+    fmt = check_out_path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=[3, 2])
     draw(top, rows, CURVES)
     top.set_ylabel("mean path score (geometric mean of step scores)")
-    top.set_title(f"SPRM scores of correct vs incorrect rollouts: {metrics_jsonl.parent.name}")
+    top.set_title(f"SPRM scores of correct vs incorrect rollouts: {run_name(metrics_jsonl)}")
     draw(bottom, rows, LOWER)
     bottom.axhline(0.0, color="gray", lw=0.5)
     mark_split((top, bottom), *split_step(rows))
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 1.5 on a short run
     bottom.set_xlabel("training step")
     bottom.set_ylabel("gap / accuracy")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    fig.savefig(out_png, dpi=120, format=fmt)
     plt.close(fig)
     return out_png
 

@@ -144,7 +144,7 @@ def _require_keys(data: Mapping[str, Any], keys: tuple[str, ...], where: str, hi
 
 
 def _bare_tree_hint(data: Mapping[str, Any]) -> str:
-    """A bare `Tree.to_json()` (e.g. the demo's tree_example.json) is the likeliest wrong file."""
+    """A bare tree (what `Tree.to_json()` writes, without the result around it) is the likeliest wrong file."""
     if "nodes" in data and "problem" in data:
         return (" (this looks like a bare Tree.to_json(); plots need a result JSON written by"
                 " experiments.result_json.save_result)")

@@ -21,7 +21,7 @@ file:// page needs no server, unlike a `fetch` of a sibling JSON, which browsers
     write_tree_html(record.tree, record.chosen_node, "tree.html")
     python -m experiments.plot tree RESULT.json      # writes RESULT.png and RESULT.html
 
-Tests: `.venv/bin/pytest tests/test_tree_plot.py`.
+Tests: `.venv/bin/pytest tests/test_tree_plot.py tests/test_plot_cli.py`.
 """
 from __future__ import annotations
 
@@ -38,10 +38,12 @@ import matplotlib
 from matplotlib.colors import to_hex
 
 from experiments.result_json import write_atomic
-from experiments.tree_plot import (CHOSEN_COLOR, LABEL_MAX_NODES, NO_SCORE_COLOR, SCORE_CMAP, chosen_path,
-                                   edge_widths, score_colors, score_range, short_label, tree_layout)
+from experiments.tree_plot import (CHOSEN_COLOR, LABEL_MAX_NODES, NO_SCORE_COLOR, SCORE_CMAP, check_drawable,
+                                   chosen_path, edge_widths, label_rows, score_colors, score_range, short_label,
+                                   tree_layout)
 
 PAD = 40  # px around the drawing
+LABELLED_DX_MIN = 45.0  # px per leaf when steps are labelled: two label rows give a label 90 px (~14 chars at 10 px)
 GRADIENT_STOPS = 6  # colour stops of the legend's CSS gradient
 
 
@@ -53,7 +55,9 @@ def write_tree_html(
     title: str | None = None,
 ) -> Path:
     """Write the page to out_path (atomically) and return the path. refresh_s: reload the page
-    every refresh_s seconds (live mode, see the module docstring); None: a static page."""
+    every refresh_s seconds (live mode, see the module docstring); None: a static page.
+    TreeJsonError (`experiments.tree_plot.check_drawable`) when a node cannot be drawn."""
+    check_drawable(tree_json)
     if refresh_s is not None and not (isinstance(refresh_s, (int, float)) and refresh_s > 0):
         raise ValueError(f"refresh_s={refresh_s!r} must be None or a number > 0")
     title = title or f"search tree · problem {tree_json['problem']['id']}"
@@ -112,7 +116,8 @@ def _svg(tree_json: dict[str, Any], chosen_node: int | None) -> str:
     pos = tree_layout(tree_json)
     n = len(tree_json["nodes"])
     leaves = max(x for x, _ in pos.values()) + 1
-    dx, dy = min(max(900.0 / leaves, 16.0), 80.0), 90.0 if n <= LABEL_MAX_NODES else 70.0
+    labelled = n <= LABEL_MAX_NODES
+    dx, dy = min(max(900.0 / leaves, LABELLED_DX_MIN if labelled else 16.0), 80.0), 90.0 if labelled else 70.0
     radius = 10.0 if n <= LABEL_MAX_NODES else (6.0 if n <= 150 else 4.5)
     xy = {i: (PAD + x * dx, PAD + 20 + d * dy) for i, (x, d) in pos.items()}
     width = PAD * 2 + (leaves - 1) * dx
@@ -122,7 +127,7 @@ def _svg(tree_json: dict[str, Any], chosen_node: int | None) -> str:
              f'data-width="{width:.0f}" data-height="{height:.0f}">']
     parts += _svg_edges(tree_json, xy, set(path[1:]))
     parts += _svg_nodes(tree_json, xy, set(path), radius)
-    parts += _svg_labels(tree_json, xy, radius, with_steps=n <= LABEL_MAX_NODES)
+    parts += _svg_labels(tree_json, pos, xy, radius, with_steps=labelled)
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -165,15 +170,18 @@ def _tooltip(node: dict[str, Any]) -> str:
     return f"#{node['id']}  score {score if score is None else format(score, '.3g')}\n{node['step']['text']}"
 
 
-def _svg_labels(tree_json: dict[str, Any], xy: dict[int, tuple[float, float]], radius: float,
-                with_steps: bool) -> list[str]:
+def _svg_labels(tree_json: dict[str, Any], pos: dict[int, tuple[float, int]], xy: dict[int, tuple[float, float]],
+                radius: float, with_steps: bool) -> list[str]:
+    """The problem id over the root; with_steps: each step's short label under its node, in the
+    PNG's two alternating rows (`experiments.tree_plot.label_rows`)."""
     root_x, root_y = xy[0]
     labels = [f'<text class="root-label" x="{root_x:.1f}" y="{root_y - radius - 8:.1f}">'
               f'problem {html.escape(str(tree_json["problem"]["id"]))}</text>']
     if with_steps:
+        rows = label_rows(tree_json, pos)
         for node in tree_json["nodes"][1:]:
             x, y = xy[node["id"]]
-            labels.append(f'<text class="step-label" x="{x:.1f}" y="{y + radius + 12:.1f}">'
+            labels.append(f'<text class="step-label" x="{x:.1f}" y="{y + radius + 12 + 12 * rows[node["id"]]:.1f}">'
                           f'{html.escape(short_label(node))}</text>')
     return labels
 

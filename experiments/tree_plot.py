@@ -9,17 +9,27 @@ its first and last child. `chosen_path` and `score_range` are shared with the HT
 Drawing uses matplotlib's Agg canvas directly (`Figure` + `FigureCanvasAgg`, no pyplot), so
 importing this module never changes anyone's global backend. Trees with more than
 `LABEL_MAX_NODES` nodes get smaller markers and no step labels; a few hundred nodes stay readable.
+In a labelled tree, neighbouring nodes of one depth put their labels in two alternating rows
+(`label_rows`), with `LABEL_SLOT_IN` inches per leaf, so the labels do not overlap each other.
+The PNG's font has no CJK glyphs (a C-Eval tree): those characters draw as boxes, without a
+warning per character; the HTML page shows the text.
+
+`check_drawable` refuses (TreeJsonError, naming the field) a node whose depth, visits or score
+is not a number: the structure itself is checked when the file is read
+(`experiments.result_json.load_result`).
 
     draw_tree_png(record.tree, record.chosen_node, "tree.png")
     python -m experiments.plot tree RESULT.json      # writes RESULT.png and RESULT.html
 
-Tests: `.venv/bin/pytest tests/test_tree_plot.py`.
+Tests: `.venv/bin/pytest tests/test_tree_plot.py tests/test_plot_cli.py`.
 """
 from __future__ import annotations
 
 import io
 import math
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +48,35 @@ NO_SCORE_COLOR = "#b0b0b0"
 CHOSEN_COLOR = "#d62728"
 LABEL_MAX_NODES = 40  # above this: no per-node text labels
 LABEL_CHARS = 14
+LABEL_SLOT_IN = 0.6  # inches per leaf in a labelled tree; neighbours' labels alternate between two
+# rows (`label_rows`), so a label has two slots, 1.2 in: LABEL_CHARS digits at 7 pt take ~0.9 in
+UNLABELLED_SLOT_IN = 0.3
+ROOT_LABEL_IN = 0.45  # the root's label: 12 pt above the root + a 9 pt line, with some air
+THINK_TAGS = re.compile(r"</?think>")  # markup, not content: "</think>Answer: 5" is labelled "Answer: 5"
+FINISH_MARKERS = {"eos": "s", "length": "X"}  # any other finish (open steps, unknown values): "o"
 
 Position = tuple[float, int]  # (x in leaf slots, depth)
+
+
+class TreeJsonError(ValueError):
+    """A tree node that cannot be drawn; the message names the field (`tree.nodes[4].visits`)."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_drawable(tree_json: dict[str, Any]) -> None:
+    """TreeJsonError naming the first node whose depth is not an integer, whose visits are not a
+    number, or whose score is neither a number nor null: the layout, the edge widths and the
+    colours compute with them."""
+    for i, node in enumerate(tree_json["nodes"]):
+        checks = (("depth", isinstance(node["depth"], int) and not isinstance(node["depth"], bool), "an integer"),
+                  ("visits", _is_number(node["visits"]), "a number"),
+                  ("score", node["score"] is None or _is_number(node["score"]), "a number or null"))
+        for key, ok, must in checks:
+            if not ok:
+                raise TreeJsonError(f"tree.nodes[{i}].{key}={node[key]!r} must be {must}")
 
 
 def tree_layout(tree_json: dict[str, Any]) -> dict[int, Position]:
@@ -116,7 +153,7 @@ def edge_widths(tree_json: dict[str, Any], thin: float, thick: float) -> dict[in
 def short_label(node: dict[str, Any]) -> str:
     """A one-line, truncated step text for small trees."""
     step = node["step"]
-    text = "" if step is None else " ".join(str(step["text"]).split())
+    text = "" if step is None else " ".join(THINK_TAGS.sub(" ", str(step["text"])).split())
     text = "".join(c if c.isprintable() else "?" for c in text)  # no glyph for control chars
     return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "…"
 
@@ -125,25 +162,37 @@ def draw_tree_png(
     tree_json: dict[str, Any], chosen_node: int | None, out_path: str | os.PathLike[str], title: str | None = None
 ) -> Path:
     """Draw the tree to out_path (PNG, written atomically) and return the path."""
+    fig = tree_figure(tree_json, chosen_node, title)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # one per character the font lacks (CJK): the boxes say it already
+        warnings.filterwarnings("ignore", message=r"Glyph .* missing from font", category=UserWarning)
+        fig.savefig(buf, format="png", bbox_inches="tight")
+    return write_atomic(out_path, buf.getvalue())
+
+
+def tree_figure(tree_json: dict[str, Any], chosen_node: int | None, title: str | None = None) -> Figure:
+    """The tree drawn on a new Agg figure (what `draw_tree_png` saves); TreeJsonError first when
+    a node cannot be drawn (`check_drawable`)."""
+    check_drawable(tree_json)
     pos = tree_layout(tree_json)
     path = chosen_path(tree_json, chosen_node)
-    fig = _figure(pos)
-    ax = fig.add_subplot()
     large = len(tree_json["nodes"]) > LABEL_MAX_NODES
+    fig = _figure(pos, labelled=not large)
+    ax = fig.add_subplot()
     _draw_edges(ax, tree_json, pos, path, large)
     _draw_nodes(ax, tree_json, pos, path, large)
     _draw_labels(ax, tree_json, pos, large)
     _decorate(fig, ax, tree_json, pos, title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return write_atomic(out_path, buf.getvalue())
+    return fig
 
 
-def _figure(pos: dict[int, Position]) -> Figure:
-    """Size (inches) grows with the number of leaves (width) and the depth (height), within bounds."""
+def _figure(pos: dict[int, Position], labelled: bool) -> Figure:
+    """Size (inches) grows with the number of leaves (width: room for a label under each leaf
+    when labelled) and the depth (height), within bounds."""
     width_slots = max(x for x, _ in pos.values()) + 1
     depth = max(d for _, d in pos.values())
-    width = min(max(3 + 0.3 * width_slots, 7.0), 40.0)
+    slot_in = LABEL_SLOT_IN if labelled else UNLABELLED_SLOT_IN
+    width = min(max(3 + slot_in * width_slots, 7.0), 40.0)
     height = min(max(2 + 0.9 * depth, width / 4, 3.5), 24.0)  # aspect at most 4:1
     fig = Figure(figsize=(width, height), dpi=110)
     FigureCanvasAgg(fig)
@@ -172,8 +221,8 @@ def _draw_nodes(ax: Any, tree_json: dict[str, Any], pos: dict[int, Position], pa
     size = min(max(9000.0 / n, 14.0), 260.0)
     colors = score_colors(tree_json)
     on_path = set(path)
-    for marker, finish in (("o", None), ("o", "separator"), ("s", "eos"), ("X", "length")):
-        ids = [i for i, node in enumerate(tree_json["nodes"]) if _finish(node) == finish]
+    for marker in ("o", "s", "X"):
+        ids = [i for i, node in enumerate(tree_json["nodes"]) if node_marker(node) == marker]
         if not ids:
             continue
         ax.scatter(
@@ -184,8 +233,10 @@ def _draw_nodes(ax: Any, tree_json: dict[str, Any], pos: dict[int, Position], pa
         )
 
 
-def _finish(node: dict[str, Any]) -> str | None:
-    return None if node["step"] is None else node["step"].get("finish")
+def node_marker(node: dict[str, Any]) -> str:
+    """The node's matplotlib marker by its step's finish: every node gets one, whatever it holds."""
+    finish = None if node["step"] is None else node["step"].get("finish")
+    return FINISH_MARKERS.get(finish, "o") if isinstance(finish, str) else "o"
 
 
 def _draw_labels(ax: Any, tree_json: dict[str, Any], pos: dict[int, Position], large: bool) -> None:
@@ -196,19 +247,31 @@ def _draw_labels(ax: Any, tree_json: dict[str, Any], pos: dict[int, Position], l
     )
     if large:
         return
+    rows = label_rows(tree_json, pos)
     for node in tree_json["nodes"][1:]:
         x, depth = pos[node["id"]]
         ax.annotate(
-            short_label(node), (x, -depth), xytext=(0, -11), textcoords="offset points",
+            short_label(node), (x, -depth), xytext=(0, -11 - 10 * rows[node["id"]]), textcoords="offset points",
             ha="center", va="top", fontsize=7, color="#333333", parse_math=False,
+            bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},  # over edges
         )
+
+
+def label_rows(tree_json: dict[str, Any], pos: dict[int, Position]) -> dict[int, int]:
+    """Node id -> label row, 0 or 1: the nodes of one depth, left to right, alternate rows, so
+    each label may be two leaf slots wide without touching its neighbours'."""
+    by_depth: dict[int, list[int]] = {}
+    for node in tree_json["nodes"][1:]:
+        by_depth.setdefault(node["depth"], []).append(node["id"])
+    return {node_id: rank % 2 for ids in by_depth.values()
+            for rank, node_id in enumerate(sorted(ids, key=lambda i: pos[i][0]))}
 
 
 def _decorate(fig: Figure, ax: Any, tree_json: dict[str, Any], pos: dict[int, Position], title: str | None) -> None:
     xs = [x for x, _ in pos.values()]
     depth = max(d for _, d in pos.values())
     ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
-    ax.set_ylim(-depth - 0.6, 0.6)
+    ax.set_ylim(-depth - 0.6, _top_margin(fig, depth))
     ax.set_xticks([])
     step = max(1, math.ceil((depth + 1) / 20))
     ax.set_yticks([-d for d in range(0, depth + 1, step)], [str(d) for d in range(0, depth + 1, step)])
@@ -220,6 +283,13 @@ def _decorate(fig: Figure, ax: Any, tree_json: dict[str, Any], pos: dict[int, Po
     fig.colorbar(mappable, ax=ax, label="step score (grey: none)", fraction=0.04, pad=0.02)
     ax.legend(handles=_legend_handles(), loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=5,
               frameon=False, fontsize=8)
+
+
+def _top_margin(fig: Figure, depth: int) -> float:
+    """Room above the root (in depth units) for its "problem ..." label below the title: 0.6, or
+    ROOT_LABEL_IN inches where a deep tree makes a depth unit thin (the axes get ~80% of the height)."""
+    units_per_inch = (depth + 1.2) / (0.8 * fig.get_size_inches()[1])
+    return max(0.6, ROOT_LABEL_IN * units_per_inch)
 
 
 def _legend_handles() -> list[Line2D]:

@@ -1,0 +1,251 @@
+"""`python -m experiments.plot tree | aha` on awkward input: folders and JSONL files given as a
+result, nodes that cannot be drawn, unknown finishes, long and non-ASCII step texts, many leaves,
+--out paths that cannot be images, non-UTF-8 metrics, a split at the last step; and the CLI's
+start-up (no torch).
+
+    .venv/bin/pytest tests/test_plot_cli.py
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PathCollection
+from matplotlib.figure import Figure
+
+from experiments import plot as plot_module
+from experiments.plot import main
+from experiments.tree_html import write_tree_html
+from experiments.tree_plot import draw_tree_png, short_label
+from step_tree_fakes import step_named
+from treesearch.records import Problem, Step
+from treesearch.tree import Tree
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def text_step(text: str, finish: str = "separator") -> Step:
+    return Step(text=text, token_ids=(1,), token_logprobs=(-0.1,), finish=finish, tokens_forwarded=2)
+
+
+def result_json(tree: Tree, chosen_node: int | None = None) -> dict[str, Any]:
+    """A result JSON around a hand-built tree (what `experiments.result_json.load_result` checks)."""
+    return {"problem": tree.to_json()["problem"], "strategy": "beam_search", "config": {}, "chosen": None,
+            "chosen_node": chosen_node, "candidates": [], "tree": tree.to_json(), "compute": {}}
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def wide_tree(leaves: int = 16) -> Tree:
+    """root -> 4 steps -> leaves/4 final steps each, with step texts of 12 and 19 characters."""
+    tree = Tree(Problem(id="wide", question="q", answer="3"))
+    for i in range(4):
+        mid = tree.add(0, text_step(f"{i} + 12 = {i + 12}.\n\n"), score=0.8)
+        for _ in range(leaves // 4):
+            tree.add(mid, text_step("</think>Answer: 1234567890", "eos"), score=0.9)
+    return tree
+
+
+@pytest.fixture()
+def saved_figures(monkeypatch) -> list[Figure]:
+    """Every matplotlib figure saved during the test, drawn as saved (pyplot's too)."""
+    figures: list[Figure] = []
+    original = Figure.savefig
+
+    def capture(self: Figure, *args: Any, **kwargs: Any) -> Any:
+        figures.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    return figures
+
+
+def test_the_plot_command_starts_without_torch():
+    # experiments.aha_metrics re-exported path_scores from scorers.head_training at import time,
+    # which loads torch and transformers: ~5 s before every tree or aha plot
+    code = "import sys, experiments.plot; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    from experiments.aha_metrics import PATH_SCORE_EPS, path_scores  # still importable from here
+
+    assert callable(path_scores) and PATH_SCORE_EPS == 1e-10
+
+
+def test_a_folder_given_as_result_is_named_also_in_watch_mode(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "search_run"
+    run_dir.mkdir()
+    assert main(["tree", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run_dir}: a folder, not a result JSON file;") and err.count("\n") == 1
+
+    def interrupt(_: float) -> None:  # --watch on a folder used to wait for a file forever
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plot_module.time, "sleep", interrupt)
+    assert main(["tree", str(run_dir), "--watch", "1"]) == 2
+    assert "a folder, not a result JSON file" in capsys.readouterr().err
+
+
+def test_a_records_jsonl_given_as_result_says_it_holds_no_trees(tmp_path, capsys):
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"problem_id": "a"}\n{"problem_id": "b"}\n')
+    assert main(["tree", str(records)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {records}: not JSON") and "records.jsonl holds no trees" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("key, value, must", [
+    ("depth", None, "an integer"), ("visits", None, "a number"),
+    ("score", "high", "a number or null"), ("score", True, "a number or null"),
+])
+def test_a_node_field_that_cannot_be_drawn_is_a_one_line_error(tmp_path, capsys, key, value, must):
+    data = result_json(wide_tree(4))
+    data["tree"]["nodes"][2][key] = value
+    path = write_json(tmp_path / "bad.json", data)
+    assert main(["tree", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: {path}: cannot draw the tree: tree.nodes[2].{key}={value!r} must be {must}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]  # nothing drawn
+
+
+def test_a_node_with_an_unknown_finish_is_still_drawn(tmp_path, saved_figures):
+    tree = Tree(Problem(id="p", question="q", answer=None))
+    first = tree.add(0, step_named("a"), score=0.5)
+    tree.add(first, step_named("stop here"), score=0.5)
+    tree.add(first, step_named("b$"), score=0.5)
+    tree_json = tree.to_json()
+    tree_json["nodes"][2]["step"]["finish"] = "stop"  # a file from another writer: not separator / eos / length
+    draw_tree_png(tree_json, None, tmp_path / "t.png")
+    (fig,) = saved_figures
+    drawn = sum(len(c.get_offsets()) for c in fig.axes[0].collections if isinstance(c, PathCollection))
+    assert drawn == 4  # root, a, the unknown finish, b$ (the unknown one used to be skipped)
+
+
+def test_step_labels_of_a_wide_tree_do_not_overlap(tmp_path, saved_figures):
+    draw_tree_png(wide_tree(20).to_json(), None, tmp_path / "t.png")
+    (fig,) = saved_figures
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in fig.axes[0].texts if not t.get_text().startswith("problem")]
+    assert len(labels) == 24 and "Answer: 12345…" in [t.get_text() for t in labels]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in labels]
+    overlapping = [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:] if box_a.overlaps(box_b)]
+    assert overlapping == []
+
+
+def test_step_labels_of_a_wide_tree_have_room_in_the_html(tmp_path):
+    page = write_tree_html(wide_tree(32).to_json(), None, tmp_path / "t.html").read_text(encoding="utf-8")
+    labels = [(float(x), float(y)) for x, y in re.findall(r'<text class="step-label" x="([\d.]+)" y="([\d.]+)"', page)]
+    assert len(labels) == 36
+    for row_y in {y for _, y in labels}:
+        xs = sorted(x for x, y in labels if y == row_y)
+        assert min(b - a for a, b in zip(xs, xs[1:])) >= 85  # a 14-character label at 10 px is ~80 px wide
+
+
+def test_the_root_label_of_a_deep_tree_stays_below_the_title(tmp_path, saved_figures):
+    tree = Tree(Problem(id="deep", question="q", answer=None))
+    node = 0
+    for depth in range(60):  # e.g. MCTS with max_depth=60: a depth unit is a few points tall
+        node = tree.add(node, text_step(f"step {depth}.\n\n"), score=0.5)
+    draw_tree_png(tree.to_json(), node, tmp_path / "t.png", title="mcts · problem deep")
+    (fig,) = saved_figures
+    ax, renderer = fig.axes[0], fig.canvas.get_renderer()
+    (root_label,) = [t for t in ax.texts if t.get_text() == "problem deep"]
+    assert not ax.title.get_window_extent(renderer).overlaps(root_label.get_window_extent(renderer))
+
+
+def test_labels_drop_the_think_markup():
+    final = {"step": {"text": "</think>Answer: 42"}}
+    assert short_label(final) == "Answer: 42"  # was "</think>Answe…": every final step alike
+    assert short_label({"step": {"text": "<think>3 + 4 = 7.\n\n"}}) == "3 + 4 = 7."
+
+
+def test_text_the_font_cannot_draw_gives_no_warning_per_character(tmp_path):
+    tree = Tree(Problem(id="ceval", question="数学", answer=None))
+    tree.add(0, text_step("因为 3 + 4 = 7。"), score=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        draw_tree_png(tree.to_json(), None, tmp_path / "t.png")
+    assert not [w for w in caught if "missing from font" in str(w.message)]
+
+
+def metrics_rows(path: Path, gaps: list[float]) -> Path:
+    """A metrics.jsonl as experiments.train writes it (the keys the aha plot reads)."""
+    rows = [{"step": step, "fc/correct_prob": 0.5 + gap / 2, "fc/false_prob": 0.5 - gap / 2, "fc/diff_prob": gap}
+            for step, gap in enumerate(gaps)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("out, message", [
+    ("a_folder", "--out is an existing folder; give a file path such as {out}/aha.png"),
+    ("a_file/aha.png", "--out needs a folder here, but it is an existing file"),
+    ("aha.txt", "--out must end in an image suffix matplotlib writes"),
+])
+def test_aha_out_that_cannot_be_an_image_is_a_one_line_error(tmp_path, capsys, out, message):
+    metrics = metrics_rows(tmp_path / "metrics.jsonl", [0.0, 0.2])
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    target = tmp_path / out
+    assert main(["aha", str(metrics), "--out", str(target)]) == 2
+    out_text, err = capsys.readouterr()
+    named = tmp_path / "a_file" if out.startswith("a_file") else target
+    assert out_text == "" and err.startswith(f"error: {named}: ") and err.count("\n") == 1
+    assert message.format(out=target) in err
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_aha_out_without_suffix_is_written_where_it_says(tmp_path, capsys):
+    metrics = metrics_rows(tmp_path / "metrics.jsonl", [0.0, 0.2])
+    out = tmp_path / "aha_plot"
+    assert main(["aha", str(metrics), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # was written to aha_plot.png instead
+    assert not (tmp_path / "aha_plot.png").exists()
+
+
+def test_aha_metrics_that_are_not_utf8_are_a_one_line_error(tmp_path, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'\xff\xfe{"step": 0}\n')
+    assert main(["aha", str(metrics)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {metrics}: not UTF-8 text") and err.count("\n") == 1
+
+
+def test_aha_plot_of_a_run_split_at_its_last_step(tmp_path, monkeypatch, saved_figures):
+    """Given as a bare metrics.jsonl inside the run folder: the title names the run; the split at
+    the last step is labelled inside the axes (it ran off the right edge and squeezed the plot);
+    integer step ticks."""
+    run = tmp_path / "joint_run"
+    run.mkdir()
+    metrics_rows(run / "metrics.jsonl", [0.0, 0.05, 0.3])
+    monkeypatch.chdir(run)
+    assert main(["aha", "metrics.jsonl"]) == 0
+    (fig,) = saved_figures
+    top, bottom = fig.axes
+    assert top.get_title().endswith(": joint_run")  # was ": " (the parent of a bare file name)
+    renderer = FigureCanvasAgg(fig).get_renderer()  # pyplot's own canvas went with plt.close
+    (label,) = [t for t in bottom.texts if "aha: step 2" in t.get_text()]
+    assert label.get_window_extent(renderer).x1 <= bottom.get_window_extent(renderer).x1
+    assert all(float(tick).is_integer() for tick in bottom.get_xticks())
+
+
+def test_aha_run_with_nothing_for_the_lower_panel_draws_no_empty_legend(tmp_path, saved_figures):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 0, "heldout_fc/correct_prob": 0.6, "heldout_fc/false_prob": 0.5}\n')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["aha", str(metrics)]) == 0
+    assert not [w for w in caught if "legend" in str(w.message)]
+    (fig,) = saved_figures
+    assert fig.axes[0].get_legend() is not None and fig.axes[1].get_legend() is None
