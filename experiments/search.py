@@ -70,6 +70,7 @@ from tqdm import tqdm
 
 from experiments.checkpoint_hints import checkpoint_hint
 from experiments.config_keys import check_known_keys
+from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
@@ -77,13 +78,13 @@ from experiments.sweep_metrics import BUDGET_FIELDS, run_metrics
 from policies.gc_freeze import freeze_long_lived
 from treesearch.concurrent import search_each
 from treesearch.config_diff import config_differences
-from treesearch.protocols import Policy, Scorer
+from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
 from treesearch.registry import STRATEGIES, StrategySpec
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 # top-level keys that do not change what a run computes (left out of the config comparison)
-IGNORED_KEYS: tuple[str, ...] = ("out_dir", "progress", "num_threads")
+IGNORED_KEYS: tuple[str, ...] = ("out_dir", "progress", "num_threads", "live_tree")
 RECORDS, CONFIG, METRICS, LOCK = "records.jsonl", "config.yaml", "metrics.json", ".lock"
 HYDRA_SUBDIR = ".hydra"  # Hydra's record of the invocation, written by `save_hydra_files`
 # `+batching=`: lockstep (default: every round of a chunk's problems in one policy call) or
@@ -156,14 +157,15 @@ def check_int(key: str, value: Any, minimum: int | None = None, or_else: str = "
 def check_run_scalars(cfg: DictConfig) -> None:
     """The top-level scalars, before anything is loaded or written: seed an integer (a string
     would be hashed into some seed), budget and chunk integers >= 1, num_threads null (torch's
-    default) or an integer >= 1 (0 means nothing), progress true or false."""
+    default) or an integer >= 1 (0 means nothing), progress and live_tree true or false."""
     check_int("seed", cfg.get("seed"))
     check_int("budget", cfg.get("budget"), minimum=1)
     check_int("chunk", cfg.get("chunk"), minimum=1)
     if cfg.get("num_threads") is not None:
         check_int("num_threads", cfg.num_threads, minimum=1, or_else=", or null for torch's default")
-    if not isinstance(cfg.get("progress", True), bool):
-        raise ValueError(f"progress={cfg.progress!r} must be true or false")
+    for key in ("progress", "live_tree"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ValueError(f"{key}={cfg[key]!r} must be true or false")
 
 
 def check_component_keys(cfg: DictConfig) -> None:
@@ -364,28 +366,34 @@ def check_batching(batching: str) -> str:
 
 def search_chunk(
     part: Sequence[Problem], spec: StrategySpec, cfg: Any, policy: Policy, scorer: Scorer, batching: str,
+    on_round: RoundHook | None = None,
 ) -> list[Any]:
     """The strategy over one chunk: in lockstep (one call per round for all problems) or with
     continuous batching (each problem's search in its own thread, the policy's calls decoded
-    together by a `policies.continuous_engine.ContinuousEngine`; transformers policy only)."""
+    together by a `policies.continuous_engine.ContinuousEngine`; transformers policy only).
+    on_round: passed to the strategy (`treesearch.protocols.RoundHook`)."""
     if check_batching(batching) == "lockstep":
-        return spec.fn(part, policy, scorer, cfg)
+        return spec.fn(part, policy, scorer, cfg, on_round=on_round)
     if not hasattr(policy, "chunk_decoder"):
         raise ValueError(f"batching=continuous needs the in-process transformers policy, not {type(policy).__name__}")
     from policies.continuous_engine import ContinuousEngine  # torch: only when asked for
 
     with ContinuousEngine.attached(policy):
-        return search_each(spec.fn, part, policy, scorer, cfg)
+        return search_each(spec.fn, part, policy, scorer, cfg, on_round=on_round)
 
 
 def run_chunk(
     part: Sequence[Problem], spec: StrategySpec, strategy_cfg: Any, policy: Policy, scorer: Scorer,
-    task: Task, seed: int, skip: set[str], batching: str = "lockstep",
+    task: Task, seed: int, skip: set[str], batching: str = "lockstep", live: LiveTree | None = None,
 ) -> list[dict[str, Any]]:
     """Search one chunk (all of it, so its samples do not depend on what was done before) and
-    return the rows of the problems not in skip."""
+    return the rows of the problems not in skip. live: follows the chunk's first problem."""
     cfg = dataclasses.replace(strategy_cfg, seed=chunk_seed(seed, [p.id for p in part]))
-    results = search_chunk(part, spec, cfg, policy, scorer, batching)
+    if live is not None:
+        live.follow(part[0].id, spec.fn.__name__, dataclasses.asdict(cfg))
+    results = search_chunk(part, spec, cfg, policy, scorer, batching, on_round=live)
+    if live is not None:
+        live.finish(results)
     outcomes = grade_results(results, task.grade, task.extract_answer)
     return [
         {**record(result, outcome), "policy_parameters": policy.num_parameters}
@@ -402,12 +410,13 @@ def search_missing(
     if not todo:
         return
     policy, scorer = build_policy(cfg.policy), build_scorer(cfg.scorer)  # loaded only when there is work
+    live = LiveTree(out / LIVE_TREE_FILE) if cfg.get("live_tree", False) else None
     total = sum(len(part) for part in parts)
     with tqdm(total=total, initial=total - sum(p.id not in done for part in todo for p in part), unit="problem", disable=not cfg.progress,
               desc=spec.fn.__name__) as bar:
         for part in todo:
             rows = run_chunk(part, spec, strategy_cfg, policy, scorer, task, cfg.seed, done,
-                             cfg.get("batching", "lockstep"))
+                             cfg.get("batching", "lockstep"), live)
             append_rows(out / RECORDS, rows)
             bar.update(len(rows))
 

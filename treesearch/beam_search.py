@@ -41,7 +41,7 @@ from typing import Sequence
 from treesearch.aggregation import aggregate, check_aggregation
 from treesearch.config_checks import check_int, search_inputs
 from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, ranked_results, round_seed, score_rows
-from treesearch.protocols import Policy, Scorer
+from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
 from treesearch.result import Candidate, SearchResult
 from treesearch.tree import ROOT_ID, Tree
@@ -194,8 +194,10 @@ def _select_beams(
 
 
 def beam_search(
-    problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: BeamSearchConfig
+    problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: BeamSearchConfig,
+    on_round: RoundHook | None = None,
 ) -> list[SearchResult]:
+    """Beam search over every problem at once (module docstring); on_round: see `RoundHook`."""
     problems = search_inputs("beam_search", problems, cfg, BeamSearchConfig)
     start = time.perf_counter()
     trees = [Tree(p) for p in problems]
@@ -210,4 +212,6 @@ def beam_search(
                                 n=cfg.n if depth == 1 else cfg.beam_width, lookahead=cfg.lookahead,
                                 aggregation=cfg.aggregation, seed=cfg.seed, round_index=depth - 1)
         beams = _select_beams(children, trees, candidates, cfg, last_round=depth == cfg.max_depth)
+        if on_round is not None:
+            on_round(trees)
     return ranked_results("beam_search", problems, cfg, trees, candidates, ledgers, policy, scorer, start)

@@ -18,7 +18,7 @@ from treesearch.aggregation import aggregate, check_aggregation
 from treesearch.compute import Compute, step_compute
 from treesearch.config_checks import check_int, search_inputs
 from treesearch.frontier import check_rows, check_scores
-from treesearch.protocols import Policy, Scorer
+from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Prefix, Problem, Step
 from treesearch.result import Candidate, SearchResult, argmax_first
 from treesearch.tree import Tree
@@ -40,8 +40,11 @@ class BestOfNConfig:
 
 
 def best_of_n(
-    problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: BestOfNConfig
+    problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: BestOfNConfig,
+    on_round: RoundHook | None = None,
 ) -> list[SearchResult]:
+    """Best-of-N over every problem at once (module docstring); on_round (`RoundHook`) is called
+    once, with the finished trees: the search has one round."""
     problems = search_inputs("best_of_n", problems, cfg, BestOfNConfig)
     start = time.perf_counter()
     rollouts = policy.rollout([Prefix(p) for p in problems], n=cfg.n, seed=cfg.seed)
@@ -56,6 +59,8 @@ def best_of_n(
         scores = flat_scores[first : first + len(mine)]
         first += len(mine)
         results.append(_result(problem, mine, scores, policy, scorer, cfg, wall))
+    if on_round is not None:
+        on_round([r.tree for r in results])
     return results
 
 

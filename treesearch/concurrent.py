@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from treesearch.config_checks import is_int
-from treesearch.protocols import Policy, Scorer
+from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
 from treesearch.result import SearchResult
 
@@ -26,15 +26,17 @@ MAX_WORKERS = 256  # threads at most; more problems wait for a free one
 
 
 def search_each(
-    fn: Callable[[Sequence[Problem], Policy, Scorer, Any], list[SearchResult]],
+    fn: Callable[..., list[SearchResult]],
     problems: Sequence[Problem],
     policy: Policy,
     scorer: Scorer,
     cfg: Any,
     workers: int | None = None,
+    on_round: RoundHook | None = None,
 ) -> list[SearchResult]:
     """fn([problem], policy, scorer, cfg) for every problem, `workers` at a time (default: all,
-    up to MAX_WORKERS), in threads; the results in problem order."""
+    up to MAX_WORKERS), in threads; the results in problem order. on_round, when given, is passed
+    on to every call (`RoundHook`: each thread calls it with its own problem's tree)."""
     if workers is not None and (not is_int(workers) or workers < 1):
         raise ValueError(f"search_each workers={workers!r} must be an integer >= 1 (or None: one per problem)")
     if not problems:
@@ -42,7 +44,8 @@ def search_each(
     count = min(len(problems), MAX_WORKERS) if workers is None else workers
 
     def one(problem: Problem) -> SearchResult:
-        (result,) = fn([problem], policy, scorer, cfg)
+        hook = {} if on_round is None else {"on_round": on_round}
+        (result,) = fn([problem], policy, scorer, cfg, **hook)
         return result
 
     with ThreadPoolExecutor(max_workers=count, thread_name_prefix="search") as pool:

@@ -26,7 +26,7 @@ from treesearch.aggregation import check_aggregation
 from treesearch.beam_search import Beam, ScoredChild, check_beam_shape, expand_beams, top_by_rank
 from treesearch.config_checks import check_int, search_inputs
 from treesearch.frontier import Ledger, make_candidate, ranked_results
-from treesearch.protocols import Policy, Scorer
+from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
 from treesearch.result import Candidate, SearchResult
 from treesearch.tree import ROOT_ID, Tree
@@ -82,7 +82,10 @@ def _advance_subtrees(
     return beams
 
 
-def dvts(problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: DVTSConfig) -> list[SearchResult]:
+def dvts(
+    problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: DVTSConfig, on_round: RoundHook | None = None,
+) -> list[SearchResult]:
+    """DVTS over every problem at once (module docstring); on_round: see `RoundHook`."""
     problems = search_inputs("dvts", problems, cfg, DVTSConfig)
     start = time.perf_counter()
     trees = [Tree(p) for p in problems]
@@ -100,4 +103,6 @@ def dvts(problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: DVTSC
                                 aggregation=cfg.aggregation, seed=cfg.seed, round_index=depth - 1)
         groups = _group_by_subtree(children, beams, cfg.beam_width, first)
         beams = _advance_subtrees(groups, trees, candidates, cfg, last_round=depth == cfg.max_depth)
+        if on_round is not None:
+            on_round(trees)
     return ranked_results("dvts", problems, cfg, trees, candidates, ledgers, policy, scorer, start)

@@ -44,7 +44,7 @@ from typing import Sequence
 from treesearch.aggregation import aggregate, check_aggregation
 from treesearch.config_checks import check_finite, check_int, is_int, search_inputs
 from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, rollout_rows, round_seed, score_rows
-from treesearch.protocols import Policy, Scorer
+from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.puct import puct_score, sibling_priors, step_prior_logit, with_virtual_loss
 from treesearch.records import Prefix, Problem, Step
 from treesearch.result import Candidate, SearchResult, argmax_first
@@ -263,7 +263,10 @@ def _choose(candidates: list[Candidate], tree: Tree, final: str) -> int | None:
     return argmax_first([n.value for n in nodes])
 
 
-def mcts(problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: MCTSConfig) -> list[SearchResult]:
+def mcts(
+    problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: MCTSConfig, on_round: RoundHook | None = None,
+) -> list[SearchResult]:
+    """MCTS over every problem at once (module docstring); on_round: see `RoundHook`."""
     problems = search_inputs("mcts", problems, cfg, MCTSConfig)
     start = time.perf_counter()
     searches = [_ProblemSearch(Tree(p)) for p in problems]
@@ -277,6 +280,8 @@ def mcts(problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: MCTSC
         evaluate(searches, new, policy, scorer, cfg, round_index, ledgers)
         for i, leaves in selected.items():
             backup(searches[i], leaves, cfg)
+        if on_round is not None:
+            on_round([s.tree for s in searches])
     wall = (time.perf_counter() - start) / max(len(problems), 1)
     results = []
     for problem, search, ledger in zip(problems, searches, ledgers):

@@ -5,9 +5,12 @@ from anything. Both are batch-first and keep the input order.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
 
 from treesearch.records import Prefix, Step
+
+if TYPE_CHECKING:
+    from treesearch.tree import Tree
 
 
 @runtime_checkable
@@ -48,3 +51,11 @@ class Scorer(Protocol):
         """Tokens the scorer runs through a model to score these paths (0 when it reads what the
         policy already computed, such as token log-probs or head scores from generation)."""
         ...
+
+
+# `on_round=` of every strategy: called with every problem's tree (in input order) after each
+# round, from the thread running the search, while no node of them changes (beam search, DVTS and
+# MCTS grow their trees by rounds; Best-of-N calls it once, with its finished trees). It lets a
+# caller watch a search as it grows: `experiments/live_tree.py` writes one tree to a result JSON
+# that `python -m experiments.plot tree FILE --watch 1` re-renders.
+RoundHook = Callable[[Sequence["Tree"]], None]

@@ -14,7 +14,7 @@ from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.best_of_n import BestOfNConfig, best_of_n
 from treesearch.dvts import DVTSConfig, dvts
 from treesearch.mcts import MCTSConfig, mcts
-from treesearch.protocols import Policy, Scorer
+from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
 from treesearch.result import SearchResult
 
@@ -23,7 +23,8 @@ SearchFn = Callable[[Sequence[Problem], Policy, Scorer, Any], list[SearchResult]
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """fn: the search function; config: its config dataclass."""
+    """fn: the search function, fn(problems, policy, scorer, cfg, on_round=None); config: its
+    config dataclass."""
 
     fn: SearchFn
     config: type
@@ -56,7 +57,9 @@ def build_config(name: str, **cfg: Any) -> Any:
 
 
 def run_search(
-    name: str, problems: Sequence[Problem], policy: Policy, scorer: Scorer, **cfg: Any
+    name: str, problems: Sequence[Problem], policy: Policy, scorer: Scorer, on_round: RoundHook | None = None,
+    **cfg: Any,
 ) -> list[SearchResult]:
-    """Build the strategy's config from keyword arguments (`build_config`) and run it."""
-    return get_strategy(name).fn(problems, policy, scorer, build_config(name, **cfg))
+    """Build the strategy's config from keyword arguments (`build_config`) and run it; on_round:
+    called after each round with every problem's tree (`treesearch.protocols.RoundHook`)."""
+    return get_strategy(name).fn(problems, policy, scorer, build_config(name, **cfg), on_round=on_round)

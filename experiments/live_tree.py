@@ -1,0 +1,84 @@
+"""A live tree: one problem's search tree written to a result JSON after every round, for
+`python -m experiments.plot tree FILE --watch 1` to follow while the search runs.
+
+`LiveTree` is a `treesearch.protocols.RoundHook`: the strategy calls it after each round with
+every problem's tree; it writes the followed problem's tree (at most every `interval_s`, and
+always the first time) as a result JSON with no candidates and no choice yet, atomically
+(`save_result`, so the watcher never reads half a file). When the search returns, `finish`
+writes that problem's full result (candidates, the chosen path, compute). `follow` switches to
+another problem (experiments.search follows the first problem of each chunk it searches).
+
+    live = LiveTree(Path("runs/live_tree.json"))
+    live.follow(problems[0].id, "mcts", asdict(cfg))
+    results = mcts(problems, policy, scorer, cfg, on_round=live)
+    live.finish(results)
+    python -m experiments.plot tree runs/live_tree.json --watch 1   # in another terminal
+
+    python -m experiments.search search=mcts live_tree=true out_dir=runs/mcts
+    python -m experiments.plot tree runs/mcts/live_tree.json --watch 1
+
+Tests: `.venv/bin/pytest tests/test_live_tree.py`.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from experiments.result_json import save_result
+from treesearch.compute import Compute
+from treesearch.result import SearchResult
+from treesearch.tree import Tree
+
+LIVE_TREE_FILE = "live_tree.json"  # in a run folder of experiments.search (live_tree=true)
+DEFAULT_INTERVAL_S = 0.5  # at most one write per this many seconds while a tree grows
+
+
+class LiveTree:
+    """Writes the followed problem's tree to `path` after rounds of a search (module docstring).
+    Safe to call from several search threads: only the followed problem's thread writes."""
+
+    def __init__(self, path: Path, interval_s: float = DEFAULT_INTERVAL_S) -> None:
+        if not interval_s >= 0:
+            raise ValueError(f"LiveTree interval_s={interval_s!r} must be a number >= 0")
+        self.path, self.interval_s = Path(path), interval_s
+        self.problem_id: str | None = None
+        self.strategy, self.config = "", {}
+        self.rounds = 0
+        self._last_write: float | None = None
+        self._lock = threading.Lock()
+
+    def follow(self, problem_id: str, strategy: str, config: Mapping[str, Any]) -> None:
+        """Write this problem's tree from now on (strategy / config: what its result JSON says)."""
+        with self._lock:
+            self.problem_id, self.strategy, self.config = problem_id, strategy, dict(config)
+            self._last_write = None  # its first round is written at once
+
+    def __call__(self, trees: Sequence[Tree]) -> None:
+        """The RoundHook: write the followed problem's tree when it is among `trees` and the
+        last write is at least interval_s old."""
+        for tree in trees:
+            if tree.problem.id == self.problem_id:
+                self._write_round(tree)
+
+    def _write_round(self, tree: Tree) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.rounds += 1
+            if self._last_write is not None and now - self._last_write < self.interval_s:
+                return
+            self._last_write = now
+            save_result(self.path, growing_result(tree, self.strategy, self.config))
+
+    def finish(self, results: Sequence[SearchResult]) -> None:
+        """Write the followed problem's final result, when it is among `results`."""
+        for result in results:
+            if result.problem.id == self.problem_id:
+                with self._lock:
+                    save_result(self.path, result)
+
+
+def growing_result(tree: Tree, strategy: str, config: Mapping[str, Any]) -> SearchResult:
+    """A tree still growing, as a result: no candidates, nothing chosen, no compute counted yet."""
+    return SearchResult(tree.problem, strategy, dict(config), (), None, tree, Compute())

@@ -1,0 +1,90 @@
+"""Live trees (`experiments/live_tree.py`): a strategy's `on_round` hook writes the followed
+problem's tree after every round as a result JSON the tree plot reads, and its final result when
+the search returns; `python -m experiments.search live_tree=true` does it for the chunk it searches.
+
+    .venv/bin/pytest tests/test_live_tree.py
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from experiments.live_tree import LIVE_TREE_FILE, LiveTree
+from experiments.plot import render_tree
+from experiments.result_json import load_result
+from step_tree_fakes import ScriptedPolicy, ScriptedScorer, trap_problem
+from test_search_resume import ckpt, run_in_process  # noqa: F401 (ckpt: the module-scoped checkpoint fixture)
+from treesearch.beam_search import BeamSearchConfig, beam_search
+from treesearch.best_of_n import BestOfNConfig, best_of_n
+from treesearch.dvts import DVTSConfig, dvts
+from treesearch.mcts import MCTSConfig, mcts
+from treesearch.registry import run_search
+
+STRATEGIES = [
+    (mcts, MCTSConfig(iterations=8, expand_width=2, leaves_per_round=2)),
+    (beam_search, BeamSearchConfig(n=4, beam_width=2)),
+    (dvts, DVTSConfig(n=4, beam_width=2)),
+    (best_of_n, BestOfNConfig(n=4)),
+]
+
+
+class Snapshots:
+    """A RoundHook that passes each round to a LiveTree, then reads back what the file holds."""
+
+    def __init__(self, live: LiveTree) -> None:
+        self.live, self.seen = live, []
+
+    def __call__(self, trees) -> None:
+        self.live(trees)
+        self.seen.append(load_result(self.live.path))
+
+
+@pytest.mark.parametrize("fn, cfg", STRATEGIES, ids=lambda x: getattr(x, "__name__", ""))
+def test_each_round_writes_the_growing_tree_and_the_end_its_result(fn, cfg, tmp_path):
+    problems = [trap_problem("p0"), trap_problem("p1", swapped=True)]
+    live = LiveTree(tmp_path / LIVE_TREE_FILE, interval_s=0)
+    live.follow("p1", fn.__name__, asdict(cfg))
+    hook = Snapshots(live)
+    results = fn(problems, ScriptedPolicy(), ScriptedScorer(), cfg, on_round=hook)
+    sizes = [len(record.tree["nodes"]) for record in hook.seen]
+    assert hook.seen and all(record.problem["id"] == "p1" for record in hook.seen)
+    assert sizes == sorted(sizes) and sizes[-1] == len(results[1].tree.nodes)  # it grows to the final tree
+    assert all(record.chosen_node is None and record.candidates == [] for record in hook.seen)  # not chosen yet
+    if fn is not best_of_n:
+        assert len(set(sizes)) > 1  # seen while growing, not only at the end
+    live.finish(results)
+    final = load_result(live.path)
+    assert final.chosen_node == results[1].chosen_candidate.node_id and len(final.candidates) == len(results[1].candidates)
+    png, html = render_tree(live.path)
+    assert png.stat().st_size > 0 and "<html" in html.read_text().lower()
+
+
+def test_rounds_closer_than_the_interval_are_not_written(tmp_path):
+    live = LiveTree(tmp_path / LIVE_TREE_FILE, interval_s=3600)
+    live.follow("trap", "mcts", {})
+    cfg = MCTSConfig(iterations=8, expand_width=2, leaves_per_round=2)
+    (result,) = run_search("mcts", [trap_problem()], ScriptedPolicy(), ScriptedScorer(), on_round=live, **asdict(cfg))
+    assert live.rounds > 1
+    assert len(load_result(live.path).tree["nodes"]) == 3 < len(result.tree.nodes)  # the first round only
+    with pytest.raises(ValueError, match="interval_s=-1 must be a number >= 0"):
+        LiveTree(tmp_path / "x.json", interval_s=-1)
+
+
+def test_a_search_run_with_live_tree_leaves_the_last_chunks_tree_and_resumes_with_or_without_it(ckpt, tmp_path):
+    out = tmp_path / "run"
+    base = [f"policy.path={ckpt}", f"out_dir={out}", "task.count=4", "chunk=2", "search=beam", "search.n=4",
+            "search.beam_width=2", "policy.sampling.max_total_tokens=16", "policy.sampling.max_step_tokens=4",
+            "progress=false", "num_threads=1"]
+    run_in_process(base + ["live_tree=true"])
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    record = load_result(out / LIVE_TREE_FILE)
+    assert record.strategy == "beam_search" and record.problem["id"] == rows[2]["problem_id"]  # the last chunk's first
+    assert record.chosen_node is not None and record.tree["nodes"][0]["children"]
+    before = (out / "records.jsonl").read_text()
+    run_in_process(base)  # live_tree is not part of the result: the same run, nothing to do
+    assert (out / "records.jsonl").read_text() == before
+    with pytest.raises(ValueError, match=r"^live_tree='maybe' must be true or false$"):
+        run_in_process(base + ["live_tree=maybe"])
