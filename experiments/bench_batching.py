@@ -58,6 +58,7 @@ from typing import Any, Callable, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
+from experiments.cli_args import check_beam_shape, positive_int  # noqa: E402
 from experiments.bench_timing import DecodeRows, Timing, best_of, interleaved, median_timing  # noqa: E402
 from policies.continuous_engine import ContinuousEngine  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
@@ -214,8 +215,9 @@ def _candidates(result: SearchResult) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_batching", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(ap, problems=64, n=8)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; times and speed-ups are their medians")
+    ap.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds; times and speed-ups are their medians")
     args = ap.parse_args(argv)
+    check_beam_shape(ap, args.n, args.beam_width)
     torch.set_num_threads(args.threads)
     work = load_workload(args.model, args.problems, args.seed, args.checkpoint)
     freeze_long_lived()  # as the CLIs do (policies/gc_freeze.py); both runs alike

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from experiments.bench_ways import ways_report  # noqa: E402
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
+from experiments.cli_args import check_beam_shape, positive_int  # noqa: E402
 from policies.bf16_support import native_bf16  # noqa: E402
 from policies.checkpoint import torch_dtype  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
@@ -46,10 +47,11 @@ def run(work: Workload, n: int, beam_width: int, rounds: int, seed: int, other: 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_dtype", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(ap, problems=32, n=32)
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds of each dtype (alternating)")
+    ap.add_argument("--rounds", type=positive_int, default=3, help="timed rounds of each dtype (alternating)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="compared with float32")
     ap.add_argument("--force", action="store_true", help="time bf16 even on a CPU without bf16 matmuls")
     args = ap.parse_args(argv)
+    check_beam_shape(ap, args.n, args.beam_width)
     if args.dtype == "bfloat16" and not native_bf16() and not args.force:
         print(SKIPPED)
         return

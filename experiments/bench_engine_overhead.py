@@ -54,6 +54,7 @@ import torch  # noqa: E402
 
 from experiments.bench_workload import Workload, add_device_argument, add_search_arguments, load_workload  # noqa: E402
 from experiments.bench_timing import ForwardClock, PhaseClock, PolicyClock, timed  # noqa: E402
+from experiments.cli_args import check_beam_shape, nonnegative_int, positive_int  # noqa: E402
 from policies import decode_loop, fed_kv, transformers_policy  # noqa: E402
 from policies.decode_batch import DecodeBatch  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
@@ -275,11 +276,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_engine_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(ap, problems=32, n=32)
     add_device_argument(ap)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows each strategy's median run")
-    ap.add_argument("--top", type=int, default=10, help="hotspots listed per strategy above the target (0: none)")
+    ap.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds; the table shows each strategy's median run")
+    ap.add_argument("--top", type=nonnegative_int, default=10, help="hotspots listed per strategy above the target (0: none)")
     ap.add_argument("--no-forked", dest="forked", action="store_false",
                     help="every sample row forwarded on its own (the engine before forked decoding)")
     args = ap.parse_args(argv)
+    check_beam_shape(ap, args.n, args.beam_width)
     torch.set_num_threads(args.threads)
     print(f"gc: {freeze_long_lived()} objects frozen out of the collector's walks, as the CLIs do (policies/gc_freeze.py)")
     print(run(args.checkpoint, args.problems, args.n, args.beam_width, args.top, args.seed, args.model, args.rounds,

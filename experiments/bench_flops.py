@@ -34,6 +34,7 @@ from typing import Any, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.bench_workload import DEFAULT_CHECKPOINT  # noqa: E402
+from experiments.cli_args import positive_int  # noqa: E402
 from experiments.bench_timing import best_of, timed  # noqa: E402
 from experiments.bench_train_throughput import (  # noqa: E402
     TrainParts, joint_unit, load_train_parts, rollout_batch,
@@ -181,16 +182,16 @@ def run(
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_flops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    ap.add_argument("--problems", type=int, default=16, help="generation: arith test problems")
-    ap.add_argument("--n", type=int, default=32, help="generation: samples per problem")
-    ap.add_argument("--prompts", type=int, default=8, help="training step: prompts (train.yaml: 8)")
-    ap.add_argument("--group", type=int, default=8, help="training step: rollouts per prompt (train.yaml: 8)")
-    ap.add_argument("--matmul-size", type=int, default=1024)
-    ap.add_argument("--forward-rows", type=int, default=256)
-    ap.add_argument("--forward-length", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--problems", type=positive_int, default=16, help="generation: arith test problems")
+    ap.add_argument("--n", type=positive_int, default=32, help="generation: samples per problem")
+    ap.add_argument("--prompts", type=positive_int, default=8, help="training step: prompts (train.yaml: 8)")
+    ap.add_argument("--group", type=positive_int, default=8, help="training step: rollouts per prompt (train.yaml: 8)")
+    ap.add_argument("--matmul-size", type=positive_int, default=1024)
+    ap.add_argument("--forward-rows", type=positive_int, default=256)
+    ap.add_argument("--forward-length", type=positive_int, default=64)
+    ap.add_argument("--repeats", type=positive_int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads (1 on a shared CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(run(args.checkpoint, args.problems, args.n, args.prompts, args.group, args.matmul_size,

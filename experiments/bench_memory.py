@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
+from experiments.cli_args import int_list, positive_int  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_NS = (4, 8, 16, 32)
 
@@ -131,17 +133,21 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    ap.add_argument("--ns", type=lambda s: tuple(int(x) for x in s.split(",")), default=DEFAULT_NS,
+    ap.add_argument("--ns", type=int_list(), default=DEFAULT_NS,
                     help="comma-separated N values (default 4,8,16,32)")
-    ap.add_argument("--bon-problems", type=int, default=32)
-    ap.add_argument("--beam-problems", type=int, default=64)
-    ap.add_argument("--beam-width", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of each child (1 on a shared CPU)")
+    ap.add_argument("--bon-problems", type=positive_int, default=32)
+    ap.add_argument("--beam-problems", type=positive_int, default=64)
+    ap.add_argument("--beam-width", type=positive_int, default=4,
+                    help="beam search's M (min(M, N) at a smaller N; a larger N must be a multiple of M)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads of each child (1 on a shared CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--child", choices=("best_of_n", "beam_search"), help=argparse.SUPPRESS)
-    ap.add_argument("--n", type=int, default=32, help=argparse.SUPPRESS)
-    ap.add_argument("--problems", type=int, default=32, help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=positive_int, default=32, help=argparse.SUPPRESS)
+    ap.add_argument("--problems", type=positive_int, default=32, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    for n in () if args.child else args.ns:  # beam search runs M = min(--beam-width, N) at each N (`run`)
+        if n % min(args.beam_width, n):
+            ap.error(f"argument --ns: {n} must be divisible by --beam-width ({args.beam_width}) for beam search")
     if args.child:
         import torch
 

@@ -33,6 +33,7 @@ from typing import Any, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.bench_workload import DEFAULT_CHECKPOINT, load_tiny_parts  # noqa: E402
+from experiments.cli_args import positive_int  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
 from policies.prefix_cache import PrefixCacheConfig  # noqa: E402
 from policies.sampling_config import SamplingConfig  # noqa: E402
@@ -126,18 +127,18 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
     return "\n".join(lines)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench_prefix_reuse", description="Prefix reuse OFF vs ON for beam search and MCTS on arith.")
-    parser.add_argument("--problems", type=int, default=16, help="arith test problems")
+    parser.add_argument("--problems", type=positive_int, default=16, help="arith test problems")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--seed", type=int, default=0, help="problem generation seed")
-    parser.add_argument("--max-bytes", type=int, default=PrefixCacheConfig().max_bytes, help="cache budget")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
-    return parser.parse_args()
+    parser.add_argument("--max-bytes", type=positive_int, default=PrefixCacheConfig().max_bytes, help="cache budget")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (1 on a shared CPU)")
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer, source = load_tiny_parts(args.checkpoint)
     problems = arith.generate_problems("test", args.problems, seed=args.seed)

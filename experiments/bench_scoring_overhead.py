@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from experiments.bench_timing import Timing, interleaved, median_timing  # noqa: E402
 from experiments.bench_workload import DEFAULT_CHECKPOINT, load_tiny_parts  # noqa: E402
+from experiments.cli_args import positive_int  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.reflective_model import ReflectiveModel  # noqa: E402
@@ -94,13 +95,13 @@ def run(checkpoint: Path, problems: int, n: int, repeats: int, seed: int) -> str
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_scoring_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    ap.add_argument("--problems", type=int, default=32)
-    ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--problems", type=positive_int, default=32)
+    ap.add_argument("--n", type=positive_int, default=32)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     freeze_long_lived()  # as the CLIs do (policies/gc_freeze.py); every variant alike
     print(run(args.checkpoint, args.problems, args.n, args.repeats, args.seed))

@@ -32,7 +32,7 @@ def run(work: Workload, n: int, beam_width: int, rounds: int, seed: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ways_main(__doc__, argv, run)
+    ways_main(__doc__, argv, run, prog="python -m experiments.bench_shared_prefix")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 from experiments.bench_workload import DEFAULT_CHECKPOINT, load_tiny_parts  # noqa: E402
 from experiments.bench_timing import timed  # noqa: E402
+from experiments.cli_args import positive_int  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
 from policies.bf16_support import native_bf16  # noqa: E402
 from policies.joint_step import JointForward, JointLossConfig, joint_step  # noqa: E402
@@ -188,11 +189,11 @@ def run(checkpoint: Path, prompts: int, group: int, repeats: int, seed: int) -> 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_train_throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    ap.add_argument("--prompts", type=int, default=8, help="P, prompts per step (train.yaml: 8)")
-    ap.add_argument("--group", type=int, default=8, help="G, rollouts per prompt (train.yaml: 8)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prompts", type=positive_int, default=8, help="P, prompts per step (train.yaml: 8)")
+    ap.add_argument("--group", type=positive_int, default=8, help="G, rollouts per prompt (train.yaml: 8)")
+    ap.add_argument("--repeats", type=positive_int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads (1 on a shared CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(run(args.checkpoint, args.prompts, args.group, args.repeats, args.seed))

@@ -54,6 +54,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
+from experiments.cli_args import check_beam_shape, int_list, positive_float, positive_int  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
 from policies.checkpoint import save_checkpoint  # noqa: E402
 from policies.prefix_cache import PrefixCacheConfig  # noqa: E402
@@ -285,27 +286,30 @@ def resolve_checkpoint(checkpoint: Path, scratch: Path) -> tuple[Path, str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench_vllm", description="Transformers vs vLLM: Best-of-N and beam search on arith.")
-    parser.add_argument("--problems", type=int, default=64, help="arith test problems")
+    parser.add_argument("--problems", type=positive_int, default=64, help="arith test problems")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--seed", type=int, default=0, help="problem generation seed")
-    parser.add_argument("--n", type=int, default=16, help="N of Best-of-N and of beam search")
-    parser.add_argument("--beam-width", type=int, default=4)
-    parser.add_argument("--max-total-tokens", type=int, default=SAMPLING.max_total_tokens)
-    parser.add_argument("--block-sizes", default="16,32,64",
+    parser.add_argument("--n", type=positive_int, default=16, help="N of Best-of-N and of beam search")
+    parser.add_argument("--beam-width", type=positive_int, default=4)
+    parser.add_argument("--max-total-tokens", type=positive_int, default=SAMPLING.max_total_tokens)
+    parser.add_argument("--block-sizes", type=int_list(), default="16,32,64",
                         help="vLLM KV block sizes, comma-separated; the first accepted also runs Best-of-N "
                         "(CPU: multiples of 32; others are reported as rejected)")
-    parser.add_argument("--what-if-blocks", default="1,16",
-                        help="block sizes to replay the vLLM runs' requests at (cache bounds only, no engine)")
-    parser.add_argument("--kv-cache-gib", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of both backends (1 on a shared CPU)")
-    return parser.parse_args(argv)
+    parser.add_argument("--what-if-blocks", type=int_list(allow_empty=True), default="1,16",
+                        help="block sizes to replay the vLLM runs' requests at (cache bounds only, no engine; "
+                        "empty: none)")
+    parser.add_argument("--kv-cache-gib", type=positive_float, default=1.0)
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads of both backends (1 on a shared CPU)")
+    args = parser.parse_args(argv)
+    check_beam_shape(parser, args.n, args.beam_width)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Run the benchmark, print and return the report."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    blocks = [int(b) for b in args.block_sizes.split(",") if b.strip()]
+    blocks = list(args.block_sizes)
     sampling = SamplingConfig(temperature=SAMPLING.temperature, max_step_tokens=SAMPLING.max_step_tokens,
                               max_total_tokens=args.max_total_tokens)
     plan = strategies(args.n, args.beam_width)
@@ -317,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         for block in blocks:
             chosen = {"beam_search": plan["beam_search"]} if best_of_n_done else plan
             new = run_vllm(checkpoint, problems, chosen, sampling, block, args.kv_cache_gib, args.threads,
-                           [int(b) for b in args.what_if_blocks.split(",") if b.strip()])
+                           list(args.what_if_blocks))
             best_of_n_done = best_of_n_done or any(row.rejected is None for row in new)
             rows += new
     report = "\n".join([

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from experiments.bench_engine_overhead import TARGET, OverheadRow, overhead_table, strategies  # noqa: E402
 from experiments.bench_timing import GenerateClock, PolicyClock, timed  # noqa: E402
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
+from experiments.cli_args import check_beam_shape, positive_float  # noqa: E402
 from policies.checkpoint import save_checkpoint  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.vllm_engine import VLLMEngineConfig  # noqa: E402
@@ -90,8 +91,9 @@ def run(model: str, checkpoint: Path, problems: int, n: int, beam_width: int, se
 def main(argv: Sequence[str] | None = None) -> str:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_vllm_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(ap, problems=32, n=32)
-    ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM's KV cache size")
+    ap.add_argument("--kv-cache-gib", type=positive_float, default=1.0, help="vLLM's KV cache size")
     args = ap.parse_args(argv)
+    check_beam_shape(ap, args.n, args.beam_width)
     torch.set_num_threads(args.threads)
     print(f"gc: {freeze_long_lived()} objects frozen out of the collector's walks, as the CLIs do (policies/gc_freeze.py)")
     report = run(args.model, args.checkpoint, args.problems, args.n, args.beam_width, args.seed, args.threads,

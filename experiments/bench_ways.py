@@ -23,6 +23,7 @@ import torch
 
 from experiments.bench_timing import Timing, timed
 from experiments.bench_workload import Workload, add_search_arguments, load_workload
+from experiments.cli_args import check_beam_shape, positive_int
 from policies.gc_freeze import freeze_long_lived
 from scorers.confidence import ConfidenceScorer
 from treesearch.protocols import Policy
@@ -111,13 +112,17 @@ def flag_ways_report(
     return ways_report(work, makers, n, beam_width, rounds, seed, way_title)
 
 
-def ways_main(doc: str, argv: Sequence[str] | None, run: Callable[[Workload, int, int, int, int], str]) -> None:
-    """The command line of a two-way benchmark: the search options (32 problems, N = 32) and
-    --rounds; prints run(work, n, beam_width, rounds, seed)."""
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_ways", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def ways_main(
+    doc: str, argv: Sequence[str] | None, run: Callable[[Workload, int, int, int, int], str],
+    prog: str = "python -m experiments.bench_ways",
+) -> None:
+    """The command line of a two-way benchmark (prog: its name in usage and errors): the search
+    options (32 problems, N = 32) and --rounds; prints run(work, n, beam_width, rounds, seed)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(ap, problems=32, n=32)
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds of each way (alternating)")
+    ap.add_argument("--rounds", type=positive_int, default=3, help="timed rounds of each way (alternating)")
     args = ap.parse_args(argv)
+    check_beam_shape(ap, args.n, args.beam_width)
     torch.set_num_threads(args.threads)
     work = load_workload(args.model, args.problems, args.seed, args.checkpoint)
     freeze_long_lived()  # as the CLIs do (policies/gc_freeze.py); every way alike

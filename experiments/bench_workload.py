@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from experiments.cli_args import positive_int
 from experiments.tasks import arith, gsm8k
 from policies.checkpoint import load_checkpoint
 from policies.devices import resolve_device
@@ -130,16 +131,28 @@ def load_workload(
 
 def add_search_arguments(ap: argparse.ArgumentParser, problems: int, n: int) -> None:
     """The options every search benchmark takes: --model, --checkpoint, --problems, --n,
-    --beam-width, --seed, --threads (defaults: these problems and N, M = 4, seed 0, 1 thread)."""
+    --beam-width, --seed, --threads (defaults: these problems and N, M = 4, seed 0, 1 thread).
+    The counts must be >= 1 (argparse's error otherwise); N against M is the caller's
+    `experiments.cli_args.check_beam_shape` after parsing."""
     ap.add_argument("--model", choices=WORKLOADS, default="tiny", help="workload (experiments.bench_workload)")
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the tiny policy")
-    ap.add_argument("--problems", type=int, default=problems)
-    ap.add_argument("--n", type=int, default=n)
-    ap.add_argument("--beam-width", type=int, default=4)
+    ap.add_argument("--problems", type=positive_int, default=problems)
+    ap.add_argument("--n", type=positive_int, default=n)
+    ap.add_argument("--beam-width", type=positive_int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads (1 on a shared CPU)")
 
 
 def add_device_argument(ap: argparse.ArgumentParser) -> None:
-    """--device: where the workload's model runs (cpu, cuda, cuda:N; default cpu)."""
-    ap.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
+    """--device: where the workload's model runs (cpu, cuda, cuda:N; default cpu), checked at
+    parse time (`policies.devices.resolve_device`: a device this machine lacks is argparse's error)."""
+    ap.add_argument("--device", type=device_name, default="cpu", help="where the model runs: cpu, cuda or cuda:N")
+
+
+def device_name(text: str) -> str:
+    """An argparse type: text unchanged once `resolve_device` accepts it here."""
+    try:
+        resolve_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text

@@ -1,0 +1,83 @@
+"""Argument types for the argparse command lines (the benchmarks, `experiments/bench_*.py`): a bad
+number fails at parse time, before any model loads, as argparse's own one-line error
+(`usage: ...` then `<prog>: error: argument --problems: '0' must be an integer >= 1`, exit 2).
+
+    ap.add_argument("--problems", type=positive_int, default=16)
+    ap.add_argument("--top", type=nonnegative_int, default=10)         # 0 means something here
+    ap.add_argument("--kv-cache-gib", type=positive_float, default=1.0)
+    ap.add_argument("--ns", type=int_list(), default=(4, 8, 16, 32))    # "4,8,16": each >= 1
+    args = ap.parse_args(argv)
+    check_beam_shape(ap, args.n, args.beam_width)                       # N / M across two options
+
+Tests: `.venv/bin/python -m pytest tests/test_bench_args.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+
+def bounded_int(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum (ArgumentTypeError naming the bound otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+positive_int = bounded_int(1)
+positive_int.__doc__ = "An argparse type: an integer >= 1 (a count where 0 means nothing)."
+nonnegative_int = bounded_int(0)
+nonnegative_int.__doc__ = "An argparse type: an integer >= 0 (where 0 means something documented)."
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    return value
+
+
+def int_list(minimum: int = 1, allow_empty: bool = False) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: comma-separated integers, each >= minimum ("16,32" -> (16, 32); blanks
+    between commas are skipped); an empty list only when allow_empty."""
+    one = bounded_int(minimum)
+
+    def parse(text: str) -> tuple[int, ...]:
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        try:
+            values = tuple(one(part) for part in parts)
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"{text!r}: {error}" if len(parts) > 1 else str(error)) from None
+        if not values and not allow_empty:
+            raise argparse.ArgumentTypeError(f"{text!r} must list at least one integer >= {minimum}")
+        return values
+
+    parse.__name__ = f"list of integers >= {minimum}"
+    return parse
+
+
+def check_beam_shape(
+    parser: argparse.ArgumentParser, n: int, beam_width: int, n_option: str = "--n",
+    width_option: str = "--beam-width",
+) -> None:
+    """parser.error (exit 2) unless beam search can run N = n paths with beam width M = beam_width:
+    M <= N and N divisible by M (`treesearch.beam_search.check_beam_shape`, checked here before
+    any model loads)."""
+    if beam_width > n:
+        parser.error(f"argument {width_option}: {beam_width} must be <= {n_option} ({n})")
+    if n % beam_width:
+        parser.error(f"argument {n_option}: {n} must be divisible by {width_option} ({beam_width})")
