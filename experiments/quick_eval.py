@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -53,8 +54,8 @@ class QuickEvalConfig:
         for name in ("num_problems", "num_samples", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"QuickEvalConfig.{name}={getattr(self, name)}; must be >= 1")
-        if not self.temperature > 0:
-            raise ValueError(f"QuickEvalConfig.temperature={self.temperature}; must be > 0")
+        if not 0 < self.temperature < math.inf:  # NaN and inf too
+            raise ValueError(f"QuickEvalConfig.temperature={self.temperature}; must be a finite number > 0")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ from tqdm.auto import tqdm
 from experiments.cli_errors import run_command
 from experiments.sft_tasks import get_sft_task
 from experiments.tasks import arith, countdown
-from policies.checkpoint import load_checkpoint
+from policies.checkpoint import NOT_DAMAGE, TORCH_LOAD_ERRORS, load_checkpoint
 from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
 from scorers.sprm_positions import StepMarkers, score_positions, step_of_positions
@@ -497,9 +496,9 @@ def _read_payload(path: Path) -> Any:
     error, none of which names the file)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError:
+    except NOT_DAMAGE:
         raise
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+    except TORCH_LOAD_ERRORS as err:
         reason = f"{type(err).__name__}: {err}".split("\n")[0]
         raise ValueError(
             f"{path} is damaged (truncated or not a torch file; torch.load: {reason}): rebuild it with "

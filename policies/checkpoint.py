@@ -12,6 +12,7 @@ import contextlib
 import os
 import pickle
 import shutil
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -48,9 +49,12 @@ REQUIRED_FILES: tuple[str, ...] = (
 
 # what torch.load raises on a truncated or corrupted file (a zip without its central directory is
 # miniz's RuntimeError or an OSError EINVAL; an old-format pickle cut short is EOFError /
-# UnpicklingError); a missing file or a permission error is not damage and stays itself
+# UnpicklingError; other bytes, such as a text file named .pt, reach the legacy unpickler's lookups:
+# KeyError, IndexError, UnicodeDecodeError, struct.error); a missing file or a permission error is
+# not damage and stays itself
 TORCH_LOAD_ERRORS: tuple[type[BaseException], ...] = (
-    RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+    RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, IndexError, ValueError,
+    struct.error,
 )
 NOT_DAMAGE: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, IsADirectoryError)
 

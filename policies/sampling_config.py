@@ -9,6 +9,8 @@ a bad value fails at construction with a message that names it.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 
@@ -46,8 +48,8 @@ class SamplingConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be a number")
-        if not self.temperature >= 0:  # also rejects NaN
-            raise ValueError(f"temperature={self.temperature!r} must be >= 0")
+        if not 0 <= self.temperature < math.inf:  # also rejects NaN (inf would divide logits to 0)
+            raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
         for name in ("max_step_tokens", "max_total_tokens", "batch_size"):

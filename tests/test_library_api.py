@@ -260,3 +260,18 @@ def test_the_continuous_engine_names_a_policy_it_cannot_drive():
     with pytest.raises(TypeError, match=r"takes a TransformersPolicy .*not a FakePolicy; call search_each without"):
         with ContinuousEngine.attached(FakePolicy()):
             pass
+
+
+@pytest.mark.parametrize("content", [b"hello world, not a torch file\n", b"", b'{"a": 1}', bytes(range(256)) * 3])
+def test_a_torch_file_of_other_bytes_is_named_as_damaged(content, tmp_path):
+    """A text file named .pt reaches torch's legacy unpickler, which raises KeyError / IndexError /
+    UnicodeDecodeError / struct.error rather than an unpickling error: still damage, named."""
+    from experiments.rollout_cache import load_cache
+    from policies.checkpoint import DamagedCheckpointError, load_torch_file
+
+    path = tmp_path / "cache.pt"
+    path.write_bytes(content)
+    with pytest.raises(DamagedCheckpointError, match=str(path)):
+        load_torch_file(path, weights_only=True)
+    with pytest.raises(ValueError, match=rf"{path} is damaged \(truncated or not a torch file"):
+        load_cache(path)

@@ -143,7 +143,8 @@ def context_of(prefix: Prefix) -> list[int]:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(temperature=-1.0), "temperature=-1.0 must be >= 0"),
+        (dict(temperature=-1.0), "temperature=-1.0 must be a finite number >= 0"),
+        (dict(temperature=float("inf")), "temperature=inf must be a finite number >= 0"),
         (dict(temperature="abc"), "temperature='abc' must be a number"),   # Hydra's policy.sampling.temperature=abc
         (dict(top_p=True), "top_p=True must be a number"),
         (dict(top_p=0.0), "top_p=0.0"),
