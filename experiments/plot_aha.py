@@ -29,14 +29,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from experiments.aha_metrics import AHA_THRESHOLD, aha_step  # noqa: E402
+from experiments.aha_metrics import AHA_THRESHOLD, aha_step
 
 
 CURVES: tuple[tuple[str, str, str, str], ...] = (  # (key, label, color, line style)
@@ -95,7 +94,7 @@ def load_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def draw(ax: plt.Axes, rows: Sequence[dict[str, Any]], curves: Sequence[tuple[str, str, str, str]]) -> None:
+def draw(ax: Axes, rows: Sequence[dict[str, Any]], curves: Sequence[tuple[str, str, str, str]]) -> None:
     for key, label, color, style in curves:
         steps, values = series(rows, key)
         if steps:
@@ -126,7 +125,7 @@ def split_step(rows: Sequence[dict[str, Any]], threshold: float = AHA_THRESHOLD)
     return None, "heldout_fc/diff_prob"
 
 
-def mark_split(axes: Sequence[plt.Axes], step: int | None, key: str) -> None:
+def mark_split(axes: Sequence[Axes], step: int | None, key: str) -> None:
     """A vertical line at the aha step on every axes, labelled on the last; the label runs left of
     the line in the right half of the run, so it stays inside the axes (a split at the last
     step is common)."""
@@ -163,7 +162,9 @@ def plot_aha(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     rows = load_metrics(metrics_jsonl)
     fmt = check_out_path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=[3, 2])
+    fig = Figure(figsize=(8, 6.5))  # drawn on its own Agg canvas: the process's backend is left alone
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
     draw(top, rows, CURVES)
     top.set_ylabel("mean path score (geometric mean of step scores)")
     top.set_title(f"SPRM scores of correct vs incorrect rollouts: {run_name(metrics_jsonl)}")
@@ -175,7 +176,6 @@ def plot_aha(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     bottom.set_ylabel("gap / accuracy")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120, format=fmt)
-    plt.close(fig)
     return out_png
 
 

@@ -23,18 +23,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_strategy  # noqa: E402
-from experiments.sweep_metrics import RunFolderError, RunSummary, sweep_summaries, workload_note  # noqa: E402
+from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_strategy
+from experiments.sweep_metrics import RunFolderError, RunSummary, sweep_summaries, workload_note
 
 WORKLOAD_MARKERS = ("o", "s", "^", "D", "v", "P")  # one shape per workload
 
 
-def draw_series(ax: plt.Axes, series: SeriesScaling, color: str, marker: str = "o") -> None:
+def draw_series(ax: Axes, series: SeriesScaling, color: str, marker: str = "o") -> None:
     """Points with CI error bars and N labels, plus the fitted line over the measured range."""
     c = np.array([p.compute for p in series.points])
     y = np.array([p.accuracy.mean for p in series.points])
@@ -60,8 +60,10 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
     series = scaling_by_strategy(runs, threshold)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(7, 4.5))  # drawn on its own Agg canvas: the process's backend is left alone
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     workloads = sorted({s.workload for s in series})
     for i, s in enumerate(series):
         marker = WORKLOAD_MARKERS[workloads.index(s.workload) % len(WORKLOAD_MARKERS)]
@@ -74,7 +76,6 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
-    plt.close(fig)
     return out_png
 
 

@@ -249,3 +249,14 @@ def test_aha_run_with_nothing_for_the_lower_panel_draws_no_empty_legend(tmp_path
     assert not [w for w in caught if "legend" in str(w.message)]
     (fig,) = saved_figures
     assert fig.axes[0].get_legend() is not None and fig.axes[1].get_legend() is None
+
+
+def test_importing_the_plots_leaves_the_process_backend_alone():
+    """A notebook that imports experiments.plot (the demo does) keeps its own matplotlib backend:
+    every plot draws on its own Agg canvas."""
+    code = ("import matplotlib; matplotlib.use('svg'); import experiments.plot, experiments.plot_scaling, "
+            "experiments.plot_aha; print(matplotlib.get_backend())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "svg"
