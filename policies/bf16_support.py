@@ -1,6 +1,9 @@
 """Whether a device multiplies bfloat16 natively, so bf16 autocast speeds work up instead of
-slowing it down: the default of every "bf16" switch of the project (`SFTConfig.bf16`,
-`QuickEvalConfig.bf16`, the KL reference's `ref_bf16`).
+slowing it down: the default of the project's bf16-where-fast switches (`SFTConfig.bf16`,
+`QuickEvalConfig.bf16`, `experiments.backbone_tuning.BackboneTuneConfig.ref_bf16`, and the joint
+trainer's KL reference forward: `ref_bf16: null` in `experiments/conf/train_loss/*.yaml`, i.e.
+`JointLossConfig(ref_bf16=None)`). `JointLossConfig`'s own defaults are off (`bf16=False`,
+`ref_bf16=False`): the policy's joint-step forward runs in bf16 only when asked.
 
 On a CPU without bf16 instructions, torch runs a bf16 matmul through a slow fallback. Measured
 2026-12-03 on an AMD EPYC with AVX2 only: a 512 x 512 matmul (1 thread) took 213 ms in bf16

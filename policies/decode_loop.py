@@ -117,7 +117,7 @@ def prefill(
     device: torch.device,
     past: Sequence[PrefixKV | None] | None = None,
     feature_layer: int | None = None,
-):
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run the left-padded contexts through the model once, each from its cached prefix if any.
 
     past: per context the KV of its first past[u].length tokens (shorter than the context), or

@@ -45,7 +45,9 @@ class JointCache(Cache):
         self.slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
         self.own: list[tuple[torch.Tensor, torch.Tensor]] = []  # per cache, the last update's KV
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append each chunk's new columns [b_i, H, 1, D] to its cache; returns the inputs
         (the attention reads `self.own`)."""
         self.own = [

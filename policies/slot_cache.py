@@ -9,7 +9,7 @@ token; at a few hundred rows of a small model that copy costs more than the matm
     cache = slot_cache(prefilled, rows=torch.tensor([0, 0, 1]), reserve=64)   # rows of a prefill
     model(input_ids=..., past_key_values=cache, ...)     # appends one column per layer in place
     cache.move_rows(slots, sources, rows=2)              # drop finished rows
-    cache.row_tail(0, start=10)                          # a row's columns 10.. as a CPU PrefixKV
+    cache.row_tail(0, start=10)                          # columns 10.. of a row: a PrefixKV copy, same device
     cache.release()                                      # buffers back to KV_POOL
 
 Tests: `.venv/bin/python -m pytest tests/test_transformers_policy.py -k slot_cache`.
@@ -79,7 +79,9 @@ class SlotLayer(DynamicLayer):
         self._buffers, self._index, self._length = buffers, index, length
         self.refresh()
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new columns [B, H, s, D] in place; return the whole KV [B, H, S+s, D] (views)."""
         buffers, end = self._buffers, self._length + int(key_states.shape[2])
         if end > buffers.capacity:

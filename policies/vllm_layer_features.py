@@ -95,7 +95,9 @@ class ResidualSum(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return (hidden if residual is None else hidden + residual), residual
 
 

@@ -40,7 +40,8 @@ class SearchResult:
     problem: the problem searched.
     strategy: registry name of the strategy.
     config: the strategy config as a plain dict (for records).
-    candidates: every finished candidate, in generation order.
+    candidates: every candidate, in generation order: finished paths, and paths the search cut short
+        (at max_depth; for MCTS, see `treesearch.mcts`).
     chosen: index into candidates of the answer the strategy returns (None if there is none).
     tree: every node the search made.
     compute: what it cost.

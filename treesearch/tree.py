@@ -26,8 +26,10 @@ ROOT_ID = 0
 class Node:
     """One node. id: index in the tree; parent: parent id (None for the root); step: the step that
     leads here (None for the root); children: child ids in creation order; visits / value: search
-    statistics (value = running mean or max of backed-up values, strategy dependent); prior: the
-    policy's prior for this child among its siblings; score: the scorer's score of this step."""
+    statistics, strategy dependent (MCTS: visits and the running mean or max of the values backed
+    up through the node; beam search and DVTS: visits 0, value = the aggregated path score that
+    ranked the node; Best-of-N: both left 0); prior: the policy's prior for this child among its
+    siblings (1.0 unless MCTS set it); score: the scorer's score of this step."""
 
     id: int
     parent: int | None
