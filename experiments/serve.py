@@ -21,6 +21,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Sequence
 
+from experiments.cli_errors import INPUT_ERRORS, USAGE_EXIT
 from policies.gc_freeze import freeze_long_lived
 
 if TYPE_CHECKING:  # heavy imports wait until a service is chosen, so --help is instant
@@ -110,7 +111,10 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get(API_KEY_ENV) or None
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, load the model and serve until stopped. A bad input found while loading (a missing
+    model folder or score_module.pt, a device torch cannot see) prints one line `error: ...` and
+    returns 2 before the server starts, as the other command lines do (`experiments.cli_errors`)."""
     args = build_parser().parse_args(argv)
     if args.threads is not None:
         import torch
@@ -118,12 +122,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.host not in LOOPBACK and not _api_key(args):
         print(f"warning: serving on {args.host} without an API key (--api-key or ${API_KEY_ENV})", file=sys.stderr)
-    app = build_policy(args) if args.service == "policy" else build_scorer(args)
+    try:  # only loading is checked here: an error of the running server keeps its traceback
+        app = build_policy(args) if args.service == "policy" else build_scorer(args)
+    except INPUT_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USAGE_EXIT
     freeze_long_lived()  # imports and model: out of the garbage collector's walks (policies/gc_freeze.py)
     import uvicorn
 
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
 
 
 if __name__ == "__main__":  # the guard vLLM's spawned workers need
-    main()
+    sys.exit(main())

@@ -392,3 +392,23 @@ def test_device_is_refused_for_the_vllm_backend(tmp_path):
         ["policy", "--model", str(tmp_path), "--backend", "vllm", "--device", "cuda"])
     with pytest.raises(SystemExit, match="--device is for --backend transformers"):
         serve.build_policy(args)
+
+
+@pytest.mark.parametrize("service", ["policy", "scorer"])
+def test_a_missing_model_folder_is_one_error_line_and_exit_2(service, tmp_path, capsys):
+    from experiments import serve
+
+    missing = tmp_path / "nowhere"
+    assert serve.main([service, "--model", str(missing)]) == 2  # before any server starts
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: checkpoint folder {missing} does not exist"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is visible here")
+def test_the_command_line_names_a_device_torch_cannot_see_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.serve", "scorer", "--model", str(tmp_path), "--device", "cuda"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: device='cuda' but torch") and "Traceback" not in result.stderr
