@@ -8,14 +8,20 @@ joint trainer's `last/`); a GPU preset's folder names its environment variable a
     # ... Train the default tiny policy with `python -m experiments.train_sft --out
     # outputs/checkpoints/tiny-arith` (or `make demo`), or point policy.path= at a checkpoint
 
-Used by `experiments.search` (policy.path, scorer.path) and `experiments.train` (init_from).
+    with hinted_checkpoint(args.policy, "--policy"):   # an argparse command's flag
+        check_checkpoint(args.policy)
+
+Used by `experiments.search` (policy.path, scorer.path), `experiments.train` (init_from),
+`experiments.rollout_cache` and `experiments.probe_backbone_verifier` (--policy).
 Tests: `.venv/bin/python -m pytest tests/test_train_inputs.py`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"  # experiments.search.CONFIG_DIR (the policy presets)
 
@@ -65,17 +71,32 @@ def checkpoint_hint(path: str | Path | None, error: BaseException, key: str) -> 
     project's own folders (tiny-arith, tiny-countdown, the demo's); a GPU preset's environment
     variable and download; else where to point key."""
     if path is None:
-        return f"Point {key}= at a checkpoint folder"
+        return f"Point {setting(key)} at a checkpoint folder"
     path = Path(str(path))
     if HEAD_FILE in str(error) or lies_under(path, "train/default/last"):
         return HEAD_HINT
     for suffix, how in MADE_CHECKPOINTS:
         if lies_under(path, suffix):
-            return f"{how}, or point {key}= at a checkpoint"
+            return f"{how}, or point {setting(key)} at a checkpoint"
     preset = env_preset_of(path)
     if preset is not None:
         name, variable, placeholder, repo = preset
         download = f"download {repo} (e.g. `hf download {repo} --local-dir <folder>`)" if repo else "download the model"
         return (f"policy={name} reads its folder from ${variable} (unset: {placeholder}): {download} and set "
                 f"{variable}=<folder>; `python -m experiments.gpu_check --preset {name}` checks it end to end")
-    return f"Point {key}= at an existing checkpoint folder"
+    return f"Point {setting(key)} at an existing checkpoint folder"
+
+
+def setting(key: str) -> str:
+    """How a hint names the setting: a flag as it is (--policy), a config key with its `=`."""
+    return key if key.startswith("--") else f"{key}="
+
+
+@contextlib.contextmanager
+def hinted_checkpoint(path: str | Path | None, key: str) -> Iterator[None]:
+    """A FileNotFoundError inside (a missing or incomplete checkpoint folder) gets the hint of
+    `checkpoint_hint` appended: how to get that folder."""
+    try:
+        yield
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}. {checkpoint_hint(path, err, key)}") from err

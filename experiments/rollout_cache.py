@@ -48,10 +48,11 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from experiments.checkpoint_hints import hinted_checkpoint
 from experiments.cli_errors import run_command
 from experiments.sft_tasks import get_sft_task
 from experiments.tasks import arith, countdown
-from policies.checkpoint import NOT_DAMAGE, TORCH_LOAD_ERRORS, load_checkpoint
+from policies.checkpoint import NOT_DAMAGE, TORCH_LOAD_ERRORS, check_checkpoint, load_checkpoint
 from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
 from scorers.sprm_positions import StepMarkers, score_positions, step_of_positions
@@ -583,6 +584,8 @@ def build_command(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.out.is_dir():  # checked before the rollouts: save_cache would fail only after them
         raise ValueError(f"--out {args.out} is a folder; give the cache's file path (e.g. {args.out / 'cache.pt'})")
+    with hinted_checkpoint(args.policy, "--policy"):  # a missing policy folder says how to get it
+        check_checkpoint(args.policy)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     cache = build_rollout_cache(args.policy, args.task, args.split, args.problems, args.n, args.seed, args.temperature,
