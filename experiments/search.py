@@ -128,8 +128,11 @@ class SweepJobInputError(CompactHydraException):
     """Bad input of one job of a sweep: Hydra prints the message without a traceback."""
 
 
-# bad input (the message names the key and value, or the file): `error: <message>`, exit 2
-USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, RunDirBusyError)
+# bad input (the message names the key and value, or the file), and a server that does not answer
+# (policy=openai: the error names the URL and how to start one): `error: <message>`, exit 2;
+# anything else keeps its traceback
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, RunDirBusyError, ConnectionError,
+                                            TimeoutError)
 USAGE_EXIT = 2
 
 

@@ -126,6 +126,18 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
     assert full.stderr.strip().endswith("ValueError: seed='abc' must be an integer")
 
 
+def test_a_server_that_does_not_answer_is_one_error_line(ckpt, tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = run_cli(["policy=openai", f"policy.path={ckpt}", f"policy.base_url=http://127.0.0.1:{port}",
+                    "policy.max_retries=0", "progress=false", f"out_dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
+    assert done.stderr.startswith(f"error: no OpenAI-compatible server answers at http://127.0.0.1:{port}")
+
+
 def test_an_internal_error_keeps_its_traceback(tmp_path):
     (tmp_path / "broken_task.py").write_text(  # importable: `python -m` puts the cwd on sys.path
         "def generate_problems(split, count, seed, cfg):\n    raise RuntimeError('a bug in the task')\n"
