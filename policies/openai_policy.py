@@ -19,14 +19,15 @@ How a call runs: exactly as `VLLMPolicy` (`policies.step_assembly` does the step
 batch function that POSTs one `/v1/completions` request per sample and round, `n=1`, `prompt` a
 list of token ids (the tokenised prompt + the exact token_ids of the prefix's steps, never
 re-tokenised text), `seed` = the sample's derived seed (none when greedy), `max_tokens` clamped
-to the server's context window (`max_model_len` of `/v1/models`; a prompt that fills it gets an
-empty completion, "length", without a request), `logprobs=0` (the sampled token's log-prob) and
-vLLM's extra fields `stop_token_ids` (the separator ids when stopping at steps),
-`include_stop_str_in_output`, `skip_special_tokens: false`, `return_token_ids: true` and
-`return_tokens_as_token_ids: true`. The sampling fields a server could default from the
-checkpoint's generation_config.json (top_k, min_p, penalties) are sent explicitly at their
-neutral values, so the server samples exactly as `policies.vllm_engine.complete_tokens`. The
-requests of a round run concurrently on a thread pool (at most max_concurrency in flight).
+to the server's context window (`max_model_len` of `/v1/models`; a path that reaches it ends
+"length", a prompt that fills it gets an empty one without a request, a longer prompt is a
+ValueError naming the window), `logprobs=0` (the sampled token's log-prob) and vLLM's extra
+fields `stop_token_ids` (the separator ids when stopping at steps), `include_stop_str_in_output`,
+`skip_special_tokens: false`, `return_token_ids: true` and `return_tokens_as_token_ids: true`.
+The sampling fields a server could default from the checkpoint's generation_config.json (top_k,
+min_p, penalties) are sent explicitly at their neutral values, so the server samples exactly as
+`policies.vllm_engine.complete_tokens`. The requests of a round run concurrently on a thread
+pool (at most max_concurrency in flight).
 
 What vLLM 0.32's server returns (`vllm/entrypoints/openai/completion/`): `choices[0].token_ids`
 (the generated ids, the stop token or EOS included, whatever the text shows) when asked with
@@ -77,7 +78,7 @@ import httpx
 from transformers import AutoConfig, AutoTokenizer
 
 from policies.checkpoint import missing_folder_error
-from policies.policy_requests import check_request, encode_contexts, is_integer, step_budget
+from policies.policy_requests import check_request, encode_contexts, fit_window, is_integer, step_budget
 from policies.sampling_config import SamplingConfig
 from policies.step_assembly import (
     CompleteFn, Completion, CompletionRequest, SampleRequest, SampleTokens, StepMarks, decode_steps, derive_seed,
@@ -350,10 +351,15 @@ class OpenAIPolicy:
     def _sample(self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool) -> list[list[SampleTokens]]:
         """All n x len(prefixes) samples in one assembly (one concurrent burst per round)."""
         check_request(prefixes, n, seed)
-        contexts, _ = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
+        contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
+        budgets = [step_budget(self.sampling, prefix, stop_at_step) for prefix in prefixes]
+        if prefixes:  # the server's window (one GET /v1/models per policy): a too-long prompt fails here
+            window = self.client.served_model().max_model_len or self.local_window
+            budgets = fit_window(budgets, contexts, prompt_lengths, prefixes, window,
+                                 "max_model_len of the server, else max_position_embeddings of config.json")
         requests = [
-            SampleRequest(tuple(contexts[i]), step_budget(self.sampling, prefix, stop_at_step), derive_seed(seed, i, j))
-            for i, prefix in enumerate(prefixes) for j in range(n)
+            SampleRequest(tuple(contexts[i]), budgets[i], derive_seed(seed, i, j))
+            for i in range(len(prefixes)) for j in range(n)
         ]
         flat = sample_continuations(requests, self._complete_fn(), self.marks, stop_at_step) if requests else []
         self.last_usage = VLLMUsage.of(flat)

@@ -1,9 +1,11 @@
 """What every generation backend does the same way before it generates: check a propose / rollout
-request, build the model input of each prefix, and the token budget of a call.
+request, build the model input of each prefix, and the token budget of a call (within the model's
+context window).
 
     check_request(prefixes, n, seed)                       # ValueError / TypeError naming the bad value
     contexts, prompt_lengths = encode_contexts(tokenizer, prompt_fn, prefixes)
     budget = step_budget(sampling, prefix, stop_at_step)   # <= 0: nothing left to generate
+    budgets = fit_window(budgets, contexts, prompt_lengths, prefixes, window=512, setting="max_position_embeddings")
 
 Shared by `policies.transformers_policy`, `policies.vllm_policy` and `policies.openai_policy`, so the
 three backends see the same tokens for the same prefix and refuse the same requests.
@@ -64,3 +66,27 @@ def step_budget(sampling: SamplingConfig, prefix: Prefix, stop_at_step: bool) ->
     max_total_tokens, capped at max_step_tokens when the call stops at a step."""
     left = sampling.max_total_tokens - sum(step.num_tokens for step in prefix.steps)
     return min(left, sampling.max_step_tokens) if stop_at_step else left
+
+
+def fit_window(
+    budgets: Sequence[int],
+    contexts: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    prefixes: Sequence[Prefix],
+    window: int | None,
+    setting: str,
+) -> list[int]:
+    """The budgets capped so that context + generated tokens stay within the model's context
+    window (a path that reaches it ends "length", on every backend alike; <= 0: no room left);
+    window None: no cap. A prompt longer than the window is a ValueError naming the problem, the
+    prompt's length and the window (`setting`: where the window comes from): the model cannot
+    read it, and an empty "length" answer would hide that."""
+    if window is None:
+        return list(budgets)
+    for prefix, prompt_length in zip(prefixes, prompt_lengths):
+        if prompt_length > window:
+            raise ValueError(
+                f"problem {prefix.problem.id!r}: its prompt is {prompt_length} tokens, longer than the "
+                f"model's context window of {window} tokens ({setting}); shorten the prompt"
+            )
+    return [min(budget, window - len(ids)) for budget, ids in zip(budgets, contexts)]

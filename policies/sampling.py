@@ -34,6 +34,11 @@ class SplitDraws:
         return torch.cat(parts) if len(parts) != 1 else parts[0]
 
 
+# Below this temperature the logits are shifted by their row maximum before the division, so that
+# no temperature > 0 overflows them (above it they are divided as they are: the same samples as before).
+_SHIFT_BELOW = 1e-3
+
+
 def sample_next_tokens(
     logits: torch.Tensor,
     temperature: float,
@@ -65,7 +70,7 @@ def sample_next_tokens(
         if row_slot is not None:
             tokens = tokens[row_slot]  # [A]
     else:
-        probs = torch.softmax(logits / temperature, dim=-1)  # [B, V], ours to overwrite
+        probs = torch.softmax(_scaled(logits, temperature), dim=-1)  # [B, V], ours to overwrite
         if top_p < 1:
             probs = top_p_filter(probs, top_p)
         cdf = probs.cumsum_(dim=-1)
@@ -77,6 +82,17 @@ def sample_next_tokens(
     if row_slot is not None:
         return tokens, log_probs[row_slot, tokens]  # [A]
     return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)  # [B]
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits [B, V] / temperature, finite for any temperature > 0: float32 logits / 1e-40 overflow
+    to inf (softmax then gives NaN and the draw an out-of-range token), so below _SHIFT_BELOW the
+    logits are first shifted by their row maximum (the same distribution, every entry <= 0), and a
+    temperature that rounds to 0 in float32 (1e-300) makes the maximum 0 / 0: NaN, set to 0."""
+    if temperature >= _SHIFT_BELOW:
+        return logits / temperature
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # [B, V] <= 0
+    return (shifted / temperature).nan_to_num_(nan=0.0)
 
 
 def draw_tokens(
@@ -116,5 +132,7 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     draw scales each row by its total mass)."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V] mass of strictly better tokens
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    drop = mass_before >= top_p  # [B, V]
+    drop[:, 0] = False  # the top token even when top_p rounds to 0 in the probs' dtype (5e-324 in float32)
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)

@@ -26,7 +26,8 @@ class SamplingConfig:
         Runs to the end of the sequence (`rollout`, `propose(stop_at_step=False)`) are bounded by
         max_total_tokens only.
     max_total_tokens: most generated tokens of a whole path, the prefix's steps included (the
-        prompt is not counted).
+        prompt is not counted). Every backend also ends a path ("length") where prompt + path
+        reach the model's context window.
     batch_size: most sample rows decoded together (one chunk; a forward pass holds at most this
         many rows, fewer with forked decoding, `policies.decode_batch`).
     separator: the text that ends a reasoning step (a token whose decoded text ends with it).

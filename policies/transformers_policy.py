@@ -29,9 +29,13 @@ that end the sequence ("eos", "length") are not stored: nothing extends them. Ou
 without the cache up to float rounding (the same KV computed in another order). The cache is
 only valid for the weights that filled it: `policy.prefix_cache.clear()` after changing them.
 
-Randomness: one `torch.Generator(seed)` per call, so the same prefixes, n, seed and config give
-the same samples; another prefix list or batch_size draws differently (greedy output does not
-depend on either).
+Context window: a path (prompt + prefix + generated tokens) ends "length" when it reaches the
+model's max_position_embeddings, as vLLM's max_model_len ends it; a prompt longer than that is a
+ValueError naming the problem (`policies.policy_requests.fit_window`).
+
+Randomness: one `torch.Generator(seed)` per call (any integer seed, taken modulo 2**64), so the
+same prefixes, n, seed and config give the same samples; another prefix list or batch_size draws
+differently (greedy output does not depend on either).
 
 Step scores with no extra forward (opt-in, `step_head=`, or `from_reflective(ReflectiveModel)`):
 the decode loop also takes the LM's hidden states and scores each step-ending separator with the
@@ -63,7 +67,7 @@ import torch
 from policies.allocator import keep_freed_memory
 from policies.checkpoint import load_checkpoint
 from policies.decode_loop import FINISH_CODES, ChunkOutput, ChunkRequest, StepHead, decode_request
-from policies.policy_requests import check_request, encode_contexts, step_budget
+from policies.policy_requests import check_request, encode_contexts, fit_window, step_budget
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
 from policies.sampling_config import SamplingConfig
@@ -152,6 +156,9 @@ class TransformersPolicy:
         self.prompt_fn = prompt_fn
         self.num_parameters: int = sum(p.numel() for p in model.parameters())
         self.device = next(model.parameters()).device
+        # the longest sequence (prompt + prefix + generated) the model reads; None: no limit known
+        window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.context_window: int | None = int(window) if window else None
         eos_ids = _eos_ids(model, tokenizer)
         self.rule = StepStopRule.from_tokenizer(
             tokenizer, _logit_width(model, tokenizer), sampling.separator, sampling.think_open,
@@ -225,8 +232,9 @@ class TransformersPolicy:
     ) -> list[list[Step]]:
         """n sampled next steps per prefix, result[i][j] after prefixes[i]. A step ends at a
         step separator (kept in its text), at EOS (in token_ids, not in text), or at
-        max_step_tokens / max_total_tokens ("length"); with stop_at_step=False it runs to EOS or
-        max_total_tokens. A prefix with no token budget left gets empty "length" steps."""
+        max_step_tokens / max_total_tokens / the model's context window ("length"); with
+        stop_at_step=False it runs to EOS or max_total_tokens. A prefix with no token budget left
+        gets empty "length" steps; a prompt longer than the context window is a ValueError."""
         samples = self._generate(prefixes, n, seed, stop_at_boundary=stop_at_step, with_boundary=False)
         return self._whole_steps(prefixes, samples)
 
@@ -252,9 +260,14 @@ class TransformersPolicy:
         check_request(prefixes, n, seed)
         with self.lock:
             contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
-        budgets = [step_budget(self.sampling, prefix, stop_at_boundary) for prefix in prefixes]
+        budgets = fit_window(
+            [step_budget(self.sampling, prefix, stop_at_boundary) for prefix in prefixes], contexts,
+            prompt_lengths, prefixes, self.context_window, "max_position_embeddings of the model's config",
+        )
         samples: list[list[_Sample]] = [[] for _ in prefixes]
-        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        # torch seeds are 64-bit: any integer maps into that range as two's complement, so -1 and
+        # 2**64 - 1 draw alike (as torch itself takes a negative seed) and 2**64 is 0, not an overflow
+        generator = torch.Generator(device=self.device).manual_seed(int(seed) % 2**64)
         items = merge_identical(contexts, budgets)  # less padding per chunk; one context per distinct input
         counts = [n * len(owners) if budgets[owners[0]] > 0 else 0 for owners in items]
         owners_in_row_order = [i for owners, count in zip(items, counts) if count for i in owners for _ in range(n)]

@@ -43,8 +43,9 @@ used (vLLM schedules its own batches, see VLLMEngineConfig.max_num_seqs); sample
 vLLM's sampler from other random streams, so seeded samples differ from TransformersPolicy's
 (greedy ones are equal up to float rounding); a step whose sample stopped on a non-boundary
 separator took more than one request, and tokens_forwarded counts the real extra work (the
-re-sent context's uncached tail); a request whose prompt fills the engine's context window
-(max_model_len) ends "length" early.
+re-sent context's uncached tail). Both cap a path at the model's context window (here the
+engine's max_model_len): a sample that reaches it ends "length", a prompt longer than it is a
+ValueError naming the problem and the window (`policies.policy_requests.fit_window`).
 
 Tests: `.venv/bin/pytest tests/test_vllm_policy.py` (the vLLM ones are marked `vllm`).
 """
@@ -60,14 +61,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from policies.checkpoint import check_checkpoint
-from policies.policy_requests import check_request, encode_contexts, step_budget
+from policies.policy_requests import check_request, encode_contexts, fit_window, step_budget
 from policies.sampling_config import SamplingConfig
 from policies.step_assembly import (
     CompleteFn, SampleRequest, SampleTokens, StepMarks, decode_steps, derive_seed, sample_continuations,
     split_steps, whole_step,
 )
 from policies.step_stops import StepStopRule
-from policies.vllm_engine import VLLMEngineConfig, build_llm, complete_tokens, shutdown_llm
+from policies.vllm_engine import VLLMEngineConfig, build_llm, complete_tokens, max_model_len, shutdown_llm
 from treesearch.records import Prefix, Problem, Step
 
 
@@ -213,10 +214,14 @@ class VLLMPolicy:
         with self.engine_lock:  # also guards the tokenizer and the usage counts
             if self.llm is None:
                 raise RuntimeError("this VLLMPolicy was closed; build a new one")
-            contexts, _ = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
+            contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
+            budgets = fit_window(
+                [step_budget(self.sampling, prefix, stop_at_step) for prefix in prefixes], contexts, prompt_lengths,
+                prefixes, max_model_len(self.llm), "the engine's max_model_len, VLLMEngineConfig.max_model_len",
+            )
             requests = [
-                SampleRequest(tuple(contexts[i]), step_budget(self.sampling, prefix, stop_at_step), derive_seed(seed, i, j))
-                for i, prefix in enumerate(prefixes) for j in range(n)
+                SampleRequest(tuple(contexts[i]), budgets[i], derive_seed(seed, i, j))
+                for i in range(len(prefixes)) for j in range(n)
             ]
             flat = sample_continuations(requests, self._complete_fn(), self.marks, stop_at_step)
             self.last_usage = VLLMUsage.of(flat)

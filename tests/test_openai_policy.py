@@ -177,8 +177,17 @@ def test_greedy_sends_no_seed_and_the_window_clamps_max_tokens(scripted, checkpo
     script = Script([(200, EOS_STEP)], window=5)
     one_step(scripted(script), checkpoint, GREEDY)  # prompt <bos><think>3: room for 2 tokens
     assert "seed" not in script.bodies[0] and script.bodies[0]["max_tokens"] == 2
-    step, policy = one_step(scripted(Script([(200, EOS_STEP)], window=3)), checkpoint, GREEDY)
-    assert step.token_ids == () and step.finish == "length" and policy.last_usage.prompt_tokens == 3
+    full = Script([(200, EOS_STEP)], window=3)  # the prompt fills the window: nothing is sent
+    step, policy = one_step(scripted(full), checkpoint, GREEDY)
+    assert step.token_ids == () and step.finish == "length" and step.tokens_forwarded == 0
+    assert not full.bodies and policy.last_usage.prompt_tokens == 0
+
+
+def test_a_prompt_longer_than_the_servers_window_is_an_error_naming_it(scripted, checkpoint):
+    script = Script([(200, EOS_STEP)], window=2)
+    with pytest.raises(ValueError, match=r"'p'.* 3 tokens.*context window of 2 tokens.*max_model_len"):
+        one_step(scripted(script), checkpoint, GREEDY)  # <bos><think>3
+    assert not script.bodies
 
 
 def test_a_server_without_a_model_list_needs_the_model_name(scripted, checkpoint):

@@ -434,6 +434,20 @@ def test_logprobs_are_raw_temperature_one_logprobs(vllm_policy, hf_policy):
 
 
 @pytest.mark.vllm
+def test_both_backends_end_at_the_context_window_and_refuse_a_longer_prompt(vllm_policy, hf_policy):
+    # The bigram checkpoint reads 256 tokens (max_position_embeddings, vLLM's max_model_len): a
+    # 250-token prompt leaves room for 6 of the 20 tokens max_total_tokens allows.
+    near = [Prefix(Problem("near", "<think>" + "x" * 248))]
+    got, expected = vllm_policy.rollout(near, 1, seed=0)[0][0], hf_policy.rollout(near, 1, seed=0)[0][0]
+    assert_same_steps(got, expected)
+    assert [s.text for s in got] == ["1+2" + SEP, "1+"] and got[-1].finish == "length"
+    too_long = [Prefix(Problem("too-long", "x" * 300))]
+    for policy in (vllm_policy, hf_policy):
+        with pytest.raises(ValueError, match=r"'too-long'.* 301 tokens.*context window of 256 tokens"):
+            policy.propose(too_long, 1, seed=0)
+
+
+@pytest.mark.vllm
 def test_a_tiny_top_p_is_greedy(vllm_policy):
     policy = vllm_policy.with_sampling(replace(SAMPLED, top_p=1e-6))
     sampled = policy.propose(prefixes(), 3, seed=5)
