@@ -9,10 +9,10 @@ joint trainer's `last/`); a GPU preset's folder names its environment variable a
     # outputs/checkpoints/tiny-arith` (or `make demo`), or point policy.path= at a checkpoint
 
     with hinted_checkpoint(args.policy, "--policy"):   # an argparse command's flag
-        check_checkpoint(args.policy)
+        cache = build_rollout_cache(args.policy, ...)
 
 Used by `experiments.search` (policy.path, scorer.path), `experiments.train` (init_from),
-`experiments.rollout_cache` and `experiments.probe_backbone_verifier` (--policy).
+`experiments.rollout_cache` (--policy).
 Tests: `.venv/bin/python -m pytest tests/test_train_inputs.py`.
 """
 from __future__ import annotations
@@ -94,9 +94,12 @@ def setting(key: str) -> str:
 
 @contextlib.contextmanager
 def hinted_checkpoint(path: str | Path | None, key: str) -> Iterator[None]:
-    """A FileNotFoundError inside (a missing or incomplete checkpoint folder) gets the hint of
-    `checkpoint_hint` appended: how to get that folder."""
+    """A FileNotFoundError inside that names `path` (a missing or incomplete checkpoint folder)
+    gets the hint of `checkpoint_hint` appended: how to get that folder. Others (a missing cache
+    file) pass unchanged, so the block may hold the whole command's work."""
     try:
         yield
     except FileNotFoundError as err:
+        if path is None or str(path) not in str(err):
+            raise
         raise FileNotFoundError(f"{err}. {checkpoint_hint(path, err, key)}") from err

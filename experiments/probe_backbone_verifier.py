@@ -41,7 +41,6 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.checkpoint_hints import hinted_checkpoint  # noqa: E402
 from experiments.cli_errors import run_command  # noqa: E402
 from experiments.backbone_tuning import (BackboneTuneConfig, check_examples, paths_of, rollout_examples,  # noqa: E402
                                          solution_examples, train)
@@ -49,7 +48,7 @@ from experiments.countdown_failures import cache_problems  # noqa: E402
 from experiments.rollout_cache import FeatureReader, RolloutCache, build_rollout_cache, load_cache  # noqa: E402
 from experiments.tasks import countdown  # noqa: E402
 from experiments.train_head import bon_table, cache_metrics, check_same_source  # noqa: E402
-from policies.checkpoint import check_checkpoint, load_checkpoint  # noqa: E402
+from policies.checkpoint import load_checkpoint  # noqa: E402
 from policies.reflective_model import ReflectiveModel  # noqa: E402
 from scorers.head_training import position_probs, rollout_min_scores, rollout_path_scores  # noqa: E402
 from scorers.spr_loss import SPR_MODES  # noqa: E402
@@ -190,8 +189,6 @@ def probe_command(argv: Sequence[str] | None = None) -> int:
     cfg = BackboneTuneConfig(args.steps, args.batch, args.backbone_lr, args.head_lr, args.grad_scale, args.loss,
                              args.kl_coef, args.reference_solutions, args.seed, args.lm_coef,
                              not args.ref_fp32)
-    with hinted_checkpoint(args.policy, "--policy"):  # a missing policy folder says how to get it
-        check_checkpoint(args.policy)
     result = run(args.policy, args.train, args.test, cfg, save_dir=args.save, own_problems=args.own_problems)
     n = load_cache(args.test).n
     print(summary(result, n))

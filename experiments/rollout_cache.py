@@ -52,7 +52,7 @@ from experiments.checkpoint_hints import hinted_checkpoint
 from experiments.cli_errors import run_command
 from experiments.sft_tasks import get_sft_task
 from experiments.tasks import arith, countdown
-from policies.checkpoint import NOT_DAMAGE, TORCH_LOAD_ERRORS, check_checkpoint, load_checkpoint
+from policies.checkpoint import NOT_DAMAGE, TORCH_LOAD_ERRORS, load_checkpoint
 from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
 from scorers.sprm_positions import StepMarkers, score_positions, step_of_positions
@@ -584,12 +584,12 @@ def build_command(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.out.is_dir():  # checked before the rollouts: save_cache would fail only after them
         raise ValueError(f"--out {args.out} is a folder; give the cache's file path (e.g. {args.out / 'cache.pt'})")
-    with hinted_checkpoint(args.policy, "--policy"):  # a missing policy folder says how to get it
-        check_checkpoint(args.policy)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    cache = build_rollout_cache(args.policy, args.task, args.split, args.problems, args.n, args.seed, args.temperature,
-                                args.max_total_tokens, tuple(args.layers), batch_size=args.batch_size)
+    with hinted_checkpoint(args.policy, "--policy"):  # a missing policy folder says how to get it
+        cache = build_rollout_cache(args.policy, args.task, args.split, args.problems, args.n, args.seed,
+                                    args.temperature, args.max_total_tokens, tuple(args.layers),
+                                    batch_size=args.batch_size)
     save_cache(cache, args.out)
     info = summary(cache)
     print(f"wrote {args.out} in {time.perf_counter() - started:.0f} s: {info['rollouts']} rollouts, "

@@ -254,7 +254,8 @@ def test_cache_cli_prints_bad_settings_as_one_error_line(tmp_path, capsys):
     assert cache_main([*args, "--task", "arith", "--out", str(tmp_path)]) == 2  # before any rollout
     assert capsys.readouterr().err.startswith(f"error: --out {tmp_path} is a folder")
     assert cache_main([*args, "--task", "arith", "--out", str(tmp_path / "c.pt")]) == 2
-    assert capsys.readouterr().err == f"error: checkpoint folder {tmp_path / 'none'} does not exist\n"
+    assert capsys.readouterr().err == (f"error: checkpoint folder {tmp_path / 'none'} does not exist. "
+                                       "Point --policy at an existing checkpoint folder\n")
 
 
 def test_a_batch_larger_than_the_cache_is_noted(tmp_path, capsys):

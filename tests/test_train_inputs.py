@@ -167,20 +167,18 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
     assert not out.exists() and not (tmp_path / "outputs").exists()
 
 
-def test_the_argparse_commands_say_how_to_get_a_missing_policy_folder(tmp_path, capsys):
-    """rollout_cache and the backbone probe name the command that writes a missing project folder
-    (their flag as it is typed: --policy), before any rollout."""
-    from experiments import probe_backbone_verifier, rollout_cache
+def test_rollout_cache_says_how_to_get_a_missing_policy_folder(tmp_path, capsys):
+    """rollout_cache names the command that writes a missing project folder (its flag as it is
+    typed: --policy), before any rollout; a missing file that is not the policy gets no hint."""
+    from experiments import rollout_cache
+    from experiments.checkpoint_hints import hinted_checkpoint
 
     missing = tmp_path / "outputs" / "checkpoints" / "tiny-countdown" / "final"
-    commands = [
-        lambda: rollout_cache.main(["--policy", str(missing), "--task", "countdown", "--problems", "2", "--n", "2",
-                                    "--out", str(tmp_path / "c.pt")]),
-        lambda: probe_backbone_verifier.main(["--policy", str(missing), "--train", str(tmp_path / "t.pt"),
-                                              "--test", str(tmp_path / "t.pt")]),
-    ]
-    for command in commands:
-        assert command() == 2
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: checkpoint folder {missing} does not exist. Train the countdown policy with")
-        assert err.rstrip().endswith("or point --policy at a checkpoint") and len(err.splitlines()) == 1
+    assert rollout_cache.main(["--policy", str(missing), "--task", "countdown", "--problems", "2", "--n", "2",
+                               "--out", str(tmp_path / "c.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint folder {missing} does not exist. Train the countdown policy with")
+    assert err.rstrip().endswith("or point --policy at a checkpoint") and len(err.splitlines()) == 1
+    with pytest.raises(FileNotFoundError, match=r"^no rollout cache x\.pt$"):
+        with hinted_checkpoint(missing, "--policy"):
+            raise FileNotFoundError("no rollout cache x.pt")
