@@ -132,6 +132,17 @@ def test_tolerant_extraction():
     assert extract_answer(None) is None  # type: ignore[arg-type]
 
 
+def test_the_answer_is_the_whole_number():
+    """A number that continues ("84.5", "84/2", "84e2", "8,4") is not the integer before it."""
+    p = Problem("x", "q", "84", {})
+    for text in ["</think>Answer: 84.5", "</think>Answer: 84/2", "</think>Answer: 84e2", "</think>Answer: 8,4",
+                 "</think>Answer: 84.05"]:
+        assert grade(p, text) is False, text
+    assert extract_answer("</think>Answer: 84.5") == "84.5" and extract_answer("Answer: 8,4") is None
+    assert extract_answer("</think>Answer: 84.0") == "84" and extract_answer("Answer: 84.") == "84"
+    assert extract_answer("Answer: 84 apples.") == "84" and extract_answer("Answer: 12,345") == "12345"
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text())
 def test_grading_never_raises(text):

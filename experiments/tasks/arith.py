@@ -287,12 +287,14 @@ def solution_text(problem: Problem) -> str:
 # ---------------------------------------------------------------------------------------------
 # Grading
 
-_ANSWER_RE = re.compile(r"Answer\s*:\s*(-?\d[\d,]*)")
+# The whole number: "Answer: 84.5", "8/2" or "8e2" is not the answer 8 (nor "8,4" the answer 84).
+_ANSWER_RE = re.compile(r"Answer\s*:\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?![\d,./]*\d|[A-Za-z])")
 
 
 def extract_answer(text: str) -> str | None:
-    """The last "Answer: <int>" after the last </think> (anywhere if there is no </think>), as a
-    canonical integer string ("084" -> "84", "1,234" -> "1234"); None when there is none.
+    """The last "Answer: <number>" after the last </think> (anywhere if there is no </think>), as a
+    canonical integer string ("084" -> "84", "1,234" -> "1234", "84.0" -> "84"; a non-integer such
+    as "84.5" is returned as written, and equals no reference); None when there is none.
     Never raises."""
     try:
         if not isinstance(text, str):
@@ -304,7 +306,8 @@ def extract_answer(text: str) -> str | None:
         digits = matches[-1].replace(",", "")
         if len(digits.lstrip("-")) > 100:  # absurd; int() of a huge string can raise
             return None
-        return str(int(digits))
+        whole, _, fraction = digits.partition(".")
+        return str(int(whole)) if fraction.strip("0") == "" else digits  # "84.0" -> "84"; "84.5" stays
     except Exception:  # a grader must never crash a search run
         return None
 

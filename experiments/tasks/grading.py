@@ -49,13 +49,21 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 # Extraction
 
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# "\boxed{...}", or "\boxed 5" (no braces: the argument runs to the next blank or "$")
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*(\{)|[ \t]+(?=[^\s${}]))")
+_BARE_BOXED_RE = re.compile(r"[^\s$]+")
 _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
-_ANSWER_RE = re.compile(r"(?im)^[ \t*#>]*answer[ \t*]*[:：][ \t*]*(.+?)[ \t]*$")
-# "ANSWER: C", "answer is (B).", "答案：D": the letter must end the statement, so that
-# "Answer: A triangle has ..." is not read as choice A.
+# "(.+)" and not "(.+?)[ \t]*": the latter backtracks quadratically on a long run of blanks.
+_ANSWER_RE = re.compile(r"(?im)^[ \t*#>]*(?:final[ \t]+)?answer[ \t*]*[:：][ \t*]*(.+)$")
+# "ANSWER: C", "answer is (B).", "答案：D", "**ANSWER:** $B$", "答案：B选项": the letter must end the
+# statement (or close a bracket: "B) 2"), so that "Answer: A triangle has ..." is not read as
+# choice A, nor "ANSWER: A, B" as A. Each optional part owns the blanks after it (adjacent optional
+# blank runs made a long run of spaces after "answer" take minutes of backtracking).
 _CHOICE_ANSWER_RE = re.compile(
-    r"(?im)(?:answer|答案)\s*(?:is|为|是)?\s*[:：]?\s*[(（{]?\s*([A-Z])\s*[)）}]?\s*(?=$|[.。,，;；])"
+    r"(?im)(?:answer|答案)[\s*_]*(?:(?:is|为|是)[\s*_]*)?(?P<colon>[:：][\s*_$]*)?"
+    r"(?:\\(?:text|textbf|mathrm|mathbf|boxed)\{)?(?:[(（{\[]\s*)?"
+    r"(?P<letter>[A-Z])[\s)）}\]*_$]*"
+    r"(?=$|[.。;；!！]|[,，](?![ \t]*(?-i:[A-D])(?![A-Za-z]))|选项|(?<=[)）\]]))"
 )
 _LONE_LETTER_RE = re.compile(r"^[(（{]?\s*([A-Z])\s*[)）}]?[.。]?$")
 _TEXT_WRAPPER_RE = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\{(.*)\}$", re.S)
@@ -90,7 +98,10 @@ def last_boxed(text: str) -> str | None:
     matches = list(_BOXED_RE.finditer(text))
     if not matches:
         return None
-    content = _balanced_group(text, matches[-1].end() - 1)
+    last = matches[-1]
+    if last.group(1) is None:  # "\boxed 5"
+        return _BARE_BOXED_RE.match(text, last.end()).group()  # type: ignore[union-attr]  # lookahead: non-empty
+    content = _balanced_group(text, last.end() - 1)
     return None if content is None else content.strip()
 
 
@@ -104,7 +115,8 @@ def hash_answer(text: str) -> str | None:
 
 
 def answer_line(text: str) -> str | None:
-    """The rest of the last line that starts with "Answer:" (any case), without a final period."""
+    """The rest of the last line that starts with "Answer:" or "Final Answer:" (any case), without
+    a final period."""
     if not isinstance(text, str):
         return None
     matches = _ANSWER_RE.findall(text)
@@ -134,7 +146,7 @@ def extract_final_answer(text: str) -> str | None:
 
 def _letter_in(candidate: str, letters: str) -> str | None:
     """candidate as a bare choice letter ("C", "(C)", "\\text{C}", "C.") if it is one, else None."""
-    text = candidate.strip().strip("$").strip()
+    text = candidate.strip().strip("$*").strip()
     wrapped = _TEXT_WRAPPER_RE.match(text)
     if wrapped:
         text = wrapped.group(1).strip()
@@ -149,7 +161,9 @@ def extract_choice(text: str, letters: str = CHOICE_LETTERS) -> str | None:
     if not isinstance(text, str):
         return None
     for scope in (_after_think(text), text):
-        stated = [m for m in _CHOICE_ANSWER_RE.findall(scope) if m in letters]
+        stated = [m.group("letter").upper() for m in _CHOICE_ANSWER_RE.finditer(scope)
+                  if m.group("letter").isupper() or m.group("colon")]  # "ANSWER: b", not "answer is a."
+        stated = [letter for letter in stated if letter in letters]
         if stated:
             return stated[-1]
         boxed = last_boxed(scope)
@@ -164,13 +178,16 @@ def extract_choice(text: str, letters: str = CHOICE_LETTERS) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Equivalence: fast path
 
-_GROUPED_INT_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_GROUPED_INT_RE = re.compile(r"^-?\d{1,3}(?:[, ]\d{3})+(?:\.\d+)?$")  # "1,000", "1\,000" (-> "1 000")
 _DECIMAL_RE = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)$")
 _FRACTION_RE = re.compile(r"^[-+]?\d+\s*/\s*\d+$")
 _LATEX_FRACTION_RE = re.compile(r"^([-+]?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
-_SIZING_RE = re.compile(r"\\(?:left|right)(?![A-Za-z])|\\!")  # \left( -> (, not \rightarrow
-_PERCENT_RE = re.compile(r"\s*\\?%$")
-_THIN_SPACE_RE = re.compile(r"\\[,;: ]")
+# One pass over the spacing commands: \left( -> (, not \rightarrow; \! and the blanks after it go
+# ("11,\! 111" -> "11,111"); \, \; \: "\ " -> a space; a LaTeX row break "\\" is kept whole (its
+# second backslash is not the start of "\ " or "\left").
+_SPACING_RE = re.compile(r"\\\\|\\(?:left|right)(?![A-Za-z])|\\![ \t]*|\\[,;: ]")
+_PERCENT_RE = re.compile(r"\s*(?:\\?%|percent)$")
+_UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]+)+$")  # " apples", " square feet"
 
 
 def normalize_text(answer: str) -> str:
@@ -180,24 +197,37 @@ def normalize_text(answer: str) -> str:
     if len(text) >= 2 and text.startswith("$") and text.endswith("$"):
         text = text.strip("$").strip()
     text = text.rstrip(".").strip()
-    text = _SIZING_RE.sub("", text)
-    text = _THIN_SPACE_RE.sub(" ", text)
+    text = _SPACING_RE.sub(_respace, text)
     return " ".join(text.split())
 
 
+def _respace(match: re.Match[str]) -> str:
+    """What a _SPACING_RE match becomes: a row break stays, a thin space is a space, the rest goes."""
+    token = match.group()
+    if token == "\\\\":
+        return token
+    return " " if token[1] in ",;: " else ""
+
+
 def parse_number(answer: str) -> Fraction | None:
-    """answer as an exact number when it is a plain one ("42", "-3.5", "1,234", "$18", "\\$18.50",
-    "1/2", "\\frac{1}{2}", "25\\%"), else None (units and expressions go to math_verify).
+    """answer as an exact number when it is a plain one ("42", "-3.5", "1,234", "1{,}234", "1\\,234",
+    "$18", "\\$18.50", "1/2", "\\frac{1}{2}", "25\\%", "25 percent", "\\text{18 apples}"), else None
+    (other units and expressions go to math_verify).
 
     A trailing percent sign is dropped ("25\\%" reads as 25, not 0.25): GSM8K and MATH references
     write a percentage without it, and math_verify alone would judge "25\\%" != "25"."""
     text = normalize_text(answer)
-    text = text.replace("\\$", "").replace("$", "").strip()
+    if len(text) > 4 * _MAX_NUMBER_CHARS:  # no plain number, however dressed (bounds the regexes below)
+        return None
+    text = text.replace("\\$", "").replace("$", "").replace("{,}", ",").strip()
+    wrapped = _TEXT_WRAPPER_RE.match(text)
+    if wrapped:  # "\text{18 apples}": words in \text{} after a number are its unit
+        text = _UNIT_WORDS_RE.sub("", wrapped.group(1)).strip()
     text = _PERCENT_RE.sub("", text)
     if len(text) > _MAX_NUMBER_CHARS:
         return None
     if _GROUPED_INT_RE.match(text):
-        text = text.replace(",", "")
+        text = text.replace(",", "").replace(" ", "")
     try:
         if _DECIMAL_RE.match(text):
             return Fraction(text)

@@ -1,0 +1,116 @@
+"""Answer extraction and equivalence (experiments/tasks/grading.py) on tricky but realistic
+completions: LaTeX matrices, thousands written with \\! \\, {,}, units inside \\text{}, an
+unbraced \\boxed, "Final Answer:", markdown around a choice letter, several letters, and long
+blank runs that must not make a regular expression backtrack for minutes."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from experiments.tasks import ceval, math500
+from experiments.tasks.grading import (
+    answer_line,
+    answers_match,
+    extract_choice,
+    extract_final_answer,
+    grade_math,
+    last_boxed,
+    normalize_text,
+)
+from experiments.tasks.loader_errors import default_data_dir
+
+DATA = default_data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "math500").is_dir(), reason=f"shared data folder missing: {DATA}")
+
+
+# ---------------------------------------------------------------------------------------------
+# MATH answers
+
+
+def test_matrix_row_breaks_survive_normalisation():
+    """'\\\\ ' (a row break, then a space) was read as the thin space '\\ ', which left a lone
+    backslash: a matrix graded equal only when spaced exactly like the reference."""
+    reference = "\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}"
+    assert normalize_text(reference) == reference
+    assert answers_match("\\begin{pmatrix}-2\\\\-14\\\\-7\\end{pmatrix}", reference)
+    assert answers_match("\\begin{pmatrix} -\\frac{1}{3} \\\\ \\frac23 \\end{pmatrix}",
+                         "\\begin{pmatrix} -1/3 \\\\ 2/3 \\end{pmatrix}")
+    assert not answers_match("\\begin{pmatrix}-2\\\\-14\\\\7\\end{pmatrix}", reference)
+
+
+def test_thousands_written_with_latex_spacing():
+    reference = "11,\\! 111,\\! 111,\\! 100"  # MATH-500 test/number_theory/417.json
+    for predicted in ("11111111100", "11,111,111,100", "11,\\!111,\\!111,\\!100", "11{,}111{,}111{,}100"):
+        assert answers_match(predicted, reference), predicted
+    assert not answers_match("11111111101", reference)
+    assert answers_match("1\\,000", "1000") and answers_match("10{,}080", "10,\\!080")
+
+
+def test_a_number_with_its_unit_in_text_or_percent_in_words():
+    assert grade_math("so she has \\boxed{\\text{18 apples}}.", "18")
+    assert grade_math("\\boxed{\\text{\\$18 per day}}", "18")
+    assert grade_math("\\boxed{10 percent}", "10")
+    assert not grade_math("\\boxed{\\text{19 apples}}", "18")
+    assert not grade_math("\\boxed{\\text{2 or 3}}", "2")
+
+
+def test_boxed_without_braces_and_final_answer_line():
+    assert last_boxed("so $\\boxed 5$.") == "5" and last_boxed("\\fbox 7") == "7"
+    assert last_boxed("\\boxed{3} no, \\boxed 5") == "5" and last_boxed("\\boxed 5 no, \\boxed{3}") == "3"
+    assert last_boxed("\\boxed \\frac12") == "\\frac12" and last_boxed("the \\boxed ") is None
+    assert grade_math("Thus \\boxed 42.", "42")
+    assert extract_final_answer("work\nFinal Answer: 42") == "42"
+    assert answer_line("**Final Answer:** $7$") == "$7$"
+
+
+@needs_data
+def test_every_math500_answer_grades_equal_without_its_spaces():
+    """A model rarely spaces an answer as the reference does; with the blanks removed, every
+    MATH-500 answer must still grade equal to itself (through math_verify when the texts differ)."""
+    misses = []
+    for problem in math500.load_math500():
+        tight = problem.answer.replace(" ", "")
+        if tight != problem.answer and not math500.grade(problem, f"So \\boxed{{{tight}}}."):
+            misses.append((problem.id, problem.answer))
+    assert misses == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Choice letters
+
+
+@pytest.mark.parametrize("text", [
+    "**ANSWER: B**", "ANSWER: **B**", "**ANSWER:** B", "ANSWER: $B$", "ANSWER: $\\text{B}$",
+    "ANSWER: B) 2", "答案：B选项", "答案：B，因为……", "ANSWER: B, because 2 > 1", "ANSWER: b",
+    "work\n**B**",
+])
+def test_choice_letter_in_markdown_latex_or_lowercase(text):
+    assert extract_choice(text) == "B"
+
+
+@pytest.mark.parametrize("text", [
+    "ANSWER: A, B", "答案：A，D", "ANSWER: A,B", "The answer is a.", "Answer: a triangle",
+])
+def test_several_letters_or_a_lowercase_word_are_no_choice(text):
+    assert extract_choice(text) is None
+
+
+@needs_data
+def test_ceval_grades_a_bold_answer():
+    first = ceval.load_ceval()[0]  # reference C
+    assert ceval.grade(first, "分析……\n**ANSWER: C**") and not ceval.grade(first, "**ANSWER: A, C**")
+
+
+# ---------------------------------------------------------------------------------------------
+# Time: long blank runs (degenerate generations) must not make extraction backtrack
+
+
+def test_a_long_blank_run_after_answer_is_read_fast():
+    start = time.monotonic()
+    # before: seconds for 300 blanks, minutes for 1000 newlines, all memory for 20000 (nested blank runs)
+    assert extract_choice("ANSWER" + " " * 300 + "1") is None
+    assert extract_choice("答案" + "\n" * 300 + "1") is None
+    assert answer_line("Answer: a" + " \t" * 20000 + "b") is not None  # quadratic before
+    assert grade_math("Answer: 5" + " " * 50000 + "\n", "5")
+    assert time.monotonic() - start < 2
