@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def report_command(argv: Sequence[str] | None = None) -> int:
     """Parse argv, diagnose the cache's rollouts and print the tables."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.countdown_failures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cache", help="a countdown rollout cache (.pt) from experiments.rollout_cache")
     args = ap.parse_args(argv)
     cache = load_cache(args.cache)

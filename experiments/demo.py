@@ -410,7 +410,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     d = DemoConfig()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default=d.out_dir)
     ap.add_argument("--checkpoints", default=d.checkpoints, help="folder of the cached tiny-<task> policies")
     ap.add_argument("--tasks", default=",".join(t.name for t in d.tasks), help="comma-separated: arith,countdown")

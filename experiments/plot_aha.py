@@ -203,7 +203,7 @@ def register_aha(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.plot_aha", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_aha_arguments(ap)
     args = ap.parse_args(argv)
     return args.run(args)

@@ -244,7 +244,7 @@ def quick_eval_command(argv: Sequence[str] | None = None) -> int:
     """Parse argv, check both checkpoint folders before generating anything, evaluate, print."""
     from policies.checkpoint import check_checkpoint, check_safetensors
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.quick_eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a model directory written by save_checkpoint")
     parser.add_argument("--task", default="arith", help="an embedded task: arith | countdown")
     parser.add_argument("--problems", type=int, default=QuickEvalConfig.num_problems)
