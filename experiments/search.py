@@ -467,7 +467,7 @@ def discard_hydra_only_dir(run_dir: Path, job_name: str) -> None:
     """Remove the folder Hydra made for a run refused on bad input, when it holds nothing but
     Hydra's own files (.hydra/ with its three yaml files, an empty <job>.log); anything else in
     it (records, a config.yaml, the user's files) keeps it all."""
-    hydra_dir, log = run_dir / ".hydra", run_dir / f"{job_name}.log"
+    hydra_dir, log = run_dir / HYDRA_SUBDIR, run_dir / f"{job_name}.log"
     if not run_dir.is_dir() or not set(run_dir.iterdir()) <= {hydra_dir, log}:
         return
     if log.exists() and log.stat().st_size > 0:
