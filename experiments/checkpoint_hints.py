@@ -2,7 +2,8 @@
 
 The project's own folders name the command that writes them (tiny-arith, tiny-countdown, the
 demo's reflective models); a folder without score_module.pt needs a reflective checkpoint (the
-joint trainer's `last/`); a GPU preset's folder names its environment variable and the download.
+joint trainer's `last/`); a GPU preset's folder (a policy, or an external PRM scorer) names its
+environment variable and the download.
 
     raise FileNotFoundError(f"{err}. {checkpoint_hint(path, err, 'policy.path')}")
     # ... Train the default tiny policy with `python -m experiments.train_sft --out
@@ -52,16 +53,16 @@ def lies_under(path: Path, suffix: str) -> bool:
     return any(parts[i : i + len(want)] == want for i in range(len(parts) - len(want) + 1))
 
 
-def env_preset_of(path: Path) -> tuple[str, str, str, str | None] | None:
-    """(preset, environment variable, placeholder, Hub repository or None) of the policy preset of
-    experiments/conf/policy whose checkpoint folder is path (the variable's value or its
-    placeholder), else None."""
-    for config in sorted((CONFIG_DIR / "policy").glob("*.yaml")):
+def env_preset_of(path: Path) -> tuple[str, str, str, str, str | None] | None:
+    """(group, preset, environment variable, placeholder, Hub repository or None) of the preset of
+    experiments/conf/policy or experiments/conf/scorer whose folder is path (the variable's value
+    or its placeholder), else None."""
+    for config in sorted((CONFIG_DIR / "policy").glob("*.yaml")) + sorted((CONFIG_DIR / "scorer").glob("*.yaml")):
         text = config.read_text()
         match = PRESET_ENV.search(text)
         if match and str(path) in (match.group(2).strip(), os.environ.get(match.group(1))):
             repo = HUB_REPO.search(text.splitlines()[0])
-            return config.stem, match.group(1), match.group(2).strip(), repo.group(1) if repo else None
+            return config.parent.name, config.stem, match.group(1), match.group(2).strip(), repo.group(1) if repo else None
     return None
 
 
@@ -80,10 +81,11 @@ def checkpoint_hint(path: str | Path | None, error: BaseException, key: str) -> 
             return f"{how}, or point {setting(key)} at a checkpoint"
     preset = env_preset_of(path)
     if preset is not None:
-        name, variable, placeholder, repo = preset
+        group, name, variable, placeholder, repo = preset
         download = f"download {repo} (e.g. `hf download {repo} --local-dir <folder>`)" if repo else "download the model"
-        return (f"policy={name} reads its folder from ${variable} (unset: {placeholder}): {download} and set "
-                f"{variable}=<folder>; `python -m experiments.gpu_check --preset {name}` checks it end to end")
+        hint = f"{group}={name} reads its folder from ${variable} (unset: {placeholder}): {download} and set {variable}=<folder>"
+        check = f"; `python -m experiments.gpu_check --preset {name}` checks it end to end" if group == "policy" else ""
+        return hint + check
     return f"Point {setting(key)} at an existing checkpoint folder"
 
 

@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.search import (
-    CONFIG_DIR, MAX_RUN_NAME, ConfigMismatchError, build, build_frozen, chunk_seed, load_task, run_name,
+    CONFIG_DIR, MAX_RUN_NAME, ConfigMismatchError, build, build_frozen, build_scorer, chunk_seed, load_task, run_name,
     run_search_experiment, strategy_of,
 )
 from experiments.tasks import aime, arith, ceval, countdown, gsm8k, math500
@@ -32,9 +32,10 @@ from policies.transformers_policy import TransformersPolicy
 from scorers.outcome_oracle import OutcomeOracleScorer
 from scorers.sprm_head import build_sprm_head, save_score_module
 from scorers.sprm_positions import StepMarkers
+from scorers.lm_prm_scorer import LMPRMScorer
 from scorers.sprm_scorer import SPRMScorer
 from scorers.step_score_reader import StepScoreReader
-from tiny_checkpoint import TINY_SHAPE, save_tiny_checkpoint
+from tiny_checkpoint import TINY_SHAPE, save_tiny_checkpoint, with_chat_template
 from treesearch.protocols import Scorer
 from treesearch.records import Prefix, Problem, Step
 from vllm_fixtures import require_vllm, save_bigram_checkpoint
@@ -48,6 +49,7 @@ needs_data = pytest.mark.skipif(not (DATA / "gsm8k").is_dir(), reason=f"shared d
 # each benchmark task: its module and the number of problems of its split in the shared files
 BENCHMARKS = {"gsm8k": (gsm8k, 1319), "math500": (math500, 500), "aime24": (aime, 30), "aime25": (aime, 30),
               "ceval": (ceval, 1346)}
+PRM_SCORERS = {"math_shepherd": LMPRMScorer, "rlhflow_prm": LMPRMScorer}  # external PRM presets (GPU)
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 # a budget every strategy accepts at tiny size (beam / dvts: n divisible by beam_width)
 TINY = ["task.count=2", "chunk=2", "budget=2", "policy.sampling.max_total_tokens=8",
@@ -70,6 +72,12 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def chat_ckpt(ckpt, tmp_path_factory) -> Path:
+    """The tiny random checkpoint with a chat template (the chat layout of an external PRM reads one)."""
+    return with_chat_template(ckpt, tmp_path_factory.mktemp("chat") / "final")
+
+
+@pytest.fixture(scope="module")
 def sprm_ckpt(tmp_path_factory) -> Path:
     """The tiny random checkpoint plus a random SPRM head: a reflective folder as experiments.train writes."""
     out = save_tiny_checkpoint(tmp_path_factory.mktemp("sprm") / LAST)
@@ -84,7 +92,9 @@ def composed(overrides: list[str], hydra_node: bool = False) -> DictConfig:
 
 def test_every_group_has_the_promised_options():
     assert options("search") == ["beam", "best_of_n", "dvts", "greedy", "mcts"]
-    assert options("scorer") == ["confidence", "oracle", "orm", "random", "sprm", "sprm_forward"]
+    assert options("scorer") == [
+        "confidence", "math_shepherd", "oracle", "orm", "random", "rlhflow_prm", "sprm", "sprm_forward",
+    ]
     assert options("policy") == [
         "metastone_s1_1p5b", "metastone_s1_32b", "metastone_s1_7b", "openai", "qwen25_math_1p5b", "qwen25_math_7b",
         "r1_distill_qwen_1p5b", "smollm2", "tiny", "tiny_sprm", "vllm", "xbai_o4",
@@ -161,12 +171,29 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("option", options("scorer"))
-def test_scorer_options_instantiate(option, sprm_ckpt):
+def test_scorer_options_instantiate(option, sprm_ckpt, chat_ckpt):
     overrides = [f"scorer={option}", f"policy.path={sprm_ckpt}"] + ([f"scorer.path={sprm_ckpt}"] if option == "orm" else [])
+    if option in PRM_SCORERS:  # GPU presets of an external PRM: here on the CPU, the tiny model as the PRM
+        overrides += [f"scorer.path={chat_ckpt}", "scorer.device=cpu"]
     scorer = build(composed(overrides).scorer)
     assert isinstance(scorer, Scorer)
-    expected = {"sprm": StepScoreReader, "sprm_forward": SPRMScorer, "orm": SPRMScorer}.get(option)
+    expected = {"sprm": StepScoreReader, "sprm_forward": SPRMScorer, "orm": SPRMScorer}.get(option, PRM_SCORERS.get(option))
     assert expected is None or type(scorer) is expected
+    if option in PRM_SCORERS:
+        assert scorer.format.layout == {"math_shepherd": "tag", "rlhflow_prm": "chat"}[option]
+        assert next(scorer.model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("option, variable, repo", [
+    ("math_shepherd", "MATH_SHEPHERD_PRM_PATH", "peiyi9979/math-shepherd-mistral-7b-prm"),
+    ("rlhflow_prm", "RLHFLOW_PRM_PATH", "RLHFlow/Llama3.1-8B-PRM-Deepseek-Data"),
+])
+def test_a_missing_prm_folder_says_how_to_get_it(option, variable, repo, monkeypatch, tmp_path):
+    monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(FileNotFoundError, match=rf"scorer={option} reads its folder from \${variable} .*hf download {repo}"):
+        build_scorer(composed([f"scorer={option}", "scorer.device=cpu"]).scorer)
+    monkeypatch.setenv(variable, str(tmp_path / "prm"))
+    assert composed([f"scorer={option}"]).scorer.path == str(tmp_path / "prm")
 
 
 def test_orm_defaults_to_the_documented_head_folder():

@@ -1,0 +1,274 @@
+"""`LMPRMScorer`: an external process reward model that is a causal LM (Math-Shepherd, RLHFlow's
+Llama3.1-8B-PRM, ...) as a `treesearch.protocols.Scorer`: the baseline a SPRM is compared against,
+with a second model and a second forward per path.
+
+Usage:
+    scorer = LMPRMScorer.from_pretrained("/models/math-shepherd-mistral-7b-prm", "math_shepherd")
+    scorer = LMPRMScorer.from_pretrained("/models/Llama3.1-8B-PRM-Deepseek-Data", "rlhflow",
+                                         dtype="bfloat16", device="cuda")
+    scorer.score(paths)   # [[step score, ...], ...] one per step, P(good) / (P(good) + P(bad))
+    scorer.read(paths)    # PRMReading: token ids, read positions, step scores
+    scorer.cost(paths)    # tokens forwarded (the PRM's own tokens of every path)
+    python -m experiments.search scorer=math_shepherd     # MATH_SHEPHERD_PRM_PATH=/path/to/model
+    python -m experiments.search scorer=lm_prm scorer.path=DIR scorer.prm_format=rlhflow
+
+The PRM reads the problem's question and the steps' texts in its own layout and tokenizer
+(`scorers.prm_format`), never the policy's token ids, so any policy can be scored by any PRM. Paths
+are forwarded in right-padded batches, shortest first; only the read positions go through the
+output layer, and only its rows of the good and bad tokens (no [batch, length, vocabulary]
+logits). A path longer than the PRM's context window is a ValueError naming its problem. The
+tokenizer must be a fast one (it maps characters to tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from policies.checkpoint import DamagedCheckpointError, missing_folder_error, torch_dtype
+from policies.devices import resolve_device
+from scorers.prm_format import (
+    PRMFormat, PRMText, check_chat_template, prm_text, resolve_prm_format, tokenizer_name,
+)
+from scorers.sprm_scorer import check_batch_size
+from treesearch.records import Prefix
+
+
+@dataclass(frozen=True)
+class PRMReading:
+    """What the PRM read on one path.
+
+    token_ids: the PRM's tokens of the path's text (`scorers.prm_format`).
+    positions: the index into token_ids of each step's reading (its logits give the step's score).
+    step_scores: P(good) / (P(good) + P(bad)) at each position, one per step.
+    """
+
+    token_ids: tuple[int, ...]
+    positions: tuple[int, ...]
+    step_scores: tuple[float, ...]
+
+
+class LMPRMScorer:
+    """Scores paths with a causal-LM PRM (module docstring).
+
+    model: a transformers causal LM (put in eval mode here).
+    tokenizer: its fast tokenizer.
+    prm_format: a `scorers.prm_format.PRMFormat` or a preset name ("math_shepherd", "rlhflow").
+    batch_size: paths per forward.
+    good_id, bad_id: the token ids of the format's good and bad tokens when they do not encode to
+        one token each (None: encoded from the format's strings).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prm_format: str | PRMFormat = "math_shepherd",
+        batch_size: int = 8,
+        good_id: int | None = None,
+        bad_id: int | None = None,
+    ) -> None:
+        check_batch_size(batch_size)
+        self.format = resolve_prm_format(prm_format)
+        self.good_id, self.bad_id = check_tokenizer(tokenizer, self.format, good_id, bad_id)
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id: int = int(pad_id if pad_id is not None else (tokenizer.eos_token_id or 0))
+        self.context_window: int | None = getattr(model.config, "max_position_embeddings", None)
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        prm_format: str | PRMFormat = "math_shepherd",
+        batch_size: int = 8,
+        dtype: str = "float32",
+        device: str = "cpu",
+        good_id: int | None = None,
+        bad_id: int | None = None,
+    ) -> "LMPRMScorer":
+        """Load a PRM from a local transformers folder (config.json, weights in any layout
+        transformers reads, a fast tokenizer) and score with it. A missing folder or config.json is
+        a FileNotFoundError naming it; the settings are checked before the weights load. dtype:
+        "float32", "bfloat16" or "float16"; device: "cpu" or "cuda[:N]"."""
+        check_batch_size(batch_size)
+        fmt, weights_dtype, target = resolve_prm_format(prm_format), torch_dtype(dtype), resolve_device(device)
+        directory = check_prm_folder(Path(path))
+        tokenizer = load_prm_tokenizer(directory)
+        check_tokenizer(tokenizer, fmt, good_id, bad_id)  # before minutes of loading a large model
+        model = load_prm_model(directory, weights_dtype)
+        return cls(model.to(target), tokenizer, fmt, batch_size, good_id, bad_id)
+
+    def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
+        return [list(r.step_scores) for r in self.read(paths)]
+
+    def cost(self, paths: Sequence[Prefix]) -> int:
+        """Tokens forwarded: the PRM's tokens of each path with steps (paths without none)."""
+        return sum(len(ids) for ids, _ in self._sequences(paths))
+
+    def read(self, paths: Sequence[Prefix]) -> list[PRMReading]:
+        """Forward every path with steps once (batched, shortest first) and read its positions."""
+        sequences = self._sequences(paths)
+        self._check_window(paths, sequences)
+        readings = [PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences]
+        order = sorted((i for i, (_, pos) in enumerate(sequences) if pos), key=lambda i: len(sequences[i][0]))
+        for first in range(0, len(order), self.batch_size):
+            batch = order[first : first + self.batch_size]
+            for i, scores in zip(batch, self._scores([sequences[i] for i in batch])):
+                readings[i] = PRMReading(tuple(sequences[i][0]), tuple(sequences[i][1]), tuple(scores))
+        return readings
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def _sequences(self, paths: Sequence[Prefix]) -> list[tuple[list[int], list[int]]]:
+        """(token ids, read positions) of each path; ([], []) for a path without steps."""
+        result = []
+        for path in paths:
+            if not path.steps:
+                result.append(([], []))
+                continue
+            laid_out = prm_text(self.format, self.tokenizer, path)
+            result.append(self._positions(laid_out))
+        return result
+
+    def _positions(self, laid_out: PRMText) -> tuple[list[int], list[int]]:
+        """Tokenise the whole text once and map each reading's character offset to its token."""
+        encoded = self.tokenizer(
+            laid_out.text, add_special_tokens=self.format.layout == "tag", return_offsets_mapping=True
+        )
+        ids, spans = list(encoded["input_ids"]), [tuple(s) for s in encoded["offset_mapping"]]
+        if self.format.layout == "tag":
+            return ids, [last_token_before(spans, end) for end in laid_out.read_ends]
+        return ids, [self._answer_position(ids, spans, start) for start in laid_out.read_ends]
+
+    def _answer_position(self, ids: list[int], spans: list[tuple[int, int]], start: int) -> int:
+        """The token before the answer that starts at character start (its logits predict it)."""
+        index = next((i for i, (s, e) in enumerate(spans) if e > s and s == start), None)
+        if index is None or ids[index] != self.good_id:
+            found = "no token starts there" if index is None else f"it is token {ids[index]}"
+            raise ValueError(
+                f"the chat template of {tokenizer_name(self.tokenizer)} does not render the answer "
+                f"{self.format.good!r} as its own token {self.good_id} ({found}): give good_id / bad_id "
+                "or use a tag layout"
+            )
+        return index - 1
+
+    def _check_window(self, paths: Sequence[Prefix], sequences: list[tuple[list[int], list[int]]]) -> None:
+        """ValueError naming the first path longer than the PRM's context window."""
+        if self.context_window is None:
+            return
+        for path, (ids, _) in zip(paths, sequences):
+            if len(ids) > self.context_window:
+                raise ValueError(
+                    f"problem {path.problem.id!r}: the PRM reads {len(ids)} tokens, more than its "
+                    f"context window of {self.context_window} (max_position_embeddings)"
+                )
+
+    @torch.inference_mode()
+    def _scores(self, batch: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """One right-padded forward of the base model; the good / bad logits at the positions only."""
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # [B, L]
+        mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, L]
+        for row, (ids, _) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, : len(ids)] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+        hidden = self.model.base_model(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+        ).last_hidden_state  # [B, L, H]
+        rows = torch.tensor([r for r, (_, pos) in enumerate(batch) for _ in pos], device=self.device)  # [K]
+        cols = torch.tensor([c for _, pos in batch for c in pos], device=self.device)  # [K]
+        pair = self._good_bad_logits(hidden[rows, cols])  # [K, 2]
+        good = torch.softmax(pair.float(), dim=-1)[:, 0].tolist()  # [K]
+        result, k = [], 0
+        for _, pos in batch:
+            result.append(good[k : k + len(pos)])
+            k += len(pos)
+        return result
+
+    def _good_bad_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """[K, H] final hidden states -> [K, 2] logits of the good and bad tokens: the output layer's
+        two rows (its bias and the config's logit scaling / soft-capping, when it has them)."""
+        head = self.model.get_output_embeddings()
+        index = torch.tensor([self.good_id, self.bad_id], device=features.device)
+        bias = None if getattr(head, "bias", None) is None else head.bias[index]
+        logits = torch.nn.functional.linear(features, head.weight[index], bias)  # [K, 2]
+        config = self.model.config
+        logits = logits * float(getattr(config, "logit_scale", None) or 1.0)
+        cap = getattr(config, "final_logit_softcapping", None)
+        return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def check_prm_folder(directory: Path) -> Path:
+    """FileNotFoundError naming a missing folder or its missing config.json."""
+    if not directory.is_dir():
+        raise missing_folder_error(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"PRM folder {directory} has no config.json (a transformers model folder)")
+    return directory
+
+
+def load_prm_tokenizer(directory: Path) -> Any:
+    """The folder's tokenizer, never fetched from a hub."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+def load_prm_model(directory: Path, dtype: torch.dtype) -> Any:
+    """The folder's causal LM in dtype (weights in any layout transformers reads: one or sharded
+    safetensors or .bin files); DamagedCheckpointError naming the folder when they do not load."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True)
+    except OSError as error:  # no weights file, or one transformers cannot read
+        raise DamagedCheckpointError(f"PRM folder {directory}: its weights do not load: {error}") from error
+
+
+def check_tokenizer(tokenizer: Any, fmt: PRMFormat, good_id: int | None, bad_id: int | None) -> tuple[int, int]:
+    """(good id, bad id) for fmt in tokenizer; ValueError naming what does not fit: a slow
+    tokenizer, a good or bad token of several tokens, one id for both, no chat template for the
+    chat layout."""
+    check_fast(tokenizer)
+    good, bad = one_token(tokenizer, fmt.good, good_id, "good"), one_token(tokenizer, fmt.bad, bad_id, "bad")
+    if good == bad:
+        raise ValueError(f"good and bad are the same token id {good}: a score needs two")
+    if fmt.layout == "chat":
+        check_chat_template(tokenizer)
+    return good, bad
+
+
+def check_fast(tokenizer: Any) -> None:
+    """ValueError naming the tokenizer unless it is a fast one (it maps characters to tokens)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"the tokenizer of {tokenizer_name(tokenizer)} is not a fast tokenizer: the PRM scorer "
+            "needs its character offsets (a folder with tokenizer.json)"
+        )
+
+
+def one_token(tokenizer: Any, text: str, given: int | None, name: str) -> int:
+    """The id of text as one token (given wins); ValueError naming it when it encodes to several."""
+    if given is not None:
+        if not isinstance(given, int) or isinstance(given, bool) or not 0 <= given < len(tokenizer):
+            raise ValueError(f"{name}_id={given!r} must be a token id in [0, {len(tokenizer)})")
+        return given
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"the {name} token {text!r} encodes to {len(ids)} tokens {ids} in {tokenizer_name(tokenizer)}: "
+            f"give {name}_id"
+        )
+    return int(ids[0])
+
+
+def last_token_before(spans: list[tuple[int, int]], end: int) -> int:
+    """The index of the last real token (non-empty span) that starts before character end: the
+    token holding the character before end."""
+    return max(i for i, (s, e) in enumerate(spans) if e > s and s < end)

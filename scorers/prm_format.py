@@ -1,0 +1,151 @@
+"""`PRMFormat`: how an external process reward model that is a causal LM reads a path, and the
+text it reads (`prm_text`): the layouts of the open PRMs that researchers compare a SPRM against.
+
+Two layouts cover them (`PRM_FORMATS` names the presets):
+- "tag" (`math_shepherd`, peiyi9979/math-shepherd-mistral-7b-prm): the text
+  `question + " " + step_1 + " ки" + "\\n" + step_2 + " ки" + "\\n" ...`, the tokenizer's special
+  tokens added; a step's score is read at the last token of its tag: the model's next-token logits
+  for the good token "+" against the bad token "-", P(+) / (P(+) + P(-)).
+- "chat" (`rlhflow`, RLHFlow/Llama3.1-8B-PRM-Deepseek-Data and -Mistral-Data, the PRM of
+  search-and-learn): a conversation in the model's own chat template, the first user turn the
+  question and the first step, each later user turn one step, each assistant answer "+"; a step's
+  score is read at the token before its answer (the logits that predict it), as above.
+
+Each step's text is its decoded text with surrounding whitespace stripped (the policy's separator
+goes; the layout's joiners stand in for it). `prm_text` returns the text and, per step, the
+character offset the reading hangs on; `scorers.lm_prm_scorer` turns offsets into token positions
+through the tokenizer's offset mapping, so the whole text is tokenised at once, as the PRMs' own
+code does, and no token is looked up by id.
+
+    fmt = resolve_prm_format("math_shepherd")
+    prm_text(fmt, tokenizer, prefix)   # PRMText(text=..., read_ends=(...,))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from treesearch.records import Prefix
+
+LAYOUTS: tuple[str, ...] = ("tag", "chat")
+
+
+@dataclass(frozen=True)
+class PRMFormat:
+    """The layout a causal-LM PRM was trained on (module docstring).
+
+    layout: "tag" or "chat".
+    step_tag: tag layout: appended to each step; the step is read at the tag's last token.
+    step_join: tag layout: between a step's tag and the next step.
+    question_join: between the question and the first step (tag layout; the first user turn in chat).
+    good, bad: the tokens whose next-token probabilities make a step's score, P(good) / (P(good) +
+        P(bad)); each must encode to one token (or pass the ids to the scorer).
+    """
+
+    layout: str = "tag"
+    step_tag: str = " ки"
+    step_join: str = "\n"
+    question_join: str = " "
+    good: str = "+"
+    bad: str = "-"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"PRMFormat.layout={self.layout!r}; valid: {', '.join(LAYOUTS)}")
+        for name in ("good", "bad"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"PRMFormat.{name}={getattr(self, name)!r} must be a non-empty string")
+        if self.good == self.bad:
+            raise ValueError(f"PRMFormat.good and .bad are both {self.good!r}: a score needs two different tokens")
+        if self.layout == "tag" and not self.step_tag.strip():
+            raise ValueError(f"PRMFormat.step_tag={self.step_tag!r}: the tag layout reads each step at a visible tag")
+
+
+PRM_FORMATS: dict[str, PRMFormat] = {
+    "math_shepherd": PRMFormat(layout="tag"),
+    "rlhflow": PRMFormat(layout="chat"),
+}
+
+
+def resolve_prm_format(value: str | PRMFormat) -> PRMFormat:
+    """A PRMFormat, or the preset of that name (ValueError naming the presets for another)."""
+    if isinstance(value, PRMFormat):
+        return value
+    if value not in PRM_FORMATS:
+        raise ValueError(f"prm_format={value!r}; valid: {', '.join(PRM_FORMATS)} (or a PRMFormat)")
+    return PRM_FORMATS[value]
+
+
+@dataclass(frozen=True)
+class PRMText:
+    """What the PRM reads for one path: its text and, per step, the character offset its reading
+    hangs on (tag: where the step's tag ends; chat: where the step's assistant answer starts)."""
+
+    text: str
+    read_ends: tuple[int, ...]
+
+
+def step_texts(path: Prefix) -> list[str]:
+    """Each step's text without surrounding whitespace (the policy's separator goes)."""
+    return [step.text.strip() for step in path.steps]
+
+
+def prm_text(fmt: PRMFormat, tokenizer: Any, path: Prefix) -> PRMText:
+    """The text fmt lays out for path (module docstring); chat layouts render through the
+    tokenizer's chat template."""
+    steps = step_texts(path)
+    if fmt.layout == "tag":
+        return tag_text(fmt, path.problem.question, steps)
+    return chat_text(fmt, tokenizer, path.problem.question, steps)
+
+
+def tag_text(fmt: PRMFormat, question: str, steps: list[str]) -> PRMText:
+    """question + join + (step + tag + step_join) per step; each step read where its tag ends."""
+    text, ends = question + fmt.question_join, []
+    for step in steps:
+        text += step + fmt.step_tag
+        ends.append(len(text))
+        text += fmt.step_join
+    return PRMText(text, tuple(ends))
+
+
+def chat_text(fmt: PRMFormat, tokenizer: Any, question: str, steps: list[str]) -> PRMText:
+    """The conversation (question + first step, then one step per user turn, each answered with
+    fmt.good) in the tokenizer's chat template; each step read where its answer starts: the
+    conversation up to its user turn, rendered with the generation prompt, must be a prefix of
+    the whole (ValueError naming the tokenizer otherwise)."""
+    check_chat_template(tokenizer)
+    turns: list[dict[str, str]] = []
+    prompts = []
+    for k, step in enumerate(steps):
+        turns.append({"role": "user", "content": question + fmt.question_join + step if k == 0 else step})
+        prompts.append(render(tokenizer, turns, add_generation_prompt=True))
+        turns.append({"role": "assistant", "content": fmt.good})
+    text = render(tokenizer, turns, add_generation_prompt=False) if turns else ""
+    for prompt in prompts:
+        if not text.startswith(prompt):
+            raise ValueError(
+                f"the chat template of {tokenizer_name(tokenizer)} does not render a conversation's "
+                "earlier turns (with the generation prompt) as the start of the whole: the chat "
+                "layout cannot place its readings; use a tag layout"
+            )
+    return PRMText(text, tuple(len(prompt) for prompt in prompts))
+
+
+def render(tokenizer: Any, turns: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """The chat template's text of turns (not tokenised)."""
+    return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt))
+
+
+def check_chat_template(tokenizer: Any) -> None:
+    """ValueError naming the tokenizer when it has no chat template (the chat layout needs one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer of {tokenizer_name(tokenizer)} has no chat template: the chat layout "
+            "(prm_format=rlhflow) needs one; use a tag layout (prm_format=math_shepherd)"
+        )
+
+
+def tokenizer_name(tokenizer: Any) -> str:
+    """The folder or hub name a tokenizer was loaded from, else its class."""
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)

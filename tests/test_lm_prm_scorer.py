@@ -1,0 +1,178 @@
+"""The external causal-LM PRM scorer (`scorers/lm_prm_scorer.py`, layouts in
+`scorers/prm_format.py`): its scores equal P(good) / (P(good) + P(bad)) of a plain full forward of
+the laid-out text at the right tokens (tag and chat layouts), batching changes nothing, paths
+without steps cost nothing, every bad setting is named, and `scorer=math_shepherd` runs a search.
+The PRM here is the tiny random Llama of tests/tiny_checkpoint.py (its scores are noise; the
+mechanics are what is tested), with a small chat template for the chat layout.
+
+    .venv/bin/python -m pytest tests/test_lm_prm_scorer.py
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from scorers.lm_prm_scorer import LMPRMScorer, last_token_before
+from scorers.prm_format import PRMFormat, resolve_prm_format
+from test_search_resume import run_in_process
+from tiny_checkpoint import CHAT_TEMPLATE, save_tiny_checkpoint, with_chat_template
+from treesearch.protocols import Scorer
+from treesearch.records import Prefix, Problem, Step
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+PROBLEM = Problem("p0", "What is 3 + 4 * 2?", "11")
+
+
+def step(text: str) -> Step:
+    return Step(text, (1,), (0.0,), "separator")
+
+
+PATHS = [
+    Prefix(PROBLEM, (step("4 * 2 = 8\n"), step("3 + 8 = 11\n"), step("Answer: 11"))),
+    Prefix(PROBLEM, ()),
+    Prefix(PROBLEM, (step("  3 + 4 = 7\n\n"),)),
+    Prefix(Problem("p1", "What is 9 - 5?", "4"), (step("9 - 5 = 4\n"), step("Answer: 4"))),
+]
+
+
+@pytest.fixture(scope="module")
+def prm_dir(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("prm") / "tag")
+
+
+@pytest.fixture(scope="module")
+def chat_dir(prm_dir, tmp_path_factory) -> Path:
+    """The same model with a chat template in its tokenizer files."""
+    return with_chat_template(prm_dir, tmp_path_factory.mktemp("prm") / "chat")
+
+
+def full_forward_scores(directory: Path, ids: list[int], positions: list[int], good: int, bad: int) -> list[float]:
+    """P(good) / (P(good) + P(bad)) from the whole vocabulary's logits of one unpadded forward."""
+    model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]  # [L, V]
+    return [torch.softmax(logits[p, [good, bad]], dim=-1)[0].item() for p in positions]
+
+
+def test_tag_layout_scores_each_step_at_its_tag_like_a_full_forward(prm_dir):
+    scorer = LMPRMScorer.from_pretrained(prm_dir, "math_shepherd", batch_size=2)
+    tokenizer = scorer.tokenizer
+    reading = scorer.read(PATHS)[0]
+    text = "What is 3 + 4 * 2? 4 * 2 = 8 ки\n3 + 8 = 11 ки\nAnswer: 11 ки\n"
+    ids = tokenizer(text)["input_ids"]
+    assert list(reading.token_ids) == ids
+    # the read token is the one that ends each tag: the prefix up to the tag's end, tokenised alone
+    ends = [i + len(" ки") for i in range(len(text)) if text.startswith(" ки", i)]
+    positions = [len(tokenizer(text[:end])["input_ids"]) - 1 for end in ends]
+    assert list(reading.positions) == positions and len(positions) == 3
+    good, bad = tokenizer.encode("+", add_special_tokens=False)[0], tokenizer.encode("-", add_special_tokens=False)[0]
+    assert (scorer.good_id, scorer.bad_id) == (good, bad)
+    expected = full_forward_scores(prm_dir, ids, positions, good, bad)
+    assert reading.step_scores == pytest.approx(expected, abs=1e-5)
+    assert all(0.0 < s < 1.0 for s in reading.step_scores)
+
+
+def test_chat_layout_scores_each_step_where_its_answer_is_predicted(chat_dir):
+    scorer = LMPRMScorer.from_pretrained(chat_dir, "rlhflow")
+    tokenizer = scorer.tokenizer
+    reading = scorer.read(PATHS)[3]
+    text = "<|user|>\nWhat is 9 - 5? 9 - 5 = 4\n<|assistant|>\n+\n<|user|>\nAnswer: 4\n<|assistant|>\n+\n"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert list(reading.token_ids) == ids
+    answers = [i + len("<|assistant|>\n") for i in range(len(text)) if text.startswith("<|assistant|>\n", i)]
+    positions = [len(tokenizer(text[:start], add_special_tokens=False)["input_ids"]) - 1 for start in answers]
+    assert list(reading.positions) == positions
+    assert [ids[p + 1] for p in positions] == [scorer.good_id] * 2  # each read token predicts the answer
+    expected = full_forward_scores(chat_dir, ids, positions, scorer.good_id, scorer.bad_id)
+    assert reading.step_scores == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["math_shepherd", "rlhflow"])
+def test_batches_of_mixed_lengths_equal_each_path_alone_and_cost_counts_prm_tokens(chat_dir, layout):
+    batched = LMPRMScorer.from_pretrained(chat_dir, layout, batch_size=3)
+    alone = LMPRMScorer(batched.model, batched.tokenizer, layout, batch_size=1)
+    assert isinstance(batched, Scorer)
+    scores = batched.score(PATHS)
+    assert [len(s) for s in scores] == [3, 0, 1, 2]  # one per step, in input order; none without steps
+    for got, want in zip(scores, [alone.score([p])[0] for p in PATHS]):
+        assert got == pytest.approx(want, abs=1e-5)
+    readings = batched.read(PATHS)
+    assert readings[1].token_ids == () and batched.cost([PATHS[1]]) == 0
+    assert batched.cost(PATHS) == sum(len(r.token_ids) for r in readings) > 0
+
+
+def test_a_step_is_read_without_its_surrounding_whitespace(prm_dir):
+    scorer = LMPRMScorer.from_pretrained(prm_dir)
+    (reading,) = scorer.read([PATHS[2]])
+    assert scorer.tokenizer.decode(reading.token_ids, skip_special_tokens=True) == "What is 3 + 4 * 2? 3 + 4 = 7 ки\n"
+
+
+def test_the_read_token_holds_the_character_before_the_end():
+    spans = [(0, 0), (0, 3), (3, 4), (4, 5), (4, 5), (5, 6), (0, 0)]  # bos, ..., two byte tokens of one char, eos
+    assert last_token_before(spans, 5) == 4 and last_token_before(spans, 6) == 5 and last_token_before(spans, 4) == 2
+
+
+def test_formats_and_presets_are_checked():
+    assert resolve_prm_format("math_shepherd").layout == "tag" and resolve_prm_format("rlhflow").layout == "chat"
+    custom = PRMFormat(step_tag=" <step>", good="Y", bad="N")
+    assert resolve_prm_format(custom) is custom
+    with pytest.raises(ValueError, match=r"prm_format='shepherd'; valid: math_shepherd, rlhflow"):
+        resolve_prm_format("shepherd")
+    with pytest.raises(ValueError, match=r"layout='xml'; valid: tag, chat"):
+        PRMFormat(layout="xml")
+    with pytest.raises(ValueError, match="two different tokens"):
+        PRMFormat(good="+", bad="+")
+    with pytest.raises(ValueError, match="visible tag"):
+        PRMFormat(step_tag="  ")
+
+
+def test_tokens_that_do_not_fit_the_prm_are_named(prm_dir, chat_dir):
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(str(prm_dir)), AutoTokenizer.from_pretrained(str(prm_dir))
+    with pytest.raises(ValueError, match=r"the good token 'correct' encodes to \d+ tokens .*give good_id"):
+        LMPRMScorer(model, tokenizer, PRMFormat(good="correct"))
+    scorer = LMPRMScorer(model, tokenizer, PRMFormat(good="correct"), good_id=13)  # explicit ids win
+    assert (scorer.good_id, scorer.bad_id) == (13, tokenizer.encode("-", add_special_tokens=False)[0])
+    with pytest.raises(ValueError, match=r"bad_id=100000 must be a token id in \[0, 453\)"):
+        LMPRMScorer(model, tokenizer, bad_id=100000)
+    with pytest.raises(ValueError, match="same token id"):
+        LMPRMScorer(model, tokenizer, good_id=13, bad_id=13)
+    with pytest.raises(ValueError, match=r"has no chat template: the chat layout \(prm_format=rlhflow\) needs one"):
+        LMPRMScorer.from_pretrained(prm_dir, "rlhflow")
+    with pytest.raises(ValueError, match="batch_size=0 must be an integer >= 1"):
+        LMPRMScorer.from_pretrained(prm_dir, batch_size=0)
+
+
+def test_a_chat_template_whose_turns_are_not_prefixes_is_named(chat_dir):
+    scorer = LMPRMScorer.from_pretrained(chat_dir, "rlhflow")
+    scorer.tokenizer.chat_template = CHAT_TEMPLATE.replace("{% if add_generation_prompt %}<|assistant|>", "{% if add_generation_prompt %}<|bot|>")
+    with pytest.raises(ValueError, match="does not render a conversation's earlier turns"):
+        scorer.score(PATHS[:1])
+
+
+def test_missing_folders_and_long_paths_are_named(prm_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"checkpoint folder {tmp_path / 'nope'} does not exist"):
+        LMPRMScorer.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        LMPRMScorer.from_pretrained(tmp_path / "empty")
+    scorer = LMPRMScorer.from_pretrained(prm_dir)
+    scorer.context_window = 20
+    with pytest.raises(ValueError, match=r"problem 'p0': the PRM reads \d+ tokens, more than its context window of 20"):
+        scorer.score(PATHS)
+
+
+def test_a_search_ranks_steps_with_the_prm_preset(prm_dir, tmp_path):
+    out = tmp_path / "run"
+    run_in_process([
+        f"policy.path={prm_dir}", "search=beam", "scorer=math_shepherd", f"scorer.path={prm_dir}",
+        "scorer.device=cpu", "scorer.dtype=float32", "task.count=2", "chunk=2", "budget=4",
+        "policy.sampling.max_total_tokens=12", "policy.sampling.max_step_tokens=4", "progress=false",
+        "num_threads=1", f"out_dir={out}",
+    ])
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(row["compute"]["scorer_tokens"] > 0 for row in rows)
