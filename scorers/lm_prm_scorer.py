@@ -1,23 +1,23 @@
-"""`LMPRMScorer`: an external process reward model that is a causal LM (Math-Shepherd, RLHFlow's
-Llama3.1-8B-PRM, ...) as a `treesearch.protocols.Scorer`: the baseline a SPRM is compared against,
-with a second model and a second forward per path.
+"""`LMPRMScorer`: an external process reward model built on a language model (Math-Shepherd,
+RLHFlow's Llama3.1-8B-PRM, Qwen2.5-Math-PRM) as a `treesearch.protocols.Scorer`: the baseline a
+SPRM is compared against, with a second model and a second forward per path.
 
 Usage:
     scorer = LMPRMScorer.from_pretrained("/models/math-shepherd-mistral-7b-prm", "math_shepherd")
-    scorer = LMPRMScorer.from_pretrained("/models/Llama3.1-8B-PRM-Deepseek-Data", "rlhflow",
+    scorer = LMPRMScorer.from_pretrained("/models/Qwen2.5-Math-PRM-7B", "qwen_prm",
                                          dtype="bfloat16", device="cuda")
-    scorer.score(paths)   # [[step score, ...], ...] one per step, P(good) / (P(good) + P(bad))
+    scorer.score(paths)   # [[step score, ...], ...] one per step, in [0, 1]
     scorer.read(paths)    # PRMReading: token ids, read positions, step scores
     scorer.cost(paths)    # tokens forwarded (the PRM's own tokens of every path)
     python -m experiments.search scorer=math_shepherd     # MATH_SHEPHERD_PRM_PATH=/path/to/model
-    python -m experiments.search scorer=lm_prm scorer.path=DIR scorer.prm_format=rlhflow
+    python -m experiments.search scorer=qwen_prm scorer.path=DIR
 
 The PRM reads the problem's question and the steps' texts in its own layout and tokenizer
 (`scorers.prm_format`), never the policy's token ids, so any policy can be scored by any PRM. Paths
-are forwarded in right-padded batches, shortest first; only the read positions go through the
-output layer, and only its rows of the good and bad tokens (no [batch, length, vocabulary]
-logits). A path longer than the PRM's context window is a ValueError naming its problem. The
-tokenizer must be a fast one (it maps characters to tokens).
+are forwarded in right-padded batches, shortest first, through the model's base (no LM head);
+only the read positions' hidden states go on to the reader (`scorers.prm_readers`: the LM head's
+good / bad rows, or a two-class score head). A path longer than the PRM's context window is a
+ValueError naming its problem. The tokenizer must be a fast one (it maps characters to tokens).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from policies.devices import resolve_device
 from scorers.prm_format import (
     PRMFormat, PRMText, check_chat_template, prm_text, resolve_prm_format, tokenizer_name,
 )
+from scorers.prm_readers import ScoreHead, load_score_head, token_pair_logits
 from scorers.sprm_scorer import check_batch_size
 from treesearch.records import Prefix
 
@@ -41,8 +42,9 @@ class PRMReading:
     """What the PRM read on one path.
 
     token_ids: the PRM's tokens of the path's text (`scorers.prm_format`).
-    positions: the index into token_ids of each step's reading (its logits give the step's score).
-    step_scores: P(good) / (P(good) + P(bad)) at each position, one per step.
+    positions: the index into token_ids of each step's reading.
+    step_scores: the score read at each position (P(good) / (P(good) + P(bad)), or the score
+        head's probability of its "right" class), one per step.
     """
 
     token_ids: tuple[int, ...]
@@ -51,14 +53,16 @@ class PRMReading:
 
 
 class LMPRMScorer:
-    """Scores paths with a causal-LM PRM (module docstring).
+    """Scores paths with a PRM built on a language model (module docstring).
 
-    model: a transformers causal LM (put in eval mode here).
+    model: a transformers causal LM (reader "lm"), or any transformers model whose base gives the
+        last hidden states (reader "head"); put in eval mode here.
     tokenizer: its fast tokenizer.
-    prm_format: a `scorers.prm_format.PRMFormat` or a preset name ("math_shepherd", "rlhflow").
+    prm_format: a `scorers.prm_format.PRMFormat` or a preset name (`PRM_FORMATS`).
     batch_size: paths per forward.
-    good_id, bad_id: the token ids of the format's good and bad tokens when they do not encode to
-        one token each (None: encoded from the format's strings).
+    good_id, bad_id: reader "lm": the token ids of the format's good and bad tokens when they do
+        not encode to one token each (None: encoded from the format's strings).
+    score_head: reader "head": the two-class head (`scorers.prm_readers.load_score_head`).
     """
 
     def __init__(
@@ -69,15 +73,22 @@ class LMPRMScorer:
         batch_size: int = 8,
         good_id: int | None = None,
         bad_id: int | None = None,
+        score_head: ScoreHead | None = None,
     ) -> None:
         check_batch_size(batch_size)
         self.format = resolve_prm_format(prm_format)
         self.good_id, self.bad_id = check_tokenizer(tokenizer, self.format, good_id, bad_id)
+        if (self.format.reader == "head") != (score_head is not None):
+            raise ValueError(
+                f"PRMFormat.reader={self.format.reader!r} {'needs' if score_head is None else 'takes no'} score_head "
+                "(LMPRMScorer.from_pretrained loads a folder's score head for reader 'head')"
+            )
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.device = next(model.parameters()).device
+        self.score_head = None if score_head is None else score_head.eval().to(self.device)
         pad_id = getattr(tokenizer, "pad_token_id", None)
         self.pad_id: int = int(pad_id if pad_id is not None else (tokenizer.eos_token_id or 0))
         self.context_window: int | None = getattr(model.config, "max_position_embeddings", None)
-        self.device = next(model.parameters()).device
 
     @classmethod
     def from_pretrained(
@@ -91,16 +102,19 @@ class LMPRMScorer:
         bad_id: int | None = None,
     ) -> "LMPRMScorer":
         """Load a PRM from a local transformers folder (config.json, weights in any layout
-        transformers reads, a fast tokenizer) and score with it. A missing folder or config.json is
-        a FileNotFoundError naming it; the settings are checked before the weights load. dtype:
-        "float32", "bfloat16" or "float16"; device: "cpu" or "cuda[:N]"."""
+        transformers reads, a fast tokenizer; for reader "head" its `score.*` tensors in
+        safetensors) and score with it; the model's own code in the folder never runs. A missing
+        folder, config.json or score head is a FileNotFoundError naming it; the settings are
+        checked before the weights load. dtype: "float32", "bfloat16" or "float16"; device: "cpu"
+        or "cuda[:N]"."""
         check_batch_size(batch_size)
         fmt, weights_dtype, target = resolve_prm_format(prm_format), torch_dtype(dtype), resolve_device(device)
         directory = check_prm_folder(Path(path))
         tokenizer = load_prm_tokenizer(directory)
         check_tokenizer(tokenizer, fmt, good_id, bad_id)  # before minutes of loading a large model
-        model = load_prm_model(directory, weights_dtype)
-        return cls(model.to(target), tokenizer, fmt, batch_size, good_id, bad_id)
+        head = load_score_head(directory, weights_dtype) if fmt.reader == "head" else None
+        model = load_prm_model(directory, weights_dtype, causal_lm=fmt.reader == "lm")
+        return cls(model.to(target), tokenizer, fmt, batch_size, good_id, bad_id, head)
 
     def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
         return [list(r.step_scores) for r in self.read(paths)]
@@ -140,7 +154,7 @@ class LMPRMScorer:
             laid_out.text, add_special_tokens=self.format.layout == "tag", return_offsets_mapping=True
         )
         ids, spans = list(encoded["input_ids"]), [tuple(s) for s in encoded["offset_mapping"]]
-        if self.format.layout == "tag":
+        if self.format.layout != "chat":  # read at each tag
             return ids, [last_token_before(spans, end) for end in laid_out.read_ends]
         return ids, [self._answer_position(ids, spans, start) for start in laid_out.read_ends]
 
@@ -183,25 +197,17 @@ class LMPRMScorer:
         ).last_hidden_state  # [B, L, H]
         rows = torch.tensor([r for r, (_, pos) in enumerate(batch) for _ in pos], device=self.device)  # [K]
         cols = torch.tensor([c for _, pos in batch for c in pos], device=self.device)  # [K]
-        pair = self._good_bad_logits(hidden[rows, cols])  # [K, 2]
+        features = hidden[rows, cols]  # [K, H]
+        pair = (  # [K, 2]: (good, bad)
+            self.score_head(features) if self.score_head is not None
+            else token_pair_logits(self.model, features, self.good_id, self.bad_id)
+        )
         good = torch.softmax(pair.float(), dim=-1)[:, 0].tolist()  # [K]
         result, k = [], 0
         for _, pos in batch:
             result.append(good[k : k + len(pos)])
             k += len(pos)
         return result
-
-    def _good_bad_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """[K, H] final hidden states -> [K, 2] logits of the good and bad tokens: the output layer's
-        two rows (its bias and the config's logit scaling / soft-capping, when it has them)."""
-        head = self.model.get_output_embeddings()
-        index = torch.tensor([self.good_id, self.bad_id], device=features.device)
-        bias = None if getattr(head, "bias", None) is None else head.bias[index]
-        logits = torch.nn.functional.linear(features, head.weight[index], bias)  # [K, 2]
-        config = self.model.config
-        logits = logits * float(getattr(config, "logit_scale", None) or 1.0)
-        cap = getattr(config, "final_logit_softcapping", None)
-        return logits if not cap else torch.tanh(logits / cap) * cap
 
 
 def check_prm_folder(directory: Path) -> Path:
@@ -220,27 +226,32 @@ def load_prm_tokenizer(directory: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
 
 
-def load_prm_model(directory: Path, dtype: torch.dtype) -> Any:
-    """The folder's causal LM in dtype (weights in any layout transformers reads: one or sharded
-    safetensors or .bin files); DamagedCheckpointError naming the folder when they do not load."""
-    from transformers import AutoModelForCausalLM
+def load_prm_model(directory: Path, dtype: torch.dtype, causal_lm: bool = True) -> Any:
+    """The folder's causal LM (causal_lm) or base model (the transformers class of its config,
+    never the folder's own code) in dtype, weights in any layout transformers reads (one or
+    sharded safetensors or .bin files); DamagedCheckpointError naming the folder when they do not
+    load."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
     try:
-        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True)
+        return auto.from_pretrained(str(directory), dtype=dtype, local_files_only=True, trust_remote_code=False)
     except OSError as error:  # no weights file, or one transformers cannot read
         raise DamagedCheckpointError(f"PRM folder {directory}: its weights do not load: {error}") from error
 
 
 def check_tokenizer(tokenizer: Any, fmt: PRMFormat, good_id: int | None, bad_id: int | None) -> tuple[int, int]:
-    """(good id, bad id) for fmt in tokenizer; ValueError naming what does not fit: a slow
-    tokenizer, a good or bad token of several tokens, one id for both, no chat template for the
-    chat layout."""
+    """(good id, bad id) for fmt in tokenizer ((-1, -1) for reader "head", which reads no tokens);
+    ValueError naming what does not fit: a slow tokenizer, a good or bad token of several tokens,
+    one id for both, no chat template for a chat layout."""
     check_fast(tokenizer)
+    if fmt.layout != "tag":
+        check_chat_template(tokenizer)
+    if fmt.reader == "head":
+        return -1, -1
     good, bad = one_token(tokenizer, fmt.good, good_id, "good"), one_token(tokenizer, fmt.bad, bad_id, "bad")
     if good == bad:
         raise ValueError(f"good and bad are the same token id {good}: a score needs two")
-    if fmt.layout == "chat":
-        check_chat_template(tokenizer)
     return good, bad
 
 

@@ -35,7 +35,7 @@ from scorers.sprm_positions import StepMarkers
 from scorers.lm_prm_scorer import LMPRMScorer
 from scorers.sprm_scorer import SPRMScorer
 from scorers.step_score_reader import StepScoreReader
-from tiny_checkpoint import TINY_SHAPE, save_tiny_checkpoint, with_chat_template
+from tiny_checkpoint import TINY_SHAPE, save_tiny_checkpoint, with_chat_template, with_score_head
 from treesearch.protocols import Scorer
 from treesearch.records import Prefix, Problem, Step
 from vllm_fixtures import require_vllm, save_bigram_checkpoint
@@ -49,7 +49,7 @@ needs_data = pytest.mark.skipif(not (DATA / "gsm8k").is_dir(), reason=f"shared d
 # each benchmark task: its module and the number of problems of its split in the shared files
 BENCHMARKS = {"gsm8k": (gsm8k, 1319), "math500": (math500, 500), "aime24": (aime, 30), "aime25": (aime, 30),
               "ceval": (ceval, 1346)}
-PRM_SCORERS = {"math_shepherd": LMPRMScorer, "rlhflow_prm": LMPRMScorer}  # external PRM presets (GPU)
+PRM_SCORERS = {"math_shepherd": LMPRMScorer, "rlhflow_prm": LMPRMScorer, "qwen_prm": LMPRMScorer}  # external PRM presets (GPU)
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 # a budget every strategy accepts at tiny size (beam / dvts: n divisible by beam_width)
 TINY = ["task.count=2", "chunk=2", "budget=2", "policy.sampling.max_total_tokens=8",
@@ -73,8 +73,10 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_ckpt(ckpt, tmp_path_factory) -> Path:
-    """The tiny random checkpoint with a chat template (the chat layout of an external PRM reads one)."""
-    return with_chat_template(ckpt, tmp_path_factory.mktemp("chat") / "final")
+    """The tiny random checkpoint with a chat template and a score head (an external PRM's chat
+    layouts read the template, Qwen's reader the head)."""
+    chat = with_chat_template(ckpt, tmp_path_factory.mktemp("chat") / "final")
+    return with_score_head(chat, tmp_path_factory.mktemp("chat_head") / "final")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def composed(overrides: list[str], hydra_node: bool = False) -> DictConfig:
 def test_every_group_has_the_promised_options():
     assert options("search") == ["beam", "best_of_n", "dvts", "greedy", "mcts"]
     assert options("scorer") == [
-        "confidence", "math_shepherd", "oracle", "orm", "random", "rlhflow_prm", "sprm", "sprm_forward",
+        "confidence", "math_shepherd", "oracle", "orm", "qwen_prm", "random", "rlhflow_prm", "sprm", "sprm_forward",
     ]
     assert options("policy") == [
         "metastone_s1_1p5b", "metastone_s1_32b", "metastone_s1_7b", "openai", "qwen25_math_1p5b", "qwen25_math_7b",
@@ -180,13 +182,14 @@ def test_scorer_options_instantiate(option, sprm_ckpt, chat_ckpt):
     expected = {"sprm": StepScoreReader, "sprm_forward": SPRMScorer, "orm": SPRMScorer}.get(option, PRM_SCORERS.get(option))
     assert expected is None or type(scorer) is expected
     if option in PRM_SCORERS:
-        assert scorer.format.layout == {"math_shepherd": "tag", "rlhflow_prm": "chat"}[option]
+        assert scorer.format.layout == {"math_shepherd": "tag", "rlhflow_prm": "chat", "qwen_prm": "chat_tag"}[option]
         assert next(scorer.model.parameters()).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("option, variable, repo", [
     ("math_shepherd", "MATH_SHEPHERD_PRM_PATH", "peiyi9979/math-shepherd-mistral-7b-prm"),
     ("rlhflow_prm", "RLHFLOW_PRM_PATH", "RLHFlow/Llama3.1-8B-PRM-Deepseek-Data"),
+    ("qwen_prm", "QWEN_PRM_PATH", "Qwen/Qwen2.5-Math-PRM-7B"),
 ])
 def test_a_missing_prm_folder_says_how_to_get_it(option, variable, repo, monkeypatch, tmp_path):
     monkeypatch.delenv(variable, raising=False)

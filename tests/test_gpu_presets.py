@@ -106,7 +106,7 @@ def test_gpu_check_names_the_valid_presets(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--scorer", "sprm2"], "error: --scorer 'sprm2'; valid: confidence, oracle"),
+    (["--scorer", "sprm2"], "error: --scorer 'sprm2'; valid: confidence, math_shepherd, oracle"),
     (["--budget", "0"], "error: --budget 0 must be >= 1"),
     (["--problems", "-1"], "error: --problems -1 must be >= 1"),
 ])

@@ -1,9 +1,11 @@
 """The external causal-LM PRM scorer (`scorers/lm_prm_scorer.py`, layouts in
-`scorers/prm_format.py`): its scores equal P(good) / (P(good) + P(bad)) of a plain full forward of
-the laid-out text at the right tokens (tag and chat layouts), batching changes nothing, paths
-without steps cost nothing, every bad setting is named, and `scorer=math_shepherd` runs a search.
-The PRM here is the tiny random Llama of tests/tiny_checkpoint.py (its scores are noise; the
-mechanics are what is tested), with a small chat template for the chat layout.
+`scorers/prm_format.py`, readers in `scorers/prm_readers.py`): its scores equal P(good) /
+(P(good) + P(bad)) of a plain full forward of the laid-out text at the right tokens (tag and chat
+layouts) and Qwen2.5-Math-PRM's head probability at each tag (chat_tag layout, score head),
+batching changes nothing, paths without steps cost nothing, every bad setting is named, and
+`scorer=math_shepherd` runs a search. The PRM here is the tiny random Llama of
+tests/tiny_checkpoint.py (its scores are noise; the mechanics are what is tested), with a small
+chat template for the chat layouts and a random score head for Qwen's reader.
 
     .venv/bin/python -m pytest tests/test_lm_prm_scorer.py
 """
@@ -14,12 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from scorers.lm_prm_scorer import LMPRMScorer, last_token_before
-from scorers.prm_format import PRMFormat, resolve_prm_format
+from scorers.prm_format import QWEN_SYSTEM, PRMFormat, resolve_prm_format
+from scorers.prm_readers import ScoreHead
 from test_search_resume import run_in_process
-from tiny_checkpoint import CHAT_TEMPLATE, save_tiny_checkpoint, with_chat_template
+from tiny_checkpoint import CHAT_TEMPLATE, save_tiny_checkpoint, with_chat_template, with_score_head
 from treesearch.protocols import Scorer
 from treesearch.records import Prefix, Problem, Step
 
@@ -49,6 +53,12 @@ def prm_dir(tmp_path_factory) -> Path:
 def chat_dir(prm_dir, tmp_path_factory) -> Path:
     """The same model with a chat template in its tokenizer files."""
     return with_chat_template(prm_dir, tmp_path_factory.mktemp("prm") / "chat")
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(chat_dir, tmp_path_factory) -> Path:
+    """The chat model with a random head of Qwen2.5-Math-PRM's shape beside its weights."""
+    return with_score_head(chat_dir, tmp_path_factory.mktemp("prm") / "qwen")
 
 
 def full_forward_scores(directory: Path, ids: list[int], positions: list[int], good: int, bad: int) -> list[float]:
@@ -92,10 +102,39 @@ def test_chat_layout_scores_each_step_where_its_answer_is_predicted(chat_dir):
     assert reading.step_scores == pytest.approx(expected, abs=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["math_shepherd", "rlhflow"])
-def test_batches_of_mixed_lengths_equal_each_path_alone_and_cost_counts_prm_tokens(chat_dir, layout):
-    batched = LMPRMScorer.from_pretrained(chat_dir, layout, batch_size=3)
-    alone = LMPRMScorer(batched.model, batched.tokenizer, layout, batch_size=1)
+def test_qwen_layout_scores_each_step_at_its_tag_with_the_score_head(qwen_dir):
+    scorer = LMPRMScorer.from_pretrained(qwen_dir, "qwen_prm", batch_size=2)
+    tokenizer = scorer.tokenizer
+    reading = scorer.read(PATHS)[0]
+    text = (f"<|system|>\n{QWEN_SYSTEM}\n<|user|>\nWhat is 3 + 4 * 2?\n"
+            "<|assistant|>\n4 * 2 = 8<extra_0>3 + 8 = 11<extra_0>Answer: 11<extra_0>\n")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert list(reading.token_ids) == ids
+    ends = [i + len("<extra_0>") for i in range(len(text)) if text.startswith("<extra_0>", i)]
+    positions = [len(tokenizer(text[:end], add_special_tokens=False)["input_ids"]) - 1 for end in ends]
+    assert list(reading.positions) == positions and len(positions) == 3
+    base = AutoModel.from_pretrained(str(qwen_dir)).eval()  # the backbone without the LM head
+    head = {k: v for k, v in load_file(str(qwen_dir / "model.safetensors")).items() if k.startswith("score.")}
+    with torch.no_grad():
+        hidden = base(torch.tensor([ids])).last_hidden_state[0, positions]  # [3, H]
+        logits = torch.relu(hidden @ head["score.0.weight"].T + head["score.0.bias"]) @ head["score.2.weight"].T + head["score.2.bias"]
+    assert reading.step_scores == pytest.approx(torch.softmax(logits, dim=-1)[:, 1].tolist(), abs=1e-5)
+
+
+def test_a_score_head_is_needed_by_the_head_reader_only(prm_dir, qwen_dir):
+    with pytest.raises(FileNotFoundError, match=r"has no score head \(score.0.weight, .*prm_format=qwen_prm"):
+        LMPRMScorer.from_pretrained(with_chat_template(prm_dir, qwen_dir.parent / "no_head"), "qwen_prm")
+    scorer = LMPRMScorer.from_pretrained(qwen_dir, "qwen_prm")
+    with pytest.raises(ValueError, match="reader='head' needs score_head"):
+        LMPRMScorer(scorer.model, scorer.tokenizer, "qwen_prm")
+    with pytest.raises(ValueError, match="reader='lm' takes no score_head"):
+        LMPRMScorer(scorer.model, scorer.tokenizer, "rlhflow", score_head=ScoreHead(8))
+
+
+@pytest.mark.parametrize("layout", ["math_shepherd", "rlhflow", "qwen_prm"])
+def test_batches_of_mixed_lengths_equal_each_path_alone_and_cost_counts_prm_tokens(qwen_dir, layout):
+    batched = LMPRMScorer.from_pretrained(qwen_dir, layout, batch_size=3)
+    alone = LMPRMScorer(batched.model, batched.tokenizer, layout, batch_size=1, score_head=batched.score_head)
     assert isinstance(batched, Scorer)
     scores = batched.score(PATHS)
     assert [len(s) for s in scores] == [3, 0, 1, 2]  # one per step, in input order; none without steps
@@ -119,12 +158,15 @@ def test_the_read_token_holds_the_character_before_the_end():
 
 def test_formats_and_presets_are_checked():
     assert resolve_prm_format("math_shepherd").layout == "tag" and resolve_prm_format("rlhflow").layout == "chat"
+    assert (resolve_prm_format("qwen_prm").layout, resolve_prm_format("qwen_prm").reader) == ("chat_tag", "head")
     custom = PRMFormat(step_tag=" <step>", good="Y", bad="N")
     assert resolve_prm_format(custom) is custom
-    with pytest.raises(ValueError, match=r"prm_format='shepherd'; valid: math_shepherd, rlhflow"):
+    with pytest.raises(ValueError, match=r"prm_format='shepherd'; valid: math_shepherd, rlhflow, qwen_prm"):
         resolve_prm_format("shepherd")
-    with pytest.raises(ValueError, match=r"layout='xml'; valid: tag, chat"):
+    with pytest.raises(ValueError, match=r"layout='xml'; valid: tag, chat, chat_tag"):
         PRMFormat(layout="xml")
+    with pytest.raises(ValueError, match=r"reader='value'; valid: lm, head"):
+        PRMFormat(reader="value")
     with pytest.raises(ValueError, match="two different tokens"):
         PRMFormat(good="+", bad="+")
     with pytest.raises(ValueError, match="visible tag"):
@@ -141,7 +183,7 @@ def test_tokens_that_do_not_fit_the_prm_are_named(prm_dir, chat_dir):
         LMPRMScorer(model, tokenizer, bad_id=100000)
     with pytest.raises(ValueError, match="same token id"):
         LMPRMScorer(model, tokenizer, good_id=13, bad_id=13)
-    with pytest.raises(ValueError, match=r"has no chat template: the chat layout \(prm_format=rlhflow\) needs one"):
+    with pytest.raises(ValueError, match=r"has no chat template: the chat layouts \(prm_format=rlhflow, qwen_prm\) need one"):
         LMPRMScorer.from_pretrained(prm_dir, "rlhflow")
     with pytest.raises(ValueError, match="batch_size=0 must be an integer >= 1"):
         LMPRMScorer.from_pretrained(prm_dir, batch_size=0)
