@@ -14,8 +14,10 @@ Usage:
 
 The PRM reads the problem's question and the steps' texts in its own layout and tokenizer
 (`scorers.prm_format`), never the policy's token ids, so any policy can be scored by any PRM. Paths
-are forwarded in right-padded batches, shortest first, through the model's base (no LM head);
-only the read positions' hidden states go on to the reader (`scorers.prm_readers`: the LM head's
+are forwarded in right-padded batches through the model's base (no LM head), and paths that start
+with the same tokens (a beam's children, a question's samples) forward that start once
+(`scorers.prm_batches`; `share_prefix=False` forwards each whole); only the read positions' hidden
+states go on to the reader (`scorers.prm_readers`: the LM head's
 good / bad rows, or a two-class score head). A path longer than the PRM's context window is a
 ValueError naming its problem. The tokenizer must be a fast one (it maps characters to tokens).
 """
@@ -29,6 +31,7 @@ import torch
 
 from policies.checkpoint import DamagedCheckpointError, missing_folder_error, torch_dtype
 from policies.devices import resolve_device
+from scorers.prm_batches import PRMBatch, forwarded_tokens, plan_batches
 from scorers.prm_format import (
     PRMFormat, PRMText, check_chat_template, prm_text, resolve_prm_format, tokenizer_name,
 )
@@ -63,6 +66,9 @@ class LMPRMScorer:
     good_id, bad_id: reader "lm": the token ids of the format's good and bad tokens when they do
         not encode to one token each (None: encoded from the format's strings).
     score_head: reader "head": the two-class head (`scorers.prm_readers.load_score_head`).
+    share_prefix: paths that start with the same tokens share the forward of that start
+        (`scorers.prm_batches`; the scores are the same within float rounding); False forwards
+        every path whole.
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class LMPRMScorer:
         good_id: int | None = None,
         bad_id: int | None = None,
         score_head: ScoreHead | None = None,
+        share_prefix: bool = True,
     ) -> None:
         check_batch_size(batch_size)
         self.format = resolve_prm_format(prm_format)
@@ -84,6 +91,7 @@ class LMPRMScorer:
                 "(LMPRMScorer.from_pretrained loads a folder's score head for reader 'head')"
             )
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.share_prefix = bool(share_prefix)
         self.device = next(model.parameters()).device
         self.score_head = None if score_head is None else score_head.eval().to(self.device)
         pad_id = getattr(tokenizer, "pad_token_id", None)
@@ -100,6 +108,7 @@ class LMPRMScorer:
         device: str = "cpu",
         good_id: int | None = None,
         bad_id: int | None = None,
+        share_prefix: bool = True,
     ) -> "LMPRMScorer":
         """Load a PRM from a local transformers folder (config.json, weights in any layout
         transformers reads, a fast tokenizer; for reader "head" its `score.*` tensors in
@@ -114,26 +123,30 @@ class LMPRMScorer:
         check_tokenizer(tokenizer, fmt, good_id, bad_id)  # before minutes of loading a large model
         head = load_score_head(directory, weights_dtype) if fmt.reader == "head" else None
         model = load_prm_model(directory, weights_dtype, causal_lm=fmt.reader == "lm")
-        return cls(model.to(target), tokenizer, fmt, batch_size, good_id, bad_id, head)
+        return cls(model.to(target), tokenizer, fmt, batch_size, good_id, bad_id, head, share_prefix)
 
     def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
         return [list(r.step_scores) for r in self.read(paths)]
 
     def cost(self, paths: Sequence[Prefix]) -> int:
-        """Tokens forwarded: the PRM's tokens of each path with steps (paths without none)."""
-        return sum(len(ids) for ids, _ in self._sequences(paths))
+        """Tokens forwarded for these paths: the PRM's tokens of each path with steps, a start that
+        several paths share counted once (`scorers.prm_batches`)."""
+        sequences = [ids for ids, _ in self._sequences(paths)]
+        return forwarded_tokens(self._plan(sequences), [len(ids) for ids in sequences])
 
     def read(self, paths: Sequence[Prefix]) -> list[PRMReading]:
-        """Forward every path with steps once (batched, shortest first) and read its positions."""
+        """Forward every path with steps once (`scorers.prm_batches`: paths that start alike share
+        the forward of their common start) and read its positions."""
         sequences = self._sequences(paths)
         self._check_window(paths, sequences)
         readings = [PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences]
-        order = sorted((i for i, (_, pos) in enumerate(sequences) if pos), key=lambda i: len(sequences[i][0]))
-        for first in range(0, len(order), self.batch_size):
-            batch = order[first : first + self.batch_size]
-            for i, scores in zip(batch, self._scores([sequences[i] for i in batch])):
+        for batch in self._plan([ids for ids, _ in sequences]):
+            for i, scores in zip(batch.rows, self._scores([sequences[i] for i in batch.rows], batch.shared)):
                 readings[i] = PRMReading(tuple(sequences[i][0]), tuple(sequences[i][1]), tuple(scores))
         return readings
+
+    def _plan(self, sequences: list[list[int]]) -> list[PRMBatch]:
+        return plan_batches(sequences, self.batch_size, share=self.share_prefix)
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -182,25 +195,13 @@ class LMPRMScorer:
                 )
 
     @torch.inference_mode()
-    def _scores(self, batch: list[tuple[list[int], list[int]]]) -> list[list[float]]:
-        """One right-padded forward of the base model; the good / bad logits at the positions only."""
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # [B, L]
-        mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, L]
-        for row, (ids, _) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[row, : len(ids)] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
-        hidden = self.model.base_model(
-            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-            position_ids=position_ids.to(self.device),
-        ).last_hidden_state  # [B, L, H]
-        rows = torch.tensor([r for r, (_, pos) in enumerate(batch) for _ in pos], device=self.device)  # [K]
-        cols = torch.tensor([c for _, pos in batch for c in pos], device=self.device)  # [K]
-        features = hidden[rows, cols]  # [K, H]
+    def _scores(self, batch: list[tuple[list[int], list[int]]], shared: int) -> list[list[float]]:
+        """One batch's step scores: its final hidden states at the positions (`_hidden_at`) through
+        the reader, softmax, the good class."""
+        hidden = self._hidden_at(batch, shared)  # [K, H]
         pair = (  # [K, 2]: (good, bad)
-            self.score_head(features) if self.score_head is not None
-            else token_pair_logits(self.model, features, self.good_id, self.bad_id)
+            self.score_head(hidden) if self.score_head is not None
+            else token_pair_logits(self.model, hidden, self.good_id, self.bad_id)
         )
         good = torch.softmax(pair.float(), dim=-1)[:, 0].tolist()  # [K]
         result, k = [], 0
@@ -208,6 +209,35 @@ class LMPRMScorer:
             result.append(good[k : k + len(pos)])
             k += len(pos)
         return result
+
+    def _hidden_at(self, batch: list[tuple[list[int], list[int]]], shared: int) -> torch.Tensor:
+        """[K, H] final hidden states at every row's positions, in row order: the first `shared`
+        tokens (common to all rows) forwarded once, their KV repeated for the rows, then the
+        rows' rests right-padded in one forward that attends to it."""
+        base = self.model.base_model
+        cache, head = None, None
+        if shared:
+            out = base(input_ids=torch.tensor([batch[0][0][:shared]], device=self.device), use_cache=True)
+            head, cache = out.last_hidden_state[0], out.past_key_values  # [P, H]
+            cache.batch_repeat_interleave(len(batch))
+        rests = [ids[shared:] for ids, _ in batch]
+        width = max(len(ids) for ids in rests)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # [B, S]
+        mask = torch.zeros((len(batch), shared + width), dtype=torch.long)  # [B, P + S]
+        mask[:, :shared] = 1
+        for row, ids in enumerate(rests):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, shared : shared + len(ids)] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # [B, S]
+        tail = base(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+            position_ids=position_ids.to(self.device), past_key_values=cache, use_cache=cache is not None,
+        ).last_hidden_state  # [B, S, H]
+        rows = [r for r, (_, pos) in enumerate(batch) for _ in pos]
+        cols = [c for _, pos in batch for c in pos]
+        if not shared:
+            return tail[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
+        return torch.stack([head[c] if c < shared else tail[r, c - shared] for r, c in zip(rows, cols)])
 
 
 def check_prm_folder(directory: Path) -> Path:

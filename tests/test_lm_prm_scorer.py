@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from scorers.lm_prm_scorer import LMPRMScorer, last_token_before
+from scorers.prm_batches import PRMBatch, forwarded_tokens, plan_batches
 from scorers.prm_format import QWEN_SYSTEM, PRMFormat, resolve_prm_format
 from scorers.prm_readers import ScoreHead
 from test_search_resume import run_in_process
@@ -142,7 +143,33 @@ def test_batches_of_mixed_lengths_equal_each_path_alone_and_cost_counts_prm_toke
         assert got == pytest.approx(want, abs=1e-5)
     readings = batched.read(PATHS)
     assert readings[1].token_ids == () and batched.cost([PATHS[1]]) == 0
-    assert batched.cost(PATHS) == sum(len(r.token_ids) for r in readings) > 0
+    whole = LMPRMScorer(batched.model, batched.tokenizer, layout, score_head=batched.score_head, share_prefix=False)
+    assert whole.cost(PATHS) == sum(len(r.token_ids) for r in readings) > batched.cost(PATHS)  # the question once
+
+
+def beam_children(problem: Problem, parent: tuple[str, ...], news: list[str]) -> list[Prefix]:
+    """The children of one beam: its steps, then one new step each (what a beam search scores)."""
+    return [Prefix(problem, tuple(step(t) for t in parent) + (step(new),)) for new in news]
+
+
+CHILDREN = (
+    beam_children(PROBLEM, ("4 * 2 = 8\n", "3 + 8 = 11\n"), ["Answer: 11", "Answer: 12", "So 11.\n", "Check: 8 + 3 = 11\n"])
+    + beam_children(PROBLEM, ("3 + 4 = 7\n",), ["7 * 2 = 14\n", "Answer: 14"])
+    + beam_children(Problem("p1", "What is 9 - 5?", "4"), (), ["9 - 5 = 4\n", "Answer: 4"])
+)
+
+
+@pytest.mark.parametrize("layout", ["math_shepherd", "rlhflow", "qwen_prm"])
+def test_paths_that_start_alike_share_one_forward_of_that_start_and_score_the_same(qwen_dir, layout):
+    shared = LMPRMScorer.from_pretrained(qwen_dir, layout, batch_size=3)
+    whole = LMPRMScorer(shared.model, shared.tokenizer, layout, batch_size=3, score_head=shared.score_head, share_prefix=False)
+    for got, want in zip(shared.score(CHILDREN), whole.score(CHILDREN)):
+        assert len(got) == len(want) and got == pytest.approx(want, abs=1e-5)
+    assert shared.cost(CHILDREN) < whole.cost(CHILDREN)  # earlier steps forwarded once per batch of a beam
+    # the four children of the first beam, in two batches of 2 (at most 3): the beam's tokens twice
+    first = [list(r.token_ids) for r in shared.read(CHILDREN[:4])]
+    start = next(n for n in range(len(first[0])) if any(ids[n] != first[0][n] for ids in first))
+    assert shared.cost(CHILDREN[:4]) == 2 * start + sum(len(ids) - start for ids in first)
 
 
 def test_a_step_is_read_without_its_surrounding_whitespace(prm_dir):
@@ -218,3 +245,28 @@ def test_a_search_ranks_steps_with_the_prm_preset(prm_dir, tmp_path):
     ])
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(row["compute"]["scorer_tokens"] > 0 for row in rows)
+
+
+def test_plan_groups_sequences_that_share_a_start_while_it_saves_tokens():
+    beam = list(range(100, 140))  # 40 tokens every child of one beam starts with
+    seqs = [beam + [1, 2], [7] * 30, beam + [3], [], beam + [4, 5, 6], [8] * 20 + [9]]
+    batches = plan_batches(seqs, batch_size=8)
+    assert batches[0] == PRMBatch((0, 2, 4), shared=40)  # sorted by tokens; the rest batched alone
+    assert sorted(r for b in batches for r in b.rows) == [0, 1, 2, 4, 5]  # none for the empty one
+    assert all(b.shared == 0 for b in batches[1:])
+    assert forwarded_tokens(batches, [len(s) for s in seqs]) == 40 + 2 + 1 + 3 + 30 + 21
+    # a start shorter than min_shared is not shared; share=False shares nothing
+    assert all(b.shared == 0 for b in plan_batches(seqs, 8, min_shared=41))
+    assert all(b.shared == 0 for b in plan_batches(seqs, 8, share=False))
+    # a group larger than a batch: near-equal batches, each forwarding the start once
+    many = [beam + [k] for k in range(5)]
+    assert [b.rows for b in plan_batches(many, batch_size=4)] == [(0, 1), (2, 3, 4)]
+    # every row keeps a token of its own; a sequence equal to another's start caps the shared part
+    assert plan_batches([beam, beam + [1]], 8) == [PRMBatch((0, 1), shared=39)]
+
+
+def test_plan_leaves_a_group_when_joining_it_would_save_less():
+    beam_a, beam_b = [5] * 20 + list(range(60)), [5] * 20 + list(range(100, 160))
+    seqs = [beam_a + [1], beam_a + [2], beam_b + [1], beam_b + [2]]
+    # joining the second beam would share 20 tokens over 3 rows (40 saved) instead of 80 over 2 (80 saved)
+    assert plan_batches(seqs, 8) == [PRMBatch((0, 1), shared=80), PRMBatch((2, 3), shared=80)]
