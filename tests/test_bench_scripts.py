@@ -127,3 +127,20 @@ def test_bench_dtype_skips_bf16_without_bf16_matmuls(monkeypatch, capsys):
     monkeypatch.setattr(bench_dtype, "load_workload", lambda *a, **k: pytest.fail("nothing is timed"))
     bench_dtype.main([])
     assert capsys.readouterr().out.strip() == bench_dtype.SKIPPED
+
+
+@pytest.mark.slow
+def test_prm_prefix_table_scores_the_same_paths_both_ways(tmp_path):
+    from experiments import bench_prm_prefix
+    from experiments.bench_workload import load_workload
+    from tiny_checkpoint import save_tiny_checkpoint
+
+    work = load_workload("tiny", problems=2, seed=0, checkpoint=tmp_path / "no-checkpoint")
+    prm = save_tiny_checkpoint(tmp_path / "prm")
+    report = bench_prm_prefix.run(work, prm, "math_shepherd", batch_size=4, n=4, beam_width=2, seed=0, rounds=2)
+    assert "beam search N = 4, M = 2" in report and "medians of 2 interleaved rounds" in report
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in report.splitlines()[4:]}
+    assert set(rows) == {"shared starts", "every path whole"}
+    shared, whole = int(rows["shared starts"][0]), int(rows["every path whole"][0])
+    assert 0 < shared < whole and rows["every path whole"][1] == "1.00"  # the question at least is shared
+    assert float(rows["shared starts"][6]) < 1e-4  # the same scores both ways

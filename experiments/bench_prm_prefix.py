@@ -1,0 +1,140 @@
+"""Benchmark of the external PRM scorer's shared starts: the paths a step-level beam search asks a
+PRM to score (`scorers/lm_prm_scorer.py`), scored with their common starts forwarded once
+(`scorers/prm_batches.py`) and with every path forwarded whole (what search-and-learn's PRM
+scoring and the reference's scorer do), side by side, as a markdown table.
+
+    python -m experiments.bench_prm_prefix                          # SmolLM2 as the PRM, 4 problems
+    python -m experiments.bench_prm_prefix --prm outputs/checkpoints/tiny-arith/final --problems 16
+
+The beam search (N = --n, M = --beam-width) runs once with the tiny arith policy (`--model tiny`)
+or SmolLM2 on GSM8K (`--model smollm2`), ranking its steps with the PRM (shared starts on), and
+every `score` call's paths are recorded; then both ways score the recorded calls in `--rounds`
+interleaved rounds (the order alternating), timed on this process's CPU and the wall. The PRM is
+any causal-LM folder read in the `--prm-format` layout: SmolLM2-135M-Instruct (the packaged model,
+`policies.smollm2`) by default. It is not a trained PRM, so its scores mean nothing here; the
+forwarded tokens and the time they take are what is measured, and the table checks that both ways
+give the same scores (largest difference).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: shared cores
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+import torch  # noqa: E402
+
+from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
+from experiments.cli_args import check_beam_shape, positive_int  # noqa: E402
+from scorers.lm_prm_scorer import LMPRMScorer  # noqa: E402
+from scorers.prm_format import PRM_FORMATS  # noqa: E402
+from treesearch.records import Prefix  # noqa: E402
+from treesearch.registry import run_search  # noqa: E402
+
+class RecordingScorer:
+    """A scorer that passes every call to `inner` and keeps each `score` call's paths."""
+
+    def __init__(self, inner: LMPRMScorer) -> None:
+        self.inner, self.calls = inner, []  # type: ignore[var-annotated]
+
+    def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
+        self.calls.append(list(paths))
+        return self.inner.score(paths)
+
+    def cost(self, paths: Sequence[Prefix]) -> int:
+        return self.inner.cost(paths)
+
+
+@dataclass(frozen=True)
+class WayRun:
+    """One way's replay of every recorded call: PRM tokens forwarded, seconds, the scores."""
+
+    tokens: int
+    wall_s: float
+    cpu_s: float
+    scores: list[list[list[float]]]
+
+
+def replay(scorer: LMPRMScorer, calls: Sequence[Sequence[Prefix]]) -> WayRun:
+    """Score every recorded call with scorer, timed."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    scores = [scorer.score(call) for call in calls]
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return WayRun(sum(scorer.cost(call) for call in calls), wall, cpu, scores)
+
+
+def largest_difference(a: list[list[list[float]]], b: list[list[list[float]]]) -> float:
+    return max((abs(x - y) for ca, cb in zip(a, b) for pa, pb in zip(ca, cb) for x, y in zip(pa, pb)), default=0.0)
+
+
+def table(runs: dict[str, list[WayRun]], reference: str) -> str:
+    """Markdown: per way the tokens forwarded, median wall and CPU seconds, their ratios to the
+    reference way, and the largest score difference from it."""
+    ref = runs[reference]
+    ref_wall, ref_cpu = statistics.median(r.wall_s for r in ref), statistics.median(r.cpu_s for r in ref)
+    lines = [
+        "| PRM forwards | tokens forwarded | / whole | wall s | / whole | CPU s | / whole | largest score difference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, way_runs in runs.items():
+        wall, cpu = statistics.median(r.wall_s for r in way_runs), statistics.median(r.cpu_s for r in way_runs)
+        lines.append(
+            f"| {name} | {way_runs[0].tokens} | {way_runs[0].tokens / ref[0].tokens:.2f} | {wall:.2f} | "
+            f"{wall / ref_wall:.2f} | {cpu:.2f} | {cpu / ref_cpu:.2f} | "
+            f"{largest_difference(way_runs[0].scores, ref[0].scores):.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_prm_prefix", description=__doc__.split("\n")[0])
+    add_search_arguments(ap, problems=4, n=16)
+    ap.add_argument("--prm", type=Path, default=None, help="PRM folder (default: SmolLM2, converted once)")
+    ap.add_argument("--prm-format", choices=sorted(PRM_FORMATS), default="math_shepherd")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="paths per PRM forward")
+    ap.add_argument("--rounds", type=positive_int, default=2)
+    args = ap.parse_args(argv)
+    check_beam_shape(ap, args.n, args.beam_width)
+    return args
+
+
+def run(work: Workload, prm: Path | None, prm_format: str, batch_size: int, n: int, beam_width: int, seed: int,
+        rounds: int) -> str:
+    """The report: the beam search's recorded score calls replayed both ways (module docstring)."""
+    if prm is None:
+        from policies.smollm2 import ensure_smollm2
+
+        prm = ensure_smollm2()
+    shared = LMPRMScorer.from_pretrained(prm, prm_format, batch_size=batch_size)
+    whole = LMPRMScorer(shared.model, shared.tokenizer, shared.format, batch_size, share_prefix=False)
+    recorder = RecordingScorer(shared)
+    run_search("beam_search", list(work.problems), work.policy(), recorder, n=n, beam_width=beam_width,
+               max_depth=20, seed=seed)
+    scorers = {"shared starts": shared, "every path whole": whole}
+    runs: dict[str, list[WayRun]] = {name: [] for name in scorers}
+    for round_index in range(rounds):
+        for name in list(scorers) if round_index % 2 == 0 else list(scorers)[::-1]:
+            runs[name].append(replay(scorers[name], recorder.calls))
+    paths = sum(len(call) for call in recorder.calls)
+    header = (f"{work.description}; beam search N = {n}, M = {beam_width}: {len(recorder.calls)} score calls, "
+              f"{paths} paths, their steps read by {prm} ({prm_format} layout, {batch_size} paths per forward, "
+              f"{torch.get_num_threads()} thread(s)); medians of {rounds} interleaved rounds")
+    return header + "\n\n" + table(runs, reference="every path whole")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = load_workload(args.model, args.problems, args.seed, args.checkpoint)
+    print(run(work, args.prm, args.prm_format, args.batch_size, args.n, args.beam_width, args.seed, args.rounds))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
