@@ -52,6 +52,7 @@ import hashlib  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -68,6 +69,7 @@ from experiments.aha_metrics import fc_metrics, path_scores, prefixed  # noqa: E
 from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: E402
 from experiments.result_json import write_atomic  # noqa: E402
 from experiments.checkpoint_hints import checkpoint_hint  # noqa: E402
+from experiments.group_options import check_group_options  # noqa: E402
 from experiments.search import (  # noqa: E402
     CONFIG_DIR, build_frozen, resolve_out_dir, resolved_config, user_errors_reported,
 )
@@ -767,4 +769,5 @@ def close_process_group() -> None:
 
 
 if __name__ == "__main__":
+    check_group_options(sys.argv[1:], CONFIG_DIR)  # recipe=nosuch: one line, exit 2, before Hydra composes
     main()

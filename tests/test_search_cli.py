@@ -16,6 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from experiments.group_options import unknown_group_option
 from experiments.search import with_run_budget
 from test_search_resume import ckpt, run_in_process  # noqa: F401 (ckpt: the module-scoped checkpoint fixture)
 
@@ -124,6 +125,30 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
     full = run_cli(["seed=abc", f"out_dir={out}"], cwd=tmp_path, HYDRA_FULL_ERROR="1")
     assert full.returncode == 1 and "Traceback" in full.stderr
     assert full.stderr.strip().endswith("ValueError: seed='abc' must be an integer")
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("experiments.search", ["search=nosuch"],
+     "error: search=nosuch is not an option of group search; valid: beam, best_of_n, dvts, greedy, mcts"),
+    ("experiments.search", ["-m", "scorer=sprm,prm"], "error: scorer=prm is not an option of group scorer; valid: "),
+    ("experiments.search", ["+experiment=nope"], "error: experiment=nope is not an option of group experiment; "),
+    ("experiments.train", ["recipe=nope"], "error: recipe=nope is not an option of group recipe; valid: grpo_countdown"),
+])
+def test_an_unknown_group_option_is_one_error_line_before_hydra_composes(module, args, message, tmp_path):
+    environ = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    environ.update(PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=environ, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith(message) and len(done.stderr.splitlines()) == 1
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_group_options_checks_only_plain_group_choices():
+    conf = REPO / "experiments" / "conf"
+    for fine in (["search=beam", "task=gsm8k", "policy=tiny_sprm"], ["-m", "search=best_of_n,beam", "budget=4,8"],
+                 ["search.n=4", "hydra/launcher=nosuch", "search=glob(*)", "+scorer.bogus=1", "seed=3"]):
+        assert unknown_group_option(fine, conf) is None, fine  # others are Hydra's or config_keys' to judge
+    assert unknown_group_option(["++task=gsm9k"], conf).startswith("error: task=gsm9k is not an option")
 
 
 def test_a_server_that_does_not_answer_is_one_error_line(ckpt, tmp_path):
