@@ -61,7 +61,8 @@ def load_score_head(directory: Path, dtype: torch.dtype) -> ScoreHead:
     missing = [key for key in HEAD_KEYS if key not in tensors]
     if missing:
         raise FileNotFoundError(
-            f"PRM folder {directory} has no score head ({', '.join(missing)} not in {', '.join(f.name for f in files)}): "
+            f"PRM folder {directory} has no score head ({', '.join(missing)} not in "
+            f"{', '.join(f.name for f in files)}): "
             "prm_format=qwen_prm reads a two-class head such as Qwen2.5-Math-PRM's"
         )
     head = ScoreHead(int(tensors["score.0.weight"].shape[1]), dtype)
@@ -77,5 +78,7 @@ def weight_files(directory: Path) -> list[Path]:
         return [directory / shard for shard in shards]
     single = directory / "model.safetensors"
     if not single.is_file():
-        raise FileNotFoundError(f"PRM folder {directory} has no model.safetensors (or its index) to read a score head from")
+        raise FileNotFoundError(
+            f"PRM folder {directory} has no model.safetensors (or its index) to read a score head from"
+        )
     return [single]

@@ -118,7 +118,8 @@ def test_qwen_layout_scores_each_step_at_its_tag_with_the_score_head(qwen_dir):
     head = {k: v for k, v in load_file(str(qwen_dir / "model.safetensors")).items() if k.startswith("score.")}
     with torch.no_grad():
         hidden = base(torch.tensor([ids])).last_hidden_state[0, positions]  # [3, H]
-        logits = torch.relu(hidden @ head["score.0.weight"].T + head["score.0.bias"]) @ head["score.2.weight"].T + head["score.2.bias"]
+        inner = torch.relu(hidden @ head["score.0.weight"].T + head["score.0.bias"])  # [3, H]
+        logits = inner @ head["score.2.weight"].T + head["score.2.bias"]  # [3, 2]
     assert reading.step_scores == pytest.approx(torch.softmax(logits, dim=-1)[:, 1].tolist(), abs=1e-5)
 
 
@@ -153,7 +154,8 @@ def beam_children(problem: Problem, parent: tuple[str, ...], news: list[str]) ->
 
 
 CHILDREN = (
-    beam_children(PROBLEM, ("4 * 2 = 8\n", "3 + 8 = 11\n"), ["Answer: 11", "Answer: 12", "So 11.\n", "Check: 8 + 3 = 11\n"])
+    beam_children(PROBLEM, ("4 * 2 = 8\n", "3 + 8 = 11\n"),
+                  ["Answer: 11", "Answer: 12", "So 11.\n", "Check: 8 + 3 = 11\n"])
     + beam_children(PROBLEM, ("3 + 4 = 7\n",), ["7 * 2 = 14\n", "Answer: 14"])
     + beam_children(Problem("p1", "What is 9 - 5?", "4"), (), ["9 - 5 = 4\n", "Answer: 4"])
 )
@@ -162,7 +164,8 @@ CHILDREN = (
 @pytest.mark.parametrize("layout", ["math_shepherd", "rlhflow", "qwen_prm"])
 def test_paths_that_start_alike_share_one_forward_of_that_start_and_score_the_same(qwen_dir, layout):
     shared = LMPRMScorer.from_pretrained(qwen_dir, layout, batch_size=3)
-    whole = LMPRMScorer(shared.model, shared.tokenizer, layout, batch_size=3, score_head=shared.score_head, share_prefix=False)
+    whole = LMPRMScorer(shared.model, shared.tokenizer, layout, batch_size=3, score_head=shared.score_head,
+                        share_prefix=False)
     for got, want in zip(shared.score(CHILDREN), whole.score(CHILDREN)):
         assert len(got) == len(want) and got == pytest.approx(want, abs=1e-5)
     assert shared.cost(CHILDREN) < whole.cost(CHILDREN)  # earlier steps forwarded once per batch of a beam
@@ -210,7 +213,8 @@ def test_tokens_that_do_not_fit_the_prm_are_named(prm_dir, chat_dir):
         LMPRMScorer(model, tokenizer, bad_id=100000)
     with pytest.raises(ValueError, match="same token id"):
         LMPRMScorer(model, tokenizer, good_id=13, bad_id=13)
-    with pytest.raises(ValueError, match=r"has no chat template: the chat layouts \(prm_format=rlhflow, qwen_prm\) need one"):
+    no_template = r"has no chat template: the chat layouts \(prm_format=rlhflow, qwen_prm\) need one"
+    with pytest.raises(ValueError, match=no_template):
         LMPRMScorer.from_pretrained(prm_dir, "rlhflow")
     with pytest.raises(ValueError, match="batch_size=0 must be an integer >= 1"):
         LMPRMScorer.from_pretrained(prm_dir, batch_size=0)
@@ -218,7 +222,8 @@ def test_tokens_that_do_not_fit_the_prm_are_named(prm_dir, chat_dir):
 
 def test_a_chat_template_whose_turns_are_not_prefixes_is_named(chat_dir):
     scorer = LMPRMScorer.from_pretrained(chat_dir, "rlhflow")
-    scorer.tokenizer.chat_template = CHAT_TEMPLATE.replace("{% if add_generation_prompt %}<|assistant|>", "{% if add_generation_prompt %}<|bot|>")
+    generation_prompt = "{% if add_generation_prompt %}<|assistant|>"
+    scorer.tokenizer.chat_template = CHAT_TEMPLATE.replace(generation_prompt, "{% if add_generation_prompt %}<|bot|>")
     with pytest.raises(ValueError, match="does not render a conversation's earlier turns"):
         scorer.score(PATHS[:1])
 
