@@ -97,6 +97,10 @@ class LMPRMScorer:
         pad_id = getattr(tokenizer, "pad_token_id", None)
         self.pad_id: int = int(pad_id if pad_id is not None else (tokenizer.eos_token_id or 0))
         self.context_window: int | None = getattr(model.config, "max_position_embeddings", None)
+        # the weights a scored token goes through (the compute ledger's FLOPs): the base model and
+        # the score head; an LM reader computes two rows of the output layer, not counted
+        modules = [model.base_model] + ([self.score_head] if self.score_head is not None else [])
+        self.num_parameters: int = sum(p.numel() for module in modules for p in module.parameters())
 
     @classmethod
     def from_pretrained(

@@ -138,6 +138,8 @@ def test_batches_of_mixed_lengths_equal_each_path_alone_and_cost_counts_prm_toke
     batched = LMPRMScorer.from_pretrained(qwen_dir, layout, batch_size=3)
     alone = LMPRMScorer(batched.model, batched.tokenizer, layout, batch_size=1, score_head=batched.score_head)
     assert isinstance(batched, Scorer)
+    head = sum(p.numel() for p in batched.score_head.parameters()) if layout == "qwen_prm" else 0
+    assert batched.num_parameters == sum(p.numel() for p in batched.model.base_model.parameters()) + head > head
     scores = batched.score(PATHS)
     assert [len(s) for s in scores] == [3, 0, 1, 2]  # one per step, in input order; none without steps
     for got, want in zip(scores, [alone.score([p])[0] for p in PATHS]):
@@ -250,6 +252,13 @@ def test_a_search_ranks_steps_with_the_prm_preset(prm_dir, tmp_path):
     ])
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(row["compute"]["scorer_tokens"] > 0 for row in rows)
+    # FLOPs count the PRM's base model over its tokens beside the policy's over its own
+    policy = AutoModelForCausalLM.from_pretrained(str(prm_dir))
+    prm_params = sum(p.numel() for p in policy.base_model.parameters())
+    for row in rows:
+        compute = row["compute"]
+        policy_flops = 2.0 * policy.num_parameters() * compute["tokens_forwarded"]
+        assert compute["flops"] == pytest.approx(policy_flops + 2.0 * prm_params * compute["scorer_tokens"])
 
 
 def test_plan_groups_sequences_that_share_a_start_while_it_saves_tokens():
