@@ -1,19 +1,22 @@
-"""Benchmark of the external PRM scorer's shared starts: the paths a step-level beam search asks a
-PRM to score (`scorers/lm_prm_scorer.py`), scored with their common starts forwarded once
-(`scorers/prm_batches.py`) and with every path forwarded whole (what search-and-learn's PRM
-scoring and the reference's scorer do), side by side, as a markdown table.
+"""Benchmark of the external PRM scorer's reuse: the paths a step-level beam search asks a PRM to
+score (`scorers/lm_prm_scorer.py`), scored three ways side by side, as a markdown table: with the
+KV of scored paths kept across calls (`scorers/prm_memory.py`: a child of last round's path
+forwards only its new step) and common starts forwarded once (`scorers/prm_batches.py`), the
+default; with common starts only; and with every path forwarded whole (what search-and-learn's
+PRM scoring and the reference's scorer do).
 
     python -m experiments.bench_prm_prefix                          # SmolLM2 as the PRM, 4 problems
     python -m experiments.bench_prm_prefix --prm outputs/checkpoints/tiny-arith/final --problems 16
 
 The beam search (N = --n, M = --beam-width) runs once with the tiny arith policy (`--model tiny`)
 or SmolLM2 on GSM8K (`--model smollm2`), ranking its steps with the PRM (shared starts on), and
-every `score` call's paths are recorded; then both ways score the recorded calls in `--rounds`
-interleaved rounds (the order alternating), timed on this process's CPU and the wall. The PRM is
+every `score` call's paths are recorded; then each way scores the recorded calls in order (its
+memory emptied first) in `--rounds` interleaved rounds (the order alternating), timed on this
+process's CPU and the wall. The PRM is
 any causal-LM folder read in the `--prm-format` layout: SmolLM2-135M-Instruct (the packaged model,
 `policies.smollm2`) by default. It is not a trained PRM, so its scores mean nothing here; the
-forwarded tokens and the time they take are what is measured, and the table checks that both ways
-give the same scores (largest difference).
+forwarded tokens and the time they take are what is measured, and the table checks that every way
+gives the same scores (largest difference from every path whole).
 """
 from __future__ import annotations
 
@@ -62,11 +65,15 @@ class WayRun:
 
 
 def replay(scorer: LMPRMScorer, calls: Sequence[Sequence[Prefix]]) -> WayRun:
-    """Score every recorded call with scorer, timed."""
+    """Score every recorded call in order with scorer (its memory emptied first), timed."""
+    scorer.clear_memory()
     wall, cpu = time.perf_counter(), time.process_time()
-    scores = [scorer.score(call) for call in calls]
+    scores, tokens = [], 0
+    for call in calls:
+        scores.append(scorer.score(call))
+        tokens += scorer.cost(call)  # after its own score, as a search asks (the memory's count)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return WayRun(sum(scorer.cost(call) for call in calls), wall, cpu, scores)
+    return WayRun(tokens, wall, cpu, scores)
 
 
 def largest_difference(a: list[list[list[float]]], b: list[list[list[float]]]) -> float:
@@ -96,7 +103,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_prm_prefix", description=__doc__.split("\n")[0])
     add_search_arguments(ap, problems=4, n=16)
     ap.add_argument("--prm", type=Path, default=None, help="PRM folder (default: SmolLM2, converted once)")
-    ap.add_argument("--prm-format", choices=sorted(PRM_FORMATS), default="math_shepherd")
+    ap.add_argument("--prm-format", choices=sorted(PRM_FORMATS), default="math_shepherd",
+                    help="qwen_prm needs a folder with a score head")
     ap.add_argument("--batch-size", type=positive_int, default=8, help="paths per PRM forward")
     ap.add_argument("--rounds", type=positive_int, default=2)
     args = ap.parse_args(argv)
@@ -111,12 +119,16 @@ def run(work: Workload, prm: Path | None, prm_format: str, batch_size: int, n: i
         from policies.smollm2 import ensure_smollm2
 
         prm = ensure_smollm2()
-    shared = LMPRMScorer.from_pretrained(prm, prm_format, batch_size=batch_size)
-    whole = LMPRMScorer(shared.model, shared.tokenizer, shared.format, batch_size, share_prefix=False)
-    recorder = RecordingScorer(shared)
+    kept = LMPRMScorer.from_pretrained(prm, prm_format, batch_size=batch_size)
+    parts = (kept.model, kept.tokenizer, kept.format, batch_size)
+    scorers = {
+        "memory + shared starts": kept,
+        "shared starts": LMPRMScorer(*parts, score_head=kept.score_head, cache_bytes=0),
+        "every path whole": LMPRMScorer(*parts, score_head=kept.score_head, share_prefix=False, cache_bytes=0),
+    }
+    recorder = RecordingScorer(kept)
     run_search("beam_search", list(work.problems), work.policy(), recorder, n=n, beam_width=beam_width,
                max_depth=20, seed=seed)
-    scorers = {"shared starts": shared, "every path whole": whole}
     runs: dict[str, list[WayRun]] = {name: [] for name in scorers}
     for round_index in range(rounds):
         for name in list(scorers) if round_index % 2 == 0 else list(scorers)[::-1]:

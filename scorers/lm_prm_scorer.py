@@ -23,15 +23,19 @@ ValueError naming its problem. The tokenizer must be a fast one (it maps charact
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from transformers import DynamicCache
 
 from policies.checkpoint import DamagedCheckpointError, missing_folder_error, torch_dtype
 from policies.devices import resolve_device
+from policies.prefix_cache import PrefixKV
 from scorers.prm_batches import PRMBatch, forwarded_tokens, plan_batches
+from scorers.prm_memory import DEFAULT_MAX_BYTES, ParentHit, PRMMemory, stacked_kv
 from scorers.prm_format import (
     PRMFormat, PRMText, check_chat_template, prm_text, resolve_prm_format, tokenizer_name,
 )
@@ -69,6 +73,9 @@ class LMPRMScorer:
     share_prefix: paths that start with the same tokens share the forward of that start
         (`scorers.prm_batches`; the scores are the same within float rounding); False forwards
         every path whole.
+    cache_bytes: memory for the KV of scored paths kept across calls (`scorers.prm_memory`): a
+        path whose parent (its steps but the last) was scored before forwards only its new
+        tokens; 0 keeps nothing.
     """
 
     def __init__(
@@ -81,6 +88,7 @@ class LMPRMScorer:
         bad_id: int | None = None,
         score_head: ScoreHead | None = None,
         share_prefix: bool = True,
+        cache_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         check_batch_size(batch_size)
         self.format = resolve_prm_format(prm_format)
@@ -92,6 +100,10 @@ class LMPRMScorer:
             )
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
         self.share_prefix = bool(share_prefix)
+        if not isinstance(cache_bytes, int) or isinstance(cache_bytes, bool) or cache_bytes < 0:
+            raise ValueError(f"cache_bytes={cache_bytes!r} must be an integer >= 0 (0: keep nothing across calls)")
+        self.memory = PRMMemory(cache_bytes) if cache_bytes else None
+        self._lock = threading.Lock()  # the memory is one per scorer; a search may call from threads
         self.device = next(model.parameters()).device
         self.score_head = None if score_head is None else score_head.eval().to(self.device)
         pad_id = getattr(tokenizer, "pad_token_id", None)
@@ -113,6 +125,7 @@ class LMPRMScorer:
         good_id: int | None = None,
         bad_id: int | None = None,
         share_prefix: bool = True,
+        cache_bytes: int = DEFAULT_MAX_BYTES,
     ) -> "LMPRMScorer":
         """Load a PRM from a local transformers folder (config.json, weights in any layout
         transformers reads, a fast tokenizer; for reader "head" its `score.*` tensors in
@@ -121,36 +134,90 @@ class LMPRMScorer:
         checked before the weights load. dtype: "float32", "bfloat16" or "float16"; device: "cpu"
         or "cuda[:N]"."""
         check_batch_size(batch_size)
+        if not isinstance(cache_bytes, int) or isinstance(cache_bytes, bool) or cache_bytes < 0:
+            raise ValueError(f"cache_bytes={cache_bytes!r} must be an integer >= 0 (0: keep nothing across calls)")
         fmt, weights_dtype, target = resolve_prm_format(prm_format), torch_dtype(dtype), resolve_device(device)
         directory = check_prm_folder(Path(path))
         tokenizer = load_prm_tokenizer(directory)
         check_tokenizer(tokenizer, fmt, good_id, bad_id)  # before minutes of loading a large model
         head = load_score_head(directory, weights_dtype) if fmt.reader == "head" else None
         model = load_prm_model(directory, weights_dtype, causal_lm=fmt.reader == "lm")
-        return cls(model.to(target), tokenizer, fmt, batch_size, good_id, bad_id, head, share_prefix)
+        return cls(model.to(target), tokenizer, fmt, batch_size, good_id, bad_id, head, share_prefix, cache_bytes)
 
     def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
         return [list(r.step_scores) for r in self.read(paths)]
 
     def cost(self, paths: Sequence[Prefix]) -> int:
         """Tokens forwarded for these paths: the PRM's tokens of each path with steps, a start that
-        several paths share counted once (`scorers.prm_batches`)."""
-        sequences = [ids for ids, _ in self._sequences(paths)]
-        return forwarded_tokens(self._plan(sequences), [len(ids) for ids in sequences])
+        several paths share counted once (`scorers.prm_batches`), a parent found in the memory not
+        at all (what their last `score` forwarded; a path not scored yet counts as planned)."""
+        with self._lock:
+            sequences = [ids for ids, _ in self._sequences(paths)]
+            if self.memory is None:
+                return forwarded_tokens(self._plan(sequences), [len(ids) for ids in sequences])
+            known = [self.memory.forwarded(ids) if ids else 0 for ids in sequences]
+            unknown = [ids if n is None else [] for ids, n in zip(sequences, known)]
+            planned = forwarded_tokens(self._plan(unknown), [len(ids) for ids in unknown])
+            return sum(n for n in known if n is not None) + planned
+
+    def clear_memory(self) -> None:
+        """Forget the paths scored so far (their KV, scores and forwarded tokens)."""
+        if self.memory is not None:
+            self.memory.clear()
 
     def read(self, paths: Sequence[Prefix]) -> list[PRMReading]:
-        """Forward every path with steps once (`scorers.prm_batches`: paths that start alike share
-        the forward of their common start) and read its positions."""
-        sequences = self._sequences(paths)
-        self._check_window(paths, sequences)
-        readings = [PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences]
-        for batch in self._plan([ids for ids, _ in sequences]):
-            for i, scores in zip(batch.rows, self._scores([sequences[i] for i in batch.rows], batch.shared)):
-                readings[i] = PRMReading(tuple(sequences[i][0]), tuple(sequences[i][1]), tuple(scores))
-        return readings
+        """Forward every path with steps once and read its positions: a path whose parent is in
+        the memory forwards only its new tokens; the others are planned by `scorers.prm_batches`
+        (paths that start alike share the forward of their common start)."""
+        with self._lock:
+            sequences = self._sequences(paths)
+            self._check_window(paths, sequences)
+            readings = [PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences]
+            for rows, shared, hit in self._batches(sequences, self._parent_hits(paths, sequences)):
+                scores, kvs, forwarded = self._run([sequences[i] for i in rows], shared, hit)
+                for i, row_scores, kv, tokens in zip(rows, scores, kvs, forwarded):
+                    ids, positions = sequences[i]
+                    readings[i] = PRMReading(tuple(ids), tuple(positions), tuple(row_scores))
+                    if self.memory is not None:
+                        self.memory.remember(ids, positions[-1] + 1, kv, dict(zip(positions, row_scores)), tokens)
+            return readings
 
     def _plan(self, sequences: list[list[int]]) -> list[PRMBatch]:
         return plan_batches(sequences, self.batch_size, share=self.share_prefix)
+
+    def _parent_hits(self, paths: Sequence[Prefix], sequences: list[tuple[list[int], list[int]]]) -> dict[int, ParentHit]:
+        """The paths whose parent (steps but the last; its tokens through its last reading) the
+        memory holds, with every position the parent covers scored there: path index -> the hit."""
+        if self.memory is None:
+            return {}
+        hits, parents = {}, {}  # parents: a parent's ids by its steps (siblings share it)
+        for i, (path, (ids, positions)) in enumerate(zip(paths, sequences)):
+            if len(path.steps) < 2:
+                continue
+            key = (path.problem.question, tuple(step.text for step in path.steps[:-1]))
+            if key not in parents:  # the parent's tokens through its last reading
+                parents[key] = self._sequences([Prefix(path.problem, path.steps[:-1])])[0][1][-1] + 1
+            hit = self.memory.parent(ids, parents[key])
+            if hit is not None and all(p in hit.scores for p in positions if p < hit.length):
+                hits[i] = hit
+        return hits
+
+    def _batches(
+        self, sequences: list[tuple[list[int], list[int]]], hits: dict[int, ParentHit]
+    ) -> list[tuple[list[int], int, ParentHit | None]]:
+        """(rows, tokens before the rows' own, the cached parent or None) per forward: the rows of
+        one cached parent together, then the plan of the rest (shared starts)."""
+        by_parent: dict[int, list[int]] = {}
+        for i, hit in hits.items():
+            by_parent.setdefault(id(hit.kv), []).append(i)
+        batches: list[tuple[list[int], int, ParentHit | None]] = []
+        for rows in by_parent.values():
+            hit = hits[rows[0]]
+            for first in range(0, len(rows), self.batch_size):
+                batches.append((rows[first : first + self.batch_size], hit.length, hit))
+        rest = [[] if i in hits else ids for i, (ids, _) in enumerate(sequences)]
+        batches.extend((list(b.rows), b.shared, None) for b in self._plan(rest))
+        return batches
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -199,49 +266,85 @@ class LMPRMScorer:
                 )
 
     @torch.inference_mode()
-    def _scores(self, batch: list[tuple[list[int], list[int]]], shared: int) -> list[list[float]]:
-        """One batch's step scores: its final hidden states at the positions (`_hidden_at`) through
-        the reader, softmax, the good class."""
-        hidden = self._hidden_at(batch, shared)  # [K, H]
+    def _run(
+        self, batch: list[tuple[list[int], list[int]]], start: int, hit: ParentHit | None
+    ) -> tuple[list[list[float]], list[PrefixKV | None], list[int]]:
+        """One forward of a batch whose rows all begin with the same `start` tokens (0: none),
+        cached (hit) or forwarded once here: per row its scores at its positions, its KV for the
+        memory (None without one) and the tokens forwarded for it (a forwarded start counts on
+        the first row)."""
+        past, start_hidden, root = self._start(batch, start, hit)
+        rests = [ids[start:] for ids, _ in batch]
+        tail, cache = self._tail(rests, start, past)  # [B, S, H]
+        wanted = [(r, c) for r, (_, pos) in enumerate(batch) for c in pos if hit is None or c >= start]
+        hidden = torch.stack([
+            start_hidden[c] if c < start else tail[r, c - start] for r, c in wanted
+        ]) if wanted else tail.new_zeros((0, tail.shape[-1]))  # [K, H]
+        read = dict(zip(wanted, self._read_scores(hidden)))
+        scores = [[hit.scores[c] if hit is not None and c < start else read[(r, c)] for c in pos]
+                  for r, (_, pos) in enumerate(batch)]
+        kvs = [self._row_kv(cache, r, start, pos[-1] + 1, root) for r, (_, pos) in enumerate(batch)]
+        forwarded = [len(rest) + (start if hit is None and r == 0 else 0) for r, rest in enumerate(rests)]
+        return scores, kvs, forwarded
+
+    def _start(
+        self, batch: list[tuple[list[int], list[int]]], start: int, hit: ParentHit | None
+    ) -> tuple[Any, torch.Tensor | None, PrefixKV | None]:
+        """(the past the rows attend to, repeated for each row, or None; the hidden states of a
+        start forwarded here; the start's KV as a chain root for the memory)."""
+        if hit is not None:
+            keys, values = stacked_kv(hit.kv)  # [layers, kv_heads, P, head_dim]
+            layers = [(k.unsqueeze(0).expand(len(batch), -1, -1, -1).contiguous(),
+                       v.unsqueeze(0).expand(len(batch), -1, -1, -1).contiguous()) for k, v in zip(keys, values)]
+            return DynamicCache(ddp_cache_data=layers, config=self.model.config), None, hit.kv
+        if not start:
+            return None, None, None
+        out = self.model.base_model(input_ids=torch.tensor([batch[0][0][:start]], device=self.device), use_cache=True)
+        past = out.past_key_values
+        root = None
+        if self.memory is not None:  # the start's own columns, once for every row's entry
+            root = PrefixKV(torch.stack([layer.keys[0] for layer in past.layers]),
+                            torch.stack([layer.values[0] for layer in past.layers]))
+        past.batch_repeat_interleave(len(batch))
+        return past, out.last_hidden_state[0], root  # [P, H]
+
+    def _tail(self, rests: list[list[int]], start: int, past: Any) -> tuple[torch.Tensor, Any]:
+        """The rows' own tokens right-padded in one forward that attends to past (start tokens):
+        ([B, S, H] last hidden states, the cache after it when the memory wants it)."""
+        width = max(len(ids) for ids in rests)
+        input_ids = torch.full((len(rests), width), self.pad_id, dtype=torch.long)  # [B, S]
+        mask = torch.zeros((len(rests), start + width), dtype=torch.long)  # [B, P + S]
+        mask[:, :start] = 1
+        for row, ids in enumerate(rests):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, start : start + len(ids)] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]  # [B, S]
+        use_cache = past is not None or self.memory is not None
+        out = self.model.base_model(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+            position_ids=position_ids.to(self.device), past_key_values=past, use_cache=use_cache,
+        )
+        return out.last_hidden_state, out.past_key_values if self.memory is not None else None
+
+    def _row_kv(self, cache: Any, row: int, start: int, end: int, root: PrefixKV | None) -> PrefixKV | None:
+        """Row `row`'s own columns through its last reading (start:end) of the cache after the
+        tail forward, chained to root; None without a cache or own columns."""
+        if cache is None or end <= start:
+            return None
+        keys = torch.stack([layer.keys[row, :, start:end] for layer in cache.layers])
+        values = torch.stack([layer.values[row, :, start:end] for layer in cache.layers])
+        return PrefixKV(keys, values, parent=root)  # [layers, kv_heads, end - start, head_dim]
+
+    def _read_scores(self, hidden: torch.Tensor) -> list[float]:
+        """[K, H] final hidden states -> each one's score: the reader's (good, bad) logits,
+        softmax, the good class."""
+        if not len(hidden):
+            return []
         pair = (  # [K, 2]: (good, bad)
             self.score_head(hidden) if self.score_head is not None
             else token_pair_logits(self.model, hidden, self.good_id, self.bad_id)
         )
-        good = torch.softmax(pair.float(), dim=-1)[:, 0].tolist()  # [K]
-        result, k = [], 0
-        for _, pos in batch:
-            result.append(good[k : k + len(pos)])
-            k += len(pos)
-        return result
-
-    def _hidden_at(self, batch: list[tuple[list[int], list[int]]], shared: int) -> torch.Tensor:
-        """[K, H] final hidden states at every row's positions, in row order: the first `shared`
-        tokens (common to all rows) forwarded once, their KV repeated for the rows, then the
-        rows' rests right-padded in one forward that attends to it."""
-        base = self.model.base_model
-        cache, head = None, None
-        if shared:
-            out = base(input_ids=torch.tensor([batch[0][0][:shared]], device=self.device), use_cache=True)
-            head, cache = out.last_hidden_state[0], out.past_key_values  # [P, H]
-            cache.batch_repeat_interleave(len(batch))
-        rests = [ids[shared:] for ids, _ in batch]
-        width = max(len(ids) for ids in rests)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # [B, S]
-        mask = torch.zeros((len(batch), shared + width), dtype=torch.long)  # [B, P + S]
-        mask[:, :shared] = 1
-        for row, ids in enumerate(rests):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[row, shared : shared + len(ids)] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # [B, S]
-        tail = base(
-            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-            position_ids=position_ids.to(self.device), past_key_values=cache, use_cache=cache is not None,
-        ).last_hidden_state  # [B, S, H]
-        rows = [r for r, (_, pos) in enumerate(batch) for _ in pos]
-        cols = [c for _, pos in batch for c in pos]
-        if not shared:
-            return tail[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
-        return torch.stack([head[c] if c < shared else tail[r, c - shared] for r, c in zip(rows, cols)])
+        return torch.softmax(pair.float(), dim=-1)[:, 0].tolist()
 
 
 def check_prm_folder(directory: Path) -> Path:

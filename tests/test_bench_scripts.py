@@ -130,7 +130,7 @@ def test_bench_dtype_skips_bf16_without_bf16_matmuls(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_prm_prefix_table_scores_the_same_paths_both_ways(tmp_path):
+def test_prm_prefix_table_scores_the_same_paths_every_way(tmp_path):
     from experiments import bench_prm_prefix
     from experiments.bench_workload import load_workload
     from tiny_checkpoint import save_tiny_checkpoint
@@ -140,7 +140,7 @@ def test_prm_prefix_table_scores_the_same_paths_both_ways(tmp_path):
     report = bench_prm_prefix.run(work, prm, "math_shepherd", batch_size=4, n=4, beam_width=2, seed=0, rounds=2)
     assert "beam search N = 4, M = 2" in report and "medians of 2 interleaved rounds" in report
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in report.splitlines()[4:]}
-    assert set(rows) == {"shared starts", "every path whole"}
-    shared, whole = int(rows["shared starts"][0]), int(rows["every path whole"][0])
-    assert 0 < shared < whole and rows["every path whole"][1] == "1.00"  # the question at least is shared
-    assert float(rows["shared starts"][6]) < 1e-4  # the same scores both ways
+    assert list(rows) == ["memory + shared starts", "shared starts", "every path whole"]
+    memory, shared, whole = (int(rows[name][0]) for name in rows)
+    assert 0 < memory <= shared < whole and rows["every path whole"][1] == "1.00"  # the question at least is shared
+    assert all(float(cells[6]) < 1e-4 for cells in rows.values())  # the same scores every way

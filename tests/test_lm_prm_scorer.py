@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from policies.tiny_model import TinyModelConfig
 from scorers.lm_prm_scorer import LMPRMScorer, last_token_before
 from scorers.prm_batches import PRMBatch, forwarded_tokens, plan_batches
 from scorers.prm_format import QWEN_SYSTEM, PRMFormat, resolve_prm_format
@@ -45,9 +46,13 @@ PATHS = [
 ]
 
 
+# two layers (a cache with its layers out of order scores wrong) and grouped-query attention
+PRM_SHAPE = TinyModelConfig(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64)
+
+
 @pytest.fixture(scope="module")
 def prm_dir(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("prm") / "tag")
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("prm") / "tag", PRM_SHAPE)
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +264,43 @@ def test_a_search_ranks_steps_with_the_prm_preset(prm_dir, tmp_path):
         compute = row["compute"]
         policy_flops = 2.0 * policy.num_parameters() * compute["tokens_forwarded"]
         assert compute["flops"] == pytest.approx(policy_flops + 2.0 * prm_params * compute["scorer_tokens"])
+
+
+@pytest.mark.parametrize("layout", ["math_shepherd", "rlhflow", "qwen_prm"])
+def test_a_path_whose_parent_was_scored_forwards_only_its_new_tokens(qwen_dir, layout):
+    memory = LMPRMScorer.from_pretrained(qwen_dir, layout, batch_size=3)
+    whole = LMPRMScorer(memory.model, memory.tokenizer, layout, batch_size=3, score_head=memory.score_head,
+                        share_prefix=False, cache_bytes=0)
+    parents = [Prefix(c.problem, c.steps[:-1]) for c in CHILDREN]
+    memory.score(parents)  # the last round: every child's parent is scored (and kept) here
+    got, want = memory.score(CHILDREN), whole.score(CHILDREN)
+    for g, w in zip(got, want):
+        assert len(g) == len(w) and g == pytest.approx(w, abs=1e-5)
+    # each child of a scored parent forwarded only its tokens after the parent's last reading (the
+    # first six; the two children of the empty path were planned as before)
+    own = [len(c.token_ids) - p.positions[-1] - 1 for c, p in zip(memory.read(CHILDREN[:6]), whole.read(parents[:6]))]
+    assert memory.cost(CHILDREN[:6]) == sum(own) < whole.cost(CHILDREN[:6])
+    memory.clear_memory()  # forgotten: the children forward again (their common starts once)
+    for g, again in zip(got, memory.score(CHILDREN)):
+        assert again == pytest.approx(g, abs=1e-5)
+    assert sum(own) < memory.cost(CHILDREN[:6]) < whole.cost(CHILDREN[:6])
+
+
+def test_without_room_nothing_is_kept_and_the_scores_stay(prm_dir):
+    kept = LMPRMScorer.from_pretrained(prm_dir)
+    none = LMPRMScorer(kept.model, kept.tokenizer, cache_bytes=0)
+    tiny = LMPRMScorer(kept.model, kept.tokenizer, cache_bytes=1)  # every path is larger than the budget
+    parents = [Prefix(c.problem, c.steps[:-1]) for c in CHILDREN]
+    for scorer in (kept, none, tiny):
+        scorer.score(parents)
+    assert none.memory is None and len(tiny.memory.cache) == 0 and len(kept.memory.cache) > 0
+    reference = kept.score(CHILDREN)
+    for scorer in (none, tiny):
+        for got, want in zip(scorer.score(CHILDREN), reference):
+            assert got == pytest.approx(want, abs=1e-5)
+        assert scorer.cost(CHILDREN) > kept.cost(CHILDREN)
+    with pytest.raises(ValueError, match=r"cache_bytes=-1 must be an integer >= 0"):
+        LMPRMScorer(kept.model, kept.tokenizer, cache_bytes=-1)
 
 
 def test_plan_groups_sequences_that_share_a_start_while_it_saves_tokens():

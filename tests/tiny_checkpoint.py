@@ -18,10 +18,11 @@ from policies.tiny_tokenizer import build_tokenizer
 TINY_SHAPE = TinyModelConfig(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64)
 
 
-def save_tiny_checkpoint(out_dir: Path) -> Path:
-    """Build the locally learned tokenizer and a ~25k-parameter random Llama; save both to out_dir."""
+def save_tiny_checkpoint(out_dir: Path, shape: TinyModelConfig = TINY_SHAPE) -> Path:
+    """Build the locally learned tokenizer and a random Llama (TINY_SHAPE: ~25k parameters); save
+    both to out_dir."""
     tokenizer = build_tokenizer()
-    return save_checkpoint(build_model(TINY_SHAPE, tokenizer), tokenizer, out_dir)
+    return save_checkpoint(build_model(shape, tokenizer), tokenizer, out_dir)
 
 # user and assistant turns, each on its own line; the generation prompt opens an assistant turn
 CHAT_TEMPLATE = (
