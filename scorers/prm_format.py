@@ -17,8 +17,8 @@ How a reading becomes a score (`reader`): "lm" (the first two): the LM's next-to
 good token "+" against the bad token "-", P(+) / (P(+) + P(-)); "head" (Qwen's): a two-class head
 on the last hidden state (`score.0`, ReLU, `score.2`), the softmax's second class.
 
-Each step's text is its decoded text with surrounding whitespace stripped (the policy's separator
-goes; the layout's joiners stand in for it). `prm_text` returns the text and, per step, the
+Each step's text is its decoded text without think tags and surrounding whitespace (the policy's
+separator goes; the layout's joiners stand in for it). `prm_text` returns the text and, per step, the
 character offset the reading hangs on; `scorers.lm_prm_scorer` turns offsets into token positions
 through the tokenizer's offset mapping, so the whole text is tokenised at once, as the PRMs' own
 code does, and no token is looked up by id.
@@ -50,6 +50,8 @@ class PRMFormat:
     reader: "lm" (next-token logits of good against bad) or "head" (a two-class score head).
     good, bad: reader "lm": the tokens whose next-token probabilities make a step's score,
         P(good) / (P(good) + P(bad)); each must encode to one token (or pass the ids to the scorer).
+    drop: marker strings removed from every step's text before it is laid out (a thinking
+        policy's think tags: the PRMs were trained on plain solution steps).
     """
 
     layout: str = "tag"
@@ -60,6 +62,7 @@ class PRMFormat:
     reader: str = "lm"
     good: str = "+"
     bad: str = "-"
+    drop: tuple[str, ...] = ("<think>", "</think>")
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -100,15 +103,22 @@ class PRMText:
     read_ends: tuple[int, ...]
 
 
-def step_texts(path: Prefix) -> list[str]:
-    """Each step's text without surrounding whitespace (the policy's separator goes)."""
-    return [step.text.strip() for step in path.steps]
+def step_texts(path: Prefix, drop: tuple[str, ...] = ()) -> list[str]:
+    """Each step's text without the drop markers and surrounding whitespace (the policy's
+    separator goes)."""
+    texts = []
+    for step in path.steps:
+        text = step.text
+        for marker in drop:
+            text = text.replace(marker, "")
+        texts.append(text.strip())
+    return texts
 
 
 def prm_text(fmt: PRMFormat, tokenizer: Any, path: Prefix) -> PRMText:
     """The text fmt lays out for path (module docstring); chat layouts render through the
     tokenizer's chat template."""
-    steps = step_texts(path)
+    steps = step_texts(path, tuple(fmt.drop))
     if fmt.layout == "tag":
         return tag_text(fmt, path.problem.question, steps)
     if fmt.layout == "chat_tag":

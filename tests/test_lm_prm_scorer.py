@@ -188,6 +188,15 @@ def test_a_step_is_read_without_its_surrounding_whitespace(prm_dir):
     assert scorer.tokenizer.decode(reading.token_ids, skip_special_tokens=True) == "What is 3 + 4 * 2? 3 + 4 = 7 ки\n"
 
 
+def test_think_tags_are_dropped_from_the_steps(prm_dir):
+    scorer = LMPRMScorer.from_pretrained(prm_dir)
+    thinking = Prefix(PROBLEM, (step("<think>\n4 * 2 = 8\n"), step("3 + 8 = 11</think>\n"), step("Answer: 11")))
+    (reading,) = scorer.read([thinking])
+    assert reading == scorer.read([PATHS[0]])[0]  # as if the policy had not thought aloud
+    kept = LMPRMScorer(scorer.model, scorer.tokenizer, PRMFormat(drop=()))
+    assert "<think>" in kept.tokenizer.decode(kept.read([thinking])[0].token_ids)
+
+
 def test_the_read_token_holds_the_character_before_the_end():
     spans = [(0, 0), (0, 3), (3, 4), (4, 5), (4, 5), (5, 6), (0, 0)]  # bos, ..., two byte tokens of one char, eos
     assert last_token_before(spans, 5) == 4 and last_token_before(spans, 6) == 5 and last_token_before(spans, 4) == 2
