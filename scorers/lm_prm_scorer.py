@@ -31,13 +31,14 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache
 
-from policies.checkpoint import DamagedCheckpointError, missing_folder_error, torch_dtype
+from policies.checkpoint import torch_dtype
 from policies.devices import resolve_device
 from policies.prefix_cache import PrefixKV
 from scorers.prm_batches import PRMBatch, forwarded_tokens, plan_batches
 from scorers.prm_memory import DEFAULT_MAX_BYTES, ParentHit, PRMMemory, stacked_kv
-from scorers.prm_format import (
-    PRMFormat, PRMText, check_chat_template, prm_text, resolve_prm_format, tokenizer_name,
+from scorers.prm_format import PRMFormat, PRMText, prm_text, resolve_prm_format, tokenizer_name
+from scorers.prm_loading import (
+    check_cache_bytes, check_prm_folder, check_tokenizer, load_prm_model, load_prm_tokenizer,
 )
 from scorers.prm_readers import ScoreHead, load_score_head, token_pair_logits
 from scorers.sprm_scorer import check_batch_size
@@ -94,14 +95,14 @@ class LMPRMScorer:
         self.format = resolve_prm_format(prm_format)
         self.good_id, self.bad_id = check_tokenizer(tokenizer, self.format, good_id, bad_id)
         if (self.format.reader == "head") != (score_head is not None):
+            needs = "needs" if score_head is None else "takes no"
             raise ValueError(
-                f"PRMFormat.reader={self.format.reader!r} {'needs' if score_head is None else 'takes no'} score_head "
+                f"PRMFormat.reader={self.format.reader!r} {needs} score_head "
                 "(LMPRMScorer.from_pretrained loads a folder's score head for reader 'head')"
             )
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
         self.share_prefix = bool(share_prefix)
-        if not isinstance(cache_bytes, int) or isinstance(cache_bytes, bool) or cache_bytes < 0:
-            raise ValueError(f"cache_bytes={cache_bytes!r} must be an integer >= 0 (0: keep nothing across calls)")
+        check_cache_bytes(cache_bytes)
         self.memory = PRMMemory(cache_bytes) if cache_bytes else None
         self._lock = threading.Lock()  # the memory is one per scorer; a search may call from threads
         self.device = next(model.parameters()).device
@@ -134,8 +135,7 @@ class LMPRMScorer:
         checked before the weights load. dtype: "float32", "bfloat16" or "float16"; device: "cpu"
         or "cuda[:N]"."""
         check_batch_size(batch_size)
-        if not isinstance(cache_bytes, int) or isinstance(cache_bytes, bool) or cache_bytes < 0:
-            raise ValueError(f"cache_bytes={cache_bytes!r} must be an integer >= 0 (0: keep nothing across calls)")
+        check_cache_bytes(cache_bytes)
         fmt, weights_dtype, target = resolve_prm_format(prm_format), torch_dtype(dtype), resolve_device(device)
         directory = check_prm_folder(Path(path))
         tokenizer = load_prm_tokenizer(directory)
@@ -345,75 +345,6 @@ class LMPRMScorer:
             else token_pair_logits(self.model, hidden, self.good_id, self.bad_id)
         )
         return torch.softmax(pair.float(), dim=-1)[:, 0].tolist()
-
-
-def check_prm_folder(directory: Path) -> Path:
-    """FileNotFoundError naming a missing folder or its missing config.json."""
-    if not directory.is_dir():
-        raise missing_folder_error(directory)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"PRM folder {directory} has no config.json (a transformers model folder)")
-    return directory
-
-
-def load_prm_tokenizer(directory: Path) -> Any:
-    """The folder's tokenizer, never fetched from a hub."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-
-
-def load_prm_model(directory: Path, dtype: torch.dtype, causal_lm: bool = True) -> Any:
-    """The folder's causal LM (causal_lm) or base model (the transformers class of its config,
-    never the folder's own code) in dtype, weights in any layout transformers reads (one or
-    sharded safetensors or .bin files); DamagedCheckpointError naming the folder when they do not
-    load."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    auto = AutoModelForCausalLM if causal_lm else AutoModel
-    try:
-        return auto.from_pretrained(str(directory), dtype=dtype, local_files_only=True, trust_remote_code=False)
-    except OSError as error:  # no weights file, or one transformers cannot read
-        raise DamagedCheckpointError(f"PRM folder {directory}: its weights do not load: {error}") from error
-
-
-def check_tokenizer(tokenizer: Any, fmt: PRMFormat, good_id: int | None, bad_id: int | None) -> tuple[int, int]:
-    """(good id, bad id) for fmt in tokenizer ((-1, -1) for reader "head", which reads no tokens);
-    ValueError naming what does not fit: a slow tokenizer, a good or bad token of several tokens,
-    one id for both, no chat template for a chat layout."""
-    check_fast(tokenizer)
-    if fmt.layout != "tag":
-        check_chat_template(tokenizer)
-    if fmt.reader == "head":
-        return -1, -1
-    good, bad = one_token(tokenizer, fmt.good, good_id, "good"), one_token(tokenizer, fmt.bad, bad_id, "bad")
-    if good == bad:
-        raise ValueError(f"good and bad are the same token id {good}: a score needs two")
-    return good, bad
-
-
-def check_fast(tokenizer: Any) -> None:
-    """ValueError naming the tokenizer unless it is a fast one (it maps characters to tokens)."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
-            f"the tokenizer of {tokenizer_name(tokenizer)} is not a fast tokenizer: the PRM scorer "
-            "needs its character offsets (a folder with tokenizer.json)"
-        )
-
-
-def one_token(tokenizer: Any, text: str, given: int | None, name: str) -> int:
-    """The id of text as one token (given wins); ValueError naming it when it encodes to several."""
-    if given is not None:
-        if not isinstance(given, int) or isinstance(given, bool) or not 0 <= given < len(tokenizer):
-            raise ValueError(f"{name}_id={given!r} must be a token id in [0, {len(tokenizer)})")
-        return given
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(
-            f"the {name} token {text!r} encodes to {len(ids)} tokens {ids} in {tokenizer_name(tokenizer)}: "
-            f"give {name}_id"
-        )
-    return int(ids[0])
 
 
 def last_token_before(spans: list[tuple[int, int]], end: int) -> int:

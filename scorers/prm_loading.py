@@ -1,0 +1,95 @@
+"""Getting an external PRM's folder into memory, and checking before its weights load that its
+tokenizer fits the format (`scorers.lm_prm_scorer.LMPRMScorer.from_pretrained`): a missing folder,
+config.json or weights file named; the model's own code in the folder never runs; a slow
+tokenizer, a good or bad token of several tokens, one id for both, a chat layout without a chat
+template named before minutes of loading a large model.
+
+    directory = check_prm_folder(Path(path))
+    tokenizer = load_prm_tokenizer(directory)
+    good_id, bad_id = check_tokenizer(tokenizer, fmt, None, None)
+    model = load_prm_model(directory, torch.bfloat16, causal_lm=True)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from policies.checkpoint import DamagedCheckpointError, missing_folder_error
+from scorers.prm_format import PRMFormat, check_chat_template, tokenizer_name
+
+
+def check_prm_folder(directory: Path) -> Path:
+    """FileNotFoundError naming a missing folder or its missing config.json."""
+    if not directory.is_dir():
+        raise missing_folder_error(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"PRM folder {directory} has no config.json (a transformers model folder)")
+    return directory
+
+
+def load_prm_tokenizer(directory: Path) -> Any:
+    """The folder's tokenizer, never fetched from a hub."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+def load_prm_model(directory: Path, dtype: torch.dtype, causal_lm: bool = True) -> Any:
+    """The folder's causal LM (causal_lm) or base model (the transformers class of its config,
+    never the folder's own code) in dtype, weights in any layout transformers reads (one or
+    sharded safetensors or .bin files); DamagedCheckpointError naming the folder when they do not
+    load."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
+    try:
+        return auto.from_pretrained(str(directory), dtype=dtype, local_files_only=True, trust_remote_code=False)
+    except OSError as error:  # no weights file, or one transformers cannot read
+        raise DamagedCheckpointError(f"PRM folder {directory}: its weights do not load: {error}") from error
+
+
+def check_tokenizer(tokenizer: Any, fmt: PRMFormat, good_id: int | None, bad_id: int | None) -> tuple[int, int]:
+    """(good id, bad id) for fmt in tokenizer ((-1, -1) for reader "head", which reads no tokens);
+    ValueError naming what does not fit: a slow tokenizer, a good or bad token of several tokens,
+    one id for both, no chat template for a chat layout."""
+    check_fast(tokenizer)
+    if fmt.layout != "tag":
+        check_chat_template(tokenizer)
+    if fmt.reader == "head":
+        return -1, -1
+    good, bad = one_token(tokenizer, fmt.good, good_id, "good"), one_token(tokenizer, fmt.bad, bad_id, "bad")
+    if good == bad:
+        raise ValueError(f"good and bad are the same token id {good}: a score needs two")
+    return good, bad
+
+
+def check_cache_bytes(cache_bytes: object) -> None:
+    """ValueError unless cache_bytes (the memory's budget) is an integer >= 0."""
+    if not isinstance(cache_bytes, int) or isinstance(cache_bytes, bool) or cache_bytes < 0:
+        raise ValueError(f"cache_bytes={cache_bytes!r} must be an integer >= 0 (0: keep nothing across calls)")
+
+
+def check_fast(tokenizer: Any) -> None:
+    """ValueError naming the tokenizer unless it is a fast one (it maps characters to tokens)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"the tokenizer of {tokenizer_name(tokenizer)} is not a fast tokenizer: the PRM scorer "
+            "needs its character offsets (a folder with tokenizer.json)"
+        )
+
+
+def one_token(tokenizer: Any, text: str, given: int | None, name: str) -> int:
+    """The id of text as one token (given wins); ValueError naming it when it encodes to several."""
+    if given is not None:
+        if not isinstance(given, int) or isinstance(given, bool) or not 0 <= given < len(tokenizer):
+            raise ValueError(f"{name}_id={given!r} must be a token id in [0, {len(tokenizer)})")
+        return given
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"the {name} token {text!r} encodes to {len(ids)} tokens {ids} in {tokenizer_name(tokenizer)}: "
+            f"give {name}_id"
+        )
+    return int(ids[0])
