@@ -185,7 +185,9 @@ class LMPRMScorer:
     def _plan(self, sequences: list[list[int]]) -> list[PRMBatch]:
         return plan_batches(sequences, self.batch_size, share=self.share_prefix)
 
-    def _parent_hits(self, paths: Sequence[Prefix], sequences: list[tuple[list[int], list[int]]]) -> dict[int, ParentHit]:
+    def _parent_hits(
+        self, paths: Sequence[Prefix], sequences: list[tuple[list[int], list[int]]]
+    ) -> dict[int, ParentHit]:
         """The paths whose parent (steps but the last; its tokens through its last reading) the
         memory holds, with every position the parent covers scored there: path index -> the hit."""
         if self.memory is None:

@@ -62,7 +62,9 @@ class PRMMemory:
         hit = None if scores is None else self.cache.longest(ids, [parent_end])
         return None if hit is None else ParentHit(parent_end, hit[1], scores)
 
-    def remember(self, ids: Sequence[int], end: int, kv: PrefixKV | None, scores: dict[int, float], forwarded: int) -> None:
+    def remember(
+        self, ids: Sequence[int], end: int, kv: PrefixKV | None, scores: dict[int, float], forwarded: int
+    ) -> None:
         """Keep a scored path: the KV of ids[:end] (through its last reading; None: none to keep;
         the cache may refuse or later evict it), its scores by position and the tokens its scoring
         forwarded."""
