@@ -148,11 +148,12 @@ class LMPRMScorer:
         return [list(r.step_scores) for r in self.read(paths)]
 
     def cost(self, paths: Sequence[Prefix]) -> int:
-        """Tokens forwarded for these paths: the PRM's tokens of each path with steps, a start that
-        several paths share counted once (`scorers.prm_batches`), a parent found in the memory not
-        at all (what their last `score` forwarded; a path not scored yet counts as planned)."""
+        """Tokens forwarded for these paths: the PRM's tokens of each distinct path with steps, a
+        start that several paths share counted once (`scorers.prm_batches`), a parent found in the
+        memory not at all (what their last `score` forwarded; a path not scored yet counts as
+        planned)."""
         with self._lock:
-            sequences = [ids for ids, _ in self._sequences(paths)]
+            sequences = distinct([ids for ids, _ in self._sequences(paths)])
             if self.memory is None:
                 return forwarded_tokens(self._plan(sequences), [len(ids) for ids in sequences])
             known = [self.memory.forwarded(ids) if ids else 0 for ids in sequences]
@@ -166,21 +167,24 @@ class LMPRMScorer:
             self.memory.clear()
 
     def read(self, paths: Sequence[Prefix]) -> list[PRMReading]:
-        """Forward every path with steps once and read its positions: a path whose parent is in
-        the memory forwards only its new tokens; the others are planned by `scorers.prm_batches`
-        (paths that start alike share the forward of their common start)."""
+        """Forward every distinct path with steps once and read its positions: a path whose parent
+        is in the memory forwards only its new tokens; the others are planned by
+        `scorers.prm_batches` (paths that start alike share the forward of their common start); a
+        repeated path gets the reading of its first."""
         with self._lock:
             sequences = self._sequences(paths)
             self._check_window(paths, sequences)
-            readings = [PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences]
-            for rows, shared, hit in self._batches(sequences, self._parent_hits(paths, sequences)):
-                scores, kvs, forwarded = self._run([sequences[i] for i in rows], shared, hit)
+            readings = {tuple(ids): PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences}
+            firsts = distinct([ids for ids, _ in sequences])  # repeats forward nothing
+            work = [(ids, pos if ids else []) for ids, (_, pos) in zip(firsts, sequences)]
+            for rows, shared, hit in self._batches(work, self._parent_hits(paths, work)):
+                scores, kvs, forwarded = self._run([work[i] for i in rows], shared, hit)
                 for i, row_scores, kv, tokens in zip(rows, scores, kvs, forwarded):
-                    ids, positions = sequences[i]
-                    readings[i] = PRMReading(tuple(ids), tuple(positions), tuple(row_scores))
+                    ids, positions = work[i]
+                    readings[tuple(ids)] = PRMReading(tuple(ids), tuple(positions), tuple(row_scores))
                     if self.memory is not None:
                         self.memory.remember(ids, positions[-1] + 1, kv, dict(zip(positions, row_scores)), tokens)
-            return readings
+            return [readings[tuple(ids)] for ids, _ in sequences]  # a repeated path: its first reading
 
     def _plan(self, sequences: list[list[int]]) -> list[PRMBatch]:
         return plan_batches(sequences, self.batch_size, share=self.share_prefix)
@@ -194,7 +198,7 @@ class LMPRMScorer:
             return {}
         hits, parents = {}, {}  # parents: a parent's ids by its steps (siblings share it)
         for i, (path, (ids, positions)) in enumerate(zip(paths, sequences)):
-            if len(path.steps) < 2:
+            if len(path.steps) < 2 or not ids:
                 continue
             key = (path.problem.question, tuple(step.text for step in path.steps[:-1]))
             if key not in parents:  # the parent's tokens through its last reading
@@ -347,6 +351,18 @@ class LMPRMScorer:
             else token_pair_logits(self.model, hidden, self.good_id, self.bad_id)
         )
         return torch.softmax(pair.float(), dim=-1)[:, 0].tolist()
+
+
+def distinct(sequences: Sequence[list[int]]) -> list[list[int]]:
+    """sequences with every repeat of an earlier one (and every empty one) as []: a search that
+    keeps equal beams asks for the same path several times, and one forward serves them all."""
+    seen: set[tuple[int, ...]] = set()
+    result = []
+    for ids in sequences:
+        key = tuple(ids)
+        result.append([] if key in seen else ids)
+        seen.add(key)
+    return result
 
 
 def last_token_before(spans: list[tuple[int, int]], end: int) -> int:

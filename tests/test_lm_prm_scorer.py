@@ -188,6 +188,16 @@ def test_a_step_is_read_without_its_surrounding_whitespace(prm_dir):
     assert scorer.tokenizer.decode(reading.token_ids, skip_special_tokens=True) == "What is 3 + 4 * 2? 3 + 4 = 7 ки\n"
 
 
+def test_a_repeated_path_is_forwarded_once(prm_dir):
+    scorer = LMPRMScorer.from_pretrained(prm_dir, cache_bytes=0)
+    once = scorer.cost(CHILDREN[:2])
+    twice = [CHILDREN[0], CHILDREN[1], CHILDREN[0], CHILDREN[0]]  # equal beams ask for one path again
+    assert scorer.cost(twice) == once
+    readings, alone = scorer.read(twice), scorer.read([CHILDREN[0]])[0]
+    assert readings[2] == readings[3] == readings[0]
+    assert readings[0].positions == alone.positions and readings[0].step_scores == pytest.approx(alone.step_scores)
+
+
 def test_think_tags_are_dropped_from_the_steps(prm_dir):
     scorer = LMPRMScorer.from_pretrained(prm_dir)
     thinking = Prefix(PROBLEM, (step("<think>\n4 * 2 = 8\n"), step("3 + 8 = 11</think>\n"), step("Answer: 11")))
