@@ -134,8 +134,9 @@ def run(work: Workload, prm: Path | None, prm_format: str, batch_size: int, n: i
         for name in list(scorers) if round_index % 2 == 0 else list(scorers)[::-1]:
             runs[name].append(replay(scorers[name], recorder.calls))
     paths = sum(len(call) for call in recorder.calls)
+    distinct = sum(len({(p.problem.id, tuple(s.text for s in p.steps)) for p in call}) for call in recorder.calls)
     header = (f"{work.description}; beam search N = {n}, M = {beam_width}: {len(recorder.calls)} score calls, "
-              f"{paths} paths, their steps read by {prm} ({prm_format} layout, {batch_size} paths per forward, "
+              f"{paths} paths ({distinct} distinct within their call), their steps read by {prm} ({prm_format} layout, {batch_size} paths per forward, "
               f"{torch.get_num_threads()} thread(s)); medians of {rounds} interleaved rounds")
     return header + "\n\n" + table(runs, reference="every path whole")
 

@@ -72,8 +72,8 @@ class LMPRMScorer:
         not encode to one token each (None: encoded from the format's strings).
     score_head: reader "head": the two-class head (`scorers.prm_readers.load_score_head`).
     share_prefix: paths that start with the same tokens share the forward of that start
-        (`scorers.prm_batches`; the scores are the same within float rounding); False forwards
-        every path whole.
+        (`scorers.prm_batches`; the scores are the same within float rounding) and a path asked
+        for again in one call is forwarded once; False forwards every path whole, as asked.
     cache_bytes: memory for the KV of scored paths kept across calls (`scorers.prm_memory`): a
         path whose parent (its steps but the last) was scored before forwards only its new
         tokens; 0 keeps nothing.
@@ -153,7 +153,7 @@ class LMPRMScorer:
         memory not at all (what their last `score` forwarded; a path not scored yet counts as
         planned)."""
         with self._lock:
-            sequences = distinct([ids for ids, _ in self._sequences(paths)])
+            sequences = self._distinct([ids for ids, _ in self._sequences(paths)])
             if self.memory is None:
                 return forwarded_tokens(self._plan(sequences), [len(ids) for ids in sequences])
             known = [self.memory.forwarded(ids) if ids else 0 for ids in sequences]
@@ -175,7 +175,7 @@ class LMPRMScorer:
             sequences = self._sequences(paths)
             self._check_window(paths, sequences)
             readings = {tuple(ids): PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences}
-            firsts = distinct([ids for ids, _ in sequences])  # repeats forward nothing
+            firsts = self._distinct([ids for ids, _ in sequences])  # repeats forward nothing
             work = [(ids, pos if ids else []) for ids, (_, pos) in zip(firsts, sequences)]
             for rows, shared, hit in self._batches(work, self._parent_hits(paths, work)):
                 scores, kvs, forwarded = self._run([work[i] for i in rows], shared, hit)
@@ -185,6 +185,10 @@ class LMPRMScorer:
                     if self.memory is not None:
                         self.memory.remember(ids, positions[-1] + 1, kv, dict(zip(positions, row_scores)), tokens)
             return [readings[tuple(ids)] for ids, _ in sequences]  # a repeated path: its first reading
+
+    def _distinct(self, sequences: list[list[int]]) -> list[list[int]]:
+        """`distinct(sequences)`, or all of them as asked when nothing is shared (share_prefix)."""
+        return distinct(sequences) if self.share_prefix else sequences
 
     def _plan(self, sequences: list[list[int]]) -> list[PRMBatch]:
         return plan_batches(sequences, self.batch_size, share=self.share_prefix)

@@ -196,6 +196,8 @@ def test_a_repeated_path_is_forwarded_once(prm_dir):
     readings, alone = scorer.read(twice), scorer.read([CHILDREN[0]])[0]
     assert readings[2] == readings[3] == readings[0]
     assert readings[0].positions == alone.positions and readings[0].step_scores == pytest.approx(alone.step_scores)
+    as_asked = LMPRMScorer(scorer.model, scorer.tokenizer, share_prefix=False, cache_bytes=0)  # shares nothing
+    assert as_asked.cost(twice) == sum(len(r.token_ids) for r in readings) > once
 
 
 def test_think_tags_are_dropped_from_the_steps(prm_dir):
