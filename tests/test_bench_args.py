@@ -127,6 +127,7 @@ DOCUMENTED: list[tuple[str, list[str]]] = [
     ("bench_scoring_overhead", ["--problems", "8", "--n", "8", "--repeats", "1"]),
     ("bench_prefix_reuse", []),
     ("bench_prm_prefix", []),
+    ("bench_prm_prefix", ["--model", "smollm2", "--problems", "2", "--rounds", "1"]),
     ("bench_prm_prefix", ["--prm", "outputs/checkpoints/tiny-arith/final", "--problems", "16"]),
     ("bench_prefix_reuse", ["--problems", "4", "--checkpoint", "/tmp/runs/r1/final"]),
     ("bench_batching", []),
