@@ -347,3 +347,24 @@ def test_plan_leaves_a_group_when_joining_it_would_save_less():
     seqs = [beam_a + [1], beam_a + [2], beam_b + [1], beam_b + [2]]
     # joining the second beam would share 20 tokens over 3 rows (40 saved) instead of 80 over 2 (80 saved)
     assert plan_batches(seqs, 8) == [PRMBatch((0, 1), shared=80), PRMBatch((2, 3), shared=80)]
+
+
+def test_the_memory_finds_a_parent_only_with_its_kv_and_scores(monkeypatch):
+    from scorers import prm_memory
+
+    def kv(length: int) -> prm_memory.PrefixKV:
+        return prm_memory.PrefixKV(torch.zeros(1, 1, length, 2), torch.zeros(1, 1, length, 2))
+
+    memory = prm_memory.PRMMemory(max_bytes=2**20)
+    memory.remember([1, 2, 3, 4], 3, kv(3), {2: 0.7}, forwarded=4)  # kept through its last reading
+    hit = memory.parent([1, 2, 3, 9, 9], 3)
+    assert (hit.length, hit.scores, hit.kv.length) == (3, {2: 0.7}, 3) and memory.forwarded([1, 2, 3, 4]) == 4
+    assert memory.parent([1, 2, 3], 3) is None  # nothing left to forward
+    assert memory.parent([1, 2, 4, 9], 3) is None  # another start
+    memory.remember([5, 6, 7], 3, None, {2: 0.1}, forwarded=3)  # no KV to keep: counted, not found
+    assert memory.parent([5, 6, 7, 8], 3) is None and memory.forwarded([5, 6, 7]) == 3
+    monkeypatch.setattr(prm_memory, "MAX_RECORDS", 2)
+    memory.remember([8, 8], 2, kv(2), {1: 0.5}, forwarded=2)
+    assert memory.forwarded([1, 2, 3, 4]) is None  # the oldest record dropped beyond MAX_RECORDS
+    memory.clear()
+    assert memory.parent([8, 8, 1], 2) is None and len(memory.cache) == 0
