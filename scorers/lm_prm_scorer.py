@@ -103,7 +103,7 @@ class LMPRMScorer:
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
         self.share_prefix = bool(share_prefix)
         check_cache_bytes(cache_bytes)
-        self.memory = PRMMemory(cache_bytes) if cache_bytes else None
+        self.memory = PRMMemory(cache_bytes)  # with 0 it keeps no KV, only what each path forwarded
         self._lock = threading.Lock()  # the memory is one per scorer; a search may call from threads
         self.device = next(model.parameters()).device
         self.score_head = None if score_head is None else score_head.eval().to(self.device)
@@ -148,14 +148,12 @@ class LMPRMScorer:
         return [list(r.step_scores) for r in self.read(paths)]
 
     def cost(self, paths: Sequence[Prefix]) -> int:
-        """Tokens forwarded for these paths: the PRM's tokens of each distinct path with steps, a
-        start that several paths share counted once (`scorers.prm_batches`), a parent found in the
-        memory not at all (what their last `score` forwarded; a path not scored yet counts as
-        planned)."""
+        """Tokens forwarded for these paths: what their last `score` forwarded for each distinct
+        path with steps (a start that several paths shared counted once, on the first; a parent
+        found in the memory not at all); a path not scored yet counts as `scorers.prm_batches`
+        would plan it."""
         with self._lock:
             sequences = self._distinct([ids for ids, _ in self._sequences(paths)])
-            if self.memory is None:
-                return forwarded_tokens(self._plan(sequences), [len(ids) for ids in sequences])
             known = [self.memory.forwarded(ids) if ids else 0 for ids in sequences]
             unknown = [ids if n is None else [] for ids, n in zip(sequences, known)]
             planned = forwarded_tokens(self._plan(unknown), [len(ids) for ids in unknown])
@@ -163,8 +161,7 @@ class LMPRMScorer:
 
     def clear_memory(self) -> None:
         """Forget the paths scored so far (their KV, scores and forwarded tokens)."""
-        if self.memory is not None:
-            self.memory.clear()
+        self.memory.clear()
 
     def read(self, paths: Sequence[Prefix]) -> list[PRMReading]:
         """Forward every distinct path with steps once and read its positions: a path whose parent
@@ -182,8 +179,7 @@ class LMPRMScorer:
                 for i, row_scores, kv, tokens in zip(rows, scores, kvs, forwarded):
                     ids, positions = work[i]
                     readings[tuple(ids)] = PRMReading(tuple(ids), tuple(positions), tuple(row_scores))
-                    if self.memory is not None:
-                        self.memory.remember(ids, positions[-1] + 1, kv, dict(zip(positions, row_scores)), tokens)
+                    self.memory.remember(ids, positions[-1] + 1, kv, dict(zip(positions, row_scores)), tokens)
             return [readings[tuple(ids)] for ids, _ in sequences]  # a repeated path: its first reading
 
     def _distinct(self, sequences: list[list[int]]) -> list[list[int]]:
@@ -198,7 +194,7 @@ class LMPRMScorer:
     ) -> dict[int, ParentHit]:
         """The paths whose parent (steps but the last; its tokens through its last reading) the
         memory holds, with every position the parent covers scored there: path index -> the hit."""
-        if self.memory is None:
+        if not self.memory.keeps_kv:
             return {}
         hits, parents = {}, {}  # parents: a parent's ids by its steps (siblings share it)
         for i, (path, (ids, positions)) in enumerate(zip(paths, sequences)):
@@ -312,7 +308,7 @@ class LMPRMScorer:
         out = self.model.base_model(input_ids=torch.tensor([batch[0][0][:start]], device=self.device), use_cache=True)
         past = out.past_key_values
         root = None
-        if self.memory is not None:  # the start's own columns, once for every row's entry
+        if self.memory.keeps_kv:  # the start's own columns, once for every row's entry
             root = PrefixKV(torch.stack([layer.keys[0] for layer in past.layers]),
                             torch.stack([layer.values[0] for layer in past.layers]))
         past.batch_repeat_interleave(len(batch))
@@ -329,12 +325,12 @@ class LMPRMScorer:
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[row, start : start + len(ids)] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]  # [B, S]
-        use_cache = past is not None or self.memory is not None
+        use_cache = past is not None or self.memory.keeps_kv
         out = self.model.base_model(
             input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
             position_ids=position_ids.to(self.device), past_key_values=past, use_cache=use_cache,
         )
-        return out.last_hidden_state, out.past_key_values if self.memory is not None else None
+        return out.last_hidden_state, out.past_key_values if self.memory.keeps_kv else None
 
     def _row_kv(self, cache: Any, row: int, start: int, end: int, root: PrefixKV | None) -> PrefixKV | None:
         """Row `row`'s own columns through its last reading (start:end) of the cache after the

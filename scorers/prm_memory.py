@@ -43,20 +43,26 @@ class PRMMemory:
     """KV, position scores and forwarded tokens of the paths a PRM scored (module docstring)."""
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        self.cache = PrefixCache(PrefixCacheConfig(max_bytes=max_bytes))
+        """max_bytes: the KV budget; 0 keeps no KV (the forwarded tokens are still recorded)."""
+        self.cache = PrefixCache(PrefixCacheConfig(max_bytes=max_bytes)) if max_bytes else None
         self._scores: OrderedDict[tuple[int, ...], dict[int, float]] = OrderedDict()
         self._forwarded: OrderedDict[tuple[int, ...], int] = OrderedDict()
 
+    @property
+    def keeps_kv(self) -> bool:
+        return self.cache is not None
+
     def clear(self) -> None:
         """Forget everything (e.g. after the PRM's weights changed)."""
-        self.cache.clear()
+        if self.cache is not None:
+            self.cache.clear()
         self._scores.clear()
         self._forwarded.clear()
 
     def parent(self, ids: Sequence[int], parent_end: int) -> ParentHit | None:
         """The cached ids[:parent_end] (a parent's tokens through its last reading) with its
         scores, when both are kept and at least one token of ids is left to forward; else None."""
-        if not 0 < parent_end < len(ids):
+        if self.cache is None or not 0 < parent_end < len(ids):
             return None
         scores = self._scores.get(tuple(ids[:parent_end]))
         hit = None if scores is None else self.cache.longest(ids, [parent_end])
@@ -68,7 +74,7 @@ class PRMMemory:
         """Keep a scored path: the KV of ids[:end] (through its last reading; None: none to keep;
         the cache may refuse or later evict it), its scores by position and the tokens its scoring
         forwarded."""
-        if kv is not None:
+        if kv is not None and self.cache is not None:
             key = tuple(ids[:end])
             self.cache.store(key, kv)
             _keep(self._scores, key, scores)

@@ -314,7 +314,7 @@ def test_without_room_nothing_is_kept_and_the_scores_stay(prm_dir):
     parents = [Prefix(c.problem, c.steps[:-1]) for c in CHILDREN]
     for scorer in (kept, none, tiny):
         scorer.score(parents)
-    assert none.memory is None and len(tiny.memory.cache) == 0 and len(kept.memory.cache) > 0
+    assert not none.memory.keeps_kv and len(tiny.memory.cache) == 0 and len(kept.memory.cache) > 0
     reference = kept.score(CHILDREN)
     for scorer in (none, tiny):
         for got, want in zip(scorer.score(CHILDREN), reference):
@@ -368,3 +368,25 @@ def test_the_memory_finds_a_parent_only_with_its_kv_and_scores(monkeypatch):
     assert memory.forwarded([1, 2, 3, 4]) is None  # the oldest record dropped beyond MAX_RECORDS
     memory.clear()
     assert memory.parent([8, 8, 1], 2) is None and len(memory.cache) == 0
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 2**20])
+def test_costs_asked_per_problem_add_up_to_what_the_call_forwarded(chat_dir, cache_bytes):
+    # a search scores all problems' paths in one call, then asks each problem's cost: the chat
+    # template's start, shared across problems in the call, must be counted once in all
+    scorer = LMPRMScorer.from_pretrained(chat_dir, "rlhflow", cache_bytes=cache_bytes)
+    calls: list[int] = []  # tokens each forward fed: the rows' own, and a start forwarded for them
+    real_tail = scorer._tail
+
+    def counted_tail(rests, start, past):
+        calls.append(sum(map(len, rests)) + (start if past is not None else 0))  # nothing is cached here
+        return real_tail(rests, start, past)
+
+    scorer._tail = counted_tail
+    preamble = "Work it out step by step and give the final answer on its own line. "  # both questions start so
+    problems = [Problem(f"q{k}", preamble + f"What is {k} + {k}?", str(2 * k)) for k in (3, 4)]
+    paths = [Prefix(p, (step(f"{k} + {k} = {2 * k + d}\n"),)) for p, k in zip(problems, (3, 4)) for d in (0, 1)]
+    scorer.score(paths)
+    by_problem = [[p for p in paths if p.problem is problem] for problem in problems]
+    assert sum(scorer.cost(mine) for mine in by_problem) == scorer.cost(paths) == sum(calls)
+    assert len(calls) == 1  # one forward: the preamble is shared across the problems
