@@ -37,13 +37,13 @@ def plan_batches(
     """The forwards for sequences (module docstring); empty sequences get none. share=False: batches
     of similar length only, every token forwarded per row."""
     order = sorted((i for i, ids in enumerate(sequences) if ids), key=lambda i: tuple(sequences[i]))
-    groups = _groups(sequences, order, min_shared) if share else [[i] for i in order]
+    groups = _groups(sequences, order, min_shared) if share else [([i], 0) for i in order]
     batches, alone = [], []
-    for group in groups:
+    for group, shared in groups:
         if len(group) == 1:
             alone.extend(group)
             continue
-        shared, parts = common_start(sequences, group), -(-len(group) // batch_size)
+        parts = -(-len(group) // batch_size)
         for k in range(parts):  # near-equal batches: none of one row while others share
             rows = group[k * len(group) // parts : (k + 1) * len(group) // parts]
             batches.append(PRMBatch(tuple(rows), shared if len(rows) > 1 else 0))
@@ -57,30 +57,19 @@ def forwarded_tokens(batches: Sequence[PRMBatch], lengths: Sequence[int]) -> int
     return sum(b.shared + sum(lengths[r] - b.shared for r in b.rows) for b in batches)
 
 
-def common_start(sequences: Sequence[Sequence[int]], rows: Sequence[int]) -> int:
-    """Tokens every row starts with, at most one less than the shortest row."""
-    first, limit = sequences[rows[0]], min(len(sequences[r]) for r in rows) - 1
-    n = 0
-    while n < limit and all(sequences[r][n] == first[n] for r in rows):
-        n += 1
-    return n
-
-
-def _groups(sequences: Sequence[Sequence[int]], order: list[int], min_shared: int) -> list[list[int]]:
-    """Runs of the sorted order that share a start, grown while sharing saves tokens."""
-    groups: list[list[int]] = []
-    start = 0  # tokens the last group's rows all start with (capped one short of its shortest row)
+def _groups(sequences: Sequence[Sequence[int]], order: list[int], min_shared: int) -> list[tuple[list[int], int]]:
+    """Runs of the sorted order that share a start, grown while sharing saves tokens, each with
+    the tokens its rows all start with (capped one short of its shortest row)."""
+    groups: list[tuple[list[int], int]] = []
     for i in order:
         if groups:
-            group = groups[-1]
+            group, start = groups[-1]
             after = min(start, _prefix_length(sequences[group[-1]], sequences[i]), len(sequences[i]) - 1)
-            saved_before = (len(group) - 1) * start
-            if after >= min_shared and len(group) * after >= saved_before:
+            if after >= min_shared and len(group) * after >= (len(group) - 1) * start:
                 group.append(i)
-                start = after
+                groups[-1] = (group, after)
                 continue
-        groups.append([i])
-        start = len(sequences[i]) - 1
+        groups.append(([i], len(sequences[i]) - 1))
     return groups
 
 
