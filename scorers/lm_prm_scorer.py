@@ -283,15 +283,29 @@ class LMPRMScorer:
         rests = [ids[start:] for ids, _ in batch]
         tail, cache = self._tail(rests, start, past)  # [B, S, H]
         wanted = [(r, c) for r, (_, pos) in enumerate(batch) for c in pos if hit is None or c >= start]
-        hidden = torch.stack([
-            start_hidden[c] if c < start else tail[r, c - start] for r, c in wanted
-        ]) if wanted else tail.new_zeros((0, tail.shape[-1]))  # [K, H]
-        read = dict(zip(wanted, self._read_scores(hidden)))
+        read = dict(zip(wanted, self._read_scores(self._gather(wanted, start, start_hidden, tail))))
         scores = [[hit.scores[c] if hit is not None and c < start else read[(r, c)] for c in pos]
                   for r, (_, pos) in enumerate(batch)]
         kvs = [self._row_kv(cache, r, start, pos[-1] + 1, root) for r, (_, pos) in enumerate(batch)]
         forwarded = [len(rest) + (start if hit is None and r == 0 else 0) for r, rest in enumerate(rests)]
         return scores, kvs, forwarded
+
+    def _gather(
+        self, wanted: list[tuple[int, int]], start: int, start_hidden: torch.Tensor | None, tail: torch.Tensor
+    ) -> torch.Tensor:
+        """[K, H] hidden states at the wanted (row, position) pairs, in order: a position inside a
+        start forwarded here from its states, the others from the tail's [B, S, H] (two gathers,
+        not one op per position)."""
+        hidden = tail.new_empty((len(wanted), tail.shape[-1]))  # [K, H]
+        in_tail = [(k, r, c - start) for k, (r, c) in enumerate(wanted) if c >= start]
+        if in_tail:
+            k, r, c = (torch.tensor(part, device=tail.device) for part in zip(*in_tail))
+            hidden[k] = tail[r, c]
+        in_start = [(k, c) for k, (_, c) in enumerate(wanted) if c < start]
+        if in_start:  # only without a cached parent, whose positions come from the memory
+            k, c = (torch.tensor(part, device=tail.device) for part in zip(*in_start))
+            hidden[k] = start_hidden[c]
+        return hidden
 
     def _start(
         self, batch: list[tuple[list[int], list[int]]], start: int, hit: ParentHit | None
