@@ -24,6 +24,7 @@ ValueError naming its problem. The tokenizer must be a fast one (it maps charact
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,6 +44,9 @@ from scorers.prm_loading import (
 from scorers.prm_readers import ScoreHead, load_score_head, token_pair_logits
 from scorers.sprm_scorer import check_batch_size
 from treesearch.records import Prefix
+
+
+LAID_OUT_KEPT = 65536  # paths whose PRM tokens and positions are kept for the next ask (oldest dropped)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class LMPRMScorer:
         check_cache_bytes(cache_bytes)
         self.memory = PRMMemory(cache_bytes)  # with 0 it keeps no KV, only what each path forwarded
         self._lock = threading.Lock()  # the memory is one per scorer; a search may call from threads
+        self._laid_out: OrderedDict[tuple, tuple[list[int], list[int]]] = OrderedDict()  # `_sequences`
         self.device = next(model.parameters()).device
         self.score_head = None if score_head is None else score_head.eval().to(self.device)
         pad_id = getattr(tokenizer, "pad_token_id", None)
@@ -228,14 +233,23 @@ class LMPRMScorer:
     # -- phases -------------------------------------------------------------------------------
 
     def _sequences(self, paths: Sequence[Prefix]) -> list[tuple[list[int], list[int]]]:
-        """(token ids, read positions) of each path; ([], []) for a path without steps."""
+        """(token ids, read positions) of each path; ([], []) for a path without steps. Kept for
+        the paths laid out lately: `cost` after `score` and the next round's parent lookups lay
+        out the same paths again (a chat layout renders the template once per step)."""
         result = []
         for path in paths:
             if not path.steps:
                 result.append(([], []))
                 continue
-            laid_out = prm_text(self.format, self.tokenizer, path)
-            result.append(self._positions(laid_out))
+            key = (path.problem.question, tuple(step.text for step in path.steps))
+            laid = self._laid_out.get(key)
+            if laid is not None:
+                self._laid_out.move_to_end(key)
+            else:
+                laid = self._laid_out[key] = self._positions(prm_text(self.format, self.tokenizer, path))
+                if len(self._laid_out) > LAID_OUT_KEPT:
+                    self._laid_out.popitem(last=False)
+            result.append(laid)
         return result
 
     def _positions(self, laid_out: PRMText) -> tuple[list[int], list[int]]:
