@@ -390,3 +390,18 @@ def test_costs_asked_per_problem_add_up_to_what_the_call_forwarded(chat_dir, cac
     by_problem = [[p for p in paths if p.problem is problem] for problem in problems]
     assert sum(scorer.cost(mine) for mine in by_problem) == scorer.cost(paths) == sum(calls)
     assert len(calls) == 1  # one forward: the preamble is shared across the problems
+
+
+def test_a_path_is_laid_out_once_for_its_score_its_cost_and_its_children(chat_dir, monkeypatch):
+    from scorers import lm_prm_scorer
+
+    laid: list[int] = []
+    real = lm_prm_scorer.prm_text
+    monkeypatch.setattr(lm_prm_scorer, "prm_text", lambda fmt, tok, path: laid.append(1) or real(fmt, tok, path))
+    scorer = LMPRMScorer.from_pretrained(chat_dir, "rlhflow")
+    parents = [Prefix(c.problem, c.steps[:-1]) for c in CHILDREN[:6]]
+    scorer.score(parents)
+    scorer.cost(parents)
+    assert len(laid) == 3  # the two distinct parents once each, and the one parent of theirs looked up
+    scorer.score(CHILDREN[:6])  # their parents are looked up, not laid out again
+    assert len(laid) == 3 + 6
