@@ -201,14 +201,13 @@ class LMPRMScorer:
         memory holds, with every position the parent covers scored there: path index -> the hit."""
         if not self.memory.keeps_kv:
             return {}
-        hits, parents = {}, {}  # parents: a parent's ids by its steps (siblings share it)
+        hits = {}
         for i, (path, (ids, positions)) in enumerate(zip(paths, sequences)):
             if len(path.steps) < 2 or not ids:
                 continue
-            key = (path.problem.question, tuple(step.text for step in path.steps[:-1]))
-            if key not in parents:  # the parent's tokens through its last reading
-                parents[key] = self._sequences([Prefix(path.problem, path.steps[:-1])])[0][1][-1] + 1
-            hit = self.memory.parent(ids, parents[key])
+            # the parent's tokens through its last reading (laid out once: `_sequences` keeps it)
+            parent_end = self._sequences([Prefix(path.problem, path.steps[:-1])])[0][1][-1] + 1
+            hit = self.memory.parent(ids, parent_end)
             if hit is not None and all(p in hit.scores for p in positions if p < hit.length):
                 hits[i] = hit
         return hits
