@@ -51,6 +51,8 @@ BAD: list[tuple[str, list[str], str]] = [
     *[("bench_prefix_reuse", [flag, "0"], flag) for flag in ("--problems", "--max-bytes", "--threads")],
     *[("bench_prm_prefix", [flag, "0"], flag) for flag in (*SEARCH_COUNTS, "--rounds", "--batch-size")],
     ("bench_prm_prefix", ["--n", "30"], "--n"),
+    *[("bench_merged_scorer", [flag, "0"], flag) for flag in (*SEARCH_COUNTS, "--rounds", "--batch-size", "--depth")],
+    ("bench_merged_scorer", ["--n", "30"], "--n"),
     *[("bench_scoring_overhead", [flag, "0"], flag) for flag in ("--problems", "--n", "--repeats", "--threads")],
     *[("bench_train_throughput", [flag, "0"], flag) for flag in ("--prompts", "--group", "--repeats", "--threads")],
     *[("bench_vllm", [flag, "0"], flag)
@@ -113,6 +115,7 @@ def test_a_bad_argument_is_a_usage_error(blocked, capsys, script, argv, option):
     ("bench_dtype", ["--dtype", "float64"]),
     ("bench_memory", ["--child", "mcts"]),
     ("bench_prm_prefix", ["--prm-format", "xml"]),
+    ("bench_merged_scorer", ["--prm-format", "xml"]),
 ])
 def test_a_choice_outside_the_fixed_options_is_a_usage_error(blocked, capsys, script, argv):
     with pytest.raises(SystemExit) as exit_info:
@@ -129,6 +132,9 @@ DOCUMENTED: list[tuple[str, list[str]]] = [
     ("bench_prm_prefix", []),
     ("bench_prm_prefix", ["--model", "smollm2", "--problems", "2", "--rounds", "1"]),
     ("bench_prm_prefix", ["--prm", "outputs/checkpoints/tiny-arith/final", "--problems", "16"]),
+    ("bench_merged_scorer", []),
+    ("bench_merged_scorer", ["--rounds", "1"]),
+    ("bench_merged_scorer", ["--prm", "outputs/checkpoints/tiny-arith/final", "--problems", "64"]),
     ("bench_prefix_reuse", ["--problems", "4", "--checkpoint", "/tmp/runs/r1/final"]),
     ("bench_batching", []),
     ("bench_batching", ["--model", "smollm2", "--problems", "16", "--rounds", "1"]),

@@ -130,6 +130,29 @@ def test_bench_dtype_skips_bf16_without_bf16_matmuls(monkeypatch, capsys):
 
 
 @pytest.mark.slow
+def test_merged_scorer_table_counts_fewer_prm_calls_for_the_same_paths(tmp_path):
+    from experiments import bench_merged_scorer
+    from experiments.bench_workload import load_workload
+    from tiny_checkpoint import save_tiny_checkpoint
+    from treesearch.beam_search import BeamSearchConfig
+
+    work = load_workload("tiny", problems=8, seed=0, checkpoint=tmp_path / "no-checkpoint")
+    prm = save_tiny_checkpoint(tmp_path / "prm")
+    cfg = BeamSearchConfig(n=4, beam_width=2, max_depth=3)
+    report = bench_merged_scorer.run(work, prm, "math_shepherd", batch_size=8, cfg=cfg, rounds=2)
+    assert "beam search N = 4, M = 2" in report and "medians of 2 interleaved rounds" in report
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in report.splitlines()[4:]}
+    assert list(rows) == list(bench_merged_scorer.WAYS)
+    merged, alone = rows["merged calls"], rows["a call per thread"]
+    # the same paths are scored: calls x paths per call agree; one thread's call per problem and round
+    assert round(int(merged[0]) * float(merged[1])) == round(int(alone[0]) * float(alone[1])) > 0
+    assert 0 < int(merged[0]) <= int(alone[0]) and alone[4] == "1.00"
+    # a start that problems share may be forwarded once when their calls merge; the choices may
+    # differ only by float rounding at a near-tie (which calls merged depends on timing)
+    assert 0 < int(merged[2]) <= int(alone[2]) and alone[7] == "8/8" and merged[7].endswith("/8")
+
+
+@pytest.mark.slow
 def test_prm_prefix_table_scores_the_same_paths_every_way(tmp_path):
     from experiments import bench_prm_prefix
     from experiments.bench_workload import load_workload

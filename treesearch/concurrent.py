@@ -10,6 +10,11 @@ time (search-and-learn's way), since each search makes the same calls with the s
 the wall time a problem's compute ledger records includes waiting for the others' rows.
 An error in one problem's search is raised here after the other searches end.
 
+A scorer that forwards a model is wrapped in a `treesearch.merged_scorer.MergedScorer`
+(`merge_scores=True`, the default): the `score` calls the threads make at once run as one call,
+one batch of every waiting problem's paths, instead of one small batch per problem (its scores
+then equal the scorer's alone up to the float rounding of a batched forward).
+
 Tests: `.venv/bin/python -m pytest tests/test_continuous_engine.py`.
 """
 from __future__ import annotations
@@ -18,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from treesearch.config_checks import is_int
+from treesearch.merged_scorer import merged_for_threads
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
 from treesearch.result import SearchResult
@@ -33,15 +39,20 @@ def search_each(
     cfg: Any,
     workers: int | None = None,
     on_round: RoundHook | None = None,
+    merge_scores: bool = True,
 ) -> list[SearchResult]:
     """fn([problem], policy, scorer, cfg) for every problem, `workers` at a time (default: all,
     up to MAX_WORKERS), in threads; the results in problem order. on_round, when given, is passed
-    on to every call (`RoundHook`: each thread calls it with its own problem's tree)."""
+    on to every call (`RoundHook`: each thread calls it with its own problem's tree).
+    merge_scores: run the threads' concurrent calls of a scorer that forwards a model as one
+    (`treesearch.merged_scorer.merged_for_threads`); False calls it from each thread as it is."""
     if workers is not None and (not is_int(workers) or workers < 1):
         raise ValueError(f"search_each workers={workers!r} must be an integer >= 1 (or None: one per problem)")
     if not problems:
         return []
     count = min(len(problems), MAX_WORKERS) if workers is None else workers
+    if merge_scores:
+        scorer = merged_for_threads(scorer)
 
     def one(problem: Problem) -> SearchResult:
         hook = {} if on_round is None else {"on_round": on_round}

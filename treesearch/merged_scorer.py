@@ -1,0 +1,126 @@
+"""`MergedScorer`: the `score` calls that several threads make at once, run as one call of the
+scorer inside, so a scorer that forwards a model (an external PRM, the SPRM's second forward)
+gets one batch of every waiting problem's paths instead of one small batch per problem.
+
+Why: with continuous batching (`treesearch.concurrent.search_each`, `+batching=continuous`) each
+problem's search runs in its own thread and scores its own few paths whenever its step ends; a
+scorer that takes one call at a time (`scorers.lm_prm_scorer` holds a lock) then forwards a
+problem's 4-16 paths per call, one call after another. Here the first caller runs the inner
+scorer; the calls that arrive while it runs wait, and when it returns one of them takes all the
+waiting calls and runs them as one (group commit: no timer, nobody waits longer than the call
+running before it).
+
+    scorer = MergedScorer(LMPRMScorer.from_pretrained(path, "qwen_prm"))
+    results = search_each(beam_search, problems, policy, scorer, BeamSearchConfig(n=8))
+
+A call's scores are the inner scorer's for its paths: equal to calling it alone where the inner
+scorer's scores do not depend on the other paths of a call (a PRM's batched forward pads rows:
+equal up to float rounding). `cost` and `num_parameters` are the inner scorer's. When a merged
+call raises, each of its calls is run again alone, so only the one at fault gets the error, as
+it would without merging.
+
+Tests: `.venv/bin/python -m pytest tests/test_merged_scorer.py`.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from treesearch.protocols import Scorer
+from treesearch.records import Prefix
+
+
+@dataclass
+class _Call:
+    """One thread's `score` call while it waits: its paths, then its scores or its error."""
+
+    paths: Sequence[Prefix]
+    scores: list[list[float]] | None = None
+    error: BaseException | None = None
+    done: bool = field(default=False)
+
+    def finish(self, scores: list[list[float]] | None = None, error: BaseException | None = None) -> None:
+        self.scores, self.error, self.done = scores, error, True
+
+
+class MergedScorer:
+    """A `Scorer` that runs the calls of concurrent threads as one call of `inner` (module docstring).
+
+    inner: any scorer; it is called by one thread at a time.
+    calls / inner_calls: `score` calls received, and calls of `inner` made for them (fewer when
+        calls were merged); read them after a search to see how much was merged.
+    """
+
+    def __init__(self, inner: Scorer) -> None:
+        self.inner = inner
+        self.num_parameters: int = int(getattr(inner, "num_parameters", 0))  # the FLOPs of what it forwards
+        self.calls = 0
+        self.inner_calls = 0
+        self._waiting: list[_Call] = []
+        self._running = False
+        self._changed = threading.Condition()
+
+    def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
+        """The inner scorer's scores of paths, run together with the calls waiting beside it."""
+        call = _Call(list(paths))
+        with self._changed:
+            self.calls += 1
+            self._waiting.append(call)
+            while self._running and not call.done:
+                self._changed.wait()
+            if not call.done:  # nobody runs: this thread takes every waiting call
+                batch, self._waiting, self._running = self._waiting, [], True
+        if not call.done:
+            try:
+                self._run(batch)
+            except BaseException as error:  # an interrupt: no call of the batch may wait forever
+                for waiting in batch:
+                    if not waiting.done:
+                        waiting.finish(error=error)
+                raise
+            finally:
+                with self._changed:
+                    self._running = False
+                    self._changed.notify_all()
+        if call.error is not None:
+            raise call.error
+        return call.scores  # type: ignore[return-value]
+
+    def cost(self, paths: Sequence[Prefix]) -> int:
+        """The inner scorer's count of tokens forwarded for these paths."""
+        return self.inner.cost(paths)
+
+    def _run(self, batch: list[_Call]) -> None:
+        """Score the calls of batch as one inner call and hand each its rows; if that raises (or a
+        row is missing), each call alone, so an error stays with the call that caused it."""
+        if len(batch) > 1:
+            merged = [path for call in batch for path in call.paths]
+            try:
+                scores = self._inner_score(merged)
+            except Exception:  # noqa: BLE001 (each call is run again alone below and gets its own error)
+                scores = None
+            if scores is not None and len(scores) == len(merged):
+                start = 0
+                for call in batch:
+                    call.finish(scores=list(scores[start:start + len(call.paths)]))
+                    start += len(call.paths)
+                return
+        for call in batch:
+            try:
+                call.finish(scores=self._inner_score(call.paths))
+            except Exception as error:  # noqa: BLE001 (raised in the caller's thread)
+                call.finish(error=error)
+
+    def _inner_score(self, paths: Sequence[Prefix]) -> list[list[float]]:
+        self.inner_calls += 1
+        return self.inner.score(paths)
+
+
+def merged_for_threads(scorer: Scorer) -> Scorer:
+    """`MergedScorer(scorer)` for a scorer that forwards a model (`num_parameters` > 0: an external
+    PRM, the SPRM's second forward), else scorer itself: one that reads what the policy attached
+    (head scores, log-probs) gains nothing from merging. An already merged scorer is returned as it is."""
+    if isinstance(scorer, MergedScorer) or int(getattr(scorer, "num_parameters", 0) or 0) <= 0:
+        return scorer
+    return MergedScorer(scorer)
