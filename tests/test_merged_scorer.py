@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Sequence
 
-from tests.fakes import FakePolicy, OracleScorer
+from fakes import FakePolicy, OracleScorer
 from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.concurrent import search_each
 from treesearch.merged_scorer import MergedScorer, merged_for_threads
