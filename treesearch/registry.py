@@ -15,6 +15,7 @@ from treesearch.best_of_n import BestOfNConfig, best_of_n
 from treesearch.dvts import DVTSConfig, dvts
 from treesearch.mcts import MCTSConfig, mcts
 from treesearch.protocols import Policy, RoundHook, Scorer
+from treesearch.rebase import RebaseConfig, rebase
 from treesearch.records import Problem
 from treesearch.result import SearchResult
 
@@ -35,6 +36,7 @@ STRATEGIES: dict[str, StrategySpec] = {
     "beam_search": StrategySpec(beam_search, BeamSearchConfig),
     "dvts": StrategySpec(dvts, DVTSConfig),
     "mcts": StrategySpec(mcts, MCTSConfig),
+    "rebase": StrategySpec(rebase, RebaseConfig),
 }
 
 
