@@ -4,7 +4,7 @@
 'search/nosuch'" with the config search path and exit 1; `check_group_options` prints one line
 naming the option and the ones the group has, and exits 2, as the CLIs' other input errors do:
 
-    error: search=nosuch is not an option of group search; valid: beam, best_of_n, dvts, greedy, mcts, rebase
+    error: search=nosuch is not an option of group search; valid: beam, best_of_n, dvts, greedy, mcts, particle_filtering, rebase
 
 An argument is checked when it reads `[+|++]GROUP=NAMES` with GROUP a folder of the config
 directory (hydra/... groups belong to Hydra too and are left to it) and NAMES plain names,

@@ -71,7 +71,7 @@ def test_tree_has_one_chain_per_candidate():
 def test_registry_runs_by_name_and_rejects_unknown_names():
     results = run_search("best_of_n", problems(2), FakePolicy(), ConfidenceScorer(), n=2)
     assert len(results) == 2 and results[0].strategy == "best_of_n"
-    with pytest.raises(ValueError, match="unknown strategy 'beam'.*valid: beam_search, best_of_n, dvts, mcts, rebase"):
+    with pytest.raises(ValueError, match="unknown strategy 'beam'.*valid: beam_search, best_of_n, dvts, mcts, particle_filtering, rebase"):
         get_strategy("beam")
 
 

@@ -60,6 +60,7 @@ TINY_BY_STRATEGY = {
     "dvts": ["search.beam_width=2", "search.max_depth=3"],
     "mcts": ["search.expand_width=2", "search.leaves_per_round=2", "search.max_depth=3"],
     "rebase": ["search.max_depth=3"],
+    "particle_filtering": ["search.max_depth=3"],
 }
 
 
@@ -94,7 +95,7 @@ def composed(overrides: list[str], hydra_node: bool = False) -> DictConfig:
 
 
 def test_every_group_has_the_promised_options():
-    assert options("search") == ["beam", "best_of_n", "dvts", "greedy", "mcts", "rebase"]
+    assert options("search") == ["beam", "best_of_n", "dvts", "greedy", "mcts", "particle_filtering", "rebase"]
     assert options("scorer") == [
         "confidence", "math_shepherd", "oracle", "orm", "qwen_prm", "random", "rlhflow_prm", "sprm", "sprm_forward",
     ]

@@ -22,6 +22,7 @@ from treesearch.best_of_n import BestOfNConfig, best_of_n
 from treesearch.concurrent import search_each
 from treesearch.dvts import DVTSConfig, dvts
 from treesearch.mcts import MCTSConfig, mcts
+from treesearch.particle_filtering import ParticleFilteringConfig, particle_filtering
 from treesearch.rebase import RebaseConfig, rebase
 from treesearch.records import Prefix, Problem, Step
 from treesearch.registry import run_search
@@ -32,10 +33,11 @@ SMALL = {  # each strategy at a few samples
     "dvts": {"n": 2, "beam_width": 2},
     "mcts": {"iterations": 3, "expand_width": 2},
     "rebase": {"n": 2},
+    "particle_filtering": {"n": 2},
 }
 STRATEGIES = [(best_of_n, BestOfNConfig(n=2)), (beam_search, BeamSearchConfig(n=2, beam_width=2)),
               (dvts, DVTSConfig(n=2, beam_width=2)), (mcts, MCTSConfig(iterations=3, expand_width=2)),
-              (rebase, RebaseConfig(n=2))]
+              (rebase, RebaseConfig(n=2)), (particle_filtering, ParticleFilteringConfig(n=2))]
 
 
 def problems(k: int = 3) -> list[Problem]:
@@ -200,7 +202,7 @@ def test_run_search_names_a_setting_the_strategy_does_not_take_and_lists_its_set
 
 def test_an_unknown_strategy_that_is_not_a_string_is_named():
     # before: TypeError: unhashable type: 'list'
-    with pytest.raises(ValueError, match=r"unknown strategy \['mcts'\]; valid: beam_search, best_of_n, dvts, mcts, rebase"):
+    with pytest.raises(ValueError, match=r"unknown strategy \['mcts'\]; valid: beam_search, best_of_n, dvts, mcts, particle_filtering, rebase"):
         run_search(["mcts"], problems(1), FakePolicy(), OracleScorer())  # type: ignore[arg-type]
 
 

@@ -21,6 +21,7 @@ from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.best_of_n import BestOfNConfig, best_of_n
 from treesearch.dvts import DVTSConfig, dvts
 from treesearch.mcts import MCTSConfig, mcts
+from treesearch.particle_filtering import ParticleFilteringConfig, particle_filtering
 from treesearch.rebase import RebaseConfig, rebase
 from treesearch.registry import run_search
 
@@ -30,6 +31,7 @@ STRATEGIES = [
     (dvts, DVTSConfig(n=4, beam_width=2)),
     (best_of_n, BestOfNConfig(n=4)),
     (rebase, RebaseConfig(n=4, balance_temperature=10.0)),
+    (particle_filtering, ParticleFilteringConfig(n=4)),
 ]
 
 

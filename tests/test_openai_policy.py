@@ -457,6 +457,7 @@ def test_every_strategy_runs_on_the_served_policy(engines, checkpoint, name):
         "dvts": dict(n=4, beam_width=2, max_depth=4),
         "mcts": dict(iterations=4, expand_width=2, max_depth=4, rollout=True),
         "rebase": dict(n=4, max_depth=4),
+        "particle_filtering": dict(n=4, max_depth=4),
     }
     sampling = SamplingConfig(temperature=1.0, max_step_tokens=8, max_total_tokens=24)
     with served(engines, checkpoint, sampling) as policy:

@@ -129,7 +129,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize("module, args, message", [
     ("experiments.search", ["search=nosuch"],
-     "error: search=nosuch is not an option of group search; valid: beam, best_of_n, dvts, greedy, mcts, rebase"),
+     "error: search=nosuch is not an option of group search; valid: beam, best_of_n, dvts, greedy, mcts, particle_filtering, rebase"),
     ("experiments.search", ["-m", "scorer=sprm,prm"], "error: scorer=prm is not an option of group scorer; valid: "),
     ("experiments.search", ["+experiment=nope"], "error: experiment=nope is not an option of group experiment; "),
     ("experiments.train", ["recipe=nope"], "error: recipe=nope is not an option of group recipe; valid: grpo_countdown"),

@@ -489,6 +489,7 @@ def test_every_strategy_runs_on_the_vllm_policy(vllm_policy, name):
         "dvts": dict(n=4, beam_width=2, max_depth=4),
         "mcts": dict(iterations=4, expand_width=2, max_depth=4, rollout=True),
         "rebase": dict(n=4, max_depth=4),
+        "particle_filtering": dict(n=4, max_depth=4),
     }
     problems = [Problem("p0", "<think>"), Problem("p1", "<think>1")]
     results = run_search(name, problems, policy, ConfidenceScorer(), **budgets[name])

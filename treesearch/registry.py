@@ -14,6 +14,7 @@ from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.best_of_n import BestOfNConfig, best_of_n
 from treesearch.dvts import DVTSConfig, dvts
 from treesearch.mcts import MCTSConfig, mcts
+from treesearch.particle_filtering import ParticleFilteringConfig, particle_filtering
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.rebase import RebaseConfig, rebase
 from treesearch.records import Problem
@@ -36,6 +37,7 @@ STRATEGIES: dict[str, StrategySpec] = {
     "beam_search": StrategySpec(beam_search, BeamSearchConfig),
     "dvts": StrategySpec(dvts, DVTSConfig),
     "mcts": StrategySpec(mcts, MCTSConfig),
+    "particle_filtering": StrategySpec(particle_filtering, ParticleFilteringConfig),
     "rebase": StrategySpec(rebase, RebaseConfig),
 }
 

@@ -1,0 +1,177 @@
+"""Particle filtering over reasoning steps (after Puri et al., "A Probabilistic Inference Approach
+to Inference-Time Scaling of LLMs using Particle-Based Monte Carlo Methods", arXiv 2502.01618,
+Algorithm 1), batched across problems.
+
+N particles per problem, each a path. The root is sampled N times; then, every round, each
+particle's reward R (the `reward` aggregation of its step scores: "last", its last step's score,
+by default) gives it the weight softmax(R / T) over the problem's N particles, N particles are
+drawn with replacement by those weights (multinomial resampling, a seeded RNG per problem and
+round), and every drawn particle that is not finished takes one more step. A particle drawn k
+times is sampled k times in one `propose(n=k)` row, so its copies continue differently. Finished
+particles (finish "eos" or "length") stay in the population and are drawn like the others, but
+do not grow; a problem ends when every particle is finished, or at max_depth, where the particles
+stand as they are. Unlike beam search, REBASE or DVTS, nothing is pruned for good by a ranking:
+a particle with a low reward may still be drawn, which is the method's point (imperfect reward
+models prune good paths early).
+
+Candidates: the final population, N paths with repeats (a path drawn k times is k candidates, so
+majority votes over them are the filter's estimate); the chosen one has the highest aggregated
+path score (`aggregation`). Finished paths that were not drawn again are paid for (compute) but
+are not candidates.
+
+T: the resampling temperature. T = 1 weighs scores in [0, 1] gently (the best particle at most e
+times as likely as the worst); a lower T follows the scorer more closely (T -> 0: every draw the
+best particle), a higher one resamples almost uniformly.
+
+Batching: a round's particles of ALL problems go to `policy.propose` grouped by how many times
+each was drawn, one call per distinct count, and all new paths to `scorer.score` in one call.
+
+    results = particle_filtering(problems, policy, scorer, ParticleFilteringConfig(n=16))
+
+Tests: `.venv/bin/pytest tests/test_particle_filtering.py`.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+from treesearch.aggregation import aggregate, check_aggregation
+from treesearch.config_checks import check_int, is_finite_number, search_inputs
+from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, ranked_results, round_seed, score_rows
+from treesearch.protocols import Policy, RoundHook, Scorer
+from treesearch.records import Problem, Step
+from treesearch.result import Candidate, SearchResult
+from treesearch.tree import ROOT_ID, Tree
+
+
+@dataclass(frozen=True)
+class ParticleFilteringConfig:
+    """n: particles per problem (N); temperature: T of the softmax that weighs the particles
+    (> 0); max_depth: most steps in a path; reward: step scores -> a particle's reward R (an
+    aggregation; "last": its last step's score); aggregation: step scores -> the path score that
+    chooses among the final particles; seed: base of the policy seeds and of the resampling."""
+
+    n: int = 8
+    temperature: float = 1.0
+    max_depth: int = 40
+    reward: str = "last"
+    aggregation: str = "geometric_mean"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("ParticleFilteringConfig", "n", self.n, minimum=1)
+        if not is_finite_number(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"ParticleFilteringConfig.temperature={self.temperature!r} must be a finite number > 0")
+        check_int("ParticleFilteringConfig", "max_depth", self.max_depth, minimum=1)
+        try:
+            check_aggregation(self.reward)
+        except ValueError as err:
+            raise ValueError(f"ParticleFilteringConfig.reward: {err}") from None
+        check_aggregation(self.aggregation)
+        check_int("ParticleFilteringConfig", "seed", self.seed)
+
+
+@dataclass(frozen=True)
+class Particle:
+    """One particle: its last node in its problem's tree, the scores of its path's steps, its
+    reward R and whether its path is finished."""
+
+    node: int
+    step_scores: tuple[float, ...]
+    reward: float
+    finished: bool
+
+
+def resample(particles: Sequence[Particle], temperature: float, rng: random.Random) -> list[int]:
+    """len(particles) indices drawn with replacement, index i with probability
+    softmax(reward / temperature)_i; sorted, so the new population keeps the old order."""
+    top = max(p.reward for p in particles)
+    weights = [math.exp((p.reward - top) / temperature) for p in particles]  # the top one is 1
+    return sorted(rng.choices(range(len(particles)), weights=weights, k=len(particles)))
+
+
+def resampling_rng(seed: int, problem: Problem, round_index: int) -> random.Random:
+    """The RNG of one problem's resampling in one round: the same draws whatever else is searched."""
+    return random.Random(f"{seed}|{problem.id}|{round_index}")
+
+
+def grow(
+    drawn: Sequence[tuple[int, Particle, int]], trees: list[Tree], policy: Policy, scorer: Scorer,
+    ledgers: list[Ledger], cfg: ParticleFilteringConfig, round_index: int,
+) -> list[list[Particle]]:
+    """Each unfinished particle drawn k times (problem, particle, k) sampled k times (one policy
+    call per distinct k), its children added to the tree and scored (one scorer call); returns
+    each entry's k new particles (fewer when the policy returned fewer steps)."""
+    rows: list[list[Step]] = [[] for _ in drawn]
+    for count in sorted({k for _, _, k in drawn}):
+        chosen = [i for i, (_, _, k) in enumerate(drawn) if k == count]
+        items = [Item(drawn[i][0], trees[drawn[i][0]].prefix(drawn[i][1].node)) for i in chosen]
+        for i, row in zip(chosen, propose_rows(policy, items, count, round_seed(cfg.seed, round_index, count), ledgers)):
+            rows[i] = row
+    added = [(entry, trees[problem].add(particle.node, step))
+             for entry, ((problem, particle, _), row) in enumerate(zip(drawn, rows)) for step in row]
+    paths = [Item(drawn[entry][0], trees[drawn[entry][0]].prefix(node)) for entry, node in added]
+    grown: list[list[Particle]] = [[] for _ in drawn]
+    for (entry, node), path, row in zip(added, paths, score_rows(scorer, paths, ledgers)):
+        reward = aggregate(row, cfg.reward)
+        tree_node = trees[path.problem].nodes[node]
+        tree_node.score, tree_node.value = row[-1], reward
+        grown[entry].append(Particle(node, tuple(row), reward, path.prefix.is_terminal))
+    return grown
+
+
+def step_populations(
+    populations: list[list[Particle]], problems: Sequence[Problem], trees: list[Tree], policy: Policy,
+    scorer: Scorer, ledgers: list[Ledger], cfg: ParticleFilteringConfig, round_index: int,
+) -> list[list[Particle]]:
+    """One round: resample every unfinished problem's population, grow its unfinished draws by one
+    step; finished draws stay as they are, in the population's order. A problem whose particles
+    are all finished is left as it is."""
+    drawn: list[tuple[int, Particle, int]] = []
+    plans: list[list[tuple[Particle, int] | int]] = []  # per problem: (finished particle, times drawn) or a draw's entry
+    for problem, population in enumerate(populations):
+        plan: list[tuple[Particle, int] | int] = []
+        if all(p.finished for p in population):
+            plan = [(p, 1) for p in population]
+        else:
+            picks = Counter(resample(population, cfg.temperature, resampling_rng(cfg.seed, problems[problem], round_index)))
+            for index, count in sorted(picks.items()):
+                if population[index].finished:
+                    plan.append((population[index], count))
+                else:
+                    plan.append(len(drawn))
+                    drawn.append((problem, population[index], count))
+        plans.append(plan)
+    grown = grow(drawn, trees, policy, scorer, ledgers, cfg, round_index)
+    return [[p for entry in plan for p in ([entry[0]] * entry[1] if isinstance(entry, tuple) else grown[entry])]
+            for plan in plans]
+
+
+def particle_filtering(
+    problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: ParticleFilteringConfig,
+    on_round: RoundHook | None = None,
+) -> list[SearchResult]:
+    """Particle filtering over every problem at once (module docstring); on_round: see `RoundHook`."""
+    problems = search_inputs("particle_filtering", problems, cfg, ParticleFilteringConfig)
+    start = time.perf_counter()
+    trees = [Tree(p) for p in problems]
+    ledgers = [Ledger() for _ in problems]
+    roots = [(i, Particle(ROOT_ID, (), 0.0, False), cfg.n) for i in range(len(problems))]
+    populations = grow(roots, trees, policy, scorer, ledgers, cfg, round_index=0)
+    if on_round is not None:
+        on_round(trees)
+    for depth in range(2, cfg.max_depth + 1):
+        if all(not population or all(p.finished for p in population) for population in populations):
+            break
+        populations = step_populations(populations, problems, trees, policy, scorer, ledgers, cfg, depth - 1)
+        if on_round is not None:
+            on_round(trees)
+    candidates: list[list[Candidate]] = [
+        [make_candidate(tree, p.node, p.step_scores, cfg.aggregation) for p in population]
+        for tree, population in zip(trees, populations)
+    ]
+    return ranked_results("particle_filtering", problems, cfg, trees, candidates, ledgers, policy, scorer, start)
