@@ -436,10 +436,11 @@ def write_sweep_table(summaries: Sequence[RunSummary], out_dir: Path) -> tuple[P
 def format_table(summaries: Sequence[RunSummary]) -> str:
     width = max([len("workload")] + [len(s.workload) for s in summaries])
     scorer_width = max([20] + [len(s.scorer) for s in summaries])
-    lines = [f"{'workload':<{width}} {'strategy':<12} {'scorer':<{scorer_width}} {'N':>4} {'seed':>4} {'probs':>5} "
-             f"{'tok/prob':>9} {'C':>10} {'accuracy [95% CI]':>24}"]
+    strategy_width = max([12] + [len(s.strategy) for s in summaries])  # particle_filtering is 18
+    lines = [f"{'workload':<{width}} {'strategy':<{strategy_width}} {'scorer':<{scorer_width}} {'N':>4} {'seed':>4} "
+             f"{'probs':>5} {'tok/prob':>9} {'C':>10} {'accuracy [95% CI]':>24}"]
     for s in summaries:
-        lines.append(f"{s.workload:<{width}} {s.strategy:<12} {s.scorer:<{scorer_width}} {s.budget:>4} {s.seed:>4} "
+        lines.append(f"{s.workload:<{width}} {s.strategy:<{strategy_width}} {s.scorer:<{scorer_width}} {s.budget:>4} {s.seed:>4} "
                      f"{s.problems:>5} {s.tokens_per_problem:>9.1f} {s.compute_C:>10.3g} {s.accuracy.fmt():>24}")
     return "\n".join(lines)
 

@@ -320,3 +320,16 @@ def test_experiment_runs_end_to_end_through_the_entry_point(experiment, narrow, 
         assert sorted(r.scorer for r in runs) == ["ConfidenceScorer", "OutcomeOracleScorer", "RandomScorer"]
     assert all(r.problems == 2 and r.compute_C > 0 for r in runs)
     assert plot_scaling_module.main([str(sweep)]) == 0 and (sweep / "scaling.png").is_file()
+
+
+def test_the_sweep_table_keeps_its_columns_for_a_long_strategy_name():
+    # before: the strategy column was 12 wide, so particle_filtering (18) pushed its row's scorer,
+    # N and accuracy out of line with the header's
+    def summary(strategy: str) -> sweep_metrics.RunSummary:
+        return sweep_metrics.RunSummary("run", "arith", strategy, "ConfidenceScorer", 8, 0, 100, 227.0, 8e8, 1.6e9,
+                                        Estimate(0.22, 0.14, 0.30), ())
+
+    lines = sweep_metrics.format_table([summary("beam_search"), summary("particle_filtering")]).splitlines()
+    starts = [line.index("ConfidenceScorer") for line in lines[1:]]
+    assert starts == [lines[0].index("scorer")] * 2
+    assert len({len(line) for line in lines}) == 1
