@@ -39,6 +39,7 @@ from transformers import AutoConfig, AutoTokenizer
 from policies.checkpoint import check_checkpoint
 from policies.reflective_model import DEFAULT_FEATURE_LAYER, SPRM_CONFIG_FILE
 from policies.vllm_engine import VLLMEngineConfig, build_llm, encode_hidden_states, shutdown_llm
+from policies.vllm_policy import count_parameters
 from scorers.sprm_head import load_score_module, sprm_logits
 from scorers.sprm_positions import StepMarkers, score_positions
 from scorers.sprm_scorer import SPRMReading, path_sequences, sprm_reading
@@ -56,6 +57,10 @@ class VLLMSPRMScorer:
     feature_layer: the layer the engine returns (a record of how it was built; it does not
         change what the engine computes).
     step_format: separator and think markers (the policy's `SamplingConfig` strings).
+    num_parameters: the LM's and the head's parameters, for the compute ledger's FLOPs (2 x
+        parameters x tokens forwarded), as `SPRMScorer` counts them; `from_pretrained` counts them
+        from the folder's config (vLLM's pooling stops at the feature layer, so for layer -2 this
+        counts one decoder layer and the output layer it does not run). 0 counts no FLOPs.
     """
 
     def __init__(
@@ -66,8 +71,10 @@ class VLLMSPRMScorer:
         prompt_fn: Callable[[Problem], str],
         feature_layer: int,
         step_format: StepFormat = StepFormat(),
+        num_parameters: int = 0,
     ) -> None:
         self.llm, self.tokenizer, self.head, self.prompt_fn = llm, tokenizer, head.eval(), prompt_fn
+        self.num_parameters = int(num_parameters)
         self.feature_layer = feature_layer
         # ids past the tokenizer's size (a wider logit layer) are never separators
         self.markers = StepMarkers.from_tokenizer(tokenizer, len(tokenizer), step_format)
@@ -91,7 +98,8 @@ class VLLMSPRMScorer:
         engine = replace(engine or VLLMEngineConfig(str(directory)), model=str(directory))
         llm = build_llm(engine, runner="pooling", feature_layer=layer)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        return cls(llm, tokenizer, head, prompt_fn, layer, step_format)
+        parameters = count_parameters(config) + sum(p.numel() for p in head.parameters())
+        return cls(llm, tokenizer, head, prompt_fn, layer, step_format, parameters)
 
     def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
         return [list(r.step_scores) for r in self.read(paths)]

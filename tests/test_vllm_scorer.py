@@ -125,6 +125,9 @@ def test_scores_equal_the_transformers_sprm_scorer(vllm_scorer, checkpoint, path
     assert vllm_scorer.score(paths) == [list(r.step_scores) for r in got]
     assert vllm_scorer.path_scores(paths) == [r.value for r in got]
     assert vllm_scorer.cost(paths) == expected.cost(paths)
+    # FLOPs of the ledger: the same parameters as the transformers scorer (before: none, so a
+    # search's scorer FLOPs were 0 on vLLM)
+    assert vllm_scorer.num_parameters == expected.num_parameters > 0
     assert vllm_scorer.score([]) == [] and vllm_scorer.score([Prefix(Problem("z", "<think>"))]) == [[]]
 
 
