@@ -30,6 +30,7 @@ from experiments.tasks.loader_errors import default_data_dir
 from policies.train_state import LAST
 from policies.transformers_policy import TransformersPolicy
 from scorers.outcome_oracle import OutcomeOracleScorer
+from scorers.step_oracle import StepOracleScorer
 from scorers.sprm_head import build_sprm_head, save_score_module
 from scorers.sprm_positions import StepMarkers
 from scorers.lm_prm_scorer import LMPRMScorer
@@ -98,6 +99,7 @@ def test_every_group_has_the_promised_options():
     assert options("search") == ["beam", "best_of_n", "dvts", "greedy", "mcts", "particle_filtering", "rebase"]
     assert options("scorer") == [
         "confidence", "math_shepherd", "oracle", "orm", "qwen_prm", "random", "rlhflow_prm", "sprm", "sprm_forward",
+        "step_oracle",
     ]
     assert options("policy") == [
         "metastone_s1_1p5b", "metastone_s1_32b", "metastone_s1_7b", "openai", "qwen25_math_1p5b", "qwen25_math_7b",
@@ -179,9 +181,12 @@ def test_scorer_options_instantiate(option, sprm_ckpt, chat_ckpt):
     overrides = [f"scorer={option}", f"policy.path={sprm_ckpt}"] + ([f"scorer.path={sprm_ckpt}"] if option == "orm" else [])
     if option in PRM_SCORERS:  # GPU presets of an external PRM: here on the CPU, the tiny model as the PRM
         overrides += [f"scorer.path={chat_ckpt}", "scorer.device=cpu"]
+    if option == "step_oracle":  # needs a task whose steps can be checked
+        overrides += ["task=countdown"]
     scorer = build(composed(overrides).scorer)
     assert isinstance(scorer, Scorer)
-    expected = {"sprm": StepScoreReader, "sprm_forward": SPRMScorer, "orm": SPRMScorer}.get(option, PRM_SCORERS.get(option))
+    expected = {"sprm": StepScoreReader, "sprm_forward": SPRMScorer, "orm": SPRMScorer,
+                "step_oracle": StepOracleScorer}.get(option, PRM_SCORERS.get(option))
     assert expected is None or type(scorer) is expected
     if option in PRM_SCORERS:
         assert scorer.format.layout == {"math_shepherd": "tag", "rlhflow_prm": "chat", "qwen_prm": "chat_tag"}[option]

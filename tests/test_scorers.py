@@ -48,3 +48,40 @@ def test_step_score_reader_reads_attached_scores_and_refuses_missing():
     assert StepScoreReader().score([path]) == [[0.3, 0.9]]
     with pytest.raises(ValueError, match="step 1 of a path for problem 'p' has no score"):
         StepScoreReader().score([Prefix(P, (step([-1.0], score=0.3), step([-1.0])))])
+
+
+# -- the step oracle ------------------------------------------------------------------------------
+
+
+def _countdown_path(texts):
+    from experiments.tasks import countdown
+
+    problem = countdown.make_problem((2, 3, 4, 6), 24)
+    steps = tuple(Step(text=t, token_ids=(1,), token_logprobs=(-0.1,), finish="separator") for t in texts)
+    return Prefix(problem, steps)
+
+
+def test_step_oracle_scores_each_step_by_the_tasks_checker():
+    from scorers.step_oracle import StepOracleScorer
+
+    scorer = StepOracleScorer.for_task("experiments.tasks.countdown")
+    right = _countdown_path(["4 + 2 = 6, left 3 6 6.\n\n", "6 * 3 = 18, left 6 18.\n\n"])
+    # 6 / 3 = 2 leaves 2 2 4, from which 24 cannot be made: a dead end, and so is what follows it
+    dead = _countdown_path(["4 + 2 = 6, left 3 6 6.\n\n", "6 / 3 = 2, left 2 6.\n\n", "6 * 2 = 12, left 12.\n\n"])
+    assert scorer.score([right, dead, _countdown_path([])]) == [[1.0, 1.0], [1.0, 0.0, 0.0], []]
+    assert scorer.cost([right, dead]) == 0
+    assert StepOracleScorer(scorer.labels, right=0.9, wrong=0.2).score([dead]) == [[0.9, 0.2, 0.2]]
+
+
+def test_step_oracle_names_a_task_without_step_labels_and_bad_settings():
+    from scorers.step_oracle import StepOracleScorer
+
+    with pytest.raises(ValueError, match=r"step_oracle needs a task that labels steps .* experiments.tasks.arith has none"):
+        StepOracleScorer.for_task("experiments.tasks.arith")
+    with pytest.raises(ValueError, match=r"StepOracleScorer.right=1.5 must be a number in \[0, 1\]"):
+        StepOracleScorer(lambda p, t: [True] * len(t), right=1.5)
+    with pytest.raises(ValueError, match=r"StepOracleScorer.labels=3 must be callable"):
+        StepOracleScorer(3)  # type: ignore[arg-type]
+    short = StepOracleScorer(lambda p, t: [True])
+    with pytest.raises(ValueError, match=r"gave 1 labels for the 2 steps of a path of problem"):
+        short.score([_countdown_path(["a.\n\n", "b.\n\n"])])
