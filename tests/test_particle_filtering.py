@@ -137,7 +137,7 @@ def test_the_registry_runs_it_and_names_its_settings():
     ({"temperature": math.inf}, r"ParticleFilteringConfig.temperature=inf must be a finite number > 0"),
     ({"temperature": True}, r"ParticleFilteringConfig.temperature=True must be a finite number > 0"),
     ({"reward": "best"}, r"ParticleFilteringConfig.reward: unknown aggregation 'best'"),
-    ({"aggregation": "best"}, r"unknown aggregation 'best'"),
+    ({"aggregation": "best"}, r"Config.aggregation: unknown aggregation 'best'"),
     ({"seed": 1.5}, r"ParticleFilteringConfig.seed=1.5 must be an integer"),
 ])
 def test_a_bad_setting_is_named(settings_, message):

@@ -154,7 +154,7 @@ def test_the_registry_runs_it_and_names_its_settings():
     ({"balance_temperature": math.nan}, r"RebaseConfig.balance_temperature=nan must be a finite number > 0"),
     ({"balance_temperature": "0.2"}, r"RebaseConfig.balance_temperature='0.2' must be a finite number > 0"),
     ({"reward": "best"}, r"RebaseConfig.reward: unknown aggregation 'best'"),
-    ({"aggregation": "best"}, r"unknown aggregation 'best'"),
+    ({"aggregation": "best"}, r"Config.aggregation: unknown aggregation 'best'"),
     ({"seed": "1"}, r"RebaseConfig.seed='1' must be an integer"),
 ])
 def test_a_bad_setting_is_named(settings_, message):

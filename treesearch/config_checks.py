@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+from treesearch.aggregation import check_aggregation
 from treesearch.records import Problem
 
 
@@ -30,6 +31,20 @@ def check_int(owner: str, name: str, value: object, minimum: int | None = None) 
     if not is_int(value) or (minimum is not None and value < minimum):  # type: ignore[operator]
         bound = "" if minimum is None else f" >= {minimum}"
         raise ValueError(f"{owner}.{name}={value!r} must be an integer{bound}")
+
+
+def check_positive(owner: str, name: str, value: object) -> None:
+    """ValueError naming `owner.name` unless value is a finite number > 0 (a temperature)."""
+    if not is_finite_number(value) or value <= 0:  # type: ignore[operator]
+        raise ValueError(f"{owner}.{name}={value!r} must be a finite number > 0")
+
+
+def check_aggregation_setting(owner: str, name: str, value: object) -> None:
+    """ValueError naming `owner.name` unless value names an aggregation (`treesearch.aggregation`)."""
+    try:
+        check_aggregation(value)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ValueError(f"{owner}.{name}: {err}") from None
 
 
 def check_finite(owner: str, name: str, value: object, minimum: float) -> None:

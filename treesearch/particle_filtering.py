@@ -39,8 +39,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from treesearch.aggregation import aggregate, check_aggregation
-from treesearch.config_checks import check_int, is_finite_number, search_inputs
+from treesearch.aggregation import aggregate
+from treesearch.config_checks import check_aggregation_setting, check_int, check_positive, search_inputs
 from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, ranked_results, round_seed, score_rows
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem, Step
@@ -64,14 +64,10 @@ class ParticleFilteringConfig:
 
     def __post_init__(self) -> None:
         check_int("ParticleFilteringConfig", "n", self.n, minimum=1)
-        if not is_finite_number(self.temperature) or self.temperature <= 0:
-            raise ValueError(f"ParticleFilteringConfig.temperature={self.temperature!r} must be a finite number > 0")
+        check_positive("ParticleFilteringConfig", "temperature", self.temperature)
         check_int("ParticleFilteringConfig", "max_depth", self.max_depth, minimum=1)
-        try:
-            check_aggregation(self.reward)
-        except ValueError as err:
-            raise ValueError(f"ParticleFilteringConfig.reward: {err}") from None
-        check_aggregation(self.aggregation)
+        check_aggregation_setting("ParticleFilteringConfig", "reward", self.reward)
+        check_aggregation_setting("ParticleFilteringConfig", "aggregation", self.aggregation)
         check_int("ParticleFilteringConfig", "seed", self.seed)
 
 

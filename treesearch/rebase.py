@@ -42,8 +42,8 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from treesearch.aggregation import aggregate, check_aggregation
-from treesearch.config_checks import check_int, is_finite_number, search_inputs
+from treesearch.aggregation import aggregate
+from treesearch.config_checks import check_aggregation_setting, check_int, check_positive, search_inputs
 from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, ranked_results, round_seed, score_rows
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem, Step
@@ -67,15 +67,10 @@ class RebaseConfig:
 
     def __post_init__(self) -> None:
         check_int("RebaseConfig", "n", self.n, minimum=1)
-        if not is_finite_number(self.balance_temperature) or self.balance_temperature <= 0:
-            raise ValueError(
-                f"RebaseConfig.balance_temperature={self.balance_temperature!r} must be a finite number > 0")
+        check_positive("RebaseConfig", "balance_temperature", self.balance_temperature)
         check_int("RebaseConfig", "max_depth", self.max_depth, minimum=1)
-        try:
-            check_aggregation(self.reward)
-        except ValueError as err:
-            raise ValueError(f"RebaseConfig.reward: {err}") from None
-        check_aggregation(self.aggregation)
+        check_aggregation_setting("RebaseConfig", "reward", self.reward)
+        check_aggregation_setting("RebaseConfig", "aggregation", self.aggregation)
         check_int("RebaseConfig", "seed", self.seed)
 
 
