@@ -24,7 +24,7 @@ Tests: `.venv/bin/python -m pytest tests/test_merged_scorer.py`.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from treesearch.protocols import Scorer
@@ -38,7 +38,7 @@ class _Call:
     paths: Sequence[Prefix]
     scores: list[list[float]] | None = None
     error: BaseException | None = None
-    done: bool = field(default=False)
+    done: bool = False
 
     def finish(self, scores: list[list[float]] | None = None, error: BaseException | None = None) -> None:
         self.scores, self.error, self.done = scores, error, True
@@ -69,9 +69,10 @@ class MergedScorer:
             self._waiting.append(call)
             while self._running and not call.done:
                 self._changed.wait()
-            if not call.done:  # nobody runs: this thread takes every waiting call
+            leader = not call.done  # nobody runs and this call waits: this thread takes every waiting call
+            if leader:
                 batch, self._waiting, self._running = self._waiting, [], True
-        if not call.done:
+        if leader:
             try:
                 self._run(batch)
             except BaseException as error:  # an interrupt: no call of the batch may wait forever
