@@ -8,7 +8,8 @@ import pytest
 
 from step_tree_fakes import EndlessPolicy, ScriptedPolicy, ScriptedScorer, scripted_problem, trap_problem
 from treesearch.frontier import round_seed
-from treesearch.particle_filtering import Particle, ParticleFilteringConfig, particle_filtering, resample
+from treesearch.frontier import Child
+from treesearch.particle_filtering import ParticleFilteringConfig, particle_filtering, resample
 from treesearch.registry import run_search
 
 
@@ -17,7 +18,7 @@ def run(problems, cfg, policy=None, scorer=None):
 
 
 def particles(rewards):
-    return [Particle(i, (r,), r, False) for i, r in enumerate(rewards)]
+    return [Child(0, i, (r,), r, False) for i, r in enumerate(rewards)]
 
 
 # -- resampling ---------------------------------------------------------------------------------

@@ -159,6 +159,50 @@ def check_rows(rows: Sequence[Any], expected: int, method: str) -> None:
         raise ValueError(f"policy.{method} returned {len(rows)} rows for {expected} prefixes")
 
 
+@dataclass(frozen=True)
+class Child:
+    """A step generated in a round, added to its problem's tree and scored.
+
+    problem: index of its problem; node: its node id; step_scores: the scorer's scores of its
+    path's steps; reward: their aggregation by the strategy's `reward` setting; terminal: its
+    step ended the sequence (finish "eos" or "length").
+    """
+
+    problem: int
+    node: int
+    step_scores: tuple[float, ...]
+    reward: float
+    terminal: bool
+
+
+def grow_nodes(
+    parents: Sequence[tuple[int, int, int]], trees: list[Tree], policy: Policy, scorer: Scorer,
+    ledgers: list[Ledger], seed: int, round_index: int, reward: str,
+) -> list[list[Child]]:
+    """Sample each (problem, node, width) `width` times: one `propose(n=width)` call per distinct
+    width, in increasing width (the protocol's n is one per call), seeded `round_seed(seed,
+    round_index, width)`; the children join their trees in parent order whatever the grouping, all
+    their paths are scored in one call, and each child node gets score = its step's score, value =
+    the `reward` aggregation of its path. Returns each parent's children (fewer than width when
+    the policy returned fewer steps). REBASE's widths and particle filtering's draws use it."""
+    rows: list[list[Step]] = [[] for _ in parents]
+    for width in sorted({w for _, _, w in parents}):
+        chosen = [i for i, (_, _, w) in enumerate(parents) if w == width]
+        items = [Item(parents[i][0], trees[parents[i][0]].prefix(parents[i][1])) for i in chosen]
+        for i, row in zip(chosen, propose_rows(policy, items, width, round_seed(seed, round_index, width), ledgers)):
+            rows[i] = row
+    added = [(entry, trees[problem].add(node, step))
+             for entry, ((problem, node, _), row) in enumerate(zip(parents, rows)) for step in row]
+    paths = [Item(parents[entry][0], trees[parents[entry][0]].prefix(node)) for entry, node in added]
+    grown: list[list[Child]] = [[] for _ in parents]
+    for (entry, node), path, row in zip(added, paths, score_rows(scorer, paths, ledgers)):
+        value = aggregate(row, reward)
+        tree_node = trees[path.problem].nodes[node]
+        tree_node.score, tree_node.value = row[-1], value
+        grown[entry].append(Child(path.problem, node, tuple(row), value, path.prefix.is_terminal))
+    return grown
+
+
 def make_candidate(tree: Tree, node_id: int, step_scores: Sequence[float], aggregation: str) -> Candidate:
     """The candidate ending at node_id, ranked by the aggregation of its own step scores."""
     scores = tuple(float(s) for s in step_scores)

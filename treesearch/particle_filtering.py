@@ -39,11 +39,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from treesearch.aggregation import aggregate
 from treesearch.config_checks import check_aggregation_setting, check_int, check_positive, search_inputs
-from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, ranked_results, round_seed, score_rows
+from treesearch.frontier import Child, Ledger, grow_nodes, make_candidate, ranked_results
 from treesearch.protocols import Policy, RoundHook, Scorer
-from treesearch.records import Problem, Step
+from treesearch.records import Problem
 from treesearch.result import Candidate, SearchResult
 from treesearch.tree import ROOT_ID, Tree
 
@@ -71,18 +70,7 @@ class ParticleFilteringConfig:
         check_int("ParticleFilteringConfig", "seed", self.seed)
 
 
-@dataclass(frozen=True)
-class Particle:
-    """One particle: its last node in its problem's tree, the scores of its path's steps, its
-    reward R and whether its path is finished."""
-
-    node: int
-    step_scores: tuple[float, ...]
-    reward: float
-    finished: bool
-
-
-def resample(particles: Sequence[Particle], temperature: float, rng: random.Random) -> list[int]:
+def resample(particles: Sequence[Child], temperature: float, rng: random.Random) -> list[int]:
     """len(particles) indices drawn with replacement, index i with probability
     softmax(reward / temperature)_i; sorted, so the new population keeps the old order."""
     top = max(p.reward for p in particles)
@@ -95,54 +83,29 @@ def resampling_rng(seed: int, problem: Problem, round_index: int) -> random.Rand
     return random.Random(f"{seed}|{problem.id}|{round_index}")
 
 
-def grow(
-    drawn: Sequence[tuple[int, Particle, int]], trees: list[Tree], policy: Policy, scorer: Scorer,
-    ledgers: list[Ledger], cfg: ParticleFilteringConfig, round_index: int,
-) -> list[list[Particle]]:
-    """Each unfinished particle drawn k times (problem, particle, k) sampled k times (one policy
-    call per distinct k), its children added to the tree and scored (one scorer call); returns
-    each entry's k new particles (fewer when the policy returned fewer steps)."""
-    rows: list[list[Step]] = [[] for _ in drawn]
-    for count in sorted({k for _, _, k in drawn}):
-        chosen = [i for i, (_, _, k) in enumerate(drawn) if k == count]
-        items = [Item(drawn[i][0], trees[drawn[i][0]].prefix(drawn[i][1].node)) for i in chosen]
-        for i, row in zip(chosen, propose_rows(policy, items, count, round_seed(cfg.seed, round_index, count), ledgers)):
-            rows[i] = row
-    added = [(entry, trees[problem].add(particle.node, step))
-             for entry, ((problem, particle, _), row) in enumerate(zip(drawn, rows)) for step in row]
-    paths = [Item(drawn[entry][0], trees[drawn[entry][0]].prefix(node)) for entry, node in added]
-    grown: list[list[Particle]] = [[] for _ in drawn]
-    for (entry, node), path, row in zip(added, paths, score_rows(scorer, paths, ledgers)):
-        reward = aggregate(row, cfg.reward)
-        tree_node = trees[path.problem].nodes[node]
-        tree_node.score, tree_node.value = row[-1], reward
-        grown[entry].append(Particle(node, tuple(row), reward, path.prefix.is_terminal))
-    return grown
-
-
 def step_populations(
-    populations: list[list[Particle]], problems: Sequence[Problem], trees: list[Tree], policy: Policy,
+    populations: list[list[Child]], problems: Sequence[Problem], trees: list[Tree], policy: Policy,
     scorer: Scorer, ledgers: list[Ledger], cfg: ParticleFilteringConfig, round_index: int,
-) -> list[list[Particle]]:
-    """One round: resample every unfinished problem's population, grow its unfinished draws by one
-    step; finished draws stay as they are, in the population's order. A problem whose particles
-    are all finished is left as it is."""
-    drawn: list[tuple[int, Particle, int]] = []
-    plans: list[list[tuple[Particle, int] | int]] = []  # per problem: (finished particle, times drawn) or a draw's entry
+) -> list[list[Child]]:
+    """One round: resample every unfinished problem's population, grow each unfinished particle
+    drawn k times by k samples of one step (`frontier.grow_nodes`); finished draws stay as they
+    are, in the population's order. A problem whose particles are all finished is left as it is."""
+    drawn: list[tuple[int, int, int]] = []  # (problem, node, times drawn) of the unfinished draws
+    plans: list[list[tuple[Child, int] | int]] = []  # per problem: (finished particle, times drawn) or a draw's entry
     for problem, population in enumerate(populations):
-        plan: list[tuple[Particle, int] | int] = []
-        if all(p.finished for p in population):
+        plan: list[tuple[Child, int] | int] = []
+        if all(p.terminal for p in population):
             plan = [(p, 1) for p in population]
         else:
             picks = Counter(resample(population, cfg.temperature, resampling_rng(cfg.seed, problems[problem], round_index)))
             for index, count in sorted(picks.items()):
-                if population[index].finished:
+                if population[index].terminal:
                     plan.append((population[index], count))
                 else:
                     plan.append(len(drawn))
-                    drawn.append((problem, population[index], count))
+                    drawn.append((problem, population[index].node, count))
         plans.append(plan)
-    grown = grow(drawn, trees, policy, scorer, ledgers, cfg, round_index)
+    grown = grow_nodes(drawn, trees, policy, scorer, ledgers, cfg.seed, round_index, cfg.reward)
     return [[p for entry in plan for p in ([entry[0]] * entry[1] if isinstance(entry, tuple) else grown[entry])]
             for plan in plans]
 
@@ -156,12 +119,12 @@ def particle_filtering(
     start = time.perf_counter()
     trees = [Tree(p) for p in problems]
     ledgers = [Ledger() for _ in problems]
-    roots = [(i, Particle(ROOT_ID, (), 0.0, False), cfg.n) for i in range(len(problems))]
-    populations = grow(roots, trees, policy, scorer, ledgers, cfg, round_index=0)
+    populations = grow_nodes([(i, ROOT_ID, cfg.n) for i in range(len(problems))], trees, policy, scorer, ledgers,
+                             cfg.seed, 0, cfg.reward)
     if on_round is not None:
         on_round(trees)
     for depth in range(2, cfg.max_depth + 1):
-        if all(not population or all(p.finished for p in population) for population in populations):
+        if all(p.terminal for population in populations for p in population):
             break
         populations = step_populations(populations, problems, trees, policy, scorer, ledgers, cfg, depth - 1)
         if on_round is not None:

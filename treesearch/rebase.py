@@ -42,11 +42,10 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from treesearch.aggregation import aggregate
 from treesearch.config_checks import check_aggregation_setting, check_int, check_positive, search_inputs
-from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, ranked_results, round_seed, score_rows
+from treesearch.frontier import Child, Ledger, grow_nodes, make_candidate, ranked_results
 from treesearch.protocols import Policy, RoundHook, Scorer
-from treesearch.records import Problem, Step
+from treesearch.records import Problem
 from treesearch.result import Candidate, SearchResult
 from treesearch.tree import ROOT_ID, Tree
 
@@ -84,19 +83,6 @@ class Expansion:
     width: int
 
 
-@dataclass(frozen=True)
-class Child:
-    """A step generated this round, added to its tree and scored. problem, node: where it is;
-    step_scores: the scorer's scores of its path; reward: R of the node; terminal: its step
-    ended the sequence."""
-
-    problem: int
-    node: int
-    step_scores: tuple[float, ...]
-    reward: float
-    terminal: bool
-
-
 def balanced_widths(rewards: Sequence[float], budget: int, temperature: float) -> list[int]:
     """The budget shared by softmax(rewards / temperature), rounded by largest remainder (the
     floors, then +1 for the largest fractional parts; on a tie the higher reward, then the
@@ -114,29 +100,6 @@ def balanced_widths(rewards: Sequence[float], budget: int, temperature: float) -
     for i in by_remainder[: budget - sum(widths)]:
         widths[i] += 1
     return widths
-
-
-def expand(
-    expansions: Sequence[Expansion], trees: list[Tree], policy: Policy, scorer: Scorer, ledgers: list[Ledger],
-    cfg: RebaseConfig, round_index: int,
-) -> list[Child]:
-    """One round: sample each node `width` times (one policy call per distinct width), add the
-    children to the trees in node order, score all their paths (one scorer call)."""
-    rows: list[list[Step]] = [[] for _ in expansions]
-    for width in sorted({e.width for e in expansions}):
-        chosen = [i for i, e in enumerate(expansions) if e.width == width]
-        items = [Item(expansions[i].problem, trees[expansions[i].problem].prefix(expansions[i].node)) for i in chosen]
-        for i, row in zip(chosen, propose_rows(policy, items, width, round_seed(cfg.seed, round_index, width), ledgers)):
-            rows[i] = row
-    added = [(e.problem, trees[e.problem].add(e.node, step)) for e, row in zip(expansions, rows) for step in row]
-    paths = [Item(problem, trees[problem].prefix(node)) for problem, node in added]
-    children = []
-    for (problem, node), path, row in zip(added, paths, score_rows(scorer, paths, ledgers)):
-        reward = aggregate(row, cfg.reward)
-        tree_node = trees[problem].nodes[node]
-        tree_node.score, tree_node.value = row[-1], reward
-        children.append(Child(problem, node, tuple(row), reward, path.prefix.is_terminal))
-    return children
 
 
 def settle(
@@ -178,7 +141,9 @@ def rebase(
     for depth in range(1, cfg.max_depth + 1):
         if not expansions:
             break
-        children = expand(expansions, trees, policy, scorer, ledgers, cfg, round_index=depth - 1)
+        parents = [(e.problem, e.node, e.width) for e in expansions]
+        children = [c for kids in grow_nodes(parents, trees, policy, scorer, ledgers, cfg.seed, depth - 1, cfg.reward)
+                    for c in kids]
         expansions = settle(children, trees, candidates, budgets, cfg, last_round=depth == cfg.max_depth)
         if on_round is not None:
             on_round(trees)
