@@ -160,6 +160,16 @@ def check_rows(rows: Sequence[Any], expected: int, method: str) -> None:
 
 
 @dataclass(frozen=True)
+class Expansion:
+    """A node to sample in a round. problem: index of its problem; node: its id in that problem's
+    tree; width: how many children to sample."""
+
+    problem: int
+    node: int
+    width: int
+
+
+@dataclass(frozen=True)
 class Child:
     """A step generated in a round, added to its problem's tree and scored.
 
@@ -176,24 +186,23 @@ class Child:
 
 
 def grow_nodes(
-    parents: Sequence[tuple[int, int, int]], trees: list[Tree], policy: Policy, scorer: Scorer,
+    parents: Sequence[Expansion], trees: list[Tree], policy: Policy, scorer: Scorer,
     ledgers: list[Ledger], seed: int, round_index: int, reward: str,
 ) -> list[list[Child]]:
-    """Sample each (problem, node, width) `width` times: one `propose(n=width)` call per distinct
+    """Sample each parent node `width` times: one `propose(n=width)` call per distinct
     width, in increasing width (the protocol's n is one per call), seeded `round_seed(seed,
     round_index, width)`; the children join their trees in parent order whatever the grouping, all
     their paths are scored in one call, and each child node gets score = its step's score, value =
     the `reward` aggregation of its path. Returns each parent's children (fewer than width when
     the policy returned fewer steps). REBASE's widths and particle filtering's draws use it."""
     rows: list[list[Step]] = [[] for _ in parents]
-    for width in sorted({w for _, _, w in parents}):
-        chosen = [i for i, (_, _, w) in enumerate(parents) if w == width]
-        items = [Item(parents[i][0], trees[parents[i][0]].prefix(parents[i][1])) for i in chosen]
+    for width in sorted({p.width for p in parents}):
+        chosen = [i for i, p in enumerate(parents) if p.width == width]
+        items = [Item(parents[i].problem, trees[parents[i].problem].prefix(parents[i].node)) for i in chosen]
         for i, row in zip(chosen, propose_rows(policy, items, width, round_seed(seed, round_index, width), ledgers)):
             rows[i] = row
-    added = [(entry, trees[problem].add(node, step))
-             for entry, ((problem, node, _), row) in enumerate(zip(parents, rows)) for step in row]
-    paths = [Item(parents[entry][0], trees[parents[entry][0]].prefix(node)) for entry, node in added]
+    added = [(entry, trees[p.problem].add(p.node, step)) for entry, (p, row) in enumerate(zip(parents, rows)) for step in row]
+    paths = [Item(parents[entry].problem, trees[parents[entry].problem].prefix(node)) for entry, node in added]
     grown: list[list[Child]] = [[] for _ in parents]
     for (entry, node), path, row in zip(added, paths, score_rows(scorer, paths, ledgers)):
         value = aggregate(row, reward)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from treesearch.config_checks import check_aggregation_setting, check_int, check_positive, search_inputs
-from treesearch.frontier import Child, Ledger, grow_nodes, make_candidate, ranked_results
+from treesearch.frontier import Child, Expansion, Ledger, grow_nodes, make_candidate, ranked_results
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
 from treesearch.result import Candidate, SearchResult
@@ -90,7 +90,7 @@ def step_populations(
     """One round: resample every unfinished problem's population, grow each unfinished particle
     drawn k times by k samples of one step (`frontier.grow_nodes`); finished draws stay as they
     are, in the population's order. A problem whose particles are all finished is left as it is."""
-    drawn: list[tuple[int, int, int]] = []  # (problem, node, times drawn) of the unfinished draws
+    drawn: list[Expansion] = []  # the unfinished draws, each as wide as the times it was drawn
     plans: list[list[tuple[Child, int] | int]] = []  # per problem: (finished particle, times drawn) or a draw's entry
     for problem, population in enumerate(populations):
         plan: list[tuple[Child, int] | int] = []
@@ -103,7 +103,7 @@ def step_populations(
                     plan.append((population[index], count))
                 else:
                     plan.append(len(drawn))
-                    drawn.append((problem, population[index].node, count))
+                    drawn.append(Expansion(problem, population[index].node, count))
         plans.append(plan)
     grown = grow_nodes(drawn, trees, policy, scorer, ledgers, cfg.seed, round_index, cfg.reward)
     return [[p for entry in plan for p in ([entry[0]] * entry[1] if isinstance(entry, tuple) else grown[entry])]
@@ -119,8 +119,8 @@ def particle_filtering(
     start = time.perf_counter()
     trees = [Tree(p) for p in problems]
     ledgers = [Ledger() for _ in problems]
-    populations = grow_nodes([(i, ROOT_ID, cfg.n) for i in range(len(problems))], trees, policy, scorer, ledgers,
-                             cfg.seed, 0, cfg.reward)
+    populations = grow_nodes([Expansion(i, ROOT_ID, cfg.n) for i in range(len(problems))], trees, policy, scorer,
+                             ledgers, cfg.seed, 0, cfg.reward)
     if on_round is not None:
         on_round(trees)
     for depth in range(2, cfg.max_depth + 1):

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from treesearch.config_checks import check_aggregation_setting, check_int, check_positive, search_inputs
-from treesearch.frontier import Child, Ledger, grow_nodes, make_candidate, ranked_results
+from treesearch.frontier import Child, Expansion, Ledger, grow_nodes, make_candidate, ranked_results
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
 from treesearch.result import Candidate, SearchResult
@@ -71,16 +71,6 @@ class RebaseConfig:
         check_aggregation_setting("RebaseConfig", "reward", self.reward)
         check_aggregation_setting("RebaseConfig", "aggregation", self.aggregation)
         check_int("RebaseConfig", "seed", self.seed)
-
-
-@dataclass(frozen=True)
-class Expansion:
-    """A node to sample this round. problem: index of its problem; node: its id in that problem's
-    tree; width: how many children to sample."""
-
-    problem: int
-    node: int
-    width: int
 
 
 def balanced_widths(rewards: Sequence[float], budget: int, temperature: float) -> list[int]:
@@ -141,8 +131,7 @@ def rebase(
     for depth in range(1, cfg.max_depth + 1):
         if not expansions:
             break
-        parents = [(e.problem, e.node, e.width) for e in expansions]
-        children = [c for kids in grow_nodes(parents, trees, policy, scorer, ledgers, cfg.seed, depth - 1, cfg.reward)
+        children = [c for kids in grow_nodes(expansions, trees, policy, scorer, ledgers, cfg.seed, depth - 1, cfg.reward)
                     for c in kids]
         expansions = settle(children, trees, candidates, budgets, cfg, last_round=depth == cfg.max_depth)
         if on_round is not None:
