@@ -29,6 +29,9 @@ runs of one workload whose scorers share a class but differ in a setting (`score
 are both SPRMScorer heads, at different paths; `scorer.reduce=mean,min`) are told apart by it
 (`SPRMScorer (scorer.path=outputs/heads/arith_orm/final)`) and never pooled. A scorer's `seed` is
 the run's (`${seed}`), a draw like the strategy's, not a different scorer (`SCORER_DRAW_KEYS`).
+Strategies likewise: runs of one strategy with other settings (`search.temperature=0.2,1.0`,
+`search.beam_width=2,4`) are labelled by them (`particle_filtering (temperature=0.2)`) and kept
+apart; the budget, seed and MCTS's token budget follow the run (`STRATEGY_RUN_KEYS`).
 
     python -m experiments.sweep_metrics outputs/search/RUN          # prints the run's metrics JSON
     python -m experiments.sweep_metrics outputs/sweeps/budget_sweep # table; writes sweep_metrics.csv/.json
@@ -64,6 +67,9 @@ SWEEP_COLUMNS = ("run", "workload", "strategy", "scorer", "budget", "seed", "pro
 WORKLOAD_NODES: tuple[str, ...] = ("task", "policy")
 # scorer settings that are a run's draw, not which scorer it is (RandomScorer's seed is ${seed})
 SCORER_DRAW_KEYS: tuple[str, ...] = ("seed",)
+# strategy settings that follow the run, not the series it belongs to: the budget (n, MCTS's
+# iterations), the chunk's seed and MCTS's token budget (the demo gives it Best-of-N's tokens at N)
+STRATEGY_RUN_KEYS: tuple[str, ...] = ("n", "iterations", "seed", "token_budget")
 LABEL_KEYS = 3  # most differing keys a workload (or scorer) label names
 LABEL_VALUE_CHARS = 40  # a longer value is shown by its end ("…" + tail)
 
@@ -221,9 +227,10 @@ class RunSummary:
     per_problem: tuple[tuple[str, float], ...]
     workload_key: str = "{}"
     scorer_key: str = "{}"
+    strategy_key: str = "{}"
 
     def table_row(self) -> dict[str, Any]:
-        hidden = ("accuracy", "per_problem", "workload_key", "scorer_key")
+        hidden = ("accuracy", "per_problem", "workload_key", "scorer_key", "strategy_key")
         row = {k: v for k, v in asdict(self).items() if k not in hidden}
         row.update(accuracy=self.accuracy.mean, accuracy_low=self.accuracy.low, accuracy_high=self.accuracy.high)
         return row
@@ -239,6 +246,11 @@ def strategy_label(strategy: str, strategy_config: dict[str, Any], temperature: 
 def run_workload(config: dict[str, Any]) -> dict[str, Any]:
     """The run config's WORKLOAD_NODES (absent ones left out): which problems, which policy."""
     return {node: config[node] for node in WORKLOAD_NODES if node in config}
+
+
+def run_strategy(label: str, strategy_config: dict[str, Any]) -> dict[str, Any]:
+    """{"strategy": its label, then its settings but STRATEGY_RUN_KEYS}: which series a run is."""
+    return {"strategy": label, **{k: v for k, v in strategy_config.items() if k not in STRATEGY_RUN_KEYS}}
 
 
 def run_scorer(config: dict[str, Any]) -> dict[str, Any]:
@@ -348,6 +360,14 @@ def scorer_labels(summaries: Sequence[RunSummary]) -> list[RunSummary]:
     return [replace(s, scorer=labels[s.workload_key][s.scorer_key]) for s in summaries]
 
 
+def strategy_labels(summaries: Sequence[RunSummary]) -> list[RunSummary]:
+    """Each run's strategy labelled by its name, plus the settings that differ between the runs
+    of that name (`particle_filtering (temperature=0.2)`; budgets and seeds do not count:
+    `run_strategy`), so runs of other settings are their own series, never pooled."""
+    labels = distinct_labels([s.strategy_key for s in summaries], lambda config: str(config["strategy"]))
+    return [replace(s, strategy=labels[s.strategy_key]) for s in summaries]
+
+
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / CONFIG
     if not path.is_file():
@@ -382,6 +402,7 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
         per_problem=tuple((r["problem_id"], c) for r, c in zip(rows, correct)),
         workload_key=json.dumps(workload, sort_keys=True),
         scorer_key=json.dumps(run_scorer(config), sort_keys=True),
+        strategy_key=json.dumps(run_strategy(label, rows[0]["config"]), sort_keys=True),
     )
 
 
@@ -391,9 +412,9 @@ def run_folders(sweep_dir: Path) -> list[Path]:
 
 
 def sweep_summaries(sweep_dir: str | Path) -> list[RunSummary]:
-    """One RunSummary per run folder, each labelled with its workload (`workload_labels`) and
-    scorer (`scorer_labels`),
-    ordered by workload, strategy, scorer, budget, seed."""
+    """One RunSummary per run folder, each labelled with its workload (`workload_labels`),
+    scorer (`scorer_labels`) and strategy settings (`strategy_labels`), ordered by workload,
+    strategy, scorer, budget, seed."""
     root = Path(sweep_dir)
     if not root.exists():
         raise RunFolderError(f"{root}: no such folder")
@@ -402,7 +423,7 @@ def sweep_summaries(sweep_dir: str | Path) -> list[RunSummary]:
     folders = run_folders(root)
     if not folders:
         raise RunFolderError(f"{root}: no {RECORDS} found at or below it")
-    summaries = scorer_labels(attach_greedy([summarize_run(folder, root) for folder in folders]))
+    summaries = strategy_labels(scorer_labels(attach_greedy([summarize_run(folder, root) for folder in folders])))
     labels = workload_labels([s.workload_key for s in summaries])
     summaries = [replace(s, workload=labels[s.workload_key]) for s in summaries]
     return sorted(summaries, key=lambda s: (s.workload, s.strategy, s.scorer, s.budget, s.seed, s.run))

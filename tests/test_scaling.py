@@ -129,10 +129,13 @@ CONFIDENCE = {"_target_": "scorers.confidence.ConfidenceScorer"}
 
 def write_run(folder: Path, strategy: str, budget: int, seed: int, correct: list[bool], tokens: int,
               task: dict | None = None, temperature: float = 0.7, policy_path: str = "ckpt/final",
-              scorer: dict | None = None) -> None:
-    """A run folder as experiments.search writes it: records.jsonl + config.yaml."""
+              scorer: dict | None = None, settings: dict | None = None) -> None:
+    """A run folder as experiments.search writes it: records.jsonl + config.yaml (settings: more
+    fields of the strategy's config in the records)."""
     folder.mkdir(parents=True)
     rows = [row(f"p{i}", [cand("1", ok, 0.5)], 2, tokens, strategy, budget) for i, ok in enumerate(correct)]
+    for r in rows:
+        r["config"].update(settings or {})
     append_rows(folder / "records.jsonl", rows)
     config = {"seed": seed, "scorer": scorer or CONFIDENCE, "task": task or ARITH,
               "policy": {"path": policy_path, "sampling": {"temperature": temperature}}}
@@ -333,3 +336,24 @@ def test_the_sweep_table_keeps_its_columns_for_a_long_strategy_name():
     starts = [line.index("ConfidenceScorer") for line in lines[1:]]
     assert starts == [lines[0].index("scorer")] * 2
     assert len({len(line) for line in lines}) == 1
+
+
+def test_strategies_with_other_settings_are_separate_series(tmp_path):
+    """search=particle_filtering search.temperature=0.2,1.0 across budgets: two series, each of its
+    budgets; a setting that differs only with the run (n, seed, MCTS's token budget) splits nothing."""
+    for budget in (4, 8):
+        for temperature, good in ((0.2, 6), (1.0, 3)):
+            write_run(tmp_path / f"pf-{temperature}-{budget}", "particle_filtering", budget, 0,
+                      [i < good for i in range(10)], 10 * budget, settings={"temperature": temperature})
+        write_run(tmp_path / f"mcts-{budget}", "mcts", budget, 0, [i < 4 for i in range(10)], 10 * budget,
+                  settings={"token_budget": 10 * budget, "seed": budget})
+    runs = sweep_summaries(tmp_path)
+    assert {r.run: r.strategy for r in runs} == {
+        "pf-0.2-4": "particle_filtering (temperature=0.2)", "pf-0.2-8": "particle_filtering (temperature=0.2)",
+        "pf-1.0-4": "particle_filtering (temperature=1.0)", "pf-1.0-8": "particle_filtering (temperature=1.0)",
+        "mcts-4": "mcts", "mcts-8": "mcts",
+    }
+    series = {s.name: s for s in scaling_by_strategy(runs, threshold=0.01)}
+    assert [p.accuracy.mean for p in series["particle_filtering (temperature=0.2)"].points] == [0.6, 0.6]
+    assert [p.accuracy.mean for p in series["particle_filtering (temperature=1.0)"].points] == [0.3, 0.3]
+    assert len(series) == 3
