@@ -23,7 +23,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -31,6 +30,7 @@ from typing import Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
+from experiments.bench_prm_prefix import RecordingScorer  # noqa: E402
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
 from experiments.cli_args import check_beam_shape, positive_int  # noqa: E402
 from policies.continuous_engine import ContinuousEngine  # noqa: E402
@@ -38,26 +38,8 @@ from scorers.lm_prm_scorer import LMPRMScorer  # noqa: E402
 from scorers.prm_format import PRM_FORMATS  # noqa: E402
 from treesearch.beam_search import BeamSearchConfig, beam_search  # noqa: E402
 from treesearch.concurrent import search_each  # noqa: E402
-from treesearch.records import Prefix  # noqa: E402
 
 WAYS: tuple[str, ...] = ("merged calls", "a call per thread")
-
-
-class CountingScorer:
-    """The PRM, counting the calls it gets and the paths in them (thread-safe)."""
-
-    def __init__(self, inner: LMPRMScorer) -> None:
-        self.inner, self.num_parameters = inner, inner.num_parameters
-        self.calls, self.paths = 0, 0
-        self._lock = threading.Lock()
-
-    def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
-        with self._lock:
-            self.calls, self.paths = self.calls + 1, self.paths + len(paths)
-        return self.inner.score(paths)
-
-    def cost(self, paths: Sequence[Prefix]) -> int:
-        return self.inner.cost(paths)
 
 
 @dataclass(frozen=True)
@@ -75,13 +57,14 @@ class WayRun:
 def run_way(work: Workload, prm: LMPRMScorer, merged: bool, cfg: BeamSearchConfig) -> WayRun:
     """The beam search of every problem in its own thread, the PRM's calls merged or not, timed."""
     prm.clear_memory()
-    scorer, policy = CountingScorer(prm), work.policy()
+    scorer, policy = RecordingScorer(prm), work.policy()
     wall, cpu = time.perf_counter(), time.process_time()
     with ContinuousEngine.attached(policy):
         results = search_each(beam_search, list(work.problems), policy, scorer, cfg, merge_scores=merged)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     tokens = sum(r.compute.scorer_tokens for r in results)
-    return WayRun(scorer.calls, scorer.paths, tokens, wall, cpu, tuple(r.chosen_text for r in results))
+    paths = sum(len(call) for call in scorer.calls)
+    return WayRun(len(scorer.calls), paths, tokens, wall, cpu, tuple(r.chosen_text for r in results))
 
 
 def table(runs: dict[str, list[WayRun]]) -> str:

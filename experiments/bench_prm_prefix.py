@@ -41,10 +41,13 @@ from treesearch.records import Prefix  # noqa: E402
 from treesearch.registry import run_search  # noqa: E402
 
 class RecordingScorer:
-    """A scorer that passes every call to `inner` and keeps each `score` call's paths."""
+    """A scorer that passes every call to `inner` and keeps each `score` call's paths (from any
+    thread: a list append is atomic); its parameters are inner's, so `search_each` merges its
+    calls as it would the PRM's (`treesearch.merged_scorer.merged_for_threads`)."""
 
     def __init__(self, inner: LMPRMScorer) -> None:
         self.inner, self.calls = inner, []  # type: ignore[var-annotated]
+        self.num_parameters = inner.num_parameters
 
     def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
         self.calls.append(list(paths))
