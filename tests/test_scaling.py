@@ -307,7 +307,7 @@ def test_budget_sweep_rerun_with_another_task_count_is_two_workloads(ckpt, tmp_p
 
 
 @pytest.mark.parametrize("experiment,narrow", [
-    ("budget_sweep", ["budget=4", "seed=0"]),                 # all four strategies at N=4
+    ("budget_sweep", ["budget=4", "seed=0"]),                 # all six strategies at N=4
     ("scorer_sweep", ["budget=2", "search=best_of_n"]),       # all three scorers
 ])
 def test_experiment_runs_end_to_end_through_the_entry_point(experiment, narrow, ckpt, tmp_path, monkeypatch):
@@ -318,7 +318,7 @@ def test_experiment_runs_end_to_end_through_the_entry_point(experiment, narrow, 
     search.main()
     runs = sweep_summaries(sweep)
     if experiment == "budget_sweep":
-        assert sorted(r.strategy for r in runs) == ["beam_search", "best_of_n", "dvts", "mcts"]
+        assert sorted(r.strategy for r in runs) == ["beam_search", "best_of_n", "dvts", "mcts", "particle_filtering", "rebase"]
     else:
         assert sorted(r.scorer for r in runs) == ["ConfidenceScorer", "OutcomeOracleScorer", "RandomScorer"]
     assert all(r.problems == 2 and r.compute_C > 0 for r in runs)
