@@ -102,13 +102,27 @@ def table(runs: dict[str, list[WayRun]], reference: str) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_prm_prefix", description=__doc__.split("\n")[0])
-    add_search_arguments(ap, problems=4, n=16)
+def add_prm_arguments(ap: argparse.ArgumentParser, batch_size: int) -> None:
+    """--prm (a folder; default SmolLM2), --prm-format and --batch-size (paths per PRM forward)."""
     ap.add_argument("--prm", type=Path, default=None, help="PRM folder (default: SmolLM2, converted once)")
     ap.add_argument("--prm-format", choices=sorted(PRM_FORMATS), default="math_shepherd",
                     help="qwen_prm needs a folder with a score head")
-    ap.add_argument("--batch-size", type=positive_int, default=8, help="paths per PRM forward")
+    ap.add_argument("--batch-size", type=positive_int, default=batch_size, help="paths per PRM forward")
+
+
+def load_prm(prm: Path | None, prm_format: str, batch_size: int) -> tuple[LMPRMScorer, Path]:
+    """(the PRM scorer, its folder): `prm`, or SmolLM2 converted once when None."""
+    if prm is None:
+        from policies.smollm2 import ensure_smollm2
+
+        prm = ensure_smollm2()
+    return LMPRMScorer.from_pretrained(prm, prm_format, batch_size=batch_size), prm
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_prm_prefix", description=__doc__.split("\n")[0])
+    add_search_arguments(ap, problems=4, n=16)
+    add_prm_arguments(ap, batch_size=8)
     ap.add_argument("--rounds", type=positive_int, default=2)
     args = ap.parse_args(argv)
     check_beam_shape(ap, args.n, args.beam_width)
@@ -118,11 +132,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(work: Workload, prm: Path | None, prm_format: str, batch_size: int, n: int, beam_width: int, seed: int,
         rounds: int) -> str:
     """The report: the beam search's recorded score calls replayed both ways (module docstring)."""
-    if prm is None:
-        from policies.smollm2 import ensure_smollm2
-
-        prm = ensure_smollm2()
-    kept = LMPRMScorer.from_pretrained(prm, prm_format, batch_size=batch_size)
+    kept, prm = load_prm(prm, prm_format, batch_size)
     parts = (kept.model, kept.tokenizer, kept.format, batch_size)
     scorers = {
         "memory + shared starts": kept,
