@@ -44,6 +44,7 @@ bench: setup
 	  echo "## External PRM: its memory and shared starts vs every path whole"; $(BIN)/python -m experiments.bench_prm_prefix; echo; \
 	  echo "### the same with SmolLM2 as the policy on GSM8K"; $(BIN)/python -m experiments.bench_prm_prefix --model smollm2 --problems 2 --rounds 1; echo; \
 	  echo "## External PRM under continuous batching: merged calls vs a call per thread"; $(BIN)/python -m experiments.bench_merged_scorer --rounds 1; echo; \
+	  echo "## REBASE and particle filtering: one policy call per round vs one per width"; $(BIN)/python -m experiments.bench_widths; echo; \
 	  echo "## Shared prefix vs copied KV rows"; $(BIN)/python -m experiments.bench_shared_prefix; echo; \
 	  echo "## Forked decoding vs every sample row forwarded alone"; $(BIN)/python -m experiments.bench_forked; echo; \
 	  echo "## Weights in bfloat16 vs float32"; $(BIN)/python -m experiments.bench_dtype; echo; \

@@ -88,16 +88,18 @@ def way_table(rows: Sequence[WayRow], reference: str, way_title: str) -> str:
 
 def ways_report(
     work: Workload, ways: Mapping[str, Callable[[], Policy]], n: int, beam_width: int, rounds: int, seed: int,
-    way_title: str,
+    way_title: str, strategies: Mapping[str, dict[str, Any]] | None = None,
 ) -> str:
-    """Best-of-N and beam search (N = n, M = beam_width) every way (the first is the reference of
-    the ratios), as a header line and `way_table`."""
-    strategies = {
+    """Best-of-N and beam search (N = n, M = beam_width), or the given strategies (name -> its
+    settings), every way (the first is the reference of the ratios), as a header line and
+    `way_table`."""
+    runs = strategies or {
         "best_of_n": dict(n=n, seed=seed),
         "beam_search": dict(n=n, beam_width=beam_width, max_depth=20, seed=seed),
     }
-    rows = [row for name, cfg in strategies.items() for row in compare(name, cfg, work, ways, rounds)]
-    header = (f"{work.description}; N={n}, beam width M={beam_width}; median of {rounds} alternating rounds; "
+    rows = [row for name, cfg in runs.items() for row in compare(name, cfg, work, ways, rounds)]
+    shape = f"N={n}, beam width M={beam_width}" if strategies is None else f"N={n}"
+    header = (f"{work.description}; {shape}; median of {rounds} alternating rounds; "
               f"torch threads {torch.get_num_threads()}")
     return "\n".join([header, way_table(rows, reference=next(iter(ways)), way_title=way_title)])
 
@@ -114,15 +116,17 @@ def flag_ways_report(
 
 def ways_main(
     doc: str, argv: Sequence[str] | None, run: Callable[[Workload, int, int, int, int], str],
-    prog: str = "python -m experiments.bench_ways",
+    prog: str = "python -m experiments.bench_ways", beam: bool = True,
 ) -> None:
     """The command line of a two-way benchmark (prog: its name in usage and errors): the search
-    options (32 problems, N = 32) and --rounds; prints run(work, n, beam_width, rounds, seed)."""
+    options (32 problems, N = 32) and --rounds; prints run(work, n, beam_width, rounds, seed).
+    beam=False: run makes no beam search, so N need not split into beams of --beam-width."""
     ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(ap, problems=32, n=32)
     ap.add_argument("--rounds", type=positive_int, default=3, help="timed rounds of each way (alternating)")
     args = ap.parse_args(argv)
-    check_beam_shape(ap, args.n, args.beam_width)
+    if beam:
+        check_beam_shape(ap, args.n, args.beam_width)
     torch.set_num_threads(args.threads)
     work = load_workload(args.model, args.problems, args.seed, args.checkpoint)
     freeze_long_lived()  # as the CLIs do (policies/gc_freeze.py); every way alike

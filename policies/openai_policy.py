@@ -78,7 +78,9 @@ import httpx
 from transformers import AutoConfig, AutoTokenizer
 
 from policies.checkpoint import missing_folder_error
-from policies.policy_requests import check_request, encode_contexts, fit_window, is_integer, step_budget
+from policies.policy_requests import (
+    check_request, check_widths, encode_contexts, fit_window, is_integer, split_rows, step_budget,
+)
 from policies.sampling_config import SamplingConfig
 from policies.step_assembly import (
     CompleteFn, Completion, CompletionRequest, SampleRequest, SampleTokens, StepMarks, decode_steps, derive_seed,
@@ -328,12 +330,18 @@ class OpenAIPolicy:
     ) -> list[list[Step]]:
         """n sampled next steps per prefix, result[i][j] after prefixes[i]; ends and limits as
         `VLLMPolicy.propose`."""
-        samples = self._sample(prefixes, n, seed, stop_at_step)
-        return decode_steps([[whole_step(s) for s in row] for row in samples], self.tokenizer)
+        return self._whole_steps(self._sample(prefixes, check_request(prefixes, n, seed), seed, stop_at_step))
+
+    def propose_widths(
+        self, prefixes: Sequence[Prefix], widths: Sequence[int], seed: int, stop_at_step: bool = True
+    ) -> list[list[Step]]:
+        """widths[i] sampled next steps after prefixes[i], all in one concurrent burst; otherwise
+        as `propose` (propose(n) and propose_widths([n] * len) give the same samples)."""
+        return self._whole_steps(self._sample(prefixes, check_widths(prefixes, widths, seed), seed, stop_at_step))
 
     def rollout(self, prefixes: Sequence[Prefix], n: int, seed: int) -> list[list[list[Step]]]:
         """n sampled completions per prefix to EOS or max_total_tokens, split into steps."""
-        samples = self._sample(prefixes, n, seed, stop_at_step=False)
+        samples = self._sample(prefixes, check_request(prefixes, n, seed), seed, stop_at_step=False)
         return decode_steps([[split_steps(s, self.marks) for s in row] for row in samples], self.tokenizer)
 
     def close(self) -> None:
@@ -348,9 +356,13 @@ class OpenAIPolicy:
 
     # -- phases -------------------------------------------------------------------------------
 
-    def _sample(self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool) -> list[list[SampleTokens]]:
-        """All n x len(prefixes) samples in one assembly (one concurrent burst per round)."""
-        check_request(prefixes, n, seed)
+    def _whole_steps(self, samples: list[list[SampleTokens]]) -> list[list[Step]]:
+        return decode_steps([[whole_step(s) for s in row] for row in samples], self.tokenizer)
+
+    def _sample(
+        self, prefixes: Sequence[Prefix], widths: list[int], seed: int, stop_at_step: bool
+    ) -> list[list[SampleTokens]]:
+        """All sum(widths) samples (a checked request) in one assembly (one concurrent burst per round)."""
         contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
         budgets = [step_budget(self.sampling, prefix, stop_at_step) for prefix in prefixes]
         if prefixes:  # the server's window (one GET /v1/models per policy): a too-long prompt fails here
@@ -359,12 +371,12 @@ class OpenAIPolicy:
                                  "max_model_len of the server, else max_position_embeddings of config.json")
         requests = [
             SampleRequest(tuple(contexts[i]), budgets[i], derive_seed(seed, i, j))
-            for i in range(len(prefixes)) for j in range(n)
+            for i in range(len(prefixes)) for j in range(widths[i])
         ]
         flat = sample_continuations(requests, self._complete_fn(), self.marks, stop_at_step) if requests else []
         self.last_usage = VLLMUsage.of(flat)
         self.usage = self.usage + self.last_usage
-        return [flat[i * n : (i + 1) * n] for i in range(len(prefixes))]
+        return split_rows(flat, widths)
 
     def _complete_fn(self) -> CompleteFn:
         return partial(self._complete, temperature=self.sampling.temperature, top_p=self.sampling.top_p)

@@ -2,7 +2,9 @@
 request, build the model input of each prefix, and the token budget of a call (within the model's
 context window).
 
-    check_request(prefixes, n, seed)                       # ValueError / TypeError naming the bad value
+    widths = check_request(prefixes, n, seed)              # ValueError / TypeError naming the bad value
+    widths = check_widths(prefixes, [1, 3], seed)          # propose_widths: one width per prefix
+    rows = split_rows(flat_samples, widths)                # prefix i's samples: rows[i]
     contexts, prompt_lengths = encode_contexts(tokenizer, prompt_fn, prefixes)
     budget = step_budget(sampling, prefix, stop_at_step)   # <= 0: nothing left to generate
     budgets = fit_window(budgets, contexts, prompt_lengths, prefixes, window=512, setting="max_position_embeddings")
@@ -24,10 +26,24 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_request(prefixes: Sequence[Prefix], n: int, seed: int) -> None:
-    """n >= 1 and an integer seed; every prefix a Prefix that is not terminal."""
+def check_request(prefixes: Sequence[Prefix], n: int, seed: int) -> list[int]:
+    """n >= 1 and an integer seed; every prefix a Prefix that is not terminal. Returns the widths
+    of the request, n per prefix (what `check_widths` checks and returns for propose_widths)."""
     if not is_integer(n) or n < 1:
         raise ValueError(f"n={n!r} must be an integer >= 1")
+    return check_widths(prefixes, [n] * len(prefixes), seed)
+
+
+def check_widths(prefixes: Sequence[Prefix], widths: Sequence[int], seed: int) -> list[int]:
+    """One integer width >= 1 per prefix, an integer seed; every prefix a Prefix that is not
+    terminal. Returns the widths as a list of ints."""
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence):
+        raise TypeError(f"widths is a {type(widths).__name__}, not a sequence of integers")
+    if len(widths) != len(prefixes):
+        raise ValueError(f"{len(widths)} widths for {len(prefixes)} prefixes; give one width per prefix")
+    for i, width in enumerate(widths):
+        if not is_integer(width) or width < 1:
+            raise ValueError(f"widths[{i}]={width!r} must be an integer >= 1")
     if not is_integer(seed):
         raise ValueError(f"seed={seed!r} must be an integer")
     for i, prefix in enumerate(prefixes):
@@ -38,6 +54,16 @@ def check_request(prefixes: Sequence[Prefix], n: int, seed: int) -> None:
                 f"prefixes[{i}] (problem {prefix.problem.id!r}) is terminal "
                 f"(last step finish={prefix.steps[-1].finish!r}); nothing can follow it"
             )
+    return [int(width) for width in widths]
+
+
+def split_rows(flat: Sequence[Any], widths: Sequence[int]) -> list[list[Any]]:
+    """flat (every prefix's samples, prefix by prefix) cut into one row of widths[i] per prefix."""
+    rows, start = [], 0
+    for width in widths:
+        rows.append(list(flat[start : start + width]))
+        start += width
+    return rows
 
 
 def encode_contexts(

@@ -67,7 +67,7 @@ import torch
 from policies.allocator import keep_freed_memory
 from policies.checkpoint import load_checkpoint
 from policies.decode_loop import FINISH_CODES, ChunkOutput, ChunkRequest, StepHead, decode_request
-from policies.policy_requests import check_request, encode_contexts, fit_window, step_budget
+from policies.policy_requests import check_request, check_widths, encode_contexts, fit_window, step_budget
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
 from policies.sampling_config import SamplingConfig
@@ -235,7 +235,18 @@ class TransformersPolicy:
         max_step_tokens / max_total_tokens / the model's context window ("length"); with
         stop_at_step=False it runs to EOS or max_total_tokens. A prefix with no token budget left
         gets empty "length" steps; a prompt longer than the context window is a ValueError."""
-        samples = self._generate(prefixes, n, seed, stop_at_boundary=stop_at_step, with_boundary=False)
+        widths = check_request(prefixes, n, seed)
+        samples = self._generate(prefixes, widths, seed, stop_at_boundary=stop_at_step, with_boundary=False)
+        return self._whole_steps(prefixes, samples)
+
+    def propose_widths(
+        self, prefixes: Sequence[Prefix], widths: Sequence[int], seed: int, stop_at_step: bool = True
+    ) -> list[list[Step]]:
+        """widths[i] sampled next steps after prefixes[i], all in one batched decode (REBASE and
+        particle filtering give each node its own width); otherwise as `propose`, which is this
+        with the same width for every prefix (same samples for the same seed)."""
+        checked = check_widths(prefixes, widths, seed)
+        samples = self._generate(prefixes, checked, seed, stop_at_boundary=stop_at_step, with_boundary=False)
         return self._whole_steps(prefixes, samples)
 
     def rollout(self, prefixes: Sequence[Prefix], n: int, seed: int) -> list[list[list[Step]]]:
@@ -243,7 +254,8 @@ class TransformersPolicy:
         prefixes[i]: generated to EOS or max_total_tokens in one loop, then split at step
         boundaries (a run of separators stays with the step it ends). Intermediate steps end on
         "separator", the last one on "eos" or "length"."""
-        samples = self._generate(prefixes, n, seed, stop_at_boundary=False, with_boundary=True)
+        widths = check_request(prefixes, n, seed)
+        samples = self._generate(prefixes, widths, seed, stop_at_boundary=False, with_boundary=True)
         raw = [
             [self._split_steps(sample, prefix) for sample in row] for prefix, row in zip(prefixes, samples)
         ]
@@ -253,11 +265,11 @@ class TransformersPolicy:
     # -- phases -------------------------------------------------------------------------------
 
     def _generate(
-        self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_boundary: bool, with_boundary: bool
+        self, prefixes: Sequence[Prefix], widths: list[int], seed: int, stop_at_boundary: bool, with_boundary: bool
     ) -> list[list[_Sample]]:
-        """Sample n sequences per prefix, batched over all prefixes; result in input order
-        (with_boundary: each sample's boundary flags too, to split it into steps)."""
-        check_request(prefixes, n, seed)
+        """Sample widths[i] sequences after prefixes[i] (a checked request), batched over all
+        prefixes; result in input order (with_boundary: each sample's boundary flags too, to split
+        it into steps)."""
         with self.lock:
             contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
         budgets = fit_window(
@@ -269,8 +281,8 @@ class TransformersPolicy:
         # 2**64 - 1 draw alike (as torch itself takes a negative seed) and 2**64 is 0, not an overflow
         generator = torch.Generator(device=self.device).manual_seed(int(seed) % 2**64)
         items = merge_identical(contexts, budgets)  # less padding per chunk; one context per distinct input
-        counts = [n * len(owners) if budgets[owners[0]] > 0 else 0 for owners in items]
-        owners_in_row_order = [i for owners, count in zip(items, counts) if count for i in owners for _ in range(n)]
+        counts = [sum(widths[i] for i in owners) if budgets[owners[0]] > 0 else 0 for owners in items]
+        owners_in_row_order = [i for owners, count in zip(items, counts) if count for i in owners for _ in range(widths[i])]
         done_rows = 0  # rows handed to earlier chunks (an item may span chunks)
         for chunk in plan_chunks(counts, self.sampling.batch_size):
             members = [items[k][0] for k, _ in chunk]  # prefix indices, one per unique context
@@ -293,7 +305,7 @@ class TransformersPolicy:
         for i in range(len(prefixes)):
             if budgets[i] <= 0:
                 no_scores = None if self.step_head is None else []
-                samples[i] = [_Sample((), (), () if with_boundary else None, "length", 0, no_scores) for _ in range(n)]
+                samples[i] = [_Sample((), (), () if with_boundary else None, "length", 0, no_scores) for _ in range(widths[i])]
         return samples
 
     def _decode_here(self, request: ChunkRequest) -> ChunkOutput:

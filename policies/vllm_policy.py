@@ -61,7 +61,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from policies.checkpoint import check_checkpoint
-from policies.policy_requests import check_request, encode_contexts, fit_window, step_budget
+from policies.policy_requests import check_request, check_widths, encode_contexts, fit_window, split_rows, step_budget
 from policies.sampling_config import SamplingConfig
 from policies.step_assembly import (
     CompleteFn, SampleRequest, SampleTokens, StepMarks, decode_steps, derive_seed, sample_continuations,
@@ -174,14 +174,20 @@ class VLLMPolicy:
         """n sampled next steps per prefix, result[i][j] after prefixes[i]; ends and limits as
         `TransformersPolicy.propose` (a step ends at a boundary separator, kept in its text, at
         EOS, kept in token_ids but not in text, or at a token limit: "length")."""
-        samples = self._sample(prefixes, n, seed, stop_at_step)
-        with self.engine_lock:
-            return decode_steps([[whole_step(s) for s in row] for row in samples], self.tokenizer)
+        return self._whole_steps(self._sample(prefixes, check_request(prefixes, n, seed), seed, stop_at_step))
+
+    def propose_widths(
+        self, prefixes: Sequence[Prefix], widths: Sequence[int], seed: int, stop_at_step: bool = True
+    ) -> list[list[Step]]:
+        """widths[i] sampled next steps after prefixes[i], all in one engine assembly; otherwise
+        as `propose` (a sample's seed depends on its prefix index and its index in the row, so
+        propose(n) and propose_widths([n] * len) give the same samples)."""
+        return self._whole_steps(self._sample(prefixes, check_widths(prefixes, widths, seed), seed, stop_at_step))
 
     def rollout(self, prefixes: Sequence[Prefix], n: int, seed: int) -> list[list[list[Step]]]:
         """n sampled completions per prefix to EOS or max_total_tokens, each split into steps
         (a run of separators stays with the step it ends); inner steps finish "separator"."""
-        samples = self._sample(prefixes, n, seed, stop_at_step=False)
+        samples = self._sample(prefixes, check_request(prefixes, n, seed), seed, stop_at_step=False)
         with self.engine_lock:
             return decode_steps([[split_steps(s, self.marks) for s in row] for row in samples], self.tokenizer)
 
@@ -208,9 +214,14 @@ class VLLMPolicy:
 
     # -- phases -------------------------------------------------------------------------------
 
-    def _sample(self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool) -> list[list[SampleTokens]]:
-        """All n x len(prefixes) samples in one assembly (one vLLM call per continuation round)."""
-        check_request(prefixes, n, seed)
+    def _whole_steps(self, samples: list[list[SampleTokens]]) -> list[list[Step]]:
+        with self.engine_lock:  # the tokenizer
+            return decode_steps([[whole_step(s) for s in row] for row in samples], self.tokenizer)
+
+    def _sample(
+        self, prefixes: Sequence[Prefix], widths: list[int], seed: int, stop_at_step: bool
+    ) -> list[list[SampleTokens]]:
+        """All sum(widths) samples (a checked request) in one assembly (one vLLM call per continuation round)."""
         with self.engine_lock:  # also guards the tokenizer and the usage counts
             if self.llm is None:
                 raise RuntimeError("this VLLMPolicy was closed; build a new one")
@@ -221,12 +232,12 @@ class VLLMPolicy:
             )
             requests = [
                 SampleRequest(tuple(contexts[i]), budgets[i], derive_seed(seed, i, j))
-                for i in range(len(prefixes)) for j in range(n)
+                for i in range(len(prefixes)) for j in range(widths[i])
             ]
             flat = sample_continuations(requests, self._complete_fn(), self.marks, stop_at_step)
             self.last_usage = VLLMUsage.of(flat)
             self.usage = self.usage + self.last_usage
-        return [flat[i * n : (i + 1) * n] for i in range(len(prefixes))]
+        return split_rows(flat, widths)
 
     def _complete_fn(self) -> CompleteFn:
         return partial(complete_tokens, self.llm, temperature=self.sampling.temperature, top_p=self.sampling.top_p)

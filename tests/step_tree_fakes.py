@@ -91,6 +91,19 @@ class ScriptedPolicy:
 
 
 @dataclass
+class WidthScriptedPolicy(ScriptedPolicy):
+    """ScriptedPolicy with `propose_widths` (a `WidthPolicy`): row i holds the first widths[i]
+    children of prefixes[i], as propose(n=widths[i]) would; calls record the widths as a tuple."""
+
+    def propose_widths(
+        self, prefixes: Sequence[Prefix], widths: Sequence[int], seed: int, stop_at_step: bool = True
+    ) -> list[list[Step]]:
+        self.calls.append(("propose_widths", len(prefixes), tuple(widths), seed))
+        rows = [[self._child(prefix, j, seed) for j in range(width)] for prefix, width in zip(prefixes, widths)]
+        return [[s for s in row if s is not None] for row in rows]
+
+
+@dataclass
 class ScriptedScorer:
     """Step score = meta["scores"][name] (0.5 if absent); cost = tokens_per_step per scored step."""
 

@@ -42,6 +42,7 @@ BAD: list[tuple[str, list[str], str]] = [
     *[(script, [flag, "0"], flag) for script in ("bench_forked", "bench_shared_prefix")
       for flag in (*SEARCH_COUNTS, "--rounds")],
     *[(script, ["--n", "30"], "--n") for script in ("bench_forked", "bench_shared_prefix")],
+    *[("bench_widths", [flag, "0"], flag) for flag in (*SEARCH_COUNTS, "--rounds")],
     ("bench_memory", ["--ns", "0"], "--ns"),
     ("bench_memory", ["--ns", "4,0"], "--ns"),
     ("bench_memory", ["--ns", "4,x"], "--ns"),
@@ -142,6 +143,9 @@ DOCUMENTED: list[tuple[str, list[str]]] = [
     ("bench_shared_prefix", []),
     ("bench_shared_prefix", ["--model", "smollm2", "--problems", "2", "--rounds", "1"]),
     ("bench_forked", []),
+    ("bench_widths", []),
+    ("bench_widths", ["--model", "smollm2", "--problems", "4", "--n", "8", "--rounds", "1"]),
+    ("bench_widths", ["--n", "30"]),  # no beam search: N need not split into beams
     ("bench_forked", ["--model", "smollm2", "--problems", "2", "--rounds", "1"]),
     ("bench_dtype", []),
     ("bench_dtype", ["--model", "smollm2", "--problems", "4", "--n", "8", "--rounds", "1"]),

@@ -105,7 +105,25 @@ def test_forked_table_compares_both_ways_on_the_same_work(tmp_path):
         assert int(forked[5]) > 0 and abs(int(forked[5]) - int(alone[5])) <= int(forked[5]) // 10  # same work
 
 
-def test_dtype_table_runs_each_strategy_in_both_dtypes(tmp_path):
+@pytest.mark.slow
+def test_widths_table_runs_rebase_and_particle_filtering_both_ways(tmp_path):
+    from experiments import bench_widths
+    from experiments.bench_workload import load_workload
+    from treesearch.protocols import WidthPolicy
+
+    work = load_workload("tiny", problems=2, seed=0, checkpoint=tmp_path / "no-checkpoint")
+    assert isinstance(work.policy(), WidthPolicy) and not isinstance(bench_widths.ProposeOnly(work.policy()), WidthPolicy)
+    table = bench_widths.run(work, n=6, beam_width=4, rounds=1, seed=0)
+    assert "N=6;" in table.splitlines()[0] and "beam width" not in table.splitlines()[0]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()[3:]]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("rebase", "one call per round"), ("rebase", "one call per width"),
+        ("particle_filtering", "one call per round"), ("particle_filtering", "one call per width"),
+    ]
+    assert rows[0][4] == rows[2][4] == "1.00x" and all(int(r[5]) > 0 for r in rows)
+
+
+
     from experiments import bench_dtype
     from experiments.bench_workload import load_workload
 

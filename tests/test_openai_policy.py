@@ -39,7 +39,7 @@ from policies.openai_policy import OpenAIPolicy, OpenAIServerConfig, OpenAIServe
 from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
 from scorers.confidence import ConfidenceScorer
-from treesearch.protocols import Policy
+from treesearch.protocols import Policy, WidthPolicy
 from treesearch.records import Prefix, Problem, Step
 from treesearch.registry import STRATEGIES, run_search
 from vllm_fixtures import SEP, make_char_tokenizer, require_vllm, save_bigram_checkpoint
@@ -427,6 +427,17 @@ def test_seeded_samples_are_reproducible_and_equal_the_offline_engines(engines, 
         assert policy.last_usage.requests > 6 * len(prefixes())  # continuations after non-boundary separators
         rollouts = policy.rollout(prefixes(), 3, seed=5)
         assert drawn(rollouts) == drawn(engines.offline.rollout(prefixes(), 3, seed=5))
+
+
+@pytest.mark.vllm
+def test_propose_widths_draws_the_first_samples_of_each_prefixs_propose_row(engines, checkpoint):
+    with served(engines, checkpoint, SAMPLED) as policy:
+        assert isinstance(policy, WidthPolicy)
+        widths = [1, 4, 2, 3, 1, 2]
+        rows = policy.propose_widths(prefixes(), widths, seed=3)
+        assert [len(row) for row in rows] == widths
+        assert drawn(rows) == [drawn(row[:width]) for row, width in zip(policy.propose(prefixes(), 4, seed=3), widths)]
+        assert drawn(rows) == drawn(engines.offline.propose_widths(prefixes(), widths, seed=3))
 
 
 def forwarded(rows) -> int:

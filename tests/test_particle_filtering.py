@@ -6,7 +6,9 @@ import random
 
 import pytest
 
-from step_tree_fakes import EndlessPolicy, ScriptedPolicy, ScriptedScorer, scripted_problem, trap_problem
+from step_tree_fakes import (
+    EndlessPolicy, ScriptedPolicy, ScriptedScorer, WidthScriptedPolicy, scripted_problem, trap_problem,
+)
 from treesearch.frontier import round_seed
 from treesearch.frontier import Child
 from treesearch.particle_filtering import ParticleFilteringConfig, particle_filtering, resample
@@ -62,6 +64,20 @@ def test_a_particle_drawn_k_times_is_sampled_k_times_in_one_row():
     assert sum(rows * n for _, rows, n, _ in later) == 4 and len({n for _, _, n, _ in later}) == len(later)
     assert len(r.candidates) == 4 and all(c.text.startswith("a/") for c in r.candidates)
     assert r.chosen_text == "a/a2$"  # one of the two a's was drawn twice or more: its second sample is a2$
+
+
+def test_a_width_policy_grows_a_round_of_several_counts_in_one_call():
+    # six particles over a 3-way tree at T = 1: draws of several counts in a round; a policy
+    # with propose_widths makes one call per round whose widths sum to the particles grown
+    children = {"": ["a", "b", "c"], **{x: [f"{x}{y}" for y in "12"] for x in "abc"},
+                **{f"{x}/{x}{y}": ["e$"] for x in "abc" for y in "12"}}
+    problem = scripted_problem("p", children, {"a": 0.9, "b": 0.5, "c": 0.1})
+    policy = WidthScriptedPolicy()
+    (r,) = run([problem], ParticleFilteringConfig(n=6, seed=4), policy)
+    assert [call[0] for call in policy.calls] == ["propose_widths"] * 3
+    assert [sum(call[2]) for call in policy.calls] == [6, 6, 6]
+    assert any(len(set(call[2])) > 1 for call in policy.calls)  # a round of several counts
+    assert r.compute.policy_calls == 3 and len(r.candidates) == 6 and all(c.text.endswith("e$") for c in r.candidates)
 
 
 def test_a_warm_filter_keeps_the_low_reward_branch_alive():

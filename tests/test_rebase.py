@@ -7,7 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from step_tree_fakes import EndlessPolicy, ScriptedPolicy, ScriptedScorer, scripted_problem, trap_problem
+from step_tree_fakes import (
+    EndlessPolicy, ScriptedPolicy, ScriptedScorer, WidthScriptedPolicy, scripted_problem, trap_problem,
+)
 from treesearch.frontier import round_seed
 from treesearch.rebase import RebaseConfig, balanced_widths, rebase
 from treesearch.registry import run_search
@@ -102,6 +104,20 @@ def test_nodes_of_several_widths_are_sampled_in_one_call_per_width():
     assert [r.tree.nodes[c].step.text for c in r.tree.nodes[first_a].children] == ["a1$", "a1$"]
     assert [r.tree.nodes[c].step.text for c in r.tree.nodes[first_b].children] == ["b1$"]
     assert r.tree.nodes[first_a].children[0] < r.tree.nodes[first_b].children[0]
+
+
+def test_a_width_policy_samples_a_round_of_several_widths_in_one_call():
+    # the same search as above on a policy with propose_widths: round 1 is one call with the
+    # widths of the nodes kept (2, 1, 2, 1), and the tree is the same
+    problem = scripted_problem("p", {"": ["a", "b", "c"], "a": ["a1$"], "b": ["b1$"], "c": ["c1$"]},
+                               {"a": 0.9, "b": 0.6, "c": 0.3})
+    grouped, policy = ScriptedPolicy(), WidthScriptedPolicy()
+    (expected,) = run([problem], RebaseConfig(n=6, max_depth=4, seed=2), grouped)
+    (r,) = run([problem], RebaseConfig(n=6, max_depth=4, seed=2), policy)
+    assert policy.calls == [("propose_widths", 1, (6,), round_seed(2, 0)), ("propose_widths", 4, (2, 1, 2, 1), round_seed(2, 1))]
+    assert r.compute.policy_calls == 2 and expected.compute.policy_calls == 3
+    assert [(n.parent, n.step.text) for n in r.tree.nodes[1:]] == [(n.parent, n.step.text) for n in expected.tree.nodes[1:]]
+    assert r.chosen_text == expected.chosen_text and r.compute.tokens_generated == expected.compute.tokens_generated
 
 
 def test_compute_matches_hand_counted_tokens():

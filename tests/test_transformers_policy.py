@@ -16,7 +16,7 @@ from policies.sampling import draw_tokens, top_p_filter
 from policies.sampling_config import SamplingConfig
 from policies.step_stops import split_step_ends
 from policies.transformers_policy import TransformersPolicy, merge_identical, plan_chunks
-from treesearch.protocols import Policy
+from treesearch.protocols import Policy, WidthPolicy
 from treesearch.records import Prefix, Problem, Step
 
 SEP = ".\n\n"
@@ -207,6 +207,44 @@ def test_order_and_counts_kept_across_chunks():
     for prefix, row in zip(prefixes, batched):
         expected = alone.propose([prefix], 1, seed=0)[0][0]
         assert all(step.token_ids == expected.token_ids for step in row)
+
+
+@pytest.mark.parametrize("batch_size", [64, 5])
+def test_propose_widths_gives_each_prefix_its_own_count_in_its_own_row(batch_size):
+    # greedy: every sample after a prefix is its greedy step, so a row filled from another
+    # prefix's samples shows; batch_size 5 splits the 8 rows (and the merged "a"s) over chunks
+    model, prefixes = make_model(len(TOK)), mixed_prefixes()
+    a = prefixes[0]
+    batch = [a, prefixes[1], a, prefixes[2], prefixes[3]]
+    p = policy(model, temperature=0.0, batch_size=batch_size)
+    log = ForwardLog(p.model)
+    rows = p.propose_widths(batch, [1, 3, 2, 1, 1], seed=0)
+    assert isinstance(p, WidthPolicy)
+    assert [len(row) for row in rows] == [1, 3, 2, 1, 1]
+    assert sum(s.tokens_forwarded for row in rows for s in row) == log.tokens
+    for prefix, row in zip(batch, rows):
+        expected = policy(model, temperature=0.0).propose([prefix], 1, seed=0)[0][0]
+        assert all(step.token_ids == expected.token_ids for step in row)
+
+
+def test_propose_widths_with_one_width_is_propose():
+    p, prefixes = policy(), mixed_prefixes()
+    assert p.propose_widths(prefixes, [3] * len(prefixes), seed=5) == p.propose(prefixes, 3, seed=5)
+    assert p.propose_widths([], [], seed=0) == []
+    sampled = p.propose_widths(prefixes, [1, 4, 2, 3], seed=5)
+    assert sampled == p.propose_widths(prefixes, [1, 4, 2, 3], seed=5)  # seeded
+    assert len({s.token_ids for s in sampled[1]}) > 1  # 4 draws, not one repeated
+
+
+@pytest.mark.parametrize("widths, error, message", [
+    ([1, 2, 0, 1], ValueError, r"widths\[2\]=0 must be an integer >= 1"),
+    ([1, 2.5, 1, 1], ValueError, r"widths\[1\]=2.5"),
+    ([1, 2], ValueError, "2 widths for 4 prefixes"),
+    (3, TypeError, "widths is a int"),
+])
+def test_propose_widths_names_a_bad_width(widths, error, message):
+    with pytest.raises(error, match=message):
+        policy().propose_widths(mixed_prefixes(), widths, seed=0)
 
 
 def test_same_seed_same_output_different_seed_differs():

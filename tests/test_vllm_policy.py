@@ -32,7 +32,7 @@ from policies.step_stops import StepStopRule
 from policies.transformers_policy import TransformersPolicy
 from policies.vllm_engine import VLLMEngineConfig, build_llm, import_vllm
 from scorers.confidence import ConfidenceScorer
-from treesearch.protocols import Policy
+from treesearch.protocols import Policy, WidthPolicy
 from treesearch.records import Prefix, Problem, Step
 from treesearch.registry import STRATEGIES, run_search
 from vllm_fixtures import SEP, make_char_tokenizer, require_vllm, save_bigram_checkpoint
@@ -376,6 +376,20 @@ def test_samples_are_seeded_counted_and_end_by_the_rule(vllm_policy):
     rollouts = policy.rollout(batch, 3, seed=3)
     assert drawn(policy.rollout(batch, 3, seed=3)) == drawn(rollouts)
     assert [len(row) for row in rollouts] == [3] * len(batch)
+
+
+@pytest.mark.vllm
+def test_propose_widths_draws_the_first_samples_of_each_prefixs_propose_row(vllm_policy):
+    # a sample's seed is (seed, prefix index, sample index): each row is the head of propose's
+    policy, batch = vllm_policy.with_sampling(SAMPLED), prefixes()
+    assert isinstance(policy, WidthPolicy)
+    widths = [1, 4, 2, 3, 1, 2]
+    rows = policy.propose_widths(batch, widths, seed=3)
+    full = policy.propose(batch, 4, seed=3)
+    assert drawn(rows) == [drawn(row[:width]) for row, width in zip(full, widths)]
+    assert drawn(policy.propose_widths(batch, [4] * len(batch), seed=3)) == drawn(full)
+    with pytest.raises(ValueError, match=r"widths\[1\]=0"):
+        policy.propose_widths(batch, [1, 0, 1, 1, 1, 1], seed=3)
 
 
 THREADS_SCRIPT = """

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from treesearch.aggregation import aggregate
 from treesearch.compute import Compute, step_compute
-from treesearch.protocols import Policy, Scorer
+from treesearch.protocols import Policy, Scorer, WidthPolicy
 from treesearch.records import Prefix, Problem, Step
 from treesearch.result import Candidate, SearchResult, argmax_first
 from treesearch.tree import Tree
@@ -88,7 +88,23 @@ def propose_rows(
     if not items:
         return []
     rows = policy.propose([item.prefix for item in items], n=n, seed=seed)
-    check_rows(rows, len(items), "propose")
+    return _charged_rows(items, rows, "propose", ledgers)
+
+
+def propose_width_rows(
+    policy: WidthPolicy, items: Sequence[Item], widths: Sequence[int], seed: int, ledgers: list[Ledger]
+) -> list[list[Step]]:
+    """One `policy.propose_widths` call for all items, widths[i] steps after items[i] (none when
+    items is empty); rows in item order, charged as `propose_rows` charges them."""
+    if not items:
+        return []
+    rows = policy.propose_widths([item.prefix for item in items], widths=list(widths), seed=seed)
+    return _charged_rows(items, rows, "propose_widths", ledgers)
+
+
+def _charged_rows(items: Sequence[Item], rows: Sequence[Sequence[Step]], method: str, ledgers: list[Ledger]) -> list[list[Step]]:
+    """A propose call's rows, checked (one per item) and charged to their problems' ledgers."""
+    check_rows(rows, len(items), method)
     _charge_calls(items, ledgers)
     for item, row in zip(items, rows):
         ledgers[item.problem].add_steps(row)
@@ -189,18 +205,18 @@ def grow_nodes(
     parents: Sequence[Expansion], trees: list[Tree], policy: Policy, scorer: Scorer,
     ledgers: list[Ledger], seed: int, round_index: int, reward: str,
 ) -> list[list[Child]]:
-    """Sample each parent node `width` times: one `propose(n=width)` call per distinct
-    width, in increasing width (the protocol's n is one per call), seeded `round_seed(seed,
-    round_index, width)`; the children join their trees in parent order whatever the grouping, all
+    """Sample each parent node `width` times: with a `WidthPolicy` (the three backends) one
+    `propose_widths` call, seeded `round_seed(seed, round_index)`; with any other policy one
+    `propose(n=width)` call per distinct width, in increasing width, seeded `round_seed(seed,
+    round_index, width)`. The children join their trees in parent order whatever the grouping, all
     their paths are scored in one call, and each child node gets score = its step's score, value =
     the `reward` aggregation of its path. Returns each parent's children (fewer than width when
     the policy returned fewer steps). REBASE's widths and particle filtering's draws use it."""
-    rows: list[list[Step]] = [[] for _ in parents]
-    for width in sorted({p.width for p in parents}):
-        chosen = [i for i, p in enumerate(parents) if p.width == width]
-        items = [Item(parents[i].problem, trees[parents[i].problem].prefix(parents[i].node)) for i in chosen]
-        for i, row in zip(chosen, propose_rows(policy, items, width, round_seed(seed, round_index, width), ledgers)):
-            rows[i] = row
+    items = [Item(p.problem, trees[p.problem].prefix(p.node)) for p in parents]
+    if isinstance(policy, WidthPolicy):
+        rows = propose_width_rows(policy, items, [p.width for p in parents], round_seed(seed, round_index), ledgers)
+    else:
+        rows = _propose_by_width(policy, items, [p.width for p in parents], seed, round_index, ledgers)
     added = [(entry, trees[p.problem].add(p.node, step)) for entry, (p, row) in enumerate(zip(parents, rows)) for step in row]
     paths = [Item(parents[entry].problem, trees[parents[entry].problem].prefix(node)) for entry, node in added]
     grown: list[list[Child]] = [[] for _ in parents]
@@ -210,6 +226,19 @@ def grow_nodes(
         tree_node.score, tree_node.value = row[-1], value
         grown[entry].append(Child(path.problem, node, tuple(row), value, path.prefix.is_terminal))
     return grown
+
+
+def _propose_by_width(
+    policy: Policy, items: Sequence[Item], widths: Sequence[int], seed: int, round_index: int, ledgers: list[Ledger]
+) -> list[list[Step]]:
+    """`grow_nodes`'s rows from a policy without `propose_widths`: one propose call per width."""
+    rows: list[list[Step]] = [[] for _ in items]
+    for width in sorted(set(widths)):
+        chosen = [i for i, w in enumerate(widths) if w == width]
+        sampled = propose_rows(policy, [items[i] for i in chosen], width, round_seed(seed, round_index, width), ledgers)
+        for i, row in zip(chosen, sampled):
+            rows[i] = row
+    return rows
 
 
 def make_candidate(tree: Tree, node_id: int, step_scores: Sequence[float], aggregation: str) -> Candidate:

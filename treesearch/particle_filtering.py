@@ -23,8 +23,10 @@ T: the resampling temperature. T = 1 weighs scores in [0, 1] gently (the best pa
 times as likely as the worst); a lower T follows the scorer more closely (T -> 0: every draw the
 best particle), a higher one resamples almost uniformly.
 
-Batching: a round's particles of ALL problems go to `policy.propose` grouped by how many times
-each was drawn, one call per distinct count, and all new paths to `scorer.score` in one call.
+Batching: a round's particles of ALL problems go to the policy in one `propose_widths` call, k
+samples for a particle drawn k times (a `WidthPolicy`: the three backends), or to
+`policy.propose` grouped by how many times each was drawn, one call per distinct count; all new
+paths go to `scorer.score` in one call.
 
     results = particle_filtering(problems, policy, scorer, ParticleFilteringConfig(n=16))
 

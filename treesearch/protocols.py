@@ -40,6 +40,23 @@ class Policy(Protocol):
 
 
 @runtime_checkable
+class WidthPolicy(Protocol):
+    """A `Policy` that can also sample a different number of steps after each prefix in ONE call.
+
+    Optional: REBASE and particle filtering give each node its own width; with this method a
+    round is one call (`frontier.grow_nodes`), without it one `propose` call per distinct width.
+    The three backends (`policies/`) have it.
+    """
+
+    def propose_widths(
+        self, prefixes: Sequence[Prefix], widths: Sequence[int], seed: int, stop_at_step: bool = True
+    ) -> list[list[Step]]:
+        """widths[i] sampled next steps after prefixes[i] (each width >= 1), as `propose` samples
+        them: propose(prefixes, n, seed) is propose_widths(prefixes, [n] * len(prefixes), seed)."""
+        ...
+
+
+@runtime_checkable
 class Scorer(Protocol):
     """Scores partial or complete paths step by step."""
 

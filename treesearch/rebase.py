@@ -25,7 +25,8 @@ than B; here the shares are rounded by largest remainder (the floors, then one m
 largest fractional parts, the earlier node on ties), so every round samples exactly B paths and
 N solutions cost about what beam search's N paths cost.
 
-Batching: a round's nodes of ALL problems go to `policy.propose` grouped by width, one call per
+Batching: a round's nodes of ALL problems go to the policy in one `propose_widths` call (a
+`WidthPolicy`: the three backends), or to `policy.propose` grouped by width, one call per
 distinct width (n = W), in increasing width; all new paths go to `scorer.score` in one call.
 Children join the tree in node order whatever the grouping, so the tree does not depend on it.
 
