@@ -1,5 +1,6 @@
-"""Benchmark of cross-call prefix reuse in the transformers backend: step-level beam search and
-MCTS on arith, each run with the prefix cache OFF and ON, side by side, as a markdown table.
+"""Benchmark of cross-call prefix reuse in the transformers backend: step-level beam search,
+MCTS, REBASE and particle filtering on arith, each run with the prefix cache OFF and ON, side by
+side, as a markdown table.
 
     python -m experiments.bench_prefix_reuse                       # 16 test problems
     python -m experiments.bench_prefix_reuse --problems 4 --checkpoint /tmp/runs/r1/final
@@ -50,7 +51,10 @@ from treesearch.result import SearchResult  # noqa: E402
 STRATEGIES: dict[str, dict[str, Any]] = {
     "beam_search": dict(n=16, beam_width=4, max_depth=20),
     "mcts": dict(iterations=16 * 16, expand_width=4, leaves_per_round=4, max_depth=20),
+    "rebase": dict(n=16, max_depth=20),
+    "particle_filtering": dict(n=16, max_depth=20),
 }
+AT_N: tuple[str, ...] = ("rebase", "particle_filtering")  # run at beam search's N as they are
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_prefix_reuse", description="Prefix reuse OFF vs ON for beam search and MCTS on arith.")
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_prefix_reuse", description="Prefix reuse OFF vs ON for beam search, MCTS, REBASE and particle filtering on arith.")
     parser.add_argument("--problems", type=positive_int, default=16, help="arith test problems")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--seed", type=int, default=0, help="problem generation seed")
@@ -150,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_one("mcts", reuse, problems, model, tokenizer, sampling, args.max_bytes, token_budget=token_budget)
         for reuse in (False, True)
     ]
+    rows += [run_one(name, reuse, problems, model, tokenizer, sampling, args.max_bytes)
+             for name in AT_N for reuse in (False, True)]
     print(f"policy: {source}; {len(problems)} arith test problems; scorer: confidence; "
           f"threads: {args.threads}; cache budget: {args.max_bytes / 2**20:.0f} MiB")
     print(f"strategies: {STRATEGIES}; MCTS token_budget: {token_budget} per problem (beam search's)")

@@ -61,11 +61,15 @@ def test_prefix_reuse_table_matches_mcts_to_beam_tokens(tmp_path, monkeypatch, c
     monkeypatch.setattr("sys.argv", ["bench_prefix_reuse", "--problems", "2", "--checkpoint", str(tmp_path / "none")])
     monkeypatch.setitem(bench_prefix_reuse.STRATEGIES, "beam_search", dict(n=4, beam_width=2, max_depth=3))
     monkeypatch.setitem(bench_prefix_reuse.STRATEGIES, "mcts", dict(iterations=64, expand_width=2, leaves_per_round=2, max_depth=3))
+    for name in ("rebase", "particle_filtering"):
+        monkeypatch.setitem(bench_prefix_reuse.STRATEGIES, name, dict(n=4, max_depth=3))
     bench_prefix_reuse.main()
     out = capsys.readouterr().out
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| beam") or line.startswith("| mcts")]
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "|---" not in line][1:]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [
-        ("beam_search", "off"), ("beam_search", "on"), ("mcts", "off"), ("mcts", "on")]
+        (name, reuse) for name in ("beam_search", "mcts", "rebase", "particle_filtering") for reuse in ("off", "on")]
+    for off, on in zip(rows[::2], rows[1::2]):  # the same work, fewer tokens forwarded with reuse
+        assert int(on[2]) > 0 and int(on[3]) <= int(off[3])
     budget = int(out.split("MCTS token_budget: ")[1].split()[0])
     beam_tokens = int(rows[0][2])
     assert budget == -(-beam_tokens // 2)  # ceil of the uncached beam search's tokens per problem
