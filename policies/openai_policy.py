@@ -65,11 +65,12 @@ Tests: `.venv/bin/pytest tests/test_openai_policy.py` (the server ones are marke
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -343,6 +344,15 @@ class OpenAIPolicy:
         """n sampled completions per prefix to EOS or max_total_tokens, split into steps."""
         samples = self._sample(prefixes, check_request(prefixes, n, seed), seed, stop_at_step=False)
         return decode_steps([[split_steps(s, self.marks) for s in row] for row in samples], self.tokenizer)
+
+    def with_temperature(self, temperature: float) -> "OpenAIPolicy":
+        """A policy on the same server, client and tokenizer that samples at `temperature` (0:
+        greedy); beam search's lookahead steps use it (`treesearch.protocols.TemperaturePolicy`).
+        Closing either one closes the client for both; each counts its own usage."""
+        other = copy.copy(self)
+        other.sampling = replace(self.sampling, temperature=temperature)
+        other.usage, other.last_usage = VLLMUsage(), VLLMUsage()
+        return other
 
     def close(self) -> None:
         """Close the HTTP connections and the thread pool (the server keeps running)."""

@@ -56,9 +56,10 @@ all returned steps equal the non-pad tokens the model ran.
 """
 from __future__ import annotations
 
+import copy
 import threading
 from itertools import accumulate
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -261,6 +262,16 @@ class TransformersPolicy:
         ]
         with self.lock:
             return decode_steps(raw, self.tokenizer)
+
+    def with_temperature(self, temperature: float) -> "TransformersPolicy":
+        """A policy on the same model, tokenizer, SPRM head, prefix cache and locks that samples
+        at `temperature` (0: greedy); beam search's lookahead steps use it
+        (`treesearch.protocols.TemperaturePolicy`). Its chunks go to whatever decodes this
+        policy's at the time (this thread, or a continuous engine attached later)."""
+        other = copy.copy(self)
+        other.sampling = replace(self.sampling, temperature=temperature)
+        other.chunk_decoder = lambda request: self.chunk_decoder(request)
+        return other
 
     # -- phases -------------------------------------------------------------------------------
 

@@ -199,6 +199,11 @@ class VLLMPolicy:
             self.engine_lock,
         )
 
+    def with_temperature(self, temperature: float) -> "VLLMPolicy":
+        """`with_sampling` with only the temperature changed (0: greedy); beam search's
+        lookahead steps use it (`treesearch.protocols.TemperaturePolicy`)."""
+        return self.with_sampling(replace(self.sampling, temperature=temperature))
+
     def close(self) -> None:
         """Stop the engine and free vLLM's process-wide state (`vllm_engine.shutdown_llm`)."""
         with self.engine_lock:  # not while a call uses the engine

@@ -20,7 +20,7 @@ the end. Both record every call in `calls` (a spy).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 from treesearch.records import Prefix, Problem, Step
@@ -101,6 +101,26 @@ class WidthScriptedPolicy(ScriptedPolicy):
         self.calls.append(("propose_widths", len(prefixes), tuple(widths), seed))
         rows = [[self._child(prefix, j, seed) for j in range(width)] for prefix, width in zip(prefixes, widths)]
         return [[s for s in row if s is not None] for row in rows]
+
+
+@dataclass
+class TemperatureScriptedPolicy(ScriptedPolicy):
+    """ScriptedPolicy with `with_temperature` (a `TemperaturePolicy`): at temperature 0 every
+    sample is a prefix's first scripted child (greedy). The policies it gives share `calls` and
+    `temperatures` (the temperature of each call, a spy)."""
+
+    temperature: float = 1.0
+    temperatures: list[float] = field(default_factory=list)
+
+    def with_temperature(self, temperature: float) -> "TemperatureScriptedPolicy":
+        return replace(self, temperature=temperature)
+
+    def _child(self, prefix: Prefix, j: int, seed: int) -> Step | None:
+        return super()._child(prefix, 0 if self.temperature == 0 else j, seed)
+
+    def propose(self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool = True) -> list[list[Step]]:
+        self.temperatures.append(self.temperature)
+        return super().propose(prefixes, n, seed, stop_at_step)
 
 
 @dataclass

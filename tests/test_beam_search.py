@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from step_tree_fakes import EndlessPolicy, ScriptedPolicy, ScriptedScorer, scripted_problem, trap_problem
+from step_tree_fakes import (
+    EndlessPolicy, ScriptedPolicy, ScriptedScorer, TemperatureScriptedPolicy, scripted_problem, trap_problem,
+)
 from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.frontier import round_seed
 from treesearch.registry import run_search
@@ -27,14 +29,39 @@ def test_duplicates_fall_into_the_trap_dedup_escapes_it():
 
 
 def test_lookahead_sees_past_the_greedy_first_step():
-    # one beam (N=2, M=2). Without lookahead a (0.9) beats b (0.6). With one lookahead step the
-    # ranked paths are a/a1$: sqrt(.9*.1)=0.30 and b/b1$: sqrt(.6*.95)=0.755, so b is kept.
+    # one beam (N=2, M=2). Without lookahead a (0.9) beats b (0.6). With one greedy lookahead
+    # step (each child's first scripted child) the ranked paths are a/a1$: sqrt(.9*.1)=0.30 and
+    # b/b1$: sqrt(.6*.95)=0.755, so b is kept.
     (greedy,) = run([trap_problem()], BeamSearchConfig(n=2, beam_width=2, max_depth=5))
-    (look,) = run([trap_problem()], BeamSearchConfig(n=2, beam_width=2, max_depth=5, lookahead=1))
+    policy = TemperatureScriptedPolicy()
+    (look,) = run([trap_problem()], BeamSearchConfig(n=2, beam_width=2, max_depth=5, lookahead=1), policy)
     assert greedy.chosen_text == "a/a2$"
     assert look.chosen_text == "b/b1$"
     a = look.tree.nodes[look.tree.nodes[0].children[0]]
     assert a.step.text == "a/" and a.score == 0.9 and a.value == pytest.approx(0.3)  # rank includes lookahead
+    # the expansion samples at the policy's temperature, the lookahead greedily (search-and-learn's)
+    assert policy.temperatures == [1.0, 0.0, 1.0]
+
+
+def test_lookahead_at_the_policys_own_temperature_or_another():
+    # the root's children a, b each extended by 2 lookahead samples: at temperature 0 the first
+    # child (a1$, b1$), at the policy's own temperature the sample index's (j = 0 here too);
+    # a policy without with_temperature is refused unless lookahead_temperature is None
+    cfg = BeamSearchConfig(n=2, beam_width=2, max_depth=5, lookahead=1, lookahead_temperature=None)
+    policy = TemperatureScriptedPolicy(temperature=0.7)
+    run([trap_problem()], cfg, policy)
+    assert set(policy.temperatures) == {0.7}
+    warm = TemperatureScriptedPolicy()
+    run([trap_problem()], BeamSearchConfig(n=2, beam_width=2, max_depth=5, lookahead=1, lookahead_temperature=0.5), warm)
+    assert warm.temperatures == [1.0, 0.5, 1.0]
+    (plain,) = run([trap_problem()], cfg, ScriptedPolicy())
+    assert plain.chosen_text == "b/b1$"
+    with pytest.raises(ValueError, match=r"lookahead_temperature=0.0 needs a policy with with_temperature.*ScriptedPolicy"
+                                         r".*search.lookahead_temperature=null"):
+        run([trap_problem()], BeamSearchConfig(n=2, beam_width=2, max_depth=5, lookahead=1))
+    # no lookahead: nothing to sample greedily, any policy
+    (none,) = run([trap_problem()], BeamSearchConfig(n=2, beam_width=2, max_depth=5))
+    assert none.chosen_text == "a/a2$"
 
 
 def test_many_problems_one_policy_and_one_scorer_call_per_round_order_kept():
@@ -62,7 +89,7 @@ def test_compute_matches_hand_counted_tokens():
     # generated 4+6+6 = 16, forwarded 16+6 = 22, 3 policy calls (expand, lookahead, expand);
     # scorer: round 0 two 2-step lookahead paths + round 1 two 2-step paths = 8 steps x 3.
     (r,) = run([trap_problem()], BeamSearchConfig(n=2, beam_width=2, max_depth=5, lookahead=1),
-               ScriptedPolicy(num_parameters=100), ScriptedScorer(tokens_per_step=3))
+               TemperatureScriptedPolicy(num_parameters=100), ScriptedScorer(tokens_per_step=3))
     c = r.compute
     assert (c.tokens_generated, c.tokens_forwarded, c.scorer_tokens, c.policy_calls) == (16, 22, 24, 3)
 
@@ -120,6 +147,9 @@ def test_length_cut_steps_are_candidates_and_empty_rows_end_the_search():
     ({"n": 0, "beam_width": 1}, r"n=0 must be an integer >= 1"),
     ({"max_depth": 0}, r"max_depth=0 must be an integer >= 1"),
     ({"lookahead": -1}, r"lookahead=-1 must be an integer >= 0"),
+    ({"lookahead_temperature": -0.5}, r"lookahead_temperature=-0.5 must be a finite number >= 0"),
+    ({"lookahead_temperature": float("nan")}, r"lookahead_temperature=nan must be a finite number"),
+    ({"lookahead_temperature": "0"}, r"lookahead_temperature='0' must be a finite number"),
     ({"aggregation": "median"}, "unknown aggregation 'median'"),
 ])
 def test_bad_config_names_the_value(kwargs, message):

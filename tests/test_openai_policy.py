@@ -39,7 +39,7 @@ from policies.openai_policy import OpenAIPolicy, OpenAIServerConfig, OpenAIServe
 from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
 from scorers.confidence import ConfidenceScorer
-from treesearch.protocols import Policy, WidthPolicy
+from treesearch.protocols import Policy, TemperaturePolicy, WidthPolicy
 from treesearch.records import Prefix, Problem, Step
 from treesearch.registry import STRATEGIES, run_search
 from vllm_fixtures import SEP, make_char_tokenizer, require_vllm, save_bigram_checkpoint
@@ -438,6 +438,17 @@ def test_propose_widths_draws_the_first_samples_of_each_prefixs_propose_row(engi
         assert [len(row) for row in rows] == widths
         assert drawn(rows) == [drawn(row[:width]) for row, width in zip(policy.propose(prefixes(), 4, seed=3), widths)]
         assert drawn(rows) == drawn(engines.offline.propose_widths(prefixes(), widths, seed=3))
+
+
+@pytest.mark.vllm
+def test_with_temperature_samples_on_the_same_server(engines, checkpoint):
+    with served(engines, checkpoint, SAMPLED) as policy:
+        greedy = policy.with_temperature(0.0)
+        assert isinstance(policy, TemperaturePolicy) and greedy.client is policy.client
+        assert greedy.sampling.temperature == 0.0 and policy.sampling.temperature == SAMPLED.temperature
+        expected = engines.offline.with_sampling(GREEDY).propose(prefixes(), 1, seed=0)
+        assert drawn(greedy.propose(prefixes(), 1, seed=4)) == drawn(expected)
+        assert greedy.usage.requests > 0 and policy.usage.requests == 0  # each counts its own
 
 
 def forwarded(rows) -> int:

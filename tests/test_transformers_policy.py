@@ -16,7 +16,7 @@ from policies.sampling import draw_tokens, top_p_filter
 from policies.sampling_config import SamplingConfig
 from policies.step_stops import split_step_ends
 from policies.transformers_policy import TransformersPolicy, merge_identical, plan_chunks
-from treesearch.protocols import Policy, WidthPolicy
+from treesearch.protocols import Policy, TemperaturePolicy, WidthPolicy
 from treesearch.records import Prefix, Problem, Step
 
 SEP = ".\n\n"
@@ -245,6 +245,26 @@ def test_propose_widths_with_one_width_is_propose():
 def test_propose_widths_names_a_bad_width(widths, error, message):
     with pytest.raises(error, match=message):
         policy().propose_widths(mixed_prefixes(), widths, seed=0)
+
+
+def test_with_temperature_shares_the_model_and_caches_and_decodes_where_the_policy_does():
+    model, prefixes = make_model(len(TOK)), mixed_prefixes()
+    sampled = policy(model, temperature=1.0)
+    greedy = sampled.with_temperature(0.0)
+    assert isinstance(sampled, TemperaturePolicy)
+    assert greedy.sampling.temperature == 0.0 and sampled.sampling.temperature == 1.0
+    assert greedy.model is model and greedy.prefix_cache is sampled.prefix_cache and greedy.lock is sampled.lock
+    expected = policy(model, temperature=0.0).propose(prefixes, 2, seed=0)
+    assert [[s.token_ids for s in row] for row in greedy.propose(prefixes, 2, seed=5)] == [
+        [s.token_ids for s in row] for row in expected]
+    # a decoder attached to the policy later (a continuous engine) decodes the copy's chunks too
+    seen = []
+    decode = sampled.chunk_decoder
+    sampled.chunk_decoder = lambda request: seen.append(request.temperature) or decode(request)
+    greedy.propose(prefixes[:1], 1, seed=0)
+    assert seen == [0.0]
+    with pytest.raises(ValueError, match="temperature"):
+        sampled.with_temperature(-1.0)
 
 
 def test_same_seed_same_output_different_seed_differs():

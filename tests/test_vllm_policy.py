@@ -32,7 +32,7 @@ from policies.step_stops import StepStopRule
 from policies.transformers_policy import TransformersPolicy
 from policies.vllm_engine import VLLMEngineConfig, build_llm, import_vllm
 from scorers.confidence import ConfidenceScorer
-from treesearch.protocols import Policy, WidthPolicy
+from treesearch.protocols import Policy, TemperaturePolicy, WidthPolicy
 from treesearch.records import Prefix, Problem, Step
 from treesearch.registry import STRATEGIES, run_search
 from vllm_fixtures import SEP, make_char_tokenizer, require_vllm, save_bigram_checkpoint
@@ -390,6 +390,15 @@ def test_propose_widths_draws_the_first_samples_of_each_prefixs_propose_row(vllm
     assert drawn(policy.propose_widths(batch, [4] * len(batch), seed=3)) == drawn(full)
     with pytest.raises(ValueError, match=r"widths\[1\]=0"):
         policy.propose_widths(batch, [1, 0, 1, 1, 1, 1], seed=3)
+
+
+@pytest.mark.vllm
+def test_with_temperature_samples_on_the_same_engine(vllm_policy):
+    sampled = vllm_policy.with_sampling(SAMPLED)
+    greedy = sampled.with_temperature(0.0)
+    assert isinstance(sampled, TemperaturePolicy) and greedy.llm is vllm_policy.llm
+    assert greedy.sampling == replace(SAMPLED, temperature=0.0) == GREEDY
+    assert drawn(greedy.propose(prefixes(), 2, seed=9)) == drawn(vllm_policy.propose(prefixes(), 2, seed=0))
 
 
 THREADS_SCRIPT = """

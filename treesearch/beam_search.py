@@ -17,9 +17,11 @@ Options:
   tree and in compute, they were generated.
 - lookahead k: before scoring, each unfinished child is extended by up to k more steps, one
   sample each (`propose(n=1)`), and the child is ranked by the aggregated score of that longer
-  path; the lookahead steps are counted in compute but are not tree nodes. Deviation: search-and-
-  learn samples lookahead steps at temperature 0; the Policy protocol has no temperature knob, so
-  here they are single samples at the policy's own temperature (greedy when the policy is).
+  path; the lookahead steps are counted in compute but are not tree nodes. They are sampled at
+  lookahead_temperature, 0 (greedy) by default as in search-and-learn, by
+  `policy.with_temperature` (a `TemperaturePolicy`: the three backends; another policy is a
+  ValueError naming the setting); lookahead_temperature=None samples them at the policy's own
+  temperature.
 
 Node fields set: score (the scorer's score of the node's step), value (the aggregated path score
 that ranked it, lookahead included). Ties go to the earlier-generated child.
@@ -39,9 +41,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from treesearch.aggregation import aggregate, check_aggregation
-from treesearch.config_checks import check_int, search_inputs
+from treesearch.config_checks import check_finite, check_int, search_inputs
 from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, ranked_results, round_seed, score_rows
-from treesearch.protocols import Policy, RoundHook, Scorer
+from treesearch.protocols import Policy, RoundHook, Scorer, TemperaturePolicy
 from treesearch.records import Problem
 from treesearch.result import Candidate, SearchResult
 from treesearch.tree import ROOT_ID, Tree
@@ -63,6 +65,7 @@ class BeamSearchConfig:
     """n: candidates per problem (N); beam_width: samples per beam per round (M), N/M beams are
     kept; max_depth: most steps in a path; aggregation: step scores -> path score; dedup: drop
     duplicate path texts before choosing beams; lookahead: extra steps sampled to score a child;
+    lookahead_temperature: their sampling temperature (0: greedy; None: the policy's own);
     seed: base of the per-round policy seeds."""
 
     n: int = 8
@@ -71,6 +74,7 @@ class BeamSearchConfig:
     aggregation: str = "geometric_mean"
     dedup: bool = False
     lookahead: int = 0
+    lookahead_temperature: float | None = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +83,8 @@ class BeamSearchConfig:
         if not isinstance(self.dedup, bool):
             raise ValueError(f"BeamSearchConfig.dedup={self.dedup!r} must be a bool")
         check_int("BeamSearchConfig", "lookahead", self.lookahead, minimum=0)
+        if self.lookahead_temperature is not None:
+            check_finite("BeamSearchConfig", "lookahead_temperature", self.lookahead_temperature, minimum=0.0)
         check_int("BeamSearchConfig", "seed", self.seed)
 
 
@@ -114,15 +120,17 @@ class ScoredChild:
 def expand_beams(
     beams: Sequence[Beam], trees: list[Tree], policy: Policy, scorer: Scorer, ledgers: list[Ledger],
     *, n: int, lookahead: int, aggregation: str, seed: int, round_index: int,
+    lookahead_policy: Policy | None = None,
 ) -> list[ScoredChild]:
     """One round: sample n steps after every beam (one policy call), add them to the trees,
-    extend them by `lookahead` steps, score all paths (one scorer call). Children in beam order."""
+    extend them by `lookahead` steps (sampled by lookahead_policy, default the policy), score all
+    paths (one scorer call). Children in beam order."""
     items = [Item(b.problem, trees[b.problem].prefix(b.node)) for b in beams]
     rows = propose_rows(policy, items, n, round_seed(seed, round_index), ledgers)
     added = [(bi, j, trees[beam.problem].add(beam.node, step))
              for bi, (beam, row) in enumerate(zip(beams, rows)) for j, step in enumerate(row)]
     paths = [Item(beams[bi].problem, trees[beams[bi].problem].prefix(node)) for bi, _, node in added]
-    scored = extend_by_lookahead(policy, paths, lookahead, seed, round_index, ledgers)
+    scored = extend_by_lookahead(lookahead_policy or policy, paths, lookahead, seed, round_index, ledgers)
     scores = score_rows(scorer, scored, ledgers)
     children = []
     for (bi, j, node), path, row in zip(added, paths, scores):
@@ -152,6 +160,22 @@ def extend_by_lookahead(
             else:
                 stalled.add(i)
     return paths
+
+
+def lookahead_policy_of(policy: Policy, cfg: BeamSearchConfig) -> Policy:
+    """The policy that samples the lookahead steps: `policy.with_temperature(
+    cfg.lookahead_temperature)`, or the policy itself when there is no lookahead or the setting is
+    None; a ValueError naming the setting when the policy cannot change its temperature."""
+    if cfg.lookahead == 0 or cfg.lookahead_temperature is None:
+        return policy
+    if not isinstance(policy, TemperaturePolicy):
+        raise ValueError(
+            f"BeamSearchConfig.lookahead_temperature={cfg.lookahead_temperature!r} needs a policy with "
+            f"with_temperature (treesearch.protocols.TemperaturePolicy; the three backends have it), and a "
+            f"{type(policy).__name__} has none: set lookahead_temperature=None (Hydra: "
+            f"search.lookahead_temperature=null) to sample the lookahead steps at the policy's own temperature"
+        )
+    return policy.with_temperature(cfg.lookahead_temperature)
 
 
 def top_by_rank(children: list[ScoredChild], k: int) -> list[ScoredChild]:
@@ -204,13 +228,15 @@ def beam_search(
     ledgers = [Ledger() for _ in problems]
     candidates: list[list[Candidate]] = [[] for _ in problems]
     beams = [Beam(i, ROOT_ID) for i in range(len(problems))]
+    lookahead_policy = lookahead_policy_of(policy, cfg)
     for depth in range(1, cfg.max_depth + 1):
         if not beams:
             break
         # the first round samples the root N times; later rounds sample each of the N/M beams M times
         children = expand_beams(beams, trees, policy, scorer, ledgers,
                                 n=cfg.n if depth == 1 else cfg.beam_width, lookahead=cfg.lookahead,
-                                aggregation=cfg.aggregation, seed=cfg.seed, round_index=depth - 1)
+                                aggregation=cfg.aggregation, seed=cfg.seed, round_index=depth - 1,
+                                lookahead_policy=lookahead_policy)
         beams = _select_beams(children, trees, candidates, cfg, last_round=depth == cfg.max_depth)
         if on_round is not None:
             on_round(trees)

@@ -57,6 +57,20 @@ class WidthPolicy(Protocol):
 
 
 @runtime_checkable
+class TemperaturePolicy(Protocol):
+    """A `Policy` that can give another policy on the same model sampling at another temperature.
+
+    Optional: beam search's lookahead steps are greedy (temperature 0), as search-and-learn's;
+    the three backends (`policies/`) have it.
+    """
+
+    def with_temperature(self, temperature: float) -> Policy:
+        """A policy like this one (same model, engine, caches and other sampling settings) that
+        samples at `temperature` (0: greedy)."""
+        ...
+
+
+@runtime_checkable
 class Scorer(Protocol):
     """Scores partial or complete paths step by step."""
 
