@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from step_tree_fakes import EndlessPolicy, ScriptedPolicy, ScriptedScorer, scripted_problem, trap_problem
+from step_tree_fakes import (
+    EndlessPolicy, ScriptedPolicy, ScriptedScorer, TemperatureScriptedPolicy, scripted_problem, trap_problem,
+)
 from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.dvts import DVTSConfig, dvts
 from treesearch.frontier import round_seed
@@ -90,10 +92,27 @@ def test_empty_rows_end_the_search():
     ({"n": -1}, r"DVTSConfig.n=-1 must be an integer >= 1"),
     ({"max_depth": 0}, r"DVTSConfig.max_depth=0 must be an integer >= 1"),
     ({"aggregation": "median"}, "unknown aggregation 'median'"),
+    ({"lookahead": -2}, r"DVTSConfig.lookahead=-2 must be an integer >= 0"),
+    ({"lookahead_temperature": -1.0}, r"DVTSConfig.lookahead_temperature=-1.0 must be a finite number >= 0"),
 ])
 def test_bad_config_names_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DVTSConfig(**kwargs)
+
+
+def test_lookahead_lets_a_subtree_see_past_the_greedy_first_step():
+    # one subtree (N = M = 2): without lookahead it follows a (0.9 > 0.6) into a's bad leaves;
+    # with one greedy lookahead step it ranks a/a1$ (sqrt(.9 x .1) = 0.30) under b/b1$ (0.755)
+    policy = TemperatureScriptedPolicy()
+    (plain,) = run([trap_problem()], DVTSConfig(n=2, beam_width=2, max_depth=5))
+    (look,) = run([trap_problem()], DVTSConfig(n=2, beam_width=2, max_depth=5, lookahead=1), policy)
+    assert plain.chosen_text == "a/a2$" and look.chosen_text == "b/b1$"
+    assert policy.temperatures == [1.0, 0.0, 1.0]  # expansion, greedy lookahead, expansion
+    # tokens: first steps a/ b/ (4), then a's leaves (6) without lookahead; with it the lookahead
+    # steps a1$ b1$ (6) and b's leaves (6)
+    assert (plain.compute.tokens_generated, look.compute.tokens_generated) == (4 + 6, 4 + 6 + 6)
+    with pytest.raises(ValueError, match=r"DVTSConfig.lookahead_temperature=0.0 needs a policy with with_temperature"):
+        run([trap_problem()], DVTSConfig(n=2, beam_width=2, max_depth=5, lookahead=1))
 
 
 def test_registered_by_name():

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from treesearch.aggregation import aggregate, check_aggregation
 from treesearch.config_checks import check_finite, check_int, search_inputs
@@ -82,9 +82,7 @@ class BeamSearchConfig:
         check_aggregation(self.aggregation)
         if not isinstance(self.dedup, bool):
             raise ValueError(f"BeamSearchConfig.dedup={self.dedup!r} must be a bool")
-        check_int("BeamSearchConfig", "lookahead", self.lookahead, minimum=0)
-        if self.lookahead_temperature is not None:
-            check_finite("BeamSearchConfig", "lookahead_temperature", self.lookahead_temperature, minimum=0.0)
+        check_lookahead("BeamSearchConfig", self.lookahead, self.lookahead_temperature)
         check_int("BeamSearchConfig", "seed", self.seed)
 
 
@@ -162,15 +160,24 @@ def extend_by_lookahead(
     return paths
 
 
-def lookahead_policy_of(policy: Policy, cfg: BeamSearchConfig) -> Policy:
-    """The policy that samples the lookahead steps: `policy.with_temperature(
-    cfg.lookahead_temperature)`, or the policy itself when there is no lookahead or the setting is
-    None; a ValueError naming the setting when the policy cannot change its temperature."""
+def check_lookahead(owner: str, lookahead: int, temperature: float | None) -> None:
+    """Validate a config's lookahead (an integer >= 0) and lookahead_temperature (None or a finite
+    number >= 0), shared by beam search and DVTS."""
+    check_int(owner, "lookahead", lookahead, minimum=0)
+    if temperature is not None:
+        check_finite(owner, "lookahead_temperature", temperature, minimum=0.0)
+
+
+def lookahead_policy_of(policy: Policy, cfg: BeamSearchConfig | Any) -> Policy:
+    """The policy that samples cfg's lookahead steps (a beam search or DVTS config):
+    `policy.with_temperature(cfg.lookahead_temperature)`, or the policy itself when there is no
+    lookahead or the setting is None; a ValueError naming the setting when the policy cannot
+    change its temperature."""
     if cfg.lookahead == 0 or cfg.lookahead_temperature is None:
         return policy
     if not isinstance(policy, TemperaturePolicy):
         raise ValueError(
-            f"BeamSearchConfig.lookahead_temperature={cfg.lookahead_temperature!r} needs a policy with "
+            f"{type(cfg).__name__}.lookahead_temperature={cfg.lookahead_temperature!r} needs a policy with "
             f"with_temperature (treesearch.protocols.TemperaturePolicy; the three backends have it), and a "
             f"{type(policy).__name__} has none: set lookahead_temperature=None (Hydra: "
             f"search.lookahead_temperature=null) to sample the lookahead steps at the policy's own temperature"

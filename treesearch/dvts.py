@@ -9,6 +9,10 @@ subtree is finished. Every terminal child (a subtree's best or not) is recorded 
 it is a finished solution already paid for (search-and-learn drops the non-best ones). At
 max_depth each unfinished subtree's best child becomes a candidate as it stands.
 
+lookahead k (search-and-learn's, default 0): each unfinished child is ranked by its path
+extended by up to k more steps, greedy by default (lookahead_temperature, as beam search's
+lookahead); the lookahead steps are counted in compute but are not tree nodes.
+
 Batching: each round sends the paths of all subtrees of ALL problems to `policy.propose` in one
 call and all new paths to `scorer.score` in one call (`beam_search.expand_beams`).
 
@@ -23,7 +27,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from treesearch.aggregation import check_aggregation
-from treesearch.beam_search import Beam, ScoredChild, check_beam_shape, expand_beams, top_by_rank
+from treesearch.beam_search import (
+    Beam, ScoredChild, check_beam_shape, check_lookahead, expand_beams, lookahead_policy_of, top_by_rank,
+)
 from treesearch.config_checks import check_int, search_inputs
 from treesearch.frontier import Ledger, make_candidate, ranked_results
 from treesearch.protocols import Policy, RoundHook, Scorer
@@ -36,17 +42,21 @@ from treesearch.tree import ROOT_ID, Tree
 class DVTSConfig:
     """n: total samples per round per problem (N); beam_width: samples per subtree per round (M),
     so N/M subtrees; max_depth: most steps in a path; aggregation: step scores -> path score;
-    seed: base of the per-round policy seeds."""
+    lookahead: extra steps sampled to rank a child; lookahead_temperature: their sampling
+    temperature (0: greedy; None: the policy's own); seed: base of the per-round policy seeds."""
 
     n: int = 8
     beam_width: int = 4
     max_depth: int = 40
     aggregation: str = "geometric_mean"
+    lookahead: int = 0
+    lookahead_temperature: float | None = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_beam_shape("DVTSConfig", self.n, self.beam_width, self.max_depth)
         check_aggregation(self.aggregation)
+        check_lookahead("DVTSConfig", self.lookahead, self.lookahead_temperature)
         check_int("DVTSConfig", "seed", self.seed)
 
 
@@ -92,6 +102,7 @@ def dvts(
     ledgers = [Ledger() for _ in problems]
     candidates: list[list[Candidate]] = [[] for _ in problems]
     beams = [Beam(i, ROOT_ID) for i in range(len(problems))]
+    lookahead_policy = lookahead_policy_of(policy, cfg)
     for depth in range(1, cfg.max_depth + 1):
         if not beams:
             break
@@ -99,8 +110,9 @@ def dvts(
         # the root is sampled N times once (not N/M times M), so the subtrees' first steps are N
         # distinct samples even for a policy whose draws depend only on (prefix, seed, index)
         children = expand_beams(beams, trees, policy, scorer, ledgers,
-                                n=cfg.n if first else cfg.beam_width, lookahead=0,
-                                aggregation=cfg.aggregation, seed=cfg.seed, round_index=depth - 1)
+                                n=cfg.n if first else cfg.beam_width, lookahead=cfg.lookahead,
+                                aggregation=cfg.aggregation, seed=cfg.seed, round_index=depth - 1,
+                                lookahead_policy=lookahead_policy)
         groups = _group_by_subtree(children, beams, cfg.beam_width, first)
         beams = _advance_subtrees(groups, trees, candidates, cfg, last_round=depth == cfg.max_depth)
         if on_round is not None:
