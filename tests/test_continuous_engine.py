@@ -113,6 +113,9 @@ def test_step_head_scores_through_the_engine_equal_alone():
     ("beam_search", dict(n=4, beam_width=2, max_depth=4)),
     ("mcts", dict(iterations=6, expand_width=2, leaves_per_round=2, max_depth=4)),
     ("best_of_n", dict(n=4)),
+    ("rebase", dict(n=4, max_depth=4)),  # rounds of several widths: one propose_widths call
+    ("particle_filtering", dict(n=4, max_depth=4)),
+    ("dvts", dict(n=4, beam_width=2, max_depth=4, lookahead=1)),  # greedy lookahead: with_temperature's copy
 ])
 def test_a_search_per_problem_in_threads_equals_one_problem_at_a_time(strategy, settings):
     problems = [Problem(f"p{i}", f"<think>{i}+{i + 1}=") for i in range(5)]
