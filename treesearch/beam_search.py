@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from treesearch.aggregation import aggregate, check_aggregation
 from treesearch.config_checks import check_finite, check_int, search_inputs
@@ -168,21 +168,21 @@ def check_lookahead(owner: str, lookahead: int, temperature: float | None) -> No
         check_finite(owner, "lookahead_temperature", temperature, minimum=0.0)
 
 
-def lookahead_policy_of(policy: Policy, cfg: BeamSearchConfig | Any) -> Policy:
-    """The policy that samples cfg's lookahead steps (a beam search or DVTS config):
-    `policy.with_temperature(cfg.lookahead_temperature)`, or the policy itself when there is no
-    lookahead or the setting is None; a ValueError naming the setting when the policy cannot
-    change its temperature."""
-    if cfg.lookahead == 0 or cfg.lookahead_temperature is None:
+def lookahead_policy_of(policy: Policy, owner: str, lookahead: int, temperature: float | None) -> Policy:
+    """The policy that samples the lookahead steps of a beam search or DVTS config (owner: its
+    name, for errors): `policy.with_temperature(temperature)`, or the policy itself when there
+    is no lookahead or temperature is None; a ValueError naming the setting when the policy
+    cannot change its temperature."""
+    if lookahead == 0 or temperature is None:
         return policy
     if not isinstance(policy, TemperaturePolicy):
         raise ValueError(
-            f"{type(cfg).__name__}.lookahead_temperature={cfg.lookahead_temperature!r} needs a policy with "
+            f"{owner}.lookahead_temperature={temperature!r} needs a policy with "
             f"with_temperature (treesearch.protocols.TemperaturePolicy; the three backends have it), and a "
             f"{type(policy).__name__} has none: set lookahead_temperature=None (Hydra: "
             f"search.lookahead_temperature=null) to sample the lookahead steps at the policy's own temperature"
         )
-    return policy.with_temperature(cfg.lookahead_temperature)
+    return policy.with_temperature(temperature)
 
 
 def top_by_rank(children: list[ScoredChild], k: int) -> list[ScoredChild]:
@@ -235,7 +235,7 @@ def beam_search(
     ledgers = [Ledger() for _ in problems]
     candidates: list[list[Candidate]] = [[] for _ in problems]
     beams = [Beam(i, ROOT_ID) for i in range(len(problems))]
-    lookahead_policy = lookahead_policy_of(policy, cfg)
+    lookahead_policy = lookahead_policy_of(policy, "BeamSearchConfig", cfg.lookahead, cfg.lookahead_temperature)
     for depth in range(1, cfg.max_depth + 1):
         if not beams:
             break

@@ -102,7 +102,7 @@ def dvts(
     ledgers = [Ledger() for _ in problems]
     candidates: list[list[Candidate]] = [[] for _ in problems]
     beams = [Beam(i, ROOT_ID) for i in range(len(problems))]
-    lookahead_policy = lookahead_policy_of(policy, cfg)
+    lookahead_policy = lookahead_policy_of(policy, "DVTSConfig", cfg.lookahead, cfg.lookahead_temperature)
     for depth in range(1, cfg.max_depth + 1):
         if not beams:
             break
