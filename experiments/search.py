@@ -71,6 +71,7 @@ from tqdm import tqdm
 from experiments.checkpoint_hints import checkpoint_hint
 from experiments.config_keys import check_known_keys
 from experiments.group_options import check_group_options
+from experiments.override_keys import check_override_keys
 from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
@@ -512,4 +513,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR)  # search=nosuch: one line, exit 2, before Hydra composes
+    check_override_keys(sys.argv[1:], CONFIG_DIR, "search")  # search.bogus=1: one line, exit 2
     main()

@@ -70,6 +70,7 @@ from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: 
 from experiments.result_json import write_atomic  # noqa: E402
 from experiments.checkpoint_hints import checkpoint_hint  # noqa: E402
 from experiments.group_options import check_group_options  # noqa: E402
+from experiments.override_keys import check_override_keys  # noqa: E402
 from experiments.search import (  # noqa: E402
     CONFIG_DIR, build_frozen, resolve_out_dir, resolved_config, user_errors_reported,
 )
@@ -770,4 +771,5 @@ def close_process_group() -> None:
 
 if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR)  # recipe=nosuch: one line, exit 2, before Hydra composes
+    check_override_keys(sys.argv[1:], CONFIG_DIR, "train")  # grpo.bogus=1: one line, exit 2
     main()

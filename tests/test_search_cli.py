@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from experiments.group_options import unknown_group_option
+from experiments.override_keys import missing_key_error, runs_to_check
 from experiments.search import with_run_budget
 from test_search_resume import ckpt, run_in_process  # noqa: F401 (ckpt: the module-scoped checkpoint fixture)
 
@@ -149,6 +150,38 @@ def test_group_options_checks_only_plain_group_choices():
                  ["search.n=4", "hydra/launcher=nosuch", "search=glob(*)", "+scorer.bogus=1", "seed=3"]):
         assert unknown_group_option(fine, conf) is None, fine  # others are Hydra's or config_keys' to judge
     assert unknown_group_option(["++task=gsm9k"], conf).startswith("error: task=gsm9k is not an option")
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("experiments.search", ["search=mcts", "search.n=16"],
+     "error: search.n is not a setting of MCTSConfig; it takes: aggregation, backup, c_puct, expand_width, "),
+    ("experiments.search", ["-m", "search=beam,rebase", "search.dedup=true"],
+     "error: search.dedup is not a setting of RebaseConfig; it takes: aggregation, balance_temperature, "),
+    ("experiments.search", ["-m", "search=beam,dvts", "budget=4,8", "search.lookahead=1"],
+     "error: search.lookahead is not in the config a sweep starts from (Hydra composes it with every swept group "
+     "at its default before the jobs); write ++search.lookahead=1 to set it in every job"),
+    ("experiments.search", ["policy.sampling.temprature=0.5"],
+     "error: policy.sampling.temprature is not a setting of SamplingConfig; it takes: batch_size, "),
+    ("experiments.search", ["task.bogus=3"], "error: task.bogus is not in the config (Hydra adds a new key only as +task.bogus=3)"),
+    ("experiments.train", ["run.max_step=5"], "error: run.max_step is not a setting of RunConfig; it takes: "),
+])
+def test_an_override_of_a_missing_key_is_one_error_line_before_hydra_runs(module, args, message, tmp_path):
+    environ = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    environ.update(PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=environ, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith(message) and len(done.stderr.splitlines()) == 1, done.stderr
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_override_keys_composes_each_swept_group_option_and_leaves_flags_to_hydra():
+    conf = REPO / "experiments" / "conf"
+    runs = runs_to_check(["-m", "search=beam,rebase", "budget=4,8", "seed=0,1", "+search.x=1"], conf)
+    assert runs == [["search=beam", "budget=4", "seed=0", "+search.x=1"], ["search=rebase", "budget=4", "seed=0", "+search.x=1"]]
+    for fine in (["search=beam", "search.lookahead=1", "search.lookahead_temperature=null"],
+                 ["-m", "search=beam,dvts", "budget=4,8", "++search.lookahead=1"], ["--cfg", "job", "search.bogus=1"],
+                 ["+search.bogus=1"], ["search=beam", "budget=4,8"]):
+        assert missing_key_error(fine, conf, "search") is None, fine  # valid, Hydra's, or config_keys' to judge
 
 
 def test_a_server_that_does_not_answer_is_one_error_line(ckpt, tmp_path):

@@ -1,0 +1,143 @@
+"""Overrides of keys the composed config lacks, checked before Hydra runs the command.
+
+`python -m experiments.search search=mcts search.n=16` (MCTS takes `iterations`, not `n`) used to
+end in Hydra's multi-line "Could not override 'search.n'. ... Key 'n' is not in struct" and exit
+1; `check_override_keys` composes the config once (Hydra's compose API, ~0.1 s) and prints one
+line naming the key and, where the node builds a known class, the settings it takes, and exits 2,
+as the CLIs' other input errors do:
+
+    error: search.n is not a setting of MCTSConfig; it takes: aggregation, c_puct, ...
+
+A sweep (`-m`) is checked once per combination of the config groups it sweeps
+(`search=beam,rebase`: both), with the first value of every other swept key; the sweeps an
+`experiment=` config sets for itself are not. Any other flag (`--cfg`, `--help`, ...) or
+HYDRA_FULL_ERROR=1 leaves the command line to Hydra as it is, and so do other composition errors
+(Hydra's own messages name them).
+
+    if __name__ == "__main__":
+        check_group_options(sys.argv[1:], CONFIG_DIR)
+        check_override_keys(sys.argv[1:], CONFIG_DIR, "search")
+        main()
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+from experiments.cli_errors import USAGE_EXIT
+from experiments.config_keys import accepted_keys, located_target, target_name
+
+
+SWEEP_FLAGS = frozenset({"-m", "--multirun"})
+
+
+def runs_to_check(argv: Sequence[str], config_dir: Path) -> list[list[str]]:
+    """The override lists to compose: one per combination of the swept config group options,
+    other swept keys at their first value; none when the command line is not one this module
+    checks (a flag other than -m, HYDRA_FULL_ERROR=1, overrides Hydra cannot parse)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a.startswith("-") and a not in SWEEP_FLAGS for a in argv):
+        return []
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if a not in SWEEP_FLAGS])
+    except HydraException:
+        return []
+    choices = []
+    for override in overrides:
+        if not override.is_sweep_override():
+            choices.append([override.input_line])
+            continue
+        values = [f"{override.get_key_element()}={value}" for value in override.sweep_string_iterator()]
+        is_group = (config_dir / override.key_or_group).is_dir()
+        choices.append(values if is_group else values[:1])
+    return [list(run) for run in itertools.product(*choices)]
+
+
+def sweep_base(argv: Sequence[str]) -> list[str] | None:
+    """What Hydra composes a sweep from before its jobs: the overrides that sweep nothing (None
+    when argv is not a sweep or cannot be parsed)."""
+    if not SWEEP_FLAGS & set(argv):
+        return None
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if a not in SWEEP_FLAGS])
+    except HydraException:
+        return None
+    return [o.input_line for o in overrides if not o.is_sweep_override()]
+
+
+def missing_key_error(argv: Sequence[str], config_dir: Path, config_name: str) -> str | None:
+    """The error line for the first override of a key the composed config lacks (in a job, or
+    in the composition a sweep starts from), else None."""
+    for run in runs_to_check(argv, config_dir):
+        missing = _missing_key(config_dir, config_name, run)
+        if missing is not None:
+            full_key, override = missing
+            return _message(full_key, override, _parent_node(config_dir, config_name, run, override, full_key))
+    base = sweep_base(argv) if runs_to_check(argv, config_dir) else None
+    missing = None if base is None else _missing_key(config_dir, config_name, base)
+    if missing is not None:  # every job has the key, the groups' defaults do not
+        full_key, override = missing
+        value = override.split("=", 1)[1] if "=" in override else ""
+        return (f"error: {full_key} is not in the config a sweep starts from (Hydra composes it with every "
+                f"swept group at its default before the jobs); write ++{full_key}={value} to set it in every job")
+    return None
+
+
+def _missing_key(config_dir: Path, config_name: str, overrides: Sequence[str]) -> tuple[str, str] | None:
+    """(full key, its override) when composing fails on a key the config lacks; None when it
+    composes, or fails for another reason (Hydra's own message names that)."""
+    try:
+        _compose(config_dir, config_name, overrides)
+    except ConfigCompositionException as err:
+        if not isinstance(err.__cause__, (ConfigAttributeError, ConfigKeyError)) or not err.__cause__.full_key:
+            return None
+        full_key = str(err.__cause__.full_key)
+        return full_key, next((arg for arg in overrides if arg.split("=", 1)[0] == full_key), full_key)
+    return None
+
+
+def check_override_keys(argv: Sequence[str], config_dir: Path, config_name: str) -> None:
+    """Print the error line of `missing_key_error` on stderr and exit 2 when there is one."""
+    error = missing_key_error(argv, config_dir, config_name)
+    if error is not None:
+        print(error, file=sys.stderr)
+        raise SystemExit(USAGE_EXIT)
+
+
+def _compose(config_dir: Path, config_name: str, overrides: Sequence[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
+
+
+def _parent_node(
+    config_dir: Path, config_name: str, argv: Sequence[str], override: str, full_key: str
+) -> DictConfig | None:
+    """The node the key was meant for, composed without the override (None: none there)."""
+    try:
+        cfg = _compose(config_dir, config_name, [arg for arg in argv if arg != override])
+    except ConfigCompositionException:
+        return None
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return node if isinstance(node, DictConfig) else None
+
+
+def _message(full_key: str, override: str, parent: DictConfig | None) -> str:
+    """`<key> is not a setting of <Class>; it takes: ...` when the node builds a class whose
+    keywords are known, else `<key> is not in the config`; with the `+` form when the class
+    does take the key (Hydra appends keys only with `+`)."""
+    target = None if parent is None else located_target(parent)
+    accepted = None if target is None else accepted_keys(target)
+    name = full_key.rsplit(".", 1)[-1]
+    if accepted is not None and name not in accepted:
+        takes = ", ".join(sorted(accepted)) or "nothing"
+        return f"error: {full_key} is not a setting of {target_name(target)}; it takes: {takes}"
+    return f"error: {full_key} is not in the config (Hydra adds a new key only as +{override})"
