@@ -12,6 +12,8 @@ Usage:
                                           SamplingConfig(temperature=0.6), arith.prompt_text,
                                           base_url="http://127.0.0.1:8000")
     steps = policy.propose([Prefix(problem)], n=8, seed=0)     # steps[0][j]: j-th next step
+    rows = policy.propose_widths([a, b], [1, 3], seed=0)       # 1 step after a, 3 after b, one batch
+    greedy = policy.with_temperature(0.0)                      # the same server and client, greedy
     policy.last_usage.cached_share                             # needs --enable-prompt-tokens-details
     policy.close()                                             # the HTTP connections (or use `with`)
 

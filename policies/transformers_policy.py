@@ -5,6 +5,8 @@ Usage:
     policy = TransformersPolicy.from_pretrained("runs/tiny", SamplingConfig(temperature=0.6),
                                                 prompt_fn=lambda p: p.question)
     steps = policy.propose([Prefix(problem)], n=8, seed=0)          # steps[0][j]: j-th next step
+    rows = policy.propose_widths([a, b], [1, 3], seed=0)            # 1 step after a, 3 after b, one batch
+    greedy = policy.with_temperature(0.0)                           # the same model and caches, greedy
     paths = policy.rollout([Prefix(problem)], n=32, seed=0)         # paths[0][j]: list of steps
     reuse = TransformersPolicy(model, tokenizer, sampling, prompt_fn, prefix_cache=PrefixCacheConfig())
     scored = TransformersPolicy.from_pretrained("runs/tiny-sprm", sampling, prompt_fn, with_step_head=True)

@@ -7,6 +7,8 @@ Usage:
     policy = VLLMPolicy.from_pretrained(path, SamplingConfig(temperature=0.6), arith.prompt_text,
                                         engine=VLLMEngineConfig(path, kv_cache_gib=2))
     steps = policy.propose([Prefix(problem)], n=8, seed=0)     # steps[0][j]: j-th next step
+    rows = policy.propose_widths([a, b], [1, 3], seed=0)       # 1 step after a, 3 after b, one batch
+    greedy = policy.with_temperature(0.0)                      # the same engine, greedy
     paths = policy.rollout([Prefix(problem)], n=32, seed=0)    # paths[0][j]: list of steps
     policy.last_usage.cached_share                             # prompt tokens vLLM served from its prefix cache
     policy.close()                                             # stop the engine (or use `with`)
