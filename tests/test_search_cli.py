@@ -136,12 +136,18 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
     ("experiments.train", ["recipe=nope"], "error: recipe=nope is not an option of group recipe; valid: grpo_countdown"),
 ])
 def test_an_unknown_group_option_is_one_error_line_before_hydra_composes(module, args, message, tmp_path):
+    assert_one_error_line_before_hydra(module, args, message, tmp_path)
+
+
+def assert_one_error_line_before_hydra(module: str, args: list[str], message: str, cwd) -> None:
+    """`python -m module *args` (HYDRA_FULL_ERROR unset) exits 2 with one stderr line starting with
+    message, and neither Hydra nor the run made a folder."""
     environ = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
     environ.update(PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=environ, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=environ, capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.startswith(message) and len(done.stderr.splitlines()) == 1
-    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+    assert done.returncode == 2 and done.stderr.startswith(message) and len(done.stderr.splitlines()) == 1, done.stderr
+    assert not (cwd / "outputs").exists() and not (cwd / "multirun").exists()
 
 
 def test_group_options_checks_only_plain_group_choices():
@@ -166,12 +172,7 @@ def test_group_options_checks_only_plain_group_choices():
     ("experiments.train", ["run.max_step=5"], "error: run.max_step is not a setting of RunConfig; it takes: "),
 ])
 def test_an_override_of_a_missing_key_is_one_error_line_before_hydra_runs(module, args, message, tmp_path):
-    environ = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
-    environ.update(PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=environ, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.startswith(message) and len(done.stderr.splitlines()) == 1, done.stderr
-    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+    assert_one_error_line_before_hydra(module, args, message, tmp_path)
 
 
 def test_override_keys_composes_each_swept_group_option_and_leaves_flags_to_hydra():
