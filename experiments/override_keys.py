@@ -2,7 +2,7 @@
 
 `python -m experiments.search search=mcts search.n=16` (MCTS takes `iterations`, not `n`) used to
 end in Hydra's multi-line "Could not override 'search.n'. ... Key 'n' is not in struct" and exit
-1; `check_override_keys` composes the config once (Hydra's compose API, ~0.1 s) and prints one
+1; `check_override_keys` composes the config (Hydra's compose API, ~0.06 s a composition) and prints one
 line naming the key and, where the node builds a known class, the settings it takes, and exits 2,
 as the CLIs' other input errors do:
 
@@ -29,6 +29,7 @@ from typing import Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
@@ -44,12 +45,46 @@ def runs_to_check(argv: Sequence[str], config_dir: Path) -> list[list[str]]:
     """The override lists to compose: one per combination of the swept config group options,
     other swept keys at their first value; none when the command line is not one this module
     checks (a flag other than -m, HYDRA_FULL_ERROR=1, overrides Hydra cannot parse)."""
+    overrides = _parsed(argv)
+    return [] if overrides is None else _runs(overrides, config_dir)
+
+
+def missing_key_error(argv: Sequence[str], config_dir: Path, config_name: str) -> str | None:
+    """The error line for the first override of a key the composed config lacks (in a job, or
+    in the composition a sweep starts from: the overrides that sweep nothing), else None."""
+    overrides = _parsed(argv)
+    if overrides is None:
+        return None
+    for run in _runs(overrides, config_dir):
+        missing = _missing_key(config_dir, config_name, run)
+        if missing is not None:
+            full_key, override = missing
+            return _message(full_key, override, _parent_node(config_dir, config_name, run, override, full_key))
+    if not SWEEP_FLAGS & set(argv):
+        return None
+    base = [o.input_line for o in overrides if not o.is_sweep_override()]
+    missing = _missing_key(config_dir, config_name, base)
+    if missing is None:
+        return None
+    full_key, override = missing  # every job has the key, the swept groups' defaults do not
+    value = override.split("=", 1)[1] if "=" in override else ""
+    return (f"error: {full_key} is not in the config a sweep starts from (Hydra composes it with every "
+            f"swept group at its default before the jobs); write ++{full_key}={value} to set it in every job")
+
+
+def _parsed(argv: Sequence[str]) -> list[Override] | None:
+    """argv's overrides as Hydra parses them; None when this module leaves argv to Hydra (a flag
+    other than -m, HYDRA_FULL_ERROR=1, overrides Hydra cannot parse)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a.startswith("-") and a not in SWEEP_FLAGS for a in argv):
-        return []
+        return None
     try:
-        overrides = OverridesParser.create().parse_overrides([a for a in argv if a not in SWEEP_FLAGS])
+        return OverridesParser.create().parse_overrides([a for a in argv if a not in SWEEP_FLAGS])
     except HydraException:
-        return []
+        return None
+
+
+def _runs(overrides: Sequence[Override], config_dir: Path) -> list[list[str]]:
+    """`runs_to_check` of parsed overrides."""
     choices = []
     for override in overrides:
         if not override.is_sweep_override():
@@ -59,36 +94,6 @@ def runs_to_check(argv: Sequence[str], config_dir: Path) -> list[list[str]]:
         is_group = (config_dir / override.key_or_group).is_dir()
         choices.append(values if is_group else values[:1])
     return [list(run) for run in itertools.product(*choices)]
-
-
-def sweep_base(argv: Sequence[str]) -> list[str] | None:
-    """What Hydra composes a sweep from before its jobs: the overrides that sweep nothing (None
-    when argv is not a sweep or cannot be parsed)."""
-    if not SWEEP_FLAGS & set(argv):
-        return None
-    try:
-        overrides = OverridesParser.create().parse_overrides([a for a in argv if a not in SWEEP_FLAGS])
-    except HydraException:
-        return None
-    return [o.input_line for o in overrides if not o.is_sweep_override()]
-
-
-def missing_key_error(argv: Sequence[str], config_dir: Path, config_name: str) -> str | None:
-    """The error line for the first override of a key the composed config lacks (in a job, or
-    in the composition a sweep starts from), else None."""
-    for run in runs_to_check(argv, config_dir):
-        missing = _missing_key(config_dir, config_name, run)
-        if missing is not None:
-            full_key, override = missing
-            return _message(full_key, override, _parent_node(config_dir, config_name, run, override, full_key))
-    base = sweep_base(argv) if runs_to_check(argv, config_dir) else None
-    missing = None if base is None else _missing_key(config_dir, config_name, base)
-    if missing is not None:  # every job has the key, the groups' defaults do not
-        full_key, override = missing
-        value = override.split("=", 1)[1] if "=" in override else ""
-        return (f"error: {full_key} is not in the config a sweep starts from (Hydra composes it with every "
-                f"swept group at its default before the jobs); write ++{full_key}={value} to set it in every job")
-    return None
 
 
 def _missing_key(config_dir: Path, config_name: str, overrides: Sequence[str]) -> tuple[str, str] | None:
@@ -132,8 +137,8 @@ def _parent_node(
 
 def _message(full_key: str, override: str, parent: DictConfig | None) -> str:
     """`<key> is not a setting of <Class>; it takes: ...` when the node builds a class whose
-    keywords are known, else `<key> is not in the config`; with the `+` form when the class
-    does take the key (Hydra appends keys only with `+`)."""
+    keywords are known and the key is not one, else `<key> is not in the config` with the `+`
+    form that adds it (Hydra appends keys only with `+`)."""
     target = None if parent is None else located_target(parent)
     accepted = None if target is None else accepted_keys(target)
     name = full_key.rsplit(".", 1)[-1]
