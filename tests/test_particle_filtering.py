@@ -11,7 +11,7 @@ from step_tree_fakes import (
 )
 from treesearch.frontier import round_seed
 from treesearch.frontier import Child
-from treesearch.particle_filtering import ParticleFilteringConfig, particle_filtering, resample
+from treesearch.particle_filtering import ParticleFilteringConfig, particle_filtering, resample, weight_logit
 from treesearch.registry import run_search
 
 
@@ -26,18 +26,36 @@ def particles(rewards):
 # -- resampling ---------------------------------------------------------------------------------
 
 
-def test_resampling_follows_the_softmax_of_the_rewards():
+def test_score_weights_follow_the_softmax_of_the_rewards():
     # rewards 1 and 0 at T = 1: a reward-1 particle is drawn with probability e / (1 + e) = 0.731
     # per draw; 4000 draws (2000 particles of each) land within 0.02 of it at this seed
     population = particles([1.0, 0.0] * 2000)
-    draws = resample(population, 1.0, random.Random(0))
+    draws = resample(population, 1.0, random.Random(0), "score")
     share = sum(population[i].reward == 1.0 for i in draws) / len(draws)
     assert len(draws) == 4000 and draws == sorted(draws)
     assert share == pytest.approx(math.e / (1 + math.e), abs=0.02)
-    # T -> 0: every draw is the best particle; T large: both kinds alike
-    assert set(resample(particles([0.2, 0.9, 0.5]), 1e-4, random.Random(1))) == {1}
-    cold = resample(population, 100.0, random.Random(2))
+    # T -> 0: every draw the best particle; T large: both kinds alike
+    assert set(resample(particles([0.2, 0.9, 0.5]), 1e-4, random.Random(1), "score")) == {1}
+    cold = resample(population, 100.0, random.Random(2), "score")
     assert sum(population[i].reward == 1.0 for i in cold) / len(cold) == pytest.approx(0.5, abs=0.03)
+
+
+def test_logit_weights_follow_the_softmax_of_the_rewards_logits():
+    # the authors' weighting: softmax(logit(R) / T). R = sigmoid(1) = 0.731 against R = 0.5
+    # (logits 1 and 0) at T = 1: drawn with probability e / (1 + e) = 0.731, like the score
+    # weights of 1 and 0 above; at T = 2 the logits halve: sigmoid(0.5) = 0.622
+    high = 1 / (1 + math.exp(-1))
+    population = particles([high, 0.5] * 2000)
+    for temperature, expected in ((1.0, math.e / (1 + math.e)), (2.0, 1 / (1 + math.exp(-0.5)))):
+        draws = resample(population, temperature, random.Random(0))
+        share = sum(population[i].reward == high for i in draws) / len(draws)
+        assert share == pytest.approx(expected, abs=0.02)
+    # 0 / 1 scores (a verifier) keep finite logits (+-36: clipped to float eps) and all but rule
+    # the 0s out, where score weights would draw them 27% of the time
+    assert weight_logit(1.0, "logit") == pytest.approx(-weight_logit(0.0, "logit")) == pytest.approx(36.04, abs=0.01)
+    verified = particles([1.0, 0.0] * 2000)
+    assert all(verified[i].reward == 1.0 for i in resample(verified, 1.0, random.Random(3)))
+    assert weight_logit(0.25, "score") == 0.25 and weight_logit(0.25, "logit") == pytest.approx(math.log(1 / 3))
 
 
 # -- the search ---------------------------------------------------------------------------------
@@ -153,6 +171,7 @@ def test_the_registry_runs_it_and_names_its_settings():
     ({"temperature": 0.0}, r"ParticleFilteringConfig.temperature=0.0 must be a finite number > 0"),
     ({"temperature": math.inf}, r"ParticleFilteringConfig.temperature=inf must be a finite number > 0"),
     ({"temperature": True}, r"ParticleFilteringConfig.temperature=True must be a finite number > 0"),
+    ({"weighting": "softmax"}, r"ParticleFilteringConfig.weighting='softmax' must be one of logit, score"),
     ({"reward": "best"}, r"ParticleFilteringConfig.reward: unknown aggregation 'best'"),
     ({"aggregation": "best"}, r"Config.aggregation: unknown aggregation 'best'"),
     ({"seed": 1.5}, r"ParticleFilteringConfig.seed=1.5 must be an integer"),

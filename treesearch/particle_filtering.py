@@ -4,7 +4,9 @@ Algorithm 1), batched across problems.
 
 N particles per problem, each a path. The root is sampled N times; then, every round, each
 particle's reward R (the `reward` aggregation of its step scores: "last", its last step's score,
-by default) gives it the weight softmax(R / T) over the problem's N particles, N particles are
+by default) gives it the weight softmax(logit(R) / T) over the problem's N particles
+(`weighting="logit"`, as the authors' code weighs the PRM's score: log R - log(1 - R), R clipped
+to [eps, 1 - eps]; `weighting="score"`: softmax(R / T)), N particles are
 drawn with replacement by those weights (multinomial resampling, a seeded RNG per problem and
 round), and every drawn particle that is not finished takes one more step. A particle drawn k
 times is sampled k times in one `propose(n=k)` row, so its copies continue differently. Finished
@@ -19,9 +21,11 @@ majority votes over them are the filter's estimate); the chosen one has the high
 path score (`aggregation`). Finished paths that were not drawn again are paid for (compute) but
 are not candidates.
 
-T: the resampling temperature. T = 1 weighs scores in [0, 1] gently (the best particle at most e
-times as likely as the worst); a lower T follows the scorer more closely (T -> 0: every draw the
-best particle), a higher one resamples almost uniformly.
+T: the resampling temperature (1 in the authors' code). With logit weights a particle scored 0.9
+is 9 times as likely as one scored 0.5 at T = 1, and 0 / 1 scores (a verifier) all but rule the
+0s out; with score weights T = 1 is gentle (the best particle at most e times as likely as the
+worst). A lower T follows the scorer more closely (T -> 0: every draw the best particle), a
+higher one resamples almost uniformly.
 
 Batching: a round's particles of ALL problems go to the policy in one `propose_widths` call, k
 samples for a particle drawn k times (a `WidthPolicy`: the three backends), or to
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -49,15 +54,21 @@ from treesearch.result import Candidate, SearchResult
 from treesearch.tree import ROOT_ID, Tree
 
 
+WEIGHTINGS: tuple[str, ...] = ("logit", "score")
+EPS = sys.float_info.epsilon  # the clip of a reward before its logit (numpy's float eps, as the authors' code)
+
+
 @dataclass(frozen=True)
 class ParticleFilteringConfig:
     """n: particles per problem (N); temperature: T of the softmax that weighs the particles
-    (> 0); max_depth: most steps in a path; reward: step scores -> a particle's reward R (an
-    aggregation; "last": its last step's score); aggregation: step scores -> the path score that
-    chooses among the final particles; seed: base of the policy seeds and of the resampling."""
+    (> 0); weighting: what the softmax reads, "logit" (logit(R)) or "score" (R); max_depth: most
+    steps in a path; reward: step scores -> a particle's reward R (an aggregation; "last": its
+    last step's score); aggregation: step scores -> the path score that chooses among the final
+    particles; seed: base of the policy seeds and of the resampling."""
 
     n: int = 8
     temperature: float = 1.0
+    weighting: str = "logit"
     max_depth: int = 40
     reward: str = "last"
     aggregation: str = "geometric_mean"
@@ -66,17 +77,30 @@ class ParticleFilteringConfig:
     def __post_init__(self) -> None:
         check_int("ParticleFilteringConfig", "n", self.n, minimum=1)
         check_positive("ParticleFilteringConfig", "temperature", self.temperature)
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"ParticleFilteringConfig.weighting={self.weighting!r} must be one of {', '.join(WEIGHTINGS)}")
         check_int("ParticleFilteringConfig", "max_depth", self.max_depth, minimum=1)
         check_aggregation_setting("ParticleFilteringConfig", "reward", self.reward)
         check_aggregation_setting("ParticleFilteringConfig", "aggregation", self.aggregation)
         check_int("ParticleFilteringConfig", "seed", self.seed)
 
 
-def resample(particles: Sequence[Child], temperature: float, rng: random.Random) -> list[int]:
+def weight_logit(reward: float, weighting: str) -> float:
+    """What the resampling softmax reads for a reward: logit(reward) (clipped to [eps, 1 - eps],
+    so 0 and 1 stay finite) for "logit", the reward itself for "score"."""
+    if weighting == "score":
+        return reward
+    r = min(max(reward, EPS), 1.0 - EPS)
+    return math.log(r) - math.log1p(-r)
+
+
+def resample(particles: Sequence[Child], temperature: float, rng: random.Random, weighting: str = "logit") -> list[int]:
     """len(particles) indices drawn with replacement, index i with probability
-    softmax(reward / temperature)_i; sorted, so the new population keeps the old order."""
-    top = max(p.reward for p in particles)
-    weights = [math.exp((p.reward - top) / temperature) for p in particles]  # the top one is 1
+    softmax(weight_logit(reward) / temperature)_i; sorted, so the new population keeps the old order."""
+    logits = [weight_logit(p.reward, weighting) for p in particles]
+    top = max(logits)
+    weights = [math.exp((x - top) / temperature) for x in logits]  # the top one is 1
     return sorted(rng.choices(range(len(particles)), weights=weights, k=len(particles)))
 
 
@@ -99,7 +123,8 @@ def step_populations(
         if all(p.terminal for p in population):
             plan = [(p, 1) for p in population]
         else:
-            picks = Counter(resample(population, cfg.temperature, resampling_rng(cfg.seed, problems[problem], round_index)))
+            rng = resampling_rng(cfg.seed, problems[problem], round_index)
+            picks = Counter(resample(population, cfg.temperature, rng, cfg.weighting))
             for index, count in sorted(picks.items()):
                 if population[index].terminal:
                     plan.append((population[index], count))
