@@ -9,7 +9,7 @@ by default) gives it the weight softmax(logit(R) / T) over the problem's N parti
 to [eps, 1 - eps]; `weighting="score"`: softmax(R / T)), N particles are
 drawn with replacement by those weights (multinomial resampling, a seeded RNG per problem and
 round), and every drawn particle that is not finished takes one more step. A particle drawn k
-times is sampled k times in one `propose(n=k)` row, so its copies continue differently. Finished
+times is sampled k times in one row of k samples, so its copies continue differently. Finished
 particles (finish "eos" or "length") stay in the population and are drawn like the others, but
 do not grow; a problem ends when every particle is finished, or at max_depth, where the particles
 stand as they are. Unlike beam search, REBASE or DVTS, nothing is pruned for good by a ranking:
