@@ -32,8 +32,8 @@ from treesearch.registry import run_search
 
 @dataclass(frozen=True)
 class WayRow:
-    """One strategy run one way: median wall / CPU seconds over the timed rounds, tokens
-    generated and accuracy of the last round."""
+    """One strategy run one way: median wall / CPU seconds over the timed rounds; tokens
+    generated, accuracy and policy calls per problem (mean) of the last round."""
 
     strategy: str
     way: str
@@ -41,13 +41,26 @@ class WayRow:
     cpu_s: float
     tokens_generated: int
     accuracy: float
+    calls_per_problem: float
 
 
-def run_once(strategy: str, cfg: dict[str, Any], work: Workload, policy: Policy) -> tuple[Timing, int, float]:
-    """(timing, tokens generated, accuracy) of one search of the workload's problems."""
+@dataclass(frozen=True)
+class WayRun:
+    """One search of the workload's problems: its timing, tokens generated, accuracy and the
+    mean policy calls per problem."""
+
+    timing: Timing
+    tokens_generated: int
+    accuracy: float
+    calls_per_problem: float
+
+
+def run_once(strategy: str, cfg: dict[str, Any], work: Workload, policy: Policy) -> WayRun:
+    """One search of the workload's problems, timed."""
     results: list = []
     timing = timed(lambda: results.extend(run_search(strategy, work.problems, policy, ConfidenceScorer(), **cfg)))
-    return timing, sum(r.compute.tokens_generated for r in results), work.accuracy(results)
+    calls = sum(r.compute.policy_calls for r in results) / max(len(results), 1)
+    return WayRun(timing, sum(r.compute.tokens_generated for r in results), work.accuracy(results), calls)
 
 
 def compare(
@@ -57,31 +70,32 @@ def compare(
     `rounds` alternating timed rounds."""
     for make_policy in ways.values():
         run_once(strategy, cfg, work, make_policy())
-    runs: dict[str, list[tuple[Timing, int, float]]] = {way: [] for way in ways}
+    runs: dict[str, list[WayRun]] = {way: [] for way in ways}
     for _ in range(rounds):
         for way, make_policy in ways.items():
             runs[way].append(run_once(strategy, cfg, work, make_policy()))
     return [
-        WayRow(strategy, way, statistics.median(t.wall_s for t, _, _ in got), statistics.median(t.cpu_s for t, _, _ in got),
-               got[-1][1], got[-1][2])
+        WayRow(strategy, way, statistics.median(r.timing.wall_s for r in got),
+               statistics.median(r.timing.cpu_s for r in got), got[-1].tokens_generated, got[-1].accuracy,
+               got[-1].calls_per_problem)
         for way, got in runs.items()
     ]
 
 
 def way_table(rows: Sequence[WayRow], reference: str, way_title: str) -> str:
-    """Markdown: per row its time / the reference way's (wall, same strategy) and its tokens/s /
-    the reference's (the ways may generate different tokens)."""
+    """Markdown: per row its time / the reference way's (wall, same strategy), its tokens/s /
+    the reference's (the ways may generate different tokens), accuracy and policy calls."""
     lines = [
         f"| strategy | {way_title} | wall s | cpu s | time / {reference} (wall) | tokens generated | tokens/s "
-        f"| tokens/s / {reference} | accuracy |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| tokens/s / {reference} | accuracy | policy calls / problem |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = {r.strategy: r for r in rows if r.way == reference}
     for r in rows:
         rate, base_rate = r.tokens_generated / r.wall_s, base[r.strategy].tokens_generated / base[r.strategy].wall_s
         lines.append(
             f"| {r.strategy} | {r.way} | {r.wall_s:.2f} | {r.cpu_s:.2f} | {r.wall_s / base[r.strategy].wall_s:.2f}x | "
-            f"{r.tokens_generated} | {rate:.1f} | {rate / base_rate:.2f}x | {r.accuracy:.3f} |"
+            f"{r.tokens_generated} | {rate:.1f} | {rate / base_rate:.2f}x | {r.accuracy:.3f} | {r.calls_per_problem:.1f} |"
         )
     return "\n".join(lines)
 

@@ -7,10 +7,10 @@ Both strategies give the nodes of a round different widths (REBASE: shares of th
 reward; particle filtering: how often a particle was drawn), so without per-node widths a round
 is several calls, each a batched decode of fewer rows. The ways draw different samples (the
 calls are seeded per call), so tokens and accuracy differ a little; the table's tokens/s ratio
-is the fair one.
+is the fair one, and its last column counts the policy calls per problem.
 
     python -m experiments.bench_widths                      # tiny: 32 arith problems, N = 32
-    python -m experiments.bench_widths --model smollm2 --problems 2 --n 8 --rounds 1
+    python -m experiments.bench_widths --model smollm2 --problems 4 --n 8 --rounds 1
 """
 from __future__ import annotations
 

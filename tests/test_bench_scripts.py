@@ -125,6 +125,9 @@ def test_widths_table_runs_rebase_and_particle_filtering_both_ways(tmp_path):
         ("particle_filtering", "one call per round"), ("particle_filtering", "one call per width"),
     ]
     assert rows[0][4] == rows[2][4] == "1.00x" and all(int(r[5]) > 0 for r in rows)
+    # policy calls per problem (the ways draw different samples, so their depths, and calls, may differ)
+    assert table.splitlines()[1].endswith("| policy calls / problem |")
+    assert all(float(r[9]) >= 1 for r in rows)
 
 
 
