@@ -24,7 +24,6 @@ ValueError naming its problem. The tokenizer must be a fast one (it maps charact
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,7 +36,8 @@ from policies.devices import resolve_device
 from policies.prefix_cache import PrefixKV
 from scorers.prm_batches import PRMBatch, forwarded_tokens, plan_batches
 from scorers.prm_memory import DEFAULT_MAX_BYTES, ParentHit, PRMMemory, stacked_kv
-from scorers.prm_format import PRMFormat, PRMText, prm_text, resolve_prm_format, tokenizer_name
+from scorers.prm_format import PRMFormat, resolve_prm_format
+from scorers.prm_layout import PRMLayout, Sequences
 from scorers.prm_loading import (
     check_cache_bytes, check_prm_folder, check_tokenizer, load_prm_model, load_prm_tokenizer,
 )
@@ -45,8 +45,6 @@ from scorers.prm_readers import ScoreHead, load_score_head, token_pair_logits
 from scorers.sprm_scorer import check_batch_size
 from treesearch.records import Prefix
 
-
-LAID_OUT_KEPT = 65536  # paths whose PRM tokens and positions are kept for the next ask (oldest dropped)
 
 
 @dataclass(frozen=True)
@@ -109,12 +107,12 @@ class LMPRMScorer:
         check_cache_bytes(cache_bytes)
         self.memory = PRMMemory(cache_bytes)  # with 0 it keeps no KV, only what each path forwarded
         self._lock = threading.Lock()  # the memory is one per scorer; a search may call from threads
-        self._laid_out: OrderedDict[tuple, tuple[list[int], list[int]]] = OrderedDict()  # `_sequences`
         self.device = next(model.parameters()).device
         self.score_head = None if score_head is None else score_head.eval().to(self.device)
         pad_id = getattr(tokenizer, "pad_token_id", None)
         self.pad_id: int = int(pad_id if pad_id is not None else (tokenizer.eos_token_id or 0))
-        self.context_window: int | None = getattr(model.config, "max_position_embeddings", None)
+        window = getattr(model.config, "max_position_embeddings", None)
+        self.layout = PRMLayout(self.format, tokenizer, self.good_id, window)  # tokens and read positions
         # the weights a scored token goes through (the compute ledger's FLOPs): the base model and
         # the score head; an LM reader computes two rows of the output layer, not counted
         modules = [model.base_model] + ([self.score_head] if self.score_head is not None else [])
@@ -175,7 +173,7 @@ class LMPRMScorer:
         repeated path gets the reading of its first."""
         with self._lock:
             sequences = self._sequences(paths)
-            self._check_window(paths, sequences)
+            self.layout.check_window(paths, sequences)
             readings = {tuple(ids): PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences}
             firsts = self._distinct([ids for ids, _ in sequences])  # repeats forward nothing
             work = [(ids, pos if ids else []) for ids, (_, pos) in zip(firsts, sequences)]
@@ -231,58 +229,9 @@ class LMPRMScorer:
 
     # -- phases -------------------------------------------------------------------------------
 
-    def _sequences(self, paths: Sequence[Prefix]) -> list[tuple[list[int], list[int]]]:
-        """(token ids, read positions) of each path; ([], []) for a path without steps. Kept for
-        the paths laid out lately: `cost` after `score` and the next round's parent lookups lay
-        out the same paths again (a chat layout renders the template once per step)."""
-        result = []
-        for path in paths:
-            if not path.steps:
-                result.append(([], []))
-                continue
-            key = (path.problem.question, tuple(step.text for step in path.steps))
-            laid = self._laid_out.get(key)
-            if laid is not None:
-                self._laid_out.move_to_end(key)
-            else:
-                laid = self._laid_out[key] = self._positions(prm_text(self.format, self.tokenizer, path))
-                if len(self._laid_out) > LAID_OUT_KEPT:
-                    self._laid_out.popitem(last=False)
-            result.append(laid)
-        return result
-
-    def _positions(self, laid_out: PRMText) -> tuple[list[int], list[int]]:
-        """Tokenise the whole text once and map each reading's character offset to its token."""
-        encoded = self.tokenizer(
-            laid_out.text, add_special_tokens=self.format.layout == "tag", return_offsets_mapping=True
-        )
-        ids, spans = list(encoded["input_ids"]), [tuple(s) for s in encoded["offset_mapping"]]
-        if self.format.layout != "chat":  # read at each tag
-            return ids, [last_token_before(spans, end) for end in laid_out.read_ends]
-        return ids, [self._answer_position(ids, spans, start) for start in laid_out.read_ends]
-
-    def _answer_position(self, ids: list[int], spans: list[tuple[int, int]], start: int) -> int:
-        """The token before the answer that starts at character start (its logits predict it)."""
-        index = next((i for i, (s, e) in enumerate(spans) if e > s and s == start), None)
-        if index is None or ids[index] != self.good_id:
-            found = "no token starts there" if index is None else f"it is token {ids[index]}"
-            raise ValueError(
-                f"the chat template of {tokenizer_name(self.tokenizer)} does not render the answer "
-                f"{self.format.good!r} as its own token {self.good_id} ({found}): give good_id / bad_id "
-                "or use a tag layout"
-            )
-        return index - 1
-
-    def _check_window(self, paths: Sequence[Prefix], sequences: list[tuple[list[int], list[int]]]) -> None:
-        """ValueError naming the first path longer than the PRM's context window."""
-        if self.context_window is None:
-            return
-        for path, (ids, _) in zip(paths, sequences):
-            if len(ids) > self.context_window:
-                raise ValueError(
-                    f"problem {path.problem.id!r}: the PRM reads {len(ids)} tokens, more than its "
-                    f"context window of {self.context_window} (max_position_embeddings)"
-                )
+    def _sequences(self, paths: Sequence[Prefix]) -> Sequences:
+        """(token ids, read positions) of each path (`scorers.prm_layout`)."""
+        return self.layout.sequences(paths)
 
     @torch.inference_mode()
     def _run(
@@ -391,8 +340,3 @@ def distinct(sequences: Sequence[list[int]]) -> list[list[int]]:
         seen.add(key)
     return result
 
-
-def last_token_before(spans: list[tuple[int, int]], end: int) -> int:
-    """The index of the last real token (non-empty span) that starts before character end: the
-    token holding the character before end."""
-    return max(i for i, (s, e) in enumerate(spans) if e > s and s < end)

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from policies.tiny_model import TinyModelConfig
-from scorers.lm_prm_scorer import LMPRMScorer, last_token_before
+from scorers.lm_prm_scorer import LMPRMScorer
+from scorers.prm_layout import last_token_before
 from scorers.prm_batches import PRMBatch, forwarded_tokens, plan_batches
 from scorers.prm_format import QWEN_SYSTEM, PRMFormat, resolve_prm_format
 from scorers.prm_readers import ScoreHead
@@ -263,7 +264,7 @@ def test_missing_folders_and_long_paths_are_named(prm_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         LMPRMScorer.from_pretrained(tmp_path / "empty")
     scorer = LMPRMScorer.from_pretrained(prm_dir)
-    scorer.context_window = 20
+    scorer.layout.context_window = 20
     with pytest.raises(ValueError, match=r"problem 'p0': the PRM reads \d+ tokens, more than its context window of 20"):
         scorer.score(PATHS)
 
@@ -393,11 +394,11 @@ def test_costs_asked_per_problem_add_up_to_what_the_call_forwarded(chat_dir, cac
 
 
 def test_a_path_is_laid_out_once_for_its_score_its_cost_and_its_children(chat_dir, monkeypatch):
-    from scorers import lm_prm_scorer
+    from scorers import prm_layout
 
     laid: list[int] = []
-    real = lm_prm_scorer.prm_text
-    monkeypatch.setattr(lm_prm_scorer, "prm_text", lambda fmt, tok, path: laid.append(1) or real(fmt, tok, path))
+    real = prm_layout.prm_text
+    monkeypatch.setattr(prm_layout, "prm_text", lambda fmt, tok, path: laid.append(1) or real(fmt, tok, path))
     scorer = LMPRMScorer.from_pretrained(chat_dir, "rlhflow")
     parents = [Prefix(c.problem, c.steps[:-1]) for c in CHILDREN[:6]]
     scorer.score(parents)
