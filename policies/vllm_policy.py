@@ -62,7 +62,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from policies.checkpoint import check_checkpoint
+from policies.model_folder import check_model_folder
 from policies.policy_requests import check_request, check_widths, encode_contexts, fit_window, split_rows, step_budget
 from policies.sampling_config import SamplingConfig
 from policies.step_assembly import (
@@ -160,7 +160,7 @@ class VLLMPolicy:
     ) -> "VLLMPolicy":
         """Start vLLM on a checkpoint folder (FileNotFoundError names a missing file; ImportError
         says how to install vLLM). engine: the engine settings; its `model` is replaced by path."""
-        directory = check_checkpoint(path)
+        directory = check_model_folder(path)
         engine = replace(engine or VLLMEngineConfig(str(directory)), model=str(directory))
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         config = AutoConfig.from_pretrained(str(directory))

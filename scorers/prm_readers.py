@@ -1,26 +1,49 @@
 """How an external PRM turns its final hidden states at the read positions into two logits, (good,
 bad), whose softmax's first entry is a step's score (`scorers.lm_prm_scorer`):
 
-- `token_pair_logits`: a PRM that is a causal LM (Math-Shepherd, RLHFlow): its output layer's rows
-  of the good and bad tokens only (no [K, vocabulary] logits), with the layer's bias and the
-  config's logit scale / final soft-capping when it has them.
+- `TokenRows`: a PRM that is a causal LM (Math-Shepherd, RLHFlow): its output layer's rows of the
+  good and bad tokens only (no [K, vocabulary] logits), with the layer's bias and the config's
+  logit scale / final soft-capping when it has them; taken from a loaded model
+  (`token_pair_logits`) or read from the folder's weight files (`load_token_rows`, for a PRM whose
+  hidden states come from vLLM).
 - `ScoreHead`: a PRM with a two-class head on the last hidden state (Qwen2.5-Math-PRM:
   `score.0` Linear(H, H), ReLU, `score.2` Linear(H, 2); class 1 is "the step is right"), loaded
   from the folder's safetensors (`load_score_head`) without running the model's own code.
 
     pair = token_pair_logits(causal_lm, features, good_id, bad_id)     # [K, 2]
+    rows = load_token_rows(folder, good_id, bad_id); pair = rows(features)  # the same, no model
     head = load_score_head(folder, torch.bfloat16); pair = head(features)  # [K, 2]
 """
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from policies.model_folder import weight_files
+
 HEAD_KEYS: tuple[str, ...] = ("score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias")
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """A causal LM's output layer cut to the good and bad tokens: weight [2, H] (good, bad), its
+    bias [2] or None, the config's logit scale and final soft-capping (None: none)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    cap: float | None = None
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """[K, H] final hidden states -> [K, 2] (good, bad) logits."""
+        weight = self.weight.to(device=features.device, dtype=features.dtype)
+        bias = None if self.bias is None else self.bias.to(device=features.device, dtype=features.dtype)
+        logits = torch.nn.functional.linear(features, weight, bias) * self.scale
+        return logits if not self.cap else torch.tanh(logits / self.cap) * self.cap
 
 
 def token_pair_logits(model: Any, features: torch.Tensor, good_id: int, bad_id: int) -> torch.Tensor:
@@ -28,11 +51,52 @@ def token_pair_logits(model: Any, features: torch.Tensor, good_id: int, bad_id: 
     head = model.get_output_embeddings()
     index = torch.tensor([good_id, bad_id], device=features.device)
     bias = None if getattr(head, "bias", None) is None else head.bias[index]
-    logits = torch.nn.functional.linear(features, head.weight[index], bias)  # [K, 2]
-    config = model.config
-    logits = logits * float(getattr(config, "logit_scale", None) or 1.0)
-    cap = getattr(config, "final_logit_softcapping", None)
-    return logits if not cap else torch.tanh(logits / cap) * cap
+    return TokenRows(head.weight[index], bias, *logit_transform(model.config))(features)
+
+
+def logit_transform(config: Any) -> tuple[float, float | None]:
+    """(logit scale, final soft-capping or None) of a transformers config (Cohere, Gemma 2)."""
+    return float(getattr(config, "logit_scale", None) or 1.0), getattr(config, "final_logit_softcapping", None)
+
+
+def load_token_rows(directory: Path, good_id: int, bad_id: int) -> TokenRows:
+    """The good and bad rows of the folder's output layer read from its weight files, without
+    loading the model: `lm_head.weight` (and `lm_head.bias` when there is one), or the input
+    embeddings when the config ties them; FileNotFoundError naming the folder when neither is
+    there."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    names = ("lm_head.weight",) + (("model.embed_tokens.weight", "embed_tokens.weight") if tied else ())
+    tensors = read_tensors(directory, names + ("lm_head.bias",), [good_id, bad_id])
+    weight = next((tensors[name] for name in names if name in tensors), None)
+    if weight is None:
+        raise FileNotFoundError(
+            f"PRM folder {directory} has no output layer ({' or '.join(names)}) in its weight files: "
+            "a reader 'lm' PRM is a causal LM"
+        )
+    return TokenRows(weight, tensors.get("lm_head.bias"), *logit_transform(config))
+
+
+def read_tensors(directory: Path, names: tuple[str, ...], rows: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Each named tensor found in the folder's weight files (`policies.model_folder.weight_files`),
+    keyed by name: whole, or only its rows (the first dimension's) when rows is given
+    (safetensors read by the row; .bin files memory-mapped)."""
+    found: dict[str, torch.Tensor] = {}
+    for file in weight_files(directory):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as reader:
+                for name in set(names) & set(reader.keys()):
+                    if rows is None:
+                        found[name] = reader.get_tensor(name)
+                    else:
+                        found[name] = torch.stack([reader.get_slice(name)[row] for row in rows])
+        else:
+            state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+            for name in set(names) & set(state):
+                found[name] = state[name] if rows is None else state[name][rows].clone()
+    return found
 
 
 class ScoreHead(torch.nn.Module):
@@ -49,36 +113,16 @@ class ScoreHead(torch.nn.Module):
 
 
 def load_score_head(directory: Path, dtype: torch.dtype) -> ScoreHead:
-    """The folder's `score.*` tensors (model.safetensors, or the shards its index names) as a
-    ScoreHead in dtype; FileNotFoundError naming the folder when it has none of them."""
-    files = weight_files(directory)
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as reader:
-            for key in HEAD_KEYS:
-                if key in reader.keys():
-                    tensors[key] = reader.get_tensor(key)
+    """The folder's `score.*` tensors (in its weight files: safetensors or .bin, one or sharded)
+    as a ScoreHead in dtype; FileNotFoundError naming the folder when it has none of them."""
+    tensors = read_tensors(directory, HEAD_KEYS)
     missing = [key for key in HEAD_KEYS if key not in tensors]
     if missing:
         raise FileNotFoundError(
             f"PRM folder {directory} has no score head ({', '.join(missing)} not in "
-            f"{', '.join(f.name for f in files)}): "
+            f"{', '.join(f.name for f in weight_files(directory))}): "
             "prm_format=qwen_prm reads a two-class head such as Qwen2.5-Math-PRM's"
         )
     head = ScoreHead(int(tensors["score.0.weight"].shape[1]), dtype)
-    head.score.load_state_dict({key.removeprefix("score."): value for key, value in tensors.items()})
+    head.score.load_state_dict({key.removeprefix("score."): value.to(dtype) for key, value in tensors.items()})
     return head.eval()
-
-
-def weight_files(directory: Path) -> list[Path]:
-    """The folder's safetensors files: model.safetensors, or the shards of its index."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / shard for shard in shards]
-    single = directory / "model.safetensors"
-    if not single.is_file():
-        raise FileNotFoundError(
-            f"PRM folder {directory} has no model.safetensors (or its index) to read a score head from"
-        )
-    return [single]

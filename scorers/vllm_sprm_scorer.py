@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-from policies.checkpoint import check_checkpoint
+from policies.model_folder import check_model_folder
 from policies.reflective_model import DEFAULT_FEATURE_LAYER, SPRM_CONFIG_FILE
 from policies.vllm_engine import VLLMEngineConfig, build_llm, encode_hidden_states, shutdown_llm
 from policies.vllm_policy import count_parameters
@@ -91,7 +91,7 @@ class VLLMSPRMScorer:
         """Start a pooling engine on a folder with score_module.pt (FileNotFoundError names a
         missing file). feature_layer None reads sprm.json (-2 without it); a layer vLLM cannot
         return for this architecture raises ValueError naming it. engine: its model is path."""
-        directory = check_checkpoint(path)
+        directory = check_model_folder(path)
         config = AutoConfig.from_pretrained(str(directory))
         head = load_score_module(directory, int(config.hidden_size))
         layer = feature_layer if feature_layer is not None else _saved_feature_layer(directory)

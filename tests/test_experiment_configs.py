@@ -99,7 +99,7 @@ def test_every_group_has_the_promised_options():
     assert options("search") == ["beam", "best_of_n", "dvts", "greedy", "mcts", "particle_filtering", "rebase"]
     assert options("scorer") == [
         "confidence", "math_shepherd", "oracle", "orm", "qwen_prm", "random", "rlhflow_prm", "sprm", "sprm_forward",
-        "step_oracle",
+        "step_oracle", "vllm_prm",
     ]
     assert options("policy") == [
         "metastone_s1_1p5b", "metastone_s1_32b", "metastone_s1_7b", "openai", "qwen25_math_1p5b", "qwen25_math_7b",
@@ -176,7 +176,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("option", options("scorer"))
+# vllm_prm starts a vLLM engine (on a model vLLM's CPU attention takes): tests/test_vllm_lm_prm_scorer.py
+@pytest.mark.parametrize("option", [name for name in options("scorer") if name != "vllm_prm"])
 def test_scorer_options_instantiate(option, sprm_ckpt, chat_ckpt):
     overrides = [f"scorer={option}", f"policy.path={sprm_ckpt}"] + ([f"scorer.path={sprm_ckpt}"] if option == "orm" else [])
     if option in PRM_SCORERS:  # GPU presets of an external PRM: here on the CPU, the tiny model as the PRM
@@ -204,6 +205,12 @@ def test_a_missing_prm_folder_says_how_to_get_it(option, variable, repo, monkeyp
         build_scorer(composed([f"scorer={option}", "scorer.device=cpu"]).scorer)
     monkeypatch.setenv(variable, str(tmp_path / "prm"))
     assert composed([f"scorer={option}"]).scorer.path == str(tmp_path / "prm")
+
+
+def test_the_vllm_prm_preset_names_its_variable(monkeypatch):
+    monkeypatch.delenv("PRM_PATH", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"scorer=vllm_prm reads its folder from \$PRM_PATH \(unset: /models/prm\)"):
+        build_scorer(composed(["scorer=vllm_prm"]).scorer)
 
 
 def test_orm_defaults_to_the_documented_head_folder():

@@ -1,0 +1,61 @@
+"""What a model folder must hold to load, in any layout the hub ships: config.json, the weights
+(one model.safetensors, safetensors shards named by model.safetensors.index.json, or the same two
+layouts of pytorch_model.bin) and a tokenizer (tokenizer.json or tokenizer_config.json).
+`policies.checkpoint.check_checkpoint` asks for what this project's own checkpoints hold (one
+model.safetensors and a generation config); models made elsewhere (a sharded 7B, a PRM without a
+generation config) are checked here before they load, so a missing file is named, not met
+minutes later inside transformers or vLLM.
+
+    directory = check_model_folder("/models/Qwen2.5-Math-7B-Instruct")   # FileNotFoundError naming what lacks
+    weight_files(directory)        # [.../model-00001-of-00004.safetensors, ...]
+
+Tests: `.venv/bin/pytest tests/test_model_folder.py`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# (index file, single file) of each weight layout, safetensors first (what loaders prefer)
+WEIGHT_LAYOUTS: tuple[tuple[str, str], ...] = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_model_folder(directory: str | Path) -> Path:
+    """The folder, or FileNotFoundError naming the first thing it lacks: the folder itself,
+    config.json, weights (or a shard its index names), a tokenizer."""
+    from policies.checkpoint import missing_folder_error
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise missing_folder_error(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint folder {directory} has no config.json")
+    weight_files(directory)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"checkpoint folder {directory} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    return directory
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The folder's weight files in the first layout it has (`WEIGHT_LAYOUTS`): the single file,
+    or every shard its index names; FileNotFoundError naming the folder when it has none, or a
+    shard the index names that is not there."""
+    for index_name, single_name in WEIGHT_LAYOUTS:
+        index, single = directory / index_name, directory / single_name
+        if index.is_file():
+            shards = [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+            missing = [shard.name for shard in shards if not shard.is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"checkpoint folder {directory}: {index_name} names {len(missing)} shard(s) that are not "
+                    f"there ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+                )
+            return shards
+        if single.is_file():
+            return [single]
+    names = " or ".join(f"{single} (or {index})" for index, single in WEIGHT_LAYOUTS)
+    raise FileNotFoundError(f"checkpoint folder {directory} has no weights: {names}")

@@ -1,0 +1,110 @@
+"""Model folders as the hub ships them (`policies/model_folder.py`): safetensors shards with an
+index, one pytorch_model.bin, no generation_config.json all load (`load_checkpoint`, the external
+PRM's head and output rows read from the weight files), and what a folder lacks is named: its
+weights, a shard its index names, its tokenizer.
+
+    .venv/bin/python -m pytest tests/test_model_folder.py
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from policies.checkpoint import check_checkpoint, load_checkpoint
+from policies.model_folder import check_model_folder, weight_files
+from policies.tiny_model import TinyModelConfig
+from scorers.prm_readers import load_score_head, load_token_rows, read_tensors
+from tiny_checkpoint import resaved, save_tiny_checkpoint, with_score_head
+
+SHAPE = TinyModelConfig(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64)
+IDS = torch.tensor([[1, 7, 9, 12, 5]])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("folders")
+    single = save_tiny_checkpoint(root / "single", SHAPE)
+    untied = save_tiny_checkpoint(root / "untied", dataclasses.replace(SHAPE, tie_embeddings=False))
+    return {
+        "single": single,
+        "sharded": resaved(single, root / "sharded"),
+        "bin": resaved(single, root / "bin", safe=False),
+        "untied": resaved(untied, root / "untied_sharded"),
+        "untied_bin": resaved(untied, root / "untied_bin", safe=False),
+    }
+
+
+def logits(directory: Path) -> torch.Tensor:
+    model, _ = load_checkpoint(directory)
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("kind", ["sharded", "bin"])
+def test_hub_layouts_load_as_the_single_file_does(folders, kind):
+    folder = folders[kind]
+    assert not (folder / "generation_config.json").exists()
+    files = weight_files(check_model_folder(folder))
+    assert len(files) > 1 if kind == "sharded" else [f.name for f in files] == ["pytorch_model.bin"]
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        check_checkpoint(folder)  # this project's own checkpoints are stricter
+    assert torch.equal(logits(folder), logits(folders["single"]))
+
+
+@pytest.mark.parametrize("kind", ["single", "sharded", "bin", "untied", "untied_bin"])
+def test_output_rows_are_read_from_any_layout_tied_or_not(folders, kind):
+    model, _ = load_checkpoint(folders[kind])
+    rows = load_token_rows(folders[kind], 9, 4)
+    assert torch.equal(rows.weight, model.get_output_embeddings().weight[[9, 4]].detach())
+    features = torch.randn(3, SHAPE.hidden)
+    assert torch.allclose(rows(features), features @ model.get_output_embeddings().weight[[9, 4]].T.detach())
+
+
+def test_a_score_head_loads_from_a_bin_file(folders, tmp_path):
+    safe = with_score_head(folders["single"], tmp_path / "safe")
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (binary / name).write_bytes((safe / name).read_bytes())
+    torch.save(load_file(str(safe / "model.safetensors")), binary / "pytorch_model.bin")
+    features = torch.randn(4, SHAPE.hidden)
+    head_safe, head_bin = load_score_head(safe, torch.float32), load_score_head(binary, torch.float32)
+    assert torch.equal(head_safe(features), head_bin(features))
+    assert set(read_tensors(binary, ("score.0.bias", "absent"))) == {"score.0.bias"}
+
+
+def test_what_a_folder_lacks_is_named(folders, tmp_path):
+    sharded = shutil.copytree(folders["sharded"], tmp_path / "sharded")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    gone = sorted(set(index["weight_map"].values()))[1]
+    (sharded / gone).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"model.safetensors.index.json names 1 shard\(s\) that are not there \({gone}\)"):
+        load_checkpoint(sharded)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"has no weights: model.safetensors \(or model.safetensors.index.json\) or pytorch_model.bin"):
+        check_model_folder(empty)
+    weights_only = shutil.copytree(folders["single"], tmp_path / "no_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (weights_only / name).unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer \(tokenizer.json or tokenizer_config.json\)"):
+        load_checkpoint(weights_only)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_model_folder(tmp_path / "absent")
+
+
+def test_a_truncated_shard_is_named(folders, tmp_path):
+    from policies.checkpoint import DamagedCheckpointError
+
+    sharded = shutil.copytree(folders["sharded"], tmp_path / "sharded")
+    shard = weight_files(sharded)[2]
+    shard.write_bytes(shard.read_bytes()[:-16])
+    with pytest.raises(DamagedCheckpointError, match=shard.name):
+        load_checkpoint(sharded)
