@@ -41,8 +41,8 @@ bench: setup
 	  echo "## Prefix reuse in step-level search"; $(BIN)/python -m experiments.bench_prefix_reuse; echo; \
 	  echo "## Batched vs one problem at a time"; $(BIN)/python -m experiments.bench_batching; echo; \
 	  echo "### the same with SmolLM2-135M on GSM8K"; $(BIN)/python -m experiments.bench_batching --model smollm2 --problems 16 --rounds 1; echo; \
-	  echo "## External PRM: its memory and shared starts vs every path whole"; $(BIN)/python -m experiments.bench_prm_prefix; echo; \
-	  echo "### the same with SmolLM2 as the policy on GSM8K"; $(BIN)/python -m experiments.bench_prm_prefix --model smollm2 --problems 2 --rounds 1; echo; \
+	  echo "## External PRM: its memory and shared starts vs every path whole (and on vLLM)"; $(BIN)/python -m experiments.bench_prm_prefix --vllm; echo; \
+	  echo "### the same with SmolLM2 as the policy on GSM8K"; $(BIN)/python -m experiments.bench_prm_prefix --model smollm2 --problems 2 --rounds 1 --vllm; echo; \
 	  echo "## External PRM under continuous batching: merged calls vs a call per thread"; $(BIN)/python -m experiments.bench_merged_scorer --rounds 1; echo; \
 	  echo "## REBASE and particle filtering: one policy call per round vs one per width"; $(BIN)/python -m experiments.bench_widths; echo; \
 	  echo "## Shared prefix vs copied KV rows"; $(BIN)/python -m experiments.bench_shared_prefix; echo; \

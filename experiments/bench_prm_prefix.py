@@ -3,10 +3,12 @@ score (`scorers/lm_prm_scorer.py`), scored three ways side by side, as a markdow
 KV of scored paths kept across calls (`scorers/prm_memory.py`: a child of last round's path
 forwards only its new step) and common starts forwarded once (`scorers/prm_batches.py`), the
 default; with common starts only; and with every path forwarded whole (what search-and-learn's
-PRM scoring and the reference's scorer do).
+PRM scoring and the reference's scorer do); with `--vllm`, also the same PRM on vLLM's pooling
+engine (`scorers/vllm_lm_prm_scorer.py`, float32, every distinct path whole).
 
     python -m experiments.bench_prm_prefix                          # SmolLM2 as the PRM, 4 problems
     python -m experiments.bench_prm_prefix --prm outputs/checkpoints/tiny-arith/final --problems 16
+    python -m experiments.bench_prm_prefix --vllm                   # + the PRM on vLLM
 
 The beam search (N = --n, M = --beam-width) runs once with the tiny arith policy (`--model tiny`)
 or SmolLM2 on GSM8K (`--model smollm2`), ranking its steps with the PRM (shared starts on), and
@@ -37,6 +39,7 @@ from experiments.bench_workload import Workload, add_search_arguments, load_work
 from experiments.cli_args import check_beam_shape, positive_int  # noqa: E402
 from scorers.lm_prm_scorer import LMPRMScorer  # noqa: E402
 from scorers.prm_format import PRM_FORMATS  # noqa: E402
+from treesearch.protocols import Scorer  # noqa: E402
 from treesearch.records import Prefix  # noqa: E402
 from treesearch.registry import run_search  # noqa: E402
 
@@ -67,9 +70,11 @@ class WayRun:
     scores: list[list[list[float]]]
 
 
-def replay(scorer: LMPRMScorer, calls: Sequence[Sequence[Prefix]]) -> WayRun:
-    """Score every recorded call in order with scorer (its memory emptied first), timed."""
-    scorer.clear_memory()
+def replay(scorer: Scorer, calls: Sequence[Sequence[Prefix]]) -> WayRun:
+    """Score every recorded call in order with scorer (its memory, when it keeps one, emptied
+    first), timed."""
+    if hasattr(scorer, "clear_memory"):
+        scorer.clear_memory()
     wall, cpu = time.perf_counter(), time.process_time()
     scores, tokens = [], 0
     for call in calls:
@@ -124,21 +129,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_search_arguments(ap, problems=4, n=16)
     add_prm_arguments(ap, batch_size=8)
     ap.add_argument("--rounds", type=positive_int, default=2)
+    ap.add_argument("--vllm", action="store_true", help="also score with the PRM on vLLM's pooling engine")
     args = ap.parse_args(argv)
     check_beam_shape(ap, args.n, args.beam_width)
     return args
 
 
 def run(work: Workload, prm: Path | None, prm_format: str, batch_size: int, n: int, beam_width: int, seed: int,
-        rounds: int) -> str:
-    """The report: the beam search's recorded score calls replayed both ways (module docstring)."""
+        rounds: int, vllm: bool = False) -> str:
+    """The report: the beam search's recorded score calls replayed each way (module docstring)."""
     kept, prm = load_prm(prm, prm_format, batch_size)
     parts = (kept.model, kept.tokenizer, kept.format, batch_size)
-    scorers = {
+    scorers: dict[str, Scorer] = {
         "memory + shared starts": kept,
         "shared starts": LMPRMScorer(*parts, score_head=kept.score_head, cache_bytes=0),
         "every path whole": LMPRMScorer(*parts, score_head=kept.score_head, share_prefix=False, cache_bytes=0),
     }
+    if vllm:
+        scorers["vLLM, every path whole"] = vllm_prm(prm, prm_format)
     recorder = RecordingScorer(kept)
     run_search("beam_search", list(work.problems), work.policy(), recorder, n=n, beam_width=beam_width,
                max_depth=20, seed=seed)
@@ -151,14 +159,26 @@ def run(work: Workload, prm: Path | None, prm_format: str, batch_size: int, n: i
     header = (f"{work.description}; beam search N = {n}, M = {beam_width}: {len(recorder.calls)} score calls, "
               f"{paths} paths ({distinct} distinct within their call), their steps read by {prm} ({prm_format} layout, {batch_size} paths per forward, "
               f"{torch.get_num_threads()} thread(s)); medians of {rounds} interleaved rounds")
+    for scorer in scorers.values():
+        if hasattr(scorer, "close"):
+            scorer.close()
     return header + "\n\n" + table(runs, reference="every path whole")
+
+
+def vllm_prm(prm: Path, prm_format: str) -> Scorer:
+    """The PRM on vLLM's pooling engine, float32 as the transformers ways (1 GiB of KV cache)."""
+    from policies.vllm_engine import VLLMEngineConfig
+    from scorers.vllm_lm_prm_scorer import VLLMLMPRMScorer
+
+    return VLLMLMPRMScorer.from_pretrained(prm, prm_format, engine=VLLMEngineConfig(str(prm), kv_cache_gib=1.0))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     work = load_workload(args.model, args.problems, args.seed, args.checkpoint)
-    print(run(work, args.prm, args.prm_format, args.batch_size, args.n, args.beam_width, args.seed, args.rounds))
+    print(run(work, args.prm, args.prm_format, args.batch_size, args.n, args.beam_width, args.seed, args.rounds,
+              args.vllm))
     return 0
 
 

@@ -132,6 +132,8 @@ DOCUMENTED: list[tuple[str, list[str]]] = [
     ("bench_prefix_reuse", []),
     ("bench_prm_prefix", []),
     ("bench_prm_prefix", ["--model", "smollm2", "--problems", "2", "--rounds", "1"]),
+    ("bench_prm_prefix", ["--vllm"]),
+    ("bench_prm_prefix", ["--model", "smollm2", "--problems", "2", "--rounds", "1", "--vllm"]),
     ("bench_prm_prefix", ["--prm", "outputs/checkpoints/tiny-arith/final", "--problems", "16"]),
     ("bench_merged_scorer", []),
     ("bench_merged_scorer", ["--rounds", "1"]),

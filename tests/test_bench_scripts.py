@@ -192,3 +192,23 @@ def test_prm_prefix_table_scores_the_same_paths_every_way(tmp_path):
     memory, shared, whole = (int(rows[name][0]) for name in rows)
     assert 0 < memory <= shared < whole and rows["every path whole"][1] == "1.00"  # the question at least is shared
     assert all(float(cells[6]) < 1e-4 for cells in rows.values())  # the same scores every way
+
+
+@pytest.mark.slow
+def test_prm_prefix_table_adds_the_prm_on_vllm_with_the_same_scores(tmp_path):
+    pytest.importorskip("vllm")
+    from experiments import bench_prm_prefix
+    from experiments.bench_workload import load_workload
+    from policies.tiny_model import TinyModelConfig
+    from tiny_checkpoint import save_tiny_checkpoint
+
+    work = load_workload("tiny", problems=2, seed=0, checkpoint=tmp_path / "no-checkpoint")
+    shape = TinyModelConfig(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=64)  # heads vLLM's CPU takes
+    prm = save_tiny_checkpoint(tmp_path / "prm", shape)
+    report = bench_prm_prefix.run(work, prm, "math_shepherd", batch_size=4, n=4, beam_width=2, seed=0, rounds=1,
+                                  vllm=True)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in report.splitlines()[4:]}
+    assert list(rows)[-1] == "vLLM, every path whole"
+    # each distinct path of a call whole: at most every path as asked, more than shared starts
+    assert int(rows["shared starts"][0]) < int(rows["vLLM, every path whole"][0]) <= int(rows["every path whole"][0])
+    assert float(rows["vLLM, every path whole"][6]) < 1e-4  # the transformers scorer's scores

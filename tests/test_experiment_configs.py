@@ -99,7 +99,7 @@ def test_every_group_has_the_promised_options():
     assert options("search") == ["beam", "best_of_n", "dvts", "greedy", "mcts", "particle_filtering", "rebase"]
     assert options("scorer") == [
         "confidence", "math_shepherd", "oracle", "orm", "qwen_prm", "random", "rlhflow_prm", "sprm", "sprm_forward",
-        "step_oracle", "vllm_prm",
+        "step_oracle", "vllm_prm", "vllm_sprm",
     ]
     assert options("policy") == [
         "metastone_s1_1p5b", "metastone_s1_32b", "metastone_s1_7b", "openai", "qwen25_math_1p5b", "qwen25_math_7b",
@@ -176,8 +176,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-# vllm_prm starts a vLLM engine (on a model vLLM's CPU attention takes): tests/test_vllm_lm_prm_scorer.py
-@pytest.mark.parametrize("option", [name for name in options("scorer") if name != "vllm_prm"])
+# vllm_prm and vllm_sprm start a vLLM engine (on a model vLLM's CPU attention takes):
+# tests/test_vllm_lm_prm_scorer.py, tests/test_vllm_scorer.py
+@pytest.mark.parametrize("option", [name for name in options("scorer") if not name.startswith("vllm_")])
 def test_scorer_options_instantiate(option, sprm_ckpt, chat_ckpt):
     overrides = [f"scorer={option}", f"policy.path={sprm_ckpt}"] + ([f"scorer.path={sprm_ckpt}"] if option == "orm" else [])
     if option in PRM_SCORERS:  # GPU presets of an external PRM: here on the CPU, the tiny model as the PRM

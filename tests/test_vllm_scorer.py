@@ -28,6 +28,7 @@ from scorers.vllm_sprm_scorer import VLLMSPRMScorer
 from treesearch.protocols import Scorer
 from treesearch.records import Prefix, Problem
 from treesearch.registry import run_search
+from treesearch.steps import StepFormat
 from vllm_fixtures import require_vllm, save_bigram_checkpoint
 
 LAYERS = (-1, -2, -3)  # after the final norm; the reference's layer; the embeddings (2 layers)
@@ -152,3 +153,30 @@ def test_policy_and_scorer_engines_share_a_process(checkpoint, tmp_path_factory)
     finally:
         scorer.close()
         policy.close()
+
+
+@pytest.mark.vllm
+def test_the_vllm_sprm_preset_reads_the_policy_prompt_and_format(checkpoint, paths):
+    # scorer=vllm_sprm: the policy's folder, prompt and step format, scored as SPRMScorer scores
+    require_vllm()
+    from hydra.utils import instantiate
+
+    from experiments.search import build_scorer
+    from test_experiment_configs import composed
+
+    cfg = composed([f"policy.path={checkpoint}", "scorer=vllm_sprm", "scorer.engine.kv_cache_gib=0.25",
+                    "scorer.feature_layer=-2"])
+    scorer = build_scorer(cfg.scorer)
+    try:
+        assert isinstance(scorer, VLLMSPRMScorer) and scorer.feature_layer == -2
+        problem = Problem("q", "3 + 4")
+        assert scorer.prompt_fn(problem) == instantiate(cfg.policy.prompt_fn)(problem) != problem.question
+        model, tokenizer = ReflectiveModel.from_pretrained(checkpoint, feature_layer=-2)
+        sampling = cfg.policy.sampling
+        policy_format = StepFormat(sampling.separator, sampling.think_open, sampling.think_close)
+        expected = SPRMScorer(model, tokenizer, scorer.prompt_fn, step_format=policy_format)
+        assert scorer.markers == expected.markers and scorer.markers.separator_ids
+        for got, want in zip(scorer.score(paths), expected.score(paths)):
+            assert got == pytest.approx(want, abs=1e-3)
+    finally:
+        scorer.close()
