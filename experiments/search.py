@@ -79,7 +79,7 @@ from experiments.result_json import write_atomic
 from experiments.sweep_metrics import BUDGET_FIELDS, run_metrics
 from policies.gc_freeze import freeze_long_lived
 from treesearch.concurrent import search_each
-from treesearch.config_diff import config_differences
+from treesearch.config_diff import config_differences, resume_overrides, with_added_settings
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
 from treesearch.registry import STRATEGIES, StrategySpec
@@ -87,6 +87,14 @@ from treesearch.registry import STRATEGIES, StrategySpec
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 # top-level keys that do not change what a run computes (left out of the config comparison)
 IGNORED_KEYS: tuple[str, ...] = ("out_dir", "progress", "num_threads", "live_tree")
+# settings added after run folders existed, each with the value that behaves as the code before it:
+# a folder saved without one ran with that value (`config_diff.with_added_settings`), so it still
+# resumes under a config that sets it so, and the refusal of any other value says which to set
+ADDED_SETTINGS: dict[str, Any] = {
+    "search.lookahead": 0,  # DVTS (2026-12-05): no lookahead steps before
+    "search.lookahead_temperature": None,  # beam search, DVTS (2026-12-05): the policy's temperature
+    "search.weighting": "score",  # particle filtering (2026-12-05): softmax(score / T)
+}
 RECORDS, CONFIG, METRICS, LOCK = "records.jsonl", "config.yaml", "metrics.json", ".lock"
 HYDRA_SUBDIR = ".hydra"  # Hydra's record of the invocation, written by `save_hydra_files`
 # `+batching=`: lockstep (default: every round of a chunk's problems in one policy call) or
@@ -320,11 +328,14 @@ def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") ->
         raise ConfigMismatchError(f"{out} has {RECORDS} but no {CONFIG}: cannot tell what made them; use another out_dir")
     if has_records:
         saved = with_run_budget(OmegaConf.to_container(OmegaConf.load(path), resolve=True), budget_field)  # type: ignore[arg-type]
+        saved = with_added_settings(saved, config, ADDED_SETTINGS)
         diffs = config_differences(saved, config, tuple(IGNORED_KEYS))  # type: ignore[arg-type]
         if diffs:
+            overrides = resume_overrides(saved, config, tuple(IGNORED_KEYS))
+            resume = f", or add `{' '.join(overrides)}` to go on with it as it ran" if overrides else ""
             raise ConfigMismatchError(
                 f"{out} holds records of a different config ({'; '.join(diffs)}); refusing to mix them: "
-                "use another out_dir (or delete that folder)"
+                f"use another out_dir (or delete that folder){resume}"
             )
         return
     write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(config)))

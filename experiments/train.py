@@ -88,7 +88,7 @@ from policies.train_state import (  # noqa: E402
 )
 from policies.transformers_policy import TransformersPolicy  # noqa: E402
 from scorers.sprm_positions import StepMarkers  # noqa: E402
-from treesearch.config_diff import config_differences  # noqa: E402
+from treesearch.config_diff import config_differences, resume_overrides  # noqa: E402
 from treesearch.records import Problem  # noqa: E402
 from treesearch.steps import StepFormat  # noqa: E402
 
@@ -373,7 +373,9 @@ def claim_out_dir(out: Path, config: dict[str, Any], resuming: bool, main: bool)
         saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         diffs = config_differences(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
         if diffs:
-            raise ValueError(f"{out} holds a run of another config ({'; '.join(diffs)}); use another out_dir")
+            overrides = resume_overrides(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
+            resume = f", or add `{' '.join(overrides)}` to resume it as it ran" if overrides else ""
+            raise ValueError(f"{out} holds a run of another config ({'; '.join(diffs)}); use another out_dir{resume}")
         return
     if main:
         out.mkdir(parents=True, exist_ok=True)

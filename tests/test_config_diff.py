@@ -1,5 +1,5 @@
 """treesearch.config_diff: the readable differences that make a run folder refuse another config."""
-from treesearch.config_diff import config_differences, flatten
+from treesearch.config_diff import config_differences, flatten, resume_overrides, with_added_settings
 
 
 def test_flatten_nested():
@@ -17,3 +17,30 @@ def test_ignored_prefix_covers_subkeys_only():
     saved = {"run": {"a": 1}, "runner": 1}
     current = {"run": {"a": 2}, "runner": 2}
     assert config_differences(saved, current, ("run",)) == ["runner: 1 -> 2"]
+
+
+def test_resume_overrides_write_each_saved_scalar_as_hydra_reads_it_back():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    values = [None, True, 0.6, 1e-05, 3, "score", "a b", "it's", "outputs/x-1/final", "-1", "", "null", "1e3", "-x"]
+    saved = {"s": {f"k{i}": v for i, v in enumerate(values)}, "skip": {"list": [1], "sep": ".\n\n", "bs": "a\\b"}}
+    current = {"s": {f"k{i}": "changed" for i in range(len(values))},
+               "skip": {"list": [2], "sep": "\n", "bs": "b"}, "only_now": 1}
+    overrides = resume_overrides(saved, current)
+    assert len(overrides) == len(values)  # lists, control characters, backslashes and one-sided keys: none
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(overrides)}
+    for i, value in enumerate(values):
+        assert parsed[f"s.k{i}"] == value and type(parsed[f"s.k{i}"]) is type(value)
+    assert resume_overrides(saved, saved) == [] and resume_overrides({"out": 1}, {"out": 2}, ("out",)) == []
+
+
+def test_added_settings_fill_a_saved_config_only_where_the_current_one_has_them():
+    saved = {"search": {"n": 2}, "policy": {"path": "p"}}
+    current = {"search": {"n": 2, "weighting": "logit"}, "policy": {"path": "p"}}
+    added = {"search.weighting": "score", "search.lookahead": 0, "task.extra": 1}
+    filled = with_added_settings(saved, current, added)
+    assert filled == {"search": {"n": 2, "weighting": "score"}, "policy": {"path": "p"}}
+    assert saved == {"search": {"n": 2}, "policy": {"path": "p"}}  # a copy
+    kept = with_added_settings({"search": {"weighting": "logit"}}, current, added)
+    assert kept["search"]["weighting"] == "logit"  # a saved value is never replaced
+    assert config_differences(filled, current) == ["search.weighting: 'score' -> 'logit'"]

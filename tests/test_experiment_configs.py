@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import socket
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
@@ -504,11 +506,35 @@ def test_out_dir_with_another_config_is_refused(ckpt, tmp_path):
     with pytest.raises(ConfigMismatchError, match=r"search.n: 2 -> 4") as err:
         run_search_experiment(composed(base + ["search.n=4"]))
     assert "refusing to mix" in str(err.value)
+    # the refusal says what puts the run back as it ran, and that command resumes it
+    suggested = re.search(r"or add `([^`]*)` to go on with it as it ran", str(err.value)).group(1).split()
+    assert sorted(suggested) == ["budget=2", "search.n=2"]
+    run_search_experiment(composed(base + ["search.n=4"] + suggested))
     with pytest.raises(ConfigMismatchError, match=r"scorer._target_"):
         run_search_experiment(composed(base + ["scorer=random"]))
     (out / "config.yaml").unlink()
     with pytest.raises(ConfigMismatchError, match="no config.yaml"):
         run_search_experiment(composed(base))
+
+
+@pytest.mark.parametrize("strategy, added, old, new", [
+    ("particle_filtering", "weighting", "score", "logit"),
+    ("dvts", "lookahead_temperature", None, 0.0),
+])
+def test_a_folder_saved_before_a_setting_existed_resumes_at_its_old_behaviour(ckpt, tmp_path, strategy, added, old, new):
+    out = tmp_path / "run"
+    base = [f"policy.path={ckpt}", f"out_dir={out}", f"search={strategy}"] + TINY + TINY_BY_STRATEGY.get(strategy, [])
+    run_search_experiment(composed(base))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["search"].pop(added) == new  # as a folder written before the setting existed
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigMismatchError, match=rf"search.{added}: {old!r} -> {new!r}") as err:
+        run_search_experiment(composed(base))  # the new default behaves otherwise: refused ...
+    written = "null" if old is None else old
+    assert f"or add `search.{added}={written}` to go on with it as it ran" in str(err.value)
+    rows = (out / "records.jsonl").read_text()
+    run_search_experiment(composed(base + [f"search.{added}={written}"]))  # ... the old value resumes it
+    assert (out / "records.jsonl").read_text() == rows  # nothing left to run, nothing rewritten
 
 
 def test_run_folder_names_stay_within_file_name_limits():

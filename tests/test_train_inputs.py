@@ -11,6 +11,7 @@ Runs use the tiny fixtures of tests/test_train_loop.py (a random biased Llama, a
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -86,6 +87,17 @@ def test_a_missing_config_yaml_is_named(init_dir, finished, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config\.yaml is missing") as caught:
         run_training(composed(tiny(init_dir, out)))
     assert "another config" not in str(caught.value) and "<absent>" not in str(caught.value)
+
+
+def test_a_resume_of_another_config_says_what_resumes_it_as_it_ran(init_dir, finished, tmp_path):
+    out = copy_run(finished, tmp_path)
+    rows = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"holds a run of another config \(actor_optim.lr: 0.001 -> 0.002\)") as caught:
+        run_training(composed(tiny(init_dir, out, "actor_optim.lr=2e-3")))
+    suggested = re.search(r"or add `([^`]*)` to resume it as it ran", str(caught.value)).group(1).split()
+    assert suggested == ["actor_optim.lr=0.001"]
+    run_training(composed(tiny(init_dir, out, "actor_optim.lr=2e-3", *suggested)))  # resumes: nothing left to run
+    assert (out / "metrics.jsonl").read_text() == rows
 
 
 # -- truncated files name themselves ------------------------------------------------------------

@@ -3,10 +3,15 @@ resuming or appending to a run folder made by a different config.
 
     config_differences({"search": {"n": 2}}, {"search": {"n": 4}}, ignored=("progress",))
     # ["search.n: 2 -> 4"]
+    resume_overrides({"search": {"n": 2}}, {"search": {"n": 4}})   # ["search.n=2"]: runs as saved
+    with_added_settings({"search": {"n": 2}}, {"search": {"n": 2, "weighting": "logit"}},
+                        {"search.weighting": "score"})
+    # {"search": {"n": 2, "weighting": "score"}}: a setting added since, at its old behaviour
 """
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Mapping
 
 
 class _Absent:
@@ -41,3 +46,68 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], ignored: 
         for key in sorted(set(a) | set(b))
         if relevant(key) and a.get(key, ABSENT) != b.get(key, ABSENT)
     ]
+
+
+PLAIN_VALUE = re.compile(r"[A-Za-z_./:+-][A-Za-z0-9_./:+-]*")  # a string Hydra's override grammar reads as itself
+RESERVED = ("null", "true", "false", "nan", "inf", "-inf", "+inf")  # read as other types when unquoted
+
+
+def resume_overrides(saved: dict[str, Any], current: dict[str, Any], ignored: tuple[str, ...] = ()) -> list[str]:
+    """`key=value` overrides that put back the saved value of every differing flattened key that
+    both configs have with a value one override can write (`override_value`), in key order: the
+    command line that resumes a run folder as it ran. Keys only one side has, lists and strings
+    with control characters get none."""
+    a, b = flatten(saved), flatten(current)
+    overrides = []
+    for key in sorted(set(a) & set(b)):
+        relevant = not any(key == name or key.startswith(name + ".") for name in ignored)
+        written = override_value(a[key]) if relevant and a[key] != b[key] else None
+        if written is not None:
+            overrides.append(f"{key}={written}")
+    return overrides
+
+
+def override_value(value: Any) -> str | None:
+    """A scalar as Hydra's override grammar writes it: null, true / false, numbers as Python
+    prints them, a plain string as itself, any other string in single quotes; None for what one
+    override cannot write (lists, dicts, strings with control characters, backslashes or
+    interpolations)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if not isinstance(value, str) or "${" in value or "\\" in value or any(ord(c) < 32 for c in value):
+        return None
+    if PLAIN_VALUE.fullmatch(value) and value.lower() not in RESERVED and not _reads_as_number(value):
+        return value
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def _reads_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def with_added_settings(saved: dict[str, Any], current: dict[str, Any], added: Mapping[str, Any]) -> dict[str, Any]:
+    """saved with each setting of `added` (a flattened key -> the value that behaves as the code
+    before the setting existed) filled in where saved lacks it and current has it: a folder written
+    before the setting existed ran with that value. A copy; saved is unchanged."""
+    out, now = _copy(saved), flatten(current)
+    for key, value in added.items():
+        *parents, leaf = key.split(".")
+        node: Any = out
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if key in now and isinstance(node, dict) and leaf not in node:
+            node[leaf] = value
+    return out
+
+
+def _copy(data: Any) -> Any:
+    return {key: _copy(value) for key, value in data.items()} if isinstance(data, dict) else data
+
