@@ -425,16 +425,34 @@ def search_missing(
     todo = [part for part in parts if any(p.id not in done for p in part)]
     if not todo:
         return
-    policy, scorer = build_policy(cfg.policy), build_scorer(cfg.scorer)  # loaded only when there is work
+    policy = build_policy(cfg.policy)  # loaded only when there is work
+    try:
+        scorer = build_scorer(cfg.scorer)
+    except BaseException:
+        close_all(policy)
+        raise
     live = LiveTree(out / LIVE_TREE_FILE) if cfg.get("live_tree", False) else None
     total = sum(len(part) for part in parts)
-    with tqdm(total=total, initial=total - sum(p.id not in done for part in todo for p in part), unit="problem", disable=not cfg.progress,
-              desc=spec.fn.__name__) as bar:
-        for part in todo:
-            rows = run_chunk(part, spec, strategy_cfg, policy, scorer, task, cfg.seed, done,
-                             cfg.get("batching", "lockstep"), live)
-            append_rows(out / RECORDS, rows)
-            bar.update(len(rows))
+    try:
+        with tqdm(total=total, initial=total - sum(p.id not in done for part in todo for p in part), unit="problem",
+                  disable=not cfg.progress, desc=spec.fn.__name__) as bar:
+            for part in todo:
+                rows = run_chunk(part, spec, strategy_cfg, policy, scorer, task, cfg.seed, done,
+                                 cfg.get("batching", "lockstep"), live)
+                append_rows(out / RECORDS, rows)
+                bar.update(len(rows))
+    finally:
+        close_all(scorer, policy)
+
+
+def close_all(*components: Any) -> None:
+    """Stop what the components hold (a vLLM engine, an HTTP client: their `close`), in order: the
+    jobs of a sweep run one after another in one process, and an engine left to vLLM's finalizer
+    tears down the state the next job's engines share (`policies.vllm_engine.shutdown_llm`)."""
+    for component in components:
+        close = getattr(component, "close", None)
+        if callable(close):
+            close()
 
 
 def write_metrics(out: Path, problems: Sequence[Problem]) -> dict[str, Any]:

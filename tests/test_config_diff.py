@@ -23,11 +23,12 @@ def test_resume_overrides_write_each_saved_scalar_as_hydra_reads_it_back():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     values = [None, True, 0.6, 1e-05, 3, "score", "a b", "it's", "outputs/x-1/final", "-1", "", "null", "1e3", "-x"]
-    saved = {"s": {f"k{i}": v for i, v in enumerate(values)}, "skip": {"list": [1], "sep": ".\n\n", "bs": "a\\b"}}
-    current = {"s": {f"k{i}": "changed" for i in range(len(values))},
-               "skip": {"list": [2], "sep": "\n", "bs": "b"}, "only_now": 1}
+    saved = {"s": {f"k{i}": v for i, v in enumerate(values)}}
+    current = {"s": {f"k{i}": "changed" for i in range(len(values))}}
     overrides = resume_overrides(saved, current)
-    assert len(overrides) == len(values)  # lists, control characters, backslashes and one-sided keys: none
+    assert len(overrides) == len(values)
+    for unwritable in ([1], ".\n\n", "a\\b", "${x}"):  # a list, control characters, a backslash, an interpolation
+        assert resume_overrides({"s": {"k": unwritable}}, {"s": {"k": "changed"}}) == []
     parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(overrides)}
     for i, value in enumerate(values):
         assert parsed[f"s.k{i}"] == value and type(parsed[f"s.k{i}"]) is type(value)
@@ -44,3 +45,17 @@ def test_added_settings_fill_a_saved_config_only_where_the_current_one_has_them(
     kept = with_added_settings({"search": {"weighting": "logit"}}, current, added)
     assert kept["search"]["weighting"] == "logit"  # a saved value is never replaced
     assert config_differences(filled, current) == ["search.weighting: 'score' -> 'logit'"]
+
+
+def test_no_overrides_when_a_difference_cannot_be_put_back():
+    # another component (its _target_), a key only one side has, a value no override writes
+    assert resume_overrides({"s": {"_target_": "A", "n": 2}}, {"s": {"_target_": "B", "n": 4}}) == []
+    assert resume_overrides({"s": {"n": 2}}, {"s": {"n": 4, "m": 1}}) == []
+    assert resume_overrides({"s": {"n": 2, "l": [1]}}, {"s": {"n": 4, "l": [2]}}) == []
+    assert resume_overrides({"s": {"n": 2, "x": 1}}, {"s": {"n": 4, "x": 1}}) == ["s.n=2"]
+
+
+def test_added_settings_stay_out_of_another_component():
+    saved = {"search": {"_target_": "BestOfN", "n": 2}}
+    current = {"search": {"_target_": "Beam", "n": 2, "lookahead_temperature": 0.0}}
+    assert with_added_settings(saved, current, {"search.lookahead_temperature": None}) == saved

@@ -134,9 +134,22 @@ def test_a_search_ranks_steps_with_the_vllm_prm_preset(engines, llama_dir, tmp_p
     ])
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(row["compute"]["scorer_tokens"] > 0 for row in rows)
+    # the run closed its engine (not left to vLLM's finalizer, whose teardown breaks the others)
+    assert engines["qwen_prm"][0].score([PATHS[0]])[0]
     policy_params = AutoModelForCausalLM.from_pretrained(str(llama_dir)).num_parameters()
     prm_params = engines["math_shepherd"][0].num_parameters  # the same folder, base model only
     for row in rows:
         compute = row["compute"]
         want = 2.0 * policy_params * compute["tokens_forwarded"] + 2.0 * prm_params * compute["scorer_tokens"]
         assert compute["flops"] == pytest.approx(want)
+
+
+def test_threads_scoring_at_once_get_what_each_alone_gets(engines):
+    from concurrent.futures import ThreadPoolExecutor
+
+    scorer, _ = engines["qwen_prm"]
+    groups = [[PATHS[0], CHILDREN[k]] for k in range(len(CHILDREN))]
+    alone = [scorer.score(group) for group in groups]
+    with ThreadPoolExecutor(len(groups)) as pool:
+        together = list(pool.map(scorer.score, groups))
+    assert together == alone

@@ -53,17 +53,19 @@ RESERVED = ("null", "true", "false", "nan", "inf", "-inf", "+inf")  # read as ot
 
 
 def resume_overrides(saved: dict[str, Any], current: dict[str, Any], ignored: tuple[str, ...] = ()) -> list[str]:
-    """`key=value` overrides that put back the saved value of every differing flattened key that
-    both configs have with a value one override can write (`override_value`), in key order: the
-    command line that resumes a run folder as it ran. Keys only one side has, lists and strings
-    with control characters get none."""
+    """`key=value` overrides that put back the saved value of every differing flattened key, in
+    key order: the command line that resumes a run folder as it ran; [] when some difference
+    cannot be put back so (a key only one side has, another component's `_target_`, a value one
+    override cannot write: `override_value`)."""
     a, b = flatten(saved), flatten(current)
     overrides = []
-    for key in sorted(set(a) & set(b)):
-        relevant = not any(key == name or key.startswith(name + ".") for name in ignored)
-        written = override_value(a[key]) if relevant and a[key] != b[key] else None
-        if written is not None:
-            overrides.append(f"{key}={written}")
+    for key in sorted(set(a) | set(b)):
+        if any(key == name or key.startswith(name + ".") for name in ignored) or a.get(key, ABSENT) == b.get(key, ABSENT):
+            continue
+        written = override_value(a[key]) if key in a and key in b and not key.endswith("_target_") else None
+        if written is None:
+            return []
+        overrides.append(f"{key}={written}")
     return overrides
 
 
@@ -95,15 +97,18 @@ def _reads_as_number(text: str) -> bool:
 
 def with_added_settings(saved: dict[str, Any], current: dict[str, Any], added: Mapping[str, Any]) -> dict[str, Any]:
     """saved with each setting of `added` (a flattened key -> the value that behaves as the code
-    before the setting existed) filled in where saved lacks it and current has it: a folder written
-    before the setting existed ran with that value. A copy; saved is unchanged."""
+    before the setting existed) filled in where saved lacks it and current has it, in a node of the
+    same component (the same `_target_`, when the node names one): a folder written before the
+    setting existed ran with that value. A copy; saved is unchanged."""
     out, now = _copy(saved), flatten(current)
     for key, value in added.items():
         *parents, leaf = key.split(".")
         node: Any = out
         for name in parents:
             node = node.get(name) if isinstance(node, dict) else None
-        if key in now and isinstance(node, dict) and leaf not in node:
+        target = ".".join(parents + ["_target_"])
+        same_component = not isinstance(node, dict) or node.get("_target_") == now.get(target)
+        if key in now and isinstance(node, dict) and leaf not in node and same_component:
             node[leaf] = value
     return out
 
