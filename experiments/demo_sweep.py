@@ -1,5 +1,5 @@
-"""The demo's compute-matched comparison: Best-of-N, beam search, DVTS and MCTS at four budgets on
-one task, run through `experiments.search` (so every run is resumable and cached on disk), then
+"""The demo's compute-matched comparison: Best-of-N, beam search, DVTS, MCTS, REBASE and particle
+filtering at four budgets on one task, run through `experiments.search` (so every run is resumable and cached on disk), then
 the scaling fit per strategy, the scaling plot and the budget table.
 
     from experiments.demo_sweep import SweepSpec, run_strategy_sweep
@@ -11,8 +11,8 @@ the scaling fit per strategy, the scaling plot and the budget table.
 The same runs by hand: `python -m experiments.search search=beam budget=16 task.count=100
 out_dir=...` for each (strategy, budget); `python -m experiments.plot scaling DIR` draws the plot
 from the folder. Each strategy is scored by the scorer of `scorer` (confidence by default: the
-policy's own step-token log-probs). Compute matching: Best-of-N, beam search and DVTS at the same
-N generate about the same tokens; MCTS at budget N gets a token budget equal to Best-of-N's
+policy's own step-token log-probs). Compute matching: Best-of-N, beam search, DVTS, REBASE and
+particle filtering at the same N generate about the same tokens; MCTS at budget N gets a token budget equal to Best-of-N's
 tokens per problem at N (measured in the same sweep, which runs best_of_n first) and up to
 MCTS_SIMULATIONS_PER_SAMPLE x N simulations to spend it (MCTS that converges early spends
 less: its tokens are in the table). The table reports tokens per problem beside each accuracy
@@ -36,7 +36,7 @@ from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_str
 from experiments.search import CONFIG_DIR, run_search_experiment
 from experiments.sweep_metrics import RunSummary, sweep_summaries
 
-DEMO_STRATEGIES: tuple[str, ...] = ("best_of_n", "beam", "dvts", "mcts")
+DEMO_STRATEGIES: tuple[str, ...] = ("best_of_n", "beam", "dvts", "mcts", "rebase", "particle_filtering")
 DEMO_BUDGETS: tuple[int, ...] = (4, 8, 16, 32)
 MCTS_SIMULATIONS_PER_SAMPLE = 16  # most MCTS simulations per unit of N when matched to tokens
 

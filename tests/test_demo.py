@@ -16,6 +16,8 @@ from experiments.demo_sprm import SPRMStage
 from policies.sft import SFTConfig
 from policies.tiny_model import TinyModelConfig
 
+# the strategies of the demo's sweep (experiments.demo_sweep.DEMO_STRATEGIES) by their series names
+DEMO_SERIES = ("best_of_n", "beam_search", "dvts", "mcts", "rebase", "particle_filtering")
 REQUIRED_KEYS = ["arith.pass@1", "arith.greedy", "arith.maj@4", "arith.conf_bon@4", "arith.pass@4"]
 
 
@@ -66,7 +68,7 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
     # the compute-matched strategy sweep: one row per (strategy, budget), a slope per strategy
     table = metrics["arith.budget_table"]
     assert sorted((r["strategy"], r["budget"]) for r in table) == sorted(
-        (s, b) for s in ("best_of_n", "beam_search", "dvts", "mcts") for b in (4, 8)
+        (s, b) for s in DEMO_SERIES for b in (4, 8)
     )
     assert all(r["tokens"] > 0 and r["low"] <= r["accuracy"] <= r["high"] for r in table)
     bon_tokens = {r["budget"]: r["tokens"] for r in table if r["strategy"] == "best_of_n"}
@@ -74,7 +76,7 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
         mcts_cfg = yaml.safe_load((out / "sweep_arith" / f"mcts_{n}" / "config.yaml").read_text())["search"]
         assert mcts_cfg["token_budget"] == math.ceil(bon_tokens[n]) and mcts_cfg["iterations"] == 16 * n
     assert isinstance(metrics["scaling.best_of_n.slope"], float)  # twice the samples, twice the compute
-    for strategy in ("best_of_n", "beam_search", "dvts", "mcts"):
+    for strategy in DEMO_SERIES:
         # None only when both budgets spent the same compute (a saturated MCTS tree of a random policy)
         assert metrics[f"scaling.{strategy}.slope"] is None or isinstance(metrics[f"scaling.{strategy}.slope"], float)
         assert metrics[f"arith.scaling.{strategy}.slope"] == metrics[f"scaling.{strategy}.slope"]
@@ -85,7 +87,7 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
     run_cfg = yaml.safe_load((out / "sweep_countdown_sprm" / "beam_4" / "config.yaml").read_text())
     assert run_cfg["scorer"]["_target_"].endswith("StepScoreReader") and run_cfg["policy"]["with_step_head"] is True
     assert run_cfg["policy"]["path"].endswith("reflective_countdown/model")
-    assert len(metrics["countdown.budget_table"]) == 8 and not (out / "sweep_countdown").exists()
+    assert len(metrics["countdown.budget_table"]) == 2 * len(DEMO_SERIES) and not (out / "sweep_countdown").exists()
     assert "scorer: the SPRM head of the reflective model" in (out / "report.md").read_text()
 
     # arith: a head on the frozen policy's features scores the SFT policy's candidates
