@@ -93,3 +93,16 @@ def one_token(tokenizer: Any, text: str, given: int | None, name: str) -> int:
             f"give {name}_id"
         )
     return int(ids[0])
+
+
+def prm_parameters(config: Any, fmt: PRMFormat) -> int:
+    """The weights a scored token goes through, as `LMPRMScorer` counts them: the base model
+    (counted on the meta device, no memory) and, for reader "head", the two-class head; an LM
+    reader's two rows of the output layer are not counted."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        base = AutoModel.from_config(config)
+    hidden = int(config.hidden_size)
+    head = hidden * hidden + hidden + 2 * hidden + 2 if fmt.reader == "head" else 0
+    return sum(p.numel() for p in base.parameters()) + head

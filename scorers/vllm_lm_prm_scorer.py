@@ -45,7 +45,7 @@ from policies.vllm_engine import (
 from scorers.lm_prm_scorer import PRMReading, distinct
 from scorers.prm_format import PRMFormat, resolve_prm_format
 from scorers.prm_layout import PRMLayout
-from scorers.prm_loading import check_prm_folder, check_tokenizer, load_prm_tokenizer
+from scorers.prm_loading import check_prm_folder, check_tokenizer, load_prm_tokenizer, prm_parameters
 from scorers.prm_readers import TokenRows, load_token_rows
 from treesearch.records import Prefix
 
@@ -175,19 +175,6 @@ def check_head_architecture(directory: Path, config: Any) -> None:
             f"({', '.join(HEAD_ARCHITECTURES)}); its config.json names {architectures or 'none'}: "
             "score it with scorers.lm_prm_scorer.LMPRMScorer (scorer=qwen_prm) instead"
         )
-
-
-def prm_parameters(config: Any, fmt: PRMFormat) -> int:
-    """The weights a scored token goes through, as `LMPRMScorer` counts them: the base model
-    (counted on the meta device, no memory) and, for reader "head", the two-class head; an LM
-    reader's two rows of the output layer are not counted."""
-    from transformers import AutoModel
-
-    with torch.device("meta"):
-        base = AutoModel.from_config(config)
-    hidden = int(config.hidden_size)
-    head = hidden * hidden + hidden + 2 * hidden + 2 if fmt.reader == "head" else 0
-    return sum(p.numel() for p in base.parameters()) + head
 
 
 def _hf_config(directory: Path) -> Any:

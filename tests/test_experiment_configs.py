@@ -36,6 +36,7 @@ from scorers.step_oracle import StepOracleScorer
 from scorers.sprm_head import build_sprm_head, save_score_module
 from scorers.sprm_positions import StepMarkers
 from scorers.lm_prm_scorer import LMPRMScorer
+from scorers.served_prm_scorer import ServedPRMScorer
 from scorers.sprm_scorer import SPRMScorer
 from scorers.step_score_reader import StepScoreReader
 from tiny_checkpoint import TINY_SHAPE, save_tiny_checkpoint, with_chat_template, with_score_head
@@ -100,8 +101,8 @@ def composed(overrides: list[str], hydra_node: bool = False) -> DictConfig:
 def test_every_group_has_the_promised_options():
     assert options("search") == ["beam", "best_of_n", "dvts", "greedy", "mcts", "particle_filtering", "rebase"]
     assert options("scorer") == [
-        "confidence", "math_shepherd", "oracle", "orm", "qwen_prm", "random", "rlhflow_prm", "sprm", "sprm_forward",
-        "step_oracle", "vllm_prm", "vllm_sprm",
+        "confidence", "math_shepherd", "oracle", "orm", "qwen_prm", "random", "rlhflow_prm", "served_prm", "sprm",
+        "sprm_forward", "step_oracle", "vllm_prm", "vllm_sprm",
     ]
     assert options("policy") == [
         "metastone_s1_1p5b", "metastone_s1_32b", "metastone_s1_7b", "openai", "qwen25_math_1p5b", "qwen25_math_7b",
@@ -187,14 +188,19 @@ def test_scorer_options_instantiate(option, sprm_ckpt, chat_ckpt):
         overrides += [f"scorer.path={chat_ckpt}", "scorer.device=cpu"]
     if option == "step_oracle":  # needs a task whose steps can be checked
         overrides += ["task=countdown"]
+    if option == "served_prm":  # a local folder of the served PRM's tokenizer (no server asked yet)
+        overrides += [f"scorer.path={chat_ckpt}"]
     scorer = build(composed(overrides).scorer)
     assert isinstance(scorer, Scorer)
     expected = {"sprm": StepScoreReader, "sprm_forward": SPRMScorer, "orm": SPRMScorer,
-                "step_oracle": StepOracleScorer}.get(option, PRM_SCORERS.get(option))
+                "step_oracle": StepOracleScorer, "served_prm": ServedPRMScorer}.get(option, PRM_SCORERS.get(option))
     assert expected is None or type(scorer) is expected
     if option in PRM_SCORERS:
         assert scorer.format.layout == {"math_shepherd": "tag", "rlhflow_prm": "chat", "qwen_prm": "chat_tag"}[option]
         assert next(scorer.model.parameters()).dtype == torch.bfloat16
+    if option == "served_prm":
+        assert scorer.format.reader == "head" and scorer.client.config.root == "http://127.0.0.1:8001"
+        scorer.close()
 
 
 @pytest.mark.parametrize("option, variable, repo", [
@@ -210,10 +216,13 @@ def test_a_missing_prm_folder_says_how_to_get_it(option, variable, repo, monkeyp
     assert composed([f"scorer={option}"]).scorer.path == str(tmp_path / "prm")
 
 
-def test_the_vllm_prm_preset_names_its_variable(monkeypatch):
-    monkeypatch.delenv("PRM_PATH", raising=False)
-    with pytest.raises(FileNotFoundError, match=r"scorer=vllm_prm reads its folder from \$PRM_PATH \(unset: /models/prm\)"):
-        build_scorer(composed(["scorer=vllm_prm"]).scorer)
+@pytest.mark.parametrize("option, variable, placeholder", [
+    ("vllm_prm", "PRM_PATH", "/models/prm"), ("served_prm", "SERVED_PRM_PATH", "/models/served-prm"),
+])
+def test_the_prm_presets_without_a_hub_repo_name_their_variable(monkeypatch, option, variable, placeholder):
+    monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(FileNotFoundError, match=rf"scorer={option} reads its folder from \${variable} \(unset: {placeholder}\)"):
+        build_scorer(composed([f"scorer={option}"]).scorer)
 
 
 def test_orm_defaults_to_the_documented_head_folder():
