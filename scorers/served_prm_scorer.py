@@ -17,10 +17,11 @@ The folder is a local copy of the served PRM's config.json and tokenizer (no wei
 are laid out here as the transformers scorer lays them out (`scorers.prm_layout`) and sent as token
 ids, `batch_size` paths per `POST /pooling` request (`task: token_classify`, no activation), the
 requests of a call concurrently. The server returns the head's two logits per token (pooling type
-ALL), or per step tag only (vLLM's STEP pooling with `step_tag_id`, as its docs serve
-Qwen2.5-Math-PRM); a step's score is softmax(logits)'s class 1 ("the step is right") at its read
-position. The context window is the server's (`max_model_len` of `/v1/models`); a longer path is a
-ValueError naming its problem.
+ALL; tested against a server), or per step tag only (STEP pooling with the tag's `step_tag_id`:
+read in order, tested on answers of that form only); vLLM's default for this class, STEP without a
+tag, returns nothing and is named. A step's score is softmax(logits)'s class 1 ("the step is
+right") at its read position. The context window is the server's (`max_model_len` of
+`/v1/models`); a longer path is a ValueError naming its problem.
 
 Only reader "head" PRMs: the server runs the head. A causal-LM PRM (Math-Shepherd, RLHFlow) would
 have to send its hidden state per token; run it with `scorers.vllm_lm_prm_scorer` or
@@ -152,6 +153,11 @@ def step_scores(rows: list[list[float]], ids: list[int], positions: list[int]) -
     """P(class 1) at each read position from the server's per-token logits (pooling type ALL: one
     row per token) or per-tag logits (STEP pooling: one row per read position, in order);
     ValueError for any other number of rows."""
+    if not rows:
+        raise ValueError(
+            f"the served PRM returned no rows for a path of {len(ids)} tokens (vLLM's default STEP pooling without a "
+            "step_tag_id): serve it with --pooler-config '{\"pooling_type\": \"ALL\"}'"
+        )
     logits = torch.tensor(rows, dtype=torch.float32)  # [rows, 2]
     if logits.ndim != 2 or logits.shape[-1] != 2:
         raise ValueError(f"the served PRM returned rows of shape {tuple(logits.shape)}: a two-class head gives [L, 2]")

@@ -123,6 +123,8 @@ def test_per_tag_answers_are_read_in_order_and_other_shapes_are_named():
         step_scores(per_token[:3], ids, positions)
     with pytest.raises(ValueError, match=r"rows of shape \(4, 3\)"):
         step_scores([[0.0, 0.0, 0.0]] * 4, ids, positions)
+    with pytest.raises(ValueError, match=r"no rows for a path of 4 tokens \(vLLM's default STEP pooling"):
+        step_scores([], ids, positions)  # what a server started without --pooler-config answers
 
 
 def test_a_causal_lm_format_and_an_absent_server_are_named(client_dir):
