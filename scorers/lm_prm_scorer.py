@@ -24,7 +24,6 @@ ValueError naming its problem. The tokenizer must be a fast one (it maps charact
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,7 +36,7 @@ from policies.prefix_cache import PrefixKV
 from scorers.prm_batches import PRMBatch, forwarded_tokens, plan_batches
 from scorers.prm_memory import DEFAULT_MAX_BYTES, ParentHit, PRMMemory, stacked_kv
 from scorers.prm_format import PRMFormat, resolve_prm_format
-from scorers.prm_layout import PRMLayout, Sequences
+from scorers.prm_layout import PRMLayout, PRMReading, Sequences, distinct
 from scorers.prm_loading import (
     check_cache_bytes, check_prm_folder, check_tokenizer, load_prm_model, load_prm_tokenizer,
 )
@@ -45,21 +44,6 @@ from scorers.prm_readers import ScoreHead, load_score_head, token_pair_logits
 from scorers.sprm_scorer import check_batch_size
 from treesearch.records import Prefix
 
-
-
-@dataclass(frozen=True)
-class PRMReading:
-    """What the PRM read on one path.
-
-    token_ids: the PRM's tokens of the path's text (`scorers.prm_format`).
-    positions: the index into token_ids of each step's reading.
-    step_scores: the score read at each position (P(good) / (P(good) + P(bad)), or the score
-        head's probability of its "right" class), one per step.
-    """
-
-    token_ids: tuple[int, ...]
-    positions: tuple[int, ...]
-    step_scores: tuple[float, ...]
 
 
 class LMPRMScorer:
@@ -327,16 +311,4 @@ class LMPRMScorer:
             else token_pair_logits(self.model, hidden, self.good_id, self.bad_id)
         )
         return torch.softmax(pair.float(), dim=-1)[:, 0].tolist()
-
-
-def distinct(sequences: Sequence[list[int]]) -> list[list[int]]:
-    """sequences with every repeat of an earlier one (and every empty one) as []: a search that
-    keeps equal beams asks for the same path several times, and one forward serves them all."""
-    seen: set[tuple[int, ...]] = set()
-    result = []
-    for ids in sequences:
-        key = tuple(ids)
-        result.append([] if key in seen else ids)
-        seen.add(key)
-    return result
 

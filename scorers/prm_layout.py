@@ -1,10 +1,13 @@
 """`PRMLayout`: a path as an external PRM reads it, token ids and the positions its steps are read
-at, shared by the transformers PRM scorer (`scorers.lm_prm_scorer`) and the vLLM one
-(`scorers.vllm_lm_prm_scorer`), so both read the same tokens at the same places.
+at, and `PRMReading`, what the PRM read there, shared by the external PRM's scorers (transformers
+`scorers.lm_prm_scorer`, vLLM `scorers.vllm_lm_prm_scorer`, a server `scorers.served_prm_scorer`),
+so all read the same tokens at the same places.
 
     layout = PRMLayout(resolve_prm_format("math_shepherd"), tokenizer, good_id, context_window=4096)
     ids, positions = layout.sequences(paths)[0]     # ([], []) for a path without steps
     layout.check_window(paths, layout.sequences(paths))   # ValueError naming a path too long
+    work = whole_paths(sequences)                     # each distinct path with steps once
+    readings_of(sequences, work, scores)              # a PRMReading per asked path
 
 The text comes from `scorers.prm_format.prm_text`; it is tokenised whole, once (as the PRMs' own
 code does), and each reading's character offset is mapped to its token through the tokenizer's
@@ -16,6 +19,7 @@ parent lookups, and a chat layout renders the template once per step.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from scorers.prm_format import PRMFormat, PRMText, prm_text, tokenizer_name
@@ -24,6 +28,21 @@ from treesearch.records import Prefix
 LAID_OUT_KEPT = 65536  # paths whose PRM tokens and positions are kept for the next ask (oldest dropped)
 
 Sequences = list[tuple[list[int], list[int]]]  # per path: (token ids, read positions)
+
+
+@dataclass(frozen=True)
+class PRMReading:
+    """What the PRM read on one path.
+
+    token_ids: the PRM's tokens of the path's text (`scorers.prm_format`).
+    positions: the index into token_ids of each step's reading.
+    step_scores: the score read at each position (P(good) / (P(good) + P(bad)), or the score
+        head's probability of its "right" class), one per step.
+    """
+
+    token_ids: tuple[int, ...]
+    positions: tuple[int, ...]
+    step_scores: tuple[float, ...]
 
 
 class PRMLayout:
@@ -94,3 +113,37 @@ def last_token_before(spans: list[tuple[int, int]], end: int) -> int:
     """The index of the last real token (non-empty span) that starts before character end: the
     token holding the character before end."""
     return max(i for i, (s, e) in enumerate(spans) if e > s and s < end)
+
+
+def distinct(sequences: Sequence[list[int]]) -> list[list[int]]:
+    """sequences with every repeat of an earlier one (and every empty one) as []: a search that
+    keeps equal beams asks for the same path several times, and one forward serves them all."""
+    seen: set[tuple[int, ...]] = set()
+    result = []
+    for ids in sequences:
+        key = tuple(ids)
+        result.append([] if key in seen else ids)
+        seen.add(key)
+    return result
+
+
+def whole_paths(sequences: Sequences) -> Sequences:
+    """Each distinct path with steps once, in first-seen order: what a scorer that forwards every
+    path whole (vLLM's engine, a served PRM) runs."""
+    firsts = distinct([ids for ids, _ in sequences])
+    return [(ids, positions) for ids, (_, positions) in zip(firsts, sequences) if ids]
+
+
+def whole_path_tokens(sequences: Sequences) -> int:
+    """Tokens such a scorer forwards for these sequences (`whole_paths`)."""
+    return sum(len(ids) for ids, _ in whole_paths(sequences))
+
+
+def readings_of(sequences: Sequences, work: Sequences, scores: list[list[float]]) -> list[PRMReading]:
+    """Per asked path its reading: the scores of `work` (`whole_paths`), a repeat its first's, a
+    path without steps none."""
+    readings = {tuple(ids): PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences}
+    for (ids, pos), row_scores in zip(work, scores):
+        readings[tuple(ids)] = PRMReading(tuple(ids), tuple(pos), tuple(row_scores))
+    return [readings[tuple(ids)] for ids, _ in sequences]
+

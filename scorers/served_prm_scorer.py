@@ -42,9 +42,8 @@ import httpx
 import torch
 
 from policies.openai_policy import CompletionsClient, OpenAIServerConfig
-from scorers.lm_prm_scorer import PRMReading, distinct
 from scorers.prm_format import PRMFormat, resolve_prm_format
-from scorers.prm_layout import PRMLayout
+from scorers.prm_layout import PRMLayout, PRMReading, readings_of, whole_path_tokens, whole_paths
 from scorers.prm_loading import check_prm_folder, check_tokenizer, load_prm_tokenizer, prm_parameters
 from scorers.sprm_scorer import check_batch_size
 from treesearch.records import Prefix
@@ -106,7 +105,7 @@ class ServedPRMScorer:
     def cost(self, paths: Sequence[Prefix]) -> int:
         """Tokens forwarded: each distinct path with steps, whole (a repeat is sent once)."""
         with self._lock:
-            return sum(len(ids) for ids in distinct([ids for ids, _ in self.layout.sequences(paths)]))
+            return whole_path_tokens(self.layout.sequences(paths))
 
     def read(self, paths: Sequence[Prefix]) -> list[PRMReading]:
         """The distinct paths with steps in requests of batch_size, sent concurrently; each read at
@@ -115,13 +114,10 @@ class ServedPRMScorer:
         with self._lock:
             sequences = self.layout.sequences(paths)
             self.layout.check_window(paths, sequences)
-        work = [(ids, pos) for ids, (_, pos) in zip(distinct([ids for ids, _ in sequences]), sequences) if ids]
+        work = whole_paths(sequences)
         batches = [work[k : k + self.batch_size] for k in range(0, len(work), self.batch_size)]
         scored = [row for rows in self.client.map(self._score_batch, batches) for row in rows]
-        readings = {tuple(ids): PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences}
-        for (ids, pos), row_scores in zip(work, scored):
-            readings[tuple(ids)] = PRMReading(tuple(ids), tuple(pos), tuple(row_scores))
-        return [readings[tuple(ids)] for ids, _ in sequences]
+        return readings_of(sequences, work, scored)
 
     def close(self) -> None:
         """Close the HTTP connections."""

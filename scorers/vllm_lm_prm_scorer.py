@@ -42,9 +42,8 @@ import torch
 from policies.vllm_engine import (
     PoolingTask, VLLMEngineConfig, build_llm, encode_per_token, max_model_len, shutdown_llm,
 )
-from scorers.lm_prm_scorer import PRMReading, distinct
 from scorers.prm_format import PRMFormat, resolve_prm_format
-from scorers.prm_layout import PRMLayout
+from scorers.prm_layout import PRMLayout, PRMReading, readings_of, whole_path_tokens, whole_paths
 from scorers.prm_loading import check_prm_folder, check_tokenizer, load_prm_tokenizer, prm_parameters
 from scorers.prm_readers import TokenRows, load_token_rows
 from treesearch.records import Prefix
@@ -123,7 +122,7 @@ class VLLMLMPRMScorer:
     def cost(self, paths: Sequence[Prefix]) -> int:
         """Tokens forwarded: each distinct path with steps, whole (a repeat forwards nothing)."""
         with self._lock:
-            return sum(len(ids) for ids in distinct([ids for ids, _ in self.layout.sequences(paths)]))
+            return whole_path_tokens(self.layout.sequences(paths))
 
     def read(self, paths: Sequence[Prefix]) -> list[PRMReading]:
         """One vLLM pooling call over the distinct paths with steps; each read at its positions;
@@ -133,13 +132,9 @@ class VLLMLMPRMScorer:
         with self._lock:  # vLLM's offline engine takes one caller at a time
             sequences = self.layout.sequences(paths)
             self.layout.check_window(paths, sequences)
-            work = [(ids, pos) for ids, (_, pos) in zip(distinct([ids for ids, _ in sequences]), sequences) if ids]
+            work = whole_paths(sequences)
             outputs = encode_per_token(self.llm, [ids for ids, _ in work], self.task)  # per path [L, C]
-        scores = self._step_scores(outputs, [pos for _, pos in work])
-        readings = {tuple(ids): PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences}
-        for (ids, pos), row_scores in zip(work, scores):
-            readings[tuple(ids)] = PRMReading(tuple(ids), tuple(pos), tuple(row_scores))
-        return [readings[tuple(ids)] for ids, _ in sequences]
+        return readings_of(sequences, work, self._step_scores(outputs, [pos for _, pos in work]))
 
     def close(self) -> None:
         """Stop the engine and free vLLM's process-wide state (`vllm_engine.shutdown_llm`)."""
