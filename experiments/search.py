@@ -425,15 +425,11 @@ def search_missing(
     todo = [part for part in parts if any(p.id not in done for p in part)]
     if not todo:
         return
-    policy = build_policy(cfg.policy)  # loaded only when there is work
-    try:
-        scorer = build_scorer(cfg.scorer)
-    except BaseException:
-        close_all(policy)
-        raise
     live = LiveTree(out / LIVE_TREE_FILE) if cfg.get("live_tree", False) else None
     total = sum(len(part) for part in parts)
-    try:
+    with contextlib.ExitStack() as built:  # closed when done: the scorer first, then the policy
+        policy = built.enter_context(closing_component(build_policy(cfg.policy)))  # loaded only when there is work
+        scorer = built.enter_context(closing_component(build_scorer(cfg.scorer)))
         with tqdm(total=total, initial=total - sum(p.id not in done for part in todo for p in part), unit="problem",
                   disable=not cfg.progress, desc=spec.fn.__name__) as bar:
             for part in todo:
@@ -441,15 +437,17 @@ def search_missing(
                                  cfg.get("batching", "lockstep"), live)
                 append_rows(out / RECORDS, rows)
                 bar.update(len(rows))
+
+
+@contextlib.contextmanager
+def closing_component(component: Any) -> Iterator[Any]:
+    """The component, its `close` called on the way out when it has one (a vLLM engine, an HTTP
+    client): an engine left to vLLM's finalizer tears down the state the process's other engines
+    share (`policies.vllm_engine.shutdown_llm`), and a sweep's jobs run one after another in one
+    process."""
+    try:
+        yield component
     finally:
-        close_all(scorer, policy)
-
-
-def close_all(*components: Any) -> None:
-    """Stop what the components hold (a vLLM engine, an HTTP client: their `close`), in order: the
-    jobs of a sweep run one after another in one process, and an engine left to vLLM's finalizer
-    tears down the state the next job's engines share (`policies.vllm_engine.shutdown_llm`)."""
-    for component in components:
         close = getattr(component, "close", None)
         if callable(close):
             close()

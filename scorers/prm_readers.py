@@ -8,7 +8,7 @@ bad), whose softmax's first entry is a step's score (`scorers.lm_prm_scorer`):
   hidden states come from vLLM).
 - `ScoreHead`: a PRM with a two-class head on the last hidden state (Qwen2.5-Math-PRM:
   `score.0` Linear(H, H), ReLU, `score.2` Linear(H, 2); class 1 is "the step is right"), loaded
-  from the folder's safetensors (`load_score_head`) without running the model's own code.
+  from the folder's weight files (`load_score_head`) without running the model's own code.
 
     pair = token_pair_logits(causal_lm, features, good_id, bad_id)     # [K, 2]
     rows = load_token_rows(folder, good_id, bad_id); pair = rows(features)  # the same, no model
