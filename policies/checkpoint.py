@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from policies.devices import resolve_device
-from policies.model_folder import check_model_folder, weight_files
+from policies.model_folder import check_model_folder, missing_folder_error, weight_files
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")  # the weight dtypes a checkpoint loads in
 
@@ -155,16 +155,6 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     with atomic_directory(out_dir) as tmp:
         write_checkpoint_files(model, tokenizer, tmp)
     return Path(out_dir)
-
-
-def missing_folder_error(directory: Path) -> FileNotFoundError:
-    """The error for a checkpoint folder that is not a folder: missing, or a file inside one
-    (`.../final/config.json` names its folder)."""
-    if directory.is_file():
-        return FileNotFoundError(
-            f"{directory} is a file, not a checkpoint folder; pass the folder that holds it ({directory.parent})"
-        )
-    return FileNotFoundError(f"checkpoint folder {directory} does not exist")
 
 
 def check_checkpoint(directory: str | Path) -> Path:

@@ -27,8 +27,6 @@ TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json")
 def check_model_folder(directory: str | Path) -> Path:
     """The folder, or FileNotFoundError naming the first thing it lacks: the folder itself,
     config.json, weights (or a shard its index names), a tokenizer."""
-    from policies.checkpoint import missing_folder_error
-
     directory = Path(directory)
     if not directory.is_dir():
         raise missing_folder_error(directory)
@@ -38,6 +36,16 @@ def check_model_folder(directory: str | Path) -> Path:
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"checkpoint folder {directory} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     return directory
+
+
+def missing_folder_error(directory: Path) -> FileNotFoundError:
+    """The error for a checkpoint folder that is not a folder: missing, or a file inside one
+    (`.../final/config.json` names its folder)."""
+    if directory.is_file():
+        return FileNotFoundError(
+            f"{directory} is a file, not a checkpoint folder; pass the folder that holds it ({directory.parent})"
+        )
+    return FileNotFoundError(f"checkpoint folder {directory} does not exist")
 
 
 def weight_files(directory: Path) -> list[Path]:

@@ -80,7 +80,7 @@ from typing import Any, Callable, Sequence
 import httpx
 from transformers import AutoConfig, AutoTokenizer
 
-from policies.checkpoint import missing_folder_error
+from policies.model_folder import missing_folder_error
 from policies.policy_requests import (
     check_request, check_widths, encode_contexts, fit_window, is_integer, split_rows, step_budget,
 )

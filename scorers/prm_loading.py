@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from policies.checkpoint import DamagedCheckpointError, missing_folder_error
+from policies.checkpoint import DamagedCheckpointError
+from policies.model_folder import missing_folder_error
 from scorers.prm_format import PRMFormat, check_chat_template, tokenizer_name
 
 
