@@ -430,6 +430,9 @@ def search_missing(
     with contextlib.ExitStack() as built:  # closed when done: the scorer first, then the policy
         policy = built.enter_context(closing_component(build_policy(cfg.policy)))  # loaded only when there is work
         scorer = built.enter_context(closing_component(build_scorer(cfg.scorer)))
+        warning = prm_window_warning(cfg.policy.get("sampling", {}).get("max_total_tokens"), scorer)
+        if warning:
+            print(warning, file=sys.stderr)
         with tqdm(total=total, initial=total - sum(p.id not in done for part in todo for p in part), unit="problem",
                   disable=not cfg.progress, desc=spec.fn.__name__) as bar:
             for part in todo:
@@ -437,6 +440,19 @@ def search_missing(
                                  cfg.get("batching", "lockstep"), live)
                 append_rows(out / RECORDS, rows)
                 bar.update(len(rows))
+
+
+def prm_window_warning(max_total_tokens: Any, scorer: Scorer) -> str | None:
+    """A warning line when the policy may write paths longer than an external PRM's context window
+    (`scorers.prm_layout.PRMLayout.context_window`): such a path stops the run with a ValueError
+    naming its problem, perhaps hours in; None when the window is unknown or roomy. The PRM
+    counts its own tokens of the question and steps, so this compares orders of magnitude."""
+    window = getattr(getattr(scorer, "layout", None), "context_window", None)
+    if not isinstance(window, int) or not isinstance(max_total_tokens, int) or max_total_tokens <= window:
+        return None
+    return (f"warning: policy.sampling.max_total_tokens={max_total_tokens} is more than the PRM's context window of "
+            f"{window} tokens: a path that long stops the run with an error naming its problem; lower "
+            "max_total_tokens or use a PRM with a longer context")
 
 
 @contextlib.contextmanager

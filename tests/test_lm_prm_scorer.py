@@ -406,3 +406,19 @@ def test_a_path_is_laid_out_once_for_its_score_its_cost_and_its_children(chat_di
     assert len(laid) == 3  # the two distinct parents once each, and the one parent of theirs looked up
     scorer.score(CHILDREN[:6])  # their parents are looked up, not laid out again
     assert len(laid) == 3 + 6
+
+
+def test_a_policy_that_may_outgrow_the_prm_window_is_warned_about_at_start(prm_dir, tmp_path, capsys):
+    from experiments.search import prm_window_warning
+    from scorers.confidence import ConfidenceScorer
+
+    scorer = LMPRMScorer.from_pretrained(prm_dir)  # max_position_embeddings 512
+    assert prm_window_warning(512, scorer) is None and prm_window_warning(None, scorer) is None
+    assert prm_window_warning(4096, ConfidenceScorer()) is None  # no window to outgrow
+    run_in_process([
+        f"policy.path={prm_dir}", "search=beam", "search.max_depth=2", "scorer=math_shepherd", f"scorer.path={prm_dir}",
+        "scorer.device=cpu", "scorer.dtype=float32", "task.count=1", "budget=4", "policy.sampling.max_total_tokens=513",
+        "policy.sampling.max_step_tokens=4", "progress=false", "num_threads=1", f"out_dir={tmp_path / 'run'}",
+    ])
+    err = capsys.readouterr().err
+    assert "warning: policy.sampling.max_total_tokens=513 is more than the PRM's context window of 512 tokens" in err
