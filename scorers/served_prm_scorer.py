@@ -78,8 +78,8 @@ class ServedPRMScorer:
         self.num_parameters = prm_parameters(config, self.format)
         self.batch_size = batch_size
         self.client = CompletionsClient(server, start_hint=start_hint(directory, server.root))
-        self.layout = PRMLayout(self.format, self.tokenizer, -1, getattr(config, "max_position_embeddings", None))
-        self._window_known = False
+        self.folder_window: int | None = getattr(config, "max_position_embeddings", None)
+        self.layout = PRMLayout(self.format, self.tokenizer, -1, self.folder_window)
         self._lock = threading.Lock()  # the layout's memory
 
     @classmethod
@@ -110,7 +110,8 @@ class ServedPRMScorer:
     def read(self, paths: Sequence[Prefix]) -> list[PRMReading]:
         """The distinct paths with steps in requests of batch_size, sent concurrently; each read at
         its positions; a repeated path gets the reading of its first."""
-        self._learn_window()
+        # the server's window when it says (`served_model` asks once), else the folder's
+        self.layout.context_window = self.client.served_model().max_model_len or self.folder_window
         with self._lock:
             sequences = self.layout.sequences(paths)
             self.layout.check_window(paths, sequences)
@@ -124,14 +125,6 @@ class ServedPRMScorer:
         self.client.close()
 
     # -- phases -------------------------------------------------------------------------------
-
-    def _learn_window(self) -> None:
-        """The server's context window (asked once), when it says; else the folder's."""
-        if not self._window_known:
-            served = self.client.served_model().max_model_len
-            if served is not None:
-                self.layout.context_window = served
-            self._window_known = True
 
     def _score_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """One `POST /pooling` for the batch's token ids: each path's step scores."""
