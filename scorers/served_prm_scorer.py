@@ -17,10 +17,11 @@ The folder is a local copy of the served PRM's config.json and tokenizer (no wei
 are laid out here as the transformers scorer lays them out (`scorers.prm_layout`) and sent as token
 ids, `batch_size` paths per `POST /pooling` request (`task: token_classify`, no activation), the
 requests of a call concurrently. The server returns the head's two logits per token (pooling type
-ALL; tested against a server), or per step tag only (STEP pooling with the tag's `step_tag_id`:
-read in order, tested on answers of that form only); vLLM's default for this class, STEP without a
-tag, returns nothing and is named. A step's score is softmax(logits)'s class 1 ("the step is
-right") at its read position. The context window is the server's (`max_model_len` of
+ALL), or at each step tag only (pooling type STEP at the tag's `step_tag_id`, read in order;
+vLLM's default for this class, at 151651, Qwen's "<extra_0>", so a real Qwen2.5-Math-PRM served
+without `--pooler-config` works too); both tested against a server. A STEP server at another id
+than this tokenizer's tag returns nothing, and is named with the flags that fix it. A step's
+score is softmax(logits)'s class 1 ("the step is right") at its read position. The context window is the server's (`max_model_len` of
 `/v1/models`); a longer path is a ValueError naming its problem.
 
 Only reader "head" PRMs: the server runs the head. A causal-LM PRM (Math-Shepherd, RLHFlow) would
@@ -80,6 +81,7 @@ class ServedPRMScorer:
         self.client = CompletionsClient(server, start_hint=start_hint(directory, server.root))
         self.folder_window: int | None = getattr(config, "max_position_embeddings", None)
         self.layout = PRMLayout(self.format, self.tokenizer, -1, self.folder_window)
+        self.tag_id = single_token_id(self.tokenizer, self.format.step_tag)
         self._lock = threading.Lock()  # the layout's memory
 
     @classmethod
@@ -135,17 +137,25 @@ class ServedPRMScorer:
         data = sorted(self.client.request("POST", "/pooling", body).get("data") or [], key=lambda d: d["index"])
         if len(data) != len(batch):
             raise ValueError(f"{self.client.config.root}/pooling returned {len(data)} results for {len(batch)} inputs")
-        return [step_scores(entry["data"], ids, pos) for entry, (ids, pos) in zip(data, batch)]
+        return [step_scores(entry["data"], ids, pos, self.tag_id) for entry, (ids, pos) in zip(data, batch)]
 
 
-def step_scores(rows: list[list[float]], ids: list[int], positions: list[int]) -> list[float]:
+def single_token_id(tokenizer: object, text: str) -> int | None:
+    """The id of text when the tokenizer writes it as one token (Qwen's "<extra_0>"), else None."""
+    ids = tokenizer.encode(text, add_special_tokens=False) if text else []  # type: ignore[attr-defined]
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def step_scores(rows: list[list[float]], ids: list[int], positions: list[int], tag_id: int | None = None) -> list[float]:
     """P(class 1) at each read position from the server's per-token logits (pooling type ALL: one
     row per token) or per-tag logits (STEP pooling: one row per read position, in order);
-    ValueError for any other number of rows."""
+    ValueError for any other number of rows (tag_id: the step tag's token id, for the message)."""
     if not rows:
+        step = "" if tag_id is None else f" or '{{\"pooling_type\": \"STEP\", \"step_tag_id\": {tag_id}}}'"
         raise ValueError(
-            f"the served PRM returned no rows for a path of {len(ids)} tokens (vLLM's default STEP pooling without a "
-            "step_tag_id): serve it with --pooler-config '{\"pooling_type\": \"ALL\"}'"
+            f"the served PRM returned no rows for a path of {len(ids)} tokens (a STEP pooling server whose "
+            f"step_tag_id is not this tokenizer's step tag; vLLM's default is 151651, Qwen's): serve it with "
+            f"--pooler-config '{{\"pooling_type\": \"ALL\"}}'{step}"
         )
     logits = torch.tensor(rows, dtype=torch.float32)  # [rows, 2]
     if logits.ndim != 2 or logits.shape[-1] != 2:

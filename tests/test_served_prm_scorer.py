@@ -1,10 +1,11 @@
 """The external PRM served by vLLM's OpenAI-compatible server (`scorers/served_prm_scorer.py`):
-against a real server (a tiny folder shaped as Qwen2.5-Math-PRM's, run by vLLM's
-`Qwen2ForProcessRewardModel` with pooling type ALL, started and stopped by PID), its scores equal
-the transformers scorer's within 1e-5 on the same tokens and positions, from a client folder
-without weights, in concurrent requests; the server's window (not the folder's) bounds the paths; `scorer=served_prm`
-runs a search. Without a server: the per-tag (STEP) form of the answer, wrong shapes, a causal-LM
-format and an absent server are named.
+against real servers (a tiny folder shaped as Qwen2.5-Math-PRM's, its tokenizer with the tag
+"<extra_0>" as one token, run by vLLM's `Qwen2ForProcessRewardModel` with pooling type ALL, one row
+a token, and STEP at the tag's id, one row a tag, as vLLM serves the real PRM by default; started
+and stopped by PID), its scores equal the transformers scorer's within 1e-5 on the same tokens and
+positions, from a client folder without weights, in concurrent requests; the server's window (not
+the folder's) bounds the paths; `scorer=served_prm` runs a search. Without a server: wrong shapes,
+a STEP server at another tag, a causal-LM format and an absent server are named.
 
     .venv/bin/python -m pytest tests/test_served_prm_scorer.py
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from transformers import AutoTokenizer
 
 from policies.openai_policy import OpenAIServerConfig
 from scorers.lm_prm_scorer import LMPRMScorer
@@ -33,11 +35,12 @@ from vllm_fixtures import require_vllm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 REPO = Path(__file__).resolve().parents[1]
+STEP_TAG = "<extra_0>"  # qwen_prm's tag
 
 
 @pytest.fixture(scope="module")
 def prm_dir(tmp_path_factory) -> Path:
-    return save_tiny_qwen_prm(tmp_path_factory.mktemp("served") / "qwen")
+    return save_tiny_qwen_prm(tmp_path_factory.mktemp("served") / "qwen", seed=1, step_tag=STEP_TAG)  # scores 0.87-0.97
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +54,24 @@ def client_dir(prm_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def server(prm_dir, tmp_path_factory) -> Iterator[str]:
-    """vLLM's server on the PRM (per-token logits: pooling type ALL); stopped by PID."""
+def pooler_config(pooling: str, prm_dir: Path) -> str:
+    """ALL: the head's logits at every token; STEP: at each token of the tag's id only."""
+    if pooling == "ALL":
+        return json.dumps({"pooling_type": "ALL"})
+    tag_id = AutoTokenizer.from_pretrained(str(prm_dir)).convert_tokens_to_ids(STEP_TAG)
+    return json.dumps({"pooling_type": "STEP", "step_tag_id": tag_id})
+
+
+@pytest.fixture(scope="module", params=["ALL", "STEP"])
+def server(request, prm_dir, tmp_path_factory) -> Iterator[str]:
+    """vLLM's server on the PRM, pooling type ALL or STEP at the tag (`pooler_config`); stopped by PID."""
     require_vllm()
     folder = tmp_path_factory.mktemp("served_server")
     port, log = free_port(), folder / "server.log"
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
-        "--model", str(prm_dir), "--max-model-len", "384", "--runner", "pooling", "--pooler-config", '{"pooling_type": "ALL"}',
+        "--model", str(prm_dir), "--max-model-len", "384", "--runner", "pooling",
+        "--pooler-config", pooler_config(request.param, prm_dir),
         "--dtype", "float32", "--enforce-eager", "--block-size", "32", "--no-enable-prefix-caching",
         "--kv-cache-memory-bytes", str(2**28), "--disable-log-stats", "--uvicorn-log-level", "warning",
     ]
@@ -75,13 +87,20 @@ def server(prm_dir, tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.mark.vllm
-def test_served_scores_equal_the_transformers_scorer(server, prm_dir, client_dir):
+def test_served_scores_equal_the_transformers_scorer(server, prm_dir, client_dir, request):
     scorer = ServedPRMScorer(client_dir, OpenAIServerConfig(server), batch_size=3)  # several requests at once
     reference = LMPRMScorer.from_pretrained(prm_dir, "qwen_prm", dtype="float32", cache_bytes=0)
     try:
         assert isinstance(scorer, Scorer) and scorer.num_parameters == reference.num_parameters > 0
+        assert scorer.tag_id == AutoTokenizer.from_pretrained(str(client_dir)).convert_tokens_to_ids(STEP_TAG)
         paths = PATHS + CHILDREN + [CHILDREN[0]]  # a repeat is sent once
         got, want = scorer.read(paths), reference.read(paths)
+        # the server answers in its own form: a row a token (ALL) or a row a tag (STEP)
+        body = {"model": scorer.client.served_model().name, "input": [list(got[0].token_ids)],
+                "task": "token_classify", "use_activation": False, "add_special_tokens": False}
+        rows = scorer.client.request("POST", "/pooling", body)["data"][0]["data"]
+        per_tag = request.node.callspec.params["server"] == "STEP"
+        assert len(rows) == len(got[0].positions if per_tag else got[0].token_ids) and len(got[0].positions) > 1
         assert [(r.token_ids, r.positions) for r in got] == [(r.token_ids, r.positions) for r in want]
         for mine, theirs in zip(got, want):
             assert mine.step_scores == pytest.approx(theirs.step_scores, abs=1e-5)
@@ -123,8 +142,12 @@ def test_per_tag_answers_are_read_in_order_and_other_shapes_are_named():
         step_scores(per_token[:3], ids, positions)
     with pytest.raises(ValueError, match=r"rows of shape \(4, 3\)"):
         step_scores([[0.0, 0.0, 0.0]] * 4, ids, positions)
-    with pytest.raises(ValueError, match=r"no rows for a path of 4 tokens \(vLLM's default STEP pooling"):
-        step_scores([], ids, positions)  # what a server started without --pooler-config answers
+    with pytest.raises(ValueError, match=r"no rows for a path of 4 tokens \(a STEP pooling server whose step_tag_id "
+                       r"is not this tokenizer's step tag.*'\{\"pooling_type\": \"ALL\"\}' or "
+                       r"'\{\"pooling_type\": \"STEP\", \"step_tag_id\": 9\}'"):
+        step_scores([], ids, positions, tag_id=9)  # a STEP server at another tag (vLLM's default, 151651, here)
+    with pytest.raises(ValueError, match=r"\"ALL\"\}'$"):
+        step_scores([], ids, positions)  # a tag of several tokens: ALL only
 
 
 def test_a_causal_lm_format_and_an_absent_server_are_named(client_dir):

@@ -54,14 +54,17 @@ def with_score_head(checkpoint: Path, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def save_tiny_qwen_prm(out_dir: Path, hidden: int = 64, seed: int = 0) -> Path:
+def save_tiny_qwen_prm(out_dir: Path, hidden: int = 64, seed: int = 0, step_tag: str | None = None) -> Path:
     """A random folder laid out as Qwen2.5-Math-PRM's: a Qwen2 base (`model.*`; 2 layers, heads
     of 32, vLLM's smallest on CPU) with a two-class head (`score.0`, `score.2`), no output layer,
-    config.json naming `Qwen2ForProcessRewardModel`, and the tiny tokenizer with CHAT_TEMPLATE."""
+    config.json naming `Qwen2ForProcessRewardModel`, and the tiny tokenizer with CHAT_TEMPLATE
+    (step_tag, e.g. "<extra_0>": added to it as one special token, as Qwen's tokenizer has it)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
+    if step_tag is not None:
+        tokenizer.add_special_tokens({"additional_special_tokens": [step_tag]})
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=hidden // 32, num_key_value_heads=1, max_position_embeddings=512,
