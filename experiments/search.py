@@ -79,6 +79,7 @@ from experiments.result_json import write_atomic
 from experiments.sweep_metrics import BUDGET_FIELDS, run_metrics
 from policies.gc_freeze import freeze_long_lived
 from treesearch.concurrent import search_each
+from treesearch.config_checks import is_int
 from treesearch.config_diff import config_differences, resume_overrides, with_added_settings
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
@@ -161,7 +162,7 @@ class Task(Protocol):
 def check_int(key: str, value: Any, minimum: int | None = None, or_else: str = "") -> int:
     """value when it is an integer (not a bool, not a string) >= minimum; else a ValueError
     naming the key and the value (or_else: the other valid values, e.g. ", or null for ...")."""
-    if isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum):
+    if is_int(value) and (minimum is None or value >= minimum):
         return value
     bound = "" if minimum is None else f" >= {minimum}"
     raise ValueError(f"{key}={value!r} must be an integer{bound}{or_else}")
