@@ -12,13 +12,16 @@ import math
 import os
 from pathlib import Path
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import pytest
 
 from step_tree_fakes import (TRAP_CHILDREN, TRAP_SCORES, EndlessPolicy, ScriptedPolicy, ScriptedScorer,
                              scripted_problem, step_named, trap_problem)
 from treesearch.frontier import round_seed
 from treesearch.mcts import MCTSConfig, mcts
-from treesearch.records import Step
+from treesearch.records import Prefix, Problem, Step
 from treesearch.puct import puct_score, sibling_priors, step_prior_logit, with_virtual_loss
 from treesearch.registry import run_search
 
@@ -159,7 +162,7 @@ def test_token_budget_stops_and_keeps_the_cut_leaves():
 
 
 def test_a_token_budget_caps_the_leaves_a_round_may_expand():
-    """Tokens left / (expand_width x mean tokens per step so far), at least 1, at most
+    """Tokens left / the mean tokens of a leaf's expansion so far, at least 1, at most
     leaves_per_round: the last round of a compute-matched MCTS overshoots by about one leaf."""
     from treesearch.frontier import Ledger
     from treesearch.mcts import leaves_within_budget
@@ -170,11 +173,50 @@ def test_a_token_budget_caps_the_leaves_a_round_may_expand():
         return out
 
     cfg = MCTSConfig(iterations=64, expand_width=2, leaves_per_round=4, token_budget=40)
-    assert leaves_within_budget(Ledger(), cfg) == 4  # nothing generated yet: no estimate, no cap
-    assert leaves_within_budget(ledger([3, 3, 2, 2]), cfg) == 4  # 30 left, 5 a leaf: 6 -> 4
-    assert leaves_within_budget(ledger([3, 3, 3, 3, 3, 3, 2, 2, 2, 2]), cfg) == 2  # 14 left, 5 a leaf
-    assert leaves_within_budget(ledger([5] * 7), cfg) == 1  # 5 left, 10 a leaf: still one
-    assert leaves_within_budget(ledger([5] * 7), MCTSConfig(leaves_per_round=4)) == 4  # no budget
+    assert leaves_within_budget(Ledger(), 0, cfg) == 4  # nothing generated yet: no estimate, no cap
+    assert leaves_within_budget(ledger([3, 3, 2, 2]), 2, cfg) == 4  # 30 left, 5 a leaf: 6 -> 4
+    assert leaves_within_budget(ledger([3, 3, 3, 3, 3, 3, 2, 2, 2, 2]), 5, cfg) == 2  # 14 left, 5 a leaf
+    assert leaves_within_budget(ledger([5] * 7), 3, cfg) == 1  # 5 left, 35 / 3 a leaf: still one
+    assert leaves_within_budget(ledger([5] * 7), 3, MCTSConfig(leaves_per_round=4)) == 4  # no budget
+    # with rollouts a leaf costs its children's steps and their rollouts: 2 leaves, 6 steps of 3 tokens
+    assert leaves_within_budget(ledger([3] * 6), 2, MCTSConfig(leaves_per_round=8, token_budget=100)) == 8  # 82 / 9
+    assert leaves_within_budget(ledger([3] * 6), 1, MCTSConfig(leaves_per_round=8, token_budget=100)) == 4  # 82 / 18
+
+
+@dataclass
+class RolloutHeavyPolicy:
+    """Distinct 5-token steps, each rollout `rollout_steps` more: a leaf's expansion costs
+    expand_width x 5 tokens and its children's rollouts expand_width x rollout_steps x 5."""
+
+    rollout_steps: int = 10
+    num_parameters: int = 10
+
+    @staticmethod
+    def _step(text: str) -> Step:
+        return Step(text, tuple(range(5)), tuple(-0.5 for _ in range(5)), "separator", tokens_forwarded=5)
+
+    def propose(self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool = True) -> list[list[Step]]:
+        return [[self._step(f"{len(p.steps)}.{j}.{seed}") for j in range(n)] for p in prefixes]
+
+    def rollout(self, prefixes: Sequence[Prefix], n: int, seed: int) -> list[list[list[Step]]]:
+        return [[[self._step(f"r{k}") for k in range(self.rollout_steps)] for _ in range(n)] for _ in prefixes]
+
+
+class HalfScorer:
+    def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
+        return [[0.5] * len(p.steps) for p in paths]
+
+    def cost(self, paths: Sequence[Prefix]) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("rollout", [False, True])
+def test_a_token_budget_overshoots_by_at_most_one_leaf_with_or_without_rollouts(rollout):
+    cfg = MCTSConfig(iterations=1000, expand_width=2, leaves_per_round=16, token_budget=3000, rollout=rollout,
+                     max_depth=40)
+    (r,) = run([Problem("p", "q", "1")], cfg, RolloutHeavyPolicy(), HalfScorer())
+    one_leaf = 2 * 5 + (2 * 10 * 5 if rollout else 0)
+    assert 3000 <= r.compute.tokens_generated <= 3000 + one_leaf
 
 
 def test_same_seed_same_tree_other_seed_other_tree():

@@ -18,8 +18,9 @@ path cut there keeps its last step's finish), and a node the policy returned no 
 simulation = one selected leaf; a problem stops after `iterations` simulations, once it has
 generated `token_budget` tokens (checked before each round), or when its root is closed. Under a
 token budget a round selects only as many leaves as the tokens left pay for at the problem's
-mean cost of an expansion so far (at least one, `leaves_within_budget`), so the last round
-overshoots by about one leaf's expansion, not a whole round's (compute-matched sweeps).
+mean cost of a leaf's expansion so far (its children's steps and their rollouts; at least one,
+`leaves_within_budget`), so the last round overshoots by about one leaf's expansion, not a whole
+round's (compute-matched sweeps).
 
 Result: candidates are the closed leaves in creation order (if none is closed, the open leaves
 cut by the budget); the chosen one has the most visits (ties: higher value, then earlier) with
@@ -101,7 +102,7 @@ class _ProblemSearch:
     evals: node -> value from its evaluation; path_scores: node -> scores of its path's steps
     from that evaluation; value_sums: node -> sum of values backed up through it (mean backup);
     pending: node -> selections through it this round (virtual loss); closed: leaves never to be
-    expanded; simulations: selected leaves so far.
+    expanded; simulations: selected leaves so far; expansions: leaves sent to the policy so far.
     """
 
     tree: Tree
@@ -111,6 +112,7 @@ class _ProblemSearch:
     pending: dict[int, int] = field(default_factory=dict)
     closed: set[int] = field(default_factory=set)
     simulations: int = 0
+    expansions: int = 0
 
 
 def _ancestry(tree: Tree, node_id: int) -> list[int]:
@@ -136,13 +138,14 @@ def _descend(search: _ProblemSearch, cfg: MCTSConfig) -> int:
     return node.id
 
 
-def leaves_within_budget(ledger: Ledger, cfg: MCTSConfig) -> int:
+def leaves_within_budget(ledger: Ledger, expansions: int, cfg: MCTSConfig) -> int:
     """The most leaves this round may select: leaves_per_round, or under a token budget as many
-    as the tokens left pay for at expand_width x the problem's mean tokens per generated step so
-    far (at least 1; no cap before the first expansion)."""
-    if cfg.token_budget is None or not ledger.steps or ledger.tokens_generated == 0:
+    as the tokens left pay for at the problem's mean tokens per leaf expansion so far (its
+    children's steps and, with rollout, their rollouts; at least 1; no cap before the first
+    expansion). expansions: the leaves expanded so far."""
+    if cfg.token_budget is None or expansions == 0 or ledger.tokens_generated == 0:
         return cfg.leaves_per_round
-    per_leaf = cfg.expand_width * ledger.tokens_generated / len(ledger.steps)
+    per_leaf = ledger.tokens_generated / expansions
     left = cfg.token_budget - ledger.tokens_generated
     return max(1, min(cfg.leaves_per_round, int(left // per_leaf)))
 
@@ -180,6 +183,8 @@ def expand(
     """Expand every open selected leaf of every problem in one policy call; return the new
     (problem, node) pairs. A leaf that gets no steps is closed (a dead end)."""
     leaves = [(p, leaf) for p, ids in selected.items() for leaf in ids if leaf not in searches[p].closed]
+    for p, _ in leaves:
+        searches[p].expansions += 1
     items = [Item(p, searches[p].tree.prefix(leaf)) for p, leaf in leaves]
     rows = propose_rows(policy, items, cfg.expand_width, round_seed(cfg.seed, round_index), ledgers)
     new = []
@@ -275,7 +280,7 @@ def mcts(
         active = [i for i, s in enumerate(searches) if _within_budget(s, ledgers[i], cfg)]
         if not active:  # every round adds >= 1 simulation per active problem, so this is reached
             break
-        selected = {i: select(searches[i], cfg, leaves_within_budget(ledgers[i], cfg)) for i in active}
+        selected = {i: select(searches[i], cfg, leaves_within_budget(ledgers[i], searches[i].expansions, cfg)) for i in active}
         new = expand(searches, selected, policy, cfg, round_index, ledgers)
         evaluate(searches, new, policy, scorer, cfg, round_index, ledgers)
         for i, leaves in selected.items():
