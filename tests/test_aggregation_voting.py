@@ -52,6 +52,8 @@ def test_weighted_majority_sums_weights():
     # "4": 0.5 + 0.5 = 1.0 beats "3": 0.9
     assert weighted_majority(["3", "4", "4"], [0.9, 0.5, 0.5]) == "4"
     assert weighted_majority(["3", None], [0.1, 5.0]) == "3"  # a missing answer never wins
+    # the same weights in another order tie (a running float sum gives b 0.6000000000000001 > a 0.6)
+    assert weighted_majority(["a", "b", "b", "a", "b", "a"], [0.3, 0.1, 0.2, 0.2, 0.3, 0.1]) == "a"
 
 
 def test_weighted_majority_length_mismatch():

@@ -10,21 +10,24 @@ an answer the vote returns None. Ties go to the answer seen first, so results ar
 """
 from __future__ import annotations
 
+import math
 from typing import Hashable, Sequence, TypeVar
 
 A = TypeVar("A", bound=Hashable)
 
 
 def weighted_majority(answers: Sequence[A | None], weights: Sequence[float]) -> A | None:
-    """The answer with the largest total weight (first seen wins ties)."""
+    """The answer with the largest total weight (first seen wins ties). Totals are exact sums
+    (math.fsum), so equal weights in another order tie instead of differing in the last bit."""
     if len(answers) != len(weights):
         raise ValueError(f"{len(answers)} answers but {len(weights)} weights")
-    totals: dict[A, float] = {}
+    weights_of: dict[A, list[float]] = {}
     for answer, weight in zip(answers, weights):
         if answer is not None:
-            totals[answer] = totals.get(answer, 0.0) + float(weight)
-    if not totals:
+            weights_of.setdefault(answer, []).append(float(weight))
+    if not weights_of:
         return None
+    totals = {answer: math.fsum(ws) for answer, ws in weights_of.items()}
     # max() returns the first maximal item; dicts keep first-seen order
     return max(totals, key=totals.__getitem__)
 
