@@ -36,7 +36,7 @@ from policies.prefix_cache import PrefixKV
 from scorers.prm_batches import PRMBatch, forwarded_tokens, plan_batches
 from scorers.prm_memory import DEFAULT_MAX_BYTES, ParentHit, PRMMemory, stacked_kv
 from scorers.prm_format import PRMFormat, resolve_prm_format
-from scorers.prm_layout import PRMLayout, PRMReading, Sequences, distinct
+from scorers.prm_layout import PRMLayout, PRMReading, Sequences, distinct, reading_key
 from scorers.prm_loading import (
     check_cache_bytes, check_prm_folder, check_tokenizer, load_prm_model, load_prm_tokenizer,
 )
@@ -140,7 +140,7 @@ class LMPRMScorer:
         found in the memory not at all); a path not scored yet counts as `scorers.prm_batches`
         would plan it."""
         with self._lock:
-            sequences = self._distinct([ids for ids, _ in self._sequences(paths)])
+            sequences = [ids for ids, _ in self._distinct(self._sequences(paths))]
             known = [self.memory.forwarded(ids) if ids else 0 for ids in sequences]
             unknown = [ids if n is None else [] for ids, n in zip(sequences, known)]
             planned = forwarded_tokens(self._plan(unknown), [len(ids) for ids in unknown])
@@ -158,18 +158,17 @@ class LMPRMScorer:
         with self._lock:
             sequences = self._sequences(paths)
             self.layout.check_window(paths, sequences)
-            readings = {tuple(ids): PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences}
-            firsts = self._distinct([ids for ids, _ in sequences])  # repeats forward nothing
-            work = [(ids, pos if ids else []) for ids, (_, pos) in zip(firsts, sequences)]
+            readings = {reading_key(ids, pos): PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences}
+            work = self._distinct(sequences)  # repeats forward nothing
             for rows, shared, hit in self._batches(work, self._parent_hits(paths, work)):
                 scores, kvs, forwarded = self._run([work[i] for i in rows], shared, hit)
                 for i, row_scores, kv, tokens in zip(rows, scores, kvs, forwarded):
                     ids, positions = work[i]
-                    readings[tuple(ids)] = PRMReading(tuple(ids), tuple(positions), tuple(row_scores))
+                    readings[reading_key(ids, positions)] = PRMReading(tuple(ids), tuple(positions), tuple(row_scores))
                     self.memory.remember(ids, positions[-1] + 1, kv, dict(zip(positions, row_scores)), tokens)
-            return [readings[tuple(ids)] for ids, _ in sequences]  # a repeated path: its first reading
+            return [readings[reading_key(ids, pos)] for ids, pos in sequences]  # a repeat: its first's reading
 
-    def _distinct(self, sequences: list[list[int]]) -> list[list[int]]:
+    def _distinct(self, sequences: Sequences) -> Sequences:
         """`distinct(sequences)`, or all of them as asked when nothing is shared (share_prefix)."""
         return distinct(sequences) if self.share_prefix else sequences
 

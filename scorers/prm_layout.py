@@ -115,14 +115,16 @@ def last_token_before(spans: list[tuple[int, int]], end: int) -> int:
     return max(i for i, (s, e) in enumerate(spans) if e > s and s < end)
 
 
-def distinct(sequences: Sequence[list[int]]) -> list[list[int]]:
-    """sequences with every repeat of an earlier one (and every empty one) as []: a search that
-    keeps equal beams asks for the same path several times, and one forward serves them all."""
-    seen: set[tuple[int, ...]] = set()
-    result = []
-    for ids in sequences:
-        key = tuple(ids)
-        result.append([] if key in seen else ids)
+def distinct(sequences: Sequences) -> Sequences:
+    """sequences with every repeat of an earlier one (and every empty one) as ([], []): a search
+    that keeps equal beams asks for the same path several times, and one forward serves them all.
+    A repeat has the same tokens and the same read positions (paths whose steps split the same
+    text differently, a step holding the tag, are read apart)."""
+    seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+    result: Sequences = []
+    for ids, positions in sequences:
+        key = (tuple(ids), tuple(positions))
+        result.append(([], []) if key in seen or not ids else (ids, positions))
         seen.add(key)
     return result
 
@@ -130,8 +132,7 @@ def distinct(sequences: Sequence[list[int]]) -> list[list[int]]:
 def whole_paths(sequences: Sequences) -> Sequences:
     """Each distinct path with steps once, in first-seen order: what a scorer that forwards every
     path whole (vLLM's engine, a served PRM) runs."""
-    firsts = distinct([ids for ids, _ in sequences])
-    return [(ids, positions) for ids, (_, positions) in zip(firsts, sequences) if ids]
+    return [(ids, positions) for ids, positions in distinct(sequences) if ids]
 
 
 def whole_path_tokens(sequences: Sequences) -> int:
@@ -142,8 +143,13 @@ def whole_path_tokens(sequences: Sequences) -> int:
 def readings_of(sequences: Sequences, work: Sequences, scores: list[list[float]]) -> list[PRMReading]:
     """Per asked path its reading: the scores of `work` (`whole_paths`), a repeat its first's, a
     path without steps none."""
-    readings = {tuple(ids): PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences}
+    readings = {reading_key(ids, pos): PRMReading(tuple(ids), tuple(pos), ()) for ids, pos in sequences}
     for (ids, pos), row_scores in zip(work, scores):
-        readings[tuple(ids)] = PRMReading(tuple(ids), tuple(pos), tuple(row_scores))
-    return [readings[tuple(ids)] for ids, _ in sequences]
+        readings[reading_key(ids, pos)] = PRMReading(tuple(ids), tuple(pos), tuple(row_scores))
+    return [readings[reading_key(ids, pos)] for ids, pos in sequences]
+
+
+def reading_key(ids: Sequence[int], positions: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """What makes two asked paths one reading: their tokens and their read positions."""
+    return tuple(ids), tuple(positions)
 

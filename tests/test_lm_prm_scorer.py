@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from policies.tiny_model import TinyModelConfig
 from scorers.lm_prm_scorer import LMPRMScorer
-from scorers.prm_layout import last_token_before
+from scorers.prm_layout import last_token_before, readings_of, whole_paths
 from scorers.prm_batches import PRMBatch, forwarded_tokens, plan_batches
 from scorers.prm_format import QWEN_SYSTEM, PRMFormat, resolve_prm_format
 from scorers.prm_readers import ScoreHead
@@ -199,6 +199,26 @@ def test_a_repeated_path_is_forwarded_once(prm_dir):
     assert readings[0].positions == alone.positions and readings[0].step_scores == pytest.approx(alone.step_scores)
     as_asked = LMPRMScorer(scorer.model, scorer.tokenizer, share_prefix=False, cache_bytes=0)  # shares nothing
     assert as_asked.cost(twice) == sum(len(r.token_ids) for r in readings) > once
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_paths_of_one_text_split_into_other_steps_are_read_apart(prm_dir, share_prefix):
+    """A step that holds the tag and joiner lays out as the two steps it spans: same tokens, other
+    read positions; each path gets its own reading (one score per step), in one call or alone."""
+    base = LMPRMScorer.from_pretrained(prm_dir, cache_bytes=0)  # math_shepherd: " ки" after a step, "\n" between
+    scorer = LMPRMScorer(base.model, base.tokenizer, share_prefix=share_prefix, cache_bytes=0)
+    joined = Prefix(PROBLEM, (step("4 * 2 = 8" + scorer.format.step_tag + scorer.format.step_join + "3 + 8 = 11"),))
+    split = Prefix(PROBLEM, (step("4 * 2 = 8"), step("3 + 8 = 11")))
+    together = scorer.read([joined, split, joined])
+    assert together[0].token_ids == together[1].token_ids and together[0].positions != together[1].positions
+    assert [len(r.step_scores) for r in together] == [1, 2, 1] and together[2] == together[0]
+    for reading, path in zip(together, [joined, split]):
+        assert reading.step_scores == pytest.approx(scorer.read([path])[0].step_scores)
+    # the helpers of the vLLM and served scorers key a reading the same way
+    sequences = [(list(r.token_ids), list(r.positions)) for r in together]
+    work = whole_paths(sequences)
+    assert work == sequences[:2]
+    assert [r.step_scores for r in readings_of(sequences, work, [[0.1], [0.2, 0.3]])] == [(0.1,), (0.2, 0.3), (0.1,)]
 
 
 def test_think_tags_are_dropped_from_the_steps(prm_dir):
