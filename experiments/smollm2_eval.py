@@ -119,12 +119,13 @@ NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 def flexible_answer(text: str, finished: bool = True) -> str | None:
     """The strict final answer (last \\boxed{}, "#### N", "Answer: N") when there is a non-empty
     one, else the last number of a finished text (SmolLM2 almost never boxes its answer); a text
-    cut by the token limit has no final number (its last number is wherever the cut fell)."""
+    cut by the token limit has no final number (its last number is wherever the cut fell). In the
+    form majority votes compare (`grading.canonical_answer`: "$18.50" is "18.5")."""
     strict = gsm8k.extract_answer(text)
     if strict:  # "" when the model echoes the instruction's empty \\boxed{}
         return strict
     numbers = NUMBER.findall(text) if finished else []
-    return numbers[-1].replace(",", "").replace("$", "") if numbers else None
+    return grading.canonical_answer(numbers[-1]) if numbers else None
 
 
 def flexible_grade(problem: Problem, text: str, finished: bool = True) -> bool:

@@ -8,10 +8,12 @@ import time
 
 import pytest
 
-from experiments.tasks import ceval, math500
+from experiments.metrics import CandidateOutcome, ProblemOutcome, problem_accuracy
+from experiments.tasks import ceval, gsm8k, math500
 from experiments.tasks.grading import (
     answer_line,
     answers_match,
+    canonical_answer,
     extract_choice,
     extract_final_answer,
     grade_math,
@@ -19,6 +21,7 @@ from experiments.tasks.grading import (
     normalize_text,
 )
 from experiments.tasks.loader_errors import default_data_dir
+from treesearch.records import Problem
 
 DATA = default_data_dir()
 needs_data = pytest.mark.skipif(not (DATA / "math500").is_dir(), reason=f"shared data folder missing: {DATA}")
@@ -26,6 +29,31 @@ needs_data = pytest.mark.skipif(not (DATA / "math500").is_dir(), reason=f"shared
 
 # ---------------------------------------------------------------------------------------------
 # MATH answers
+
+
+@pytest.mark.parametrize(("answers", "form"), [
+    (["18", "18.00", "$18", "\\$18", "18.", "\\text{18 apples}"], "18"),
+    (["0.5", ".5", "1/2", "\\frac{1}{2}", "\\dfrac{1}{2}", "$0.50$"], "0.5"),
+    (["-3.5", "-\\frac{7}{2}", "-7/2"], "-3.5"),
+    (["1,234", "1{,}234", "1234"], "1234"),
+    (["1/3", "\\frac{1}{3}"], "1/3"),
+    (["$x^2 + 1$", "x^2  + 1"], "x^2 + 1"),
+])
+def test_answers_of_one_value_have_one_canonical_form(answers, form):
+    assert {canonical_answer(a) for a in answers} == {form}
+    assert all(answers_match(a, form) for a in answers)  # and it grades as they do
+
+
+def test_majority_votes_count_one_value_written_differently_as_one_answer():
+    """Three samples give 18 in three notations, two give 20: maj@5 is right (voting on the raw
+    strings "18" / "18.00" / "$18" split the 18s and 20 won)."""
+    texts = ["The answer is \\boxed{18}", "so\n#### 18.00", "Answer: $18", "\\boxed{20}", "\\boxed{20}"]
+    problem = Problem("p", "q", "18")
+    outcome = ProblemOutcome("p", tuple(CandidateOutcome(gsm8k.extract_answer(t), gsm8k.grade(problem, t), 0.5)
+                                        for t in texts))  # as experiments.outcomes.grade_result makes it
+    assert [c.answer for c in outcome.candidates] == ["18", "18", "18", "20", "20"]
+    assert [c.correct for c in outcome.candidates] == [True, True, True, False, False]
+    assert problem_accuracy(outcome, 5, "majority") == problem_accuracy(outcome, 5, "weighted_majority") == 1.0
 
 
 def test_matrix_row_breaks_survive_normalisation():

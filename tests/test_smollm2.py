@@ -135,7 +135,8 @@ def test_flexible_grading_takes_the_last_number_of_a_finished_answer():
     assert flexible_answer("So, James runs 1,400 meters a week.") == "1400"
     assert flexible_answer("first 1400, then \\boxed{7}, then 1400") == "7"  # a strict answer wins
     assert flexible_answer("put it in \\boxed{}. So 1400.") == "1400"  # an echoed empty box is no answer
-    assert flexible_answer("It costs $18.50.") == "18.50" and flexible_answer("no digits") is None
+    assert flexible_answer("It costs $18.50.") == "18.5" and flexible_answer("no digits") is None
+    assert flexible_answer("\\boxed{18.00}") == flexible_answer("It is $18.") == "18"  # one vote for one value
     assert flexible_answer("so 2 * 700 = 1400", finished=False) is None  # cut by the token limit
     assert flexible_grade(problem, "He runs 1,400 meters.") and not flexible_grade(problem, "He runs 140 meters.")
 

@@ -8,6 +8,7 @@ Extraction reads what a completion commits to:
     answer_line("...\\nAnswer: 42")               -> "42"
     extract_choice("...\\nANSWER: C")             -> "C"
     extract_final_answer(text)                   -> boxed, else "####", else "Answer:"; None if none
+    canonical_answer("$18.00")                   -> "18"   (the form majority votes compare)
 
 Equivalence (`answers_match(predicted, reference)`) tries a fast path first (equal text after
 light normalisation; plain numbers such as "$1,000", "0.5" and "1/2" compared exactly as
@@ -241,6 +242,31 @@ def parse_number(answer: str) -> Fraction | None:
     except (ValueError, ZeroDivisionError):
         return None
     return None
+
+
+def canonical_answer(answer: str) -> str:
+    """The form majority votes compare: a plain number as its exact value, in decimals where they
+    end ("18", "18.00", "$18" -> "18"; "0.5", "\\frac{1}{2}" -> "0.5"; "1/3" -> "1/3"), anything
+    else as its normalised text. Answers of one form grade alike (`fast_match`); answers equal only
+    symbolically ("\\frac{\\sqrt{2}}{2}" vs "\\frac{1}{\\sqrt{2}}") keep their own forms."""
+    number = parse_number(answer)
+    return normalize_text(answer) if number is None else exact_text(number)
+
+
+def exact_text(number: Fraction) -> str:
+    """number as a terminating decimal when it is one ("-3.5", "1234"), else "p/q"."""
+    denominator, twos, fives = number.denominator, 0, 0
+    while denominator % 2 == 0:
+        denominator, twos = denominator // 2, twos + 1
+    while denominator % 5 == 0:
+        denominator, fives = denominator // 5, fives + 1
+    if denominator != 1:
+        return f"{number.numerator}/{number.denominator}"
+    places = max(twos, fives)
+    scaled = abs(number.numerator) * 10**places // number.denominator
+    sign = "-" if number < 0 else ""
+    whole, part = divmod(scaled, 10**places) if places else (scaled, 0)
+    return f"{sign}{whole}" if not places else f"{sign}{whole}.{part:0{places}d}"
 
 
 def fast_match(predicted: str, reference: str) -> bool | None:
