@@ -76,7 +76,7 @@ from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
-from experiments.sweep_metrics import BUDGET_FIELDS, run_metrics
+from experiments.sweep_metrics import BUDGET_FIELDS, read_run_config, run_metrics
 from policies.gc_freeze import freeze_long_lived
 from treesearch.concurrent import search_each
 from treesearch.config_checks import is_int
@@ -474,7 +474,7 @@ def write_metrics(out: Path, problems: Sequence[Problem]) -> dict[str, Any]:
     """metrics.json over the rows of this run's problems."""
     wanted = {p.id for p in problems}
     rows = [row for row in load_rows(out / RECORDS) if row["problem_id"] in wanted]
-    metrics = run_metrics(rows)
+    metrics = run_metrics(rows, run_config=read_run_config(out))
     write_atomic(out / METRICS, json.dumps(metrics, indent=2))
     return metrics
 

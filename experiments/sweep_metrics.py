@@ -170,8 +170,12 @@ def run_budget(strategy: str, strategy_config: dict[str, Any], run_config: dict[
     return budget_of(strategy, strategy_config)
 
 
-def run_metrics(rows: Sequence[dict[str, Any]], difficulty_key: str = "num_ops", seed: int = 0) -> dict[str, Any]:
-    """Every metric of one run's rows (see the module docstring)."""
+def run_metrics(
+    rows: Sequence[dict[str, Any]], difficulty_key: str = "num_ops", seed: int = 0,
+    run_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Every metric of one run's rows (see the module docstring); run_config (its config.yaml)
+    files a compute-matched MCTS run under its N, as the sweep table does (`run_budget`)."""
     rows = unique_rows(rows)
     if not rows:
         raise ValueError("no records: nothing to compute metrics from")
@@ -180,7 +184,7 @@ def run_metrics(rows: Sequence[dict[str, Any]], difficulty_key: str = "num_ops",
     metrics: dict[str, Any] = {
         "problems": len(rows),
         "strategy": strategy,
-        "budget": budget_of(strategy, rows[0]["config"]),
+        "budget": run_budget(strategy, rows[0]["config"], run_config or {}),
         "accuracy": estimate_dict(bootstrap([chosen_correct(r) for r in rows], seed=seed)),
         f"accuracy_by_{difficulty_key}": accuracy_by(rows, difficulty_key, seed),
         "all_candidates": {
@@ -472,7 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if (args.path / RECORDS).is_file():
-            print(json.dumps(run_metrics(load_rows(args.path / RECORDS, repair=False)), indent=2))
+            config = read_run_config(args.path) if (args.path / CONFIG).is_file() else {}
+            print(json.dumps(run_metrics(load_rows(args.path / RECORDS, repair=False), run_config=config), indent=2))
             return 0
         summaries = sweep_summaries(args.path)
     except (RunFolderError, ValueError) as err:

@@ -338,6 +338,20 @@ def test_the_sweep_table_keeps_its_columns_for_a_long_strategy_name():
     assert len({len(line) for line in lines}) == 1
 
 
+def test_a_compute_matched_mcts_run_reports_its_n_alone_as_in_the_sweep(tmp_path, capsys):
+    """MCTS at N = 4 matched to Best-of-4's tokens runs up to 16 N = 64 simulations: its own
+    metrics (`sweep_metrics RUN`, the search's metrics.json) say N = 4, as the sweep table does."""
+    run = tmp_path / "mcts_4"
+    write_run(run, "mcts", 64, 0, [True, False], 40, settings={"token_budget": 40})
+    config = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({**config, "budget": 4})))
+    assert sweep_metrics.main([str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["budget"] == 4
+    assert [r.budget for r in sweep_summaries(tmp_path)] == [4]
+    rows = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    assert run_metrics(rows)["budget"] == 64  # without the run's config: its simulations
+
+
 def test_strategies_with_other_settings_are_separate_series(tmp_path):
     """search=particle_filtering search.temperature=0.2,1.0 across budgets: two series, each of its
     budgets; a setting that differs only with the run (n, seed, MCTS's token budget) splits nothing."""
