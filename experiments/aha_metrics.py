@@ -93,12 +93,12 @@ AHA_THRESHOLD = 0.1
 def aha_step(steps: Sequence[int], gaps: Sequence[float], threshold: float = AHA_THRESHOLD) -> int | None:
     """The aha moment: the first step s such that the gap at s and at every later step is above
     threshold (the curves have split for good); None when the last gap is not above it. steps
-    ascending, gaps the held-out diff_prob at each."""
+    ascending, gaps the held-out diff_prob at each (a NaN gap, a diverged head, is not above)."""
     if len(steps) != len(gaps):
         raise ValueError(f"{len(steps)} steps but {len(gaps)} gaps")
     split = None
     for step, gap in zip(reversed(steps), reversed(gaps)):
-        if gap <= threshold:
+        if not gap > threshold:
             break
         split = step
     return split

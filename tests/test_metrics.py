@@ -25,6 +25,13 @@ def test_best_score_groups_first_on_ties():
     assert problem_accuracy(P, 4, "best_score") == 0.0
 
 
+def test_a_nan_score_is_never_the_best_wherever_it_stands():
+    nan = float("nan")
+    for scores in ([nan, 0.9, 0.1], [0.9, nan, 0.1], [0.1, 0.9, nan]):
+        outcome = ProblemOutcome("q", tuple(C("1", s == 0.9, s) for s in scores))
+        assert problem_accuracy(outcome, 3, "best_score") == 1.0  # the 0.9 candidate
+
+
 def test_majority_and_weighted_majority():
     # N=4 majority: 7 x2, 5 x2, tie -> first seen "7" -> right
     assert problem_accuracy(P, 4, "majority") == 1.0

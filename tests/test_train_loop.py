@@ -276,6 +276,9 @@ def test_aha_step_is_where_the_gap_stays_above_the_threshold():
     assert aha_step([0, 10], [0.0, 0.1]) is None  # "above" is strict; the last gap decides
     assert aha_step([0, 10], [0.3, 0.3]) == 0
     assert aha_step([0, 10], [0.3, 0.3], threshold=0.5) is None
+    nan = float("nan")  # a diverged head's gap: never a split
+    assert aha_step([0, 100, 200, 300], [0.0, 0.05, nan, nan]) is None
+    assert aha_step([0, 100, 200, 300], [0.2, nan, 0.3, 0.4]) == 200
     with pytest.raises(ValueError, match="2 steps but 1 gaps"):
         aha_step([0, 1], [0.5])
     rows = [{"step": 0, "fc/diff_prob": 0.5, "heldout_fc/diff_prob": 0.0}, {"step": 5, "heldout_fc/diff_prob": 0.2}]

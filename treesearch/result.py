@@ -66,11 +66,12 @@ class SearchResult:
 
 
 def argmax_first(values: list[float] | tuple[float, ...]) -> int | None:
-    """Index of the largest value, the first one on ties; None for an empty list."""
+    """Index of the largest value, the first one on ties; None for an empty list. A NaN is below
+    every number (a NaN first no longer wins by comparing False both ways)."""
     if not values:
         return None
     best = 0
     for i, v in enumerate(values):
-        if v > values[best]:
+        if v > values[best] or (values[best] != values[best] and v == v):  # x != x: NaN
             best = i
     return best
