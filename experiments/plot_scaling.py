@@ -29,7 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_strategy
-from experiments.sweep_metrics import RunFolderError, RunSummary, sweep_summaries, workload_note
+from experiments.sweep_metrics import RunFolderError, RunSummary, sweep_notes, sweep_summaries
 
 WORKLOAD_MARKERS = ("o", "s", "^", "D", "v", "P")  # one shape per workload
 
@@ -82,8 +82,7 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
 def run_scaling(args: argparse.Namespace) -> int:
     try:
         runs = sweep_summaries(args.sweep_dir)
-        note = workload_note(runs, args.sweep_dir)
-        if note:
+        for note in sweep_notes(runs, args.sweep_dir):
             print(note, file=sys.stderr)
         out = plot_runs(runs, args.sweep_dir.name, args.out or args.sweep_dir / "scaling.png", args.threshold)
     except (RunFolderError, ValueError) as err:

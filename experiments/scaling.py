@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments.metrics import Estimate, bootstrap
-from experiments.sweep_metrics import RunFolderError, RunSummary, estimate_dict, sweep_summaries, workload_note
+from experiments.sweep_metrics import RunFolderError, RunSummary, estimate_dict, sweep_notes, sweep_summaries
 
 DEFAULT_THRESHOLD = 0.01
 FLAT_TOLERANCE = 1e-12  # accuracies this close (relative) are one value: a flat series, r2 undefined
@@ -216,8 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RunFolderError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    note = workload_note(runs, args.sweep_dir)
-    if note:
+    for note in sweep_notes(runs, args.sweep_dir):
         print(note, file=sys.stderr)
     out = args.sweep_dir / "scaling.json"
     out.write_text(json.dumps({"threshold": args.threshold, "series": [s.to_dict() for s in series]}, indent=2))

@@ -22,7 +22,9 @@ from its own only in the temperature (`attach_greedy`). A sweep folder can hold 
 rerun of `experiment=budget_sweep` with another `task.count` or `task=` writes beside the old
 runs): rows, scaling series and plot lines are then kept apart per workload, never pooled as if
 they were seeds, each labelled by its task and the keys that tell it apart (`arith
-(task.count=2)`), and the commands print a one-line note on stderr (`workload_note`).
+(task.count=2)`), and the commands print a one-line note on stderr (`workload_note`). A run with
+fewer problems than the largest of its workload (still running, or stopped) is named in another
+note (`partial_note`): its point covers only the problems it has done.
 
 Scorer: the scorer's class (`SPRMScorer` for `scorers.sprm_scorer.SPRMScorer.from_pretrained`);
 runs of one workload whose scorers share a class but differ in a setting (`scorer=sprm_forward,orm`
@@ -446,6 +448,27 @@ def workload_note(summaries: Sequence[RunSummary], sweep_dir: str | Path) -> str
             f"each is its own group, never pooled: {groups}")
 
 
+def partial_note(summaries: Sequence[RunSummary]) -> str | None:
+    """One line for stderr naming the runs that hold fewer problems than the largest run of their
+    workload (None when there are none): a run still being written, or stopped, measures only
+    the problems it has done, so its point is not comparable with its neighbours' yet."""
+    most: dict[str, int] = defaultdict(int)
+    for s in summaries:
+        most[s.workload] = max(most[s.workload], s.problems)
+    short = [f"{s.run} ({s.problems} of {most[s.workload]})" for s in summaries if s.problems < most[s.workload]]
+    if not short:
+        return None
+    runs = f"{len(short)} runs hold" if len(short) > 1 else "1 run holds"
+    return (f"note: {runs} fewer problems than the largest run of its workload "
+            f"(still running, or stopped? rerun its command to finish it): {', '.join(short)}")
+
+
+def sweep_notes(summaries: Sequence[RunSummary], sweep_dir: str | Path) -> list[str]:
+    """The stderr notes on a sweep's runs: several workloads (`workload_note`), unfinished runs
+    (`partial_note`)."""
+    return [note for note in (workload_note(summaries, sweep_dir), partial_note(summaries)) if note]
+
+
 def write_sweep_table(summaries: Sequence[RunSummary], out_dir: Path) -> tuple[Path, Path]:
     """sweep_metrics.csv (one row per run) and sweep_metrics.json (the same rows) in out_dir."""
     rows = [s.table_row() for s in summaries]
@@ -483,8 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RunFolderError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    note = workload_note(summaries, args.path)
-    if note:
+    for note in sweep_notes(summaries, args.path):
         print(note, file=sys.stderr)
     csv_path, _ = write_sweep_table(summaries, args.path)
     print(format_table(summaries))

@@ -338,6 +338,19 @@ def test_the_sweep_table_keeps_its_columns_for_a_long_strategy_name():
     assert len({len(line) for line in lines}) == 1
 
 
+def test_a_run_with_fewer_problems_than_its_workload_is_named(synthetic_sweep, capsys):
+    """A run still being written (or stopped) covers fewer problems: each command says which."""
+    rows = (synthetic_sweep / "beam-4-1" / "records.jsonl").read_text().splitlines()
+    (synthetic_sweep / "beam-4-1" / "records.jsonl").write_text("\n".join(rows[:3]) + "\n")
+    expected = ("note: 1 run holds fewer problems than the largest run of its workload (still running, or stopped? "
+                "rerun its command to finish it): beam-4-1 (3 of 10)")
+    assert sweep_metrics.main([str(synthetic_sweep)]) == 0
+    assert capsys.readouterr().err.strip() == expected
+    assert scaling.main([str(synthetic_sweep)]) == 0
+    assert capsys.readouterr().err.strip() == expected
+    assert sweep_metrics.partial_note(sweep_summaries(synthetic_sweep)) == expected
+
+
 def test_a_compute_matched_mcts_run_reports_its_n_alone_as_in_the_sweep(tmp_path, capsys):
     """MCTS at N = 4 matched to Best-of-4's tokens runs up to 16 N = 64 simulations: its own
     metrics (`sweep_metrics RUN`, the search's metrics.json) say N = 4, as the sweep table does."""
