@@ -33,6 +33,7 @@ import torch
 
 ADVANTAGE_EPS = 1e-6
 KL_CLAMP = 10.0
+KL_LOG_RATIO_CLAMP = 20.0
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,10 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def low_variance_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(policy || reference) per token: d = ref - logp, exp(d) - d - 1 (>= 0),
-    clamped to [-10, 10] as verl. [B, T] -> [B, T]."""
-    d = ref_logprobs - logprobs
+    clamped to [-10, 10] as verl, d itself to [-20, 20] first as verl does (the same values: past
+    it the result is clamped anyway; without it exp(d) overflows at d > 88 and the backward of
+    a masked-out token turns 0 x inf into a NaN gradient). [B, T] -> [B, T]."""
+    d = (ref_logprobs - logprobs).clamp(min=-KL_LOG_RATIO_CLAMP, max=KL_LOG_RATIO_CLAMP)
     return (torch.exp(d) - d - 1).clamp(min=-KL_CLAMP, max=KL_CLAMP)
 
 

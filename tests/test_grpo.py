@@ -55,6 +55,12 @@ def test_entropy_and_k3_kl():
     logp = torch.zeros(1, 4)
     kl = low_variance_kl(logp, torch.tensor([[0.0, 1.0, -1.0, 20.0]]))
     assert kl[0].tolist() == pytest.approx([0.0, math.e - 2, math.exp(-1), 10.0], rel=1e-6)
+    # a masked-out token far from the reference (d = 95: exp overflows) leaves the gradient finite
+    logp = torch.tensor([[-1.0, -100.0]], requires_grad=True)
+    kl = token_mean(low_variance_kl(logp, torch.tensor([[-1.2, -5.0]])), torch.tensor([[1.0, 0.0]]))
+    kl.backward()
+    assert kl.item() == pytest.approx(math.exp(-0.2) + 0.2 - 1, rel=1e-5)
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 1] == 0
 
 
 def test_total_composes_the_parts():
