@@ -233,7 +233,9 @@ def final_metrics(
 
 
 def check_same_source(train: RolloutCache, test: RolloutCache) -> None:
-    """The two caches must come from one policy on one task (a ValueError naming both)."""
+    """The two caches must come from one policy on one task, and the held-out one must share no
+    problem with the training one (its numbers would be measured on training data); a
+    ValueError naming both otherwise."""
     if train.spec["policy_dir"] != test.spec["policy_dir"] or train.hidden_size != test.hidden_size:
         raise ValueError(
             f"train cache of {train.spec['policy_dir']} (C={train.hidden_size}) and test cache of "
@@ -241,6 +243,13 @@ def check_same_source(train: RolloutCache, test: RolloutCache) -> None:
         )
     if train.task != test.task:
         raise ValueError(f"train cache task {train.task!r} differs from test cache task {test.task!r}")
+    shared = sorted(set(train.problem_ids) & set(test.problem_ids))
+    if shared:
+        raise ValueError(
+            f"the test cache (split {test.spec.get('split')!r}) shares {len(shared)} of its {len(test.problem_ids)} "
+            f"problems with the train cache (split {train.spec.get('split')!r}), e.g. {shared[0]!r}: held-out "
+            "numbers need a cache of other problems (the test split)"
+        )
 
 
 def check_pair(train: RolloutCache, test: RolloutCache, layer: int) -> None:

@@ -8,6 +8,7 @@ random checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -258,20 +259,41 @@ def test_cache_cli_prints_bad_settings_as_one_error_line(tmp_path, capsys):
                                        "Point --policy at an existing checkpoint folder\n")
 
 
+def held_out(cache: RolloutCache) -> RolloutCache:
+    """The same rollouts filed under other problems: a cache the held-out check accepts beside cache."""
+    return dataclasses.replace(cache, problem_ids=tuple(f"held-out {i}" for i in cache.problem_ids))
+
+
+def test_a_test_cache_of_training_problems_is_refused(tmp_path):
+    """Held-out numbers measured on training problems (the same cache twice, or a cache of the
+    train split) are refused before training, naming the overlap."""
+    cache = synthetic_cache([True, False] * 4, 2, [1] * 8)
+    check_pair(cache, held_out(cache), -2)
+    with pytest.raises(ValueError, match=r"the test cache \(split 'test'\) shares 4 of its 4 problems with the "
+                                         r"train cache \(split 'test'\), e.g. 'p0': held-out numbers need"):
+        check_pair(cache, cache, -2)
+    save_cache(cache, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="shares 4 of its 4 problems"):
+        run_head_training(tmp_path / "c.pt", tmp_path / "c.pt", HeadTrainConfig(steps=1), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_batch_larger_than_the_cache_is_noted(tmp_path, capsys):
     assert batch_note(64, 64) is None
     assert batch_note(1000, 64) == ("note: batch_rollouts=1000 exceeds the train cache's 64 rollouts: every step "
                                     "trains on all 64 (full-batch steps)")
-    save_cache(synthetic_cache([True, False] * 4, 2, [1] * 8), tmp_path / "c.pt")
+    cache = synthetic_cache([True, False] * 4, 2, [1] * 8)
+    save_cache(cache, tmp_path / "c.pt")
+    save_cache(held_out(cache), tmp_path / "t.pt")
     cfg = HeadTrainConfig(steps=1, batch_rollouts=1000, eval_every=0)
-    run_head_training(tmp_path / "c.pt", tmp_path / "c.pt", cfg, tmp_path / "run", save=False, progress=False)
+    run_head_training(tmp_path / "c.pt", tmp_path / "t.pt", cfg, tmp_path / "run", save=False, progress=False)
     assert "batch_rollouts=1000 exceeds the train cache's 8 rollouts" in capsys.readouterr().err
 
 
 def test_a_layer_the_caches_lack_is_a_value_error_naming_the_cache():
     cache = synthetic_cache([True, False], 2, [1, 1])
     with pytest.raises(ValueError, match=r"train cache: feature_layer=-1 is not in the cache \(it holds \[-2\]\)"):
-        check_pair(cache, cache, -1)
+        check_pair(cache, held_out(cache), -1)
 
 
 def test_a_damaged_cache_file_is_named(tmp_path):
@@ -428,8 +450,9 @@ def test_build_save_load_round_trip_on_the_tiny_policy(tiny, tmp_path):
 def test_run_writes_metrics_plot_rows_and_a_loadable_head(handmade, tmp_path):
     cache, problems, paths = handmade
     save_cache(cache, tmp_path / "train.pt")
+    save_cache(held_out(cache), tmp_path / "test.pt")
     cfg = HeadTrainConfig(labels="spr", warmup_steps=2, steps=4, batch_rollouts=2, eval_every=2, log_every=1)
-    metrics = run_head_training(tmp_path / "train.pt", tmp_path / "train.pt", cfg, tmp_path / "run", progress=False)
+    metrics = run_head_training(tmp_path / "train.pt", tmp_path / "test.pt", cfg, tmp_path / "run", progress=False)
     assert {"arith.sprm_bon@2", "arith.conf_bon@2", "arith.maj@2", "arith.pass@1", "arith.pass@2",
             "arith.sprm_within_auc", "arith.sprm_step_auc", "aha.diff_prob_first", "arith.ci95"} <= set(metrics)
     rows = load_metrics(tmp_path / "run" / "metrics.jsonl")  # what `python -m experiments.plot aha` reads
