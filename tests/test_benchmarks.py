@@ -332,6 +332,15 @@ def test_malformed_ceval_items_name_the_line(tmp_path):
     with pytest.raises(DataFormatError, match="bad JSON") as caught:
         ceval.load_ceval(path)
     assert caught.value.line == good.count("\n") + 4
+    # a second array (or text) after the closing ']' would be dropped without a word: named instead
+    for tail in (f"\n[\n{good}\n]\n", " xyz"):
+        for body in (f"[\n{good}\n]", "[]"):
+            path.write_text(body + tail, encoding="utf-8")
+            with pytest.raises(DataFormatError, match=r"text after the array's closing '\]'") as caught:
+                list(ceval.load_ceval(path))
+            assert caught.value.line == body.count("\n") + 1 + (tail.startswith("\n"))
+    path.write_text(f"[\n{good}\n]\n\n", encoding="utf-8")  # trailing whitespace is fine
+    assert len(ceval.load_ceval(path)) == 1
 
 
 def test_malformed_parquet_row_names_row_and_nested_field(tmp_path):

@@ -167,6 +167,7 @@ def read_json_array(path: Path) -> Iterator[tuple[RowLocation, Row]]:
         raise DataFormatError(path, _line_of(text, index), "expected a JSON array ('[')")
     index = _skip_whitespace(text, index + 1)
     if text.startswith("]", index):
+        _check_nothing_after(path, text, index + 1)
         return
     while True:
         line = _line_of(text, index)
@@ -179,10 +180,19 @@ def read_json_array(path: Path) -> Iterator[tuple[RowLocation, Row]]:
         yield RowLocation(Path(path), line), record
         index = _skip_whitespace(text, index)
         if text.startswith("]", index):
+            _check_nothing_after(path, text, index + 1)
             return
         if not text.startswith(",", index):
             raise DataFormatError(path, _line_of(text, index), "bad JSON: expected ',' or ']' after an item")
         index = _skip_whitespace(text, index + 1)
+
+
+def _check_nothing_after(path: Path, text: str, index: int) -> None:
+    """DataFormatError naming the line when anything but whitespace follows the array's ']' (a
+    second array or rows appended after it would be dropped without a word)."""
+    index = _skip_whitespace(text, index)
+    if index < len(text):
+        raise DataFormatError(path, _line_of(text, index), "bad JSON: text after the array's closing ']'")
 
 
 def read_parquet_rows(path: Path) -> Iterator[tuple[RowLocation, Row]]:
