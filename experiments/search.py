@@ -77,6 +77,7 @@ from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
 from experiments.sweep_metrics import BUDGET_FIELDS, read_run_config, run_metrics
+from experiments.tasks.benchmark_split import check_unique_ids
 from policies.gc_freeze import freeze_long_lived
 from treesearch.concurrent import search_each
 from treesearch.config_checks import is_int
@@ -265,14 +266,16 @@ def load_task(task_cfg: DictConfig) -> tuple[Task, list[Problem]]:
 
 
 def check_has_problems(task_cfg: DictConfig, problems: Sequence[Problem]) -> None:
-    """A ValueError naming the task when it gives no problems (count 0, an empty file): refused
-    before the policy loads or the run folder is written, not after with "no records"."""
+    """A ValueError naming the task when it gives no problems (count 0, an empty file) or two of
+    one id (a task module of one's own; the benchmarks check their whole file): refused before
+    the policy loads or the run folder is written, not after with "no records" or rows of one id."""
+    name = str(task_cfg.module).rsplit(".", 1)[-1]
     if not problems:
-        name = str(task_cfg.module).rsplit(".", 1)[-1]
         raise ValueError(
             f"task {name} (split={task_cfg.split!r}, count={task_cfg.count!r}) has no problems: nothing to search; "
             "pass task.count >= 1 or a task / file with problems"
         )
+    check_unique_ids(problems, f"task {name}")
 
 
 def chunk_seed(seed: int, problem_ids: Sequence[str]) -> int:

@@ -305,6 +305,21 @@ def test_malformed_jsonl_row_names_file_line_and_field(tmp_path, loader, good_li
         assert repr(field) in str(caught.value)
 
 
+def test_a_repeated_problem_id_names_both_lines(tmp_path):
+    """Records and resume key on problem ids: a file that repeats one (MATH-500's unique_id,
+    C-Eval's id) is refused, not run with two rows of one id and a count that comes up short."""
+    other = {**GOOD_MATH, "unique_id": "test/algebra/2.json"}
+    path = _write(tmp_path / "rows.jsonl", [json.dumps(GOOD_MATH), json.dumps(other), "", json.dumps(GOOD_MATH)])
+    with pytest.raises(DataFormatError, match=r"rows.jsonl, line 4: problem id 'test/algebra/1.json' repeats the one "
+                                              r"at line 1: ids must be unique") as caught:
+        math500.generate_problems("test", 1, 0, BenchmarkConfig(path=str(path)))  # the whole file, not the first 1
+    assert (caught.value.path, caught.value.line) == (str(path), 4)
+    items = ",\n".join(json.dumps(item) for item in (_ceval_item(), _ceval_item(id=1), _ceval_item()))
+    (tmp_path / "c.json").write_text(f"[\n{items}\n]", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"c.json, line 4: problem id 'ceval-math-0' repeats the one at line 2"):
+        ceval.generate_problems("test", None, 0, BenchmarkConfig(path=str(tmp_path / "c.json")))
+
+
 def _ceval_item(answer: str = "A", **changes) -> dict:
     prompt = ("\n以下是中国关于数学考试的单项选择题，请选出其中的正确答案。\n{1+1=____}\nA. {2}\nB. {3}\nC. {4}\nD. {5}\n"
               "让我们一步一步思考。你的回复的最后一行应遵循以下格式：'ANSWER: $LETTER'（不带引号），其中 LETTER 是选项 ABCD 中的一个。\n")

@@ -87,6 +87,20 @@ def test_a_task_without_problems_is_refused_before_the_policy_or_the_folder(monk
     assert not out.exists()
 
 
+def test_a_task_with_a_repeated_problem_id_is_refused_before_the_policy_or_the_folder(monkeypatch, tmp_path):
+    (tmp_path / "twice_task.py").write_text(
+        "from experiments.tasks.arith import prompt_text, grade, extract_answer\n"
+        "from treesearch.records import Problem\n"
+        "def generate_problems(split, count, seed, cfg):\n"
+        "    return [Problem('a', '1+1?', '2'), Problem('b', '1+2?', '3'), Problem('a', '2+2?', '4')]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^task twice_task: problems 1 and 3 share the id 'a': ids must be unique"):
+        run_in_process(["task.module=twice_task", f"policy.path={tmp_path / 'nope'}", f"out_dir={out}"])
+    assert not out.exists()
+
+
 def test_a_finished_run_resumes_without_loading_the_policy(ckpt, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run_in_process([f"policy.path={ckpt}", f"out_dir={out}"] + TINY)

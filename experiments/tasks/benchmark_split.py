@@ -19,6 +19,8 @@ Rules (the same for every benchmark):
 - order: file order, or with shuffle=True a permutation drawn by random.Random(seed), so a
   smaller count is a prefix of a larger one with the same seed (in both orders). Without shuffle
   the seed is not used.
+- ids: unique over the whole file (a run's records and its resume key on them); a repeated id is
+  a DataFormatError naming the file, the repeat's line and the first's.
 
 The config dataclasses of the tasks are frozen and checked on construction (errors name the bad
 value); `experiments/conf/task/*.yaml` build them through `_target_`.
@@ -30,6 +32,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
+from experiments.tasks.loader_errors import DataFormatError
 from treesearch.records import Problem
 
 ALL = -1  # count meaning "the whole split" (None means the same)
@@ -97,6 +100,7 @@ def select_problems(
 ) -> list[Problem]:
     """The first `count` problems (all for None / -1) in file order or a seeded permutation."""
     check_count(task, count)
+    check_unique_ids(problems, task)
     wanted = len(problems) if count is None or count == ALL else int(count)
     if wanted > len(problems):
         raise ValueError(
@@ -107,3 +111,21 @@ def select_problems(
     if shuffle:
         random.Random(seed).shuffle(order)
     return order[:wanted]
+
+
+def check_unique_ids(problems: Sequence[Problem], task: str) -> None:
+    """DataFormatError at a problem whose id an earlier one has (the loaders put the file and the
+    line, or parquet row, in meta "source" and "line" / "row"); ValueError naming the task and
+    both problems' places in its list when the problems do not say where they come from."""
+    first: dict[str, int] = {}
+    for index, problem in enumerate(problems):
+        earlier = first.setdefault(problem.id, index)
+        if earlier == index:
+            continue
+        unit = "row" if "row" in problem.meta else "line"
+        where, then = problem.meta.get(unit), problems[earlier].meta.get(unit)
+        unique = "ids must be unique (records and resume key on them)"
+        if "source" in problem.meta and isinstance(where, int):
+            message = f"problem id {problem.id!r} repeats the one at {unit} {then}: {unique}"
+            raise DataFormatError(problem.meta["source"], where, message, unit=unit)
+        raise ValueError(f"{task}: problems {earlier + 1} and {index + 1} share the id {problem.id!r}: {unique}")
