@@ -5,6 +5,7 @@ number fails at parse time, before any model loads, as argparse's own one-line e
     ap.add_argument("--problems", type=positive_int, default=16)
     ap.add_argument("--top", type=nonnegative_int, default=10)         # 0 means something here
     ap.add_argument("--kv-cache-gib", type=positive_float, default=1.0)
+    ap.add_argument("--port", type=port_number, default=8000)          # 1-65535
     ap.add_argument("--ns", type=int_list(), default=(4, 8, 16, 32))    # "4,8,16": each >= 1
     args = ap.parse_args(argv)
     check_beam_shape(ap, args.n, args.beam_width)                       # N / M across two options
@@ -38,6 +39,18 @@ positive_int = bounded_int(1)
 positive_int.__doc__ = "An argparse type: an integer >= 1 (a count where 0 means nothing)."
 nonnegative_int = bounded_int(0)
 nonnegative_int.__doc__ = "An argparse type: an integer >= 0 (where 0 means something documented)."
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, an integer in 1-65535 (a larger one would wrap around to
+    another port: 70000 bound 4464)."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a port number in 1-65535")
+    return value
 
 
 def positive_float(text: str) -> float:

@@ -21,6 +21,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Sequence
 
+from experiments.cli_args import port_number, positive_float, positive_int
 from experiments.cli_errors import INPUT_ERRORS, USAGE_EXIT
 from policies.gc_freeze import freeze_long_lived
 
@@ -37,13 +38,13 @@ DTYPES = ("float32", "bfloat16", "float16")  # policies.checkpoint.DTYPES, named
 def _common_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (transformers dir; + score_module.pt for the scorer)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    parser.add_argument("--port", type=int, default=default_port)
+    parser.add_argument("--port", type=port_number, default=default_port)
     parser.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default="cpu",
                         help="cpu, cuda or cuda:N: where the transformers backend / the scorer runs (vLLM places itself)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--max-batch", type=int, default=32, help="most requests batched into one backend call")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--max-batch", type=positive_int, default=32, help="most requests batched into one backend call")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for more requests to batch")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level")
 
@@ -54,17 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     policy = services.add_parser("policy", help="POST /generate: completions of a raw text prompt")
     _common_arguments(policy, 8000)
     policy.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
-    policy.add_argument("--max-response-num", type=int, default=64, help="most completions per request")
-    policy.add_argument("--max-rows", type=int, default=256, help="most completions (rows) per backend call")
-    policy.add_argument("--max-prompt-chars", type=int, default=1_000_000)
+    policy.add_argument("--max-response-num", type=positive_int, default=64, help="most completions per request")
+    policy.add_argument("--max-rows", type=positive_int, default=256, help="most completions (rows) per backend call")
+    policy.add_argument("--max-prompt-chars", type=positive_int, default=1_000_000)
     policy.add_argument("--top-p", type=float, default=0.95, help="server-side top-p (the reference's 0.95)")
     policy.add_argument("--repetition-penalty", type=float, default=1.05, help="server-side (the reference's 1.05)")
-    policy.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM on CPU: VLLM_CPU_KVCACHE_SPACE")
+    policy.add_argument("--kv-cache-gib", type=positive_float, default=1.0, help="vLLM on CPU: VLLM_CPU_KVCACHE_SPACE")
     scorer = services.add_parser("scorer", help="POST /score: SPRM path score of a text")
     _common_arguments(scorer, 8001)
-    scorer.add_argument("--max-text-tokens", type=int, default=None, help="default: the model's context")
-    scorer.add_argument("--max-text-chars", type=int, default=1_000_000)
-    scorer.add_argument("--max-batch-tokens", type=int, default=16384, help="most padded tokens per forward")
+    scorer.add_argument("--max-text-tokens", type=positive_int, default=None, help="default: the model's context")
+    scorer.add_argument("--max-text-chars", type=positive_int, default=1_000_000)
+    scorer.add_argument("--max-batch-tokens", type=positive_int, default=16384, help="most padded tokens per forward")
     scorer.add_argument("--feature-layer", type=int, default=None, help="override sprm.json (default -2)")
     scorer.add_argument("--no-prepend-special-tokens", action="store_true",
                         help="tokenise exactly as the reference (add_special_tokens=False), no BOS added")
@@ -116,6 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model folder or score_module.pt, a device torch cannot see) prints one line `error: ...` and
     returns 2 before the server starts, as the other command lines do (`experiments.cli_errors`)."""
     args = build_parser().parse_args(argv)
+    key = _api_key(args)
+    if key is not None and not (key.isascii() and key.isprintable()):
+        print(f"error: the API key (--api-key or ${API_KEY_ENV}) must be printable ASCII: HTTP clients send other "
+              "characters in the Authorization header each their own way, so no request would match it", file=sys.stderr)
+        return USAGE_EXIT
     if args.threads is not None:
         import torch
 

@@ -374,6 +374,36 @@ def test_completer_gives_the_same_text_with_a_shared_prefix_and_with_copied_rows
     assert shared == copied and len({t for texts in shared for t in texts}) > 3
 
 
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--port", "70000", "argument --port: '70000' must be a port number in 1-65535"),  # it bound 70000 - 65536
+    ("--port", "-5", "argument --port: '-5' must be a port number in 1-65535"),
+    ("--threads", "0", "argument --threads: '0' must be an integer >= 1"),  # a traceback from torch before
+    ("--max-batch", "0", "argument --max-batch: '0' must be an integer >= 1"),
+])
+def test_a_bad_number_is_a_usage_error_before_the_model_loads(flag, value, message, tmp_path, capsys):
+    from experiments import serve
+
+    with pytest.raises(SystemExit) as caught:
+        serve.main(["policy", "--model", str(tmp_path / "nowhere"), flag, value])
+    assert caught.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {message}")
+
+
+def test_an_api_key_that_is_not_printable_ascii_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """HTTP headers carry non-ASCII text each client its own way (Starlette reads them as Latin-1,
+    curl sends UTF-8): a key 'clé' matched no UTF-8 client, '密钥' no client at all."""
+    from experiments import serve
+
+    for key in ("clé", "密钥", "tab\tkey"):
+        assert serve.main(["policy", "--model", str(tmp_path / "nowhere"), "--api-key", key]) == 2
+        assert capsys.readouterr().err.startswith("error: the API key (--api-key or $TREESEARCH_API_KEY) must be printable ASCII")
+    monkeypatch.setenv(serve.API_KEY_ENV, "clé")
+    assert serve.main(["policy", "--model", str(tmp_path / "nowhere")]) == 2
+    assert "must be printable ASCII" in capsys.readouterr().err
+    monkeypatch.delenv(serve.API_KEY_ENV)
+    assert serve.main(["policy", "--model", str(tmp_path / "nowhere"), "--api-key", "s3cret-KEY_1"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: checkpoint folder {tmp_path / 'nowhere'} does not exist"
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is visible here")
 @pytest.mark.parametrize("service", ["policy", "scorer"])
 def test_a_gpu_torch_cannot_see_is_named_before_the_model_loads(service, tmp_path):
