@@ -293,6 +293,9 @@ def _load_aime(path: Path):
         (_load_gsm8k, GOOD_GSM8K, json.dumps({"question": 3, "answer": "#### 4"}), "question"),
         (_load_aime, GOOD_AIME, json.dumps({"prompt": "p", "answer": "twelve"}), "answer"),
         (_load_aime, GOOD_AIME, json.dumps({"prompt": "p", "answer": True}), "answer"),
+        (_load_aime, GOOD_AIME, json.dumps({"prompt": "p", "answer": "--5"}), "answer"),  # int() raised, unnamed
+        (_load_aime, GOOD_AIME, json.dumps({"prompt": "p", "answer": "²"}), "answer"),
+        (_load_aime, GOOD_AIME, json.dumps({"prompt": "\n" + prompts.BOXED_INSTRUCTION, "answer": 1}), "prompt"),
     ],
 )
 def test_malformed_jsonl_row_names_file_line_and_field(tmp_path, loader, good_line, bad_line, field):

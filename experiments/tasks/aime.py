@@ -25,6 +25,7 @@ order in the jsonl, extra_info.index in the parquet, so ids differ between the t
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,6 +39,7 @@ Year = Literal[24, 25]
 JSONL_FILES = {24: "metastone/aime24.jsonl", 25: "metastone/aime25.jsonl"}
 PARQUET_FILES = {24: "metastone/aime.parquet"}  # MetaStone ships no AIME 2025 parquet
 _PROMPT_SUFFIX = "\n" + prompts.BOXED_INSTRUCTION
+_INTEGER_RE = re.compile(r"-?[0-9]+")
 SPLITS: tuple[str, ...] = ("test",)
 
 
@@ -71,7 +73,7 @@ class AimeConfig:
 def _canonical_answer(value: Any, where: RowLocation, field: str) -> str:
     """An AIME answer as a canonical integer string; DataFormatError unless it is an integer."""
     text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
-    if not text.lstrip("-").isdigit() or len(text) > 12:
+    if not _INTEGER_RE.fullmatch(text) or len(text) > 12:  # ASCII digits: "²" and "--5" are no integers
         raise where.error(f"expected an integer answer, got {value!r}", field=field)
     return str(int(text))
 
@@ -79,6 +81,8 @@ def _canonical_answer(value: Any, where: RowLocation, field: str) -> str:
 def _jsonl_problem(where: RowLocation, record: dict[str, Any], year: int) -> Problem:
     prompt = where.require_text(record, "prompt")
     question = prompt[: -len(_PROMPT_SUFFIX)] if prompt.endswith(_PROMPT_SUFFIX) else prompt
+    if not question.strip():
+        raise where.error("expected a problem before the boxed instruction, got the instruction alone", field="prompt")
     answer = _canonical_answer(where.require(record, "answer", (int, str)), where, "answer")
     index = where.line - 1
     meta = {"task": "aime", "year": 2000 + year, "index": index, "source": str(where.path), "line": where.line}
