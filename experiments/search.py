@@ -331,7 +331,7 @@ def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") ->
     if has_records and not path.exists():
         raise ConfigMismatchError(f"{out} has {RECORDS} but no {CONFIG}: cannot tell what made them; use another out_dir")
     if has_records:
-        saved = with_run_budget(OmegaConf.to_container(OmegaConf.load(path), resolve=True), budget_field)  # type: ignore[arg-type]
+        saved = with_run_budget(read_run_config(out), budget_field)
         saved = with_added_settings(saved, config, ADDED_SETTINGS)
         diffs = config_differences(saved, config, tuple(IGNORED_KEYS))  # type: ignore[arg-type]
         if diffs:

@@ -375,10 +375,20 @@ def strategy_labels(summaries: Sequence[RunSummary]) -> list[RunSummary]:
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The run folder's config.yaml as plain data, interpolations resolved; RunFolderError naming
+    the file when it is missing, not YAML, not UTF-8, not a mapping or has an interpolation that
+    does not resolve (a hand-edited file)."""
     path = run_dir / CONFIG
     if not path.is_file():
         raise RunFolderError(f"{run_dir}: no {CONFIG} beside {RECORDS}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as err:  # yaml, OmegaConf and decoding errors alike: the file is damaged
+        message = " ".join(str(err).split())
+        raise RunFolderError(f"{path} is not a readable run config ({type(err).__name__}: {message:.300})") from None
+    if not isinstance(config, dict):
+        raise RunFolderError(f"{path} is not a run config: it holds a {type(config).__name__}, not a mapping")
+    return config  # type: ignore[return-value]
 
 
 def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:

@@ -99,6 +99,26 @@ def test_partly_written_chunk_is_rerun_whole_and_only_missing_rows_added(ckpt, t
     assert comparable(after) == comparable(before)  # the rerun chunk drew the same samples
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"- a\n- list\n", r"config.yaml is not a run config: it holds a list, not a mapping"),
+    (b"seed: [unclosed\n", r"config.yaml is not a readable run config \(ParserError: while parsing"),
+    (b"budget: ${oops}\n", r"config.yaml is not a readable run config \(InterpolationKeyError: "),
+    (b"seed: \xff\n", r"config.yaml is not a readable run config \(UnicodeDecodeError: "),
+])
+def test_a_damaged_config_beside_records_is_named_and_nothing_is_written(ckpt, tmp_path, content, message):
+    """A hand-damaged config.yaml in a folder with records: an error naming the file (an
+    AttributeError or Hydra's compact error before), the records untouched."""
+    out = tmp_path / "run"
+    overrides = [f"policy.path={ckpt}", f"out_dir={out}", "task.count=2", "chunk=2", "search.n=2",
+                 "policy.sampling.max_total_tokens=8", "progress=false"]
+    run_in_process(overrides)
+    records = (out / "records.jsonl").read_bytes()
+    (out / "config.yaml").write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        run_in_process(overrides)
+    assert (out / "records.jsonl").read_bytes() == records and (out / "config.yaml").read_bytes() == content
+
+
 def test_chunk_seed_depends_on_seed_and_problem_ids_only():
     assert chunk_seed(0, ["a", "b"]) == chunk_seed(0, ["a", "b"])
     assert len({chunk_seed(0, ["a", "b"]), chunk_seed(1, ["a", "b"]), chunk_seed(0, ["a", "c"]),
