@@ -10,6 +10,7 @@ file left alone (it may be a row another process is still writing, or a read-onl
 
     rows = load_rows(path)                      # [] when the file does not exist
     rows = load_rows(path, repair=False)        # the same, never writing to the file
+    rows = load_rows(path, keys=("problem_id",))  # a row without one is an error naming its line
     append_rows(path, [{"problem_id": "p1", ...}])
 
 Tests: `.venv/bin/pytest tests/test_search_resume.py`.
@@ -46,8 +47,9 @@ def append_rows(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) ->
         os.close(fd)
 
 
-def _parse_lines(path: Path, raw: bytes) -> tuple[list[dict[str, Any]], int]:
-    """(rows, byte length of the trusted part). A torn or unparsable LAST line is left out."""
+def _parse_lines(path: Path, raw: bytes, keys: Sequence[str] = ()) -> tuple[list[dict[str, Any]], int]:
+    """(rows, byte length of the trusted part). A torn or unparsable LAST line is left out; a
+    complete row without one of keys is an error naming its line (a hand edit, not a kill)."""
     rows: list[dict[str, Any]] = []
     good = 0
     lines = raw.split(b"\n")
@@ -61,19 +63,23 @@ def _parse_lines(path: Path, raw: bytes) -> tuple[list[dict[str, Any]], int]:
             if number == len(lines) - 1 and not lines[-1]:
                 break  # the last complete-looking line is garbage: treat it as torn
             raise RecordLogError(f"{path}: line {number} is not a JSON object ({err}); refusing to guess") from err
+        missing = [key for key in keys if key not in row]
+        if missing:
+            raise RecordLogError(f"{path}: line {number} has no {missing[0]!r}: not a row this log writes; refusing to guess")
         rows.append(row)
         good += len(line) + 1
     return rows, good
 
 
-def load_rows(path: str | os.PathLike[str], repair: bool = True) -> list[dict[str, Any]]:
+def load_rows(path: str | os.PathLike[str], repair: bool = True, keys: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Every complete row of the log, in file order; cuts a torn last line off the file unless
-    repair is False (a reader that does not append: the file is only read)."""
+    repair is False (a reader that does not append: the file is only read); keys: what every row
+    must hold (a search's records: "problem_id")."""
     path = Path(path)
     if not path.exists():
         return []
     raw = path.read_bytes()
-    rows, good = _parse_lines(path, raw)
+    rows, good = _parse_lines(path, raw, keys)
     if repair and good < len(raw):
         with open(path, "r+b") as f:
             f.truncate(good)

@@ -76,7 +76,7 @@ from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
-from experiments.sweep_metrics import BUDGET_FIELDS, read_run_config, run_metrics
+from experiments.sweep_metrics import BUDGET_FIELDS, RECORD_KEYS, read_run_config, run_metrics
 from experiments.tasks.benchmark_split import check_unique_ids
 from policies.gc_freeze import freeze_long_lived
 from treesearch.concurrent import search_each
@@ -425,7 +425,7 @@ def search_missing(
     cfg: DictConfig, out: Path, task: Task, parts: Sequence[Sequence[Problem]], strategy_cfg: Any, spec: StrategySpec,
 ) -> None:
     """Run every chunk that has a problem without a row; append its missing rows."""
-    done = {row["problem_id"] for row in load_rows(out / RECORDS)}
+    done = {row["problem_id"] for row in load_rows(out / RECORDS, keys=RECORD_KEYS)}
     todo = [part for part in parts if any(p.id not in done for p in part)]
     if not todo:
         return
@@ -476,7 +476,7 @@ def closing_component(component: Any) -> Iterator[Any]:
 def write_metrics(out: Path, problems: Sequence[Problem]) -> dict[str, Any]:
     """metrics.json over the rows of this run's problems."""
     wanted = {p.id for p in problems}
-    rows = [row for row in load_rows(out / RECORDS) if row["problem_id"] in wanted]
+    rows = [row for row in load_rows(out / RECORDS, keys=RECORD_KEYS) if row["problem_id"] in wanted]
     metrics = run_metrics(rows, run_config=read_run_config(out))
     write_atomic(out / METRICS, json.dumps(metrics, indent=2))
     return metrics

@@ -58,6 +58,7 @@ from experiments.record_log import load_rows
 from treesearch.config_diff import flatten
 
 RECORDS = "records.jsonl"
+RECORD_KEYS = ("problem_id",)  # what every row of a search's records holds (`load_rows` checks it)
 CONFIG = "config.yaml"
 # the strategy config field that is its budget (the N of a sweep); "n" for the others
 BUDGET_FIELDS: dict[str, str] = {"mcts": "iterations"}
@@ -393,7 +394,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
     """The sweep row of one run folder."""
-    rows = unique_rows(load_rows(run_dir / RECORDS, repair=False))  # a search may still be appending
+    rows = unique_rows(load_rows(run_dir / RECORDS, repair=False, keys=RECORD_KEYS))  # a search may still be appending
     if not rows:
         raise RunFolderError(f"{run_dir}: {RECORDS} has no complete rows")
     config = read_run_config(run_dir)
@@ -510,7 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if (args.path / RECORDS).is_file():
             config = read_run_config(args.path) if (args.path / CONFIG).is_file() else {}
-            print(json.dumps(run_metrics(load_rows(args.path / RECORDS, repair=False), run_config=config), indent=2))
+            rows = load_rows(args.path / RECORDS, repair=False, keys=RECORD_KEYS)
+            print(json.dumps(run_metrics(rows, run_config=config), indent=2))
             return 0
         summaries = sweep_summaries(args.path)
     except (RunFolderError, ValueError) as err:

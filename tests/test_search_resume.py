@@ -172,3 +172,22 @@ def test_record_log_treats_a_garbage_last_line_as_torn_but_refuses_one_in_the_mi
     path.write_bytes(b'{"problem_id": "a"}\nnot json\n{"problem_id": "b"}\n')
     with pytest.raises(RecordLogError, match="line 2"):
         load_rows(path)
+
+
+def test_a_records_row_without_a_problem_id_is_named_by_its_line(ckpt, tmp_path):
+    """A hand-edited row `{"foo": 1}`: an error naming file and line (a KeyError before), in the
+    runner and the sweep table; a log of other rows (training metrics) asks for no key."""
+    from experiments.sweep_metrics import summarize_run
+
+    out = tmp_path / "run"
+    overrides = [f"policy.path={ckpt}", f"out_dir={out}", "task.count=2", "chunk=2", "search.n=2",
+                 "policy.sampling.max_total_tokens=8", "progress=false"]
+    run_in_process(overrides)
+    with open(out / "records.jsonl", "a") as f:
+        f.write('{"foo": 1}\n')
+    message = r"records.jsonl: line 3 has no 'problem_id': not a row this log writes"
+    with pytest.raises(RecordLogError, match=message):
+        run_in_process(overrides)
+    with pytest.raises(RecordLogError, match=message):
+        summarize_run(out, tmp_path)
+    assert load_rows(out / "records.jsonl")[-1] == {"foo": 1}  # no key asked for: a row like any other
