@@ -442,3 +442,28 @@ def test_the_command_line_names_a_device_torch_cannot_see_in_one_line(tmp_path):
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: device='cuda' but torch") and "Traceback" not in result.stderr
+
+
+def test_a_head_that_answers_nan_is_a_named_500_and_the_server_keeps_serving(checkpoint, tmp_path):
+    """A diverged head (NaN weights): /score said 200 with "value": null, against its schema."""
+    import shutil
+
+    import torch
+    from fastapi.testclient import TestClient
+
+    from experiments.services.scorer_service import ScorerConfig, TextSPRM, build_scorer_app
+    from policies.reflective_model import ReflectiveModel
+    from scorers.sprm_head import build_sprm_head, save_score_module
+
+    folder = Path(shutil.copytree(checkpoint, tmp_path / "diverged"))
+    head = build_sprm_head(32, seed=0)
+    with torch.no_grad():
+        head[0].weight.fill_(float("nan"))
+    save_score_module(head, folder)
+    model, tokenizer = ReflectiveModel.from_pretrained(str(folder))
+    app = build_scorer_app(TextSPRM(model, tokenizer), ScorerConfig(), "runs/head")
+    with TestClient(app) as client:
+        answer = client.post("/score", json={"text": trace(3), "return_all_scores": True})
+        assert answer.status_code == 500
+        assert answer.json() == {"error": "the SPRM head gave 4 of its 4 scores as NaN (diverged or damaged weights in runs/head?)"}
+        assert client.get("/health").status_code == 200

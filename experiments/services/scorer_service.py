@@ -36,6 +36,7 @@ each text's states equal those of a forward alone up to float rounding) instead 
 """
 from __future__ import annotations
 
+import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
@@ -200,6 +201,10 @@ def build_scorer_app(scorer: TextSPRM, config: ScorerConfig, model_name: str, ap
             result = await batcher.submit(ids)
         except Exception as exc:  # noqa: BLE001 - the reference's error body
             return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
+        if not all(math.isfinite(v) for v in (result.value, *result.all_scores)):  # JSON would say null
+            bad = sum(not math.isfinite(v) for v in result.all_scores)
+            return JSONResponse({"error": f"the SPRM head gave {bad} of its {len(result.all_scores)} scores as NaN "
+                                          f"(diverged or damaged weights in {model_name}?)"}, status_code=500)
         if not request.return_all_scores:
             return {"value": result.value}
         return {
