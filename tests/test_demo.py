@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -216,20 +218,55 @@ def test_demo_command_line_errors_are_one_line_before_anything_runs(tmp_path, mo
         assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def caches(folder: Path) -> tuple[Path, Path, Path]:
+    """(head folder, a train cache, a held-out cache of other problems) in folder."""
+    from experiments.rollout_cache import save_cache
+    from test_train_head import held_out, synthetic_cache
+
+    cache = synthetic_cache([True, False] * 4, 2, [1] * 8)
+    return folder / "head", save_cache(cache, folder / "train.pt"), save_cache(held_out(cache), folder / "test.pt")
+
+
+def finished_head_run(head: Path, cfg: Any, train: Path, test: Path) -> None:
+    """A head run's marks as `run_head_training` leaves them: final/ and metrics.json."""
+    from experiments.rollout_cache import load_cache
+
+    (head / "final").mkdir(parents=True, exist_ok=True)
+    (head / "final" / "score_module.pt").write_text("a head")
+    (head / "metrics.json").write_text(json.dumps(
+        {"config": dataclasses.asdict(cfg), "train_cache": str(train), "test_cache": str(test),
+         "train_spec": load_cache(train).spec, "test_spec": load_cache(test).spec}))
+
+
+def test_a_head_is_trained_again_when_its_cache_was_rebuilt_in_place(tmp_path, monkeypatch):
+    """cached_rollouts rebuilds train.pt at the same path for another spec (--checkpoints other:
+    another policy's rollouts): a head trained on the old rollouts is not reused."""
+    import experiments.demo_sprm as demo_sprm
+    from experiments.rollout_cache import load_cache, save_cache
+    from scorers.head_training import HeadTrainConfig
+
+    head, train, test = caches(tmp_path)
+    cfg = HeadTrainConfig(labels="outcome_bce", steps=3)
+    finished_head_run(head, cfg, train, test)
+    assert demo_sprm._trained_with(head, cfg, train, test)
+    rebuilt = load_cache(train)
+    save_cache(dataclasses.replace(rebuilt, spec={**rebuilt.spec, "policy_dir": "other"}), train)
+    assert not demo_sprm._trained_with(head, cfg, train, test)
+    monkeypatch.setattr(demo_sprm, "run_head_training", lambda *args: {"retrained": True})
+    assert demo_sprm.train_head_once(train, test, cfg, head) == {"retrained": True}
+
+
 def test_a_head_run_stopped_before_its_head_is_saved_is_not_taken_for_done(tmp_path, monkeypatch):
     """train_head writes metrics.json, then final/: Ctrl-C between the two must not leave the new
     config's metrics.json vouching for the old config's head."""
     import experiments.demo_sprm as demo_sprm
     from scorers.head_training import HeadTrainConfig
 
-    head, train, test = tmp_path / "head", tmp_path / "train.pt", tmp_path / "test.pt"
+    head, train, test = caches(tmp_path)
     old, new = HeadTrainConfig(labels="spr", steps=3), HeadTrainConfig(labels="outcome_bce", steps=3)
 
     def finished_run(cfg):
-        (head / "final").mkdir(parents=True, exist_ok=True)
-        (head / "final" / "score_module.pt").write_text("a head")
-        (head / "metrics.json").write_text(json.dumps(
-            {"config": dataclasses.asdict(cfg), "train_cache": str(train), "test_cache": str(test)}))
+        finished_head_run(head, cfg, train, test)
 
     def stopped_after_metrics_json(train_path, test_path, cfg, out_dir):
         (out_dir / "metrics.json").write_text(json.dumps(
