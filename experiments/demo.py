@@ -44,7 +44,7 @@ from tqdm import tqdm
 from experiments.cli_errors import run_command
 from experiments.demo_ablation import (ABLATION_SIZES, FROZEN_HEADS, ablation_markdown, ablation_metrics, ablation_rows,
                                       frozen_head)
-from experiments.demo_reflective import ARITH_TUNE, ReflectiveStage, run_reflective_stage, stage_dir
+from experiments.demo_reflective import ARITH_TUNE, ReflectiveStage, run_reflective_stage, stage_dir, stage_identity
 from experiments.demo_report import TaskOutcomes, estimates, write_report
 from experiments.demo_sprm import SPRMResult, SPRMStage, run_sprm_stage
 from experiments.demo_sweep import (DEMO_BUDGETS, DEMO_STRATEGIES, StrategySweep, SweepSpec, check_sweep_folder,
@@ -218,10 +218,12 @@ def sweep_spec(cfg: DemoConfig, task: DemoTask) -> SweepSpec | None:
         return None
     sprm = task.sweep_scorer == "sprm"
     assert task.reflective is not None or not sprm  # DemoTask: sweep_scorer="sprm" needs the reflective stage
-    policy_dir = stage_dir(task.reflective, Path(cfg.out_dir)) / "model" if sprm else cfg.run_dir(task) / "final"
+    sft_dir = cfg.run_dir(task) / "final"
+    policy_dir = stage_dir(task.reflective, Path(cfg.out_dir)) / "model" if sprm else sft_dir
+    made_from = stage_identity(task.reflective, sft_dir) if sprm else {}  # type: ignore[arg-type]
     return SweepSpec(
         out_dir=Path(cfg.out_dir) / (f"sweep_{task.name}_sprm" if sprm else f"sweep_{task.name}"),
-        checkpoint=str(policy_dir), task=task.name, problems=cfg.sweep_problems,
+        checkpoint=str(policy_dir), made_from=made_from, task=task.name, problems=cfg.sweep_problems,
         strategies=cfg.sweep_strategies, budgets=cfg.sweep_budgets, seed=cfg.seed,
         scorer=task.sweep_scorer, policy="tiny_sprm" if sprm else "tiny",
         overrides=(f"policy.sampling.temperature={task.sampling_temperature}",

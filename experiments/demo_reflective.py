@@ -142,13 +142,19 @@ def _config(stage: ReflectiveStage) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(stage)))  # tuples as lists, as read back from JSON
 
 
+def stage_identity(stage: ReflectiveStage, policy_dir: Path) -> dict[str, Any]:
+    """What makes the stage's model: its config and the SFT policy it starts from (as JSON reads
+    them back); the model is trained again, in place, when this changes."""
+    return {"config": _config(stage), "policy_dir": str(policy_dir)}
+
+
 def _trained(work: Path, stage: ReflectiveStage, policy_dir: Path) -> dict[str, Any] | None:
     """The finished run of this config and policy in work, or None."""
     path = work / "metrics.json"
     if not path.is_file() or not (work / "model" / "score_module.pt").is_file():
         return None
     saved = json.loads(path.read_text())
-    same = saved.get("config") == _config(stage) and saved.get("policy_dir") == str(policy_dir)
+    same = all(saved.get(key) == value for key, value in stage_identity(stage, policy_dir).items())
     return saved if same else None
 
 

@@ -17,7 +17,8 @@ tokens per problem at N (measured in the same sweep, which runs best_of_n first)
 MCTS_SIMULATIONS_PER_SAMPLE x N simulations to spend it (MCTS that converges early spends
 less: its tokens are in the table). The table reports tokens per problem beside each accuracy
 and the scaling fit is against compute C = parameters x generated tokens. `out_dir/sweep.json`
-keeps the settings its runs share (checkpoint, task, problems, scorer, policy, seed, overrides):
+keeps the settings its runs share (checkpoint, what made it, task, problems, scorer, policy, seed,
+overrides):
 a sweep of other settings into the same folder is refused before any run (`check_sweep_folder`).
 """
 from __future__ import annotations
@@ -51,7 +52,9 @@ class SweepSpec:
     sampling seed; overrides: extra Hydra overrides for every run (e.g.
     "policy.sampling.temperature=0.8"); match_tokens: MCTS gets Best-of-N's tokens at the
     same N as its token budget (module docstring; needs best_of_n among the strategies), False:
-    N simulations and no token budget."""
+    N simulations and no token budget; made_from: what made the checkpoint where its path alone
+    does not say (the demo's reflective model, trained again in place when its SFT policy or stage
+    config changes), so a sweep of the old model is refused instead of reused."""
 
     out_dir: Path
     checkpoint: str
@@ -64,6 +67,7 @@ class SweepSpec:
     seed: int = 0
     overrides: tuple[str, ...] = field(default_factory=tuple)
     match_tokens: bool = True
+    made_from: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.problems < 1:
@@ -123,7 +127,8 @@ def token_budgets(spec: SweepSpec, strategy: str) -> dict[int, int]:
 
 
 SWEEP_STAMP = "sweep.json"  # in out_dir: the settings its runs were made with
-IDENTITY = ("checkpoint", "task", "problems", "scorer", "policy", "seed", "overrides", "match_tokens")
+IDENTITY = ("checkpoint", "task", "problems", "scorer", "policy", "seed", "overrides", "match_tokens", "made_from")
+ADDED_KEYS = ("made_from",)  # absent from sweeps saved before it existed: those are not refused for it
 
 
 def check_sweep_folder(spec: SweepSpec) -> None:
@@ -134,7 +139,8 @@ def check_sweep_folder(spec: SweepSpec) -> None:
     if not path.is_file():
         return
     saved, now = json.loads(path.read_text()), _identity(spec)
-    diffs = [f"{key}: {saved.get(key)!r} -> {now[key]!r}" for key in IDENTITY if saved.get(key) != now[key]]
+    keys = [key for key in IDENTITY if key in saved or key not in ADDED_KEYS]
+    diffs = [f"{key}: {saved.get(key)!r} -> {now[key]!r}" for key in keys if saved.get(key) != now[key]]
     if diffs:
         raise ValueError(f"{spec.out_dir} holds a strategy sweep of other settings ({'; '.join(diffs)}); "
                          "use another output folder (--out-dir) or delete that one")

@@ -332,3 +332,26 @@ def test_a_rerun_whose_sweep_settings_differ_is_refused_before_anything_runs(tmp
     err = capsys.readouterr().err
     assert err.startswith(f"error: {first.out_dir} holds a strategy sweep of other settings") and len(err.splitlines()) == 1
     assert "problems: 100 -> 50" in err and "seed: 0 -> 1" in err
+
+
+def test_a_sweep_of_a_reflective_model_trained_from_another_policy_is_refused(tmp_path, monkeypatch, capsys):
+    """Countdown's sweep runs the reflective model at one path whatever it was trained from; with
+    --checkpoints other that model is trained again in place, so its old sweep is refused up front
+    (made_from), not reused as the new model's. A sweep saved before made_from existed resumes."""
+    import experiments.demo as demo
+    from experiments.demo_sweep import SWEEP_STAMP, _identity, check_sweep_folder
+
+    out = tmp_path / "demo"
+    countdown = next(t for t in DemoConfig().tasks if t.sweep_scorer == "sprm")
+    first = demo.sweep_spec(parse_args(["--out-dir", str(out), "--checkpoints", str(tmp_path / "a")]), countdown)
+    assert first.made_from["policy_dir"] == str(tmp_path / "a" / f"tiny-{countdown.name}" / "final")
+    first.out_dir.mkdir(parents=True)
+    (first.out_dir / SWEEP_STAMP).write_text(json.dumps(_identity(first)))
+    monkeypatch.setattr(demo, "run_demo", lambda cfg: pytest.fail("the demo ran before its sweep folders were checked"))
+    args = ["--out-dir", str(out), "--checkpoints", str(tmp_path / "b"), "--tasks", countdown.name]
+    assert demo.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {first.out_dir} holds a strategy sweep of other settings (made_from: ")
+    legacy = {key: value for key, value in _identity(first).items() if key != "made_from"}
+    (first.out_dir / SWEEP_STAMP).write_text(json.dumps(legacy))
+    check_sweep_folder(demo.sweep_spec(parse_args(["--out-dir", str(out), "--checkpoints", str(tmp_path / "b")]), countdown))
