@@ -237,7 +237,7 @@ def test_only_requests_of_one_kind_merge():
 
 
 def test_search_each_raises_a_problems_error_and_checks_workers():
-    def fails_on_b(problems, policy, scorer, cfg):
+    def fails_on_b(problems, policy, scorer, cfg, on_round=None):
         if problems[0].id == "b":
             raise RuntimeError("problem b broke")
         return [problems[0].id]
@@ -248,3 +248,41 @@ def test_search_each_raises_a_problems_error_and_checks_workers():
     with pytest.raises(ValueError, match="workers=0"):
         search_each(fails_on_b, problems, None, None, None, workers=0)
     assert search_each(fails_on_b, [], None, None, None) == []
+
+
+@pytest.mark.parametrize("error", [RuntimeError("problem b broke"), KeyboardInterrupt()])
+def test_an_error_or_interrupt_stops_the_other_searches_at_their_next_round(error):
+    """The others used to run to their end (and the problems not started yet started) before an
+    error or Ctrl-C reached the caller: now they stop at the end of their current round."""
+    import threading
+    import time
+
+    from treesearch.concurrent import SearchCancelled
+
+    rounds: dict[str, int] = {}
+    started: list[str] = []
+    first_round = threading.Event()
+    ended: dict[str, BaseException] = {}
+
+    def searches(problems, policy, scorer, cfg, on_round=None):
+        pid = problems[0].id
+        started.append(pid)
+        if pid == "b":
+            first_round.wait(timeout=30)  # "a" is mid-search when "b" fails
+            raise error
+        try:
+            for k in range(10_000):  # 10 s of rounds: stopped within a few once "b" fails
+                rounds[pid] = k + 1
+                first_round.set()
+                time.sleep(0.001)
+                on_round([])
+        except BaseException as stopped:
+            ended[pid] = stopped
+            raise
+        return [pid]
+
+    problems = [Problem(pid, "q") for pid in "abcde"]
+    with pytest.raises(type(error)):
+        search_each(searches, problems, None, None, None, workers=2)
+    assert started == ["a", "b"]  # c, d and e never start
+    assert rounds["a"] < 10_000 and isinstance(ended["a"], SearchCancelled)

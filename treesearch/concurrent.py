@@ -7,8 +7,12 @@ pace, and the policy decodes whatever calls are waiting together.
 
 Results are in problem order and equal `[fn([p], ...)[0] for p in problems]`, one problem at a
 time (search-and-learn's way), since each search makes the same calls with the same seeds; only
-the wall time a problem's compute ledger records includes waiting for the others' rows.
-An error in one problem's search is raised here after the other searches end.
+the wall time a problem's compute ledger records includes waiting for the others' rows (and, for
+a PRM whose merged calls forward a start that several problems' paths share, such as its system
+prompt, which of them its `scorer_tokens` charge that start to; the total is the same).
+An error in one problem's search, or an interrupt (Ctrl-C) here, stops the other searches at the
+end of their current round (`SearchCancelled` in their threads; the problems not started yet never
+start) and is then raised here: the first error in problem order, or the interrupt.
 
 A scorer that forwards a model is wrapped in a `treesearch.merged_scorer.MergedScorer`
 (`merge_scores=True`, the default): the `score` calls the threads make at once run as one call,
@@ -19,7 +23,8 @@ Tests: `.venv/bin/python -m pytest tests/test_continuous_engine.py`.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Sequence
 
 from treesearch.config_checks import is_int
@@ -29,6 +34,11 @@ from treesearch.records import Problem
 from treesearch.result import SearchResult
 
 MAX_WORKERS = 256  # threads at most; more problems wait for a free one
+
+
+class SearchCancelled(RuntimeError):
+    """Raised in a problem's thread at the end of a round once another problem's search failed or
+    the caller was interrupted (`search_each`)."""
 
 
 def search_each(
@@ -43,7 +53,9 @@ def search_each(
 ) -> list[SearchResult]:
     """fn([problem], policy, scorer, cfg) for every problem, `workers` at a time (default: all,
     up to MAX_WORKERS), in threads; the results in problem order. on_round, when given, is passed
-    on to every call (`RoundHook`: each thread calls it with its own problem's tree).
+    on to every call (`RoundHook`: each thread calls it with its own problem's tree); fn gets a
+    hook of its own either way (`on_round=`, as every strategy takes), which stops the search at
+    the end of a round once another one failed or the caller was interrupted.
     merge_scores: run the threads' concurrent calls of a scorer that forwards a model as one
     (`treesearch.merged_scorer.merged_for_threads`); False calls it from each thread as it is."""
     if workers is not None and (not is_int(workers) or workers < 1):
@@ -54,11 +66,37 @@ def search_each(
     if merge_scores:
         scorer = merged_for_threads(scorer)
 
+    stop = threading.Event()
+
+    def round_end(trees: Any) -> None:
+        if stop.is_set():
+            raise SearchCancelled("stopped at the end of a round: another problem's search failed or was interrupted")
+        if on_round is not None:
+            on_round(trees)
+
     def one(problem: Problem) -> SearchResult:
-        hook = {} if on_round is None else {"on_round": on_round}
-        (result,) = fn([problem], policy, scorer, cfg, **hook)
+        (result,) = fn([problem], policy, scorer, cfg, on_round=round_end)
         return result
 
-    with ThreadPoolExecutor(max_workers=count, thread_name_prefix="search") as pool:
+    pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="search")
+    try:
         futures = [pool.submit(one, problem) for problem in problems]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        raise_first_error(futures)
         return [future.result() for future in futures]
+    except BaseException:
+        stop.set()  # the running searches end at their next round; the others never start
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+def raise_first_error(futures: Sequence[Future]) -> None:
+    """The first error of the finished futures in order, other than a `SearchCancelled` (what the
+    first error set off), if any."""
+    for future in futures:
+        if future.done() and not future.cancelled():
+            error = future.exception()
+            if error is not None and not isinstance(error, SearchCancelled):
+                raise error

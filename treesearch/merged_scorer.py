@@ -15,7 +15,10 @@ running before it).
 
 A call's scores are the inner scorer's for its paths: equal to calling it alone where the inner
 scorer's scores do not depend on the other paths of a call (a PRM's batched forward pads rows:
-equal up to float rounding). `cost` and `num_parameters` are the inner scorer's. When a merged
+equal up to float rounding). `cost` and `num_parameters` are the inner scorer's: a start that the
+paths of several calls share (a PRM's system prompt) is forwarded once and counted on one of
+them, whichever the merge put first, so a problem's count depends on what it was merged with; the
+total is the tokens the merged calls forwarded. When a merged
 call raises, each of its calls is run again alone, so only the one at fault gets the error, as
 it would without merging.
 
