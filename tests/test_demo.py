@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,9 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
     assert (work / "model" / "score_module.pt").is_file() and (out / "aha_countdown.png").stat().st_size > 1000
     scored = [json.loads(line) for line in (out / "records_countdown.jsonl").read_text().splitlines()]
     assert "reflective_countdown/model" in (out / "report.md").read_text()  # the table is the reflective model's
+    # its tokens/s: the reflective model's tokens over its own pass, not over the SFT baseline's pass too
+    took = re.search(r"- countdown: .* took ([0-9.]+) s for ([0-9]+) tokens", (out / "report.md").read_text())
+    assert took is not None and float(took.group(1)) < metrics["timing.countdown.sampling_s"]
     assert "SPRM on countdown" in (out / "report.md").read_text()
     assert len(scored) == 3
     # the ablation: the same candidates chosen by the joint head, two frozen-feature heads, confidence, majority
