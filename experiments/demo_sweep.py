@@ -49,7 +49,8 @@ class SweepSpec:
     strategies: options of the `search` group; budgets: N (MCTS: see match_tokens); scorer: an option
     of the `scorer` group; policy: an option of the `policy` group (tiny, or tiny_sprm for a
     reflective model whose head scores each step while it is generated: scorer=sprm); seed:
-    sampling seed; overrides: extra Hydra overrides for every run (e.g.
+    sampling seed and the task's (its problems are the demo table's first ones at that seed);
+    overrides: extra Hydra overrides for every run (e.g.
     "policy.sampling.temperature=0.8"); match_tokens: MCTS gets Best-of-N's tokens at the
     same N as its token budget (module docstring; needs best_of_n among the strategies), False:
     N simulations and no token budget; made_from: what made the checkpoint where its path alone
@@ -110,9 +111,9 @@ def run_overrides(spec: SweepSpec, strategy: str, budget: int, token_budget: int
     matched = [] if token_budget is None else [
         f"search.token_budget={token_budget}", f"search.iterations={MCTS_SIMULATIONS_PER_SAMPLE * budget}",
     ]
-    return [
+    return [  # task.seed: the demo draws its problems with its seed too, so the sweep's are the table's first ones
         f"policy={spec.policy}", f"search={strategy}", f"budget={budget}", f"seed={spec.seed}", f"scorer={spec.scorer}",
-        f"task={spec.task}", f"task.count={spec.problems}", f"policy.path={spec.checkpoint}",
+        f"task={spec.task}", f"task.count={spec.problems}", f"task.seed={spec.seed}", f"policy.path={spec.checkpoint}",
         f"out_dir={spec.out_dir / f'{strategy}_{budget}'}", *matched, *spec.overrides,
     ]
 

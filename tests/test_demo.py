@@ -359,3 +359,19 @@ def test_a_sweep_of_a_reflective_model_trained_from_another_policy_is_refused(tm
     legacy = {key: value for key, value in _identity(first).items() if key != "made_from"}
     (first.out_dir / SWEEP_STAMP).write_text(json.dumps(legacy))
     check_sweep_folder(demo.sweep_spec(parse_args(["--out-dir", str(out), "--checkpoints", str(tmp_path / "b")]), countdown))
+
+
+def test_the_sweep_searches_the_demo_tables_first_problems_at_any_seed(tmp_path):
+    """The demo draws its problems with --seed; the sweep's task.seed stayed 0, so at --seed 1
+    only 3 of its 100 problems were the table's."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.demo_sweep import SweepSpec, run_overrides
+    from experiments.search import CONFIG_DIR, load_task
+    from experiments.tasks import arith
+
+    spec = SweepSpec(out_dir=tmp_path / "sweep", checkpoint="ckpt", problems=3, seed=1)
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        _, swept = load_task(compose("search", overrides=run_overrides(spec, "best_of_n", 4)).task)
+    table = arith.generate_problems("test", 5, 1, DemoConfig().tasks[0].task_config)  # as run_task draws them
+    assert [p.id for p in swept] == [p.id for p in table[:3]]
