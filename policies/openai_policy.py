@@ -68,6 +68,7 @@ Tests: `.venv/bin/pytest tests/test_openai_policy.py` (the server ones are marke
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import time
@@ -230,11 +231,20 @@ class CompletionsClient:
             if response.status_code >= 400:
                 raise OpenAIServerError(f"{method} {url} answered {response.status_code}: {_error_text(response)}",
                                         response.status_code)
-            return response.json()
+            data = _json_object(response)
+            if data is None:  # a proxy's HTML page, a body cut short: retried like a 5xx
+                failure = response
+                continue
+            return data
         raise self._give_up(method, url, failure)
 
     def _give_up(self, method: str, url: str, failure: httpx.TransportError | httpx.Response) -> Exception:
         tries = f"{self.config.max_retries + 1} tries"
+        if isinstance(failure, httpx.Response) and failure.status_code < 400:
+            return OpenAIServerError(
+                f"{method} {url} answered {failure.status_code} with a body that is not a JSON object on all {tries}: "
+                f"{' '.join(failure.text.split())[:200]!r}", failure.status_code,
+            )
         if isinstance(failure, httpx.Response):
             return OpenAIServerError(
                 f"{method} {url} answered {failure.status_code} on all {tries}: {_error_text(failure)}",
@@ -252,6 +262,15 @@ class CompletionsClient:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._http.close()
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    """The response's body when it is a JSON object, else None."""
+    try:
+        data = response.json()
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -417,7 +436,11 @@ class OpenAIPolicy:
 
     def _completion(self, response: dict[str, Any], request: CompletionRequest) -> Completion:
         """A completions response (one choice) as a Completion (module docstring: fallbacks)."""
-        choice = response["choices"][0]
+        choices = response.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise OpenAIServerError(f"{self.client.config.root}/v1/completions answered without a choice: "
+                                    f"{json.dumps(response)[:200]}", 200)
+        choice = choices[0]
         logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
         tokens = _token_ids(choice)
         if tokens is None:  # not vLLM: tokenise the text (module docstring)

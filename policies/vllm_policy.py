@@ -261,11 +261,13 @@ def count_parameters(config: Any) -> int:
 
 def checkpoint_eos_ids(directory: str | Path, tokenizer: Any) -> list[int]:
     """EOS ids of the tokenizer and of the folder's generation_config.json (which may list
-    several), as `TransformersPolicy` takes them from the loaded model."""
+    several), as `TransformersPolicy` takes them from the loaded model; a folder without
+    generation_config.json gives config.json's instead, as transformers and vLLM both derive the
+    generation config from it (vLLM then stops on that id too)."""
     try:
         config_eos = GenerationConfig.from_pretrained(str(directory)).eos_token_id
-    except OSError:  # no generation_config.json
-        config_eos = None
+    except OSError:  # no generation_config.json: the one config.json implies
+        config_eos = GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(directory))).eos_token_id
     ids: list[int] = []
     for value in (getattr(tokenizer, "eos_token_id", None), config_eos):
         for token in value if isinstance(value, (list, tuple)) else [value]:

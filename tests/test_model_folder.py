@@ -108,3 +108,18 @@ def test_a_truncated_shard_is_named(folders, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-16])
     with pytest.raises(DamagedCheckpointError, match=shard.name):
         load_checkpoint(sharded)
+
+
+def test_eos_ids_without_a_generation_config_are_config_jsons_on_every_backend(folders, tmp_path):
+    """transformers and vLLM derive the generation config from config.json when the folder has
+    none; the vLLM / OpenAI policies took the tokenizer's EOS alone, so a step ending on
+    config.json's EOS was cut as "length" with the token in its text."""
+    from policies.transformers_policy import _eos_ids
+    from policies.vllm_policy import checkpoint_eos_ids
+
+    folder = Path(shutil.copytree(folders["sharded"], tmp_path / "eos"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": 11}))
+    model, tokenizer = load_checkpoint(folder)
+    assert tokenizer.eos_token_id != 11 and not (folder / "generation_config.json").exists()
+    assert checkpoint_eos_ids(folder, tokenizer) == _eos_ids(model, tokenizer) == [tokenizer.eos_token_id, 11]

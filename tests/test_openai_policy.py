@@ -78,7 +78,7 @@ class Script:
     /v1/completions takes the next (status, body) of `answers` (the last one repeats), after
     `delay_s`. Every completions body received is kept in `bodies`."""
 
-    answers: list[tuple[int, dict[str, Any]]]
+    answers: list[tuple[int, dict[str, Any] | str]]
     window: int | None = 256
     model: str = "fake"
     lists_models: bool = True  # False: GET /v1/models is a 404 (servers without it)
@@ -102,8 +102,8 @@ def handler_for(script: Script) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: Any) -> None:  # quiet
             pass
 
-        def _send(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
+        def _send(self, status: int, body: dict[str, Any] | str) -> None:
+            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()  # a str: sent as it is
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -232,6 +232,20 @@ def test_an_error_status_is_retried_with_backoff(scripted, checkpoint, status):
     with pytest.raises(OpenAIServerError, match=f"answered {status} on all 3 tries: busy") as error:
         one_step(scripted(Script([(status, {"error": {"message": "busy"}})])), checkpoint)
     assert error.value.status == status
+
+
+def test_a_200_that_is_not_a_json_object_is_retried_then_named(scripted, checkpoint):
+    """A proxy's HTML page or a body cut short on a 200 raised a bare JSONDecodeError at once."""
+    page = "<html><body>502 Bad Gateway</body></html>"
+    script = Script([(200, page), (200, EOS_STEP)])
+    step, _ = one_step(scripted(script), checkpoint)
+    assert step.finish == "eos" and len(script.bodies) == 2
+    with pytest.raises(OpenAIServerError, match=r"/v1/completions answered 200 with a body that is not a JSON object "
+                                                r"on all 3 tries: '<html><body>502 Bad Gateway") as error:
+        one_step(scripted(Script([(200, page)])), checkpoint)
+    assert error.value.status == 200
+    with pytest.raises(OpenAIServerError, match=r"/v1/completions answered without a choice: \{\"object\""):
+        one_step(scripted(Script([(200, {"object": "text_completion", "choices": []})])), checkpoint)
 
 
 def test_a_client_error_is_not_retried_and_names_the_servers_message(scripted, checkpoint):
