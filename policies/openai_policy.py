@@ -85,7 +85,7 @@ from policies.model_folder import missing_folder_error
 from policies.policy_requests import (
     check_request, check_widths, encode_contexts, fit_window, is_integer, split_rows, step_budget,
 )
-from policies.sampling_config import SamplingConfig
+from policies.sampling_config import SamplingConfig, check_vllm_temperature
 from policies.step_assembly import (
     CompleteFn, Completion, CompletionRequest, SampleRequest, SampleTokens, StepMarks, decode_steps, derive_seed,
     sample_continuations, split_steps, whole_step,
@@ -310,6 +310,7 @@ class OpenAIPolicy:
     ) -> None:
         if not isinstance(sampling, SamplingConfig):
             raise TypeError(f"sampling is a {type(sampling).__name__}, not a SamplingConfig")
+        check_vllm_temperature(sampling.temperature, "OpenAIPolicy")
         server = OpenAIServerConfig(base_url, model, api_key, timeout_s, max_retries, backoff_s, max_concurrency)
         directory = _check_client_files(tokenizer_path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
@@ -372,6 +373,7 @@ class OpenAIPolicy:
         Closing either one closes the client for both; each counts its own usage."""
         other = copy.copy(self)
         other.sampling = replace(self.sampling, temperature=temperature)
+        check_vllm_temperature(temperature, "OpenAIPolicy")
         other.usage, other.last_usage = VLLMUsage(), VLLMUsage()
         return other
 

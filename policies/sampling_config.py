@@ -70,3 +70,17 @@ class SamplingConfig:
     def greedy(self) -> bool:
         """True when tokens are chosen by argmax (temperature 0)."""
         return self.temperature == 0
+
+
+VLLM_MIN_TEMPERATURE = 0.01  # vLLM raises a temperature in (0, 0.01) to this, with a log line only
+
+
+def check_vllm_temperature(temperature: float, owner: str) -> None:
+    """ValueError naming owner unless vLLM samples at exactly this temperature: 0 (greedy) or at
+    least VLLM_MIN_TEMPERATURE (the transformers backend samples at 0.005 as given, vLLM at 0.01:
+    another distribution under the same setting)."""
+    if 0 < temperature < VLLM_MIN_TEMPERATURE:
+        raise ValueError(
+            f"{owner}: temperature={temperature!r} is below vLLM's smallest, {VLLM_MIN_TEMPERATURE} (it would sample at "
+            f"that instead): use 0 for greedy or a temperature >= {VLLM_MIN_TEMPERATURE}"
+        )

@@ -64,7 +64,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from policies.model_folder import check_model_folder
 from policies.policy_requests import check_request, check_widths, encode_contexts, fit_window, split_rows, step_budget
-from policies.sampling_config import SamplingConfig
+from policies.sampling_config import SamplingConfig, check_vllm_temperature
 from policies.step_assembly import (
     CompleteFn, SampleRequest, SampleTokens, StepMarks, decode_steps, derive_seed, sample_continuations,
     split_steps, whole_step,
@@ -138,6 +138,7 @@ class VLLMPolicy:
     ) -> None:
         if not isinstance(sampling, SamplingConfig):
             raise TypeError(f"sampling is a {type(sampling).__name__}, not a SamplingConfig")
+        check_vllm_temperature(sampling.temperature, "VLLMPolicy")
         self.llm, self.tokenizer, self.sampling, self.prompt_fn = llm, tokenizer, sampling, prompt_fn
         self.engine_lock = engine_lock if engine_lock is not None else threading.Lock()
         self.num_parameters: int = int(num_parameters)

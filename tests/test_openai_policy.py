@@ -38,6 +38,7 @@ import pytest
 from policies.openai_policy import OpenAIPolicy, OpenAIServerConfig, OpenAIServerError
 from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
+from policies.vllm_policy import VLLMPolicy
 from scorers.confidence import ConfidenceScorer
 from treesearch.protocols import Policy, TemperaturePolicy, WidthPolicy
 from treesearch.records import Prefix, Problem, Step
@@ -246,6 +247,19 @@ def test_a_200_that_is_not_a_json_object_is_retried_then_named(scripted, checkpo
     assert error.value.status == 200
     with pytest.raises(OpenAIServerError, match=r"/v1/completions answered without a choice: \{\"object\""):
         one_step(scripted(Script([(200, {"object": "text_completion", "choices": []})])), checkpoint)
+
+
+def test_a_temperature_vllm_would_raise_to_its_smallest_is_refused(checkpoint):
+    """vLLM samples a temperature in (0, 0.01) at 0.01 with a log line only; transformers as given."""
+    with pytest.raises(ValueError, match=r"OpenAIPolicy: temperature=0.005 is below vLLM's smallest, 0.01"):
+        OpenAIPolicy("http://127.0.0.1:9", None, checkpoint, SamplingConfig(temperature=0.005), str)
+    with OpenAIPolicy("http://127.0.0.1:9", None, checkpoint, SamplingConfig(temperature=0.6), str) as policy:
+        with pytest.raises(ValueError, match="below vLLM's smallest"):
+            policy.with_temperature(0.001)
+        assert policy.with_temperature(0.0).sampling.temperature == 0.0
+        assert policy.with_temperature(0.01).sampling.temperature == 0.01
+    with pytest.raises(ValueError, match=r"VLLMPolicy: temperature=0.005 is below vLLM's smallest"):
+        VLLMPolicy(None, None, SamplingConfig(temperature=0.005), str, 0, [0], 8)
 
 
 def test_a_client_error_is_not_retried_and_names_the_servers_message(scripted, checkpoint):
