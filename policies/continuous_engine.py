@@ -26,8 +26,9 @@ from the problems' threads at once, so one that runs a model (`scorers.sprm_scor
 forward) must not share the policy's model object, whose attention the engine switches per
 forward (`policies.shared_prefix.shared_prefix_attention`).
 
-Errors: a cohort whose prefill or sampling raises fails only its own calls (the exception is
-raised in each caller's thread); a joint forward that raises fails the cohorts in it. The
+Errors: a cohort whose merged prefill raises is started again one call at a time, so only the
+call at fault fails (the exception is raised in its caller's thread); a cohort whose sampling
+raises fails its own calls; a joint forward that raises fails the cohorts in it. The
 engine keeps serving the others. An error in the engine's own loop fails every waiting call and
 closes the engine (later calls raise, with that error as the cause): no caller waits forever.
 
@@ -203,7 +204,7 @@ class ContinuousEngine:
                     admitted = self._admit(running)
                     if admitted is None:
                         return
-                    running.extend(c for c in map(self._start, _cohorts(admitted)) if c.run is not None)
+                    running.extend(c for cohort in _cohorts(admitted) for c in self._started(cohort) if c.run is not None)
                     running = [cohort for cohort in running if self._sample(cohort)]
                     if running:
                         self._feed(running)
@@ -240,13 +241,24 @@ class ContinuousEngine:
         KV_POOL.set_max_free(max(KV_POOL.max_free, POOL_BUFFERS_PER_CHUNK * cohorts))
         return admitted
 
-    def _start(self, cohort: _Cohort) -> _Cohort:
-        """Prefill the cohort's merged chunk (its first logits); on an error its calls fail."""
+    def _started(self, cohort: _Cohort) -> list[_Cohort]:
+        """[the cohort, prefilled]; when its merged prefill fails, each of its calls prefilled as a
+        cohort of its own, so only a call at fault gets the error (as `MergedScorer` does)."""
+        if len(cohort.calls) == 1:
+            return [self._start(cohort)]
+        if self._start(cohort, fail=False).run is not None:
+            return [cohort]
+        return [self._start(_Cohort([call])) for call in cohort.calls]
+
+    def _start(self, cohort: _Cohort, fail: bool = True) -> _Cohort:
+        """Prefill the cohort's merged chunk (its first logits); on an error its calls fail (fail)
+        or the cohort is left without a run (not fail: the caller splits it)."""
         try:
             request = merge_requests([call.request for call in cohort.calls])
             cohort.run = ChunkRun(self.model, request, self.rule, self.pad_id, self.step_head)
         except Exception as error:  # noqa: BLE001 - the callers get it
-            cohort.fail(error)
+            if fail:
+                cohort.fail(error)
             cohort.run = None
         return cohort
 

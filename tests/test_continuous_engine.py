@@ -205,6 +205,40 @@ def test_a_failing_call_fails_alone_and_the_engine_keeps_serving():
         engine.decode(bad)
 
 
+def test_a_failing_call_merged_with_others_fails_alone():
+    """Calls that arrive together are prefilled as one chunk; when that fails, each is started
+    alone, so only the call at fault gets the error (every call of the chunk got it before)."""
+    p = policy(PrefixCacheConfig())
+    whole = PrefixKV(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16))  # as long as its context: invalid
+    good_past = PrefixKV(torch.zeros(2, 2, 2, 16), torch.zeros(2, 2, 2, 16))  # 2 of 3 tokens: valid
+    bad = ChunkRequest([[1, 5, 6]], [0, 0], [4, 4], True, 1.0, 1.0, torch.Generator().manual_seed(0), past=[whole])
+
+    def good() -> ChunkRequest:
+        return ChunkRequest([[1, 7, 8]], [0, 0], [4, 4], True, 1.0, 1.0, torch.Generator().manual_seed(1),
+                            past=[good_past])
+
+    outputs: dict[str, object] = {}
+
+    def call(name: str, request: ChunkRequest) -> None:
+        try:
+            outputs[name] = p.chunk_decoder(request).lengths.tolist()
+        except ValueError as error:
+            outputs[name] = error
+
+    with ContinuousEngine.attached(p) as engine:
+        alone = engine.decode(good()).lengths.tolist()
+        threads = [threading.Thread(target=call, args=item) for item in (("bad", bad), ("good", good()))]
+        with engine.hold():
+            for thread in threads:
+                thread.start()
+            while engine.queued < 2:
+                time.sleep(0.001)
+        for thread in threads:
+            thread.join()
+    assert outputs["good"] == alone
+    assert isinstance(outputs["bad"], ValueError) and "cached prefix must leave" in str(outputs["bad"])
+
+
 def test_a_broken_engine_loop_fails_the_waiting_calls_instead_of_hanging(monkeypatch):
     p = policy(None)
     with ContinuousEngine.attached(p) as engine:
