@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 from experiments.metrics import CandidateOutcome, ProblemOutcome
 from experiments.result_json import write_atomic
-from treesearch.records import Problem
+from treesearch.records import Problem, Step
 from treesearch.result import SearchResult
 
 Grader = Callable[[Problem, str], bool]
@@ -30,7 +30,9 @@ def grade_results(results: Sequence[SearchResult], grade: Grader, extract: Extra
 
 
 def record(result: SearchResult, outcome: ProblemOutcome) -> dict:
-    """One JSON-ready row: the problem, every candidate with its step scores, the pick, the cost."""
+    """One JSON-ready row: the problem, every candidate with its step scores, the pick, the cost.
+    A candidate whose steps carry the scores a policy's head attached while generating them (the
+    reflective model's SPRM) keeps those too, as `head_scores`, beside the scorer's."""
     p = result.problem
     return {
         "problem_id": p.id,
@@ -50,11 +52,19 @@ def record(result: SearchResult, outcome: ProblemOutcome) -> dict:
                 "step_scores": list(c.step_scores),
                 "num_tokens": c.num_tokens,
                 "finish": c.steps[-1].finish if c.steps else None,
+                **head_scores(c.steps),
             }
             for c, o in zip(result.candidates, outcome.candidates)
         ],
         "compute": result.compute.to_dict(),
     }
+
+
+def head_scores(steps: Sequence[Step]) -> dict[str, list[float]]:
+    """{"head_scores": each step's head score} when every step has one, else {}."""
+    if not steps or any(step.score is None for step in steps):
+        return {}
+    return {"head_scores": [float(step.score) for step in steps]}  # type: ignore[arg-type]
 
 
 def write_records(path: Path, results: Sequence[SearchResult], outcomes: Sequence[ProblemOutcome]) -> None:

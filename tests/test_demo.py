@@ -117,6 +117,11 @@ def test_demo_end_to_end_at_tiny_budget(tmp_path, capsys):
     assert took is not None and float(took.group(1)) < metrics["timing.countdown.sampling_s"]
     assert "SPRM on countdown" in (out / "report.md").read_text()
     assert len(scored) == 3
+    for candidate in (c for row in scored for c in row["candidates"]):  # the head's own step scores, kept
+        assert len(candidate["head_scores"]) == len(candidate["step_scores"]) > 0
+        assert all(0.0 <= s <= 1.0 for s in candidate["head_scores"])
+    arith_rows = [json.loads(line) for line in (out / "records_arith.jsonl").read_text().splitlines()]
+    assert not any("head_scores" in c for row in arith_rows for c in row["candidates"])  # no head generated them
     # the ablation: the same candidates chosen by the joint head, two frozen-feature heads, confidence, majority
     ablation = metrics["countdown.ablation"]
     assert list(ablation) == ["sprm (joint)", "orm (frozen)", "true-label head", "confidence", "majority",
