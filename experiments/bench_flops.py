@@ -5,7 +5,8 @@ Rows:
   matmul fp32 / bf16     the peak: a square S x S matmul (2 S^3 FLOPs), the best of --repeats;
   generation             Best-of-N sampling (`TransformersPolicy.rollout`, N per problem, arith
                          test problems): 2 x params x tokens forwarded (prefill + fed-back tokens,
-                         `Step.tokens_forwarded`) per second of the call;
+                         `Step.tokens_forwarded`) per second of the call, attention over the
+                         keys the forwards that ran attended (`KeyCounter`);
   bare forward           one no-grad forward over B x L prompt-like tokens (no sampling, no
                          cache bookkeeping): what this model shape allows at best;
   training step          the joint GRPO + SPR step (`experiments.bench_train_throughput`, P x G
@@ -85,23 +86,41 @@ def causal_keys(start: int, count: int) -> int:
     return count * (start + 1) + count * (count - 1) // 2
 
 
+class KeyCounter:
+    """A forward pre-hook that counts the keys each forwarded token attends: a real (unmasked) new
+    token at position p sees p + 1 (its prefix's keys and its own). Counted on the forwards that
+    ran, so a forward that forked decoding shares among a context's samples counts once (a
+    per-sample estimate counted it once per sample: 5.7x the keys at 16 problems x N = 32)."""
+
+    def __init__(self) -> None:
+        self.keys = 0
+
+    def __call__(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        ids = kwargs["input_ids"]  # [B, L] the new tokens
+        positions = kwargs.get("position_ids")
+        if positions is None:  # no cache: the tokens start at 0
+            positions = torch.arange(ids.shape[1]).expand_as(ids)
+        mask = kwargs.get("attention_mask")
+        real = mask[:, -ids.shape[1]:].bool() if mask is not None and mask.dim() == 2 else torch.ones_like(ids, dtype=torch.bool)
+        self.keys += int(((positions.to(real.device) + 1) * real).sum())
+
+
 def generation(parts: TrainParts, problems: int, n: int, seed: int) -> FlopRow:
-    """Best-of-N rollouts at the arith sampling settings; FLOPs of the tokens actually forwarded."""
+    """Best-of-N rollouts at the arith sampling settings; FLOPs of the tokens actually forwarded,
+    attention over the keys those forwards attended (`KeyCounter`)."""
     lm = parts.reflective.lm.eval()
     sampling = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_total_tokens=160)
     policy = TransformersPolicy(lm, parts.tokenizer, sampling, arith.prompt_text)
     prefixes = [Prefix(p) for p in arith.generate_problems("test", problems, seed=seed)]
-    prompt_lengths = [len(ids) for ids in parts.tokenizer([arith.prompt_text(p.problem) for p in prefixes]).input_ids]
     paths: list = []
-    timing = timed(lambda: paths.extend(policy.rollout(prefixes, n=n, seed=seed)))
-    forwarded, keys = 0, 0
-    for prompt, row in zip(prompt_lengths, paths):
-        for steps in row:
-            fed = sum(s.tokens_forwarded for s in steps)
-            generated = sum(s.num_tokens for s in steps)
-            prefill = fed - max(generated - 1, 0)  # the prompt's prefill, counted on one sample
-            forwarded += fed
-            keys += (causal_keys(0, prefill) if prefill else 0) + causal_keys(prompt, max(generated - 1, 0))
+    counter = KeyCounter()
+    hook = lm.register_forward_pre_hook(counter, with_kwargs=True)
+    try:
+        timing = timed(lambda: paths.extend(policy.rollout(prefixes, n=n, seed=seed)))
+    finally:
+        hook.remove()
+    forwarded = sum(s.tokens_forwarded for row in paths for steps in row for s in steps)
+    keys = counter.keys
     layers, width = attention_width(lm.config)
     params = sum(p.numel() for p in lm.parameters())
     return FlopRow(f"generation (Best-of-{n}, {problems} problems)", timing.wall_s, forwarded,

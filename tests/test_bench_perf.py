@@ -143,6 +143,24 @@ def test_causal_keys_closed_form():
     assert causal_keys(5, 2) == 6 + 7  # two fed tokens at positions 5, 6
 
 
+def test_the_key_counter_counts_what_each_forward_attends():
+    """Each real new token at position p attends p + 1 keys; masked (padding) tokens none; a
+    forward shared by several samples (forked decoding) counts once, as it ran."""
+    import torch
+
+    from experiments.bench_flops import KeyCounter
+
+    counter = KeyCounter()
+    counter(None, (), {"input_ids": torch.zeros(2, 3, dtype=torch.long),  # a left-padded prefill
+                       "position_ids": torch.tensor([[0, 0, 1], [0, 1, 2]]),
+                       "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])})
+    assert counter.keys == (1 + 2) + (1 + 2 + 3)
+    counter(None, (), {"input_ids": torch.zeros(3, 1, dtype=torch.long), "position_ids": torch.tensor([[4], [7], [2]])})
+    assert counter.keys == 9 + (5 + 8 + 3)  # one decode step of three rows
+    counter(None, (), {"input_ids": torch.zeros(1, 4, dtype=torch.long)})  # no cache, no positions
+    assert counter.keys == 25 + (1 + 2 + 3 + 4)
+
+
 @pytest.mark.slow
 def test_train_throughput_table(checkpoint):
     from experiments import bench_train_throughput
