@@ -4,8 +4,10 @@ and how it grows with N, each configuration in a fresh process.
 `ru_maxrss` is a high-water mark, so the parent runs every configuration in a child process of
 this same script (`--child`), which loads the policy, notes its RSS, runs the search once and
 prints one JSON line; the parent collects them into one table. Columns: RSS after loading
-(interpreter, torch, model), the peak over the whole child, and their difference (what the
-search itself added at its worst: KV caches, prefix cache, logits, records). Beam search runs
+(interpreter, torch, model, and one untimed one-sample search on a policy of its own, so the
+one-time set-up of a first search, ~21 MiB, is counted here), the peak over the whole child, and
+their difference (what the search itself added at its worst: KV caches, prefix cache, logits,
+records). Beam search runs
 with the prefix cache on (as `experiments.bench_batching`; its budget, 512 MiB by default,
 bounds what it keeps) and the confidence scorer.
 
@@ -71,6 +73,7 @@ def child(config: MemoryConfig, checkpoint: Path, seed: int) -> dict:
     from policies.sampling_config import SamplingConfig
     from policies.transformers_policy import TransformersPolicy
     from scorers.confidence import ConfidenceScorer
+    from treesearch.records import Prefix
     from treesearch.registry import run_search
 
     lm, tokenizer, _ = load_tiny_parts(checkpoint)
@@ -81,6 +84,9 @@ def child(config: MemoryConfig, checkpoint: Path, seed: int) -> dict:
     settings = dict(n=config.n, seed=seed)
     if config.strategy == "beam_search":
         settings.update(beam_width=config.beam_width, max_depth=20)
+    # one sample of one problem first, on a policy of its own: the one-time set-up of a first
+    # search (lazy initialisation, library buffers, ~21 MiB here) is no search's growth
+    TransformersPolicy(lm, tokenizer, sampling, arith.prompt_text).rollout([Prefix(problems[0])], n=1, seed=seed)
     loaded = current_rss_mib()
     timing = timed(lambda: run_search(config.strategy, problems, policy, ConfidenceScorer(), **settings))
     return {"loaded_mib": loaded, "peak_mib": peak_rss_mib(), "wall_s": timing.wall_s}
