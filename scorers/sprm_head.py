@@ -116,8 +116,9 @@ def check_state_dict(state: Mapping[str, torch.Tensor], hidden_size: int, source
 def load_score_module(
     model_dir: str | Path, hidden_size: int | None = None, map_location: str | torch.device = "cpu"
 ) -> nn.Sequential:
-    """The head saved in model_dir/score_module.pt, in eval mode, float32 unless the file holds
-    another dtype. hidden_size=None reads C from the file; a given one must match it. A missing
+    """The head saved in model_dir/score_module.pt, in eval mode, on map_location (the LM's device:
+    a head left on the CPU beside a GPU model failed at its first step), float32 unless the file
+    holds another dtype. hidden_size=None reads C from the file; a given one must match it. A missing
     file is a FileNotFoundError, a truncated or corrupted one a DamagedCheckpointError (a
     ValueError) naming it."""
     path = Path(model_dir) / SCORE_MODULE_FILE
@@ -132,6 +133,6 @@ def load_score_module(
             check_state_dict(state, 1, str(path))  # raises naming the keys
         hidden_size = int(first.shape[1])
     check_state_dict(state, hidden_size, str(path))
-    head = build_sprm_head(hidden_size).to(dtype=state["0.weight"].dtype)
-    head.load_state_dict(state)
+    head = build_sprm_head(hidden_size)
+    head.load_state_dict(state, assign=True)  # the loaded tensors themselves: on map_location, in their dtype
     return head.eval()

@@ -178,7 +178,7 @@ def test_checkpoints_load_onto_the_gpu(tmp_path, exact_fp32):
     plain = TransformersPolicy.from_pretrained(tmp_path / "ckpt", cfg, prompt, device="cuda:0")
     on_cpu = TransformersPolicy.from_pretrained(tmp_path / "ckpt", cfg, prompt, with_step_head=True)
     assert on_gpu.device.type == plain.device.type == "cuda"
-    assert next(on_gpu.step_head.parameters()).device.type == "cuda"
+    assert {p.device.type for p in on_gpu.step_head.parameters()} == {"cuda"}  # the LM's and the head's
     prefixes = mixed_prefixes()[:2]
     gpu_steps = flat_steps(on_gpu.rollout(prefixes, 1, seed=0))
     cpu_steps = flat_steps(on_cpu.rollout(prefixes, 1, seed=0))

@@ -73,6 +73,12 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = load_score_module(tmp_path / "model", 8)
     x = torch.randn(4, 8)
     assert torch.equal(sprm_logits(loaded, x), sprm_logits(head, x))
+    # the head lands where it is loaded to (the LM's device; meta stands in for a GPU here): it
+    # stayed on the CPU beside a GPU model, and its first step failed on mixed devices
+    elsewhere = load_score_module(tmp_path / "model", 8, map_location="meta")
+    assert {p.device.type for p in elsewhere.parameters()} == {"meta"}
+    bf16 = save_score_module(build_sprm_head(8, seed=3).to(torch.bfloat16), tmp_path / "bf16")
+    assert {p.dtype for p in load_score_module(bf16.parent).parameters()} == {torch.bfloat16}
 
 
 def test_load_errors_name_the_file_key_and_shapes(tmp_path):
