@@ -111,12 +111,15 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
 
     The old directory (if any) is first renamed aside and removed only after the new one is in
     place; on an exception the temporary directory is removed and out_dir is left untouched.
+    The new folder and its files get the modes the umask gives new files (tempfile's 0700 / 0600,
+    and some writers' own, made checkpoints unreadable to a server running as another user).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
+        share_as_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -155,6 +158,26 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     with atomic_directory(out_dir) as tmp:
         write_checkpoint_files(model, tokenizer, tmp)
     return Path(out_dir)
+
+
+def current_umask() -> int:
+    """The process's umask (Linux: read from /proc, untouched; elsewhere set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask(folder: Path) -> None:
+    """folder and everything in it: the modes the umask gives a new folder (0777) or file (0666)."""
+    mask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def check_checkpoint(directory: str | Path) -> Path:

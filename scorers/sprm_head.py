@@ -21,7 +21,7 @@ Tests: `.venv/bin/pytest tests/test_sprm.py`.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Mapping
 
@@ -83,8 +83,8 @@ def save_score_module(head: nn.Sequential, model_dir: str | Path) -> Path:
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / SCORE_MODULE_FILE
     state = {key: value.detach().cpu() for key, value in head.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{SCORE_MODULE_FILE}.", dir=model_dir)
-    os.close(fd)
+    # not tempfile.mkstemp (mode 0600): torch.save creates the file with the umask's mode
+    tmp = model_dir / f".{SCORE_MODULE_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)

@@ -81,6 +81,30 @@ def test_save_and_load_round_trip(tmp_path):
     assert {p.dtype for p in load_score_module(bf16.parent).parameters()} == {torch.bfloat16}
 
 
+def test_saved_checkpoints_are_readable_as_the_umask_allows(tmp_path):
+    """tempfile's 0700 folders and 0600 files (and the writers' own) made every checkpoint
+    unreadable to another user, e.g. a vLLM server's; now the umask's modes."""
+    import os
+    import stat
+
+    from policies.checkpoint import current_umask
+
+    mask = current_umask()
+    old = os.umask(0o022)
+    try:
+        assert current_umask() == 0o022
+        model = ReflectiveModel(make_model(len(TOK), seed=2), build_sprm_head(64, seed=5), feature_layer=-1)
+        folder = tmp_path / "ckpt"
+        model.save_pretrained(folder, TOK)
+        save_score_module(build_sprm_head(8), tmp_path / "alone")
+    finally:
+        os.umask(old)
+    assert current_umask() == mask
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()} == {0o644}
+    assert stat.S_IMODE((tmp_path / "alone" / SCORE_MODULE_FILE).stat().st_mode) == 0o644
+
+
 def test_load_errors_name_the_file_key_and_shapes(tmp_path):
     with pytest.raises(FileNotFoundError, match="score_module.pt"):
         load_score_module(tmp_path)
