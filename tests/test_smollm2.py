@@ -83,6 +83,19 @@ def test_a_converted_folder_is_reused(converted, monkeypatch):
     assert smollm2.ensure_smollm2(out) == out and (out / "model.safetensors").stat().st_mtime_ns == before
 
 
+@needs_wheel
+def test_a_converted_folder_with_cut_weights_is_not_taken_for_complete(converted, tmp_path):
+    """A copy of outputs/ cut short: reused before, and every later load failed."""
+    import shutil
+
+    out, _ = converted
+    copy = Path(shutil.copytree(out, tmp_path / "copy"))
+    assert smollm2.is_converted(copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert not smollm2.is_converted(copy)
+
+
 def test_a_missing_wheel_names_the_install_line(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == smollm2.PACKAGE else real(name, *a))
