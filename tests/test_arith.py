@@ -136,11 +136,13 @@ def test_the_answer_is_the_whole_number():
     """A number that continues ("84.5", "84/2", "84e2", "8,4") is not the integer before it."""
     p = Problem("x", "q", "84", {})
     for text in ["</think>Answer: 84.5", "</think>Answer: 84/2", "</think>Answer: 84e2", "</think>Answer: 8,4",
-                 "</think>Answer: 84.05"]:
+                 "</think>Answer: 84.05", "</think>Answer: 84-2", "</think>Answer: 84+1", "</think>Answer: 84 * 2",
+                 "</think>Answer: 84 / 2", "</think>Answer: 84^2", "</think>Answer: 84×2"]:
         assert grade(p, text) is False, text
     assert extract_answer("</think>Answer: 84.5") == "84.5" and extract_answer("Answer: 8,4") is None
     assert extract_answer("</think>Answer: 84.0") == "84" and extract_answer("Answer: 84.") == "84"
     assert extract_answer("Answer: 84 apples.") == "84" and extract_answer("Answer: 12,345") == "12345"
+    assert extract_answer("</think>Answer: 84 - that is all") == "84"  # a dash in words, not an operation
 
 
 @settings(max_examples=300, deadline=None)
@@ -148,8 +150,8 @@ def test_the_answer_is_the_whole_number():
 def test_grading_never_raises(text):
     p = Problem("x", "q", "84", {})
     assert grade(p, text) in (True, False)
-    result = extract_answer(text)
-    assert result is None or re.fullmatch(r"-?\d+", result)
+    result = extract_answer(text)  # an integer in canonical form, or a non-integer as written ("0.5")
+    assert result is None or re.fullmatch(r"-?\d+(\.\d+)?", result)
 
 
 @pytest.mark.parametrize(

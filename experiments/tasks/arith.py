@@ -287,8 +287,11 @@ def solution_text(problem: Problem) -> str:
 # ---------------------------------------------------------------------------------------------
 # Grading
 
-# The whole number: "Answer: 84.5", "8/2" or "8e2" is not the answer 8 (nor "8,4" the answer 84).
-_ANSWER_RE = re.compile(r"Answer\s*:\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?![\d,./]*\d|[A-Za-z])")
+# The whole number: "Answer: 84.5", "8/2" or "8e2" is not the answer 8 (nor "8,4" the answer 84,
+# nor "84-2", "84 * 2" or "84^2" the answer 84: an operator and a digit continue the expression).
+_ANSWER_RE = re.compile(
+    r"Answer\s*:\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?![\d,./]*\d|[A-Za-z]|\s*[-+*/^×÷]\s*\d)"
+)
 
 
 def extract_answer(text: str) -> str | None:
