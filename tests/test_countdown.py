@@ -260,6 +260,22 @@ def test_wrong_derivations_grade_false(p8566, steps, why):
     assert not grade(p8566, derivation(*steps, answer="(8 - 5) * 6 + 6")), why
 
 
+def test_a_side_step_the_derivation_never_uses_fails_it(p8566):
+    """Only the last step's tree was graded: a side step reusing a number, using one the problem
+    never gave, or written before a second <think>, passed while every step label said wrong."""
+    good = ("8 - 5 = 3, left 6 6 3", "6 * 3 = 18, left 6 18", "18 + 6 = 24, left 24")
+    for side in ("8 + 8 = 16, left 5 6 6 16", "90 + 9 = 99, left 99"):
+        text = derivation(side, *good)
+        assert not grade(p8566, text) and extract_answer(text) is None
+        assert not any(true_step_labels(p8566, split_steps(text)))  # the labels agree
+    middle = derivation("8 - 5 = 3, left 6 6 3", "9 * 9 = 81, left 81", "6 * 3 = 18, left 6 18", "18 + 6 = 24, left 24")
+    assert not grade(p8566, middle)
+    prompt = "Use 8 5 6 6 to make 24.\n<think>"
+    assert not grade(p8566, prompt + "6 * 6 * 6 = 216.\n\n<think>" + derivation(*good))  # a second <think>
+    assert grade(p8566, prompt + derivation(*good))
+    assert grade(p8566, derivation(*good))
+
+
 def test_a_wrong_written_result_fails_the_derivation(p8566):
     slip = derivation("8 - 5 = 3, left 6 6 3", "6 * 3 = 18, left 6 18", "18 + 6 = 31, left 31")
     assert not grade(p8566, slip) and extract_answer(slip) is None  # the value is 24, but 18 + 6 is not 31

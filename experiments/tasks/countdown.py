@@ -456,7 +456,7 @@ def think_steps(text: str) -> list[str] | None:
     the think span never closes (an unfinished or cut completion)."""
     if THINK_CLOSE not in text:
         return None
-    span = text.rsplit(THINK_CLOSE, 1)[0].rsplit(THINK_OPEN, 1)[-1]
+    span = text.rsplit(THINK_CLOSE, 1)[0].split(THINK_OPEN, 1)[-1]  # a second <think> stays in a step: malformed
     return [part for part in span.split(SEPARATOR) if part.strip()]
 
 
@@ -467,8 +467,9 @@ ARITHMETIC_ONLY = Rules(max_value=10**9)
 
 def derived_expression(text: str) -> Expr | None:
     """The expression the think-span steps compose (see the module docstring), or None when a
-    step is malformed, a written result is not the true result of its operation, or there is
-    no step."""
+    step is malformed, a written result is not the true result of its operation, a step's result
+    is never used by a later one (a side step, which could use numbers the problem never gave),
+    or there is no step."""
     steps = think_steps(text)
     if not steps or len(steps) > MAX_STEPS:
         return None
@@ -481,7 +482,7 @@ def derived_expression(text: str) -> Expr | None:
         left, right = _operand(step.x, results), _operand(step.y, results)
         last = (step.op, left, right)
         results.append((step.result, last))
-    return last
+    return last if len(results) == 1 else None  # every earlier result went into a later step
 
 
 def _operand(value: int, results: list[tuple[int, Expr]]) -> Expr:
