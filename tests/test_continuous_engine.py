@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -163,6 +164,19 @@ class GatedLM(ScriptedLM):
         return super().forward(**kwargs)
 
 
+def arrive_together(engine: ContinuousEngine, call: Any, items: list[tuple[str, ChunkRequest]]) -> None:
+    """call(name, request) for every item in its own thread, all queued while the engine is held
+    (so they are admitted, and merged, together); returns when every call has returned."""
+    threads = [threading.Thread(target=call, args=item) for item in items]
+    with engine.hold():
+        for thread in threads:
+            thread.start()
+        while engine.queued < len(items):
+            time.sleep(0.001)
+    for thread in threads:
+        thread.join()
+
+
 def test_a_merged_call_is_handed_back_when_its_own_rows_end():
     """Two calls merged into one chunk: the short one returns while the long one still decodes
     (the long one's forwards wait for the short one's caller to have its result)."""
@@ -179,14 +193,7 @@ def test_a_merged_call_is_handed_back_when_its_own_rows_end():
             gate.set()
 
     with ContinuousEngine.attached(p) as engine:
-        threads = [threading.Thread(target=call, args=item) for item in (("short", short), ("long", long))]
-        with engine.hold():
-            for thread in threads:
-                thread.start()
-            while engine.queued < 2:
-                time.sleep(0.001)
-        for thread in threads:
-            thread.join()
+        arrive_together(engine, call, [("short", short), ("long", long)])
     assert outputs["short"].lengths.tolist() == [1, 1] and outputs["long"].lengths.tolist() == [12, 12]
     assert lm.opened and all(lm.opened)  # every gated forward found the short call handed back
 
@@ -227,14 +234,7 @@ def test_a_failing_call_merged_with_others_fails_alone():
 
     with ContinuousEngine.attached(p) as engine:
         alone = engine.decode(good()).lengths.tolist()
-        threads = [threading.Thread(target=call, args=item) for item in (("bad", bad), ("good", good()))]
-        with engine.hold():
-            for thread in threads:
-                thread.start()
-            while engine.queued < 2:
-                time.sleep(0.001)
-        for thread in threads:
-            thread.join()
+        arrive_together(engine, call, [("bad", bad), ("good", good())])
     assert outputs["good"] == alone
     assert isinstance(outputs["bad"], ValueError) and "cached prefix must leave" in str(outputs["bad"])
 
