@@ -75,29 +75,24 @@ def test_an_unknown_setting_is_named_before_anything_loads(override, message, tm
     assert not out.exists()
 
 
-def test_a_task_without_problems_is_refused_before_the_policy_or_the_folder(monkeypatch, tmp_path):
-    (tmp_path / "empty_task.py").write_text(
-        "from experiments.tasks.arith import prompt_text, grade, extract_answer\n"
-        "def generate_problems(split, count, seed, cfg):\n    return []\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"^task empty_task \(split='test', count=100\) has no problems"):
-        run_in_process(["task.module=empty_task", f"policy.path={tmp_path / 'nope'}", f"out_dir={out}"])
-    assert not out.exists()
-
-
-def test_a_task_with_a_repeated_problem_id_is_refused_before_the_policy_or_the_folder(monkeypatch, tmp_path):
-    (tmp_path / "twice_task.py").write_text(
+@pytest.mark.parametrize(("name", "problems", "message"), [
+    ("empty_task", "[]", r"^task empty_task \(split='test', count=100\) has no problems"),
+    ("twice_task", "[Problem('a', '1+1?', '2'), Problem('b', '1+2?', '3'), Problem('a', '2+2?', '4')]",
+     r"^task twice_task: problems 1 and 3 share the id 'a': ids must be unique"),
+])
+def test_a_task_whose_problems_cannot_run_is_refused_before_the_policy_or_the_folder(
+    monkeypatch, tmp_path, name, problems, message,
+):
+    """No problems, or two of one id (a run would write two rows of it and count one short)."""
+    (tmp_path / f"{name}.py").write_text(
         "from experiments.tasks.arith import prompt_text, grade, extract_answer\n"
         "from treesearch.records import Problem\n"
-        "def generate_problems(split, count, seed, cfg):\n"
-        "    return [Problem('a', '1+1?', '2'), Problem('b', '1+2?', '3'), Problem('a', '2+2?', '4')]\n"
+        f"def generate_problems(split, count, seed, cfg):\n    return {problems}\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"^task twice_task: problems 1 and 3 share the id 'a': ids must be unique"):
-        run_in_process(["task.module=twice_task", f"policy.path={tmp_path / 'nope'}", f"out_dir={out}"])
+    with pytest.raises(ValueError, match=message):
+        run_in_process([f"task.module={name}", f"policy.path={tmp_path / 'nope'}", f"out_dir={out}"])
     assert not out.exists()
 
 
