@@ -75,7 +75,13 @@ def search_each(
             on_round(trees)
 
     def one(problem: Problem) -> SearchResult:
-        (result,) = fn([problem], policy, scorer, cfg, on_round=round_end)
+        if stop.is_set():  # a worker freed by a failed search takes the next problem before the caller wakes
+            raise SearchCancelled("not started: another problem's search failed or was interrupted")
+        try:
+            (result,) = fn([problem], policy, scorer, cfg, on_round=round_end)
+        except BaseException:
+            stop.set()  # in this thread, before its worker can take another problem
+            raise
         return result
 
     pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="search")
