@@ -12,28 +12,58 @@ when `last/` is missing or damaged: the folder is never silently trained over).
 """
 from __future__ import annotations
 
+import json
+import sys
+from dataclasses import asdict
 from pathlib import Path
-
 from typing import Any
 
 from experiments.sft_tasks import get_sft_task
 from experiments.train_sft import DEFAULT_TRAIN_PROBLEMS
 from policies.checkpoint import check_checkpoint
 from policies.sft import SFTConfig, train_sft
+from policies.sft_resume import SUMMARY_FILE
 from policies.tiny_model import TinyModelConfig, build_model
 from policies.tiny_tokenizer import build_tokenizer
 
 
-def cached_policy(run_dir: Path) -> Path | None:
-    """run_dir/final when it is a complete checkpoint, else None (saying what is missing)."""
+# SFT settings that do not change the trained weights (how often to save or evaluate, threads)
+NOT_THE_WEIGHTS = ("checkpoint_every", "eval_every", "eval_max_examples", "num_threads")
+
+
+def cached_policy(run_dir: Path, sft: SFTConfig | None = None) -> Path | None:
+    """run_dir/final when it is a complete checkpoint, else None (saying what is missing). With
+    sft, a policy trained with other settings (its sft_summary.json) is still used, with a note
+    naming what differs: it is not retrained behind the user's back, nor passed off in silence."""
     final = run_dir / "final"
     if not final.exists():
         return None
     try:
-        return check_checkpoint(final)
+        found = check_checkpoint(final)
     except FileNotFoundError as err:
         print(f"cached policy is incomplete, training it again from {run_dir / 'last'}: {err}")
         return None
+    note = None if sft is None else settings_note(run_dir, sft)
+    if note is not None:
+        print(note, file=sys.stderr)
+    return found
+
+
+def settings_note(run_dir: Path, sft: SFTConfig) -> str | None:
+    """A note when run_dir/sft_summary.json records SFT settings that differ from sft (None when
+    they agree or no summary says)."""
+    path = run_dir / SUMMARY_FILE
+    try:
+        saved = json.loads(path.read_text()).get("config") or {}
+    except (OSError, ValueError):
+        return None
+    wanted = json.loads(json.dumps(asdict(sft)))  # tuples as lists, as saved
+    diffs = [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in wanted.items()
+             if key not in NOT_THE_WEIGHTS and saved.get(key) != value]
+    if not diffs:
+        return None
+    return (f"note: the cached policy {run_dir / 'final'} was trained with other SFT settings ({'; '.join(diffs)}); "
+            f"it is used as it is: delete {run_dir} to train it with these")
 
 
 def ensure_policy(
@@ -48,7 +78,7 @@ def ensure_policy(
     """The trained policy's directory: the cached one, or a freshly trained (or resumed) one.
     task: an `experiments.sft_tasks` name; task_cfg: its difficulty config; train_problems: SFT
     pairs to draw (more than a run consumes)."""
-    cached = cached_policy(run_dir)
+    cached = cached_policy(run_dir, sft)
     if cached is not None:
         return cached
     print(f"no cached policy in {run_dir}: training the tiny {task} policy (SFT)")

@@ -6,7 +6,7 @@ import math
 import shutil
 import signal
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -316,3 +316,21 @@ def test_train_sft_cli_smoke(tmp_path, monkeypatch, capsys):
     assert "trained 2 steps" in out and "greedy pass@1" in out and "pass@2" in out
     report = json.loads((tmp_path / "cli" / "quick_eval.json").read_text())
     assert report["num_problems"] == 2 and 0 <= report["sampled_pass1"] <= report["pass_at_k"] <= 1
+
+
+def test_a_cached_policy_of_other_sft_settings_is_used_with_a_note(tok, tmp_path, capsys):
+    """The demo reused outputs/checkpoints/tiny-arith of an 8-minute SFT run where its task asks
+    for 1400 steps, in silence; it is still used (not retrained behind the user's back), named."""
+    from experiments.tiny_policy import cached_policy
+
+    run = tmp_path / "tiny-arith"
+    save_checkpoint(build_model(TinyModelConfig(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64), tok), tok,
+                    run / "final")
+    made = SFTConfig(max_minutes=8.0, max_steps=None)
+    (run / sft_resume.SUMMARY_FILE).write_text(json.dumps({"config": asdict(made)}))
+    assert cached_policy(run, replace(made, num_threads=1, eval_every=5)) == run / "final"  # no weight changes
+    assert capsys.readouterr().err == ""
+    assert cached_policy(run, replace(made, max_minutes=None, max_steps=1400)) == run / "final"
+    assert capsys.readouterr().err.strip() == (
+        f"note: the cached policy {run / 'final'} was trained with other SFT settings (max_minutes: 8.0 -> None; "
+        f"max_steps: None -> 1400); it is used as it is: delete {run} to train it with these")
