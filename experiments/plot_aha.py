@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from matplotlib.axes import Axes
-from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from experiments.aha_metrics import AHA_THRESHOLD, aha_step
+from experiments.plot_output import PlotOutputError, check_out_path
 
 
 CURVES: tuple[tuple[str, str, str, str], ...] = (  # (key, label, color, line style)
@@ -139,28 +139,12 @@ def mark_split(axes: Sequence[Axes], step: int | None, key: str) -> None:
                   color="tab:purple", fontsize=8, va="top", ha=ha)
 
 
-def check_out_path(out_png: Path) -> str:
-    """The image format for out_png (its suffix; "png" without one), or AhaInputError naming an
-    --out that cannot be written: an existing folder, a path under a file, an unknown suffix."""
-    if out_png.is_dir():
-        raise AhaInputError(f"{out_png}: --out is an existing folder; give a file path such as {out_png / 'aha.png'}")
-    for parent in out_png.parents:
-        if parent.exists() and not parent.is_dir():
-            raise AhaInputError(f"{parent}: --out needs a folder here, but it is an existing file")
-    fmt = out_png.suffix[1:].lower() or "png"
-    supported = FigureCanvasBase.get_supported_filetypes()
-    if fmt not in supported:
-        raise AhaInputError(f"{out_png}: --out must end in an image suffix matplotlib writes "
-                            f"({', '.join(sorted(supported))}), not .{fmt}")
-    return fmt
-
-
 def plot_aha(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     """Draw the aha curves of a run's metrics.jsonl (or of a run folder holding one) into
     out_png; return its path."""
     metrics_jsonl, out_png = metrics_file(metrics_jsonl), Path(out_png)
     rows = load_metrics(metrics_jsonl)
-    fmt = check_out_path(out_png)
+    fmt = check_out_path(out_png, "aha.png")
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(8, 6.5))  # drawn on its own Agg canvas: the process's backend is left alone
     FigureCanvasAgg(fig)
@@ -183,7 +167,7 @@ def run_aha(args: argparse.Namespace) -> int:
     out = args.out or metrics_file(args.metrics).with_suffix(".aha.png")
     try:
         plot_aha(args.metrics, out)
-    except AhaInputError as err:
+    except (AhaInputError, PlotOutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

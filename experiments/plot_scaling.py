@@ -6,12 +6,17 @@ error bars, labelled with their budget N) and its fitted line; a strategy measur
 compute only (greedy) is a single marker. A sweep folder holding runs of several workloads
 (task / policy configs, `experiments.sweep_metrics`) gets one line per workload and strategy,
 labelled "strategy [workload]", a marker shape per workload, and a one-line note on stderr.
+A legend entry gives the fitted slope and, where the curve flattens within the sweep, the last N
+that gained more than --threshold accuracy per doubling ("flat after N=8"; `experiments.scaling`).
+More than six series widen the figure and put the legend beside the axes.
 
     python -m experiments.plot_scaling outputs/sweeps/budget_sweep              # -> SWEEP_DIR/scaling.png
     python -m experiments.plot_scaling outputs/sweeps/budget_sweep --out s.png --threshold 0.02
 
 `plot_scaling(sweep_dir, out_png)` is the function `python -m experiments.plot scaling` wires to.
-Bad input prints "error: <folder>: <what is wrong>" and exits with code 2.
+Bad input (a sweep folder without runs, an --out that is a folder, lies under a file or has a suffix
+matplotlib does not write) prints "error: <path>: <what is wrong>" and exits with code 2; an --out
+without a suffix is written as PNG at that very path.
 
 Tests: `.venv/bin/pytest tests/test_scaling.py`.
 """
@@ -28,10 +33,19 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from experiments.plot_output import PlotOutputError, check_out_path
 from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_strategy
 from experiments.sweep_metrics import RunFolderError, RunSummary, sweep_notes, sweep_summaries
 
 WORKLOAD_MARKERS = ("o", "s", "^", "D", "v", "P")  # one shape per workload
+CROWDED = 6  # more series than this: a wider figure with the legend beside the axes
+
+
+def series_colors(count: int) -> list[Any]:
+    """A colour per series: matplotlib's default cycle, or tab20 when it has fewer colours than
+    series (12 series in the default 10 drew two pairs alike); beyond 20 colours repeat."""
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    return list(colors) if count <= len(colors) else list(matplotlib.colormaps["tab20"].colors)
 
 
 def draw_series(ax: Axes, series: SeriesScaling, color: str, marker: str = "o") -> None:
@@ -41,6 +55,8 @@ def draw_series(ax: Axes, series: SeriesScaling, color: str, marker: str = "o") 
     err = np.array([[p.accuracy.mean - p.accuracy.low for p in series.points],
                     [p.accuracy.high - p.accuracy.mean for p in series.points]])  # [2, P]
     label = series.name if series.fit is None else f"{series.name}: {round(series.fit.slope, 3) + 0.0:+.3f}/doubling"
+    if series.flattened:  # the threshold's verdict (`experiments.scaling.last_gaining`)
+        label += f", flat after N={series.last_gaining_budget}" if series.last_gaining_budget else ", flat"
     ax.errorbar(c, y, yerr=err, fmt=marker, color=color, capsize=3, label=label)
     for p in series.points:
         ax.annotate(f"N={p.budget}", (p.compute, p.accuracy.mean), textcoords="offset points",
@@ -59,11 +75,13 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
     """The plot of `plot_scaling` from the sweep's RunSummary rows; name goes in the title."""
     series = scaling_by_strategy(runs, threshold)
     out_png = Path(out_png)
+    fmt = check_out_path(out_png, "scaling.png")
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(7, 4.5))  # drawn on its own Agg canvas: the process's backend is left alone
+    crowded = len(series) > CROWDED
+    fig = Figure(figsize=(10 if crowded else 7, 4.5))  # drawn on its own Agg canvas: the process's backend is left alone
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = series_colors(len(series))
     workloads = sorted({s.workload for s in series})
     for i, s in enumerate(series):
         marker = WORKLOAD_MARKERS[workloads.index(s.workload) % len(WORKLOAD_MARKERS)]
@@ -73,9 +91,12 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
     ax.set_ylabel("accuracy (chosen answer, 95% CI)")
     ax.set_title(f"Test-time search scaling: {name}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if crowded:  # beside the axes, off the points
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    fig.savefig(out_png, dpi=120, format=fmt)
     return out_png
 
 
@@ -85,7 +106,7 @@ def run_scaling(args: argparse.Namespace) -> int:
         for note in sweep_notes(runs, args.sweep_dir):
             print(note, file=sys.stderr)
         out = plot_runs(runs, args.sweep_dir.name, args.out or args.sweep_dir / "scaling.png", args.threshold)
-    except (RunFolderError, ValueError) as err:
+    except (RunFolderError, PlotOutputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
@@ -95,7 +116,9 @@ def run_scaling(args: argparse.Namespace) -> int:
 def add_scaling_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("sweep_dir", type=Path, help="a sweep folder of `python -m experiments.search -m`")
     ap.add_argument("--out", type=Path, default=None, help="PNG path (default: SWEEP_DIR/scaling.png)")
-    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                    help="accuracy gained per doubling of compute below which a series is called flat after its "
+                         "last gaining N, shown in its legend entry (default %(default)s)")
     ap.set_defaults(run=run_scaling)
 
 

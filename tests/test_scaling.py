@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from matplotlib.colors import to_hex
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -384,3 +385,52 @@ def test_strategies_with_other_settings_are_separate_series(tmp_path):
     assert [p.accuracy.mean for p in series["particle_filtering (temperature=0.2)"].points] == [0.6, 0.6]
     assert [p.accuracy.mean for p in series["particle_filtering (temperature=1.0)"].points] == [0.3, 0.3]
     assert len(series) == 3
+
+
+@pytest.mark.parametrize("out, message", [
+    ("a_folder", "--out is an existing folder; give a file path such as {out}/scaling.png"),
+    ("a_file/scaling.png", "--out needs a folder here, but it is an existing file"),
+    ("scaling.txt", "--out must end in an image suffix matplotlib writes"),
+])
+def test_scaling_out_that_cannot_be_an_image_is_a_one_line_error(synthetic_sweep, capsys, out, message):
+    (synthetic_sweep / "a_folder").mkdir()
+    (synthetic_sweep / "a_file").write_text("x")
+    target = synthetic_sweep / out
+    assert plot_module.main(["scaling", str(synthetic_sweep), "--out", str(target)]) == 2
+    out_text, err = capsys.readouterr()
+    named = synthetic_sweep / "a_file" if out.startswith("a_file") else target
+    assert out_text == "" and err.startswith(f"error: {named}: ") and err.count("\n") == 1
+    assert message.format(out=target) in err
+    assert not list(synthetic_sweep.rglob("*.png"))
+
+
+def test_scaling_out_without_suffix_is_written_where_it_says(synthetic_sweep, capsys):
+    out = synthetic_sweep / "scaling_plot"
+    assert plot_module.main(["scaling", str(synthetic_sweep), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # was written to scaling_plot.png instead
+    assert not (synthetic_sweep / "scaling_plot.png").exists()
+
+
+def test_scaling_plot_legend_says_where_a_series_flattens_by_the_threshold(synthetic_sweep, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plot_scaling_module.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    labels = {}
+    for threshold in (0.01, 0.2):  # best_of_n gains 0.1 per doubling of compute; beam 0
+        plot_scaling_module.plot_scaling(synthetic_sweep, synthetic_sweep / f"s{threshold}.png", threshold)
+        labels[threshold] = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+    assert labels[0.01] == ["beam_search: +0.000/doubling, flat", "best_of_n: +0.100/doubling"]
+    assert labels[0.2] == ["beam_search: +0.000/doubling, flat", "best_of_n: +0.100/doubling, flat"]
+
+
+def test_twelve_series_get_twelve_colours(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plot_scaling_module.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    for k in range(12):  # a sweep of 6 strategies x 2 scorers has 12 series in one workload
+        for budget in (2, 4):
+            write_run(tmp_path / f"s{k}-{budget}", f"strategy{k:02d}", budget, 0, [True, False], 10 * budget)
+    plot_scaling_module.plot_scaling(tmp_path, tmp_path / "scaling.png")
+    ax = figures[-1].axes[0]
+    assert len(ax.get_legend().get_texts()) == 12
+    colours = {to_hex(line.get_color()) for line in ax.get_lines()}  # points and fitted lines
+    assert len(colours) == 12  # the default cycle has 10: two pairs were alike

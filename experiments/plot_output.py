@@ -1,0 +1,33 @@
+"""Where a plot command writes its image: an --out path checked before anything is drawn.
+
+    fmt = check_out_path(Path("plots/scaling.png"), "scaling.png")   # "png"
+    fig.savefig(out, format=fmt)      # written at exactly the path the command then reports
+
+Used by `python -m experiments.plot scaling` and `... aha`; tests: tests/test_plot_cli.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.backend_bases import FigureCanvasBase
+
+
+class PlotOutputError(ValueError):
+    """An --out path no image can be written to."""
+
+
+def check_out_path(out: Path, example_name: str) -> str:
+    """The image format for out (its suffix; "png" without one, still written at out itself), or
+    PlotOutputError naming an --out that cannot be written: an existing folder (example_name is
+    the file the message suggests inside it), a path under a file, an unknown suffix."""
+    if out.is_dir():
+        raise PlotOutputError(f"{out}: --out is an existing folder; give a file path such as {out / example_name}")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise PlotOutputError(f"{parent}: --out needs a folder here, but it is an existing file")
+    fmt = out.suffix[1:].lower() or "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise PlotOutputError(f"{out}: --out must end in an image suffix matplotlib writes "
+                              f"({', '.join(sorted(supported))}), not .{fmt}")
+    return fmt
