@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from experiments.checkpoint_hints import checkpoint_hint
 from experiments.search import CONFIG_DIR, build_policy
-from experiments.train import run_training, settings
+from experiments.train import RESUMABLE_KEYS, run_training, settings
 from policies.checkpoint import DamagedCheckpointError, load_checkpoint, save_checkpoint
 from policies.reflective_model import ReflectiveModel
 from policies.train_state import STATE_FILE, load_joint_state
@@ -194,3 +195,11 @@ def test_rollout_cache_says_how_to_get_a_missing_policy_folder(tmp_path, capsys)
     with pytest.raises(FileNotFoundError, match=r"^no rollout cache x\.pt$"):
         with hinted_checkpoint(missing, "--policy"):
             raise FileNotFoundError("no rollout cache x.pt")
+
+
+def test_settings_a_resume_may_change_do_not_rename_the_default_run_folder():
+    # `run.checkpoint_every=1` on a rerun without out_dir= trained from step 0 in a new folder
+    # `outputs/train/<overrides>,run.checkpoint_every=1` instead of resuming the run
+    config = OmegaConf.load(Path(CONFIG_DIR) / "train.yaml")
+    excluded = set(config.hydra.job.config.override_dirname.exclude_keys)
+    assert set(RESUMABLE_KEYS) <= excluded
