@@ -9,6 +9,7 @@ FileNotFoundError, one that is there but truncated or corrupted a `DamagedCheckp
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import shutil
@@ -71,6 +72,17 @@ def damaged(path: Path, error: BaseException) -> DamagedCheckpointError:
     return DamagedCheckpointError(
         f"{path} is damaged or incomplete (truncated or corrupted): {type(error).__name__}: {reason}"
     )
+
+
+def check_json_files(directory: Path) -> None:
+    """DamagedCheckpointError naming the first *.json file of directory (config, tokenizer,
+    generation config, a weight index) that is not JSON: transformers' own errors name no file
+    (a truncated tokenizer.json reads "Expecting ',' delimiter") or end in a traceback."""
+    for path in sorted(directory.glob("*.json")):
+        try:
+            json.loads(path.read_bytes())
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError alike
+            raise damaged(path, error) from error
 
 
 def check_safetensors(path: Path) -> None:
@@ -198,10 +210,11 @@ def load_checkpoint(
     folder `policies.model_folder` accepts: shards, .bin weights); dtype: the
     weights' (a torch dtype or its name in DTYPES); device: where the model goes ("cpu",
     "cuda[:N]"; one torch cannot see is a ValueError naming it, raised before anything loads).
-    A missing file is a FileNotFoundError, a truncated safetensors file a DamagedCheckpointError,
-    both naming the file."""
+    A missing file is a FileNotFoundError, a truncated safetensors or JSON file a
+    DamagedCheckpointError, both naming the file."""
     dtype, target = torch_dtype(dtype), resolve_device(device)
     directory = check_model_folder(directory)  # any hub layout: sharded, .bin, no generation config
+    check_json_files(directory)
     for file in weight_files(directory):
         if file.suffix == ".safetensors":
             check_safetensors(file)

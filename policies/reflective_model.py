@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from policies.checkpoint import atomic_directory, load_checkpoint, reading, write_checkpoint_files
+from policies.checkpoint import DamagedCheckpointError, atomic_directory, load_checkpoint, reading, write_checkpoint_files
 from scorers.sprm_head import (
     SCORE_MODULE_FILE, build_sprm_head, head_hidden_size, load_score_module, save_score_module, sprm_logits,
 )
@@ -125,6 +125,9 @@ class ReflectiveModel(nn.Module):
             head = load_score_module(directory, int(lm.config.hidden_size), map_location=lm.device)
         if feature_layer is None:
             config_path = directory / SPRM_CONFIG_FILE
-            saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
+            with reading(config_path):
+                saved = json.loads(config_path.read_bytes()) if config_path.is_file() else {}
+            if not isinstance(saved, dict):
+                raise DamagedCheckpointError(f"{config_path} is not a JSON object such as {{\"feature_layer\": -2}}")
             feature_layer = int(saved.get("feature_layer", DEFAULT_FEATURE_LAYER))
         return cls(lm, head, feature_layer).eval(), tokenizer

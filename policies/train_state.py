@@ -142,7 +142,7 @@ def checkpoint_folders(out_dir: Path) -> list[Path]:
 
 def missing_files(directory: Path) -> list[str]:
     """The files of a complete checkpoint folder that `directory` lacks."""
-    return [name for name in (*REQUIRED_FILES, SCORE_MODULE_FILE, STATE_FILE) if not (Path(directory) / name).is_file()]
+    return [name for name in (*REQUIRED_FILES, SCORE_MODULE_FILE, SPRM_CONFIG_FILE, STATE_FILE) if not (Path(directory) / name).is_file()]
 
 
 def load_checkpoint_folder(directory: Path) -> tuple[JointTrainState, ReflectiveModel, Any]:

@@ -57,17 +57,23 @@ def truncate(path: Path, keep: float = 0.5) -> None:
 # -- resuming from a damaged run folder ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("damage", ["missing state", "truncated state", "truncated weights"])
-def test_a_damaged_last_resumes_from_the_newest_complete_checkpoint(init_dir, finished, tmp_path, capsys, damage):
+# a truncated tokenizer.json / sprm.json stopped the run with "Expecting ',' delimiter" (no file
+# named), a truncated config.json with transformers' OSError, and a missing sprm.json resumed with
+# the head reading layer -2 whatever the run's feature_layer
+@pytest.mark.parametrize("damage, name", [
+    ("missing", STATE_FILE), ("truncated", STATE_FILE), ("truncated", "model.safetensors"),
+    ("truncated", "tokenizer.json"), ("truncated", "config.json"), ("truncated", "sprm.json"), ("missing", "sprm.json"),
+])
+def test_a_damaged_last_resumes_from_the_newest_complete_checkpoint(init_dir, finished, tmp_path, capsys, damage, name):
     out = copy_run(finished, tmp_path)
-    if damage == "missing state":
-        (out / "last" / STATE_FILE).unlink()
+    if damage == "missing":
+        (out / "last" / name).unlink()
     else:
-        truncate(out / "last" / (STATE_FILE if damage == "truncated state" else "model.safetensors"))
+        truncate(out / "last" / name)
     run_training(composed(tiny(init_dir, out)))
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"resuming from {out / 'ckpt-2'} (step 2): {out / 'last'}"), line
-    assert "truncated" in line if damage.startswith("truncated") else f"has no {STATE_FILE}" in line
+    assert f"{out / 'last' / name} is damaged or incomplete" in line if damage == "truncated" else f"has no {name}" in line
     assert untimed(rows_of(out)) == untimed(rows_of(finished))  # rows of step 3 cut, then logged again
     assert load_joint_state(out / "last").step == 3
 
