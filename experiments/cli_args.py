@@ -9,6 +9,7 @@ number fails at parse time, before any model loads, as argparse's own one-line e
     ap.add_argument("--ns", type=int_list(), default=(4, 8, 16, 32))    # "4,8,16": each >= 1
     args = ap.parse_args(argv)
     check_beam_shape(ap, args.n, args.beam_width)                       # N / M across two options
+    check_file_target(args.out, "--out")                                # ValueError: a folder, under a file
 
 Tests: `.venv/bin/python -m pytest tests/test_bench_args.py`.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Callable
 
 
@@ -94,3 +96,25 @@ def check_beam_shape(
         parser.error(f"argument {width_option}: {beam_width} must be <= {n_option} ({n})")
     if n % beam_width:
         parser.error(f"argument {n_option}: {n} must be divisible by {width_option} ({beam_width})")
+
+
+def check_file_target(path: Path, flag: str) -> None:
+    """ValueError naming a path option (`--out FILE`) no file can be written at: an existing
+    folder, or a path under an existing file. Called before the work, which would fail only after it."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file path such as {path / 'out.json'}")
+    check_parents_are_folders(path, flag)
+
+
+def check_folder_target(path: Path, flag: str) -> None:
+    """ValueError naming a folder option (`--out DIR`, `--save DIR`) that is an existing file or
+    lies under one. Called before the work, which would fail only after it."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is an existing file; give a folder")
+    check_parents_are_folders(path, flag)
+
+
+def check_parents_are_folders(path: Path, flag: str) -> None:
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{flag} {path} lies under {parent}, an existing file")

@@ -41,6 +41,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
+from experiments.cli_args import check_file_target, check_folder_target, nonnegative_int, positive_int  # noqa: E402
 from experiments.cli_errors import run_command  # noqa: E402
 from experiments.backbone_tuning import (BackboneTuneConfig, check_examples, paths_of, rollout_examples,  # noqa: E402
                                          solution_examples, train)
@@ -174,7 +175,7 @@ def probe_command(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--test", type=Path, required=True, help="held-out rollout cache (.pt)")
     ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     ap.add_argument("--save", type=Path, default=None, help="save the tuned reflective model in this folder")
-    ap.add_argument("--own-problems", type=int, default=0,
+    ap.add_argument("--own-problems", type=nonnegative_int, default=0,
                     help="the tuned model samples its own rollouts of this many test problems; its head ranks them")
     for name in ("steps", "batch", "reference_solutions", "seed"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
@@ -182,8 +183,12 @@ def probe_command(argv: Sequence[str] | None = None) -> int:
         ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
     ap.add_argument("--loss", default=d.loss, choices=SPR_MODES, help="scorers.spr_loss mode")
     ap.add_argument("--ref-fp32", action="store_true", help="the KL term's frozen forward in fp32 (default: bf16 autocast)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=positive_int, default=None)
     args = ap.parse_args(argv)
+    if args.out is not None:  # checked before training, which --out / --save would fail only after
+        check_file_target(args.out, "--out")
+    if args.save is not None:
+        check_folder_target(args.save, "--save")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = BackboneTuneConfig(args.steps, args.batch, args.backbone_lr, args.head_lr, args.grad_scale, args.loss,

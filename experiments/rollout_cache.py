@@ -49,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.checkpoint_hints import hinted_checkpoint
+from experiments.cli_args import check_file_target, positive_int
 from experiments.cli_errors import run_command
 from experiments.sft_tasks import get_sft_task
 from experiments.tasks import arith, countdown
@@ -579,11 +580,12 @@ def build_command(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-total-tokens", type=int, default=160)
     ap.add_argument("--layers", type=int, nargs="+", default=[-2, -1], help="hidden-state indices to keep")
     ap.add_argument("--batch-size", type=int, default=256, help="sample rows per generation forward")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     if args.out.is_dir():  # checked before the rollouts: save_cache would fail only after them
         raise ValueError(f"--out {args.out} is a folder; give the cache's file path (e.g. {args.out / 'cache.pt'})")
+    check_file_target(args.out, "--out")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     with hinted_checkpoint(args.policy, "--policy"):  # a missing policy folder says how to get it

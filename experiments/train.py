@@ -72,7 +72,7 @@ from experiments.checkpoint_hints import checkpoint_hint  # noqa: E402
 from experiments.group_options import check_group_options  # noqa: E402
 from experiments.override_keys import check_override_keys  # noqa: E402
 from experiments.search import (  # noqa: E402
-    CONFIG_DIR, build_frozen, resolve_out_dir, resolved_config, user_errors_reported,
+    CONFIG_DIR, build_frozen, check_int, resolve_out_dir, resolved_config, user_errors_reported,
 )
 from policies.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from policies.devices import resolve_device  # noqa: E402
@@ -224,6 +224,8 @@ def settings(cfg: DictConfig) -> Settings:
         actor_optim=build_frozen(cfg.actor_optim), head_optim=build_frozen(cfg.head_optim),
         task_module=str(cfg.task.module), task_config=build_frozen(cfg.task.config),
     )
+    if cfg.get("num_threads") is not None:  # 0 was skipped in silence, -1 a torch traceback
+        check_int("num_threads", cfg.num_threads, minimum=1, or_else=", or null for torch's default")
     if s.sampling.temperature != s.loss.temperature:
         raise ValueError(
             f"train_loss.temperature={s.loss.temperature} differs from sampling.temperature="
@@ -727,7 +729,7 @@ def run_training(cfg: DictConfig) -> Path:
     """Train (or resume) the run the config describes; return its folder (module docstring)."""
     s = settings(cfg)  # validates before anything is loaded or written
     device = train_device(cfg.device)
-    if cfg.get("num_threads"):
+    if cfg.get("num_threads") is not None:
         torch.set_num_threads(int(cfg.num_threads))
     accelerator = make_accelerator(device)
     t, resumed = open_run(cfg, s, accelerator)

@@ -59,6 +59,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from experiments.cli_args import check_folder_target, positive_int
 from experiments.cli_errors import run_command
 from experiments.aha_metrics import fc_metrics, prefixed
 from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, accuracy, problem_accuracy
@@ -303,6 +304,7 @@ def run_head_training(
     """Train on train_path's cache, evaluate on test_path's, write out_dir (module docstring);
     returns metrics.json's content."""
     out_dir = Path(out_dir)
+    check_folder_target(out_dir, "--out")  # an existing file failed only after training, in a traceback
     train, test = load_cache(train_path), load_cache(test_path)
     check_pair(train, test, cfg.feature_layer)
     note = batch_note(cfg.batch_rollouts, train.num_rollouts)
@@ -358,7 +360,7 @@ def train_command(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup-steps", type=int, default=0, help="plain BCE steps before the SPR filter engages")
     ap.add_argument("--eval-every", type=int, default=HeadTrainConfig.eval_every)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--no-save", action="store_true", help="do not write the final/ reflective folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

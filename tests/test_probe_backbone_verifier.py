@@ -165,6 +165,11 @@ def test_cli_refuses_a_bad_loss_before_reading_anything(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: steps=900 must be >= 1 and batch=3") and "Traceback" not in err
     assert main(missing) == 2 and capsys.readouterr().err == f"error: no rollout cache {tmp_path / 'none.pt'}\n"
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    for flag, path in [("--out", tmp_path / "a_folder"), ("--save", tmp_path / "a_file")]:  # failed after training
+        assert main([*missing, flag, str(path)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {flag} {path} is ")
 
 
 def test_caches_of_another_policy_are_refused_before_loading_it(caches, tmp_path):

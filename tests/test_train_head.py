@@ -233,6 +233,13 @@ def test_cli_refuses_bad_settings_before_reading_a_cache(tmp_path, capsys):
     assert err.startswith("error: HeadTrainConfig.lr=-1.0") and "Traceback" not in err
     assert main(missing) == 2 and capsys.readouterr().err == f"error: no rollout cache {tmp_path / 'none.pt'}\n"
     assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as exit_info:  # was torch's RuntimeError traceback
+        main([*missing, "--threads", "0"])
+    assert exit_info.value.code == 2 and "--threads: '0' must be an integer >= 1" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "o"):  # failed only after training, in a traceback
+        assert main([*missing[:4], "--out", str(out)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: --out {out} ")
 
 
 def test_cli_keeps_the_traceback_of_a_genuine_bug(tmp_path, monkeypatch):
@@ -254,6 +261,9 @@ def test_cache_cli_prints_bad_settings_as_one_error_line(tmp_path, capsys):
     assert capsys.readouterr().err == "error: unknown task 'foo'; valid: arith, countdown\n"
     assert cache_main([*args, "--task", "arith", "--out", str(tmp_path)]) == 2  # before any rollout
     assert capsys.readouterr().err.startswith(f"error: --out {tmp_path} is a folder")
+    (tmp_path / "a_file").write_text("x")
+    assert cache_main([*args, "--task", "arith", "--out", str(tmp_path / "a_file" / "c.pt")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'a_file' / 'c.pt'} lies under")
     assert cache_main([*args, "--task", "arith", "--out", str(tmp_path / "c.pt")]) == 2
     assert capsys.readouterr().err == (f"error: checkpoint folder {tmp_path / 'none'} does not exist. "
                                        "Point --policy at an existing checkpoint folder\n")
