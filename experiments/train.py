@@ -395,6 +395,7 @@ def open_run(cfg: DictConfig, s: Settings, accelerator: Accelerator) -> tuple[Tr
             f"run.prompts_per_step={s.run.prompts_per_step} must split evenly over {accelerator.num_processes} "
             f"processes and then into run.mini_batches={s.run.mini_batches}"
         )
+    problems = run_problems(s)  # before anything loads or is written: a split too small is a named error
     reflective, tokenizer, point = load_start(s, out, accelerator.num_processes)
     state = point.state if point is not None else None
     claim_out_dir(out, resolved_config(cfg), state is not None, accelerator.is_main_process)
@@ -408,7 +409,7 @@ def open_run(cfg: DictConfig, s: Settings, accelerator: Accelerator) -> tuple[Tr
     head_opt = s.head_optim.build(list(reflective.head.parameters()))
     model, actor_opt, head_opt = accelerator.prepare(JointForward(reflective), actor_opt, head_opt)
     reflective = accelerator.unwrap_model(model).reflective
-    trainer = _assemble(s, accelerator, out, model, reflective, tokenizer, ref_lm, actor_opt, head_opt)
+    trainer = _assemble(s, accelerator, out, model, reflective, tokenizer, ref_lm, actor_opt, head_opt, problems)
     if state is not None:
         actor_opt.load_state_dict(state.actor_optimizer)
         head_opt.load_state_dict(state.head_optimizer)
@@ -417,10 +418,25 @@ def open_run(cfg: DictConfig, s: Settings, accelerator: Accelerator) -> tuple[Tr
     return trainer, state is not None
 
 
+def run_problems(s: Settings) -> tuple[list[Problem], list[Problem]]:
+    """(train problems, held-out problems) of the run's task; a split that cannot give the count
+    asked for is a ValueError naming the setting (countdown's train split holds ~9.9k problems)."""
+    task = importlib.import_module(s.task_module)
+    drawn = []
+    for key, split, count in (("data.train_problems", "train", s.data.train_problems),
+                              ("data.heldout_problems", "test", s.data.heldout_problems)):
+        try:
+            drawn.append(list(task.generate_problems(split, count, s.data.seed, s.task_config)))
+        except ValueError as error:
+            raise ValueError(f"{key}={count}: {error}") from None
+    return drawn[0], drawn[1]
+
+
 def _assemble(
-    s: Settings, accelerator: Accelerator, out: Path, model, reflective, tokenizer, ref_lm, actor_opt, head_opt
+    s: Settings, accelerator: Accelerator, out: Path, model, reflective, tokenizer, ref_lm, actor_opt, head_opt,
+    problems: tuple[list[Problem], list[Problem]],
 ) -> Trainer:
-    """The rollout sources, step markers and problems around the prepared model."""
+    """The rollout sources and step markers around the prepared model and the run's problems."""
     task = importlib.import_module(s.task_module)
     prompt_fn = task.prompt_text
     policy = TransformersPolicy.from_reflective(reflective, tokenizer, s.sampling, prompt_fn)
@@ -431,8 +447,7 @@ def _assemble(
         s=s, accelerator=accelerator, out=out, model=model, reflective=reflective, tokenizer=tokenizer,
         ref_lm=ref_lm, actor_opt=actor_opt, head_opt=head_opt, source=TransformersRolloutSource(policy),
         greedy=TransformersRolloutSource(greedy), markers=StepMarkers.from_tokenizer(tokenizer, width, fmt), task=task,
-        train_problems=task.generate_problems("train", s.data.train_problems, s.data.seed, s.task_config),
-        heldout_problems=task.generate_problems("test", s.data.heldout_problems, s.data.seed, s.task_config),
+        train_problems=problems[0], heldout_problems=problems[1],
         heldout=[], pad_id=policy.pad_id,
     )
 

@@ -210,3 +210,14 @@ def test_settings_a_resume_may_change_do_not_rename_the_default_run_folder():
     config = OmegaConf.load(Path(CONFIG_DIR) / "train.yaml")
     excluded = set(config.hydra.job.config.override_dirname.exclude_keys)
     assert set(RESUMABLE_KEYS) <= excluded
+
+
+def test_a_split_too_small_for_its_count_is_named_before_anything_is_written(init_dir, tmp_path):
+    # countdown's test split holds ~2.3k problems: the task's error came after config.yaml and
+    # reference/ were written, without naming the setting
+    out = tmp_path / "run"
+    cfg = composed(tiny(init_dir, out, "task=countdown", "task.module=experiments.tasks.countdown",
+                        "data.heldout_problems=5000"))
+    with pytest.raises(ValueError, match=r"^data\.heldout_problems=5000: count=5000: only \d+ distinct solvable test"):
+        run_training(cfg)
+    assert not out.exists()
