@@ -137,10 +137,13 @@ def run_tree(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_WATCH_S = 86400.0  # --watch: a longer period is a typo (inf failed in the page's JSON, 1e308 in sleep)
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number > 0")
+    if not 0 < value <= MAX_WATCH_S:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds > 0 and <= {MAX_WATCH_S:g}")
     return value
 
 

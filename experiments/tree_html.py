@@ -7,11 +7,12 @@ for final ones. Each node carries a hover tooltip (`<title>`, HTML-escaped step 
 a node fills the side panel (step text, score, visits, value, prior, finish, depth, the path so
 far) from a JSON block embedded in the page; the panel sets text with `textContent`, never
 `innerHTML`, and the JSON escapes `<`, `>` and `&` as `\\u003c` etc., so step text such as
-"</script>" can neither end the block nor inject markup. The selected node is kept in the URL
-hash (`#node=12`), so a reload keeps it.
+"</script>" can neither end the block nor inject markup. The selected node, the zoom and the
+scroll position are kept in the URL hash (`#node=12&zoom=0.25&x=300&y=0`), so a reload keeps
+them; "fit" zooms out as far as 0.005, so a tree of thousands of leaves fits the canvas.
 
 Live mode (`refresh_s`): the page reloads itself every refresh_s seconds (`location.reload()`,
-the hash and the selection survive; a "pause" box stops it). It therefore shows whatever the
+the hash keeps the selection and the view; a "pause" box stops it). It therefore shows whatever the
 HTML file holds at that moment: something has to rewrite the file while the search runs, e.g.
 `python -m experiments.plot tree RESULT.json --watch 2`, which re-renders the page whenever the
 result JSON changes (the search side writes it with `experiments.result_json.save_result`, and
@@ -301,9 +302,30 @@ function show(id, scroll) {
   setHash(params);
 }
 function setZoom(z) {
-  zoom = Math.min(Math.max(z, 0.1), 8);
+  // floor 0.005: "fit" brings a tree of thousands of leaves (~16 px each) onto the canvas
+  zoom = Math.min(Math.max(z, 0.005), 8);
   svg.setAttribute("width", svg.dataset.width * zoom);
   svg.setAttribute("height", svg.dataset.height * zoom);
+  saveView();
+}
+function saveView() {
+  // zoom and scroll live in the hash, as node and pause do: a live page's reload keeps the view
+  const box = document.getElementById("canvas");
+  const p = hashParams();
+  p.set("zoom", String(Number(zoom.toFixed(4))));
+  p.set("x", String(Math.round(box.scrollLeft)));
+  p.set("y", String(Math.round(box.scrollTop)));
+  setHash(p);
+}
+function restoreView(params) {
+  // true when the hash held a scroll position (then the selected node is not scrolled to)
+  const z = Number(params.get("zoom"));
+  if (params.has("zoom") && z > 0) setZoom(z);
+  if (!params.has("x") || !params.has("y")) return false;
+  const box = document.getElementById("canvas");
+  box.scrollLeft = Number(params.get("x")) || 0;
+  box.scrollTop = Number(params.get("y")) || 0;
+  return true;
 }
 function fit() {
   const box = document.getElementById("canvas");
@@ -341,8 +363,15 @@ document.getElementById("zoom-out").onclick = () => setZoom(zoom / 1.25);
 document.getElementById("zoom-fit").onclick = fit;
 document.getElementById("question").textContent =
   DATA.problem.question + (DATA.problem.answer === null ? "" : "\\n\\nreference answer: " + DATA.problem.answer);
-const start = hashParams().has("node") ? Number(hashParams().get("node")) : NaN;
-show(Number.isInteger(start) && NODES[start] ? start : (DATA.chosen_node ?? 0), true);
+let scrollTimer = null;
+document.getElementById("canvas").addEventListener("scroll", () => {
+  clearTimeout(scrollTimer);
+  scrollTimer = setTimeout(saveView, 150);
+});
+const loaded = hashParams();
+const start = loaded.has("node") ? Number(loaded.get("node")) : NaN;
+const restored = restoreView(loaded);
+show(Number.isInteger(start) && NODES[start] ? start : (DATA.chosen_node ?? 0), !restored);
 if (DATA.refresh_s) startLive();
 </script>
 </body>

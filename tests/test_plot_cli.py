@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -260,3 +261,28 @@ def test_importing_the_plots_leaves_the_process_backend_alone():
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "svg"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_live_page_keeps_zoom_and_scroll_across_reloads_and_fits_a_wide_tree(tmp_path):
+    # the page's own script under a stub DOM (tests/js/tree_page_view.js): a reload reset the zoom
+    # to 1 and scrolled back to the selected node, and "fit" stopped at zoom 0.1 (a tree of
+    # 3000 leaves stayed ~2400 px wide on a 1200 px canvas)
+    page = write_tree_html(wide_tree(800).to_json(), None, tmp_path / "live.html", refresh_s=1.0)
+    script = Path(__file__).parent / "js" / "tree_page_view.js"
+    done = subprocess.run(["node", str(script), str(page)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    view = json.loads(done.stdout)
+    assert view["width"] * view["fit_zoom"] <= 1200  # fits the canvas's width
+    assert view["first_scrolled_into_view"] and not view["reload_scrolled_into_view"]
+    assert view["reload_zoom"] == pytest.approx(view["fit_zoom"], rel=1e-3)
+    assert view["reload_scroll"] == [40, 25]
+
+
+@pytest.mark.parametrize("period", ["0", "-1", "nan", "inf", "1e308"])
+def test_watch_period_out_of_range_is_a_usage_error(tmp_path, capsys, period):
+    # inf failed in the page's JSON (allow_nan=False), 1e308 in time.sleep, each in a traceback
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tree", str(tmp_path / "r.json"), "--watch", period])
+    assert exit_info.value.code == 2
+    assert f"argument --watch: {period!r} must be a number of seconds > 0 and <= 86400" in capsys.readouterr().err

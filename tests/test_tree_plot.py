@@ -219,3 +219,4 @@ def test_cli_errors_name_the_problem(saved, tmp_path, capsys):
 def save_result_json(path, data):
     path.write_text(json.dumps(data))
     return path
+
