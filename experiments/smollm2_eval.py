@@ -53,6 +53,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -89,7 +90,7 @@ TASK = "gsm8k"
 DEFAULT_OUT = Path("outputs/smollm2")
 CONFIG_FILE = "config.json"
 # fields that do not change what a run computes (left out of the resume check)
-FREE_FIELDS: tuple[str, ...] = ("threads", "batch_size")
+FREE_FIELDS: tuple[str, ...] = ("threads",)  # batch_size is not one: batch order changes the draws
 # fields that only a later stage reads -> the outputs (under --out) made with them: while none of
 # them exists the field may change on a rerun (config.json takes the new value), after that not
 _SPRM_CACHES = ("sprm/train_cache.pt", "sprm/test_cache.pt", "sprm/metrics.json")
@@ -107,10 +108,11 @@ LATE_FIELDS: dict[str, tuple[str, ...]] = {
     "head_warmup_steps": ("sprm/metrics.json",),
 }
 GRADERS: tuple[str, ...] = ("strict", "flexible")
+REPORT_ELSEWHERE: tuple[str, ...] = ("problems", "tokens_per_s")  # metrics.json keys that are no table row
 BACKENDS: tuple[str, ...] = ("transformers", "vllm")
 VLLM_KV_CACHE_GIB = 2.0  # SmolLM2's KV at 256 new tokens: ~4.6 MB a sequence, so ~400 at once
 # a number as GSM8K answers write it: "-3", "1,234", "$18", "2.5" (lm-eval-harness' flexible-extract)
-NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+NUMBER = re.compile(r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")  # a trailing comma is not part of it: "18, in total"
 
 
 # -- grading --------------------------------------------------------------------------------------
@@ -192,8 +194,9 @@ class EvalConfig:
                 raise ValueError(f"EvalConfig.{name}={value!r} must be an integer >= 1")
         if self.n % self.beam_width:
             raise ValueError(f"EvalConfig.n={self.n} must be a multiple of beam_width={self.beam_width}")
-        if not self.temperature > 0:
-            raise ValueError(f"EvalConfig.temperature={self.temperature!r} must be > 0 (greedy is its own stage)")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"EvalConfig.temperature={self.temperature!r} must be a finite number > 0 "
+                             "(greedy is its own stage)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"EvalConfig.top_p={self.top_p!r} must be in (0, 1]")
         if self.backend not in BACKENDS:
@@ -499,7 +502,10 @@ def format_report(cfg: EvalConfig, metrics: dict[str, Any]) -> str:
     """report.md: one row per metric, strict and flexible grading side by side, with 95%
     bootstrap intervals over problems."""
     flexible = f"{TASK}_flexible"
-    names = [key.split(".", 1)[1] for key in metrics if key.startswith(f"{flexible}.") and not key.endswith(".ci95")]
+    names: list[str] = []  # every metric of either grader, in order (the SPRM's rows are under its grader's only)
+    for prefix in (flexible, TASK):
+        names += [name for key in metrics if key.startswith(f"{prefix}.") and not key.endswith(".ci95")
+                  and (name := key.split(".", 1)[1]) not in names and name not in REPORT_ELSEWHERE]
 
     def cell(prefix: str, name: str) -> str:
         value = metrics.get(f"{prefix}.{name}")

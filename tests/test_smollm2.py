@@ -152,6 +152,8 @@ def test_flexible_grading_takes_the_last_number_of_a_finished_answer():
     assert flexible_answer("\\boxed{18.00}") == flexible_answer("It is $18.") == "18"  # one vote for one value
     assert flexible_answer("so 2 * 700 = 1400", finished=False) is None  # cut by the token limit
     assert flexible_grade(problem, "He runs 1,400 meters.") and not flexible_grade(problem, "He runs 140 meters.")
+    assert flexible_answer("so 3 boxes hold 1,400, in total") == "1400"  # was "1,400,": graded wrong, a vote of its own
+    assert flexible_grade(problem, "That makes 1400, as asked.")
 
 
 @needs_wheel
@@ -275,6 +277,33 @@ def test_every_setting_is_checked_before_any_stage_or_file(tmp_path, capsys):
     assert not out.exists()  # nothing saved: a rerun with --labels spr is not refused
     assert main(["--stages", "greedyy", "--out", str(out)]) == 2 and not out.exists()
     assert main(["--max-minutes", "0", "--stages", "report", "--out", str(out)]) == 2 and not out.exists()
+    for temperature in ("inf", "nan", "0"):  # inf passed, failed after the greedy stage had written its rows
+        assert main(["--temperature", temperature, "--out", str(out)]) == 2 and not out.exists()
+        assert "EvalConfig.temperature=" in capsys.readouterr().err
+
+
+def test_the_report_has_the_sprm_rows_under_either_grader():
+    # with --sprm-grader strict the SPRM's rows are only under gsm8k.*; the table listed the
+    # flexible grader's rows alone, so they were in metrics.json but not in report.md
+    from experiments.smollm2_eval import EvalConfig, format_report
+
+    cfg = EvalConfig(n=4, beam_width=2, sprm_grader="strict")
+    metrics = {"gsm8k.greedy": 0.25, "gsm8k.sprm_bon@4": 0.5, "gsm8k.ci95": {}, "gsm8k_flexible.greedy": 0.5,
+               "gsm8k_flexible.ci95": {}, "gsm8k.problems": 4, "gsm8k.tokens_per_s": {"greedy": 10.0}}
+    rows = [line for line in format_report(cfg, metrics).splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == ["| greedy | 0.250 | 0.500 |", "| sprm_bon@4 | 0.500 | - |"]
+
+
+def test_another_batch_size_is_another_run(tmp_path):
+    # the batch's order changes the draws: a rerun with another --batch-size mixed chunks of both
+    from experiments.smollm2_eval import EvalConfig, claim_out_dir
+
+    folder = tmp_path / "run"
+    claim_out_dir(EvalConfig(batch_size=128), folder)
+    (folder / "best_of_n.jsonl").write_text("")
+    claim_out_dir(EvalConfig(batch_size=128, threads=2), folder)  # threads change nothing drawn
+    with pytest.raises(ValueError, match=r"batch_size: 128 -> 1 \(best_of_n.jsonl made with it\)"):
+        claim_out_dir(EvalConfig(batch_size=1), folder)
 
 
 def test_a_feature_layer_the_model_lacks_is_refused_when_the_sprm_stage_is_due(tmp_path, monkeypatch):
