@@ -35,6 +35,8 @@ from typing import Any, Sequence
 
 import httpx
 
+from experiments.cli_args import positive_float, positive_int
+
 SCORE_TOLERANCE = 1e-4
 
 
@@ -45,6 +47,10 @@ class Case:
     index: int
     path: str
     body: dict[str, Any]
+
+
+class ServiceError(Exception):
+    """The service failed a request sent alone: nothing to compare the concurrent answers with."""
 
 
 @dataclass(frozen=True)
@@ -130,8 +136,8 @@ async def send(client: httpx.AsyncClient, case: Case) -> Outcome:
     start = time.perf_counter()
     try:
         response = await client.post(case.path, json=case.body)
-    except httpx.HTTPError:
-        return Outcome(case, time.perf_counter() - start, None, None)
+    except httpx.HTTPError as error:  # dropped: no status; the body says why (refused, timed out, no scheme, ...)
+        return Outcome(case, time.perf_counter() - start, None, {"error": f"{type(error).__name__}: {error}"})
     latency = time.perf_counter() - start
     try:
         body = response.json()
@@ -141,8 +147,19 @@ async def send(client: httpx.AsyncClient, case: Case) -> Outcome:
 
 
 async def alone(client: httpx.AsyncClient, cases: Sequence[Case]) -> list[Outcome]:
-    """Every request on its own, one at a time."""
-    return [await send(client, case) for case in cases]
+    """Every request on its own, one at a time, up to the first that fails (a service that never
+    answers would hold each request for --timeout: 640 x 300 s by default)."""
+    outcomes = []
+    for case in cases:
+        outcomes.append(await send(client, case))
+        if failed(outcomes[-1]):
+            break
+    return outcomes
+
+
+def failed(outcome: Outcome) -> bool:
+    """Dropped, a status other than 200, or an error body."""
+    return outcome.status != 200 or _is_error(outcome.body)
 
 
 async def concurrently(client: httpx.AsyncClient, cases: Sequence[Case], clients: int) -> tuple[list[Outcome], float]:
@@ -187,9 +204,10 @@ async def run(args: argparse.Namespace) -> Summary:
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=args.timeout, limits=limits) as client:
         expected = await alone(client, cases)
-        bad = [o for o in expected if o.status != 200 or _is_error(o.body)]
-        if bad:
-            raise SystemExit(f"{len(bad)} requests failed when sent alone; first: status {bad[0].status}, {bad[0].body}")
+        if failed(expected[-1]):
+            bad = expected[-1]
+            raise ServiceError(f"request {bad.case.index} of {total} failed when sent alone "
+                               f"(status {bad.status}): {bad.body}")
         before = await batches_run(client)
         outcomes, wall = await concurrently(client, cases, args.clients)
         after = await batches_run(client)
@@ -224,21 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.load_test", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True, help="service base address, e.g. http://127.0.0.1:8001")
     parser.add_argument("--service", choices=("policy", "scorer"), required=True)
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=20, help="requests per client")
+    parser.add_argument("--clients", type=positive_int, default=32)
+    parser.add_argument("--requests", type=positive_int, default=20, help="requests per client")
     parser.add_argument("--api-key", default=None)
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request before it counts as dropped")
-    parser.add_argument("--max-tokens", type=int, default=16, help="policy: max_tokens per request")
-    parser.add_argument("--response-num", type=int, default=2, help="policy: response_num per request")
+    parser.add_argument("--timeout", type=positive_float, default=300.0, help="seconds per request before it counts as dropped")
+    parser.add_argument("--max-tokens", type=positive_int, default=16, help="policy: max_tokens per request")
+    parser.add_argument("--response-num", type=positive_int, default=2, help="policy: response_num per request")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("clients", "requests", "max_tokens", "response_num"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    summary = asyncio.run(run(args))
+    try:
+        summary = asyncio.run(run(args))
+    except ServiceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(report(args, summary))
     return 0 if summary.ok else 1
 
