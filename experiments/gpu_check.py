@@ -69,10 +69,12 @@ def compose_check(preset: str, problems: int, budget: int, scorer: str, out_dir:
     check_preset(preset)
     overrides = [
         f"policy={preset}", "task=gsm8k", f"task.count={problems}", "search=best_of_n", f"budget={budget}",
-        f"scorer={scorer}", f"chunk={problems}", f"out_dir={out_dir}", "progress=false",
+        f"scorer={scorer}", f"chunk={problems}", "progress=false",
     ]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("search", overrides=overrides)
+        cfg = compose("search", overrides=overrides)
+    cfg.out_dir = str(out_dir)  # set, not an override: a path with "," "=" or "(" is no override grammar
+    return cfg
 
 
 def env_var_of(preset: str) -> str | None:

@@ -125,6 +125,13 @@ def test_gpu_check_keeps_the_traceback_of_a_genuine_bug(monkeypatch):
         gpu_check.main(["--preset", "qwen25_math_1p5b"])
 
 
+@pytest.mark.parametrize("name", ["gpu check,1", "run(1)", "a=b"])
+def test_the_check_takes_any_out_folder_name(tmp_path, name):
+    # --out went into an override `out_dir=...`: Hydra's grammar refused these, in a traceback
+    cfg = gpu_check.compose_check("qwen25_math_1p5b", 1, 2, "confidence", tmp_path / name)
+    assert cfg.out_dir == str(tmp_path / name)
+
+
 def test_a_missing_folder_names_its_environment_variable(monkeypatch, tmp_path):
     monkeypatch.setenv("XBAI_O4_PATH", str(tmp_path / "nowhere"))
     cfg = gpu_check.compose_check("xbai_o4", 1, 2, "confidence", tmp_path / "run")
