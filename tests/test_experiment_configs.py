@@ -242,6 +242,16 @@ def test_sprm_forward_reads_the_policy_format_and_prompt(sprm_ckpt):
     assert scorer.markers.separator_ids and scorer.markers.think_open_id is not None
 
 
+@pytest.mark.parametrize("policy", ["smollm2", "metastone_s1_1p5b", "tiny"])
+@pytest.mark.parametrize("scorer", ["sprm_forward", "orm"])
+def test_a_second_forward_head_reads_the_policys_own_prompt(policy, scorer):
+    # it read `${task.module}.prompt_text` whatever the policy: under a chat-template policy
+    # (SmolLM2, the GPU presets) the head scored hidden states of a prompt the policy never wrote
+    cfg = OmegaConf.to_container(composed([f"policy={policy}", f"scorer={scorer}", "task=gsm8k"]).scorer, resolve=True)
+    policy_prompt = OmegaConf.to_container(composed([f"policy={policy}", "task=gsm8k"]).policy, resolve=True)
+    assert cfg["prompt_fn"] == policy_prompt["prompt_fn"]
+
+
 def test_a_folder_without_a_head_names_the_missing_file(ckpt):
     with pytest.raises(FileNotFoundError, match="score_module.pt"):
         build(composed(["policy=tiny_sprm", f"policy.path={ckpt}"]).policy)
