@@ -434,3 +434,16 @@ def test_twelve_series_get_twelve_colours(tmp_path, monkeypatch):
     assert len(ax.get_legend().get_texts()) == 12
     colours = {to_hex(line.get_color()) for line in ax.get_lines()}  # points and fitted lines
     assert len(colours) == 12  # the default cycle has 10: two pairs were alike
+
+
+def test_reasoning_modes_run_in_folders_of_their_own(ckpt, tmp_path, monkeypatch, capsys):
+    # experiment= was left out of the folder name: reasoning_medium after reasoning_low was
+    # refused as "a different config", and its suggested fix reran low
+    monkeypatch.chdir(tmp_path)
+    for mode in ("reasoning_low", "reasoning_medium"):
+        monkeypatch.setattr(sys, "argv", [
+            "search", f"experiment={mode}", f"policy.path={ckpt}", "task.count=1", "policy.sampling.max_total_tokens=8",
+            "policy.sampling.max_step_tokens=4", "progress=false"])
+        search.main()
+    runs = sorted(p.parent.name for p in (tmp_path / "outputs" / "search").glob("*/records.jsonl"))
+    assert len(runs) == 2 and all(name.startswith("experiment=reasoning_") for name in runs), runs
