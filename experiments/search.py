@@ -171,9 +171,14 @@ def check_int(key: str, value: Any, minimum: int | None = None, or_else: str = "
 
 def check_run_scalars(cfg: DictConfig) -> None:
     """The top-level scalars, before anything is loaded or written: seed an integer (a string
-    would be hashed into some seed), budget and chunk integers >= 1, num_threads null (torch's
+    would be hashed into some seed; search.seed, its interpolation, not set apart from it), budget and chunk integers >= 1, num_threads null (torch's
     default) or an integer >= 1 (0 means nothing), progress and live_tree true or false."""
     check_int("seed", cfg.get("seed"))
+    search_seed = cfg.get("search", {}).get("seed", cfg.get("seed"))
+    if search_seed != cfg.get("seed"):  # run_chunk seeds every chunk from the top-level seed
+        raise ValueError(f"search.seed={search_seed!r} differs from seed={cfg.get('seed')!r}: each chunk's seed derives "
+                         f"from the top-level seed, so search.seed would be recorded and not used; pass seed={search_seed} "
+                         "instead")
     check_int("budget", cfg.get("budget"), minimum=1)
     check_int("chunk", cfg.get("chunk"), minimum=1)
     if cfg.get("num_threads") is not None:
