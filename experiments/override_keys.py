@@ -25,11 +25,11 @@ import itertools
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
+from hydra.core.override_parser.types import Glob, Override
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
@@ -49,9 +49,13 @@ def runs_to_check(argv: Sequence[str], config_dir: Path) -> list[list[str]]:
     return [] if overrides is None else _runs(overrides, config_dir)
 
 
-def missing_key_error(argv: Sequence[str], config_dir: Path, config_name: str) -> str | None:
+def missing_key_error(
+    argv: Sequence[str], config_dir: Path, config_name: str, plain_keys: Mapping[str, Sequence[str]] | None = None,
+) -> str | None:
     """The error line for the first override of a key the composed config lacks (in a job, or
-    in the composition a sweep starts from: the overrides that sweep nothing), else None."""
+    in the composition a sweep starts from: the overrides that sweep nothing), else None.
+    plain_keys: {node path ("" for the top level): the keys the command reads there} for nodes
+    no class is built from; a key outside them is named with that list, not sent to `+KEY`."""
     overrides = _parsed(argv)
     if overrides is None:
         return None
@@ -59,6 +63,9 @@ def missing_key_error(argv: Sequence[str], config_dir: Path, config_name: str) -
         missing = _missing_key(config_dir, config_name, run)
         if missing is not None:
             full_key, override = missing
+            parent_path = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+            if plain_keys is not None and parent_path in plain_keys:
+                return f"error: {plain_key_message(full_key, plain_keys[parent_path], f'experiments.{config_name}')}"
             return _message(full_key, override, _parent_node(config_dir, config_name, run, override, full_key))
     if not SWEEP_FLAGS & set(argv):
         return None
@@ -70,6 +77,13 @@ def missing_key_error(argv: Sequence[str], config_dir: Path, config_name: str) -
     value = override.split("=", 1)[1] if "=" in override else ""
     return (f"error: {full_key} is not in the config a sweep starts from (Hydra composes it with every "
             f"swept group at its default before the jobs); write ++{full_key}={value} to set it in every job")
+
+
+def plain_key_message(full_key: str, known: Sequence[str], command: str) -> str:
+    """`task.shuffle is not a setting of task of experiments.search; it takes: ...`: a key of a
+    node no class is built from, which `+KEY` would add and nothing would read."""
+    where = f"of {full_key.rsplit('.', 1)[0]}" if "." in full_key else "at the top level"
+    return f"{full_key} is not a setting {where} of {command}; it takes: {', '.join(sorted(known))}"
 
 
 def _parsed(argv: Sequence[str]) -> list[Override] | None:
@@ -84,16 +98,33 @@ def _parsed(argv: Sequence[str]) -> list[Override] | None:
 
 
 def _runs(overrides: Sequence[Override], config_dir: Path) -> list[list[str]]:
-    """`runs_to_check` of parsed overrides."""
+    """`runs_to_check` of parsed overrides; none when a sweep cannot be listed here (an
+    interval, a glob over something other than a config group): Hydra judges those itself."""
     choices = []
     for override in overrides:
         if not override.is_sweep_override():
             choices.append([override.input_line])
             continue
-        values = [f"{override.get_key_element()}={value}" for value in override.sweep_string_iterator()]
-        is_group = (config_dir / override.key_or_group).is_dir()
-        choices.append(values if is_group else values[:1])
+        group = config_dir / override.key_or_group
+        try:
+            swept = _swept_values(override, group)
+        except HydraException:
+            return []
+        values = [f"{override.get_key_element()}={value}" for value in swept]
+        choices.append(values if group.is_dir() else values[:1])
     return [list(run) for run in itertools.product(*choices)]
+
+
+def _swept_values(override: Override, group: Path) -> list[str]:
+    """The values a sweep override takes: a glob over a config group (`search=glob(*,exclude=mcts)`)
+    filtered from the group's options, as Hydra's sweeper lists them; choice and range sweeps as
+    Hydra enumerates them (HydraException for the rest)."""
+    value = override.value()
+    if isinstance(value, Glob):
+        if not group.is_dir():
+            raise HydraException(f"{override.input_line}: a glob outside a config group")
+        return value.filter(sorted(path.stem for path in group.glob("*.yaml")))
+    return list(override.sweep_string_iterator())
 
 
 def _missing_key(config_dir: Path, config_name: str, overrides: Sequence[str]) -> tuple[str, str] | None:
@@ -109,9 +140,11 @@ def _missing_key(config_dir: Path, config_name: str, overrides: Sequence[str]) -
     return None
 
 
-def check_override_keys(argv: Sequence[str], config_dir: Path, config_name: str) -> None:
+def check_override_keys(
+    argv: Sequence[str], config_dir: Path, config_name: str, plain_keys: Mapping[str, Sequence[str]] | None = None,
+) -> None:
     """Print the error line of `missing_key_error` on stderr and exit 2 when there is one."""
-    error = missing_key_error(argv, config_dir, config_name)
+    error = missing_key_error(argv, config_dir, config_name, plain_keys)
     if error is not None:
         print(error, file=sys.stderr)
         raise SystemExit(USAGE_EXIT)

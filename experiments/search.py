@@ -53,7 +53,9 @@ import errno
 import fcntl
 import hashlib
 import importlib
+import inspect
 import json
+import logging
 import os
 import shutil
 import sys
@@ -64,14 +66,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from experiments.checkpoint_hints import checkpoint_hint
-from experiments.config_keys import check_known_keys
+from experiments.config_keys import check_known_keys, located_target
 from experiments.group_options import check_group_options
-from experiments.override_keys import check_override_keys
+from experiments.override_keys import check_override_keys, plain_key_message
 from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
@@ -103,6 +105,13 @@ HYDRA_SUBDIR = ".hydra"  # Hydra's record of the invocation, written by `save_hy
 # continuous (each problem searched in its own thread, the policy decoding whatever calls wait
 # together: `policies.continuous_engine`; a problem's samples are then those of searching it alone)
 BATCHING: tuple[str, ...] = ("lockstep", "continuous")
+# the settings of the nodes no class is built from (the top level, task): `+budjet=16` or
+# `+task.shuffle=true` composed and ran, recorded in config.yaml and never read
+PLAIN_NODE_KEYS: dict[str, tuple[str, ...]] = {
+    "": ("policy", "scorer", "search", "task", "seed", "budget", "chunk", "out_dir", "progress", "num_threads",
+         "live_tree", "batching"),
+    "task": ("module", "split", "count", "seed", "config"),
+}
 
 # hydra.run.dir / hydra.sweep.subdir: the override string ("/" in a value made "_", so a path
 # stays one folder), or "default" when there is none; a name longer than a file name may be
@@ -188,13 +197,59 @@ def check_run_scalars(cfg: DictConfig) -> None:
             raise ValueError(f"{key}={cfg[key]!r} must be true or false")
 
 
+@contextlib.contextmanager
+def quiet_logger(name: str) -> Iterator[None]:
+    """The named logger silenced for the block."""
+    logger = logging.getLogger(name)
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def check_light_scorer(node: DictConfig) -> None:
+    """Build the scorer once now when its target is a plain class (confidence, random, the
+    oracles, the SPRM reader: settings only, nothing loaded), so a bad setting of it
+    (`scorer.reduce=median`) is named before the policy loads and the run folder is written;
+    scorers built by `from_pretrained` load a model and are built once, with the policy."""
+    if not inspect.isclass(located_target(node)):
+        return
+    close = getattr(build_scorer(node), "close", None)
+    if callable(close):
+        close()
+
+
+def check_method_paths(node: Any, where: str = "") -> None:
+    """A ValueError naming the first `hydra.utils.get_method` node under node whose `path` names no
+    function (`policy.prompt_fn.path=experiments.tasks.arith.nosuch`: Hydra's multi-line
+    InstantiationException once the policy was being built)."""
+    if isinstance(node, DictConfig):
+        if node.get("_target_") == "hydra.utils.get_method" and isinstance(node.get("path"), str):
+            try:
+                with quiet_logger("hydra.utils"):  # it logs the failure as an ERROR line before raising
+                    get_method(node.path)
+            except Exception as err:  # noqa: BLE001 - Hydra's ImportError / ValueError / AttributeError alike
+                message = " ".join(str(err).split())
+                raise ValueError(f"{where}path={node.path!r} names no function ({message:.300})") from None
+        for key in node.keys():
+            check_method_paths(node.get(key), f"{where}{key}.")
+
+
 def check_component_keys(cfg: DictConfig) -> None:
     """Every key of search / task / policy / scorer is one its target takes (`+search.bogus=1`,
-    `policy.sampling.temprature=0.5` refused naming the key), before anything loads or is written."""
+    `policy.sampling.temprature=0.5` refused naming the key), and every key of the top level and
+    of task one the search reads (PLAIN_NODE_KEYS: `+budjet=16`), before anything loads or is written."""
     for section in ("search", "task", "policy", "scorer"):
         node = cfg.get(section)
         if isinstance(node, DictConfig):
             check_known_keys(node)
+    for path, known in PLAIN_NODE_KEYS.items():
+        node = OmegaConf.select(cfg, path) if path else cfg
+        unknown = [str(key) for key in node.keys() if key not in known] if isinstance(node, DictConfig) else []
+        if unknown:
+            raise ValueError(plain_key_message(f"{path}.{unknown[0]}" if path else unknown[0], known,
+                                               "experiments.search"))
 
 
 def set_num_threads(num_threads: int | None) -> None:
@@ -263,9 +318,18 @@ def build_scorer(node: DictConfig) -> Scorer:
         raise FileNotFoundError(f"{err}. {checkpoint_hint(node.get('path'), err, 'scorer.path')}") from err
 
 
+def import_task(module_name: str) -> Task:
+    """The task module; a ValueError naming task.module when it (or one it imports) is not there
+    (a ModuleNotFoundError traceback before)."""
+    try:
+        return importlib.import_module(module_name)  # type: ignore[return-value]
+    except ImportError as err:
+        raise ValueError(f"task.module={module_name!r} cannot be imported: {err}") from None
+
+
 def load_task(task_cfg: DictConfig) -> tuple[Task, list[Problem]]:
     """(the task module, its problems for split / count / seed / config)."""
-    module = importlib.import_module(task_cfg.module)
+    module = import_task(task_cfg.module)
     problems = module.generate_problems(task_cfg.split, task_cfg.count, task_cfg.seed, build_frozen(task_cfg.config))
     return module, problems  # type: ignore[return-value]
 
@@ -491,6 +555,9 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     """Run (or resume) the search the config describes; return the run folder."""
     check_run_scalars(cfg)  # validates before anything is loaded or written
     check_component_keys(cfg)
+    import_task(cfg.task.module)  # named as task.module, before the prompt paths that interpolate it
+    check_method_paths(cfg)
+    check_light_scorer(cfg.scorer)
     set_num_threads(cfg.get("num_threads"))
     strategy_cfg = build_frozen(cfg.search)
     check_policy_sampling(cfg.policy)
@@ -565,5 +632,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR)  # search=nosuch: one line, exit 2, before Hydra composes
-    check_override_keys(sys.argv[1:], CONFIG_DIR, "search")  # search.bogus=1: one line, exit 2
+    check_override_keys(sys.argv[1:], CONFIG_DIR, "search", PLAIN_NODE_KEYS)  # search.bogus=1: one line, exit 2
     main()

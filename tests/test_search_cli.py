@@ -68,12 +68,31 @@ def test_top_level_scalars_are_refused_before_anything_loads(override, message, 
                               r"device, dtype, forked, path, prefix_cache, prompt_fn, sampling, "),
         ("+task.config.max_opps=3", r"^task.config.max_opps is not a setting of ArithConfig; "),
         ("+scorer.reduc=min", r"^scorer.reduc is not a setting of ConfidenceScorer; it takes: reduce$"),
+        # nodes no class is built from: composed, recorded in config.yaml, never read
+        ("+task.shuffle=true", r"^task.shuffle is not a setting of task of experiments.search; it takes: config, "),
+        ("+budjet=16", r"^budjet is not a setting at the top level of experiments.search; it takes: batching, budget, "),
     ],
 )
 def test_an_unknown_setting_is_named_before_anything_loads(override, message, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=message):
         run_in_process([override, f"policy.path={tmp_path / 'nope'}", f"out_dir={out}"])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task.module=experiments.tasks.nosuch"],  # a ModuleNotFoundError traceback
+     r"^task.module='experiments.tasks.nosuch' cannot be imported: No module named 'experiments.tasks.nosuch'$"),
+    (["policy.prompt_fn.path=experiments.tasks.arith.nosuch"],  # Hydra's multi-line InstantiationException
+     r"^policy.prompt_fn.path='experiments.tasks.arith.nosuch' names no function \(Error loading "),
+    # a plain scorer's settings: named only after the policy had loaded and the folder was written
+    (["scorer.reduce=median"], r"^ConfidenceScorer.reduce='median'; valid: mean, min$"),
+    (["scorer=oracle", "scorer.unfinished=2"], r"^OutcomeOracleScorer.unfinished=2 must be a number in \[0, 1\]$"),
+])
+def test_a_task_prompt_or_plain_scorer_that_cannot_work_is_named_before_anything_loads(overrides, message, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):  # the policy folder does not exist: never loaded
+        run_in_process([*overrides, f"policy.path={tmp_path / 'nope'}", f"out_dir={out}"])
     assert not out.exists()
 
 
@@ -179,7 +198,11 @@ def test_group_options_checks_only_plain_group_choices():
      "at its default before the jobs); write ++search.lookahead=1 to set it in every job"),
     ("experiments.search", ["policy.sampling.temprature=0.5"],
      "error: policy.sampling.temprature is not a setting of SamplingConfig; it takes: batch_size, "),
-    ("experiments.search", ["task.bogus=3"], "error: task.bogus is not in the config (Hydra adds a new key only as +task.bogus=3)"),
+    # the `+task.bogus=3` it suggested then ran, with the key recorded and never read
+    ("experiments.search", ["task.bogus=3"], "error: task.bogus is not a setting of task of experiments.search; it takes: "
+     "config, count, module, seed, split"),
+    ("experiments.search", ["budjet=3"], "error: budjet is not a setting at the top level of experiments.search; "
+     "it takes: batching, budget, "),
     ("experiments.train", ["run.max_step=5"], "error: run.max_step is not a setting of RunConfig; it takes: "),
 ])
 def test_an_override_of_a_missing_key_is_one_error_line_before_hydra_runs(module, args, message, tmp_path):
@@ -194,6 +217,14 @@ def test_override_keys_composes_each_swept_group_option_and_leaves_flags_to_hydr
                  ["-m", "search=beam,dvts", "budget=4,8", "++search.lookahead=1"], ["--cfg", "job", "search.bogus=1"],
                  ["+search.bogus=1"], ["search=beam", "budget=4,8"]):
         assert missing_key_error(fine, conf, "search") is None, fine  # valid, Hydra's, or config_keys' to judge
+    # a glob over a group is listed from its options (it ended in "ConfigLoader is not set", a
+    # traceback); an interval, which the basic sweeper cannot run, is left to Hydra
+    runs = runs_to_check(["-m", "search=glob(*,exclude=[greedy,mcts])", "budget=4"], conf)
+    assert [run[0] for run in runs] == ["search=beam", "search=best_of_n", "search=dvts", "search=particle_filtering",
+                                        "search=rebase"]
+    assert missing_key_error(["-m", "search=glob(*)", "search.n=3"], conf, "search").startswith(
+        "error: search.n is not a setting of MCTSConfig")
+    assert runs_to_check(["-m", "seed=interval(0,1)"], conf) == []
 
 
 def test_a_server_that_does_not_answer_is_one_error_line(ckpt, tmp_path):
@@ -211,6 +242,7 @@ def test_a_server_that_does_not_answer_is_one_error_line(ckpt, tmp_path):
 def test_an_internal_error_keeps_its_traceback(tmp_path):
     (tmp_path / "broken_task.py").write_text(  # importable: `python -m` puts the cwd on sys.path
         "def generate_problems(split, count, seed, cfg):\n    raise RuntimeError('a bug in the task')\n"
+        "def prompt_text(problem):\n    return problem.question\n"  # policy.prompt_fn's path is checked first
     )
     done = run_cli(["task.module=broken_task", f"out_dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert done.returncode == 1 and "Traceback" in done.stderr and "RuntimeError: a bug in the task" in done.stderr
