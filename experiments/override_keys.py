@@ -86,6 +86,17 @@ def plain_key_message(full_key: str, known: Sequence[str], command: str) -> str:
     return f"{full_key} is not a setting {where} of {command}; it takes: {', '.join(sorted(known))}"
 
 
+def check_plain_keys(cfg: DictConfig, plain_keys: Mapping[str, Sequence[str]], command: str) -> None:
+    """A ValueError (`plain_key_message`) for the first key of a node in plain_keys ({node path,
+    "" for the top level: the keys the command reads there}) that the command does not read: an
+    override with `+` composes, is saved with the run and is never read."""
+    for path, known in plain_keys.items():
+        node = OmegaConf.select(cfg, path) if path else cfg
+        unknown = [str(key) for key in node.keys() if key not in known] if isinstance(node, DictConfig) else []
+        if unknown:
+            raise ValueError(plain_key_message(f"{path}.{unknown[0]}" if path else unknown[0], known, command))
+
+
 def _parsed(argv: Sequence[str]) -> list[Override] | None:
     """argv's overrides as Hydra parses them; None when this module leaves argv to Hydra (a flag
     other than -m, HYDRA_FULL_ERROR=1, overrides Hydra cannot parse)."""

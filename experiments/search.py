@@ -73,7 +73,7 @@ from tqdm import tqdm
 from experiments.checkpoint_hints import checkpoint_hint
 from experiments.config_keys import check_known_keys, located_target
 from experiments.group_options import check_group_options
-from experiments.override_keys import check_override_keys, plain_key_message
+from experiments.override_keys import check_override_keys, check_plain_keys
 from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
@@ -244,12 +244,7 @@ def check_component_keys(cfg: DictConfig) -> None:
         node = cfg.get(section)
         if isinstance(node, DictConfig):
             check_known_keys(node)
-    for path, known in PLAIN_NODE_KEYS.items():
-        node = OmegaConf.select(cfg, path) if path else cfg
-        unknown = [str(key) for key in node.keys() if key not in known] if isinstance(node, DictConfig) else []
-        if unknown:
-            raise ValueError(plain_key_message(f"{path}.{unknown[0]}" if path else unknown[0], known,
-                                               "experiments.search"))
+    check_plain_keys(cfg, PLAIN_NODE_KEYS, "experiments.search")
 
 
 def set_num_threads(num_threads: int | None) -> None:

@@ -70,7 +70,7 @@ from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: 
 from experiments.result_json import write_atomic  # noqa: E402
 from experiments.checkpoint_hints import checkpoint_hint  # noqa: E402
 from experiments.group_options import check_group_options  # noqa: E402
-from experiments.override_keys import check_override_keys  # noqa: E402
+from experiments.override_keys import check_override_keys, check_plain_keys  # noqa: E402
 from experiments.search import (  # noqa: E402
     CONFIG_DIR, build_frozen, check_int, resolve_out_dir, resolved_config, user_errors_reported,
 )
@@ -98,6 +98,12 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "out_dir", "device", "num_threads", "progress", "tensorboard", "run.max_steps", "run.max_minutes",
     "run.checkpoint_every", "run.keep_checkpoints",
 )
+# the settings of the nodes no class is built from: `+num_thread=2` composed and was never read
+PLAIN_NODE_KEYS: dict[str, tuple[str, ...]] = {
+    "": ("task", "train_loss", "init_from", "out_dir", "device", "num_threads", "progress", "tensorboard", "run",
+         "data", "sampling", "actor_optim", "head_optim"),
+    "task": ("module", "split", "count", "seed", "config"),
+}
 OLD_LOGPROBS: tuple[str, ...] = ("recompute", "rollout")
 # `device=`: cpu, cuda, cuda:N (checked by policies.devices.resolve_device), or auto (accelerate's pick)
 AUTO_DEVICE = "auto"
@@ -218,6 +224,7 @@ class Settings:
 
 def settings(cfg: DictConfig) -> Settings:
     """Build and cross-check the component configs; errors name the bad value."""
+    check_plain_keys(cfg, PLAIN_NODE_KEYS, "experiments.train")
     s = Settings(
         init_from=str(cfg.init_from), run=build_frozen(cfg.run), data=build_frozen(cfg.data),
         loss=build_frozen(cfg.train_loss), sampling=build_frozen(cfg.sampling),
@@ -790,5 +797,5 @@ def close_process_group() -> None:
 
 if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR)  # recipe=nosuch: one line, exit 2, before Hydra composes
-    check_override_keys(sys.argv[1:], CONFIG_DIR, "train")  # grpo.bogus=1: one line, exit 2
+    check_override_keys(sys.argv[1:], CONFIG_DIR, "train", PLAIN_NODE_KEYS)  # grpo.bogus=1: one line, exit 2
     main()

@@ -563,3 +563,20 @@ def test_run_folder_names_stay_within_file_name_limits():
     a, b = run_name(many), run_name(many + "y")
     assert len(a.encode()) <= MAX_RUN_NAME + 15 < 255 and a.startswith("run.option_0=")
     assert a != b  # the hash of the whole name keeps two long runs apart
+
+
+@pytest.mark.parametrize("command, options", [
+    ("search", [[], *([f"experiment={p.stem}"] for p in sorted((CONFIG_DIR / "experiment").glob("*.yaml")))]),
+    ("train", [[], *([f"recipe={p.stem}"] for p in sorted((CONFIG_DIR / "recipe").glob("*.yaml")))]),
+])
+def test_every_shipped_config_keeps_to_the_keys_its_command_reads(command, options):
+    # PLAIN_NODE_KEYS refuses other top-level / task keys (`+budjet=16` ran, recorded and unread):
+    # a key added to a yaml must be added there too
+    from experiments import search, train
+
+    known = (search if command == "search" else train).PLAIN_NODE_KEYS
+    for overrides in options:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(command, overrides=overrides)
+        assert set(cfg.keys()) <= set(known[""]) and set(cfg.task.keys()) <= set(known["task"]), overrides
+
