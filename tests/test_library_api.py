@@ -107,6 +107,76 @@ def test_best_of_n_refuses_a_scorer_whose_rows_do_not_match_the_paths(scorer, me
         best_of_n(problems(3), FakePolicy(), scorer, BestOfNConfig(n=2))
 
 
+# -- every strategy: what a user's policy returns -----------------------------------------------
+
+
+class FixedSamplesPolicy(FakePolicy):
+    """Eight samples per prefix whatever n asks (a backend's own num_return_sequences)."""
+
+    def propose(self, prefixes, n, seed, stop_at_step=True):  # type: ignore[override]
+        return super().propose(prefixes, 8, seed, stop_at_step)
+
+    def rollout(self, prefixes, n, seed):  # type: ignore[override]
+        return super().rollout(prefixes, 8, seed)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_strategy_refuses_more_samples_than_it_asked_for(name):
+    # before: accepted: 8 candidates at N = 2, particle filtering 224, compute grown to match
+    with pytest.raises(ValueError, match=r"policy\.(propose|rollout) returned 8 samples for prefix 0, asked for [12]$"):
+        run_search(name, problems(2), FixedSamplesPolicy(), OracleScorer(), **SMALL[name])
+
+
+class MalformedPolicy(FakePolicy):
+    """propose / rollout rows of the right count but the wrong shape (`kind`)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def _bad(self, rows: list) -> Any:
+        if self.kind == "none":  # a forgotten return
+            return None
+        if self.kind == "generator":
+            return (row for row in rows)
+        if self.kind == "text":  # strings where Steps belong
+            return [[step.text for step in row] if not isinstance(row[0], list) else [[s.text for s in c] for c in row]
+                    for row in rows]
+        return [[c[0] for c in row] for row in rows]  # "flat": rollout rows of Steps, one nesting level short
+
+    def propose(self, prefixes, n, seed, stop_at_step=True):  # type: ignore[override]
+        return self._bad(super().propose(prefixes, n, seed, stop_at_step)) if self.kind != "flat" else \
+            super().propose(prefixes, n, seed, stop_at_step)
+
+    def rollout(self, prefixes, n, seed):  # type: ignore[override]
+        return self._bad(super().rollout(prefixes, n, seed))
+
+
+@pytest.mark.parametrize("kind, name, message", [
+    ("none", "beam_search", r"^policy\.propose returned NoneType, expected a list with one row per prefix$"),
+    ("generator", "mcts", r"^policy\.propose returned generator, expected a list with one row per prefix$"),
+    ("text", "dvts", r"^policy\.propose returned str in row 0, expected treesearch\.records\.Step$"),
+    ("none", "best_of_n", r"^policy\.rollout returned NoneType, expected a list"),
+    ("text", "best_of_n", r"^policy\.rollout returned str in row 0, expected treesearch\.records\.Step$"),
+    ("flat", "best_of_n", r"^policy\.rollout returned Step as a completion in row 0, expected a list of Steps$"),
+])
+def test_a_policy_row_of_the_wrong_shape_is_named(kind, name, message):
+    # before: TypeError "object of type 'NoneType' has no len()", AttributeError "'str' object has
+    # no attribute 'num_tokens'", "'Step' object is not iterable", deep inside the strategy
+    with pytest.raises(ValueError, match=message):
+        run_search(name, problems(2), MalformedPolicy(kind), OracleScorer(), **SMALL[name])
+
+
+class NoneScorer(OracleScorer):
+    def score(self, paths):  # type: ignore[override]
+        return None
+
+
+def test_a_scorer_returning_nothing_is_named():
+    with pytest.raises(ValueError, match=r"^scorer returned NoneType, expected a list with one row of step scores"):
+        run_search("beam_search", problems(2), FakePolicy(), NoneScorer(), **SMALL["beam_search"])
+
+
 # -- every strategy: scores outside [0, 1] --------------------------------------------------------
 
 

@@ -48,7 +48,7 @@ def best_of_n(
     problems = search_inputs("best_of_n", problems, cfg, BestOfNConfig)
     start = time.perf_counter()
     rollouts = policy.rollout([Prefix(p) for p in problems], n=cfg.n, seed=cfg.seed)
-    check_rows(rollouts, len(problems), "rollout")
+    check_rows(rollouts, [cfg.n] * len(problems), "rollout", completions=True)
     by_problem = [[Prefix(p, tuple(r)) for r in rs] for p, rs in zip(problems, rollouts)]
     paths = [path for mine in by_problem for path in mine]
     flat_scores = scorer.score(paths)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from treesearch.aggregation import aggregate
 from treesearch.compute import Compute, step_compute
@@ -88,7 +88,7 @@ def propose_rows(
     if not items:
         return []
     rows = policy.propose([item.prefix for item in items], n=n, seed=seed)
-    return _charged_rows(items, rows, "propose", ledgers)
+    return _charged_rows(items, rows, [n] * len(items), "propose", ledgers)
 
 
 def propose_width_rows(
@@ -99,12 +99,15 @@ def propose_width_rows(
     if not items:
         return []
     rows = policy.propose_widths([item.prefix for item in items], widths=list(widths), seed=seed)
-    return _charged_rows(items, rows, "propose_widths", ledgers)
+    return _charged_rows(items, rows, widths, "propose_widths", ledgers)
 
 
-def _charged_rows(items: Sequence[Item], rows: Sequence[Sequence[Step]], method: str, ledgers: list[Ledger]) -> list[list[Step]]:
-    """A propose call's rows, checked (one per item) and charged to their problems' ledgers."""
-    check_rows(rows, len(items), method)
+def _charged_rows(
+    items: Sequence[Item], rows: Sequence[Sequence[Step]], widths: Sequence[int], method: str, ledgers: list[Ledger],
+) -> list[list[Step]]:
+    """A propose call's rows, checked (one per item, at most its width) and charged to their
+    problems' ledgers."""
+    check_rows(rows, widths, method)
     _charge_calls(items, ledgers)
     for item, row in zip(items, rows):
         ledgers[item.problem].add_steps(row)
@@ -119,7 +122,7 @@ def rollout_rows(
     if not items:
         return []
     rows = policy.rollout([item.prefix for item in items], n=1, seed=seed)
-    check_rows(rows, len(items), "rollout")
+    check_rows(rows, [1] * len(items), "rollout", completions=True)
     _charge_calls(items, ledgers)
     out = []
     for item, completions in zip(items, rows):
@@ -148,9 +151,13 @@ def score_rows(scorer: Scorer, items: Sequence[Item], ledgers: list[Ledger]) -> 
 def check_scores(paths: Sequence[Prefix], scores: Sequence[Sequence[float]]) -> None:
     """ValueError unless the scorer gave one row per path, one score per step, each a number in
     [0, 1] (the `Scorer` protocol: a logit or a NaN would rank paths by nothing, silently)."""
+    if not _is_list(scores):
+        raise ValueError(f"scorer returned {type(scores).__name__}, expected a list with one row of step scores per path")
     if len(scores) != len(paths):
         raise ValueError(f"scorer returned {len(scores)} score rows for {len(paths)} paths")
     for path, row in zip(paths, scores):
+        if not _is_list(row):
+            raise ValueError(f"scorer returned {type(row).__name__} as a score row, expected a list of step scores")
         if len(row) != len(path.steps):
             raise ValueError(f"scorer returned {len(row)} scores for a path of {len(path.steps)} steps")
         for j, value in enumerate(row):
@@ -169,10 +176,36 @@ def _is_unit_score(value: Any) -> bool:
         return False
 
 
-def check_rows(rows: Sequence[Any], expected: int, method: str) -> None:
-    """ValueError unless a policy call returned one row per prefix."""
-    if len(rows) != expected:
-        raise ValueError(f"policy.{method} returned {len(rows)} rows for {expected} prefixes")
+def check_rows(rows: Any, widths: Sequence[int], method: str, completions: bool = False) -> None:
+    """ValueError naming the policy method unless it returned a list with one row per prefix, row
+    i holding at most widths[i] samples (fewer is allowed: fewer children), each a `Step`
+    (completions: each a list of Steps, as `rollout` returns them). A policy returning None, a
+    generator, strings or more samples than asked (its own fixed n: every strategy's budget and
+    compute silently grew) is named here rather than failing deep inside a strategy."""
+    if not _is_list(rows):
+        raise ValueError(f"policy.{method} returned {type(rows).__name__}, expected a list with one row per prefix")
+    if len(rows) != len(widths):
+        raise ValueError(f"policy.{method} returned {len(rows)} rows for {len(widths)} prefixes")
+    for i, (row, width) in enumerate(zip(rows, widths)):
+        if not _is_list(row):
+            raise ValueError(f"policy.{method} returned {type(row).__name__} as row {i}, expected a list of "
+                             f"{'completions (lists of Steps)' if completions else 'Steps'}")
+        if len(row) > width:
+            raise ValueError(f"policy.{method} returned {len(row)} samples for prefix {i}, asked for {width}")
+        for sample in row:
+            if completions and not _is_list(sample):
+                raise ValueError(f"policy.{method} returned {type(sample).__name__} as a completion in row {i}, "
+                                 "expected a list of Steps")
+            for step in sample if completions else (sample,):
+                if not isinstance(step, Step):
+                    raise ValueError(f"policy.{method} returned {type(step).__name__} in row {i}, expected "
+                                     "treesearch.records.Step")
+
+
+def _is_list(value: Any) -> bool:
+    """A sized, indexable row: a list, a tuple, a numpy array or tensor of scores (not a string,
+    a mapping, a generator, None)."""
+    return hasattr(value, "__len__") and hasattr(value, "__getitem__") and not isinstance(value, (str, bytes, Mapping))
 
 
 @dataclass(frozen=True)
