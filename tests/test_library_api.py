@@ -167,6 +167,41 @@ def test_a_policy_row_of_the_wrong_shape_is_named(kind, name, message):
         run_search(name, problems(2), MalformedPolicy(kind), OracleScorer(), **SMALL[name])
 
 
+class CountingPolicy:
+    """FakePolicy's samples, with `num_parameters` = value (none at all when value is "missing")."""
+
+    def __init__(self, value: Any) -> None:
+        self.inner = FakePolicy()
+        self.calls = self.inner.calls
+        self.propose, self.rollout = self.inner.propose, self.inner.rollout
+        if value != "missing":
+            self.num_parameters = value
+
+
+@pytest.mark.parametrize("value", ["missing", "method", -1, 2.5, None])
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_a_policy_without_a_parameter_count_is_named_before_any_call(name, value):
+    # compute is tallied at the end: a missing num_parameters (or HF's method, uncalled) failed
+    # after every policy call had been made, with "unsupported operand type(s)"
+    policy = CountingPolicy(value if value != "method" else (lambda: 1000))
+    with pytest.raises(TypeError, match=r"^the policy's num_parameters must be an integer >= 0"):
+        run_search(name, problems(2), policy, OracleScorer(), **SMALL[name])
+    assert policy.calls == []
+
+
+def test_a_scorer_without_score_or_with_a_bad_parameter_count_is_named():
+    class NoCost:
+        def score(self, paths):
+            return [[0.5] * len(p.steps) for p in paths]
+
+    with pytest.raises(TypeError, match=r"^the scorer \(NoCost\) has no method cost\(paths\)$"):
+        run_search("best_of_n", problems(2), FakePolicy(), NoCost(), n=2)
+    scorer = OracleScorer()
+    object.__setattr__(scorer, "num_parameters", "7B")
+    with pytest.raises(TypeError, match=r"^the scorer's num_parameters must be an integer >= 0 .*got '7B'"):
+        run_search("mcts", problems(2), FakePolicy(), scorer, **SMALL["mcts"])
+
+
 class NoneScorer(OracleScorer):
     def score(self, paths):  # type: ignore[override]
         return None

@@ -50,6 +50,17 @@ def test_puct_priors_softmax_of_per_token_mean_logprob():
     assert sibling_priors([step_prior_logit(short), step_prior_logit(long)]) == pytest.approx([0.5, 0.5])
 
 
+def test_priors_of_steps_without_log_probs_are_uniform_and_a_nan_is_named():
+    # all -inf (a policy reporting no log-probs) gave NaN priors: PUCT took the first child every
+    # time and the search became one greedy chain, silently
+    inf = math.inf
+    assert sibling_priors([-inf, -inf, -inf]) == pytest.approx([1 / 3] * 3)
+    assert sibling_priors([-inf, 0.0]) == pytest.approx([0.0, 1.0])
+    for bad in ([math.nan, 0.0], [inf, 0.0]):
+        with pytest.raises(ValueError, match="a step's token log-probs must be numbers <= 0"):
+            sibling_priors(bad)
+
+
 def test_puct_virtual_loss_closed_form():
     assert with_virtual_loss(0.8, 2, 1, 2.0) == pytest.approx((0.4, 4.0))  # N_eff = 2 + 2*1 = 4, Q_eff = 0.8*2/4
     assert with_virtual_loss(0.8, 2, 0, 2.0) == pytest.approx((0.8, 2.0))

@@ -1,11 +1,15 @@
 """Step-level beam search (search-and-learn's `beam_search`), batched across problems.
 
-N candidates per problem, beam width M: the root is sampled N times; the N/M best unfinished
+N paths per problem, beam width M: the root is sampled N times; the N/M best unfinished
 children by aggregated path score become the beams; every later round samples M next steps for
 each beam (N paths again) and keeps the N/M best unfinished ones. A child whose step is terminal
 (finish "eos" or "length") leaves the beam and becomes a candidate. A problem stops when it has N
 candidates, when no beam is left, or at max_depth, where the beams that survive the last
 selection become candidates as they stand (their last step keeps its finish, "separator").
+Every finished child of a round is kept, so a problem can end with a few more than N
+candidates (N = 4, M = 2: three root samples finish, the one beam left adds two: 5); the choice
+is the best of them all, and only the all-candidates metrics (maj / wmaj / pass over
+`candidates`) see the extra ones. search-and-learn cuts its finished beams back to N by score.
 
 Batching (unlike search-and-learn, which runs one problem at a time): each round sends the beams
 of ALL problems to `policy.propose` in one call and all new paths to `scorer.score` in one call;
@@ -229,7 +233,7 @@ def beam_search(
     on_round: RoundHook | None = None,
 ) -> list[SearchResult]:
     """Beam search over every problem at once (module docstring); on_round: see `RoundHook`."""
-    problems = search_inputs("beam_search", problems, cfg, BeamSearchConfig)
+    problems = search_inputs("beam_search", problems, cfg, BeamSearchConfig, policy, scorer)
     start = time.perf_counter()
     trees = [Tree(p) for p in problems]
     ledgers = [Ledger() for _ in problems]

@@ -3,13 +3,14 @@ error names the setting (or the argument) and what is valid, before any policy c
 
     check_int("BestOfNConfig", "n", n, minimum=1)          # ValueError: BestOfNConfig.n=0 must be ...
     check_finite("MCTSConfig", "c_puct", c_puct, minimum=0.0)
-    problems = search_inputs("beam_search", problems, cfg, BeamSearchConfig)
+    problems = search_inputs("beam_search", problems, cfg, BeamSearchConfig, policy, scorer)
 
 Tests: `.venv/bin/python -m pytest tests/test_library_api.py`.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Iterable
 
 from treesearch.aggregation import check_aggregation
@@ -53,11 +54,15 @@ def check_finite(owner: str, name: str, value: object, minimum: float) -> None:
         raise ValueError(f"{owner}.{name}={value!r} must be a finite number >= {minimum:g}")
 
 
-def search_inputs(strategy: str, problems: Iterable[Problem], cfg: Any, config_type: type) -> list[Problem]:
-    """The problems as a list, after checking that cfg is the strategy's own config and that every
-    problem is a `Problem` (TypeError naming what is not)."""
+def search_inputs(
+    strategy: str, problems: Iterable[Problem], cfg: Any, config_type: type, policy: Any, scorer: Any,
+) -> list[Problem]:
+    """The problems as a list, after checking that cfg is the strategy's own config, that every
+    problem is a `Problem` and that the policy and the scorer have what a search reads
+    (`check_components`): TypeError naming what is not, before any policy call."""
     if not isinstance(cfg, config_type):
         raise TypeError(f"{strategy} takes a {config_type.__name__}, not a {type(cfg).__name__}")
+    check_components(policy, scorer)
     if isinstance(problems, Problem):
         raise TypeError("problems must be a list of Problem, not a Problem (wrap it: [problem])")
     if isinstance(problems, str):
@@ -67,3 +72,25 @@ def search_inputs(strategy: str, problems: Iterable[Problem], cfg: Any, config_t
         if not isinstance(problem, Problem):
             raise TypeError(f"problems[{i}] is a {type(problem).__name__}, not a Problem")
     return out
+
+
+def check_components(policy: Any, scorer: Any) -> None:
+    """TypeError naming what the policy or the scorer lacks: the policy's `propose` and `rollout`
+    and an integer `num_parameters` >= 0 (compute is tallied from it at the end of a search, so
+    a missing one, or Hugging Face's `num_parameters` method left uncalled, failed after every
+    policy call had been made), the scorer's `score` and `cost`, and its `num_parameters`, when it
+    has one, an integer >= 0 too."""
+    for method in ("propose", "rollout"):
+        if not callable(getattr(policy, method, None)):
+            raise TypeError(f"the policy ({type(policy).__name__}) has no method {method}(prefixes, n, seed)")
+    for method in ("score", "cost"):
+        if not callable(getattr(scorer, method, None)):
+            raise TypeError(f"the scorer ({type(scorer).__name__}) has no method {method}(paths)")
+    for role, component, required in (("policy", policy, True), ("scorer", scorer, False)):
+        if not required and not hasattr(component, "num_parameters"):
+            continue
+        value = getattr(component, "num_parameters", None)
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:  # numpy ints too
+            raise TypeError(f"the {role}'s num_parameters must be an integer >= 0 (its parameter count, for compute), "
+                            f"got {value!r}" + (" (a method: call it)" if callable(value) else ""))
+

@@ -34,10 +34,18 @@ def step_prior_logit(step: Step) -> float:
 
 
 def sibling_priors(logits: Sequence[float]) -> list[float]:
-    """Softmax over siblings' log-prob logits (max subtracted first, so it never overflows)."""
+    """Softmax over siblings' log-prob logits (max subtracted first, so it never overflows). A
+    sibling at -inf gets prior 0; when all are -inf (a policy that reports no log-probs as -inf)
+    the priors are uniform, where the softmax gave NaN priors and PUCT always took the first
+    child. A NaN or +inf logit is a ValueError: no prior can be read from it."""
     if not logits:
         return []
+    if any(math.isnan(x) or x == math.inf for x in logits):
+        raise ValueError(f"step log-prob logits {list(logits)!r}: a step's token log-probs must be numbers <= 0 "
+                         "(the policy returned NaN or +inf)")
     top = max(logits)
+    if top == -math.inf:
+        return [1.0 / len(logits)] * len(logits)
     weights = [math.exp(x - top) for x in logits]
     total = sum(weights)
     return [w / total for w in weights]
