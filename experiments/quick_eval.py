@@ -94,7 +94,7 @@ def generate_completions(
         for call, start in enumerate(tqdm(starts, desc=progress, unit="call", disable=progress is None)):
             enc = tokenizer(list(prompts[start : start + per_call]), return_tensors="pt", padding=True)
             with torch.random.fork_rng(devices=[]), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                torch.manual_seed(seed * 100_003 + call)
+                torch.manual_seed((seed * 100_003 + call) % 2**64)  # a large --seed overflowed torch's int64
                 sequences = model.generate(
                     **enc, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=n,
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -7,8 +7,10 @@
 The run folder holds `final/` (an ordinary transformers directory) once training has finished and
 `last/` (resume state) while it runs; an interrupted run resumes from `last/` when it was made by
 the same settings (else `policies.sft_resume.SFTError` names what differs). A `final/` folder with
-a file missing is not silently reused: it is reported and written again from `last/` (an SFTError
-when `last/` is missing or damaged: the folder is never silently trained over).
+a file missing is not silently reused: it is reported and written again from `last/` under the
+settings its run was trained with (its sft_summary.json), so it is the policy that run made even
+when the caller asks for another budget (an SFTError when `last/` is missing or damaged: the
+folder is never silently trained over).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def cached_policy(run_dir: Path, sft: SFTConfig | None = None) -> Path | None:
     try:
         found = check_checkpoint(final)
     except FileNotFoundError as err:
-        print(f"cached policy is incomplete, training it again from {run_dir / 'last'}: {err}")
+        print(f"cached policy is incomplete, writing it again from {run_dir / 'last'}: {err}")
         return None
     note = None if sft is None else settings_note(run_dir, sft)
     if note is not None:
@@ -66,6 +68,16 @@ def settings_note(run_dir: Path, sft: SFTConfig) -> str | None:
             f"it is used as it is: delete {run_dir} to train it with these")
 
 
+def saved_settings(run_dir: Path) -> SFTConfig | None:
+    """The SFT settings run_dir's finished run was trained with (its sft_summary.json), or None
+    when no readable summary says."""
+    try:
+        saved = json.loads((run_dir / SUMMARY_FILE).read_text()).get("config")
+        return SFTConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in saved.items()})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def ensure_policy(
     run_dir: Path,
     sft: SFTConfig,
@@ -81,7 +93,11 @@ def ensure_policy(
     cached = cached_policy(run_dir, sft)
     if cached is not None:
         return cached
-    print(f"no cached policy in {run_dir}: training the tiny {task} policy (SFT)")
+    saved = saved_settings(run_dir) if (run_dir / "final").exists() else None
+    if saved is not None:  # an incomplete final/: resumed as its run ran, not trained on under these settings
+        sft = saved
+    else:
+        print(f"no cached policy in {run_dir}: training the tiny {task} policy (SFT)")
     sft_task = get_sft_task(task)
     pairs = sft_task.training_pairs(task_cfg, train_problems, seed=sft.seed)
     tokenizer = build_tokenizer(corpus=sft_task.tokenizer_corpus(pairs))

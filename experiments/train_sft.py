@@ -109,9 +109,13 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     if args.eval_samples < 1:
         raise SFTError(f"--eval-samples {args.eval_samples}: must be >= 1")
     temperature = task.module.DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
-    if not temperature > 0:
-        raise SFTError(f"--temperature {temperature:g}: must be > 0")
+    if not 0 < temperature < math.inf:
+        raise SFTError(f"--temperature {temperature:g}: must be a finite number > 0")
     quick = QuickEvalConfig(num_problems=args.eval_problems, num_samples=args.eval_samples, temperature=temperature)
+    try:  # the test split may hold fewer (countdown: ~2.3k); found after training before
+        eval_problems(quick, task.default_config, task.module)
+    except ValueError as err:
+        raise SFTError(f"--eval-problems {args.eval_problems}: {err}") from None
     return RunPlan(task, cfg, args.train_problems, quick)
 
 

@@ -143,7 +143,7 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, bucket_batches: int, 
     Shuffle, cut into chunks of bucket_batches * batch_size, sort each chunk by length, cut it
     into batches, and shuffle the batches, so each batch holds examples of similar length.
     """
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)  # torch's own wrap, without its overflow
     order = torch.randperm(len(lengths), generator=gen).tolist()
     chunk = batch_size * bucket_batches
     batches: list[list[int]] = []

@@ -334,3 +334,33 @@ def test_a_cached_policy_of_other_sft_settings_is_used_with_a_note(tok, tmp_path
     assert capsys.readouterr().err.strip() == (
         f"note: the cached policy {run / 'final'} was trained with other SFT settings (max_minutes: 8.0 -> None; "
         f"max_steps: None -> 1400); it is used as it is: delete {run} to train it with these")
+
+
+def test_an_incomplete_cached_policy_is_written_again_as_its_run_made_it(tmp_path, capsys):
+    # with a file of final/ missing and a caller asking for another budget, the run resumed under
+    # the caller's settings and trained on (3 steps -> 6): not the policy the cache held
+    from experiments.tasks.arith import ArithConfig
+    from experiments.tiny_policy import ensure_policy
+
+    run = tmp_path / "tiny-arith"
+    made = steps_cfg(3, batch_size=4)
+    ensure_policy(run, made, SMALL, ArithConfig(), train_problems=40, progress=False)
+    weights = (run / "final" / "model.safetensors").read_bytes()
+    (run / "final" / "tokenizer.json").unlink()
+    capsys.readouterr()
+    final = ensure_policy(run, replace(made, max_steps=6), SMALL, ArithConfig(), train_problems=40, progress=False)
+    assert json.loads((run / sft_resume.SUMMARY_FILE).read_text())["steps"] == 3
+    assert (final / "model.safetensors").read_bytes() == weights and (final / "tokenizer.json").is_file()
+    out = capsys.readouterr().out
+    assert "cached policy is incomplete, writing it again from" in out and "no cached policy" not in out
+
+
+def test_a_seed_past_int64_orders_the_data_without_overflow():
+    # seed * 1_000_003 overflowed torch's int64 ("Overflow when unpacking long long") for any
+    # seed from ~9.2e12 (a timestamp-style seed), mid-run
+    from policies.sft import epoch_batches
+
+    lengths = list(range(64))
+    big = 20231205123456
+    assert epoch_batches(lengths, 8, 2, seed=big, epoch=0) == epoch_batches(lengths, 8, 2, seed=big, epoch=0)
+    assert epoch_batches(lengths, 8, 2, seed=big, epoch=0) != epoch_batches(lengths, 8, 2, seed=big + 1, epoch=0)
