@@ -7,7 +7,7 @@ Usage:
     #   python -m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port 8000 \\
     #       --model outputs/checkpoints/tiny-arith/final --dtype float32 --enforce-eager \\
     #       --block-size 32 --enable-prefix-caching --enable-prompt-tokens-details --generation-config vllm \\
-    #       --no-enable-chunked-prefill
+    #       --no-enable-chunked-prefill --kv-cache-memory-bytes 1073741824   # on CPU; on a GPU leave it out
     policy = OpenAIPolicy.from_pretrained("outputs/checkpoints/tiny-arith/final",
                                           SamplingConfig(temperature=0.6), arith.prompt_text,
                                           base_url="http://127.0.0.1:8000")
@@ -101,6 +101,9 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 NEUTRAL_SAMPLING: dict[str, float | int] = dict(
     top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0
 )
+# the start hints' KV-cache size: on CPU vLLM otherwise reserves 92% of the machine's memory and
+# fails to start unless that much is free (on a GPU the flag may be left out)
+KV_CACHE_FLAG = "--kv-cache-memory-bytes 1073741824"
 TOKEN_ID_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids form of a logprob token
 # files the client needs from the checkpoint folder: config.json (parameter count, EOS, context
 # window) and the tokenizer (prompts, separator lookup, step texts); no weights
@@ -487,6 +490,7 @@ def _start_hint(directory: Path, root: str) -> str:
     url = httpx.URL(root)
     return (f"python -m vllm.entrypoints.openai.api_server --host {url.host} --port {url.port or 80} "
             f"--model {directory} --dtype float32 --block-size 32 --enable-prefix-caching "
-            "--enable-prompt-tokens-details --generation-config vllm --enforce-eager --no-enable-chunked-prefill")
+            "--enable-prompt-tokens-details --generation-config vllm --enforce-eager --no-enable-chunked-prefill "
+            f"{KV_CACHE_FLAG}")
 
 

@@ -5,7 +5,8 @@ served by vLLM's OpenAI-compatible server on another process or machine, as a
 Usage:
     # the server (on CPU `python -m vllm.entrypoints.openai.api_server`; `vllm serve` on a GPU):
     #   python -m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port 8001 \\
-    #       --model /models/Qwen2.5-Math-PRM-7B --runner pooling --pooler-config '{"pooling_type": "ALL"}'
+    #       --model /models/Qwen2.5-Math-PRM-7B --runner pooling --pooler-config '{"pooling_type": "ALL"}' \\
+    #       --kv-cache-memory-bytes 1073741824    # on CPU; on a GPU leave it out
     scorer = ServedPRMScorer.from_pretrained("/models/Qwen2.5-Math-PRM-7B", base_url="http://127.0.0.1:8001")
     scorer.score(paths)   # [[step score, ...], ...] one per step, in [0, 1]
     scorer.read(paths)    # PRMReading: token ids, read positions, step scores
@@ -42,7 +43,7 @@ from typing import Sequence
 import httpx
 import torch
 
-from policies.openai_policy import CompletionsClient, OpenAIServerConfig
+from policies.openai_policy import KV_CACHE_FLAG, CompletionsClient, OpenAIServerConfig
 from scorers.prm_format import PRMFormat, resolve_prm_format
 from scorers.prm_layout import PRMLayout, PRMReading, readings_of, whole_path_tokens, whole_paths
 from scorers.prm_loading import check_prm_folder, check_tokenizer, load_prm_tokenizer, prm_parameters
@@ -176,4 +177,4 @@ def start_hint(directory: Path, root: str) -> str:
     """The vLLM command line that serves this PRM at root (host and port from the URL)."""
     url = httpx.URL(root)
     return (f"python -m vllm.entrypoints.openai.api_server --host {url.host} --port {url.port or 80} "
-            f"--model {directory} --runner pooling --pooler-config '{{\"pooling_type\": \"ALL\"}}'")
+            f"--model {directory} --runner pooling --pooler-config '{{\"pooling_type\": \"ALL\"}}' {KV_CACHE_FLAG}")

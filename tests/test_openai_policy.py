@@ -283,6 +283,8 @@ def test_a_server_that_is_down_is_a_clear_connection_error_after_the_retries(che
     message = str(error.value)
     assert url in message and "3 tries" in message
     assert "python -m vllm.entrypoints.openai.api_server" in message and str(checkpoint) in message
+    # without a KV size vLLM's CPU backend reserves 92% of RAM and the suggested server never started
+    assert "--kv-cache-memory-bytes 1073741824" in message
     assert 0.05 + 0.1 <= time.monotonic() - start < 5
 
 
