@@ -168,9 +168,11 @@ def _start_cache(model: Any, past: Sequence[PrefixKV | None] | None, new_mask: t
     """(an empty DynamicCache, or SlotLayers over the padded past with room for the L new
     columns, so the prefill appends in place instead of concatenating a copy of the past;
     attention mask [U, P+L] = past | new)."""
-    config = getattr(model, "config", None)
     if past is None:
-        return DynamicCache(config=config), new_mask
+        # no config: every layer keeps all its columns (the model's mask applies a sliding window);
+        # DynamicCache(config=...) gave sliding layers window - 1 columns, so a prefill longer
+        # than the window left them shorter than the full layers the slot buffers are cut to
+        return DynamicCache(), new_mask
     keys, values, past_mask = pad_past(past, device, extra_columns=int(new_mask.shape[1]), pool=KV_POOL)  # [L, U, H, P + L, D]
     cache = SlotCache(keys, values, past_mask.shape[1])
     return cache, torch.cat([past_mask, new_mask], dim=-1)

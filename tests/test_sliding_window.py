@@ -1,0 +1,99 @@
+"""Models with sliding-window attention layers (Qwen2 `use_sliding_window`, Gemma-2's alternate
+sliding / full layers) through the transformers policy: once a prefill is longer than the window,
+log-probs still equal the model's own full forward, a row does not depend on the other prompts
+of its batch, and the prefix cache stores their KV (before: sliding layers kept window - 1
+columns, the slot buffers read uninitialised memory, and the cache raised "PrefixKV of length 26
+stored under 36 token ids").
+
+    .venv/bin/pytest tests/test_sliding_window.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+from policies.prefix_cache import PrefixCacheConfig
+from policies.sampling_config import SamplingConfig
+from policies.tiny_tokenizer import build_tokenizer
+from policies.transformers_policy import TransformersPolicy
+from treesearch.records import Prefix, Problem
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+WINDOW = 12
+LONG = "Tom has 3 apples and buys 4 more. How many now?\n<think>"  # 21+ tokens: longer than the window
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def windowed_model(kind: str, tok) -> torch.nn.Module:
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512, sliding_window=WINDOW,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, max_window_layers=0))
+    else:  # Gemma-2's layout: a sliding layer, then a full one (soft-capping off: it is not what is tested)
+        model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, layer_types=["sliding_attention", "full_attention"],
+                                               attn_logit_softcapping=None, final_logit_softcapping=None))
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return model.eval()
+
+
+def full_forward_logprobs(model, tok, question: str, token_ids) -> list[float]:
+    prompt = tok(question).input_ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + list(token_ids)])).logits[0]
+    logprobs = torch.log_softmax(logits.float(), -1)
+    return [logprobs[len(prompt) + k - 1, t].item() for k, t in enumerate(token_ids)]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gemma2"])
+def test_log_probs_equal_the_full_forward_alone_or_batched(kind, tok):
+    model = windowed_model(kind, tok)
+    sampling = SamplingConfig(temperature=0.0, max_step_tokens=20, max_total_tokens=40)
+    policy = TransformersPolicy(model, tok, sampling, lambda p: p.question, prefix_cache=None, shared_prefix=False,
+                                forked=False)
+    short, long = Prefix(Problem("a", "1+2")), Prefix(Problem("b", LONG))
+    alone = policy.propose([short], 1, seed=0)[0][0]
+    batched = policy.propose([short, long], 1, seed=0)
+    assert batched[0][0].token_ids == alone.token_ids  # before: the longer prompt changed the short one's tokens
+    for prefix, row in zip((short, long), batched):
+        step = row[0]
+        reference = full_forward_logprobs(model, tok, prefix.problem.question, step.token_ids)
+        assert step.token_logprobs == pytest.approx(reference, abs=1e-4)  # before: off by up to 4.4
+
+
+def test_the_prefix_cache_stores_and_reuses_a_windowed_models_kv(tok):
+    model = windowed_model("qwen2", tok)
+    bias = torch.zeros(len(tok))
+    bias[tok.convert_tokens_to_ids(".\n\n")] = 4.0  # steps end on separators: their KV is stored
+
+    class SeparatorBias(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.config, self.generation_config = model, model.config, model.generation_config
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.logits = out.logits + bias
+            return out
+
+    lm = SeparatorBias().eval()
+    sampling = SamplingConfig(temperature=1.0, max_step_tokens=20, max_total_tokens=60)
+    cached = TransformersPolicy(lm, tok, sampling, lambda p: p.question, prefix_cache=PrefixCacheConfig())
+    plain = TransformersPolicy(lm, tok, sampling, lambda p: p.question, prefix_cache=None)
+    prefix = Prefix(Problem("a", LONG))
+    for seed in range(3):  # round after round: each extends the path by the first step of the last
+        with_cache, without = cached.propose([prefix], 2, seed=seed)[0], plain.propose([prefix], 2, seed=seed)[0]
+        assert [s.token_ids for s in with_cache] == [s.token_ids for s in without]
+        for a, b in zip(with_cache, without):
+            assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
+        if with_cache[0].finish != "separator":
+            break
+        prefix = Prefix(prefix.problem, prefix.steps + (with_cache[0],))
+    assert len(cached.prefix_cache) > 0
