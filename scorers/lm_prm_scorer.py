@@ -261,10 +261,11 @@ class LMPRMScorer:
             keys, values = stacked_kv(hit.kv)  # [layers, kv_heads, P, head_dim]
             layers = [(k.unsqueeze(0).expand(len(batch), -1, -1, -1).contiguous(),
                        v.unsqueeze(0).expand(len(batch), -1, -1, -1).contiguous()) for k, v in zip(keys, values)]
-            return DynamicCache(ddp_cache_data=layers, config=self.model.config), None, hit.kv
+            return DynamicCache(ddp_cache_data=layers), None, hit.kv  # no config: every layer whole (sliding too)
         if not start:
             return None, None, None
-        out = self.model.base_model(input_ids=torch.tensor([batch[0][0][:start]], device=self.device), use_cache=True)
+        out = self.model.base_model(input_ids=torch.tensor([batch[0][0][:start]], device=self.device), use_cache=True,
+                                    past_key_values=DynamicCache())  # every layer keeps all its columns (see decode_loop)
         past = out.past_key_values
         root = None
         if self.memory.keeps_kv:  # the start's own columns, once for every row's entry

@@ -442,3 +442,34 @@ def test_a_policy_that_may_outgrow_the_prm_window_is_warned_about_at_start(prm_d
     ])
     err = capsys.readouterr().err
     assert "warning: policy.sampling.max_total_tokens=513 is more than the PRM's context window of 512 tokens" in err
+
+
+@pytest.fixture(scope="module")
+def windowed_prm_dir(tmp_path_factory) -> Path:
+    """A Qwen2 PRM whose layers all attend within a sliding window of 8 tokens (Mistral, the
+    Math-Shepherd PRM's base, has one of 4096): shorter than the paths' shared starts."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from policies.tiny_tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         use_sliding_window=True, sliding_window=8, max_window_layers=0,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("prm") / "windowed"
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_sliding_window_prm_scores_shared_starts_and_remembered_parents_as_whole_paths(windowed_prm_dir):
+    # the start's KV came from the model's own cache, whose sliding layers keep window - 1
+    # columns: the rows after it read a cut past
+    shared = LMPRMScorer.from_pretrained(windowed_prm_dir, "math_shepherd", batch_size=3)
+    whole = LMPRMScorer(shared.model, shared.tokenizer, "math_shepherd", batch_size=3, share_prefix=False, cache_bytes=0)
+    shared.score([Prefix(c.problem, c.steps[:-1]) for c in CHILDREN])  # parents remembered: children reuse their KV
+    for got, want in zip(shared.score(CHILDREN), whole.score(CHILDREN)):
+        assert len(got) == len(want) and got == pytest.approx(want, abs=1e-5)
