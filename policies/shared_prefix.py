@@ -225,13 +225,22 @@ def supports_shared_prefix(model: Any) -> bool:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in _PLAIN_ATTENTION:
         return False
-    if any(getattr(config, name, None) for name in ("attn_logit_softcapping", "use_sliding_window")):
+    if getattr(config, "attn_logit_softcapping", None) or has_sliding_window(config):
         return False
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
         return False
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return False
     return _attention_reads_config(model, config)
+
+
+def has_sliding_window(config: Any) -> bool:
+    """Whether a model config has layers that attend within a sliding window (Qwen2's
+    use_sliding_window, Gemma-2's sliding layers, Mistral's sliding_window): its attention is then
+    measured in KV columns, so a pad between two tokens shifts the window."""
+    if getattr(config, "use_sliding_window", None):
+        return True
+    if any(kind == "sliding_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return True
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)
 
 
 # model -> (id of the config checked, result): the module walk costs ~0.4 ms on a small model,

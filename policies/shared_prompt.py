@@ -11,7 +11,10 @@ states) the plain forward gives, up to float rounding; gradients flow into the p
 the repeated KV, so the weights get the plain forward's gradient (tested). The positions before
 are not computed: their logits and features are 0. A GRPO loss reads none of them (the
 completion mask is 0 there, `RolloutBatch.completion_mask`), and `shared_prompt_lengths` keeps
-every position the SPRM head reads (`RolloutBatch.step_cols`) in the computed part.
+every position the SPRM head reads (`RolloutBatch.step_cols`) in the computed part. A model with
+sliding-window layers (`policies.shared_prefix.has_sliding_window`) gets the plain forward: its
+window is counted in KV columns, and a shorter prompt's pads between its prompt and its rest
+would shift it (logits off by up to 0.24 at a window of 4).
 
     shared = shared_prompt_lengths(batch)                  # [P] or None: sharing does not apply
     logits, features = shared_prompt_forward(lm, batch.input_ids, batch.attention_mask,
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 
 from policies.rollout_batch import RolloutBatch
+from policies.shared_prefix import has_sliding_window
 
 
 def shared_prompt_lengths(batch: RolloutBatch) -> torch.Tensor | None:
@@ -70,6 +74,9 @@ def shared_prompt_forward(
     `lm(input_ids, attention_mask)` from each row's position shared - 1 on, 0 before (module
     docstring). Gradients flow as through the plain forward."""
     hidden = feature_layer is not None
+    if has_sliding_window(getattr(lm, "config", None)):  # a shorter prompt's pads would sit inside the window
+        out = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=hidden)
+        return out.logits, out.hidden_states[feature_layer] if hidden else None
     rows, width = input_ids.shape
     device = input_ids.device
     row_group = torch.arange(rows, device=device) // group_size  # [B]

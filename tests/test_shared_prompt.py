@@ -123,3 +123,20 @@ def test_sharing_does_not_apply_to_unshared_or_unusual_batches():
 def test_frozen_logprobs_without_sharing_is_the_plain_forward():
     model, b = lm(), batch(group=1)
     torch.testing.assert_close(frozen_logprobs(model, b, JointLossConfig()), target_logprobs(plain_logits(model, b), b.input_ids, 1.0)[0])
+
+
+def test_a_sliding_window_model_equals_the_plain_forward_where_read():
+    # the prompt's KV came from the model's own cache, whose sliding layers keep window - 1
+    # columns: a prompt longer than the window left the rows' rest reading a cut past
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         use_sliding_window=True, sliding_window=4, max_window_layers=0,
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    torch.manual_seed(0)
+    model, b = Qwen2ForCausalLM(config).eval(), batch()
+    plain = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+    logits, _ = shared_prompt_forward(model, b.input_ids, b.attention_mask, 3, shared_prompt_lengths(b))
+    read = read_positions(b)
+    torch.testing.assert_close(logits[read], plain.logits[read], rtol=1e-5, atol=1e-5)
