@@ -23,8 +23,11 @@ rerun of `experiment=budget_sweep` with another `task.count` or `task=` writes b
 runs): rows, scaling series and plot lines are then kept apart per workload, never pooled as if
 they were seeds, each labelled by its task and the keys that tell it apart (`arith
 (task.count=2)`), and the commands print a one-line note on stderr (`workload_note`). A run with
-fewer problems than the largest of its workload (still running, or stopped) is named in another
-note (`partial_note`): its point covers only the problems it has done.
+fewer problems than its workload asks (its task.count, and at least the largest run of the
+workload: still running, or stopped) is named in another note (`partial_note`): its point
+covers only the problems it has done; a folder with no complete row yet (a job not started, or
+whose first write met a full disk) is left out, named in a third (`empty_note`), rather than
+failing every reader of the sweep.
 
 Scorer: the scorer's class (`SPRMScorer` for `scorers.sprm_scorer.SPRMScorer.from_pretrained`);
 runs of one workload whose scorers share a class but differ in a setting (`scorer=sprm_forward,orm`
@@ -79,6 +82,11 @@ LABEL_VALUE_CHARS = 40  # a longer value is shown by its end ("…" + tail)
 
 class RunFolderError(ValueError):
     """A run folder without usable records or config."""
+
+
+class EmptyRunError(RunFolderError):
+    """A run folder whose records.jsonl holds no complete row yet (a job that has not finished
+    its first chunk, or whose first append met a full disk)."""
 
 
 def estimate_dict(est: Estimate) -> dict[str, float]:
@@ -396,7 +404,7 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
     """The sweep row of one run folder."""
     rows = unique_rows(load_rows(run_dir / RECORDS, repair=False, keys=RECORD_KEYS))  # a search may still be appending
     if not rows:
-        raise RunFolderError(f"{run_dir}: {RECORDS} has no complete rows")
+        raise EmptyRunError(f"{run_dir}: {RECORDS} has no complete rows")
     config = read_run_config(run_dir)
     strategy = rows[0]["strategy"]
     temperature = config.get("policy", {}).get("sampling", {}).get("temperature")
@@ -440,7 +448,16 @@ def sweep_summaries(sweep_dir: str | Path) -> list[RunSummary]:
     folders = run_folders(root)
     if not folders:
         raise RunFolderError(f"{root}: no {RECORDS} found at or below it")
-    summaries = strategy_labels(scorer_labels(attach_greedy([summarize_run(folder, root) for folder in folders])))
+    found = []
+    for folder in folders:
+        try:
+            found.append(summarize_run(folder, root))
+        except EmptyRunError:  # left out and named by `empty_note`: one such job hid every other result
+            if len(folders) == 1:
+                raise
+    if not found:
+        raise RunFolderError(f"{root}: no {RECORDS} at or below it has a complete row yet")
+    summaries = strategy_labels(scorer_labels(attach_greedy(found)))
     labels = workload_labels([s.workload_key for s in summaries])
     summaries = [replace(s, workload=labels[s.workload_key]) for s in summaries]
     return sorted(summaries, key=lambda s: (s.workload, s.strategy, s.scorer, s.budget, s.seed, s.run))
@@ -460,24 +477,44 @@ def workload_note(summaries: Sequence[RunSummary], sweep_dir: str | Path) -> str
 
 
 def partial_note(summaries: Sequence[RunSummary]) -> str | None:
-    """One line for stderr naming the runs that hold fewer problems than the largest run of their
-    workload (None when there are none): a run still being written, or stopped, measures only
-    the problems it has done, so its point is not comparable with its neighbours' yet."""
+    """One line for stderr naming the runs that hold fewer problems than their workload asks
+    (its task.count when the config sets one, and at least the largest run of the workload; None
+    when there are none): a run still being written, or stopped, measures only the problems it
+    has done, so its point is not comparable with its neighbours' yet."""
     most: dict[str, int] = defaultdict(int)
     for s in summaries:
-        most[s.workload] = max(most[s.workload], s.problems)
+        most[s.workload] = max(most[s.workload], s.problems, asked_count(s.workload_key))
     short = [f"{s.run} ({s.problems} of {most[s.workload]})" for s in summaries if s.problems < most[s.workload]]
     if not short:
         return None
     runs = f"{len(short)} runs hold" if len(short) > 1 else "1 run holds"
-    return (f"note: {runs} fewer problems than the largest run of its workload "
+    return (f"note: {runs} fewer problems than their workload asks "
             f"(still running, or stopped? rerun its command to finish it): {', '.join(short)}")
+
+
+def asked_count(workload_key: str) -> int:
+    """The task.count a run's config asks for; 0 when it sets none (null: a benchmark's whole split)."""
+    count = json.loads(workload_key).get("task", {}).get("count")
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 0
+
+
+def empty_note(summaries: Sequence[RunSummary], sweep_dir: str | Path) -> str | None:
+    """One line for stderr naming the run folders left out for having no complete row yet."""
+    root = Path(sweep_dir)
+    counted = {s.run for s in summaries}
+    empty = [name for folder in run_folders(root)
+             if (name := str(folder.relative_to(root)) if folder != root else ".") not in counted]
+    if not empty:
+        return None
+    return (f"note: left out {len(empty)} run folder{'s' if len(empty) > 1 else ''} with no complete row yet "
+            f"(not started, or its first write failed): {', '.join(empty)}")
 
 
 def sweep_notes(summaries: Sequence[RunSummary], sweep_dir: str | Path) -> list[str]:
     """The stderr notes on a sweep's runs: several workloads (`workload_note`), unfinished runs
-    (`partial_note`)."""
-    return [note for note in (workload_note(summaries, sweep_dir), partial_note(summaries)) if note]
+    (`partial_note`), folders left out with no row yet (`empty_note`)."""
+    notes = (workload_note(summaries, sweep_dir), partial_note(summaries), empty_note(summaries, sweep_dir))
+    return [note for note in notes if note]
 
 
 def write_sweep_table(summaries: Sequence[RunSummary], out_dir: Path) -> tuple[Path, Path]:

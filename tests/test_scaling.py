@@ -343,7 +343,7 @@ def test_a_run_with_fewer_problems_than_its_workload_is_named(synthetic_sweep, c
     """A run still being written (or stopped) covers fewer problems: each command says which."""
     rows = (synthetic_sweep / "beam-4-1" / "records.jsonl").read_text().splitlines()
     (synthetic_sweep / "beam-4-1" / "records.jsonl").write_text("\n".join(rows[:3]) + "\n")
-    expected = ("note: 1 run holds fewer problems than the largest run of its workload (still running, or stopped? "
+    expected = ("note: 1 run holds fewer problems than their workload asks (still running, or stopped? "
                 "rerun its command to finish it): beam-4-1 (3 of 10)")
     assert sweep_metrics.main([str(synthetic_sweep)]) == 0
     assert capsys.readouterr().err.strip() == expected
@@ -447,3 +447,21 @@ def test_reasoning_modes_run_in_folders_of_their_own(ckpt, tmp_path, monkeypatch
         search.main()
     runs = sorted(p.parent.name for p in (tmp_path / "outputs" / "search").glob("*/records.jsonl"))
     assert len(runs) == 2 and all(name.startswith("experiment=reasoning_") for name in runs), runs
+
+
+def test_runs_short_of_their_task_count_and_folders_without_rows_are_named_not_fatal(synthetic_sweep, capsys):
+    # two jobs of a killed sweep at task.count=60 held 38 and 34 rows: only the 34 was named, "34 of
+    # 38"; and one job's empty records.jsonl (its first append met a full disk) failed every reader
+    for name in ("bon-2-0", "bon-2-1"):
+        config = OmegaConf.load(synthetic_sweep / name / "config.yaml")
+        config.task.count = 12
+        (synthetic_sweep / name / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    (synthetic_sweep / "empty-job").mkdir()
+    (synthetic_sweep / "empty-job" / "records.jsonl").write_text("")
+    assert sweep_metrics.main([str(synthetic_sweep)]) == 0
+    err = capsys.readouterr().err
+    assert "bon-2-0 (10 of 12)" in err and "bon-2-1 (10 of 12)" in err
+    assert "note: left out 1 run folder with no complete row yet (not started, or its first write failed): empty-job" in err
+    assert len(sweep_summaries(synthetic_sweep)) == 12
+    assert plot_scaling_module.main([str(synthetic_sweep)]) == 0
+
