@@ -37,6 +37,7 @@ Tests: `.venv/bin/pytest tests/test_train_head.py`.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -486,7 +487,13 @@ def save_cache(cache: RolloutCache, path: str | Path) -> Path:
     payload = {"format": CACHE_FORMAT, **{k: getattr(cache, k) for k in cache.__dataclass_fields__}}
     payload["features"] = {str(k): v for k, v in cache.features.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
+    try:
+        torch.save(payload, tmp)
+    except (RuntimeError, OSError) as err:  # a full disk: torch's "unexpected pos 10816 vs 10768"
+        tmp.unlink(missing_ok=True)  # the partial file kept the last free space
+        code = err.errno if isinstance(err, OSError) and err.errno else errno.ENOSPC  # torch's short write says no more
+        raise OSError(code, f"could not write the rollout cache {path} (disk full? {type(err).__name__}: "
+                            f"{' '.join(str(err).split())[:200]})") from err
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(summary(cache), indent=2) + "\n")
     return path

@@ -72,6 +72,7 @@ from tqdm import tqdm
 
 from experiments.checkpoint_hints import checkpoint_hint
 from experiments.config_keys import check_known_keys, located_target
+from experiments.cli_errors import is_storage_error
 from experiments.group_options import check_group_options
 from experiments.override_keys import check_override_keys, check_plain_keys
 from experiments.live_tree import LIVE_TREE_FILE, LiveTree
@@ -598,21 +599,32 @@ def discard_hydra_only_dir(run_dir: Path, job_name: str) -> None:
 
 @contextlib.contextmanager
 def user_errors_reported() -> Iterator[None]:
-    """Bad input (USER_ERRORS) as one line: `error: <message>` on stderr and exit 2 for a single
+    """Bad input (USER_ERRORS) and an out_dir that cannot be written (`is_storage_error`: a full
+    disk, a read-only folder) as one line: `error: <message>` on stderr and exit 2 for a single
     run; in a sweep, an error Hydra prints without a traceback (the other jobs still run). Either
     way the folder Hydra made for the job goes when it holds only Hydra's files. Other exceptions,
     and all of them under HYDRA_FULL_ERROR=1, pass through with their traceback."""
     try:
         yield
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, OSError) as err:
+        if isinstance(err, OSError) and not isinstance(err, USER_ERRORS) and not is_storage_error(err):
+            raise  # a storage error (full disk, read-only folder) is the user's to fix; other OSErrors are bugs
         hydra_cfg = HydraConfig.get()
         discard_hydra_only_dir(Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.name)
         if full_error_wanted():
             raise
+        message = err if isinstance(err, USER_ERRORS) else storage_message(err, hydra_cfg.runtime.output_dir)
         if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise SweepJobInputError(f"error: {err}") from err
-        print(f"error: {err}", file=sys.stderr)
+            raise SweepJobInputError(f"error: {message}") from err
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(USAGE_EXIT) from None
+
+
+def storage_message(err: OSError, out_dir: str) -> str:
+    """`cannot write <file or run folder>: <reason>`; rows already written are kept."""
+    where = err.filename or out_dir
+    return (f"cannot write {where}: {err.strerror or err} (the rows already in records.jsonl are kept; "
+            "free space or pick a writable out_dir, then rerun the command to go on)")
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="search", version_base="1.3")

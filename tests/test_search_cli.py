@@ -274,3 +274,30 @@ def test_a_sweep_reports_a_bad_job_in_one_line_and_runs_the_others(ckpt, tmp_pat
     assert "Traceback" not in done.stderr
     (job,) = [p for p in sweep.iterdir() if p.is_dir()]  # the refused job's folder is gone
     assert "seed=0" in job.name and (job / "metrics.json").is_file()
+
+
+def test_a_full_disk_is_one_error_line_and_keeps_the_rows_written(ckpt, tmp_path, monkeypatch, capsys):
+    # a Hydra traceback ending in "OSError: [Errno 28] No space left on device" before
+    import errno
+
+    from experiments import search
+
+    out = tmp_path / "run"
+    appended = []
+
+    def fills_up(path, rows):
+        if appended:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        appended.append(len(rows))
+        real_append(path, rows)
+
+    real_append = search.append_rows
+    monkeypatch.setattr(search, "append_rows", fills_up)
+    monkeypatch.setattr(sys, "argv", ["search", f"policy.path={ckpt}", f"out_dir={out}", "chunk=1", "task.count=3",
+                                      *TINY[2:]])
+    with pytest.raises(SystemExit) as exit_info:
+        search.main()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert err.startswith(f"error: cannot write {out}: No space left on device (the rows already in records.jsonl")
+    assert len((out / "records.jsonl").read_text().splitlines()) == appended[0] == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -472,3 +473,22 @@ def test_run_writes_metrics_plot_rows_and_a_loadable_head(handmade, tmp_path):
     scorer = SPRMScorer.from_pretrained(tmp_path / "run" / "final", arith.prompt_text)
     prefixes = [Prefix(problems[i], steps) for i, row in enumerate(paths) for steps in row]
     assert len(scorer.path_scores(prefixes)) == 6
+
+
+def test_a_cache_that_does_not_fit_the_disk_is_named_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    # torch's "unexpected pos 10816 vs 10768" traceback, and a hidden partial file holding the
+    # last free space
+    import errno
+
+    from experiments import rollout_cache
+    from experiments.cli_errors import is_storage_error
+
+    def short_write(payload, path):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 10816 vs 10768")
+
+    monkeypatch.setattr(rollout_cache.torch, "save", short_write)
+    with pytest.raises(OSError, match=r"could not write the rollout cache .*c\.pt \(disk full\?") as caught:
+        save_cache(synthetic_cache([True, False] * 4, 2, [3] * 8), tmp_path / "c.pt")
+    assert caught.value.errno == errno.ENOSPC and is_storage_error(caught.value)
+    assert list(tmp_path.iterdir()) == []
