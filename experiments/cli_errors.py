@@ -15,7 +15,13 @@ import sys
 from typing import Callable, Sequence
 
 USAGE_EXIT = 2
-INPUT_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
+
+
+class RunDirBusyError(RuntimeError):
+    """Another process holds a run folder's lock (`experiments.search.run_lock`)."""
+
+
+INPUT_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, RunDirBusyError)
 # OSError numbers that say the output place cannot take the file, not that the program is wrong
 STORAGE_ERRNOS: frozenset[int] = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 

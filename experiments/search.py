@@ -72,7 +72,7 @@ from tqdm import tqdm
 
 from experiments.checkpoint_hints import checkpoint_hint
 from experiments.config_keys import check_known_keys, located_target
-from experiments.cli_errors import is_storage_error
+from experiments.cli_errors import RunDirBusyError, is_storage_error
 from experiments.group_options import check_group_options
 from experiments.override_keys import check_override_keys, check_plain_keys
 from experiments.live_tree import LIVE_TREE_FILE, LiveTree
@@ -140,10 +140,6 @@ OmegaConf.register_new_resolver("ts_run_dir", run_dir, replace=True)
 
 class ConfigMismatchError(ValueError):
     """The run folder holds records of another config."""
-
-
-class RunDirBusyError(RuntimeError):
-    """Another process holds the run folder's lock."""
 
 
 class SweepJobInputError(CompactHydraException):

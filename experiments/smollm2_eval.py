@@ -66,7 +66,7 @@ from experiments.cli_errors import run_command
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
-from experiments.search import chunk_seed, chunks
+from experiments.search import chunk_seed, chunks, run_lock
 from experiments.sweep_metrics import run_metrics
 from experiments.tasks import grading, gsm8k
 from experiments.tasks.benchmark_split import BenchmarkConfig
@@ -625,13 +625,14 @@ def run(cfg: EvalConfig, out: Path, stages: Sequence[str], max_minutes: float | 
     checked (`check_run`, `claim_out_dir`) before the first stage or file."""
     check_run(cfg, out, stages, max_minutes)
     torch.set_num_threads(cfg.threads)
-    claim_out_dir(cfg, out)
-    deadline = time.time() + 60 * max_minutes if max_minutes else float("inf")
-    for stage in (s for s in STAGES if s in stages and s != "report"):
-        complete = run_sprm_stage(cfg, out, deadline) if stage == "sprm" else run_search_stage(cfg, stage, out, deadline)
-        if not complete:
-            break
-    return write_report(cfg, out)
+    with run_lock(out):  # a second run on one --out is refused: both appended every row, of two configs
+        claim_out_dir(cfg, out)
+        deadline = time.time() + 60 * max_minutes if max_minutes else float("inf")
+        for stage in (s for s in STAGES if s in stages and s != "report"):
+            complete = run_sprm_stage(cfg, out, deadline) if stage == "sprm" else run_search_stage(cfg, stage, out, deadline)
+            if not complete:
+                break
+        return write_report(cfg, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

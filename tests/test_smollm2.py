@@ -337,3 +337,15 @@ def test_a_later_stages_setting_may_change_until_that_stage_has_outputs(tmp_path
     (folder / "sprm" / "metrics.json").write_text("{}")
     with pytest.raises(ValueError, match=r"labels: 'outcome_bce' -> 'spr' \(sprm/metrics.json made with it\)"):
         claim_out_dir(EvalConfig(n=4, head_steps=50, beam_width=2), folder)
+
+
+def test_a_second_run_on_one_folder_is_refused(tmp_path, capsys):
+    # without a lock two runs on one --out both appended every row, of two configs
+    from experiments.search import run_lock
+    from experiments.smollm2_eval import main
+
+    out = tmp_path / "run"
+    with run_lock(out):
+        assert main(["--out", str(out), "--stages", "report"]) == 2
+    assert capsys.readouterr().err == f"error: another process is writing into {out}; wait for it or use another out_dir\n"
+    assert not (out / "config.json").exists()
