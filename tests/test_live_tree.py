@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 
@@ -16,6 +15,7 @@ from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.plot import render_tree
 from experiments.result_json import load_result
 from step_tree_fakes import ScriptedPolicy, ScriptedScorer, trap_problem
+from treesearch.tree import Tree
 from test_search_resume import ckpt, run_in_process  # noqa: F401 (ckpt: the module-scoped checkpoint fixture)
 from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.best_of_n import BestOfNConfig, best_of_n
@@ -75,6 +75,30 @@ def test_rounds_closer_than_the_interval_are_not_written(tmp_path):
     assert len(load_result(live.path).tree["nodes"]) == 3 < len(result.tree.nodes)  # the first round only
     with pytest.raises(ValueError, match="interval_s=-1 must be a number >= 0"):
         LiveTree(tmp_path / "x.json", interval_s=-1)
+
+
+def test_a_slow_write_spaces_the_next_ones_so_writing_takes_a_tenth_of_the_time(tmp_path, monkeypatch):
+    # the interval counted from a write's start: a big tree whose write took 0.46 s of every 0.5 s
+    # was written round after round, most of the search's time
+    from experiments import live_tree
+
+    clock = [0.0]
+    monkeypatch.setattr(live_tree.time, "monotonic", lambda: clock[0])
+
+    def slow_save(path, result):
+        clock[0] += 1.0  # each write takes 1 s
+        writes.append(clock[0])
+
+    writes: list[float] = []
+    monkeypatch.setattr(live_tree, "save_result", slow_save)
+    live = LiveTree(tmp_path / LIVE_TREE_FILE, interval_s=0.5)
+    live.follow("trap", "mcts", {})
+    tree = Tree(trap_problem())
+    for _ in range(40):  # a round every 0.6 s of search (27 s in all)
+        live([tree])
+        clock[0] += 0.6
+    assert len(writes) == 3  # at 0 s, then 10 s after each write's start (1 s x WRITE_TIME_FACTOR)
+    assert all(later - earlier >= live_tree.WRITE_TIME_FACTOR for earlier, later in zip(writes, writes[1:]))
 
 
 def test_a_search_run_with_live_tree_leaves_the_last_chunks_tree_and_resumes_with_or_without_it(ckpt, tmp_path):
