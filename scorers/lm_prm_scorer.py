@@ -286,6 +286,8 @@ class LMPRMScorer:
             mask[row, start : start + len(ids)] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]  # [B, S]
         use_cache = past is not None or self.memory.keeps_kv
+        if past is None and use_cache:
+            past = DynamicCache()  # not the model's own: its sliding layers would keep window - 1 columns
         out = self.model.base_model(
             input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
             position_ids=position_ids.to(self.device), past_key_values=past, use_cache=use_cache,

@@ -470,6 +470,10 @@ def test_a_sliding_window_prm_scores_shared_starts_and_remembered_parents_as_who
     # columns: the rows after it read a cut past
     shared = LMPRMScorer.from_pretrained(windowed_prm_dir, "math_shepherd", batch_size=3)
     whole = LMPRMScorer(shared.model, shared.tokenizer, "math_shepherd", batch_size=3, share_prefix=False, cache_bytes=0)
+    unshared = LMPRMScorer(shared.model, shared.tokenizer, "math_shepherd", batch_size=3, share_prefix=False)
+    alone = LMPRMScorer(shared.model, shared.tokenizer, "math_shepherd", batch_size=1)  # no shared start at all
+    want = whole.score(CHILDREN)
     shared.score([Prefix(c.problem, c.steps[:-1]) for c in CHILDREN])  # parents remembered: children reuse their KV
-    for got, want in zip(shared.score(CHILDREN), whole.score(CHILDREN)):
-        assert len(got) == len(want) and got == pytest.approx(want, abs=1e-5)
+    for scorer in (shared, unshared, alone):  # each kept KV of a path forwarded with no past before it
+        for got, expected in zip(scorer.score(CHILDREN), want):
+            assert len(got) == len(expected) and got == pytest.approx(expected, abs=1e-5)
