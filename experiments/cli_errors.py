@@ -23,12 +23,13 @@ class RunDirBusyError(RuntimeError):
 
 INPUT_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, RunDirBusyError)
 # OSError numbers that say the output place cannot take the file, not that the program is wrong
-STORAGE_ERRNOS: frozenset[int] = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# (a permission error is not one: it may be a file the command reads)
+STORAGE_ERRNOS: frozenset[int] = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def is_storage_error(err: BaseException) -> bool:
     """An OSError (or one it was raised from) of STORAGE_ERRNOS: a full disk or quota, a
-    read-only or forbidden folder."""
+    read-only file system."""
     while err is not None:
         if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
             return True

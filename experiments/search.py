@@ -594,9 +594,9 @@ def discard_hydra_only_dir(run_dir: Path, job_name: str) -> None:
 
 
 @contextlib.contextmanager
-def user_errors_reported() -> Iterator[None]:
+def user_errors_reported(kept: str = "the rows already in records.jsonl are kept") -> Iterator[None]:
     """Bad input (USER_ERRORS) and an out_dir that cannot be written (`is_storage_error`: a full
-    disk, a read-only folder) as one line: `error: <message>` on stderr and exit 2 for a single
+    disk, a read-only file system; `kept`: what the message says is kept) as one line: `error: <message>` on stderr and exit 2 for a single
     run; in a sweep, an error Hydra prints without a traceback (the other jobs still run). Either
     way the folder Hydra made for the job goes when it holds only Hydra's files. Other exceptions,
     and all of them under HYDRA_FULL_ERROR=1, pass through with their traceback."""
@@ -609,18 +609,18 @@ def user_errors_reported() -> Iterator[None]:
         discard_hydra_only_dir(Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.name)
         if full_error_wanted():
             raise
-        message = err if isinstance(err, USER_ERRORS) else storage_message(err, hydra_cfg.runtime.output_dir)
+        message = err if isinstance(err, USER_ERRORS) else storage_message(err, hydra_cfg.runtime.output_dir, kept)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise SweepJobInputError(f"error: {message}") from err
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(USAGE_EXIT) from None
 
 
-def storage_message(err: OSError, out_dir: str) -> str:
-    """`cannot write <file or run folder>: <reason>`; rows already written are kept."""
+def storage_message(err: OSError, out_dir: str, kept: str) -> str:
+    """`cannot write <file or run folder>: <reason> (<kept>; what to do)`."""
     where = err.filename or out_dir
-    return (f"cannot write {where}: {err.strerror or err} (the rows already in records.jsonl are kept; "
-            "free space or pick a writable out_dir, then rerun the command to go on)")
+    return (f"cannot write {where}: {err.strerror or err} ({kept}; free space or pick a writable out_dir, "
+            "then rerun the command to go on)")
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="search", version_base="1.3")

@@ -776,7 +776,7 @@ def run_training(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     try:
-        with user_errors_reported():  # bad input: one line `error: ...`, exit 2 (experiments/search.py)
+        with user_errors_reported("the checkpoints and metrics.jsonl rows already written are kept"):  # one line, exit 2
             out = run_training(cfg)
         rows = load_rows(out / METRICS)
         if rows and PartialState().is_main_process:

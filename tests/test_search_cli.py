@@ -301,3 +301,15 @@ def test_a_full_disk_is_one_error_line_and_keeps_the_rows_written(ckpt, tmp_path
     assert exit_info.value.code == 2
     assert err.startswith(f"error: cannot write {out}: No space left on device (the rows already in records.jsonl")
     assert len((out / "records.jsonl").read_text().splitlines()) == appended[0] == 1
+
+
+def test_only_a_full_or_read_only_place_is_called_unwritable():
+    # an unreadable input file (EACCES) was reported as "cannot write ... free space"
+    import errno
+
+    from experiments.cli_errors import is_storage_error
+
+    assert is_storage_error(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_storage_error(OSError(errno.EROFS, "Read-only file system"))
+    assert not is_storage_error(PermissionError(errno.EACCES, "Permission denied", "g.jsonl"))
+    assert not is_storage_error(OSError(errno.EIO, "Input/output error"))
