@@ -55,7 +55,8 @@ def missing_key_error(
     """The error line for the first override of a key the composed config lacks (in a job, or
     in the composition a sweep starts from: the overrides that sweep nothing), else None.
     plain_keys: {node path ("" for the top level): the keys the command reads there} for nodes
-    no class is built from; a key outside them is named with that list, not sent to `+KEY`."""
+    no class is built from; a key outside them is named with that list, not sent to `+KEY`
+    (one the command reads that the config does not hold, `batching`, still is)."""
     overrides = _parsed(argv)
     if overrides is None:
         return None
@@ -64,7 +65,8 @@ def missing_key_error(
         if missing is not None:
             full_key, override = missing
             parent_path = full_key.rsplit(".", 1)[0] if "." in full_key else ""
-            if plain_keys is not None and parent_path in plain_keys:
+            name = full_key.rsplit(".", 1)[-1]
+            if plain_keys is not None and parent_path in plain_keys and name not in plain_keys[parent_path]:
                 return f"error: {plain_key_message(full_key, plain_keys[parent_path], f'experiments.{config_name}')}"
             return _message(full_key, override, _parent_node(config_dir, config_name, run, override, full_key))
     if not SWEEP_FLAGS & set(argv):

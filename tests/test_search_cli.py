@@ -203,6 +203,9 @@ def test_group_options_checks_only_plain_group_choices():
      "config, count, module, seed, split"),
     ("experiments.search", ["budjet=3"], "error: budjet is not a setting at the top level of experiments.search; "
      "it takes: batching, budget, "),
+    # one the search reads that the config does not hold keeps the + that adds it
+    ("experiments.search", ["batching=continuous"],
+     "error: batching is not in the config (Hydra adds a new key only as +batching=continuous)"),
     ("experiments.train", ["run.max_step=5"], "error: run.max_step is not a setting of RunConfig; it takes: "),
 ])
 def test_an_override_of_a_missing_key_is_one_error_line_before_hydra_runs(module, args, message, tmp_path):
