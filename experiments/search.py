@@ -53,7 +53,6 @@ import errno
 import fcntl
 import hashlib
 import importlib
-import inspect
 import json
 import logging
 import os
@@ -71,7 +70,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from experiments.checkpoint_hints import checkpoint_hint
-from experiments.config_keys import check_known_keys, located_target
+from experiments.config_keys import check_known_keys
 from experiments.cli_errors import RunDirBusyError, is_storage_error
 from experiments.group_options import check_group_options
 from experiments.override_keys import check_override_keys, check_plain_keys
@@ -205,12 +204,19 @@ def quiet_logger(name: str) -> Iterator[None]:
         logger.disabled = disabled
 
 
+# scorers that hold settings only (nothing loaded): built once up front to check them
+LIGHT_SCORERS: tuple[str, ...] = (
+    "scorers.confidence.ConfidenceScorer", "scorers.random_scorer.RandomScorer",
+    "scorers.outcome_oracle.OutcomeOracleScorer", "scorers.step_score_reader.StepScoreReader",
+)
+
+
 def check_light_scorer(node: DictConfig) -> None:
-    """Build the scorer once now when its target is a plain class (confidence, random, the
-    oracles, the SPRM reader: settings only, nothing loaded), so a bad setting of it
+    """Build the scorer once now when it is one of LIGHT_SCORERS, so a bad setting of it
     (`scorer.reduce=median`) is named before the policy loads and the run folder is written;
-    scorers built by `from_pretrained` load a model and are built once, with the policy."""
-    if not inspect.isclass(located_target(node)):
+    any other scorer (a model of its own, a user's class that may load one) is built once, with
+    the policy."""
+    if node.get("_target_") not in LIGHT_SCORERS:
         return
     close = getattr(build_scorer(node), "close", None)
     if callable(close):

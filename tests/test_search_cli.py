@@ -316,3 +316,23 @@ def test_only_a_full_or_read_only_place_is_called_unwritable():
     assert is_storage_error(OSError(errno.EROFS, "Read-only file system"))
     assert not is_storage_error(PermissionError(errno.EACCES, "Permission denied", "g.jsonl"))
     assert not is_storage_error(OSError(errno.EIO, "Input/output error"))
+
+
+def test_a_users_scorer_class_is_built_once(tmp_path, monkeypatch, ckpt):
+    # the up-front check built every class-target scorer, so a user's scorer that loads a model
+    # in __init__ loaded it twice
+    (tmp_path / "counting_scorer.py").write_text(
+        "from scorers.confidence import ConfidenceScorer\n"
+        "BUILT = []\n"
+        "class CountingScorer(ConfidenceScorer):\n"
+        "    def __init__(self, **kwargs):\n"
+        "        BUILT.append(1)\n"
+        "        super().__init__(**kwargs)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import counting_scorer
+
+    run_in_process([f"policy.path={ckpt}", f"out_dir={tmp_path / 'run'}", "scorer._target_=counting_scorer.CountingScorer",
+                    *TINY])
+    assert len(counting_scorer.BUILT) == 1
+
