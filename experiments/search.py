@@ -119,8 +119,11 @@ PLAIN_NODE_KEYS: dict[str, tuple[str, ...]] = {
 MAX_RUN_NAME = 200
 
 
-def run_name(overrides: str) -> str:
-    """The run folder name of an override string (see above), e.g. "task=countdown,run.seed=1"."""
+def run_name(overrides: str, experiment: str | None = None) -> str:
+    """The run folder name of an override string (see above), e.g. "task=countdown,run.seed=1",
+    led by "experiment=NAME," for a single run of an experiment file (a sweep's folder names it)."""
+    if experiment:
+        overrides = f"experiment={experiment}" + (f",{overrides}" if overrides else "")
     name = overrides.replace("/", "_") or "default"
     if len(name.encode("utf-8")) <= MAX_RUN_NAME:
         return name

@@ -324,6 +324,8 @@ def test_experiment_runs_end_to_end_through_the_entry_point(experiment, narrow, 
         assert sorted(r.scorer for r in runs) == ["ConfidenceScorer", "OutcomeOracleScorer", "RandomScorer"]
     assert all(r.problems == 2 and r.compute_C > 0 for r in runs)
     assert plot_scaling_module.main([str(sweep)]) == 0 and (sweep / "scaling.png").is_file()
+    # the sweep's folder names its experiment, its jobs' do not: a sweep begun before a change there resumes
+    assert not any("experiment=" in p.parent.name for p in sweep.rglob("records.jsonl"))
 
 
 def test_the_sweep_table_keeps_its_columns_for_a_long_strategy_name():
