@@ -98,11 +98,12 @@ def check_beam_shape(
         parser.error(f"argument {n_option}: {n} must be divisible by {width_option} ({beam_width})")
 
 
-def check_file_target(path: Path, flag: str) -> None:
+def check_file_target(path: Path, flag: str, example_name: str = "out.json") -> None:
     """ValueError naming a path option (`--out FILE`) no file can be written at: an existing
-    folder, or a path under an existing file. Called before the work, which would fail only after it."""
+    folder (the message suggests example_name inside it), or a path under an existing file.
+    Called before the work, which would fail only after it."""
     if path.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file path such as {path / 'out.json'}")
+        raise ValueError(f"{flag} {path} is a folder; give a file path such as {path / example_name}")
     check_parents_are_folders(path, flag)
 
 

@@ -186,7 +186,7 @@ def probe_command(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=positive_int, default=None)
     args = ap.parse_args(argv)
     if args.out is not None:  # checked before training, which --out / --save would fail only after
-        check_file_target(args.out, "--out")
+        check_file_target(args.out, "--out", "probe.json")
     if args.save is not None:
         check_folder_target(args.save, "--save")
     if args.threads:

@@ -590,9 +590,7 @@ def build_command(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
-    if args.out.is_dir():  # checked before the rollouts: save_cache would fail only after them
-        raise ValueError(f"--out {args.out} is a folder; give the cache's file path (e.g. {args.out / 'cache.pt'})")
-    check_file_target(args.out, "--out")
+    check_file_target(args.out, "--out", "cache.pt")  # before the rollouts: save_cache would fail only after them
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     with hinted_checkpoint(args.policy, "--policy"):  # a missing policy folder says how to get it

@@ -107,10 +107,11 @@ HYDRA_SUBDIR = ".hydra"  # Hydra's record of the invocation, written by `save_hy
 BATCHING: tuple[str, ...] = ("lockstep", "continuous")
 # the settings of the nodes no class is built from (the top level, task): `+budjet=16` or
 # `+task.shuffle=true` composed and ran, recorded in config.yaml and never read
+TASK_KEYS: tuple[str, ...] = ("module", "split", "count", "seed", "config")  # a task node's (experiments.train's too)
 PLAIN_NODE_KEYS: dict[str, tuple[str, ...]] = {
     "": ("policy", "scorer", "search", "task", "seed", "budget", "chunk", "out_dir", "progress", "num_threads",
          "live_tree", "batching"),
-    "task": ("module", "split", "count", "seed", "config"),
+    "task": TASK_KEYS,
 }
 
 # hydra.run.dir / hydra.sweep.subdir: the override string ("/" in a value made "_", so a path

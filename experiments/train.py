@@ -72,7 +72,7 @@ from experiments.checkpoint_hints import checkpoint_hint  # noqa: E402
 from experiments.group_options import check_group_options  # noqa: E402
 from experiments.override_keys import check_override_keys, check_plain_keys  # noqa: E402
 from experiments.search import (  # noqa: E402
-    CONFIG_DIR, build_frozen, check_int, resolve_out_dir, resolved_config, user_errors_reported,
+    CONFIG_DIR, TASK_KEYS, build_frozen, check_int, resolve_out_dir, resolved_config, user_errors_reported,
 )
 from policies.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from policies.devices import resolve_device  # noqa: E402
@@ -102,7 +102,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
 PLAIN_NODE_KEYS: dict[str, tuple[str, ...]] = {
     "": ("task", "train_loss", "init_from", "out_dir", "device", "num_threads", "progress", "tensorboard", "run",
          "data", "sampling", "actor_optim", "head_optim"),
-    "task": ("module", "split", "count", "seed", "config"),
+    "task": TASK_KEYS,
 }
 OLD_LOGPROBS: tuple[str, ...] = ("recompute", "rollout")
 # `device=`: cpu, cuda, cuda:N (checked by policies.devices.resolve_device), or auto (accelerate's pick)
