@@ -180,8 +180,9 @@ def check_int(key: str, value: Any, minimum: int | None = None, or_else: str = "
 
 def check_run_scalars(cfg: DictConfig) -> None:
     """The top-level scalars, before anything is loaded or written: seed an integer (a string
-    would be hashed into some seed; search.seed, its interpolation, not set apart from it), budget and chunk integers >= 1, num_threads null (torch's
-    default) or an integer >= 1 (0 means nothing), progress and live_tree true or false."""
+    would be hashed into some seed; search.seed, its interpolation, not set apart from it), budget
+    and chunk integers >= 1, num_threads null (torch's default) or an integer >= 1 (0 means
+    nothing), progress and live_tree true or false."""
     check_int("seed", cfg.get("seed"))
     search_seed = cfg.get("search", {}).get("seed", cfg.get("seed"))
     if search_seed != cfg.get("seed"):  # run_chunk seeds every chunk from the top-level seed
@@ -606,10 +607,11 @@ def discard_hydra_only_dir(run_dir: Path, job_name: str) -> None:
 @contextlib.contextmanager
 def user_errors_reported(kept: str = "the rows already in records.jsonl are kept") -> Iterator[None]:
     """Bad input (USER_ERRORS) and an out_dir that cannot be written (`is_storage_error`: a full
-    disk, a read-only file system; `kept`: what the message says is kept) as one line: `error: <message>` on stderr and exit 2 for a single
-    run; in a sweep, an error Hydra prints without a traceback (the other jobs still run). Either
-    way the folder Hydra made for the job goes when it holds only Hydra's files. Other exceptions,
-    and all of them under HYDRA_FULL_ERROR=1, pass through with their traceback."""
+    disk, a read-only file system; `kept`: what the message says is kept) as one line:
+    `error: <message>` on stderr and exit 2 for a single run; in a sweep, an error Hydra prints
+    without a traceback (the other jobs still run). Either way the folder Hydra made for the job
+    goes when it holds only Hydra's files. Other exceptions, and all of them under
+    HYDRA_FULL_ERROR=1, pass through with their traceback."""
     try:
         yield
     except (*USER_ERRORS, OSError) as err:
