@@ -134,10 +134,10 @@ ADDED_KEYS = ("made_from",)  # absent from sweeps saved before it existed: those
 
 def check_sweep_folder(spec: SweepSpec) -> None:
     """A ValueError naming what differs when spec.out_dir holds a sweep made with other settings
-    (its SWEEP_STAMP): each of its runs would refuse the new config only when reached, after
-    every stage before it had run."""
+    (its SWEEP_STAMP) that has written records: each of its runs would refuse the new config only
+    when reached, after every stage before it had run."""
     path = spec.out_dir / SWEEP_STAMP
-    if not path.is_file():
+    if not path.is_file() or not has_rows(spec.out_dir):  # a sweep that wrote no row yet binds nothing
         return
     saved, now = json.loads(path.read_text()), _identity(spec)
     keys = [key for key in IDENTITY if key in saved or key not in ADDED_KEYS]
@@ -145,6 +145,12 @@ def check_sweep_folder(spec: SweepSpec) -> None:
     if diffs:
         raise ValueError(f"{spec.out_dir} holds a strategy sweep of other settings ({'; '.join(diffs)}); "
                          "use another output folder (--out-dir) or delete that one")
+
+
+def has_rows(out_dir: Path) -> bool:
+    """Whether any run under out_dir wrote a record (a sweep that failed at once on bad input did
+    not: its stamp alone refused the corrected sweep)."""
+    return any(path.stat().st_size > 0 for path in out_dir.rglob("records.jsonl"))
 
 
 def _identity(spec: SweepSpec) -> dict[str, Any]:

@@ -346,6 +346,10 @@ def test_a_rerun_whose_sweep_settings_differ_is_refused_before_anything_runs(tmp
     first = demo.sweep_spec(parse_args(["--out-dir", str(out)]), DemoConfig().tasks[0])
     first.out_dir.mkdir(parents=True)
     (first.out_dir / SWEEP_STAMP).write_text(json.dumps(_identity(first)))
+    other = demo.sweep_spec(parse_args(["--out-dir", str(out), "--seed", "1"]), DemoConfig().tasks[0])
+    check_sweep_folder(other)  # no run has written a row yet (one failed at once on bad input): not binding
+    (first.out_dir / "run").mkdir()
+    (first.out_dir / "run" / "records.jsonl").write_text('{"problem_id": "p0"}\n')
     check_sweep_folder(first)  # the same settings: resumed
     monkeypatch.setattr(demo, "run_demo", lambda cfg: pytest.fail("the demo ran before its sweep folders were checked"))
     assert demo.main(["--out-dir", str(out), "--seed", "1", "--sweep-problems", "50"]) == 2
@@ -367,6 +371,8 @@ def test_a_sweep_of_a_reflective_model_trained_from_another_policy_is_refused(tm
     assert first.made_from["policy_dir"] == str(tmp_path / "a" / f"tiny-{countdown.name}" / "final")
     first.out_dir.mkdir(parents=True)
     (first.out_dir / SWEEP_STAMP).write_text(json.dumps(_identity(first)))
+    (first.out_dir / "run").mkdir()
+    (first.out_dir / "run" / "records.jsonl").write_text('{"problem_id": "p0"}\n')
     monkeypatch.setattr(demo, "run_demo", lambda cfg: pytest.fail("the demo ran before its sweep folders were checked"))
     args = ["--out-dir", str(out), "--checkpoints", str(tmp_path / "b"), "--tasks", countdown.name]
     assert demo.main(args) == 2
