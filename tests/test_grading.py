@@ -37,7 +37,15 @@ needs_data = pytest.mark.skipif(not (DATA / "math500").is_dir(), reason=f"shared
     (["-3.5", "-\\frac{7}{2}", "-7/2"], "-3.5"),
     (["1,234", "1{,}234", "1234"], "1234"),
     (["1/3", "\\frac{1}{3}"], "1/3"),
-    (["$x^2 + 1$", "x^2  + 1"], "x^2 + 1"),
+    (["$x^2 + 1$", "x^2  + 1"], "x^2+1"),
+    # notation only: these voted apart, so three right answers lost maj@5 to two wrong "0.5"s
+    (["\\dfrac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}", "\\frac{\\sqrt{3}}{2}"], "\\frac{\\sqrt{3}}{2}"),
+    (["\\frac12", "\\tfrac12", "\\frac 12", "0.5"], "0.5"),
+    (["\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\frac{\\pi}{2})", "(3,\\frac{\\pi}{2})"], "(3,\\frac{\\pi}{2})"),
+    (["90^\\circ", "90^{\\circ}", "90°", "90"], "90"),
+    (["x=5", "x = 5", "5"], "5"),
+    (["\\text{(C)}", "\\textbf{(C)}", "(C)", "C"], "C"),
+    (["18 eggs", "\\text{18 eggs}", "18"], "18"),
 ])
 def test_answers_of_one_value_have_one_canonical_form(answers, form):
     assert {canonical_answer(a) for a in answers} == {form}
@@ -111,7 +119,7 @@ def test_every_math500_answer_grades_equal_without_its_spaces():
 @pytest.mark.parametrize("text", [
     "**ANSWER: B**", "ANSWER: **B**", "**ANSWER:** B", "ANSWER: $B$", "ANSWER: $\\text{B}$",
     "ANSWER: B) 2", "答案：B选项", "答案：B，因为……", "ANSWER: B, because 2 > 1", "ANSWER: b",
-    "work\n**B**",
+    "work\n**B**", "答案：选B", "故选B", "所以选B。",  # the last three: None before
 ])
 def test_choice_letter_in_markdown_latex_or_lowercase(text):
     assert extract_choice(text) == "B"
@@ -142,3 +150,13 @@ def test_a_long_blank_run_after_answer_is_read_fast():
     assert answer_line("Answer: a" + " \t" * 20000 + "b") is not None  # quadratic before
     assert grade_math("Answer: 5" + " " * 50000 + "\n", "5")
     assert time.monotonic() - start < 2
+
+
+@pytest.mark.parametrize("text, reference, right", [
+    ("\\boxed{18 eggs}", "18", True), ("#### 1,234 dollars", "1234", True), ("\\boxed{19 eggs}", "18", False),
+    ("\\boxed{2 x}", "2", False),  # a one-letter word may be a variable: not a unit
+])
+def test_a_bare_unit_word_after_a_number_is_its_unit(text, reference, right):
+    # math_verify read "18 eggs" as the product 18*e*g*g*s: graded wrong against 18
+    assert grade_math(text, reference) is right
+

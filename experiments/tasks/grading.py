@@ -56,12 +56,12 @@ _BARE_BOXED_RE = re.compile(r"[^\s$]+")
 _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
 # "(.+)" and not "(.+?)[ \t]*": the latter backtracks quadratically on a long run of blanks.
 _ANSWER_RE = re.compile(r"(?im)^[ \t*#>]*(?:final[ \t]+)?answer[ \t*]*[:：][ \t*]*(.+)$")
-# "ANSWER: C", "answer is (B).", "答案：D", "**ANSWER:** $B$", "答案：B选项": the letter must end the
+# "ANSWER: C", "answer is (B).", "答案：D", "**ANSWER:** $B$", "答案：B选项", "答案：选C", "故选C": the letter must end the
 # statement (or close a bracket: "B) 2"), so that "Answer: A triangle has ..." is not read as
 # choice A, nor "ANSWER: A, B" as A. Each optional part owns the blanks after it (adjacent optional
 # blank runs made a long run of spaces after "answer" take minutes of backtracking).
 _CHOICE_ANSWER_RE = re.compile(
-    r"(?im)(?:answer|答案)[\s*_]*(?:(?:is|为|是)[\s*_]*)?(?P<colon>[:：][\s*_$]*)?"
+    r"(?im)(?:answer|答案|故选|所以选)[\s*_]*(?:(?:is|为|是|选)[\s*_]*)?(?P<colon>[:：][\s*_$]*)?(?:选[\s*_]*)?"
     r"(?:\\(?:text|textbf|mathrm|mathbf|boxed)\{)?(?:[(（{\[]\s*)?"
     r"(?P<letter>[A-Z])[\s)）}\]*_$]*"
     r"(?=$|[.。;；!！]|[,，](?![ \t]*(?-i:[A-D])(?![A-Za-z]))|选项|(?<=[)）\]]))"
@@ -189,6 +189,7 @@ _LATEX_FRACTION_RE = re.compile(r"^([-+]?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
 _SPACING_RE = re.compile(r"\\\\|\\(?:left|right)(?![A-Za-z])|\\![ \t]*|\\[,;: ]")
 _PERCENT_RE = re.compile(r"\s*(?:\\?%|percent)$")
 _UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]+)+$")  # " apples", " square feet"
+_BARE_UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]{2,})+$")  # "18 eggs" (not "2 x": a letter may be a variable)
 
 
 def normalize_text(answer: str) -> str:
@@ -224,7 +225,9 @@ def parse_number(answer: str) -> Fraction | None:
     wrapped = _TEXT_WRAPPER_RE.match(text)
     if wrapped:  # "\text{18 apples}": words in \text{} after a number are its unit
         text = _UNIT_WORDS_RE.sub("", wrapped.group(1)).strip()
-    text = _PERCENT_RE.sub("", text)
+    else:  # "18 eggs", "#### 1,234 dollars": math_verify read the words as a product of letters
+        text = _BARE_UNIT_WORDS_RE.sub("", text).strip()
+    text = _PERCENT_RE.sub("", text).removesuffix("°").strip()  # "90°" is 90 (math_verify: no match)
     if len(text) > _MAX_NUMBER_CHARS:
         return None
     if _GROUPED_INT_RE.match(text):
@@ -246,11 +249,49 @@ def parse_number(answer: str) -> Fraction | None:
 
 def canonical_answer(answer: str) -> str:
     """The form majority votes compare: a plain number as its exact value, in decimals where they
-    end ("18", "18.00", "$18" -> "18"; "0.5", "\\frac{1}{2}" -> "0.5"; "1/3" -> "1/3"), anything
-    else as its normalised text. Answers of one form grade alike (`fast_match`); answers equal only
-    symbolically ("\\frac{\\sqrt{2}}{2}" vs "\\frac{1}{\\sqrt{2}}") keep their own forms."""
+    end ("18", "18.00", "$18" -> "18"; "0.5", "\\frac{1}{2}", "\\frac12" -> "0.5"; "1/3" -> "1/3"),
+    anything else in one notation (`notation_form`: "\\dfrac{\\sqrt3}{2}" and
+    "\\frac{\\sqrt{3}}{2}" are one vote, "90^\\circ" and "90", "x=5" and "5", "\\text{(C)}" and
+    "C"). Answers of one form grade alike (`fast_match`); answers equal only symbolically
+    ("\\frac{\\sqrt{2}}{2}" vs "\\frac{1}{\\sqrt{2}}") keep their own forms."""
     number = parse_number(answer)
-    return normalize_text(answer) if number is None else exact_text(number)
+    if number is not None:
+        return exact_text(number)
+    form = notation_form(answer)
+    number = parse_number(form)
+    return form if number is None else exact_text(number)
+
+
+_FRACTION_VARIANT_RE = re.compile(r"\\[dt]frac(?![A-Za-z])")
+_SHORT_ARGUMENT_RE = re.compile(r"\\(frac|sqrt)\s*([0-9A-Za-z])(?:\s*([0-9A-Za-z]))?")  # \frac12, \sqrt3, \frac 59
+_DEGREES_RE = re.compile(r"(?:\^\s*\{?\s*\\circ\s*\}?|°)$")
+_ASSIGNMENT_RE = re.compile(r"^[A-Za-z]\s*=\s*(?=\S)")  # "x = 5": the value
+_CHOICE_RE = re.compile(r"^(?:\\text(?:bf)?\{\s*)?\(?([A-Z])\)?(?:\s*\})?$")  # "\text{(C)}", "(C)": "C"
+_SPACE_RE = re.compile(r"(?<![0-9A-Za-z])\s+|\s+(?![0-9A-Za-z])")  # spaces not between two word characters
+
+
+def notation_form(answer: str) -> str:
+    """answer written one way where LaTeX offers several for the same thing (for majority votes;
+    grading compares meanings itself): \\dfrac / \\tfrac as \\frac, one-character arguments of
+    \\frac and \\sqrt braced, no trailing degree sign, no leading "x =", a lone choice letter bare,
+    no spaces but between two word characters."""
+    text = normalize_text(answer)
+    text = _FRACTION_VARIANT_RE.sub(r"\\frac", text)
+    text = _SHORT_ARGUMENT_RE.sub(_braced_arguments, text)
+    text = _DEGREES_RE.sub("", text).strip()
+    text = _ASSIGNMENT_RE.sub("", text)
+    choice = _CHOICE_RE.match(text)
+    if choice:
+        return choice.group(1)
+    return _SPACE_RE.sub("", text)
+
+
+def _braced_arguments(match: re.Match[str]) -> str:
+    """\\frac12 -> \\frac{1}{2}; \\sqrt3 -> \\sqrt{3} (a second character after \\sqrt is not its argument)."""
+    command, first, second = match.groups()
+    if command == "sqrt":
+        return f"\\sqrt{{{first}}}" + (second or "")
+    return f"\\frac{{{first}}}" + (f"{{{second}}}" if second else "")
 
 
 def exact_text(number: Fraction) -> str:
