@@ -116,6 +116,12 @@ def check_folder_target(path: Path, flag: str) -> None:
 
 
 def check_parents_are_folders(path: Path, flag: str) -> None:
-    for parent in path.parents:
-        if parent.exists() and not parent.is_dir():
-            raise ValueError(f"{flag} {path} lies under {parent}, an existing file")
+    above = file_above(path)
+    if above is not None:
+        raise ValueError(f"{flag} {path} lies under {above}, an existing file")
+
+
+def file_above(path: Path) -> Path | None:
+    """The first of path's parents that exists and is not a folder (nothing can be written under
+    it), or None."""
+    return next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from matplotlib.backend_bases import FigureCanvasBase
 
+from experiments.cli_args import file_above
+
 
 class PlotOutputError(ValueError):
     """An --out path no image can be written to."""
@@ -22,9 +24,9 @@ def check_out_path(out: Path, example_name: str) -> str:
     the file the message suggests inside it), a path under a file, an unknown suffix."""
     if out.is_dir():
         raise PlotOutputError(f"{out}: --out is an existing folder; give a file path such as {out / example_name}")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise PlotOutputError(f"{parent}: --out needs a folder here, but it is an existing file")
+    above = file_above(out)
+    if above is not None:
+        raise PlotOutputError(f"{above}: --out needs a folder here, but it is an existing file")
     fmt = out.suffix[1:].lower() or "png"
     supported = FigureCanvasBase.get_supported_filetypes()
     if fmt not in supported:
