@@ -34,7 +34,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_workload import DEFAULT_CHECKPOINT  # noqa: E402
+from experiments.bench_workload import add_checkpoint_argument  # noqa: E402
 from experiments.cli_args import positive_int  # noqa: E402
 from experiments.bench_timing import best_of, timed  # noqa: E402
 from experiments.bench_train_throughput import (  # noqa: E402
@@ -200,7 +200,7 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_flops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    add_checkpoint_argument(ap)
     ap.add_argument("--problems", type=positive_int, default=16, help="generation: arith test problems")
     ap.add_argument("--n", type=positive_int, default=32, help="generation: samples per problem")
     ap.add_argument("--prompts", type=positive_int, default=8, help="training step: prompts (train.yaml: 8)")

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
+from experiments.bench_workload import add_checkpoint_argument, has_checkpoint, load_tiny_parts  # noqa: E402
 from experiments.cli_args import int_list, positive_int  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +67,6 @@ class MemoryRow:
 
 def child(config: MemoryConfig, checkpoint: Path, seed: int) -> dict:
     """Load the policy, run the configured search once, return the measurements (JSON-ready)."""
-    from experiments.bench_workload import load_tiny_parts
     from experiments.bench_timing import current_rss_mib, peak_rss_mib, timed
     from experiments.tasks import arith
     from policies.prefix_cache import PrefixCacheConfig
@@ -97,8 +97,10 @@ def measure(config: MemoryConfig, checkpoint: Path, threads: int, seed: int) -> 
     command = [
         sys.executable, "-m", "experiments.bench_memory", "--child", config.strategy, "--n", str(config.n),
         "--problems", str(config.problems), "--beam-width", str(config.beam_width),
-        "--checkpoint", str(checkpoint.resolve()), "--threads", str(threads), "--seed", str(seed),
+        "--threads", str(threads), "--seed", str(seed),
     ]
+    if has_checkpoint(checkpoint):  # else the child's default: the same random tiny Llama
+        command += ["--checkpoint", str(checkpoint.resolve())]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"child {config} failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -128,17 +130,17 @@ def run(
     configs = [MemoryConfig("best_of_n", n, bon_problems) for n in ns]
     configs += [MemoryConfig("beam_search", n, beam_problems, min(beam_width, n)) for n in ns]
     rows = [measure(c, checkpoint, threads, seed) for c in configs]
+    source = f"checkpoint {checkpoint}" if has_checkpoint(checkpoint) else "random tiny Llama (no checkpoint found)"
     return "\n".join([
-        f"checkpoint: {checkpoint}; arith test problems; one fresh process per row; torch threads {threads}",
+        f"policy: {source}; arith test problems; one fresh process per row; torch threads {threads}",
         markdown_table(rows),
     ])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from experiments.bench_workload import DEFAULT_CHECKPOINT
 
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    add_checkpoint_argument(ap)
     ap.add_argument("--ns", type=int_list(), default=DEFAULT_NS,
                     help="comma-separated N values (default 4,8,16,32)")
     ap.add_argument("--bon-problems", type=positive_int, default=32)

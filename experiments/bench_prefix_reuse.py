@@ -28,12 +28,11 @@ import argparse  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_workload import DEFAULT_CHECKPOINT, load_tiny_parts  # noqa: E402
+from experiments.bench_workload import add_checkpoint_argument, load_tiny_parts  # noqa: E402
 from experiments.cli_args import positive_int  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
 from policies.prefix_cache import PrefixCacheConfig  # noqa: E402
@@ -134,7 +133,7 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench_prefix_reuse", description="Prefix reuse OFF vs ON for beam search, MCTS, REBASE and particle filtering on arith.")
     parser.add_argument("--problems", type=positive_int, default=16, help="arith test problems")
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    add_checkpoint_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="problem generation seed")
     parser.add_argument("--max-bytes", type=positive_int, default=PrefixCacheConfig().max_bytes, help="cache budget")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (1 on a shared CPU)")

@@ -35,7 +35,7 @@ from typing import Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
+from experiments.bench_workload import Workload, add_search_arguments, has_checkpoint, load_workload  # noqa: E402
 from experiments.cli_args import check_beam_shape, positive_int  # noqa: E402
 from scorers.lm_prm_scorer import LMPRMScorer  # noqa: E402
 from scorers.prm_format import PRM_FORMATS  # noqa: E402
@@ -107,9 +107,18 @@ def table(runs: dict[str, list[WayRun]], reference: str) -> str:
     return "\n".join(lines)
 
 
+def prm_folder(text: str) -> Path:
+    """argparse type of --prm: a saved model folder (its config.json), checked before anything loads."""
+    folder = Path(text)
+    if has_checkpoint(folder):
+        return folder
+    why = "no such folder" if not folder.exists() else "no config.json in it"
+    raise argparse.ArgumentTypeError(f"{text} is not a saved model ({why}); leave --prm out for SmolLM2")
+
+
 def add_prm_arguments(ap: argparse.ArgumentParser, batch_size: int) -> None:
     """--prm (a folder; default SmolLM2), --prm-format and --batch-size (paths per PRM forward)."""
-    ap.add_argument("--prm", type=Path, default=None, help="PRM folder (default: SmolLM2, converted once)")
+    ap.add_argument("--prm", type=prm_folder, default=None, help="PRM folder (default: SmolLM2, converted once)")
     ap.add_argument("--prm-format", choices=sorted(PRM_FORMATS), default="math_shepherd",
                     help="qwen_prm needs a folder with a score head")
     ap.add_argument("--batch-size", type=positive_int, default=batch_size, help="paths per PRM forward")

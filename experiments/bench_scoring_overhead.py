@@ -26,7 +26,7 @@ from typing import Callable, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.bench_timing import Timing, interleaved, median_timing  # noqa: E402
-from experiments.bench_workload import DEFAULT_CHECKPOINT, load_tiny_parts  # noqa: E402
+from experiments.bench_workload import add_checkpoint_argument, load_tiny_parts  # noqa: E402
 from experiments.cli_args import positive_int  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
@@ -94,7 +94,7 @@ def run(checkpoint: Path, problems: int, n: int, repeats: int, seed: int) -> str
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_scoring_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    add_checkpoint_argument(ap)
     ap.add_argument("--problems", type=positive_int, default=32)
     ap.add_argument("--n", type=positive_int, default=32)
     ap.add_argument("--repeats", type=positive_int, default=3)

@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.bench_workload import DEFAULT_CHECKPOINT, load_tiny_parts  # noqa: E402
+from experiments.bench_workload import add_checkpoint_argument, load_tiny_parts  # noqa: E402
 from experiments.bench_timing import timed  # noqa: E402
 from experiments.cli_args import positive_int  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
@@ -188,7 +188,7 @@ def run(checkpoint: Path, prompts: int, group: int, repeats: int, seed: int) -> 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_train_throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    add_checkpoint_argument(ap)
     ap.add_argument("--prompts", type=positive_int, default=8, help="P, prompts per step (train.yaml: 8)")
     ap.add_argument("--group", type=positive_int, default=8, help="G, rollouts per prompt (train.yaml: 8)")
     ap.add_argument("--repeats", type=positive_int, default=5)

@@ -55,6 +55,7 @@ from typing import Any, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.cli_args import check_beam_shape, int_list, positive_float, positive_int  # noqa: E402
+from experiments.bench_workload import add_checkpoint_argument  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
 from policies.checkpoint import save_checkpoint  # noqa: E402
 from policies.prefix_cache import PrefixCacheConfig  # noqa: E402
@@ -70,7 +71,6 @@ from treesearch.records import Problem  # noqa: E402
 from treesearch.registry import run_search  # noqa: E402
 from treesearch.result import SearchResult  # noqa: E402
 
-DEFAULT_CHECKPOINT = Path("outputs/checkpoints/tiny-arith/final")
 # the policy=tiny sampling settings (experiments/conf/policy/tiny.yaml)
 SAMPLING = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_step_tokens=64, max_total_tokens=160)
 
@@ -287,7 +287,7 @@ def resolve_checkpoint(checkpoint: Path, scratch: Path) -> tuple[Path, str]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench_vllm", description="Transformers vs vLLM: Best-of-N and beam search on arith.")
     parser.add_argument("--problems", type=positive_int, default=64, help="arith test problems")
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    add_checkpoint_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="problem generation seed")
     parser.add_argument("--n", type=positive_int, default=16, help="N of Best-of-N and of beam search")
     parser.add_argument("--beam-width", type=positive_int, default=4)

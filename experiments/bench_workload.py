@@ -34,7 +34,8 @@ from policies.transformers_policy import TransformersPolicy
 from treesearch.records import Problem
 from treesearch.result import SearchResult
 
-DEFAULT_CHECKPOINT = Path("outputs/checkpoints/tiny-arith/final")
+# the trained tiny policy (`make demo` trains it), wherever the command runs from
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "outputs" / "checkpoints" / "tiny-arith" / "final"
 WORKLOADS: tuple[str, ...] = ("tiny", "smollm2")
 # SmolLM2 in a benchmark: short answers keep a 2-core run to minutes (GSM8K answers are cut, so
 # accuracy is not the point; the same cut applies to every run compared).
@@ -90,6 +91,28 @@ def has_checkpoint(folder: Path) -> bool:
     return (folder / "config.json").is_file()
 
 
+def checkpoint_folder(text: str) -> Path:
+    """argparse type of --checkpoint: a saved model folder, or a training run's folder whose
+    final/ is one. Only a path given on the command line is checked (argparse leaves a Path
+    default alone): the default falls back to a random tiny Llama when nothing is trained yet,
+    a mistyped path is an error instead of a benchmark of a random model."""
+    folder = Path(text)
+    for candidate in (folder, folder / "final"):
+        if has_checkpoint(candidate):
+            return candidate
+    why = "no such folder" if not folder.exists() else "no config.json in it or in its final/"
+    raise argparse.ArgumentTypeError(
+        f"{text} is not a saved model ({why}); leave --checkpoint out for the trained tiny policy "
+        f"({DEFAULT_CHECKPOINT}, `make demo` trains it)"
+    )
+
+
+def add_checkpoint_argument(ap: argparse.ArgumentParser) -> None:
+    """--checkpoint: the tiny policy's folder (`checkpoint_folder`; default `DEFAULT_CHECKPOINT`)."""
+    ap.add_argument("--checkpoint", type=checkpoint_folder, default=DEFAULT_CHECKPOINT,
+                    help="the tiny policy's folder (default: the trained one, a random tiny Llama before `make demo`)")
+
+
 def tiny_workload(problems: int, seed: int, checkpoint: Path = DEFAULT_CHECKPOINT, device: str = "cpu") -> Workload:
     target = resolve_device(device)
     lm, tokenizer, source = load_tiny_parts(checkpoint)
@@ -135,7 +158,7 @@ def add_search_arguments(ap: argparse.ArgumentParser, problems: int, n: int) -> 
     The counts must be >= 1 (argparse's error otherwise); N against M is the caller's
     `experiments.cli_args.check_beam_shape` after parsing."""
     ap.add_argument("--model", choices=WORKLOADS, default="tiny", help="workload (experiments.bench_workload)")
-    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the tiny policy")
+    add_checkpoint_argument(ap)
     ap.add_argument("--problems", type=positive_int, default=problems)
     ap.add_argument("--n", type=positive_int, default=n)
     ap.add_argument("--beam-width", type=positive_int, default=4)

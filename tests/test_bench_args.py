@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import subprocess
 
 import pytest
 import torch
@@ -66,6 +67,13 @@ BAD: list[tuple[str, list[str], str]] = [
     *[("bench_vllm_overhead", [flag, "0"], flag) for flag in (*SEARCH_COUNTS, "--kv-cache-gib")],
     ("bench_vllm_overhead", ["--kv-cache-gib", "-1"], "--kv-cache-gib"),
     ("bench_vllm_overhead", ["--n", "30"], "--n"),
+    # a --checkpoint that is no saved model: an error, not a benchmark of a random tiny Llama
+    *[(script, ["--checkpoint", "/nonexistent/tiny-arith"], "--checkpoint")
+      for script in ("bench_batching", "bench_dtype", "bench_engine_overhead", "bench_flops", "bench_forked",
+                     "bench_memory", "bench_merged_scorer", "bench_prefix_reuse", "bench_prm_prefix",
+                     "bench_scoring_overhead", "bench_shared_prefix", "bench_train_throughput", "bench_vllm",
+                     "bench_vllm_overhead", "bench_widths")],
+    *[(script, ["--prm", "/nonexistent/prm"], "--prm") for script in ("bench_prm_prefix", "bench_merged_scorer")],
 ]
 
 
@@ -171,10 +179,51 @@ DOCUMENTED: list[tuple[str, list[str]]] = [
 ]
 
 
+MODEL_OPTIONS = ("--checkpoint", "--prm")  # their documented paths stand for a saved model
+
+
 @pytest.mark.parametrize("script, argv", DOCUMENTED, ids=[f"{s}:{' '.join(a) or 'defaults'}" for s, a in DOCUMENTED])
-def test_a_documented_command_line_gets_past_its_arguments(blocked, script, argv):
+def test_a_documented_command_line_gets_past_its_arguments(blocked, tmp_path, script, argv):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    argv = [str(model) if i and argv[i - 1] in MODEL_OPTIONS else arg for i, arg in enumerate(argv)]
     with pytest.raises(RanPastTheArguments):
         blocked(script).main(argv)
+
+
+def test_a_checkpoint_is_a_model_folder_or_a_run_with_a_final_one(tmp_path):
+    from experiments.bench_workload import DEFAULT_CHECKPOINT, checkpoint_folder
+
+    assert DEFAULT_CHECKPOINT.is_absolute()  # the trained policy whatever folder the command runs in
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "config.json").write_text("{}")
+    assert checkpoint_folder(str(tmp_path / "run")) == tmp_path / "run" / "final"
+    assert checkpoint_folder(str(tmp_path / "run" / "final")) == tmp_path / "run" / "final"
+    with pytest.raises(argparse.ArgumentTypeError, match="no config.json in it or in its final/"):
+        checkpoint_folder(str(tmp_path))
+    with pytest.raises(argparse.ArgumentTypeError, match="no such folder"):
+        checkpoint_folder(str(tmp_path / "typo"))
+
+
+def test_bench_memory_names_a_random_model_and_its_children_load_the_same(monkeypatch, tmp_path):
+    from experiments import bench_memory
+
+    commands: list = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, '{"loaded_mib": 1, "peak_mib": 2, "wall_s": 0.1}', "")
+
+    monkeypatch.setattr(bench_memory.subprocess, "run", fake_run)
+    table = bench_memory.run(tmp_path / "untrained", (2,), 1, 1, 2, 1, 0)
+    assert table.startswith("policy: random tiny Llama (no checkpoint found)")
+    assert all("--checkpoint" not in c for c in commands)  # the child's default: the same random model
+    (tmp_path / "trained").mkdir()
+    (tmp_path / "trained" / "config.json").write_text("{}")
+    table = bench_memory.run(tmp_path / "trained", (2,), 1, 1, 2, 1, 0)
+    assert table.startswith(f"policy: checkpoint {tmp_path / 'trained'}")
+    assert commands[-1][commands[-1].index("--checkpoint") + 1] == str((tmp_path / "trained").resolve())
 
 
 def _recording(monkeypatch, module, name: str) -> list:
