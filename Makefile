@@ -33,31 +33,10 @@ test: setup
 	$(BIN)/python -m pytest
 
 # Benchmarks print ratios measured side by side in one run (run `make demo` first so they use
-# the trained policy); the tables also land in outputs/bench/report.md.
+# the trained policy); the tables also land in outputs/bench/report.md (experiments/bench_all.py:
+# a failed benchmark is marked there, the others still run, and the command fails).
 bench: setup
-	mkdir -p outputs/bench
-	{ echo "# treesearch benchmarks (make bench)"; echo; \
-	  echo "## Scoring overhead of Best-of-N"; $(BIN)/python -m experiments.bench_scoring_overhead --threads 1; echo; \
-	  echo "## Prefix reuse in step-level search"; $(BIN)/python -m experiments.bench_prefix_reuse; echo; \
-	  echo "## Batched vs one problem at a time"; $(BIN)/python -m experiments.bench_batching; echo; \
-	  echo "### the same with SmolLM2-135M on GSM8K"; $(BIN)/python -m experiments.bench_batching --model smollm2 --problems 16 --rounds 1; echo; \
-	  echo "## External PRM: its memory and shared starts vs every path whole (and on vLLM)"; $(BIN)/python -m experiments.bench_prm_prefix --vllm; echo; \
-	  echo "### the same with SmolLM2 as the policy on GSM8K"; $(BIN)/python -m experiments.bench_prm_prefix --model smollm2 --problems 2 --rounds 1 --vllm; echo; \
-	  echo "## External PRM under continuous batching: merged calls vs a call per thread"; $(BIN)/python -m experiments.bench_merged_scorer --rounds 1; echo; \
-	  echo "## REBASE and particle filtering: one policy call per round vs one per width"; $(BIN)/python -m experiments.bench_widths; echo; \
-	  echo "## Shared prefix vs copied KV rows"; $(BIN)/python -m experiments.bench_shared_prefix; echo; \
-	  echo "## Forked decoding vs every sample row forwarded alone"; $(BIN)/python -m experiments.bench_forked; echo; \
-	  echo "## Weights in bfloat16 vs float32"; $(BIN)/python -m experiments.bench_dtype; echo; \
-	  echo "## Engine overhead at N = 32"; $(BIN)/python -m experiments.bench_engine_overhead; echo; \
-	  echo "### the same with every sample row forwarded alone (no forked decoding)"; \
-	    $(BIN)/python -m experiments.bench_engine_overhead --no-forked --top 0; echo; \
-	  echo "### the same with SmolLM2-135M on GSM8K"; $(BIN)/python -m experiments.bench_engine_overhead --model smollm2 --problems 4 --rounds 1; echo; \
-	  echo "### the same through vLLM (outside LLM.generate)"; $(BIN)/python -m experiments.bench_vllm_overhead; echo; \
-	  echo "## FLOP/s vs a matmul peak measured in the same run"; $(BIN)/python -m experiments.bench_flops; echo; \
-	  echo "## Training throughput: joint GRPO + SPR vs plain forward + backward"; $(BIN)/python -m experiments.bench_train_throughput; echo; \
-	  echo "## Peak RSS vs N (one process per row)"; $(BIN)/python -m experiments.bench_memory; echo; \
-	  echo "## transformers vs vLLM"; $(BIN)/python -m experiments.bench_vllm; } \
-	  | tee outputs/bench/report.md
+	$(BIN)/python -m experiments.bench_all
 
 clean-demo:
 	rm -rf outputs/demo

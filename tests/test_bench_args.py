@@ -16,6 +16,7 @@ import subprocess
 import pytest
 import torch
 
+from experiments import bench_all
 from experiments.cli_args import check_beam_shape, int_list, nonnegative_int, positive_float, positive_int
 
 # What runs after the arguments in some script: a model load, a search, a child process.
@@ -133,8 +134,9 @@ def test_a_choice_outside_the_fixed_options_is_a_usage_error(blocked, capsys, sc
     assert f"argument {argv[0]}: invalid choice" in capsys.readouterr().err
 
 
-# The command lines of `make bench` (Makefile), README and the scripts' docstrings.
+# The command lines of `make bench` (experiments/bench_all.py), README and the scripts' docstrings.
 DOCUMENTED: list[tuple[str, list[str]]] = [
+    *[(s.argv[1].removeprefix("experiments."), list(s.argv[2:])) for s in bench_all.SECTIONS],
     ("bench_scoring_overhead", ["--threads", "1"]),
     ("bench_scoring_overhead", ["--problems", "8", "--n", "8", "--repeats", "1"]),
     ("bench_prefix_reuse", []),

@@ -1,0 +1,200 @@
+"""`make bench`: every benchmark of the engine in turn, their tables gathered in one report.
+
+    python -m experiments.bench_all                    # every section -> outputs/bench/report.md
+    python -m experiments.bench_all --only flops memory --out /tmp/bench.md
+    python -m experiments.bench_all --list             # the section names
+
+Each section (`SECTIONS`) is one benchmark command run as a child process. Its stdout (the
+tables) goes to the terminal and, under the section's heading, into the report as it comes; its
+stderr (progress bars, errors) goes to the terminal. A section that fails is marked in the report
+with its exit code and the last lines of its stderr, the sections after it still run, and the
+command exits 1 naming the failed ones (a failed benchmark never leaves an empty heading behind a
+successful exit). Sections that need vLLM are marked skipped where it is not installed
+(`make setup VLLM=`). Ctrl-C stops the running child and marks the report interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Sequence
+
+from experiments.cli_args import check_file_target
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "outputs" / "bench" / "report.md"
+STDERR_TAIL = 20  # lines of a failed section's stderr copied into the report
+
+
+@dataclass(frozen=True)
+class Section:
+    """One benchmark command: name (for --only), its heading in the report (level 2 or 3), the
+    `python -m experiments.<module>` arguments, and whether it needs vLLM."""
+
+    name: str
+    heading: str
+    argv: tuple[str, ...]
+    level: int = 2
+    needs_vllm: bool = False
+
+
+def _bench(module: str, *args: str) -> tuple[str, ...]:
+    return ("-m", f"experiments.{module}", *args)
+
+
+SMOLLM2 = ("--model", "smollm2")
+SECTIONS: tuple[Section, ...] = (
+    Section("scoring_overhead", "Scoring overhead of Best-of-N", _bench("bench_scoring_overhead", "--threads", "1")),
+    Section("prefix_reuse", "Prefix reuse in step-level search", _bench("bench_prefix_reuse")),
+    Section("batching", "Batched vs one problem at a time", _bench("bench_batching")),
+    Section("batching_smollm2", "the same with SmolLM2-135M on GSM8K",
+            _bench("bench_batching", *SMOLLM2, "--problems", "16", "--rounds", "1"), level=3),
+    Section("prm_prefix", "External PRM: its memory and shared starts vs every path whole (and on vLLM)",
+            _bench("bench_prm_prefix", "--vllm"), needs_vllm=True),
+    Section("prm_prefix_smollm2", "the same with SmolLM2 as the policy on GSM8K",
+            _bench("bench_prm_prefix", *SMOLLM2, "--problems", "2", "--rounds", "1", "--vllm"), level=3,
+            needs_vllm=True),
+    Section("merged_scorer", "External PRM under continuous batching: merged calls vs a call per thread",
+            _bench("bench_merged_scorer", "--rounds", "1")),
+    Section("widths", "REBASE and particle filtering: one policy call per round vs one per width",
+            _bench("bench_widths")),
+    Section("shared_prefix", "Shared prefix vs copied KV rows", _bench("bench_shared_prefix")),
+    Section("forked", "Forked decoding vs every sample row forwarded alone", _bench("bench_forked")),
+    Section("dtype", "Weights in bfloat16 vs float32", _bench("bench_dtype")),
+    Section("engine_overhead", "Engine overhead at N = 32", _bench("bench_engine_overhead")),
+    Section("engine_overhead_no_forked", "the same with every sample row forwarded alone (no forked decoding)",
+            _bench("bench_engine_overhead", "--no-forked", "--top", "0"), level=3),
+    Section("engine_overhead_smollm2", "the same with SmolLM2-135M on GSM8K",
+            _bench("bench_engine_overhead", *SMOLLM2, "--problems", "4", "--rounds", "1"), level=3),
+    Section("vllm_overhead", "the same through vLLM (outside LLM.generate)", _bench("bench_vllm_overhead"),
+            level=3, needs_vllm=True),
+    Section("flops", "FLOP/s vs a matmul peak measured in the same run", _bench("bench_flops")),
+    Section("train_throughput", "Training throughput: joint GRPO + SPR vs plain forward + backward",
+            _bench("bench_train_throughput")),
+    Section("memory", "Peak RSS vs N (one process per row)", _bench("bench_memory")),
+    Section("vllm", "transformers vs vLLM", _bench("bench_vllm"), needs_vllm=True),
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a section ended: "ok", "failed" (exit code, stderr tail), "skipped" (why) or "interrupted"."""
+
+    section: Section
+    status: str
+    detail: str = ""
+
+
+def has_vllm() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _copy_stderr(stream: IO[str], tail: collections.deque) -> None:
+    for line in stream:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        tail.append(line.rstrip("\n"))
+
+
+def run_section(section: Section, report: IO[str]) -> Outcome:
+    """Run one section's command, its stdout into the terminal and the report line by line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen([sys.executable, *section.argv], cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tail: collections.deque = collections.deque(maxlen=STDERR_TAIL)
+    reader = threading.Thread(target=_copy_stderr, args=(child.stderr, tail), daemon=True)
+    reader.start()
+    try:
+        for line in child.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            report.write(line)
+            report.flush()
+        code = child.wait()
+    except KeyboardInterrupt:
+        child.kill()
+        child.wait()
+        return Outcome(section, "interrupted")
+    reader.join()
+    if code != 0:
+        return Outcome(section, "failed", f"exit {code}\n" + "\n".join(tail))
+    return Outcome(section, "ok")
+
+
+def failure_text(outcome: Outcome) -> str:
+    """The report's lines for a section that did not finish."""
+    if outcome.status == "skipped":
+        return f"*skipped: {outcome.detail}*\n"
+    if outcome.status == "interrupted":
+        return "*interrupted (Ctrl-C): the report stops here*\n"
+    code, _, tail = outcome.detail.partition("\n")
+    quoted = "\n".join(f"    {line}" for line in tail.splitlines())
+    return f"**failed ({code})**, the end of its stderr:\n\n{quoted}\n"
+
+
+def run_all(sections: Sequence[Section], out: Path) -> list[Outcome]:
+    """Every section in turn into the report at `out` (written as it goes); stops at Ctrl-C."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    vllm = has_vllm()
+    outcomes: list[Outcome] = []
+    with out.open("w", encoding="utf-8") as report:
+        report.write("# treesearch benchmarks (make bench)\n\n")
+        for section in sections:
+            report.write(f"{'#' * section.level} {section.heading}\n")
+            report.flush()
+            print(f"{'#' * section.level} {section.heading}", flush=True)
+            if section.needs_vllm and not vllm:
+                outcome = Outcome(section, "skipped", "vLLM is not installed (`make setup` installs it)")
+            else:
+                outcome = run_section(section, report)
+            if outcome.status != "ok":
+                text = failure_text(outcome)
+                report.write(text)
+                print(text, end="", flush=True)
+            report.write("\n")
+            print(flush=True)
+            outcomes.append(outcome)
+            if outcome.status == "interrupted":
+                break
+    return outcomes
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    names = [s.name for s in SECTIONS]
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_all", description=__doc__.split("\n")[0])
+    ap.add_argument("--only", nargs="+", choices=names, metavar="NAME", help=f"these sections: {', '.join(names)}")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the report (default {DEFAULT_OUT})")
+    ap.add_argument("--list", action="store_true", help="print the section names and commands, run nothing")
+    args = ap.parse_args(argv)
+    try:
+        check_file_target(args.out, "--out", "report.md")
+    except ValueError as error:
+        ap.error(str(error))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    sections = [s for s in SECTIONS if not args.only or s.name in args.only]
+    if args.list:
+        for s in sections:
+            print(f"{s.name:28} python {' '.join(s.argv)}")
+        return 0
+    outcomes = run_all(sections, args.out)
+    failed = [o.section.name for o in outcomes if o.status in ("failed", "interrupted")]
+    skipped = [o.section.name for o in outcomes if o.status == "skipped"]
+    print(f"report: {args.out}" + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
+    if failed:
+        print(f"not finished: {', '.join(failed)} (see the report)", file=sys.stderr)
+        return 130 if outcomes[-1].status == "interrupted" else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

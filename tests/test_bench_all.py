@@ -1,0 +1,68 @@
+"""`make bench` (`experiments/bench_all.py`): every section runs, a failed one is marked in the
+report with its exit code and stderr and the command fails, a vLLM section is skipped without
+vLLM. The sections here are tiny `python -c` programs standing in for the benchmarks.
+
+    .venv/bin/python -m pytest tests/test_bench_all.py
+"""
+from __future__ import annotations
+
+import pytest
+
+from experiments import bench_all
+from experiments.bench_all import Section
+
+
+def _program(code: str) -> tuple[str, ...]:
+    return ("-c", code)
+
+
+SECTIONS = (
+    Section("first", "First table", _program("print('| a | 1 |')")),
+    Section("broken", "A benchmark that fails", _program(
+        "import sys; print('| half |'); print('Traceback: boom', file=sys.stderr); sys.exit(3)")),
+    Section("sub", "a sub-table", _program("print('| c | 3 |')"), level=3),
+    Section("needs", "A vLLM benchmark", _program("print('| v |')"), needs_vllm=True),
+)
+
+
+@pytest.fixture
+def sections(monkeypatch):
+    monkeypatch.setattr(bench_all, "SECTIONS", SECTIONS)
+    monkeypatch.setattr(bench_all, "has_vllm", lambda: False)
+
+
+def test_a_failed_section_is_marked_the_rest_still_run_and_the_command_fails(sections, tmp_path, capsys):
+    out = tmp_path / "bench" / "report.md"
+    assert bench_all.main(["--out", str(out)]) == 1
+    report = out.read_text()
+    assert report.startswith("# treesearch benchmarks (make bench)\n\n## First table\n| a | 1 |\n")
+    assert "## A benchmark that fails\n| half |\n**failed (exit 3)**" in report
+    assert "    Traceback: boom" in report  # the end of its stderr, quoted
+    assert "### a sub-table\n| c | 3 |\n" in report  # ran after the failure
+    assert "## A vLLM benchmark\n*skipped: vLLM is not installed" in report
+    captured = capsys.readouterr()
+    assert "| c | 3 |" in captured.out and "Traceback: boom" in captured.err
+    assert "not finished: broken" in captured.err
+
+
+def test_only_runs_the_named_sections_and_succeeds(sections, tmp_path):
+    out = tmp_path / "report.md"
+    assert bench_all.main(["--only", "sub", "first", "--out", str(out)]) == 0
+    report = out.read_text()
+    assert report.index("First table") < report.index("a sub-table") and "fails" not in report
+
+
+def test_bad_options_are_usage_errors(sections, tmp_path, capsys):
+    for argv in (["--only", "nope"], ["--out", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_all.main(argv)
+        assert exit_info.value.code == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_the_shipped_sections_name_benchmarks_that_exist():
+    names = [s.name for s in bench_all.SECTIONS]
+    assert len(names) == len(set(names))
+    for s in bench_all.SECTIONS:
+        module = s.argv[1]
+        assert s.argv[0] == "-m" and (bench_all.REPO / (module.replace(".", "/") + ".py")).is_file(), module
