@@ -65,6 +65,27 @@ def test_preset_composes_with_the_reference_settings(preset, monkeypatch):
     assert prompt == ChatPrompt(placeholder, "experiments.tasks.gsm8k", think=thinks)
 
 
+ENGINE_FOLLOWS = ("dtype", "block_size", "enforce_eager", "kv_cache_gib", "max_model_len", "tensor_parallel_size")
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_vllm_sprm_scorer_follows_the_presets_engine(preset):
+    """scorer=vllm_sprm reads the policy's own folder: its engine takes the preset's GPU settings (a
+    float32 engine with a 1 GiB KV cache could not hold one 32k-token sequence of a 1.5B model)."""
+    cfg = composed([f"policy={preset}", "scorer=vllm_sprm"])
+    for key in ENGINE_FOLLOWS:
+        assert cfg.scorer.engine[key] == cfg.policy.engine[key], key
+    prm = composed([f"policy={preset}", "scorer=vllm_prm"]).scorer.engine
+    assert prm.kv_cache_gib is None and prm.enforce_eager is False  # sized from its gpu_memory_utilization
+
+
+def test_the_vllm_scorers_keep_cpu_settings_beside_a_transformers_policy():
+    engine = composed(["policy=tiny_sprm", "scorer=vllm_sprm"]).scorer.engine
+    assert (engine.dtype, engine.block_size, engine.enforce_eager, engine.kv_cache_gib) == ("float32", 32, True, 1.0)
+    engine = composed(["policy=tiny", "scorer=vllm_prm"]).scorer.engine
+    assert (engine.kv_cache_gib, engine.enforce_eager) == (4.0, True)
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_preset_path_follows_its_environment_variable(preset, monkeypatch, tmp_path):
     monkeypatch.setenv(PRESETS[preset][0], str(tmp_path))
