@@ -124,10 +124,19 @@ class ReflectiveModel(nn.Module):
         with reading(directory / SCORE_MODULE_FILE):
             head = load_score_module(directory, int(lm.config.hidden_size), map_location=lm.device)
         if feature_layer is None:
-            config_path = directory / SPRM_CONFIG_FILE
-            with reading(config_path):
-                saved = json.loads(config_path.read_bytes()) if config_path.is_file() else {}
-            if not isinstance(saved, dict):
-                raise DamagedCheckpointError(f"{config_path} is not a JSON object such as {{\"feature_layer\": -2}}")
-            feature_layer = int(saved.get("feature_layer", DEFAULT_FEATURE_LAYER))
+            feature_layer = saved_feature_layer(directory)
         return cls(lm, head, feature_layer).eval(), tokenizer
+
+
+def saved_feature_layer(directory: str | Path) -> int:
+    """The hidden layer a folder's head reads: its sprm.json's feature_layer, the reference's -2
+    without the file. DamagedCheckpointError names a sprm.json that is not such a JSON object."""
+    config_path = Path(directory) / SPRM_CONFIG_FILE
+    if not config_path.is_file():
+        return DEFAULT_FEATURE_LAYER
+    with reading(config_path):
+        saved = json.loads(config_path.read_bytes())
+    layer = saved.get("feature_layer", DEFAULT_FEATURE_LAYER) if isinstance(saved, dict) else None
+    if type(layer) is not int:
+        raise DamagedCheckpointError(f"{config_path} is not a JSON object such as {{\"feature_layer\": -2}}")
+    return layer

@@ -161,6 +161,7 @@ class VLLMPolicy:
     ) -> "VLLMPolicy":
         """Start vLLM on a checkpoint folder (FileNotFoundError names a missing file; ImportError
         says how to install vLLM). engine: the engine settings; its `model` is replaced by path."""
+        check_vllm_temperature(sampling.temperature, "VLLMPolicy")  # before minutes of loading, not after
         directory = check_model_folder(path)
         engine = replace(engine or VLLMEngineConfig(str(directory)), model=str(directory))
         tokenizer = AutoTokenizer.from_pretrained(str(directory))

@@ -27,7 +27,6 @@ Tests: `.venv/bin/pytest tests/test_vllm_scorer.py` (equal to `SPRMScorer` withi
 """
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +37,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
 from policies.model_folder import check_model_folder
-from policies.reflective_model import DEFAULT_FEATURE_LAYER, SPRM_CONFIG_FILE
+from policies.reflective_model import saved_feature_layer
 from policies.vllm_engine import VLLMEngineConfig, build_llm, encode_hidden_states, shutdown_llm
 from policies.vllm_policy import count_parameters
 from scorers.sprm_head import load_score_module, sprm_logits
@@ -96,7 +95,7 @@ class VLLMSPRMScorer:
         directory = check_model_folder(path)
         config = AutoConfig.from_pretrained(str(directory))
         head = load_score_module(directory, int(config.hidden_size))
-        layer = feature_layer if feature_layer is not None else _saved_feature_layer(directory)
+        layer = feature_layer if feature_layer is not None else saved_feature_layer(directory)
         engine = replace(engine or VLLMEngineConfig(str(directory)), model=str(directory))
         llm = build_llm(engine, runner="pooling", feature_layer=layer)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
@@ -151,9 +150,3 @@ class VLLMSPRMScorer:
             k += len(p)
         return out
 
-
-def _saved_feature_layer(directory: Path) -> int:
-    """sprm.json's feature layer, or the reference's -2 without the file."""
-    config_path = directory / SPRM_CONFIG_FILE
-    saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    return int(saved.get("feature_layer", DEFAULT_FEATURE_LAYER))

@@ -262,6 +262,14 @@ def test_a_temperature_vllm_would_raise_to_its_smallest_is_refused(checkpoint):
         VLLMPolicy(None, None, SamplingConfig(temperature=0.005), str, 0, [0], 8)
 
 
+def test_vllm_policy_refuses_the_temperature_before_its_engine_loads(checkpoint, monkeypatch):
+    from policies import vllm_policy
+
+    monkeypatch.setattr(vllm_policy, "build_llm", lambda *a, **k: pytest.fail("the engine started"))
+    with pytest.raises(ValueError, match=r"VLLMPolicy: temperature=0.005 is below vLLM's smallest"):
+        VLLMPolicy.from_pretrained(checkpoint, SamplingConfig(temperature=0.005), str)
+
+
 def test_a_client_error_is_not_retried_and_names_the_servers_message(scripted, checkpoint):
     script = Script([(400, {"error": {"message": "max_tokens=300 cannot be greater than max_model_len"}})])
     with pytest.raises(OpenAIServerError, match="answered 400: max_tokens=300") as error:

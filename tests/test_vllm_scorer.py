@@ -110,6 +110,23 @@ def test_a_folder_without_a_head_is_named(tmp_path):
         VLLMSPRMScorer.from_pretrained(path, prompt)
 
 
+@pytest.mark.parametrize("content", ["[-2]", '{"feature_layer": "x"}', '{"feature_layer": -2'])
+def test_a_damaged_sprm_json_is_named_before_the_engine_starts(checkpoint, tmp_path, monkeypatch, content):
+    import shutil
+
+    from policies import checkpoint as checkpoints
+    from scorers import vllm_sprm_scorer
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(checkpoint, folder)
+    (folder / "sprm.json").write_text(content)
+    monkeypatch.setattr(vllm_sprm_scorer, "build_llm", lambda *a, **k: pytest.fail("the engine started"))
+    with pytest.raises(checkpoints.DamagedCheckpointError, match="sprm.json"):
+        VLLMSPRMScorer.from_pretrained(folder, prompt)
+    with pytest.raises(checkpoints.DamagedCheckpointError, match="sprm.json"):
+        ReflectiveModel.from_pretrained(folder)  # the transformers head reads it the same way
+
+
 # -- with vLLM ------------------------------------------------------------------------------------
 
 
