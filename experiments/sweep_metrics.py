@@ -36,7 +36,8 @@ are both SPRMScorer heads, at different paths; `scorer.reduce=mean,min`) are tol
 the run's (`${seed}`), a draw like the strategy's, not a different scorer (`SCORER_DRAW_KEYS`).
 Strategies likewise: runs of one strategy with other settings (`search.temperature=0.2,1.0`,
 `search.beam_width=2,4`) are labelled by them (`particle_filtering (temperature=0.2)`) and kept
-apart; the budget, seed and MCTS's token budget follow the run (`STRATEGY_RUN_KEYS`).
+apart; the budget, seed and MCTS's token budget follow the run (`STRATEGY_RUN_KEYS`). So do
+runs with another `+batching=` or `chunk` (`beam_search (batching=continuous)`, `RUN_SETTINGS`).
 
     python -m experiments.sweep_metrics outputs/search/RUN          # prints the run's metrics JSON
     python -m experiments.sweep_metrics outputs/sweeps/budget_sweep # table; writes sweep_metrics.csv/.json
@@ -76,6 +77,10 @@ SCORER_DRAW_KEYS: tuple[str, ...] = ("seed",)
 # strategy settings that follow the run, not the series it belongs to: the budget (n, MCTS's
 # iterations), the chunk's seed and MCTS's token budget (the demo gives it Best-of-N's tokens at N)
 STRATEGY_RUN_KEYS: tuple[str, ...] = ("n", "iterations", "seed", "token_budget")
+# top-level run settings that change what a strategy computes, with the value of a run config
+# that lacks them: `+batching=continuous` draws each problem's samples alone, `chunk` fixes the
+# chunks' seeds; runs that differ in them are their own series (`beam_search (batching=continuous)`)
+RUN_SETTINGS: dict[str, Any] = {"batching": "lockstep", "chunk": None}
 LABEL_KEYS = 3  # most differing keys a workload (or scorer) label names
 LABEL_VALUE_CHARS = 40  # a longer value is shown by its end ("…" + tail)
 
@@ -263,9 +268,11 @@ def run_workload(config: dict[str, Any]) -> dict[str, Any]:
     return {node: config[node] for node in WORKLOAD_NODES if node in config}
 
 
-def run_strategy(label: str, strategy_config: dict[str, Any]) -> dict[str, Any]:
-    """{"strategy": its label, then its settings but STRATEGY_RUN_KEYS}: which series a run is."""
-    return {"strategy": label, **{k: v for k, v in strategy_config.items() if k not in STRATEGY_RUN_KEYS}}
+def run_strategy(label: str, strategy_config: dict[str, Any], run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{"strategy": its label, then its settings but STRATEGY_RUN_KEYS, then the run config's
+    RUN_SETTINGS}: which series a run is."""
+    settings = {k: (run_config or {}).get(k, default) for k, default in RUN_SETTINGS.items()}
+    return {"strategy": label, **{k: v for k, v in strategy_config.items() if k not in STRATEGY_RUN_KEYS}, **settings}
 
 
 def run_scorer(config: dict[str, Any]) -> dict[str, Any]:
@@ -427,7 +434,7 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
         per_problem=tuple((r["problem_id"], c) for r, c in zip(rows, correct)),
         workload_key=json.dumps(workload, sort_keys=True),
         scorer_key=json.dumps(run_scorer(config), sort_keys=True),
-        strategy_key=json.dumps(run_strategy(label, rows[0]["config"]), sort_keys=True),
+        strategy_key=json.dumps(run_strategy(label, rows[0]["config"], config), sort_keys=True),
     )
 
 

@@ -130,16 +130,16 @@ CONFIDENCE = {"_target_": "scorers.confidence.ConfidenceScorer"}
 
 def write_run(folder: Path, strategy: str, budget: int, seed: int, correct: list[bool], tokens: int,
               task: dict | None = None, temperature: float = 0.7, policy_path: str = "ckpt/final",
-              scorer: dict | None = None, settings: dict | None = None) -> None:
+              scorer: dict | None = None, settings: dict | None = None, run_settings: dict | None = None) -> None:
     """A run folder as experiments.search writes it: records.jsonl + config.yaml (settings: more
-    fields of the strategy's config in the records)."""
+    fields of the strategy's config in the records; run_settings: top-level keys of config.yaml)."""
     folder.mkdir(parents=True)
     rows = [row(f"p{i}", [cand("1", ok, 0.5)], 2, tokens, strategy, budget) for i, ok in enumerate(correct)]
     for r in rows:
         r["config"].update(settings or {})
     append_rows(folder / "records.jsonl", rows)
     config = {"seed": seed, "scorer": scorer or CONFIDENCE, "task": task or ARITH,
-              "policy": {"path": policy_path, "sampling": {"temperature": temperature}}}
+              "policy": {"path": policy_path, "sampling": {"temperature": temperature}}, **(run_settings or {})}
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
 
 
@@ -387,6 +387,27 @@ def test_strategies_with_other_settings_are_separate_series(tmp_path):
     assert [p.accuracy.mean for p in series["particle_filtering (temperature=0.2)"].points] == [0.6, 0.6]
     assert [p.accuracy.mean for p in series["particle_filtering (temperature=1.0)"].points] == [0.3, 0.3]
     assert len(series) == 3
+
+
+def test_runs_with_other_batching_or_chunks_are_separate_series(tmp_path):
+    """+batching=continuous draws each problem's samples alone and chunk fixes the chunks' seeds:
+    such runs at seed 0 were pooled with the lockstep run as two seeds of one point."""
+    for budget in (4, 8):
+        write_run(tmp_path / f"lockstep-{budget}", "beam_search", budget, 0, [i < 2 for i in range(10)], 10 * budget)
+        write_run(tmp_path / f"said-lockstep-{budget}", "beam_search", budget, 1, [i < 2 for i in range(10)],
+                  10 * budget, run_settings={"batching": "lockstep"})  # the default, written out: one series
+        write_run(tmp_path / f"continuous-{budget}", "beam_search", budget, 0, [i < 6 for i in range(10)], 10 * budget,
+                  run_settings={"batching": "continuous"})
+    runs = sweep_summaries(tmp_path)
+    assert {r.strategy for r in runs} == {"beam_search (batching=continuous)", "beam_search (batching=lockstep)"}
+    series = {s.name: s for s in scaling_by_strategy(runs, threshold=0.01)}
+    assert [p.accuracy.mean for p in series["beam_search (batching=continuous)"].points] == [0.6, 0.6]
+    assert [(p.runs, p.accuracy.mean) for p in series["beam_search (batching=lockstep)"].points] == [(2, 0.2), (2, 0.2)]
+
+    chunks = tmp_path / "chunks"
+    for chunk in (8, 32):
+        write_run(chunks / f"chunk-{chunk}", "beam_search", 4, 0, [True] * 10, 40, run_settings={"chunk": chunk})
+    assert sorted(r.strategy for r in sweep_summaries(chunks)) == ["beam_search (chunk=32)", "beam_search (chunk=8)"]
 
 
 @pytest.mark.parametrize("out, message", [
