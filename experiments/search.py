@@ -99,6 +99,9 @@ ADDED_SETTINGS: dict[str, Any] = {
     "search.lookahead_temperature": None,  # beam search, DVTS (2026-12-05): the policy's temperature
     "search.weighting": "score",  # particle filtering (2026-12-05): softmax(score / T)
 }
+# top-level settings whose absence means this value: `+batching=lockstep` resumes a run made
+# without it and the other way round (the same computation)
+DEFAULT_SETTINGS: dict[str, Any] = {"batching": "lockstep"}
 RECORDS, CONFIG, METRICS, LOCK = "records.jsonl", "config.yaml", "metrics.json", ".lock"
 HYDRA_SUBDIR = ".hydra"  # Hydra's record of the invocation, written by `save_hydra_files`
 # `+batching=`: lockstep (default: every round of a chunk's problems in one policy call) or
@@ -404,10 +407,11 @@ def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") ->
         raise ConfigMismatchError(f"{out} has {RECORDS} but no {CONFIG}: cannot tell what made them; use another out_dir")
     if has_records:
         saved = with_run_budget(read_run_config(out), budget_field)
-        saved = with_added_settings(saved, config, ADDED_SETTINGS)
-        diffs = config_differences(saved, config, tuple(IGNORED_KEYS))  # type: ignore[arg-type]
+        saved = {**DEFAULT_SETTINGS, **with_added_settings(saved, config, ADDED_SETTINGS)}
+        current = {**DEFAULT_SETTINGS, **config}
+        diffs = config_differences(saved, current, tuple(IGNORED_KEYS))  # type: ignore[arg-type]
         if diffs:
-            overrides = resume_overrides(saved, config, tuple(IGNORED_KEYS))
+            overrides = resume_overrides(saved, current, tuple(IGNORED_KEYS))
             resume = f", or add `{' '.join(overrides)}` to go on with it as it ran" if overrides else ""
             raise ConfigMismatchError(
                 f"{out} holds records of a different config ({'; '.join(diffs)}); refusing to mix them: "

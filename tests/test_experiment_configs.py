@@ -536,6 +536,21 @@ def test_out_dir_with_another_config_is_refused(ckpt, tmp_path):
         run_search_experiment(composed(base))
 
 
+def test_naming_the_default_batching_resumes_the_run_and_continuous_is_refused(ckpt, tmp_path):
+    out = tmp_path / "run"
+    base = [f"policy.path={ckpt}", f"out_dir={out}"] + TINY
+    run_search_experiment(composed(base))
+    rows = (out / "records.jsonl").read_text()
+    run_search_experiment(composed(base + ["+batching=lockstep"]))  # the same computation: resumes
+    assert (out / "records.jsonl").read_text() == rows
+    with pytest.raises(ConfigMismatchError, match=r"batching: 'lockstep' -> 'continuous'"):
+        run_search_experiment(composed(base + ["+batching=continuous"]))
+    other = tmp_path / "said"
+    said = [f"policy.path={ckpt}", f"out_dir={other}", "+batching=lockstep"] + TINY
+    run_search_experiment(composed(said))
+    run_search_experiment(composed(said[:2] + TINY))  # and back: resumes
+
+
 @pytest.mark.parametrize("strategy, added, old, new", [
     ("particle_filtering", "weighting", "score", "logit"),
     ("dvts", "lookahead_temperature", None, 0.0),
