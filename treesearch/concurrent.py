@@ -12,7 +12,9 @@ a PRM whose merged calls forward a start that several problems' paths share, suc
 prompt, which of them its `scorer_tokens` charge that start to; the total is the same).
 An error in one problem's search, or an interrupt (Ctrl-C) here, stops the other searches at the
 end of their current round (`SearchCancelled` in their threads; the problems not started yet never
-start) and is then raised here: the first error in problem order, or the interrupt.
+start) and is then raised here: the error that stopped them (which one, when several searches
+fail in one round, depends on timing: the first in problem order of those failed by then), or
+the interrupt.
 
 A scorer that forwards a model is wrapped in a `treesearch.merged_scorer.MergedScorer`
 (`merge_scores=True`, the default): the `score` calls the threads make at once run as one call,
