@@ -2,7 +2,9 @@
 
 N paths per problem, beam width M: the root is sampled N times; the N/M best unfinished
 children by aggregated path score become the beams; every later round samples M next steps for
-each beam (N paths again) and keeps the N/M best unfinished ones. A child whose step is terminal
+each beam (N paths while N/M beams are left) and keeps the N/M best unfinished ones. Beams whose
+children all finished are not refilled (search-and-learn repeats its active beams back up to N
+paths), so a round samples fewer paths once candidates have left. A child whose step is terminal
 (finish "eos" or "length") leaves the beam and becomes a candidate. A problem stops when it has N
 candidates, when no beam is left, or at max_depth, where the beams that survive the last
 selection become candidates as they stand (their last step keeps its finish, "separator").
@@ -21,7 +23,8 @@ Options:
   tree and in compute, they were generated.
 - lookahead k: before scoring, each unfinished child is extended by up to k more steps, one
   sample each (`propose(n=1)`), and the child is ranked by the aggregated score of that longer
-  path; the lookahead steps are counted in compute but are not tree nodes. They are sampled at
+  path (its step scores are read from it: the same as its own path's for a causal scorer, such
+  as SPRM, confidence or a PRM; an outcome oracle scores them by the lookahead's ending); the lookahead steps are counted in compute but are not tree nodes. They are sampled at
   lookahead_temperature, 0 (greedy) by default as in search-and-learn, by
   `policy.with_temperature` (a `TemperaturePolicy`: the three backends; another policy is a
   ValueError naming the setting); lookahead_temperature=None samples them at the policy's own
