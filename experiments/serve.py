@@ -6,6 +6,7 @@ Usage:
                                        [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     python -m experiments.serve scorer --model runs/tiny-sprm [--port 8001] [--api-key KEY]
     python -m experiments.serve scorer --model runs/tiny-sprm --device cuda   # the model on a GPU
+    python -m experiments.serve policy --model DIR --backend vllm --kv-cache-gib auto --cuda-graphs   # a GPU
     python -m experiments.serve policy --help                # every limit and batching knob
 
 The API key may also come from the environment variable TREESEARCH_API_KEY; with one set, every
@@ -33,6 +34,20 @@ if TYPE_CHECKING:  # heavy imports wait until a service is chosen, so --help is 
 API_KEY_ENV = "TREESEARCH_API_KEY"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DTYPES = ("float32", "bfloat16", "float16")  # policies.checkpoint.DTYPES, named here so --help imports no torch
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+def kv_cache_size(text: str) -> float | None:
+    """argparse type of --kv-cache-gib: a positive number of GiB, or 'auto' (None: vLLM sizes it)."""
+    return None if text.strip().lower() == "auto" else positive_float(text)
+
+
+def unit_fraction(text: str) -> float:
+    """argparse type of a share: a number in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
+    return value
 
 
 def _common_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -46,7 +61,7 @@ def _common_arguments(parser: argparse.ArgumentParser, default_port: int) -> Non
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-batch", type=positive_int, default=32, help="most requests batched into one backend call")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for more requests to batch")
-    parser.add_argument("--log-level", default="warning", help="uvicorn log level")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="uvicorn log level")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--max-prompt-chars", type=positive_int, default=1_000_000)
     policy.add_argument("--top-p", type=float, default=0.95, help="server-side top-p (the reference's 0.95)")
     policy.add_argument("--repetition-penalty", type=float, default=1.05, help="server-side (the reference's 1.05)")
-    policy.add_argument("--kv-cache-gib", type=positive_float, default=1.0, help="vLLM on CPU: VLLM_CPU_KVCACHE_SPACE")
+    policy.add_argument("--kv-cache-gib", type=kv_cache_size, default=1.0,
+                        help="--backend vllm: its KV cache in GiB (default 1, what a CPU needs), or 'auto' on a GPU: "
+                        "sized from --gpu-memory-utilization")
+    policy.add_argument("--gpu-memory-utilization", type=unit_fraction, default=0.9,
+                        help="--backend vllm on a GPU with --kv-cache-gib auto: its share of the GPU's memory")
+    policy.add_argument("--cuda-graphs", action="store_true",
+                        help="--backend vllm on a GPU: capture CUDA graphs (faster decoding, slower start)")
     scorer = services.add_parser("scorer", help="POST /score: SPRM path score of a text")
     _common_arguments(scorer, 8001)
     scorer.add_argument("--max-text-tokens", type=positive_int, default=None, help="default: the model's context")
@@ -89,7 +110,10 @@ def build_policy(args: argparse.Namespace) -> "FastAPI":
             raise SystemExit("--device is for --backend transformers: vLLM uses the GPU it finds")
         from experiments.services.vllm_completer import VLLMCompleter
 
-        completer = VLLMCompleter.from_pretrained(args.model, sampling, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib)
+        completer = VLLMCompleter.from_pretrained(
+            args.model, sampling, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
+            gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=not args.cuda_graphs,
+        )
     else:
         completer = TransformersCompleter.from_pretrained(args.model, sampling, args.max_rows, args.dtype, args.device)
     config = PolicyConfig(args.max_response_num, args.max_prompt_chars, _batch_config(args, args.max_rows))

@@ -282,6 +282,7 @@ def test_policy_concurrent_requests_get_their_own_answers_batched(services):
     ({"prefix_prompt": "a", "max_tokens": 600}, None, "max_tokens"),     # context is 512
     ({"prefix_prompt": "a", "temperature": -0.1}, None, "temperature"),
     ({"prefix_prompt": "a", "temperature": 2.5}, None, "temperature"),   # vLLM's and OpenAI's range is [0, 2]
+    ({"prefix_prompt": "a", "temperature": 0.005}, None, "temperature"),  # vLLM would sample at 0.01
     ({"prefix_prompt": ""}, None, "prefix_prompt"),                     # empty: nothing to continue
     ({"prefix_prompt": "a", "max_tokens": "4"}, None, "max_tokens"),     # strict: a string is not a count
     (None, b'{"prefix_prompt": "\xff"}', "body"),                       # not UTF-8
@@ -379,6 +380,10 @@ def test_completer_gives_the_same_text_with_a_shared_prefix_and_with_copied_rows
     ("--port", "-5", "argument --port: '-5' must be a port number in 1-65535"),
     ("--threads", "0", "argument --threads: '0' must be an integer >= 1"),  # a traceback from torch before
     ("--max-batch", "0", "argument --max-batch: '0' must be an integer >= 1"),
+    ("--log-level", "verbose", "argument --log-level: invalid choice: 'verbose' (choose from 'critical', 'error', "
+                               "'warning', 'info', 'debug', 'trace')"),  # uvicorn's KeyError after loading before
+    ("--kv-cache-gib", "0", "argument --kv-cache-gib: '0' must be a finite number > 0"),
+    ("--gpu-memory-utilization", "1.5", "argument --gpu-memory-utilization: '1.5' must be in (0, 1]"),
 ])
 def test_a_bad_number_is_a_usage_error_before_the_model_loads(flag, value, message, tmp_path, capsys):
     from experiments import serve
@@ -413,6 +418,33 @@ def test_a_gpu_torch_cannot_see_is_named_before_the_model_loads(service, tmp_pat
     build = serve.build_policy if service == "policy" else serve.build_scorer
     with pytest.raises(ValueError, match="device='cuda' but torch .* sees no CUDA GPU"):
         build(args)  # the missing folder would be a FileNotFoundError: the device is checked first
+
+
+def test_the_vllm_backends_engine_takes_gpu_settings(tmp_path, monkeypatch):
+    """On a GPU the service's engine was fixed at a 1 GiB KV cache (too small for one long
+    sequence of a 7B model) in eager mode: --kv-cache-gib auto and --cuda-graphs reach it."""
+    from experiments import serve
+    from experiments.services import vllm_completer
+
+    class EngineBuilt(Exception):
+        pass
+
+    engines: list = []
+
+    def build_llm(config):
+        engines.append(config)
+        raise EngineBuilt
+
+    monkeypatch.setattr(vllm_completer, "build_llm", build_llm)
+    parse = serve.build_parser().parse_args
+    with pytest.raises(EngineBuilt):
+        serve.build_policy(parse(["policy", "--model", str(tmp_path), "--backend", "vllm"]))
+    with pytest.raises(EngineBuilt):
+        serve.build_policy(parse(["policy", "--model", str(tmp_path), "--backend", "vllm", "--kv-cache-gib", "auto",
+                                  "--gpu-memory-utilization", "0.5", "--cuda-graphs"]))
+    cpu, gpu = engines
+    assert (cpu.kv_cache_gib, cpu.enforce_eager, cpu.gpu_memory_utilization) == (1.0, True, 0.9)
+    assert (gpu.kv_cache_gib, gpu.enforce_eager, gpu.gpu_memory_utilization) == (None, False, 0.5)
 
 
 def test_device_is_refused_for_the_vllm_backend(tmp_path):

@@ -42,6 +42,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from policies.sampling_config import VLLM_MIN_TEMPERATURE
+
 MAX_SEED = 2**63  # exclusive; torch generators and vLLM take 64-bit seeds
 MAX_TEMPERATURE = 2.0  # inclusive; vLLM rejects more (a 500 from its backend) and so does OpenAI's API
 # FastAPI's HTTPException detail for a body json.loads raised on with anything but a JSONDecodeError
@@ -65,7 +67,8 @@ class GenerateRequest(BaseModel):
     response_num: completions to sample (>= 1; at most the server's --max-response-num).
     stop: stop string(s); a completion ends at the first one and keeps it (the reference sets
         include_stop_str_in_output=True). null or [] for none.
-    temperature: in [0, 2]; 0 is greedy (the reference reads 0 as "unset" and samples at 0.8).
+    temperature: 0 (greedy; the reference reads 0 as "unset" and samples at 0.8) or in [0.01, 2]
+        (vLLM would sample a smaller one at 0.01, the transformers backend as given).
     seed: makes the completions reproducible (null: a fresh draw per request).
     """
 
@@ -82,6 +85,14 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _numbers_not_bools(cls, value: Any) -> Any:
         return _no_bool(value)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_both_backends_sample(cls, value: float) -> float:
+        if 0 < value < VLLM_MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {VLLM_MIN_TEMPERATURE}: vLLM samples a smaller "
+                             f"one at {VLLM_MIN_TEMPERATURE}")
+        return value
 
     @field_validator("stop")
     @classmethod

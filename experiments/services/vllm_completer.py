@@ -48,9 +48,14 @@ class VLLMCompleter:
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, sampling: SamplingDefaults = SamplingDefaults(),
-        dtype: str = "float32", kv_cache_gib: float = 1.0,
+        dtype: str = "float32", kv_cache_gib: float | None = 1.0, gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool = True,
     ) -> "VLLMCompleter":
-        llm = build_llm(VLLMEngineConfig(str(directory), dtype=dtype, kv_cache_gib=kv_cache_gib))
+        """Start vLLM on a checkpoint folder; kv_cache_gib None sizes the KV cache from
+        gpu_memory_utilization (GPU), enforce_eager False captures CUDA graphs (`VLLMEngineConfig`)."""
+        config = VLLMEngineConfig(str(directory), dtype=dtype, kv_cache_gib=kv_cache_gib,
+                                  gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
+        llm = build_llm(config)
         return cls(llm, AutoTokenizer.from_pretrained(str(directory)), sampling)
 
     def count_tokens(self, text: str) -> int:
