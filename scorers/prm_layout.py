@@ -50,11 +50,12 @@ class PRMLayout:
 
     fmt: the PRM's format. tokenizer: its fast tokenizer. good_id: the chat layout's answer token
     (a reading sits on the token before it). context_window: the PRM's longest sequence (None:
-    unchecked)."""
+    unchecked); window_source: where that number comes from, for the error."""
 
-    def __init__(self, fmt: PRMFormat, tokenizer: Any, good_id: int, context_window: int | None) -> None:
+    def __init__(self, fmt: PRMFormat, tokenizer: Any, good_id: int, context_window: int | None,
+                 window_source: str = "max_position_embeddings") -> None:
         self.format, self.tokenizer, self.good_id = fmt, tokenizer, good_id
-        self.context_window = context_window
+        self.context_window, self.window_source = context_window, window_source
         self._laid_out: OrderedDict[tuple, tuple[list[int], list[int]]] = OrderedDict()
 
     def sequences(self, paths: Sequence[Prefix]) -> Sequences:
@@ -83,7 +84,7 @@ class PRMLayout:
             if len(ids) > self.context_window:
                 raise ValueError(
                     f"problem {path.problem.id!r}: the PRM reads {len(ids)} tokens, more than its "
-                    f"context window of {self.context_window} (max_position_embeddings)"
+                    f"context window of {self.context_window} ({self.window_source})"
                 )
 
     def _positions(self, laid_out: PRMText) -> tuple[list[int], list[int]]:

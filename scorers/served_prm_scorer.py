@@ -114,7 +114,9 @@ class ServedPRMScorer:
         """The distinct paths with steps in requests of batch_size, sent concurrently; each read at
         its positions; a repeated path gets the reading of its first."""
         # the server's window when it says (`served_model` asks once), else the folder's
-        self.layout.context_window = self.client.served_model().max_model_len or self.folder_window
+        served = self.client.served_model().max_model_len
+        self.layout.context_window = served or self.folder_window
+        self.layout.window_source = "the server's max_model_len" if served else "max_position_embeddings"
         with self._lock:
             sequences = self.layout.sequences(paths)
             self.layout.check_window(paths, sequences)

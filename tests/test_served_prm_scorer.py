@@ -110,7 +110,7 @@ def test_served_scores_equal_the_transformers_scorer(server, prm_dir, client_dir
         # the server's window (its max_model_len 384, not the folder's 512) bounds a path
         assert scorer.layout.context_window == 384
         long = Prefix(Problem("long", "What is 1 + 1?", "2"), tuple(PATHS[0].steps) * 40)
-        with pytest.raises(ValueError, match=r"problem 'long': the PRM reads \d+ tokens, more than its context window of 384"):
+        with pytest.raises(ValueError, match=r"problem 'long': the PRM reads \d+ tokens, more than its context window of 384 \(the server's max_model_len\)"):
             scorer.score([long])
     finally:
         scorer.close()
