@@ -45,7 +45,7 @@ import torch
 from policies.checkpoint import (
     REQUIRED_FILES, DamagedCheckpointError, atomic_directory, load_checkpoint, load_torch_file, write_checkpoint_files,
 )
-from policies.reflective_model import DEFAULT_FEATURE_LAYER, SPRM_CONFIG_FILE, ReflectiveModel
+from policies.reflective_model import DEFAULT_FEATURE_LAYER, SPRM_CONFIG_FILE, ReflectiveModel, saved_feature_layer
 from scorers.sprm_head import SCORE_MODULE_FILE, build_sprm_head, save_score_module
 
 STATE_FILE = "joint_state.pt"
@@ -89,10 +89,18 @@ def load_policy_with_head(
     directory: str | Path, head_seed: int = 0, feature_layer: int = DEFAULT_FEATURE_LAYER
 ) -> tuple[ReflectiveModel, Any]:
     """(ReflectiveModel, tokenizer) from a checkpoint folder; a folder without score_module.pt (an
-    SFT policy) gets a fresh head (seeded, float32) reading `feature_layer`. FileNotFoundError
-    names a missing file."""
+    SFT policy) gets a fresh head (seeded, float32) reading `feature_layer`. A folder with a head
+    keeps it (head_seed unused); ValueError when its sprm.json names another layer than
+    feature_layer (a head reads the layer it was trained on). FileNotFoundError names a missing
+    file."""
     directory = Path(directory)
     if (directory / SCORE_MODULE_FILE).is_file():
+        saved = saved_feature_layer(directory)
+        if saved != feature_layer:
+            raise ValueError(
+                f"{directory}'s head reads hidden layer {saved} ({SPRM_CONFIG_FILE}) but run.feature_layer={feature_layer}: "
+                f"set run.feature_layer={saved} to train that head, or start from an SFT policy for a fresh head"
+            )
         return ReflectiveModel.from_pretrained(directory)
     lm, tokenizer = load_checkpoint(directory)
     head = build_sprm_head(int(lm.config.hidden_size), seed=head_seed)

@@ -222,3 +222,17 @@ def test_a_split_too_small_for_its_count_is_named_before_anything_is_written(ini
     with pytest.raises(ValueError, match=r"^data\.heldout_problems=5000: count=5000: only \d+ distinct solvable test"):
         run_training(cfg)
     assert not out.exists()
+
+
+def test_an_init_from_with_a_head_must_name_the_layer_it_reads(finished, tmp_path):
+    """run.feature_layer was dropped in silence for a folder with its own head (config.yaml then
+    recorded a layer the head never read)."""
+    from policies.train_state import load_policy_with_head
+
+    folder = Path(shutil.copytree(finished / "last", tmp_path / "reflective"))
+    (folder / "sprm.json").write_text('{"feature_layer": -1}\n')
+    with pytest.raises(ValueError, match=r"head reads hidden layer -1 \(sprm.json\) but run.feature_layer=-2: set "
+                                         r"run.feature_layer=-1"):
+        load_policy_with_head(folder, head_seed=7, feature_layer=-2)
+    reflective, _ = load_policy_with_head(folder, head_seed=7, feature_layer=-1)
+    assert reflective.feature_layer == -1
