@@ -61,7 +61,8 @@ def test_batching_needs_a_round():
 def test_prefix_reuse_table_matches_mcts_to_beam_tokens(tmp_path, monkeypatch, capsys):
     from experiments import bench_prefix_reuse
 
-    monkeypatch.setattr("sys.argv", ["bench_prefix_reuse", "--problems", "2", "--checkpoint", str(tmp_path / "none")])
+    monkeypatch.setattr("experiments.bench_workload.DEFAULT_CHECKPOINT", tmp_path / "none")  # untrained: a random model
+    monkeypatch.setattr("sys.argv", ["bench_prefix_reuse", "--problems", "2"])
     monkeypatch.setitem(bench_prefix_reuse.STRATEGIES, "beam_search", dict(n=4, beam_width=2, max_depth=3))
     monkeypatch.setitem(bench_prefix_reuse.STRATEGIES, "mcts", dict(iterations=64, expand_width=2, leaves_per_round=2, max_depth=3))
     for name in ("rebase", "particle_filtering"):

@@ -43,10 +43,12 @@ def test_the_cache_replay_follows_vllms_block_rule():
 
 
 @pytest.mark.vllm
-def test_tiny_benchmark_prints_every_row(tmp_path, capsys):
+def test_tiny_benchmark_prints_every_row(tmp_path, capsys, monkeypatch):
     require_vllm()
+    # an untrained default checkpoint: the random tiny Llama fallback (a --checkpoint given is checked)
+    monkeypatch.setattr("experiments.bench_workload.DEFAULT_CHECKPOINT", tmp_path / "missing")
     report = main(["--problems", "2", "--n", "4", "--beam-width", "2", "--max-total-tokens", "24",
-                   "--block-sizes", "16,32", "--checkpoint", str(tmp_path / "missing")])
+                   "--block-sizes", "16,32"])
     assert "using a freshly initialised tiny Llama" in capsys.readouterr().out
     main_table = report.split("prefix-cache bounds")[0]
     table = [line for line in main_table.splitlines() if line.startswith("| ")]  # header + rows
