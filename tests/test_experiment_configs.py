@@ -159,13 +159,13 @@ def test_openai_policy_option_instantiates_without_a_server(ckpt):
 
 
 @pytest.mark.vllm
-def test_vllm_policy_option_instantiates(tmp_path_factory):  # bigram: vLLM's CPU attention rejects head size 16
+def test_vllm_policy_option_instantiates(tmp_path_factory, vllm_cache):  # bigram: vLLM's CPU attention rejects head size 16
     require_vllm()
     from policies.vllm_policy import VLLMPolicy
 
     path = save_bigram_checkpoint(tmp_path_factory.mktemp("vllm_cfg") / "bigram")
     cfg = composed(["policy=vllm", f"policy.path={path}", "policy.engine.kv_cache_gib=0.25",
-                    f"policy.engine.cache_root={tmp_path_factory.mktemp('vllm_cache')}"])
+                    f"policy.engine.cache_root={vllm_cache}"])
     with build(cfg.policy) as policy:
         assert isinstance(policy, VLLMPolicy) and policy.num_parameters > 0
         assert policy.prompt_fn is arith.prompt_text and policy.sampling.temperature == arith.DEFAULT_TEMPERATURE

@@ -364,7 +364,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def engines(checkpoint, tmp_path_factory) -> Iterator[Engines]:
+def engines(checkpoint, tmp_path_factory, vllm_cache) -> Iterator[Engines]:
     """Start the server, build the offline engine while it boots, wait for /health; stop both."""
     require_vllm()
     from policies.vllm_engine import VLLMEngineConfig
@@ -381,7 +381,7 @@ def engines(checkpoint, tmp_path_factory) -> Iterator[Engines]:
                                    stderr=subprocess.STDOUT)
     offline = None
     try:
-        engine = VLLMEngineConfig(str(checkpoint), kv_cache_gib=0.25, cache_root=str(folder / "offline_cache"))
+        engine = VLLMEngineConfig(str(checkpoint), kv_cache_gib=0.25, cache_root=vllm_cache)
         offline = VLLMPolicy.from_pretrained(checkpoint, SAMPLED, lambda p: p.question, engine=engine)
         url = f"http://127.0.0.1:{port}"
         wait_ready(process, url, log)

@@ -93,6 +93,24 @@ def draw(context: tuple[int, ...], continuation: tuple[int, ...], budget: int = 
 # -- step assembly without vLLM ------------------------------------------------------------------
 
 
+def test_a_later_engine_cannot_change_what_vllm_read_at_the_first(monkeypatch, tmp_path):
+    """vLLM caches its environment once an engine has started: a second engine of the process
+    with another multiprocessing or cache_root ran under the first's in silence."""
+    from policies import vllm_engine
+
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "mine"))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setattr(vllm_engine, "_STARTED", {})
+    first = VLLMEngineConfig("m")
+    assert vllm_engine.process_environment(first)["VLLM_CACHE_ROOT"] == str(tmp_path / "mine")  # the caller's
+    vllm_engine._STARTED.update(vllm_engine._set_environment(first))  # as build_llm records a started engine
+    vllm_engine._set_environment(first)  # the same settings: fine
+    with pytest.raises(ValueError, match=r"VLLM_ENABLE_V1_MULTIPROCESSING '0' -> '1'.*same multiprocessing"):
+        vllm_engine._set_environment(VLLMEngineConfig("m", multiprocessing=True))
+    with pytest.raises(ValueError, match="VLLM_CACHE_ROOT"):
+        vllm_engine._set_environment(VLLMEngineConfig("m", cache_root=str(tmp_path / "other")))
+
+
 def test_rule_replay_equals_step_stop_rule_token_by_token():
     # Random sequences over a vocabulary rich in separators and think tags, with and without
     # think awareness; StepMarks (plain Python) must give StepStopRule's (tensor) boundaries.
@@ -251,11 +269,11 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vllm_policy(checkpoint, tmp_path_factory):
+def vllm_policy(checkpoint, vllm_cache):
     require_vllm()
     from policies.vllm_policy import VLLMPolicy
 
-    engine = VLLMEngineConfig(str(checkpoint), kv_cache_gib=0.25, cache_root=str(tmp_path_factory.mktemp("vllm_cache")))
+    engine = VLLMEngineConfig(str(checkpoint), kv_cache_gib=0.25, cache_root=vllm_cache)
     policy = VLLMPolicy.from_pretrained(checkpoint, GREEDY, lambda p: p.question, engine=engine)
     yield policy
     policy.close()

@@ -74,9 +74,9 @@ def reference(checkpoint: Path, layer: int) -> SPRMScorer:
 
 
 @pytest.fixture(scope="module", params=LAYERS)
-def vllm_scorer(request, checkpoint, tmp_path_factory):
+def vllm_scorer(request, checkpoint, vllm_cache):
     require_vllm()
-    engine = VLLMEngineConfig(str(checkpoint), kv_cache_gib=0.25, cache_root=str(tmp_path_factory.mktemp("vllm_cache")))
+    engine = VLLMEngineConfig(str(checkpoint), kv_cache_gib=0.25, cache_root=vllm_cache)
     scorer = VLLMSPRMScorer.from_pretrained(checkpoint, prompt, feature_layer=request.param, engine=engine)
     yield scorer
     scorer.close()
@@ -152,13 +152,13 @@ def test_scores_equal_the_transformers_sprm_scorer(vllm_scorer, checkpoint, path
 
 
 @pytest.mark.vllm
-def test_policy_and_scorer_engines_share_a_process(checkpoint, tmp_path_factory):
+def test_policy_and_scorer_engines_share_a_process(checkpoint, vllm_cache):
     # A search with a VLLMPolicy and a VLLMSPRMScorer alive together; closing the scorer first
     # must leave the policy's engine working (vLLM's distributed state is shared).
     require_vllm()
     from policies.vllm_policy import VLLMPolicy
 
-    engine = VLLMEngineConfig(str(checkpoint), kv_cache_gib=0.25, cache_root=str(tmp_path_factory.mktemp("vllm_cache")))
+    engine = VLLMEngineConfig(str(checkpoint), kv_cache_gib=0.25, cache_root=vllm_cache)
     sampling = SamplingConfig(max_step_tokens=8, max_total_tokens=24)
     policy = VLLMPolicy.from_pretrained(checkpoint, sampling, prompt, engine=engine)
     scorer = VLLMSPRMScorer.from_pretrained(checkpoint, prompt, feature_layer=-2, engine=engine)
