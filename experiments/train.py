@@ -70,6 +70,7 @@ from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: 
 from experiments.result_json import write_atomic  # noqa: E402
 from experiments.checkpoint_hints import checkpoint_hint  # noqa: E402
 from experiments.group_options import check_group_options  # noqa: E402
+from experiments.tasks.benchmark_split import TAKE_ALL_HINT  # noqa: E402
 from experiments.override_keys import check_override_keys, check_plain_keys  # noqa: E402
 from experiments.search import (  # noqa: E402
     CONFIG_DIR, TASK_KEYS, build_frozen, check_int, resolve_out_dir, resolved_config, user_errors_reported,
@@ -434,8 +435,8 @@ def run_problems(s: Settings) -> tuple[list[Problem], list[Problem]]:
                               ("data.heldout_problems", "test", s.data.heldout_problems)):
         try:
             drawn.append(list(task.generate_problems(split, count, s.data.seed, s.task_config)))
-        except ValueError as error:
-            raise ValueError(f"{key}={count}: {error}") from None
+        except ValueError as error:  # a search's hint for task.count does not apply: counts here are >= 1
+            raise ValueError(f"{key}={count}: {str(error).replace(' ' + TAKE_ALL_HINT, '')}") from None
     return drawn[0], drawn[1]
 
 

@@ -222,6 +222,12 @@ def test_a_split_too_small_for_its_count_is_named_before_anything_is_written(ini
     with pytest.raises(ValueError, match=r"^data\.heldout_problems=5000: count=5000: only \d+ distinct solvable test"):
         run_training(cfg)
     assert not out.exists()
+    # a benchmark's split: its hint for a search's task.count (-1 takes them all) is left out here
+    cfg = composed(tiny(init_dir, out, "task=gsm8k", "task.module=experiments.tasks.gsm8k", "data.train_problems=20000"))
+    with pytest.raises(ValueError, match=r"^data\.train_problems=20000: gsm8k: count=20000 but the train split has "
+                                         r"only 7473 problems$"):
+        run_training(cfg)
+    assert not out.exists()
 
 
 def test_an_init_from_with_a_head_must_name_the_layer_it_reads(finished, tmp_path):

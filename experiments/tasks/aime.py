@@ -16,7 +16,7 @@ AIME has only a test split:
     problems = aime.load_aime(24)                        # 30 Problems
     problems = aime.load_aime(24, parquet=True)          # the same problems from the parquet file
     problems = aime.generate_problems("test", None, seed=0, cfg=AimeConfig(year=25))   # all 30 of 2025
-    aime.grade(problems[0], "... \\\\boxed{204}")          # True
+    aime.grade(aime.load_aime(24)[0], "... \\\\boxed{204}")   # True (2024's first answer)
 
 Problem.answer is the canonical integer string ("025" -> "25"); ids are "aime24-<index>" (line
 order in the jsonl, extra_info.index in the parquet, so ids differ between the two files). Run

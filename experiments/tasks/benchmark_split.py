@@ -36,6 +36,7 @@ from experiments.tasks.loader_errors import DataFormatError
 from treesearch.records import Problem
 
 ALL = -1  # count meaning "the whole split" (None means the same)
+TAKE_ALL_HINT = "(count=-1 or null takes them all)"  # a search's task.count; training counts must be >= 1
 
 
 def check_flag(owner: str, name: str, value: object) -> None:
@@ -104,8 +105,7 @@ def select_problems(
     wanted = len(problems) if count is None or count == ALL else int(count)
     if wanted > len(problems):
         raise ValueError(
-            f"{task}: count={wanted} but the {split} split has only {len(problems)} problems "
-            "(count=-1 or null takes them all)"
+            f"{task}: count={wanted} but the {split} split has only {len(problems)} problems {TAKE_ALL_HINT}"
         )
     order = list(problems)
     if shuffle:

@@ -5,7 +5,8 @@ subjects) as MetaStone-S1 evaluates it, read in place from `../shared/data/metas
 Each `model_input` is MetaStone's full prompt: a header naming the subject, the question, the
 choices "A. {...}" to "D. {...}", then an instruction to end with the line 'ANSWER: $LETTER'.
 The loader takes the question and the four choices apart (meta["choices"]) and keeps the prompt
-(meta["model_input"]); prompt_text sends that prompt unchanged, in the chat template.
+(meta["model_input"]); prompt_text sends that prompt, without the newlines around it, in the
+chat template.
 
 Same interface as `experiments.tasks.arith` (`python -m experiments.search task=ceval
 task.count=50`, experiments/conf/task/ceval.yaml). The file is C-Eval's validation split, which
