@@ -37,7 +37,8 @@ ValueError naming the problem (`policies.policy_requests.fit_window`).
 
 Randomness: one `torch.Generator(seed)` per call (any integer seed, taken modulo 2**64), so the
 same prefixes, n, seed and config give the same samples; another prefix list or batch_size draws
-differently (greedy output does not depend on either).
+differently (greedy output does not depend on either, up to float rounding: in bfloat16 a batched
+matmul can round a near tie the other way).
 
 Step scores with no extra forward (opt-in, `step_head=`, or `from_reflective(ReflectiveModel)`):
 the decode loop also takes the LM's hidden states and scores each step-ending separator with the

@@ -298,6 +298,16 @@ def test_policy_rejects_bad_input_and_keeps_serving(services, body, content, fie
     assert len(post(policy, "/generate", generate_body(2)).json()["results"]) == 2
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 0.005, -1.0, float("inf"), float("nan")])
+def test_a_completion_request_takes_only_the_services_temperatures(temperature):
+    """The service's own sampler met 1e-40 with an IndexError (softmax of an overflowed division)."""
+    from experiments.services.text_completer import CompletionRequest
+
+    with pytest.raises(ValueError, match="must be 0 or a finite number >= 0.01"):
+        CompletionRequest("3", 2, 8, temperature)
+    assert CompletionRequest("3", 2, 8, 0.01).temperature == 0.01
+
+
 # -- micro-batcher in-process ---------------------------------------------------------------------
 
 def test_micro_batcher_routes_results_and_isolates_failures():

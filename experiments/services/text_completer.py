@@ -28,6 +28,7 @@ rounding). seed None draws a fresh seed.
 """
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from policies.decode_loop import prefill
 from policies.shared_prefix import SharedPrefixCache, worth_sharing
 from policies.slot_cache import KV_RESERVE_LIMIT
 from policies.sampling import draw_tokens, top_p_filter
+from policies.sampling_config import VLLM_MIN_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class CompletionRequest:
     """One `/generate` request as the backends see it.
 
     prompt: the raw text to continue. n: completions (>= 1). max_tokens: most new tokens (>= 1).
-    temperature: >= 0, 0 greedy. stop: stop strings (kept in the output). seed: None = unseeded.
+    temperature: 0 (greedy) or a finite number >= 0.01 (the service's range: vLLM samples a
+    smaller one at 0.01). stop: stop strings (kept in the output). seed: None = unseeded.
     """
 
     prompt: str
@@ -64,8 +67,9 @@ class CompletionRequest:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"CompletionRequest.{name}={value!r} must be an integer >= 1")
-        if not self.temperature >= 0:
-            raise ValueError(f"CompletionRequest.temperature={self.temperature!r} must be >= 0")
+        if not (self.temperature == 0 or VLLM_MIN_TEMPERATURE <= self.temperature < math.inf):
+            raise ValueError(f"CompletionRequest.temperature={self.temperature!r} must be 0 or a finite number "
+                             f">= {VLLM_MIN_TEMPERATURE}")
         if any(not s for s in self.stop):
             raise ValueError(f"CompletionRequest.stop={self.stop!r} holds an empty string")
 
