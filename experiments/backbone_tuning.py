@@ -21,6 +21,7 @@ Used by `experiments.demo_reflective` (the demo's SPRM stage) and measured by
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -68,8 +69,10 @@ class BackboneTuneConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 2 or self.batch % 2:
             raise ValueError(f"steps={self.steps} must be >= 1 and batch={self.batch} an even number >= 2")
-        if min(self.backbone_lr, self.head_lr, self.grad_scale, self.kl_coef, self.lm_coef, self.reference_solutions) < 0:
-            raise ValueError("learning rates, grad_scale, kl_coef, lm_coef and reference_solutions must be >= 0")
+        for name in ("backbone_lr", "head_lr", "grad_scale", "kl_coef", "lm_coef", "reference_solutions"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):  # NaN passed `min(...) < 0` and trained to NaN
+                raise ValueError(f"BackboneTuneConfig.{name}={value!r} must be a finite number >= 0")
         if self.loss not in SPR_MODES:
             raise ValueError(f"BackboneTuneConfig.loss={self.loss!r}; valid: {', '.join(SPR_MODES)}")
 

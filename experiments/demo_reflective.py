@@ -41,6 +41,7 @@ from experiments.sft_tasks import get_sft_task
 from experiments.train_head import cache_metrics
 from policies.checkpoint import load_checkpoint
 from policies.reflective_model import ReflectiveModel
+from policies.model_folder import weights_fingerprint
 
 # The default measured on countdown's 4800-step SFT policy (README, "The countdown verifier"): a KL
 # anchor of 0.5 keeps the model a policy while the backbone learns to compare the last result with
@@ -130,7 +131,8 @@ def train_reflective(stage: ReflectiveStage, policy_dir: Path, train_cache: Path
                  heldout_evaluator(reflective, reader, heldout), stage.eval_every)
     (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     reflective.save_pretrained(work / "model", tokenizer)
-    metrics = {"config": _config(stage), "policy_dir": str(policy_dir), "train_cache": str(train_cache),
+    metrics = {**stage_identity(stage, policy_dir), "policy_fingerprint": weights_fingerprint(policy_dir),
+               "train_cache": str(train_cache),
                "heldout_cache": str(heldout_cache), "train_examples": len(examples),
                "train_correct": sum(e.correct for e in examples), "seconds": round(time.perf_counter() - started, 1),
                "summary": summary(rows, stage.task)}
@@ -144,7 +146,8 @@ def _config(stage: ReflectiveStage) -> dict[str, Any]:
 
 def stage_identity(stage: ReflectiveStage, policy_dir: Path) -> dict[str, Any]:
     """What makes the stage's model: its config and the SFT policy it starts from (as JSON reads
-    them back); the model is trained again, in place, when this changes."""
+    them back); the model is trained again, in place, when this changes, or when the policy's
+    weights did (`_trained`). Known before the policy is trained (the demo's sweep checks it)."""
     return {"config": _config(stage), "policy_dir": str(policy_dir)}
 
 
@@ -155,7 +158,8 @@ def _trained(work: Path, stage: ReflectiveStage, policy_dir: Path) -> dict[str, 
         return None
     saved = json.loads(path.read_text())
     same = all(saved.get(key) == value for key, value in stage_identity(stage, policy_dir).items())
-    return saved if same else None
+    # the SFT policy trained again in place (other steps): its reflective model is another one too
+    return saved if same and saved.get("policy_fingerprint") == weights_fingerprint(policy_dir) else None
 
 
 def stage_dir(stage: ReflectiveStage, out_dir: Path) -> Path:
@@ -167,7 +171,7 @@ def run_reflective_stage(stage: ReflectiveStage, policy_dir: Path, out_dir: Path
     """Cache the rollouts, train the reflective model (or reuse it), draw the aha plot."""
     work = stage_dir(stage, out_dir)
     work.mkdir(parents=True, exist_ok=True)
-    common = dict(policy_dir=str(policy_dir), task=stage.task, max_total_tokens=stage.max_total_tokens,
+    common = dict(policy_dir=str(Path(policy_dir).resolve()), task=stage.task, max_total_tokens=stage.max_total_tokens,
                   feature_layers=(stage.feature_layer,))
     train_cache = cached_rollouts(CacheSpec(split="train", problems=stage.train_problems, n=stage.train_n, **common),
                                   work / "train.pt")

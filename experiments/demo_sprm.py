@@ -26,6 +26,7 @@ from typing import Any
 
 from experiments.plot_aha import plot_aha
 from experiments.rollout_cache import CacheSpec, build_from_spec, load_cache, save_cache
+from policies.model_folder import weights_fingerprint
 from experiments.train_head import run_head_training
 from scorers.head_training import HeadTrainConfig
 
@@ -71,9 +72,13 @@ class SPRMResult:
 
 
 def cached_rollouts(spec: CacheSpec, path: Path) -> Path:
-    """The cache at path when it was built from this spec, else a fresh one saved there."""
-    if path.exists() and _as_json(load_cache(path).spec) == _as_json(asdict(spec)):
-        return path
+    """The cache at path when it was built from this spec and the policy folder still holds the
+    model it read (a policy retrained in place gives other features; a cache that does not say is
+    built again), else a fresh one saved there."""
+    if path.exists():
+        cache = load_cache(path)
+        if _as_json(cache.spec) == _as_json(asdict(spec)) and cache.policy_fingerprint == weights_fingerprint(spec.policy_dir):
+            return path
     save_cache(build_from_spec(spec), path)
     return path
 
@@ -87,7 +92,7 @@ def run_sprm_stage(stage: SPRMStage, policy_dir: Path, out_dir: Path) -> SPRMRes
     """Cache the rollouts, train the head (or reuse the trained one), draw the aha plot."""
     work = out_dir / f"sprm_{stage.task}"
     work.mkdir(parents=True, exist_ok=True)
-    common = dict(policy_dir=str(policy_dir), task=stage.task, max_total_tokens=stage.max_total_tokens,
+    common = dict(policy_dir=str(Path(policy_dir).resolve()), task=stage.task, max_total_tokens=stage.max_total_tokens,
                   feature_layers=(stage.feature_layer,))
     train = cached_rollouts(CacheSpec(split="train", problems=stage.train_problems, n=stage.train_n, **common),
                             work / "train.pt")

@@ -46,7 +46,7 @@ from experiments.cli_errors import run_command  # noqa: E402
 from experiments.backbone_tuning import (BackboneTuneConfig, check_examples, paths_of, rollout_examples,  # noqa: E402
                                          solution_examples, train)
 from experiments.countdown_failures import cache_problems  # noqa: E402
-from experiments.rollout_cache import FeatureReader, RolloutCache, build_rollout_cache, load_cache  # noqa: E402
+from experiments.rollout_cache import FeatureReader, RolloutCache, build_rollout_cache, load_cache, read_from  # noqa: E402
 from experiments.tasks import countdown  # noqa: E402
 from experiments.train_head import bon_table, cache_metrics, check_same_source  # noqa: E402
 from policies.checkpoint import load_checkpoint  # noqa: E402
@@ -91,23 +91,15 @@ def own_samples(folder: Path, problems: int, n: int, progress: bool = True) -> d
     return ranking_metrics(reflective, cache, position_probs(reflective.head, cache.layer(layer)), "own", sizes=[n])
 
 
-def same_folder(a: str | Path, b: str | Path) -> bool:
-    """Whether two paths name one folder (the same file when both exist, else the same resolved path)."""
-    a, b = Path(a), Path(b)
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
-
-
 def check_caches(policy: Path, train: RolloutCache, test: RolloutCache) -> None:
     """The caches must be countdown rollouts of one policy, the one given (a ValueError naming
     both, as `experiments.train_head` says it; checked before any model is loaded)."""
     check_same_source(train, test)
     if train.task != "countdown":
         raise ValueError(f"the probe reads countdown rollouts; the caches hold task {train.task!r}")
-    if not same_folder(policy, train.spec["policy_dir"]):
+    if not read_from(train, policy):
         raise ValueError(f"--policy {policy} and the rollout caches (of {train.spec['policy_dir']}) "
-                         "come from different policies")
+                         "come from different policies (other weights)")
 
 
 def run(policy: Path, train_cache: Path, test_cache: Path, cfg: BackboneTuneConfig, progress: bool = True,

@@ -55,6 +55,7 @@ from experiments.cli_errors import run_command
 from experiments.sft_tasks import get_sft_task
 from experiments.tasks import arith, countdown
 from policies.checkpoint import NOT_DAMAGE, TORCH_LOAD_ERRORS, load_checkpoint
+from policies.model_folder import check_model_folder, weights_fingerprint
 from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
 from scorers.sprm_positions import StepMarkers, score_positions, step_of_positions
@@ -170,6 +171,9 @@ class RolloutCache:
     features: {layer: [P, C] float32}, keyed by the layer index as requested.
     num_hidden_states: the model's number of hidden states (decoder layers + 1), so that `layer`
         finds -2 among layers cached as non-negative indices (None in caches that lack it).
+    policy_fingerprint: `policies.model_folder.weights_fingerprint` of the policy the features
+        came from (None in caches written before it was kept): a policy retrained in the same
+        folder, or the same one under another path, is told apart by it (`check_policy`).
     """
 
     spec: dict[str, Any]
@@ -193,6 +197,7 @@ class RolloutCache:
     position_index: torch.Tensor
     features: dict[int, torch.Tensor] = field(default_factory=dict)
     num_hidden_states: int | None = None
+    policy_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         r, s, p = len(self.correct), len(self.step_texts), len(self.position_rollout)
@@ -246,7 +251,12 @@ class RolloutCache:
 
     def layer(self, feature_layer: int) -> torch.Tensor:
         """features of one layer, [P, C] (-2 and 3 name the same layer of a 4-layer model);
-        a KeyError names the layers the cache holds."""
+        a KeyError names the layers the cache holds, or the model's range for an index past it
+        (-7 of 5 hidden states is no layer, not -2)."""
+        count = self.num_hidden_states
+        if count is not None and not -count <= feature_layer < count:
+            raise KeyError(f"feature_layer={feature_layer} must index the model's {count} hidden states "
+                           f"({-count}..{count - 1})")
         if feature_layer in self.features:
             return self.features[feature_layer]
         if self.num_hidden_states is not None:
@@ -295,7 +305,7 @@ def build_rollout_cache(
 ) -> RolloutCache:
     """Generate, grade and read a cache (module docstring); options: batch_size,
     problems_per_call, forward_batch of `CacheSpec`."""
-    spec = CacheSpec(str(policy_dir), task, split, problems, n, seed, temperature, max_total_tokens,
+    spec = CacheSpec(str(Path(policy_dir).resolve()), task, split, problems, n, seed, temperature, max_total_tokens,
                      tuple(feature_layers), **options)
     return build_from_spec(spec, progress)
 
@@ -450,7 +460,47 @@ def _pack(spec: CacheSpec, hidden_size: int, num_states: int, problems: Sequence
         position_index=torch.tensor([p for reading in readings for p in reading.positions], dtype=torch.long),
         features=features,
         num_hidden_states=num_states,
+        policy_fingerprint=weights_fingerprint(spec.policy_dir),
     )
+
+
+def same_folder(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one folder (the same file when both exist, else the same resolved path)."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def same_policy(a: RolloutCache, b: RolloutCache) -> bool:
+    """Whether two caches were read from one model: by their fingerprints when both keep one,
+    else by their policy folders."""
+    if a.policy_fingerprint is not None and b.policy_fingerprint is not None:
+        return a.policy_fingerprint == b.policy_fingerprint
+    return same_folder(a.spec["policy_dir"], b.spec["policy_dir"])
+
+
+def read_from(cache: RolloutCache, policy: str | Path) -> bool:
+    """Whether the cache's features were read from the model in the policy folder (its fingerprint;
+    the folder itself for a cache without one)."""
+    if cache.policy_fingerprint is not None:
+        return weights_fingerprint(policy) == cache.policy_fingerprint
+    return same_folder(policy, cache.spec["policy_dir"])
+
+
+def check_policy(cache: RolloutCache, what: str = "the cache") -> Path:
+    """The policy folder the cache's features came from, checked to still hold that model; a
+    ValueError when it was retrained (other weights in the folder) or the cache cannot say
+    (written before caches kept a fingerprint), FileNotFoundError when it is gone."""
+    folder = Path(cache.spec["policy_dir"])
+    check_model_folder(folder)
+    if cache.policy_fingerprint is None:
+        raise ValueError(f"{what} does not record which weights of {folder} it was read from (an older cache): "
+                         "build it again with `python -m experiments.rollout_cache`")
+    if weights_fingerprint(folder) != cache.policy_fingerprint:
+        raise ValueError(f"{folder} holds other weights than {what} was read from (the policy was trained again "
+                         "since): build the cache again with `python -m experiments.rollout_cache`")
+    return folder
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -65,7 +65,7 @@ from experiments.aha_metrics import fc_metrics, prefixed
 from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, accuracy, problem_accuracy
 from experiments.record_log import encode_rows
 from experiments.result_json import write_atomic
-from experiments.rollout_cache import RolloutCache, confidence_path_scores, load_cache
+from experiments.rollout_cache import RolloutCache, check_policy, confidence_path_scores, load_cache, same_policy
 from scorers.head_training import (
     HeadTrainConfig, LABEL_MODES, position_logits, position_probs, rollout_min_scores, rollout_path_scores,
     save_reflective_head, train_head,
@@ -237,7 +237,7 @@ def check_same_source(train: RolloutCache, test: RolloutCache) -> None:
     """The two caches must come from one policy on one task, and the held-out one must share no
     problem with the training one (its numbers would be measured on training data); a
     ValueError naming both otherwise."""
-    if train.spec["policy_dir"] != test.spec["policy_dir"] or train.hidden_size != test.hidden_size:
+    if not same_policy(train, test) or train.hidden_size != test.hidden_size:
         raise ValueError(
             f"train cache of {train.spec['policy_dir']} (C={train.hidden_size}) and test cache of "
             f"{test.spec['policy_dir']} (C={test.hidden_size}) come from different policies"
@@ -261,6 +261,15 @@ def check_pair(train: RolloutCache, test: RolloutCache, layer: int) -> None:
             cache.layer(layer)
         except KeyError as err:
             raise ValueError(f"{name} cache: {err.args[0]}") from None
+
+
+def empty_note(train: RolloutCache) -> str | None:
+    """A one-line note when the train cache has no scored position (its rollouts never ended a
+    step at a separator: the head keeps its initial weights), else None."""
+    if len(train.position_rollout):
+        return None
+    return (f"note: the train cache has no scored position ({train.num_rollouts} rollouts, none ending a step at a "
+            "separator): the head is not trained (build the cache with a larger --max-total-tokens)")
 
 
 def check_epochs(epochs: float) -> float:
@@ -307,9 +316,10 @@ def run_head_training(
     check_folder_target(out_dir, "--out")  # an existing file failed only after training, in a traceback
     train, test = load_cache(train_path), load_cache(test_path)
     check_pair(train, test, cfg.feature_layer)
-    note = batch_note(cfg.batch_rollouts, train.num_rollouts)
-    if note is not None:
-        print(note, file=sys.stderr)
+    policy = check_policy(train, f"the train cache {train_path}") if save else None  # final/ joins it to the head
+    for note in (batch_note(cfg.batch_rollouts, train.num_rollouts), empty_note(train)):
+        if note is not None:
+            print(note, file=sys.stderr)
     run = train_head(train, cfg, make_evaluate(train, test, cfg.feature_layer), progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "metrics.jsonl", encode_rows(list(run.rows)))
@@ -318,7 +328,7 @@ def run_head_training(
                     "train_spec": train.spec, "test_spec": test.spec, "train_seconds": run.seconds})
     write_atomic(out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     if save:
-        save_reflective_head(run.head, train.spec["policy_dir"], cfg.feature_layer, out_dir / "final")
+        save_reflective_head(run.head, policy, cfg.feature_layer, out_dir / "final")
     return metrics
 
 

@@ -8,13 +8,17 @@ minutes later inside transformers or vLLM.
 
     directory = check_model_folder("/models/Qwen2.5-Math-7B-Instruct")   # FileNotFoundError naming what lacks
     weight_files(directory)        # [.../model-00001-of-00004.safetensors, ...]
+    weights_fingerprint(directory) # sha256 of config.json and the weights: which model this is
 
 Tests: `.venv/bin/pytest tests/test_model_folder.py`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+
+READ_CHUNK = 1 << 20
 
 # (index file, single file) of each weight layout, safetensors first (what loaders prefer)
 WEIGHT_LAYOUTS: tuple[tuple[str, str], ...] = (
@@ -67,3 +71,20 @@ def weight_files(directory: Path) -> list[Path]:
             return [single]
     names = " or ".join(f"{single} (or {index})" for index, single in WEIGHT_LAYOUTS)
     raise FileNotFoundError(f"checkpoint folder {directory} has no weights: {names}")
+
+
+def weights_fingerprint(directory: str | Path) -> str:
+    """sha256 over config.json and the weight files (names and bytes): the same model gives the
+    same value wherever its folder lies or however it is named, a retrained one another (what a
+    rollout cache keeps, so features of an older model are not mistaken for this one's). Reads
+    every weight byte: ~1 s a GB. FileNotFoundError as `check_model_folder`'s."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise missing_folder_error(directory)
+    digest = hashlib.sha256()
+    for path in [directory / "config.json", *weight_files(directory)]:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            while chunk := handle.read(READ_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -313,8 +313,13 @@ def test_a_reflective_run_stopped_after_saving_its_model_is_not_taken_for_the_ol
     older, newer = ReflectiveStage(eval_every=150), ReflectiveStage(eval_every=100)
     (work / "model").mkdir()
     (work / "model" / "score_module.pt").write_text("the older model")
-    (work / "metrics.json").write_text(json.dumps({"config": dr._config(older), "policy_dir": str(policy)}))
+    monkeypatch.setattr(dr, "weights_fingerprint", lambda folder: "the policy's weights")
+    (work / "metrics.json").write_text(json.dumps({"config": dr._config(older), "policy_dir": str(policy),
+                                                   "policy_fingerprint": "the policy's weights"}))
     assert dr._trained(work, older, policy) is not None
+    monkeypatch.setattr(dr, "weights_fingerprint", lambda folder: "the policy trained again in place")
+    assert dr._trained(work, older, policy) is None  # its reflective model is another one too
+    monkeypatch.setattr(dr, "weights_fingerprint", lambda folder: "the policy's weights")
 
     class StoppedAfterSaving:  # the new model lands in model/, then Ctrl-C
         def __init__(self, *args, **kwargs):

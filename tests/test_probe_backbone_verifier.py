@@ -9,10 +9,10 @@ import torch
 from experiments.backbone_tuning import (BackboneTuneConfig, collate, lm_loss_on_correct, reference_solution,
                                          rollout_examples, solution_examples)
 from experiments import probe_backbone_verifier
-from experiments.probe_backbone_verifier import main, run, same_folder
-from experiments.rollout_cache import CacheSpec, FeatureReader, cache_from_paths, save_cache
+from experiments.probe_backbone_verifier import main, run
+from experiments.rollout_cache import CacheSpec, FeatureReader, cache_from_paths, same_folder, save_cache
 from experiments.tasks import countdown
-from policies.checkpoint import load_checkpoint
+from policies.checkpoint import load_checkpoint, save_checkpoint
 from tiny_checkpoint import save_tiny_checkpoint
 from treesearch.records import Step
 
@@ -154,6 +154,10 @@ def test_config_names_the_bad_value():
         BackboneTuneConfig(lm_coef=-1.0)
     with pytest.raises(ValueError, match="BackboneTuneConfig.loss='foo'; valid: reference, paper, bce"):
         BackboneTuneConfig(loss="foo")
+    for name in ("backbone_lr", "head_lr", "grad_scale", "kl_coef", "lm_coef"):  # NaN trained to NaN, inf passed
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=rf"BackboneTuneConfig.{name}={value} must be a finite number >= 0"):
+                BackboneTuneConfig(**{name: value})
 
 
 def test_cli_refuses_a_bad_loss_before_reading_anything(tmp_path, capsys):
@@ -172,9 +176,14 @@ def test_cli_refuses_a_bad_loss_before_reading_anything(tmp_path, capsys):
         assert capsys.readouterr().err.startswith(f"error: {flag} {path} is ")
 
 
-def test_caches_of_another_policy_are_refused_before_loading_it(caches, tmp_path):
-    path, files, _, _ = caches
-    other = tmp_path / "tiny-arith" / "final"  # never loaded: the check comes first
+def test_caches_of_another_policy_are_refused_before_loading_it(caches, tmp_path, monkeypatch):
+    path, files, lm, tokenizer = caches
+    other = tmp_path / "tiny-arith" / "final"  # other weights: refused by the caches' fingerprint
+    changed = load_checkpoint(path)[0]
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.01)
+    save_checkpoint(changed, tokenizer, other)
+    monkeypatch.setattr(probe_backbone_verifier, "load_checkpoint", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match=f"--policy {other} and the rollout caches \\(of {path}\\) come from different"):
         run(other, files["train"], files["test"], BackboneTuneConfig(steps=1, batch=2), progress=False)
     assert same_folder(path, path.parent / ".." / path.parent.name / path.name)

@@ -27,7 +27,7 @@ from experiments.train_head import (
     batch_note, bon_sizes, bon_table, cache_metrics, check_pair, main, pooled_auc, run_head_training,
     spr_label_agreement, steps_for_epochs,
 )
-from policies.checkpoint import load_checkpoint
+from policies.checkpoint import load_checkpoint, save_checkpoint
 from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
 from scorers.confidence import ConfidenceScorer
@@ -305,6 +305,22 @@ def test_a_layer_the_caches_lack_is_a_value_error_naming_the_cache():
     cache = synthetic_cache([True, False], 2, [1, 1])
     with pytest.raises(ValueError, match=r"train cache: feature_layer=-1 is not in the cache \(it holds \[-2\]\)"):
         check_pair(cache, held_out(cache), -1)
+    # -7 of a 5-state model was taken as -2 (7 % 5), 8 as 3: trained on, then refused only at saving
+    known = dataclasses.replace(cache, num_hidden_states=5)
+    for layer in (-7, 8, 5):
+        with pytest.raises(ValueError, match=rf"train cache: feature_layer={layer} must index the model's 5 hidden "
+                                             r"states \(-5..4\)"):
+            check_pair(known, held_out(known), layer)
+    check_pair(known, held_out(known), 3)  # -2 of 5
+
+
+def test_a_train_cache_without_a_scored_position_is_noted(tmp_path, capsys):
+    """It "trained" without a word: loss 0, the head as initialised."""
+    save_cache(synthetic_cache([True, False], 2, [0, 0]), tmp_path / "train.pt")  # cut before a separator
+    save_cache(held_out(synthetic_cache([True, False], 2, [1, 1])), tmp_path / "test.pt")
+    run_head_training(tmp_path / "train.pt", tmp_path / "test.pt", HeadTrainConfig(steps=1, batch_rollouts=2),
+                      tmp_path / "run", save=False, progress=False)
+    assert "note: the train cache has no scored position (2 rollouts, none ending a step" in capsys.readouterr().err
 
 
 def test_a_damaged_cache_file_is_named(tmp_path):
@@ -492,3 +508,42 @@ def test_a_cache_that_does_not_fit_the_disk_is_named_and_leaves_no_temp_file(tmp
         save_cache(synthetic_cache([True, False] * 4, 2, [3] * 8), tmp_path / "c.pt")
     assert caught.value.errno == errno.ENOSPC and is_storage_error(caught.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_policy_trained_again_in_its_folder_is_not_the_caches_policy(handmade, tiny, tmp_path, monkeypatch):
+    """A cache knew its policy by the folder's path only: caches of an SFT policy retrained in
+    place were reused (by the demo) and trained a head joined to the new backbone; the same folder
+    under two names was "different policies"."""
+    import shutil
+
+    from experiments.demo_sprm import cached_rollouts
+    from experiments.rollout_cache import check_policy, same_policy
+    from experiments.train_head import check_same_source
+
+    cache, _, _ = handmade
+    path, lm, tokenizer = tiny
+    folder = Path(shutil.copytree(path, tmp_path / "policy"))
+    spec = CacheSpec(str(folder), "arith", "test", 3, 2, feature_layers=(-2, -1), forward_batch=4)
+    mine = dataclasses.replace(cache, spec=dataclasses.asdict(spec))  # read from this folder's weights
+    alias = tmp_path / "alias"
+    alias.symlink_to(folder)
+    aliased = dataclasses.replace(held_out(cache), spec={**cache.spec, "policy_dir": str(alias)})
+    assert same_policy(mine, aliased) and check_policy(mine) == folder
+    check_same_source(mine, aliased)  # one model under two names
+    save_cache(mine, tmp_path / "train.pt")
+    save_cache(held_out(mine), tmp_path / "test.pt")
+    built: list = []
+    monkeypatch.setattr("experiments.demo_sprm.build_from_spec", lambda spec: built.append(spec) or mine)
+    cached_rollouts(spec, tmp_path / "train.pt")
+    assert built == []  # the same weights: reused
+    changed = load_checkpoint(folder)[0]
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.01)
+    save_checkpoint(changed, tokenizer, folder)  # trained again, in place
+    cached_rollouts(spec, tmp_path / "train.pt")
+    assert built == [spec]  # other weights: built again
+    save_cache(mine, tmp_path / "train.pt")
+    cfg = HeadTrainConfig(steps=1, batch_rollouts=2, eval_every=1)
+    with pytest.raises(ValueError, match="holds other weights than the train cache"):
+        run_head_training(tmp_path / "train.pt", tmp_path / "test.pt", cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before training
