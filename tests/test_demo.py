@@ -227,7 +227,9 @@ def test_demo_command_line_errors_are_one_line_before_anything_runs(tmp_path, mo
     cases = [
         (["--tasks", "chess"], "unknown task 'chess'"),
         (["--n", "0"], "DemoConfig.n=0"),
-        (["--temperature", "nan"], "temperature=nan must be >= 0"),  # was refused only when sampling began
+        (["--temperature", "nan"], "temperature=nan must be a finite number >= 0"),  # refused only when sampling began
+        (["--temperature", "inf"], "temperature=inf must be a finite number >= 0"),  # after the reflective stage
+        (["--tasks", "arith,arith"], "--tasks 'arith,arith' names arith more than once"),  # ran it twice
         (["--out-dir", str(a_file)], f"--out-dir {a_file}: {a_file} is a file"),
         (["--out-dir", str(a_file / "demo")], f"{a_file} is a file"),
         (["--checkpoints", str(a_file)], f"--checkpoints {a_file}: {a_file} is a file"),
