@@ -122,12 +122,16 @@ def train_head_once(train: Path, test: Path, cfg: HeadTrainConfig, head: Path) -
 
 def _trained_with(head: Path, cfg: HeadTrainConfig, train: Path, test: Path) -> bool:
     """A finished head run of this config on these caches exists: the same paths holding caches
-    of the same specs (`cached_rollouts` rebuilds a cache in place when its spec changes, e.g.
-    rollouts of another policy, and a head trained on the old one must not be reused)."""
+    of the same specs, read from the same weights (`cached_rollouts` rebuilds a cache in place
+    when its spec or its policy's weights change, and a head trained on the old one must not be
+    reused)."""
     path = head / "metrics.json"
     if not path.is_file() or not (head / "final" / "score_module.pt").is_file():
         return False
     saved = json.loads(path.read_text())
     if saved.get("config") != asdict(cfg) or saved.get("train_cache") != str(train) or saved.get("test_cache") != str(test):
         return False
-    return all(saved.get(key) == _as_json(load_cache(cache).spec) for key, cache in (("train_spec", train), ("test_spec", test)))
+    caches = {"train_spec": load_cache(train), "test_spec": load_cache(test)}
+    if saved.get("policy_fingerprint") != caches["train_spec"].policy_fingerprint:
+        return False
+    return all(saved.get(key) == _as_json(cache.spec) for key, cache in caches.items())

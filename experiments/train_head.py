@@ -325,7 +325,8 @@ def run_head_training(
     write_atomic(out_dir / "metrics.jsonl", encode_rows(list(run.rows)))
     metrics = final_metrics(run.rows, run.head, test, cfg.feature_layer)
     metrics.update({"config": asdict(cfg), "train_cache": str(train_path), "test_cache": str(test_path),
-                    "train_spec": train.spec, "test_spec": test.spec, "train_seconds": run.seconds})
+                    "train_spec": train.spec, "test_spec": test.spec, "policy_fingerprint": train.policy_fingerprint,
+                    "train_seconds": run.seconds})
     write_atomic(out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     if save:
         save_reflective_head(run.head, policy, cfg.feature_layer, out_dir / "final")

@@ -257,7 +257,8 @@ def finished_head_run(head: Path, cfg: Any, train: Path, test: Path) -> None:
     (head / "final" / "score_module.pt").write_text("a head")
     (head / "metrics.json").write_text(json.dumps(
         {"config": dataclasses.asdict(cfg), "train_cache": str(train), "test_cache": str(test),
-         "train_spec": load_cache(train).spec, "test_spec": load_cache(test).spec}))
+         "train_spec": load_cache(train).spec, "test_spec": load_cache(test).spec,
+         "policy_fingerprint": load_cache(train).policy_fingerprint}))
 
 
 def test_a_head_is_trained_again_when_its_cache_was_rebuilt_in_place(tmp_path, monkeypatch):
@@ -273,6 +274,11 @@ def test_a_head_is_trained_again_when_its_cache_was_rebuilt_in_place(tmp_path, m
     assert demo_sprm._trained_with(head, cfg, train, test)
     rebuilt = load_cache(train)
     save_cache(dataclasses.replace(rebuilt, spec={**rebuilt.spec, "policy_dir": "other"}), train)
+    assert not demo_sprm._trained_with(head, cfg, train, test)
+    save_cache(rebuilt, train)
+    assert demo_sprm._trained_with(head, cfg, train, test)
+    # the same spec read again from the policy trained again in its folder (other weights)
+    save_cache(dataclasses.replace(rebuilt, policy_fingerprint="other weights"), train)
     assert not demo_sprm._trained_with(head, cfg, train, test)
     monkeypatch.setattr(demo_sprm, "run_head_training", lambda *args: {"retrained": True})
     assert demo_sprm.train_head_once(train, test, cfg, head) == {"retrained": True}
