@@ -78,6 +78,7 @@ from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
+from experiments.run_weights import check_run_weights, model_folders
 from experiments.sweep_metrics import BUDGET_FIELDS, RECORD_KEYS, read_run_config, run_metrics
 from experiments.tasks.benchmark_split import check_unique_ids
 from policies.gc_freeze import freeze_long_lived
@@ -397,16 +398,21 @@ def with_run_budget(config: dict[str, Any], field: str) -> dict[str, Any]:
     return {**config, "budget": search[field]}
 
 
+def has_records(out: Path) -> bool:
+    """Whether out's records.jsonl holds anything (a run that failed before its first row left none)."""
+    records = out / RECORDS
+    return records.exists() and records.stat().st_size > 0
+
+
 def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") -> None:
     """Save config.yaml in a folder without records; in one with records, refuse unless the
     saved config matches (a folder whose run failed before its first row is simply reused).
     The saved config's budget is read as `with_run_budget` records it (budget_field: the
     strategy's), so folders saved before it recorded the budget that ran still resume."""
-    path, records = out / CONFIG, out / RECORDS
-    has_records = records.exists() and records.stat().st_size > 0
-    if has_records and not path.exists():
+    path = out / CONFIG
+    if has_records(out) and not path.exists():
         raise ConfigMismatchError(f"{out} has {RECORDS} but no {CONFIG}: cannot tell what made them; use another out_dir")
-    if has_records:
+    if has_records(out):
         saved = with_run_budget(read_run_config(out), budget_field)
         saved = {**DEFAULT_SETTINGS, **with_added_settings(saved, config, ADDED_SETTINGS)}
         current = {**DEFAULT_SETTINGS, **config}
@@ -577,7 +583,9 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     out = resolve_out_dir(cfg)
     budget_field = BUDGET_FIELDS.get(name, "n")
     with run_lock(out):
-        claim_run_dir(out, with_run_budget(resolved_config(cfg), budget_field), budget_field)
+        config = resolved_config(cfg)
+        claim_run_dir(out, with_run_budget(config, budget_field), budget_field)
+        check_run_weights(out, model_folders(config), has_records(out))
         save_hydra_files(out, cfg)
         search_missing(cfg, out, task, parts, strategy_cfg, spec)
         write_metrics(out, problems)

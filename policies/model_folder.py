@@ -73,6 +73,18 @@ def weight_files(directory: Path) -> list[Path]:
     raise FileNotFoundError(f"checkpoint folder {directory} has no weights: {names}")
 
 
+def weights_signature(directory: str | Path) -> dict[str, list[int]]:
+    """{file name: [size, mtime_ns]} of config.json and the weight files: what a stat tells of
+    them without reading a byte (equal signatures: the same files, untouched; a differing one
+    says nothing until `weights_fingerprint` reads them)."""
+    directory = Path(directory)
+    signature = {}
+    for path in [directory / "config.json", *weight_files(directory)]:
+        stat = path.stat()
+        signature[path.name] = [stat.st_size, stat.st_mtime_ns]
+    return signature
+
+
 def weights_fingerprint(directory: str | Path) -> str:
     """sha256 over config.json and the weight files (names and bytes): the same model gives the
     same value wherever its folder lies or however it is named, a retrained one another (what a

@@ -1,0 +1,97 @@
+"""A search run folder remembers which weights its rows came from (`experiments/run_weights.py`):
+a model trained again at the same path is refused on resume, an untouched one is not read again,
+the same weights under another path pass.
+
+    .venv/bin/python -m pytest tests/test_run_weights.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments import run_weights
+from experiments.run_weights import WEIGHTS_FILE, WeightsChangedError, check_run_weights, model_folders
+from experiments.search import run_search_experiment
+from policies.checkpoint import load_checkpoint, save_checkpoint
+from test_experiment_configs import TINY, composed
+from tiny_checkpoint import save_tiny_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.fixture
+def policy(tmp_path) -> Path:
+    return save_tiny_checkpoint(tmp_path / "policy" / "final")
+
+
+def train_again_in_place(folder: Path) -> None:
+    lm, tokenizer = load_checkpoint(folder)
+    with torch.no_grad():
+        next(lm.parameters()).add_(0.01)
+    save_checkpoint(lm, tokenizer, folder)
+
+
+def test_model_folders_are_the_paths_that_hold_weights(policy, tmp_path):
+    (tmp_path / "tokenizer_only").mkdir()
+    (tmp_path / "tokenizer_only" / "config.json").write_text("{}")
+    config = {"policy": {"path": str(policy)}, "scorer": {"path": str(tmp_path / "tokenizer_only")},
+              "task": {"path": str(policy)}}
+    assert model_folders(config) == {"policy.path": policy.resolve()}  # a served PRM's folder holds no weights
+    assert model_folders({"policy": {"path": str(tmp_path / "missing")}}) == {}  # the loader names it
+
+
+def test_a_model_trained_again_in_place_is_refused(policy, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    folders = {"policy.path": policy}
+    check_run_weights(out, folders, has_records=False)
+    saved = json.loads((out / WEIGHTS_FILE).read_text())
+    assert saved["policy.path"]["path"] == str(policy) and len(saved["policy.path"]["fingerprint"]) == 64
+    monkeypatch.setattr(run_weights, "weights_fingerprint", lambda folder: pytest.fail("read untouched weights"))
+    check_run_weights(out, folders, has_records=True)  # untouched: the stat says so
+    monkeypatch.undo()
+    train_again_in_place(policy)
+    with pytest.raises(WeightsChangedError, match=rf"{out} holds rows searched with other weights than "
+                                                  rf"policy.path={policy} holds now"):
+        check_run_weights(out, folders, has_records=True)
+    assert json.loads((out / WEIGHTS_FILE).read_text()) == saved  # the record stays the old weights'
+    check_run_weights(out, folders, has_records=False)  # no rows yet: bound to today's weights
+
+
+def test_the_same_weights_touched_or_moved_still_resume(policy, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    check_run_weights(out, {"policy.path": policy}, has_records=False)
+    weights = policy / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # touched: hashed again
+    check_run_weights(out, {"policy.path": policy}, has_records=True)
+    moved = Path(shutil.copytree(policy, tmp_path / "elsewhere"))
+    check_run_weights(out, {"policy.path": moved}, has_records=True)
+    assert json.loads((out / WEIGHTS_FILE).read_text())["policy.path"]["path"] == str(moved)
+
+
+def test_a_damaged_record_is_named(policy, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / WEIGHTS_FILE).write_text('{"policy.path": ')
+    with pytest.raises(ValueError, match=f"{out / WEIGHTS_FILE} is not readable"):
+        check_run_weights(out, {"policy.path": policy}, has_records=True)
+
+
+def test_the_search_command_refuses_rows_of_a_policy_trained_again(policy, tmp_path):
+    """The demo's sweeps and any rerun of one command: rows of the old policy were resumed into
+    the new one's, one table of two models."""
+    out = tmp_path / "search"
+    base = [f"policy.path={policy}", f"out_dir={out}"] + TINY
+    run_search_experiment(composed(base))
+    rows = (out / "records.jsonl").read_text()
+    run_search_experiment(composed(base))  # the same weights: resumes, nothing to do
+    train_again_in_place(policy)
+    with pytest.raises(WeightsChangedError, match="trained again in place"):
+        run_search_experiment(composed(base))
+    assert (out / "records.jsonl").read_text() == rows
