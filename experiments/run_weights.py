@@ -1,5 +1,6 @@
 """Which weights a search run's rows came from: `weights.json` in the run folder, so a model
-trained again at the same path is not resumed into the rows of the old one.
+(or a reflective model's head) trained again at the same path is not resumed into the rows of
+the old one.
 
 config.yaml names the policy and the scorer by their folders (`policy.path`, `scorer.path`); a
 folder's weights can change under the same name (an SFT policy trained again in place, a head
@@ -75,7 +76,7 @@ def check_run_weights(out: Path, folders: dict[str, Path], has_records: bool) ->
     then write out/weights.json for them (module docstring)."""
     path = out / WEIGHTS_FILE
     saved = read_saved(path) if has_records and path.is_file() else {}
-    now: dict[str, Any] = {}
+    now: dict[str, Any] = dict(saved)  # a folder missing today (moved away to retrain?) keeps its record
     for key, folder in folders.items():
         signature = weights_signature(folder)
         old = saved.get(key)

@@ -95,3 +95,31 @@ def test_the_search_command_refuses_rows_of_a_policy_trained_again(policy, tmp_p
     with pytest.raises(WeightsChangedError, match="trained again in place"):
         run_search_experiment(composed(base))
     assert (out / "records.jsonl").read_text() == rows
+
+
+def test_a_head_saved_over_a_frozen_backbone_is_other_weights(policy, tmp_path):
+    """A head trained again (train_head's final/: the same backbone bytes) mixed two heads' rows."""
+    from policies.model_folder import HEAD_FILES
+    from policies.reflective_model import SPRM_CONFIG_FILE
+    from scorers.sprm_head import SCORE_MODULE_FILE
+
+    assert HEAD_FILES == (SCORE_MODULE_FILE, SPRM_CONFIG_FILE)
+    (policy / SPRM_CONFIG_FILE).write_text('{"feature_layer": -2}\n')
+    out = tmp_path / "run"
+    out.mkdir()
+    check_run_weights(out, {"policy.path": policy}, has_records=False)
+    (policy / SPRM_CONFIG_FILE).write_text('{"feature_layer": -1}\n')
+    with pytest.raises(WeightsChangedError):
+        check_run_weights(out, {"policy.path": policy}, has_records=True)
+
+
+def test_a_folder_missing_on_one_rerun_keeps_its_record(policy, tmp_path):
+    """Moved away to retrain, rerun by mistake (the loader's 'does not exist'), retrained in place:
+    the record was dropped on the failed rerun and the new model resumed into the old rows."""
+    out = tmp_path / "run"
+    out.mkdir()
+    check_run_weights(out, {"policy.path": policy}, has_records=False)
+    check_run_weights(out, {}, has_records=True)  # model_folders left the missing folder out
+    train_again_in_place(policy)
+    with pytest.raises(WeightsChangedError):
+        check_run_weights(out, {"policy.path": policy}, has_records=True)
