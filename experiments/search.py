@@ -398,6 +398,14 @@ def with_run_budget(config: dict[str, Any], field: str) -> dict[str, Any]:
     return {**config, "budget": search[field]}
 
 
+def plus_default(override: str) -> str:
+    """A resume override of a DEFAULT_SETTINGS key as Hydra takes it whether or not the command
+    has one already (`++batching=lockstep`: the key is not in search.yaml, and `+` would clash
+    with the command's own `+batching=continuous`); other overrides as they are."""
+    key = override.split("=", 1)[0]
+    return f"++{override}" if key in DEFAULT_SETTINGS else override
+
+
 def has_records(out: Path) -> bool:
     """Whether out's records.jsonl holds anything (a run that failed before its first row left none)."""
     records = out / RECORDS
@@ -418,7 +426,7 @@ def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") ->
         current = {**DEFAULT_SETTINGS, **config}
         diffs = config_differences(saved, current, tuple(IGNORED_KEYS))  # type: ignore[arg-type]
         if diffs:
-            overrides = resume_overrides(saved, current, tuple(IGNORED_KEYS))
+            overrides = [plus_default(o) for o in resume_overrides(saved, current, tuple(IGNORED_KEYS))]
             resume = f", or add `{' '.join(overrides)}` to go on with it as it ran" if overrides else ""
             raise ConfigMismatchError(
                 f"{out} holds records of a different config ({'; '.join(diffs)}); refusing to mix them: "

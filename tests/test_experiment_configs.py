@@ -557,8 +557,12 @@ def test_naming_the_default_batching_resumes_the_run_and_continuous_is_refused(c
     rows = (out / "records.jsonl").read_text()
     run_search_experiment(composed(base + ["+batching=lockstep"]))  # the same computation: resumes
     assert (out / "records.jsonl").read_text() == rows
-    with pytest.raises(ConfigMismatchError, match=r"batching: 'lockstep' -> 'continuous'"):
+    with pytest.raises(ConfigMismatchError, match=r"batching: 'lockstep' -> 'continuous'") as err:
         run_search_experiment(composed(base + ["+batching=continuous"]))
+    # the hint Hydra takes beside the command's own +batching (`batching=` alone is refused)
+    assert "or add `++batching=lockstep` to go on with it as it ran" in str(err.value)
+    run_search_experiment(composed(base + ["+batching=continuous", "++batching=lockstep"]))
+    assert (out / "records.jsonl").read_text() == rows
     other = tmp_path / "said"
     said = [f"policy.path={ckpt}", f"out_dir={other}", "+batching=lockstep"] + TINY
     run_search_experiment(composed(said))
