@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from hydra import compose, initialize_config_dir
 
 from experiments.plot_scaling import plot_scaling
 from experiments.result_json import write_atomic
+from experiments.run_weights import WEIGHTS_FILE, changed_folders
 from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_strategy
 from experiments.search import CONFIG_DIR, run_search_experiment
 from experiments.sweep_metrics import RunSummary, sweep_summaries
@@ -159,9 +162,26 @@ def _identity(spec: SweepSpec) -> dict[str, Any]:
                                   for key in IDENTITY}))
 
 
+def drop_runs_of_other_weights(out_dir: Path) -> list[Path]:
+    """Remove the sweep's run folders whose rows came from other weights than their model folder
+    holds now (the policy trained again in place: `experiments.run_weights`), so they are searched
+    again rather than refused; returns them, each named in a note on stderr."""
+    dropped = []
+    for record in sorted(out_dir.glob(f"*/{WEIGHTS_FILE}")):
+        changed = changed_folders(record.parent)
+        if changed:
+            print(f"note: {record.parent} holds rows of other weights of {', '.join(changed)} (trained again): "
+                  "searched again", file=sys.stderr)
+            shutil.rmtree(record.parent)
+            dropped.append(record.parent)
+    return dropped
+
+
 def run_strategy_sweep(spec: SweepSpec) -> StrategySweep:
-    """Run (or resume; finished runs cost nothing) every (strategy, budget) and summarise them."""
+    """Run (or resume; finished runs cost nothing) every (strategy, budget) and summarise them;
+    runs of a model trained again since are searched again (`drop_runs_of_other_weights`)."""
     check_sweep_folder(spec)
+    drop_runs_of_other_weights(spec.out_dir)
     write_atomic(spec.out_dir / SWEEP_STAMP, json.dumps(_identity(spec), indent=1) + "\n")
     order = sorted(spec.strategies, key=lambda s: s != "best_of_n")  # Best-of-N's tokens first
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):

@@ -71,6 +71,25 @@ def read_saved(path: Path) -> dict[str, Any]:
     return saved
 
 
+def changed_folders(out: Path) -> list[str]:
+    """The keys of out/weights.json whose folder holds other weights now than the rows came from
+    (a folder that is gone says nothing): what a caller that owns the run folder, such as the
+    demo's sweep, searches again instead of being refused."""
+    path = out / WEIGHTS_FILE
+    if not path.is_file():
+        return []
+    changed = []
+    for key, old in read_saved(path).items():
+        folder = Path(str(old.get("path")))
+        try:
+            signature = weights_signature(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if signature != old.get("signature") and fingerprint(folder, signature) != old.get("fingerprint"):
+            changed.append(key)
+    return changed
+
+
 def check_run_weights(out: Path, folders: dict[str, Path], has_records: bool) -> None:
     """Refuse (WeightsChangedError) when out's rows came from other weights than `folders` hold;
     then write out/weights.json for them (module docstring)."""

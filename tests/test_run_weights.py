@@ -123,3 +123,19 @@ def test_a_folder_missing_on_one_rerun_keeps_its_record(policy, tmp_path):
     train_again_in_place(policy)
     with pytest.raises(WeightsChangedError):
         check_run_weights(out, {"policy.path": policy}, has_records=True)
+
+
+def test_the_demo_sweep_searches_again_the_runs_of_a_policy_trained_again(policy, tmp_path, capsys):
+    """The demo's sweep stopped at its last stage on the refusal, after retraining everything
+    before it; it owns its run folders, so it searches those runs again."""
+    from experiments.demo_sweep import drop_runs_of_other_weights
+
+    sweep = tmp_path / "sweep_arith"
+    other = save_tiny_checkpoint(tmp_path / "other" / "final")
+    run_search_experiment(composed([f"policy.path={policy}", f"out_dir={sweep / 'best_of_n_2'}"] + TINY))
+    run_search_experiment(composed([f"policy.path={other}", f"out_dir={sweep / 'beam_2'}"] + TINY))
+    assert drop_runs_of_other_weights(sweep) == []
+    train_again_in_place(policy)
+    assert drop_runs_of_other_weights(sweep) == [sweep / "best_of_n_2"]
+    assert not (sweep / "best_of_n_2").exists() and (sweep / "beam_2" / "records.jsonl").is_file()
+    assert "best_of_n_2 holds rows of other weights of policy.path (trained again): searched again" in capsys.readouterr().err
