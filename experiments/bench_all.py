@@ -15,7 +15,6 @@ successful exit). Sections that need vLLM are marked skipped where it is not ins
 from __future__ import annotations
 
 import argparse
-import collections
 import importlib.util
 import os
 import subprocess
@@ -30,6 +29,7 @@ from experiments.cli_args import check_file_target
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "outputs" / "bench" / "report.md"
 STDERR_TAIL = 20  # lines of a failed section's stderr copied into the report
+STDERR_KEEP = 1 << 16  # bytes of a section's stderr kept to find them in
 
 
 @dataclass(frozen=True)
@@ -95,23 +95,45 @@ def has_vllm() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def _copy_stderr(stream: IO[str], tail: collections.deque) -> None:
-    for line in stream:
-        sys.stderr.write(line)
+def _copy_stderr(stream: IO[bytes], kept: bytearray) -> None:
+    """The child's stderr to ours as it comes (bytes: a progress bar's carriage returns redraw
+    its line, as in a terminal), its last STDERR_KEEP bytes kept for a failure's report."""
+    while chunk := stream.read1(65536):  # type: ignore[attr-defined]
+        _write_stderr(chunk)
+        kept += chunk
+        del kept[:-STDERR_KEEP]
+
+
+def _write_stderr(chunk: bytes) -> None:
+    buffer = getattr(sys.stderr, "buffer", None)
+    if buffer is None:  # a stderr replaced by text only
+        sys.stderr.write(chunk.decode("utf-8", errors="replace"))
+    else:
         sys.stderr.flush()
-        tail.append(line.rstrip("\n"))
+        buffer.write(chunk)
+        buffer.flush()
+
+
+def stderr_tail(kept: bytes) -> list[str]:
+    """The last STDERR_TAIL lines of kept stderr, each as a terminal last showed it (the text after
+    its last carriage return: a progress bar's final state, not each redraw)."""
+    lines = [line.rsplit("\r", 1)[-1] for line in kept.decode("utf-8", errors="replace").split("\n")]
+    return [line for line in lines if line.strip()][-STDERR_TAIL:]
 
 
 def run_section(section: Section, report: IO[str]) -> Outcome:
-    """Run one section's command, its stdout into the terminal and the report line by line."""
+    """Run one section's command, its stdout into the terminal and the report line by line (a
+    last line without its newline gets one, so nothing written after it joins it)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen([sys.executable, *section.argv], cwd=REPO, env=env, text=True,
+    child = subprocess.Popen([sys.executable, *section.argv], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    tail: collections.deque = collections.deque(maxlen=STDERR_TAIL)
-    reader = threading.Thread(target=_copy_stderr, args=(child.stderr, tail), daemon=True)
+    kept = bytearray()
+    reader = threading.Thread(target=_copy_stderr, args=(child.stderr, kept), daemon=True)
     reader.start()
+    line = "\n"
     try:
-        for line in child.stdout:
+        for raw in child.stdout:  # type: ignore[union-attr]
+            line = raw.decode("utf-8", errors="replace")
             sys.stdout.write(line)
             sys.stdout.flush()
             report.write(line)
@@ -121,9 +143,13 @@ def run_section(section: Section, report: IO[str]) -> Outcome:
         child.kill()
         child.wait()
         return Outcome(section, "interrupted")
+    finally:
+        if not line.endswith("\n"):
+            sys.stdout.write("\n")
+            report.write("\n")
     reader.join()
     if code != 0:
-        return Outcome(section, "failed", f"exit {code}\n" + "\n".join(tail))
+        return Outcome(section, "failed", f"exit {code}\n" + "\n".join(stderr_tail(bytes(kept))))
     return Outcome(section, "ok")
 
 

@@ -25,6 +25,20 @@ SECTIONS = (
 )
 
 
+def test_a_last_line_without_its_newline_does_not_swallow_the_failure_mark(monkeypatch, tmp_path):
+    """'| a | b |' without its newline ran into '**failed ...' (a broken table row, a hidden mark);
+    a progress bar's redraws were kept as lines of the stderr tail."""
+    bar = "import sys; [sys.stderr.write(f'\\r{k}/3 bar') for k in range(4)]; sys.stderr.write('\\nboom\\n'); "
+    monkeypatch.setattr(bench_all, "SECTIONS", (
+        Section("cut", "Cut short", _program(bar + "print('| a | b |', end=''); sys.exit(3)")),))
+    monkeypatch.setattr(bench_all, "has_vllm", lambda: False)
+    out = tmp_path / "report.md"
+    assert bench_all.main(["--out", str(out)]) == 1
+    report = out.read_text()
+    assert "| a | b |\n**failed (exit 3)**" in report
+    assert "    3/3 bar\n    boom\n" in report and "0/3 bar" not in report
+
+
 @pytest.fixture
 def sections(monkeypatch):
     monkeypatch.setattr(bench_all, "SECTIONS", SECTIONS)
