@@ -35,6 +35,8 @@ API_KEY_ENV = "TREESEARCH_API_KEY"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DTYPES = ("float32", "bfloat16", "float16")  # policies.checkpoint.DTYPES, named here so --help imports no torch
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+VLLM_ONLY = {"--kv-cache-gib": "kv_cache_gib", "--gpu-memory-utilization": "gpu_memory_utilization",
+             "--cuda-graphs": "cuda_graphs"}  # flag -> its attribute, present only when given
 
 
 def kv_cache_size(text: str) -> float | None:
@@ -75,12 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--max-prompt-chars", type=positive_int, default=1_000_000)
     policy.add_argument("--top-p", type=float, default=0.95, help="server-side top-p (the reference's 0.95)")
     policy.add_argument("--repetition-penalty", type=float, default=1.05, help="server-side (the reference's 1.05)")
-    policy.add_argument("--kv-cache-gib", type=kv_cache_size, default=1.0,
+    # --backend vllm only (argparse.SUPPRESS: absent unless given, so the transformers backend can
+    # refuse them; build_policy fills in the defaults)
+    policy.add_argument("--kv-cache-gib", type=kv_cache_size, default=argparse.SUPPRESS,
                         help="--backend vllm: its KV cache in GiB (default 1, what a CPU needs), or 'auto' on a GPU: "
                         "sized from --gpu-memory-utilization")
-    policy.add_argument("--gpu-memory-utilization", type=unit_fraction, default=0.9,
-                        help="--backend vllm on a GPU with --kv-cache-gib auto: its share of the GPU's memory")
-    policy.add_argument("--cuda-graphs", action="store_true",
+    policy.add_argument("--gpu-memory-utilization", type=unit_fraction, default=argparse.SUPPRESS,
+                        help="--backend vllm on a GPU with --kv-cache-gib auto: its share of the GPU's memory (default 0.9)")
+    policy.add_argument("--cuda-graphs", action="store_true", default=argparse.SUPPRESS,
                         help="--backend vllm on a GPU: capture CUDA graphs (faster decoding, slower start)")
     scorer = services.add_parser("scorer", help="POST /score: SPRM path score of a text")
     _common_arguments(scorer, 8001)
@@ -105,15 +109,19 @@ def build_policy(args: argparse.Namespace) -> "FastAPI":
     from experiments.services.text_completer import SamplingDefaults, TransformersCompleter
 
     sampling = SamplingDefaults(top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    given = [flag for flag, name in VLLM_ONLY.items() if hasattr(args, name)]
     if args.backend == "vllm":
         if args.device != "cpu":
             raise SystemExit("--device is for --backend transformers: vLLM uses the GPU it finds")
         from experiments.services.vllm_completer import VLLMCompleter
 
         completer = VLLMCompleter.from_pretrained(
-            args.model, sampling, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
-            gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=not args.cuda_graphs,
+            args.model, sampling, dtype=args.dtype, kv_cache_gib=getattr(args, "kv_cache_gib", 1.0),
+            gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
+            enforce_eager=not getattr(args, "cuda_graphs", False),
         )
+    elif given:
+        raise SystemExit(f"{', '.join(given)}: for --backend vllm only")
     else:
         completer = TransformersCompleter.from_pretrained(args.model, sampling, args.max_rows, args.dtype, args.device)
     config = PolicyConfig(args.max_response_num, args.max_prompt_chars, _batch_config(args, args.max_rows))

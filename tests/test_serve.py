@@ -457,6 +457,14 @@ def test_the_vllm_backends_engine_takes_gpu_settings(tmp_path, monkeypatch):
     assert (gpu.kv_cache_gib, gpu.enforce_eager, gpu.gpu_memory_utilization) == (None, False, 0.5)
 
 
+def test_the_vllm_flags_are_refused_for_the_transformers_backend(tmp_path):
+    from experiments import serve
+
+    args = serve.build_parser().parse_args(["policy", "--model", str(tmp_path), "--cuda-graphs", "--kv-cache-gib", "auto"])
+    with pytest.raises(SystemExit, match="--kv-cache-gib, --cuda-graphs: for --backend vllm only"):
+        serve.build_policy(args)  # parsed and dropped before
+
+
 def test_device_is_refused_for_the_vllm_backend(tmp_path):
     from experiments import serve
 

@@ -13,9 +13,9 @@ Each round, for every problem still within budget:
            visit on its path); a selected closed leaf just backs up its own value again.
 Node value is the mean of the values backed up through it (backup="mean") or their max ("max").
 A node's own evaluation (of its partial path) is among them, so under "max" a step scored high
-early keeps that value whatever its continuations score: with a geometric-mean path score, which
-only falls as steps are added, "max" keeps returning to the first well-scored step (on the tests'
-trap tree, 20 and 60 simulations with final="visits" chose a worse answer than "mean" did).
+early keeps that value whatever its continuations score (a geometric-mean path score falls with
+every later step scored below it), and PUCT keeps returning to it (on the tests' trap tree, 20
+and 60 simulations with final="visits" chose a worse answer than "mean" did).
 
 Closed leaves, never expanded: a terminal step (finish "eos" / "length"), a node at max_depth (a
 path cut there keeps its last step's finish), and a node the policy returned no steps for. One
