@@ -10,7 +10,7 @@ stderr (progress bars, errors) goes to the terminal. A section that fails is mar
 with its exit code and the last lines of its stderr, the sections after it still run, and the
 command exits 1 naming the failed ones (a failed benchmark never leaves an empty heading behind a
 successful exit). Sections that need vLLM are marked skipped where it is not installed
-(`make setup VLLM=`). Ctrl-C stops the running child and marks the report interrupted.
+(`make setup VLLM=`); one with vLLM rows runs without them. Ctrl-C stops the running child and marks the report interrupted.
 """
 from __future__ import annotations
 
@@ -35,13 +35,18 @@ STDERR_KEEP = 1 << 16  # bytes of a section's stderr kept to find them in
 @dataclass(frozen=True)
 class Section:
     """One benchmark command: name (for --only), its heading in the report (level 2 or 3), the
-    `python -m experiments.<module>` arguments, and whether it needs vLLM."""
+    `python -m experiments.<module>` arguments, whether it needs vLLM, and arguments it adds
+    where vLLM is installed (its vLLM rows; without vLLM it runs the rest)."""
 
     name: str
     heading: str
     argv: tuple[str, ...]
     level: int = 2
     needs_vllm: bool = False
+    vllm_argv: tuple[str, ...] = ()
+
+    def command(self, vllm: bool) -> tuple[str, ...]:
+        return (*self.argv, *self.vllm_argv) if vllm else self.argv
 
 
 def _bench(module: str, *args: str) -> tuple[str, ...]:
@@ -56,10 +61,9 @@ SECTIONS: tuple[Section, ...] = (
     Section("batching_smollm2", "the same with SmolLM2-135M on GSM8K",
             _bench("bench_batching", *SMOLLM2, "--problems", "16", "--rounds", "1"), level=3),
     Section("prm_prefix", "External PRM: its memory and shared starts vs every path whole (and on vLLM)",
-            _bench("bench_prm_prefix", "--vllm"), needs_vllm=True),
+            _bench("bench_prm_prefix"), vllm_argv=("--vllm",)),
     Section("prm_prefix_smollm2", "the same with SmolLM2 as the policy on GSM8K",
-            _bench("bench_prm_prefix", *SMOLLM2, "--problems", "2", "--rounds", "1", "--vllm"), level=3,
-            needs_vllm=True),
+            _bench("bench_prm_prefix", *SMOLLM2, "--problems", "2", "--rounds", "1"), level=3, vllm_argv=("--vllm",)),
     Section("merged_scorer", "External PRM under continuous batching: merged calls vs a call per thread",
             _bench("bench_merged_scorer", "--rounds", "1")),
     Section("widths", "REBASE and particle filtering: one policy call per round vs one per width",
@@ -121,11 +125,11 @@ def stderr_tail(kept: bytes) -> list[str]:
     return [line for line in lines if line.strip()][-STDERR_TAIL:]
 
 
-def run_section(section: Section, report: IO[str]) -> Outcome:
+def run_section(section: Section, report: IO[str], vllm: bool = True) -> Outcome:
     """Run one section's command, its stdout into the terminal and the report line by line (a
     last line without its newline gets one, so nothing written after it joins it)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen([sys.executable, *section.argv], cwd=REPO, env=env,
+    child = subprocess.Popen([sys.executable, *section.command(vllm)], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     kept = bytearray()
     reader = threading.Thread(target=_copy_stderr, args=(child.stderr, kept), daemon=True)
@@ -178,7 +182,9 @@ def run_all(sections: Sequence[Section], out: Path) -> list[Outcome]:
             if section.needs_vllm and not vllm:
                 outcome = Outcome(section, "skipped", "vLLM is not installed (`make setup` installs it)")
             else:
-                outcome = run_section(section, report)
+                if section.vllm_argv and not vllm:
+                    report.write("*without its vLLM rows: vLLM is not installed*\n")
+                outcome = run_section(section, report, vllm)
             if outcome.status != "ok":
                 text = failure_text(outcome)
                 report.write(text)
@@ -210,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections = [s for s in SECTIONS if not args.only or s.name in args.only]
     if args.list:
         for s in sections:
-            print(f"{s.name:28} python {' '.join(s.argv)}")
+            print(f"{s.name:28} python {' '.join(s.command(vllm=True))}")
         return 0
     outcomes = run_all(sections, args.out)
     failed = [o.section.name for o in outcomes if o.status in ("failed", "interrupted")]

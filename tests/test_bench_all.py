@@ -59,6 +59,19 @@ def test_a_failed_section_is_marked_the_rest_still_run_and_the_command_fails(sec
     assert "not finished: broken" in captured.err
 
 
+@pytest.mark.parametrize("vllm, args", [(True, "['--vllm']"), (False, "[]")])
+def test_a_section_with_vllm_rows_runs_without_them_where_vllm_is_missing(monkeypatch, tmp_path, vllm, args):
+    """The transformers PRM benchmark was skipped with its vLLM rows."""
+    monkeypatch.setattr(bench_all, "SECTIONS", (
+        Section("prm", "PRM (and on vLLM)", _program("import sys; print(sys.argv[1:])"), vllm_argv=("--vllm",)),))
+    monkeypatch.setattr(bench_all, "has_vllm", lambda: vllm)
+    out = tmp_path / "report.md"
+    assert bench_all.main(["--out", str(out)]) == 0
+    report = out.read_text()
+    assert "## PRM (and on vLLM)\n" in report and f"\n{args}\n" in report
+    assert ("*without its vLLM rows: vLLM is not installed*" in report) is not vllm
+
+
 def test_only_runs_the_named_sections_and_succeeds(sections, tmp_path):
     out = tmp_path / "report.md"
     assert bench_all.main(["--only", "sub", "first", "--out", str(out)]) == 0

@@ -136,7 +136,8 @@ def test_a_choice_outside_the_fixed_options_is_a_usage_error(blocked, capsys, sc
 
 # The command lines of `make bench` (experiments/bench_all.py), README and the scripts' docstrings.
 DOCUMENTED: list[tuple[str, list[str]]] = [
-    *[(s.argv[1].removeprefix("experiments."), list(s.argv[2:])) for s in bench_all.SECTIONS],
+    *[(s.argv[1].removeprefix("experiments."), list(s.command(vllm)[2:])) for s in bench_all.SECTIONS
+      for vllm in (True, False)],
     ("bench_scoring_overhead", ["--threads", "1"]),
     ("bench_scoring_overhead", ["--problems", "8", "--n", "8", "--repeats", "1"]),
     ("bench_prefix_reuse", []),
