@@ -112,7 +112,7 @@ def build_policy(args: argparse.Namespace) -> "FastAPI":
     given = [flag for flag, name in VLLM_ONLY.items() if hasattr(args, name)]
     if args.backend == "vllm":
         if args.device != "cpu":
-            raise SystemExit("--device is for --backend transformers: vLLM uses the GPU it finds")
+            raise ValueError("--device is for --backend transformers: vLLM uses the GPU it finds")
         from experiments.services.vllm_completer import VLLMCompleter
 
         completer = VLLMCompleter.from_pretrained(
@@ -121,7 +121,7 @@ def build_policy(args: argparse.Namespace) -> "FastAPI":
             enforce_eager=not getattr(args, "cuda_graphs", False),
         )
     elif given:
-        raise SystemExit(f"{', '.join(given)}: for --backend vllm only")
+        raise ValueError(f"{', '.join(given)}: for --backend vllm only")
     else:
         completer = TransformersCompleter.from_pretrained(args.model, sampling, args.max_rows, args.dtype, args.device)
     config = PolicyConfig(args.max_response_num, args.max_prompt_chars, _batch_config(args, args.max_rows))

@@ -461,17 +461,20 @@ def test_the_vllm_flags_are_refused_for_the_transformers_backend(tmp_path):
     from experiments import serve
 
     args = serve.build_parser().parse_args(["policy", "--model", str(tmp_path), "--cuda-graphs", "--kv-cache-gib", "auto"])
-    with pytest.raises(SystemExit, match="--kv-cache-gib, --cuda-graphs: for --backend vllm only"):
+    with pytest.raises(ValueError, match="--kv-cache-gib, --cuda-graphs: for --backend vllm only"):
         serve.build_policy(args)  # parsed and dropped before
 
 
-def test_device_is_refused_for_the_vllm_backend(tmp_path):
+def test_device_is_refused_for_the_vllm_backend(tmp_path, capsys):
     from experiments import serve
 
     args = serve.build_parser().parse_args(
         ["policy", "--model", str(tmp_path), "--backend", "vllm", "--device", "cuda"])
-    with pytest.raises(SystemExit, match="--device is for --backend transformers"):
+    with pytest.raises(ValueError, match="--device is for --backend transformers"):
         serve.build_policy(args)
+    # the command line: one `error:` line and exit 2, as any bad input (a bare message and exit 1 before)
+    assert serve.main(["policy", "--model", str(tmp_path), "--backend", "vllm", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "error: --device is for --backend transformers: vLLM uses the GPU it finds\n"
 
 
 @pytest.mark.parametrize("service", ["policy", "scorer"])
