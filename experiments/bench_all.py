@@ -215,8 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     sections = [s for s in SECTIONS if not args.only or s.name in args.only]
     if args.list:
+        vllm = has_vllm()
         for s in sections:
-            print(f"{s.name:28} python {' '.join(s.command(vllm=True))}")
+            skipped = "   (skipped: no vLLM)" if s.needs_vllm and not vllm else ""
+            print(f"{s.name:28} python {' '.join(s.command(vllm))}{skipped}")
         return 0
     outcomes = run_all(sections, args.out)
     failed = [o.section.name for o in outcomes if o.status in ("failed", "interrupted")]

@@ -35,10 +35,10 @@ from hydra import compose, initialize_config_dir
 
 from experiments.plot_scaling import plot_scaling
 from experiments.result_json import write_atomic
-from experiments.run_weights import WEIGHTS_FILE, changed_folders
+from experiments.run_weights import WEIGHTS_FILE, changed_folders, model_folders
 from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_strategy
 from experiments.search import CONFIG_DIR, run_search_experiment
-from experiments.sweep_metrics import RunSummary, sweep_summaries
+from experiments.sweep_metrics import RunSummary, read_run_config, sweep_summaries
 
 DEMO_STRATEGIES: tuple[str, ...] = ("best_of_n", "beam", "dvts", "mcts", "rebase", "particle_filtering")
 DEMO_BUDGETS: tuple[int, ...] = (4, 8, 16, 32)
@@ -162,18 +162,26 @@ def _identity(spec: SweepSpec) -> dict[str, Any]:
                                   for key in IDENTITY}))
 
 
-def drop_runs_of_other_weights(out_dir: Path) -> list[Path]:
-    """Remove the sweep's run folders whose rows came from other weights than their model folder
-    holds now (the policy trained again in place: `experiments.run_weights`), so they are searched
-    again rather than refused; returns them, each named in a note on stderr."""
+def drop_runs_of_other_weights(spec: SweepSpec) -> list[Path]:
+    """Remove the sweep's own run folders (`{strategy}_{budget}` of spec, real folders, not links)
+    whose rows came from other weights than the model folders their config names hold now (the
+    policy trained again in place: `experiments.run_weights`), so they are searched again rather
+    than refused; returns them, each named in a note on stderr. Anything else in out_dir stays."""
     dropped = []
-    for record in sorted(out_dir.glob(f"*/{WEIGHTS_FILE}")):
-        changed = changed_folders(record.parent)
-        if changed:
-            print(f"note: {record.parent} holds rows of other weights of {', '.join(changed)} (trained again): "
-                  "searched again", file=sys.stderr)
-            shutil.rmtree(record.parent)
-            dropped.append(record.parent)
+    for strategy in spec.strategies:
+        for budget in spec.budgets:
+            run_dir = spec.out_dir / f"{strategy}_{budget}"
+            if run_dir.is_symlink() or not (run_dir / WEIGHTS_FILE).is_file():
+                continue
+            try:
+                changed = changed_folders(run_dir, model_folders(read_run_config(run_dir)))
+            except ValueError:  # a damaged config or record: the run itself names it
+                continue
+            if changed:
+                print(f"note: {run_dir} holds rows of other weights of {', '.join(changed)} (trained again): "
+                      "searched again", file=sys.stderr)
+                shutil.rmtree(run_dir)
+                dropped.append(run_dir)
     return dropped
 
 
@@ -181,7 +189,7 @@ def run_strategy_sweep(spec: SweepSpec) -> StrategySweep:
     """Run (or resume; finished runs cost nothing) every (strategy, budget) and summarise them;
     runs of a model trained again since are searched again (`drop_runs_of_other_weights`)."""
     check_sweep_folder(spec)
-    drop_runs_of_other_weights(spec.out_dir)
+    drop_runs_of_other_weights(spec)
     write_atomic(spec.out_dir / SWEEP_STAMP, json.dumps(_identity(spec), indent=1) + "\n")
     order = sorted(spec.strategies, key=lambda s: s != "best_of_n")  # Best-of-N's tokens first
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):

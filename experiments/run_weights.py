@@ -5,8 +5,8 @@ the old one.
 config.yaml names the policy and the scorer by their folders (`policy.path`, `scorer.path`); a
 folder's weights can change under the same name (an SFT policy trained again in place, a head
 saved over). A run folder keeps, for each such folder that holds weights, its resolved path, a
-stat signature and the sha256 fingerprint of config.json and the weights
-(`policies.model_folder`). A rerun over rows compares them: equal signatures (the files were not
+stat signature and the sha256 fingerprint of its files (config.json, the weights, a reflective
+model's head: `policies.model_folder.model_files`). A rerun over rows compares them: equal signatures (the files were not
 touched) pass without reading the weights; otherwise the weights are hashed, and other weights
 refuse the run (`WeightsChangedError`, a ValueError: `error: ...`, exit 2) before anything loads.
 A folder without rows yet is simply bound to today's weights, as is one written before
@@ -71,23 +71,30 @@ def read_saved(path: Path) -> dict[str, Any]:
     return saved
 
 
-def changed_folders(out: Path) -> list[str]:
-    """The keys of out/weights.json whose folder holds other weights now than the rows came from
-    (a folder that is gone says nothing): what a caller that owns the run folder, such as the
-    demo's sweep, searches again instead of being refused."""
-    path = out / WEIGHTS_FILE
-    if not path.is_file():
-        return []
-    changed = []
-    for key, old in read_saved(path).items():
-        folder = Path(str(old.get("path")))
-        try:
-            signature = weights_signature(folder)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        if signature != old.get("signature") and fingerprint(folder, signature) != old.get("fingerprint"):
+def compare(saved: dict[str, Any], folders: dict[str, Path]) -> tuple[list[str], dict[str, Any]]:
+    """(the keys whose folder holds other weights than their saved record, the record of today's
+    folders): a saved key not among `folders` (a folder missing today, moved away to retrain?)
+    keeps its record; untouched files (equal path and stat signature) are not read."""
+    changed, now = [], dict(saved)
+    for key, folder in folders.items():
+        signature = weights_signature(folder)
+        old = saved.get(key)
+        if old is not None and old.get("path") == str(folder) and old.get("signature") == signature:
+            continue  # the same files, untouched: nothing to read
+        digest = fingerprint(folder, signature)
+        if old is not None and old.get("fingerprint") != digest:
             changed.append(key)
-    return changed
+        else:
+            now[key] = {"path": str(folder), "signature": signature, "fingerprint": digest}
+    return changed, now
+
+
+def changed_folders(out: Path, folders: dict[str, Path]) -> list[str]:
+    """The keys of out/weights.json whose folder (as the run's config resolves it now: `folders`,
+    `model_folders`) holds other weights than the rows came from: what a caller that owns the run
+    folder, such as the demo's sweep, searches again instead of being refused."""
+    path = out / WEIGHTS_FILE
+    return compare(read_saved(path), folders)[0] if path.is_file() else []
 
 
 def check_run_weights(out: Path, folders: dict[str, Path], has_records: bool) -> None:
@@ -95,19 +102,12 @@ def check_run_weights(out: Path, folders: dict[str, Path], has_records: bool) ->
     then write out/weights.json for them (module docstring)."""
     path = out / WEIGHTS_FILE
     saved = read_saved(path) if has_records and path.is_file() else {}
-    now: dict[str, Any] = dict(saved)  # a folder missing today (moved away to retrain?) keeps its record
-    for key, folder in folders.items():
-        signature = weights_signature(folder)
-        old = saved.get(key)
-        if old is not None and old.get("path") == str(folder) and old.get("signature") == signature:
-            now[key] = old  # the same files, untouched: nothing to read
-            continue
-        digest = fingerprint(folder, signature)
-        if old is not None and old.get("fingerprint") != digest:
-            raise WeightsChangedError(
-                f"{out} holds rows searched with other weights than {key}={folder} holds now (trained again in "
-                f"place?): use another out_dir, or delete that folder to search again"
-            )
-        now[key] = {"path": str(folder), "signature": signature, "fingerprint": digest}
+    changed, now = compare(saved, folders)
+    if changed:
+        key = changed[0]
+        raise WeightsChangedError(
+            f"{out} holds rows searched with other weights than {key}={folders[key]} holds now (trained again in "
+            f"place?): use another out_dir, or delete that folder to search again"
+        )
     if now != saved:
         write_atomic(path, json.dumps(now, indent=1, sort_keys=True) + "\n")

@@ -8,7 +8,7 @@ minutes later inside transformers or vLLM.
 
     directory = check_model_folder("/models/Qwen2.5-Math-7B-Instruct")   # FileNotFoundError naming what lacks
     weight_files(directory)        # [.../model-00001-of-00004.safetensors, ...]
-    weights_fingerprint(directory) # sha256 of config.json and the weights: which model this is
+    weights_fingerprint(directory) # sha256 of config.json, the weights and a head: which model this is
 
 Tests: `.venv/bin/pytest tests/test_model_folder.py`.
 """
