@@ -163,25 +163,29 @@ def _identity(spec: SweepSpec) -> dict[str, Any]:
 
 
 def drop_runs_of_other_weights(spec: SweepSpec) -> list[Path]:
-    """Remove the sweep's own run folders (`{strategy}_{budget}` of spec, real folders, not links)
-    whose rows came from other weights than the model folders their config names hold now (the
-    policy trained again in place: `experiments.run_weights`), so they are searched again rather
-    than refused; returns them, each named in a note on stderr. Anything else in out_dir stays."""
-    dropped = []
-    for strategy in spec.strategies:
-        for budget in spec.budgets:
-            run_dir = spec.out_dir / f"{strategy}_{budget}"
-            if run_dir.is_symlink() or not (run_dir / WEIGHTS_FILE).is_file():
+    """Remove the sweep's runs whose rows came from other weights than the sweep's checkpoint
+    holds now (the policy trained again in place: `experiments.run_weights`), so they are searched
+    again rather than refused, and a run of another budget left by a larger sweep does not join
+    the table with old rows; returns them, each named in a note on stderr. A run is the sweep's
+    when it is a real folder (not a link) in out_dir whose config searched spec.checkpoint; any
+    other folder (a run of another model, the user's files) stays."""
+    dropped, checkpoint = [], Path(spec.checkpoint).resolve()
+    for record in sorted(spec.out_dir.glob(f"*/{WEIGHTS_FILE}")):
+        run_dir = record.parent
+        if run_dir.is_symlink():
+            continue
+        try:
+            folders = model_folders(read_run_config(run_dir))
+            if folders.get("policy.path") != checkpoint:
                 continue
-            try:
-                changed = changed_folders(run_dir, model_folders(read_run_config(run_dir)))
-            except ValueError:  # a damaged config or record: the run itself names it
-                continue
-            if changed:
-                print(f"note: {run_dir} holds rows of other weights of {', '.join(changed)} (trained again): "
-                      "searched again", file=sys.stderr)
-                shutil.rmtree(run_dir)
-                dropped.append(run_dir)
+            changed = changed_folders(run_dir, folders)
+        except ValueError:  # a damaged config or record: the run itself names it
+            continue
+        if changed:
+            print(f"note: {run_dir} holds rows of other weights of {', '.join(changed)} (trained again): "
+                  "searched again", file=sys.stderr)
+            shutil.rmtree(run_dir)
+            dropped.append(run_dir)
     return dropped
 
 

@@ -127,19 +127,25 @@ def test_a_folder_missing_on_one_rerun_keeps_its_record(policy, tmp_path):
 
 def test_the_demo_sweep_searches_again_the_runs_of_a_policy_trained_again(policy, tmp_path, capsys):
     """The demo's sweep stopped at its last stage on the refusal, after retraining everything
-    before it; it owns its run folders, so it searches those runs again, and only those: a
-    folder of the user's, or a linked one, stays (the diff review saw both removed)."""
+    before it; it owns its runs, so it searches them again: those of its checkpoint, at any budget
+    (a larger sweep's run left behind joined the table with old rows), and only those: a run of
+    another model (even under a sweep's name) or a linked folder stays (the diff reviews)."""
     from experiments.demo_sweep import SweepSpec, drop_runs_of_other_weights
 
     sweep = tmp_path / "sweep_arith"
     spec = SweepSpec(out_dir=sweep, checkpoint=str(policy), strategies=("best_of_n", "beam"), budgets=(4,))
+    mine = save_tiny_checkpoint(tmp_path / "mine" / "final")
     elsewhere = tmp_path / "elsewhere" / "beam_4"
-    for run_dir, model in ((sweep / "best_of_n_4", policy), (elsewhere, policy), (sweep / "my_run", policy)):
+    runs = ((sweep / "best_of_n_4", policy), (sweep / "best_of_n_8", policy), (elsewhere, policy),
+            (sweep / "my_run", mine), (sweep / "beam_8", mine))
+    for run_dir, model in runs:
         run_search_experiment(composed([f"policy.path={model}", f"out_dir={run_dir}"] + TINY))
     (sweep / "beam_4").symlink_to(elsewhere)
     assert drop_runs_of_other_weights(spec) == []
     train_again_in_place(policy)
-    assert drop_runs_of_other_weights(spec) == [sweep / "best_of_n_4"]
-    assert not (sweep / "best_of_n_4").exists()
-    assert (sweep / "my_run" / "records.jsonl").is_file() and (elsewhere / "records.jsonl").is_file()
+    train_again_in_place(mine)
+    assert drop_runs_of_other_weights(spec) == [sweep / "best_of_n_4", sweep / "best_of_n_8"]
+    assert not (sweep / "best_of_n_4").exists() and not (sweep / "best_of_n_8").exists()
+    for kept in (sweep / "my_run", sweep / "beam_8", elsewhere):
+        assert (kept / "records.jsonl").is_file()
     assert "best_of_n_4 holds rows of other weights of policy.path (trained again): searched again" in capsys.readouterr().err
