@@ -66,6 +66,7 @@ from experiments.cli_errors import run_command
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
+from experiments.run_weights import check_run_weights, model_folders
 from experiments.search import chunk_seed, chunks, run_lock
 from experiments.sweep_metrics import run_metrics
 from experiments.tasks import grading, gsm8k
@@ -595,6 +596,15 @@ def pinned_by(out: Path, field: str) -> list[str]:
 
 
 def claim_out_dir(cfg: EvalConfig, out: Path) -> None:
+    """Save config.json, or refuse a folder whose outputs came from another config (`claim_config`)
+    or from other weights than the model folder holds now (`experiments.run_weights`: weights.json;
+    a model trained again in place had its rows reused, or mixed with the new model's)."""
+    claim_config(cfg, out)
+    made = any((out / name).exists() for name in STAGE_OUTPUTS)
+    check_run_weights(out, model_folders({"policy": {"path": cfg.model_dir}}), has_records=made)
+
+
+def claim_config(cfg: EvalConfig, out: Path) -> None:
     """Save config.json, or refuse a folder whose outputs came from another config. A field whose
     outputs do not exist yet (`pinned_by`: a LATE_FIELDS field before its stage, any field before
     the first stage output) may differ: config.json takes the new value, with a note."""

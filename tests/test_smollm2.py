@@ -144,6 +144,27 @@ def test_a_folder_that_is_not_a_conversion_is_never_replaced(tmp_path, monkeypat
     assert smollm2.is_conversion_target(tmp_path / "new") and smollm2.is_conversion_target(tmp_path / "empty")
 
 
+def test_a_run_folder_of_a_model_trained_again_in_place_is_refused(tmp_path):
+    """Its finished stages were reused and an unfinished one appended the new model's rows to the
+    old one's, one report of two models."""
+    from experiments.run_weights import WeightsChangedError
+    from experiments.smollm2_eval import EvalConfig, claim_out_dir
+    from policies.checkpoint import load_checkpoint, save_checkpoint
+    from tiny_checkpoint import save_tiny_checkpoint
+
+    model, folder = save_tiny_checkpoint(tmp_path / "my_model"), tmp_path / "run"
+    cfg = EvalConfig(model_dir=str(model))
+    claim_out_dir(cfg, folder)
+    (folder / "greedy.jsonl").write_text('{"problem_id": "p0"}\n')  # a stage output of these weights
+    claim_out_dir(cfg, folder)  # untouched: resumes
+    lm, tokenizer = load_checkpoint(model)
+    with torch.no_grad():
+        next(lm.parameters()).add_(0.01)
+    save_checkpoint(lm, tokenizer, model)
+    with pytest.raises(WeightsChangedError, match="holds rows searched with other weights than policy.path="):
+        claim_out_dir(cfg, folder)
+
+
 def test_a_missing_wheel_names_the_install_line(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == smollm2.PACKAGE else real(name, *a))
