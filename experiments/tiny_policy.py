@@ -33,10 +33,11 @@ from policies.tiny_tokenizer import build_tokenizer
 NOT_THE_WEIGHTS = ("checkpoint_every", "eval_every", "eval_max_examples", "num_threads")
 
 
-def cached_policy(run_dir: Path, sft: SFTConfig | None = None) -> Path | None:
+def cached_policy(run_dir: Path, sft: SFTConfig | None = None, run: dict[str, Any] | None = None) -> Path | None:
     """run_dir/final when it is a complete checkpoint, else None (saying what is missing). With
-    sft, a policy trained with other settings (its sft_summary.json) is still used, with a note
-    naming what differs: it is not retrained behind the user's back, nor passed off in silence."""
+    sft (and run: `run_settings`), a policy trained with other settings (its sft_summary.json) is
+    still used, with a note naming what differs: it is not retrained behind the user's back, nor
+    passed off in silence."""
     final = run_dir / "final"
     if not final.exists():
         return None
@@ -45,26 +46,30 @@ def cached_policy(run_dir: Path, sft: SFTConfig | None = None) -> Path | None:
     except FileNotFoundError as err:
         print(f"cached policy is incomplete, writing it again from {run_dir / 'last'}: {err}")
         return None
-    note = None if sft is None else settings_note(run_dir, sft)
+    note = None if sft is None else settings_note(run_dir, sft, run)
     if note is not None:
         print(note, file=sys.stderr)
     return found
 
 
-def settings_note(run_dir: Path, sft: SFTConfig) -> str | None:
-    """A note when run_dir/sft_summary.json records SFT settings that differ from sft (None when
-    they agree or no summary says)."""
+def settings_note(run_dir: Path, sft: SFTConfig, run: dict[str, Any] | None = None) -> str | None:
+    """A note when run_dir/sft_summary.json records SFT settings, or run settings (task config,
+    model shape, training pairs: `run_settings`; a summary written before it kept them says
+    nothing of them), that differ from those asked for (None when they agree or no summary says)."""
     path = run_dir / SUMMARY_FILE
     try:
-        saved = json.loads(path.read_text()).get("config") or {}
-    except (OSError, ValueError):
+        summary = json.loads(path.read_text())
+        saved, saved_run = summary.get("config") or {}, summary.get("run") or {}
+    except (OSError, ValueError, AttributeError):
         return None
     wanted = json.loads(json.dumps(asdict(sft)))  # tuples as lists, as saved
     diffs = [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in wanted.items()
              if key not in NOT_THE_WEIGHTS and saved.get(key) != value]
+    diffs += [f"{key}: {saved_run.get(key)!r} -> {value!r}" for key, value in (run or {}).items()
+              if key in saved_run and saved_run[key] != value]
     if not diffs:
         return None
-    return (f"note: the cached policy {run_dir / 'final'} was trained with other SFT settings ({'; '.join(diffs)}); "
+    return (f"note: the cached policy {run_dir / 'final'} was trained with other settings ({'; '.join(diffs)}); "
             f"it is used as it is: delete {run_dir} to train it with these")
 
 
@@ -90,7 +95,7 @@ def ensure_policy(
     """The trained policy's directory: the cached one, or a freshly trained (or resumed) one.
     task: an `experiments.sft_tasks` name; task_cfg: its difficulty config; train_problems: SFT
     pairs to draw (more than a run consumes)."""
-    cached = cached_policy(run_dir, sft)
+    cached = cached_policy(run_dir, sft, run_settings(task, task_cfg, model, train_problems))
     if cached is not None:
         return cached
     saved = saved_settings(run_dir) if (run_dir / "final").exists() else None
@@ -102,5 +107,12 @@ def ensure_policy(
     pairs = sft_task.training_pairs(task_cfg, train_problems, seed=sft.seed)
     tokenizer = build_tokenizer(corpus=sft_task.tokenizer_corpus(pairs))
     net = build_model(model, tokenizer)
-    run_info = {"task": task, "train_problems": train_problems}
-    return train_sft(sft, pairs, run_dir, net, tokenizer, progress=progress, run_info=run_info)
+    return train_sft(sft, pairs, run_dir, net, tokenizer, progress=progress,
+                     run_info=run_settings(task, task_cfg, model, train_problems))
+
+
+def run_settings(task: str, task_cfg: Any, model: TinyModelConfig, train_problems: int) -> dict[str, Any]:
+    """What besides the SFT config makes the policy (sft_summary.json's "run", as JSON reads it
+    back): the task, its difficulty config, the model's shape and the training pairs drawn."""
+    settings = {"task": task, "train_problems": train_problems, "task_config": asdict(task_cfg), "model": asdict(model)}
+    return json.loads(json.dumps(settings))

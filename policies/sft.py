@@ -340,16 +340,20 @@ def _train_sft(
             save_training_checkpoint(last, model, tokenizer, optimizer, run, cfg, start.identity)
             raise TrainingInterrupted(run.step, last)
     save_training_checkpoint(last, model, tokenizer, optimizer, run, cfg, start.identity)
-    write_summary(out_dir / SUMMARY_FILE, run, cfg, len(data))
+    write_summary(out_dir / SUMMARY_FILE, run, cfg, len(data), start.identity.get("run"))
     model.eval()
     return save_checkpoint(model, tokenizer, out_dir / FINAL)
 
 
-def write_summary(path: Path, run: TrainerProgress, cfg: SFTConfig, num_examples: int) -> dict:
-    """A JSON summary of the run (config: the latest one, steps, time, throughput, loss, the
-    resumes with what each changed, per-step history)."""
+def write_summary(
+    path: Path, run: TrainerProgress, cfg: SFTConfig, num_examples: int, run_info: Mapping[str, Any] | None = None
+) -> dict:
+    """A JSON summary of the run (config: the latest one, run: the caller's run_info such as the
+    task and its settings, steps, time, throughput, loss, the resumes with what each changed,
+    per-step history)."""
     summary = {
         "config": asdict(cfg),
+        "run": dict(run_info or {}),
         "num_examples": num_examples,
         "steps": run.step,
         "elapsed_s": run.elapsed_s,

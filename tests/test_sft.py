@@ -332,8 +332,19 @@ def test_a_cached_policy_of_other_sft_settings_is_used_with_a_note(tok, tmp_path
     assert capsys.readouterr().err == ""
     assert cached_policy(run, replace(made, max_minutes=None, max_steps=1400)) == run / "final"
     assert capsys.readouterr().err.strip() == (
-        f"note: the cached policy {run / 'final'} was trained with other SFT settings (max_minutes: 8.0 -> None; "
+        f"note: the cached policy {run / 'final'} was trained with other settings (max_minutes: 8.0 -> None; "
         f"max_steps: None -> 1400); it is used as it is: delete {run} to train it with these")
+    # another task config, model shape or pair count: named too (they were not compared at all)
+    from experiments.tasks.arith import ArithConfig
+    from experiments.tiny_policy import run_settings
+
+    trained = run_settings("arith", ArithConfig(), TinyModelConfig(), 1000)
+    (run / sft_resume.SUMMARY_FILE).write_text(json.dumps({"config": asdict(made), "run": trained}))
+    assert cached_policy(run, made, trained) == run / "final" and capsys.readouterr().err == ""
+    asked = run_settings("arith", ArithConfig(max_ops=8), TinyModelConfig(hidden=128), 10)
+    assert cached_policy(run, made, asked) == run / "final"
+    note = capsys.readouterr().err
+    assert "train_problems: 1000 -> 10" in note and "task_config: {" in note and "'hidden': 128" in note
 
 
 def test_an_incomplete_cached_policy_is_written_again_as_its_run_made_it(tmp_path, capsys):
