@@ -252,9 +252,13 @@ def _reading_order(line: str) -> int:
 def check_resumable(last: Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """The differences in RESUMABLE_KEYS ('key: saved -> current', for the record), or an SFTError
     naming every other difference (_reading_order: a task change reads first).
-    Parts one side lacks (a model not passed, a state saved before identities) are not compared."""
+    Parts one side lacks (a model not passed, a state saved before identities) are not compared,
+    nor run_info keys the saved run lacks (a caller that records more since: the data and model
+    fingerprints already hold what they say)."""
     shared = [part for part in current if part in saved]
     a, b = {part: saved[part] for part in shared}, {part: current[part] for part in shared}
+    if isinstance(a.get("run"), dict) and isinstance(b.get("run"), dict):
+        b["run"] = {key: value for key, value in b["run"].items() if key in a["run"]}
     refused = sorted(config_differences(a, b, RESUMABLE_KEYS), key=_reading_order)
     if refused:
         allowed = ", ".join(key.removeprefix("sft.") for key in RESUMABLE_KEYS)

@@ -223,9 +223,11 @@ def test_resume_refuses_another_config_and_allows_a_longer_budget(tok, examples,
             train_sft(cfg, data, run, model, None if model is None else tok, progress=False, run_info=info)
         assert state_step(run) == 4  # nothing trained, nothing overwritten
     capsys.readouterr()
-    # a longer budget (and another checkpoint interval) is how a run trains longer
+    # a longer budget (and another checkpoint interval) is how a run trains longer; run_info keys
+    # the saved run did not record (a caller recording more since) are not compared
     longer = steps_cfg(6, checkpoint_every=5)
-    train_sft(longer, examples, run, build_model(SMALL, tok), tok, progress=False, run_info=arith_info)
+    train_sft(longer, examples, run, build_model(SMALL, tok), tok, progress=False,
+              run_info={**arith_info, "model": {"hidden": 256}})
     out = capsys.readouterr().out
     assert f"resuming from {run / 'last'} at step 4\n" in out and "sft.max_steps: 4 -> 6" in out
     assert state_step(run) == 6
