@@ -125,8 +125,13 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     place; on an exception the temporary directory is removed and out_dir is left untouched.
     The new folder and its files get the modes the umask gives new files (tempfile's 0700 / 0600,
     and some writers' own, made checkpoints unreadable to a server running as another user).
+    An out_dir that is a symlink is written where it points, the link kept (a link to an empty
+    folder was replaced by a folder, a dangling one failed with NotADirectoryError and left the
+    temporary folder behind).
     """
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -136,10 +141,16 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{tmp.name[-8:]}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+    try:
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{tmp.name[-8:]}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None and not out_dir.exists():
+            os.replace(old, out_dir)  # the old folder back where it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

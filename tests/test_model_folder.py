@@ -123,3 +123,30 @@ def test_eos_ids_without_a_generation_config_are_config_jsons_on_every_backend(f
     model, tokenizer = load_checkpoint(folder)
     assert tokenizer.eos_token_id != 11 and not (folder / "generation_config.json").exists()
     assert checkpoint_eos_ids(folder, tokenizer) == _eos_ids(model, tokenizer) == [tokenizer.eos_token_id, 11]
+
+
+def test_an_atomic_directory_behind_a_symlink_is_written_where_it_points(tmp_path, monkeypatch):
+    """A link to an empty folder was replaced by a folder; a dangling one failed with
+    NotADirectoryError and left its temporary folder (a model's worth of disk) behind."""
+    import os
+
+    from policies import checkpoint
+    from policies.checkpoint import atomic_directory
+
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "model")
+    for link, target in ((tmp_path / "link", tmp_path / "target"), (tmp_path / "dangling", tmp_path / "nowhere" / "model")):
+        with atomic_directory(link) as tmp:
+            (tmp / "config.json").write_text("{}")
+        assert link.is_symlink() and (target / "config.json").read_text() == "{}"
+    assert not [p for p in tmp_path.rglob(".*tmp-*")]
+    # a rename that fails puts the old folder back and leaves no temporary folder
+    real = os.replace
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: real(a, b) if ".old-" in str(b) or ".old-" in str(a)
+                        else (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError, match="disk gone"):
+        with atomic_directory(tmp_path / "target") as tmp:
+            (tmp / "config.json").write_text('{"new": 1}')
+    assert (tmp_path / "target" / "config.json").read_text() == "{}"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
