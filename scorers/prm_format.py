@@ -3,8 +3,10 @@ the text it reads (`prm_text`): the layouts of the open PRMs that researchers co
 
 Three layouts cover them (`PRM_FORMATS` names the presets):
 - "tag" (`math_shepherd`, peiyi9979/math-shepherd-mistral-7b-prm): the text
-  `question + " " + step_1 + " ки" + "\\n" + step_2 + " ки" + "\\n" ...`, the tokenizer's special
-  tokens added; a step is read at the last token of its tag.
+  `question + " " + "Step 1: " + step_1 + " ки" + "\\n" + "Step 2: " + step_2 + " ки" + "\\n" ...` (the
+  model card's and the Math-Shepherd data's layout), the tokenizer's special tokens added; a step
+  is read at the last token of its tag. A step that already starts with its own "Step k:" (or
+  "## Step k:") keeps it and gets no second one.
 - "chat" (`rlhflow`, RLHFlow/Llama3.1-8B-PRM-Deepseek-Data and -Mistral-Data, the PRM of
   search-and-learn): a conversation in the model's own chat template, the first user turn the
   question and the first step, each later user turn one step, each assistant answer "+"; a step
@@ -28,6 +30,7 @@ code does, and no token is looked up by id.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +38,7 @@ from treesearch.records import Prefix
 
 LAYOUTS: tuple[str, ...] = ("tag", "chat", "chat_tag")
 READERS: tuple[str, ...] = ("lm", "head")
+NUMBERED_STEP = re.compile(r"#*\s*step\s*\d+\s*:", re.IGNORECASE)
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -45,6 +49,9 @@ class PRMFormat:
     layout: "tag", "chat" or "chat_tag".
     step_tag: tag layouts: appended to each step; the step is read at the tag's last token.
     step_join: tag layouts: between a step's tag and the next step.
+    step_prefix: tag layout: written before each step, "{k}" replaced by the step's number from 1
+        ("Step {k}: " for Math-Shepherd); left out for a step whose text already starts with
+        "Step <number>:" (any case, after optional "#" marks). Empty: none.
     question_join: between the question and the first step (tag layout; the first user turn in chat).
     system: chat layouts: a system turn before the question when not empty.
     reader: "lm" (next-token logits of good against bad) or "head" (a two-class score head).
@@ -57,6 +64,7 @@ class PRMFormat:
     layout: str = "tag"
     step_tag: str = " ки"
     step_join: str = "\n"
+    step_prefix: str = ""
     question_join: str = " "
     system: str = ""
     reader: str = "lm"
@@ -79,7 +87,7 @@ class PRMFormat:
 
 
 PRM_FORMATS: dict[str, PRMFormat] = {
-    "math_shepherd": PRMFormat(layout="tag"),
+    "math_shepherd": PRMFormat(layout="tag", step_prefix="Step {k}: "),
     "rlhflow": PRMFormat(layout="chat"),
     "qwen_prm": PRMFormat(layout="chat_tag", step_tag="<extra_0>", step_join="", system=QWEN_SYSTEM, reader="head"),
 }
@@ -127,13 +135,22 @@ def prm_text(fmt: PRMFormat, tokenizer: Any, path: Prefix) -> PRMText:
 
 
 def tag_text(fmt: PRMFormat, question: str, steps: list[str]) -> PRMText:
-    """question + join + (step + tag + step_join) per step; each step read where its tag ends."""
+    """question + join + (prefix + step + tag + step_join) per step; each step read where its tag
+    ends."""
     text, ends = question + fmt.question_join, []
-    for step in steps:
-        text += step + fmt.step_tag
+    for k, step in enumerate(steps, start=1):
+        text += step_prefix(fmt, k, step) + step + fmt.step_tag
         ends.append(len(text))
         text += fmt.step_join
     return PRMText(text, tuple(ends))
+
+
+def step_prefix(fmt: PRMFormat, k: int, step: str) -> str:
+    """fmt.step_prefix for step number k, or "" when step already starts with a "Step <n>:" of its
+    own (a policy prompted to number its steps, as search-and-learn's "## Step 1:")."""
+    if not fmt.step_prefix or NUMBERED_STEP.match(step):
+        return ""
+    return fmt.step_prefix.replace("{k}", str(k))
 
 
 def chat_text(fmt: PRMFormat, tokenizer: Any, question: str, steps: list[str]) -> PRMText:

@@ -23,7 +23,7 @@ from policies.tiny_model import TinyModelConfig
 from scorers.lm_prm_scorer import LMPRMScorer
 from scorers.prm_layout import last_token_before, readings_of, whole_paths
 from scorers.prm_batches import PRMBatch, forwarded_tokens, plan_batches
-from scorers.prm_format import QWEN_SYSTEM, PRMFormat, resolve_prm_format
+from scorers.prm_format import QWEN_SYSTEM, PRMFormat, prm_text, resolve_prm_format
 from scorers.prm_readers import ScoreHead
 from test_search_resume import run_in_process
 from tiny_checkpoint import CHAT_TEMPLATE, save_tiny_checkpoint, with_chat_template, with_score_head
@@ -80,7 +80,7 @@ def test_tag_layout_scores_each_step_at_its_tag_like_a_full_forward(prm_dir):
     scorer = LMPRMScorer.from_pretrained(prm_dir, "math_shepherd", batch_size=2)
     tokenizer = scorer.tokenizer
     reading = scorer.read(PATHS)[0]
-    text = "What is 3 + 4 * 2? 4 * 2 = 8 ки\n3 + 8 = 11 ки\nAnswer: 11 ки\n"
+    text = "What is 3 + 4 * 2? Step 1: 4 * 2 = 8 ки\nStep 2: 3 + 8 = 11 ки\nStep 3: Answer: 11 ки\n"
     ids = tokenizer(text)["input_ids"]
     assert list(reading.token_ids) == ids
     # the read token is the one that ends each tag: the prefix up to the tag's end, tokenised alone
@@ -183,10 +183,22 @@ def test_paths_that_start_alike_share_one_forward_of_that_start_and_score_the_sa
     assert shared.cost(CHILDREN[:4]) == 2 * start + sum(len(ids) - start for ids in first)
 
 
+def test_math_shepherd_numbers_each_step_unless_the_step_numbers_itself():
+    """The model card's layout: "Step k: " before each step; a policy that writes its own "Step k:"
+    (search-and-learn's "## Step 1:") keeps it and gets no second one."""
+    fmt = resolve_prm_format("math_shepherd")
+    plain = Prefix(PROBLEM, (step("4 * 2 = 8\n"), step("3 + 8 = 11")))
+    assert prm_text(fmt, None, plain).text == "What is 3 + 4 * 2? Step 1: 4 * 2 = 8 ки\nStep 2: 3 + 8 = 11 ки\n"
+    numbered = Prefix(PROBLEM, (step("## Step 1: 4 * 2 = 8\n"), step("step 2: 3 + 8 = 11"), step("Steps 3 and 4")))
+    text = prm_text(fmt, None, numbered)
+    assert text.text == "What is 3 + 4 * 2? ## Step 1: 4 * 2 = 8 ки\nstep 2: 3 + 8 = 11 ки\nStep 3: Steps 3 and 4 ки\n"
+    assert [text.text[:end][-3:] for end in text.read_ends] == [" ки"] * 3
+
+
 def test_a_step_is_read_without_its_surrounding_whitespace(prm_dir):
     scorer = LMPRMScorer.from_pretrained(prm_dir)
     (reading,) = scorer.read([PATHS[2]])
-    assert scorer.tokenizer.decode(reading.token_ids, skip_special_tokens=True) == "What is 3 + 4 * 2? 3 + 4 = 7 ки\n"
+    assert scorer.tokenizer.decode(reading.token_ids, skip_special_tokens=True) == "What is 3 + 4 * 2? Step 1: 3 + 4 = 7 ки\n"
 
 
 def test_a_repeated_path_is_forwarded_once(prm_dir):
@@ -205,8 +217,9 @@ def test_a_repeated_path_is_forwarded_once(prm_dir):
 def test_paths_of_one_text_split_into_other_steps_are_read_apart(prm_dir, share_prefix):
     """A step that holds the tag and joiner lays out as the two steps it spans: same tokens, other
     read positions; each path gets its own reading (one score per step), in one call or alone."""
-    base = LMPRMScorer.from_pretrained(prm_dir, cache_bytes=0)  # math_shepherd: " ки" after a step, "\n" between
-    scorer = LMPRMScorer(base.model, base.tokenizer, share_prefix=share_prefix, cache_bytes=0)
+    base = LMPRMScorer.from_pretrained(prm_dir, cache_bytes=0)
+    plain = PRMFormat(layout="tag")  # " ки" after a step, "\n" between, no "Step k: " (which tells the two apart)
+    scorer = LMPRMScorer(base.model, base.tokenizer, plain, share_prefix=share_prefix, cache_bytes=0)
     joined = Prefix(PROBLEM, (step("4 * 2 = 8" + scorer.format.step_tag + scorer.format.step_join + "3 + 8 = 11"),))
     split = Prefix(PROBLEM, (step("4 * 2 = 8"), step("3 + 8 = 11")))
     together = scorer.read([joined, split, joined])
