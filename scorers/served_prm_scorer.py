@@ -151,8 +151,9 @@ def single_token_id(tokenizer: object, text: str) -> int | None:
 
 def step_scores(rows: list[list[float]], ids: list[int], positions: list[int], tag_id: int | None = None) -> list[float]:
     """P(class 1) at each read position from the server's per-token logits (pooling type ALL: one
-    row per token) or per-tag logits (STEP pooling: one row per read position, in order);
-    ValueError for any other number of rows (tag_id: the step tag's token id, for the message)."""
+    row per token) or per-tag logits (STEP pooling: one row per tag token in ids, in order; a step
+    whose own text holds the tag adds a row, read past); ValueError for any other number of rows
+    (tag_id: the step tag's token id)."""
     if not rows:
         step = "" if tag_id is None else f" or '{{\"pooling_type\": \"STEP\", \"step_tag_id\": {tag_id}}}'"
         raise ValueError(
@@ -163,8 +164,11 @@ def step_scores(rows: list[list[float]], ids: list[int], positions: list[int], t
     logits = torch.tensor(rows, dtype=torch.float32)  # [rows, 2]
     if logits.ndim != 2 or logits.shape[-1] != 2:
         raise ValueError(f"the served PRM returned rows of shape {tuple(logits.shape)}: a two-class head gives [L, 2]")
+    tags = [] if tag_id is None else [k for k, token in enumerate(ids) if token == tag_id]
     if len(logits) == len(ids):
         picked = logits[positions]
+    elif len(logits) == len(tags) and set(positions) <= set(tags):
+        picked = logits[[tags.index(p) for p in positions]]
     elif len(logits) == len(positions):
         picked = logits
     else:

@@ -140,6 +140,8 @@ def test_per_tag_answers_are_read_in_order_and_other_shapes_are_named():
     assert step_scores([per_token[1], per_token[3]], ids, positions) == expected  # STEP pooling: one row a tag
     with pytest.raises(ValueError, match=r"returned 3 rows for a path of 4 tokens and 2 steps: serve it with"):
         step_scores(per_token[:3], ids, positions)
+    # a step whose text holds the tag token (id 9 at index 2): STEP pooling answers at every tag
+    assert step_scores(per_token[1:], [7, 9, 9, 9], positions, tag_id=9) == expected
     with pytest.raises(ValueError, match=r"rows of shape \(4, 3\)"):
         step_scores([[0.0, 0.0, 0.0]] * 4, ids, positions)
     with pytest.raises(ValueError, match=r"no rows for a path of 4 tokens \(a STEP pooling server whose step_tag_id "
