@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from experiments.aha_metrics import AHA_THRESHOLD, aha_step
-from experiments.plot_output import PlotOutputError, check_out_path
+from experiments.plot_output import PlotOutputError, check_out_path, save_figure
 
 
 CURVES: tuple[tuple[str, str, str, str], ...] = (  # (key, label, color, line style)
@@ -159,7 +159,7 @@ def plot_aha(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     bottom.set_xlabel("training step")
     bottom.set_ylabel("gap / accuracy")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120, format=fmt)
+    save_figure(fig, out_png, fmt, dpi=120)
     return out_png
 
 

@@ -7,8 +7,9 @@ compute only (greedy) is a single marker. A sweep folder holding runs of several
 (task / policy configs, `experiments.sweep_metrics`) gets one line per workload and strategy,
 labelled "strategy [workload]", a marker shape per workload, and a one-line note on stderr.
 A legend entry gives the fitted slope and, where the curve flattens within the sweep, the last N
-that gained more than --threshold accuracy per doubling ("flat after N=8"; `experiments.scaling`).
-More than six series widen the figure and put the legend beside the axes.
+that gained more than --threshold accuracy per doubling ("flat after N=8"; `experiments.scaling`;
+"flat" or "falling" when no step gained that much). More than six series widen the figure and put
+the legend beside the axes; labels longer than 48 characters (several workloads) put it below.
 
     python -m experiments.plot_scaling outputs/sweeps/budget_sweep              # -> SWEEP_DIR/scaling.png
     python -m experiments.plot_scaling outputs/sweeps/budget_sweep --out s.png --threshold 0.02
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,12 +35,13 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from experiments.plot_output import PlotOutputError, check_out_path
+from experiments.plot_output import PlotOutputError, check_out_path, save_figure
 from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_strategy
 from experiments.sweep_metrics import RunFolderError, RunSummary, sweep_notes, sweep_summaries
 
 WORKLOAD_MARKERS = ("o", "s", "^", "D", "v", "P")  # one shape per workload
 CROWDED = 6  # more series than this: a wider figure with the legend beside the axes
+LABEL_WIDTH = 48  # legend labels wrap at this many characters; a longer one puts the legend below the axes
 
 
 def series_colors(count: int) -> list[Any]:
@@ -56,7 +59,7 @@ def draw_series(ax: Axes, series: SeriesScaling, color: str, marker: str = "o") 
                     [p.accuracy.high - p.accuracy.mean for p in series.points]])  # [2, P]
     label = series.name if series.fit is None else f"{series.name}: {round(series.fit.slope, 3) + 0.0:+.3f}/doubling"
     if series.flattened:  # the threshold's verdict (`experiments.scaling.last_gaining`)
-        label += f", flat after N={series.last_gaining_budget}" if series.last_gaining_budget else ", flat"
+        label += f", flat after N={series.last_gaining_budget}" if series.last_gaining_budget else no_gain(series)
     ax.errorbar(c, y, yerr=err, fmt=marker, color=color, capsize=3, label=label)
     for p in series.points:
         ax.annotate(f"N={p.budget}", (p.compute, p.accuracy.mean), textcoords="offset points",
@@ -66,9 +69,30 @@ def draw_series(ax: Axes, series: SeriesScaling, color: str, marker: str = "o") 
         ax.plot(grid, series.fit.predict(grid), "-", color=color, alpha=0.7)
 
 
+def no_gain(series: SeriesScaling) -> str:
+    """The legend's word for a series with no step above the threshold: "falling" when its largest
+    budget scored below its smallest, else "flat"."""
+    first, last = series.points[0].accuracy.mean, series.points[-1].accuracy.mean
+    return ", falling" if last < first else ", flat"
+
+
+def place_legend(ax: Axes, crowded: bool) -> None:
+    """The legend inside the axes for a few short labels; beside them for many series, below them
+    for long labels (a sweep of several workloads), each label wrapped to LABEL_WIDTH characters."""
+    handles, labels = ax.get_legend_handles_labels()
+    long = max((len(label) for label in labels), default=0) > LABEL_WIDTH
+    labels = [textwrap.fill(label, LABEL_WIDTH) for label in labels]
+    if long:  # below the axes and their x label (the figure's constrained layout makes the room)
+        ax.figure.legend(handles, labels, fontsize=7, loc="outside lower center")
+    elif crowded:  # beside the axes, off the points
+        ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(handles, labels, fontsize=8)
+
+
 def plot_scaling(sweep_dir: str | Path, out_png: str | Path, threshold: float = DEFAULT_THRESHOLD) -> Path:
     """Draw the sweep's accuracy-vs-compute plot into out_png; return its path."""
-    return plot_runs(sweep_summaries(sweep_dir), Path(sweep_dir).name, out_png, threshold)
+    return plot_runs(sweep_summaries(sweep_dir), Path(sweep_dir).resolve().name, out_png, threshold)
 
 
 def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, threshold: float = DEFAULT_THRESHOLD) -> Path:
@@ -78,7 +102,7 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
     fmt = check_out_path(out_png, "scaling.png")
     out_png.parent.mkdir(parents=True, exist_ok=True)
     crowded = len(series) > CROWDED
-    fig = Figure(figsize=(10 if crowded else 7, 4.5))  # drawn on its own Agg canvas: the process's backend is left alone
+    fig = Figure(figsize=(10 if crowded else 7, 4.5), layout="constrained")  # on its own Agg canvas: the process's backend is left alone
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     colors = series_colors(len(series))
@@ -89,14 +113,10 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
     ax.set_xscale("log", base=2)
     ax.set_xlabel("compute C = policy parameters x tokens generated per problem (log2 scale)")
     ax.set_ylabel("accuracy (chosen answer, 95% CI)")
-    ax.set_title(f"Test-time search scaling: {name}")
+    ax.set_title(textwrap.fill(f"Test-time search scaling: {name}", 2 * LABEL_WIDTH))
     ax.grid(True, alpha=0.3)
-    if crowded:  # beside the axes, off the points
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    else:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120, format=fmt)
+    place_legend(ax, crowded)
+    save_figure(fig, out_png, fmt, dpi=120, bbox_inches="tight")  # the legend beside or below stays in
     return out_png
 
 
@@ -105,7 +125,7 @@ def run_scaling(args: argparse.Namespace) -> int:
         runs = sweep_summaries(args.sweep_dir)
         for note in sweep_notes(runs, args.sweep_dir):
             print(note, file=sys.stderr)
-        out = plot_runs(runs, args.sweep_dir.name, args.out or args.sweep_dir / "scaling.png", args.threshold)
+        out = plot_runs(runs, args.sweep_dir.resolve().name, args.out or args.sweep_dir / "scaling.png", args.threshold)
     except (RunFolderError, PlotOutputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

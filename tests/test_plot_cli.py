@@ -22,14 +22,21 @@ from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 
 from experiments import plot as plot_module
+from experiments import plot_output
 from experiments.plot import main
 from experiments.tree_html import write_tree_html
 from experiments.tree_plot import draw_tree_png, short_label
 from step_tree_fakes import step_named
+from test_scaling import write_run
 from treesearch.records import Problem, Step
 from treesearch.tree import Tree
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_scaling_run(folder: Path) -> None:
+    """One run folder of a sweep (best_of_n at N=2, 5 of its 10 problems right)."""
+    write_run(folder, "best_of_n", 2, 0, [i < 5 for i in range(10)], 20)
 
 
 def text_step(text: str, finish: str = "separator") -> Step:
@@ -286,3 +293,32 @@ def test_watch_period_out_of_range_is_a_usage_error(tmp_path, capsys, period):
         main(["tree", str(tmp_path / "r.json"), "--watch", period])
     assert exit_info.value.code == 2
     assert f"argument --watch: {period!r} must be a number of seconds > 0 and <= 86400" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["aha", "scaling"])
+def test_pgf_without_latex_is_named_before_drawing(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.setattr(plot_output.shutil, "which", lambda name: None)
+    source = metrics_rows(tmp_path / "metrics.jsonl", [0.0, 0.2]) if command == "aha" else tmp_path
+    if command == "scaling":
+        write_scaling_run(tmp_path / "run")
+    target = tmp_path / "plot.pgf"
+    assert main([command, str(source), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {target}: matplotlib writes .pgf with ") and "which is not installed" in err
+    assert err.count("\n") == 1 and not target.exists()
+
+
+@pytest.mark.parametrize("command", ["aha", "scaling"])
+def test_an_image_matplotlib_cannot_write_is_a_one_line_error_without_a_partial_file(tmp_path, capsys, monkeypatch, command):
+    def fail(self, out, **kwargs):
+        Path(out).write_bytes(b"%PDF-1.4 half")  # written partly, then the backend fails
+        raise RuntimeError("the backend gave up")
+
+    monkeypatch.setattr(Figure, "savefig", fail)
+    source = metrics_rows(tmp_path / "metrics.jsonl", [0.0, 0.2]) if command == "aha" else tmp_path
+    if command == "scaling":
+        write_scaling_run(tmp_path / "run")
+    target = tmp_path / "plot.pdf"
+    assert main([command, str(source), "--out", str(target)]) == 2
+    assert capsys.readouterr().err == f"error: {target}: the image could not be written: the backend gave up\n"
+    assert not target.exists()

@@ -488,3 +488,30 @@ def test_runs_short_of_their_task_count_and_folders_without_rows_are_named_not_f
     assert len(sweep_summaries(synthetic_sweep)) == 12
     assert plot_scaling_module.main([str(synthetic_sweep)]) == 0
 
+
+
+def test_a_falling_series_is_called_falling_not_flat(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plot_scaling_module.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    for budget, good in ((4, 5), (8, 2)):  # beam search lost accuracy from N=4 to N=8
+        write_run(tmp_path / f"beam-{budget}", "beam_search", budget, 0, [i < good for i in range(10)], 10 * budget)
+    plot_scaling_module.plot_scaling(tmp_path, tmp_path / "s.png")
+    labels = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+    assert labels == ["beam_search: -0.300/doubling, falling"]
+
+
+def test_long_workload_labels_put_the_legend_below_the_axes_and_the_folder_names_the_title(tmp_path, monkeypatch):
+    figures, saved = [], []
+    monkeypatch.setattr(plot_scaling_module.Figure, "savefig", lambda self, *a, **k: (figures.append(self), saved.append(k)))
+    for temperature in (0.7, 0.9):  # two workloads told apart by long policy paths
+        for budget in (2, 4):
+            write_run(tmp_path / "sweep" / f"t{temperature}-{budget}", "best_of_n", budget, 0, [True, False], 10 * budget,
+                      temperature=temperature, policy_path=f"/very/long/folder/of/checkpoints/{temperature}/final")
+    monkeypatch.chdir(tmp_path / "sweep")
+    plot_scaling_module.plot_scaling(Path("."), tmp_path / "s.png")
+    fig = figures[-1]
+    assert fig.axes[0].get_legend() is None and len(fig.legends) == 1  # not squeezed into the axes
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(texts) == 2 and all(max(len(line) for line in t.splitlines()) <= plot_scaling_module.LABEL_WIDTH for t in texts)
+    assert fig.axes[0].get_title() == "Test-time search scaling: sweep"  # "." named by its folder
+    assert saved[-1]["bbox_inches"] == "tight"
