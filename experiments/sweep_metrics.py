@@ -62,8 +62,9 @@ from experiments.record_log import load_rows
 from treesearch.config_diff import flatten
 
 RECORDS = "records.jsonl"
-RECORD_KEYS = ("problem_id",)  # what every row of a search's records holds (`load_rows` checks it)
+RECORD_KEYS = ("problem_id", "strategy", "config", "candidates", "compute")  # what every row of a search's records holds (`load_rows` checks it)
 CONFIG = "config.yaml"
+SEARCH_CONFIG_NODES: tuple[str, ...] = ("task", "policy", "scorer")  # a config.yaml with these is a search run's
 # the strategy config field that is its budget (the N of a sweep); "n" for the others
 BUDGET_FIELDS: dict[str, str] = {"mcts": "iterations"}
 # name in metrics -> selector of experiments.metrics
@@ -505,11 +506,29 @@ def asked_count(workload_key: str) -> int:
     return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 0
 
 
+def unstarted_folders(sweep_dir: Path) -> list[Path]:
+    """Folders at or below sweep_dir that hold a search's config.yaml (its task, policy and scorer)
+    but no records.jsonl: a job stopped before its first chunk finished (outside .hydra/)."""
+    folders = []
+    for path in Path(sweep_dir).rglob(CONFIG):
+        folder = path.parent
+        if folder.name == ".hydra" or (folder / RECORDS).exists():
+            continue
+        try:
+            config = read_run_config(folder)
+        except RunFolderError:
+            continue  # not a run config: not ours to name
+        if all(node in config for node in SEARCH_CONFIG_NODES):
+            folders.append(folder)
+    return sorted(folders)
+
+
 def empty_note(summaries: Sequence[RunSummary], sweep_dir: str | Path) -> str | None:
-    """One line for stderr naming the run folders left out for having no complete row yet."""
+    """One line for stderr naming the run folders left out for having no complete row yet (an
+    empty records.jsonl, or none beside a search's config.yaml)."""
     root = Path(sweep_dir)
     counted = {s.run for s in summaries}
-    empty = [name for folder in run_folders(root)
+    empty = [name for folder in sorted(run_folders(root) + unstarted_folders(root))
              if (name := str(folder.relative_to(root)) if folder != root else ".") not in counted]
     if not empty:
         return None

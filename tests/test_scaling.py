@@ -481,10 +481,15 @@ def test_runs_short_of_their_task_count_and_folders_without_rows_are_named_not_f
         (synthetic_sweep / name / "config.yaml").write_text(OmegaConf.to_yaml(config))
     (synthetic_sweep / "empty-job").mkdir()
     (synthetic_sweep / "empty-job" / "records.jsonl").write_text("")
+    # a job killed before its first chunk ended: its config.yaml (and Hydra's copy), no records.jsonl yet
+    (synthetic_sweep / "killed-job" / ".hydra").mkdir(parents=True)
+    for folder in (synthetic_sweep / "killed-job", synthetic_sweep / "killed-job" / ".hydra"):
+        (folder / "config.yaml").write_text((synthetic_sweep / "bon-4-0" / "config.yaml").read_text())
     assert sweep_metrics.main([str(synthetic_sweep)]) == 0
     err = capsys.readouterr().err
     assert "bon-2-0 (10 of 12)" in err and "bon-2-1 (10 of 12)" in err
-    assert "note: left out 1 run folder with no complete row yet (not started, or its first write failed): empty-job" in err
+    assert ("note: left out 2 run folders with no complete row yet (not started, or its first write failed): "
+            "empty-job, killed-job\n") in err
     assert len(sweep_summaries(synthetic_sweep)) == 12
     assert plot_scaling_module.main([str(synthetic_sweep)]) == 0
 

@@ -191,3 +191,8 @@ def test_a_records_row_without_a_problem_id_is_named_by_its_line(ckpt, tmp_path)
     with pytest.raises(RecordLogError, match=message):
         summarize_run(out, tmp_path)
     assert load_rows(out / "records.jsonl")[-1] == {"foo": 1}  # no key asked for: a row like any other
+    # a row with its problem_id but not the rest the sweep reads: named too (a KeyError on 'compute' before)
+    lines = (out / "records.jsonl").read_text().splitlines()
+    (out / "records.jsonl").write_text("\n".join(lines[:2] + ['{"problem_id": "x"}']) + "\n")
+    with pytest.raises(RecordLogError, match=r"records.jsonl: line 3 has no 'strategy': not a row this log writes"):
+        summarize_run(out, tmp_path)
