@@ -7,9 +7,13 @@ naming the option and the ones the group has, and exits 2, as the CLIs' other in
     error: search=nosuch is not an option of group search; valid: beam, best_of_n, dvts, greedy, mcts, particle_filtering, rebase
 
 An argument is checked when it reads `[+|++]GROUP=NAMES` with GROUP a folder of the config
-directory (hydra/... groups belong to Hydra too and are left to it) and NAMES plain names,
-comma-separated for a sweep; anything else (a key with dots, Hydra's sweep functions, an
-interpolation) is left to Hydra.
+directory and NAMES plain names, comma-separated for a sweep; anything else (a key with dots,
+Hydra's sweep functions, an interpolation) is left to Hydra. Of Hydra's own groups,
+`hydra/launcher` and `hydra/sweeper` are checked against the config directory's files and the
+options the installed Hydra plugins register (`hydra/launcher=slurm`: one line naming basic,
+joblib, local, submitit_local, submitit_slurm), and an option whose plugin is not installed is
+named with the package to install (`hydra/launcher=local` without hydra-joblib-launcher); the
+rest of hydra/... is left to Hydra.
 
     if __name__ == "__main__":
         check_group_options(sys.argv[1:], CONFIG_DIR)
@@ -24,26 +28,65 @@ from typing import Sequence
 
 from experiments.cli_errors import USAGE_EXIT
 
-GROUP_ARGUMENT = re.compile(r"^\+{0,2}(?P<group>[A-Za-z_][\w-]*)=(?P<names>[\w.-]+(?:,[\w.-]+)*)$")
+GROUP_ARGUMENT = re.compile(r"^\+{0,2}(?P<group>[A-Za-z_][\w-]*(?:/[A-Za-z_][\w-]*)?)=(?P<names>[\w.-]+(?:,[\w.-]+)*)$")
+HYDRA_GROUPS: tuple[str, ...] = ("hydra/launcher", "hydra/sweeper")  # Hydra's groups this module checks
+# a hydra/launcher option -> the option a plugin registers that it needs, and the plugin's package
+PLUGIN_OPTIONS: dict[str, tuple[str, str]] = {
+    "local": ("joblib", "hydra-joblib-launcher"),  # conf/hydra/launcher/local.yaml extends joblib
+    "joblib": ("joblib", "hydra-joblib-launcher"),
+    "submitit_local": ("submitit_local", "hydra-submitit-launcher"),
+    "submitit_slurm": ("submitit_slurm", "hydra-submitit-launcher"),  # ours names the plugin's launcher class
+}
 
 
 def group_options(config_dir: Path, group: str) -> list[str]:
-    """The option names of a config group (its folder's yaml files), sorted."""
-    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+    """The option names of a config group (its folder's yaml files; for Hydra's launcher and
+    sweeper groups also the installed plugins' options), sorted."""
+    files = {p.stem for p in (config_dir / group).glob("*.yaml")}
+    return sorted(files | plugin_options(group)) if group in HYDRA_GROUPS else sorted(files)
+
+
+def plugin_options(group: str) -> set[str]:
+    """The options Hydra and its installed plugins register in group (e.g. hydra/launcher: basic,
+    joblib, submitit_local, submitit_slurm with both launcher plugins)."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # imports the installed plugins, which register their configs
+    node: object = ConfigStore.instance().repo
+    for part in group.split("/"):
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return {name.removesuffix(".yaml") for name in node} if isinstance(node, dict) else set()
 
 
 def unknown_group_option(argv: Sequence[str], config_dir: Path) -> str | None:
-    """The error line for the first argument naming an option its group lacks, else None."""
+    """The error line for the first argument naming an option its group lacks (or whose Hydra
+    plugin is not installed), else None."""
     for argument in argv:
         match = GROUP_ARGUMENT.match(argument)
-        if match is None or match["group"] == "hydra" or not (config_dir / match["group"]).is_dir():
+        group = match["group"] if match else ""
+        checked = group in HYDRA_GROUPS or (not group.startswith("hydra") and (config_dir / group).is_dir())
+        if match is None or not checked:
             continue
-        options = group_options(config_dir, match["group"])
+        options = group_options(config_dir, group)
         for name in match["names"].split(","):
             if name not in options:
-                return (f"error: {match['group']}={name} is not an option of group {match['group']}; "
-                        f"valid: {', '.join(options)}")
+                plugins = " (a Hydra plugin's options appear once its package is installed)" if group in HYDRA_GROUPS else ""
+                return f"error: {group}={name} is not an option of group {group}; valid: {', '.join(options)}{plugins}"
+            missing = missing_plugin(group, name)
+            if missing:
+                return missing
     return None
+
+
+def missing_plugin(group: str, name: str) -> str | None:
+    """The error line for a launcher option whose Hydra plugin is not installed, else None."""
+    if group != "hydra/launcher" or name not in PLUGIN_OPTIONS:
+        return None
+    needed, package = PLUGIN_OPTIONS[name]
+    if needed in plugin_options(group):
+        return None
+    return f"error: {group}={name} needs Hydra's {package} plugin, which is not installed: pip install {package}"
 
 
 def check_group_options(argv: Sequence[str], config_dir: Path) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -163,9 +164,11 @@ def check_override_keys(
         raise SystemExit(USAGE_EXIT)
 
 
-def _compose(config_dir: Path, config_name: str, overrides: Sequence[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
-        return compose(config_name, overrides=list(overrides))
+def _compose(config_dir: Path, config_name: str, overrides: Sequence[str], hydra: bool = False) -> DictConfig:
+    """The composed config (hydra: with Hydra's own node, where launcher and sweeper settings live)."""
+    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run itself gives Hydra's warnings (submitit's schema match), once
+        return compose(config_name, overrides=list(overrides), return_hydra_config=hydra)
 
 
 def _parent_node(
@@ -173,7 +176,7 @@ def _parent_node(
 ) -> DictConfig | None:
     """The node the key was meant for, composed without the override (None: none there)."""
     try:
-        cfg = _compose(config_dir, config_name, [arg for arg in argv if arg != override])
+        cfg = _compose(config_dir, config_name, [arg for arg in argv if arg != override], full_key.startswith("hydra."))
     except ConfigCompositionException:
         return None
     parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
@@ -188,6 +191,10 @@ def _message(full_key: str, override: str, parent: DictConfig | None) -> str:
     target = None if parent is None else located_target(parent)
     accepted = None if target is None else accepted_keys(target)
     name = full_key.rsplit(".", 1)[-1]
+    if full_key.startswith("hydra.") and parent is not None:  # a launcher's settings: a typo, or a keyword passed on
+        node = full_key.rsplit(".", 1)[0]
+        return (f"error: {full_key} is not a setting of {node} (it has: {', '.join(sorted(str(k) for k in parent))}); "
+                f"a key {node} passes on unchecked is added as +{override}")
     if accepted is not None and name not in accepted:
         takes = ", ".join(sorted(accepted)) or "nothing"
         return f"error: {full_key} is not a setting of {target_name(target)}; it takes: {takes}"

@@ -16,6 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from experiments import group_options
 from experiments.group_options import unknown_group_option
 from experiments.override_keys import missing_key_error, runs_to_check
 from experiments.search import with_run_budget
@@ -183,9 +184,25 @@ def assert_one_error_line_before_hydra(module: str, args: list[str], message: st
 def test_group_options_checks_only_plain_group_choices():
     conf = REPO / "experiments" / "conf"
     for fine in (["search=beam", "task=gsm8k", "policy=tiny_sprm"], ["-m", "search=best_of_n,beam", "budget=4,8"],
-                 ["search.n=4", "hydra/launcher=nosuch", "search=glob(*)", "+scorer.bogus=1", "seed=3"]):
+                 ["search.n=4", "hydra/job_logging=nosuch", "search=glob(*)", "+scorer.bogus=1", "seed=3"],
+                 ["-m", "hydra/launcher=local,submitit_slurm", "hydra/sweeper=basic"]):
         assert unknown_group_option(fine, conf) is None, fine  # others are Hydra's or config_keys' to judge
     assert unknown_group_option(["++task=gsm9k"], conf).startswith("error: task=gsm9k is not an option")
+
+
+def test_hydra_launcher_and_sweeper_options_are_checked_with_the_installed_plugins(monkeypatch):
+    conf = REPO / "experiments" / "conf"
+    assert unknown_group_option(["-m", "hydra/launcher=slurm"], conf) == (
+        "error: hydra/launcher=slurm is not an option of group hydra/launcher; valid: basic, joblib, local, "
+        "submitit_local, submitit_slurm (a Hydra plugin's options appear once its package is installed)")
+    assert unknown_group_option(["hydra/sweeper=optuna"], conf).startswith(
+        "error: hydra/sweeper=optuna is not an option of group hydra/sweeper; valid: basic (")
+    # without the plugins (a leaner install): the project's launcher files are named with what to install
+    monkeypatch.setattr(group_options, "plugin_options", lambda group: {"basic"})
+    assert unknown_group_option(["hydra/launcher=local"], conf) == (
+        "error: hydra/launcher=local needs Hydra's hydra-joblib-launcher plugin, which is not installed: "
+        "pip install hydra-joblib-launcher")
+    assert unknown_group_option(["-m", "hydra/launcher=submitit_slurm"], conf).endswith("pip install hydra-submitit-launcher")
 
 
 @pytest.mark.parametrize("module, args, message", [
@@ -196,6 +213,10 @@ def test_group_options_checks_only_plain_group_choices():
     ("experiments.search", ["-m", "search=beam,dvts", "budget=4,8", "search.lookahead=1"],
      "error: search.lookahead is not in the config a sweep starts from (Hydra composes it with every swept group "
      "at its default before the jobs); write ++search.lookahead=1 to set it in every job"),
+    ("experiments.search", ["-m", "hydra/launcher=local", "hydra.launcher.n_job=2"],
+     "error: hydra.launcher.n_job is not a setting of hydra.launcher (it has: _target_, backend, batch_size, "),
+    ("experiments.search", ["-m", "hydra/launcher=submitit_slurm", "hydra.launcher.partiton=gpu"],
+     "error: hydra.launcher.partiton is not a setting of hydra.launcher (it has: _target_, account, "),
     ("experiments.search", ["policy.sampling.temprature=0.5"],
      "error: policy.sampling.temprature is not a setting of SamplingConfig; it takes: batch_size, "),
     # the `+task.bogus=3` it suggested then ran, with the key recorded and never read
