@@ -73,6 +73,7 @@ from experiments.checkpoint_hints import checkpoint_hint
 from experiments.config_keys import check_known_keys
 from experiments.cli_errors import RunDirBusyError, is_storage_error
 from experiments.group_options import check_group_options
+from experiments.sweep_out_dir import check_sweep_out_dir
 from experiments.override_keys import check_override_keys, check_plain_keys
 from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
@@ -137,12 +138,20 @@ def run_name(overrides: str, experiment: str | None = None) -> str:
     return f"{name.encode('utf-8')[:MAX_RUN_NAME].decode('utf-8', 'ignore')}...{digest}"
 
 
+def sweep_run_name(overrides: str, experiment: str | None, sweep_params: Any) -> str:
+    """hydra.sweep.subdir: run_name of the job's overrides, led by its experiment when the
+    experiment does not set the sweep itself (`-m experiment=reasoning_low,reasoning_high`: the
+    jobs differ only in it; budget_sweep's jobs share it and its folder names it)."""
+    return run_name(overrides, None if sweep_params else experiment)
+
+
 def run_dir(out_dir: str | None, default: str) -> str:
     """hydra.run.dir: out_dir when given (so one run leaves one folder), else default."""
     return str(out_dir) if out_dir else default
 
 
 OmegaConf.register_new_resolver("ts_run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("ts_sweep_run_name", sweep_run_name, replace=True)
 OmegaConf.register_new_resolver("ts_run_dir", run_dir, replace=True)
 
 
@@ -669,4 +678,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR)  # search=nosuch: one line, exit 2, before Hydra composes
     check_override_keys(sys.argv[1:], CONFIG_DIR, "search", PLAIN_NODE_KEYS)  # search.bogus=1: one line, exit 2
+    check_sweep_out_dir(sys.argv[1:], CONFIG_DIR, "search")  # -m ... out_dir=X: one folder for every job
     main()

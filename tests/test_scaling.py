@@ -472,6 +472,25 @@ def test_reasoning_modes_run_in_folders_of_their_own(ckpt, tmp_path, monkeypatch
     assert len(runs) == 2 and all(name.startswith("experiment=reasoning_") for name in runs), runs
 
 
+def test_a_sweep_over_experiments_gives_each_its_folder_and_an_experiment_sweep_keeps_its_names(ckpt, tmp_path, monkeypatch):
+    # -m experiment=reasoning_low,reasoning_medium put both jobs in one folder: the second was refused
+    monkeypatch.chdir(tmp_path)
+    small = [f"policy.path={ckpt}", "task.count=1", "policy.sampling.max_total_tokens=8",
+             "policy.sampling.max_step_tokens=4", "progress=false"]
+    monkeypatch.setattr(sys, "argv", ["search", "-m", "experiment=reasoning_low,reasoning_medium",
+                                      f"hydra.sweep.dir={tmp_path / 'modes'}", *small])
+    search.main()
+    runs = sorted(p.parent.name for p in (tmp_path / "modes").glob("*/records.jsonl"))
+    assert [name.split(",")[0] for name in runs] == ["experiment=reasoning_low", "experiment=reasoning_medium"], runs
+    # an experiment that sets the sweep (budget_sweep) names the sweep's folder, not each job's
+    monkeypatch.setattr(sys, "argv", ["search", "experiment=budget_sweep", "hydra.sweeper.params.search=best_of_n",
+                                      "hydra.sweeper.params.budget=2", "hydra.sweeper.params.seed=0",
+                                      f"hydra.sweep.dir={tmp_path / 'budgets'}", *small])
+    search.main()
+    (run,) = [p.parent.name for p in (tmp_path / "budgets").glob("*/records.jsonl")]
+    assert run.startswith("budget=2,policy.path=") and "experiment" not in run
+
+
 def test_runs_short_of_their_task_count_and_folders_without_rows_are_named_not_fatal(synthetic_sweep, capsys):
     # two jobs of a killed sweep at task.count=60 held 38 and 34 rows: only the 34 was named, "34 of
     # 38"; and one job's empty records.jsonl (its first append met a full disk) failed every reader

@@ -170,6 +170,15 @@ def test_an_unknown_group_option_is_one_error_line_before_hydra_composes(module,
     assert_one_error_line_before_hydra(module, args, message, tmp_path)
 
 
+@pytest.mark.parametrize("args", [["-m", "budget=2,4", "out_dir=runs/x"], ["experiment=budget_sweep", "out_dir=runs/x"]])
+def test_a_sweep_given_one_out_dir_is_one_error_line_before_hydra_runs(args, tmp_path):
+    # every job of the sweep went to one folder: the second was refused with advice no sweep can follow
+    assert_one_error_line_before_hydra("experiments.search", args, (
+        "error: out_dir=runs/x with a sweep sends every job to that one folder; name the sweep's folder with "
+        "hydra.sweep.dir=runs/x instead (each job gets a sub-folder of it)"), tmp_path)
+    assert not (tmp_path / "runs").exists()
+
+
 def assert_one_error_line_before_hydra(module: str, args: list[str], message: str, cwd) -> None:
     """`python -m module *args` (HYDRA_FULL_ERROR unset) exits 2 with one stderr line starting with
     message, and neither Hydra nor the run made a folder."""
