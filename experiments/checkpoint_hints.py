@@ -1,6 +1,7 @@
 """What to tell a user whose checkpoint folder is missing or incomplete: how to get that folder.
 
-The project's own folders name the command that writes them (tiny-arith, tiny-countdown, the
+A run folder given for the model it saved (tiny-arith for tiny-arith/final) names that model's
+folder. The project's own folders name the command that writes them (tiny-arith, tiny-countdown, the
 demo's reflective models); a folder without score_module.pt needs a reflective checkpoint (the
 joint trainer's `last/`); a GPU preset's folder (a policy, or an external PRM scorer) names its
 environment variable and the download.
@@ -74,6 +75,9 @@ def checkpoint_hint(path: str | Path | None, error: BaseException, key: str) -> 
     if path is None:
         return f"Point {setting(key)} at a checkpoint folder"
     path = Path(str(path))
+    saved = saved_model_below(path)
+    if saved is not None:
+        return f"The model is saved in {saved}: point {setting(key)} at it ({setting(key)}{saved})"
     if HEAD_FILE in str(error) or lies_under(path, "train/default/last"):
         return HEAD_HINT
     for suffix, how in MADE_CHECKPOINTS:
@@ -87,6 +91,26 @@ def checkpoint_hint(path: str | Path | None, error: BaseException, key: str) -> 
         check = f"; `python -m experiments.gpu_check --preset {name}` checks it end to end" if group == "policy" else ""
         return hint + check
     return f"Point {setting(key)} at an existing checkpoint folder"
+
+
+def saved_model_below(path: Path) -> Path | None:
+    """A run folder's saved model (path/final or path/last holding config.json: what SFT and the
+    joint trainer write) when path is such a run folder, else None."""
+    for name in ("final", "last"):
+        if (path / name / "config.json").is_file():
+            return path / name
+    return None
+
+
+def check_not_a_run_folder(path: object, key: str) -> None:
+    """FileNotFoundError naming the saved model when path is a run folder without config.json
+    whose final/ or last/ holds the model (checked before a command writes anything)."""
+    if not isinstance(path, str) or not Path(path).is_dir() or (Path(path) / "config.json").exists():
+        return
+    saved = saved_model_below(Path(path))
+    if saved is not None:
+        raise FileNotFoundError(f"checkpoint folder {path} has no config.json. "
+                                f"The model is saved in {saved}: point {setting(key)} at it ({setting(key)}{saved})")
 
 
 def setting(key: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -366,3 +367,16 @@ def test_a_users_scorer_class_is_built_once(tmp_path, monkeypatch, ckpt):
                     *TINY])
     assert len(counting_scorer.BUILT) == 1
 
+
+
+def test_a_run_folder_given_for_its_saved_model_is_named_before_the_run_folder_is_written(ckpt, tmp_path):
+    # policy.path=outputs/checkpoints/tiny-arith (SFT's run folder; the model is in final/) said
+    # "train the default tiny policy" after claiming the run folder
+    run = tmp_path / "checkpoints" / "tiny-arith"
+    shutil.copytree(ckpt, run / "final")
+    out = tmp_path / "search"
+    done = run_cli([f"policy.path={run}", f"out_dir={out}", "task.count=1"], cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"error: checkpoint folder {run} has no config.json. The model is saved in {run / 'final'}: "
+        f"point policy.path= at it (policy.path={run / 'final'})")
+    assert not out.exists()
