@@ -6,15 +6,24 @@ stderr and give exit code 2; any other exception is a bug and keeps its tracebac
     def main(argv: Sequence[str] | None = None) -> int:
         return run_command(train_command, argv)     # train_command(argv) -> exit code
 
+Ctrl-C (`interrupt_reported`): one line saying what is kept and how to go on, exit 130, instead
+of the traceback of wherever the interrupt landed (HYDRA_FULL_ERROR=1 keeps it):
+
+    with interrupt_reported("rerun the same command to go on"):
+        main()
+
 Tests: the CLI tests of each command (e.g. `.venv/bin/python -m pytest tests/test_train_head.py`).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 USAGE_EXIT = 2
+INTERRUPT_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
 class RunDirBusyError(RuntimeError):
@@ -49,3 +58,16 @@ def run_command(command: Callable[[Sequence[str] | None], int], argv: Sequence[s
             raise
         print(f"error: {err}", file=sys.stderr)
         return USAGE_EXIT
+
+
+@contextlib.contextmanager
+def interrupt_reported(how_to_go_on: str) -> Iterator[None]:
+    """Ctrl-C inside: `interrupted: <how_to_go_on>` on stderr and SystemExit(130); with
+    HYDRA_FULL_ERROR=1 the KeyboardInterrupt and its traceback pass through."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"\ninterrupted: {how_to_go_on}", file=sys.stderr)
+        raise SystemExit(INTERRUPT_EXIT) from None

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from experiments.cli_errors import run_command
+from experiments.cli_errors import interrupt_reported, run_command
 from experiments.demo_ablation import (ABLATION_SIZES, FROZEN_HEADS, ablation_markdown, ablation_metrics, ablation_rows,
                                       frozen_head)
 from experiments.demo_reflective import ARITH_TUNE, ReflectiveStage, run_reflective_stage, stage_dir, stage_identity
@@ -454,7 +454,9 @@ def check_output_folders(cfg: DemoConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; a bad setting (an unknown task, a count below 1, an output folder that is
     a file) prints one line `error: ...` before anything runs and exits 2."""
-    return run_command(demo_command, argv)
+    with interrupt_reported("the finished stages and runs are kept under the output folder; rerun the same "
+                            "command to go on from them"):
+        return run_command(demo_command, argv)
 
 
 def demo_command(argv: Sequence[str] | None = None) -> int:

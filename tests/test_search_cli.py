@@ -380,3 +380,15 @@ def test_a_run_folder_given_for_its_saved_model_is_named_before_the_run_folder_i
         f"error: checkpoint folder {run} has no config.json. The model is saved in {run / 'final'}: "
         f"point policy.path= at it (policy.path={run / 'final'})")
     assert not out.exists()
+
+
+def test_interrupt_reported_is_one_line_and_exit_130_unless_the_full_error_is_wanted(capsys, monkeypatch):
+    from experiments.cli_errors import interrupt_reported
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as stop, interrupt_reported("rerun to go on"):
+        raise KeyboardInterrupt
+    assert stop.value.code == 130 and capsys.readouterr().err == "\ninterrupted: rerun to go on\n"
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(KeyboardInterrupt), interrupt_reported("rerun to go on"):
+        raise KeyboardInterrupt

@@ -85,6 +85,22 @@ def test_killed_run_resumes_to_the_uninterrupted_records(ckpt, tmp_path):
     assert metrics["accuracy"] == json.loads((full / "metrics.json").read_text())["accuracy"]
 
 
+def test_ctrl_c_is_one_line_saying_how_to_go_on_and_exit_130(ckpt, tmp_path):
+    # Ctrl-C printed the traceback of wherever it landed (~130 lines)
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "experiments.search", f"policy.path={ckpt}", f"out_dir={out}"] + RUN
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while rows_written(out / "records.jsonl") < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert rows_written(out / "records.jsonl") < COUNT, "the run ended before the interrupt"
+    assert proc.returncode == 130 and "Traceback" not in err.decode(), err.decode()[-2000:]
+    assert err.decode().strip().splitlines()[-1] == (
+        "interrupted: the rows of finished chunks are kept in records.jsonl; rerun the same command to go on")
+
+
 def test_partly_written_chunk_is_rerun_whole_and_only_missing_rows_added(ckpt, tmp_path):
     out = tmp_path / "run"
     overrides = [f"policy.path={ckpt}", f"out_dir={out}", "task.count=4", "chunk=2", "search.n=2",
