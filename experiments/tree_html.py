@@ -120,8 +120,10 @@ def _svg(tree_json: dict[str, Any], chosen_node: int | None) -> str:
     labelled = n <= LABEL_MAX_NODES
     dx, dy = min(max(900.0 / leaves, LABELLED_DX_MIN if labelled else 16.0), 80.0), 90.0 if labelled else 70.0
     radius = 10.0 if n <= LABEL_MAX_NODES else (6.0 if n <= 150 else 4.5)
-    xy = {i: (PAD + x * dx, PAD + 20 + d * dy) for i, (x, d) in pos.items()}
-    width = PAD * 2 + (leaves - 1) * dx
+    root_label = 8.0 * len(f"problem {tree_json['problem']['id']}")  # its 13 px bold text, about 8 px a character
+    width = max(PAD * 2 + (leaves - 1) * dx, root_label + PAD * 2)  # a narrow tree (greedy) keeps its title
+    left = (width - (leaves - 1) * dx) / 2  # the tree centred in that width
+    xy = {i: (left + x * dx, PAD + 20 + d * dy) for i, (x, d) in pos.items()}
     height = PAD * 2 + 40 + max(d for _, d in pos.values()) * dy
     path = chosen_path(tree_json, chosen_node)
     parts = [f'<svg id="tree" viewBox="0 0 {width:.0f} {height:.0f}" width="{width:.0f}" height="{height:.0f}" '
@@ -146,8 +148,8 @@ def _svg_edges(tree_json: dict[str, Any], xy: dict[int, tuple[float, float]], on
 
 def _svg_nodes(tree_json: dict[str, Any], xy: dict[int, tuple[float, float]], on_path: set[int],
                radius: float) -> list[str]:
-    """Circle per open step, square per final step (finish eos / length); class "chosen" on the
-    chosen path; the tooltip is the escaped step text."""
+    """Circle per open step, square per final step (finish eos), X per cut one (finish length), as
+    the PNG draws them; class "chosen" on the chosen path; the tooltip is the escaped step text."""
     colors = score_colors(tree_json)
     shapes = []
     for node in tree_json["nodes"]:
@@ -156,12 +158,23 @@ def _svg_nodes(tree_json: dict[str, Any], xy: dict[int, tuple[float, float]], on
         attrs = f'class="{cls}" data-id="{i}" fill="{colors[i]}"'
         tip = f"<title>{html.escape(_tooltip(node))}</title>"
         step = node["step"]
-        if step is not None and step.get("finish") in ("eos", "length"):
+        finish = None if step is None else step.get("finish")
+        if finish == "eos":
             shapes.append(f'<rect {attrs} x="{x - radius:.1f}" y="{y - radius:.1f}" '
                           f'width="{2 * radius:.1f}" height="{2 * radius:.1f}">{tip}</rect>')
+        elif finish == "length":
+            shapes.append(f'<polygon {attrs} points="{cross_points(x, y, radius * 1.25)}">{tip}</polygon>')
         else:
             shapes.append(f'<circle {attrs} cx="{x:.1f}" cy="{y:.1f}" r="{radius:.1f}">{tip}</circle>')
     return shapes
+
+
+def cross_points(x: float, y: float, r: float) -> str:
+    """The SVG points of an X of half-size r centred on (x, y), its arms r / 3 thick."""
+    t = r / 3 / math.sqrt(2)  # half the arm's thickness, along each axis
+    outline = [(0, t), (r - t, r), (r, r - t), (t, 0), (r, t - r), (r - t, -r),
+               (0, -t), (t - r, -r), (-r, t - r), (-t, 0), (-r, r - t), (t - r, r)]
+    return " ".join(f"{x + dx:.1f},{y + dy:.1f}" for dx, dy in outline)
 
 
 def _tooltip(node: dict[str, Any]) -> str:
@@ -195,7 +208,7 @@ def _legend_html(tree_json: dict[str, Any]) -> str:
     return (f'<span>score {lo:.3g}</span><span class="bar" style="background: linear-gradient(to right, {stops})">'
             f'</span><span>{hi:.3g}</span><span class="swatch" style="background:{NO_SCORE_COLOR}"></span>'
             f'<span>none</span><span class="swatch line" style="background:{CHOSEN_COLOR}"></span>'
-            f'<span>chosen path</span><span>· edge width ∝ visits · ○ step □ final</span>')
+            f'<span>chosen path</span><span>· edge width ∝ visits · ○ step □ final ✕ cut (length)</span>')
 
 
 _TEMPLATE = """<!DOCTYPE html>

@@ -160,6 +160,29 @@ def test_step_labels_of_a_wide_tree_have_room_in_the_html(tmp_path):
         assert min(b - a for a, b in zip(xs, xs[1:])) >= 85  # a 14-character label at 10 px is ~80 px wide
 
 
+def test_the_html_marks_cut_steps_as_the_png_does(tmp_path):
+    # a step cut by the length limit was drawn as a final square, the PNG's X ("cut (length)") aside
+    tree = Tree(Problem(id="cut", question="q", answer="3"))
+    mid = tree.add(0, text_step("1 + 2 = 3.\n\n"), score=0.8)
+    tree.add(mid, text_step("</think>Answer: 3", "eos"), score=0.9)
+    tree.add(mid, text_step("1 + 2 + 3 + 4 +", "length"), score=0.2)
+    page = write_tree_html(tree.to_json(), None, tmp_path / "t.html").read_text(encoding="utf-8")
+    assert len(re.findall(r'<circle class="node[^"]*" data-id="[01]"', page)) == 2
+    assert re.search(r'<rect class="node" data-id="2"', page) and re.search(r'<polygon class="node" data-id="3"', page)
+    assert "✕ cut (length)" in page
+
+
+def test_a_one_leaf_tree_leaves_room_for_its_root_label(tmp_path):
+    # greedy's chain was 80 px wide in the HTML, its "problem arith-..." label cut off
+    tree = Tree(Problem(id="arith-4c9d84033159c642", question="q", answer="3"))
+    tree.add(tree.add(0, text_step("1 + 2 = 3.\n\n"), score=0.8), text_step("</think>Answer: 3", "eos"), score=0.9)
+    page = write_tree_html(tree.to_json(), None, tmp_path / "t.html").read_text(encoding="utf-8")
+    width = float(re.search(r'<svg id="tree" viewBox="0 0 ([\d.]+) ', page)[1])
+    x = float(re.search(r'<text class="root-label" x="([\d.]+)"', page)[1])
+    half = 8.0 * len("problem arith-4c9d84033159c642") / 2  # the label's half width at ~8 px a character
+    assert x - half >= 0 and x + half <= width
+
+
 def test_the_root_label_of_a_deep_tree_stays_below_the_title(tmp_path, saved_figures):
     tree = Tree(Problem(id="deep", question="q", answer=None))
     node = 0
