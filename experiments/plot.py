@@ -115,10 +115,25 @@ def watch_tree(result_path: Path, out_dir: Path | None, interval_s: float) -> No
     bad file is a note, not an error (`render_if_changed`)."""
     last: int | None = None
     rendered = False
+    waiting_said = False
     while True:
-        last = render_if_changed(result_path, out_dir, interval_s, last, keep_last=rendered)
+        seen = render_if_changed(result_path, out_dir, interval_s, last, keep_last=rendered)
+        if seen is None and not waiting_said:  # not there yet, or removed: said once per absence
+            print(absent_note(result_path, rendered), file=sys.stderr, flush=True)
+        waiting_said = seen is None
+        last = seen
         rendered = rendered or last is not None
         time.sleep(interval_s)
+
+
+def absent_note(result_path: Path, rendered: bool) -> str:
+    """The note for a watched file that is not there: removed after a render, or not yet written
+    (naming a folder that does not exist, a typo more likely than a search still starting)."""
+    if rendered:
+        return f"note: {result_path} was removed; keeping the last render, waiting for it to appear again"
+    folder = "" if result_path.parent.is_dir() else f" (its folder {result_path.parent} does not exist yet)"
+    return (f"note: waiting for {result_path} to appear{folder}: a search with live_tree=true writes it after its "
+            "first round (a finished run searches nothing again and writes none)")
 
 
 def run_tree(args: argparse.Namespace) -> int:

@@ -220,3 +220,31 @@ def save_result_json(path, data):
     path.write_text(json.dumps(data))
     return path
 
+
+
+def test_watch_says_once_that_it_waits_for_a_missing_file_and_when_the_file_goes(saved, tmp_path, monkeypatch, capsys):
+    # --watch on a mistyped path (or before the search's first round) printed nothing, forever
+    _, good = saved
+    watched = tmp_path / "runs" / "live_tree.json"
+    steps = iter([
+        lambda: None, lambda: None,  # two polls of a missing file: one note
+        lambda: (watched.parent.mkdir(), watched.write_text(good.read_text())),  # appears: rendered
+        lambda: watched.unlink(), lambda: None,  # removed after a render: one note
+    ])
+
+    def next_poll(_: float) -> None:
+        step = next(steps, None)
+        if step is None:
+            raise KeyboardInterrupt
+        step()
+
+    monkeypatch.setattr(plot_module.time, "sleep", next_poll)
+    assert main(["tree", str(watched), "--watch", "1", "--out-dir", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        f"note: waiting for {watched} to appear (its folder {watched.parent} does not exist yet): a search with "
+        "live_tree=true writes it after its first round (a finished run searches nothing again and writes none)",
+        f"note: {watched} was removed; keeping the last render, waiting for it to appear again",
+    ]
+    assert len(captured.out.split()) == 2  # the one render: PNG and HTML
