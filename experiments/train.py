@@ -90,11 +90,20 @@ from policies.train_state import (  # noqa: E402
 )
 from policies.transformers_policy import TransformersPolicy  # noqa: E402
 from scorers.sprm_positions import StepMarkers  # noqa: E402
-from treesearch.config_diff import config_differences, resume_overrides  # noqa: E402
+from treesearch.config_diff import config_differences, resume_overrides, with_added_settings  # noqa: E402
 from treesearch.records import Problem  # noqa: E402
 from treesearch.steps import StepFormat  # noqa: E402
 
 METRICS, HELDOUT, CONFIG, REFERENCE = "metrics.jsonl", "heldout_rollouts.jsonl", "config.yaml", "reference"
+# what other commands' runs hold (a search's rows; SFT's and train_head's saved model, SFT's
+# summary): a fresh training run never starts over them
+FOREIGN_RUN_FILES: tuple[str, ...] = ("records.jsonl", "final", "sft_summary.json", "metrics.json")
+# result-relevant settings added after runs were saved: a config.yaml without one ran with this
+# value (`treesearch.config_diff.with_added_settings`), so the run still resumes
+ADDED_SETTINGS: dict[str, Any] = {
+    "train_loss.ref_bf16": False,  # 2026-12-01: the KL reference ran in float32 before
+    "train_loss.shared_prompt": False,  # 2026-12-03 presets: every rollout forwarded its prompt before
+}
 # keys that do not change what a run computes: a resume may change them
 RESUMABLE_KEYS: tuple[str, ...] = (
     "out_dir", "device", "num_threads", "progress", "tensorboard", "run.max_steps", "run.max_minutes",
@@ -373,15 +382,19 @@ def reference_lm(trainer_out: Path, reflective: ReflectiveModel, tokenizer: Any,
 
 
 def claim_out_dir(out: Path, config: dict[str, Any], resuming: bool, main: bool) -> None:
-    """Resuming: refuse a config that differs in a result-relevant key. Fresh: reset the run files."""
+    """Resuming: refuse a config that differs in a result-relevant key. Fresh: reset the run files
+    of this config's own start that stopped before its first checkpoint; refuse a folder holding
+    another run (`check_fresh_out_dir`)."""
     path = out / CONFIG
+    if not resuming:
+        check_fresh_out_dir(out, config)
     if resuming:
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: {out} holds checkpoints of a run whose config is gone, so a resume cannot be "
                 "checked against it; restore config.yaml, or pass another out_dir= to start a new run"
             )
-        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        saved = with_added_settings(saved_config(path), config, ADDED_SETTINGS)
         diffs = config_differences(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
         if diffs:
             overrides = resume_overrides(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
@@ -393,6 +406,39 @@ def claim_out_dir(out: Path, config: dict[str, Any], resuming: bool, main: bool)
         for name in (METRICS, HELDOUT):
             (out / name).unlink(missing_ok=True)
         write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(config)))
+
+
+def saved_config(path: Path) -> dict[str, Any]:
+    """A run folder's config.yaml as plain data; ValueError naming it when it is not a readable mapping."""
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as err:  # yaml, OmegaConf and decoding errors alike: the file is damaged
+        raise ValueError(f"{path} is not a readable run config ({type(err).__name__}: {' '.join(str(err).split()):.300})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a run config: it holds a {type(saved).__name__}, not a mapping")
+    return saved  # type: ignore[return-value]
+
+
+def check_fresh_out_dir(out: Path, config: dict[str, Any]) -> None:
+    """ValueError for a fresh start in a folder holding another run, which the start would
+    overwrite: another command's files (FOREIGN_RUN_FILES), a config.yaml of another config, or
+    metrics.jsonl without a config.yaml. This config's own start that stopped before its first
+    checkpoint passes (its rows are reset)."""
+    foreign = [name for name in FOREIGN_RUN_FILES if (out / name).exists()]
+    if foreign:
+        raise ValueError(f"{out} holds {', '.join(foreign)} of another command's run, which a new training run "
+                         "there would overwrite; use another out_dir")
+    path = out / CONFIG
+    if path.is_file():
+        saved = with_added_settings(saved_config(path), config, ADDED_SETTINGS)
+        diffs = config_differences(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
+        if diffs:
+            shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
+            raise ValueError(f"{out} holds the config.yaml of another run and no checkpoint of it ({shown}); use "
+                             "another out_dir, or delete that folder to start this run there")
+    elif (out / METRICS).exists():
+        raise ValueError(f"{out} holds a {METRICS} without a {CONFIG} (another command's rows, e.g. "
+                         "experiments.train_head's), which a new training run there would overwrite; use another out_dir")
 
 
 def open_run(cfg: DictConfig, s: Settings, accelerator: Accelerator) -> tuple[Trainer, bool]:

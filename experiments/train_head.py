@@ -84,6 +84,10 @@ BON_ROWS: tuple[tuple[str, str, str], ...] = (
     ("true_prm_bon", "best_score", "true_prm"),  # only with true step labels
 )
 
+# what other commands' run folders hold (experiments.train: config.yaml, last/, ckpt-*; experiments.search:
+# records.jsonl; SFT: sft_summary.json, last/): --out never replaces their metrics.jsonl
+OTHER_RUN_FILES: tuple[str, ...] = ("config.yaml", "last", "records.jsonl", "sft_summary.json")
+
 
 # -- metrics on hand-checkable inputs -------------------------------------------------------------
 
@@ -314,6 +318,7 @@ def run_head_training(
     returns metrics.json's content."""
     out_dir = Path(out_dir)
     check_folder_target(out_dir, "--out")  # an existing file failed only after training, in a traceback
+    check_not_another_run(out_dir)
     train, test = load_cache(train_path), load_cache(test_path)
     check_pair(train, test, cfg.feature_layer)
     policy = check_policy(train, f"the train cache {train_path}") if save else None  # final/ joins it to the head
@@ -331,6 +336,17 @@ def run_head_training(
     if save:
         save_reflective_head(run.head, policy, cfg.feature_layer, out_dir / "final")
     return metrics
+
+
+def check_not_another_run(out_dir: Path) -> None:
+    """ValueError when --out holds another command's run (OTHER_RUN_FILES: a joint training run, a
+    search, an SFT run), whose metrics.jsonl this command would replace; its own earlier output
+    (metrics.jsonl, metrics.json, final/) is replaced, as a rerun should."""
+    found = sorted(name for name in OTHER_RUN_FILES if (out_dir / name).exists())
+    found += sorted(p.name for p in out_dir.glob("ckpt-*"))[:1]
+    if found:
+        raise ValueError(f"--out {out_dir} holds {', '.join(found)} of another command's run, whose metrics.jsonl "
+                         "a head training there would replace; give another --out")
 
 
 def format_summary(metrics: dict[str, Any], task: str, n: int) -> str:

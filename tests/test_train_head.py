@@ -289,6 +289,25 @@ def test_a_test_cache_of_training_problems_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("other", ["config.yaml", "last", "records.jsonl", "sft_summary.json", "ckpt-8"])
+def test_an_out_holding_another_commands_run_is_refused_and_a_rerun_of_its_own_is_not(tmp_path, other):
+    # --out of a joint training run replaced its metrics.jsonl; resuming it then appended to head rows
+    cache = synthetic_cache([True, False] * 4, 2, [1] * 8)
+    save_cache(cache, tmp_path / "c.pt")
+    save_cache(held_out(cache), tmp_path / "t.pt")
+    cfg = HeadTrainConfig(steps=1, eval_every=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss/total": 0.5}\n')
+    (run / other).mkdir() if other in ("last", "ckpt-8") else (run / other).write_text("x")
+    with pytest.raises(ValueError, match=rf"--out {run} holds {other} of another command's run"):
+        run_head_training(tmp_path / "c.pt", tmp_path / "t.pt", cfg, run, save=False, progress=False)
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1, "loss/total": 0.5}\n'
+    own = tmp_path / "own"
+    for _ in range(2):  # its own output is replaced by a rerun
+        run_head_training(tmp_path / "c.pt", tmp_path / "t.pt", cfg, own, save=False, progress=False)
+
+
 def test_a_batch_larger_than_the_cache_is_noted(tmp_path, capsys):
     assert batch_note(64, 64) is None
     assert batch_note(1000, 64) == ("note: batch_rollouts=1000 exceeds the train cache's 64 rollouts: every step "

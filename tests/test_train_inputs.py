@@ -107,6 +107,46 @@ def test_a_resume_of_another_config_says_what_resumes_it_as_it_ran(init_dir, fin
     assert (out / "metrics.jsonl").read_text() == rows
 
 
+def test_a_run_saved_before_ref_bf16_and_shared_prompt_existed_resumes_as_it_ran(init_dir, finished, tmp_path):
+    # a config.yaml without the two settings added in December was refused ("<absent> -> None"),
+    # with nothing to add that resumes it: such a run ran with an fp32 reference, every prompt per rollout
+    out = copy_run(finished, tmp_path)
+    config = OmegaConf.load(out / "config.yaml")
+    for key in ("ref_bf16", "shared_prompt"):
+        del config.train_loss[key]
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    with pytest.raises(ValueError, match=r"train_loss.ref_bf16: False -> None; train_loss.shared_prompt: False -> True"):
+        run_training(composed(tiny(init_dir, out)))
+    rows = (out / "metrics.jsonl").read_text()
+    run_training(composed(tiny(init_dir, out, "train_loss.ref_bf16=false", "train_loss.shared_prompt=false")))
+    assert (out / "metrics.jsonl").read_text() == rows  # resumed: nothing left to run
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"records.jsonl": "{}\n", "config.yaml": "seed: 0\n"}, r"holds records.jsonl of another command's run"),
+    ({"metrics.jsonl": '{"step": 0}\n', "metrics.json": "{}"}, r"holds metrics.json of another command's run"),
+    ({"metrics.jsonl": '{"step": 0}\n'}, r"holds a metrics.jsonl without a config.yaml"),
+    ({"config.yaml": "seed: 0\nsearch: {n: 4}\n"}, r"holds the config.yaml of another run and no checkpoint of it"),
+])
+def test_a_fresh_run_never_overwrites_another_commands_folder(init_dir, tmp_path, files, message):
+    # a search's or train_head's folder had its config.yaml / metrics.jsonl replaced by a new run
+    out = tmp_path / "other"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        run_training(composed(tiny(init_dir, out, "run.max_steps=1")))
+    assert {p.name: p.read_text() for p in out.iterdir()} == files  # untouched
+
+
+def test_a_fresh_start_of_the_same_config_stopped_before_its_first_checkpoint_starts_over(init_dir, tmp_path):
+    out = run_training(composed(tiny(init_dir, tmp_path / "run", "run.max_steps=1", "run.checkpoint_every=0")))
+    shutil.rmtree(out / "last")  # stopped before its first checkpoint: rows and config.yaml only
+    (out / "metrics.jsonl").write_text('{"step": 0, "stale": true}\n')
+    run_training(composed(tiny(init_dir, out, "run.max_steps=1", "run.checkpoint_every=0")))
+    assert "stale" not in (out / "metrics.jsonl").read_text() and (out / "last").is_dir()
+
+
 # -- truncated files name themselves ------------------------------------------------------------
 
 
