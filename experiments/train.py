@@ -77,6 +77,7 @@ from experiments.search import (  # noqa: E402
     CONFIG_DIR, TASK_KEYS, build_frozen, check_int, resolve_out_dir, resolved_config, user_errors_reported,
 )
 from policies.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from policies.step_boundary import StopRequest, stop_at_step_boundary  # noqa: E402
 from policies.devices import resolve_device  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.joint_step import JointForward, JointLossConfig, frozen_logprobs, joint_step  # noqa: E402
@@ -763,32 +764,41 @@ class MetricsLog:
             self.tb.close()
 
 
-def should_stop(t: Trainer) -> bool:
-    """max_steps reached, or (decided by the main process, shared with all) max_minutes."""
+def should_stop(t: Trainer, stop: StopRequest) -> tuple[bool, bool]:
+    """(stop now, because of Ctrl-C): max_steps reached, or (decided by the main process, shared
+    with all, so every process stops after the same step) max_minutes or a Ctrl-C."""
     if t.step >= t.s.run.max_steps:
-        return True
+        return True, False
     over = t.s.run.max_minutes is not None and t.elapsed_s >= 60 * t.s.run.max_minutes
-    return bool(broadcast_object_list([over])[0])
+    over, interrupted = broadcast_object_list([over or stop.requested, stop.requested])
+    return bool(over), bool(interrupted)
 
 
 def train_loop(t: Trainer, log: MetricsLog | None, progress: bool) -> None:
-    """Steps until the budget ends; a checkpoint every checkpoint_every steps and at the end."""
+    """Steps until the budget ends; a checkpoint every checkpoint_every steps and at the end. The
+    first Ctrl-C stops after the current step, saves out_dir/last and raises KeyboardInterrupt
+    (`policies.step_boundary`; a second aborts at once, the last checkpoint kept)."""
     k = t.s.run.checkpoint_every
     bar = tqdm(total=t.s.run.max_steps, initial=t.step, unit="step", desc="grpo+spr",
                disable=not (progress and t.main), dynamic_ncols=True)
     saved_at = t.step
-    while not should_stop(t):
-        row = train_step(t)
-        if log is not None:
-            log.write(row)
-        if k and t.step % k == 0:
-            checkpoint(t, numbered=True)
-            saved_at = t.step
-        bar.set_postfix(reward=f"{row['reward/mean']:.2f}", diff=_fmt(row.get("fc/diff_prob")), refresh=False)
-        bar.update(1)
-    bar.close()
-    if saved_at != t.step:
-        checkpoint(t, numbered=False)
+    with stop_at_step_boundary() as stop:
+        while not (decision := should_stop(t, stop))[0]:
+            row = train_step(t)
+            if log is not None:
+                log.write(row)
+            if k and t.step % k == 0:
+                checkpoint(t, numbered=True)
+                saved_at = t.step
+            bar.set_postfix(reward=f"{row['reward/mean']:.2f}", diff=_fmt(row.get("fc/diff_prob")), refresh=False)
+            bar.update(1)
+        bar.close()
+        if saved_at != t.step:
+            checkpoint(t, numbered=False)
+    if decision[1]:
+        if t.main:
+            print(f"Ctrl-C: saved {t.out / 'last'} at step {t.step}", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
 
 
 def _fmt(value: float | None) -> str:
@@ -846,6 +856,5 @@ def close_process_group() -> None:
 if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR)  # recipe=nosuch: one line, exit 2, before Hydra composes
     check_override_keys(sys.argv[1:], CONFIG_DIR, "train", PLAIN_NODE_KEYS)  # grpo.bogus=1: one line, exit 2
-    with interrupt_reported("rerun the same command to resume from out_dir/last (its last checkpoint: "
-                            "run.checkpoint_every steps apart)"):
+    with interrupt_reported("rerun the same command to resume from out_dir/last"):
         main()

@@ -39,10 +39,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from policies.bf16_support import native_bf16
 from policies.checkpoint import save_checkpoint
 from policies.sft_resume import (
-    BUDGET_KEYS, FINAL, LAST, SUMMARY_FILE, SFTError, StopRequest, TrainerProgress, TrainingInterrupted,
+    BUDGET_KEYS, FINAL, LAST, SUMMARY_FILE, SFTError, TrainerProgress, TrainingInterrupted,
     check_resumable, load_training_checkpoint, resume_point, run_identity, save_training_checkpoint, saved_identity,
-    set_rng_states, stop_at_step_boundary,
+    set_rng_states,
 )
+from policies.step_boundary import StopRequest, stop_at_step_boundary
 
 IGNORE_INDEX = -100
 

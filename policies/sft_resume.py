@@ -28,7 +28,7 @@ Usage (what `policies.sft.train_sft` does):
     last = resume_point(out_dir)                        # out_dir/last, None (fresh start) or SFTError
     model, tokenizer, state = load_training_checkpoint(last)
     changed = check_resumable(last, saved_identity(state), run_identity(cfg, pairs, model, tok, run_info))
-    with stop_at_step_boundary() as stop:               # stop.requested after the first Ctrl-C
+    with stop_at_step_boundary() as stop:               # policies.step_boundary: stop.requested after Ctrl-C
         ...
     save_training_checkpoint(out_dir / LAST, model, tokenizer, optimizer, progress, cfg, identity)
 
@@ -36,19 +36,15 @@ Tests: `.venv/bin/pytest tests/test_sft.py tests/test_sft_cli.py`.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import random
-import signal
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from policies.checkpoint import atomic_directory, check_checkpoint, load_checkpoint, load_torch_file, write_checkpoint_files
@@ -267,38 +263,3 @@ def check_resumable(last: Path, saved: Mapping[str, Any], current: Mapping[str, 
             f"rerun with the saved settings, or use another out_dir (--out) for this one"
         )
     return config_differences(a, b)
-
-
-# ---------------------------------------------------------------------------------------------
-# Ctrl-C: stop at a step boundary, where the state is consistent
-
-
-@dataclass
-class StopRequest:
-    """Set by the first Ctrl-C of `stop_at_step_boundary`."""
-
-    requested: bool = False
-
-
-@contextlib.contextmanager
-def stop_at_step_boundary() -> Iterator[StopRequest]:
-    """While active, the first Ctrl-C (SIGINT) only sets .requested, so the loop stops after the
-    current step (a step cut in the middle, e.g. half of optimizer.step, could not be saved); a
-    second Ctrl-C raises KeyboardInterrupt at once. Off the main thread, or where SIGINT is
-    ignored, Ctrl-C is left alone."""
-    stop = StopRequest()
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield stop
-        return
-
-    def on_interrupt(signum: int, frame: Any) -> None:
-        if stop.requested:
-            raise KeyboardInterrupt
-        stop.requested = True
-        tqdm.write("Ctrl-C: saving a checkpoint after this step (Ctrl-C again aborts without saving)")
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)

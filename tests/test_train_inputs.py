@@ -282,3 +282,38 @@ def test_an_init_from_with_a_head_must_name_the_layer_it_reads(finished, tmp_pat
         load_policy_with_head(folder, head_seed=7, feature_layer=-2)
     reflective, _ = load_policy_with_head(folder, head_seed=7, feature_layer=-1)
     assert reflective.feature_layer == -1
+
+
+def test_ctrl_c_saves_the_finished_step_and_a_rerun_resumes_from_it(init_dir, tmp_path):
+    """Ctrl-C in `python -m experiments.train` stops after the current step, saves last/ there and
+    says how to go on, exit 130 (it printed a KeyboardInterrupt traceback and lost every step since
+    the last checkpoint_every, up to 24 steps of the GRPO recipe)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    env.update(PYTHONPATH=f"{repo}{os.pathsep}{repo / 'tests'}", PYTHONWARNINGS="ignore")
+    out = tmp_path / "run"
+    args = tiny(init_dir, out, "run.max_steps=200", "run.checkpoint_every=0", "run.eval_every=0", "run.greedy_every=0")
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    step = load_joint_state(out / "last").step
+    assert 2 <= step < 200 and rows_of(out)[-1]["step"] == step  # saved at the step it stopped after
+    assert f"Ctrl-C: saved {out / 'last'} at step {step}" in err
+    assert err.strip().splitlines()[-1] == "interrupted: rerun the same command to resume from out_dir/last"
+    rows = rows_of(out)
+    run_training(composed(tiny(init_dir, out, f"run.max_steps={step + 1}", "run.checkpoint_every=0",
+                               "run.eval_every=0", "run.greedy_every=0")))
+    assert rows_of(out)[:-1] == rows and rows_of(out)[-1]["step"] == step + 1  # resumed there, not restarted
