@@ -204,13 +204,14 @@ class OptimizerConfig:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"OptimizerConfig.lr={self.lr!r} must be > 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"OptimizerConfig.lr={self.lr!r} must be a finite number > 0")
         if not (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
             raise ValueError(f"OptimizerConfig.betas={self.betas!r} must be two values in [0, 1)")
         for name in ("weight_decay", "grad_clip", "warmup_steps", "eps"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"OptimizerConfig.{name}={getattr(self, name)!r} must be >= 0")
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"OptimizerConfig.{name}={value!r} must be a finite number >= 0")
 
     def lr_at(self, step: int) -> float:
         return self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.lr
@@ -654,7 +655,26 @@ def local_report(t: Trainer, problems: list[Problem], rollouts: list[Rollout], r
          len(r.completion_ids), r.finish == "length")
         for i, r in enumerate(rollouts)
     ]
-    return {"losses": losses, "records": records, "train_tokens": int(batch.attention_mask.sum())}
+    return {"losses": losses, "records": records, "train_tokens": int(batch.attention_mask.sum()),
+            "finite_weights": math.isfinite(weights_checksum(t.reflective))}
+
+
+class TrainingDivergedError(ValueError):
+    """A step's losses or updated weights are not finite (NaN / inf): the run stops before
+    sampling from or saving them."""
+
+
+def check_not_diverged(reports: list[dict[str, Any]], step: int) -> None:
+    """TrainingDivergedError when any process's step losses or weights are not finite (every
+    process sees every report, so all stop at the same step)."""
+    bad = sorted({key for rep in reports for key, value in rep["losses"].items() if not math.isfinite(value)})
+    if not bad and all(rep["finite_weights"] for rep in reports):
+        return
+    what = f"the losses {', '.join(bad)} are" if bad else "the updated weights are"
+    raise TrainingDivergedError(
+        f"training diverged at step {step}: {what} not finite (NaN or inf); nothing of this step is saved "
+        "(out_dir/last keeps the last checkpoint before it): lower actor_optim.lr / head_optim.lr and start again "
+        "in another out_dir")
 
 
 def step_row(step: int, reports: list[dict[str, Any]], t: Trainer) -> dict[str, Any]:
@@ -691,6 +711,7 @@ def train_step(t: Trainer) -> dict[str, Any]:
     losses = update(t, batch, t.step)
     t2 = time.perf_counter()
     reports = gather_object([local_report(t, problems, rollouts, rewards, batch, losses)])
+    check_not_diverged(reports, t.step + 1)  # before NaN weights are sampled from or saved
     t.step, t.data_position = t.step + 1, t.data_position + t.s.run.prompts_per_step
     row = {**step_row(t.step, reports, t), **evaluations(t, t.step)}
     generated = sum(rec[3] for rep in reports for rec in rep["records"])

@@ -317,3 +317,17 @@ def test_ctrl_c_saves_the_finished_step_and_a_rerun_resumes_from_it(init_dir, tm
     run_training(composed(tiny(init_dir, out, f"run.max_steps={step + 1}", "run.checkpoint_every=0",
                                "run.eval_every=0", "run.greedy_every=0")))
     assert rows_of(out)[:-1] == rows and rows_of(out)[-1]["step"] == step + 1  # resumed there, not restarted
+
+
+def test_a_diverging_run_stops_before_sampling_from_or_saving_nan_weights(init_dir, tmp_path):
+    # head_optim.lr=1e30 saved NaN weights in ckpt-2 and last/, then failed with an IndexError in
+    # the sampler (and every rerun resumed the NaN weights)
+    from experiments.train import TrainingDivergedError
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDivergedError, match=r"training diverged at step \d+: the (losses .* are|updated "
+                                                    r"weights are) not finite \(NaN or inf\); nothing of this step"):
+        run_training(composed(tiny(init_dir, out, "run.max_steps=6", "run.checkpoint_every=1", "head_optim.lr=1e30",
+                                   "actor_optim.lr=1e30")))
+    saved = load_checkpoint(out / "last")[0]
+    assert all(torch.isfinite(p).all() for p in saved.parameters())  # the last checkpoint is a good one

@@ -127,6 +127,8 @@ def test_train_config_composes_with_every_loss_option():
     ("train_loss.temperature=0.5", "differs from sampling.temperature"),
     ("sampling.temperature=0.7", "run.old_logprobs=rollout needs"),
     ("head_optim.lr=0", "OptimizerConfig.lr=0"),
+    ("actor_optim.lr=inf", "OptimizerConfig.lr=inf must be a finite number > 0"),  # trained to NaN before
+    ("head_optim.weight_decay=inf", "OptimizerConfig.weight_decay=inf must be a finite number >= 0"),
     ("data.heldout_problems=0", "DataConfig.heldout_problems=0"),
 ])
 def test_bad_values_are_named(override, message):
