@@ -20,6 +20,7 @@ Tests: `.venv/bin/python -m pytest tests/test_train_inputs.py`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from pathlib import Path
@@ -38,6 +39,8 @@ MADE_CHECKPOINTS: tuple[tuple[str, str], ...] = (
     ("demo/reflective_arith", "`make demo` writes it (the demo's reflective model of arith, trained from "
                               "outputs/checkpoints/tiny-arith/final)"),
 )
+SFT_SUMMARY = "sft_summary.json"  # policies.sft_resume.SUMMARY_FILE (not imported: it loads torch)
+EMBEDDED_TASKS: tuple[str, ...] = ("arith", "countdown")  # experiments.sft_tasks.SFT_TASKS
 HEAD_FILE = "score_module.pt"  # scorers.sprm_head.SCORE_MODULE_FILE (not imported: it loads torch)
 HEAD_HINT = (
     "A reflective checkpoint (policy and SPRM head on one backbone) is needed: the joint training "
@@ -111,6 +114,34 @@ def check_not_a_run_folder(path: object, key: str) -> None:
     if saved is not None:
         raise FileNotFoundError(f"checkpoint folder {path} has no config.json. "
                                 f"The model is saved in {saved}: point {setting(key)} at it ({setting(key)}{saved})")
+
+
+def trained_task(policy_path: str) -> str | None:
+    """The embedded task an SFT policy folder (<run>/final) was trained on: its run's
+    sft_summary.json ("run": {"task": ...}), else the run folder's name tiny-<task> (older
+    summaries do not say), else None."""
+    run = Path(policy_path).parent
+    try:
+        task = json.loads((run / SFT_SUMMARY).read_text()).get("run", {}).get("task")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(task, str) and task:
+        return task
+    name = run.name.removeprefix("tiny-")
+    return name if run.name.startswith("tiny-") and name in EMBEDDED_TASKS else None
+
+
+def trained_task_note(policy_path: object, task_module: str) -> str | None:
+    """A note when policy_path is an SFT policy of another embedded task than the search's (the
+    default policy, arith's, under task=countdown scored 0 in silence), else None."""
+    if not isinstance(policy_path, str):
+        return None
+    trained, task = trained_task(policy_path), task_module.rsplit(".", 1)[-1]
+    if trained is None or trained == task:
+        return None
+    suggestion = f" (e.g. outputs/checkpoints/tiny-{task}/final)" if task in EMBEDDED_TASKS else ""
+    return (f"note: policy.path={policy_path} was trained on {trained}, not {task}: point policy.path= at a "
+            f"policy of {task}{suggestion}")
 
 
 def setting(key: str) -> str:

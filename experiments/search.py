@@ -69,7 +69,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
-from experiments.checkpoint_hints import check_not_a_run_folder, checkpoint_hint
+from experiments.checkpoint_hints import check_not_a_run_folder, checkpoint_hint, trained_task_note
 from experiments.config_keys import check_known_keys
 from experiments.cli_errors import RunDirBusyError, interrupt_reported, is_storage_error
 from experiments.group_options import check_group_options
@@ -596,6 +596,9 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     name, spec = strategy_of(strategy_cfg)
     task, problems = load_task(cfg.task)
     check_has_problems(cfg.task, problems)
+    note = trained_task_note(OmegaConf.select(cfg, "policy.path", default=None), str(cfg.task.module))
+    if note:
+        print(note, file=sys.stderr)
     parts = chunks(problems, cfg.chunk)
     for node in ("policy", "scorer"):  # a run folder given for its final/: named before the run folder is written
         check_not_a_run_folder(OmegaConf.select(cfg, f"{node}.path", default=None), f"{node}.path")

@@ -331,3 +331,23 @@ def test_a_diverging_run_stops_before_sampling_from_or_saving_nan_weights(init_d
                                    "actor_optim.lr=1e30")))
     saved = load_checkpoint(out / "last")[0]
     assert all(torch.isfinite(p).all() for p in saved.parameters())  # the last checkpoint is a good one
+
+
+def test_a_policy_of_another_embedded_task_is_named(tmp_path):
+    # task=countdown ran the default arith policy and scored 0 with no word
+    from experiments.checkpoint_hints import trained_task_note
+
+    run = tmp_path / "mine"
+    (run / "final").mkdir(parents=True)
+    (run / "sft_summary.json").write_text('{"config": {}, "run": {"task": "arith", "train_problems": 10}}')
+    assert trained_task_note(str(run / "final"), "experiments.tasks.countdown") == (
+        f"note: policy.path={run / 'final'} was trained on arith, not countdown: point policy.path= at a policy "
+        "of countdown (e.g. outputs/checkpoints/tiny-countdown/final)")
+    assert trained_task_note(str(run / "final"), "experiments.tasks.arith") is None
+    assert trained_task_note(str(run / "final"), "experiments.tasks.gsm8k").endswith("at a policy of gsm8k")
+    old = tmp_path / "tiny-countdown"  # a summary from before it recorded the task: the folder's name
+    (old / "final").mkdir(parents=True)
+    (old / "sft_summary.json").write_text('{"config": {}}')
+    assert "was trained on countdown, not arith" in trained_task_note(str(old / "final"), "experiments.tasks.arith")
+    assert trained_task_note(str(tmp_path / "elsewhere" / "final"), "experiments.tasks.arith") is None  # no summary
+    assert trained_task_note(None, "experiments.tasks.arith") is None  # a served policy has no folder
