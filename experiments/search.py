@@ -79,7 +79,7 @@ from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, load_rows
 from experiments.result_json import write_atomic
-from experiments.run_weights import check_run_weights, model_folders
+from experiments.run_weights import WEIGHTS_FILE, check_run_weights, model_folders
 from experiments.sweep_metrics import BUDGET_FIELDS, RECORD_KEYS, read_run_config, run_metrics
 from experiments.tasks.benchmark_split import check_unique_ids
 from policies.gc_freeze import freeze_long_lived
@@ -107,6 +107,9 @@ ADDED_SETTINGS: dict[str, Any] = {
 DEFAULT_SETTINGS: dict[str, Any] = {"batching": "lockstep"}
 RECORDS, CONFIG, METRICS, LOCK = "records.jsonl", "config.yaml", "metrics.json", ".lock"
 HYDRA_SUBDIR = ".hydra"  # Hydra's record of the invocation, written by `save_hydra_files`
+# what a run writes into its folder before its first row (`release_claim` removes them again when
+# the run is refused then: a missing model folder, a scorer that does not load)
+CLAIM_FILES: tuple[str, ...] = (CONFIG, WEIGHTS_FILE, HYDRA_SUBDIR, LOCK)
 # `+batching=`: lockstep (default: every round of a chunk's problems in one policy call) or
 # continuous (each problem searched in its own thread, the policy decoding whatever calls wait
 # together: `policies.continuous_engine`; a problem's samples are then those of searching it alone)
@@ -604,14 +607,34 @@ def run_search_experiment(cfg: DictConfig) -> Path:
         check_not_a_run_folder(OmegaConf.select(cfg, f"{node}.path", default=None), f"{node}.path")
     out = resolve_out_dir(cfg)
     budget_field = BUDGET_FIELDS.get(name, "n")
-    with run_lock(out):
-        config = resolved_config(cfg)
-        claim_run_dir(out, with_run_budget(config, budget_field), budget_field)
-        check_run_weights(out, model_folders(config), has_records(out))
-        save_hydra_files(out, cfg)
-        search_missing(cfg, out, task, parts, strategy_cfg, spec)
-        write_metrics(out, problems)
+    before = {name for name in CLAIM_FILES if (out / name).exists()}
+    try:
+        with run_lock(out):
+            config = resolved_config(cfg)
+            claim_run_dir(out, with_run_budget(config, budget_field), budget_field)
+            check_run_weights(out, model_folders(config), has_records(out))
+            save_hydra_files(out, cfg)
+            search_missing(cfg, out, task, parts, strategy_cfg, spec)
+            write_metrics(out, problems)
+    except USER_ERRORS:
+        if not has_records(out):  # refused before its first row (a missing model folder): leave no claim
+            release_claim(out, before)
+        raise
     return out
+
+
+def release_claim(out: Path, before: set[str]) -> None:
+    """Remove the claim files (CLAIM_FILES) this run wrote into a folder that got no row, keeping
+    any that were there before it; Hydra's own files go with `discard_hydra_only_dir` (its empty
+    job log stays in a folder that holds the user's files, as after any run there)."""
+    for name in set(CLAIM_FILES) - before:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        out.rmdir()  # out_dir given and left empty
 
 
 # -- the command line ---------------------------------------------------------------------------

@@ -392,3 +392,20 @@ def test_interrupt_reported_is_one_line_and_exit_130_unless_the_full_error_is_wa
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(KeyboardInterrupt), interrupt_reported("rerun to go on"):
         raise KeyboardInterrupt
+
+
+def test_a_run_refused_before_its_first_row_leaves_no_claimed_folder(ckpt, tmp_path):
+    # a missing scorer folder (found when the scorer loads) left config.yaml, weights.json, .hydra/
+    # and .lock behind: a sweep's table then named the job as one not started
+    out = tmp_path / "search"
+    done = run_cli([f"policy.path={ckpt}", "scorer=orm", f"scorer.path={tmp_path / 'no_head'}", f"out_dir={out}",
+                    "task.count=1"], cwd=tmp_path)
+    assert done.returncode == 2 and "no_head does not exist" in done.stderr
+    assert not out.exists()
+    # a folder of the user's with a file of theirs keeps that file, and only that
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    done = run_cli([f"policy.path={ckpt}", "scorer=orm", f"scorer.path={tmp_path / 'no_head'}", f"out_dir={out}",
+                    "task.count=1"], cwd=tmp_path)
+    assert done.returncode == 2 and sorted(p.name for p in out.iterdir()) in (["notes.txt"], ["notes.txt", "search.log"])
+    assert (out / "notes.txt").read_text() == "mine"  # (search.log: Hydra's own log of the invocation)

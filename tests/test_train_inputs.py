@@ -351,3 +351,9 @@ def test_a_policy_of_another_embedded_task_is_named(tmp_path):
     assert "was trained on countdown, not arith" in trained_task_note(str(old / "final"), "experiments.tasks.arith")
     assert trained_task_note(str(tmp_path / "elsewhere" / "final"), "experiments.tasks.arith") is None  # no summary
     assert trained_task_note(None, "experiments.tasks.arith") is None  # a served policy has no folder
+
+
+def test_the_smollm2_and_orm_default_folders_say_how_to_make_them():
+    err = FileNotFoundError("missing")
+    assert "`python -m policies.smollm2`" in checkpoint_hint("outputs/models/smollm2-135m-instruct", err, "policy.path")
+    assert "experiments/conf/scorer/orm.yaml" in checkpoint_hint("outputs/heads/arith_orm/final", err, "scorer.path")
