@@ -73,7 +73,7 @@ from experiments.checkpoint_hints import check_not_a_run_folder, checkpoint_hint
 from experiments.config_keys import check_known_keys
 from experiments.cli_errors import RunDirBusyError, interrupt_reported, is_storage_error
 from experiments.group_options import check_group_options
-from experiments.sweep_out_dir import check_sweep_out_dir
+from experiments.out_dir_args import check_out_dir_argument
 from experiments.override_keys import check_override_keys, check_plain_keys
 from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
@@ -706,6 +706,6 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR)  # search=nosuch: one line, exit 2, before Hydra composes
     check_override_keys(sys.argv[1:], CONFIG_DIR, "search", PLAIN_NODE_KEYS)  # search.bogus=1: one line, exit 2
-    check_sweep_out_dir(sys.argv[1:], CONFIG_DIR, "search")  # -m ... out_dir=X: one folder for every job
+    check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "search")  # a file; -m ... out_dir=X: one folder for every job
     with interrupt_reported("the rows of finished chunks are kept in records.jsonl; rerun the same command to go on"):
         main()

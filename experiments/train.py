@@ -71,6 +71,7 @@ from experiments.result_json import write_atomic  # noqa: E402
 from experiments.checkpoint_hints import checkpoint_hint  # noqa: E402
 from experiments.cli_errors import interrupt_reported  # noqa: E402
 from experiments.group_options import check_group_options  # noqa: E402
+from experiments.out_dir_args import check_out_dir_argument  # noqa: E402
 from experiments.tasks.benchmark_split import TAKE_ALL_HINT  # noqa: E402
 from experiments.override_keys import check_override_keys, check_plain_keys  # noqa: E402
 from experiments.search import (  # noqa: E402
@@ -877,5 +878,6 @@ def close_process_group() -> None:
 if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR)  # recipe=nosuch: one line, exit 2, before Hydra composes
     check_override_keys(sys.argv[1:], CONFIG_DIR, "train", PLAIN_NODE_KEYS)  # grpo.bogus=1: one line, exit 2
+    check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "train")  # a file; a sweep given one out_dir
     with interrupt_reported("rerun the same command to resume from out_dir/last"):
         main()

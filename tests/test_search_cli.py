@@ -171,6 +171,17 @@ def test_an_unknown_group_option_is_one_error_line_before_hydra_composes(module,
     assert_one_error_line_before_hydra(module, args, message, tmp_path)
 
 
+@pytest.mark.parametrize("module, out, message", [
+    ("experiments.search", "notes.txt", "error: out_dir=notes.txt is an existing file; give a folder"),
+    ("experiments.train", "notes.txt/run", "error: out_dir=notes.txt/run lies under notes.txt, an existing file; give a folder"),
+])
+def test_an_out_dir_that_is_a_file_is_one_error_line_before_hydra_makes_it(module, out, message, tmp_path):
+    # Hydra's FileExistsError traceback before
+    (tmp_path / "notes.txt").write_text("mine")
+    assert_one_error_line_before_hydra(module, [f"out_dir={out}"], message, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("args", [["-m", "budget=2,4", "out_dir=runs/x"], ["experiment=budget_sweep", "out_dir=runs/x"]])
 def test_a_sweep_given_one_out_dir_is_one_error_line_before_hydra_runs(args, tmp_path):
     # every job of the sweep went to one folder: the second was refused with advice no sweep can follow
