@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
+from experiments.cli_args import check_folder_target  # noqa: E402
 from experiments.quick_eval import QuickEvalConfig, format_report, quick_eval, eval_problems  # noqa: E402
 from experiments.sft_tasks import SFT_TASKS, SFTTask, get_sft_task  # noqa: E402
 from policies.checkpoint import load_checkpoint  # noqa: E402
@@ -100,8 +101,15 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     an SFTError names the first bad one."""
     task = get_sft_task(args.task)
     cfg = sft_config(args)
+    try:  # a file there failed only when the trained model was saved, after the whole run
+        check_folder_target(Path(args.out), "--out")
+    except ValueError as err:
+        raise SFTError(str(err)) from None
     if args.train_problems < 1:
         raise SFTError(f"--train-problems {args.train_problems}: must be >= 1")
+    if args.train_problems < cfg.batch_size:
+        raise SFTError(f"--train-problems {args.train_problems} gives fewer training pairs than --batch-size "
+                       f"{cfg.batch_size}: raise --train-problems or lower --batch-size")
     if args.eval_problems < 0:
         raise SFTError(f"--eval-problems {args.eval_problems}: must be >= 0 (0: no evaluation)")
     if args.eval_problems == 0:
@@ -140,7 +148,7 @@ def run(plan: RunPlan, out: Path, seed: int, progress: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse argv (default: sys.argv) and run. A bad value or run folder (SFTError) prints
     "error: ..." and gives 2; Ctrl-C during training saves OUT/last and gives 130; any other
-    exception is a bug and keeps its traceback."""
+    exception is a bug and keeps its traceback (Ctrl-C outside the steps: one line, 130)."""
     args = build_parser().parse_args(argv)
     try:
         run(plan_run(args), Path(args.out), args.seed, progress=not args.no_progress)
@@ -149,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except TrainingInterrupted as err:
         print(err, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # outside the training steps (preparing the data, the evaluation): a traceback before
+        print("\ninterrupted outside the training steps: what was saved is kept; rerun the same command to go on",
+              file=sys.stderr)
         return 130
     return 0
 

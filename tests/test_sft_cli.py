@@ -51,6 +51,8 @@ def state_step(out) -> int:
         (["--lr", "-1"], "SFTConfig.lr=-1.0; must be > 0"),
         (["--checkpoint-every", "-1"], "SFTConfig.checkpoint_every=-1; must be >= 0"),
         (["--train-problems", "0"], "--train-problems 0: must be >= 1"),
+        # named an internal field ("10 examples < SFTConfig.batch_size=32")
+        (["--train-problems", "3"], "--train-problems 3 gives fewer training pairs than --batch-size 4: raise "),
         (["--eval-problems", "3", "--eval-samples", "0"], "--eval-samples 0: must be >= 1"),
         (["--eval-problems", "3", "--temperature", "inf"], "--temperature inf: must be a finite number > 0"),  # a traceback
         # countdown's test split holds ~2.3k problems: found after the whole training run before
@@ -124,3 +126,21 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sft, "train_step", real_step)
     assert main("--out", str(out), "--max-steps", "4") == 0
     assert f"resuming from {out / 'last'} at step 2\n" in capsys.readouterr().out and state_step(out) == 4
+
+
+def test_an_out_that_is_a_file_is_named_before_training(tmp_path, capsys):
+    # it trained the whole run, then failed to save it with a FileExistsError traceback
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main("--out", str(tmp_path / "notes.txt"), "--max-steps", "2") == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'notes.txt'} is an existing file; give a folder\n"
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_ctrl_c_while_preparing_the_data_is_one_line_and_130(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_tokenizer", interrupted)  # before the first step: a traceback before
+    assert main("--out", str(tmp_path / "run"), "--max-steps", "2") == 130
+    assert capsys.readouterr().err == (
+        "\ninterrupted outside the training steps: what was saved is kept; rerun the same command to go on\n")
