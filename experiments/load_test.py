@@ -4,7 +4,7 @@ distinct, every answer checked against the answer to the same request sent alone
 Usage:
     python -m experiments.load_test --url http://127.0.0.1:8001 --service scorer --clients 32 --requests 20
     python -m experiments.load_test --url http://127.0.0.1:8000 --service policy --clients 32 --requests 20 \\
-        [--api-key KEY] [--max-tokens 16] [--response-num 2]
+        [--api-key KEY (default: $TREESEARCH_API_KEY)] [--max-tokens 16] [--response-num 2]
 
 How: first every request is sent alone, one at a time (the expected answers); then `clients`
 coroutines each send their `requests` requests back to back over one shared connection pool
@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -36,6 +37,8 @@ from typing import Any, Sequence
 import httpx
 
 from experiments.cli_args import positive_float, positive_int
+
+API_KEY_ENV = "TREESEARCH_API_KEY"  # experiments.serve.API_KEY_ENV (not imported: it loads the services)
 
 SCORE_TOLERANCE = 1e-4
 
@@ -244,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--service", choices=("policy", "scorer"), required=True)
     parser.add_argument("--clients", type=positive_int, default=32)
     parser.add_argument("--requests", type=positive_int, default=20, help="requests per client")
-    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                        help=f"the service's key (default: ${API_KEY_ENV}, as `experiments.serve` reads it)")
     parser.add_argument("--timeout", type=positive_float, default=300.0, help="seconds per request before it counts as dropped")
     parser.add_argument("--max-tokens", type=positive_int, default=16, help="policy: max_tokens per request")
     parser.add_argument("--response-num", type=positive_int, default=2, help="policy: response_num per request")

@@ -121,3 +121,14 @@ def test_counts_below_one_are_usage_errors(capsys, flag):
     with pytest.raises(SystemExit) as exit_info:
         main(["--url", "http://127.0.0.1:1", "--service", "scorer", flag, "0"])
     assert exit_info.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_the_api_key_defaults_to_the_one_serve_reads(monkeypatch):
+    # a service started with TREESEARCH_API_KEY answered the load test's requests with 401
+    from experiments import load_test, serve
+
+    assert load_test.API_KEY_ENV == serve.API_KEY_ENV
+    monkeypatch.setenv(serve.API_KEY_ENV, "sekret")
+    assert load_test.build_parser().parse_args(["--url", "http://x", "--service", "scorer"]).api_key == "sekret"
+    monkeypatch.delenv(serve.API_KEY_ENV)
+    assert load_test.build_parser().parse_args(["--url", "http://x", "--service", "scorer"]).api_key is None
