@@ -196,7 +196,8 @@ class EvalConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"EvalConfig.{name}={value!r} must be an integer >= 1")
         if self.n % self.beam_width:
-            raise ValueError(f"EvalConfig.n={self.n} must be a multiple of beam_width={self.beam_width}")
+            raise ValueError(f"EvalConfig.n={self.n} must be a multiple of beam_width={self.beam_width} (--n, "
+                             "--beam-width; checked with every setting, also when --stages leaves out beam)")
         if not 0 < self.temperature < math.inf:
             raise ValueError(f"EvalConfig.temperature={self.temperature!r} must be a finite number > 0 "
                              "(greedy is its own stage)")
