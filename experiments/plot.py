@@ -80,7 +80,8 @@ def render_tree(result_path: Path, out_dir: Path | None = None, refresh_s: float
     stem = result_path.stem
     title = f"{record.strategy} · problem {record.tree['problem']['id']}"
     png = draw_tree_png(record.tree, record.chosen_node, folder / f"{stem}.png", title=title)
-    page = write_tree_html(record.tree, record.chosen_node, folder / f"{stem}.html", refresh_s=refresh_s, title=title)
+    page = write_tree_html(record.tree, record.chosen_node, folder / f"{stem}.html", refresh_s=refresh_s, title=title,
+                           candidates=record.candidates)
     return png, page
 
 

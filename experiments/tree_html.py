@@ -33,7 +33,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 from matplotlib.colors import to_hex
@@ -54,9 +54,13 @@ def write_tree_html(
     out_path: str | os.PathLike[str],
     refresh_s: float | None = None,
     title: str | None = None,
+    candidates: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Write the page to out_path (atomically) and return the path. refresh_s: reload the page
     every refresh_s seconds (live mode, see the module docstring); None: a static page.
+    candidates: the result's candidates ({"node_id", "score"}): the side panel shows each one's
+    path score (what ranked it) on its leaf. Visits, value and prior are shown only for a tree
+    whose strategy counts visits (MCTS); elsewhere they are placeholders.
     TreeJsonError (`experiments.tree_plot.check_drawable`) when a node cannot be drawn."""
     check_drawable(tree_json)
     if refresh_s is not None and not (isinstance(refresh_s, (int, float)) and refresh_s > 0):
@@ -64,26 +68,34 @@ def write_tree_html(
     title = title or f"search tree · problem {tree_json['problem']['id']}"
     fills = {
         "TITLE": html.escape(title),
-        "LEGEND": _legend_html(tree_json),
+        "LEGEND": _legend_html(tree_json, counts_visits(tree_json)),
         "SVG": _svg(tree_json, chosen_node),
-        "DATA": _script_json(_page_data(tree_json, chosen_node, refresh_s)),
+        "DATA": _script_json(_page_data(tree_json, chosen_node, refresh_s, candidates)),
     }
     # One pass, so a step text that happens to contain "__DATA__" is never substituted into.
     page = re.sub(r"__(TITLE|LEGEND|SVG|DATA)__", lambda m: fills[m.group(1)], _TEMPLATE)
     return write_atomic(out_path, page)
 
 
-def _page_data(tree_json: dict[str, Any], chosen_node: int | None, refresh_s: float | None) -> dict[str, Any]:
+def counts_visits(tree_json: dict[str, Any]) -> bool:
+    """Whether the tree's strategy counts visits (MCTS): some node has one."""
+    return any(n["visits"] for n in tree_json["nodes"])
+
+
+def _page_data(tree_json: dict[str, Any], chosen_node: int | None, refresh_s: float | None,
+               candidates: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """What the side panel reads: every node's fields (non-finite numbers as strings, so the
-    JSON stays strict), the chosen path and the live-mode settings."""
+    JSON stays strict; a candidate's leaf with its path score), which fields mean something for
+    this strategy, the chosen path and the live-mode settings."""
     problem = tree_json["problem"]
+    path_scores = {int(c["node_id"]): c["score"] for c in candidates}
     nodes = [
         {
             "id": n["id"], "parent": n["parent"], "depth": n["depth"], "children": list(n["children"]),
             "text": "" if n["step"] is None else str(n["step"]["text"]),
             "finish": None if n["step"] is None else n["step"].get("finish"),
             "score": _finite(n["score"]), "visits": n["visits"], "value": _finite(n["value"]),
-            "prior": _finite(n["prior"]),
+            "prior": _finite(n["prior"]), "path_score": _finite(path_scores.get(n["id"])),
         }
         for n in tree_json["nodes"]
     ]
@@ -93,6 +105,7 @@ def _page_data(tree_json: dict[str, Any], chosen_node: int | None, refresh_s: fl
         "chosen_node": chosen_node,
         "chosen_path": chosen_path(tree_json, chosen_node),
         "refresh_s": refresh_s,
+        "counts_visits": counts_visits(tree_json),
         "written_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "nodes": nodes,
     }
@@ -200,15 +213,16 @@ def _svg_labels(tree_json: dict[str, Any], pos: dict[int, tuple[float, int]], xy
     return labels
 
 
-def _legend_html(tree_json: dict[str, Any]) -> str:
-    """The score colour bar as a CSS gradient sampled from the same colormap as the PNG."""
+def _legend_html(tree_json: dict[str, Any], visits: bool = True) -> str:
+    """The score colour bar as a CSS gradient sampled from the same colormap as the PNG; edge
+    widths are explained only where they show visits (MCTS)."""
     lo, hi = score_range(tree_json)
     cmap = matplotlib.colormaps[SCORE_CMAP]
     stops = ", ".join(to_hex(cmap(k / (GRADIENT_STOPS - 1))) for k in range(GRADIENT_STOPS))
     return (f'<span>score {lo:.3g}</span><span class="bar" style="background: linear-gradient(to right, {stops})">'
             f'</span><span>{hi:.3g}</span><span class="swatch" style="background:{NO_SCORE_COLOR}"></span>'
             f'<span>none</span><span class="swatch line" style="background:{CHOSEN_COLOR}"></span>'
-            f'<span>chosen path</span><span>· edge width ∝ visits · ○ step □ final ✕ cut (length)</span>')
+            f'<span>chosen path</span><span>{"· edge width ∝ visits " if visits else ""}· ○ step □ final ✕ cut (length)</span>')
 
 
 _TEMPLATE = """<!DOCTYPE html>
@@ -298,9 +312,11 @@ function show(id, scroll) {
   if (scroll) shape.scrollIntoView({block: "center", inline: "center"});
   document.getElementById("node-title").textContent =
     (id === 0 ? "root" : "node " + id) + (ON_PATH.has(id) ? " (chosen path)" : "");
-  const rows = [["score", node.score], ["visits", node.visits], ["value", node.value],
-                ["prior", node.prior], ["finish", node.finish], ["depth", node.depth],
-                ["parent", node.parent], ["children", node.children.length]];
+  const rows = [["step score", node.score]];
+  if (node.path_score !== null) rows.push(["path score (ranks the candidate)", node.path_score]);
+  if (DATA.counts_visits) rows.push(["visits", node.visits], ["value", node.value], ["prior", node.prior]);
+  rows.push(["finish", node.finish], ["depth", node.depth], ["parent", node.parent],
+            ["children", node.children.length]);
   const table = document.getElementById("fields");
   table.replaceChildren();
   for (const [name, value] of rows) {

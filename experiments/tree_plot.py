@@ -281,7 +281,8 @@ def _decorate(fig: Figure, ax: Any, tree_json: dict[str, Any], pos: dict[int, Po
     ax.set_title(title or f"{len(tree_json['nodes'])} nodes", fontsize=10, parse_math=False)
     mappable = ScalarMappable(norm=Normalize(*score_range(tree_json)), cmap=SCORE_CMAP)
     fig.colorbar(mappable, ax=ax, label="step score (grey: none)", fraction=0.04, pad=0.02)
-    ax.legend(handles=_legend_handles(), loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=5,
+    visits = any(n["visits"] for n in tree_json["nodes"])  # MCTS counts them; elsewhere every edge is alike
+    ax.legend(handles=_legend_handles(visits), loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=5,
               frameon=False, fontsize=8)
 
 
@@ -292,13 +293,14 @@ def _top_margin(fig: Figure, depth: int) -> float:
     return max(0.6, ROOT_LABEL_IN * units_per_inch)
 
 
-def _legend_handles() -> list[Line2D]:
+def _legend_handles(visits: bool = True) -> list[Line2D]:
+    """The shapes' and lines' legend; edge width is explained only where it shows visits (MCTS)."""
     def marker(shape: str, label: str) -> Line2D:
         return Line2D([], [], linestyle="", marker=shape, markerfacecolor="#cccccc", markeredgecolor="#333333",
                       label=label)
 
+    widths = [Line2D([], [], color="#7f7f7f", linewidth=2, label="edge width ∝ visits")] if visits else []
     return [
-        marker("o", "step"), marker("s", "final (eos)"), marker("X", "cut (length)"),
-        Line2D([], [], color="#7f7f7f", linewidth=2, label="edge width ∝ visits"),
+        marker("o", "step"), marker("s", "final (eos)"), marker("X", "cut (length)"), *widths,
         Line2D([], [], color=CHOSEN_COLOR, linewidth=3, label="chosen path"),
     ]

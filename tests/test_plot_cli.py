@@ -345,3 +345,25 @@ def test_an_image_matplotlib_cannot_write_is_a_one_line_error_without_a_partial_
     assert main([command, str(source), "--out", str(target)]) == 2
     assert capsys.readouterr().err == f"error: {target}: the image could not be written: the backend gave up\n"
     assert not target.exists()
+
+
+def page_data(page: str) -> dict:
+    """The side panel's data of a written page."""
+    raw = re.search(r'<script type="application/json" id="tree-data">(.*?)</script>', page, re.S)[1]
+    return json.loads(raw)
+
+
+def test_the_panel_shows_path_scores_and_leaves_out_visits_a_strategy_does_not_count(tmp_path):
+    # Best-of-N's leaves showed "visits 0, value 0" and never the path score that picked the answer
+    tree = wide_tree(4)  # no visits: not MCTS
+    leaf = tree.to_json()["nodes"][-1]["id"]
+    candidates = [{"node_id": leaf, "score": 0.886, "step_scores": [0.8, 0.9]}]
+    page = write_tree_html(tree.to_json(), leaf, tmp_path / "t.html", candidates=candidates).read_text(encoding="utf-8")
+    data = page_data(page)
+    assert data["counts_visits"] is False and "edge width ∝ visits" not in page
+    assert data["nodes"][leaf]["path_score"] == 0.886 and data["nodes"][1]["path_score"] is None
+    assert 'if (DATA.counts_visits) rows.push(["visits"' in page
+    mcts = wide_tree(4)
+    mcts.nodes[1].visits = 3  # a strategy that counts visits keeps them
+    page = write_tree_html(mcts.to_json(), None, tmp_path / "m.html").read_text(encoding="utf-8")
+    assert page_data(page)["counts_visits"] is True and "edge width ∝ visits" in page
