@@ -2,8 +2,8 @@
 
 For each embedded task (`arith`, and `countdown`: the task with a generator-verifier gap):
 1. Loads its tiny policy from `outputs/checkpoints/tiny-<task>/final`, or trains it there first
-   when no checkpoint is cached (SFT: 1400 steps for arith, 4800 for countdown, ~27 min on 2 CPU
-   cores).
+   when no checkpoint is cached (SFT: 1400 steps for arith, ~17 min, and 4800 for countdown,
+   27-39 min on 2 CPU cores).
 2. Greedy decoding and Best-of-N sampling (N = 32) on the test split, batched, with a progress
    bar; every smaller N post hoc from the same samples.
 3. The compute-matched comparison (`experiments.demo_sweep`): Best-of-N, beam search, DVTS, MCTS,
@@ -16,7 +16,7 @@ For each embedded task (`arith`, and `countdown`: the task with a generator-veri
    task: a step-level beam search on the first problem (`tree_<task>.json`, `.png`, `.html`).
 5. Before sampling, each task's SPRM stage (`experiments.demo_reflective`): the reflective model
    (policy + SPRM head on one backbone) trained from the SFT policy on its cached train rollouts
-   (~30 min on 2 cores for countdown, ~15 for arith; cached), the aha plot `aha_<task>.png`; the
+   (30-45 min on 2 cores for countdown, ~15 for arith; cached), the aha plot `aha_<task>.png`; the
    task's table is then the reflective model's own Best-of-N samples, each step scored by its head
    while it is generated (`sprm_bon@N`, `sprm_wmaj@N`), `<task>.sft_*` keeps the SFT policy's
    numbers, and an ablation table (`experiments.demo_ablation`) ranks the same candidates by heads
