@@ -28,7 +28,9 @@ WEIGHT_LAYOUTS: tuple[tuple[str, str], ...] = (
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 )
-TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json")
+# files that carry a tokenizer's vocabulary (fast, SentencePiece, BPE, WordPiece); a
+# tokenizer_config.json alone passed, and transformers then failed naming neither folder nor file
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 def check_model_folder(directory: str | Path) -> Path:

@@ -92,9 +92,9 @@ def test_what_a_folder_lacks_is_named(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"has no weights: model.safetensors \(or model.safetensors.index.json\) or pytorch_model.bin"):
         check_model_folder(empty)
     weights_only = shutil.copytree(folders["single"], tmp_path / "no_tokenizer")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (weights_only / name).unlink()
-    with pytest.raises(FileNotFoundError, match=r"has no tokenizer \(tokenizer.json or tokenizer_config.json\)"):
+    (weights_only / "tokenizer.json").unlink()  # tokenizer_config.json alone: transformers' message named nothing
+    with pytest.raises(FileNotFoundError, match=rf"{weights_only} has no tokenizer \(tokenizer.json or "
+                                                r"tokenizer.model or vocab.json or vocab.txt or spiece.model\)"):
         load_checkpoint(weights_only)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         check_model_folder(tmp_path / "absent")
