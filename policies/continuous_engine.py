@@ -22,9 +22,11 @@ those of running that problem alone (one problem at a time), up to float roundin
     python -m experiments.search search=beam chunk=16 +batching=continuous  # the same from Hydra
 
 Threads: the policy guards its tokenizer and prefix cache with `policy.lock`; a scorer is called
-from the problems' threads at once, so one that runs a model (`scorers.sprm_scorer`'s second
-forward) must not share the policy's model object, whose attention the engine switches per
-forward (`policies.shared_prefix.shared_prefix_attention`).
+from the problems' threads at once. The engine switches the model's attention for each step
+(`policies.shared_prefix.shared_prefix_attention`) and holds `policies.model_lock.model_lock` of
+the model object while it does, so a scorer that runs the same model object
+(`scorers.sprm_scorer`'s second forward on the reflective model the policy decodes with) takes
+its turn between two steps.
 
 Errors: a cohort whose merged prefill raises is started again one call at a time, so only the
 call at fault fails (the exception is raised in its caller's thread); a cohort whose sampling
@@ -46,6 +48,7 @@ import torch
 from policies.chunk_merge import merge_key, merge_requests
 from policies.decode_loop import ChunkOutput, ChunkRequest, ChunkRun, StepHead
 from policies.joint_forward import feed_jointly
+from policies.model_lock import model_lock
 from policies.slot_cache import KV_POOL
 from policies.step_stops import StepStopRule
 
@@ -204,10 +207,11 @@ class ContinuousEngine:
                     admitted = self._admit(running)
                     if admitted is None:
                         return
-                    running.extend(c for cohort in _cohorts(admitted) for c in self._started(cohort) if c.run is not None)
-                    running = [cohort for cohort in running if self._sample(cohort)]
-                    if running:
-                        self._feed(running)
+                    with model_lock(self.model):  # a scorer's forward on this model object waits for the step
+                        running.extend(c for cohort in _cohorts(admitted) for c in self._started(cohort) if c.run is not None)
+                        running = [cohort for cohort in running if self._sample(cohort)]
+                        if running:
+                            self._feed(running)
         except BaseException as error:  # a bug in the loop itself: no caller may wait forever
             self._shut_down(running, error)
 

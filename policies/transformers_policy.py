@@ -71,6 +71,7 @@ import torch
 from policies.allocator import keep_freed_memory
 from policies.checkpoint import load_checkpoint
 from policies.decode_loop import FINISH_CODES, ChunkOutput, ChunkRequest, StepHead, decode_request
+from policies.model_lock import model_lock
 from policies.policy_requests import check_request, check_widths, encode_contexts, fit_window, step_budget
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
@@ -134,8 +135,9 @@ class TransformersPolicy:
         `+policy.forked=false`.
 
     Threads: calls from several threads at once are safe. Without an engine each chunk decodes
-    in its caller's thread, one chunk at a time (`decode_lock`: the model's attention is
-    switched per chunk, so two decode loops on one model would corrupt each other); with
+    in its caller's thread, one chunk at a time (`policies.model_lock`: the model's attention is
+    switched per chunk, so two decode loops, or a decode loop and a scorer, on one model object
+    would corrupt each other); with
     `policies.continuous_engine.ContinuousEngine.attached(policy)` they decode together.
     """
 
@@ -181,7 +183,6 @@ class TransformersPolicy:
         # cache, which those threads share.
         self.chunk_decoder: Callable[[ChunkRequest], ChunkOutput] = self._decode_here
         self.lock = threading.RLock()
-        self.decode_lock = threading.Lock()  # one chunk at a time on this model without an engine
 
     @classmethod
     def from_pretrained(
@@ -324,8 +325,8 @@ class TransformersPolicy:
 
     def _decode_here(self, request: ChunkRequest) -> ChunkOutput:
         """Decode one chunk in this thread, to the end (`policies.decode_loop.decode_request`),
-        while no other thread decodes on this model (`decode_lock`)."""
-        with self.decode_lock:
+        while nothing else runs this model object (`policies.model_lock`: another policy or a scorer on it)."""
+        with model_lock(self.model):
             return decode_request(self.model, request, self.rule, self.pad_id, self.step_head)
 
     def _cached_prefix(self, context: list[int], prompt_length: int, prefix: Prefix) -> PrefixKV | None:

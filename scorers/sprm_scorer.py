@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from policies.model_lock import model_lock
 from policies.policy_requests import encode_contexts
 from policies.reflective_model import ReflectiveModel
 from scorers.sprm_positions import StepMarkers, path_step_scores, score_positions, step_of_positions
@@ -144,9 +145,10 @@ class SPRMScorer:
             mask[row, : len(ids)] = 1
         positions = [score_positions(ids, self.markers, start) for ids, start in batch]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]; right pads are masked anyway
-        out = self.model(
-            input_ids.to(self.device), mask.to(self.device), position_ids.to(self.device), logits_to_keep=1
-        )
+        with model_lock(self.model.lm):  # a policy decoding on this model object takes turns with it
+            out = self.model(
+                input_ids.to(self.device), mask.to(self.device), position_ids.to(self.device), logits_to_keep=1
+            )
         rows = torch.tensor([r for r, p in enumerate(positions) for _ in p], dtype=torch.long)  # [K]
         cols = torch.tensor([c for p in positions for c in p], dtype=torch.long)  # [K]
         values = self.model.step_scores(out.features[rows.to(self.device), cols.to(self.device)]).tolist()  # [K]

@@ -26,7 +26,7 @@ from policies.prefix_cache import PrefixCacheConfig, PrefixKV
 from policies.sampling import SplitDraws
 from scorers.confidence import ConfidenceScorer
 from test_prefix_cache import assert_same_outputs, children, policy
-from test_reflective_policy import policy as reflective_policy
+from test_reflective_policy import SCORER as SHARED_MODEL_SCORER, policy as reflective_policy
 from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
 from test_prefix_cache import BASE
@@ -140,7 +140,7 @@ def test_a_search_per_problem_in_threads_equals_one_problem_at_a_time(strategy, 
 ])
 def test_a_search_per_problem_in_threads_without_an_engine_equals_one_problem_at_a_time(strategy, settings):
     """Without an engine the threads' chunks decode one at a time on the shared model
-    (`TransformersPolicy.decode_lock`), so the results are those of one problem at a time."""
+    (`policies.model_lock`), so the results are those of one problem at a time."""
     problems = [Problem(f"p{i}", f"<think>{i}+{i + 1}=") for i in range(6)]
     spec = get_strategy(strategy)
     cfg = spec.config(seed=3, **settings)
@@ -149,6 +149,27 @@ def test_a_search_per_problem_in_threads_without_an_engine_equals_one_problem_at
     for a, b in zip(alone, together):
         assert [c.text for c in a.candidates] == [c.text for c in b.candidates]
         assert a.chosen == b.chosen
+
+
+@pytest.mark.parametrize("engine", [False, True])
+def test_a_scorer_on_the_policys_own_model_object_takes_turns_with_its_decoding(engine):
+    """SPRMScorer on the reflective model a policy decodes with (a second forward, e.g. to check
+    in-generation scores): its forwards ran the policy's switched attention from another thread
+    and failed ("shared_prefix attention decodes one token per row ..."); they now take turns
+    (`policies.model_lock`), so the results are those of one problem at a time."""
+    problems = [Problem(f"p{i}", f"<think>{i}+{i + 1}=") for i in range(6)]
+    spec = get_strategy("beam_search")
+    cfg = spec.config(seed=3, n=4, beam_width=2, max_depth=4)
+    alone = [spec.fn([q], reflective_policy(PrefixCacheConfig()), SHARED_MODEL_SCORER, cfg)[0] for q in problems]
+    p = reflective_policy(PrefixCacheConfig())
+    if engine:
+        with ContinuousEngine.attached(p):
+            together = search_each(spec.fn, problems, p, SHARED_MODEL_SCORER, cfg)
+    else:
+        together = search_each(spec.fn, problems, p, SHARED_MODEL_SCORER, cfg)
+    for a, b in zip(alone, together):
+        assert [c.text for c in a.candidates] == [c.text for c in b.candidates]
+        assert [c.score for c in a.candidates] == pytest.approx([c.score for c in b.candidates], abs=1e-5)
 
 
 class GatedLM(ScriptedLM):
