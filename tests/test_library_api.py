@@ -237,6 +237,59 @@ def test_every_strategy_refuses_step_scores_outside_the_unit_interval(name, valu
         run_search(name, problems(2), FakePolicy(), ConstantScorer(value), **SMALL[name])
 
 
+@dataclass(frozen=True)
+class ArrayScorer:
+    """Scores as numpy float32 rows or torch tensors (what a PRM's code hands back naturally)."""
+
+    kind: str
+
+    def score(self, paths: Sequence[Prefix]) -> list[Any]:
+        import numpy as np
+        import torch
+
+        rows = [[0.25 + 0.5 * (j % 2) for j in range(len(p.steps))] for p in paths]
+        return [np.asarray(r, dtype=np.float32) if self.kind == "numpy" else torch.tensor(r) for r in rows]
+
+    def cost(self, paths: Sequence[Prefix]) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_array_scores_are_kept_as_floats_so_the_results_can_be_saved(name, kind):
+    # stored as float32 / Tensor, they made `save_result` and `write_records` fail in json.dumps
+    import json
+
+    from experiments.result_json import result_to_json
+
+    results = run_search(name, problems(2), FakePolicy(), ArrayScorer(kind), **SMALL[name])
+    for result in results:
+        assert all(type(v) is float for c in result.candidates for v in c.step_scores)
+        assert all(n.score is None or type(n.score) is float for n in result.tree.nodes)
+        json.dumps(result_to_json(result))
+
+
+@dataclass(frozen=True)
+class CostScorer:
+    """Every step scores 0.5; cost returns `value` (None, a float, a negative count)."""
+
+    value: Any
+
+    def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
+        return [[0.5] * len(p.steps) for p in paths]
+
+    def cost(self, paths: Sequence[Prefix]) -> Any:
+        return self.value
+
+
+@pytest.mark.parametrize("value", [None, 7.5, -15, True])
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_a_scorer_cost_that_is_not_a_token_count_is_named(name, value):
+    # None failed in a `+=` (Best-of-N: after every call); -15 or 7.5 went into scorer_tokens and flops
+    with pytest.raises(ValueError, match=rf"scorer.cost returned {value!r}; it must be the tokens the scorer ran"):
+        run_search(name, problems(2), FakePolicy(), CostScorer(value), **SMALL[name])
+
+
 # -- every strategy: its own config, a list of problems ---------------------------------------------
 
 

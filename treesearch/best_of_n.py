@@ -17,7 +17,7 @@ from typing import Sequence
 from treesearch.aggregation import aggregate, check_aggregation
 from treesearch.compute import Compute, step_compute
 from treesearch.config_checks import check_int, search_inputs
-from treesearch.frontier import check_rows, check_scores
+from treesearch.frontier import check_rows, checked_scores, scorer_cost
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Prefix, Problem, Step
 from treesearch.result import Candidate, SearchResult, argmax_first
@@ -51,8 +51,7 @@ def best_of_n(
     check_rows(rollouts, [cfg.n] * len(problems), "rollout", completions=True)
     by_problem = [[Prefix(p, tuple(r)) for r in rs] for p, rs in zip(problems, rollouts)]
     paths = [path for mine in by_problem for path in mine]
-    flat_scores = scorer.score(paths)
-    check_scores(paths, flat_scores)
+    flat_scores = checked_scores(paths, scorer.score(paths))
     wall = (time.perf_counter() - start) / max(len(problems), 1)
     results, first = [], 0
     for problem, mine in zip(problems, by_problem):  # rows may differ in length: slice by each
@@ -80,7 +79,7 @@ def _result(
         score = aggregate(step_scores, cfg.aggregation)
         candidates.append(Candidate(path.steps, tuple(step_scores), score, leaf))
     steps: list[Step] = [s for p in paths for s in p.steps]
-    compute = step_compute(steps, policy.num_parameters, scorer.cost(paths),
+    compute = step_compute(steps, policy.num_parameters, scorer_cost(scorer, paths),
                            getattr(scorer, "num_parameters", 0))
     compute = compute + Compute(policy_calls=1, wall_time_s=wall)
     chosen = argmax_first([c.score for c in candidates])

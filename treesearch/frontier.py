@@ -20,6 +20,7 @@ Run the tests that pin it: `.venv/bin/pytest tests/test_beam_search.py tests/tes
 from __future__ import annotations
 
 import hashlib
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
@@ -138,14 +139,30 @@ def score_rows(scorer: Scorer, items: Sequence[Item], ledgers: list[Ledger]) -> 
     if not items:
         return []
     paths = [item.prefix for item in items]
-    scores = scorer.score(paths)
-    check_scores(paths, scores)
+    scores = checked_scores(paths, scorer.score(paths))
     by_problem: dict[int, list[Prefix]] = {}
     for item in items:
         by_problem.setdefault(item.problem, []).append(item.prefix)
     for problem, mine in by_problem.items():
-        ledgers[problem].scorer_tokens += scorer.cost(mine)
-    return [list(row) for row in scores]
+        ledgers[problem].scorer_tokens += scorer_cost(scorer, mine)
+    return scores
+
+
+def scorer_cost(scorer: Scorer, paths: Sequence[Prefix]) -> int:
+    """scorer.cost(paths), checked: ValueError unless it is an integer >= 0 (None, a float or a
+    negative count made scorer_tokens and flops wrong, or failed after the whole search)."""
+    cost = scorer.cost(paths)
+    if isinstance(cost, bool) or not isinstance(cost, numbers.Integral) or cost < 0:
+        raise ValueError(f"scorer.cost returned {cost!r}; it must be the tokens the scorer ran, an integer >= 0 "
+                         f"({type(scorer).__name__})")
+    return int(cost)
+
+
+def checked_scores(paths: Sequence[Prefix], scores: Any) -> list[list[float]]:
+    """The scorer's rows as lists of Python floats (a numpy array or a tensor of scores is taken;
+    stored as such, it made results that JSON cannot hold), after `check_scores`."""
+    check_scores(paths, scores)
+    return [[float(value) for value in row] for row in scores]
 
 
 def check_scores(paths: Sequence[Prefix], scores: Sequence[Sequence[float]]) -> None:
