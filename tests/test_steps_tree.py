@@ -98,3 +98,19 @@ def test_tree_json_round_trip():
     assert back.problem == tree.problem
     assert [n.step for n in back.nodes] == [n.step for n in tree.nodes]
     assert [n.children for n in back.nodes] == [n.children for n in tree.nodes]
+
+
+def test_records_are_hashable_and_keep_no_list_that_could_change():
+    # hash(Problem(...)) failed on its meta dict (no {problem: result}, no set of prefixes), and
+    # Step(token_ids=[...]) kept the list: appending to it changed num_tokens afterwards
+    from treesearch.records import Prefix, Problem, Step
+
+    problem = Problem("a", "q", meta={"line": 3})
+    assert {problem: 1}[Problem("a", "q", meta={"line": 3})] == 1
+    assert problem != Problem("a", "q", meta={"line": 4})  # meta still compared, only left out of the hash
+    step = Step("x", [1, 2], [-0.1, -0.2], "eos")
+    assert step.token_ids == (1, 2) and step.token_logprobs == (-0.1, -0.2) and step.num_tokens == 2
+    prefix = Prefix(problem, [step])
+    assert prefix.steps == (step,) and len({prefix, Prefix(problem, (step,))}) == 1
+    with pytest.raises(ValueError, match=r"Step.text=None must be a string"):
+        Step(None, (), (), "eos")

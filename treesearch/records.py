@@ -19,13 +19,14 @@ class Problem:
     id: stable identifier, unique within a task split.
     question: the text shown to the policy (the policy's prompt template wraps it).
     answer: the reference final answer as a string, or None when it is unknown.
-    meta: task-specific extras (difficulty, source file and line, ...); never read by the search.
+    meta: task-specific extras (difficulty, source file and line, ...); never read by the search;
+        compared by ==, left out of the hash (a dict: a Problem is a dict key, and a Prefix with it).
     """
 
     id: str
     question: str
     answer: str | None = None
-    meta: Mapping[str, Any] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ class Step:
     score: float | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise ValueError(f"Step.text={self.text!r} must be a string")
+        for name in ("token_ids", "token_logprobs"):  # a list given stays changeable (and unhashable)
+            if not isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.finish not in FINISH_REASONS:
             raise ValueError(f"Step.finish={self.finish!r}; valid: {', '.join(FINISH_REASONS)}")
         if len(self.token_ids) != len(self.token_logprobs):
@@ -80,6 +86,10 @@ class Prefix:
 
     problem: Problem
     steps: tuple[Step, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, tuple):  # a list given stays changeable (and unhashable)
+            object.__setattr__(self, "steps", tuple(self.steps))
 
     def extend(self, step: Step) -> "Prefix":
         return Prefix(self.problem, self.steps + (step,))
