@@ -438,3 +438,31 @@ def test_a_torch_file_of_other_bytes_is_named_as_damaged(content, tmp_path):
         load_torch_file(path, weights_only=True)
     with pytest.raises(ValueError, match=rf"{path} is damaged \(truncated or not a torch file"):
         load_cache(path)
+
+
+class BrokenRolloutPolicy(FakePolicy):
+    """Rollouts that break the contract: `kind` "empty" (no steps), "open" (the last step ended on
+    the separator) or "early" (an eos before the last step)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def rollout(self, prefixes: Sequence[Prefix], n: int, seed: int) -> list[list[list[Step]]]:
+        rows = super().rollout(prefixes, n, seed)
+        if self.kind == "empty":
+            return [[[] for _ in row] for row in rows]
+        if self.kind == "open":
+            return [[[s for s in c[:-1]] for c in row] for row in rows]
+        return [[[c[-1], *c] for c in row] for row in rows]
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("empty", "returned a completion with no steps in row 0"),  # a candidate at the tree's root before
+    ("open", "returned a completion in row 0 whose last step has finish 'separator'"),
+    ("early", r"returned a completion in row 0 with a terminal step \('eos'\) at 0 of 3: only its last step"),
+])
+@pytest.mark.parametrize("fn, cfg", [(best_of_n, BestOfNConfig(n=2)), (mcts, MCTSConfig(iterations=4, rollout=True))])
+def test_a_rollout_that_breaks_the_completion_contract_is_named(fn, cfg, kind, message):
+    with pytest.raises(ValueError, match=rf"policy.rollout {message}"):
+        fn(problems(2), BrokenRolloutPolicy(kind), OracleScorer(), cfg)

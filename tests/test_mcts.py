@@ -203,14 +203,16 @@ class RolloutHeavyPolicy:
     num_parameters: int = 10
 
     @staticmethod
-    def _step(text: str) -> Step:
-        return Step(text, tuple(range(5)), tuple(-0.5 for _ in range(5)), "separator", tokens_forwarded=5)
+    def _step(text: str, finish: str = "separator") -> Step:
+        return Step(text, tuple(range(5)), tuple(-0.5 for _ in range(5)), finish, tokens_forwarded=5)
 
     def propose(self, prefixes: Sequence[Prefix], n: int, seed: int, stop_at_step: bool = True) -> list[list[Step]]:
         return [[self._step(f"{len(p.steps)}.{j}.{seed}") for j in range(n)] for p in prefixes]
 
     def rollout(self, prefixes: Sequence[Prefix], n: int, seed: int) -> list[list[list[Step]]]:
-        return [[[self._step(f"r{k}") for k in range(self.rollout_steps)] for _ in range(n)] for _ in prefixes]
+        last = self.rollout_steps - 1  # a rollout ends on a terminal step: here cut by the length limit
+        return [[[self._step(f"r{k}", "length" if k == last else "separator") for k in range(self.rollout_steps)]
+                 for _ in range(n)] for _ in prefixes]
 
 
 class HalfScorer:

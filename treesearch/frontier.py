@@ -217,6 +217,25 @@ def check_rows(rows: Any, widths: Sequence[int], method: str, completions: bool 
                 if not isinstance(step, Step):
                     raise ValueError(f"policy.{method} returned {type(step).__name__} in row {i}, expected "
                                      "treesearch.records.Step")
+            if completions:
+                check_completion(sample, i, method)
+
+
+def check_completion(steps: Sequence[Step], row: int, method: str) -> None:
+    """ValueError naming the policy method unless a completion (the `Policy.rollout` contract)
+    holds at least one step, its last one terminal (eos / length) and every other one ended on
+    the separator: an empty one became a candidate at the tree's root, and a separator at the
+    end or an eos in the middle a candidate that is not a finished path."""
+    if not steps:
+        raise ValueError(f"policy.{method} returned a completion with no steps in row {row}: a completion "
+                         "ends with a terminal step (finish eos or length)")
+    if not steps[-1].is_terminal:
+        raise ValueError(f"policy.{method} returned a completion in row {row} whose last step has finish "
+                         f"{steps[-1].finish!r}: a completion ends with a terminal step (eos or length)")
+    early = next((j for j, step in enumerate(steps[:-1]) if step.is_terminal), None)
+    if early is not None:
+        raise ValueError(f"policy.{method} returned a completion in row {row} with a terminal step "
+                         f"({steps[early].finish!r}) at {early} of {len(steps)}: only its last step may end it")
 
 
 def _is_list(value: Any) -> bool:
