@@ -1,5 +1,5 @@
-"""`out_dir=` on a Hydra command line, checked before Hydra makes its folder: a sweep given one, a
-path that is a file.
+"""Run folders on a Hydra command line, before Hydra makes them: `out_dir=` checked (a sweep given
+one, a path that is a file), and a sweep over `experiment=` given job folders that name it.
 
 `out_dir` is one run's folder: `python -m experiments.search -m budget=2,4 out_dir=X` (or
 `experiment=budget_sweep out_dir=X`, a sweep by its own config) sent every job to X, and each job
@@ -15,8 +15,15 @@ FileExistsError traceback (Hydra makes the folder before the command runs):
 
     error: out_dir=notes.txt is an existing file; give a folder
 
+A job's folder is named by its overrides, `experiment` left out (an experiment that sets the
+sweep, budget_sweep, names the sweep's folder); `-m experiment=reasoning_low,reasoning_medium`
+then put both jobs in one folder. `with_experiment_job_folders` adds
+`hydra.sweep.subdir` naming the experiment to such a command line (and to no other, so the folders
+of sweeps made before keep their names).
+
     if __name__ == "__main__":
         check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "search")   # experiments.search, experiments.train
+        sys.argv = with_experiment_job_folders(sys.argv)
         main()
 """
 from __future__ import annotations
@@ -28,6 +35,8 @@ from pathlib import Path
 from typing import Sequence
 
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException
 from hydra.types import RunMode
 
@@ -36,6 +45,21 @@ from experiments.cli_errors import USAGE_EXIT
 
 OUT_DIR_ARGUMENT = re.compile(r"^\+{0,2}out_dir=(?P<value>.*)$")
 SWEEP_FLAGS = frozenset({"-m", "--multirun"})
+
+
+SWEPT_EXPERIMENT = re.compile(r"^\+{0,2}experiment=(?:.*,|\s*(?:choice|range|glob)\()")
+# the job folder of a sweep over experiments: its overrides led by experiment=NAME (search.run_name)
+EXPERIMENT_SUBDIR = "hydra.sweep.subdir='${ts_run_name:${hydra.job.override_dirname},${hydra.runtime.choices.experiment}}'"
+
+
+def with_experiment_job_folders(argv: Sequence[str]) -> list[str]:
+    """argv (sys.argv: the program first) with EXPERIMENT_SUBDIR added when it sweeps experiment=
+    and sets no hydra.sweep.subdir itself; else argv unchanged."""
+    arguments = list(argv)
+    swept = any(SWEPT_EXPERIMENT.match(a) for a in arguments[1:])
+    if not swept or any(a.lstrip("+").startswith("hydra.sweep.subdir=") for a in arguments[1:]):
+        return arguments
+    return arguments + [EXPERIMENT_SUBDIR]
 
 
 def out_dir_error(argv: Sequence[str], config_dir: Path, config_name: str) -> str | None:
@@ -51,21 +75,36 @@ def out_dir_error(argv: Sequence[str], config_dir: Path, config_name: str) -> st
     above = file_above(path)
     if above is not None:
         return f"error: out_dir={value} lies under {above}, an existing file; give a folder"
-    if not (SWEEP_FLAGS & set(argv) or composed_mode(argv, config_dir, config_name) == RunMode.MULTIRUN):
-        return None
+    if not several_jobs(argv, config_dir, config_name):
+        return None  # one run, or `-m` with nothing swept (one job submitted through a launcher)
     return (f"error: out_dir={value} with a sweep sends every job to that one folder; name the sweep's folder "
             f"with hydra.sweep.dir={value} instead (each job gets a sub-folder of it)")
 
 
-def composed_mode(argv: Sequence[str], config_dir: Path, config_name: str) -> RunMode | None:
-    """hydra.mode of the composed config (None when it does not compose: Hydra's own message says why)."""
-    overrides = [argument for argument in argv if not argument.startswith("-")]
+def several_jobs(argv: Sequence[str], config_dir: Path, config_name: str) -> bool:
+    """Whether the command line is a sweep of more than one job: -m (or a config setting Hydra's
+    MULTIRUN mode) with a swept override of several values, or a config that sets its own sweep
+    (budget_sweep's hydra.sweeper.params). False where Hydra cannot parse or compose it (its own
+    message then says why)."""
     try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]  # compose takes no sweep
         with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return compose(config_name, overrides=overrides, return_hydra_config=True).hydra.mode
+            hydra_cfg = compose(config_name, overrides=fixed, return_hydra_config=True).hydra
     except HydraException:
-        return None
+        return False
+    if not (SWEEP_FLAGS & set(argv) or hydra_cfg.mode == RunMode.MULTIRUN):
+        return False
+    if hydra_cfg.sweeper.get("params"):
+        return True
+    jobs = 1
+    for override in parsed:
+        if override.is_sweep_override():
+            if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+                return True  # a glob over a group: its options are Hydra's to list
+            jobs *= len(list(override.sweep_string_iterator()))
+    return jobs > 1
 
 
 def check_out_dir_argument(argv: Sequence[str], config_dir: Path, config_name: str) -> None:

@@ -73,7 +73,7 @@ from experiments.checkpoint_hints import check_not_a_run_folder, checkpoint_hint
 from experiments.config_keys import check_known_keys
 from experiments.cli_errors import RunDirBusyError, interrupt_reported, is_storage_error
 from experiments.group_options import check_group_options
-from experiments.out_dir_args import check_out_dir_argument
+from experiments.out_dir_args import check_out_dir_argument, with_experiment_job_folders
 from experiments.override_keys import check_override_keys, check_plain_keys
 from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
@@ -141,20 +141,12 @@ def run_name(overrides: str, experiment: str | None = None) -> str:
     return f"{name.encode('utf-8')[:MAX_RUN_NAME].decode('utf-8', 'ignore')}...{digest}"
 
 
-def sweep_run_name(overrides: str, experiment: str | None, sweep_params: Any) -> str:
-    """hydra.sweep.subdir: run_name of the job's overrides, led by its experiment when the
-    experiment does not set the sweep itself (`-m experiment=reasoning_low,reasoning_high`: the
-    jobs differ only in it; budget_sweep's jobs share it and its folder names it)."""
-    return run_name(overrides, None if sweep_params else experiment)
-
-
 def run_dir(out_dir: str | None, default: str) -> str:
     """hydra.run.dir: out_dir when given (so one run leaves one folder), else default."""
     return str(out_dir) if out_dir else default
 
 
 OmegaConf.register_new_resolver("ts_run_name", run_name, replace=True)
-OmegaConf.register_new_resolver("ts_sweep_run_name", sweep_run_name, replace=True)
 OmegaConf.register_new_resolver("ts_run_dir", run_dir, replace=True)
 
 
@@ -707,5 +699,6 @@ if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR)  # search=nosuch: one line, exit 2, before Hydra composes
     check_override_keys(sys.argv[1:], CONFIG_DIR, "search", PLAIN_NODE_KEYS)  # search.bogus=1: one line, exit 2
     check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "search")  # a file; -m ... out_dir=X: one folder for every job
+    sys.argv = with_experiment_job_folders(sys.argv)  # -m experiment=a,b: a folder per experiment
     with interrupt_reported("the rows of finished chunks are kept in records.jsonl; rerun the same command to go on"):
         main()

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from experiments import plot as plot_module
 from experiments import plot_scaling as plot_scaling_module
 from experiments import scaling, search, sweep_metrics
+from experiments.out_dir_args import with_experiment_job_folders
 from experiments.metrics import Estimate
 from experiments.record_log import append_rows
 from experiments.scaling import ScalingPoint, fit_log_linear, last_gaining, marginal_gains, scaling_by_strategy
@@ -477,11 +478,18 @@ def test_a_sweep_over_experiments_gives_each_its_folder_and_an_experiment_sweep_
     monkeypatch.chdir(tmp_path)
     small = [f"policy.path={ckpt}", "task.count=1", "policy.sampling.max_total_tokens=8",
              "policy.sampling.max_step_tokens=4", "progress=false"]
-    monkeypatch.setattr(sys, "argv", ["search", "-m", "experiment=reasoning_low,reasoning_medium",
-                                      f"hydra.sweep.dir={tmp_path / 'modes'}", *small])
+    monkeypatch.setattr(sys, "argv", with_experiment_job_folders([  # what `python -m experiments.search` does first
+        "search", "-m", "experiment=reasoning_low,reasoning_medium", f"hydra.sweep.dir={tmp_path / 'modes'}", *small]))
     search.main()
     runs = sorted(p.parent.name for p in (tmp_path / "modes").glob("*/records.jsonl"))
     assert [name.split(",")[0] for name in runs] == ["experiment=reasoning_low", "experiment=reasoning_medium"], runs
+    # a sweep with one experiment fixed keeps the folder names it had before this change (it resumes)
+    fixed = ["search", "-m", "experiment=reasoning_low", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'fixed'}", *small]
+    assert with_experiment_job_folders(fixed) == fixed
+    monkeypatch.setattr(sys, "argv", fixed)
+    search.main()
+    runs = sorted(p.parent.name for p in (tmp_path / "fixed").glob("*/records.jsonl"))
+    assert len(runs) == 2 and not any("experiment" in name for name in runs), runs
     # an experiment that sets the sweep (budget_sweep) names the sweep's folder, not each job's
     monkeypatch.setattr(sys, "argv", ["search", "experiment=budget_sweep", "hydra.sweeper.params.search=best_of_n",
                                       "hydra.sweeper.params.budget=2", "hydra.sweeper.params.seed=0",

@@ -182,6 +182,16 @@ def test_an_out_dir_that_is_a_file_is_one_error_line_before_hydra_makes_it(modul
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_one_job_submitted_with_m_keeps_its_out_dir():
+    # `-m hydra/launcher=submitit_slurm ... out_dir=X` (one run through a launcher) was refused as a sweep
+    from experiments.out_dir_args import out_dir_error
+
+    conf = REPO / "experiments" / "conf"
+    assert out_dir_error(["-m", "task.count=2", "out_dir=runs/x"], conf, "search") is None
+    assert out_dir_error(["-m", "budget=range(2,3)", "out_dir=runs/x"], conf, "search") is None  # one value
+    assert out_dir_error(["-m", "budget=range(2,4)", "out_dir=runs/x"], conf, "search").startswith("error: out_dir=")
+
+
 @pytest.mark.parametrize("args", [["-m", "budget=2,4", "out_dir=runs/x"], ["experiment=budget_sweep", "out_dir=runs/x"]])
 def test_a_sweep_given_one_out_dir_is_one_error_line_before_hydra_runs(args, tmp_path):
     # every job of the sweep went to one folder: the second was refused with advice no sweep can follow
