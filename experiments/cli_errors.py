@@ -61,13 +61,36 @@ def run_command(command: Callable[[Sequence[str] | None], int], argv: Sequence[s
 
 
 @contextlib.contextmanager
-def interrupt_reported(how_to_go_on: str) -> Iterator[None]:
-    """Ctrl-C inside: `interrupted: <how_to_go_on>` on stderr and SystemExit(130); with
-    HYDRA_FULL_ERROR=1 the KeyboardInterrupt and its traceback pass through."""
+def interrupt_reported(how_to_go_on: str | Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C inside: `interrupted: <how_to_go_on>` (a string, or a function giving it at that
+    moment) on stderr and SystemExit(130); with HYDRA_FULL_ERROR=1 the KeyboardInterrupt and its
+    traceback pass through."""
     try:
         yield
     except KeyboardInterrupt:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"\ninterrupted: {how_to_go_on}", file=sys.stderr)
+        hint = how_to_go_on if isinstance(how_to_go_on, str) else how_to_go_on()
+        print(f"\ninterrupted: {hint}", file=sys.stderr)
         raise SystemExit(INTERRUPT_EXIT) from None
+
+
+_SWEEP_DIR: list[str] = []  # the folder of the sweep whose job runs in this process (`note_hydra_job`)
+
+
+def note_hydra_job() -> None:
+    """Called first in a Hydra task function: remember the sweep's folder when the job is one of a
+    sweep (Hydra's config is gone by the time a Ctrl-C reaches the command's top level)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        _SWEEP_DIR[:] = [str(HydraConfig.get().sweep.dir)]
+
+
+def hydra_rerun_hint(kept: str) -> str:
+    """`<kept>; rerun the same command to go on`, naming the sweep's folder for a sweep (an ad-hoc
+    -m sweep's default folder is new on every run: only hydra.sweep.dir= finds this one again)."""
+    if _SWEEP_DIR:
+        return f"{kept}; rerun the same command with hydra.sweep.dir={_SWEEP_DIR[0]} (its folder) to go on"
+    return f"{kept}; rerun the same command to go on"

@@ -71,7 +71,7 @@ from tqdm import tqdm
 
 from experiments.checkpoint_hints import check_not_a_run_folder, checkpoint_hint, trained_task_note
 from experiments.config_keys import check_known_keys
-from experiments.cli_errors import RunDirBusyError, interrupt_reported, is_storage_error
+from experiments.cli_errors import RunDirBusyError, hydra_rerun_hint, interrupt_reported, note_hydra_job, is_storage_error
 from experiments.group_options import check_group_options
 from experiments.out_dir_args import check_out_dir_argument, with_experiment_job_folders
 from experiments.override_keys import check_override_keys, check_plain_keys
@@ -687,6 +687,7 @@ def storage_message(err: OSError, out_dir: str, kept: str) -> str:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="search", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    note_hydra_job()  # a sweep's folder, for the Ctrl-C hint
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     with user_errors_reported():
         out = run_search_experiment(cfg)
@@ -700,5 +701,5 @@ if __name__ == "__main__":
     check_override_keys(sys.argv[1:], CONFIG_DIR, "search", PLAIN_NODE_KEYS)  # search.bogus=1: one line, exit 2
     check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "search")  # a file; -m ... out_dir=X: one folder for every job
     sys.argv = with_experiment_job_folders(sys.argv)  # -m experiment=a,b: a folder per experiment
-    with interrupt_reported("the rows of finished chunks are kept in records.jsonl; rerun the same command to go on"):
+    with interrupt_reported(lambda: hydra_rerun_hint("the rows of finished chunks are kept in records.jsonl")):
         main()

@@ -69,7 +69,7 @@ from experiments.aha_metrics import fc_metrics, path_scores, prefixed  # noqa: E
 from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: E402
 from experiments.result_json import write_atomic  # noqa: E402
 from experiments.checkpoint_hints import checkpoint_hint  # noqa: E402
-from experiments.cli_errors import interrupt_reported  # noqa: E402
+from experiments.cli_errors import hydra_rerun_hint, interrupt_reported, note_hydra_job  # noqa: E402
 from experiments.group_options import check_group_options  # noqa: E402
 from experiments.out_dir_args import check_out_dir_argument  # noqa: E402
 from experiments.tasks.benchmark_split import TAKE_ALL_HINT  # noqa: E402
@@ -854,6 +854,7 @@ def run_training(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    note_hydra_job()  # a sweep's folder, for the Ctrl-C hint
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     try:
         with user_errors_reported("the checkpoints and metrics.jsonl rows already written are kept"):  # one line, exit 2
@@ -879,5 +880,5 @@ if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR)  # recipe=nosuch: one line, exit 2, before Hydra composes
     check_override_keys(sys.argv[1:], CONFIG_DIR, "train", PLAIN_NODE_KEYS)  # grpo.bogus=1: one line, exit 2
     check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "train")  # a file; a sweep given one out_dir
-    with interrupt_reported("rerun the same command to resume from out_dir/last"):
+    with interrupt_reported(lambda: hydra_rerun_hint("each run resumes from its out_dir/last")):
         main()

@@ -430,3 +430,14 @@ def test_a_run_refused_before_its_first_row_leaves_no_claimed_folder(ckpt, tmp_p
                     "task.count=1"], cwd=tmp_path)
     assert done.returncode == 2 and sorted(p.name for p in out.iterdir()) in (["notes.txt"], ["notes.txt", "search.log"])
     assert (out / "notes.txt").read_text() == "mine"  # (search.log: Hydra's own log of the invocation)
+
+
+def test_the_ctrl_c_hint_of_a_sweep_names_its_folder(monkeypatch):
+    # "rerun the same command" started an ad-hoc sweep over in a new timestamped folder
+    from experiments import cli_errors
+
+    monkeypatch.setattr(cli_errors, "_SWEEP_DIR", [])
+    assert cli_errors.hydra_rerun_hint("kept") == "kept; rerun the same command to go on"
+    monkeypatch.setattr(cli_errors, "_SWEEP_DIR", ["outputs/sweeps/2026-12-05_21-05-05"])
+    assert cli_errors.hydra_rerun_hint("kept") == (
+        "kept; rerun the same command with hydra.sweep.dir=outputs/sweeps/2026-12-05_21-05-05 (its folder) to go on")
