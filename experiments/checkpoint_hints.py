@@ -127,8 +127,8 @@ def trained_task(policy_path: str) -> str | None:
     run = Path(policy_path).parent
     try:
         task = json.loads((run / SFT_SUMMARY).read_text()).get("run", {}).get("task")
-    except (OSError, ValueError, AttributeError):
-        return None
+    except (OSError, ValueError, AttributeError):  # no summary, or one that is not this JSON
+        task = None
     if isinstance(task, str) and task:
         return task
     name = run.name.removeprefix("tiny-")

@@ -124,7 +124,8 @@ class DemoTask:
 
 
 # Fixed step budgets, so that the demo's policies (and every number after them) do not depend on
-# how busy the machine is: arith's 1400 steps are what 8 minutes gave on 2 free cores; countdown's
+# how busy the machine is: arith's 1400 steps are what 8 minutes gave on 2 free cores of the first
+# machine (~17 min on 2 shared cores since); countdown's
 # policy must learn more (legal moves, the "left" lists, and two-digit arithmetic, which 1600
 # steps left mostly wrong: 2-digit "+" right 19% of the time at the last step, "-" 13%, so that the
 # last step's arithmetic had to be checked, `experiments.countdown_failures`): 4800 (~27 min on 2

@@ -674,7 +674,7 @@ def check_not_diverged(reports: list[dict[str, Any]], step: int) -> None:
     what = f"the losses {', '.join(bad)} are" if bad else "the updated weights are"
     raise TrainingDivergedError(
         f"training diverged at step {step}: {what} not finite (NaN or inf); nothing of this step is saved "
-        "(out_dir/last keeps the last checkpoint before it): lower actor_optim.lr / head_optim.lr and start again "
+        "(the checkpoints written before it are kept): lower actor_optim.lr / head_optim.lr and start again "
         "in another out_dir")
 
 

@@ -6,7 +6,7 @@ Three layouts cover them (`PRM_FORMATS` names the presets):
   `question + " " + "Step 1: " + step_1 + " ки" + "\\n" + "Step 2: " + step_2 + " ки" + "\\n" ...` (the
   model card's and the Math-Shepherd data's layout), the tokenizer's special tokens added; a step
   is read at the last token of its tag. A step that already starts with its own "Step k:" (or
-  "## Step k:") keeps it and gets no second one.
+  "## Step k:", "**Step k:**", "Step k.") keeps it and gets no second one.
 - "chat" (`rlhflow`, RLHFlow/Llama3.1-8B-PRM-Deepseek-Data and -Mistral-Data, the PRM of
   search-and-learn): a conversation in the model's own chat template, the first user turn the
   question and the first step, each later user turn one step, each assistant answer "+"; a step
@@ -38,7 +38,8 @@ from treesearch.records import Prefix
 
 LAYOUTS: tuple[str, ...] = ("tag", "chat", "chat_tag")
 READERS: tuple[str, ...] = ("lm", "head")
-NUMBERED_STEP = re.compile(r"#*\s*step\s*\d+\s*:", re.IGNORECASE)
+# a step that numbers itself: "Step 1:", "## Step 1:", "**Step 1:**", "Step 1." or "step 1)"
+NUMBERED_STEP = re.compile(r"[#*\s]*step\s*\d+\s*[:.)]", re.IGNORECASE)
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -51,7 +52,7 @@ class PRMFormat:
     step_join: tag layouts: between a step's tag and the next step.
     step_prefix: tag layout: written before each step, "{k}" replaced by the step's number from 1
         ("Step {k}: " for Math-Shepherd); left out for a step whose text already starts with
-        "Step <number>:" (any case, after optional "#" marks). Empty: none.
+        "Step <number>" and ":", "." or ")" (any case, after optional "#" or "*" marks). Empty: none.
     question_join: between the question and the first step (tag layout; the first user turn in chat).
     system: chat layouts: a system turn before the question when not empty.
     reader: "lm" (next-token logits of good against bad) or "head" (a two-class score head).

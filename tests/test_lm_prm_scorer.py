@@ -189,10 +189,12 @@ def test_math_shepherd_numbers_each_step_unless_the_step_numbers_itself():
     fmt = resolve_prm_format("math_shepherd")
     plain = Prefix(PROBLEM, (step("4 * 2 = 8\n"), step("3 + 8 = 11")))
     assert prm_text(fmt, None, plain).text == "What is 3 + 4 * 2? Step 1: 4 * 2 = 8 ки\nStep 2: 3 + 8 = 11 ки\n"
-    numbered = Prefix(PROBLEM, (step("## Step 1: 4 * 2 = 8\n"), step("step 2: 3 + 8 = 11"), step("Steps 3 and 4")))
+    numbered = Prefix(PROBLEM, (step("## Step 1: 4 * 2 = 8\n"), step("**Step 2:** 3 + 8 = 11"), step("Step 3. 11"),
+                                step("Steps 4 and 5")))
     text = prm_text(fmt, None, numbered)
-    assert text.text == "What is 3 + 4 * 2? ## Step 1: 4 * 2 = 8 ки\nstep 2: 3 + 8 = 11 ки\nStep 3: Steps 3 and 4 ки\n"
-    assert [text.text[:end][-3:] for end in text.read_ends] == [" ки"] * 3
+    assert text.text == ("What is 3 + 4 * 2? ## Step 1: 4 * 2 = 8 ки\n**Step 2:** 3 + 8 = 11 ки\nStep 3. 11 ки\n"
+                         "Step 4: Steps 4 and 5 ки\n")
+    assert [text.text[:end][-3:] for end in text.read_ends] == [" ки"] * 4
 
 
 def test_a_step_is_read_without_its_surrounding_whitespace(prm_dir):

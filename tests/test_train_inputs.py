@@ -349,6 +349,8 @@ def test_a_policy_of_another_embedded_task_is_named(tmp_path):
     (old / "final").mkdir(parents=True)
     (old / "sft_summary.json").write_text('{"config": {}}')
     assert "was trained on countdown, not arith" in trained_task_note(str(old / "final"), "experiments.tasks.arith")
+    (old / "sft_summary.json").unlink()  # no summary at all: the folder's name still says
+    assert "was trained on countdown, not arith" in trained_task_note(str(old / "final"), "experiments.tasks.arith")
     assert trained_task_note(str(tmp_path / "elsewhere" / "final"), "experiments.tasks.arith") is None  # no summary
     assert trained_task_note(None, "experiments.tasks.arith") is None  # a served policy has no folder
 
