@@ -8,8 +8,9 @@ compute only (greedy) is a single marker. A sweep folder holding runs of several
 labelled "strategy [workload]", a marker shape per workload, and a one-line note on stderr.
 A legend entry gives the fitted slope and, where the curve flattens within the sweep, the last N
 that gained more than --threshold accuracy per doubling ("flat after N=8"; `experiments.scaling`;
-"flat" or "falling" when no step gained that much). More than six series widen the figure and put
-the legend beside the axes; labels longer than 48 characters (several workloads) put it below.
+"flat" or "falling" when no step gained that much). More than six series, or labels longer than 48
+characters (several workloads), put the legend beside the axes, the figure widened (and made
+taller by the legend's lines) so the axes keep their size.
 
     python -m experiments.plot_scaling outputs/sweeps/budget_sweep              # -> SWEEP_DIR/scaling.png
     python -m experiments.plot_scaling outputs/sweeps/budget_sweep --out s.png --threshold 0.02
@@ -41,7 +42,8 @@ from experiments.sweep_metrics import RunFolderError, RunSummary, sweep_notes, s
 
 WORKLOAD_MARKERS = ("o", "s", "^", "D", "v", "P")  # one shape per workload
 CROWDED = 6  # more series than this: a wider figure with the legend beside the axes
-LABEL_WIDTH = 48  # legend labels wrap at this many characters; a longer one puts the legend below the axes
+LABEL_WIDTH = 48  # legend labels wrap at this many characters; a longer one puts the legend beside the axes
+LEGEND_LINE_IN, LEGEND_GAP_IN = 0.14, 0.08  # a wrapped legend line at font size 7, and the gap between entries
 
 
 def series_colors(count: int) -> list[Any]:
@@ -51,16 +53,23 @@ def series_colors(count: int) -> list[Any]:
     return list(colors) if count <= len(colors) else list(matplotlib.colormaps["tab20"].colors)
 
 
-def draw_series(ax: Axes, series: SeriesScaling, color: str, marker: str = "o") -> None:
-    """Points with CI error bars and N labels, plus the fitted line over the measured range."""
+def series_label(series: SeriesScaling) -> str:
+    """The legend entry: name, fitted slope, and where the curve flattens (the threshold's
+    verdict, `experiments.scaling.last_gaining`)."""
+    label = series.name if series.fit is None else f"{series.name}: {round(series.fit.slope, 3) + 0.0:+.3f}/doubling"
+    if series.flattened:
+        label += f", flat after N={series.last_gaining_budget}" if series.last_gaining_budget else no_gain(series)
+    return label
+
+
+def draw_series(ax: Axes, series: SeriesScaling, color: str, marker: str = "o", label: str | None = None) -> None:
+    """Points with CI error bars and N labels, plus the fitted line over the measured range;
+    label: the legend entry (default `series_label`)."""
     c = np.array([p.compute for p in series.points])
     y = np.array([p.accuracy.mean for p in series.points])
     err = np.array([[p.accuracy.mean - p.accuracy.low for p in series.points],
                     [p.accuracy.high - p.accuracy.mean for p in series.points]])  # [2, P]
-    label = series.name if series.fit is None else f"{series.name}: {round(series.fit.slope, 3) + 0.0:+.3f}/doubling"
-    if series.flattened:  # the threshold's verdict (`experiments.scaling.last_gaining`)
-        label += f", flat after N={series.last_gaining_budget}" if series.last_gaining_budget else no_gain(series)
-    ax.errorbar(c, y, yerr=err, fmt=marker, color=color, capsize=3, label=label)
+    ax.errorbar(c, y, yerr=err, fmt=marker, color=color, capsize=3, label=label or series_label(series))
     for p in series.points:
         ax.annotate(f"N={p.budget}", (p.compute, p.accuracy.mean), textcoords="offset points",
                     xytext=(4, 4), fontsize=7, color=color)
@@ -76,18 +85,18 @@ def no_gain(series: SeriesScaling) -> str:
     return ", falling" if last < first else ", flat"
 
 
-def place_legend(ax: Axes, crowded: bool) -> None:
-    """The legend inside the axes for a few short labels; beside them for many series, below them
-    for long labels (a sweep of several workloads), each label wrapped to LABEL_WIDTH characters."""
-    handles, labels = ax.get_legend_handles_labels()
-    long = max((len(label) for label in labels), default=0) > LABEL_WIDTH
-    labels = [textwrap.fill(label, LABEL_WIDTH) for label in labels]
-    if long:  # below the axes and their x label (the figure's constrained layout makes the room)
-        ax.figure.legend(handles, labels, fontsize=7, loc="outside lower center")
-    elif crowded:  # beside the axes, off the points
-        ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    else:
-        ax.legend(handles, labels, fontsize=8)
+def legend_layout(labels: Sequence[str]) -> tuple[list[str], bool, tuple[float, float]]:
+    """(labels wrapped to LABEL_WIDTH characters, whether the legend goes beside the axes, figure
+    size in inches). A few short labels sit inside the axes (7 x 4.5); many series or long labels
+    (a sweep of several workloads) go beside them, the figure wider by the legend and taller by
+    its lines, so the axes keep their size (below them, long labels had squeezed the axes to a
+    strip)."""
+    wrapped = [textwrap.fill(label, LABEL_WIDTH) for label in labels]
+    beside = len(labels) > CROWDED or any(len(label) > LABEL_WIDTH for label in labels)
+    if not beside:
+        return wrapped, False, (7.0, 4.5)
+    lines = sum(label.count("\n") + 1 for label in wrapped)
+    return wrapped, True, (10.5, max(4.5, 1.2 + LEGEND_LINE_IN * lines + LEGEND_GAP_IN * len(labels)))
 
 
 def plot_scaling(sweep_dir: str | Path, out_png: str | Path, threshold: float = DEFAULT_THRESHOLD) -> Path:
@@ -101,22 +110,25 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
     out_png = Path(out_png)
     fmt = check_out_path(out_png, "scaling.png")
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    crowded = len(series) > CROWDED
-    fig = Figure(figsize=(10 if crowded else 7, 4.5), layout="constrained")  # on its own Agg canvas: the process's backend is left alone
+    labels, beside, size = legend_layout([series_label(s) for s in series])
+    fig = Figure(figsize=size, layout="constrained")  # on its own Agg canvas: the process's backend is left alone
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     colors = series_colors(len(series))
     workloads = sorted({s.workload for s in series})
     for i, s in enumerate(series):
         marker = WORKLOAD_MARKERS[workloads.index(s.workload) % len(WORKLOAD_MARKERS)]
-        draw_series(ax, s, colors[i % len(colors)], marker)
+        draw_series(ax, s, colors[i % len(colors)], marker, labels[i])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("compute C = policy parameters x tokens generated per problem (log2 scale)")
     ax.set_ylabel("accuracy (chosen answer, 95% CI)")
     ax.set_title(textwrap.fill(f"Test-time search scaling: {name}", 2 * LABEL_WIDTH))
     ax.grid(True, alpha=0.3)
-    place_legend(ax, crowded)
-    save_figure(fig, out_png, fmt, dpi=120, bbox_inches="tight")  # the legend beside or below stays in
+    if beside:  # constrained layout gives it the room the figure was widened by
+        fig.legend(fontsize=7, loc="outside right upper")
+    else:
+        ax.legend(fontsize=8)
+    save_figure(fig, out_png, fmt, dpi=120, bbox_inches="tight")
     return out_png
 
 

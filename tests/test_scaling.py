@@ -455,7 +455,7 @@ def test_twelve_series_get_twelve_colours(tmp_path, monkeypatch):
             write_run(tmp_path / f"s{k}-{budget}", f"strategy{k:02d}", budget, 0, [True, False], 10 * budget)
     plot_scaling_module.plot_scaling(tmp_path, tmp_path / "scaling.png")
     ax = figures[-1].axes[0]
-    assert len(ax.get_legend().get_texts()) == 12
+    assert len(figures[-1].legends[0].get_texts()) == 12  # beside the axes: more than CROWDED series
     colours = {to_hex(line.get_color()) for line in ax.get_lines()}  # points and fitted lines
     assert len(colours) == 12  # the default cycle has 10: two pairs were alike
 
@@ -532,18 +532,28 @@ def test_a_falling_series_is_called_falling_not_flat(tmp_path, monkeypatch):
     assert labels == ["beam_search: -0.300/doubling, falling"]
 
 
-def test_long_workload_labels_put_the_legend_below_the_axes_and_the_folder_names_the_title(tmp_path, monkeypatch):
-    figures, saved = [], []
-    monkeypatch.setattr(plot_scaling_module.Figure, "savefig", lambda self, *a, **k: (figures.append(self), saved.append(k)))
-    for temperature in (0.7, 0.9):  # two workloads told apart by long policy paths
-        for budget in (2, 4):
-            write_run(tmp_path / "sweep" / f"t{temperature}-{budget}", "best_of_n", budget, 0, [True, False], 10 * budget,
-                      temperature=temperature, policy_path=f"/very/long/folder/of/checkpoints/{temperature}/final")
+@pytest.mark.parametrize("strategies", [1, 3, 4])
+def test_long_workload_labels_go_beside_the_axes_which_keep_their_size(tmp_path, monkeypatch, strategies):
+    # two workloads' labels squeezed the axes to a strip (legend inside, then below them: with
+    # 6-8 series the axes collapsed); "." was titled by nothing
+    figures = []
+    original = plot_scaling_module.Figure.savefig
+    monkeypatch.setattr(plot_scaling_module.Figure, "savefig",
+                        lambda self, *a, **k: (figures.append(self), original(self, *a, **k)))
+    for strategy in ["best_of_n", "beam_search", "dvts", "mcts"][:strategies]:
+        for temperature in (0.7, 0.9):  # two workloads told apart by long policy paths
+            for budget in (2, 4):
+                write_run(tmp_path / "sweep" / f"{strategy}-t{temperature}-{budget}", strategy, budget, 0, [True, False],
+                          10 * budget, temperature=temperature,
+                          policy_path=f"/very/long/folder/of/checkpoints/{temperature}/final")
     monkeypatch.chdir(tmp_path / "sweep")
     plot_scaling_module.plot_scaling(Path("."), tmp_path / "s.png")
     fig = figures[-1]
-    assert fig.axes[0].get_legend() is None and len(fig.legends) == 1  # not squeezed into the axes
+    assert fig.axes[0].get_legend() is None and len(fig.legends) == 1  # beside, not inside the axes
     texts = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert len(texts) == 2 and all(max(len(line) for line in t.splitlines()) <= plot_scaling_module.LABEL_WIDTH for t in texts)
+    assert len(texts) == 2 * strategies
+    assert all(max(len(line) for line in t.splitlines()) <= plot_scaling_module.LABEL_WIDTH for t in texts)
+    axes = fig.axes[0].get_position()  # drawn: the figure's fraction the axes got
+    width, height = fig.get_size_inches()
+    assert axes.height * height >= 3.0 and axes.width * width >= 5.0  # as in a plot with a small legend
     assert fig.axes[0].get_title() == "Test-time search scaling: sweep"  # "." named by its folder
-    assert saved[-1]["bbox_inches"] == "tight"
