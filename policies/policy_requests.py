@@ -80,11 +80,25 @@ def encode_contexts(
     for prefix, prompt in zip(prefixes, prompts):
         ids = list(prompt_ids[prompt])
         prompt_lengths.append(len(ids))
+        check_step_ids(prefix)
         ids += [t for step in prefix.steps for t in step.token_ids]
         if not ids:
             raise ValueError(f"problem {prefix.problem.id!r}: the prompt encodes to no tokens")
         contexts.append(ids)
     return contexts, prompt_lengths
+
+
+def check_step_ids(prefix: Prefix) -> None:
+    """ValueError naming the step when one has text but no token_ids: the backends and SPRM
+    scorers read exact ids, so its text was dropped in silence (a step built from text, e.g. a
+    reference solution, scored near 0 over the prompt alone)."""
+    for j, step in enumerate(prefix.steps):
+        if step.text and not step.token_ids:
+            raise ValueError(
+                f"problem {prefix.problem.id!r}: step {j} has text but no token_ids; the model reads a path's exact "
+                "token ids, never its re-tokenised text: build the step with "
+                "token_ids=tokenizer.encode(text, add_special_tokens=False) (and as many token_logprobs)"
+            )
 
 
 def step_budget(sampling: SamplingConfig, prefix: Prefix, stop_at_step: bool) -> int:

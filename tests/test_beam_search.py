@@ -142,7 +142,7 @@ def test_length_cut_steps_are_candidates_and_empty_rows_end_the_search():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"n": 4, "beam_width": 5}, r"beam_width=5 must be <= n=4 \(n is the budget: raise budget= or lower search.beam_width=\)"),
+    ({"n": 4, "beam_width": 5}, r"beam_width=5 must be <= n=4 \(n is the budget N; in experiments.search: raise budget= or lower "),
     ({"n": 6, "beam_width": 4}, "n=6 must be divisible by beam_width=4"),
     ({"n": 0, "beam_width": 1}, r"n=0 must be an integer >= 1"),
     ({"max_depth": 0}, r"max_depth=0 must be an integer >= 1"),

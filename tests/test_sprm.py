@@ -281,3 +281,11 @@ def test_the_feature_layer_is_a_setting():
         ReflectiveModel(LM, HEAD, feature_layer=3)
     with pytest.raises(ValueError, match="reads 8 features"):
         ReflectiveModel(LM, build_sprm_head(8))
+
+
+def test_a_step_with_text_but_no_token_ids_is_named():
+    # a step built from text (a reference solution) scored [0.0, 1e-10] over the prompt alone
+    path = Prefix(Problem("a", "<think>1"), (Step("+2=3" + SEP, (), (), "separator"),))
+    with pytest.raises(ValueError, match=r"problem 'a': step 0 has text but no token_ids; the model reads a "
+                                         r"path's exact token ids"):
+        SCORER.read([path])

@@ -61,11 +61,11 @@ def check_beam_shape(owner: str, n: int, beam_width: int, max_depth: int) -> Non
     check_int(owner, "n", n, minimum=1)
     check_int(owner, "beam_width", beam_width, minimum=1)
     if beam_width > n:
-        raise ValueError(f"{owner}.beam_width={beam_width} must be <= n={n} (n is the budget: raise budget= "
-                         "or lower search.beam_width=)")
+        raise ValueError(f"{owner}.beam_width={beam_width} must be <= n={n} (n is the budget N; in "
+                         "experiments.search: raise budget= or lower search.beam_width=)")
     if n % beam_width:
-        raise ValueError(f"{owner}.n={n} must be divisible by beam_width={beam_width} (n is the budget: pick "
-                         "budget= and search.beam_width= to match)")
+        raise ValueError(f"{owner}.n={n} must be divisible by beam_width={beam_width} (n is the budget N; in "
+                         "experiments.search: pick budget= and search.beam_width= to match)")
     check_int(owner, "max_depth", max_depth, minimum=1)
 
 

@@ -15,7 +15,8 @@ class Candidate:
 
     steps: the path from the root.
     step_scores: the scorer's score of each step, same length as steps.
-    score: the aggregated path score that ranks candidates.
+    score: the aggregated path score, which ranks the candidates of every strategy but MCTS (it
+        chooses by visits or value, `MCTSConfig.final`: its chosen candidate need not score highest).
     node_id: the leaf of this path in the result's tree.
     """
 
