@@ -67,11 +67,12 @@ def split_rows(flat: Sequence[Any], widths: Sequence[int]) -> list[list[Any]]:
 
 
 def encode_contexts(
-    tokenizer: Any, prompt_fn: Callable[[Problem], str], prefixes: Sequence[Prefix]
+    tokenizer: Any, prompt_fn: Callable[[Problem], str], prefixes: Sequence[Prefix], vocabulary: int | None = None
 ) -> tuple[list[list[int]], list[int]]:
     """Model input per prefix: the prompt's ids (special tokens added; each distinct prompt encoded
     once) followed by each step's exact token_ids (never re-tokenised text); and the prompt's
-    length in it."""
+    length in it. vocabulary: the model's embedding rows, when known: an id outside them is a
+    ValueError naming the problem (`check_in_vocabulary`)."""
     prompts = [prompt_fn(prefix.problem) for prefix in prefixes]
     unique = list(dict.fromkeys(prompts))
     encoded = tokenizer(unique, add_special_tokens=True).input_ids if unique else []
@@ -82,6 +83,8 @@ def encode_contexts(
         prompt_lengths.append(len(ids))
         check_step_ids(prefix)
         ids += [t for step in prefix.steps for t in step.token_ids]
+        if vocabulary is not None:
+            check_in_vocabulary(prefix, ids, vocabulary)
         if not ids:
             raise ValueError(f"problem {prefix.problem.id!r}: the prompt encodes to no tokens")
         contexts.append(ids)
@@ -99,6 +102,24 @@ def check_step_ids(prefix: Prefix) -> None:
                 "token ids, never its re-tokenised text: build the step with "
                 "token_ids=tokenizer.encode(text, add_special_tokens=False) (and as many token_logprobs)"
             )
+
+
+def model_vocabulary(model: Any) -> int | None:
+    """The model's embedding rows (the ids it can read), or None for a model that does not say
+    (a wrapper without `get_input_embeddings`)."""
+    try:
+        return int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, TypeError):
+        return None
+
+
+def check_in_vocabulary(prefix: Prefix, ids: list[int], vocabulary: int) -> None:
+    """ValueError naming the problem when an id lies outside the model's vocabulary (steps of
+    another policy's tokenizer: the embedding lookup failed with a bare IndexError)."""
+    bad = next((t for t in ids if not 0 <= t < vocabulary), None)
+    if bad is not None:
+        raise ValueError(f"problem {prefix.problem.id!r}: token id {bad} of its steps lies outside this model's "
+                         f"vocabulary of {vocabulary}: steps made by another policy's tokenizer?")
 
 
 def step_budget(sampling: SamplingConfig, prefix: Prefix, stop_at_step: bool) -> int:

@@ -72,7 +72,7 @@ from policies.allocator import keep_freed_memory
 from policies.checkpoint import load_checkpoint
 from policies.decode_loop import FINISH_CODES, ChunkOutput, ChunkRequest, StepHead, decode_request
 from policies.model_lock import model_lock
-from policies.policy_requests import check_request, check_widths, encode_contexts, fit_window, step_budget
+from policies.policy_requests import check_request, check_widths, encode_contexts, fit_window, model_vocabulary, step_budget
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
 from policies.sampling_config import SamplingConfig
@@ -286,7 +286,8 @@ class TransformersPolicy:
         prefixes; result in input order (with_boundary: each sample's boundary flags too, to split
         it into steps)."""
         with self.lock:
-            contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
+            contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes,
+                                                       model_vocabulary(self.model))
         budgets = fit_window(
             [step_budget(self.sampling, prefix, stop_at_boundary) for prefix in prefixes], contexts,
             prompt_lengths, prefixes, self.context_window, "max_position_embeddings of the model's config",

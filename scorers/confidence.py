@@ -33,6 +33,9 @@ class ConfidenceScorer:
         if not lps:
             return 1.0
         value = sum(lps) / len(lps) if self.reduce == "mean" else min(lps)
+        if math.isnan(value):  # named here: the strategy's check would blame the scorer
+            raise ValueError(f"ConfidenceScorer: the policy gave a step NaN token log-probs ({step.text[:40]!r}); "
+                             "a policy's token_logprobs must be numbers")
         return math.exp(min(value, 0.0))
 
     def score(self, paths: Sequence[Prefix]) -> list[list[float]]:

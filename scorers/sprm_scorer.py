@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from policies.model_lock import model_lock
-from policies.policy_requests import encode_contexts
+from policies.policy_requests import encode_contexts, model_vocabulary
 from policies.reflective_model import ReflectiveModel
 from scorers.sprm_positions import StepMarkers, path_step_scores, score_positions, step_of_positions
 from treesearch.aggregation import aggregate
@@ -132,7 +132,7 @@ class SPRMScorer:
     # -- phases -------------------------------------------------------------------------------
 
     def _sequences(self, paths: Sequence[Prefix]) -> list[tuple[list[int], int]]:
-        return path_sequences(self.tokenizer, self.prompt_fn, paths)
+        return path_sequences(self.tokenizer, self.prompt_fn, paths, model_vocabulary(self.model.lm))
 
     @torch.inference_mode()
     def _position_scores(self, batch: list[tuple[list[int], int]]) -> list[tuple[list[int], list[float]]]:
@@ -166,11 +166,12 @@ def check_batch_size(batch_size: object) -> None:
 
 
 def path_sequences(
-    tokenizer: Any, prompt_fn: Callable[[Problem], str], paths: Sequence[Prefix]
+    tokenizer: Any, prompt_fn: Callable[[Problem], str], paths: Sequence[Prefix], vocabulary: int | None = None
 ) -> list[tuple[list[int], int]]:
     """(prompt ids + step ids, prompt length) per path: what a scorer forwards, the very input the
-    policy decoded the steps from (`policies.policy_requests.encode_contexts`)."""
-    contexts, prompt_lengths = encode_contexts(tokenizer, prompt_fn, paths)
+    policy decoded the steps from (`policies.policy_requests.encode_contexts`; vocabulary: the
+    model's embedding rows, to name an id outside them)."""
+    contexts, prompt_lengths = encode_contexts(tokenizer, prompt_fn, paths, vocabulary)
     return list(zip(contexts, prompt_lengths))
 
 

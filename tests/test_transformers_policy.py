@@ -6,6 +6,8 @@ positions (a +100 logit) while still running the real model, so stop behaviour i
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -609,3 +611,20 @@ def test_decode_texts_decodes_equal_sequences_once_and_keeps_their_order():
                                 clean_up_tokenization_spaces=False)
     assert decode_texts(Counting(), sequences) == expected == decode_texts(TOK, sequences)
     assert calls == [[a, b, []]]  # each distinct sequence once, first-seen order
+
+
+def test_steps_of_another_tokenizer_are_named_not_an_index_error():
+    # a prefix whose steps hold ids past the model's embeddings failed with a bare IndexError
+    p = policy()
+    foreign = Step("x", (10_000,), (-0.1,), "separator")
+    with pytest.raises(ValueError, match=r"problem 'a': token id 10000 of its steps lies outside this model's "
+                                         r"vocabulary of \d+: steps made by another policy's tokenizer\?"):
+        p.propose([Prefix(Problem("a", "<think>1"), (foreign,))], n=1, seed=0)
+
+
+def test_nan_token_logprobs_are_named_as_the_policys_by_the_confidence_scorer():
+    from scorers.confidence import ConfidenceScorer
+
+    step = Step("x", (1,), (math.nan,), "eos")
+    with pytest.raises(ValueError, match=r"ConfidenceScorer: the policy gave a step NaN token log-probs"):
+        ConfidenceScorer().score([Prefix(Problem("a", "q"), (step,))])
