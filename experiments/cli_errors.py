@@ -78,13 +78,16 @@ def interrupt_reported(how_to_go_on: str | Callable[[], str]) -> Iterator[None]:
 _SWEEP_DIR: list[str] = []  # the folder of the sweep whose job runs in this process (`note_hydra_job`)
 
 
-def note_hydra_job() -> None:
+def note_hydra_job(out_dir: object = None) -> None:
     """Called first in a Hydra task function: remember the sweep's folder when the job is one of a
-    sweep (Hydra's config is gone by the time a Ctrl-C reaches the command's top level)."""
+    sweep that writes there (Hydra's config is gone by the time a Ctrl-C reaches the command's top
+    level); out_dir: the job's own folder when given (`-m` with one job), found by the same command."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if out_dir:
+        _SWEEP_DIR.clear()
+    elif HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         _SWEEP_DIR[:] = [str(HydraConfig.get().sweep.dir)]
 
 

@@ -36,7 +36,6 @@ from typing import Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException
 from hydra.types import RunMode
 
@@ -96,14 +95,16 @@ def several_jobs(argv: Sequence[str], config_dir: Path, config_name: str) -> boo
         return False
     if not (SWEEP_FLAGS & set(argv) or hydra_cfg.mode == RunMode.MULTIRUN):
         return False
-    if hydra_cfg.sweeper.get("params"):
+    # the sweep's own params (budget_sweep's), each replaced by a command-line override of its key, as Hydra's sweeper does
+    swept = {str(key): f"{key}={value}" for key, value in (hydra_cfg.sweeper.get("params") or {}).items()}
+    swept.update({o.key_or_group: o.input_line for o in parsed if not o.key_or_group.startswith("hydra.")})
+    try:
+        jobs = 1
+        for override in OverridesParser.create().parse_overrides([line.lstrip("+") for line in swept.values()]):
+            if override.is_sweep_override():
+                jobs *= len(list(override.sweep_string_iterator()))
+    except HydraException:  # a glob, an interval (a sweeper that samples it): several
         return True
-    jobs = 1
-    for override in parsed:
-        if override.is_sweep_override():
-            if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
-                return True  # a glob over a group: its options are Hydra's to list
-            jobs *= len(list(override.sweep_string_iterator()))
     return jobs > 1
 
 

@@ -25,6 +25,7 @@ Tests: `.venv/bin/pytest tests/test_scaling.py`.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -43,7 +44,8 @@ from experiments.sweep_metrics import RunFolderError, RunSummary, sweep_notes, s
 WORKLOAD_MARKERS = ("o", "s", "^", "D", "v", "P")  # one shape per workload
 CROWDED = 6  # more series than this: a wider figure with the legend beside the axes
 LABEL_WIDTH = 48  # legend labels wrap at this many characters; a longer one puts the legend beside the axes
-LEGEND_LINE_IN, LEGEND_GAP_IN = 0.14, 0.08  # a wrapped legend line at font size 7, and the gap between entries
+LEGEND_LINE_IN, LEGEND_GAP_LINES = 0.14, 0.6  # a legend line at font size 7; the gap between entries, in lines
+LEGEND_COLUMN_LINES, LEGEND_COLUMN_IN = 26, 3.6  # lines of one legend column beside the axes; its width
 
 
 def series_colors(count: int) -> list[Any]:
@@ -85,18 +87,20 @@ def no_gain(series: SeriesScaling) -> str:
     return ", falling" if last < first else ", flat"
 
 
-def legend_layout(labels: Sequence[str]) -> tuple[list[str], bool, tuple[float, float]]:
-    """(labels wrapped to LABEL_WIDTH characters, whether the legend goes beside the axes, figure
-    size in inches). A few short labels sit inside the axes (7 x 4.5); many series or long labels
-    (a sweep of several workloads) go beside them, the figure wider by the legend and taller by
-    its lines, so the axes keep their size (below them, long labels had squeezed the axes to a
-    strip)."""
+def legend_layout(labels: Sequence[str]) -> tuple[list[str], int, tuple[float, float]]:
+    """(labels wrapped to LABEL_WIDTH characters, legend columns beside the axes (0: inside them),
+    figure size in inches). A few short labels sit inside the axes (7 x 4.5); many series or long
+    labels (a sweep of several workloads) go beside them in columns of at most LEGEND_COLUMN_LINES
+    lines, the figure widened by each column (and a little taller for a long column), so the
+    axes keep about their size (below them, long labels squeezed the axes to a strip; one tall
+    column stretched them)."""
     wrapped = [textwrap.fill(label, LABEL_WIDTH) for label in labels]
-    beside = len(labels) > CROWDED or any(len(label) > LABEL_WIDTH for label in labels)
-    if not beside:
-        return wrapped, False, (7.0, 4.5)
+    if len(labels) <= CROWDED and all(len(label) <= LABEL_WIDTH for label in labels):
+        return wrapped, 0, (7.0, 4.5)
     lines = sum(label.count("\n") + 1 for label in wrapped)
-    return wrapped, True, (10.5, max(4.5, 1.2 + LEGEND_LINE_IN * lines + LEGEND_GAP_IN * len(labels)))
+    columns = max(1, math.ceil(lines / LEGEND_COLUMN_LINES))
+    per_column = math.ceil(lines / columns) + LEGEND_GAP_LINES * math.ceil(len(labels) / columns)
+    return wrapped, columns, (7.0 + LEGEND_COLUMN_IN * columns, max(4.5, 1.2 + LEGEND_LINE_IN * per_column))
 
 
 def plot_scaling(sweep_dir: str | Path, out_png: str | Path, threshold: float = DEFAULT_THRESHOLD) -> Path:
@@ -110,7 +114,7 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
     out_png = Path(out_png)
     fmt = check_out_path(out_png, "scaling.png")
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    labels, beside, size = legend_layout([series_label(s) for s in series])
+    labels, columns, size = legend_layout([series_label(s) for s in series])
     fig = Figure(figsize=size, layout="constrained")  # on its own Agg canvas: the process's backend is left alone
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -124,8 +128,8 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
     ax.set_ylabel("accuracy (chosen answer, 95% CI)")
     ax.set_title(textwrap.fill(f"Test-time search scaling: {name}", 2 * LABEL_WIDTH))
     ax.grid(True, alpha=0.3)
-    if beside:  # constrained layout gives it the room the figure was widened by
-        fig.legend(fontsize=7, loc="outside right upper")
+    if columns:  # constrained layout gives it the room the figure was widened by
+        fig.legend(fontsize=7, loc="outside right upper", ncols=columns)
     else:
         ax.legend(fontsize=8)
     save_figure(fig, out_png, fmt, dpi=120, bbox_inches="tight")

@@ -687,7 +687,7 @@ def storage_message(err: OSError, out_dir: str, kept: str) -> str:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="search", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    note_hydra_job()  # a sweep's folder, for the Ctrl-C hint
+    note_hydra_job(cfg.get("out_dir"))  # a sweep's folder, for the Ctrl-C hint
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     with user_errors_reported():
         out = run_search_experiment(cfg)

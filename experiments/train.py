@@ -854,7 +854,7 @@ def run_training(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    note_hydra_job()  # a sweep's folder, for the Ctrl-C hint
+    note_hydra_job(cfg.get("out_dir"))  # a sweep's folder, for the Ctrl-C hint
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     try:
         with user_errors_reported("the checkpoints and metrics.jsonl rows already written are kept"):  # one line, exit 2
@@ -880,5 +880,5 @@ if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR)  # recipe=nosuch: one line, exit 2, before Hydra composes
     check_override_keys(sys.argv[1:], CONFIG_DIR, "train", PLAIN_NODE_KEYS)  # grpo.bogus=1: one line, exit 2
     check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "train")  # a file; a sweep given one out_dir
-    with interrupt_reported(lambda: hydra_rerun_hint("each run resumes from its out_dir/last")):
+    with interrupt_reported(lambda: hydra_rerun_hint("a run resumes from its out_dir/last")):
         main()

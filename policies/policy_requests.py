@@ -109,7 +109,7 @@ def model_vocabulary(model: Any) -> int | None:
     (a wrapper without `get_input_embeddings`)."""
     try:
         return int(model.get_input_embeddings().num_embeddings)
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, NotImplementedError):  # transformers: "not auto-handled" for custom names
         return None
 
 

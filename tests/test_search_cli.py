@@ -190,6 +190,12 @@ def test_one_job_submitted_with_m_keeps_its_out_dir():
     assert out_dir_error(["-m", "task.count=2", "out_dir=runs/x"], conf, "search") is None
     assert out_dir_error(["-m", "budget=range(2,3)", "out_dir=runs/x"], conf, "search") is None  # one value
     assert out_dir_error(["-m", "budget=range(2,4)", "out_dir=runs/x"], conf, "search").startswith("error: out_dir=")
+    # budget_sweep narrowed to one job by overriding each of its swept keys, as Hydra's sweeper merges them
+    narrowed = ["experiment=budget_sweep", "search=beam", "budget=4", "seed=0", "out_dir=runs/x"]
+    assert out_dir_error(narrowed, conf, "search") is None
+    assert out_dir_error(narrowed[:-2] + ["out_dir=runs/x"], conf, "search").startswith("error: out_dir=")
+    # an interval (for a sampling sweeper) cannot be counted: several jobs, not a traceback
+    assert out_dir_error(["-m", "budget=interval(1,2)", "out_dir=runs/x"], conf, "search").startswith("error: out_dir=")
 
 
 @pytest.mark.parametrize("args", [["-m", "budget=2,4", "out_dir=runs/x"], ["experiment=budget_sweep", "out_dir=runs/x"]])
@@ -441,3 +447,5 @@ def test_the_ctrl_c_hint_of_a_sweep_names_its_folder(monkeypatch):
     monkeypatch.setattr(cli_errors, "_SWEEP_DIR", ["outputs/sweeps/2026-12-05_21-05-05"])
     assert cli_errors.hydra_rerun_hint("kept") == (
         "kept; rerun the same command with hydra.sweep.dir=outputs/sweeps/2026-12-05_21-05-05 (its folder) to go on")
+    cli_errors.note_hydra_job(out_dir="runs/one")  # -m with one job writing to its out_dir: the same command finds it
+    assert cli_errors.hydra_rerun_hint("kept") == "kept; rerun the same command to go on"

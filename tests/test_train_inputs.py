@@ -312,7 +312,7 @@ def test_ctrl_c_saves_the_finished_step_and_a_rerun_resumes_from_it(init_dir, tm
     step = load_joint_state(out / "last").step
     assert 2 <= step < 200 and rows_of(out)[-1]["step"] == step  # saved at the step it stopped after
     assert f"Ctrl-C: saved {out / 'last'} at step {step}" in err
-    assert err.strip().splitlines()[-1] == "interrupted: rerun the same command to resume from out_dir/last"
+    assert err.strip().splitlines()[-1] == "interrupted: a run resumes from its out_dir/last; rerun the same command to go on"
     rows = rows_of(out)
     run_training(composed(tiny(init_dir, out, f"run.max_steps={step + 1}", "run.checkpoint_every=0",
                                "run.eval_every=0", "run.greedy_every=0")))

@@ -625,6 +625,8 @@ def test_steps_of_another_tokenizer_are_named_not_an_index_error():
 def test_nan_token_logprobs_are_named_as_the_policys_by_the_confidence_scorer():
     from scorers.confidence import ConfidenceScorer
 
-    step = Step("x", (1,), (math.nan,), "eos")
-    with pytest.raises(ValueError, match=r"ConfidenceScorer: the policy gave a step NaN token log-probs"):
-        ConfidenceScorer().score([Prefix(Problem("a", "q"), (step,))])
+    for reduce in ("mean", "min"):
+        for logprobs in ((math.nan,), (-0.1, math.nan), (-0.5, math.nan, -0.2)):  # min() skipped a NaN not first
+            step = Step("x", (1,) * len(logprobs), logprobs, "eos")
+            with pytest.raises(ValueError, match=r"ConfidenceScorer: the policy gave a step NaN token log-probs"):
+                ConfidenceScorer(reduce=reduce).score([Prefix(Problem("a", "q"), (step,))])
