@@ -67,12 +67,11 @@ def split_rows(flat: Sequence[Any], widths: Sequence[int]) -> list[list[Any]]:
 
 
 def encode_contexts(
-    tokenizer: Any, prompt_fn: Callable[[Problem], str], prefixes: Sequence[Prefix], vocabulary: int | None = None
+    tokenizer: Any, prompt_fn: Callable[[Problem], str], prefixes: Sequence[Prefix]
 ) -> tuple[list[list[int]], list[int]]:
     """Model input per prefix: the prompt's ids (special tokens added; each distinct prompt encoded
     once) followed by each step's exact token_ids (never re-tokenised text); and the prompt's
-    length in it. vocabulary: the model's embedding rows, when known: an id outside them is a
-    ValueError naming the problem (`check_in_vocabulary`)."""
+    length in it. A step with text but no ids is a ValueError (`check_step_ids`)."""
     prompts = [prompt_fn(prefix.problem) for prefix in prefixes]
     unique = list(dict.fromkeys(prompts))
     encoded = tokenizer(unique, add_special_tokens=True).input_ids if unique else []
@@ -81,10 +80,10 @@ def encode_contexts(
     for prefix, prompt in zip(prefixes, prompts):
         ids = list(prompt_ids[prompt])
         prompt_lengths.append(len(ids))
-        check_step_ids(prefix)
-        ids += [t for step in prefix.steps for t in step.token_ids]
-        if vocabulary is not None:
-            check_in_vocabulary(prefix, ids, vocabulary)
+        for step in prefix.steps:
+            if step.text and not step.token_ids:
+                check_step_ids(prefix)  # names it
+            ids.extend(step.token_ids)
         if not ids:
             raise ValueError(f"problem {prefix.problem.id!r}: the prompt encodes to no tokens")
         contexts.append(ids)
@@ -113,13 +112,17 @@ def model_vocabulary(model: Any) -> int | None:
         return None
 
 
-def check_in_vocabulary(prefix: Prefix, ids: list[int], vocabulary: int) -> None:
-    """ValueError naming the problem when an id lies outside the model's vocabulary (steps of
-    another policy's tokenizer: the embedding lookup failed with a bare IndexError)."""
-    bad = next((t for t in ids if not 0 <= t < vocabulary), None)
-    if bad is not None:
-        raise ValueError(f"problem {prefix.problem.id!r}: token id {bad} of its steps lies outside this model's "
-                         f"vocabulary of {vocabulary}: steps made by another policy's tokenizer?")
+def name_out_of_vocabulary(prefixes: Sequence[Prefix], contexts: Sequence[Sequence[int]], vocabulary: int | None) -> None:
+    """ValueError naming the first problem whose context holds an id outside the model's
+    vocabulary (steps of another policy's tokenizer), else nothing. Called where the model's
+    embedding lookup failed with a bare IndexError (no cost on the way that works)."""
+    if vocabulary is None:
+        return
+    for prefix, ids in zip(prefixes, contexts):
+        bad = next((t for t in ids if not 0 <= t < vocabulary), None)
+        if bad is not None:
+            raise ValueError(f"problem {prefix.problem.id!r}: token id {bad} of its path lies outside this model's "
+                             f"vocabulary of {vocabulary}: steps made by another policy's tokenizer?")
 
 
 def step_budget(sampling: SamplingConfig, prefix: Prefix, stop_at_step: bool) -> int:

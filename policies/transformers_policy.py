@@ -72,7 +72,9 @@ from policies.allocator import keep_freed_memory
 from policies.checkpoint import load_checkpoint
 from policies.decode_loop import FINISH_CODES, ChunkOutput, ChunkRequest, StepHead, decode_request
 from policies.model_lock import model_lock
-from policies.policy_requests import check_request, check_widths, encode_contexts, fit_window, model_vocabulary, step_budget
+from policies.policy_requests import (
+    check_request, check_widths, encode_contexts, fit_window, model_vocabulary, name_out_of_vocabulary, step_budget,
+)
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
 from policies.sampling_config import SamplingConfig
@@ -286,8 +288,7 @@ class TransformersPolicy:
         prefixes; result in input order (with_boundary: each sample's boundary flags too, to split
         it into steps)."""
         with self.lock:
-            contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes,
-                                                       model_vocabulary(self.model))
+            contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
         budgets = fit_window(
             [step_budget(self.sampling, prefix, stop_at_boundary) for prefix in prefixes], contexts,
             prompt_lengths, prefixes, self.context_window, "max_position_embeddings of the model's config",
@@ -298,6 +299,20 @@ class TransformersPolicy:
         generator = torch.Generator(device=self.device).manual_seed(int(seed) % 2**64)
         items = merge_identical(contexts, budgets)  # less padding per chunk; one context per distinct input
         counts = [sum(widths[i] for i in owners) if budgets[owners[0]] > 0 else 0 for owners in items]
+        try:
+            self._decode_chunks(prefixes, widths, contexts, prompt_lengths, budgets, items, counts, generator,
+                                stop_at_boundary, with_boundary, samples)
+        except IndexError:  # an id past the embeddings (another tokenizer's steps): named, else re-raised
+            name_out_of_vocabulary(prefixes, contexts, model_vocabulary(self.model))
+            raise
+        return samples
+
+    def _decode_chunks(
+        self, prefixes: Sequence[Prefix], widths: list[int], contexts: list[list[int]], prompt_lengths: list[int],
+        budgets: list[int], items: list[list[int]], counts: list[int], generator: torch.Generator,
+        stop_at_boundary: bool, with_boundary: bool, samples: list[list[_Sample]],
+    ) -> None:
+        """Decode the merged contexts chunk by chunk into samples (`_generate`)."""
         owners_in_row_order = [i for owners, count in zip(items, counts) if count for i in owners for _ in range(widths[i])]
         done_rows = 0  # rows handed to earlier chunks (an item may span chunks)
         for chunk in plan_chunks(counts, self.sampling.batch_size):
@@ -322,7 +337,6 @@ class TransformersPolicy:
             if budgets[i] <= 0:
                 no_scores = None if self.step_head is None else []
                 samples[i] = [_Sample((), (), () if with_boundary else None, "length", 0, no_scores) for _ in range(widths[i])]
-        return samples
 
     def _decode_here(self, request: ChunkRequest) -> ChunkOutput:
         """Decode one chunk in this thread, to the end (`policies.decode_loop.decode_request`),

@@ -32,10 +32,11 @@ class ConfidenceScorer:
         lps = step.token_logprobs
         if not lps:
             return 1.0
-        if any(math.isnan(lp) for lp in lps):  # named here: the strategy's check would blame the scorer (min skips one)
+        total = sum(lps)
+        if total != total:  # a NaN anywhere (min() skips one not first); named here, the strategy's check would blame the scorer
             raise ValueError(f"ConfidenceScorer: the policy gave a step NaN token log-probs ({step.text[:40]!r}); "
                              "a policy's token_logprobs must be numbers")
-        value = sum(lps) / len(lps) if self.reduce == "mean" else min(lps)
+        value = total / len(lps) if self.reduce == "mean" else min(lps)
         return math.exp(min(value, 0.0))
 
     def score(self, paths: Sequence[Prefix]) -> list[list[float]]:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from policies.model_lock import model_lock
-from policies.policy_requests import encode_contexts, model_vocabulary
+from policies.policy_requests import encode_contexts, model_vocabulary, name_out_of_vocabulary
 from policies.reflective_model import ReflectiveModel
 from scorers.sprm_positions import StepMarkers, path_step_scores, score_positions, step_of_positions
 from treesearch.aggregation import aggregate
@@ -124,7 +124,12 @@ class SPRMScorer:
         readings: list[SPRMReading | None] = [None] * len(paths)
         for first in range(0, len(order), self.batch_size):
             batch = order[first : first + self.batch_size]
-            scores = self._position_scores([sequences[i] for i in batch])
+            try:
+                scores = self._position_scores([sequences[i] for i in batch])
+            except IndexError:  # an id past the embeddings (another tokenizer's steps): named, else re-raised
+                name_out_of_vocabulary([paths[i] for i in batch], [sequences[i][0] for i in batch],
+                                       model_vocabulary(self.model.lm))
+                raise
             for i, (positions, values) in zip(batch, scores):
                 readings[i] = sprm_reading(paths[i], *sequences[i], positions, values)
         return readings  # type: ignore[return-value]
@@ -132,7 +137,7 @@ class SPRMScorer:
     # -- phases -------------------------------------------------------------------------------
 
     def _sequences(self, paths: Sequence[Prefix]) -> list[tuple[list[int], int]]:
-        return path_sequences(self.tokenizer, self.prompt_fn, paths, model_vocabulary(self.model.lm))
+        return path_sequences(self.tokenizer, self.prompt_fn, paths)
 
     @torch.inference_mode()
     def _position_scores(self, batch: list[tuple[list[int], int]]) -> list[tuple[list[int], list[float]]]:
@@ -166,12 +171,11 @@ def check_batch_size(batch_size: object) -> None:
 
 
 def path_sequences(
-    tokenizer: Any, prompt_fn: Callable[[Problem], str], paths: Sequence[Prefix], vocabulary: int | None = None
+    tokenizer: Any, prompt_fn: Callable[[Problem], str], paths: Sequence[Prefix]
 ) -> list[tuple[list[int], int]]:
     """(prompt ids + step ids, prompt length) per path: what a scorer forwards, the very input the
-    policy decoded the steps from (`policies.policy_requests.encode_contexts`; vocabulary: the
-    model's embedding rows, to name an id outside them)."""
-    contexts, prompt_lengths = encode_contexts(tokenizer, prompt_fn, paths, vocabulary)
+    policy decoded the steps from (`policies.policy_requests.encode_contexts`)."""
+    contexts, prompt_lengths = encode_contexts(tokenizer, prompt_fn, paths)
     return list(zip(contexts, prompt_lengths))
 
 

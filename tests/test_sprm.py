@@ -289,3 +289,9 @@ def test_a_step_with_text_but_no_token_ids_is_named():
     with pytest.raises(ValueError, match=r"problem 'a': step 0 has text but no token_ids; the model reads a "
                                          r"path's exact token ids"):
         SCORER.read([path])
+
+
+def test_steps_of_another_tokenizer_are_named_by_the_scorer():
+    path = Prefix(Problem("a", "<think>1"), (Step("x", (10_000,), (-0.1,), "separator"),))
+    with pytest.raises(ValueError, match=r"problem 'a': token id 10000 of its path lies outside this model's vocabulary"):
+        SCORER.read([path])

@@ -617,7 +617,7 @@ def test_steps_of_another_tokenizer_are_named_not_an_index_error():
     # a prefix whose steps hold ids past the model's embeddings failed with a bare IndexError
     p = policy()
     foreign = Step("x", (10_000,), (-0.1,), "separator")
-    with pytest.raises(ValueError, match=r"problem 'a': token id 10000 of its steps lies outside this model's "
+    with pytest.raises(ValueError, match=r"problem 'a': token id 10000 of its path lies outside this model's "
                                          r"vocabulary of \d+: steps made by another policy's tokenizer\?"):
         p.propose([Prefix(Problem("a", "<think>1"), (foreign,))], n=1, seed=0)
 

@@ -160,29 +160,33 @@ def scorer_cost(scorer: Scorer, paths: Sequence[Prefix]) -> int:
 
 def checked_scores(paths: Sequence[Prefix], scores: Any) -> list[list[float]]:
     """The scorer's rows as lists of Python floats (a numpy array or a tensor of scores is taken;
-    stored as such, it made results that JSON cannot hold), after `check_scores`."""
-    check_scores(paths, scores)
-    return [[float(value) for value in row] for row in scores]
-
-
-def check_scores(paths: Sequence[Prefix], scores: Sequence[Sequence[float]]) -> None:
-    """ValueError unless the scorer gave one row per path, one score per step, each a number in
-    [0, 1] (the `Scorer` protocol: a logit or a NaN would rank paths by nothing, silently)."""
+    stored as such, it made results that JSON cannot hold), checked as `check_scores` says."""
     if not _is_list(scores):
         raise ValueError(f"scorer returned {type(scores).__name__}, expected a list with one row of step scores per path")
     if len(scores) != len(paths):
         raise ValueError(f"scorer returned {len(scores)} score rows for {len(paths)} paths")
+    out = []
     for path, row in zip(paths, scores):
         if not _is_list(row):
             raise ValueError(f"scorer returned {type(row).__name__} as a score row, expected a list of step scores")
         if len(row) != len(path.steps):
             raise ValueError(f"scorer returned {len(row)} scores for a path of {len(path.steps)} steps")
-        for j, value in enumerate(row):
-            if not _is_unit_score(value):
-                raise ValueError(
-                    f"scorer returned step score {value!r} for step {j} of a path of problem "
-                    f"{path.problem.id!r}; a step score must be a number in [0, 1]"
-                )
+        floats = [float(value) if _is_unit_score(value) else _bad_score(path, j, value) for j, value in enumerate(row)]
+        out.append(floats)
+    return out
+
+
+def _bad_score(path: Prefix, j: int, value: Any) -> float:
+    raise ValueError(
+        f"scorer returned step score {value!r} for step {j} of a path of problem "
+        f"{path.problem.id!r}; a step score must be a number in [0, 1]"
+    )
+
+
+def check_scores(paths: Sequence[Prefix], scores: Sequence[Sequence[float]]) -> None:
+    """ValueError unless the scorer gave one row per path, one score per step, each a number in
+    [0, 1] (the `Scorer` protocol: a logit or a NaN would rank paths by nothing, silently)."""
+    checked_scores(paths, scores)
 
 
 def _is_unit_score(value: Any) -> bool:
