@@ -53,18 +53,25 @@ def rows_written(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+def signal_after_rows(ckpt: Path, folder_arg: str, records: Path, rows: int, sig: int) -> tuple[int, str]:
+    """Run the search of RUN in a subprocess, send it sig once records holds `rows` rows (or it
+    ends, or 120 s pass); (its exit code, its stderr)."""
+    cmd = [sys.executable, "-m", "experiments.search", f"policy.path={ckpt}", folder_arg] + RUN
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while rows_written(records) < rows and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err.decode()
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_records(ckpt, tmp_path):
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "experiments.search", f"policy.path={ckpt}", f"hydra.run.dir={killed}"] + RUN
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while rows_written(killed / "records.jsonl") < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    _, err = proc.communicate()
+    returncode, err = signal_after_rows(ckpt, f"hydra.run.dir={killed}", killed / "records.jsonl", 2, signal.SIGKILL)
     written = rows_written(killed / "records.jsonl")
-    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert returncode == -signal.SIGKILL, err[-2000:]
     assert 2 <= written < COUNT, f"the run was not killed midway ({written} of {COUNT} rows)"
 
     # a kill during a write leaves a torn line: simulate one on top of the real kill
@@ -88,16 +95,10 @@ def test_killed_run_resumes_to_the_uninterrupted_records(ckpt, tmp_path):
 def test_ctrl_c_is_one_line_saying_how_to_go_on_and_exit_130(ckpt, tmp_path):
     # Ctrl-C printed the traceback of wherever it landed (~130 lines)
     out = tmp_path / "interrupted"
-    cmd = [sys.executable, "-m", "experiments.search", f"policy.path={ckpt}", f"out_dir={out}"] + RUN
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while rows_written(out / "records.jsonl") < 1 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    returncode, err = signal_after_rows(ckpt, f"out_dir={out}", out / "records.jsonl", 1, signal.SIGINT)
     assert rows_written(out / "records.jsonl") < COUNT, "the run ended before the interrupt"
-    assert proc.returncode == 130 and "Traceback" not in err.decode(), err.decode()[-2000:]
-    assert err.decode().strip().splitlines()[-1] == (
+    assert returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
         "interrupted: the rows of finished chunks are kept in records.jsonl; rerun the same command to go on")
 
 
