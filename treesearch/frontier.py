@@ -160,7 +160,9 @@ def scorer_cost(scorer: Scorer, paths: Sequence[Prefix]) -> int:
 
 def checked_scores(paths: Sequence[Prefix], scores: Any) -> list[list[float]]:
     """The scorer's rows as lists of Python floats (a numpy array or a tensor of scores is taken;
-    stored as such, it made results that JSON cannot hold), checked as `check_scores` says."""
+    stored as such, it made results that JSON cannot hold); ValueError unless the scorer gave one
+    row per path, one score per step, each a number in [0, 1] (the `Scorer` protocol: a logit or
+    a NaN would rank paths by nothing, silently)."""
     if not _is_list(scores):
         raise ValueError(f"scorer returned {type(scores).__name__}, expected a list with one row of step scores per path")
     if len(scores) != len(paths):
@@ -181,12 +183,6 @@ def _bad_score(path: Prefix, j: int, value: Any) -> float:
         f"scorer returned step score {value!r} for step {j} of a path of problem "
         f"{path.problem.id!r}; a step score must be a number in [0, 1]"
     )
-
-
-def check_scores(paths: Sequence[Prefix], scores: Sequence[Sequence[float]]) -> None:
-    """ValueError unless the scorer gave one row per path, one score per step, each a number in
-    [0, 1] (the `Scorer` protocol: a logit or a NaN would rank paths by nothing, silently)."""
-    checked_scores(paths, scores)
 
 
 def _is_unit_score(value: Any) -> bool:
