@@ -77,6 +77,7 @@ from experiments.override_keys import check_override_keys, check_plain_keys  # n
 from experiments.search import (  # noqa: E402
     CONFIG_DIR, TASK_KEYS, build_frozen, check_int, resolve_out_dir, resolved_config, user_errors_reported,
 )
+from experiments.sweep_metrics import read_run_config  # noqa: E402
 from policies.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from policies.step_boundary import StopRequest, stop_at_step_boundary  # noqa: E402
 from policies.devices import resolve_device  # noqa: E402
@@ -397,7 +398,7 @@ def claim_out_dir(out: Path, config: dict[str, Any], resuming: bool, main: bool)
                 f"{path} is missing: {out} holds checkpoints of a run whose config is gone, so a resume cannot be "
                 "checked against it; restore config.yaml, or pass another out_dir= to start a new run"
             )
-        saved = with_added_settings(saved_config(path), config, ADDED_SETTINGS)
+        saved = with_added_settings(read_run_config(out), config, ADDED_SETTINGS)
         diffs = config_differences(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
         if diffs:
             overrides = resume_overrides(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
@@ -411,17 +412,6 @@ def claim_out_dir(out: Path, config: dict[str, Any], resuming: bool, main: bool)
         write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(config)))
 
 
-def saved_config(path: Path) -> dict[str, Any]:
-    """A run folder's config.yaml as plain data; ValueError naming it when it is not a readable mapping."""
-    try:
-        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as err:  # yaml, OmegaConf and decoding errors alike: the file is damaged
-        raise ValueError(f"{path} is not a readable run config ({type(err).__name__}: {' '.join(str(err).split()):.300})") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path} is not a run config: it holds a {type(saved).__name__}, not a mapping")
-    return saved  # type: ignore[return-value]
-
-
 def check_fresh_out_dir(out: Path, config: dict[str, Any]) -> None:
     """ValueError for a fresh start in a folder holding another run, which the start would
     overwrite: another command's files (FOREIGN_RUN_FILES), a config.yaml of another config, or
@@ -433,7 +423,7 @@ def check_fresh_out_dir(out: Path, config: dict[str, Any]) -> None:
                          "there would overwrite; use another out_dir")
     path = out / CONFIG
     if path.is_file():
-        saved = with_added_settings(saved_config(path), config, ADDED_SETTINGS)
+        saved = with_added_settings(read_run_config(out), config, ADDED_SETTINGS)
         diffs = config_differences(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
         if diffs:
             shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
