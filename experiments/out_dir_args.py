@@ -30,20 +30,18 @@ from __future__ import annotations
 
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Sequence
 
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
 
 from experiments.cli_args import file_above
 from experiments.cli_errors import USAGE_EXIT
+from experiments.override_keys import SWEEP_FLAGS, compose_config
 
 OUT_DIR_ARGUMENT = re.compile(r"^\+{0,2}out_dir=(?P<value>.*)$")
-SWEEP_FLAGS = frozenset({"-m", "--multirun"})
 
 
 SWEPT_EXPERIMENT = re.compile(r"^\+{0,2}experiment=(?:.*,|\s*(?:choice|range|glob)\()")
@@ -88,9 +86,7 @@ def several_jobs(argv: Sequence[str], config_dir: Path, config_name: str) -> boo
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
         fixed = [o.input_line for o in parsed if not o.is_sweep_override()]  # compose takes no sweep
-        with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hydra_cfg = compose(config_name, overrides=fixed, return_hydra_config=True).hydra
+        hydra_cfg = compose_config(config_dir, config_name, fixed, hydra=True).hydra
     except HydraException:
         return False
     if not (SWEEP_FLAGS & set(argv) or hydra_cfg.mode == RunMode.MULTIRUN):

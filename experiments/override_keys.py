@@ -145,7 +145,7 @@ def _missing_key(config_dir: Path, config_name: str, overrides: Sequence[str]) -
     """(full key, its override) when composing fails on a key the config lacks; None when it
     composes, or fails for another reason (Hydra's own message names that)."""
     try:
-        _compose(config_dir, config_name, overrides)
+        compose_config(config_dir, config_name, overrides)
     except ConfigCompositionException as err:
         if not isinstance(err.__cause__, (ConfigAttributeError, ConfigKeyError)) or not err.__cause__.full_key:
             return None
@@ -164,7 +164,7 @@ def check_override_keys(
         raise SystemExit(USAGE_EXIT)
 
 
-def _compose(config_dir: Path, config_name: str, overrides: Sequence[str], hydra: bool = False) -> DictConfig:
+def compose_config(config_dir: Path, config_name: str, overrides: Sequence[str], hydra: bool = False) -> DictConfig:
     """The composed config (hydra: with Hydra's own node, where launcher and sweeper settings live)."""
     with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run itself gives Hydra's warnings (submitit's schema match), once
@@ -176,7 +176,7 @@ def _parent_node(
 ) -> DictConfig | None:
     """The node the key was meant for, composed without the override (None: none there)."""
     try:
-        cfg = _compose(config_dir, config_name, [arg for arg in argv if arg != override], full_key.startswith("hydra."))
+        cfg = compose_config(config_dir, config_name, [arg for arg in argv if arg != override], full_key.startswith("hydra."))
     except ConfigCompositionException:
         return None
     parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
