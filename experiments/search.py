@@ -599,19 +599,20 @@ def run_search_experiment(cfg: DictConfig) -> Path:
         check_not_a_run_folder(OmegaConf.select(cfg, f"{node}.path", default=None), f"{node}.path")
     out = resolve_out_dir(cfg)
     budget_field = BUDGET_FIELDS.get(name, "n")
-    before = {name for name in CLAIM_FILES if (out / name).exists()}
-    try:
-        with run_lock(out):
+    lock_before = (out / LOCK).exists()
+    with run_lock(out):  # held while the claim is made, and undone: another process's claim is never touched
+        before = {name for name in CLAIM_FILES if name != LOCK and (out / name).exists()} | ({LOCK} if lock_before else set())
+        try:
             config = resolved_config(cfg)
             claim_run_dir(out, with_run_budget(config, budget_field), budget_field)
             check_run_weights(out, model_folders(config), has_records(out))
             save_hydra_files(out, cfg)
             search_missing(cfg, out, task, parts, strategy_cfg, spec)
             write_metrics(out, problems)
-    except USER_ERRORS:
-        if not has_records(out):  # refused before its first row (a missing model folder): leave no claim
-            release_claim(out, before)
-        raise
+        except USER_ERRORS:
+            if not has_records(out):  # refused before its first row (a missing model folder): leave no claim
+                release_claim(out, before)
+            raise
     return out
 
 
