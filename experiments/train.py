@@ -647,7 +647,15 @@ def local_report(t: Trainer, problems: list[Problem], rollouts: list[Rollout], r
         for i, r in enumerate(rollouts)
     ]
     return {"losses": losses, "records": records, "train_tokens": int(batch.attention_mask.sum()),
-            "finite_weights": math.isfinite(weights_checksum(t.reflective))}
+            "finite_weights": weights_finite(t.reflective)}
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter is finite: one sum per parameter in its own dtype and on its own
+    device (a NaN or inf carries into its sum; parameters of other dtypes or devices need no
+    common tensor), with no float64 copy of the weights (what `weights_checksum` makes: a
+    model's size again in memory, each step)."""
+    return all(bool(torch.isfinite(p.detach().sum())) for p in model.parameters())
 
 
 class TrainingDivergedError(ValueError):

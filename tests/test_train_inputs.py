@@ -359,3 +359,17 @@ def test_the_smollm2_and_orm_default_folders_say_how_to_make_them():
     err = FileNotFoundError("missing")
     assert "`python -m policies.smollm2`" in checkpoint_hint("outputs/models/smollm2-135m-instruct", err, "policy.path")
     assert "experiments/conf/scorer/orm.yaml" in checkpoint_hint("outputs/heads/arith_orm/final", err, "scorer.path")
+
+
+def test_weights_finite_finds_a_nan_or_inf_in_any_parameter():
+    from experiments.train import weights_finite
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1).to(torch.bfloat16))
+    assert weights_finite(model)
+    with torch.no_grad():
+        model[1].bias.fill_(float("inf"))
+    assert not weights_finite(model)
+    with torch.no_grad():
+        model[1].bias.fill_(0.0)
+        model[0].weight[1, 2] = float("nan")
+    assert not weights_finite(model)
