@@ -160,3 +160,34 @@ def test_a_bare_unit_word_after_a_number_is_its_unit(text, reference, right):
     # math_verify read "18 eggs" as the product 18*e*g*g*s: graded wrong against 18
     assert grade_math(text, reference) is right
 
+
+
+# ---------------------------------------------------------------------------------------------
+# What a completion commits to, as models write it
+
+
+@pytest.mark.parametrize("text", [
+    "Answer: **18**", "#### **18**", "**Final Answer:** **18**.",  # bold: "18**" before
+    "So \\boxed{18}.\nPut your final answer within \\boxed{}.",  # the prompt's empty box echoed: "" before
+    "#### 18\n\\boxed{}",
+    "So \\boxed{20}.\nWait, recheck: 9*2=18.\nFinal Answer: 18",  # the later statement wins: 20 before
+    "#### 23\nWait, mistake.\nFinal Answer: 18",
+    "Final Answer: \\boxed{18}", "#### \\boxed{18}",  # the box on the marker's line is its answer
+    "Thus $\\boxed{18}$.\n\nFinal Answer: The final answer is $18$. I hope it is correct.",  # Minerva's format
+])
+def test_the_answer_written_last_is_extracted(text):
+    assert extract_final_answer(text).strip("$") == "18"
+    assert grade_math(text, "18")
+
+
+@pytest.mark.parametrize("predicted, reference, right", [
+    ("90°", "90^\\circ", True), ("90°", "90^{\\circ}", True),  # math_verify: no match
+    ("x = 58,500", "58,500", True), ("+58,500", "58,500", True), ("58,500^\\circ", "58,500", True),  # a comma list
+    ("y = 5", "x = 5", False), ("x = 5", "5", True),
+    # words that change the value are no unit to drop (all graded right before)
+    ("18 \\text{ or more}", "18", False), ("\\text{18 or more}", "18", False), ("2 thousand", "2", False),
+    ("18 dozen", "18", False), ("2 pi", "2", False), ("\\$1.5 million", "1.5", False),
+    ("5 square feet", "5", True), ("\\text{18 apples}", "18", True),
+])
+def test_numbers_with_degrees_signs_assignments_and_value_words(predicted, reference, right):
+    assert answers_match(predicted, reference) is right

@@ -19,7 +19,8 @@ AIME has only a test split:
     aime.grade(aime.load_aime(24)[0], "... \\\\boxed{204}")   # True (2024's first answer)
 
 Problem.answer is the canonical integer string ("025" -> "25"); ids are "aime24-<index>" (line
-order in the jsonl, extra_info.index in the parquet, so ids differ between the two files). Run
+order in the jsonl, extra_info.index in the parquet: the same id names different problems in
+the two files, so never compare records of the two by id). Run
 `python -m experiments.tasks.aime` to print a few problems.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ class AimeConfig:
     year: 24 (AIME 2024) or 25 (AIME 2025).
     path: a file to read instead of the shared copy (a jsonl, or a parquet file with parquet=True).
     parquet: read MetaStone's verl parquet file instead of the jsonl (AIME 2024 only, unless
-        path names a parquet file of your own); its ids differ from the jsonl's (module docstring).
+        path names a parquet file of your own); its ids name other problems than the jsonl's (module docstring).
     shuffle: draw the problems in a permutation seeded by the task's seed instead of file order.
     """
 

@@ -66,6 +66,9 @@ _CHOICE_ANSWER_RE = re.compile(
     r"(?P<letter>[A-Z])[\s)）}\]*_$]*"
     r"(?=$|[.。;；!！]|[,，](?![ \t]*(?-i:[A-D])(?![A-Za-z]))|选项|(?<=[)）\]]))"
 )
+# Minerva's answer line ("Final Answer: The final answer is $5$. I hope it is correct."): its X
+_MINERVA_START_RE = re.compile(r"(?i)the[ \t]+final[ \t]+answer[ \t]+is:?[ \t]*")
+_MINERVA_END = "i hope it is correct"
 _LONE_LETTER_RE = re.compile(r"^[(（{]?\s*([A-Z])\s*[)）}]?[.。]?$")
 _TEXT_WRAPPER_RE = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\{(.*)\}$", re.S)
 
@@ -96,35 +99,69 @@ def last_boxed(text: str) -> str | None:
     committed to an answer, so an earlier box is not taken in its place)."""
     if not isinstance(text, str):
         return None
-    matches = list(_BOXED_RE.finditer(text))
-    if not matches:
-        return None
-    last = matches[-1]
-    if last.group(1) is None:  # "\boxed 5"
-        return _BARE_BOXED_RE.match(text, last.end()).group()  # type: ignore[union-attr]  # lookahead: non-empty
-    content = _balanced_group(text, last.end() - 1)
-    return None if content is None else content.strip()
+    found = last_boxed_at(text)
+    return None if found is None else found[1]
+
+
+def last_boxed_at(text: str) -> tuple[int, str] | None:
+    """(where it starts, its contents) of the last non-empty box, as `last_boxed` reads it.
+    An empty \boxed{} is skipped: it is the prompt's "put your answer in \boxed{}" echoed."""
+    for match in reversed(list(_BOXED_RE.finditer(text))):
+        if match.group(1) is None:  # "\boxed 5"
+            return match.start(), _BARE_BOXED_RE.match(text, match.end()).group()  # type: ignore[union-attr]  # lookahead: non-empty
+        content = _balanced_group(text, match.end() - 1)
+        if content is None:
+            return None
+        if content.strip():
+            return match.start(), content.strip()
+    return None
 
 
 def hash_answer(text: str) -> str | None:
-    """What follows the last "####" on its line (GSM8K's format), stripped; None if none/empty."""
-    if not isinstance(text, str):
-        return None
-    matches = _HASH_RE.findall(text)
-    answer = matches[-1].strip() if matches else ""
-    return answer or None
+    """What follows the last "####" on its line (GSM8K's format), stripped (markdown bold too:
+    "#### **18**"); None if none/empty."""
+    found = hash_answer_at(text) if isinstance(text, str) else None
+    return None if found is None else found[1]
+
+
+def hash_answer_at(text: str) -> tuple[int, str] | None:
+    """(where its "####" starts, the answer) of `hash_answer`, or None."""
+    matches = list(_HASH_RE.finditer(text))
+    answer = _strip_emphasis(matches[-1].group(1)) if matches else ""
+    return (matches[-1].start(), answer) if answer else None
+
+
+def _strip_emphasis(answer: str) -> str:
+    """answer without surrounding blanks, markdown bold / italics and final periods ("**18**." -> "18")."""
+    return answer.lstrip(" \t*").rstrip(" \t*.")
 
 
 def answer_line(text: str) -> str | None:
     """The rest of the last line that starts with "Answer:" or "Final Answer:" (any case), without
-    a final period."""
-    if not isinstance(text, str):
-        return None
-    matches = _ANSWER_RE.findall(text)
+    a final period or markdown bold; Minerva's "Final Answer: The final answer is X. I hope it is
+    correct." gives X."""
+    found = answer_line_at(text) if isinstance(text, str) else None
+    return None if found is None else found[1]
+
+
+def answer_line_at(text: str) -> tuple[int, str] | None:
+    """(where its line starts, the answer) of `answer_line`, or None."""
+    matches = list(_ANSWER_RE.finditer(text))
     if not matches:
         return None
-    answer = matches[-1].strip().rstrip(".").strip()
-    return answer or None
+    answer = _minerva_answer(_strip_emphasis(matches[-1].group(1)))
+    return (matches[-1].start(), answer) if answer else None
+
+
+def _minerva_answer(answer: str) -> str:
+    """X of "The final answer is X. I hope it is correct." (Minerva's format), else answer."""
+    start = _MINERVA_START_RE.match(answer)
+    if start is None:
+        return answer
+    answer = answer[start.end():]
+    if answer.lower().endswith(_MINERVA_END):
+        answer = answer[: -len(_MINERVA_END)]
+    return _strip_emphasis(answer)
 
 
 def _after_think(text: str) -> str:
@@ -133,15 +170,16 @@ def _after_think(text: str) -> str:
 
 
 def extract_final_answer(text: str) -> str | None:
-    """The final answer a math completion commits to: the last \\boxed{}, else "#### N", else
-    "Answer: X"; looked for after the last </think> first, then in the whole text. Never raises."""
+    """The final answer a math completion commits to: of the last non-empty \\boxed{}, the last
+    "#### N" and the last "Answer: X" line, the one written last (a "Final Answer: 18" after a
+    rechecked "\\boxed{20}" is 18; "Answer: \\boxed{18}" is the box); looked for after the last
+    </think> first, then in the whole text. Never raises."""
     if not isinstance(text, str):
         return None
     for scope in (_after_think(text), text):
-        for extractor in (last_boxed, hash_answer, answer_line):
-            answer = extractor(scope)
-            if answer is not None:
-                return answer
+        found = [at for at in (last_boxed_at(scope), hash_answer_at(scope), answer_line_at(scope)) if at is not None]
+        if found:
+            return max(found, key=lambda at: at[0])[1]
     return None
 
 
@@ -179,7 +217,7 @@ def extract_choice(text: str, letters: str = CHOICE_LETTERS) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Equivalence: fast path
 
-_GROUPED_INT_RE = re.compile(r"^-?\d{1,3}(?:[, ]\d{3})+(?:\.\d+)?$")  # "1,000", "1\,000" (-> "1 000")
+_GROUPED_INT_RE = re.compile(r"^[-+]?\d{1,3}(?:[, ]\d{3})+(?:\.\d+)?$")  # "1,000", "1\,000" (-> "1 000")
 _DECIMAL_RE = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)$")
 _FRACTION_RE = re.compile(r"^[-+]?\d+\s*/\s*\d+$")
 _LATEX_FRACTION_RE = re.compile(r"^([-+]?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
@@ -190,6 +228,14 @@ _SPACING_RE = re.compile(r"\\\\|\\(?:left|right)(?![A-Za-z])|\\![ \t]*|\\[,;: ]"
 _PERCENT_RE = re.compile(r"\s*(?:\\?%|percent)$")
 _UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]+)+$")  # " apples", " square feet"
 _BARE_UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]{2,})+$")  # "18 eggs" (not "2 x": a letter may be a variable)
+# Words after a number that change its value or make it a bound, so never a unit to drop:
+# "18 or more", "2 thousand", "18 dozen", "2 pi" go to math_verify instead.
+_WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")  # a word, not a LaTeX command's name
+NOT_UNIT_WORDS = frozenset((
+    "or and than more less fewer least most at about around approximately nearly almost over under not no "
+    "to plus minus times divided squared cubed half halves third thirds quarter quarters pi "
+    "hundred hundreds thousand thousands million millions billion billions trillion trillions dozen dozens score"
+).split())
 
 
 def normalize_text(answer: str) -> str:
@@ -224,10 +270,11 @@ def parse_number(answer: str) -> Fraction | None:
     text = text.replace("\\$", "").replace("$", "").replace("{,}", ",").strip()
     wrapped = _TEXT_WRAPPER_RE.match(text)
     if wrapped:  # "\text{18 apples}": words in \text{} after a number are its unit
-        text = _UNIT_WORDS_RE.sub("", wrapped.group(1)).strip()
+        text = _without_unit(wrapped.group(1), _UNIT_WORDS_RE)
     else:  # "18 eggs", "#### 1,234 dollars": math_verify read the words as a product of letters
-        text = _BARE_UNIT_WORDS_RE.sub("", text).strip()
-    text = _PERCENT_RE.sub("", text).removesuffix("°").strip()  # "90°" is 90 (math_verify: no match)
+        text = _without_unit(text, _BARE_UNIT_WORDS_RE)
+    # "90°", "90^\circ" are 90 (math_verify: "90°" no match; "x = 58,500": a comma list)
+    text = _ASSIGNMENT_RE.sub("", _DEGREES_RE.sub("", _PERCENT_RE.sub("", text)).strip())
     if len(text) > _MAX_NUMBER_CHARS:
         return None
     if _GROUPED_INT_RE.match(text):
@@ -245,6 +292,16 @@ def parse_number(answer: str) -> Fraction | None:
     except (ValueError, ZeroDivisionError):
         return None
     return None
+
+
+def _without_unit(text: str, unit_words: re.Pattern[str]) -> str:
+    """text without the words after its number, unless one of them is in NOT_UNIT_WORDS."""
+    unit = unit_words.search(text)
+    if unit is None:
+        return text.strip()
+    if NOT_UNIT_WORDS.intersection(word.lower() for word in unit.group().split()):
+        return text.strip()
+    return text[: unit.start()].strip()
 
 
 def canonical_answer(answer: str) -> str:
@@ -315,10 +372,24 @@ def fast_match(predicted: str, reference: str) -> bool | None:
     two plain numbers), else None."""
     if normalize_text(predicted) == normalize_text(reference):
         return True
+    if not _value_words(predicted) <= _value_words(reference):  # "18 \text{ or more}" is not 18
+        return False
     predicted_number, reference_number = parse_number(predicted), parse_number(reference)
     if predicted_number is not None and reference_number is not None:
-        return predicted_number == reference_number
+        return predicted_number == reference_number and _same_variable(predicted, reference)
     return None
+
+
+def _value_words(answer: str) -> set[str]:
+    """The NOT_UNIT_WORDS written as words in answer (not LaTeX commands: "\\pi" is no word)."""
+    return NOT_UNIT_WORDS.intersection(word.lower() for word in _WORD_RE.findall(answer))
+
+
+def _same_variable(predicted: str, reference: str) -> bool:
+    """False only when both answers assign their value to a variable, and not the same one
+    ("y = 5" is not "x = 5"; "x = 5" is "5")."""
+    names = [_ASSIGNMENT_RE.match(normalize_text(answer).strip("$ ")) for answer in (predicted, reference)]
+    return None in names or names[0].group().split("=")[0].strip() == names[1].group().split("=")[0].strip()  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------------------------------------
