@@ -85,7 +85,7 @@ from policies.gc_freeze import freeze_long_lived  # noqa: E402
 from policies.joint_step import JointForward, JointLossConfig, frozen_logprobs, joint_step  # noqa: E402
 from policies.reflective_model import ReflectiveModel  # noqa: E402
 from policies.rollout_batch import (  # noqa: E402
-    Rollout, RolloutBatch, RolloutSource, TransformersRolloutSource, collate_rollouts,
+    Rollout, RolloutBatch, RolloutSource, TransformersRolloutSource, collate_rollouts, outcome_reward,
 )
 from policies.sampling_config import SamplingConfig  # noqa: E402
 from policies.train_state import (  # noqa: E402
@@ -106,6 +106,7 @@ FOREIGN_RUN_FILES: tuple[str, ...] = ("records.jsonl", "final", "sft_summary.jso
 ADDED_SETTINGS: dict[str, Any] = {
     "train_loss.ref_bf16": False,  # 2026-12-01: the KL reference ran in float32 before
     "train_loss.shared_prompt": False,  # 2026-12-03 presets: every rollout forwarded its prompt before
+    "train_loss.truncated_wrong_reward": 0.0,  # 2026-12-05: a cut wrong rollout was an ordinary wrong one
 }
 # keys that do not change what a run computes: a resume may change them
 RESUMABLE_KEYS: tuple[str, ...] = (
@@ -591,7 +592,9 @@ def collect(t: Trainer, step: int) -> tuple[list[Problem], list[Rollout], list[f
     seed = derived_seed(t.s.run.seed, "rollout", step, t.rank)
     groups = t.source.rollouts(problems, t.s.run.rollouts_per_prompt, seed)
     rollouts = [r for group in groups for r in group]
-    rewards = [float(t.task.grade(p, r.text)) for p, group in zip(problems, groups) for r in group]
+    cut = t.s.loss.truncated_wrong_reward
+    rewards = [outcome_reward(bool(t.task.grade(p, r.text)), r, t.task.extract_answer(r.text) is not None, cut)
+               for p, group in zip(problems, groups) for r in group]
     return problems, rollouts, rewards
 
 

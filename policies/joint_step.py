@@ -16,7 +16,8 @@ What one step computes (B rollouts, L tokens, T = L-1 target positions, N scored
     ref_logprobs        = the frozen initial policy's, no grad (only when kl_coef > 0)
     advantages          = group_advantages(rewards [P, G])                # [B]
     grpo                = policies.grpo.grpo_loss(...)                    # pg - 0.001 H + 0.001 KL
-    spr                 = scorers.spr_loss.spr_loss(head_logits, reward[step_rows] > 0.5, mode)
+    spr                 = scorers.spr_loss.spr_loss(head_logits, reward[step_rows] > 0.5, mode),
+                          over the steps of rollouts whose reward is not truncated_wrong_reward
     loss                = grpo_coef * grpo.total + spr_coef * spr.loss
 The head reads the backbone's features through `scale_backbone_grad` (value unchanged, gradient
 into the backbone x 1e-4, as the reference), so the backbone's SPR gradient is 1e-4 of what the
@@ -36,7 +37,7 @@ from torch import nn
 from policies.bf16_support import native_bf16
 from policies.grpo import GRPOLoss, GRPOLossConfig, group_advantages, grpo_loss, token_entropy
 from policies.reflective_model import ReflectiveModel
-from policies.rollout_batch import RolloutBatch
+from policies.rollout_batch import TRUNCATED_WRONG_REWARD, RolloutBatch
 from policies.shared_prompt import shared_prompt_forward, shared_prompt_lengths
 from scorers.spr_loss import BACKBONE_GRAD_SCALE, SPR_MODES, SPRLoss, scale_backbone_grad, spr_loss
 
@@ -61,6 +62,11 @@ class JointLossConfig:
     shared_prompt: the policy's forward runs each group's prompt once, not once per rollout
         (`policies.shared_prompt`; the same loss and gradients up to float rounding); the
         reference forward always does.
+    truncated_wrong_reward: the reward of a rollout cut at the token limit after writing a wrong
+        final answer (`policies.rollout_batch.outcome_reward`; the reference's 0.1): a small
+        GRPO reward, and its steps are left out of the SPR loss (the reference's
+        `valid_mask = reward != 0.1`: a trace that never ended is no outcome label for its
+        steps). 0: such a rollout is an ordinary wrong one (reward 0, its steps SPR negatives).
     """
 
     temperature: float = 1.0
@@ -74,6 +80,7 @@ class JointLossConfig:
     bf16: bool = False
     ref_bf16: bool | None = False
     shared_prompt: bool = True
+    truncated_wrong_reward: float = TRUNCATED_WRONG_REWARD
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -85,6 +92,11 @@ class JointLossConfig:
         for name in ("grpo_coef", "spr_coef"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"JointLossConfig.{name}={getattr(self, name)!r} must be >= 0")
+        if not 0 <= self.truncated_wrong_reward < 0.5:
+            raise ValueError(
+                f"JointLossConfig.truncated_wrong_reward={self.truncated_wrong_reward!r} must be >= 0 and < 0.5 "
+                "(0.1 in the reference; 0 counts a cut wrong rollout as an ordinary wrong one)"
+            )
         if not 0 <= self.backbone_grad_scale <= 1:
             raise ValueError(f"JointLossConfig.backbone_grad_scale={self.backbone_grad_scale!r} must be in [0, 1]")
         GRPOLossConfig(self.clip_ratio, self.entropy_coef, self.kl_coef)  # validates those three
@@ -181,9 +193,19 @@ def joint_step(model: nn.Module, batch: RolloutBatch, ref_lm: Any | None, cfg: J
     ref = frozen_logprobs(ref_lm, batch, cfg, cfg.bf16 or reference_bf16(cfg, batch.input_ids.device)) if cfg.kl_coef > 0 else None  # [B, T] or None
     advantages = group_advantages(batch.rewards.view(-1, batch.group_size)).view(-1)  # [B]
     grpo = grpo_loss(logprobs, old, ref, advantages, entropy, batch.completion_mask, cfg.grpo)
-    spr = spr_loss(head_logits, batch.rewards[batch.step_rows] > 0.5, cfg.spr_mode)
+    step_rewards = batch.rewards[batch.step_rows]  # [N]
+    labelled = _labelled_steps(step_rewards, cfg.truncated_wrong_reward)  # [N] bool
+    spr = spr_loss(head_logits[labelled], step_rewards[labelled] > 0.5, cfg.spr_mode)
     loss = cfg.grpo_coef * grpo.total + cfg.spr_coef * spr.loss
     return JointStepOutput(loss, grpo, spr, head_logits.detach(), _metrics(loss, grpo, spr, batch))
+
+
+def _labelled_steps(step_rewards: torch.Tensor, truncated_wrong_reward: float) -> torch.Tensor:
+    """[N] bool: the steps the SPR loss trains on, all but those of a cut wrong rollout (the
+    reference's reward != 0.1; none left out when truncated_wrong_reward is 0)."""
+    if truncated_wrong_reward == 0:
+        return torch.ones_like(step_rewards, dtype=torch.bool)
+    return step_rewards != torch.tensor(truncated_wrong_reward, dtype=step_rewards.dtype)
 
 
 def _metrics(loss: torch.Tensor, grpo: GRPOLoss, spr: SPRLoss, batch: RolloutBatch) -> dict[str, float]:

@@ -9,7 +9,8 @@ Usage:
     source = TransformersRolloutSource(TransformersPolicy.from_reflective(model, tok, sampling, prompt_text))
     groups = source.rollouts(problems, n=8, seed=0)                    # [P][G] Rollout
     flat = [r for group in groups for r in group]
-    rewards = [float(grade(p, r.text)) for p, group in zip(problems, groups) for r in group]
+    rewards = [outcome_reward(grade(p, r.text), r, extract_answer(r.text) is not None)
+               for p, group in zip(problems, groups) for r in group]
     markers = StepMarkers.from_tokenizer(tok, len(tok))
     batch = collate_rollouts(flat, rewards, group_size=8, markers=markers, pad_id=tok.pad_token_id)
     batch.input_ids  # [B, L]; batch.completion_mask [B, L-1]; batch.step_rows/step_cols [N]
@@ -31,6 +32,21 @@ import torch
 from scorers.sprm_positions import StepMarkers, score_positions
 from treesearch.aggregation import geometric_mean
 from treesearch.records import Prefix, Problem
+
+
+# The reference's reward of a rollout that wrote a wrong final answer and was cut at the token
+# limit (MetaStone-S1's math_v2.compute_score: 0.1 with no EOS, 0 with one)
+TRUNCATED_WRONG_REWARD = 0.1
+
+
+def outcome_reward(correct: bool, rollout: "Rollout", answered: bool,
+                   truncated_wrong_reward: float = TRUNCATED_WRONG_REWARD) -> float:
+    """A rollout's outcome reward: 1 correct; truncated_wrong_reward when it wrote a final answer
+    (answered: the task's extract_answer found one), a wrong one, and was cut at the token limit
+    (finish "length"); else 0 (`policies.joint_step.JointLossConfig.truncated_wrong_reward`)."""
+    if correct:
+        return 1.0
+    return truncated_wrong_reward if answered and rollout.finish == "length" else 0.0
 
 
 @dataclass(frozen=True)
@@ -121,7 +137,8 @@ class RolloutBatch:
     old_logprobs: [B, L-1] float32, the rollout's log-probs at completion targets (0 elsewhere),
         or None: the trainer takes them from its own forward (`policies.joint_step`).
     step_rows, step_cols: [N] long, where the head reads (row, position into input_ids).
-    rewards: [B] float32, the outcome reward of each rollout (1 correct, 0 not).
+    rewards: [B] float32, the outcome reward of each rollout (`outcome_reward`: 1 correct, 0 not,
+        the small truncated-wrong reward for a wrong answer cut at the token limit).
     group_size: G, rollouts per prompt.
     """
 

@@ -21,9 +21,10 @@ Modes:
 
 Deviations from the reference, named: it counts P and N over all data-parallel ranks
 (all_reduce of each rank's count + 1, so with W ranks the "+1" becomes "+W"); here one process
-counts. It also drops rollouts whose reward is exactly 0.1 (its format-error reward) from the
-loss; here the caller passes only the steps to train. A logit exactly 0 agrees with nothing and is
-dropped, as there.
+counts. Like the reference, the joint step leaves out the steps of rollouts whose reward is 0.1
+(a wrong final answer cut at the token limit, `policies.joint_step.JointLossConfig.
+truncated_wrong_reward`): this function trains every step it is given. A logit exactly 0 agrees
+with nothing and is dropped, as there.
 
 DESIGN.md section 4 measured how this loss behaves on the tiny arith model (it saturates on the
 steps that agreed at initialisation); `kept_fraction` and `agreement` are logged for that reason.

@@ -15,13 +15,14 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from experiments.aha_metrics import path_scores
 from experiments.tasks import arith
 from policies.grpo import GRPOLossConfig, group_advantages, grpo_loss, token_entropy
 from policies.joint_step import JointForward, JointLossConfig, frozen_logprobs, joint_step
 from policies.reflective_model import ReflectiveModel
-from policies.rollout_batch import Rollout, TransformersRolloutSource, collate_rollouts
+from policies.rollout_batch import Rollout, TransformersRolloutSource, collate_rollouts, outcome_reward
 from policies.sampling_config import SamplingConfig
 from policies.tiny_model import TinyModelConfig, build_model
 from policies.tiny_tokenizer import build_tokenizer
@@ -133,6 +134,41 @@ def test_loss_pieces_equal_the_grpo_and_spr_modules():
     assert got.spr.loss.item() == pytest.approx(spr.loss.item(), rel=1e-5)
     assert got.loss.item() == pytest.approx(want.total.item() + spr.loss.item(), rel=1e-5)
     assert got.metrics["spr/kept_fraction"] == spr.kept_fraction and got.metrics["spr/steps"] == 4
+
+
+def test_a_cut_wrong_rollouts_steps_are_left_out_of_the_spr_loss():
+    """The reference drops rollouts whose reward is 0.1 (a wrong final answer cut at the token
+    limit) from the SPR loss: r1's step is unlabelled when its reward is 0.1, and with
+    truncated_wrong_reward=0 the same reward 0 keeps it as a negative."""
+    model = reflective_model(0).eval()
+    rewards = (1.0, 0.1, 0.0, 1.0)
+    batch = collate_rollouts([rollout(c) for c in COMPLETIONS], rewards, 2, MARKERS, PAD)
+    got = joint_step(JointForward(model), batch, None, JointLossConfig(kl_coef=0.0))
+    out = model(batch.input_ids, batch.attention_mask)
+    head_logits = sprm_logits(model.head, out.features[batch.step_rows, batch.step_cols])  # steps of r0, r0, r1, r3
+    want = spr_loss(head_logits[[0, 1, 3]], torch.tensor([True, True, True]), "reference")
+    assert got.spr.loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
+    assert got.spr.weights.numel() == 3 and got.metrics["spr/steps"] == 4
+    plain = joint_step(JointForward(model), hand_batch(), None, JointLossConfig(kl_coef=0.0, truncated_wrong_reward=0.0))
+    every = spr_loss(head_logits, torch.tensor([True, True, False, True]), "reference")
+    assert plain.spr.loss.item() == pytest.approx(every.loss.item(), rel=1e-5) and plain.spr.weights.numel() == 4
+    bce = {cut: joint_step(JointForward(model), hand_batch() if cut == 0 else batch, None,
+                           JointLossConfig(kl_coef=0.0, spr_mode="bce", truncated_wrong_reward=cut)).spr for cut in (0.0, 0.1)}
+    assert bce[0.1].loss.item() == pytest.approx(F.binary_cross_entropy_with_logits(head_logits[[0, 1, 3]], torch.ones(3)).item(), rel=1e-4)
+    assert bce[0.0].loss.item() == pytest.approx(F.binary_cross_entropy_with_logits(head_logits, torch.tensor([1.0, 1, 0, 1])).item(), rel=1e-4)
+
+
+def test_outcome_reward_is_the_references():
+    """1 correct; 0.1 for a wrong answer cut at the token limit; 0 for a wrong one that ended, or a
+    cut one with no answer (math_v2.compute_score of MetaStone-S1)."""
+    cut, ended = rollout([10, 11, 12]), rollout([10, EOS])
+    assert (cut.finish, ended.finish) == ("length", "eos")
+    assert outcome_reward(True, cut, True) == outcome_reward(True, ended, True) == 1.0
+    assert outcome_reward(False, cut, True) == 0.1
+    assert outcome_reward(False, ended, True) == outcome_reward(False, cut, False) == 0.0
+    assert outcome_reward(False, cut, True, truncated_wrong_reward=0.0) == 0.0
+    with pytest.raises(ValueError, match="truncated_wrong_reward=0.5 must be >= 0 and < 0.5"):
+        JointLossConfig(truncated_wrong_reward=0.5)
 
 
 def test_on_policy_policy_loss_in_closed_form():

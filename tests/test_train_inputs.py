@@ -108,17 +108,20 @@ def test_a_resume_of_another_config_says_what_resumes_it_as_it_ran(init_dir, fin
 
 
 def test_a_run_saved_before_ref_bf16_and_shared_prompt_existed_resumes_as_it_ran(init_dir, finished, tmp_path):
-    # a config.yaml without the two settings added in December was refused ("<absent> -> None"),
-    # with nothing to add that resumes it: such a run ran with an fp32 reference, every prompt per rollout
+    # a config.yaml without the settings added in December was refused ("<absent> -> None"), with
+    # nothing to add that resumes it: such a run ran with an fp32 reference, every prompt per
+    # rollout, and a cut wrong rollout as an ordinary wrong one
     out = copy_run(finished, tmp_path)
     config = OmegaConf.load(out / "config.yaml")
-    for key in ("ref_bf16", "shared_prompt"):
+    for key in ("ref_bf16", "shared_prompt", "truncated_wrong_reward"):
         del config.train_loss[key]
     (out / "config.yaml").write_text(OmegaConf.to_yaml(config))
-    with pytest.raises(ValueError, match=r"train_loss.ref_bf16: False -> None; train_loss.shared_prompt: False -> True"):
+    with pytest.raises(ValueError, match=r"train_loss.ref_bf16: False -> None; train_loss.shared_prompt: False -> True; "
+                                         r"train_loss.truncated_wrong_reward: 0.0 -> 0.1"):
         run_training(composed(tiny(init_dir, out)))
     rows = (out / "metrics.jsonl").read_text()
-    run_training(composed(tiny(init_dir, out, "train_loss.ref_bf16=false", "train_loss.shared_prompt=false")))
+    run_training(composed(tiny(init_dir, out, "train_loss.ref_bf16=false", "train_loss.shared_prompt=false",
+                               "train_loss.truncated_wrong_reward=0.0")))
     assert (out / "metrics.jsonl").read_text() == rows  # resumed: nothing left to run
 
 
