@@ -577,6 +577,20 @@ def write_metrics(out: Path, problems: Sequence[Problem]) -> dict[str, Any]:
     return metrics
 
 
+CONFIDENCE_SCORER = "scorers.confidence.ConfidenceScorer"
+
+
+def unread_head_note(cfg: DictConfig) -> str | None:
+    """A note when the policy attaches its SPRM head's step scores and the default confidence
+    scorer ranks instead (experiment=reasoning_* with policy=tiny_sprm ranked by log-probs, not
+    by the head as the reference's modes do), else None."""
+    head = OmegaConf.select(cfg, "policy.with_step_head", default=False) is True
+    if not head or OmegaConf.select(cfg, "scorer._target_", default=None) != CONFIDENCE_SCORER:
+        return None
+    return ("note: the policy attaches its SPRM head's step scores (policy.with_step_head=true), but scorer=confidence "
+            "ranks by token log-probs; add scorer=sprm to rank by the head, as the reference's reasoning modes do")
+
+
 def run_search_experiment(cfg: DictConfig) -> Path:
     """Run (or resume) the search the config describes; return the run folder."""
     check_run_scalars(cfg)  # validates before anything is loaded or written
@@ -591,9 +605,10 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     name, spec = strategy_of(strategy_cfg)
     task, problems = load_task(cfg.task)
     check_has_problems(cfg.task, problems)
-    note = trained_task_note(OmegaConf.select(cfg, "policy.path", default=None), str(cfg.task.module))
-    if note:
-        print(note, file=sys.stderr)
+    for note in (trained_task_note(OmegaConf.select(cfg, "policy.path", default=None), str(cfg.task.module)),
+                 unread_head_note(cfg)):
+        if note:
+            print(note, file=sys.stderr)
     parts = chunks(problems, cfg.chunk)
     for node in ("policy", "scorer"):  # a run folder given for its final/: named before the run folder is written
         check_not_a_run_folder(OmegaConf.select(cfg, f"{node}.path", default=None), f"{node}.path")

@@ -613,3 +613,17 @@ def test_every_shipped_config_keeps_to_the_keys_its_command_reads(command, optio
             cfg = compose(command, overrides=overrides)
         assert set(cfg.keys()) <= set(known[""]) and set(cfg.task.keys()) <= set(known["task"]), overrides
 
+
+
+@pytest.mark.parametrize("overrides, noted", [
+    (["policy=tiny_sprm", "experiment=reasoning_medium"], True),  # ranked by log-probs in silence before
+    (["policy=tiny_sprm", "experiment=reasoning_medium", "scorer=sprm"], False),
+    (["policy=tiny_sprm", "scorer=oracle"], False),
+    (["experiment=reasoning_high"], False),  # a policy without a head: confidence is the way
+])
+def test_a_head_left_unread_by_the_confidence_scorer_is_noted(overrides, noted):
+    from experiments.search import unread_head_note
+
+    note = unread_head_note(composed(overrides))
+    assert (note is not None) is noted
+    assert note is None or "add scorer=sprm" in note
