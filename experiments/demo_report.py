@@ -182,7 +182,7 @@ def write_report(
         parts += [
             f"## {t.task}: {len(t.conf)} test problems, {len(t.conf[0].candidates)} samples each",
             f"Greedy pass@1: {est['greedy'].fmt()}. Sampled pass@1: {est['pass@1'].fmt()}.",
-            "Accuracy (mean [95% bootstrap interval over problems]) on disjoint groups of N samples:",
+            "Accuracy (mean [95% interval over problems: Wilson, or a bootstrap for fractional values]) on disjoint groups of N samples:",
             markdown_table(t),
             "Compute per problem (all samples): "
             + ", ".join(f"{k} {v:.4g}" for k, v in t.compute.items()),

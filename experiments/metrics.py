@@ -3,15 +3,21 @@
 Generate once at the largest N and compute every smaller N from the same candidates, as the
 reference does: for each problem cut its candidates IN ORDER into K = count // N disjoint groups
 of N, apply the selector to each group, grade the pick, average over groups, then over problems.
-Confidence intervals bootstrap over problems.
+Confidence intervals over problems (`interval`): Wilson's score interval when every problem is
+right or wrong (one sample, one seed: a proportion), else a percentile bootstrap (a problem's
+mean over groups or seeds). The percentile bootstrap of 0/1 values is far too narrow for the
+few problems of a quick sweep: with 8 problems at true accuracy 0.125 its "95%" interval held
+the truth in 68% of simulated runs, and 0 of 8 right gave [0, 0]; Wilson's gives [0, 0.32].
 
     outcomes = [ProblemOutcome("p1", (CandidateOutcome("4", True, 0.9), ...)), ...]
     accuracy(outcomes, 8, "best_score")   # Estimate(mean=..., low=..., high=...)
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Callable, Sequence
 
 from treesearch.result import argmax_first
@@ -35,7 +41,7 @@ class ProblemOutcome:
 
 @dataclass(frozen=True)
 class Estimate:
-    """mean with a bootstrap confidence interval [low, high] over problems."""
+    """mean with a confidence interval [low, high] over problems (`interval`)."""
 
     mean: float
     low: float
@@ -93,6 +99,26 @@ def bootstrap(values: Sequence[float], iters: int = 1000, seed: int = 0, level: 
     return Estimate(sum(values) / k, low, high)
 
 
+def wilson(successes: int, count: int, level: float = 0.95) -> Estimate:
+    """successes / count with Wilson's score interval (never outside [0, 1], not empty at 0 or count)."""
+    if count < 1 or not 0 <= successes <= count:
+        raise ValueError(f"wilson needs 0 <= successes <= count and count >= 1, got {successes} of {count}")
+    z = NormalDist().inv_cdf(1 - (1 - level) / 2)
+    p = successes / count
+    shrink = 1 + z * z / count
+    center = (p + z * z / (2 * count)) / shrink
+    half = z * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count)) / shrink
+    return Estimate(p, max(0.0, center - half), min(1.0, center + half))
+
+
+def interval(values: Sequence[float], seed: int = 0, level: float = 0.95) -> Estimate:
+    """Mean of per-problem values with its interval: Wilson's when every value is 0 or 1, else a
+    percentile bootstrap (module docstring)."""
+    if values and all(v in (0, 1) for v in values):
+        return wilson(int(sum(values)), len(values), level)
+    return bootstrap(values, seed=seed, level=level)
+
+
 def accuracy(outcomes: Sequence[ProblemOutcome], n: int, selector: str, seed: int = 0) -> Estimate:
     """Accuracy over problems of `selector` on disjoint groups of n candidates."""
-    return bootstrap([problem_accuracy(o, n, selector) for o in outcomes], seed=seed)
+    return interval([problem_accuracy(o, n, selector) for o in outcomes], seed=seed)

@@ -1,19 +1,22 @@
 """Plot accuracy against log compute for a sweep: one line per strategy, fits and CI error bars.
 
 Reads only the sweep's saved records (`experiments.sweep_metrics`), fits accuracy = a + b log2 C
-per strategy (`experiments.scaling`) and draws each strategy's pooled points (95% bootstrap CI
+per strategy (`experiments.scaling`) and draws each strategy's pooled points (95% CI (`experiments.metrics.interval`)
 error bars, labelled with their budget N) and its fitted line; a strategy measured at one
 compute only (greedy) is a single marker. A sweep folder holding runs of several workloads
 (task / policy configs, `experiments.sweep_metrics`) gets one line per workload and strategy,
 labelled "strategy [workload]", a marker shape per workload, and a one-line note on stderr.
 A legend entry gives the fitted slope and, where the curve flattens within the sweep, the last N
-that gained more than --threshold accuracy per doubling ("flat after N=8"; `experiments.scaling`;
-"flat" or "falling" when no step gained that much). More than six series, or labels longer than 48
+that gained more than --threshold accuracy per doubling ("flat after N=8", "falling after N=8";
+"flat" or "falling" when no step gained that much: `experiments.scaling.verdict`, the words of
+the scaling table). `--compute flops` puts every forward's FLOPs on the x axis (the scorer's
+included) instead of C = policy parameters x tokens generated. More than six series, or labels longer than 48
 characters (several workloads), put the legend beside the axes, the figure widened (and made
 taller by the legend's lines) so the axes keep their size.
 
     python -m experiments.plot_scaling outputs/sweeps/budget_sweep              # -> SWEEP_DIR/scaling.png
     python -m experiments.plot_scaling outputs/sweeps/budget_sweep --out s.png --threshold 0.02
+    python -m experiments.plot_scaling outputs/sweeps/budget_sweep --compute flops
 
 `plot_scaling(sweep_dir, out_png)` is the function `python -m experiments.plot scaling` wires to.
 Bad input (a sweep folder without runs, an --out that is a folder, lies under a file or has a suffix
@@ -38,7 +41,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from experiments.plot_output import PlotOutputError, check_out_path, save_figure
-from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_strategy
+from experiments.scaling import (
+    COMPUTE_AXES, DEFAULT_AXIS, DEFAULT_THRESHOLD, SeriesScaling, add_compute_argument, scaling_by_strategy, verdict,
+    zero_compute_note,
+)
 from experiments.sweep_metrics import RunFolderError, RunSummary, sweep_notes, sweep_summaries
 
 WORKLOAD_MARKERS = ("o", "s", "^", "D", "v", "P")  # one shape per workload
@@ -59,9 +65,7 @@ def series_label(series: SeriesScaling) -> str:
     """The legend entry: name, fitted slope, and where the curve flattens (the threshold's
     verdict, `experiments.scaling.last_gaining`)."""
     label = series.name if series.fit is None else f"{series.name}: {round(series.fit.slope, 3) + 0.0:+.3f}/doubling"
-    if series.flattened:
-        label += f", flat after N={series.last_gaining_budget}" if series.last_gaining_budget else no_gain(series)
-    return label
+    return label + f", {verdict(series)}" if series.flattened else label
 
 
 def draw_series(ax: Axes, series: SeriesScaling, color: str, marker: str = "o", label: str | None = None) -> None:
@@ -80,13 +84,6 @@ def draw_series(ax: Axes, series: SeriesScaling, color: str, marker: str = "o", 
         ax.plot(grid, series.fit.predict(grid), "-", color=color, alpha=0.7)
 
 
-def no_gain(series: SeriesScaling) -> str:
-    """The legend's word for a series with no step above the threshold: "falling" when its largest
-    budget scored below its smallest, else "flat"."""
-    first, last = series.points[0].accuracy.mean, series.points[-1].accuracy.mean
-    return ", falling" if last < first else ", flat"
-
-
 def legend_layout(labels: Sequence[str]) -> tuple[list[str], int, tuple[float, float]]:
     """(labels wrapped to LABEL_WIDTH characters, legend columns beside the axes (0: inside them),
     figure size in inches). A few short labels sit inside the axes (7 x 4.5); many series or long
@@ -103,14 +100,18 @@ def legend_layout(labels: Sequence[str]) -> tuple[list[str], int, tuple[float, f
     return wrapped, columns, (7.0 + LEGEND_COLUMN_IN * columns, max(4.5, 1.2 + LEGEND_LINE_IN * per_column))
 
 
-def plot_scaling(sweep_dir: str | Path, out_png: str | Path, threshold: float = DEFAULT_THRESHOLD) -> Path:
-    """Draw the sweep's accuracy-vs-compute plot into out_png; return its path."""
-    return plot_runs(sweep_summaries(sweep_dir), Path(sweep_dir).resolve().name, out_png, threshold)
+def plot_scaling(sweep_dir: str | Path, out_png: str | Path, threshold: float = DEFAULT_THRESHOLD,
+                 compute: str = DEFAULT_AXIS) -> Path:
+    """Draw the sweep's accuracy-vs-compute plot into out_png; return its path. compute: the
+    x axis, a key of `experiments.scaling.COMPUTE_AXES` ("tokens" or "flops")."""
+    return plot_runs(sweep_summaries(sweep_dir), Path(sweep_dir).resolve().name, out_png, threshold, compute)
 
 
-def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, threshold: float = DEFAULT_THRESHOLD) -> Path:
+def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, threshold: float = DEFAULT_THRESHOLD,
+              compute: str = DEFAULT_AXIS) -> Path:
     """The plot of `plot_scaling` from the sweep's RunSummary rows; name goes in the title."""
-    series = scaling_by_strategy(runs, threshold)
+    axis = COMPUTE_AXES[compute]
+    series = scaling_by_strategy(runs, threshold, axis)
     out_png = Path(out_png)
     fmt = check_out_path(out_png, "scaling.png")
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,7 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
         marker = WORKLOAD_MARKERS[workloads.index(s.workload) % len(WORKLOAD_MARKERS)]
         draw_series(ax, s, colors[i % len(colors)], marker, labels[i])
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("compute C = policy parameters x tokens generated per problem (log2 scale)")
+    ax.set_xlabel(f"{axis.label} (log2 scale)")
     ax.set_ylabel("accuracy (chosen answer, 95% CI)")
     ax.set_title(textwrap.fill(f"Test-time search scaling: {name}", 2 * LABEL_WIDTH))
     ax.grid(True, alpha=0.3)
@@ -139,9 +140,11 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
 def run_scaling(args: argparse.Namespace) -> int:
     try:
         runs = sweep_summaries(args.sweep_dir)
-        for note in sweep_notes(runs, args.sweep_dir):
-            print(note, file=sys.stderr)
-        out = plot_runs(runs, args.sweep_dir.resolve().name, args.out or args.sweep_dir / "scaling.png", args.threshold)
+        for note in [*sweep_notes(runs, args.sweep_dir), zero_compute_note(runs, COMPUTE_AXES[args.compute])]:
+            if note:
+                print(note, file=sys.stderr)
+        out = plot_runs(runs, args.sweep_dir.resolve().name, args.out or args.sweep_dir / "scaling.png", args.threshold,
+                        args.compute)
     except (RunFolderError, PlotOutputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -155,6 +158,7 @@ def add_scaling_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                     help="accuracy gained per doubling of compute below which a series is called flat after its "
                          "last gaining N, shown in its legend entry (default %(default)s)")
+    add_compute_argument(ap)
     ap.set_defaults(run=run_scaling)
 
 

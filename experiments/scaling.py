@@ -1,21 +1,32 @@
 """The scaling law of test-time search: accuracy against log compute, one fit per strategy.
 
-Compute C = policy parameters x draft tokens generated per problem (`experiments.sweep_metrics`).
+Compute (`--compute`): "tokens", C = policy parameters x draft tokens generated per problem
+(`experiments.sweep_metrics`), the policy's sampling alone; or "flops", the estimated FLOPs per
+problem of every forward, the policy's (prompts and re-fed prefixes, after prefix reuse) and the
+scorer's (`treesearch.compute`): a search that scores with a PRM or a second SPRM forward
+spends far more than its C says (a beam search over an SPRM forward: 3.1x Best-of-N's FLOPs at
+the same C), so compare strategies with scorers of different cost on "flops".
 Series: one per strategy (and scorer, when the sweep has several); a sweep folder holding runs of
 several workloads (task / policy configs, `experiments.sweep_metrics`) gets one series per
 workload and strategy, named "strategy [workload]", and a one-line note on stderr: runs of
 different problem sets are never pooled. Points: the runs of one series at one budget N are
-pooled over their seeds (per problem: the mean correctness over seeds; then a bootstrap over
-problems), at their mean C. Fit: least squares of accuracy = a + b log2 C over the points
+pooled over their seeds (per problem: the mean correctness over seeds; then an interval over
+problems, `experiments.metrics.interval`), at their mean compute; a point also says how many
+problems it holds (fewer than its neighbours': a run still being written, see the stderr note). Fit: least squares of accuracy = a + b log2 C over the points
 (numpy), so the slope b is the accuracy gained per doubling of compute; its r2 is undefined
 (None; null in scaling.json, "n/a" in the table) when accuracy is the same at every point.
 Where it flattens: the marginal gain per doubling
 between consecutive budgets, (acc_{i+1} - acc_i) / log2(C_{i+1} / C_i); `last_gaining_budget`
 is the last budget reached by a step whose gain exceeds the threshold (default 0.01, one point
-of accuracy per doubling), and `flattened` says whether any budget beyond it was measured.
+of accuracy per doubling), and `flattened` says whether any budget beyond it was measured;
+`verdict` words it, for the table and the plot's legend alike: "rising to N=32", "flat after
+N=8", "falling after N=8" (the last budget scored below N=8), "flat" / "falling" (no step
+gained that much). A run whose compute is 0 (records without policy_parameters, a policy that
+reports none) cannot sit on a log axis: its series gets no fit and a note names the run.
 
     python -m experiments.scaling outputs/sweeps/budget_sweep              # table + scaling.json
     python -m experiments.scaling outputs/sweeps/budget_sweep --threshold 0.02
+    python -m experiments.scaling outputs/sweeps/budget_sweep --compute flops  # scorer forwards counted
 
 Tests: `.venv/bin/pytest tests/test_scaling.py`.
 """
@@ -28,11 +39,11 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from experiments.metrics import Estimate, bootstrap
+from experiments.metrics import Estimate, interval
 from experiments.sweep_metrics import RunFolderError, RunSummary, estimate_dict, sweep_notes, sweep_summaries
 
 DEFAULT_THRESHOLD = 0.01
@@ -41,13 +52,32 @@ FLAT_TOLERANCE = 1e-12  # accuracies this close (relative) are one value: a flat
 
 @dataclass(frozen=True)
 class ScalingPoint:
-    """One budget of one series: budget N, mean compute C of its runs, pooled accuracy + CI,
-    number of runs (seeds) pooled."""
+    """One budget of one series: budget N, mean compute of its runs (on the sweep's axis),
+    pooled accuracy + CI, number of runs (seeds) pooled, number of problems they measured."""
 
     budget: int
     compute: float
     accuracy: Estimate
     runs: int
+    problems: int = 0
+
+
+@dataclass(frozen=True)
+class ComputeAxis:
+    """What a sweep's runs are compared on: its name (--compute), the plot's axis label, and the
+    per-problem value of a run."""
+
+    name: str
+    label: str
+    of: Callable[[RunSummary], float]
+
+
+COMPUTE_AXES: dict[str, ComputeAxis] = {
+    "tokens": ComputeAxis("tokens", "compute C = policy parameters x tokens generated per problem",
+                          lambda run: run.compute_C),
+    "flops": ComputeAxis("flops", "FLOPs per problem (policy and scorer forwards)", lambda run: run.flops_per_problem),
+}
+DEFAULT_AXIS = "tokens"
 
 
 @dataclass(frozen=True)
@@ -86,13 +116,14 @@ class SeriesScaling:
         return {
             "name": self.name,
             "workload": self.workload,
-            "points": [{"budget": p.budget, "compute": p.compute, "runs": p.runs,
+            "points": [{"budget": p.budget, "compute": p.compute, "runs": p.runs, "problems": p.problems,
                         "accuracy": estimate_dict(p.accuracy)} for p in self.points],
             "fit": None if self.fit is None else {"intercept": self.fit.intercept, "slope_per_doubling": self.fit.slope,
                                                   "r2": self.fit.r2},
             "gains_per_doubling": list(self.gains),
             "last_gaining_budget": self.last_gaining_budget,
             "flattened": self.flattened,
+            "verdict": verdict(self),
         }
 
 
@@ -135,9 +166,24 @@ def last_gaining(points: Sequence[ScalingPoint], gains: Sequence[float], thresho
     return points[index].budget, index < len(points) - 1
 
 
-def pooled_points(runs: Sequence[RunSummary]) -> list[ScalingPoint]:
-    """One point per budget: per-problem correctness averaged over seeds, bootstrapped over
-    problems; compute = mean C of the runs. Sorted by compute."""
+def verdict(series: "SeriesScaling") -> str:
+    """Where the series stands against the threshold (module docstring): "rising to N=32",
+    "flat after N=8", "falling after N=8", "flat", "falling"; "-" for a single point."""
+    points = series.points
+    if len(points) < 2:
+        return "-"
+    if series.last_gaining_budget is None:
+        return "falling" if points[-1].accuracy.mean < points[0].accuracy.mean else "flat"
+    if not series.flattened:
+        return f"rising to N={series.last_gaining_budget}"
+    peak = next(p for p in points if p.budget == series.last_gaining_budget)
+    word = "falling" if points[-1].accuracy.mean < peak.accuracy.mean else "flat"
+    return f"{word} after N={series.last_gaining_budget}"
+
+
+def pooled_points(runs: Sequence[RunSummary], axis: ComputeAxis = COMPUTE_AXES[DEFAULT_AXIS]) -> list[ScalingPoint]:
+    """One point per budget: per-problem correctness averaged over seeds, an interval over
+    problems; compute = the runs' mean on the axis. Sorted by compute."""
     by_budget: dict[int, list[RunSummary]] = defaultdict(list)
     for run in runs:
         by_budget[run.budget].append(run)
@@ -148,8 +194,8 @@ def pooled_points(runs: Sequence[RunSummary]) -> list[ScalingPoint]:
             for problem_id, correct in run.per_problem:
                 per_problem[problem_id].append(correct)
         values = [sum(v) / len(v) for v in per_problem.values()]
-        compute = sum(r.compute_C for r in group) / len(group)
-        points.append(ScalingPoint(budget, compute, bootstrap(values), len(group)))
+        compute = sum(axis.of(r) for r in group) / len(group)
+        points.append(ScalingPoint(budget, compute, interval(values), len(group), len(values)))
     return sorted(points, key=lambda p: (p.compute, p.budget))
 
 
@@ -159,9 +205,10 @@ def series_name(run: RunSummary, several_scorers: bool, several_workloads: bool 
     return f"{name} [{run.workload}]" if several_workloads else name
 
 
-def series_scaling(name: str, runs: Sequence[RunSummary], threshold: float = DEFAULT_THRESHOLD) -> SeriesScaling:
+def series_scaling(name: str, runs: Sequence[RunSummary], threshold: float = DEFAULT_THRESHOLD,
+                   axis: ComputeAxis = COMPUTE_AXES[DEFAULT_AXIS]) -> SeriesScaling:
     """The series of runs (one workload, strategy and scorer): pooled points, fit, gains."""
-    points = pooled_points(runs)
+    points = pooled_points(runs, axis)
     computes = [p.compute for p in points if p.compute > 0]
     fit = None
     if len(set(computes)) >= 2 and len(computes) == len(points):
@@ -174,7 +221,8 @@ def series_scaling(name: str, runs: Sequence[RunSummary], threshold: float = DEF
     return SeriesScaling(name, "".join(workloads), tuple(points), fit, tuple(gains), budget, flattened)
 
 
-def scaling_by_strategy(runs: Sequence[RunSummary], threshold: float = DEFAULT_THRESHOLD) -> list[SeriesScaling]:
+def scaling_by_strategy(runs: Sequence[RunSummary], threshold: float = DEFAULT_THRESHOLD,
+                        axis: ComputeAxis = COMPUTE_AXES[DEFAULT_AXIS]) -> list[SeriesScaling]:
     """One SeriesScaling per strategy (per strategy and scorer when the sweep has several scorers;
     per workload too when its runs measured several, `experiments.sweep_metrics`)."""
     several_scorers = len({r.scorer for r in runs}) > 1
@@ -182,7 +230,25 @@ def scaling_by_strategy(runs: Sequence[RunSummary], threshold: float = DEFAULT_T
     groups: dict[str, list[RunSummary]] = defaultdict(list)
     for run in runs:
         groups[series_name(run, several_scorers, several_workloads)].append(run)
-    return [series_scaling(name, groups[name], threshold) for name in sorted(groups)]
+    return [series_scaling(name, groups[name], threshold, axis) for name in sorted(groups)]
+
+
+def zero_compute_note(runs: Sequence[RunSummary], axis: ComputeAxis) -> str | None:
+    """One line for stderr naming the runs whose compute is 0 on the axis (None when none): no
+    place on a log axis, so their series has no fit (records without policy_parameters, a
+    policy reporting 0 parameters, or a scorer-free FLOPs count of 0)."""
+    zero = [run.run for run in runs if not axis.of(run) > 0]
+    if not zero:
+        return None
+    return (f"note: {len(zero)} run{'s' if len(zero) > 1 else ''} with {axis.name} compute 0 cannot sit on the log axis "
+            f"(their series get no fit; records without policy_parameters?): {', '.join(zero)}")
+
+
+def add_compute_argument(ap: argparse.ArgumentParser) -> None:
+    """--compute: the axis runs are compared on (COMPUTE_AXES)."""
+    ap.add_argument("--compute", choices=sorted(COMPUTE_AXES), default=DEFAULT_AXIS,
+                    help="tokens: C = policy parameters x tokens generated (the policy's sampling); flops: every "
+                         "forward's FLOPs, the scorer's included (default %(default)s)")
 
 
 def r2_text(fit: LogFit | None) -> str:
@@ -195,12 +261,10 @@ def r2_text(fit: LogFit | None) -> str:
 def format_scaling(series: Sequence[SeriesScaling], threshold: float) -> str:
     width = max([32] + [len(s.name) for s in series])
     lines = [f"{'series':<{width}} {'points':>6} {'slope/doubling':>14} {'r2':>6} "
-             f"{'last budget gaining > ' + format(threshold, 'g'):>28}"]
+             f"{'gain > ' + format(threshold, 'g') + '/doubling':>28}"]
     for s in series:
         slope = "-" if s.fit is None else f"{round(s.fit.slope, 4) + 0.0:+.4f}"  # + 0.0: no "-0.0000"
-        where = "-" if s.last_gaining_budget is None else (
-            f"N={s.last_gaining_budget}" + (" (flattens after)" if s.flattened else " (still rising)"))
-        lines.append(f"{s.name:<{width}} {len(s.points):>6} {slope:>14} {r2_text(s.fit):>6} {where:>28}")
+        lines.append(f"{s.name:<{width}} {len(s.points):>6} {slope:>14} {r2_text(s.fit):>6} {verdict(s):>28}")
     return "\n".join(lines)
 
 
@@ -208,18 +272,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dir", type=Path)
     ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                    help="marginal accuracy gain per doubling of C below which the curve counts as flat")
+                    help="marginal accuracy gain per doubling of compute below which the curve counts as flat")
+    add_compute_argument(ap)
     args = ap.parse_args(argv)
+    axis = COMPUTE_AXES[args.compute]
     try:
         runs = sweep_summaries(args.sweep_dir)
-        series = scaling_by_strategy(runs, args.threshold)
+        series = scaling_by_strategy(runs, args.threshold, axis)
     except (RunFolderError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for note in sweep_notes(runs, args.sweep_dir):
-        print(note, file=sys.stderr)
+    for note in [*sweep_notes(runs, args.sweep_dir), zero_compute_note(runs, axis)]:
+        if note:
+            print(note, file=sys.stderr)
     out = args.sweep_dir / "scaling.json"
-    out.write_text(json.dumps({"threshold": args.threshold, "series": [s.to_dict() for s in series]}, indent=2))
+    out.write_text(json.dumps({"threshold": args.threshold, "compute": axis.name,
+                               "series": [s.to_dict() for s in series]}, indent=2))
     print(format_scaling(series, args.threshold))
     print(f"wrote {out}")
     return 0

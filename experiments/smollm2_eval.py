@@ -44,7 +44,7 @@ next to no positives).
 metrics.json: flat keys `gsm8k.<metric>` (strict) and `gsm8k_flexible.<metric>`, each a fraction:
 greedy, pass@1 (sampled), maj@N, wmaj@N, conf_bon@N, pass@N (N = 1, 2, 4, ..., n), beam@N,
 train_pass@1, and under the SPRM's grader sprm_bon@N, sprm_wmaj@N, sprm_within_auc,
-conf_within_auc, sprm_diff_prob; `<prefix>.ci95` ({metric: [low, high]}, 95% bootstrap over
+conf_within_auc, sprm_diff_prob; `<prefix>.ci95` ({metric: [low, high]}, 95% intervals over
 problems), gsm8k.tokens_per_s ({stage: generated tokens per wall second}) and gsm8k.problems.
 """
 from __future__ import annotations
@@ -521,7 +521,7 @@ def model_name(model_dir: str) -> str:
 
 def format_report(cfg: EvalConfig, metrics: dict[str, Any]) -> str:
     """report.md: one row per metric, strict and flexible grading side by side, with 95%
-    bootstrap intervals over problems."""
+    95% intervals over problems (experiments.metrics.interval)."""
     flexible = f"{TASK}_flexible"
     names: list[str] = []  # every metric of either grader, in order (the SPRM's rows are under its grader's only)
     for prefix in (flexible, TASK):
@@ -549,7 +549,7 @@ def format_report(cfg: EvalConfig, metrics: dict[str, Any]) -> str:
         "Grading: strict = the task's grader (last \\boxed{}, else '#### N', else 'Answer: N', through "
         "math-verify); flexible = the same when it finds a non-empty answer, else the last number of an answer "
         "that ended on EOS (lm-eval-harness' flexible-extract; an answer cut at the token limit gets none), "
-        "since SmolLM2 almost never writes \\boxed{}. Intervals: 95% bootstrap over problems.", "",
+        "since SmolLM2 almost never writes \\boxed{}. Intervals: 95% over problems (Wilson for right / wrong, else bootstrap).", "",
         "| metric | strict | flexible |", "|---|---|---|",
     ]
     lines += [f"| {name} | {cell(TASK, name)} | {cell(flexible, name)} |" for name in names]

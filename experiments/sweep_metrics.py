@@ -1,7 +1,7 @@
 """Post-hoc metrics from saved search records: one run, or every run of a sweep.
 
 Reads only what `python -m experiments.search` wrote (`records.jsonl`, `config.yaml`), never a
-model. For one run (`run_metrics`), all with 95% bootstrap intervals over problems:
+model. For one run (`run_metrics`), all with 95% intervals over problems (`experiments.metrics.interval`):
   accuracy            the strategy's chosen answer is correct (a problem with no candidate: wrong);
   accuracy_by_<key>   the same per difficulty (arith: meta "num_ops");
   all_candidates      maj / wmaj / pass over ALL of a problem's candidates (any strategy);
@@ -57,7 +57,7 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import OmegaConf
 
-from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, bootstrap, problem_accuracy
+from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, interval, problem_accuracy
 from experiments.record_log import load_rows
 from treesearch.config_diff import flatten
 
@@ -127,7 +127,7 @@ def chosen_correct(row: dict[str, Any]) -> float:
 def all_candidates_accuracy(outcomes: Sequence[ProblemOutcome], selector: str, seed: int = 0) -> Estimate:
     """The selector over each problem's whole candidate list (0 for a problem with none)."""
     values = [problem_accuracy(o, len(o.candidates), selector) if o.candidates else 0.0 for o in outcomes]
-    return bootstrap(values, seed=seed)
+    return interval(values, seed=seed)
 
 
 def budget_ladder(count: int) -> list[int]:
@@ -147,7 +147,7 @@ def best_of_n_curve(outcomes: Sequence[ProblemOutcome], seed: int = 0) -> dict[s
     for n in budget_ladder(count):
         for name, selector in CURVE_SELECTORS.items():
             values = [problem_accuracy(o, n, selector) for o in outcomes]
-            out[f"{name}@{n}"] = estimate_dict(bootstrap(values, seed=seed))
+            out[f"{name}@{n}"] = estimate_dict(interval(values, seed=seed))
     return out
 
 
@@ -158,7 +158,7 @@ def accuracy_by(rows: Sequence[dict[str, Any]], key: str, seed: int = 0) -> dict
         if key in row.get("meta", {}):
             groups[str(row["meta"][key])].append(chosen_correct(row))
     return {
-        value: {**estimate_dict(bootstrap(groups[value], seed=seed)), "problems": len(groups[value])}
+        value: {**estimate_dict(interval(groups[value], seed=seed)), "problems": len(groups[value])}
         for value in sorted(groups, key=lambda v: (len(v), v))
     }
 
@@ -202,7 +202,7 @@ def run_metrics(
         "problems": len(rows),
         "strategy": strategy,
         "budget": run_budget(strategy, rows[0]["config"], run_config or {}),
-        "accuracy": estimate_dict(bootstrap([chosen_correct(r) for r in rows], seed=seed)),
+        "accuracy": estimate_dict(interval([chosen_correct(r) for r in rows], seed=seed)),
         f"accuracy_by_{difficulty_key}": accuracy_by(rows, difficulty_key, seed),
         "all_candidates": {
             f"{name}@all": estimate_dict(all_candidates_accuracy(outcomes, selector, seed))
@@ -431,7 +431,7 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
         tokens_per_problem=compute["tokens_generated"],
         compute_C=compute["C"],
         flops_per_problem=compute["flops"],
-        accuracy=bootstrap(correct, seed=seed),
+        accuracy=interval(correct, seed=seed),
         per_problem=tuple((r["problem_id"], c) for r, c in zip(rows, correct)),
         workload_key=json.dumps(workload, sort_keys=True),
         scorer_key=json.dumps(run_scorer(config), sort_keys=True),

@@ -146,7 +146,7 @@ def bon_table(
     cache: RolloutCache, head_scores: torch.Tensor, sizes: Sequence[int] | None = None,
     head_min_scores: torch.Tensor | None = None,
 ) -> dict[str, Estimate]:
-    """Every BON_ROWS metric at each group size (bootstrap intervals over problems), plus pass@1;
+    """Every BON_ROWS metric at each group size (95% intervals over problems, `experiments.metrics.interval`), plus pass@1;
     `true_prm_bon` (Best-of-N by a perfect step verifier: the path score is 1 iff all the scored
     steps are right) only when the cache has true step labels; `sprm_min_bon` (the head's lowest
     step score as the path score) only with head_min_scores."""

@@ -69,9 +69,10 @@ def test_run_metrics_by_hand():
     assert (mean("bon@4"), mean("maj@4"), mean("wmaj@4"), mean("pass@4")) == (0.5, 0.5, 0.5, 1.0)
     assert m["accuracy"]["mean"] == 0.5 == mean("bon@4")  # the chosen answer is Best-of-4
     assert m["accuracy_by_num_ops"]["2"]["mean"] == 0.0 and m["accuracy_by_num_ops"]["3"]["mean"] == 1.0
-    assert m["all_candidates"] == {"maj@all": {"mean": 0.5, "low": 0.0, "high": 1.0},
-                                   "wmaj@all": {"mean": 0.5, "low": 0.0, "high": 1.0},
-                                   "pass@all": {"mean": 1.0, "low": 1.0, "high": 1.0}}
+    # right / wrong per problem: Wilson's interval (z = 1.96): 1 of 2 -> 0.5 +- 0.4055, 2 of 2 -> [0.3424, 1]
+    half = {"mean": 0.5, "low": pytest.approx(0.09453, abs=1e-5), "high": pytest.approx(0.90547, abs=1e-5)}
+    assert m["all_candidates"] == {"maj@all": half, "wmaj@all": half,
+                                   "pass@all": {"mean": 1.0, "low": pytest.approx(0.34238, abs=1e-5), "high": 1.0}}
     # tokens 40, 60 -> 50 per problem; C = 1000 params x 50
     assert m["compute"]["tokens_generated"] == 50 and m["compute"]["C"] == 50_000
     assert m["problems"] == 2 and m["budget"] == 4
@@ -558,3 +559,69 @@ def test_long_workload_labels_go_beside_the_axes_which_keep_their_size(tmp_path,
     assert 3.0 <= axes.height * height <= 5.0 and axes.width * width >= 5.0  # as with a small legend (18 labels
     # in one column stretched the axes to 12 in)
     assert fig.axes[0].get_title() == "Test-time search scaling: sweep"  # "." named by its folder
+
+
+def test_the_table_and_the_legend_give_one_verdict_and_a_drop_after_the_peak_is_falling(tmp_path, monkeypatch, capsys):
+    # particle filtering 0.125 -> 0.25 -> 0.125 was "flat after N=8" in the legend and "-" / "N=8
+    # (flattens after)" in the table: it fell
+    figures = []
+    monkeypatch.setattr(plot_scaling_module.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    for budget, good in ((4, 1), (8, 2), (16, 1)):
+        write_run(tmp_path / f"pf-{budget}", "particle_filtering", budget, 0, [i < good for i in range(8)], 10 * budget)
+    for budget, good in ((4, 4), (8, 2)):
+        write_run(tmp_path / f"beam-{budget}", "beam_search", budget, 0, [i < good for i in range(8)], 10 * budget)
+    plot_scaling_module.plot_scaling(tmp_path, tmp_path / "s.png")
+    legend = figures[-1].legends[0]  # a label over 48 characters: beside the axes
+    labels = [t.get_text().replace("\n", " ") for t in legend.get_texts()]
+    assert labels == ["beam_search: -0.250/doubling, falling", "particle_filtering: +0.000/doubling, falling after N=8"]
+    assert scaling.main([str(tmp_path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert next(line for line in table if line.startswith("particle_filtering")).endswith("falling after N=8")
+    assert next(line for line in table if line.startswith("beam_search")).endswith(" falling")
+    saved = {s["name"]: s for s in json.loads((tmp_path / "scaling.json").read_text())["series"]}
+    assert saved["particle_filtering"]["verdict"] == "falling after N=8"
+    rising = scaling.SeriesScaling("s", "w", (point(2, 1, 0.1), point(4, 2, 0.3)), None, (0.2,), 4, False)
+    assert scaling.verdict(rising) == "rising to N=4"
+
+
+def test_compute_flops_puts_every_forward_on_the_axis(synthetic_sweep, monkeypatch, capsys):
+    # C counts the policy's sampling alone: a search scoring with a PRM spent more than its C says
+    runs = sweep_summaries(synthetic_sweep)
+    tokens = {s.name: s for s in scaling_by_strategy(runs)}
+    flops = {s.name: s for s in scaling_by_strategy(runs, axis=scaling.COMPUTE_AXES["flops"])}
+    assert [p.compute for p in flops["best_of_n"].points] == [4 * p.compute for p in tokens["best_of_n"].points]
+    assert flops["best_of_n"].fit.slope == pytest.approx(tokens["best_of_n"].fit.slope)
+    assert [p.problems for p in flops["best_of_n"].points] == [10, 10, 10]
+    assert scaling.main([str(synthetic_sweep), "--compute", "flops"]) == 0
+    saved = json.loads((synthetic_sweep / "scaling.json").read_text())
+    assert saved["compute"] == "flops" and saved["series"][0]["points"][0]["compute"] == 4 * 20_000
+    figures = []
+    monkeypatch.setattr(plot_scaling_module.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    assert plot_scaling_module.main([str(synthetic_sweep), "--compute", "flops"]) == 0
+    assert figures[-1].axes[0].get_xlabel().startswith("FLOPs per problem (policy and scorer forwards)")
+
+
+def test_a_run_with_compute_zero_is_named(synthetic_sweep, capsys):
+    # records without policy_parameters: C = 0, the series' fit dropped in silence
+    path = synthetic_sweep / "bon-8-0" / "records.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "policy_parameters"}) + "\n" for r in rows))
+    assert scaling.main([str(synthetic_sweep)]) == 0
+    err = capsys.readouterr().err
+    assert "note: 1 run with tokens compute 0 cannot sit on the log axis" in err and err.rstrip().endswith("bon-8-0")
+
+
+def test_intervals_of_right_or_wrong_problems_are_wilsons():
+    # the percentile bootstrap gave 0 of 8 the interval [0, 0] and held a true 0.125 in 68% of runs
+    from experiments.metrics import bootstrap, interval, wilson
+
+    none = interval([0.0] * 8)
+    assert (none.mean, none.low) == (0.0, 0.0) and none.high == pytest.approx(0.3244, abs=1e-4)
+    assert interval([1.0] * 8).low == pytest.approx(1 - 0.3244, abs=1e-4)
+    one = wilson(1, 8)
+    assert (one.low, one.high) == (pytest.approx(0.02235, abs=1e-4), pytest.approx(0.47088, abs=1e-4))
+    pooled = [0.5, 1.0, 0.0, 0.25]  # seeds pooled: fractions, bootstrapped
+    assert interval(pooled) == bootstrap(pooled)
+    rng = np.random.default_rng(0)  # coverage at p = 0.125 over 400 draws of 8 problems
+    held = [(lambda e: e.low <= 0.125 <= e.high)(interval(list((rng.random(8) < 0.125).astype(float)))) for _ in range(400)]
+    assert sum(held) / 400 >= 0.9
