@@ -38,9 +38,12 @@ from treesearch.records import Problem
 @dataclass(frozen=True)
 class RolloutDiagnosis:
     """correct: the grader's outcome; fault: the first wrong think step's kind (a STEP_FAULTS
-    entry), "unfinished" when the think span never closes or holds no step, None when every step is
-    right; fault_step: its index; wrote_target: the last think step's written result is the
-    target; last_step_true: its arithmetic is right under the rules (None when it does not parse)."""
+    entry), "unfinished" when the think span never closes (and no step before its end is wrong)
+    or holds no step, None when every step is right; fault_step: its index; wrote_target: the last
+    think step's written result is the target (of an unclosed span: its last step written so
+    far); last_step_true: its arithmetic is true (`countdown.ARITHMETIC_ONLY`, as the arithmetic
+    table counts it: a true result above the rules' cap is a rule fault, not false arithmetic;
+    None when it does not parse)."""
 
     correct: bool
     fault: str | None
@@ -51,7 +54,8 @@ class RolloutDiagnosis:
 
 def diagnose(numbers: Sequence[int], target: int, rules: Rules, completion: str, correct: bool) -> RolloutDiagnosis:
     """The diagnosis of one completion of "use `numbers` to make `target`". Never raises."""
-    steps = countdown.think_steps(completion)
+    closed = countdown.think_steps(completion)
+    steps = closed if closed is not None else _unclosed_steps(completion)
     if not steps:
         return RolloutDiagnosis(correct, "unfinished", None, False, None)
     fault, fault_step, state = None, None, tuple(sorted(numbers))
@@ -61,11 +65,20 @@ def diagnose(numbers: Sequence[int], target: int, rules: Rules, completion: str,
             fault, fault_step = verdict.kind, i
             break
         state = verdict.state_after
+    if fault is None and closed is None:
+        fault = "unfinished"
     last = parse_step(steps[-1])
     if last is None:
         return RolloutDiagnosis(correct, fault, fault_step, False, None)
-    true_value = apply_op(last.x, last.op, last.y, rules)
+    true_value = apply_op(last.x, last.op, last.y, countdown.ARITHMETIC_ONLY)
     return RolloutDiagnosis(correct, fault, fault_step, last.result == target, true_value == last.result)
+
+
+def _unclosed_steps(completion: str) -> list[str]:
+    """The steps written so far of a think span that never closes (after <think>, blank parts
+    dropped; a cut last part stays: it is what the rollout wrote last)."""
+    span = completion.split(countdown.THINK_OPEN, 1)[-1]
+    return [part for part in span.split(countdown.SEPARATOR) if part.strip()]
 
 
 def _problem_numbers(problem: Problem) -> tuple[tuple[int, ...], int, Rules]:

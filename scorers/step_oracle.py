@@ -10,6 +10,12 @@ right; arith has none).
 
 Scores: `right` (1.0) for a step the checker accepts, `wrong` (0.0) for one it rejects, so a path
 with a wrong step ranks below every path without one under "min" / "geometric_mean" / "last".
+A finished path (its last step ended the sequence or hit the length limit) is also graded: its
+last step is right only when the task's `grade` accepts the whole completion, so a trace that
+never closed its think span scores 0 at its end, not 1 (a path still growing is judged by its
+steps alone). The step checker is stricter than the grader in one way, on purpose: a step whose
+"left" list is wrong is a wrong step, though the grader, which reads the arithmetic alone, may
+accept the rollout; such a rollout ranks low here.
 
     from experiments.tasks import countdown
     scorer = StepOracleScorer(labels=countdown.true_step_labels)
@@ -40,15 +46,19 @@ def _is_unit_number(value: object) -> bool:
 @dataclass(frozen=True)
 class StepOracleScorer:
     """labels: the task's step checker, (problem, step texts) -> one bool per step; right / wrong:
-    the score of a step it accepts / rejects, in [0, 1]."""
+    the score of a step it accepts / rejects, in [0, 1]; grade: the task's grader, (problem,
+    completion text) -> bool, for the last step of a finished path (None: steps alone)."""
 
     labels: StepLabels
     right: float = 1.0
     wrong: float = 0.0
+    grade: Callable[[Problem, str], bool] | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.labels):
             raise ValueError(f"StepOracleScorer.labels={self.labels!r} must be callable (problem, step texts) -> bools")
+        if self.grade is not None and not callable(self.grade):
+            raise ValueError(f"StepOracleScorer.grade={self.grade!r} must be callable (problem, completion) -> bool or None")
         for name in ("right", "wrong"):
             if not _is_unit_number(getattr(self, name)):
                 raise ValueError(f"StepOracleScorer.{name}={getattr(self, name)!r} must be a number in [0, 1]")
@@ -56,12 +66,13 @@ class StepOracleScorer:
     @classmethod
     def for_task(cls, module: str, right: float = 1.0, wrong: float = 0.0) -> "StepOracleScorer":
         """The oracle of the task module `module` (e.g. "experiments.tasks.countdown"), from its
-        `true_step_labels`; a task without one is a ValueError naming it."""
-        labels = getattr(importlib.import_module(module), "true_step_labels", None)
+        `true_step_labels` and `grade`; a task without the first is a ValueError naming it."""
+        task = importlib.import_module(module)
+        labels = getattr(task, "true_step_labels", None)
         if labels is None:
             raise ValueError(f"scorer=step_oracle needs a task that labels steps (a true_step_labels function); "
                              f"{module} has none (countdown has)")
-        return cls(labels, right, wrong)
+        return cls(labels, right, wrong, getattr(task, "grade", None))
 
     def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
         return [self._path_scores(path) for path in paths]
@@ -77,4 +88,6 @@ class StepOracleScorer:
                 f"StepOracleScorer.labels gave {len(labels)} labels for the {len(texts)} steps of a path of "
                 f"problem {path.problem.id!r}; it must give one per step"
             )
+        if labels and self.grade is not None and path.is_terminal:
+            labels[-1] = bool(labels[-1]) and bool(self.grade(path.problem, "".join(texts)))
         return [self.right if ok else self.wrong for ok in labels]

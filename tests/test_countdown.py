@@ -387,6 +387,20 @@ def test_true_step_labels_hand_worked(p8566):
     assert true_step_labels(p8566, []) == []
 
 
+def test_true_step_labels_agree_with_the_grader_on_separators(p8566):
+    # the grader skips a lone separator and reads a last step written straight before </think>;
+    # the labels called both wrong, so the step oracle ranked a right rollout last
+    steps = ["8 - 5 = 3, left 6 6 3.\n\n", "6 * 3 = 18, left 6 18.\n\n", "18 + 6 = 24, left 24.\n\n"]
+    answer = "</think>Answer: (8 - 5) * 6 + 6"
+    leading = split_steps(".\n\n" + "".join(steps) + answer)
+    assert grade(p8566, "".join(leading)) and true_step_labels(p8566, leading) == [True] * len(leading)
+    assert true_step_labels(p8566, ["<think>.\n\n", *steps, answer]) == [True] * 5
+    joined = [*steps[:2], "18 + 6 = 24, left 24" + answer]
+    assert grade(p8566, "".join(joined)) and true_step_labels(p8566, joined) == [True] * 3
+    wrong = [*steps[:2], "18 + 6 = 25, left 25" + answer]
+    assert true_step_labels(p8566, wrong) == [True, True, False]
+
+
 def test_true_step_labels_agree_with_the_solver_on_random_moves(test_problems):
     # a random legal first move is labelled True exactly when the solver can still finish from it
     rng = random.Random(0)
@@ -423,3 +437,26 @@ def test_training_pairs_mix_solutions_with_honest_attempts(test_problems):
     assert all(grade(by_prompt[p], c) for p, c in countdown.training_pairs(test_problems[:50], 60, seed=3))
     with pytest.raises(ValueError, match="solved_share=1.5"):
         countdown.training_pairs(test_problems[:5], 4, solved_share=1.5)
+
+
+def test_a_whole_split_can_be_asked_for():
+    # 6 6 6 6 -> 24 is drawn once in 28,561 draws: the 258 problems of Game of 24's test split
+    # failed ("only 257 found in 26800 draws"); the draws are completed by enumerating the split
+    whole = generate_problems("test", 258, 0, GAME_OF_24)
+    assert len({p.id for p in whole}) == 258 and "6 6 6 6 -> 24" in {p.meta["key"] for p in whole}
+    assert all(p.meta["split"] == "test" for p in whole)
+    assert generate_problems("test", 100, 0, GAME_OF_24) == whole[:100]  # drawn as before
+    with pytest.raises(ValueError, match=r"count=259: the test split of .* holds only 258 distinct solvable problems"):
+        generate_problems("test", 259, 0, GAME_OF_24)
+
+
+def test_make_problem_and_config_take_loose_inputs_exactly():
+    # 8.9 became 8 with the same id as the integer problem; a target of 24.0 gave another id and
+    # "make 24.0."; a list of operations failed later, in a cache, as an unhashable TypeError
+    assert make_problem((8, 5, 6, 6), 24.0) == make_problem((8, 5, 6, 6), 24)
+    with pytest.raises(ValueError, match=r"need whole numbers"):
+        make_problem((8.9, 5, 6, 6), 24)
+    with pytest.raises(ValueError, match=r"need whole numbers"):
+        make_problem((8, 5, 6, 6), "24")
+    listed = CountdownConfig(operations=["+", "*"])
+    assert listed.operations == ("+", "*") and generate_problems("test", 2, 0, listed)

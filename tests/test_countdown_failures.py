@@ -42,6 +42,18 @@ def test_unfinished_and_unparsed_last_steps():
     assert (d.fault, d.fault_step, d.last_step_true) == ("malformed", 1, None)
 
 
+def test_an_unclosed_span_keeps_what_its_last_step_wrote_and_a_true_result_over_the_cap_is_true():
+    # an unfinished rollout that honestly wrote the target was "| False | unparsed |"
+    d = diagnose(NUMBERS, TARGET, RULES, "<think>8 - 5 = 3, left 6 6 3.\n\n6 * 3 = 18, left 6 18.\n\n18 + 6 = 24, left 24.\n\n", False)
+    assert d == RolloutDiagnosis(False, "unfinished", None, True, True)
+    early = diagnose(NUMBERS, TARGET, RULES, "<think>8 + 5 = 13, left 6 6 13.\n\n6 * 6 = 36", False)
+    assert (early.fault, early.fault_step, early.wrote_target, early.last_step_true) == ("dead end", 0, False, None)  # cut mid-step
+    # 36 * 12 = 432 is true arithmetic above the cap of 99: a rule fault, not a false result (the
+    # arithmetic table counted it right, the last-step table false)
+    over = diagnose((36, 12, 2, 1), TARGET, RULES, completion("36 * 12 = 432, left 2 1 432"), False)
+    assert (over.fault, over.last_step_true) == ("not allowed", True)
+
+
 def test_tables_count_per_outcome():
     ds = [RolloutDiagnosis(True, None, None, True, True), RolloutDiagnosis(False, "dead end", 0, True, False),
           RolloutDiagnosis(False, "dead end", 1, False, True)]

@@ -73,6 +73,23 @@ def test_step_oracle_scores_each_step_by_the_tasks_checker():
     assert StepOracleScorer(scorer.labels, right=0.9, wrong=0.2).score([dead]) == [[0.9, 0.2, 0.2]]
 
 
+def test_step_oracle_grades_the_end_of_a_finished_path():
+    # a trace that ended without closing its think span scored 1 at every step and, on a tie with
+    # a right one, was chosen: its end is graded now; a path still growing keeps its step labels
+    from dataclasses import replace
+
+    from scorers.step_oracle import StepOracleScorer
+
+    scorer = StepOracleScorer.for_task("experiments.tasks.countdown")
+    texts = ["4 + 2 = 6, left 3 6 6.\n\n", "6 * 3 = 18, left 6 18.\n\n", "18 + 6 = 24, left 24.\n\n"]
+    growing = _countdown_path(texts)
+    ended = Prefix(growing.problem, growing.steps[:-1] + (replace(growing.steps[-1], finish="eos"),))
+    closed = _countdown_path([*texts, "</think>Answer: (4 + 2) * 3 + 6"])
+    closed = Prefix(closed.problem, closed.steps[:-1] + (replace(closed.steps[-1], finish="eos"),))
+    assert scorer.score([growing, ended, closed]) == [[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0] * 4]
+    assert StepOracleScorer(scorer.labels).score([ended]) == [[1.0, 1.0, 1.0]]  # no grade: steps alone
+
+
 def test_step_oracle_names_a_task_without_step_labels_and_bad_settings():
     from scorers.step_oracle import StepOracleScorer
 

@@ -21,8 +21,7 @@ such as 3 3 8 8, are therefore left out).
 Steps: one per operation, "x op y = r, left <numbers still unused>" (countdown_steps.py says why
 the "left" clause is there), larger operand first. Answer: the whole computation as one
 expression, each intermediate result in parentheses (composing it from the steps is a mechanical
-substitution, with no precedence to reason about; the grader accepts any parenthesisation with
-the usual precedence). The reference solution of an example is drawn at random among the valid
+substitution, with no precedence to reason about; the grader does not read it, see below). The reference solution of an example is drawn at random among the valid
 traces (`solution_text(problem, seed)`, uniform over the moves that keep the target reachable at
 each step), so SFT teaches diverse valid paths rather than one canonical path per problem.
 
@@ -53,10 +52,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
+import math
 import random
 import re
 import statistics
 from dataclasses import dataclass
+from numbers import Real
 from typing import Literal, Sequence, Union
 
 from experiments.tasks.benchmark_split import check_generated_count
@@ -145,6 +147,7 @@ class CountdownConfig:
                 f"CountdownConfig.max_value={self.max_value}; must be >= max_number={self.max_number} "
                 f"and >= max_target={self.max_target}"
             )
+        object.__setattr__(self, "operations", tuple(self.operations))  # a list failed later, unhashable in a cache
         Rules(self.max_value, self.operations)  # validates operations, naming the bad value
 
     @property
@@ -186,9 +189,14 @@ def generate_problems(
 ) -> list[Problem]:
     """`count` distinct solvable problems of one split, the same for the same (split, count, seed,
     cfg). A problem belongs to the test split iff stable_hash(canonical_key) % 5 == 0, so the
-    splits are disjoint whatever the seeds. A prefix of a longer list with the same seed equals
-    the shorter list. The problem space is finite (the default has about 12k solvable problems,
-    a fifth of them in test): asking for more than a split holds is an error."""
+    splits are disjoint whatever the seeds. Problems are drawn (numbers and target uniformly, so a
+    puzzle with repeated numbers such as 6 6 6 6 -> 24 is drawn 24 times less often than one with
+    four distinct numbers); when the draws run out before `count` (a request for nearly a whole
+    split), the rest of the split is enumerated in a seeded order and appended
+    (`_enumerated_problems`). A prefix of a longer list with the same seed equals the shorter list
+    (unless the shorter one needed that enumeration). The problem space is finite (the default
+    has about 12k solvable problems, a fifth of them in test; Game of 24's test split holds
+    258): asking for more than a split holds is an error."""
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r}; valid: 'train', 'test'")
     check_generated_count("countdown", count)
@@ -206,18 +214,53 @@ def generate_problems(
         seen.add(key)
         if reachable(tuple(sorted(numbers)), target, rules):
             problems.append(make_problem(numbers, target, cfg))
-    if len(problems) < count:
+    rest = _enumerated_problems(split, count - len(problems), seen, rng, cfg) if len(problems) < count else []
+    if rest is None:
         raise ValueError(
             f"count={count}: only {len(problems)} distinct solvable {split} problems found in {max_draws} "
             f"draws with {cfg}; widen the number or target range or ask for fewer"
         )
-    return problems
+    if len(problems) + len(rest) < count:
+        raise ValueError(
+            f"count={count}: the {split} split of {cfg} holds only {len(problems) + len(rest)} distinct solvable "
+            "problems; widen the number or target range or ask for fewer"
+        )
+    return problems + rest
+
+
+MAX_ENUMERATED = 2_000_000  # (numbers, target) pairs: a larger space is not enumerated, its draws decide
+
+
+def _enumerated_problems(split: Split, count: int, seen: set[str], rng: random.Random,
+                         cfg: CountdownConfig) -> list[Problem] | None:
+    """Up to `count` solvable problems of the split not in `seen`, from every (multiset of
+    numbers, target) of cfg's ranges in an order shuffled by rng (the numbers of each in a
+    shuffled order too); None when the space exceeds MAX_ENUMERATED (not enumerated)."""
+    sizes = range(cfg.min_numbers, cfg.max_numbers + 1)
+    targets = range(cfg.min_target, cfg.max_target + 1)
+    if sum(math.comb(cfg.max_number + k - 1, k) for k in sizes) * len(targets) > MAX_ENUMERATED:
+        return None
+    pairs = [(numbers, target) for k in sizes
+             for numbers in itertools.combinations_with_replacement(range(1, cfg.max_number + 1), k) for target in targets]
+    rng.shuffle(pairs)
+    found: list[Problem] = []
+    for numbers, target in pairs:
+        if len(found) == count:
+            break
+        key = canonical_key(numbers, target)
+        if key in seen or split_of(key) != split or not reachable(numbers, target, cfg.rules):
+            continue
+        seen.add(key)
+        found.append(make_problem(rng.sample(numbers, len(numbers)), target, cfg))
+    return found
 
 
 def make_problem(numbers: Sequence[int], target: int, cfg: CountdownConfig = CountdownConfig()) -> Problem:
     """The problem "use `numbers` to make `target`" under cfg's rules (its ranges are not enforced,
     so any puzzle can be posed); a ValueError naming the numbers when it has no solution."""
-    numbers = tuple(int(n) for n in numbers)
+    if not all(_is_whole(n) for n in (*numbers, target)):
+        raise ValueError(f"numbers={tuple(numbers)}, target={target!r}: need whole numbers (8.9 became 8 before)")
+    numbers, target = tuple(int(n) for n in numbers), int(target)
     if not 2 <= len(numbers) <= MAX_NUMBERS_LIMIT or min(numbers) < 0 or target < 0:
         raise ValueError(
             f"numbers={numbers}, target={target}: need 2 to {MAX_NUMBERS_LIMIT} non-negative numbers and a non-negative target"
@@ -232,6 +275,11 @@ def make_problem(numbers: Sequence[int], target: int, cfg: CountdownConfig = Cou
         answer=_canonical(_parse_expression(reference)),  # type: ignore[arg-type]  # solution 0 of possibly many
         meta=_meta(key, numbers, target, cfg),
     )
+
+
+def _is_whole(value: object) -> bool:
+    """An int, or a float / numpy number with no fractional part (not a bool, not a string)."""
+    return isinstance(value, Real) and not isinstance(value, bool) and float(value).is_integer()
 
 
 def _meta(key: str, numbers: tuple[int, ...], target: int, cfg: CountdownConfig) -> dict:
@@ -526,9 +574,9 @@ def true_step_labels(problem: Problem, step_texts: Sequence[str]) -> list[bool]:
     step is correct iff it is well formed ("x op y = r, left ..."), uses numbers still available,
     its arithmetic is right under the rules, its "left" list is right, the target is still
     reachable from what is left, and every earlier step is correct (countdown_steps.step_labels).
-    The answer step ("</think>Answer: ...") is correct iff nothing but blanks precedes </think>
-    in it, every earlier step is correct and grade() accepts the derivation; anything after it
-    is wrong.
+    The answer step ("</think>Answer: ...") is correct iff what precedes </think> in it is blank
+    or a correct think step (written with no separator before </think>), every earlier step is
+    correct and grade() accepts the derivation; anything after it is wrong.
     Never raises."""
     texts = [t if isinstance(t, str) else "" for t in step_texts]
     end = next((i for i, t in enumerate(texts) if THINK_CLOSE in t), len(texts))
@@ -537,10 +585,19 @@ def true_step_labels(problem: Problem, step_texts: Sequence[str]) -> list[bool]:
     except Exception:
         labels = [False] * end
     if end < len(texts):
-        before = texts[end].split(THINK_CLOSE, 1)[0]
-        labels.append(step_body(before) == "" and all(labels) and grade(problem, "".join(texts[: end + 1])))
+        before = texts[end].split(THINK_CLOSE, 1)[0]  # a last think step written straight before </think>
+        last_ok = step_body(before) == "" or _last_think_step_ok(problem, texts[:end], before)
+        labels.append(last_ok and all(labels) and grade(problem, "".join(texts[: end + 1])))
         labels += [False] * (len(texts) - end - 1)
     return labels
+
+
+def _last_think_step_ok(problem: Problem, steps: Sequence[str], last: str) -> bool:
+    """Whether `last`, a think step with no separator before </think>, is right after `steps`."""
+    try:
+        return step_labels(problem.meta["numbers"], int(problem.meta["target"]), rules_of(problem), [*steps, last])[-1]
+    except Exception:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

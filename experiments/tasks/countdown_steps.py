@@ -259,11 +259,12 @@ class ParsedStep:
 
 def step_body(text: str) -> str:
     """A step text without anything up to <think> (split_steps joins a prompt and <think> to the
-    first step), the trailing separator(s) and surrounding blanks."""
-    body = text.rsplit(THINK_OPEN, 1)[-1].strip()
-    while body.endswith("."):
-        body = body[:-1].rstrip()
-    return body
+    first step), leading and trailing separators and surrounding blanks."""
+    body = text.rsplit(THINK_OPEN, 1)[-1].strip().lstrip(". \t\n\r")  # a leading lone separator is no part of it
+    end = len(body)
+    while end and (body[end - 1] == "." or body[end - 1].isspace()):  # one pass (a loop of slices was quadratic)
+        end -= 1
+    return body[:end]
 
 
 def parse_step(text: str) -> ParsedStep | None:
@@ -300,10 +301,14 @@ def check_step(state: State, target: int, text: str, rules: Rules) -> StepCheck:
 
 def step_labels(numbers: Sequence[int], target: int, rules: Rules, step_texts: Sequence[str]) -> list[bool]:
     """One label per think-span step: correct iff every step up to it is correct (check_step from
-    the state the earlier steps reached). Never raises."""
+    the state the earlier steps reached); an empty step (a lone separator) changes nothing and is
+    right while every step before it is. Never raises."""
     labels: list[bool] = []
     state: State | None = tuple(sorted(numbers))
     for text in step_texts:
+        if state is not None and step_body(text) == "":  # a lone separator: no step, as the grader skips it
+            labels.append(True)
+            continue
         verdict = check_step(state, target, text, rules) if state is not None else None
         ok = verdict is not None and verdict.ok
         labels.append(ok)
