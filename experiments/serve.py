@@ -18,12 +18,14 @@ only); binding another address without a key prints a warning. Request and respo
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import TYPE_CHECKING, Sequence
 
 from experiments.cli_args import port_number, positive_float, positive_int
 from experiments.cli_errors import INPUT_ERRORS, USAGE_EXIT
+from experiments.services.micro_batcher import MAX_WAIT_S
 from policies.gc_freeze import freeze_long_lived
 
 if TYPE_CHECKING:  # heavy imports wait until a service is chosen, so --help is instant
@@ -52,6 +54,18 @@ def unit_fraction(text: str) -> float:
     return value
 
 
+def batch_wait_ms(text: str) -> float:
+    """An argparse type: milliseconds in [0, MAX_WAIT_S * 1000] (inf was taken, and the batcher
+    then waited forever for a full batch: no answer, and no shutdown)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_WAIT_S * 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of milliseconds in [0, {MAX_WAIT_S * 1000:g}]")
+    return value
+
+
 def _common_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (transformers dir; + score_module.pt for the scorer)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -62,7 +76,8 @@ def _common_arguments(parser: argparse.ArgumentParser, default_port: int) -> Non
                         help="cpu, cuda or cuda:N: where the transformers backend / the scorer runs (vLLM places itself)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-batch", type=positive_int, default=32, help="most requests batched into one backend call")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for more requests to batch")
+    parser.add_argument("--max-wait-ms", type=batch_wait_ms, default=5.0,
+                        help=f"longest wait for more requests to batch (0 to {MAX_WAIT_S * 1000:g} ms)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="uvicorn log level")
 
 

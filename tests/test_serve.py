@@ -11,6 +11,7 @@ key; the micro-batcher's routing and failure isolation in-process; the vLLM back
 from __future__ import annotations
 
 import asyncio
+import threading
 import os
 import socket
 import subprocess
@@ -192,7 +193,9 @@ def test_scorer_concurrent_requests_get_their_own_answers_batched(services):
 @pytest.mark.parametrize("body, content, status, field", [
     (None, b'{"text": "a"', 422, "body"),                      # malformed JSON
     (None, b"[1, 2]", 422, "body"),                             # not an object
-    ({"txt": "a"}, None, 422, "text"),                          # missing field
+    ({"txt": "a"}, None, 422, "txt"),                           # a misspelt field: "did you mean text?"
+    ({"text_": 1}, None, 422, "text_"),
+    ({"body": "a"}, None, 422, "text"),                         # missing field
     ({"text": 5}, None, 422, "text"),                           # wrong type
     ({"text": "a", "return_all_scores": "maybe"}, None, 422, "return_all_scores"),
     ({"text": "a", "return_all_scores": 1}, None, 422, "return_all_scores"),   # strict: not a bool
@@ -209,8 +212,20 @@ def test_scorer_rejects_bad_input_and_keeps_serving(services, body, content, sta
     assert post(scorer, "/score", {"text": trace(1)}).status_code == 200
 
 
+def test_policy_names_a_meant_field_and_ignores_the_rest(services):
+    policy = services["policy"]
+    renamed = post(policy, "/generate", {"prefix_prompt": "a", "n": 1}).json()
+    assert renamed["error"] == "n: is not a field of this request; its name here is response_num"
+    assert post(policy, "/generate", {"prefix_prompt": "a", "temperture": 0}).json()["error"] == (
+        "temperture: is not a field of this request; did you mean temperature?")
+    plain = post(policy, "/generate", generate_body(2, model="tiny", user="me", stream=False, logprobs=None))
+    assert plain.status_code == 200 and len(plain.json()["results"]) == 2  # the reference's clients: unchanged
+
+
 def test_scorer_api_key(services):
     scorer = services["scorer"]
+    assert httpx.post(scorer.url + "/score", json={"text": "a"},
+                      headers={"Authorization": AUTH["Authorization"].replace("Bearer", "bearer")}).status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
         response = httpx.post(scorer.url + "/score", json={"text": "a"}, headers=headers)
         assert response.status_code == 401 and "API key" in response.json()["error"]
@@ -289,6 +304,12 @@ def test_policy_concurrent_requests_get_their_own_answers_batched(services):
     ({"prefix_prompt": "a", "stop": [""]}, None, "stop"),
     ({"prefix_prompt": "a", "stop": [3]}, None, "stop[0]"),
     ({"prefix_prompt": "a", "seed": -1}, None, "seed"),
+    # what a client means something by fell back to the defaults in silence (8 samples, full length)
+    ({"prefix_prompt": "a", "n": 1}, None, "n"),                         # OpenAI's name of response_num
+    ({"prefix_prompt": "a", "max_new_tokens": 4}, None, "max_new_tokens"),
+    ({"prefix_prompt": "a", "temperture": 0}, None, "temperture"),       # misspelt
+    ({"prefix_prompt": "a", "stream": True}, None, "stream"),            # no streaming here
+    ({"prefix_prompt": "a", "logprobs": 1}, None, "logprobs"),
 ])
 def test_policy_rejects_bad_input_and_keeps_serving(services, body, content, field):
     policy = services["policy"]
@@ -332,6 +353,69 @@ def test_micro_batcher_routes_results_and_isolates_failures():
     assert isinstance(results[3], ValueError)  # only the bad item failed
     assert all(sum(c) <= 20 or len(c) == 1 for c in calls)  # max_weight held
     assert len(calls[0]) > 1  # concurrent submits were batched
+
+
+def test_micro_batcher_drops_a_request_whose_client_left_before_its_batch_ran():
+    """8 clients that gave up on 64 samples each held a later 2-token request 41 s: the work of a
+    request whose client is gone is skipped unless its batch already runs."""
+    from experiments.services.micro_batcher import ClientGone
+
+    ran: list[list[str]] = []
+    release = threading.Event()
+
+    def run_batch(items: list[str]) -> list[str]:
+        ran.append(list(items))
+        release.wait(5)
+        return [item.upper() for item in items]
+
+    async def main() -> list[Any]:
+        batcher = MicroBatcher(run_batch, BatcherConfig(max_batch=1, max_wait_s=0.0))
+        await batcher.start()
+        left = asyncio.Event()
+
+        async def gone() -> bool:
+            return left.is_set()
+
+        try:
+            first = asyncio.create_task(batcher.submit("running", gone=gone))
+            await asyncio.sleep(0.1)  # its batch runs (and waits for release)
+            queued = [asyncio.create_task(batcher.submit(f"left{i}", gone=gone)) for i in range(3)]
+            await asyncio.sleep(0.1)
+            left.set()  # every client leaves
+            await asyncio.sleep(0.4)  # > GONE_POLL_S: the waiting ones noticed
+            release.set()
+            kept = asyncio.create_task(batcher.submit("later"))
+            return await asyncio.gather(first, *queued, kept, return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, ClientGone) for r in results[:4]) and results[4] == "LATER"
+    assert ran == [["running"], ["later"]]  # the running batch finished; the three queued were never run
+
+
+def test_micro_batcher_stop_fails_running_and_later_requests():
+    # stop() cancelled the collector while a batch ran: that batch's requests, and any submit
+    # after it, waited forever
+    release = threading.Event()
+
+    def run_batch(items: list[int]) -> list[int]:
+        release.wait(5)
+        return items
+
+    async def main() -> tuple[Any, Any]:
+        batcher = MicroBatcher(run_batch, BatcherConfig(max_batch=4, max_wait_s=0.0))
+        await batcher.start()
+        running = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(batcher.stop(), 2)
+        release.set()
+        late = await asyncio.wait_for(asyncio.gather(batcher.submit(2), return_exceptions=True), 2)
+        return (await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 2))[0], late[0]
+
+    running, late = asyncio.run(main())
+    assert isinstance(running, RuntimeError) and "shutting down" in str(running)
+    assert isinstance(late, RuntimeError) and "shutting down" in str(late)
 
 
 # -- vLLM backend ---------------------------------------------------------------------------------
@@ -394,6 +478,8 @@ def test_completer_gives_the_same_text_with_a_shared_prefix_and_with_copied_rows
                                "'warning', 'info', 'debug', 'trace')"),  # uvicorn's KeyError after loading before
     ("--kv-cache-gib", "0", "argument --kv-cache-gib: '0' must be a finite number > 0"),
     ("--gpu-memory-utilization", "1.5", "argument --gpu-memory-utilization: '1.5' must be in (0, 1]"),
+    # inf: the batcher waited forever for a full batch, answered nothing and blocked shutdown
+    ("--max-wait-ms", "inf", "argument --max-wait-ms: 'inf' must be a number of milliseconds in [0, 60000]"),
 ])
 def test_a_bad_number_is_a_usage_error_before_the_model_loads(flag, value, message, tmp_path, capsys):
     from experiments import serve

@@ -17,7 +17,12 @@ client written for those services works unchanged against ours):
                    ->  {"value": float} (+ "all_scores", "token_ids", "score_positions")
     a backend failure -> {"error": str} (status 500; the reference answers the same body with 200,
                    and its client treats both alike)
-Unknown fields are ignored, as the reference's models do. Fields are checked more strictly than
+Unknown fields are ignored, as the reference's models do (a client's "model" or "user" passes),
+except three kinds a client means something by (`check_field_names`, 422 naming the field): an
+OpenAI-style name of one of ours ("n", "max_new_tokens", "prompt": use response_num, max_tokens,
+prefix_prompt), an option these services do not have set to anything but off ("stream": true,
+"logprobs", "echo", "best_of"), and a misspelling of one of ours ("temperture": did you mean
+temperature?), which silently fell back to the default before. Fields are checked more strictly than
 the reference's (which only has the types): types strictly (no "4" for 4, no 1 or "yes" for true,
 no bool for a number; an integer is a valid float), counts >= 1, a non-empty prompt, temperature
 in [0, 2] (vLLM's and OpenAI's range) and finite, seed in [0, 2^63), stop strings non-empty. Limits that depend on the
@@ -28,18 +33,20 @@ Errors: every rejected request gets a JSON body
     {"error": "<field>: <what is wrong>", "field": "<field>", "detail": [pydantic's errors]}
 with status 422 (invalid or malformed body; "field" is "body" for malformed JSON, a body that is
 not UTF-8 or nested too deeply to parse, or a missing body), 413 (text over the configured length) or 401 (missing or wrong API key, when one is set:
-every endpoint, /health included, needs `Authorization: Bearer KEY`). Other HTTP errors (404,
-405) answer {"error": str} with their status.
+every endpoint, /health included, needs `Authorization: Bearer KEY`, the scheme in any case).
+Other HTTP errors (404, 405) answer {"error": str} with their status; a request whose client
+left before its batch ran is dropped (CLIENT_GONE_STATUS, which nobody reads).
 """
 from __future__ import annotations
 
+import difflib
 import secrets
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from policies.sampling_config import VLLM_MIN_TEMPERATURE
@@ -49,6 +56,31 @@ MAX_TEMPERATURE = 2.0  # inclusive; vLLM rejects more (a 500 from its backend) a
 # FastAPI's HTTPException detail for a body json.loads raised on with anything but a JSONDecodeError
 # (not UTF-8, nested past the recursion limit): answered as a malformed body, 422 naming "body"
 _UNPARSABLE_BODY = "There was an error parsing the body"
+CLIENT_GONE_STATUS = 499  # nginx's "client closed request": the answer to a request dropped unrun
+# names OpenAI-style clients use for our fields, and options these services do not have
+OTHER_NAMES: dict[str, str] = {
+    "n": "response_num", "num_return_sequences": "response_num", "max_new_tokens": "max_tokens",
+    "max_completion_tokens": "max_tokens", "prompt": "prefix_prompt", "stop_sequences": "stop",
+}
+UNSUPPORTED_OPTIONS: tuple[str, ...] = ("stream", "logprobs", "top_logprobs", "echo", "best_of")
+MISSPELLING_CUTOFF = 0.8  # difflib ratio above which an unknown name is taken for a misspelt field
+
+
+def check_field_names(body: Any, fields: Mapping[str, Any]) -> None:
+    """FieldError for an unknown key of body that a client means something by (module
+    docstring); other unknown keys pass (ignored, as the reference's models do)."""
+    if not isinstance(body, dict):
+        return
+    for key, value in body.items():
+        if not isinstance(key, str) or key in fields:
+            continue
+        if OTHER_NAMES.get(key) in fields:
+            raise FieldError(key, f"is not a field of this request; its name here is {OTHER_NAMES[key]}")
+        if key in UNSUPPORTED_OPTIONS and value not in (None, False, 0):
+            raise FieldError(key, "is not supported by this service (one JSON answer with texts only); leave it out")
+        close = difflib.get_close_matches(key, list(fields), n=1, cutoff=MISSPELLING_CUTOFF)
+        if close:
+            raise FieldError(key, f"is not a field of this request; did you mean {close[0]}?")
 
 
 def _no_bool(value: Any) -> Any:
@@ -80,6 +112,12 @@ class GenerateRequest(BaseModel):
     stop: list[str] | str | None = None
     temperature: float = Field(0.8, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=MAX_SEED)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _meant_fields(cls, body: Any) -> Any:
+        check_field_names(body, cls.model_fields)
+        return body
 
     @field_validator("max_tokens", "response_num", "temperature", "seed", mode="before")
     @classmethod
@@ -123,6 +161,12 @@ class ScoreRequest(BaseModel):
 
     text: str
     return_all_scores: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _meant_fields(cls, body: Any) -> Any:
+        check_field_names(body, cls.model_fields)
+        return body
 
 
 class ScoreResponse(BaseModel):
@@ -207,12 +251,13 @@ def install_contract(app: FastAPI, api_key: str | None = None) -> None:
         return JSONResponse(error_body(exc.field, exc.message), status_code=exc.status_code)
 
     if api_key:
-        expected = f"Bearer {api_key}".encode()
+        expected = api_key.encode()
 
         @app.middleware("http")
         async def _check_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            given = request.headers.get("authorization", "").encode()
-            if not secrets.compare_digest(given, expected):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            # the scheme name is case-insensitive (RFC 7235: "bearer KEY" is the same); the key is not
+            if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), expected):
                 return JSONResponse(
                     error_body("Authorization", "missing or wrong API key (send 'Authorization: Bearer KEY')"),
                     status_code=401, headers={"WWW-Authenticate": "Bearer"},

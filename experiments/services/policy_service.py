@@ -26,17 +26,18 @@ answers {"error": str} with status 500.
 """
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from experiments.services.api_schemas import (
-    FieldError, GenerateRequest, GenerateResponse, HealthResponse, install_contract,
+    CLIENT_GONE_STATUS, FieldError, GenerateRequest, GenerateResponse, HealthResponse, install_contract,
 )
-from experiments.services.micro_batcher import BatcherConfig, MicroBatcher
+from experiments.services.micro_batcher import BatcherConfig, ClientGone, MicroBatcher
 from experiments.services.text_completer import CompletionRequest, TextCompleter
 
 
@@ -108,10 +109,13 @@ def build_policy_app(completer: TextCompleter, config: PolicyConfig, model_name:
             "requests_served": batcher.items_run,
         }
 
-    async def generate(request: GenerateRequest) -> Any:
-        backend_request = completion_request(request, completer, config)
+    async def generate(request: GenerateRequest, http: Request) -> Any:
+        # tokenising a long prompt takes a second a megabyte: off the event loop, which keeps serving
+        backend_request = await asyncio.to_thread(completion_request, request, completer, config)
         try:
-            results = await batcher.submit(backend_request)
+            results = await batcher.submit(backend_request, gone=http.is_disconnected)
+        except ClientGone:
+            return JSONResponse({"error": "the client went away"}, status_code=CLIENT_GONE_STATUS)
         except Exception as exc:  # noqa: BLE001 - the reference's error body
             return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
         return {"results": results}

@@ -37,18 +37,19 @@ each text's states equal those of a forward alone up to float rounding) instead 
 from __future__ import annotations
 
 import math
+import asyncio
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from experiments.services.api_schemas import (
-    FieldError, HealthResponse, ScoreRequest, ScoreResponse, install_contract,
+    CLIENT_GONE_STATUS, FieldError, HealthResponse, ScoreRequest, ScoreResponse, install_contract,
 )
-from experiments.services.micro_batcher import BatcherConfig, MicroBatcher
+from experiments.services.micro_batcher import BatcherConfig, ClientGone, MicroBatcher
 from policies.reflective_model import ReflectiveModel
 from scorers.sprm_positions import StepMarkers, score_positions
 from treesearch.aggregation import aggregate
@@ -191,14 +192,16 @@ def build_scorer_app(scorer: TextSPRM, config: ScorerConfig, model_name: str, ap
         }
 
     @app.post("/score", response_model=ScoreResponse, response_model_exclude_none=True)
-    async def score(request: ScoreRequest) -> Any:
+    async def score(request: ScoreRequest, http: Request) -> Any:
         if len(request.text) > config.max_text_chars:
             raise FieldError("text", f"has {len(request.text)} characters, over the limit {config.max_text_chars}", 413)
-        ids = scorer.encode(request.text)
+        ids = await asyncio.to_thread(scorer.encode, request.text)  # off the event loop: ~1 s a megabyte
         if len(ids) > max_tokens:
             raise FieldError("text", f"has {len(ids)} tokens, over the limit {max_tokens}", 413)
         try:
-            result = await batcher.submit(ids)
+            result = await batcher.submit(ids, gone=http.is_disconnected)
+        except ClientGone:
+            return JSONResponse({"error": "the client went away"}, status_code=CLIENT_GONE_STATUS)
         except Exception as exc:  # noqa: BLE001 - the reference's error body
             return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
         if not all(math.isfinite(v) for v in (result.value, *result.all_scores)):  # JSON would say null
