@@ -397,7 +397,8 @@ def test_hash_answer_line_and_final_answer_order():
     assert answer_line("steps\nAnswer: 42.") == "42" and answer_line("**Answer:** $7$") == "$7$"
     assert extract_final_answer("<think>\\boxed{1}</think>The answer is \\boxed{2}") == "2"
     assert extract_final_answer("<think>try \\boxed{1}</think> I give up") == "1"  # falls back to the whole text
-    assert extract_final_answer("work\n#### 12\nAnswer: 13") == "12"  # boxed, then ####, then Answer:
+    assert extract_final_answer("work\n#### 12\nAnswer: 13") == "13"  # the one written last (#### first before)
+    assert extract_final_answer("work\nAnswer: 13\n#### 12") == "12"
     assert extract_final_answer("Answer: 13") == "13"
     assert extract_final_answer("nothing to see") is None and extract_final_answer("") is None
 
