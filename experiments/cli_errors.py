@@ -12,6 +12,11 @@ of the traceback of wherever the interrupt landed (HYDRA_FULL_ERROR=1 keeps it):
     with interrupt_reported("rerun the same command to go on"):
         main()
 
+SIGTERM (`kill`, `timeout`, a SLURM cancel, `docker stop`) inside it is handled alike: raised as
+`Terminated` where the program is, so every `finally` and context manager runs (a vLLM engine
+in its own processes is closed instead of left running with its memory), then one line and
+exit 143.
+
 Tests: the CLI tests of each command (e.g. `.venv/bin/python -m pytest tests/test_train_head.py`).
 """
 from __future__ import annotations
@@ -19,11 +24,24 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import sys
+import threading
+import traceback
 from typing import Callable, Iterator, Sequence
 
 USAGE_EXIT = 2
 INTERRUPT_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+TERMINATE_EXIT = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is (`interrupt_reported`); a KeyboardInterrupt, so the
+    code that cleans up after Ctrl-C does so after a kill too."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 class RunDirBusyError(RuntimeError):
@@ -63,16 +81,26 @@ def run_command(command: Callable[[Sequence[str] | None], int], argv: Sequence[s
 @contextlib.contextmanager
 def interrupt_reported(how_to_go_on: str | Callable[[], str]) -> Iterator[None]:
     """Ctrl-C inside: `interrupted: <how_to_go_on>` (a string, or a function giving it at that
-    moment) on stderr and SystemExit(130); with HYDRA_FULL_ERROR=1 the KeyboardInterrupt and its
-    traceback pass through."""
+    moment) on stderr and SystemExit(130); SIGTERM: `terminated: ...` and 143 (module
+    docstring; its handler is installed for the block, in the main thread only); with
+    HYDRA_FULL_ERROR=1 the KeyboardInterrupt and its traceback pass through."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
+            if not terminated:
+                raise
+            traceback.print_exc()  # the traceback wanted, and still the exit status of a kill
+            raise SystemExit(TERMINATE_EXIT) from None
         hint = how_to_go_on if isinstance(how_to_go_on, str) else how_to_go_on()
-        print(f"\ninterrupted: {hint}", file=sys.stderr)
-        raise SystemExit(INTERRUPT_EXIT) from None
+        print(f"\n{'terminated' if terminated else 'interrupted'}: {hint}", file=sys.stderr)
+        raise SystemExit(TERMINATE_EXIT if terminated else INTERRUPT_EXIT) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 _SWEEP_DIR: list[str] = []  # the folder of the sweep whose job runs in this process (`note_hydra_job`)

@@ -472,11 +472,19 @@ def run_lock(out: Path) -> Iterator[None]:
 # -- running ------------------------------------------------------------------------------------
 
 
-def check_batching(batching: str) -> str:
-    """The `+batching=` value, validated (BATCHING lists the valid ones)."""
+def check_batching(batching: str, policy_target: object = None) -> str:
+    """The `+batching=` value, validated (BATCHING lists the valid ones); policy_target: the
+    policy config's _target_, when known, for continuous batching's refusal of another backend
+    before anything loads (a vLLM engine started for 10 s first)."""
     if batching not in BATCHING:
         raise ValueError(f"batching={batching!r}; valid: {', '.join(BATCHING)}")
+    if batching == "continuous" and str(policy_target).rsplit(".", 2)[0] in NOT_CONTINUOUS:
+        raise ValueError(f"batching=continuous needs the in-process transformers policy (policy=tiny, tiny_sprm, "
+                         f"smollm2), not {policy_target}")
     return batching
+
+
+NOT_CONTINUOUS = ("policies.vllm_policy", "policies.openai_policy")  # backends continuous batching cannot drive
 
 
 def search_chunk(
@@ -601,7 +609,7 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     set_num_threads(cfg.get("num_threads"))
     strategy_cfg = build_frozen(cfg.search)
     check_policy_sampling(cfg.policy)
-    check_batching(cfg.get("batching", "lockstep"))
+    check_batching(cfg.get("batching", "lockstep"), OmegaConf.select(cfg, "policy._target_", default=None))
     name, spec = strategy_of(strategy_cfg)
     task, problems = load_task(cfg.task)
     check_has_problems(cfg.task, problems)

@@ -36,6 +36,7 @@ Tests: `.venv/bin/pytest tests/test_vllm_policy.py tests/test_vllm_scorer.py`.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import weakref
@@ -65,6 +66,7 @@ _STARTED: dict[str, str] = {}
 # vLLM's CPU attention checks that a call runs under the count its kernels were set up with, and a
 # thread's count is its own.
 THREADS_ATTRIBUTE = "treesearch_threads"
+SHUT_DOWN_ATTRIBUTE = "treesearch_shut_down"  # set on an engine `shutdown_llm` stopped
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ def build_llm(
     if pooling_task not in ("token_embed", "token_classify"):
         raise ValueError(f"pooling_task={pooling_task!r}; valid: token_embed, token_classify")
     directory = check_model_folder(config.model)
+    check_cpu_engine(config, _cuda_available())
     environment = _set_environment(config)
     vllm = import_vllm()
     kwargs = _engine_kwargs(config)
@@ -220,6 +223,27 @@ def _set_environment(config: VLLMEngineConfig) -> dict[str, str]:
     Path(wanted["VLLM_CACHE_ROOT"]).mkdir(parents=True, exist_ok=True)
     os.environ.update(wanted)
     return wanted
+
+
+CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention takes KV blocks of a multiple of this many tokens
+
+
+def check_cpu_engine(config: VLLMEngineConfig, on_gpu: bool) -> None:
+    """ValueError naming the setting a CPU engine cannot take, before vLLM loads the model (it
+    failed after loading with vLLM's own words, or with an AssertionError about NUMA nodes)."""
+    if on_gpu:
+        return
+    if config.tensor_parallel_size != 1:
+        raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size}: tensor parallelism needs GPUs; "
+                         "on the CPU use 1 (policy.engine.tensor_parallel_size=1)")
+    if config.block_size % CPU_BLOCK_MULTIPLE:
+        raise ValueError(f"block_size={config.block_size}: vLLM's CPU attention takes a multiple of "
+                         f"{CPU_BLOCK_MULTIPLE} (e.g. 32)")
+
+
+def is_shut_down(llm: Any) -> bool:
+    """Whether `shutdown_llm` stopped this engine (another policy sharing it may ask)."""
+    return bool(getattr(llm, SHUT_DOWN_ATTRIBUTE, False))
 
 
 def _engine_kwargs(config: VLLMEngineConfig) -> dict[str, Any]:
@@ -348,6 +372,8 @@ def shutdown_llm(llm: Any) -> None:
     stopped by vLLM's finalizer with the full teardown: close engines explicitly when several
     share a process."""
     _LIVE.discard(llm)
+    with contextlib.suppress(AttributeError, TypeError):  # a stand-in without attributes
+        setattr(llm, SHUT_DOWN_ATTRIBUTE, True)
     client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if client is None:
         return

