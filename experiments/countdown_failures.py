@@ -38,10 +38,11 @@ from treesearch.records import Problem
 @dataclass(frozen=True)
 class RolloutDiagnosis:
     """correct: the grader's outcome; fault: the first wrong think step's kind (a STEP_FAULTS
-    entry), "unfinished" when the think span never closes (and no step before its end is wrong)
-    or holds no step, None when every step is right; fault_step: its index; wrote_target: the last
-    think step's written result is the target (of an unclosed span: its last step written so
-    far); last_step_true: its arithmetic is true (`countdown.ARITHMETIC_ONLY`, as the arithmetic
+    entry), "unfinished" when the think span never closes (and no whole step before its end is
+    wrong: a last step cut mid-way by the token limit is not judged) or holds no step, None when
+    every step is right; fault_step: its index; wrote_target: the last think step's written result
+    is the target (of an unclosed span: its last step written so far, or the last whole one when
+    the cut one does not parse); last_step_true: its arithmetic is true (`countdown.ARITHMETIC_ONLY`, as the arithmetic
     table counts it: a true result above the rules' cap is a rule fault, not false arithmetic;
     None when it does not parse)."""
 
@@ -59,7 +60,8 @@ def diagnose(numbers: Sequence[int], target: int, rules: Rules, completion: str,
     if not steps:
         return RolloutDiagnosis(correct, "unfinished", None, False, None)
     fault, fault_step, state = None, None, tuple(sorted(numbers))
-    for i, text in enumerate(steps):
+    cut = closed is None and not completion.rstrip(" \t").endswith(countdown.SEPARATOR)  # a last step cut mid-way
+    for i, text in enumerate(steps[:-1] if cut else steps):  # a cut step is no fault of reasoning
         verdict = check_step(state, target, text, rules)
         if not verdict.ok:
             fault, fault_step = verdict.kind, i
@@ -68,6 +70,8 @@ def diagnose(numbers: Sequence[int], target: int, rules: Rules, completion: str,
     if fault is None and closed is None:
         fault = "unfinished"
     last = parse_step(steps[-1])
+    if last is None and cut and len(steps) > 1:  # cut before it parses: the last whole step's
+        last = parse_step(steps[-2])
     if last is None:
         return RolloutDiagnosis(correct, fault, fault_step, False, None)
     true_value = apply_op(last.x, last.op, last.y, countdown.ARITHMETIC_ONLY)

@@ -173,12 +173,16 @@ def verdict(series: "SeriesScaling") -> str:
     if len(points) < 2:
         return "-"
     if series.last_gaining_budget is None:
-        return "falling" if points[-1].accuracy.mean < points[0].accuracy.mean else "flat"
+        return "falling" if _below(points[-1], points[0]) else "flat"
     if not series.flattened:
         return f"rising to N={series.last_gaining_budget}"
     peak = next(p for p in points if p.budget == series.last_gaining_budget)
-    word = "falling" if points[-1].accuracy.mean < peak.accuracy.mean else "flat"
-    return f"{word} after N={series.last_gaining_budget}"
+    return f"{'falling' if _below(points[-1], peak) else 'flat'} after N={series.last_gaining_budget}"
+
+
+def _below(point: ScalingPoint, other: ScalingPoint) -> bool:
+    """point's accuracy is below other's by more than float rounding (11/24 summed two ways)."""
+    return point.accuracy.mean < other.accuracy.mean - FLAT_TOLERANCE * max(1.0, abs(other.accuracy.mean))
 
 
 def pooled_points(runs: Sequence[RunSummary], axis: ComputeAxis = COMPUTE_AXES[DEFAULT_AXIS]) -> list[ScalingPoint]:

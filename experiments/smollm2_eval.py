@@ -521,7 +521,7 @@ def model_name(model_dir: str) -> str:
 
 def format_report(cfg: EvalConfig, metrics: dict[str, Any]) -> str:
     """report.md: one row per metric, strict and flexible grading side by side, with 95%
-    95% intervals over problems (experiments.metrics.interval)."""
+    intervals over problems (experiments.metrics.interval)."""
     flexible = f"{TASK}_flexible"
     names: list[str] = []  # every metric of either grader, in order (the SPRM's rows are under its grader's only)
     for prefix in (flexible, TASK):
@@ -546,7 +546,7 @@ def format_report(cfg: EvalConfig, metrics: dict[str, Any]) -> str:
         f"rollouts of each of the first {cfg.train_problems} GSM8K train problems (outcomes by the "
         f"{cfg.sprm_grader} grader), scoring the same Best-of-N samples that conf ranks. Best-of-N@N, maj@N, "
         "pass@N: the reference's disjoint groups of N in generation order.", "",
-        "Grading: strict = the task's grader (last \\boxed{}, else '#### N', else 'Answer: N', through "
+        "Grading: strict = the task's grader (the last of \\boxed{}, '#### N' and 'Answer: N', through "
         "math-verify); flexible = the same when it finds a non-empty answer, else the last number of an answer "
         "that ended on EOS (lm-eval-harness' flexible-extract; an answer cut at the token limit gets none), "
         "since SmolLM2 almost never writes \\boxed{}. Intervals: 95% over problems (Wilson for right / wrong, else bootstrap).", "",

@@ -47,7 +47,12 @@ def test_an_unclosed_span_keeps_what_its_last_step_wrote_and_a_true_result_over_
     d = diagnose(NUMBERS, TARGET, RULES, "<think>8 - 5 = 3, left 6 6 3.\n\n6 * 3 = 18, left 6 18.\n\n18 + 6 = 24, left 24.\n\n", False)
     assert d == RolloutDiagnosis(False, "unfinished", None, True, True)
     early = diagnose(NUMBERS, TARGET, RULES, "<think>8 + 5 = 13, left 6 6 13.\n\n6 * 6 = 36", False)
-    assert (early.fault, early.fault_step, early.wrote_target, early.last_step_true) == ("dead end", 0, False, None)  # cut mid-step
+    assert (early.fault, early.fault_step, early.wrote_target, early.last_step_true) == ("dead end", 0, False, True)
+    # cut mid-step by the token limit while on track: unfinished, not a malformed or left-list fault
+    on_track = "<think>8 - 5 = 3, left 6 6 3.\n\n6 * 3 = 18, left 6 18.\n\n"
+    for cut in ("18 + 6 = 2", "18 + 6 = 24, left 2"):
+        d = diagnose(NUMBERS, TARGET, RULES, on_track + cut, False)
+        assert (d.fault, d.fault_step) == ("unfinished", None), cut
     # 36 * 12 = 432 is true arithmetic above the cap of 99: a rule fault, not a false result (the
     # arithmetic table counted it right, the last-step table false)
     over = diagnose((36, 12, 2, 1), TARGET, RULES, completion("36 * 12 = 432, left 2 1 432"), False)

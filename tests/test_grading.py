@@ -174,6 +174,10 @@ def test_a_bare_unit_word_after_a_number_is_its_unit(text, reference, right):
     "#### 23\nWait, mistake.\nFinal Answer: 18",
     "Final Answer: \\boxed{18}", "#### \\boxed{18}",  # the box on the marker's line is its answer
     "Thus $\\boxed{18}$.\n\nFinal Answer: The final answer is $18$. I hope it is correct.",  # Minerva's format
+    # a box is not replaced by a markdown heading or by a line restating it in prose
+    "#### Final Answer\n\\boxed{18}\n\n#### Verification\n9 * 2 = 18",
+    "\\boxed{18}.\n\nAnswer: Janet makes \\$18 every day at the market.",
+    "So \\[\\boxed{18}\\]\n#### Summary\nShe earns 18 dollars.",
 ])
 def test_the_answer_written_last_is_extracted(text):
     assert extract_final_answer(text).strip("$") == "18"
@@ -186,8 +190,11 @@ def test_the_answer_written_last_is_extracted(text):
     ("y = 5", "x = 5", False), ("x = 5", "5", True),
     # words that change the value are no unit to drop (all graded right before)
     ("18 \\text{ or more}", "18", False), ("\\text{18 or more}", "18", False), ("2 thousand", "2", False),
-    ("18 dozen", "18", False), ("2 pi", "2", False), ("\\$1.5 million", "1.5", False),
+    ("at least 18", "18", False), ("2 pi", "2", False), ("\\$1.5 million", "1.5", False),
     ("5 square feet", "5", True), ("\\text{18 apples}", "18", True),
+    # a count's own unit stays one: GSM8K asks "how many dozens / more hours / times / quarters"
+    ("7 dozen", "7", True), ("3 more hours", "3", True), ("3 \\text{ times}", "3", True),
+    ("16 \\text{ quarters}", "16", True), ("40 \\text{ fewer songs}", "40", True),
 ])
 def test_numbers_with_degrees_signs_assignments_and_value_words(predicted, reference, right):
     assert answers_match(predicted, reference) is right

@@ -582,6 +582,10 @@ def test_the_table_and_the_legend_give_one_verdict_and_a_drop_after_the_peak_is_
     assert saved["particle_filtering"]["verdict"] == "falling after N=8"
     rising = scaling.SeriesScaling("s", "w", (point(2, 1, 0.1), point(4, 2, 0.3)), None, (0.2,), 4, False)
     assert scaling.verdict(rising) == "rising to N=4"
+    # 11/24 summed two ways: 0.45833333333333337 and 0.4583333333333333 are one accuracy, not a fall
+    level = scaling.SeriesScaling("s", "w", (point(1, 1, 0.0), point(4, 4, 0.45833333333333337), point(16, 16, 0.4583333333333333)),
+                                  None, (0.23, 0.0), 4, True)
+    assert scaling.verdict(level) == "flat after N=4"
 
 
 def test_compute_flops_puts_every_forward_on_the_axis(synthetic_sweep, monkeypatch, capsys):

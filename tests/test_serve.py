@@ -394,6 +394,46 @@ def test_micro_batcher_drops_a_request_whose_client_left_before_its_batch_ran():
     assert ran == [["running"], ["later"]]  # the running batch finished; the three queued were never run
 
 
+def test_micro_batcher_retries_alone_only_the_requests_still_waiting():
+    # a failed batch retried each item alone, also those whose client had left (4 s of backend time)
+    from experiments.services.micro_batcher import ClientGone
+
+    calls: list[list[int]] = []
+    noticed: list[int] = []
+    all_noticed = threading.Event()
+
+    def run_batch(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if len(items) > 1:
+            all_noticed.wait(5)  # the batch fails once every leaving client has seen it is gone
+            raise ValueError("only one at a time")
+        return items
+
+    async def main() -> list[Any]:
+        batcher = MicroBatcher(run_batch, BatcherConfig(max_batch=4, max_wait_s=0.05))
+        await batcher.start()
+        left = asyncio.Event()
+
+        async def gone() -> bool:
+            if left.is_set():
+                noticed.append(1)
+                if len(noticed) == 3:
+                    all_noticed.set()
+            return left.is_set()
+
+        try:
+            tasks = [asyncio.create_task(batcher.submit(i, gone=gone if i else None)) for i in range(4)]
+            await asyncio.sleep(0.2)
+            left.set()  # three of the four leave while their batch runs
+            return await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(main())
+    assert results[0] == 0 and all(isinstance(r, ClientGone) for r in results[1:])
+    assert calls == [[0, 1, 2, 3], [0]]
+
+
 def test_micro_batcher_stop_fails_running_and_later_requests():
     # stop() cancelled the collector while a batch ran: that batch's requests, and any submit
     # after it, waited forever

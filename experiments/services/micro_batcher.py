@@ -169,11 +169,13 @@ class MicroBatcher(Generic[In, Out]):
         except asyncio.TimeoutError:
             return None
 
-    async def _run(self, batch: list[_Pending[In, Out]]) -> None:
-        """run_batch in the worker thread; on failure of several, each item alone."""
+    async def _run(self, batch: list[_Pending[In, Out]], retry: bool = False) -> None:
+        """run_batch in the worker thread; on failure of several, each item alone (those whose
+        client is still there); `stop` fails the whole batch's waiting items meanwhile."""
         loop = asyncio.get_running_loop()
         items = [p.item for p in batch]
-        self._running = batch
+        if not retry:
+            self._running = batch
         try:
             results = await loop.run_in_executor(self._executor, self._checked_run, items)
         except Exception as exc:  # noqa: BLE001 - delivered to the waiting handlers
@@ -181,7 +183,8 @@ class MicroBatcher(Generic[In, Out]):
                 _resolve(batch[0].future, exc=exc)
                 return
             for pending in batch:
-                await self._run([pending])
+                if not pending.future.done():
+                    await self._run([pending], retry=True)
             return
         self.batches_run += 1
         self.items_run += len(items)

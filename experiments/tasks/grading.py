@@ -7,7 +7,8 @@ Extraction reads what a completion commits to:
     hash_answer("... \\n#### 1,234")              -> "1,234"
     answer_line("...\\nAnswer: 42")               -> "42"
     extract_choice("...\\nANSWER: C")             -> "C"
-    extract_final_answer(text)                   -> boxed, else "####", else "Answer:"; None if none
+    extract_final_answer(text)                   -> the last of boxed / "####" / "Answer:" (a prose line or a
+                                                    "#### Heading" yields to a box); None if none
     canonical_answer("$18.00")                   -> "18"   (the form majority votes compare)
 
 Equivalence (`answers_match(predicted, reference)`) tries a fast path first (equal text after
@@ -172,15 +173,32 @@ def _after_think(text: str) -> str:
 def extract_final_answer(text: str) -> str | None:
     """The final answer a math completion commits to: of the last non-empty \\boxed{}, the last
     "#### N" and the last "Answer: X" line, the one written last (a "Final Answer: 18" after a
-    rechecked "\\boxed{20}" is 18; "Answer: \\boxed{18}" is the box); looked for after the last
-    </think> first, then in the whole text. Never raises."""
+    rechecked "\\boxed{20}" is 18; "Answer: \\boxed{18}" is the box), except that a box is
+    not replaced by a line that restates it in prose ("Answer: Janet makes $18 every day", at
+    least PROSE_WORDS words) or by a markdown heading ("#### Verification": a "####" line that
+    starts with a word); looked for after the last </think> first, then in the whole text.
+    Never raises."""
     if not isinstance(text, str):
         return None
     for scope in (_after_think(text), text):
-        found = [at for at in (last_boxed_at(scope), hash_answer_at(scope), answer_line_at(scope)) if at is not None]
+        boxed, hashed, stated = last_boxed_at(scope), hash_answer_at(scope), answer_line_at(scope)
+        if boxed is not None:  # a later line replaces it only when it states an answer
+            hashed = hashed if hashed is not None and hashed[0] > boxed[0] and not _HEADING_RE.match(hashed[1]) else None
+            stated = stated if stated is not None and stated[0] > boxed[0] and not _is_prose(stated[1]) else None
+        lines = [at for at in (hashed, stated) if at is not None]
+        found = lines + ([boxed] if boxed is not None else [])
         if found:
             return max(found, key=lambda at: at[0])[1]
     return None
+
+
+PROSE_WORDS = 3  # words of two or more letters (not LaTeX commands) that make an answer line prose
+_HEADING_RE = re.compile(r"[A-Za-z]{2,}")  # "#### Summary": a markdown heading, where a box was the answer
+
+
+def _is_prose(answer: str) -> bool:
+    """Whether an answer line is a sentence rather than an answer ("Janet makes $18 every day")."""
+    return len(_WORD_RE.findall(answer)) >= PROSE_WORDS
 
 
 def _letter_in(candidate: str, letters: str) -> str | None:
@@ -228,14 +246,13 @@ _SPACING_RE = re.compile(r"\\\\|\\(?:left|right)(?![A-Za-z])|\\![ \t]*|\\[,;: ]"
 _PERCENT_RE = re.compile(r"\s*(?:\\?%|percent)$")
 _UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]+)+$")  # " apples", " square feet"
 _BARE_UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]{2,})+$")  # "18 eggs" (not "2 x": a letter may be a variable)
-# Words after a number that change its value or make it a bound, so never a unit to drop:
-# "18 or more", "2 thousand", "18 dozen", "2 pi" go to math_verify instead.
+# Words after a number that change its value, so never a unit to drop: "2 thousand", "2 pi" (a
+# magnitude or a constant), "18 or more", "at least 18" (a bound) go to math_verify instead. A
+# count's own unit stays one: "7 dozen" answers "how many dozens", "3 more hours" "how many more".
 _WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")  # a word, not a LaTeX command's name
-NOT_UNIT_WORDS = frozenset((
-    "or and than more less fewer least most at about around approximately nearly almost over under not no "
-    "to plus minus times divided squared cubed half halves third thirds quarter quarters pi "
-    "hundred hundreds thousand thousands million millions billion billions trillion trillions dozen dozens score"
-).split())
+VALUE_WORDS = frozenset("pi hundred hundreds thousand thousands million millions billion billions trillion trillions".split())
+_BOUND_RE = re.compile(r"(?i)\b(?:or\s+(?:more|less|fewer|greater|higher|lower|so)|at\s+(?:least|most)|"
+                       r"(?:more|less|fewer|greater)\s+than|up\s+to)\b")
 
 
 def normalize_text(answer: str) -> str:
@@ -295,11 +312,9 @@ def parse_number(answer: str) -> Fraction | None:
 
 
 def _without_unit(text: str, unit_words: re.Pattern[str]) -> str:
-    """text without the words after its number, unless one of them is in NOT_UNIT_WORDS."""
+    """text without the words after its number, unless they change its value (`_value_words`)."""
     unit = unit_words.search(text)
-    if unit is None:
-        return text.strip()
-    if NOT_UNIT_WORDS.intersection(word.lower() for word in unit.group().split()):
+    if unit is None or _value_words(text):
         return text.strip()
     return text[: unit.start()].strip()
 
@@ -381,8 +396,10 @@ def fast_match(predicted: str, reference: str) -> bool | None:
 
 
 def _value_words(answer: str) -> set[str]:
-    """The NOT_UNIT_WORDS written as words in answer (not LaTeX commands: "\\pi" is no word)."""
-    return NOT_UNIT_WORDS.intersection(word.lower() for word in _WORD_RE.findall(answer))
+    """The VALUE_WORDS written as words in answer (not LaTeX commands: "\\pi" is no word) and
+    its bound phrases ("or more", "at least"), lower-cased."""
+    words = VALUE_WORDS.intersection(word.lower() for word in _WORD_RE.findall(answer))
+    return words | {" ".join(bound.group().lower().split()) for bound in _BOUND_RE.finditer(answer)}
 
 
 def _same_variable(predicted: str, reference: str) -> bool:
