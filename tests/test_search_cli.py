@@ -435,26 +435,24 @@ def test_sigterm_runs_the_cleanup_and_is_one_line_and_exit_143(tmp_path):
         "    finally:\n"
         f"        Path({str(tmp_path / 'closed')!r}).write_text('yes')\n"
     )
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert child.stdout.readline().strip() == "ready"
-        child.terminate()
-        _, err = child.communicate(timeout=20)
-    finally:
-        child.kill()
-    assert child.returncode == 143 and err == "\nterminated: rerun to go on\n"
+    code, err = terminated_child(script, {})
+    assert code == 143 and err == "\nterminated: rerun to go on\n"
     assert (tmp_path / "closed").read_text() == "yes"
-    # HYDRA_FULL_ERROR=1: the traceback, and still the exit status of a kill (1 before)
+    code, err = terminated_child(script, {"HYDRA_FULL_ERROR": "1"})  # the traceback, and still a kill's status (1 before)
+    assert code == 143 and "Terminated" in err
+
+
+def terminated_child(script: str, env: dict[str, str]) -> tuple[int, str]:
+    """(exit status, stderr) of `python -c script` sent SIGTERM once it printed "ready"."""
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "1"})
+                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **env})
     try:
         assert child.stdout.readline().strip() == "ready"
         child.terminate()
         _, err = child.communicate(timeout=20)
     finally:
         child.kill()
-    assert child.returncode == 143 and "Terminated" in err
+    return child.returncode, err
 
 
 def test_a_run_refused_before_its_first_row_leaves_no_claimed_folder(ckpt, tmp_path):
