@@ -210,7 +210,7 @@ def run_vllm(
     engine = VLLMEngineConfig(str(checkpoint), block_size=block_size, kv_cache_gib=kv_cache_gib)
     try:
         policy = VLLMPolicy.from_pretrained(checkpoint, sampling, arith.prompt_text, engine=engine)
-    except ValueError as error:  # e.g. "No common block size for 16 (CPU_ATTN: [MultipleOf(32)])"
+    except ValueError as error:  # e.g. "block_size=16: vLLM's CPU attention takes a multiple of 32" (policies.vllm_engine.check_cpu_engine)
         return [BenchRow(strategy, "vllm", block_size, rejected=str(error).splitlines()[0]) for strategy in plan]
     torch.set_num_threads(threads)  # the in-process engine computes on this process's pool
     engine_llm, rows = policy.llm, []

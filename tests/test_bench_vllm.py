@@ -60,7 +60,7 @@ def test_tiny_benchmark_prints_every_row(tmp_path, capsys, monkeypatch):
     vllm_rows += ([("best_of_n", "vllm", "32")] if on_cpu else []) + [("beam_search", "vllm", "32")]
     assert list(rows) == [("best_of_n", "transformers", "-"), ("beam_search", "transformers", "-")] + vllm_rows
     if on_cpu:
-        assert rows[("beam_search", "vllm", "16")][3].startswith("rejected: No common block size for 16")
+        assert rows[("beam_search", "vllm", "16")][3].startswith("rejected: block_size=16: vLLM's CPU attention takes a multiple of 32")
     beam = rows[("beam_search", "vllm", "32")]
     assert int(beam[3]) > 0 and int(beam[4]) > 0 and float(beam[6]) > 0  # generated, forwarded, tokens/s
     assert all(cell.endswith("%") for cell in beam[9:12])  # cached, reachable, block cap

@@ -56,7 +56,7 @@ def state_step(out) -> int:
         (["--eval-problems", "3", "--eval-samples", "0"], "--eval-samples 0: must be >= 1"),
         (["--eval-problems", "3", "--temperature", "inf"], "--temperature inf: must be a finite number > 0"),  # a traceback
         # countdown's test split holds ~2.3k problems: found after the whole training run before
-        (["--task", "countdown", "--eval-problems", "5000"], "--eval-problems 5000: count=5000: only "),
+        (["--task", "countdown", "--eval-problems", "5000"], "--eval-problems 5000: count=5000: the test split of "),
     ],
 )
 def test_a_bad_value_is_one_error_line_and_exit_2(tmp_path, capsys, flags, message):
