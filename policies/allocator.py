@@ -7,10 +7,13 @@ faults of touching that memory anew (seen as system time, half the CPU time of a
 on this machine). Raising the mmap threshold and the trim threshold makes freed blocks stay in
 the heap and be reused, as jemalloc / tcmalloc do (PyTorch's CPU performance guide recommends
 those; vLLM's CPU backend preloads tcmalloc). The cost: the process keeps up to its peak of
-freed memory mapped (peak RSS is unchanged).
+freed memory mapped, per malloc arena: every thread that allocates gets an arena, so threads
+started again and again (the continuous engine attached per chunk of a search) grew RSS by
+~100-480 MiB over 120 searches until `release_freed_memory` (malloc_trim) ran as each engine stops.
 
-    from policies.allocator import keep_freed_memory
+    from policies.allocator import keep_freed_memory, release_freed_memory
     keep_freed_memory()      # idempotent; TransformersPolicy calls it
+    release_freed_memory()   # give the free memory of every arena back (after a burst of threads)
 
 Off when TREESEARCH_MALLOC_TUNING=0, and a no-op where glibc is not the allocator (macOS,
 musl): the function then returns False.
@@ -44,3 +47,13 @@ def keep_freed_memory() -> bool:
         return False  # not glibc
     mmap_set = any(mallopt(_M_MMAP_THRESHOLD, value) for value in MMAP_THRESHOLDS)
     return mmap_set and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_freed_memory() -> bool:
+    """glibc's malloc_trim(0): the free memory of every arena back to the OS (a few ms); True
+    when some was released, False when none was or glibc is not the allocator."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

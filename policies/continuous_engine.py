@@ -45,6 +45,7 @@ from typing import Any, Hashable, Iterator
 
 import torch
 
+from policies.allocator import release_freed_memory
 from policies.chunk_merge import merge_key, merge_requests
 from policies.decode_loop import ChunkOutput, ChunkRequest, ChunkRun, StepHead
 from policies.joint_forward import feed_jointly
@@ -156,6 +157,7 @@ class ContinuousEngine:
             engine.close()
             KV_POOL.drop_smaller = drop_smaller
             KV_POOL.set_max_free(pool_size)  # the buffers of the extra chunks go back to the allocator
+            release_freed_memory()  # and the engine's threads' arenas to the OS (RSS grew per chunk)
 
     def decode(self, request: ChunkRequest) -> ChunkOutput:
         """Queue one chunk and wait for what its rows generated (`decode_chunk`'s result); an

@@ -18,6 +18,7 @@ Tests: `.venv/bin/pytest tests/test_prefix_cache.py -k pool`.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Sequence
 
 import torch
@@ -28,7 +29,8 @@ MAX_FREE = 4  # free buffers kept (a chunk holds four at once: padded past and r
 
 class BufferPool:
     """Free flat buffers by dtype, device and inference mode; `take` a view of one, `give` it
-    back when done."""
+    back when done. Safe from several threads (one lock: two policies on different models decode
+    at once, and an unlocked pool handed one buffer to both, so one call sampled other tokens)."""
 
     def __init__(self, max_free: int = MAX_FREE, drop_smaller: bool = True) -> None:
         self.max_free = max_free
@@ -37,6 +39,7 @@ class BufferPool:
         # engine's chunks come in many sizes at once)
         self.drop_smaller = drop_smaller
         self._free: list[torch.Tensor] = []  # flat, contiguous
+        self._lock = threading.Lock()
         self.allocations = 0  # buffers made (not served from the pool), for tests and benchmarks
 
     def take(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -44,34 +47,41 @@ class BufferPool:
         numel = math.prod(int(s) for s in shape)
         device = torch.device(device)
         inference = torch.is_inference_mode_enabled()  # an inference tensor cannot be written outside that mode
-        same_kind = [b for b in self._free if b.dtype == dtype and b.device == device and b.is_inference() == inference]
-        fits = [b for b in same_kind if b.numel() >= numel]
-        if fits:
-            flat = min(fits, key=lambda b: b.numel())
-            self._free = [b for b in self._free if b is not flat]
-        else:
-            if self.drop_smaller:  # requests grow as paths do: a smaller free buffer would only sit there
+        with self._lock:
+            same_kind = [b for b in self._free if b.dtype == dtype and b.device == device and b.is_inference() == inference]
+            fits = [b for b in same_kind if b.numel() >= numel]
+            flat = min(fits, key=lambda b: b.numel()) if fits else None
+            if flat is not None:
+                self._free = [b for b in self._free if b is not flat]
+            elif self.drop_smaller:  # requests grow as paths do: a smaller free buffer would only sit there
                 self._free = [b for b in self._free if not any(b is small for small in same_kind)]
+        if flat is None:
             flat = torch.empty(max(int(numel * HEADROOM), 1), dtype=dtype, device=device)
-            self.allocations += 1
+            with self._lock:
+                self.allocations += 1
         return flat[:numel].view(tuple(int(s) for s in shape))
 
     def give(self, tensor: torch.Tensor) -> None:
         """Return a tensor from `take`: its whole buffer (the tensor's storage, found from the
         tensor itself since inference-mode views keep no `_base`) becomes free; the largest
         max_free free buffers (in bytes) are kept. Only give what nothing else holds a view of."""
-        if tensor.storage_offset() != 0 or any(b.data_ptr() == tensor.data_ptr() for b in self._free):
-            return  # not the start of a buffer, or given back already
+        if tensor.storage_offset() != 0:
+            return  # not the start of a buffer
         flat = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(tensor.untyped_storage())
-        self._free.append(flat)
-        self._free.sort(key=lambda b: -b.numel() * b.element_size())  # the largest in bytes first
-        del self._free[self.max_free:]
+        with self._lock:
+            if any(b.data_ptr() == tensor.data_ptr() for b in self._free):
+                return  # given back already
+            self._free.append(flat)
+            self._free.sort(key=lambda b: -b.numel() * b.element_size())  # the largest in bytes first
+            del self._free[self.max_free:]
 
     def set_max_free(self, max_free: int) -> None:
         """Keep at most max_free free buffers from now on (the largest; the rest are dropped)."""
-        self.max_free = max_free
-        del self._free[max_free:]
+        with self._lock:
+            self.max_free = max_free
+            del self._free[max_free:]
 
     def clear(self) -> None:
         """Drop every free buffer (their memory goes back to the allocator)."""
-        self._free.clear()
+        with self._lock:
+            self._free.clear()

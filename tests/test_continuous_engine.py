@@ -97,6 +97,21 @@ def test_rounds_of_a_step_search_through_the_engine_reuse_prefixes_and_match():
     assert p.prefix_cache.stats().hits > 0
 
 
+def test_an_engine_gives_its_threads_memory_back_when_it_stops(monkeypatch):
+    # attached once per chunk, the engine's new threads each kept a malloc arena of freed memory:
+    # RSS grew 412 -> 892 MiB over 160 searches (~470, level, with the trim)
+    from policies import allocator, continuous_engine
+
+    trims: list[bool] = []
+    monkeypatch.setattr(continuous_engine, "release_freed_memory", lambda: trims.append(True) or True)
+    p = policy(PrefixCacheConfig())
+    with ContinuousEngine.attached(p):
+        p.propose(mixed_prefixes(), 2, seed=0)
+        assert trims == []
+    assert trims == [True]
+    assert isinstance(allocator.release_freed_memory(), bool)
+
+
 def test_step_head_scores_through_the_engine_equal_alone():
     prefixes = mixed_prefixes()
     alone = [_call(reflective_policy(temperature=1.0), prefixes, spec) for spec in CALLS]

@@ -475,3 +475,38 @@ def test_a_step_search_reuses_its_kv_buffers_from_the_pool_round_to_round():
     calls = 4 * 1  # run_rounds makes one propose call per round; each chunk takes up to four buffers
     assert 0 < pool.allocations - before < 4 * calls and pool._free  # most buffers came back and were reused
     assert_same_outputs(cached, run_rounds(policy(None), rounds=4, n=2))
+
+
+def test_the_pool_hands_a_buffer_to_one_thread_at_a_time():
+    # two policies on different models decode at once (no shared model lock): the unlocked pool
+    # raised "list modified during sort" or handed one buffer to two chunks, whose KV then mixed
+    import sys
+    import threading
+
+    pool, held, clashes, errors = BufferPool(), set(), [], []
+    guard = threading.Lock()
+
+    def work() -> None:
+        try:
+            for i in range(10000):
+                buffer = pool.take((64 + i % 7, 16), torch.float32, "cpu")
+                with guard:
+                    clashes.extend([buffer.data_ptr()] if buffer.data_ptr() in held else [])
+                    held.add(buffer.data_ptr())
+                with guard:
+                    held.discard(buffer.data_ptr())
+                pool.give(buffer)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and clashes == []
