@@ -106,7 +106,7 @@ def last_boxed(text: str) -> str | None:
 
 def last_boxed_at(text: str) -> tuple[int, str] | None:
     """(where it starts, its contents) of the last non-empty box, as `last_boxed` reads it.
-    An empty \boxed{} is skipped: it is the prompt's "put your answer in \boxed{}" echoed."""
+    An empty \\boxed{} is skipped: it is the prompt's "put your answer in \\boxed{}" echoed."""
     for match in reversed(list(_BOXED_RE.finditer(text))):
         if match.group(1) is None:  # "\boxed 5"
             return match.start(), _BARE_BOXED_RE.match(text, match.end()).group()  # type: ignore[union-attr]  # lookahead: non-empty
@@ -337,7 +337,7 @@ def canonical_answer(answer: str) -> str:
 _FRACTION_VARIANT_RE = re.compile(r"\\[dt]frac(?![A-Za-z])")
 _SHORT_ARGUMENT_RE = re.compile(r"\\(frac|sqrt)\s*([0-9A-Za-z])(?:\s*([0-9A-Za-z]))?")  # \frac12, \sqrt3, \frac 59
 _DEGREES_RE = re.compile(r"(?:\^\s*\{?\s*\\circ\s*\}?|°)$")
-_ASSIGNMENT_RE = re.compile(r"^[A-Za-z]\s*=\s*(?=\S)")  # "x = 5": the value
+_ASSIGNMENT_RE = re.compile(r"^([A-Za-z])\s*=\s*(?=\S)")  # "x = 5": the value (group 1: the variable)
 _CHOICE_RE = re.compile(r"^(?:\\text(?:bf)?\{\s*)?\(?([A-Z])\)?(?:\s*\})?$")  # "\text{(C)}", "(C)": "C"
 _SPACE_RE = re.compile(r"(?<![0-9A-Za-z])\s+|\s+(?![0-9A-Za-z])")  # spaces not between two word characters
 
@@ -405,8 +405,8 @@ def _value_words(answer: str) -> set[str]:
 def _same_variable(predicted: str, reference: str) -> bool:
     """False only when both answers assign their value to a variable, and not the same one
     ("y = 5" is not "x = 5"; "x = 5" is "5")."""
-    names = [_ASSIGNMENT_RE.match(normalize_text(answer).strip("$ ")) for answer in (predicted, reference)]
-    return None in names or names[0].group().split("=")[0].strip() == names[1].group().split("=")[0].strip()  # type: ignore[union-attr]
+    assigned = [_ASSIGNMENT_RE.match(normalize_text(answer).strip("$ ")) for answer in (predicted, reference)]
+    return None in assigned or assigned[0].group(1) == assigned[1].group(1)  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------------------------------------
