@@ -42,10 +42,10 @@ from matplotlib.figure import Figure
 
 from experiments.plot_output import PlotOutputError, check_out_path, save_figure
 from experiments.scaling import (
-    COMPUTE_AXES, DEFAULT_AXIS, DEFAULT_THRESHOLD, SeriesScaling, add_compute_argument, scaling_by_strategy, verdict,
-    zero_compute_note,
+    COMPUTE_AXES, DEFAULT_AXIS, DEFAULT_THRESHOLD, SeriesScaling, add_compute_argument, scaling_by_strategy,
+    scaling_notes, verdict,
 )
-from experiments.sweep_metrics import RunFolderError, RunSummary, sweep_notes, sweep_summaries
+from experiments.sweep_metrics import RunFolderError, RunSummary, sweep_summaries
 
 WORKLOAD_MARKERS = ("o", "s", "^", "D", "v", "P")  # one shape per workload
 CROWDED = 6  # more series than this: a wider figure with the legend beside the axes
@@ -140,9 +140,8 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
 def run_scaling(args: argparse.Namespace) -> int:
     try:
         runs = sweep_summaries(args.sweep_dir)
-        for note in [*sweep_notes(runs, args.sweep_dir), zero_compute_note(runs, COMPUTE_AXES[args.compute])]:
-            if note:
-                print(note, file=sys.stderr)
+        for note in scaling_notes(runs, args.sweep_dir, COMPUTE_AXES[args.compute]):
+            print(note, file=sys.stderr)
         out = plot_runs(runs, args.sweep_dir.resolve().name, args.out or args.sweep_dir / "scaling.png", args.threshold,
                         args.compute)
     except (RunFolderError, PlotOutputError, ValueError) as err:

@@ -248,6 +248,13 @@ def zero_compute_note(runs: Sequence[RunSummary], axis: ComputeAxis) -> str | No
             f"(their series get no fit; records without policy_parameters?): {', '.join(zero)}")
 
 
+def scaling_notes(runs: Sequence[RunSummary], sweep_dir: str | Path, axis: ComputeAxis) -> list[str]:
+    """The stderr notes of `scaling` and `plot scaling`: the sweep's (`sweep_notes`) and the
+    runs of compute 0 on the axis (`zero_compute_note`)."""
+    zero = zero_compute_note(runs, axis)
+    return sweep_notes(runs, sweep_dir) + ([zero] if zero else [])
+
+
 def add_compute_argument(ap: argparse.ArgumentParser) -> None:
     """--compute: the axis runs are compared on (COMPUTE_AXES)."""
     ap.add_argument("--compute", choices=sorted(COMPUTE_AXES), default=DEFAULT_AXIS,
@@ -286,9 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RunFolderError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for note in [*sweep_notes(runs, args.sweep_dir), zero_compute_note(runs, axis)]:
-        if note:
-            print(note, file=sys.stderr)
+    for note in scaling_notes(runs, args.sweep_dir, axis):
+        print(note, file=sys.stderr)
     out = args.sweep_dir / "scaling.json"
     out.write_text(json.dumps({"threshold": args.threshold, "compute": axis.name,
                                "series": [s.to_dict() for s in series]}, indent=2))
