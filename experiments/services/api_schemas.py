@@ -90,7 +90,20 @@ def _no_bool(value: Any) -> Any:
     return value
 
 
-class GenerateRequest(BaseModel):
+class ServiceRequest(BaseModel):
+    """What the request bodies share: frozen, strict types, unknown fields ignored but for the
+    ones a client means something by (`check_field_names`)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _meant_fields(cls, body: Any) -> Any:
+        check_field_names(body, cls.model_fields)
+        return body
+
+
+class GenerateRequest(ServiceRequest):
     """`POST /generate`: response_num completions of the raw text prompt.
 
     prefix_prompt: the text to continue, sent to the model as is (no chat template).
@@ -104,20 +117,12 @@ class GenerateRequest(BaseModel):
     seed: makes the completions reproducible (null: a fresh draw per request).
     """
 
-    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
-
     prefix_prompt: str = Field(min_length=1)
     max_tokens: int = Field(1024, ge=1)
     response_num: int = Field(8, ge=1)
     stop: list[str] | str | None = None
     temperature: float = Field(0.8, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=MAX_SEED)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _meant_fields(cls, body: Any) -> Any:
-        check_field_names(body, cls.model_fields)
-        return body
 
     @field_validator("max_tokens", "response_num", "temperature", "seed", mode="before")
     @classmethod
@@ -153,20 +158,12 @@ class GenerateResponse(BaseModel):
     results: list[str]
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(ServiceRequest):
     """`POST /score`: the SPRM path score of a whole text (prompt + response, as the reference's
     client sends it). return_all_scores adds the per-position readings."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
-
     text: str
     return_all_scores: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _meant_fields(cls, body: Any) -> Any:
-        check_field_names(body, cls.model_fields)
-        return body
 
 
 class ScoreResponse(BaseModel):
