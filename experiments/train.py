@@ -592,10 +592,16 @@ def collect(t: Trainer, step: int) -> tuple[list[Problem], list[Rollout], list[f
     seed = derived_seed(t.s.run.seed, "rollout", step, t.rank)
     groups = t.source.rollouts(problems, t.s.run.rollouts_per_prompt, seed)
     rollouts = [r for group in groups for r in group]
-    cut = t.s.loss.truncated_wrong_reward
-    rewards = [outcome_reward(bool(t.task.grade(p, r.text)), r, t.task.extract_answer(r.text) is not None, cut)
-               for p, group in zip(problems, groups) for r in group]
+    rewards = [rollout_reward(t, p, r) for p, group in zip(problems, groups) for r in group]
     return problems, rollouts, rewards
+
+
+def rollout_reward(t: Trainer, problem: Problem, rollout: Rollout) -> float:
+    """`outcome_reward` of one rollout; its answer is extracted only for a wrong one cut at the
+    token limit, the one case that reads it."""
+    correct = bool(t.task.grade(problem, rollout.text))
+    answered = not correct and rollout.finish == "length" and t.task.extract_answer(rollout.text) is not None
+    return outcome_reward(correct, rollout, answered, t.s.loss.truncated_wrong_reward)
 
 
 def with_old_logprobs(t: Trainer, batch: RolloutBatch) -> RolloutBatch:

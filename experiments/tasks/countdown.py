@@ -79,7 +79,6 @@ from experiments.tasks.countdown_steps import (
     random_solution,
     reachable,
     solution_count,
-    step_body,
     step_labels,
 )
 from treesearch.records import Problem
@@ -580,24 +579,17 @@ def true_step_labels(problem: Problem, step_texts: Sequence[str]) -> list[bool]:
     Never raises."""
     texts = [t if isinstance(t, str) else "" for t in step_texts]
     end = next((i for i, t in enumerate(texts) if THINK_CLOSE in t), len(texts))
+    # what precedes </think> in the answer step: one more think step (a blank one is right)
+    tail = [texts[end].split(THINK_CLOSE, 1)[0]] if end < len(texts) else []
     try:
-        labels = step_labels(problem.meta["numbers"], int(problem.meta["target"]), rules_of(problem), texts[:end])
+        labels = step_labels(problem.meta["numbers"], int(problem.meta["target"]), rules_of(problem), texts[:end] + tail)
     except Exception:
-        labels = [False] * end
-    if end < len(texts):
-        before = texts[end].split(THINK_CLOSE, 1)[0]  # a last think step written straight before </think>
-        last_ok = step_body(before) == "" or _last_think_step_ok(problem, texts[:end], before)
-        labels.append(last_ok and all(labels) and grade(problem, "".join(texts[: end + 1])))
+        labels = [False] * (end + len(tail))
+    if tail:
+        before_ok = labels.pop()
+        labels.append(before_ok and all(labels) and grade(problem, "".join(texts[: end + 1])))
         labels += [False] * (len(texts) - end - 1)
     return labels
-
-
-def _last_think_step_ok(problem: Problem, steps: Sequence[str], last: str) -> bool:
-    """Whether `last`, a think step with no separator before </think>, is right after `steps`."""
-    try:
-        return step_labels(problem.meta["numbers"], int(problem.meta["target"]), rules_of(problem), [*steps, last])[-1]
-    except Exception:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------
