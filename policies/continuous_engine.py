@@ -147,16 +147,16 @@ class ContinuousEngine:
                 f"{type(policy).__name__}; call search_each without the engine for other policies"
             )
         engine = cls(policy.model, policy.rule, policy.pad_id, policy.step_head, policy.sampling.batch_size)
-        previous, pool_size, drop_smaller = policy.chunk_decoder, KV_POOL.max_free, KV_POOL.drop_smaller
+        previous = policy.chunk_decoder
         policy.chunk_decoder = engine.decode
-        KV_POOL.drop_smaller = False  # chunks of many sizes run at once: keep every free buffer for reuse
         try:
-            yield engine
+            with KV_POOL.serving_engine():  # afterwards the extra chunks' buffers go back to the allocator
+                try:
+                    yield engine
+                finally:
+                    policy.chunk_decoder = previous
+                    engine.close()
         finally:
-            policy.chunk_decoder = previous
-            engine.close()
-            KV_POOL.drop_smaller = drop_smaller
-            KV_POOL.set_max_free(pool_size)  # the buffers of the extra chunks go back to the allocator
             release_freed_memory()  # and the engine's threads' arenas to the OS (RSS grew per chunk)
 
     def decode(self, request: ChunkRequest) -> ChunkOutput:
@@ -244,7 +244,7 @@ class ContinuousEngine:
                 free -= call.rows
                 admitted.append(call)
         cohorts = len(running) + len({merge_key(call.request) for call in admitted})
-        KV_POOL.set_max_free(max(KV_POOL.max_free, POOL_BUFFERS_PER_CHUNK * cohorts))
+        KV_POOL.raise_max_free(POOL_BUFFERS_PER_CHUNK * cohorts)
         return admitted
 
     def _started(self, cohort: _Cohort) -> list[_Cohort]:

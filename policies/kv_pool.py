@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 
@@ -40,6 +41,8 @@ class BufferPool:
         self.drop_smaller = drop_smaller
         self._free: list[torch.Tensor] = []  # flat, contiguous
         self._lock = threading.Lock()
+        self._engines = 0  # continuous engines running (`serving_engine`)
+        self._settings = (max_free, drop_smaller)  # the settings to restore when the last one stops
         self.allocations = 0  # buffers made (not served from the pool), for tests and benchmarks
 
     def take(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -80,6 +83,31 @@ class BufferPool:
         with self._lock:
             self.max_free = max_free
             del self._free[max_free:]
+
+    def raise_max_free(self, max_free: int) -> None:
+        """Keep at least max_free free buffers from now on (a running engine's cohorts need them)."""
+        with self._lock:
+            self.max_free = max(self.max_free, max_free)
+
+    @contextmanager
+    def serving_engine(self) -> Iterator[None]:
+        """While any continuous engine runs (blocks of several engines may overlap in any order):
+        keep smaller free buffers too (chunks of many sizes run at once). When the last engine
+        stops, the settings from before the first come back and the extra free buffers are dropped
+        (one engine restoring its own saved settings undid a second engine's while it still ran)."""
+        with self._lock:
+            if self._engines == 0:
+                self._settings = (self.max_free, self.drop_smaller)
+                self.drop_smaller = False
+            self._engines += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._engines -= 1
+                if self._engines == 0:
+                    self.max_free, self.drop_smaller = self._settings
+                    del self._free[self.max_free:]
 
     def clear(self) -> None:
         """Drop every free buffer (their memory goes back to the allocator)."""

@@ -112,6 +112,20 @@ def test_an_engine_gives_its_threads_memory_back_when_it_stops(monkeypatch):
     assert isinstance(allocator.release_freed_memory(), bool)
 
 
+def test_two_engines_attached_at_once_restore_the_pool_when_the_last_one_stops():
+    from policies.slot_cache import KV_POOL
+
+    settings = (KV_POOL.max_free, KV_POOL.drop_smaller)
+    first = ContinuousEngine.attached(policy(PrefixCacheConfig()))
+    second = ContinuousEngine.attached(policy(PrefixCacheConfig()))
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the second engine still runs: its pool keeps every size
+    assert KV_POOL.drop_smaller is False
+    second.__exit__(None, None, None)
+    assert (KV_POOL.max_free, KV_POOL.drop_smaller) == settings
+
+
 def test_step_head_scores_through_the_engine_equal_alone():
     prefixes = mixed_prefixes()
     alone = [_call(reflective_policy(temperature=1.0), prefixes, spec) for spec in CALLS]

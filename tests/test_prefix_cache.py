@@ -466,6 +466,26 @@ def test_a_pool_of_many_sizes_keeps_smaller_buffers_and_trims_to_max_free():
     assert [b.numel() for b in pool._free] == [50, 40]  # the largest kept
 
 
+def test_overlapping_engines_keep_the_pool_settings_until_the_last_one_stops():
+    # one engine restored the settings it saw at its start while a second still ran
+    from policies.kv_pool import BufferPool
+
+    pool = BufferPool(max_free=4)
+    first, second = pool.serving_engine(), pool.serving_engine()
+    first.__enter__()
+    pool.raise_max_free(8)
+    second.__enter__()
+    pool.raise_max_free(12)
+    pool.raise_max_free(6)  # never lowers it while engines run
+    for size in range(10, 130, 10):
+        pool.give(torch.empty(size))
+    first.__exit__(None, None, None)  # the first stops before the second
+    assert (pool.max_free, pool.drop_smaller, len(pool._free)) == (12, False, 12)
+    second.__exit__(None, None, None)
+    assert (pool.max_free, pool.drop_smaller) == (4, True)
+    assert [b.numel() for b in pool._free] == [120, 110, 100, 90]  # the extra buffers dropped
+
+
 def test_a_step_search_reuses_its_kv_buffers_from_the_pool_round_to_round():
     from policies.slot_cache import KV_POOL as pool  # the decode loop's pool, emptied first
 
