@@ -35,7 +35,7 @@ writes a paragraph break as two '\\n' tokens, so '.\\n\\n' never ends a step; wi
 every separator counts, for the policy and for the SPRM positions alike).
 
 Grading, two ways: strict = the task's grader (`gsm8k.grade`: last \\boxed{}, "#### N" or "Answer: N",
-through math-verify), as stored in the rows; flexible = the same when it finds a non-empty answer,
+else "The answer is N.", through math-verify), as stored in the rows; flexible = the same when it finds a non-empty answer,
 else the last number of a text that ended on EOS (lm-eval-harness' "flexible-extract"; a text cut
 at max_total_tokens gets none), computed from the stored texts, since a 135M model almost never
 writes \\boxed{}. The head trains on the outcomes of --sprm-grader (default flexible: strict leaves
@@ -121,7 +121,7 @@ NUMBER = re.compile(r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")  # a trailing comma is no
 
 
 def flexible_answer(text: str, finished: bool = True) -> str | None:
-    """The strict final answer (last \\boxed{}, "#### N", "Answer: N") when there is a non-empty
+    """The strict final answer (last \\boxed{}, "#### N", "Answer: N", "The answer is N.") when there is a non-empty
     one, else the last number of a finished text (SmolLM2 almost never boxes its answer); a text
     cut by the token limit has no final number (its last number is wherever the cut fell). In the
     form majority votes compare (`grading.canonical_answer`: "$18.50" is "18.5")."""

@@ -100,6 +100,17 @@ def test_boxed_without_braces_and_final_answer_line():
     assert answer_line("**Final Answer:** $7$") == "$7$"
 
 
+def test_the_answer_is_sentence_when_nothing_else_states_an_answer():
+    # lm-eval's GSM8K chain-of-thought format ended in "The answer is 18." and read as no answer
+    assert grade_math("She earns 9 * 2 = 18 dollars. The answer is 18.", "18")
+    assert grade_math("So the final answer is $\\frac{1}{2}$.", "0.5")
+    assert extract_final_answer("x = 3.5, so the answer is 3.5.\nDone.") == "3.5"
+    assert extract_final_answer("The answer is 5.\nWait, recheck: the answer is **7**") == "7"
+    assert extract_final_answer("The answer is 5. So \\boxed{4}") == "4"  # a box, a "####" or an Answer line wins
+    assert extract_final_answer("the answer is 5\n#### 6") == "6"
+    assert extract_final_answer("what the answer is") is None and not grade_math("The answer is 17.", "18")
+
+
 @needs_data
 def test_every_math500_answer_grades_equal_without_its_spaces():
     """A model rarely spaces an answer as the reference does; with the blanks removed, every

@@ -8,7 +8,8 @@ Extraction reads what a completion commits to:
     answer_line("...\\nAnswer: 42")               -> "42"
     extract_choice("...\\nANSWER: C")             -> "C"
     extract_final_answer(text)                   -> the last of boxed / "####" / "Answer:" (a prose line or a
-                                                    "#### Heading" yields to a box); None if none
+                                                    "#### Heading" yields to a box), else the
+                                                    last "The answer is X."; None if none
     canonical_answer("$18.00")                   -> "18"   (the form majority votes compare)
 
 Equivalence (`answers_match(predicted, reference)`) tries a fast path first (equal text after
@@ -70,6 +71,9 @@ _CHOICE_ANSWER_RE = re.compile(
 # Minerva's answer line ("Final Answer: The final answer is $5$. I hope it is correct."): its X
 _MINERVA_START_RE = re.compile(r"(?i)the[ \t]+final[ \t]+answer[ \t]+is:?[ \t]*")
 _MINERVA_END = "i hope it is correct"
+# "The answer is 18." / "So the final answer is $\frac{1}{2}$." (lm-eval's GSM8K chain-of-thought
+# format): the rest of its sentence, when a completion has no box, "####" or "Answer:" line
+_ANSWER_IS_RE = re.compile(r"(?im)\bthe[ \t]+(?:final[ \t]+)?answer[ \t]+is[ \t]*:?[ \t]*(.+?)[ \t]*(?:\.(?=\s|$)|$)")
 _LONE_LETTER_RE = re.compile(r"^[(（{]?\s*([A-Z])\s*[)）}]?[.。]?$")
 _TEXT_WRAPPER_RE = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\{(.*)\}$", re.S)
 
@@ -165,6 +169,14 @@ def _minerva_answer(answer: str) -> str:
     return _strip_emphasis(answer)
 
 
+def answer_sentence(text: str) -> str | None:
+    """X of the last "The answer is X." / "the final answer is X" (to the sentence's period or the
+    line's end, markdown bold stripped), or None."""
+    matches = list(_ANSWER_IS_RE.finditer(text)) if isinstance(text, str) else []
+    answer = _strip_emphasis(matches[-1].group(1)) if matches else ""
+    return answer or None
+
+
 def _after_think(text: str) -> str:
     """The part after the last </think> when it exists, else the whole text."""
     return text.rsplit(THINK_CLOSE, 1)[-1]
@@ -176,8 +188,9 @@ def extract_final_answer(text: str) -> str | None:
     rechecked "\\boxed{20}" is 18; "Answer: \\boxed{18}" is the box), except that a box is
     not replaced by a line that restates it in prose ("Answer: Janet makes $18 every day", at
     least PROSE_WORDS words) or by a markdown heading ("#### Verification": a "####" line that
-    starts with a word); looked for after the last </think> first, then in the whole text.
-    Never raises."""
+    starts with a word); when there is none of the three, the last "The answer is X." sentence
+    (`answer_sentence`, lm-eval's GSM8K chain-of-thought format). Looked for after the last
+    </think> first, then in the whole text. Never raises."""
     if not isinstance(text, str):
         return None
     for scope in (_after_think(text), text):
@@ -189,6 +202,9 @@ def extract_final_answer(text: str) -> str | None:
         found = lines + ([boxed] if boxed is not None else [])
         if found:
             return max(found, key=lambda at: at[0])[1]
+        sentence = answer_sentence(scope)
+        if sentence is not None:
+            return sentence
     return None
 
 

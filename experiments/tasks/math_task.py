@@ -19,7 +19,7 @@ def prompt_text(problem: Problem, tokenizer: Any = None, think: bool | None = No
 
 def extract_answer(text: str) -> str | None:
     """The completion's final answer (`grading.extract_final_answer`: the last of \\boxed{}, "#### X"
-    and "Answer: X", a prose line or a markdown heading yielding to a box) in the form
+    and "Answer: X", a prose line or a markdown heading yielding to a box, else "The answer is X.") in the form
     majority votes compare (`grading.canonical_answer`: "18.00" and "$18" are "18"), or None."""
     answer = grading.extract_final_answer(text)
     return None if answer is None else grading.canonical_answer(answer)
