@@ -5,13 +5,18 @@
 every problem's tree; it writes the followed problem's tree (at most every `interval_s`, and
 every WRITE_TIME_FACTOR times the last write's duration, so writing a big tree takes at most a
 tenth of the search's time; always the first time) as a result JSON with no candidates and no choice yet, atomically
-(`save_result`, so the watcher never reads half a file). When the search returns, `finish`
-writes that problem's full result (candidates, the chosen path, compute). `follow` switches to
-another problem (experiments.search follows the first problem of each chunk it searches).
+(`save_result`, so the watcher never reads half a file), marked {"live": {"state": "searching",
+"round": N}}. When the search returns, `finish` writes that problem's full result (candidates,
+the chosen path, compute; no "live" key) and keeps it in the file at least FINAL_HOLD_S before
+the next problem's rounds replace it. `follow` switches to another problem (experiments.search
+follows the first problem of each chunk it searches). `marking_stops` wraps a search: when it
+is interrupted or fails, the tree as it then stood is written once more marked "stopped", with
+the reason, so a watcher does not take a dead search's file for a live one.
 
     live = LiveTree(Path("runs/live_tree.json"))
     live.follow(problems[0].id, "mcts", asdict(cfg))
-    results = mcts(problems, policy, scorer, cfg, on_round=live)
+    with live.marking_stops():
+        results = mcts(problems, policy, scorer, cfg, on_round=live)
     live.finish(results)
     python -m experiments.plot tree runs/live_tree.json --watch 1   # in another terminal
 
@@ -24,9 +29,11 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
+from experiments.cli_errors import Terminated
 from experiments.result_json import save_result
 from treesearch.compute import Compute
 from treesearch.result import SearchResult
@@ -37,6 +44,9 @@ DEFAULT_INTERVAL_S = 0.5  # at most one write per this many seconds while a tree
 # ... and per this many times the last write's own duration: a big tree's write (0.46 s for 1300
 # nodes of 50-token steps) takes at most a tenth of the search's time, not most of it
 WRITE_TIME_FACTOR = 10.0
+# a finished problem's result stays in the file at least this long (a watcher polling every
+# second saw no chunk's chosen path but the last: the next chunk's first round replaced it 0.1 s later)
+FINAL_HOLD_S = 3.0
 
 
 class LiveTree:
@@ -49,15 +59,18 @@ class LiveTree:
         self.path, self.interval_s = Path(path), interval_s
         self.problem_id: str | None = None
         self.strategy, self.config = "", {}
-        self.rounds = 0
+        self.rounds = 0  # rounds of the followed problem
+        self._tree: Tree | None = None  # the followed problem's tree, as the last round left it
         self._next_write: float | None = None  # monotonic time before which a round is not written
+        self._hold_until = 0.0  # monotonic time before which a finished result stays in the file
         self._lock = threading.Lock()
 
     def follow(self, problem_id: str, strategy: str, config: Mapping[str, Any]) -> None:
         """Write this problem's tree from now on (strategy / config: what its result JSON says)."""
         with self._lock:
             self.problem_id, self.strategy, self.config = problem_id, strategy, dict(config)
-            self._next_write = None  # its first round is written at once
+            self.rounds, self._tree = 0, None
+            self._next_write = None  # its first round is written at once (after a finished one's hold)
 
     def __call__(self, trees: Sequence[Tree]) -> None:
         """The RoundHook: write the followed problem's tree when it is among `trees` and the
@@ -70,11 +83,15 @@ class LiveTree:
         now = time.monotonic()
         with self._lock:
             self.rounds += 1
-            if self._next_write is not None and now < self._next_write:
+            self._tree = tree
+            if now < self._hold_until or (self._next_write is not None and now < self._next_write):
                 return
-            save_result(self.path, growing_result(tree, self.strategy, self.config))
+            self._save(tree, {"state": "searching", "round": self.rounds})
             if self.interval_s > 0:  # 0: every round (tests, a debugger)
                 self._next_write = now + max(self.interval_s, WRITE_TIME_FACTOR * (time.monotonic() - now))
+
+    def _save(self, tree: Tree, live: Mapping[str, Any]) -> None:
+        save_result(self.path, growing_result(tree, self.strategy, self.config), live=live)
 
     def finish(self, results: Sequence[SearchResult]) -> None:
         """Write the followed problem's final result, when it is among `results`."""
@@ -82,6 +99,36 @@ class LiveTree:
             if result.problem.id == self.problem_id:
                 with self._lock:
                     save_result(self.path, result)
+                    self._tree = None
+                    if self.interval_s > 0:  # 0: every round (tests, a debugger)
+                        self._hold_until = time.monotonic() + FINAL_HOLD_S
+
+    def stop(self, reason: str) -> None:
+        """Write the followed problem's tree as it stands, marked stopped with reason (nothing
+        when no round of it was seen, or its final result is written already)."""
+        with self._lock:
+            if self._tree is not None:
+                self._save(self._tree, {"state": "stopped", "round": self.rounds, "reason": reason})
+                self._tree = None
+
+    @contextmanager
+    def marking_stops(self) -> Iterator[None]:
+        """Within the block, an exception or Ctrl-C (SIGTERM too, `experiments.cli_errors`) first
+        marks the file stopped (`stop`), then propagates."""
+        try:
+            yield
+        except BaseException as err:
+            self.stop(stop_reason(err))
+            raise
+
+
+def stop_reason(err: BaseException) -> str:
+    """What stopped a search, in a few words: "interrupted" (Ctrl-C), "terminated" (SIGTERM) or
+    the error's type and first line."""
+    if isinstance(err, KeyboardInterrupt):
+        return "terminated" if isinstance(err, Terminated) else "interrupted"
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {first_line}"[:200].rstrip(": ")
 
 
 def growing_result(tree: Tree, strategy: str, config: Mapping[str, Any]) -> SearchResult:

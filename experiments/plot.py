@@ -5,9 +5,12 @@
     python -m experiments.plot tree RESULT.json --watch 2        # live: re-render whenever RESULT.json
                                                                  # changes; the page reloads every 2 s
 
-In watch mode a file that cannot be read after a good render (caught mid-write by a writer that
-does not replace it atomically) keeps the last render, prints a one-line note on stderr and is
-retried at its next change; only a file bad before the first good render is an error.
+In watch mode the title says where a live tree stands (`experiments.live_tree`): "searching, round
+12", "stopped (interrupted) at round 12" (a Ctrl-C'd or failed search) or "final" (the finished
+search's result, its chosen path marked); the last two print a note on stderr too. A file that
+cannot be read after a good render (caught mid-write by a writer that does not replace it
+atomically) keeps the last render, prints a one-line note on stderr and is retried at its next
+change; only a file bad before the first good render is an error.
 
 Each plot is one argparse subcommand, registered by a `register(subparsers)` function that adds
 its parser and sets `run=` (a function of the parsed args returning an exit code). New plots
@@ -75,10 +78,29 @@ def load_tree_record(result_path: Path) -> ResultRecord:
 
 def render_tree(result_path: Path, out_dir: Path | None = None, refresh_s: float | None = None) -> tuple[Path, Path]:
     """Write <stem>.png and <stem>.html for one result JSON (next to it, or into out_dir)."""
-    record = load_tree_record(result_path)
+    return render_record(load_tree_record(result_path), result_path, out_dir, refresh_s)
+
+
+def live_status(record: ResultRecord, watching: bool) -> str | None:
+    """What a watched file shows: "searching, round 12", "stopped (interrupted) at round 12" (a
+    live tree's marks, `experiments.live_tree`) or "final" (a finished search's result); None
+    for a finished result rendered once."""
+    live = record.live
+    if live is None:
+        return "final" if watching else None
+    if live["state"] == "stopped":
+        return f"stopped ({live.get('reason', 'unknown')}) at round {live.get('round', '?')}"
+    return f"searching, round {live.get('round', '?')}"
+
+
+def render_record(
+    record: ResultRecord, result_path: Path, out_dir: Path | None = None, refresh_s: float | None = None
+) -> tuple[Path, Path]:
+    """`render_tree` of a record read from result_path; the title says its live status."""
     folder = result_path.parent if out_dir is None else out_dir
     stem = result_path.stem
-    title = f"{record.strategy} · problem {record.tree['problem']['id']}"
+    status = live_status(record, watching=refresh_s is not None)
+    title = f"{record.strategy} · problem {record.tree['problem']['id']}" + (f" · {status}" if status else "")
     png = draw_tree_png(record.tree, record.chosen_node, folder / f"{stem}.png", title=title)
     page = write_tree_html(record.tree, record.chosen_node, folder / f"{stem}.html", refresh_s=refresh_s, title=title,
                            candidates=record.candidates)
@@ -100,7 +122,8 @@ def render_if_changed(
     if mtime is None or mtime == last_mtime:
         return mtime
     try:
-        paths = render_tree(result_path, out_dir, refresh_s=refresh_s)
+        record = load_tree_record(result_path)
+        paths = render_record(record, result_path, out_dir, refresh_s=refresh_s)
     except ResultFileError as err:
         if not keep_last:
             raise
@@ -108,6 +131,12 @@ def render_if_changed(
         return mtime
     for path in paths:
         print(path, flush=True)
+    status = live_status(record, watching=True)
+    if status == "final":
+        print(f"note: {result_path}: the search of problem {record.problem['id']} finished (its chosen path marked); "
+              "still watching for a next problem's tree", file=sys.stderr, flush=True)
+    elif status and status.startswith("stopped"):
+        print(f"note: {result_path}: the search {status}; the tree as it stood then", file=sys.stderr, flush=True)
     return mtime
 
 

@@ -10,6 +10,9 @@ A result JSON holds (keys in `RESULT_KEYS`):
                  tree path to node_id)
     tree         `Tree.to_json()`: {"problem", "nodes": [...]}, node i has id i
     compute      `Compute.to_dict()`
+    live         (only in a live tree's file, `experiments.live_tree`) {"state": "searching" or
+                 "stopped", "round": rounds so far, "reason": why it stopped}; a finished
+                 search's result has none
 
 `save_result` writes atomically (temp file in the same folder + `os.replace`), so a reader (the
 plots, a live HTML page being regenerated) never sees a half-written file, even while a running
@@ -35,6 +38,8 @@ from treesearch.tree import Tree
 
 RESULT_KEYS = ("problem", "strategy", "config", "chosen", "chosen_node", "candidates", "tree", "compute")
 NODE_KEYS = ("id", "parent", "step", "depth", "children", "visits", "value", "prior", "score")
+LIVE_KEY = "live"
+LIVE_STATES = ("searching", "stopped")
 
 
 class ResultFileError(ValueError):
@@ -53,6 +58,7 @@ class ResultRecord:
     candidates: [{"node_id", "score", "step_scores"}] in generation order.
     tree: `Tree.to_json()` dict (what the plots draw).
     compute: `Compute.to_dict()`.
+    live: a live tree's state ({"state", "round", "reason"}), None for a finished search's result.
     """
 
     problem: dict[str, Any]
@@ -63,6 +69,7 @@ class ResultRecord:
     candidates: list[dict[str, Any]]
     tree: dict[str, Any]
     compute: dict[str, Any]
+    live: dict[str, Any] | None = None
 
     def to_tree(self) -> Tree:
         return Tree.from_json(self.tree)
@@ -96,7 +103,10 @@ def result_from_json(data: Any) -> ResultRecord:
     num_nodes = len(data["tree"]["nodes"])
     if chosen_node is not None and not (_is_id(chosen_node) and chosen_node < num_nodes):
         raise ResultFileError(f"chosen_node={chosen_node!r} is not a node id of the tree (0..{num_nodes - 1})")
-    return ResultRecord(**{key: data[key] for key in RESULT_KEYS})
+    live = data.get(LIVE_KEY)
+    if live is not None and not (isinstance(live, dict) and live.get("state") in LIVE_STATES):
+        raise ResultFileError(f"{LIVE_KEY}={live!r} must be an object whose state is one of {', '.join(LIVE_STATES)}")
+    return ResultRecord(**{key: data[key] for key in RESULT_KEYS}, live=live)
 
 
 def load_result(path: str | os.PathLike[str]) -> ResultRecord:
@@ -114,9 +124,11 @@ def load_result(path: str | os.PathLike[str]) -> ResultRecord:
         raise ResultFileError(f"{path}: not a result JSON: {err}") from None
 
 
-def save_result(path: str | os.PathLike[str], result: SearchResult) -> Path:
-    """Write `result_to_json(result)` to path atomically; return the path."""
-    return write_atomic(path, json.dumps(result_to_json(result), ensure_ascii=False))
+def save_result(path: str | os.PathLike[str], result: SearchResult, live: Mapping[str, Any] | None = None) -> Path:
+    """Write `result_to_json(result)` (with a live tree's state under LIVE_KEY when given) to path
+    atomically; return the path."""
+    data = result_to_json(result) if live is None else {**result_to_json(result), LIVE_KEY: dict(live)}
+    return write_atomic(path, json.dumps(data, ensure_ascii=False))
 
 
 def write_atomic(path: str | os.PathLike[str], content: str | bytes) -> Path:

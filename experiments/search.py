@@ -512,10 +512,12 @@ def run_chunk(
     """Search one chunk (all of it, so its samples do not depend on what was done before) and
     return the rows of the problems not in skip. live: follows the chunk's first problem."""
     cfg = dataclasses.replace(strategy_cfg, seed=chunk_seed(seed, [p.id for p in part]))
-    if live is not None:
+    if live is None:
+        results = search_chunk(part, spec, cfg, policy, scorer, batching)
+    else:
         live.follow(part[0].id, spec.fn.__name__, dataclasses.asdict(cfg))
-    results = search_chunk(part, spec, cfg, policy, scorer, batching, on_round=live)
-    if live is not None:
+        with live.marking_stops():  # a Ctrl-C'd or failed search's file says so
+            results = search_chunk(part, spec, cfg, policy, scorer, batching, on_round=live)
         live.finish(results)
     outcomes = grade_results(results, task.grade, task.extract_answer)
     return [

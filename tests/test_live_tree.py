@@ -85,7 +85,7 @@ def test_a_slow_write_spaces_the_next_ones_so_writing_takes_a_tenth_of_the_time(
     clock = [0.0]
     monkeypatch.setattr(live_tree.time, "monotonic", lambda: clock[0])
 
-    def slow_save(path, result):
+    def slow_save(path, result, live=None):
         clock[0] += 1.0  # each write takes 1 s
         writes.append(clock[0])
 
@@ -116,3 +116,87 @@ def test_a_search_run_with_live_tree_leaves_the_last_chunks_tree_and_resumes_wit
     assert (out / "records.jsonl").read_text() == before
     with pytest.raises(ValueError, match=r"^live_tree='maybe' must be true or false$"):
         run_in_process(base + ["live_tree=maybe"])
+
+
+def test_rounds_are_marked_searching_and_a_stopped_search_says_why(tmp_path):
+    # a Ctrl-C'd search left a growing tree that looked live for ever
+    live = LiveTree(tmp_path / LIVE_TREE_FILE, interval_s=0)
+    live.follow("trap", "mcts", {})
+    tree = Tree(trap_problem())
+    live([tree])
+    live([tree])
+    assert load_result(live.path).live == {"state": "searching", "round": 2}
+    with pytest.raises(KeyboardInterrupt), live.marking_stops():
+        live([tree])
+        raise KeyboardInterrupt
+    assert load_result(live.path).live == {"state": "stopped", "round": 3, "reason": "interrupted"}
+    live.follow("trap", "mcts", {})
+    live([tree])
+    with pytest.raises(ValueError), live.marking_stops():
+        raise ValueError("the PRM's window\nis 512 tokens")
+    assert load_result(live.path).live["reason"] == "ValueError: the PRM's window"
+    live.follow("other", "mcts", {})  # no round of it seen: the last file is left as it is
+    with pytest.raises(KeyboardInterrupt), live.marking_stops():
+        raise KeyboardInterrupt
+    assert load_result(live.path).live["round"] == 1
+
+
+def test_a_finished_result_is_unmarked_and_stays_before_the_next_problems_rounds(tmp_path, monkeypatch):
+    # a watcher polling every second saw no chunk's chosen path but the last one's
+    from experiments import live_tree
+
+    clock = [0.0]
+    monkeypatch.setattr(live_tree.time, "monotonic", lambda: clock[0])
+    live = LiveTree(tmp_path / LIVE_TREE_FILE, interval_s=0.5)
+    cfg = MCTSConfig(iterations=4, expand_width=2, leaves_per_round=2)
+    live.follow("trap", "mcts", asdict(cfg))
+    (result,) = run_search("mcts", [trap_problem()], ScriptedPolicy(), ScriptedScorer(), on_round=live, **asdict(cfg))
+    live.finish([result])
+    assert load_result(live.path).live is None and load_result(live.path).chosen_node is not None
+    live.follow("next", "mcts", {})
+    clock[0] += live_tree.FINAL_HOLD_S - 0.1
+    live([Tree(trap_problem("next"))])
+    assert load_result(live.path).problem["id"] == "trap"  # held
+    clock[0] += 0.2
+    live([Tree(trap_problem("next"))])
+    assert load_result(live.path).problem["id"] == "next"
+    with pytest.raises(KeyboardInterrupt), live.marking_stops():  # a finished result is never marked stopped
+        live.finish([result])
+        raise KeyboardInterrupt
+
+
+def test_the_watcher_says_where_the_live_tree_stands(tmp_path, capsys):
+    from experiments.plot import render_if_changed
+
+    live = LiveTree(tmp_path / LIVE_TREE_FILE, interval_s=0)
+    live.follow("trap", "mcts", {})
+    live([Tree(trap_problem())])
+    render_if_changed(live.path, tmp_path, 1.0, None)
+    assert "mcts · problem trap · searching, round 1" in (tmp_path / "live_tree.html").read_text()
+    live.stop("interrupted")
+    render_if_changed(live.path, tmp_path, 1.0, None)
+    assert "stopped (interrupted) at round 1" in (tmp_path / "live_tree.html").read_text()
+    assert "the search stopped (interrupted) at round 1" in capsys.readouterr().err
+    cfg = MCTSConfig(iterations=4, expand_width=2, leaves_per_round=2)
+    (result,) = run_search("mcts", [trap_problem()], ScriptedPolicy(), ScriptedScorer(), **asdict(cfg))
+    live.finish([result])
+    render_if_changed(live.path, tmp_path, 1.0, None)
+    assert "problem trap · final" in (tmp_path / "live_tree.html").read_text()
+    assert "the search of problem trap finished" in capsys.readouterr().err
+    render_tree(live.path)  # rendered once, not watched: no status in the title
+    assert "· final" not in (tmp_path / "live_tree.html").read_text()
+
+
+def test_an_interrupted_search_run_marks_its_live_tree_stopped(ckpt, tmp_path, monkeypatch):
+    from experiments import search
+
+    def interrupted(part, spec, cfg, policy, scorer, batching, on_round=None):
+        on_round([Tree(part[0])])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search, "search_chunk", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_in_process([f"policy.path={ckpt}", f"out_dir={out}", "task.count=2", "search=beam", "search.n=2",
+                        "search.beam_width=1", "progress=false", "live_tree=true"])
+    assert load_result(out / LIVE_TREE_FILE).live == {"state": "stopped", "round": 1, "reason": "interrupted"}

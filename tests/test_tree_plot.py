@@ -167,7 +167,7 @@ def test_watch_cli_survives_a_half_written_file_after_a_good_render(saved, tmp_p
     assert main(["tree", str(path), "--out-dir", str(tmp_path / "live"), "--watch", "1"]) == 0
     out, err = capsys.readouterr()
     assert len(out.split()) == 4  # rendered twice (PNG + HTML each): before and after the bad file
-    assert err.count("note: ") == 1 and "not JSON" in err
+    assert err.count("note: ") == 3 and err.count("not JSON") == 1 and err.count("finished") == 2  # a result: final
 
     junk = tmp_path / "junk.json"
     junk.write_text("{oops")
@@ -245,6 +245,8 @@ def test_watch_says_once_that_it_waits_for_a_missing_file_and_when_the_file_goes
     assert notes == [
         f"note: waiting for {watched} to appear (its folder {watched.parent} does not exist yet): a search with "
         "live_tree=true writes it after its first round (a finished run searches nothing again and writes none)",
+        f"note: {watched}: the search of problem hostile finished (its chosen path marked); still watching for a "
+        "next problem's tree",
         f"note: {watched} was removed; keeping the last render, waiting for it to appear again",
     ]
     assert len(captured.out.split()) == 2  # the one render: PNG and HTML
