@@ -187,20 +187,42 @@ def _below(point: ScalingPoint, other: ScalingPoint) -> bool:
 
 def pooled_points(runs: Sequence[RunSummary], axis: ComputeAxis = COMPUTE_AXES[DEFAULT_AXIS]) -> list[ScalingPoint]:
     """One point per budget: per-problem correctness averaged over seeds, an interval over
-    problems; compute = the runs' mean on the axis. Sorted by compute."""
+    problems; compute = the runs' mean on the axis, 0 when one of them has none (no place on the
+    log axis: `zero_compute_note`). Sorted by compute. ValueError when two runs of a budget share
+    a seed (`check_draws`)."""
     by_budget: dict[int, list[RunSummary]] = defaultdict(list)
     for run in runs:
         by_budget[run.budget].append(run)
     points = []
     for budget, group in by_budget.items():
+        check_draws(group)
         per_problem: dict[str, list[float]] = defaultdict(list)
         for run in group:
             for problem_id, correct in run.per_problem:
                 per_problem[problem_id].append(correct)
         values = [sum(v) / len(v) for v in per_problem.values()]
-        compute = sum(axis.of(r) for r in group) / len(group)
+        computes = [axis.of(r) for r in group]
+        compute = sum(computes) / len(group) if all(c > 0 for c in computes) else 0.0
         points.append(ScalingPoint(budget, compute, interval(values), len(group), len(values)))
     return sorted(points, key=lambda p: (p.compute, p.budget))
+
+
+def check_draws(group: Sequence[RunSummary]) -> None:
+    """ValueError naming the runs when runs of one series and budget share a seed: a point pools
+    only draws (other seeds), not a copy of a run or runs that differ in a setting that is not
+    the budget (four MCTS token budgets under one budget=8 made one point at their mean compute)."""
+    by_seed: dict[int, list[str]] = defaultdict(list)
+    for run in group:
+        by_seed[run.seed].append(run.run)
+    for seed, names in by_seed.items():
+        if len(names) > 1:
+            first = group[0]
+            mcts = (" (an MCTS run with search.token_budget is filed under the top-level budget=: give each token budget "
+                    "its own budget, or sweep search.iterations)" if first.strategy.startswith("mcts") else "")
+            raise ValueError(
+                f"runs {', '.join(names)} are all {first.strategy} at N={first.budget} with seed {seed}: a scaling "
+                f"point pools only runs of other seeds; these are copies or differ in a setting that is not the "
+                f"budget{mcts}; point the command at a folder without the extra runs")
 
 
 def series_name(run: RunSummary, several_scorers: bool, several_workloads: bool = False) -> str:

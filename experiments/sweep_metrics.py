@@ -63,6 +63,8 @@ from treesearch.config_diff import flatten
 
 RECORDS = "records.jsonl"
 RECORD_KEYS = ("problem_id", "strategy", "config", "candidates", "compute")  # what every row of a search's records holds (`load_rows` checks it)
+CANDIDATE_KEYS = ("answer", "correct", "score")  # what the metrics read of a row's candidates (`check_rows`)
+COMPUTE_KEYS = ("tokens_generated", "flops")  # ... and of its compute (besides every field the first row has)
 CONFIG = "config.yaml"
 SEARCH_CONFIG_NODES: tuple[str, ...] = ("task", "policy", "scorer")  # a config.yaml with these is a search run's
 # the strategy config field that is its budget (the N of a sweep); "n" for the others
@@ -112,6 +114,30 @@ def unique_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             seen.add(row["problem_id"])
             out.append(row)
     return out
+
+
+def check_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """RunFolderError naming the file and problem when a row's candidates or compute lack what the
+    metrics read (a hand-edited or foreign file gave a bare KeyError, with no file named)."""
+    fields = set(COMPUTE_KEYS) | (set(rows[0]["compute"]) if rows and isinstance(rows[0]["compute"], dict) else set())
+    for row in rows:
+        where = f"{path}: the row of problem {row['problem_id']!r}"
+        compute = row["compute"]
+        if not isinstance(compute, dict):
+            raise RunFolderError(f"{where} has compute={compute!r}, not an object")
+        missing = sorted(k for k in fields if not _is_number(compute.get(k)))
+        if missing:
+            raise RunFolderError(f"{where} lacks a number for compute.{missing[0]}")
+        if not isinstance(row["candidates"], list):
+            raise RunFolderError(f"{where} has candidates={row['candidates']!r}, not a list")
+        for i, cand in enumerate(row["candidates"]):
+            lacking = [k for k in CANDIDATE_KEYS if not isinstance(cand, dict) or k not in cand]
+            if lacking:
+                raise RunFolderError(f"{where}: candidates[{i}] lacks {lacking[0]!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def problem_outcome(row: dict[str, Any]) -> ProblemOutcome:
@@ -405,6 +431,8 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         raise RunFolderError(f"{path} is not a readable run config ({type(err).__name__}: {message:.300})") from None
     if not isinstance(config, dict):
         raise RunFolderError(f"{path} is not a run config: it holds a {type(config).__name__}, not a mapping")
+    if not config:  # an empty file: its run became workload "?" and relabelled every other run
+        raise RunFolderError(f"{path} is empty, not a run config")
     return config  # type: ignore[return-value]
 
 
@@ -413,7 +441,11 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
     rows = unique_rows(load_rows(run_dir / RECORDS, repair=False, keys=RECORD_KEYS))  # a search may still be appending
     if not rows:
         raise EmptyRunError(f"{run_dir}: {RECORDS} has no complete rows")
+    check_rows(rows, run_dir / RECORDS)
     config = read_run_config(run_dir)
+    missing = [node for node in SEARCH_CONFIG_NODES if not isinstance(config.get(node), dict)]
+    if missing:  # a foreign config: its run labelled "?" and relabelled every other run
+        raise RunFolderError(f"{run_dir / CONFIG} is not a search run's config: it has no {missing[0]} settings")
     strategy = rows[0]["strategy"]
     temperature = config.get("policy", {}).get("sampling", {}).get("temperature")
     compute = mean_compute(rows)
@@ -575,6 +607,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (args.path / RECORDS).is_file():
             config = read_run_config(args.path) if (args.path / CONFIG).is_file() else {}
             rows = load_rows(args.path / RECORDS, repair=False, keys=RECORD_KEYS)
+            if not rows:
+                raise RunFolderError(f"{args.path / RECORDS} has no complete rows: nothing to compute metrics from")
+            check_rows(rows, args.path / RECORDS)
             print(json.dumps(run_metrics(rows, run_config=config), indent=2))
             return 0
         summaries = sweep_summaries(args.path)

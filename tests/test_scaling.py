@@ -629,3 +629,52 @@ def test_intervals_of_right_or_wrong_problems_are_wilsons():
     rng = np.random.default_rng(0)  # coverage at p = 0.125 over 400 draws of 8 problems
     held = [(lambda e: e.low <= 0.125 <= e.high)(interval(list((rng.random(8) < 0.125).astype(float)))) for _ in range(400)]
     assert sum(held) / 400 >= 0.9
+
+
+def test_a_run_of_compute_zero_pooled_with_another_seed_leaves_its_point_off_the_fit(synthetic_sweep, capsys):
+    # pooled with seed 1, the zero run's point sat at half the compute and the series kept a fit
+    path = synthetic_sweep / "bon-8-0" / "records.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "policy_parameters"}) + "\n" for r in rows))
+    (bon,) = [s for s in scaling_by_strategy(sweep_summaries(synthetic_sweep)) if s.name == "best_of_n"]
+    assert bon.fit is None and [p.compute for p in bon.points if p.budget == 8] == [0.0]
+
+
+def test_runs_of_one_budget_and_seed_are_not_pooled_as_draws(tmp_path, capsys):
+    # four MCTS token budgets under one budget=8 made one point at their mean compute, in silence
+    for tokens in (50, 100, 200):
+        write_run(tmp_path / f"mcts-{tokens}", "mcts", 64, 0, [True, False], tokens, settings={"token_budget": tokens},
+                  run_settings={"budget": 8})
+    assert scaling.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "runs mcts-100, mcts-200, mcts-50 are all mcts at N=8 with seed 0" in err
+    assert "filed under the top-level budget=" in err
+    assert plot_scaling_module.main([str(tmp_path)]) == 2
+    assert sweep_metrics.main([str(tmp_path)]) == 0  # the table lists runs, one row each
+
+
+def test_rows_or_configs_that_lack_what_the_metrics_read_name_their_file(synthetic_sweep, capsys):
+    path = synthetic_sweep / "bon-8-0" / "records.jsonl"
+    good = path.read_text()
+    rows = [json.loads(line) for line in good.splitlines()]
+    for broken, message in ((lambda r: r["candidates"][0].pop("score"), "candidates[0] lacks 'score'"),
+                            (lambda r: r["compute"].pop("tokens_generated"), "lacks a number for compute.tokens_generated"),
+                            (lambda r: r["compute"].pop("flops"), "lacks a number for compute.flops")):
+        edited = json.loads(json.dumps(rows))
+        broken(edited[-1])
+        path.write_text("".join(json.dumps(r) + "\n" for r in edited))
+        for command in (sweep_metrics.main, scaling.main):
+            assert command([str(synthetic_sweep)]) == 2
+            err = capsys.readouterr().err
+            assert f"error: {path}: the row of problem '{rows[-1]['problem_id']}'" in err and message in err
+        assert sweep_metrics.main([str(path.parent)]) == 2
+        assert message in capsys.readouterr().err
+    path.write_text("")
+    assert sweep_metrics.main([str(path.parent)]) == 2
+    assert capsys.readouterr().err == f"error: {path} has no complete rows: nothing to compute metrics from\n"
+    path.write_text(good)
+    config = synthetic_sweep / "bon-8-0" / "config.yaml"
+    for text, message in (("", "is empty, not a run config"), ("seed: 0\n", "is not a search run's config: it has no task")):
+        config.write_text(text)
+        assert sweep_metrics.main([str(synthetic_sweep)]) == 2
+        assert f"error: {config} {message}" in capsys.readouterr().err

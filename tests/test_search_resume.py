@@ -165,7 +165,8 @@ def test_a_sweep_table_reads_records_a_search_is_still_writing_without_cutting_t
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("seed: 0\nscorer: {_target_: scorers.confidence.ConfidenceScorer}\n")
+    (run / "config.yaml").write_text("seed: 0\nscorer: {_target_: scorers.confidence.ConfidenceScorer}\n"
+                                     "task: {module: experiments.tasks.arith}\npolicy: {path: ckpt}\n")
     row = {"problem_id": "a", "strategy": "best_of_n", "config": {"n": 1}, "candidates": [], "chosen_index": None,
            "compute": {"tokens_generated": 1, "tokens_forwarded": 1, "scorer_tokens": 0, "C": 1, "flops": 1}}
     append_rows(run / "records.jsonl", [row])
