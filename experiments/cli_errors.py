@@ -30,14 +30,11 @@ import threading
 import traceback
 from typing import Callable, Iterator, Sequence
 
+from policies.step_boundary import Terminated  # noqa: F401 (raised on SIGTERM here; re-exported)
+
 USAGE_EXIT = 2
 INTERRUPT_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 TERMINATE_EXIT = 143  # 128 + SIGTERM
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is (`interrupt_reported`); a KeyboardInterrupt, so the
-    code that cleans up after Ctrl-C does so after a kill too."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:

@@ -805,8 +805,9 @@ def should_stop(t: Trainer, stop: StopRequest) -> tuple[bool, bool]:
 
 def train_loop(t: Trainer, log: MetricsLog | None, progress: bool) -> None:
     """Steps until the budget ends; a checkpoint every checkpoint_every steps and at the end. The
-    first Ctrl-C stops after the current step, saves out_dir/last and raises KeyboardInterrupt
-    (`policies.step_boundary`; a second aborts at once, the last checkpoint kept)."""
+    first Ctrl-C or SIGTERM stops after the current step, saves out_dir/last and raises
+    KeyboardInterrupt (Terminated for SIGTERM; `policies.step_boundary`; a second aborts at once,
+    the last checkpoint kept)."""
     k = t.s.run.checkpoint_every
     bar = tqdm(total=t.s.run.max_steps, initial=t.step, unit="step", desc="grpo+spr",
                disable=not (progress and t.main), dynamic_ncols=True)
@@ -826,8 +827,9 @@ def train_loop(t: Trainer, log: MetricsLog | None, progress: bool) -> None:
             checkpoint(t, numbered=False)
     if decision[1]:
         if t.main:
-            print(f"Ctrl-C: saved {t.out / 'last'} at step {t.step}", file=sys.stderr, flush=True)
-        raise KeyboardInterrupt
+            print(f"{'SIGTERM' if stop.terminated else 'Ctrl-C'}: saved {t.out / 'last'} at step {t.step}",
+                  file=sys.stderr, flush=True)
+        raise stop.interrupt()
 
 
 def _fmt(value: float | None) -> str:

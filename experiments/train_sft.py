@@ -37,6 +37,7 @@ from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 from experiments.cli_args import check_folder_target  # noqa: E402
+from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT  # noqa: E402
 from experiments.quick_eval import QuickEvalConfig, format_report, quick_eval, eval_problems  # noqa: E402
 from experiments.sft_tasks import SFT_TASKS, SFTTask, get_sft_task  # noqa: E402
 from policies.checkpoint import load_checkpoint  # noqa: E402
@@ -147,7 +148,7 @@ def run(plan: RunPlan, out: Path, seed: int, progress: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse argv (default: sys.argv) and run. A bad value or run folder (SFTError) prints
-    "error: ..." and gives 2; Ctrl-C during training saves OUT/last and gives 130; any other
+    "error: ..." and gives 2; Ctrl-C during training saves OUT/last and gives 130 (SIGTERM: 143); any other
     exception is a bug and keeps its traceback (Ctrl-C outside the steps: one line, 130)."""
     args = build_parser().parse_args(argv)
     try:
@@ -157,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except TrainingInterrupted as err:
         print(err, file=sys.stderr)
-        return 130
+        return TERMINATE_EXIT if err.terminated else INTERRUPT_EXIT
     except KeyboardInterrupt:  # outside the training steps (preparing the data, the evaluation): a traceback before
         print("\ninterrupted outside the training steps: what was saved is kept; rerun the same command to go on",
               file=sys.stderr)

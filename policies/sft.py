@@ -272,7 +272,7 @@ def train_sft(
     config (up to RESUMABLE_KEYS), run_info, and where passed the same starting model and
     tokenizer, or an SFTError. Otherwise model and tokenizer are used as given (both None: the
     default tiny model and tokenizer). run_info: JSON-able facts the arguments do not show (the
-    CLI: task, train_problems). Ctrl-C: TrainingInterrupted after saving out_dir/last.
+    CLI: task, train_problems). Ctrl-C or SIGTERM: TrainingInterrupted after saving out_dir/last.
     """
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
@@ -339,7 +339,7 @@ def _train_sft(
         _train_loop(model, tokenizer, optimizer, data, held_out, schedule, run, cfg, out_dir, progress, start.identity, stop)
         if stop.requested:
             save_training_checkpoint(last, model, tokenizer, optimizer, run, cfg, start.identity)
-            raise TrainingInterrupted(run.step, last)
+            raise TrainingInterrupted(run.step, last, terminated=stop.terminated)
     save_training_checkpoint(last, model, tokenizer, optimizer, run, cfg, start.identity)
     write_summary(out_dir / SUMMARY_FILE, run, cfg, len(data), start.identity.get("run"))
     model.eval()

@@ -67,11 +67,13 @@ class SFTError(ValueError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training: out_dir/last holds the run at `step`, rerunning resumes it."""
+    """Ctrl-C (or SIGTERM: terminated) during training: out_dir/last holds the run at `step`,
+    rerunning resumes it."""
 
-    def __init__(self, step: int, last: Path) -> None:
-        super().__init__(f"interrupted: saved {last} at step {step}; rerun the same command to resume")
-        self.step, self.last = step, last
+    def __init__(self, step: int, last: Path, terminated: bool = False) -> None:
+        how = "terminated" if terminated else "interrupted"
+        super().__init__(f"{how}: saved {last} at step {step}; rerun the same command to resume")
+        self.step, self.last, self.terminated = step, last, terminated
 
     def __str__(self) -> str:
         return str(self.args[0])

@@ -109,19 +109,21 @@ def test_checkpoint_every_sets_the_resume_interval(tmp_path, monkeypatch):
     assert state_step(out) == 3
 
 
-def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum, code, how", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, monkeypatch, capsys, signum, code, how):
+    # SIGTERM (kill, timeout, a scheduler) killed the run with every step since the last checkpoint
     out, real_step, calls = tmp_path / "run", sft.train_step, []
 
     def interrupt_on_second_step(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, delivered during the step
+            signal.raise_signal(getattr(signal, signum))  # a real Ctrl-C / kill, delivered during the step
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(sft, "train_step", interrupt_on_second_step)
-    assert main("--out", str(out), "--max-steps", "4") == 130
+    assert main("--out", str(out), "--max-steps", "4") == code
     err = capsys.readouterr().err
-    assert err == f"interrupted: saved {out / 'last'} at step 2; rerun the same command to resume\n"
+    assert err == f"{how}: saved {out / 'last'} at step 2; rerun the same command to resume\n"
     assert state_step(out) == 2
     monkeypatch.setattr(sft, "train_step", real_step)
     assert main("--out", str(out), "--max-steps", "4") == 0

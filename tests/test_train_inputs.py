@@ -287,10 +287,12 @@ def test_an_init_from_with_a_head_must_name_the_layer_it_reads(finished, tmp_pat
     assert reflective.feature_layer == -1
 
 
-def test_ctrl_c_saves_the_finished_step_and_a_rerun_resumes_from_it(init_dir, tmp_path):
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_the_finished_step_and_a_rerun_resumes_from_it(init_dir, tmp_path, signum):
     """Ctrl-C in `python -m experiments.train` stops after the current step, saves last/ there and
     says how to go on, exit 130 (it printed a KeyboardInterrupt traceback and lost every step since
-    the last checkpoint_every, up to 24 steps of the GRPO recipe)."""
+    the last checkpoint_every, up to 24 steps of the GRPO recipe); SIGTERM the same, exit 143 (it
+    unwound at once, saved nothing and said the run would resume)."""
     import os
     import signal
     import subprocess
@@ -309,13 +311,15 @@ def test_ctrl_c_saves_the_finished_step_and_a_rerun_resumes_from_it(init_dir, tm
         if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, getattr(signal, signum))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    terminated = signum == "SIGTERM"
+    assert proc.returncode == (143 if terminated else 130) and "Traceback" not in err, err[-2000:]
     step = load_joint_state(out / "last").step
     assert 2 <= step < 200 and rows_of(out)[-1]["step"] == step  # saved at the step it stopped after
-    assert f"Ctrl-C: saved {out / 'last'} at step {step}" in err
-    assert err.strip().splitlines()[-1] == "interrupted: a run resumes from its out_dir/last; rerun the same command to go on"
+    assert f"{'SIGTERM' if terminated else 'Ctrl-C'}: saved {out / 'last'} at step {step}" in err
+    assert err.strip().splitlines()[-1] == (f"{'terminated' if terminated else 'interrupted'}: a run resumes from its "
+                                            "out_dir/last; rerun the same command to go on")
     rows = rows_of(out)
     run_training(composed(tiny(init_dir, out, f"run.max_steps={step + 1}", "run.checkpoint_every=0",
                                "run.eval_every=0", "run.greedy_every=0")))
