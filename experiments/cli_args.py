@@ -43,6 +43,27 @@ nonnegative_int = bounded_int(0)
 nonnegative_int.__doc__ = "An argparse type: an integer >= 0 (where 0 means something documented)."
 
 
+TORCH_SEEDS = range(-2**63, 2**64)  # what torch.manual_seed takes (a larger one failed with "Overflow when unpacking long long")
+
+
+def check_seed(name: str, value: int) -> None:
+    """ValueError naming the setting when value is not a seed torch takes (TORCH_SEEDS)."""
+    if value not in TORCH_SEEDS:
+        raise ValueError(f"{name}={value} must be an integer from {TORCH_SEEDS.start} to {TORCH_SEEDS.stop - 1} (torch's seeds)")
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: an integer torch takes as a seed (`check_seed`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value not in TORCH_SEEDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be an integer from {TORCH_SEEDS.start} to {TORCH_SEEDS.stop - 1} (torch's seeds)")
+    return value
+
+
 def port_number(text: str) -> int:
     """An argparse type: a TCP port, an integer in 1-65535 (a larger one would wrap around to
     another port: 70000 bound 4464)."""

@@ -69,6 +69,7 @@ from experiments.aha_metrics import fc_metrics, path_scores, prefixed  # noqa: E
 from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: E402
 from experiments.result_json import write_atomic  # noqa: E402
 from experiments.checkpoint_hints import checkpoint_hint  # noqa: E402
+from experiments.cli_args import check_seed  # noqa: E402
 from experiments.cli_errors import hydra_rerun_hint, interrupt_reported, note_hydra_job  # noqa: E402
 from experiments.group_options import check_group_options  # noqa: E402
 from experiments.out_dir_args import check_out_dir_argument  # noqa: E402
@@ -172,6 +173,7 @@ class RunConfig:
                 raise ValueError(f"RunConfig.{name}={getattr(self, name)!r} must be >= 0")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"RunConfig.max_minutes={self.max_minutes!r} must be > 0 (or null)")
+        check_seed("run.head_seed", self.head_seed)  # torch.manual_seed's; run.seed only feeds derived_seed's hash
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"RunConfig.old_logprobs={self.old_logprobs!r}; valid: {', '.join(OLD_LOGPROBS)}")
 
@@ -511,7 +513,13 @@ def make_heldout(t: Trainer, resumed: bool) -> None:
     if resumed:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the held-out rollouts of this run are gone; use a new out_dir")
-        t.heldout = [_heldout_from_row(row) for row in load_rows(path)]
+        rows = load_rows(path, repair=False)  # written whole: a torn or short file is damage, not a log to trim
+        expected = len(t.heldout_problems) * t.s.data.heldout_rollouts
+        if len(rows) != expected:
+            raise ValueError(f"{path} holds {len(rows)} complete held-out rollouts, not this run's {expected} "
+                             f"({len(t.heldout_problems)} problems x data.heldout_rollouts={t.s.data.heldout_rollouts}): "
+                             "the file is damaged; restore it or use a new out_dir")
+        t.heldout = [_heldout_from_row(row) for row in rows]
         return
     t.reflective.eval()
     local = list(range(t.rank, len(t.heldout_problems), t.world))

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from experiments.cli_args import check_folder_target  # noqa: E402
+from experiments.cli_args import check_folder_target, seed_int  # noqa: E402
 from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT  # noqa: E402
 from experiments.quick_eval import QuickEvalConfig, format_report, quick_eval, eval_problems  # noqa: E402
 from experiments.sft_tasks import SFT_TASKS, SFTTask, get_sft_task  # noqa: E402
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=None, help="step budget (with or instead of --minutes)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=seed_int, default=d.seed)
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                         help="steps between resume checkpoints in OUT/last (0: only at the end and on Ctrl-C)")
     parser.add_argument("--train-problems", type=int, default=DEFAULT_TRAIN_PROBLEMS)

@@ -167,7 +167,14 @@ def load_checkpoint_folder(directory: Path) -> tuple[JointTrainState, Reflective
 def resume_point(out_dir: Path) -> ResumePoint | None:
     """The newest complete checkpoint of out_dir (last/ first, then ckpt-<K> by K descending), or
     None when out_dir holds no checkpoint folder (a fresh start). A run whose checkpoint folders
-    are all incomplete or damaged is a DamagedCheckpointError naming each one's fault."""
+    are all incomplete or damaged is a DamagedCheckpointError naming each one's fault; so is a
+    missing last/ beside the copy `atomic_directory` moved aside (it started the run afresh)."""
+    last, aside = Path(out_dir) / LAST, sorted(Path(out_dir).glob(f".{LAST}.old-*"))  # atomic_directory's previous copy
+    if aside and not last.exists():  # a write of last/ cut between its two renames: which is newest is the user's call
+        raise DamagedCheckpointError(
+            f"{last} is missing but {aside[-1]} holds the checkpoint before it (a checkpoint write was cut off): "
+            f"rename it to {last} to resume from it, or remove it to resume from the newest ckpt-<K>; nothing was deleted"
+        )
     passed_over: list[str] = []
     for directory in checkpoint_folders(out_dir):
         try:

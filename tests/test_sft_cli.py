@@ -146,3 +146,11 @@ def test_ctrl_c_while_preparing_the_data_is_one_line_and_130(tmp_path, monkeypat
     assert main("--out", str(tmp_path / "run"), "--max-steps", "2") == 130
     assert capsys.readouterr().err == (
         "\ninterrupted outside the training steps: what was saved is kept; rerun the same command to go on\n")
+
+
+def test_a_seed_torch_cannot_take_is_an_argument_error(tmp_path, capsys):
+    # a traceback ("Overflow when unpacking long long") after the training data was generated
+    with pytest.raises(SystemExit) as info:
+        main("--out", str(tmp_path / "run"), "--seed", str(2**64))
+    assert info.value.code == 2 and "argument --seed: '18446744073709551616' must be an integer from" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

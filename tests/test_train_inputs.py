@@ -380,3 +380,40 @@ def test_weights_finite_finds_a_nan_or_inf_in_any_parameter():
         model[1].bias.fill_(0.0)
         model[0].weight[1, 2] = float("nan")
     assert not weights_finite(model)
+
+
+def test_a_head_seed_torch_cannot_take_names_the_setting():
+    # "error: Overflow when unpacking long long", naming nothing
+    from experiments.train import RunConfig
+
+    with pytest.raises(ValueError, match=r"^run.head_seed=100000000000000000000 must be an integer from -9223372036854775808"):
+        RunConfig(head_seed=10**20)
+    assert RunConfig(head_seed=-1).head_seed == -1
+
+
+@pytest.mark.parametrize("cut", [20, None])
+def test_a_damaged_heldout_file_is_refused_on_resume_and_left_as_it_is(init_dir, finished, tmp_path, cut):
+    # a torn file was trimmed further and its shorter held-out set used (the fc metrics moved); an
+    # empty one turned every heldout_fc metric to null, without a word
+    out = copy_run(finished, tmp_path)
+    path = out / "heldout_rollouts.jsonl"
+    data = path.read_bytes()
+    path.write_bytes(data[:-cut] if cut else b"")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} holds \d+ complete held-out rollouts, not this "
+                                         r"run's \d+ \(\d+ problems x data.heldout_rollouts=\d+\): the file is damaged"):
+        run_training(composed(tiny(init_dir, out, "run.max_steps=4")))
+    assert path.read_bytes() == (data[:-cut] if cut else b"")
+
+
+def test_a_last_checkpoint_cut_between_its_renames_is_named_not_started_over(init_dir, finished, tmp_path):
+    # only .last.old-* left (atomic_directory killed between its two renames): a silent fresh start
+    # that rewrote metrics.jsonl from step 0
+    from policies.checkpoint import DamagedCheckpointError
+
+    out = copy_run(finished, tmp_path)
+    rows = (out / "metrics.jsonl").read_text()
+    (out / "last").rename(out / ".last.old-4242-abcdefgh")
+    with pytest.raises(DamagedCheckpointError, match=r"last is missing but .*\.last\.old-4242-abcdefgh holds the "
+                                                     r"checkpoint before it .*rename it to"):
+        run_training(composed(tiny(init_dir, out, "run.max_steps=4")))
+    assert (out / "metrics.jsonl").read_text() == rows
