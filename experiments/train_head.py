@@ -292,13 +292,14 @@ def positive_epochs(text: str) -> float:
 
 
 def steps_for_epochs(epochs: float, rollouts: int, batch_rollouts: int) -> int:
-    """Optimiser steps of `epochs` passes over `rollouts` train rollouts, at least 1; a step
-    draws min(batch_rollouts, rollouts) of them (`scorers.head_training.RolloutBatches`). E.g.
-    2 epochs of 640 rollouts by 64 -> 20; by 1000 (each step a full pass) -> 2."""
+    """Optimiser steps of `epochs` passes over `rollouts` train rollouts, at least 1; a pass is
+    ceil(rollouts / batch_rollouts) steps, its last one the remainder
+    (`scorers.head_training.RolloutBatches`). E.g. 2 epochs of 640 rollouts by 64 -> 20; of 96
+    by 64 -> 4 (64 + 32 each); by 1000 (each step a full pass) -> 2."""
     check_epochs(epochs)
     if rollouts < 1:
         raise ValueError("the train cache holds no rollouts")
-    return max(1, round(epochs * rollouts / min(batch_rollouts, rollouts)))
+    return max(1, round(epochs * math.ceil(rollouts / batch_rollouts)))
 
 
 def batch_note(batch_rollouts: int, rollouts: int) -> str | None:

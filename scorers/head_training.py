@@ -197,7 +197,10 @@ def rollout_min_scores(probs: torch.Tensor, cache: PositionData) -> torch.Tensor
 
 
 class RolloutBatches:
-    """Batches of rollout indices, a fresh shuffle per epoch, and the positions they hold.
+    """Batches of rollout indices, a fresh shuffle per epoch, and the positions they hold. An
+    epoch is ceil(R / b) batches that hold every rollout once, its last one the remainder (as
+    torch's DataLoader without drop_last; the remainder was dropped, so 12 of 96 rollouts went
+    unseen in one epoch by 64).
 
     cache: the training cache; batch_rollouts: rollouts per batch; generator: the shuffle's RNG.
     """
@@ -212,8 +215,9 @@ class RolloutBatches:
         self._order = torch.zeros(0, dtype=torch.long)
 
     def next(self) -> torch.Tensor:
-        """[b] rollout indices of the next batch (a new epoch starts when too few are left)."""
-        if len(self._order) < self.batch:
+        """[b] rollout indices of the next batch (fewer for an epoch's last one; a new epoch
+        starts when none are left)."""
+        if not len(self._order):
             self._order = torch.randperm(self.num_rollouts, generator=self.generator)
         batch, self._order = self._order[: self.batch], self._order[self.batch :]
         return batch

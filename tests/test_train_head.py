@@ -192,8 +192,10 @@ def test_arith_true_step_labels_follow_the_one_correct_path():
 def test_rollout_batches_cover_each_rollout_once_per_epoch():
     cache = synthetic_cache([True] * 6, 2, [2, 0, 1, 3, 1, 2])
     batches = RolloutBatches(cache, 4, torch.Generator().manual_seed(0))
-    first, second = batches.next(), batches.next()
-    assert len(first) == 4 and len(second) == 4  # 2 left over -> a new epoch
+    epoch = [batches.next(), batches.next()]
+    assert [len(b) for b in epoch] == [4, 2]  # the remainder is the epoch's last batch (it was dropped)
+    assert sorted(torch.cat(epoch).tolist()) == list(range(6))
+    assert len(batches.next()) == 4  # a new epoch
     positions, rows = batches.positions(torch.tensor([3, 0]))
     # rollout 3 holds positions 3, 4, 5 (after 2 + 0 + 1); rollout 0 holds 0, 1
     assert positions.tolist() == [3, 4, 5, 0, 1] and rows.tolist() == [0, 0, 0, 1, 1]
@@ -217,6 +219,7 @@ def test_configs_name_the_bad_value():
 
 def test_epochs_count_full_batch_steps_and_must_be_positive():
     assert steps_for_epochs(2, 640, 64) == 20
+    assert steps_for_epochs(1, 96, 64) == 2 and steps_for_epochs(2, 96, 64) == 4  # 64 + 32 a pass
     assert steps_for_epochs(10, 64, 1000) == 10  # a batch larger than the cache is one full pass
     assert steps_for_epochs(0.001, 64, 64) == 1
     for bad in (-1.0, 0.0, float("nan")):
