@@ -103,6 +103,10 @@ class DemoTask:
         get_sft_task(self.name)  # a ValueError naming the valid tasks
         if self.sprm is not None and self.reflective is not None:
             raise ValueError(f"DemoTask({self.name}) has both an sprm and a reflective stage: choose one")
+        for kind, stage in (("sprm", self.sprm), ("reflective", self.reflective)):
+            if stage is not None and stage.task != self.name:  # its head was trained on the other task's rollouts
+                raise ValueError(f"DemoTask({self.name}).{kind} trains on task {stage.task!r}: give "
+                                 f"{type(stage).__name__}(task={self.name!r})")
         if self.temperature is not None and not 0 <= self.temperature < math.inf:  # also refuses NaN
             raise ValueError(f"DemoTask({self.name}).temperature={self.temperature!r} must be a finite number >= 0")
         if self.sweep_scorer not in SWEEP_SCORERS:

@@ -174,6 +174,11 @@ def test_demo_config_rejects_bad_values():
         DemoTask("arith", sweep_scorer="oracle")
     with pytest.raises(ValueError, match="sweep_scorer='sprm' needs a reflective stage"):
         DemoTask("arith", sweep_scorer="sprm")
+    # the stages' task defaults to countdown: an arith demo trained its head on countdown rollouts
+    with pytest.raises(ValueError, match=r"DemoTask\(arith\).sprm trains on task 'countdown': give SPRMStage\(task='arith'\)"):
+        DemoTask("arith", sprm=SPRMStage())
+    with pytest.raises(ValueError, match=r"DemoTask\(arith\).reflective trains on task 'countdown': give ReflectiveStage"):
+        DemoTask("arith", reflective=ReflectiveStage())
 
 
 def test_sprm_task_prefers_the_configured_task_and_falls_back_to_the_last_staged():
