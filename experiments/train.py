@@ -101,7 +101,7 @@ from treesearch.steps import StepFormat  # noqa: E402
 METRICS, HELDOUT, CONFIG, REFERENCE = "metrics.jsonl", "heldout_rollouts.jsonl", "config.yaml", "reference"
 # what other commands' runs hold (a search's rows; SFT's and train_head's saved model, SFT's
 # summary): a fresh training run never starts over them
-FOREIGN_RUN_FILES: tuple[str, ...] = ("records.jsonl", "final", "sft_summary.json", "metrics.json")
+FOREIGN_RUN_FILES: tuple[str, ...] = ("records.jsonl", "final", "sft_summary.json", "metrics.json", "last/trainer_state.pt")
 # result-relevant settings added after runs were saved: a config.yaml without one ran with this
 # value (`treesearch.config_diff.with_added_settings`), so the run still resumes
 ADDED_SETTINGS: dict[str, Any] = {
@@ -415,15 +415,22 @@ def claim_out_dir(out: Path, config: dict[str, Any], resuming: bool, main: bool)
         write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(config)))
 
 
-def check_fresh_out_dir(out: Path, config: dict[str, Any]) -> None:
-    """ValueError for a fresh start in a folder holding another run, which the start would
-    overwrite: another command's files (FOREIGN_RUN_FILES), a config.yaml of another config, or
-    metrics.jsonl without a config.yaml. This config's own start that stopped before its first
-    checkpoint passes (its rows are reset)."""
+def check_not_foreign(out: Path) -> None:
+    """ValueError when out holds another command's run (FOREIGN_RUN_FILES: a search's records, an
+    SFT run's final/, summary or resume state, train_head's metrics); checked before a resume is
+    looked for (an SFT run's last/ read as a damaged joint checkpoint: "restore the files")."""
     foreign = [name for name in FOREIGN_RUN_FILES if (out / name).exists()]
     if foreign:
-        raise ValueError(f"{out} holds {', '.join(foreign)} of another command's run, which a new training run "
-                         "there would overwrite; use another out_dir")
+        raise ValueError(f"{out} holds {', '.join(foreign)} of another command's run (experiments.train_sft, "
+                         "experiments.search or train_head), which a training run there would overwrite; use another out_dir")
+
+
+def check_fresh_out_dir(out: Path, config: dict[str, Any]) -> None:
+    """ValueError for a fresh start in a folder holding another run, which the start would
+    overwrite: another command's files (`check_not_foreign`), a config.yaml of another config, or
+    metrics.jsonl without a config.yaml. This config's own start that stopped before its first
+    checkpoint passes (its rows are reset)."""
+    check_not_foreign(out)
     path = out / CONFIG
     if path.is_file():
         saved = with_added_settings(read_run_config(out), config, ADDED_SETTINGS)
@@ -447,6 +454,7 @@ def open_run(cfg: DictConfig, s: Settings, accelerator: Accelerator) -> tuple[Tr
             f"processes and then into run.mini_batches={s.run.mini_batches}"
         )
     problems = run_problems(s)  # before anything loads or is written: a split too small is a named error
+    check_not_foreign(out)
     reflective, tokenizer, point = load_start(s, out, accelerator.num_processes)
     state = point.state if point is not None else None
     claim_out_dir(out, resolved_config(cfg), state is not None, accelerator.is_main_process)

@@ -48,6 +48,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from policies.checkpoint import atomic_directory, check_checkpoint, load_checkpoint, load_torch_file, write_checkpoint_files
+from policies.train_state import STATE_FILE as JOINT_STATE_FILE  # a joint training run's last/ holds it
 from treesearch.config_diff import config_differences
 
 STATE_FILE = "trainer_state.pt"
@@ -141,6 +142,9 @@ def resume_point(out_dir: Path) -> Path | None:
     its two renames) is never silently trained over."""
     last = out_dir / LAST
     if last.exists():
+        if (last / JOINT_STATE_FILE).is_file():  # read as a damaged SFT checkpoint before
+            raise SFTError(f"{out_dir} holds a joint training run of experiments.train ({last / JOINT_STATE_FILE}), "
+                           "not an SFT run; give train_sft another --out")
         if not (last / STATE_FILE).is_file():
             raise SFTError(
                 f"cannot resume from {last}: it has no {STATE_FILE} (a damaged checkpoint); {_start_over_hint(out_dir)}"

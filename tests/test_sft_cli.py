@@ -154,3 +154,11 @@ def test_a_seed_torch_cannot_take_is_an_argument_error(tmp_path, capsys):
         main("--out", str(tmp_path / "run"), "--seed", str(2**64))
     assert info.value.code == 2 and "argument --seed: '18446744073709551616' must be an integer from" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_joint_training_run_folder_is_named_not_called_a_damaged_checkpoint(tmp_path, capsys):
+    # "it has no trainer_state.pt (a damaged checkpoint)" for a healthy experiments.train run
+    (tmp_path / "joint" / "last").mkdir(parents=True)
+    (tmp_path / "joint" / "last" / "joint_state.pt").write_bytes(b"state")
+    assert main("--out", str(tmp_path / "joint"), "--max-steps", "2") == 2
+    assert "holds a joint training run of experiments.train" in capsys.readouterr().err

@@ -417,3 +417,12 @@ def test_a_last_checkpoint_cut_between_its_renames_is_named_not_started_over(ini
                                                      r"checkpoint before it .*rename it to"):
         run_training(composed(tiny(init_dir, out, "run.max_steps=4")))
     assert (out / "metrics.jsonl").read_text() == rows
+
+
+def test_an_sft_run_folder_is_named_as_another_commands_run_not_a_damaged_checkpoint(init_dir, tmp_path):
+    # "holds a run but no complete checkpoint ... restore the files": an SFT run is not damaged
+    out = Path(shutil.copytree(init_dir, tmp_path / "sft" / "last"))
+    (out / "trainer_state.pt").write_bytes(b"state")  # an interrupted SFT run: its resume state only
+    with pytest.raises(ValueError, match=r"holds last/trainer_state.pt of another command's run \(experiments.train_sft"):
+        run_training(composed(tiny(init_dir, out.parent, "run.max_steps=1")))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["last"]
