@@ -13,8 +13,9 @@ The trained model is OUT/final, an ordinary transformers directory.
 
 Resuming: rerunning on the same OUT resumes from OUT/last ("resuming from OUT/last at step K").
 Only --minutes, --max-steps (a larger budget trains the run longer), --checkpoint-every and
---threads may change; another --task, --lr, --batch-size, --seed or --train-problems is refused,
-naming the differing keys (policies/sft_resume.py RESUMABLE_KEYS), as is a damaged OUT/last.
+--threads may change; another --task, --lr, --batch-size, --seed, --train-problems or bf16 is
+refused, naming the differing keys (policies/sft_resume.py RESUMABLE_KEYS), as is a damaged
+OUT/last (a run moved to a CPU of other bf16 support: add --bf16 or --no-bf16 as it ran).
 Ctrl-C stops after the current step, saves OUT/last and exits 130 saying how to resume.
 A bad value or run folder prints "error: <what is wrong>" and exits 2.
 """
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-samples", type=int, default=QuickEvalConfig.num_samples)
     parser.add_argument("--temperature", type=float, default=None, help="default: the task's DEFAULT_TEMPERATURE")
     parser.add_argument("--threads", type=int, default=d.num_threads, help="torch threads (default: all cores)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: where the CPU has bf16 matmuls; part of a run's identity, so "
+                             "a run moved to another kind of CPU resumes with the setting it ran with)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -90,10 +94,11 @@ def sft_config(args: argparse.Namespace) -> SFTConfig:
         raise SFTError(f"--max-steps {args.max_steps}: must be >= 1")
     if args.minutes == 0 and args.max_steps is None:
         raise SFTError("--minutes 0 (no time limit) needs --max-steps N: the run has no budget")
+    bf16 = {} if args.bf16 is None else {"bf16": args.bf16}  # None: SFTConfig's default, the CPU's support
     return SFTConfig(
         max_minutes=args.minutes if args.minutes > 0 else None,
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, num_threads=args.threads,
+        checkpoint_every=args.checkpoint_every, num_threads=args.threads, **bf16,
     )
 
 

@@ -162,3 +162,14 @@ def test_a_joint_training_run_folder_is_named_not_called_a_damaged_checkpoint(tm
     (tmp_path / "joint" / "last" / "joint_state.pt").write_bytes(b"state")
     assert main("--out", str(tmp_path / "joint"), "--max-steps", "2") == 2
     assert "holds a joint training run of experiments.train" in capsys.readouterr().err
+
+
+def test_a_run_moved_to_a_cpu_of_other_bf16_support_resumes_with_its_setting(tmp_path, capsys):
+    # bf16's default follows the CPU: the refusal said "rerun with the saved settings", which no flag could
+    out = tmp_path / "run"
+    assert main("--out", str(out), "--max-steps", "2", "--no-bf16") == 0
+    capsys.readouterr()
+    assert main("--out", str(out), "--max-steps", "3", "--bf16") == 2  # as this run's default on a bf16 CPU
+    err = capsys.readouterr().err
+    assert "(sft.bf16: False -> True)" in err and "rerun with the saved settings (add --no-bf16: the run's bf16 setting)" in err
+    assert main("--out", str(out), "--max-steps", "3", "--no-bf16") == 0 and state_step(out) == 3
