@@ -135,17 +135,18 @@ def trained_task(policy_path: str) -> str | None:
     return name if run.name.startswith("tiny-") and name in EMBEDDED_TASKS else None
 
 
-def trained_task_note(policy_path: object, task_module: str) -> str | None:
-    """A note when policy_path is an SFT policy of another embedded task than the search's (the
-    default policy, arith's, under task=countdown scored 0 in silence), else None."""
+def trained_task_note(policy_path: object, task_module: str, key: str = "policy.path") -> str | None:
+    """A note when policy_path is an SFT policy of another embedded task than the command's (the
+    default policy, arith's, under task=countdown scored 0 in silence), else None; key: the
+    setting that names the folder (policy.path, init_from, --policy)."""
     if not isinstance(policy_path, str):
         return None
     trained, task = trained_task(policy_path), task_module.rsplit(".", 1)[-1]
     if trained is None or trained == task:
         return None
     suggestion = f" (e.g. outputs/checkpoints/tiny-{task}/final)" if task in EMBEDDED_TASKS else ""
-    return (f"note: policy.path={policy_path} was trained on {trained}, not {task}: point policy.path= at a "
-            f"policy of {task}{suggestion}")
+    given = f"{key} {policy_path}" if key.startswith("--") else f"{key}={policy_path}"
+    return f"note: {given} was trained on {trained}, not {task}: point {setting(key)} at a policy of {task}{suggestion}"
 
 
 def setting(key: str) -> str:

@@ -41,6 +41,7 @@ import errno
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from experiments.checkpoint_hints import hinted_checkpoint
+from experiments.checkpoint_hints import hinted_checkpoint, trained_task_note
 from experiments.cli_args import check_file_target, positive_int
 from experiments.cli_errors import run_command
 from experiments.sft_tasks import get_sft_task
@@ -642,6 +643,9 @@ def build_command(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     check_file_target(args.out, "--out", "cache.pt")  # before the rollouts: save_cache would fail only after them
     torch.set_num_threads(args.threads)
+    note = trained_task_note(args.policy, args.task, "--policy")  # arith's policy on countdown: pass@1 ~0, no word
+    if note:
+        print(note, file=sys.stderr, flush=True)
     started = time.perf_counter()
     with hinted_checkpoint(args.policy, "--policy"):  # a missing policy folder says how to get it
         cache = build_rollout_cache(args.policy, args.task, args.split, args.problems, args.n, args.seed,

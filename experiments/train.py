@@ -68,7 +68,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from experiments.aha_metrics import fc_metrics, path_scores, prefixed  # noqa: E402
 from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: E402
 from experiments.result_json import write_atomic  # noqa: E402
-from experiments.checkpoint_hints import checkpoint_hint  # noqa: E402
+from experiments.checkpoint_hints import checkpoint_hint, trained_task_note  # noqa: E402
 from experiments.cli_args import check_seed  # noqa: E402
 from experiments.cli_errors import hydra_rerun_hint, interrupt_reported, note_hydra_job  # noqa: E402
 from experiments.group_options import check_group_options  # noqa: E402
@@ -855,6 +855,9 @@ def _fmt(value: float | None) -> str:
 def run_training(cfg: DictConfig) -> Path:
     """Train (or resume) the run the config describes; return its folder (module docstring)."""
     s = settings(cfg)  # validates before anything is loaded or written
+    note = trained_task_note(s.init_from, s.task_module, "init_from")
+    if note and PartialState().is_main_process:
+        print(note, file=sys.stderr, flush=True)
     device = train_device(cfg.device)
     if cfg.get("num_threads") is not None:
         torch.set_num_threads(int(cfg.num_threads))

@@ -360,6 +360,16 @@ def test_a_policy_of_another_embedded_task_is_named(tmp_path):
     assert "was trained on countdown, not arith" in trained_task_note(str(old / "final"), "experiments.tasks.arith")
     assert trained_task_note(str(tmp_path / "elsewhere" / "final"), "experiments.tasks.arith") is None  # no summary
     assert trained_task_note(None, "experiments.tasks.arith") is None  # a served policy has no folder
+    assert trained_task_note(str(run / "final"), "countdown", "--policy").startswith(
+        f"note: --policy {run / 'final'} was trained on arith, not countdown: point --policy at a policy of countdown")
+
+
+def test_a_training_run_from_a_policy_of_another_task_says_so(init_dir, tmp_path, capsys):
+    # experiments.train task=countdown without init_from= trained the arith policy in silence
+    init = Path(shutil.copytree(init_dir, tmp_path / "tiny-countdown" / "final"))
+    (init.parent / "sft_summary.json").write_text('{"config": {}, "run": {"task": "countdown"}}')
+    run_training(composed(tiny(init, tmp_path / "run", "run.max_steps=1")))
+    assert f"note: init_from={init} was trained on countdown, not " in capsys.readouterr().err
 
 
 def test_the_smollm2_and_orm_default_folders_say_how_to_make_them():
