@@ -109,6 +109,12 @@ def test_the_answer_is_sentence_when_nothing_else_states_an_answer():
     assert extract_final_answer("The answer is 5. So \\boxed{4}") == "4"  # a box, a "####" or an Answer line wins
     assert extract_final_answer("the answer is 5\n#### 6") == "6"
     assert extract_final_answer("what the answer is") is None and not grade_math("The answer is 17.", "18")
+    # the number right after it, not the rest of the sentence (a first version read "6,which is ...")
+    assert extract_final_answer("The answer is 6, which is the final result of the process.") == "6"
+    assert extract_final_answer("The answer is 18 because 16 - 3 - 4 = 9 and 9 * 2 = 18.") == "18"
+    assert extract_final_answer("The answer is:\n\n**42**") == "42"
+    assert extract_final_answer("The answer is not 20. Recounting, she has 18.") is None  # the flexible grader's last number
+    assert extract_final_answer("The answer is 2x+3.") is None and extract_final_answer("the answer is 1,2345") is None
 
 
 @needs_data

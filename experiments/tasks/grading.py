@@ -72,8 +72,12 @@ _CHOICE_ANSWER_RE = re.compile(
 _MINERVA_START_RE = re.compile(r"(?i)the[ \t]+final[ \t]+answer[ \t]+is:?[ \t]*")
 _MINERVA_END = "i hope it is correct"
 # "The answer is 18." / "So the final answer is $\frac{1}{2}$." (lm-eval's GSM8K chain-of-thought
-# format): the rest of its sentence, when a completion has no box, "####" or "Answer:" line
-_ANSWER_IS_RE = re.compile(r"(?im)\bthe[ \t]+(?:final[ \t]+)?answer[ \t]+is[ \t]*:?[ \t]*(.+?)[ \t]*(?:\.(?=\s|$)|$)")
+# format), when a completion has no box, "####" or "Answer:" line: the number or inline math right
+# after it, nothing more ("The answer is 6, which is ..." is 6; "The answer is not 20" is none)
+_ANSWER_IS_RE = re.compile(
+    r"(?i)\bthe[ \t]+(?:final[ \t]+)?answer[ \t]+is[ \t]*:?\s*\**[ \t]*"
+    r"(\$[^$\n]+\$|\\\(.+?\\\)|[-+]?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?)(?!\w|[,.]\d)"
+)
 _LONE_LETTER_RE = re.compile(r"^[(（{]?\s*([A-Z])\s*[)）}]?[.。]?$")
 _TEXT_WRAPPER_RE = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\{(.*)\}$", re.S)
 
@@ -170,8 +174,8 @@ def _minerva_answer(answer: str) -> str:
 
 
 def answer_sentence(text: str) -> str | None:
-    """X of the last "The answer is X." / "the final answer is X" (to the sentence's period or the
-    line's end, markdown bold stripped), or None."""
+    """X of the last "The answer is X." / "the final answer is X": a number or inline math
+    ($...$, \\(...\\)) right after it (markdown bold around it allowed), or None."""
     matches = list(_ANSWER_IS_RE.finditer(text)) if isinstance(text, str) else []
     answer = _strip_emphasis(matches[-1].group(1)) if matches else ""
     return answer or None
