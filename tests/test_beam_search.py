@@ -161,3 +161,15 @@ def test_registered_by_name():
     (r,) = run_search("beam_search", [trap_problem()], ScriptedPolicy(), ScriptedScorer(),
                       n=4, beam_width=2, max_depth=5, dedup=True)
     assert r.strategy == "beam_search" and r.config["dedup"] is True and r.chosen_text == "b/b1$"
+
+
+def test_dedup_repeats_the_distinct_beams_so_a_round_still_samples_n():
+    # the root's 8 samples hold 2 distinct texts: dedup kept 2 beams of N/M = 4, the next round
+    # sampled 4 paths, not 8 (search-and-learn repeats its active beams back up to N)
+    children = {"": ["a", "a", "a", "b"] * 2, "a": ["a1", "a2"], "b": ["b1", "b2"], "a/a1": ["x$"], "a/a2": ["y$"],
+                "b/b1": ["z$"], "b/b2": ["w$"]}
+    for dedup in (False, True):
+        policy = ScriptedPolicy()
+        (r,) = beam_search([scripted_problem("p", children, {})], policy, ScriptedScorer(),
+                           BeamSearchConfig(n=8, beam_width=2, dedup=dedup))
+        assert [call[1] * call[2] for call in policy.calls] == [8, 8, 8], (dedup, policy.calls)

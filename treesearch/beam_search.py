@@ -20,7 +20,10 @@ lookahead k adds k more calls per round, each batched the same way.
 Options:
 - dedup: among one problem's unfinished children, keep only the first of each identical path
   text before choosing beams (as search-and-learn's `filter_duplicates`); duplicates stay in the
-  tree and in compute, they were generated.
+  tree and in compute, they were generated. When fewer distinct paths than beams are left, the
+  distinct ones are repeated up to the beams the round would have kept without dedup (as
+  search-and-learn repeats its active beams), so dedup does not shrink the next round's samples
+  (it did: 0.61x Best-of-N's tokens at the same N on arith).
 - lookahead k: before scoring, each unfinished child is extended by up to k more steps, one
   sample each (`propose(n=1)`), and the child is ranked by the aggregated score of that longer
   path (its step scores are read from it: the same as its own path's for a causal scorer, such
@@ -225,12 +228,21 @@ def _select_beams(
         tree, mine = trees[problem], candidates[problem]
         mine.extend(make_candidate(tree, c.node, c.step_scores, cfg.aggregation) for c in kids if c.terminal)
         alive = [c for c in kids if not c.terminal]
-        kept = top_by_rank(_unique_paths(alive, tree) if cfg.dedup else alive, cfg.n // cfg.beam_width)
+        width = cfg.n // cfg.beam_width
+        kept = top_by_rank(_unique_paths(alive, tree) if cfg.dedup else alive, width)
         if last_round:
             mine.extend(make_candidate(tree, c.node, c.step_scores, cfg.aggregation) for c in kept)
         elif len(mine) < cfg.n:
-            beams.extend(Beam(problem, c.node) for c in kept)
+            beams.extend(Beam(problem, c.node) for c in repeated(kept, min(width, len(alive))))
     return beams
+
+
+def repeated(kept: list[ScoredChild], count: int) -> list[ScoredChild]:
+    """kept repeated in order up to count (the beams dedup left, back up to the beams the round
+    keeps without it); kept itself when it is that long already, or empty."""
+    if not kept or len(kept) >= count:
+        return kept
+    return (kept * -(-count // len(kept)))[:count]
 
 
 def beam_search(

@@ -16,10 +16,14 @@ stand as they are. Unlike beam search, REBASE or DVTS, nothing is pruned for goo
 a particle with a low reward may still be drawn, which is the method's point (imperfect reward
 models prune good paths early).
 
-Candidates: the final population, N paths with repeats (a path drawn k times is k candidates, so
-majority votes over them are the filter's estimate); the chosen one has the highest aggregated
-path score (`aggregation`). Finished paths that were not drawn again are paid for (compute) but
-are not candidates.
+Candidates: the final population, N paths with repeats, resampled once more by the weights of
+the last round's scores (as the authors' code resamples after every step, the last included: a
+particle finished in the last round, or every particle finished at the root, had been counted
+once whatever its score, so a vote over a low-scored majority outvoted the filter's choice); a
+path drawn k times is k candidates, so majority votes over them are the filter's estimate. The
+chosen one has the highest aggregated path score (`aggregation`) among them, as the authors'
+argmax over the final particles. Finished paths that were not drawn again are paid for
+(compute) but are not candidates.
 
 T: the resampling temperature (1 in the authors' code). With logit weights a particle scored 0.9
 is 9 times as likely as one scored 0.5 at T = 1, and 0 / 1 scores (a verifier) all but rule the
@@ -40,7 +44,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -55,7 +58,7 @@ from treesearch.tree import ROOT_ID, Tree
 
 
 WEIGHTINGS: tuple[str, ...] = ("logit", "score")
-EPS = sys.float_info.epsilon  # the clip of a reward before its logit (numpy's float eps, as the authors' code)
+EPS = 1e-7  # the clip of a reward before its logit (the authors' _inv_sigmoid: np.clip(x, 1e-7, 1 - 1e-7))
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,15 @@ def step_populations(
             for plan in plans]
 
 
+def final_population(population: list[Child], problem: Problem, cfg: ParticleFilteringConfig, round_index: int) -> list[Child]:
+    """The population resampled by the weights of its last scores (module docstring), in order
+    (an empty one, from a policy that returned nothing, stays empty)."""
+    if not population:
+        return population
+    rng = resampling_rng(cfg.seed, problem, round_index)
+    return [population[i] for i in resample(population, cfg.temperature, rng, cfg.weighting)]
+
+
 def particle_filtering(
     problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: ParticleFilteringConfig,
     on_round: RoundHook | None = None,
@@ -150,12 +162,13 @@ def particle_filtering(
                              ledgers, cfg.seed, 0, cfg.reward)
     if on_round is not None:
         on_round(trees)
-    for depth in range(2, cfg.max_depth + 1):
-        if all(p.terminal for population in populations for p in population):
-            break
-        populations = step_populations(populations, problems, trees, policy, scorer, ledgers, cfg, depth - 1)
+    rounds = 1
+    while rounds < cfg.max_depth and not all(p.terminal for population in populations for p in population):
+        populations = step_populations(populations, problems, trees, policy, scorer, ledgers, cfg, rounds)
+        rounds += 1
         if on_round is not None:
             on_round(trees)
+    populations = [final_population(population, problem, cfg, rounds) for population, problem in zip(populations, problems)]
     candidates: list[list[Candidate]] = [
         [make_candidate(tree, p.node, p.step_scores, cfg.aggregation) for p in population]
         for tree, population in zip(trees, populations)
