@@ -43,6 +43,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from experiments.cli_args import seed_int
 from experiments.cli_errors import interrupt_reported, run_command
 from experiments.demo_ablation import (ABLATION_SIZES, FROZEN_HEADS, ablation_markdown, ablation_metrics, ablation_rows,
                                       frozen_head)
@@ -431,7 +432,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     ap.add_argument("--chunk", type=int, default=d.chunk)
     ap.add_argument("--temperature", type=float, default=None, help="default: each task's own")
     ap.add_argument("--sweep-problems", type=int, default=d.sweep_problems, help="0 skips the strategy sweep")
-    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--seed", type=seed_int, default=d.seed)
     a = ap.parse_args(argv)
     defaults = {t.name: t for t in d.tasks}
     names = [name for name in a.tasks.split(",") if name]

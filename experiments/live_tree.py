@@ -36,6 +36,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from experiments.cli_errors import Terminated
 from experiments.result_json import save_result
 from treesearch.compute import Compute
+from treesearch.records import Problem
 from treesearch.result import SearchResult
 from treesearch.tree import Tree
 
@@ -60,16 +61,19 @@ class LiveTree:
         self.problem_id: str | None = None
         self.strategy, self.config = "", {}
         self.rounds = 0  # rounds of the followed problem
-        self._tree: Tree | None = None  # the followed problem's tree, as the last round left it
+        self._tree: Tree | None = None  # the followed problem's tree as the last round left it (None: finished)
         self._next_write: float | None = None  # monotonic time before which a round is not written
         self._hold_until = 0.0  # monotonic time before which a finished result stays in the file
         self._lock = threading.Lock()
 
-    def follow(self, problem_id: str, strategy: str, config: Mapping[str, Any]) -> None:
-        """Write this problem's tree from now on (strategy / config: what its result JSON says)."""
+    def follow(self, problem_id: str, strategy: str, config: Mapping[str, Any], problem: Problem | None = None) -> None:
+        """Write this problem's tree from now on (strategy / config: what its result JSON says;
+        problem: the Problem itself, so a search stopped before its first round, or Best-of-N,
+        which has one round at the end, still marks the file stopped with the bare root)."""
         with self._lock:
             self.problem_id, self.strategy, self.config = problem_id, strategy, dict(config)
-            self.rounds, self._tree = 0, None
+            self.rounds = 0
+            self._tree = Tree(problem) if problem is not None else None
             self._next_write = None  # its first round is written at once (after a finished one's hold)
 
     def __call__(self, trees: Sequence[Tree]) -> None:
@@ -105,7 +109,8 @@ class LiveTree:
 
     def stop(self, reason: str) -> None:
         """Write the followed problem's tree as it stands, marked stopped with reason (nothing
-        when no round of it was seen, or its final result is written already)."""
+        when neither a round of it nor the problem was given, or its final result is written
+        already)."""
         with self._lock:
             if self._tree is not None:
                 self._save(self._tree, {"state": "stopped", "round": self.rounds, "reason": reason})

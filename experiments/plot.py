@@ -134,7 +134,7 @@ def render_if_changed(
     status = live_status(record, watching=True)
     if status == "final":
         print(f"note: {result_path}: the search of problem {record.problem['id']} finished (its chosen path marked); "
-              "still watching for a next problem's tree", file=sys.stderr, flush=True)
+              "still watching the file (a live tree's next problem replaces it)", file=sys.stderr, flush=True)
     elif status and status.startswith("stopped"):
         print(f"note: {result_path}: the search {status}; the tree as it stood then", file=sys.stderr, flush=True)
     return mtime

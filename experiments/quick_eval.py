@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from experiments.cli_args import seed_int
 from experiments.cli_errors import run_command
 from experiments.metrics import Estimate, bootstrap
 from experiments.tasks import arith
@@ -250,7 +251,7 @@ def quick_eval_command(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--problems", type=int, default=QuickEvalConfig.num_problems)
     parser.add_argument("--samples", type=int, default=QuickEvalConfig.num_samples)
     parser.add_argument("--temperature", type=float, default=None, help="default: the task's DEFAULT_TEMPERATURE")
-    parser.add_argument("--seed", type=int, default=QuickEvalConfig.seed)
+    parser.add_argument("--seed", type=seed_int, default=QuickEvalConfig.seed)
     parser.add_argument("--baseline", default=None,
                         help="a second checkpoint evaluated on the same problems; prints the paired change")
     args = parser.parse_args(argv)

@@ -50,8 +50,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from experiments.checkpoint_hints import hinted_checkpoint, trained_task_note
-from experiments.cli_args import check_file_target, positive_int
+from experiments.checkpoint_hints import EMBEDDED_TASKS, hinted_checkpoint, trained_task_note
+from experiments.cli_args import check_file_target, positive_int, seed_int
 from experiments.cli_errors import run_command
 from experiments.sft_tasks import get_sft_task
 from experiments.tasks import arith, countdown
@@ -633,7 +633,7 @@ def build_command(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--split", default="train", choices=("train", "test"))
     ap.add_argument("--problems", type=int, required=True)
     ap.add_argument("--n", type=int, required=True, help="rollouts per problem")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--temperature", type=float, default=None, help="default: the task's DEFAULT_TEMPERATURE")
     ap.add_argument("--max-total-tokens", type=int, default=160)
     ap.add_argument("--layers", type=int, nargs="+", default=[-2, -1], help="hidden-state indices to keep")
@@ -644,7 +644,7 @@ def build_command(argv: Sequence[str] | None = None) -> int:
     check_file_target(args.out, "--out", "cache.pt")  # before the rollouts: save_cache would fail only after them
     torch.set_num_threads(args.threads)
     note = trained_task_note(args.policy, args.task, "--policy")  # arith's policy on countdown: pass@1 ~0, no word
-    if note:
+    if note and args.task in EMBEDDED_TASKS:  # an unknown task is its own error, below
         print(note, file=sys.stderr, flush=True)
     started = time.perf_counter()
     with hinted_checkpoint(args.policy, "--policy"):  # a missing policy folder says how to get it

@@ -189,13 +189,13 @@ def pooled_points(runs: Sequence[RunSummary], axis: ComputeAxis = COMPUTE_AXES[D
     """One point per budget: per-problem correctness averaged over seeds, an interval over
     problems; compute = the runs' mean on the axis, 0 when one of them has none (no place on the
     log axis: `zero_compute_note`). Sorted by compute. ValueError when two runs of a budget share
-    a seed (`check_draws`)."""
+    a seed (`drawn_runs`)."""
     by_budget: dict[int, list[RunSummary]] = defaultdict(list)
     for run in runs:
         by_budget[run.budget].append(run)
     points = []
     for budget, group in by_budget.items():
-        check_draws(group)
+        group = drawn_runs(group)
         per_problem: dict[str, list[float]] = defaultdict(list)
         for run in group:
             for problem_id, correct in run.per_problem:
@@ -207,14 +207,19 @@ def pooled_points(runs: Sequence[RunSummary], axis: ComputeAxis = COMPUTE_AXES[D
     return sorted(points, key=lambda p: (p.compute, p.budget))
 
 
-def check_draws(group: Sequence[RunSummary]) -> None:
-    """ValueError naming the runs when runs of one series and budget share a seed: a point pools
-    only draws (other seeds), not a copy of a run or runs that differ in a setting that is not
-    the budget (four MCTS token budgets under one budget=8 made one point at their mean compute)."""
-    by_seed: dict[int, list[str]] = defaultdict(list)
+def drawn_runs(group: Sequence[RunSummary]) -> list[RunSummary]:
+    """The runs of one series and budget a point pools: one per seed. Greedy decoding's copies (a
+    budget sweep runs it again at each budget, the same search) count once; other runs that
+    share a seed are a ValueError naming them: a point pools only draws (other seeds), not a copy
+    of a run or runs that differ in a setting that is not the budget (four MCTS token budgets
+    under one budget=8 made one point at their mean compute)."""
+    by_seed: dict[int, list[RunSummary]] = defaultdict(list)
     for run in group:
-        by_seed[run.seed].append(run.run)
-    for seed, names in by_seed.items():
+        by_seed[run.seed].append(run)
+    if group and group[0].strategy == "greedy":
+        return [runs[0] for runs in by_seed.values()]
+    for seed, runs in by_seed.items():
+        names = [run.run for run in runs]
         if len(names) > 1:
             first = group[0]
             mcts = (" (an MCTS run with search.token_budget is filed under the top-level budget=: give each token budget "
@@ -223,6 +228,7 @@ def check_draws(group: Sequence[RunSummary]) -> None:
                 f"runs {', '.join(names)} are all {first.strategy} at N={first.budget} with seed {seed}: a scaling "
                 f"point pools only runs of other seeds; these are copies or differ in a setting that is not the "
                 f"budget{mcts}; point the command at a folder without the extra runs")
+    return list(group)
 
 
 def series_name(run: RunSummary, several_scorers: bool, several_workloads: bool = False) -> str:

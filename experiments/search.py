@@ -515,7 +515,7 @@ def run_chunk(
     if live is None:
         results = search_chunk(part, spec, cfg, policy, scorer, batching)
     else:
-        live.follow(part[0].id, spec.fn.__name__, dataclasses.asdict(cfg))
+        live.follow(part[0].id, spec.fn.__name__, dataclasses.asdict(cfg), problem=part[0])
         with live.marking_stops():  # a Ctrl-C'd or failed search's file says so
             results = search_chunk(part, spec, cfg, policy, scorer, batching, on_round=live)
         live.finish(results)

@@ -841,7 +841,7 @@ def train_loop(t: Trainer, log: MetricsLog | None, progress: bool) -> None:
         bar.close()
         if saved_at != t.step:
             checkpoint(t, numbered=False)
-    if decision[1]:
+    if decision[1] or stop.requested:  # also a signal during the last step: the run is saved, the sweep stops
         if t.main:
             print(f"{'SIGTERM' if stop.terminated else 'Ctrl-C'}: saved {t.out / 'last'} at step {t.step}",
                   file=sys.stderr, flush=True)
@@ -855,13 +855,13 @@ def _fmt(value: float | None) -> str:
 def run_training(cfg: DictConfig) -> Path:
     """Train (or resume) the run the config describes; return its folder (module docstring)."""
     s = settings(cfg)  # validates before anything is loaded or written
-    note = trained_task_note(s.init_from, s.task_module, "init_from")
-    if note and PartialState().is_main_process:
-        print(note, file=sys.stderr, flush=True)
     device = train_device(cfg.device)
     if cfg.get("num_threads") is not None:
         torch.set_num_threads(int(cfg.num_threads))
-    accelerator = make_accelerator(device)
+    accelerator = make_accelerator(device)  # first: a PartialState made before it pinned the run to a GPU
+    note = trained_task_note(s.init_from, s.task_module, "init_from")
+    if note and accelerator.is_main_process:
+        print(note, file=sys.stderr, flush=True)
     t, resumed = open_run(cfg, s, accelerator)
     make_heldout(t, resumed)
     log = MetricsLog(t.out, bool(cfg.tensorboard), t.step) if t.main else None

@@ -11,7 +11,8 @@ Usage:
 
 Label modes and training: `scorers.head_training`. Caches: `experiments.rollout_cache` (the test
 cache's n rollouts per problem set the largest Best-of-N). --epochs E trains E passes over the
-train rollouts (steps = E * rollouts / min(--batch-rollouts, rollouts)); a --batch-rollouts above
+train rollouts (steps = E * ceil(rollouts / --batch-rollouts), each pass's last batch the
+remainder); a --batch-rollouts above
 the train cache's rollouts gives a one-line note and full-batch steps. Every setting is checked
 before a cache is read; a bad setting or input (a missing or damaged cache, caches of different
 policies, a layer the caches lack) prints "error: <message>" on stderr and exits with code 2.
@@ -59,7 +60,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from experiments.cli_args import check_folder_target, positive_int
+from experiments.cli_args import check_folder_target, positive_int, seed_int
 from experiments.cli_errors import run_command
 from experiments.aha_metrics import fc_metrics, prefixed
 from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, accuracy, problem_accuracy
@@ -387,7 +388,7 @@ def train_command(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-rollouts", type=int, default=HeadTrainConfig.batch_rollouts)
     ap.add_argument("--warmup-steps", type=int, default=0, help="plain BCE steps before the SPR filter engages")
     ap.add_argument("--eval-every", type=int, default=HeadTrainConfig.eval_every)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--no-save", action="store_true", help="do not write the final/ reflective folder")
     args = ap.parse_args(argv)

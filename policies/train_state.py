@@ -169,7 +169,8 @@ def resume_point(out_dir: Path) -> ResumePoint | None:
     None when out_dir holds no checkpoint folder (a fresh start). A run whose checkpoint folders
     are all incomplete or damaged is a DamagedCheckpointError naming each one's fault; so is a
     missing last/ beside the copy `atomic_directory` moved aside (it started the run afresh)."""
-    last, aside = Path(out_dir) / LAST, sorted(Path(out_dir).glob(f".{LAST}.old-*"))  # atomic_directory's previous copy
+    last = Path(out_dir) / LAST
+    aside = sorted(Path(out_dir).glob(f".{LAST}.old-*"), key=lambda p: p.stat().st_mtime)  # atomic_directory's previous copy, newest last
     if aside and not last.exists():  # a write of last/ cut between its two renames: which is newest is the user's call
         raise DamagedCheckpointError(
             f"{last} is missing but {aside[-1]} holds the checkpoint before it (a checkpoint write was cut off): "

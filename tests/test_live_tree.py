@@ -139,6 +139,13 @@ def test_rounds_are_marked_searching_and_a_stopped_search_says_why(tmp_path):
     with pytest.raises(KeyboardInterrupt), live.marking_stops():
         raise KeyboardInterrupt
     assert load_result(live.path).live["round"] == 1
+    # given the problem, a search stopped before its first round (Best-of-N has one, at the end)
+    # is marked with the bare root: the last chunk's final result had looked like the live one
+    live.follow("next", "best_of_n", {}, problem=trap_problem("next"))
+    with pytest.raises(KeyboardInterrupt), live.marking_stops():
+        raise KeyboardInterrupt
+    stopped = load_result(live.path)
+    assert (stopped.problem["id"], stopped.live["round"], len(stopped.tree["nodes"])) == ("next", 0, 1)
 
 
 def test_a_finished_result_is_unmarked_and_stays_before_the_next_problems_rounds(tmp_path, monkeypatch):

@@ -678,3 +678,13 @@ def test_rows_or_configs_that_lack_what_the_metrics_read_name_their_file(synthet
         config.write_text(text)
         assert sweep_metrics.main([str(synthetic_sweep)]) == 2
         assert f"error: {config} {message}" in capsys.readouterr().err
+
+
+def test_greedy_run_again_at_each_budget_counts_once(tmp_path):
+    # greedy ignores budget=: a budget sweep ran it once per budget, and the copies were refused
+    for budget in (2, 4):
+        write_run(tmp_path / f"greedy-{budget}", "best_of_n", 1, 0, [True, False], 10, temperature=0.0)
+        write_run(tmp_path / f"bon-{budget}", "best_of_n", budget, 0, [True, True], 10 * budget)
+    series = {s.name: s for s in scaling_by_strategy(sweep_summaries(tmp_path))}
+    assert [(p.budget, p.runs) for p in series["greedy"].points] == [(1, 1)]
+    assert scaling.main([str(tmp_path)]) == 0

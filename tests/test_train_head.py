@@ -569,3 +569,10 @@ def test_a_policy_trained_again_in_its_folder_is_not_the_caches_policy(handmade,
     with pytest.raises(ValueError, match="holds other weights than the train cache"):
         run_head_training(tmp_path / "train.pt", tmp_path / "test.pt", cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # refused before training
+
+
+def test_a_seed_torch_cannot_take_is_an_argument_error(tmp_path, capsys):
+    # "error: Overflow when unpacking long long", naming no setting
+    with pytest.raises(SystemExit) as info:
+        main(["--train", "a.pt", "--test", "b.pt", "--out", str(tmp_path / "h"), "--seed", str(2**64)])
+    assert info.value.code == 2 and "argument --seed: '18446744073709551616' must be an integer from" in capsys.readouterr().err

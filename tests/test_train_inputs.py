@@ -436,3 +436,24 @@ def test_an_sft_run_folder_is_named_as_another_commands_run_not_a_damaged_checkp
     with pytest.raises(ValueError, match=r"holds last/trainer_state.pt of another command's run \(experiments.train_sft"):
         run_training(composed(tiny(init_dir, out.parent, "run.max_steps=1")))
     assert sorted(p.name for p in out.parent.iterdir()) == ["last"]
+
+
+def test_a_sigterm_during_the_last_step_still_stops_after_saving(init_dir, tmp_path, monkeypatch):
+    # the loop ended on max_steps and ignored the request: a sweep went on to its next job, exit 0
+    import signal
+
+    from experiments import train
+    from policies.step_boundary import Terminated
+
+    real_step = train.train_step
+
+    def terminated_in_last_step(t):
+        if t.step == 1:  # the last of run.max_steps=2
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(t)
+
+    monkeypatch.setattr(train, "train_step", terminated_in_last_step)
+    out = tmp_path / "run"
+    with pytest.raises(Terminated):
+        run_training(composed(tiny(init_dir, out, "run.max_steps=2", "run.checkpoint_every=0")))
+    assert load_joint_state(out / "last").step == 2

@@ -245,8 +245,8 @@ def test_watch_says_once_that_it_waits_for_a_missing_file_and_when_the_file_goes
     assert notes == [
         f"note: waiting for {watched} to appear (its folder {watched.parent} does not exist yet): a search with "
         "live_tree=true writes it after its first round (a finished run searches nothing again and writes none)",
-        f"note: {watched}: the search of problem hostile finished (its chosen path marked); still watching for a "
-        "next problem's tree",
+        f"note: {watched}: the search of problem hostile finished (its chosen path marked); still watching the file "
+        "(a live tree's next problem replaces it)",
         f"note: {watched} was removed; keeping the last render, waiting for it to appear again",
     ]
     assert len(captured.out.split()) == 2  # the one render: PNG and HTML
