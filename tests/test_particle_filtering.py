@@ -144,6 +144,11 @@ def test_a_problem_draws_the_same_alone_or_beside_others():
     together = run(probs, cfg, ScriptedPolicy(random_draws=True))
     alone = [run([p], cfg, ScriptedPolicy(random_draws=True))[0] for p in probs]
     assert [[c.text for c in r.candidates] for r in together] == [[c.text for c in r.candidates] for r in alone]
+    # a problem that finishes at the root beside one that runs on: its final resample is its own
+    short = scripted_problem("short", {"": ["x$", "y$", "z$"]}, {"x$": 0.2, "y$": 0.5, "z$": 0.8})
+    together = run([short, probs[0]], cfg, ScriptedPolicy(random_draws=True))
+    alone = [run([p], cfg, ScriptedPolicy(random_draws=True))[0] for p in (short, probs[0])]
+    assert [[c.text for c in r.candidates] for r in together] == [[c.text for c in r.candidates] for r in alone]
 
 
 def test_same_seed_same_particles_other_seed_other_particles():

@@ -107,8 +107,9 @@ def resample(particles: Sequence[Child], temperature: float, rng: random.Random,
     return sorted(rng.choices(range(len(particles)), weights=weights, k=len(particles)))
 
 
-def resampling_rng(seed: int, problem: Problem, round_index: int) -> random.Random:
-    """The RNG of one problem's resampling in one round: the same draws whatever else is searched."""
+def resampling_rng(seed: int, problem: Problem, round_index: int | str) -> random.Random:
+    """The RNG of one problem's resampling in one round ("final": the last resample): the same
+    draws whatever else is searched."""
     return random.Random(f"{seed}|{problem.id}|{round_index}")
 
 
@@ -140,12 +141,13 @@ def step_populations(
             for plan in plans]
 
 
-def final_population(population: list[Child], problem: Problem, cfg: ParticleFilteringConfig, round_index: int) -> list[Child]:
+def final_population(population: list[Child], problem: Problem, cfg: ParticleFilteringConfig) -> list[Child]:
     """The population resampled by the weights of its last scores (module docstring), in order
-    (an empty one, from a policy that returned nothing, stays empty)."""
+    (an empty one, from a policy that returned nothing, stays empty). Its RNG is the problem's
+    own "final" one: the rounds a batch runs depend on its other problems, a problem's draws not."""
     if not population:
         return population
-    rng = resampling_rng(cfg.seed, problem, round_index)
+    rng = resampling_rng(cfg.seed, problem, "final")
     return [population[i] for i in resample(population, cfg.temperature, rng, cfg.weighting)]
 
 
@@ -168,7 +170,7 @@ def particle_filtering(
         rounds += 1
         if on_round is not None:
             on_round(trees)
-    populations = [final_population(population, problem, cfg, rounds) for population, problem in zip(populations, problems)]
+    populations = [final_population(population, problem, cfg) for population, problem in zip(populations, problems)]
     candidates: list[list[Candidate]] = [
         [make_candidate(tree, p.node, p.step_scores, cfg.aggregation) for p in population]
         for tree, population in zip(trees, populations)
