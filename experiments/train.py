@@ -427,10 +427,9 @@ def check_not_foreign(out: Path) -> None:
 
 def check_fresh_out_dir(out: Path, config: dict[str, Any]) -> None:
     """ValueError for a fresh start in a folder holding another run, which the start would
-    overwrite: another command's files (`check_not_foreign`), a config.yaml of another config, or
-    metrics.jsonl without a config.yaml. This config's own start that stopped before its first
-    checkpoint passes (its rows are reset)."""
-    check_not_foreign(out)
+    overwrite: a config.yaml of another config, or metrics.jsonl without a config.yaml (another
+    command's files were refused before, `check_not_foreign` in `open_run`). This config's own
+    start that stopped before its first checkpoint passes (its rows are reset)."""
     path = out / CONFIG
     if path.is_file():
         saved = with_added_settings(read_run_config(out), config, ADDED_SETTINGS)
