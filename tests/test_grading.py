@@ -12,6 +12,7 @@ from experiments.metrics import CandidateOutcome, ProblemOutcome, problem_accura
 from experiments.tasks import ceval, gsm8k, math500
 from experiments.tasks.grading import (
     answer_line,
+    answer_sentence,
     answers_match,
     canonical_answer,
     extract_choice,
@@ -115,6 +116,12 @@ def test_the_answer_is_sentence_when_nothing_else_states_an_answer():
     assert extract_final_answer("The answer is:\n\n**42**") == "42"
     assert extract_final_answer("The answer is not 20. Recounting, she has 18.") is None  # the flexible grader's last number
     assert extract_final_answer("The answer is 2x+3.") is None and extract_final_answer("the answer is 1,2345") is None
+    # a fraction whole, an expression none (3/4 read as 3: a false positive against 3, and 3/4 wrong)
+    assert grade_math("The answer is 3/4.", "3/4") and not grade_math("The answer is 3/4.", "3")
+    assert extract_final_answer("The answer is -1/2") == "-1/2" and extract_final_answer("The answer is 2^10 = 1024.") is None
+    assert extract_final_answer("The answer is 3:15 pm.") is None
+    # the last phrase decides: a retraction after it is not outvoted by an earlier answer
+    assert extract_final_answer("The answer is 20. Wait, that is wrong: the answer is not 20, recounting gives 18.") is None
 
 
 @needs_data
@@ -166,6 +173,9 @@ def test_a_long_blank_run_after_answer_is_read_fast():
     assert extract_choice("答案" + "\n" * 300 + "1") is None
     assert answer_line("Answer: a" + " \t" * 20000 + "b") is not None  # quadratic before
     assert grade_math("Answer: 5" + " " * 50000 + "\n", "5")
+    # "The answer is" with three adjacent blank runs in one pattern: 2000 spaces took 85 s (cubic)
+    assert answer_sentence("The answer is" + " " * 2000 + "x") is None
+    assert answer_sentence("The answer is" + " \t" * 2000 + ":" + "\n" * 2000 + "*" * 2000 + "7") == "7"
     assert time.monotonic() - start < 2
 
 
