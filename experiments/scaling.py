@@ -208,16 +208,17 @@ def pooled_points(runs: Sequence[RunSummary], axis: ComputeAxis = COMPUTE_AXES[D
 
 
 def drawn_runs(group: Sequence[RunSummary]) -> list[RunSummary]:
-    """The runs of one series and budget a point pools: one per seed. Greedy decoding's copies (a
-    budget sweep runs it again at each budget, the same search) count once; other runs that
-    share a seed are a ValueError naming them: a point pools only draws (other seeds), not a copy
-    of a run or runs that differ in a setting that is not the budget (four MCTS token budgets
-    under one budget=8 made one point at their mean compute)."""
+    """The runs of one series and budget a point pools: one per seed. Greedy decoding draws
+    nothing (a budget sweep runs it again at each budget, and seeds change nothing): its one run
+    with the most problems stands for its copies. Other runs that share a seed are a ValueError
+    naming them: a point pools only draws (other seeds), not a copy of a run or runs that differ
+    in a setting that is not the budget (four MCTS token budgets under one budget=8 made one
+    point at their mean compute)."""
+    if group and is_greedy(group[0]):
+        return [max(group, key=lambda run: run.problems)]  # the first of the most complete
     by_seed: dict[int, list[RunSummary]] = defaultdict(list)
     for run in group:
         by_seed[run.seed].append(run)
-    if group and group[0].strategy == "greedy":
-        return [runs[0] for runs in by_seed.values()]
     for seed, runs in by_seed.items():
         names = [run.run for run in runs]
         if len(names) > 1:
@@ -229,6 +230,11 @@ def drawn_runs(group: Sequence[RunSummary]) -> list[RunSummary]:
                 f"point pools only runs of other seeds; these are copies or differ in a setting that is not the "
                 f"budget{mcts}; point the command at a folder without the extra runs")
     return list(group)
+
+
+def is_greedy(run: RunSummary) -> bool:
+    """Greedy decoding, labelled or not ("greedy", "greedy (chunk=2)": `strategy_labels`)."""
+    return run.strategy == "greedy" or run.strategy.startswith("greedy (")
 
 
 def series_name(run: RunSummary, several_scorers: bool, several_workloads: bool = False) -> str:

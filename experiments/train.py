@@ -809,14 +809,12 @@ class MetricsLog:
 
 
 def should_stop(t: Trainer, stop: StopRequest) -> tuple[bool, bool]:
-    """(stop now, because of Ctrl-C): max_steps reached, or (decided by the main process, shared
-    with all, so every process stops after the same step) max_minutes or a Ctrl-C."""
-    if t.step >= t.s.run.max_steps:
-        return True, False
-    over = t.s.run.max_minutes is not None and t.elapsed_s >= 60 * t.s.run.max_minutes
+    """(stop now, because of Ctrl-C or SIGTERM): decided by the main process and shared with all,
+    so every process stops after the same step: max_steps, max_minutes or a signal (one during
+    the last step too: the run is saved and the process stops, a sweep's next job does not start)."""
+    over = t.step >= t.s.run.max_steps or (t.s.run.max_minutes is not None and t.elapsed_s >= 60 * t.s.run.max_minutes)
     over, interrupted = broadcast_object_list([over or stop.requested, stop.requested])
     return bool(over), bool(interrupted)
-
 
 def train_loop(t: Trainer, log: MetricsLog | None, progress: bool) -> None:
     """Steps until the budget ends; a checkpoint every checkpoint_every steps and at the end. The
@@ -840,7 +838,7 @@ def train_loop(t: Trainer, log: MetricsLog | None, progress: bool) -> None:
         bar.close()
         if saved_at != t.step:
             checkpoint(t, numbered=False)
-    if decision[1] or stop.requested:  # also a signal during the last step: the run is saved, the sweep stops
+    if decision[1]:
         if t.main:
             print(f"{'SIGTERM' if stop.terminated else 'Ctrl-C'}: saved {t.out / 'last'} at step {t.step}",
                   file=sys.stderr, flush=True)

@@ -688,3 +688,13 @@ def test_greedy_run_again_at_each_budget_counts_once(tmp_path):
     series = {s.name: s for s in scaling_by_strategy(sweep_summaries(tmp_path))}
     assert [(p.budget, p.runs) for p in series["greedy"].points] == [(1, 1)]
     assert scaling.main([str(tmp_path)]) == 0
+    # the most complete copy stands for them (a stopped one was kept for sorting first); seeds and
+    # a label (chunk=2) change nothing
+    write_run(tmp_path / "greedy-0-stopped", "best_of_n", 1, 1, [False], 10, temperature=0.0)
+    for budget in (2, 4):
+        write_run(tmp_path / f"greedy-{budget}-c2", "best_of_n", 1, 0, [True, False], 10, temperature=0.0,
+                  run_settings={"chunk": 2})
+    series = {s.name: s for s in scaling_by_strategy(sweep_summaries(tmp_path))}
+    assert sorted(series) == ["best_of_n", "greedy (chunk=2)", "greedy (chunk=null)"], sorted(series)
+    assert [(p.runs, p.problems, p.accuracy.mean) for p in series["greedy (chunk=null)"].points] == [(1, 2, 0.5)]
+    assert [p.runs for p in series["greedy (chunk=2)"].points] == [1]
