@@ -44,12 +44,13 @@ nonnegative_int.__doc__ = "An argparse type: an integer >= 0 (where 0 means some
 
 
 TORCH_SEEDS = range(-2**63, 2**64)  # what torch.manual_seed takes (a larger one failed with "Overflow when unpacking long long")
+SEED_RULE = f"must be an integer from {TORCH_SEEDS.start} to {TORCH_SEEDS.stop - 1} (torch's seeds)"
 
 
 def check_seed(name: str, value: int) -> None:
     """ValueError naming the setting when value is not a seed torch takes (TORCH_SEEDS)."""
     if value not in TORCH_SEEDS:
-        raise ValueError(f"{name}={value} must be an integer from {TORCH_SEEDS.start} to {TORCH_SEEDS.stop - 1} (torch's seeds)")
+        raise ValueError(f"{name}={value} {SEED_RULE}")
 
 
 def seed_int(text: str) -> int:
@@ -59,8 +60,7 @@ def seed_int(text: str) -> int:
     except ValueError:
         value = None
     if value is None or value not in TORCH_SEEDS:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} must be an integer from {TORCH_SEEDS.start} to {TORCH_SEEDS.stop - 1} (torch's seeds)")
+        raise argparse.ArgumentTypeError(f"{text!r} {SEED_RULE}")
     return value
 
 
