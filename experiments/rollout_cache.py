@@ -643,8 +643,9 @@ def build_command(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     check_file_target(args.out, "--out", "cache.pt")  # before the rollouts: save_cache would fail only after them
     torch.set_num_threads(args.threads)
-    note = trained_task_note(args.policy, args.task, "--policy")  # arith's policy on countdown: pass@1 ~0, no word
-    if note and args.task in EMBEDDED_TASKS:  # an unknown task is its own error, below
+    # arith's policy on countdown: pass@1 ~0, no word (an unknown task is its own error, below)
+    note = trained_task_note(args.policy, args.task, "--policy") if args.task in EMBEDDED_TASKS else None
+    if note:
         print(note, file=sys.stderr, flush=True)
     started = time.perf_counter()
     with hinted_checkpoint(args.policy, "--policy"):  # a missing policy folder says how to get it

@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=None, help="default: the task's DEFAULT_TEMPERATURE")
     parser.add_argument("--threads", type=int, default=d.num_threads, help="torch threads (default: all cores)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast (default: where the CPU has bf16 matmuls; part of a run's identity, so "
-                             "a run moved to another kind of CPU resumes with the setting it ran with)")
+                        help="bf16 autocast (default: where the CPU has bf16 matmuls; part of a run's identity: give "
+                             "the setting a run ran with to resume it on another kind of CPU)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 

@@ -251,14 +251,12 @@ def _reading_order(line: str) -> int:
     return {"run": 0, "sft": 1}.get(line.split(".", 1)[0], 2)
 
 
-def _flag_hint(refused: Sequence[str]) -> str:
+def _flag_hint(refused: Sequence[str], saved: Mapping[str, Any]) -> str:
     """" (add --bf16)" when the bf16 setting differs (its default follows the CPU: a run moved to
-    another kind of machine), else ""."""
-    for line in refused:
-        if line.startswith("sft.bf16: "):
-            saved = line.removeprefix("sft.bf16: ").split(" -> ")[0]
-            return f" (add {'--bf16' if saved == 'True' else '--no-bf16'}: the run's bf16 setting)"
-    return ""
+    another kind of machine): the flag of the saved run's value; else ""."""
+    if not any(line.startswith("sft.bf16: ") for line in refused):
+        return ""
+    return f" (add {'--bf16' if saved['sft']['bf16'] else '--no-bf16'}: the run's bf16 setting)"
 
 
 def check_resumable(last: Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -276,6 +274,6 @@ def check_resumable(last: Path, saved: Mapping[str, Any], current: Mapping[str, 
         allowed = ", ".join(key.removeprefix("sft.") for key in RESUMABLE_KEYS)
         raise SFTError(
             f"{last} holds a run of another config ({'; '.join(refused)}); a resume may change only {allowed}: "
-            f"rerun with the saved settings{_flag_hint(refused)}, or use another out_dir (--out) for this one"
+            f"rerun with the saved settings{_flag_hint(refused, a)}, or use another out_dir (--out) for this one"
         )
     return config_differences(a, b)

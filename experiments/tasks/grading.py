@@ -197,8 +197,8 @@ def extract_final_answer(text: str) -> str | None:
     rechecked "\\boxed{20}" is 18; "Answer: \\boxed{18}" is the box), except that a box is
     not replaced by a line that restates it in prose ("Answer: Janet makes $18 every day", at
     least PROSE_WORDS words) or by a markdown heading ("#### Verification": a "####" line that
-    starts with a word); when there is none of the three, the number or inline math right after
-    the last "The answer is" (`answer_sentence`, lm-eval's GSM8K chain-of-thought format). Looked for after the last
+    starts with a word); when there is none of the three, the number, fraction or inline math
+    right after the last "The answer is" (`answer_sentence`, lm-eval's GSM8K chain-of-thought format). Looked for after the last
     </think> first, then in the whole text. Never raises."""
     if not isinstance(text, str):
         return None
