@@ -79,6 +79,7 @@ from experiments.search import (  # noqa: E402
     CONFIG_DIR, TASK_KEYS, build_frozen, check_int, resolve_out_dir, resolved_config, user_errors_reported,
 )
 from experiments.sweep_metrics import read_run_config  # noqa: E402
+from policies.bf16_support import native_bf16  # noqa: E402
 from policies.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from policies.step_boundary import StopRequest, stop_at_step_boundary  # noqa: E402
 from policies.devices import resolve_device  # noqa: E402
@@ -401,7 +402,7 @@ def claim_out_dir(out: Path, config: dict[str, Any], resuming: bool, main: bool)
                 f"{path} is missing: {out} holds checkpoints of a run whose config is gone, so a resume cannot be "
                 "checked against it; restore config.yaml, or pass another out_dir= to start a new run"
             )
-        saved = with_added_settings(read_run_config(out), config, ADDED_SETTINGS)
+        saved = saved_run_config(out, config)
         diffs = config_differences(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
         if diffs:
             overrides = resume_overrides(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
@@ -413,6 +414,29 @@ def claim_out_dir(out: Path, config: dict[str, Any], resuming: bool, main: bool)
         for name in (METRICS, HELDOUT):
             (out / name).unlink(missing_ok=True)
         write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(config)))
+
+
+def saved_run_config(out: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """out's config.yaml as the run ran, to compare with `config` (this start's, with its KL
+    reference precision pinned, `pinned_reference_precision`): settings added since it was saved
+    read as they ran then (ADDED_SETTINGS), and a `train_loss.ref_bf16: null` saved before the
+    precision was pinned reads as this start's (the run resolved it per machine then)."""
+    saved = with_added_settings(read_run_config(out), config, ADDED_SETTINGS)
+    loss, current = saved.get("train_loss"), config.get("train_loss")
+    if isinstance(loss, dict) and isinstance(current, dict) and "ref_bf16" in loss and loss["ref_bf16"] is None:
+        loss["ref_bf16"] = current.get("ref_bf16")
+    return saved
+
+
+def pinned_reference_precision(config: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """config with `train_loss.ref_bf16: null` (bf16 where `device` has bf16 matmuls) replaced by
+    what it means on `device` when the run has a KL term, so the config.yaml a run saves says how
+    its reference ran: a resume on a machine of other bf16 support is refused, naming the setting
+    to add, instead of going on with another reference precision."""
+    loss = config.get("train_loss")
+    if not isinstance(loss, dict) or loss.get("ref_bf16", False) is not None or not loss.get("kl_coef"):
+        return config
+    return {**config, "train_loss": {**loss, "ref_bf16": native_bf16(str(device))}}
 
 
 def check_not_foreign(out: Path) -> None:
@@ -432,7 +456,7 @@ def check_fresh_out_dir(out: Path, config: dict[str, Any]) -> None:
     start that stopped before its first checkpoint passes (its rows are reset)."""
     path = out / CONFIG
     if path.is_file():
-        saved = with_added_settings(read_run_config(out), config, ADDED_SETTINGS)
+        saved = saved_run_config(out, config)
         diffs = config_differences(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
         if diffs:
             shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
@@ -456,7 +480,8 @@ def open_run(cfg: DictConfig, s: Settings, accelerator: Accelerator) -> tuple[Tr
     check_not_foreign(out)
     reflective, tokenizer, point = load_start(s, out, accelerator.num_processes)
     state = point.state if point is not None else None
-    claim_out_dir(out, resolved_config(cfg), state is not None, accelerator.is_main_process)
+    config = pinned_reference_precision(resolved_config(cfg), accelerator.device)
+    claim_out_dir(out, config, state is not None, accelerator.is_main_process)
     if point is not None and point.passed_over and accelerator.is_main_process:
         print(resume_message(point), flush=True)
     accelerator.wait_for_everyone()

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from experiments.checkpoint_hints import checkpoint_hint
 from experiments.search import CONFIG_DIR, build_policy
+from experiments import train
 from experiments.train import RESUMABLE_KEYS, run_training, settings
 from policies.checkpoint import DamagedCheckpointError, load_checkpoint, save_checkpoint
 from policies.reflective_model import ReflectiveModel
@@ -107,22 +108,50 @@ def test_a_resume_of_another_config_says_what_resumes_it_as_it_ran(init_dir, fin
     assert (out / "metrics.jsonl").read_text() == rows
 
 
-def test_a_run_saved_before_ref_bf16_and_shared_prompt_existed_resumes_as_it_ran(init_dir, finished, tmp_path):
+def test_a_run_saved_before_ref_bf16_and_shared_prompt_existed_resumes_as_it_ran(init_dir, finished, tmp_path, monkeypatch):
     # a config.yaml without the settings added in December was refused ("<absent> -> None"), with
     # nothing to add that resumes it: such a run ran with an fp32 reference, every prompt per
     # rollout, and a cut wrong rollout as an ordinary wrong one
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)  # ref_bf16: null pins to True here
     out = copy_run(finished, tmp_path)
     config = OmegaConf.load(out / "config.yaml")
     for key in ("ref_bf16", "shared_prompt", "truncated_wrong_reward"):
         del config.train_loss[key]
     (out / "config.yaml").write_text(OmegaConf.to_yaml(config))
-    with pytest.raises(ValueError, match=r"train_loss.ref_bf16: False -> None; train_loss.shared_prompt: False -> True; "
+    with pytest.raises(ValueError, match=r"train_loss.ref_bf16: False -> True; train_loss.shared_prompt: False -> True; "
                                          r"train_loss.truncated_wrong_reward: 0.0 -> 0.1"):
         run_training(composed(tiny(init_dir, out)))
     rows = (out / "metrics.jsonl").read_text()
     run_training(composed(tiny(init_dir, out, "train_loss.ref_bf16=false", "train_loss.shared_prompt=false",
                                "train_loss.truncated_wrong_reward=0.0")))
     assert (out / "metrics.jsonl").read_text() == rows  # resumed: nothing left to run
+
+
+def test_the_kl_reference_precision_is_pinned_so_another_machine_resumes_it_as_it_ran(init_dir, tmp_path, monkeypatch):
+    # `train_loss.ref_bf16: null` was saved as null and resolved by each machine: a run moved to a
+    # CPU of other bf16 support resumed with another KL reference precision, in silence
+    out = tmp_path / "run"
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    run_training(composed(tiny(init_dir, out, "run.max_steps=2")))
+    assert OmegaConf.load(out / "config.yaml").train_loss.ref_bf16 is True
+    rows = (out / "metrics.jsonl").read_text()
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)  # the run moved to a CPU without bf16
+    with pytest.raises(ValueError, match=r"another config \(train_loss.ref_bf16: True -> False\)") as caught:
+        run_training(composed(tiny(init_dir, out, "run.max_steps=2")))
+    suggested = re.search(r"or add `([^`]*)` to resume it as it ran", str(caught.value)).group(1).split()
+    assert suggested == ["train_loss.ref_bf16=true"]
+    run_training(composed(tiny(init_dir, out, "run.max_steps=2", *suggested)))
+    assert (out / "metrics.jsonl").read_text() == rows  # resumed: nothing left to run
+    config = OmegaConf.load(out / "config.yaml")
+    config.train_loss.ref_bf16 = None  # saved before the precision was pinned: it resumes on any machine
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    run_training(composed(tiny(init_dir, out, "run.max_steps=2")))
+    assert (out / "metrics.jsonl").read_text() == rows
+
+
+def test_a_run_without_a_kl_term_leaves_the_reference_precision_unpinned(init_dir, tmp_path):
+    out = run_training(composed(tiny(init_dir, tmp_path / "run", "run.max_steps=1", "train_loss.kl_coef=0")))
+    assert OmegaConf.load(out / "config.yaml").train_loss.ref_bf16 is None
 
 
 @pytest.mark.parametrize("files, message", [
