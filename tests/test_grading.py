@@ -120,6 +120,11 @@ def test_the_answer_is_sentence_when_nothing_else_states_an_answer():
     assert grade_math("The answer is 3/4.", "3/4") and not grade_math("The answer is 3/4.", "3")
     assert extract_final_answer("The answer is -1/2") == "-1/2" and extract_final_answer("The answer is 2^10 = 1024.") is None
     assert extract_final_answer("The answer is 3:15 pm.") is None
+    # an expression after the number is not its value ("15 + 5 = 20" read as 15); a dash as punctuation is
+    assert extract_final_answer("So the answer is 15 + 5 = 20.") is None and not grade_math("The answer is 18 - 2 = 16.", "18")
+    assert extract_final_answer("The answer is 5 \\times 3.") is None and extract_final_answer("The answer is 4 x 2.") is None
+    assert extract_final_answer("The answer is 18 - that is all.") == "18"
+    assert grade_math("The answer is $\\$18$.", "18") and grade_math("The answer is \\$18.", "18")  # none before
     # the last phrase decides: a retraction after it is not outvoted by an earlier answer
     assert extract_final_answer("The answer is 20. Wait, that is wrong: the answer is not 20, recounting gives 18.") is None
 
@@ -205,6 +210,9 @@ def test_a_bare_unit_word_after_a_number_is_its_unit(text, reference, right):
     "#### Final Answer\n\\boxed{18}\n\n#### Verification\n9 * 2 = 18",
     "\\boxed{18}.\n\nAnswer: Janet makes \\$18 every day at the market.",
     "So \\[\\boxed{18}\\]\n#### Summary\nShe earns 18 dollars.",
+    # numbered or worded headings are no "####" answer, with or without a box ("2. Compute" before)
+    "#### 1. Setup\nShe has 9.\n\n#### 2. Compute\n9*2=18.\n\nThe answer is 18.",
+    "So she makes $\\boxed{18}$.\n\n#### 3. Check\n9*2 = 18.", "#### Step 2: money\n9 * 2 = 18.\nThe answer is 18.",
 ])
 def test_the_answer_written_last_is_extracted(text):
     assert extract_final_answer(text).strip("$") == "18"
@@ -219,9 +227,24 @@ def test_the_answer_written_last_is_extracted(text):
     ("18 \\text{ or more}", "18", False), ("\\text{18 or more}", "18", False), ("2 thousand", "2", False),
     ("at least 18", "18", False), ("2 pi", "2", False), ("\\$1.5 million", "1.5", False),
     ("5 square feet", "5", True), ("\\text{18 apples}", "18", True),
+    ("18 squared", "18", False), ("18 \\text{ cubed}", "18", False),
+    # a magnitude word is read as its value (math_verify cannot: "1.45 million" was not 1450000)
+    ("1.45 \\text{ million}", "1450000", True), ("2 thousand", "2000", True), ("\\text{3 hundred}", "300", True),
+    ("1.45 million", "1.45", False),
     # a count's own unit stays one: GSM8K asks "how many dozens / more hours / times / quarters"
     ("7 dozen", "7", True), ("3 more hours", "3", True), ("3 \\text{ times}", "3", True),
     ("16 \\text{ quarters}", "16", True), ("40 \\text{ fewer songs}", "40", True),
 ])
 def test_numbers_with_degrees_signs_assignments_and_value_words(predicted, reference, right):
     assert answers_match(predicted, reference) is right
+
+
+@pytest.mark.parametrize("text, reference, right", [
+    ("The solutions are $\\boxed{1}$ and $\\boxed{-2}$.", "1,-2", True),  # -2 alone before
+    ("\\boxed{3}, \\boxed{5}, and \\boxed{7}", "3, 5, 7", True),
+    ("The solutions are $\\boxed{1}$ and $\\boxed{-2}$.", "-2", False),
+    ("\\boxed{20}. Wait, recheck: \\boxed{18}", "18", True),  # a correction is not a list
+])
+def test_boxes_joined_by_and_or_commas_are_one_list_answer(text, reference, right):
+    # MATH-500 rows with list answers (intermediate_algebra/1388 "1,-2") graded wrong when one box per value
+    assert grade_math(text, reference) is right

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 # "\boxed{...}", or "\boxed 5" (no braces: the argument runs to the next blank or "$")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*(\{)|[ \t]+(?=[^\s${}]))")
 _BARE_BOXED_RE = re.compile(r"[^\s$]+")
+_BOX_JOINER_RE = re.compile(r"[\s$,;]*(?:(?:and|or)[\s$,;]+)?")  # between boxes of one list answer
 _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
 # "(.+)" and not "(.+?)[ \t]*": the latter backtracks quadratically on a long run of blanks.
 _ANSWER_RE = re.compile(r"(?im)^[ \t*#>]*(?:final[ \t]+)?answer[ \t*]*[:：][ \t*]*(.+)$")
@@ -74,12 +75,16 @@ _MINERVA_END = "i hope it is correct"
 # "The answer is 18." / "So the final answer is $\frac{1}{2}$." (lm-eval's GSM8K chain-of-thought
 # format), when a completion has no box, "####" or "Answer:" line: the number, fraction or inline
 # math right after the LAST such phrase, nothing more ("The answer is 6, which is ..." is 6; "The
-# answer is not 20" and "The answer is 2^10" are none). Two patterns, the gap after "is" matched
+# answer is not 20", "The answer is 2^10" and "The answer is 15 + 5 = 20" are none). Two patterns, the gap after "is" matched
 # one way only: three adjacent blank runs there took 85 s on 2000 spaces.
 _ANSWER_IS_RE = re.compile(r"(?i)\bthe[ \t]+(?:final[ \t]+)?answer[ \t]+is\b")
-_NUMBER_TEXT = r"[-+]?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_NUMBER_TEXT = r"[-+]?(?:\\?\$)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # "\$18" too
+# after the value: no more of a number or an expression ("15 + 5 = 20", "18 x 2", "2^10", "3:15")
+_VALUE_GOES_ON = (r"[\w/^:]|[,.]\d|[ \t]*=|[ \t]*(?:[-+*×÷]|\\(?:times|cdot|div)(?![A-Za-z])|[xX])"
+                  r"[ \t]*(?:[\d(\\$]|[A-Za-z](?![A-Za-z]))")  # "18 - that is" goes on as 18
 _ANSWER_IS_VALUE_RE = re.compile(
-    rf"(?:[ \t]*:)?\s*(?:\*+[ \t]*)?(\$[^$\n]+\$|\\\(.+?\\\)|{_NUMBER_TEXT}(?:/{_NUMBER_TEXT})?%?)(?![\w/^:]|[,.]\d)"
+    rf"(?:[ \t]*:)?\s*(?:\*+[ \t]*)?(\$(?:\\\$|[^$\n])+\$|\\\(.+?\\\)|{_NUMBER_TEXT}(?:/{_NUMBER_TEXT})?%?)"
+    rf"(?!{_VALUE_GOES_ON})"
 )
 _LONE_LETTER_RE = re.compile(r"^[(（{]?\s*([A-Z])\s*[)）}]?[.。]?$")
 _TEXT_WRAPPER_RE = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\{(.*)\}$", re.S)
@@ -117,16 +122,33 @@ def last_boxed(text: str) -> str | None:
 
 def last_boxed_at(text: str) -> tuple[int, str] | None:
     """(where it starts, its contents) of the last non-empty box, as `last_boxed` reads it.
-    An empty \\boxed{} is skipped: it is the prompt's "put your answer in \\boxed{}" echoed."""
+    An empty \\boxed{} is skipped: it is the prompt's "put your answer in \\boxed{}" echoed.
+    Boxes joined only by blanks, "$", commas, "and" or "or" are one answer, their contents
+    joined by ", " ("$\\boxed{1}$ and $\\boxed{-2}$" -> "1, -2": a list answer, one box per value)."""
+    run: list[tuple[int, int, str]] = []  # (start, end, contents) of the last boxes, the last first
     for match in reversed(list(_BOXED_RE.finditer(text))):
-        if match.group(1) is None:  # "\boxed 5"
-            return match.start(), _BARE_BOXED_RE.match(text, match.end()).group()  # type: ignore[union-attr]  # lookahead: non-empty
-        content = _balanced_group(text, match.end() - 1)
-        if content is None:
-            return None
-        if content.strip():
-            return match.start(), content.strip()
-    return None
+        box = _box_at(text, match)
+        if box is None or not box[2]:  # never closes (a cut-off answer), or empty (skipped)
+            if run or box is None:
+                break
+            continue
+        if run and not _BOX_JOINER_RE.fullmatch(text, box[1], run[-1][0]):
+            break
+        run.append(box)
+    if not run:
+        return None
+    return run[-1][0], ", ".join(contents for _, _, contents in reversed(run))
+
+
+def _box_at(text: str, match: re.Match[str]) -> tuple[int, int, str] | None:
+    """(start, end, stripped contents) of the box a _BOXED_RE match opens, None if it never closes."""
+    if match.group(1) is None:  # "\boxed 5"
+        bare = _BARE_BOXED_RE.match(text, match.end())  # lookahead: non-empty
+        return match.start(), bare.end(), bare.group()  # type: ignore[union-attr]
+    content = _balanced_group(text, match.end() - 1)
+    if content is None:
+        return None
+    return match.start(), match.end() + len(content) + 1, content.strip()
 
 
 def hash_answer(text: str) -> str | None:
@@ -137,10 +159,19 @@ def hash_answer(text: str) -> str | None:
 
 
 def hash_answer_at(text: str) -> tuple[int, str] | None:
-    """(where its "####" starts, the answer) of `hash_answer`, or None."""
-    matches = list(_HASH_RE.finditer(text))
-    answer = _strip_emphasis(matches[-1].group(1)) if matches else ""
-    return (matches[-1].start(), answer) if answer else None
+    """(where its "####" starts, the answer) of `hash_answer`, or None. A markdown heading
+    ("#### Verification", "#### Step 2: money", "#### 3. Check") is no answer line."""
+    for match in reversed(list(_HASH_RE.finditer(text))):
+        answer = _strip_emphasis(match.group(1))
+        if answer and not _is_heading(answer):
+            return match.start(), answer
+    return None
+
+
+def _is_heading(answer: str) -> bool:
+    """Whether a "####" line's text is a markdown heading: it starts with a word, or is numbered
+    ("3. Check", "2) Compute")."""
+    return bool(_HEADING_RE.match(answer) or _NUMBERED_HEADING_RE.match(answer))
 
 
 def _strip_emphasis(answer: str) -> str:
@@ -196,8 +227,8 @@ def extract_final_answer(text: str) -> str | None:
     "#### N" and the last "Answer: X" line, the one written last (a "Final Answer: 18" after a
     rechecked "\\boxed{20}" is 18; "Answer: \\boxed{18}" is the box), except that a box is
     not replaced by a line that restates it in prose ("Answer: Janet makes $18 every day", at
-    least PROSE_WORDS words) or by a markdown heading ("#### Verification": a "####" line that
-    starts with a word); when there is none of the three, the number, fraction or inline math
+    least PROSE_WORDS words); a markdown heading ("#### Verification", "#### 3. Check") is no
+    "####" answer (`hash_answer_at`); when there is none of the three, the number, fraction or inline math
     right after the last "The answer is" (`answer_sentence`, lm-eval's GSM8K chain-of-thought format). Looked for after the last
     </think> first, then in the whole text. Never raises."""
     if not isinstance(text, str):
@@ -205,7 +236,7 @@ def extract_final_answer(text: str) -> str | None:
     for scope in (_after_think(text), text):
         boxed, hashed, stated = last_boxed_at(scope), hash_answer_at(scope), answer_line_at(scope)
         if boxed is not None:  # a later line replaces it only when it states an answer
-            hashed = hashed if hashed is not None and hashed[0] > boxed[0] and not _HEADING_RE.match(hashed[1]) else None
+            hashed = hashed if hashed is not None and hashed[0] > boxed[0] else None
             stated = stated if stated is not None and stated[0] > boxed[0] and not _is_prose(stated[1]) else None
         lines = [at for at in (hashed, stated) if at is not None]
         found = lines + ([boxed] if boxed is not None else [])
@@ -218,7 +249,8 @@ def extract_final_answer(text: str) -> str | None:
 
 
 PROSE_WORDS = 3  # words of two or more letters (not LaTeX commands) that make an answer line prose
-_HEADING_RE = re.compile(r"[A-Za-z]{2,}")  # "#### Summary": a markdown heading, where a box was the answer
+_HEADING_RE = re.compile(r"[A-Za-z]{2,}")  # "#### Summary": a markdown heading, not a "####" answer
+_NUMBERED_HEADING_RE = re.compile(r"\d+[.)][ \t]+[A-Za-z]{2,}")  # "#### 3. Check"
 
 
 def _is_prose(answer: str) -> bool:
@@ -275,7 +307,12 @@ _BARE_UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]{2,})+$")  # "18 eggs" (not "2 
 # magnitude or a constant), "18 or more", "at least 18" (a bound) go to math_verify instead. A
 # count's own unit stays one: "7 dozen" answers "how many dozens", "3 more hours" "how many more".
 _WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")  # a word, not a LaTeX command's name
-VALUE_WORDS = frozenset("pi hundred hundreds thousand thousands million millions billion billions trillion trillions".split())
+VALUE_WORDS = frozenset("pi squared cubed hundred hundreds thousand thousands million millions billion billions "
+                        "trillion trillions".split())
+# "1.45 million", "2 \text{ thousand}": a number times its magnitude word (parse_number reads its value)
+_MAGNITUDES = {"hundred": 10**2, "thousand": 10**3, "million": 10**6, "billion": 10**9, "trillion": 10**12}
+_MAGNITUDE_RE = re.compile(r"(?i)^(?P<number>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s*(?:\\text\{\s*)?"
+                           r"(?P<word>hundred|thousand|million|billion|trillion)s?\s*\}?$")
 _BOUND_RE = re.compile(r"(?i)\b(?:or\s+(?:more|less|fewer|greater|higher|lower|so)|at\s+(?:least|most)|"
                        r"(?:more|less|fewer|greater)\s+than|up\s+to)\b")
 
@@ -301,8 +338,8 @@ def _respace(match: re.Match[str]) -> str:
 
 def parse_number(answer: str) -> Fraction | None:
     """answer as an exact number when it is a plain one ("42", "-3.5", "1,234", "1{,}234", "1\\,234",
-    "$18", "\\$18.50", "1/2", "\\frac{1}{2}", "25\\%", "25 percent", "\\text{18 apples}"), else None
-    (other units and expressions go to math_verify).
+    "$18", "\\$18.50", "1/2", "\\frac{1}{2}", "25\\%", "25 percent", "\\text{18 apples}", "1.45 million"),
+    else None (other units and expressions go to math_verify).
 
     A trailing percent sign is dropped ("25\\%" reads as 25, not 0.25): GSM8K and MATH references
     write a percentage without it, and math_verify alone would judge "25\\%" != "25"."""
@@ -319,6 +356,9 @@ def parse_number(answer: str) -> Fraction | None:
     text = _ASSIGNMENT_RE.sub("", _DEGREES_RE.sub("", _PERCENT_RE.sub("", text)).strip())
     if len(text) > _MAX_NUMBER_CHARS:
         return None
+    magnitude = _MAGNITUDE_RE.match(text)
+    if magnitude:
+        return Fraction(magnitude.group("number").replace(",", "")) * _MAGNITUDES[magnitude.group("word").lower()]
     if _GROUPED_INT_RE.match(text):
         text = text.replace(",", "").replace(" ", "")
     try:
@@ -412,11 +452,11 @@ def fast_match(predicted: str, reference: str) -> bool | None:
     two plain numbers), else None."""
     if normalize_text(predicted) == normalize_text(reference):
         return True
+    predicted_number, reference_number = parse_number(predicted), parse_number(reference)
+    if predicted_number is not None and reference_number is not None:  # "1.45 million" is 1450000
+        return predicted_number == reference_number and _same_variable(predicted, reference)
     if not _value_words(predicted) <= _value_words(reference):  # "18 \text{ or more}" is not 18
         return False
-    predicted_number, reference_number = parse_number(predicted), parse_number(reference)
-    if predicted_number is not None and reference_number is not None:
-        return predicted_number == reference_number and _same_variable(predicted, reference)
     return None
 
 
