@@ -1,4 +1,4 @@
-"""What the task loaders do with bad input: files that are not UTF-8, GSM8K rows with an empty
+"""What the task loaders do with bad input: files that are not UTF-8 (a byte-order mark loads), empty ids, GSM8K rows with an empty
 question or a non-numeric final answer, a bad `count` for the generated tasks (arith,
 countdown), and the hint of a missing data file. Synthetic files only (no shared data needed)."""
 from __future__ import annotations
@@ -20,6 +20,8 @@ GOOD_ROWS = {
                 "unique_id": "test/algebra/1.json"},
     "aime": {"prompt": "p", "answer": 1},
 }
+CEVAL_PROMPT = ("以下是中国关于数学考试的单项选择题，请选出其中的正确答案。\n1+1=____\nA. 2\nB. 3\nC. 4\nD. 5\n"
+                "让我们一步一步思考。")
 LOADERS = {
     "gsm8k": lambda path: gsm8k.load_gsm8k("test", path),
     "math500": math500.load_math500,
@@ -70,6 +72,26 @@ def test_json_array_that_is_not_utf8_names_the_line(tmp_path):
     assert f"byte offset {offset}" in str(caught.value)
 
 
+@pytest.mark.parametrize("name", sorted(LOADERS))
+def test_a_utf8_file_with_a_byte_order_mark_loads(tmp_path, name):
+    # "Unexpected UTF-8 BOM" from the jsonl loaders; "expected a JSON array ('[')" from C-Eval's
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD_ROWS[name]).encode() + b"\n")
+    assert len(LOADERS[name](path)) == 1
+    item = {"model_input": CEVAL_PROMPT, "answer": "A", "sub": "math", "id": 0}
+    array = tmp_path / "ceval.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps([item]).encode())
+    assert [p.answer for p in ceval.load_ceval(array)] == ["A"]
+
+
+def test_an_empty_ceval_subject_is_named(tmp_path):
+    path = tmp_path / "ceval.json"
+    path.write_text(json.dumps([{"model_input": CEVAL_PROMPT, "answer": "A", "sub": " ", "id": 0}]))
+    with pytest.raises(DataFormatError) as caught:
+        ceval.load_ceval(path)
+    assert (caught.value.line, caught.value.field) == (1, "sub")
+
+
 # ---------------------------------------------------------------------------------------------
 # GSM8K rows
 
@@ -97,7 +119,8 @@ def test_gsm8k_numbers_with_commas_signs_and_decimals_load(tmp_path):
     assert [p.answer for p in gsm8k.load_gsm8k("test", path)] == ["18", "1000", "1450000", "-3", "2.5", "-1200.75"]
 
 
-@pytest.mark.parametrize("name, field", [("math500", "problem"), ("math500", "answer"), ("aime", "prompt")])
+@pytest.mark.parametrize("name, field", [("math500", "problem"), ("math500", "answer"), ("aime", "prompt"),
+                                         ("math500", "unique_id"), ("math500", "subject")])  # Problem(id="") before
 def test_other_loaders_refuse_empty_question_text(tmp_path, name, field):
     path = _write_rows(tmp_path / "rows.jsonl", [{**GOOD_ROWS[name], field: "  "}])
     with pytest.raises(DataFormatError) as caught:

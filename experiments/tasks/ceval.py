@@ -53,7 +53,7 @@ def _problem(where: RowLocation, record: dict[str, Any]) -> Problem:
     answer = where.require(record, "answer", str)
     if answer not in LETTERS or len(answer) != 1:
         raise where.error(f"expected one of {', '.join(LETTERS)}, got {answer!r}", field="answer")
-    subject = where.require(record, "sub", str)
+    subject = where.require_text(record, "sub")
     number = where.require(record, "id", int)
     parts = _PROMPT_RE.match(model_input)
     if parts is None:

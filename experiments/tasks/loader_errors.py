@@ -107,8 +107,11 @@ def _not_utf8(path: Path, line: int, error: UnicodeDecodeError, line_start: int)
                            f"({error.reason}); save the file as UTF-8")
 
 
+BOM = "\ufeff"  # a byte-order mark some editors write at the start of a UTF-8 file: not part of its text
+
+
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) for each line of a UTF-8 file (split on "\\n" only);
+    """(1-based line number, text) for each line of a UTF-8 file (split on "\\n" only; a leading BOM dropped);
     DataFormatError naming the line and byte offset at the first byte that is not UTF-8."""
     offset = 0
     with open(path, "rb") as handle:
@@ -117,16 +120,16 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise _not_utf8(path, line_number, error, offset) from None
-            yield line_number, text
+            yield line_number, text.removeprefix(BOM) if line_number == 1 else text
             offset += len(raw)
 
 
 def _decoded_text(path: Path) -> str:
-    """The whole file as text; DataFormatError naming the line and byte offset at the first byte
+    """The whole file as text (a leading BOM dropped); DataFormatError naming the line and byte offset at the first byte
     that is not UTF-8."""
     data = Path(path).read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix(BOM)
     except UnicodeDecodeError as error:
         raise _not_utf8(path, data.count(b"\n", 0, error.start) + 1, error, 0) from None
 

@@ -36,14 +36,14 @@ def _problem(where: RowLocation, record: dict[str, Any]) -> Problem:
         raise where.error(f"expected a level in 1-5, got {level}", field="level")
     meta = {
         "task": "math500",
-        "subject": where.require(record, "subject", str),
+        "subject": where.require_text(record, "subject"),
         "level": level,
-        "solution": where.require(record, "solution", str),
+        "solution": where.require_text(record, "solution"),
         "source": str(where.path),
         "line": where.line,
     }
     return Problem(
-        id=where.require(record, "unique_id", str),
+        id=where.require_text(record, "unique_id"),
         question=where.require_text(record, "problem"),
         answer=where.require_text(record, "answer"),
         meta=meta,
