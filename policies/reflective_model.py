@@ -31,7 +31,7 @@ from torch import nn
 
 from policies.checkpoint import DamagedCheckpointError, atomic_directory, load_checkpoint, reading, write_checkpoint_files
 from scorers.sprm_head import (
-    SCORE_MODULE_FILE, build_sprm_head, head_hidden_size, load_score_module, save_score_module, sprm_logits,
+    build_sprm_head, head_hidden_size, load_score_module, save_score_module, sprm_logits,
 )
 
 SPRM_CONFIG_FILE = "sprm.json"
@@ -116,13 +116,14 @@ class ReflectiveModel(nn.Module):
     ) -> tuple["ReflectiveModel", Any]:
         """(model in eval mode, tokenizer) from a folder of `save_pretrained` or of the reference.
         FileNotFoundError names a missing file (score_module.pt included), DamagedCheckpointError a
-        truncated or corrupted one (model.safetensors, score_module.pt). The head keeps the
+        truncated or corrupted one (model.safetensors, score_module.pt), ValueError a head of
+        another hidden size. The head keeps the
         dtype it was saved in; feature_layer overrides sprm.json (default -2 without it); device:
         where both go (`load_checkpoint`)."""
         directory = Path(directory)
         lm, tokenizer = load_checkpoint(directory, dtype, device)
-        with reading(directory / SCORE_MODULE_FILE):
-            head = load_score_module(directory, int(lm.config.hidden_size), map_location=lm.device)
+        # names a truncated file itself (DamagedCheckpointError), a head of another model (ValueError)
+        head = load_score_module(directory, int(lm.config.hidden_size), map_location=lm.device)
         if feature_layer is None:
             feature_layer = saved_feature_layer(directory)
         return cls(lm, head, feature_layer).eval(), tokenizer

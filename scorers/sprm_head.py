@@ -127,11 +127,13 @@ def load_score_module(
     state = load_torch_file(path, map_location=map_location, weights_only=True)
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-    if hidden_size is None:
-        first = state.get("0.weight")
-        if first is None or first.dim() != 2:
-            check_state_dict(state, 1, str(path))  # raises naming the keys
-        hidden_size = int(first.shape[1])
+    first = state.get("0.weight")
+    if not isinstance(first, torch.Tensor) or first.dim() != 2:
+        check_state_dict(state, 1, str(path))  # raises naming the keys
+    if hidden_size is not None and int(first.shape[1]) != hidden_size:  # an intact file of another model
+        raise ValueError(f"{path} is the SPRM head of a model with hidden size {int(first.shape[1])}, not of this "
+                         f"model (hidden size {hidden_size}): use the head saved with this model")
+    hidden_size = int(first.shape[1])
     check_state_dict(state, hidden_size, str(path))
     head = build_sprm_head(hidden_size)
     head.load_state_dict(state, assign=True)  # the loaded tensors themselves: on map_location, in their dtype

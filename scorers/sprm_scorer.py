@@ -15,7 +15,8 @@ followed by its steps' exact token_ids; the LM runs over it once (right padded i
 `output_hidden_states=True`), the head reads the feature layer at `scorers.sprm_positions`
 positions of the completion, sigmoid. A step's score: the reading at its own separator; a step
 with none (the terminal step) the geometric mean of the earlier step scores, 0.0 with none (see
-`scorers.sprm_positions`): so the geometric-mean path score of a rollout equals `path_scores`.
+`scorers.sprm_positions`): so the geometric-mean path score of a rollout equals `path_scores`. A
+path longer than the model's context window is a ValueError naming its problem.
 
 A policy built with the same model as step head (`TransformersPolicy.from_reflective`) attaches
 the same scores while generating (equal within float rounding) at no extra forward; read them
@@ -86,6 +87,8 @@ class SPRMScorer:
         self.pad_id: int = pad_id if pad_id is not None else int(tokenizer.eos_token_id)
         self.num_parameters: int = model.num_parameters
         self.device = next(model.parameters()).device
+        # the longest sequence the LM reads (None: unchecked); a longer path is refused, not read past it
+        self.context_window: int | None = getattr(model.lm.config, "max_position_embeddings", None)
 
     @classmethod
     def from_pretrained(
@@ -118,8 +121,10 @@ class SPRMScorer:
         return sum(len(ids) for ids, _ in self._sequences(paths))
 
     def read(self, paths: Sequence[Prefix]) -> list[SPRMReading]:
-        """Forward every path once (batched, shortest first) and read the head at its positions."""
+        """Forward every path once (batched, shortest first) and read the head at its positions.
+        ValueError naming the first path longer than the model's context window (max_position_embeddings)."""
         sequences = self._sequences(paths)
+        self._check_window(paths, sequences)
         order = sorted(range(len(paths)), key=lambda i: len(sequences[i][0]))
         readings: list[SPRMReading | None] = [None] * len(paths)
         for first in range(0, len(order), self.batch_size):
@@ -138,6 +143,17 @@ class SPRMScorer:
 
     def _sequences(self, paths: Sequence[Prefix]) -> list[tuple[list[int], int]]:
         return path_sequences(self.tokenizer, self.prompt_fn, paths)
+
+    def _check_window(self, paths: Sequence[Prefix], sequences: list[tuple[list[int], int]]) -> None:
+        """ValueError naming the first path longer than the context window: the positions past
+        it were never trained, so its scores would mean nothing (a policy with a longer window,
+        e.g. a vLLM or OpenAI one, can make such paths)."""
+        if self.context_window is None:
+            return
+        for path, (ids, _) in zip(paths, sequences):
+            if len(ids) > self.context_window:
+                raise ValueError(f"problem {path.problem.id!r}: the SPRM reads {len(ids)} tokens (prompt + steps), "
+                                 f"more than its model's context window of {self.context_window} (max_position_embeddings)")
 
     @torch.inference_mode()
     def _position_scores(self, batch: list[tuple[list[int], int]]) -> list[tuple[list[int], list[float]]]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from policies.checkpoint import DamagedCheckpointError
 from policies.reflective_model import ReflectiveModel
 from scorers.sprm_head import (
     SCORE_MODULE_FILE, build_sprm_head, load_score_module, save_score_module, sprm_head_num_parameters,
@@ -109,7 +110,8 @@ def test_load_errors_name_the_file_key_and_shapes(tmp_path):
     with pytest.raises(FileNotFoundError, match="score_module.pt"):
         load_score_module(tmp_path)
     save_score_module(build_sprm_head(8), tmp_path)
-    with pytest.raises(ValueError, match=r"0\.weight has shape \[16, 8\], expected \[32, 16\] for hidden size 16"):
+    with pytest.raises(ValueError, match=r"score_module.pt is the SPRM head of a model with hidden size 8, not of this "
+                                         r"model \(hidden size 16\)"):
         load_score_module(tmp_path, hidden_size=16)
     torch.save({"weight": torch.zeros(2, 2)}, tmp_path / SCORE_MODULE_FILE)
     with pytest.raises(ValueError, match=r"missing keys \['0.weight'.*unexpected keys \['weight'\]"):
@@ -295,3 +297,30 @@ def test_steps_of_another_tokenizer_are_named_by_the_scorer():
     path = Prefix(Problem("a", "<think>1"), (Step("x", (10_000,), (-0.1,), "separator"),))
     with pytest.raises(ValueError, match=r"problem 'a': token id 10000 of its path lies outside this model's vocabulary"):
         SCORER.read([path])
+
+
+def test_a_path_longer_than_the_context_window_is_named():
+    # a 150-step path of a 512-token model was scored at positions the model never saw, in silence
+    window = MODEL.lm.config.max_position_embeddings
+    prompt = len(TOK("<think>1").input_ids)
+    fits = Prefix(Problem("a", "<think>1"), (Step("x", (ID["1"],) * (window - prompt), (-0.1,) * (window - prompt), "length"),))
+    assert len(SCORER.read([fits])[0].token_ids) == window
+    over = Prefix(Problem("b", "<think>1"), (Step("x", (ID["1"],) * (window - prompt + 1), (-0.1,) * (window - prompt + 1), "length"),))
+    with pytest.raises(ValueError, match=rf"problem 'b': the SPRM reads {window + 1} tokens \(prompt \+ steps\), more "
+                                         rf"than its model's context window of {window}"):
+        SCORER.read([fits, over])
+
+
+def test_a_head_of_another_model_is_named_as_such_and_a_truncated_one_once(tmp_path):
+    # an intact head of hidden size 64 beside a 32-wide model was "damaged or incomplete (truncated
+    # or corrupted)", and a truncated one said "damaged" twice
+    folder = MODEL.save_pretrained(tmp_path / "run", TOK)
+    save_score_module(build_sprm_head(32), folder)
+    with pytest.raises(ValueError, match=r"the SPRM head of a model with hidden size 32, not of this model \(hidden size 64\)") as caught:
+        ReflectiveModel.from_pretrained(folder)
+    assert not isinstance(caught.value, DamagedCheckpointError)
+    data = (folder / SCORE_MODULE_FILE).read_bytes()
+    (folder / SCORE_MODULE_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(DamagedCheckpointError) as caught:
+        ReflectiveModel.from_pretrained(folder)
+    assert str(caught.value).count("damaged") == 1, str(caught.value)
