@@ -11,11 +11,11 @@ key; the micro-batcher's routing and failure isolation in-process; the vLLM back
 from __future__ import annotations
 
 import asyncio
-import threading
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -218,7 +218,8 @@ def test_policy_names_a_meant_field_and_ignores_the_rest(services):
     assert renamed["error"] == "n: is not a field of this request; its name here is response_num"
     assert post(policy, "/generate", {"prefix_prompt": "a", "temperture": 0}).json()["error"] == (
         "temperture: is not a field of this request; did you mean temperature?")
-    plain = post(policy, "/generate", generate_body(2, model="tiny", user="me", stream=False, logprobs=None))
+    plain = post(policy, "/generate", generate_body(2, model="tiny", user="me", stream=False, logprobs=None,
+                                                    min_tokens=0))
     assert plain.status_code == 200 and len(plain.json()["results"]) == 2  # the reference's clients: unchanged
 
 
@@ -310,6 +311,10 @@ def test_policy_concurrent_requests_get_their_own_answers_batched(services):
     ({"prefix_prompt": "a", "temperture": 0}, None, "temperture"),       # misspelt
     ({"prefix_prompt": "a", "stream": True}, None, "stream"),            # no streaming here
     ({"prefix_prompt": "a", "logprobs": 1}, None, "logprobs"),
+    ({"prefix_prompt": "a", "min_tokens": 1}, None, "min_tokens"),      # vLLM's option: "did you mean max_tokens?" before
+    # each stop string is checked after every token of every row: 50,000 held the worker for 25 s
+    ({"prefix_prompt": "a", "stop": [f"s{i}" for i in range(33)]}, None, "stop"),
+    ({"prefix_prompt": "a", "stop": "x" * 513}, None, "stop"),
 ])
 def test_policy_rejects_bad_input_and_keeps_serving(services, body, content, field):
     policy = services["policy"]
@@ -492,6 +497,49 @@ def test_vllm_policy_service(tmp_path):
         assert post(service, "/generate", sampled).json()["results"] == first
     finally:
         stop_service(service)
+
+
+def test_counting_a_prompt_does_not_wait_for_the_decode_loops_tokenizer(checkpoint):
+    """A 1 MB prompt being counted (then refused, 413) held the lock the decode loop takes for its
+    stop strings every token: a normal request under a stream of them took 129 s instead of 0.04 s."""
+    from experiments.services.text_completer import TransformersCompleter
+
+    completer = TransformersCompleter.from_pretrained(checkpoint)
+    counted: list[int] = []
+    with completer._tokenizer_lock:  # the decode loop mid-step
+        worker = threading.Thread(target=lambda: counted.append(completer.count_tokens("1+2=3")))
+        worker.start()
+        worker.join(timeout=10)
+        assert counted, "count_tokens waited for the decode loop's tokenizer lock"
+    assert counted == [len(completer.tokenizer("1+2=3").input_ids)]
+
+
+@pytest.mark.vllm
+def test_the_vllm_backend_seeds_each_sample_row_from_the_requests_seed(checkpoint):
+    """vLLM's n > 1 seeds child j with seed + j: requests of seeds 1 and 2 shared 3 of their 4
+    samples. Each row is now its own prompt, seeded as the transformers backend seeds its rows."""
+    from types import SimpleNamespace
+
+    from experiments.services.text_completer import CompletionRequest, row_seeds
+    from experiments.services.vllm_completer import VLLMCompleter
+    from vllm_fixtures import require_vllm
+
+    require_vllm()
+    asked: list[tuple[str, Any]] = []
+
+    def generate(prompts, params, use_tqdm):
+        asked.extend(zip(prompts, params))
+        return [SimpleNamespace(outputs=[SimpleNamespace(text=f"{p}:{q.seed}")]) for p, q in zip(prompts, params)]
+
+    llm = SimpleNamespace(generate=generate, llm_engine=SimpleNamespace(model_config=SimpleNamespace(max_model_len=64)))
+    completer = VLLMCompleter(llm, object())
+    requests = [CompletionRequest("a", 4, 8, 1.0, seed=1), CompletionRequest("b", 4, 8, 1.0, seed=2),
+                CompletionRequest("c", 3, 8, 0.0, seed=5)]
+    texts = completer.complete(requests)
+    assert texts[0] == [f"a:{s}" for s in row_seeds(1, 4)] and texts[1] == [f"b:{s}" for s in row_seeds(2, 4)]
+    assert not set(row_seeds(1, 4)) & set(row_seeds(2, 4))
+    assert texts[2] == ["c:None"] * 3  # greedy: one sample, copied
+    assert all(params.n == 1 for _, params in asked) and len(asked) == 9
 
 
 def test_completer_gives_the_same_text_with_a_shared_prefix_and_with_copied_rows(checkpoint, monkeypatch):

@@ -21,11 +21,12 @@ Unknown fields are ignored, as the reference's models do (a client's "model" or 
 except three kinds a client means something by (`check_field_names`, 422 naming the field): an
 OpenAI-style name of one of ours ("n", "max_new_tokens", "prompt": use response_num, max_tokens,
 prefix_prompt), an option these services do not have set to anything but off ("stream": true,
-"logprobs", "echo", "best_of"), and a misspelling of one of ours ("temperture": did you mean
+"logprobs", "echo", "best_of", "min_tokens"), and a misspelling of one of ours ("temperture": did you mean
 temperature?), which silently fell back to the default before. Fields are checked more strictly than
 the reference's (which only has the types): types strictly (no "4" for 4, no 1 or "yes" for true,
 no bool for a number; an integer is a valid float), counts >= 1, a non-empty prompt, temperature
-in [0, 2] (vLLM's and OpenAI's range) and finite, seed in [0, 2^63), stop strings non-empty. Limits that depend on the
+in [0, 2] (vLLM's and OpenAI's range) and finite, seed in [0, 2^63), stop strings non-empty (at
+most MAX_STOP_STRINGS of at most MAX_STOP_CHARS characters). Limits that depend on the
 model or the server's configuration (the most responses, the context length, the longest text)
 are checked by the services and raised as `FieldError`.
 
@@ -62,7 +63,10 @@ OTHER_NAMES: dict[str, str] = {
     "n": "response_num", "num_return_sequences": "response_num", "max_new_tokens": "max_tokens",
     "max_completion_tokens": "max_tokens", "prompt": "prefix_prompt", "stop_sequences": "stop",
 }
-UNSUPPORTED_OPTIONS: tuple[str, ...] = ("stream", "logprobs", "top_logprobs", "echo", "best_of")
+UNSUPPORTED_OPTIONS: tuple[str, ...] = ("stream", "logprobs", "top_logprobs", "echo", "best_of", "min_tokens")
+# stop strings per request and characters per string: the worker checks every one after each token
+# of each row, so 50,000 of them held a tiny request behind one 64-row request for 25 s
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 32, 512
 MISSPELLING_CUTOFF = 0.8  # difflib ratio above which an unknown name is taken for a misspelt field
 
 
@@ -76,8 +80,10 @@ def check_field_names(body: Any, fields: Mapping[str, Any]) -> None:
             continue
         if OTHER_NAMES.get(key) in fields:
             raise FieldError(key, f"is not a field of this request; its name here is {OTHER_NAMES[key]}")
-        if key in UNSUPPORTED_OPTIONS and value not in (None, False, 0):
-            raise FieldError(key, "is not supported by this service (one JSON answer with texts only); leave it out")
+        if key in UNSUPPORTED_OPTIONS:  # off passes, and is no misspelling ("min_tokens" of max_tokens)
+            if value not in (None, False, 0):
+                raise FieldError(key, "is not supported by this service (one JSON answer with texts only); leave it out")
+            continue
         close = difflib.get_close_matches(key, list(fields), n=1, cutoff=MISSPELLING_CUTOFF)
         if close:
             raise FieldError(key, f"is not a field of this request; did you mean {close[0]}?")
@@ -111,7 +117,8 @@ class GenerateRequest(ServiceRequest):
         prompt, checked by the service).
     response_num: completions to sample (>= 1; at most the server's --max-response-num).
     stop: stop string(s); a completion ends at the first one and keeps it (the reference sets
-        include_stop_str_in_output=True). null or [] for none.
+        include_stop_str_in_output=True). null or [] for none; at most MAX_STOP_STRINGS, each at
+        most MAX_STOP_CHARS characters.
     temperature: 0 (greedy; the reference reads 0 as "unset" and samples at 0.8) or in [0.01, 2]
         (vLLM would sample a smaller one at 0.01, the transformers backend as given).
     seed: makes the completions reproducible (null: a fresh draw per request).
@@ -143,6 +150,10 @@ class GenerateRequest(ServiceRequest):
         strings = [value] if isinstance(value, str) else (value or [])
         if any(s == "" for s in strings):
             raise ValueError("stop strings must be non-empty")
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(strings)}")
+        if any(len(s) > MAX_STOP_CHARS for s in strings):
+            raise ValueError(f"a stop string may hold at most {MAX_STOP_CHARS} characters")
         return value
 
     def stop_strings(self) -> tuple[str, ...]:

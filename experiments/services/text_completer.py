@@ -28,6 +28,7 @@ rounding). seed None draws a fresh seed.
 """
 from __future__ import annotations
 
+import copy
 import math
 import secrets
 import threading
@@ -139,8 +140,11 @@ class TransformersCompleter:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.vocab_size = int(model.config.vocab_size)
         # the service counts prompt tokens on its event loop while a batch decodes in the worker
-        # thread; a fast tokenizer used from two threads at once can fail ("Already borrowed")
+        # thread; a fast tokenizer used from two threads at once can fail ("Already borrowed"), so
+        # each side has its own copy and lock: a long prompt being counted (~1 s for 1 MB, then a
+        # 413) held the decode loop's stop-string checks, which take the lock every token
         self._tokenizer_lock = threading.Lock()
+        self._counting_tokenizer, self._counting_lock = copy.deepcopy(tokenizer), threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -152,8 +156,8 @@ class TransformersCompleter:
         return cls(model, tokenizer, sampling, max_rows)
 
     def count_tokens(self, text: str) -> int:
-        with self._tokenizer_lock:
-            return len(self.tokenizer(text, add_special_tokens=True).input_ids)
+        with self._counting_lock:
+            return len(self._counting_tokenizer(text, add_special_tokens=True).input_ids)
 
     def complete(self, requests: Sequence[CompletionRequest]) -> list[list[str]]:
         with self._tokenizer_lock:
@@ -178,10 +182,9 @@ class TransformersCompleter:
         rows = []
         for index, request in enumerate(requests):
             seed = request.seed if request.seed is not None else secrets.randbits(63)
-            row_seeds = np.random.SeedSequence(seed).generate_state(request.n, dtype=np.uint64)
-            for j in range(request.n):
+            for row_seed in row_seeds(seed, request.n):
                 rows.append(_Row(index, tuple(encoded[request.prompt]), request.max_tokens, request.temperature,
-                                 request.stop, int(row_seeds[j] >> np.uint64(1))))  # torch seeds are < 2^63
+                                 request.stop, row_seed))
         return rows
 
     @torch.inference_mode()
@@ -297,6 +300,13 @@ class _RowSampler:
             return logits
         seen = self.seen[active]  # [B, V]
         return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def row_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of a request's n sample rows: independent streams drawn from its seed (numpy's
+    SeedSequence), below 2^63 as torch and vLLM take them; requests of seeds s and s + 1 share none
+    (vLLM's own parallel sampling seeds child j with seed + j, so they shared n - 1 samples)."""
+    return [int(state >> np.uint64(1)) for state in np.random.SeedSequence(seed).generate_state(n, dtype=np.uint64)]
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

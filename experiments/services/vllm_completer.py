@@ -8,11 +8,15 @@ Usage:
                                           stop=(".\\n\\n",), seed=0)])       # [[4 texts]]
     python -m experiments.serve policy --model DIR --backend vllm
 
-Each request becomes one prompt with its own `SamplingParams`: n=response_num, its max_tokens,
-temperature, stop strings (kept in the text: include_stop_str_in_output=True, as the reference),
-seed, and the server's top_p and repetition_penalty (the reference's 0.95 and 1.05). vLLM refuses
-n > 1 at temperature 0, so a greedy request is sampled once and its text copied n times. vLLM seeds
-each request's own generator, so a request's completions do not depend on its batch. The prompt
+Each sample row of a request (response_num of them) becomes one prompt with its own
+`SamplingParams`: n=1, the request's max_tokens, temperature, stop strings (kept in the text:
+include_stop_str_in_output=True, as the reference), the row's seed, and the server's top_p and
+repetition_penalty (the reference's 0.95 and 1.05); the prompts share their KV through vLLM's
+prefix cache. The rows' seeds are drawn from the request's (`text_completer.row_seeds`, as the
+transformers backend): vLLM's own n > 1 seeds child j with seed + j, so requests of seeds 1 and 2
+shared 3 of 4 samples. A greedy request is sampled once and its text copied n times (vLLM refuses
+n > 1 at temperature 0). vLLM seeds each prompt's own generator, so a request's completions do not
+depend on its batch. The prompt
 is the raw text, tokenised by vLLM with the tokenizer's special tokens (as
 `experiments.services.text_completer.TransformersCompleter` does).
 
@@ -22,12 +26,13 @@ block size 32 with prefix caching, the KV cache size given here); vLLM itself is
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
 from transformers import AutoTokenizer
 
-from experiments.services.text_completer import CompletionRequest, SamplingDefaults
+from experiments.services.text_completer import CompletionRequest, SamplingDefaults, row_seeds
 from policies.vllm_engine import VLLMEngineConfig, build_llm, import_vllm, max_model_len
 
 
@@ -44,6 +49,7 @@ class VLLMCompleter:
         self.llm, self.tokenizer, self.sampling = llm, tokenizer, sampling
         self.max_model_len = max_model_len(llm)
         self._sampling_params = import_vllm().SamplingParams
+        self._counting_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -59,22 +65,29 @@ class VLLMCompleter:
         return cls(llm, AutoTokenizer.from_pretrained(str(directory)), sampling)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=True).input_ids)
+        with self._counting_lock:  # the service counts from several threads; a fast tokenizer is not thread-safe
+            return len(self.tokenizer(text, add_special_tokens=True).input_ids)
 
     def complete(self, requests: Sequence[CompletionRequest]) -> list[list[str]]:
         if not requests:
             return []
-        params = [self._params(r) for r in requests]
-        outputs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False)
-        texts = [[c.text for c in sorted(o.outputs, key=lambda c: c.index)] for o in outputs]
+        rows = [(index, params) for index, request in enumerate(requests) for params in self._row_params(request)]
+        outputs = self.llm.generate([requests[index].prompt for index, _ in rows], [p for _, p in rows], use_tqdm=False)
+        texts: list[list[str]] = [[] for _ in requests]
+        for (index, _), output in zip(rows, outputs):
+            texts[index].append(output.outputs[0].text)
         return [t * r.n if _greedy(r) else t for t, r in zip(texts, requests)]
 
-    def _params(self, request: CompletionRequest) -> Any:
-        return self._sampling_params(
-            n=1 if _greedy(request) else request.n, max_tokens=request.max_tokens, temperature=request.temperature,
+    def _row_params(self, request: CompletionRequest) -> list[Any]:
+        """One SamplingParams per sample row (n=1), each row's seed drawn from the request's
+        (`row_seeds`, as the transformers backend); one row for a greedy request."""
+        seeds = [None] if _greedy(request) else (
+            [None] * request.n if request.seed is None else row_seeds(request.seed, request.n))
+        return [self._sampling_params(
+            n=1, max_tokens=request.max_tokens, temperature=request.temperature,
             top_p=self.sampling.top_p, repetition_penalty=self.sampling.repetition_penalty,
-            stop=list(request.stop) or None, include_stop_str_in_output=True, seed=request.seed,
-        )
+            stop=list(request.stop) or None, include_stop_str_in_output=True, seed=seed,
+        ) for seed in seeds]
 
 
 def _greedy(request: CompletionRequest) -> bool:
