@@ -16,7 +16,7 @@ What a cache holds, for `problems` problems of a task split and n rollouts each 
 rollout r belongs to problem r // n): the outcome (the task's grader), the extracted answer, the
 step texts and token ids, a per-step summary of the token log-probs (mean and min, enough for
 `scorers.confidence.ConfidenceScorer` of either reduction), true step labels when the task can
-check steps (`countdown.true_step_labels`; for arith `arith_true_step_labels` below), and the
+check steps (`countdown.true_step_labels`, `arith.true_step_labels`), and the
 hidden states of each requested feature layer at the SPRM positions.
 
 How the features are read (exactly `scorers.sprm_scorer.SPRMScorer`'s forward, so a head applied
@@ -73,28 +73,8 @@ StepLabeler = Callable[[Problem, Sequence[str]], list[bool]]
 # -- true step labels -----------------------------------------------------------------------------
 
 
-def arith_true_step_labels(problem: Problem, step_texts: Sequence[str]) -> list[bool]:
-    """True labels of an arith rollout's steps. arith has ONE correct path, so a think step is
-    correct iff it equals the reference step at its index (`arith.solution_steps`) and every
-    earlier step is correct; the answer step ("</think>Answer: N") iff nothing but blanks
-    precedes </think> in it, it comes right after the last reference step, every earlier step is
-    correct and the grader accepts it. E.g. reference ["3 + 4 = 7.\\n\\n", "7 * 2 = 14.\\n\\n"]:
-    ["3 + 4 = 7.\\n\\n", "7 * 3 = 21.\\n\\n", "</think>Answer: 21"] -> [True, False, False]."""
-    reference = arith.solution_steps(problem)
-    labels: list[bool] = []
-    ok = True
-    for k, text in enumerate(step_texts):
-        if arith.THINK_CLOSE in text:
-            before = text.split(arith.THINK_CLOSE, 1)[0]
-            ok = ok and before.strip() == "" and k == len(reference) and arith.grade(problem, text)
-        else:
-            ok = ok and k < len(reference) and text == reference[k]
-        labels.append(ok)
-    return labels
-
-
 STEP_LABELERS: dict[str, StepLabeler] = {
-    "arith": arith_true_step_labels,
+    "arith": arith.true_step_labels,
     "countdown": countdown.true_step_labels,
 }
 

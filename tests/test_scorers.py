@@ -73,6 +73,25 @@ def test_step_oracle_scores_each_step_by_the_tasks_checker():
     assert StepOracleScorer(scorer.labels, right=0.9, wrong=0.2).score([dead]) == [[0.9, 0.2, 0.2]]
 
 
+def test_step_oracle_scores_arith_by_its_one_correct_path():
+    # arith was refused ("has none") though rollout_cache and train_head labelled its steps
+    from experiments.tasks import arith
+    from scorers.step_oracle import StepOracleScorer
+
+    problem = arith.generate_problems("test", 1, seed=0)[0]
+    reference = arith.solution_steps(problem)
+    answer = arith.solution_text(problem).split(arith.THINK_CLOSE, 1)[1]
+
+    def path(texts: list[str], finish: str = "separator") -> Prefix:
+        return Prefix(problem, tuple(Step(text=t, token_ids=(1,), token_logprobs=(-0.1,),
+                                          finish=finish if i == len(texts) - 1 else "separator") for i, t in enumerate(texts)))
+
+    scorer = StepOracleScorer.for_task("experiments.tasks.arith")
+    wrong = "1 + 1 = 3.\n\n"
+    right = path([*reference, arith.THINK_CLOSE + answer], finish="eos")
+    assert scorer.score([right, path([wrong, *reference[1:]])]) == [[1.0] * (len(reference) + 1), [0.0] * len(reference)]
+
+
 def test_step_oracle_grades_the_end_of_a_finished_path():
     # a trace that ended without closing its think span scored 1 at every step and, on a tie with
     # a right one, was chosen: its end is graded now; a path still growing keeps its step labels
@@ -93,8 +112,8 @@ def test_step_oracle_grades_the_end_of_a_finished_path():
 def test_step_oracle_names_a_task_without_step_labels_and_bad_settings():
     from scorers.step_oracle import StepOracleScorer
 
-    with pytest.raises(ValueError, match=r"step_oracle needs a task that labels steps .* experiments.tasks.arith has none"):
-        StepOracleScorer.for_task("experiments.tasks.arith")
+    with pytest.raises(ValueError, match=r"step_oracle needs a task that labels steps .* experiments.tasks.gsm8k has none"):
+        StepOracleScorer.for_task("experiments.tasks.gsm8k")
     with pytest.raises(ValueError, match=r"StepOracleScorer.right=1.5 must be a number in \[0, 1\]"):
         StepOracleScorer(lambda p, t: [True] * len(t), right=1.5)
     with pytest.raises(ValueError, match=r"StepOracleScorer.labels=3 must be callable"):

@@ -19,7 +19,7 @@ import torch
 from experiments.aha_metrics import path_scores as aha_path_scores
 from experiments.plot_aha import load_metrics
 from experiments.rollout_cache import (
-    CacheSpec, RolloutCache, arith_true_step_labels, build_rollout_cache, cache_from_paths, confidence_path_scores,
+    CacheSpec, RolloutCache, build_rollout_cache, cache_from_paths, confidence_path_scores,
     load_cache, save_cache,
 )
 from experiments.tasks import arith
@@ -181,12 +181,12 @@ def test_arith_true_step_labels_follow_the_one_correct_path():
     problem = arith.generate_problems("test", 1, seed=0)[0]
     reference = arith.solution_steps(problem)
     answer = f"</think>Answer: {problem.answer}"
-    assert arith_true_step_labels(problem, [*reference, answer]) == [True] * (len(reference) + 1)
+    assert arith.true_step_labels(problem, [*reference, answer]) == [True] * (len(reference) + 1)
     wrong = reference[0].replace("=", "= 1")  # a changed result
-    labels = arith_true_step_labels(problem, [wrong, *reference[1:], answer])
+    labels = arith.true_step_labels(problem, [wrong, *reference[1:], answer])
     assert labels == [False] * (len(reference) + 1)  # every later step is wrong too
     # the right answer after too few steps is not a correct answer step
-    assert arith_true_step_labels(problem, [reference[0], answer])[-1] is (len(reference) == 1)
+    assert arith.true_step_labels(problem, [reference[0], answer])[-1] is (len(reference) == 1)
 
 
 def test_rollout_batches_cover_each_rollout_once_per_epoch():

@@ -21,7 +21,7 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 from experiments.tasks.benchmark_split import check_generated_count
 from treesearch.records import Problem
@@ -321,6 +321,27 @@ def grade(problem: Problem, completion_text: str) -> bool:
         return False
     predicted = extract_answer(completion_text)
     return predicted is not None and predicted == str(int(problem.answer))
+
+
+def true_step_labels(problem: Problem, step_texts: Sequence[str]) -> list[bool]:
+    """True labels of an arith rollout's steps (the step oracle's checker, `scorers.step_oracle`;
+    `experiments.rollout_cache`'s too). arith has ONE correct path, so a think step is
+    correct iff it equals the reference step at its index (`solution_steps`) and every
+    earlier step is correct; the answer step ("</think>Answer: N") iff nothing but blanks
+    precedes </think> in it, it comes right after the last reference step, every earlier step is
+    correct and the grader accepts it. E.g. reference ["3 + 4 = 7.\\n\\n", "7 * 2 = 14.\\n\\n"]:
+    ["3 + 4 = 7.\\n\\n", "7 * 3 = 21.\\n\\n", "</think>Answer: 21"] -> [True, False, False]."""
+    reference = solution_steps(problem)
+    labels: list[bool] = []
+    ok = True
+    for k, text in enumerate(step_texts):
+        if THINK_CLOSE in text:
+            before = text.split(THINK_CLOSE, 1)[0]
+            ok = ok and before.strip() == "" and k == len(reference) and grade(problem, text)
+        else:
+            ok = ok and k < len(reference) and text == reference[k]
+        labels.append(ok)
+    return labels
 
 
 def _main() -> None:
