@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from policies.checkpoint import DamagedCheckpointError, atomic_directory, load_checkpoint, reading, write_checkpoint_files
+from policies.feature_tap import tap_or_none
 from scorers.sprm_head import (
     build_sprm_head, head_hidden_size, load_score_module, save_score_module, sprm_logits,
 )
@@ -86,12 +87,18 @@ class ReflectiveModel(nn.Module):
         logits_to_keep: int = 0,
     ) -> ReflectiveOutput:
         """One LM forward with hidden states: (logits, feature-layer states [B, L, C]).
-        logits_to_keep=1 skips the full [B, L, V] logits when only features are wanted."""
-        out = self.lm(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            output_hidden_states=True, use_cache=False, logits_to_keep=logits_to_keep,
-        )
-        return ReflectiveOutput(out.logits, out.hidden_states[self.feature_layer])
+        logits_to_keep=1 skips the full [B, L, V] logits when only features are wanted. An
+        inference forward keeps the feature layer's states alone (`policies.feature_tap`), a
+        training one asks for every layer's (kept for the backward anyway)."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False, logits_to_keep=logits_to_keep)
+        tap = tap_or_none(self.lm, self.feature_layer)
+        if tap is None:
+            out = self.lm(**inputs, output_hidden_states=True)
+            return ReflectiveOutput(out.logits, out.hidden_states[self.feature_layer])
+        with tap:
+            out = self.lm(**inputs)
+        return ReflectiveOutput(out.logits, tap.states)
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Training path: the head in its current mode (dropout on in train mode): [..., C] -> [...]."""

@@ -12,7 +12,7 @@ Usage:
 
 The sequence of a path is the tokenised prompt (special tokens added, as the policy builds it)
 followed by its steps' exact token_ids; the LM runs over it once (right padded in batches,
-`output_hidden_states=True`), the head reads the feature layer at `scorers.sprm_positions`
+keeping only the feature layer's states, `policies.feature_tap`), the head reads the feature layer at `scorers.sprm_positions`
 positions of the completion, sigmoid. A step's score: the reading at its own separator; a step
 with none (the terminal step) the geometric mean of the earlier step scores, 0.0 with none (see
 `scorers.sprm_positions`): so the geometric-mean path score of a rollout equals `path_scores`. A
@@ -99,15 +99,18 @@ class SPRMScorer:
         batch_size: int = 16,
         feature_layer: int | None = None,
         device: str = "cpu",
+        dtype: str = "float32",
     ) -> "SPRMScorer":
         """Load a reflective checkpoint folder (transformers files + score_module.pt, e.g. a
         `python -m experiments.train` checkpoint or an XBai-o4 / MetaStone-S1 folder) with
         `ReflectiveModel.from_pretrained` (FileNotFoundError names a missing file) and score with
         it; feature_layer overrides the folder's sprm.json (-2 without one). `scorer=sprm_forward`
         in the search configs builds it from here. device: where it runs, "cpu" or "cuda[:N]"
-        (`policies.devices.resolve_device`; Hydra: `+scorer.device=cuda`)."""
+        (`policies.devices.resolve_device`; Hydra: `+scorer.device=cuda`); dtype: the LM's weights,
+        "float32" or "bfloat16" / "float16" (half the memory: a 7B model in float32 takes ~28 GB;
+        the head keeps the dtype it was saved in)."""
         check_batch_size(batch_size)  # before minutes of loading a large model
-        model, tokenizer = ReflectiveModel.from_pretrained(path, feature_layer=feature_layer, device=device)
+        model, tokenizer = ReflectiveModel.from_pretrained(path, dtype=dtype, feature_layer=feature_layer, device=device)
         return cls(model, tokenizer, prompt_fn, step_format, batch_size)
 
     def score(self, paths: Sequence[Prefix]) -> list[list[float]]:

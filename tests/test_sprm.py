@@ -324,3 +324,65 @@ def test_a_head_of_another_model_is_named_as_such_and_a_truncated_one_once(tmp_p
     with pytest.raises(DamagedCheckpointError) as caught:
         ReflectiveModel.from_pretrained(folder)
     assert str(caught.value).count("damaged") == 1, str(caught.value)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, -1, -2, -3])
+def test_the_feature_tap_gives_the_hidden_state_output_hidden_states_gives(layer):
+    from policies.feature_tap import tap_or_none
+
+    ids = torch.tensor([TOK("<think>1+2=3").input_ids])
+    with torch.inference_mode():
+        expected = LM(input_ids=ids, output_hidden_states=True).hidden_states[layer]
+        tap = tap_or_none(LM, layer)
+        assert tap is not None
+        with tap:
+            LM(input_ids=ids)
+    assert torch.equal(tap.states, expected)
+
+
+def test_an_inference_forward_keeps_only_the_feature_layer_and_training_keeps_every_layer(monkeypatch):
+    # every layer's states were kept for the read of one: ~45 MB a layer on 16 paths of 2775 tokens
+    asked: list[bool] = []
+    forward = type(LM).forward
+
+    def spy(self, *args, **kwargs):
+        asked.append(bool(kwargs.get("output_hidden_states")))
+        return forward(self, *args, **kwargs)
+
+    ids = torch.tensor([TOK("<think>1+2=3").input_ids])
+    with torch.inference_mode():
+        plain = LM(input_ids=ids, output_hidden_states=True).hidden_states[-2]
+    monkeypatch.setattr(type(LM), "forward", spy)
+    with torch.inference_mode():
+        tapped = MODEL(ids).features
+    assert asked[-1] is False and torch.equal(tapped, plain)
+    training = ReflectiveModel(LM, HEAD)
+    training.train()
+    try:
+        training(ids)
+    finally:
+        training.eval()
+    assert asked[-1] is True
+
+
+def test_a_model_of_another_layout_keeps_asking_for_hidden_states():
+    from policies.feature_tap import tap_or_none
+
+    class Wrapped(nn.Module):  # no get_decoder(): the tap cannot find its layer
+        def __init__(self):
+            super().__init__()
+            self.inner = LM
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    assert tap_or_none(Wrapped().eval(), -2) is None
+
+
+def test_the_forward_scorer_loads_its_model_in_the_dtype_asked(tmp_path):
+    # scorer=sprm_forward always loaded float32: a 7B reflective model took ~28 GB
+    folder = MODEL.save_pretrained(tmp_path / "run", TOK)
+    half = SPRMScorer.from_pretrained(folder, lambda p: p.question, dtype="bfloat16")
+    assert next(half.model.lm.parameters()).dtype == torch.bfloat16
+    path = Prefix(Problem("a", "<think>1"), (step("+2=3" + SEP), step("x2=6" + SEP)))
+    assert half.score([path])[0] == pytest.approx(SCORER.score([path])[0], abs=0.05)
