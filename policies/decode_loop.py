@@ -53,6 +53,7 @@ import torch
 from transformers import DynamicCache
 
 from policies.decode_batch import DecodeBatch
+from policies.feature_tap import tap_or_none
 from policies.fed_kv import fed_kv_copier
 from policies.prefix_cache import PrefixKV, pad_past
 from policies.sampling import SplitDraws, sample_next_tokens
@@ -140,17 +141,21 @@ def prefill(
     offset = torch.tensor(cached, dtype=torch.long, device=device)[:, None]  # [U, 1]
     position_ids = offset + (new_mask.cumsum(-1) - 1).clamp(min=0)  # [U, L]; pads masked anyway
     cache, attention_mask = _start_cache(model, past if any(cached) else None, new_mask, device)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-        **_hidden_state_request(feature_layer),
-    )
+    # the feature layer's states alone where a hook can keep them (every layer's for a long prompt else)
+    tap = None if feature_layer is None else tap_or_none(model, feature_layer)
+    with tap if tap is not None else nullcontext():
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **({} if tap is not None else _hidden_state_request(feature_layer)),
+        )
     next_position = offset[:, 0] + new_mask.sum(-1)  # [U]
-    features = _last_features(out, feature_layer)  # [U, C] or None; left padding: -1 is real
+    # [U, C] or None; left padding: -1 is real
+    features = tap.states[:, -1, :] if tap is not None else _last_features(out, feature_layer)
     return out.past_key_values, out.logits[:, -1, :], attention_mask, next_position, features
 
 

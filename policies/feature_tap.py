@@ -11,6 +11,9 @@ first use on a model checks the hook against `output_hidden_states` on a two-tok
 model of another layout, or one that answers differently, keeps the plain way (`tap_or_none`).
 Training forwards keep the plain way too: their layers' outputs stay alive for the backward
 anyway, so the tuple costs nothing there.
+The hook sees every forward of its module while the block runs, so a forward on a model another
+thread may run too holds that model's `policies.model_lock.model_lock`, as every forward of a
+shared model here does (the decode loop's prefill, `SPRMScorer`).
 
     tap = tap_or_none(lm, feature_layer)          # None: ask for hidden states as before
     with tap:                                     # a FeatureTap
