@@ -13,7 +13,7 @@ The text comes from `scorers.prm_format.prm_text`; it is tokenised whole, once (
 code does), and each reading's character offset is mapped to its token through the tokenizer's
 offset mapping: tag layouts read at the tag's last token, the chat layout at the token before the
 step's answer (whose logits predict it). The layouts of the paths asked for lately are kept
-(`LAID_OUT_KEPT`): a scorer asks for a path's layout for its score, its cost and its children's
+(`LAID_OUT_KEPT` paths, `LAID_OUT_TOKENS` tokens): a scorer asks for a path's layout for its score, its cost and its children's
 parent lookups, and a chat layout renders the template once per step.
 """
 from __future__ import annotations
@@ -26,6 +26,9 @@ from scorers.prm_format import PRMFormat, PRMText, prm_text, tokenizer_name
 from treesearch.records import Prefix
 
 LAID_OUT_KEPT = 65536  # paths whose PRM tokens and positions are kept for the next ask (oldest dropped)
+# and at most this many of their tokens (~36 bytes each as Python ints: ~150 MB; 65536 paths of
+# 2000 tokens were ~4.7 GB beside the KV budget)
+LAID_OUT_TOKENS = 4_000_000
 
 Sequences = list[tuple[list[int], list[int]]]  # per path: (token ids, read positions)
 
@@ -57,6 +60,7 @@ class PRMLayout:
         self.format, self.tokenizer, self.good_id = fmt, tokenizer, good_id
         self.context_window, self.window_source = context_window, window_source
         self._laid_out: OrderedDict[tuple, tuple[list[int], list[int]]] = OrderedDict()
+        self._laid_out_tokens = 0  # tokens of the kept layouts
 
     def sequences(self, paths: Sequence[Prefix]) -> Sequences:
         """(token ids, read positions) of each path; ([], []) for a path without steps."""
@@ -71,8 +75,9 @@ class PRMLayout:
                 self._laid_out.move_to_end(key)
             else:
                 laid = self._laid_out[key] = self._positions(prm_text(self.format, self.tokenizer, path))
-                if len(self._laid_out) > LAID_OUT_KEPT:
-                    self._laid_out.popitem(last=False)
+                self._laid_out_tokens += len(laid[0])
+                while len(self._laid_out) > LAID_OUT_KEPT or self._laid_out_tokens > LAID_OUT_TOKENS:
+                    self._laid_out_tokens -= len(self._laid_out.popitem(last=False)[1][0])
             result.append(laid)
         return result
 

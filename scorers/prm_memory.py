@@ -11,6 +11,9 @@ layout repeats: the chat layouts close the turn after it differently once a step
   same tokens give the same hidden states under a causal model);
 - the tokens forwarded to score each path, by its whole ids (what `cost` reports after `score`: a
   child found with its parent cached forwarded only its new tokens).
+The scores and forwarded counts are keyed by a 16-byte digest of the ids (`ids_key`), not by the
+ids themselves: MAX_RECORDS paths of 2000 tokens held as tuples took ~6 GB beside a KV budget of
+512 MiB; as digests they take ~30 MB.
 
     memory = PRMMemory(max_bytes=512 * 2**20)
     hit = memory.parent(ids, parent_end)        # ParentHit(length, kv, scores) or None
@@ -18,6 +21,8 @@ layout repeats: the chat layouts close the turn after it differently once a step
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -45,8 +50,8 @@ class PRMMemory:
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         """max_bytes: the KV budget; 0 keeps no KV (the forwarded tokens are still recorded)."""
         self.cache = PrefixCache(PrefixCacheConfig(max_bytes=max_bytes)) if max_bytes else None
-        self._scores: OrderedDict[tuple[int, ...], dict[int, float]] = OrderedDict()
-        self._forwarded: OrderedDict[tuple[int, ...], int] = OrderedDict()
+        self._scores: OrderedDict[bytes, dict[int, float]] = OrderedDict()  # by ids_key
+        self._forwarded: OrderedDict[bytes, int] = OrderedDict()  # by ids_key
 
     @property
     def keeps_kv(self) -> bool:
@@ -64,7 +69,7 @@ class PRMMemory:
         scores, when both are kept and at least one token of ids is left to forward; else None."""
         if self.cache is None or not 0 < parent_end < len(ids):
             return None
-        scores = self._scores.get(tuple(ids[:parent_end]))
+        scores = self._scores.get(ids_key(ids[:parent_end]))
         hit = None if scores is None else self.cache.longest(ids, [parent_end])
         return None if hit is None else ParentHit(parent_end, hit[1], scores)
 
@@ -75,17 +80,21 @@ class PRMMemory:
         the cache may refuse or later evict it), its scores by position and the tokens its scoring
         forwarded."""
         if kv is not None and self.cache is not None:
-            key = tuple(ids[:end])
-            self.cache.store(key, kv)
-            _keep(self._scores, key, scores)
-        _keep(self._forwarded, tuple(ids), forwarded)
+            self.cache.store(tuple(ids[:end]), kv)
+            _keep(self._scores, ids_key(ids[:end]), scores)
+        _keep(self._forwarded, ids_key(ids), forwarded)
 
     def forwarded(self, ids: Sequence[int]) -> int | None:
         """Tokens forwarded when ids were last scored (None: not scored, or forgotten)."""
-        return self._forwarded.get(tuple(ids))
+        return self._forwarded.get(ids_key(ids))
 
 
-def _keep(records: OrderedDict, key: tuple[int, ...], value: object) -> None:
+def ids_key(ids: Sequence[int]) -> bytes:
+    """A 16-byte digest of token ids (BLAKE2b; a collision among a search's paths is ~2^-100 likely)."""
+    return hashlib.blake2b(array("q", ids).tobytes(), digest_size=16).digest()
+
+
+def _keep(records: OrderedDict, key: bytes, value: object) -> None:
     """records[key] = value as the newest, the oldest dropped beyond MAX_RECORDS."""
     records[key] = value
     records.move_to_end(key)

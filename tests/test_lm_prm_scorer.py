@@ -406,6 +406,34 @@ def test_the_memory_finds_a_parent_only_with_its_kv_and_scores(monkeypatch):
     assert memory.parent([8, 8, 1], 2) is None and len(memory.cache) == 0
 
 
+def test_the_memory_keeps_a_digest_of_each_paths_ids_not_the_ids():
+    # MAX_RECORDS tuples of 2000 token ids each took ~6 GB beside a KV budget of 512 MiB
+    from scorers import prm_memory
+
+    memory = prm_memory.PRMMemory(max_bytes=2**20)
+    long = [list(range(k, k + 5000)) for k in range(20)]
+    for ids in long:
+        memory.remember(ids, 4000, prm_memory.PrefixKV(torch.zeros(1, 1, 4000, 2), torch.zeros(1, 1, 4000, 2)),
+                        {3999: 0.5}, forwarded=len(ids))
+    keys = [*memory._scores, *memory._forwarded]
+    assert len(keys) == 40 and all(isinstance(k, bytes) and len(k) == 16 for k in keys)
+    assert [memory.forwarded(ids) for ids in long] == [5000] * 20 and memory.forwarded(long[0][:-1]) is None
+    assert memory.parent(long[-1][:4000] + [7], 4000).scores == {3999: 0.5}
+
+
+def test_the_kept_layouts_are_bounded_in_tokens(chat_dir, monkeypatch):
+    from scorers import prm_layout
+
+    scorer = LMPRMScorer.from_pretrained(chat_dir, "rlhflow")
+    sequences = scorer.layout.sequences(CHILDREN[:6])
+    monkeypatch.setattr(prm_layout, "LAID_OUT_TOKENS", len(sequences[0][0]) + len(sequences[1][0]))
+    scorer.layout.sequences(CHILDREN[:6])  # laid out before: kept ones move to the end, none added
+    layout = prm_layout.PRMLayout(scorer.layout.format, scorer.layout.tokenizer, scorer.layout.good_id, None)
+    assert layout.sequences(CHILDREN[:6]) == sequences  # the same layouts, the oldest dropped as it goes
+    assert layout._laid_out_tokens == sum(len(ids) for ids, _ in layout._laid_out.values()) <= prm_layout.LAID_OUT_TOKENS
+    assert len(layout._laid_out) < len({(c.problem.question, tuple(s.text for s in c.steps)) for c in CHILDREN[:6]})
+
+
 @pytest.mark.parametrize("cache_bytes", [0, 2**20])
 def test_costs_asked_per_problem_add_up_to_what_the_call_forwarded(chat_dir, cache_bytes):
     # a search scores all problems' paths in one call, then asks each problem's cost: the chat
