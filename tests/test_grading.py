@@ -231,6 +231,8 @@ def test_the_answer_written_last_is_extracted(text):
     # a magnitude word is read as its value (math_verify cannot: "1.45 million" was not 1450000)
     ("1.45 \\text{ million}", "1450000", True), ("2 thousand", "2000", True), ("\\text{3 hundred}", "300", True),
     ("1.45 million", "1.45", False),
+    # a compound or hedged answer is not its first number (math_verify read it so)
+    ("3 \\text{ hours and } 20 \\text{ minutes}", "3", False), ("18 \\text{ (or 20)}", "18", False),
     # a count's own unit stays one: GSM8K asks "how many dozens / more hours / times / quarters"
     ("7 dozen", "7", True), ("3 more hours", "3", True), ("3 \\text{ times}", "3", True),
     ("16 \\text{ quarters}", "16", True), ("40 \\text{ fewer songs}", "40", True),

@@ -313,6 +313,8 @@ VALUE_WORDS = frozenset("pi squared cubed hundred hundreds thousand thousands mi
 _MAGNITUDES = {"hundred": 10**2, "thousand": 10**3, "million": 10**6, "billion": 10**9, "trillion": 10**12}
 _MAGNITUDE_RE = re.compile(r"(?i)^(?P<number>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s*(?:\\text\{\s*)?"
                            r"(?P<word>hundred|thousand|million|billion|trillion)s?\s*\}?$")
+# two numbers joined by "and" / "or": a compound or hedged answer, never one plain number
+_TWO_NUMBERS_RE = re.compile(r"\d[^\d]{0,40}?\b(?:and|or)\b[^\d]{0,40}?\d")
 _BOUND_RE = re.compile(r"(?i)\b(?:or\s+(?:more|less|fewer|greater|higher|lower|so)|at\s+(?:least|most)|"
                        r"(?:more|less|fewer|greater)\s+than|up\s+to)\b")
 
@@ -457,6 +459,8 @@ def fast_match(predicted: str, reference: str) -> bool | None:
         return predicted_number == reference_number and _same_variable(predicted, reference)
     if not _value_words(predicted) <= _value_words(reference):  # "18 \text{ or more}" is not 18
         return False
+    if reference_number is not None and _TWO_NUMBERS_RE.search(normalize_text(predicted)):
+        return False  # "3 \text{ hours and } 20 \text{ minutes}", "18 (or 20)": math_verify read the first number
     return None
 
 
