@@ -153,6 +153,10 @@ def prefill(
             logits_to_keep=1,
             **({} if tap is not None else _hidden_state_request(feature_layer)),
         )
+    if out.past_key_values is None:  # an encoder (BERT's MaskedLM loaded as BertLMHeadModel): named, not an AttributeError later
+        raise ValueError(f"the policy's model ({type(model).__name__}, model_type "
+                         f"{getattr(getattr(model, 'config', None), 'model_type', '?')!r}) returned no KV cache: a policy "
+                         "must be a causal (decoder-only) language model such as Llama, Qwen2 or SmolLM2")
     next_position = offset[:, 0] + new_mask.sum(-1)  # [U]
     # [U, C] or None; left padding: -1 is real
     features = tap.states[:, -1, :] if tap is not None else _last_features(out, feature_layer)

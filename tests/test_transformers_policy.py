@@ -630,3 +630,19 @@ def test_nan_token_logprobs_are_named_as_the_policys_by_the_confidence_scorer():
             step = Step("x", (1,) * len(logprobs), logprobs, "eos")
             with pytest.raises(ValueError, match=r"ConfidenceScorer: the policy gave a step NaN token log-probs"):
                 ConfidenceScorer(reduce=reduce).score([Prefix(Problem("a", "q"), (step,))])
+
+
+def test_an_encoder_model_folder_is_named_as_no_policy(tmp_path):
+    # a BERT folder loads as BertLMHeadModel and failed inside the KV cache code
+    # ("'NoneType' object has no attribute 'layers'")
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert = BertForMaskedLM(BertConfig(vocab_size=len(TOK), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64))
+    folder = tmp_path / "bert"
+    bert.save_pretrained(folder)
+    TOK.save_pretrained(folder)
+    policy = TransformersPolicy.from_pretrained(folder, SamplingConfig(max_step_tokens=4), prompt_fn=lambda p: p.question)
+    with pytest.raises(ValueError, match=r"\(BertLMHeadModel, model_type 'bert'\) returned no KV cache: a policy must be a "
+                                         r"causal \(decoder-only\) language model"):
+        policy.propose([Prefix(Problem("a", "1"))], n=2, seed=0)
