@@ -466,3 +466,115 @@ class BrokenRolloutPolicy(FakePolicy):
 def test_a_rollout_that_breaks_the_completion_contract_is_named(fn, cfg, kind, message):
     with pytest.raises(ValueError, match=rf"policy.rollout {message}"):
         fn(problems(2), BrokenRolloutPolicy(kind), OracleScorer(), cfg)
+
+
+# -- a user's own policy, scorer and call shapes ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_steps_array_token_ids_and_logprobs_become_python_numbers_so_results_save(kind):
+    # a policy wrapping generate() passed arrays: the search ran, then save_result failed in json.dumps
+    import json
+
+    import numpy as np
+    import torch
+
+    from experiments.result_json import result_to_json
+
+    make = (lambda v, dt: np.asarray(v, dtype=dt)) if kind == "numpy" else (lambda v, dt: torch.tensor(v))
+    step = Step("12", make([5, 7], np.int64), make([-0.5, -0.25], np.float32), "eos", tokens_forwarded=np.int64(3))
+    assert step.token_ids == (5, 7) and step.token_logprobs == (-0.5, -0.25) and step.tokens_forwarded == 3
+    assert all(type(v) is int for v in step.token_ids) and all(type(v) is float for v in step.token_logprobs)
+
+    class ArrayPolicy(FakePolicy):
+        def rollout(self, prefixes, n, seed):
+            return [[[Step(s.text, make(list(s.token_ids), np.int64), make(list(s.token_logprobs), np.float32), s.finish,
+                           np.int64(s.tokens_forwarded)) for s in path] for path in row]
+                    for row in super().rollout(prefixes, n, seed)]
+
+    for result in run_search("best_of_n", problems(2), ArrayPolicy(), OracleScorer(), n=2):
+        json.dumps(result_to_json(result))
+
+
+@pytest.mark.parametrize("value, shown", [(None, "None"), (-3, "-3"), (2.5, "2.5"), (True, "True")])
+def test_a_steps_tokens_forwarded_must_be_a_count(value, shown):
+    # None passed the whole search and failed in the compute tally; -3 or 2.5 went into the FLOPs
+    with pytest.raises(ValueError, match=rf"^Step.tokens_forwarded={shown} must be an integer >= 0"):
+        Step("a", (1,), (-0.1,), "eos", tokens_forwarded=value)
+    with pytest.raises(ValueError, match=r"^Step.token_ids must hold integers"):
+        Step("a", (1.5,), (-0.1,), "eos")
+
+
+def test_search_each_checks_the_policy_scorer_and_problems_as_run_search_does():
+    # merged_for_threads read num_parameters first: int() of a method, and a missing cost after a policy call
+    class MethodCount(OracleScorer):
+        def num_parameters(self):  # type: ignore[override]
+            return 1000
+
+    class NoCost:
+        num_parameters = 10
+
+        def score(self, paths):
+            return [[0.5] * len(p.steps) for p in paths]
+
+    policy = FakePolicy()
+    with pytest.raises(TypeError, match=r"the scorer's num_parameters must be an integer >= 0 .*\(a method: call it\)"):
+        search_each(best_of_n, problems(2), policy, MethodCount(), BestOfNConfig(n=2))
+    with pytest.raises(TypeError, match=r"^the scorer \(NoCost\) has no method cost\(paths\)$"):
+        search_each(best_of_n, problems(2), policy, NoCost(), BestOfNConfig(n=2))
+    assert policy.calls == []
+    with pytest.raises(TypeError, match=r"not a Problem \(wrap it: \[problem\]\)"):
+        search_each(best_of_n, problems(1)[0], policy, OracleScorer(), BestOfNConfig(n=2))  # type: ignore[arg-type]
+    generated = search_each(best_of_n, (p for p in problems(2)), policy, OracleScorer(), BestOfNConfig(n=2))
+    assert [r.problem.id for r in generated] == ["p0", "p1"]
+
+
+def test_run_search_takes_the_strategys_config_object_and_a_hook_only_by_keyword():
+    # a config given fifth was taken for the round hook: the default n=8 ran, then "'BestOfNConfig' object is not callable"
+    policy = FakePolicy()
+    (result,) = run_search("best_of_n", problems(1), policy, OracleScorer(), BestOfNConfig(n=3))
+    assert policy.calls == [("rollout", 1, 3)] and len(result.candidates) == 3
+    with pytest.raises(TypeError, match=r"config object or its settings as keywords, not both"):
+        run_search("best_of_n", problems(1), policy, OracleScorer(), BestOfNConfig(n=3), n=2)
+    with pytest.raises(TypeError, match=r"best_of_n takes a BestOfNConfig, not a BeamSearchConfig"):
+        run_search("best_of_n", problems(1), policy, OracleScorer(), BeamSearchConfig(n=2, beam_width=2))
+    with pytest.raises(TypeError, match=r"on_round must be callable"):
+        run_search("best_of_n", problems(1), policy, OracleScorer(), on_round=BestOfNConfig(n=3))
+
+
+def test_the_merged_scorer_calls_its_inner_scorer_from_one_thread_at_a_time():
+    # score calls were serialised but cost went to the inner scorer from every search thread at once
+    import threading
+    import time
+
+    class Overlaps(OracleScorer):
+        inside, most = 0, 0
+        lock = threading.Lock()
+
+        def _enter(self):
+            with Overlaps.lock:
+                Overlaps.inside += 1
+                Overlaps.most = max(Overlaps.most, Overlaps.inside)
+            time.sleep(0.002)
+            with Overlaps.lock:
+                Overlaps.inside -= 1
+
+        def score(self, paths):
+            self._enter()
+            return super().score(paths)
+
+        def cost(self, paths):
+            self._enter()
+            return super().cost(paths)
+
+    scorer = Overlaps()
+    object.__setattr__(scorer, "num_parameters", 10)  # a scorer that forwards a model: merged
+    search_each(beam_search, problems(8), FakePolicy(), scorer, BeamSearchConfig(n=2, beam_width=2))
+    assert Overlaps.most == 1
+
+
+def test_a_numpy_number_in_a_config_is_named_as_such():
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"BestOfNConfig.n=np.int64\(4\) must be an integer >= 1 \(a Python int: int\(value\)"):
+        BestOfNConfig(n=np.int64(4))

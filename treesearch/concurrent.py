@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-from treesearch.config_checks import is_int
+from treesearch.config_checks import check_components, is_int, problem_list
 from treesearch.merged_scorer import merged_for_threads
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
@@ -45,7 +45,7 @@ class SearchCancelled(RuntimeError):
 
 def search_each(
     fn: Callable[..., list[SearchResult]],
-    problems: Sequence[Problem],
+    problems: Iterable[Problem],
     policy: Policy,
     scorer: Scorer,
     cfg: Any,
@@ -62,6 +62,8 @@ def search_each(
     (`treesearch.merged_scorer.merged_for_threads`); False calls it from each thread as it is."""
     if workers is not None and (not is_int(workers) or workers < 1):
         raise ValueError(f"search_each workers={workers!r} must be an integer >= 1 (or None: one per problem)")
+    problems = problem_list(problems)  # a generator or a lone Problem, named as the strategies do
+    check_components(policy, scorer)  # before merged_for_threads reads num_parameters
     if not problems:
         return []
     count = min(len(problems), MAX_WORKERS) if workers is None else workers

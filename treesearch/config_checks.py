@@ -31,13 +31,22 @@ def check_int(owner: str, name: str, value: object, minimum: int | None = None) 
     """ValueError naming `owner.name` unless value is an int (>= minimum when given)."""
     if not is_int(value) or (minimum is not None and value < minimum):  # type: ignore[operator]
         bound = "" if minimum is None else f" >= {minimum}"
-        raise ValueError(f"{owner}.{name}={value!r} must be an integer{bound}")
+        raise ValueError(f"{owner}.{name}={value!r} must be an integer{bound}{_python_number_hint(value)}")
+
+
+def _python_number_hint(value: object) -> str:
+    """" (a Python int / float: ...)" for a numpy or torch number, which configs do not take (they
+    are written to JSON records as they are), else ""."""
+    if isinstance(value, bool) or type(value) in (int, float) or not isinstance(value, numbers.Real):
+        return ""
+    kind = "int" if isinstance(value, numbers.Integral) else "float"
+    return f" (a Python {kind}: {kind}(value), not {type(value).__module__}.{type(value).__name__})"
 
 
 def check_positive(owner: str, name: str, value: object) -> None:
     """ValueError naming `owner.name` unless value is a finite number > 0 (a temperature)."""
     if not is_finite_number(value) or value <= 0:  # type: ignore[operator]
-        raise ValueError(f"{owner}.{name}={value!r} must be a finite number > 0")
+        raise ValueError(f"{owner}.{name}={value!r} must be a finite number > 0{_python_number_hint(value)}")
 
 
 def check_aggregation_setting(owner: str, name: str, value: object) -> None:
@@ -51,7 +60,7 @@ def check_aggregation_setting(owner: str, name: str, value: object) -> None:
 def check_finite(owner: str, name: str, value: object, minimum: float) -> None:
     """ValueError naming `owner.name` unless value is a finite number >= minimum."""
     if not is_finite_number(value) or value < minimum:  # type: ignore[operator]
-        raise ValueError(f"{owner}.{name}={value!r} must be a finite number >= {minimum:g}")
+        raise ValueError(f"{owner}.{name}={value!r} must be a finite number >= {minimum:g}{_python_number_hint(value)}")
 
 
 def search_inputs(
@@ -63,6 +72,12 @@ def search_inputs(
     if not isinstance(cfg, config_type):
         raise TypeError(f"{strategy} takes a {config_type.__name__}, not a {type(cfg).__name__}")
     check_components(policy, scorer)
+    return problem_list(problems)
+
+
+def problem_list(problems: Iterable[Problem]) -> list[Problem]:
+    """The problems as a list (any iterable of them); TypeError naming a lone Problem, a str or an
+    item that is no Problem."""
     if isinstance(problems, Problem):
         raise TypeError("problems must be a list of Problem, not a Problem (wrap it: [problem])")
     if isinstance(problems, str):

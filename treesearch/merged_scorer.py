@@ -63,6 +63,7 @@ class MergedScorer:
         self._waiting: list[_Call] = []
         self._running = False
         self._changed = threading.Condition()
+        self._inner_lock = threading.Lock()  # one call of inner at a time: score and cost alike
 
     def score(self, paths: Sequence[Prefix]) -> list[list[float]]:
         """The inner scorer's scores of paths, run together with the calls waiting beside it."""
@@ -92,8 +93,10 @@ class MergedScorer:
         return call.scores  # type: ignore[return-value]
 
     def cost(self, paths: Sequence[Prefix]) -> int:
-        """The inner scorer's count of tokens forwarded for these paths."""
-        return self.inner.cost(paths)
+        """The inner scorer's count of tokens forwarded for these paths (after the running inner
+        call: a scorer may keep state between its score and its cost)."""
+        with self._inner_lock:
+            return self.inner.cost(paths)
 
     def _run(self, batch: list[_Call]) -> None:
         """Score the calls of batch as one inner call and hand each its rows; if that raises (or a
@@ -117,8 +120,9 @@ class MergedScorer:
                 call.finish(error=error)
 
     def _inner_score(self, paths: Sequence[Prefix]) -> list[list[float]]:
-        self.inner_calls += 1
-        return self.inner.score(paths)
+        with self._inner_lock:
+            self.inner_calls += 1
+            return self.inner.score(paths)
 
 
 def merged_for_threads(scorer: Scorer) -> Scorer:

@@ -5,8 +5,10 @@ it is made, so a tree, a result file and a metric all see the same values.
 """
 from __future__ import annotations
 
+import numbers
+import operator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 Finish = Literal["separator", "eos", "length"]
 FINISH_REASONS: tuple[str, ...] = ("separator", "eos", "length")
@@ -27,6 +29,18 @@ class Problem:
     question: str
     answer: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+def _plain_tuple(name: str, values: Any, kind: Callable[[Any], Any]) -> tuple:
+    """values (a list, tuple, numpy array or tensor) as a tuple of Python numbers: ints for ids
+    (operator.index: 3.0 is refused, np.int64(3) is 3), floats for log-probs; ValueError naming the field."""
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    try:
+        return tuple(kind(v) for v in values)
+    except (TypeError, ValueError):
+        what = "integers" if kind is operator.index else "numbers"
+        raise ValueError(f"Step.{name} must hold {what}, got {values!r:.80}") from None
 
 
 @dataclass(frozen=True)
@@ -55,9 +69,16 @@ class Step:
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
             raise ValueError(f"Step.text={self.text!r} must be a string")
-        for name in ("token_ids", "token_logprobs"):  # a list given stays changeable (and unhashable)
-            if not isinstance(getattr(self, name), tuple):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
+        # a list given stays changeable (and unhashable); numpy / torch numbers do not go to JSON
+        for name, kind, plain in (("token_ids", operator.index, int), ("token_logprobs", float, float)):
+            value = getattr(self, name)
+            if not (isinstance(value, tuple) and all(type(v) is plain for v in value)):
+                object.__setattr__(self, name, _plain_tuple(name, value, kind))
+        forwarded = self.tokens_forwarded
+        if not isinstance(forwarded, numbers.Integral) or isinstance(forwarded, bool) or forwarded < 0:
+            raise ValueError(f"Step.tokens_forwarded={forwarded!r} must be an integer >= 0 (tokens the backend ran "
+                             "to make the step: 0 when unknown)")
+        object.__setattr__(self, "tokens_forwarded", int(forwarded))
         if self.finish not in FINISH_REASONS:
             raise ValueError(f"Step.finish={self.finish!r}; valid: {', '.join(FINISH_REASONS)}")
         if len(self.token_ids) != len(self.token_logprobs):

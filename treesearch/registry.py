@@ -61,9 +61,18 @@ def build_config(name: str, **cfg: Any) -> Any:
 
 
 def run_search(
-    name: str, problems: Sequence[Problem], policy: Policy, scorer: Scorer, on_round: RoundHook | None = None,
-    **cfg: Any,
+    name: str, problems: Sequence[Problem], policy: Policy, scorer: Scorer, config: Any = None, *,
+    on_round: RoundHook | None = None, **cfg: Any,
 ) -> list[SearchResult]:
-    """Build the strategy's config from keyword arguments (`build_config`) and run it; on_round:
-    called after each round with every problem's tree (`treesearch.protocols.RoundHook`)."""
-    return get_strategy(name).fn(problems, policy, scorer, build_config(name, **cfg), on_round=on_round)
+    """Run the strategy with its config object (`config`, e.g. `BestOfNConfig(n=16)`, as the
+    strategy's own `search(problems, policy, scorer, cfg)` takes it) or with one built from keyword
+    arguments (`build_config`), not both; on_round (keyword only): called after each round with
+    every problem's tree (`treesearch.protocols.RoundHook`). A config object given where a hook was
+    expected ran the default config and failed at the first round end."""
+    if config is not None and cfg:
+        raise TypeError(f"run_search({name!r}, ...) takes the strategy's config object or its settings as keywords, "
+                        f"not both (got {type(config).__name__} and {', '.join(cfg)})")
+    if on_round is not None and not callable(on_round):
+        raise TypeError(f"on_round must be callable (a RoundHook: trees -> None), not a {type(on_round).__name__}")
+    built = build_config(name, **cfg) if config is None else config
+    return get_strategy(name).fn(problems, policy, scorer, built, on_round=on_round)
