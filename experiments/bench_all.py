@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -128,7 +129,9 @@ def stderr_tail(kept: bytes) -> list[str]:
 def run_section(section: Section, report: IO[str], vllm: bool = True) -> Outcome:
     """Run one section's command, its stdout into the terminal and the report line by line (a
     last line without its newline gets one, so nothing written after it joins it)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # vLLM logs INFO lines (a config dump among them) to stdout, which is the report: unconfigured,
+    # its warnings reach stderr through Python's last-resort handler and its INFO lines nowhere
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_CONFIGURE_LOGGING": "0"}
     child = subprocess.Popen([sys.executable, *section.command(vllm)], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     kept = bytearray()
@@ -153,8 +156,20 @@ def run_section(section: Section, report: IO[str], vllm: bool = True) -> Outcome
             report.write("\n")
     reader.join()
     if code != 0:
-        return Outcome(section, "failed", f"exit {code}\n" + "\n".join(stderr_tail(bytes(kept))))
+        return Outcome(section, "failed", f"{exit_text(code)}\n" + "\n".join(stderr_tail(bytes(kept))))
     return Outcome(section, "ok")
+
+
+def exit_text(code: int) -> str:
+    """"exit 1", or the signal that killed the child ("killed by SIGKILL (-9): out of memory?")."""
+    if code >= 0:
+        return f"exit {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    hint = ": out of memory? (the kernel's OOM killer sends SIGKILL)" if -code == signal.SIGKILL else ""
+    return f"killed by {name} ({code}){hint}"
 
 
 def failure_text(outcome: Outcome) -> str:
@@ -164,6 +179,8 @@ def failure_text(outcome: Outcome) -> str:
     if outcome.status == "interrupted":
         return "*interrupted (Ctrl-C): the report stops here*\n"
     code, _, tail = outcome.detail.partition("\n")
+    if not tail.strip():
+        return f"**failed ({code})**, with nothing on its stderr\n"
     quoted = "\n".join(f"    {line}" for line in tail.splitlines())
     return f"**failed ({code})**, the end of its stderr:\n\n{quoted}\n"
 
@@ -206,8 +223,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     try:
         check_file_target(args.out, "--out", "report.md")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     except ValueError as error:
         ap.error(str(error))
+    except OSError as error:  # a folder that cannot be made (/proc/x, no permission)
+        ap.error(f"--out {args.out}: cannot create its folder ({error.strerror})")
     return args
 
 

@@ -11,8 +11,7 @@ Target: batched at least 4x faster. An untimed one-problem search first takes th
 machine another job's load stretches wall time; a one-thread run's CPU time much less). The
 three runs go in --rounds interleaved rounds (default 3; batched, one at a time, continuous,
 batched, ...): each time is the median of its rounds and each speed-up the median of the rounds'
-ratios, a last line lists those ratios (single runs of the tiny policy's lockstep speed-up ranged
-from 3.8x to 5.1x on this kind of shared machine).
+ratios, a last line lists those ratios (how much single runs differ on a shared machine).
 
 A third run uses continuous batching (`policies.continuous_engine`): each problem's search in
 its own thread (`treesearch.concurrent.search_each`), every policy call's chunk joining the batch

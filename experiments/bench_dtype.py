@@ -33,8 +33,9 @@ from policies.checkpoint import torch_dtype  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
 
 REFERENCE = "float32"
-SKIPPED = ("skipped: this CPU has no bf16 matmul instructions (policies/bf16_support.py), where a bf16 matmul "
-           "ran ~56x slower than fp32 (a 512 x 512 product, 1 thread); keep float32 weights (--force times it anyway)")
+SKIPPED = ("skipped: this CPU has no bf16 matmul instructions (policies/bf16_support.py), where torch runs a "
+           "bf16 matmul through a slow fallback (an AVX2-only EPYC's was 56x slower than fp32, measured once, not in "
+           "this run); keep float32 weights (--force times it anyway)")
 
 
 def run(work: Workload, n: int, beam_width: int, rounds: int, seed: int, other: str = "bfloat16") -> str:

@@ -8,8 +8,8 @@ Each strategy runs on the same problems with the transformers backend (prefix ca
 policy's confidence as scorer: every forward is the policy's), after one untimed run of the same
 size with another seed (`warm_up`: steady state, the KV buffer pool filled), in --rounds
 interleaved rounds (default 3: Best-of-N, beam search, Best-of-N, ...); the table shows each
-strategy's median run by CPU share and a line lists every round's share (single runs of the tiny
-Best-of-32 ranged from 4.8% to 5.5% on this kind of shared machine). Forward hooks on
+strategy's median run by CPU share and a line lists every round's share (how much single runs
+differ on a shared machine). Forward hooks on
 the LM time every forward (`experiments.bench_timing.ForwardClock`); the policy's `propose` /
 `rollout` calls are timed too, so the table splits wall time into
   in forward     inside the LM's forward (the backend's compute, prefill and decode);

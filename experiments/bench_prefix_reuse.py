@@ -13,7 +13,11 @@ counted is the policy's.
 
 Columns: tokens generated and tokens forwarded (prefills + fed-back tokens, from
 `Step.tokens_forwarded`, summed over problems), their ratio (without reuse every round re-prefills
-prompt and path; with reuse each extended child forwards about one token), wall time of the
+prompt and path; with reuse each extended child forwards about one token), the context tokens
+prefilled alone (counted by a hook on the model's forwards of more than one token a row: what reuse
+saves; forked decoding, which forwards the samples of a context once while they decode alike, keeps
+the ratio of beam search below 1 even without reuse, so this column is the one that isolates
+reuse), wall time of the
 search call, the cache hit rate (lookups of a prefix that found a cached prefix of it), mean
 candidates per problem, accuracy of the chosen answers, and whether the cached run chose the same
 texts as the uncached one (it should: the cache changes only float rounding).
@@ -64,6 +68,7 @@ class BenchRow:
     reuse: bool
     tokens_generated: int
     tokens_forwarded: int
+    prefilled: int
     wall_s: float
     hit_rate: float | None
     candidates_per_problem: float
@@ -83,21 +88,43 @@ def run_one(
     overrides: strategy settings on top of STRATEGIES[strategy]."""
     cache = PrefixCacheConfig(max_bytes=max_bytes) if reuse else None
     policy = TransformersPolicy(model, tokenizer, sampling, arith.prompt_text, prefix_cache=cache)
+    prefill = PrefillCounter()
+    handle = model.register_forward_pre_hook(prefill.count, with_kwargs=True)
     start = time.perf_counter()
     settings = {**STRATEGIES[strategy], **overrides}
-    results = run_search(strategy, problems, policy, ConfidenceScorer(), **settings)
+    try:
+        results = run_search(strategy, problems, policy, ConfidenceScorer(), **settings)
+    finally:
+        handle.remove()
     wall = time.perf_counter() - start
     stats = policy.prefix_cache.stats() if policy.prefix_cache is not None else None
     return BenchRow(
         strategy, reuse,
         sum(r.compute.tokens_generated for r in results),
         sum(r.compute.tokens_forwarded for r in results),
+        prefill.tokens,
         wall,
         stats.hit_rate if stats is not None else None,
         sum(len(r.candidates) for r in results) / max(len(results), 1),
         sum(_correct(r) for r in results) / max(len(results), 1),
         tuple(_chosen_text(r) for r in results),
     )
+
+
+class PrefillCounter:
+    """Context tokens the model ran in prefill forwards (more than one new token a row; left pads
+    not counted: the new columns of the attention mask); decode forwards (one token a row) are not
+    counted. `count` is a forward pre-hook (`register_forward_pre_hook(..., with_kwargs=True)`)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def count(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is None or ids.shape[1] <= 1:
+            return
+        mask = kwargs.get("attention_mask")
+        self.tokens += int(mask[:, -ids.shape[1]:].sum()) if mask is not None else int(ids.numel())
 
 
 def _chosen_text(result: SearchResult) -> str | None:
@@ -114,9 +141,9 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
     """The results as a markdown table; 'same choice' compares each ON row with its OFF row."""
     off = {row.strategy: row for row in rows if not row.reuse}
     lines = [
-        "| strategy | reuse | tokens generated | tokens forwarded | forwarded/generated | wall s "
+        "| strategy | reuse | tokens generated | tokens forwarded | forwarded/generated | context prefilled | wall s "
         "| hit rate | candidates/problem | accuracy | same choice as off |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         hit = "-" if row.hit_rate is None else f"{row.hit_rate:.2f}"
@@ -124,7 +151,7 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
             "yes" if row.chosen_texts == off[row.strategy].chosen_texts else "no")
         lines.append(
             f"| {row.strategy} | {'on' if row.reuse else 'off'} | {row.tokens_generated} | "
-            f"{row.tokens_forwarded} | {row.ratio:.2f} | {row.wall_s:.1f} | {hit} | "
+            f"{row.tokens_forwarded} | {row.ratio:.2f} | {row.prefilled} | {row.wall_s:.1f} | {hit} | "
             f"{row.candidates_per_problem:.1f} | {row.accuracy:.2f} | {same} |"
         )
     return "\n".join(lines)

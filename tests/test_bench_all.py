@@ -93,3 +93,25 @@ def test_the_shipped_sections_name_benchmarks_that_exist():
     for s in bench_all.SECTIONS:
         module = s.argv[1]
         assert s.argv[0] == "-m" and (bench_all.REPO / (module.replace(".", "/") + ".py")).is_file(), module
+
+
+def test_a_killed_or_silent_section_says_so_and_the_child_env_keeps_vllm_logs_off_the_report(monkeypatch, tmp_path):
+    # a SIGKILL (the OOM killer) read "failed (exit -9), the end of its stderr:" and nothing after
+    monkeypatch.setattr(bench_all, "SECTIONS", (
+        Section("oom", "Killed", _program("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")),
+        Section("silent", "Silent", _program("import sys; sys.exit(1)")),
+        Section("env", "Env", _program("import os; print(os.environ.get('VLLM_CONFIGURE_LOGGING'))")),
+    ))
+    monkeypatch.setattr(bench_all, "has_vllm", lambda: False)
+    out = tmp_path / "report.md"
+    assert bench_all.main(["--out", str(out)]) == 1
+    report = out.read_text()
+    assert "**failed (killed by SIGKILL (-9): out of memory?" in report
+    assert "**failed (exit 1)**, with nothing on its stderr" in report
+    assert "## Env\n0\n" in report  # vLLM's INFO lines went into the report's tables
+
+
+def test_an_out_folder_that_cannot_be_made_is_a_usage_error(sections, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_all.main(["--out", "/proc/treesearch-no/report.md"])
+    assert exit_info.value.code == 2 and "cannot create its folder" in capsys.readouterr().err

@@ -74,6 +74,7 @@ def test_prefix_reuse_table_matches_mcts_to_beam_tokens(tmp_path, monkeypatch, c
         (name, reuse) for name in ("beam_search", "mcts", "rebase", "particle_filtering") for reuse in ("off", "on")]
     for off, on in zip(rows[::2], rows[1::2]):  # the same work, fewer tokens forwarded with reuse
         assert int(on[2]) > 0 and int(on[3]) <= int(off[3])
+        assert 0 < int(on[5]) <= int(off[5]) <= int(off[3])  # the context prefilled: part of what was forwarded
     budget = int(out.split("MCTS token_budget: ")[1].split()[0])
     beam_tokens = int(rows[0][2])
     assert budget == -(-beam_tokens // 2)  # ceil of the uncached beam search's tokens per problem
@@ -216,3 +217,19 @@ def test_prm_prefix_table_adds_the_prm_on_vllm_with_the_same_scores(tmp_path):
     # each distinct path of a call whole: at most every path as asked, more than shared starts
     assert int(rows["shared starts"][0]) < int(rows["vLLM, every path whole"][0]) <= int(rows["every path whole"][0])
     assert float(rows["vLLM, every path whole"][6]) < 1e-4  # the transformers scorer's scores
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux's VmHWM")
+def test_a_childs_peak_rss_is_its_own_not_its_parents():
+    # ru_maxrss is inherited through subprocess: a parent that had held 1.1 GB made a 386 MiB child report 1148
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    held = bytearray(400 * 2**20)  # touched: resident in this process
+    held[:: 4096] = b"x" * len(held[:: 4096])
+    code = "from experiments.bench_timing import peak_rss_mib; print(peak_rss_mib())"
+    child = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                           capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 300, child.stdout  # a bare interpreter with torch imported: ~100-250 MiB
+    del held
