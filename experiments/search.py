@@ -83,6 +83,7 @@ from experiments.run_weights import WEIGHTS_FILE, check_run_weights, model_folde
 from experiments.sweep_metrics import BUDGET_FIELDS, RECORD_KEYS, read_run_config, run_metrics
 from experiments.tasks.benchmark_split import check_unique_ids
 from policies.gc_freeze import freeze_long_lived
+from policies.reflective_model import check_reflective_folder
 from policies.vllm_engine import VLLMMissingError
 from treesearch.concurrent import search_each
 from treesearch.config_checks import is_int
@@ -235,6 +236,28 @@ def check_light_scorer(node: DictConfig) -> None:
     close = getattr(build_scorer(node), "close", None)
     if callable(close):
         close()
+
+
+HEAD_SCORERS: tuple[str, ...] = (
+    "scorers.sprm_scorer.SPRMScorer.from_pretrained", "scorers.vllm_sprm_scorer.VLLMSPRMScorer.from_pretrained",
+)
+
+
+def check_head_scorer(node: DictConfig) -> None:
+    """For a scorer that loads a reflective folder's head (scorer=sprm_forward, vllm_sprm): its
+    folder, score_module.pt and feature_layer, and a vLLM engine that can read that layer, named
+    before the policy loads (they were found after it: minutes of a vLLM engine on a GPU)."""
+    if node.get("_target_") not in HEAD_SCORERS or not isinstance(node.get("path"), str):
+        return
+    try:
+        layer, states = check_reflective_folder(node.path, node.get("feature_layer"))
+    except FileNotFoundError as err:  # with how to get one, as when the scorer is built
+        raise FileNotFoundError(f"{err}. {checkpoint_hint(node.path, err, 'scorer.path')}") from err
+    last = layer == -1 or (states is not None and layer == states - 1)  # vLLM's own output: no class of ours
+    if OmegaConf.select(node, "engine.multiprocessing", default=False) and not last:
+        raise ValueError("scorer.engine.multiprocessing=true: the SPRM's feature layer is read through a model class "
+                         "registered in this process only (policies/vllm_layer_features.py); set it false (and "
+                         "policy.engine.multiprocessing=false, which it must match)")
 
 
 def check_method_paths(node: Any, where: str = "") -> None:
@@ -608,6 +631,7 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     import_task(cfg.task.module)  # named as task.module, before the prompt paths that interpolate it
     check_method_paths(cfg)
     check_light_scorer(cfg.scorer)
+    check_head_scorer(cfg.scorer)
     set_num_threads(cfg.get("num_threads"))
     strategy_cfg = build_frozen(cfg.search)
     check_policy_sampling(cfg.policy)

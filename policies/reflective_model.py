@@ -31,8 +31,9 @@ from torch import nn
 
 from policies.checkpoint import DamagedCheckpointError, atomic_directory, load_checkpoint, reading, write_checkpoint_files
 from policies.feature_tap import tap_or_none
+from policies.model_folder import check_model_folder
 from scorers.sprm_head import (
-    build_sprm_head, head_hidden_size, load_score_module, save_score_module, sprm_logits,
+    SCORE_MODULE_FILE, build_sprm_head, head_hidden_size, load_score_module, save_score_module, sprm_logits,
 )
 
 SPRM_CONFIG_FILE = "sprm.json"
@@ -134,6 +135,28 @@ class ReflectiveModel(nn.Module):
         if feature_layer is None:
             feature_layer = saved_feature_layer(directory)
         return cls(lm, head, feature_layer).eval(), tokenizer
+
+
+def check_reflective_folder(directory: str | Path, feature_layer: int | None = None) -> tuple[int, int | None]:
+    """Before any weights load: (the layer the folder's head would read, the model's number of
+    hidden states L + 1, or None when config.json does not say), or FileNotFoundError naming a missing folder, config.json or score_module.pt, ValueError for a
+    feature_layer its model's hidden states cannot give (config.json's num_hidden_layers). A
+    search names these before its policy loads (a vLLM policy engine took minutes on a GPU first)."""
+    directory = check_model_folder(directory)
+    head = directory / SCORE_MODULE_FILE
+    if not head.is_file():
+        raise FileNotFoundError(f"no SPRM head file {head} ({SCORE_MODULE_FILE} beside the model)")
+    layer = saved_feature_layer(directory) if feature_layer is None else feature_layer
+    with reading(directory / "config.json"):
+        saved = json.loads((directory / "config.json").read_bytes())
+    layers = saved.get("num_hidden_layers") if isinstance(saved, dict) else None
+    if type(layers) is not int:  # another layout (a multimodal text_config): the load checks it
+        return layer, None
+    num_states = layers + 1
+    if type(layer) is not int or not -num_states <= layer < num_states:
+        raise ValueError(f"feature_layer={layer!r} must index the {num_states} hidden states "
+                         f"(an integer in [{-num_states}, {num_states - 1}])")
+    return layer, num_states
 
 
 def saved_feature_layer(directory: str | Path) -> int:

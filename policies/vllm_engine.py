@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import weakref
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ class VLLMEngineConfig:
 
     model: the checkpoint folder (an ordinary transformers directory, `policies.checkpoint`).
     dtype: weights and activations: "float32" (as `TransformersPolicy`'s default), "bfloat16",
-        "float16", or "auto" (the checkpoint's own).
+        "float16", or "auto" (the checkpoint's own, config.json's torch_dtype: `resolved_dtype`).
     seed: the engine's global seed (per-request seeds decide the samples).
     block_size: KV cache block in tokens, the prefix-cache granularity. On CPU it must be a
         multiple of 32; vLLM's CPU default 128 never caches a short prefix, hence 32.
@@ -170,9 +171,11 @@ def build_llm(
         raise ValueError(f"pooling_task={pooling_task!r}; valid: token_embed, token_classify")
     directory = check_model_folder(config.model)
     check_cpu_engine(config, _cuda_available())
+    if runner == "pooling" and pooling_task == "token_embed" and config.multiprocessing:
+        _check_in_process_class(directory, feature_layer)
     environment = _set_environment(config)
     vllm = import_vllm()
-    kwargs = _engine_kwargs(config)
+    kwargs = _engine_kwargs(config, directory)
     if runner == "pooling":
         kwargs.update(_pooling_kwargs(directory, feature_layer, pooling_task))
     elif feature_layer != -1 or pooling_task != "token_embed":
@@ -180,6 +183,8 @@ def build_llm(
     set_num_threads = torch.set_num_threads
     try:
         llm = vllm.LLM(str(directory), **kwargs)
+    except ValueError as error:
+        raise _with_kv_hint(error, config) from error
     finally:
         torch.set_num_threads = set_num_threads  # the CPU worker swaps in a no-op process-wide
     _STARTED.update(environment)
@@ -246,9 +251,47 @@ def is_shut_down(llm: Any) -> bool:
     return bool(getattr(llm, SHUT_DOWN_ATTRIBUTE, False))
 
 
-def _engine_kwargs(config: VLLMEngineConfig) -> dict[str, Any]:
+def _check_in_process_class(directory: Path, feature_layer: int) -> None:
+    """ValueError for an engine in a child process that would read a feature layer through
+    `policies.vllm_layer_features`, whose model class is registered in this process only (vLLM's
+    child said "architectures ... not supported", minutes in)."""
+    from transformers import AutoConfig
+
+    from policies.vllm_layer_features import feature_overrides
+
+    if feature_overrides(AutoConfig.from_pretrained(str(directory)), feature_layer) is not None:
+        raise ValueError(f"multiprocessing=true cannot read feature_layer={feature_layer}: its model class "
+                         "(policies/vllm_layer_features.py) is registered in this process only, so this engine "
+                         "must run in-process (multiprocessing=false, also for a policy engine it must match)")
+
+
+def _with_kv_hint(error: ValueError, config: VLLMEngineConfig) -> ValueError:
+    """vLLM's "KV cache ... larger than the available KV cache memory" with the setting that sizes
+    it here named (it says to raise gpu_memory_utilization, which kv_cache_gib makes irrelevant)."""
+    text = str(error)
+    if config.kv_cache_gib is None or "KV cache" not in text or "gpu_memory_utilization" not in text:
+        return error
+    return ValueError(f"kv_cache_gib={config.kv_cache_gib:g} GiB is too small for one sequence of this model's "
+                      f"context: raise the engine's kv_cache_gib (or lower max_model_len); vLLM: {text}")
+
+
+def resolved_dtype(config: VLLMEngineConfig, directory: Path) -> str:
+    """config.dtype, with "auto" read as the checkpoint's own dtype (config.json's torch_dtype):
+    vLLM's "auto" downcasts a float32 checkpoint, to bfloat16 for generation and float16 for
+    pooling, so a policy and an SPRM engine of one folder ran in two precisions."""
+    if config.dtype != "auto":
+        return config.dtype
+    try:
+        saved = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    dtype = saved.get("torch_dtype", saved.get("dtype")) if isinstance(saved, dict) else None
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
+
+
+def _engine_kwargs(config: VLLMEngineConfig, directory: Path) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
-        dtype=config.dtype,
+        dtype=resolved_dtype(config, directory),
         seed=config.seed,
         block_size=config.block_size,
         enable_prefix_caching=config.enable_prefix_caching,

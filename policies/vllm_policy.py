@@ -38,7 +38,9 @@ serve from its prefix cache (`RequestOutput.num_cached_tokens`) plus its generat
 last; a rollout's first step carries the prefill, every step its fed tokens. vLLM always
 recomputes at least the last prompt token and caches whole blocks only, so a sample's prefill is
 >= 1 even on a full hit. `usage` (since construction) and `last_usage` (the last call) count
-prompt tokens sent and those served from the cache, for a benchmark's cache share.
+prompt tokens sent and those served from the cache, for a benchmark's cache share: of this
+object's calls only; a `with_sampling` / `with_temperature` copy (beam search's greedy lookahead)
+counts its own, as `OpenAIPolicy`'s copies do (a search's compute is in `Step.tokens_forwarded`).
 
 Deviations from `TransformersPolicy`: no step head (Step.score is always None); batch_size is not
 used (vLLM schedules its own batches, see VLLMEngineConfig.max_num_seqs); samples are drawn by

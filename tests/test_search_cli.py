@@ -494,3 +494,35 @@ def test_continuous_batching_with_another_backend_is_refused_before_it_loads():
             check_batching("continuous", target)
         assert check_batching("lockstep", target) == "lockstep"
     assert check_batching("continuous", "policies.transformers_policy.TransformersPolicy.from_pretrained") == "continuous"
+
+
+def _reflective_folder(tmp_path: Path) -> Path:
+    from policies.reflective_model import ReflectiveModel
+    from scorers.sprm_head import build_sprm_head
+    from test_sprm import LM, TOK
+
+    return ReflectiveModel(LM, build_sprm_head(64)).save_pretrained(tmp_path / "refl", TOK)
+
+
+@pytest.mark.parametrize("head, extra, error, message", [
+    (True, ["scorer.feature_layer=9"], ValueError, r"feature_layer=9 must index the 3 hidden states"),
+    (False, [], FileNotFoundError, r"no SPRM head file .*score_module.pt .*A reflective checkpoint"),
+])
+def test_a_head_scorers_folder_is_checked_before_the_policy_loads(ckpt, tmp_path, monkeypatch, head, extra, error, message):
+    # scorer=sprm_forward / vllm_sprm named a bad feature_layer or a missing head after the policy
+    # had loaded (minutes of a vLLM engine on a GPU), and a vLLM run's log kept the folder
+    folder = _reflective_folder(tmp_path) if head else ckpt
+    monkeypatch.setattr("experiments.search.build_policy", lambda node: pytest.fail("the policy was loaded"))
+    out = tmp_path / "run"
+    with pytest.raises(error, match=message):
+        run_in_process([f"policy.path={folder}", "scorer=sprm_forward", f"out_dir={out}", *TINY, *extra])
+    assert not out.exists()
+
+
+def test_vllm_sprm_in_a_child_process_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    # the feature-layer class is registered in this process only: vLLM's child said "architectures not supported"
+    folder = _reflective_folder(tmp_path)
+    monkeypatch.setattr("experiments.search.build_policy", lambda node: pytest.fail("the policy was loaded"))
+    with pytest.raises(ValueError, match=r"scorer.engine.multiprocessing=true: the SPRM's feature layer is read"):
+        run_in_process([f"policy.path={folder}", "scorer=vllm_sprm", "scorer.engine.multiprocessing=true",
+                        f"out_dir={tmp_path / 'run'}", *TINY])

@@ -210,3 +210,40 @@ def test_the_vllm_sprm_preset_reads_the_policy_prompt_and_format(checkpoint, pat
             assert got == pytest.approx(want, abs=1e-3)
     finally:
         scorer.close()
+
+
+def test_auto_dtype_is_the_checkpoints_own_for_every_engine(tmp_path):
+    # vLLM's "auto" ran a float32 checkpoint's policy in bfloat16 and its SPRM engine in float16
+    import json
+
+    from policies.vllm_engine import resolved_dtype
+
+    path = save_bigram_checkpoint(tmp_path / "bigram")
+    saved = json.loads((path / "config.json").read_text())
+    own = saved.get("torch_dtype", saved.get("dtype"))
+    assert own == "float32" and resolved_dtype(VLLMEngineConfig(str(path), dtype="auto"), path) == "float32"
+    assert resolved_dtype(VLLMEngineConfig(str(path), dtype="bfloat16"), path) == "bfloat16"
+
+
+def test_a_kv_cache_too_small_names_kv_cache_gib_not_gpu_memory_utilization():
+    from policies.vllm_engine import _with_kv_hint
+
+    said = ValueError("To serve at least one request with the model's max seq len (512), (0.0 GiB KV cache is needed, "
+                      "which is larger than the available KV cache memory (0.0 GiB). Try increasing "
+                      "`gpu_memory_utilization` or decreasing `max_model_len` when initializing the engine.")
+    hinted = _with_kv_hint(said, VLLMEngineConfig("m", kv_cache_gib=0.001))
+    assert str(hinted).startswith("kv_cache_gib=0.001 GiB is too small for one sequence of this model's context: "
+                                  "raise the engine's kv_cache_gib")
+    assert _with_kv_hint(said, VLLMEngineConfig("m", kv_cache_gib=None)) is said  # sized from gpu_memory_utilization
+
+
+def test_a_feature_layer_engine_in_a_child_process_is_refused_before_it_starts(checkpoint, monkeypatch):
+    require_vllm()
+    from policies import vllm_engine
+
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(vllm_engine, "import_vllm", lambda: SimpleNamespace(LLM=lambda *a, **k: pytest.fail("vLLM started")))
+    config = VLLMEngineConfig(str(checkpoint), multiprocessing=True)
+    with pytest.raises(ValueError, match=r"multiprocessing=true cannot read feature_layer=-2: its model class"):
+        vllm_engine.build_llm(config, runner="pooling", feature_layer=-2)
