@@ -102,6 +102,7 @@ ADDED_SETTINGS: dict[str, Any] = {
     "search.lookahead": 0,  # DVTS (2026-12-05): no lookahead steps before
     "search.lookahead_temperature": None,  # beam search, DVTS (2026-12-05): the policy's temperature
     "search.weighting": "score",  # particle filtering (2026-12-05): softmax(score / T)
+    "scorer.dtype": "float32",  # scorer=sprm_forward (2026-12-06): the model loaded in float32 before
 }
 # top-level settings whose absence means this value: `+batching=lockstep` resumes a run made
 # without it and the other way round (the same computation)

@@ -430,11 +430,14 @@ def saved_run_config(out: Path, config: dict[str, Any]) -> dict[str, Any]:
 
 def pinned_reference_precision(config: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """config with `train_loss.ref_bf16: null` (bf16 where `device` has bf16 matmuls) replaced by
-    what it means on `device` when the run has a KL term, so the config.yaml a run saves says how
+    what it means on `device` when the run has a KL term (and no train_loss.bf16, which puts the
+    reference in bf16 everywhere), so the config.yaml a run saves says how
     its reference ran: a resume on a machine of other bf16 support is refused, naming the setting
     to add, instead of going on with another reference precision."""
     loss = config.get("train_loss")
     if not isinstance(loss, dict) or loss.get("ref_bf16", False) is not None or not loss.get("kl_coef"):
+        return config
+    if loss.get("bf16"):  # the whole step in bf16, the reference too, on every machine: nothing to pin
         return config
     return {**config, "train_loss": {**loss, "ref_bf16": native_bf16(str(device))}}
 

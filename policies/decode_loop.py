@@ -36,12 +36,13 @@ extends the cached prefix it started from (`PrefixKV.parent`): only the new colu
 `policies.fed_kv`).
 
 Step scores with no extra forward (`step_head`, e.g. `policies.reflective_model.ReflectiveModel`):
-every forward also returns the hidden states (`output_hidden_states=True`), and each sampled
+every forward also gives the feature layer's hidden states, and each sampled
 token that is a step boundary under the rule is scored by the head on the feature-layer state of
 the position whose logits sampled it, i.e. the token just before the separator, exactly where the
 reference's SPRM reads (`scorers.sprm_positions`). Cost: the head on the boundary rows only (one
-[n, C] x [C, 2C] product per decode step that has any), plus the hidden states the LM returns
-(all layers of the prefill chunk, one token per layer while decoding).
+[n, C] x [C, 2C] product per decode step that has any), plus the hidden states: the prefill keeps
+the feature layer's alone (`policies.feature_tap`; every layer's for a model it cannot tap),
+each decode step asks for every layer's one token.
 """
 from __future__ import annotations
 

@@ -124,6 +124,8 @@ def test_the_answer_is_sentence_when_nothing_else_states_an_answer():
     assert extract_final_answer("So the answer is 15 + 5 = 20.") is None and not grade_math("The answer is 18 - 2 = 16.", "18")
     assert extract_final_answer("The answer is 5 \\times 3.") is None and extract_final_answer("The answer is 4 x 2.") is None
     assert extract_final_answer("The answer is 18 - that is all.") == "18"
+    assert extract_final_answer("The answer is 18 - a fair price.") == "18"  # an article, not a variable
+    assert grade_math("She sold 9 * 2 = 18.\n#### 18. That is the total.", "18")  # a numbered sentence, no heading
     assert grade_math("The answer is $\\$18$.", "18") and grade_math("The answer is \\$18.", "18")  # none before
     # the last phrase decides: a retraction after it is not outvoted by an earlier answer
     assert extract_final_answer("The answer is 20. Wait, that is wrong: the answer is not 20, recounting gives 18.") is None
@@ -227,12 +229,14 @@ def test_the_answer_written_last_is_extracted(text):
     ("18 \\text{ or more}", "18", False), ("\\text{18 or more}", "18", False), ("2 thousand", "2", False),
     ("at least 18", "18", False), ("2 pi", "2", False), ("\\$1.5 million", "1.5", False),
     ("5 square feet", "5", True), ("\\text{18 apples}", "18", True),
-    ("18 squared", "18", False), ("18 \\text{ cubed}", "18", False),
+    ("18 squared", "18", False), ("18 \\text{ cubed}", "18", False), ("18 squared", "324", True),
+    ("18 \\text{ units squared}", "18", True), ("64 \\text{ cm cubed}", "64", True),  # an area's unit, not a power
     # a magnitude word is read as its value (math_verify cannot: "1.45 million" was not 1450000)
     ("1.45 \\text{ million}", "1450000", True), ("2 thousand", "2000", True), ("\\text{3 hundred}", "300", True),
     ("1.45 million", "1.45", False),
     # a compound or hedged answer is not its first number (math_verify read it so)
     ("3 \\text{ hours and } 20 \\text{ minutes}", "3", False), ("18 \\text{ (or 20)}", "18", False),
+    ("\\frac{3}{4} \\text{ or } 0.75", "\\frac{3}{4}", True), ("2 \\text{ and } 2", "2", True),  # one value twice
     # a count's own unit stays one: GSM8K asks "how many dozens / more hours / times / quarters"
     ("7 dozen", "7", True), ("3 more hours", "3", True), ("3 \\text{ times}", "3", True),
     ("16 \\text{ quarters}", "16", True), ("40 \\text{ fewer songs}", "40", True),
@@ -246,6 +250,7 @@ def test_numbers_with_degrees_signs_assignments_and_value_words(predicted, refer
     ("\\boxed{3}, \\boxed{5}, and \\boxed{7}", "3, 5, 7", True),
     ("The solutions are $\\boxed{1}$ and $\\boxed{-2}$.", "-2", False),
     ("\\boxed{20}. Wait, recheck: \\boxed{18}", "18", True),  # a correction is not a list
+    ("$$\\boxed{18}$$\n\n$$\\boxed{18}$$", "18", True),  # a box repeated is one answer ("18, 18" split votes)
 ])
 def test_boxes_joined_by_and_or_commas_are_one_list_answer(text, reference, right):
     # MATH-500 rows with list answers (intermediate_algebra/1388 "1,-2") graded wrong when one box per value

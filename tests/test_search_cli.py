@@ -526,3 +526,17 @@ def test_vllm_sprm_in_a_child_process_is_refused_before_anything_loads(tmp_path,
     with pytest.raises(ValueError, match=r"scorer.engine.multiprocessing=true: the SPRM's feature layer is read"):
         run_in_process([f"policy.path={folder}", "scorer=vllm_sprm", "scorer.engine.multiprocessing=true",
                         f"out_dir={tmp_path / 'run'}", *TINY])
+
+
+def test_a_forward_scorer_run_saved_before_its_dtype_setting_resumes(tmp_path):
+    # scorer.dtype was added to scorer=sprm_forward: a folder saved without it was refused
+    # ("scorer.dtype: <absent> -> 'float32'") with nothing to add that resumes it
+    from experiments.search import ADDED_SETTINGS
+    from treesearch.config_diff import config_differences, with_added_settings
+
+    current = {"scorer": {"_target_": "scorers.sprm_scorer.SPRMScorer.from_pretrained", "batch_size": 16, "dtype": "float32"}}
+    saved = {"scorer": {"_target_": "scorers.sprm_scorer.SPRMScorer.from_pretrained", "batch_size": 16}}
+    assert config_differences(with_added_settings(saved, current, ADDED_SETTINGS), current) == []
+    assert config_differences(with_added_settings(saved, {"scorer": {**current["scorer"], "dtype": "bfloat16"}},
+                                                  ADDED_SETTINGS), {"scorer": {**current["scorer"], "dtype": "bfloat16"}}) == [
+        "scorer.dtype: 'float32' -> 'bfloat16'"]

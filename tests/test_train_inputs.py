@@ -486,3 +486,13 @@ def test_a_sigterm_during_the_last_step_still_stops_after_saving(init_dir, tmp_p
     with pytest.raises(Terminated):
         run_training(composed(tiny(init_dir, out, "run.max_steps=2", "run.checkpoint_every=0")))
     assert load_joint_state(out / "last").step == 2
+
+
+def test_a_run_in_bf16_throughout_leaves_its_reference_unpinned(monkeypatch):
+    # train_loss.bf16 runs the reference in bf16 on every machine: pinning ref_bf16 to a machine's
+    # support recorded false where the reference ran in bf16, and refused a resume that changed nothing
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    config = {"train_loss": {"kl_coef": 0.001, "ref_bf16": None, "bf16": True}}
+    assert train.pinned_reference_precision(config, torch.device("cpu")) == config
+    config["train_loss"]["bf16"] = False
+    assert train.pinned_reference_precision(config, torch.device("cpu"))["train_loss"]["ref_bf16"] is False

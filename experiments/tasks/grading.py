@@ -81,7 +81,7 @@ _ANSWER_IS_RE = re.compile(r"(?i)\bthe[ \t]+(?:final[ \t]+)?answer[ \t]+is\b")
 _NUMBER_TEXT = r"[-+]?(?:\\?\$)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # "\$18" too
 # after the value: no more of a number or an expression ("15 + 5 = 20", "18 x 2", "2^10", "3:15")
 _VALUE_GOES_ON = (r"[\w/^:]|[,.]\d|[ \t]*=|[ \t]*(?:[-+*×÷]|\\(?:times|cdot|div)(?![A-Za-z])|[xX])"
-                  r"[ \t]*(?:[\d(\\$]|[A-Za-z](?![A-Za-z]))")  # "18 - that is" goes on as 18
+                  r"[ \t]*(?:[\d(\\$]|[A-Za-z](?![A-Za-z])(?![ \t]+[A-Za-z]))")  # "18 - that is", "18 - a fair ..." are 18
 _ANSWER_IS_VALUE_RE = re.compile(
     rf"(?:[ \t]*:)?\s*(?:\*+[ \t]*)?(\$(?:\\\$|[^$\n])+\$|\\\(.+?\\\)|{_NUMBER_TEXT}(?:/{_NUMBER_TEXT})?%?)"
     rf"(?!{_VALUE_GOES_ON})"
@@ -124,7 +124,8 @@ def last_boxed_at(text: str) -> tuple[int, str] | None:
     """(where it starts, its contents) of the last non-empty box, as `last_boxed` reads it.
     An empty \\boxed{} is skipped: it is the prompt's "put your answer in \\boxed{}" echoed.
     Boxes joined only by blanks, "$", commas, "and" or "or" are one answer, their contents
-    joined by ", " ("$\\boxed{1}$ and $\\boxed{-2}$" -> "1, -2": a list answer, one box per value)."""
+    joined by ", " ("$\\boxed{1}$ and $\\boxed{-2}$" -> "1, -2": a list answer, one box per value;
+    a box repeated counts once: "$\\boxed{18}$ $\\boxed{18}$" -> "18")."""
     run: list[tuple[int, int, str]] = []  # (start, end, contents) of the last boxes, the last first
     for match in reversed(list(_BOXED_RE.finditer(text))):
         box = _box_at(text, match)
@@ -137,7 +138,8 @@ def last_boxed_at(text: str) -> tuple[int, str] | None:
         run.append(box)
     if not run:
         return None
-    return run[-1][0], ", ".join(contents for _, _, contents in reversed(run))
+    contents = dict.fromkeys(contents for _, _, contents in reversed(run))  # a box repeated is one answer
+    return run[-1][0], ", ".join(contents)
 
 
 def _box_at(text: str, match: re.Match[str]) -> tuple[int, int, str] | None:
@@ -163,15 +165,16 @@ def hash_answer_at(text: str) -> tuple[int, str] | None:
     ("#### Verification", "#### Step 2: money", "#### 3. Check") is no answer line."""
     for match in reversed(list(_HASH_RE.finditer(text))):
         answer = _strip_emphasis(match.group(1))
-        if answer and not _is_heading(answer):
+        if answer and not _is_heading(match.group(1).strip(" \t*")):
             return match.start(), answer
     return None
 
 
-def _is_heading(answer: str) -> bool:
+def _is_heading(line: str) -> bool:
     """Whether a "####" line's text is a markdown heading: it starts with a word, or is numbered
-    ("3. Check", "2) Compute")."""
-    return bool(_HEADING_RE.match(answer) or _NUMBERED_HEADING_RE.match(answer))
+    and does not end as a sentence ("3. Check", "2) Compute the total"; "72. That is the total."
+    is the answer 72 in a sentence)."""
+    return bool(_HEADING_RE.match(line) or (_NUMBERED_HEADING_RE.match(line) and not line.endswith(".")))
 
 
 def _strip_emphasis(answer: str) -> str:
@@ -250,7 +253,7 @@ def extract_final_answer(text: str) -> str | None:
 
 PROSE_WORDS = 3  # words of two or more letters (not LaTeX commands) that make an answer line prose
 _HEADING_RE = re.compile(r"[A-Za-z]{2,}")  # "#### Summary": a markdown heading, not a "####" answer
-_NUMBERED_HEADING_RE = re.compile(r"\d+[.)][ \t]+[A-Za-z]{2,}")  # "#### 3. Check"
+_NUMBERED_HEADING_RE = re.compile(r"\d{1,2}[.)][ \t]+[A-Za-z]{2,}")  # "#### 3. Check"
 
 
 def _is_prose(answer: str) -> bool:
@@ -307,14 +310,18 @@ _BARE_UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]{2,})+$")  # "18 eggs" (not "2 
 # magnitude or a constant), "18 or more", "at least 18" (a bound) go to math_verify instead. A
 # count's own unit stays one: "7 dozen" answers "how many dozens", "3 more hours" "how many more".
 _WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")  # a word, not a LaTeX command's name
-VALUE_WORDS = frozenset("pi squared cubed hundred hundreds thousand thousands million millions billion billions "
+VALUE_WORDS = frozenset("pi hundred hundreds thousand thousands million millions billion billions "
                         "trillion trillions".split())
 # "1.45 million", "2 \text{ thousand}": a number times its magnitude word (parse_number reads its value)
 _MAGNITUDES = {"hundred": 10**2, "thousand": 10**3, "million": 10**6, "billion": 10**9, "trillion": 10**12}
 _MAGNITUDE_RE = re.compile(r"(?i)^(?P<number>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s*(?:\\text\{\s*)?"
-                           r"(?P<word>hundred|thousand|million|billion|trillion)s?\s*\}?$")
-# two numbers joined by "and" / "or": a compound or hedged answer, never one plain number
+                           r"(?P<word>hundred|thousand|million|billion|trillion|squared|cubed)s?\s*\}?$")
+_POWERS = {"squared": 2, "cubed": 3}  # "18 squared" is 324; "18 units squared" is an area of 18
+# two numbers joined by "and" / "or": a compound or hedged answer, one plain number only when
+# every part has its value (`_joined_value`)
 _TWO_NUMBERS_RE = re.compile(r"\d[^\d]{0,40}?\b(?:and|or)\b[^\d]{0,40}?\d")
+_JOINER_SPLIT_RE = re.compile(r"\b(?:and|or)\b")
+_TEXT_GROUP_RE = re.compile(r"\\text\{([^{}]*)\}")  # "\text{ or }" -> " or "
 _BOUND_RE = re.compile(r"(?i)\b(?:or\s+(?:more|less|fewer|greater|higher|lower|so)|at\s+(?:least|most)|"
                        r"(?:more|less|fewer|greater)\s+than|up\s+to)\b")
 
@@ -341,7 +348,8 @@ def _respace(match: re.Match[str]) -> str:
 def parse_number(answer: str) -> Fraction | None:
     """answer as an exact number when it is a plain one ("42", "-3.5", "1,234", "1{,}234", "1\\,234",
     "$18", "\\$18.50", "1/2", "\\frac{1}{2}", "25\\%", "25 percent", "\\text{18 apples}", "1.45 million"),
-    else None (other units and expressions go to math_verify).
+    else None (other units and expressions go to math_verify). A number right before "squared" /
+    "cubed" is raised to it ("18 squared" is 324), after a unit it is the unit's ("18 units squared").
 
     A trailing percent sign is dropped ("25\\%" reads as 25, not 0.25): GSM8K and MATH references
     write a percentage without it, and math_verify alone would judge "25\\%" != "25"."""
@@ -350,6 +358,10 @@ def parse_number(answer: str) -> Fraction | None:
         return None
     text = text.replace("\\$", "").replace("$", "").replace("{,}", ",").strip()
     wrapped = _TEXT_WRAPPER_RE.match(text)
+    magnitude = _MAGNITUDE_RE.match(wrapped.group(1).strip() if wrapped else text)  # before a unit word is dropped
+    if magnitude:
+        number, word = Fraction(magnitude.group("number").replace(",", "")), magnitude.group("word").lower()
+        return number ** _POWERS[word] if word in _POWERS else number * _MAGNITUDES[word]
     if wrapped:  # "\text{18 apples}": words in \text{} after a number are its unit
         text = _without_unit(wrapped.group(1), _UNIT_WORDS_RE)
     else:  # "18 eggs", "#### 1,234 dollars": math_verify read the words as a product of letters
@@ -358,9 +370,6 @@ def parse_number(answer: str) -> Fraction | None:
     text = _ASSIGNMENT_RE.sub("", _DEGREES_RE.sub("", _PERCENT_RE.sub("", text)).strip())
     if len(text) > _MAX_NUMBER_CHARS:
         return None
-    magnitude = _MAGNITUDE_RE.match(text)
-    if magnitude:
-        return Fraction(magnitude.group("number").replace(",", "")) * _MAGNITUDES[magnitude.group("word").lower()]
     if _GROUPED_INT_RE.match(text):
         text = text.replace(",", "").replace(" ", "")
     try:
@@ -460,8 +469,17 @@ def fast_match(predicted: str, reference: str) -> bool | None:
     if not _value_words(predicted) <= _value_words(reference):  # "18 \text{ or more}" is not 18
         return False
     if reference_number is not None and _TWO_NUMBERS_RE.search(normalize_text(predicted)):
-        return False  # "3 \text{ hours and } 20 \text{ minutes}", "18 (or 20)": math_verify read the first number
+        # "3 \text{ hours and } 20 \text{ minutes}", "18 (or 20)": math_verify read the first number
+        return _joined_value(predicted) == reference_number
     return None
+
+
+def _joined_value(answer: str) -> Fraction | None:
+    """The value of an answer that joins numbers with "and" / "or" when every part is that one
+    value ("\\frac{3}{4} \\text{ or } 0.75"), else None ("3 hours and 20 minutes", "18 (or 20)")."""
+    text = _TEXT_GROUP_RE.sub(r" \1 ", normalize_text(answer))
+    values = {parse_number(part.strip(" ()[],;")) for part in _JOINER_SPLIT_RE.split(text)}
+    return values.pop() if len(values) == 1 else None
 
 
 def _value_words(answer: str) -> set[str]:
