@@ -29,7 +29,7 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Sequence
 
-from treesearch.config_checks import check_components, is_int, problem_list
+from treesearch.config_checks import is_int, problem_list
 from treesearch.merged_scorer import merged_for_threads
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
@@ -63,7 +63,6 @@ def search_each(
     if workers is not None and (not is_int(workers) or workers < 1):
         raise ValueError(f"search_each workers={workers!r} must be an integer >= 1 (or None: one per problem)")
     problems = problem_list(problems)  # a generator or a lone Problem, named as the strategies do
-    check_components(policy, scorer)  # before merged_for_threads reads num_parameters
     if not problems:
         return []
     count = min(len(problems), MAX_WORKERS) if workers is None else workers

@@ -26,6 +26,7 @@ Tests: `.venv/bin/python -m pytest tests/test_merged_scorer.py`.
 """
 from __future__ import annotations
 
+import numbers
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -128,7 +129,16 @@ class MergedScorer:
 def merged_for_threads(scorer: Scorer) -> Scorer:
     """`MergedScorer(scorer)` for a scorer that forwards a model (`num_parameters` > 0: an external
     PRM, the SPRM's second forward), else scorer itself: one that reads what the policy attached
-    (head scores, log-probs) gains nothing from merging. An already merged scorer is returned as it is."""
-    if isinstance(scorer, MergedScorer) or int(getattr(scorer, "num_parameters", 0) or 0) <= 0:
+    (head scores, log-probs) gains nothing from merging. An already merged scorer is returned as it is,
+    and so is one without score / cost or an integer num_parameters (the search names it)."""
+    count = getattr(scorer, "num_parameters", 0)
+    if isinstance(scorer, MergedScorer) or not _is_count(count) or count <= 0:
         return scorer
+    if not all(callable(getattr(scorer, method, None)) for method in ("score", "cost")):
+        return scorer  # the strategy's own check names what it lacks, before any policy call
     return MergedScorer(scorer)
+
+
+def _is_count(value: object) -> bool:
+    """An integer that is not a bool (a method or "7B" is left to the strategy's check, which names it)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
