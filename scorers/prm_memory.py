@@ -13,7 +13,7 @@ layout repeats: the chat layouts close the turn after it differently once a step
   child found with its parent cached forwarded only its new tokens).
 The scores and forwarded counts are keyed by a 16-byte digest of the ids (`ids_key`), not by the
 ids themselves: MAX_RECORDS paths of 2000 tokens held as tuples took ~6 GB beside a KV budget of
-512 MiB; as digests they take ~30 MB.
+512 MiB; with digests the records take ~0.1-0.4 GB (their score dicts, paths of 1-20 steps).
 
     memory = PRMMemory(max_bytes=512 * 2**20)
     hit = memory.parent(ids, parent_end)        # ParentHit(length, kv, scores) or None

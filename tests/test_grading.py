@@ -237,6 +237,7 @@ def test_the_answer_written_last_is_extracted(text):
     # a compound or hedged answer is not its first number (math_verify read it so)
     ("3 \\text{ hours and } 20 \\text{ minutes}", "3", False), ("18 \\text{ (or 20)}", "18", False),
     ("\\frac{3}{4} \\text{ or } 0.75", "\\frac{3}{4}", True), ("2 \\text{ and } 2", "2", True),  # one value twice
+    ("2^{10} \\text{ or } 1024", "1024", True), ("\\sqrt{16} \\text{ or } 4", "4", True),  # math_verify decides those
     # a count's own unit stays one: GSM8K asks "how many dozens / more hours / times / quarters"
     ("7 dozen", "7", True), ("3 more hours", "3", True), ("3 \\text{ times}", "3", True),
     ("16 \\text{ quarters}", "16", True), ("40 \\text{ fewer songs}", "40", True),
@@ -251,7 +252,13 @@ def test_numbers_with_degrees_signs_assignments_and_value_words(predicted, refer
     ("The solutions are $\\boxed{1}$ and $\\boxed{-2}$.", "-2", False),
     ("\\boxed{20}. Wait, recheck: \\boxed{18}", "18", True),  # a correction is not a list
     ("$$\\boxed{18}$$\n\n$$\\boxed{18}$$", "18", True),  # a box repeated is one answer ("18, 18" split votes)
+    ("\\boxed{12}\n\n\\boxed{5}", "5", True),  # blanks alone: a new answer, not a list
 ])
 def test_boxes_joined_by_and_or_commas_are_one_list_answer(text, reference, right):
     # MATH-500 rows with list answers (intermediate_algebra/1388 "1,-2") graded wrong when one box per value
     assert grade_math(text, reference) is right
+
+
+def test_a_box_repeated_in_another_form_is_one_vote():
+    assert canonical_answer(extract_final_answer("\\boxed{18}, \\boxed{18.00}")) == canonical_answer("18")
+    assert extract_final_answer("The answer is 18 or 20.") is None  # a hedge, as "18 (or 20)" in a box

@@ -386,3 +386,31 @@ def test_the_forward_scorer_loads_its_model_in_the_dtype_asked(tmp_path):
     assert next(half.model.lm.parameters()).dtype == torch.bfloat16
     path = Prefix(Problem("a", "<think>1"), (step("+2=3" + SEP), step("x2=6" + SEP)))
     assert half.score([path])[0] == pytest.approx(SCORER.score([path])[0], abs=0.05)
+
+
+def test_scores_attached_through_the_feature_tap_equal_the_forward_scorers(monkeypatch):
+    # the reflective-policy tests drive a ScriptedLM, which the tap cannot find its layer in: here a
+    # plain Llama, whose prefill keeps only the feature layer, must attach what SPRMScorer reads
+    from policies import decode_loop
+    from policies.sampling_config import SamplingConfig
+    from policies.transformers_policy import TransformersPolicy
+
+    tapped: list[bool] = []
+    real = decode_loop.tap_or_none
+
+    def counted(lm, layer):
+        tap = real(lm, layer)
+        tapped.append(tap is not None)
+        return tap
+
+    monkeypatch.setattr(decode_loop, "tap_or_none", counted)
+    policy = TransformersPolicy.from_reflective(MODEL, TOK, SamplingConfig(temperature=1.0, max_step_tokens=6,
+                                                                           max_total_tokens=24), lambda p: p.question)
+    rows = policy.rollout([Prefix(Problem("a", "<think>1")), Prefix(Problem("b", "<think>12+3"))], n=4, seed=5)
+    paths = [Prefix(Problem(pid, q), tuple(steps)) for (pid, q), row in zip([("a", "<think>1"), ("b", "<think>12+3")], rows)
+             for steps in row]
+    assert tapped and all(tapped)  # every prefill kept the feature layer alone
+    attached = [[s.score for s in p.steps] for p in paths]
+    read = SCORER.score(paths)
+    pairs = [(a, r) for row_a, row_r in zip(attached, read) for a, r in zip(row_a, row_r) if a is not None]
+    assert pairs and all(a == pytest.approx(r, abs=1e-5) for a, r in pairs)

@@ -55,7 +55,8 @@ logger = logging.getLogger(__name__)
 # "\boxed{...}", or "\boxed 5" (no braces: the argument runs to the next blank or "$")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*(\{)|[ \t]+(?=[^\s${}]))")
 _BARE_BOXED_RE = re.compile(r"[^\s$]+")
-_BOX_JOINER_RE = re.compile(r"[\s$,;]*(?:(?:and|or)[\s$,;]+)?")  # between boxes of one list answer
+# between boxes of one list answer: a comma, a semicolon, "and" or "or" (blanks alone: a new answer)
+_BOX_JOINER_RE = re.compile(r"[\s$]*(?:[,;][\s$]*(?:(?:and|or)[\s$]+)?|(?:and|or)[\s$]+)")
 _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
 # "(.+)" and not "(.+?)[ \t]*": the latter backtracks quadratically on a long run of blanks.
 _ANSWER_RE = re.compile(r"(?im)^[ \t*#>]*(?:final[ \t]+)?answer[ \t*]*[:：][ \t*]*(.+)$")
@@ -80,7 +81,7 @@ _MINERVA_END = "i hope it is correct"
 _ANSWER_IS_RE = re.compile(r"(?i)\bthe[ \t]+(?:final[ \t]+)?answer[ \t]+is\b")
 _NUMBER_TEXT = r"[-+]?(?:\\?\$)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # "\$18" too
 # after the value: no more of a number or an expression ("15 + 5 = 20", "18 x 2", "2^10", "3:15")
-_VALUE_GOES_ON = (r"[\w/^:]|[,.]\d|[ \t]*=|[ \t]*(?:[-+*×÷]|\\(?:times|cdot|div)(?![A-Za-z])|[xX])"
+_VALUE_GOES_ON = (r"[\w/^:]|[,.]\d|[ \t]*=|[ \t]*\(?(?:or|and)[ \t]+\\?\$?\d|[ \t]*(?:[-+*×÷]|\\(?:times|cdot|div)(?![A-Za-z])|[xX])"
                   r"[ \t]*(?:[\d(\\$]|[A-Za-z](?![A-Za-z])(?![ \t]+[A-Za-z]))")  # "18 - that is", "18 - a fair ..." are 18
 _ANSWER_IS_VALUE_RE = re.compile(
     rf"(?:[ \t]*:)?\s*(?:\*+[ \t]*)?(\$(?:\\\$|[^$\n])+\$|\\\(.+?\\\)|{_NUMBER_TEXT}(?:/{_NUMBER_TEXT})?%?)"
@@ -123,7 +124,7 @@ def last_boxed(text: str) -> str | None:
 def last_boxed_at(text: str) -> tuple[int, str] | None:
     """(where it starts, its contents) of the last non-empty box, as `last_boxed` reads it.
     An empty \\boxed{} is skipped: it is the prompt's "put your answer in \\boxed{}" echoed.
-    Boxes joined only by blanks, "$", commas, "and" or "or" are one answer, their contents
+    Boxes joined by a comma, a semicolon, "and" or "or" (and blanks, "$") are one answer, their contents
     joined by ", " ("$\\boxed{1}$ and $\\boxed{-2}$" -> "1, -2": a list answer, one box per value;
     a box repeated counts once: "$\\boxed{18}$ $\\boxed{18}$" -> "18")."""
     run: list[tuple[int, int, str]] = []  # (start, end, contents) of the last boxes, the last first
@@ -138,8 +139,10 @@ def last_boxed_at(text: str) -> tuple[int, str] | None:
         run.append(box)
     if not run:
         return None
-    contents = dict.fromkeys(contents for _, _, contents in reversed(run))  # a box repeated is one answer
-    return run[-1][0], ", ".join(contents)
+    kept: dict[str, str] = {}  # a box repeated (in any form of its value: 18, 18.00) is one answer
+    for _, _, contents in reversed(run):
+        kept.setdefault(canonical_answer(contents), contents)
+    return run[-1][0], ", ".join(kept.values())
 
 
 def _box_at(text: str, match: re.Match[str]) -> tuple[int, int, str] | None:
@@ -470,16 +473,20 @@ def fast_match(predicted: str, reference: str) -> bool | None:
         return False
     if reference_number is not None and _TWO_NUMBERS_RE.search(normalize_text(predicted)):
         # "3 \text{ hours and } 20 \text{ minutes}", "18 (or 20)": math_verify read the first number
-        return _joined_value(predicted) == reference_number
+        values = _joined_values(predicted)
+        if len(values - {None}) > 1:
+            return False
+        if None not in values:
+            return values.pop() == reference_number
     return None
 
 
-def _joined_value(answer: str) -> Fraction | None:
-    """The value of an answer that joins numbers with "and" / "or" when every part is that one
-    value ("\\frac{3}{4} \\text{ or } 0.75"), else None ("3 hours and 20 minutes", "18 (or 20)")."""
+def _joined_values(answer: str) -> set[Fraction | None]:
+    """The values of the parts of an answer that joins numbers with "and" / "or" (None for a part
+    that is no plain number): one value for "\\frac{3}{4} \\text{ or } 0.75", two for "3 hours and
+    20 minutes" or "18 (or 20)"; a part such as 2^{10} leaves the comparison to math_verify."""
     text = _TEXT_GROUP_RE.sub(r" \1 ", normalize_text(answer))
-    values = {parse_number(part.strip(" ()[],;")) for part in _JOINER_SPLIT_RE.split(text)}
-    return values.pop() if len(values) == 1 else None
+    return {parse_number(part.strip(" ()[],;")) for part in _JOINER_SPLIT_RE.split(text)}
 
 
 def _value_words(answer: str) -> set[str]:
