@@ -522,12 +522,43 @@ def save_cache(cache: RolloutCache, path: str | Path) -> Path:
         torch.save(payload, tmp)
     except (RuntimeError, OSError) as err:  # a full disk: torch's "unexpected pos 10816 vs 10768"
         tmp.unlink(missing_ok=True)  # the partial file kept the last free space
-        code = err.errno if isinstance(err, OSError) and err.errno else errno.ENOSPC  # torch's short write says no more
-        raise OSError(code, f"could not write the rollout cache {path} (disk full? {type(err).__name__}: "
-                            f"{' '.join(str(err).split())[:200]})") from err
+        short_write = "unexpected pos" in str(err)  # torch's short write: the disk said no more
+        code = err.errno if isinstance(err, OSError) and err.errno else (errno.ENOSPC if short_write else errno.EIO)
+        raise OSError(code, f"could not write the rollout cache {path} ({'disk full? ' if short_write else ''}"
+                            f"{type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(summary(cache), indent=2) + "\n")
     return path
+
+
+def check_cache_target(out: Path) -> None:
+    """ValueError unless out can take a cache and its summary beside it, checked before any rollout
+    is made: a .pt path (the summary is out with suffix .json: `--out c.json` had the summary
+    overwrite the cache, `--out run/metrics.pt` train_head's metrics.json), a summary path that is
+    free or an earlier cache summary, and a folder that can be made and written."""
+    if out.suffix != ".pt":
+        raise ValueError(f"--out {out} must end in .pt (its JSON summary is written beside it as {out.with_suffix('.json').name})")
+    summary_path = out.with_suffix(".json")
+    if summary_path.is_dir():
+        raise ValueError(f"--out {out}: its summary path {summary_path} is a folder")
+    if summary_path.exists() and not _is_cache_summary(summary_path):
+        raise ValueError(f"--out {out}: {summary_path} holds another file, which the cache's summary would overwrite; "
+                         "use another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot create its folder ({error.strerror})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"--out {out}: its folder {out.parent} is not writable")
+
+
+def _is_cache_summary(path: Path) -> bool:
+    """Whether path holds a rollout cache's JSON summary (a `summary` of an earlier cache)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "spec" in data and "rollouts" in data
 
 
 def _read_payload(path: Path) -> Any:
@@ -622,6 +653,7 @@ def build_command(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     check_file_target(args.out, "--out", "cache.pt")  # before the rollouts: save_cache would fail only after them
+    check_cache_target(args.out)
     torch.set_num_threads(args.threads)
     # arith's policy on countdown: pass@1 ~0, no word (an unknown task is its own error, below)
     note = trained_task_note(args.policy, args.task, "--policy") if args.task in EMBEDDED_TASKS else None

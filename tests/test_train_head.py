@@ -271,6 +271,15 @@ def test_cache_cli_prints_bad_settings_as_one_error_line(tmp_path, capsys):
     assert cache_main([*args, "--task", "arith", "--out", str(tmp_path / "c.pt")]) == 2
     assert capsys.readouterr().err == (f"error: checkpoint folder {tmp_path / 'none'} does not exist. "
                                        "Point --policy at an existing checkpoint folder\n")
+    # the summary beside the cache overwrote it (--out c.json) or train_head's metrics.json, after every rollout
+    assert cache_main([*args, "--task", "arith", "--out", str(tmp_path / "c.json")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'c.json'} must end in .pt")
+    (tmp_path / "metrics.json").write_text('{"summary": {}}')
+    assert cache_main([*args, "--task", "arith", "--out", str(tmp_path / "metrics.pt")]) == 2
+    assert "metrics.json holds another file, which the cache's summary would overwrite" in capsys.readouterr().err
+    assert (tmp_path / "metrics.json").read_text() == '{"summary": {}}'
+    assert cache_main([*args, "--task", "arith", "--out", "/proc/treesearch-no/c.pt"]) == 2
+    assert "cannot create its folder" in capsys.readouterr().err
 
 
 def held_out(cache: RolloutCache) -> RolloutCache:
