@@ -41,7 +41,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from experiments.cli_args import check_file_target, check_folder_target, nonnegative_int, positive_int  # noqa: E402
+from experiments.cli_args import check_file_target, check_folder_target, nonnegative_int, positive_int, seed_int  # noqa: E402
 from experiments.cli_errors import run_command  # noqa: E402
 from experiments.backbone_tuning import (BackboneTuneConfig, check_examples, paths_of, rollout_examples,  # noqa: E402
                                          solution_examples, train)
@@ -169,8 +169,9 @@ def probe_command(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--save", type=Path, default=None, help="save the tuned reflective model in this folder")
     ap.add_argument("--own-problems", type=nonnegative_int, default=0,
                     help="the tuned model samples its own rollouts of this many test problems; its head ranks them")
-    for name in ("steps", "batch", "reference_solutions", "seed"):
+    for name in ("steps", "batch", "reference_solutions"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    ap.add_argument("--seed", type=seed_int, default=d.seed, help="torch seed of the training")
     for name in ("backbone_lr", "head_lr", "grad_scale", "kl_coef", "lm_coef"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
     ap.add_argument("--loss", default=d.loss, choices=SPR_MODES, help="scorers.spr_loss mode")
@@ -181,6 +182,8 @@ def probe_command(argv: Sequence[str] | None = None) -> int:
         check_file_target(args.out, "--out", "probe.json")
     if args.save is not None:
         check_folder_target(args.save, "--save")
+        if (args.save / "config.json").exists():  # save_pretrained would replace that model (the policy's own)
+            ap.error(f"--save {args.save} holds a model (config.json); give a new folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = BackboneTuneConfig(args.steps, args.batch, args.backbone_lr, args.head_lr, args.grad_scale, args.loss,

@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -337,6 +338,8 @@ def run_head_training(
     write_atomic(out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     if save:
         save_reflective_head(run.head, policy, cfg.feature_layer, out_dir / "final")
+    elif (out_dir / "final").is_dir():  # an earlier run's head beside these metrics would pass for theirs
+        shutil.rmtree(out_dir / "final")
     return metrics
 
 

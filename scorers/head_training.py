@@ -128,6 +128,9 @@ class HeadTrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"HeadTrainConfig.{name}={value!r} must be an integer >= {low}")
+        if self.warmup_steps >= self.steps:  # every step plain BCE: the labels' loss never ran
+            raise ValueError(f"HeadTrainConfig.warmup_steps={self.warmup_steps} must be below steps={self.steps} "
+                             f"(the warm-up trains with plain BCE; the {self.labels!r} loss starts after it)")
         if self.warmup_steps and self.labels not in ("spr", "spr_paper"):
             raise ValueError(
                 f"HeadTrainConfig.warmup_steps={self.warmup_steps} only applies to labels 'spr' / 'spr_paper', "

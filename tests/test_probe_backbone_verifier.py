@@ -198,3 +198,20 @@ def test_too_few_examples_for_a_batch_are_refused_before_the_first_evaluation(ca
     monkeypatch.setattr(probe_backbone_verifier, "evaluate", no_evaluation)
     with pytest.raises(ValueError, match="batch=8 needs 4 correct and 4 incorrect examples, have 4 / 2"):
         run(path, files["train"], files["test"], BackboneTuneConfig(steps=1, batch=8, reference_solutions=1), progress=False)
+
+
+def test_save_into_a_model_folder_and_an_unusable_seed_are_refused_before_anything_loads(tmp_path, capsys):
+    # --save <the policy's folder> replaced the SFT policy's weights with the tuned ones, in silence;
+    # --seed 99999999999999999999 failed in torch with "Overflow when unpacking long long"
+    from experiments.probe_backbone_verifier import main as probe_main
+
+    model = tmp_path / "policy"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    base = ["--policy", str(model), "--train", "a.pt", "--test", "b.pt"]
+    with pytest.raises(SystemExit) as caught:
+        probe_main([*base, "--save", str(model)])
+    assert caught.value.code == 2 and "holds a model (config.json); give a new folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        probe_main([*base, "--seed", "99999999999999999999"])
+    assert "--seed" in capsys.readouterr().err

@@ -585,3 +585,23 @@ def test_a_seed_torch_cannot_take_is_an_argument_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["--train", "a.pt", "--test", "b.pt", "--out", str(tmp_path / "h"), "--seed", str(2**64)])
     assert info.value.code == 2 and "argument --seed: '18446744073709551616' must be an integer from" in capsys.readouterr().err
+
+
+def test_a_warmup_as_long_as_the_run_is_refused():
+    # --labels spr --warmup-steps 500 --steps 30 trained plain BCE throughout and reported "spr"
+    with pytest.raises(ValueError, match=r"warmup_steps=30 must be below steps=30"):
+        HeadTrainConfig(labels="spr", warmup_steps=30, steps=30)
+    assert HeadTrainConfig(labels="spr", warmup_steps=29, steps=30).loss_mode(29) != "bce"
+
+
+def test_a_rerun_without_saving_removes_the_earlier_head(tmp_path):
+    # final/ of a first run stayed beside a --no-save rerun's metrics, passing for their head
+    cache = synthetic_cache([True, False] * 4, 2, [1] * 8)
+    save_cache(cache, tmp_path / "c.pt")
+    save_cache(held_out(cache), tmp_path / "t.pt")
+    own = tmp_path / "own"
+    (own / "final").mkdir(parents=True)
+    (own / "final" / "score_module.pt").write_bytes(b"an earlier head")
+    run_head_training(tmp_path / "c.pt", tmp_path / "t.pt", HeadTrainConfig(steps=1, eval_every=0), own,
+                      save=False, progress=False)
+    assert (own / "metrics.json").is_file() and not (own / "final").exists()
