@@ -168,7 +168,9 @@ CHECKS = {
 
 def check_bon(cache: RolloutCache, diagnoses: Sequence[RolloutDiagnosis]) -> dict[str, float]:
     """Best-of-n accuracy (n = the cache's rollouts per problem) of each CHECKS rule, ties broken
-    by the mean token log-prob: what a verifier that only knew that check would reach."""
+    by confidence (`rollout_cache.confidence_path_scores`, "mean": the geometric mean over steps of
+    each step's mean token probability, steps weighted alike): what a verifier that only knew that
+    check would reach."""
     confidence = confidence_path_scores(cache, "mean").tolist()
     n, out = cache.n, {}
     for name, rule in CHECKS.items():

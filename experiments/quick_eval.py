@@ -243,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def quick_eval_command(argv: Sequence[str] | None = None) -> int:
     """Parse argv, check both checkpoint folders before generating anything, evaluate, print."""
-    from policies.checkpoint import check_checkpoint, check_safetensors
+    from policies.checkpoint import check_safetensors
+    from policies.model_folder import check_model_folder, weight_files
 
     parser = argparse.ArgumentParser(prog="python -m experiments.quick_eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a model directory written by save_checkpoint")
@@ -261,8 +262,10 @@ def quick_eval_command(argv: Sequence[str] | None = None) -> int:
     temperature = task.module.DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
     cfg = QuickEvalConfig(num_problems=args.problems, num_samples=args.samples, temperature=temperature, seed=args.seed)
     for folder in (args.checkpoint, args.baseline):  # both, before minutes of generation
-        if folder is not None:
-            check_safetensors(check_checkpoint(folder) / "model.safetensors")
+        if folder is not None:  # any folder load_checkpoint takes: one file or shards, safetensors or .bin
+            for weights in weight_files(check_model_folder(folder)):
+                if weights.suffix == ".safetensors":
+                    check_safetensors(weights)
     problems = eval_problems(cfg, task.default_config, task.module)
     grades = grade_policy(*load_policy(args.checkpoint), problems, cfg, task.module, progress=args.checkpoint)
     report = report_of(grades, cfg)

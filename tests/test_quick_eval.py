@@ -89,3 +89,16 @@ def test_cli_bad_inputs_are_one_line_errors_before_any_generation(tmp_path, monk
     assert qe.main([str(bad_config), "--problems", "1", "--samples", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: checkpoint folder {bad_config} cannot be loaded") and len(err.splitlines()) == 1
+
+
+def test_a_sharded_checkpoint_is_evaluated_as_load_checkpoint_loads_it(tmp_path, capsys):
+    # "checkpoint folder ... has no model.safetensors", though load_checkpoint and rollout_cache take shards
+    ckpt = small_checkpoint(tmp_path / "ckpt")
+    sharded = tmp_path / "sharded"
+    from policies.checkpoint import load_checkpoint
+
+    lm, tok = load_checkpoint(ckpt)
+    lm.save_pretrained(sharded, max_shard_size="20KB")
+    tok.save_pretrained(sharded)
+    assert not (sharded / "model.safetensors").exists() and (sharded / "model.safetensors.index.json").exists()
+    assert qe.main([str(sharded), "--problems", "1", "--samples", "1"]) == 0
