@@ -34,9 +34,9 @@ from torch import nn
 _CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict[int, bool]]" = weakref.WeakKeyDictionary()
 
 
-def tapped_module(lm: Any, layer: int) -> nn.Module | None:
-    """The module whose output is `hidden_states[layer]` of a transformers decoder LM, or None
-    when the model does not have that layout."""
+def tapped_module(lm: Any, layer: int) -> tuple[nn.Module, int] | None:
+    """(the module whose output is `hidden_states[layer]` of a transformers decoder LM, layer as an
+    index 0..L), or None when the model does not have that layout."""
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
     layers, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
     if not isinstance(layers, nn.ModuleList) or not isinstance(norm, nn.Module):
@@ -46,8 +46,8 @@ def tapped_module(lm: Any, layer: int) -> nn.Module | None:
     if not 0 <= index <= count:
         return None
     if index == 0:
-        return lm.get_input_embeddings()
-    return norm if index == count else layers[index - 1]
+        return lm.get_input_embeddings(), index
+    return (norm if index == count else layers[index - 1]), index
 
 
 class FeatureTap:
@@ -75,11 +75,10 @@ def tap_or_none(lm: Any, layer: int) -> FeatureTap | None:
     when the hook was checked to give what output_hidden_states gives on this model; else None."""
     if torch.is_grad_enabled() or getattr(lm, "training", False):
         return None
-    module = tapped_module(lm, layer)
-    if module is None:
+    found = tapped_module(lm, layer)
+    if found is None:
         return None
-    count = len(lm.get_decoder().layers)
-    index = layer + count + 1 if layer < 0 else layer
+    module, index = found
     checked = _CHECKED.setdefault(lm, {})
     if index not in checked:
         checked[index] = _hook_matches(lm, module, index)
