@@ -31,6 +31,9 @@ class Problem:
     meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
 
+_INTS, _FLOATS = frozenset({int}), frozenset({float})  # the element types a Step keeps as they are
+
+
 def _plain_tuple(name: str, values: Any, kind: Callable[[Any], Any]) -> tuple:
     """values (a list, tuple, numpy array or tensor) as a tuple of Python numbers: ints for ids
     (operator.index: 3.0 is refused, np.int64(3) is 3), floats for log-probs; ValueError naming the field."""
@@ -70,15 +73,19 @@ class Step:
         if not isinstance(self.text, str):
             raise ValueError(f"Step.text={self.text!r} must be a string")
         # a list given stays changeable (and unhashable); numpy / torch numbers do not go to JSON
-        for name, kind, plain in (("token_ids", operator.index, int), ("token_logprobs", float, float)):
+        for name, kind, plain in (("token_ids", operator.index, _INTS), ("token_logprobs", float, _FLOATS)):
             value = getattr(self, name)
-            if not (isinstance(value, tuple) and all(type(v) is plain for v in value)):
+            if type(value) in (tuple, list) and set(map(type, value)) <= plain:  # the common case: one pass in C
+                if type(value) is list:
+                    object.__setattr__(self, name, tuple(value))
+            else:
                 object.__setattr__(self, name, _plain_tuple(name, value, kind))
         forwarded = self.tokens_forwarded
-        if not isinstance(forwarded, numbers.Integral) or isinstance(forwarded, bool) or forwarded < 0:
-            raise ValueError(f"Step.tokens_forwarded={forwarded!r} must be an integer >= 0 (tokens the backend ran "
-                             "to make the step: 0 when unknown)")
-        object.__setattr__(self, "tokens_forwarded", int(forwarded))
+        if type(forwarded) is not int or forwarded < 0:  # (the common case in one test)
+            if not isinstance(forwarded, numbers.Integral) or isinstance(forwarded, bool) or forwarded < 0:
+                raise ValueError(f"Step.tokens_forwarded={forwarded!r} must be an integer >= 0 (tokens the backend "
+                                 "ran to make the step: 0 when unknown)")
+            object.__setattr__(self, "tokens_forwarded", int(forwarded))
         if self.finish not in FINISH_REASONS:
             raise ValueError(f"Step.finish={self.finish!r}; valid: {', '.join(FINISH_REASONS)}")
         if len(self.token_ids) != len(self.token_logprobs):
