@@ -64,12 +64,7 @@ class ReflectiveModel(nn.Module):
         head = head if head is not None else build_sprm_head(hidden_size)
         if head_hidden_size(head) != hidden_size:
             raise ValueError(f"the head reads {head_hidden_size(head)} features, the LM's hidden size is {hidden_size}")
-        num_states = int(lm.config.num_hidden_layers) + 1
-        if not isinstance(feature_layer, int) or not -num_states <= feature_layer < num_states:
-            raise ValueError(
-                f"feature_layer={feature_layer!r} must index the {num_states} hidden states "
-                f"(an integer in [{-num_states}, {num_states - 1}])"
-            )
+        check_feature_layer(feature_layer, int(lm.config.num_hidden_layers) + 1)
         self.lm, self.head, self.feature_layer = lm, head, feature_layer
 
     @property
@@ -152,11 +147,15 @@ def check_reflective_folder(directory: str | Path, feature_layer: int | None = N
     layers = saved.get("num_hidden_layers") if isinstance(saved, dict) else None
     if type(layers) is not int:  # another layout (a multimodal text_config): the load checks it
         return layer, None
-    num_states = layers + 1
+    check_feature_layer(layer, layers + 1)
+    return layer, layers + 1
+
+
+def check_feature_layer(layer: object, num_states: int) -> None:
+    """ValueError unless layer indexes a model's num_states hidden states (an int, not a bool)."""
     if type(layer) is not int or not -num_states <= layer < num_states:
         raise ValueError(f"feature_layer={layer!r} must index the {num_states} hidden states "
                          f"(an integer in [{-num_states}, {num_states - 1}])")
-    return layer, num_states
 
 
 def saved_feature_layer(directory: str | Path) -> int:
