@@ -33,7 +33,7 @@ from policies.checkpoint import DamagedCheckpointError, atomic_directory, load_c
 from policies.feature_tap import tap_or_none
 from policies.model_folder import check_model_folder
 from scorers.sprm_head import (
-    SCORE_MODULE_FILE, build_sprm_head, head_hidden_size, load_score_module, save_score_module, sprm_logits,
+    build_sprm_head, head_file, head_hidden_size, load_score_module, save_score_module, sprm_logits,
 )
 
 SPRM_CONFIG_FILE = "sprm.json"
@@ -138,9 +138,7 @@ def check_reflective_folder(directory: str | Path, feature_layer: int | None = N
     feature_layer its model's hidden states cannot give (config.json's num_hidden_layers). A
     search names these before its policy loads (a vLLM policy engine took minutes on a GPU first)."""
     directory = check_model_folder(directory)
-    head = directory / SCORE_MODULE_FILE
-    if not head.is_file():
-        raise FileNotFoundError(f"no SPRM head file {head} ({SCORE_MODULE_FILE} beside the model)")
+    head_file(directory)
     layer = saved_feature_layer(directory) if feature_layer is None else feature_layer
     with reading(directory / "config.json"):
         saved = json.loads((directory / "config.json").read_bytes())

@@ -113,6 +113,14 @@ def check_state_dict(state: Mapping[str, torch.Tensor], hidden_size: int, source
             )
 
 
+def head_file(model_dir: str | Path) -> Path:
+    """model_dir's score_module.pt, or FileNotFoundError naming it (before or at the load)."""
+    path = Path(model_dir) / SCORE_MODULE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no SPRM head file {path} ({SCORE_MODULE_FILE} beside the model)")
+    return path
+
+
 def load_score_module(
     model_dir: str | Path, hidden_size: int | None = None, map_location: str | torch.device = "cpu"
 ) -> nn.Sequential:
@@ -121,9 +129,7 @@ def load_score_module(
     holds another dtype. hidden_size=None reads C from the file; a given one must match it. A missing
     file is a FileNotFoundError, a truncated or corrupted one a DamagedCheckpointError (a
     ValueError) naming it."""
-    path = Path(model_dir) / SCORE_MODULE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no SPRM head file {path} ({SCORE_MODULE_FILE} beside the model)")
+    path = head_file(model_dir)
     state = load_torch_file(path, map_location=map_location, weights_only=True)
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
