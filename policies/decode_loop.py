@@ -58,7 +58,7 @@ from policies.feature_tap import tap_or_none
 from policies.fed_kv import fed_kv_copier
 from policies.prefix_cache import PrefixKV, pad_past
 from policies.sampling import SplitDraws, sample_next_tokens
-from policies.shared_prefix import SharedPrefixCache, shared_prefix_attention, worth_sharing
+from policies.shared_prefix import SharedPrefixCache, has_sliding_window, shared_prefix_attention, worth_sharing
 from policies.slot_cache import (  # noqa: F401 (re-exported)
     KV_GROWTH, KV_POOL, KV_RESERVE_LIMIT, STEP_KV_RESERVE, SlotCache, slot_cache,
 )
@@ -98,6 +98,8 @@ class ChunkOutput:
         fed) when it ended on a separator, else None; empty without keep_kv.
     step_scores: with a step head, [R, T] float32: the head's score where boundary is True, NaN
         elsewhere; None without a head.
+    cached: per row, the tokens of its context read from the prefix cache (the prefill forwarded
+        the rest): the request's past lengths, except where `gap_free_past` cut them.
     """
 
     token_ids: torch.Tensor
@@ -108,6 +110,23 @@ class ChunkOutput:
     fed: torch.Tensor
     fed_kv: tuple[PrefixKV | None, ...] = ()
     step_scores: torch.Tensor | None = None
+    cached: tuple[int, ...] = ()
+
+
+def gap_free_past(model: Any, contexts: Sequence[Sequence[int]],
+                  past: Sequence[PrefixKV | None] | None) -> Sequence[PrefixKV | None] | None:
+    """past, with each cached prefix cut so that every context with one forwards as many new
+    tokens as the longest suffix, when the model has sliding-window layers (else past as given).
+
+    Why: the prefill lays a row out as [zeros | cached | pads | new] columns, and a sliding window
+    is measured in KV columns, pads included: pads between a row's cached and new tokens would
+    push its own context out of the window, so its samples and log-probs would depend on the
+    other rows of the chunk. With equal suffixes no row has such pads (a context too short to
+    keep any cached token is forwarded whole, its pads before all its tokens)."""
+    if past is None or all(p is None for p in past) or not has_sliding_window(getattr(model, "config", None)):
+        return past
+    width = max(len(ids) - (0 if p is None else p.length) for ids, p in zip(contexts, past))
+    return [None if p is None or len(ids) <= width else p.first(len(ids) - width) for ids, p in zip(contexts, past)]
 
 
 
@@ -291,10 +310,12 @@ class ChunkRun:
         shared = request.shared_prefix
         if shared is None:
             shared = worth_sharing(model, request.row_context)
+        past = gap_free_past(model, request.contexts, request.past)
         self.batch, self.logits, self.features = _start_batch(
-            model, request.contexts, request.row_context, request.budgets, rule, pad_id, device, request.past,
+            model, request.contexts, request.row_context, request.budgets, rule, pad_id, device, past,
             self.layer, shared, request.stop_at_boundary, request.forked,
         )
+        self.cached = tuple(0 if past is None or past[u] is None else past[u].length for u in request.row_context)
         num_rows, width = len(request.row_context), max(request.budgets)
         self.token_ids = torch.zeros((num_rows, width), dtype=torch.long, device=device)  # [R, T]
         self.logprobs = torch.zeros((num_rows, width), dtype=torch.float32, device=device)  # [R, T]
@@ -303,7 +324,7 @@ class ChunkRun:
         self.finish = torch.zeros(num_rows, dtype=torch.long, device=device)  # [R]
         self.fed = torch.zeros((num_rows, width), dtype=torch.bool, device=device)  # [R, T] (ChunkOutput.fed)
         self.fed_kv: list[PrefixKV | None] = [None] * num_rows if request.keep_kv else []
-        self.copy_out = fed_kv_copier(self.batch, request.row_context, request.past)
+        self.copy_out = fed_kv_copier(self.batch, request.row_context, past)
         self.scores = None if step_head is None else torch.full((num_rows, width), float("nan"), device=device)
         self.row_group = _row_groups(request.split_generators, device)  # [R] call of each row, or None
         self.group_ids = torch.arange(len(request.split_generators), device=device)  # [G]
@@ -413,7 +434,7 @@ class ChunkRun:
         """What the rows generated (after `sample` returned False); the KV buffers go back to the pool."""
         self.release()
         return ChunkOutput(self.token_ids, self.logprobs, self.boundary, self.lengths, self.finish, self.fed,
-                           tuple(self.fed_kv), self.scores)
+                           tuple(self.fed_kv), self.scores, self.cached)
 
     def rows_done(self, rows: slice) -> bool:
         """Whether every row in `rows` has finished (each row generates at least one token)."""
@@ -426,7 +447,7 @@ class ChunkRun:
         scores = None if self.scores is None else self.scores[rows].clone()
         return ChunkOutput(self.token_ids[rows].clone(), self.logprobs[rows].clone(), self.boundary[rows].clone(),
                            self.lengths[rows].clone(), self.finish[rows].clone(), self.fed[rows].clone(),
-                           tuple(self.fed_kv[rows]), scores)
+                           tuple(self.fed_kv[rows]), scores, self.cached[rows])
 
 
 def _row_groups(split: Sequence[tuple[Any, int]], device: torch.device) -> torch.Tensor | None:

@@ -124,6 +124,19 @@ class PrefixKV:
         per_token = sum(t.numel() * t.element_size() for t in (self.keys, self.values)) // max(int(self.keys.shape[-2]), 1)
         return per_token * self.length
 
+    def first(self, n: int) -> PrefixKV:
+        """The KV of this sequence's first n tokens (1 <= n <= length): a chain of views sharing
+        this one's memory, no copy."""
+        if not 1 <= n <= self.length:
+            raise ValueError(f"PrefixKV.first({n}) of a sequence of {self.length} tokens")
+        entry = self
+        while entry.parent is not None and entry.parent.length >= n:
+            entry = entry.parent
+        if entry.length == n:
+            return entry
+        keep = n - (0 if entry.parent is None else entry.parent.length)
+        return PrefixKV(entry.keys[:, :, :keep], entry.values[:, :, :keep], entry.parent)
+
     def segments(self) -> list[PrefixKV]:
         """The chain, first tokens first (each segment's own keys / values)."""
         chain, entry = [], self

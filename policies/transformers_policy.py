@@ -329,7 +329,8 @@ class TransformersPolicy:
                 keep_kv=self.prefix_cache is not None and stop_at_boundary,
                 shared_prefix=self.shared_prefix, kv_wanted=self._kv_is_new, forked=self.forked,
             ))
-            prefill_sizes = [len(contexts[i]) - (p.length if p else 0) for i, p in zip(members, past)]
+            cached = dict(zip(row_context, out.cached))  # per context (a sliding window may cut its past: `gap_free_past`)
+            prefill_sizes = [len(contexts[i]) - cached[u] for u, i in enumerate(members)]
             _collect(out, row_owner, row_context, prefill_sizes, samples, with_boundary)
             with self.lock:
                 self._store_fed(out, [contexts[i] for i in members], row_context)

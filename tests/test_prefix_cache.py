@@ -202,6 +202,22 @@ def test_a_prefix_kv_refuses_mismatched_shapes():
         PrefixKV(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2))
 
 
+def test_first_n_tokens_of_a_chain_are_views_of_its_columns():
+    flat = torch.arange(2 * 1 * 7 * 2, dtype=torch.float32).reshape(2, 1, 7, 2)
+    root = PrefixKV(flat[:, :, :3], -flat[:, :, :3])
+    chain = PrefixKV(flat[:, :, 3:5], -flat[:, :, 3:5], root)
+    chain = PrefixKV(flat[:, :, 5:7], -flat[:, :, 5:7], chain)  # 3 + 2 + 2 tokens
+    for n in range(1, 8):
+        cut = chain.first(n)
+        assert cut.length == n
+        assert torch.equal(torch.cat([s.keys for s in cut.segments()], dim=2), flat[:, :, :n])
+        assert torch.equal(torch.cat([s.values for s in cut.segments()], dim=2), -flat[:, :, :n])
+    assert chain.first(5) is chain.parent and chain.first(7) is chain
+    for n in (0, 8):
+        with pytest.raises(ValueError, match=rf"first\({n}\) of a sequence of 7 tokens"):
+            chain.first(n)
+
+
 # -- the policy with the cache on equals it with the cache off ------------------------------------
 
 
