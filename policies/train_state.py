@@ -88,11 +88,13 @@ def restore_rng(states: dict[str, Any]) -> None:
 def load_policy_with_head(
     directory: str | Path, head_seed: int = 0, feature_layer: int = DEFAULT_FEATURE_LAYER
 ) -> tuple[ReflectiveModel, Any]:
-    """(ReflectiveModel, tokenizer) from a checkpoint folder; a folder without score_module.pt (an
-    SFT policy) gets a fresh head (seeded, float32) reading `feature_layer`. A folder with a head
-    keeps it (head_seed unused); ValueError when its sprm.json names another layer than
-    feature_layer (a head reads the layer it was trained on). FileNotFoundError names a missing
-    file."""
+    """(ReflectiveModel, tokenizer) from a checkpoint folder, in float32 to train; a folder without
+    score_module.pt (an SFT policy) gets a fresh head (seeded) reading `feature_layer`. A folder
+    with a head keeps it (head_seed unused), made float32 if it was saved in bf16 / fp16 (a
+    reference-format folder): AdamW on bf16 weights rounds away every update smaller than half a
+    bf16 step, which at head learning rates is nearly all of them. ValueError when its sprm.json
+    names another layer than feature_layer (a head reads the layer it was trained on).
+    FileNotFoundError names a missing file."""
     directory = Path(directory)
     if (directory / SCORE_MODULE_FILE).is_file():
         saved = saved_feature_layer(directory)
@@ -101,7 +103,9 @@ def load_policy_with_head(
                 f"{directory}'s head reads hidden layer {saved} ({SPRM_CONFIG_FILE}) but run.feature_layer={feature_layer}: "
                 f"set run.feature_layer={saved} to train that head, or start from an SFT policy for a fresh head"
             )
-        return ReflectiveModel.from_pretrained(directory)
+        reflective, tokenizer = ReflectiveModel.from_pretrained(directory)
+        reflective.head.float()
+        return reflective, tokenizer
     lm, tokenizer = load_checkpoint(directory)
     head = build_sprm_head(int(lm.config.hidden_size), seed=head_seed)
     return ReflectiveModel(lm, head, feature_layer).eval(), tokenizer
