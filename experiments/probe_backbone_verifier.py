@@ -175,7 +175,9 @@ def probe_command(argv: Sequence[str] | None = None) -> int:
     for name in ("backbone_lr", "head_lr", "grad_scale", "kl_coef", "lm_coef"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
     ap.add_argument("--loss", default=d.loss, choices=SPR_MODES, help="scorers.spr_loss mode")
-    ap.add_argument("--ref-fp32", action="store_true", help="the KL term's frozen forward in fp32 (default: bf16 autocast)")
+    ap.add_argument("--ref-fp32", action="store_true",
+                    help="the KL term's frozen forward in fp32 (default: bf16 autocast where the CPU has bf16 matmuls, "
+                         "policies/bf16_support.py, else fp32)")
     ap.add_argument("--threads", type=positive_int, default=None)
     args = ap.parse_args(argv)
     if args.out is not None:  # checked before training, which --out / --save would fail only after
@@ -188,7 +190,7 @@ def probe_command(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cfg = BackboneTuneConfig(args.steps, args.batch, args.backbone_lr, args.head_lr, args.grad_scale, args.loss,
                              args.kl_coef, args.reference_solutions, args.seed, args.lm_coef,
-                             not args.ref_fp32)
+                             False if args.ref_fp32 else d.ref_bf16)
     result = run(args.policy, args.train, args.test, cfg, save_dir=args.save, own_problems=args.own_problems)
     n = load_cache(args.test).n
     print(summary(result, n))

@@ -215,3 +215,24 @@ def test_save_into_a_model_folder_and_an_unusable_seed_are_refused_before_anythi
     with pytest.raises(SystemExit):
         probe_main([*base, "--seed", "99999999999999999999"])
     assert "--seed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_reference_forward_is_bf16_only_where_the_cpu_has_bf16_matmuls(native, monkeypatch, tmp_path):
+    # the command line passed ref_bf16=True unless --ref-fp32, on an AVX2-only CPU too (bf16 ~56x slower there)
+    import experiments.probe_backbone_verifier as probe
+    from policies import bf16_support
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2" + (" amx_bf16\n" if native else "\n"))
+    monkeypatch.setattr(bf16_support, "CPUINFO", cpuinfo)
+    bf16_support.native_bf16.cache_clear()
+    seen = []
+    monkeypatch.setattr(probe, "run", lambda policy, train, test, cfg, **_: seen.append(cfg.ref_bf16) or 1 / 0)
+    try:
+        for extra in ([], ["--ref-fp32"]):
+            with pytest.raises(ZeroDivisionError):
+                probe.main(["--train", "a.pt", "--test", "b.pt", *extra])
+    finally:
+        bf16_support.native_bf16.cache_clear()  # this machine's answer again for later tests
+    assert seen == [native, False]
