@@ -83,7 +83,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from policies.model_folder import missing_folder_error
 from policies.policy_requests import (
-    check_request, check_widths, encode_contexts, fit_window, is_integer, split_rows, step_budget,
+    check_request, check_widths, close_full_paths, encode_contexts, fit_window, is_integer, split_rows, step_budget,
 )
 from policies.sampling_config import SamplingConfig, check_vllm_temperature
 from policies.step_assembly import (
@@ -401,6 +401,7 @@ class OpenAIPolicy:
         """All sum(widths) samples (a checked request) in one assembly (one concurrent burst per round)."""
         contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
         budgets = [step_budget(self.sampling, prefix, stop_at_step) for prefix in prefixes]
+        window = None
         if prefixes:  # the server's window (one GET /v1/models per policy): a too-long prompt fails here
             window = self.client.served_model().max_model_len or self.local_window
             budgets = fit_window(budgets, contexts, prompt_lengths, prefixes, window,
@@ -412,7 +413,8 @@ class OpenAIPolicy:
         flat = sample_continuations(requests, self._complete_fn(), self.marks, stop_at_step) if requests else []
         self.last_usage = VLLMUsage.of(flat)
         self.usage = self.usage + self.last_usage
-        return split_rows(flat, widths)
+        rows = split_rows(flat, widths)
+        return close_full_paths(rows, prefixes, self.sampling, contexts, window) if stop_at_step else rows
 
     def _complete_fn(self) -> CompleteFn:
         return partial(self._complete, temperature=self.sampling.temperature, top_p=self.sampling.top_p)

@@ -8,6 +8,7 @@ context window).
     contexts, prompt_lengths = encode_contexts(tokenizer, prompt_fn, prefixes)
     budget = step_budget(sampling, prefix, stop_at_step)   # <= 0: nothing left to generate
     budgets = fit_window(budgets, contexts, prompt_lengths, prefixes, window=512, setting="max_position_embeddings")
+    rows = close_full_paths(rows, prefixes, sampling, contexts, window=512)   # propose: a full path's step ends it
 
 Shared by `policies.transformers_policy`, `policies.vllm_policy` and `policies.openai_policy`, so the
 three backends see the same tokens for the same prefix and refuse the same requests.
@@ -15,6 +16,7 @@ three backends see the same tokens for the same prefix and refuse the same reque
 from __future__ import annotations
 
 import numbers
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from policies.sampling_config import SamplingConfig
@@ -154,3 +156,23 @@ def fit_window(
                 f"model's context window of {window} tokens ({setting}); shorten the prompt"
             )
     return [min(budget, window - len(ids)) for budget, ids in zip(budgets, contexts)]
+
+
+def close_full_paths(
+    rows: list[list[Any]], prefixes: Sequence[Prefix], sampling: SamplingConfig, contexts: Sequence[Sequence[int]],
+    window: int | None,
+) -> list[list[Any]]:
+    """A propose call's samples (rows[i]: prefix i's, dataclasses with token_ids and finish), each
+    that ended on a separator with no room left for its path (max_total_tokens, or the context
+    window: None, no window) as "length". Why: the next call could only return empty "length"
+    steps, n copies of one dead path, that beam search, DVTS and REBASE would keep as n
+    candidates (REBASE spending n of its budget on them)."""
+    closed = []
+    for row, prefix, ids in zip(rows, prefixes, contexts):
+        room = sampling.max_total_tokens - sum(step.num_tokens for step in prefix.steps)
+        room = room if window is None else min(room, window - len(ids))
+        if room <= sampling.max_step_tokens:  # else no step of this call can fill the path
+            row = [replace(s, finish="length") if s.finish == "separator" and len(s.token_ids) >= room else s
+                   for s in row]
+        closed.append(row)
+    return closed

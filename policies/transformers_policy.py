@@ -73,7 +73,8 @@ from policies.checkpoint import load_checkpoint
 from policies.decode_loop import FINISH_CODES, ChunkOutput, ChunkRequest, StepHead, decode_request
 from policies.model_lock import model_lock
 from policies.policy_requests import (
-    check_request, check_widths, encode_contexts, fit_window, model_vocabulary, name_out_of_vocabulary, step_budget,
+    check_request, check_widths, close_full_paths, encode_contexts, fit_window, model_vocabulary, name_out_of_vocabulary,
+    step_budget,
 )
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
@@ -305,7 +306,7 @@ class TransformersPolicy:
         except IndexError:  # an id past the embeddings (another tokenizer's steps): named, else re-raised
             name_out_of_vocabulary(prefixes, contexts, model_vocabulary(self.model))
             raise
-        return samples
+        return close_full_paths(samples, prefixes, self.sampling, contexts, self.context_window) if stop_at_boundary else samples
 
     def _decode_chunks(
         self, prefixes: Sequence[Prefix], widths: list[int], contexts: list[list[int]], prompt_lengths: list[int],

@@ -65,7 +65,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from policies.model_folder import check_model_folder
-from policies.policy_requests import check_request, check_widths, encode_contexts, fit_window, split_rows, step_budget
+from policies.policy_requests import (
+    check_request, check_widths, close_full_paths, encode_contexts, fit_window, split_rows, step_budget,
+)
 from policies.sampling_config import SamplingConfig, check_vllm_temperature
 from policies.step_assembly import (
     CompleteFn, SampleRequest, SampleTokens, StepMarks, decode_steps, derive_seed, sample_continuations,
@@ -239,9 +241,10 @@ class VLLMPolicy:
             if self.llm is None or is_shut_down(self.llm):  # closed here, or through a with_sampling copy
                 raise RuntimeError("this VLLMPolicy was closed; build a new one")
             contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
+            window = max_model_len(self.llm)
             budgets = fit_window(
                 [step_budget(self.sampling, prefix, stop_at_step) for prefix in prefixes], contexts, prompt_lengths,
-                prefixes, max_model_len(self.llm), "the engine's max_model_len, VLLMEngineConfig.max_model_len",
+                prefixes, window, "the engine's max_model_len, VLLMEngineConfig.max_model_len",
             )
             requests = [
                 SampleRequest(tuple(contexts[i]), budgets[i], derive_seed(seed, i, j))
@@ -250,7 +253,8 @@ class VLLMPolicy:
             flat = sample_continuations(requests, self._complete_fn(), self.marks, stop_at_step)
             self.last_usage = VLLMUsage.of(flat)
             self.usage = self.usage + self.last_usage
-        return split_rows(flat, widths)
+        rows = split_rows(flat, widths)
+        return close_full_paths(rows, prefixes, self.sampling, contexts, window) if stop_at_step else rows
 
     def _complete_fn(self) -> CompleteFn:
         return partial(complete_tokens, self.llm, temperature=self.sampling.temperature, top_p=self.sampling.top_p)

@@ -184,6 +184,19 @@ def test_greedy_sends_no_seed_and_the_window_clamps_max_tokens(scripted, checkpo
     assert not full.bodies and policy.last_usage.prompt_tokens == 0
 
 
+def test_a_step_that_fills_the_path_or_the_window_on_a_separator_ends_the_path(scripted, checkpoint):
+    # "4" + separator: the last tokens max_total_tokens (or the window) allows, so the path ends
+    # "length" (the next round could only return empty steps, n copies of one dead path)
+    sep_step = completion_body([ID["4"], S], [-0.1, -0.2])
+    short = SamplingConfig(temperature=1.0, max_step_tokens=8, max_total_tokens=2)
+    step, _ = one_step(scripted(Script([(200, sep_step)])), checkpoint, short)
+    assert step.token_ids == (ID["4"], S) and step.finish == "length"
+    step, _ = one_step(scripted(Script([(200, sep_step)], window=5)), checkpoint)  # prompt 3 tokens
+    assert step.token_ids == (ID["4"], S) and step.finish == "length"
+    step, _ = one_step(scripted(Script([(200, sep_step)])), checkpoint)  # room left: the path goes on
+    assert step.finish == "separator"
+
+
 def test_a_prompt_longer_than_the_servers_window_is_an_error_naming_it(scripted, checkpoint):
     script = Script([(200, EOS_STEP)], window=2)
     with pytest.raises(ValueError, match=r"'p'.* 3 tokens.*context window of 2 tokens.*max_model_len"):

@@ -360,6 +360,21 @@ def test_max_total_tokens_counts_the_prefix_steps():
     assert [(s.text, s.finish, s.token_ids, s.tokens_forwarded) for s in empty] == [("", "length", (), 0)] * 2
 
 
+def test_a_step_that_ends_on_a_separator_with_no_room_left_ends_the_path():
+    # 2 of max_total_tokens 4 left: "3" + SEP fills the path, so it ends there ("length"), not
+    # one round later as n copies of an empty step (kept as n candidates by beam search)
+    done = Step("12", (ID["1"], ID["2"]), (0.0, 0.0), "separator")
+    prefix = Prefix(Problem("a", "<think>"), (done,))
+    full = scripted({4: "3", 5: SEP}, max_total_tokens=4).propose([prefix], 2, seed=0)[0]
+    assert [(s.text, s.finish) for s in full] == [("3" + SEP, "length")] * 2
+    room = scripted({4: "3", 5: SEP}, max_total_tokens=5).propose([prefix], 1, seed=0)[0][0]
+    assert (room.text, room.finish) == ("3" + SEP, "separator")  # a token left: the path goes on
+    capped = scripted({2: "1", 3: SEP}, max_total_tokens=8, max_step_tokens=2)
+    assert capped.propose([Prefix(Problem("a", "<think>"))], 1, seed=0)[0][0].finish == "separator"  # the step cap, not the path's
+    path = scripted({4: "3", 5: SEP, 6: "4"}, max_total_tokens=4).rollout([prefix], 1, seed=0)[0][0]
+    assert [(s.text, s.finish) for s in path] == [("3" + SEP, "length")]  # as a rollout ends it
+
+
 def test_separators_end_steps_only_inside_think():
     script = {2: "1", 3: SEP, 4: "2", 5: "<eos>"}
     outside = scripted(script).propose([Prefix(Problem("a", "7"))], 1, seed=0)[0][0]

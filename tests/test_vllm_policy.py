@@ -391,21 +391,23 @@ def rule_of(policy) -> StepStopRule:
 
 def assert_steps_follow_the_rule(prefix_list, rows, policy, sampling: SamplingConfig) -> None:
     """Each step ends exactly as the rule says: a "separator" step on its only boundary (its last
-    token), an "eos" step on EOS with no boundary before, a "length" step at a token limit."""
+    token), an "eos" step on EOS with no boundary before, a "length" step at a token limit (on a
+    boundary only where that fills the path)."""
     rule = rule_of(policy)
     marks = StepMarks.from_rule(rule)
     for prefix, row in zip(prefix_list, rows):
         context = list(TOK(prefix.problem.question).input_ids) + [t for s in prefix.steps for t in s.token_ids]
         for step in row:
             flags = marks.boundaries(context, step.token_ids)
-            if step.finish == "separator":
+            left = sampling.max_total_tokens - sum(s.num_tokens for s in prefix.steps)
+            if step.finish == "separator" or (step.finish == "length" and flags and flags[-1]):
                 assert flags[-1] and not any(flags[:-1]), step
+                assert step.finish == ("length" if step.num_tokens == left else "separator"), step
             else:
                 assert not any(flags), step
             if step.finish == "eos":
                 assert step.token_ids[-1] == EOS
             if step.finish == "length":
-                left = sampling.max_total_tokens - sum(s.num_tokens for s in prefix.steps)
                 assert step.num_tokens == min(sampling.max_step_tokens, left), step
 
 
