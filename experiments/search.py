@@ -517,7 +517,8 @@ def search_chunk(
 ) -> list[Any]:
     """The strategy over one chunk: in lockstep (one call per round for all problems) or with
     continuous batching (each problem's search in its own thread, the policy's calls decoded
-    together by a `policies.continuous_engine.ContinuousEngine`; transformers policy only).
+    together by a `policies.continuous_engine.ContinuousEngine`; transformers policy only; each
+    problem with its own seed, `problem_seed`).
     on_round: passed to the strategy (`treesearch.protocols.RoundHook`)."""
     if check_batching(batching) == "lockstep":
         return spec.fn(part, policy, scorer, cfg, on_round=on_round)
@@ -525,8 +526,19 @@ def search_chunk(
         raise ValueError(f"batching=continuous needs the in-process transformers policy, not {type(policy).__name__}")
     from policies.continuous_engine import ContinuousEngine  # torch: only when asked for
 
+    def alone(problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: Any, on_round: RoundHook) -> list[Any]:
+        return spec.fn(problems, policy, scorer, problem_seed(cfg, problems[0]), on_round=on_round)
+
     with ContinuousEngine.attached(policy):
-        return search_each(spec.fn, part, policy, scorer, cfg, on_round=on_round)
+        return search_each(alone, part, policy, scorer, cfg, on_round=on_round)
+
+
+def problem_seed(cfg: Any, problem: Problem) -> Any:
+    """cfg with the seed of one problem's search under continuous batching: a hash of the chunk's
+    seed and the problem's id. With the chunk's seed itself every problem drew the same random
+    numbers (sample j of every problem from the same uniforms: a benchmark's repeated question
+    got the same candidates under each id), where a lockstep batch draws each row its own."""
+    return dataclasses.replace(cfg, seed=chunk_seed(cfg.seed, [problem.id]))
 
 
 def run_chunk(

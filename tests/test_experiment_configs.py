@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.search import (
     CONFIG_DIR, MAX_RUN_NAME, ConfigMismatchError, build, build_frozen, build_scorer, chunk_seed, load_task, run_name,
-    run_search_experiment, strategy_of,
+    problem_seed, run_search_experiment, strategy_of,
 )
 from experiments.tasks import aime, arith, ceval, countdown, gsm8k, math500
 from experiments.tasks.loader_errors import default_data_dir
@@ -453,7 +453,8 @@ def test_search_entry_smoke_runs_every_strategy(strategy, ckpt, tmp_path):
 
 def test_continuous_batching_gives_each_problem_its_search_alone(ckpt, tmp_path):
     """+batching=continuous: the chunk's problems are searched in threads through the engine;
-    each problem's candidates equal a search of that problem alone with the chunk's seed."""
+    each problem's candidates equal a search of that problem alone with its own seed (from the
+    chunk's and its id: with the chunk's seed itself, every problem drew the same numbers)."""
     out = tmp_path / "continuous"
     overrides = ["search=beam", f"policy.path={ckpt}", f"out_dir={out}", "+batching=continuous"] + TINY + TINY_BY_STRATEGY["beam"]
     cfg = composed(overrides)
@@ -465,8 +466,9 @@ def test_continuous_batching_gives_each_problem_its_search_alone(ckpt, tmp_path)
     seeded = dataclasses.replace(strategy_cfg, seed=chunk_seed(cfg.seed, [p.id for p in problems]))
     policy = build(cfg.policy)
     for problem in problems:
-        (alone,) = spec.fn([problem], policy, build(cfg.scorer), seeded)
+        (alone,) = spec.fn([problem], policy, build(cfg.scorer), problem_seed(seeded, problem))
         assert [c["text"] for c in rows[problem.id]["candidates"]] == [c.text for c in alone.candidates]
+    assert len({problem_seed(seeded, p).seed for p in problems}) == len(problems) > 1
     with pytest.raises(ValueError, match="batching='sometimes'; valid: lockstep, continuous"):
         run_search_experiment(composed([f"out_dir={tmp_path / 'bad'}", "+batching=sometimes"] + TINY))
     assert not (tmp_path / "bad").exists()
