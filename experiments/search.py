@@ -748,11 +748,22 @@ def storage_message(err: OSError, out_dir: str, kept: str) -> str:
             "then rerun the command to go on)")
 
 
+def check_greedy_temperature(search_option: str | None, cfg: DictConfig) -> None:
+    """search=greedy sets the policy's temperature to 0, and a temperature override beats it:
+    such a run sampled at that temperature in silence (its rows then read as Best-of-1, whose
+    budget copies the scaling fit refuses). ValueError naming both."""
+    temperature = OmegaConf.select(cfg, "policy.sampling.temperature", default=0.0)
+    if search_option == "greedy" and temperature != 0:
+        raise ValueError(f"search=greedy decodes at temperature 0, but policy.sampling.temperature={temperature}: "
+                         "drop the temperature override for greedy runs (sweep it with search=best_of_n search.n=1)")
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="search", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     note_hydra_job(cfg.get("out_dir"))  # a sweep's folder, for the Ctrl-C hint
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     with user_errors_reported():
+        check_greedy_temperature(HydraConfig.get().runtime.choices.get("search"), cfg)
         out = run_search_experiment(cfg)
     metrics = json.loads((out / METRICS).read_text())
     acc = metrics["accuracy"]

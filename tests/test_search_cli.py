@@ -288,6 +288,16 @@ def test_override_keys_composes_each_swept_group_option_and_leaves_flags_to_hydr
     assert runs_to_check(["-m", "seed=interval(0,1)"], conf) == []
 
 
+def test_greedy_with_a_temperature_override_is_refused(ckpt, tmp_path):
+    # it sampled at 0.8 in silence, and its rows then read as Best-of-1 (scaling refused their copies)
+    done = run_cli(["search=greedy", "policy.sampling.temperature=0.8", f"policy.path={ckpt}", "task.count=2",
+                    f"out_dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: search=greedy decodes at temperature 0, but policy.sampling.temperature=0.8: drop the temperature "
+        "override for greedy runs (sweep it with search=best_of_n search.n=1)"], done.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_server_that_does_not_answer_is_one_error_line(ckpt, tmp_path):
     import socket
 
