@@ -116,6 +116,18 @@ def note_hydra_job(out_dir: object = None) -> None:
         _SWEEP_DIR[:] = [str(HydraConfig.get().sweep.dir)]
 
 
+def check_no_chdir() -> None:
+    """A ValueError when the Hydra job changed into its output folder (hydra.job.chdir=true): the
+    config's relative paths (out_dir, policy.path, ...) are read from where the command runs, so
+    a run wrote its folder inside itself (out_dir=rel/x: records in rel/x/rel/x) and found no
+    relative policy."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and HydraConfig.get().job.chdir:
+        raise ValueError("hydra.job.chdir=true is not supported: out_dir, policy.path and the config's other "
+                         "relative paths are read from where the command runs; leave hydra.job.chdir false")
+
+
 def hydra_rerun_hint(kept: str) -> str:
     """`<kept>; rerun the same command to go on`, naming the sweep's folder for a sweep (an ad-hoc
     -m sweep's default folder is new on every run: only hydra.sweep.dir= finds this one again)."""

@@ -71,7 +71,9 @@ from tqdm import tqdm
 
 from experiments.checkpoint_hints import check_not_a_run_folder, checkpoint_hint, trained_task_note
 from experiments.config_keys import check_known_keys
-from experiments.cli_errors import RunDirBusyError, hydra_rerun_hint, interrupt_reported, note_hydra_job, is_storage_error
+from experiments.cli_errors import (
+    RunDirBusyError, check_no_chdir, hydra_rerun_hint, interrupt_reported, note_hydra_job, is_storage_error,
+)
 from experiments.group_options import check_group_options
 from experiments.out_dir_args import check_out_dir_argument, with_experiment_job_folders
 from experiments.override_keys import check_override_keys, check_plain_keys
@@ -763,6 +765,7 @@ def main(cfg: DictConfig) -> None:
     note_hydra_job(cfg.get("out_dir"))  # a sweep's folder, for the Ctrl-C hint
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     with user_errors_reported():
+        check_no_chdir()
         check_greedy_temperature(HydraConfig.get().runtime.choices.get("search"), cfg)
         out = run_search_experiment(cfg)
     metrics = json.loads((out / METRICS).read_text())

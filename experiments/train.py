@@ -70,7 +70,7 @@ from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: 
 from experiments.result_json import write_atomic  # noqa: E402
 from experiments.checkpoint_hints import checkpoint_hint, trained_task_note  # noqa: E402
 from experiments.cli_args import check_seed  # noqa: E402
-from experiments.cli_errors import hydra_rerun_hint, interrupt_reported, note_hydra_job  # noqa: E402
+from experiments.cli_errors import check_no_chdir, hydra_rerun_hint, interrupt_reported, note_hydra_job  # noqa: E402
 from experiments.group_options import check_group_options  # noqa: E402
 from experiments.out_dir_args import check_out_dir_argument  # noqa: E402
 from experiments.tasks.benchmark_split import TAKE_ALL_HINT  # noqa: E402
@@ -911,6 +911,7 @@ def main(cfg: DictConfig) -> None:
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     try:
         with user_errors_reported("the checkpoints and metrics.jsonl rows already written are kept"):  # one line, exit 2
+            check_no_chdir()
             out = run_training(cfg)
         rows = load_rows(out / METRICS)
         if rows and PartialState().is_main_process:

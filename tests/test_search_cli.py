@@ -298,6 +298,15 @@ def test_greedy_with_a_temperature_override_is_refused(ckpt, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_hydra_job_chdir_is_refused(ckpt, tmp_path):
+    # out_dir=rel/x wrote its records into rel/x/rel/x, and a relative policy.path was not found
+    done = run_cli(["hydra.job.chdir=true", f"policy.path={ckpt}", "task.count=2", "out_dir=rel/x"], cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: hydra.job.chdir=true is not supported: out_dir, policy.path and the config's other relative paths "
+        "are read from where the command runs; leave hydra.job.chdir false"], done.stderr[-2000:]
+    assert not list(tmp_path.rglob("records.jsonl"))
+
+
 def test_a_server_that_does_not_answer_is_one_error_line(ckpt, tmp_path):
     import socket
 
