@@ -672,13 +672,22 @@ def update(t: Trainer, batch: RolloutBatch, step: int) -> dict[str, float]:
             "grad_norm/actor": _clip(t, t.reflective.lm.parameters(), t.s.actor_optim.grad_clip),
             "grad_norm/head": _clip(t, t.reflective.head.parameters(), t.s.head_optim.grad_clip),
         }
-        # the head steps only when its loss is on (AdamW's decay would move it even at zero gradient)
-        for opt in (t.actor_opt, t.head_opt) if t.s.loss.spr_coef > 0 else (t.actor_opt,):
+        for opt in learning_optimizers(t):
             opt.step()
         for opt in (t.actor_opt, t.head_opt):
             opt.zero_grad(set_to_none=True)
         rows.append({**out.metrics, **norms})
     return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+
+
+def learning_optimizers(t: Trainer) -> list[Any]:
+    """The optimizers whose parameters the loss reaches (AdamW's weight decay would move the
+    others even at zero gradient): the head's when the SPR loss is on, the policy's when the GRPO
+    loss is or the SPR gradient flows into it (train_loss=spr_only with backbone_grad_scale=0
+    trains the head on frozen features: the backbone stays bit-identical)."""
+    loss = t.s.loss
+    actor = loss.grpo_coef > 0 or (loss.spr_coef > 0 and loss.backbone_grad_scale > 0)
+    return [opt for opt, learns in ((t.actor_opt, actor), (t.head_opt, loss.spr_coef > 0)) if learns]
 
 
 def _clip(t: Trainer, params, max_norm: float) -> float:

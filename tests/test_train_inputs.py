@@ -317,6 +317,23 @@ def test_an_init_from_with_a_head_must_name_the_layer_it_reads(finished, tmp_pat
     assert reflective.feature_layer == -1
 
 
+def test_spr_only_with_no_backbone_gradient_leaves_the_policy_bit_identical(init_dir, tmp_path):
+    """train_loss=spr_only train_loss.backbone_grad_scale=0 (the head on frozen features): the
+    policy's AdamW still stepped, its weight decay moving all 39328 weights, so last/ no longer
+    matched the policy's fingerprint that rollout caches check."""
+    from safetensors.torch import load_file
+
+    out = run_training(composed(tiny(init_dir, tmp_path / "run", "train_loss=spr_only",
+                                     "train_loss.backbone_grad_scale=0", "run.max_steps=2")))
+    before, after = load_file(init_dir / "model.safetensors"), load_file(out / "last" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    from scorers.sprm_head import build_sprm_head
+
+    head = torch.load(out / "last" / "score_module.pt", weights_only=True)
+    fresh = build_sprm_head(int(head["0.weight"].shape[1]), seed=0).state_dict()  # run.head_seed 0
+    assert not torch.equal(head["0.weight"], fresh["0.weight"])  # the head itself learned
+
+
 def test_a_head_saved_in_bf16_trains_in_float32(finished, tmp_path):
     """A reference-format folder's bf16 score_module.pt was trained in bf16: AdamW's updates at
     the head's learning rate rounded away (34 of 2048 first-layer weights moved in 4 steps)."""
