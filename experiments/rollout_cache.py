@@ -226,6 +226,13 @@ class RolloutCache:
         return self.correct[self.position_rollout]
 
     @property
+    def cut_wrong(self) -> torch.Tensor:
+        """[R] bool: wrong rollouts cut at the token limit after writing an answer (the
+        reference's reward 0.1, `policies.rollout_batch.outcome_reward`)."""
+        cut = torch.tensor([f == "length" and a is not None for f, a in zip(self.finish, self.answers)], dtype=torch.bool)
+        return cut & ~self.correct
+
+    @property
     def position_labels(self) -> torch.Tensor | None:
         """[P] bool: the true label of the step each position scores (None without labels)."""
         return None if self.step_labels is None else self.step_labels[self.position_step]

@@ -11,11 +11,13 @@ Usage:
 
 Label modes (what each scored position is trained towards; `scorers.spr_loss` computes the loss):
   "spr":         the reference's SPR loss (mode "reference": the outcome of the rollout, only on
-                 the positions whose logit sign already agrees with it, class balanced). DESIGN.md
+                 the positions whose logit sign already agrees with it, class balanced; the
+                 rollouts cut at the token limit after a wrong answer are left out, the
+                 reference's reward-0.1 mask, as the joint trainer does). DESIGN.md
                  section 4 measured that it collapses onto the steps that agreed at
                  initialisation; `warmup_steps` of plain BCE on outcomes come first when asked
                  (not in the reference, which starts the filter at once).
-  "spr_paper":   the paper's form (binary filter, no class balance), the same warm-up.
+  "spr_paper":   the paper's form (binary filter, no class balance), the same warm-up and mask.
   "outcome_bce": every step labelled with its rollout's outcome, plain BCE: a separately trained
                  outcome reward model on frozen features (issue 3 item 10).
   "true_labels": the task's true step labels, plain BCE: the upper bound (issue 3 item 7).
@@ -76,6 +78,9 @@ class PositionData(Protocol):
 
     @property
     def position_labels(self) -> torch.Tensor | None: ...  # [P] bool true step labels, or None
+
+    @property
+    def cut_wrong(self) -> torch.Tensor: ...  # [R] bool wrong, cut at the token limit after an answer
 
     def layer(self, feature_layer: int) -> torch.Tensor: ...  # [P, C]
 
@@ -205,23 +210,28 @@ class RolloutBatches:
     torch's DataLoader without drop_last; the remainder was dropped, so 12 of 96 rollouts went
     unseen in one epoch by 64).
 
-    cache: the training cache; batch_rollouts: rollouts per batch; generator: the shuffle's RNG.
+    cache: the training cache; batch_rollouts: rollouts per batch; generator: the shuffle's RNG;
+    kept: [R] bool, the rollouts to draw (None: all; an epoch then holds the kept ones).
     """
 
-    def __init__(self, cache: PositionData, batch_rollouts: int, generator: torch.Generator) -> None:
+    def __init__(self, cache: PositionData, batch_rollouts: int, generator: torch.Generator,
+                 kept: torch.Tensor | None = None) -> None:
         counts = torch.bincount(cache.position_rollout, minlength=cache.num_rollouts)  # [R]
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # [R + 1]
         if not torch.equal(cache.position_rollout, torch.sort(cache.position_rollout).values):
             raise ValueError("the cache's positions are not grouped by rollout")
-        self.num_rollouts, self.generator = cache.num_rollouts, generator
-        self.batch = min(batch_rollouts, cache.num_rollouts)
+        self.pool = torch.arange(cache.num_rollouts) if kept is None else kept.nonzero().squeeze(-1)  # [R']
+        if not len(self.pool):
+            raise ValueError("no rollouts to train on: every rollout of the cache is a wrong one cut at the token limit")
+        self.generator = generator
+        self.batch = min(batch_rollouts, len(self.pool))
         self._order = torch.zeros(0, dtype=torch.long)
 
     def next(self) -> torch.Tensor:
         """[b] rollout indices of the next batch (fewer for an epoch's last one; a new epoch
         starts when none are left)."""
         if not len(self._order):
-            self._order = torch.randperm(self.num_rollouts, generator=self.generator)
+            self._order = self.pool[torch.randperm(len(self.pool), generator=self.generator)]
         batch, self._order = self._order[: self.batch], self._order[self.batch :]
         return batch
 
@@ -242,6 +252,13 @@ def position_targets(cache: PositionData, cfg: HeadTrainConfig) -> torch.Tensor:
     if labels is None:
         raise ValueError(f"labels={cfg.labels!r} needs true step labels; the cache of task {cache.task!r} has none")
     return labels
+
+
+def trained_rollouts(cache: PositionData, cfg: HeadTrainConfig) -> torch.Tensor | None:
+    """[R] bool, the rollouts the SPR modes train on: all but the wrong ones cut at the token
+    limit after writing an answer (the reference's reward 0.1, whose steps its SPR loss leaves
+    out: `policies.joint_step`); None (all) for the other modes."""
+    return ~cache.cut_wrong if cfg.labels in ("spr", "spr_paper") else None
 
 
 def label_loss(logits: torch.Tensor, targets: torch.Tensor, cfg: HeadTrainConfig, step: int) -> SPRLoss:
@@ -292,7 +309,7 @@ def train_head(
     head = build_sprm_head(cache.hidden_size, seed=cfg.seed).eval()
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    batches = RolloutBatches(cache, cfg.batch_rollouts, generator)
+    batches = RolloutBatches(cache, cfg.batch_rollouts, generator, trained_rollouts(cache, cfg))
     rows: list[dict[str, Any]] = [{"step": 0, **(evaluate(head, 0) if evaluate else {})}]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # dropout masks

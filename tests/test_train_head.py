@@ -33,7 +33,7 @@ from policies.transformers_policy import TransformersPolicy
 from scorers.confidence import ConfidenceScorer
 from scorers.head_training import (
     LABEL_MODES, HeadTrainConfig, RolloutBatches, path_scores, position_probs, rollout_min_scores,
-    rollout_path_scores, save_reflective_head, train_head,
+    rollout_path_scores, save_reflective_head, train_head, trained_rollouts,
 )
 from scorers.sprm_head import build_sprm_head
 from scorers.sprm_scorer import SPRMScorer
@@ -199,6 +199,24 @@ def test_rollout_batches_cover_each_rollout_once_per_epoch():
     positions, rows = batches.positions(torch.tensor([3, 0]))
     # rollout 3 holds positions 3, 4, 5 (after 2 + 0 + 1); rollout 0 holds 0, 1
     assert positions.tolist() == [3, 4, 5, 0, 1] and rows.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_spr_modes_leave_out_wrong_rollouts_cut_at_the_token_limit():
+    # the reference's reward-0.1 mask (a wrong answer written, then cut at the limit), which the
+    # joint trainer applies: head-only SPR training trained those steps as negatives
+    cache = dataclasses.replace(
+        synthetic_cache([True, False, False, False, True, False], 2, [1, 1, 2, 1, 1, 1],
+                        answers=["4", "5", None, "7", "8", "9"]),
+        finish=("length", "length", "length", "eos", "eos", "length"))
+    assert cache.cut_wrong.tolist() == [False, True, False, False, False, True]  # no answer / correct / eos: kept
+    for labels, expected in [("spr", [0, 2, 3, 4]), ("spr_paper", [0, 2, 3, 4]), ("outcome_bce", list(range(6)))]:
+        cfg = HeadTrainConfig(labels=labels)
+        batches = RolloutBatches(cache, 3, torch.Generator().manual_seed(0), trained_rollouts(cache, cfg))
+        drawn = torch.cat([batches.next() for _ in range(4)]).tolist()  # two epochs (or 12 of 6)
+        assert sorted(set(drawn)) == expected, labels
+    cut_all = dataclasses.replace(cache, correct=torch.zeros(6, dtype=torch.bool), answers=("1",) * 6, finish=("length",) * 6)
+    with pytest.raises(ValueError, match="no rollouts to train on: every rollout of the cache is a wrong one cut"):
+        RolloutBatches(cut_all, 3, torch.Generator(), trained_rollouts(cut_all, HeadTrainConfig(labels="spr")))
 
 
 # -- configs ---------------------------------------------------------------------------------------
