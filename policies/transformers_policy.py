@@ -240,9 +240,11 @@ class TransformersPolicy:
     ) -> list[list[Step]]:
         """n sampled next steps per prefix, result[i][j] after prefixes[i]. A step ends at a
         step separator (kept in its text), at EOS (in token_ids, not in text), or at
-        max_step_tokens / max_total_tokens / the model's context window ("length"); with
-        stop_at_step=False it runs to EOS or max_total_tokens. A prefix with no token budget left
-        gets empty "length" steps; a prompt longer than the context window is a ValueError."""
+        max_step_tokens / max_total_tokens / the model's context window ("length"; a step that
+        ends on a separator with no token of max_total_tokens or the window left is "length"
+        too: it ends its path, `policy_requests.close_full_paths`); with stop_at_step=False it
+        runs to EOS or max_total_tokens. A prefix with no token budget left gets empty "length"
+        steps; a prompt longer than the context window is a ValueError."""
         widths = check_request(prefixes, n, seed)
         samples = self._generate(prefixes, widths, seed, stop_at_boundary=stop_at_step, with_boundary=False)
         return self._whole_steps(prefixes, samples)
