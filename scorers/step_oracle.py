@@ -6,8 +6,9 @@ Like `scorers.outcome_oracle` it cheats on purpose (it reads the problem's groun
 is a bound, never a method. It needs a task that labels steps: `true_step_labels(problem,
 step_texts) -> list[bool]` (countdown has one: a step is right iff it is well formed, its
 arithmetic and "left" list are right, the target is still reachable, and every earlier step is
-right; arith has one too: its problems have one correct path, a step is right iff it is the
-reference step at its index and every earlier step is right).
+right; arith has one too: a step is right iff it applies an operation of the question not used
+yet, with the exact result, from which the others can still reach the answer in some order, and
+every earlier step is right).
 
 Scores: `right` (1.0) for a step the checker accepts, `wrong` (0.0) for one it rejects, so a path
 with a wrong step ranks below every path without one under "min" / "geometric_mean" / "last".

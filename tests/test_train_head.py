@@ -177,7 +177,25 @@ def test_rollout_path_scores_are_geometric_means_of_positions():
     assert aha_path_scores is path_scores  # the joint trainer's aha metrics use this one function
 
 
-def test_arith_true_step_labels_follow_the_one_correct_path():
+def test_arith_true_step_labels_accept_any_order_that_reaches_the_answer():
+    # tripled then doubled, written doubled first: the same 30 (labelled wrong when only the
+    # story's order counted, so the step oracle scored a correct rollout 0)
+    problem = Problem("p", "q", "30", meta={"start": 5, "operations": (("*", 3), ("*", 2))})
+    answer = "</think>Answer: 30"
+    assert arith.true_step_labels(problem, ["5 * 2 = 10.\n\n", "10 * 3 = 30.\n\n", answer]) == [True] * 3
+    assert arith.true_step_labels(problem, ["5 * 2 = 10.\n\n", answer]) == [True, False]  # an operation left
+    assert arith.true_step_labels(problem, ["5 * 2 = 10.\n\n", "10 * 2 = 20.\n\n"]) == [True, False]  # used twice
+    # + 3 then doubled: doubling first cannot reach 16
+    plus = Problem("p", "q", "16", meta={"start": 5, "operations": (("+", 3), ("*", 2))})
+    assert arith.true_step_labels(plus, ["5 * 2 = 10.\n\n", "10 + 3 = 13.\n\n"]) == [False, False]
+    assert arith.true_step_labels(plus, ["5 + 3 = 8.\n\n", "8 * 2 = 16.\n\n", "</think>Answer: 16"]) == [True] * 3
+    # a division only where it is exact: 7 / 7 first, then + 14 -> 15, the story's 7 + 14 = 21, / 7 = 3 is not 15
+    div = Problem("p", "q", "3", meta={"start": 7, "operations": (("+", 14), ("/", 7))})
+    assert arith.true_step_labels(div, ["7 / 7 = 1.\n\n"]) == [False]
+    assert arith.true_step_labels(div, ["7 + 14 = 21.\n\n", "21 / 7 = 3.\n\n"]) == [True, True]
+
+
+def test_arith_true_step_labels_of_the_reference_and_of_a_wrong_result():
     problem = arith.generate_problems("test", 1, seed=0)[0]
     reference = arith.solution_steps(problem)
     answer = f"</think>Answer: {problem.answer}"

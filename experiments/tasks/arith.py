@@ -18,6 +18,7 @@ few problems with their solutions.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -325,23 +326,58 @@ def grade(problem: Problem, completion_text: str) -> bool:
 
 def true_step_labels(problem: Problem, step_texts: Sequence[str]) -> list[bool]:
     """True labels of an arith rollout's steps (the step oracle's checker, `scorers.step_oracle`;
-    `experiments.rollout_cache`'s too). arith has ONE correct path, so a think step is
-    correct iff it equals the reference step at its index (`solution_steps`) and every
-    earlier step is correct; the answer step ("</think>Answer: N") iff nothing but blanks
-    precedes </think> in it, it comes right after the last reference step, every earlier step is
-    correct and the grader accepts it. E.g. reference ["3 + 4 = 7.\\n\\n", "7 * 2 = 14.\\n\\n"]:
-    ["3 + 4 = 7.\\n\\n", "7 * 3 = 21.\\n\\n", "</think>Answer: 21"] -> [True, False, False]."""
-    reference = solution_steps(problem)
+    `experiments.rollout_cache`'s too). A think step is correct iff every earlier step is, and it
+    applies one of the question's operations not used yet to the current value, written as the
+    reference writes a step ("15 * 2 = 30.\n\n") with the exact result, and the operations left
+    can still reach the answer in some order: the story's order or another that gets there (the
+    books tripled, then doubled: doubling first is right; "+ 3, then doubled" done in the other
+    order is not). The answer step ("</think>Answer: N") iff nothing but blanks precedes </think>
+    in it, every operation was used, every earlier step is correct and the grader accepts it.
+    E.g. reference ["3 + 4 = 7.\n\n", "7 * 2 = 14.\n\n"]: ["3 + 4 = 7.\n\n", "7 * 3 = 21.\n\n",
+    "</think>Answer: 21"] -> [True, False, False]."""
+    value, unused, answer = int(problem.meta["start"]), list(problem.meta["operations"]), int(problem.answer)
     labels: list[bool] = []
     ok = True
-    for k, text in enumerate(step_texts):
+    for text in step_texts:
         if THINK_CLOSE in text:
             before = text.split(THINK_CLOSE, 1)[0]
-            ok = ok and before.strip() == "" and k == len(reference) and grade(problem, text)
-        else:
-            ok = ok and k < len(reference) and text == reference[k]
+            ok = ok and before.strip() == "" and not unused and grade(problem, text)
+        elif ok:
+            used = _operation_of_step(text, value, unused, answer)
+            ok = used is not None
+            if used is not None:
+                value = _exact(value, *unused.pop(used))  # type: ignore[misc]
         labels.append(ok)
     return labels
+
+
+def _exact(value: int, op: str, operand: int) -> int | None:
+    """value op operand, None for a division that is not exact (or by zero)."""
+    if op == "/" and (operand == 0 or value % operand):
+        return None
+    return _apply(value, op, operand)
+
+
+def _operation_of_step(text: str, value: int, unused: list[tuple[str, int]], answer: int) -> int | None:
+    """The index in unused of the operation the step text applies to value correctly, from whose
+    result the other unused operations still reach the answer; None if there is none."""
+    for i, (op, operand) in enumerate(unused):
+        result = _exact(value, op, operand)
+        if result is not None and text == f"{value} {op} {operand} = {result}{SEPARATOR}":
+            if _reaches(result, unused[:i] + unused[i + 1:], answer):
+                return i
+    return None
+
+
+def _reaches(value: int, operations: list[tuple[str, int]], answer: int) -> bool:
+    """Whether applying every operation once, in some order, takes value to answer exactly."""
+    for order in set(itertools.permutations(operations)):
+        current: int | None = value
+        for op, operand in order:
+            current = _exact(current, op, operand) if current is not None else None
+        if current == answer:
+            return True
+    return False
 
 
 def _main() -> None:
