@@ -56,7 +56,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+from typing import Any, Callable, Sequence  # noqa: E402
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
@@ -74,6 +74,7 @@ from experiments.cli_errors import check_no_chdir, hydra_rerun_hint, interrupt_r
 from experiments.group_options import check_group_options  # noqa: E402
 from experiments.out_dir_args import check_out_dir_argument  # noqa: E402
 from experiments.tasks.benchmark_split import TAKE_ALL_HINT  # noqa: E402
+from experiments.tasks.chat_prompt import ChatPrompt, task_prompt_fn  # noqa: E402
 from experiments.override_keys import check_override_keys, check_plain_keys  # noqa: E402
 from experiments.search import (  # noqa: E402
     CONFIG_DIR, TASK_KEYS, build_frozen, check_int, resolve_out_dir, resolved_config, user_errors_reported,
@@ -109,6 +110,7 @@ ADDED_SETTINGS: dict[str, Any] = {
     "train_loss.ref_bf16": False,  # 2026-12-01: the KL reference ran in float32 before
     "train_loss.shared_prompt": False,  # 2026-12-03 presets: every rollout forwarded its prompt before
     "train_loss.truncated_wrong_reward": 0.0,  # 2026-12-05: a cut wrong rollout was an ordinary wrong one
+    "prompt": "plain",  # 2026-12-06: the task's own prompt_text before
 }
 # keys that do not change what a run computes: a resume may change them
 RESUMABLE_KEYS: tuple[str, ...] = (
@@ -118,10 +120,14 @@ RESUMABLE_KEYS: tuple[str, ...] = (
 # the settings of the nodes no class is built from: `+num_thread=2` composed and was never read
 PLAIN_NODE_KEYS: dict[str, tuple[str, ...]] = {
     "": ("task", "train_loss", "init_from", "out_dir", "device", "num_threads", "progress", "tensorboard", "run",
-         "data", "sampling", "actor_optim", "head_optim"),
+         "data", "sampling", "actor_optim", "head_optim", "prompt"),
     "task": TASK_KEYS,
 }
 OLD_LOGPROBS: tuple[str, ...] = ("recompute", "rollout")
+# `prompt=`: plain (the task's prompt_text, as policy=tiny / tiny_sprm search it) or chat (a
+# benchmark question through init_from's chat template, as the chat presets policy=smollm2,
+# xbai_o4, ... search it: `experiments.tasks.chat_prompt.ChatPrompt`)
+PROMPTS: tuple[str, ...] = ("plain", "chat")
 # `device=`: cpu, cuda, cuda:N (checked by policies.devices.resolve_device), or auto (accelerate's pick)
 AUTO_DEVICE = "auto"
 
@@ -239,6 +245,7 @@ class Settings:
     head_optim: OptimizerConfig
     task_module: str
     task_config: Any
+    prompt: str = "plain"
 
 
 def settings(cfg: DictConfig) -> Settings:
@@ -248,8 +255,9 @@ def settings(cfg: DictConfig) -> Settings:
         init_from=str(cfg.init_from), run=build_frozen(cfg.run), data=build_frozen(cfg.data),
         loss=build_frozen(cfg.train_loss), sampling=build_frozen(cfg.sampling),
         actor_optim=build_frozen(cfg.actor_optim), head_optim=build_frozen(cfg.head_optim),
-        task_module=str(cfg.task.module), task_config=build_frozen(cfg.task.config),
+        task_module=str(cfg.task.module), task_config=build_frozen(cfg.task.config), prompt=str(cfg.get("prompt", "plain")),
     )
+    check_prompt(s.prompt, s.task_module)
     if cfg.get("num_threads") is not None:  # 0 was skipped in silence, -1 a torch traceback
         check_int("num_threads", cfg.num_threads, minimum=1, or_else=", or null for torch's default")
     if s.sampling.temperature != s.loss.temperature:
@@ -269,6 +277,24 @@ def settings(cfg: DictConfig) -> Settings:
             f"log-probs), got {s.sampling.temperature}; use run.old_logprobs=recompute"
         )
     return s
+
+
+def check_prompt(prompt: str, task_module: str) -> None:
+    """prompt= is one of PROMPTS; chat only for a task whose prompt_text takes a tokenizer (a
+    benchmark: the embedded tasks write their own prompt). ValueError naming the value."""
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt={prompt!r}; valid: {', '.join(PROMPTS)}")
+    if prompt == "chat":
+        try:
+            task_prompt_fn(task_module)
+        except ValueError:
+            raise ValueError(f"prompt=chat: task {task_module} writes its own prompt (no chat template applies); "
+                             "use prompt=plain") from None
+
+
+def prompt_function(s: Settings, task: Any) -> Callable[[Problem], str]:
+    """The rollouts' prompt (`prompt=`): the task's prompt_text, or ChatPrompt over init_from's template."""
+    return task.prompt_text if s.prompt == "plain" else ChatPrompt(s.init_from, s.task_module)
 
 
 def train_device(device: Any) -> torch.device | None:
@@ -524,7 +550,7 @@ def _assemble(
 ) -> Trainer:
     """The rollout sources and step markers around the prepared model and the run's problems."""
     task = importlib.import_module(s.task_module)
-    prompt_fn = task.prompt_text
+    prompt_fn = prompt_function(s, task)
     policy = TransformersPolicy.from_reflective(reflective, tokenizer, s.sampling, prompt_fn)
     greedy = TransformersPolicy(reflective.lm, tokenizer, dataclasses.replace(s.sampling, temperature=0.0), prompt_fn)
     fmt = StepFormat(s.sampling.separator, s.sampling.think_open, s.sampling.think_close)

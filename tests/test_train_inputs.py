@@ -334,6 +334,46 @@ def test_spr_only_with_no_backbone_gradient_leaves_the_policy_bit_identical(init
     assert not torch.equal(head["0.weight"], fresh["0.weight"])  # the head itself learned
 
 
+def test_prompt_chat_renders_a_benchmark_question_through_the_init_from_chat_template(init_dir, tmp_path, monkeypatch):
+    """The trainer always sent a benchmark task's plain "Question: ..." prompt, while the chat
+    presets (policy=smollm2, xbai_o4, ...) search the same folder through its chat template."""
+    import json
+
+    import experiments.train as train_module
+    from experiments.tasks import gsm8k
+    from experiments.tasks.chat_prompt import ChatPrompt
+
+    chat = Path(shutil.copytree(init_dir, tmp_path / "chat"))
+    config = json.loads((chat / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (chat / "tokenizer_config.json").write_text(json.dumps(config))
+
+    class Built(Exception):
+        pass
+
+    def spy(reflective, tokenizer, sampling, prompt_fn, *args, **kwargs):
+        raise Built(prompt_fn)
+
+    monkeypatch.setattr(train_module.TransformersPolicy, "from_reflective", spy)
+    problem = gsm8k.generate_problems("test", 1, 0)[0]
+    prompts = {}
+    for prompt in ("plain", "chat"):
+        cfg = composed(tiny(chat, tmp_path / prompt, "task=gsm8k", "task.module=experiments.tasks.gsm8k",
+                            "data.train_problems=8", f"prompt={prompt}"))
+        with pytest.raises(Built) as built:
+            run_training(cfg)
+        prompts[prompt] = built.value.args[0](problem)
+    assert prompts["plain"].startswith("Question: ") and "<|user|>" not in prompts["plain"]
+    assert prompts["chat"] == ChatPrompt(str(chat), "experiments.tasks.gsm8k")(problem)
+    assert prompts["chat"].startswith("<|user|>") and prompts["chat"].endswith("<|assistant|>\n<think>\n")  # <think> is a token
+    with pytest.raises(ValueError, match=r"prompt=chat: task \S+ writes its own prompt \(no chat template applies\); use prompt=plain"):
+        run_training(composed(tiny(chat, tmp_path / "arith", "prompt=chat")))
+    with pytest.raises(ValueError, match="prompt='fancy'; valid: plain, chat"):
+        run_training(composed(tiny(chat, tmp_path / "bad", "prompt=fancy")))
+    assert not (tmp_path / "arith").exists() and not (tmp_path / "bad").exists()
+
+
 def test_a_head_saved_in_bf16_trains_in_float32(finished, tmp_path):
     """A reference-format folder's bf16 score_module.pt was trained in bf16: AdamW's updates at
     the head's learning rate rounded away (34 of 2048 first-layer weights moved in 4 steps)."""
