@@ -86,7 +86,8 @@ def interrupt_reported(how_to_go_on: str | Callable[[], str]) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt as err:
-        terminated = isinstance(err, Terminated)
+        # a trainer that caught the SIGTERM, saved and re-raised says so (`TrainingInterrupted.terminated`)
+        terminated = isinstance(err, Terminated) or getattr(err, "terminated", False) is True
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             if not terminated:
                 raise

@@ -440,6 +440,21 @@ def test_interrupt_reported_is_one_line_and_exit_130_unless_the_full_error_is_wa
         raise KeyboardInterrupt
 
 
+def test_a_trainer_that_saved_on_sigterm_exits_143_terminated(capsys, tmp_path, monkeypatch):
+    # the demo's SFT stage caught SIGTERM, saved last/ and re-raised TrainingInterrupted(terminated=True):
+    # reported "interrupted", exit 130, as a Ctrl-C
+    from experiments.cli_errors import interrupt_reported
+    from policies.sft_resume import TrainingInterrupted
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as stop, interrupt_reported("rerun to go on"):
+        raise TrainingInterrupted(3, tmp_path / "last", terminated=True)
+    assert stop.value.code == 143 and capsys.readouterr().err == "\nterminated: rerun to go on\n"
+    with pytest.raises(SystemExit) as stop, interrupt_reported("rerun to go on"):
+        raise TrainingInterrupted(3, tmp_path / "last")
+    assert stop.value.code == 130
+
+
 def test_sigterm_runs_the_cleanup_and_is_one_line_and_exit_143(tmp_path):
     # SIGTERM (kill, timeout, a SLURM cancel) ended the process where it was: a vLLM engine in
     # its own processes stayed alive with 2.4 GB; now it unwinds like Ctrl-C
