@@ -12,8 +12,8 @@ held-out test problems (experiments/quick_eval.py) and writes them to OUT/quick_
 The trained model is OUT/final, an ordinary transformers directory.
 
 Resuming: rerunning on the same OUT resumes from OUT/last ("resuming from OUT/last at step K").
-Only --minutes, --max-steps (a larger budget trains the run longer), --checkpoint-every and
---threads may change; another --task, --lr, --batch-size, --seed, --train-problems or bf16 is
+Only --minutes, --max-steps (a larger budget trains the run longer; a budget flag left out keeps
+the run's own), --checkpoint-every and --threads may change; another --task, --lr, --batch-size, --seed, --train-problems or bf16 is
 refused, naming the differing keys (policies/sft_resume.py RESUMABLE_KEYS), as is a damaged
 OUT/last (a run moved to a CPU of other bf16 support: add --bf16 or --no-bf16 as it ran).
 Ctrl-C stops after the current step, saves OUT/last and exits 130 saying how to resume.
@@ -41,9 +41,9 @@ from experiments.cli_args import check_folder_target, seed_int  # noqa: E402
 from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT  # noqa: E402
 from experiments.quick_eval import QuickEvalConfig, format_report, quick_eval, eval_problems  # noqa: E402
 from experiments.sft_tasks import SFT_TASKS, SFTTask, get_sft_task  # noqa: E402
-from policies.checkpoint import load_checkpoint  # noqa: E402
+from policies.checkpoint import load_checkpoint, load_torch_file  # noqa: E402
 from policies.sft import SFTConfig, train_sft  # noqa: E402
-from policies.sft_resume import SUMMARY_FILE, SFTError, TrainingInterrupted  # noqa: E402
+from policies.sft_resume import LAST, STATE_FILE, SUMMARY_FILE, SFTError, TrainingInterrupted  # noqa: E402
 from policies.tiny_model import TinyModelConfig, build_model, num_parameters  # noqa: E402
 from policies.tiny_tokenizer import build_tokenizer  # noqa: E402
 
@@ -55,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.train_sft", description="SFT of a tiny policy on an embedded task, then a quick evaluation.")
     parser.add_argument("--task", default="arith", choices=list(SFT_TASKS), help="the embedded task")
     parser.add_argument("--out", required=True, help="run folder: OUT/final (model), OUT/last (resume state)")
-    parser.add_argument("--minutes", type=float, default=d.max_minutes,
-                        help="wall-clock training budget (0: no time limit, then --max-steps is needed)")
-    parser.add_argument("--max-steps", type=int, default=None, help="step budget (with or instead of --minutes)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help=f"wall-clock training budget (0: no time limit, then --max-steps is needed; default "
+                             f"{d.max_minutes:g}, or a resumed run's own)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="step budget (with or instead of --minutes; default none, or a resumed run's own)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--seed", type=seed_int, default=d.seed)
@@ -86,6 +88,34 @@ class RunPlan:
     quick_eval: QuickEvalConfig | None
 
 
+def with_saved_budget(args: argparse.Namespace) -> argparse.Namespace:
+    """args with --minutes / --max-steps, where not given, taken from the run OUT/last resumes
+    (its max_minutes None reads as --minutes 0), else --minutes SFTConfig's default. Why: a run
+    trained with --minutes 0 --max-steps 1400, extended with --max-steps 2800 alone, took the
+    8-minute default, already spent, and trained no step."""
+    saved = saved_sft_config(Path(args.out)) if args.minutes is None or args.max_steps is None else None
+    minutes, max_steps = args.minutes, args.max_steps
+    if minutes is None:
+        minutes = SFTConfig().max_minutes if saved is None else (saved.get("max_minutes") or 0.0)
+    if max_steps is None and saved is not None:
+        max_steps = saved.get("max_steps")
+    return argparse.Namespace(**{**vars(args), "minutes": minutes, "max_steps": max_steps})
+
+
+def saved_sft_config(out: Path) -> dict | None:
+    """The SFT config saved in out/last/trainer_state.pt, or None (no run there, or none readable:
+    the resume itself then names what is wrong)."""
+    path = out / LAST / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = load_torch_file(path, map_location="cpu", weights_only=False)
+    except ValueError:
+        return None
+    config = state.get("config") if isinstance(state, dict) else None
+    return config if isinstance(config, dict) else None
+
+
 def sft_config(args: argparse.Namespace) -> SFTConfig:
     """The SFTConfig of the flags; an SFTError names a bad flag as typed (--minutes 0: no time limit)."""
     if not (args.minutes >= 0 and math.isfinite(args.minutes)):
@@ -106,7 +136,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     """Validate every flag before any work (an evaluation flag too, not after minutes of training):
     an SFTError names the first bad one."""
     task = get_sft_task(args.task)
-    cfg = sft_config(args)
+    cfg = sft_config(with_saved_budget(args))
     try:  # a file there failed only when the trained model was saved, after the whole run
         check_folder_target(Path(args.out), "--out")
     except ValueError as err:

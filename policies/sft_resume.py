@@ -263,12 +263,14 @@ def check_resumable(last: Path, saved: Mapping[str, Any], current: Mapping[str, 
     """The differences in RESUMABLE_KEYS ('key: saved -> current', for the record), or an SFTError
     naming every other difference (_reading_order: a task change reads first).
     Parts one side lacks (a model not passed, a state saved before identities) are not compared,
-    nor run_info keys the saved run lacks (a caller that records more since: the data and model
-    fingerprints already hold what they say)."""
+    nor run_info keys one side lacks (a caller that records more or less, such as the demo's
+    run of a policy against the train_sft command: the data and model fingerprints already hold
+    what they say)."""
     shared = [part for part in current if part in saved]
     a, b = {part: saved[part] for part in shared}, {part: current[part] for part in shared}
-    if isinstance(a.get("run"), dict) and isinstance(b.get("run"), dict):
-        b["run"] = {key: value for key, value in b["run"].items() if key in a["run"]}
+    if isinstance(a.get("run"), dict) and isinstance(b.get("run"), dict):  # the keys both record
+        a["run"], b["run"] = ({key: value for key, value in one.items() if key in other}
+                              for one, other in ((a["run"], b["run"]), (b["run"], a["run"])))
     refused = sorted(config_differences(a, b, RESUMABLE_KEYS), key=_reading_order)
     if refused:
         allowed = ", ".join(key.removeprefix("sft.") for key in RESUMABLE_KEYS)

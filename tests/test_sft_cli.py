@@ -5,7 +5,9 @@
 """
 from __future__ import annotations
 
+import json
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +94,30 @@ def test_resume_says_so_extends_and_refuses_another_run(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"error: {out / 'last'} holds a run of another config ({names}") and err.count("\n") == 1, err
     assert state_step(out) == 3
+
+
+def test_a_budget_flag_left_out_keeps_the_resumed_runs_own(tmp_path, capsys):
+    # --minutes 0 --max-steps 2, extended by --max-steps 3 alone: it took the 8-minute default
+    # ("sft.max_minutes: None -> 8.0"), which a run longer than 8 minutes had spent: no step trained
+    out = tmp_path / "run"
+    assert main("--out", str(out), "--minutes", "0", "--max-steps", "2") == 0
+    capsys.readouterr()
+    assert main("--out", str(out), "--max-steps", "3") == 0
+    printed = capsys.readouterr().out
+    assert "sft.max_steps: 2 -> 3" in printed and "max_minutes" not in printed and "trained 3 steps" in printed
+    assert main("--out", str(out)) == 0  # no budget flag: the run's own (before: --minutes 8 in its record)
+    assert "changed on resume" not in capsys.readouterr().out
+    summary = json.loads((out / sft_resume.SUMMARY_FILE).read_text())
+    assert (summary["config"]["max_minutes"], summary["config"]["max_steps"], summary["steps"]) == (None, 3, 3)
+
+
+def test_run_info_keys_one_side_lacks_are_not_compared():
+    # the demo records the task config and model beside the task; the train_sft command only the
+    # task: resuming a demo's interrupted SFT with the command was refused over 17 keys
+    saved = {"run": {"task": "arith", "train_problems": 100, "task_config": {"max_ops": 5}, "model": {"heads": 4}}}
+    assert sft_resume.check_resumable(Path("last"), saved, {"run": {"task": "arith", "train_problems": 100}}) == []
+    with pytest.raises(sft_resume.SFTError, match="run.task: 'arith' -> 'countdown'"):
+        sft_resume.check_resumable(Path("last"), saved, {"run": {"task": "countdown", "train_problems": 100}})
 
 
 def test_checkpoint_every_sets_the_resume_interval(tmp_path, monkeypatch):
