@@ -445,8 +445,9 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
 
 
 def check_output_folders(cfg: DemoConfig) -> None:
-    """A ValueError naming --out-dir or --checkpoints when it, or a folder above it, is a file, or
-    a sweep folder of other settings: refused before anything trains, not when first written."""
+    """A ValueError naming --out-dir or --checkpoints when it, or a folder above it, is a file, a
+    sweep folder of other settings, or a problem count a test split cannot give: refused before
+    anything trains, not when first written."""
     for flag, folder in (("--out-dir", cfg.out_dir), ("--checkpoints", cfg.checkpoints)):
         existing = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())
         if not existing.is_dir():
@@ -455,6 +456,19 @@ def check_output_folders(cfg: DemoConfig) -> None:
         spec = sweep_spec(cfg, task)
         if spec is not None:
             check_sweep_folder(spec)
+    check_problem_counts(cfg)
+
+
+def check_problem_counts(cfg: DemoConfig) -> None:
+    """A ValueError naming --problems or --sweep-problems when a task's test split holds fewer
+    (countdown: 2325): found after the SFT stage, or after every stage but the sweep, before."""
+    for task in cfg.tasks:
+        for flag, count in (("--problems", cfg.problems), ("--sweep-problems", cfg.sweep_problems)):
+            if count:
+                try:
+                    task.module.generate_problems("test", count, cfg.seed, task.task_config)
+                except ValueError as err:
+                    raise ValueError(f"{flag} {count}: {task.name}: {err}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

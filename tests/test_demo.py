@@ -238,6 +238,11 @@ def test_demo_command_line_errors_are_one_line_before_anything_runs(tmp_path, mo
         (["--out-dir", str(a_file)], f"--out-dir {a_file}: {a_file} is a file"),
         (["--out-dir", str(a_file / "demo")], f"{a_file} is a file"),
         (["--checkpoints", str(a_file)], f"--checkpoints {a_file}: {a_file} is a file"),
+        # countdown's test split holds 2325: refused after its SFT stage, or after all but the sweep
+        (["--tasks", "countdown", "--problems", "3000", "--out-dir", str(tmp_path / "d")],
+         "--problems 3000: countdown: count=3000: the test split of CountdownConfig("),
+        (["--tasks", "countdown", "--sweep-problems", "2400", "--out-dir", str(tmp_path / "d")],
+         "--sweep-problems 2400: countdown: count=2400: the test split of CountdownConfig("),
     ]
     for argv, message in cases:
         assert demo.main(argv) == 2, argv
