@@ -51,7 +51,7 @@ from experiments.demo_reflective import ARITH_TUNE, ReflectiveStage, run_reflect
 from experiments.demo_report import TaskOutcomes, estimates, write_report
 from experiments.demo_sprm import SPRMResult, SPRMStage, run_sprm_stage
 from experiments.demo_sweep import (DEMO_BUDGETS, DEMO_STRATEGIES, StrategySweep, SweepSpec, check_sweep_folder,
-                                   run_strategy_sweep)
+                                   hydra_path, run_strategy_sweep)
 from experiments.metrics import ProblemOutcome
 from experiments.outcomes import grade_results, write_records
 from experiments.plot import render_tree
@@ -455,6 +455,11 @@ def check_output_folders(cfg: DemoConfig) -> None:
     for task in cfg.tasks:  # a sweep folder of other settings (--seed, --sweep-problems, ...)
         spec = sweep_spec(cfg, task)
         if spec is not None:
+            for flag, folder in (("--out-dir", cfg.out_dir), ("--checkpoints", cfg.checkpoints)):
+                try:  # the sweep passes both to Hydra as override values
+                    hydra_path(folder)
+                except ValueError as err:
+                    raise ValueError(f"{flag} {err}") from None
             check_sweep_folder(spec)
     check_problem_counts(cfg)
 

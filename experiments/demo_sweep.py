@@ -39,6 +39,7 @@ from experiments.run_weights import WEIGHTS_FILE, changed_folders, model_folders
 from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_strategy
 from experiments.search import CONFIG_DIR, run_search_experiment
 from experiments.sweep_metrics import RunSummary, read_run_config, sweep_summaries
+from treesearch.config_diff import override_value
 
 DEMO_STRATEGIES: tuple[str, ...] = ("best_of_n", "beam", "dvts", "mcts", "rebase", "particle_filtering")
 DEMO_BUDGETS: tuple[int, ...] = (4, 8, 16, 32)
@@ -116,9 +117,20 @@ def run_overrides(spec: SweepSpec, strategy: str, budget: int, token_budget: int
     ]
     return [  # task.seed: the demo draws its problems with its seed too, so the sweep's are the table's first ones
         f"policy={spec.policy}", f"search={strategy}", f"budget={budget}", f"seed={spec.seed}", f"scorer={spec.scorer}",
-        f"task={spec.task}", f"task.count={spec.problems}", f"task.seed={spec.seed}", f"policy.path={spec.checkpoint}",
-        f"out_dir={spec.out_dir / f'{strategy}_{budget}'}", *matched, *spec.overrides,
+        f"task={spec.task}", f"task.count={spec.problems}", f"task.seed={spec.seed}", f"policy.path={hydra_path(spec.checkpoint)}",
+        f"out_dir={hydra_path(spec.out_dir / f'{strategy}_{budget}')}", *matched, *spec.overrides,
     ]
+
+
+def hydra_path(path: Path | str) -> str:
+    """path as one Hydra override value, quoted where it holds ',', '=', a quote or a space (a
+    folder "runs,v2" failed the sweep after every other stage of the demo); a ValueError for a
+    path no override can write (a backslash, a control character, "${")."""
+    value = override_value(str(path))
+    if value is None:
+        raise ValueError(f"{path}: a folder with a backslash, a control character or '${{' cannot be passed to the "
+                         "sweep's Hydra runs; use another folder")
+    return value
 
 
 def token_budgets(spec: SweepSpec, strategy: str) -> dict[int, int]:

@@ -406,6 +406,26 @@ def test_a_sweep_of_a_reflective_model_trained_from_another_policy_is_refused(tm
     check_sweep_folder(demo.sweep_spec(parse_args(["--out-dir", str(out), "--checkpoints", str(tmp_path / "b")]), countdown))
 
 
+def test_sweep_folders_with_commas_equals_or_quotes_reach_hydra_as_written(tmp_path, monkeypatch, capsys):
+    """--out-dir runs,v2 failed the sweep (Hydra: "Ambiguous value for argument") after every
+    other stage; a folder no override can write is refused before anything runs."""
+    import experiments.demo as demo
+    from hydra import compose, initialize_config_dir
+
+    from experiments.demo_sweep import SweepSpec, run_overrides
+    from experiments.search import CONFIG_DIR
+
+    for name in ("runs,v2", "a=b", "it's", "two words"):
+        spec = SweepSpec(out_dir=tmp_path / name / "sweep", checkpoint=str(tmp_path / name / "ckpt"), problems=3)
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("search", overrides=run_overrides(spec, "best_of_n", 4))
+        assert (cfg.out_dir, cfg.policy.path) == (str(spec.out_dir / "best_of_n_4"), spec.checkpoint)
+    monkeypatch.setattr(demo, "run_demo", lambda cfg: pytest.fail("the demo ran before its inputs were checked"))
+    assert demo.main(["--out-dir", str(tmp_path / "back\\slash")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out-dir {tmp_path / 'back'}") and "cannot be passed to the sweep's Hydra runs" in err
+
+
 def test_the_sweep_searches_the_demo_tables_first_problems_at_any_seed(tmp_path):
     """The demo draws its problems with --seed; the sweep's task.seed stayed 0, so at --seed 1
     only 3 of its 100 problems were the table's."""
