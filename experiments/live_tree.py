@@ -7,8 +7,10 @@ every WRITE_TIME_FACTOR times the last write's duration, so writing a big tree t
 tenth of the search's time; always the first time) as a result JSON with no candidates and no choice yet, atomically
 (`save_result`, so the watcher never reads half a file), marked {"live": {"state": "searching",
 "round": N}}. When the search returns, `finish` writes that problem's full result (candidates,
-the chosen path, compute; no "live" key) and keeps it in the file at least FINAL_HOLD_S before
-the next problem's rounds replace it. `follow` switches to another problem (experiments.search
+the chosen path, compute; no "live" key) and keeps it in the file at least FINAL_HOLD_S: the
+next problem's rounds wait, and a final result that comes sooner (chunks faster than the hold)
+waits too, written at the first round after the hold (a later one replaces it while it waits;
+`close` writes the last one when the run ends). `follow` switches to another problem (experiments.search
 follows the first problem of each chunk it searches). `marking_stops` wraps a search: when it
 is interrupted or fails, the tree as it then stood is written once more marked "stopped", with
 the reason, so a watcher does not take a dead search's file for a live one.
@@ -18,6 +20,7 @@ the reason, so a watcher does not take a dead search's file for a live one.
     with live.marking_stops():
         results = mcts(problems, policy, scorer, cfg, on_round=live)
     live.finish(results)
+    live.close()                                    # the run's end: a final result still waiting is written
     python -m experiments.plot tree runs/live_tree.json --watch 1   # in another terminal
 
     python -m experiments.search search=mcts live_tree=true out_dir=runs/mcts
@@ -64,6 +67,7 @@ class LiveTree:
         self._tree: Tree | None = None  # the followed problem's tree as the last round left it (None: finished)
         self._next_write: float | None = None  # monotonic time before which a round is not written
         self._hold_until = 0.0  # monotonic time before which a finished result stays in the file
+        self._pending: SearchResult | None = None  # a final result waiting for the hold of the one before
         self._lock = threading.Lock()
 
     def follow(self, problem_id: str, strategy: str, config: Mapping[str, Any], problem: Problem | None = None) -> None:
@@ -88,7 +92,12 @@ class LiveTree:
         with self._lock:
             self.rounds += 1
             self._tree = tree
-            if now < self._hold_until or (self._next_write is not None and now < self._next_write):
+            if now < self._hold_until:
+                return
+            if self._pending is not None:  # a final result waited for the hold: its turn, held in turn
+                self._write_final(self._pending)
+                return
+            if self._next_write is not None and now < self._next_write:
                 return
             self._save(tree, {"state": "searching", "round": self.rounds})
             if self.interval_s > 0:  # 0: every round (tests, a debugger)
@@ -98,14 +107,28 @@ class LiveTree:
         save_result(self.path, growing_result(tree, self.strategy, self.config), live=live)
 
     def finish(self, results: Sequence[SearchResult]) -> None:
-        """Write the followed problem's final result, when it is among `results`."""
+        """Write the followed problem's final result, when it is among `results` (while the one
+        before is held: once its hold is over, module docstring)."""
         for result in results:
             if result.problem.id == self.problem_id:
                 with self._lock:
-                    save_result(self.path, result)
                     self._tree = None
-                    if self.interval_s > 0:  # 0: every round (tests, a debugger)
-                        self._hold_until = time.monotonic() + FINAL_HOLD_S
+                    if time.monotonic() < self._hold_until:
+                        self._pending = result
+                    else:
+                        self._write_final(result)
+
+    def _write_final(self, result: SearchResult) -> None:
+        save_result(self.path, result)
+        self._pending = None
+        if self.interval_s > 0:  # 0: every round (tests, a debugger)
+            self._hold_until = time.monotonic() + FINAL_HOLD_S
+
+    def close(self) -> None:
+        """The run is over: write a final result still waiting for a hold."""
+        with self._lock:
+            if self._pending is not None:
+                self._write_final(self._pending)
 
     def stop(self, reason: str) -> None:
         """Write the followed problem's tree as it stands, marked stopped with reason (nothing

@@ -587,6 +587,8 @@ def search_missing(
                                  cfg.get("batching", "lockstep"), live)
                 append_rows(out / RECORDS, rows)
                 bar.update(len(rows))
+            if live is not None:
+                live.close()
 
 
 def prm_window_warning(max_total_tokens: Any, scorer: Scorer) -> str | None:

@@ -172,6 +172,38 @@ def test_a_finished_result_is_unmarked_and_stays_before_the_next_problems_rounds
         raise KeyboardInterrupt
 
 
+def test_a_final_result_that_comes_during_a_hold_waits_its_turn(tmp_path, monkeypatch):
+    # chunks faster than the hold (the tiny policy: 0.15 s): the next chunk's final replaced the
+    # held one at once, and a watcher saw no chunk's chosen path but the last
+    from experiments import live_tree
+
+    clock = [0.0]
+    monkeypatch.setattr(live_tree.time, "monotonic", lambda: clock[0])
+    live = LiveTree(tmp_path / LIVE_TREE_FILE, interval_s=0.5)
+    results = {}
+    for name in ("a", "b", "c"):
+        (results[name],) = run_search("best_of_n", [trap_problem(name)], ScriptedPolicy(), ScriptedScorer(), n=2)
+    shown = lambda: (load_result(live.path).problem["id"], load_result(live.path).live)  # noqa: E731
+    live.follow("a", "best_of_n", {})
+    live.finish([results["a"]])
+    live.follow("b", "best_of_n", {})
+    clock[0] = 0.3
+    live.finish([results["b"]])
+    assert shown() == ("a", None)  # a is held; b waits
+    live.follow("c", "best_of_n", {})
+    clock[0] = 1.0
+    live([Tree(trap_problem("c"))])
+    assert shown() == ("a", None)
+    clock[0] = live_tree.FINAL_HOLD_S + 0.1
+    live([Tree(trap_problem("c"))])  # the hold is over: b's final, not c's round
+    assert shown() == ("b", None)
+    clock[0] += 0.5
+    live.finish([results["c"]])
+    assert shown() == ("b", None)  # b's own hold
+    live.close()  # the run's end: c's final is written
+    assert shown() == ("c", None)
+
+
 def test_the_watcher_says_where_the_live_tree_stands(tmp_path, capsys):
     from experiments.plot import render_if_changed
 
