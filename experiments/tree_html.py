@@ -60,7 +60,8 @@ def write_tree_html(
     every refresh_s seconds (live mode, see the module docstring); None: a static page.
     candidates: the result's candidates ({"node_id", "score"}): the side panel shows each one's
     path score (what ranked it) on its leaf. Visits, value and prior are shown only for a tree
-    whose strategy counts visits (MCTS); elsewhere they are placeholders.
+    whose strategy counts visits (MCTS), the value alone for one whose strategy ranked or weighted
+    nodes by it (beam search, DVTS, REBASE, particle filtering); elsewhere they are placeholders.
     TreeJsonError (`experiments.tree_plot.check_drawable`) when a node cannot be drawn."""
     check_drawable(tree_json)
     if refresh_s is not None and not (isinstance(refresh_s, (int, float)) and refresh_s > 0):
@@ -80,6 +81,13 @@ def write_tree_html(
 def counts_visits(tree_json: dict[str, Any]) -> bool:
     """Whether the tree's strategy counts visits (MCTS): some node has one."""
     return any(n["visits"] for n in tree_json["nodes"])
+
+
+def ranks_by_value(tree_json: dict[str, Any]) -> bool:
+    """Whether the strategy set the nodes' values (beam search, DVTS: the aggregated path score
+    that ranked a node; REBASE, particle filtering: the reward that weighted it): some node has
+    one (Best-of-N leaves them 0)."""
+    return any(n["value"] for n in tree_json["nodes"])
 
 
 def _page_data(tree_json: dict[str, Any], chosen_node: int | None, refresh_s: float | None,
@@ -106,6 +114,7 @@ def _page_data(tree_json: dict[str, Any], chosen_node: int | None, refresh_s: fl
         "chosen_path": chosen_path(tree_json, chosen_node),
         "refresh_s": refresh_s,
         "counts_visits": counts_visits(tree_json),
+        "ranks_by_value": ranks_by_value(tree_json),
         "written_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "nodes": nodes,
     }
@@ -313,8 +322,9 @@ function show(id, scroll) {
   document.getElementById("node-title").textContent =
     (id === 0 ? "root" : "node " + id) + (ON_PATH.has(id) ? " (chosen path)" : "");
   const rows = [["step score", node.score]];
-  if (node.path_score !== null) rows.push(["path score (ranks the candidate)", node.path_score]);
+  if (node.path_score !== null) rows.push([DATA.counts_visits ? "path score" : "path score (ranks the candidate)", node.path_score]);
   if (DATA.counts_visits) rows.push(["visits", node.visits], ["value", node.value], ["prior", node.prior]);
+  else if (DATA.ranks_by_value) rows.push(["value (what ranked or weighted it)", node.value]);
   rows.push(["finish", node.finish], ["depth", node.depth], ["parent", node.parent],
             ["children", node.children.length]);
   const table = document.getElementById("fields");

@@ -367,3 +367,10 @@ def test_the_panel_shows_path_scores_and_leaves_out_visits_a_strategy_does_not_c
     mcts.nodes[1].visits = 3  # a strategy that counts visits keeps them
     page = write_tree_html(mcts.to_json(), None, tmp_path / "m.html").read_text(encoding="utf-8")
     assert page_data(page)["counts_visits"] is True and "edge width ∝ visits" in page
+    # beam search ranked its nodes by their value (the path score): hidden with visits before
+    assert data["ranks_by_value"] is False  # Best-of-N leaves values 0
+    beam = wide_tree(4)
+    beam.nodes[1].value = 0.7
+    data = page_data(write_tree_html(beam.to_json(), None, tmp_path / "b.html").read_text(encoding="utf-8"))
+    assert (data["counts_visits"], data["ranks_by_value"], data["nodes"][1]["value"]) == (False, True, 0.7)
+    assert 'else if (DATA.ranks_by_value) rows.push(["value (what ranked or weighted it)", node.value])' in page
