@@ -84,11 +84,15 @@ def test_tree_paths_in_any_order_match_the_walk_from_the_root():
     assert [back.path(n.id) for n in reversed(back.nodes)] == [tree.path(n.id) for n in reversed(tree.nodes)]
 
 
-def test_tree_networkx_export():
+def test_tree_networkx_export(tmp_path):
     g = _tree().to_networkx()
     assert isinstance(g, nx.DiGraph)
     assert sorted(g.edges) == [(0, 1), (0, 3), (1, 2)]
     assert g.nodes[1]["score"] == 0.7 and g.nodes[3]["finish"] == "length"
+    assert "finish" not in g.nodes[0] and "score" not in g.nodes[0]  # None: GraphML / GEXF refused the tree
+    nx.write_graphml(g, tmp_path / "tree.graphml")
+    nx.write_gexf(g, tmp_path / "tree.gexf")
+    assert sorted(nx.read_graphml(tmp_path / "tree.graphml").edges) == [("0", "1"), ("0", "3"), ("1", "2")]
 
 
 def test_tree_json_round_trip():

@@ -107,19 +107,18 @@ class Tree:
 
     def to_networkx(self) -> nx.DiGraph:
         """DiGraph with one node per step (attributes: text, score, visits, value, prior, depth,
-        finish) and parent -> child edges."""
+        finish; the root has no finish, an unscored node no score: an attribute that is None is
+        left out, as GraphML and GEXF cannot write None) and parent -> child edges.
+
+            nx.write_graphml(tree.to_networkx(), "tree.graphml")"""
         graph = nx.DiGraph(problem_id=self.problem.id)
         for node in self.nodes:
-            graph.add_node(
-                node.id,
-                text="" if node.step is None else node.step.text,
-                finish=None if node.step is None else node.step.finish,
-                score=node.score,
-                visits=node.visits,
-                value=node.value,
-                prior=node.prior,
-                depth=node.depth,
-            )
+            attributes = {
+                "text": "" if node.step is None else node.step.text,
+                "finish": None if node.step is None else node.step.finish,
+                "score": node.score, "visits": node.visits, "value": node.value, "prior": node.prior, "depth": node.depth,
+            }
+            graph.add_node(node.id, **{key: value for key, value in attributes.items() if value is not None})
             if node.parent is not None:
                 graph.add_edge(node.parent, node.id)
         return graph
