@@ -315,7 +315,7 @@ def run_search_stage(cfg: EvalConfig, stage: str, out: Path, deadline: float) ->
     """Search every chunk without rows yet (stopping once past deadline); True when complete."""
     path = out / f"{stage}.jsonl"
     problems = stage_problems(cfg, stage)
-    done = {row["problem_id"] for row in load_rows(path)}
+    done = set(rows_by_problem(path, problems))
     name, strategy_cfg, temperature = stage_search(cfg, stage)
     size = max(1, cfg.chunk_rows // strategy_cfg["n"])
     todo = [part for part in chunks(problems, size) if any(p.id not in done for p in part)]
@@ -339,11 +339,25 @@ def run_search_stage(cfg: EvalConfig, stage: str, out: Path, deadline: float) ->
 
 def stage_rows(cfg: EvalConfig, stage: str, out: Path) -> list[dict[str, Any]] | None:
     """The stage's rows in problem order when every problem has one, else None."""
-    by_id = {row["problem_id"]: row for row in load_rows(out / f"{stage}.jsonl")}
     problems = stage_problems(cfg, stage)
+    by_id = rows_by_problem(out / f"{stage}.jsonl", problems)
     if any(p.id not in by_id for p in problems):
         return None
     return [by_id[p.id] for p in problems]
+
+
+def rows_by_problem(path: Path, problems: Sequence[Problem]) -> dict[str, dict[str, Any]]:
+    """{problem id: its row} of a stage's rows file; a ValueError when a row holds another
+    question than the problem of its id (GSM8K ids are line numbers: a run made on another copy
+    of the data files was reused, and reported as the real slice)."""
+    questions = {p.id: p.question for p in problems}
+    by_id = {row["problem_id"]: row for row in load_rows(path)}
+    for problem_id, row in by_id.items():
+        if problem_id in questions and "question" in row and row["question"] != questions[problem_id]:
+            raise ValueError(f"{path}: the row of {problem_id} holds another question than the data file's "
+                             f"({row['question'][:60]!r} vs {questions[problem_id][:60]!r}): it was made on other data "
+                             "files (TREESEARCH_DATA_DIR?); use another --out")
+    return by_id
 
 
 def _tokens_per_s(rows: Sequence[dict[str, Any]]) -> float:
@@ -641,8 +655,9 @@ def check_feature_layer(cfg: EvalConfig) -> None:
 
 
 def check_run(cfg: EvalConfig, out: Path, stages: Sequence[str], max_minutes: float | None) -> None:
-    """What a run checks before any stage or file: known stages, a positive time limit, and when
-    the sprm stage is to run, the feature layer against the model."""
+    """What a run checks before any stage or file: known stages, a positive time limit, when the
+    sprm stage is to run the feature layer against the model, and the GSM8K slices its stages
+    read (the data files there, with as many problems)."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
@@ -650,6 +665,10 @@ def check_run(cfg: EvalConfig, out: Path, stages: Sequence[str], max_minutes: fl
         raise ValueError(f"--max-minutes {max_minutes} must be > 0")
     if "sprm" in stages and not (out / "sprm" / "metrics.json").is_file():
         check_feature_layer(cfg)
+    # the slices exist (a --train-problems past the train split failed after the test stages)
+    for stage in ("greedy", "train"):
+        if stage in stages or (stage == "train" and "sprm" in stages):
+            stage_problems(cfg, stage)
 
 
 def run(cfg: EvalConfig, out: Path, stages: Sequence[str], max_minutes: float | None = None) -> dict[str, Any]:

