@@ -125,6 +125,10 @@ def test_aime24_jsonl_and_parquet_agree():
     assert not any(p.question.endswith(prompts.BOXED_INSTRUCTION) for p in aime.load_aime(25))
     with pytest.raises(ValueError, match="only AIME 2024"):
         aime.load_aime(25, parquet=True)
+    # a path to a parquet file is read as one (it was read as jsonl: "not valid UTF-8 ... save the file as UTF-8")
+    shipped = aime.resolve_data_file(None, aime.PARQUET_FILES[24])
+    assert aime.load_aime(24, path=shipped) == aime.load_aime(24, parquet=True)
+    assert aime.generate_problems("test", 2, 0, AimeConfig(year=24, path=str(shipped))) == aime.load_aime(24, parquet=True)[:2]
 
 
 def test_aime_answers_are_integers_and_self_grade():

@@ -123,10 +123,12 @@ def _parquet_problem(where: RowLocation, record: dict[str, Any], year: int) -> P
 
 def load_aime(year: Year, path: str | os.PathLike[str] | None = None, parquet: bool = False) -> list[Problem]:
     """The problems of AIME 20<year> in file order. parquet=True reads MetaStone's verl parquet
-    file instead of the jsonl (AIME 2024 only, unless `path` names another parquet file). `path`
-    wins over the shared data folder."""
+    file instead of the jsonl (AIME 2024 only, unless `path` names another parquet file), as does
+    a `path` ending in .parquet (it was read as jsonl: "not valid UTF-8 ... save the file as
+    UTF-8"). `path` wins over the shared data folder."""
     if year not in (24, 25):
         raise ValueError(f"year={year!r}; valid: 24, 25")
+    parquet = parquet or (path is not None and str(path).lower().endswith(".parquet"))
     if not parquet:
         rows = read_jsonl(resolve_data_file(path, JSONL_FILES[year]))
         return [_jsonl_problem(where, record, year) for where, record in rows]
