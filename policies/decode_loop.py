@@ -113,19 +113,26 @@ class ChunkOutput:
     cached: tuple[int, ...] = ()
 
 
-def gap_free_past(model: Any, contexts: Sequence[Sequence[int]],
-                  past: Sequence[PrefixKV | None] | None) -> Sequence[PrefixKV | None] | None:
+def gap_free_past(model: Any, contexts: Sequence[Sequence[int]], past: Sequence[PrefixKV | None] | None,
+                  budget: int = 0) -> Sequence[PrefixKV | None] | None:
     """past, with each cached prefix cut so that every context with one forwards as many new
-    tokens as the longest suffix, when the model has sliding-window layers (else past as given).
+    tokens as the longest suffix, when the model has sliding-window layers and a row's columns
+    (the longest cached prefix + the longest suffix + budget, the most tokens a row generates)
+    can outgrow its window; else past as given.
 
     Why: the prefill lays a row out as [zeros | cached | pads | new] columns, and a sliding window
     is measured in KV columns, pads included: pads between a row's cached and new tokens would
     push its own context out of the window, so its samples and log-probs would depend on the
     other rows of the chunk. With equal suffixes no row has such pads (a context too short to
     keep any cached token is forwarded whole, its pads before all its tokens)."""
-    if past is None or all(p is None for p in past) or not has_sliding_window(getattr(model, "config", None)):
+    config = getattr(model, "config", None)
+    if past is None or all(p is None for p in past) or not has_sliding_window(config):
         return past
     width = max(len(ids) - (0 if p is None else p.length) for ids, p in zip(contexts, past))
+    window = getattr(config, "sliding_window", None)
+    columns = max(0 if p is None else p.length for p in past) + width + budget
+    if isinstance(window, int) and not isinstance(window, bool) and columns <= window:
+        return past  # every row attends to all its columns: pads shift no window
     return [None if p is None or len(ids) <= width else p.first(len(ids) - width) for ids, p in zip(contexts, past)]
 
 
@@ -310,7 +317,7 @@ class ChunkRun:
         shared = request.shared_prefix
         if shared is None:
             shared = worth_sharing(model, request.row_context)
-        past = gap_free_past(model, request.contexts, request.past)
+        past = gap_free_past(model, request.contexts, request.past, max(request.budgets))
         self.batch, self.logits, self.features = _start_batch(
             model, request.contexts, request.row_context, request.budgets, rule, pad_id, device, past,
             self.layer, shared, request.stop_at_boundary, request.forked,

@@ -130,3 +130,23 @@ def test_a_cached_path_batched_with_a_longer_new_prompt_keeps_its_log_probs(kind
         logprobs = torch.log_softmax(logits.float(), -1)
         reference = [logprobs[len(ids) + k - 1, t].item() for k, t in enumerate(sample.token_ids)]
         assert sample.token_logprobs == pytest.approx(reference, abs=1e-4)
+
+
+def test_prefixes_are_cut_only_where_a_row_can_outgrow_its_window():
+    # cutting them when no row reaches the window re-forwarded whole contexts for nothing
+    from types import SimpleNamespace
+
+    from policies.decode_loop import gap_free_past
+    from policies.prefix_cache import PrefixKV
+
+    cached = PrefixKV(torch.zeros(1, 1, 10, 2), torch.zeros(1, 1, 10, 2))
+    contexts, past = [list(range(12)), list(range(30))], [cached, None]  # suffixes 2 and 30
+    model = lambda window: SimpleNamespace(config=SimpleNamespace(sliding_window=window, use_sliding_window=True))  # noqa: E731
+    assert gap_free_past(model(64), contexts, past, budget=20) is past  # 10 + 30 + 20 <= 64
+    cut = gap_free_past(model(32), contexts, past, budget=20)
+    assert cut[1] is None and cut[0] is None  # 12 - 30 < 1: the short context is forwarded whole
+    longer = [list(range(40)), list(range(30))]
+    assert gap_free_past(model(32), longer, [PrefixKV(torch.zeros(1, 1, 38, 2), torch.zeros(1, 1, 38, 2)), None],
+                         budget=5)[0].length == 10  # 40 - 30: its new tokens as many as the longest suffix
+    plain = SimpleNamespace(config=SimpleNamespace(sliding_window=None, use_sliding_window=False))
+    assert gap_free_past(plain, contexts, past, budget=20) is past
