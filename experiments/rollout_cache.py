@@ -43,7 +43,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -77,6 +77,10 @@ STEP_LABELERS: dict[str, StepLabeler] = {
     "arith": arith.true_step_labels,
     "countdown": countdown.true_step_labels,
 }
+# the version of a task's step labeler (1 where absent); a cache saved with an older one is
+# relabelled when loaded (arith 2, 2026-12-06: any order of the operations that reaches the answer
+# is right; the story's order alone was before)
+LABELS_VERSION: dict[str, int] = {"arith": 2}
 
 
 # -- the spec and the cache -----------------------------------------------------------------------
@@ -523,6 +527,7 @@ def save_cache(cache: RolloutCache, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CACHE_FORMAT, **{k: getattr(cache, k) for k in cache.__dataclass_fields__}}
+    payload["labels_version"] = LABELS_VERSION.get(cache.task, 1)
     payload["features"] = {str(k): v for k, v in cache.features.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -594,10 +599,24 @@ def load_cache(path: str | Path) -> RolloutCache:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path} is not a rollout cache of format {CACHE_FORMAT!r} (found {found!r})")
     payload.pop("format")
+    labels_version = payload.pop("labels_version", 1)
     payload["features"] = {int(k): v for k, v in payload["features"].items()}
     for name in ("problem_ids", "questions", "answers", "finish", "step_texts"):
         payload[name] = tuple(payload[name])
-    return RolloutCache(**payload)
+    cache = RolloutCache(**payload)
+    if cache.step_labels is not None and labels_version < LABELS_VERSION.get(cache.task, 1):
+        cache = relabelled(cache)
+    return cache
+
+
+def relabelled(cache: RolloutCache) -> RolloutCache:
+    """The cache with its true step labels made again by today's labeler (`LABELS_VERSION`)."""
+    problems, labeler = cache_problems(cache), STEP_LABELERS[cache.task]
+    labels = []
+    for r in range(cache.num_rollouts):
+        texts = cache.step_texts[int(cache.rollout_steps[r]): int(cache.rollout_steps[r + 1])]
+        labels.extend(labeler(problems[int(cache.rollout_problem[r])], list(texts)))
+    return replace(cache, step_labels=torch.tensor(labels, dtype=torch.bool))
 
 
 def cache_problems(cache: RolloutCache) -> list[Problem]:

@@ -193,6 +193,13 @@ def test_arith_true_step_labels_accept_any_order_that_reaches_the_answer():
     div = Problem("p", "q", "3", meta={"start": 7, "operations": (("+", 14), ("/", 7))})
     assert arith.true_step_labels(div, ["7 / 7 = 1.\n\n"]) == [False]
     assert arith.true_step_labels(div, ["7 + 14 = 21.\n\n", "21 / 7 = 3.\n\n"]) == [True, True]
+    # read back from JSON (a tree's problem): the operations are lists
+    listed = Problem("p", "q", "30", meta={"start": 5, "operations": [["*", 3], ["*", 2]]})
+    assert arith.true_step_labels(listed, ["5 * 2 = 10.\n\n", "10 * 3 = 30.\n\n", answer]) == [True] * 3
+    # many operations: one search over (value, operations left), not every ordering (11: 7 s, 600 MiB a path)
+    long = Problem("p", "q", "14", meta={"start": 2, "operations": [("+", 1)] * 12})
+    assert arith.true_step_labels(long, ["2 + 1 = 3.\n\n"]) == [True]
+    assert arith.true_step_labels(long, ["2 * 1 = 2.\n\n"]) == [False]
 
 
 def test_arith_true_step_labels_of_the_reference_and_of_a_wrong_result():
@@ -471,6 +478,21 @@ def handmade(tiny):
     spec = CacheSpec(str(path), "arith", "test", 3, 2, feature_layers=(-2, -1), forward_batch=4)
     paths = handmade_paths(tokenizer, problems, 2)
     return cache_from_paths(spec, lm, tokenizer, problems, paths), problems, paths
+
+
+def test_a_cache_of_older_arith_labels_is_relabelled_on_load(handmade, tmp_path):
+    # arith's labels changed (any order that reaches the answer): the demo reused older caches
+    cache, _, _ = handmade
+    path = save_cache(cache, tmp_path / "c.pt")
+    payload = torch.load(path, weights_only=False)
+    assert payload["labels_version"] == 2
+    del payload["labels_version"]
+    payload["step_labels"] = ~payload["step_labels"]  # what an older labeler said
+    torch.save(payload, path)
+    assert torch.equal(load_cache(path).step_labels, cache.step_labels)
+    payload["labels_version"] = 2  # today's: kept as saved
+    torch.save(payload, path)
+    assert torch.equal(load_cache(path).step_labels, ~cache.step_labels)
 
 
 def test_handmade_cache_shapes_and_labels(handmade, tiny):

@@ -18,7 +18,6 @@ few problems with their solutions.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -335,7 +334,9 @@ def true_step_labels(problem: Problem, step_texts: Sequence[str]) -> list[bool]:
     in it, every operation was used, every earlier step is correct and the grader accepts it.
     E.g. reference ["3 + 4 = 7.\n\n", "7 * 2 = 14.\n\n"]: ["3 + 4 = 7.\n\n", "7 * 3 = 21.\n\n",
     "</think>Answer: 21"] -> [True, False, False]."""
-    value, unused, answer = int(problem.meta["start"]), list(problem.meta["operations"]), int(problem.answer)
+    # (op, operand) tuples: a problem read back from JSON holds them as lists
+    operations = [(str(op), int(operand)) for op, operand in problem.meta["operations"]]
+    value, unused, answer = int(problem.meta["start"]), operations, int(problem.answer)
     labels: list[bool] = []
     ok = True
     for text in step_texts:
@@ -370,12 +371,23 @@ def _operation_of_step(text: str, value: int, unused: list[tuple[str, int]], ans
 
 
 def _reaches(value: int, operations: list[tuple[str, int]], answer: int) -> bool:
-    """Whether applying every operation once, in some order, takes value to answer exactly."""
-    for order in set(itertools.permutations(operations)):
-        current: int | None = value
-        for op, operand in order:
-            current = _exact(current, op, operand) if current is not None else None
-        if current == answer:
+    """Whether applying every operation once, in some order, takes value to answer exactly: a
+    depth-first search over (value, operations left), each state tried once (every ordering
+    listed took 7 s and 600 MiB a path at 11 operations)."""
+    return _reaches_from(value, tuple(sorted(operations)), answer, set())
+
+
+def _reaches_from(value: int, left: tuple[tuple[str, int], ...], answer: int, seen: set) -> bool:
+    if not left:
+        return value == answer
+    if (value, left) in seen:
+        return False
+    seen.add((value, left))
+    for i, (op, operand) in enumerate(left):
+        if i and left[i - 1] == left[i]:
+            continue  # the same operation twice: one branch
+        result = _exact(value, op, operand)
+        if result is not None and _reaches_from(result, left[:i] + left[i + 1:], answer, seen):
             return True
     return False
 
