@@ -12,8 +12,9 @@ held-out test problems (experiments/quick_eval.py) and writes them to OUT/quick_
 The trained model is OUT/final, an ordinary transformers directory.
 
 Resuming: rerunning on the same OUT resumes from OUT/last ("resuming from OUT/last at step K").
-Only --minutes, --max-steps (a larger budget trains the run longer; a budget flag left out keeps
-the run's own), --checkpoint-every and --threads may change; another --task, --lr, --batch-size, --seed, --train-problems or bf16 is
+Only --minutes, --max-steps (a larger budget trains the run longer: the flags given are its
+budget, one alone lifts the other kind's limit, none keeps the run's own), --checkpoint-every and
+--threads may change; another --task, --lr, --batch-size, --seed, --train-problems or bf16 is
 refused, naming the differing keys (policies/sft_resume.py RESUMABLE_KEYS), as is a damaged
 OUT/last (a run moved to a CPU of other bf16 support: add --bf16 or --no-bf16 as it ran).
 Ctrl-C stops after the current step, saves OUT/last and exits 130 saying how to resume.
@@ -89,16 +90,19 @@ class RunPlan:
 
 
 def with_saved_budget(args: argparse.Namespace) -> argparse.Namespace:
-    """args with --minutes / --max-steps, where not given, taken from the run OUT/last resumes
-    (its max_minutes None reads as --minutes 0), else --minutes SFTConfig's default. Why: a run
+    """args with the budget of a resume of the run in OUT/last: the flags given are the budget
+    (one alone: no limit of the other kind), none given keeps the run's own (its max_minutes
+    None reads as --minutes 0). A fresh run: --minutes defaults to SFTConfig's. Why: a run
     trained with --minutes 0 --max-steps 1400, extended with --max-steps 2800 alone, took the
     8-minute default, already spent, and trained no step."""
-    saved = saved_sft_config(Path(args.out)) if args.minutes is None or args.max_steps is None else None
+    saved = saved_sft_config(Path(args.out)) if args.minutes is None else None
     minutes, max_steps = args.minutes, args.max_steps
-    if minutes is None:
-        minutes = SFTConfig().max_minutes if saved is None else (saved.get("max_minutes") or 0.0)
-    if max_steps is None and saved is not None:
-        max_steps = saved.get("max_steps")
+    if minutes is None and saved is None:
+        minutes = SFTConfig().max_minutes
+    elif minutes is None and max_steps is None:
+        minutes, max_steps = saved.get("max_minutes") or 0.0, saved.get("max_steps")
+    elif minutes is None:
+        minutes = 0.0  # --max-steps alone: the steps are the budget
     return argparse.Namespace(**{**vars(args), "minutes": minutes, "max_steps": max_steps})
 
 

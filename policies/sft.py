@@ -313,7 +313,16 @@ def _start(
     if changed:
         budget = any(line.split(":")[0] in BUDGET_KEYS for line in changed)
         print(f"changed on resume: {'; '.join(changed)}" + ("; the learning rate follows the new budget from here" if budget else ""))
+    if spent(cfg, state["step"], state["elapsed_s"]) and changed:
+        print(f"the budget is spent at step {state['step']} ({state['elapsed_s'] / 60:.1f} min): nothing to train; "
+              "raise max_steps / max_minutes to train the run longer")
     return _Start(saved_model, saved_tokenizer, {**saved, **current}, state, tuple(changed))
+
+
+def spent(cfg: SFTConfig, step: int, elapsed_s: float) -> bool:
+    """Whether a run at this step and time has used up cfg's budget (no step would run)."""
+    return (cfg.max_steps is not None and step >= cfg.max_steps) or (
+        cfg.max_minutes is not None and elapsed_s >= 60 * cfg.max_minutes)
 
 
 def _train_sft(

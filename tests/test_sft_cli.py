@@ -109,6 +109,10 @@ def test_a_budget_flag_left_out_keeps_the_resumed_runs_own(tmp_path, capsys):
     assert "changed on resume" not in capsys.readouterr().out
     summary = json.loads((out / sft_resume.SUMMARY_FILE).read_text())
     assert (summary["config"]["max_minutes"], summary["config"]["max_steps"], summary["steps"]) == (None, 3, 3)
+    assert main("--out", str(out), "--max-steps", "2") == 0  # a budget already spent: said, not trained in silence
+    assert "the budget is spent at step 3" in capsys.readouterr().out
+    assert main("--out", str(out), "--minutes", "0.001") == 0  # --minutes alone: no step limit any more
+    assert "sft.max_steps: 2 -> None" in capsys.readouterr().out  # (the last resume saved 2)
 
 
 def test_run_info_keys_one_side_lacks_are_not_compared():
