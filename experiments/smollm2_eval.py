@@ -338,9 +338,13 @@ def run_search_stage(cfg: EvalConfig, stage: str, out: Path, deadline: float) ->
 
 
 def stage_rows(cfg: EvalConfig, stage: str, out: Path) -> list[dict[str, Any]] | None:
-    """The stage's rows in problem order when every problem has one, else None."""
+    """The stage's rows in problem order when every problem has one, else None (no rows file: its
+    slice is not drawn, so a report without the train stage never reads the train split)."""
+    path = out / f"{stage}.jsonl"
+    if not path.is_file():
+        return None
     problems = stage_problems(cfg, stage)
-    by_id = rows_by_problem(out / f"{stage}.jsonl", problems)
+    by_id = rows_by_problem(path, problems)
     if any(p.id not in by_id for p in problems):
         return None
     return [by_id[p.id] for p in problems]

@@ -375,6 +375,10 @@ def test_a_slice_past_a_split_is_refused_before_any_stage(tmp_path, capsys):
                            (["--train-problems", "100000", "--stages", "sprm"], "count=100000 but the train split")):
         assert main([*flags, "--out", str(out)]) == 2
         assert message in capsys.readouterr().err and not out.exists()
+    # a report without the train stage does not read the train split (it failed after the test stages)
+    from experiments.smollm2_eval import EvalConfig, stage_rows
+
+    assert stage_rows(EvalConfig(train_problems=100000), "train", out) is None
 
 
 def test_rows_of_another_copy_of_the_data_are_refused(tmp_path):
