@@ -68,7 +68,7 @@ from policies.shared_prefix import SharedPrefixCache, supports_shared_prefix  # 
 from policies.slot_cache import slot_cache  # noqa: E402
 from scorers.confidence import ConfidenceScorer  # noqa: E402
 from treesearch.beam_search import BeamSearchConfig, beam_search  # noqa: E402
-from treesearch.concurrent import search_each  # noqa: E402
+from treesearch.concurrent import search_each, seeded_for  # noqa: E402
 from treesearch.result import SearchResult  # noqa: E402
 
 
@@ -182,7 +182,7 @@ def run(work: Workload, n: int, beam_width: int, seed: int, rounds: int = 1) -> 
     beam_search(probs[:1], policy(), ConfidenceScorer(), cfg)  # untimed warm-up (module docstring)
     runs = _rounds(work.lm, {
         "batched": lambda: beam_search(probs, policy(), ConfidenceScorer(), cfg),
-        "single": lambda: [r for p in probs for r in beam_search([p], policy(), ConfidenceScorer(), cfg)],
+        "single": lambda: [r for p in probs for r in beam_search([p], policy(), ConfidenceScorer(), seeded_for(cfg, p))],
         "continuous": continuous,
     }, rounds)
     single, engine = runs["single"], engines[0]

@@ -87,7 +87,7 @@ from experiments.tasks.benchmark_split import check_unique_ids
 from policies.gc_freeze import freeze_long_lived
 from policies.reflective_model import check_reflective_folder
 from policies.vllm_engine import VLLMMissingError
-from treesearch.concurrent import search_each
+from treesearch.concurrent import problem_seed, search_each
 from treesearch.config_checks import is_int
 from treesearch.config_diff import config_differences, resume_overrides, with_added_settings
 from treesearch.protocols import Policy, RoundHook, Scorer
@@ -388,8 +388,7 @@ def check_has_problems(task_cfg: DictConfig, problems: Sequence[Problem]) -> Non
 def chunk_seed(seed: int, problem_ids: Sequence[str]) -> int:
     """The strategy seed of one chunk: a hash of the run seed and the chunk's problem ids, so a
     chunk draws the same samples whether it runs first, last or after a restart."""
-    digest = hashlib.blake2b(f"{seed}|{'|'.join(problem_ids)}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+    return problem_seed(seed, "|".join(problem_ids))  # one hash for both: a chunk of one problem seeds as it
 
 
 def chunks(problems: Sequence[Problem], size: int) -> list[Sequence[Problem]]:
@@ -520,7 +519,7 @@ def search_chunk(
     """The strategy over one chunk: in lockstep (one call per round for all problems) or with
     continuous batching (each problem's search in its own thread, the policy's calls decoded
     together by a `policies.continuous_engine.ContinuousEngine`; transformers policy only; each
-    problem with its own seed, `problem_seed`).
+    problem with its own seed, `treesearch.concurrent.problem_seed`).
     on_round: passed to the strategy (`treesearch.protocols.RoundHook`)."""
     if check_batching(batching) == "lockstep":
         return spec.fn(part, policy, scorer, cfg, on_round=on_round)
@@ -528,19 +527,8 @@ def search_chunk(
         raise ValueError(f"batching=continuous needs the in-process transformers policy, not {type(policy).__name__}")
     from policies.continuous_engine import ContinuousEngine  # torch: only when asked for
 
-    def alone(problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: Any, on_round: RoundHook) -> list[Any]:
-        return spec.fn(problems, policy, scorer, problem_seed(cfg, problems[0]), on_round=on_round)
-
     with ContinuousEngine.attached(policy):
-        return search_each(alone, part, policy, scorer, cfg, on_round=on_round)
-
-
-def problem_seed(cfg: Any, problem: Problem) -> Any:
-    """cfg with the seed of one problem's search under continuous batching: a hash of the chunk's
-    seed and the problem's id. With the chunk's seed itself every problem drew the same random
-    numbers (sample j of every problem from the same uniforms: a benchmark's repeated question
-    got the same candidates under each id), where a lockstep batch draws each row its own."""
-    return dataclasses.replace(cfg, seed=chunk_seed(cfg.seed, [problem.id]))
+        return search_each(spec.fn, part, policy, scorer, cfg, on_round=on_round)
 
 
 def run_chunk(

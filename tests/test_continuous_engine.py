@@ -31,7 +31,7 @@ from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
 from test_prefix_cache import BASE
 from test_transformers_policy import TOK, ScriptedLM, mixed_prefixes
-from treesearch.concurrent import search_each
+from treesearch.concurrent import problem_seed, search_each, seeded_for
 from treesearch.registry import get_strategy
 from treesearch.records import Problem
 
@@ -151,7 +151,7 @@ def test_a_search_per_problem_in_threads_equals_one_problem_at_a_time(strategy, 
     problems = [Problem(f"p{i}", f"<think>{i}+{i + 1}=") for i in range(5)]
     spec = get_strategy(strategy)
     cfg = spec.config(seed=3, **settings)
-    alone = [spec.fn([q], policy(PrefixCacheConfig()), ConfidenceScorer(), cfg)[0] for q in problems]
+    alone = [spec.fn([q], policy(PrefixCacheConfig()), ConfidenceScorer(), seeded_for(cfg, q))[0] for q in problems]
     p = policy(PrefixCacheConfig())
     with ContinuousEngine.attached(p) as engine:
         together = search_each(spec.fn, problems, p, ConfidenceScorer(), cfg)
@@ -161,6 +161,18 @@ def test_a_search_per_problem_in_threads_equals_one_problem_at_a_time(strategy, 
         assert a.chosen == b.chosen
         assert a.compute.tokens_generated == b.compute.tokens_generated
     assert engine.forwards > 0
+
+
+def test_each_problem_draws_with_its_own_seed():
+    # with the call's seed itself, a repeated question got the same candidates under each id
+    twins = [Problem("a", "<think>3+4="), Problem("b", "<think>3+4=")]
+    cfg = get_strategy("best_of_n").config(seed=3, n=4)
+    p = policy(PrefixCacheConfig())
+    with ContinuousEngine.attached(p):
+        a, b = search_each(get_strategy("best_of_n").fn, twins, p, ConfidenceScorer(), cfg)
+    assert [c.text for c in a.candidates] != [c.text for c in b.candidates]
+    assert seeded_for(cfg, twins[0]).seed == problem_seed(3, "a") != problem_seed(3, "b")
+    assert seeded_for(None, twins[0]) is None and seeded_for({"seed": 3}, twins[0]) == {"seed": 3}
 
 
 @pytest.mark.parametrize("strategy,settings", [
@@ -173,7 +185,7 @@ def test_a_search_per_problem_in_threads_without_an_engine_equals_one_problem_at
     problems = [Problem(f"p{i}", f"<think>{i}+{i + 1}=") for i in range(6)]
     spec = get_strategy(strategy)
     cfg = spec.config(seed=3, **settings)
-    alone = [spec.fn([q], policy(PrefixCacheConfig()), ConfidenceScorer(), cfg)[0] for q in problems]
+    alone = [spec.fn([q], policy(PrefixCacheConfig()), ConfidenceScorer(), seeded_for(cfg, q))[0] for q in problems]
     together = search_each(spec.fn, problems, policy(PrefixCacheConfig()), ConfidenceScorer(), cfg)
     for a, b in zip(alone, together):
         assert [c.text for c in a.candidates] == [c.text for c in b.candidates]
@@ -189,7 +201,7 @@ def test_a_scorer_on_the_policys_own_model_object_takes_turns_with_its_decoding(
     problems = [Problem(f"p{i}", f"<think>{i}+{i + 1}=") for i in range(6)]
     spec = get_strategy("beam_search")
     cfg = spec.config(seed=3, n=4, beam_width=2, max_depth=4)
-    alone = [spec.fn([q], reflective_policy(PrefixCacheConfig()), SHARED_MODEL_SCORER, cfg)[0] for q in problems]
+    alone = [spec.fn([q], reflective_policy(PrefixCacheConfig()), SHARED_MODEL_SCORER, seeded_for(cfg, q))[0] for q in problems]
     p = reflective_policy(PrefixCacheConfig())
     if engine:
         with ContinuousEngine.attached(p):

@@ -26,9 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.search import (
     CONFIG_DIR, MAX_RUN_NAME, ConfigMismatchError, build, build_frozen, build_scorer, chunk_seed, load_task, run_name,
-    problem_seed, run_search_experiment, strategy_of,
+    run_search_experiment, strategy_of,
 )
 from experiments.tasks import aime, arith, ceval, countdown, gsm8k, math500
+from treesearch.concurrent import seeded_for
 from experiments.tasks.loader_errors import default_data_dir
 from policies.train_state import LAST
 from policies.transformers_policy import TransformersPolicy
@@ -466,9 +467,9 @@ def test_continuous_batching_gives_each_problem_its_search_alone(ckpt, tmp_path)
     seeded = dataclasses.replace(strategy_cfg, seed=chunk_seed(cfg.seed, [p.id for p in problems]))
     policy = build(cfg.policy)
     for problem in problems:
-        (alone,) = spec.fn([problem], policy, build(cfg.scorer), problem_seed(seeded, problem))
+        (alone,) = spec.fn([problem], policy, build(cfg.scorer), seeded_for(seeded, problem))
         assert [c["text"] for c in rows[problem.id]["candidates"]] == [c.text for c in alone.candidates]
-    assert len({problem_seed(seeded, p).seed for p in problems}) == len(problems) > 1
+    assert len({seeded_for(seeded, p).seed for p in problems}) == len(problems) > 1
     with pytest.raises(ValueError, match="batching='sometimes'; valid: lockstep, continuous"):
         run_search_experiment(composed([f"out_dir={tmp_path / 'bad'}", "+batching=sometimes"] + TINY))
     assert not (tmp_path / "bad").exists()

@@ -5,8 +5,11 @@ pace, and the policy decodes whatever calls are waiting together.
     with ContinuousEngine.attached(policy):
         results = search_each(beam_search, problems, policy, scorer, BeamSearchConfig(n=8))
 
-Results are in problem order and equal `[fn([p], ...)[0] for p in problems]`, one problem at a
-time (search-and-learn's way), since each search makes the same calls with the same seeds; only
+Results are in problem order and equal `[fn([p], ..., seeded_for(cfg, p))[0] for p in problems]`,
+one problem at a time (search-and-learn's way), since each search makes the same calls with the
+same seeds: each problem's own, a hash of cfg.seed and its id (`problem_seed`; with cfg.seed
+itself, sample j of every problem drew the same uniforms, so a repeated question got the same
+candidates under each id); only
 the wall time a problem's compute ledger records includes waiting for the others' rows (and, for
 a PRM whose merged calls forward a start that several problems' paths share, such as its system
 prompt, which of them its `scorer_tokens` charge that start to; the total is the same).
@@ -25,6 +28,8 @@ Tests: `.venv/bin/python -m pytest tests/test_continuous_engine.py`.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Sequence
@@ -81,7 +86,7 @@ def search_each(
         if stop.is_set():  # a worker freed by a failed search takes the next problem before the caller wakes
             raise SearchCancelled("not started: another problem's search failed or was interrupted")
         try:
-            (result,) = fn([problem], policy, scorer, cfg, on_round=round_end)
+            (result,) = fn([problem], policy, scorer, seeded_for(cfg, problem), on_round=round_end)
         except BaseException:
             stop.set()  # in this thread, before its worker can take another problem
             raise
@@ -99,6 +104,22 @@ def search_each(
         raise
     finally:
         pool.shutdown(wait=True)
+
+
+def problem_seed(seed: int, problem_id: str) -> int:
+    """The seed of one problem's search in `search_each`: a hash of the call's seed and the
+    problem's id, the same whatever else is searched beside it."""
+    digest = hashlib.blake2b(f"{seed}|{problem_id}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def seeded_for(cfg: Any, problem: Problem) -> Any:
+    """cfg with the problem's own seed (`problem_seed`) when it is a dataclass config with an
+    integer seed (every strategy's is), else cfg as given."""
+    seed = getattr(cfg, "seed", None)
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) and is_int(seed):
+        return dataclasses.replace(cfg, seed=problem_seed(seed, problem.id))
+    return cfg
 
 
 def raise_first_error(futures: Sequence[Future]) -> None:
