@@ -12,6 +12,7 @@ file left alone (it may be a row another process is still writing, or a read-onl
     rows = load_rows(path, repair=False)        # the same, never writing to the file
     rows = load_rows(path, keys=("problem_id",))  # a row without one is an error naming its line
     append_rows(path, [{"problem_id": "p1", ...}])
+    check_row_questions(path, rows, problems)   # rows of other data files (ids are line numbers) refused
 
 Tests: `.venv/bin/pytest tests/test_search_resume.py`.
 """
@@ -20,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
+
+from treesearch.records import Problem
 
 
 class RecordLogError(ValueError):
@@ -86,3 +89,18 @@ def load_rows(path: str | os.PathLike[str], repair: bool = True, keys: Sequence[
             f.flush()
             os.fsync(f.fileno())
     return rows
+
+
+def check_row_questions(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]],
+                        problems: Sequence[Problem]) -> None:
+    """A ValueError when a row holds another question than the problem of its id: a benchmark's
+    ids are line numbers (gsm8k-test-1), so rows made on other data files ($TREESEARCH_DATA_DIR,
+    task.config.path) were taken as done and reported as this slice's. Rows without a question,
+    or of a problem not in `problems`, are not compared."""
+    questions = {p.id: p.question for p in problems}
+    for row in rows:
+        expected, held = questions.get(row.get("problem_id")), row.get("question")
+        if expected is not None and isinstance(held, str) and held != expected:
+            raise ValueError(f"{path}: the row of {row['problem_id']} holds another question than the data file's "
+                             f"({held[:60]!r} vs {expected[:60]!r}): it was made on other data files "
+                             "($TREESEARCH_DATA_DIR, task.config.path); use another output folder")

@@ -79,7 +79,7 @@ from experiments.out_dir_args import check_out_dir_argument, with_experiment_job
 from experiments.override_keys import check_override_keys, check_plain_keys
 from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
-from experiments.record_log import append_rows, load_rows
+from experiments.record_log import append_rows, check_row_questions, load_rows
 from experiments.result_json import write_atomic
 from experiments.run_weights import WEIGHTS_FILE, check_run_weights, model_folders
 from experiments.sweep_metrics import BUDGET_FIELDS, RECORD_KEYS, read_run_config, run_metrics
@@ -556,7 +556,9 @@ def search_missing(
     cfg: DictConfig, out: Path, task: Task, parts: Sequence[Sequence[Problem]], strategy_cfg: Any, spec: StrategySpec,
 ) -> None:
     """Run every chunk that has a problem without a row; append its missing rows."""
-    done = {row["problem_id"] for row in load_rows(out / RECORDS, keys=RECORD_KEYS)}
+    rows = load_rows(out / RECORDS, keys=RECORD_KEYS)
+    check_row_questions(out / RECORDS, rows, [p for part in parts for p in part])
+    done = {row["problem_id"] for row in rows}
     todo = [part for part in parts if any(p.id not in done for p in part)]
     if not todo:
         return

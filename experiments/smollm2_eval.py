@@ -64,7 +64,7 @@ import torch
 
 from experiments.cli_errors import run_command
 from experiments.outcomes import grade_results, record
-from experiments.record_log import append_rows, load_rows
+from experiments.record_log import append_rows, check_row_questions, load_rows
 from experiments.result_json import write_atomic
 from experiments.run_weights import check_run_weights, model_folders
 from experiments.search import chunk_seed, chunks, run_lock
@@ -354,14 +354,9 @@ def rows_by_problem(path: Path, problems: Sequence[Problem]) -> dict[str, dict[s
     """{problem id: its row} of a stage's rows file; a ValueError when a row holds another
     question than the problem of its id (GSM8K ids are line numbers: a run made on another copy
     of the data files was reused, and reported as the real slice)."""
-    questions = {p.id: p.question for p in problems}
-    by_id = {row["problem_id"]: row for row in load_rows(path)}
-    for problem_id, row in by_id.items():
-        if problem_id in questions and "question" in row and row["question"] != questions[problem_id]:
-            raise ValueError(f"{path}: the row of {problem_id} holds another question than the data file's "
-                             f"({row['question'][:60]!r} vs {questions[problem_id][:60]!r}): it was made on other data "
-                             "files (TREESEARCH_DATA_DIR?); use another --out")
-    return by_id
+    rows = load_rows(path)
+    check_row_questions(path, rows, problems)
+    return {row["problem_id"]: row for row in rows}
 
 
 def _tokens_per_s(rows: Sequence[dict[str, Any]]) -> float:

@@ -452,6 +452,22 @@ def test_search_entry_smoke_runs_every_strategy(strategy, ckpt, tmp_path):
     assert (out / "config.yaml").is_file()
 
 
+def test_rows_made_on_other_data_files_are_refused(ckpt, tmp_path, monkeypatch):
+    """GSM8K ids are line numbers: a run made with TREESEARCH_DATA_DIR pointing at other files was
+    resumed on the real data with every row taken as done, and reported as the real slice."""
+    other = tmp_path / "data" / "gsm8k"
+    other.mkdir(parents=True)
+    (other / "test.jsonl").write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"#### {2 * i}"})
+                                              + "\n" for i in range(3)))
+    out = tmp_path / "run"
+    overrides = ["task=gsm8k", f"policy.path={ckpt}", f"out_dir={out}"] + TINY
+    monkeypatch.setenv("TREESEARCH_DATA_DIR", str(tmp_path / "data"))
+    run_search_experiment(composed(overrides))
+    monkeypatch.delenv("TREESEARCH_DATA_DIR")
+    with pytest.raises(ValueError, match="the row of gsm8k-test-1 holds another question than the data file's"):
+        run_search_experiment(composed(overrides))
+
+
 def test_continuous_batching_gives_each_problem_its_search_alone(ckpt, tmp_path):
     """+batching=continuous: the chunk's problems are searched in threads through the engine;
     each problem's candidates equal a search of that problem alone with its own seed (from the
