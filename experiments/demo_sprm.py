@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.plot_aha import plot_aha
-from experiments.rollout_cache import CacheSpec, build_from_spec, load_cache, save_cache
+from experiments.rollout_cache import CacheSpec, build_from_spec, labels_version, load_cache, save_cache
 from policies.model_folder import weights_fingerprint
 from experiments.train_head import run_head_training
 from scorers.head_training import HeadTrainConfig
@@ -133,5 +133,7 @@ def _trained_with(head: Path, cfg: HeadTrainConfig, train: Path, test: Path) -> 
         return False
     caches = {"train_spec": load_cache(train), "test_spec": load_cache(test)}
     if saved.get("policy_fingerprint") != caches["train_spec"].policy_fingerprint:
+        return False
+    if saved.get("labels_version", 1) != labels_version(caches["train_spec"].task):  # trained on older true labels
         return False
     return all(saved.get(key) == _as_json(cache.spec) for key, cache in caches.items())

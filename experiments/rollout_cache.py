@@ -527,7 +527,7 @@ def save_cache(cache: RolloutCache, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CACHE_FORMAT, **{k: getattr(cache, k) for k in cache.__dataclass_fields__}}
-    payload["labels_version"] = LABELS_VERSION.get(cache.task, 1)
+    payload["labels_version"] = labels_version(cache.task)
     payload["features"] = {str(k): v for k, v in cache.features.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -599,19 +599,32 @@ def load_cache(path: str | Path) -> RolloutCache:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path} is not a rollout cache of format {CACHE_FORMAT!r} (found {found!r})")
     payload.pop("format")
-    labels_version = payload.pop("labels_version", 1)
+    saved_version = payload.pop("labels_version", 1)
     payload["features"] = {int(k): v for k, v in payload["features"].items()}
     for name in ("problem_ids", "questions", "answers", "finish", "step_texts"):
         payload[name] = tuple(payload[name])
     cache = RolloutCache(**payload)
-    if cache.step_labels is not None and labels_version < LABELS_VERSION.get(cache.task, 1):
-        cache = relabelled(cache)
+    if cache.step_labels is not None and saved_version < labels_version(cache.task):
+        cache = relabelled(cache, path)
     return cache
 
 
-def relabelled(cache: RolloutCache) -> RolloutCache:
-    """The cache with its true step labels made again by today's labeler (`LABELS_VERSION`)."""
-    problems, labeler = cache_problems(cache), STEP_LABELERS[cache.task]
+def labels_version(task: str) -> int:
+    """The version of a task's step labeler (`LABELS_VERSION`)."""
+    return LABELS_VERSION.get(task, 1)
+
+
+def relabelled(cache: RolloutCache, path: Path) -> RolloutCache:
+    """The cache with its true step labels made again by today's labeler (`LABELS_VERSION`); when
+    its problems cannot be regenerated (rollouts of the user's own problems, an older generator),
+    without true labels, said on stderr (the modes that need them then refuse it by name)."""
+    try:
+        problems = cache_problems(cache)
+    except ValueError:
+        print(f"note: {path} holds the true step labels of an older {cache.task} labeler and its problems cannot be "
+              "regenerated to label them again: loaded without true labels", file=sys.stderr)
+        return replace(cache, step_labels=None)
+    labeler = STEP_LABELERS[cache.task]
     labels = []
     for r in range(cache.num_rollouts):
         texts = cache.step_texts[int(cache.rollout_steps[r]): int(cache.rollout_steps[r + 1])]

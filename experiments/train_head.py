@@ -67,7 +67,9 @@ from experiments.aha_metrics import fc_metrics, prefixed
 from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, accuracy, problem_accuracy
 from experiments.record_log import encode_rows
 from experiments.result_json import write_atomic
-from experiments.rollout_cache import RolloutCache, check_policy, confidence_path_scores, load_cache, same_policy
+from experiments.rollout_cache import (
+    RolloutCache, check_policy, confidence_path_scores, labels_version, load_cache, same_policy,
+)
 from scorers.head_training import (
     HeadTrainConfig, LABEL_MODES, position_logits, position_probs, rollout_min_scores, rollout_path_scores,
     save_reflective_head, train_head,
@@ -334,6 +336,7 @@ def run_head_training(
     metrics = final_metrics(run.rows, run.head, test, cfg.feature_layer)
     metrics.update({"config": asdict(cfg), "train_cache": str(train_path), "test_cache": str(test_path),
                     "train_spec": train.spec, "test_spec": test.spec, "policy_fingerprint": train.policy_fingerprint,
+                    "labels_version": labels_version(train.task),
                     "train_seconds": run.seconds})
     write_atomic(out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     if save:

@@ -13,7 +13,7 @@ The trained model is OUT/final, an ordinary transformers directory.
 
 Resuming: rerunning on the same OUT resumes from OUT/last ("resuming from OUT/last at step K").
 Only --minutes, --max-steps (a larger budget trains the run longer: the flags given are its
-budget, one alone lifts the other kind's limit, none keeps the run's own), --checkpoint-every and
+budget, --max-steps alone with no time limit, none keeps the run's own), --checkpoint-every and
 --threads may change; another --task, --lr, --batch-size, --seed, --train-problems or bf16 is
 refused, naming the differing keys (policies/sft_resume.py RESUMABLE_KEYS), as is a damaged
 OUT/last (a run moved to a CPU of other bf16 support: add --bf16 or --no-bf16 as it ran).
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"wall-clock training budget (0: no time limit, then --max-steps is needed; default "
                              f"{d.max_minutes:g}, or a resumed run's own)")
     parser.add_argument("--max-steps", type=int, default=None,
-                        help="step budget (with or instead of --minutes; default none, or a resumed run's own)")
+                        help="step budget (with --minutes, or alone: then no time limit; default none, or a resumed "
+                             "run's own)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--seed", type=seed_int, default=d.seed)
@@ -90,19 +91,19 @@ class RunPlan:
 
 
 def with_saved_budget(args: argparse.Namespace) -> argparse.Namespace:
-    """args with the budget of a resume of the run in OUT/last: the flags given are the budget
-    (one alone: no limit of the other kind), none given keeps the run's own (its max_minutes
-    None reads as --minutes 0). A fresh run: --minutes defaults to SFTConfig's. Why: a run
-    trained with --minutes 0 --max-steps 1400, extended with --max-steps 2800 alone, took the
-    8-minute default, already spent, and trained no step."""
-    saved = saved_sft_config(Path(args.out)) if args.minutes is None else None
+    """args with the budget the flags give, the same for a fresh run and its resume (so "rerun the
+    same command" resumes it as it ran): the flags given are the budget, --max-steps alone with
+    no time limit; none given: a resumed run's own (its max_minutes None reads as --minutes 0),
+    a fresh run SFTConfig's --minutes. Why: a run trained with --minutes 0 --max-steps 1400,
+    extended with --max-steps 2800 alone, took the 8-minute default, already spent, and trained
+    no step."""
     minutes, max_steps = args.minutes, args.max_steps
-    if minutes is None and saved is None:
-        minutes = SFTConfig().max_minutes
-    elif minutes is None and max_steps is None:
-        minutes, max_steps = saved.get("max_minutes") or 0.0, saved.get("max_steps")
-    elif minutes is None:
+    if minutes is None and max_steps is not None:
         minutes = 0.0  # --max-steps alone: the steps are the budget
+    elif minutes is None:
+        saved = saved_sft_config(Path(args.out))
+        minutes = SFTConfig().max_minutes if saved is None else saved.get("max_minutes") or 0.0
+        max_steps = None if saved is None else saved.get("max_steps")
     return argparse.Namespace(**{**vars(args), "minutes": minutes, "max_steps": max_steps})
 
 

@@ -261,14 +261,15 @@ def caches(folder: Path) -> tuple[Path, Path, Path]:
 
 def finished_head_run(head: Path, cfg: Any, train: Path, test: Path) -> None:
     """A head run's marks as `run_head_training` leaves them: final/ and metrics.json."""
-    from experiments.rollout_cache import load_cache
+    from experiments.rollout_cache import labels_version, load_cache
 
     (head / "final").mkdir(parents=True, exist_ok=True)
     (head / "final" / "score_module.pt").write_text("a head")
     (head / "metrics.json").write_text(json.dumps(
         {"config": dataclasses.asdict(cfg), "train_cache": str(train), "test_cache": str(test),
          "train_spec": load_cache(train).spec, "test_spec": load_cache(test).spec,
-         "policy_fingerprint": load_cache(train).policy_fingerprint}))
+         "policy_fingerprint": load_cache(train).policy_fingerprint,
+         "labels_version": labels_version(load_cache(train).task)}))
 
 
 def test_a_head_is_trained_again_when_its_cache_was_rebuilt_in_place(tmp_path, monkeypatch):
@@ -287,6 +288,11 @@ def test_a_head_is_trained_again_when_its_cache_was_rebuilt_in_place(tmp_path, m
     assert not demo_sprm._trained_with(head, cfg, train, test)
     save_cache(rebuilt, train)
     assert demo_sprm._trained_with(head, cfg, train, test)
+    # a head trained before arith's labels changed (its metrics name no labels_version): trained again
+    metrics = json.loads((head / "metrics.json").read_text())
+    (head / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "labels_version"}))
+    assert not demo_sprm._trained_with(head, cfg, train, test)
+    (head / "metrics.json").write_text(json.dumps(metrics))
     # the same spec read again from the policy trained again in its folder (other weights)
     save_cache(dataclasses.replace(rebuilt, policy_fingerprint="other weights"), train)
     assert not demo_sprm._trained_with(head, cfg, train, test)

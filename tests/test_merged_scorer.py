@@ -8,7 +8,7 @@ from typing import Sequence
 
 from fakes import FakePolicy, OracleScorer
 from treesearch.beam_search import BeamSearchConfig, beam_search
-from treesearch.concurrent import search_each
+from treesearch.concurrent import search_each, seeded_for
 from treesearch.merged_scorer import MergedScorer, merged_for_threads
 from treesearch.records import Prefix, Problem, Step
 
@@ -185,7 +185,7 @@ class CountingModelScorer(OracleScorer):
 def test_search_each_merges_a_model_scorers_calls_with_the_results_of_each_problem_alone():
     problems = [Problem(f"p{i}", f"q{i}", str(i), {"answers": [str(i), "x", "y"]}) for i in range(12)]
     cfg = BeamSearchConfig(n=4, beam_width=2)
-    alone = [beam_search([p], FakePolicy(), OracleScorer(), cfg)[0] for p in problems]
+    alone = [beam_search([p], FakePolicy(), OracleScorer(), seeded_for(cfg, p))[0] for p in problems]
     merged_inner, plain_inner = CountingModelScorer(), CountingModelScorer()
     merged = search_each(beam_search, problems, FakePolicy(), merged_inner, cfg)
     plain = search_each(beam_search, problems, FakePolicy(), plain_inner, cfg, merge_scores=False)

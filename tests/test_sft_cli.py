@@ -113,6 +113,13 @@ def test_a_budget_flag_left_out_keeps_the_resumed_runs_own(tmp_path, capsys):
     assert "the budget is spent at step 3" in capsys.readouterr().out
     assert main("--out", str(out), "--minutes", "0.001") == 0  # --minutes alone: no step limit any more
     assert "sft.max_steps: 2 -> None" in capsys.readouterr().out  # (the last resume saved 2)
+    # --max-steps alone is the same budget fresh and resumed ("rerun the same command" lifted the 8 minutes)
+    fresh = tmp_path / "fresh"
+    assert main("--out", str(fresh), "--max-steps", "2") == 0
+    assert json.loads((fresh / sft_resume.SUMMARY_FILE).read_text())["config"]["max_minutes"] is None
+    capsys.readouterr()
+    assert main("--out", str(fresh), "--max-steps", "2") == 0
+    assert "changed on resume" not in capsys.readouterr().out
 
 
 def test_run_info_keys_one_side_lacks_are_not_compared():

@@ -480,7 +480,7 @@ def handmade(tiny):
     return cache_from_paths(spec, lm, tokenizer, problems, paths), problems, paths
 
 
-def test_a_cache_of_older_arith_labels_is_relabelled_on_load(handmade, tmp_path):
+def test_a_cache_of_older_arith_labels_is_relabelled_on_load(handmade, tmp_path, capsys):
     # arith's labels changed (any order that reaches the answer): the demo reused older caches
     cache, _, _ = handmade
     path = save_cache(cache, tmp_path / "c.pt")
@@ -493,6 +493,12 @@ def test_a_cache_of_older_arith_labels_is_relabelled_on_load(handmade, tmp_path)
     payload["labels_version"] = 2  # today's: kept as saved
     torch.save(payload, path)
     assert torch.equal(load_cache(path).step_labels, ~cache.step_labels)
+    # problems that cannot be regenerated (the user's own, an older generator): no true labels, said
+    del payload["labels_version"]
+    payload["problem_ids"] = tuple(f"own-{i}" for i in range(len(payload["problem_ids"])))
+    torch.save(payload, path)
+    assert load_cache(path).step_labels is None
+    assert "holds the true step labels of an older arith labeler" in capsys.readouterr().err
 
 
 def test_handmade_cache_shapes_and_labels(handmade, tiny):
