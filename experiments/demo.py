@@ -452,15 +452,14 @@ def check_output_folders(cfg: DemoConfig) -> None:
         existing = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())
         if not existing.is_dir():
             raise ValueError(f"{flag} {folder}: {existing} is a file, not a folder")
-    for task in cfg.tasks:  # a sweep folder of other settings (--seed, --sweep-problems, ...)
-        spec = sweep_spec(cfg, task)
-        if spec is not None:
-            for flag, folder in (("--out-dir", cfg.out_dir), ("--checkpoints", cfg.checkpoints)):
-                try:  # the sweep passes both to Hydra as override values
-                    hydra_path(folder)
-                except ValueError as err:
-                    raise ValueError(f"{flag} {err}") from None
-            check_sweep_folder(spec)
+    specs = [spec for spec in (sweep_spec(cfg, task) for task in cfg.tasks) if spec is not None]
+    for flag, folder in (("--out-dir", cfg.out_dir), ("--checkpoints", cfg.checkpoints)) if specs else ():
+        try:  # a sweep passes both to Hydra as override values
+            hydra_path(folder)
+        except ValueError as err:
+            raise ValueError(f"{flag} {err}") from None
+    for spec in specs:  # a sweep folder of other settings (--seed, --sweep-problems, ...)
+        check_sweep_folder(spec)
     check_problem_counts(cfg)
 
 
