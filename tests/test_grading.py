@@ -151,13 +151,14 @@ def test_every_math500_answer_grades_equal_without_its_spaces():
     "**ANSWER: B**", "ANSWER: **B**", "**ANSWER:** B", "ANSWER: $B$", "ANSWER: $\\text{B}$",
     "ANSWER: B) 2", "答案：B选项", "答案：B，因为……", "ANSWER: B, because 2 > 1", "ANSWER: b",
     "work\n**B**", "答案：选B", "故选B", "所以选B。",  # the last three: None before
+    "ANSWER: \\(B\\)", "ANSWER: B、2", "ANSWER：Ｂ", "ANSWER: B (2)", "ANSWER: B: 2",  # None before
 ])
 def test_choice_letter_in_markdown_latex_or_lowercase(text):
     assert extract_choice(text) == "B"
 
 
 @pytest.mark.parametrize("text", [
-    "ANSWER: A, B", "答案：A，D", "ANSWER: A,B", "The answer is a.", "Answer: a triangle",
+    "ANSWER: A, B", "答案：A，D", "ANSWER: A,B", "The answer is a.", "Answer: a triangle", "答案：A、D",
 ])
 def test_several_letters_or_a_lowercase_word_are_no_choice(text):
     assert extract_choice(text) is None
@@ -194,6 +195,25 @@ def test_a_bare_unit_word_after_a_number_is_its_unit(text, reference, right):
     # math_verify read "18 eggs" as the product 18*e*g*g*s: graded wrong against 18
     assert grade_math(text, reference) is right
 
+
+
+@pytest.mark.parametrize("text, reference, right", [
+    # math_verify read the first number of each (and "and a half hours" was dropped as a unit)
+    ("\\boxed{6\\text{ and a half hours}}", "6", False), ("\\boxed{6\\text{ and a half hours}}", "6.5", True),
+    ("\\boxed{2 and one-half}", "2.5", True), ("\\boxed{1 \\text{ hour } 30 \\text{ minutes}}", "1", False),
+    ("\\boxed{3 \\text{ feet } 4 \\text{ inches}}", "3", False),
+    ("\\boxed{10 \\text{ cm}^2}", "10", True),  # an exponent is no second number
+    ("\\boxed{6~\\text{hours}}", "6", True), ("\\boxed{90\\degree}", "90", True),  # False before
+])
+def test_mixed_numbers_and_compound_quantities(text, reference, right):
+    assert grade_math(text, reference) is right
+
+
+def test_a_list_answer_keeps_its_vote_apart_from_a_number():
+    # "1, 100" lost its space in the vote key and was read as the number 1,100 (one vote with 1100)
+    assert math500.extract_answer("The solutions are $\\boxed{1}$ and $\\boxed{100}$.") != "1100"
+    assert canonical_answer("1, 100") != canonical_answer("1100") == "1100"
+    assert canonical_answer("0,125") != "125" and canonical_answer("1,100") == "1100"
 
 
 # ---------------------------------------------------------------------------------------------

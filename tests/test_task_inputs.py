@@ -104,6 +104,7 @@ def test_an_empty_ceval_subject_is_named(tmp_path):
         ({"question": "q", "answer": "so #### eighteen"}, "answer"),
         ({"question": "q", "answer": "#### 18 apples"}, "answer"),
         ({"question": "q", "answer": "#### 1,2"}, "answer"),
+        ({"question": "q", "answer": "x\n#### five"}, "answer"),
     ],
 )
 def test_gsm8k_refuses_an_empty_question_and_a_non_numeric_answer(tmp_path, row, field):
@@ -111,6 +112,21 @@ def test_gsm8k_refuses_an_empty_question_and_a_non_numeric_answer(tmp_path, row,
     with pytest.raises(DataFormatError) as caught:
         gsm8k.load_gsm8k("test", path)
     assert (caught.value.path, caught.value.line, caught.value.field) == (str(path), 2, field)
+
+
+def test_gsm8k_names_a_non_numeric_answer_as_such(tmp_path):
+    # "#### five" was taken for a markdown heading: "no '#### <answer>' line", though there is one
+    path = _write_rows(tmp_path / "rows.jsonl", [{"question": "q", "answer": "x\n#### five"}])
+    with pytest.raises(DataFormatError, match="expected a number after '####'.*'five'"):
+        gsm8k.load_gsm8k("test", path)
+
+
+@pytest.mark.parametrize("answer", [1000, -3, "1000"])
+def test_aime_refuses_an_answer_outside_0_to_999(tmp_path, answer):
+    path = _write_rows(tmp_path / "rows.jsonl", [{"prompt": "p", "answer": answer}])
+    with pytest.raises(DataFormatError, match="from 0 to 999") as caught:
+        aime.load_aime(24, path)
+    assert (caught.value.line, caught.value.field) == (1, "answer")
 
 
 def test_gsm8k_numbers_with_commas_signs_and_decimals_load(tmp_path):

@@ -72,10 +72,13 @@ class AimeConfig:
 
 
 def _canonical_answer(value: Any, where: RowLocation, field: str) -> str:
-    """An AIME answer as a canonical integer string; DataFormatError unless it is an integer."""
+    """An AIME answer as a canonical integer string; DataFormatError unless it is an integer from 0
+    to 999 (every AIME answer is)."""
     text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
     if not _INTEGER_RE.fullmatch(text) or len(text) > 12:  # ASCII digits: "²" and "--5" are no integers
         raise where.error(f"expected an integer answer, got {value!r}", field=field)
+    if not 0 <= int(text) <= 999:
+        raise where.error(f"expected an AIME answer from 0 to 999, got {value!r}", field=field)
     return str(int(text))
 
 

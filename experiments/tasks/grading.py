@@ -34,6 +34,7 @@ import select
 import subprocess
 import sys
 import threading
+import unicodedata
 from fractions import Fraction
 from pathlib import Path
 
@@ -60,15 +61,16 @@ _BOX_JOINER_RE = re.compile(r"[\s$]*(?:[,;][\s$]*(?:(?:and|or)[\s$]+)?|(?:and|or
 _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
 # "(.+)" and not "(.+?)[ \t]*": the latter backtracks quadratically on a long run of blanks.
 _ANSWER_RE = re.compile(r"(?im)^[ \t*#>]*(?:final[ \t]+)?answer[ \t*]*[:：][ \t*]*(.+)$")
-# "ANSWER: C", "answer is (B).", "答案：D", "**ANSWER:** $B$", "答案：B选项", "答案：选C", "故选C": the letter must end the
-# statement (or close a bracket: "B) 2"), so that "Answer: A triangle has ..." is not read as
+# "ANSWER: C", "answer is (B).", "答案：D", "**ANSWER:** $B$", "答案：B选项", "答案：选C", "故选C", "ANSWER: \\(B\\)",
+# "ANSWER：Ｂ" (a full-width letter): the letter must end the statement (or close a bracket: "B) 2"; or be
+# followed by a colon, "、" or a bracketed remark: "B: 2", "B、2", "B (2)"), so that "Answer: A triangle has ..." is not read as
 # choice A, nor "ANSWER: A, B" as A. Each optional part owns the blanks after it (adjacent optional
 # blank runs made a long run of spaces after "answer" take minutes of backtracking).
 _CHOICE_ANSWER_RE = re.compile(
     r"(?im)(?:answer|答案|故选|所以选)[\s*_]*(?:(?:is|为|是|选)[\s*_]*)?(?P<colon>[:：][\s*_$]*)?(?:选[\s*_]*)?"
-    r"(?:\\(?:text|textbf|mathrm|mathbf|boxed)\{)?(?:[(（{\[]\s*)?"
-    r"(?P<letter>[A-Z])[\s)）}\]*_$]*"
-    r"(?=$|[.。;；!！]|[,，](?![ \t]*(?-i:[A-D])(?![A-Za-z]))|选项|(?<=[)）\]]))"
+    r"(?:\\(?:text|textbf|mathrm|mathbf|boxed)\{)?(?:\\[(\[]\s*)?(?:[(（{\[]\s*)?"
+    r"(?P<letter>[A-ZＡ-Ｚ])(?:[\s)）}\]*_$]|\\[)\]])*"
+    r"(?=$|[.。;；!！:：]|[,，、](?![ \t]*(?-i:[A-D])(?![A-Za-z]))|选项|(?<=[)）\]])|[ \t]*[(（])"
 )
 # Minerva's answer line ("Final Answer: The final answer is $5$. I hope it is correct."): its X
 _MINERVA_START_RE = re.compile(r"(?i)the[ \t]+final[ \t]+answer[ \t]+is:?[ \t]*")
@@ -281,7 +283,7 @@ def extract_choice(text: str, letters: str = CHOICE_LETTERS) -> str | None:
     if not isinstance(text, str):
         return None
     for scope in (_after_think(text), text):
-        stated = [m.group("letter").upper() for m in _CHOICE_ANSWER_RE.finditer(scope)
+        stated = [unicodedata.normalize("NFKC", m.group("letter")).upper() for m in _CHOICE_ANSWER_RE.finditer(scope)
                   if m.group("letter").isupper() or m.group("colon")]  # "ANSWER: b", not "answer is a."
         stated = [letter for letter in stated if letter in letters]
         if stated:
@@ -298,14 +300,14 @@ def extract_choice(text: str, letters: str = CHOICE_LETTERS) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Equivalence: fast path
 
-_GROUPED_INT_RE = re.compile(r"^[-+]?\d{1,3}(?:[, ]\d{3})+(?:\.\d+)?$")  # "1,000", "1\,000" (-> "1 000")
+_GROUPED_INT_RE = re.compile(r"^[-+]?[1-9]\d{0,2}(?:[, ]\d{3})+(?:\.\d+)?$")  # "1,000", "1\,000" (-> "1 000"); not "0,125"
 _DECIMAL_RE = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)$")
 _FRACTION_RE = re.compile(r"^[-+]?\d+\s*/\s*\d+$")
 _LATEX_FRACTION_RE = re.compile(r"^([-+]?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
 # One pass over the spacing commands: \left( -> (, not \rightarrow; \! and the blanks after it go
 # ("11,\! 111" -> "11,111"); \, \; \: "\ " -> a space; a LaTeX row break "\\" is kept whole (its
 # second backslash is not the start of "\ " or "\left").
-_SPACING_RE = re.compile(r"\\\\|\\(?:left|right)(?![A-Za-z])|\\![ \t]*|\\[,;: ]")
+_SPACING_RE = re.compile(r"\\\\|\\(?:left|right)(?![A-Za-z])|\\![ \t]*|\\[,;: ]|~")
 _PERCENT_RE = re.compile(r"\s*(?:\\?%|percent)$")
 _UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]+)+$")  # " apples", " square feet"
 _BARE_UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]{2,})+$")  # "18 eggs" (not "2 x": a letter may be a variable)
@@ -320,6 +322,12 @@ _MAGNITUDES = {"hundred": 10**2, "thousand": 10**3, "million": 10**6, "billion":
 _MAGNITUDE_RE = re.compile(r"(?i)^(?P<number>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s*(?:\\text\{\s*)?"
                            r"(?P<word>hundred|thousand|million|billion|trillion|squared|cubed)s?\s*\}?$")
 _POWERS = {"squared": 2, "cubed": 3}  # "18 squared" is 324; "18 units squared" is an area of 18
+# "6 and a half hours", "2 and a quarter": a whole number and its part (\text{} groups opened first)
+_MIXED_RE = re.compile(r"(?i)^(?P<whole>[-+]?\d+)\s+and\s+(?:a|one)[\s-]+(?P<part>half|quarter)(?:\s+[A-Za-z]+)*$")
+_PARTS = {"half": Fraction(1, 2), "quarter": Fraction(1, 4)}
+# a number, words, another number: a compound quantity ("1 hour 30 minutes", "3 feet 4 inches"), no
+# plain number (math_verify read its first); "10 cm^2" is none (an exponent is not a second number)
+_COMPOUND_RE = re.compile(r"\d\s+(?:[A-Za-z]{2,}\s+)+[-+]?\d")
 # two numbers joined by "and" / "or": a compound or hedged answer, one plain number only when
 # every part has its value (`_joined_value`)
 _TWO_NUMBERS_RE = re.compile(r"\d[^\d]{0,40}?\b(?:and|or)\b[^\d]{0,40}?\d")
@@ -345,7 +353,7 @@ def _respace(match: re.Match[str]) -> str:
     token = match.group()
     if token == "\\\\":
         return token
-    return " " if token[1] in ",;: " else ""
+    return " " if token == "~" or token[1] in ",;: " else ""
 
 
 def parse_number(answer: str) -> Fraction | None:
@@ -362,6 +370,10 @@ def parse_number(answer: str) -> Fraction | None:
     text = text.replace("\\$", "").replace("$", "").replace("{,}", ",").strip()
     wrapped = _TEXT_WRAPPER_RE.match(text)
     magnitude = _MAGNITUDE_RE.match(wrapped.group(1).strip() if wrapped else text)  # before a unit word is dropped
+    mixed = _MIXED_RE.match(_text_opened(text).strip())
+    if mixed:
+        sign = -1 if mixed.group("whole").startswith("-") else 1
+        return int(mixed.group("whole")) + sign * _PARTS[mixed.group("part").lower()]
     if magnitude:
         number, word = Fraction(magnitude.group("number").replace(",", "")), magnitude.group("word").lower()
         return number ** _POWERS[word] if word in _POWERS else number * _MAGNITUDES[word]
@@ -398,6 +410,11 @@ def _without_unit(text: str, unit_words: re.Pattern[str]) -> str:
     return text[: unit.start()].strip()
 
 
+def _text_opened(text: str) -> str:
+    """text with its \\text{...} groups opened ("6\\text{ and a half}" -> "6  and a half ")."""
+    return _TEXT_GROUP_RE.sub(r" \1 ", text)
+
+
 def canonical_answer(answer: str) -> str:
     """The form majority votes compare: a plain number as its exact value, in decimals where they
     end ("18", "18.00", "$18" -> "18"; "0.5", "\\frac{1}{2}", "\\frac12" -> "0.5"; "1/3" -> "1/3"),
@@ -409,13 +426,14 @@ def canonical_answer(answer: str) -> str:
     if number is not None:
         return exact_text(number)
     form = notation_form(answer)
-    number = parse_number(form)
+    # a comma in the form is a list's ("1, 100" -> "1,100"), not a thousands comma: those were read above
+    number = parse_number(form) if "," not in form else None
     return form if number is None else exact_text(number)
 
 
 _FRACTION_VARIANT_RE = re.compile(r"\\[dt]frac(?![A-Za-z])")
 _SHORT_ARGUMENT_RE = re.compile(r"\\(frac|sqrt)\s*([0-9A-Za-z])(?:\s*([0-9A-Za-z]))?")  # \frac12, \sqrt3, \frac 59
-_DEGREES_RE = re.compile(r"(?:\^\s*\{?\s*\\circ\s*\}?|°)$")
+_DEGREES_RE = re.compile(r"(?:\^\s*\{?\s*\\circ\s*\}?|°|\\degree)$")
 _ASSIGNMENT_RE = re.compile(r"^([A-Za-z])\s*=\s*(?=\S)")  # "x = 5": the value (group 1: the variable)
 _CHOICE_RE = re.compile(r"^(?:\\text(?:bf)?\{\s*)?\(?([A-Z])\)?(?:\s*\})?$")  # "\text{(C)}", "(C)": "C"
 _SPACE_RE = re.compile(r"(?<![0-9A-Za-z])\s+|\s+(?![0-9A-Za-z])")  # spaces not between two word characters
@@ -478,6 +496,8 @@ def fast_match(predicted: str, reference: str) -> bool | None:
             return False
         if None not in values:
             return values.pop() == reference_number
+    if reference_number is not None and _COMPOUND_RE.search(_text_opened(normalize_text(predicted))):
+        return False
     return None
 
 
@@ -485,7 +505,7 @@ def _joined_values(answer: str) -> set[Fraction | None]:
     """The values of the parts of an answer that joins numbers with "and" / "or" (None for a part
     that is no plain number): one value for "\\frac{3}{4} \\text{ or } 0.75", two for "3 hours and
     20 minutes" or "18 (or 20)"; a part such as 2^{10} leaves the comparison to math_verify."""
-    text = _TEXT_GROUP_RE.sub(r" \1 ", normalize_text(answer))
+    text = _text_opened(normalize_text(answer))
     return {parse_number(part.strip(" ()[],;")) for part in _JOINER_SPLIT_RE.split(text)}
 
 
