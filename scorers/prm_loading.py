@@ -16,17 +16,22 @@ from typing import Any
 
 import torch
 
-from policies.checkpoint import DamagedCheckpointError
+from policies.checkpoint import DamagedCheckpointError, check_json_files, check_safetensors
 from policies.model_folder import missing_folder_error
 from scorers.prm_format import PRMFormat, check_chat_template, tokenizer_name
 
 
 def check_prm_folder(directory: Path) -> Path:
-    """FileNotFoundError naming a missing folder or its missing config.json."""
+    """FileNotFoundError naming a missing folder or its missing config.json; DamagedCheckpointError
+    naming a JSON file (config, tokenizer, weight index) or safetensors file of it that is truncated
+    or corrupted (their readers' own errors name no file)."""
     if not directory.is_dir():
         raise missing_folder_error(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"PRM folder {directory} has no config.json (a transformers model folder)")
+    check_json_files(directory)
+    for weights in sorted(directory.glob("*.safetensors")):  # headers only
+        check_safetensors(weights)
     return directory
 
 
@@ -52,14 +57,15 @@ def load_prm_model(directory: Path, dtype: torch.dtype, causal_lm: bool = True) 
 
 
 def check_tokenizer(tokenizer: Any, fmt: PRMFormat, good_id: int | None, bad_id: int | None) -> tuple[int, int]:
-    """(good id, bad id) for fmt in tokenizer ((-1, -1) for reader "head", which reads no tokens);
+    """(good id, bad id) for fmt in tokenizer (reader "head" reads no tokens: -1, -1, but the
+    chat layout's answer token, the good one, is still looked up: a step is read before it);
     ValueError naming what does not fit: a slow tokenizer, a good or bad token of several tokens,
     one id for both, no chat template for a chat layout."""
     check_fast(tokenizer)
     if fmt.layout != "tag":
         check_chat_template(tokenizer)
     if fmt.reader == "head":
-        return -1, -1
+        return (one_token(tokenizer, fmt.good, good_id, "good") if fmt.layout == "chat" else -1), -1
     good, bad = one_token(tokenizer, fmt.good, good_id, "good"), one_token(tokenizer, fmt.bad, bad_id, "bad")
     if good == bad:
         raise ValueError(f"good and bad are the same token id {good}: a score needs two")

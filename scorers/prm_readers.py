@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from policies.checkpoint import reading
 from policies.model_folder import weight_files
 
 HEAD_KEYS: tuple[str, ...] = ("score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias")
@@ -55,8 +56,10 @@ def token_pair_logits(model: Any, features: torch.Tensor, good_id: int, bad_id: 
 
 
 def logit_transform(config: Any) -> tuple[float, float | None]:
-    """(logit scale, final soft-capping or None) of a transformers config (Cohere, Gemma 2)."""
-    return float(getattr(config, "logit_scale", None) or 1.0), getattr(config, "final_logit_softcapping", None)
+    """(logit scale, final soft-capping or None) of a transformers config: Cohere's logit_scale
+    multiplies the logits, Granite's logits_scaling divides them, Gemma 2 soft-caps them."""
+    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    return scale, getattr(config, "final_logit_softcapping", None)
 
 
 def load_token_rows(directory: Path, good_id: int, bad_id: int) -> TokenRows:
@@ -93,7 +96,8 @@ def read_tensors(directory: Path, names: tuple[str, ...], rows: list[int] | None
                     else:
                         found[name] = torch.stack([reader.get_slice(name)[row] for row in rows])
         else:
-            state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+            with reading(file):  # a truncated .bin file named
+                state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
             for name in set(names) & set(state):
                 found[name] = state[name] if rows is None else state[name][rows].clone()
     return found
@@ -114,7 +118,10 @@ class ScoreHead(torch.nn.Module):
 
 def load_score_head(directory: Path, dtype: torch.dtype) -> ScoreHead:
     """The folder's `score.*` tensors (in its weight files: safetensors or .bin, one or sharded)
-    as a ScoreHead in dtype; FileNotFoundError naming the folder when it has none of them."""
+    as a ScoreHead in dtype; FileNotFoundError naming the folder when it has none of them,
+    ValueError naming a tensor whose shape is not the head's for the config's hidden size."""
+    from transformers import AutoConfig
+
     tensors = read_tensors(directory, HEAD_KEYS)
     missing = [key for key in HEAD_KEYS if key not in tensors]
     if missing:
@@ -123,6 +130,13 @@ def load_score_head(directory: Path, dtype: torch.dtype) -> ScoreHead:
             f"{', '.join(f.name for f in weight_files(directory))}): "
             "prm_format=qwen_prm reads a two-class head such as Qwen2.5-Math-PRM's"
         )
-    head = ScoreHead(int(tensors["score.0.weight"].shape[1]), dtype)
+    hidden = int(AutoConfig.from_pretrained(str(directory), local_files_only=True).hidden_size)
+    shapes = {"score.0.weight": (hidden, hidden), "score.0.bias": (hidden,), "score.2.weight": (2, hidden),
+              "score.2.bias": (2,)}
+    for key, shape in shapes.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"PRM folder {directory}: {key} has shape {tuple(tensors[key].shape)}, not {shape} "
+                             f"(a two-class head on hidden size {hidden}, config.json's)")
+    head = ScoreHead(hidden, dtype)
     head.score.load_state_dict({key.removeprefix("score."): value.to(dtype) for key, value in tensors.items()})
     return head.eval()

@@ -12,19 +12,21 @@ chat template for the chat layouts and a random score head for Qwen's reader.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from policies.checkpoint import DamagedCheckpointError
 from policies.tiny_model import TinyModelConfig
 from scorers.lm_prm_scorer import LMPRMScorer
 from scorers.prm_layout import last_token_before, readings_of, whole_paths
 from scorers.prm_batches import PRMBatch, forwarded_tokens, plan_batches
 from scorers.prm_format import QWEN_SYSTEM, PRMFormat, prm_text, resolve_prm_format
-from scorers.prm_readers import ScoreHead
+from scorers.prm_readers import ScoreHead, logit_transform
 from test_search_resume import run_in_process
 from tiny_checkpoint import CHAT_TEMPLATE, save_tiny_checkpoint, with_chat_template, with_score_head
 from treesearch.protocols import Scorer
@@ -290,6 +292,44 @@ def test_a_chat_template_whose_turns_are_not_prefixes_is_named(chat_dir):
     scorer.tokenizer.chat_template = CHAT_TEMPLATE.replace(generation_prompt, "{% if add_generation_prompt %}<|bot|>")
     with pytest.raises(ValueError, match="does not render a conversation's earlier turns"):
         scorer.score(PATHS[:1])
+
+
+def test_a_chat_layout_with_a_score_head_reads_before_each_answer(qwen_dir):
+    # check_tokenizer gave reader "head" no answer token (-1): every path failed "does not render the answer"
+    scorer = LMPRMScorer.from_pretrained(qwen_dir, PRMFormat(layout="chat", reader="head"))
+    chat = LMPRMScorer.from_pretrained(qwen_dir, "rlhflow")
+    reading, expected = scorer.read(PATHS)[3], chat.read(PATHS)[3]
+    assert reading.positions == expected.positions and len(reading.step_scores) == 2
+
+
+def test_damaged_prm_files_and_a_head_of_another_width_are_named(qwen_dir, tmp_path):
+    weights = tmp_path / "weights"
+    shutil.copytree(qwen_dir, weights)
+    data = (weights / "model.safetensors").read_bytes()
+    (weights / "model.safetensors").write_bytes(data[: len(data) // 2])  # SafetensorError naming no file before
+    with pytest.raises(DamagedCheckpointError, match=f"{weights / 'model.safetensors'} is damaged"):
+        LMPRMScorer.from_pretrained(weights, "qwen_prm")
+    tokens = tmp_path / "tokens"
+    shutil.copytree(qwen_dir, tokens)
+    text = (tokens / "tokenizer.json").read_text()
+    (tokens / "tokenizer.json").write_text(text[: len(text) // 2])  # a bare JSONDecodeError before
+    with pytest.raises(DamagedCheckpointError, match=f"{tokens / 'tokenizer.json'} is damaged"):
+        LMPRMScorer.from_pretrained(tokens, "qwen_prm")
+    wide = tmp_path / "wide"
+    shutil.copytree(qwen_dir, wide)
+    tensors = load_file(str(wide / "model.safetensors"))
+    tensors["score.0.weight"], tensors["score.0.bias"] = torch.zeros(64, 64), torch.zeros(64)
+    tensors["score.2.weight"] = torch.zeros(2, 64)
+    save_file(tensors, str(wide / "model.safetensors"))  # loaded, then failed at the first score before
+    with pytest.raises(ValueError, match=r"score.0.weight has shape \(64, 64\), not \(32, 32\)"):
+        LMPRMScorer.from_pretrained(wide, "qwen_prm")
+
+
+def test_logit_transform_divides_by_granites_logits_scaling():
+    from types import SimpleNamespace
+
+    assert logit_transform(SimpleNamespace(logits_scaling=8.0)) == (0.125, None)
+    assert logit_transform(SimpleNamespace(logit_scale=2.0, final_logit_softcapping=30.0)) == (2.0, 30.0)
 
 
 def test_missing_folders_and_long_paths_are_named(prm_dir, tmp_path):
