@@ -256,6 +256,11 @@ class CompletionsClient:
         if isinstance(failure, httpx.TimeoutException):
             return TimeoutError(f"{method} {url}: no answer within timeout_s={self.config.timeout_s} on all {tries} "
                                 f"({type(failure).__name__}); raise timeout_s or check the server's load")
+        if not isinstance(failure, httpx.ConnectError):  # it took the request, then broke off its answer
+            return ConnectionError(
+                f"{method} {url}: the server took the request but broke off its answer on all {tries} "
+                f"({type(failure).__name__}: {failure}); check its log (a crash, a proxy's limit)"
+            )
         return ConnectionError(
             f"no OpenAI-compatible server answers at {self.config.root} ({method} {url}: "
             f"{type(failure).__name__}: {failure}; {tries}). Start one, e.g. `{self.start_hint}`, "
@@ -448,20 +453,30 @@ class OpenAIPolicy:
             raise OpenAIServerError(f"{self.client.config.root}/v1/completions answered without a choice: "
                                     f"{json.dumps(response)[:200]}", 200)
         choice = choices[0]
-        logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
-        tokens = _token_ids(choice)
+        try:
+            logprobs = list((choice.get("logprobs") or {}).get("token_logprobs") or [])
+            tokens = _token_ids(choice)
+            details = (response.get("usage") or {}).get("prompt_tokens_details") or {}
+            cached_tokens = int(details.get("cached_tokens") or 0)
+        except (AttributeError, TypeError, ValueError) as error:  # a field of another type than the API's
+            raise OpenAIServerError(f"{self.client.config.root}/v1/completions answered a malformed choice "
+                                    f"({type(error).__name__}: {error}): {json.dumps(response)[:200]}", 200) from error
         if tokens is None:  # not vLLM: tokenise the text (module docstring)
             tokens = tuple(self.tokenizer(choice.get("text") or "", add_special_tokens=False).input_ids)
-        if len(logprobs) != len(tokens) or any(x is None for x in logprobs):
+        if len(logprobs) != len(tokens) or not all(_is_number(x) for x in logprobs):
             raise ValueError(
                 f"{self.client.config.root} returned {len(tokens)} tokens but log-probs {logprobs[:8]}...: "
                 "the server must return one sampled-token log-prob per generated token (logprobs=0)"
             )
         prompt_tokens = len(request.token_ids)
-        details = (response.get("usage") or {}).get("prompt_tokens_details") or {}
-        cached = min(max(int(details.get("cached_tokens") or 0), 0), prompt_tokens)
+        cached = min(max(cached_tokens, 0), prompt_tokens)
         return Completion(tokens, tuple(float(x) for x in logprobs), prompt_tokens, cached)
 
+
+
+def _is_number(value: Any) -> bool:
+    """Whether a JSON value is a number (a bool is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _token_ids(choice: dict[str, Any]) -> tuple[int, ...] | None:

@@ -84,6 +84,7 @@ class Script:
     model: str = "fake"
     lists_models: bool = True  # False: GET /v1/models is a 404 (servers without it)
     delay_s: float = 0.0
+    cut_at: int | None = None  # bytes of each completions body sent before the connection closes
     bodies: list[dict[str, Any]] = field(default_factory=list)
     authorization: list[str | None] = field(default_factory=list)
 
@@ -103,14 +104,14 @@ def handler_for(script: Script) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: Any) -> None:  # quiet
             pass
 
-        def _send(self, status: int, body: dict[str, Any] | str) -> None:
+        def _send(self, status: int, body: dict[str, Any] | str, cut_at: int | None = None) -> None:
             data = body.encode() if isinstance(body, str) else json.dumps(body).encode()  # a str: sent as it is
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             try:
-                self.wfile.write(data)
+                self.wfile.write(data[:cut_at])
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (the timeout test)
                 pass
 
@@ -125,7 +126,7 @@ def handler_for(script: Script) -> type[BaseHTTPRequestHandler]:
             script.authorization.append(self.headers.get("Authorization"))
             time.sleep(script.delay_s)
             status, body = script.answers[min(len(script.bodies), len(script.answers)) - 1]
-            self._send(status, body)
+            self._send(status, body, script.cut_at)
 
     return Handler
 
@@ -260,6 +261,27 @@ def test_a_200_that_is_not_a_json_object_is_retried_then_named(scripted, checkpo
     assert error.value.status == 200
     with pytest.raises(OpenAIServerError, match=r"/v1/completions answered without a choice: \{\"object\""):
         one_step(scripted(Script([(200, {"object": "text_completion", "choices": []})])), checkpoint)
+
+
+@pytest.mark.parametrize("choice, usage", [
+    ({"token_ids": ["a"], "logprobs": {"token_logprobs": [-0.1]}}, {}),
+    ({"token_ids": [5], "logprobs": [-0.1]}, {}),
+    ({"token_ids": [5], "logprobs": {"token_logprobs": [-0.1]}}, {"prompt_tokens_details": {"cached_tokens": "x"}}),
+])
+def test_a_choice_with_fields_of_other_types_is_named(scripted, checkpoint, choice, usage):
+    # a bare ValueError / AttributeError ("'list' object has no attribute 'get'") naming no server before
+    url = scripted(Script([(200, {"choices": [{"index": 0, "text": "", **choice}], "usage": usage})]))
+    with pytest.raises(OpenAIServerError, match=f"{url}/v1/completions answered a malformed choice"):
+        one_step(url, checkpoint)
+
+
+def test_a_server_that_breaks_off_its_answer_is_not_called_absent(scripted, checkpoint):
+    # "no OpenAI-compatible server answers ... Start one" before, for a server that had answered
+    url = scripted(Script([(200, EOS_STEP)], cut_at=20))
+    with pytest.raises(ConnectionError, match=r"the server took the request but broke off its answer on all 3 tries "
+                                              r"\(RemoteProtocolError") as error:
+        one_step(url, checkpoint)
+    assert "Start one" not in str(error.value)
 
 
 def test_a_temperature_vllm_would_raise_to_its_smallest_is_refused(checkpoint):

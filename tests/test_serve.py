@@ -219,7 +219,7 @@ def test_policy_names_a_meant_field_and_ignores_the_rest(services):
     assert post(policy, "/generate", {"prefix_prompt": "a", "temperture": 0}).json()["error"] == (
         "temperture: is not a field of this request; did you mean temperature?")
     plain = post(policy, "/generate", generate_body(2, model="tiny", user="me", stream=False, logprobs=None,
-                                                    min_tokens=0))
+                                                    min_tokens=0, best_of=1))  # best_of 1 (its off) refused before
     assert plain.status_code == 200 and len(plain.json()["results"]) == 2  # the reference's clients: unchanged
 
 
@@ -312,6 +312,8 @@ def test_policy_concurrent_requests_get_their_own_answers_batched(services):
     ({"prefix_prompt": "a", "stream": True}, None, "stream"),            # no streaming here
     ({"prefix_prompt": "a", "logprobs": 1}, None, "logprobs"),
     ({"prefix_prompt": "a", "min_tokens": 1}, None, "min_tokens"),      # vLLM's option: "did you mean max_tokens?" before
+    ({"prefix_prompt": "a", "best_of": 2}, None, "best_of"),
+    ({"prefix_prompt": "a", "best_of": True}, None, "best_of"),
     # each stop string is checked after every token of every row: 50,000 held the worker for 25 s
     ({"prefix_prompt": "a", "stop": [f"s{i}" for i in range(33)]}, None, "stop"),
     ({"prefix_prompt": "a", "stop": "x" * 513}, None, "stop"),

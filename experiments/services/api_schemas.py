@@ -33,7 +33,7 @@ are checked by the services and raised as `FieldError`.
 Errors: every rejected request gets a JSON body
     {"error": "<field>: <what is wrong>", "field": "<field>", "detail": [pydantic's errors]}
 with status 422 (invalid or malformed body; "field" is "body" for malformed JSON, a body that is
-not UTF-8 or nested too deeply to parse, or a missing body), 413 (text over the configured length) or 401 (missing or wrong API key, when one is set:
+not UTF-8, nested too deeply or an integer of over 4300 digits, or a missing body), 413 (text over the configured length) or 401 (missing or wrong API key, when one is set:
 every endpoint, /health included, needs `Authorization: Bearer KEY`, the scheme in any case).
 Other HTTP errors (404, 405) answer {"error": str} with their status; a request whose client
 left before its batch ran is dropped (CLIENT_GONE_STATUS, which nobody reads).
@@ -81,12 +81,18 @@ def check_field_names(body: Any, fields: Mapping[str, Any]) -> None:
         if OTHER_NAMES.get(key) in fields:
             raise FieldError(key, f"is not a field of this request; its name here is {OTHER_NAMES[key]}")
         if key in UNSUPPORTED_OPTIONS:  # off passes, and is no misspelling ("min_tokens" of max_tokens)
-            if value not in (None, False, 0):
+            if not _is_off(key, value):
                 raise FieldError(key, "is not supported by this service (one JSON answer with texts only); leave it out")
             continue
         close = difflib.get_close_matches(key, list(fields), n=1, cutoff=MISSPELLING_CUTOFF)
         if close:
             raise FieldError(key, f"is not a field of this request; did you mean {close[0]}?")
+
+
+def _is_off(option: str, value: Any) -> bool:
+    """Whether an unsupported option's value leaves it off: null, false or 0, and best_of 1 (one
+    sample per answer, OpenAI's default)."""
+    return value in (None, False, 0) or (option == "best_of" and value == 1 and not isinstance(value, bool))
 
 
 def _no_bool(value: Any) -> Any:
@@ -251,7 +257,7 @@ def install_contract(app: FastAPI, api_key: str | None = None) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
-            return JSONResponse(error_body("body", "could not be parsed as JSON (not UTF-8, or nested too deeply)"), 422)
+            return JSONResponse(error_body("body", "could not be parsed as JSON (not UTF-8, nested too deeply, or an integer of over 4300 digits)"), 422)
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(FieldError)
