@@ -184,8 +184,8 @@ def probe_command(argv: Sequence[str] | None = None) -> int:
         check_file_target(args.out, "--out", "probe.json")
     if args.save is not None:
         check_folder_target(args.save, "--save")
-        if (args.save / "config.json").exists():  # save_pretrained would replace that model (the policy's own)
-            ap.error(f"--save {args.save} holds a model (config.json); give a new folder")
+        if args.save.is_dir() and any(args.save.iterdir()):  # save_pretrained replaces it (a model, caches)
+            ap.error(f"--save {args.save} is not empty; give a new or empty folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = BackboneTuneConfig(args.steps, args.batch, args.backbone_lr, args.head_lr, args.grad_scale, args.loss,

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from policies.devices import resolve_device
-from policies.model_folder import check_model_folder, missing_folder_error, weight_files
+from policies.model_folder import DamagedCheckpointError, check_model_folder, damaged, missing_folder_error, weight_files
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")  # the weight dtypes a checkpoint loads in
 
@@ -59,19 +59,6 @@ TORCH_LOAD_ERRORS: tuple[type[BaseException], ...] = (
     struct.error,
 )
 NOT_DAMAGE: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, IsADirectoryError)
-
-
-class DamagedCheckpointError(ValueError):
-    """A checkpoint file that is there but cannot be read (truncated by a full disk or a copy cut
-    short, corrupted): the message names the file."""
-
-
-def damaged(path: Path, error: BaseException) -> DamagedCheckpointError:
-    """The DamagedCheckpointError of `path`, quoting the first sentence of the reader's own error."""
-    reason = str(error).split(". ")[0].strip()
-    return DamagedCheckpointError(
-        f"{path} is damaged or incomplete (truncated or corrupted): {type(error).__name__}: {reason}"
-    )
 
 
 def check_json_files(directory: Path) -> None:
@@ -127,11 +114,14 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     and some writers' own, made checkpoints unreadable to a server running as another user).
     An out_dir that is a symlink is written where it points, the link kept (a link to an empty
     folder was replaced by a folder, a dangling one failed with NotADirectoryError and left the
-    temporary folder behind).
+    temporary folder behind). Every folder written here is a model folder: an existing out_dir
+    with files but no config.json is someone else's folder and is refused (FileExistsError),
+    before anything is written (replacing it deleted what it held).
     """
     out_dir = Path(out_dir)
     if out_dir.is_symlink():
         out_dir = out_dir.resolve()
+    check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -153,6 +143,32 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """FileExistsError naming out_dir when it is a folder with files in it but no config.json
+    (not a model folder that a save may replace)."""
+    if out_dir.is_dir() and not (out_dir / "config.json").is_file() and any(out_dir.iterdir()):
+        raise FileExistsError(
+            f"{out_dir} holds files but no config.json: it is no model folder, and saving there would delete "
+            "them; give a new or empty folder"
+        )
+
+
+def check_loaded_keys(directory: Path, info: dict[str, Any]) -> None:
+    """DamagedCheckpointError naming the folder when its weight files lack weights the model of
+    its config.json needs (transformers gives them random values) or hold weights it has no place
+    for (dropped): the config and the weights do not belong together."""
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if not missing and not unexpected:
+        return
+    problems = [f"{len(names)} weight(s) {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                for names, what in ((missing, "the model needs are not in its weight files"),
+                                    (unexpected, "in its weight files are not the model's")) if names]
+    raise DamagedCheckpointError(
+        f"checkpoint folder {directory}: {'; '.join(problems)}; config.json and the weights do not belong "
+        "together (a model would run with random weights)"
+    )
 
 
 @contextlib.contextmanager
@@ -222,7 +238,8 @@ def load_checkpoint(
     weights' (a torch dtype or its name in DTYPES); device: where the model goes ("cpu",
     "cuda[:N]"; one torch cannot see is a ValueError naming it, raised before anything loads).
     A missing file is a FileNotFoundError, a truncated safetensors or JSON file a
-    DamagedCheckpointError, both naming the file."""
+    DamagedCheckpointError, both naming the file; so are weights the config's model lacks or
+    has no place for (`check_loaded_keys`)."""
     dtype, target = torch_dtype(dtype), resolve_device(device)
     directory = check_model_folder(directory)  # any hub layout: sharded, .bin, no generation config
     check_json_files(directory)
@@ -230,7 +247,8 @@ def load_checkpoint(
         if file.suffix == ".safetensors":
             check_safetensors(file)
     with _no_hf_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, output_loading_info=True)
+    check_loaded_keys(directory, info)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     model.eval()
     return model.to(target), tokenizer

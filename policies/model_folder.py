@@ -33,6 +33,19 @@ WEIGHT_LAYOUTS: tuple[tuple[str, str], ...] = (
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that is there but cannot be read (truncated by a full disk or a copy cut
+    short, corrupted): the message names the file."""
+
+
+def damaged(path: Path, error: BaseException) -> DamagedCheckpointError:
+    """The DamagedCheckpointError of `path`, quoting the first sentence of the reader's own error."""
+    reason = str(error).split(". ")[0].strip()
+    return DamagedCheckpointError(
+        f"{path} is damaged or incomplete (truncated or corrupted): {type(error).__name__}: {reason}"
+    )
+
+
 def check_model_folder(directory: str | Path) -> Path:
     """The folder, or FileNotFoundError naming the first thing it lacks: the folder itself,
     config.json, weights (or a shard its index names), a tokenizer."""
@@ -60,11 +73,16 @@ def missing_folder_error(directory: Path) -> FileNotFoundError:
 def weight_files(directory: Path) -> list[Path]:
     """The folder's weight files in the first layout it has (`WEIGHT_LAYOUTS`): the single file,
     or every shard its index names; FileNotFoundError naming the folder when it has none, or a
-    shard the index names that is not there."""
+    shard the index names that is not there; DamagedCheckpointError naming an index that is no
+    JSON object with a "weight_map" of file names."""
     for index_name, single_name in WEIGHT_LAYOUTS:
         index, single = directory / index_name, directory / single_name
         if index.is_file():
-            shards = [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+            try:
+                names = sorted({str(name) for name in json.loads(index.read_bytes())["weight_map"].values()})
+            except (ValueError, KeyError, TypeError, AttributeError) as error:  # cut short, or no weight_map
+                raise damaged(index, error) from error
+            shards = [directory / name for name in names]
             missing = [shard.name for shard in shards if not shard.is_file()]
             if missing:
                 raise FileNotFoundError(

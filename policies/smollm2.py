@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import importlib.util
 import json
 import sys
@@ -82,26 +83,33 @@ def _require_gguf() -> None:
         raise MissingPackageError(f"package 'gguf' is not installed (transformers needs it to read GGUF): {INSTALL_HINT}")
 
 
-def has_chat_template(folder: Path) -> bool:
-    """Whether the folder's tokenizer carries its chat template: chat_template.jinja (transformers
-    5 saves it there) or a `chat_template` entry of tokenizer_config.json (older versions)."""
+def chat_template_digest(folder: Path) -> str | None:
+    """sha256 of the folder's chat template, None when its tokenizer carries none: chat_template.jinja
+    (transformers 5 saves it there) or a `chat_template` entry of tokenizer_config.json (older versions)."""
     if (folder / CHAT_TEMPLATE_FILE).is_file():
-        return True
+        return hashlib.sha256((folder / CHAT_TEMPLATE_FILE).read_bytes()).hexdigest()
     config = json.loads((folder / "tokenizer_config.json").read_bytes())  # parsed by check_json_files first
-    return bool(isinstance(config, dict) and config.get("chat_template"))
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    return hashlib.sha256(str(template).encode()).hexdigest() if template else None
 
 
 def is_converted(out_dir: str | Path) -> bool:
     """True when out_dir is a complete converted folder (checkpoint files, JSON files that parse,
-    whole weights, the chat template and SOURCE_FILE); a damaged one (a copy cut short) is
-    converted again instead of reused (without its template every prompt fell back to plain text)."""
+    whole weights, SOURCE_FILE and the chat template whose digest it holds); a damaged one (a copy
+    cut short) is converted again instead of reused (without its template every prompt fell back
+    to plain text; a template cut short failed at the first prompt or shortened every prompt)."""
     try:
         folder = check_checkpoint(out_dir)
         check_json_files(folder)
         check_safetensors(folder / "model.safetensors")
     except (FileNotFoundError, DamagedCheckpointError):
         return False
-    return (Path(out_dir) / SOURCE_FILE).is_file() and has_chat_template(Path(out_dir))
+    source_file = Path(out_dir) / SOURCE_FILE
+    if not source_file.is_file():
+        return False
+    source = json.loads(source_file.read_bytes())  # parsed by check_json_files above
+    digest = chat_template_digest(Path(out_dir))
+    return digest is not None and isinstance(source, dict) and source.get("chat_template_sha256") == digest
 
 
 def is_conversion_target(out_dir: str | Path) -> bool:
@@ -153,7 +161,8 @@ def write_converted(quantized: Any, tokenizer: Any, gguf: str | Path, out_dir: s
     model = plain_copy(quantized)
     with atomic_directory(out_dir) as tmp:
         write_checkpoint_files(model, tokenizer, tmp)
-        source = {"gguf": str(gguf), "bytes": gguf.stat().st_size, "package": PACKAGE, "dtype": "float32"}
+        source = {"gguf": str(gguf), "bytes": gguf.stat().st_size, "package": PACKAGE, "dtype": "float32",
+                  "chat_template_sha256": chat_template_digest(tmp)}
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
     return Path(out_dir)
 

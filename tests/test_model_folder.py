@@ -110,6 +110,52 @@ def test_a_truncated_shard_is_named(folders, tmp_path):
         load_checkpoint(sharded)
 
 
+@pytest.mark.parametrize("change", ["renamed", "fewer layers in config.json"])
+def test_weights_that_do_not_fit_the_config_are_named_not_loaded_at_random(folders, tmp_path, change):
+    # transformers initialised the missing weights at random and dropped the rest: a search scored 0 in silence
+    from safetensors.torch import save_file
+
+    from policies.checkpoint import DamagedCheckpointError
+
+    folder = Path(shutil.copytree(folders["single"], tmp_path / "folder"))
+    if change == "renamed":
+        tensors = load_file(str(folder / "model.safetensors"))
+        save_file({f"lm.{name}": value for name, value in tensors.items()}, str(folder / "model.safetensors"))
+        expected = r"\d+ weight\(s\) the model needs are not in its weight files .*weight\(s\) in its weight files are not"
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+        expected = r"\d+ weight\(s\) in its weight files are not the model's \(model.layers.1."
+    with pytest.raises(DamagedCheckpointError, match=f"checkpoint folder {folder}: " + expected):
+        load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("index", ['{"metadata": {}, "weight_map": {"a": "mod', '{"metadata": {}}'])
+def test_a_damaged_weight_index_is_named(folders, tmp_path, index):
+    from policies.checkpoint import DamagedCheckpointError
+
+    sharded = shutil.copytree(folders["sharded"], tmp_path / "sharded")
+    (sharded / "model.safetensors.index.json").write_text(index)  # a bare JSONDecodeError / KeyError before
+    with pytest.raises(DamagedCheckpointError, match="model.safetensors.index.json is damaged"):
+        load_checkpoint(sharded)
+
+
+def test_a_save_into_a_folder_of_other_files_is_refused_and_keeps_them(folders, tmp_path):
+    # the save replaced the folder: train_cache.pt and notes.txt were deleted
+    from policies.checkpoint import save_checkpoint
+
+    model, tokenizer = load_checkpoint(folders["single"])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=f"{mine} holds files but no config.json"):
+        save_checkpoint(model, tokenizer, mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not list(tmp_path.glob(".mine*"))
+    save_checkpoint(model, tokenizer, tmp_path / "empty")  # new, empty and model folders are written
+    save_checkpoint(model, tokenizer, tmp_path / "empty")
+    assert torch.equal(logits(tmp_path / "empty"), logits(folders["single"]))
+
+
 def test_eos_ids_without_a_generation_config_are_config_jsons_on_every_backend(folders, tmp_path):
     """transformers and vLLM derive the generation config from config.json when the folder has
     none; the vLLM / OpenAI policies took the tokenizer's EOS alone, so a step ending on

@@ -211,7 +211,13 @@ def test_save_into_a_model_folder_and_an_unusable_seed_are_refused_before_anythi
     base = ["--policy", str(model), "--train", "a.pt", "--test", "b.pt"]
     with pytest.raises(SystemExit) as caught:
         probe_main([*base, "--save", str(model)])
-    assert caught.value.code == 2 and "holds a model (config.json); give a new folder" in capsys.readouterr().err
+    assert caught.value.code == 2 and "is not empty; give a new or empty folder" in capsys.readouterr().err
+    caches = tmp_path / "caches"  # the docstring keeps the caches beside the save folder: they were deleted
+    caches.mkdir()
+    (caches / "train.pt").write_bytes(b"rollouts")
+    with pytest.raises(SystemExit) as caught:
+        probe_main([*base, "--save", str(caches)])
+    assert caught.value.code == 2 and (caches / "train.pt").read_bytes() == b"rollouts"
     with pytest.raises(SystemExit):
         probe_main([*base, "--seed", "99999999999999999999"])
     assert "--seed" in capsys.readouterr().err

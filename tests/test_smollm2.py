@@ -98,7 +98,7 @@ def test_a_converted_folder_with_cut_weights_is_not_taken_for_complete(converted
 
 
 @needs_wheel
-@pytest.mark.parametrize("damage", ["no chat template", "truncated tokenizer.json"])
+@pytest.mark.parametrize("damage", ["no chat template", "truncated tokenizer.json", "truncated chat template"])
 def test_a_converted_folder_without_its_template_or_json_is_not_complete(converted, tmp_path, damage):
     """Without chat_template.jinja every prompt fell back to plain text in silence; a truncated
     JSON file passed for complete and failed later without naming itself."""
@@ -110,6 +110,10 @@ def test_a_converted_folder_without_its_template_or_json_is_not_complete(convert
     assert smollm2.is_converted(copy)
     if damage == "no chat template":
         (copy / "chat_template.jinja").unlink()
+    elif damage == "truncated chat template":  # taken for complete; the first prompt failed, naming no file
+        text = (copy / "chat_template.jinja").read_bytes()
+        (copy / "chat_template.jinja").unlink()
+        (copy / "chat_template.jinja").write_bytes(text[: len(text) // 2])
     else:
         text = (copy / "tokenizer.json").read_bytes()
         (copy / "tokenizer.json").unlink()
