@@ -112,10 +112,10 @@ def median_prompt_tokens(work: Workload) -> int:
 
 def ceiling_line(work: Workload, n: int, beam_width: int) -> str:
     """The bare decode step's time per row-token at N rows (one problem) and at the rows of a
-    batched chunk (problems x N, at most the policy's batch_size), M rows per context, and their
-    ratio."""
+    batched chunk (problems x N, at most the policy's batch_size rounded down to whole problems),
+    M rows per context, and their ratio."""
     lm, context = work.lm, median_prompt_tokens(work)
-    small_rows, large_rows = n, min(len(work.problems) * n, work.sampling.batch_size)
+    small_rows, large_rows = n, min(len(work.problems), max(work.sampling.batch_size // n, 1)) * n
     small = decode_step_seconds(lm, small_rows, beam_width, context) / small_rows
     large = decode_step_seconds(lm, large_rows, beam_width, context) / large_rows
     return (f"ceiling (bare decode step, no search, {beam_width} rows per context, "

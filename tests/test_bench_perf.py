@@ -6,6 +6,8 @@ is asserted (these machines are shared and noisy; the scripts print ratios for a
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tiny_checkpoint import save_tiny_checkpoint
@@ -200,6 +202,10 @@ def test_batching_ceiling_line(checkpoint):
     assert line.startswith("ceiling (bare decode step, no search, 2 rows per context, ")
     assert "-token context = the median prompt): " in line
     assert "at 2 rows" in line and "at 4 rows" in line
+    # a batch size that 3-row contexts do not divide: an IndexError after every timed run before
+    work = load_workload("tiny", problems=4, seed=0, checkpoint=checkpoint)
+    work = dataclasses.replace(work, sampling=dataclasses.replace(work.sampling, batch_size=8))
+    assert "at 6 rows" in bench_batching.ceiling_line(work, n=3, beam_width=3)
 
 
 @pytest.mark.parametrize("shared", [True, False])
