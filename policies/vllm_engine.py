@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import weakref
 from dataclasses import dataclass
@@ -126,12 +127,22 @@ class VLLMEngineConfig:
                 _check_positive_int(name, getattr(self, name))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"VLLMEngineConfig.seed={self.seed!r} must be an integer")
-        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
-            raise ValueError(f"VLLMEngineConfig.kv_cache_gib={self.kv_cache_gib!r} must be > 0 (or None)")
-        if not 0 < self.gpu_memory_utilization <= 1:
+        if self.kv_cache_gib is not None and not (_is_number(self.kv_cache_gib) and 0 < self.kv_cache_gib < math.inf):
+            raise ValueError(f"VLLMEngineConfig.kv_cache_gib={self.kv_cache_gib!r} must be a finite number > 0 (or None: "
+                             "gpu_memory_utilization sizes it)")
+        if not (_is_number(self.gpu_memory_utilization) and 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(
-                f"VLLMEngineConfig.gpu_memory_utilization={self.gpu_memory_utilization!r} must be in (0, 1]"
+                f"VLLMEngineConfig.gpu_memory_utilization={self.gpu_memory_utilization!r} must be a number in (0, 1]"
             )
+        for name in ("enable_prefix_caching", "enforce_eager", "multiprocessing", "enable_chunked_prefill"):
+            value = getattr(self, name)  # a string ("off", "false") was true: multiprocessing=off turned it on
+            if not isinstance(value, bool) and not (value is None and name == "enable_chunked_prefill"):
+                raise ValueError(f"VLLMEngineConfig.{name}={value!r} must be true or false")
+
+
+def _is_number(value: Any) -> bool:
+    """Whether value is an int or float (a bool or a string is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -268,8 +279,8 @@ def _check_in_process_class(directory: Path, feature_layer: int) -> None:
 def _with_kv_hint(error: ValueError, config: VLLMEngineConfig) -> ValueError:
     """vLLM's "KV cache ... larger than the available KV cache memory" with the setting that sizes
     it here named (it says to raise gpu_memory_utilization, which kv_cache_gib makes irrelevant)."""
-    text = str(error)
-    if config.kv_cache_gib is None or "KV cache" not in text or "gpu_memory_utilization" not in text:
+    text = str(error)  # "... KV cache ... gpu_memory_utilization", or below one block "No available memory for the cache blocks"
+    if config.kv_cache_gib is None or not ("KV cache" in text or "cache blocks" in text) or "gpu_memory_utilization" not in text:
         return error
     return ValueError(f"kv_cache_gib={config.kv_cache_gib:g} GiB is too small for one sequence of this model's "
                       f"context: raise the engine's kv_cache_gib (or lower max_model_len); vLLM: {text}")

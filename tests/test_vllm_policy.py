@@ -244,6 +244,18 @@ def test_engine_config_names_bad_values(tmp_path):
         VLLMEngineConfig("x", block_size=0)
     with pytest.raises(ValueError, match="kv_cache_gib=0"):
         VLLMEngineConfig("x", kv_cache_gib=0)
+    # a TypeError naming no setting ("auto": the policy server's value), an OverflowError at start (inf)
+    for value in ("auto", float("inf")):
+        with pytest.raises(ValueError, match=f"kv_cache_gib={value!r} must be a finite number > 0"):
+            VLLMEngineConfig("x", kv_cache_gib=value)
+    with pytest.raises(ValueError, match="gpu_memory_utilization='auto' must be a number in"):
+        VLLMEngineConfig("x", gpu_memory_utilization="auto")
+    # Hydra passes "off" as a string, which turned multiprocessing on
+    with pytest.raises(ValueError, match="multiprocessing='off' must be true or false"):
+        VLLMEngineConfig("x", multiprocessing="off")
+    with pytest.raises(ValueError, match="enable_chunked_prefill='no' must be true or false"):
+        VLLMEngineConfig("x", enable_chunked_prefill="no")
+    assert VLLMEngineConfig("x", enable_chunked_prefill=None).enable_chunked_prefill is None
     with pytest.raises(ValueError, match="runner='train'"):
         build_llm(VLLMEngineConfig(str(tmp_path)), runner="train")  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError, match="has no config.json"):

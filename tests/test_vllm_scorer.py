@@ -235,6 +235,10 @@ def test_a_kv_cache_too_small_names_kv_cache_gib_not_gpu_memory_utilization():
     assert str(hinted).startswith("kv_cache_gib=0.001 GiB is too small for one sequence of this model's context: "
                                   "raise the engine's kv_cache_gib")
     assert _with_kv_hint(said, VLLMEngineConfig("m", kv_cache_gib=None)) is said  # sized from gpu_memory_utilization
+    below_a_block = ValueError("No available memory for the cache blocks. Try increasing `gpu_memory_utilization` "
+                               "when initializing the engine.")  # kv_cache_gib=0.0001 said only this before
+    assert str(_with_kv_hint(below_a_block, VLLMEngineConfig("m", kv_cache_gib=0.0001))).startswith(
+        "kv_cache_gib=0.0001 GiB is too small")
 
 
 def test_a_feature_layer_engine_in_a_child_process_is_refused_before_it_starts(checkpoint, monkeypatch):
