@@ -339,8 +339,18 @@ def test_search_each_raises_a_problems_error_and_checks_workers():
         return [problems[0].id]
 
     problems = [Problem("a", "1"), Problem("b", "2")]
-    with pytest.raises(RuntimeError, match="problem b broke"):
+    with pytest.raises(RuntimeError, match="problem b broke") as caught:
         search_each(fails_on_b, problems, None, None, None)
+    assert not getattr(caught.value, "__notes__", None)  # the message names it already
+
+    def scorer_fails_on_b(problems, policy, scorer, cfg, on_round=None):
+        if problems[0].id == "b":
+            raise RuntimeError("scorer boom")  # no id: which of 500 problems was it?
+        return [problems[0].id]
+
+    with pytest.raises(RuntimeError, match="scorer boom") as caught:
+        search_each(scorer_fails_on_b, problems, None, None, None)
+    assert caught.value.__notes__ == ["in the search of problem 'b'"]
     with pytest.raises(ValueError, match="workers=0"):
         search_each(fails_on_b, problems, None, None, None, workers=0)
     assert search_each(fails_on_b, [], None, None, None) == []
