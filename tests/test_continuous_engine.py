@@ -335,11 +335,11 @@ def test_only_requests_of_one_kind_merge():
 def test_search_each_raises_a_problems_error_and_checks_workers():
     def fails_on_b(problems, policy, scorer, cfg, on_round=None):
         if problems[0].id == "b":
-            raise RuntimeError("problem b broke")
+            raise RuntimeError("problem 'b' broke")
         return [problems[0].id]
 
     problems = [Problem("a", "1"), Problem("b", "2")]
-    with pytest.raises(RuntimeError, match="problem b broke") as caught:
+    with pytest.raises(RuntimeError, match="problem 'b' broke") as caught:
         search_each(fails_on_b, problems, None, None, None)
     assert not getattr(caught.value, "__notes__", None)  # the message names it already
 

@@ -89,7 +89,7 @@ def search_each(
             (result,) = fn([problem], policy, scorer, seeded_for(cfg, problem), on_round=round_end)
         except BaseException as error:
             stop.set()  # in this thread, before its worker can take another problem
-            if isinstance(error, Exception) and not isinstance(error, SearchCancelled) and problem.id not in str(error):
+            if isinstance(error, Exception) and not isinstance(error, SearchCancelled) and repr(problem.id) not in str(error):
                 error.add_note(f"in the search of problem {problem.id!r}")  # a scorer's own error names none
             raise
         return result
