@@ -114,6 +114,10 @@ HYDRA_SUBDIR = ".hydra"  # Hydra's record of the invocation, written by `save_hy
 # what a run writes into its folder before its first row (`release_claim` removes them again when
 # the run is refused then: a missing model folder, a scorer that does not load)
 CLAIM_FILES: tuple[str, ...] = (CONFIG, WEIGHTS_FILE, HYDRA_SUBDIR, LOCK)
+# what another command's run folder holds (experiments.train: last/, ckpt-*/, metrics.jsonl; train_sft:
+# final/, sft_summary.json; train_head: metrics.jsonl, final/): a search there replaced its config.yaml
+# and metrics.json, and the training could not resume
+FOREIGN_RUN_FILES: tuple[str, ...] = ("last", "final", "sft_summary.json", "metrics.jsonl")
 # `+batching=`: lockstep (default: every round of a chunk's problems in one policy call) or
 # continuous (each problem searched in its own thread, the policy decoding whatever calls wait
 # together: `policies.continuous_engine`; a problem's samples are then those of searching it alone)
@@ -445,7 +449,12 @@ def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") ->
     """Save config.yaml in a folder without records; in one with records, refuse unless the
     saved config matches (a folder whose run failed before its first row is simply reused).
     The saved config's budget is read as `with_run_budget` records it (budget_field: the
-    strategy's), so folders saved before it recorded the budget that ran still resume."""
+    strategy's), so folders saved before it recorded the budget that ran still resume. A folder of
+    another command's run (FOREIGN_RUN_FILES, ckpt-*) is refused before anything is written."""
+    foreign = [name for name in FOREIGN_RUN_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("ckpt-*"))[:1]
+    if foreign:
+        raise ConfigMismatchError(f"{out} holds {', '.join(foreign)} of another command's run (experiments.train, "
+                                  "train_sft or train_head), whose files a search there would replace; use another out_dir")
     path = out / CONFIG
     if has_records(out) and not path.exists():
         raise ConfigMismatchError(f"{out} has {RECORDS} but no {CONFIG}: cannot tell what made them; use another out_dir")

@@ -136,6 +136,23 @@ def test_a_damaged_config_beside_records_is_named_and_nothing_is_written(ckpt, t
     assert (out / "records.jsonl").read_bytes() == records and (out / "config.yaml").read_bytes() == content
 
 
+@pytest.mark.parametrize("files", [("last/config.json", "metrics.jsonl", "config.yaml"), ("ckpt-2/config.json",),
+                                   ("final/config.json", "sft_summary.json"), ("metrics.jsonl", "metrics.json")])
+def test_another_commands_run_folder_is_refused_and_left_as_it_was(ckpt, tmp_path, files):
+    """A search into a training run's folder replaced its config.yaml and metrics.json (train_head's
+    held-out metrics): the training could no longer resume."""
+    out = tmp_path / "run"
+    for name in files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("theirs")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    overrides = [f"policy.path={ckpt}", f"out_dir={out}", "task.count=1", "search.n=2", "progress=false"]
+    with pytest.raises(ValueError, match=f"{out} holds .* of another command's run"):
+        run_in_process(overrides)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert all((out / name).read_text() == "theirs" for name in files)
+
+
 def test_chunk_seed_depends_on_seed_and_problem_ids_only():
     assert chunk_seed(0, ["a", "b"]) == chunk_seed(0, ["a", "b"])
     assert len({chunk_seed(0, ["a", "b"]), chunk_seed(1, ["a", "b"]), chunk_seed(0, ["a", "c"]),
