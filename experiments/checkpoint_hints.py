@@ -88,7 +88,7 @@ def checkpoint_hint(path: str | Path | None, error: BaseException, key: str) -> 
     if HEAD_FILE in str(error) or lies_under(path, "train/default/last"):
         return HEAD_HINT
     for suffix, how in MADE_CHECKPOINTS:
-        if lies_under(path, suffix):
+        if lies_under(path, suffix) and "score head" not in str(error):  # the commands write no PRM score head
             return f"{how}, or point {setting(key)} at a checkpoint"
     preset = env_preset_of(path)
     if preset is not None:

