@@ -15,6 +15,7 @@ characters (several workloads), put the legend beside the axes, the figure widen
 taller by the legend's lines) so the axes keep their size.
 
     python -m experiments.plot_scaling outputs/sweeps/budget_sweep              # -> SWEEP_DIR/scaling.png
+    python -m experiments.plot_scaling outputs/sweeps/budget_sweep --compute flops   # -> SWEEP_DIR/scaling_flops.png
     python -m experiments.plot_scaling outputs/sweeps/budget_sweep --out s.png --threshold 0.02
     python -m experiments.plot_scaling outputs/sweeps/budget_sweep --compute flops
 
@@ -43,7 +44,7 @@ from matplotlib.figure import Figure
 from experiments.plot_output import PlotOutputError, check_out_path, save_figure
 from experiments.scaling import (
     COMPUTE_AXES, DEFAULT_AXIS, DEFAULT_THRESHOLD, SeriesScaling, add_compute_argument, scaling_by_strategy,
-    scaling_notes, verdict,
+    scaling_file, scaling_notes, verdict,
 )
 from experiments.sweep_metrics import RunFolderError, RunSummary, sweep_summaries
 
@@ -142,8 +143,8 @@ def run_scaling(args: argparse.Namespace) -> int:
         runs = sweep_summaries(args.sweep_dir)
         for note in scaling_notes(runs, args.sweep_dir, COMPUTE_AXES[args.compute]):
             print(note, file=sys.stderr)
-        out = plot_runs(runs, args.sweep_dir.resolve().name, args.out or args.sweep_dir / "scaling.png", args.threshold,
-                        args.compute)
+        out = plot_runs(runs, args.sweep_dir.resolve().name, args.out or args.sweep_dir / scaling_file(args.compute, "png"),
+                        args.threshold, args.compute)
     except (RunFolderError, PlotOutputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -153,7 +154,7 @@ def run_scaling(args: argparse.Namespace) -> int:
 
 def add_scaling_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("sweep_dir", type=Path, help="a sweep folder of `python -m experiments.search -m`")
-    ap.add_argument("--out", type=Path, default=None, help="PNG path (default: SWEEP_DIR/scaling.png)")
+    ap.add_argument("--out", type=Path, default=None, help="PNG path (default: SWEEP_DIR/scaling.png; scaling_flops.png with --compute flops)")
     ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                     help="accuracy gained per doubling of compute below which a series is called flat after its "
                          "last gaining N, shown in its legend entry (default %(default)s)")

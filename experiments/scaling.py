@@ -25,6 +25,7 @@ gained that much). A run whose compute is 0 (records without policy_parameters, 
 reports none) cannot sit on a log axis: its series gets no fit and a note names the run.
 
     python -m experiments.scaling outputs/sweeps/budget_sweep              # table + scaling.json
+    python -m experiments.scaling outputs/sweeps/budget_sweep --compute flops   # table + scaling_flops.json
     python -m experiments.scaling outputs/sweeps/budget_sweep --threshold 0.02
     python -m experiments.scaling outputs/sweeps/budget_sweep --compute flops  # scorer forwards counted
 
@@ -78,6 +79,12 @@ COMPUTE_AXES: dict[str, ComputeAxis] = {
     "flops": ComputeAxis("flops", "FLOPs per problem (policy and scorer forwards)", lambda run: run.flops_per_problem),
 }
 DEFAULT_AXIS = "tokens"
+
+
+def scaling_file(axis: str, suffix: str) -> str:
+    """The sweep folder's file of one axis: scaling.json / scaling.png for tokens, scaling_flops.json /
+    scaling_flops.png for flops (one name for both: `--compute flops` replaced the token-axis files)."""
+    return f"scaling.{suffix}" if axis == DEFAULT_AXIS else f"scaling_{axis}.{suffix}"
 
 
 @dataclass(frozen=True)
@@ -329,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for note in scaling_notes(runs, args.sweep_dir, axis):
         print(note, file=sys.stderr)
-    out = args.sweep_dir / "scaling.json"
+    out = args.sweep_dir / scaling_file(axis.name, "json")
     out.write_text(json.dumps({"threshold": args.threshold, "compute": axis.name,
                                "series": [s.to_dict() for s in series]}, indent=2))
     print(format_scaling(series, args.threshold))

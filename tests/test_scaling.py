@@ -596,13 +596,18 @@ def test_compute_flops_puts_every_forward_on_the_axis(synthetic_sweep, monkeypat
     assert [p.compute for p in flops["best_of_n"].points] == [4 * p.compute for p in tokens["best_of_n"].points]
     assert flops["best_of_n"].fit.slope == pytest.approx(tokens["best_of_n"].fit.slope)
     assert [p.problems for p in flops["best_of_n"].points] == [10, 10, 10]
+    assert scaling.main([str(synthetic_sweep)]) == 0
     assert scaling.main([str(synthetic_sweep), "--compute", "flops"]) == 0
-    saved = json.loads((synthetic_sweep / "scaling.json").read_text())
+    saved = json.loads((synthetic_sweep / "scaling_flops.json").read_text())
     assert saved["compute"] == "flops" and saved["series"][0]["points"][0]["compute"] == 4 * 20_000
+    assert json.loads((synthetic_sweep / "scaling.json").read_text())["compute"] == "tokens"  # replaced before
     figures = []
     monkeypatch.setattr(plot_scaling_module.Figure, "savefig", lambda self, *a, **k: figures.append(self))
     assert plot_scaling_module.main([str(synthetic_sweep), "--compute", "flops"]) == 0
     assert figures[-1].axes[0].get_xlabel().startswith("FLOPs per problem (policy and scorer forwards)")
+    monkeypatch.undo()
+    assert plot_scaling_module.main([str(synthetic_sweep), "--compute", "flops"]) == 0
+    assert (synthetic_sweep / "scaling_flops.png").is_file()
 
 
 def test_a_run_with_compute_zero_is_named(synthetic_sweep, capsys):
