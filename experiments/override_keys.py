@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -40,6 +41,7 @@ from experiments.config_keys import accepted_keys, located_target, target_name
 
 
 SWEEP_FLAGS = frozenset({"-m", "--multirun"})
+_APPEND_RE = re.compile(r"Could not append to config\. An item is already at '([^']+)'")
 
 
 def runs_to_check(argv: Sequence[str], config_dir: Path) -> list[list[str]]:
@@ -62,6 +64,9 @@ def missing_key_error(
     if overrides is None:
         return None
     for run in _runs(overrides, config_dir):
+        appended = _appended_existing_key(config_dir, config_name, run)
+        if appended is not None:
+            return appended
         missing = _missing_key(config_dir, config_name, run)
         if missing is not None:
             full_key, override = missing
@@ -139,6 +144,23 @@ def _swept_values(override: Override, group: Path) -> list[str]:
             raise HydraException(f"{override.input_line}: a glob outside a config group")
         return value.filter(sorted(path.stem for path in group.glob("*.yaml")))
     return list(override.sweep_string_iterator())
+
+
+def _appended_existing_key(config_dir: Path, config_name: str, overrides: Sequence[str]) -> str | None:
+    """The error line when a `+KEY=VALUE` override adds a key the config holds already (Hydra's
+    multi-line "Could not append to config. An item is already at ..." and exit 1 before), else None."""
+    try:
+        compose_config(config_dir, config_name, overrides)
+    except ConfigCompositionException as err:
+        found = _APPEND_RE.search(str(err))
+        if found is None:
+            return None
+        key = found.group(1)
+        override = next((arg for arg in overrides if arg.lstrip("+").split("=", 1)[0] == key), f"+{key}=")
+        value = override.split("=", 1)[1] if "=" in override else ""
+        return (f"error: {override.split('=', 1)[0]}: {key} is in the config already; set it without the + "
+                f"({key}={value})")
+    return None
 
 
 def _missing_key(config_dir: Path, config_name: str, overrides: Sequence[str]) -> tuple[str, str] | None:

@@ -286,6 +286,11 @@ def test_override_keys_composes_each_swept_group_option_and_leaves_flags_to_hydr
     assert missing_key_error(["-m", "search=glob(*)", "search.n=3"], conf, "search").startswith(
         "error: search.n is not a setting of MCTSConfig")
     assert runs_to_check(["-m", "seed=interval(0,1)"], conf) == []
+    # "+" on a key the config holds: Hydra's multi-line "Could not append to config" and exit 1 before
+    assert missing_key_error(["+search.n=3"], conf, "search") == (
+        "error: +search.n: search.n is in the config already; set it without the + (search.n=3)")
+    assert missing_key_error(["policy=smollm2", "+policy.dtype=bfloat16"], conf, "search").startswith(
+        "error: +policy.dtype: policy.dtype is in the config already")
 
 
 def test_greedy_with_a_temperature_override_is_refused(ckpt, tmp_path):
