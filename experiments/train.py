@@ -268,7 +268,7 @@ def settings(cfg: DictConfig) -> Settings:
     if s.run.rollouts_per_prompt < 2 and s.loss.grpo_coef > 0:
         raise ValueError(
             f"run.rollouts_per_prompt={s.run.rollouts_per_prompt}: a GRPO group of one rollout has no baseline "
-            f"(its advantage is always 0, so the policy loss does nothing); use >= 2, or train_loss.grpo_coef=0 "
+            f"(its advantage is its raw reward: an update without a baseline, not GRPO); use >= 2, or train_loss.grpo_coef=0 "
             f"(train_loss=spr_only)"
         )
     if s.run.old_logprobs == "rollout" and s.sampling.temperature != 1.0:
@@ -723,14 +723,14 @@ def _clip(t: Trainer, params, max_norm: float) -> float:
 def local_report(t: Trainer, problems: list[Problem], rollouts: list[Rollout], rewards: list[float],
                  batch: RolloutBatch, losses: dict[str, float]) -> dict[str, Any]:
     """What this process contributes to the step's row: loss scalars and per-rollout records
-    (group id, path score attached at generation, correct, completion tokens, cut by length)."""
+    (group id, path score attached at generation, correct, completion tokens, cut by length, reward)."""
     scores = [r.path_score for r in rollouts]
     if any(score is None for score in scores):  # a source without a head: score with the current one
         scores = rescore(t, rollouts)
     g = t.s.run.rollouts_per_prompt
     records = [
         (t.data_position + t.rank * len(problems) + i // g, float(scores[i]), rewards[i] > 0.5,
-         len(r.completion_ids), r.finish == "length")
+         len(r.completion_ids), r.finish == "length", float(rewards[i]))
         for i, r in enumerate(rollouts)
     ]
     return {"losses": losses, "records": records, "train_tokens": int(batch.attention_mask.sum()),
@@ -764,19 +764,23 @@ def check_not_diverged(reports: list[dict[str, Any]], step: int) -> None:
 
 
 def step_row(step: int, reports: list[dict[str, Any]], t: Trainer) -> dict[str, Any]:
-    """The metrics row of a step from every process's report (losses averaged over processes)."""
+    """The metrics row of a step from every process's report (losses averaged over processes).
+    reward/mean and grpo/mixed_groups (groups whose rewards differ: the ones with a GRPO signal) read
+    the rewards GRPO trains on (a wrong answer cut by length earns truncated_wrong_reward, 0.1 in the
+    reference's loss); rollout/correct and reward/pass_at_g read correctness."""
     records = [rec for rep in reports for rec in rep["records"]]
     groups, scores, correct = [r[0] for r in records], [r[1] for r in records], [r[2] for r in records]
-    by_group: dict[int, list[bool]] = {}
-    for group, ok in zip(groups, correct):
-        by_group.setdefault(group, []).append(ok)
+    by_group: dict[int, list[tuple[bool, float]]] = {}
+    for group, ok, reward in zip(groups, correct, [r[5] for r in records]):
+        by_group.setdefault(group, []).append((ok, reward))
     row: dict[str, Any] = {"step": step}
     row.update({k: sum(rep["losses"][k] for rep in reports) / len(reports) for k in reports[0]["losses"]})
     row.update(prefixed("fc/", fc_metrics(scores, correct, groups)))
     row.update({
-        "reward/mean": sum(correct) / len(correct),
-        "reward/pass_at_g": sum(any(v) for v in by_group.values()) / len(by_group),
-        "grpo/mixed_groups": sum(any(v) and not all(v) for v in by_group.values()) / len(by_group),
+        "reward/mean": sum(r[5] for r in records) / len(records),
+        "rollout/correct": sum(correct) / len(correct),
+        "reward/pass_at_g": sum(any(ok for ok, _ in v) for v in by_group.values()) / len(by_group),
+        "grpo/mixed_groups": sum(len({reward for _, reward in v}) > 1 for v in by_group.values()) / len(by_group),
         "rollout/length": sum(r[3] for r in records) / len(records),
         "rollout/cut_by_length": sum(r[4] for r in records) / len(records),
         "lr/actor": t.s.actor_optim.lr_at(step - 1), "lr/head": t.s.head_optim.lr_at(step - 1),

@@ -61,7 +61,8 @@ STEP_KEYS = {
     "step", "loss/total", "loss/pg", "loss/entropy", "loss/kl", "loss/spr", "ppo/clip_fraction", "ppo/approx_kl",
     "spr/kept_fraction", "spr/agreement", "spr/steps", "spr/kept_positive", "spr/kept_negative",
     "grad_norm/actor", "grad_norm/head", "fc/correct_prob", "fc/false_prob", "fc/diff_prob", "fc/within_auc",
-    "fc/num_correct", "fc/num_false", "reward/mean", "reward/pass_at_g", "grpo/mixed_groups", "rollout/length",
+    "fc/num_correct", "fc/num_false", "reward/mean", "rollout/correct", "reward/pass_at_g", "grpo/mixed_groups",
+    "rollout/length",
     "rollout/cut_by_length", "lr/actor", "lr/head", "time/rollout_s", "time/update_s", "time/step_s",
     "time/tokens_per_s", "time/train_tokens_per_s", "time/elapsed_s",
 }
@@ -312,3 +313,20 @@ def test_grpo_countdown_recipe_is_the_measured_run():
     assert (cfg.run.prompts_per_step, cfg.run.rollouts_per_prompt, cfg.run.max_steps) == (16, 16, 150)
     assert (cfg.actor_optim.lr, cfg.head_optim.lr, cfg.train_loss.kl_coef) == (1e-4, 1e-3, 0.01)
     assert composed([]).task.module == "experiments.tasks.arith"  # no recipe: the defaults
+
+
+def test_the_step_row_reads_the_rewards_grpo_trains_on():
+    """reward/mean and grpo/mixed_groups read correctness: with a cut wrong rollout's reward 0.1 the
+    group [0.1, 0, 0, 0] has a GRPO signal, and was logged as none (reward/mean 0)."""
+    from types import SimpleNamespace
+
+    from experiments.train import step_row
+
+    rewards = [0.1, 0.0, 0.0, 0.0, 0.1, 0.1, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    records = [(i // 4, 0.5, r > 0.5, 10, r == 0.1, r) for i, r in enumerate(rewards)]
+    optim = SimpleNamespace(lr_at=lambda step: 1e-5)
+    trainer = SimpleNamespace(s=SimpleNamespace(actor_optim=optim, head_optim=optim))
+    row = step_row(1, [{"losses": {"loss/total": 0.0}, "records": records}], trainer)
+    assert row["reward/mean"] == pytest.approx(sum(rewards) / 12)
+    assert row["rollout/correct"] == pytest.approx(4 / 12) and row["reward/pass_at_g"] == pytest.approx(1 / 3)
+    assert row["grpo/mixed_groups"] == pytest.approx(2 / 3)  # the two groups of 0.1 and 0 rewards
