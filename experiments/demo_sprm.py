@@ -110,9 +110,9 @@ def run_sprm_stage(stage: SPRMStage, policy_dir: Path, out_dir: Path) -> SPRMRes
 
 def train_head_once(train: Path, test: Path, cfg: HeadTrainConfig, head: Path) -> dict[str, Any]:
     """The metrics of the head run of this config on these caches in `head`: the finished one, or a
-    new run. Its old metrics.json and final/ go first: `run_head_training` writes metrics.json
-    before final/, so a run stopped between the two must not pair one config's metrics.json with
-    another's head (`_trained_with` would take that for done)."""
+    new run. Its old metrics.json and final/ go first, so a run stopped part way never pairs one
+    config's metrics.json with another's head (`_trained_with` would take that for done;
+    `run_head_training` itself writes metrics.json last, after final/)."""
     if _trained_with(head, cfg, train, test):
         return json.loads((head / "metrics.json").read_text())
     (head / "metrics.json").unlink(missing_ok=True)

@@ -51,8 +51,10 @@ def append_rows(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) ->
 
 
 def _parse_lines(path: Path, raw: bytes, keys: Sequence[str] = ()) -> tuple[list[dict[str, Any]], int]:
-    """(rows, byte length of the trusted part). A torn or unparsable LAST line is left out; a
-    complete row without one of keys is an error naming its line (a hand edit, not a kill)."""
+    """(rows, byte length of the trusted part). A torn last line (no newline after it: a write
+    cut short) or one of NUL bytes (what a crash can leave of a file's end) is left out; any other
+    line that does not parse, the last one too, and a complete row without one of keys are errors
+    naming their line (a hand edit, not a kill: `append_rows` writes whole lines at once)."""
     rows: list[dict[str, Any]] = []
     good = 0
     lines = raw.split(b"\n")
@@ -63,8 +65,8 @@ def _parse_lines(path: Path, raw: bytes, keys: Sequence[str] = ()) -> tuple[list
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
         except ValueError as err:
-            if number == len(lines) - 1 and not lines[-1]:
-                break  # the last complete-looking line is garbage: treat it as torn
+            if number == len(lines) - 1 and not lines[-1] and b"\x00" in line:
+                break  # the last line holds a crash's NUL bytes: treat it as torn
             raise RecordLogError(f"{path}: line {number} is not a JSON object ({err}); refusing to guess") from err
         missing = [key for key in keys if key not in row]
         if missing:

@@ -68,7 +68,7 @@ from experiments.record_log import append_rows, check_row_questions, load_rows
 from experiments.result_json import write_atomic
 from experiments.run_weights import check_run_weights, model_folders
 from experiments.search import chunk_seed, chunks, run_lock
-from experiments.sweep_metrics import run_metrics
+from experiments.sweep_metrics import RECORD_KEYS, check_rows, run_metrics
 from experiments.tasks import grading, gsm8k
 from experiments.tasks.benchmark_split import BenchmarkConfig
 from experiments.tasks.chat_prompt import ChatPrompt
@@ -353,8 +353,10 @@ def stage_rows(cfg: EvalConfig, stage: str, out: Path) -> list[dict[str, Any]] |
 def rows_by_problem(path: Path, problems: Sequence[Problem]) -> dict[str, dict[str, Any]]:
     """{problem id: its row} of a stage's rows file; a ValueError when a row holds another
     question than the problem of its id (GSM8K ids are line numbers: a run made on another copy
-    of the data files was reused, and reported as the real slice)."""
-    rows = load_rows(path)
+    of the data files was reused, and reported as the real slice); a row of another schema, or
+    one lacking what the report reads, is named with its file (a bare KeyError before)."""
+    rows = load_rows(path, keys=RECORD_KEYS)
+    check_rows(rows, path)
     check_row_questions(path, rows, problems)
     return {row["problem_id"]: row for row in rows}
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
@@ -117,27 +118,55 @@ def unique_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def check_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """RunFolderError naming the file and problem when a row's candidates or compute lack what the
-    metrics read (a hand-edited or foreign file gave a bare KeyError, with no file named)."""
+    """RunFolderError naming the file and problem when a row lacks what the metrics read, or holds
+    it as another type (a hand-edited or foreign file gave a bare KeyError or TypeError with no
+    file named, and a `correct` of "false" counted as right): a text problem_id, an object meta,
+    finite numbers in compute, candidates with an answer (text or null), a true / false correct
+    and a finite number for score; the row's own correct true, false or null."""
     fields = set(COMPUTE_KEYS) | (set(rows[0]["compute"]) if rows and isinstance(rows[0]["compute"], dict) else set())
     for row in rows:
+        if not isinstance(row["problem_id"], str):
+            raise RunFolderError(f"{path}: a row has problem_id={row['problem_id']!r}, not a text id")
         where = f"{path}: the row of problem {row['problem_id']!r}"
         compute = row["compute"]
         if not isinstance(compute, dict):
             raise RunFolderError(f"{where} has compute={compute!r}, not an object")
-        missing = sorted(k for k in fields if not _is_number(compute.get(k)))
+        missing = sorted(k for k in fields if not _is_finite(compute.get(k)))
         if missing:
-            raise RunFolderError(f"{where} lacks a number for compute.{missing[0]}")
+            raise RunFolderError(f"{where} lacks a finite number for compute.{missing[0]}")
+        if not isinstance(row.get("meta", {}), dict) or row.get("correct") not in (True, False, None):
+            field = "meta" if not isinstance(row.get("meta", {}), dict) else "correct"
+            raise RunFolderError(f"{where} has {field}={row[field]!r}, not {'an object' if field == 'meta' else 'true or false'}")
         if not isinstance(row["candidates"], list):
             raise RunFolderError(f"{where} has candidates={row['candidates']!r}, not a list")
         for i, cand in enumerate(row["candidates"]):
             lacking = [k for k in CANDIDATE_KEYS if not isinstance(cand, dict) or k not in cand]
             if lacking:
                 raise RunFolderError(f"{where}: candidates[{i}] lacks {lacking[0]!r}")
+            wrong = _wrong_candidate_field(cand)
+            if wrong is not None:
+                raise RunFolderError(f"{where}: candidates[{i}] has {wrong}={cand[wrong]!r}, not "
+                                     + {"answer": "text or null", "correct": "true or false",
+                                        "score": "a finite number"}[wrong])
+
+
+def _wrong_candidate_field(cand: dict[str, Any]) -> str | None:
+    """The first of a candidate's answer, correct, score whose type the metrics cannot read, else None."""
+    if cand["answer"] is not None and not isinstance(cand["answer"], str):
+        return "answer"
+    if not isinstance(cand["correct"], bool):
+        return "correct"
+    if not _is_finite(cand["score"]):
+        return "score"
+    return None
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
 
 
 def problem_outcome(row: dict[str, Any]) -> ProblemOutcome:
@@ -438,10 +467,11 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
     """The sweep row of one run folder."""
-    rows = unique_rows(load_rows(run_dir / RECORDS, repair=False, keys=RECORD_KEYS))  # a search may still be appending
+    rows = load_rows(run_dir / RECORDS, repair=False, keys=RECORD_KEYS)  # a search may still be appending
     if not rows:
         raise EmptyRunError(f"{run_dir}: {RECORDS} has no complete rows")
     check_rows(rows, run_dir / RECORDS)
+    rows = unique_rows(rows)
     config = read_run_config(run_dir)
     missing = [node for node in SEARCH_CONFIG_NODES if not isinstance(config.get(node), dict)]
     if missing:  # a foreign config: its run labelled "?" and relabelled every other run

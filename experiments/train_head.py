@@ -332,17 +332,19 @@ def run_head_training(
             print(note, file=sys.stderr)
     run = train_head(train, cfg, make_evaluate(train, test, cfg.feature_layer), progress)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # metrics.json goes last: killed before it, a rerun leaves no metrics beside an earlier run's final/
+    (out_dir / "metrics.json").unlink(missing_ok=True)
     write_atomic(out_dir / "metrics.jsonl", encode_rows(list(run.rows)))
     metrics = final_metrics(run.rows, run.head, test, cfg.feature_layer)
     metrics.update({"config": asdict(cfg), "train_cache": str(train_path), "test_cache": str(test_path),
                     "train_spec": train.spec, "test_spec": test.spec, "policy_fingerprint": train.policy_fingerprint,
                     "labels_version": labels_version(train.task),
                     "train_seconds": run.seconds})
-    write_atomic(out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     if save:
         save_reflective_head(run.head, policy, cfg.feature_layer, out_dir / "final")
     elif (out_dir / "final").is_dir():  # an earlier run's head beside these metrics would pass for theirs
         shutil.rmtree(out_dir / "final")
+    write_atomic(out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     return metrics
 
 

@@ -662,9 +662,15 @@ def test_rows_or_configs_that_lack_what_the_metrics_read_name_their_file(synthet
     path = synthetic_sweep / "bon-8-0" / "records.jsonl"
     good = path.read_text()
     rows = [json.loads(line) for line in good.splitlines()]
+    # the last five counted in silence ("false" as right; Infinity and NaN as numbers) or raised a bare TypeError
     for broken, message in ((lambda r: r["candidates"][0].pop("score"), "candidates[0] lacks 'score'"),
-                            (lambda r: r["compute"].pop("tokens_generated"), "lacks a number for compute.tokens_generated"),
-                            (lambda r: r["compute"].pop("flops"), "lacks a number for compute.flops")):
+                            (lambda r: r["compute"].pop("tokens_generated"), "lacks a finite number for compute.tokens_generated"),
+                            (lambda r: r["compute"].pop("flops"), "lacks a finite number for compute.flops"),
+                            (lambda r: r["candidates"][0].update(correct="false"), "candidates[0] has correct='false'"),
+                            (lambda r: r.update(correct="false"), "has correct='false', not true or false"),
+                            (lambda r: r["compute"].update(tokens_generated=float("inf")), "compute.tokens_generated"),
+                            (lambda r: r["candidates"][0].update(score=float("nan")), "candidates[0] has score=nan"),
+                            (lambda r: r.update(meta=None), "has meta=None, not an object")):
         edited = json.loads(json.dumps(rows))
         broken(edited[-1])
         path.write_text("".join(json.dumps(r) + "\n" for r in edited))
@@ -674,6 +680,11 @@ def test_rows_or_configs_that_lack_what_the_metrics_read_name_their_file(synthet
             assert f"error: {path}: the row of problem '{rows[-1]['problem_id']}'" in err and message in err
         assert sweep_metrics.main([str(path.parent)]) == 2
         assert message in capsys.readouterr().err
+    edited = json.loads(json.dumps(rows))
+    edited[-1]["problem_id"] = ["x"]  # "unhashable type: 'list'" before
+    path.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    assert sweep_metrics.main([str(synthetic_sweep)]) == 2
+    assert f"error: {path}: a row has problem_id=['x'], not a text id" in capsys.readouterr().err
     path.write_text("")
     assert sweep_metrics.main([str(path.parent)]) == 2
     assert capsys.readouterr().err == f"error: {path} has no complete rows: nothing to compute metrics from\n"

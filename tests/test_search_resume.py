@@ -204,6 +204,12 @@ def test_record_log_treats_a_garbage_last_line_as_torn_but_refuses_one_in_the_mi
     path = tmp_path / "records.jsonl"
     path.write_bytes(b'{"problem_id": "a"}\n\x00\x00\x00\n')
     assert load_rows(path) == [{"problem_id": "a"}]
+    # a hand-damaged last line (a kill leaves no newline after a cut line): dropped and cut off in silence before
+    damaged = b'{"problem_id": "a"}\n{"problem_id": "b", "chosen": ,}\n'
+    path.write_bytes(damaged)
+    with pytest.raises(RecordLogError, match="line 2 is not a JSON object"):
+        load_rows(path)
+    assert path.read_bytes() == damaged
     path.write_bytes(b'{"problem_id": "a"}\nnot json\n{"problem_id": "b"}\n')
     with pytest.raises(RecordLogError, match="line 2"):
         load_rows(path)

@@ -391,9 +391,19 @@ def test_rows_of_another_copy_of_the_data_are_refused(tmp_path):
 
     problem = Problem("gsm8k-test-1", "How many eggs?", "18")
     rows = tmp_path / "greedy.jsonl"
-    rows.write_text(json.dumps({"problem_id": problem.id, "question": "How many eggs?"}) + "\n")
+    row = {"problem_id": problem.id, "question": "How many eggs?", "strategy": "greedy", "config": {}, "candidates": [],
+           "compute": {"tokens_generated": 3, "flops": 1.0, "wall_time_s": 0.5}}
+    rows.write_text(json.dumps(row) + "\n")
     assert list(rows_by_problem(rows, [problem])) == [problem.id]
-    rows.write_text(json.dumps({"problem_id": problem.id, "question": "Tom has 2 apples."}) + "\n")
+    # a row of another schema, or one lacking what the report reads: a bare KeyError before
+    rows.write_text(json.dumps(row) + "\n" + json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    with pytest.raises(ValueError, match="greedy.jsonl: line 2 has no 'problem_id'"):
+        rows_by_problem(rows, [problem])
+    rows.write_text(json.dumps(row) + "\n" + json.dumps({**row, "problem_id": "gsm8k-test-2", "compute": {
+        "tokens_generated": 3, "flops": 1.0}}) + "\n")
+    with pytest.raises(ValueError, match="lacks a finite number for compute.wall_time_s"):
+        rows_by_problem(rows, [problem])
+    rows.write_text(json.dumps({**row, "question": "Tom has 2 apples."}) + "\n")
     with pytest.raises(ValueError, match="the row of gsm8k-test-1 holds another question than the data file's"):
         rows_by_problem(rows, [problem])
 

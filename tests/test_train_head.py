@@ -658,6 +658,28 @@ def test_a_warmup_as_long_as_the_run_is_refused():
     assert HeadTrainConfig(labels="spr", warmup_steps=29, steps=30).loss_mode(29) != "bce"
 
 
+def test_a_rerun_killed_before_its_metrics_leaves_no_metrics_beside_the_earlier_head(tmp_path, monkeypatch):
+    # metrics.json was written before final/: a rerun killed between them paired its config with the old head
+    from experiments import train_head as train_head_module
+
+    cache = synthetic_cache([True, False] * 4, 2, [1] * 8)
+    save_cache(cache, tmp_path / "c.pt")
+    save_cache(held_out(cache), tmp_path / "t.pt")
+    out = tmp_path / "out"
+    (out / "final").mkdir(parents=True)
+    (out / "metrics.json").write_text('{"config": "the earlier run"}')
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_head_module, "save_reflective_head", killed)
+    monkeypatch.setattr(train_head_module, "check_policy", lambda cache, where: None)
+    with pytest.raises(KeyboardInterrupt):
+        run_head_training(tmp_path / "c.pt", tmp_path / "t.pt", HeadTrainConfig(steps=1, eval_every=0), out,
+                          progress=False)
+    assert not (out / "metrics.json").exists()
+
+
 def test_a_rerun_without_saving_removes_the_earlier_head(tmp_path):
     # final/ of a first run stayed beside a --no-save rerun's metrics, passing for their head
     cache = synthetic_cache([True, False] * 4, 2, [1] * 8)
