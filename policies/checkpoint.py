@@ -25,7 +25,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from policies.devices import resolve_device
-from policies.model_folder import DamagedCheckpointError, check_model_folder, damaged, missing_folder_error, weight_files
+from policies.model_folder import (
+    HEAD_FILES, TOKENIZER_FILES, WEIGHT_LAYOUTS, DamagedCheckpointError, check_model_folder, damaged,
+    missing_folder_error, weight_files,
+)
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")  # the weight dtypes a checkpoint loads in
 
@@ -59,6 +62,11 @@ TORCH_LOAD_ERRORS: tuple[type[BaseException], ...] = (
     struct.error,
 )
 NOT_DAMAGE: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, IsADirectoryError)
+# what marks a folder as a model folder, complete or damaged (`check_replaceable`)
+MODEL_FOLDER_FILES: tuple[str, ...] = (
+    "config.json", *(name for layout in WEIGHT_LAYOUTS for name in layout), *TOKENIZER_FILES, "tokenizer_config.json",
+    *HEAD_FILES,
+)
 
 
 def check_json_files(directory: Path) -> None:
@@ -115,8 +123,8 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     An out_dir that is a symlink is written where it points, the link kept (a link to an empty
     folder was replaced by a folder, a dangling one failed with NotADirectoryError and left the
     temporary folder behind). Every folder written here is a model folder: an existing out_dir
-    with files but no config.json is someone else's folder and is refused (FileExistsError),
-    before anything is written (replacing it deleted what it held).
+    with files but none of a model folder's (`check_replaceable`) is someone else's folder and is
+    refused (FileExistsError), before anything is written (replacing it deleted what it held).
     """
     out_dir = Path(out_dir)
     if out_dir.is_symlink():
@@ -146,12 +154,14 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
 
 
 def check_replaceable(out_dir: Path) -> None:
-    """FileExistsError naming out_dir when it is a folder with files in it but no config.json
-    (not a model folder that a save may replace)."""
-    if out_dir.is_dir() and not (out_dir / "config.json").is_file() and any(out_dir.iterdir()):
+    """FileExistsError naming out_dir when it is a folder with files in it but none of a model
+    folder's (MODEL_FOLDER_FILES: a config, weights, a tokenizer, a head): someone else's folder,
+    not a model folder a save may replace (a damaged one, its config.json gone, is replaced: a
+    resumed training's last/, a SmolLM2 conversion converted again)."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not any((out_dir / name).exists() for name in MODEL_FOLDER_FILES):
         raise FileExistsError(
-            f"{out_dir} holds files but no config.json: it is no model folder, and saving there would delete "
-            "them; give a new or empty folder"
+            f"{out_dir} holds files but none of a model folder's ({', '.join(MODEL_FOLDER_FILES[:3])}, ...): "
+            "saving there would delete them; give a new or empty folder"
         )
 
 

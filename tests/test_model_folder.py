@@ -148,12 +148,16 @@ def test_a_save_into_a_folder_of_other_files_is_refused_and_keeps_them(folders, 
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match=f"{mine} holds files but no config.json"):
+    with pytest.raises(FileExistsError, match=f"{mine} holds files but none of a model folder's"):
         save_checkpoint(model, tokenizer, mine)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not list(tmp_path.glob(".mine*"))
     save_checkpoint(model, tokenizer, tmp_path / "empty")  # new, empty and model folders are written
     save_checkpoint(model, tokenizer, tmp_path / "empty")
     assert torch.equal(logits(tmp_path / "empty"), logits(folders["single"]))
+    # a damaged model folder (config.json gone: a resumed training's last/, a conversion made again) is replaced
+    (tmp_path / "empty" / "config.json").unlink()
+    save_checkpoint(model, tokenizer, tmp_path / "empty")
+    assert (tmp_path / "empty" / "config.json").is_file()
 
 
 def test_eos_ids_without_a_generation_config_are_config_jsons_on_every_backend(folders, tmp_path):
