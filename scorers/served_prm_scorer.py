@@ -73,7 +73,7 @@ class ServedPRMScorer:
             )
         directory = check_prm_folder(Path(path))
         self.tokenizer = load_prm_tokenizer(directory)
-        check_tokenizer(self.tokenizer, self.format, None, None)
+        answer_id, _ = check_tokenizer(self.tokenizer, self.format, None, None)  # the chat layout's answer token
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
@@ -81,7 +81,7 @@ class ServedPRMScorer:
         self.batch_size = batch_size
         self.client = CompletionsClient(server, start_hint=start_hint(directory, server.root))
         self.folder_window: int | None = getattr(config, "max_position_embeddings", None)
-        self.layout = PRMLayout(self.format, self.tokenizer, -1, self.folder_window)
+        self.layout = PRMLayout(self.format, self.tokenizer, answer_id, self.folder_window)
         self.tag_id = single_token_id(self.tokenizer, self.format.step_tag)
         self._lock = threading.Lock()  # the layout's memory
 

@@ -152,6 +152,20 @@ def test_per_tag_answers_are_read_in_order_and_other_shapes_are_named():
         step_scores([], ids, positions)  # a tag of several tokens: ALL only
 
 
+def test_a_chat_layout_served_with_its_head_lays_out_every_path(client_dir, prm_dir):
+    # the layout got answer token -1: every path failed "does not render the answer '+' as its own token -1"
+    from scorers.prm_format import PRMFormat
+
+    chat = PRMFormat(layout="chat", reader="head")
+    served = ServedPRMScorer(client_dir, OpenAIServerConfig("http://127.0.0.1:9"), chat)
+    try:
+        local = LMPRMScorer.from_pretrained(prm_dir, chat)
+        assert served.layout.sequences(PATHS) == local.layout.sequences(PATHS)
+        assert [len(positions) for _, positions in served.layout.sequences(PATHS)] == [len(p.steps) for p in PATHS]
+    finally:
+        served.close()
+
+
 def test_a_causal_lm_format_and_an_absent_server_are_named(client_dir):
     with pytest.raises(ValueError, match=r"reader='lm': a served PRM must carry its head"):
         ServedPRMScorer(client_dir, OpenAIServerConfig("http://127.0.0.1:9"), "math_shepherd")
