@@ -204,6 +204,10 @@ def test_a_bare_unit_word_after_a_number_is_its_unit(text, reference, right):
     ("\\boxed{3 \\text{ feet } 4 \\text{ inches}}", "3", False),
     ("\\boxed{10 \\text{ cm}^2}", "10", True),  # an exponent is no second number
     ("\\boxed{6~\\text{hours}}", "6", True), ("\\boxed{90\\degree}", "90", True),  # False before
+    # a restatement in brackets is no compound quantity; a magnitude after a mixed number is no part of it
+    ("\\boxed{90 \\text{ minutes (1 hour 30 minutes)}}", "90", True),
+    ("\\boxed{6.5 \\text{ hours (6 hours 30 minutes)}}", "6.5", True),
+    ("\\boxed{2 \\text{ and a half million}}", "2.5", False), ("\\boxed{1 and a half dozen}", "1.5", False),
 ])
 def test_mixed_numbers_and_compound_quantities(text, reference, right):
     assert grade_math(text, reference) is right

@@ -326,8 +326,10 @@ _POWERS = {"squared": 2, "cubed": 3}  # "18 squared" is 324; "18 units squared" 
 _MIXED_RE = re.compile(r"(?i)^(?P<whole>[-+]?\d+)\s+and\s+(?:a|one)[\s-]+(?P<part>half|quarter)(?:\s+[A-Za-z]+)*$")
 _PARTS = {"half": Fraction(1, 2), "quarter": Fraction(1, 4)}
 # a number, words, another number: a compound quantity ("1 hour 30 minutes", "3 feet 4 inches"), no
-# plain number (math_verify read its first); "10 cm^2" is none (an exponent is not a second number)
+# plain number (math_verify read its first); "10 cm^2" is none (an exponent is not a second number),
+# nor a restatement in brackets ("90 minutes (1 hour 30 minutes)": those are left out first)
 _COMPOUND_RE = re.compile(r"\d\s+(?:[A-Za-z]{2,}\s+)+[-+]?\d")
+_BRACKETED_RE = re.compile(r"\([^()]*\)")
 # two numbers joined by "and" / "or": a compound or hedged answer, one plain number only when
 # every part has its value (`_joined_value`)
 _TWO_NUMBERS_RE = re.compile(r"\d[^\d]{0,40}?\b(?:and|or)\b[^\d]{0,40}?\d")
@@ -371,7 +373,7 @@ def parse_number(answer: str) -> Fraction | None:
     wrapped = _TEXT_WRAPPER_RE.match(text)
     magnitude = _MAGNITUDE_RE.match(wrapped.group(1).strip() if wrapped else text)  # before a unit word is dropped
     mixed = _MIXED_RE.match(_text_opened(text).strip())
-    if mixed:
+    if mixed and not _value_words(text) and "dozen" not in text.lower():  # "2 and a half million" is no 2.5
         sign = -1 if mixed.group("whole").startswith("-") else 1
         return int(mixed.group("whole")) + sign * _PARTS[mixed.group("part").lower()]
     if magnitude:
@@ -496,7 +498,7 @@ def fast_match(predicted: str, reference: str) -> bool | None:
             return False
         if None not in values:
             return values.pop() == reference_number
-    if reference_number is not None and _COMPOUND_RE.search(_text_opened(normalize_text(predicted))):
+    if reference_number is not None and _COMPOUND_RE.search(_BRACKETED_RE.sub(" ", _text_opened(normalize_text(predicted)))):
         return False
     return None
 
