@@ -61,12 +61,19 @@ def is_storage_error(err: BaseException) -> bool:
     return False
 
 
+def error_text(err: BaseException) -> str:
+    """str(err) with its notes (`add_note`: "in the search of problem 'x'") after it, "; "-joined:
+    a one-line `error: ...` printed str(err) alone, without the note."""
+    notes = [str(note) for note in getattr(err, "__notes__", ())]
+    return "; ".join([str(err), *notes])
+
+
 def run_command(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """command(argv)'s exit code, or USAGE_EXIT after printing `error: <message>` for INPUT_ERRORS."""
     try:
         return command(argv)
     except INPUT_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_text(err)}", file=sys.stderr)
         return USAGE_EXIT
     except OSError as err:
         if not is_storage_error(err):

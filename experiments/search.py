@@ -72,7 +72,7 @@ from tqdm import tqdm
 from experiments.checkpoint_hints import check_not_a_run_folder, checkpoint_hint, trained_task_note
 from experiments.config_keys import check_known_keys
 from experiments.cli_errors import (
-    RunDirBusyError, check_no_chdir, hydra_rerun_hint, interrupt_reported, note_hydra_job, is_storage_error,
+    RunDirBusyError, check_no_chdir, error_text, hydra_rerun_hint, interrupt_reported, note_hydra_job, is_storage_error,
 )
 from experiments.group_options import check_group_options
 from experiments.out_dir_args import check_out_dir_argument, with_experiment_job_folders
@@ -737,7 +737,7 @@ def user_errors_reported(kept: str = "the rows already in records.jsonl are kept
         discard_hydra_only_dir(Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.name)
         if full_error_wanted():
             raise
-        message = err if isinstance(err, USER_ERRORS) else storage_message(err, hydra_cfg.runtime.output_dir, kept)
+        message = error_text(err) if isinstance(err, USER_ERRORS) else storage_message(err, hydra_cfg.runtime.output_dir, kept)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise SweepJobInputError(f"error: {message}") from err
         print(f"error: {message}", file=sys.stderr)

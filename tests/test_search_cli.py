@@ -33,7 +33,7 @@ TINY = ["task.count=2", "chunk=2", "search.n=2", "policy.sampling.max_total_toke
 def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """The command in cwd (so Hydra's default folders would land there), the repo importable."""
     environ = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
-    environ.update(PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore", **env)
+    environ.update({"PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", **env})
     return subprocess.run([sys.executable, "-m", "experiments.search", *args], cwd=cwd, env=environ,
                           capture_output=True, text=True, timeout=120)
 
@@ -579,3 +579,25 @@ def test_a_forward_scorer_run_saved_before_its_dtype_setting_resumes(tmp_path):
     assert config_differences(with_added_settings(saved, {"scorer": {**current["scorer"], "dtype": "bfloat16"}},
                                                   ADDED_SETTINGS), {"scorer": {**current["scorer"], "dtype": "bfloat16"}}) == [
         "scorer.dtype: 'float32' -> 'bfloat16'"]
+
+
+def test_a_scorers_error_in_continuous_batching_names_its_problem(ckpt, tmp_path):
+    # search_each notes the problem on the error, but the one-line `error: ...` printed str(err) alone
+    (tmp_path / "boom_scorer.py").write_text(
+        "import dataclasses\n"
+        "from scorers.confidence import ConfidenceScorer\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class BoomScorer(ConfidenceScorer):\n"
+        "    target: str = ''\n"
+        "    def score(self, paths):\n"
+        "        if any(p.problem.id == self.target for p in paths):\n"
+        "            raise ValueError('scorer input too long')\n"
+        "        return super().score(paths)\n")
+    from experiments.tasks import arith
+
+    target = arith.generate_problems("test", 3, seed=0)[1].id
+    done = run_cli(["search=beam", "search.n=4", "+batching=continuous", f"policy.path={ckpt}", *TINY[:1],
+                    "task.count=3", "progress=false", "scorer._target_=boom_scorer.BoomScorer", f"+scorer.target={target}",
+                    f"out_dir={tmp_path / 'run'}"], cwd=tmp_path, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == f"error: scorer input too long; in the search of problem {target!r}"
