@@ -620,15 +620,28 @@ def claim_out_dir(cfg: EvalConfig, out: Path) -> None:
     check_run_weights(out, model_folders({"policy": {"path": cfg.model_dir}}), has_records=made)
 
 
+# what other folders hold (a model; experiments.search / train / train_sft / train_head runs)
+OTHER_RUN_FILES: tuple[str, ...] = ("model.safetensors", "records.jsonl", "last", "final", "sft_summary.json",
+                                    "metrics.jsonl")
+
+
 def claim_config(cfg: EvalConfig, out: Path) -> None:
     """Save config.json, or refuse a folder whose outputs came from another config. A field whose
     outputs do not exist yet (`pinned_by`: a LATE_FIELDS field before its stage, any field before
-    the first stage output) may differ: config.json takes the new value, with a note."""
+    the first stage output) may differ: config.json takes the new value, with a note. A folder of
+    another kind (a model's config.json, another command's run: OTHER_RUN_FILES) is refused before
+    anything is written (its config.json was replaced by this one)."""
     path = out / CONFIG_FILE
     mine = {k: v for k, v in asdict(cfg).items() if k not in FREE_FIELDS}
+    foreign = [name for name in OTHER_RUN_FILES if (out / name).exists()]
+    saved_file = json.loads(path.read_text()) if path.is_file() else {}
+    if foreign or not isinstance(saved_file, dict) or (path.is_file() and "model_dir" not in saved_file):
+        what = ", ".join(foreign) if foreign else f"a {CONFIG_FILE} that is no smollm2_eval config (a model folder?)"
+        raise ValueError(f"{out} holds {what}: not a smollm2_eval run, and this run would replace its files; "
+                         "use another --out")
     if path.is_file():
         # a field added after the folder was made counts as its default (the behaviour it had then)
-        saved = {**config_defaults(), **json.loads(path.read_text())}
+        saved = {**config_defaults(), **saved_file}
         saved = {k: v for k, v in saved.items() if k not in FREE_FIELDS}
         changed = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
         refused = [f"{k}: {saved.get(k)!r} -> {mine.get(k)!r} ({', '.join(pinned_by(out, k))} made with it)"

@@ -475,3 +475,23 @@ def test_a_second_run_on_one_folder_is_refused(tmp_path, capsys):
         assert main(["--out", str(out), "--stages", "report"]) == 2
     assert capsys.readouterr().err == f"error: another process is writing into {out}; wait for it or use another out_dir\n"
     assert not (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("other", ["model", "search run"])
+def test_an_out_of_another_kind_is_refused_and_left_as_it_was(tmp_path, other):
+    # --out <a model folder> replaced its config.json with the eval's (the model was gone)
+    from experiments.smollm2_eval import EvalConfig, claim_config
+
+    out = tmp_path / "other"
+    out.mkdir()
+    files = {"config.json": '{"architectures": ["LlamaForCausalLM"]}', "model.safetensors": "weights"} \
+        if other == "model" else {"records.jsonl": "", "config.yaml": "seed: 0\n"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    with pytest.raises(ValueError, match=f"{out} holds .*: not a smollm2_eval run"):
+        claim_config(EvalConfig(), out)
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+    fresh = tmp_path / "fresh"
+    claim_config(EvalConfig(), fresh)
+    claim_config(EvalConfig(), fresh)  # its own config: a rerun goes on
+    assert json.loads((fresh / "config.json").read_text())["model_dir"] == EvalConfig().model_dir
