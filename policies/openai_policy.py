@@ -256,7 +256,9 @@ class CompletionsClient:
         if isinstance(failure, httpx.TimeoutException):
             return TimeoutError(f"{method} {url}: no answer within timeout_s={self.config.timeout_s} on all {tries} "
                                 f"({type(failure).__name__}); raise timeout_s or check the server's load")
-        if not isinstance(failure, httpx.ConnectError):  # it took the request, then broke off its answer
+        # an answer begun and cut short (a listener that closes at once, as a port forward with nothing
+        # behind it does, sends no answer: no server)
+        if isinstance(failure, httpx.RemoteProtocolError) and "message body" in str(failure):
             return ConnectionError(
                 f"{method} {url}: the server took the request but broke off its answer on all {tries} "
                 f"({type(failure).__name__}: {failure}); check its log (a crash, a proxy's limit)"
@@ -456,6 +458,8 @@ class OpenAIPolicy:
         try:
             logprobs = list((choice.get("logprobs") or {}).get("token_logprobs") or [])
             tokens = _token_ids(choice)
+            if not isinstance(choice.get("text") or "", str):
+                raise TypeError(f"text is {type(choice['text']).__name__}, not a string")
             details = (response.get("usage") or {}).get("prompt_tokens_details") or {}
             cached_tokens = int(details.get("cached_tokens") or 0)
         except (AttributeError, TypeError, ValueError) as error:  # a field of another type than the API's

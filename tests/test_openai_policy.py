@@ -267,6 +267,7 @@ def test_a_200_that_is_not_a_json_object_is_retried_then_named(scripted, checkpo
     ({"token_ids": ["a"], "logprobs": {"token_logprobs": [-0.1]}}, {}),
     ({"token_ids": [5], "logprobs": [-0.1]}, {}),
     ({"token_ids": [5], "logprobs": {"token_logprobs": [-0.1]}}, {"prompt_tokens_details": {"cached_tokens": "x"}}),
+    ({"text": ["1"], "logprobs": {"token_logprobs": [-0.1]}}, {}),  # a list of token lists came back in silence
 ])
 def test_a_choice_with_fields_of_other_types_is_named(scripted, checkpoint, choice, usage):
     # a bare ValueError / AttributeError ("'list' object has no attribute 'get'") naming no server before
@@ -282,6 +283,32 @@ def test_a_server_that_breaks_off_its_answer_is_not_called_absent(scripted, chec
                                               r"\(RemoteProtocolError") as error:
         one_step(url, checkpoint)
     assert "Start one" not in str(error.value)
+
+
+def test_a_listener_that_closes_at_once_is_no_server(checkpoint):
+    # a port forward with nothing behind it accepts and closes: "the server took the request" was said
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop_flag = threading.Event()
+
+    def close_each() -> None:
+        listener.settimeout(0.2)
+        while not stop_flag.is_set():
+            try:
+                listener.accept()[0].close()
+            except OSError:
+                continue
+
+    threading.Thread(target=close_each, daemon=True).start()
+    try:
+        with pytest.raises(ConnectionError, match="no OpenAI-compatible server answers"):
+            one_step(f"http://127.0.0.1:{listener.getsockname()[1]}", checkpoint)
+    finally:
+        stop_flag.set()
+        listener.close()
 
 
 def test_a_temperature_vllm_would_raise_to_its_smallest_is_refused(checkpoint):
