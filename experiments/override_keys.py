@@ -64,7 +64,7 @@ def missing_key_error(
     if overrides is None:
         return None
     for run in _runs(overrides, config_dir):
-        appended = _appended_existing_key(config_dir, config_name, run)
+        appended = _appended_existing_key(config_dir, config_name, run, [o.input_line for o in overrides])
         if appended is not None:
             return appended
         missing = _missing_key(config_dir, config_name, run)
@@ -146,9 +146,11 @@ def _swept_values(override: Override, group: Path) -> list[str]:
     return list(override.sweep_string_iterator())
 
 
-def _appended_existing_key(config_dir: Path, config_name: str, overrides: Sequence[str]) -> str | None:
+def _appended_existing_key(config_dir: Path, config_name: str, overrides: Sequence[str],
+                           typed: Sequence[str]) -> str | None:
     """The error line when a `+KEY=VALUE` override adds a key the config holds already (Hydra's
-    multi-line "Could not append to config. An item is already at ..." and exit 1 before), else None."""
+    multi-line "Could not append to config. An item is already at ..." and exit 1 before), else None;
+    typed: the overrides as the command line gave them (a sweep's values whole: +search.n=1,2)."""
     try:
         compose_config(config_dir, config_name, overrides)
     except ConfigCompositionException as err:
@@ -156,7 +158,7 @@ def _appended_existing_key(config_dir: Path, config_name: str, overrides: Sequen
         if found is None:
             return None
         key = found.group(1)
-        override = next((arg for arg in overrides if arg.lstrip("+").split("=", 1)[0] == key), f"+{key}=")
+        override = next((arg for arg in typed if arg.lstrip("+").split("=", 1)[0] == key), f"+{key}=")
         value = override.split("=", 1)[1] if "=" in override else ""
         return (f"error: {override.split('=', 1)[0]}: {key} is in the config already; set it without the + "
                 f"({key}={value})")

@@ -289,6 +289,7 @@ def test_override_keys_composes_each_swept_group_option_and_leaves_flags_to_hydr
     # "+" on a key the config holds: Hydra's multi-line "Could not append to config" and exit 1 before
     assert missing_key_error(["+search.n=3"], conf, "search") == (
         "error: +search.n: search.n is in the config already; set it without the + (search.n=3)")
+    assert missing_key_error(["-m", "+search.n=1,2"], conf, "search").endswith("(search.n=1,2)")  # (search.n=1) before
     assert missing_key_error(["policy=smollm2", "+policy.dtype=bfloat16"], conf, "search").startswith(
         "error: +policy.dtype: policy.dtype is in the config already")
 
