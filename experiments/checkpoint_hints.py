@@ -52,7 +52,7 @@ HEAD_HINT = (
     "out_dir=DIR, DIR/last); or rank without a head (scorer=confidence)"
 )
 PRESET_ENV = re.compile(r"\$\{oc\.env:([A-Za-z0-9_]+),([^}]+)\}")  # path: ${oc.env:VAR,placeholder}
-HUB_REPO = re.compile(r"\(([\w.-]+/[\w.-]+):")  # a GPU preset's first line: "... (MetaStone-AI/XBai-o4: ..."
+HUB_REPO = re.compile(r"\(([\w.-]+/[\w.-]+):")  # a GPU preset's first line: "... (MetaStoneTec/XBai-o4: ..." (the Hub owner; MetaStone-AI is the GitHub one)
 
 
 def lies_under(path: Path, suffix: str) -> bool:
