@@ -69,7 +69,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
-from experiments.checkpoint_hints import check_not_a_run_folder, checkpoint_hint, trained_task_note
+from experiments.checkpoint_hints import HEAD_FILE, check_not_a_run_folder, checkpoint_hint, trained_task_note
 from experiments.config_keys import check_known_keys
 from experiments.cli_errors import (
     RunDirBusyError, check_no_chdir, error_text, hydra_rerun_hint, interrupt_reported, note_hydra_job, is_storage_error,
@@ -627,17 +627,43 @@ def write_metrics(out: Path, problems: Sequence[Problem]) -> dict[str, Any]:
 
 
 CONFIDENCE_SCORER = "scorers.confidence.ConfidenceScorer"
+STEP_SCORE_READER = "scorers.step_score_reader.StepScoreReader"
 
 
 def unread_head_note(cfg: DictConfig) -> str | None:
-    """A note when the policy attaches its SPRM head's step scores and the default confidence
-    scorer ranks instead (experiment=reasoning_* with policy=tiny_sprm ranked by log-probs, not
-    by the head as the reference's modes do), else None."""
-    head = OmegaConf.select(cfg, "policy.with_step_head", default=False) is True
-    if not head or OmegaConf.select(cfg, "scorer._target_", default=None) != CONFIDENCE_SCORER:
+    """A note when the policy attaches its SPRM head's step scores, or its folder holds one (the
+    vLLM presets of MetaStone-S1 / XBai-o4), and the default confidence scorer ranks instead
+    (experiment=reasoning_* ranked by log-probs, not by the head as the reference's modes do), else None."""
+    if OmegaConf.select(cfg, "scorer._target_", default=None) != CONFIDENCE_SCORER:
         return None
-    return ("note: the policy attaches its SPRM head's step scores (policy.with_step_head=true), but scorer=confidence "
-            "ranks by token log-probs; add scorer=sprm to rank by the head, as the reference's reasoning modes do")
+    if OmegaConf.select(cfg, "policy.with_step_head", default=False) is True:
+        return ("note: the policy attaches its SPRM head's step scores (policy.with_step_head=true), but scorer=confidence "
+                "ranks by token log-probs; add scorer=sprm to rank by the head, as the reference's reasoning modes do")
+    path = OmegaConf.select(cfg, "policy.path", default=None)
+    if isinstance(path, str) and (Path(path) / HEAD_FILE).is_file():
+        better = "scorer=vllm_sprm" if is_vllm_policy(cfg) else "scorer=sprm_forward (or +policy.with_step_head=true scorer=sprm)"
+        return (f"note: {path} holds an SPRM head ({HEAD_FILE}), but scorer=confidence ranks by token log-probs; "
+                f"add {better} to rank by the head, as the reference's reasoning modes do")
+    return None
+
+
+def is_vllm_policy(cfg: DictConfig) -> bool:
+    """Whether cfg's policy is built on vLLM's offline engine."""
+    return str(OmegaConf.select(cfg, "policy._target_", default="")).startswith("policies.vllm_policy.")
+
+
+def check_step_score_reader(cfg: DictConfig) -> None:
+    """A ValueError, before the policy loads, for scorer=sprm (it reads the step scores a policy
+    attaches while generating) on a policy that attaches none: it was found after the first chunk
+    (a vLLM engine's start and 32k-token traces on a GPU), blaming a head the model has."""
+    if OmegaConf.select(cfg, "scorer._target_", default=None) != STEP_SCORE_READER:
+        return
+    if OmegaConf.select(cfg, "policy.with_step_head", default=False) is True:
+        return
+    better = ("scorer=vllm_sprm (the SPRM's forward on vLLM)" if is_vllm_policy(cfg)
+              else "+policy.with_step_head=true (a transformers policy of a reflective folder), or scorer=sprm_forward")
+    raise ValueError(f"scorer=sprm reads the step scores the policy attaches while generating, and this policy "
+                     f"attaches none (policy.with_step_head is not true): use {better}")
 
 
 def run_search_experiment(cfg: DictConfig) -> Path:
@@ -648,6 +674,7 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     check_method_paths(cfg)
     check_light_scorer(cfg.scorer)
     check_head_scorer(cfg.scorer)
+    check_step_score_reader(cfg)
     set_num_threads(cfg.get("num_threads"))
     strategy_cfg = build_frozen(cfg.search)
     check_policy_sampling(cfg.policy)

@@ -516,10 +516,15 @@ def test_search_with_the_sprm_head_while_generating_and_over_a_second_forward(sp
     assert a["compute"]["scorer_tokens"] == 0 < f["compute"]["scorer_tokens"]
 
 
-def test_sprm_scorer_without_a_step_head_says_so(ckpt, tmp_path):
-    cfg = composed(["scorer=sprm", f"policy.path={ckpt}", f"out_dir={tmp_path / 'run'}"] + ONE_PROBLEM)
-    with pytest.raises(ValueError, match=r"has no score: the policy did not attach step scores"):
-        run_search_experiment(cfg)
+def test_sprm_scorer_without_a_step_head_says_so(ckpt, tmp_path, monkeypatch):
+    # found after the policy loaded and generated (a vLLM preset's engine and traces), blaming its head
+    from experiments import search
+
+    monkeypatch.setattr(search, "build_policy", lambda cfg: pytest.fail("the policy was built"))
+    for policy, better in ((["policy=tiny"], "+policy.with_step_head=true"), (["policy=vllm"], "scorer=vllm_sprm")):
+        cfg = composed(policy + ["scorer=sprm", f"policy.path={ckpt}", f"out_dir={tmp_path / 'run'}"] + ONE_PROBLEM)
+        with pytest.raises(ValueError, match=rf"scorer=sprm reads the step scores .* attaches none .*: use {re.escape(better)}"):
+            run_search_experiment(cfg)
     assert not (tmp_path / "run" / "records.jsonl").exists()
 
 
@@ -646,3 +651,13 @@ def test_a_head_left_unread_by_the_confidence_scorer_is_noted(overrides, noted):
     note = unread_head_note(composed(overrides))
     assert (note is not None) is noted
     assert note is None or "add scorer=sprm" in note
+
+
+def test_a_vllm_preset_whose_folder_holds_a_head_is_noted(tmp_path):
+    # xbai_o4 / metastone_s1_* ranked by log-probs in silence under experiment=reasoning_*
+    from experiments.search import unread_head_note
+
+    (tmp_path / "score_module.pt").write_bytes(b"head")
+    note = unread_head_note(composed(["policy=vllm", f"policy.path={tmp_path}", "experiment=reasoning_low"]))
+    assert note is not None and "add scorer=vllm_sprm" in note
+    assert unread_head_note(composed(["policy=vllm", f"policy.path={tmp_path}", "scorer=vllm_sprm"])) is None
