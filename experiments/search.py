@@ -84,9 +84,11 @@ from experiments.result_json import write_atomic
 from experiments.run_weights import WEIGHTS_FILE, check_run_weights, model_folders
 from experiments.sweep_metrics import BUDGET_FIELDS, RECORD_KEYS, read_run_config, run_metrics
 from experiments.tasks.benchmark_split import check_unique_ids
+from policies.devices import resolve_device
 from policies.gc_freeze import freeze_long_lived
 from policies.reflective_model import check_reflective_folder
 from policies.vllm_engine import VLLMMissingError
+from scorers.prm_loading import check_prm_folder
 from treesearch.concurrent import problem_seed, search_each
 from treesearch.config_checks import is_int
 from treesearch.config_diff import config_differences, resume_overrides, with_added_settings
@@ -243,6 +245,26 @@ def check_light_scorer(node: DictConfig) -> None:
     close = getattr(build_scorer(node), "close", None)
     if callable(close):
         close()
+
+
+# external PRMs of a model folder (scorer=math_shepherd, qwen_prm, rlhflow_prm, vllm_prm, served_prm)
+PRM_SCORERS: tuple[str, ...] = (
+    "scorers.lm_prm_scorer.LMPRMScorer.from_pretrained", "scorers.vllm_lm_prm_scorer.VLLMLMPRMScorer.from_pretrained",
+    "scorers.served_prm_scorer.ServedPRMScorer.from_pretrained",
+)
+
+
+def check_prm_scorer(node: DictConfig) -> None:
+    """For an external PRM: its folder (config.json, damaged files) and its device, named before
+    the policy loads (they were found after it: a GPU preset's engine first, with $QWEN_PRM_PATH unset)."""
+    if node.get("_target_") not in PRM_SCORERS or not isinstance(node.get("path"), str):
+        return
+    if isinstance(node.get("device"), str):
+        resolve_device(node.device)
+    try:
+        check_prm_folder(Path(node.path))
+    except FileNotFoundError as err:  # with how to get one, as when the scorer is built
+        raise FileNotFoundError(f"{err}. {checkpoint_hint(node.path, err, 'scorer.path')}") from err
 
 
 HEAD_SCORERS: tuple[str, ...] = (
@@ -674,6 +696,7 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     check_method_paths(cfg)
     check_light_scorer(cfg.scorer)
     check_head_scorer(cfg.scorer)
+    check_prm_scorer(cfg.scorer)
     check_step_score_reader(cfg)
     set_num_threads(cfg.get("num_threads"))
     strategy_cfg = build_frozen(cfg.search)

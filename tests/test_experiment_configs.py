@@ -653,6 +653,20 @@ def test_a_head_left_unread_by_the_confidence_scorer_is_noted(overrides, noted):
     assert note is None or "add scorer=sprm" in note
 
 
+def test_an_external_prms_folder_and_device_are_checked_before_the_policy_loads(ckpt, tmp_path, monkeypatch):
+    # found after the policy's engine had started (minutes for a GPU preset), $QWEN_PRM_PATH unset
+    from experiments import search
+
+    monkeypatch.setattr(search, "build_policy", lambda cfg: pytest.fail("the policy was built"))
+    base = [f"policy.path={ckpt}", f"out_dir={tmp_path / 'run'}"] + ONE_PROBLEM
+    with pytest.raises(FileNotFoundError, match=f"checkpoint folder {tmp_path / 'nope'} does not exist"):
+        run_search_experiment(composed(base + ["scorer=qwen_prm", "scorer.device=cpu", f"scorer.path={tmp_path / 'nope'}"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda'"):
+            run_search_experiment(composed(base + ["scorer=math_shepherd", f"scorer.path={ckpt}"]))
+    assert not (tmp_path / "run" / "records.jsonl").exists()
+
+
 def test_a_vllm_preset_whose_folder_holds_a_head_is_noted(tmp_path):
     # xbai_o4 / metastone_s1_* ranked by log-probs in silence under experiment=reasoning_*
     from experiments.search import unread_head_note
