@@ -5,11 +5,15 @@ Usage:
     python -m experiments.gpu_check --preset qwen25_math_1p5b --problems 4
     QWEN25_MATH_1P5B_PATH=/data/Qwen2.5-Math-1.5B python -m experiments.gpu_check --preset qwen25_math_1p5b
     python -m experiments.gpu_check --preset xbai_o4 --budget 8 --out outputs/gpu_check/xbai
+    python -m experiments.gpu_check --preset metastone_s1_1p5b --scorer vllm_sprm --override policy.engine.max_model_len=8192
 
 What it runs: the search config (`experiments/conf/search.yaml`) composed with policy=<preset>,
 task=gsm8k, task.count=<problems>, search=best_of_n, budget=<budget>, scorer=<scorer> (default
-confidence), run by `experiments.search.run_search_experiment` into --out (resumable as any search
-run); it prints the accuracy with its interval and the tokens generated per wall second.
+confidence) and any --override KEY=VALUE, run by `experiments.search.run_search_experiment` into
+--out (resumable as any search run); it prints the accuracy with its interval and the tokens
+generated per wall second. A scorer with a vLLM engine of its own (vllm_sprm, vllm_prm) shares the
+GPU with the policy's: the two engines get 0.55 and 0.3 of its memory (SHARED_GPU; both at the
+presets' 0.9, the second engine could not start), unless --override sets them.
 
 It skips (exit 0, one line "gpu_check: skipped: <why>") when no CUDA GPU is visible to torch,
 when vLLM does not import, or when the preset's checkpoint folder is missing (the line names the
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from experiments.cli_errors import run_command
@@ -41,6 +46,9 @@ GPU_PRESETS: tuple[str, ...] = (
     "r1_distill_qwen_1p5b", "xbai_o4",
 )
 DEFAULT_OUT = Path("outputs/gpu_check")
+# scorers that start a vLLM engine beside the policy's, and each engine's share of one GPU's memory
+ENGINE_SCORERS: tuple[str, ...] = ("vllm_sprm", "vllm_prm")
+SHARED_GPU: tuple[str, ...] = ("policy.engine.gpu_memory_utilization=0.55", "scorer.engine.gpu_memory_utilization=0.3")
 
 
 def check_preset(preset: str) -> None:
@@ -64,15 +72,20 @@ def check_args(preset: str, problems: int, budget: int, scorer: str) -> None:
         raise ValueError(f"--scorer {scorer!r}; valid: {', '.join(scorer_options())}")
 
 
-def compose_check(preset: str, problems: int, budget: int, scorer: str, out_dir: Path) -> DictConfig:
-    """The search config of the check (module docstring)."""
+def compose_check(preset: str, problems: int, budget: int, scorer: str, out_dir: Path,
+                  extra: Sequence[str] = ()) -> DictConfig:
+    """The search config of the check (module docstring); extra: Hydra overrides after the rest."""
     check_preset(preset)
     overrides = [
         f"policy={preset}", "task=gsm8k", f"task.count={problems}", "search=best_of_n", f"budget={budget}",
         f"scorer={scorer}", f"chunk={problems}", "progress=false",
+        *(SHARED_GPU if scorer in ENGINE_SCORERS else ()), *extra,
     ]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("search", overrides=overrides)
+        try:
+            cfg = compose("search", overrides=overrides)
+        except HydraException as err:  # a bad --override: Hydra's message, one line
+            raise ValueError(f"--override {' '.join(extra)}: {' '.join(str(err).split())}") from err
     cfg.out_dir = str(out_dir)  # set, not an override: a path with "," "=" or "(" is no override grammar
     return cfg
 
@@ -121,10 +134,12 @@ def check_command(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--budget", type=int, default=2, help="Best-of-N's N")
     ap.add_argument("--scorer", default="confidence", help="a scorer option of experiments/conf/scorer")
     ap.add_argument("--out", type=Path, default=None, help="run folder (default outputs/gpu_check/<preset>)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Hydra override of the search config (repeatable), e.g. policy.engine.max_model_len=8192")
     args = ap.parse_args(argv)
     check_args(args.preset, args.problems, args.budget, args.scorer)
     out = args.out or DEFAULT_OUT / args.preset
-    cfg = compose_check(args.preset, args.problems, args.budget, args.scorer, out)
+    cfg = compose_check(args.preset, args.problems, args.budget, args.scorer, out, args.override)
     reason = skip_reason(cfg, args.preset)
     if reason is not None:
         print(f"gpu_check: skipped: {reason}")

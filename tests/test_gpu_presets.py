@@ -153,6 +153,18 @@ def test_the_check_takes_any_out_folder_name(tmp_path, name):
     assert cfg.out_dir == str(tmp_path / name)
 
 
+def test_a_scorer_with_its_own_engine_shares_the_gpu_and_overrides_pass_on(tmp_path, capsys):
+    # both engines asked for 0.9 of one GPU: the second could not start, and nothing could be passed on
+    cfg = gpu_check.compose_check("metastone_s1_1p5b", 1, 2, "vllm_sprm", tmp_path / "run")
+    assert (cfg.policy.engine.gpu_memory_utilization, cfg.scorer.engine.gpu_memory_utilization) == (0.55, 0.3)
+    cfg = gpu_check.compose_check("metastone_s1_1p5b", 1, 2, "vllm_sprm", tmp_path / "run",
+                                  ["scorer.engine.gpu_memory_utilization=0.2", "policy.engine.max_model_len=8192"])
+    assert (cfg.scorer.engine.gpu_memory_utilization, cfg.policy.engine.max_model_len) == (0.2, 8192)
+    assert gpu_check.compose_check("qwen25_math_1p5b", 1, 2, "confidence", tmp_path).policy.engine.gpu_memory_utilization == 0.9
+    assert gpu_check.main(["--preset", "qwen25_math_1p5b", "--override", "policy.engine.nosuch=1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --override policy.engine.nosuch=1: ")
+
+
 def test_a_missing_folder_names_its_environment_variable(monkeypatch, tmp_path):
     monkeypatch.setenv("XBAI_O4_PATH", str(tmp_path / "nowhere"))
     cfg = gpu_check.compose_check("xbai_o4", 1, 2, "confidence", tmp_path / "run")
