@@ -44,9 +44,13 @@ def native_bf16(device: str = "cpu") -> bool:
     """Whether `device` ("cpu", "cuda", "cuda:N") has bf16 matmul instructions. A CPU whose flags
     cannot be read (no /proc/cpuinfo, e.g. macOS) counts as without: fp32 is then never the slow
     choice."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    parsed = torch.device(device)
+    if parsed.type == "cuda":  # compute capability 8.0 (Ampere) on: T4 / V100 only emulate bf16
+        if not torch.cuda.is_available():
+            return False
+        index = parsed.index if parsed.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_capability(index) >= (8, 0)
+    kind = parsed.type
     if kind != "cpu":
         return False
     try:

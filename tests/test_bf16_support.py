@@ -35,6 +35,21 @@ def test_native_bf16_follows_the_cpu_flags(tmp_path, monkeypatch, text, expected
         native_bf16.cache_clear()
 
 
+def test_a_gpu_that_only_emulates_bf16_is_not_native(monkeypatch):
+    # torch.cuda.is_bf16_supported() counts emulation (T4, V100: compute capability 7.x) as support,
+    # so the KL reference ran in bf16 where it is slow; and the current device was asked, not cuda:N
+    capabilities = {0: (7, 5), 1: (8, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capabilities[index])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    native_bf16.cache_clear()
+    try:
+        assert [native_bf16(device) for device in ("cuda", "cuda:0", "cuda:1")] == [False, False, True]
+    finally:
+        native_bf16.cache_clear()
+
+
 def test_unreadable_cpuinfo_means_fp32(tmp_path, monkeypatch):
     monkeypatch.setattr(bf16_support, "CPUINFO", tmp_path / "missing")
     native_bf16.cache_clear()
