@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
@@ -60,6 +59,7 @@ from omegaconf import OmegaConf
 
 from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, interval, problem_accuracy
 from experiments.record_log import load_rows
+from treesearch.config_checks import is_finite_number
 from treesearch.config_diff import flatten
 
 RECORDS = "records.jsonl"
@@ -131,7 +131,7 @@ def check_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
         compute = row["compute"]
         if not isinstance(compute, dict):
             raise RunFolderError(f"{where} has compute={compute!r}, not an object")
-        missing = sorted(k for k in fields if not _is_finite(compute.get(k)))
+        missing = sorted(k for k in fields if not is_finite_number(compute.get(k)))
         if missing:
             raise RunFolderError(f"{where} lacks a finite number for compute.{missing[0]}")
         if not isinstance(row.get("meta", {}), dict) or row.get("correct") not in (True, False, None):
@@ -156,17 +156,9 @@ def _wrong_candidate_field(cand: dict[str, Any]) -> str | None:
         return "answer"
     if not isinstance(cand["correct"], bool):
         return "correct"
-    if not _is_finite(cand["score"]):
+    if not is_finite_number(cand["score"]):
         return "score"
     return None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_finite(value: Any) -> bool:
-    return _is_number(value) and math.isfinite(value)
 
 
 def problem_outcome(row: dict[str, Any]) -> ProblemOutcome:

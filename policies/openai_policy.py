@@ -92,6 +92,7 @@ from policies.step_assembly import (
 )
 from policies.step_stops import StepStopRule
 from policies.vllm_policy import VLLMUsage, checkpoint_eos_ids, count_parameters
+from treesearch.config_checks import is_finite_number
 from treesearch.records import Prefix, Problem, Step
 
 # httpx logs every request at INFO, and Hydra's logging shows INFO: one line per sample and round
@@ -467,7 +468,7 @@ class OpenAIPolicy:
                                     f"({type(error).__name__}: {error}): {json.dumps(response)[:200]}", 200) from error
         if tokens is None:  # not vLLM: tokenise the text (module docstring)
             tokens = tuple(self.tokenizer(choice.get("text") or "", add_special_tokens=False).input_ids)
-        if len(logprobs) != len(tokens) or not all(_is_number(x) for x in logprobs):
+        if len(logprobs) != len(tokens) or not all(is_finite_number(x) for x in logprobs):
             raise ValueError(
                 f"{self.client.config.root} returned {len(tokens)} tokens but log-probs {logprobs[:8]}...: "
                 "the server must return one sampled-token log-prob per generated token (logprobs=0)"
@@ -476,11 +477,6 @@ class OpenAIPolicy:
         cached = min(max(cached_tokens, 0), prompt_tokens)
         return Completion(tokens, tuple(float(x) for x in logprobs), prompt_tokens, cached)
 
-
-
-def _is_number(value: Any) -> bool:
-    """Whether a JSON value is a number (a bool is not)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _token_ids(choice: dict[str, Any]) -> tuple[int, ...] | None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import math
 import os
 import weakref
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ import torch
 
 from policies.model_folder import check_model_folder
 from policies.step_assembly import Completion, CompletionRequest
+from treesearch.config_checks import is_finite_number
 
 Runner = Literal["generate", "pooling"]
 # what a pooling engine returns per token: hidden states (any causal LM, converted to an embedding
@@ -127,10 +127,10 @@ class VLLMEngineConfig:
                 _check_positive_int(name, getattr(self, name))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"VLLMEngineConfig.seed={self.seed!r} must be an integer")
-        if self.kv_cache_gib is not None and not (_is_number(self.kv_cache_gib) and 0 < self.kv_cache_gib < math.inf):
+        if self.kv_cache_gib is not None and not (is_finite_number(self.kv_cache_gib) and self.kv_cache_gib > 0):
             raise ValueError(f"VLLMEngineConfig.kv_cache_gib={self.kv_cache_gib!r} must be a finite number > 0 (or None: "
                              "gpu_memory_utilization sizes it)")
-        if not (_is_number(self.gpu_memory_utilization) and 0 < self.gpu_memory_utilization <= 1):
+        if not (is_finite_number(self.gpu_memory_utilization) and 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(
                 f"VLLMEngineConfig.gpu_memory_utilization={self.gpu_memory_utilization!r} must be a number in (0, 1]"
             )
@@ -138,11 +138,6 @@ class VLLMEngineConfig:
             value = getattr(self, name)  # a string ("off", "false") was true: multiprocessing=off turned it on
             if not isinstance(value, bool) and not (value is None and name == "enable_chunked_prefill"):
                 raise ValueError(f"VLLMEngineConfig.{name}={value!r} must be true or false")
-
-
-def _is_number(value: Any) -> bool:
-    """Whether value is an int or float (a bool or a string is not)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_positive_int(name: str, value: Any) -> None:
