@@ -13,7 +13,8 @@ confidence) and any --override KEY=VALUE, run by `experiments.search.run_search_
 --out (resumable as any search run); it prints the accuracy with its interval and the tokens
 generated per wall second. A scorer with a vLLM engine of its own (vllm_sprm, vllm_prm) shares the
 GPU with the policy's: the two engines get 0.55 and 0.3 of its memory (SHARED_GPU; both at the
-presets' 0.9, the second engine could not start), unless --override sets them.
+presets' 0.9, the second engine could not start); beside a PRM loaded by transformers on the same
+GPU (math_shepherd, qwen_prm, rlhflow_prm) the policy's engine takes 0.6; --override sets either.
 
 It skips (exit 0, one line "gpu_check: skipped: <why>") when no CUDA GPU is visible to torch,
 when vLLM does not import, or when the preset's checkpoint folder is missing (the line names the
@@ -49,6 +50,10 @@ DEFAULT_OUT = Path("outputs/gpu_check")
 # scorers that start a vLLM engine beside the policy's, and each engine's share of one GPU's memory
 ENGINE_SCORERS: tuple[str, ...] = ("vllm_sprm", "vllm_prm")
 SHARED_GPU: tuple[str, ...] = ("policy.engine.gpu_memory_utilization=0.55", "scorer.engine.gpu_memory_utilization=0.3")
+# scorers that load a 7-8B PRM with transformers on the policy's GPU (scorer.device=cuda), and the
+# policy engine's share that leaves it room (conf/scorer/qwen_prm.yaml: ~15 GB in bfloat16)
+GPU_PRM_SCORERS: tuple[str, ...] = ("math_shepherd", "qwen_prm", "rlhflow_prm")
+ROOM_FOR_A_PRM: tuple[str, ...] = ("policy.engine.gpu_memory_utilization=0.6",)
 
 
 def check_preset(preset: str) -> None:
@@ -79,7 +84,7 @@ def compose_check(preset: str, problems: int, budget: int, scorer: str, out_dir:
     overrides = [
         f"policy={preset}", "task=gsm8k", f"task.count={problems}", "search=best_of_n", f"budget={budget}",
         f"scorer={scorer}", f"chunk={problems}", "progress=false",
-        *(SHARED_GPU if scorer in ENGINE_SCORERS else ()), *extra,
+        *(SHARED_GPU if scorer in ENGINE_SCORERS else ROOM_FOR_A_PRM if scorer in GPU_PRM_SCORERS else ()), *extra,
     ]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         try:

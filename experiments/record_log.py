@@ -54,12 +54,16 @@ def _parse_lines(path: Path, raw: bytes, keys: Sequence[str] = ()) -> tuple[list
     """(rows, byte length of the trusted part). A torn last line (no newline after it: a write
     cut short) or one of NUL bytes (what a crash can leave of a file's end) is left out; any other
     line that does not parse, the last one too, and a complete row without one of keys are errors
-    naming their line (a hand edit, not a kill: `append_rows` writes whole lines at once)."""
+    naming their line (a hand edit, not a kill: `append_rows` writes whole lines at once). A blank
+    line (`echo >> records.jsonl`) holds no row and is passed over."""
     rows: list[dict[str, Any]] = []
     good = 0
     lines = raw.split(b"\n")
     # after the last "\n" comes b"" (a clean end) or the torn rest of a line
     for number, line in enumerate(lines[:-1], start=1):
+        if not line.strip():
+            good += len(line) + 1
+            continue
         try:
             row = json.loads(line)
             if not isinstance(row, dict):

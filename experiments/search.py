@@ -82,7 +82,7 @@ from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, check_row_questions, load_rows
 from experiments.result_json import write_atomic
 from experiments.run_weights import WEIGHTS_FILE, check_run_weights, model_folders
-from experiments.sweep_metrics import BUDGET_FIELDS, RECORD_KEYS, read_run_config, run_metrics
+from experiments.sweep_metrics import BUDGET_FIELDS, RECORD_KEYS, check_rows, read_run_config, run_metrics
 from experiments.tasks.benchmark_split import check_unique_ids
 from policies.devices import resolve_device
 from policies.gc_freeze import freeze_long_lived
@@ -588,6 +588,7 @@ def search_missing(
 ) -> None:
     """Run every chunk that has a problem without a row; append its missing rows."""
     rows = load_rows(out / RECORDS, keys=RECORD_KEYS)
+    check_rows(rows, out / RECORDS)  # a hand-edited correct of "false" counted as right on resume
     check_row_questions(out / RECORDS, rows, [p for part in parts for p in part])
     done = {row["problem_id"] for row in rows}
     todo = [part for part in parts if any(p.id not in done for p in part)]
@@ -642,7 +643,9 @@ def closing_component(component: Any) -> Iterator[Any]:
 def write_metrics(out: Path, problems: Sequence[Problem]) -> dict[str, Any]:
     """metrics.json over the rows of this run's problems."""
     wanted = {p.id for p in problems}
-    rows = [row for row in load_rows(out / RECORDS, keys=RECORD_KEYS) if row["problem_id"] in wanted]
+    rows = load_rows(out / RECORDS, keys=RECORD_KEYS)
+    check_rows(rows, out / RECORDS)
+    rows = [row for row in rows if row["problem_id"] in wanted]
     metrics = run_metrics(rows, run_config=read_run_config(out))
     write_atomic(out / METRICS, json.dumps(metrics, indent=2))
     return metrics

@@ -161,6 +161,7 @@ def test_a_scorer_with_its_own_engine_shares_the_gpu_and_overrides_pass_on(tmp_p
                                   ["scorer.engine.gpu_memory_utilization=0.2", "policy.engine.max_model_len=8192"])
     assert (cfg.scorer.engine.gpu_memory_utilization, cfg.policy.engine.max_model_len) == (0.2, 8192)
     assert gpu_check.compose_check("qwen25_math_1p5b", 1, 2, "confidence", tmp_path).policy.engine.gpu_memory_utilization == 0.9
+    assert gpu_check.compose_check("qwen25_math_7b", 1, 2, "qwen_prm", tmp_path).policy.engine.gpu_memory_utilization == 0.6
     assert gpu_check.main(["--preset", "qwen25_math_1p5b", "--override", "policy.engine.nosuch=1"]) == 2
     assert capsys.readouterr().err.startswith("error: --override policy.engine.nosuch=1: ")
 

@@ -153,6 +153,21 @@ def test_another_commands_run_folder_is_refused_and_left_as_it_was(ckpt, tmp_pat
     assert all((out / name).read_text() == "theirs" for name in files)
 
 
+def test_a_resumed_search_checks_its_rows_types(ckpt, tmp_path):
+    """A hand-edited correct of "false" counted as right when the run was resumed (metrics.json rewritten)."""
+    out = tmp_path / "run"
+    overrides = [f"policy.path={ckpt}", f"out_dir={out}", "task.count=2", "chunk=2", "search.n=2",
+                 "policy.sampling.max_total_tokens=8", "progress=false"]
+    run_in_process(overrides)
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    rows[0]["correct"] = "false"
+    (out / "records.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    metrics = (out / "metrics.json").read_bytes()
+    with pytest.raises(ValueError, match="has correct='false', not true or false"):
+        run_in_process(overrides)
+    assert (out / "metrics.json").read_bytes() == metrics
+
+
 def test_chunk_seed_depends_on_seed_and_problem_ids_only():
     assert chunk_seed(0, ["a", "b"]) == chunk_seed(0, ["a", "b"])
     assert len({chunk_seed(0, ["a", "b"]), chunk_seed(1, ["a", "b"]), chunk_seed(0, ["a", "c"]),
@@ -210,6 +225,8 @@ def test_record_log_treats_a_garbage_last_line_as_torn_but_refuses_one_in_the_mi
     with pytest.raises(RecordLogError, match="line 2 is not a JSON object"):
         load_rows(path)
     assert path.read_bytes() == damaged
+    path.write_bytes(b'{"problem_id": "a"}\n\n{"problem_id": "b"}\n\n')  # blank lines (echo >> records.jsonl) hold no row
+    assert load_rows(path) == [{"problem_id": "a"}, {"problem_id": "b"}]
     path.write_bytes(b'{"problem_id": "a"}\nnot json\n{"problem_id": "b"}\n')
     with pytest.raises(RecordLogError, match="line 2"):
         load_rows(path)
