@@ -89,8 +89,10 @@ def search_each(
             (result,) = fn([problem], policy, scorer, seeded_for(cfg, problem), on_round=round_end)
         except BaseException as error:
             stop.set()  # in this thread, before its worker can take another problem
-            if isinstance(error, Exception) and not isinstance(error, SearchCancelled) and repr(problem.id) not in str(error):
-                error.add_note(f"in the search of problem {problem.id!r}")  # a scorer's own error names none
+            # a scorer's own error names no problem; a TypeError (a policy or scorer that is not one) is no problem's
+            if not isinstance(error, (SearchCancelled, TypeError)) and isinstance(error, Exception) \
+                    and repr(problem.id) not in str(error):
+                error.add_note(f"in the search of problem {problem.id!r}")
             raise
         return result
 
