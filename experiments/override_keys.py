@@ -64,10 +64,11 @@ def missing_key_error(
     if overrides is None:
         return None
     for run in _runs(overrides, config_dir):
-        appended = _appended_existing_key(config_dir, config_name, run, [o.input_line for o in overrides])
+        error = _composition_error(config_dir, config_name, run)  # composed once for both checks
+        appended = _appended_existing_key(error, [o.input_line for o in overrides])
         if appended is not None:
             return appended
-        missing = _missing_key(config_dir, config_name, run)
+        missing = _missing_key(error, run)
         if missing is not None:
             full_key, override = missing
             parent_path = full_key.rsplit(".", 1)[0] if "." in full_key else ""
@@ -78,7 +79,7 @@ def missing_key_error(
     if not SWEEP_FLAGS & set(argv):
         return None
     base = [o.input_line for o in overrides if not o.is_sweep_override()]
-    missing = _missing_key(config_dir, config_name, base)
+    missing = _missing_key(_composition_error(config_dir, config_name, base), base)
     if missing is None:
         return None
     full_key, override = missing  # every job has the key, the swept groups' defaults do not
@@ -146,36 +147,36 @@ def _swept_values(override: Override, group: Path) -> list[str]:
     return list(override.sweep_string_iterator())
 
 
-def _appended_existing_key(config_dir: Path, config_name: str, overrides: Sequence[str],
-                           typed: Sequence[str]) -> str | None:
-    """The error line when a `+KEY=VALUE` override adds a key the config holds already (Hydra's
-    multi-line "Could not append to config. An item is already at ..." and exit 1 before), else None;
-    typed: the overrides as the command line gave them (a sweep's values whole: +search.n=1,2)."""
+def _composition_error(config_dir: Path, config_name: str, overrides: Sequence[str]) -> ConfigCompositionException | None:
+    """Hydra's error composing the config with overrides, None when it composes."""
     try:
         compose_config(config_dir, config_name, overrides)
     except ConfigCompositionException as err:
-        found = _APPEND_RE.search(str(err))
-        if found is None:
-            return None
-        key = found.group(1)
-        override = next((arg for arg in typed if arg.lstrip("+").split("=", 1)[0] == key), f"+{key}=")
-        value = override.split("=", 1)[1] if "=" in override else ""
-        return (f"error: {override.split('=', 1)[0]}: {key} is in the config already; set it without the + "
-                f"({key}={value})")
+        return err
     return None
 
 
-def _missing_key(config_dir: Path, config_name: str, overrides: Sequence[str]) -> tuple[str, str] | None:
-    """(full key, its override) when composing fails on a key the config lacks; None when it
-    composes, or fails for another reason (Hydra's own message names that)."""
-    try:
-        compose_config(config_dir, config_name, overrides)
-    except ConfigCompositionException as err:
-        if not isinstance(err.__cause__, (ConfigAttributeError, ConfigKeyError)) or not err.__cause__.full_key:
-            return None
-        full_key = str(err.__cause__.full_key)
-        return full_key, next((arg for arg in overrides if arg.split("=", 1)[0] == full_key), full_key)
-    return None
+def _appended_existing_key(error: ConfigCompositionException | None, typed: Sequence[str]) -> str | None:
+    """The error line when the composition failed on a `+KEY=VALUE` override of a key the config
+    holds already (Hydra's multi-line "Could not append to config. An item is already at ..." and
+    exit 1 before), else None; typed: the overrides as the command line gave them (a sweep's
+    values whole: +search.n=1,2)."""
+    found = _APPEND_RE.search(str(error)) if error is not None else None
+    if found is None:
+        return None
+    key = found.group(1)
+    override = next((arg for arg in typed if arg.lstrip("+").split("=", 1)[0] == key), f"+{key}=")
+    value = override.split("=", 1)[1] if "=" in override else ""
+    return f"error: {override.split('=', 1)[0]}: {key} is in the config already; set it without the + ({key}={value})"
+
+
+def _missing_key(error: ConfigCompositionException | None, overrides: Sequence[str]) -> tuple[str, str] | None:
+    """(full key, its override) when the composition failed on a key the config lacks; None when it
+    composed, or failed for another reason (Hydra's own message names that)."""
+    if error is None or not isinstance(error.__cause__, (ConfigAttributeError, ConfigKeyError)) or not error.__cause__.full_key:
+        return None
+    full_key = str(error.__cause__.full_key)
+    return full_key, next((arg for arg in overrides if arg.split("=", 1)[0] == full_key), full_key)
 
 
 def check_override_keys(
