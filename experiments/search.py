@@ -69,7 +69,9 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
-from experiments.checkpoint_hints import HEAD_FILE, check_not_a_run_folder, checkpoint_hint, trained_task_note
+from experiments.checkpoint_hints import (
+    HEAD_FILE, check_not_a_run_folder, checkpoint_hint, hinted_checkpoint, trained_task_note,
+)
 from experiments.config_keys import check_known_keys
 from experiments.cli_errors import (
     RunDirBusyError, check_no_chdir, error_text, hydra_rerun_hint, interrupt_reported, note_hydra_job, is_storage_error,
@@ -261,10 +263,8 @@ def check_prm_scorer(node: DictConfig) -> None:
         return
     if isinstance(node.get("device"), str):
         resolve_device(node.device)
-    try:
+    with hinted_checkpoint(node.path, "scorer.path"):  # with how to get one, as when the scorer is built
         check_prm_folder(Path(node.path))
-    except FileNotFoundError as err:  # with how to get one, as when the scorer is built
-        raise FileNotFoundError(f"{err}. {checkpoint_hint(node.path, err, 'scorer.path')}") from err
 
 
 HEAD_SCORERS: tuple[str, ...] = (
