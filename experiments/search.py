@@ -640,15 +640,37 @@ def closing_component(component: Any) -> Iterator[Any]:
             close()
 
 
-def write_metrics(out: Path, problems: Sequence[Problem]) -> dict[str, Any]:
-    """metrics.json over the rows of this run's problems."""
+def run_rows(out: Path, problems: Sequence[Problem]) -> list[dict[str, Any]]:
+    """The checked rows of this run's problems in out's records."""
     wanted = {p.id for p in problems}
     rows = load_rows(out / RECORDS, keys=RECORD_KEYS)
     check_rows(rows, out / RECORDS)
-    rows = [row for row in rows if row["problem_id"] in wanted]
-    metrics = run_metrics(rows, run_config=read_run_config(out))
+    return [row for row in rows if row["problem_id"] in wanted]
+
+
+def write_metrics(out: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """metrics.json over rows (`run_rows`)."""
+    metrics = run_metrics(list(rows), run_config=read_run_config(out))
     write_atomic(out / METRICS, json.dumps(metrics, indent=2))
     return metrics
+
+
+def depth_cut_note(rows: Sequence[dict[str, Any]], max_depth: Any) -> str | None:
+    """A note when chosen paths stopped at the strategy's max_depth before their answer (their last
+    step ended on the separator): a thinking model's trace split at its separator takes far more
+    steps than the presets' 40, and such a path is graded without an answer; None otherwise."""
+    if not is_int(max_depth):
+        return None
+    cut = 0
+    for row in rows:
+        chosen = row.get("chosen")
+        candidate = row["candidates"][chosen] if is_int(chosen) else None
+        if candidate and candidate.get("finish") == "separator" and len(candidate.get("step_scores") or ()) >= max_depth:
+            cut += 1
+    if not cut:
+        return None
+    return (f"note: the chosen path of {cut} of {len(rows)} problems stopped at search.max_depth={max_depth} steps "
+            "before its answer; raise search.max_depth (a thinking model's trace takes hundreds of steps)")
 
 
 CONFIDENCE_SCORER = "scorers.confidence.ConfidenceScorer"
@@ -726,11 +748,15 @@ def run_search_experiment(cfg: DictConfig) -> Path:
             check_run_weights(out, model_folders(config), has_records(out))
             save_hydra_files(out, cfg)
             search_missing(cfg, out, task, parts, strategy_cfg, spec)
-            write_metrics(out, problems)
+            rows = run_rows(out, problems)
+            write_metrics(out, rows)
         except USER_ERRORS:
             if not has_records(out):  # refused before its first row (a missing model folder): leave no claim
                 release_claim(out, before)
             raise
+    note = depth_cut_note(rows, getattr(strategy_cfg, "max_depth", None))
+    if note:
+        print(note, file=sys.stderr)
     return out
 
 

@@ -667,6 +667,31 @@ def test_an_external_prms_folder_and_device_are_checked_before_the_policy_loads(
     assert not (tmp_path / "run" / "records.jsonl").exists()
 
 
+def test_chosen_paths_cut_at_max_depth_are_noted(ckpt, tmp_path, capsys):
+    # a thinking model's trace takes hundreds of '.\n\n' steps: cut at the presets' 40, it was graded
+    # without an answer, and nothing said why
+    out = tmp_path / "run"
+    run_search_experiment(composed([f"policy.path={ckpt}", f"out_dir={out}", "search=beam", "search.max_depth=2",
+                                    "task.count=4", "budget=4", "progress=false"]))
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    chosen = [row["candidates"][row["chosen"]] for row in rows]
+    cut = sum(c["finish"] == "separator" and len(c["step_scores"]) == 2 for c in chosen)
+    assert 0 < cut < len(rows)  # the random checkpoint's samples end both ways
+    assert f"the chosen path of {cut} of 4 problems stopped at search.max_depth=2 steps" in capsys.readouterr().err
+
+
+def test_the_depth_note_counts_only_separator_ends_at_max_depth():
+    from experiments.search import depth_cut_note
+
+    def row(finish: str | None, steps: int, chosen: int | None = 0) -> dict:
+        return {"chosen": chosen, "candidates": [{"finish": finish, "step_scores": [0.5] * steps}]}
+
+    assert depth_cut_note([row("eos", 3), row("separator", 2), row("length", 3), row("separator", 3, None)], 3) is None
+    note = depth_cut_note([row("separator", 3), row("eos", 3)], 3)
+    assert note is not None and "1 of 2 problems" in note and "max_depth=3" in note
+    assert depth_cut_note([row("separator", 3)], None) is None  # best_of_n: no max_depth
+
+
 def test_a_vllm_preset_whose_folder_holds_a_head_is_noted(tmp_path):
     # xbai_o4 / metastone_s1_* ranked by log-probs in silence under experiment=reasoning_*
     from experiments.search import unread_head_note
