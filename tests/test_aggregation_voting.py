@@ -30,6 +30,22 @@ def test_empty_path_scores_zero(name):
     assert aggregate([], name) == 0.0
 
 
+@pytest.mark.parametrize("name", ["geometric_mean", "product", "mean", "min"])
+def test_the_same_step_scores_in_another_order_tie_exactly(name):
+    # in plain sum / prod order [0.3, 0.2, 0.1] and [0.1, 0.2, 0.3] differed in the last bit, so the
+    # second path beat the first in every "first on ties" ranking
+    forward, backward = aggregate([0.3, 0.2, 0.1], name), aggregate([0.1, 0.2, 0.3], name)
+    assert forward == backward
+    assert aggregate([0.7, 0.1, 0.9, 0.3], name) == aggregate([0.3, 0.9, 0.1, 0.7], name)
+
+
+def test_best_of_n_picks_the_first_of_two_paths_with_the_same_scores_in_another_order():
+    from treesearch.result import argmax_first
+
+    scores = [aggregate(path, "geometric_mean") for path in ([0.3, 0.2, 0.1], [0.1, 0.2, 0.3])]
+    assert argmax_first(scores) == 0
+
+
 def test_geometric_mean_is_the_default():
     assert aggregate([0.25, 1.0]) == pytest.approx(0.5)
 

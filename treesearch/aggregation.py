@@ -1,7 +1,9 @@
 """Aggregation of per-step scores into one path score.
 
 The reference (MetaStone-S1) uses the geometric mean of step scores clamped at 1e-10, and scores a
-path with no steps 0. Every aggregator here follows the same empty-path rule.
+path with no steps 0. Every aggregator here follows the same empty-path rule, and none depends on
+the steps' order (sums by `math.fsum`, products over sorted scores): two paths with the same step
+scores in another order tie exactly, and the first one wins, as every strategy's ranking promises.
 
     >>> aggregate([0.25, 1.0], "geometric_mean")
     0.5
@@ -15,7 +17,7 @@ EPS = 1e-10  # the reference's clamp before the log
 
 
 def geometric_mean(scores: Sequence[float]) -> float:
-    return math.exp(sum(math.log(max(s, EPS)) for s in scores) / len(scores))
+    return math.exp(math.fsum(math.log(max(s, EPS)) for s in scores) / len(scores))
 
 
 def minimum(scores: Sequence[float]) -> float:
@@ -23,7 +25,7 @@ def minimum(scores: Sequence[float]) -> float:
 
 
 def product(scores: Sequence[float]) -> float:
-    return math.prod(scores)
+    return math.prod(sorted(scores))
 
 
 def last(scores: Sequence[float]) -> float:
@@ -31,7 +33,7 @@ def last(scores: Sequence[float]) -> float:
 
 
 def mean(scores: Sequence[float]) -> float:
-    return sum(scores) / len(scores)
+    return math.fsum(scores) / len(scores)
 
 
 AGGREGATIONS: dict[str, Callable[[Sequence[float]], float]] = {
