@@ -200,6 +200,7 @@ def test_scorer_concurrent_requests_get_their_own_answers_batched(services):
     ({"text": "a", "return_all_scores": "maybe"}, None, 422, "return_all_scores"),
     ({"text": "a", "return_all_scores": 1}, None, 422, "return_all_scores"),   # strict: not a bool
     (None, b'{"text": "\xff\xfe"}', 422, "body"),               # not UTF-8
+    (None, b'{"text": "a \\ud800 b"}', 422, "text"),          # a lone surrogate: a plain-text 500 before
     (None, b'{"text": ' + b"[" * 100_000, 422, "body"),          # nested past the recursion limit
     ({"text": "x" * 3001}, None, 413, "text"),                  # over --max-text-chars
     ({"text": "1 " * 150}, None, 413, "text"),                  # over --max-text-tokens (300 digits + spaces)
@@ -303,6 +304,8 @@ def test_policy_concurrent_requests_get_their_own_answers_batched(services):
     ({"prefix_prompt": "a", "max_tokens": "4"}, None, "max_tokens"),     # strict: a string is not a count
     (None, b'{"prefix_prompt": "\xff"}', "body"),                       # not UTF-8
     ({"prefix_prompt": "a", "stop": [""]}, None, "stop"),
+    (None, b'{"prefix_prompt": "a \\udc00"}', "prefix_prompt"),         # a lone surrogate
+    (None, b'{"prefix_prompt": "a", "stop": ["\\ud83d"]}', "stop"),
     ({"prefix_prompt": "a", "stop": [3]}, None, "stop[0]"),
     ({"prefix_prompt": "a", "seed": -1}, None, "seed"),
     # what a client means something by fell back to the defaults in silence (8 samples, full length)

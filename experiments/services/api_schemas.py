@@ -102,6 +102,20 @@ def _no_bool(value: Any) -> Any:
     return value
 
 
+def _unicode_text(value: Any) -> Any:
+    """value, or a ValueError for a string (or a list's string) holding a lone surrogate: JSON's
+    "\\ud800" escape parses, but no tokenizer encodes it (a client that cut a string inside an
+    emoji got a plain-text 500 from the scorer)."""
+    for text in ([value] if isinstance(value, str) else value if isinstance(value, list) else []):
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"must be Unicode text: a lone surrogate {text[exc.start]!r} at character "
+                                 f"{exc.start} (a string cut inside a character?)") from None
+    return value
+
+
 class ServiceRequest(BaseModel):
     """What the request bodies share: frozen, strict types, unknown fields ignored but for the
     ones a client means something by (`check_field_names`)."""
@@ -142,6 +156,11 @@ class GenerateRequest(ServiceRequest):
     def _numbers_not_bools(cls, value: Any) -> Any:
         return _no_bool(value)
 
+    @field_validator("prefix_prompt", "stop", mode="before")
+    @classmethod
+    def _texts_encode(cls, value: Any) -> Any:
+        return _unicode_text(value)
+
     @field_validator("temperature")
     @classmethod
     def _temperature_both_backends_sample(cls, value: float) -> float:
@@ -181,6 +200,11 @@ class ScoreRequest(ServiceRequest):
 
     text: str
     return_all_scores: bool = False
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _text_encodes(cls, value: Any) -> Any:
+        return _unicode_text(value)
 
 
 class ScoreResponse(BaseModel):
