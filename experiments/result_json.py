@@ -99,8 +99,14 @@ def result_from_json(data: Any) -> ResultRecord:
         raise ResultFileError(f"expected a JSON object with keys {', '.join(RESULT_KEYS)}; got {type(data).__name__}")
     _require_keys(data, RESULT_KEYS, "result", hint=_bare_tree_hint(data))
     _check_tree(data["tree"])
+    if not isinstance(data["problem"], dict) or "id" not in data["problem"]:
+        raise ResultFileError(f"problem must be an object with key 'id'; got {data['problem']!r:.80}")
     chosen_node = data["chosen_node"]
     num_nodes = len(data["tree"]["nodes"])
+    _check_candidates(data["candidates"], num_nodes)
+    chosen = data["chosen"]
+    if chosen is not None and not (_is_id(chosen) and chosen < len(data["candidates"])):
+        raise ResultFileError(f"chosen={chosen!r} is not an index into candidates (0..{len(data['candidates']) - 1})")
     if chosen_node is not None and not (_is_id(chosen_node) and chosen_node < num_nodes):
         raise ResultFileError(f"chosen_node={chosen_node!r} is not a node id of the tree (0..{num_nodes - 1})")
     live = data.get(LIVE_KEY)
@@ -187,6 +193,21 @@ def _check_tree(tree: Any) -> None:
             raise ResultFileError(f"tree.nodes[{i}].children {stray} name another node as their parent")
         if i and i not in nodes[node["parent"]]["children"]:
             raise ResultFileError(f"tree.nodes[{i}] is missing from the children of its parent {node['parent']}")
+
+
+def _check_candidates(candidates: Any, num_nodes: int) -> None:
+    """Each candidate an object whose node_id is a node of the tree and whose score is a number."""
+    if not isinstance(candidates, list):
+        raise ResultFileError(f"candidates must be a list; got {type(candidates).__name__}")
+    for i, candidate in enumerate(candidates):
+        if not isinstance(candidate, dict):
+            raise ResultFileError(f"candidates[{i}] must be an object")
+        _require_keys(candidate, ("node_id", "score"), f"candidates[{i}]")
+        node_id, score = candidate["node_id"], candidate["score"]
+        if not (_is_id(node_id) and node_id < num_nodes):
+            raise ResultFileError(f"candidates[{i}].node_id={node_id!r} is not a node id of the tree (0..{num_nodes - 1})")
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            raise ResultFileError(f"candidates[{i}].score={score!r:.80} must be a number")
 
 
 def _check_links(nodes: list[dict[str, Any]], i: int) -> None:

@@ -216,6 +216,26 @@ def test_cli_errors_name_the_problem(saved, tmp_path, capsys):
     assert not list(tmp_path.glob("*.png"))  # nothing was drawn for a bad file
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("candidates", [{"node": 1}], r"candidates\[0\] is missing key 'node_id'"),  # a KeyError traceback before
+    ("candidates", None, "candidates must be a list; got NoneType"),
+    ("candidates", [{"node_id": 10**6, "score": 0.5}], r"candidates\[0\].node_id=1000000 is not a node id"),
+    ("candidates", [{"node_id": 1, "score": "high"}], r"candidates\[0\].score='high' must be a number"),
+    ("problem", "p", "problem must be an object with key 'id'"),  # killed the --watch viewer
+    ("chosen", 99, "chosen=99 is not an index into candidates"),
+])
+def test_a_result_file_with_bad_candidates_or_problem_is_named_not_a_traceback(saved, tmp_path, capsys,
+                                                                               field, value, message):
+    result, _ = saved
+    data = {**result_to_json(result), field: value}
+    path = save_result_json(tmp_path / "bad.json", data)
+    with pytest.raises(ResultFileError, match=message):
+        load_result(path)
+    for args in ([], ["--watch", "1"]):
+        assert main(["tree", str(path), "--out-dir", str(tmp_path / "plots"), *args]) == 2
+        assert f"error: {path}: not a result JSON: " in capsys.readouterr().err
+
+
 def save_result_json(path, data):
     path.write_text(json.dumps(data))
     return path
