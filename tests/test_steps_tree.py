@@ -118,3 +118,36 @@ def test_records_are_hashable_and_keep_no_list_that_could_change():
     assert prefix.steps == (step,) and len({prefix, Prefix(problem, (step,))}) == 1
     with pytest.raises(ValueError, match=r"Step.text=None must be a string"):
         Step(None, (), (), "eos")
+
+
+@pytest.mark.parametrize("parent", [-1, 3, 1.0, True, "0", None])
+def test_adding_under_a_parent_that_is_no_node_is_a_value_error(parent):
+    # add(-1, ...) made the new node its own child, and path() then looped forever
+    tree = Tree(Problem("p", "Q"))
+    tree.add(0, Step("a", (1,), (-0.1,), "separator"))
+    with pytest.raises(ValueError, match=f"parent={parent!r} is not a node id of this tree \\(0..1\\)"):
+        tree.add(parent, Step("b", (2,), (-0.1,), "eos"))
+    assert len(tree) == 2 and tree.nodes[1].children == []
+
+
+def test_a_node_id_of_another_integer_type_is_taken():
+    np = pytest.importorskip("numpy")
+    tree = Tree(Problem("p", "Q"))
+    child = tree.add(np.int64(0), Step("a", (1,), (-0.1,), "eos"))
+    assert tree.nodes[child].parent == 0 and type(tree.nodes[child].parent) is int
+
+
+def test_a_step_score_is_a_plain_float_or_refused():
+    # a numpy score passed through, and the tree holding it could not be saved as JSON
+    np = pytest.importorskip("numpy")
+    import torch
+
+    for score in (np.float32(0.75), torch.tensor(0.75), 3 / 4):
+        step = Step("a", (1,), (-0.1,), "eos", score=score)
+        assert type(step.score) is float and step.score == 0.75
+    tree = Tree(Problem("p", "Q"))
+    tree.add(0, Step("a", (1,), (-0.1,), "eos", score=np.float32(0.5)))
+    json.dumps(tree.to_json())
+    for bad in ("high", True, [0.5], torch.tensor([0.5, 0.6])):
+        with pytest.raises(ValueError, match="Step.score=.* must be a number or None"):
+            Step("a", (1,), (-0.1,), "eos", score=bad)

@@ -46,6 +46,16 @@ def _plain_tuple(name: str, values: Any, kind: Callable[[Any], Any]) -> tuple:
         raise ValueError(f"Step.{name} must hold {what}, got {values!r:.80}") from None
 
 
+def _plain_score(value: Any) -> float:
+    """A step score (a Python, numpy or torch number) as a float, or a ValueError naming it."""
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError(f"Step.score={value!r:.80} must be a number or None")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Step.score={value!r:.80} must be a number or None") from None
+
+
 @dataclass(frozen=True)
 class Step:
     """One reasoning step as the policy produced it.
@@ -86,6 +96,8 @@ class Step:
                 raise ValueError(f"Step.tokens_forwarded={forwarded!r} must be an integer >= 0 (tokens the backend "
                                  "ran to make the step: 0 when unknown)")
             object.__setattr__(self, "tokens_forwarded", int(forwarded))
+        if self.score is not None and type(self.score) is not float:  # a numpy score made the tree unsaveable
+            object.__setattr__(self, "score", _plain_score(self.score))
         if self.finish not in FINISH_REASONS:
             raise ValueError(f"Step.finish={self.finish!r}; valid: {', '.join(FINISH_REASONS)}")
         if len(self.token_ids) != len(self.token_logprobs):

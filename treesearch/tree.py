@@ -12,6 +12,7 @@ and is handed over in the frozen `SearchResult`; nodes are addressed by integer 
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,7 +60,10 @@ class Tree:
         return ROOT_ID
 
     def add(self, parent: int, step: Step, prior: float = 1.0, score: float | None = None) -> int:
-        """Add a child of `parent` reached by `step`; return its id."""
+        """Add a child of `parent` reached by `step`; return its id. A parent that is no node of this
+        tree is a ValueError (-1 made a node its own child, and `path` looped forever)."""
+        if not (type(parent) is int and 0 <= parent < len(self.nodes)):
+            parent = self._node_id(parent)
         node = Node(
             id=len(self.nodes),
             parent=parent,
@@ -71,6 +75,16 @@ class Tree:
         self.nodes.append(node)
         self.nodes[parent].children.append(node.id)
         return node.id
+
+    def _node_id(self, value: object) -> int:
+        """value as a node id of this tree, or a ValueError naming it."""
+        try:
+            node_id = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            node_id = -1
+        if isinstance(value, bool) or not 0 <= node_id < len(self.nodes):
+            raise ValueError(f"parent={value!r} is not a node id of this tree (0..{len(self.nodes) - 1})")
+        return node_id
 
     def add_path(self, steps: list[Step] | tuple[Step, ...], scores: list[float] | None = None) -> int:
         """Add a chain of steps under the root; return the leaf id."""
