@@ -76,6 +76,17 @@ def port_number(text: str) -> int:
     return value
 
 
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (nan made every comparison false, and inf no number JSON takes)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
+    return value
+
+
 def positive_float(text: str) -> float:
     """An argparse type: a finite number > 0."""
     try:

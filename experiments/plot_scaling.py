@@ -41,6 +41,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from experiments.cli_args import finite_float
 from experiments.plot_output import PlotOutputError, check_out_path, save_figure
 from experiments.scaling import (
     COMPUTE_AXES, DEFAULT_AXIS, DEFAULT_THRESHOLD, SeriesScaling, add_compute_argument, scaling_by_strategy,
@@ -66,7 +67,8 @@ def series_label(series: SeriesScaling) -> str:
     """The legend entry: name, fitted slope, and where the curve flattens (the threshold's
     verdict, `experiments.scaling.last_gaining`)."""
     label = series.name if series.fit is None else f"{series.name}: {round(series.fit.slope, 3) + 0.0:+.3f}/doubling"
-    return label + f", {verdict(series)}" if series.flattened else label
+    words = verdict(series)
+    return label + f", {words}" if series.flattened and words != "-" else label
 
 
 def draw_series(ax: Axes, series: SeriesScaling, color: str, marker: str = "o", label: str | None = None) -> None:
@@ -113,6 +115,9 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
     """The plot of `plot_scaling` from the sweep's RunSummary rows; name goes in the title."""
     axis = COMPUTE_AXES[compute]
     series = scaling_by_strategy(runs, threshold, axis)
+    if not any(p.compute > 0 for s in series for p in s.points):  # empty axes were drawn, "wrote" printed
+        raise ValueError(f"no run of {name} has a {axis.label} above 0 to place on a log axis (records without "
+                         "policy_parameters?): nothing to plot")
     out_png = Path(out_png)
     fmt = check_out_path(out_png, "scaling.png")
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +160,7 @@ def run_scaling(args: argparse.Namespace) -> int:
 def add_scaling_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("sweep_dir", type=Path, help="a sweep folder of `python -m experiments.search -m`")
     ap.add_argument("--out", type=Path, default=None, help="PNG path (default: SWEEP_DIR/scaling.png; scaling_flops.png with --compute flops)")
-    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+    ap.add_argument("--threshold", type=finite_float, default=DEFAULT_THRESHOLD,
                     help="accuracy gained per doubling of compute below which a series is called flat after its "
                          "last gaining N, shown in its legend entry (default %(default)s)")
     add_compute_argument(ap)

@@ -22,7 +22,9 @@ of accuracy per doubling), and `flattened` says whether any budget beyond it was
 `verdict` words it, for the table and the plot's legend alike: "rising to N=32", "flat after
 N=8", "falling after N=8" (the last budget scored below N=8), "flat" / "falling" (no step
 gained that much). A run whose compute is 0 (records without policy_parameters, a policy that
-reports none) cannot sit on a log axis: its series gets no fit and a note names the run.
+reports none) cannot sit on a log axis: its series gets no fit, its steps from that point no gain
+(null in scaling.json) and no verdict ("-"), and a note names the run; a plot with no run of
+compute above 0 is an error.
 
     python -m experiments.scaling outputs/sweeps/budget_sweep              # table + scaling.json
     python -m experiments.scaling outputs/sweeps/budget_sweep --compute flops   # table + scaling_flops.json
@@ -44,6 +46,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from experiments.cli_args import finite_float
 from experiments.metrics import Estimate, interval
 from experiments.sweep_metrics import RunFolderError, RunSummary, estimate_dict, sweep_notes, sweep_summaries
 
@@ -106,7 +109,8 @@ class SeriesScaling:
 
     name: series label; workload: the runs' workload label (`experiments.sweep_metrics`);
     points: by increasing C; fit: None with fewer than two distinct C;
-    gains: marginal gain per doubling of each consecutive pair of points; last_gaining_budget:
+    gains: marginal gain per doubling of each consecutive pair of points (None from a point of
+        compute 0, whose doublings are unknown); last_gaining_budget:
     see the module docstring (None when no step gains more than the threshold); flattened: a
     budget beyond last_gaining_budget was measured (the curve flattens within the sweep).
     """
@@ -115,7 +119,7 @@ class SeriesScaling:
     workload: str
     points: tuple[ScalingPoint, ...]
     fit: LogFit | None
-    gains: tuple[float, ...]
+    gains: tuple[float | None, ...]
     last_gaining_budget: int | None
     flattened: bool
 
@@ -155,19 +159,24 @@ def fit_log_linear(compute: Sequence[float], accuracy: Sequence[float]) -> LogFi
     return LogFit(float(intercept), float(slope), r2)
 
 
-def marginal_gains(points: Sequence[ScalingPoint]) -> list[float]:
-    """Accuracy gained per doubling of C between consecutive points (sorted by C)."""
-    gains = []
+def marginal_gains(points: Sequence[ScalingPoint]) -> list[float | None]:
+    """Accuracy gained per doubling of C between consecutive points (sorted by C); None from a
+    point of compute 0 (a 0 -> 0.83 rise was a gain of 0.0, and the series "flat")."""
+    gains: list[float | None] = []
     for lo, hi in zip(points, points[1:]):
+        if lo.compute <= 0:
+            gains.append(None)
+            continue
         doublings = math.log2(hi.compute / lo.compute) if lo.compute > 0 and hi.compute > lo.compute else 0.0
         gains.append((hi.accuracy.mean - lo.accuracy.mean) / doublings if doublings > 0 else 0.0)
     return gains
 
 
-def last_gaining(points: Sequence[ScalingPoint], gains: Sequence[float], threshold: float) -> tuple[int | None, bool]:
+def last_gaining(points: Sequence[ScalingPoint], gains: Sequence[float | None],
+                 threshold: float) -> tuple[int | None, bool]:
     """(budget at the end of the last step gaining more than threshold per doubling, whether a
     larger budget was measured after it)."""
-    index = max((i + 1 for i, g in enumerate(gains) if g > threshold), default=None)
+    index = max((i + 1 for i, g in enumerate(gains) if g is not None and g > threshold), default=None)
     if index is None:
         return None, len(points) > 1
     return points[index].budget, index < len(points) - 1
@@ -175,9 +184,10 @@ def last_gaining(points: Sequence[ScalingPoint], gains: Sequence[float], thresho
 
 def verdict(series: "SeriesScaling") -> str:
     """Where the series stands against the threshold (module docstring): "rising to N=32",
-    "flat after N=8", "falling after N=8", "flat", "falling"; "-" for a single point."""
+    "flat after N=8", "falling after N=8", "flat", "falling"; "-" for a single point, or a series
+    with a point of compute 0 (its gains are unknown)."""
     points = series.points
-    if len(points) < 2:
+    if len(points) < 2 or any(gain is None for gain in series.gains):
         return "-"
     if series.last_gaining_budget is None:
         return "falling" if _below(points[-1], points[0]) else "flat"
@@ -230,8 +240,9 @@ def drawn_runs(group: Sequence[RunSummary]) -> list[RunSummary]:
         names = [run.run for run in runs]
         if len(names) > 1:
             first = group[0]
-            mcts = (" (an MCTS run with search.token_budget is filed under the top-level budget=: give each token budget "
-                    "its own budget, or sweep search.iterations)" if first.strategy.startswith("mcts") else "")
+            mcts = (" (an MCTS run with search.token_budget is filed under the top-level budget=, 8 unless given: give "
+                    "each run its own budget=, or drop search.token_budget to file runs by search.iterations)"
+                    if first.strategy.startswith("mcts") else "")
             raise ValueError(
                 f"runs {', '.join(names)} are all {first.strategy} at N={first.budget} with seed {seed}: a scaling "
                 f"point pools only runs of other seeds; these are copies or differ in a setting that is not the "
@@ -323,7 +334,7 @@ def format_scaling(series: Sequence[SeriesScaling], threshold: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dir", type=Path)
-    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+    ap.add_argument("--threshold", type=finite_float, default=DEFAULT_THRESHOLD,
                     help="marginal accuracy gain per doubling of compute below which the curve counts as flat")
     add_compute_argument(ap)
     args = ap.parse_args(argv)

@@ -21,7 +21,7 @@ from experiments import scaling, search, sweep_metrics
 from experiments.out_dir_args import with_experiment_job_folders
 from experiments.metrics import Estimate
 from experiments.record_log import append_rows
-from experiments.scaling import ScalingPoint, fit_log_linear, last_gaining, marginal_gains, scaling_by_strategy
+from experiments.scaling import ScalingPoint, fit_log_linear, last_gaining, marginal_gains, scaling_by_strategy, verdict
 from experiments.sweep_metrics import budget_ladder, run_metrics, sweep_summaries, workload_labels
 from tiny_checkpoint import save_tiny_checkpoint
 
@@ -624,6 +624,11 @@ def test_intervals_of_right_or_wrong_problems_are_wilsons():
     # the percentile bootstrap gave 0 of 8 the interval [0, 0] and held a true 0.125 in 68% of runs
     from experiments.metrics import bootstrap, interval, wilson
 
+    for count in range(1, 41):  # the bounds hold the mean exactly (0 of 10's low was 2.8e-17, a negative error bar)
+        for successes in range(count + 1):
+            e = wilson(successes, count)
+            assert 0.0 <= e.low <= e.mean <= e.high <= 1.0
+    assert wilson(0, 10).low == 0.0 and wilson(10, 10).high == 1.0
     none = interval([0.0] * 8)
     assert (none.mean, none.low) == (0.0, 0.0) and none.high == pytest.approx(0.3244, abs=1e-4)
     assert interval([1.0] * 8).low == pytest.approx(1 - 0.3244, abs=1e-4)
@@ -643,6 +648,44 @@ def test_a_run_of_compute_zero_pooled_with_another_seed_leaves_its_point_off_the
     path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "policy_parameters"}) + "\n" for r in rows))
     (bon,) = [s for s in scaling_by_strategy(sweep_summaries(synthetic_sweep)) if s.name == "best_of_n"]
     assert bon.fit is None and [p.compute for p in bon.points if p.budget == 8] == [0.0]
+
+
+def test_a_series_with_a_point_of_compute_zero_gets_no_gain_and_no_verdict(tmp_path, capsys):
+    # its 0 -> 0.8 rise was a gain of 0.0 and the series "flat", in the table and the legend
+    for budget, good in ((4, 0), (8, 8)):
+        write_run(tmp_path / f"bon-{budget}", "best_of_n", budget, 0, [i < good for i in range(10)], 10 * budget)
+    path = tmp_path / "bon-4" / "records.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "policy_parameters"}) + "\n" for r in rows))
+    (bon,) = scaling_by_strategy(sweep_summaries(tmp_path))
+    assert bon.gains == (None,) and verdict(bon) == "-"
+    assert scaling.main([str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "scaling.json").read_text())["series"][0]
+    assert saved["gains_per_doubling"] == [None] and saved["verdict"] == "-"
+    assert "flat" not in capsys.readouterr().out
+    assert plot_scaling_module.main([str(tmp_path)]) == 0  # the other point is drawn
+
+
+def test_a_plot_with_no_run_of_compute_above_zero_is_an_error(tmp_path, capsys):
+    # empty axes were drawn and "wrote ..." printed, exit 0
+    for budget in (4, 8):
+        write_run(tmp_path / f"bon-{budget}", "best_of_n", budget, 0, [True, False], 10 * budget)
+        path = tmp_path / f"bon-{budget}" / "records.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "policy_parameters"}) + "\n" for r in rows))
+    assert plot_scaling_module.main([str(tmp_path)]) == 2
+    assert "above 0 to place on a log axis" in capsys.readouterr().err
+    assert not (tmp_path / "scaling.png").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "x"])
+def test_a_threshold_that_is_no_finite_number_is_a_usage_error(synthetic_sweep, capsys, value):
+    # nan called every series flat and wrote NaN, which is no JSON, into scaling.json
+    for command in (scaling.main, plot_scaling_module.main):
+        with pytest.raises(SystemExit) as stop:
+            command([str(synthetic_sweep), f"--threshold={value}"])
+        assert stop.value.code == 2 and "must be a finite number" in capsys.readouterr().err
+    assert not (synthetic_sweep / "scaling.json").exists()
 
 
 def test_runs_of_one_budget_and_seed_are_not_pooled_as_draws(tmp_path, capsys):
