@@ -59,7 +59,7 @@ from omegaconf import OmegaConf
 
 from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, interval, problem_accuracy
 from experiments.record_log import load_rows
-from treesearch.config_checks import is_finite_number
+from treesearch.config_checks import is_finite_number, is_int
 from treesearch.config_diff import flatten
 
 RECORDS = "records.jsonl"
@@ -137,6 +137,12 @@ def check_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
         if not isinstance(row.get("meta", {}), dict) or row.get("correct") not in (True, False, None):
             field = "meta" if not isinstance(row.get("meta", {}), dict) else "correct"
             raise RunFolderError(f"{where} has {field}={row[field]!r}, not {'an object' if field == 'meta' else 'true or false'}")
+        params = row.get("policy_parameters", 0)
+        if not is_finite_number(params) or params < 0:
+            raise RunFolderError(f"{where} has policy_parameters={params!r}, not a number >= 0")
+        budget = _row_budget(row)
+        if budget is not None:
+            raise RunFolderError(f"{where} has {budget}, not a strategy's name and a config with an integer budget >= 1")
         if not isinstance(row["candidates"], list):
             raise RunFolderError(f"{where} has candidates={row['candidates']!r}, not a list")
         for i, cand in enumerate(row["candidates"]):
@@ -148,6 +154,19 @@ def check_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
                 raise RunFolderError(f"{where}: candidates[{i}] has {wrong}={cand[wrong]!r}, not "
                                      + {"answer": "text or null", "correct": "true or false",
                                         "score": "a finite number"}[wrong])
+
+
+def _row_budget(row: dict[str, Any]) -> str | None:
+    """What is wrong with a row's strategy and its config's budget field (`budget_of`), else None."""
+    strategy, config = row["strategy"], row["config"]
+    if not isinstance(strategy, str):
+        return f"strategy={strategy!r}"
+    if not isinstance(config, dict):
+        return f"config={config!r:.80}"
+    field = BUDGET_FIELDS.get(strategy, "n")
+    if not is_int(config.get(field)) or config[field] < 1:
+        return f"config.{field}={config.get(field)!r}"
+    return None
 
 
 def _wrong_candidate_field(cand: dict[str, Any]) -> str | None:
@@ -459,6 +478,8 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
     """The sweep row of one run folder."""
+    if not (run_dir / RECORDS).is_file():
+        raise RunFolderError(f"{run_dir / RECORDS} is a folder, not a search's record file")
     rows = load_rows(run_dir / RECORDS, repair=False, keys=RECORD_KEYS)  # a search may still be appending
     if not rows:
         raise EmptyRunError(f"{run_dir}: {RECORDS} has no complete rows")
@@ -468,6 +489,8 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
     missing = [node for node in SEARCH_CONFIG_NODES if not isinstance(config.get(node), dict)]
     if missing:  # a foreign config: its run labelled "?" and relabelled every other run
         raise RunFolderError(f"{run_dir / CONFIG} is not a search run's config: it has no {missing[0]} settings")
+    if not is_int(config.get("seed", 0)):  # a TypeError traceback, or an error naming no file
+        raise RunFolderError(f"{run_dir / CONFIG} has seed={config.get('seed')!r}, not an integer")
     strategy = rows[0]["strategy"]
     temperature = config.get("policy", {}).get("sampling", {}).get("temperature")
     compute = mean_compute(rows)

@@ -713,7 +713,12 @@ def test_rows_or_configs_that_lack_what_the_metrics_read_name_their_file(synthet
                             (lambda r: r.update(correct="false"), "has correct='false', not true or false"),
                             (lambda r: r["compute"].update(tokens_generated=float("inf")), "compute.tokens_generated"),
                             (lambda r: r["candidates"][0].update(score=float("nan")), "candidates[0] has score=nan"),
-                            (lambda r: r.update(meta=None), "has meta=None, not an object")):
+                            (lambda r: r.update(meta=None), "has meta=None, not an object"),
+                            # tracebacks (KeyError, TypeError) or an error naming no file before
+                            (lambda r: r["config"].pop("n"), "has config.n=None, not a strategy's name"),
+                            (lambda r: r["config"].update(n=None), "has config.n=None"),
+                            (lambda r: r.update(config=None), "has config=None"),
+                            (lambda r: r.update(policy_parameters="3.5M"), "has policy_parameters='3.5M'")):
         edited = json.loads(json.dumps(rows))
         broken(edited[-1])
         path.write_text("".join(json.dumps(r) + "\n" for r in edited))
@@ -733,10 +738,19 @@ def test_rows_or_configs_that_lack_what_the_metrics_read_name_their_file(synthet
     assert capsys.readouterr().err == f"error: {path} has no complete rows: nothing to compute metrics from\n"
     path.write_text(good)
     config = synthetic_sweep / "bon-8-0" / "config.yaml"
-    for text, message in (("", "is empty, not a run config"), ("seed: 0\n", "is not a search run's config: it has no task")):
+    saved = config.read_text()
+    assert "seed: 0\n" in saved
+    for text, message in (("", "is empty, not a run config"), ("seed: 0\n", "is not a search run's config: it has no task"),
+                          (saved.replace("seed: 0\n", "seed: null\n"), "has seed=None, not an integer"),
+                          (saved.replace("seed: 0\n", "seed: abc\n"), "has seed='abc', not an integer")):
         config.write_text(text)
         assert sweep_metrics.main([str(synthetic_sweep)]) == 2
         assert f"error: {config} {message}" in capsys.readouterr().err
+    config.write_text(saved)
+    path.unlink()
+    path.mkdir()  # an IsADirectoryError traceback before
+    assert sweep_metrics.main([str(synthetic_sweep)]) == 2
+    assert capsys.readouterr().err == f"error: {path} is a folder, not a search's record file\n"
 
 
 def test_greedy_run_again_at_each_budget_counts_once(tmp_path):

@@ -391,7 +391,7 @@ def test_rows_of_another_copy_of_the_data_are_refused(tmp_path):
 
     problem = Problem("gsm8k-test-1", "How many eggs?", "18")
     rows = tmp_path / "greedy.jsonl"
-    row = {"problem_id": problem.id, "question": "How many eggs?", "strategy": "greedy", "config": {}, "candidates": [],
+    row = {"problem_id": problem.id, "question": "How many eggs?", "strategy": "greedy", "config": {"n": 1}, "candidates": [],
            "compute": {"tokens_generated": 3, "flops": 1.0, "wall_time_s": 0.5}}
     rows.write_text(json.dumps(row) + "\n")
     assert list(rows_by_problem(rows, [problem])) == [problem.id]
