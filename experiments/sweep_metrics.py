@@ -50,7 +50,7 @@ import argparse
 import csv
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -403,19 +403,20 @@ def differing_keys(workloads: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(differ, key=lambda k: (not k.startswith("task."), k))
 
 
-def config_label(config: dict[str, Any], keys: Sequence[str], name: str) -> str:
-    """name, then `key=value` of up to LABEL_KEYS of keys ("+k more" for the rest)."""
+def config_label(config: dict[str, Any], keys: Sequence[str], name: str, limit: int = LABEL_KEYS) -> str:
+    """name, then `key=value` of up to limit of keys ("+k more" for the rest)."""
     flat = flatten(config)
-    shown = [f"{k}={value_text(flat[k]) if k in flat else 'unset'}" for k in keys[:LABEL_KEYS]]
-    if len(keys) > LABEL_KEYS:
-        shown.append(f"+{len(keys) - LABEL_KEYS} more")
+    shown = [f"{k}={value_text(flat[k]) if k in flat else 'unset'}" for k in keys[:limit]]
+    if len(keys) > limit:
+        shown.append(f"+{len(keys) - limit} more")
     return name + (f" ({', '.join(shown)})" if shown else "")
 
 
 def distinct_labels(config_keys: Sequence[str], name_of: Callable[[dict[str, Any]], str]) -> dict[str, str]:
     """{config_key: label} for the distinct configs (canonical JSON): name_of(config), plus the
-    keys that differ between the configs of that name. Labels are unique (a clash left by
-    shortened values gets " #2", " #3", ...)."""
+    keys that differ between the configs of that name: the first LABEL_KEYS, or every one for
+    configs whose labels would clash (the key telling two apart hid behind "+1 more"). Labels are
+    unique (a clash left by shortened values gets " #2", " #3", ...)."""
     distinct = sorted(set(config_keys))
     configs = {key: json.loads(key) for key in distinct}
     by_name: dict[str, list[str]] = defaultdict(list)
@@ -424,7 +425,10 @@ def distinct_labels(config_keys: Sequence[str], name_of: Callable[[dict[str, Any
     labels: dict[str, str] = {}
     for name, keys in by_name.items():
         differ = differing_keys([configs[k] for k in keys])
-        labels.update({k: config_label(configs[k], differ, name) for k in keys})
+        short = {k: config_label(configs[k], differ, name) for k in keys}
+        counts = Counter(short.values())
+        labels.update({k: label if counts[label] == 1 else config_label(configs[k], differ, name, len(differ))
+                       for k, label in short.items()})
     seen: dict[str, int] = defaultdict(int)
     for key in distinct:
         seen[labels[key]] += 1

@@ -391,6 +391,21 @@ def test_strategies_with_other_settings_are_separate_series(tmp_path):
     assert len(series) == 3
 
 
+def test_labels_that_would_clash_name_every_setting_that_tells_them_apart(tmp_path):
+    # four differing settings: lookahead_temperature, the one telling two runs apart, hid behind
+    # "+1 more", and the twin series was marked " #2" only
+    variants = {"a": {"lookahead": 1}, "b": {"lookahead": 1, "lookahead_temperature": None},
+                "c": {"batching": "continuous"}, "d": {"chunk": 2}}
+    for name, settings in variants.items():
+        run_settings = {k: v for k, v in settings.items() if k in ("batching", "chunk")}
+        search = {k: v for k, v in settings.items() if k not in run_settings}
+        write_run(tmp_path / name, "beam_search", 8, 0, [True, False], 80, settings=search, run_settings=run_settings)
+    labels = {r.run: r.strategy for r in sweep_summaries(tmp_path)}
+    assert len(set(labels.values())) == 4 and not any("#" in label for label in labels.values())
+    assert "lookahead_temperature=null" in labels["b"] and "lookahead_temperature=unset" in labels["a"]
+    assert labels["c"].endswith("+1 more)") and labels["d"].endswith("+1 more)")  # unique already: kept short
+
+
 def test_runs_with_other_batching_or_chunks_are_separate_series(tmp_path):
     """+batching=continuous draws each problem's samples alone and chunk fixes the chunks' seeds:
     such runs at seed 0 were pooled with the lockstep run as two seeds of one point."""
