@@ -11,8 +11,10 @@ separator, then the answer:
     solution:  "23 + 14 = 37.\\n\\n37 - 9 = 28.\\n\\n28 * 3 = 84.\\n\\n</think>Answer: 84"
 
 `ArithConfig` is the difficulty knob. Splits are assigned by a stable hash of the problem's
-arithmetic skeleton (start value and operations, names and objects left out), so train and test
-never share a problem, not even one reworded. Run `python -m experiments.tasks.arith` to print a
+arithmetic skeleton with its operations as a multiset (start value and sorted operations, names,
+objects and order left out: `split_key`), so train and test never share a problem, not even one
+reworded or with its operations in another order ("7 -6 +5" and "7 +5 -6" have one answer, and
+each one's solution is a right solution of the other: they were split apart before). Run `python -m experiments.tasks.arith` to print a
 few problems with their solutions.
 """
 from __future__ import annotations
@@ -179,13 +181,18 @@ def canonical_key(start: int, ops: tuple[tuple[str, int], ...]) -> str:
     return " ".join([str(start)] + [f"{op}{operand}" for op, operand in ops])
 
 
+def split_key(start: int, ops: tuple[tuple[str, int], ...]) -> str:
+    """What the split hashes: the start and the operations sorted, e.g. "23 *3 +14 -9" (`split_of`)."""
+    return canonical_key(start, tuple(sorted(ops)))
+
+
 def stable_hash(text: str) -> int:
     """A hash that is the same in every process (Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
 
 def split_of(key: str) -> Split:
-    """The split a problem belongs to, fixed by its canonical key."""
+    """The split a problem belongs to, fixed by its `split_key`."""
     return "test" if stable_hash(key) % TEST_MODULUS == 0 else "train"
 
 
@@ -211,8 +218,8 @@ def _question(start: int, ops: tuple[tuple[str, int], ...], rng: random.Random) 
 def generate_problems(split: Split, count: int, seed: int, cfg: ArithConfig = ArithConfig()) -> list[Problem]:
     """`count` distinct problems of one split, the same for the same (split, count, seed, cfg).
 
-    A problem belongs to the test split iff stable_hash(canonical_key) % 5 == 0, so the splits
-    are disjoint by construction whatever the seeds. A prefix of a longer list with the same
+    A problem belongs to the test split iff stable_hash(split_key) % 5 == 0, so the splits are
+    disjoint by construction whatever the seeds, even up to the order of the operations. A prefix of a longer list with the same
     seed equals the shorter list.
     """
     if split not in ("train", "test"):
@@ -231,7 +238,7 @@ def generate_problems(split: Split, count: int, seed: int, cfg: ArithConfig = Ar
         start, ops = drawn
         key = canonical_key(start, ops)
         question = _question(start, ops, rng)  # drawn for every problem: keeps the stream aligned
-        if key in seen or split_of(key) != split:
+        if key in seen or split_of(split_key(start, ops)) != split:
             continue
         seen.add(key)
         problems.append(_make_problem(key, question, start, ops, cfg, split))
