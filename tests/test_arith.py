@@ -172,6 +172,11 @@ def test_grading_never_raises(text):
         ({"max_factor": 1}, "max_factor=1"),
         ({"operations": ("+", "%")}, "'%'"),
         ({"operations": ("*",)}, "operations=('*',)"),
+        # failed inside randrange, naming no setting, or generated as distinct_numbers=True
+        ({"max_number": 10.5}, "ArithConfig.max_number=10.5 must be an integer"),
+        ({"min_ops": 2.5}, "ArithConfig.min_ops=2.5 must be an integer"),
+        ({"max_factor": 2.5}, "ArithConfig.max_factor=2.5 must be an integer"),
+        ({"distinct_numbers": "no"}, "ArithConfig.distinct_numbers='no' must be true or false"),
     ],
 )
 def test_config_validation_names_the_bad_value(kwargs, needle):

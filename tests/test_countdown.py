@@ -134,6 +134,11 @@ def test_game_of_24():
         (dict(operations=("+", "^")), "operations=\\('\\+', '\\^'\\)"),
         (dict(operations=()), "operations=\\(\\)"),
         (dict(operations=("+", "+")), "operations="),
+        # failed inside randrange, naming no setting (9.5), or passed as a float into meta (99.5)
+        (dict(max_number=9.5), "CountdownConfig.max_number=9.5 must be an integer"),
+        (dict(min_target=10.5), "CountdownConfig.min_target=10.5 must be an integer"),
+        (dict(max_value=99.5), "CountdownConfig.max_value=99.5 must be an integer"),
+        (dict(min_numbers=True), "CountdownConfig.min_numbers=True must be an integer"),
     ],
 )
 def test_config_validation_names_the_bad_value(kwargs, names):

@@ -25,7 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from experiments.tasks.benchmark_split import check_generated_count
+from experiments.tasks.benchmark_split import check_flag, check_generated_count
+from treesearch.config_checks import check_int
 from treesearch.records import Problem
 
 SEPARATOR = ".\n\n"
@@ -98,6 +99,9 @@ class ArithConfig:
     distinct_numbers: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("min_ops", "max_ops", "max_number", "max_value", "max_factor"):  # 10.5 failed in randrange
+            check_int("ArithConfig", name, getattr(self, name))
+        check_flag("ArithConfig", "distinct_numbers", self.distinct_numbers)  # "no" generated as true
         if self.min_ops < 1:
             raise ValueError(f"ArithConfig.min_ops={self.min_ops}; must be >= 1")
         if self.max_ops < self.min_ops:

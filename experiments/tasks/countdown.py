@@ -62,6 +62,7 @@ from numbers import Real
 from typing import Literal, Sequence, Union
 
 from experiments.tasks.benchmark_split import check_generated_count
+from treesearch.config_checks import check_int
 from experiments.tasks.countdown_steps import (
     OPERATIONS,
     SEPARATOR,
@@ -126,6 +127,8 @@ class CountdownConfig:
     operations: tuple[str, ...] = OPERATIONS
 
     def __post_init__(self) -> None:
+        for name in ("min_numbers", "max_numbers", "max_number", "min_target", "max_target", "max_value"):
+            check_int("CountdownConfig", name, getattr(self, name))  # 9.5 failed in randrange, naming nothing
         if self.min_numbers < 2:
             raise ValueError(f"CountdownConfig.min_numbers={self.min_numbers}; must be >= 2")
         if not self.min_numbers <= self.max_numbers <= MAX_NUMBERS_LIMIT:
