@@ -14,8 +14,8 @@ separator, then the answer:
 arithmetic skeleton with its operations as a multiset (start value and sorted operations, names,
 objects and order left out: `split_key`), so train and test never share a problem, not even one
 reworded or with its operations in another order ("7 -6 +5" and "7 +5 -6" have one answer, and
-each one's solution is a right solution of the other: they were split apart before). Run `python -m experiments.tasks.arith` to print a
-few problems with their solutions.
+each one's solution is a right solution of the other: they were split apart before). Run
+`python -m experiments.tasks.arith` to print a few problems with their solutions.
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ _TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
     "/": (
         "Then {sub} splits {poss} {obj} into {n} equal piles and keeps one pile.",
-        "Then {sub} shares {poss} {obj} equally among {n} friends and keeps one share.",
+        # not "shares them among {n} friends and keeps one share": {n} shares, or {n} + 1?
+        "Then {sub} divides {poss} {obj} into {n} equal shares and keeps one share.",
     ),
 }
 _MUL_WORDS = {2: "Then {poss} {obj} are doubled.", 3: "Then {poss} {obj} are tripled."}
@@ -223,8 +224,8 @@ def generate_problems(split: Split, count: int, seed: int, cfg: ArithConfig = Ar
     """`count` distinct problems of one split, the same for the same (split, count, seed, cfg).
 
     A problem belongs to the test split iff stable_hash(split_key) % 5 == 0, so the splits are
-    disjoint by construction whatever the seeds, even up to the order of the operations. A prefix of a longer list with the same
-    seed equals the shorter list.
+    disjoint by construction whatever the seeds, even up to the order of the operations. A
+    prefix of a longer list with the same seed equals the shorter list.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r}; valid: 'train', 'test'")
