@@ -734,7 +734,22 @@ def local_report(t: Trainer, problems: list[Problem], rollouts: list[Rollout], r
         for i, r in enumerate(rollouts)
     ]
     return {"losses": losses, "records": records, "train_tokens": int(batch.attention_mask.sum()),
-            "finite_weights": weights_finite(t.reflective)}
+            "finite_weights": weights_finite(t.reflective) and forward_finite(t.reflective, batch)}
+
+
+@torch.no_grad()
+def forward_finite(model: torch.nn.Module, batch: RolloutBatch) -> bool:
+    """Whether the updated model's logits over the batch's first rollout are finite: weights can
+    stay finite yet so large that the forward overflows (lr=1e4 left |w| ~ 1e8: a run that ended
+    there saved a last/ whose every sample drew NaN logits, and one that went on crashed in its
+    next rollouts)."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(batch.input_ids[:1], batch.attention_mask[:1])
+        return bool(torch.isfinite(out.logits).all()) and bool(torch.isfinite(out.features).all())
+    finally:
+        model.train(was_training)
 
 
 def weights_finite(model: torch.nn.Module) -> bool:
@@ -746,8 +761,8 @@ def weights_finite(model: torch.nn.Module) -> bool:
 
 
 class TrainingDivergedError(ValueError):
-    """A step's losses or updated weights are not finite (NaN / inf): the run stops before
-    sampling from or saving them."""
+    """A step's losses, its updated weights or their forward's logits are not finite (NaN / inf):
+    the run stops before sampling from or saving them."""
 
 
 def check_not_diverged(reports: list[dict[str, Any]], step: int) -> None:
@@ -756,7 +771,7 @@ def check_not_diverged(reports: list[dict[str, Any]], step: int) -> None:
     bad = sorted({key for rep in reports for key, value in rep["losses"].items() if not math.isfinite(value)})
     if not bad and all(rep["finite_weights"] for rep in reports):
         return
-    what = f"the losses {', '.join(bad)} are" if bad else "the updated weights are"
+    what = f"the losses {', '.join(bad)} are" if bad else "the updated weights, or their logits, are"
     raise TrainingDivergedError(
         f"training diverged at step {step}: {what} not finite (NaN or inf); nothing of this step is saved "
         "(the checkpoints written before it are kept): lower actor_optim.lr / head_optim.lr and start again "

@@ -39,6 +39,11 @@ class SplitDraws:
 _SHIFT_BELOW = 1e-3
 
 
+class NonFiniteLogitsError(ValueError):
+    """The policy's logits hold NaN or inf: nothing can be drawn from them (the draw of a NaN row
+    was a token one past the vocabulary, an IndexError; greedy took an arbitrary token)."""
+
+
 def sample_next_tokens(
     logits: torch.Tensor,
     temperature: float,
@@ -77,11 +82,19 @@ def sample_next_tokens(
         if row_slot is not None:
             cdf = cdf.index_select(0, row_slot)  # [A, V] (8x faster on CPU than cdf[row_slot] at [40 -> 256, 453])
         tokens = _draw_from_cdf(cdf, _uniforms(cdf.shape[0], generator, probs.device, draw_slots))
+    tokens = tokens.clamp_(max=logits.shape[-1] - 1)  # a NaN row's draw is V, one past the vocabulary
     # log_softmax + gather: twice as fast on CPU as logits[token] - logsumexp(logits) at [128, 49k]
     log_probs = torch.log_softmax(logits, dim=-1)  # [B, V]
     if row_slot is not None:
-        return tokens, log_probs[row_slot, tokens]  # [A]
-    return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)  # [B]
+        chosen = log_probs[row_slot, tokens]  # [A]
+    else:
+        chosen = log_probs.gather(-1, tokens[:, None]).squeeze(-1)  # [B]
+    if not bool(torch.isfinite(chosen).all()):  # a drawn token has mass: finite unless the logits are not
+        raise NonFiniteLogitsError(
+            "the policy's logits are not finite (NaN or inf) for "
+            f"{int((~torch.isfinite(chosen)).sum())} of {chosen.numel()} rows: its weights diverged or are damaged "
+            "(a training run with too high a learning rate?)")
+    return tokens, chosen
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -81,6 +81,21 @@ def test_a_vanishing_temperature_samples_the_argmax(temperature):
     assert torch.allclose(logprobs, torch.log_softmax(logits, -1)[[0, 1], [1, 0]])
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("row_slot", [None, [1, 1, 0]])
+def test_logits_that_are_not_finite_are_a_named_error(temperature, row_slot):
+    # a diverged model's NaN logits drew token V, one past the vocabulary: an IndexError in the
+    # sampler (greedy took an arbitrary token and a NaN log-prob)
+    from policies.sampling import NonFiniteLogitsError
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [float("nan"), 0.0, 1.0]])
+    slots = None if row_slot is None else torch.tensor(row_slot)
+    with pytest.raises(NonFiniteLogitsError, match="logits are not finite .* for 2 of 3 rows|for 1 of 2 rows"):
+        sample_next_tokens(logits, temperature, 1.0, torch.Generator().manual_seed(0), row_slot=slots)
+    tokens, _ = sample_next_tokens(logits[:1], temperature, 1.0, torch.Generator().manual_seed(0))
+    assert 0 <= int(tokens) < 3
+
+
 def test_a_top_p_that_rounds_to_zero_keeps_the_top_token():
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
     tokens, _ = sample_next_tokens(logits, 1.0, 5e-324, torch.Generator().manual_seed(0))  # 0.0 in float32

@@ -449,11 +449,33 @@ def test_a_diverging_run_stops_before_sampling_from_or_saving_nan_weights(init_d
 
     out = tmp_path / "run"
     with pytest.raises(TrainingDivergedError, match=r"training diverged at step \d+: the (losses .* are|updated "
-                                                    r"weights are) not finite \(NaN or inf\); nothing of this step"):
+                                                    r"weights, or their logits, are) not finite \(NaN or inf\); "
+                                                    r"nothing of this step"):
         run_training(composed(tiny(init_dir, out, "run.max_steps=6", "run.checkpoint_every=1", "head_optim.lr=1e30",
                                    "actor_optim.lr=1e30")))
     saved = load_checkpoint(out / "last")[0]
     assert all(torch.isfinite(p).all() for p in saved.parameters())  # the last checkpoint is a good one
+
+
+def test_weights_too_large_for_a_finite_forward_count_as_diverged():
+    # lr=1e4 left every weight finite (|w| ~ 1e8) but the logits NaN: the run saved that last/ as a
+    # good checkpoint, and every search of it crashed in the sampler
+    from types import SimpleNamespace
+
+    from experiments.train import TrainingDivergedError, check_not_diverged, forward_finite, weights_finite
+    from scorers.sprm_head import build_sprm_head
+
+    lm = biased_lm()
+    model = ReflectiveModel(lm, build_sprm_head(lm.config.hidden_size, seed=0)).train()
+    batch = SimpleNamespace(input_ids=torch.tensor([[1, 2, 3, 4]]), attention_mask=torch.ones(1, 4, dtype=torch.long))
+    assert forward_finite(model, batch) and model.training  # its mode is given back
+    with torch.no_grad():
+        for p in model.lm.parameters():
+            p.mul_(1e15)
+    assert weights_finite(model) and not forward_finite(model, batch)
+    report = {"losses": {"loss": 0.5}, "records": [], "finite_weights": False}
+    with pytest.raises(TrainingDivergedError, match="step 4: the updated weights, or their logits, are not finite"):
+        check_not_diverged([report], 4)
 
 
 def test_a_policy_of_another_embedded_task_is_named(tmp_path):
