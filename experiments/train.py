@@ -96,6 +96,7 @@ from policies.train_state import (  # noqa: E402
 )
 from policies.transformers_policy import TransformersPolicy  # noqa: E402
 from scorers.sprm_positions import StepMarkers  # noqa: E402
+from treesearch.config_checks import check_positive, is_finite_number  # noqa: E402
 from treesearch.config_diff import config_differences, resume_overrides, with_added_settings  # noqa: E402
 from treesearch.records import Problem  # noqa: E402
 from treesearch.steps import StepFormat  # noqa: E402
@@ -172,14 +173,15 @@ class RunConfig:
     feature_layer: int = -2
 
     def __post_init__(self) -> None:
+        # by type first: "abc" was a TypeError traceback, 2.0 failed mid-run, 1.5 steps ran as 2
         for name in ("max_steps", "prompts_per_step", "rollouts_per_prompt", "mini_batches", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"RunConfig.{name}={getattr(self, name)!r} must be >= 1")
+            check_int(f"RunConfig.{name}", getattr(self, name), minimum=1)
         for name in ("checkpoint_every", "keep_checkpoints", "eval_every", "greedy_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"RunConfig.{name}={getattr(self, name)!r} must be >= 0")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"RunConfig.max_minutes={self.max_minutes!r} must be > 0 (or null)")
+            check_int(f"RunConfig.{name}", getattr(self, name), minimum=0)
+        check_int("RunConfig.seed", self.seed)
+        check_int("RunConfig.feature_layer", self.feature_layer)
+        if self.max_minutes is not None and not (is_finite_number(self.max_minutes) and self.max_minutes > 0):
+            raise ValueError(f"RunConfig.max_minutes={self.max_minutes!r} must be a finite number > 0 (or null)")
         check_seed("run.head_seed", self.head_seed)  # torch.manual_seed's; run.seed only feeds derived_seed's hash
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"RunConfig.old_logprobs={self.old_logprobs!r}; valid: {', '.join(OLD_LOGPROBS)}")
@@ -198,8 +200,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("train_problems", "heldout_problems", "heldout_rollouts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DataConfig.{name}={getattr(self, name)!r} must be >= 1")
+            check_int(f"DataConfig.{name}", getattr(self, name), minimum=1)
+        check_int("DataConfig.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -216,14 +218,16 @@ class OptimizerConfig:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"OptimizerConfig.lr={self.lr!r} must be a finite number > 0")
-        if not (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
-            raise ValueError(f"OptimizerConfig.betas={self.betas!r} must be two values in [0, 1)")
-        for name in ("weight_decay", "grad_clip", "warmup_steps", "eps"):
+        check_positive("OptimizerConfig", "lr", self.lr)  # "1e-5x" was a TypeError traceback
+        betas = self.betas
+        pair = isinstance(betas, (tuple, list)) and len(betas) == 2
+        if not (pair and all(is_finite_number(b) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"OptimizerConfig.betas={betas!r} must be two values in [0, 1)")
+        for name in ("weight_decay", "grad_clip", "eps"):
             value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
+            if not (is_finite_number(value) and value >= 0):
                 raise ValueError(f"OptimizerConfig.{name}={value!r} must be a finite number >= 0")
+        check_int("OptimizerConfig.warmup_steps", self.warmup_steps, minimum=0)  # 1.5 ran as a fraction
 
     def lr_at(self, step: int) -> float:
         return self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.lr
@@ -946,6 +950,9 @@ def run_training(cfg: DictConfig) -> Path:
     log = MetricsLog(t.out, bool(cfg.tensorboard), t.step) if t.main else None
     if resumed and t.main:
         truncate_metrics(t.out / METRICS, t.step)
+        if t.step >= s.run.max_steps:  # a rerun with a smaller max_steps did nothing in silence
+            print(f"note: {t.out} is at step {t.step}, at or past run.max_steps={s.run.max_steps}: nothing to train "
+                  "(raise run.max_steps to train it further)", file=sys.stderr, flush=True)
     if not resumed:
         baseline = {"step": 0, **evaluations(t, 0)}
         if log is not None:

@@ -108,6 +108,16 @@ def test_a_resume_of_another_config_says_what_resumes_it_as_it_ran(init_dir, fin
     assert (out / "metrics.jsonl").read_text() == rows
 
 
+@pytest.mark.parametrize("max_steps", [2, 3])
+def test_a_rerun_with_no_step_left_says_so(init_dir, finished, tmp_path, capsys, max_steps):
+    # run.max_steps=2 on a run at step 3 did nothing in silence, then printed "step 3"
+    out = copy_run(finished, tmp_path)
+    rows = (out / "metrics.jsonl").read_text()
+    run_training(composed(tiny(init_dir, out, f"run.max_steps={max_steps}")))
+    assert (out / "metrics.jsonl").read_text() == rows
+    assert f"is at step 3, at or past run.max_steps={max_steps}: nothing to train" in capsys.readouterr().err
+
+
 def test_a_run_saved_before_ref_bf16_and_shared_prompt_existed_resumes_as_it_ran(init_dir, finished, tmp_path, monkeypatch):
     # a config.yaml without the settings added in December was refused ("<absent> -> None"), with
     # nothing to add that resumes it: such a run ran with an fp32 reference, every prompt per
@@ -267,6 +277,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
         ("+run.bogus=1", "error: run.bogus is not a setting of RunConfig; it takes: checkpoint_every, "),
         ("run.rollouts_per_prompt=1", "error: run.rollouts_per_prompt=1: a GRPO group of one rollout"),
         ("num_threads=0", "error: num_threads=0 must be an integer >= 1, or null"),  # 0 was skipped in silence
+        ("run.max_steps=abc", "error: RunConfig.max_steps='abc' must be an integer >= 1"),  # a TypeError traceback
         ("+num_thread=2", "error: num_thread is not a setting at the top level of experiments.train; it takes: "),
         ("hydra.job.chdir=true", "error: hydra.job.chdir=true is not supported: out_dir, policy.path and "),
     ]:
@@ -275,6 +286,26 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
         assert done.returncode == 2, done.stderr[-2000:]
         assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith(message)
     assert not out.exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("cls, values, message", [
+    # failed mid-run (2.0 prompts, 2.5 rows a forward), after checkpoints (1.5 kept), or ran 1.5 steps as 2
+    ("RunConfig", {"prompts_per_step": 2.0}, "RunConfig.prompts_per_step=2.0 must be an integer >= 1"),
+    ("RunConfig", {"eval_batch_size": 2.5}, "RunConfig.eval_batch_size=2.5 must be an integer >= 1"),
+    ("RunConfig", {"keep_checkpoints": 1.5}, "RunConfig.keep_checkpoints=1.5 must be an integer >= 0"),
+    ("RunConfig", {"max_steps": 1.5}, "RunConfig.max_steps=1.5 must be an integer >= 1"),
+    ("RunConfig", {"max_steps": None}, "RunConfig.max_steps=None must be an integer >= 1"),
+    ("RunConfig", {"eval_every": True}, "RunConfig.eval_every=True must be an integer >= 0"),
+    ("RunConfig", {"max_minutes": "abc"}, "RunConfig.max_minutes='abc' must be a finite number > 0"),
+    ("DataConfig", {"train_problems": 10.5}, "DataConfig.train_problems=10.5 must be an integer >= 1"),
+    ("OptimizerConfig", {"lr": "1e-5x"}, "OptimizerConfig.lr='1e-5x' must be a finite number > 0"),
+    ("OptimizerConfig", {"lr": 1e-5, "warmup_steps": 1.5}, "OptimizerConfig.warmup_steps=1.5 must be an integer >= 0"),
+    ("OptimizerConfig", {"lr": 1e-5, "betas": ("0.9", 0.99)}, "OptimizerConfig.betas=\\('0.9', 0.99\\) must be two"),
+    ("OptimizerConfig", {"lr": 1e-5, "eps": "tiny"}, "OptimizerConfig.eps='tiny' must be a finite number >= 0"),
+])
+def test_training_settings_of_the_wrong_type_are_named(cls, values, message):
+    with pytest.raises(ValueError, match=message):
+        getattr(train, cls)(**values)
 
 
 def test_rollout_cache_says_how_to_get_a_missing_policy_folder(tmp_path, capsys):
