@@ -415,6 +415,10 @@ def reference_lm(trainer_out: Path, reflective: ReflectiveModel, tokenizer: Any,
         save_checkpoint(reflective.lm, tokenizer, trainer_out / REFERENCE)
     if s.loss.kl_coef == 0:
         return None
+    if not fresh and not (trainer_out / REFERENCE).is_dir():  # "checkpoint folder .../reference does not exist"
+        raise FileNotFoundError(
+            f"{trainer_out / REFERENCE} is missing: it holds the KL reference, the policy this run started from "
+            f"(saved at its start); restore it, e.g. with a copy of the model folder init_from={s.init_from} names")
     lm = copy.deepcopy(reflective.lm) if fresh else load_checkpoint(trainer_out / REFERENCE)[0]
     return lm.eval().requires_grad_(False)
 

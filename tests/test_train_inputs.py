@@ -108,6 +108,15 @@ def test_a_resume_of_another_config_says_what_resumes_it_as_it_ran(init_dir, fin
     assert (out / "metrics.jsonl").read_text() == rows
 
 
+def test_a_missing_kl_reference_says_what_it_was(init_dir, finished, tmp_path):
+    # "checkpoint folder .../reference does not exist", with no word of what to do
+    out = copy_run(finished, tmp_path)
+    shutil.rmtree(out / "reference")
+    with pytest.raises(FileNotFoundError, match=f"reference is missing: it holds the KL reference, the policy this run "
+                                                f"started from .* init_from={init_dir} names"):
+        run_training(composed(tiny(init_dir, out, "run.max_steps=4")))
+
+
 @pytest.mark.parametrize("max_steps", [2, 3])
 def test_a_rerun_with_no_step_left_says_so(init_dir, finished, tmp_path, capsys, max_steps):
     # run.max_steps=2 on a run at step 3 did nothing in silence, then printed "step 3"
