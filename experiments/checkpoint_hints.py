@@ -26,6 +26,8 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from experiments.tasks import arith
+
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"  # experiments.search.CONFIG_DIR (the policy presets)
 
 # folders the project's own commands write (matched by the end of their path) and how to make each
@@ -45,6 +47,7 @@ MADE_CHECKPOINTS: tuple[tuple[str, str], ...] = (
 )
 SFT_SUMMARY = "sft_summary.json"  # policies.sft_resume.SUMMARY_FILE (not imported: it loads torch)
 EMBEDDED_TASKS: tuple[str, ...] = ("arith", "countdown")  # experiments.sft_tasks.SFT_TASKS
+SPLIT_VERSIONS: dict[str, int] = {"arith": arith.SPLIT_VERSION}  # the tasks' SPLIT_VERSION (1 before they had one)
 HEAD_FILE = "score_module.pt"  # scorers.sprm_head.SCORE_MODULE_FILE (not imported: it loads torch)
 HEAD_HINT = (
     "A reflective checkpoint (policy and SPRM head on one backbone) is needed: the joint training "
@@ -142,11 +145,32 @@ def trained_task_note(policy_path: object, task_module: str, key: str = "policy.
     if not isinstance(policy_path, str):
         return None
     trained, task = trained_task(policy_path), task_module.rsplit(".", 1)[-1]
-    if trained is None or trained == task:
+    if trained == task:
+        return stale_split_note(policy_path, task, key)
+    if trained is None:
         return None
     suggestion = f" (e.g. outputs/checkpoints/tiny-{task}/final)" if task in EMBEDDED_TASKS else ""
     given = f"{key} {policy_path}" if key.startswith("--") else f"{key}={policy_path}"
     return f"note: {given} was trained on {trained}, not {task}: point {setting(key)} at a policy of {task}{suggestion}"
+
+
+def stale_split_note(policy_path: str, task: str, key: str = "policy.path") -> str | None:
+    """A note when policy_path's SFT run (its sft_summary.json) trained on another version of
+    task's splits (SPLIT_VERSIONS; a summary without one: version 1), whose train split held
+    problems of today's test split, else None."""
+    if task not in SPLIT_VERSIONS:
+        return None
+    try:
+        run = json.loads((Path(policy_path).parent / SFT_SUMMARY).read_text()).get("run", {})
+        trained = run.get("split_version", 1)
+    except (OSError, ValueError, AttributeError):  # no summary: nothing says
+        return None
+    if trained == SPLIT_VERSIONS[task]:
+        return None
+    given = f"{key} {policy_path}" if key.startswith("--") else f"{key}={policy_path}"
+    return (f"note: {given} was trained on version {trained} of {task}'s splits, whose train split holds many of "
+            f"today's test problems (version {SPLIT_VERSIONS[task]}): its test numbers read high; delete "
+            f"{Path(policy_path).parent} and train it again (`make demo`, or experiments.train_sft) to measure it")
 
 
 def setting(key: str) -> str:

@@ -37,6 +37,11 @@ class SFTTask:
     make_pairs: Callable[[Any, int, int], Pairs]
     own_tokenizer: bool = False
 
+    @property
+    def split_version(self) -> int | None:
+        """The task's SPLIT_VERSION (which problems its splits hold), None when it has none."""
+        return getattr(self.module, "SPLIT_VERSION", None)
+
     def training_pairs(self, config: Any, count: int, seed: int) -> Pairs:
         if count < 1:
             raise ValueError(f"{self.name}: training pair count={count!r} must be >= 1")

@@ -67,6 +67,9 @@ def settings_note(run_dir: Path, sft: SFTConfig, run: dict[str, Any] | None = No
              if key not in NOT_THE_WEIGHTS and saved.get(key) != value]
     diffs += [f"{key}: {saved_run.get(key)!r} -> {value!r}" for key, value in (run or {}).items()
               if key in saved_run and saved_run[key] != value]
+    if run and "split_version" in run and saved_run.get("split_version", 1) != run["split_version"]:
+        diffs.append(f"split_version: {saved_run.get('split_version', 1)!r} -> {run['split_version']!r}, its train "
+                     "split held test problems of this one")
     if not diffs:
         return None
     return (f"note: the cached policy {run_dir / 'final'} was trained with other settings ({'; '.join(diffs)}); "
@@ -115,4 +118,7 @@ def run_settings(task: str, task_cfg: Any, model: TinyModelConfig, train_problem
     """What besides the SFT config makes the policy (sft_summary.json's "run", as JSON reads it
     back): the task, its difficulty config, the model's shape and the training pairs drawn."""
     settings = {"task": task, "train_problems": train_problems, "task_config": asdict(task_cfg), "model": asdict(model)}
+    version = get_sft_task(task).split_version
+    if version is not None:
+        settings["split_version"] = version
     return json.loads(json.dumps(settings))

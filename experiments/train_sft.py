@@ -176,6 +176,8 @@ def run(plan: RunPlan, out: Path, seed: int, progress: bool) -> None:
     model = build_model(TinyModelConfig(seed=seed), tokenizer)
     print(f"tiny {task.name} policy: {num_parameters(model) / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
     run_info = {"task": task.name, "train_problems": plan.train_problems}
+    if task.split_version is not None:
+        run_info["split_version"] = task.split_version
     final = train_sft(plan.sft, pairs, out, model, tokenizer, progress=progress, run_info=run_info)
     summary = json.loads((out / SUMMARY_FILE).read_text())
     print(

@@ -349,6 +349,30 @@ def test_a_cached_policy_of_other_sft_settings_is_used_with_a_note(tok, tmp_path
     assert "train_problems: 1000 -> 10" in note and "task_config: {" in note and "'hidden': 128" in note
 
 
+def test_a_policy_trained_on_an_earlier_arith_split_is_named(tmp_path, capsys):
+    # the split change of 2026-12-06 put 122 of the demo's 200 test problems among the old train
+    # split's problems: a policy trained before it was reused by the demo, search and train in silence
+    from experiments.checkpoint_hints import trained_task_note
+    from experiments.tasks.arith import SPLIT_VERSION, ArithConfig
+    from experiments.tiny_policy import cached_policy, run_settings
+
+    run = tmp_path / "tiny-arith"
+    save_checkpoint(build_model(SMALL, build_tokenizer()), build_tokenizer(), run / "final")
+    made = SFTConfig()
+    asked = run_settings("arith", ArithConfig(), TinyModelConfig(), 1000)
+    assert asked["split_version"] == SPLIT_VERSION == 2
+    before = {k: v for k, v in asked.items() if k != "split_version"}  # a summary from before the change
+    (run / sft_resume.SUMMARY_FILE).write_text(json.dumps({"config": asdict(made), "run": before}))
+    assert cached_policy(run, made, asked) == run / "final"
+    assert "split_version: 1 -> 2, its train split held test problems of this one" in capsys.readouterr().err
+    note = trained_task_note(str(run / "final"), "experiments.tasks.arith")
+    assert note is not None and "was trained on version 1 of arith's splits" in note and f"delete {run}" in note
+    (run / sft_resume.SUMMARY_FILE).write_text(json.dumps({"config": asdict(made), "run": asked}))
+    assert cached_policy(run, made, asked) == run / "final" and capsys.readouterr().err == ""
+    assert trained_task_note(str(run / "final"), "experiments.tasks.arith") is None
+    assert "not countdown" in trained_task_note(str(run / "final"), "experiments.tasks.countdown")
+
+
 def test_an_incomplete_cached_policy_is_written_again_as_its_run_made_it(tmp_path, capsys):
     # with a file of final/ missing and a caller asking for another budget, the run resumed under
     # the caller's settings and trained on (3 steps -> 6): not the policy the cache held

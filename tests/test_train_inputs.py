@@ -524,7 +524,7 @@ def test_a_policy_of_another_embedded_task_is_named(tmp_path):
 
     run = tmp_path / "mine"
     (run / "final").mkdir(parents=True)
-    (run / "sft_summary.json").write_text('{"config": {}, "run": {"task": "arith", "train_problems": 10}}')
+    (run / "sft_summary.json").write_text('{"config": {}, "run": {"task": "arith", "train_problems": 10, "split_version": 2}}')
     assert trained_task_note(str(run / "final"), "experiments.tasks.countdown") == (
         f"note: policy.path={run / 'final'} was trained on arith, not countdown: point policy.path= at a policy "
         "of countdown (e.g. outputs/checkpoints/tiny-countdown/final)")

@@ -37,6 +37,11 @@ ANSWER_PREFIX = "Answer: "
 DEFAULT_TEMPERATURE = 0.6
 # One problem in TEST_MODULUS (by stable hash) belongs to the test split.
 TEST_MODULUS = 5
+# Which problems the splits hold: 1 hashed the operations in story order (until 2026-12-06, when a
+# problem's reordered twin could sit in the other split), 2 as a multiset (`split_key`). An SFT
+# run records it (sft_summary.json); a policy of another version trained on today's test problems
+# (`experiments.checkpoint_hints.trained_task_note` says so).
+SPLIT_VERSION = 2
 OPERATIONS: tuple[str, ...] = ("+", "-", "*", "/")
 
 Split = Literal["train", "test"]
