@@ -898,11 +898,20 @@ class MetricsLog:
             self.tb.close()
 
 
+def budget_spent(t: Trainer) -> str | None:
+    """Which budget the run has spent ("run.max_steps=K", "run.max_minutes=M"), None while neither."""
+    if t.step >= t.s.run.max_steps:
+        return f"run.max_steps={t.s.run.max_steps}"
+    if t.s.run.max_minutes is not None and t.elapsed_s >= 60 * t.s.run.max_minutes:
+        return f"run.max_minutes={t.s.run.max_minutes}"
+    return None
+
+
 def should_stop(t: Trainer, stop: StopRequest) -> tuple[bool, bool]:
     """(stop now, because of Ctrl-C or SIGTERM): decided by the main process and shared with all,
     so every process stops after the same step: max_steps, max_minutes or a signal (one during
     the last step too: the run is saved and the process stops, a sweep's next job does not start)."""
-    over = t.step >= t.s.run.max_steps or (t.s.run.max_minutes is not None and t.elapsed_s >= 60 * t.s.run.max_minutes)
+    over = budget_spent(t) is not None
     over, interrupted = broadcast_object_list([over or stop.requested, stop.requested])
     return bool(over), bool(interrupted)
 
@@ -954,9 +963,10 @@ def run_training(cfg: DictConfig) -> Path:
     log = MetricsLog(t.out, bool(cfg.tensorboard), t.step) if t.main else None
     if resumed and t.main:
         truncate_metrics(t.out / METRICS, t.step)
-        if t.step >= s.run.max_steps:  # a rerun with a smaller max_steps did nothing in silence
-            print(f"note: {t.out} is at step {t.step}, at or past run.max_steps={s.run.max_steps}: nothing to train "
-                  "(raise run.max_steps to train it further)", file=sys.stderr, flush=True)
+        spent = budget_spent(t)
+        if spent is not None:  # a rerun with a smaller or spent budget did nothing in silence
+            print(f"note: {t.out} is at step {t.step}, its {spent} spent: nothing to train (raise "
+                  f"{spent.split('=')[0]} to train it further)", file=sys.stderr, flush=True)
     if not resumed:
         baseline = {"step": 0, **evaluations(t, 0)}
         if log is not None:

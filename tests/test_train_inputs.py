@@ -124,7 +124,10 @@ def test_a_rerun_with_no_step_left_says_so(init_dir, finished, tmp_path, capsys,
     rows = (out / "metrics.jsonl").read_text()
     run_training(composed(tiny(init_dir, out, f"run.max_steps={max_steps}")))
     assert (out / "metrics.jsonl").read_text() == rows
-    assert f"is at step 3, at or past run.max_steps={max_steps}: nothing to train" in capsys.readouterr().err
+    assert f"is at step 3, its run.max_steps={max_steps} spent: nothing to train" in capsys.readouterr().err
+    run_training(composed(tiny(init_dir, out, "run.max_steps=9", "run.max_minutes=0.0001")))  # minutes used up
+    assert (out / "metrics.jsonl").read_text() == rows
+    assert "is at step 3, its run.max_minutes=0.0001 spent: nothing to train" in capsys.readouterr().err
 
 
 def test_a_run_saved_before_ref_bf16_and_shared_prompt_existed_resumes_as_it_ran(init_dir, finished, tmp_path, monkeypatch):
