@@ -201,6 +201,7 @@ def test_scorer_concurrent_requests_get_their_own_answers_batched(services):
     ({"text": "a", "return_all_scores": 1}, None, 422, "return_all_scores"),   # strict: not a bool
     (None, b'{"text": "\xff\xfe"}', 422, "body"),               # not UTF-8
     (None, b'{"text": "a \\ud800 b"}', 422, "text"),          # a lone surrogate: a plain-text 500 before
+    (None, b'{"text": "a", "tex\\ud800t": 1}', 422, "tex\\ud800t"),  # ... in a misspelt field's name
     (None, b'{"text": ' + b"[" * 100_000, 422, "body"),          # nested past the recursion limit
     ({"text": "x" * 3001}, None, 413, "text"),                  # over --max-text-chars
     ({"text": "1 " * 150}, None, 413, "text"),                  # over --max-text-tokens (300 digits + spaces)

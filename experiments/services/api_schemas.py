@@ -244,8 +244,16 @@ class FieldError(Exception):
 
 
 def error_body(field: str, message: str, detail: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The JSON error body of every rejected request."""
+    """The JSON error body of every rejected request; a lone surrogate in the field's name (a key
+    the client cut inside a character) is written as its escape, which JSON can encode (the body
+    was a plain-text 500)."""
+    field, message = _encodable(field), _encodable(message)
     return {"error": f"{field}: {message}", "field": field, "detail": detail or []}
+
+
+def _encodable(text: str) -> str:
+    """text with each character UTF-8 cannot encode (a lone surrogate) as its backslash escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
