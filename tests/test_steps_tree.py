@@ -149,5 +149,11 @@ def test_a_step_score_is_a_plain_float_or_refused():
     tree.add(0, Step("a", (1,), (-0.1,), "eos", score=np.float32(0.5)))
     json.dumps(tree.to_json())
     for bad in ("high", True, [0.5], torch.tensor([0.5, 0.6])):
-        with pytest.raises(ValueError, match="Step.score=.* must be a number or None"):
+        with pytest.raises(ValueError, match="Step.score=.* must be a number"):
             Step("a", (1,), (-0.1,), "eos", score=bad)
+    # the node's own score and prior too
+    child = tree.add(torch.tensor(1), Step("b", (2,), (-0.1,), "eos"), prior=np.float64(0.5), score=np.float32(0.25))
+    assert (type(tree.nodes[child].prior), type(tree.nodes[child].score)) == (float, float)
+    json.dumps(tree.to_json())
+    with pytest.raises(ValueError, match="score='x' must be a number"):
+        tree.add(0, Step("c", (3,), (-0.1,), "eos"), score="x")

@@ -46,14 +46,15 @@ def _plain_tuple(name: str, values: Any, kind: Callable[[Any], Any]) -> tuple:
         raise ValueError(f"Step.{name} must hold {what}, got {values!r:.80}") from None
 
 
-def _plain_score(value: Any) -> float:
-    """A step score (a Python, numpy or torch number) as a float, or a ValueError naming it."""
+def plain_float(value: Any, name: str) -> float:
+    """A score (a Python, numpy or torch number) as a Python float, which JSON writes (a numpy
+    float32 made a tree unsaveable), or a ValueError naming `name`."""
     if isinstance(value, (bool, str, bytes)):
-        raise ValueError(f"Step.score={value!r:.80} must be a number or None")
+        raise ValueError(f"{name}={value!r:.80} must be a number")
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"Step.score={value!r:.80} must be a number or None") from None
+        raise ValueError(f"{name}={value!r:.80} must be a number") from None
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class Step:
                                  "ran to make the step: 0 when unknown)")
             object.__setattr__(self, "tokens_forwarded", int(forwarded))
         if self.score is not None and type(self.score) is not float:  # a numpy score made the tree unsaveable
-            object.__setattr__(self, "score", _plain_score(self.score))
+            object.__setattr__(self, "score", plain_float(self.score, "Step.score"))
         if self.finish not in FINISH_REASONS:
             raise ValueError(f"Step.finish={self.finish!r}; valid: {', '.join(FINISH_REASONS)}")
         if len(self.token_ids) != len(self.token_logprobs):

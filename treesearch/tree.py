@@ -18,7 +18,7 @@ from typing import Any
 
 import networkx as nx
 
-from treesearch.records import Prefix, Problem, Step
+from treesearch.records import Prefix, Problem, Step, plain_float
 
 ROOT_ID = 0
 
@@ -64,6 +64,10 @@ class Tree:
         tree is a ValueError (-1 made a node its own child, and `path` looped forever)."""
         if not (type(parent) is int and 0 <= parent < len(self.nodes)):
             parent = self._node_id(parent)
+        if type(prior) is not float:  # numpy / torch numbers: the tree's JSON could not be written
+            prior = plain_float(prior, "prior")
+        if score is not None and type(score) is not float:
+            score = plain_float(score, "score")
         node = Node(
             id=len(self.nodes),
             parent=parent,
