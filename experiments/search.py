@@ -86,11 +86,13 @@ from experiments.result_json import write_atomic
 from experiments.run_weights import WEIGHTS_FILE, check_run_weights, model_folders
 from experiments.sweep_metrics import BUDGET_FIELDS, RECORD_KEYS, check_rows, read_run_config, run_metrics
 from experiments.tasks.benchmark_split import check_unique_ids
+from policies.checkpoint import torch_dtype
 from policies.devices import resolve_device
 from policies.gc_freeze import freeze_long_lived
 from policies.reflective_model import check_reflective_folder
 from policies.vllm_engine import VLLMMissingError
 from scorers.prm_loading import check_prm_folder
+from scorers.sprm_scorer import check_batch_size
 from treesearch.concurrent import problem_seed, search_each
 from treesearch.config_checks import is_int
 from treesearch.config_diff import config_differences, resume_overrides, with_added_settings
@@ -234,6 +236,7 @@ def quiet_logger(name: str) -> Iterator[None]:
 LIGHT_SCORERS: tuple[str, ...] = (
     "scorers.confidence.ConfidenceScorer", "scorers.random_scorer.RandomScorer",
     "scorers.outcome_oracle.OutcomeOracleScorer", "scorers.step_score_reader.StepScoreReader",
+    "scorers.step_oracle.StepOracleScorer.for_task",  # a task without step labels was named after the policy loaded
 )
 
 
@@ -267,9 +270,8 @@ def check_prm_scorer(node: DictConfig) -> None:
         check_prm_folder(Path(node.path))
 
 
-HEAD_SCORERS: tuple[str, ...] = (
-    "scorers.sprm_scorer.SPRMScorer.from_pretrained", "scorers.vllm_sprm_scorer.VLLMSPRMScorer.from_pretrained",
-)
+SPRM_FORWARD = "scorers.sprm_scorer.SPRMScorer.from_pretrained"  # scorer=sprm_forward (and orm)
+HEAD_SCORERS: tuple[str, ...] = (SPRM_FORWARD, "scorers.vllm_sprm_scorer.VLLMSPRMScorer.from_pretrained")
 
 
 def check_head_scorer(node: DictConfig) -> None:
@@ -278,6 +280,11 @@ def check_head_scorer(node: DictConfig) -> None:
     before the policy loads (they were found after it: minutes of a vLLM engine on a GPU)."""
     if node.get("_target_") not in HEAD_SCORERS or not isinstance(node.get("path"), str):
         return
+    if node.get("_target_") == SPRM_FORWARD:  # its own settings, found after the policy loaded
+        check_batch_size(node.get("batch_size", 16))
+        torch_dtype(node.get("dtype", "float32"))
+        if isinstance(node.get("device"), str):
+            resolve_device(node.device)
     try:
         layer, states = check_reflective_folder(node.path, node.get("feature_layer"))
     except FileNotFoundError as err:  # with how to get one, as when the scorer is built

@@ -667,6 +667,25 @@ def test_an_external_prms_folder_and_device_are_checked_before_the_policy_loads(
     assert not (tmp_path / "run" / "records.jsonl").exists()
 
 
+@pytest.mark.parametrize("overrides, error", [
+    (["scorer=step_oracle", "scorer.right=2"], "StepOracleScorer.right=2 must be a number in"),
+    (["scorer=step_oracle", "task=gsm8k"], "needs a task that labels steps"),
+    (["policy=tiny_sprm", "scorer=sprm_forward", "scorer.batch_size=0"], "batch_size=0 must be an integer >= 1"),
+    (["policy=tiny_sprm", "scorer=sprm_forward", "scorer.dtype=float64"], "dtype='float64' is not one of"),
+    *([(["policy=tiny_sprm", "scorer=sprm_forward", "+scorer.device=cuda"], "device='cuda'")]
+      if not torch.cuda.is_available() else []),
+])
+def test_a_scorers_own_settings_are_checked_before_the_policy_loads(sprm_ckpt, tmp_path, monkeypatch, overrides, error):
+    # found after the policy had loaded (a vLLM engine's start on a GPU preset)
+    from experiments import search
+
+    monkeypatch.setattr(search, "build_policy", lambda cfg: pytest.fail("the policy was built"))
+    base = [f"policy.path={sprm_ckpt}", f"out_dir={tmp_path / 'run'}"] + ONE_PROBLEM
+    with pytest.raises(ValueError, match=error):
+        run_search_experiment(composed(base + overrides))
+    assert not (tmp_path / "run" / "records.jsonl").exists()
+
+
 def test_chosen_paths_cut_at_max_depth_are_noted(ckpt, tmp_path, capsys):
     # a thinking model's trace takes hundreds of '.\n\n' steps: cut at the presets' 40, it was graded
     # without an answer, and nothing said why
