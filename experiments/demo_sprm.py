@@ -19,13 +19,16 @@ the upper bound with true step labels).
 from __future__ import annotations
 
 import json
+import sys
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from experiments.plot_aha import plot_aha
-from experiments.rollout_cache import CacheSpec, build_from_spec, labels_version, load_cache, save_cache
+from experiments.rollout_cache import (
+    CacheSpec, StaleCacheError, build_from_spec, labels_version, load_cache, save_cache,
+)
 from policies.model_folder import weights_fingerprint
 from experiments.train_head import run_head_training
 from scorers.head_training import HeadTrainConfig
@@ -76,9 +79,13 @@ def cached_rollouts(spec: CacheSpec, path: Path) -> Path:
     model it read (a policy retrained in place gives other features; a cache that does not say is
     built again), else a fresh one saved there."""
     if path.exists():
-        cache = load_cache(path)
-        if _as_json(cache.spec) == _as_json(asdict(spec)) and cache.policy_fingerprint == weights_fingerprint(spec.policy_dir):
-            return path
+        try:
+            cache = load_cache(path)
+        except StaleCacheError as err:  # an older grader's: built again
+            print(f"note: {err}; building it again", file=sys.stderr)
+        else:
+            if _as_json(cache.spec) == _as_json(asdict(spec)) and cache.policy_fingerprint == weights_fingerprint(spec.policy_dir):
+                return path
     save_cache(build_from_spec(spec), path)
     return path
 

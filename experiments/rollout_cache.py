@@ -77,10 +77,11 @@ STEP_LABELERS: dict[str, StepLabeler] = {
     "arith": arith.true_step_labels,
     "countdown": countdown.true_step_labels,
 }
-# the version of a task's step labeler (1 where absent); a cache saved with an older one is
-# relabelled when loaded (arith 2, 2026-12-06: any order of the operations that reaches the answer
-# is right; the story's order alone was before)
-LABELS_VERSION: dict[str, int] = {"arith": 2}
+# the version of a task's grader and step labeler (1 where absent); a cache saved with an older one
+# is graded and labelled again when loaded (arith 2, 2026-12-06: any order of the operations that
+# reaches the answer is right, the story's order alone was before; countdown 2, 2026-12-05: a
+# derivation with an unused side step is wrong, and the labeler follows the grader)
+LABELS_VERSION: dict[str, int] = {"arith": 2, "countdown": 2}
 
 
 # -- the spec and the cache -----------------------------------------------------------------------
@@ -604,7 +605,7 @@ def load_cache(path: str | Path) -> RolloutCache:
     for name in ("problem_ids", "questions", "answers", "finish", "step_texts"):
         payload[name] = tuple(payload[name])
     cache = RolloutCache(**payload)
-    if cache.step_labels is not None and saved_version < labels_version(cache.task):
+    if saved_version < labels_version(cache.task):  # its grades were reused by the demo in silence
         cache = relabelled(cache, path)
     return cache
 
@@ -614,22 +615,33 @@ def labels_version(task: str) -> int:
     return LABELS_VERSION.get(task, 1)
 
 
+class StaleCacheError(ValueError):
+    """A cache graded by an older grader (`LABELS_VERSION`) whose problems cannot be regenerated
+    to grade it again: build it again (the demo does)."""
+
+
 def relabelled(cache: RolloutCache, path: Path) -> RolloutCache:
-    """The cache with its true step labels made again by today's labeler (`LABELS_VERSION`); when
-    its problems cannot be regenerated (rollouts of the user's own problems, an older generator),
-    without true labels, said on stderr (the modes that need them then refuse it by name)."""
+    """The cache graded (correct, answers) and, when it has them, its true step labels made again
+    by today's grader and labeler (`LABELS_VERSION`); when its problems cannot be regenerated
+    (rollouts of the user's own problems, an older generator), an error: its grades are an older
+    grader's, and nothing trained or measured on them could be trusted."""
     try:
         problems = cache_problems(cache)
-    except ValueError:
-        print(f"note: {path} holds the true step labels of an older {cache.task} labeler and its problems cannot be "
-              "regenerated to label them again: loaded without true labels", file=sys.stderr)
-        return replace(cache, step_labels=None)
-    labeler = STEP_LABELERS[cache.task]
-    labels = []
+    except ValueError as err:
+        raise StaleCacheError(f"{path} holds the grades of an older {cache.task} grader ({err}): rebuild it with "
+                              "python -m experiments.rollout_cache") from None
+    module, labeler = get_sft_task(cache.task).module, STEP_LABELERS.get(cache.task)
+    labels: list[bool] = []
+    correct, answers = [], []
     for r in range(cache.num_rollouts):
         texts = cache.step_texts[int(cache.rollout_steps[r]): int(cache.rollout_steps[r + 1])]
-        labels.extend(labeler(problems[int(cache.rollout_problem[r])], list(texts)))
-    return replace(cache, step_labels=torch.tensor(labels, dtype=torch.bool))
+        problem = problems[int(cache.rollout_problem[r])]
+        correct.append(bool(module.grade(problem, "".join(texts))))
+        answers.append(module.extract_answer("".join(texts)))
+        if cache.step_labels is not None and labeler is not None:
+            labels.extend(labeler(problem, list(texts)))
+    step_labels = None if cache.step_labels is None else torch.tensor(labels, dtype=torch.bool)
+    return replace(cache, correct=torch.tensor(correct, dtype=torch.bool), answers=tuple(answers), step_labels=step_labels)
 
 
 def cache_problems(cache: RolloutCache) -> list[Problem]:

@@ -19,10 +19,10 @@ import torch
 from experiments.aha_metrics import path_scores as aha_path_scores
 from experiments.plot_aha import load_metrics
 from experiments.rollout_cache import (
-    CacheSpec, RolloutCache, build_rollout_cache, cache_from_paths, confidence_path_scores,
+    CacheSpec, RolloutCache, StaleCacheError, build_rollout_cache, cache_from_paths, confidence_path_scores,
     load_cache, save_cache,
 )
-from experiments.tasks import arith
+from experiments.tasks import arith, countdown
 from experiments.train_head import (
     batch_note, bon_sizes, bon_table, cache_metrics, check_pair, main, pooled_auc, run_head_training,
     spr_label_agreement, steps_for_epochs,
@@ -493,12 +493,39 @@ def test_a_cache_of_older_arith_labels_is_relabelled_on_load(handmade, tmp_path,
     payload["labels_version"] = 2  # today's: kept as saved
     torch.save(payload, path)
     assert torch.equal(load_cache(path).step_labels, ~cache.step_labels)
-    # problems that cannot be regenerated (the user's own, an older generator): no true labels, said
+    # graded again too: an older grader's correct flags were reused by the demo in silence
     del payload["labels_version"]
+    payload["correct"] = ~payload["correct"]
+    torch.save(payload, path)
+    assert torch.equal(load_cache(path).correct, cache.correct)
+    # problems that cannot be regenerated (the user's own, an older generator): an error saying to rebuild it
     payload["problem_ids"] = tuple(f"own-{i}" for i in range(len(payload["problem_ids"])))
     torch.save(payload, path)
-    assert load_cache(path).step_labels is None
-    assert "holds the true step labels of an older arith labeler" in capsys.readouterr().err
+    with pytest.raises(StaleCacheError, match="holds the grades of an older arith grader .* rebuild it"):
+        load_cache(path)
+
+
+def test_a_countdown_cache_of_an_older_grader_is_graded_again(tiny, tmp_path):
+    # the grader of 2026-12-05 rejects an unused side step; caches graded before were reused with
+    # their old correct flags, and heads trained on them
+    path_dir, lm, tokenizer = tiny
+    problem = countdown.generate_problems("test", 1, seed=0)[0]
+    solution = countdown.solution_text(problem)
+    side = solution.replace("</think>", "9 - 9 = 0.\n\n</think>", 1)
+    def path_of(text: str) -> tuple[Step, ...]:
+        ids = tuple(tokenizer(text, add_special_tokens=False).input_ids)
+        return (Step(text, ids, (-0.1,) * len(ids), "eos"),)
+
+    paths = [[path_of(solution), path_of(side)]]
+    spec = CacheSpec(str(path_dir), "countdown", "test", 1, 2, feature_layers=(-1,), forward_batch=2)
+    cache = cache_from_paths(spec, lm, tokenizer, [problem], paths)
+    assert cache.correct.tolist() == [True, False]  # the side step 9 - 9 = 0 is no part of the derivation
+    path = save_cache(cache, tmp_path / "c.pt")
+    payload = torch.load(path, weights_only=False)
+    del payload["labels_version"]  # saved before countdown's grader had a version
+    payload["correct"] = torch.tensor([True, True])  # what the older grader said of the side step
+    torch.save(payload, path)
+    assert load_cache(path).correct.tolist() == cache.correct.tolist()
 
 
 def test_handmade_cache_shapes_and_labels(handmade, tiny):
@@ -637,6 +664,12 @@ def test_a_policy_trained_again_in_its_folder_is_not_the_caches_policy(handmade,
     save_checkpoint(changed, tokenizer, folder)  # trained again, in place
     cached_rollouts(spec, tmp_path / "train.pt")
     assert built == [spec]  # other weights: built again
+    stale = torch.load(tmp_path / "train.pt", weights_only=False)
+    del stale["labels_version"]  # an older grader's, whose problems do not regenerate: built again, not a crash
+    stale["problem_ids"] = tuple(f"own-{i}" for i in range(len(stale["problem_ids"])))
+    torch.save(stale, tmp_path / "train.pt")
+    cached_rollouts(spec, tmp_path / "train.pt")
+    assert built == [spec, spec]
     save_cache(mine, tmp_path / "train.pt")
     cfg = HeadTrainConfig(steps=1, batch_rollouts=2, eval_every=1)
     with pytest.raises(ValueError, match="holds other weights than the train cache"):
