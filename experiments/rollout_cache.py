@@ -552,6 +552,11 @@ def check_cache_target(out: Path) -> None:
     if out.suffix != ".pt":
         raise ValueError(f"--out {out} must end in .pt (its JSON summary is written beside it as {out.with_suffix('.json').name})")
     summary_path = out.with_suffix(".json")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder")
+    if out.exists() and not _is_cache_file(out):  # a trained head's score_module.pt was overwritten
+        raise ValueError(f"--out {out} holds another file (not a rollout cache), which the cache would overwrite; "
+                         "use another --out")
     if summary_path.is_dir():
         raise ValueError(f"--out {out}: its summary path {summary_path} is a folder")
     if summary_path.exists() and not _is_cache_summary(summary_path):
@@ -563,6 +568,16 @@ def check_cache_target(out: Path) -> None:
         raise ValueError(f"--out {out}: cannot create its folder ({error.strerror})") from None
     if not os.access(out.parent, os.W_OK):
         raise ValueError(f"--out {out}: its folder {out.parent} is not writable")
+
+
+def _is_cache_file(path: Path) -> bool:
+    """Whether path holds a rollout cache (`save_cache`'s format), read memory-mapped: the
+    features are not loaded to tell."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - not a torch file, or a damaged one: not a cache to replace
+        return False
+    return isinstance(payload, dict) and payload.get("format") == CACHE_FORMAT
 
 
 def _is_cache_summary(path: Path) -> bool:
