@@ -80,8 +80,9 @@ STEP_LABELERS: dict[str, StepLabeler] = {
 # the version of a task's grader and step labeler (1 where absent); a cache saved with an older one
 # is graded and labelled again when loaded (arith 2, 2026-12-06: any order of the operations that
 # reaches the answer is right, the story's order alone was before; countdown 2, 2026-12-05: a
-# derivation with an unused side step is wrong, and the labeler follows the grader)
-LABELS_VERSION: dict[str, int] = {"arith": 2, "countdown": 2}
+# derivation with an unused side step is wrong, and the labeler follows the grader; countdown 3,
+# 2026-12-06: a step of dots alone is no step for the grader either)
+LABELS_VERSION: dict[str, int] = {"arith": 2, "countdown": 3}
 
 
 # -- the spec and the cache -----------------------------------------------------------------------

@@ -404,6 +404,10 @@ def test_true_step_labels_agree_with_the_grader_on_separators(p8566):
     assert grade(p8566, "".join(joined)) and true_step_labels(p8566, joined) == [True] * 3
     wrong = [*steps[:2], "18 + 6 = 25, left 25" + answer]
     assert true_step_labels(p8566, wrong) == [True, True, False]
+    # a step of dots alone: the labeler called it right and the grader a malformed step
+    for dots in ("..", ". .", " . "):
+        dotted = [steps[0], f"{dots}\n\n", *steps[1:], answer]
+        assert grade(p8566, "".join(dotted)) and true_step_labels(p8566, dotted) == [True] * 5
 
 
 def test_true_step_labels_agree_with_the_solver_on_random_moves(test_problems):
