@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -469,3 +470,16 @@ def test_make_problem_and_config_take_loose_inputs_exactly():
         make_problem((8, 5, 6, 6), "24")
     listed = CountdownConfig(operations=["+", "*"])
     assert listed.operations == ("+", "*") and generate_problems("test", 2, 0, listed)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--problems", "0"], "'0' must be an integer >= 1"),  # an IndexError traceback before
+    (["--game24", "--problems", "300"], "holds only 258 distinct solvable problems"),  # a ValueError traceback
+])
+def test_the_statistics_command_names_a_bad_count_in_one_line(args, message, monkeypatch, capsys):
+    from experiments.tasks import countdown as module
+
+    monkeypatch.setattr(sys, "argv", ["countdown", *args])
+    with pytest.raises(SystemExit) as stop:
+        module._main()
+    assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Literal, Sequence, Union
 
+from experiments.cli_args import positive_int
 from experiments.tasks.benchmark_split import check_generated_count
 from experiments.tasks.countdown_steps import (
     OPERATIONS,
@@ -639,7 +640,7 @@ def _token_lengths(problems: Sequence[Problem]) -> tuple[float, float, int]:
 
 def _main() -> None:
     parser = argparse.ArgumentParser(description="Countdown problems, solutions and statistics.")
-    parser.add_argument("--problems", type=int, default=None,
+    parser.add_argument("--problems", type=positive_int, default=None,
                         help="test problems for the statistics (default 500; 200 with --game24, whose test split "
                              "holds only 258 solvable problems)")
     parser.add_argument("--seed", type=int, default=0)
@@ -647,7 +648,10 @@ def _main() -> None:
     args = parser.parse_args()
     cfg = GAME_OF_24 if args.game24 else CountdownConfig()
     count = args.problems if args.problems is not None else (200 if args.game24 else 500)
-    problems = generate_problems("test", count, seed=args.seed, cfg=cfg)
+    try:
+        problems = generate_problems("test", count, seed=args.seed, cfg=cfg)
+    except ValueError as err:  # more problems than the split holds: a traceback before
+        parser.exit(2, f"error: {err}\n")
     for problem in problems[:3]:
         print(prompt_text(problem) + solution_text(problem, 0), end="\n\n")
         print(f"another solution: {solution_text(problem, 1)!r}", end="\n---\n")
