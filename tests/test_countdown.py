@@ -140,6 +140,8 @@ def test_game_of_24():
         (dict(min_target=10.5), "CountdownConfig.min_target=10.5 must be an integer"),
         (dict(max_value=99.5), "CountdownConfig.max_value=99.5 must be an integer"),
         (dict(min_numbers=True), "CountdownConfig.min_numbers=True must be an integer"),
+        # its solutions through a 7-digit value were graded wrong
+        (dict(max_number=100, max_target=1000000, max_value=10**7), "max_value=10000000; must be below 1000000"),
     ],
 )
 def test_config_validation_names_the_bad_value(kwargs, names):

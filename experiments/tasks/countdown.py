@@ -64,6 +64,7 @@ from typing import Literal, Sequence, Union
 from experiments.cli_args import positive_int
 from experiments.tasks.benchmark_split import check_generated_count
 from experiments.tasks.countdown_steps import (
+    MAX_DIGITS,
     OPERATIONS,
     SEPARATOR,
     THINK_OPEN,
@@ -151,6 +152,9 @@ class CountdownConfig:
                 f"CountdownConfig.max_value={self.max_value}; must be >= max_number={self.max_number} "
                 f"and >= max_target={self.max_target}"
             )
+        if self.max_value >= 10**MAX_DIGITS:  # a 7-digit step result is no number the grader reads
+            raise ValueError(f"CountdownConfig.max_value={self.max_value}; must be below {10**MAX_DIGITS} (the grader "
+                             f"reads numbers of at most {MAX_DIGITS} digits)")
         object.__setattr__(self, "operations", tuple(self.operations))  # a list failed later, unhashable in a cache
         Rules(self.max_value, self.operations)  # validates operations, naming the bad value
 
