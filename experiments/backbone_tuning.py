@@ -21,7 +21,6 @@ Used by `experiments.demo_reflective` (the demo's SPRM stage) and measured by
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -38,6 +37,7 @@ from policies.joint_step import JointForward
 from policies.reflective_model import ReflectiveModel
 from scorers.sprm_positions import score_positions
 from scorers.spr_loss import SPR_MODES, spr_loss
+from treesearch.config_checks import check_int, is_finite_number
 from treesearch.records import Prefix, Problem
 
 
@@ -67,11 +67,15 @@ class BackboneTuneConfig:
     ref_bf16: bool = field(default_factory=native_bf16)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch < 2 or self.batch % 2:
-            raise ValueError(f"steps={self.steps} must be >= 1 and batch={self.batch} an even number >= 2")
-        for name in ("backbone_lr", "head_lr", "grad_scale", "kl_coef", "lm_coef", "reference_solutions"):
+        check_int("BackboneTuneConfig", "steps", self.steps, minimum=1)  # 2.5 failed after the caches loaded
+        check_int("BackboneTuneConfig", "batch", self.batch, minimum=2)
+        check_int("BackboneTuneConfig", "reference_solutions", self.reference_solutions, minimum=0)
+        check_int("BackboneTuneConfig", "seed", self.seed)
+        if self.batch % 2:
+            raise ValueError(f"BackboneTuneConfig.batch={self.batch} must be an even number >= 2")
+        for name in ("backbone_lr", "head_lr", "grad_scale", "kl_coef", "lm_coef"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):  # NaN passed `min(...) < 0` and trained to NaN
+            if not (is_finite_number(value) and value >= 0):  # NaN passed `min(...) < 0` and trained to NaN
                 raise ValueError(f"BackboneTuneConfig.{name}={value!r} must be a finite number >= 0")
         if self.loss not in SPR_MODES:
             raise ValueError(f"BackboneTuneConfig.loss={self.loss!r}; valid: {', '.join(SPR_MODES)}")

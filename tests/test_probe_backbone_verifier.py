@@ -158,6 +158,10 @@ def test_config_names_the_bad_value():
         for value in (float("nan"), float("inf")):
             with pytest.raises(ValueError, match=rf"BackboneTuneConfig.{name}={value} must be a finite number >= 0"):
                 BackboneTuneConfig(**{name: value})
+    # counts of another type failed after the caches and the model had loaded (the Python API)
+    for name, value in (("steps", 2.5), ("batch", 4.0), ("reference_solutions", 1.5), ("seed", 1.5)):
+        with pytest.raises(ValueError, match=rf"BackboneTuneConfig.{name}={value} must be an integer"):
+            BackboneTuneConfig(**{name: value})
 
 
 def test_cli_refuses_a_bad_loss_before_reading_anything(tmp_path, capsys):
@@ -167,7 +171,7 @@ def test_cli_refuses_a_bad_loss_before_reading_anything(tmp_path, capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'foo'" in capsys.readouterr().err
     assert main([*missing, "--batch", "3"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: steps=900 must be >= 1 and batch=3") and "Traceback" not in err
+    assert err.startswith("error: BackboneTuneConfig.batch=3 must be an even number >= 2") and "Traceback" not in err
     assert main(missing) == 2 and capsys.readouterr().err == f"error: no rollout cache {tmp_path / 'none.pt'}\n"
     (tmp_path / "a_folder").mkdir()
     (tmp_path / "a_file").write_text("x")
