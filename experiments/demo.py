@@ -114,10 +114,20 @@ class DemoTask:
             raise ValueError(f"DemoTask({self.name}).sweep_scorer={self.sweep_scorer!r}; valid: {', '.join(SWEEP_SCORERS)}")
         if self.sweep_scorer == "sprm" and self.reflective is None:
             raise ValueError(f"DemoTask({self.name}).sweep_scorer='sprm' needs a reflective stage (its head scores the steps)")
+        if self.other_difficulty and (self.sprm is not None or self.reflective is not None):
+            # its rollout caches drew default-difficulty problems: a head trained and measured on them
+            raise ValueError(f"DemoTask({self.name}).config is another difficulty than the task's default, which the "
+                             "SFT policy and the demo's table take but its sprm / reflective stage does not (its "
+                             "rollouts are of default problems): leave the stage out")
 
     @property
     def module(self) -> ModuleType:
         return get_sft_task(self.name).module
+
+    @property
+    def other_difficulty(self) -> bool:
+        """Whether config is another difficulty than the task's default."""
+        return self.config is not None and self.config != get_sft_task(self.name).default_config
 
     @property
     def task_config(self) -> Any:
@@ -149,7 +159,8 @@ class DemoConfig:
     """out_dir: where the report goes; checkpoints: the cached policies, one run folder
     tiny-<task> each (trained when missing); tasks: the embedded tasks; problems: test problems
     per task; n: samples per problem (largest Best-of-N); chunk: problems per policy call (one
-    progress tick each); seed: problems and sampling seed; train_problems: SFT pairs to draw;
+    progress tick each; each call draws from its own seed, so another chunk gives other samples
+    and other numbers, as experiments.search's chunk does); seed: problems and sampling seed; train_problems: SFT pairs to draw;
     sweep_problems, sweep_strategies, sweep_budgets: the compute-matched strategy comparison
     (0 problems: skip it); sprm_task: the task whose SPRM stage gives the top-level `aha.*` keys
     (when it runs; else the last task with a stage)."""
@@ -177,6 +188,10 @@ class DemoConfig:
                 raise ValueError(f"DemoConfig.{name}={getattr(self, name)!r} must be >= 1")
         if not self.tasks:
             raise ValueError("DemoConfig.tasks is empty: name at least one task")
+        other = [task.name for task in self.tasks if task.other_difficulty]
+        if other and self.sweep_problems:  # the sweep searched default-difficulty problems
+            raise ValueError(f"DemoTask({other[0]}).config is another difficulty than the task's default, which the "
+                             "strategy sweep does not take (it searches default problems): give sweep_problems=0")
 
     def run_dir(self, task: DemoTask) -> Path:
         return Path(self.checkpoints) / f"tiny-{task.name}"
@@ -429,7 +444,8 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     ap.add_argument("--tasks", default=",".join(t.name for t in d.tasks), help="comma-separated: arith,countdown")
     ap.add_argument("--problems", type=int, default=d.problems)
     ap.add_argument("--n", type=int, default=d.n)
-    ap.add_argument("--chunk", type=int, default=d.chunk)
+    ap.add_argument("--chunk", type=int, default=d.chunk,
+                    help="problems per policy call (each call draws from its own seed: another chunk, other samples)")
     ap.add_argument("--temperature", type=float, default=None, help="default: each task's own")
     ap.add_argument("--sweep-problems", type=int, default=d.sweep_problems, help="0 skips the strategy sweep")
     ap.add_argument("--seed", type=seed_int, default=d.seed)

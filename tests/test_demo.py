@@ -179,6 +179,16 @@ def test_demo_config_rejects_bad_values():
         DemoTask("arith", sprm=SPRMStage())
     with pytest.raises(ValueError, match=r"DemoTask\(arith\).reflective trains on task 'countdown': give ReflectiveStage"):
         DemoTask("arith", reflective=ReflectiveStage())
+    # another difficulty reached SFT and the table only: the stages and the sweep drew default problems
+    from experiments.tasks.arith import ArithConfig
+
+    harder = ArithConfig(min_ops=5, max_ops=6)
+    with pytest.raises(ValueError, match=r"DemoTask\(arith\).config is another difficulty .* leave the stage out"):
+        DemoTask("arith", config=harder, reflective=ReflectiveStage("arith"))
+    with pytest.raises(ValueError, match=r"DemoTask\(arith\).config is another difficulty .* give sweep_problems=0"):
+        DemoConfig(tasks=(DemoTask("arith", config=harder),))
+    DemoConfig(tasks=(DemoTask("arith", config=harder),), sweep_problems=0)
+    DemoConfig(tasks=(DemoTask("arith", config=ArithConfig(), reflective=ReflectiveStage("arith")),))  # the default
 
 
 def test_sprm_task_prefers_the_configured_task_and_falls_back_to_the_last_staged():
