@@ -540,6 +540,13 @@ def test_run_search_takes_the_strategys_config_object_and_a_hook_only_by_keyword
         run_search("best_of_n", problems(1), policy, OracleScorer(), BeamSearchConfig(n=2, beam_width=2))
     with pytest.raises(TypeError, match=r"on_round must be callable"):
         run_search("best_of_n", problems(1), policy, OracleScorer(), on_round=BestOfNConfig(n=3))
+    # search_each took it, and failed with a bare TypeError after the first round's policy call
+    from treesearch.concurrent import search_each
+
+    policy.calls.clear()
+    with pytest.raises(TypeError, match=r"on_round must be callable .* not a int"):
+        search_each(best_of_n, problems(2), policy, OracleScorer(), BestOfNConfig(n=3), on_round=3)
+    assert policy.calls == []
 
 
 def test_the_merged_scorer_calls_its_inner_scorer_from_one_thread_at_a_time():
