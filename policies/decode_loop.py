@@ -113,6 +113,12 @@ class ChunkOutput:
     cached: tuple[int, ...] = ()
 
 
+# model types whose attention bias is measured in KV columns, pads included (MPT's ALiBi): as a
+# sliding window, a pad between a row's cached and new tokens changed its log-probs (1e-2 with a
+# longer prompt beside it); Falcon's and Bloom's ALiBi follow the attention mask, and are exact
+COLUMN_BIASED_MODEL_TYPES: frozenset[str] = frozenset({"mpt"})
+
+
 def gap_free_past(model: Any, contexts: Sequence[Sequence[int]], past: Sequence[PrefixKV | None] | None,
                   budget: int = 0) -> Sequence[PrefixKV | None] | None:
     """past, with each cached prefix cut so that every context with one forwards as many new
@@ -124,11 +130,15 @@ def gap_free_past(model: Any, contexts: Sequence[Sequence[int]], past: Sequence[
     is measured in KV columns, pads included: pads between a row's cached and new tokens would
     push its own context out of the window, so its samples and log-probs would depend on the
     other rows of the chunk. With equal suffixes no row has such pads (a context too short to
-    keep any cached token is forwarded whole, its pads before all its tokens)."""
+    keep any cached token is forwarded whole, its pads before all its tokens). A model whose
+    attention bias counts KV columns (COLUMN_BIASED_MODEL_TYPES) is cut so whatever its length."""
     config = getattr(model, "config", None)
-    if past is None or all(p is None for p in past) or not has_sliding_window(config):
+    by_column = getattr(config, "model_type", None) in COLUMN_BIASED_MODEL_TYPES
+    if past is None or all(p is None for p in past) or not (has_sliding_window(config) or by_column):
         return past
     width = max(len(ids) - (0 if p is None else p.length) for ids, p in zip(contexts, past))
+    if by_column:  # every column counts, whatever the window
+        return [None if p is None or len(ids) <= width else p.first(len(ids) - width) for ids, p in zip(contexts, past)]
     window = getattr(config, "sliding_window", None)
     columns = max(0 if p is None else p.length for p in past) + width + budget
     if isinstance(window, int) and not isinstance(window, bool) and columns <= window:

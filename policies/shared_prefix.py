@@ -220,16 +220,32 @@ def groups_are_even(row_context: Sequence[int], slack: float = 2.0) -> bool:
 
 def supports_shared_prefix(model: Any) -> bool:
     """Whether `model` can decode with `shared_prefix_attention`: its attention is plain full
-    attention (sdpa or eager; no sliding window, logit soft-capping or sinks) and every attention
-    module reads the model's own config (where the context manager switches the implementation)."""
+    attention (sdpa or eager; no sliding window, logit soft-capping or sinks) over keys and values
+    of one width (not MLA's), every attention module reads the model's own config (where the
+    context manager switches the implementation), and its type is none of UNSHARED_MODEL_TYPES."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in _PLAIN_ATTENTION:
+        return False
+    if getattr(config, "model_type", None) in UNSHARED_MODEL_TYPES or has_latent_attention(config):
         return False
     if getattr(config, "attn_logit_softcapping", None) or has_sliding_window(config):
         return False
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
         return False
     return _attention_reads_config(model, config)
+
+
+# model types whose layers cannot take the shared prefix, found by comparing log-probs with a plain
+# forward (transformers 5.19): StableLM's and Nemotron's decoder layers do not pass attention's
+# keyword arguments on (their first decode step failed); DiffLlama splits the values in halves
+# before attending (its log-probs were wrong, in silence)
+UNSHARED_MODEL_TYPES: frozenset[str] = frozenset({"stablelm", "nemotron", "diffllama"})
+
+
+def has_latent_attention(config: Any) -> bool:
+    """Whether a model config caches compressed attention (DeepSeek-V2/V3's MLA: kv_lora_rank),
+    whose cached keys and values differ in width: no shared prefix, no prefix cache."""
+    return bool(getattr(config, "kv_lora_rank", None))
 
 
 def has_sliding_window(config: Any) -> bool:

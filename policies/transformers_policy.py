@@ -60,6 +60,7 @@ all returned steps equal the non-pad tokens the model ran.
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 from itertools import accumulate
 from dataclasses import dataclass, replace
@@ -79,6 +80,7 @@ from policies.policy_requests import (
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
 from policies.sampling_config import SamplingConfig
+from policies.shared_prefix import has_latent_attention
 from policies.step_assembly import RawStep, decode_steps, decode_texts, text_ids
 from policies.step_stops import StepStopRule, split_step_ends
 from scorers.sprm_positions import step_score
@@ -178,6 +180,11 @@ class TransformersPolicy:
         self.pad_id: int = pad_id if pad_id is not None else eos_ids[0]
         if prefix_cache is not None and not isinstance(prefix_cache, PrefixCacheConfig):
             raise TypeError(f"prefix_cache is a {type(prefix_cache).__name__}, not a PrefixCacheConfig")
+        if prefix_cache is not None and prefix_cache.enabled and has_latent_attention(getattr(model, "config", None)):
+            # its keys and values differ in width, which a cached prefix cannot hold (its first step failed)
+            print("note: the model caches compressed attention (MLA: keys and values of different widths), which "
+                  "the prefix cache cannot hold: prefixes are forwarded again each call", file=sys.stderr)
+            prefix_cache = None
         self.prefix_cache: PrefixCache | None = (
             PrefixCache(prefix_cache) if prefix_cache is not None and prefix_cache.enabled else None
         )
