@@ -36,7 +36,9 @@ from experiments.backbone_tuning import (REFERENCE_TASKS, BackboneTuneConfig, pa
                                          solution_examples, train)
 from experiments.demo_sprm import SPRMResult, cached_rollouts
 from experiments.plot_aha import plot_aha
-from experiments.rollout_cache import CacheSpec, FeatureReader, RolloutCache, cache_problems, load_cache
+from experiments.rollout_cache import (
+    CacheSpec, FeatureReader, RolloutCache, cache_problems, labels_version, load_cache,
+)
 from experiments.sft_tasks import get_sft_task
 from experiments.train_head import cache_metrics
 from policies.checkpoint import load_checkpoint
@@ -132,7 +134,7 @@ def train_reflective(stage: ReflectiveStage, policy_dir: Path, train_cache: Path
     (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     reflective.save_pretrained(work / "model", tokenizer)
     metrics = {**stage_identity(stage, policy_dir), "policy_fingerprint": weights_fingerprint(policy_dir),
-               "train_cache": str(train_cache),
+               "labels_version": labels_version(stage.task), "train_cache": str(train_cache),
                "heldout_cache": str(heldout_cache), "train_examples": len(examples),
                "train_correct": sum(e.correct for e in examples), "seconds": round(time.perf_counter() - started, 1),
                "summary": summary(rows, stage.task)}
@@ -158,6 +160,8 @@ def _trained(work: Path, stage: ReflectiveStage, policy_dir: Path) -> dict[str, 
         return None
     saved = json.loads(path.read_text())
     same = all(saved.get(key) == value for key, value in stage_identity(stage, policy_dir).items())
+    if saved.get("labels_version", 1) != labels_version(stage.task):  # trained on an older grader's outcomes
+        return None
     # the SFT policy trained again in place (other steps): its reflective model is another one too
     return saved if same and saved.get("policy_fingerprint") == weights_fingerprint(policy_dir) else None
 

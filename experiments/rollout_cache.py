@@ -81,7 +81,8 @@ STEP_LABELERS: dict[str, StepLabeler] = {
 # is graded and labelled again when loaded (arith 2, 2026-12-06: any order of the operations that
 # reaches the answer is right, the story's order alone was before; countdown 2, 2026-12-05: a
 # derivation with an unused side step is wrong, and the labeler follows the grader; countdown 3,
-# 2026-12-06: a step of dots alone is no step for the grader either)
+# 2026-12-06: a step of dots alone is no step for the grader either, and text before a later
+# <think> is a malformed step for the labeler too)
 LABELS_VERSION: dict[str, int] = {"arith": 2, "countdown": 3}
 
 
@@ -556,8 +557,8 @@ def check_cache_target(out: Path) -> None:
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder")
     if out.exists() and not _is_cache_file(out):  # a trained head's score_module.pt was overwritten
-        raise ValueError(f"--out {out} holds another file (not a rollout cache), which the cache would overwrite; "
-                         "use another --out")
+        raise ValueError(f"--out {out} holds another file (not a rollout cache, or a damaged one), which the cache "
+                         "would overwrite; use another --out (or delete it, when it is a damaged cache)")
     if summary_path.is_dir():
         raise ValueError(f"--out {out}: its summary path {summary_path} is a folder")
     if summary_path.exists() and not _is_cache_summary(summary_path):

@@ -411,6 +411,9 @@ def test_true_step_labels_agree_with_the_grader_on_separators(p8566):
     for dots in ("..", ". .", " . "):
         dotted = [steps[0], f"{dots}\n\n", *steps[1:], answer]
         assert grade(p8566, "".join(dotted)) and true_step_labels(p8566, dotted) == [True] * 5
+    # ... but text before a second <think> is a malformed step for both (not a step of nothing)
+    lost = [steps[0], "I am lost, 7 * 7 = 50<think>.\n\n", *steps[1:], answer]
+    assert not grade(p8566, "".join(lost)) and true_step_labels(p8566, lost) == [True, False, False, False, False]
 
 
 def test_true_step_labels_agree_with_the_solver_on_random_moves(test_problems):

@@ -348,8 +348,10 @@ def test_a_reflective_run_stopped_after_saving_its_model_is_not_taken_for_the_ol
     (work / "model").mkdir()
     (work / "model" / "score_module.pt").write_text("the older model")
     monkeypatch.setattr(dr, "weights_fingerprint", lambda folder: "the policy's weights")
-    (work / "metrics.json").write_text(json.dumps({"config": dr._config(older), "policy_dir": str(policy),
-                                                   "policy_fingerprint": "the policy's weights"}))
+    mark = {"config": dr._config(older), "policy_dir": str(policy), "policy_fingerprint": "the policy's weights"}
+    (work / "metrics.json").write_text(json.dumps(mark))  # written before its task's grader had a version
+    assert dr._trained(work, older, policy) is None  # trained on an older grader's outcomes: trained again
+    (work / "metrics.json").write_text(json.dumps({**mark, "labels_version": dr.labels_version(older.task)}))
     assert dr._trained(work, older, policy) is not None
     monkeypatch.setattr(dr, "weights_fingerprint", lambda folder: "the policy trained again in place")
     assert dr._trained(work, older, policy) is None  # its reflective model is another one too

@@ -324,7 +324,7 @@ def test_cache_cli_prints_bad_settings_as_one_error_line(tmp_path, capsys):
     # a trained head's score_module.pt was overwritten by the cache, and the head lost
     torch.save({"0.weight": torch.ones(2, 2)}, tmp_path / "score_module.pt")
     assert cache_main([*args, "--task", "arith", "--out", str(tmp_path / "score_module.pt")]) == 2
-    assert "score_module.pt holds another file (not a rollout cache)" in capsys.readouterr().err
+    assert "score_module.pt holds another file (not a rollout cache, or a damaged one)" in capsys.readouterr().err
     assert torch.equal(torch.load(tmp_path / "score_module.pt")["0.weight"], torch.ones(2, 2))
     assert cache_main([*args, "--task", "arith", "--out", "/proc/treesearch-no/c.pt"]) == 2
     assert "cannot create its folder" in capsys.readouterr().err

@@ -83,7 +83,6 @@ from experiments.tasks.countdown_steps import (
     random_solution,
     reachable,
     solution_count,
-    step_body,
     step_labels,
 )
 from treesearch.config_checks import check_int
@@ -514,11 +513,12 @@ def think_steps(text: str) -> list[str] | None:
     """The step texts of the think span (before the last </think>, after <think>), or None when
     the think span never closes (an unfinished or cut completion). A part with nothing but dots
     and blanks ("..", a lone separator's leftover) is no step, as `step_labels` reads it (it was
-    a malformed step here, and the grader rejected a path the labeler called right)."""
+    a malformed step here, and the grader rejected a path the labeler called right); any other
+    text is one, a second <think> with whatever precedes it included."""
     if THINK_CLOSE not in text:
         return None
     span = text.rsplit(THINK_CLOSE, 1)[0].split(THINK_OPEN, 1)[-1]  # a second <think> stays in a step: malformed
-    return [part for part in span.split(SEPARATOR) if step_body(part)]
+    return [part for part in span.split(SEPARATOR) if part.strip(". \t\n\r")]
 
 
 # extract_answer does not know the problem's rules: it checks the written arithmetic only (exact,

@@ -305,8 +305,11 @@ def step_labels(numbers: Sequence[int], target: int, rules: Rules, step_texts: S
     right while every step before it is. Never raises."""
     labels: list[bool] = []
     state: State | None = tuple(sorted(numbers))
-    for text in step_texts:
-        if state is not None and step_body(text) == "":  # a lone separator: no step, as the grader skips it
+    for i, text in enumerate(step_texts):
+        # a lone separator: no step, as the grader skips it (the first step's prompt and <think> aside:
+        # a later "<think>" with text before it is a malformed step, as the grader reads it)
+        body = step_body(text) if i == 0 else text.strip(". \t\n\r")
+        if state is not None and body == "":
             labels.append(True)
             continue
         verdict = check_step(state, target, text, rules) if state is not None else None
