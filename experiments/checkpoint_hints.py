@@ -150,7 +150,7 @@ def trained_task_note(policy_path: object, task_module: str, key: str = "policy.
     if trained is None:
         return None
     suggestion = f" (e.g. outputs/checkpoints/tiny-{task}/final)" if task in EMBEDDED_TASKS else ""
-    given = f"{key} {policy_path}" if key.startswith("--") else f"{key}={policy_path}"
+    given = given_setting(key, policy_path)
     return f"note: {given} was trained on {trained}, not {task}: point {setting(key)} at a policy of {task}{suggestion}"
 
 
@@ -167,10 +167,16 @@ def stale_split_note(policy_path: str, task: str, key: str = "policy.path") -> s
         return None
     if trained == SPLIT_VERSIONS[task]:
         return None
-    given = f"{key} {policy_path}" if key.startswith("--") else f"{key}={policy_path}"
+    given = given_setting(key, policy_path)
     return (f"note: {given} was trained on version {trained} of {task}'s splits, whose train split holds many of "
             f"today's test problems (version {SPLIT_VERSIONS[task]}): its test numbers read high; delete "
             f"{Path(policy_path).parent} and train it again (`make demo`, or experiments.train_sft) to measure it")
+
+
+def given_setting(key: str, value: object) -> str:
+    """How a note names a setting and its value: a flag as typed (--policy DIR), a config key
+    with its `=` (policy.path=DIR)."""
+    return f"{key} {value}" if key.startswith("--") else f"{key}={value}"
 
 
 def setting(key: str) -> str:

@@ -137,12 +137,10 @@ def gap_free_past(model: Any, contexts: Sequence[Sequence[int]], past: Sequence[
     if past is None or all(p is None for p in past) or not (has_sliding_window(config) or by_column):
         return past
     width = max(len(ids) - (0 if p is None else p.length) for ids, p in zip(contexts, past))
-    if by_column:  # every column counts, whatever the window
-        return [None if p is None or len(ids) <= width else p.first(len(ids) - width) for ids, p in zip(contexts, past)]
     window = getattr(config, "sliding_window", None)
     columns = max(0 if p is None else p.length for p in past) + width + budget
-    if isinstance(window, int) and not isinstance(window, bool) and columns <= window:
-        return past  # every row attends to all its columns: pads shift no window
+    if not by_column and isinstance(window, int) and not isinstance(window, bool) and columns <= window:
+        return past  # every row attends to all its columns: pads shift no window (a column bias counts them all)
     return [None if p is None or len(ids) <= width else p.first(len(ids) - width) for ids, p in zip(contexts, past)]
 
 
