@@ -349,11 +349,17 @@ def _check_layers(layers: Sequence[int], num_states: int) -> None:
 
 
 def _grade(index: int, problem: Problem, steps: tuple[Step, ...], module: Any, labeler: StepLabeler | None) -> _Rollout:
-    text = "".join(s.text for s in steps)
-    labels = None if labeler is None else tuple(bool(x) for x in labeler(problem, [s.text for s in steps]))
-    if labels is not None and len(labels) != len(steps):
-        raise ValueError(f"problem {problem.id}: {len(labels)} true labels for {len(steps)} steps")
-    return _Rollout(index, steps, bool(module.grade(problem, text)), module.extract_answer(text), labels)
+    return _Rollout(index, steps, *grade_texts(problem, [s.text for s in steps], module, labeler))
+
+
+def grade_texts(problem: Problem, texts: Sequence[str], module: Any, labeler: StepLabeler | None,
+                ) -> tuple[bool, str | None, tuple[bool, ...] | None]:
+    """(correct, extracted answer, true step labels or None without a labeler) of a rollout's step texts."""
+    text = "".join(texts)
+    labels = None if labeler is None else tuple(bool(x) for x in labeler(problem, list(texts)))
+    if labels is not None and len(labels) != len(texts):
+        raise ValueError(f"problem {problem.id}: {len(labels)} true labels for {len(texts)} steps")
+    return bool(module.grade(problem, text)), module.extract_answer(text), labels
 
 
 @dataclass(frozen=True)
@@ -647,16 +653,16 @@ def relabelled(cache: RolloutCache, path: Path) -> RolloutCache:
     except ValueError as err:
         raise StaleCacheError(f"{path} holds the grades of an older {cache.task} grader ({err}): rebuild it with "
                               "python -m experiments.rollout_cache") from None
-    module, labeler = get_sft_task(cache.task).module, STEP_LABELERS.get(cache.task)
+    module = get_sft_task(cache.task).module
+    labeler = STEP_LABELERS.get(cache.task) if cache.step_labels is not None else None
     labels: list[bool] = []
     correct, answers = [], []
     for r in range(cache.num_rollouts):
         texts = cache.step_texts[int(cache.rollout_steps[r]): int(cache.rollout_steps[r + 1])]
-        problem = problems[int(cache.rollout_problem[r])]
-        correct.append(bool(module.grade(problem, "".join(texts))))
-        answers.append(module.extract_answer("".join(texts)))
-        if cache.step_labels is not None and labeler is not None:
-            labels.extend(labeler(problem, list(texts)))
+        ok, answer, rollout_labels = grade_texts(problems[int(cache.rollout_problem[r])], texts, module, labeler)
+        correct.append(ok)
+        answers.append(answer)
+        labels.extend(rollout_labels or ())
     step_labels = None if cache.step_labels is None else torch.tensor(labels, dtype=torch.bool)
     return replace(cache, correct=torch.tensor(correct, dtype=torch.bool), answers=tuple(answers), step_labels=step_labels)
 
