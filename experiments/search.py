@@ -84,7 +84,9 @@ from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, check_row_questions, load_rows
 from experiments.result_json import write_atomic
 from experiments.run_weights import WEIGHTS_FILE, check_run_weights, model_folders
-from experiments.sweep_metrics import BUDGET_FIELDS, RECORD_KEYS, check_rows, read_run_config, run_metrics
+from experiments.sweep_metrics import (
+    ADDED_SETTINGS, BUDGET_FIELDS, RECORD_KEYS, check_rows, read_run_config, run_metrics,
+)
 from experiments.tasks.benchmark_split import check_unique_ids
 from policies.checkpoint import torch_dtype
 from policies.devices import resolve_device
@@ -103,15 +105,6 @@ from treesearch.registry import STRATEGIES, StrategySpec
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 # top-level keys that do not change what a run computes (left out of the config comparison)
 IGNORED_KEYS: tuple[str, ...] = ("out_dir", "progress", "num_threads", "live_tree")
-# settings added after run folders existed, each with the value that behaves as the code before it:
-# a folder saved without one ran with that value (`config_diff.with_added_settings`), so it still
-# resumes under a config that sets it so, and the refusal of any other value says which to set
-ADDED_SETTINGS: dict[str, Any] = {
-    "search.lookahead": 0,  # DVTS (2026-12-05): no lookahead steps before
-    "search.lookahead_temperature": None,  # beam search, DVTS (2026-12-05): the policy's temperature
-    "search.weighting": "score",  # particle filtering (2026-12-05): softmax(score / T)
-    "scorer.dtype": "float32",  # scorer=sprm_forward (2026-12-06): the model loaded in float32 before
-}
 # top-level settings whose absence means this value: `+batching=lockstep` resumes a run made
 # without it and the other way round (the same computation)
 DEFAULT_SETTINGS: dict[str, Any] = {"batching": "lockstep"}

@@ -52,6 +52,7 @@ import json
 import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -61,6 +62,7 @@ from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, inte
 from experiments.record_log import load_rows
 from treesearch.config_checks import is_finite_number, is_int
 from treesearch.config_diff import flatten
+from treesearch.registry import STRATEGIES
 
 RECORDS = "records.jsonl"
 RECORD_KEYS = ("problem_id", "strategy", "config", "candidates", "compute")  # what every row of a search's records holds (`load_rows` checks it)
@@ -70,6 +72,16 @@ CONFIG = "config.yaml"
 SEARCH_CONFIG_NODES: tuple[str, ...] = ("task", "policy", "scorer")  # a config.yaml with these is a search run's
 # the strategy config field that is its budget (the N of a sweep); "n" for the others
 BUDGET_FIELDS: dict[str, str] = {"mcts": "iterations"}
+# settings of a search run added after run folders existed, each with the value that behaves as the
+# code before it: a folder saved without one ran with that value (`config_diff.with_added_settings`),
+# so experiments.search resumes it under a config that sets it so (and the refusal of any other
+# value says which to set), and the sweep files its rows under it (`with_added_strategy_settings`)
+ADDED_SETTINGS: dict[str, Any] = {
+    "search.lookahead": 0,  # DVTS (2026-12-05): no lookahead steps before
+    "search.lookahead_temperature": None,  # beam search, DVTS (2026-12-05): the policy's temperature
+    "search.weighting": "score",  # particle filtering (2026-12-05): softmax(score / T)
+    "scorer.dtype": "float32",  # scorer=sprm_forward (2026-12-06): the model loaded in float32 before
+}
 # name in metrics -> selector of experiments.metrics
 CURVE_SELECTORS: dict[str, str] = {"bon": "best_score", "maj": "majority", "wmaj": "weighted_majority", "pass": "oracle"}
 SWEEP_COLUMNS = ("run", "workload", "strategy", "scorer", "budget", "seed", "problems", "tokens_per_problem",
@@ -237,6 +249,18 @@ def mean_compute(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     out["policy_parameters"] = params
     out["C"] = params * out["tokens_generated"]
     return out
+
+
+def with_added_strategy_settings(strategy: str, config: dict[str, Any]) -> dict[str, Any]:
+    """A run's strategy config (its rows') with the search settings of ADDED_SETTINGS its strategy
+    has filled in where the rows lack them: a run saved before `search.lookahead_temperature`
+    existed and a newer one of the same settings were two series ("unset" against its value)."""
+    spec = STRATEGIES.get(strategy)
+    if spec is None:
+        return config
+    fields = {f.name for f in dataclass_fields(spec.config)}
+    added = {key.removeprefix("search."): value for key, value in ADDED_SETTINGS.items() if key.startswith("search.")}
+    return {**{key: value for key, value in added.items() if key in fields and key not in config}, **config}
 
 
 def budget_of(strategy: str, config: dict[str, Any]) -> int:
@@ -496,17 +520,18 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
     if not is_int(config.get("seed", 0)):  # a TypeError traceback, or an error naming no file
         raise RunFolderError(f"{run_dir / CONFIG} has seed={config.get('seed')!r}, not an integer")
     strategy = rows[0]["strategy"]
+    strategy_config = with_added_strategy_settings(strategy, rows[0]["config"])
     temperature = config.get("policy", {}).get("sampling", {}).get("temperature")
     compute = mean_compute(rows)
     correct = [chosen_correct(r) for r in rows]
-    label = strategy_label(strategy, rows[0]["config"], temperature)
+    label = strategy_label(strategy, strategy_config, temperature)
     workload = run_workload(config)
     return RunSummary(
         run=str(run_dir.relative_to(root)) if run_dir != root else ".",
         workload=task_name(workload),
         strategy=label,
         scorer=scorer_name(run_scorer(config)),
-        budget=run_budget(strategy, rows[0]["config"], config),
+        budget=run_budget(strategy, strategy_config, config),
         seed=int(config.get("seed", 0)),
         problems=len(rows),
         tokens_per_problem=compute["tokens_generated"],
@@ -516,7 +541,7 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
         per_problem=tuple((r["problem_id"], c) for r, c in zip(rows, correct)),
         workload_key=json.dumps(workload, sort_keys=True),
         scorer_key=json.dumps(run_scorer(config), sort_keys=True),
-        strategy_key=json.dumps(run_strategy(label, rows[0]["config"], config), sort_keys=True),
+        strategy_key=json.dumps(run_strategy(label, strategy_config, config), sort_keys=True),
     )
 
 

@@ -394,7 +394,7 @@ def test_strategies_with_other_settings_are_separate_series(tmp_path):
 def test_labels_that_would_clash_name_every_setting_that_tells_them_apart(tmp_path):
     # four differing settings: lookahead_temperature, the one telling two runs apart, hid behind
     # "+1 more", and the twin series was marked " #2" only
-    variants = {"a": {"lookahead": 1}, "b": {"lookahead": 1, "lookahead_temperature": None},
+    variants = {"a": {"lookahead": 1}, "b": {"lookahead": 1, "lookahead_temperature": 0.5},
                 "c": {"batching": "continuous"}, "d": {"chunk": 2}}
     for name, settings in variants.items():
         run_settings = {k: v for k, v in settings.items() if k in ("batching", "chunk")}
@@ -402,8 +402,21 @@ def test_labels_that_would_clash_name_every_setting_that_tells_them_apart(tmp_pa
         write_run(tmp_path / name, "beam_search", 8, 0, [True, False], 80, settings=search, run_settings=run_settings)
     labels = {r.run: r.strategy for r in sweep_summaries(tmp_path)}
     assert len(set(labels.values())) == 4 and not any("#" in label for label in labels.values())
-    assert "lookahead_temperature=null" in labels["b"] and "lookahead_temperature=unset" in labels["a"]
+    assert "lookahead_temperature=0.5" in labels["b"] and "lookahead_temperature=null" in labels["a"]  # a: as it ran
     assert labels["c"].endswith("+1 more)") and labels["d"].endswith("+1 more)")  # unique already: kept short
+
+
+def test_a_run_saved_before_a_setting_existed_is_one_series_with_a_newer_one_of_its_value(tmp_path):
+    # DVTS rows written before search.lookahead and lookahead_temperature existed ran with 0 and the
+    # policy's temperature (ADDED_SETTINGS): they were a series of their own ("lookahead=unset")
+    write_run(tmp_path / "old-4", "dvts", 4, 0, [True, False], 40)
+    write_run(tmp_path / "new-8", "dvts", 8, 0, [True, True], 80, settings={"lookahead": 0, "lookahead_temperature": None})
+    write_run(tmp_path / "greedy-la-8", "dvts", 8, 0, [True, True], 80, settings={"lookahead": 0, "lookahead_temperature": 0.0})
+    labels = {r.run: r.strategy for r in sweep_summaries(tmp_path)}
+    assert labels["old-4"] == labels["new-8"] != labels["greedy-la-8"]
+    assert "lookahead_temperature=null" in labels["old-4"] and "lookahead_temperature=0.0" in labels["greedy-la-8"]
+    series = {s.name: s for s in scaling_by_strategy(sweep_summaries(tmp_path))}
+    assert [p.budget for p in series[labels["old-4"]].points] == [4, 8]
 
 
 def test_runs_with_other_batching_or_chunks_are_separate_series(tmp_path):
