@@ -123,15 +123,24 @@ def check_not_a_run_folder(path: object, key: str) -> None:
                                 f"The model is saved in {saved}: point {setting(key)} at it ({setting(key)}{saved})")
 
 
-def trained_task(policy_path: str) -> str | None:
-    """The embedded task an SFT policy folder (<run>/final) was trained on: its run's
-    sft_summary.json ("run": {"task": ...}), else the run folder's name tiny-<task> (older
-    summaries do not say), else None."""
-    run = Path(policy_path).parent
+def sft_run_info(policy_path: str) -> dict | None:
+    """The "run" entry of the sft_summary.json beside an SFT policy folder (<run>/final; {} when
+    the summary has none), or None when there is no summary, or one that is not this JSON."""
     try:
-        task = json.loads((run / SFT_SUMMARY).read_text()).get("run", {}).get("task")
-    except (OSError, ValueError, AttributeError):  # no summary, or one that is not this JSON
-        task = None
+        summary = json.loads((Path(policy_path).parent / SFT_SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    run = summary.get("run", {}) if isinstance(summary, dict) else None
+    return run if isinstance(run, dict) else None
+
+
+def trained_task(policy_path: str, info: dict | None = None) -> str | None:
+    """The embedded task an SFT policy folder (<run>/final) was trained on: its run's
+    sft_summary.json ("run": {"task": ...}; info: that entry when read already, `sft_run_info`),
+    else the run folder's name tiny-<task> (older summaries do not say), else None."""
+    run = Path(policy_path).parent
+    info = sft_run_info(policy_path) if info is None else info
+    task = None if info is None else info.get("task")
     if isinstance(task, str) and task:
         return task
     name = run.name.removeprefix("tiny-")
@@ -144,9 +153,10 @@ def trained_task_note(policy_path: object, task_module: str, key: str = "policy.
     setting that names the folder (policy.path, init_from, --policy)."""
     if not isinstance(policy_path, str):
         return None
-    trained, task = trained_task(policy_path), task_module.rsplit(".", 1)[-1]
+    info = sft_run_info(policy_path)  # read once for both notes
+    trained, task = trained_task(policy_path, info), task_module.rsplit(".", 1)[-1]
     if trained == task:
-        return stale_split_note(policy_path, task, key)
+        return stale_split_note(policy_path, task, key, info)
     if trained is None:
         return None
     suggestion = f" (e.g. outputs/checkpoints/tiny-{task}/final)" if task in EMBEDDED_TASKS else ""
@@ -154,17 +164,16 @@ def trained_task_note(policy_path: object, task_module: str, key: str = "policy.
     return f"note: {given} was trained on {trained}, not {task}: point {setting(key)} at a policy of {task}{suggestion}"
 
 
-def stale_split_note(policy_path: str, task: str, key: str = "policy.path") -> str | None:
-    """A note when policy_path's SFT run (its sft_summary.json) trained on another version of
-    task's splits (SPLIT_VERSIONS; a summary without one: version 1), whose train split held
-    problems of today's test split, else None."""
+def stale_split_note(policy_path: str, task: str, key: str = "policy.path", info: dict | None = None) -> str | None:
+    """A note when policy_path's SFT run (its sft_summary.json; info: its "run" entry when read
+    already) trained on another version of task's splits (SPLIT_VERSIONS; a summary without one:
+    version 1), whose train split held problems of today's test split, else None."""
     if task not in SPLIT_VERSIONS:
         return None
-    try:
-        run = json.loads((Path(policy_path).parent / SFT_SUMMARY).read_text()).get("run", {})
-        trained = run.get("split_version", 1)
-    except (OSError, ValueError, AttributeError):  # no summary: nothing says
+    info = sft_run_info(policy_path) if info is None else info
+    if info is None:  # no summary: nothing says
         return None
+    trained = info.get("split_version", 1)
     if trained == SPLIT_VERSIONS[task]:
         return None
     given = given_setting(key, policy_path)
