@@ -11,9 +11,9 @@ Usage:
 
 Label modes and training: `scorers.head_training`. Caches: `experiments.rollout_cache` (the test
 cache's n rollouts per problem set the largest Best-of-N). --epochs E trains E passes over the
-train rollouts (steps = E * ceil(rollouts / --batch-rollouts), each pass's last batch the
-remainder); a --batch-rollouts above
-the train cache's rollouts gives a one-line note and full-batch steps. Every setting is checked
+train rollouts the head trains on (steps = E * ceil(rollouts / --batch-rollouts), each pass's
+last batch the remainder; the SPR modes leave out wrong rollouts cut at the token limit); a
+--batch-rollouts above those rollouts gives a one-line note and full-batch steps. Every setting is checked
 before a cache is read; a bad setting or input (a missing or damaged cache, caches of different
 policies, a layer the caches lack) prints "error: <message>" on stderr and exits with code 2.
 
@@ -72,7 +72,7 @@ from experiments.rollout_cache import (
 )
 from scorers.head_training import (
     HeadTrainConfig, LABEL_MODES, position_logits, position_probs, rollout_min_scores, rollout_path_scores,
-    save_reflective_head, train_head,
+    save_reflective_head, train_head, trained_rollout_count,
 )
 from scorers.spr_loss import agreement_mask
 
@@ -307,11 +307,11 @@ def steps_for_epochs(epochs: float, rollouts: int, batch_rollouts: int) -> int:
 
 
 def batch_note(batch_rollouts: int, rollouts: int) -> str | None:
-    """A one-line note when a step asks for more rollouts than the train cache holds (every step
-    is then a full pass over it), else None."""
+    """A one-line note when a step asks for more rollouts than the head trains on (of the train
+    cache: `trained_rollout_count`; every step is then a full pass over them), else None."""
     if batch_rollouts <= rollouts:
         return None
-    return (f"note: batch_rollouts={batch_rollouts} exceeds the train cache's {rollouts} rollouts: "
+    return (f"note: batch_rollouts={batch_rollouts} exceeds the {rollouts} train rollouts the head trains on: "
             f"every step trains on all {rollouts} (full-batch steps)")
 
 
@@ -327,7 +327,7 @@ def run_head_training(
     train, test = load_cache(train_path), load_cache(test_path)
     check_pair(train, test, cfg.feature_layer)
     policy = check_policy(train, f"the train cache {train_path}") if save else None  # final/ joins it to the head
-    for note in (batch_note(cfg.batch_rollouts, train.num_rollouts), empty_note(train)):
+    for note in (batch_note(cfg.batch_rollouts, trained_rollout_count(train, cfg)), empty_note(train)):
         if note is not None:
             print(note, file=sys.stderr)
     run = train_head(train, cfg, make_evaluate(train, test, cfg.feature_layer), progress)
@@ -404,7 +404,7 @@ def train_command(argv: Sequence[str] | None = None) -> int:
     cfg = HeadTrainConfig(args.labels, args.layer, args.lr, args.weight_decay, args.grad_clip, args.steps,
                           args.batch_rollouts, args.warmup_steps, args.eval_every, seed=args.seed)
     if args.epochs is not None:
-        rollouts = load_cache(args.train).num_rollouts
+        rollouts = trained_rollout_count(load_cache(args.train), cfg)
         cfg = replace(cfg, steps=steps_for_epochs(args.epochs, rollouts, cfg.batch_rollouts))
     started = time.perf_counter()
     metrics = run_head_training(args.train, args.test, cfg, args.out, save=not args.no_save)

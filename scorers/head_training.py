@@ -261,6 +261,13 @@ def trained_rollouts(cache: PositionData, cfg: HeadTrainConfig) -> torch.Tensor 
     return ~cache.cut_wrong if cfg.labels in ("spr", "spr_paper") else None
 
 
+def trained_rollout_count(cache: PositionData, cfg: HeadTrainConfig) -> int:
+    """How many of the cache's rollouts the head trains on (`trained_rollouts`): what an epoch
+    passes over and what a batch can hold."""
+    trained = trained_rollouts(cache, cfg)
+    return cache.num_rollouts if trained is None else int(trained.sum())
+
+
 def label_loss(logits: torch.Tensor, targets: torch.Tensor, cfg: HeadTrainConfig, step: int) -> SPRLoss:
     """The loss of one batch: logits [k] (train mode), targets [k] bool, at (0-based) step."""
     return spr_loss(logits, targets, cfg.loss_mode(step))

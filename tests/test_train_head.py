@@ -33,7 +33,7 @@ from policies.transformers_policy import TransformersPolicy
 from scorers.confidence import ConfidenceScorer
 from scorers.head_training import (
     LABEL_MODES, HeadTrainConfig, RolloutBatches, path_scores, position_probs, rollout_min_scores,
-    rollout_path_scores, save_reflective_head, train_head, trained_rollouts,
+    rollout_path_scores, save_reflective_head, train_head, trained_rollout_count, trained_rollouts,
 )
 from scorers.sprm_head import build_sprm_head
 from scorers.sprm_scorer import SPRMScorer
@@ -370,14 +370,32 @@ def test_an_out_holding_another_commands_run_is_refused_and_a_rerun_of_its_own_i
 
 def test_a_batch_larger_than_the_cache_is_noted(tmp_path, capsys):
     assert batch_note(64, 64) is None
-    assert batch_note(1000, 64) == ("note: batch_rollouts=1000 exceeds the train cache's 64 rollouts: every step "
-                                    "trains on all 64 (full-batch steps)")
+    assert batch_note(1000, 64) == ("note: batch_rollouts=1000 exceeds the 64 train rollouts the head trains on: "
+                                    "every step trains on all 64 (full-batch steps)")
     cache = synthetic_cache([True, False] * 4, 2, [1] * 8)
     save_cache(cache, tmp_path / "c.pt")
     save_cache(held_out(cache), tmp_path / "t.pt")
     cfg = HeadTrainConfig(steps=1, batch_rollouts=1000, eval_every=0)
     run_head_training(tmp_path / "c.pt", tmp_path / "t.pt", cfg, tmp_path / "run", save=False, progress=False)
-    assert "batch_rollouts=1000 exceeds the train cache's 8 rollouts" in capsys.readouterr().err
+    assert "batch_rollouts=1000 exceeds the 8 train rollouts the head trains on" in capsys.readouterr().err
+
+
+def test_epochs_and_the_batch_note_count_the_rollouts_the_head_trains_on(tmp_path, capsys):
+    # the SPR modes leave out wrong rollouts cut at the token limit: an epoch of 8 rollouts of
+    # which 4 were cut ran twice over the 4 trained, and a batch of 6 took them all in silence
+    cache = dataclasses.replace(synthetic_cache([True, False] * 4, 2, [1] * 8, answers=["1"] * 8),
+                                finish=("eos", "length") * 4)
+    assert cache.cut_wrong.sum() == 4
+    assert trained_rollout_count(cache, HeadTrainConfig(labels="spr")) == 4
+    assert trained_rollout_count(cache, HeadTrainConfig(labels="outcome_bce")) == 8
+    save_cache(cache, tmp_path / "c.pt")
+    save_cache(held_out(cache), tmp_path / "t.pt")
+    out = tmp_path / "run"
+    assert main(["--train", str(tmp_path / "c.pt"), "--test", str(tmp_path / "t.pt"), "--out", str(out), "--labels", "spr",
+                 "--epochs", "1", "--batch-rollouts", "6", "--no-save", "--eval-every", "0"]) == 0
+    assert "batch_rollouts=6 exceeds the 4 train rollouts the head trains on" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 1  # one full pass over the 4, not two
 
 
 def test_a_layer_the_caches_lack_is_a_value_error_naming_the_cache():
