@@ -55,6 +55,7 @@ import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from itertools import compress  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Sequence  # noqa: E402
 
@@ -85,7 +86,7 @@ from policies.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from policies.step_boundary import StopRequest, stop_at_step_boundary  # noqa: E402
 from policies.devices import resolve_device  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
-from policies.joint_step import JointForward, JointLossConfig, frozen_logprobs, joint_step  # noqa: E402
+from policies.joint_step import JointForward, JointLossConfig, frozen_logprobs, joint_step, spr_labelled  # noqa: E402
 from policies.reflective_model import ReflectiveModel  # noqa: E402
 from policies.rollout_batch import (  # noqa: E402
     Rollout, RolloutBatch, RolloutSource, TransformersRolloutSource, collate_rollouts, outcome_reward,
@@ -790,15 +791,18 @@ def step_row(step: int, reports: list[dict[str, Any]], t: Trainer) -> dict[str, 
     """The metrics row of a step from every process's report (losses averaged over processes).
     reward/mean and grpo/mixed_groups (groups whose rewards differ: the ones with a GRPO signal) read
     the rewards GRPO trains on (a wrong answer cut by length earns truncated_wrong_reward, 0.1 in the
-    reference's loss); rollout/correct and reward/pass_at_g read correctness."""
+    reference's loss); rollout/correct and reward/pass_at_g read correctness; fc/* read the
+    rollouts the SPR loss trains on (`policies.joint_step.spr_labelled`: the reference's false_prob
+    averages reward 0 alone, not the cut wrong rollouts' 0.1)."""
     records = [rec for rep in reports for rec in rep["records"]]
     groups, scores, correct = [r[0] for r in records], [r[1] for r in records], [r[2] for r in records]
+    labelled = spr_labelled(torch.tensor([r[5] for r in records], dtype=torch.float32), t.s.loss.truncated_wrong_reward)
     by_group: dict[int, list[tuple[bool, float]]] = {}
     for group, ok, reward in zip(groups, correct, [r[5] for r in records]):
         by_group.setdefault(group, []).append((ok, reward))
     row: dict[str, Any] = {"step": step}
     row.update({k: sum(rep["losses"][k] for rep in reports) / len(reports) for k in reports[0]["losses"]})
-    row.update(prefixed("fc/", fc_metrics(scores, correct, groups)))
+    row.update(prefixed("fc/", fc_metrics(*(list(compress(values, labelled.tolist())) for values in (scores, correct, groups)))))
     row.update({
         "reward/mean": sum(r[5] for r in records) / len(records),
         "rollout/correct": sum(correct) / len(correct),

@@ -194,21 +194,24 @@ def joint_step(model: nn.Module, batch: RolloutBatch, ref_lm: Any | None, cfg: J
     advantages = group_advantages(batch.rewards.view(-1, batch.group_size)).view(-1)  # [B]
     grpo = grpo_loss(logprobs, old, ref, advantages, entropy, batch.completion_mask, cfg.grpo)
     step_rewards = batch.rewards[batch.step_rows]  # [N]
-    labelled = _labelled_steps(step_rewards, cfg.truncated_wrong_reward)  # [N] bool
+    labelled = spr_labelled(step_rewards, cfg.truncated_wrong_reward)  # [N] bool
     spr = spr_loss(head_logits[labelled], step_rewards[labelled] > 0.5, cfg.spr_mode)
     loss = cfg.grpo_coef * grpo.total + cfg.spr_coef * spr.loss
-    return JointStepOutput(loss, grpo, spr, head_logits.detach(), _metrics(loss, grpo, spr, batch))
+    return JointStepOutput(loss, grpo, spr, head_logits.detach(), _metrics(loss, grpo, spr, labelled))
 
 
-def _labelled_steps(step_rewards: torch.Tensor, truncated_wrong_reward: float) -> torch.Tensor:
-    """[N] bool: the steps the SPR loss trains on, all but those of a cut wrong rollout (the
-    reference's reward != 0.1; none left out when truncated_wrong_reward is 0)."""
+def spr_labelled(rewards: torch.Tensor, truncated_wrong_reward: float) -> torch.Tensor:
+    """[K] bool of rewards [K] (of steps or of rollouts): what the SPR loss trains on, all but
+    the cut wrong rollouts (the reference's reward != 0.1; none left out when
+    truncated_wrong_reward is 0)."""
     if truncated_wrong_reward == 0:
-        return torch.ones_like(step_rewards, dtype=torch.bool)
-    return step_rewards != torch.tensor(truncated_wrong_reward, dtype=step_rewards.dtype)
+        return torch.ones_like(rewards, dtype=torch.bool)
+    return rewards != torch.tensor(truncated_wrong_reward, dtype=rewards.dtype)
 
 
-def _metrics(loss: torch.Tensor, grpo: GRPOLoss, spr: SPRLoss, batch: RolloutBatch) -> dict[str, float]:
+def _metrics(loss: torch.Tensor, grpo: GRPOLoss, spr: SPRLoss, labelled: torch.Tensor) -> dict[str, float]:
+    """The step's log scalars; spr/steps counts the steps the SPR loss reads (spr/kept_fraction's
+    whole), spr/left_out_steps those of cut wrong rollouts it leaves out."""
     return {
         "loss/total": float(loss.detach()),
         "loss/pg": float(grpo.policy.detach()),
@@ -219,7 +222,8 @@ def _metrics(loss: torch.Tensor, grpo: GRPOLoss, spr: SPRLoss, batch: RolloutBat
         "ppo/approx_kl": float(grpo.approx_kl),
         "spr/kept_fraction": spr.kept_fraction,
         "spr/agreement": spr.agreement,
-        "spr/steps": float(batch.step_rows.numel()),
+        "spr/steps": float(labelled.sum()),
+        "spr/left_out_steps": float((~labelled).sum()),
         "spr/kept_positive": float(spr.kept_positive),
         "spr/kept_negative": float(spr.kept_negative),
     }

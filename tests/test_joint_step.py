@@ -134,6 +134,7 @@ def test_loss_pieces_equal_the_grpo_and_spr_modules():
     assert got.spr.loss.item() == pytest.approx(spr.loss.item(), rel=1e-5)
     assert got.loss.item() == pytest.approx(want.total.item() + spr.loss.item(), rel=1e-5)
     assert got.metrics["spr/kept_fraction"] == spr.kept_fraction and got.metrics["spr/steps"] == 4
+    assert got.metrics["spr/left_out_steps"] == 0
 
 
 def test_a_cut_wrong_rollouts_steps_are_left_out_of_the_spr_loss():
@@ -148,7 +149,8 @@ def test_a_cut_wrong_rollouts_steps_are_left_out_of_the_spr_loss():
     head_logits = sprm_logits(model.head, out.features[batch.step_rows, batch.step_cols])  # steps of r0, r0, r1, r3
     want = spr_loss(head_logits[[0, 1, 3]], torch.tensor([True, True, True]), "reference")
     assert got.spr.loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
-    assert got.spr.weights.numel() == 3 and got.metrics["spr/steps"] == 4
+    # spr/steps is kept_fraction's whole: the 3 steps the loss reads, beside the 1 left out
+    assert got.spr.weights.numel() == 3 and got.metrics["spr/steps"] == 3 and got.metrics["spr/left_out_steps"] == 1
     plain = joint_step(JointForward(model), hand_batch(), None, JointLossConfig(kl_coef=0.0, truncated_wrong_reward=0.0))
     every = spr_loss(head_logits, torch.tensor([True, True, False, True]), "reference")
     assert plain.spr.loss.item() == pytest.approx(every.loss.item(), rel=1e-5) and plain.spr.weights.numel() == 4

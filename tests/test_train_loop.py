@@ -59,7 +59,7 @@ def grade(problem, completion_text: str) -> bool:
 
 STEP_KEYS = {
     "step", "loss/total", "loss/pg", "loss/entropy", "loss/kl", "loss/spr", "ppo/clip_fraction", "ppo/approx_kl",
-    "spr/kept_fraction", "spr/agreement", "spr/steps", "spr/kept_positive", "spr/kept_negative",
+    "spr/kept_fraction", "spr/agreement", "spr/steps", "spr/left_out_steps", "spr/kept_positive", "spr/kept_negative",
     "grad_norm/actor", "grad_norm/head", "fc/correct_prob", "fc/false_prob", "fc/diff_prob", "fc/within_auc",
     "fc/num_correct", "fc/num_false", "reward/mean", "rollout/correct", "reward/pass_at_g", "grpo/mixed_groups",
     "rollout/length",
@@ -325,8 +325,27 @@ def test_the_step_row_reads_the_rewards_grpo_trains_on():
     rewards = [0.1, 0.0, 0.0, 0.0, 0.1, 0.1, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
     records = [(i // 4, 0.5, r > 0.5, 10, r == 0.1, r) for i, r in enumerate(rewards)]
     optim = SimpleNamespace(lr_at=lambda step: 1e-5)
-    trainer = SimpleNamespace(s=SimpleNamespace(actor_optim=optim, head_optim=optim))
+    loss = SimpleNamespace(truncated_wrong_reward=0.1)
+    trainer = SimpleNamespace(s=SimpleNamespace(actor_optim=optim, head_optim=optim, loss=loss))
     row = step_row(1, [{"losses": {"loss/total": 0.0}, "records": records}], trainer)
     assert row["reward/mean"] == pytest.approx(sum(rewards) / 12)
     assert row["rollout/correct"] == pytest.approx(4 / 12) and row["reward/pass_at_g"] == pytest.approx(1 / 3)
     assert row["grpo/mixed_groups"] == pytest.approx(2 / 3)  # the two groups of 0.1 and 0 rewards
+
+
+def test_the_step_rows_aha_metrics_read_the_rollouts_the_spr_loss_trains_on():
+    """fc/false_prob averages the wrong rollouts of reward 0, as the reference's (reward == 0):
+    the cut wrong ones (0.1), whose steps the SPR loss leaves out, diluted it (0.6 for 0.2);
+    with truncated_wrong_reward 0 none is left out."""
+    from types import SimpleNamespace
+
+    from experiments.train import step_row
+
+    rows = [(1.0, 0.9), (0.0, 0.2), (0.1, 0.8), (0.1, 0.8)]
+    records = [(0, score, reward > 0.5, 10, reward == 0.1, reward) for reward, score in rows]
+    optim = SimpleNamespace(lr_at=lambda step: 1e-5)
+    for cut_reward, false_prob, num_false in ((0.1, 0.2, 1), (0.0, 0.6, 3)):
+        settings = SimpleNamespace(actor_optim=optim, head_optim=optim, loss=SimpleNamespace(truncated_wrong_reward=cut_reward))
+        row = step_row(1, [{"losses": {"loss/total": 0.0}, "records": records}], SimpleNamespace(s=settings))
+        assert row["fc/correct_prob"] == pytest.approx(0.9) and row["fc/false_prob"] == pytest.approx(false_prob)
+        assert row["fc/num_false"] == num_false and row["rollout/correct"] == pytest.approx(1 / 4)
