@@ -5,7 +5,8 @@ Each round of a batched run sends the beams of ALL problems to the policy in one
 sequential run calls the strategy once per problem. The lockstep batched run draws other samples
 than one at a time (a policy call has one generator and its rows take their uniforms in batch
 order), so its accuracy is another draw of the same search, equal within its interval rather than
-answer for answer (the last line counts the problems whose candidates are the same anyway).
+answer for answer (a line checks it: `accuracy_check`; the last line counts the problems whose
+candidates are the same anyway).
 Target: batched at least 4x faster. An untimed one-problem search first takes the one-time costs
 (lazy initialisation, allocator growth) off whichever run would come first. Wall time and this process's CPU time are both printed (on a shared
 machine another job's load stretches wall time; a one-thread run's CPU time much less). The
@@ -53,6 +54,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: shared cores
 
 import argparse  # noqa: E402
+import math  # noqa: E402
 import statistics  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any, Callable, Sequence  # noqa: E402
@@ -206,11 +208,24 @@ def run(work: Workload, n: int, beam_width: int, seed: int, rounds: int = 1) -> 
         f"continuous batching: {engine.cohorts_fed / max(engine.forwards, 1):.1f} cohorts per decode forward "
         f"(most {engine.most_cohorts}); {same} of {len(probs)} problems have the same candidates as one at a time "
         f"(lockstep batching, which draws other samples: {lockstep_same})",
+        "same accuracy as one at a time: " + "; ".join(
+            accuracy_check(name, work.accuracy(runs[name].results), work.accuracy(single.results), len(probs))
+            for name in ("batched", "continuous")),
     ]
     if rounds > 1:
         lines.append("speed-up (wall) per round: lockstep " + ", ".join(f"{x:.2f}x" for x in _speed_ups(single, runs["batched"]))
                      + "; continuous " + ", ".join(f"{x:.2f}x" for x in _speed_ups(single, runs["continuous"])))
     return "\n".join(lines)
+
+
+def accuracy_check(name: str, accuracy: float, single: float, problems: int) -> str:
+    """Whether a run's accuracy is one at a time's within sampling noise: their difference
+    against the 95% interval of the difference of two independent draws over `problems`
+    (1.96 x sqrt(p(1-p)/n + q(1-q)/n); a run of the same draws, as continuous batching's, sits
+    at 0 difference)."""
+    half = 1.96 * math.sqrt((accuracy * (1 - accuracy) + single * (1 - single)) / problems)
+    verdict = "yes" if abs(accuracy - single) <= half else "NO"
+    return f"{name} {verdict} ({accuracy:.3f} vs {single:.3f}, difference {accuracy - single:+.3f}, interval +-{half:.3f})"
 
 
 def _candidates(result: SearchResult) -> list[str]:

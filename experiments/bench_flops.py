@@ -5,7 +5,7 @@ Rows:
   matmul fp32 / bf16     the peak: a square S x S matmul (2 S^3 FLOPs), the best of --repeats;
   generation             Best-of-N sampling (`TransformersPolicy.rollout`, N per problem, arith
                          test problems): 2 x params x tokens forwarded (prefill + fed-back tokens,
-                         `Step.tokens_forwarded`) per second of the call, attention over the
+                         `Step.tokens_forwarded`) per second of the call (the best of --repeats), attention over the
                          keys the forwards that ran attended (`KeyCounter`);
   bare forward           one no-grad forward over B x L prompt-like tokens (no sampling, no
                          cache bookkeeping): what this model shape allows at best;
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from experiments.bench_workload import add_checkpoint_argument  # noqa: E402
 from experiments.cli_args import positive_int  # noqa: E402
-from experiments.bench_timing import best_of, timed  # noqa: E402
+from experiments.bench_timing import best_of  # noqa: E402
 from experiments.bench_train_throughput import (  # noqa: E402
     TrainParts, joint_unit, load_train_parts, rollout_batch,
 )
@@ -105,25 +105,27 @@ class KeyCounter:
         self.keys += int(((positions.to(real.device) + 1) * real).sum())
 
 
-def generation(parts: TrainParts, problems: int, n: int, seed: int) -> FlopRow:
-    """Best-of-N rollouts at the arith sampling settings; FLOPs of the tokens actually forwarded,
-    attention over the keys those forwards attended (`KeyCounter`)."""
+def generation(parts: TrainParts, problems: int, n: int, seed: int, repeats: int) -> FlopRow:
+    """Best-of-N rollouts at the arith sampling settings, the best of `repeats` calls after one
+    warm-up call (as the other rows: one seed, so every call draws the same paths; no prefix
+    cache, so none reuses another's work); FLOPs of the tokens actually forwarded, attention
+    over the keys those forwards attended (`KeyCounter`, on the warm-up call)."""
     lm = parts.reflective.lm.eval()
     sampling = SamplingConfig(temperature=arith.DEFAULT_TEMPERATURE, max_total_tokens=160)
     policy = TransformersPolicy(lm, parts.tokenizer, sampling, arith.prompt_text)
     prefixes = [Prefix(p) for p in arith.generate_problems("test", problems, seed=seed)]
-    paths: list = []
     counter = KeyCounter()
     hook = lm.register_forward_pre_hook(counter, with_kwargs=True)
     try:
-        timing = timed(lambda: paths.extend(policy.rollout(prefixes, n=n, seed=seed)))
+        paths = policy.rollout(prefixes, n=n, seed=seed)
     finally:
         hook.remove()
+    seconds = best_of(lambda: policy.rollout(prefixes, n=n, seed=seed), repeats)
     forwarded = sum(s.tokens_forwarded for row in paths for steps in row for s in steps)
     keys = counter.keys
     layers, width = attention_width(lm.config)
     params = sum(p.numel() for p in lm.parameters())
-    return FlopRow(f"generation (Best-of-{n}, {problems} problems)", timing.wall_s, forwarded,
+    return FlopRow(f"generation (Best-of-{n}, {problems} problems)", seconds, forwarded,
                    2 * params * forwarded, 4 * layers * width * keys)
 
 
@@ -186,14 +188,14 @@ def run(
     peak16 = matmul_peak(matmul_size, torch.bfloat16, repeats)
     rows = [
         peak32, peak16,
-        generation(parts, problems, n, seed),
+        generation(parts, problems, n, seed, repeats),
         bare_forward(parts.reflective.lm, forward_rows, forward_length, repeats),
         training_step(parts, prompts, group, seed, repeats),
     ]
     params = sum(p.numel() for p in parts.reflective.lm.parameters())
     return "\n".join([
         f"policy: {parts.source} ({params / 1e6:.2f}M parameters, fp32); torch threads {torch.get_num_threads()}; "
-        f"peaks and bare forward: best of {repeats}",
+        f"every row: best of {repeats}",
         markdown_table(rows, peak32, peak16),
     ])
 

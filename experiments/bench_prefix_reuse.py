@@ -14,7 +14,7 @@ counted is the policy's.
 Columns: tokens generated and tokens forwarded (prefills + fed-back tokens, from
 `Step.tokens_forwarded`, summed over problems), their ratio (without reuse every round re-prefills
 prompt and path; with reuse each extended child forwards about one token), the context tokens
-prefilled alone (counted by a hook on the model's forwards of more than one token a row: what reuse
+prefilled alone (counted by a hook on the model's prefill forwards, `PrefillCounter`: what reuse
 saves; forked decoding, which forwards the samples of a context once while they decode alike, keeps
 the ratio of beam search below 1 even without reuse, so this column is the one that isolates
 reuse), wall time of the
@@ -47,10 +47,11 @@ from treesearch.records import Problem  # noqa: E402
 from treesearch.registry import run_search  # noqa: E402
 from treesearch.result import SearchResult  # noqa: E402
 
-# Strategy settings: beam search with N=16 paths, 4 samples per beam; MCTS at the same compute,
-# as the demo's sweep matches it (`experiments.demo_sweep`): a token budget equal to the beam
-# search's tokens per problem (the uncached beam run, measured first in the same run), up to
-# 16 x 16 simulations to spend it.
+# Strategy settings: beam search with N=16 paths, 4 samples per beam; MCTS with the beam search's
+# compute as its cap, as the demo's sweep matches it (`experiments.demo_sweep`): a token budget
+# equal to the beam search's tokens per problem (the uncached beam run, measured first in the
+# same run), up to 16 x 16 simulations to spend it (its trees close before that: it spends about
+# 40% of it on the tiny arith policy, a cap and not a match).
 STRATEGIES: dict[str, dict[str, Any]] = {
     "beam_search": dict(n=16, beam_width=4, max_depth=20),
     "mcts": dict(iterations=16 * 16, expand_width=4, leaves_per_round=4, max_depth=20),
@@ -112,16 +113,18 @@ def run_one(
 
 
 class PrefillCounter:
-    """Context tokens the model ran in prefill forwards (more than one new token a row; left pads
-    not counted: the new columns of the attention mask); decode forwards (one token a row) are not
-    counted. `count` is a forward pre-hook (`register_forward_pre_hook(..., with_kwargs=True)`)."""
+    """Context tokens the model ran in prefill forwards (`policies.decode_loop.prefill`'s, the
+    ones asking for the last position's logits alone: `logits_to_keep`; left pads not counted:
+    the new columns of the attention mask), one token wide too (a cached context extended by the
+    one token sampled last, with reuse); decode forwards are not counted. `count` is a forward
+    pre-hook (`register_forward_pre_hook(..., with_kwargs=True)`)."""
 
     def __init__(self) -> None:
         self.tokens = 0
 
     def count(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids")
-        if ids is None or ids.shape[1] <= 1:
+        if ids is None or "logits_to_keep" not in kwargs:
             return
         mask = kwargs.get("attention_mask")
         self.tokens += int(mask[:, -ids.shape[1]:].sum()) if mask is not None else int(ids.numel())

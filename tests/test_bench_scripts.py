@@ -44,10 +44,22 @@ def test_batching_table(tmp_path):
     assert lines[6].startswith("continuous batching: ")
     assert re.search(r"2 of 2 problems have the same candidates as one at a time \(lockstep batching, which draws "
                      r"other samples: [0-2]\)$", lines[6])
-    per_round = lines[7].removeprefix("speed-up (wall) per round: lockstep ").split("; continuous ")
+    assert re.fullmatch(r"same accuracy as one at a time: batched yes \(.*\); continuous yes \(.*difference \+0\.000.*\)", lines[7])
+    per_round = lines[8].removeprefix("speed-up (wall) per round: lockstep ").split("; continuous ")
     assert [len(part.split(", ")) for part in per_round] == [2, 2]  # one ratio per round, each run's
     median = statistics.median(float(x.rstrip("x")) for x in per_round[0].split(", "))
     assert float(rows[1][3]) == pytest.approx(median, abs=0.006)  # the table's speed-up: their median
+
+
+def test_the_batching_accuracy_check_reads_the_interval_of_two_draws():
+    from experiments.bench_batching import accuracy_check
+
+    # 64 problems at 0.234 and 0.219: +-0.145, one problem's difference is noise
+    assert accuracy_check("batched", 14 / 64, 15 / 64, 64) == (
+        "batched yes (0.219 vs 0.234, difference -0.016, interval +-0.145)")
+    assert accuracy_check("batched", 0.1, 0.5, 64).startswith("batched NO (0.100 vs 0.500")
+    assert accuracy_check("continuous", 1.0, 1.0, 4).startswith("continuous yes")  # no spread, no difference
+    assert accuracy_check("continuous", 0.75, 1.0, 4).startswith("continuous yes")
 
 
 def test_batching_needs_a_round():
@@ -55,6 +67,28 @@ def test_batching_needs_a_round():
 
     with pytest.raises(ValueError, match="rounds=0 must be >= 1"):
         bench_batching.run(None, n=2, beam_width=1, seed=0, rounds=0)
+
+
+def test_the_prefill_count_takes_one_token_prefills_and_no_decode_forward():
+    # with reuse, a context cached but for the token sampled last is prefilled one token wide:
+    # those went uncounted (7-15% of the reuse side's prefill), as decode forwards are
+    from experiments.bench_prefix_reuse import PrefillCounter
+    from policies.decode_loop import prefill
+    from tests.test_transformers_policy import make_model
+
+    model, counter = make_model(16), PrefillCounter()
+    handle = model.register_forward_pre_hook(counter.count, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            prefill(model, [[5], [3, 4, 6]], 0, torch.device("cpu"))
+            assert counter.tokens == 4  # 1 + 3, the pad column not counted
+            cache, _, mask, position, _ = prefill(model, [[5], [6]], 0, torch.device("cpu"))  # one token wide
+            assert counter.tokens == 6
+            model(input_ids=torch.tensor([[7], [8]]), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], -1),
+                  position_ids=position[:, None], past_key_values=cache, use_cache=True)  # a decode step
+    finally:
+        handle.remove()
+    assert counter.tokens == 6
 
 
 @pytest.mark.slow
