@@ -286,3 +286,53 @@ def test_boxes_joined_by_and_or_commas_are_one_list_answer(text, reference, righ
 def test_a_box_repeated_in_another_form_is_one_vote():
     assert canonical_answer(extract_final_answer("\\boxed{18}, \\boxed{18.00}")) == canonical_answer("18")
     assert extract_final_answer("The answer is 18 or 20.") is None  # a hedge, as "18 (or 20)" in a box
+
+
+@pytest.mark.parametrize("answer", [
+    "18 \\text{ dollars}", "18\\text{dollars}", "$18 a day", "18 dollars a day", "$18/day", "18 dollars/day", "18 km/h",
+    "18 cm^2", "18 ft²", "€18", "£18", "18 sq. ft.", "\\$18 an hour", "18 \\mbox{ inches}^3",
+])
+def test_a_number_with_a_unit_after_it_is_the_number_and_votes_with_it(answer):
+    # "18 \text{ dollars}" was its own maj@N vote beside "18"; "$18 a day", "18 km/h", "€18": graded wrong
+    assert canonical_answer(answer) == "18" and answers_match(answer, "18")
+
+
+@pytest.mark.parametrize("answer", ["18 \\text{ (or 20)}", "18 \\text{ or more}", "18 a", "5ab", "18 x/y", "18/x"])
+def test_a_hedge_a_variable_or_a_product_is_no_unit(answer):
+    assert not answers_match(answer, "18")
+
+
+def test_a_vote_counts_a_number_with_its_text_unit_as_the_number():
+    texts = ["\\boxed{18 \\text{ dollars}}"] * 2 + ["\\boxed{18}"] * 2 + ["\\boxed{20}"] * 3
+    problem = Problem("p", "q", "18")
+    outcome = ProblemOutcome("p", tuple(CandidateOutcome(gsm8k.extract_answer(t), gsm8k.grade(problem, t), 0.5)
+                                        for t in texts))
+    assert [c.answer for c in outcome.candidates] == ["18"] * 4 + ["20"] * 3
+    assert problem_accuracy(outcome, 7, "majority") == 1.0
+
+
+@pytest.mark.parametrize("predicted, reference, right", [
+    ("52_9", "52_8", False), ("52_{10}", "52_8", False), ("4210_{6}", "4210_{5}", False),
+    ("52_{8}", "52_8", True), ("052_8", "52_8", True), ("52_8", "52_8", True),
+])
+def test_a_number_in_another_base_is_another_answer(predicted, reference, right):
+    # math_verify drops the subscript: 52_9 graded equal to 52_8 (six MATH-500 rows)
+    assert answers_match(predicted, reference) is right
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("The total is 42.\n\nAnswer:\n42", "42"), ("**Final Answer:**\n42", "42"), ("Answer:   \n\n  **42**.", "42"),
+    ("Answer: 18\nthen\nAnswer:\nJanet sells 9 eggs at $2 each", "18"),  # an explanation below is no answer
+])
+def test_an_answer_on_the_line_after_answer_colon(text, answer):
+    assert extract_final_answer(text) == answer
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("所以答案是A。\n\n不对，重新检查一下：答案应为B。", "B"), ("初步判断答案是A。但仔细分析后，正确选项是C。", "C"),
+    ("答案：A\n\n再检查一下，应该选B。", "B"), ("The answer is A. Wait, that is wrong; the correct option is B.", "B"),
+    ("The answer should be B.", "B"), ("答案是A，不应该选B。", "A"), ("Option A: 5 apples. Option B: 6 apples.", None),
+])
+def test_a_revised_choice_is_the_one_stated_last(text, letter):
+    # the revision was not read, so the abandoned letter graded
+    assert extract_choice(text) == letter

@@ -60,14 +60,19 @@ _BARE_BOXED_RE = re.compile(r"[^\s$]+")
 _BOX_JOINER_RE = re.compile(r"[\s$]*(?:[,;][\s$]*(?:(?:and|or)[\s$]+)?|(?:and|or)[\s$]+)")
 _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
 # "(.+)" and not "(.+?)[ \t]*": the latter backtracks quadratically on a long run of blanks.
-_ANSWER_RE = re.compile(r"(?im)^[ \t*#>]*(?:final[ \t]+)?answer[ \t*]*[:：][ \t*]*(.+)$")
+# the value on its line (group 1), or on the next non-blank one when the line ends at the colon
+# (group 2: "**Final Answer:**\n42"); each group starts at a non-blank, so a blank is never the value
+_ANSWER_RE = re.compile(r"(?im)^[ \t*#>]*(?:final[ \t]+)?answer[ \t*]*[:：][ \t*]*(?:([^ \t*\n].*)|\n\s*(\S.*))$")
 # "ANSWER: C", "answer is (B).", "答案：D", "**ANSWER:** $B$", "答案：B选项", "答案：选C", "故选C", "ANSWER: \\(B\\)",
 # "ANSWER：Ｂ" (a full-width letter): the letter must end the statement (or close a bracket: "B) 2"; or be
 # followed by a colon, "、" or a bracketed remark: "B: 2", "B、2", "B (2)"), so that "Answer: A triangle has ..." is not read as
-# choice A, nor "ANSWER: A, B" as A. Each optional part owns the blanks after it (adjacent optional
-# blank runs made a long run of spaces after "answer" take minutes of backtracking).
+# choice A, nor "ANSWER: A, B" as A. A revision counts as a statement: "答案应为B", "正确选项是C",
+# "应该选B" (not "不应该选B"), "the correct option is B", "the answer should be B". Each optional
+# part owns the blanks after it (adjacent optional blank runs made a long run of spaces after
+# "answer" take minutes of backtracking).
 _CHOICE_ANSWER_RE = re.compile(
-    r"(?im)(?:answer|答案|故选|所以选)[\s*_]*(?:(?:is|为|是|选)[\s*_]*)?(?P<colon>[:：][\s*_$]*)?(?:选[\s*_]*)?"
+    r"(?im)(?:answer(?:[ \t]+should[ \t]+be)?|correct[ \t]+(?:option|choice)[ \t]+is|答案(?:应该?[是为])?|正确选项|故选|所以选|(?<!不)应该?选)"
+    r"[\s*_]*(?:(?:is|为|是|选)[\s*_]*)?(?P<colon>[:：][\s*_$]*)?(?:选[\s*_]*)?"
     r"(?:\\(?:text|textbf|mathrm|mathbf|boxed)\{)?(?:\\[(\[]\s*)?(?:[(（{\[]\s*)?"
     r"(?P<letter>[A-ZＡ-Ｚ])(?:[\s)）}\]*_$]|\\[)\]])*"
     r"(?=$|[.。;；!！:：]|[,，、](?![ \t]*(?-i:[A-D])(?![A-Za-z]))|选项|(?<=[)）\]])|[ \t]*[(（])"
@@ -189,18 +194,20 @@ def _strip_emphasis(answer: str) -> str:
 
 def answer_line(text: str) -> str | None:
     """The rest of the last line that starts with "Answer:" or "Final Answer:" (any case), without
-    a final period or markdown bold; Minerva's "Final Answer: The final answer is X. I hope it is
-    correct." gives X."""
+    a final period or markdown bold, or the next non-blank line when that line ends at its colon
+    and the next is no sentence ("Answer:\n42"; `_is_prose`); Minerva's "Final Answer: The final
+    answer is X. I hope it is correct." gives X."""
     found = answer_line_at(text) if isinstance(text, str) else None
     return None if found is None else found[1]
 
 
 def answer_line_at(text: str) -> tuple[int, str] | None:
     """(where its line starts, the answer) of `answer_line`, or None."""
-    matches = list(_ANSWER_RE.finditer(text))
+    # "Answer:\nJanet sells 9 eggs at $2 ...": an explanation below, no answer line (an earlier one counts)
+    matches = [m for m in _ANSWER_RE.finditer(text) if m.group(1) is not None or not _is_prose(m.group(2))]
     if not matches:
         return None
-    answer = _minerva_answer(_strip_emphasis(matches[-1].group(1)))
+    answer = _minerva_answer(_strip_emphasis(matches[-1].group(1) or matches[-1].group(2)))
     return (matches[-1].start(), answer) if answer else None
 
 
@@ -310,7 +317,14 @@ _LATEX_FRACTION_RE = re.compile(r"^([-+]?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
 _SPACING_RE = re.compile(r"\\\\|\\(?:left|right)(?![A-Za-z])|\\![ \t]*|\\[,;: ]|~")
 _PERCENT_RE = re.compile(r"\s*(?:\\?%|percent)$")
 _UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]+)+$")  # " apples", " square feet"
-_BARE_UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]{2,})+$")  # "18 eggs" (not "2 x": a letter may be a variable)
+# A unit after a number: words of two letters or more ("18 eggs"; not "2 x": a letter may be a
+# variable), "a" / "an" / "per" before one ("$18 a day"), abbreviations ("18 sq. ft."), a square
+# or cube ("18 cm^2", "18 ft²"), a rate ("18 km/h", "$18/day"), a unit in \text{} ("18 \text{ dollars}",
+# words only: "18 \text{ (or 20)}" is a hedge, not a unit)
+_UNIT_WORD = (r"(?:\s+(?:(?:a|an|per)\s+)?[A-Za-z]{2,}\.?|\s*\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z .]*\})"
+              r"(?:\^\{?[23]\}?|[²³])?(?:/[A-Za-z]+\.?)?")
+_BARE_UNIT_WORDS_RE = re.compile(rf"(?:\s*/\s*[A-Za-z]{{2,}}\.?|{_UNIT_WORD})+$")
+_CURRENCY_SIGNS = ("\\$", "$", "€", "£", "\\euro", "\\pounds")
 # Words after a number that change its value, so never a unit to drop: "2 thousand", "2 pi" (a
 # magnitude or a constant), "18 or more", "at least 18" (a bound) go to math_verify instead. A
 # count's own unit stays one: "7 dozen" answers "how many dozens", "3 more hours" "how many more".
@@ -369,7 +383,9 @@ def parse_number(answer: str) -> Fraction | None:
     text = normalize_text(answer)
     if len(text) > 4 * _MAX_NUMBER_CHARS:  # no plain number, however dressed (bounds the regexes below)
         return None
-    text = text.replace("\\$", "").replace("$", "").replace("{,}", ",").strip()
+    for sign in _CURRENCY_SIGNS:
+        text = text.replace(sign, "")
+    text = text.replace("{,}", ",").strip()
     wrapped = _TEXT_WRAPPER_RE.match(text)
     magnitude = _MAGNITUDE_RE.match(wrapped.group(1).strip() if wrapped else text)  # before a unit word is dropped
     mixed = _MIXED_RE.match(_text_opened(text).strip())
@@ -486,6 +502,10 @@ def fast_match(predicted: str, reference: str) -> bool | None:
     two plain numbers), else None."""
     if normalize_text(predicted) == normalize_text(reference):
         return True
+    bases = [_BASE_NUMBER_RE.match(normalize_text(answer).strip("$ ")) for answer in (predicted, reference)]
+    if bases[0] is not None and bases[1] is not None:  # "52_8" vs "52_9": math_verify drops the subscript
+        (digits, base), (reference_digits, reference_base) = bases[0].groups(), bases[1].groups()
+        return digits.lstrip("0").upper() == reference_digits.lstrip("0").upper() and int(base) == int(reference_base)
     predicted_number, reference_number = parse_number(predicted), parse_number(reference)
     if predicted_number is not None and reference_number is not None:  # "1.45 million" is 1450000
         return predicted_number == reference_number and _same_variable(predicted, reference)
@@ -501,6 +521,10 @@ def fast_match(predicted: str, reference: str) -> bool | None:
     if reference_number is not None and _COMPOUND_RE.search(_BRACKETED_RE.sub(" ", _text_opened(normalize_text(predicted)))):
         return False
     return None
+
+
+# a number in a base, as MATH writes one: "52_8", "4210_{5}", "A1_{16}" (group 1: digits, 2: base)
+_BASE_NUMBER_RE = re.compile(r"^([0-9A-Z]+)_\{?(\d{1,2})\}?$")
 
 
 def _joined_values(answer: str) -> set[Fraction | None]:
