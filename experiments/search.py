@@ -92,6 +92,7 @@ from policies.checkpoint import torch_dtype
 from policies.devices import resolve_device
 from policies.gc_freeze import freeze_long_lived
 from policies.reflective_model import check_reflective_folder
+from policies.openai_policy import OpenAIServerError
 from policies.vllm_engine import VLLMMissingError
 from scorers.prm_loading import check_prm_folder
 from scorers.sprm_scorer import check_batch_size
@@ -169,7 +170,7 @@ class SweepJobInputError(CompactHydraException):
 # (policy=openai: the error names the URL and how to start one): `error: <message>`, exit 2;
 # anything else keeps its traceback
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, RunDirBusyError, ConnectionError,
-                                            TimeoutError, VLLMMissingError)
+                                            TimeoutError, OpenAIServerError, VLLMMissingError)
 USAGE_EXIT = 2
 
 

@@ -165,9 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     returns 2 before the server starts, as the other command lines do (`experiments.cli_errors`)."""
     args = build_parser().parse_args(argv)
     key = _api_key(args)
-    if key is not None and not (key.isascii() and key.isprintable()):
-        print(f"error: the API key (--api-key or ${API_KEY_ENV}) must be printable ASCII: HTTP clients send other "
-              "characters in the Authorization header each their own way, so no request would match it", file=sys.stderr)
+    if key is not None and not (key.isascii() and key.isprintable() and key == key.strip()):
+        print(f"error: the API key (--api-key or ${API_KEY_ENV}) must be printable ASCII without blanks at either end: "
+              "HTTP clients send other characters in the Authorization header each their own way, and strip or "
+              "refuse the blanks, so no request would match it", file=sys.stderr)
         return USAGE_EXIT
     if args.threads is not None:
         import torch

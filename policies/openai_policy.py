@@ -70,6 +70,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -111,6 +112,10 @@ TOKEN_ID_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids form of a log
 CLIENT_FILES: tuple[str, ...] = ("config.json",)
 
 
+# what a 401 / 403 answer adds to its message
+KEY_HINT = " (the server wants another API key: pass api_key=... or set $OPENAI_API_KEY)"
+
+
 class OpenAIServerError(RuntimeError):
     """The server answered with an error status (4xx but 429 at once; 5xx / 429 after the
     retries). status: the HTTP status code."""
@@ -148,12 +153,13 @@ class OpenAIServerConfig:
             raise ValueError(f"OpenAIServerConfig.base_url={self.base_url!r} must start with http:// or https://")
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise ValueError(f"OpenAIServerConfig.model={self.model!r} must be a non-empty string or None")
-        if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
-            raise ValueError(f"OpenAIServerConfig.timeout_s={self.timeout_s!r} must be > 0")
+        if not isinstance(self.timeout_s, (int, float)) or not 0 < self.timeout_s < math.inf:
+            raise ValueError(f"OpenAIServerConfig.timeout_s={self.timeout_s!r} must be a finite number > 0 "
+                             "(the HTTP client's socket timeout takes no infinity)")
         if not is_integer(self.max_retries) or self.max_retries < 0:
             raise ValueError(f"OpenAIServerConfig.max_retries={self.max_retries!r} must be an integer >= 0")
-        if not isinstance(self.backoff_s, (int, float)) or not self.backoff_s >= 0:
-            raise ValueError(f"OpenAIServerConfig.backoff_s={self.backoff_s!r} must be >= 0")
+        if not isinstance(self.backoff_s, (int, float)) or not 0 <= self.backoff_s < math.inf:
+            raise ValueError(f"OpenAIServerConfig.backoff_s={self.backoff_s!r} must be a finite number >= 0")
         if not is_integer(self.max_concurrency) or self.max_concurrency < 1:
             raise ValueError(f"OpenAIServerConfig.max_concurrency={self.max_concurrency!r} must be an integer >= 1")
 
@@ -233,8 +239,8 @@ class CompletionsClient:
                 failure = response
                 continue
             if response.status_code >= 400:
-                raise OpenAIServerError(f"{method} {url} answered {response.status_code}: {_error_text(response)}",
-                                        response.status_code)
+                raise OpenAIServerError(f"{method} {url} answered {response.status_code}: {_error_text(response)}"
+                                        f"{KEY_HINT if response.status_code in (401, 403) else ''}", response.status_code)
             data = _json_object(response)
             if data is None:  # a proxy's HTML page, a body cut short: retried like a 5xx
                 failure = response

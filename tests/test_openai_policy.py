@@ -311,6 +311,13 @@ def test_a_listener_that_closes_at_once_is_no_server(checkpoint):
         listener.close()
 
 
+def test_an_infinite_timeout_or_backoff_is_refused(checkpoint):
+    # both passed, then the first request died in httpx's settimeout / time.sleep (OverflowError)
+    for setting in ({"timeout_s": float("inf")}, {"backoff_s": float("inf")}):
+        with pytest.raises(ValueError, match=f"OpenAIServerConfig.{next(iter(setting))}=inf must be a finite number"):
+            OpenAIServerConfig("http://127.0.0.1:9", **setting)
+
+
 def test_a_temperature_vllm_would_raise_to_its_smallest_is_refused(checkpoint):
     """vLLM samples a temperature in (0, 0.01) at 0.01 with a log line only; transformers as given."""
     with pytest.raises(ValueError, match=r"OpenAIPolicy: temperature=0.005 is below vLLM's smallest, 0.01"):

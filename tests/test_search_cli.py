@@ -325,6 +325,36 @@ def test_a_server_that_does_not_answer_is_one_error_line(ckpt, tmp_path):
     assert done.stderr.startswith(f"error: no OpenAI-compatible server answers at http://127.0.0.1:{port}")
 
 
+def test_a_server_that_refuses_the_key_is_one_error_line_and_leaves_no_folder(ckpt, tmp_path):
+    # an error answer (401 for a wrong API key, 5xx of a dead engine) was a traceback beside a
+    # half-made run folder, where a server that did not answer was one line
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "Unauthorized"}}')
+
+        do_POST = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = run_cli(["policy=openai", f"policy.path={ckpt}", f"policy.base_url=http://127.0.0.1:{server.server_address[1]}",
+                        "policy.max_retries=0", "progress=false", f"out_dir={tmp_path / 'run'}"], cwd=tmp_path)
+    finally:
+        server.shutdown()
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
+    assert "/v1/models answered 401: " in done.stderr and "pass api_key=... or set $OPENAI_API_KEY" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_internal_error_keeps_its_traceback(tmp_path):
     (tmp_path / "broken_task.py").write_text(  # importable: `python -m` puts the cwd on sys.path
         "def generate_problems(split, count, seed, cfg):\n    raise RuntimeError('a bug in the task')\n"

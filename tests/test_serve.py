@@ -315,6 +315,7 @@ def test_policy_concurrent_requests_get_their_own_answers_batched(services):
     ({"prefix_prompt": "a", "temperture": 0}, None, "temperture"),       # misspelt
     ({"prefix_prompt": "a", "stream": True}, None, "stream"),            # no streaming here
     ({"prefix_prompt": "a", "logprobs": 1}, None, "logprobs"),
+    ({"prefix_prompt": "a", "logprobs": 0}, None, "logprobs"),  # the completions API's "the sampled token's": 200 without it
     ({"prefix_prompt": "a", "min_tokens": 1}, None, "min_tokens"),      # vLLM's option: "did you mean max_tokens?" before
     ({"prefix_prompt": "a", "best_of": 2}, None, "best_of"),
     ({"prefix_prompt": "a", "best_of": True}, None, "best_of"),
@@ -588,9 +589,10 @@ def test_an_api_key_that_is_not_printable_ascii_is_refused_before_the_model_load
     curl sends UTF-8): a key 'clé' matched no UTF-8 client, '密钥' no client at all."""
     from experiments import serve
 
-    for key in ("clé", "密钥", "tab\tkey"):
+    for key in ("clé", "密钥", "tab\tkey", "secret ", " secret"):  # blanks at an end: stripped or refused by clients
         assert serve.main(["policy", "--model", str(tmp_path / "nowhere"), "--api-key", key]) == 2
-        assert capsys.readouterr().err.startswith("error: the API key (--api-key or $TREESEARCH_API_KEY) must be printable ASCII")
+        assert capsys.readouterr().err.startswith("error: the API key (--api-key or $TREESEARCH_API_KEY) must be printable "
+                                                  "ASCII without blanks at either end")
     monkeypatch.setenv(serve.API_KEY_ENV, "clé")
     assert serve.main(["policy", "--model", str(tmp_path / "nowhere")]) == 2
     assert "must be printable ASCII" in capsys.readouterr().err

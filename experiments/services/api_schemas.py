@@ -91,7 +91,10 @@ def check_field_names(body: Any, fields: Mapping[str, Any]) -> None:
 
 def _is_off(option: str, value: Any) -> bool:
     """Whether an unsupported option's value leaves it off: null, false or 0, and best_of 1 (one
-    sample per answer, OpenAI's default)."""
+    sample per answer, OpenAI's default); logprobs only null or false (the completions API's
+    logprobs=0 asks for the sampled token's log-prob: an answer without it would be wrong)."""
+    if option == "logprobs":
+        return value is None or value is False
     return value in (None, False, 0) or (option == "best_of" and value == 1 and not isinstance(value, bool))
 
 
