@@ -37,7 +37,6 @@ Tests: `.venv/bin/pytest tests/test_train_head.py`.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import math
 import os
@@ -55,7 +54,9 @@ from experiments.cli_args import check_file_target, positive_int, seed_int
 from experiments.cli_errors import run_command
 from experiments.sft_tasks import get_sft_task
 from experiments.tasks import arith, countdown
+from experiments.result_json import write_atomic
 from policies.checkpoint import NOT_DAMAGE, TORCH_LOAD_ERRORS, load_checkpoint
+from policies.disk_full import disk_full_error
 from policies.model_folder import check_model_folder, weights_fingerprint
 from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
@@ -541,14 +542,17 @@ def save_cache(cache: RolloutCache, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(payload, tmp)
-    except (RuntimeError, OSError) as err:  # a full disk: torch's "unexpected pos 10816 vs 10768"
+    except BaseException as err:  # a full disk: torch's "unexpected pos 10816 vs 10768"
         tmp.unlink(missing_ok=True)  # the partial file kept the last free space
-        short_write = "unexpected pos" in str(err)  # torch's short write: the disk said no more
-        code = err.errno if isinstance(err, OSError) and err.errno else (errno.ENOSPC if short_write else errno.EIO)
-        raise OSError(code, f"could not write the rollout cache {path} ({'disk full? ' if short_write else ''}"
-                            f"{type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
+        full = disk_full_error(err, path)
+        if full is not None:
+            raise full from err
+        if isinstance(err, OSError) and err.filename is None:  # "[Errno 28] No space left on device" named no file
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps(summary(cache), indent=2) + "\n")
+    # atomic too: a summary cut by a full disk or a kill was "another file" to every rebuild
+    write_atomic(path.with_suffix(".json"), json.dumps(summary(cache), indent=2) + "\n")
     return path
 
 
@@ -567,7 +571,7 @@ def check_cache_target(out: Path) -> None:
                          "would overwrite; use another --out (or delete it, when it is a damaged cache)")
     if summary_path.is_dir():
         raise ValueError(f"--out {out}: its summary path {summary_path} is a folder")
-    if summary_path.exists() and not _is_cache_summary(summary_path):
+    if summary_path.exists() and not _is_cache_summary(summary_path) and not _is_cache_file(out):  # a cache's own: rewritten
         raise ValueError(f"--out {out}: {summary_path} holds another file, which the cache's summary would overwrite; "
                          "use another --out")
     try:

@@ -39,7 +39,7 @@ from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 from experiments.cli_args import check_folder_target, seed_int  # noqa: E402
-from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT  # noqa: E402
+from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT, is_storage_error  # noqa: E402
 from experiments.quick_eval import QuickEvalConfig, format_report, quick_eval, eval_problems  # noqa: E402
 from experiments.sft_tasks import SFT_TASKS, SFTTask, get_sft_task  # noqa: E402
 from policies.checkpoint import load_checkpoint, load_torch_file  # noqa: E402
@@ -197,6 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(plan_run(args), Path(args.out), args.seed, progress=not args.no_progress)
     except SFTError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk or a read-only folder: the user's to fix (other OSErrors are bugs)
+        if not is_storage_error(err):
+            raise
+        print(f"error: cannot write {err.filename or args.out}: {err.strerror or err} (the checkpoints saved before it "
+              "are kept; free some space and rerun the same command to go on)", file=sys.stderr)
         return 2
     except TrainingInterrupted as err:
         print(err, file=sys.stderr)

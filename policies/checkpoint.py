@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from policies.devices import resolve_device
+from policies.disk_full import disk_full_error
 from policies.model_folder import (
     HEAD_FILES, TOKENIZER_FILES, WEIGHT_LAYOUTS, DamagedCheckpointError, check_model_folder, damaged,
     missing_folder_error, weight_files,
@@ -125,6 +126,7 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     temporary folder behind). Every folder written here is a model folder: an existing out_dir
     with files but none of a model folder's (`check_replaceable`) is someone else's folder and is
     refused (FileExistsError), before anything is written (replacing it deleted what it held).
+    A writer that fills the disk raises an OSError (ENOSPC) naming out_dir (`policies.disk_full`).
     """
     out_dir = Path(out_dir)
     if out_dir.is_symlink():
@@ -135,8 +137,11 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         share_as_umask(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(err, out_dir)  # torch's / safetensors' full disk: an OSError a CLI names in one line
+        if full is not None:
+            raise full from err
         raise
     old = None
     try:

@@ -175,6 +175,39 @@ def test_eos_ids_without_a_generation_config_are_config_jsons_on_every_backend(f
     assert checkpoint_eos_ids(folder, tokenizer) == _eos_ids(model, tokenizer) == [tokenizer.eos_token_id, 11]
 
 
+def test_writers_that_fill_the_disk_are_named_as_a_full_disk():
+    # torch.save's short write and safetensors' SafetensorError are no OSError: a CLI printed
+    # their traceback where a full disk is one `error: cannot write ...` line
+    import errno
+
+    from experiments.cli_errors import is_storage_error
+    from policies.disk_full import disk_full_error
+
+    short = disk_full_error(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 179712 vs 179604"), "out/last")
+    assert short.errno == errno.ENOSPC and short.filename == "out/last" and is_storage_error(short)
+    rust = disk_full_error(Exception("Error while serializing: I/O error: No space left on device (os error 28)"), "m")
+    assert rust.errno == errno.ENOSPC and "Exception: Error while serializing" in rust.strerror
+    assert disk_full_error(Exception("I/O error: Disk quota exceeded (os error 122)"), "m").errno == errno.EDQUOT
+    for other in (Exception("(os error 2)"), RuntimeError("a bug"), OSError(errno.ENOSPC, "x"), KeyboardInterrupt()):
+        assert disk_full_error(other, "m") is None
+
+
+def test_an_atomic_directory_whose_writer_fills_the_disk_raises_a_storage_error(tmp_path):
+    import errno
+
+    from policies.checkpoint import atomic_directory
+
+    out = tmp_path / "last"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # the previous, good folder
+    with pytest.raises(OSError) as caught:
+        with atomic_directory(out) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 179712 vs 179604")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"] and (out / "config.json").read_text() == "{}"
+
+
 def test_an_atomic_directory_behind_a_symlink_is_written_where_it_points(tmp_path, monkeypatch):
     """A link to an empty folder was replaced by a folder; a dangling one failed with
     NotADirectoryError and left its temporary folder (a model's worth of disk) behind."""

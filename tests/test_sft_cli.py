@@ -38,6 +38,20 @@ def main(*argv: str) -> int:
         pytest.fail(f"KeyboardInterrupt escaped main: {err!r}")
 
 
+def test_a_full_disk_while_saving_is_one_error_line(tmp_path, monkeypatch, capsys):
+    # torch.save's short write ("unexpected pos ...", a RuntimeError) was a traceback
+    import policies.checkpoint as checkpoint
+
+    def full(folder):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6192512 vs 6192404")
+
+    monkeypatch.setattr(checkpoint, "share_as_umask", full)
+    assert main("--out", str(tmp_path / "run"), "--max-steps", "1", "--minutes", "0") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: cannot write {tmp_path / 'run'}") and "No space left on device" in err[-1]
+    assert "rerun the same command to go on" in err[-1]
+
+
 def state_step(out) -> int:
     return torch.load(out / "last" / sft_resume.STATE_FILE, weights_only=False)["step"]
 

@@ -649,10 +649,25 @@ def test_a_cache_that_does_not_fit_the_disk_is_named_and_leaves_no_temp_file(tmp
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 10816 vs 10768")
 
     monkeypatch.setattr(rollout_cache.torch, "save", short_write)
-    with pytest.raises(OSError, match=r"could not write the rollout cache .*c\.pt \(disk full\?") as caught:
+    with pytest.raises(OSError, match=r"No space left on device \(RuntimeError: .*unexpected pos 10816") as caught:
         save_cache(synthetic_cache([True, False] * 4, 2, [3] * 8), tmp_path / "c.pt")
     assert caught.value.errno == errno.ENOSPC and is_storage_error(caught.value)
+    assert caught.value.filename == str(tmp_path / "c.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_summary_beside_its_cache_is_rewritten_by_a_rebuild(tmp_path):
+    # a summary cut by a full disk (written in place after the cache) refused every rebuild as
+    # "another file"; it is written atomically now, and one left damaged beside its cache is the cache's
+    from experiments.rollout_cache import check_cache_target
+
+    cache = save_cache(synthetic_cache([True, False] * 4, 2, [3] * 8), tmp_path / "c.pt")
+    assert json.loads(cache.with_suffix(".json").read_text())["rollouts"] == 8
+    cache.with_suffix(".json").write_text("")
+    check_cache_target(cache)  # no error
+    (tmp_path / "d.json").write_text("")  # a damaged file with no cache beside it: someone else's
+    with pytest.raises(ValueError, match="d.json holds another file"):
+        check_cache_target(tmp_path / "d.pt")
 
 
 def test_a_policy_trained_again_in_its_folder_is_not_the_caches_policy(handmade, tiny, tmp_path, monkeypatch):
