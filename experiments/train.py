@@ -82,7 +82,7 @@ from experiments.search import (  # noqa: E402
 )
 from experiments.sweep_metrics import read_run_config  # noqa: E402
 from policies.bf16_support import native_bf16  # noqa: E402
-from policies.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from policies.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint  # noqa: E402
 from policies.step_boundary import StopRequest, stop_at_step_boundary  # noqa: E402
 from policies.devices import resolve_device  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
@@ -93,7 +93,8 @@ from policies.rollout_batch import (  # noqa: E402
 )
 from policies.sampling_config import SamplingConfig  # noqa: E402
 from policies.train_state import (  # noqa: E402
-    JointTrainState, ResumePoint, capture_rng, load_policy_with_head, publish_checkpoint, restore_rng, resume_point,
+    STATE_FILE, JointTrainState, ResumePoint, capture_rng, load_policy_with_head, publish_checkpoint, restore_rng,
+    resume_point,
 )
 from policies.transformers_policy import TransformersPolicy  # noqa: E402
 from scorers.sprm_positions import StepMarkers  # noqa: E402
@@ -532,8 +533,9 @@ def open_run(cfg: DictConfig, s: Settings, accelerator: Accelerator) -> tuple[Tr
     reflective = accelerator.unwrap_model(model).reflective
     trainer = _assemble(s, accelerator, out, model, reflective, tokenizer, ref_lm, actor_opt, head_opt, problems)
     if state is not None:
-        actor_opt.load_state_dict(state.actor_optimizer)
-        head_opt.load_state_dict(state.head_optimizer)
+        state_file = point.directory / STATE_FILE  # type: ignore[union-attr]
+        load_optimizer_state(actor_opt, state.actor_optimizer, state_file)
+        load_optimizer_state(head_opt, state.head_optimizer, state_file)
         restore_rng(state.rng[trainer.rank])
         trainer.step, trainer.data_position, trainer.elapsed_s = state.step, state.data_position, state.elapsed_s
     return trainer, state is not None

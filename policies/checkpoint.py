@@ -267,3 +267,21 @@ def load_checkpoint(
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     model.eval()
     return model.to(target), tokenizer
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any, path: Path) -> None:
+    """Load a saved optimizer state (from the file `path`) into optimizer; a DamagedCheckpointError
+    naming path when it is another model's: other parameter groups (torch's own error named no
+    file), or moments of other shapes (torch loads those in silence and the first step failed
+    inside AdamW with a size mismatch)."""
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DamagedCheckpointError(f"{path} holds the optimizer state of another model ({err})") from err
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+                    raise DamagedCheckpointError(
+                        f"{path} holds the optimizer state of another model ({name} of shape {tuple(value.shape)} "
+                        f"for a parameter of shape {tuple(param.shape)})")

@@ -37,11 +37,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from policies.bf16_support import native_bf16
-from policies.checkpoint import save_checkpoint
+from policies.checkpoint import DamagedCheckpointError, load_optimizer_state, save_checkpoint
 from policies.sft_resume import (
-    BUDGET_KEYS, FINAL, LAST, SUMMARY_FILE, SFTError, TrainerProgress, TrainingInterrupted,
+    BUDGET_KEYS, FINAL, LAST, STATE_FILE, SUMMARY_FILE, SFTError, TrainerProgress, TrainingInterrupted,
     check_resumable, load_training_checkpoint, resume_point, run_identity, save_training_checkpoint, saved_identity,
-    set_rng_states,
+    set_rng_states, start_over_hint,
 )
 from policies.step_boundary import StopRequest, stop_at_step_boundary
 
@@ -338,7 +338,10 @@ def _train_sft(
     optimizer = make_optimizer(model, cfg)
     run = TrainerProgress(history=[], resumes=[])
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            load_optimizer_state(optimizer, state["optimizer"], out_dir / LAST / STATE_FILE)
+        except DamagedCheckpointError as err:
+            raise SFTError(f"cannot resume: {err}; {start_over_hint(out_dir)}") from err
         resumes = list(state.get("resumes") or []) + [{"step": state["step"], "changed": list(start.changed)}]
         run = TrainerProgress(state["step"], state["elapsed_s"], state["tokens"], state["history"], resumes)
         set_rng_states(state["rng"])

@@ -52,6 +52,8 @@ from policies.train_state import STATE_FILE as JOINT_STATE_FILE  # a joint train
 from treesearch.config_diff import config_differences
 
 STATE_FILE = "trainer_state.pt"
+# what a trainer state holds (`save_training_checkpoint`), besides its identity (or, before identities, its config)
+STATE_KEYS: tuple[str, ...] = ("step", "elapsed_s", "tokens", "history", "optimizer", "rng")
 SUMMARY_FILE = "sft_summary.json"
 LAST, FINAL = "last", "final"
 # identity keys a resume may change: how long the run trains and how it is run, not what it learns
@@ -131,7 +133,7 @@ def _first_sentence(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).split('. ')[0].strip()}"
 
 
-def _start_over_hint(out_dir: Path) -> str:
+def start_over_hint(out_dir: Path) -> str:
     return f"this trainer keeps no older checkpoint: to train from scratch, remove {out_dir} or use another out_dir (--out)"
 
 
@@ -147,12 +149,12 @@ def resume_point(out_dir: Path) -> Path | None:
                            "not an SFT run; give train_sft another --out")
         if not (last / STATE_FILE).is_file():
             raise SFTError(
-                f"cannot resume from {last}: it has no {STATE_FILE} (a damaged checkpoint); {_start_over_hint(out_dir)}"
+                f"cannot resume from {last}: it has no {STATE_FILE} (a damaged checkpoint); {start_over_hint(out_dir)}"
             )
         try:
             check_checkpoint(last)
         except FileNotFoundError as err:
-            raise SFTError(f"cannot resume: {err} (a damaged checkpoint); {_start_over_hint(out_dir)}") from err
+            raise SFTError(f"cannot resume: {err} (a damaged checkpoint); {start_over_hint(out_dir)}") from err
         return last
     aside = sorted(out_dir.glob(f".{LAST}.old-*"))  # atomic_directory's previous copy, cut before its rename
     if aside:
@@ -163,7 +165,7 @@ def resume_point(out_dir: Path) -> Path | None:
     for name in (FINAL, SUMMARY_FILE):
         if (out_dir / name).exists():
             raise SFTError(
-                f"{out_dir} holds a run ({out_dir / name}) but no {last} to resume from; {_start_over_hint(out_dir)}"
+                f"{out_dir} holds a run ({out_dir / name}) but no {last} to resume from; {start_over_hint(out_dir)}"
             )
     return None
 
@@ -177,13 +179,17 @@ def load_training_checkpoint(directory: Path) -> tuple[PreTrainedModel, PreTrain
     try:  # a truncated or corrupted file: DamagedCheckpointError (a ValueError) naming it
         state = load_torch_file(path, map_location="cpu", weights_only=False)
     except ValueError as err:
-        raise SFTError(f"cannot resume: {err}; {_start_over_hint(directory.parent)}") from err
+        raise SFTError(f"cannot resume: {err}; {start_over_hint(directory.parent)}") from err
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing or not ("identity" in state or "config" in state):
+        raise SFTError(f"cannot resume: {path} is no trainer state of train_sft (it lacks {', '.join(missing) or 'identity'}); "
+                       f"{start_over_hint(directory.parent)}")
     try:
         model, tokenizer = load_checkpoint(directory)
     except Exception as err:  # safetensors, json, tokenizers: each reader has its own error types
         raise SFTError(
             f"cannot resume: the model in {directory} does not load ({_first_sentence(err)}); "
-            f"{_start_over_hint(directory.parent)}"
+            f"{start_over_hint(directory.parent)}"
         ) from err
     return model, tokenizer, state
 

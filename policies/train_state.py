@@ -35,7 +35,7 @@ import json
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +123,15 @@ def save_joint_checkpoint(directory: Path, reflective: ReflectiveModel, tokenize
 
 
 def load_joint_state(directory: Path) -> JointTrainState:
-    """joint_state.pt of a checkpoint folder; FileNotFoundError / DamagedCheckpointError name the file."""
-    raw = load_torch_file(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    """joint_state.pt of a checkpoint folder; FileNotFoundError / DamagedCheckpointError name the file
+    (also one that loads but holds no JointTrainState: a KeyError before)."""
+    path = Path(directory) / STATE_FILE
+    raw = load_torch_file(path, map_location="cpu", weights_only=False)
+    names = [f.name for f in fields(JointTrainState)]
+    if not isinstance(raw, dict) or sorted(raw) != sorted(names):
+        keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise DamagedCheckpointError(f"{path} holds no training state of experiments.train (found {keys}; "
+                                     f"expected {', '.join(names)})")
     return JointTrainState(**{**raw, "rng": tuple(raw["rng"])})
 
 

@@ -52,6 +52,23 @@ def test_a_full_disk_while_saving_is_one_error_line(tmp_path, monkeypatch, capsy
     assert "rerun the same command to go on" in err[-1]
 
 
+def test_a_state_file_of_another_model_or_of_nothing_is_named(tmp_path, monkeypatch, capsys):
+    # a countdown run's trainer state beside an arith run's weights (the identity is the state's:
+    # a rerun as countdown passed it), then AdamW failed with a size mismatch in a traceback; a
+    # state file holding something else was a KeyError ('config')
+    other, run = tmp_path / "other", tmp_path / "run"
+    assert main("--out", str(other), "--task", "countdown", "--max-steps", "1", "--minutes", "0") == 0
+    assert main("--out", str(run), "--max-steps", "1", "--minutes", "0") == 0
+    state = run / "last" / sft_resume.STATE_FILE
+    state.write_bytes((other / "last" / sft_resume.STATE_FILE).read_bytes())
+    capsys.readouterr()
+    assert main("--out", str(run), "--task", "countdown", "--max-steps", "2", "--minutes", "0") == 2
+    assert f"error: cannot resume: {state} holds the optimizer state of another model (exp_avg of shape" in capsys.readouterr().err
+    torch.save({"x": 1}, state)
+    assert main("--out", str(run), "--task", "countdown", "--max-steps", "2", "--minutes", "0") == 2
+    assert f"error: cannot resume: {state} is no trainer state of train_sft (it lacks step, " in capsys.readouterr().err
+
+
 def state_step(out) -> int:
     return torch.load(out / "last" / sft_resume.STATE_FILE, weights_only=False)["step"]
 

@@ -214,6 +214,35 @@ def test_a_truncated_checkpoint_file_is_named(finished, tmp_path, name):
         load(folder)
 
 
+def test_a_state_file_of_something_else_is_named_and_passed_over(finished, tmp_path):
+    # torch.save({"x": 1}) as joint_state.pt was a KeyError ('rng'), not a damaged file to pass over
+    folder = Path(shutil.copytree(finished / "last", tmp_path / "last"))
+    torch.save({"x": 1}, folder / STATE_FILE)
+    with pytest.raises(DamagedCheckpointError, match=rf"{folder / STATE_FILE} holds no training state of experiments.train "
+                                                     r"\(found \['x'\]; expected step, data_position"):
+        load_joint_state(folder)
+
+
+def test_an_optimizer_state_of_another_model_is_named():
+    # torch's "loaded state dict contains a parameter group that doesn't match" named no file; moments
+    # of other shapes loaded in silence and the first step failed inside AdamW
+    from policies.checkpoint import load_optimizer_state
+
+    def adam(*shapes):
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+        optimizer = torch.optim.AdamW(params)
+        sum(p.sum() for p in params).backward()
+        optimizer.step()
+        return optimizer
+
+    load_optimizer_state(adam((3, 2), (4,)), adam((3, 2), (4,)).state_dict(), Path("s.pt"))  # the same shapes: loads
+    with pytest.raises(DamagedCheckpointError, match=r"s.pt holds the optimizer state of another model \(exp_avg of shape "
+                                                     r"\(5, 2\) for a parameter of shape \(3, 2\)\)"):
+        load_optimizer_state(adam((3, 2), (4,)), adam((5, 2), (4,)).state_dict(), Path("s.pt"))
+    with pytest.raises(DamagedCheckpointError, match=r"s.pt holds the optimizer state of another model \(loaded state dict"):
+        load_optimizer_state(adam((3, 2), (4,)), adam((3, 2)).state_dict(), Path("s.pt"))
+
+
 # -- inputs checked before anything loads -------------------------------------------------------
 
 
