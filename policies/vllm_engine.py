@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import weakref
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from policies.model_folder import check_model_folder
+from policies.sampling import NonFiniteLogitsError
 from policies.step_assembly import Completion, CompletionRequest
 from treesearch.config_checks import is_finite_number
 
@@ -382,7 +384,19 @@ def complete_tokens(
     completions = [Completion((), (), len(r.token_ids), 0) for r in requests]
     for k, output in zip(sent, outputs):
         completions[k] = _completion(output)
+    check_finite_logprobs(completions)
     return completions
+
+
+def check_finite_logprobs(completions: Sequence[Completion]) -> None:
+    """NonFiniteLogitsError, as the transformers backend's sampler raises it, when a sampled
+    token's log-prob is not finite: vLLM draws from NaN logits without a word (a diverged
+    checkpoint gave steps of <pad> with NaN log-probs, an all-wrong sweep)."""
+    bad = sum(not all(math.isfinite(lp) for lp in c.logprobs) for c in completions)
+    if bad:
+        raise NonFiniteLogitsError(
+            f"the policy's logits are not finite (NaN or inf) for {bad} of {len(completions)} vLLM requests: its "
+            "weights diverged or are damaged (a training run with too high a learning rate?)")
 
 
 def _completion(output: Any) -> Completion:

@@ -597,3 +597,34 @@ def test_seeded_sampling_over_more_than_4096_prompt_tokens_does_not_crash(vllm_p
     rows = sampled.propose(problems, 2, seed=0)
     assert len(rows) == 96 and all(len(row) == 2 for row in rows)
     assert sum(len(p.problem.question) for p in problems) * 2 > 4096
+
+
+def test_a_non_finite_log_prob_is_named_as_the_transformers_sampler_names_it():
+    from policies.sampling import NonFiniteLogitsError
+    from policies.step_assembly import Completion
+    from policies.vllm_engine import check_finite_logprobs
+
+    check_finite_logprobs([Completion((5, 2), (-0.1, -2.0), 3, 0), Completion((), (), 3, 0)])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(NonFiniteLogitsError, match=r"not finite \(NaN or inf\) for 1 of 2 vLLM requests"):
+            check_finite_logprobs([Completion((5, 2), (-0.1, bad), 3, 0), Completion((7,), (-1.0,), 3, 0)])
+
+
+@pytest.mark.vllm
+def test_a_policy_whose_logits_are_nan_is_refused_on_vllm_too(tmp_path, vllm_cache):
+    # vLLM drew <pad> steps with NaN log-probs from a diverged checkpoint: an all-wrong sweep
+    # where the transformers backend refused it
+    require_vllm()
+    from policies.sampling import NonFiniteLogitsError
+    from policies.vllm_policy import VLLMPolicy
+
+    nan = save_bigram_checkpoint(tmp_path / "nan", layer_scale=float("nan"))
+    engine = VLLMEngineConfig(str(nan), kv_cache_gib=0.25, cache_root=vllm_cache)
+    policy = VLLMPolicy.from_pretrained(nan, GREEDY, lambda p: p.question, engine=engine)
+    try:
+        with pytest.raises(NonFiniteLogitsError, match="vLLM requests: its weights diverged or are damaged"):
+            policy.propose([Prefix(Problem("p", "<think>1"))], 1, seed=0)
+    finally:
+        policy.close()
+    with pytest.raises(NonFiniteLogitsError, match="the policy's logits are not finite"):
+        TransformersPolicy.from_pretrained(nan, GREEDY, lambda p: p.question).propose([Prefix(Problem("p", "<think>1"))], 1, seed=0)
