@@ -82,6 +82,7 @@ from typing import Any, Callable, Sequence
 import httpx
 from transformers import AutoConfig, AutoTokenizer
 
+from policies.context_window import context_window
 from policies.model_folder import missing_folder_error
 from policies.policy_requests import (
     check_request, check_widths, close_full_paths, encode_contexts, fit_window, is_integer, split_rows, step_budget,
@@ -335,7 +336,7 @@ class OpenAIPolicy:
         self.sampling, self.prompt_fn, self.tokenizer_path = sampling, prompt_fn, directory
         self.num_parameters: int = count_parameters(config)
         self.eos_ids = tuple(checkpoint_eos_ids(directory, self.tokenizer))
-        self.local_window: int | None = getattr(config, "max_position_embeddings", None)
+        self.local_window: int | None = context_window(config, self.tokenizer.model_max_length)
         vocab_size = int(getattr(config, "vocab_size", 0) or 0)
         rule = StepStopRule.from_tokenizer(
             self.tokenizer, max(vocab_size, len(self.tokenizer)), sampling.separator, sampling.think_open,
@@ -419,7 +420,7 @@ class OpenAIPolicy:
         if prefixes:  # the server's window (one GET /v1/models per policy): a too-long prompt fails here
             window = self.client.served_model().max_model_len or self.local_window
             budgets = fit_window(budgets, contexts, prompt_lengths, prefixes, window,
-                                 "max_model_len of the server, else max_position_embeddings of config.json")
+                                 "max_model_len of the server, else the context window of config.json")
         requests = [
             SampleRequest(tuple(contexts[i]), budgets[i], derive_seed(seed, i, j))
             for i in range(len(prefixes)) for j in range(widths[i])

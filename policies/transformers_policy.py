@@ -32,7 +32,8 @@ without the cache up to float rounding (the same KV computed in another order). 
 only valid for the weights that filled it: `policy.prefix_cache.clear()` after changing them.
 
 Context window: a path (prompt + prefix + generated tokens) ends "length" when it reaches the
-model's max_position_embeddings, as vLLM's max_model_len ends it; a prompt longer than that is a
+model's context window (`policies.context_window`: max_position_embeddings, stretched by a
+linear RoPE scaling), as vLLM's max_model_len ends it; a prompt longer than that is a
 ValueError naming the problem (`policies.policy_requests.fit_window`).
 
 Randomness: one `torch.Generator(seed)` per call (any integer seed, taken modulo 2**64), so the
@@ -71,6 +72,7 @@ import torch
 
 from policies.allocator import keep_freed_memory
 from policies.checkpoint import load_checkpoint
+from policies.context_window import context_window
 from policies.decode_loop import FINISH_CODES, ChunkOutput, ChunkRequest, StepHead, decode_request
 from policies.model_lock import model_lock
 from policies.policy_requests import (
@@ -168,8 +170,7 @@ class TransformersPolicy:
         self.num_parameters: int = sum(p.numel() for p in model.parameters())
         self.device = next(model.parameters()).device
         # the longest sequence (prompt + prefix + generated) the model reads; None: no limit known
-        window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        self.context_window: int | None = int(window) if window else None
+        self.context_window: int | None = context_window(getattr(model, "config", None), getattr(tokenizer, "model_max_length", None))
         eos_ids = _eos_ids(model, tokenizer)
         self.rule = StepStopRule.from_tokenizer(
             tokenizer, _logit_width(model, tokenizer), sampling.separator, sampling.think_open,
@@ -301,7 +302,7 @@ class TransformersPolicy:
             contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
         budgets = fit_window(
             [step_budget(self.sampling, prefix, stop_at_boundary) for prefix in prefixes], contexts,
-            prompt_lengths, prefixes, self.context_window, "max_position_embeddings of the model's config",
+            prompt_lengths, prefixes, self.context_window, "the model's context window (max_position_embeddings, x its RoPE scaling factor)",
         )
         samples: list[list[_Sample]] = [[] for _ in prefixes]
         # torch seeds are 64-bit: any integer maps into that range as two's complement, so -1 and

@@ -90,7 +90,8 @@ class VLLMEngineConfig:
         gpu_memory_utilization (on CPU that is that share of ALL memory).
     cache_root: vLLM's cache folder (VLLM_CACHE_ROOT); None: $VLLM_CACHE_ROOT if set, else
         <repo>/outputs/vllm_cache.
-    max_model_len: context window in tokens; None: the model's max_position_embeddings.
+    max_model_len: context window in tokens; None: vLLM's from the model's config
+        (`policies.context_window`: max_position_embeddings x a linear RoPE factor).
     gpu_memory_utilization: share of GPU memory vLLM may take (GPU only, with kv_cache_gib None).
     tensor_parallel_size: GPUs to shard the model over (GPU only).
     max_num_seqs: most sequences per engine step; None: vLLM's default.

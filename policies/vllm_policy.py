@@ -48,7 +48,7 @@ vLLM's sampler from other random streams, so seeded samples differ from Transfor
 (greedy ones are equal up to float rounding); a step whose sample stopped on a non-boundary
 separator took more than one request, and tokens_forwarded counts the real extra work (the
 re-sent context's uncached tail). Both cap a path at the model's context window (here the
-engine's max_model_len): a sample that reaches it ends "length", a prompt longer than it is a
+engine's max_model_len; there the same, `policies.context_window`): a sample that reaches it ends "length", a prompt longer than it is a
 ValueError naming the problem and the window (`policies.policy_requests.fit_window`).
 
 Tests: `.venv/bin/pytest tests/test_vllm_policy.py` (the vLLM ones are marked `vllm`).

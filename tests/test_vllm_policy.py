@@ -628,3 +628,49 @@ def test_a_policy_whose_logits_are_nan_is_refused_on_vllm_too(tmp_path, vllm_cac
         policy.close()
     with pytest.raises(NonFiniteLogitsError, match="the policy's logits are not finite"):
         TransformersPolicy.from_pretrained(nan, GREEDY, lambda p: p.question).propose([Prefix(Problem("p", "<think>1"))], 1, seed=0)
+
+
+@pytest.mark.parametrize("rope, model_type, tokenizer_limit, window", [
+    (None, "llama", None, 512),
+    ({"rope_type": "default", "rope_theta": 1e4}, "llama", None, 512),
+    ({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, "llama", None, 1024),
+    ({"type": "dynamic", "factor": 4.0}, "llama", None, 2048),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}, "qwen2", None, 512),  # scaled already
+    ({"rope_type": "llama3", "factor": 8.0}, "llama", None, 512),
+    ({"full_attention": {"rope_type": "linear", "factor": 2.0}, "sliding_attention": {"rope_type": "default"}}, "x", None, 1024),
+    ({"rope_type": "linear", "factor": 8.0}, "gemma3_text", None, 512),
+    ({"rope_type": "linear", "factor": 2.0}, "llama", 700, 700),  # at most the tokenizer's model_max_length
+    (None, "llama", int(1e30), 512),  # a tokenizer without one: transformers' huge sentinel
+])
+def test_the_context_window_is_vllms(rope, model_type, tokenizer_limit, window):
+    from types import SimpleNamespace
+
+    from policies.context_window import context_window
+
+    config = SimpleNamespace(max_position_embeddings=512, rope_parameters=rope, model_type=model_type)
+    assert context_window(config, tokenizer_limit) == window
+    assert context_window(SimpleNamespace(), 100) is None
+
+
+@pytest.mark.vllm
+def test_both_backends_read_a_linear_rope_scaled_window_alike(tmp_path, vllm_cache):
+    # a linear factor-2 checkpoint of 256 positions: the transformers backend ended paths at 256,
+    # vLLM at 512
+    require_vllm()
+    import json
+
+    from policies.vllm_engine import max_model_len
+    from policies.vllm_policy import VLLMPolicy
+
+    folder = save_bigram_checkpoint(tmp_path / "scaled")
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": config.get("rope_theta", 10000.0)}
+    config.pop("rope_scaling", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    hf = TransformersPolicy.from_pretrained(folder, GREEDY, lambda p: p.question)
+    policy = VLLMPolicy.from_pretrained(folder, GREEDY, lambda p: p.question,
+                                        engine=VLLMEngineConfig(str(folder), kv_cache_gib=0.25, cache_root=vllm_cache))
+    try:
+        assert hf.context_window == max_model_len(policy.llm) == 512
+    finally:
+        policy.close()

@@ -50,6 +50,7 @@ from experiments.services.api_schemas import (
     CLIENT_GONE_STATUS, FieldError, HealthResponse, ScoreRequest, ScoreResponse, install_contract,
 )
 from experiments.services.micro_batcher import BatcherConfig, ClientGone, MicroBatcher
+from policies.context_window import context_window
 from policies.reflective_model import ReflectiveModel
 from scorers.sprm_positions import StepMarkers, score_positions
 from treesearch.aggregation import aggregate
@@ -95,7 +96,7 @@ class TextSPRM:
         pad_id = tokenizer.pad_token_id
         self.pad_id = int(pad_id if pad_id is not None else tokenizer.eos_token_id)
         self.device = next(model.parameters()).device
-        self.max_model_len = int(model.config.max_position_embeddings)
+        self.max_model_len = int(context_window(model.config, tokenizer.model_max_length) or model.config.max_position_embeddings)
 
     def encode(self, text: str) -> list[int]:
         """The token ids forwarded for text (see "Tokenisation")."""
