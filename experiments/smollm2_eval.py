@@ -255,7 +255,8 @@ def _vllm_base(model_dir: str, dtype: str = "float32") -> Any:
     from policies.vllm_policy import VLLMPolicy
 
     path = model_path(model_dir)
-    engine = VLLMEngineConfig(str(path), dtype=dtype, kv_cache_gib=VLLM_KV_CACHE_GIB, max_model_len=2048)
+    # the model's own window (8192 for SmolLM2), as the transformers backend reads it: 2048 cut long paths
+    engine = VLLMEngineConfig(str(path), dtype=dtype, kv_cache_gib=VLLM_KV_CACHE_GIB)
     prompt = ChatPrompt(str(path), f"experiments.tasks.{TASK}", think=False)
     return VLLMPolicy.from_pretrained(path, SamplingConfig(separator=SEPARATOR), prompt, engine)
 

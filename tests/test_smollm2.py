@@ -275,6 +275,12 @@ def test_the_evaluations_vllm_backend_decodes_as_transformers(converted, problem
     }
     assert [s.token_ids for s in paths["vllm"]] == [s.token_ids for s in paths["transformers"]]
     assert [s.finish for s in paths["vllm"]] == [s.finish for s in paths["transformers"]]
+    # one window on both: the engine's max_model_len was 2048, cutting paths the transformers backend wrote on
+    from policies.vllm_engine import max_model_len
+
+    windows = [max_model_len(make_policy(EvalConfig(**cfg, backend="vllm"), 0.0).llm),
+               make_policy(EvalConfig(**cfg, backend="transformers"), 0.0).context_window]
+    assert windows == [8192, 8192]
     with pytest.raises(ValueError, match="backend='tgi'"):
         EvalConfig(backend="tgi")
 
