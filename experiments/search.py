@@ -93,7 +93,7 @@ from policies.devices import resolve_device
 from policies.gc_freeze import freeze_long_lived
 from policies.reflective_model import check_reflective_folder
 from policies.openai_policy import OpenAIServerError
-from policies.vllm_engine import VLLMMissingError
+from policies.vllm_engine import VLLMMissingError, process_environment
 from scorers.prm_loading import check_prm_folder
 from scorers.sprm_scorer import check_batch_size
 from treesearch.concurrent import problem_seed, search_each
@@ -288,6 +288,26 @@ def check_head_scorer(node: DictConfig) -> None:
         raise ValueError("scorer.engine.multiprocessing=true: the SPRM's feature layer is read through a model class "
                          "registered in this process only (policies/vllm_layer_features.py); set it false (and "
                          "policy.engine.multiprocessing=false, which it must match)")
+
+
+VLLM_ENGINE_TARGET = "policies.vllm_engine.VLLMEngineConfig"
+# the engine settings vLLM reads from its process environment (`policies.vllm_engine.process_environment`)
+PROCESS_WIDE_ENGINE_KEYS: dict[str, str] = {"multiprocessing": "VLLM_ENABLE_V1_MULTIPROCESSING", "cache_root": "VLLM_CACHE_ROOT"}
+
+
+def check_engines_agree(cfg: DictConfig) -> None:
+    """A vLLM policy and a vLLM scorer (scorer=vllm_sprm, vllm_prm) must share the settings vLLM
+    reads once per process: a ValueError naming both keys before any engine loads (the scorer's
+    engine refused them after the policy's had loaded: minutes of a GPU preset)."""
+    nodes = {name: OmegaConf.select(cfg, f"{name}.engine", default=None) for name in ("policy", "scorer")}
+    if not all(isinstance(node, DictConfig) and node.get("_target_") == VLLM_ENGINE_TARGET for node in nodes.values()):
+        return
+    wanted = {name: process_environment(node) for name, node in nodes.items()}  # type: ignore[arg-type]
+    for key, variable in PROCESS_WIDE_ENGINE_KEYS.items():
+        if wanted["policy"][variable] != wanted["scorer"][variable]:
+            raise ValueError(
+                f"policy.engine.{key}={nodes['policy'].get(key)!r} and scorer.engine.{key}={nodes['scorer'].get(key)!r}: "
+                f"vLLM reads {variable} once per process, so both engines of a run need the same {key}; set them alike")
 
 
 def check_method_paths(node: Any, where: str = "") -> None:
@@ -722,6 +742,7 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     check_method_paths(cfg)
     check_light_scorer(cfg.scorer)
     check_head_scorer(cfg.scorer)
+    check_engines_agree(cfg)
     check_prm_scorer(cfg.scorer)
     check_step_score_reader(cfg)
     set_num_threads(cfg.get("num_threads"))

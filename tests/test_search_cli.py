@@ -598,6 +598,20 @@ def test_vllm_sprm_in_a_child_process_is_refused_before_anything_loads(tmp_path,
                         f"out_dir={tmp_path / 'run'}", *TINY])
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["policy.engine.multiprocessing=true"], "multiprocessing"),
+    (["scorer.engine.cache_root=/tmp/elsewhere"], "cache_root"),
+])
+def test_a_vllm_policy_and_scorer_of_other_process_settings_are_refused_before_anything_loads(tmp_path, monkeypatch,
+                                                                                              overrides, key):
+    # vLLM reads them once per process: the scorer's engine refused them after the policy's had loaded
+    folder = _reflective_folder(tmp_path)
+    monkeypatch.setattr("experiments.search.build_policy", lambda node: pytest.fail("the policy was loaded"))
+    with pytest.raises(ValueError, match=rf"policy.engine.{key}=.* and scorer.engine.{key}=.*: vLLM reads .* once per process"):
+        run_in_process(["policy=vllm", f"policy.path={folder}", "scorer=vllm_sprm", *overrides,
+                        f"out_dir={tmp_path / 'run'}", *TINY])
+
+
 def test_a_forward_scorer_run_saved_before_its_dtype_setting_resumes(tmp_path):
     # scorer.dtype was added to scorer=sprm_forward: a folder saved without it was refused
     # ("scorer.dtype: <absent> -> 'float32'") with nothing to add that resumes it
