@@ -129,6 +129,13 @@ def test_aime_refuses_an_answer_outside_0_to_999(tmp_path, answer):
     assert (caught.value.line, caught.value.field) == (1, "answer")
 
 
+def test_aime_ids_count_rows_not_lines(tmp_path):
+    # a blank first line made the first problem aime24-1 (and shifted every id after it)
+    path = tmp_path / "rows.jsonl"
+    path.write_text('\n{"prompt": "p", "answer": 5}\n\n{"prompt": "q", "answer": 6}\n')
+    assert [(p.id, p.meta["line"]) for p in aime.load_aime(24, path)] == [("aime24-0", 2), ("aime24-1", 4)]
+
+
 def test_gsm8k_numbers_with_commas_signs_and_decimals_load(tmp_path):
     answers = ["18", "1,000", "1,450,000", "-3", "2.5", "-1,200.75"]
     path = _write_rows(tmp_path / "rows.jsonl", [{"question": "q", "answer": f"x\n#### {a}"} for a in answers])

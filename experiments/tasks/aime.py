@@ -82,13 +82,14 @@ def _canonical_answer(value: Any, where: RowLocation, field: str) -> str:
     return str(int(text))
 
 
-def _jsonl_problem(where: RowLocation, record: dict[str, Any], year: int) -> Problem:
+def _jsonl_problem(where: RowLocation, record: dict[str, Any], year: int, index: int) -> Problem:
+    """The problem of a jsonl row; index: its place among the file's rows (blank lines are no row:
+    the line number shifted every id after a blank line)."""
     prompt = where.require_text(record, "prompt")
     question = prompt[: -len(_PROMPT_SUFFIX)] if prompt.endswith(_PROMPT_SUFFIX) else prompt
     if not question.strip():
         raise where.error("expected a problem before the boxed instruction, got the instruction alone", field="prompt")
     answer = _canonical_answer(where.require(record, "answer", (int, str)), where, "answer")
-    index = where.line - 1
     meta = {"task": "aime", "year": 2000 + year, "index": index, "source": str(where.path), "line": where.line}
     return Problem(id=f"aime{year}-{index}", question=question, answer=answer, meta=meta)
 
@@ -134,7 +135,7 @@ def load_aime(year: Year, path: str | os.PathLike[str] | None = None, parquet: b
     parquet = parquet or (path is not None and str(path).lower().endswith(".parquet"))
     if not parquet:
         rows = read_jsonl(resolve_data_file(path, JSONL_FILES[year]))
-        return [_jsonl_problem(where, record, year) for where, record in rows]
+        return [_jsonl_problem(where, record, year, index) for index, (where, record) in enumerate(rows)]
     if path is None and year not in PARQUET_FILES:
         raise ValueError(f"year={year} with parquet=True: MetaStone ships only AIME 2024 as parquet; "
                          "pass path=... to a parquet file of your own, or use parquet=False")
