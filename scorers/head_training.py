@@ -284,19 +284,36 @@ def batch_fc(head: nn.Sequential, features: torch.Tensor, rows: torch.Tensor, co
     return {"fc/correct_prob": good, "fc/false_prob": bad, "fc/diff_prob": diff}
 
 
+class HeadDivergedError(ValueError):
+    """Head training gave a non-finite loss or weights (lr 1e10 trained a head of NaN weights that
+    was saved and scored every path NaN): the run stops before saving anything."""
+
+    def __init__(self, step: int, lr: float) -> None:
+        super().__init__(f"head training diverged at step {step}: its loss or weights are not finite (NaN or inf); "
+                         f"nothing is saved: lower --lr (now {lr:g})")
+
+
 def train_step(
     head: nn.Sequential, optimizer: torch.optim.Optimizer, features: torch.Tensor, targets: torch.Tensor,
     cfg: HeadTrainConfig, step: int,
 ) -> dict[str, float]:
-    """One update on a batch's positions (features [k, C], targets [k]); the loss's numbers."""
+    """One update on a batch's positions (features [k, C], targets [k]); the loss's numbers.
+    HeadDivergedError when the loss or the updated weights are not finite."""
     head.train()
     logits = head(features).squeeze(-1)  # [k], dropout on
     out = label_loss(logits, targets, cfg, step)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    optimizer.step()
+    try:
+        optimizer.step()
+    except RuntimeError as err:  # AdamW at lr 1e38: "value cannot be converted to type float without overflow"
+        if "overflow" not in str(err):
+            raise
+        raise HeadDivergedError(step + 1, cfg.lr) from err
     head.eval()
+    if not torch.isfinite(out.loss.detach()) or not all(bool(torch.isfinite(p).all()) for p in head.parameters()):
+        raise HeadDivergedError(step + 1, cfg.lr)
     return {
         "loss": float(out.loss.detach()), "grad_norm": float(norm), "spr/kept_fraction": out.kept_fraction,
         "spr/agreement": out.agreement, "loss_mode_bce": float(cfg.loss_mode(step) == "bce"),

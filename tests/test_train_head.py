@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -762,3 +763,13 @@ def test_a_rerun_without_saving_removes_the_earlier_head(tmp_path):
     run_head_training(tmp_path / "c.pt", tmp_path / "t.pt", HeadTrainConfig(steps=1, eval_every=0), own,
                       save=False, progress=False)
     assert (own / "metrics.json").is_file() and not (own / "final").exists()
+
+
+@pytest.mark.parametrize("lr", [1e10, 1e38])
+def test_a_head_whose_training_diverges_stops_with_the_step_named(lr):
+    # lr 1e10 trained a head of NaN weights, saved and scoring every path NaN; 1e38 overflowed in AdamW (a traceback)
+    from scorers.head_training import HeadDivergedError
+
+    cache = synthetic_cache([True, False] * 4, 2, [3] * 8)
+    with pytest.raises(HeadDivergedError, match=rf"head training diverged at step \d: .* lower --lr \(now {re.escape(f'{lr:g}')}\)"):
+        train_head(cache, HeadTrainConfig(lr=lr, steps=5, eval_every=0, grad_clip=0.0), progress=False)
