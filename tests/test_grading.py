@@ -297,7 +297,8 @@ def test_a_number_with_a_unit_after_it_is_the_number_and_votes_with_it(answer):
     assert canonical_answer(answer) == "18" and answers_match(answer, "18")
 
 
-@pytest.mark.parametrize("answer", ["18 \\text{ (or 20)}", "18 \\text{ or more}", "18 a", "5ab", "18 x/y", "18/x"])
+@pytest.mark.parametrize("answer", ["18 \\text{ (or 20)}", "18 \\text{ or more}", "18 a", "5ab", "18 x/y", "18/x",
+                                    "18 xy^2", "18/ab"])  # algebra: a square on a length unit only, a rate's word of 3+ letters
 def test_a_hedge_a_variable_or_a_product_is_no_unit(answer):
     assert not answers_match(answer, "18")
 
@@ -323,6 +324,11 @@ def test_a_number_in_another_base_is_another_answer(predicted, reference, right)
 @pytest.mark.parametrize("text, answer", [
     ("The total is 42.\n\nAnswer:\n42", "42"), ("**Final Answer:**\n42", "42"), ("Answer:   \n\n  **42**.", "42"),
     ("Answer: 18\nthen\nAnswer:\nJanet sells 9 eggs at $2 each", "18"),  # an explanation below is no answer
+    ("**Final Answer:**\n$\\frac{1}{2}$", "$\\frac{1}{2}$"), ("Answer:\n\\boxed{7}", "7"),
+    # a display opener, a bullet, a bracket or a step line below is no value: the earlier answer stands
+    ("makes \\boxed{18} dollars.\n\n**Final Answer:**\n\\[\n18\n\\]", "18"), ("The answer is 18.\n\nAnswer:\n$$\n18\n$$", "18"),
+    ("The answer is 18.\n\nAnswer:\n- 20", "18"), ("#### 18\n\nFinal answer:\n\n(20 dollars)", "18"),
+    ("\\boxed{18}\nAnswer:\nStep 1: 16 - 3 - 4 = 9", "18"),
 ])
 def test_an_answer_on_the_line_after_answer_colon(text, answer):
     assert extract_final_answer(text) == answer
@@ -330,8 +336,12 @@ def test_an_answer_on_the_line_after_answer_colon(text, answer):
 
 @pytest.mark.parametrize("text, letter", [
     ("所以答案是A。\n\n不对，重新检查一下：答案应为B。", "B"), ("初步判断答案是A。但仔细分析后，正确选项是C。", "C"),
-    ("答案：A\n\n再检查一下，应该选B。", "B"), ("The answer is A. Wait, that is wrong; the correct option is B.", "B"),
+    ("The answer is A. Wait, that is wrong; the correct option is B.", "B"),
     ("The answer should be B.", "B"), ("答案是A，不应该选B。", "A"), ("Option A: 5 apples. Option B: 6 apples.", None),
+    # after the final "ANSWER: X" line the prompt asks for, such a phrase is a remark, not a revision
+    ("答案：A\n\n再检查一下，应该选B。", "A"), ("ANSWER: C\n有人认为应该选A，这是错误的。", "C"),
+    ("ANSWER: B\n理论上答案应为A，但题目条件排除了这一点。", "B"), ("ANSWER: D\nNote: one might think the answer should be A. But no.", "D"),
+    ("ANSWER: B\nThe correct option is A: wrong, because ...", "B"),
 ])
 def test_a_revised_choice_is_the_one_stated_last(text, letter):
     # the revision was not read, so the abandoned letter graded

@@ -67,11 +67,13 @@ _ANSWER_RE = re.compile(r"(?im)^[ \t*#>]*(?:final[ \t]+)?answer[ \t*]*[:：][ \t
 # "ANSWER：Ｂ" (a full-width letter): the letter must end the statement (or close a bracket: "B) 2"; or be
 # followed by a colon, "、" or a bracketed remark: "B: 2", "B、2", "B (2)"), so that "Answer: A triangle has ..." is not read as
 # choice A, nor "ANSWER: A, B" as A. A revision counts as a statement: "答案应为B", "正确选项是C",
-# "应该选B" (not "不应该选B"), "the correct option is B", "the answer should be B". Each optional
+# "应该选B" (not "不应该选B"), "the correct option is B", "the answer should be B", except after a
+# final "ANSWER: X" line ("ANSWER: C\n有人认为应该选A，这是错误的。" is C). Each optional
 # part owns the blanks after it (adjacent optional blank runs made a long run of spaces after
 # "answer" take minutes of backtracking).
 _CHOICE_ANSWER_RE = re.compile(
-    r"(?im)(?:answer(?:[ \t]+should[ \t]+be)?|correct[ \t]+(?:option|choice)[ \t]+is|答案(?:应该?[是为])?|正确选项|故选|所以选|(?<!不)应该?选)"
+    r"(?im)(?:(?P<revision>answer[ \t]+should[ \t]+be|correct[ \t]+(?:option|choice)[ \t]+is|答案应该?[是为]|正确选项|"
+    r"(?<!不)应该?选)|answer|答案|故选|所以选)"
     r"[\s*_]*(?:(?:is|为|是|选)[\s*_]*)?(?P<colon>[:：][\s*_$]*)?(?:选[\s*_]*)?"
     r"(?:\\(?:text|textbf|mathrm|mathbf|boxed)\{)?(?:\\[(\[]\s*)?(?:[(（{\[]\s*)?"
     r"(?P<letter>[A-ZＡ-Ｚ])(?:[\s)）}\]*_$]|\\[)\]])*"
@@ -195,20 +197,32 @@ def _strip_emphasis(answer: str) -> str:
 def answer_line(text: str) -> str | None:
     """The rest of the last line that starts with "Answer:" or "Final Answer:" (any case), without
     a final period or markdown bold, or the next non-blank line when that line ends at its colon
-    and the next is no sentence ("Answer:\n42"; `_is_prose`); Minerva's "Final Answer: The final
-    answer is X. I hope it is correct." gives X."""
+    and the next is a value alone ("Answer:\n42", "**Final Answer:**\n$\\frac{1}{2}$";
+    `_is_value_line`); Minerva's "Final Answer: The final answer is X. I hope it is correct." gives X."""
     found = answer_line_at(text) if isinstance(text, str) else None
     return None if found is None else found[1]
 
 
 def answer_line_at(text: str) -> tuple[int, str] | None:
     """(where its line starts, the answer) of `answer_line`, or None."""
-    # "Answer:\nJanet sells 9 eggs at $2 ...": an explanation below, no answer line (an earlier one counts)
-    matches = [m for m in _ANSWER_RE.finditer(text) if m.group(1) is not None or not _is_prose(m.group(2))]
+    # the line below counts when it is a value alone ("$$", "\\[", "- 18", "Step 1: ...", an
+    # explanation are no answer: an earlier box or line stands)
+    matches = [m for m in _ANSWER_RE.finditer(text) if m.group(1) is not None or _is_value_line(m.group(2))]
     if not matches:
         return None
     answer = _minerva_answer(_strip_emphasis(matches[-1].group(1) or matches[-1].group(2)))
     return (matches[-1].start(), answer) if answer else None
+
+
+# a line that is a value alone: inline math, a box, or (checked by parse_number) a plain number
+_VALUE_LINE_RE = re.compile(r"^(?:\$[^$]+\$|\\\(.+\\\)|\\boxed\{.+\})\.?$")
+
+
+def _is_value_line(line: str) -> bool:
+    """Whether the line below an "Answer:" that ends at its colon is its value: inline math, a
+    \\boxed{}, or a plain number (markdown bold around it allowed)."""
+    value = _strip_emphasis(line)
+    return bool(_VALUE_LINE_RE.match(value)) or parse_number(value) is not None
 
 
 def _minerva_answer(answer: str) -> str:
@@ -290,8 +304,11 @@ def extract_choice(text: str, letters: str = CHOICE_LETTERS) -> str | None:
     if not isinstance(text, str):
         return None
     for scope in (_after_think(text), text):
-        stated = [unicodedata.normalize("NFKC", m.group("letter")).upper() for m in _CHOICE_ANSWER_RE.finditer(scope)
-                  if m.group("letter").isupper() or m.group("colon")]  # "ANSWER: b", not "answer is a."
+        found = [m for m in _CHOICE_ANSWER_RE.finditer(scope)
+                 if m.group("letter").isupper() or m.group("colon")]  # "ANSWER: b", not "answer is a."
+        final_line = max((m.start() for m in found if m.group("colon")), default=len(scope))  # "ANSWER: X", "答案：X"
+        stated = [unicodedata.normalize("NFKC", m.group("letter")).upper() for m in found
+                  if not (m.group("revision") and m.start() > final_line)]  # a remark after the final line
         stated = [letter for letter in stated if letter in letters]
         if stated:
             return stated[-1]
@@ -321,9 +338,12 @@ _UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]+)+$")  # " apples", " square feet"
 # variable), "a" / "an" / "per" before one ("$18 a day"), abbreviations ("18 sq. ft."), a square
 # or cube ("18 cm^2", "18 ft²"), a rate ("18 km/h", "$18/day"), a unit in \text{} ("18 \text{ dollars}",
 # words only: "18 \text{ (or 20)}" is a hedge, not a unit)
-_UNIT_WORD = (r"(?:\s+(?:(?:a|an|per)\s+)?[A-Za-z]{2,}\.?|\s*\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z .]*\})"
-              r"(?:\^\{?[23]\}?|[²³])?(?:/[A-Za-z]+\.?)?")
-_BARE_UNIT_WORDS_RE = re.compile(rf"(?:\s*/\s*[A-Za-z]{{2,}}\.?|{_UNIT_WORD})+$")
+# (a square or cube on a length unit only: "2 xy^2" is algebra; "2/ab" too: a rate's word has 3 letters or more)
+_LENGTH_UNITS = r"(?:[ckm]?m|ft|in|yd|mi|inch(?:es)?|f(?:oo|ee)t|(?:centi|milli|kilo)?met(?:er|re)s?|miles?|yards?|units?)"
+_SQUARED = rf"(?:\s+{_LENGTH_UNITS}|\s*\\(?:text|mbox|mathrm)\{{\s*{_LENGTH_UNITS}\s*\}})(?:\^\{{?[23]\}}?|[²³])"
+_UNIT_WORD = (rf"(?:{_SQUARED}|\s+(?:(?:a|an|per)\s+)?[A-Za-z]{{2,}}\.?|\s*\\(?:text|mbox|mathrm)\{{\s*[A-Za-z][A-Za-z .]*\}})"
+              r"(?:/[A-Za-z]+\.?)?")
+_BARE_UNIT_WORDS_RE = re.compile(rf"(?:\s*/\s*[A-Za-z]{{3,}}\.?|{_UNIT_WORD})+$")
 _CURRENCY_SIGNS = ("\\$", "$", "€", "£", "\\euro", "\\pounds")
 # Words after a number that change its value, so never a unit to drop: "2 thousand", "2 pi" (a
 # magnitude or a constant), "18 or more", "at least 18" (a bound) go to math_verify instead. A
