@@ -336,7 +336,7 @@ class OpenAIPolicy:
         self.sampling, self.prompt_fn, self.tokenizer_path = sampling, prompt_fn, directory
         self.num_parameters: int = count_parameters(config)
         self.eos_ids = tuple(checkpoint_eos_ids(directory, self.tokenizer))
-        self.local_window: int | None = context_window(config, self.tokenizer.model_max_length)
+        self.local_window: int | None = context_window(config)
         vocab_size = int(getattr(config, "vocab_size", 0) or 0)
         rule = StepStopRule.from_tokenizer(
             self.tokenizer, max(vocab_size, len(self.tokenizer)), sampling.separator, sampling.think_open,

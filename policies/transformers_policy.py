@@ -170,7 +170,7 @@ class TransformersPolicy:
         self.num_parameters: int = sum(p.numel() for p in model.parameters())
         self.device = next(model.parameters()).device
         # the longest sequence (prompt + prefix + generated) the model reads; None: no limit known
-        self.context_window: int | None = context_window(getattr(model, "config", None), getattr(tokenizer, "model_max_length", None))
+        self.context_window: int | None = context_window(getattr(model, "config", None))
         eos_ids = _eos_ids(model, tokenizer)
         self.rule = StepStopRule.from_tokenizer(
             tokenizer, _logit_width(model, tokenizer), sampling.separator, sampling.think_open,

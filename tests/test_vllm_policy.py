@@ -630,26 +630,26 @@ def test_a_policy_whose_logits_are_nan_is_refused_on_vllm_too(tmp_path, vllm_cac
         TransformersPolicy.from_pretrained(nan, GREEDY, lambda p: p.question).propose([Prefix(Problem("p", "<think>1"))], 1, seed=0)
 
 
-@pytest.mark.parametrize("rope, model_type, tokenizer_limit, window", [
-    (None, "llama", None, 512),
-    ({"rope_type": "default", "rope_theta": 1e4}, "llama", None, 512),
-    ({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, "llama", None, 1024),
-    ({"type": "dynamic", "factor": 4.0}, "llama", None, 2048),
-    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}, "qwen2", None, 512),  # scaled already
-    ({"rope_type": "llama3", "factor": 8.0}, "llama", None, 512),
-    ({"full_attention": {"rope_type": "linear", "factor": 2.0}, "sliding_attention": {"rope_type": "default"}}, "x", None, 1024),
-    ({"rope_type": "linear", "factor": 8.0}, "gemma3_text", None, 512),
-    ({"rope_type": "linear", "factor": 2.0}, "llama", 700, 700),  # at most the tokenizer's model_max_length
-    (None, "llama", int(1e30), 512),  # a tokenizer without one: transformers' huge sentinel
+@pytest.mark.parametrize("rope, model_type, window", [
+    (None, "llama", 512),
+    ({"rope_type": "default", "rope_theta": 1e4}, "llama", 512),
+    ({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, "llama", 1024),
+    ({"type": "dynamic", "factor": 4.0}, "llama", 2048),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}, "qwen2", 512),  # scaled already
+    ({"rope_type": "llama3", "factor": 8.0}, "llama", 512),
+    ({"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}, "phi3", 128),  # vLLM: the original length
+    ({"full_attention": {"rope_type": "linear", "factor": 2.0}, "sliding_attention": {"rope_type": "default"}}, "x", 1024),
+    ({"rope_type": "linear", "factor": 8.0}, "gemma3_text", 512),
 ])
-def test_the_context_window_is_vllms(rope, model_type, tokenizer_limit, window):
+def test_the_context_window_is_vllms(rope, model_type, window):
     from types import SimpleNamespace
 
     from policies.context_window import context_window
 
-    config = SimpleNamespace(max_position_embeddings=512, rope_parameters=rope, model_type=model_type)
-    assert context_window(config, tokenizer_limit) == window
-    assert context_window(SimpleNamespace(), 100) is None
+    config = SimpleNamespace(max_position_embeddings=512, rope_parameters=rope, model_type=model_type,
+                             original_max_position_embeddings=128)
+    assert context_window(config) == window
+    assert context_window(SimpleNamespace()) is None
 
 
 @pytest.mark.vllm

@@ -96,7 +96,7 @@ class TextSPRM:
         pad_id = tokenizer.pad_token_id
         self.pad_id = int(pad_id if pad_id is not None else tokenizer.eos_token_id)
         self.device = next(model.parameters()).device
-        self.max_model_len = int(context_window(model.config, tokenizer.model_max_length) or model.config.max_position_embeddings)
+        self.max_model_len = int(context_window(model.config) or model.config.max_position_embeddings)
 
     def encode(self, text: str) -> list[int]:
         """The token ids forwarded for text (see "Tokenisation")."""

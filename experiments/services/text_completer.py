@@ -135,7 +135,7 @@ class TransformersCompleter:
             raise ValueError(f"max_rows={max_rows!r} must be an integer >= 1")
         self.model, self.tokenizer, self.sampling, self.max_rows = model.eval(), tokenizer, sampling, max_rows
         self.device = next(model.parameters()).device
-        self.max_model_len = context_window(model.config, tokenizer.model_max_length) or int(tokenizer.model_max_length)
+        self.max_model_len = context_window(model.config) or int(tokenizer.model_max_length)
         pad_id = tokenizer.pad_token_id
         self.pad_id = int(pad_id if pad_id is not None else tokenizer.eos_token_id)
         self.eos_ids = _eos_ids(model, tokenizer)
