@@ -309,7 +309,7 @@ def steps_for_epochs(epochs: float, rollouts: int, batch_rollouts: int) -> int:
 def batch_note(batch_rollouts: int, rollouts: int) -> str | None:
     """A one-line note when a step asks for more rollouts than the head trains on (of the train
     cache: `trained_rollout_count`; every step is then a full pass over them), else None."""
-    if batch_rollouts <= rollouts:
+    if batch_rollouts <= rollouts or rollouts == 0:  # none: training names why (`RolloutBatches`)
         return None
     return (f"note: batch_rollouts={batch_rollouts} exceeds the {rollouts} train rollouts the head trains on: "
             f"every step trains on all {rollouts} (full-batch steps)")
@@ -405,7 +405,8 @@ def train_command(argv: Sequence[str] | None = None) -> int:
                           args.batch_rollouts, args.warmup_steps, args.eval_every, seed=args.seed)
     if args.epochs is not None:
         rollouts = trained_rollout_count(load_cache(args.train), cfg)
-        cfg = replace(cfg, steps=steps_for_epochs(args.epochs, rollouts, cfg.batch_rollouts))
+        if rollouts:  # none to train on: training names why ("every rollout ... is a wrong one cut"), not "no rollouts"
+            cfg = replace(cfg, steps=steps_for_epochs(args.epochs, rollouts, cfg.batch_rollouts))
     started = time.perf_counter()
     metrics = run_head_training(args.train, args.test, cfg, args.out, save=not args.no_save)
     task = next(k for k in metrics if k.endswith(".problems")).split(".")[0]

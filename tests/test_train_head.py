@@ -397,6 +397,12 @@ def test_epochs_and_the_batch_note_count_the_rollouts_the_head_trains_on(tmp_pat
     assert "batch_rollouts=6 exceeds the 4 train rollouts the head trains on" in capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 1  # one full pass over the 4, not two
+    cut = dataclasses.replace(cache, finish=("length",) * 8, correct=torch.zeros(8, dtype=torch.bool))
+    save_cache(cut, tmp_path / "cut.pt")  # every rollout cut wrong: "the train cache holds no rollouts" (it held 8)
+    assert main(["--train", str(tmp_path / "cut.pt"), "--test", str(tmp_path / "t.pt"), "--out", str(tmp_path / "cut"),
+                 "--labels", "spr", "--epochs", "1", "--no-save", "--eval-every", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "every rollout of the cache is a wrong one cut at the token limit" in err and "exceeds" not in err
 
 
 def test_a_layer_the_caches_lack_is_a_value_error_naming_the_cache():
