@@ -46,14 +46,25 @@ def load_prm_model(directory: Path, dtype: torch.dtype, causal_lm: bool = True) 
     """The folder's causal LM (causal_lm) or base model (the transformers class of its config,
     never the folder's own code) in dtype, weights in any layout transformers reads (one or
     sharded safetensors or .bin files); DamagedCheckpointError naming the folder when they do not
-    load."""
+    load, FileNotFoundError when the folder lacks weights the model needs (transformers filled
+    them at random: Qwen2.5-Math-PRM, which has no lm_head, read as a reader 'lm' PRM scored
+    noise that changed with the torch seed)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto = AutoModelForCausalLM if causal_lm else AutoModel
     try:
-        return auto.from_pretrained(str(directory), dtype=dtype, local_files_only=True, trust_remote_code=False)
+        model, info = auto.from_pretrained(str(directory), dtype=dtype, local_files_only=True, trust_remote_code=False,
+                                           output_loading_info=True)
     except OSError as error:  # no weights file, or one transformers cannot read
         raise DamagedCheckpointError(f"PRM folder {directory}: its weights do not load: {error}") from error
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        what = "a reader 'lm' PRM is a causal LM with an output layer" if causal_lm else "the PRM's base model"
+        raise FileNotFoundError(
+            f"PRM folder {directory} lacks weights the model needs ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}), which would be random: {what}; is scorer.prm_format the "
+            "folder's? (Qwen2.5-Math-PRM is prm_format=qwen_prm)")
+    return model
 
 
 def check_tokenizer(tokenizer: Any, fmt: PRMFormat, good_id: int | None, bad_id: int | None) -> tuple[int, int]:

@@ -560,3 +560,22 @@ def test_a_sliding_window_prm_scores_shared_starts_and_remembered_parents_as_who
     for scorer in (shared, unshared, alone):  # each kept KV of a path forwarded with no past before it
         for got, expected in zip(scorer.score(CHILDREN), want):
             assert len(got) == len(expected) and got == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_folder_without_the_output_layer_its_format_reads_is_refused(prm_dir, tmp_path):
+    # Qwen2.5-Math-PRM (no lm_head, untied) read as math_shepherd: transformers filled lm_head at
+    # random and the scorer returned noise that changed with the torch seed
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(prm_dir, tmp_path / "no_lm_head"))
+    config = json.loads((folder / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("lm_head")}, folder / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"no_lm_head lacks weights the model needs \(lm_head.weight\), which would "
+                                                r"be random: a reader 'lm' PRM is a causal LM"):
+        LMPRMScorer.from_pretrained(folder, "math_shepherd")
+    LMPRMScorer.from_pretrained(prm_dir, "math_shepherd")  # a whole folder loads
