@@ -82,7 +82,7 @@ from policies.policy_requests import (
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
 from policies.reflective_model import ReflectiveModel
 from policies.sampling_config import SamplingConfig
-from policies.shared_prefix import has_latent_attention
+from policies.shared_prefix import has_latent_attention, supports_shared_prefix
 from policies.step_assembly import RawStep, decode_steps, decode_texts, text_ids
 from policies.step_stops import StepStopRule, split_step_ends
 from scorers.sprm_positions import step_score
@@ -134,8 +134,10 @@ class TransformersPolicy:
         step, not per token).
     shared_prefix: the samples of one context read its KV in place while decoding
         (`policies.shared_prefix`) instead of each holding a copy; None (default) whenever the
-        model supports it, False always copies (the older path, kept for benchmarks and models
-        with sliding-window or soft-capped attention).
+        model supports it and the contexts' sample counts are even, True whenever the model
+        supports it (a ValueError for a model that does not: sliding-window or soft-capped
+        attention decoded as plain full attention, wrong log-probs and samples), False always
+        copies (the older path, kept for benchmarks).
     forked: the samples of one context that drew the same tokens so far share one forward per
         token and fork when they differ (`policies.decode_batch`; same samples, fewer forwards);
         False forwards every sample row on its own (the older path, kept for benchmarks). Hydra:
@@ -162,6 +164,11 @@ class TransformersPolicy:
         keep_freed_memory()  # per-token temporaries reuse heap blocks (policies/allocator.py)
         self.model = model.eval()
         self.step_head = step_head
+        if shared_prefix is True and not supports_shared_prefix(model):
+            raise ValueError(
+                f"shared_prefix=True: this model ({getattr(getattr(model, 'config', None), 'model_type', '?')}) cannot "
+                "decode over a shared prefix (sliding-window, soft-capped or latent attention, or an attention "
+                "implementation other than sdpa / eager): leave shared_prefix unset (None), which uses it where it can")
         self.shared_prefix = shared_prefix  # decode_chunk's: None = whenever the model supports it
         self.forked = forked
         self.tokenizer = tokenizer

@@ -100,3 +100,14 @@ def test_a_column_biased_models_cached_prefix_gives_the_log_probs_of_a_plain_for
     samples = cached.propose([path, Prefix(longer)], 2, seed=1)[0]
     assert cached.prefix_cache.stats().hits >= 1
     assert worst_logprob_gap(model, path, samples) < 1e-4
+
+
+def test_a_shared_prefix_asked_of_a_model_that_cannot_decode_over_one_is_refused():
+    # shared_prefix=True skipped the model check: a sliding-window Qwen2 decoded as plain full
+    # attention (log-probs 0.24 off a full forward, 13 greedy tokens not the argmax), in silence
+    sliding = random_model("Qwen2", **COMMON, sliding_window=8, use_sliding_window=True)
+    sampling = SamplingConfig(temperature=0.0, max_step_tokens=6, max_total_tokens=40)
+    with pytest.raises(ValueError, match=r"shared_prefix=True: this model \(qwen2\) cannot decode over a shared prefix"):
+        TransformersPolicy(sliding, TOK, sampling, lambda problem: problem.question, shared_prefix=True)
+    TransformersPolicy(sliding, TOK, sampling, lambda problem: problem.question)  # None: copies where it must
+    TransformersPolicy(random_model("Qwen2", **COMMON), TOK, sampling, lambda problem: problem.question, shared_prefix=True)
