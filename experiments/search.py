@@ -302,12 +302,27 @@ def check_engines_agree(cfg: DictConfig) -> None:
     nodes = {name: OmegaConf.select(cfg, f"{name}.engine", default=None) for name in ("policy", "scorer")}
     if not all(isinstance(node, DictConfig) and node.get("_target_") == VLLM_ENGINE_TARGET for node in nodes.values()):
         return
+    check_engine_shares(nodes["policy"], nodes["scorer"])
     wanted = {name: process_environment(node) for name, node in nodes.items()}  # type: ignore[arg-type]
     for key, variable in PROCESS_WIDE_ENGINE_KEYS.items():
         if wanted["policy"][variable] != wanted["scorer"][variable]:
             raise ValueError(
                 f"policy.engine.{key}={nodes['policy'].get(key)!r} and scorer.engine.{key}={nodes['scorer'].get(key)!r}: "
                 f"vLLM reads {variable} once per process, so both engines of a run need the same {key}; set them alike")
+
+
+def check_engine_shares(policy: DictConfig, scorer: DictConfig) -> None:
+    """Two vLLM engines that size their KV cache from gpu_memory_utilization (kv_cache_gib null,
+    the GPU presets') share one GPU: their shares must sum to at most 1 (both at the presets' 0.9,
+    the second engine failed to start after the first had loaded: minutes of a 32B model)."""
+    if policy.get("kv_cache_gib") is not None or scorer.get("kv_cache_gib") is not None:
+        return
+    shares = [float(node.get("gpu_memory_utilization", 0.9)) for node in (policy, scorer)]
+    if sum(shares) > 1:
+        raise ValueError(
+            f"policy.engine.gpu_memory_utilization={shares[0]:g} and scorer.engine.gpu_memory_utilization={shares[1]:g} "
+            "sum above 1: the two vLLM engines share the GPU; give them shares that fit, e.g. "
+            "policy.engine.gpu_memory_utilization=0.55 scorer.engine.gpu_memory_utilization=0.3")
 
 
 def check_method_paths(node: Any, where: str = "") -> None:

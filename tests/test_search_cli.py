@@ -612,6 +612,26 @@ def test_a_vllm_policy_and_scorer_of_other_process_settings_are_refused_before_a
                         f"out_dir={tmp_path / 'run'}", *TINY])
 
 
+def test_two_vllm_engines_sized_from_the_gpu_must_fit_on_it_together(tmp_path, monkeypatch):
+    # a GPU preset (kv_cache_gib null) with scorer=vllm_sprm asked 0.9 + 0.9 of the GPU: the scorer's
+    # engine failed to start after the policy's had loaded
+    folder = _reflective_folder(tmp_path)
+    monkeypatch.setattr("experiments.search.build_policy", lambda node: pytest.fail("the policy was loaded"))
+    gpu_sized = ["policy=vllm", f"policy.path={folder}", "scorer=vllm_sprm", "policy.engine.kv_cache_gib=null",
+                 f"out_dir={tmp_path / 'run'}", *TINY]
+    with pytest.raises(ValueError, match=r"policy.engine.gpu_memory_utilization=0.9 and scorer.engine.gpu_memory_utilization=0.9 "
+                                         r"sum above 1: .* e.g. policy.engine.gpu_memory_utilization=0.55"):
+        run_in_process(gpu_sized)
+    from hydra import compose, initialize_config_dir
+
+    from experiments.search import CONFIG_DIR, check_engines_agree
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        split = compose("search", overrides=gpu_sized[:4] + ["policy.engine.gpu_memory_utilization=0.55",
+                                                              "scorer.engine.gpu_memory_utilization=0.3"])
+    check_engines_agree(split)  # shares that fit pass
+
+
 def test_a_forward_scorer_run_saved_before_its_dtype_setting_resumes(tmp_path):
     # scorer.dtype was added to scorer=sprm_forward: a folder saved without it was refused
     # ("scorer.dtype: <absent> -> 'float32'") with nothing to add that resumes it
