@@ -72,7 +72,7 @@ import json
 import logging
 import math
 import os
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -197,6 +197,7 @@ class CompletionsClient:
         limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency)
         self._http = httpx.Client(base_url=config.root, headers=headers, timeout=config.timeout_s, limits=limits)
         self._pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="openai-policy")
+        self._closed = threading.Event()  # set by close(): retries stop, new calls are refused
         self._served: ServedModel | None = None
 
     def served_model(self) -> ServedModel:
@@ -223,14 +224,16 @@ class CompletionsClient:
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """fn over items on the thread pool, in input order (the first failure is raised)."""
+        if self._closed.is_set():  # "cannot schedule new futures after shutdown" before
+            raise RuntimeError("this OpenAI-compatible client was closed (its policy's close()); build a new policy")
         return list(self._pool.map(fn, items))
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """One JSON request, retried on connection errors, timeouts, 5xx and 429."""
         url = f"{self.config.root}{path}"
         for attempt in range(self.config.max_retries + 1):
-            if attempt:
-                time.sleep(self.config.backoff_s * 2 ** (attempt - 1))
+            if attempt and self._closed.wait(self.config.backoff_s * 2 ** (attempt - 1)):
+                raise RuntimeError(f"{method} {url}: the client was closed while it retried")
             try:
                 response = self._http.request(method, path, json=body)
             except httpx.TransportError as error:  # refused, reset, DNS, timeouts
@@ -278,7 +281,11 @@ class CompletionsClient:
         )
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Stop at once (Ctrl-C of a run against a stalled server waited out every in-flight
+        request's retries, minutes at the default timeout): queued calls are cancelled, and the
+        requests in flight end at their read timeout at the latest, without another try."""
+        self._closed.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._http.close()
 
 

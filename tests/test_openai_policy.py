@@ -595,3 +595,33 @@ def test_every_strategy_runs_on_the_served_policy(engines, checkpoint, name):
     assert len(results) == 2
     for result in results:
         assert result.candidates and result.compute.tokens_generated > 0 and result.compute.tokens_forwarded > 0
+
+
+def test_close_stops_the_requests_in_flight_and_refuses_later_calls(scripted, checkpoint):
+    # Ctrl-C / SIGTERM of a run against a stalled server waited out every in-flight request's
+    # retries (~40 s at timeout_s=10); a call after close said "cannot schedule new futures after shutdown"
+    script = Script([(200, EOS_STEP)], delay_s=30)
+    url = scripted(script)
+    policy = OpenAIPolicy(url, None, checkpoint, SAMPLED, lambda p: p.question, timeout_s=2, max_retries=3, backoff_s=0.1)
+    failures: list[BaseException] = []
+
+    def propose() -> None:
+        try:
+            policy.propose([Prefix(Problem("p", "<think>3"))], 2, seed=7)
+        except BaseException as err:  # noqa: BLE001 - what the caller sees
+            failures.append(err)
+
+    caller = threading.Thread(target=propose)
+    caller.start()
+    time.sleep(0.5)
+    start, sent = time.monotonic(), len(script.bodies)
+    policy.close()
+    caller.join(timeout=30)
+    # the requests in flight end at their read timeout (2 s), none is tried again (4 tries x 2 s before)
+    assert not caller.is_alive() and time.monotonic() - start < 3.5 and failures
+    time.sleep(0.3)
+    assert len(script.bodies) == sent
+    with pytest.raises(RuntimeError, match="client was closed .*build a new policy"):
+        policy.propose([Prefix(Problem("p", "<think>3"))], 1, seed=7)
+    with pytest.raises(RuntimeError, match="client was closed"):
+        policy.with_temperature(0.5).propose([Prefix(Problem("p", "<think>3"))], 1, seed=7)
