@@ -39,6 +39,7 @@ Tests: `.venv/bin/python -m pytest tests/test_continuous_engine.py`.
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterator
@@ -113,6 +114,22 @@ class _Cohort:
         self.pending = []
 
 
+_ATTACH_LOCK = threading.Lock()
+# per policy object (not an attribute: a copy of the policy would share it) its decoders
+_ATTACHED: "weakref.WeakKeyDictionary[Any, list[Any]]" = weakref.WeakKeyDictionary()
+
+
+def _attached_stack(policy: Any) -> list[Any]:
+    """The policy's decoders, its own first and then each attached engine's, oldest first: blocks
+    of `ContinuousEngine.attached` on one policy may overlap in any order (threads), and each
+    leaves the latest engine still open decoding (restoring the decoder it found left a policy
+    wired to a closed engine when two blocks ended out of order). An empty stack is dropped."""
+    stack = _ATTACHED.get(policy)
+    if not stack:
+        stack = _ATTACHED[policy] = [policy.chunk_decoder]
+    return stack
+
+
 class ContinuousEngine:
     """One thread that decodes every queued chunk of a model (see the module docstring).
 
@@ -147,14 +164,20 @@ class ContinuousEngine:
                 f"{type(policy).__name__}; call search_each without the engine for other policies"
             )
         engine = cls(policy.model, policy.rule, policy.pad_id, policy.step_head, policy.sampling.batch_size)
-        previous = policy.chunk_decoder
-        policy.chunk_decoder = engine.decode
+        with _ATTACH_LOCK:
+            stack = _attached_stack(policy)
+            stack.append(engine.decode)
+            policy.chunk_decoder = engine.decode
         try:
             with KV_POOL.serving_engine():  # afterwards the extra chunks' buffers go back to the allocator
                 try:
                     yield engine
                 finally:
-                    policy.chunk_decoder = previous
+                    with _ATTACH_LOCK:  # blocks may end in any order (threads): the latest still open decodes
+                        stack.remove(engine.decode)
+                        policy.chunk_decoder = stack[-1]
+                        if len(stack) == 1:  # none attached: the policy's own decoder, no entry kept
+                            del _ATTACHED[policy]
                     engine.close()
         finally:
             release_freed_memory()  # and the engine's threads' arenas to the OS (RSS grew per chunk)

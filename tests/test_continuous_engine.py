@@ -126,6 +126,23 @@ def test_two_engines_attached_at_once_restore_the_pool_when_the_last_one_stops()
     assert (KV_POOL.max_free, KV_POOL.drop_smaller) == settings
 
 
+def test_blocks_on_one_policy_that_end_out_of_order_leave_it_on_a_live_engine():
+    # each block restored the decoder it found: A ends, B's searches went on without B's engine;
+    # B ends and the policy was left on A's closed engine ("the continuous engine is closed")
+    shared = policy(PrefixCacheConfig())
+    own = shared.chunk_decoder
+    first, second = ContinuousEngine.attached(shared), ContinuousEngine.attached(shared)
+    a = first.__enter__()
+    b = second.__enter__()
+    first.__exit__(None, None, None)
+    assert shared.chunk_decoder == b.decode  # the block still open decodes
+    second.__exit__(None, None, None)
+    assert shared.chunk_decoder == own
+    spec = get_strategy("beam_search")
+    assert spec.fn([Problem("p", "1+2=")], shared, ConfidenceScorer(), spec.config(seed=1, n=2, beam_width=1))
+    assert a.decode != b.decode
+
+
 def test_step_head_scores_through_the_engine_equal_alone():
     prefixes = mixed_prefixes()
     alone = [_call(reflective_policy(temperature=1.0), prefixes, spec) for spec in CALLS]

@@ -470,6 +470,21 @@ def test_micro_batcher_stop_fails_running_and_later_requests():
     assert isinstance(late, RuntimeError) and "shutting down" in str(late)
 
 
+def test_micro_batcher_stop_fails_a_request_of_the_batch_being_gathered():
+    # the collector held it in a local list for max_wait_s: stop() failed the queue and the
+    # running batch, and this one waited forever
+    async def main() -> Any:
+        batcher = MicroBatcher(lambda items: items, BatcherConfig(max_batch=4, max_wait_s=5.0))
+        await batcher.start()
+        gathered = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.1)  # taken off the queue; the batch waits for more until 5 s
+        await asyncio.wait_for(batcher.stop(), 2)
+        return (await asyncio.wait_for(asyncio.gather(gathered, return_exceptions=True), 2))[0]
+
+    failed = asyncio.run(main())
+    assert isinstance(failed, RuntimeError) and "shutting down" in str(failed)
+
+
 # -- vLLM backend ---------------------------------------------------------------------------------
 
 @pytest.mark.vllm

@@ -85,6 +85,7 @@ class MicroBatcher(Generic[In, Out]):
         self._carry: deque[_Pending[In, Out]] = deque()  # taken from the queue, did not fit the last batch
         self._task: asyncio.Task[None] | None = None
         self._running: list[_Pending[In, Out]] = []  # the batch run_batch is computing
+        self._forming: list[_Pending[In, Out]] = []  # the batch the collector is gathering
         self._stopped = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="micro-batch")
         self.batches_run = 0  # batches run so far (for /health and tests)
@@ -102,7 +103,7 @@ class MicroBatcher(Generic[In, Out]):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for pending in [*self._running, *self._carry, *self._drain()]:
+        for pending in [*self._running, *self._forming, *self._carry, *self._drain()]:
             _resolve(pending.future, exc=RuntimeError("the service is shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -130,6 +131,7 @@ class MicroBatcher(Generic[In, Out]):
     async def _collect_forever(self) -> None:
         while True:
             batch = await self._next_batch()
+            self._forming = []  # gathered: now the running batch
             await self._run(batch)
 
     async def _next_batch(self) -> list[_Pending[In, Out]]:
@@ -138,7 +140,7 @@ class MicroBatcher(Generic[In, Out]):
         first = None
         while first is None or first.future.done():  # a request whose client left: dropped
             first = self._carry.popleft() if self._carry else await self._queue.get()
-        batch = [first]
+        batch = self._forming = [first]  # stop() fails these too (they waited forever)
         weight = first.weight
         deadline = asyncio.get_running_loop().time() + self.config.max_wait_s
         while len(batch) < self.config.max_batch:
