@@ -312,10 +312,15 @@ def check_engines_agree(cfg: DictConfig) -> None:
 
 
 def check_engine_shares(policy: DictConfig, scorer: DictConfig) -> None:
-    """Two vLLM engines that size their KV cache from gpu_memory_utilization (kv_cache_gib null,
-    the GPU presets') share one GPU: their shares must sum to at most 1 (both at the presets' 0.9,
-    the second engine failed to start after the first had loaded: minutes of a 32B model)."""
-    if policy.get("kv_cache_gib") is not None or scorer.get("kv_cache_gib") is not None:
+    """Two vLLM engines on one GPU (each GPU worker asks for gpu_memory_utilization x the GPU's
+    memory free when it starts, whatever its kv_cache_gib), or two that size their KV cache from
+    it (kv_cache_gib null; vLLM's CPU worker checks that too): their shares must sum to at most 1
+    (both at the presets' 0.9, the second engine failed to start after the first had loaded:
+    minutes of a 32B model)."""
+    import torch  # loaded by the policy anyway; not at import time (`--help`, config checks)
+
+    sized_from_share = policy.get("kv_cache_gib") is None and scorer.get("kv_cache_gib") is None
+    if not (sized_from_share or torch.cuda.is_available()):
         return
     shares = [float(node.get("gpu_memory_utilization", 0.9)) for node in (policy, scorer)]
     if sum(shares) > 1:

@@ -291,6 +291,7 @@ def test_a_box_repeated_in_another_form_is_one_vote():
 @pytest.mark.parametrize("answer", [
     "18 \\text{ dollars}", "18\\text{dollars}", "$18 a day", "18 dollars a day", "$18/day", "18 dollars/day", "18 km/h",
     "18 cm^2", "18 ft²", "€18", "£18", "18 sq. ft.", "\\$18 an hour", "18 \\mbox{ inches}^3",
+    "$18/hr", "18/mo", "18 dm^2", "18 in.^2",
 ])
 def test_a_number_with_a_unit_after_it_is_the_number_and_votes_with_it(answer):
     # "18 \text{ dollars}" was its own maj@N vote beside "18"; "$18 a day", "18 km/h", "€18": graded wrong
@@ -298,7 +299,7 @@ def test_a_number_with_a_unit_after_it_is_the_number_and_votes_with_it(answer):
 
 
 @pytest.mark.parametrize("answer", ["18 \\text{ (or 20)}", "18 \\text{ or more}", "18 a", "5ab", "18 x/y", "18/x",
-                                    "18 xy^2", "18/ab"])  # algebra: a square on a length unit only, a rate's word of 3+ letters
+                                    "18 xy^2", "18/ab"])  # algebra: a square on a length unit only, a rate's word a unit's
 def test_a_hedge_a_variable_or_a_product_is_no_unit(answer):
     assert not answers_match(answer, "18")
 
@@ -327,8 +328,11 @@ def test_a_number_in_another_base_is_another_answer(predicted, reference, right)
     ("**Final Answer:**\n$\\frac{1}{2}$", "$\\frac{1}{2}$"), ("Answer:\n\\boxed{7}", "7"),
     # a display opener, a bullet, a bracket or a step line below is no value: the earlier answer stands
     ("makes \\boxed{18} dollars.\n\n**Final Answer:**\n\\[\n18\n\\]", "18"), ("The answer is 18.\n\nAnswer:\n$$\n18\n$$", "18"),
-    ("The answer is 18.\n\nAnswer:\n- 20", "18"), ("#### 18\n\nFinal answer:\n\n(20 dollars)", "18"),
-    ("\\boxed{18}\nAnswer:\nStep 1: 16 - 3 - 4 = 9", "18"),
+    ("The answer is 18.\n\nAnswer:\n- 20", "18"), ("\\boxed{18}\nAnswer:\nStep 1: 16 - 3 - 4 = 9", "18"),
+    # any other value is one: a tuple, text, a letter, one-line display math (MATH-500's 108 such
+    # answers were None when only numbers, inline math and boxes counted)
+    ("W\n\nAnswer:\n(2, 3)", "(2, 3)"), ("W\n\n**Final Answer:**\n\\text{Evelyn}", "\\text{Evelyn}"),
+    ("W\nAnswer:\nB", "B"), ("W\nAnswer:\n\\begin{pmatrix} -7 \\\\ 16 \\end{pmatrix}", "\\begin{pmatrix} -7 \\\\ 16 \\end{pmatrix}"), ("W\nAnswer:\n\\[\\frac{1}{2}\\]", "\\[\\frac{1}{2}\\]"), ("W\nAnswer:\n-18", "-18"),
 ])
 def test_an_answer_on_the_line_after_answer_colon(text, answer):
     assert extract_final_answer(text) == answer
@@ -338,8 +342,9 @@ def test_an_answer_on_the_line_after_answer_colon(text, answer):
     ("所以答案是A。\n\n不对，重新检查一下：答案应为B。", "B"), ("初步判断答案是A。但仔细分析后，正确选项是C。", "C"),
     ("The answer is A. Wait, that is wrong; the correct option is B.", "B"),
     ("The answer should be B.", "B"), ("答案是A，不应该选B。", "A"), ("Option A: 5 apples. Option B: 6 apples.", None),
-    # after the final "ANSWER: X" line the prompt asks for, such a phrase is a remark, not a revision
-    ("答案：A\n\n再检查一下，应该选B。", "A"), ("ANSWER: C\n有人认为应该选A，这是错误的。", "C"),
+    ("答案：A\n\n再检查一下，应该选B。", "B"), ("答案：A。但仔细分析后，正确选项是C。", "C"),
+    # after the line the prompt asks for, "ANSWER: X", such a phrase is a remark, not a revision
+    ("ANSWER: C\n有人认为应该选A，这是错误的。", "C"),
     ("ANSWER: B\n理论上答案应为A，但题目条件排除了这一点。", "B"), ("ANSWER: D\nNote: one might think the answer should be A. But no.", "D"),
     ("ANSWER: B\nThe correct option is A: wrong, because ...", "B"),
 ])

@@ -630,6 +630,13 @@ def test_two_vllm_engines_sized_from_the_gpu_must_fit_on_it_together(tmp_path, m
         split = compose("search", overrides=gpu_sized[:4] + ["policy.engine.gpu_memory_utilization=0.55",
                                                               "scorer.engine.gpu_memory_utilization=0.3"])
     check_engines_agree(split)  # shares that fit pass
+    # on a GPU every vLLM worker asks for its share free at start, whatever its kv_cache_gib
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        kv_set = compose("search", overrides=gpu_sized[:3])  # policy=vllm's kv_cache_gib 1.0, the scorer's too
+    check_engines_agree(kv_set)  # on this CPU: sized in bytes, no share asked
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(ValueError, match="sum above 1"):
+        check_engines_agree(kv_set)
 
 
 def test_a_forward_scorer_run_saved_before_its_dtype_setting_resumes(tmp_path):

@@ -67,8 +67,9 @@ _ANSWER_RE = re.compile(r"(?im)^[ \t*#>]*(?:final[ \t]+)?answer[ \t*]*[:：][ \t
 # "ANSWER：Ｂ" (a full-width letter): the letter must end the statement (or close a bracket: "B) 2"; or be
 # followed by a colon, "、" or a bracketed remark: "B: 2", "B、2", "B (2)"), so that "Answer: A triangle has ..." is not read as
 # choice A, nor "ANSWER: A, B" as A. A revision counts as a statement: "答案应为B", "正确选项是C",
-# "应该选B" (not "不应该选B"), "the correct option is B", "the answer should be B", except after a
-# final "ANSWER: X" line ("ANSWER: C\n有人认为应该选A，这是错误的。" is C). Each optional
+# "应该选B" (not "不应该选B"), "the correct option is B", "the answer should be B", except after
+# the line the prompt asks for, "ANSWER: X", which is final ("ANSWER: C\n有人认为应该选A，这是错误的。" is C;
+# "答案：A\n不对……答案应为B" is B). Each optional
 # part owns the blanks after it (adjacent optional blank runs made a long run of spaces after
 # "answer" take minutes of backtracking).
 _CHOICE_ANSWER_RE = re.compile(
@@ -197,15 +198,15 @@ def _strip_emphasis(answer: str) -> str:
 def answer_line(text: str) -> str | None:
     """The rest of the last line that starts with "Answer:" or "Final Answer:" (any case), without
     a final period or markdown bold, or the next non-blank line when that line ends at its colon
-    and the next is a value alone ("Answer:\n42", "**Final Answer:**\n$\\frac{1}{2}$";
-    `_is_value_line`); Minerva's "Final Answer: The final answer is X. I hope it is correct." gives X."""
+    and the next is a value ("Answer:\n42", "**Final Answer:**\n(2, 3)"; not "$$", "- 18",
+    "Step 1: ..." or a sentence: `_is_value_line`); Minerva's "Final Answer: The final answer is X. I hope it is correct." gives X."""
     found = answer_line_at(text) if isinstance(text, str) else None
     return None if found is None else found[1]
 
 
 def answer_line_at(text: str) -> tuple[int, str] | None:
     """(where its line starts, the answer) of `answer_line`, or None."""
-    # the line below counts when it is a value alone ("$$", "\\[", "- 18", "Step 1: ...", an
+    # the line below counts when it is a value ("$$", "\\[", "- 18", "Step 1: ...", an
     # explanation are no answer: an earlier box or line stands)
     matches = [m for m in _ANSWER_RE.finditer(text) if m.group(1) is not None or _is_value_line(m.group(2))]
     if not matches:
@@ -214,15 +215,17 @@ def answer_line_at(text: str) -> tuple[int, str] | None:
     return (matches[-1].start(), answer) if answer else None
 
 
-# a line that is a value alone: inline math, a box, or (checked by parse_number) a plain number
-_VALUE_LINE_RE = re.compile(r"^(?:\$[^$]+\$|\\\(.+\\\)|\\boxed\{.+\})\.?$")
+# what starts a line that is no value: a display-math opener alone ("$$", "\\["), an environment
+# that does not end on the line, a bullet, a rule, a heading, a numbered step
+_NOT_A_VALUE_RE = re.compile(r"(?i)^(?:(?:\$\$|\\\[)\s*$|\\begin\{(?!.*\\end\{)|[-*+•][ \t]|-{3,}|#|step[ \t]*\d)")
 
 
 def _is_value_line(line: str) -> bool:
-    """Whether the line below an "Answer:" that ends at its colon is its value: inline math, a
-    \\boxed{}, or a plain number (markdown bold around it allowed)."""
-    value = _strip_emphasis(line)
-    return bool(_VALUE_LINE_RE.match(value)) or parse_number(value) is not None
+    """Whether the line below an "Answer:" that ends at its colon is its value: anything but a
+    display-math opener, an environment, a bullet, a rule, a heading, a numbered step or a sentence
+    (`_is_prose`); "(2, 3)", "\\text{Evelyn}", "3\\sqrt{13}", "B" and one-line display math are."""
+    value = line.strip()
+    return bool(value) and not _NOT_A_VALUE_RE.match(value) and not _is_prose(_strip_emphasis(value))
 
 
 def _minerva_answer(answer: str) -> str:
@@ -306,7 +309,8 @@ def extract_choice(text: str, letters: str = CHOICE_LETTERS) -> str | None:
     for scope in (_after_think(text), text):
         found = [m for m in _CHOICE_ANSWER_RE.finditer(scope)
                  if m.group("letter").isupper() or m.group("colon")]  # "ANSWER: b", not "answer is a."
-        final_line = max((m.start() for m in found if m.group("colon")), default=len(scope))  # "ANSWER: X", "答案：X"
+        final_line = max((m.start() for m in found if m.group("colon") and m.group().lower().startswith("answer")),
+                         default=len(scope))  # the requested "ANSWER: X" line
         stated = [unicodedata.normalize("NFKC", m.group("letter")).upper() for m in found
                   if not (m.group("revision") and m.start() > final_line)]  # a remark after the final line
         stated = [letter for letter in stated if letter in letters]
@@ -338,12 +342,14 @@ _UNIT_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]+)+$")  # " apples", " square feet"
 # variable), "a" / "an" / "per" before one ("$18 a day"), abbreviations ("18 sq. ft."), a square
 # or cube ("18 cm^2", "18 ft²"), a rate ("18 km/h", "$18/day"), a unit in \text{} ("18 \text{ dollars}",
 # words only: "18 \text{ (or 20)}" is a hedge, not a unit)
-# (a square or cube on a length unit only: "2 xy^2" is algebra; "2/ab" too: a rate's word has 3 letters or more)
-_LENGTH_UNITS = r"(?:[ckm]?m|ft|in|yd|mi|inch(?:es)?|f(?:oo|ee)t|(?:centi|milli|kilo)?met(?:er|re)s?|miles?|yards?|units?)"
+# (a square or cube on a length unit only: "2 xy^2" is algebra; "2/ab" too: a rate's word has 3 letters
+# or more, or is a unit's abbreviation: "$18/hr", "18/mo")
+_LENGTH_UNITS = r"(?:[cdkm]?m|ft|in|yd|mi|inch(?:es)?|f(?:oo|ee)t|(?:centi|milli|kilo)?met(?:er|re)s?|miles?|yards?|units?)\.?"
+_RATE_WORD = r"(?:[A-Za-z]{3,}|hr|mo|yr|wk|kg|lb|oz|ft|km|mi|cm|mm|ml|[hsgml])\.?"
 _SQUARED = rf"(?:\s+{_LENGTH_UNITS}|\s*\\(?:text|mbox|mathrm)\{{\s*{_LENGTH_UNITS}\s*\}})(?:\^\{{?[23]\}}?|[²³])"
 _UNIT_WORD = (rf"(?:{_SQUARED}|\s+(?:(?:a|an|per)\s+)?[A-Za-z]{{2,}}\.?|\s*\\(?:text|mbox|mathrm)\{{\s*[A-Za-z][A-Za-z .]*\}})"
               r"(?:/[A-Za-z]+\.?)?")
-_BARE_UNIT_WORDS_RE = re.compile(rf"(?:\s*/\s*[A-Za-z]{{3,}}\.?|{_UNIT_WORD})+$")
+_BARE_UNIT_WORDS_RE = re.compile(rf"(?:\s*/\s*{_RATE_WORD}|{_UNIT_WORD})+$")
 _CURRENCY_SIGNS = ("\\$", "$", "€", "£", "\\euro", "\\pounds")
 # Words after a number that change its value, so never a unit to drop: "2 thousand", "2 pi" (a
 # magnitude or a constant), "18 or more", "at least 18" (a bound) go to math_verify instead. A
