@@ -291,7 +291,7 @@ def test_a_box_repeated_in_another_form_is_one_vote():
 @pytest.mark.parametrize("answer", [
     "18 \\text{ dollars}", "18\\text{dollars}", "$18 a day", "18 dollars a day", "$18/day", "18 dollars/day", "18 km/h",
     "18 cm^2", "18 ft²", "€18", "£18", "18 sq. ft.", "\\$18 an hour", "18 \\mbox{ inches}^3",
-    "$18/hr", "18/mo", "18 dm^2", "18 in.^2",
+    "$18/hr", "18/mo", "18 dm^2", "18 in.^2", "1.8e1", "1.8E+1",
 ])
 def test_a_number_with_a_unit_after_it_is_the_number_and_votes_with_it(answer):
     # "18 \text{ dollars}" was its own maj@N vote beside "18"; "$18 a day", "18 km/h", "€18": graded wrong

@@ -329,7 +329,7 @@ def extract_choice(text: str, letters: str = CHOICE_LETTERS) -> str | None:
 # Equivalence: fast path
 
 _GROUPED_INT_RE = re.compile(r"^[-+]?[1-9]\d{0,2}(?:[, ]\d{3})+(?:\.\d+)?$")  # "1,000", "1\,000" (-> "1 000"); not "0,125"
-_DECIMAL_RE = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)$")
+_DECIMAL_RE = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d{1,3})?$")  # "1e3" too (an exponent of 3 digits at most)
 _FRACTION_RE = re.compile(r"^[-+]?\d+\s*/\s*\d+$")
 _LATEX_FRACTION_RE = re.compile(r"^([-+]?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
 # One pass over the spacing commands: \left( -> (, not \rightarrow; \! and the blanks after it go
