@@ -297,8 +297,9 @@ PROCESS_WIDE_ENGINE_KEYS: dict[str, str] = {"multiprocessing": "VLLM_ENABLE_V1_M
 
 def check_engines_agree(cfg: DictConfig) -> None:
     """A vLLM policy and a vLLM scorer (scorer=vllm_sprm, vllm_prm) must share the settings vLLM
-    reads once per process: a ValueError naming both keys before any engine loads (the scorer's
-    engine refused them after the policy's had loaded: minutes of a GPU preset)."""
+    reads once per process, and fit on one GPU together (`check_engine_shares`): a ValueError
+    naming both keys before any engine loads (the scorer's engine refused them after the policy's
+    had loaded: minutes of a GPU preset)."""
     nodes = {name: OmegaConf.select(cfg, f"{name}.engine", default=None) for name in ("policy", "scorer")}
     if not all(isinstance(node, DictConfig) and node.get("_target_") == VLLM_ENGINE_TARGET for node in nodes.values()):
         return
