@@ -27,7 +27,7 @@ def merge_key(request: ChunkRequest) -> Hashable:
     settings, KV return (and its filter), prefix sharing and forked decoding (their rows differ only in context and
     budget)."""
     return (request.stop_at_boundary, request.temperature, request.top_p, request.keep_kv, request.kv_wanted,
-            request.shared_prefix, request.past is None, request.forked)
+            request.shared_prefix, request.past is None, request.forked, request.repetition_penalty)
 
 
 def merge_requests(requests: Sequence[ChunkRequest]) -> ChunkRequest:
@@ -48,5 +48,5 @@ def merge_requests(requests: Sequence[ChunkRequest]) -> ChunkRequest:
         contexts, row_context, budgets, first.stop_at_boundary, first.temperature, first.top_p, None,
         past=None if first.past is None else past, keep_kv=first.keep_kv, shared_prefix=first.shared_prefix,
         split_generators=tuple((r.generator, len(r.row_context)) for r in requests), kv_wanted=first.kv_wanted,
-        forked=first.forked,
+        forked=first.forked, repetition_penalty=first.repetition_penalty,
     )

@@ -239,6 +239,7 @@ def decode_chunk(
     step_head: StepHead | None = None,
     shared_prefix: bool | None = None,
     forked: bool = True,
+    repetition_penalty: float = 1.0,
 ) -> ChunkOutput:
     """Sample one sequence per row: row r continues contexts[row_context[r]] for at most
     budgets[r] tokens, stopping early at EOS or (when stop_at_boundary) at a step boundary.
@@ -248,9 +249,9 @@ def decode_chunk(
     prefill KV (`policies.shared_prefix`) instead of each holding a copy (None: whenever the
     model supports it and the contexts have about as many rows each, `worth_sharing`); forked: the
     rows of a context share one forward per token until their tokens differ
-    (`policies.decode_batch`)."""
+    (`policies.decode_batch`); repetition_penalty: `SamplingConfig.repetition_penalty`."""
     request = ChunkRequest(contexts, row_context, budgets, stop_at_boundary, temperature, top_p, generator,
-                           past, keep_kv, shared_prefix, forked=forked)
+                           past, keep_kv, shared_prefix, forked=forked, repetition_penalty=repetition_penalty)
     return decode_request(model, request, rule, pad_id, step_head)
 
 
@@ -286,6 +287,8 @@ class ChunkRequest:
         32 problems, N = 32: 3190 rows ended on a separator, 253 keys were new to the cache).
     forked: the rows of a context share one forward until their tokens differ
         (`policies.decode_batch`); False: every row is forwarded on its own from the start.
+    repetition_penalty: `SamplingConfig.repetition_penalty` (1: none), over each row's context
+        and the tokens it drew.
     """
 
     contexts: Sequence[Sequence[int]]
@@ -301,6 +304,28 @@ class ChunkRequest:
     split_generators: tuple[tuple[torch.Generator | None, int], ...] = ()
     kv_wanted: Callable[[tuple[int, ...]], bool] | None = None
     forked: bool = True
+    repetition_penalty: float = 1.0
+
+
+def _context_tokens(request: ChunkRequest, vocab: int, device: torch.device) -> torch.Tensor:
+    """[R, V] bool: the tokens of each row's context."""
+    per_context = torch.zeros((len(request.contexts), vocab), dtype=torch.bool, device=device)  # [U, V]
+    for u, ids in enumerate(request.contexts):
+        per_context[u, torch.tensor([i for i in ids if i < vocab], dtype=torch.long, device=device)] = True
+    return per_context[torch.tensor(list(request.row_context), dtype=torch.long, device=device)]
+
+
+def penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits [B, V] with the repetition penalty on the tokens seen [B, V] holds (vLLM's and
+    transformers' rule: a positive logit divided by it, a negative one multiplied)."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, row_slot: torch.Tensor | None) -> torch.Tensor:
+    """[A] float32: log_softmax of the unpenalised logits [B, V] at each drawn token (row a read
+    the logits of slot row_slot[a], or of row a)."""
+    slots = row_slot if row_slot is not None else torch.arange(len(tokens), device=tokens.device)
+    return torch.log_softmax(logits.float(), dim=-1)[slots, tokens]
 
 
 class ChunkRun:
@@ -346,6 +371,8 @@ class ChunkRun:
         self.t = 0  # index of the token the next `sample` draws
         self._context_keys: list[tuple[int, ...]] | None = None  # each context's ids, made when first needed
         self.tokens: torch.Tensor | None = None  # [B] the live rows' last sampled tokens, to feed
+        # [R, V] the tokens each row's sequence holds so far (the repetition penalty's), or None without one
+        self.seen = _context_tokens(request, int(self.logits.shape[-1]), device) if request.repetition_penalty != 1 else None
 
     @property
     def shares_prefix(self) -> bool:
@@ -359,10 +386,14 @@ class ChunkRun:
         (then `feed` its slots' tokens next); every row ends by its budget at the latest."""
         request, batch, t = self.request, self.batch, self.t
         row_slot = batch.row_slot  # [A] the slot whose logits and features each live row reads, or None
+        logits = self.logits if self.seen is None else penalised(self.logits, self.seen[batch.rows], request.repetition_penalty)
         tokens, token_logprobs = sample_next_tokens(
-            self.logits, request.temperature, request.top_p, self._draws(), draw_slots=batch.draw_slots,
+            logits, request.temperature, request.top_p, self._draws(), draw_slots=batch.draw_slots,
             row_slot=row_slot,
         )  # [A], [A]
+        if self.seen is not None:  # log-probs without the penalty (vLLM's raw ones); the drawn tokens are seen
+            token_logprobs = raw_logprobs(self.logits, tokens, row_slot)
+            self.seen[batch.live, tokens] = True
         batch.fork(tokens, int(self.logits.shape[-1]))
         slot_tokens = batch.slot_tokens(tokens)  # [B]
         slot_boundary, batch.state = self.rule.advance(slot_tokens, batch.state)  # [B]

@@ -457,7 +457,7 @@ class OpenAIPolicy:
             model=model, prompt=list(request.token_ids), max_tokens=room, n=1, temperature=temperature,
             top_p=top_p, logprobs=0, stop_token_ids=list(request.stop_token_ids),
             include_stop_str_in_output=True, skip_special_tokens=False, return_token_ids=True,
-            return_tokens_as_token_ids=True, **NEUTRAL_SAMPLING,
+            return_tokens_as_token_ids=True, **{**NEUTRAL_SAMPLING, "repetition_penalty": self.sampling.repetition_penalty},
         )
         if temperature != 0:
             body["seed"] = request.seed

@@ -33,6 +33,10 @@ class SamplingConfig:
     separator: the text that ends a reasoning step (a token whose decoded text ends with it).
     think_open, think_close: the thinking-section markers; when the tokenizer has both as single
         tokens, separators end steps only inside the section.
+    repetition_penalty: vLLM's and transformers' penalty on every token already in the sequence
+        (prompt and generated): such a token's logit is divided by it when positive, multiplied
+        when negative, before sampling (or greedy); 1 is none (the reference's evaluation: 1.05).
+        Token log-probs are reported without it (vLLM's raw log-probs).
     """
 
     temperature: float = 1.0
@@ -43,9 +47,10 @@ class SamplingConfig:
     separator: str = ".\n\n"
     think_open: str = "<think>"
     think_close: str = "</think>"
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be a number")
@@ -53,6 +58,8 @@ class SamplingConfig:
             raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be a finite number > 0 (1: none)")
         for name in ("max_step_tokens", "max_total_tokens", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

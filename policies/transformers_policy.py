@@ -346,6 +346,7 @@ class TransformersPolicy:
                 past=past if self.prefix_cache is not None else None,
                 keep_kv=self.prefix_cache is not None and stop_at_boundary,
                 shared_prefix=self.shared_prefix, kv_wanted=self._kv_is_new, forked=self.forked,
+                repetition_penalty=self.sampling.repetition_penalty,
             ))
             cached = dict(zip(row_context, out.cached))  # per context (a sliding window may cut its past: `gap_free_past`)
             prefill_sizes = [len(contexts[i]) - cached[u] for u, i in enumerate(members)]

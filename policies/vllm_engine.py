@@ -356,7 +356,7 @@ def max_model_len(llm: Any) -> int:
 
 
 def complete_tokens(
-    llm: Any, requests: Sequence[CompletionRequest], temperature: float, top_p: float
+    llm: Any, requests: Sequence[CompletionRequest], temperature: float, top_p: float, repetition_penalty: float = 1.0
 ) -> list[Completion]:
     """One `LLM.generate` over all requests (a `policies.step_assembly.CompleteFn` once the
     sampling settings are bound). Each request is one sequence (n=1) with its own seed, so
@@ -372,7 +372,7 @@ def complete_tokens(
     prompts = [TokensPrompt(prompt_token_ids=list(requests[k].token_ids)) for k in sent]
     params = [
         SamplingParams(
-            n=1, temperature=temperature, top_p=top_p, max_tokens=room[k],
+            n=1, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty, max_tokens=room[k],
             seed=None if temperature == 0 else requests[k].seed,
             stop_token_ids=list(requests[k].stop_token_ids) or None,
             logprobs=0, detokenize=False, skip_special_tokens=False,

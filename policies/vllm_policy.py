@@ -257,7 +257,8 @@ class VLLMPolicy:
         return close_full_paths(rows, prefixes, self.sampling, contexts, window) if stop_at_step else rows
 
     def _complete_fn(self) -> CompleteFn:
-        return partial(complete_tokens, self.llm, temperature=self.sampling.temperature, top_p=self.sampling.top_p)
+        return partial(complete_tokens, self.llm, temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+                       repetition_penalty=self.sampling.repetition_penalty)
 
 
 

@@ -173,6 +173,9 @@ def test_request_body_and_parsing(scripted, checkpoint):
     assert body["return_token_ids"] and body["return_tokens_as_token_ids"] and body["skip_special_tokens"] is False
     assert body["top_k"] == 0 and body["repetition_penalty"] == 1.0  # not the server's generation_config
     assert isinstance(policy, Policy) and policy.num_parameters > 0
+    script.bodies.clear()  # the sampling's own penalty (the reference's 1.05) goes with the request
+    one_step(scripted(script), checkpoint, SamplingConfig(temperature=1.0, max_step_tokens=8, repetition_penalty=1.05))
+    assert script.bodies[0]["repetition_penalty"] == 1.05
 
 
 def test_greedy_sends_no_seed_and_the_window_clamps_max_tokens(scripted, checkpoint):

@@ -17,6 +17,7 @@ from policies.checkpoint import save_checkpoint
 from policies.sampling import draw_tokens, top_p_filter
 from policies.sampling_config import SamplingConfig
 from policies.step_stops import split_step_ends
+from policies.prefix_cache import PrefixCacheConfig
 from policies.transformers_policy import TransformersPolicy, merge_identical, plan_chunks
 from treesearch.protocols import Policy, TemperaturePolicy, WidthPolicy
 from treesearch.records import Prefix, Problem, Step
@@ -661,3 +662,33 @@ def test_an_encoder_model_folder_is_named_as_no_policy(tmp_path):
     with pytest.raises(ValueError, match=r"\(BertLMHeadModel, model_type 'bert'\) returned no KV cache: a policy must be a "
                                          r"causal \(decoder-only\) language model"):
         policy.propose([Prefix(Problem("a", "1"))], n=2, seed=0)
+
+
+@pytest.mark.parametrize("forked, prefix_cache", [(True, None), (False, None), (True, PrefixCacheConfig())])
+def test_a_repetition_penalty_decodes_as_a_manual_loop_with_it_and_reports_raw_logprobs(forked, prefix_cache):
+    # the reference's evaluation samples with repetition_penalty 1.05 (vLLM's rule: a seen token's
+    # logit / p when positive, x p when negative, over prompt and generated tokens)
+    model, prefixes, penalty = make_model(len(TOK)), mixed_prefixes(), 3.0
+    sampling = SamplingConfig(temperature=0.0, max_total_tokens=12, repetition_penalty=penalty)
+    p = TransformersPolicy(model, TOK, sampling, lambda problem: problem.question, prefix_cache=prefix_cache, forked=forked)
+    steps = p.propose(prefixes, 2, seed=0, stop_at_step=False)
+    plain = policy(model, temperature=0.0, max_total_tokens=12).propose(prefixes, 1, seed=0, stop_at_step=False)
+    assert any(row[0].token_ids != base[0].token_ids for row, base in zip(steps, plain))  # the penalty tells
+    for prefix, row in zip(prefixes, steps):
+        seq = context_of(prefix)
+        generated: list[int] = []
+        raw: list[float] = []
+        while len(generated) < 12 - sum(s.num_tokens for s in prefix.steps):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([seq + generated])).logits[0, -1]
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            seen[torch.tensor(seq + generated)] = True
+            token = int(torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits).argmax())
+            raw.append(float(torch.log_softmax(logits, -1)[token]))
+            generated.append(token)
+            if token == ID["<eos>"]:
+                break
+        assert row[0].token_ids == tuple(generated) and row[1].token_ids == tuple(generated)
+        assert row[0].token_logprobs == pytest.approx(raw, abs=1e-4)
+    with pytest.raises(ValueError, match=r"repetition_penalty=0 must be a finite number > 0"):
+        SamplingConfig(repetition_penalty=0)

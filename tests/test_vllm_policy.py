@@ -674,3 +674,16 @@ def test_both_backends_read_a_linear_rope_scaled_window_alike(tmp_path, vllm_cac
         assert hf.context_window == max_model_len(policy.llm) == 512
     finally:
         policy.close()
+
+
+@pytest.mark.vllm
+def test_a_repetition_penalty_decodes_alike_on_both_backends(vllm_policy, checkpoint):
+    # the reference's vLLM evaluation samples with repetition_penalty 1.05; the transformers
+    # backend applies vLLM's rule over the same tokens (prompt, prefix and generated)
+    sampling = replace(GREEDY, repetition_penalty=3.0)
+    got = vllm_policy.with_sampling(sampling).rollout(prefixes(), 1, seed=0)
+    expected = TransformersPolicy.from_pretrained(checkpoint, sampling, lambda p: p.question).rollout(prefixes(), 1, seed=0)
+    for got_row, expected_row in zip(got, expected):
+        assert_same_steps(got_row[0], expected_row[0])
+    plain = vllm_policy.rollout(prefixes(), 1, seed=0)
+    assert drawn(got) != drawn(plain)  # the penalty tells
