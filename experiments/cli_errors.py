@@ -22,7 +22,6 @@ Tests: the CLI tests of each command (e.g. `.venv/bin/python -m pytest tests/tes
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import sys
@@ -30,6 +29,7 @@ import threading
 import traceback
 from typing import Callable, Iterator, Sequence
 
+from policies.disk_full import STORAGE_ERRNOS
 from policies.step_boundary import Terminated  # noqa: F401 (raised on SIGTERM here; re-exported)
 
 USAGE_EXIT = 2
@@ -46,9 +46,6 @@ class RunDirBusyError(RuntimeError):
 
 
 INPUT_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, RunDirBusyError)
-# OSError numbers that say the output place cannot take the file, not that the program is wrong
-# (a permission error is not one: it may be a file the command reads)
-STORAGE_ERRNOS: frozenset[int] = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def is_storage_error(err: BaseException) -> bool:

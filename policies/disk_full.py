@@ -23,7 +23,9 @@ from pathlib import Path
 
 # the Rust io::Error text of a storage errno (safetensors): "(os error 28)"
 _OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
-_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# OSError numbers that say the output place cannot take the file, not that the program is wrong
+# (a permission error is not one: it may be a file the command reads); `experiments.cli_errors` reads them too
+STORAGE_ERRNOS: frozenset[int] = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 _SHORT_WRITE = "unexpected pos"  # torch.save's zip writer after a short write
 
 
@@ -36,6 +38,6 @@ def disk_full_error(err: BaseException, target: str | os.PathLike[str]) -> OSErr
     text = " ".join(str(err).split())
     quoted = _OS_ERROR_RE.search(text)
     code = int(quoted.group(1)) if quoted else errno.ENOSPC if _SHORT_WRITE in text else None
-    if code not in _STORAGE_ERRNOS:
+    if code not in STORAGE_ERRNOS:
         return None
     return OSError(code, f"{os.strerror(code)} ({type(err).__name__}: {text[:200]})", str(Path(target)))
