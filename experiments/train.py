@@ -797,16 +797,16 @@ def step_row(step: int, reports: list[dict[str, Any]], t: Trainer) -> dict[str, 
     rollouts the SPR loss trains on (`policies.joint_step.spr_labelled`: the reference's false_prob
     averages reward 0 alone, not the cut wrong rollouts' 0.1)."""
     records = [rec for rep in reports for rec in rep["records"]]
-    groups, scores, correct = [r[0] for r in records], [r[1] for r in records], [r[2] for r in records]
-    labelled = spr_labelled(torch.tensor([r[5] for r in records], dtype=torch.float32), t.s.loss.truncated_wrong_reward)
+    groups, scores, correct, rewards = ([r[k] for r in records] for k in (0, 1, 2, 5))
+    labelled = spr_labelled(torch.tensor(rewards, dtype=torch.float32), t.s.loss.truncated_wrong_reward)
     by_group: dict[int, list[tuple[bool, float]]] = {}
-    for group, ok, reward in zip(groups, correct, [r[5] for r in records]):
+    for group, ok, reward in zip(groups, correct, rewards):
         by_group.setdefault(group, []).append((ok, reward))
     row: dict[str, Any] = {"step": step}
     row.update({k: sum(rep["losses"][k] for rep in reports) / len(reports) for k in reports[0]["losses"]})
     row.update(prefixed("fc/", fc_metrics(*(list(compress(values, labelled.tolist())) for values in (scores, correct, groups)))))
     row.update({
-        "reward/mean": sum(r[5] for r in records) / len(records),
+        "reward/mean": sum(rewards) / len(records),
         "rollout/correct": sum(correct) / len(correct),
         "reward/pass_at_g": sum(any(ok for ok, _ in v) for v in by_group.values()) / len(by_group),
         "grpo/mixed_groups": sum(len({reward for _, reward in v}) > 1 for v in by_group.values()) / len(by_group),
