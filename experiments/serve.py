@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--max-rows", type=positive_int, default=256, help="most completions (rows) per backend call")
     policy.add_argument("--max-prompt-chars", type=positive_int, default=1_000_000)
     policy.add_argument("--top-p", type=float, default=0.95, help="server-side top-p (the reference's 0.95)")
-    policy.add_argument("--repetition-penalty", type=float, default=1.05, help="server-side (the reference's 1.05)")
+    policy.add_argument("--repetition-penalty", type=positive_float, default=1.05, help="server-side (the reference's 1.05)")
     # --backend vllm only (argparse.SUPPRESS: absent unless given, so the transformers backend can
     # refuse them; build_policy fills in the defaults)
     policy.add_argument("--kv-cache-gib", type=kv_cache_size, default=argparse.SUPPRESS,

@@ -271,6 +271,12 @@ def settings(cfg: DictConfig) -> Settings:
             f"train_loss.temperature={s.loss.temperature} differs from sampling.temperature="
             f"{s.sampling.temperature}: the policy's log-probs must be those of the distribution that sampled"
         )
+    if s.sampling.repetition_penalty != 1.0 and s.loss.grpo_coef > 0:
+        raise ValueError(
+            f"sampling.repetition_penalty={s.sampling.repetition_penalty}: GRPO's log-probs are the policy's own, "
+            f"without the penalty, so rollouts drawn with it would train off-policy; use 1.0, or "
+            f"train_loss.grpo_coef=0 (train_loss=spr_only)"
+        )
     if s.run.rollouts_per_prompt < 2 and s.loss.grpo_coef > 0:
         raise ValueError(
             f"run.rollouts_per_prompt={s.run.rollouts_per_prompt}: a GRPO group of one rollout has no baseline "

@@ -316,9 +316,14 @@ def _context_tokens(request: ChunkRequest, vocab: int, device: torch.device) -> 
 
 
 def penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """logits [B, V] with the repetition penalty on the tokens seen [B, V] holds (vLLM's and
-    transformers' rule: a positive logit divided by it, a negative one multiplied)."""
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    """float32 logits [B, V] with the repetition penalty on the tokens seen [B, V] holds (vLLM's
+    and transformers' rule: a positive logit divided by it, a negative one multiplied). Computed
+    in float32, as vLLM does (bf16 logits / 1.05 would round to bf16's steps), and capped at
+    float32's largest value (a penalty of 1e-40 divides a logit to inf: NaN log-probs that blamed
+    the weights); NaN logits stay NaN."""
+    logits = logits.float()
+    out = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    return out.clamp_(max=torch.finfo(torch.float32).max)
 
 
 def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, row_slot: torch.Tensor | None) -> torch.Tensor:

@@ -56,8 +56,8 @@ class Rollout:
     problem_id: the problem it answers.
     prompt_ids: the model input before the completion, special tokens included, exactly as fed.
     completion_ids: the generated tokens (the EOS token included when the sequence ended on it).
-    completion_logprobs: log-probability of each generated token under the sampling policy at
-        temperature 1 (same length as completion_ids).
+    completion_logprobs: log-probability of each generated token under the policy at temperature
+        1, without a repetition penalty (vLLM's raw log-probs; same length as completion_ids).
     text: the decoded completion without EOS: what the grader reads.
     finish: "eos" or "length" (the sequence was cut at the token limit).
     path_score: the SPRM path score the source attached while generating (geometric mean of the

@@ -590,6 +590,8 @@ def test_completer_gives_the_same_text_with_a_shared_prefix_and_with_copied_rows
     ("--gpu-memory-utilization", "1.5", "argument --gpu-memory-utilization: '1.5' must be in (0, 1]"),
     # inf: the batcher waited forever for a full batch, answered nothing and blocked shutdown
     ("--max-wait-ms", "inf", "argument --max-wait-ms: 'inf' must be a number of milliseconds in [0, 60000]"),
+    # inf set every seen positive logit to 0 (NaN at a logit of 0); vLLM refuses it at each request
+    ("--repetition-penalty", "inf", "argument --repetition-penalty: 'inf' must be a finite number > 0"),
 ])
 def test_a_bad_number_is_a_usage_error_before_the_model_loads(flag, value, message, tmp_path, capsys):
     from experiments import serve

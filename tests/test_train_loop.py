@@ -126,6 +126,8 @@ def test_train_config_composes_with_every_loss_option():
     ("run.prompts_per_step=0", "RunConfig.prompts_per_step=0"),
     ("run.old_logprobs=stale", "RunConfig.old_logprobs='stale'"),
     ("train_loss.temperature=0.5", "differs from sampling.temperature"),
+    # rollouts drawn with a penalty, log-probs (the rollout's and the trainer's) without: off-policy
+    ("+sampling.repetition_penalty=1.05", "sampling.repetition_penalty=1.05: GRPO's log-probs are the policy's own"),
     ("sampling.temperature=0.7", "run.old_logprobs=rollout needs"),
     ("head_optim.lr=0", "OptimizerConfig.lr=0"),
     ("actor_optim.lr=inf", "OptimizerConfig.lr=inf must be a finite number > 0"),  # trained to NaN before

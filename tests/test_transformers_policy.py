@@ -692,3 +692,22 @@ def test_a_repetition_penalty_decodes_as_a_manual_loop_with_it_and_reports_raw_l
         assert row[0].token_logprobs == pytest.approx(raw, abs=1e-4)
     with pytest.raises(ValueError, match=r"repetition_penalty=0 must be a finite number > 0"):
         SamplingConfig(repetition_penalty=0)
+
+
+def test_the_repetition_penalty_is_applied_in_float32_and_stays_finite():
+    from policies.decode_loop import penalised
+
+    # vLLM penalises float32 logits; bf16 ones / 1.05 rounded to bf16's steps (10 / 1.05 -> 9.5):
+    # greedy bf16 decoding differed from vLLM on 3 of 64 paths
+    logits = torch.tensor([[10.0, -10.0, 3.0]], dtype=torch.bfloat16)
+    seen = torch.tensor([[True, True, False]])
+    out = penalised(logits, seen, 1.05)
+    assert out.dtype == torch.float32
+    assert out.tolist()[0] == pytest.approx([10 / 1.05, -10.5, 3.0], rel=1e-6)
+    # a penalty of 1e-40 divided a logit to inf: NaN log-probs named as diverged weights
+    huge = penalised(torch.tensor([[1.0, 2.0, float("nan")]]), torch.ones(1, 3, dtype=torch.bool), 1e-40)
+    assert huge[0, :2].tolist() == [torch.finfo(torch.float32).max] * 2 and huge[0, 2].isnan()  # NaN stays NaN
+    sampling = SamplingConfig(temperature=1.0, max_total_tokens=6, repetition_penalty=1e-40)
+    p = TransformersPolicy(make_model(len(TOK)), TOK, sampling, lambda problem: problem.question)
+    steps = p.propose(mixed_prefixes(), 2, seed=0, stop_at_step=False)
+    assert all(math.isfinite(lp) for row in steps for step in row for lp in step.token_logprobs)

@@ -41,7 +41,7 @@ import torch
 
 from policies.checkpoint import load_checkpoint
 from policies.context_window import context_window
-from policies.decode_loop import prefill
+from policies.decode_loop import penalised, prefill
 from policies.shared_prefix import SharedPrefixCache, worth_sharing
 from policies.slot_cache import KV_RESERVE_LIMIT
 from policies.sampling import draw_tokens, top_p_filter
@@ -79,7 +79,7 @@ class CompletionRequest:
 @dataclass(frozen=True)
 class SamplingDefaults:
     """Server-side sampling settings a request cannot change (the reference fixes top_p=0.95 and
-    repetition_penalty=1.05 in its policy service). top_p in (0, 1]; repetition_penalty > 0."""
+    repetition_penalty=1.05 in its policy service). top_p in (0, 1]; repetition_penalty finite, > 0."""
 
     top_p: float = 0.95
     repetition_penalty: float = 1.05
@@ -87,8 +87,8 @@ class SamplingDefaults:
     def __post_init__(self) -> None:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be > 0")
+        if not 0 < self.repetition_penalty < math.inf:  # vLLM refuses inf at each request
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be a finite number > 0")
 
 
 class TextCompleter(Protocol):
@@ -297,10 +297,7 @@ class _RowSampler:
 
     def _penalised(self, logits: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         penalty = self.sampling.repetition_penalty
-        if penalty == 1.0:
-            return logits
-        seen = self.seen[active]  # [B, V]
-        return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        return logits if penalty == 1.0 else penalised(logits, self.seen[active], penalty)
 
 
 def row_seeds(seed: int, n: int) -> list[int]:
