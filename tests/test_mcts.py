@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import pytest
@@ -308,3 +308,20 @@ def test_bad_config_names_the_value(kwargs, message):
 def test_registered_by_name():
     (r,) = run_search("mcts", [trap_problem()], ScriptedPolicy(), ScriptedScorer(), iterations=6, expand_width=2)
     assert r.strategy == "mcts" and r.config["iterations"] == 6 and r.chosen_text == "b/b1$"
+
+
+def test_leaves_cut_by_the_budget_are_completed_by_their_paid_for_rollouts():
+    # round 0 expands the root into two open leaves and rolls each out (10 steps to a "length"
+    # finish): the budget stops there; the candidates were the partial one-step paths (no answer
+    # although two complete, scored rollouts had been generated and charged)
+    cfg = MCTSConfig(iterations=50, expand_width=2, token_budget=10, rollout=True)
+    (r,) = run([Problem("p", "q", "1")], cfg, RolloutHeavyPolicy(), HalfScorer())
+    assert r.compute.tokens_generated == 2 * 5 + 2 * 10 * 5
+    assert len(r.candidates) == 2 and all(len(c.steps) == 11 and c.steps[-1].is_terminal for c in r.candidates)
+    assert all(c.step_scores == (0.5,) * 11 for c in r.candidates)
+    first = r.tree.nodes[0].children[0]
+    assert r.tree.path(r.candidates[0].node_id)[0] is r.tree.nodes[first].step  # grafted under its leaf
+    assert r.chosen is not None and r.candidates[r.chosen].steps[-1].text == "r9"
+    # without rollouts the open leaves stay the candidates
+    (plain,) = run([Problem("p", "q", "1")], replace(cfg, rollout=False), RolloutHeavyPolicy(), HalfScorer())
+    assert [len(c.steps) for c in plain.candidates] == [1, 1]

@@ -1,9 +1,10 @@
 """Aggregation of per-step scores into one path score.
 
 The reference (MetaStone-S1) uses the geometric mean of step scores clamped at 1e-10, and scores a
-path with no steps 0. Every aggregator here follows the same empty-path rule, and none depends on
-the steps' order (sums by `math.fsum`, products over sorted scores): two paths with the same step
-scores in another order tie exactly, and the first one wins, as every strategy's ranking promises.
+path with no steps 0. Every aggregator here follows the same empty-path rule, and none but "last"
+(the final step's score, by design) depends on the steps' order (sums by `math.fsum`, products
+over sorted scores): two paths with the same step scores in another order tie exactly, and the
+first one wins, as every strategy's ranking promises.
 
     >>> aggregate([0.25, 1.0], "geometric_mean")
     0.5

@@ -26,13 +26,16 @@ mean cost of a leaf's expansion so far (its children's steps and their rollouts;
 `leaves_within_budget`), so the last round overshoots by about one leaf's expansion, not a whole
 round's (compute-matched sweeps).
 
-Result: candidates are the closed leaves in creation order (if none is closed, the open leaves
-cut by the budget); the chosen one has the most visits (ties: higher value, then earlier) with
-final="visits", or the highest node value with final="value". Policy seeds come from
+Result: candidates are the closed leaves in creation order; if none is closed, the open leaves
+cut by the budget, each completed by its rollout when rollout=True (the rollout's steps are added
+to the tree under the leaf, with their scores: a complete, paid-for answer instead of a partial
+path). The chosen one has the most visits (ties: higher value, then earlier) with
+final="visits", or the highest node value with final="value" (a completed leaf ranks by the
+leaf's own visits and value). Policy seeds come from
 (cfg.seed, round), so the same seed gives the same tree.
 
 Compute (`treesearch.frontier.Ledger`): every step generated for a problem (merged duplicates and
-rollout steps included; rollout steps are not tree nodes), the policy calls that included it (a
+rollout steps included; rollout steps are tree nodes only where they complete a candidate, above), the policy calls that included it (a
 round that only revisits closed leaves makes no call) and the scorer cost of its paths.
 
     results = mcts(problems, policy, scorer, MCTSConfig(iterations=32, expand_width=4))
@@ -106,7 +109,8 @@ class _ProblemSearch:
     evals: node -> value from its evaluation; path_scores: node -> scores of its path's steps
     from that evaluation; value_sums: node -> sum of values backed up through it (mean backup);
     pending: node -> selections through it this round (virtual loss); closed: leaves never to be
-    expanded; simulations: selected leaves so far; expansions: leaves sent to the policy so far.
+    expanded; simulations: selected leaves so far; expansions: leaves sent to the policy so far;
+    rollouts: node -> (the steps of its rollout, the scores of the whole completed path).
     """
 
     tree: Tree
@@ -117,6 +121,7 @@ class _ProblemSearch:
     closed: set[int] = field(default_factory=set)
     simulations: int = 0
     expansions: int = 0
+    rollouts: dict[int, tuple[tuple[Step, ...], tuple[float, ...]]] = field(default_factory=dict)
 
 
 def _ancestry(tree: Tree, node_id: int) -> list[int]:
@@ -220,11 +225,13 @@ def evaluate(
             path = items[i].prefix
             scored[i] = Item(items[i].problem, Prefix(path.problem, path.steps + tuple(steps)))
     scores = score_rows(scorer, scored, ledgers)
-    for (p, node), item, row in zip(new, items, scores):
+    for (p, node), item, path, row in zip(new, items, scored, scores):
         depth = len(item.prefix.steps)
         searches[p].tree.nodes[node].score = row[depth - 1]
         searches[p].path_scores[node] = tuple(row[:depth])
         searches[p].evals[node] = aggregate(row, cfg.aggregation)
+        if len(path.prefix.steps) > depth:  # completed by a rollout: kept in case the leaf is a candidate
+            searches[p].rollouts[node] = (path.prefix.steps[depth:], tuple(row))
 
 
 def _backup_value(search: _ProblemSearch, node_id: int, value: float, how: str) -> None:
@@ -259,14 +266,30 @@ def _within_budget(search: _ProblemSearch, ledger: Ledger, cfg: MCTSConfig) -> b
     return cfg.token_budget is None or ledger.tokens_generated < cfg.token_budget
 
 
-def _candidates(search: _ProblemSearch, cfg: MCTSConfig) -> list[Candidate]:
+def _candidates(search: _ProblemSearch, cfg: MCTSConfig) -> list[tuple[Candidate, int]]:
+    """(candidate, the node that ranks it): the closed leaves, or else the open leaves, each
+    completed by its rollout if it has one (module docstring)."""
     leaves = search.tree.leaves()
     finished = [n for n in leaves if n in search.closed]
-    return [make_candidate(search.tree, n, search.path_scores[n], cfg.aggregation) for n in finished or leaves]
+    if finished:
+        return [(make_candidate(search.tree, n, search.path_scores[n], cfg.aggregation), n) for n in finished]
+    return [(_completed(search, n, cfg), n) for n in leaves]
 
 
-def _choose(candidates: list[Candidate], tree: Tree, final: str) -> int | None:
-    nodes = [tree.nodes[c.node_id] for c in candidates]
+def _completed(search: _ProblemSearch, leaf: int, cfg: MCTSConfig) -> Candidate:
+    """The candidate of an open leaf: its path, continued by its rollout's steps (added to the
+    tree under it, with their scores) when it was rolled out."""
+    if leaf not in search.rollouts:
+        return make_candidate(search.tree, leaf, search.path_scores[leaf], cfg.aggregation)
+    steps, row = search.rollouts[leaf]
+    end = leaf
+    for step, score in zip(steps, row[len(row) - len(steps):]):
+        end = search.tree.add(end, step, score=score)
+    return make_candidate(search.tree, end, row, cfg.aggregation)
+
+
+def _choose(ranked: list[tuple[Candidate, int]], tree: Tree, final: str) -> int | None:
+    nodes = [tree.nodes[node_id] for _, node_id in ranked]
     if final == "visits":
         return argmax_first([(n.visits, n.value) for n in nodes])  # type: ignore[arg-type]
     return argmax_first([n.value for n in nodes])
@@ -294,8 +317,8 @@ def mcts(
     wall = (time.perf_counter() - start) / max(len(problems), 1)
     results = []
     for problem, search, ledger in zip(problems, searches, ledgers):
-        cands = _candidates(search, cfg)
-        results.append(SearchResult(problem, "mcts", asdict(cfg), tuple(cands),
-                                    _choose(cands, search.tree, cfg.final), search.tree,
+        ranked = _candidates(search, cfg)
+        results.append(SearchResult(problem, "mcts", asdict(cfg), tuple(c for c, _ in ranked),
+                                    _choose(ranked, search.tree, cfg.final), search.tree,
                                     ledger.compute(policy, scorer, wall)))
     return results
