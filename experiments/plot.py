@@ -213,11 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse argv, run the subcommand; bad input files print "error: ..." and give 2."""
+    """Parse argv, run the subcommand; bad input files and outputs that cannot be written (a
+    read-only or forbidden folder, a full disk) print "error: ..." and give 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ResultFileError, OutputDirError) as err:
+    except (ResultFileError, OutputDirError, OSError) as err:  # OSError: "[Errno 13] Permission denied: 'ro/sub'"
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -151,7 +151,7 @@ def plot_aha(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
     draw(top, rows, CURVES)
     top.set_ylabel("mean path score (geometric mean of step scores)")
-    top.set_title(f"SPRM scores of correct vs incorrect rollouts: {run_name(metrics_jsonl)}")
+    top.set_title(f"SPRM scores of correct vs incorrect rollouts: {run_name(metrics_jsonl)}", parse_math=False)
     draw(bottom, rows, LOWER)
     bottom.axhline(0.0, color="gray", lw=0.5)
     mark_split((top, bottom), *split_step(rows))

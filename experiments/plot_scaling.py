@@ -65,10 +65,13 @@ def series_colors(count: int) -> list[Any]:
 
 def series_label(series: SeriesScaling) -> str:
     """The legend entry: name, fitted slope, and where the curve flattens (the threshold's
-    verdict, `experiments.scaling.last_gaining`)."""
+    verdict, `experiments.scaling.last_gaining`; not for a curve plainly rising to its end).
+    A "$" is escaped: matplotlib read "run_$5_to_$10" as broken maths."""
     label = series.name if series.fit is None else f"{series.name}: {round(series.fit.slope, 3) + 0.0:+.3f}/doubling"
     words = verdict(series)
-    return label + f", {words}" if series.flattened and words != "-" else label
+    if words != "-" and words != f"rising to N={series.last_gaining_budget}":
+        label += f", {words}"
+    return label.replace("$", r"\$")
 
 
 def draw_series(ax: Axes, series: SeriesScaling, color: str, marker: str = "o", label: str | None = None) -> None:
@@ -133,7 +136,7 @@ def plot_runs(runs: Sequence[RunSummary], name: str, out_png: str | Path, thresh
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"{axis.label} (log2 scale)")
     ax.set_ylabel("accuracy (chosen answer, 95% CI)")
-    ax.set_title(textwrap.fill(f"Test-time search scaling: {name}", 2 * LABEL_WIDTH))
+    ax.set_title(textwrap.fill(f"Test-time search scaling: {name}", 2 * LABEL_WIDTH), parse_math=False)
     ax.grid(True, alpha=0.3)
     if columns:  # constrained layout gives it the room the figure was widened by
         fig.legend(fontsize=7, loc="outside right upper", ncols=columns)

@@ -19,9 +19,10 @@ Where it flattens: the marginal gain per doubling
 between consecutive budgets, (acc_{i+1} - acc_i) / log2(C_{i+1} / C_i); `last_gaining_budget`
 is the last budget reached by a step whose gain exceeds the threshold (default 0.01, one point
 of accuracy per doubling), and `flattened` says whether any budget beyond it was measured;
-`verdict` words it, for the table and the plot's legend alike: "rising to N=32", "flat after
-N=8", "falling after N=8" (the last budget scored below N=8), "flat" / "falling" (no step
-gained that much). A run whose compute is 0 (records without policy_parameters, a policy that
+`verdict` words it, for the table and the plot's legend alike: "rising to N=32" (", below
+N=4's peak" added when the last budget still scores below an earlier one), "flat after N=8",
+"falling after N=8" (the last budget scored below N=8), "flat" / "falling" (no step gained that
+much). A run whose compute is 0 (records without policy_parameters, a policy that
 reports none) cannot sit on a log axis: its series gets no fit, its steps from that point no gain
 (null in scaling.json) and no verdict ("-"), and a note names the run; a plot with no run of
 compute above 0 is an error.
@@ -183,16 +184,18 @@ def last_gaining(points: Sequence[ScalingPoint], gains: Sequence[float | None],
 
 
 def verdict(series: "SeriesScaling") -> str:
-    """Where the series stands against the threshold (module docstring): "rising to N=32",
-    "flat after N=8", "falling after N=8", "flat", "falling"; "-" for a single point, or a series
-    with a point of compute 0 (its gains are unknown)."""
+    """Where the series stands against the threshold (module docstring): "rising to N=32" (or
+    "rising to N=32, below N=4's peak"), "flat after N=8", "falling after N=8", "flat", "falling";
+    "-" for a single point, or a series with a point of compute 0 (its gains are unknown)."""
     points = series.points
     if len(points) < 2 or any(gain is None for gain in series.gains):
         return "-"
     if series.last_gaining_budget is None:
         return "falling" if _below(points[-1], points[0]) else "flat"
     if not series.flattened:
-        return f"rising to N={series.last_gaining_budget}"
+        peak = max(points[:-1], key=lambda p: p.accuracy.mean)  # the first of equals
+        below = f", below N={peak.budget}'s peak" if _below(points[-1], peak) else ""  # 0.5, 0.2, 0.3
+        return f"rising to N={series.last_gaining_budget}{below}"
     peak = next(p for p in points if p.budget == series.last_gaining_budget)
     return f"{'falling' if _below(points[-1], peak) else 'flat'} after N={series.last_gaining_budget}"
 
@@ -347,10 +350,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for note in scaling_notes(runs, args.sweep_dir, axis):
         print(note, file=sys.stderr)
-    out = args.sweep_dir / scaling_file(axis.name, "json")
-    out.write_text(json.dumps({"threshold": args.threshold, "compute": axis.name,
-                               "series": [s.to_dict() for s in series]}, indent=2))
     print(format_scaling(series, args.threshold))
+    out = args.sweep_dir / scaling_file(axis.name, "json")
+    try:  # a sweep folder of someone else's, or read-only: the table above is still printed
+        out.write_text(json.dumps({"threshold": args.threshold, "compute": axis.name,
+                                   "series": [s.to_dict() for s in series]}, indent=2))
+    except OSError as err:
+        print(f"error: {out} could not be written: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 

@@ -68,11 +68,11 @@ def _is_number(value: Any) -> bool:
 
 def check_drawable(tree_json: dict[str, Any]) -> None:
     """TreeJsonError naming the first node whose depth is not an integer, whose visits are not a
-    number, or whose score is neither a number nor null: the layout, the edge widths and the
+    finite number (NaN failed in the HTML's strict JSON after the PNG was written), or whose score is neither a number nor null: the layout, the edge widths and the
     colours compute with them."""
     for i, node in enumerate(tree_json["nodes"]):
         checks = (("depth", isinstance(node["depth"], int) and not isinstance(node["depth"], bool), "an integer"),
-                  ("visits", _is_number(node["visits"]), "a number"),
+                  ("visits", _is_number(node["visits"]) and math.isfinite(node["visits"]), "a finite number"),
                   ("score", node["score"] is None or _is_number(node["score"]), "a number or null"))
         for key, ok, must in checks:
             if not ok:

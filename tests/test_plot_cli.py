@@ -114,7 +114,7 @@ def test_a_records_jsonl_given_as_result_says_it_holds_no_trees(tmp_path, capsys
 
 
 @pytest.mark.parametrize("key, value, must", [
-    ("depth", None, "an integer"), ("visits", None, "a number"),
+    ("depth", None, "an integer"), ("visits", None, "a finite number"),
     ("score", "high", "a number or null"), ("score", True, "a number or null"),
 ])
 def test_a_node_field_that_cannot_be_drawn_is_a_one_line_error(tmp_path, capsys, key, value, must):
@@ -374,3 +374,28 @@ def test_the_panel_shows_path_scores_and_leaves_out_visits_a_strategy_does_not_c
     data = page_data(write_tree_html(beam.to_json(), None, tmp_path / "b.html").read_text(encoding="utf-8"))
     assert (data["counts_visits"], data["ranks_by_value"], data["nodes"][1]["value"]) == (False, True, 0.7)
     assert 'else if (DATA.ranks_by_value) rows.push(["value (what ranked or weighted it)", node.value])' in page
+
+
+def test_outputs_that_cannot_be_written_are_one_error_line(tmp_path, capsys, monkeypatch):
+    # a read-only or forbidden folder (chattr +i here; a user's shared results folder) ended each
+    # subcommand in a PermissionError traceback from mkdir or the atomic write's temporary file
+    import pathlib
+
+    metrics = metrics_rows(tmp_path / "metrics.jsonl", [0.0, 0.2])
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", refused)
+    assert main(["aha", str(metrics), "--out", str(tmp_path / "ro" / "a.png")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: [Errno 13] Permission denied: '{tmp_path / 'ro'}'\n"
+
+
+def test_a_dollar_in_a_run_name_is_text_not_maths(tmp_path, capsys):
+    # matplotlib read "run_$5_to_$10" as mathtext: a ParseSyntaxException traceback
+    run = tmp_path / "run_$5_to_$10"
+    run.mkdir()
+    metrics_rows(run / "metrics.jsonl", [0.0, 0.2])
+    assert main(["aha", str(run), "--out", str(tmp_path / "a.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"

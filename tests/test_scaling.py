@@ -799,3 +799,30 @@ def test_greedy_run_again_at_each_budget_counts_once(tmp_path):
     assert sorted(series) == ["best_of_n", "greedy (chunk=2)", "greedy (chunk=null)"], sorted(series)
     assert [(p.runs, p.problems, p.accuracy.mean) for p in series["greedy (chunk=null)"].points] == [(1, 2, 0.5)]
     assert [p.runs for p in series["greedy (chunk=2)"].points] == [1]
+
+
+def test_a_last_step_that_gains_but_stays_below_an_earlier_peak_says_so(tmp_path, monkeypatch, capsys):
+    # 0.5 -> 0.25 -> 0.375 was "rising to N=16", and the legend showed no words at all
+    figures = []
+    monkeypatch.setattr(plot_scaling_module.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    for budget, good in ((4, 4), (8, 2), (16, 3)):
+        write_run(tmp_path / f"beam-{budget}", "beam_search", budget, 0, [i < good for i in range(8)], 10 * budget)
+    plot_scaling_module.plot_scaling(tmp_path, tmp_path / "s.png")
+    labels = [t.get_text().replace("\n", " ") for t in figures[-1].legends[0].get_texts()]
+    assert labels == ["beam_search: -0.063/doubling, rising to N=16, below N=4's peak"]
+    assert scaling.main([str(tmp_path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert next(line for line in table if line.startswith("beam_search")).endswith("rising to N=16, below N=4's peak")
+
+
+def test_a_sweep_folder_that_cannot_take_scaling_json_still_prints_the_table(tmp_path, monkeypatch, capsys):
+    for budget, good in ((4, 1), (8, 2)):
+        write_run(tmp_path / f"beam-{budget}", "beam_search", budget, 0, [i < good for i in range(8)], 10 * budget)
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_text", refused)
+    assert scaling.main([str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert "beam_search" in out and err.endswith(f"error: {tmp_path / 'scaling.json'} could not be written: Permission denied\n")

@@ -270,3 +270,28 @@ def test_watch_says_once_that_it_waits_for_a_missing_file_and_when_the_file_goes
         f"note: {watched} was removed; keeping the last render, waiting for it to appear again",
     ]
     assert len(captured.out.split()) == 2  # the one render: PNG and HTML
+
+
+def test_an_out_dir_that_cannot_be_made_is_one_error_line(saved, tmp_path, capsys, monkeypatch):
+    import pathlib
+
+    _, path = saved
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", refused)
+    assert main(["tree", str(path), "--out-dir", str(tmp_path / "ro" / "sub")]) == 2
+    assert capsys.readouterr().err == f"error: [Errno 13] Permission denied: '{tmp_path / 'ro' / 'sub'}'\n"
+
+
+@pytest.mark.parametrize("visits", [float("nan"), float("inf")])
+def test_non_finite_visits_are_named_before_anything_is_drawn(saved, tmp_path, capsys, visits):
+    # NaN visits passed the check, the PNG was written, then the HTML's strict JSON failed (traceback)
+    result, _ = saved
+    data = result_to_json(result)
+    data["tree"]["nodes"][1]["visits"] = visits
+    path = save_result_json(tmp_path / "odd.json", data)
+    assert main(["tree", str(path)]) == 2
+    assert f"tree.nodes[1].visits={visits!r} must be a finite number" in capsys.readouterr().err
+    assert not list(tmp_path.glob("odd.*[lg]"))  # no .png, no .html
