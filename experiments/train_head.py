@@ -401,12 +401,21 @@ def train_command(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-save", action="store_true", help="do not write the final/ reflective folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = HeadTrainConfig(args.labels, args.layer, args.lr, args.weight_decay, args.grad_clip, args.steps,
+    # with --epochs the steps are counted from the train cache: until then any count past the warm-up
+    steps = args.steps if args.epochs is None else max(args.steps, args.warmup_steps + 1)
+    cfg = HeadTrainConfig(args.labels, args.layer, args.lr, args.weight_decay, args.grad_clip, steps,
                           args.batch_rollouts, args.warmup_steps, args.eval_every, seed=args.seed)
     if args.epochs is not None:
+        check_folder_target(args.out, "--out")  # every setting before a cache is read
+        check_not_another_run(args.out)
         rollouts = trained_rollout_count(load_cache(args.train), cfg)
         if rollouts:  # none to train on: training names why ("every rollout ... is a wrong one cut"), not "no rollouts"
-            cfg = replace(cfg, steps=steps_for_epochs(args.epochs, rollouts, cfg.batch_rollouts))
+            steps = steps_for_epochs(args.epochs, rollouts, cfg.batch_rollouts)
+            try:
+                cfg = replace(cfg, steps=steps)
+            except ValueError as err:
+                err.add_note(f"steps={steps}: --epochs {args.epochs:g} of {rollouts} train rollouts by {cfg.batch_rollouts}")
+                raise
     started = time.perf_counter()
     metrics = run_head_training(args.train, args.test, cfg, args.out, save=not args.no_save)
     task = next(k for k in metrics if k.endswith(".problems")).split(".")[0]

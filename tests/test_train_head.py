@@ -286,8 +286,9 @@ def test_cli_refuses_bad_settings_before_reading_a_cache(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--threads: '0' must be an integer >= 1" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("x")
     for out in (tmp_path / "a_file", tmp_path / "a_file" / "o"):  # failed only after training, in a traceback
-        assert main([*missing[:4], "--out", str(out)]) == 2
-        assert capsys.readouterr().err.startswith(f"error: --out {out} ")
+        for epochs in ([], ["--epochs", "1"]):  # with --epochs the (missing) cache was read first
+            assert main([*missing[:4], "--out", str(out), *epochs]) == 2
+            assert capsys.readouterr().err.startswith(f"error: --out {out} ")
 
 
 def test_cli_keeps_the_traceback_of_a_genuine_bug(tmp_path, monkeypatch):
@@ -397,6 +398,16 @@ def test_epochs_and_the_batch_note_count_the_rollouts_the_head_trains_on(tmp_pat
     assert "batch_rollouts=6 exceeds the 4 train rollouts the head trains on" in capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 1  # one full pass over the 4, not two
+    # --warmup-steps was checked against the default --steps 500, not the steps --epochs gives
+    assert main(["--train", str(tmp_path / "c.pt"), "--test", str(tmp_path / "t.pt"), "--out", str(out), "--labels", "spr",
+                 "--epochs", "600", "--batch-rollouts", "4", "--warmup-steps", "550", "--no-save", "--eval-every", "0"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["config"]["steps"] == 600
+    capsys.readouterr()
+    assert main(["--train", str(tmp_path / "c.pt"), "--test", str(tmp_path / "t.pt"), "--out", str(out), "--labels", "spr",
+                 "--epochs", "2", "--batch-rollouts", "4", "--warmup-steps", "550", "--no-save", "--eval-every", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: HeadTrainConfig.warmup_steps=550 must be below steps=2 "
+                                              "(the warm-up trains with plain BCE; the 'spr' loss starts after it); "
+                                              "steps=2: --epochs 2 of 4 train rollouts by 4")
     cut = dataclasses.replace(cache, finish=("length",) * 8, correct=torch.zeros(8, dtype=torch.bool))
     save_cache(cut, tmp_path / "cut.pt")  # every rollout cut wrong: "the train cache holds no rollouts" (it held 8)
     assert main(["--train", str(tmp_path / "cut.pt"), "--test", str(tmp_path / "t.pt"), "--out", str(tmp_path / "cut"),
