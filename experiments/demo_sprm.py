@@ -27,9 +27,8 @@ from typing import Any
 
 from experiments.plot_aha import plot_aha
 from experiments.rollout_cache import (
-    CacheSpec, StaleCacheError, build_from_spec, labels_version, load_cache, save_cache,
+    CacheSpec, StaleCacheError, backbone_fingerprint, build_from_spec, labels_version, load_cache, save_cache,
 )
-from policies.model_folder import weights_fingerprint
 from experiments.train_head import run_head_training
 from scorers.head_training import HeadTrainConfig
 
@@ -84,7 +83,7 @@ def cached_rollouts(spec: CacheSpec, path: Path) -> Path:
         except StaleCacheError as err:  # an older grader's: built again
             print(f"note: {err}; building it again", file=sys.stderr)
         else:
-            if _as_json(cache.spec) == _as_json(asdict(spec)) and cache.policy_fingerprint == weights_fingerprint(spec.policy_dir):
+            if _as_json(cache.spec) == _as_json(asdict(spec)) and cache.policy_fingerprint == backbone_fingerprint(spec.policy_dir):
                 return path
     save_cache(build_from_spec(spec), path)
     return path

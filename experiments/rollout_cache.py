@@ -160,9 +160,10 @@ class RolloutCache:
     features: {layer: [P, C] float32}, keyed by the layer index as requested.
     num_hidden_states: the model's number of hidden states (decoder layers + 1), so that `layer`
         finds -2 among layers cached as non-negative indices (None in caches that lack it).
-    policy_fingerprint: `policies.model_folder.weights_fingerprint` of the policy the features
-        came from (None in caches written before it was kept): a policy retrained in the same
-        folder, or the same one under another path, is told apart by it (`check_policy`).
+    policy_fingerprint: `backbone_fingerprint` of the policy the features came from, taken
+        before the model was loaded (None in caches written before it was kept): a policy retrained
+        in the same folder, or the same one under another path, is told apart by it
+        (`check_policy`); a reflective folder's SPRM head is not in it (the features do not read it).
     """
 
     spec: dict[str, Any]
@@ -306,9 +307,18 @@ def build_rollout_cache(
     return build_from_spec(spec, progress)
 
 
+def backbone_fingerprint(policy_dir: str | Path) -> str:
+    """The fingerprint a cache keeps of its policy: config.json and the weights, not a reflective
+    folder's head (`policies.model_folder.weights_fingerprint`)."""
+    return weights_fingerprint(policy_dir, heads=False)
+
+
 def build_from_spec(spec: CacheSpec, progress: bool = True) -> RolloutCache:
-    """Generate the spec's rollouts with the policy, then grade and read them."""
+    """Generate the spec's rollouts with the policy, then grade and read them. A ValueError when
+    the policy folder changed while they were made (a training run writing it): the features
+    would be of other weights than the folder's."""
     module = get_sft_task(spec.task).module
+    fingerprint = backbone_fingerprint(spec.policy_dir)  # before loading: the bytes the features are read with
     lm, tokenizer = load_checkpoint(spec.policy_dir)
     _check_layers(spec.feature_layers, int(lm.config.num_hidden_layers) + 1)
     sampling = SamplingConfig(temperature=spec.sampling_temperature, max_total_tokens=spec.max_total_tokens,
@@ -322,14 +332,20 @@ def build_from_spec(spec: CacheSpec, progress: bool = True) -> RolloutCache:
         chunk = problem_list[first : first + spec.problems_per_call]
         rows = policy.rollout([Prefix(p) for p in chunk], spec.n, spec.seed + ROLLOUT_SEED_STRIDE * (k + 1))
         paths += [[tuple(steps) for steps in row] for row in rows]
-    return cache_from_paths(spec, lm, tokenizer, problem_list, paths)
+    cache = cache_from_paths(spec, lm, tokenizer, problem_list, paths, fingerprint)
+    if backbone_fingerprint(spec.policy_dir) != fingerprint:
+        raise ValueError(f"{spec.policy_dir} changed while the cache was built (a training run writing it?): its "
+                         "features are of the weights it held before; build the cache again once the folder is final")
+    return cache
 
 
 def cache_from_paths(
-    spec: CacheSpec, lm: Any, tokenizer: Any, problems: Sequence[Problem], paths: Sequence[Sequence[tuple[Step, ...]]]
+    spec: CacheSpec, lm: Any, tokenizer: Any, problems: Sequence[Problem], paths: Sequence[Sequence[tuple[Step, ...]]],
+    fingerprint: str | None = None,
 ) -> RolloutCache:
     """Grade and read given rollouts (paths[i][j]: the steps of rollout j of problems[i], exactly
-    spec.n per problem) into a cache, as `build_from_spec` does with its own."""
+    spec.n per problem) into a cache, as `build_from_spec` does with its own; fingerprint: the
+    policy folder's `backbone_fingerprint` when lm was loaded (default: taken now)."""
     if len(paths) != len(problems) or any(len(row) != spec.n for row in paths):
         raise ValueError(f"paths must hold n={spec.n} rollouts for each of the {len(problems)} problems")
     module = get_sft_task(spec.task).module
@@ -340,7 +356,8 @@ def cache_from_paths(
         _grade(i, p, tuple(steps), module, labeler) for i, (p, row) in enumerate(zip(problems, paths)) for steps in row
     ]
     readings = reader.read([Prefix(problems[r.problem], r.steps) for r in rollouts])
-    return _pack(spec, int(lm.config.hidden_size), int(lm.config.num_hidden_layers) + 1, problems, rollouts, readings)
+    return _pack(spec, int(lm.config.hidden_size), int(lm.config.num_hidden_layers) + 1, problems, rollouts, readings,
+                 fingerprint)
 
 
 def _check_layers(layers: Sequence[int], num_states: int) -> None:
@@ -427,8 +444,9 @@ class FeatureReader:
 
 
 def _pack(spec: CacheSpec, hidden_size: int, num_states: int, problems: Sequence[Problem], rollouts: Sequence[_Rollout],
-          readings: Sequence[_Reading]) -> RolloutCache:
-    """Flatten the per-rollout records into the cache's tensors."""
+          readings: Sequence[_Reading], fingerprint: str | None = None) -> RolloutCache:
+    """Flatten the per-rollout records into the cache's tensors; fingerprint: the policy's
+    `backbone_fingerprint` (default: taken now)."""
     steps = [s for r in rollouts for s in r.steps]
     step_counts = torch.tensor([len(r.steps) for r in rollouts], dtype=torch.long)  # [R]
     rollout_steps = torch.cat([torch.zeros(1, dtype=torch.long), step_counts.cumsum(0)])  # [R + 1]
@@ -462,7 +480,7 @@ def _pack(spec: CacheSpec, hidden_size: int, num_states: int, problems: Sequence
         position_index=torch.tensor([p for reading in readings for p in reading.positions], dtype=torch.long),
         features=features,
         num_hidden_states=num_states,
-        policy_fingerprint=weights_fingerprint(spec.policy_dir),
+        policy_fingerprint=backbone_fingerprint(spec.policy_dir) if fingerprint is None else fingerprint,
     )
 
 
@@ -486,7 +504,7 @@ def read_from(cache: RolloutCache, policy: str | Path) -> bool:
     """Whether the cache's features were read from the model in the policy folder (its fingerprint;
     the folder itself for a cache without one)."""
     if cache.policy_fingerprint is not None:
-        return weights_fingerprint(policy) == cache.policy_fingerprint
+        return backbone_fingerprint(policy) == cache.policy_fingerprint
     return same_folder(policy, cache.spec["policy_dir"])
 
 
@@ -495,11 +513,16 @@ def check_policy(cache: RolloutCache, what: str = "the cache") -> Path:
     ValueError when it was retrained (other weights in the folder) or the cache cannot say
     (written before caches kept a fingerprint), FileNotFoundError when it is gone."""
     folder = Path(cache.spec["policy_dir"])
-    check_model_folder(folder)
+    try:
+        check_model_folder(folder)
+    except FileNotFoundError as err:  # "checkpoint folder x does not exist" said nothing of why it was read
+        err.add_note(f"{what} was read from that policy, which the head is saved with (final/): put it back there, "
+                     "or train with --no-save")
+        raise
     if cache.policy_fingerprint is None:
         raise ValueError(f"{what} does not record which weights of {folder} it was read from (an older cache): "
                          "build it again with `python -m experiments.rollout_cache`")
-    if weights_fingerprint(folder) != cache.policy_fingerprint:
+    if backbone_fingerprint(folder) != cache.policy_fingerprint:
         raise ValueError(f"{folder} holds other weights than {what} was read from (the policy was trained again "
                          "since): build the cache again with `python -m experiments.rollout_cache`")
     return folder

@@ -68,7 +68,7 @@ from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, accu
 from experiments.record_log import encode_rows
 from experiments.result_json import write_atomic
 from experiments.rollout_cache import (
-    RolloutCache, check_policy, confidence_path_scores, labels_version, load_cache, same_policy,
+    RolloutCache, check_policy, confidence_path_scores, labels_version, load_cache, read_from, same_policy,
 )
 from scorers.head_training import (
     HeadTrainConfig, LABEL_MODES, position_logits, position_probs, rollout_min_scores, rollout_path_scores,
@@ -342,6 +342,11 @@ def run_head_training(
                     "train_seconds": run.seconds})
     if save:
         save_reflective_head(run.head, policy, cfg.feature_layer, out_dir / "final")
+        if not read_from(train, policy):  # written while the head trained: final/ joined it to other weights
+            shutil.rmtree(out_dir / "final")
+            raise ValueError(f"{policy} changed while the head trained (a training run writing it?): final/ would "
+                             "join the head to weights it was not trained on, so it was not kept; build the caches "
+                             "again once the folder is final")
     elif (out_dir / "final").is_dir():  # an earlier run's head beside these metrics would pass for theirs
         shutil.rmtree(out_dir / "final")
     write_atomic(out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())

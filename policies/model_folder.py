@@ -9,6 +9,7 @@ minutes later inside transformers or vLLM.
     directory = check_model_folder("/models/Qwen2.5-Math-7B-Instruct")   # FileNotFoundError naming what lacks
     weight_files(directory)        # [.../model-00001-of-00004.safetensors, ...]
     weights_fingerprint(directory) # sha256 of config.json, the weights and a head: which model this is
+                                   # (heads=False: of the backbone alone, what a rollout cache's features read)
 
 Tests: `.venv/bin/pytest tests/test_model_folder.py`.
 """
@@ -96,12 +97,12 @@ def weight_files(directory: Path) -> list[Path]:
     raise FileNotFoundError(f"checkpoint folder {directory} has no weights: {names}")
 
 
-def model_files(directory: Path) -> list[Path]:
+def model_files(directory: Path, heads: bool = True) -> list[Path]:
     """The files that make a folder's model compute what it does: config.json, the weights, and a
-    reflective model's SPRM head when it has one (score_module.pt, sprm.json:
+    reflective model's SPRM head when it has one and heads (score_module.pt, sprm.json:
     `policies.reflective_model`; a head trained again over a frozen backbone changes only them)."""
-    heads = [directory / name for name in HEAD_FILES if (directory / name).is_file()]
-    return [directory / "config.json", *weight_files(directory), *heads]
+    head_files = [directory / name for name in HEAD_FILES if heads and (directory / name).is_file()]
+    return [directory / "config.json", *weight_files(directory), *head_files]
 
 
 def weights_signature(directory: str | Path) -> dict[str, list[int]]:
@@ -116,17 +117,18 @@ def weights_signature(directory: str | Path) -> dict[str, list[int]]:
     return signature
 
 
-def weights_fingerprint(directory: str | Path) -> str:
+def weights_fingerprint(directory: str | Path, heads: bool = True) -> str:
     """sha256 over the model's files (`model_files`: names and bytes): the same model gives the
-    same value wherever its folder lies or however it is named, a retrained one another (what a
-    rollout cache keeps, so features of an older model are not mistaken for this one's). Reads
-    every weight byte: ~0.5 s a GB here (SmolLM2's 0.54 GB: 0.44 s). FileNotFoundError as
-    `check_model_folder`'s."""
+    same value wherever its folder lies or however it is named, a retrained one another. heads=False
+    leaves a reflective model's SPRM head out: what a rollout cache keeps, so features of an older
+    backbone are not mistaken for this one's, while a head trained again over the same backbone
+    keeps its caches. Reads every weight byte: ~0.5 s a GB here (SmolLM2's 0.54 GB: 0.44 s).
+    FileNotFoundError as `check_model_folder`'s."""
     directory = Path(directory)
     if not directory.is_dir():
         raise missing_folder_error(directory)
     digest = hashlib.sha256()
-    for path in model_files(directory):
+    for path in model_files(directory, heads):
         digest.update(path.name.encode() + b"\0")
         with open(path, "rb") as handle:
             while chunk := handle.read(READ_CHUNK):

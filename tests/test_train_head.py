@@ -733,6 +733,53 @@ def test_a_policy_trained_again_in_its_folder_is_not_the_caches_policy(handmade,
     assert not (tmp_path / "run").exists()  # refused before training
 
 
+def test_the_caches_policy_is_its_backbone_read_before_loading_and_checked_after(handmade, tiny, tmp_path, monkeypatch):
+    """A reflective folder whose head was trained again kept byte-identical weights, yet its
+    caches were refused as "trained again since"; a folder written while a cache was built (or a
+    head trained) recorded, or saved with, weights the features were not read from."""
+    import shutil
+
+    from experiments import rollout_cache as cache_module
+    from experiments import train_head as train_head_module
+    from experiments.rollout_cache import backbone_fingerprint, build_from_spec, check_policy
+    from policies.model_folder import weights_fingerprint
+
+    cache, _, _ = handmade
+    path, lm, tokenizer = tiny
+    folder = Path(shutil.copytree(path, tmp_path / "policy"))
+    spec = CacheSpec(str(folder), "arith", "test", 3, 2, feature_layers=(-2, -1), forward_batch=4)
+    mine = dataclasses.replace(cache, spec=dataclasses.asdict(spec))
+    whole = weights_fingerprint(folder)
+    (folder / "score_module.pt").write_bytes(b"a head")
+    (folder / "sprm.json").write_text('{"feature_layer": -2}')
+    assert weights_fingerprint(folder) != whole and backbone_fingerprint(folder) == mine.policy_fingerprint
+    assert check_policy(mine) == folder  # a new head over the same backbone keeps its caches
+    prints = iter(["before", "after"])
+    monkeypatch.setattr(cache_module, "backbone_fingerprint", lambda folder: next(prints))
+    with pytest.raises(ValueError, match="policy changed while the cache was built"):
+        build_from_spec(dataclasses.replace(spec, problems=1, n=1, max_total_tokens=8), progress=False)
+    monkeypatch.undo()
+    save_cache(mine, tmp_path / "train.pt")
+    save_cache(held_out(mine), tmp_path / "test.pt")
+    saved = train_head_module.save_reflective_head
+
+    def retrained_meanwhile(head, policy, layer, out):
+        changed = load_checkpoint(folder)[0]
+        with torch.no_grad():
+            next(changed.parameters()).add_(0.01)
+        save_checkpoint(changed, tokenizer, folder)
+        return saved(head, policy, layer, out)
+
+    monkeypatch.setattr(train_head_module, "save_reflective_head", retrained_meanwhile)
+    cfg = HeadTrainConfig(steps=1, batch_rollouts=2, eval_every=0)
+    with pytest.raises(ValueError, match="policy changed while the head trained"):
+        run_head_training(tmp_path / "train.pt", tmp_path / "test.pt", cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "metrics.json").exists()
+    shutil.rmtree(folder)  # moved away: the message said only "checkpoint folder ... does not exist"
+    with pytest.raises(FileNotFoundError, match="put it back there, or train with --no-save"):
+        run_head_training(tmp_path / "train.pt", tmp_path / "test.pt", cfg, tmp_path / "run", progress=False)
+
+
 def test_a_seed_torch_cannot_take_is_an_argument_error(tmp_path, capsys):
     # "error: Overflow when unpacking long long", naming no setting
     with pytest.raises(SystemExit) as info:
