@@ -123,6 +123,41 @@ def check_not_a_run_folder(path: object, key: str) -> None:
                                 f"The model is saved in {saved}: point {setting(key)} at it ({setting(key)}{saved})")
 
 
+LINEAGE_HOPS = 4  # a head over a joint-trained policy over an SFT one, and room to spare
+
+
+def sft_source(policy_path: str) -> str:
+    """The SFT policy folder policy_path descends from: itself when its run folder holds an
+    sft_summary.json, else the policy a train_head run (<run>/metrics.json: train_spec.policy_dir)
+    or a joint training run (<run>/config.yaml: init_from) started from, followed up to
+    LINEAGE_HOPS times; policy_path itself where nothing says."""
+    path = policy_path
+    for _ in range(LINEAGE_HOPS):
+        run = Path(path).parent
+        if (run / SFT_SUMMARY).is_file():
+            return path
+        parent = _started_from(run)
+        if parent is None or not Path(parent).is_dir():
+            return path
+        path = parent
+    return path
+
+
+def _started_from(run: Path) -> str | None:
+    """The policy folder a train_head or joint training run folder started from, or None."""
+    try:
+        spec = json.loads((run / "metrics.json").read_text()).get("train_spec", {})
+        return str(spec["policy_dir"])
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        pass
+    try:
+        import yaml
+
+        return str(yaml.safe_load((run / "config.yaml").read_text())["init_from"])
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
 def sft_run_info(policy_path: str) -> dict | None:
     """The "run" entry of the sft_summary.json beside an SFT policy folder (<run>/final; {} when
     the summary has none), or None when there is no summary, or one that is not this JSON."""
@@ -153,10 +188,11 @@ def trained_task_note(policy_path: object, task_module: str, key: str = "policy.
     setting that names the folder (policy.path, init_from, --policy)."""
     if not isinstance(policy_path, str):
         return None
-    info = sft_run_info(policy_path)  # read once for both notes
-    trained, task = trained_task(policy_path, info), task_module.rsplit(".", 1)[-1]
+    source = sft_source(policy_path)  # a head trained by train_head, or the joint trainer's policy: its SFT policy's
+    info = sft_run_info(source)  # read once for both notes
+    trained, task = trained_task(source, info), task_module.rsplit(".", 1)[-1]
     if trained == task:
-        return stale_split_note(policy_path, task, key, info)
+        return stale_split_note(policy_path, task, key, info, source)
     if trained is None:
         return None
     suggestion = f" (e.g. outputs/checkpoints/tiny-{task}/final)" if task in EMBEDDED_TASKS else ""
@@ -164,13 +200,16 @@ def trained_task_note(policy_path: object, task_module: str, key: str = "policy.
     return f"note: {given} was trained on {trained}, not {task}: point {setting(key)} at a policy of {task}{suggestion}"
 
 
-def stale_split_note(policy_path: str, task: str, key: str = "policy.path", info: dict | None = None) -> str | None:
+def stale_split_note(policy_path: str, task: str, key: str = "policy.path", info: dict | None = None,
+                     source: str | None = None) -> str | None:
     """A note when policy_path's SFT run (its sft_summary.json; info: its "run" entry when read
-    already) trained on another version of task's splits (SPLIT_VERSIONS; a summary without one:
-    version 1), whose train split held problems of today's test split, else None."""
+    already; source: the SFT policy it descends from, `sft_source`, default itself) trained on
+    another version of task's splits (SPLIT_VERSIONS; a summary without one: version 1), whose
+    train split held problems of today's test split, else None."""
+    source = policy_path if source is None else source
     if task not in SPLIT_VERSIONS:
         return None
-    info = sft_run_info(policy_path) if info is None else info
+    info = sft_run_info(source) if info is None else info
     if info is None:  # no summary: nothing says
         return None
     trained = info.get("split_version", 1)
@@ -179,7 +218,8 @@ def stale_split_note(policy_path: str, task: str, key: str = "policy.path", info
     given = given_setting(key, policy_path)
     return (f"note: {given} was trained on version {trained} of {task}'s splits, whose train split holds many of "
             f"today's test problems (version {SPLIT_VERSIONS[task]}): its test numbers read high; delete "
-            f"{Path(policy_path).parent} and train it again (`make demo`, or experiments.train_sft) to measure it")
+            f"{Path(source).parent} and train it again (`make demo`, or experiments.train_sft) to measure it"
+            + (f" (and what was trained from it: {policy_path})" if source != policy_path else ""))
 
 
 def given_setting(key: str, value: object) -> str:

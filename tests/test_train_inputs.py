@@ -11,6 +11,7 @@ Runs use the tiny fixtures of tests/test_train_loop.py (a random biased Llama, a
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -570,6 +571,21 @@ def test_a_policy_of_another_embedded_task_is_named(tmp_path):
     assert "was trained on countdown, not arith" in trained_task_note(str(old / "final"), "experiments.tasks.arith")
     assert trained_task_note(str(tmp_path / "elsewhere" / "final"), "experiments.tasks.arith") is None  # no summary
     assert trained_task_note(None, "experiments.tasks.arith") is None  # a served policy has no folder
+    # a head trained over it by train_head, then a joint-trained policy from that head: no note before
+    head = tmp_path / "head"
+    (head / "final").mkdir(parents=True)
+    (head / "metrics.json").write_text(json.dumps({"train_spec": {"policy_dir": str(run / "final"), "task": "arith"}}))
+    joint = tmp_path / "joint"
+    (joint / "last").mkdir(parents=True)
+    (joint / "config.yaml").write_text(f"init_from: {head / 'final'}\nseed: 0\n")
+    for descendant in (head / "final", joint / "last"):
+        assert trained_task_note(str(descendant), "experiments.tasks.countdown") == (
+            f"note: policy.path={descendant} was trained on arith, not countdown: point policy.path= at a policy "
+            "of countdown (e.g. outputs/checkpoints/tiny-countdown/final)")
+        assert trained_task_note(str(descendant), "experiments.tasks.arith") is None
+    (run / "sft_summary.json").write_text('{"config": {}, "run": {"task": "arith", "train_problems": 10}}')
+    stale = trained_task_note(str(joint / "last"), "experiments.tasks.arith")  # version 1 of the splits
+    assert f"delete {run} and train it again" in stale and f"(and what was trained from it: {joint / 'last'})" in stale
     assert trained_task_note(str(run / "final"), "countdown", "--policy").startswith(
         f"note: --policy {run / 'final'} was trained on arith, not countdown: point --policy at a policy of countdown")
 
