@@ -15,10 +15,12 @@ coroutines each send their `requests` requests back to back over one shared conn
     with the seed; the completions must equal the lone ones exactly (seed determinism), so a
     response delivered to the wrong request, or mixed up, shows as a mismatch.
 Counted: dropped (no HTTP answer: connection error or timeout), errored (status != 200 or an
-"error" body), mismatched (200 with a different answer). Printed: these counts, latency p50 /
-p99 / max of the concurrent phase, its throughput, and (from the services' /health counters)
-how many backend calls served it. Exit status 1 when any request is dropped,
-errored or mismatched.
+"error" body), mismatched (200 with a different answer, or one that is not an answer: a value
+that is no number, fewer all_scores). Printed: these counts, latency p50 / p99 / max and
+throughput of the concurrent phase's answers (200 with a body that is not an error: a fast 503
+or a refused connection is no answer and would make the service look faster), and (from the
+services' /health counters) how many backend calls served it. Exit status 1 when any request
+is dropped, errored or mismatched.
 """
 from __future__ import annotations
 
@@ -74,15 +76,21 @@ class Summary:
     dropped: int
     errored: int
     mismatched: int
-    p50_s: float
+    p50_s: float  # the latencies of the answers (status 200, no error body) alone
     p99_s: float
     max_s: float
     wall_s: float
     backend_calls: int | None = None  # batches the service ran for the concurrent phase (/health)
 
     @property
+    def answered(self) -> int:
+        """Requests that got an answer (status 200, no error body), matching or not."""
+        return self.requests - self.dropped - self.errored
+
+    @property
     def throughput(self) -> float:
-        return self.requests / self.wall_s if self.wall_s > 0 else 0.0
+        """Answers per second of the concurrent phase."""
+        return self.answered / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
     def ok(self) -> bool:
@@ -124,13 +132,21 @@ def matches(service: str, got: Any, expected: Any) -> bool:
         return False
     if service == "policy":
         return got.get("results") == expected.get("results")
-    if set(got) != set(expected) or abs(float(got["value"]) - float(expected["value"])) > SCORE_TOLERANCE:
+    if set(got) != set(expected) or not _close(got["value"], expected["value"]):
         return False
     if "all_scores" in expected:
-        close = all(abs(a - b) <= SCORE_TOLERANCE for a, b in zip(got["all_scores"], expected["all_scores"]))
-        return (close and got["token_ids"] == expected["token_ids"]
+        scores, alone = got["all_scores"], expected["all_scores"]
+        if not isinstance(scores, list) or not isinstance(alone, list) or len(scores) != len(alone):
+            return False  # zip stopped at the shorter: an empty all_scores passed
+        return (all(_close(a, b) for a, b in zip(scores, alone)) and got["token_ids"] == expected["token_ids"]
                 and got["score_positions"] == expected["score_positions"])
     return True
+
+
+def _close(got: Any, expected: Any) -> bool:
+    """Two scores within SCORE_TOLERANCE; a score that is no number (null) is not close."""
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (got, expected))
+    return numbers and abs(float(got) - float(expected)) <= SCORE_TOLERANCE
 
 
 # -- sending --------------------------------------------------------------------------------------
@@ -183,7 +199,7 @@ def summarize(service: str, outcomes: Sequence[Outcome], expected: Sequence[Outc
         o.status == 200 and not _is_error(o.body) and not matches(service, o.body, e.body)
         for o, e in zip(outcomes, expected)
     )
-    latencies = sorted(o.latency_s for o in outcomes)
+    latencies = sorted(o.latency_s for o in outcomes if not failed(o))
     return Summary(len(outcomes), dropped, errored, mismatched, _quantile(latencies, 0.5),
                    _quantile(latencies, 0.99), latencies[-1] if latencies else 0.0, wall_s)
 
@@ -232,18 +248,40 @@ def report(args: argparse.Namespace, summary: Summary) -> str:
         f"load test: {args.service} at {args.url}, {args.clients} concurrent clients x {args.requests} requests",
         f"  requests {summary.requests}  dropped {summary.dropped}  errored {summary.errored}  "
         f"mismatched {summary.mismatched}",
-        f"  latency p50 {summary.p50_s * 1000:.1f} ms  p99 {summary.p99_s * 1000:.1f} ms  max {summary.max_s * 1000:.1f} ms",
-        f"  wall {summary.wall_s:.2f} s  throughput {summary.throughput:.1f} requests/s",
+        f"  latency of the {summary.answered} answers: p50 {summary.p50_s * 1000:.1f} ms  "
+        f"p99 {summary.p99_s * 1000:.1f} ms  max {summary.max_s * 1000:.1f} ms",
+        f"  wall {summary.wall_s:.2f} s  throughput {summary.throughput:.1f} answers/s",
         *([f"  batching: {summary.requests} requests in {summary.backend_calls} backend calls "
            f"({summary.requests / max(summary.backend_calls, 1):.1f} per call)"] if summary.backend_calls else []),
-        f"  {'OK' if summary.ok else 'FAILED'}: every answer {'matched' if summary.ok else 'did not match'} "
-        "the answer to the same request sent alone",
+        "  OK: every answer matched the answer to the same request sent alone" if summary.ok else
+        f"  FAILED: {_failures(summary)} of {summary.requests} requests",
     ])
+
+
+def _failures(summary: Summary) -> str:
+    """What went wrong, by cause: "3 dropped, 1 mismatched"."""
+    counts = (("dropped", summary.dropped), ("errored", summary.errored),
+              ("did not match the answer to the same request sent alone", summary.mismatched))
+    return ", ".join(f"{n} {what}" for what, n in counts if n)
+
+
+def service_url(text: str) -> str:
+    """An argparse type: an http(s) address httpx can send to ("http://[::1" was an InvalidURL
+    traceback, port 99999 an OverflowError one, no scheme an error only after the first request)."""
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a URL: {err}") from err
+    if url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an http:// or https:// address, e.g. http://127.0.0.1:8001")
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be in 1-65535")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.load_test", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", required=True, help="service base address, e.g. http://127.0.0.1:8001")
+    parser.add_argument("--url", type=service_url, required=True, help="service base address, e.g. http://127.0.0.1:8001")
     parser.add_argument("--service", choices=("policy", "scorer"), required=True)
     parser.add_argument("--clients", type=positive_int, default=32)
     parser.add_argument("--requests", type=positive_int, default=20, help="requests per client")

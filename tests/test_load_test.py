@@ -26,6 +26,8 @@ def scores_of(text: str) -> dict:
 
 class FakeScorer(BaseHTTPRequestHandler):
     mixed_up = False  # True: answers a request with another request's score once two are in flight
+    # once two are in flight: "short" answers all_scores [], "null" a null value, "fast_503" a 503 at once
+    crowded_answer: str | None = None
     in_flight = 0
     lock = threading.Lock()
 
@@ -35,14 +37,18 @@ class FakeScorer(BaseHTTPRequestHandler):
         with cls.lock:
             cls.in_flight += 1
             crowded = cls.in_flight > 1
-        time.sleep(0.01)
+        odd = cls.crowded_answer if crowded else None
+        if odd != "fast_503":
+            time.sleep(0.05)
         answer = scores_of(body["text"] + ("!" if cls.mixed_up and crowded else ""))
         if body.get("return_all_scores"):
-            answer.update(all_scores=[answer["value"]], token_ids=[1], score_positions=[0])
+            answer.update(all_scores=[] if odd == "short" else [answer["value"]], token_ids=[1], score_positions=[0])
+        if odd == "null":
+            answer["value"] = None
         with cls.lock:
             cls.in_flight -= 1
-        data = json.dumps(answer).encode()
-        self.send_response(200)
+        data = json.dumps({"error": "busy"} if odd == "fast_503" else answer).encode()
+        self.send_response(503 if odd == "fast_503" else 200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -65,7 +71,7 @@ def serve(handler: type) -> Iterator[str]:
 
 @pytest.fixture
 def scorer_url() -> Iterator[str]:
-    FakeScorer.mixed_up = False
+    FakeScorer.mixed_up, FakeScorer.crowded_answer = False, None
     yield from serve(FakeScorer)
 
 
@@ -108,12 +114,40 @@ def test_a_silent_service_is_one_error_line_after_its_first_request(silent_url, 
     assert err.count("\n") == 1
 
 
-@pytest.mark.parametrize("url, reason", [
-    (f"http://127.0.0.1:{free_port()}", "ConnectError"), ("127.0.0.1:8001", "UnsupportedProtocol"),
+def test_a_refused_connection_says_why(capsys):
+    assert main(["--url", f"http://127.0.0.1:{free_port()}", "--service", "policy", "--clients", "2", "--requests", "2"]) == 2
+    assert "ConnectError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url, message", [
+    ("127.0.0.1:8001", "must be an http:// or https:// address"),  # an error only after the first request
+    ("http://[::1", "is not a URL: Invalid port"),  # an InvalidURL traceback
+    ("http://127.0.0.1:99999", "the port must be in 1-65535"),  # an OverflowError traceback
 ])
-def test_a_refused_connection_or_a_url_without_scheme_says_why(capsys, url, reason):
-    assert main(["--url", url, "--service", "policy", "--clients", "2", "--requests", "2"]) == 2
-    assert reason in capsys.readouterr().err
+def test_a_url_httpx_cannot_send_to_is_a_usage_error(capsys, url, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--url", url, "--service", "policy"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_latencies_and_throughput_are_of_answers_and_a_failure_says_its_cause(scorer_url, capsys):
+    # a 503 answered at once counted in p50 and throughput: 44 ms and 41 req/s where every answer took 200 ms
+    FakeScorer.crowded_answer = "fast_503"
+    assert main(["--url", scorer_url, "--service", "scorer", "--clients", "4", "--requests", "5"]) == 1
+    out = capsys.readouterr().out
+    errored = int(out.split("errored ")[1].split()[0])
+    assert errored > 0 and f"FAILED: {errored} errored of 20 requests" in out and "did not match" not in out
+    assert f"latency of the {20 - errored} answers: p50 " in out
+    assert float(out.split("p50 ")[1].split(" ms")[0]) >= 50  # every answer slept 50 ms; the 503s none
+
+
+@pytest.mark.parametrize("crowded_answer", ["short", "null"])
+def test_a_truncated_or_null_answer_is_a_mismatch(scorer_url, capsys, crowded_answer):
+    # all_scores [] against [0.5] passed (zip stopped at the shorter); a null value was a TypeError traceback
+    FakeScorer.crowded_answer = crowded_answer
+    assert main(["--url", scorer_url, "--service", "scorer", "--clients", "4", "--requests", "5"]) == 1
+    out = capsys.readouterr().out
+    assert "did not match the answer to the same request sent alone of 20 requests" in out and "mismatched 0" not in out
 
 
 @pytest.mark.parametrize("flag", ["--clients", "--requests", "--max-tokens", "--response-num", "--timeout"])

@@ -6,7 +6,7 @@ Usage:
     install_contract(app, api_key="secret")        # 422/413/401 as JSON errors naming the field
     request = GenerateRequest.model_validate({"prefix_prompt": "Q: 1+1?"})
     request.stop_strings()                          # () | ("a",) | ("a", "b")
-    raise FieldError("max_tokens", "must be <= 512 (the model's context minus the prompt)")
+    raise FieldError("response_num", "65 is over the server's limit 64")
 
 Bodies (MetaStone-S1 / XBai-o4 `test/policy_model_queue.py` and `test/score_model_queue.py`; a
 client written for those services works unchanged against ours):
@@ -136,8 +136,8 @@ class GenerateRequest(ServiceRequest):
     """`POST /generate`: response_num completions of the raw text prompt.
 
     prefix_prompt: the text to continue, sent to the model as is (no chat template).
-    max_tokens: most new tokens per completion (>= 1; at most the model's context minus the
-        prompt, checked by the service).
+    max_tokens: most new tokens per completion (>= 1; the service caps it at the model's context
+        minus the prompt, as the reference's vLLM does: its client always asks for 32768).
     response_num: completions to sample (>= 1; at most the server's --max-response-num).
     stop: stop string(s); a completion ends at the first one and keeps it (the reference sets
         include_stop_str_in_output=True). null or [] for none; at most MAX_STOP_STRINGS, each at

@@ -73,14 +73,10 @@ def completion_request(request: GenerateRequest, completer: TextCompleter, confi
     room = completer.max_model_len - prompt_tokens
     if room < 1:
         raise FieldError("prefix_prompt", f"has {prompt_tokens} tokens, the model's context is {completer.max_model_len}", 413)
-    max_tokens = request.max_tokens
-    if "max_tokens" not in request.model_fields_set:
-        max_tokens = min(max_tokens, room)  # the default 1024 on a shorter context: as much as fits
-    elif max_tokens > room:
-        raise FieldError("max_tokens", f"{max_tokens} is over {room}: the model's context "
-                                       f"{completer.max_model_len} minus the prompt's {prompt_tokens} tokens")
+    # more than fits (the reference's client always asks 32768; the default 1024 on a shorter
+    # context): as much as fits, as the reference's vLLM LLM.generate ends a sequence at the context
     return CompletionRequest(
-        prompt=request.prefix_prompt, n=request.response_num, max_tokens=max_tokens,
+        prompt=request.prefix_prompt, n=request.response_num, max_tokens=min(request.max_tokens, room),
         temperature=request.temperature, stop=request.stop_strings(), seed=request.seed,
     )
 

@@ -243,11 +243,12 @@ class TransformersCompleter:
         return torch.tensor(done, dtype=torch.bool, device=self.device)
 
     def _stopped(self, stop: tuple[str, ...], ids: list[int]) -> bool:
-        """A stop string in the text of the last few tokens (each token is >= 1 character, so
-        the window holds any stop string the newest token completed)."""
+        """A stop string in the text of the last few tokens (each token is >= 1 byte, so a window
+        of the stop string's UTF-8 bytes holds any stop string the newest token completed; one of
+        its characters counted 4 bytes-tokens of "😀", missed, and the row ran to max_tokens)."""
         if not stop:
             return False
-        window = max(len(s) for s in stop) + 2
+        window = max(len(s.encode("utf-8")) for s in stop) + 2
         with self._tokenizer_lock:
             tail = self.tokenizer.decode(ids[-window:], skip_special_tokens=True)
         return any(s in tail for s in stop)
