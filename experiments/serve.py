@@ -184,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     freeze_long_lived()  # imports and model: out of the garbage collector's walks (policies/gc_freeze.py)
     import uvicorn
 
+    # uvicorn says it is up at log level info only: at the default warning nothing told the model had loaded
+    print(f"serving the {args.service} service of {args.model} on http://{args.host}:{args.port} (model loaded; "
+          "Ctrl-C stops)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -250,6 +250,8 @@ def test_policy_health_and_reference_format(services):
     policy = services["policy"]
     health = httpx.get(policy.url + "/health").json()
     assert health["status"] == "ok" and health["service"] == "policy" and health["backend"] == "transformers"
+    # at the default log level warning nothing told that the model had loaded
+    assert f"serving the policy service of {policy.process.args[5]} on http://127.0.0.1:" in policy.log.read_text()
     response = post(policy, "/generate", {"prefix_prompt": "Question: 1 + 1?\n<think>", "response_num": 3, "max_tokens": 8})
     assert response.status_code == 200 and set(response.json()) == {"results"}
     results = response.json()["results"]
@@ -733,3 +735,31 @@ def test_a_stop_string_of_multi_byte_characters_ends_its_row(checkpoint):
         ids = completer.tokenizer("xy" + stop, add_special_tokens=False).input_ids
         assert completer._stopped((stop,), ids), stop
         assert not completer._stopped((stop,), ids[:-1]), stop
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read_whole():
+    # a 200 MB body was read and parsed (+270 MiB of server memory) before the text's limit said 413
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from fastapi.testclient import TestClient
+
+    from experiments.services.api_schemas import body_limit, install_contract
+
+    app = FastAPI()
+    install_contract(app, None, max_body_bytes=100)
+    seen: list[int] = []
+
+    async def echo(request):
+        seen.append(len(await request.body()))
+        return JSONResponse({"bytes": seen[-1]})
+
+    app.add_route("/echo", echo, methods=["POST"])
+
+    with TestClient(app) as client:
+        assert client.post("/echo", content=b"x" * 100).json() == {"bytes": 100}
+        over = client.post("/echo", content=b"x" * 101)
+        assert over.status_code == 413 and over.json()["field"] == "body"
+        assert over.json()["error"] == "body: is over the limit of 100 bytes"
+        streamed = client.post("/echo", content=iter([b"x" * 60, b"x" * 60]))  # chunked: no Content-Length
+        assert streamed.status_code == 413 and seen == [100]
+    assert body_limit(1_000_000) > 12 * 1_000_000  # a text of 1e6 characters JSON-escaped outside the BMP still fits

@@ -281,9 +281,66 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     return JSONResponse(error_body(field, message, detail), status_code=422)
 
 
-def install_contract(app: FastAPI, api_key: str | None = None) -> None:
-    """Add the JSON error handlers and, when api_key is given, the bearer-key check (run before
-    the body is read, so an unauthenticated request gets 401 whatever its body)."""
+def body_limit(max_chars: int) -> int:
+    """The most bytes of a body whose text field may hold max_chars characters: JSON writes a
+    character in up to 6 bytes (\\uXXXX), two for one outside the BMP (12), plus 1 MiB for the
+    other fields (32 stop strings of 512 such characters are 196 KB)."""
+    return 12 * max_chars + 2**20
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes gets 413 before it is read whole (by its
+    Content-Length, or counted as it streams in): a 200 MB body was read and parsed (+270 MiB of
+    server memory) before the text's own limit refused it."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", ())).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._refuse(scope, receive, send)
+        received = 0
+        started = False
+
+        async def counted() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge()
+            return message
+
+        async def watched(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Any, receive: Any, send: Any) -> None:
+        response = JSONResponse(error_body("body", f"is over the limit of {self.limit} bytes"), status_code=413)
+        await response(scope, receive, send)
+
+
+def install_contract(app: FastAPI, api_key: str | None = None, max_body_bytes: int | None = None) -> None:
+    """Add the JSON error handlers, a `BodyLimit` of max_body_bytes when given, and, when api_key
+    is given, the bearer-key check (run before the body is read, so an unauthenticated request
+    gets 401 whatever its body)."""
+    if max_body_bytes is not None:
+        app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -35,7 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from experiments.services.api_schemas import (
-    CLIENT_GONE_STATUS, FieldError, GenerateRequest, GenerateResponse, HealthResponse, install_contract,
+    CLIENT_GONE_STATUS, FieldError, GenerateRequest, GenerateResponse, HealthResponse, body_limit, install_contract,
 )
 from experiments.services.micro_batcher import BatcherConfig, ClientGone, MicroBatcher
 from experiments.services.text_completer import CompletionRequest, TextCompleter
@@ -94,7 +94,7 @@ def build_policy_app(completer: TextCompleter, config: PolicyConfig, model_name:
         await batcher.stop()
 
     app = FastAPI(title="treesearch policy", lifespan=lifespan)
-    install_contract(app, api_key)
+    install_contract(app, api_key, body_limit(config.max_prompt_chars))
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, Any]:

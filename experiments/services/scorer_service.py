@@ -47,7 +47,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from experiments.services.api_schemas import (
-    CLIENT_GONE_STATUS, FieldError, HealthResponse, ScoreRequest, ScoreResponse, install_contract,
+    CLIENT_GONE_STATUS, FieldError, HealthResponse, ScoreRequest, ScoreResponse, body_limit, install_contract,
 )
 from experiments.services.micro_batcher import BatcherConfig, ClientGone, MicroBatcher
 from policies.context_window import context_window
@@ -181,7 +181,7 @@ def build_scorer_app(scorer: TextSPRM, config: ScorerConfig, model_name: str, ap
         await batcher.stop()
 
     app = FastAPI(title="treesearch SPRM scorer", lifespan=lifespan)
-    install_contract(app, api_key)
+    install_contract(app, api_key, body_limit(config.max_text_chars))
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, Any]:
