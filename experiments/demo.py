@@ -494,8 +494,9 @@ def check_problem_counts(cfg: DemoConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; a bad setting (an unknown task, a count below 1, an output folder that is
     a file) prints one line `error: ...` before anything runs and exits 2."""
-    with interrupt_reported("the finished stages and runs are kept under the output folder; rerun the same "
-                            "command to go on from them"):
+    with interrupt_reported("the finished stages and runs are kept under the output folder (an SFT policy resumes "
+                            "from its last/; a stage stopped midway, such as the reflective model's training, starts "
+                            "over); rerun the same command to go on from them"):
         return run_command(demo_command, argv)
 
 

@@ -68,12 +68,17 @@ def ablation_rows(conf: Sequence[ProblemOutcome], scored: Mapping[str, Sequence[
 
 
 def ablation_markdown(rows: Sequence[AblationRow]) -> str:
+    """The table: a row per selection rule, a column per N (none when every N exceeds the
+    candidates: --n 1) and the within-problem AUC."""
     sizes = list(rows[0].accuracy)
-    lines = ["| selection | " + " | ".join(f"N = {k}" for k in sizes) + " | within-problem AUC |",
-             "|---|" + "---|" * (len(sizes) + 1)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    lines = [line(["selection", *(f"N = {k}" for k in sizes), "within-problem AUC"]), "|---|" + "---|" * (len(sizes) + 1)]
     for r in rows:
         auc = "" if r.within_auc is None else f"{r.within_auc:.3f}"
-        lines.append(f"| {r.name} | " + " | ".join(r.accuracy[k].fmt() for k in sizes) + f" | {auc} |")
+        lines.append(line([r.name, *(r.accuracy[k].fmt() for k in sizes), auc]))
     return "\n".join(lines)
 
 

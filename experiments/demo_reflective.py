@@ -34,7 +34,7 @@ import torch
 
 from experiments.backbone_tuning import (REFERENCE_TASKS, BackboneTuneConfig, paths_of, rollout_examples,
                                          solution_examples, train)
-from experiments.demo_sprm import SPRMResult, cached_rollouts
+from experiments.demo_sprm import SPRMResult, cached_rollouts, reflective_model_saved
 from experiments.plot_aha import plot_aha
 from experiments.rollout_cache import (
     CacheSpec, FeatureReader, RolloutCache, cache_problems, labels_version, load_cache,
@@ -156,7 +156,7 @@ def stage_identity(stage: ReflectiveStage, policy_dir: Path) -> dict[str, Any]:
 def _trained(work: Path, stage: ReflectiveStage, policy_dir: Path) -> dict[str, Any] | None:
     """The finished run of this config and policy in work, or None."""
     path = work / "metrics.json"
-    if not path.is_file() or not (work / "model" / "score_module.pt").is_file():
+    if not path.is_file() or not (work / "metrics.jsonl").is_file() or not reflective_model_saved(work / "model"):
         return None
     saved = json.loads(path.read_text())
     same = all(saved.get(key) == value for key, value in stage_identity(stage, policy_dir).items())

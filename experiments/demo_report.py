@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 from experiments.aha_metrics import fc_metrics
 from experiments.demo_sweep import StrategySweep, budget_markdown
 from experiments.metrics import Estimate, ProblemOutcome, accuracy
+from experiments.result_json import write_atomic
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,9 @@ def write_report(
             parts.append(f"Ablation on {t.task}: the same candidates chosen by each rule, accuracy at N [95% CI] "
                          f"(`experiments.demo_ablation`):\n\n{t.ablation}")
     parts += [sweep_section(task, sweep, out_dir) for task, sweep in (sweeps or {}).items()]
-    (out_dir / "report.md").write_text("\n\n".join(parts) + "\n")
+    # each replaced whole (a full disk cut report.md mid-row and left metrics.json of the run before)
     metrics = metrics_json(tasks, sweeps) | dict(extra or {})
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    write_atomic(out_dir / "report.md", ("\n\n".join(parts) + "\n").encode())
 
 

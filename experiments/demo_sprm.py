@@ -30,7 +30,9 @@ from experiments.rollout_cache import (
     CacheSpec, StaleCacheError, backbone_fingerprint, build_from_spec, labels_version, load_cache, save_cache,
 )
 from experiments.train_head import run_head_training
+from policies.model_folder import check_model_folder
 from scorers.head_training import HeadTrainConfig
+from scorers.sprm_head import SCORE_MODULE_FILE
 
 # metrics of the head run copied into the demo's metrics.json (the rest stays in its metrics.json)
 HEAD_KEYS: tuple[str, ...] = ("sprm_within_auc", "sprm_step_auc", "sprm_diff_prob", "conf_within_auc",
@@ -126,13 +128,24 @@ def train_head_once(train: Path, test: Path, cfg: HeadTrainConfig, head: Path) -
     return run_head_training(train, test, cfg, head)
 
 
+def reflective_model_saved(folder: Path) -> bool:
+    """Whether folder holds a whole reflective model (config, weights, tokenizer and the head's
+    score_module.pt; sprm.json is optional): a stage whose model lost a file is trained again,
+    not reused to fail on every rerun."""
+    try:
+        check_model_folder(folder)
+    except FileNotFoundError:
+        return False
+    return (folder / SCORE_MODULE_FILE).is_file()
+
+
 def _trained_with(head: Path, cfg: HeadTrainConfig, train: Path, test: Path) -> bool:
     """A finished head run of this config on these caches exists: the same paths holding caches
     of the same specs, read from the same weights (`cached_rollouts` rebuilds a cache in place
     when its spec or its policy's weights change, and a head trained on the old one must not be
     reused)."""
     path = head / "metrics.json"
-    if not path.is_file() or not (head / "final" / "score_module.pt").is_file():
+    if not path.is_file() or not reflective_model_saved(head / "final"):
         return False
     saved = json.loads(path.read_text())
     if saved.get("config") != asdict(cfg) or saved.get("train_cache") != str(train) or saved.get("test_cache") != str(test):

@@ -269,12 +269,20 @@ def caches(folder: Path) -> tuple[Path, Path, Path]:
     return folder / "head", save_cache(cache, folder / "train.pt"), save_cache(held_out(cache), folder / "test.pt")
 
 
+def model_marks(folder: Path, head: str = "a head") -> None:
+    """The files of a saved reflective model (config, weights, tokenizer, score_module.pt) with
+    stand-in contents: what the demo's "done" checks look for."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (folder / name).write_text("{}")
+    (folder / "score_module.pt").write_text(head)
+
+
 def finished_head_run(head: Path, cfg: Any, train: Path, test: Path) -> None:
     """A head run's marks as `run_head_training` leaves them: final/ and metrics.json."""
     from experiments.rollout_cache import labels_version, load_cache
 
-    (head / "final").mkdir(parents=True, exist_ok=True)
-    (head / "final" / "score_module.pt").write_text("a head")
+    model_marks(head / "final")
     (head / "metrics.json").write_text(json.dumps(
         {"config": dataclasses.asdict(cfg), "train_cache": str(train), "test_cache": str(test),
          "train_spec": load_cache(train).spec, "test_spec": load_cache(test).spec,
@@ -305,6 +313,10 @@ def test_a_head_is_trained_again_when_its_cache_was_rebuilt_in_place(tmp_path, m
     (head / "metrics.json").write_text(json.dumps(metrics))
     # the same spec read again from the policy trained again in its folder (other weights)
     save_cache(dataclasses.replace(rebuilt, policy_fingerprint="other weights"), train)
+    assert not demo_sprm._trained_with(head, cfg, train, test)
+    save_cache(rebuilt, train)
+    assert demo_sprm._trained_with(head, cfg, train, test)
+    (head / "final" / "model.safetensors").unlink()  # a head folder that lost a file: reused, then failed on every rerun
     assert not demo_sprm._trained_with(head, cfg, train, test)
     monkeypatch.setattr(demo_sprm, "run_head_training", lambda *args: {"retrained": True})
     assert demo_sprm.train_head_once(train, test, cfg, head) == {"retrained": True}
@@ -345,14 +357,19 @@ def test_a_reflective_run_stopped_after_saving_its_model_is_not_taken_for_the_ol
     policy, work = tmp_path / "policy", tmp_path / "work"
     work.mkdir()
     older, newer = ReflectiveStage(eval_every=150), ReflectiveStage(eval_every=100)
-    (work / "model").mkdir()
-    (work / "model" / "score_module.pt").write_text("the older model")
+    model_marks(work / "model", "the older model")
+    (work / "metrics.jsonl").write_text("")
     monkeypatch.setattr(dr, "weights_fingerprint", lambda folder: "the policy's weights")
     mark = {"config": dr._config(older), "policy_dir": str(policy), "policy_fingerprint": "the policy's weights"}
     (work / "metrics.json").write_text(json.dumps(mark))  # written before its task's grader had a version
     assert dr._trained(work, older, policy) is None  # trained on an older grader's outcomes: trained again
     (work / "metrics.json").write_text(json.dumps({**mark, "labels_version": dr.labels_version(older.task)}))
     assert dr._trained(work, older, policy) is not None
+    for lost in ("metrics.jsonl", "model/model.safetensors"):  # reused, then "no such file" on every rerun
+        content = (work / lost).read_bytes()
+        (work / lost).unlink()
+        assert dr._trained(work, older, policy) is None
+        (work / lost).write_bytes(content)
     monkeypatch.setattr(dr, "weights_fingerprint", lambda folder: "the policy trained again in place")
     assert dr._trained(work, older, policy) is None  # its reflective model is another one too
     monkeypatch.setattr(dr, "weights_fingerprint", lambda folder: "the policy's weights")
@@ -458,3 +475,20 @@ def test_the_sweep_searches_the_demo_tables_first_problems_at_any_seed(tmp_path)
         _, swept = load_task(compose("search", overrides=run_overrides(spec, "best_of_n", 4)).task)
     table = arith.generate_problems("test", 5, 1, DemoConfig().tasks[0].task_config)  # as run_task draws them
     assert [p.id for p in swept] == [p.id for p in table[:3]]
+
+
+def test_the_ablation_table_is_a_table_at_any_n():
+    # --n 1: every ablation size (2, 8, 32) exceeds the candidates; the header had 3 cells over a
+    # 2-cell separator, which markdown does not render as a table
+    from experiments.demo_ablation import ablation_markdown, ablation_rows
+    from experiments.metrics import CandidateOutcome, ProblemOutcome
+
+    def outcomes(n: int) -> list[ProblemOutcome]:
+        return [ProblemOutcome(f"p{i}", tuple(CandidateOutcome(str(j), j == i % n, 0.1 * j) for j in range(n)))
+                for i in range(4)]
+
+    for n, columns in ((1, 2), (2, 3), (8, 4)):
+        table = ablation_markdown(ablation_rows(outcomes(n), {"sprm (joint)": outcomes(n)}, (2, 8, 32))).splitlines()
+        assert all(line.count("|") == columns + 1 for line in table), table
+        assert table[1] == "|---|" + "---|" * (columns - 1)
+    assert ablation_markdown(ablation_rows(outcomes(2), {}, (2,))).splitlines()[0] == "| selection | N = 2 | within-problem AUC |"
