@@ -65,7 +65,7 @@ def fc_metrics(
     """correct_prob, false_prob, diff_prob (None when a side is empty), within_auc (None
     without groups or without a mixed group), num_correct, num_false."""
     if not len(scores) == len(correct) or (groups is not None and len(groups) != len(scores)):
-        raise ValueError(f"{len(scores)} scores, {len(correct)} outcomes, {len(groups or [])} groups: lengths differ")
+        raise ValueError(f"{len(scores)} scores, {len(correct)} outcomes, {0 if groups is None else len(groups)} groups: lengths differ")
     good = [float(s) for s, ok in zip(scores, correct) if ok]
     bad = [float(s) for s, ok in zip(scores, correct) if not ok]
     correct_prob, false_prob = _mean(good), _mean(bad)

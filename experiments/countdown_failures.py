@@ -31,7 +31,7 @@ from experiments.cli_errors import run_command
 from experiments.rollout_cache import RolloutCache, confidence_path_scores, load_cache
 from experiments.rollout_cache import cache_problems as problems_of_cache
 from experiments.tasks import countdown
-from experiments.tasks.countdown_steps import STEP_FAULTS, Rules, apply_op, check_step, parse_step
+from experiments.tasks.countdown_steps import STEP_FAULTS, Rules, apply_op, check_step, parse_step, think_body
 from treesearch.records import Problem
 
 
@@ -79,10 +79,11 @@ def diagnose(numbers: Sequence[int], target: int, rules: Rules, completion: str,
 
 
 def _unclosed_steps(completion: str) -> list[str]:
-    """The steps written so far of a think span that never closes (after <think>, blank parts
-    dropped; a cut last part stays: it is what the rollout wrote last)."""
-    span = completion.split(countdown.THINK_OPEN, 1)[-1]
-    return [part for part in span.split(countdown.SEPARATOR) if part.strip()]
+    """The steps written so far of a think span that never closes (after its opener, parts of
+    nothing but dots and blanks dropped as `countdown.think_steps` drops them; a cut last part
+    stays: it is what the rollout wrote last)."""
+    span = think_body(completion)
+    return [part for part in span.split(countdown.SEPARATOR) if part.strip(". \t\n\r")]
 
 
 def _problem_numbers(problem: Problem) -> tuple[tuple[int, ...], int, Rules]:

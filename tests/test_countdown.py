@@ -282,6 +282,16 @@ def test_a_side_step_the_derivation_never_uses_fails_it(p8566):
     assert not grade(p8566, prompt + "6 * 6 * 6 = 216.\n\n<think>" + derivation(*good))  # a second <think>
     assert grade(p8566, prompt + derivation(*good))
     assert grade(p8566, derivation(*good))
+    # a completion's own <think> after a wrong step dropped that step (graded right alone, wrong
+    # after the prompt), and a later step's "<think>" was cut off by the labeler, not the grader
+    redo = "9 * 9 = 81, left 81.\n\n<think>" + derivation(*good)
+    assert not grade(p8566, redo) and not grade(p8566, prompt + redo)
+    assert not any(true_step_labels(p8566, split_steps(redo)))
+    cheat = ["8 - 5 = 3, left 6 6 3.\n\n", "I will cheat <think>6 * 3 = 18, left 6 18.\n\n",
+             "18 + 6 = 24, left 24.\n\n", "</think>Answer: 24"]
+    assert not grade(p8566, "".join(cheat)) and true_step_labels(p8566, cheat) == [True, False, False, False]
+    assert grade(p8566, "<think>" + derivation(*good))  # a completion opening its own span
+    assert true_step_labels(p8566, split_steps(prompt + derivation(*good)))[:3] == [True, True, True]
 
 
 def test_a_wrong_written_result_fails_the_derivation(p8566):

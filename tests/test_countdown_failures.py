@@ -112,3 +112,21 @@ def test_cli_bad_caches_are_one_line_errors(tmp_path, capsys):
         assert main([str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_part_of_dots_is_no_step_in_an_unclosed_span_either():
+    # ".." between two steps: no fault with the span closed, "malformed at step 1" with it open
+    steps = "8 - 5 = 3, left 6 6 3.\n\n..\n\n6 * 3 = 18, left 6 18.\n\n"
+    assert diagnose(NUMBERS, TARGET, RULES, steps, False).fault == "unfinished"
+    assert diagnose(NUMBERS, TARGET, RULES, steps + "18 + 6 = 24, left 24.\n\n</think>Answer: x", True).fault is None
+
+
+def test_fc_metrics_names_differing_lengths_whatever_holds_the_groups():
+    import numpy as np
+    import pytest
+
+    from experiments.aha_metrics import fc_metrics
+
+    for groups in ([0, 0, 1], np.array([0, 0, 1])):  # an array's truth value was the error raised
+        with pytest.raises(ValueError, match="4 scores, 4 outcomes, 3 groups: lengths differ"):
+            fc_metrics([0.1, 0.2, 0.3, 0.4], [True, False, True, False], groups)

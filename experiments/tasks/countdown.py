@@ -84,6 +84,7 @@ from experiments.tasks.countdown_steps import (
     reachable,
     solution_count,
     step_labels,
+    think_body,
 )
 from treesearch.config_checks import check_int
 from treesearch.records import Problem
@@ -510,14 +511,15 @@ def _canonical(expr: Expr, top: bool = True) -> str:
 # Grading
 
 def think_steps(text: str) -> list[str] | None:
-    """The step texts of the think span (before the last </think>, after <think>), or None when
-    the think span never closes (an unfinished or cut completion). A part with nothing but dots
-    and blanks ("..", a lone separator's leftover) is no step, as `step_labels` reads it (it was
-    a malformed step here, and the grader rejected a path the labeler called right); any other
-    text is one, a second <think> with whatever precedes it included."""
+    """The step texts of the think span (before the last </think>, after the opener `think_body`
+    finds: a completion's own start, or a prompt's <think>), or None when the think span never
+    closes (an unfinished or cut completion). A part with nothing but dots and blanks ("..", a
+    lone separator's leftover) is no step, as `step_labels` reads it (it was a malformed step
+    here, and the grader rejected a path the labeler called right); any other text is one, a
+    <think> elsewhere with whatever precedes it included (malformed)."""
     if THINK_CLOSE not in text:
         return None
-    span = text.rsplit(THINK_CLOSE, 1)[0].split(THINK_OPEN, 1)[-1]  # a second <think> stays in a step: malformed
+    span = think_body(text.rsplit(THINK_CLOSE, 1)[0])
     return [part for part in span.split(SEPARATOR) if part.strip(". \t\n\r")]
 
 

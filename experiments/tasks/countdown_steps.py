@@ -257,10 +257,22 @@ class ParsedStep:
     left: tuple[int, ...]
 
 
+def think_body(text: str) -> str:
+    """text after the think span's opener when its first <think> opens the span: at the start of
+    the text, or after a prompt ("Use 8 5 6 6 to make 24.\n<think>": a line with no step
+    separator in it, ended by a newline); else text itself, where a <think> lies inside a step
+    (malformed): "9 * 9 = 81, left 81.\n\n<think>" + a derivation dropped the wrong step before it
+    and was graded right, as the same text after the prompt was not."""
+    before, opener, after = text.partition(THINK_OPEN)
+    if opener and (before == "" or (before.endswith("\n") and SEPARATOR not in before)):
+        return after
+    return text
+
+
 def step_body(text: str) -> str:
-    """A step text without anything up to <think> (split_steps joins a prompt and <think> to the
-    first step), leading and trailing separators and surrounding blanks."""
-    body = text.rsplit(THINK_OPEN, 1)[-1].strip().lstrip(". \t\n\r")  # a leading lone separator is no part of it
+    """A step text without the prompt and <think> before it (`think_body`: split_steps joins them
+    to the first step), leading and trailing separators and surrounding blanks."""
+    body = think_body(text).strip().lstrip(". \t\n\r")  # a leading lone separator is no part of it
     end = len(body)
     while end and (body[end - 1] == "." or body[end - 1].isspace()):  # one pass (a loop of slices was quadratic)
         end -= 1
@@ -312,7 +324,8 @@ def step_labels(numbers: Sequence[int], target: int, rules: Rules, step_texts: S
         if state is not None and body == "":
             labels.append(True)
             continue
-        verdict = check_step(state, target, text, rules) if state is not None else None
+        # a <think> in a later step is text inside it, as the grader reads it ("I will cheat <think>6 * 3 = 18")
+        verdict = check_step(state, target, text, rules) if state is not None and not (i and THINK_OPEN in text) else None
         ok = verdict is not None and verdict.ok
         labels.append(ok)
         state = verdict.state_after if ok else None
