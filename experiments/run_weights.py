@@ -10,9 +10,12 @@ model's head: `policies.model_folder.model_files`). A rerun over rows compares t
 touched) pass without reading the weights; otherwise the weights are hashed, and other weights
 refuse the run (`WeightsChangedError`, a ValueError: `error: ...`, exit 2) before anything loads.
 A folder without rows yet is simply bound to today's weights, as is one written before
-weights.json existed.
+weights.json existed. A served component (policy=openai, scorer=served_prm) has no folder of
+weights: the model id its server names is kept instead ("policy.served_model"), and a server
+restarted with another model refuses the rerun alike (`check_served_models`).
 
     check_run_weights(out, model_folders(config), has_records=True)
+    check_served_models(out, served_models({"policy": policy, "scorer": scorer}), has_records=True)
 
 Tests: `.venv/bin/pytest tests/test_run_weights.py`.
 """
@@ -95,6 +98,36 @@ def changed_folders(out: Path, folders: dict[str, Path]) -> list[str]:
     folder, such as the demo's sweep, searches again instead of being refused."""
     path = out / WEIGHTS_FILE
     return compare(read_saved(path), folders)[0] if path.is_file() else []
+
+
+def served_models(components: dict[str, Any]) -> dict[str, str]:
+    """{"policy.served_model": model id}: the model each served component's server names
+    (`client.served_model()`: the one asked for, or the first listed), for each component that
+    has such a client."""
+    served = {}
+    for node, component in components.items():
+        ask = getattr(getattr(component, "client", None), "served_model", None)
+        if callable(ask):
+            served[f"{node}.served_model"] = str(ask().name)
+    return served
+
+
+def check_served_models(out: Path, served: dict[str, str], has_records: bool) -> None:
+    """Refuse (WeightsChangedError) when out's rows came from another served model than its server
+    names now (restarted with another checkpoint: its rows were resumed into the old ones); then
+    keep the ids in out/weights.json beside the folders' records."""
+    path = out / WEIGHTS_FILE
+    saved = read_saved(path) if path.is_file() else {}
+    for key, name in served.items():
+        old = saved.get(key, {}).get("model")
+        if has_records and old is not None and old != name:
+            raise WeightsChangedError(
+                f"{out} holds rows searched with the served model {old!r}, but its server now serves {name!r} "
+                f"({key}): use another out_dir, or delete that folder to search again"
+            )
+    now = {**saved, **{key: {"model": name} for key, name in served.items()}}
+    if now != saved:
+        write_atomic(path, json.dumps(now, indent=1, sort_keys=True) + "\n")
 
 
 def check_run_weights(out: Path, folders: dict[str, Path], has_records: bool) -> None:

@@ -83,7 +83,7 @@ from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, check_row_questions, load_rows
 from experiments.result_json import write_atomic
-from experiments.run_weights import WEIGHTS_FILE, check_run_weights, model_folders
+from experiments.run_weights import WEIGHTS_FILE, check_run_weights, check_served_models, model_folders, served_models
 from experiments.sweep_metrics import (
     ADDED_SETTINGS, BUDGET_FIELDS, RECORD_KEYS, check_rows, read_run_config, run_metrics,
 )
@@ -104,8 +104,12 @@ from treesearch.records import Problem
 from treesearch.registry import STRATEGIES, StrategySpec
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
-# top-level keys that do not change what a run computes (left out of the config comparison)
-IGNORED_KEYS: tuple[str, ...] = ("out_dir", "progress", "num_threads", "live_tree")
+# keys that do not change what a run computes (left out of the config comparison): top-level
+# ones, and a served component's connection settings (the timeout error's own advice, "raise
+# timeout_s", was refused as another config; a rotated API key too)
+CONNECTION_KEYS: tuple[str, ...] = ("timeout_s", "max_retries", "backoff_s", "max_concurrency", "api_key")
+IGNORED_KEYS: tuple[str, ...] = ("out_dir", "progress", "num_threads", "live_tree",
+                                 *(f"{node}.{key}" for node in ("policy", "scorer") for key in CONNECTION_KEYS))
 # top-level settings whose absence means this value: `+batching=lockstep` resumes a run made
 # without it and the other way round (the same computation)
 DEFAULT_SETTINGS: dict[str, Any] = {"batching": "lockstep"}
@@ -509,6 +513,23 @@ def has_records(out: Path) -> bool:
     return records.exists() and records.stat().st_size > 0
 
 
+REDACTED = "<redacted>"
+
+
+def api_keys(config: dict[str, Any]) -> list[str]:
+    """The API keys a resolved config holds (policy.api_key, scorer.api_key given on the command
+    line), which the run's files must not keep."""
+    nodes = [config.get(node) for node in ("policy", "scorer")]
+    return [key for node in nodes if isinstance(node, dict) for key in [node.get("api_key")] if isinstance(key, str) and key]
+
+
+def redacted(text: str, secrets: Sequence[str]) -> str:
+    """text with every secret replaced by REDACTED."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
 def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") -> None:
     """Save config.yaml in a folder without records; in one with records, refuse unless the
     saved config matches (a folder whose run failed before its first row is simply reused).
@@ -535,7 +556,7 @@ def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") ->
                 f"use another out_dir (or delete that folder){resume}"
             )
         return
-    write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(config)))
+    write_atomic(path, redacted(OmegaConf.to_yaml(OmegaConf.create(config)), api_keys(config)))
 
 
 def save_hydra_files(out: Path, cfg: DictConfig) -> None:
@@ -548,9 +569,10 @@ def save_hydra_files(out: Path, cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     folder = out / HYDRA_SUBDIR
     folder.mkdir(exist_ok=True)
-    write_atomic(folder / "config.yaml", OmegaConf.to_yaml(cfg))
-    write_atomic(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
-    write_atomic(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
+    secrets = api_keys(resolved_config(cfg))  # an API key given on the command line is in all three
+    write_atomic(folder / "config.yaml", redacted(OmegaConf.to_yaml(cfg), secrets))
+    write_atomic(folder / "hydra.yaml", redacted(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})), secrets))
+    write_atomic(folder / "overrides.yaml", redacted(OmegaConf.to_yaml(hydra_cfg.overrides.task), secrets))
 
 
 @contextlib.contextmanager
@@ -641,6 +663,7 @@ def search_missing(
     with contextlib.ExitStack() as built:  # closed when done: the scorer first, then the policy
         policy = built.enter_context(closing_component(build_policy(cfg.policy)))  # loaded only when there is work
         scorer = built.enter_context(closing_component(build_scorer(cfg.scorer)))
+        check_served_models(out, served_models({"policy": policy, "scorer": scorer}), has_records(out))
         warning = prm_window_warning(cfg.policy.get("sampling", {}).get("max_total_tokens"), scorer)
         if warning:
             print(warning, file=sys.stderr)

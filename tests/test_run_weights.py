@@ -149,3 +149,26 @@ def test_the_demo_sweep_searches_again_the_runs_of_a_policy_trained_again(policy
     for kept in (sweep / "my_run", sweep / "beam_8", elsewhere):
         assert (kept / "records.jsonl").is_file()
     assert "best_of_n_4 holds rows of other weights of policy.path (trained again): searched again" in capsys.readouterr().err
+
+
+def test_a_served_model_changed_behind_the_same_url_is_refused(tmp_path):
+    # policy=openai saved model: null and fingerprinted only its local tokenizer folder: a server
+    # restarted with another checkpoint resumed into the old rows
+    from types import SimpleNamespace
+
+    from experiments.run_weights import check_served_models, served_models
+
+    def served(name):
+        return SimpleNamespace(client=SimpleNamespace(served_model=lambda: SimpleNamespace(name=name)))
+
+    assert served_models({"policy": served("/models/A"), "scorer": object()}) == {"policy.served_model": "/models/A"}
+    out = tmp_path / "run"
+    out.mkdir()
+    check_run_weights(out, {}, has_records=False)
+    check_served_models(out, {"policy.served_model": "/models/A"}, has_records=False)
+    check_served_models(out, {"policy.served_model": "/models/A"}, has_records=True)  # the same: resumes
+    with pytest.raises(WeightsChangedError, match=r"the served model '/models/A', but its server now serves "
+                                                  r"'/models/B' \(policy.served_model\)"):
+        check_served_models(out, {"policy.served_model": "/models/B"}, has_records=True)
+    check_run_weights(out, {}, has_records=True)  # the folders' check keeps the served record
+    assert json.loads((out / WEIGHTS_FILE).read_text()) == {"policy.served_model": {"model": "/models/A"}}

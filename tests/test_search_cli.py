@@ -673,3 +673,27 @@ def test_a_scorers_error_in_continuous_batching_names_its_problem(ckpt, tmp_path
                     f"out_dir={tmp_path / 'run'}"], cwd=tmp_path, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == f"error: scorer input too long; in the search of problem {target!r}"
+
+
+def test_connection_settings_resume_and_an_api_key_stays_out_of_the_run_files(tmp_path):
+    # the timeout error's advice ("raise timeout_s") was refused as another config; an API key
+    # given on the command line was saved in config.yaml (and named the default folder)
+    import yaml
+
+    from experiments.search import claim_run_dir, redacted
+
+    out = tmp_path / "run"
+    out.mkdir()
+    config = {"policy": {"path": "p", "timeout_s": 1.0, "max_retries": 0, "api_key": "sk-SECRET123"},
+              "scorer": {"timeout_s": 5.0}, "seed": 0}
+    claim_run_dir(out, config)
+    assert "sk-SECRET123" not in (out / "config.yaml").read_text()
+    assert yaml.safe_load((out / "config.yaml").read_text())["policy"]["api_key"] == "<redacted>"
+    (out / "records.jsonl").write_text('{"problem_id": "a"}\n')
+    claim_run_dir(out, {**config, "policy": {**config["policy"], "timeout_s": 30.0, "max_retries": 10,
+                                             "api_key": "sk-ROTATED"}, "scorer": {"timeout_s": 60.0}})
+    with pytest.raises(ValueError, match=r"policy.path: 'p' -> 'q'"):
+        claim_run_dir(out, {**config, "policy": {**config["policy"], "path": "q"}})
+    assert redacted("a: sk-1\nb: sk-1", ["sk-1"]) == "a: <redacted>\nb: <redacted>"
+    composed = OmegaConf.load(REPO / "experiments" / "conf" / "search.yaml")
+    assert {"policy.api_key", "scorer.api_key"} <= set(composed.hydra.job.config.override_dirname.exclude_keys)
