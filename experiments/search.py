@@ -122,6 +122,9 @@ CLAIM_FILES: tuple[str, ...] = (CONFIG, WEIGHTS_FILE, HYDRA_SUBDIR, LOCK)
 # final/, sft_summary.json; train_head: metrics.jsonl, final/): a search there replaced its config.yaml
 # and metrics.json, and the training could not resume
 FOREIGN_RUN_FILES: tuple[str, ...] = ("last", "final", "sft_summary.json", "metrics.jsonl")
+# what a folder of several runs holds (a sweep: multirun.yaml, sweep_metrics.json; the demo: report.md;
+# either: sub-folders of runs): a search at its root mixed its rows into the sweep's tables
+RESULTS_FOLDER_FILES: tuple[str, ...] = ("multirun.yaml", "sweep_metrics.json", "report.md")
 # `+batching=`: lockstep (default: every round of a chunk's problems in one policy call) or
 # continuous (each problem searched in its own thread, the policy decoding whatever calls wait
 # together: `policies.continuous_engine`; a problem's samples are then those of searching it alone)
@@ -535,11 +538,17 @@ def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") ->
     saved config matches (a folder whose run failed before its first row is simply reused).
     The saved config's budget is read as `with_run_budget` records it (budget_field: the
     strategy's), so folders saved before it recorded the budget that ran still resume. A folder of
-    another command's run (FOREIGN_RUN_FILES, ckpt-*) is refused before anything is written."""
+    another command's run (FOREIGN_RUN_FILES, ckpt-*) or of several runs (RESULTS_FOLDER_FILES, a
+    sub-folder with records) is refused before anything is written."""
     foreign = [name for name in FOREIGN_RUN_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("ckpt-*"))[:1]
     if foreign:
         raise ConfigMismatchError(f"{out} holds {', '.join(foreign)} of another command's run (experiments.train, "
                                   "train_sft or train_head), whose files a search there would replace; use another out_dir")
+    runs = [name for name in RESULTS_FOLDER_FILES if (out / name).exists()] + sorted(
+        f"{p.name}/" for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / RECORDS).exists())[:1]
+    if runs:
+        raise ConfigMismatchError(f"{out} holds {', '.join(runs)}: the results of several runs (a sweep, the demo), which "
+                                  "a search at its top would mix its rows into; use another out_dir (a new sub-folder of it)")
     path = out / CONFIG
     if has_records(out) and not path.exists():
         raise ConfigMismatchError(f"{out} has {RECORDS} but no {CONFIG}: cannot tell what made them; use another out_dir")

@@ -136,9 +136,16 @@ def test_a_damaged_config_beside_records_is_named_and_nothing_is_written(ckpt, t
     assert (out / "records.jsonl").read_bytes() == records and (out / "config.yaml").read_bytes() == content
 
 
-@pytest.mark.parametrize("files", [("last/config.json", "metrics.jsonl", "config.yaml"), ("ckpt-2/config.json",),
-                                   ("final/config.json", "sft_summary.json"), ("metrics.jsonl", "metrics.json")])
-def test_another_commands_run_folder_is_refused_and_left_as_it_was(ckpt, tmp_path, files):
+@pytest.mark.parametrize("files, what", [
+    (("last/config.json", "metrics.jsonl", "config.yaml"), "of another command's run"),
+    (("ckpt-2/config.json",), "of another command's run"),
+    (("final/config.json", "sft_summary.json"), "of another command's run"), (("metrics.jsonl", "metrics.json"), "of another command's run"),
+    # a sweep's or the demo's folder: the run's rows and metrics.json landed at its top, beside its tables
+    (("multirun.yaml", "best_of_n-4/records.jsonl"), "the results of several runs"),
+    (("report.md", "metrics.json", "sweep_arith/n=4/records.jsonl"), "the results of several runs"),
+    (("beam/records.jsonl", "beam/config.yaml"), "the results of several runs"),
+])
+def test_another_commands_run_folder_is_refused_and_left_as_it_was(ckpt, tmp_path, files, what):
     """A search into a training run's folder replaced its config.yaml and metrics.json (train_head's
     held-out metrics): the training could no longer resume."""
     out = tmp_path / "run"
@@ -147,7 +154,7 @@ def test_another_commands_run_folder_is_refused_and_left_as_it_was(ckpt, tmp_pat
         (out / name).write_text("theirs")
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     overrides = [f"policy.path={ckpt}", f"out_dir={out}", "task.count=1", "search.n=2", "progress=false"]
-    with pytest.raises(ValueError, match=f"{out} holds .* of another command's run"):
+    with pytest.raises(ValueError, match=f"{out} holds .* {what}"):
         run_in_process(overrides)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert all((out / name).read_text() == "theirs" for name in files)
