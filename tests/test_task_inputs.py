@@ -204,3 +204,16 @@ def test_a_user_path_that_is_missing_gets_no_data_dir_hint(tmp_path):
     with pytest.raises(FileNotFoundError) as caught:
         gsm8k.load_gsm8k("test", tmp_path / "absent.jsonl")
     assert DATA_DIR_ENV not in str(caught.value)
+
+
+def test_hub_without_the_datasets_package_is_a_value_error(monkeypatch):
+    # an ImportError: a 33-line traceback of experiments.search, exit 1, and a left-over run folder
+    import sys
+
+    import pytest
+
+    from experiments.tasks.loader_errors import read_hub_rows
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    with pytest.raises(ValueError, match=r"task.config.hub=true needs the `datasets` package \(pip install datasets\)"):
+        next(read_hub_rows("openai/gsm8k", "main", "test"))

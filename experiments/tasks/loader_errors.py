@@ -216,8 +216,9 @@ def read_hub_rows(dataset: str, config: str | None, split: str) -> Iterator[tupl
     with hub=True."""
     try:
         import datasets
-    except ImportError as error:
-        raise ImportError("hub=True needs the `datasets` package (pip install datasets)") from error
+    except ImportError as error:  # a ValueError: one `error:` line, not a traceback beside a left-over run folder
+        raise ValueError("task.config.hub=true needs the `datasets` package (pip install datasets), or leave hub "
+                         "false to read the files under $TREESEARCH_DATA_DIR") from error
     rows = datasets.load_dataset(dataset, config, split=split)
     source = Path(f"hub:{dataset}" + (f"/{config}" if config else "") + f"[{split}]")
     for row_number, record in enumerate(rows, start=1):
