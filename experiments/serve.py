@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     scorer.add_argument("--max-text-tokens", type=positive_int, default=None, help="default: the model's context")
     scorer.add_argument("--max-text-chars", type=positive_int, default=1_000_000)
     scorer.add_argument("--max-batch-tokens", type=positive_int, default=16384, help="most padded tokens per forward")
-    scorer.add_argument("--feature-layer", type=int, default=None, help="override sprm.json (default -2)")
+    scorer.add_argument("--feature-layer", type=int, default=None,
+                        help="the layer the head reads, for a folder without sprm.json (the reference's format; "
+                        "default -2); a folder's sprm.json names its own")
     scorer.add_argument("--no-prepend-special-tokens", action="store_true",
                         help="tokenise exactly as the reference (add_special_tokens=False), no BOS added")
     return parser

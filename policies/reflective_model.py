@@ -127,9 +127,7 @@ class ReflectiveModel(nn.Module):
         lm, tokenizer = load_checkpoint(directory, dtype, device)
         # names a truncated file itself (DamagedCheckpointError), a head of another model (ValueError)
         head = load_score_module(directory, int(lm.config.hidden_size), map_location=lm.device)
-        if feature_layer is None:
-            feature_layer = saved_feature_layer(directory)
-        return cls(lm, head, feature_layer).eval(), tokenizer
+        return cls(lm, head, layer_to_read(directory, feature_layer)).eval(), tokenizer
 
 
 def check_reflective_folder(directory: str | Path, feature_layer: int | None = None) -> tuple[int, int | None]:
@@ -139,7 +137,7 @@ def check_reflective_folder(directory: str | Path, feature_layer: int | None = N
     search names these before its policy loads (a vLLM policy engine took minutes on a GPU first)."""
     directory = check_model_folder(directory)
     head_file(directory)
-    layer = saved_feature_layer(directory) if feature_layer is None else feature_layer
+    layer = layer_to_read(directory, feature_layer)
     with reading(directory / "config.json"):
         saved = json.loads((directory / "config.json").read_bytes())
     layers = saved.get("num_hidden_layers") if isinstance(saved, dict) else None
@@ -154,6 +152,22 @@ def check_feature_layer(layer: object, num_states: int) -> None:
     if type(layer) is not int or not -num_states <= layer < num_states:
         raise ValueError(f"feature_layer={layer!r} must index the {num_states} hidden states "
                          f"(an integer in [{-num_states}, {num_states - 1}])")
+
+
+def layer_to_read(directory: str | Path, feature_layer: int | None) -> int:
+    """The hidden layer a folder's head is read at: feature_layer, or the saved one when None
+    (`saved_feature_layer`). A feature_layer other than the one the folder's sprm.json names is a
+    ValueError: the head was trained on that layer (search took scorer.feature_layer=-1 over a
+    head of -2 in silence, as training refuses it); a folder without sprm.json (the reference's
+    format) takes any."""
+    if feature_layer is None:
+        return saved_feature_layer(directory)
+    if (Path(directory) / SPRM_CONFIG_FILE).is_file():
+        saved = saved_feature_layer(directory)
+        if feature_layer != saved:
+            raise ValueError(f"feature_layer={feature_layer!r}, but the head of {directory} was trained on hidden layer "
+                             f"{saved} ({SPRM_CONFIG_FILE}): leave feature_layer unset (null) to read that one")
+    return feature_layer
 
 
 def saved_feature_layer(directory: str | Path) -> int:

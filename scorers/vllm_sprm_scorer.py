@@ -37,7 +37,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
 from policies.model_folder import check_model_folder
-from policies.reflective_model import saved_feature_layer
+from policies.reflective_model import layer_to_read
 from policies.vllm_engine import VLLMEngineConfig, build_llm, encode_hidden_states, max_model_len, shutdown_llm
 from policies.vllm_policy import count_parameters
 from scorers.sprm_head import load_score_module, sprm_logits
@@ -95,7 +95,7 @@ class VLLMSPRMScorer:
         directory = check_model_folder(path)
         config = AutoConfig.from_pretrained(str(directory))
         head = load_score_module(directory, int(config.hidden_size))
-        layer = feature_layer if feature_layer is not None else saved_feature_layer(directory)
+        layer = layer_to_read(directory, feature_layer)
         engine = replace(engine or VLLMEngineConfig(str(directory)), model=str(directory))
         llm = build_llm(engine, runner="pooling", feature_layer=layer)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))

@@ -414,3 +414,18 @@ def test_scores_attached_through_the_feature_tap_equal_the_forward_scorers(monke
     read = SCORER.score(paths)
     pairs = [(a, r) for row_a, row_r in zip(attached, read) for a, r in zip(row_a, row_r) if a is not None]
     assert pairs and all(a == pytest.approx(r, abs=1e-5) for a, r in pairs)
+
+
+def test_a_feature_layer_other_than_the_heads_saved_one_is_refused(tmp_path):
+    # search took scorer.feature_layer=-1 over a head trained on -2 in silence (other scores), as
+    # training refuses the same mismatch; a reference folder (no sprm.json) takes any layer
+    from policies.reflective_model import SPRM_CONFIG_FILE, check_reflective_folder
+
+    folder = ReflectiveModel(LM, HEAD, feature_layer=-2).save_pretrained(tmp_path / "m", TOK)
+    assert check_reflective_folder(folder)[0] == check_reflective_folder(folder, -2)[0] == -2
+    for refuse in (lambda: check_reflective_folder(folder, -1), lambda: ReflectiveModel.from_pretrained(folder, feature_layer=-1)):
+        with pytest.raises(ValueError, match=r"feature_layer=-1, but the head of .* was trained on hidden layer -2 "
+                                             r"\(sprm.json\): leave feature_layer unset"):
+            refuse()
+    (folder / SPRM_CONFIG_FILE).unlink()
+    assert ReflectiveModel.from_pretrained(folder, feature_layer=-1)[0].feature_layer == -1
