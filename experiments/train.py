@@ -116,9 +116,12 @@ ADDED_SETTINGS: dict[str, Any] = {
     "prompt": "plain",  # 2026-12-06: the task's own prompt_text before
 }
 # keys that do not change what a run computes: a resume may change them
+# the task node's search settings, which training never reads (it draws its problems by `data`)
+UNUSED_TASK_KEYS: dict[str, str] = {"task.split": "data.train_problems / data.heldout_problems",
+                                    "task.count": "data.train_problems / data.heldout_problems", "task.seed": "data.seed"}
 RESUMABLE_KEYS: tuple[str, ...] = (
     "out_dir", "device", "num_threads", "progress", "tensorboard", "run.max_steps", "run.max_minutes",
-    "run.checkpoint_every", "run.keep_checkpoints",
+    "run.checkpoint_every", "run.keep_checkpoints", *UNUSED_TASK_KEYS,
 )
 # the settings of the nodes no class is built from: `+num_thread=2` composed and was never read
 PLAIN_NODE_KEYS: dict[str, tuple[str, ...]] = {
@@ -1017,8 +1020,20 @@ def close_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def check_unused_task_keys(argv: Sequence[str]) -> None:
+    """Exit 2 with one line for an override of a task setting training never reads: task.count=500
+    trained on data.train_problems' problems, saved 500 in config.yaml and refused a resume over it."""
+    for arg in argv:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key in UNUSED_TASK_KEYS:
+            print(f"error: {key} is a search setting that experiments.train does not read (it draws its problems by "
+                  f"`data`): set {UNUSED_TASK_KEYS[key]} instead", file=sys.stderr)
+            raise SystemExit(2)
+
+
 if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR)  # recipe=nosuch: one line, exit 2, before Hydra composes
+    check_unused_task_keys(sys.argv[1:])
     check_override_keys(sys.argv[1:], CONFIG_DIR, "train", PLAIN_NODE_KEYS)  # grpo.bogus=1: one line, exit 2
     check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "train")  # a file; a sweep given one out_dir
     with interrupt_reported(lambda: hydra_rerun_hint("a run resumes from its out_dir/last")):

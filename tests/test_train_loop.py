@@ -351,3 +351,18 @@ def test_the_step_rows_aha_metrics_read_the_rollouts_the_spr_loss_trains_on():
         row = step_row(1, [{"losses": {"loss/total": 0.0}, "records": records}], SimpleNamespace(s=settings))
         assert row["fc/correct_prob"] == pytest.approx(0.9) and row["fc/false_prob"] == pytest.approx(false_prob)
         assert row["fc/num_false"] == num_false and row["rollout/correct"] == pytest.approx(1 / 4)
+
+
+def test_the_task_nodes_search_settings_are_refused_on_the_command_line(capsys):
+    # task.split=bogus task.count=-5 trained normally and saved them; a resume over task.count=7 was refused
+    from experiments.train import RESUMABLE_KEYS, check_unused_task_keys
+
+    check_unused_task_keys(["task=countdown", "data.seed=1", "data.train_problems=500"])
+    for arg, instead in (("task.count=500", "data.train_problems / data.heldout_problems"), ("+task.seed=3", "data.seed")):
+        with pytest.raises(SystemExit) as exit_info:
+            check_unused_task_keys([arg])
+        key = arg.lstrip("+").split("=")[0]
+        assert exit_info.value.code == 2 and capsys.readouterr().err == (
+            f"error: {key} is a search setting that experiments.train does not read (it draws its problems by `data`): "
+            f"set {instead} instead\n")
+    assert {"task.split", "task.count", "task.seed"} <= set(RESUMABLE_KEYS)  # runs saved with them still resume
