@@ -441,7 +441,9 @@ def import_task(module_name: str) -> Task:
 
 
 def load_task(task_cfg: DictConfig) -> tuple[Task, list[Problem]]:
-    """(the task module, its problems for split / count / seed / config)."""
+    """(the task module, its problems for split / count / seed / config); task.seed must be an
+    integer (1.5 or "abc" drew some problems, true those of 1, filed under another name)."""
+    check_int("task.seed", task_cfg.get("seed"))
     module = import_task(task_cfg.module)
     problems = module.generate_problems(task_cfg.split, task_cfg.count, task_cfg.seed, build_frozen(task_cfg.config))
     return module, problems  # type: ignore[return-value]

@@ -52,6 +52,8 @@ def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProce
         ("policy.sampling.top_p=2", r"^top_p=2 must be in \(0, 1\]$"),
         # recorded and not used: `-m search.seed=0,1` ran one draw twice, pooled as two seeds
         ("search.seed=5", r"^search.seed=5 differs from seed=0: each chunk's seed derives from the top-level seed"),
+        # drew some problems (true: those of 1, filed under another folder name)
+        ("task.seed=1.5", r"^task.seed=1.5 must be an integer$"), ("task.seed=true", r"^task.seed=True must be an integer$"),
     ],
 )
 def test_top_level_scalars_are_refused_before_anything_loads(override, message, tmp_path):
