@@ -59,9 +59,23 @@ def plugin_options(group: str) -> set[str]:
     return {name.removesuffix(".yaml") for name in node} if isinstance(node, dict) else set()
 
 
-def unknown_group_option(argv: Sequence[str], config_dir: Path) -> str | None:
+def default_groups(config_dir: Path, config_name: str) -> set[str]:
+    """The groups the primary config's defaults list names (`- search: best_of_n`, `- experiment: null`)."""
+    import yaml
+
+    try:
+        defaults = yaml.safe_load((config_dir / f"{config_name}.yaml").read_text()).get("defaults", [])
+    except (OSError, AttributeError, yaml.YAMLError):
+        return set()
+    return {key for entry in defaults if isinstance(entry, dict) for key in entry if "/" not in key and " " not in key}
+
+
+def unknown_group_option(argv: Sequence[str], config_dir: Path, config_name: str | None = None) -> str | None:
     """The error line for the first argument naming an option its group lacks (or whose Hydra
-    plugin is not installed), else None."""
+    plugin is not installed), or adding with `+` a group the primary config (config_name) already
+    chooses (Hydra: "Multiple values for experiment. To override a value use 'override
+    experiment: ...'", exit 1), else None."""
+    chosen = default_groups(config_dir, config_name) if config_name else set()
     for argument in argv:
         match = GROUP_ARGUMENT.match(argument)
         group = match["group"] if match else ""
@@ -76,6 +90,9 @@ def unknown_group_option(argv: Sequence[str], config_dir: Path) -> str | None:
             missing = missing_plugin(group, name)
             if missing:
                 return missing
+        if argument.startswith("+") and not argument.startswith("++") and group in chosen:
+            return (f"error: {argument}: group {group} is already in {config_name}.yaml's defaults list, so it is "
+                    f"chosen without the +: {argument[1:]}")
     return None
 
 
@@ -89,9 +106,9 @@ def missing_plugin(group: str, name: str) -> str | None:
     return f"error: {group}={name} needs Hydra's {package} plugin, which is not installed: pip install {package}"
 
 
-def check_group_options(argv: Sequence[str], config_dir: Path) -> None:
+def check_group_options(argv: Sequence[str], config_dir: Path, config_name: str | None = None) -> None:
     """Print the error line of `unknown_group_option` on stderr and exit 2 when there is one."""
-    error = unknown_group_option(argv, config_dir)
+    error = unknown_group_option(argv, config_dir, config_name)
     if error is not None:
         print(error, file=sys.stderr)
         raise SystemExit(USAGE_EXIT)

@@ -931,7 +931,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_group_options(sys.argv[1:], CONFIG_DIR)  # search=nosuch: one line, exit 2, before Hydra composes
+    check_group_options(sys.argv[1:], CONFIG_DIR, "search")  # search=nosuch: one line, exit 2, before Hydra composes
     check_override_keys(sys.argv[1:], CONFIG_DIR, "search", PLAIN_NODE_KEYS)  # search.bogus=1: one line, exit 2
     check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "search")  # a file; -m ... out_dir=X: one folder for every job
     sys.argv = with_experiment_job_folders(sys.argv)  # -m experiment=a,b: a folder per experiment

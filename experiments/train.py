@@ -1032,7 +1032,7 @@ def check_unused_task_keys(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    check_group_options(sys.argv[1:], CONFIG_DIR)  # recipe=nosuch: one line, exit 2, before Hydra composes
+    check_group_options(sys.argv[1:], CONFIG_DIR, "train")  # recipe=nosuch: one line, exit 2, before Hydra composes
     check_unused_task_keys(sys.argv[1:])
     check_override_keys(sys.argv[1:], CONFIG_DIR, "train", PLAIN_NODE_KEYS)  # grpo.bogus=1: one line, exit 2
     check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "train")  # a file; a sweep given one out_dir

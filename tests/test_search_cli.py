@@ -699,3 +699,15 @@ def test_connection_settings_resume_and_an_api_key_stays_out_of_the_run_files(tm
     assert redacted("a: sk-1\nb: sk-1", ["sk-1"]) == "a: <redacted>\nb: <redacted>"
     composed = OmegaConf.load(REPO / "experiments" / "conf" / "search.yaml")
     assert {"policy.api_key", "scorer.api_key"} <= set(composed.hydra.job.config.override_dirname.exclude_keys)
+
+
+def test_adding_a_group_the_defaults_already_choose_says_to_drop_the_plus():
+    # Hydra's two lines "Multiple values for experiment. To override a value use 'override experiment: ...'", exit 1
+    from experiments.group_options import unknown_group_option
+
+    conf = REPO / "experiments" / "conf"
+    assert unknown_group_option(["+experiment=reasoning_low"], conf, "search") == (
+        "error: +experiment=reasoning_low: group experiment is already in search.yaml's defaults list, so it is "
+        "chosen without the +: experiment=reasoning_low")
+    assert unknown_group_option(["+recipe=grpo_countdown"], conf, "train").endswith("without the +: recipe=grpo_countdown")
+    assert unknown_group_option(["++search=beam", "+batching=continuous", "experiment=reasoning_low"], conf, "search") is None
