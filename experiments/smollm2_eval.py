@@ -62,7 +62,8 @@ from typing import Any, Sequence
 
 import torch
 
-from experiments.cli_errors import run_command
+from experiments.cli_args import check_folder_target
+from experiments.cli_errors import interrupt_reported, run_command
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, check_row_questions, load_rows
 from experiments.result_json import write_atomic
@@ -110,7 +111,7 @@ LATE_FIELDS: dict[str, tuple[str, ...]] = {
     "head_warmup_steps": ("sprm/metrics.json",),
 }
 GRADERS: tuple[str, ...] = ("strict", "flexible")
-REPORT_ELSEWHERE: tuple[str, ...] = ("problems", "tokens_per_s")  # metrics.json keys that are no table row
+REPORT_ELSEWHERE: tuple[str, ...] = ("problems", "tokens_per_s", "threads")  # metrics.json keys that are no table row
 BACKENDS: tuple[str, ...] = ("transformers", "vllm")
 VLLM_KV_CACHE_GIB = 2.0  # SmolLM2's KV at 256 new tokens: ~4.6 MB a sequence, so ~400 at once
 # a number as GSM8K answers write it: "-3", "1,234", "$18", "2.5" (lm-eval-harness' flexible-extract)
@@ -121,15 +122,17 @@ NUMBER = re.compile(r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")  # a trailing comma is no
 
 
 def flexible_answer(text: str, finished: bool = True) -> str | None:
-    """The strict final answer (last \\boxed{}, "#### N", "Answer: N", "The answer is N.") when there is a non-empty
-    one, else the last number of a finished text (SmolLM2 almost never boxes its answer); a text
-    cut by the token limit has no final number (its last number is wherever the cut fell). In the
-    form majority votes compare (`grading.canonical_answer`: "$18.50" is "18.5")."""
+    """The strict final answer (last \\boxed{}, "#### N", "Answer: N", "The answer is N.") when it is
+    a number; else the last number in it ("Answer: She makes $18 a day."), else the last number of
+    a finished text (SmolLM2 almost never boxes its answer; "Answer: the total money" kept the
+    rescue from it), else the strict answer as written; a text cut by the token limit has no
+    final number (its last number is wherever the cut fell). In the form majority votes compare
+    (`grading.canonical_answer`: "$18.50" is "18.5")."""
     strict = gsm8k.extract_answer(text)
-    if strict:  # "" when the model echoes the instruction's empty \\boxed{}
+    if strict and NUMBER.fullmatch(strict):  # "" when the model echoes the instruction's empty \\boxed{}
         return strict
-    numbers = NUMBER.findall(text) if finished else []
-    return grading.canonical_answer(numbers[-1]) if numbers else None
+    numbers = (NUMBER.findall(strict) if strict else []) or (NUMBER.findall(text) if finished else [])
+    return grading.canonical_answer(numbers[-1]) if numbers else strict or None
 
 
 def flexible_grade(problem: Problem, text: str, finished: bool = True) -> bool:
@@ -330,11 +333,11 @@ def run_search_stage(cfg: EvalConfig, stage: str, out: Path, deadline: float) ->
         seed = chunk_seed(cfg.seed, [p.id for p in part])
         results = run_search(name, part, policy, scorer, **strategy_cfg, seed=seed)
         outcomes = grade_results(results, gsm8k.grade, gsm8k.extract_answer)
-        rows = [{**record(r, o), "policy_parameters": policy.num_parameters, "steps": steps_payload(r)}
-                for r, o in zip(results, outcomes) if r.problem.id not in done]
+        rows = [{**record(r, o), "policy_parameters": policy.num_parameters, "steps": steps_payload(r),
+                 "threads": cfg.threads} for r, o in zip(results, outcomes) if r.problem.id not in done]
         append_rows(path, rows)
-        print(f"{stage}: {len(done) + sum(len(p) for p in todo[: k + 1])}/{len(problems)} problems, "
-              f"{_tokens_per_s(rows):.1f} tokens/s")
+        done |= {row["problem_id"] for row in rows}  # a resumed chunk's earlier rows counted twice (3/2 problems)
+        print(f"{stage}: {len(done)}/{len(problems)} problems, {_tokens_per_s(rows):.1f} tokens/s")
     return True
 
 
@@ -502,6 +505,7 @@ def collect_metrics(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     gsm8k_flexible.<metric> (flexible grading; the SPRM's rows use it, see run_sprm_stage)."""
     metrics: dict[str, Any] = {}
     speed: dict[str, float] = {}
+    threads: dict[str, list[int]] = {}  # the threads each stage's rows were searched with (none: not recorded)
     for grader in GRADERS:
         prefix = TASK if grader == "strict" else f"{TASK}_{grader}"
         ci: dict[str, list[float]] = {}
@@ -510,6 +514,7 @@ def collect_metrics(cfg: EvalConfig, out: Path) -> dict[str, Any]:
             if rows is None:
                 continue
             speed[stage] = _tokens_per_s(rows)
+            threads[stage] = sorted({row["threads"] for row in rows if "threads" in row})
             for key, est in stage_metrics(cfg, stage, regraded(rows, grader)).items():
                 metrics[f"{prefix}.{key}"] = est["mean"]
                 ci[key] = [est["low"], est["high"]]
@@ -524,6 +529,7 @@ def collect_metrics(cfg: EvalConfig, out: Path) -> dict[str, Any]:
         metrics[f"{prefix}.ci95"] = ci
     metrics[f"{TASK}.problems"] = cfg.problems
     metrics[f"{TASK}.tokens_per_s"] = speed
+    metrics[f"{TASK}.threads"] = threads
     return metrics
 
 
@@ -570,10 +576,19 @@ def format_report(cfg: EvalConfig, metrics: dict[str, Any]) -> str:
     ]
     lines += [f"| {name} | {cell(TASK, name)} | {cell(flexible, name)} |" for name in names]
     lines += flat_head_warning(cfg, metrics)
-    lines += ["", f"Throughput (generated tokens / wall second, {cfg.threads} CPU threads shared with other jobs, "
+    lines += ["", f"Throughput (generated tokens / wall second, on CPU threads shared with other jobs, "
               f"batch {cfg.batch_size}):", ""]
-    lines += [f"- {stage}: {value:.1f} tokens/s" for stage, value in metrics[f"{TASK}.tokens_per_s"].items()]
+    lines += [f"- {stage}: {value:.1f} tokens/s ({thread_note(metrics.get(f'{TASK}.threads', {}).get(stage, []))})"
+              for stage, value in metrics[f"{TASK}.tokens_per_s"].items()]
     return "\n".join(lines) + "\n"
+
+
+def thread_note(threads: Sequence[int]) -> str:
+    """How many threads a stage's rows were searched with, as its rows record it (the report's own
+    --threads labelled the tokens/s of a run made with others)."""
+    if not threads:
+        return "threads not recorded"
+    return f"{'/'.join(map(str, threads))} thread{'s' if threads != [1] else ''}"
 
 
 def flat_head_warning(cfg: EvalConfig, metrics: dict[str, Any]) -> list[str]:
@@ -670,20 +685,26 @@ def check_feature_layer(cfg: EvalConfig) -> None:
 
 
 def check_run(cfg: EvalConfig, out: Path, stages: Sequence[str], max_minutes: float | None) -> None:
-    """What a run checks before any stage or file: known stages, a positive time limit, when the
-    sprm stage is to run the feature layer against the model, and the GSM8K slices its stages
-    read (the data files there, with as many problems)."""
+    """What a run checks before any stage or file: known stages, a positive time limit, --out a
+    folder (not a file), a --model-dir that is a model folder (or SmolLM2's conversion target),
+    when the sprm stage is to run the feature layer against the model, and the GSM8K slices its
+    stages read (the data files there, with as many problems)."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
     if max_minutes is not None and not max_minutes > 0:
         raise ValueError(f"--max-minutes {max_minutes} must be > 0")
+    check_folder_target(out, "--out")  # a file was a FileExistsError traceback from the run lock
+    if not is_conversion_target(cfg.model_dir):  # a run folder given: named before config.json is written
+        check_model_folder(cfg.model_dir)
     if "sprm" in stages and not (out / "sprm" / "metrics.json").is_file():
         check_feature_layer(cfg)
-    # the slices exist (a --train-problems past the train split failed after the test stages)
-    for stage in ("greedy", "train"):
-        if stage in stages or (stage == "train" and "sprm" in stages):
-            stage_problems(cfg, stage)
+    # the slices exist (a --train-problems past the train split failed after the test stages; a
+    # --problems past the test split under --stages best_of_n after config.json was written)
+    if any(stage in stages for stage in ("greedy", "best_of_n", "beam", "sprm")):
+        stage_problems(cfg, "greedy")
+    if "train" in stages or "sprm" in stages:
+        stage_problems(cfg, "train")
 
 
 def run(cfg: EvalConfig, out: Path, stages: Sequence[str], max_minutes: float | None = None) -> dict[str, Any]:
@@ -703,8 +724,10 @@ def run(cfg: EvalConfig, out: Path, stages: Sequence[str], max_minutes: float | 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; our own input errors (ValueError, FileNotFoundError: a bad setting, a
-    folder of another config) print "error: <message>" on stderr and give exit code 2."""
-    return run_command(eval_command, argv)
+    folder of another config) print "error: <message>" on stderr and give exit code 2; Ctrl-C (or
+    SIGTERM) one line saying what is kept."""
+    with interrupt_reported("the rows of finished chunks are kept in --out; rerun the same command to go on"):
+        return run_command(eval_command, argv)
 
 
 def eval_command(argv: Sequence[str] | None = None) -> int:

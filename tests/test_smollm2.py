@@ -241,6 +241,18 @@ def test_flexible_grading_takes_the_last_number_of_a_finished_answer():
     assert flexible_grade(problem, "He runs 1,400 meters.") and not flexible_grade(problem, "He runs 140 meters.")
     assert flexible_answer("so 3 boxes hold 1,400, in total") == "1400"  # was "1,400,": graded wrong, a vote of its own
     assert flexible_grade(problem, "That makes 1400, as asked.")
+    # a strict answer that is no number kept the last-number rescue from it
+    assert flexible_answer("She makes 18 dollars.\nAnswer: She makes $18 a day.") == "18"
+    assert flexible_answer("She makes $18.\n\nAnswer: the total money") == "18"
+    assert flexible_answer("Answer: the total money") == "the total money"  # nothing numeric: as written
+
+
+def test_the_throughput_names_the_threads_its_rows_were_searched_with():
+    # the report labelled tokens/s measured on 1 thread with the --threads of whoever ran the report
+    from experiments.smollm2_eval import thread_note
+
+    assert (thread_note([1]), thread_note([2]), thread_note([1, 2]), thread_note([])) == (
+        "1 thread", "2 threads", "1/2 threads", "threads not recorded")
 
 
 @needs_wheel
@@ -380,11 +392,22 @@ def test_a_slice_past_a_split_is_refused_before_any_stage(tmp_path, capsys):
     from experiments.smollm2_eval import main
 
     out = tmp_path / "run"
+    (tmp_path / "a_run").mkdir()
+    (tmp_path / "a_run" / "metrics.jsonl").write_text("")  # a folder, not a model (nor empty: no conversion target)
     for flags, message in ((["--train-problems", "100000"], "count=100000 but the train split has only 7473"),
                            (["--problems", "5000"], "count=5000 but the test split has only 1319"),
-                           (["--train-problems", "100000", "--stages", "sprm"], "count=100000 but the train split")):
+                           (["--train-problems", "100000", "--stages", "sprm"], "count=100000 but the train split"),
+                           # without greedy among the stages the test slice went unchecked: config.json,
+                           # weights.json and .lock were written first
+                           (["--problems", "5000", "--stages", "best_of_n"], "count=5000 but the test split"),
+                           (["--problems", "5000", "--stages", "beam"], "count=5000 but the test split"),
+                           (["--model-dir", str(tmp_path / "a_run"), "--stages", "best_of_n"], "has no config.json")):
         assert main([*flags, "--out", str(out)]) == 2
         assert message in capsys.readouterr().err and not out.exists()
+    (tmp_path / "notes.txt").write_text("x")  # a FileExistsError traceback from the run lock
+    for target in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "sub"):
+        assert main(["--stages", "report", "--out", str(target)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: --out {target} ")
     # a report without the train stage does not read the train split (it failed after the test stages)
     from experiments.smollm2_eval import EvalConfig, stage_rows
 
