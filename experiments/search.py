@@ -291,6 +291,12 @@ def check_head_scorer(node: DictConfig) -> None:
     except FileNotFoundError as err:  # with how to get one, as when the scorer is built
         raise FileNotFoundError(f"{err}. {checkpoint_hint(node.path, err, 'scorer.path')}") from err
     last = layer == -1 or (states is not None and layer == states - 1)  # vLLM's own output: no class of ours
+    if node.get("_target_") != SPRM_FORWARD and not last:  # an architecture vLLM cannot stop early: named now
+        from transformers import AutoConfig
+
+        from policies.vllm_layer_features import feature_overrides
+
+        feature_overrides(AutoConfig.from_pretrained(node.path), layer)
     if OmegaConf.select(node, "engine.multiprocessing", default=False) and not last:
         raise ValueError("scorer.engine.multiprocessing=true: the SPRM's feature layer is read through a model class "
                          "registered in this process only (policies/vllm_layer_features.py); set it false (and "

@@ -86,7 +86,8 @@ class VLLMLMPRMScorer:
         self.llm, self.tokenizer, self.rows = llm, tokenizer, rows
         self.task: PoolingTask = "token_embed" if rows is not None else "token_classify"
         self.num_parameters = int(num_parameters)
-        self.layout = PRMLayout(self.format, tokenizer, good, max_model_len(llm))
+        # the engine's window, which scorer.engine.max_model_len may set below max_position_embeddings
+        self.layout = PRMLayout(self.format, tokenizer, good, max_model_len(llm), "scorer.engine.max_model_len")
         self._lock = threading.Lock()  # the layout's memory and the engine: one caller at a time
 
     @classmethod

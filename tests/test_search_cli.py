@@ -711,3 +711,31 @@ def test_adding_a_group_the_defaults_already_choose_says_to_drop_the_plus():
         "chosen without the +: experiment=reasoning_low")
     assert unknown_group_option(["+recipe=grpo_countdown"], conf, "train").endswith("without the +: recipe=grpo_countdown")
     assert unknown_group_option(["++search=beam", "+batching=continuous", "experiment=reasoning_low"], conf, "search") is None
+
+
+def test_vllm_scorers_follow_the_policys_cache_root_and_name_an_architecture_they_cannot_stop(tmp_path, monkeypatch):
+    # the presets hard-coded cache_root null, then refused the policy's own: "set them alike"; a GPT-2
+    # head passed the early check and failed only after the policy had loaded
+    from hydra import compose, initialize_config_dir
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from experiments.search import CONFIG_DIR, check_engines_agree
+    from scorers.sprm_head import build_sprm_head, save_score_module
+
+    folder = _reflective_folder(tmp_path)
+    for scorer in ("vllm_sprm", "vllm_prm"):
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("search", overrides=["policy=vllm", f"policy.path={folder}", f"scorer={scorer}",
+                                               f"policy.engine.cache_root={tmp_path / 'vc'}"])
+        assert cfg.scorer.engine.cache_root == str(tmp_path / "vc")
+        if scorer == "vllm_sprm":
+            check_engines_agree(cfg)
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=64)).save_pretrained(gpt2)
+    (gpt2 / "tokenizer.json").write_text((folder / "tokenizer.json").read_text())
+    save_score_module(build_sprm_head(16, seed=0), gpt2)
+    monkeypatch.setattr("experiments.search.build_policy", lambda node: pytest.fail("the policy was loaded"))
+    with pytest.raises(ValueError, match=r"feature_layer=-2 through vLLM needs one of the architectures .* the checkpoint "
+                                         r"has \['GPT2LMHeadModel'\]"):
+        run_in_process([f"policy.path={folder}", "scorer=vllm_sprm", f"scorer.path={gpt2}", f"out_dir={tmp_path / 'run'}",
+                        *TINY])
