@@ -26,7 +26,12 @@ pre-tokenizer splits whitespace before a word into single newlines: "done.\\n\\n
 every greedy GSM8K answer we read; '\\n\\n' only appears at the very end of a text). A separator of
 '.\\n\\n' or '\\n\\n' therefore never ends a step. SEPARATOR = '\\n': every token whose text ends with a
 newline ends a step (the model has no think tokens, so everywhere), a run of newlines counts once
-and stays with the step it ends (`policies.step_stops`); a step is a line of the answer.
+(`policies.step_stops`); a step is a line of the answer. Two limits: a token of a newline and the
+indent after it ('\\n  ', 119 such tokens) does not end with a newline, so an indented line joins
+the step before it; and a run of newlines stays with the step it ends when a rollout is split
+(`split_step_ends`), but opens the next step when a step-level search stops at each step
+(propose stops at the run's first newline): "7.\\n\\nThen" is '7.\\n\\n' + 'Then' in a Best-of-N
+path and '7.\\n' + '\\nThen' in a beam search's.
 """
 from __future__ import annotations
 

@@ -157,3 +157,12 @@ def test_a_step_score_is_a_plain_float_or_refused():
     json.dumps(tree.to_json())
     with pytest.raises(ValueError, match="score='x' must be a number"):
         tree.add(0, Step("c", (3,), (-0.1,), "eos"), score="x")
+
+
+def test_a_think_tag_after_the_span_closed_opens_nothing():
+    # "...</think>Answer: 3<think>": the first <think> was taken for the opener, at the end: one step
+    from treesearch.steps import split_steps
+
+    text = "6 * 2 = 12.\n\n12 - 9 = 3.\n\n</think>Answer: 3<think>"
+    assert split_steps(text) == ["6 * 2 = 12.\n\n", "12 - 9 = 3.\n\n", "</think>Answer: 3<think>"]
+    assert split_steps("Q?\n<think>1.\n\n2.\n\n</think>A: 2") == ["Q?\n<think>1.\n\n", "2.\n\n", "</think>A: 2"]

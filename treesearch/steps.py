@@ -2,10 +2,17 @@
 
 A step ends with the separator (default ".\\n\\n", kept in the step). Only separators inside the
 think span count: the span starts after `<think>` (or at the start of the text when the text has
-no `<think>`, because the prompt opened it) and ends at `</think>` (or the end of the text). As in
-the reference, only the first separator of a run ends a step (the rest stay attached to it), and a
-separator right after `<think>` does not end a step. Text before the span joins the first step;
-`</think>` and everything after it is the last step. Joining the steps gives the text back.
+no `<think>` before its first `</think>`, because the prompt opened it) and ends at `</think>` (or
+the end of the text). As in the reference, only the first separator of a run ends a step (the rest
+stay attached to it), and a separator right after `<think>` does not end a step. Text before the
+span joins the first step; `</think>` and everything after it is the last step. Joining the steps
+gives the text back.
+
+The policies and the SPRM apply the same rule to tokens, prompt included, following the tags in
+order (`scorers.sprm_positions.separator_positions`). A text alone cannot tell a prompt's
+`<think>` from a stray one a completion wrote after a step ("3.\\n\\n<think>4.\\n\\n"): here the
+first one opens the span, so the step before it joins the first step, where the policy, which
+saw its prompt open the span, ended a step there.
 
     >>> split_steps("<think>1 + 2 = 3.\\n\\n3 * 2 = 6.\\n\\n</think>Answer: 6")
     ['<think>1 + 2 = 3.\\n\\n', '3 * 2 = 6.\\n\\n', '</think>Answer: 6']
@@ -29,10 +36,13 @@ class StepFormat:
 
 
 def think_span(text: str, fmt: StepFormat = StepFormat()) -> tuple[int, int]:
-    """[start, end) character span in which separators end steps."""
+    """[start, end) character span in which separators end steps (a `<think>` after the first
+    `</think>` opens nothing: "...</think>Answer: 3<think>" was one step)."""
     start = 0
-    if fmt.think_open and fmt.think_open in text:
-        start = text.index(fmt.think_open) + len(fmt.think_open)
+    first_close = text.find(fmt.think_close) if fmt.think_close else -1
+    opener = text.find(fmt.think_open) if fmt.think_open else -1
+    if opener >= 0 and (first_close < 0 or opener < first_close):
+        start = opener + len(fmt.think_open)
     end = len(text)
     if fmt.think_close:
         close = text.find(fmt.think_close, start)
