@@ -290,6 +290,12 @@ def test_a_side_step_the_derivation_never_uses_fails_it(p8566):
     cheat = ["8 - 5 = 3, left 6 6 3.\n\n", "I will cheat <think>6 * 3 = 18, left 6 18.\n\n",
              "18 + 6 = 24, left 24.\n\n", "</think>Answer: 24"]
     assert not grade(p8566, "".join(cheat)) and true_step_labels(p8566, cheat) == [True, False, False, False]
+    # a later step opening with <think>, or one after a line of its own: the grader's step parser
+    # dropped the tag there and graded the path right while the labels said wrong
+    for later in ("<think>", "I will cheat\n<think>"):
+        steps = [cheat[0], later + "6 * 3 = 18, left 6 18.\n\n", cheat[2], cheat[3]]
+        assert not grade(p8566, "".join(steps)) and not grade(p8566, prompt + "".join(steps))
+        assert true_step_labels(p8566, steps) == [True, False, False, False]
     assert grade(p8566, "<think>" + derivation(*good))  # a completion opening its own span
     assert true_step_labels(p8566, split_steps(prompt + derivation(*good)))[:3] == [True, True, True]
 

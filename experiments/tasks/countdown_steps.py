@@ -270,9 +270,9 @@ def think_body(text: str) -> str:
 
 
 def step_body(text: str) -> str:
-    """A step text without the prompt and <think> before it (`think_body`: split_steps joins them
-    to the first step), leading and trailing separators and surrounding blanks."""
-    body = think_body(text).strip().lstrip(". \t\n\r")  # a leading lone separator is no part of it
+    """A step text without leading and trailing separators and surrounding blanks (a <think> in it
+    stays: malformed; the first step's prompt and opener are `step_labels`' to drop)."""
+    body = text.strip().lstrip(". \t\n\r")  # a leading lone separator is no part of it
     end = len(body)
     while end and (body[end - 1] == "." or body[end - 1].isspace()):  # one pass (a loop of slices was quadratic)
         end -= 1
@@ -318,14 +318,14 @@ def step_labels(numbers: Sequence[int], target: int, rules: Rules, step_texts: S
     labels: list[bool] = []
     state: State | None = tuple(sorted(numbers))
     for i, text in enumerate(step_texts):
-        # a lone separator: no step, as the grader skips it (the first step's prompt and <think> aside:
-        # a later "<think>" with text before it is a malformed step, as the grader reads it)
-        body = step_body(text) if i == 0 else text.strip(". \t\n\r")
-        if state is not None and body == "":
+        if i == 0:  # split_steps joins a prompt and its <think> to the first step (`think_body`)
+            text = think_body(text)
+        # a lone separator: no step, as the grader skips it; a <think> anywhere else is text inside a
+        # step, malformed, as the grader reads it ("3.\n\n<think>6 * 3 = 18", "I will cheat\n<think>...")
+        if state is not None and step_body(text) == "":
             labels.append(True)
             continue
-        # a <think> in a later step is text inside it, as the grader reads it ("I will cheat <think>6 * 3 = 18")
-        verdict = check_step(state, target, text, rules) if state is not None and not (i and THINK_OPEN in text) else None
+        verdict = check_step(state, target, text, rules) if state is not None else None
         ok = verdict is not None and verdict.ok
         labels.append(ok)
         state = verdict.state_after if ok else None
