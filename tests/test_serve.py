@@ -763,3 +763,21 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read_whole():
         streamed = client.post("/echo", content=iter([b"x" * 60, b"x" * 60]))  # chunked: no Content-Length
         assert streamed.status_code == 413 and seen == [100]
     assert body_limit(1_000_000) > 12 * 1_000_000  # a text of 1e6 characters JSON-escaped outside the BMP still fits
+    # through a route with a pydantic body (FastAPI reads it, and wrapped the stop as a 400: a 422
+    # "could not be parsed as JSON")
+    from experiments.services.api_schemas import GenerateRequest
+
+    typed = FastAPI()
+    install_contract(typed, None, max_body_bytes=100)
+
+    async def generate(request):
+        return {"results": [request.prefix_prompt]}
+
+    generate.__annotations__ = {"request": GenerateRequest}  # this module's annotations are strings
+    typed.post("/generate")(generate)
+
+    with TestClient(typed) as client:
+        assert client.post("/generate", json={"prefix_prompt": "hi"}).json() == {"results": ["hi"]}
+        for content in (b'{"prefix_prompt": "' + b"x" * 200 + b'"}', iter([b'{"prefix_prompt": "', b"x" * 200, b'"}'])):
+            over = client.post("/generate", content=content, headers={"Content-Type": "application/json"})
+            assert over.status_code == 413 and over.json()["error"] == "body: is over the limit of 100 bytes"

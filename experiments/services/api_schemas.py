@@ -289,7 +289,7 @@ def body_limit(max_chars: int) -> int:
 
 
 class _BodyTooLarge(Exception):
-    pass
+    """Raised from a counted `receive` once a streamed body passes the limit (its message: the 413's)."""
 
 
 class BodyLimit:
@@ -315,7 +315,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _BodyTooLarge()
+                    raise _BodyTooLarge(f"is over the limit of {self.limit} bytes")
             return message
 
         async def watched(message: Any) -> None:
@@ -348,6 +348,8 @@ def install_contract(app: FastAPI, api_key: str | None = None, max_body_bytes: i
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, _BodyTooLarge):  # FastAPI's body reading wraps BodyLimit's stop as a 400
+            return JSONResponse(error_body("body", str(exc.__cause__)), status_code=413)
         if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
             return JSONResponse(error_body("body", "could not be parsed as JSON (not UTF-8, nested too deeply, or an integer of over 4300 digits)"), 422)
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)

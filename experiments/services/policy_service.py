@@ -17,11 +17,10 @@ address ("--response_api_url http://localhost:8000", which its client POSTs to a
 handler on `POST /`; `GET /health`.
 
 Limits checked per request (422 naming the field): response_num <= config.max_response_num;
-the prompt's tokens + max_tokens <= the model's context (`max_tokens`, when the client sets it;
-vLLM's own OpenAI server answers such a request 400 too; a body without max_tokens gets the
-reference's default 1024 cut to what fits); a prompt of no token (`prefix_prompt`; the schema
-already refuses ""); a prompt over the
-model's context or config.max_prompt_chars (413). The backend runs in one worker thread; a backend failure
+a prompt of no token (`prefix_prompt`; the schema already refuses ""); a prompt over the
+model's context or config.max_prompt_chars, or a body over `api_schemas.body_limit` of it (413).
+max_tokens is capped at the room the prompt leaves in the context, as the reference's vLLM
+`LLM.generate` ends a sequence there (its client always asks for 32768; the default 1024 too). The backend runs in one worker thread; a backend failure
 answers {"error": str} with status 500.
 """
 from __future__ import annotations
