@@ -318,12 +318,14 @@ def _context_tokens(request: ChunkRequest, vocab: int, device: torch.device) -> 
 def penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """float32 logits [B, V] with the repetition penalty on the tokens seen [B, V] holds (vLLM's
     and transformers' rule: a positive logit divided by it, a negative one multiplied). Computed
-    in float32, as vLLM does (bf16 logits / 1.05 would round to bf16's steps), and capped at
-    float32's largest value (a penalty of 1e-40 divides a logit to inf: NaN log-probs that blamed
-    the weights); NaN logits stay NaN."""
+    in float32, as vLLM does (bf16 logits / 1.05 would round to bf16's steps), capped at float32's
+    largest value and shifted by each row's maximum (the same distribution, every entry <= 0): a
+    penalty of 1e-40 divides a logit to inf, and a temperature below 1 divided float32's largest
+    value to inf again: NaN, the last token drawn in silence. NaN logits stay NaN."""
     logits = logits.float()
     out = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-    return out.clamp_(max=torch.finfo(torch.float32).max)
+    out.clamp_(max=torch.finfo(torch.float32).max)
+    return out.sub_(out.amax(dim=-1, keepdim=True))
 
 
 def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, row_slot: torch.Tensor | None) -> torch.Tensor:

@@ -322,6 +322,10 @@ def test_leaves_cut_by_the_budget_are_completed_by_their_paid_for_rollouts():
     first = r.tree.nodes[0].children[0]
     assert r.tree.path(r.candidates[0].node_id)[0] is r.tree.nodes[first].step  # grafted under its leaf
     assert r.chosen is not None and r.candidates[r.chosen].steps[-1].text == "r9"
+    # leaves closed at max_depth were rolled out and charged too: answered by their rollouts
+    (deep,) = run([Problem("p", "q", "1")], MCTSConfig(iterations=8, expand_width=2, max_depth=2, rollout=True),
+                  RolloutHeavyPolicy(), HalfScorer())
+    assert deep.candidates and all(c.steps[-1].is_terminal and len(c.steps) == 12 for c in deep.candidates)
     # without rollouts the open leaves stay the candidates
     (plain,) = run([Problem("p", "q", "1")], replace(cfg, rollout=False), RolloutHeavyPolicy(), HalfScorer())
     assert [len(c.steps) for c in plain.candidates] == [1, 1]

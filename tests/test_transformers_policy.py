@@ -703,11 +703,17 @@ def test_the_repetition_penalty_is_applied_in_float32_and_stays_finite():
     seen = torch.tensor([[True, True, False]])
     out = penalised(logits, seen, 1.05)
     assert out.dtype == torch.float32
-    assert out.tolist()[0] == pytest.approx([10 / 1.05, -10.5, 3.0], rel=1e-6)
-    # a penalty of 1e-40 divided a logit to inf: NaN log-probs named as diverged weights
-    huge = penalised(torch.tensor([[1.0, 2.0, float("nan")]]), torch.ones(1, 3, dtype=torch.bool), 1e-40)
-    assert huge[0, :2].tolist() == [torch.finfo(torch.float32).max] * 2 and huge[0, 2].isnan()  # NaN stays NaN
-    sampling = SamplingConfig(temperature=1.0, max_total_tokens=6, repetition_penalty=1e-40)
-    p = TransformersPolicy(make_model(len(TOK)), TOK, sampling, lambda problem: problem.question)
-    steps = p.propose(mixed_prefixes(), 2, seed=0, stop_at_step=False)
-    assert all(math.isfinite(lp) for row in steps for step in row for lp in step.token_logprobs)
+    shift = 10 / 1.05  # each row shifted by its maximum: the same distribution
+    assert out.tolist()[0] == pytest.approx([10 / 1.05 - shift, -10.5 - shift, 3.0 - shift], rel=1e-6)
+    # a penalty of 1e-40 divided a logit to inf (NaN log-probs named as diverged weights), and at a
+    # temperature below 1 float32's largest value divided to inf again: the last token, in silence
+    huge = penalised(torch.tensor([[1.0, 2.0, -1.0]]), torch.ones(1, 3, dtype=torch.bool), 1e-40)
+    assert huge[0, :2].tolist() == [0.0, 0.0] and huge[0, 2] < -1e38
+    assert penalised(torch.tensor([[1.0, float("nan")]]), torch.ones(1, 2, dtype=torch.bool), 1.05).isnan().any()
+    for temperature in (1.0, 0.6):
+        sampling = SamplingConfig(temperature=temperature, max_total_tokens=6, repetition_penalty=1e-40)
+        p = TransformersPolicy(make_model(len(TOK)), TOK, sampling, lambda problem: problem.question)
+        steps = p.propose(mixed_prefixes(), 4, seed=0, stop_at_step=False)
+        assert all(math.isfinite(lp) for row in steps for step in row for lp in step.token_logprobs)
+        drawn = {t for row in steps for step in row for t in step.token_ids}
+        assert drawn != {len(TOK) - 1}, temperature  # every row drew the last token (a NaN row's draw)

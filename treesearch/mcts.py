@@ -27,9 +27,10 @@ mean cost of a leaf's expansion so far (its children's steps and their rollouts;
 round's (compute-matched sweeps).
 
 Result: candidates are the closed leaves in creation order; if none is closed, the open leaves
-cut by the budget, each completed by its rollout when rollout=True (the rollout's steps are added
-to the tree under the leaf, with their scores: a complete, paid-for answer instead of a partial
-path). The chosen one has the most visits (ties: higher value, then earlier) with
+cut by the budget. With rollout=True each candidate leaf that was rolled out (not terminal: cut
+by the budget or max_depth, or a dead end) is completed by its rollout (the rollout's steps are
+added to the tree under the leaf, with their scores: a complete, paid-for answer instead of a
+partial path). The chosen one has the most visits (ties: higher value, then earlier) with
 final="visits", or the highest node value with final="value" (a completed leaf ranks by the
 leaf's own visits and value). Policy seeds come from
 (cfg.seed, round), so the same seed gives the same tree.
@@ -268,12 +269,11 @@ def _within_budget(search: _ProblemSearch, ledger: Ledger, cfg: MCTSConfig) -> b
 
 def _candidates(search: _ProblemSearch, cfg: MCTSConfig) -> list[tuple[Candidate, int]]:
     """(candidate, the node that ranks it): the closed leaves, or else the open leaves, each
-    completed by its rollout if it has one (module docstring)."""
+    completed by its rollout if it has one (module docstring; a leaf closed at max_depth kept its
+    paid-for rollout out of the candidates too)."""
     leaves = search.tree.leaves()
     finished = [n for n in leaves if n in search.closed]
-    if finished:
-        return [(make_candidate(search.tree, n, search.path_scores[n], cfg.aggregation), n) for n in finished]
-    return [(_completed(search, n, cfg), n) for n in leaves]
+    return [(_completed(search, n, cfg), n) for n in finished or leaves]
 
 
 def _completed(search: _ProblemSearch, leaf: int, cfg: MCTSConfig) -> Candidate:
