@@ -187,8 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     # uvicorn says it is up at log level info only: at the default warning nothing told the model had loaded
-    print(f"serving the {args.service} service of {args.model} on http://{args.host}:{args.port} (model loaded; "
-          "Ctrl-C stops)", file=sys.stderr, flush=True)
+    # (a port already taken is uvicorn's error line next)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"model loaded; starting the {args.service} service of {args.model} on http://{host}:{args.port} "
+          "(Ctrl-C stops)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

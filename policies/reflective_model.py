@@ -120,9 +120,9 @@ class ReflectiveModel(nn.Module):
         """(model in eval mode, tokenizer) from a folder of `save_pretrained` or of the reference.
         FileNotFoundError names a missing file (score_module.pt included), DamagedCheckpointError a
         truncated or corrupted one (model.safetensors, score_module.pt), ValueError a head of
-        another hidden size. The head keeps the
-        dtype it was saved in; feature_layer overrides sprm.json (default -2 without it); device:
-        where both go (`load_checkpoint`)."""
+        another hidden size. The head keeps the dtype it was saved in; feature_layer: the layer to
+        read, None for sprm.json's (-2 without it; another than sprm.json's is a ValueError,
+        `layer_to_read`); device: where both go (`load_checkpoint`)."""
         directory = Path(directory)
         lm, tokenizer = load_checkpoint(directory, dtype, device)
         # names a truncated file itself (DamagedCheckpointError), a head of another model (ValueError)
@@ -164,10 +164,22 @@ def layer_to_read(directory: str | Path, feature_layer: int | None) -> int:
         return saved_feature_layer(directory)
     if (Path(directory) / SPRM_CONFIG_FILE).is_file():
         saved = saved_feature_layer(directory)
-        if feature_layer != saved:
+        states = _hidden_states(Path(directory))
+        same = feature_layer == saved or (states is not None and feature_layer % states == saved % states)  # 4 is -2 of 5
+        if not same:
             raise ValueError(f"feature_layer={feature_layer!r}, but the head of {directory} was trained on hidden layer "
                              f"{saved} ({SPRM_CONFIG_FILE}): leave feature_layer unset (null) to read that one")
     return feature_layer
+
+
+def _hidden_states(directory: Path) -> int | None:
+    """The model's number of hidden states (num_hidden_layers + 1) from config.json, or None when
+    it does not say."""
+    try:
+        layers = json.loads((directory / "config.json").read_bytes()).get("num_hidden_layers")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return layers + 1 if type(layers) is int else None
 
 
 def saved_feature_layer(directory: str | Path) -> int:

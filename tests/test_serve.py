@@ -251,7 +251,7 @@ def test_policy_health_and_reference_format(services):
     health = httpx.get(policy.url + "/health").json()
     assert health["status"] == "ok" and health["service"] == "policy" and health["backend"] == "transformers"
     # at the default log level warning nothing told that the model had loaded
-    assert f"serving the policy service of {policy.process.args[5]} on http://127.0.0.1:" in policy.log.read_text()
+    assert f"model loaded; starting the policy service of {policy.process.args[5]} on http://127.0.0.1:" in policy.log.read_text()
     response = post(policy, "/generate", {"prefix_prompt": "Question: 1 + 1?\n<think>", "response_num": 3, "max_tokens": 8})
     assert response.status_code == 200 and set(response.json()) == {"results"}
     results = response.json()["results"]

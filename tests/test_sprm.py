@@ -427,5 +427,7 @@ def test_a_feature_layer_other_than_the_heads_saved_one_is_refused(tmp_path):
         with pytest.raises(ValueError, match=r"feature_layer=-1, but the head of .* was trained on hidden layer -2 "
                                              r"\(sprm.json\): leave feature_layer unset"):
             refuse()
+    states = LM.config.num_hidden_layers + 1
+    assert check_reflective_folder(folder, states - 2)[0] == states - 2  # the same layer, counted from the front
     (folder / SPRM_CONFIG_FILE).unlink()
     assert ReflectiveModel.from_pretrained(folder, feature_layer=-1)[0].feature_layer == -1
