@@ -525,20 +525,29 @@ def has_records(out: Path) -> bool:
 
 
 REDACTED = "<redacted>"
+API_KEY_SETTINGS: tuple[str, ...] = ("policy.api_key", "scorer.api_key")
 
 
-def api_keys(config: dict[str, Any]) -> list[str]:
-    """The API keys a resolved config holds (policy.api_key, scorer.api_key given on the command
-    line), which the run's files must not keep."""
-    nodes = [config.get(node) for node in ("policy", "scorer")]
-    return [key for node in nodes if isinstance(node, dict) for key in [node.get("api_key")] if isinstance(key, str) and key]
+def without_api_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """config with the API key of policy and scorer (one a config file of the user's sets) as
+    REDACTED: the run's files keep no key (a text replace of the key rewrote any text it occurs in)."""
+    out = dict(config)
+    for node in ("policy", "scorer"):
+        if isinstance(out.get(node), dict) and out[node].get("api_key") is not None:
+            out[node] = {**out[node], "api_key": REDACTED}
+    return out
 
 
-def redacted(text: str, secrets: Sequence[str]) -> str:
-    """text with every secret replaced by REDACTED."""
-    for secret in secrets:
-        text = text.replace(secret, REDACTED)
-    return text
+def check_no_api_key_argument(argv: Sequence[str]) -> None:
+    """Exit 2 with one line for an API key given on the command line: Hydra itself writes the
+    command line into its files (a sweep's multirun.yaml) and logs; $OPENAI_API_KEY keeps it out."""
+    for arg in argv:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key in API_KEY_SETTINGS:
+            print(f"error: {key} on the command line would be written into the run's files (Hydra keeps the command "
+                  "line in multirun.yaml and its logs): set $OPENAI_API_KEY instead, which policy=openai and "
+                  "scorer=served_prm read", file=sys.stderr)
+            raise SystemExit(USAGE_EXIT)
 
 
 def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") -> None:
@@ -573,7 +582,7 @@ def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") ->
                 f"use another out_dir (or delete that folder){resume}"
             )
         return
-    write_atomic(path, redacted(OmegaConf.to_yaml(OmegaConf.create(config)), api_keys(config)))
+    write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(without_api_keys(config))))
 
 
 def save_hydra_files(out: Path, cfg: DictConfig) -> None:
@@ -586,10 +595,10 @@ def save_hydra_files(out: Path, cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     folder = out / HYDRA_SUBDIR
     folder.mkdir(exist_ok=True)
-    secrets = api_keys(resolved_config(cfg))  # an API key given on the command line is in all three
-    write_atomic(folder / "config.yaml", redacted(OmegaConf.to_yaml(cfg), secrets))
-    write_atomic(folder / "hydra.yaml", redacted(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})), secrets))
-    write_atomic(folder / "overrides.yaml", redacted(OmegaConf.to_yaml(hydra_cfg.overrides.task), secrets))
+    plain = without_api_keys(OmegaConf.to_container(cfg))  # type: ignore[arg-type]
+    write_atomic(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)))
+    write_atomic(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+    write_atomic(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
 
 
 @contextlib.contextmanager
@@ -938,6 +947,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR, "search")  # search=nosuch: one line, exit 2, before Hydra composes
+    check_no_api_key_argument(sys.argv[1:])  # before Hydra writes it into its files
     check_override_keys(sys.argv[1:], CONFIG_DIR, "search", PLAIN_NODE_KEYS)  # search.bogus=1: one line, exit 2
     check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "search")  # a file; -m ... out_dir=X: one folder for every job
     sys.argv = with_experiment_job_folders(sys.argv)  # -m experiment=a,b: a folder per experiment

@@ -114,7 +114,7 @@ CLIENT_FILES: tuple[str, ...] = ("config.json",)
 
 
 # what a 401 / 403 answer adds to its message
-KEY_HINT = " (the server wants another API key: pass api_key=... or set $OPENAI_API_KEY)"
+KEY_HINT = " (the server wants another API key: set $OPENAI_API_KEY, or api_key= in a config file of your own)"
 
 
 class OpenAIServerError(RuntimeError):

@@ -165,6 +165,8 @@ def layer_to_read(directory: str | Path, feature_layer: int | None) -> int:
     if (Path(directory) / SPRM_CONFIG_FILE).is_file():
         saved = saved_feature_layer(directory)
         states = _hidden_states(Path(directory))
+        if states is not None:  # a layer the model lacks is named as such first
+            check_feature_layer(feature_layer, states)
         same = feature_layer == saved or (states is not None and feature_layer % states == saved % states)  # 4 is -2 of 5
         if not same:
             raise ValueError(f"feature_layer={feature_layer!r}, but the head of {directory} was trained on hidden layer "
