@@ -35,8 +35,8 @@ writes a paragraph break as two '\\n' tokens, so '.\\n\\n' never ends a step; wi
 every separator counts, for the policy and for the SPRM positions alike).
 
 Grading, two ways: strict = the task's grader (`gsm8k.grade`: last \\boxed{}, "#### N" or "Answer: N",
-else "The answer is N.", through math-verify), as stored in the rows; flexible = the same when it finds a non-empty answer,
-else the last number of a text that ended on EOS (lm-eval-harness' "flexible-extract"; a text cut
+else "The answer is N.", through math-verify), as stored in the rows; flexible = the same when it finds an answer
+without words, else the last number in that answer, else the last number of a text that ended on EOS (lm-eval-harness' "flexible-extract"; a text cut
 at max_total_tokens gets none), computed from the stored texts, since a 135M model almost never
 writes \\boxed{}. The head trains on the outcomes of --sprm-grader (default flexible: strict leaves
 next to no positives).
@@ -116,20 +116,23 @@ BACKENDS: tuple[str, ...] = ("transformers", "vllm")
 VLLM_KV_CACHE_GIB = 2.0  # SmolLM2's KV at 256 new tokens: ~4.6 MB a sequence, so ~400 at once
 # a number as GSM8K answers write it: "-3", "1,234", "$18", "2.5" (lm-eval-harness' flexible-extract)
 NUMBER = re.compile(r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")  # a trailing comma is not part of it: "18, in total"
+# prose in a strict answer ("She makes $18 a day"): a word, not one letter nor a LaTeX command (\frac)
+WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
 
 
 # -- grading --------------------------------------------------------------------------------------
 
 
 def flexible_answer(text: str, finished: bool = True) -> str | None:
-    """The strict final answer (last \\boxed{}, "#### N", "Answer: N", "The answer is N.") when it is
-    a number; else the last number in it ("Answer: She makes $18 a day."), else the last number of
-    a finished text (SmolLM2 almost never boxes its answer; "Answer: the total money" kept the
-    rescue from it), else the strict answer as written; a text cut by the token limit has no
-    final number (its last number is wherever the cut fell). In the form majority votes compare
-    (`grading.canonical_answer`: "$18.50" is "18.5")."""
+    """The strict final answer (last \\boxed{}, "#### N", "Answer: N", "The answer is N.") when it
+    has no words (a number, or an expression the grader evaluates: "18-3"); else the last number
+    in it ("Answer: She makes $18 a day."), else the last number of a finished text (SmolLM2
+    almost never boxes its answer; "Answer: the total money" kept the rescue from it), else the
+    strict answer as written; a text cut by the token limit has no final number (its last number
+    is wherever the cut fell). In the form majority votes compare (`grading.canonical_answer`:
+    "$18.50" is "18.5")."""
     strict = gsm8k.extract_answer(text)
-    if strict and NUMBER.fullmatch(strict):  # "" when the model echoes the instruction's empty \\boxed{}
+    if strict and not WORD.search(strict):  # "" when the model echoes the instruction's empty \\boxed{}
         return strict
     numbers = (NUMBER.findall(strict) if strict else []) or (NUMBER.findall(text) if finished else [])
     return grading.canonical_answer(numbers[-1]) if numbers else strict or None
@@ -569,8 +572,8 @@ def format_report(cfg: EvalConfig, metrics: dict[str, Any]) -> str:
         f"{cfg.sprm_grader} grader), scoring the same Best-of-N samples that conf ranks. Best-of-N@N, maj@N, "
         "pass@N: the reference's disjoint groups of N in generation order.", "",
         "Grading: strict = the task's grader (the last of \\boxed{}, '#### N' and 'Answer: N', through "
-        "math-verify); flexible = the same when it finds a non-empty answer, else the last number of an answer "
-        "that ended on EOS (lm-eval-harness' flexible-extract; an answer cut at the token limit gets none), "
+        "math-verify); flexible = the same when it finds an answer without words, else the last number in that "
+        "answer, else the last number of an answer that ended on EOS (lm-eval-harness' flexible-extract; an answer cut at the token limit gets none), "
         "since SmolLM2 almost never writes \\boxed{}. Intervals: 95% over problems (Wilson for right / wrong, else bootstrap).", "",
         "| metric | strict | flexible |", "|---|---|---|",
     ]

@@ -245,6 +245,9 @@ def test_flexible_grading_takes_the_last_number_of_a_finished_answer():
     assert flexible_answer("She makes 18 dollars.\nAnswer: She makes $18 a day.") == "18"
     assert flexible_answer("She makes $18.\n\nAnswer: the total money") == "18"
     assert flexible_answer("Answer: the total money") == "the total money"  # nothing numeric: as written
+    for text, value in (("Answer: 18 - 3", 15), ("Answer: 3 * 4 + 2", 14), ("Answer: 10^3", 1000),
+                        ("\\boxed{\\frac{36}{2}}", 18)):  # the grader evaluates them
+        assert flexible_grade(Problem("e", "q", str(value)), text), text  # "-3", "2", "3" were taken from them
 
 
 def test_the_throughput_names_the_threads_its_rows_were_searched_with():
