@@ -109,6 +109,8 @@ def test_prefix_reuse_table_matches_mcts_to_beam_tokens(tmp_path, monkeypatch, c
     for off, on in zip(rows[::2], rows[1::2]):  # the same work, fewer tokens forwarded with reuse
         assert int(on[2]) > 0 and int(on[3]) <= int(off[3])
         assert 0 < int(on[5]) <= int(off[5]) <= int(off[3])  # the context prefilled: part of what was forwarded
+    mcts_off, mcts_on = rows[2], rows[3]  # MCTS revisits its own prefixes even on this small run: reuse must show
+    assert int(mcts_on[3]) < int(mcts_off[3]) and int(mcts_on[5]) < int(mcts_off[5])
     budget = int(out.split("MCTS token_budget: ")[1].split()[0])
     beam_tokens = int(rows[0][2])
     assert budget == -(-beam_tokens // 2)  # ceil of the uncached beam search's tokens per problem

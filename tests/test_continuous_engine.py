@@ -78,7 +78,7 @@ def test_concurrent_calls_equal_each_call_alone(temperature, cache):
     p = policy(cache, temperature=temperature)
     with ContinuousEngine.attached(p) as engine:
         together = _in_threads(p, engine, prefixes, CALLS, late=CALLS[:2])
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=True):  # a dropped problem is a failure
         assert_same_outputs([a], [b])
     assert engine.most_cohorts >= 2  # the two kinds of call shared forwards
     assert p.chunk_decoder == p._decode_here  # detached again
@@ -149,7 +149,7 @@ def test_step_head_scores_through_the_engine_equal_alone():
     p = reflective_policy(temperature=1.0)
     with ContinuousEngine.attached(p) as engine:
         together = _in_threads(p, engine, prefixes, CALLS)
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=True):  # a dropped problem is a failure
         assert_same_outputs([a], [b])
         scores_a = [s.score for row in a for s in row]
         scores_b = [s.score for row in b for s in row]
@@ -173,7 +173,7 @@ def test_a_search_per_problem_in_threads_equals_one_problem_at_a_time(strategy, 
     with ContinuousEngine.attached(p) as engine:
         together = search_each(spec.fn, problems, p, ConfidenceScorer(), cfg)
     assert [r.problem.id for r in together] == [q.id for q in problems]
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=True):  # a dropped problem is a failure
         assert [c.text for c in a.candidates] == [c.text for c in b.candidates]
         assert a.chosen == b.chosen
         assert a.compute.tokens_generated == b.compute.tokens_generated
@@ -204,7 +204,7 @@ def test_a_search_per_problem_in_threads_without_an_engine_equals_one_problem_at
     cfg = spec.config(seed=3, **settings)
     alone = [spec.fn([q], policy(PrefixCacheConfig()), ConfidenceScorer(), seeded_for(cfg, q))[0] for q in problems]
     together = search_each(spec.fn, problems, policy(PrefixCacheConfig()), ConfidenceScorer(), cfg)
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=True):  # a dropped problem is a failure
         assert [c.text for c in a.candidates] == [c.text for c in b.candidates]
         assert a.chosen == b.chosen
 
@@ -225,7 +225,7 @@ def test_a_scorer_on_the_policys_own_model_object_takes_turns_with_its_decoding(
             together = search_each(spec.fn, problems, p, SHARED_MODEL_SCORER, cfg)
     else:
         together = search_each(spec.fn, problems, p, SHARED_MODEL_SCORER, cfg)
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=True):  # a dropped problem is a failure
         assert [c.text for c in a.candidates] == [c.text for c in b.candidates]
         assert [c.score for c in a.candidates] == pytest.approx([c.score for c in b.candidates], abs=1e-5)
 

@@ -173,6 +173,14 @@ def test_a_missing_folder_names_its_environment_variable(monkeypatch, tmp_path):
     assert reason is not None
     # on a GPU machine with vLLM the folder is what is missing; elsewhere the GPU or vLLM is
     assert "XBAI_O4_PATH" in reason or "CUDA" in reason or "vLLM" in reason
+    # the folder's own branch, checked on any machine (it ran only where a GPU and vLLM were)
+    import importlib.util
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
+    assert gpu_check.skip_reason(cfg, "xbai_o4") == (
+        f"checkpoint folder {tmp_path / 'nowhere'} of preset 'xbai_o4' is missing (no config.json); set XBAI_O4_PATH "
+        "to the checkpoint folder")
 
 
 @pytest.mark.gpu

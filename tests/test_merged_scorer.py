@@ -189,7 +189,7 @@ def test_search_each_merges_a_model_scorers_calls_with_the_results_of_each_probl
     merged_inner, plain_inner = CountingModelScorer(), CountingModelScorer()
     merged = search_each(beam_search, problems, FakePolicy(), merged_inner, cfg)
     plain = search_each(beam_search, problems, FakePolicy(), plain_inner, cfg, merge_scores=False)
-    for a, m, p in zip(alone, merged, plain):
+    for a, m, p in zip(alone, merged, plain, strict=True):  # a dropped problem is a failure
         assert m.chosen_text == a.chosen_text == p.chosen_text
         assert [c.step_scores for c in m.candidates] == [c.step_scores for c in a.candidates]
     # the same paths were scored, in fewer, larger calls

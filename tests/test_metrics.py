@@ -56,7 +56,7 @@ def test_accuracy_averages_problems_with_interval():
     q = ProblemOutcome("q", (C("1", False, 0.5),) * 4)
     est = accuracy([P, q], 2, "oracle")
     assert est.mean == 0.5  # (1 + 0) / 2
-    assert 0.0 <= est.low <= est.mean <= est.high <= 1.0
+    assert (est.low, est.high) == pytest.approx((0.09453, 0.90547), abs=1e-5)  # Wilson's 95% interval of 1 of 2
 
 
 def test_bootstrap_of_constant_is_exact():

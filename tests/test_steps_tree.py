@@ -102,6 +102,7 @@ def test_tree_json_round_trip():
     assert back.problem == tree.problem
     assert [n.step for n in back.nodes] == [n.step for n in tree.nodes]
     assert [n.children for n in back.nodes] == [n.children for n in tree.nodes]
+    assert back.to_json() == tree.to_json()  # scores, priors, visits and values too (they were not compared)
 
 
 def test_records_are_hashable_and_keep_no_list_that_could_change():
