@@ -138,13 +138,11 @@ def check_reflective_folder(directory: str | Path, feature_layer: int | None = N
     directory = check_model_folder(directory)
     head_file(directory)
     layer = layer_to_read(directory, feature_layer)
-    with reading(directory / "config.json"):
-        saved = json.loads((directory / "config.json").read_bytes())
-    layers = saved.get("num_hidden_layers") if isinstance(saved, dict) else None
-    if type(layers) is not int:  # another layout (a multimodal text_config): the load checks it
+    states = hidden_state_count(directory)
+    if states is None:  # another layout (a multimodal text_config): the load checks it
         return layer, None
-    check_feature_layer(layer, layers + 1)
-    return layer, layers + 1
+    check_feature_layer(layer, states)
+    return layer, states
 
 
 def check_feature_layer(layer: object, num_states: int) -> None:
@@ -164,7 +162,7 @@ def layer_to_read(directory: str | Path, feature_layer: int | None) -> int:
         return saved_feature_layer(directory)
     if (Path(directory) / SPRM_CONFIG_FILE).is_file():
         saved = saved_feature_layer(directory)
-        states = _hidden_states(Path(directory))
+        states = hidden_state_count(Path(directory))
         if states is not None:  # a layer the model lacks is named as such first
             check_feature_layer(feature_layer, states)
         same = feature_layer == saved or (states is not None and feature_layer % states == saved % states)  # 4 is -2 of 5
@@ -174,13 +172,12 @@ def layer_to_read(directory: str | Path, feature_layer: int | None) -> int:
     return feature_layer
 
 
-def _hidden_states(directory: Path) -> int | None:
-    """The model's number of hidden states (num_hidden_layers + 1) from config.json, or None when
-    it does not say."""
-    try:
-        layers = json.loads((directory / "config.json").read_bytes()).get("num_hidden_layers")
-    except (OSError, ValueError, AttributeError):
-        return None
+def hidden_state_count(directory: Path) -> int | None:
+    """The model's number of hidden states (num_hidden_layers + 1) from its config.json, or None
+    when it does not say (another layout); DamagedCheckpointError names a config.json that is not JSON."""
+    with reading(directory / "config.json"):
+        saved = json.loads((directory / "config.json").read_bytes())
+    layers = saved.get("num_hidden_layers") if isinstance(saved, dict) else None
     return layers + 1 if type(layers) is int else None
 
 

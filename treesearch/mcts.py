@@ -32,12 +32,13 @@ by the budget or max_depth, or a dead end) is completed by its rollout (the roll
 added to the tree under the leaf, with their scores: a complete, paid-for answer instead of a
 partial path). The chosen one has the most visits (ties: higher value, then earlier) with
 final="visits", or the highest node value with final="value" (a completed leaf ranks by the
-leaf's own visits and value). Policy seeds come from
-(cfg.seed, round), so the same seed gives the same tree.
+leaf's own visits and value). Policy seeds come from (cfg.seed, round), so the same seed gives
+the same tree.
 
 Compute (`treesearch.frontier.Ledger`): every step generated for a problem (merged duplicates and
-rollout steps included; rollout steps are tree nodes only where they complete a candidate, above), the policy calls that included it (a
-round that only revisits closed leaves makes no call) and the scorer cost of its paths.
+rollout steps included; rollout steps are tree nodes only where they complete a candidate, above),
+the policy calls that included it (a round that only revisits closed leaves makes no call) and the
+scorer cost of its paths.
 
     results = mcts(problems, policy, scorer, MCTSConfig(iterations=32, expand_width=4))
 
