@@ -189,6 +189,16 @@ def check_override_keys(
         raise SystemExit(USAGE_EXIT)
 
 
+def check_refused_keys(argv: Sequence[str], messages: Mapping[str, str]) -> None:
+    """Exit 2 with `error: <messages[key]>` on stderr for the first override of a key in messages
+    (`key=v`, `+key=v`, `++key=v`, `~key`): a setting a command must not take on its command line."""
+    for arg in argv:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key in messages:
+            print(f"error: {messages[key]}", file=sys.stderr)
+            raise SystemExit(USAGE_EXIT)
+
+
 def compose_config(config_dir: Path, config_name: str, overrides: Sequence[str], hydra: bool = False) -> DictConfig:
     """The composed config (hydra: with Hydra's own node, where launcher and sweeper settings live)."""
     with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"), warnings.catch_warnings():

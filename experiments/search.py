@@ -78,7 +78,7 @@ from experiments.cli_errors import (
 )
 from experiments.group_options import check_group_options
 from experiments.out_dir_args import check_out_dir_argument, with_experiment_job_folders
-from experiments.override_keys import check_override_keys, check_plain_keys
+from experiments.override_keys import check_override_keys, check_plain_keys, check_refused_keys
 from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, check_row_questions, load_rows
@@ -541,13 +541,9 @@ def without_api_keys(config: dict[str, Any]) -> dict[str, Any]:
 def check_no_api_key_argument(argv: Sequence[str]) -> None:
     """Exit 2 with one line for an API key given on the command line: Hydra itself writes the
     command line into its files (a sweep's multirun.yaml) and logs; $OPENAI_API_KEY keeps it out."""
-    for arg in argv:
-        key = arg.lstrip("+~").split("=", 1)[0]
-        if key in API_KEY_SETTINGS:
-            print(f"error: {key} on the command line would be written into the run's files (Hydra keeps the command "
-                  "line in multirun.yaml and its logs): set $OPENAI_API_KEY instead, which policy=openai and "
-                  "scorer=served_prm read", file=sys.stderr)
-            raise SystemExit(USAGE_EXIT)
+    check_refused_keys(argv, {key: f"{key} on the command line would be written into the run's files (Hydra keeps "
+                                   "the command line in multirun.yaml and its logs): set $OPENAI_API_KEY instead, which "
+                                   "policy=openai and scorer=served_prm read" for key in API_KEY_SETTINGS})
 
 
 def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") -> None:

@@ -76,7 +76,7 @@ from experiments.group_options import check_group_options  # noqa: E402
 from experiments.out_dir_args import check_out_dir_argument  # noqa: E402
 from experiments.tasks.benchmark_split import TAKE_ALL_HINT  # noqa: E402
 from experiments.tasks.chat_prompt import ChatPrompt, task_prompt_fn  # noqa: E402
-from experiments.override_keys import check_override_keys, check_plain_keys  # noqa: E402
+from experiments.override_keys import check_override_keys, check_plain_keys, check_refused_keys  # noqa: E402
 from experiments.search import (  # noqa: E402
     CONFIG_DIR, TASK_KEYS, build_frozen, check_int, resolve_out_dir, resolved_config, user_errors_reported,
 )
@@ -1023,12 +1023,8 @@ def close_process_group() -> None:
 def check_unused_task_keys(argv: Sequence[str]) -> None:
     """Exit 2 with one line for an override of a task setting training never reads: task.count=500
     trained on data.train_problems' problems, saved 500 in config.yaml and refused a resume over it."""
-    for arg in argv:
-        key = arg.lstrip("+~").split("=", 1)[0]
-        if key in UNUSED_TASK_KEYS:
-            print(f"error: {key} is a search setting that experiments.train does not read (it draws its problems by "
-                  f"`data`): set {UNUSED_TASK_KEYS[key]} instead", file=sys.stderr)
-            raise SystemExit(2)
+    check_refused_keys(argv, {key: f"{key} is a search setting that experiments.train does not read (it draws its "
+                                   f"problems by `data`): set {instead} instead" for key, instead in UNUSED_TASK_KEYS.items()})
 
 
 if __name__ == "__main__":
