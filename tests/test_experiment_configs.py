@@ -544,13 +544,26 @@ def test_search_on_gsm8k_end_to_end(ckpt, tmp_path):
     assert metrics["problems"] == 2 and metrics["accuracy"]["mean"] == 0.0
 
 
-def test_search_entry_with_the_oracle_scorer(ckpt, tmp_path):
+def test_search_entry_with_the_oracle_scorer(ckpt, tmp_path, monkeypatch):
+    # the random model answers nothing right: with the task's own grader every candidate was wrong,
+    # and a scorer answering 0 for every path passed; this grader calls one problem's paths right
+    first = generate_problems_of_tiny_run()[0].id
+    monkeypatch.setattr("experiments.tasks.arith.grade", lambda problem, text: problem.id == first)
     out = tmp_path / "oracle"
     run_search_experiment(composed(["scorer=oracle", f"policy.path={ckpt}", f"out_dir={out}"] + TINY))
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
-    for row in rows:  # a finished candidate's score is its grade (0 clamps to 1e-10 in the geometric mean)
-        for c in row["candidates"]:
-            assert c["finish"] == "separator" or abs(c["score"] - (1.0 if c["correct"] else 0.0)) < 1e-9
+    finished = [c for row in rows for c in row["candidates"] if c["finish"] != "separator"]
+    assert {c["correct"] for c in finished} == {True, False}
+    for c in finished:  # a finished candidate's score is its grade (0 clamps to 1e-10 in the geometric mean)
+        assert abs(c["score"] - (1.0 if c["correct"] else 0.0)) < 1e-9
+
+
+def generate_problems_of_tiny_run():
+    """The problems a run with TINY's settings searches (the arith task's default split and seed)."""
+    from experiments.tasks import arith
+
+    task = composed(TINY).task
+    return arith.generate_problems(task.split, task.count, task.seed, arith.ArithConfig())
 
 
 def test_out_dir_with_another_config_is_refused(ckpt, tmp_path):
