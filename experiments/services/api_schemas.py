@@ -299,6 +299,7 @@ class BodyLimit:
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
+        self.message = f"is over the limit of {limit} bytes"  # the 413's, however the body was stopped
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -315,7 +316,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _BodyTooLarge(f"is over the limit of {self.limit} bytes")
+                    raise _BodyTooLarge(self.message)
             return message
 
         async def watched(message: Any) -> None:
@@ -331,7 +332,7 @@ class BodyLimit:
             await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Any, receive: Any, send: Any) -> None:
-        response = JSONResponse(error_body("body", f"is over the limit of {self.limit} bytes"), status_code=413)
+        response = JSONResponse(error_body("body", self.message), status_code=413)
         await response(scope, receive, send)
 
 
