@@ -224,13 +224,14 @@ def stale_split_note(policy_path: str, task: str, key: str = "policy.path", info
 
 def given_setting(key: str, value: object) -> str:
     """How a note names a setting and its value: a flag as typed (--policy DIR), a config key
-    with its `=` (policy.path=DIR)."""
-    return f"{key} {value}" if key.startswith("--") else f"{key}={value}"
+    with its `=` (policy.path=DIR), a positional argument in words (the checkpoint DIR)."""
+    return f"{key} {value}" if key.startswith("--") or " " in key else f"{key}={value}"
 
 
 def setting(key: str) -> str:
-    """How a hint names the setting: a flag as it is (--policy), a config key with its `=`."""
-    return key if key.startswith("--") else f"{key}="
+    """How a hint names the setting: a flag as it is (--policy), a positional argument in words
+    (the checkpoint), a config key with its `=`."""
+    return key if key.startswith("--") or " " in key else f"{key}="
 
 
 @contextlib.contextmanager

@@ -236,6 +236,17 @@ def load_policy(directory: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
         raise ValueError(f"checkpoint folder {directory} cannot be loaded ({reason})") from err
 
 
+def print_policy_notes(checkpoint: str, baseline: str | None, task: str) -> None:
+    """A note on stderr for each folder trained on another embedded task than `task`, or on an
+    old version of its splits (its test numbers read high), as search and train print."""
+    from experiments.checkpoint_hints import trained_task_note
+
+    for folder, key in ((checkpoint, "the checkpoint"), (baseline, "--baseline")):
+        note = None if folder is None else trained_task_note(folder, f"experiments.tasks.{task}", key)
+        if note is not None:
+            print(note, file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; a bad setting or checkpoint folder prints one line `error: ...` and exits 2."""
     return run_command(quick_eval_command, argv)
@@ -266,6 +277,7 @@ def quick_eval_command(argv: Sequence[str] | None = None) -> int:
             for weights in weight_files(check_model_folder(folder)):
                 if weights.suffix == ".safetensors":
                     check_safetensors(weights)
+    print_policy_notes(args.checkpoint, args.baseline, args.task)
     problems = eval_problems(cfg, task.default_config, task.module)
     grades = grade_policy(*load_policy(args.checkpoint), problems, cfg, task.module, progress=args.checkpoint)
     report = report_of(grades, cfg)

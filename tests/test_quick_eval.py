@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from experiments import quick_eval as qe
+from experiments.checkpoint_hints import SPLIT_VERSIONS
 from policies.checkpoint import save_checkpoint
 from policies.tiny_model import TinyModelConfig, build_model
 from policies.tiny_tokenizer import build_tokenizer
@@ -102,3 +103,20 @@ def test_a_sharded_checkpoint_is_evaluated_as_load_checkpoint_loads_it(tmp_path,
     tok.save_pretrained(sharded)
     assert not (sharded / "model.safetensors").exists() and (sharded / "model.safetensors.index.json").exists()
     assert qe.main([str(sharded), "--problems", "1", "--samples", "1"]) == 0
+
+
+def test_a_policy_of_another_task_or_of_old_splits_is_noted(tmp_path, capsys):
+    # quick_eval printed test numbers without the notes search and train print: a policy of arith
+    # graded on countdown (0.000), or one trained on version 1 of arith's splits (numbers read high)
+    arith = small_checkpoint(tmp_path / "tiny-arith" / "final")
+    (tmp_path / "tiny-arith" / "sft_summary.json").write_text(json.dumps({"run": {"task": "arith", "split_version": SPLIT_VERSIONS["arith"]}}))
+    assert qe.main([str(arith), "--task", "countdown", "--problems", "1", "--samples", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: the checkpoint {arith} was trained on arith, not countdown" in err
+    assert qe.main([str(arith), "--problems", "1", "--samples", "1"]) == 0
+    assert "note:" not in capsys.readouterr().err  # its own task, today's splits: no note
+    old = small_checkpoint(tmp_path / "old" / "final")
+    (tmp_path / "old" / "sft_summary.json").write_text(json.dumps({"run": {"task": "arith", "split_version": 1}}))
+    assert qe.main([str(arith), "--baseline", str(old), "--problems", "1", "--samples", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: --baseline {old} was trained on version 1 of arith's splits" in err
