@@ -8,7 +8,8 @@
 Builds the tiny tokenizer and model (policies/tiny_tokenizer.py, policies/tiny_model.py),
 draws the task's training pairs (experiments/sft_tasks.py), trains with policies/sft.py (resuming from OUT/last if a run was
 interrupted), then prints greedy pass@1, sampled pass@1 at the default temperature and pass@k on
-held-out test problems (experiments/quick_eval.py) and writes them to OUT/quick_eval.json.
+held-out test problems (experiments/quick_eval.py) and writes them to OUT/quick_eval.json with the
+steps of the policy it evaluated (a run trained on without evaluation removes that file).
 The trained model is OUT/final, an ordinary transformers directory.
 
 Resuming: rerunning on the same OUT resumes from OUT/last ("resuming from OUT/last at step K").
@@ -168,6 +169,9 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     return RunPlan(task, cfg, args.train_problems, quick)
 
 
+QUICK_EVAL_FILE = "quick_eval.json"
+
+
 def run(plan: RunPlan, out: Path, seed: int, progress: bool) -> None:
     """Train (or resume) the planned run into out, then evaluate it when planned."""
     task = plan.task
@@ -185,7 +189,9 @@ def run(plan: RunPlan, out: Path, seed: int, progress: bool) -> None:
         f"{summary['tokens_per_s']:.0f} tokens/s, final loss {summary['final_loss']:.4f} -> {final}"
     )
     if plan.quick_eval is not None:
-        evaluate(final, plan.quick_eval, task, out)
+        evaluate(final, plan.quick_eval, task, out, summary["steps"])
+    else:
+        drop_stale_evaluation(out, summary["steps"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,14 +220,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def evaluate(final: Path, cfg: QuickEvalConfig, task: SFTTask, out: Path) -> None:
-    """Quick evaluation of the trained model: print it and write OUT/quick_eval.json."""
+def evaluate(final: Path, cfg: QuickEvalConfig, task: SFTTask, out: Path, steps: int) -> None:
+    """Quick evaluation of the trained model (of `steps` training steps): print it and write
+    OUT/quick_eval.json, which names those steps."""
     model, tokenizer = load_checkpoint(final)
     t0 = time.perf_counter()
     report = quick_eval(model, tokenizer, eval_problems(cfg, task.default_config, task.module), cfg, task.module)
     print(format_report(report))
-    (out / "quick_eval.json").write_text(json.dumps(asdict(report), indent=1))
-    print(f"evaluation took {time.perf_counter() - t0:.0f} s; wrote {out / 'quick_eval.json'}")
+    (out / QUICK_EVAL_FILE).write_text(json.dumps({"steps": steps, **asdict(report)}, indent=1))
+    print(f"evaluation took {time.perf_counter() - t0:.0f} s; wrote {out / QUICK_EVAL_FILE}")
+
+
+def drop_stale_evaluation(out: Path, steps: int) -> None:
+    """Remove OUT/quick_eval.json when it evaluated another policy than OUT/final (of `steps`
+    steps): a run trained longer with --eval-problems 0 kept the old numbers beside the new model."""
+    path = out / QUICK_EVAL_FILE
+    if not path.exists():
+        return
+    try:
+        evaluated = json.loads(path.read_text()).get("steps")
+    except (OSError, ValueError, AttributeError):  # cut short, or not this JSON object
+        evaluated = None
+    if evaluated != steps:
+        path.unlink()
+        print(f"removed {path}: it evaluated the policy of {evaluated if evaluated is not None else 'an unknown'} "
+              f"step(s), {out / 'final'} has {steps}; rerun with --eval-problems N to evaluate it")
 
 
 if __name__ == "__main__":

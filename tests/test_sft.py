@@ -318,6 +318,13 @@ def test_train_sft_cli_smoke(tmp_path, monkeypatch, capsys):
     assert "trained 2 steps" in out and "greedy pass@1" in out and "pass@2" in out
     report = json.loads((tmp_path / "cli" / "quick_eval.json").read_text())
     assert report["num_problems"] == 2 and 0 <= report["sampled_pass1"] <= report["pass_at_k"] <= 1
+    assert report["steps"] == 2
+    # trained on without an evaluation: the old numbers (of the 2-step policy) were kept beside a new final/
+    cli.main(argv[1:argv.index("--max-steps") + 1] + ["3", "--batch-size", "4", "--train-problems", "40",
+                                                      "--eval-problems", "0", "--threads", "1", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "trained 3 steps" in out and "removed" in out and "quick_eval.json" in out
+    assert not (tmp_path / "cli" / "quick_eval.json").exists()
 
 
 def test_a_cached_policy_of_other_sft_settings_is_used_with_a_note(tok, tmp_path, capsys):
