@@ -66,7 +66,7 @@ def settings_note(run_dir: Path, sft: SFTConfig, run: dict[str, Any] | None = No
     diffs = [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in wanted.items()
              if key not in NOT_THE_WEIGHTS and saved.get(key) != value]
     diffs += [f"{key}: {saved_run.get(key)!r} -> {value!r}" for key, value in (run or {}).items()
-              if key in saved_run and saved_run[key] != value]
+              if key in saved_run and saved_run[key] != value and key != "split_version"]  # below, explained
     if run and "split_version" in run and saved_run.get("split_version", 1) != run["split_version"]:
         diffs.append(f"split_version: {saved_run.get('split_version', 1)!r} -> {run['split_version']!r}, its train "
                      "split held test problems of this one")

@@ -374,6 +374,10 @@ def test_a_policy_trained_on_an_earlier_arith_split_is_named(tmp_path, capsys):
     assert "split_version: 1 -> 2, its train split held test problems of this one" in capsys.readouterr().err
     note = trained_task_note(str(run / "final"), "experiments.tasks.arith")
     assert note is not None and "was trained on version 1 of arith's splits" in note and f"delete {run}" in note
+    # a summary recording version 1: the difference named once (the generic settings loop named it too)
+    (run / sft_resume.SUMMARY_FILE).write_text(json.dumps({"config": asdict(made), "run": {**asked, "split_version": 1}}))
+    assert cached_policy(run, made, asked) == run / "final"
+    assert capsys.readouterr().err.count("split_version: 1 -> 2") == 1
     (run / sft_resume.SUMMARY_FILE).write_text(json.dumps({"config": asdict(made), "run": asked}))
     assert cached_policy(run, made, asked) == run / "final" and capsys.readouterr().err == ""
     assert trained_task_note(str(run / "final"), "experiments.tasks.arith") is None
