@@ -223,7 +223,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     try:
         check_file_target(args.out, "--out", "report.md")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if not args.list:  # --list runs nothing and writes nothing
+            args.out.parent.mkdir(parents=True, exist_ok=True)
     except ValueError as error:
         ap.error(str(error))
     except OSError as error:  # a folder that cannot be made (/proc/x, no permission)

@@ -115,3 +115,12 @@ def test_an_out_folder_that_cannot_be_made_is_a_usage_error(sections, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         bench_all.main(["--out", "/proc/treesearch-no/report.md"])
     assert exit_info.value.code == 2 and "cannot create its folder" in capsys.readouterr().err
+
+
+def test_list_prints_the_sections_and_writes_nothing(sections, tmp_path, capsys):
+    out = tmp_path / "new" / "report.md"
+    assert bench_all.main(["--list", "--out", str(out)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == [s.name for s in SECTIONS]
+    assert "(skipped: no vLLM)" in listed[-1]
+    assert not (tmp_path / "new").exists()  # --list created the report's folder
