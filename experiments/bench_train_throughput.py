@@ -6,7 +6,8 @@ policy on arith train problems (sampled at temperature 1, `TransformersRolloutSo
 SPRM head attached), collated by `collate_rollouts` (right-padded, step positions found). The
 head is freshly initialised (its values do not change the cost). Each timed unit is forward +
 loss + backward (gradients zeroed before, no optimizer step: the same for every row):
-  plain        LM forward, token cross-entropy on the completion tokens, backward;
+  plain        LM forward, token cross-entropy on the completion tokens, backward, with each
+               group's prompt forwarded once (`policies.shared_prompt`), as the joint rows;
   joint        `policies.joint_step.joint_step` as the trainer calls it (train_loss=reference):
                one forward of the backbone + head and the frozen reference LM's forward for the
                KL term, each running every group's prompt once (`policies.shared_prompt`), the
@@ -15,11 +16,13 @@ loss + backward (gradients zeroed before, no optimizer step: the same for every 
   joint, fp32 reference  the same with the reference forward in float32 (ref_bf16 off; only on
                a machine with bf16 matmuls, where the joint row ran it in bf16);
   joint no KL  the same with kl_coef = 0 (no reference forward): what the extra forward costs;
+  plain, every prompt forwarded per rollout  the plain step over the whole batch (any LM loss's way);
   joint, every prompt forwarded per rollout  the joint step with the policy's forward over the
                whole batch (shared_prompt off), as before each group's prompt ran once
-               (`policies.shared_prompt`; the reference forward shares it either way).
-tokens/s counts the non-pad tokens of the batch; times are medians of --repeats rounds, the
-rows alternating within each round.
+               (the reference forward shares it either way).
+Each joint row is compared with the plain row that forwards the prompts as it does (equal work:
+sharing prompts is not credited to the joint step). tokens/s counts the non-pad tokens of the
+batch; times are medians of --repeats rounds, the rows alternating within each round.
 
     python -m experiments.bench_train_throughput                   # 8 prompts x 8 rollouts
     python -m experiments.bench_train_throughput --prompts 2 --group 2 --repeats 1
@@ -48,6 +51,7 @@ from policies.bf16_support import native_bf16  # noqa: E402
 from policies.joint_step import JointForward, JointLossConfig, joint_step  # noqa: E402
 from policies.reflective_model import ReflectiveModel  # noqa: E402
 from policies.rollout_batch import RolloutBatch, TransformersRolloutSource, collate_rollouts  # noqa: E402
+from policies.shared_prompt import shared_prompt_forward, shared_prompt_lengths  # noqa: E402
 from policies.sampling_config import SamplingConfig  # noqa: E402
 from policies.transformers_policy import TransformersPolicy  # noqa: E402
 from scorers.sprm_positions import StepMarkers  # noqa: E402
@@ -76,6 +80,7 @@ class ThroughputRow:
     name: str
     seconds: float
     tokens: int
+    shared_prompt: bool  # each group's prompt forwarded once (else once per rollout)
 
     @property
     def tokens_per_s(self) -> float:
@@ -103,10 +108,16 @@ def rollout_batch(parts: TrainParts, prompts: int, group: int, seed: int) -> Rol
     return collate_rollouts(flat, rewards, group, markers, policy.pad_id)
 
 
-def plain_step(parts: TrainParts, batch: RolloutBatch) -> torch.Tensor:
-    """Forward + LM loss (mean cross-entropy over completion targets) + backward; returns the loss."""
+def plain_step(parts: TrainParts, batch: RolloutBatch, shared_prompt: bool) -> torch.Tensor:
+    """Forward + LM loss (mean cross-entropy over completion targets) + backward; returns the loss.
+    shared_prompt: each group's prompt forwarded once (`policies.shared_prompt`; the completion
+    targets get the plain forward's logits), else the whole batch."""
     lm = parts.reflective.lm
-    logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits  # [B, L, V]
+    shared = shared_prompt_lengths(batch) if shared_prompt else None
+    if shared is None:
+        logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits  # [B, L, V]
+    else:
+        logits, _ = shared_prompt_forward(lm, batch.input_ids, batch.attention_mask, batch.group_size, shared)
     token_loss = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), batch.input_ids[:, 1:], reduction="none"
     )  # [B, L-1]
@@ -122,20 +133,25 @@ def joint_unit(parts: TrainParts, batch: RolloutBatch, cfg: JointLossConfig) -> 
     return out.loss.detach()
 
 
-def step_units(parts: TrainParts, batch: RolloutBatch) -> dict[str, Callable[[], torch.Tensor]]:
-    """The timed units by row name (each zeroes the gradients first)."""
+def step_units(parts: TrainParts, batch: RolloutBatch) -> dict[str, tuple[bool, Callable[[], torch.Tensor]]]:
+    """The timed units by row name: (each group's prompt forwarded once, the unit; each zeroes
+    the gradients first). The first unit of each kind of prompt forwarding is its plain step."""
     joint_cfg = JointLossConfig(ref_bf16=None)  # the reference's loss (train_loss=reference)
     bf16 = native_bf16(str(batch.input_ids.device))  # what ref_bf16=None picks here
     units = {
-        "plain forward + backward": lambda: plain_step(parts, batch),
-        f"joint GRPO + SPR (reference forward in {'bf16' if bf16 else 'fp32'})": lambda: joint_unit(parts, batch, joint_cfg),
+        "plain forward + backward": (True, lambda: plain_step(parts, batch, shared_prompt=True)),
+        f"joint GRPO + SPR (reference forward in {'bf16' if bf16 else 'fp32'})":
+            (True, lambda: joint_unit(parts, batch, joint_cfg)),
     }
     if bf16:  # without bf16 matmuls a bf16 reference would be far slower, not a choice worth timing
-        units["joint, fp32 reference forward"] = lambda: joint_unit(parts, batch, dataclasses.replace(joint_cfg, ref_bf16=False))
-    units["joint, no KL reference forward"] = lambda: joint_unit(parts, batch, dataclasses.replace(joint_cfg, kl_coef=0.0))
-    units["joint, every prompt forwarded per rollout"] = lambda: joint_unit(
-        parts, batch, dataclasses.replace(joint_cfg, shared_prompt=False))
-    return {name: _zeroing(parts.reflective, unit) for name, unit in units.items()}
+        units["joint, fp32 reference forward"] = (
+            True, lambda: joint_unit(parts, batch, dataclasses.replace(joint_cfg, ref_bf16=False)))
+    units["joint, no KL reference forward"] = (
+        True, lambda: joint_unit(parts, batch, dataclasses.replace(joint_cfg, kl_coef=0.0)))
+    units["plain, every prompt forwarded per rollout"] = (False, lambda: plain_step(parts, batch, shared_prompt=False))
+    units["joint, every prompt forwarded per rollout"] = (
+        False, lambda: joint_unit(parts, batch, dataclasses.replace(joint_cfg, shared_prompt=False)))
+    return {name: (shared, _zeroing(parts.reflective, unit)) for name, (shared, unit) in units.items()}
 
 
 def _zeroing(model: torch.nn.Module, unit: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -152,24 +168,28 @@ def measure(parts: TrainParts, batch: RolloutBatch, repeats: int) -> list[Throug
     units = step_units(parts, batch)
     times: dict[str, list[float]] = {name: [] for name in units}
     for round_index in range(repeats + 1):
-        for name, unit in units.items():
+        for name, (_, unit) in units.items():
             seconds = timed(unit).wall_s
             if round_index > 0:
                 times[name].append(seconds)
     tokens = int(batch.attention_mask.sum())
-    return [ThroughputRow(name, statistics.median(ts), tokens) for name, ts in times.items()]
+    return [ThroughputRow(name, statistics.median(times[name]), tokens, shared) for name, (shared, _) in units.items()]
 
 
 def markdown_table(rows: Sequence[ThroughputRow]) -> str:
-    base = rows[0]
+    """Each row against the first (plain) row of its kind of prompt forwarding: equal work."""
+    bases: dict[bool, ThroughputRow] = {}
     lines = [
-        "| step | s / step | tokens | tokens/s | vs plain | target >= 0.8 |",
-        "|---|---:|---:|---:|---:|---|",
+        "| step | prompts forwarded | s / step | tokens | tokens/s | vs plain, same prompts | target >= 0.8 |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        base = bases.setdefault(r.shared_prompt, r)
         ratio = r.tokens_per_s / base.tokens_per_s
         verdict = "-" if r is base else ("met" if ratio >= TARGET else "not met")
-        lines.append(f"| {r.name} | {r.seconds:.3f} | {r.tokens} | {r.tokens_per_s:.0f} | {ratio:.2f} | {verdict} |")
+        forwarded = "once per group" if r.shared_prompt else "once per rollout"
+        lines.append(f"| {r.name} | {forwarded} | {r.seconds:.3f} | {r.tokens} | {r.tokens_per_s:.0f} | {ratio:.2f} "
+                     f"| {verdict} |")
     return "\n".join(lines)
 
 

@@ -189,10 +189,34 @@ def test_train_throughput_table(checkpoint):
     bf16 = native_bf16()  # the joint row's reference forward follows the machine; fp32 is its alternative
     expected = ["plain forward + backward", f"joint GRPO + SPR (reference forward in {'bf16' if bf16 else 'fp32'})"]
     expected += ["joint, fp32 reference forward"] * bf16 + ["joint, no KL reference forward"]
-    expected += ["joint, every prompt forwarded per rollout"]
+    expected += ["plain, every prompt forwarded per rollout", "joint, every prompt forwarded per rollout"]
     assert list(rows) == expected
-    assert rows["plain forward + backward"][3] == "1.00"
-    assert len({cells[1] for cells in rows.values()}) == 1  # every row counts the same batch's tokens
+    # each joint row against the plain row forwarding the prompts as it does (the joint step's
+    # prompt sharing was credited to it: 1.16 "vs plain" where equal work gave 0.87)
+    assert [cells[0] for cells in rows.values()] == ["once per group"] * (len(expected) - 2) + ["once per rollout"] * 2
+    assert rows["plain forward + backward"][4] == rows["plain, every prompt forwarded per rollout"][4] == "1.00"
+    assert [cells[5] for cells in rows.values()].count("-") == 2
+    assert len({cells[2] for cells in rows.values()}) == 1  # every row counts the same batch's tokens
+
+
+def test_the_plain_step_sharing_prompts_gives_the_plain_loss_and_gradients(checkpoint):
+    import torch
+
+    from experiments import bench_train_throughput as btt
+
+    parts = btt.load_train_parts(checkpoint)
+    batch = btt.rollout_batch(parts, prompts=2, group=3, seed=0)
+    from policies.shared_prompt import shared_prompt_lengths
+
+    assert shared_prompt_lengths(batch) is not None  # the shared row shares
+    results = []
+    for shared in (False, True):
+        parts.reflective.zero_grad(set_to_none=True)
+        loss = btt.plain_step(parts, batch, shared_prompt=shared)
+        results.append((loss, [p.grad.clone() for p in parts.reflective.lm.parameters() if p.grad is not None]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-5) and len(grads_a) == len(grads_b) > 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_a, grads_b, strict=True))
 
 
 @pytest.mark.slow
