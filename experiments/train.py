@@ -758,16 +758,17 @@ def local_report(t: Trainer, problems: list[Problem], rollouts: list[Rollout], r
 
 
 @torch.no_grad()
-def forward_finite(model: torch.nn.Module, batch: RolloutBatch) -> bool:
-    """Whether the updated model's logits over the batch's first rollout are finite: weights can
-    stay finite yet so large that the forward overflows (lr=1e4 left |w| ~ 1e8: a run that ended
-    there saved a last/ whose every sample drew NaN logits, and one that went on crashed in its
-    next rollouts)."""
+def forward_finite(model: ReflectiveModel, batch: RolloutBatch) -> bool:
+    """Whether the updated model's logits, features and head outputs over the batch's first
+    rollout are finite: weights can stay finite yet so large that the forward overflows (lr=1e4
+    left |w| ~ 1e8: a run that ended there saved a last/ whose every sample drew NaN logits, and
+    one that went on crashed in its next rollouts; features of ~4e27 gave a head of NaN scores)."""
     was_training = model.training
     model.eval()
     try:
         out = model(batch.input_ids[:1], batch.attention_mask[:1])
-        return bool(torch.isfinite(out.logits).all()) and bool(torch.isfinite(out.features).all())
+        outputs = (out.logits, out.features, model.head_logits(out.features))
+        return all(bool(torch.isfinite(tensor).all()) for tensor in outputs)
     finally:
         model.train(was_training)
 

@@ -546,6 +546,13 @@ def test_weights_too_large_for_a_finite_forward_count_as_diverged():
         for p in model.lm.parameters():
             p.mul_(1e15)
     assert weights_finite(model) and not forward_finite(model, batch)
+    # finite logits and features, but a head whose scores overflow (lr=1e4 saved a head scoring
+    # NaN at every step, and the held-out metrics row NaN, as a good last/)
+    model = ReflectiveModel(lm := biased_lm(), build_sprm_head(lm.config.hidden_size, seed=0)).train()
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.mul_(1e30)
+    assert weights_finite(model) and not forward_finite(model, batch)
     report = {"losses": {"loss": 0.5}, "records": [], "finite_weights": False}
     with pytest.raises(TrainingDivergedError, match="step 4: the updated weights, or their logits, are not finite"):
         check_not_diverged([report], 4)
