@@ -575,13 +575,28 @@ def _assemble(
     greedy = TransformersPolicy(reflective.lm, tokenizer, dataclasses.replace(s.sampling, temperature=0.0), prompt_fn)
     fmt = StepFormat(s.sampling.separator, s.sampling.think_open, s.sampling.think_close)
     width = max(int(reflective.config.vocab_size), len(tokenizer))
+    markers = StepMarkers.from_tokenizer(tokenizer, width, fmt)
+    check_separator_ends_tokens(s, markers)
     return Trainer(
         s=s, accelerator=accelerator, out=out, model=model, reflective=reflective, tokenizer=tokenizer,
         ref_lm=ref_lm, actor_opt=actor_opt, head_opt=head_opt, source=TransformersRolloutSource(policy),
-        greedy=TransformersRolloutSource(greedy), markers=StepMarkers.from_tokenizer(tokenizer, width, fmt), task=task,
+        greedy=TransformersRolloutSource(greedy), markers=markers, task=task,
         train_problems=problems[0], heldout_problems=problems[1],
         heldout=[], pad_id=policy.pad_id,
     )
+
+
+def check_separator_ends_tokens(s: Settings, markers: StepMarkers) -> None:
+    """ValueError when the SPR loss is on and no token of init_from's vocabulary ends with
+    sampling.separator: no step would end, so the head trains on nothing (SmolLM2 under
+    `prompt=chat` with the default ".\\n\\n": spr/steps 0, loss/spr 0, behind one warning)."""
+    if markers.separator_ids or s.loss.spr_coef == 0:
+        return
+    typed = " (a backslash and an n, not a newline: Hydra keeps them as typed)" if "\\n" in s.sampling.separator else ""
+    raise ValueError(
+        f"sampling.separator={s.sampling.separator!r}{typed} ends no token of {s.init_from}'s vocabulary: no step "
+        "would end and the SPR loss train the head on nothing; give the separator its steps end with, e.g. a "
+        """newline for SmolLM2 as its search preset (bash: $'sampling.separator="\\n"'), or train_loss.spr_coef=0""")
 
 
 # -- held-out rollouts and evaluation -----------------------------------------------------------

@@ -700,3 +700,17 @@ def test_a_run_in_bf16_throughout_leaves_its_reference_unpinned(monkeypatch):
     assert train.pinned_reference_precision(config, torch.device("cpu")) == config
     config["train_loss"]["bf16"] = False
     assert train.pinned_reference_precision(config, torch.device("cpu"))["train_loss"]["ref_bf16"] is False
+
+
+def test_a_separator_that_ends_no_token_is_refused_while_the_spr_loss_is_on(init_dir, tmp_path):
+    # SmolLM2 under prompt=chat kept train.yaml's ".\n\n", which no SmolLM2 token ends with: the
+    # run trained with spr/steps 0, loss/spr 0 and a head that never moved, behind one warning
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"sampling.separator='@@@' ends no token of .*"
+                                                                    r"train_loss.spr_coef=0"):
+        run_training(composed(tiny(init_dir, tmp_path / "at", "sampling.separator=@@@")))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"a backslash and an n, not a newline"):
+        run_training(composed(tiny(init_dir, tmp_path / "typed", r"sampling.separator='\n'")))
+    with pytest.warns(UserWarning):
+        out = run_training(composed(tiny(init_dir, tmp_path / "grpo", "sampling.separator=@@@",
+                                         "train_loss=grpo_only", "run.max_steps=1")))
+    assert (out / "last").is_dir()  # no SPR loss: nothing reads the steps
