@@ -159,7 +159,8 @@ class RunConfig:
         accuracy every N steps (0: off). Both also at step 0 (before any update).
     eval_batch_size: sequences per forward when re-scoring the held-out rollouts.
     seed: data order, rollout seeds, dropout seeds. head_seed: a fresh head's initialisation.
-    feature_layer: the hidden layer a fresh head reads (-2 as the reference).
+    feature_layer: the hidden layer a fresh head reads (-2 as the reference); an init_from with a
+        head must name its sprm.json's layer (from either end), or None to follow it.
     """
 
     max_steps: int = 200
@@ -175,7 +176,7 @@ class RunConfig:
     eval_batch_size: int = 64
     seed: int = 0
     head_seed: int = 0
-    feature_layer: int = -2
+    feature_layer: int | None = -2
 
     def __post_init__(self) -> None:
         # by type first: "abc" was a TypeError traceback, 2.0 failed mid-run, 1.5 steps ran as 2
@@ -184,7 +185,8 @@ class RunConfig:
         for name in ("checkpoint_every", "keep_checkpoints", "eval_every", "greedy_every"):
             check_int(f"RunConfig.{name}", getattr(self, name), minimum=0)
         check_int("RunConfig.seed", self.seed)
-        check_int("RunConfig.feature_layer", self.feature_layer)
+        if self.feature_layer is not None:
+            check_int("RunConfig.feature_layer", self.feature_layer)
         if self.max_minutes is not None and not (is_finite_number(self.max_minutes) and self.max_minutes > 0):
             raise ValueError(f"RunConfig.max_minutes={self.max_minutes!r} must be a finite number > 0 (or null)")
         check_seed("run.head_seed", self.head_seed)  # torch.manual_seed's; run.seed only feeds derived_seed's hash

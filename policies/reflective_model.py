@@ -160,16 +160,24 @@ def layer_to_read(directory: str | Path, feature_layer: int | None) -> int:
     format) takes any."""
     if feature_layer is None:
         return saved_feature_layer(directory)
-    if (Path(directory) / SPRM_CONFIG_FILE).is_file():
-        saved = saved_feature_layer(directory)
-        states = hidden_state_count(Path(directory))
-        if states is not None:  # a layer the model lacks is named as such first
-            check_feature_layer(feature_layer, states)
-        same = feature_layer == saved or (states is not None and feature_layer % states == saved % states)  # 4 is -2 of 5
-        if not same:
-            raise ValueError(f"feature_layer={feature_layer!r}, but the head of {directory} was trained on hidden layer "
-                             f"{saved} ({SPRM_CONFIG_FILE}): leave feature_layer unset (null) to read that one")
+    if not is_saved_layer(directory, feature_layer):
+        raise ValueError(f"feature_layer={feature_layer!r}, but the head of {directory} was trained on hidden layer "
+                         f"{saved_feature_layer(directory)} ({SPRM_CONFIG_FILE}): leave feature_layer unset (null) to "
+                         "read that one")
     return feature_layer
+
+
+def is_saved_layer(directory: str | Path, feature_layer: int) -> bool:
+    """Whether feature_layer is the layer a folder's sprm.json names, counted from either end (4
+    is -2 of 5 hidden states); any layer for a folder without sprm.json (the reference's format).
+    ValueError names a layer the model lacks."""
+    if not (Path(directory) / SPRM_CONFIG_FILE).is_file():
+        return True
+    saved = saved_feature_layer(directory)
+    states = hidden_state_count(Path(directory))
+    if states is not None:  # a layer the model lacks is named as such first
+        check_feature_layer(feature_layer, states)
+    return feature_layer == saved or (states is not None and feature_layer % states == saved % states)
 
 
 def hidden_state_count(directory: Path) -> int | None:

@@ -45,7 +45,9 @@ import torch
 from policies.checkpoint import (
     REQUIRED_FILES, DamagedCheckpointError, atomic_directory, load_checkpoint, load_torch_file, write_checkpoint_files,
 )
-from policies.reflective_model import DEFAULT_FEATURE_LAYER, SPRM_CONFIG_FILE, ReflectiveModel, saved_feature_layer
+from policies.reflective_model import (
+    DEFAULT_FEATURE_LAYER, SPRM_CONFIG_FILE, ReflectiveModel, is_saved_layer, saved_feature_layer,
+)
 from scorers.sprm_head import SCORE_MODULE_FILE, build_sprm_head, save_score_module
 
 STATE_FILE = "joint_state.pt"
@@ -86,29 +88,32 @@ def restore_rng(states: dict[str, Any]) -> None:
 
 
 def load_policy_with_head(
-    directory: str | Path, head_seed: int = 0, feature_layer: int = DEFAULT_FEATURE_LAYER
+    directory: str | Path, head_seed: int = 0, feature_layer: int | None = DEFAULT_FEATURE_LAYER
 ) -> tuple[ReflectiveModel, Any]:
     """(ReflectiveModel, tokenizer) from a checkpoint folder, in float32 to train; a folder without
-    score_module.pt (an SFT policy) gets a fresh head (seeded) reading `feature_layer`. A folder
-    with a head keeps it (head_seed unused), made float32 if it was saved in bf16 / fp16 (a
-    reference-format folder): AdamW on bf16 weights rounds away every update smaller than half a
-    bf16 step, which at head learning rates is nearly all of them. ValueError when its sprm.json
-    names another layer than feature_layer (a head reads the layer it was trained on).
-    FileNotFoundError names a missing file."""
+    score_module.pt (an SFT policy) gets a fresh head (seeded) reading `feature_layer` (None:
+    DEFAULT_FEATURE_LAYER). A folder with a head keeps it (head_seed unused) and its layer (None:
+    its sprm.json's), made float32 if it was saved in bf16 / fp16 (a reference-format folder):
+    AdamW on bf16 weights rounds away every update smaller than half a bf16 step, which at head
+    learning rates is nearly all of them. ValueError when its sprm.json names another layer than
+    feature_layer, counted from either end (a head reads the layer it was trained on:
+    `reflective_model.is_saved_layer`). FileNotFoundError names a missing file."""
     directory = Path(directory)
     if (directory / SCORE_MODULE_FILE).is_file():
-        saved = saved_feature_layer(directory)
-        if saved != feature_layer:
+        if feature_layer is not None and not is_saved_layer(directory, feature_layer):
+            saved = saved_feature_layer(directory)
             raise ValueError(
                 f"{directory}'s head reads hidden layer {saved} ({SPRM_CONFIG_FILE}) but run.feature_layer={feature_layer}: "
-                f"set run.feature_layer={saved} to train that head, or start from an SFT policy for a fresh head"
+                f"set run.feature_layer={saved} (or null: the head's own) to train that head, or start from an SFT "
+                "policy for a fresh head"
             )
-        reflective, tokenizer = ReflectiveModel.from_pretrained(directory)
+        reflective, tokenizer = ReflectiveModel.from_pretrained(directory, feature_layer=feature_layer)
         reflective.head.float()
         return reflective, tokenizer
     lm, tokenizer = load_checkpoint(directory)
     head = build_sprm_head(int(lm.config.hidden_size), seed=head_seed)
-    return ReflectiveModel(lm, head, feature_layer).eval(), tokenizer
+    layer = DEFAULT_FEATURE_LAYER if feature_layer is None else feature_layer
+    return ReflectiveModel(lm, head, layer).eval(), tokenizer
 
 
 def save_joint_checkpoint(directory: Path, reflective: ReflectiveModel, tokenizer: Any, state: JointTrainState) -> Path:

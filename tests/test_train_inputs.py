@@ -404,6 +404,16 @@ def test_an_init_from_with_a_head_must_name_the_layer_it_reads(finished, tmp_pat
         load_policy_with_head(folder, head_seed=7, feature_layer=-2)
     reflective, _ = load_policy_with_head(folder, head_seed=7, feature_layer=-1)
     assert reflective.feature_layer == -1
+    # the same layer counted from the front, as search takes it, and null: the head's own layer
+    # (the config comment promised "an init_from with a head: its sprm.json's layer")
+    states = reflective.config.num_hidden_layers + 1
+    assert load_policy_with_head(folder, head_seed=7, feature_layer=states - 1)[0].feature_layer == states - 1
+    assert load_policy_with_head(folder, head_seed=7, feature_layer=None)[0].feature_layer == -1
+    with pytest.raises(ValueError, match=rf"feature_layer={states} must index the {states} hidden states"):
+        load_policy_with_head(folder, head_seed=7, feature_layer=states)
+    assert load_policy_with_head(finished / "last", feature_layer=None)[0].feature_layer == -2  # its sprm.json's
+    out = run_training(composed(tiny(folder, tmp_path / "null", "run.feature_layer=null", "run.max_steps=1")))
+    assert json.loads((out / "last" / "sprm.json").read_text()) == {"feature_layer": -1}
 
 
 def test_spr_only_with_no_backbone_gradient_leaves_the_policy_bit_identical(init_dir, tmp_path):
@@ -526,8 +536,11 @@ def test_a_diverging_run_stops_before_sampling_from_or_saving_nan_weights(init_d
                                                     r"nothing of this step"):
         run_training(composed(tiny(init_dir, out, "run.max_steps=6", "run.checkpoint_every=1", "head_optim.lr=1e30",
                                    "actor_optim.lr=1e30")))
-    saved = load_checkpoint(out / "last")[0]
-    assert all(torch.isfinite(p).all() for p in saved.parameters())  # the last checkpoint is a good one
+    for folder in [out / "last", *out.glob("ckpt-*")]:  # none, when step 1 diverged already (its head overflowed)
+        if folder.exists():
+            saved = load_checkpoint(folder)[0]
+            assert all(torch.isfinite(p).all() for p in saved.parameters())  # every checkpoint is a good one
+    assert "NaN" not in (out / "metrics.jsonl").read_text()
 
 
 def test_weights_too_large_for_a_finite_forward_count_as_diverged():
