@@ -63,7 +63,7 @@ STEP_KEYS = {
     "grad_norm/actor", "grad_norm/head", "fc/correct_prob", "fc/false_prob", "fc/diff_prob", "fc/within_auc",
     "fc/num_correct", "fc/num_false", "reward/mean", "rollout/correct", "reward/pass_at_g", "grpo/mixed_groups",
     "rollout/length",
-    "rollout/cut_by_length", "lr/actor", "lr/head", "time/rollout_s", "time/update_s", "time/step_s",
+    "rollout/cut_by_length", "lr/actor", "lr/head", "time/rollout_s", "time/update_s", "time/eval_s", "time/step_s",
     "time/tokens_per_s", "time/train_tokens_per_s", "time/elapsed_s",
 }
 FC = ("correct_prob", "false_prob", "diff_prob", "within_auc", "num_correct", "num_false")
@@ -366,3 +366,19 @@ def test_the_task_nodes_search_settings_are_refused_on_the_command_line(capsys):
             f"error: {key} is a search setting that experiments.train does not read (it draws its problems by `data`): "
             f"set {instead} instead\n")
     assert {"task.split", "task.count", "task.seed"} <= set(RESUMABLE_KEYS)  # runs saved with them still resume
+
+
+def test_tokens_per_s_leaves_the_held_out_evaluation_out(init_dir, tmp_path, monkeypatch):
+    # time/tokens_per_s divided by the whole step: a step with a held-out evaluation (every
+    # run.eval_every) read 4x slower (148 vs 690 tokens/s) though its rollouts ran as fast
+    import time
+
+    import experiments.train as train_module
+
+    evaluations = train_module.evaluations
+    monkeypatch.setattr(train_module, "evaluations", lambda t, step: time.sleep(0.5) or evaluations(t, step))
+    rows = rows_of(run_training(composed(tiny(init_dir, tmp_path / "run", "run.max_steps=1"))))
+    row = rows[-1]
+    assert row["time/eval_s"] >= 0.5 and row["time/step_s"] >= row["time/eval_s"] + row["time/rollout_s"]
+    generated = row["rollout/length"] * 2 * 4  # run.prompts_per_step x run.rollouts_per_prompt
+    assert row["time/tokens_per_s"] == pytest.approx(generated / (row["time/step_s"] - row["time/eval_s"]), rel=1e-3)
