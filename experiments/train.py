@@ -271,6 +271,9 @@ def settings(cfg: DictConfig) -> Settings:
     check_prompt(s.prompt, s.task_module)
     if cfg.get("num_threads") is not None:  # 0 was skipped in silence, -1 a torch traceback
         check_int("num_threads", cfg.num_threads, minimum=1, or_else=", or null for torch's default")
+    for key in ("progress", "tensorboard"):  # tensorboard=maybe ran, was saved and read as bool("maybe")
+        if not isinstance(cfg.get(key, False), bool):
+            raise ValueError(f"{key}={cfg[key]!r} must be true or false")
     if s.sampling.temperature != s.loss.temperature:
         raise ValueError(
             f"train_loss.temperature={s.loss.temperature} differs from sampling.temperature="

@@ -133,6 +133,8 @@ def test_train_config_composes_with_every_loss_option():
     ("actor_optim.lr=inf", "OptimizerConfig.lr=inf must be a finite number > 0"),  # trained to NaN before
     ("head_optim.weight_decay=inf", "OptimizerConfig.weight_decay=inf must be a finite number >= 0"),
     ("data.heldout_problems=0", "DataConfig.heldout_problems=0"),
+    ("tensorboard=maybe", "tensorboard='maybe' must be true or false"),  # ran, saved, read as bool("maybe")
+    ("progress=2", "progress=2 must be true or false"),
 ])
 def test_bad_values_are_named(override, message):
     extra = ["run.old_logprobs=rollout"] if override.startswith("sampling.") else []
