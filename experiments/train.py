@@ -52,6 +52,7 @@ import hashlib  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -104,6 +105,7 @@ from treesearch.records import Problem  # noqa: E402
 from treesearch.steps import StepFormat  # noqa: E402
 
 METRICS, HELDOUT, CONFIG, REFERENCE = "metrics.jsonl", "heldout_rollouts.jsonl", "config.yaml", "reference"
+TENSORBOARD = "tensorboard"
 # what other commands' runs hold (a search's rows; SFT's and train_head's saved model, SFT's
 # summary): a fresh training run never starts over them
 FOREIGN_RUN_FILES: tuple[str, ...] = ("records.jsonl", "final", "sft_summary.json", "metrics.json", "last/trainer_state.pt")
@@ -463,6 +465,7 @@ def claim_out_dir(out: Path, config: dict[str, Any], resuming: bool, main: bool)
         out.mkdir(parents=True, exist_ok=True)
         for name in (METRICS, HELDOUT):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / TENSORBOARD, ignore_errors=True)  # its step 0 was logged twice after such a stop
         write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(config)))
 
 
@@ -921,7 +924,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
+                self.tb = SummaryWriter(str(out / TENSORBOARD), purge_step=start_step + 1)
             except ImportError:  # the tensorboard package is optional
                 self.tb = None
 

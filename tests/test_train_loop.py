@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import os
 import socket
 import subprocess
@@ -384,3 +385,17 @@ def test_tokens_per_s_leaves_the_held_out_evaluation_out(init_dir, tmp_path, mon
     assert row["time/eval_s"] >= 0.5 and row["time/step_s"] >= row["time/eval_s"] + row["time/rollout_s"]
     generated = row["rollout/length"] * 2 * 4  # run.prompts_per_step x run.rollouts_per_prompt
     assert row["time/tokens_per_s"] == pytest.approx(generated / (row["time/step_s"] - row["time/eval_s"]), rel=1e-3)
+
+
+def test_a_fresh_start_clears_the_tensorboard_log_of_its_stopped_start(init_dir, tmp_path):
+    # a run killed before its first checkpoint starts over from step 0: its TensorBoard log kept
+    # the first start's step 0 beside the new one (two points at step 0 per curve)
+    out = tmp_path / "run"
+    run_training(composed(tiny(init_dir, out, "run.max_steps=1", "run.checkpoint_every=0")))
+    for name in ("last", "reference"):
+        shutil.rmtree(out / name)  # as a kill before the first checkpoint leaves it
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.1").write_bytes(b"step 0")
+    run_training(composed(tiny(init_dir, out, "run.max_steps=1", "run.checkpoint_every=0")))
+    assert not (out / "tensorboard").exists()  # tensorboard=false here: nothing written again
+    assert [row["step"] for row in rows_of(out)] == [0, 1]
