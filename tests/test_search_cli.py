@@ -540,8 +540,14 @@ def test_a_run_refused_before_its_first_row_leaves_no_claimed_folder(ckpt, tmp_p
     (out / "notes.txt").write_text("mine")
     done = run_cli([f"policy.path={ckpt}", "scorer=orm", f"scorer.path={tmp_path / 'no_head'}", f"out_dir={out}",
                     "task.count=1"], cwd=tmp_path)
-    assert done.returncode == 2 and sorted(p.name for p in out.iterdir()) in (["notes.txt"], ["notes.txt", "search.log"])
-    assert (out / "notes.txt").read_text() == "mine"  # (search.log: Hydra's own log of the invocation)
+    # (Hydra's log of the refused job, search.log, went too: one was left in a training run's folder)
+    assert done.returncode == 2 and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
+    # an earlier run's log is the folder's own: kept
+    (out / "search.log").write_text("an earlier run\n")
+    done = run_cli([f"policy.path={ckpt}", "scorer=orm", f"scorer.path={tmp_path / 'no_head'}", f"out_dir={out}",
+                    "task.count=1"], cwd=tmp_path)
+    assert done.returncode == 2 and (out / "search.log").read_text().startswith("an earlier run\n")
 
 
 def test_the_ctrl_c_hint_of_a_sweep_names_its_folder(monkeypatch):
