@@ -217,3 +217,16 @@ def test_hub_without_the_datasets_package_is_a_value_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
     with pytest.raises(ValueError, match=r"task.config.hub=true needs the `datasets` package \(pip install datasets\)"):
         next(read_hub_rows("openai/gsm8k", "main", "test"))
+
+
+def test_a_json_arrays_items_are_located_by_their_first_line(tmp_path):
+    # each item's line was counted from the start of the text (quadratic in the file's size); it
+    # is now counted on from the item before: the lines must stay those of each item's start
+    from experiments.tasks.loader_errors import DataFormatError, read_json_array
+
+    path = tmp_path / "items.json"
+    path.write_text('[\n  {"a": 1},\n\n  {"a": 2,\n   "b": 3}, {"a": 4},\n  {"a": 5}\n]\n')
+    assert [(where.line, record["a"]) for where, record in read_json_array(path)] == [(2, 1), (4, 2), (5, 4), (6, 5)]
+    path.write_text('[\n  {"a": 1},\n\n  {"a": 2}, 7\n]\n')
+    with pytest.raises(DataFormatError, match=r"line 4.*expected a JSON object, got int"):
+        list(read_json_array(path))

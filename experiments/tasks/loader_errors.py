@@ -172,8 +172,11 @@ def read_json_array(path: Path) -> Iterator[tuple[RowLocation, Row]]:
     if text.startswith("]", index):
         _check_nothing_after(path, text, index + 1)
         return
+    # text[counted] is on `line`, counted on from the last item (from the start of the text for
+    # every item was quadratic: a 27k-item file took 86 s)
+    line, counted = 1, 0
     while True:
-        line = _line_of(text, index)
+        line, counted = line + text.count("\n", counted, index), index
         try:
             record, index = decoder.raw_decode(text, index)
         except json.JSONDecodeError as error:
