@@ -3,6 +3,7 @@ question or a non-numeric final answer, a bad `count` for the generated tasks (a
 countdown), and the hint of a missing data file. Synthetic files only (no shared data needed)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -230,3 +231,28 @@ def test_a_json_arrays_items_are_located_by_their_first_line(tmp_path):
     path.write_text('[\n  {"a": 1},\n\n  {"a": 2}, 7\n]\n')
     with pytest.raises(DataFormatError, match=r"line 4.*expected a JSON object, got int"):
         list(read_json_array(path))
+
+
+def test_gsm8k_ids_number_rows_and_a_hub_rows_repeat_is_named_as_a_row(tmp_path, monkeypatch):
+    # the id was the line number: a blank line renamed every later problem (the same id then named
+    # another problem than the hub's row of that number); a hub row's repeated id said "line 10"
+    import sys
+    import types
+
+    rows = [{"question": f"q{k}", "answer": f"#### {k}"} for k in range(3)]
+    plain, spaced = tmp_path / "plain.jsonl", tmp_path / "spaced.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spaced.write_text("\n" + json.dumps(rows[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in rows[1:]))
+    ids = [(p.id, p.question) for p in gsm8k.load_gsm8k("test", plain)]
+    assert ids == [("gsm8k-test-1", "q0"), ("gsm8k-test-2", "q1"), ("gsm8k-test-3", "q2")]
+    assert [(p.id, p.question) for p in gsm8k.load_gsm8k("test", spaced)] == ids
+    assert [p.meta["line"] for p in gsm8k.load_gsm8k("test", spaced)] == [2, 4, 5]  # errors still name the line
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, config, split: rows
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    hub = gsm8k.load_gsm8k("test", hub=True)
+    assert [p.id for p in hub] == [i for i, _ in ids] and hub[1].meta["row"] == 2 and "line" not in hub[1].meta
+    from experiments.tasks.benchmark_split import check_unique_ids
+
+    with pytest.raises(DataFormatError, match=r"row 3: problem id 'gsm8k-test-1' repeats the one at row 1"):
+        check_unique_ids([hub[0], hub[1], dataclasses.replace(hub[2], id=hub[0].id)], "gsm8k")

@@ -90,7 +90,7 @@ def _jsonl_problem(where: RowLocation, record: dict[str, Any], year: int, index:
     if not question.strip():
         raise where.error("expected a problem before the boxed instruction, got the instruction alone", field="prompt")
     answer = _canonical_answer(where.require(record, "answer", (int, str)), where, "answer")
-    meta = {"task": "aime", "year": 2000 + year, "index": index, "source": str(where.path), "line": where.line}
+    meta = {"task": "aime", "year": 2000 + year, "index": index, **where.place()}
     return Problem(id=f"aime{year}-{index}", question=question, answer=answer, meta=meta)
 
 

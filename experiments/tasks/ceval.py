@@ -65,8 +65,7 @@ def _problem(where: RowLocation, record: dict[str, Any]) -> Problem:
         "subject_zh": parts.group("subject"),
         "choices": tuple(_unbrace(parts.group(letter)) for letter in LETTERS),
         "model_input": model_input,
-        "source": str(where.path),
-        "line": where.line,
+        **where.place(),
     }
     return Problem(id=f"ceval-{subject}-{number}", question=_unbrace(parts.group("question")), answer=answer, meta=meta)
 

@@ -12,7 +12,8 @@ Same interface as `experiments.tasks.arith`, so experiments treat both alike
 
 Problem.answer is the number after "####" in the reference solution with its thousands commas
 removed ("1,450,000" -> "1450000"); meta keeps the full worked solution (`solution`, with the
-<<calc>> annotations), the source file and line. Run `python -m experiments.tasks.gsm8k` to print
+<<calc>> annotations), the source file and line (a hub row: its row). Ids number the rows
+(gsm8k-test-1 is the first; a blank line renames nothing). Run `python -m experiments.tasks.gsm8k` to print
 a few problems.
 """
 from __future__ import annotations
@@ -51,17 +52,18 @@ def _reference_answer(solution: str, where: RowLocation) -> str:
     return answer.replace(",", "")
 
 
-def _problem(where: RowLocation, record: dict[str, Any], split: Split) -> Problem:
+def _problem(where: RowLocation, record: dict[str, Any], split: Split, row: int) -> Problem:
+    """The problem of a row; row: its place among the split's rows from 1 (its id: the line
+    number shifted every id after a blank line, and named another problem than the hub's row)."""
     question = where.require_text(record, "question")
     solution = where.require(record, "answer", str)
     meta = {
         "task": "gsm8k",
         "split": split,
         "solution": solution,
-        "source": str(where.path),
-        "line": where.line,
+        **where.place(),
     }
-    return Problem(id=f"gsm8k-{split}-{where.line}", question=question,
+    return Problem(id=f"gsm8k-{split}-{row}", question=question,
                    answer=_reference_answer(solution, where), meta=meta)
 
 
@@ -73,7 +75,7 @@ def load_gsm8k(split: Split = "test", path: str | os.PathLike[str] | None = None
         rows = read_hub_rows(*HUB_DATASET, split=split)
     else:
         rows = read_jsonl(resolve_data_file(path, f"gsm8k/{split}.jsonl"))
-    return [_problem(where, record, split) for where, record in rows]
+    return [_problem(where, record, split, row) for row, (where, record) in enumerate(rows, start=1)]
 
 
 def generate_problems(split: Split, count: int | None, seed: int, cfg: BenchmarkConfig = BenchmarkConfig()) -> list[Problem]:

@@ -48,6 +48,11 @@ class RowLocation:
     line: int
     unit: str = "line"
 
+    def place(self) -> dict[str, Any]:
+        """A problem's meta entries for where it comes from: "source" and "line" (a hub or
+        parquet row: "row"), as `benchmark_split.check_unique_ids` names them."""
+        return {"source": str(self.path), self.unit: self.line}
+
     def error(self, message: str, field: str | None = None) -> DataFormatError:
         """A DataFormatError at this place (the caller raises it)."""
         return DataFormatError(self.path, self.line, message, field=field, unit=self.unit)

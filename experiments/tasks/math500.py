@@ -39,8 +39,7 @@ def _problem(where: RowLocation, record: dict[str, Any]) -> Problem:
         "subject": where.require_text(record, "subject"),
         "level": level,
         "solution": where.require_text(record, "solution"),
-        "source": str(where.path),
-        "line": where.line,
+        **where.place(),
     }
     return Problem(
         id=where.require_text(record, "unique_id"),
