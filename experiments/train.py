@@ -569,7 +569,24 @@ def run_problems(s: Settings) -> tuple[list[Problem], list[Problem]]:
             drawn.append(list(task.generate_problems(split, count, s.data.seed, s.task_config)))
         except ValueError as error:  # a search's hint for task.count does not apply: counts here are >= 1
             raise ValueError(f"{key}={count}: {str(error).replace(' ' + TAKE_ALL_HINT, '')}") from None
+    check_heldout_unseen(drawn[0], drawn[1], s.task_config)
     return drawn[0], drawn[1]
+
+
+def check_heldout_unseen(train: Sequence[Problem], heldout: Sequence[Problem], task_config: Any) -> None:
+    """ValueError when held-out problems are among the training problems (by question): their
+    held-out metrics would measure training data (task=gsm8k task.config.path=FILE read that one
+    file for both splits: 20 of 20 held-out problems were trained on, in silence)."""
+    seen = {problem.question for problem in train}
+    repeated = sum(problem.question in seen for problem in heldout)
+    if not repeated:
+        return
+    path = getattr(task_config, "path", None)
+    cause = (f": task.config.path={path} gives every split that one file; leave it unset to read each split's own"
+             if path is not None else "")
+    raise ValueError(f"{repeated} of the {len(heldout)} held-out problems (data.heldout_problems, the test split) are "
+                     f"among the training problems (the train split), so the held-out metrics would measure training "
+                     f"data{cause}")
 
 
 def _assemble(

@@ -727,3 +727,17 @@ def test_a_separator_that_ends_no_token_is_refused_while_the_spr_loss_is_on(init
         out = run_training(composed(tiny(init_dir, tmp_path / "grpo", "sampling.separator=@@@",
                                          "train_loss=grpo_only", "run.max_steps=1")))
     assert (out / "last").is_dir()  # no SPR loss: nothing reads the steps
+
+
+def test_held_out_problems_among_the_training_problems_are_refused(init_dir, tmp_path):
+    # task.config.path names one file for every split: the held-out set was the first problems of
+    # the training file (20 of 20), and its metrics measured training data in silence
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{k}?", "answer": f"#### {k}"}) + "\n" for k in range(60)))
+    out = tmp_path / "run"
+    cfg = composed(tiny(init_dir, out, "task=gsm8k", "task.module=experiments.tasks.gsm8k", "data.train_problems=40",
+                        f"task.config.path={data}"))
+    with pytest.raises(ValueError, match=rf"^2 of the 2 held-out problems .* among the training problems .* "
+                                         rf"task.config.path={data} gives every split that one file"):
+        run_training(cfg)
+    assert not out.exists()

@@ -56,7 +56,9 @@ class BenchmarkConfig:
     """How a benchmark task (gsm8k, math500, ceval) reads its problems.
 
     path: the data file to read instead of `$TREESEARCH_DATA_DIR/...` or `../shared/data/...`
-        (same format as the shared file); None reads the shared copy.
+        (same format as the shared file), for whatever split is asked (GSM8K's train and test
+        alike: experiments.train refuses held-out problems it would train on); None reads the
+        shared copy of each split.
     hub: read the benchmark from the datasets hub instead (needs the optional `datasets` package
         and the hub or its cache; GSM8K and MATH-500 only). Ignores path.
     shuffle: draw the problems in a permutation seeded by the task's seed instead of file order.
