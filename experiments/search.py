@@ -106,8 +106,9 @@ from treesearch.registry import STRATEGIES, StrategySpec
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 # keys that do not change what a run computes (left out of the config comparison): top-level
 # ones, and a served component's connection settings (the timeout error's own advice, "raise
-# timeout_s", was refused as another config; a rotated API key too)
-CONNECTION_KEYS: tuple[str, ...] = ("timeout_s", "max_retries", "backoff_s", "max_concurrency", "api_key")
+# timeout_s", was refused as another config; a rotated API key too; a base URL with or without
+# its /v1, or a server moved to another port: the served model's id in weights.json guards the rows)
+CONNECTION_KEYS: tuple[str, ...] = ("base_url", "timeout_s", "max_retries", "backoff_s", "max_concurrency", "api_key")
 IGNORED_KEYS: tuple[str, ...] = ("out_dir", "progress", "num_threads", "live_tree",
                                  *(f"{node}.{key}" for node in ("policy", "scorer") for key in CONNECTION_KEYS))
 # top-level settings whose absence means this value: `+batching=lockstep` resumes a run made
