@@ -218,7 +218,13 @@ def check_run_scalars(cfg: DictConfig) -> None:
     check_int("chunk", cfg.get("chunk"), minimum=1)
     if cfg.get("num_threads") is not None:
         check_int("num_threads", cfg.num_threads, minimum=1, or_else=", or null for torch's default")
-    for key in ("progress", "live_tree"):
+    check_switches(cfg, ("progress", "live_tree"))
+
+
+def check_switches(cfg: DictConfig, keys: Sequence[str]) -> None:
+    """ValueError naming the first of the top-level `keys` (on-off settings) that is set to
+    anything but true or false (tensorboard=maybe ran, was saved and read as bool("maybe"))."""
+    for key in keys:
         if not isinstance(cfg.get(key, False), bool):
             raise ValueError(f"{key}={cfg[key]!r} must be true or false")
 

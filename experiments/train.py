@@ -79,7 +79,7 @@ from experiments.tasks.benchmark_split import TAKE_ALL_HINT  # noqa: E402
 from experiments.tasks.chat_prompt import ChatPrompt, task_prompt_fn  # noqa: E402
 from experiments.override_keys import check_override_keys, check_plain_keys, check_refused_keys  # noqa: E402
 from experiments.search import (  # noqa: E402
-    CONFIG_DIR, TASK_KEYS, build_frozen, check_int, resolve_out_dir, resolved_config, user_errors_reported,
+    CONFIG_DIR, TASK_KEYS, build_frozen, check_int, check_switches, resolve_out_dir, resolved_config, user_errors_reported,
 )
 from experiments.sweep_metrics import read_run_config  # noqa: E402
 from policies.bf16_support import native_bf16  # noqa: E402
@@ -273,9 +273,7 @@ def settings(cfg: DictConfig) -> Settings:
     check_prompt(s.prompt, s.task_module)
     if cfg.get("num_threads") is not None:  # 0 was skipped in silence, -1 a torch traceback
         check_int("num_threads", cfg.num_threads, minimum=1, or_else=", or null for torch's default")
-    for key in ("progress", "tensorboard"):  # tensorboard=maybe ran, was saved and read as bool("maybe")
-        if not isinstance(cfg.get(key, False), bool):
-            raise ValueError(f"{key}={cfg[key]!r} must be true or false")
+    check_switches(cfg, ("progress", "tensorboard"))
     if s.sampling.temperature != s.loss.temperature:
         raise ValueError(
             f"train_loss.temperature={s.loss.temperature} differs from sampling.temperature="

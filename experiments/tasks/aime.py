@@ -113,8 +113,7 @@ def _parquet_problem(where: RowLocation, record: dict[str, Any], year: int) -> P
         "task": "aime",
         "year": 2000 + year,
         "index": index,
-        "source": str(where.path),
-        "row": where.line,
+        **where.place(),
         "data_source": record.get("data_source"),
     }
     return Problem(

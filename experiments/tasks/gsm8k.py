@@ -13,8 +13,8 @@ Same interface as `experiments.tasks.arith`, so experiments treat both alike
 Problem.answer is the number after "####" in the reference solution with its thousands commas
 removed ("1,450,000" -> "1450000"); meta keeps the full worked solution (`solution`, with the
 <<calc>> annotations), the source file and line (a hub row: its row). Ids number the rows
-(gsm8k-test-1 is the first; a blank line renames nothing). Run `python -m experiments.tasks.gsm8k` to print
-a few problems.
+(gsm8k-test-1 is the first; a blank line renames nothing). Run `python -m experiments.tasks.gsm8k`
+to print a few problems.
 """
 from __future__ import annotations
 
