@@ -83,7 +83,9 @@ from experiments.live_tree import LIVE_TREE_FILE, LiveTree
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, check_row_questions, load_rows
 from experiments.result_json import write_atomic
-from experiments.run_weights import WEIGHTS_FILE, check_run_weights, check_served_models, model_folders, served_models
+from experiments.run_weights import (
+    WEIGHTS_FILE, check_run_weights, check_served_models, model_folders, read_saved, served_models,
+)
 from experiments.sweep_metrics import (
     ADDED_SETTINGS, BUDGET_FIELDS, RECORD_KEYS, check_rows, read_run_config, run_metrics,
 )
@@ -553,6 +555,16 @@ def check_no_api_key_argument(argv: Sequence[str]) -> None:
                                    "policy=openai and scorer=served_prm read" for key in API_KEY_SETTINGS})
 
 
+def resume_ignored_keys(out: Path) -> tuple[str, ...]:
+    """IGNORED_KEYS for resuming out's rows, less a served component's base_url where out's
+    weights.json keeps no id of its served model (rows made before the ids were kept: the URL is
+    all that names their server, `run_weights.check_served_models`)."""
+    path = out / WEIGHTS_FILE
+    saved = read_saved(path) if path.is_file() else {}
+    return tuple(key for key in IGNORED_KEYS
+                 if not key.endswith(".base_url") or f"{key.split('.')[0]}.served_model" in saved)
+
+
 def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") -> None:
     """Save config.yaml in a folder without records; in one with records, refuse unless the
     saved config matches (a folder whose run failed before its first row is simply reused).
@@ -576,9 +588,10 @@ def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") ->
         saved = with_run_budget(read_run_config(out), budget_field)
         saved = {**DEFAULT_SETTINGS, **with_added_settings(saved, config, ADDED_SETTINGS)}
         current = {**DEFAULT_SETTINGS, **config}
-        diffs = config_differences(saved, current, tuple(IGNORED_KEYS))  # type: ignore[arg-type]
+        ignored = resume_ignored_keys(out)
+        diffs = config_differences(saved, current, ignored)  # type: ignore[arg-type]
         if diffs:
-            overrides = [plus_default(o) for o in resume_overrides(saved, current, tuple(IGNORED_KEYS))]
+            overrides = [plus_default(o) for o in resume_overrides(saved, current, ignored)]
             resume = f", or add `{' '.join(overrides)}` to go on with it as it ran" if overrides else ""
             raise ConfigMismatchError(
                 f"{out} holds records of a different config ({'; '.join(diffs)}); refusing to mix them: "

@@ -701,9 +701,18 @@ def test_connection_settings_resume_and_an_api_key_stays_out_of_the_run_files(tm
     claim_run_dir(out, {**config, "policy": {**config["policy"], "timeout_s": 30.0, "max_retries": 10,
                                              "api_key": "sk-ROTATED"}, "scorer": {"timeout_s": 60.0}})
     # the README's two forms of one server's URL (and a server moved to another port): the served
-    # model's id guards the rows (`run_weights.check_served_models`)
-    claim_run_dir(out, {**config, "policy": {**config["policy"], "base_url": "http://127.0.0.1:8000/v1"}})
-    claim_run_dir(out, {**config, "policy": {**config["policy"], "base_url": "http://127.0.0.1:8001"}})
+    # model's id guards the rows (`run_weights.check_served_models`)...
+    served = {**config, "policy": {**config["policy"], "base_url": "http://127.0.0.1:8000"}}
+    served_run = tmp_path / "served"
+    served_run.mkdir()
+    claim_run_dir(served_run, served)
+    (served_run / "records.jsonl").write_text('{"problem_id": "a"}\n')
+    moved = {**served, "policy": {**served["policy"], "base_url": "http://10.0.0.5:9000/v1"}}
+    # ...where weights.json keeps it: rows made before the ids were kept are named by their URL alone
+    with pytest.raises(ValueError, match=r"policy.base_url: 'http://127.0.0.1:8000' -> 'http://10.0.0.5:9000/v1'"):
+        claim_run_dir(served_run, moved)
+    (served_run / "weights.json").write_text('{"policy.served_model": {"model": "/models/A"}}\n')
+    claim_run_dir(served_run, moved)
     with pytest.raises(ValueError, match=r"policy.path: 'p' -> 'q'"):
         claim_run_dir(out, {**config, "policy": {**config["policy"], "path": "q"}})
     # a key that occurs elsewhere in the text ("test", "tiny", one letter) rewrote those values and keys
