@@ -896,6 +896,18 @@ def job_log() -> Path:
     return Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log"
 
 
+def is_own_empty_log(log: Path | None, err: BaseException) -> bool:
+    """Whether a refused job's log (None: one that held lines, or was missing, as the job
+    started) is its own and still empty: not while another process runs in the folder
+    (RunDirBusyError: the log is that run's), nor once the job wrote lines into it."""
+    if log is None or isinstance(err, RunDirBusyError):
+        return False
+    try:
+        return log.stat().st_size == 0
+    except OSError:
+        return False
+
+
 def discard_hydra_only_dir(run_dir: Path, job_name: str) -> None:
     """Remove the folder Hydra made for a run refused on bad input, when it holds nothing but
     Hydra's own files (.hydra/ with its three yaml files, an empty <job>.log); anything else in
@@ -919,8 +931,8 @@ def user_errors_reported(kept: str = "the rows already in records.jsonl are kept
     disk, a read-only file system; `kept`: what the message says is kept) as one line:
     `error: <message>` on stderr and exit 2 for a single run; in a sweep, an error Hydra prints
     without a traceback (the other jobs still run). Either way the folder Hydra made for the job
-    goes when it holds only Hydra's files, and Hydra's log of the job when it was empty as the
-    job started (its own: a refused search left a search.log in a training run's folder). Other
+    goes when it holds only Hydra's files, and Hydra's log of the job when it is its own and
+    empty (`is_own_empty_log`: a refused search left a search.log in a training run's folder). Other
     exceptions, and all of them under HYDRA_FULL_ERROR=1, pass through with their traceback."""
     own_log = job_log() if HydraConfig.initialized() else None
     if own_log is not None and (not own_log.is_file() or own_log.stat().st_size > 0):
@@ -932,8 +944,8 @@ def user_errors_reported(kept: str = "the rows already in records.jsonl are kept
             raise  # a storage error (full disk, read-only folder) is the user's to fix; other OSErrors are bugs
         hydra_cfg = HydraConfig.get()
         discard_hydra_only_dir(Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.name)
-        if own_log is not None and hydra_cfg.mode != RunMode.MULTIRUN:
-            own_log.unlink(missing_ok=True)
+        if is_own_empty_log(own_log, err) and hydra_cfg.mode != RunMode.MULTIRUN:
+            own_log.unlink(missing_ok=True)  # type: ignore[union-attr]  # not None: is_own_empty_log
         if full_error_wanted():
             raise
         message = error_text(err) if isinstance(err, USER_ERRORS) else storage_message(err, hydra_cfg.runtime.output_dir, kept)

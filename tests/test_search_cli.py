@@ -775,3 +775,20 @@ def test_vllm_scorers_follow_the_policys_cache_root_and_name_an_architecture_the
                                          r"has \['GPT2LMHeadModel'\]"):
         run_in_process([f"policy.path={folder}", "scorer=vllm_sprm", f"scorer.path={gpt2}", f"out_dir={tmp_path / 'run'}",
                         *TINY])
+
+
+def test_a_refused_jobs_log_goes_only_when_it_is_its_own_and_empty(tmp_path):
+    # a search refused beside a running one (RunDirBusyError) deleted that run's open, empty log;
+    # one failing hours in (a lost server) deleted the lines it had logged
+    from experiments.cli_errors import RunDirBusyError
+    from experiments.search import is_own_empty_log
+
+    log = tmp_path / "search.log"
+    log.write_text("")
+    assert is_own_empty_log(log, ValueError("refused"))
+    assert not is_own_empty_log(log, RunDirBusyError("another process is writing into it"))
+    assert not is_own_empty_log(None, ValueError("refused"))  # held lines, or was missing, as the job started
+    log.write_text("WARNING grading took too long\n")
+    assert not is_own_empty_log(log, ConnectionError("no server answers"))
+    log.unlink()
+    assert not is_own_empty_log(log, ValueError("refused"))
