@@ -197,7 +197,8 @@ def trained_task_note(policy_path: object, task_module: str, key: str = "policy.
         return None
     suggestion = f" (e.g. outputs/checkpoints/tiny-{task}/final)" if task in EMBEDDED_TASKS else ""
     given = given_setting(key, policy_path)
-    return f"note: {given} was trained on {trained}, not {task}: point {setting(key)} at a policy of {task}{suggestion}"
+    fix = f"give a policy of {task} instead" if " " in key else f"point {setting(key)} at a policy of {task}"
+    return f"note: {given} was trained on {trained}, not {task}: {fix}{suggestion}"
 
 
 def stale_split_note(policy_path: str, task: str, key: str = "policy.path", info: dict | None = None,
@@ -229,9 +230,8 @@ def given_setting(key: str, value: object) -> str:
 
 
 def setting(key: str) -> str:
-    """How a hint names the setting: a flag as it is (--policy), a positional argument in words
-    (the checkpoint), a config key with its `=`."""
-    return key if key.startswith("--") or " " in key else f"{key}="
+    """How a hint names the setting: a flag as it is (--policy), a config key with its `=`."""
+    return key if key.startswith("--") else f"{key}="
 
 
 @contextlib.contextmanager

@@ -112,7 +112,8 @@ def test_a_policy_of_another_task_or_of_old_splits_is_noted(tmp_path, capsys):
     (tmp_path / "tiny-arith" / "sft_summary.json").write_text(json.dumps({"run": {"task": "arith", "split_version": SPLIT_VERSIONS["arith"]}}))
     assert qe.main([str(arith), "--task", "countdown", "--problems", "1", "--samples", "1"]) == 0
     err = capsys.readouterr().err
-    assert f"note: the checkpoint {arith} was trained on arith, not countdown" in err
+    assert (f"note: the checkpoint {arith} was trained on arith, not countdown: give a policy of countdown instead "
+            "(e.g. outputs/checkpoints/tiny-countdown/final)") in err
     assert qe.main([str(arith), "--problems", "1", "--samples", "1"]) == 0
     assert "note:" not in capsys.readouterr().err  # its own task, today's splits: no note
     old = small_checkpoint(tmp_path / "old" / "final")
