@@ -533,6 +533,8 @@ def open_run(cfg: DictConfig, s: Settings, accelerator: Accelerator) -> tuple[Tr
     problems = run_problems(s)  # before anything loads or is written: a split too small is a named error
     check_not_foreign(out)
     reflective, tokenizer, point = load_start(s, out, accelerator.num_processes)
+    markers = step_markers(s, reflective, tokenizer)
+    check_separator_ends_tokens(s, markers)  # before the folder is claimed and reference/ saved
     state = point.state if point is not None else None
     config = pinned_reference_precision(resolved_config(cfg), accelerator.device)
     claim_out_dir(out, config, state is not None, accelerator.is_main_process)
@@ -546,7 +548,7 @@ def open_run(cfg: DictConfig, s: Settings, accelerator: Accelerator) -> tuple[Tr
     head_opt = s.head_optim.build(list(reflective.head.parameters()))
     model, actor_opt, head_opt = accelerator.prepare(JointForward(reflective), actor_opt, head_opt)
     reflective = accelerator.unwrap_model(model).reflective
-    trainer = _assemble(s, accelerator, out, model, reflective, tokenizer, ref_lm, actor_opt, head_opt, problems)
+    trainer = _assemble(s, accelerator, out, model, reflective, tokenizer, ref_lm, actor_opt, head_opt, problems, markers)
     if state is not None:
         state_file = point.directory / STATE_FILE  # type: ignore[union-attr]
         load_optimizer_state(actor_opt, state.actor_optimizer, state_file)
@@ -589,17 +591,13 @@ def check_heldout_unseen(train: Sequence[Problem], heldout: Sequence[Problem], t
 
 def _assemble(
     s: Settings, accelerator: Accelerator, out: Path, model, reflective, tokenizer, ref_lm, actor_opt, head_opt,
-    problems: tuple[list[Problem], list[Problem]],
+    problems: tuple[list[Problem], list[Problem]], markers: StepMarkers,
 ) -> Trainer:
-    """The rollout sources and step markers around the prepared model and the run's problems."""
+    """The rollout sources around the prepared model, the run's problems and step markers."""
     task = importlib.import_module(s.task_module)
     prompt_fn = prompt_function(s, task)
     policy = TransformersPolicy.from_reflective(reflective, tokenizer, s.sampling, prompt_fn)
     greedy = TransformersPolicy(reflective.lm, tokenizer, dataclasses.replace(s.sampling, temperature=0.0), prompt_fn)
-    fmt = StepFormat(s.sampling.separator, s.sampling.think_open, s.sampling.think_close)
-    width = max(int(reflective.config.vocab_size), len(tokenizer))
-    markers = StepMarkers.from_tokenizer(tokenizer, width, fmt)
-    check_separator_ends_tokens(s, markers)
     return Trainer(
         s=s, accelerator=accelerator, out=out, model=model, reflective=reflective, tokenizer=tokenizer,
         ref_lm=ref_lm, actor_opt=actor_opt, head_opt=head_opt, source=TransformersRolloutSource(policy),
@@ -607,6 +605,13 @@ def _assemble(
         train_problems=problems[0], heldout_problems=problems[1],
         heldout=[], pad_id=policy.pad_id,
     )
+
+
+def step_markers(s: Settings, reflective: ReflectiveModel, tokenizer: Any) -> StepMarkers:
+    """Which tokens end a step or open / close the think span, for sampling's step format."""
+    fmt = StepFormat(s.sampling.separator, s.sampling.think_open, s.sampling.think_close)
+    width = max(int(reflective.config.vocab_size), len(tokenizer))
+    return StepMarkers.from_tokenizer(tokenizer, width, fmt)
 
 
 def check_separator_ends_tokens(s: Settings, markers: StepMarkers) -> None:

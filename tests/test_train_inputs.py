@@ -721,6 +721,8 @@ def test_a_separator_that_ends_no_token_is_refused_while_the_spr_loss_is_on(init
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"sampling.separator='@@@' ends no token of .*"
                                                                     r"train_loss.spr_coef=0"):
         run_training(composed(tiny(init_dir, tmp_path / "at", "sampling.separator=@@@")))
+    assert not (tmp_path / "at").exists()  # refused before the folder is claimed (a rerun with a fixed separator
+    # there was refused as another run, and each refusal left the whole model in reference/)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"a backslash and an n, not a newline"):
         run_training(composed(tiny(init_dir, tmp_path / "typed", r"sampling.separator='\n'")))
     with pytest.warns(UserWarning):
