@@ -160,7 +160,7 @@ def layer_to_read(directory: str | Path, feature_layer: int | None) -> int:
     format) takes any."""
     if feature_layer is None:
         return saved_feature_layer(directory)
-    if not is_saved_layer(directory, feature_layer):
+    if (Path(directory) / SPRM_CONFIG_FILE).is_file() and not is_saved_layer(directory, feature_layer):
         raise ValueError(f"feature_layer={feature_layer!r}, but the head of {directory} was trained on hidden layer "
                          f"{saved_feature_layer(directory)} ({SPRM_CONFIG_FILE}): leave feature_layer unset (null) to "
                          "read that one")
@@ -168,11 +168,9 @@ def layer_to_read(directory: str | Path, feature_layer: int | None) -> int:
 
 
 def is_saved_layer(directory: str | Path, feature_layer: int) -> bool:
-    """Whether feature_layer is the layer a folder's sprm.json names, counted from either end (4
-    is -2 of 5 hidden states); any layer for a folder without sprm.json (the reference's format).
+    """Whether feature_layer is the layer a folder's head was trained on (its sprm.json's; the
+    reference's -2 without one), counted from either end (4 is -2 of 5 hidden states).
     ValueError names a layer the model lacks."""
-    if not (Path(directory) / SPRM_CONFIG_FILE).is_file():
-        return True
     saved = saved_feature_layer(directory)
     states = hidden_state_count(Path(directory))
     if states is not None:  # a layer the model lacks is named as such first

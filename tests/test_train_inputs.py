@@ -412,6 +412,13 @@ def test_an_init_from_with_a_head_must_name_the_layer_it_reads(finished, tmp_pat
     with pytest.raises(ValueError, match=rf"feature_layer={states} must index the {states} hidden states"):
         load_policy_with_head(folder, head_seed=7, feature_layer=states)
     assert load_policy_with_head(finished / "last", feature_layer=None)[0].feature_layer == -2  # its sprm.json's
+    # a folder in the reference's format (no sprm.json): its head was trained on -2, as before
+    reference = Path(shutil.copytree(finished / "last", tmp_path / "reference_format"))
+    (reference / "sprm.json").unlink()
+    with pytest.raises(ValueError, match=r"head reads hidden layer -2 \(sprm.json\) but run.feature_layer=-1"):
+        load_policy_with_head(reference, feature_layer=-1)
+    assert load_policy_with_head(reference, feature_layer=states - 2)[0].feature_layer == states - 2
+    assert load_policy_with_head(reference, feature_layer=None)[0].feature_layer == -2
     out = run_training(composed(tiny(folder, tmp_path / "null", "run.feature_layer=null", "run.max_steps=1")))
     assert json.loads((out / "last" / "sprm.json").read_text()) == {"feature_layer": -1}
 
