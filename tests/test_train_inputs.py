@@ -750,3 +750,26 @@ def test_held_out_problems_among_the_training_problems_are_refused(init_dir, tmp
                                          rf"task.config.path={data} gives every split that one file"):
         run_training(cfg)
     assert not out.exists()
+
+
+def test_a_run_diverging_after_its_checkpoints_keeps_them_and_saves_nothing_of_that_step(init_dir, tmp_path, monkeypatch):
+    # the lr=1e30 run above diverges at step 1, before any checkpoint: here step 3 diverges after
+    # ckpt-1, ckpt-2 and last/ (step 2) were saved; they stay as they were and nothing of step 3 lands
+    import experiments.train as train_module
+    from policies.train_state import load_joint_state
+
+    calls = {"n": 0}
+    finite = train_module.forward_finite
+
+    def diverging_at_step_3(model, batch):
+        calls["n"] += 1
+        return calls["n"] < 3 and finite(model, batch)
+
+    monkeypatch.setattr(train_module, "forward_finite", diverging_at_step_3)
+    out = tmp_path / "run"
+    with pytest.raises(train_module.TrainingDivergedError, match=r"training diverged at step 3: the updated weights"):
+        run_training(composed(tiny(init_dir, out, "run.max_steps=6", "run.checkpoint_every=1",
+                                   "run.keep_checkpoints=0")))
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-1", "ckpt-2"]
+    assert load_joint_state(out / "last").step == 2
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
