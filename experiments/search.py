@@ -897,9 +897,9 @@ def job_log() -> Path:
 
 
 def is_own_empty_log(log: Path | None, err: BaseException) -> bool:
-    """Whether a refused job's log (None: one that held lines, or was missing, as the job
-    started) is its own and still empty: not while another process runs in the folder
-    (RunDirBusyError: the log is that run's), nor once the job wrote lines into it."""
+    """Whether a refused job's log (None outside a Hydra job) is its own and empty: not while
+    another process runs in the folder (RunDirBusyError: the log is that run's), nor once it
+    holds lines (an earlier run's, or this job's own before it failed: logs only grow)."""
     if log is None or isinstance(err, RunDirBusyError):
         return False
     try:
@@ -935,8 +935,6 @@ def user_errors_reported(kept: str = "the rows already in records.jsonl are kept
     empty (`is_own_empty_log`: a refused search left a search.log in a training run's folder). Other
     exceptions, and all of them under HYDRA_FULL_ERROR=1, pass through with their traceback."""
     own_log = job_log() if HydraConfig.initialized() else None
-    if own_log is not None and (not own_log.is_file() or own_log.stat().st_size > 0):
-        own_log = None  # an earlier run's log in this folder: kept
     try:
         yield
     except (*USER_ERRORS, OSError) as err:
