@@ -102,8 +102,9 @@ def load_policy_with_head(
     if (directory / SCORE_MODULE_FILE).is_file():
         if feature_layer is not None and not is_saved_layer(directory, feature_layer):
             saved = saved_feature_layer(directory)
+            source = SPRM_CONFIG_FILE if (directory / SPRM_CONFIG_FILE).is_file() else f"the reference's, no {SPRM_CONFIG_FILE}"
             raise ValueError(
-                f"{directory}'s head reads hidden layer {saved} ({SPRM_CONFIG_FILE}) but run.feature_layer={feature_layer}: "
+                f"{directory}'s head reads hidden layer {saved} ({source}) but run.feature_layer={feature_layer}: "
                 f"set run.feature_layer={saved} (or null: the head's own) to train that head, or start from an SFT "
                 "policy for a fresh head"
             )

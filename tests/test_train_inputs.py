@@ -415,7 +415,8 @@ def test_an_init_from_with_a_head_must_name_the_layer_it_reads(finished, tmp_pat
     # a folder in the reference's format (no sprm.json): its head was trained on -2, as before
     reference = Path(shutil.copytree(finished / "last", tmp_path / "reference_format"))
     (reference / "sprm.json").unlink()
-    with pytest.raises(ValueError, match=r"head reads hidden layer -2 \(sprm.json\) but run.feature_layer=-1"):
+    with pytest.raises(ValueError, match=r"head reads hidden layer -2 \(the reference's, no sprm.json\) but "
+                                         r"run.feature_layer=-1"):
         load_policy_with_head(reference, feature_layer=-1)
     assert load_policy_with_head(reference, feature_layer=states - 2)[0].feature_layer == states - 2
     assert load_policy_with_head(reference, feature_layer=None)[0].feature_layer == -2
