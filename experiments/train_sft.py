@@ -50,6 +50,7 @@ from policies.tiny_model import TinyModelConfig, build_model, num_parameters  # 
 from policies.tiny_tokenizer import build_tokenizer  # noqa: E402
 
 DEFAULT_TRAIN_PROBLEMS = 100_000  # more than a default run consumes: no example is seen twice
+QUICK_EVAL_FILE = "quick_eval.json"  # OUT's quick evaluation, with the steps of the policy it evaluated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,9 +168,6 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     except ValueError as err:
         raise SFTError(f"--eval-problems {args.eval_problems}: {err}") from None
     return RunPlan(task, cfg, args.train_problems, quick)
-
-
-QUICK_EVAL_FILE = "quick_eval.json"
 
 
 def run(plan: RunPlan, out: Path, seed: int, progress: bool) -> None:
