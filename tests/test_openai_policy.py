@@ -133,12 +133,13 @@ def handler_for(script: Script) -> type[BaseHTTPRequestHandler]:
 
 @pytest.fixture
 def scripted() -> Iterator[Any]:
-    """start(script) -> base URL of a scripted server on a free port; all stopped at the end."""
+    """start(script, handler=None) -> base URL of a scripted server on a free port (handler: a
+    request handler class in place of the script's); all stopped at the end."""
     servers: list[ThreadingHTTPServer] = []
 
-    def start(script: Script) -> str:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(script))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+    def start(script: Script, handler: type | None = None) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler or handler_for(script))
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}"
 

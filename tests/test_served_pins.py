@@ -16,11 +16,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+import test_openai_policy
+import test_serve
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
@@ -32,7 +33,6 @@ from experiments.services.text_completer import (
 )
 from policies.openai_policy import OpenAIPolicy
 from test_openai_policy import EOS, EOS_STEP, FAST, ID, SAMPLED, S, Script, completion_body, handler_for, ids, one_step
-from tiny_checkpoint import save_tiny_checkpoint
 from treesearch.records import Prefix, Problem
 from vllm_fixtures import save_bigram_checkpoint
 
@@ -125,14 +125,7 @@ def test_the_seed_range_ends_below_2_to_the_63():
 # -- TransformersCompleter on a tiny random checkpoint ---------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """The tiny random Llama + tokenizer with a seeded SPRM head beside it (as tests/test_serve.py)."""
-    from scorers.sprm_head import build_sprm_head, save_score_module
-
-    path = save_tiny_checkpoint(tmp_path_factory.mktemp("served_pins") / "tiny")
-    save_score_module(build_sprm_head(32, seed=0), path)
-    return path
+tiny = test_serve.checkpoint  # the tiny random Llama + tokenizer with a seeded SPRM head beside it
 
 
 @pytest.fixture(scope="module")
@@ -248,21 +241,7 @@ def bigram(tmp_path_factory) -> Path:
     return save_bigram_checkpoint(tmp_path_factory.mktemp("served_pins_openai") / "bigram")
 
 
-@pytest.fixture
-def serve_script() -> Iterator[Any]:
-    """start(script, handler=None) -> base URL of a scripted server on a free port; all stopped at the end."""
-    servers: list[ThreadingHTTPServer] = []
-
-    def start(script: Script, handler: type | None = None) -> str:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler or handler_for(script))
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+serve_script = test_openai_policy.scripted  # the scripted HTTP servers, stopped at the end
 
 
 def test_cached_tokens_over_the_prompt_are_clamped(serve_script, bigram):
