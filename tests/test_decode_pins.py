@@ -36,7 +36,9 @@ from policies.step_boundary import Terminated, stop_at_step_boundary
 from policies.step_stops import StepStopRule, separator_mask
 from policies.tiny_tokenizer import build_tokenizer
 from policies.transformers_policy import TransformersPolicy
-from test_sliding_window import LONG, WINDOW, full_forward_logprobs, separator_biased, windowed_model
+from test_sliding_window import (
+    LONG, WINDOW, full_forward_logprobs, logprobs_after, separator_biased, windowed_model,
+)
 from test_transformers_policy import ScriptedLM, make_model
 from treesearch.records import Prefix, Problem
 
@@ -133,11 +135,7 @@ def test_a_cached_path_beside_a_new_prompt_keeps_its_log_probs_once_it_decodes_p
     assert policy.prefix_cache.stats().hits > hits  # the path's prefix came from the cache
     assert max(len(s.token_ids) for s in samples) + len(ids) > WINDOW  # some sample outgrew the window
     for sample in samples:
-        with torch.no_grad():
-            logits = lm(input_ids=torch.tensor([ids + list(sample.token_ids)])).logits[0]
-        logprobs = torch.log_softmax(logits.float(), -1)
-        reference = [logprobs[len(ids) + k - 1, t].item() for k, t in enumerate(sample.token_ids)]
-        assert sample.token_logprobs == pytest.approx(reference, abs=1e-4)
+        assert sample.token_logprobs == pytest.approx(logprobs_after(lm, ids, sample.token_ids), abs=1e-4)
 
 
 def test_a_cached_prefix_as_long_as_the_longest_suffix_is_dropped_not_cut_to_nothing():

@@ -45,12 +45,16 @@ def windowed_model(kind: str, tok) -> torch.nn.Module:
     return model.eval()
 
 
-def full_forward_logprobs(model, tok, question: str, token_ids) -> list[float]:
-    prompt = tok(question).input_ids
+def logprobs_after(model, context: list[int], token_ids) -> list[float]:
+    """The log-probs of token_ids after context by one plain forward of the whole sequence."""
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt + list(token_ids)])).logits[0]
+        logits = model(input_ids=torch.tensor([context + list(token_ids)])).logits[0]
     logprobs = torch.log_softmax(logits.float(), -1)
-    return [logprobs[len(prompt) + k - 1, t].item() for k, t in enumerate(token_ids)]
+    return [logprobs[len(context) + k - 1, t].item() for k, t in enumerate(token_ids)]
+
+
+def full_forward_logprobs(model, tok, question: str, token_ids) -> list[float]:
+    return logprobs_after(model, tok(question).input_ids, token_ids)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "gemma2"])
@@ -125,11 +129,7 @@ def test_a_cached_path_batched_with_a_longer_new_prompt_keeps_its_log_probs(kind
     assert sum(s.tokens_forwarded for row in samples for s in row) == sum(forwarded)  # the cut prefix's tokens counted
     for sample in samples[0]:
         ids = tok(child.problem.question).input_ids + [t for s in child.steps for t in s.token_ids]
-        with torch.no_grad():
-            logits = lm(input_ids=torch.tensor([ids + list(sample.token_ids)])).logits[0]
-        logprobs = torch.log_softmax(logits.float(), -1)
-        reference = [logprobs[len(ids) + k - 1, t].item() for k, t in enumerate(sample.token_ids)]
-        assert sample.token_logprobs == pytest.approx(reference, abs=1e-4)
+        assert sample.token_logprobs == pytest.approx(logprobs_after(lm, ids, sample.token_ids), abs=1e-4)
 
 
 def test_prefixes_are_cut_only_where_a_row_can_outgrow_its_window():
