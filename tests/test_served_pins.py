@@ -16,7 +16,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,7 +33,6 @@ from experiments.services.text_completer import (
 from policies.openai_policy import OpenAIPolicy
 from test_openai_policy import EOS, EOS_STEP, FAST, ID, SAMPLED, S, Script, completion_body, handler_for, ids, one_step
 from treesearch.records import Prefix, Problem
-from vllm_fixtures import save_bigram_checkpoint
 
 PROMPT = "Q: 2+3?\n<think>"
 
@@ -236,9 +234,7 @@ def test_a_text_of_exactly_max_text_tokens_is_scored(text_sprm):
 # -- OpenAIPolicy against a scripted server -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bigram(tmp_path_factory) -> Path:
-    return save_bigram_checkpoint(tmp_path_factory.mktemp("served_pins_openai") / "bigram")
+bigram = test_openai_policy.checkpoint  # the bigram checkpoint of the scripted-server tests
 
 
 serve_script = test_openai_policy.scripted  # the scripted HTTP servers, stopped at the end
