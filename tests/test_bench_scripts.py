@@ -171,7 +171,8 @@ def test_widths_table_runs_rebase_and_particle_filtering_both_ways(tmp_path):
     assert all(float(r[9]) >= 1 for r in rows)
 
 
-
+@pytest.mark.slow
+def test_dtype_table_runs_each_strategy_in_both_dtypes(tmp_path):
     from experiments import bench_dtype
     from experiments.bench_workload import load_workload
 
