@@ -36,7 +36,8 @@ model's context window (`policies.context_window`: max_position_embeddings, stre
 linear RoPE scaling), as vLLM's max_model_len ends it; a prompt longer than that is a
 ValueError naming the problem (`policies.policy_requests.fit_window`).
 
-Randomness: one `torch.Generator(seed)` per call (any integer seed, taken modulo 2**64), so the
+Randomness: one `torch.Generator(seed)` per call (any integer seed, taken modulo 2**64; torch's
+CPU generator reads only the seed's low 32 bits, so on CPU seeds 0 and 2**32 draw alike), so the
 same prefixes, n, seed and config give the same samples; another prefix list or batch_size draws
 differently (greedy output does not depend on either, up to float rounding: in bfloat16 a batched
 matmul can round a near tie the other way).
