@@ -120,6 +120,9 @@ def test_main_prints_the_last_steps_summary(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "run_training", lambda cfg: tmp_path)
     monkeypatch.setattr(train, "check_no_chdir", lambda: None)
     monkeypatch.setattr(train, "freeze_long_lived", lambda: None)
+    # main destroys the process's torch.distributed group on its way out: in pytest's process that
+    # is the group an earlier test's vLLM engine made, which every later vLLM engine then fails on
+    monkeypatch.setattr(train, "close_process_group", lambda: None)
     train.main.__wrapped__(OmegaConf.create({"out_dir": str(tmp_path)}))
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2] == f"{tmp_path}: step 3, reward 0.75, fc/diff_prob 0.2"
