@@ -93,9 +93,9 @@ def test_bf16_runs_the_policys_forward_in_bf16_and_keeps_the_head_logits_float32
 
 def test_the_reference_forward_follows_bf16_even_with_ref_bf16_false():
     model, batch = reflective_model(0).eval(), hand_batch()
-    ref = copy.deepcopy(model.lm)  # the policy's own weights: the same forward gives KL 0 exactly
+    ref = copy.deepcopy(model.lm)  # the policy's own weights: the same bf16 forward gives KL 0 (exactly, on CPU)
     out = joint_step(JointForward(model), batch, ref, JointLossConfig(bf16=True, ref_bf16=False))
-    assert out.grpo.kl.item() == 0.0
+    assert abs(out.grpo.kl.item()) < 1e-9  # an fp32 reference against the bf16 policy gave 5.7e-08
 
 
 def test_every_logged_metric_equals_its_source():
