@@ -12,6 +12,8 @@ of the traceback of wherever the interrupt landed (HYDRA_FULL_ERROR=1 keeps it):
     with interrupt_reported("rerun the same command to go on"):
         main()
 
+(Before it, while the command imports and checks its arguments, `experiments.startup_interrupt`
+answers a Ctrl-C with one line of its own.)
 SIGTERM (`kill`, `timeout`, a SLURM cancel, `docker stop`) inside it is handled alike: raised as
 `Terminated` where the program is, so every `finally` and context manager runs (a vLLM engine
 in its own processes is closed instead of left running with its memory), then one line and
@@ -29,6 +31,7 @@ import threading
 import traceback
 from typing import Callable, Iterator, Sequence
 
+from experiments.startup_interrupt import started
 from policies.disk_full import STORAGE_ERRNOS
 from policies.step_boundary import Terminated  # noqa: F401 (raised on SIGTERM here; re-exported)
 
@@ -86,6 +89,7 @@ def interrupt_reported(how_to_go_on: str | Callable[[], str]) -> Iterator[None]:
     docstring; its handler is installed for the block, in the main thread only); with
     HYDRA_FULL_ERROR=1 the KeyboardInterrupt and its traceback pass through."""
     main_thread = threading.current_thread() is threading.main_thread()
+    started()  # Ctrl-C raises KeyboardInterrupt again (experiments/startup_interrupt.py held it while starting)
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         yield

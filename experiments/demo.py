@@ -41,6 +41,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
 
+from experiments.startup_interrupt import quiet_start
+
+quiet_start(__name__)  # Ctrl-C during the imports below: one line, not their traceback
+
 from tqdm import tqdm
 
 from experiments.cli_args import seed_int

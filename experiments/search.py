@@ -61,6 +61,10 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
+from experiments.startup_interrupt import quiet_start
+
+quiet_start(__name__)  # Ctrl-C during the imports below: one line, not their traceback
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException

@@ -45,6 +45,10 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: set before torch loads
 
+from experiments.startup_interrupt import quiet_start  # noqa: E402
+
+quiet_start(__name__)  # Ctrl-C during the imports below: one line, not their traceback
+
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
