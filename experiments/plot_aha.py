@@ -177,7 +177,9 @@ def run_aha(args: argparse.Namespace) -> int:
 def add_aha_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("metrics", type=Path, help="a run folder (RUN_DIR) or its metrics.jsonl (experiments.train, "
                     "experiments.train_head)")
-    ap.add_argument("--out", type=Path, default=None, help="PNG path (default: METRICS with suffix .aha.png)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="image path; its suffix picks the format: .png, .svg, .pdf, ... (none: PNG) "
+                         "(default: METRICS with suffix .aha.png)")
     ap.set_defaults(run=run_aha)
 
 

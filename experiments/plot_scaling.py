@@ -162,7 +162,9 @@ def run_scaling(args: argparse.Namespace) -> int:
 
 def add_scaling_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("sweep_dir", type=Path, help="a sweep folder of `python -m experiments.search -m`")
-    ap.add_argument("--out", type=Path, default=None, help="PNG path (default: SWEEP_DIR/scaling.png; scaling_flops.png with --compute flops)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="image path; its suffix picks the format: .png, .svg, .pdf, ... (none: PNG) "
+                         "(default: SWEEP_DIR/scaling.png; scaling_flops.png with --compute flops)")
     ap.add_argument("--threshold", type=finite_float, default=DEFAULT_THRESHOLD,
                     help="accuracy gained per doubling of compute below which a series is called flat after its "
                          "last gaining N, shown in its legend entry (default %(default)s)")

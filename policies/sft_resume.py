@@ -61,6 +61,8 @@ BUDGET_KEYS: tuple[str, ...] = ("sft.max_steps", "sft.max_minutes")
 RESUMABLE_KEYS: tuple[str, ...] = BUDGET_KEYS + (
     "sft.checkpoint_every", "sft.num_threads", "sft.eval_every", "sft.eval_max_examples",
 )
+# the flags of `python -m experiments.train_sft` that set them (the eval keys have none there)
+RESUMABLE_FLAGS: tuple[str, ...] = ("--max-steps", "--minutes", "--checkpoint-every", "--threads")
 
 
 # SFTError is also policies.sft's error for a bad setting: it lives here, the module sft imports
@@ -281,7 +283,8 @@ def check_resumable(last: Path, saved: Mapping[str, Any], current: Mapping[str, 
     if refused:
         allowed = ", ".join(key.removeprefix("sft.") for key in RESUMABLE_KEYS)
         raise SFTError(
-            f"{last} holds a run of another config ({'; '.join(refused)}); a resume may change only {allowed}: "
+            f"{last} holds a run of another config ({'; '.join(refused)}); a resume may change only {allowed} "
+            f"(train_sft's {', '.join(RESUMABLE_FLAGS)}): "
             f"rerun with the saved settings{_flag_hint(refused, a)}, or use another out_dir (--out) for this one"
         )
     return config_differences(a, b)

@@ -124,6 +124,7 @@ def test_resume_says_so_extends_and_refuses_another_run(tmp_path, capsys):
         assert main("--out", str(out), "--max-steps", "4", *flags) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {out / 'last'} holds a run of another config ({names}") and err.count("\n") == 1, err
+        assert "(train_sft's --max-steps, --minutes, --checkpoint-every, --threads)" in err  # the flags, not only keys
     assert state_step(out) == 3
 
 
