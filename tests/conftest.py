@@ -1,11 +1,21 @@
 import gc
 import os
+import signal
 import sys
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/fakes.py
+
+
+def pytest_configure(config):
+    """Under nohup, or `make test &` in a shell without job control, SIGINT arrives ignored and
+    Python installs no Ctrl-C handler: the tests that send a real SIGINT, to this process or to
+    the commands they start (which would inherit the ignore), then saw nothing happen. Give this
+    process Python's own handler, which the commands it starts get as the default action."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module")
