@@ -14,6 +14,7 @@ of the traceback of wherever the interrupt landed (HYDRA_FULL_ERROR=1 keeps it):
 
 (Before it, while the command imports and checks its arguments, `experiments.startup_interrupt`
 answers a Ctrl-C with one line of its own.)
+
 SIGTERM (`kill`, `timeout`, a SLURM cancel, `docker stop`) inside it is handled alike: raised as
 `Terminated` where the program is, so every `finally` and context manager runs (a vLLM engine
 in its own processes is closed instead of left running with its memory), then one line and
