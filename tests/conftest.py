@@ -18,6 +18,16 @@ def pytest_configure(config):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.fixture
+def restored_signals():
+    """The SIGINT and SIGTERM handlers as they were before the test (for tests that install or
+    take over a handler)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): the

@@ -239,15 +239,6 @@ def test_a_zero_uniform_never_draws_a_token_without_mass():
 # -- the step-boundary signal handler --------------------------------------------------------------
 
 
-@pytest.fixture
-def restored_signals():
-    """The SIGINT and SIGTERM handlers as they were before the test."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 def _raised_by(signum: int) -> tuple[BaseException | None, bool]:
     """(what a second `signum` raised inside stop_at_step_boundary, whether the first one set requested)."""
     try:

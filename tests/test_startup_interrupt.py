@@ -39,13 +39,6 @@ runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.fixture
-def restored_sigint():
-    saved = signal.getsignal(signal.SIGINT)
-    yield
-    signal.signal(signal.SIGINT, saved)
-
-
 @pytest.mark.parametrize("module", ["experiments.search", "experiments.train", "experiments.demo"])
 def test_ctrl_c_while_a_command_imports_is_one_line_and_exit_130(module):
     code = INTERRUPT_AT_TORCH.format(module=module)
@@ -55,7 +48,7 @@ def test_ctrl_c_while_a_command_imports_is_one_line_and_exit_130(module):
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 
-def test_the_handler_is_taken_only_by_a_command_and_given_back_when_it_starts(restored_sigint):
+def test_the_handler_is_taken_only_by_a_command_and_given_back_when_it_starts(restored_signals):
     quiet_start("experiments.search")  # imported as a library (train.py imports search): nothing changes
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     quiet_start("__main__")
@@ -66,7 +59,7 @@ def test_the_handler_is_taken_only_by_a_command_and_given_back_when_it_starts(re
         signal.raise_signal(signal.SIGINT)
 
 
-def test_interrupt_reported_gives_ctrl_c_back_for_its_own_line(restored_sigint, capsys):
+def test_interrupt_reported_gives_ctrl_c_back_for_its_own_line(restored_signals, capsys):
     quiet_start("__main__")
     with pytest.raises(SystemExit) as exit_info:
         with interrupt_reported("rerun the same command to go on"):
@@ -75,7 +68,7 @@ def test_interrupt_reported_gives_ctrl_c_back_for_its_own_line(restored_sigint, 
     assert capsys.readouterr().err.strip() == "interrupted: rerun the same command to go on"
 
 
-def test_another_programs_handler_is_left_alone(restored_sigint):
+def test_another_programs_handler_is_left_alone(restored_signals):
     def embedding_handler(signum, frame):
         raise RuntimeError("the embedding program's own")
 
