@@ -176,7 +176,10 @@ def _missing_key(error: ConfigCompositionException | None, overrides: Sequence[s
     if error is None or not isinstance(error.__cause__, (ConfigAttributeError, ConfigKeyError)) or not error.__cause__.full_key:
         return None
     full_key = str(error.__cause__.full_key)
-    return full_key, next((arg for arg in overrides if arg.split("=", 1)[0] == full_key), full_key)
+    keys = [(arg, arg.lstrip("+~").split("=", 1)[0]) for arg in overrides]
+    # the override of the key itself, else one below it (search.foo.bar=1 fails on search.foo: suggest +search.foo.bar=1)
+    return full_key, next((arg for arg, key in keys if key == full_key),
+                          next((arg for arg, key in keys if key.startswith(full_key + ".")), full_key))
 
 
 def check_override_keys(
