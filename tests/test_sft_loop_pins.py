@@ -34,17 +34,12 @@ from policies.sft import SFTConfig, train_sft
 from policies.tiny_model import build_model
 from policies.tiny_tokenizer import build_tokenizer
 from test_sft import SMALL, steps_cfg
+from test_sft_pins import TOK, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-TOK = build_tokenizer()
 EXAMPLES = [(arith.prompt_text(p), arith.solution_text(p)) for p in arith.generate_problems("train", 32, seed=0)]
 STEPS = 6  # 32 examples / batch 8 = 4 batches an epoch: the run crosses into a second epoch
-
-
-def small_model():
-    torch.manual_seed(0)
-    return build_model(SMALL, TOK)
 
 
 @dataclass
