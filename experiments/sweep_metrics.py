@@ -9,6 +9,9 @@ model. For one run (`run_metrics`), all with 95% intervals over problems (`exper
                       smaller N from the one large-N run by the reference's disjoint-group metric
                       (`experiments.metrics`): bon@N (argmax score, first on ties), maj@N,
                       wmaj@N (score-weighted vote), pass@N (oracle), for N = 1, 2, 4, ..., n;
+                      a problem with fewer than N candidates (a policy may return fewer) counts
+                      its whole list, none counts wrong, and best_of_n_short_problems says how
+                      many problems had fewer than n;
   compute             mean per problem of every `Compute` field, the policy's parameter count and
                       C = policy parameters x tokens generated (the scaling law's x axis).
 For a sweep folder (`sweep_summaries`): one row per run folder below it (any depth) holding
@@ -217,15 +220,22 @@ def budget_ladder(count: int) -> list[int]:
     return ladder + [count]
 
 
-def best_of_n_curve(outcomes: Sequence[ProblemOutcome], seed: int = 0) -> dict[str, dict[str, float]]:
-    """{"bon@N": est, "maj@N": ..., "wmaj@N": ..., "pass@N": ...} for every N of the ladder, by
-    disjoint groups of N in generation order (the reference's metric)."""
-    count = min(len(o.candidates) for o in outcomes)
+def curve_value(outcome: ProblemOutcome, n: int, selector: str) -> float:
+    """A problem's value at N = n: the disjoint groups of n; a problem with fewer candidates than n
+    (a policy may return fewer) is its whole list, the pick the run itself made; none is 0."""
+    count = len(outcome.candidates)
+    return problem_accuracy(outcome, min(n, count), selector) if count else 0.0
+
+
+def best_of_n_curve(outcomes: Sequence[ProblemOutcome], n: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """{"bon@N": est, "maj@N": ..., "wmaj@N": ..., "pass@N": ...} for every N of the run's ladder
+    (`budget_ladder(n)`, n its configured N), by disjoint groups of N in generation order (the
+    reference's metric; `curve_value` for a problem with fewer candidates)."""
     out: dict[str, dict[str, float]] = {}
-    for n in budget_ladder(count):
+    for size in budget_ladder(n):
         for name, selector in CURVE_SELECTORS.items():
-            values = [problem_accuracy(o, n, selector) for o in outcomes]
-            out[f"{name}@{n}"] = estimate_dict(interval(values, seed=seed))
+            values = [curve_value(o, size, selector) for o in outcomes]
+            out[f"{name}@{size}"] = estimate_dict(interval(values, seed=seed))
     return out
 
 
@@ -300,8 +310,12 @@ def run_metrics(
         },
         "compute": mean_compute(rows),
     }
-    if strategy == "best_of_n" and all(o.candidates for o in outcomes):
-        metrics["best_of_n"] = best_of_n_curve(outcomes, seed)
+    if strategy == "best_of_n":
+        n = budget_of(strategy, rows[0]["config"])
+        metrics["best_of_n"] = best_of_n_curve(outcomes, n, seed)
+        short = sum(len(o.candidates) < n for o in outcomes)
+        if short:
+            metrics["best_of_n_short_problems"] = short
     return metrics
 
 

@@ -204,20 +204,32 @@ def test_rows_the_metrics_cannot_read_are_a_one_line_error(tmp_path, capsys, edi
         assert f"error: {path}: the row of problem 'p1'" in err and message in err
 
 
-def test_a_best_of_n_run_with_a_problem_without_candidates_has_no_curve(tmp_path, capsys):
+def test_a_best_of_n_run_with_a_problem_without_candidates_counts_it_wrong_on_the_curve(tmp_path, capsys):
     folder = tmp_path / "run"
     folder.mkdir()
     append_rows(folder / "records.jsonl", [row("a", [cand("1", True, 0.5), cand("2", False, 0.4)], 2, 10, n=2),
                                            row("b", [], 2, 0, n=2)])
     assert sweep_metrics.main([str(folder)]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert "best_of_n" not in metrics and metrics["accuracy"]["mean"] == 0.5
+    curve = {key: est["mean"] for key, est in metrics["best_of_n"].items()}
+    # a: groups (1c), (2w) at N=1 -> .5; (1c .5, 2w .4) at N=2 -> bon/maj(tie: first)/wmaj/pass right; b: 0
+    assert curve == {"bon@1": 0.25, "maj@1": 0.25, "wmaj@1": 0.25, "pass@1": 0.25,
+                     "bon@2": 0.5, "maj@2": 0.5, "wmaj@2": 0.5, "pass@2": 0.5}
+    assert metrics["accuracy"]["mean"] == 0.5 == curve["bon@2"] and metrics["best_of_n_short_problems"] == 1
 
 
-def test_the_best_of_n_curve_stops_at_the_fewest_candidates_of_a_problem():
-    rows = [row("a", [cand("1", True, 0.5)] * 4, 2, 10, n=4), row("b", [cand("1", True, 0.5)] * 2, 2, 10, n=4)]
-    assert sorted(run_metrics(rows)["best_of_n"]) == ["bon@1", "bon@2", "maj@1", "maj@2", "pass@1", "pass@2",
-                                                      "wmaj@1", "wmaj@2"]
+def test_the_best_of_n_curve_runs_to_the_configured_n_when_a_problem_has_fewer_candidates():
+    # a: the 4th candidate is the right one, with the top score; b: 3 candidates, the first right
+    a = [cand("2", False, 0.1), cand("3", False, 0.2), cand("4", False, 0.3), cand("1", True, 0.9)]
+    b = [cand("1", True, 0.8), cand("5", False, 0.1), cand("6", False, 0.2)]
+    m = run_metrics([row("a", a, 2, 10, n=4), row("b", b, 2, 10, n=4)])
+    assert sorted(m["best_of_n"]) == sorted(f"{k}@{n}" for k in ("bon", "maj", "wmaj", "pass") for n in (1, 2, 4))
+    # N=4: a's one group picks 1 (right); b (3 < 4) picks from its whole list: 1 (right)
+    assert m["best_of_n"]["bon@4"]["mean"] == 1.0 == m["accuracy"]["mean"]
+    # N=2: a (2w 3w) wrong, (4w 1c) right -> .5; b one group (1c .8, 5w) right -> 1
+    assert m["best_of_n"]["bon@2"]["mean"] == 0.75 and m["best_of_n_short_problems"] == 1
+    full = run_metrics([row("a", a, 2, 10, n=4)])
+    assert "best_of_n_short_problems" not in full
 
 
 def test_accuracy_by_difficulty_lists_values_in_numeric_order():
