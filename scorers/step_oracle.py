@@ -20,8 +20,9 @@ steps alone). The step checker is stricter than the grader in one way, on purpos
 accept the rollout; such a rollout ranks low here.
 
     from experiments.tasks import countdown
-    scorer = StepOracleScorer(labels=countdown.true_step_labels)
+    scorer = StepOracleScorer(labels=countdown.true_step_labels, grade=countdown.grade)
     scorer = StepOracleScorer.for_task("experiments.tasks.countdown")      # the same
+    # without grade, a finished path is judged by its steps alone (an unclosed think span scores 1)
     scorer.score([Prefix(problem, steps)])   # [[1.0, 1.0, 0.0]]: the third step is a dead end
 
     python -m experiments.search task=countdown policy.path=outputs/checkpoints/tiny-countdown/final \\

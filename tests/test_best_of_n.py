@@ -57,6 +57,9 @@ def test_compute_counts_every_generated_token():
     assert r.compute.flops == 2 * 1000 * 30
     assert r.compute.policy_calls == 1
     assert r.compute.wall_time_s >= 0
+    assert sum([r.compute, r.compute]) == r.compute + r.compute  # sum() starts from 0
+    with pytest.raises(TypeError):
+        1 + r.compute
 
 
 def test_tree_has_one_chain_per_candidate():

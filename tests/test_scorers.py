@@ -107,6 +107,9 @@ def test_step_oracle_grades_the_end_of_a_finished_path():
     closed = Prefix(closed.problem, closed.steps[:-1] + (replace(closed.steps[-1], finish="eos"),))
     assert scorer.score([growing, ended, closed]) == [[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0] * 4]
     assert StepOracleScorer(scorer.labels).score([ended]) == [[1.0, 1.0, 1.0]]  # no grade: steps alone
+    from experiments.tasks import countdown  # the module docstring's other form, "the same"
+
+    assert StepOracleScorer(labels=countdown.true_step_labels, grade=countdown.grade) == scorer
 
 
 def test_step_oracle_names_a_task_without_step_labels_and_bad_settings():

@@ -131,6 +131,17 @@ def test_adding_under_a_parent_that_is_no_node_is_a_value_error(parent):
     assert len(tree) == 2 and tree.nodes[1].children == []
 
 
+@pytest.mark.parametrize("node_id", [-1, -2, 2])
+def test_the_path_of_a_node_id_that_is_no_node_is_a_value_error(node_id):
+    # path(-1) was the last node's path (Python's negative index) and was kept under -1
+    tree = Tree(Problem("p", "Q"))
+    tree.add(0, Step("a", (1,), (-0.1,), "separator"))
+    for ask in (tree.path, tree.prefix, tree.path):
+        with pytest.raises(ValueError, match=f"node_id={node_id} is not a node id of this tree \\(0..1\\)"):
+            ask(node_id)
+    assert [s.text for s in tree.path(1)] == ["a"]
+
+
 def test_a_node_id_of_another_integer_type_is_taken():
     np = pytest.importorskip("numpy")
     tree = Tree(Problem("p", "Q"))

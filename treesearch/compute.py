@@ -34,6 +34,12 @@ class Compute:
     def __add__(self, other: "Compute") -> "Compute":
         return Compute(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
+    def __radd__(self, other: "Compute | int") -> "Compute":
+        """`sum(r.compute for r in results)`: sum starts from 0."""
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+            return self
+        return NotImplemented
+
     def to_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

@@ -1,5 +1,6 @@
 """The strategy registry: every strategy has the signature
-`search(problems, policy, scorer, cfg) -> list[SearchResult]` and a config dataclass.
+`search(problems, policy, scorer, cfg, on_round=None) -> list[SearchResult]` and a config
+dataclass (`run_search` always passes on_round, the hook called after each round, or None).
 
     spec = get_strategy("best_of_n")
     results = spec.fn(problems, policy, scorer, spec.config(n=16))
@@ -65,7 +66,7 @@ def run_search(
     on_round: RoundHook | None = None, **cfg: Any,
 ) -> list[SearchResult]:
     """Run the strategy with its config object (`config`, e.g. `BestOfNConfig(n=16)`, as the
-    strategy's own `search(problems, policy, scorer, cfg)` takes it) or with one built from keyword
+    strategy's own `search(problems, policy, scorer, cfg, on_round=None)` takes it) or with one built from keyword
     arguments (`build_config`), not both; on_round (keyword only): called after each round with
     every problem's tree (`treesearch.protocols.RoundHook`). A config object given where a hook was
     expected ran the default config and failed at the first round end."""

@@ -63,7 +63,7 @@ class Tree:
         """Add a child of `parent` reached by `step`; return its id. A parent that is no node of this
         tree is a ValueError (-1 made a node its own child, and `path` looped forever)."""
         if not (type(parent) is int and 0 <= parent < len(self.nodes)):
-            parent = self._node_id(parent)
+            parent = self._node_id(parent, "parent")
         if type(prior) is not float:  # numpy / torch numbers: the tree's JSON could not be written
             prior = plain_float(prior, "prior")
         if score is not None and type(score) is not float:
@@ -80,14 +80,14 @@ class Tree:
         self.nodes[parent].children.append(node.id)
         return node.id
 
-    def _node_id(self, value: object) -> int:
-        """value as a node id of this tree, or a ValueError naming it."""
+    def _node_id(self, value: object, name: str) -> int:
+        """value as a node id of this tree, or a ValueError naming it (as the argument `name`)."""
         try:
             node_id = operator.index(value)  # type: ignore[arg-type]
         except TypeError:
             node_id = -1
         if isinstance(value, bool) or not 0 <= node_id < len(self.nodes):
-            raise ValueError(f"parent={value!r} is not a node id of this tree (0..{len(self.nodes) - 1})")
+            raise ValueError(f"{name}={value!r} is not a node id of this tree (0..{len(self.nodes) - 1})")
         return node_id
 
     def add_path(self, steps: list[Step] | tuple[Step, ...], scores: list[float] | None = None) -> int:
@@ -104,7 +104,9 @@ class Tree:
         paths = self._paths
         if node_id in paths:
             return paths[node_id]
-        pending, node = [], self.nodes[node_id]  # the nodes between node_id and its nearest known ancestor
+        # the nodes between node_id and its nearest known ancestor; a negative id is an error, not a
+        # node counted from the end
+        pending, node = [], self.nodes[self._node_id(node_id, "node_id")]
         while node.id not in paths:
             pending.append(node)
             node = self.nodes[node.parent]  # type: ignore[index]
