@@ -11,7 +11,13 @@ selection become candidates as they stand (their last step keeps its finish, "se
 Every finished child of a round is kept, so a problem can end with a few more than N
 candidates (N = 4, M = 2: three root samples finish, the one beam left adds two: 5); the choice
 is the best of them all, and only the all-candidates metrics (maj / wmaj / pass over
-`candidates`) see the extra ones. search-and-learn cuts its finished beams back to N by score.
+`candidates`) see the extra ones. search-and-learn cuts its finished beams back to N: the first N
+to finish by default, the N best by score with its `sort_completed`.
+
+Defaults that differ from search-and-learn's: paths are ranked by the geometric mean of their
+step scores (`aggregation`, MetaStone-S1's path score; search-and-learn's `agg_strategy` is
+"last") and lookahead is 0 (its default is 1, which there ranks nothing: see lookahead below);
+`aggregation="last"` ranks as it does.
 
 Batching (unlike search-and-learn, which runs one problem at a time): each round sends the beams
 of ALL problems to `policy.propose` in one call and all new paths to `scorer.score` in one call;
@@ -27,7 +33,10 @@ Options:
 - lookahead k: before scoring, each unfinished child is extended by up to k more steps, one
   sample each (`propose(n=1)`), and the child is ranked by the aggregated score of that longer
   path (its step scores are read from it: the same as its own path's for a causal scorer, such
-  as SPRM, confidence or a PRM; an outcome oracle scores them by the lookahead's ending); the lookahead steps are counted in compute but are not tree nodes. They are sampled at
+  as SPRM, confidence or a PRM; an outcome oracle scores them by the lookahead's ending); the
+  lookahead steps are counted in compute but are not tree nodes. This is what search-and-learn's
+  DVTS does; its beam search generates the lookahead but scores the beam's path without it, so
+  there lookahead never changes which beams survive. They are sampled at
   lookahead_temperature, 0 (greedy) by default as in search-and-learn, by
   `policy.with_temperature` (a `TemperaturePolicy`: the three backends; another policy is a
   ValueError naming the setting); lookahead_temperature=None samples them at the policy's own

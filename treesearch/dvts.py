@@ -6,7 +6,9 @@ sample j seeds subtree j // M, so the subtrees start from different first steps;
 round samples M next steps for each subtree's path. Each subtree is greedy: it follows its best
 child by aggregated path score (the earlier child on ties); when that child is terminal the
 subtree is finished. Every terminal child (a subtree's best or not) is recorded as a candidate:
-it is a finished solution already paid for (search-and-learn drops the non-best ones). At
+it is a finished solution already paid for (search-and-learn returns the M children of each
+subtree's last round, finished or not, and drops the finished non-best children of earlier
+rounds). At
 max_depth each unfinished subtree's best child becomes a candidate as it stands.
 
 lookahead k (search-and-learn's, default 0): each unfinished child is ranked by its path

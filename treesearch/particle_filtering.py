@@ -21,8 +21,10 @@ the last round's scores (as the authors' code resamples after every step, the la
 particle finished in the last round, or every particle finished at the root, had been counted
 once whatever its score, so a vote over a low-scored majority outvoted the filter's choice); a
 path drawn k times is k candidates, so majority votes over them are the filter's estimate. The
-chosen one has the highest aggregated path score (`aggregation`) among them, as the authors'
-argmax over the final particles. Finished paths that were not drawn again are paid for
+chosen one has the highest aggregated path score (`aggregation`, the geometric mean of its step
+scores by default: MetaStone-S1's path score) among them; the authors' argmax picks the particle
+of the largest resampling weight, which `aggregation` equal to `reward` ("last" both) gives.
+Finished paths that were not drawn again are paid for
 (compute) but are not candidates.
 
 T: the resampling temperature (1 in the authors' code). With logit weights a particle scored 0.9
