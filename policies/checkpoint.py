@@ -172,14 +172,19 @@ def check_replaceable(out_dir: Path) -> None:
 
 def check_loaded_keys(directory: Path, info: dict[str, Any]) -> None:
     """DamagedCheckpointError naming the folder when its weight files lack weights the model of
-    its config.json needs (transformers gives them random values) or hold weights it has no place
-    for (dropped): the config and the weights do not belong together."""
+    its config.json needs (transformers gives them random values), hold weights it has no place
+    for (dropped) or of other shapes than the config makes (a config.json of another size: loaded
+    with ignore_mismatched_sizes, so this names them instead of transformers' RuntimeError after a
+    table of every weight): the config and the weights do not belong together."""
     missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
-    if not missing and not unexpected:
+    resized = [f"{name} {list(saved)} in the file, {list(wanted)} by config.json"
+               for name, saved, wanted in sorted(info.get("mismatched_keys") or ())]
+    if not missing and not unexpected and not resized:
         return
     problems = [f"{len(names)} weight(s) {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
                 for names, what in ((missing, "the model needs are not in its weight files"),
-                                    (unexpected, "in its weight files are not the model's")) if names]
+                                    (unexpected, "in its weight files are not the model's"),
+                                    (resized, "of other shapes than config.json makes")) if names]
     raise DamagedCheckpointError(
         f"checkpoint folder {directory}: {'; '.join(problems)}; config.json and the weights do not belong "
         "together (a model would run with random weights)"
@@ -196,6 +201,18 @@ def _no_hf_progress_bars() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _no_load_report() -> Iterator[None]:
+    """Silence transformers' load report (a warning table of every missing, unexpected or
+    resized weight): `check_loaded_keys` names those in one error."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def write_checkpoint_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
@@ -261,8 +278,9 @@ def load_checkpoint(
     for file in weight_files(directory):
         if file.suffix == ".safetensors":
             check_safetensors(file)
-    with _no_hf_progress_bars():
-        model, info = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, output_loading_info=True)
+    with _no_hf_progress_bars(), _no_load_report():
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(directory), dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
     check_loaded_keys(directory, info)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     model.eval()

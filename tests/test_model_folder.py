@@ -110,8 +110,8 @@ def test_a_truncated_shard_is_named(folders, tmp_path):
         load_checkpoint(sharded)
 
 
-@pytest.mark.parametrize("change", ["renamed", "fewer layers in config.json"])
-def test_weights_that_do_not_fit_the_config_are_named_not_loaded_at_random(folders, tmp_path, change):
+@pytest.mark.parametrize("change", ["renamed", "fewer layers in config.json", "wider in config.json"])
+def test_weights_that_do_not_fit_the_config_are_named_not_loaded_at_random(folders, tmp_path, capfd, change):
     # transformers initialised the missing weights at random and dropped the rest: a search scored 0 in silence
     from safetensors.torch import save_file
 
@@ -122,12 +122,19 @@ def test_weights_that_do_not_fit_the_config_are_named_not_loaded_at_random(folde
         tensors = load_file(str(folder / "model.safetensors"))
         save_file({f"lm.{name}": value for name, value in tensors.items()}, str(folder / "model.safetensors"))
         expected = r"\d+ weight\(s\) the model needs are not in its weight files .*weight\(s\) in its weight files are not"
-    else:
+    elif change == "fewer layers in config.json":
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
         expected = r"\d+ weight\(s\) in its weight files are not the model's \(model.layers.1."
+    else:  # transformers' RuntimeError pointed at "the above report"
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+        width = config["hidden_size"]
+        expected = (rf"\d+ weight\(s\) of other shapes than config.json makes \(model.embed_tokens.weight "
+                    rf"\[{config['vocab_size']}, {width}\] in the file, \[{config['vocab_size']}, {2 * width}\] by config.json")
     with pytest.raises(DamagedCheckpointError, match=f"checkpoint folder {folder}: " + expected):
         load_checkpoint(folder)
+    assert "LOAD REPORT" not in "".join(capfd.readouterr())  # transformers' table of every weight
 
 
 @pytest.mark.parametrize("index", ['{"metadata": {}, "weight_map": {"a": "mod', '{"metadata": {}}'])
