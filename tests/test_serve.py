@@ -221,7 +221,7 @@ def test_policy_names_a_meant_field_and_ignores_the_rest(services):
     assert post(policy, "/generate", {"prefix_prompt": "a", "temperture": 0}).json()["error"] == (
         "temperture: is not a field of this request; did you mean temperature?")
     plain = post(policy, "/generate", generate_body(2, model="tiny", user="me", stream=False, logprobs=None,
-                                                    min_tokens=0, best_of=1))  # best_of 1 (its off) refused before
+                                                    min_tokens=0, best_of=1, top_p=None))  # best_of 1 (its off) refused before
     assert plain.status_code == 200 and len(plain.json()["results"]) == 2  # the reference's clients: unchanged
 
 
@@ -323,6 +323,11 @@ def test_policy_concurrent_requests_get_their_own_answers_batched(services):
     ({"prefix_prompt": "a", "min_tokens": 1}, None, "min_tokens"),      # vLLM's option: "did you mean max_tokens?" before
     ({"prefix_prompt": "a", "best_of": 2}, None, "best_of"),
     ({"prefix_prompt": "a", "best_of": True}, None, "best_of"),
+    # the server's own top_p / repetition penalty sampled them in silence
+    ({"prefix_prompt": "a", "top_p": 0.01}, None, "top_p"),
+    ({"prefix_prompt": "a", "top_k": 1}, None, "top_k"),
+    ({"prefix_prompt": "a", "frequency_penalty": 2}, None, "frequency_penalty"),
+    ({"prefix_prompt": "a", "repetition_penalty": 1.05}, None, "repetition_penalty"),
     # each stop string is checked after every token of every row: 50,000 held the worker for 25 s
     ({"prefix_prompt": "a", "stop": [f"s{i}" for i in range(33)]}, None, "stop"),
     ({"prefix_prompt": "a", "stop": "x" * 513}, None, "stop"),

@@ -22,7 +22,9 @@ except three kinds a client means something by (`check_field_names`, 422 naming 
 OpenAI-style name of one of ours ("n", "max_new_tokens", "prompt": use response_num, max_tokens,
 prefix_prompt), an option these services do not have set to anything but off ("stream": true,
 "logprobs", "echo", "best_of", "min_tokens"), and a misspelling of one of ours ("temperture": did you mean
-temperature?), which silently fell back to the default before. Fields are checked more strictly than
+temperature?), which silently fell back to the default before; a generate request's sampling
+options the server sets for every request (top_p, repetition_penalty) or lacks (top_k, min_p,
+frequency_penalty, presence_penalty) are refused too, unless null. Fields are checked more strictly than
 the reference's (which only has the types): types strictly (no "4" for 4, no 1 or "yes" for true,
 no bool for a number; an integer is a valid float), counts >= 1, a non-empty prompt, temperature
 in [0, 2] (vLLM's and OpenAI's range) and finite, seed in [0, 2^63), stop strings non-empty (at
@@ -64,6 +66,11 @@ OTHER_NAMES: dict[str, str] = {
     "max_completion_tokens": "max_tokens", "prompt": "prefix_prompt", "stop_sequences": "stop",
 }
 UNSUPPORTED_OPTIONS: tuple[str, ...] = ("stream", "logprobs", "top_logprobs", "echo", "best_of", "min_tokens")
+# sampling options a generate request cannot set: the server samples every request with its own
+# top_p and repetition penalty (`serve policy --top-p / --repetition-penalty`, the reference's
+# 0.95 / 1.05), and has none of the others; a client's top_p=0.01 got full-temperature samples
+SERVER_SAMPLING_OPTIONS: tuple[str, ...] = (
+    "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
 # stop strings per request and characters per string: the worker checks every one after each token
 # of each row, so 50,000 of them held a tiny request behind one 64-row request for 25 s
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 32, 512
@@ -80,6 +87,9 @@ def check_field_names(body: Any, fields: Mapping[str, Any]) -> None:
             continue
         if OTHER_NAMES.get(key) in fields:
             raise FieldError(key, f"is not a field of this request; its name here is {OTHER_NAMES[key]}")
+        if key in SERVER_SAMPLING_OPTIONS and "temperature" in fields and value is not None:
+            raise FieldError(key, "cannot be set per request: the server samples every request with its own top_p and "
+                                  "repetition_penalty (serve policy --top-p, --repetition-penalty); leave it out")
         if key in UNSUPPORTED_OPTIONS:  # off passes, and is no misspelling ("min_tokens" of max_tokens)
             if not _is_off(key, value):
                 raise FieldError(key, "is not supported by this service (one JSON answer with texts only); leave it out")
