@@ -32,6 +32,7 @@ from experiments.cli_errors import run_command
 from experiments.metrics import Estimate, bootstrap
 from experiments.tasks import arith
 from policies.bf16_support import native_bf16
+from policies.sampling import NonFiniteLogitsError
 from treesearch.records import Problem
 
 
@@ -96,10 +97,7 @@ def generate_completions(
             enc = tokenizer(list(prompts[start : start + per_call]), return_tensors="pt", padding=True)
             with torch.random.fork_rng(devices=[]), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 torch.manual_seed((seed * 100_003 + call) % 2**64)  # a large --seed overflowed torch's int64
-                sequences = model.generate(
-                    **enc, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                )  # [P*n, prompt_len + new]
+                sequences = _generate(model, tokenizer, enc, sampling, max_new_tokens, n)  # [P*n, prompt_len + new]
             new = sequences[:, enc["input_ids"].shape[1] :]  # [P*n, new]
             generated += int((new != tokenizer.pad_token_id).sum())
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -107,6 +105,25 @@ def generate_completions(
     finally:
         tokenizer.padding_side = old_side
     return out, generated
+
+
+def _generate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, enc: Any, sampling: dict[str, Any],
+    max_new_tokens: int, n: int,
+) -> torch.Tensor:
+    """model.generate of one batch; logits that are not finite are a NonFiniteLogitsError (torch's
+    multinomial raised a RuntimeError, a traceback from quick_eval and train_sft's evaluation)."""
+    try:
+        return model.generate(
+            **enc, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=n,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    except RuntimeError as err:
+        if "probability tensor contains" not in str(err):  # torch: "... either `inf`, `nan` or element < 0"
+            raise
+        raise NonFiniteLogitsError(
+            "the policy's logits are not finite (NaN or inf) while sampling: its weights diverged or are damaged "
+            "(a training run with too high a learning rate?)") from err
 
 
 def majority_answer(completions: Sequence[str], task: ModuleType = arith) -> str | None:

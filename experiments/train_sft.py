@@ -44,6 +44,7 @@ from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT, is_storage_er
 from experiments.quick_eval import QuickEvalConfig, format_report, quick_eval, eval_problems  # noqa: E402
 from experiments.sft_tasks import SFT_TASKS, SFTTask, get_sft_task  # noqa: E402
 from policies.checkpoint import load_checkpoint, load_torch_file  # noqa: E402
+from policies.sampling import NonFiniteLogitsError  # noqa: E402
 from policies.sft import SFTConfig, train_sft  # noqa: E402
 from policies.sft_resume import LAST, STATE_FILE, SUMMARY_FILE, SFTError, TrainingInterrupted  # noqa: E402
 from policies.tiny_model import TinyModelConfig, build_model, num_parameters  # noqa: E402
@@ -223,7 +224,10 @@ def evaluate(final: Path, cfg: QuickEvalConfig, task: SFTTask, out: Path, steps:
     OUT/quick_eval.json, which names those steps."""
     model, tokenizer = load_checkpoint(final)
     t0 = time.perf_counter()
-    report = quick_eval(model, tokenizer, eval_problems(cfg, task.default_config, task.module), cfg, task.module)
+    try:
+        report = quick_eval(model, tokenizer, eval_problems(cfg, task.default_config, task.module), cfg, task.module)
+    except NonFiniteLogitsError as err:  # the run is saved: an error line, not a traceback
+        raise SFTError(f"the quick evaluation of {final} failed: {err}; the trained checkpoint is kept") from err
     print(format_report(report))
     (out / QUICK_EVAL_FILE).write_text(json.dumps({"steps": steps, **asdict(report)}, indent=1))
     print(f"evaluation took {time.perf_counter() - t0:.0f} s; wrote {out / QUICK_EVAL_FILE}")

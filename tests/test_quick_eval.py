@@ -121,3 +121,17 @@ def test_a_policy_of_another_task_or_of_old_splits_is_noted(tmp_path, capsys):
     assert qe.main([str(arith), "--baseline", str(old), "--problems", "1", "--samples", "1"]) == 0
     err = capsys.readouterr().err
     assert f"note: --baseline {old} was trained on version 1 of arith's splits" in err
+
+
+def test_a_policy_with_infinite_logits_is_a_one_line_error(tmp_path, capsys):
+    # a diverged SFT run (--lr 1e6): torch.multinomial's RuntimeError was a traceback here and in train_sft
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = build_model(SMALL, tok)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("inf"))
+    ckpt = save_checkpoint(model, tok, tmp_path / "diverged")
+    assert qe.main([str(ckpt), "--problems", "2", "--samples", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: the policy's logits are not finite (NaN or inf) while sampling: its weights diverged or are damaged "
+        "(a training run with too high a learning rate?)")

@@ -242,3 +242,19 @@ def test_a_run_moved_to_a_cpu_of_other_bf16_support_resumes_with_its_setting(tmp
     err = capsys.readouterr().err
     assert "(sft.bf16: False -> True)" in err and "rerun with the saved settings (add --no-bf16: the run's bf16 setting)" in err
     assert main("--out", str(out), "--max-steps", "3", "--no-bf16") == 0 and state_step(out) == 3
+
+
+def test_a_diverged_run_is_kept_and_its_failed_evaluation_is_one_error_line(tmp_path, monkeypatch, capsys):
+    # --lr 1e6: the quick evaluation met infinite logits in torch.multinomial, a traceback after the run was saved
+    # (test_quick_eval makes the NonFiniteLogitsError from such a policy)
+    from policies.sampling import NonFiniteLogitsError
+
+    def diverged(*args, **kwargs):
+        raise NonFiniteLogitsError("the policy's logits are not finite (NaN or inf) while sampling")
+
+    monkeypatch.setattr(cli, "quick_eval", diverged)
+    out = tmp_path / "run"
+    assert main("--out", str(out), "--max-steps", "1", "--minutes", "0", "--eval-problems", "2", "--eval-samples", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: the quick evaluation of {out / 'final'} failed: the policy's logits are not finite")
+    assert err.endswith("; the trained checkpoint is kept") and (out / "final" / "model.safetensors").is_file()
