@@ -256,3 +256,43 @@ def test_gsm8k_ids_number_rows_and_a_hub_rows_repeat_is_named_as_a_row(tmp_path,
 
     with pytest.raises(DataFormatError, match=r"row 3: problem id 'gsm8k-test-1' repeats the one at row 1"):
         check_unique_ids([hub[0], hub[1], dataclasses.replace(hub[2], id=hub[0].id)], "gsm8k")
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "math500"])
+def test_a_parquet_or_json_array_file_holds_the_same_records_as_jsonl(tmp_path, name):
+    # a .parquet file (the hubs' GSM8K) was read as JSON Lines: "not valid UTF-8 ... save the file as UTF-8"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [GOOD_ROWS[name], {**GOOD_ROWS[name], "question" if name == "gsm8k" else "problem": "again?"}]
+    if name == "math500":
+        rows[1]["unique_id"] = "test/algebra/2.json"
+    jsonl = LOADERS[name](_write_rows(tmp_path / "rows.jsonl", rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    (tmp_path / "rows.json").write_text("\ufeff \n" + json.dumps(rows, indent=1))  # a BOM and blanks first
+    parquet, array = LOADERS[name](tmp_path / "rows.parquet"), LOADERS[name](tmp_path / "rows.json")
+    assert [(p.question, p.answer) for p in parquet] == [(p.question, p.answer) for p in jsonl] == [
+        (p.question, p.answer) for p in array]
+    assert parquet[1].meta["row"] == 2 and array[1].meta["line"] > 2 and len({p.id for p in parquet}) == 2
+
+
+def test_a_csv_file_is_named_as_such_with_the_formats_read(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("question,answer\nq,#### 1\n")
+    with pytest.raises(DataFormatError, match=r"rows.csv, line 1: a CSV file: the benchmark loaders read JSON Lines, "
+                                              r"a JSON array or parquet \(.parquet\); convert it"):
+        gsm8k.load_gsm8k("test", path)
+
+
+def test_a_jsonl_ceval_file_loads_as_its_json_array_does(tmp_path):
+    rows = [{"id": 0, "sub": "math", "answer": "A", "model_input": CEVAL_PROMPT}]
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    array = ceval.load_ceval(tmp_path / "c.json")
+    assert [p.question for p in ceval.load_ceval(_write_rows(tmp_path / "c.jsonl", rows))] == [array[0].question]
+
+
+def test_a_gsm8k_solution_with_windows_line_ends_keeps_its_answer(tmp_path):
+    # "#### 7\r\n" inside the JSON string: "expected a number after '####' ..., got '7\r'"
+    path = _write_rows(tmp_path / "rows.jsonl", [{"question": "q\r\nmore", "answer": "work\r\n#### 7\r\n"}])
+    (problem,) = gsm8k.load_gsm8k("test", path)
+    assert problem.answer == "7" and gsm8k.grade(problem, "so\r\n#### 7\r\n")

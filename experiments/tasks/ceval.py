@@ -28,7 +28,7 @@ from typing import Any
 
 from experiments.tasks import grading, prompts
 from experiments.tasks.benchmark_split import BenchmarkConfig, check_count, check_split, select_problems
-from experiments.tasks.loader_errors import RowLocation, read_json_array, resolve_data_file
+from experiments.tasks.loader_errors import RowLocation, read_rows, resolve_data_file
 from treesearch.records import Problem
 
 DATA_FILE = "metastone/ceval.json"
@@ -71,9 +71,10 @@ def _problem(where: RowLocation, record: dict[str, Any]) -> Problem:
 
 
 def load_ceval(path: str | os.PathLike[str] | None = None) -> list[Problem]:
-    """All questions in file order. `path` (a JSON array file of the same form) wins over the
-    shared data folder. Raises DataFormatError naming file, line and field for a bad item."""
-    rows = read_json_array(resolve_data_file(path, DATA_FILE))
+    """All questions in file order. `path` (a file of the same records: a JSON array, JSON Lines
+    or parquet, `read_rows`) wins over the shared data folder. Raises DataFormatError naming
+    file, line and field for a bad item."""
+    rows = read_rows(resolve_data_file(path, DATA_FILE))
     return [_problem(where, record) for where, record in rows]
 
 

@@ -58,7 +58,7 @@ _BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*(\{)|[ \t]+(?=[^\s${}]))")
 _BARE_BOXED_RE = re.compile(r"[^\s$]+")
 # between boxes of one list answer: a comma, a semicolon, "and" or "or" (blanks alone: a new answer)
 _BOX_JOINER_RE = re.compile(r"[\s$]*(?:[,;][\s$]*(?:(?:and|or)[\s$]+)?|(?:and|or)[\s$]+)")
-_HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
+_HASH_RE = re.compile(r"####[ \t]*([^\n\r]*)")  # a line ends at \n or \r (Windows line ends: "#### 7\r\n")
 # "(.+)" and not "(.+?)[ \t]*": the latter backtracks quadratically on a long run of blanks.
 # the value on its line (group 1), or on the next non-blank one when the line ends at the colon
 # (group 2: "**Final Answer:**\n42"); each group starts at a non-blank, so a blank is never the value

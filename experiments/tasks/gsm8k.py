@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from experiments.tasks import grading
 from experiments.tasks.benchmark_split import BenchmarkConfig, check_count, check_split, select_problems
-from experiments.tasks.loader_errors import RowLocation, read_hub_rows, read_jsonl, resolve_data_file
+from experiments.tasks.loader_errors import RowLocation, read_hub_rows, read_rows, resolve_data_file
 from experiments.tasks.math_task import extract_answer, grade, prompt_text  # noqa: F401  (the task interface)
 from treesearch.records import Problem
 
@@ -68,13 +68,14 @@ def _problem(where: RowLocation, record: dict[str, Any], split: Split, row: int)
 
 
 def load_gsm8k(split: Split = "test", path: str | os.PathLike[str] | None = None, hub: bool = False) -> list[Problem]:
-    """All problems of a split, in file order. `path` (a jsonl file) wins over the shared data
+    """All problems of a split, in file order. `path` (a jsonl, JSON array or parquet file:
+    `read_rows`) wins over the shared data
     folder; hub=True reads openai/gsm8k through `datasets` instead (optional, needs the hub)."""
     check_split("gsm8k", split, SPLITS)
     if hub:
         rows = read_hub_rows(*HUB_DATASET, split=split)
     else:
-        rows = read_jsonl(resolve_data_file(path, f"gsm8k/{split}.jsonl"))
+        rows = read_rows(resolve_data_file(path, f"gsm8k/{split}.jsonl"))
     return [_problem(where, record, split, row) for row, (where, record) in enumerate(rows, start=1)]
 
 

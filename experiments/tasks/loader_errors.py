@@ -218,6 +218,30 @@ def read_parquet_rows(path: Path) -> Iterator[tuple[RowLocation, Row]]:
         yield RowLocation(Path(path), row_number, unit="row"), record
 
 
+def _first_character(path: Path) -> str:
+    """The first character of the file that is not a blank or a byte-order mark ("" for none)."""
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(4096), b""):
+            text = chunk.lstrip(b" \t\r\n").removeprefix(BOM.encode()).lstrip(b" \t\r\n")
+            if text:
+                return chr(text[0])
+    return ""
+
+
+def read_rows(path: Path) -> Iterator[tuple[RowLocation, Row]]:
+    """The records of a data file in the formats the benchmarks are published in: parquet (by the
+    .parquet suffix; the hubs' GSM8K), one JSON array (a file starting with "["), else JSON Lines.
+    A .csv file is a DataFormatError naming the formats read (it was read as JSON Lines: "bad
+    JSON", and a parquet file "not valid UTF-8 ... save the file as UTF-8")."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
+        return read_parquet_rows(path)
+    if suffix in (".csv", ".tsv"):
+        raise DataFormatError(path, 1, f"a {suffix[1:].upper()} file: the benchmark loaders read JSON Lines, a JSON "
+                                       "array or parquet (.parquet); convert it to one of those")
+    return read_json_array(path) if _first_character(path) == "[" else read_jsonl(path)
+
+
 def read_hub_rows(dataset: str, config: str | None, split: str) -> Iterator[tuple[RowLocation, Row]]:
     """(where, record) for each row of a datasets-hub split, rows numbered from 1. Needs the
     `datasets` package and a reachable hub (or its local cache); only used when a loader is asked

@@ -22,7 +22,7 @@ import os
 from typing import Any
 
 from experiments.tasks.benchmark_split import BenchmarkConfig, check_count, check_split, select_problems
-from experiments.tasks.loader_errors import RowLocation, read_hub_rows, read_jsonl, resolve_data_file
+from experiments.tasks.loader_errors import RowLocation, read_hub_rows, read_rows, resolve_data_file
 from experiments.tasks.math_task import extract_answer, grade, prompt_text  # noqa: F401  (the task interface)
 from treesearch.records import Problem
 
@@ -50,9 +50,10 @@ def _problem(where: RowLocation, record: dict[str, Any]) -> Problem:
 
 
 def load_math500(path: str | os.PathLike[str] | None = None, hub: bool = False) -> list[Problem]:
-    """The 500 problems in file order. `path` (a jsonl file) wins over the shared data folder;
-    hub=True reads HuggingFaceH4/MATH-500 through `datasets` instead (optional, needs the hub)."""
-    rows = read_hub_rows(*HUB_DATASET, split="test") if hub else read_jsonl(
+    """The 500 problems in file order. `path` (a jsonl, JSON array or parquet file: `read_rows`)
+    wins over the shared data folder; hub=True reads HuggingFaceH4/MATH-500 through `datasets`
+    instead (optional, needs the hub)."""
+    rows = read_hub_rows(*HUB_DATASET, split="test") if hub else read_rows(
         resolve_data_file(path, "math500/test.jsonl")
     )
     return [_problem(where, record) for where, record in rows]
