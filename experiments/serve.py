@@ -18,8 +18,10 @@ only); binding another address without a key prints a warning. Request and respo
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
+import socket
 import sys
 from typing import TYPE_CHECKING, Sequence
 
@@ -157,6 +159,23 @@ def build_scorer(args: argparse.Namespace) -> "FastAPI":
     return build_scorer_app(scorer, config, args.model, _api_key(args))
 
 
+def address_problem(host: str, port: int) -> str | None:
+    """Why the service could not listen on host:port (an unknown host, a port in use), or None;
+    checked before the model loads (minutes for a large one), not after, as uvicorn would."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        return f"cannot serve on --host {host}: no such address ({err})"
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            hint = "; another server is listening there: choose another --port" if err.errno == errno.EADDRINUSE else ""
+            return f"cannot serve on {host}:{port}: {err.strerror or err}{hint}"
+    return None
+
+
 def _api_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get(API_KEY_ENV) or None
 
@@ -176,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    problem = address_problem(args.host, args.port)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return USAGE_EXIT
     if args.host not in LOOPBACK and not _api_key(args):
         print(f"warning: serving on {args.host} without an API key (--api-key or ${API_KEY_ENV})", file=sys.stderr)
     try:  # only loading is checked here: an error of the running server keeps its traceback
@@ -187,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     # uvicorn says it is up at log level info only: at the default warning nothing told the model had loaded
-    # (a port already taken is uvicorn's error line next)
+    # (a port taken since `address_problem` looked is uvicorn's error line next)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"model loaded; starting the {args.service} service of {args.model} on http://{host}:{args.port} "
           "(Ctrl-C stops)", file=sys.stderr, flush=True)

@@ -623,7 +623,8 @@ def test_an_api_key_that_is_not_printable_ascii_is_refused_before_the_model_load
     assert serve.main(["policy", "--model", str(tmp_path / "nowhere")]) == 2
     assert "must be printable ASCII" in capsys.readouterr().err
     monkeypatch.delenv(serve.API_KEY_ENV)
-    assert serve.main(["policy", "--model", str(tmp_path / "nowhere"), "--api-key", "s3cret-KEY_1"]) == 2
+    assert serve.main(["policy", "--model", str(tmp_path / "nowhere"), "--api-key", "s3cret-KEY_1",
+                       "--port", str(free_port())]) == 2
     assert capsys.readouterr().err.strip() == f"error: checkpoint folder {tmp_path / 'nowhere'} does not exist"
 
 
@@ -681,7 +682,8 @@ def test_device_is_refused_for_the_vllm_backend(tmp_path, capsys):
     with pytest.raises(ValueError, match="--device is for --backend transformers"):
         serve.build_policy(args)
     # the command line: one `error:` line and exit 2, as any bad input (a bare message and exit 1 before)
-    assert serve.main(["policy", "--model", str(tmp_path), "--backend", "vllm", "--device", "cuda"]) == 2
+    assert serve.main(["policy", "--model", str(tmp_path), "--backend", "vllm", "--device", "cuda",
+                       "--port", str(free_port())]) == 2
     assert capsys.readouterr().err == "error: --device is for --backend transformers: vLLM uses the GPU it finds\n"
 
 
@@ -690,9 +692,25 @@ def test_a_missing_model_folder_is_one_error_line_and_exit_2(service, tmp_path, 
     from experiments import serve
 
     missing = tmp_path / "nowhere"
-    assert serve.main([service, "--model", str(missing)]) == 2  # before any server starts
+    assert serve.main([service, "--model", str(missing), "--port", str(free_port())]) == 2  # before any server starts
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: checkpoint folder {missing} does not exist"]
+
+
+@pytest.mark.parametrize("service", ["policy", "scorer"])
+def test_a_port_in_use_is_named_before_the_model_loads(service, tmp_path, capsys):
+    # the model loaded first (minutes for a large one), then uvicorn's "[Errno 98] ... address already in use"
+    from experiments import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert serve.main([service, "--model", str(tmp_path / "nowhere"), "--port", str(port)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: cannot serve on 127.0.0.1:{port}: Address already in use; another server is listening there: "
+        "choose another --port"]
+    assert serve.address_problem("127.0.0.1", port) is None  # free again once closed
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is visible here")
