@@ -26,6 +26,7 @@ Tests: `.venv/bin/pytest tests/test_tree_plot.py tests/test_plot_cli.py`.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -183,12 +184,18 @@ def run_tree(args: argparse.Namespace) -> int:
 
 
 MAX_WATCH_S = 86400.0  # --watch: a longer period is a typo (inf failed in the page's JSON, 1e308 in sleep)
+MIN_WATCH_S = 0.1  # a shorter one reloaded the page without pause and polled the file in a busy loop
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= MAX_WATCH_S:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds > 0 and <= {MAX_WATCH_S:g}")
+def watch_seconds(text: str) -> float:
+    """argparse type of --watch: seconds in [MIN_WATCH_S, MAX_WATCH_S]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not MIN_WATCH_S <= value <= MAX_WATCH_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be a number of seconds >= {MIN_WATCH_S:g} and <= {MAX_WATCH_S:g}")
     return value
 
 
@@ -196,7 +203,7 @@ def register_tree(subparsers: Any) -> None:
     parser = subparsers.add_parser("tree", help="one result's search tree as PNG + interactive HTML")
     parser.add_argument("result", type=Path, help="result JSON (experiments.result_json.save_result)")
     parser.add_argument("--out-dir", type=Path, default=None, help="folder for the outputs (default: next to RESULT)")
-    parser.add_argument("--watch", type=_positive_float, default=None, metavar="SECONDS",
+    parser.add_argument("--watch", type=watch_seconds, default=None, metavar="SECONDS",
                         help="live mode: re-render when RESULT changes; the HTML reloads every SECONDS")
     parser.set_defaults(run=run_tree)
 

@@ -142,7 +142,8 @@ def write_atomic(path: str | os.PathLike[str], content: str | bytes) -> Path:
     and Windows when both lie on one file system, which the same folder guarantees)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = content.encode("utf-8") if isinstance(content, str) else content
+    # a lone surrogate (JSON's "\ud83d", a split emoji) is written as that escape: a traceback before
+    data = content.encode("utf-8", errors="backslashreplace") if isinstance(content, str) else content
     # Not tempfile.mkstemp: its files are mode 0600; open(..., "xb") keeps the umask's mode.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:

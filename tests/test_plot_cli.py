@@ -309,13 +309,25 @@ def test_live_page_keeps_zoom_and_scroll_across_reloads_and_fits_a_wide_tree(tmp
     assert view["reload_scroll"] == [40, 25]
 
 
-@pytest.mark.parametrize("period", ["0", "-1", "nan", "inf", "1e308"])
+@pytest.mark.parametrize("period", ["0", "-1", "nan", "inf", "1e308", "1e-9", "abc"])
 def test_watch_period_out_of_range_is_a_usage_error(tmp_path, capsys, period):
-    # inf failed in the page's JSON (allow_nan=False), 1e308 in time.sleep, each in a traceback
+    # inf failed in the page's JSON (allow_nan=False), 1e308 in time.sleep, each in a traceback; 1e-9
+    # reloaded the page without pause; "abc" named argparse's "invalid _positive_float value"
     with pytest.raises(SystemExit) as exit_info:
         main(["tree", str(tmp_path / "r.json"), "--watch", period])
     assert exit_info.value.code == 2
-    assert f"argument --watch: {period!r} must be a number of seconds > 0 and <= 86400" in capsys.readouterr().err
+    assert f"argument --watch: {period!r} must be a number of seconds >= 0.1 and <= 86400" in capsys.readouterr().err
+
+
+def test_a_step_text_with_a_lone_surrogate_is_drawn_and_written_as_its_escape(tmp_path, saved_figures):
+    # JSON's "\ud83d" (an emoji cut in two by another writer) loads, then writing the HTML was a UnicodeEncodeError
+    tree = wide_tree(4)
+    data = result_json(tree)
+    data["tree"]["nodes"][1]["step"]["text"] = "abc\ud83d"
+    path = tmp_path / "cut.json"
+    path.write_text(json.dumps(data), encoding="utf-8")  # ensure_ascii: the escape, as a JS writer leaves it
+    assert main(["tree", str(path)]) == 0
+    assert page_data((tmp_path / "cut.html").read_text(encoding="utf-8"))["nodes"][1]["text"] == "abc\ud83d"
 
 
 @pytest.mark.parametrize("command", ["aha", "scaling"])
