@@ -81,6 +81,7 @@ from experiments.cli_errors import (
     RunDirBusyError, check_no_chdir, error_text, hydra_rerun_hint, interrupt_reported, note_hydra_job, is_storage_error,
 )
 from experiments.group_options import check_group_options
+from experiments.model_folder_target import check_not_model_folder
 from experiments.out_dir_args import check_out_dir_argument, with_experiment_job_folders
 from experiments.override_keys import check_override_keys, check_plain_keys, check_refused_keys
 from experiments.live_tree import LIVE_TREE_FILE, LiveTree
@@ -580,6 +581,10 @@ def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") ->
     if foreign:
         raise ConfigMismatchError(f"{out} holds {', '.join(foreign)} of another command's run (experiments.train, "
                                   "train_sft or train_head), whose files a search there would replace; use another out_dir")
+    try:  # <run>/last: replaced whole at that run's next checkpoint, this search's rows with it
+        check_not_model_folder(out, "out_dir")
+    except ValueError as err:
+        raise ConfigMismatchError(str(err)) from None
     runs = [name for name in RESULTS_FOLDER_FILES if (out / name).exists()] + sorted(
         f"{p.name}/" for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / RECORDS).exists())[:1]
     if runs:

@@ -78,6 +78,7 @@ from experiments.checkpoint_hints import checkpoint_hint, trained_task_note  # n
 from experiments.cli_args import check_seed  # noqa: E402
 from experiments.cli_errors import check_no_chdir, hydra_rerun_hint, interrupt_reported, note_hydra_job  # noqa: E402
 from experiments.group_options import check_group_options  # noqa: E402
+from experiments.model_folder_target import check_not_model_folder  # noqa: E402
 from experiments.out_dir_args import check_out_dir_argument  # noqa: E402
 from experiments.tasks.benchmark_split import TAKE_ALL_HINT  # noqa: E402
 from experiments.tasks.chat_prompt import ChatPrompt, task_prompt_fn  # noqa: E402
@@ -505,6 +506,7 @@ def check_not_foreign(out: Path) -> None:
     if foreign:
         raise ValueError(f"{out} holds {', '.join(foreign)} of another command's run (experiments.train_sft, "
                          "experiments.search or train_head), which a training run there would overwrite; use another out_dir")
+    check_not_model_folder(out, "out_dir")  # <run>/last: replaced whole at that run's next checkpoint
 
 
 def check_fresh_out_dir(out: Path, config: dict[str, Any]) -> None:

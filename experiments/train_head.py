@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from experiments.cli_args import check_folder_target, positive_int, seed_int
+from experiments.model_folder_target import check_not_model_folder
 from experiments.cli_errors import run_command
 from experiments.aha_metrics import fc_metrics, prefixed
 from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, accuracy, problem_accuracy
@@ -362,6 +363,7 @@ def check_not_another_run(out_dir: Path) -> None:
     if found:
         raise ValueError(f"--out {out_dir} holds {', '.join(found)} of another command's run, whose metrics.jsonl "
                          "a head training there would replace; give another --out")
+    check_not_model_folder(out_dir, "--out")
 
 
 def format_summary(metrics: dict[str, Any], task: str, n: int) -> str:

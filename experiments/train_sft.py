@@ -40,6 +40,7 @@ from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 from experiments.cli_args import check_folder_target, seed_int  # noqa: E402
+from experiments.model_folder_target import check_not_model_folder  # noqa: E402
 from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT, is_storage_error  # noqa: E402
 from experiments.quick_eval import QuickEvalConfig, format_report, quick_eval, eval_problems  # noqa: E402
 from experiments.sft_tasks import SFT_TASKS, SFTTask, get_sft_task  # noqa: E402
@@ -147,6 +148,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     cfg = sft_config(with_saved_budget(args))
     try:  # a file there failed only when the trained model was saved, after the whole run
         check_folder_target(Path(args.out), "--out")
+        check_not_model_folder(Path(args.out), "--out")
     except ValueError as err:
         raise SFTError(str(err)) from None
     if args.train_problems < 1:

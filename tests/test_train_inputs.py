@@ -450,7 +450,7 @@ def test_prompt_chat_renders_a_benchmark_question_through_the_init_from_chat_tem
     from experiments.tasks import gsm8k
     from experiments.tasks.chat_prompt import ChatPrompt
 
-    chat = Path(shutil.copytree(init_dir, tmp_path / "chat"))
+    chat = Path(shutil.copytree(init_dir, tmp_path / "chat_model"))  # not a run folder below: refused
     config = json.loads((chat / "tokenizer_config.json").read_text())
     config["chat_template"] = ("{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
