@@ -16,7 +16,8 @@ particle filtering at the same N generate about the same tokens; MCTS at budget 
 tokens per problem at N (measured in the same sweep, which runs best_of_n first) and up to
 MCTS_SIMULATIONS_PER_SAMPLE x N simulations to spend it (MCTS that converges early spends
 less: its tokens are in the table). The table reports tokens per problem beside each accuracy
-and the scaling fit is against compute C = parameters x generated tokens. `out_dir/sweep.json`
+and the scaling fit is against compute C = parameters x generated tokens; they and the plot hold
+only the spec's (strategy, budget) runs, not other runs left in the folder. `out_dir/sweep.json`
 keeps the settings its runs share (checkpoint, what made it, task, problems, scorer, policy, seed,
 overrides):
 a sweep of other settings into the same folder is refused before any run (`check_sweep_folder`).
@@ -33,7 +34,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 
-from experiments.plot_scaling import plot_scaling
+from experiments.plot_scaling import plot_runs
 from experiments.result_json import write_atomic
 from experiments.run_weights import WEIGHTS_FILE, changed_folders, model_folders
 from experiments.scaling import DEFAULT_THRESHOLD, SeriesScaling, scaling_by_strategy
@@ -56,10 +57,11 @@ class SweepSpec:
     sampling seed and the task's (its problems are the demo table's first ones at that seed);
     overrides: extra Hydra overrides for every run (e.g.
     "policy.sampling.temperature=0.8"); match_tokens: MCTS gets Best-of-N's tokens at the
-    same N as its token budget (module docstring; needs best_of_n among the strategies), False:
-    N simulations and no token budget; made_from: what made the checkpoint where its path alone
-    does not say (the demo's reflective model, trained again in place when its SFT policy or stage
-    config changes), so a sweep of the old model is refused instead of reused."""
+    same N as its token budget (module docstring; with mcts among the strategies, best_of_n must
+    be too: refused otherwise), False: N simulations and no token budget; made_from: what made
+    the checkpoint where its path alone does not say (the demo's reflective model, trained again
+    in place when its SFT policy or stage config changes), so a sweep of the old model is refused
+    instead of reused."""
 
     out_dir: Path
     checkpoint: str
@@ -82,6 +84,10 @@ class SweepSpec:
         bad = [b for b in self.budgets if b < 4 or b % 4]
         if bad:  # beam search and DVTS use beam width 4
             raise ValueError(f"SweepSpec.budgets={self.budgets!r}: each must be a multiple of 4 (the beam width), got {bad}")
+        if self.match_tokens and "mcts" in self.strategies and "best_of_n" not in self.strategies:
+            # MCTS ran unmatched while sweep.json said matched, and a folder of matched MCTS runs failed at its first run
+            raise ValueError(f"SweepSpec.strategies={self.strategies!r} has mcts but not best_of_n, whose tokens MCTS is "
+                             "matched to (match_tokens=True): add best_of_n, or set match_tokens=False")
 
 
 @dataclass(frozen=True)
@@ -202,8 +208,10 @@ def drop_runs_of_other_weights(spec: SweepSpec) -> list[Path]:
 
 
 def run_strategy_sweep(spec: SweepSpec) -> StrategySweep:
-    """Run (or resume; finished runs cost nothing) every (strategy, budget) and summarise them;
-    runs of a model trained again since are searched again (`drop_runs_of_other_weights`)."""
+    """Run (or resume; finished runs cost nothing) every (strategy, budget) of the spec and
+    summarise them: the budget table, the scaling fit and the plot hold only the spec's runs
+    (`spec_runs`), not other runs left in out_dir (a larger sweep's, the user's); runs of a model
+    trained again since are searched again (`drop_runs_of_other_weights`)."""
     check_sweep_folder(spec)
     drop_runs_of_other_weights(spec)
     write_atomic(spec.out_dir / SWEEP_STAMP, json.dumps(_identity(spec), indent=1) + "\n")
@@ -214,10 +222,19 @@ def run_strategy_sweep(spec: SweepSpec) -> StrategySweep:
             for budget in spec.budgets:
                 overrides = run_overrides(spec, strategy, budget, budgets.get(budget))
                 run_search_experiment(compose("search", overrides=overrides))
-    runs = tuple(sweep_summaries(spec.out_dir))
+    runs = spec_runs(spec, sweep_summaries(spec.out_dir))
     series = tuple(scaling_by_strategy(runs, DEFAULT_THRESHOLD))
-    plot = plot_scaling(spec.out_dir, spec.out_dir.parent / f"scaling_{spec.task}.png")
+    plot = plot_runs(runs, spec.out_dir.resolve().name, spec.out_dir.parent / f"scaling_{spec.task}.png")
     return StrategySweep(runs, series, plot, spec.scorer, spec.checkpoint)
+
+
+def spec_runs(spec: SweepSpec, runs: list[RunSummary]) -> tuple[RunSummary, ...]:
+    """The runs of spec.strategies x spec.budgets among runs (out_dir's): those in the folders
+    `run_overrides` names (`<strategy>_<N>`, each made at the spec's seed: `check_sweep_folder`);
+    the folder, not the strategy column, says which run is the spec's (that column holds registry
+    names such as beam_search, and a labelled series its settings)."""
+    own = {f"{strategy}_{budget}" for strategy in spec.strategies for budget in spec.budgets}
+    return tuple(r for r in runs if r.run in own)
 
 
 def budget_markdown(sweep: StrategySweep) -> str:

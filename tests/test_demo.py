@@ -226,8 +226,10 @@ def test_demo_command_line_picks_tasks_and_temperature():
 def test_mcts_is_matched_only_to_a_best_of_n_of_the_same_sweep(tmp_path):
     from experiments.demo_sweep import SweepSpec, run_overrides, token_budgets
 
-    alone = SweepSpec(out_dir=tmp_path / "empty", checkpoint="ckpt", strategies=("mcts",))
-    assert token_budgets(alone, "mcts") == {}  # nothing to match: N simulations, no token budget
+    with pytest.raises(ValueError, match="not best_of_n"):  # nothing to match: refused when asked to match
+        SweepSpec(out_dir=tmp_path / "empty", checkpoint="ckpt", strategies=("mcts",))
+    alone = SweepSpec(out_dir=tmp_path / "empty", checkpoint="ckpt", strategies=("mcts",), match_tokens=False)
+    assert token_budgets(alone, "mcts") == {}  # N simulations, no token budget
     assert not any(o.startswith("search.token_budget") for o in run_overrides(alone, "mcts", 8))
     matched = run_overrides(alone, "mcts", 8, token_budget=230)
     assert "search.token_budget=230" in matched and "search.iterations=128" in matched

@@ -8,7 +8,8 @@ weighted vote, conf_within_auc is the confidence scorer's and the on-candidate A
 stage's held-out ones; only the first swept task gives the top-level scaling slopes; the report's
 scorer phrase; `--seed` reaches the Best-of-N samples; the example tree uses beam width 4 at
 n = 4; a reflective task's tokens/s time only its own pass; the sweep refuses problems=0, runs
-best_of_n first (MCTS gets its tokens), rounds MCTS's token budget up, ignores empty records
+best_of_n first (MCTS gets its tokens), refuses token matching without best_of_n, tables and
+fits only its own (strategy, budget) runs, rounds MCTS's token budget up, ignores empty records
 files, refuses an old stamp lacking a key that is not a later addition and lists its budget rows
 in ascending order.
 
@@ -190,17 +191,51 @@ def test_a_sweep_of_zero_problems_is_refused(tmp_path):
 
 def test_the_sweep_runs_best_of_n_first_so_mcts_gets_its_token_budget(tmp_path, monkeypatch):
     ran: list[list[str]] = []
-    bon = types.SimpleNamespace(strategy="best_of_n", budget=4, tokens_per_problem=30.0)
+    bon = types.SimpleNamespace(run="best_of_n_4", strategy="best_of_n", budget=4, tokens_per_problem=30.0)
     monkeypatch.setattr(dsw, "initialize_config_dir", lambda *a, **k: contextlib.nullcontext())
     monkeypatch.setattr(dsw, "compose", lambda name, overrides: overrides)
     monkeypatch.setattr(dsw, "run_search_experiment", ran.append)
     monkeypatch.setattr(dsw, "sweep_summaries", lambda folder: [bon] if ran else [])
     monkeypatch.setattr(dsw, "scaling_by_strategy", lambda runs, threshold: [])
-    monkeypatch.setattr(dsw, "plot_scaling", lambda folder, png: png)
+    monkeypatch.setattr(dsw, "plot_runs", lambda runs, name, png: png)
     dsw.run_strategy_sweep(SweepSpec(out_dir=tmp_path / "sweep", checkpoint="ck", strategies=("mcts", "best_of_n"),
                                      budgets=(4,)))
     assert [next(o for o in run if o.startswith("search=")) for run in ran] == ["search=best_of_n", "search=mcts"]
     assert "search.token_budget=30" in ran[1]
+
+
+@pytest.mark.parametrize("strategies", [("mcts", "beam"), ("mcts",)])
+def test_a_token_matched_sweep_with_mcts_but_not_best_of_n_is_refused(tmp_path, strategies):
+    """Without best_of_n MCTS ran unmatched while sweep.json said match_tokens: true, and a rerun
+    of ("mcts",) on a folder of matched MCTS runs stopped with a raw ConfigMismatchError."""
+    with pytest.raises(ValueError, match=r"has mcts but not best_of_n.*add best_of_n, or set match_tokens=False"):
+        SweepSpec(out_dir=tmp_path, checkpoint="c", strategies=strategies, budgets=(4,))
+    SweepSpec(out_dir=tmp_path, checkpoint="c", strategies=strategies, budgets=(4,), match_tokens=False)
+    SweepSpec(out_dir=tmp_path, checkpoint="c", strategies=("beam",), budgets=(4,))  # no MCTS: nothing to match
+
+
+def test_the_sweeps_table_and_fit_hold_only_its_own_strategies_and_budgets(tmp_path, monkeypatch):
+    """A rerun of a six-strategy folder with strategies=(best_of_n, mcts), budgets=(4,) reported
+    every (strategy, N) left in the folder and fitted every strategy."""
+    def run(folder, strategy, budget):
+        return types.SimpleNamespace(run=folder, strategy=strategy, budget=budget, tokens_per_problem=30.0,
+                                     accuracy=Estimate(0.5, 0.4, 0.6))
+
+    found = [run("beam_4", "beam_search", 4), run("beam_8", "beam_search", 8), run("best_of_n_4", "best_of_n", 4),
+             run("best_of_n_8", "best_of_n", 8), run("mcts_4", "mcts", 4), run("mcts_8", "mcts", 8),
+             run("my_run", "best_of_n", 4), run("mine/best_of_n_4", "best_of_n", 4)]
+    fitted: list[list] = []
+    monkeypatch.setattr(dsw, "initialize_config_dir", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(dsw, "compose", lambda name, overrides: overrides)
+    monkeypatch.setattr(dsw, "run_search_experiment", lambda cfg: None)
+    monkeypatch.setattr(dsw, "sweep_summaries", lambda folder: found)
+    monkeypatch.setattr(dsw, "scaling_by_strategy", lambda runs, threshold: fitted.append(list(runs)) or [])
+    plotted: list[list] = []
+    monkeypatch.setattr(dsw, "plot_runs", lambda runs, name, png: plotted.append(list(runs)) or png)
+    sweep = dsw.run_strategy_sweep(SweepSpec(out_dir=tmp_path / "sweep", checkpoint="ck",
+                                             strategies=("best_of_n", "mcts"), budgets=(4,)))
+    assert [(r["strategy"], r["budget"]) for r in sweep.budget_table] == [("best_of_n", 4), ("mcts", 4)]
+    assert [r.run for r in fitted[0]] == [r.run for r in plotted[0]] == ["best_of_n_4", "mcts_4"]
 
 
 def test_mcts_token_budget_rounds_best_of_ns_tokens_up(tmp_path, monkeypatch):
