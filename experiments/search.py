@@ -37,8 +37,8 @@ Errors: bad input (a ValueError or FileNotFoundError: a bad value, a missing fil
 problems, a folder of another config; or a folder in use) prints one line `error: <message>` on
 stderr and exits 2. The config's values and the task's problems are checked before the policy
 loads or the run folder is written (a folder Hydra made for a refused run, holding only its own
-files, is removed again). In a sweep (-m) a bad job's message is printed without a traceback
-after the other jobs ran (exit 1, Hydra's). HYDRA_FULL_ERROR=1 shows the full traceback instead;
+files, is removed again). In a sweep (-m) each bad job's message is printed without a traceback
+as `error: job #<k> (<its overrides>): <message>`, the other jobs run, and the sweep exits 1 (Hydra's). HYDRA_FULL_ERROR=1 shows the full traceback instead;
 any other exception is a bug and keeps its traceback.
 
 `run_search_experiment(cfg)` is the plain function (tests call it with `hydra.compose`); `main`
@@ -938,8 +938,9 @@ def discard_hydra_only_dir(run_dir: Path, job_name: str) -> None:
 def user_errors_reported(kept: str = "the rows already in records.jsonl are kept") -> Iterator[None]:
     """Bad input (USER_ERRORS) and an out_dir that cannot be written (`is_storage_error`: a full
     disk, a read-only file system; `kept`: what the message says is kept) as one line:
-    `error: <message>` on stderr and exit 2 for a single run; in a sweep, an error Hydra prints
-    without a traceback (the other jobs still run). Either way the folder Hydra made for the job
+    `error: <message>` on stderr and exit 2 for a single run; in a sweep, `error: job #<k>
+    (<overrides>): <message>` and an error Hydra prints without a traceback (the other jobs still run; Hydra names
+    only the first failed job at the end). Either way the folder Hydra made for the job
     goes when it holds only Hydra's files, and Hydra's log of the job when it is its own and
     empty (`is_own_empty_log`: a refused search left a search.log in a training run's folder). Other
     exceptions, and all of them under HYDRA_FULL_ERROR=1, pass through with their traceback."""
@@ -956,8 +957,11 @@ def user_errors_reported(kept: str = "the rows already in records.jsonl are kept
         if full_error_wanted():
             raise
         message = error_text(err) if isinstance(err, USER_ERRORS) else storage_message(err, hydra_cfg.runtime.output_dir, kept)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise SweepJobInputError(f"error: {message}") from err
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # Hydra names only the first failed job at the end: each says so here
+            job = f"job #{hydra_cfg.job.num} ({','.join(hydra_cfg.overrides.task)})"
+            print(f"error: {job}: {message}", file=sys.stderr, flush=True)
+            raise SweepJobInputError("error: a job of the sweep was refused (the error line of each refused job is "
+                                     "above, where it ran); the other jobs ran") from err
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(USAGE_EXIT) from None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -385,11 +386,14 @@ def test_out_dir_is_the_one_folder_of_a_run_and_a_rerun_resumes(ckpt, tmp_path):
     assert (out / "records.jsonl").read_text() == rows
 
 
-def test_a_sweep_reports_a_bad_job_in_one_line_and_runs_the_others(ckpt, tmp_path):
+def test_a_sweep_reports_each_bad_job_in_one_line_and_runs_the_others(ckpt, tmp_path):
+    # Hydra named only the first failed job: a second one's folder went without a word
     sweep = tmp_path / "sweep"
-    done = run_cli(["-m", f"policy.path={ckpt}", f"hydra.sweep.dir={sweep}", "seed=abc,0"] + TINY, cwd=tmp_path)
-    assert done.returncode == 1 and "error: seed='abc' must be an integer" in done.stderr
-    assert "Traceback" not in done.stderr
+    done = run_cli(["-m", f"policy.path={ckpt}", f"hydra.sweep.dir={sweep}", "seed=abc,0,xyz"] + TINY, cwd=tmp_path)
+    assert done.returncode == 1
+    assert re.search(r"error: job #0 \(policy.path=[^ ]*,seed=abc,[^ ]*\): seed='abc' must be an integer", done.stderr)
+    assert re.search(r"error: job #2 \(policy.path=[^ ]*,seed=xyz,[^ ]*\): seed='xyz' must be an integer", done.stderr)
+    assert "error: a job of the sweep was refused" in done.stderr and "Traceback" not in done.stderr
     (job,) = [p for p in sweep.iterdir() if p.is_dir()]  # the refused job's folder is gone
     assert "seed=0" in job.name and (job / "metrics.json").is_file()
 
