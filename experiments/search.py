@@ -601,13 +601,23 @@ def claim_run_dir(out: Path, config: dict[str, Any], budget_field: str = "n") ->
         diffs = config_differences(saved, current, ignored)  # type: ignore[arg-type]
         if diffs:
             overrides = [plus_default(o) for o in resume_overrides(saved, current, ignored)]
-            resume = f", or add `{' '.join(overrides)}` to go on with it as it ran" if overrides else ""
             raise ConfigMismatchError(
                 f"{out} holds records of a different config ({'; '.join(diffs)}); refusing to mix them: "
-                f"use another out_dir (or delete that folder){resume}"
-            )
+                + mismatch_advice(out, overrides))
         return
     write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(without_api_keys(config))))
+
+
+def mismatch_advice(out: Path, overrides: list[str]) -> str:
+    """What to do about a run folder of another config: another folder, or the overrides that go on
+    with it as it ran. In a sweep those overrides would rename every job's folder (the refused one
+    untouched, every other job searched again): there the job is rerun alone into its folder."""
+    resume = " ".join(overrides)
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return "use another out_dir (or delete that folder)" + (f", or add `{resume}` to go on with it as it ran" if resume else "")
+    alone = (f"; or go on with it as it ran by running that job alone with `out_dir={out} {resume}` (added to the sweep, "
+             "they would rename every job's folder)") if resume else ""
+    return f"use another hydra.sweep.dir (or delete that job's folder){alone}"
 
 
 def save_hydra_files(out: Path, cfg: DictConfig) -> None:

@@ -398,6 +398,22 @@ def test_a_sweep_reports_each_bad_job_in_one_line_and_runs_the_others(ckpt, tmp_
     assert "seed=0" in job.name and (job / "metrics.json").is_file()
 
 
+def test_a_sweep_job_of_another_config_is_told_to_go_on_alone_not_with_the_sweeps_overrides(ckpt, tmp_path):
+    # "add `policy.sampling.temperature=0.7` to go on": added to the sweep it renamed every job's
+    # folder, searched them all again and left the refused one as it was
+    sweep = tmp_path / "sweep"
+    args = ["-m", f"policy.path={ckpt}", f"hydra.sweep.dir={sweep}", "seed=0"] + TINY
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    (job,) = [p for p in sweep.iterdir() if p.is_dir()]
+    saved = OmegaConf.load(job / "config.yaml")
+    saved.policy.sampling.temperature = 0.7
+    OmegaConf.save(saved, job / "config.yaml")
+    done = run_cli(args, cwd=tmp_path)
+    assert done.returncode == 1 and "holds records of a different config" in done.stderr
+    assert (f"use another hydra.sweep.dir (or delete that job's folder); or go on with it as it ran by running that "
+            f"job alone with `out_dir={job} policy.sampling.temperature=0.7`") in done.stderr
+
+
 def test_a_full_disk_is_one_error_line_and_keeps_the_rows_written(ckpt, tmp_path, monkeypatch, capsys):
     # a Hydra traceback ending in "OSError: [Errno 28] No space left on device" before
     import errno
