@@ -113,6 +113,11 @@ def interrupt_reported(how_to_go_on: str | Callable[[], str]) -> Iterator[None]:
 _SWEEP_DIR: list[str] = []  # the folder of the sweep whose job runs in this process (`note_hydra_job`)
 
 
+def note_sweep_dir(folder: str) -> None:
+    """Remember `folder` as the sweep's whose jobs this process runs or launches (`hydra_rerun_hint`)."""
+    _SWEEP_DIR[:] = [folder]
+
+
 def note_hydra_job(out_dir: object = None) -> None:
     """Called first in a Hydra task function: remember the sweep's folder when the job is one of a
     sweep that writes there (Hydra's config is gone by the time a Ctrl-C reaches the command's top
@@ -123,7 +128,7 @@ def note_hydra_job(out_dir: object = None) -> None:
     if out_dir:
         _SWEEP_DIR.clear()
     elif HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        _SWEEP_DIR[:] = [str(HydraConfig.get().sweep.dir)]
+        note_sweep_dir(str(HydraConfig.get().sweep.dir))
 
 
 def check_no_chdir() -> None:

@@ -812,3 +812,25 @@ def test_a_refused_jobs_log_goes_only_when_it_is_its_own_and_empty(tmp_path):
     assert not is_own_empty_log(log, ConnectionError("no server answers"))
     log.unlink()
     assert not is_own_empty_log(log, ValueError("refused"))
+
+
+@pytest.mark.parametrize("config_name", ["search", "train"])
+def test_the_sweep_folder_is_noted_where_the_jobs_are_launched(config_name, monkeypatch):
+    # under hydra/launcher=local the Ctrl-C hint is printed by the launching process, which knew no
+    # folder: "rerun the same command" started an ad-hoc sweep over in a new timestamped folder
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from experiments import cli_errors
+    from experiments.search import CONFIG_DIR
+
+    monkeypatch.setattr(cli_errors, "_SWEEP_DIR", [])
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=["hydra.sweep.dir=outputs/sweeps/mine"], return_hydra_config=True)
+        with_out_dir = compose(config_name, overrides=["out_dir=runs/one"], return_hydra_config=True)
+    note = instantiate(cfg.hydra.callbacks.sweep_folder)
+    note.on_multirun_start(with_out_dir)  # one job into its own folder: nothing to name
+    assert cli_errors.hydra_rerun_hint("kept") == "kept; rerun the same command to go on"
+    note.on_multirun_start(cfg)
+    assert cli_errors.hydra_rerun_hint("kept") == (
+        "kept; rerun the same command with hydra.sweep.dir=outputs/sweeps/mine (its folder) to go on")
