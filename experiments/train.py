@@ -56,6 +56,7 @@ import hashlib  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -270,10 +271,10 @@ def settings(cfg: DictConfig) -> Settings:
     """Build and cross-check the component configs; errors name the bad value."""
     check_plain_keys(cfg, PLAIN_NODE_KEYS, "experiments.train")
     s = Settings(
-        init_from=str(cfg.init_from), run=build_frozen(cfg.run), data=build_frozen(cfg.data),
-        loss=build_frozen(cfg.train_loss), sampling=build_frozen(cfg.sampling),
-        actor_optim=build_frozen(cfg.actor_optim), head_optim=build_frozen(cfg.head_optim),
-        task_module=str(cfg.task.module), task_config=build_frozen(cfg.task.config), prompt=str(cfg.get("prompt", "plain")),
+        init_from=str(cfg.init_from), run=built_node(cfg, "run"), data=built_node(cfg, "data"),
+        loss=built_node(cfg, "train_loss"), sampling=built_node(cfg, "sampling"),
+        actor_optim=built_node(cfg, "actor_optim"), head_optim=built_node(cfg, "head_optim"),
+        task_module=str(cfg.task.module), task_config=built_node(cfg, "task.config"), prompt=str(cfg.get("prompt", "plain")),
     )
     check_prompt(s.prompt, s.task_module)
     if cfg.get("num_threads") is not None:  # 0 was skipped in silence, -1 a torch traceback
@@ -302,6 +303,24 @@ def settings(cfg: DictConfig) -> Settings:
             f"log-probs), got {s.sampling.temperature}; use run.old_logprobs=recompute"
         )
     return s
+
+
+# "OptimizerConfig." of "OptimizerConfig.lr=0 must be ...", or the start of "max_total_tokens=0 must be ..."
+_CLASS_PREFIX = re.compile(r"^(?:[A-Z]\w*\.)?(?=\w+=)")
+
+
+def built_node(cfg: DictConfig, key: str) -> Any:
+    """`build_frozen` of the config node at `key`; a bad value's error names the key as typed
+    (`head_optim.lr=0 must be ...`, not `OptimizerConfig.lr=0`, which actor_optim shares;
+    `sampling.max_total_tokens=0`, not `max_total_tokens=0`; another message: `sampling: ...`)."""
+    try:
+        return build_frozen(OmegaConf.select(cfg, key))
+    except ValueError as err:
+        message = str(err)
+        if message.startswith(f"{key}."):  # named already ("run.bogus is not a setting of RunConfig")
+            raise
+        named = _CLASS_PREFIX.sub(f"{key}.", message, count=1)
+        raise ValueError(named if named != message else f"{key}: {message}") from err
 
 
 def check_prompt(prompt: str, task_module: str) -> None:

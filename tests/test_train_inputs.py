@@ -319,7 +319,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
         ("+run.bogus=1", "error: run.bogus is not a setting of RunConfig; it takes: checkpoint_every, "),
         ("run.rollouts_per_prompt=1", "error: run.rollouts_per_prompt=1: a GRPO group of one rollout"),
         ("num_threads=0", "error: num_threads=0 must be an integer >= 1, or null"),  # 0 was skipped in silence
-        ("run.max_steps=abc", "error: RunConfig.max_steps='abc' must be an integer >= 1"),  # a TypeError traceback
+        ("run.max_steps=abc", "error: run.max_steps='abc' must be an integer >= 1"),  # a TypeError traceback
         ("+num_thread=2", "error: num_thread is not a setting at the top level of experiments.train; it takes: "),
         ("hydra.job.chdir=true", "error: hydra.job.chdir=true is not supported: out_dir, policy.path and "),
     ]:

@@ -124,18 +124,19 @@ def test_train_config_composes_with_every_loss_option():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("run.prompts_per_step=0", "RunConfig.prompts_per_step=0"),
-    ("run.old_logprobs=stale", "RunConfig.old_logprobs='stale'"),
+    ("run.prompts_per_step=0", "run.prompts_per_step=0"),
+    ("run.old_logprobs=stale", "run.old_logprobs='stale'"),
     ("train_loss.temperature=0.5", "differs from sampling.temperature"),
     # rollouts drawn with a penalty, log-probs (the rollout's and the trainer's) without: off-policy
     ("+sampling.repetition_penalty=1.05", "sampling.repetition_penalty=1.05: GRPO's log-probs are the policy's own"),
     ("sampling.temperature=0.7", "run.old_logprobs=rollout needs"),
-    ("head_optim.lr=0", "OptimizerConfig.lr=0"),
-    ("actor_optim.lr=inf", "OptimizerConfig.lr=inf must be a finite number > 0"),  # trained to NaN before
-    ("head_optim.weight_decay=inf", "OptimizerConfig.weight_decay=inf must be a finite number >= 0"),
-    ("data.heldout_problems=0", "DataConfig.heldout_problems=0"),
+    ("head_optim.lr=0", "head_optim.lr=0"),  # OptimizerConfig.lr=0: actor_optim's or head_optim's?
+    ("actor_optim.lr=inf", "actor_optim.lr=inf must be a finite number > 0"),  # trained to NaN before
+    ("head_optim.weight_decay=inf", "head_optim.weight_decay=inf must be a finite number >= 0"),
+    ("data.heldout_problems=0", "data.heldout_problems=0"),
     ("tensorboard=maybe", "tensorboard='maybe' must be true or false"),  # ran, saved, read as bool("maybe")
     ("progress=2", "progress=2 must be true or false"),
+    ("sampling.max_total_tokens=0", "sampling.max_total_tokens=0 must be an integer >= 1"),  # no node named before
 ])
 def test_bad_values_are_named(override, message):
     extra = ["run.old_logprobs=rollout"] if override.startswith("sampling.") else []
