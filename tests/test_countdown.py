@@ -504,3 +504,42 @@ def test_the_statistics_command_names_a_bad_count_in_one_line(args, message, mon
     with pytest.raises(SystemExit) as stop:
         module._main()
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def _counting_draws(monkeypatch, limit: int) -> list[int]:
+    """Counts countdown's draws (an AssertionError past `limit`: the old budget of 100 per problem)."""
+    calls, draw = [0], countdown._draw
+
+    def counted(rng, cfg):
+        calls[0] += 1
+        assert calls[0] <= limit, f"{calls[0]} draws"
+        return draw(rng, cfg)
+
+    monkeypatch.setattr(countdown, "_draw", counted)
+    return calls
+
+
+TINY = CountdownConfig(min_numbers=2, max_numbers=2, max_number=3, min_target=1, max_target=3, max_value=9)  # 18 pairs
+
+
+def test_a_count_beyond_every_pair_fails_at_once_naming_the_split_size(monkeypatch):
+    # data.train_problems=100000000 drew 100 times that many before the error
+    calls = _counting_draws(monkeypatch, limit=0)
+    with pytest.raises(ValueError, match=r"count=1000000000: the train split of .* holds only 6 distinct solvable "
+                                         r"problems; ask for at most 6, or widen the number or target range"):
+        generate_problems("train", 10**9, seed=0, cfg=TINY)
+    assert calls[0] == 0
+
+
+def test_the_draws_stop_when_they_find_no_new_problem(monkeypatch):
+    calls = _counting_draws(monkeypatch, limit=countdown.STALL_DRAWS + 300)
+    assert len(generate_problems("train", 6, seed=0, cfg=TINY)) == 6  # the whole split
+    calls[0] = 0
+    with pytest.raises(ValueError, match=r"count=15: the train split of .* holds only 6 distinct solvable problems"):
+        generate_problems("train", 15, seed=0, cfg=TINY)  # <= 18 pairs: counted after the draws stall
+    calls[0] = 0
+    monkeypatch.setattr(countdown, "MAX_ENUMERATED", 0)  # a space too large to count: the stall ends it
+    with pytest.raises(ValueError, match=r"count=15: the train split of .* seems to hold only about 6 distinct "
+                                         r"solvable problems \(6 found in \d+ draws, the last 2000 finding no new one\)"):
+        generate_problems("train", 15, seed=0, cfg=TINY)
+    assert calls[0] <= countdown.STALL_DRAWS + 200  # the draws to the last new problem, then the stall

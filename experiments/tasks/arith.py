@@ -225,23 +225,37 @@ def _question(start: int, ops: tuple[tuple[str, int], ...], rng: random.Random) 
     return " ".join(sentences)
 
 
+# A run of this many draws in a row that finds no new problem of the split ends the drawing: the
+# split is (nearly) exhausted. The default config's train split never went 200 draws without a new
+# problem in its first 3M draws (300k problems; SFT asks for 100k), and an exhausted split stops
+# here in milliseconds where the budget of 100 draws per problem ran for hours.
+STALL_DRAWS = 1000
+# Steps the exact count of a config's problems (`_space_size`) may take before it gives up.
+SIZE_WORK_LIMIT = 2_000_000
+_ENLARGE = "raise max_number, max_value, max_factor or max_ops, add operations, or set distinct_numbers=false"
+
+
 def generate_problems(split: Split, count: int, seed: int, cfg: ArithConfig = ArithConfig()) -> list[Problem]:
     """`count` distinct problems of one split, the same for the same (split, count, seed, cfg).
 
     A problem belongs to the test split iff stable_hash(split_key) % 5 == 0, so the splits are
     disjoint by construction whatever the seeds, even up to the order of the operations. A
-    prefix of a longer list with the same seed equals the shorter list.
+    prefix of a longer list with the same seed equals the shorter list. A count larger than the
+    split holds is a ValueError naming the split's size, at once (`_check_split_holds`); so is a
+    count whose last problems the draws stop finding (STALL_DRAWS).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r}; valid: 'train', 'test'")
     check_generated_count("arith", count)
+    _check_split_holds(split, count, cfg)
     rng = random.Random(seed)
     problems: list[Problem] = []
     seen: set[str] = set()
     max_draws = 100 * count + 1000
-    for _ in range(max_draws):
-        if len(problems) == count:
-            break
+    draws = stall = 0
+    while draws < max_draws and len(problems) < count and stall < STALL_DRAWS:
+        draws += 1
+        stall += 1
         drawn = _draw_operations(rng, cfg)
         if drawn is None:
             continue
@@ -252,12 +266,59 @@ def generate_problems(split: Split, count: int, seed: int, cfg: ArithConfig = Ar
             continue
         seen.add(key)
         problems.append(_make_problem(key, question, start, ops, cfg, split))
+        stall = 0
     if len(problems) < count:
+        held = _space_size(cfg, split)
+        holds = (f"holds {held} problems, but its rarest are drawn too seldom" if held is not None
+                 else f"seems to hold only about {len(problems)} problems")
         raise ValueError(
-            f"count={count}: only {len(problems)} distinct {split} problems found in {max_draws} "
-            f"draws with {cfg}; raise the difficulty or ask for fewer"
+            f"count={count}: the {split} split of {cfg} {holds}: {len(problems)} found in {draws} draws, "
+            f"the last {stall} finding no new one; ask for about {len(problems)} or fewer, or {_ENLARGE}"
         )
     return problems
+
+
+def _check_split_holds(split: Split, count: int, cfg: ArithConfig) -> None:
+    """ValueError naming the split's size when it holds fewer than `count` problems. Counting the
+    whole space (no hashing) up to a size at which the split surely holds `count` is cheap (0.1 s
+    for 100k train problems of the default); the split itself is counted only when the whole
+    space is smaller than that. Nothing is raised when counting takes too long (the draws decide)."""
+    share = 1 if split == "test" else TEST_MODULUS - 1  # of TEST_MODULUS problems
+    enough = -(-3 * count * TEST_MODULUS // (2 * share)) + 100  # 1.5x what the split's share needs
+    total = _space_size(cfg, None, stop=enough)
+    if total is None or total >= enough:
+        return
+    held = _space_size(cfg, split)
+    if held is not None and held < count:
+        raise ValueError(
+            f"count={count}: the {split} split of {cfg} holds only {held} distinct problems (of {total} "
+            f"in both splits); "
+            f"ask for at most {held}, or {_ENLARGE}"
+        )
+
+
+def _space_size(cfg: ArithConfig, split: Split | None, stop: int | None = None) -> int | None:
+    """How many distinct problems cfg can generate, in `split` (None: in both), counted by walking
+    every sequence of feasible operations `_draw_operations` can draw; `stop` once that many are
+    found; None when the walk takes more than SIZE_WORK_LIMIT steps."""
+    found = steps = 0
+    stack: list[tuple[int, int, tuple[tuple[str, int], ...], frozenset[int]]] = [
+        (start, start, (), frozenset((start,))) for start in range(1, cfg.max_number + 1)
+    ]
+    while stack:
+        start, value, ops, used = stack.pop()
+        steps += 1
+        if steps > SIZE_WORK_LIMIT:
+            return None
+        if len(ops) >= cfg.min_ops and (split is None or split_of(split_key(start, ops)) == split):
+            found += 1
+            if stop is not None and found >= stop:
+                return found
+        if len(ops) < cfg.max_ops:
+            for op in cfg.operations:
+                for operand in _fresh_operands(value, op, cfg, used):
+                    stack.append((start, _apply(value, op, operand), ops + ((op, operand),), used | {operand}))
+    return found
 
 
 def _make_problem(
