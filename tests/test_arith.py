@@ -217,16 +217,17 @@ def test_division_when_enabled_is_exact():
                 assert int(a) == int(b) * int(c), step
 
 
-def _counting_draws(monkeypatch, limit: int) -> list[int]:
-    """Counts arith's draws (an AssertionError past `limit`: the old budget of 100 per problem)."""
-    calls, draw = [0], arith._draw_operations
+def counting_draws(monkeypatch, module, name: str, limit: int) -> list[int]:
+    """Counts the draws of a generator module (its drawing function `name`; an AssertionError past
+    `limit`: the old budget of 100 draws per problem); test_countdown's too."""
+    calls, draw = [0], getattr(module, name)
 
     def counted(rng, cfg):
         calls[0] += 1
         assert calls[0] <= limit, f"{calls[0]} draws"
         return draw(rng, cfg)
 
-    monkeypatch.setattr(arith, "_draw_operations", counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -236,7 +237,7 @@ def test_a_count_beyond_the_split_fails_at_once_naming_the_split_size(monkeypatc
     whole = generate_problems("train", 22, seed=0, cfg=small)  # the whole train split
     assert len({p.meta["key"] for p in whole}) == 22
     assert generate_problems("train", 10, seed=0, cfg=small) == whole[:10]
-    calls = _counting_draws(monkeypatch, limit=0)
+    calls = counting_draws(monkeypatch, arith, "_draw_operations", limit=0)
     for count in (23, 10**9):
         with pytest.raises(ValueError, match=rf"count={count}: the train split of .* holds only 22 distinct problems "
                                              r"\(of 26 in both splits\); ask for at most 22, or raise max_number"):
@@ -248,7 +249,7 @@ def test_the_draws_stop_when_they_find_no_new_problem(monkeypatch):
     # when the split's size is not counted (too large a space), a run of STALL_DRAWS draws with
     # no new problem ends the drawing instead of 100 draws per problem asked
     monkeypatch.setattr(arith, "SIZE_WORK_LIMIT", 0)
-    calls = _counting_draws(monkeypatch, limit=arith.STALL_DRAWS + 100)
+    calls = counting_draws(monkeypatch, arith, "_draw_operations", limit=arith.STALL_DRAWS + 100)
     tiny = ArithConfig(min_ops=1, max_ops=1, max_number=2, max_value=4, operations=("+",))
     with pytest.raises(ValueError, match=r"count=1000000: the train split of .* seems to hold only about 2 problems: "
                                          r"2 found in \d+ draws, the last 1000 finding no new one; ask for about 2"):

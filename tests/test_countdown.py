@@ -36,6 +36,7 @@ from experiments.tasks.countdown_steps import (
     solution_count,
 )
 from treesearch.records import Problem
+from test_arith import counting_draws
 from treesearch.steps import split_steps
 
 RULES = Rules(max_value=99)
@@ -506,25 +507,12 @@ def test_the_statistics_command_names_a_bad_count_in_one_line(args, message, mon
     assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
-def _counting_draws(monkeypatch, limit: int) -> list[int]:
-    """Counts countdown's draws (an AssertionError past `limit`: the old budget of 100 per problem)."""
-    calls, draw = [0], countdown._draw
-
-    def counted(rng, cfg):
-        calls[0] += 1
-        assert calls[0] <= limit, f"{calls[0]} draws"
-        return draw(rng, cfg)
-
-    monkeypatch.setattr(countdown, "_draw", counted)
-    return calls
-
-
 TINY = CountdownConfig(min_numbers=2, max_numbers=2, max_number=3, min_target=1, max_target=3, max_value=9)  # 18 pairs
 
 
 def test_a_count_beyond_every_pair_fails_at_once_naming_the_split_size(monkeypatch):
     # data.train_problems=100000000 drew 100 times that many before the error
-    calls = _counting_draws(monkeypatch, limit=0)
+    calls = counting_draws(monkeypatch, countdown, "_draw", limit=0)
     with pytest.raises(ValueError, match=r"count=1000000000: the train split of .* holds only 6 distinct solvable "
                                          r"problems; ask for at most 6, or widen the number or target range"):
         generate_problems("train", 10**9, seed=0, cfg=TINY)
@@ -532,7 +520,7 @@ def test_a_count_beyond_every_pair_fails_at_once_naming_the_split_size(monkeypat
 
 
 def test_the_draws_stop_when_they_find_no_new_problem(monkeypatch):
-    calls = _counting_draws(monkeypatch, limit=countdown.STALL_DRAWS + 300)
+    calls = counting_draws(monkeypatch, countdown, "_draw", limit=countdown.STALL_DRAWS + 300)
     assert len(generate_problems("train", 6, seed=0, cfg=TINY)) == 6  # the whole split
     calls[0] = 0
     with pytest.raises(ValueError, match=r"count=15: the train split of .* holds only 6 distinct solvable problems"):
