@@ -40,9 +40,12 @@ when the server runs with `--enable-prompt-tokens-details`. Fallbacks for other 
 from the "token_id:N" tokens, else the returned text tokenised locally (then a token may differ
 from what the server sampled, and the text must tokenise to as many tokens as log-probs came
 back); no cached_tokens: every prompt token counts as recomputed (tokens_forwarded is an upper
-bound, cached_share 0). finish_reason is not needed: `step_assembly` reads the ends from the
-token ids (a last token in stop_token_ids: a separator, resubmitted when it is no step boundary;
-EOS: "eos"; anything else short of the budget: "length").
+bound, cached_share 0). finish_reason is read only for "abort" and "error" (`FAILED_FINISHES`: vLLM
+answers a request its engine aborted, stopping or failing, with 200 and what it had, often
+nothing), an OpenAIServerError, so no row is built from it (those rows read as finished empty
+paths, scored 1.0 and kept on resume); the ends come from the token ids (`step_assembly`: a last
+token in stop_token_ids: a separator, resubmitted when it is no step boundary; EOS: "eos";
+anything else short of the budget: "length").
 
 Server flags that matter: `--enable-prompt-tokens-details` (cached tokens, above); `--generation-config
 vllm` (no sampling defaults from the checkpoint; the neutral fields are sent anyway); on CPU
@@ -115,6 +118,9 @@ CLIENT_FILES: tuple[str, ...] = ("config.json",)
 
 # what a 401 / 403 answer adds to its message
 KEY_HINT = " (the server wants another API key: set $OPENAI_API_KEY, or api_key= in a config file of your own)"
+
+
+FAILED_FINISHES: tuple[str, ...] = ("abort", "error")  # a choice the server gave up on (module docstring)
 
 
 class OpenAIServerError(RuntimeError):
@@ -470,6 +476,11 @@ class OpenAIPolicy:
             raise OpenAIServerError(f"{self.client.config.root}/v1/completions answered without a choice: "
                                     f"{json.dumps(response)[:200]}", 200)
         choice = choices[0]
+        if choice.get("finish_reason") in FAILED_FINISHES:
+            raise OpenAIServerError(
+                f"{self.client.config.root}/v1/completions answered finish_reason={choice['finish_reason']!r}: the server "
+                "gave the request up (its engine stopped or failed); the rows written before are kept: restart the server "
+                "and rerun the same command to go on", 200)
         try:
             logprobs = list((choice.get("logprobs") or {}).get("token_logprobs") or [])
             tokens = _token_ids(choice)

@@ -280,6 +280,19 @@ def test_a_choice_with_fields_of_other_types_is_named(scripted, checkpoint, choi
         one_step(url, checkpoint)
 
 
+@pytest.mark.parametrize("reason", ["abort", "error"])
+def test_a_choice_the_server_gave_up_on_is_an_error_not_an_empty_step(scripted, checkpoint, reason):
+    # vLLM answers the requests its dying engine aborted with 200 and no tokens: they were read as
+    # finished empty paths (finish "length", score 1.0 under confidence) and kept on resume
+    aborted = completion_body([], [])
+    aborted["choices"][0]["finish_reason"] = reason
+    url = scripted(Script([(200, aborted)]))
+    with pytest.raises(OpenAIServerError, match=rf"{url}/v1/completions answered finish_reason='{reason}': the server "
+                                                r"gave the request up .*restart the server and rerun the same command") as error:
+        one_step(url, checkpoint)
+    assert error.value.status == 200
+
+
 def test_a_server_that_breaks_off_its_answer_is_not_called_absent(scripted, checkpoint):
     # "no OpenAI-compatible server answers ... Start one" before, for a server that had answered
     url = scripted(Script([(200, EOS_STEP)], cut_at=20))
