@@ -415,6 +415,39 @@ def test_micro_batcher_drops_a_request_whose_client_left_before_its_batch_ran():
     assert ran == [["running"], ["later"]]  # the running batch finished; the three queued were never run
 
 
+def test_micro_batcher_drops_a_request_whose_client_left_while_its_batch_gathered():
+    # a lone request in a batch still gathering (max_wait_s 2 s) whose client left at 0.2 s ran at 2 s
+    from experiments.services.micro_batcher import ClientGone
+
+    ran: list[list[str]] = []
+
+    def run_batch(items: list[str]) -> list[str]:
+        ran.append(list(items))
+        return [item.upper() for item in items]
+
+    async def main() -> list[Any]:
+        batcher = MicroBatcher(run_batch, BatcherConfig(max_batch=4, max_wait_s=0.6))
+        await batcher.start()
+        left = asyncio.Event()
+
+        async def gone() -> bool:
+            return left.is_set()
+
+        try:
+            lone = asyncio.create_task(batcher.submit("left", gone=gone))
+            await asyncio.sleep(0.05)
+            left.set()  # its client leaves while the batch still gathers
+            result = await asyncio.gather(lone, return_exceptions=True)
+            await asyncio.sleep(0.8)  # past the gathering's deadline
+            return [*result, await batcher.submit("later")]
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(main())
+    assert isinstance(results[0], ClientGone) and results[1] == "LATER"
+    assert ran == [["later"]]  # the gathered batch of the one who left never ran
+
+
 def test_micro_batcher_retries_alone_only_the_requests_still_waiting():
     # a failed batch retried each item alone, also those whose client had left (4 s of backend time)
     from experiments.services.micro_batcher import ClientGone

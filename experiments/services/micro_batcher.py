@@ -132,7 +132,9 @@ class MicroBatcher(Generic[In, Out]):
         while True:
             batch = await self._next_batch()
             self._forming = []  # gathered: now the running batch
-            await self._run(batch)
+            batch = [p for p in batch if not p.future.done()]  # clients that left while it gathered: dropped too
+            if batch:
+                await self._run(batch)
 
     async def _next_batch(self) -> list[_Pending[In, Out]]:
         """Wait for a first request, then gather more until a limit or the wait runs out."""
