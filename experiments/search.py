@@ -38,8 +38,9 @@ problems, a folder of another config; or a folder in use) prints one line `error
 stderr and exits 2. The config's values and the task's problems are checked before the policy
 loads or the run folder is written (a folder Hydra made for a refused run, holding only its own
 files, is removed again). In a sweep (-m) each bad job's message is printed without a traceback
-as `error: job #<k> (<its overrides>): <message>`, the other jobs run, and the sweep exits 1 (Hydra's). HYDRA_FULL_ERROR=1 shows the full traceback instead;
-any other exception is a bug and keeps its traceback.
+as `error: job #<k> (<its overrides>): <message>`, the other jobs run, and the sweep exits 1
+(Hydra's). HYDRA_FULL_ERROR=1 shows the full traceback instead; any other exception is a bug and
+keeps its traceback.
 
 `run_search_experiment(cfg)` is the plain function (tests call it with `hydra.compose`); `main`
 is the thin `@hydra.main` around it. Tests: `.venv/bin/pytest tests/test_experiment_configs.py
@@ -949,8 +950,8 @@ def user_errors_reported(kept: str = "the rows already in records.jsonl are kept
     """Bad input (USER_ERRORS) and an out_dir that cannot be written (`is_storage_error`: a full
     disk, a read-only file system; `kept`: what the message says is kept) as one line:
     `error: <message>` on stderr and exit 2 for a single run; in a sweep, `error: job #<k>
-    (<overrides>): <message>` and an error Hydra prints without a traceback (the other jobs still run; Hydra names
-    only the first failed job at the end). Either way the folder Hydra made for the job
+    (<overrides>): <message>` and an error Hydra prints without a traceback (the other jobs still
+    run; Hydra names only the first failed job at the end). Either way the folder Hydra made for the job
     goes when it holds only Hydra's files, and Hydra's log of the job when it is its own and
     empty (`is_own_empty_log`: a refused search left a search.log in a training run's folder). Other
     exceptions, and all of them under HYDRA_FULL_ERROR=1, pass through with their traceback."""
