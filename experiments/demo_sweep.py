@@ -140,11 +140,13 @@ def hydra_path(path: Path | str) -> str:
 
 
 def token_budgets(spec: SweepSpec, strategy: str) -> dict[int, int]:
-    """{N: MCTS's token budget} (Best-of-N's tokens per problem at N, rounded up) when the
+    """{N: MCTS's token budget} (Best-of-N's tokens per problem at N, rounded up, from the spec's
+    own best_of_n runs: `spec_runs`, not another Best-of-N run left in the folder) when the
     strategy is MCTS and the sweep matches tokens; else {}."""
     if strategy != "mcts" or not spec.match_tokens or "best_of_n" not in spec.strategies:
         return {}
-    tokens = {r.budget: r.tokens_per_problem for r in sweep_summaries(spec.out_dir) if r.strategy == "best_of_n"}
+    runs = spec_runs(spec, sweep_summaries(spec.out_dir))
+    tokens = {r.budget: r.tokens_per_problem for r in runs if r.strategy == "best_of_n"}
     return {n: max(1, math.ceil(t)) for n, t in tokens.items()}
 
 

@@ -239,7 +239,9 @@ def test_the_sweeps_table_and_fit_hold_only_its_own_strategies_and_budgets(tmp_p
 
 
 def test_mcts_token_budget_rounds_best_of_ns_tokens_up(tmp_path, monkeypatch):
-    runs = [types.SimpleNamespace(strategy="best_of_n", budget=4, tokens_per_problem=10.2)]
+    # a Best-of-N run of the user's in the folder (my_run, N = 4 too) set MCTS's budget when read last
+    runs = [types.SimpleNamespace(run="best_of_n_4", strategy="best_of_n", budget=4, tokens_per_problem=10.2),
+            types.SimpleNamespace(run="my_run", strategy="best_of_n", budget=4, tokens_per_problem=99.0)]
     monkeypatch.setattr(dsw, "sweep_summaries", lambda folder: runs)
     assert dsw.token_budgets(SweepSpec(out_dir=tmp_path, checkpoint="c"), "mcts") == {4: 11}
 
