@@ -32,7 +32,7 @@ from experiments.cli_errors import run_command
 from experiments.metrics import Estimate, bootstrap
 from experiments.tasks import arith
 from policies.bf16_support import native_bf16
-from policies.sampling import NonFiniteLogitsError
+from policies.sampling import DIVERGED_HINT, NonFiniteLogitsError
 from treesearch.records import Problem
 
 
@@ -122,8 +122,7 @@ def _generate(
         if "probability tensor contains" not in str(err):  # torch: "... either `inf`, `nan` or element < 0"
             raise
         raise NonFiniteLogitsError(
-            "the policy's logits are not finite (NaN or inf) while sampling: its weights diverged or are damaged "
-            "(a training run with too high a learning rate?)") from err
+            f"the policy's logits are not finite (NaN or inf) while sampling: {DIVERGED_HINT}") from err
 
 
 def majority_answer(completions: Sequence[str], task: ModuleType = arith) -> str | None:

@@ -39,6 +39,9 @@ class SplitDraws:
 _SHIFT_BELOW = 1e-3
 
 
+DIVERGED_HINT = "its weights diverged or are damaged (a training run with too high a learning rate?)"
+
+
 class NonFiniteLogitsError(ValueError):
     """The policy's logits hold NaN or inf: nothing can be drawn from them (the draw of a NaN row
     was a token one past the vocabulary, an IndexError; greedy took an arbitrary token)."""
@@ -92,8 +95,7 @@ def sample_next_tokens(
     if not bool(torch.isfinite(chosen).all()):  # a drawn token has mass: finite unless the logits are not
         raise NonFiniteLogitsError(
             "the policy's logits are not finite (NaN or inf) for "
-            f"{int((~torch.isfinite(chosen)).sum())} of {chosen.numel()} rows: its weights diverged or are damaged "
-            "(a training run with too high a learning rate?)")
+            f"{int((~torch.isfinite(chosen)).sum())} of {chosen.numel()} rows: {DIVERGED_HINT}")
     return tokens, chosen
 
 

@@ -49,7 +49,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from policies.model_folder import check_model_folder
-from policies.sampling import NonFiniteLogitsError
+from policies.sampling import DIVERGED_HINT, NonFiniteLogitsError
 from policies.step_assembly import Completion, CompletionRequest
 from treesearch.config_checks import is_finite_number
 
@@ -396,8 +396,8 @@ def check_finite_logprobs(completions: Sequence[Completion]) -> None:
     bad = sum(not all(math.isfinite(lp) for lp in c.logprobs) for c in completions)
     if bad:
         raise NonFiniteLogitsError(
-            f"the policy's logits are not finite (NaN or inf) for {bad} of {len(completions)} vLLM requests: its "
-            "weights diverged or are damaged (a training run with too high a learning rate?)")
+            f"the policy's logits are not finite (NaN or inf) for {bad} of {len(completions)} vLLM requests: "
+            f"{DIVERGED_HINT}")
 
 
 def _completion(output: Any) -> Completion:
