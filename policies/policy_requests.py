@@ -116,11 +116,14 @@ def model_vocabulary(model: Any) -> int | None:
 
 def name_out_of_vocabulary(prefixes: Sequence[Prefix], contexts: Sequence[Sequence[int]], vocabulary: int | None) -> None:
     """ValueError naming the first problem whose context holds an id outside the model's
-    vocabulary (steps of another policy's tokenizer), else nothing. Called where the model's
-    embedding lookup failed with a bare IndexError (no cost on the way that works)."""
+    vocabulary (steps of another policy's tokenizer), else nothing. Called before the forward: on
+    CPU the embedding lookup would fail with a bare IndexError, on CUDA with a device-side assert
+    that leaves the process's CUDA context unusable (the check is two C-speed passes per context)."""
     if vocabulary is None:
         return
     for prefix, ids in zip(prefixes, contexts):
+        if not ids or (min(ids) >= 0 and max(ids) < vocabulary):
+            continue
         bad = next((t for t in ids if not 0 <= t < vocabulary), None)
         if bad is not None:
             raise ValueError(f"problem {prefix.problem.id!r}: token id {bad} of its path lies outside this model's "

@@ -177,6 +177,7 @@ class TransformersPolicy:
         self.prompt_fn = prompt_fn
         self.num_parameters: int = sum(p.numel() for p in model.parameters())
         self.device = next(model.parameters()).device
+        self.vocabulary: int | None = model_vocabulary(model)  # the ids its embeddings can read (None: not said)
         # the longest sequence (prompt + prefix + generated) the model reads; None: no limit known
         self.context_window: int | None = context_window(getattr(model, "config", None))
         eos_ids = _eos_ids(model, tokenizer)
@@ -318,12 +319,9 @@ class TransformersPolicy:
         generator = torch.Generator(device=self.device).manual_seed(int(seed) % 2**64)
         items = merge_identical(contexts, budgets)  # less padding per chunk; one context per distinct input
         counts = [sum(widths[i] for i in owners) if budgets[owners[0]] > 0 else 0 for owners in items]
-        try:
-            self._decode_chunks(prefixes, widths, contexts, prompt_lengths, budgets, items, counts, generator,
-                                stop_at_boundary, with_boundary, samples)
-        except IndexError:  # an id past the embeddings (another tokenizer's steps): named, else re-raised
-            name_out_of_vocabulary(prefixes, contexts, model_vocabulary(self.model))
-            raise
+        name_out_of_vocabulary(prefixes, contexts, self.vocabulary)  # before the forward (CUDA would assert)
+        self._decode_chunks(prefixes, widths, contexts, prompt_lengths, budgets, items, counts, generator,
+                            stop_at_boundary, with_boundary, samples)
         return close_full_paths(samples, prefixes, self.sampling, contexts, self.context_window) if stop_at_boundary else samples
 
     def _decode_chunks(

@@ -129,16 +129,12 @@ class SPRMScorer:
         ValueError naming the first path longer than the model's context window (max_position_embeddings)."""
         sequences = self._sequences(paths)
         self._check_window(paths, sequences)
+        name_out_of_vocabulary(paths, [ids for ids, _ in sequences], model_vocabulary(self.model.lm))  # before the forward
         order = sorted(range(len(paths)), key=lambda i: len(sequences[i][0]))
         readings: list[SPRMReading | None] = [None] * len(paths)
         for first in range(0, len(order), self.batch_size):
             batch = order[first : first + self.batch_size]
-            try:
-                scores = self._position_scores([sequences[i] for i in batch])
-            except IndexError:  # an id past the embeddings (another tokenizer's steps): named, else re-raised
-                name_out_of_vocabulary([paths[i] for i in batch], [sequences[i][0] for i in batch],
-                                       model_vocabulary(self.model.lm))
-                raise
+            scores = self._position_scores([sequences[i] for i in batch])
             for i, (positions, values) in zip(batch, scores):
                 readings[i] = sprm_reading(paths[i], *sequences[i], positions, values)
         return readings  # type: ignore[return-value]

@@ -293,10 +293,16 @@ def test_a_step_with_text_but_no_token_ids_is_named():
         SCORER.read([path])
 
 
-def test_steps_of_another_tokenizer_are_named_by_the_scorer():
+def test_steps_of_another_tokenizer_are_named_by_the_scorer_before_any_forward():
+    lookups = []
+    hook = SCORER.model.lm.get_input_embeddings().register_forward_pre_hook(lambda module, args: lookups.append(args))
     path = Prefix(Problem("a", "<think>1"), (Step("x", (10_000,), (-0.1,), "separator"),))
-    with pytest.raises(ValueError, match=r"problem 'a': token id 10000 of its path lies outside this model's vocabulary"):
-        SCORER.read([path])
+    try:
+        with pytest.raises(ValueError, match=r"problem 'a': token id 10000 of its path lies outside this model's vocabulary"):
+            SCORER.read([Prefix(Problem("b", "<think>1"), ()), path])  # one good path in the batch: no forward of it either
+    finally:
+        hook.remove()
+    assert lookups == []
 
 
 def test_a_path_longer_than_the_context_window_is_named():

@@ -630,12 +630,16 @@ def test_decode_texts_decodes_equal_sequences_once_and_keeps_their_order():
 
 
 def test_steps_of_another_tokenizer_are_named_not_an_index_error():
-    # a prefix whose steps hold ids past the model's embeddings failed with a bare IndexError
+    # a prefix whose steps hold ids past the model's embeddings failed with a bare IndexError; it is
+    # named before any forward (on CUDA the lookup is a device-side assert that spoils the process)
     p = policy()
+    lookups = []
+    p.model.get_input_embeddings().register_forward_pre_hook(lambda module, args: lookups.append(args))
     foreign = Step("x", (10_000,), (-0.1,), "separator")
     with pytest.raises(ValueError, match=r"problem 'a': token id 10000 of its path lies outside this model's "
                                          r"vocabulary of \d+: steps made by another policy's tokenizer\?"):
         p.propose([Prefix(Problem("a", "<think>1"), (foreign,))], n=1, seed=0)
+    assert lookups == []
 
 
 def test_nan_token_logprobs_are_named_as_the_policys_by_the_confidence_scorer():
