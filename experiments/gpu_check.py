@@ -14,7 +14,9 @@ confidence) and any --override KEY=VALUE, run by `experiments.search.run_search_
 generated per wall second. A scorer with a vLLM engine of its own (vllm_sprm, vllm_prm) shares the
 GPU with the policy's: the two engines get 0.55 and 0.3 of its memory (SHARED_GPU; both at the
 presets' 0.9, the second engine could not start); beside a PRM loaded by transformers on the same
-GPU (math_shepherd, qwen_prm, rlhflow_prm) the policy's engine takes 0.6; --override sets either.
+GPU (math_shepherd, qwen_prm, rlhflow_prm) the policy's engine takes 0.6, and so beside
+scorer=sprm_forward, which then reads the preset's own folder on the GPU in bfloat16
+(SPRM_FORWARD_ON_GPU); --override sets any of them.
 
 It skips (exit 0, one line "gpu_check: skipped: <why>") when no CUDA GPU is visible to torch,
 when vLLM does not import, or when the preset's checkpoint folder is missing (the line names the
@@ -54,6 +56,8 @@ SHARED_GPU: tuple[str, ...] = ("policy.engine.gpu_memory_utilization=0.55", "sco
 # policy engine's share that leaves it room (conf/scorer/qwen_prm.yaml: ~15 GB in bfloat16)
 GPU_PRM_SCORERS: tuple[str, ...] = ("math_shepherd", "qwen_prm", "rlhflow_prm")
 ROOM_FOR_A_PRM: tuple[str, ...] = ("policy.engine.gpu_memory_utilization=0.6",)
+# the SPRM read over a second forward of the preset's own folder: on its GPU, in bfloat16 (its yaml: cpu, float32)
+SPRM_FORWARD_ON_GPU: tuple[str, ...] = ("scorer.device=cuda", "scorer.dtype=bfloat16", *ROOM_FOR_A_PRM)
 
 
 def check_preset(preset: str) -> None:
@@ -77,6 +81,15 @@ def check_args(preset: str, problems: int, budget: int, scorer: str) -> None:
         raise ValueError(f"--scorer {scorer!r}; valid: {', '.join(scorer_options())}")
 
 
+def scorer_settings(scorer: str) -> tuple[str, ...]:
+    """The overrides that give the scorer its share of the policy's GPU (module docstring)."""
+    if scorer in ENGINE_SCORERS:
+        return SHARED_GPU
+    if scorer in GPU_PRM_SCORERS:
+        return ROOM_FOR_A_PRM
+    return SPRM_FORWARD_ON_GPU if scorer == "sprm_forward" else ()
+
+
 def compose_check(preset: str, problems: int, budget: int, scorer: str, out_dir: Path,
                   extra: Sequence[str] = ()) -> DictConfig:
     """The search config of the check (module docstring); extra: Hydra overrides after the rest."""
@@ -84,7 +97,7 @@ def compose_check(preset: str, problems: int, budget: int, scorer: str, out_dir:
     overrides = [
         f"policy={preset}", "task=gsm8k", f"task.count={problems}", "search=best_of_n", f"budget={budget}",
         f"scorer={scorer}", f"chunk={problems}", "progress=false",
-        *(SHARED_GPU if scorer in ENGINE_SCORERS else ROOM_FOR_A_PRM if scorer in GPU_PRM_SCORERS else ()), *extra,
+        *scorer_settings(scorer), *extra,
     ]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         try:

@@ -81,6 +81,7 @@ from experiments.config_keys import check_known_keys
 from experiments.cli_errors import (
     RunDirBusyError, check_no_chdir, error_text, hydra_rerun_hint, interrupt_reported, note_hydra_job, is_storage_error,
 )
+from experiments.gpu_room import VLLM_ENGINE_TARGET, check_room_for_scorer, cpu_scorer_note
 from experiments.group_options import check_group_options
 from experiments.model_folder_target import check_not_model_folder
 from experiments.out_dir_args import check_out_dir_argument, with_experiment_job_folders
@@ -318,7 +319,6 @@ def check_head_scorer(node: DictConfig) -> None:
                          "policy.engine.multiprocessing=false, which it must match)")
 
 
-VLLM_ENGINE_TARGET = "policies.vllm_engine.VLLMEngineConfig"
 # the engine settings vLLM reads from its process environment (`policies.vllm_engine.process_environment`)
 PROCESS_WIDE_ENGINE_KEYS: dict[str, str] = {"multiprocessing": "VLLM_ENABLE_V1_MULTIPROCESSING", "cache_root": "VLLM_CACHE_ROOT"}
 
@@ -338,6 +338,15 @@ def check_engines_agree(cfg: DictConfig) -> None:
             raise ValueError(
                 f"policy.engine.{key}={nodes['policy'].get(key)!r} and scorer.engine.{key}={nodes['scorer'].get(key)!r}: "
                 f"vLLM reads {variable} once per process, so both engines of a run need the same {key}; set them alike")
+
+
+def note_cpu_scorer(cfg: DictConfig) -> None:
+    """`gpu_room.cpu_scorer_note` on stderr: a vLLM policy on this machine's GPU, its scorer's model on the CPU."""
+    import torch  # loaded by the policy anyway; not at import time
+
+    note = cpu_scorer_note(cfg, torch.cuda.is_available())
+    if note is not None:
+        print(note, file=sys.stderr)
 
 
 def check_engine_shares(policy: DictConfig, scorer: DictConfig) -> None:
@@ -849,6 +858,8 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     check_light_scorer(cfg.scorer)
     check_head_scorer(cfg.scorer)
     check_engines_agree(cfg)
+    check_room_for_scorer(cfg)
+    note_cpu_scorer(cfg)
     check_prm_scorer(cfg.scorer)
     check_step_score_reader(cfg)
     set_num_threads(cfg.get("num_threads"))

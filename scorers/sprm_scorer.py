@@ -107,7 +107,7 @@ class SPRMScorer:
         it; feature_layer: None reads the folder's sprm.json (-2 without one); another layer than
         sprm.json names is a ValueError. `scorer=sprm_forward` in the search configs builds it
         from here. device: where it runs, "cpu" or "cuda[:N]"
-        (`policies.devices.resolve_device`; Hydra: `+scorer.device=cuda`); dtype: the LM's weights,
+        (`policies.devices.resolve_device`; Hydra: `scorer.device=cuda`); dtype: the LM's weights,
         "float32" or "bfloat16" / "float16" (half the memory: a 7B model in float32 takes ~28 GB;
         the head keeps the dtype it was saved in)."""
         check_batch_size(batch_size)  # before minutes of loading a large model

@@ -685,7 +685,7 @@ def test_an_external_prms_folder_and_device_are_checked_before_the_policy_loads(
     (["scorer=step_oracle", "task=gsm8k"], "needs a task that labels steps"),
     (["policy=tiny_sprm", "scorer=sprm_forward", "scorer.batch_size=0"], "batch_size=0 must be an integer >= 1"),
     (["policy=tiny_sprm", "scorer=sprm_forward", "scorer.dtype=float64"], "dtype='float64' is not one of"),
-    *([(["policy=tiny_sprm", "scorer=sprm_forward", "+scorer.device=cuda"], "device='cuda'")]
+    *([(["policy=tiny_sprm", "scorer=sprm_forward", "scorer.device=cuda"], "device='cuda'")]
       if not torch.cuda.is_available() else []),
 ])
 def test_a_scorers_own_settings_are_checked_before_the_policy_loads(sprm_ckpt, tmp_path, monkeypatch, overrides, error):

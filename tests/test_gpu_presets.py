@@ -162,6 +162,8 @@ def test_a_scorer_with_its_own_engine_shares_the_gpu_and_overrides_pass_on(tmp_p
     assert (cfg.scorer.engine.gpu_memory_utilization, cfg.policy.engine.max_model_len) == (0.2, 8192)
     assert gpu_check.compose_check("qwen25_math_1p5b", 1, 2, "confidence", tmp_path).policy.engine.gpu_memory_utilization == 0.9
     assert gpu_check.compose_check("qwen25_math_7b", 1, 2, "qwen_prm", tmp_path).policy.engine.gpu_memory_utilization == 0.6
+    beside = gpu_check.compose_check("metastone_s1_1p5b", 1, 2, "sprm_forward", tmp_path)  # its yaml: cpu, float32
+    assert (beside.scorer.device, beside.scorer.dtype, beside.policy.engine.gpu_memory_utilization) == ("cuda", "bfloat16", 0.6)
     assert gpu_check.main(["--preset", "qwen25_math_1p5b", "--override", "policy.engine.nosuch=1"]) == 2
     assert capsys.readouterr().err.startswith("error: --override policy.engine.nosuch=1: ")
 
