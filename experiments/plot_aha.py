@@ -11,7 +11,9 @@ and step 0), reward/mean and heldout/greedy_acc when present. Where the correct 
 curves split is the reference's "aha moment"; a train gap without a held-out gap is the
 self-confirmation DESIGN.md section 4 warns about. The plot marks the split with a vertical line:
 `experiments.aha_metrics.aha_step`, the first step from which the held-out gap stays above
-AHA_THRESHOLD (0.1) to the end of the run (the train-batch gap when a run has no held-out rows).
+AHA_THRESHOLD (0.1) to the end of the run (the train-batch gap when a run has no held-out rows;
+no mark when its held-out gap is never a number: every held-out rollout right, or every one
+wrong). Steps must increase through the file (two runs' rows in one file are refused).
 
 `plot_aha(metrics_jsonl, out_png)` is the function `python -m experiments.plot aha` wires to
 (`register_aha(subparsers)` adds the subcommand). Bad input prints "error: <file>: <what is
@@ -71,7 +73,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         lines = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as err:
         raise AhaInputError(f"{path}: not UTF-8 text ({err})") from None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -83,6 +85,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             raise AhaInputError(f"{path}: line {number} is not JSON ({err})") from err
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             raise AhaInputError(f"{path}: line {number} is not a metrics row with an integer 'step'")
+        if rows and row["step"] <= rows[-1]["step"]:  # two runs' rows in one file: one mixed series, a wrong aha
+            raise AhaInputError(f"{path}: line {number} is step {row['step']} after step {rows[-1]['step']}: "
+                                "a run's steps increase (two runs' rows in one file?)")
         rows.append(row)
     return rows
 
@@ -115,20 +120,28 @@ def run_name(metrics_jsonl: Path) -> str:
     return metrics_jsonl.resolve().parent.name
 
 
+HELDOUT_GAP = "heldout_fc/diff_prob"
+UNDEFINED_GAP = ("held-out gap undefined at every evaluation (no correct or no wrong held-out rollout): "
+                 "no aha marked")
+
+
 def split_step(rows: Sequence[dict[str, Any]], threshold: float = AHA_THRESHOLD) -> tuple[int | None, str]:
     """(the aha step of the run, the gap it was read from): `aha_step` of the held-out gap, or of
-    the train-batch gap when the run has no held-out rows."""
-    for key in ("heldout_fc/diff_prob", "fc/diff_prob"):
-        steps, gaps = series(rows, key)
-        if steps:
-            return aha_step(steps, gaps, threshold), key
-    return None, "heldout_fc/diff_prob"
+    the train-batch gap when the run has no held-out rows. A run with held-out rows whose gap is
+    never a number (every held-out rollout right, or every one wrong) marks none: the train gap
+    is the self-confirmation DESIGN.md section 4 warns about."""
+    if any(HELDOUT_GAP in row for row in rows):
+        return aha_step(*series(rows, HELDOUT_GAP), threshold), HELDOUT_GAP
+    return aha_step(*series(rows, "fc/diff_prob"), threshold), "fc/diff_prob"
 
 
-def mark_split(axes: Sequence[Axes], step: int | None, key: str) -> None:
+def mark_split(axes: Sequence[Axes], step: int | None, key: str, defined: bool = True) -> None:
     """A vertical line at the aha step on every axes, labelled on the last; the label runs left of
     the line in the right half of the run, so it stays inside the axes (a split at the last
-    step is common)."""
+    step is common). defined False: the gap was never a number, said in the last axes instead."""
+    if not defined:
+        axes[-1].text(0.01, 0.97, UNDEFINED_GAP, transform=axes[-1].transAxes, color="tab:purple", fontsize=8, va="top")
+        return
     if step is None:
         return
     for ax in axes:
@@ -154,8 +167,12 @@ def plot_aha(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     top.set_title(f"SPRM scores of correct vs incorrect rollouts: {run_name(metrics_jsonl)}", parse_math=False)
     draw(bottom, rows, LOWER)
     bottom.axhline(0.0, color="gray", lw=0.5)
-    mark_split((top, bottom), *split_step(rows))
+    step, key = split_step(rows)
+    mark_split((top, bottom), step, key, defined=bool(series(rows, key)[0]))
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 1.5 on a short run
+    only = {row["step"] for row in rows}
+    if len(only) == 1:  # one step (a run just started): the locator's ticks were 0.945 .. 1.05
+        bottom.set_xlim(min(only) - 1, min(only) + 1)
     bottom.set_xlabel("training step")
     bottom.set_ylabel("gap / accuracy")
     fig.tight_layout()
@@ -167,7 +184,7 @@ def run_aha(args: argparse.Namespace) -> int:
     out = args.out or metrics_file(args.metrics).with_suffix(".aha.png")
     try:
         plot_aha(args.metrics, out)
-    except (AhaInputError, PlotOutputError) as err:
+    except (AhaInputError, PlotOutputError, OSError) as err:  # OSError: an --out folder that cannot be made
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

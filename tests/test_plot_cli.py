@@ -24,6 +24,8 @@ from matplotlib.figure import Figure
 from experiments import plot as plot_module
 from experiments import plot_output
 from experiments.plot import main
+from experiments.plot_aha import main as plot_aha_main
+from experiments.plot_aha import split_step
 from experiments.tree_html import write_tree_html
 from experiments.tree_plot import draw_tree_png, short_label
 from step_tree_fakes import step_named
@@ -411,3 +413,45 @@ def test_a_dollar_in_a_run_name_is_text_not_maths(tmp_path, capsys):
     metrics_rows(run / "metrics.jsonl", [0.0, 0.2])
     assert main(["aha", str(run), "--out", str(tmp_path / "a.png")]) == 0
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_aha_of_a_run_whose_held_out_gap_is_never_a_number_marks_none(tmp_path, saved_figures):
+    # every held-out rollout wrong (a small held-out set): the gap is null at each evaluation, and
+    # the plot marked an aha from the train batch's self-confirming gap instead
+    rows = [{"step": s, "fc/diff_prob": 0.05 * s, "heldout_fc/diff_prob": None, "heldout_fc/correct_prob": None,
+             "heldout_fc/false_prob": 0.4} for s in range(5)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["aha", str(metrics)]) == 0
+    (fig,) = saved_figures
+    texts = [t.get_text() for t in fig.axes[1].texts]
+    assert not any("aha: step" in t for t in texts)
+    assert texts == ["held-out gap undefined at every evaluation (no correct or no wrong held-out rollout): no aha marked"]
+    assert split_step(rows) == (None, "heldout_fc/diff_prob")
+
+
+def test_aha_out_whose_folder_cannot_be_made_is_a_one_line_error(tmp_path, capsys):
+    # a folder name longer than the file system takes (as a read-only or forbidden folder): a traceback
+    metrics = metrics_rows(tmp_path / "metrics.jsonl", [0.0, 0.2])
+    assert plot_aha_main([str(metrics), "--out", str(tmp_path / ("x" * 300) / "aha.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "File name too long" in err and err.count("\n") == 1
+
+
+def test_aha_of_two_runs_rows_in_one_file_is_refused(tmp_path, capsys):
+    first = metrics_rows(tmp_path / "a.jsonl", [0.0, 0.0, 0.2, 0.3]).read_text()
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(first + metrics_rows(tmp_path / "b.jsonl", [0.2, 0.3]).read_text())
+    assert main(["aha", str(metrics)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {metrics}: line 5 is step 0 after step 3: a run's steps increase "
+                   "(two runs' rows in one file?)\n")
+
+
+def test_aha_of_a_run_of_one_step_has_whole_step_ticks(tmp_path, saved_figures):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "fc/correct_prob": 0.6, "fc/false_prob": 0.4, "fc/diff_prob": 0.2}\n')
+    assert main(["aha", str(metrics)]) == 0
+    (fig,) = saved_figures
+    ticks = [t for t in fig.axes[1].get_xticks() if fig.axes[1].get_xlim()[0] <= t <= fig.axes[1].get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)  # were 0.945 .. 1.05
