@@ -219,8 +219,9 @@ def train(reflective: ReflectiveModel, frozen: Any, examples: Sequence[Example],
         loss.backward()
         torch.nn.utils.clip_grad_norm_(reflective.parameters(), 1.0)
         optim.step()
-        row = {"step": step, "loss": loss.item(), "loss/spr": spr.item(), "loss/kl": kl.item(), "loss/lm": lm.item(),
-               **batch_fc(head, batch)}
+        row = {"step": step, "loss": loss.item(), "loss/spr": spr.item(),
+               **({"loss/kl": kl.item()} if cfg.kl_coef else {}),  # a term switched off is not measured: no 0 logged
+               **({"loss/lm": lm.item()} if cfg.lm_coef else {}), **batch_fc(head, batch)}
         if evaluate and (step == cfg.steps or (eval_every and step % eval_every == 0)):
             reflective.eval()
             row.update(evaluate(step))

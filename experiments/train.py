@@ -130,6 +130,7 @@ UNUSED_TASK_KEYS: dict[str, str] = {"task.split": "data.train_problems / data.he
 RESUMABLE_KEYS: tuple[str, ...] = (
     "out_dir", "device", "num_threads", "progress", "tensorboard", "run.max_steps", "run.max_minutes",
     "run.checkpoint_every", "run.keep_checkpoints", *UNUSED_TASK_KEYS,
+    "sampling.max_step_tokens",  # read by no rollout (they run to the end): a change blocked the resume for nothing
 )
 # the settings of the nodes no class is built from: `+num_thread=2` composed and was never read
 PLAIN_NODE_KEYS: dict[str, tuple[str, ...]] = {
@@ -290,6 +291,12 @@ def settings(cfg: DictConfig) -> Settings:
             f"sampling.repetition_penalty={s.sampling.repetition_penalty}: GRPO's log-probs are the policy's own, "
             f"without the penalty, so rollouts drawn with it would train off-policy; use 1.0, or "
             f"train_loss.grpo_coef=0 (train_loss=spr_only)"
+        )
+    if s.sampling.top_p != 1.0 and s.loss.grpo_coef > 0:
+        raise ValueError(
+            f"sampling.top_p={s.sampling.top_p}: GRPO's log-probs are the policy's whole softmax, not the nucleus "
+            f"the rollouts were drawn from, so they would train off-policy (verl's rollouts keep top_p 1); use 1.0, "
+            f"or train_loss.grpo_coef=0 (train_loss=spr_only)"
         )
     if s.run.rollouts_per_prompt < 2 and s.loss.grpo_coef > 0:
         raise ValueError(

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from treesearch.config_checks import check_finite, is_finite_number
+
 ADVANTAGE_EPS = 1e-6
 KL_CLAMP = 10.0
 KL_LOG_RATIO_CLAMP = 20.0
@@ -46,11 +48,10 @@ class GRPOLossConfig:
     kl_coef: float = 0.001
 
     def __post_init__(self) -> None:
-        if not 0 < self.clip_ratio < 1:
-            raise ValueError(f"GRPOLossConfig.clip_ratio={self.clip_ratio!r} must be in (0, 1)")
+        if not (is_finite_number(self.clip_ratio) and 0 < self.clip_ratio < 1):  # "abc" was a TypeError traceback
+            raise ValueError(f"GRPOLossConfig.clip_ratio={self.clip_ratio!r} must be a number in (0, 1)")
         for name in ("entropy_coef", "kl_coef"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"GRPOLossConfig.{name}={getattr(self, name)!r} must be >= 0")
+            check_finite("GRPOLossConfig", name, getattr(self, name), minimum=0.0)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from policies.reflective_model import ReflectiveModel
 from policies.rollout_batch import TRUNCATED_WRONG_REWARD, RolloutBatch
 from policies.shared_prompt import shared_prompt_forward, shared_prompt_lengths
 from scorers.spr_loss import BACKBONE_GRAD_SCALE, SPR_MODES, SPRLoss, scale_backbone_grad, spr_loss
+from treesearch.config_checks import check_finite, check_flag, is_finite_number
 
 
 @dataclass(frozen=True)
@@ -83,22 +84,26 @@ class JointLossConfig:
     truncated_wrong_reward: float = TRUNCATED_WRONG_REWARD
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
+        # each a number / a bool: "abc" was a TypeError traceback, bf16="no" one after the first
+        # rollouts, shared_prompt="no" ran as true, grpo_coef=inf diverged at step 1
+        if not (is_finite_number(self.temperature) and self.temperature > 0):
             raise ValueError(
-                f"JointLossConfig.temperature={self.temperature!r} must be > 0 (GRPO needs sampled rollouts)"
+                f"JointLossConfig.temperature={self.temperature!r} must be a finite number > 0 (GRPO needs sampled rollouts)"
             )
         if self.spr_mode not in SPR_MODES:
             raise ValueError(f"JointLossConfig.spr_mode={self.spr_mode!r}; valid: {', '.join(SPR_MODES)}")
         for name in ("grpo_coef", "spr_coef"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"JointLossConfig.{name}={getattr(self, name)!r} must be >= 0")
-        if not 0 <= self.truncated_wrong_reward < 0.5:
+            check_finite("JointLossConfig", name, getattr(self, name), minimum=0.0)
+        if not (is_finite_number(self.truncated_wrong_reward) and 0 <= self.truncated_wrong_reward < 0.5):
             raise ValueError(
                 f"JointLossConfig.truncated_wrong_reward={self.truncated_wrong_reward!r} must be >= 0 and < 0.5 "
                 "(0.1 in the reference; 0 counts a cut wrong rollout as an ordinary wrong one)"
             )
-        if not 0 <= self.backbone_grad_scale <= 1:
+        if not (is_finite_number(self.backbone_grad_scale) and 0 <= self.backbone_grad_scale <= 1):
             raise ValueError(f"JointLossConfig.backbone_grad_scale={self.backbone_grad_scale!r} must be in [0, 1]")
+        for name in ("bf16", "shared_prompt"):
+            check_flag("JointLossConfig", name, getattr(self, name))
+        check_flag("JointLossConfig", "ref_bf16", self.ref_bf16, or_none=True)
         GRPOLossConfig(self.clip_ratio, self.entropy_coef, self.kl_coef)  # validates those three
 
     @property
@@ -197,7 +202,7 @@ def joint_step(model: nn.Module, batch: RolloutBatch, ref_lm: Any | None, cfg: J
     labelled = spr_labelled(step_rewards, cfg.truncated_wrong_reward)  # [N] bool
     spr = spr_loss(head_logits[labelled], step_rewards[labelled] > 0.5, cfg.spr_mode)
     loss = cfg.grpo_coef * grpo.total + cfg.spr_coef * spr.loss
-    return JointStepOutput(loss, grpo, spr, head_logits.detach(), _metrics(loss, grpo, spr, labelled))
+    return JointStepOutput(loss, grpo, spr, head_logits.detach(), _metrics(loss, grpo, spr, labelled, ref is not None))
 
 
 def spr_labelled(rewards: torch.Tensor, truncated_wrong_reward: float) -> torch.Tensor:
@@ -209,14 +214,16 @@ def spr_labelled(rewards: torch.Tensor, truncated_wrong_reward: float) -> torch.
     return rewards != torch.tensor(truncated_wrong_reward, dtype=rewards.dtype)
 
 
-def _metrics(loss: torch.Tensor, grpo: GRPOLoss, spr: SPRLoss, labelled: torch.Tensor) -> dict[str, float]:
+def _metrics(loss: torch.Tensor, grpo: GRPOLoss, spr: SPRLoss, labelled: torch.Tensor, kl_measured: bool) -> dict[str, float]:
     """The step's log scalars; spr/steps counts the steps the SPR loss reads (spr/kept_fraction's
-    whole), spr/left_out_steps those of cut wrong rollouts it leaves out."""
+    whole), spr/left_out_steps those of cut wrong rollouts it leaves out. loss/kl only where the
+    reference forward ran (kl_coef > 0): with kl_coef 0 it is not measured, and a 0 there read as
+    a policy that had not moved."""
     return {
         "loss/total": float(loss.detach()),
         "loss/pg": float(grpo.policy.detach()),
         "loss/entropy": float(grpo.entropy.detach()),
-        "loss/kl": float(grpo.kl.detach()),
+        **({"loss/kl": float(grpo.kl.detach())} if kl_measured else {}),
         "loss/spr": float(spr.loss.detach()),
         "ppo/clip_fraction": float(grpo.clip_fraction),
         "ppo/approx_kl": float(grpo.approx_kl),

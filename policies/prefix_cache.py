@@ -36,7 +36,8 @@ Tests: `.venv/bin/pytest tests/test_prefix_cache.py`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Sequence
 
@@ -66,6 +67,26 @@ class PrefixCacheConfig:
             raise ValueError(f"PrefixCacheConfig.enabled={self.enabled!r} must be a bool")
         if not isinstance(self.max_bytes, int) or isinstance(self.max_bytes, bool) or self.max_bytes < 1:
             raise ValueError(f"PrefixCacheConfig.max_bytes={self.max_bytes!r} must be an integer >= 1")
+
+
+def prefix_cache_config(value: object) -> PrefixCacheConfig | None:
+    """A policy's `prefix_cache` setting as a PrefixCacheConfig (None: off): None, a
+    PrefixCacheConfig, true / false, or a mapping of its fields (what Hydra passes for
+    `+policy.prefix_cache.max_bytes=N` without a `_target_`). Anything else, or an unknown
+    field, is a ValueError naming prefix_cache (was a TypeError after the model had loaded)."""
+    if value is None or isinstance(value, PrefixCacheConfig):
+        return value
+    if isinstance(value, bool):
+        return PrefixCacheConfig() if value else None
+    if isinstance(value, Mapping):
+        settings = {str(key): item for key, item in value.items() if key != "_target_"}
+        known = {f.name for f in fields(PrefixCacheConfig)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"prefix_cache.{unknown[0]} is not a setting of the prefix cache; valid: {', '.join(sorted(known))}")
+        return PrefixCacheConfig(**settings)
+    raise ValueError(f"prefix_cache={value!r}: give true / false, null, or its settings "
+                     "(prefix_cache.max_bytes=N, prefix_cache.enabled=false)")
 
 
 MAX_CHAIN = 16  # most segments of a PrefixKV chain; a longer one is stored whole (see PrefixKV)

@@ -80,13 +80,14 @@ from policies.policy_requests import (
     check_request, check_widths, close_full_paths, encode_contexts, fit_window, model_vocabulary, name_out_of_vocabulary,
     step_budget,
 )
-from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths
+from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths, prefix_cache_config
 from policies.reflective_model import ReflectiveModel
 from policies.sampling_config import SamplingConfig
 from policies.shared_prefix import has_latent_attention, supports_shared_prefix
 from policies.step_assembly import RawStep, decode_steps, decode_texts, text_ids
 from policies.step_stops import StepStopRule, split_step_ends
 from scorers.sprm_positions import step_score
+from treesearch.config_checks import check_flag
 from treesearch.records import Prefix, Problem, Step
 
 
@@ -116,6 +117,12 @@ class _Sample:
     def own_scores(self, start: int, end: int) -> list[float]:
         """The head's readings on tokens [start, end) (empty without a head)."""
         return [x for x in (self.scores or [])[start:end] if x == x]  # x == x drops NaN
+
+
+def check_switches(shared_prefix: object, forked: object) -> None:
+    """ValueError unless shared_prefix is true / false / None and forked true / false."""
+    check_flag("TransformersPolicy", "shared_prefix", shared_prefix, or_none=True)
+    check_flag("TransformersPolicy", "forked", forked)
 
 
 class TransformersPolicy:
@@ -162,6 +169,7 @@ class TransformersPolicy:
         shared_prefix: bool | None = None,
         forked: bool = True,
     ) -> None:
+        check_switches(shared_prefix, forked)
         keep_freed_memory()  # per-token temporaries reuse heap blocks (policies/allocator.py)
         self.model = model.eval()
         self.step_head = step_head
@@ -188,8 +196,7 @@ class TransformersPolicy:
         self._is_separator: list[bool] = self.rule.is_separator.tolist()
         pad_id = getattr(tokenizer, "pad_token_id", None)
         self.pad_id: int = pad_id if pad_id is not None else eos_ids[0]
-        if prefix_cache is not None and not isinstance(prefix_cache, PrefixCacheConfig):
-            raise TypeError(f"prefix_cache is a {type(prefix_cache).__name__}, not a PrefixCacheConfig")
+        prefix_cache = prefix_cache_config(prefix_cache)
         if prefix_cache is not None and prefix_cache.enabled and has_latent_attention(getattr(model, "config", None)):
             # its keys and values differ in width, which a cached prefix cannot hold (its first step failed)
             print("note: the model caches compressed attention (MLA: keys and values of different widths), which "
@@ -230,6 +237,10 @@ class TransformersPolicy:
         device: where the model runs, "cpu" or "cuda[:N]" (Hydra: `+policy.device=cuda`;
         `policies.devices.resolve_device` rejects one torch cannot see before loading); the
         prefix cache keeps its entries on that device (its `max_bytes` is then GPU memory)."""
+        # settings named before minutes of loading (a YAML "no" was read as true)
+        check_flag("TransformersPolicy", "with_step_head", with_step_head)
+        check_switches(shared_prefix, forked)
+        prefix_cache = prefix_cache_config(prefix_cache)
         if with_step_head:
             reflective, tokenizer = ReflectiveModel.from_pretrained(path, dtype, device=device)
             return cls.from_reflective(reflective, tokenizer, sampling, prompt_fn, prefix_cache, shared_prefix, forked)

@@ -6,12 +6,16 @@ import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
+from treesearch.config_checks import check_int
 from treesearch.records import Prefix
 
 
 @dataclass(frozen=True)
 class RandomScorer:
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("RandomScorer", "seed", self.seed)  # hashed as text: seed 1.0 scored unlike seed 1, true as "True"
 
     def _uniform(self, key: str) -> float:
         digest = hashlib.blake2b(f"{self.seed}|{key}".encode(), digest_size=8).digest()

@@ -98,11 +98,19 @@ def test_the_reference_forward_follows_bf16_even_with_ref_bf16_false():
     assert abs(out.grpo.kl.item()) < 1e-9  # an fp32 reference against the bf16 policy gave 5.7e-08
 
 
+def test_a_kl_not_measured_is_not_logged():
+    # kl_coef 0 runs no reference forward: its logged 0 read as a policy that had not moved
+    model, batch = reflective_model(0).eval(), hand_batch()
+    metrics = joint_step(JointForward(model), batch, None, JointLossConfig(kl_coef=0.0)).metrics
+    assert "loss/kl" not in metrics and "loss/pg" in metrics
+
+
 def test_every_logged_metric_equals_its_source():
     model, batch = reflective_model(0).eval(), hand_batch()
-    out = joint_step(JointForward(model), batch, None,
-                     JointLossConfig(kl_coef=0.0, entropy_coef=0.01, spr_mode="bce"))
+    out = joint_step(JointForward(model), batch, reflective_model(1).lm.eval(),
+                     JointLossConfig(kl_coef=0.01, entropy_coef=0.01, spr_mode="bce"))
     grpo, spr, m = out.grpo, out.spr, out.metrics
+    assert grpo.kl.item() > 0
     # the pairs a mix-up would confuse differ here
     assert out.loss.item() != grpo.total.item() and grpo.entropy.item() != grpo.kl.item()
     assert spr.kept_positive != spr.kept_negative

@@ -101,9 +101,17 @@ def test_config_rejects_bad_values(kwargs, message):
         PrefixCacheConfig(**kwargs)
 
 
-def test_policy_rejects_a_non_config():
-    with pytest.raises(TypeError, match="dict, not a PrefixCacheConfig"):
-        policy({"max_bytes": 10})  # type: ignore[arg-type]
+def test_policy_takes_the_ways_a_user_writes_the_setting():
+    # +policy.prefix_cache=false / .enabled=false / .max_bytes=N (a dict without _target_) were
+    # TypeError tracebacks after the model had loaded
+    assert policy(False).prefix_cache is None and policy(None).prefix_cache is None
+    assert policy(True).prefix_cache.config == PrefixCacheConfig()
+    assert policy({"max_bytes": 10}).prefix_cache.config == PrefixCacheConfig(max_bytes=10)
+    assert policy({"_target_": "policies.prefix_cache.PrefixCacheConfig", "enabled": False}).prefix_cache is None
+    with pytest.raises(ValueError, match=r"prefix_cache.max_byte is not a setting of the prefix cache; valid: enabled, max_bytes"):
+        policy({"max_byte": 10})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"prefix_cache='no': give true / false, null, or its settings"):
+        policy("no")  # type: ignore[arg-type]
 
 
 def test_candidate_lengths_are_step_boundaries_and_one_before():

@@ -109,6 +109,14 @@ def test_a_resume_of_another_config_says_what_resumes_it_as_it_ran(init_dir, fin
     assert (out / "metrics.jsonl").read_text() == rows
 
 
+def test_a_resume_with_another_step_token_cap_goes_on(init_dir, finished, tmp_path):
+    # sampling.max_step_tokens is read by no rollout (they run to the end), yet a change refused the resume
+    out = copy_run(finished, tmp_path)
+    rows = (out / "metrics.jsonl").read_text()
+    run_training(composed(tiny(init_dir, out, "sampling.max_step_tokens=32")))  # resumes: nothing left to run
+    assert (out / "metrics.jsonl").read_text() == rows
+
+
 def test_a_missing_kl_reference_says_what_it_was(init_dir, finished, tmp_path):
     # "checkpoint folder .../reference does not exist", with no word of what to do
     out = copy_run(finished, tmp_path)

@@ -2,6 +2,7 @@
 error names the setting (or the argument) and what is valid, before any policy call is made.
 
     check_int("BestOfNConfig", "n", n, minimum=1)          # ValueError: BestOfNConfig.n=0 must be ...
+    check_flag("JointLossConfig", "bf16", bf16)            # a bool: "no" is no false
     check_finite("MCTSConfig", "c_puct", c_puct, minimum=0.0)
     problems = search_inputs("beam_search", problems, cfg, BeamSearchConfig, policy, scorer)
 
@@ -32,6 +33,13 @@ def check_int(owner: str, name: str, value: object, minimum: int | None = None) 
     if not is_int(value) or (minimum is not None and value < minimum):  # type: ignore[operator]
         bound = "" if minimum is None else f" >= {minimum}"
         raise ValueError(f"{owner}.{name}={value!r} must be an integer{bound}{_python_number_hint(value)}")
+
+
+def check_flag(owner: str, name: str, value: object, or_none: bool = False) -> None:
+    """ValueError naming `owner.name` unless value is a bool (or None with or_none): a YAML 'no'
+    string or a 0 / 1 would pass an `if value:` silently, as true."""
+    if not (isinstance(value, bool) or (or_none and value is None)):
+        raise ValueError(f"{owner}.{name}={value!r} must be true or false{' (or null)' if or_none else ''}")
 
 
 def _python_number_hint(value: object) -> str:

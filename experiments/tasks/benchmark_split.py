@@ -33,16 +33,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from experiments.tasks.loader_errors import DataFormatError
+from treesearch.config_checks import check_flag  # noqa: F401 (re-exported to the task loaders)
 from treesearch.records import Problem
 
 ALL = -1  # count meaning "the whole split" (None means the same)
 TAKE_ALL_HINT = "(count=-1 or null takes them all)"  # a search's task.count; training counts must be >= 1
-
-
-def check_flag(owner: str, name: str, value: object) -> None:
-    """ValueError unless value is a bool (a YAML 'yes' string or a 0/1 would pass silently)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{owner}.{name}={value!r} must be true or false")
 
 
 def check_path(owner: str, value: object) -> None:
