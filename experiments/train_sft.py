@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
@@ -125,6 +126,12 @@ def saved_sft_config(out: Path) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
+# SFTConfig's fields as their flags (an error names the flag typed)
+FLAG_OF_FIELD: dict[str, str] = {"num_threads": "threads", "max_minutes": "minutes", "max_steps": "max-steps",
+                                 "batch_size": "batch-size", "checkpoint_every": "checkpoint-every", "lr": "lr", "seed": "seed"}
+FIELD_NAME = re.compile(r"^SFTConfig\.(\w+)=")
+
+
 def sft_config(args: argparse.Namespace) -> SFTConfig:
     """The SFTConfig of the flags; an SFTError names a bad flag as typed (--minutes 0: no time limit)."""
     if not (args.minutes >= 0 and math.isfinite(args.minutes)):
@@ -134,11 +141,14 @@ def sft_config(args: argparse.Namespace) -> SFTConfig:
     if args.minutes == 0 and args.max_steps is None:
         raise SFTError("--minutes 0 (no time limit) needs --max-steps N: the run has no budget")
     bf16 = {} if args.bf16 is None else {"bf16": args.bf16}  # None: SFTConfig's default, the CPU's support
-    return SFTConfig(
-        max_minutes=args.minutes if args.minutes > 0 else None,
-        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, num_threads=args.threads, **bf16,
-    )
+    try:
+        return SFTConfig(
+            max_minutes=args.minutes if args.minutes > 0 else None,
+            max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+            checkpoint_every=args.checkpoint_every, num_threads=args.threads, **bf16,
+        )
+    except ValueError as err:  # "SFTConfig.num_threads=0 must be ..." named a field, not the flag typed
+        raise SFTError(FIELD_NAME.sub(lambda m: f"--{FLAG_OF_FIELD.get(m[1], m[1])} ", str(err), count=1)) from None
 
 
 def plan_run(args: argparse.Namespace) -> RunPlan:
@@ -158,13 +168,13 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
                        f"{cfg.batch_size}: raise --train-problems or lower --batch-size")
     if args.eval_problems < 0:
         raise SFTError(f"--eval-problems {args.eval_problems}: must be >= 0 (0: no evaluation)")
+    temperature = task.module.DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
+    if not 0 < temperature < math.inf:  # checked with no evaluation too: a bad flag is never taken in silence
+        raise SFTError(f"--temperature {temperature:g}: must be a finite number > 0")
     if args.eval_problems == 0:
         return RunPlan(task, cfg, args.train_problems, None)
     if args.eval_samples < 1:
         raise SFTError(f"--eval-samples {args.eval_samples}: must be >= 1")
-    temperature = task.module.DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
-    if not 0 < temperature < math.inf:
-        raise SFTError(f"--temperature {temperature:g}: must be a finite number > 0")
     quick = QuickEvalConfig(num_problems=args.eval_problems, num_samples=args.eval_samples, temperature=temperature)
     try:  # the test split may hold fewer (countdown: ~2.3k); found after training before
         eval_problems(quick, task.default_config, task.module)

@@ -80,9 +80,12 @@ def state_step(out) -> int:
         (["--minutes", "nan"], "--minutes nan: must be > 0"),
         (["--minutes", "0"], "--minutes 0 (no time limit) needs --max-steps N"),
         (["--max-steps", "0"], "--max-steps 0: must be >= 1"),
-        (["--batch-size", "0"], "SFTConfig.batch_size=0; must be >= 1"),
-        (["--lr", "-1"], "SFTConfig.lr=-1.0; must be > 0"),
-        (["--checkpoint-every", "-1"], "SFTConfig.checkpoint_every=-1; must be >= 0"),
+        # named SFTConfig's fields, not the flags typed
+        (["--batch-size", "0"], "--batch-size 0; must be >= 1"),
+        (["--lr", "-1"], "--lr -1.0; must be > 0"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every -1; must be >= 0"),
+        (["--threads", "0"], "--threads 0; must be >= 1"),
+        (["--eval-problems", "0", "--temperature", "-1"], "--temperature -1: must be a finite number > 0"),  # taken in silence
         (["--train-problems", "0"], "--train-problems 0: must be >= 1"),
         # named an internal field ("10 examples < SFTConfig.batch_size=32")
         (["--train-problems", "3"], "--train-problems 3 gives fewer training pairs than --batch-size 4: raise "),
