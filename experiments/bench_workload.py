@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from experiments.cli_args import positive_int
+from experiments.cli_args import device_name, positive_int
 from experiments.tasks import arith, gsm8k
 from policies.checkpoint import load_checkpoint
 from policies.devices import resolve_device
@@ -170,12 +170,3 @@ def add_device_argument(ap: argparse.ArgumentParser) -> None:
     """--device: where the workload's model runs (cpu, cuda, cuda:N; default cpu), checked at
     parse time (`policies.devices.resolve_device`: a device this machine lacks is argparse's error)."""
     ap.add_argument("--device", type=device_name, default="cpu", help="where the model runs: cpu, cuda or cuda:N")
-
-
-def device_name(text: str) -> str:
-    """An argparse type: text unchanged once `resolve_device` accepts it here."""
-    try:
-        resolve_device(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text

@@ -6,6 +6,7 @@ number fails at parse time, before any model loads, as argparse's own one-line e
     ap.add_argument("--top", type=nonnegative_int, default=10)         # 0 means something here
     ap.add_argument("--kv-cache-gib", type=positive_float, default=1.0)
     ap.add_argument("--port", type=port_number, default=8000)          # 1-65535
+    ap.add_argument("--device", type=device_name, default="cpu")       # cpu, cuda, cuda:N torch sees here
     ap.add_argument("--ns", type=int_list(), default=(4, 8, 16, 32))    # "4,8,16": each >= 1
     args = ap.parse_args(argv)
     check_beam_shape(ap, args.n, args.beam_width)                       # N / M across two options
@@ -74,6 +75,19 @@ def port_number(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} must be a port number in 1-65535")
     return value
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a device the model can run on here ("cpu", "cuda", "cuda:N"), text
+    unchanged once `policies.devices.resolve_device` accepts it; its ValueError (a GPU torch cannot
+    see, an unknown name) is argparse's error, before any model loads."""
+    from policies.devices import resolve_device  # torch: imported only where a --device is parsed
+
+    try:
+        resolve_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def finite_float(text: str) -> float:

