@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 
 def bounded_int(minimum: int) -> Callable[[str], int]:
@@ -88,6 +89,16 @@ def device_name(text: str) -> str:
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text
+
+
+def named_as_flag(message: str, owner: str, flags: Mapping[str, str]) -> str:
+    """A config class's error as the flag typed: a leading "Owner.field=" (field in flags, the
+    field's flag without its dashes) becomes "--flag " ("SFTConfig.num_threads=0; must be >= 1"
+    -> "--threads 0; must be >= 1"); any other message unchanged."""
+    match = re.match(rf"{re.escape(owner)}\.(\w+)=", message)
+    if match is None or match[1] not in flags:
+        return message
+    return f"--{flags[match[1]]} {message[match.end():]}"
 
 
 def finite_float(text: str) -> float:

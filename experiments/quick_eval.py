@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from experiments.cli_args import device_name, seed_int
+from experiments.cli_args import device_name, named_as_flag, seed_int
 from experiments.cli_errors import run_command
 from experiments.metrics import Estimate, bootstrap
 from experiments.tasks import arith
@@ -283,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(quick_eval_command, argv)
 
 
+FLAG_OF_FIELD: dict[str, str] = {"num_problems": "problems", "num_samples": "samples", "temperature": "temperature"}
+
+
 def quick_eval_command(argv: Sequence[str] | None = None) -> int:
     """Parse argv, check both checkpoint folders before generating anything, evaluate, print."""
     from policies.checkpoint import check_safetensors
@@ -304,8 +307,11 @@ def quick_eval_command(argv: Sequence[str] | None = None) -> int:
 
     task = get_sft_task(args.task)
     temperature = task.module.DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
-    cfg = QuickEvalConfig(num_problems=args.problems, num_samples=args.samples, temperature=temperature, seed=args.seed,
-                          bf16=native_bf16(args.device))  # the CPU's support on cpu, as the default reads it
+    try:
+        cfg = QuickEvalConfig(num_problems=args.problems, num_samples=args.samples, temperature=temperature,
+                              seed=args.seed, bf16=native_bf16(args.device))  # the CPU's support on cpu, as the default reads it
+    except ValueError as err:  # "QuickEvalConfig.num_problems=0" named a field the user never typed
+        raise ValueError(named_as_flag(str(err), "QuickEvalConfig", FLAG_OF_FIELD)) from None
     for folder in (args.checkpoint, args.baseline):  # both, before minutes of generation
         if folder is not None:  # any folder load_checkpoint takes: one file or shards, safetensors or .bin
             for weights in weight_files(check_model_folder(folder)):

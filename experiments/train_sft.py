@@ -33,14 +33,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from experiments.cli_args import check_folder_target, seed_int  # noqa: E402
+from experiments.cli_args import check_folder_target, named_as_flag, seed_int  # noqa: E402
 from experiments.model_folder_target import check_not_model_folder  # noqa: E402
 from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT, is_storage_error  # noqa: E402
 from experiments.quick_eval import QuickEvalConfig, format_report, quick_eval, eval_problems  # noqa: E402
@@ -129,7 +128,6 @@ def saved_sft_config(out: Path) -> dict | None:
 # SFTConfig's fields as their flags (an error names the flag typed)
 FLAG_OF_FIELD: dict[str, str] = {"num_threads": "threads", "max_minutes": "minutes", "max_steps": "max-steps",
                                  "batch_size": "batch-size", "checkpoint_every": "checkpoint-every", "lr": "lr", "seed": "seed"}
-FIELD_NAME = re.compile(r"^SFTConfig\.(\w+)=")
 
 
 def sft_config(args: argparse.Namespace) -> SFTConfig:
@@ -148,7 +146,7 @@ def sft_config(args: argparse.Namespace) -> SFTConfig:
             checkpoint_every=args.checkpoint_every, num_threads=args.threads, **bf16,
         )
     except ValueError as err:  # "SFTConfig.num_threads=0 must be ..." named a field, not the flag typed
-        raise SFTError(FIELD_NAME.sub(lambda m: f"--{FLAG_OF_FIELD.get(m[1], m[1])} ", str(err), count=1)) from None
+        raise SFTError(named_as_flag(str(err), "SFTConfig", FLAG_OF_FIELD)) from None
 
 
 def plan_run(args: argparse.Namespace) -> RunPlan:

@@ -76,8 +76,9 @@ def test_cli_bad_inputs_are_one_line_errors_before_any_generation(tmp_path, monk
     cases = [
         ([str(tmp_path / "missing")], "checkpoint folder .*missing does not exist"),
         ([str(ckpt), "--task", "chess"], "unknown task 'chess'"),
-        ([str(ckpt), "--samples", "0"], "num_samples=0"),
-        ([str(ckpt), "--temperature", "inf"], r"temperature=inf; must be a finite number > 0"),
+        ([str(ckpt), "--samples", "0"], "^error: --samples 0; must be >= 1"),  # named QuickEvalConfig.num_samples
+        ([str(ckpt), "--problems", "0"], "^error: --problems 0; must be >= 1"),
+        ([str(ckpt), "--temperature", "inf"], r"^error: --temperature inf; must be a finite number > 0"),
         ([str(ckpt), "--baseline", str(truncated)], "truncated/model.safetensors is damaged"),  # the baseline too
         ([str(ckpt), "--baseline", str(tmp_path / "missing")], "missing does not exist"),
     ]
