@@ -60,6 +60,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from itertools import compress  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -640,10 +641,15 @@ def _assemble(
 
 
 def step_markers(s: Settings, reflective: ReflectiveModel, tokenizer: Any) -> StepMarkers:
-    """Which tokens end a step or open / close the think span, for sampling's step format."""
+    """Which tokens end a step or open / close the think span, for sampling's step format. With the
+    SPR loss on, the tokenizer's warning of a separator no token ends with is left out:
+    `check_separator_ends_tokens` refuses the run in one line saying the same."""
     fmt = StepFormat(s.sampling.separator, s.sampling.think_open, s.sampling.think_close)
     width = max(int(reflective.config.vocab_size), len(tokenizer))
-    return StepMarkers.from_tokenizer(tokenizer, width, fmt)
+    with warnings.catch_warnings():
+        if s.loss.spr_coef > 0:
+            warnings.filterwarnings("ignore", message="no token's text ends with separator")
+        return StepMarkers.from_tokenizer(tokenizer, width, fmt)
 
 
 def check_separator_ends_tokens(s: Settings, markers: StepMarkers) -> None:

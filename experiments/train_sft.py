@@ -14,8 +14,8 @@ The trained model is OUT/final, an ordinary transformers directory.
 
 Resuming: rerunning on the same OUT resumes from OUT/last ("resuming from OUT/last at step K").
 Only --minutes, --max-steps (a larger budget trains the run longer: the flags given are its
-budget, --max-steps alone with no time limit, none keeps the run's own), --checkpoint-every and
---threads may change; another --task, --lr, --batch-size, --seed, --train-problems or bf16 is
+budget, --max-steps alone with no time limit, none keeps the run's own), --checkpoint-every (left
+out: the run's own) and --threads may change; another --task, --lr, --batch-size, --seed, --train-problems or bf16 is
 refused, naming the differing keys (policies/sft_resume.py RESUMABLE_KEYS), as is a damaged
 OUT/last (a run moved to a CPU of other bf16 support: add --bf16 or --no-bf16 as it ran).
 Ctrl-C stops after the current step, saves OUT/last and exits 130 saying how to resume.
@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--seed", type=seed_int, default=d.seed)
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                        help="steps between resume checkpoints in OUT/last (0: only at the end and on Ctrl-C)")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help=f"steps between resume checkpoints in OUT/last (0: only at the end and on Ctrl-C; "
+                             f"default {d.checkpoint_every}, or a resumed run's own)")
     parser.add_argument("--train-problems", type=int, default=DEFAULT_TRAIN_PROBLEMS)
     parser.add_argument("--eval-problems", type=int, default=QuickEvalConfig.num_problems, help="0 = no evaluation")
     parser.add_argument("--eval-samples", type=int, default=QuickEvalConfig.num_samples)
@@ -98,17 +99,19 @@ def with_saved_budget(args: argparse.Namespace) -> argparse.Namespace:
     """args with the budget the flags give, the same for a fresh run and its resume (so "rerun the
     same command" resumes it as it ran): the flags given are the budget, --max-steps alone with
     no time limit; none given: a resumed run's own (its max_minutes None reads as --minutes 0),
-    a fresh run SFTConfig's --minutes. Why: a run trained with --minutes 0 --max-steps 1400,
-    extended with --max-steps 2800 alone, took the 8-minute default, already spent, and trained
-    no step."""
-    minutes, max_steps = args.minutes, args.max_steps
+    a fresh run SFTConfig's --minutes. --checkpoint-every left out: a resumed run's own too. Why:
+    a run trained with --minutes 0 --max-steps 1400, extended with --max-steps 2800 alone, took the
+    8-minute default, already spent, and trained no step."""
+    minutes, max_steps, every = args.minutes, args.max_steps, args.checkpoint_every
+    saved = saved_sft_config(Path(args.out)) if minutes is None or every is None else None
     if minutes is None and max_steps is not None:
         minutes = 0.0  # --max-steps alone: the steps are the budget
     elif minutes is None:
-        saved = saved_sft_config(Path(args.out))
         minutes = SFTConfig().max_minutes if saved is None else saved.get("max_minutes") or 0.0
         max_steps = None if saved is None else saved.get("max_steps")
-    return argparse.Namespace(**{**vars(args), "minutes": minutes, "max_steps": max_steps})
+    if every is None:  # a resume without the flag went back to the default (500) and said it "changed"
+        every = SFTConfig().checkpoint_every if saved is None else saved.get("checkpoint_every", SFTConfig().checkpoint_every)
+    return argparse.Namespace(**{**vars(args), "minutes": minutes, "max_steps": max_steps, "checkpoint_every": every})
 
 
 def saved_sft_config(out: Path) -> dict | None:

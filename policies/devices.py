@@ -31,7 +31,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(
                 f"device={device!r} but torch {torch.__version__} sees no CUDA GPU "
-                "(torch.cuda.is_available() is False); use device=cpu or a CUDA build of torch"
+                "(torch.cuda.is_available() is False); run it on the CPU (cpu) or install a CUDA build of torch"
             )
         count = torch.cuda.device_count()
         if resolved.index is not None and resolved.index >= count:

@@ -178,7 +178,7 @@ def test_cli_a_device_torch_cannot_see_is_a_usage_error_before_any_model_loads(t
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"python -m experiments.quick_eval: error: argument --device: device={device!r} but torch {torch.__version__} "
-        "sees no CUDA GPU (torch.cuda.is_available() is False); use device=cpu or a CUDA build of torch")
+        "sees no CUDA GPU (torch.cuda.is_available() is False); run it on the CPU (cpu) or install a CUDA build of torch")
 
 
 def test_generation_runs_on_the_models_device(monkeypatch):

@@ -60,7 +60,7 @@ def test_a_device_torch_cannot_see_is_a_usage_error_before_any_model_loads(polic
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"python -m experiments.rollout_cache: error: argument --device: device={device!r} but torch "
-        f"{torch.__version__} sees no CUDA GPU (torch.cuda.is_available() is False); use device=cpu or a CUDA build of torch")
+        f"{torch.__version__} sees no CUDA GPU (torch.cuda.is_available() is False); run it on the CPU (cpu) or install a CUDA build of torch")
     assert not (tmp_path / "c.pt").exists()
 
 

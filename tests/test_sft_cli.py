@@ -157,6 +157,18 @@ def test_a_budget_flag_left_out_keeps_the_resumed_runs_own(tmp_path, capsys):
     assert "changed on resume" not in capsys.readouterr().out
 
 
+def test_a_checkpoint_interval_left_out_keeps_the_resumed_runs_own(tmp_path, capsys):
+    # a resume without --checkpoint-every went back to 500 and printed a change nobody asked for
+    out = tmp_path / "run"
+    assert main("--out", str(out), "--max-steps", "2", "--checkpoint-every", "1") == 0
+    capsys.readouterr()
+    assert main("--out", str(out), "--max-steps", "3") == 0
+    assert "checkpoint_every" not in capsys.readouterr().out
+    assert json.loads((out / sft_resume.SUMMARY_FILE).read_text())["config"]["checkpoint_every"] == 1
+    assert main("--out", str(tmp_path / "fresh"), "--max-steps", "1") == 0  # a fresh run: the default
+    assert json.loads((tmp_path / "fresh" / sft_resume.SUMMARY_FILE).read_text())["config"]["checkpoint_every"] == 500
+
+
 def test_run_info_keys_one_side_lacks_are_not_compared():
     # the demo records the task config and model beside the task; the train_sft command only the
     # task: resuming a demo's interrupted SFT with the command was refused over 17 keys

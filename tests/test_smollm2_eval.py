@@ -24,7 +24,7 @@ from policies.vllm_engine import VLLMEngineConfig
 from treesearch.records import Problem
 
 SMALL = TinyModelConfig(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64, max_position=160)
-NO_GPU = "but torch {} sees no CUDA GPU (torch.cuda.is_available() is False); use device=cpu or a CUDA build of torch"
+NO_GPU = "but torch {} sees no CUDA GPU (torch.cuda.is_available() is False); run it on the CPU (cpu) or install a CUDA build of torch"
 
 
 class Loaded(Exception):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -734,13 +735,14 @@ def test_a_run_in_bf16_throughout_leaves_its_reference_unpinned(monkeypatch):
 def test_a_separator_that_ends_no_token_is_refused_while_the_spr_loss_is_on(init_dir, tmp_path):
     # SmolLM2 under prompt=chat kept train.yaml's ".\n\n", which no SmolLM2 token ends with: the
     # run trained with spr/steps 0, loss/spr 0 and a head that never moved, behind one warning
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"sampling.separator='@@@' ends no token of .*"
-                                                                    r"train_loss.spr_coef=0"):
-        run_training(composed(tiny(init_dir, tmp_path / "at", "sampling.separator=@@@")))
-    assert not (tmp_path / "at").exists()  # refused before the folder is claimed (a rerun with a fixed separator
-    # there was refused as another run, and each refusal left the whole model in reference/)
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"a backslash and an n, not a newline"):
-        run_training(composed(tiny(init_dir, tmp_path / "typed", r"sampling.separator='\n'")))
+    with warnings.catch_warnings():  # the refusal alone: the tokenizer's warning said the same, with its source line
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"sampling.separator='@@@' ends no token of .*train_loss.spr_coef=0"):
+            run_training(composed(tiny(init_dir, tmp_path / "at", "sampling.separator=@@@")))
+        assert not (tmp_path / "at").exists()  # refused before the folder is claimed (a rerun with a fixed separator
+        # there was refused as another run, and each refusal left the whole model in reference/)
+        with pytest.raises(ValueError, match=r"a backslash and an n, not a newline"):
+            run_training(composed(tiny(init_dir, tmp_path / "typed", r"sampling.separator='\n'")))
     with pytest.warns(UserWarning):
         out = run_training(composed(tiny(init_dir, tmp_path / "grpo", "sampling.separator=@@@",
                                          "train_loss=grpo_only", "run.max_steps=1")))
