@@ -198,6 +198,8 @@ def test_the_sampling_seed_adds_the_call_index():
 class PaddedGenerator:
     """A model stand-in whose generate appends [10, 11, eos, pad, pad] to every returned sequence."""
 
+    device = torch.device("cpu")  # where generate_completions puts the prompts (a transformers model's .device)
+
     def __init__(self, tok) -> None:
         self.new = torch.tensor([10, 11, tok.eos_token_id, tok.pad_token_id, tok.pad_token_id])
 
