@@ -11,13 +11,15 @@ Design (see DESIGN.md section 4):
 
 Merges are learned from a corpus (by default arith questions and solutions), so frequent words
 such as " coins" become one token and prompts stay short. The result is deterministic for a
-given corpus. Run `python -m policies.tiny_tokenizer OUT_DIR` to build and save one.
+given corpus. Run `python -m policies.tiny_tokenizer OUT_DIR` to build and save one (OUT_DIR: a
+folder, made when missing; an existing file there is refused).
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -86,6 +88,8 @@ def build_tokenizer(
     with save_pretrained into out_dir when given, and return it."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size={vocab_size}; must be >= {256 + len(SPECIAL_TOKENS)} (byte alphabet)")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():  # saved nothing, in silence
+        raise ValueError(f"{out_dir} is a file, not a folder for the tokenizer's files")
     raw = _build_raw_tokenizer(_default_corpus() if corpus is None else corpus, vocab_size)
     tokenizer = wrap(raw)
     if out_dir is not None:
@@ -93,8 +97,20 @@ def build_tokenizer(
     return tokenizer
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build the default tokenizer into OUT_DIR; a file there is one error line (exit 2)."""
+    parser = argparse.ArgumentParser(prog="python -m policies.tiny_tokenizer",
+                                     description="Build the tiny policy's tokenizer (default corpus) into OUT_DIR.")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="a folder (made when missing)")
+    args = parser.parse_args(argv)
+    try:
+        tok = build_tokenizer(args.out_dir)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"saved a {len(tok)}-token tokenizer to {args.out_dir}")
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m policies.tiny_tokenizer OUT_DIR")
-    tok = build_tokenizer(sys.argv[1])
-    print(f"saved a {len(tok)}-token tokenizer to {sys.argv[1]}")
+    raise SystemExit(main())

@@ -7,7 +7,7 @@ Usage:
     scorer = LMPRMScorer.from_pretrained("/models/Qwen2.5-Math-PRM-7B", "qwen_prm",
                                          dtype="bfloat16", device="cuda")
     scorer.score(paths)   # [[step score, ...], ...] one per step, in [0, 1]
-    scorer.read(paths)    # PRMReading: token ids, read positions, step scores
+    scorer.read(paths)    # one PRMReading per path: token ids, read positions, step scores
     scorer.cost(paths)    # tokens forwarded (the PRM's own tokens of every path)
     python -m experiments.search scorer=math_shepherd     # MATH_SHEPHERD_PRM_PATH=/path/to/model
     python -m experiments.search scorer=qwen_prm scorer.path=DIR

@@ -9,7 +9,7 @@ Usage:
     #       --kv-cache-memory-bytes 1073741824    # on CPU; on a GPU leave it out
     scorer = ServedPRMScorer.from_pretrained("/models/Qwen2.5-Math-PRM-7B", base_url="http://127.0.0.1:8001")
     scorer.score(paths)   # [[step score, ...], ...] one per step, in [0, 1]
-    scorer.read(paths)    # PRMReading: token ids, read positions, step scores
+    scorer.read(paths)    # one PRMReading per path: token ids, read positions, step scores
     scorer.cost(paths)    # tokens the server forwarded (every distinct path with steps, whole)
     scorer.close()        # the HTTP connections
     python -m experiments.search scorer=served_prm scorer.path=DIR scorer.base_url=http://HOST:8001

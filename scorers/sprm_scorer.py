@@ -7,7 +7,7 @@ Usage:
     scorer = SPRMScorer.from_pretrained("runs/tiny-sprm", arith.prompt_text)   # the same, in one call
     scorer.score(paths)          # [[step score, ...], ...] one per step, in [0, 1]
     scorer.path_scores(paths)    # the reference's value: geometric mean over separator positions, 0 if none
-    scorer.read(paths)           # SPRMReading: token ids, positions, per-position and per-step scores
+    scorer.read(paths)           # one SPRMReading per path: token ids, positions, per-position and per-step scores
     scorer.cost(paths)           # tokens forwarded (prompt + every step token, per path)
 
 The sequence of a path is the tokenised prompt (special tokens added, as the policy builds it)

@@ -7,7 +7,7 @@ Usage:
     scorer = VLLMLMPRMScorer.from_pretrained("/models/Qwen2.5-Math-PRM-7B", "qwen_prm",
                                              engine=VLLMEngineConfig("/models/Qwen2.5-Math-PRM-7B", dtype="bfloat16"))
     scorer.score(paths)   # [[step score, ...], ...] one per step, in [0, 1]
-    scorer.read(paths)    # PRMReading: token ids, read positions, step scores
+    scorer.read(paths)    # one PRMReading per path: token ids, read positions, step scores
     scorer.cost(paths)    # tokens forwarded (the PRM's tokens of every distinct path)
     scorer.close()        # stop the engine
     python -m experiments.search scorer=vllm_prm scorer.path=DIR scorer.prm_format=qwen_prm

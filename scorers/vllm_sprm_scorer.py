@@ -6,7 +6,7 @@ Usage:
     scorer = VLLMSPRMScorer.from_pretrained("runs/tiny-sprm", prompt_fn=arith.prompt_text)
     scorer.score(paths)          # [[step score, ...], ...] one per step, in [0, 1]
     scorer.path_scores(paths)    # the reference's value: geometric mean over separator positions, 0 if none
-    scorer.read(paths)           # SPRMReading: token ids, positions, per-position and per-step scores
+    scorer.read(paths)           # one SPRMReading per path: token ids, positions, per-position and per-step scores
     scorer.cost(paths)           # tokens forwarded (prompt + every step token, per path)
     scorer.close()               # stop the engine
 

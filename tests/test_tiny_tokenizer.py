@@ -87,3 +87,18 @@ def test_deterministic_build_and_save_load(tok, tmp_path):
 def test_small_vocabulary_is_rejected():
     with pytest.raises(ValueError, match="vocab_size=100"):
         build_tokenizer(vocab_size=100)
+
+
+def test_the_command_refuses_a_file_as_its_folder_and_has_help(tmp_path, capsys):
+    # a file was "saved to" with exit 0 and stayed empty; --help built a folder named "--help"
+    from policies.tiny_tokenizer import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("")
+    assert main([str(notes)]) == 2
+    assert capsys.readouterr().err == f"error: {notes} is a file, not a folder for the tokenizer's files\n"
+    assert notes.read_text() == ""
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0 and "OUT_DIR" in capsys.readouterr().out
+    assert main([str(tmp_path / "tok")]) == 0 and (tmp_path / "tok" / "tokenizer.json").is_file()

@@ -15,10 +15,10 @@ Extraction reads what a completion commits to:
 Equivalence (`answers_match(predicted, reference)`) tries a fast path first (equal text after
 light normalisation; plain numbers such as "$1,000", "0.5" and "1/2" compared exactly as
 fractions) and only then asks `math_verify` (parse + verify), with a time limit on every parse and
-comparison, so a pathological answer such as 9^{9^{9^{9}}} costs at most a few seconds instead of
-hanging. math_verify's own limit is a SIGALRM, which works only in the main thread; in any other
-thread (a server's worker pool) the same check runs in a helper process that is killed when it
-overruns. Nothing here raises on garbage: a failed parse is "not equal".
+comparison, so a pathological answer such as 9^{9^{9^{9}}} costs seconds instead of hanging (~5 s
+per parse or comparison in the main thread, up to 15 s per check in any other). math_verify's own
+limit is a SIGALRM, which works only in the main thread; in any other thread (a server's worker
+pool) the same check runs in a helper process that is killed when it overruns. Nothing here raises on garbage: a failed parse is "not equal".
 
     from experiments.tasks.grading import grade_math, grade_choice
     grade_math("\\\\boxed{0.5}", reference="\\\\frac{1}{2}")   # True
