@@ -682,6 +682,7 @@ def make_heldout(t: Trainer, resumed: bool) -> None:
                              f"({len(t.heldout_problems)} problems x data.heldout_rollouts={t.s.data.heldout_rollouts}): "
                              "the file is damaged; restore it or use a new out_dir")
         t.heldout = [_heldout_from_row(row) for row in rows]
+        note_one_outcome(t)
         return
     t.reflective.eval()
     local = list(range(t.rank, len(t.heldout_problems), t.world))
@@ -691,6 +692,24 @@ def make_heldout(t: Trainer, resumed: bool) -> None:
     t.heldout = sorted(gather_object(mine), key=lambda item: item[0])
     if t.main:
         write_atomic(path, encode_rows([_heldout_row(i, r, ok) for i, r, ok in t.heldout]))
+    note_one_outcome(t)
+
+
+def one_outcome_note(outcomes: Sequence[bool], problems: int, rollouts: int) -> str | None:
+    """A note when the held-out rollouts are all right or all wrong: their correct - incorrect gap
+    (heldout_fc/diff_prob, the aha curve) is then undefined at every evaluation of the run."""
+    if not outcomes or 0 < sum(outcomes) < len(outcomes):
+        return None
+    kind = "right" if outcomes[0] else "wrong"
+    return (f"note: all {len(outcomes)} held-out rollouts are {kind}: the held-out gap heldout_fc/diff_prob (the aha "
+            f"curve) is undefined for this run; raise data.heldout_problems={problems} or "
+            f"data.heldout_rollouts={rollouts} for rollouts of both outcomes")
+
+
+def note_one_outcome(t: Trainer) -> None:
+    note = one_outcome_note([ok for _, _, ok in t.heldout], len(t.heldout_problems), t.s.data.heldout_rollouts)
+    if note is not None and t.main:
+        print(note, file=sys.stderr, flush=True)
 
 
 def _heldout_row(index: int, r: Rollout, correct: bool) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from experiments.aha_metrics import aha_step, fc_metrics, path_scores, within_pr
 from experiments.plot_aha import main as plot_aha_main
 from experiments.plot_aha import plot_aha, register_aha, split_step
 from experiments.tasks import arith
-from experiments.train import CONFIG_DIR, run_training, settings, stream_indices
+from experiments.train import CONFIG_DIR, one_outcome_note, run_training, settings, stream_indices
 from policies.checkpoint import save_checkpoint
 from policies.joint_step import JointLossConfig
 from policies.reflective_model import ReflectiveModel
@@ -400,3 +400,17 @@ def test_a_fresh_start_clears_the_tensorboard_log_of_its_stopped_start(init_dir,
     run_training(composed(tiny(init_dir, out, "run.max_steps=1", "run.checkpoint_every=0")))
     assert not (out / "tensorboard").exists()  # tensorboard=false here: nothing written again
     assert [row["step"] for row in rows_of(out)] == [0, 1]
+
+
+def test_held_out_rollouts_of_one_outcome_are_noted(init_dir, tmp_path, capsys):
+    # every held-out rollout wrong (or right): the aha curve is undefined for the whole run, in silence
+    assert one_outcome_note([True, False], 1, 2) is None
+    assert one_outcome_note([False] * 4, 1, 4) == (
+        "note: all 4 held-out rollouts are wrong: the held-out gap heldout_fc/diff_prob (the aha curve) is undefined "
+        "for this run; raise data.heldout_problems=1 or data.heldout_rollouts=4 for rollouts of both outcomes")
+    assert one_outcome_note([True] * 2, 2, 1).startswith("note: all 2 held-out rollouts are right")
+    run_training(composed(tiny(init_dir, tmp_path / "one", "run.max_steps=1", "data.heldout_problems=1",
+                               "data.heldout_rollouts=1")))
+    assert "note: all 1 held-out rollouts are" in capsys.readouterr().err
+    run_training(composed(tiny(init_dir, tmp_path / "mixed", "run.max_steps=1")))
+    assert "held-out rollouts are" not in capsys.readouterr().err
