@@ -8,10 +8,13 @@ Usage:
     boundary, state = rule.advance(tokens, state)               # per decoded token, tensors only
     ends = split_step_ends(boundary_flags, separator_flags)     # after decoding, per row
 
-The rule, as in the MetaStone-S1 reference: a separator token (one whose decoded text ends with
-the separator string) ends a step only while the path is inside <think> ... </think> (always,
-when the tokenizer lacks the think tokens), and not when it directly follows another separator
-or <think>, so a run of separators counts once.
+The rule, as in the MetaStone-S1 reference: a separator token ends a step only while the path
+is inside <think> ... </think> (always, when the tokenizer lacks the think tokens), and not when
+it directly follows another separator or <think>, so a run of separators counts once. A
+separator token here is one whose decoded text ends with the separator string; the reference
+takes only the token of '.\n\n' itself, so in a Qwen vocabulary (~30 tokens end with '.\n\n':
+').\n\n', '...\n\n', ...) steps end at more tokens than the reference's (a known deviation,
+README "Real models and GPU presets").
 """
 from __future__ import annotations
 
