@@ -80,6 +80,7 @@ BUDGET_FIELDS: dict[str, str] = {"mcts": "iterations"}
 # so experiments.search resumes it under a config that sets it so (and the refusal of any other
 # value says which to set), and the sweep files its rows under it (`with_added_strategy_settings`)
 ADDED_SETTINGS: dict[str, Any] = {
+    "task.config.grading": "lenient",  # aime, math500, ceval, gsm8k (2026-12-07): lenient grading before
     "search.lookahead": 0,  # DVTS (2026-12-05): no lookahead steps before
     "search.lookahead_temperature": None,  # beam search, DVTS (2026-12-05): the policy's temperature
     "search.weighting": "score",  # particle filtering (2026-12-05): softmax(score / T)

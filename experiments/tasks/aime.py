@@ -17,6 +17,7 @@ AIME has only a test split:
     problems = aime.load_aime(24, parquet=True)          # the same problems from the parquet file
     problems = aime.generate_problems("test", None, seed=0, cfg=AimeConfig(year=25))   # all 30 of 2025
     aime.grade(aime.load_aime(24)[0], "... \\\\boxed{204}")   # True (2024's first answer)
+    aime.generate_problems("test", None, 0, AimeConfig(grading="reference"))   # graded as MetaStone-S1 does
 
 Problem.answer is the canonical integer string ("025" -> "25"); ids are "aime24-<index>" (line
 order in the jsonl, extra_info.index in the parquet: the same id names different problems in
@@ -30,10 +31,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from experiments.tasks import prompts
+from experiments.tasks import grading, prompts
 from experiments.tasks.benchmark_split import check_count, check_flag, check_path, check_split, select_problems
 from experiments.tasks.loader_errors import RowLocation, read_jsonl, read_parquet_rows, resolve_data_file
-from experiments.tasks.math_task import extract_answer, grade, prompt_text  # noqa: F401  (the task interface)
+from experiments.tasks.math_task import extract_answer, grade, prompt_text, with_grading  # noqa: F401  (the task interface)
 from treesearch.records import Problem
 
 Year = Literal[24, 25]
@@ -53,12 +54,17 @@ class AimeConfig:
     parquet: read MetaStone's verl parquet file instead of the jsonl (AIME 2024 only, unless
         path names a parquet file of your own); its ids name other problems than the jsonl's (module docstring).
     shuffle: draw the problems in a permutation seeded by the task's seed instead of file order.
+    grading: "lenient" (grading.extract_final_answer: a box, "#### N", "Answer: N" or "The answer
+        is N", in the thinking too when nothing follows it) or "reference" (MetaStone-S1's rule: the
+        completion must write "\\box" and its last \\boxed{} must equal the answer); recorded in
+        each Problem's meta["grading"] (reference only), which `grade` reads.
     """
 
     year: int = 24
     path: str | None = None
     parquet: bool = False
     shuffle: bool = False
+    grading: str = grading.LENIENT
 
     def __post_init__(self) -> None:
         if isinstance(self.year, bool) or not isinstance(self.year, int) or self.year not in JSONL_FILES:
@@ -66,6 +72,7 @@ class AimeConfig:
         check_path("AimeConfig", self.path)
         check_flag("AimeConfig", "parquet", self.parquet)
         check_flag("AimeConfig", "shuffle", self.shuffle)
+        grading.check_grading("AimeConfig", self.grading)
         if self.parquet and self.path is None and self.year not in PARQUET_FILES:
             raise ValueError(f"AimeConfig.parquet=True with year={self.year}: MetaStone ships only AIME 2024 as "
                              "parquet; set path= to a parquet file of your own, or parquet=false")
@@ -145,12 +152,12 @@ def load_aime(year: Year, path: str | os.PathLike[str] | None = None, parquet: b
 def generate_problems(split: str, count: int | None, seed: int, cfg: AimeConfig = AimeConfig()) -> list[Problem]:
     """The search task interface: the first `count` problems of AIME 20<cfg.year> (None / -1: all
     30) in file order, or shuffled by seed with cfg.shuffle (`experiments.tasks.benchmark_split`);
-    split "test"."""
+    split "test". cfg.grading=reference is recorded in each problem's meta for `grade`."""
     task = f"aime{cfg.year}"
     check_split(task, split, SPLITS)
     check_count(task, count)
     problems = load_aime(cfg.year, cfg.path, cfg.parquet)  # type: ignore[arg-type]  # checked by AimeConfig
-    return select_problems(problems, task, split, count, seed, cfg.shuffle)
+    return with_grading(select_problems(problems, task, split, count, seed, cfg.shuffle), cfg.grading)
 
 
 def _main() -> None:

@@ -32,6 +32,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
+from experiments.tasks.grading import LENIENT, check_grading
 from experiments.tasks.loader_errors import DataFormatError
 from treesearch.config_checks import check_flag  # noqa: F401 (re-exported to the task loaders)
 from treesearch.records import Problem
@@ -57,16 +58,20 @@ class BenchmarkConfig:
     hub: read the benchmark from the datasets hub instead (needs the optional `datasets` package
         and the hub or its cache; GSM8K and MATH-500 only). Ignores path.
     shuffle: draw the problems in a permutation seeded by the task's seed instead of file order.
+    grading: "lenient" (experiments.tasks.grading's reading) or "reference" (MetaStone-S1's rule);
+        math500 and ceval record it in their problems' meta for `grade` (gsm8k grades lenient).
     """
 
     path: str | None = None
     hub: bool = False
     shuffle: bool = False
+    grading: str = LENIENT
 
     def __post_init__(self) -> None:
         check_path("BenchmarkConfig", self.path)
         check_flag("BenchmarkConfig", "hub", self.hub)
         check_flag("BenchmarkConfig", "shuffle", self.shuffle)
+        check_grading("BenchmarkConfig", self.grading)
 
 
 def check_split(task: str, split: str, valid: Sequence[str]) -> None:

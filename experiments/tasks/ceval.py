@@ -17,6 +17,10 @@ MetaStone evaluates on; here it is the task's only split, "test":
     problems = ceval.generate_problems("test", 50, seed=0, cfg=BenchmarkConfig(shuffle=True))   # 50 drawn across subjects
     ceval.grade(problems[0], "...\\nANSWER: C")          # True when the reference letter is C
 
+Grading is lenient by default (`extract_answer`: the last "ANSWER: X", 故选X, \\boxed{X}, a lone
+letter line ...); cfg.grading="reference" grades as MetaStone-S1 does: the first "答案: X" /
+"answer: X" only (meta["grading"], which `grade` reads).
+
 Problem.answer is the reference letter; ids are "ceval-<sub>-<id>" (ids restart per subject). Run
 `python -m experiments.tasks.ceval` to print a few problems.
 """
@@ -29,6 +33,7 @@ from typing import Any
 from experiments.tasks import grading, prompts
 from experiments.tasks.benchmark_split import BenchmarkConfig, check_count, check_split, select_problems
 from experiments.tasks.loader_errors import RowLocation, read_rows, resolve_data_file
+from experiments.tasks.math_task import with_grading
 from treesearch.records import Problem
 
 DATA_FILE = "metastone/ceval.json"
@@ -81,13 +86,16 @@ def load_ceval(path: str | os.PathLike[str] | None = None) -> list[Problem]:
 def generate_problems(split: str, count: int | None, seed: int, cfg: BenchmarkConfig = BenchmarkConfig()) -> list[Problem]:
     """The search task interface: the first `count` questions (None / -1: all 1346) in file order
     (grouped by subject), or shuffled by seed with cfg.shuffle (`experiments.tasks.benchmark_split`);
-    split "test". cfg.hub is refused: MetaStone's prompts exist only in their file."""
+    split "test". cfg.hub is refused: MetaStone's prompts exist only in their file. cfg.grading
+    (lenient when the config has none) =reference is recorded in each question's meta for `grade`."""
     check_split("ceval", split, SPLITS)
     check_count("ceval", count)
+    mode = getattr(cfg, "grading", grading.LENIENT)
+    grading.check_grading(type(cfg).__name__, mode)
     if cfg.hub:
         raise ValueError("ceval: hub=True is not supported (the task uses MetaStone's prompts, which only "
                          "their ceval.json holds); set path= to another copy of that file instead")
-    return select_problems(load_ceval(cfg.path), "ceval", split, count, seed, cfg.shuffle)
+    return with_grading(select_problems(load_ceval(cfg.path), "ceval", split, count, seed, cfg.shuffle), mode)
 
 
 def prompt_text(problem: Problem, tokenizer: Any = None, think: bool | None = None) -> str:
@@ -103,7 +111,11 @@ def extract_answer(text: str) -> str | None:
 
 
 def grade(problem: Problem, completion_text: str) -> bool:
-    """True iff the chosen letter is the reference letter."""
+    """True iff the chosen letter is the reference letter, chosen as problem.meta["grading"] says:
+    lenient (no such key) `extract_answer`'s letter, reference MetaStone-S1's (the FIRST
+    "答案: X" / "answer: X", `grading.extract_choice_reference`)."""
+    if grading.grading_mode(problem.meta) == grading.REFERENCE:
+        return grading.grade_choice_reference(completion_text, problem.answer)
     return grading.grade_choice(completion_text, problem.answer, LETTERS)
 
 

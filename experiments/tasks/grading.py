@@ -22,6 +22,12 @@ pool) the same check runs in a helper process that is killed when it overruns. N
 
     from experiments.tasks.grading import grade_math, grade_choice
     grade_math("\\\\boxed{0.5}", reference="\\\\frac{1}{2}")   # True
+
+Two grading modes (a benchmark's `task.config.grading`, recorded in each Problem's meta): lenient,
+the reading above (it accepts more than MetaStone-S1 does), and reference, the rule of
+MetaStone-S1's compute_metric.py: a math completion is right only when it writes "\\box" and its
+last \\boxed{} equals the reference (`grade_math_reference`), a C-Eval letter is the first
+"答案: X" / "answer: X" alone (`extract_choice_reference`).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import subprocess
 import sys
 import threading
 import unicodedata
+from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
 
@@ -706,3 +713,53 @@ def grade_choice(completion_text: str, reference: str | None, letters: str = CHO
     if not isinstance(reference, str) or reference.strip() not in letters:
         return False
     return extract_choice(completion_text, letters) == reference.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Grading modes: this module's lenient reading, or the reference's (MetaStone-S1's compute_metric.py)
+
+LENIENT, REFERENCE = "lenient", "reference"
+GRADING_MODES: tuple[str, ...] = (LENIENT, REFERENCE)
+# The reference's C-Eval letter: the FIRST "答案: X" / "answer: X" (any case), upper-cased.
+_REFERENCE_CHOICE_RE = re.compile(r"(?i)(?:答案|answer)\s*[:：]\s*([A-Da-d])\.?")
+
+
+def check_grading(owner: str, value: object) -> None:
+    """ValueError naming task.config.grading and the valid modes unless value is one of them."""
+    if not isinstance(value, str) or value not in GRADING_MODES:
+        raise ValueError(f"task.config.grading={value!r} ({owner}.grading); valid: lenient (this module's reading: "
+                         "a box, '####', 'Answer:', 'The answer is'; a choice anywhere it is stated), reference "
+                         "(MetaStone-S1's: a \\boxed{} answer / the first 'ANSWER: X')")
+
+
+def grading_mode(meta: Mapping[str, object]) -> str:
+    """The grading mode a problem's meta records ("grading"); lenient when it records none (records
+    and Problems made before the setting existed). ValueError for an unknown mode."""
+    mode = meta.get("grading", LENIENT)
+    check_grading("Problem.meta", mode)
+    return str(mode)
+
+
+def grade_math_reference(completion_text: str, reference: str | None, timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
+    """The reference's rule, `int(is_correct and "\\\\box" in output)`: the completion must write
+    "\\box" somewhere, and its last \\boxed{} (math_verify's parse reads the last box first) must
+    equal the reference (`answers_match`, with its time limits). No "Answer: X", "#### X", "The
+    answer is X" or unboxed thinking counts."""
+    if not isinstance(completion_text, str) or "\\box" not in completion_text:
+        return False
+    return answers_match(last_boxed(completion_text), reference, timeout_s=timeout_s)
+
+
+def extract_choice_reference(text: str) -> str | None:
+    """The reference's C-Eval letter: the first "答案: X" / "answer: X" (any case, a full- or
+    half-width colon, A-D), upper-cased; None when there is none. Nothing else counts (no box, no
+    "故选C", no lone letter line) and a later answer does not replace the first."""
+    found = _REFERENCE_CHOICE_RE.search(text) if isinstance(text, str) else None
+    return None if found is None else found.group(1).upper()
+
+
+def grade_choice_reference(completion_text: str, reference: str | None) -> bool:
+    """True iff the reference's letter (`extract_choice_reference`) is the reference letter."""
+    if not isinstance(reference, str) or reference.strip() not in CHOICE_LETTERS:
+        return False
+    return extract_choice_reference(completion_text) == reference.strip()

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from experiments.tasks import grading
 from experiments.tasks.benchmark_split import BenchmarkConfig, check_count, check_split, select_problems
+from experiments.tasks.grading import LENIENT
 from experiments.tasks.loader_errors import RowLocation, read_hub_rows, read_rows, resolve_data_file
 from experiments.tasks.math_task import extract_answer, grade, prompt_text  # noqa: F401  (the task interface)
 from treesearch.records import Problem
@@ -84,6 +85,9 @@ def generate_problems(split: Split, count: int | None, seed: int, cfg: Benchmark
     order, or shuffled by seed with cfg.shuffle (`experiments.tasks.benchmark_split`)."""
     check_split("gsm8k", split, SPLITS)
     check_count("gsm8k", count)
+    if cfg.grading != LENIENT:  # a key every benchmark config has; MetaStone-S1's rule covers its own benchmarks
+        raise ValueError(f"task.config.grading={cfg.grading!r}: GSM8K has no reference grading (MetaStone-S1 "
+                         "evaluates AIME, MATH-500 and C-Eval); leave it lenient")
     problems = load_gsm8k(split, cfg.path, cfg.hub)
     return select_problems(problems, "gsm8k", split, count, seed, cfg.shuffle)
 

@@ -1,10 +1,12 @@
 """The task interface shared by the free-form math benchmarks (GSM8K, MATH-500, AIME): the prompt
 (problem + the reference's boxed instruction in the chat template), answer extraction and
 grading through math-verify. Each benchmark module re-exports these three names, so experiments
-treat `experiments.tasks.<name>` like `experiments.tasks.arith`.
+treat `experiments.tasks.<name>` like `experiments.tasks.arith`. `with_grading` records a task's
+grading mode (task.config.grading: lenient / reference) in its problems' meta, which `grade` reads.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from experiments.tasks import grading, prompts
@@ -27,5 +29,17 @@ def extract_answer(text: str) -> str | None:
 
 def grade(problem: Problem, completion_text: str) -> bool:
     """True iff the completion's final answer is mathematically equal to the reference answer
-    ("025" == "25", "$1,000" == "1000", "\\frac{1}{2}" == "0.5")."""
+    ("025" == "25", "$1,000" == "1000", "\\frac{1}{2}" == "0.5"), read as problem.meta["grading"]
+    says (`with_grading`): lenient (no such key) takes `extract_final_answer`'s answer, reference
+    only the last \\boxed{} of a completion that writes "\\box" (MetaStone-S1's rule)."""
+    if grading.grading_mode(problem.meta) == grading.REFERENCE:
+        return grading.grade_math_reference(completion_text, problem.answer)
     return grading.grade_math(completion_text, problem.answer)
+
+
+def with_grading(problems: list[Problem], mode: str) -> list[Problem]:
+    """problems graded in `mode` (a task.config.grading value, already checked): reference is
+    recorded as meta["grading"]; lenient leaves them as they are (no key: today's records)."""
+    if mode == grading.LENIENT:
+        return problems
+    return [dataclasses.replace(p, meta={**p.meta, "grading": mode}) for p in problems]
