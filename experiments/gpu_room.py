@@ -60,10 +60,10 @@ def gpu_index(device: str) -> int | None:
 def room_problem(share: float, total: int, needed: int) -> str | None:
     """Why `needed` bytes do not fit beside an engine that takes share x total bytes of the GPU
     (and which share would leave room), or None when they fit."""
-    left = (1 - share) * total
+    left = round((1 - share) * total)  # whole bytes: 1 - 0.9 is 0.0999..., which refused exactly 8 GiB of 80
     if needed <= left:
         return None
-    fitting = math.floor((total - needed) / total * 20) / 20  # a share in steps of 0.05 that leaves room
+    fitting = max(total - needed, 0) * 20 // total / 20  # the largest share in steps of 0.05 that leaves room
     advice = (f"set policy.engine.gpu_memory_utilization={fitting:g} (or put the scorer on another GPU, scorer.device=cuda:N)"
               if fitting >= 0.3 else "put the scorer on another GPU (scorer.device=cuda:N)")
     return (f"needs ~{needed / GIB:.1f} GiB, and the policy's vLLM engine takes policy.engine.gpu_memory_utilization="
