@@ -131,7 +131,8 @@ CLAIM_FILES: tuple[str, ...] = (CONFIG, WEIGHTS_FILE, HYDRA_SUBDIR, LOCK)
 # what another command's run folder holds (experiments.train: last/, ckpt-*/, metrics.jsonl; train_sft:
 # final/, sft_summary.json; train_head: metrics.jsonl, final/): a search there replaced its config.yaml
 # and metrics.json, and the training could not resume
-FOREIGN_RUN_FILES: tuple[str, ...] = ("last", "final", "sft_summary.json", "metrics.jsonl")
+# (reference/ and heldout_rollouts.jsonl: a joint training run's, written before its first metrics row)
+FOREIGN_RUN_FILES: tuple[str, ...] = ("last", "final", "sft_summary.json", "metrics.jsonl", "reference", "heldout_rollouts.jsonl")
 # what a folder of several runs holds (a sweep: multirun.yaml, sweep_metrics.json; the demo: report.md;
 # either: sub-folders of runs): a search at its root mixed its rows into the sweep's tables
 RESULTS_FOLDER_FILES: tuple[str, ...] = ("multirun.yaml", "sweep_metrics.json", "report.md")

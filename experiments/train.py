@@ -49,6 +49,7 @@ from experiments.startup_interrupt import quiet_start  # noqa: E402
 
 quiet_start(__name__)  # Ctrl-C during the imports below: one line, not their traceback
 
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
@@ -86,7 +87,8 @@ from experiments.tasks.benchmark_split import TAKE_ALL_HINT  # noqa: E402
 from experiments.tasks.chat_prompt import ChatPrompt, task_prompt_fn  # noqa: E402
 from experiments.override_keys import check_override_keys, check_plain_keys, check_refused_keys  # noqa: E402
 from experiments.search import (  # noqa: E402
-    CONFIG_DIR, TASK_KEYS, build_frozen, check_int, check_switches, resolve_out_dir, resolved_config, user_errors_reported,
+    CONFIG_DIR, TASK_KEYS, build_frozen, check_int, check_switches, resolve_out_dir, resolved_config, run_lock,
+    user_errors_reported,
 )
 from experiments.sweep_metrics import read_run_config  # noqa: E402
 from policies.bf16_support import native_bf16  # noqa: E402
@@ -471,32 +473,42 @@ def reference_lm(trainer_out: Path, reflective: ReflectiveModel, tokenizer: Any,
     return lm.eval().requires_grad_(False)
 
 
-def claim_out_dir(out: Path, config: dict[str, Any], resuming: bool, main: bool) -> None:
+def claim_out_dir(
+    out: Path, config: dict[str, Any], resuming: bool, main: bool, held: contextlib.ExitStack | None = None,
+) -> None:
     """Resuming: refuse a config that differs in a result-relevant key. Fresh: reset the run files
     of this config's own start that stopped before its first checkpoint; refuse a folder holding
-    another run (`check_fresh_out_dir`)."""
-    path = out / CONFIG
-    if not resuming:
-        check_fresh_out_dir(out, config)
+    another run (`check_fresh_out_dir`). held: the main process takes the folder's lock into it
+    once the checks pass (a refused folder gets no .lock), before anything is written."""
     if resuming:
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing: {out} holds checkpoints of a run whose config is gone, so a resume cannot be "
-                "checked against it; restore config.yaml, or pass another out_dir= to start a new run"
-            )
-        saved = saved_run_config(out, config)
-        diffs = config_differences(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
-        if diffs:
-            overrides = resume_overrides(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
-            resume = f", or add `{' '.join(overrides)}` to resume it as it ran" if overrides else ""
-            raise ValueError(f"{out} holds a run of another config ({'; '.join(diffs)}); use another out_dir{resume}")
-        return
-    if main:
+        check_resume_config(out, config)
+    else:
+        check_fresh_out_dir(out, config)
+    if held is not None and main:
+        held.enter_context(run_lock(out))
+    if main and not resuming:
         out.mkdir(parents=True, exist_ok=True)
         for name in (METRICS, HELDOUT):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / TENSORBOARD, ignore_errors=True)  # its step 0 was logged twice after such a stop
-        write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(config)))
+        write_atomic(out / CONFIG, OmegaConf.to_yaml(OmegaConf.create(config)))
+
+
+def check_resume_config(out: Path, config: dict[str, Any]) -> None:
+    """ValueError when the run being resumed in out ran another config (RESUMABLE_KEYS may differ),
+    saying which overrides resume it as it ran; FileNotFoundError when its config.yaml is gone."""
+    path = out / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: {out} holds checkpoints of a run whose config is gone, so a resume cannot be "
+            "checked against it; restore config.yaml, or pass another out_dir= to start a new run"
+        )
+    saved = saved_run_config(out, config)
+    diffs = config_differences(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
+    if diffs:
+        overrides = resume_overrides(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
+        resume = f", or add `{' '.join(overrides)}` to resume it as it ran" if overrides else ""
+        raise ValueError(f"{out} holds a run of another config ({'; '.join(diffs)}); use another out_dir{resume}")
 
 
 def saved_run_config(out: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -554,8 +566,14 @@ def check_fresh_out_dir(out: Path, config: dict[str, Any]) -> None:
                          "experiments.train_head's), which a new training run there would overwrite; use another out_dir")
 
 
-def open_run(cfg: DictConfig, s: Settings, accelerator: Accelerator) -> tuple[Trainer, bool]:
-    """Load or resume everything a process needs; returns (trainer, resumed)."""
+def open_run(
+    cfg: DictConfig, s: Settings, accelerator: Accelerator, held: contextlib.ExitStack | None = None,
+) -> tuple[Trainer, bool]:
+    """Load or resume everything a process needs; returns (trainer, resumed). held: the main
+    process takes the run folder's lock (`experiments.search.run_lock`) into it once every check
+    has passed, as it claims the folder (`claim_out_dir`): a second run on the folder (the same
+    command in another terminal, a requeued job while the old one runs, a search) is refused
+    instead of mixing its rows and checkpoints with this one's."""
     out = resolve_out_dir(cfg)
     per_process, rest = divmod(s.run.prompts_per_step, accelerator.num_processes)
     if rest or per_process % s.run.mini_batches:
@@ -570,7 +588,7 @@ def open_run(cfg: DictConfig, s: Settings, accelerator: Accelerator) -> tuple[Tr
     check_separator_ends_tokens(s, markers)  # before the folder is claimed and reference/ saved
     state = point.state if point is not None else None
     config = pinned_reference_precision(resolved_config(cfg), accelerator.device)
-    claim_out_dir(out, config, state is not None, accelerator.is_main_process)
+    claim_out_dir(out, config, state is not None, accelerator.is_main_process, held)
     if point is not None and point.passed_over and accelerator.is_main_process:
         print(resume_message(point), flush=True)
     accelerator.wait_for_everyone()
@@ -1077,7 +1095,15 @@ def run_training(cfg: DictConfig) -> Path:
     note = trained_task_note(s.init_from, s.task_module, "init_from")
     if note and accelerator.is_main_process:
         print(note, file=sys.stderr, flush=True)
-    t, resumed = open_run(cfg, s, accelerator)
+    with contextlib.ExitStack() as held:  # the run folder's lock, from its claim to the end
+        t, resumed = open_run(cfg, s, accelerator, held)
+        train_opened(cfg, t, resumed)
+    accelerator.wait_for_everyone()
+    return t.out
+
+
+def train_opened(cfg: DictConfig, t: Trainer, resumed: bool) -> None:
+    """The held-out rollouts, the step-0 evaluation of a fresh run, and the training loop."""
     make_heldout(t, resumed)
     log = MetricsLog(t.out, bool(cfg.tensorboard), t.step) if t.main else None
     if resumed and t.main:
@@ -1095,8 +1121,6 @@ def run_training(cfg: DictConfig) -> Path:
     finally:
         if log is not None:
             log.close()
-    accelerator.wait_for_everyone()
-    return t.out
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")

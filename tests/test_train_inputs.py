@@ -784,3 +784,33 @@ def test_a_run_diverging_after_its_checkpoints_keeps_them_and_saves_nothing_of_t
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-1", "ckpt-2"]
     assert load_joint_state(out / "last").step == 2
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_a_second_run_on_the_folder_is_refused_while_one_holds_it(init_dir, tmp_path):
+    # two trainers on one out_dir (a requeued job while the old one ran) both ran, interleaving their
+    # metrics rows and checkpoints; the second now stops before it claims anything
+    from experiments.cli_errors import RunDirBusyError
+    from experiments.search import run_lock
+
+    out = tmp_path / "run"
+    with run_lock(out):
+        with pytest.raises(RunDirBusyError, match=f"another process is writing into {out}"):
+            run_training(composed(tiny(init_dir, out)))
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing claimed: no config.yaml, reference/, rows
+    run_training(composed(tiny(init_dir, out)))  # once free, the run goes on there
+    assert (out / "metrics.jsonl").is_file()
+
+
+def test_a_search_is_refused_in_a_training_runs_folder_before_its_first_row(tmp_path):
+    # the trainer writes config.yaml, reference/ and heldout_rollouts.jsonl before metrics.jsonl: a
+    # search let in then replaced config.yaml, and the training run could never resume
+    from experiments.search import claim_run_dir
+
+    for marker in ("reference", "heldout_rollouts.jsonl"):
+        out = tmp_path / marker
+        out.mkdir()
+        (out / marker).mkdir() if marker == "reference" else (out / marker).write_text("{}\n")
+        (out / "config.yaml").write_text("seed: 0\n")  # the trainer's
+        with pytest.raises(ValueError, match=rf"holds {marker} of another command's run"):
+            claim_run_dir(out, {"seed": 1})
+        assert (out / "config.yaml").read_text() == "seed: 0\n"
