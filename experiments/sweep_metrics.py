@@ -707,8 +707,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for note in sweep_notes(summaries, args.path):
         print(note, file=sys.stderr)
-    csv_path, _ = write_sweep_table(summaries, args.path)
-    print(format_table(summaries))
+    print(format_table(summaries))  # before the files: a sweep folder one may read but not write still gets its table
+    try:
+        csv_path, _ = write_sweep_table(summaries, args.path)
+    except OSError as err:
+        print(f"error: cannot write the sweep's tables into {args.path} ({err.strerror or err})", file=sys.stderr)
+        return 2
     print(f"wrote {csv_path}")
     return 0
 

@@ -217,6 +217,18 @@ def test_scorers_of_one_class_with_other_settings_are_separate_series(tmp_path):
     assert len(series) == 5
 
 
+def test_a_sweep_folder_that_cannot_be_written_still_gets_its_table(synthetic_sweep, capsys, monkeypatch):
+    # a shared (read-only) sweep folder: the CSV was written before the table was printed, a traceback and no table
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(synthetic_sweep / "sweep_metrics.csv"))
+
+    monkeypatch.setattr(sweep_metrics, "write_sweep_table", read_only)
+    assert sweep_metrics.main([str(synthetic_sweep)]) == 2
+    out, err = capsys.readouterr()
+    assert any(line.startswith("beam_search") for line in out.splitlines())
+    assert err.endswith(f"error: cannot write the sweep's tables into {synthetic_sweep} (Read-only file system)\n")
+
+
 def test_a_missing_sweep_folder_is_named_as_missing(tmp_path, capsys):
     missing = tmp_path / "no_such_sweep"
     for command in (lambda: plot_module.main(["scaling", str(missing)]), lambda: scaling.main([str(missing)]),
