@@ -693,6 +693,10 @@ def claim_config(cfg: EvalConfig, out: Path) -> None:
         what = ", ".join(foreign) if foreign else f"a {CONFIG_FILE} that is no smollm2_eval config (a model folder?)"
         raise ValueError(f"{out} holds {what}: not a smollm2_eval run, and this run would replace its files; "
                          "use another --out")
+    made = [name for name in STAGE_OUTPUTS if (out / name).exists()]
+    if not path.is_file() and made:  # the new config.json would relabel rows of unknown settings
+        raise ValueError(f"{out} holds {', '.join(made)} but no {CONFIG_FILE}: the settings those rows were made with "
+                         f"are gone; restore {CONFIG_FILE}, or use another --out")
     if path.is_file():
         # a field added after the folder was made counts as its default (the behaviour it had then)
         saved = {**config_defaults(), **saved_file}

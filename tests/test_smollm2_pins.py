@@ -209,3 +209,14 @@ def test_a_chunk_holds_chunk_rows_over_paths_per_problem_problems(tmp_path, monk
         smollm2_eval.run_search_stage(EvalConfig(**settings), stage, tmp_path, 1e18)
     assert sizes == [expected]
 
+
+
+def test_stage_outputs_without_their_config_are_refused(tmp_path):
+    # config.json deleted, greedy rows kept: a rerun with other settings wrote a new config.json and
+    # its report labelled the old rows with the new max_total_tokens
+    out = run_folder(tmp_path, "greedy.jsonl")
+    (out / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"holds greedy.jsonl but no config.json: the settings those rows were made "
+                                         r"with are gone; restore config.json"):
+        claim_config(EvalConfig(max_total_tokens=64), out)
+    assert not (out / "config.json").exists()
