@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from pathlib import Path
 from typing import Callable, Mapping
@@ -165,11 +166,31 @@ def check_file_target(path: Path, flag: str, example_name: str = "out.json") -> 
 
 
 def check_folder_target(path: Path, flag: str) -> None:
-    """ValueError naming a folder option (`--out DIR`, `--save DIR`) that is an existing file or
-    lies under one. Called before the work, which would fail only after it."""
+    """ValueError naming a folder option (`--out DIR`, `--save DIR`) that is no folder one can
+    write (`folder_problem`). Called before the work, which would fail only after it."""
+    problem = folder_problem(path)
+    if problem is not None:
+        raise ValueError(f"{flag} {path} {problem}{'; give a folder' if problem == EXISTING_FILE else ''}")
+
+
+EXISTING_FILE = "is an existing file"
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why a run cannot write its folder at path, or None: a symbolic link to nothing (a missing
+    folder or a loop: "File exists" when made), an existing file, a path under a file, or a place
+    the user may not write (PermissionError after the work)."""
+    if path.is_symlink() and not path.exists():
+        return "is a symbolic link to nothing (a missing folder, or a loop)"
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {path} is an existing file; give a folder")
-    check_parents_are_folders(path, flag)
+        return EXISTING_FILE
+    above = file_above(path)
+    if above is not None:
+        return f"lies under {above}, an existing file"
+    ancestor = next((p for p in (path, *path.parents) if p.exists()), None)
+    if ancestor is not None and not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot be written (no write permission on {ancestor})"
+    return None
 
 
 def check_parents_are_folders(path: Path, flag: str) -> None:

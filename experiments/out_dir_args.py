@@ -37,7 +37,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
 
-from experiments.cli_args import file_above
+from experiments.cli_args import folder_problem
 from experiments.cli_errors import USAGE_EXIT
 from experiments.override_keys import SWEEP_FLAGS, compose_config
 
@@ -66,12 +66,9 @@ def out_dir_error(argv: Sequence[str], config_dir: Path, config_name: str) -> st
     value = values[-1] if values else ""
     if value in ("", "null") or "${" in value:
         return None
-    path = Path(value)
-    if path.exists() and not path.is_dir():
-        return f"error: out_dir={value} is an existing file; give a folder"
-    above = file_above(path)
-    if above is not None:
-        return f"error: out_dir={value} lies under {above}, an existing file; give a folder"
+    problem = folder_problem(Path(value))
+    if problem is not None:
+        return f"error: out_dir={value} {problem}; give a folder"
     if not several_jobs(argv, config_dir, config_name):
         return None  # one run, or `-m` with nothing swept (one job submitted through a launcher)
     return (f"error: out_dir={value} with a sweep sends every job to that one folder; name the sweep's folder "

@@ -14,6 +14,7 @@ Run: `.venv/bin/python -m pytest tests/test_cli_pins.py`
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,33 @@ def test_a_multibyte_run_name_is_cut_by_its_bytes():
     # pins: the limit is on bytes (a file name's), not characters
     assert len(name.encode("utf-8")) <= MAX_RUN_NAME + 15 < 255
     assert name.startswith("task.name=é") and name != overrides
+
+
+def test_a_folder_a_run_cannot_write_is_named_before_the_work(tmp_path, monkeypatch):
+    # a dangling symlink or a loop passed the checks (exists() is False) and failed with "File exists"
+    # at the first checkpoint or after the work; an unwritable place with a PermissionError after it
+    from experiments.cli_args import check_folder_target, folder_problem
+    from experiments.out_dir_args import out_dir_error
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "file").write_text("x")
+    for name in ("dangling", "loop"):
+        assert folder_problem(tmp_path / name) == "is a symbolic link to nothing (a missing folder, or a loop)"
+    assert folder_problem(tmp_path / "file") == "is an existing file"
+    assert folder_problem(tmp_path / "file" / "run") == f"lies under {tmp_path / 'file'}, an existing file"
+    assert folder_problem(tmp_path / "new" / "run") is None
+    with pytest.raises(ValueError, match=r"--out .*dangling is a symbolic link to nothing"):
+        check_folder_target(tmp_path / "dangling", "--out")
+    assert out_dir_error([f"out_dir={tmp_path / 'loop'}"], Path("unused"), "search") == (
+        f"error: out_dir={tmp_path / 'loop'} is a symbolic link to nothing (a missing folder, or a loop); give a folder")
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)  # as a user without write permission
+    assert folder_problem(tmp_path / "new" / "run") == f"cannot be written (no write permission on {tmp_path})"
+
+
+def test_train_sft_refuses_a_dangling_out_link_before_training(tmp_path, capsys):
+    from experiments import train_sft
+
+    (tmp_path / "out").symlink_to(tmp_path / "missing")
+    assert train_sft.main(["--out", str(tmp_path / "out"), "--max-steps", "1", "--eval-problems", "0"]) == 2
+    assert "is a symbolic link to nothing" in capsys.readouterr().err
