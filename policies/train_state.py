@@ -209,6 +209,19 @@ def resume_point(out_dir: Path) -> ResumePoint | None:
     return None
 
 
+def copy_folder(src: Path, dst: Path) -> None:
+    """src's files and folders into dst, each OSError raised as it happens: shutil.copytree gathers
+    them into a shutil.Error that carries no errno, so a full disk while copying a checkpoint to
+    last/ read as a bug (a traceback) instead of the one-line storage error."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            shutil.copy2(path, target)
+
+
 def publish_checkpoint(
     out_dir: Path, reflective: ReflectiveModel, tokenizer: Any, state: JointTrainState, numbered: bool, keep: int
 ) -> Path:
@@ -219,7 +232,7 @@ def publish_checkpoint(
         return save_joint_checkpoint(out_dir / LAST, reflective, tokenizer, state)
     numbered_dir = save_joint_checkpoint(out_dir / f"ckpt-{state.step}", reflective, tokenizer, state)
     with atomic_directory(out_dir / LAST) as tmp:
-        shutil.copytree(numbered_dir, tmp, dirs_exist_ok=True)
+        copy_folder(numbered_dir, tmp)
     if keep > 0:
         steps = sorted(int(m.group(1)) for p in out_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)))
         for step in steps[:-keep]:

@@ -28,7 +28,7 @@ from policies.grpo import group_advantages
 from policies.joint_step import JointForward, JointLossConfig, joint_step, target_logprobs
 from policies.rollout_batch import Rollout, collate_rollouts
 from policies.shared_prompt import shared_prompt_forward, shared_prompt_lengths
-from policies.train_state import JointTrainState, publish_checkpoint, resume_point
+from policies.train_state import STATE_FILE, JointTrainState, publish_checkpoint, resume_point
 from scorers.sprm_head import build_sprm_head
 from test_joint_step import BOS, COMPLETIONS, EOS, MARKERS, OPEN, PAD, SEP, TOK, hand_batch, reflective_model
 from test_joint_step import rollout as joint_rollout
@@ -318,6 +318,28 @@ def publish_steps(out: Path, steps, keep: int) -> None:
 def test_keep_checkpoints_keeps_exactly_the_newest(tmp_path):
     publish_steps(tmp_path, range(1, 5), keep=2)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt-")) == ["ckpt-3", "ckpt-4"]
+
+
+def test_last_is_an_exact_copy_and_a_full_disk_while_copying_it_is_a_storage_error(tmp_path, monkeypatch):
+    # shutil.copytree gathered the ENOSPC into a shutil.Error without errno: a traceback, not the one-line error
+    import errno
+    import shutil
+
+    from experiments.cli_errors import is_storage_error
+
+    publish_steps(tmp_path, (1,), keep=0)
+    copied = {p.relative_to(tmp_path / "last"): p.read_bytes() for p in (tmp_path / "last").rglob("*") if p.is_file()}
+    numbered = {p.relative_to(tmp_path / "ckpt-1"): p.read_bytes() for p in (tmp_path / "ckpt-1").rglob("*") if p.is_file()}
+    assert copied == numbered and copied
+
+    def full(src, dst, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(shutil, "copy2", full)
+    with pytest.raises(OSError) as caught:
+        publish_steps(tmp_path, (2,), keep=0)
+    assert is_storage_error(caught.value)
+    assert (tmp_path / "last" / STATE_FILE).is_file()  # the step-1 last/ is left whole
 
 
 # pins: with last/ damaged, a resume takes the NEWEST complete ckpt-<K> (10 after 9, not by name)
