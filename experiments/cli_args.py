@@ -162,7 +162,18 @@ def check_file_target(path: Path, flag: str, example_name: str = "out.json") -> 
     Called before the work, which would fail only after it."""
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder; give a file path such as {path / example_name}")
+    if unexpanded_home(path):
+        raise ValueError(f"{flag} {path} {UNEXPANDED_HOME}")
     check_parents_are_folders(path, flag)
+
+
+UNEXPANDED_HOME = "starts with '~', which no shell expanded here (it would be a folder named '~'): give $HOME/... or the full path"
+
+
+def unexpanded_home(path: Path) -> bool:
+    """A path whose first part is "~" or "~user" as typed (`--out=~/x`, `out_dir='~/x'`): the shell
+    expands it only as a word of its own, so the run wrote into ./~ (and a later `rm -rf ~` ...)."""
+    return bool(path.parts) and path.parts[0].startswith("~")
 
 
 def check_folder_target(path: Path, flag: str) -> None:
@@ -177,9 +188,11 @@ EXISTING_FILE = "is an existing file"
 
 
 def folder_problem(path: Path) -> str | None:
-    """Why a run cannot write its folder at path, or None: a symbolic link to nothing (a missing
+    """Why a run cannot write its folder at path, or None: a "~" no shell expanded, a symbolic link to nothing (a missing
     folder or a loop: "File exists" when made), an existing file, a path under a file, or a place
     the user may not write (PermissionError after the work)."""
+    if unexpanded_home(path):
+        return UNEXPANDED_HOME
     if path.is_symlink() and not path.exists():
         return "is a symbolic link to nothing (a missing folder, or a loop)"
     if path.exists() and not path.is_dir():

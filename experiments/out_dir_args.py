@@ -37,7 +37,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
 
-from experiments.cli_args import folder_problem
+from experiments.cli_args import EXISTING_FILE, folder_problem
 from experiments.cli_errors import USAGE_EXIT
 from experiments.override_keys import SWEEP_FLAGS, compose_config
 
@@ -66,13 +66,19 @@ def out_dir_error(argv: Sequence[str], config_dir: Path, config_name: str) -> st
     value = values[-1] if values else ""
     if value in ("", "null") or "${" in value:
         return None
-    problem = folder_problem(Path(value))
-    if problem is not None:
-        return f"error: out_dir={value} {problem}; give a folder"
+    problem = folder_problem(Path(unquoted(value)))
+    if problem is not None:  # a file where the folder goes: "give a folder"; the other problems say what to do
+        advice = "; give a folder" if problem == EXISTING_FILE or problem.startswith("lies under") else ""
+        return f"error: out_dir={value} {problem}{advice}"
     if not several_jobs(argv, config_dir, config_name):
         return None  # one run, or `-m` with nothing swept (one job submitted through a launcher)
     return (f"error: out_dir={value} with a sweep sends every job to that one folder; name the sweep's folder "
             f"with hydra.sweep.dir={value} instead (each job gets a sub-folder of it)")
+
+
+def unquoted(value: str) -> str:
+    """An override's value without the quotes Hydra's grammar takes off (out_dir='~/x' is ~/x)."""
+    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"" else value
 
 
 def several_jobs(argv: Sequence[str], config_dir: Path, config_name: str) -> bool:

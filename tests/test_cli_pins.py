@@ -185,7 +185,12 @@ def test_a_folder_a_run_cannot_write_is_named_before_the_work(tmp_path, monkeypa
     with pytest.raises(ValueError, match=r"--out .*dangling is a symbolic link to nothing"):
         check_folder_target(tmp_path / "dangling", "--out")
     assert out_dir_error([f"out_dir={tmp_path / 'loop'}"], Path("unused"), "search") == (
-        f"error: out_dir={tmp_path / 'loop'} is a symbolic link to nothing (a missing folder, or a loop); give a folder")
+        f"error: out_dir={tmp_path / 'loop'} is a symbolic link to nothing (a missing folder, or a loop)")
+    assert out_dir_error(["out_dir='~/x'"], Path("unused"), "search") == (
+        "error: out_dir='~/x' starts with '~', which no shell expanded here (it would be a folder named '~'): give "
+        "$HOME/... or the full path")
+    with pytest.raises(ValueError, match=r"--out ~/cache.pt starts with '~', which no shell expanded here"):
+        check_file_target(Path("~/cache.pt"), "--out")
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)  # as a user without write permission
     assert folder_problem(tmp_path / "new" / "run") == f"cannot be written (no write permission on {tmp_path})"
 
