@@ -241,8 +241,9 @@ def evaluate(final: Path, cfg: QuickEvalConfig, task: SFTTask, out: Path, steps:
         report = quick_eval(model, tokenizer, eval_problems(cfg, task.default_config, task.module), cfg, task.module)
     except NonFiniteLogitsError as err:  # the run is saved: an error line, not a traceback
         raise SFTError(f"the quick evaluation of {final} failed: {err}; the trained checkpoint is kept") from err
-    print(format_report(report))
+    # written before it is printed: a closed stdout (`... | head -1`) cost the file, and an older one stayed
     (out / QUICK_EVAL_FILE).write_text(json.dumps({"steps": steps, **asdict(report)}, indent=1))
+    print(format_report(report))
     print(f"evaluation took {time.perf_counter() - t0:.0f} s; wrote {out / QUICK_EVAL_FILE}")
 
 
