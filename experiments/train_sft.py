@@ -52,6 +52,10 @@ from policies.tiny_model import TinyModelConfig, build_model, num_parameters  # 
 from policies.tiny_tokenizer import build_tokenizer  # noqa: E402
 
 DEFAULT_TRAIN_PROBLEMS = 100_000  # more than a default run consumes: no example is seen twice
+# what another command's run folder holds at its top (search: records.jsonl, config.yaml; train: config.yaml,
+# reference/, metrics.jsonl; train_head: metrics.jsonl; smollm2_eval: config.json): an SFT run there mixed
+# its files with that run's, which was then refused on its own rerun
+FOREIGN_RUN_FILES: tuple[str, ...] = ("records.jsonl", "config.yaml", "metrics.jsonl", "config.json", "reference")
 QUICK_EVAL_FILE = "quick_eval.json"  # OUT's quick evaluation, with the steps of the policy it evaluated
 
 
@@ -162,6 +166,10 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         check_not_model_folder(Path(args.out), "--out")
     except ValueError as err:
         raise SFTError(str(err)) from None
+    foreign = [name for name in FOREIGN_RUN_FILES if (Path(args.out) / name).exists()]
+    if foreign:  # that run was refused on its next rerun ("holds last, final, sft_summary.json ...")
+        raise SFTError(f"--out {args.out} holds {', '.join(foreign)} of another command's run (experiments.search, "
+                       "train, train_head or smollm2_eval); use another --out")
     if args.train_problems < 1:
         raise SFTError(f"--train-problems {args.train_problems}: must be >= 1")
     if args.train_problems < cfg.batch_size:

@@ -273,3 +273,15 @@ def test_a_diverged_run_is_kept_and_its_failed_evaluation_is_one_error_line(tmp_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: the quick evaluation of {out / 'final'} failed: the policy's logits are not finite")
     assert err.endswith("; the trained checkpoint is kept") and (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["records.jsonl", "config.yaml", "metrics.jsonl", "config.json"])
+def test_another_commands_run_folder_is_refused_as_out(tmp_path, capsys, name):
+    # a finished search / smollm2_eval folder was taken, and that run then refused on its own rerun
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_text("{}\n")
+    assert main("--out", str(out), "--max-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out} holds {name} of another command's run") and err.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == [name]
