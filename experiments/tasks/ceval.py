@@ -87,15 +87,13 @@ def generate_problems(split: str, count: int | None, seed: int, cfg: BenchmarkCo
     """The search task interface: the first `count` questions (None / -1: all 1346) in file order
     (grouped by subject), or shuffled by seed with cfg.shuffle (`experiments.tasks.benchmark_split`);
     split "test". cfg.hub is refused: MetaStone's prompts exist only in their file. cfg.grading
-    (lenient when the config has none) =reference is recorded in each question's meta for `grade`."""
+    =reference (checked by BenchmarkConfig) is recorded in each question's meta for `grade`."""
     check_split("ceval", split, SPLITS)
     check_count("ceval", count)
-    mode = getattr(cfg, "grading", grading.LENIENT)
-    grading.check_grading(type(cfg).__name__, mode)
     if cfg.hub:
         raise ValueError("ceval: hub=True is not supported (the task uses MetaStone's prompts, which only "
                          "their ceval.json holds); set path= to another copy of that file instead")
-    return with_grading(select_problems(load_ceval(cfg.path), "ceval", split, count, seed, cfg.shuffle), mode)
+    return with_grading(select_problems(load_ceval(cfg.path), "ceval", split, count, seed, cfg.shuffle), cfg.grading)
 
 
 def prompt_text(problem: Problem, tokenizer: Any = None, think: bool | None = None) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from experiments.tasks import grading
 from experiments.tasks.benchmark_split import BenchmarkConfig, check_count, check_split, select_problems
 from experiments.tasks.loader_errors import RowLocation, read_hub_rows, read_rows, resolve_data_file
 from experiments.tasks.math_task import extract_answer, grade, prompt_text, with_grading  # noqa: F401  (the task interface)
@@ -64,13 +63,12 @@ def load_math500(path: str | os.PathLike[str] | None = None, hub: bool = False) 
 def generate_problems(split: str, count: int | None, seed: int, cfg: BenchmarkConfig = BenchmarkConfig()) -> list[Problem]:
     """The search task interface: the first `count` problems (None / -1: all 500) in file order,
     or shuffled by seed with cfg.shuffle (`experiments.tasks.benchmark_split`); split "test".
-    cfg.grading (lenient when the config has none) =reference is recorded in each problem's meta
+    cfg.grading=reference (checked by BenchmarkConfig) is recorded in each problem's meta
     for `grade`: MetaStone-S1's rule, a completion right only with "\\box" and its last \\boxed{}."""
     check_split("math500", split, SPLITS)
     check_count("math500", count)
-    mode = getattr(cfg, "grading", grading.LENIENT)
-    grading.check_grading(type(cfg).__name__, mode)
-    return with_grading(select_problems(load_math500(cfg.path, cfg.hub), "math500", split, count, seed, cfg.shuffle), mode)
+    return with_grading(select_problems(load_math500(cfg.path, cfg.hub), "math500", split, count, seed, cfg.shuffle),
+                        cfg.grading)
 
 
 def _main() -> None:
