@@ -55,7 +55,6 @@ from policies.shared_prompt import shared_prompt_forward, shared_prompt_lengths 
 from policies.sampling_config import SamplingConfig  # noqa: E402
 from policies.transformers_policy import TransformersPolicy  # noqa: E402
 from scorers.sprm_positions import StepMarkers  # noqa: E402
-from treesearch.steps import StepFormat  # noqa: E402
 
 TARGET = 0.8  # least joint / plain tokens/s
 # experiments/conf/train.yaml's rollout sampling
@@ -102,7 +101,7 @@ def rollout_batch(parts: TrainParts, prompts: int, group: int, seed: int) -> Rol
     groups = TransformersRolloutSource(policy).rollouts(problems, group, seed)
     flat = [r for g in groups for r in g]
     rewards = [float(arith.grade(p, r.text)) for p, g in zip(problems, groups) for r in g]
-    fmt = StepFormat(TRAIN_SAMPLING.separator, TRAIN_SAMPLING.think_open, TRAIN_SAMPLING.think_close)
+    fmt = TRAIN_SAMPLING.step_format
     width = max(int(parts.reflective.config.vocab_size), len(parts.tokenizer))
     markers = StepMarkers.from_tokenizer(parts.tokenizer, width, fmt)
     return collate_rollouts(flat, rewards, group, markers, policy.pad_id)

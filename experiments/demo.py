@@ -78,7 +78,6 @@ from treesearch.compute import Compute
 from treesearch.protocols import Policy, Scorer
 from treesearch.records import Prefix, Problem
 from treesearch.result import SearchResult
-from treesearch.steps import StepFormat
 
 
 SWEEP_SCORERS = ("confidence", "sprm")
@@ -267,8 +266,7 @@ def strategy_sweep(cfg: DemoConfig, task: DemoTask) -> StrategySweep | None:
 def sprm_scorer(sprm: SPRMResult, module: ModuleType, sampling: SamplingConfig) -> SPRMScorer:
     """The trained head as a scorer of the demo's candidates (a second forward: they were sampled
     without the head)."""
-    fmt = StepFormat(sampling.separator, sampling.think_open, sampling.think_close)
-    return SPRMScorer.from_pretrained(sprm.head_dir, module.prompt_text, fmt, batch_size=64)
+    return SPRMScorer.from_pretrained(sprm.head_dir, module.prompt_text, sampling.step_format, batch_size=64)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from experiments.cli_args import port_number, positive_float, positive_int
 from experiments.cli_errors import INPUT_ERRORS, USAGE_EXIT
 from experiments.services.micro_batcher import MAX_WAIT_S
 from policies.gc_freeze import freeze_long_lived
+from treesearch.steps import SEPARATOR_MATCHES, StepFormat
 
 if TYPE_CHECKING:  # heavy imports wait until a service is chosen, so --help is instant
     from fastapi import FastAPI
@@ -113,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default -2); a folder's sprm.json names its own")
     scorer.add_argument("--no-prepend-special-tokens", action="store_true",
                         help="tokenise exactly as the reference (add_special_tokens=False), no BOS added")
+    scorer.add_argument("--separator-match", choices=SEPARATOR_MATCHES, default="exact",
+                        help="which tokens end a step: the '.\\n\\n' token alone (exact, the reference's id 382 on "
+                        "Qwen) or every token whose text ends with it (suffix: a search's policy.sampling."
+                        "separator_match=suffix); default: %(default)s")
     return parser
 
 
@@ -153,8 +158,8 @@ def build_scorer(args: argparse.Namespace) -> "FastAPI":
     from policies.reflective_model import ReflectiveModel
 
     model, tokenizer = ReflectiveModel.from_pretrained(args.model, args.dtype, args.feature_layer, args.device)
-    scorer = TextSPRM(model, tokenizer, prepend_special_tokens=not args.no_prepend_special_tokens,
-                      max_batch_tokens=args.max_batch_tokens)
+    scorer = TextSPRM(model, tokenizer, StepFormat(separator_match=args.separator_match),
+                      prepend_special_tokens=not args.no_prepend_special_tokens, max_batch_tokens=args.max_batch_tokens)
     config = ScorerConfig(args.max_text_chars, args.max_text_tokens, _batch_config(args, None))
     return build_scorer_app(scorer, config, args.model, _api_key(args))
 

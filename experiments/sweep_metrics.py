@@ -85,6 +85,8 @@ ADDED_SETTINGS: dict[str, Any] = {
     "search.lookahead_temperature": None,  # beam search, DVTS (2026-12-05): the policy's temperature
     "search.weighting": "score",  # particle filtering (2026-12-05): softmax(score / T)
     "scorer.dtype": "float32",  # scorer=sprm_forward (2026-12-06): the model loaded in float32 before
+    "policy.sampling.separator_match": "suffix",  # 2026-12-07: every token ending with the separator before
+    "scorer.step_format.separator_match": "suffix",  # sprm_forward, vllm_sprm (2026-12-07): likewise
 }
 # name in metrics -> selector of experiments.metrics
 CURVE_SELECTORS: dict[str, str] = {"bon": "best_score", "maj": "majority", "wmaj": "weighted_majority", "pass": "oracle"}

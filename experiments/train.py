@@ -111,7 +111,6 @@ from scorers.sprm_positions import StepMarkers  # noqa: E402
 from treesearch.config_checks import check_positive, is_finite_number  # noqa: E402
 from treesearch.config_diff import config_differences, resume_overrides, with_added_settings  # noqa: E402
 from treesearch.records import Problem  # noqa: E402
-from treesearch.steps import StepFormat  # noqa: E402
 
 METRICS, HELDOUT, CONFIG, REFERENCE = "metrics.jsonl", "heldout_rollouts.jsonl", "config.yaml", "reference"
 TENSORBOARD = "tensorboard"
@@ -125,6 +124,7 @@ ADDED_SETTINGS: dict[str, Any] = {
     "train_loss.shared_prompt": False,  # 2026-12-03 presets: every rollout forwarded its prompt before
     "train_loss.truncated_wrong_reward": 0.0,  # 2026-12-05: a cut wrong rollout was an ordinary wrong one
     "prompt": "plain",  # 2026-12-06: the task's own prompt_text before
+    "sampling.separator_match": "suffix",  # 2026-12-07: every token ending with the separator before
 }
 # keys that do not change what a run computes: a resume may change them
 # the task node's search settings, which training never reads (it draws its problems by `data`)
@@ -662,23 +662,23 @@ def step_markers(s: Settings, reflective: ReflectiveModel, tokenizer: Any) -> St
     """Which tokens end a step or open / close the think span, for sampling's step format. With the
     SPR loss on, the tokenizer's warning of a separator no token ends with is left out:
     `check_separator_ends_tokens` refuses the run in one line saying the same."""
-    fmt = StepFormat(s.sampling.separator, s.sampling.think_open, s.sampling.think_close)
     width = max(int(reflective.config.vocab_size), len(tokenizer))
     with warnings.catch_warnings():
         if s.loss.spr_coef > 0:
-            warnings.filterwarnings("ignore", message="no token's text ends with separator")
-        return StepMarkers.from_tokenizer(tokenizer, width, fmt)
+            warnings.filterwarnings("ignore", message="no token's text (ends with|is) separator")
+        return StepMarkers.from_tokenizer(tokenizer, width, s.sampling.step_format)
 
 
 def check_separator_ends_tokens(s: Settings, markers: StepMarkers) -> None:
     """ValueError when the SPR loss is on and no token of init_from's vocabulary ends with
-    sampling.separator: no step would end, so the head trains on nothing (SmolLM2 under
+    sampling.separator (is it, under sampling.separator_match=exact): no step would end, so the head trains on nothing (SmolLM2 under
     `prompt=chat` with the default ".\\n\\n": spr/steps 0, loss/spr 0, behind one warning)."""
     if markers.separator_ids or s.loss.spr_coef == 0:
         return
     typed = " (a backslash and an n, not a newline: Hydra keeps them as typed)" if "\\n" in s.sampling.separator else ""
+    which = "is" if s.sampling.separator_match == "exact" else "ends"
     raise ValueError(
-        f"sampling.separator={s.sampling.separator!r}{typed} ends no token of {s.init_from}'s vocabulary: no step "
+        f"sampling.separator={s.sampling.separator!r}{typed} {which} no token of {s.init_from}'s vocabulary: no step "
         "would end and the SPR loss train the head on nothing; give the separator its steps end with, e.g. a "
         """newline for SmolLM2 as its search preset (bash: $'sampling.separator="\\n"'), or train_loss.spr_coef=0""")
 

@@ -353,7 +353,7 @@ class OpenAIPolicy:
         vocab_size = int(getattr(config, "vocab_size", 0) or 0)
         rule = StepStopRule.from_tokenizer(
             self.tokenizer, max(vocab_size, len(self.tokenizer)), sampling.separator, sampling.think_open,
-            sampling.think_close, self.eos_ids,
+            sampling.think_close, self.eos_ids, separator_match=sampling.separator_match,
         )
         self.marks = StepMarks.from_rule(rule)
         self.client = CompletionsClient(server, start_hint=_start_hint(directory, server.root))

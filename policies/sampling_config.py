@@ -13,6 +13,8 @@ import math
 
 from dataclasses import dataclass
 
+from treesearch.steps import StepFormat, check_separator_match
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -30,7 +32,10 @@ class SamplingConfig:
         reach the model's context window.
     batch_size: most sample rows decoded together (one chunk; a forward pass holds at most this
         many rows, fewer with forked decoding, `policies.decode_batch`).
-    separator: the text that ends a reasoning step (a token whose decoded text ends with it).
+    separator: the text that ends a reasoning step.
+    separator_match: which tokens are the separator: "suffix", every token whose decoded text
+        ends with it; "exact", the token whose text is the separator alone (the MetaStone-S1
+        reference's rule; the Qwen presets; `policies.step_stops`).
     think_open, think_close: the thinking-section markers; when the tokenizer has both as single
         tokens, separators end steps only inside the section.
     repetition_penalty: vLLM's and transformers' penalty on every token already in the sequence
@@ -48,6 +53,7 @@ class SamplingConfig:
     think_open: str = "<think>"
     think_close: str = "</think>"
     repetition_penalty: float = 1.0
+    separator_match: str = "suffix"
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "repetition_penalty"):
@@ -72,11 +78,17 @@ class SamplingConfig:
             raise ValueError(
                 f"think_open={self.think_open!r} and think_close={self.think_close!r} must differ"
             )
+        check_separator_match(self.separator_match, "separator_match")
 
     @property
     def greedy(self) -> bool:
         """True when tokens are chosen by argmax (temperature 0)."""
         return self.temperature == 0
+
+    @property
+    def step_format(self) -> StepFormat:
+        """Where steps end, for the SPRM positions (`scorers.sprm_positions.StepMarkers`)."""
+        return StepFormat(self.separator, self.think_open, self.think_close, self.separator_match)
 
 
 VLLM_MIN_TEMPERATURE = 0.01  # vLLM raises a temperature in (0, 0.01) to this, with a log line only

@@ -3,18 +3,20 @@ think-aware boundary rule applied token by token during decoding, and the split 
 sequence into steps.
 
 Usage:
-    rule = StepStopRule.from_tokenizer(tokenizer, vocab_size, ".\\n\\n", "<think>", "</think>", eos_ids)
+    rule = StepStopRule.from_tokenizer(tokenizer, vocab_size, ".\\n\\n", "<think>", "</think>", eos_ids,
+                                       separator_match="exact")
     state = rule.initial_state([context_ids, ...], device)      # per row, from prompt + prefix
     boundary, state = rule.advance(tokens, state)               # per decoded token, tensors only
     ends = split_step_ends(boundary_flags, separator_flags)     # after decoding, per row
 
 The rule, as in the MetaStone-S1 reference: a separator token ends a step only while the path
 is inside <think> ... </think> (always, when the tokenizer lacks the think tokens), and not when
-it directly follows another separator or <think>, so a run of separators counts once. A
-separator token here is one whose decoded text ends with the separator string; the reference
-takes only the token of '.\n\n' itself, so in a Qwen vocabulary (~30 tokens end with '.\n\n':
-').\n\n', '...\n\n', ...) steps end at more tokens than the reference's (a known deviation,
-README "Real models and GPU presets").
+it directly follows another separator or <think>, so a run of separators counts once. Which
+tokens are separators is `separator_match` (`treesearch.steps.SEPARATOR_MATCHES`): "exact", the
+token whose decoded text is the separator alone, as the reference takes the token of '.\n\n'
+itself (id 382 in a Qwen vocabulary; the Qwen presets use it); "suffix" (the default), every
+token whose text ends with it, ~30 in a Qwen vocabulary (').\n\n', '...\n\n', ...), for a
+vocabulary that writes the separator glued to what precedes it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
+
+from treesearch.steps import check_separator_match
 
 # A token's class: which of separator / <think> / </think> it is (bits; 8 classes). A row's state:
 # inside <think> (bit 0) and after a separator or <think> (bit 1), stored times the number of
@@ -57,7 +61,7 @@ class StopState:
 class StepStopRule:
     """Token-id lookups for step and sequence ends.
 
-    is_separator: [V] bool, the token's decoded text ends with the separator string.
+    is_separator: [V] bool, the token is a separator (`separator_mask`).
     is_eos: [V] bool, the token ends the sequence.
     think_open_id, think_close_id: ids of the single-token think markers, or None when the
         tokenizer lacks either (then separators end steps everywhere).
@@ -94,11 +98,12 @@ class StepStopRule:
         think_close: str,
         eos_ids: Iterable[int],
         device: torch.device | str = "cpu",
+        separator_match: str = "suffix",
     ) -> "StepStopRule":
         """Build the lookups once: decode every token id on its own (one batched call) and mark
-        those whose text ends with `separator`. `vocab_size` is the model's logit width (it may
-        exceed the tokenizer's, the extra ids are never separators)."""
-        is_separator = separator_mask(tokenizer, vocab_size, separator)
+        the separators (`separator_mask`). `vocab_size` is the model's logit width (it may exceed
+        the tokenizer's, the extra ids are never separators)."""
+        is_separator = separator_mask(tokenizer, vocab_size, separator, separator_match)
         is_eos = torch.zeros(vocab_size, dtype=torch.bool)
         eos_list = [i for i in eos_ids if 0 <= i < vocab_size]
         if not eos_list:
@@ -181,19 +186,23 @@ def split_step_ends(boundary: Sequence[bool], is_separator: Sequence[bool]) -> l
     return ends
 
 
-def separator_mask(tokenizer: Any, vocab_size: int, separator: str) -> torch.Tensor:
+def separator_mask(tokenizer: Any, vocab_size: int, separator: str, match: str = "suffix") -> torch.Tensor:
     """[vocab_size] bool on CPU: the token's text, decoded on its own (one batched call), ends
-    with `separator`. Ids beyond the tokenizer's size (a wider logit layer) are never separators."""
+    with `separator` (match "suffix") or is `separator` (match "exact"). Ids beyond the
+    tokenizer's size (a wider logit layer) are never separators."""
+    check_separator_match(match, "separator_match")
     num_tokens = min(len(tokenizer), vocab_size)
     texts = tokenizer.batch_decode(
         [[i] for i in range(num_tokens)], skip_special_tokens=False, clean_up_tokenization_spaces=False
     )
     is_separator = torch.zeros(vocab_size, dtype=torch.bool)
-    is_separator[[i for i, text in enumerate(texts) if text.endswith(separator)]] = True
+    exact = match == "exact"
+    is_separator[[i for i, text in enumerate(texts) if (text == separator if exact else text.endswith(separator))]] = True
     if not is_separator.any():
         # e.g. a vocabulary that spells ".\n\n" as "." + "\n\n": steps then never end on a
         # separator (a text-level stop would be needed); whole sequences still work.
-        warnings.warn(f"no token's text ends with separator={separator!r}; steps will not end on it")
+        which = "is" if exact else "ends with"
+        warnings.warn(f"no token's text {which} separator={separator!r}; steps will not end on it")
     return is_separator
 
 

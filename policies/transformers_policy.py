@@ -191,7 +191,7 @@ class TransformersPolicy:
         eos_ids = _eos_ids(model, tokenizer)
         self.rule = StepStopRule.from_tokenizer(
             tokenizer, _logit_width(model, tokenizer), sampling.separator, sampling.think_open,
-            sampling.think_close, eos_ids, self.device,
+            sampling.think_close, eos_ids, self.device, sampling.separator_match,
         )
         self._is_separator: list[bool] = self.rule.is_separator.tolist()
         pad_id = getattr(tokenizer, "pad_token_id", None)

@@ -151,7 +151,7 @@ class VLLMPolicy:
         self.eos_ids, self.vocab_size = tuple(int(i) for i in eos_ids), int(vocab_size)
         rule = StepStopRule.from_tokenizer(
             tokenizer, max(int(vocab_size), len(tokenizer)), sampling.separator, sampling.think_open,
-            sampling.think_close, eos_ids,
+            sampling.think_close, eos_ids, separator_match=sampling.separator_match,
         )
         self.marks = StepMarks.from_rule(rule)
         self.usage = VLLMUsage()  # since construction

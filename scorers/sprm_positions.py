@@ -72,13 +72,12 @@ class StepMarkers:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, vocab_size: int, fmt: StepFormat = StepFormat()) -> "StepMarkers":
-        """The policy's markers: separators are the tokens whose decoded text ends with
-        fmt.separator. In ours that is the single token of '.\\n\\n'; a Qwen vocabulary holds ~30
-        such tokens (').\\n\\n', '...\\n\\n', '%.\\n\\n', ...), while the reference reads exactly
-        the id of tokenizer.encode('.\\n\\n') (382): on Qwen-based checkpoints (XBai-o4,
-        MetaStone-S1) this scores more positions than the reference (a known deviation, README
-        "Real models and GPU presets")."""
-        ids = separator_mask(tokenizer, vocab_size, fmt.separator).nonzero().squeeze(-1).tolist()
+        """The policy's markers: separators are the tokens of `policies.step_stops.separator_mask`
+        under fmt.separator_match. With "exact" (the Qwen presets) that is the reference's id of
+        tokenizer.encode('.\\n\\n') (382 in Qwen's vocabulary); with "suffix" every token whose
+        text ends with fmt.separator (~30 in a Qwen vocabulary: ').\\n\\n', '...\\n\\n', ...;
+        in the tiny vocabulary the single token of '.\\n\\n')."""
+        ids = separator_mask(tokenizer, vocab_size, fmt.separator, fmt.separator_match).nonzero().squeeze(-1).tolist()
         open_id, close_id = think_ids(tokenizer, fmt.think_open, fmt.think_close)
         return cls(frozenset(int(i) for i in ids), open_id, close_id)
 

@@ -230,6 +230,23 @@ def test_greedy_rollout_splits_at_the_newline_separator_and_grades(converted, pr
     assert gsm8k.extract_answer(text) is None or isinstance(gsm8k.extract_answer(text), str)
 
 
+@needs_wheel
+def test_exact_separator_match_ends_steps_at_the_newline_token_alone(converted, problem):
+    # SmolLM2 holds ten tokens ending with '\n' ('\n\n', ' \n', '\r\n', ...); "exact" takes '\n' alone
+    out, _ = converted
+    sampling = SamplingConfig(temperature=0.0, max_total_tokens=64, separator=smollm2.SEPARATOR, separator_match="exact")
+    policy = TransformersPolicy.from_pretrained(out, sampling, ChatPrompt(str(out), think=False))
+    newline = policy.tokenizer.convert_tokens_to_ids(policy.tokenizer.tokenize("\n"))
+    assert policy.rule.is_separator.nonzero().squeeze(-1).tolist() == newline
+    suffix = StepMarkers.from_tokenizer(policy.tokenizer, len(policy.tokenizer), StepFormat(smollm2.SEPARATOR))
+    assert len(suffix.separator_ids) > 1 and set(newline) < suffix.separator_ids
+    steps = policy.rollout([Prefix(problem)], n=1, seed=0)[0][0]
+    assert len(steps) >= 2
+    for step in steps[:-1]:  # the step ends at its first '\n' token, a run of them attached
+        assert step.finish == "separator" and newline[0] in step.token_ids
+        assert set(step.token_ids[step.token_ids.index(newline[0]):]) == set(newline)
+
+
 def test_flexible_grading_takes_the_last_number_of_a_finished_answer():
     problem = Problem("p", "q", "1400")
     assert flexible_answer("So, James runs 1,400 meters a week.") == "1400"

@@ -22,17 +22,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# How a token counts as a separator (`policies.step_stops.separator_mask`): "suffix", its decoded
+# text ends with the separator (a Qwen vocabulary holds ~30 such tokens for '.\n\n': ').\n\n',
+# '...\n\n', ...); "exact", its text is the separator alone (the MetaStone-S1 reference's rule:
+# the id of tokenizer.encode('.\n\n'), 382 in Qwen's vocabulary).
+SEPARATOR_MATCHES: tuple[str, ...] = ("suffix", "exact")
+
+
+def check_separator_match(value: object, owner: str) -> None:
+    """ValueError naming owner unless value is one of SEPARATOR_MATCHES."""
+    if not isinstance(value, str) or value not in SEPARATOR_MATCHES:
+        raise ValueError(f"{owner}={value!r} must be one of {', '.join(SEPARATOR_MATCHES)}")
+
+
 @dataclass(frozen=True)
 class StepFormat:
-    """separator: ends a step; think_open / think_close: the think span markers ("" for none)."""
+    """separator: ends a step; think_open / think_close: the think span markers ("" for none);
+    separator_match: which tokens count as the separator (SEPARATOR_MATCHES), read by the token
+    rules only: the text split here finds the separator's text wherever it is."""
 
     separator: str = ".\n\n"
     think_open: str = "<think>"
     think_close: str = "</think>"
+    separator_match: str = "suffix"
 
     def __post_init__(self) -> None:
         if not self.separator:
             raise ValueError("StepFormat.separator must be a non-empty string")
+        check_separator_match(self.separator_match, "StepFormat.separator_match")
 
 
 def think_span(text: str, fmt: StepFormat = StepFormat()) -> tuple[int, int]:

@@ -25,9 +25,11 @@ that is also the sequence its policy saw. A tokenizer that prepends a BOS (ours,
 then score a sequence the policy never saw (vLLM and `TransformersPolicy` feed BOS + prompt). So
 by default the special tokens the tokenizer PREPENDS are put in front of the text's ids unless
 the text already starts with them (a chat template that writes the BOS itself); nothing is
-appended. For Qwen-family tokenizers this is the reference's token sequence (its positions are
-not: a step ends at every token whose text ends with the separator, ~30 in a Qwen vocabulary, the
-reference's at the '.\n\n' token alone; `policies/step_stops.py`); the sequence equals the one
+appended. For Qwen-family tokenizers this is the reference's token sequence, and its positions
+are the reference's with the default step_format of `experiments.serve scorer`
+(`--separator-match exact`: a step ends at the '.\n\n' token alone, id 382; `suffix`, at the ~30
+Qwen tokens whose text ends with it, as a search with policy.sampling.separator_match=suffix;
+`policies/step_stops.py`); the sequence equals the one
 `scorers.sprm_scorer.SPRMScorer` forwards for prompt + completion. `prepend_special_tokens=False`
 (`--no-prepend-special-tokens`) tokenises exactly as the reference on any tokenizer.
 
