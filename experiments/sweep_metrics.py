@@ -64,7 +64,7 @@ from omegaconf import OmegaConf
 from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, interval, problem_accuracy
 from experiments.record_log import load_rows
 from treesearch.config_checks import is_finite_number, is_int
-from treesearch.config_diff import flatten
+from treesearch.config_diff import flatten, with_added_settings
 from treesearch.registry import STRATEGIES
 
 RECORDS = "records.jsonl"
@@ -588,10 +588,27 @@ def sweep_summaries(sweep_dir: str | Path) -> list[RunSummary]:
                 raise
     if not found:
         raise RunFolderError(f"{root}: no {RECORDS} at or below it has a complete row yet")
+    workloads, scorers = settled_keys([s.workload_key for s in found]), settled_keys([s.scorer_key for s in found])
+    found = [replace(s, workload_key=workloads[s.workload_key], scorer_key=scorers[s.scorer_key]) for s in found]
     summaries = strategy_labels(scorer_labels(attach_greedy(found)))
     labels = workload_labels([s.workload_key for s in summaries])
     summaries = [replace(s, workload=labels[s.workload_key]) for s in summaries]
     return sorted(summaries, key=lambda s: (s.workload, s.strategy, s.scorer, s.budget, s.seed, s.run))
+
+
+def settled_keys(keys: Sequence[str]) -> dict[str, str]:
+    """Each run's workload or scorer key (JSON of its config nodes) -> the same with the
+    ADDED_SETTINGS another run's node of the same component holds and it lacks filled in with the
+    value that behaves as the code before the setting: a run saved before a setting existed and a
+    newer one that ran alike are one series, not two (`<absent>` against `suffix`)."""
+    peers = [json.loads(key) for key in sorted(set(keys))]
+    settled = {}
+    for key in set(keys):
+        nodes = json.loads(key)
+        for peer in peers:
+            nodes = with_added_settings(nodes, peer, ADDED_SETTINGS)
+        settled[key] = json.dumps(nodes, sort_keys=True)
+    return settled
 
 
 def workload_note(summaries: Sequence[RunSummary], sweep_dir: str | Path) -> str | None:

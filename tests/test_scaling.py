@@ -6,6 +6,7 @@ folder kept apart, and each experiment file run end to end through the Hydra ent
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -281,6 +282,24 @@ def test_runs_of_different_workloads_are_grouped_apart_not_pooled(two_workload_s
         ("arith (task.count=10)", 2), ("arith (task.count=4)", 1)]
     assert plot_module.main(["scaling", str(two_workload_sweep)]) == 0 and (two_workload_sweep / "scaling.png").is_file()
     note()
+
+
+def test_a_run_saved_before_a_setting_joins_the_series_of_runs_that_ran_alike(tmp_path):
+    # every policy yaml gained sampling.separator_match (suffix: as runs ran before it existed); a
+    # sweep folder of older and newer runs was two workloads ("unset" against "suffix")
+    target = {"_target_": "policies.sampling_config.SamplingConfig", "temperature": 0.7}
+    for name, sampling in (("old", target), ("new", {**target, "separator_match": "suffix"}),
+                           ("exact", {**target, "separator_match": "exact"})):
+        write_run(tmp_path / name, "best_of_n", 2, 0, [True, False], 10)
+        config = OmegaConf.load(tmp_path / name / "config.yaml")
+        config.policy.sampling = sampling
+        (tmp_path / name / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    labels = {r.run: r.workload for r in sweep_summaries(tmp_path)}
+    assert labels == {"old": "arith (policy.sampling.separator_match=suffix)",
+                      "new": "arith (policy.sampling.separator_match=suffix)",
+                      "exact": "arith (policy.sampling.separator_match=exact)"}
+    shutil.rmtree(tmp_path / "exact")
+    assert {r.workload for r in sweep_summaries(tmp_path)} == {"arith"}
 
 
 def test_workload_labels_name_the_task_and_the_keys_that_differ():
