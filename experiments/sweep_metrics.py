@@ -78,7 +78,8 @@ BUDGET_FIELDS: dict[str, str] = {"mcts": "iterations"}
 # settings of a search run added after run folders existed, each with the value that behaves as the
 # code before it: a folder saved without one ran with that value (`config_diff.with_added_settings`),
 # so experiments.search resumes it under a config that sets it so (and the refusal of any other
-# value says which to set), and the sweep files its rows under it (`with_added_strategy_settings`)
+# value says which to set), and the sweep files its rows under it (`with_added_strategy_settings`,
+# `settled_keys`)
 ADDED_SETTINGS: dict[str, Any] = {
     "task.config.grading": "lenient",  # aime, math500, ceval, gsm8k (2026-12-07): lenient grading before
     "search.lookahead": 0,  # DVTS (2026-12-05): no lookahead steps before
