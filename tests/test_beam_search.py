@@ -43,6 +43,35 @@ def test_lookahead_sees_past_the_greedy_first_step():
     assert policy.temperatures == [1.0, 0.0, 1.0]
 
 
+@pytest.mark.parametrize("search", ["beam_search", "dvts"])
+def test_the_last_round_ranks_its_cut_paths_without_lookahead(search):
+    # as search-and-learn's last iteration: the lookahead steps of a round cut at max_depth were
+    # generated, charged (10 tokens, not 4) and ranked b/ (0.6, b1$ ahead) over a/ (0.9)
+    from treesearch.dvts import DVTSConfig, dvts
+
+    policy = TemperatureScriptedPolicy()
+    if search == "dvts":
+        (result,) = dvts([trap_problem()], policy, ScriptedScorer(), DVTSConfig(n=2, beam_width=2, max_depth=1, lookahead=1))
+    else:
+        (result,) = run([trap_problem()], BeamSearchConfig(n=2, beam_width=2, max_depth=1, lookahead=1), policy)
+    assert [(c.text, c.score) for c in result.candidates] == [("a/", 0.9)]
+    assert result.compute.tokens_generated == 4 and len(policy.calls) == 1
+
+
+def test_a_problem_its_finished_children_fill_gets_no_lookahead():
+    # round 2: a's two finished children and b/b1$ bring the problem to 5 of N=4 candidates, so
+    # b/b2 is dropped: its lookahead step (z$, 2 tokens) was generated and charged for nothing
+    children = {"": ["a", "b", "c$", "d$"], "a": ["a1$", "a2$"], "b": ["b1$", "b2"], "b/b2": ["z$"]}
+    problem = scripted_problem("p", children, {"a": .9, "b": .8, "c$": .5, "d$": .5})
+    cfg = BeamSearchConfig(n=4, beam_width=2, max_depth=10)
+    (plain,) = run([problem], cfg, TemperatureScriptedPolicy())
+    policy = TemperatureScriptedPolicy()
+    (look,) = run([problem], BeamSearchConfig(n=4, beam_width=2, max_depth=10, lookahead=1), policy)
+    assert [c.text for c in look.candidates] == [c.text for c in plain.candidates] == ["c$", "d$", "a/a1$", "a/a2$", "b/b1$"]
+    assert (plain.compute.tokens_generated, look.compute.tokens_generated) == (20, 26)  # round 1's a, b: +3 each
+    assert [call[1:3] for call in policy.calls] == [(1, 4), (2, 1), (2, 2)]  # round 2 has no lookahead call
+
+
 def test_lookahead_at_the_policys_own_temperature_or_another():
     # the root's children a, b each extended by 2 lookahead samples: at temperature 0 the first
     # child (a1$, b1$), at the policy's own temperature the sample index's (j = 0 here too);

@@ -34,7 +34,9 @@ Options:
   sample each (`propose(n=1)`), and the child is ranked by the aggregated score of that longer
   path (its step scores are read from it: the same as its own path's for a causal scorer, such
   as SPRM, confidence or a PRM; an outcome oracle scores them by the lookahead's ending); the
-  lookahead steps are counted in compute but are not tree nodes. This is what search-and-learn's
+  lookahead steps are counted in compute but are not tree nodes. The last round (max_depth) has no
+  lookahead, as search-and-learn's last iteration, nor has a round's problem whose finished
+  children fill its N candidates (its unfinished children are dropped). This is what search-and-learn's
   DVTS does; its beam search generates the lookahead but scores the beam's path without it, so
   there lookahead never changes which beams survive. They are sampled at
   lookahead_temperature, 0 (greedy) by default as in search-and-learn, by
@@ -56,6 +58,7 @@ Tests: `.venv/bin/pytest tests/test_beam_search.py`.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -139,17 +142,26 @@ class ScoredChild:
 def expand_beams(
     beams: Sequence[Beam], trees: list[Tree], policy: Policy, scorer: Scorer, ledgers: list[Ledger],
     *, n: int, lookahead: int, aggregation: str, seed: int, round_index: int,
-    lookahead_policy: Policy | None = None,
+    lookahead_policy: Policy | None = None, room: Sequence[int] | None = None,
 ) -> list[ScoredChild]:
     """One round: sample n steps after every beam (one policy call), add them to the trees,
     extend them by `lookahead` steps (sampled by lookahead_policy, default the policy), score all
-    paths (one scorer call). Children in beam order."""
+    paths (one scorer call). Children in beam order. room: per problem, the candidates it still
+    takes (beam search stops a problem at N): a problem whose finished children this round fill
+    it keeps none of its unfinished ones, so they get no lookahead steps."""
     items = [Item(b.problem, trees[b.problem].prefix(b.node)) for b in beams]
     rows = propose_rows(policy, items, n, round_seed(seed, round_index), ledgers)
     added = [(bi, j, trees[beam.problem].add(beam.node, step))
              for bi, (beam, row) in enumerate(zip(beams, rows)) for j, step in enumerate(row)]
     paths = [Item(beams[bi].problem, trees[beams[bi].problem].prefix(node)) for bi, _, node in added]
-    scored = extend_by_lookahead(lookahead_policy or policy, paths, lookahead, seed, round_index, ledgers)
+    scored = list(paths)
+    if lookahead:
+        finished = Counter(p.problem for p in paths if p.prefix.is_terminal)
+        kept = [i for i, p in enumerate(paths) if room is None or finished[p.problem] < room[p.problem]]
+        extended = extend_by_lookahead(lookahead_policy or policy, [paths[i] for i in kept], lookahead, seed,
+                                       round_index, ledgers)
+        for i, item in zip(kept, extended):
+            scored[i] = item
     scores = score_rows(scorer, scored, ledgers)
     children = []
     for (bi, j, node), path, row in zip(added, paths, scores):
@@ -269,11 +281,13 @@ def beam_search(
     for depth in range(1, cfg.max_depth + 1):
         if not beams:
             break
-        # the first round samples the root N times; later rounds sample each of the N/M beams M times
+        # the first round samples the root N times; later rounds sample each of the N/M beams M times;
+        # the last one ranks its cut paths without lookahead, as search-and-learn's last iteration
         children = expand_beams(beams, trees, policy, scorer, ledgers,
-                                n=cfg.n if depth == 1 else cfg.beam_width, lookahead=cfg.lookahead,
+                                n=cfg.n if depth == 1 else cfg.beam_width,
+                                lookahead=cfg.lookahead if depth < cfg.max_depth else 0,
                                 aggregation=cfg.aggregation, seed=cfg.seed, round_index=depth - 1,
-                                lookahead_policy=lookahead_policy)
+                                lookahead_policy=lookahead_policy, room=[cfg.n - len(c) for c in candidates])
         beams = _select_beams(children, trees, candidates, cfg, last_round=depth == cfg.max_depth)
         if on_round is not None:
             on_round(trees)

@@ -13,7 +13,8 @@ max_depth each unfinished subtree's best child becomes a candidate as it stands.
 
 lookahead k (search-and-learn's, default 0): each unfinished child is ranked by its path
 extended by up to k more steps, greedy by default (lookahead_temperature, as beam search's
-lookahead); the lookahead steps are counted in compute but are not tree nodes.
+lookahead); the lookahead steps are counted in compute but are not tree nodes. The last round
+(max_depth) has none, as search-and-learn's last iteration.
 
 Batching: each round sends the paths of all subtrees of ALL problems to `policy.propose` in one
 call and all new paths to `scorer.score` in one call (`beam_search.expand_beams`).
@@ -111,8 +112,8 @@ def dvts(
         first = depth == 1
         # the root is sampled N times once (not N/M times M), so the subtrees' first steps are N
         # distinct samples even for a policy whose draws depend only on (prefix, seed, index)
-        children = expand_beams(beams, trees, policy, scorer, ledgers,
-                                n=cfg.n if first else cfg.beam_width, lookahead=cfg.lookahead,
+        children = expand_beams(beams, trees, policy, scorer, ledgers, n=cfg.n if first else cfg.beam_width,
+                                lookahead=cfg.lookahead if depth < cfg.max_depth else 0,  # as search-and-learn
                                 aggregation=cfg.aggregation, seed=cfg.seed, round_index=depth - 1,
                                 lookahead_policy=lookahead_policy)
         groups = _group_by_subtree(children, beams, cfg.beam_width, first)
