@@ -5,13 +5,16 @@ unexpected keyword and end in a TypeError traceback; `check_known_keys` names th
 and the settings it takes instead
 (`ValueError: search.bogus is not a setting of BestOfNConfig; it takes: aggregation, n, ...`).
 
-A target that takes **kwargs, or one Hydra cannot locate (its own error says so then), is not
-checked. Nested nodes with their own `_target_` (policy.sampling) are checked too.
+A target that takes **kwargs is not checked. A `_target_` that cannot be imported (a typo in a
+module of your own, `scorer._target_=myscorrer.LengthScorer`) is a ValueError naming the key and
+the import error, before anything loads (Hydra's own error came after the policy had loaded, in
+several lines, exit 1). Nested nodes with their own `_target_` (policy.sampling) are checked too.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -49,8 +52,29 @@ def target_name(target: Callable[..., Any]) -> str:
     return getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
 
 
+def check_target_located(node: DictConfig) -> None:
+    """A ValueError naming `node._target_` when it is text that names no object Hydra can import."""
+    path = node.get("_target_")
+    if not isinstance(path, str):
+        return
+    hydra_log = logging.getLogger("hydra.utils")  # it logs the error in three lines before raising it
+    level = hydra_log.level
+    hydra_log.setLevel(logging.CRITICAL)
+    try:
+        get_object(path)
+    except Exception as err:  # noqa: BLE001 - ImportError, a module's own error on import alike
+        lines = str(err).splitlines()  # Hydra's: "Error loading 'x.y':", the cause, "Are you sure that ..."
+        message = " ".join(lines[1:] if len(lines) > 1 and lines[0].startswith("Error loading") else lines)
+        raise ValueError(f"{node._get_full_key('_target_')}={path!r} cannot be imported: {message:.400} "
+                         "(a module of your own must be on PYTHONPATH)") from None
+    finally:
+        hydra_log.setLevel(level)
+
+
 def check_node_keys(node: DictConfig) -> None:
-    """A ValueError for the first key of `node` (not nested nodes) its target does not take."""
+    """A ValueError for a `_target_` that cannot be imported or the first key of `node` (not
+    nested nodes) its target does not take."""
+    check_target_located(node)
     target = located_target(node)
     accepted = None if target is None else accepted_keys(target)
     if accepted is None:

@@ -13,7 +13,9 @@ Hydra's sweep functions, an interpolation) is left to Hydra. Of Hydra's own grou
 options the installed Hydra plugins register (`hydra/launcher=slurm`: one line naming basic,
 joblib, local, submitit_local, submitit_slurm), and an option whose plugin is not installed is
 named with the package to install (`hydra/launcher=local` without hydra-joblib-launcher); the
-rest of hydra/... is left to Hydra.
+rest of hydra/... is left to Hydra. Config folders of your own count as Hydra reads them:
+`--config-dir DIR` (`-cd DIR`) and the `file://` / `pkg://` entries of `hydra.searchpath=[...]`
+add their groups' yaml files to the options (`--config-dir my_conf task=my_task`).
 
     if __name__ == "__main__":
         check_group_options(sys.argv[1:], CONFIG_DIR)
@@ -21,6 +23,7 @@ rest of hydra/... is left to Hydra.
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -39,11 +42,44 @@ PLUGIN_OPTIONS: dict[str, tuple[str, str]] = {
 }
 
 
-def group_options(config_dir: Path, group: str) -> list[str]:
-    """The option names of a config group (its folder's yaml files; for Hydra's launcher and
-    sweeper groups also the installed plugins' options), sorted."""
-    files = {p.stem for p in (config_dir / group).glob("*.yaml")}
+def group_options(config_dir: Path | Sequence[Path], group: str) -> list[str]:
+    """The option names of a config group (its folder's yaml files in each config folder; for
+    Hydra's launcher and sweeper groups also the installed plugins' options), sorted."""
+    folders = [config_dir] if isinstance(config_dir, Path) else list(config_dir)
+    files = {p.stem for folder in folders for p in (folder / group).glob("*.yaml")}
     return sorted(files | plugin_options(group)) if group in HYDRA_GROUPS else sorted(files)
+
+
+SEARCHPATH_ARGUMENT = re.compile(r"^\+{0,2}hydra\.searchpath=\[?(?P<entries>[^\]]*)\]?$")
+
+
+def user_config_dirs(argv: Sequence[str]) -> list[Path]:
+    """The config folders a command line adds to Hydra's search path: `--config-dir DIR`,
+    `--config-dir=DIR`, `-cd DIR`, and each `file://PATH` or `pkg://PACKAGE` entry of
+    `hydra.searchpath=[...]` (a package that cannot be found adds nothing: Hydra names it)."""
+    folders: list[Path] = []
+    for i, argument in enumerate(argv):
+        if argument in ("--config-dir", "-cd") and i + 1 < len(argv):
+            folders.append(Path(argv[i + 1]).expanduser())
+        elif argument.startswith("--config-dir="):
+            folders.append(Path(argument.split("=", 1)[1]).expanduser())
+        match = SEARCHPATH_ARGUMENT.match(argument)
+        for entry in match["entries"].split(",") if match else ():
+            entry = entry.strip().strip("'\"")
+            if entry.startswith("file://"):
+                folders.append(Path(entry.removeprefix("file://")).expanduser())
+            elif entry.startswith("pkg://"):
+                folders.extend(package_folders(entry.removeprefix("pkg://")))
+    return folders
+
+
+def package_folders(name: str) -> list[Path]:
+    """The folders of an importable package (`pkg://my_pkg.conf`), [] when it is none."""
+    try:
+        spec = importlib.util.find_spec(name.replace("/", "."))
+    except (ImportError, ValueError):
+        return []
+    return [Path(p) for p in (spec.submodule_search_locations or [])] if spec is not None else []
 
 
 def plugin_options(group: str) -> set[str]:
@@ -76,13 +112,14 @@ def unknown_group_option(argv: Sequence[str], config_dir: Path, config_name: str
     chooses (Hydra: "Multiple values for experiment. To override a value use 'override
     experiment: ...'", exit 1), else None."""
     chosen = default_groups(config_dir, config_name) if config_name else set()
+    folders = [config_dir, *user_config_dirs(argv)]
     for argument in argv:
         match = GROUP_ARGUMENT.match(argument)
         group = match["group"] if match else ""
         checked = group in HYDRA_GROUPS or (not group.startswith("hydra") and (config_dir / group).is_dir())
         if match is None or not checked:
             continue
-        options = group_options(config_dir, group)
+        options = group_options(folders, group)
         for name in match["names"].split(","):
             if name not in options:
                 plugins = " (a Hydra plugin's options appear once its package is installed)" if group in HYDRA_GROUPS else ""
