@@ -671,16 +671,19 @@ def step_markers(s: Settings, reflective: ReflectiveModel, tokenizer: Any) -> St
 
 def check_separator_ends_tokens(s: Settings, markers: StepMarkers) -> None:
     """ValueError when the SPR loss is on and no token of init_from's vocabulary ends with
-    sampling.separator (is it, under sampling.separator_match=exact): no step would end, so the head trains on nothing (SmolLM2 under
-    `prompt=chat` with the default ".\\n\\n": spr/steps 0, loss/spr 0, behind one warning)."""
+    sampling.separator (is it, under sampling.separator_match=exact): no step would end, so the
+    head trains on nothing (SmolLM2 under `prompt=chat` with the default ".\\n\\n": spr/steps 0,
+    loss/spr 0, behind one warning)."""
     if markers.separator_ids or s.loss.spr_coef == 0:
         return
     typed = " (a backslash and an n, not a newline: Hydra keeps them as typed)" if "\\n" in s.sampling.separator else ""
-    which = "is" if s.sampling.separator_match == "exact" else "ends"
+    exact = s.sampling.separator_match == "exact"
+    suffix = ", sampling.separator_match=suffix (every token whose text ends with it)" if exact else ""
     raise ValueError(
-        f"sampling.separator={s.sampling.separator!r}{typed} {which} no token of {s.init_from}'s vocabulary: no step "
-        "would end and the SPR loss train the head on nothing; give the separator its steps end with, e.g. a "
-        """newline for SmolLM2 as its search preset (bash: $'sampling.separator="\\n"'), or train_loss.spr_coef=0""")
+        f"sampling.separator={s.sampling.separator!r}{typed} {'is' if exact else 'ends'} no token of {s.init_from}'s "
+        "vocabulary: no step would end and the SPR loss train the head on nothing; give the separator its steps end "
+        f"""with, e.g. a newline for SmolLM2 as its search preset (bash: $'sampling.separator="\\n"'){suffix}, """
+        "or train_loss.spr_coef=0")
 
 
 # -- held-out rollouts and evaluation -----------------------------------------------------------

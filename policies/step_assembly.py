@@ -48,7 +48,8 @@ from treesearch.records import Finish, Step
 class StepMarks:
     """The token ids the boundary rule reads, as plain Python sets (no tensors per token).
 
-    separator_ids: every id whose decoded text ends with the step separator.
+    separator_ids: the separator ids (`policies.step_stops.separator_mask` under the sampling's
+        separator_match: every id whose text ends with the separator, or its own token alone).
     eos_ids: ids that end the sequence.
     think_open_id, think_close_id: the single-token think markers, both None when the tokenizer
         lacks either (then a separator ends a step anywhere, as in `StepStopRule`).

@@ -161,3 +161,22 @@ def test_a_search_saved_before_the_setting_resumes_and_exact_is_another_run(ckpt
     other = search([*args, "policy.sampling.separator_match=exact"], ROOT)
     assert other.returncode != 0
     assert "policy.sampling.separator_match: 'suffix' -> 'exact'" in other.stderr
+
+
+def test_training_refuses_an_exact_separator_no_token_is_and_names_suffix():
+    from types import SimpleNamespace
+
+    from experiments.train import check_separator_ends_tokens
+
+    def settings(match: str) -> SimpleNamespace:
+        return SimpleNamespace(sampling=SamplingConfig(separator=").", separator_match=match),
+                               loss=SimpleNamespace(spr_coef=1.0), init_from="ckpt")
+
+    none = StepMarkers(frozenset())
+    with pytest.raises(ValueError, match=r"sampling.separator='\)\.' is no token of ckpt's vocabulary.*"
+                                         r"sampling.separator_match=suffix \(every token whose text ends with it\)"):
+        check_separator_ends_tokens(settings("exact"), none)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"ends no token") as suffix:
+        check_separator_ends_tokens(settings("suffix"), none)  # type: ignore[arg-type]
+    assert "separator_match" not in str(suffix.value)
+    check_separator_ends_tokens(settings("exact"), StepMarkers(frozenset({SEP})))  # type: ignore[arg-type]
