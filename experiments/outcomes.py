@@ -1,7 +1,12 @@
 """Turn search results into graded outcomes and JSONL records (what metrics and plots read).
 
-    outcomes = grade_results(results, task_grade, task_extract)
+    outcomes = grade_results(results, task_grade, task_extract, task="task module experiments.tasks.arith")
     write_records(path, results, outcomes)
+
+A task's extract_answer must return a str or None and its grade True or False (what the records'
+readers take, `experiments.sweep_metrics.check_rows`); anything else is a ValueError naming the
+task (`task`), the function, the problem and the candidate, before a row is made. A result whose
+`chosen` is not None or an index of its candidates is a ValueError too (`chosen_fault`).
 """
 from __future__ import annotations
 
@@ -18,21 +23,49 @@ Grader = Callable[[Problem, str], bool]
 Extractor = Callable[[str], "str | None"]
 
 
-def grade_result(result: SearchResult, grade: Grader, extract: Extractor) -> ProblemOutcome:
-    cands = tuple(
-        CandidateOutcome(extract(c.text), grade(result.problem, c.text), c.score) for c in result.candidates
-    )
-    return ProblemOutcome(result.problem.id, cands)
+def grade_result(result: SearchResult, grade: Grader, extract: Extractor, task: str = "the task") -> ProblemOutcome:
+    """Each candidate's extracted answer and grade (checked: module docstring; task names the task
+    in the error)."""
+    cands = []
+    for index, cand in enumerate(result.candidates):
+        where = f"for candidate {index} of problem {result.problem.id!r}"
+        answer = extract(cand.text)
+        if answer is not None and not isinstance(answer, str):
+            raise ValueError(f"{task}: extract_answer returned {type(answer).__name__} {answer!r:.60} {where}, "
+                             "not a str or None")
+        correct = grade(result.problem, cand.text)
+        if not isinstance(correct, bool):
+            raise ValueError(f"{task}: grade returned {type(correct).__name__} {correct!r:.60} {where}, not True or False")
+        cands.append(CandidateOutcome(answer, correct, cand.score))
+    return ProblemOutcome(result.problem.id, tuple(cands))
 
 
-def grade_results(results: Sequence[SearchResult], grade: Grader, extract: Extractor) -> list[ProblemOutcome]:
-    return [grade_result(r, grade, extract) for r in results]
+def grade_results(
+    results: Sequence[SearchResult], grade: Grader, extract: Extractor, task: str = "the task",
+) -> list[ProblemOutcome]:
+    """`grade_result` of each result."""
+    return [grade_result(r, grade, extract, task) for r in results]
+
+
+def chosen_fault(result: SearchResult) -> str | None:
+    """What is wrong with the result's `chosen` (None, or an int index of its candidates: -1
+    was graded as the last one), else None."""
+    chosen, count = result.chosen, len(result.candidates)
+    if chosen is None or (isinstance(chosen, int) and not isinstance(chosen, bool) and 0 <= chosen < count):
+        return None
+    if not count:
+        return f"chosen={chosen!r:.40} and no candidates (chosen must be None then)"
+    return f"chosen={chosen!r:.40}, not None or an index of its {count} candidates (0 to {count - 1})"
 
 
 def record(result: SearchResult, outcome: ProblemOutcome) -> dict:
     """One JSON-ready row: the problem, every candidate with its step scores, the pick, the cost.
     A candidate whose steps carry the scores a policy's head attached while generating them (the
-    reflective model's SPRM) keeps those too, as `head_scores`, beside the scorer's."""
+    reflective model's SPRM) keeps those too, as `head_scores`, beside the scorer's. A ValueError
+    for a `chosen` that is no index of the candidates (`chosen_fault`)."""
+    fault = chosen_fault(result)
+    if fault is not None:
+        raise ValueError(f"the result of problem {result.problem.id!r} has {fault}")
     p = result.problem
     return {
         "problem_id": p.id,

@@ -37,10 +37,14 @@ Errors: bad input (a ValueError or FileNotFoundError: a bad value, a missing fil
 problems, a folder of another config; or a folder in use) prints one line `error: <message>` on
 stderr and exits 2. The config's values and the task's problems are checked before the policy
 loads or the run folder is written (a folder Hydra made for a refused run, holding only its own
-files, is removed again). In a sweep (-m) each bad job's message is printed without a traceback
-as `error: job #<k> (<its overrides>): <message>`, the other jobs run, and the sweep exits 1
-(Hydra's). HYDRA_FULL_ERROR=1 shows the full traceback instead; any other exception is a bug and
-keeps its traceback.
+files, is removed again); so is the strategy's config class (a `seed` field and its budget field,
+`treesearch.registry`). What a strategy returns, and the rows made of it, are checked before a
+chunk's rows are appended (one `SearchResult` per problem in order, `chosen` an index of its
+candidates, finite scores, the task's extract_answer / grade types, `sweep_metrics.check_rows`):
+a refusal names the strategy or the task module, and nothing of that chunk is written. In a
+sweep (-m) each bad job's message is printed without a traceback as `error: job #<k> (<its
+overrides>): <message>`, the other jobs run, and the sweep exits 1 (Hydra's). HYDRA_FULL_ERROR=1
+shows the full traceback instead; any other exception is a bug and keeps its traceback.
 
 `run_search_experiment(cfg)` is the plain function (tests call it with `hydra.compose`); `main`
 is the thin `@hydra.main` around it. Tests: `.venv/bin/pytest tests/test_experiment_configs.py
@@ -87,14 +91,14 @@ from experiments.model_folder_target import check_not_model_folder
 from experiments.out_dir_args import check_out_dir_argument, with_experiment_job_folders
 from experiments.override_keys import check_override_keys, check_plain_keys, check_refused_keys
 from experiments.live_tree import LIVE_TREE_FILE, LiveTree
-from experiments.outcomes import grade_results, record
+from experiments.outcomes import chosen_fault, grade_results, record
 from experiments.record_log import append_rows, check_row_questions, load_rows
 from experiments.result_json import write_atomic
 from experiments.run_weights import (
     WEIGHTS_FILE, check_run_weights, check_served_models, model_folders, read_saved, served_models,
 )
 from experiments.sweep_metrics import (
-    ADDED_SETTINGS, BUDGET_FIELDS, RECORD_KEYS, check_rows, read_run_config, run_metrics,
+    ADDED_SETTINGS, BUDGET_FIELDS, RECORD_KEYS, RunFolderError, check_rows, read_run_config, run_metrics,
 )
 from experiments.tasks.benchmark_split import check_unique_ids
 from policies.checkpoint import torch_dtype
@@ -106,11 +110,13 @@ from policies.vllm_engine import VLLMMissingError, process_environment
 from scorers.prm_loading import check_prm_folder
 from scorers.sprm_scorer import check_batch_size
 from treesearch.concurrent import problem_seed, search_each
-from treesearch.config_checks import is_int
+from treesearch.compute import Compute
+from treesearch.config_checks import is_finite_number, is_int
 from treesearch.config_diff import config_differences, resume_overrides, with_added_settings
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
 from treesearch.registry import STRATEGIES, StrategySpec
+from treesearch.result import Candidate, SearchResult
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 # keys that do not change what a run computes (left out of the config comparison): top-level
@@ -193,7 +199,11 @@ USAGE_EXIT = 2
 
 
 class Task(Protocol):
-    """What `task.module` must provide (experiments/tasks/arith.py does)."""
+    """What `task.module` must provide (experiments/tasks/arith.py does). generate_problems gets
+    the built `task.config` as cfg, and no cfg at all when task.config is missing or null (a task
+    without settings: `def generate_problems(split, count, seed)`); its problems' questions must
+    be non-empty text and their answers text (`check_has_problems`). extract_answer returns a str
+    or None, grade True or False (`experiments.outcomes.grade_result` checks them)."""
 
     def generate_problems(self, split: str, count: int, seed: int, cfg: Any) -> list[Problem]: ...
     def prompt_text(self, problem: Problem) -> str: ...
@@ -416,6 +426,26 @@ def strategy_of(strategy_cfg: Any) -> tuple[str, StrategySpec]:
     raise ValueError(f"search config {type(strategy_cfg).__name__} is not a registered strategy config; valid: {valid}")
 
 
+def strategy_label(spec: StrategySpec) -> str:
+    """How an error names a strategy: `strategy shortest (mystrategy.ShortestConfig)`."""
+    names = [name for name, entry in STRATEGIES.items() if entry == spec]
+    config = f"{spec.config.__module__}.{spec.config.__qualname__}"
+    return f"strategy {names[0]} ({config})" if names else f"strategy {config}"
+
+
+def check_strategy_fields(name: str, spec: StrategySpec) -> None:
+    """A ValueError, before the policy loads, when the strategy's config class lacks `seed` (each
+    chunk's seed is set through it: a TypeError after the policy had loaded) or its budget field
+    (`n`, MCTS's `iterations`: BUDGET_FIELDS; every row records it and the run is filed under it)."""
+    have = {field.name for field in dataclasses.fields(spec.config)} if dataclasses.is_dataclass(spec.config) else set()
+    budget = BUDGET_FIELDS.get(name, "n")
+    for field, why in (("seed", "each chunk's sampling seed is set through it"),
+                       (budget, "the budget each row records and a sweep files the run under")):
+        if field not in have:
+            raise ValueError(f"{strategy_label(spec)} has no field {field!r}: a strategy's config needs `{field}` "
+                             f"({why}; see treesearch/registry.py)")
+
+
 def build(node: DictConfig, **kwargs: Any) -> Any:
     """instantiate a component; a key its target does not take is a ValueError naming it
     (`check_known_keys`), and a constructor's own ValueError / TypeError / FileNotFoundError
@@ -473,24 +503,49 @@ def import_task(module_name: str) -> Task:
 
 def load_task(task_cfg: DictConfig) -> tuple[Task, list[Problem]]:
     """(the task module, its problems for split / count / seed / config); task.seed must be an
-    integer (1.5 or "abc" drew some problems, true those of 1, filed under another name)."""
+    integer (1.5 or "abc" drew some problems, true those of 1, filed under another name). A
+    missing or null task.config is no config: generate_problems(split, count, seed) without cfg."""
     check_int("task.seed", task_cfg.get("seed"))
     module = import_task(task_cfg.module)
-    problems = module.generate_problems(task_cfg.split, task_cfg.count, task_cfg.seed, build_frozen(task_cfg.config))
+    config = task_cfg.get("config")
+    if config is None:
+        problems = module.generate_problems(task_cfg.split, task_cfg.count, task_cfg.seed)  # type: ignore[call-arg]
+    else:
+        problems = module.generate_problems(task_cfg.split, task_cfg.count, task_cfg.seed, build_frozen(config))
     return module, problems  # type: ignore[return-value]
 
 
 def check_has_problems(task_cfg: DictConfig, problems: Sequence[Problem]) -> None:
-    """A ValueError naming the task when it gives no problems (count 0, an empty file) or two of
-    one id (a task module of one's own; the benchmarks check their whole file): refused before
-    the policy loads or the run folder is written, not after with "no records" or rows of one id."""
+    """A ValueError naming the task when it gives no problems (count 0, an empty file), a problem
+    that cannot be searched and graded (`check_problem_fields`) or two of one id (a task module of
+    one's own; the benchmarks check their whole file): refused before the policy loads or the run
+    folder is written, not after with "no records", rows of one id or a problem counted wrong."""
     name = str(task_cfg.module).rsplit(".", 1)[-1]
     if not problems:
         raise ValueError(
             f"task {name} (split={task_cfg.split!r}, count={task_cfg.count!r}) has no problems: nothing to search; "
             "pass task.count >= 1 or a task / file with problems"
         )
+    check_problem_fields(str(task_cfg.module), problems)
     check_unique_ids(problems, f"task {name}")
+
+
+def check_problem_fields(module: str, problems: Sequence[Problem]) -> None:
+    """A ValueError naming the task module and the problem for one that is not a `Problem` with a
+    str id, a non-empty str question (what the policy is prompted with) and a str answer (what
+    grade compares with: None was searched and counted wrong)."""
+    for index, problem in enumerate(problems, start=1):
+        if not isinstance(problem, Problem):
+            raise ValueError(f"task module {module}: problem {index} is a {type(problem).__name__}, "
+                             "not a treesearch.records.Problem")
+        where = f"task module {module}: problem {problem.id!r} (#{index})"
+        if not isinstance(problem.id, str):
+            raise ValueError(f"task module {module}: problem {index} has id={problem.id!r:.60}, not a str")
+        if not isinstance(problem.question, str) or not problem.question.strip():
+            raise ValueError(f"{where} has question={problem.question!r:.60}, not a non-empty str")
+        if not isinstance(problem.answer, str):
+            raise ValueError(f"{where} has answer={problem.answer!r:.60}, not a str (the reference answer grade "
+                             "compares with)")
 
 
 def chunk_seed(seed: int, problem_ids: Sequence[str]) -> int:
@@ -687,15 +742,64 @@ def search_chunk(
     continuous batching (each problem's search in its own thread, the policy's calls decoded
     together by a `policies.continuous_engine.ContinuousEngine`; transformers policy only; each
     problem with its own seed, `treesearch.concurrent.problem_seed`).
-    on_round: passed to the strategy (`treesearch.protocols.RoundHook`)."""
+    on_round: passed to the strategy (`treesearch.protocols.RoundHook`). What it returns is
+    checked (`check_results`)."""
     if check_batching(batching) == "lockstep":
-        return spec.fn(part, policy, scorer, cfg, on_round=on_round)
-    if not hasattr(policy, "chunk_decoder"):
+        results = spec.fn(part, policy, scorer, cfg, on_round=on_round)
+    elif not hasattr(policy, "chunk_decoder"):
         raise ValueError(f"batching=continuous needs the in-process transformers policy, not {type(policy).__name__}")
-    from policies.continuous_engine import ContinuousEngine  # torch: only when asked for
+    else:
+        from policies.continuous_engine import ContinuousEngine  # torch: only when asked for
 
-    with ContinuousEngine.attached(policy):
-        return search_each(spec.fn, part, policy, scorer, cfg, on_round=on_round)
+        with ContinuousEngine.attached(policy):
+            results = search_each(spec.fn, part, policy, scorer, cfg, on_round=on_round)
+    check_results(results, part, strategy_label(spec))
+    return results
+
+
+UNWRITTEN = "nothing of this chunk was written to records.jsonl"
+
+
+def check_results(results: Any, part: Sequence[Problem], label: str) -> None:
+    """A ValueError naming the strategy (`label`) unless results is a list or tuple of one
+    `SearchResult` per problem of part, in its order, each sound (`result_fault`)."""
+    if not isinstance(results, (list, tuple)):
+        raise ValueError(f"{label} returned {type(results).__name__} {results!r:.60}, not a list of SearchResult "
+                         f"(one per problem); {UNWRITTEN}")
+    if len(results) != len(part):
+        raise ValueError(f"{label} returned {len(results)} results for {len(part)} problems: one SearchResult per "
+                         f"problem, in the problems' order; {UNWRITTEN}")
+    for result, problem in zip(results, part):
+        fault = result_fault(result, problem)
+        if fault is not None:
+            raise ValueError(f"{label} {fault}; {UNWRITTEN}")
+
+
+def result_fault(result: Any, problem: Problem) -> str | None:
+    """What is wrong with the result a strategy returned for `problem` (phrased to follow the
+    strategy's name: "gave ..."), else None: not a SearchResult, another problem, a candidate that
+    is no Candidate or scores no finite number, a `chosen` that is no index of the candidates
+    (`chosen_fault`), a compute that is no Compute. The rest of a row (the budget in its config)
+    is `check_new_rows`'s."""
+    if not isinstance(result, SearchResult):
+        return f"gave a {type(result).__name__} for problem {problem.id!r}, not a SearchResult"
+    got = getattr(result.problem, "id", result.problem)
+    if got != problem.id:
+        return f"gave a result of problem {got!r:.60} where problem {problem.id!r} was due (the problems' order)"
+    where = f"problem {problem.id!r}"
+    if not isinstance(result.candidates, (list, tuple)):
+        return f"gave {where} candidates={result.candidates!r:.60}, not a tuple of Candidate"
+    for index, cand in enumerate(result.candidates):
+        if not isinstance(cand, Candidate):
+            return f"gave candidate {index} of {where} as a {type(cand).__name__}, not a Candidate"
+        if not is_finite_number(cand.score):
+            return f"gave candidate {index} of {where} score={cand.score!r:.40}, not a finite number"
+    fault = chosen_fault(result)
+    if fault is not None:
+        return f"gave {where} {fault}"
+    if not isinstance(result.compute, Compute):
+        return f"gave {where} compute={result.compute!r:.60}, not a treesearch.compute.Compute"
+    return None
 
 
 def run_chunk(
@@ -712,11 +816,31 @@ def run_chunk(
         with live.marking_stops():  # a Ctrl-C'd or failed search's file says so
             results = search_chunk(part, spec, cfg, policy, scorer, batching, on_round=live)
         live.finish(results)
-    outcomes = grade_results(results, task.grade, task.extract_answer)
+    try:
+        outcomes = grade_results(results, task.grade, task.extract_answer, task=f"task module {task_name(task)}")
+    except ValueError as err:  # a task's extract_answer / grade that returned what no row can hold
+        raise ValueError(f"{err}; {UNWRITTEN}") from None
     return [
         {**record(result, outcome), "policy_parameters": policy.num_parameters}
         for result, outcome in zip(results, outcomes) if result.problem.id not in skip
     ]
+
+
+def task_name(task: Task) -> str:
+    """The task module's import name (errors name it)."""
+    return getattr(task, "__name__", type(task).__name__)
+
+
+def check_new_rows(rows: Sequence[dict[str, Any]], records: Path, spec: StrategySpec, task: Task) -> None:
+    """The check every reader of records makes (`sweep_metrics.check_rows`), on a chunk's rows
+    before they are appended: a row it would refuse made the folder refuse every rerun. A
+    ValueError naming the strategy and the task module; nothing of the chunk is written."""
+    try:
+        check_rows(rows, records)
+    except RunFolderError as err:
+        what = str(err).removeprefix(f"{records}: ")
+        raise ValueError(f"{strategy_label(spec)} on task module {task_name(task)} made a row records.jsonl cannot "
+                         f"hold: {what}; {UNWRITTEN}") from None
 
 
 def search_missing(
@@ -744,6 +868,7 @@ def search_missing(
             for part in todo:
                 rows = run_chunk(part, spec, strategy_cfg, policy, scorer, task, cfg.seed, done,
                                  cfg.get("batching", "lockstep"), live)
+                check_new_rows(rows, out / RECORDS, spec, task)
                 append_rows(out / RECORDS, rows)
                 bar.update(len(rows))
             if live is not None:
@@ -868,6 +993,7 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     check_policy_sampling(cfg.policy)
     check_batching(cfg.get("batching", "lockstep"), OmegaConf.select(cfg, "policy._target_", default=None))
     name, spec = strategy_of(strategy_cfg)
+    check_strategy_fields(name, spec)
     task, problems = load_task(cfg.task)
     check_has_problems(cfg.task, problems)
     for note in (trained_task_note(OmegaConf.select(cfg, "policy.path", default=None), str(cfg.task.module)),

@@ -5,10 +5,39 @@ dataclass (`run_search` always passes on_round, the hook called after each round
     spec = get_strategy("best_of_n")
     results = spec.fn(problems, policy, scorer, spec.config(n=16))
     # or: run_search("best_of_n", problems, policy, scorer, n=16)
+
+Adding a strategy: call `register(name, fn, config)` when your module is imported. The contract:
+  - fn(problems, policy, scorer, cfg, on_round=None) returns a list of exactly one
+    `SearchResult` per problem, in the problems' order; each result's `chosen` is None or an
+    index of its candidates, each candidate's `score` a finite number; `strategy` is the
+    registry name and `config` the config as a dict (`dataclasses.asdict(cfg)`);
+    on_round, when given, is called with every problem's tree after each round;
+  - config is a dataclass with a `seed` field (`experiments.search` sets each chunk's seed
+    through it, `dataclasses.replace(cfg, seed=...)`) and, for `experiments.search` and its
+    sweeps, the budget field `n` (the N a run is filed under; MCTS's `iterations` is the one
+    other name, `experiments.sweep_metrics.BUDGET_FIELDS`); each strategy its own config class
+    (`experiments.search` finds the strategy by its config's class).
+
+    # mystrategy.py
+    @dataclass(frozen=True)
+    class ShortestConfig:
+        n: int = 4
+        seed: int = 0
+
+    def shortest(problems, policy, scorer, cfg, on_round=None) -> list[SearchResult]: ...
+
+    register("shortest", shortest, ShortestConfig)
+
+    PYTHONPATH=<mystrategy.py's folder> python -m experiments.search search._target_=mystrategy.ShortestConfig \\
+        '~search.aggregation'
+
+(`~search.aggregation`: a setting of the default search=best_of_n that ShortestConfig lacks.)
+experiments.search checks a strategy's config before the policy loads and what fn returns before
+a row is written: a broken one is one `error:` line naming the strategy, nothing written.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Callable, Sequence
 
 from treesearch.beam_search import BeamSearchConfig, beam_search
@@ -41,6 +70,37 @@ STRATEGIES: dict[str, StrategySpec] = {
     "particle_filtering": StrategySpec(particle_filtering, ParticleFilteringConfig),
     "rebase": StrategySpec(rebase, RebaseConfig),
 }
+
+
+def register(name: str, fn: SearchFn, config: type) -> StrategySpec:
+    """Add strategy `name` (module docstring: the contract) and return its spec; registering the
+    same fn and config again (a module imported twice) is a no-op. A ValueError names what is
+    wrong: a name of another strategy, a config that is no dataclass or lacks `seed`, a config
+    class registered under another name, an fn that is not callable."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a strategy's name must be a non-empty str, not {name!r}")
+    if not callable(fn):
+        raise ValueError(f"strategy {name}: fn={fn!r:.80} is not callable")
+    check_strategy_config(name, config)
+    spec = StrategySpec(fn, config)
+    if STRATEGIES.get(name, spec) != spec:
+        raise ValueError(f"strategy {name} is registered already (fn {STRATEGIES[name].fn.__qualname__}, config "
+                         f"{STRATEGIES[name].config.__qualname__}); pick another name")
+    other = [key for key, entry in STRATEGIES.items() if entry.config is config and key != name]
+    if other:
+        raise ValueError(f"strategy {name}: config {config.__qualname__} is strategy {other[0]}'s already; give each "
+                         "strategy a config class of its own (experiments.search finds a strategy by its config's class)")
+    STRATEGIES[name] = spec
+    return spec
+
+
+def check_strategy_config(name: str, config: Any) -> None:
+    """A ValueError unless config is a dataclass (the class, not an instance) with a `seed` field."""
+    if not isinstance(config, type) or not is_dataclass(config):
+        raise ValueError(f"strategy {name}: config={config!r:.80} must be a dataclass (the class, not an instance)")
+    if "seed" not in {f.name for f in fields(config)}:
+        raise ValueError(f"strategy {name}: config {config.__qualname__} has no field 'seed' (each search's sampling "
+                         "seed: experiments.search sets every chunk's seed through it)")
 
 
 def get_strategy(name: str) -> StrategySpec:
