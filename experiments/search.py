@@ -61,6 +61,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -105,6 +106,7 @@ from policies.checkpoint import torch_dtype
 from policies.devices import resolve_device
 from policies.gc_freeze import freeze_long_lived
 from policies.reflective_model import check_reflective_folder
+from policies.sampling_config import SamplingConfig
 from policies.openai_policy import OpenAIServerError
 from policies.vllm_engine import VLLMMissingError, process_environment
 from scorers.prm_loading import check_prm_folder
@@ -117,6 +119,7 @@ from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
 from treesearch.registry import STRATEGIES, StrategySpec
 from treesearch.result import Candidate, SearchResult
+from treesearch.steps import StepFormat
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 # keys that do not change what a run computes (left out of the config comparison): top-level
@@ -470,10 +473,51 @@ def build_frozen(node: DictConfig) -> Any:
 
 def check_policy_sampling(policy_cfg: DictConfig) -> None:
     """Build the policy's sampling settings (`policy.sampling`, a small validated record) before
-    the policy loads or the run folder is written, so a bad value is refused up front."""
+    the policy loads or the run folder is written, so a bad value is refused up front, named by
+    its key (`policy.sampling.top_p=2 must be in (0, 1]`)."""
     sampling = policy_cfg.get("sampling")
     if isinstance(sampling, DictConfig) and "_target_" in sampling:
-        build(sampling)
+        with named_settings("policy.sampling."):
+            build(sampling)
+
+
+@contextlib.contextmanager
+def named_settings(prefix: str) -> Iterator[None]:
+    """A record's ValueError that names a field as `field=value ...` (or `Record.field=value ...`)
+    re-raised naming the key (prefix + field), so `scorer.step_format.` and `policy.sampling.`
+    errors tell apart."""
+    try:
+        yield
+    except ValueError as err:
+        named = re.match(r"(?:[A-Z]\w*\.)?(?=[a-z_]+=)", str(err))
+        if named is None:
+            raise
+        raise ValueError(prefix + str(err)[named.end():]) from None
+
+
+# the fields of a head scorer's step_format that must equal the policy's sampling fields
+STEP_FORMAT_FIELDS: tuple[str, ...] = ("separator", "think_open", "think_close", "separator_match")
+
+
+def check_head_step_format(cfg: DictConfig) -> None:
+    """A head scorer's (scorer=sprm_forward, vllm_sprm) step_format is valid and ends steps where
+    the policy's do, before the policy loads: another separator_match read the head at positions
+    inside the policy's steps (an exact policy step holding ').\\n\\n' read twice), and a bad
+    value was found after the policy had loaded."""
+    node, sampling = OmegaConf.select(cfg, "scorer.step_format"), OmegaConf.select(cfg, "policy.sampling")
+    if cfg.scorer.get("_target_") not in HEAD_SCORERS or not isinstance(node, DictConfig):
+        return
+    values = {key: node.get(key) for key in STEP_FORMAT_FIELDS if key in node}
+    with named_settings("scorer.step_format."):
+        StepFormat(**values)
+    if not isinstance(sampling, DictConfig):
+        return
+    for key, value in values.items():
+        policy_value = sampling.get(key, SamplingConfig.__dataclass_fields__[key].default)
+        if value != policy_value:
+            raise ValueError(f"scorer.step_format.{key}={value!r} differs from policy.sampling.{key}={policy_value!r}: "
+                             "the head would read its scores where the policy's steps do not end; give both the same "
+                             "value (the scorer's follows the policy's unless set)")
 
 
 def build_policy(node: DictConfig) -> Policy:
@@ -983,6 +1027,7 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     check_method_paths(cfg)
     check_light_scorer(cfg.scorer)
     check_head_scorer(cfg.scorer)
+    check_head_step_format(cfg)
     check_engines_agree(cfg)
     check_room_for_scorer(cfg)
     note_cpu_scorer(cfg)

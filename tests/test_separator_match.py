@@ -180,3 +180,29 @@ def test_training_refuses_an_exact_separator_no_token_is_and_names_suffix():
         check_separator_ends_tokens(settings("suffix"), none)  # type: ignore[arg-type]
     assert "separator_match" not in str(suffix.value)
     check_separator_ends_tokens(settings("exact"), StepMarkers(frozenset({SEP})))  # type: ignore[arg-type]
+
+
+def test_a_head_scorers_step_format_is_checked_and_must_match_the_policys_before_loading():
+    from experiments.search import check_head_step_format, check_policy_sampling
+
+    def cfg(*overrides: str):
+        return composed(["policy=tiny_sprm", "scorer=sprm_forward", *overrides])
+
+    check_head_step_format(cfg())
+    check_head_step_format(cfg("policy.sampling.separator_match=exact"))  # the scorer follows the policy
+    with pytest.raises(ValueError, match=r"^scorer.step_format.separator_match='Exact' must be one of suffix, exact$"):
+        check_head_step_format(cfg("scorer.step_format.separator_match=Exact"))
+    with pytest.raises(ValueError, match=r"^scorer.step_format.separator='' must be a non-empty string$"):
+        check_head_step_format(cfg("scorer.step_format.separator="))
+    with pytest.raises(ValueError, match=r"^scorer.step_format.separator_match='suffix' differs from "
+                                         r"policy.sampling.separator_match='exact': the head would read"):
+        check_head_step_format(cfg("policy.sampling.separator_match=exact", "scorer.step_format.separator_match=suffix"))
+    with pytest.raises(ValueError, match=r"^scorer.step_format.separator='X' differs from policy.sampling.separator="):
+        check_head_step_format(cfg("scorer.step_format.separator=X"))
+    # a scorer without a step format (confidence) or a policy node without the key (its default, suffix)
+    check_head_step_format(composed(["scorer=confidence", "policy.sampling.separator_match=exact"]))
+    check_head_step_format(cfg("~policy.sampling.separator_match"))
+    with pytest.raises(ValueError, match=r"^policy.sampling.separator_match='Exact' must be one of suffix, exact$"):
+        check_policy_sampling(composed(["policy.sampling.separator_match=Exact"]).policy)
+    with pytest.raises(ValueError, match=r"^policy.sampling.top_p=2 must be in \(0, 1\]$"):
+        check_policy_sampling(composed(["policy.sampling.top_p=2"]).policy)

@@ -48,7 +48,7 @@ class StepFormat:
 
     def __post_init__(self) -> None:
         if not self.separator:
-            raise ValueError("StepFormat.separator must be a non-empty string")
+            raise ValueError(f"StepFormat.separator={self.separator!r} must be a non-empty string")
         check_separator_match(self.separator_match, "StepFormat.separator_match")
 
 
