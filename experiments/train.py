@@ -96,7 +96,9 @@ from policies.checkpoint import load_checkpoint, load_optimizer_state, save_chec
 from policies.step_boundary import StopRequest, stop_at_step_boundary  # noqa: E402
 from policies.devices import resolve_device  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
-from policies.joint_step import JointForward, JointLossConfig, frozen_logprobs, joint_step, spr_labelled  # noqa: E402
+from policies.joint_step import (  # noqa: E402
+    JointForward, JointLossConfig, frozen_logprobs, grpo_rewards, joint_step, spr_labelled,
+)
 from policies.reflective_model import ReflectiveModel  # noqa: E402
 from policies.rollout_batch import (  # noqa: E402
     Rollout, RolloutBatch, RolloutSource, TransformersRolloutSource, collate_rollouts, outcome_reward,
@@ -923,13 +925,14 @@ def check_not_diverged(reports: list[dict[str, Any]], step: int) -> None:
 def step_row(step: int, reports: list[dict[str, Any]], t: Trainer) -> dict[str, Any]:
     """The metrics row of a step from every process's report (losses averaged over processes).
     reward/mean and grpo/mixed_groups (groups whose rewards differ: the ones with a GRPO signal) read
-    the rewards GRPO trains on (a wrong answer cut by length earns truncated_wrong_reward, 0.1 in the
-    reference's loss); rollout/correct and reward/pass_at_g read correctness; fc/* read the
+    the rewards GRPO trains on (`policies.joint_step.grpo_rewards`: a wrong answer cut by length is
+    0 there, as in the reference); rollout/correct and reward/pass_at_g read correctness; fc/* read the
     rollouts the SPR loss trains on (`policies.joint_step.spr_labelled`: the reference's false_prob
     averages reward 0 alone, not the cut wrong rollouts' 0.1)."""
     records = [rec for rep in reports for rec in rep["records"]]
     groups, scores, correct, rewards = ([r[k] for r in records] for k in (0, 1, 2, 5))
     labelled = spr_labelled(torch.tensor(rewards, dtype=torch.float32), t.s.loss.truncated_wrong_reward)
+    rewards = grpo_rewards(torch.tensor(rewards, dtype=torch.float64), t.s.loss.truncated_wrong_reward).tolist()
     by_group: dict[int, list[tuple[bool, float]]] = {}
     for group, ok, reward in zip(groups, correct, rewards):
         by_group.setdefault(group, []).append((ok, reward))

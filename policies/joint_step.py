@@ -14,7 +14,7 @@ What one step computes (B rollouts, L tokens, T = L-1 target positions, N scored
     old_logprobs        = batch.old_logprobs, or logprobs.detach() (one update per rollout batch:
                           what a separate no-grad forward of the same weights gives, at no cost)
     ref_logprobs        = the frozen initial policy's, no grad (only when kl_coef > 0)
-    advantages          = group_advantages(rewards [P, G])                # [B]
+    advantages          = group_advantages(grpo_rewards [P, G])           # [B]: truncated_wrong_reward -> 0
     grpo                = policies.grpo.grpo_loss(...)                    # pg - 0.001 H + 0.001 KL
     spr                 = scorers.spr_loss.spr_loss(head_logits, reward[step_rows] > 0.5, mode),
                           over the steps of rollouts whose reward is not truncated_wrong_reward
@@ -63,11 +63,15 @@ class JointLossConfig:
     shared_prompt: the policy's forward runs each group's prompt once, not once per rollout
         (`policies.shared_prompt`; the same loss and gradients up to float rounding); the
         reference forward always does.
-    truncated_wrong_reward: the reward of a rollout cut at the token limit after writing a wrong
-        final answer (`policies.rollout_batch.outcome_reward`; the reference's 0.1): a small
-        GRPO reward, and its steps are left out of the SPR loss (the reference's
-        `valid_mask = reward != 0.1`: a trace that never ended is no outcome label for its
-        steps). 0: such a rollout is an ordinary wrong one (reward 0, its steps SPR negatives).
+    truncated_wrong_reward: the reward that marks a rollout cut at the token limit after writing
+        a wrong final answer (`policies.rollout_batch.outcome_reward`; the reference's
+        math_v2.compute_score gives 0.1): GRPO reads it as 0, as the reference zeroes its 0.1s
+        before the advantages (`grpo_rewards`), and the rollout's steps are left out of the SPR
+        loss, as the reference's code is written (`valid_mask = reward != 0.1`: a trace that never
+        ended is no outcome label for its steps). In the reference as it ran that mask read the
+        very tensor zeroed in place (ray_trainer.fit stores it, then sets its 0.1s to 0), so it
+        left nothing out: 0 reproduces that run (such a rollout an ordinary wrong one, its steps
+        SPR negatives).
     """
 
     temperature: float = 1.0
@@ -196,13 +200,22 @@ def joint_step(model: nn.Module, batch: RolloutBatch, ref_lm: Any | None, cfg: J
     entropy = token_entropy(tempered)  # [B, T]
     old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()  # [B, T]
     ref = frozen_logprobs(ref_lm, batch, cfg, cfg.bf16 or reference_bf16(cfg, batch.input_ids.device)) if cfg.kl_coef > 0 else None  # [B, T] or None
-    advantages = group_advantages(batch.rewards.view(-1, batch.group_size)).view(-1)  # [B]
+    rewards = grpo_rewards(batch.rewards, cfg.truncated_wrong_reward)  # [B]
+    advantages = group_advantages(rewards.view(-1, batch.group_size)).view(-1)  # [B]
     grpo = grpo_loss(logprobs, old, ref, advantages, entropy, batch.completion_mask, cfg.grpo)
     step_rewards = batch.rewards[batch.step_rows]  # [N]
     labelled = spr_labelled(step_rewards, cfg.truncated_wrong_reward)  # [N] bool
     spr = spr_loss(head_logits[labelled], step_rewards[labelled] > 0.5, cfg.spr_mode)
     loss = cfg.grpo_coef * grpo.total + cfg.spr_coef * spr.loss
     return JointStepOutput(loss, grpo, spr, head_logits.detach(), _metrics(loss, grpo, spr, labelled, ref is not None))
+
+
+def grpo_rewards(rewards: torch.Tensor, truncated_wrong_reward: float) -> torch.Tensor:
+    """The rewards [K] GRPO's advantages read: a cut wrong rollout's truncated_wrong_reward is 0, as
+    the reference sets math_v2's 0.1s to 0 before compute_grpo_outcome_advantage (its 0.1 was a
+    full-size advantage after group normalisation: one such rollout in a wrong group got what a
+    correct answer gets)."""
+    return torch.where(spr_labelled(rewards, truncated_wrong_reward), rewards, torch.zeros_like(rewards))
 
 
 def spr_labelled(rewards: torch.Tensor, truncated_wrong_reward: float) -> torch.Tensor:

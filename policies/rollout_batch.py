@@ -35,7 +35,8 @@ from treesearch.records import Prefix, Problem
 
 
 # The reference's reward of a rollout that wrote a wrong final answer and was cut at the token
-# limit (MetaStone-S1's math_v2.compute_score: 0.1 with no EOS, 0 with one)
+# limit (MetaStone-S1's math_v2.compute_score: 0.1 with no EOS, 0 with one); a mark, read as 0 by
+# GRPO (`policies.joint_step.grpo_rewards`)
 TRUNCATED_WRONG_REWARD = 0.1
 
 

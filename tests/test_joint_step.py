@@ -160,6 +160,22 @@ def test_a_cut_wrong_rollouts_steps_are_left_out_of_the_spr_loss():
     assert bce[0.0].loss.item() == pytest.approx(F.binary_cross_entropy_with_logits(head_logits, torch.tensor([1.0, 1, 0, 1])).item(), rel=1e-4)
 
 
+def test_grpo_reads_a_cut_wrong_rollouts_reward_as_zero_as_the_reference():
+    """The reference zeroes math_v2's 0.1s before compute_grpo_outcome_advantage (ray_trainer.fit):
+    rewards (1, 0.1 | 0, 1) train GRPO as (1, 0 | 0, 1); the 0.1 made r1 a full-size positive
+    advantage against r2 (+0.71 each way) where the reference has none."""
+    from policies.joint_step import grpo_rewards
+
+    model = reflective_model(0).eval()
+    cut = collate_rollouts([rollout(c) for c in COMPLETIONS], (1.0, 0.1, 0.0, 1.0), 2, MARKERS, PAD)
+    plain = collate_rollouts([rollout(c) for c in COMPLETIONS], (1.0, 0.0, 0.0, 1.0), 2, MARKERS, PAD)
+    got, want = (joint_step(JointForward(model), b, None, JointLossConfig(kl_coef=0.0)).grpo for b in (cut, plain))
+    for name in ("total", "policy"):
+        assert getattr(got, name).item() == pytest.approx(getattr(want, name).item(), rel=1e-6, abs=1e-9), name
+    assert grpo_rewards(torch.tensor([0.1, 0.0, 1.0, 0.1]), 0.1).tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert grpo_rewards(torch.tensor([0.1, 0.0]), 0.0).tolist() == pytest.approx([0.1, 0.0])  # no mark: as given
+
+
 def test_outcome_reward_is_the_references():
     """1 correct; 0.1 for a wrong answer cut at the token limit; 0 for a wrong one that ended, or a
     cut one with no answer (math_v2.compute_score of MetaStone-S1)."""

@@ -322,21 +322,22 @@ def test_grpo_countdown_recipe_is_the_measured_run():
 
 
 def test_the_step_row_reads_the_rewards_grpo_trains_on():
-    """reward/mean and grpo/mixed_groups read correctness: with a cut wrong rollout's reward 0.1 the
-    group [0.1, 0, 0, 0] has a GRPO signal, and was logged as none (reward/mean 0)."""
+    """reward/mean and grpo/mixed_groups read the rewards GRPO trains on, where a cut wrong
+    rollout's 0.1 is 0 (as the reference's): the groups [0.1, 0, 0, 0] and [0.1, 0.1, 0, 0] have no
+    GRPO signal, [1, 0.1, 0, 0] has one."""
     from types import SimpleNamespace
 
     from experiments.train import step_row
 
-    rewards = [0.1, 0.0, 0.0, 0.0, 0.1, 0.1, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    rewards = [0.1, 0.0, 0.0, 0.0, 0.1, 0.1, 0.0, 0.0, 1.0, 0.1, 0.0, 0.0]
     records = [(i // 4, 0.5, r > 0.5, 10, r == 0.1, r) for i, r in enumerate(rewards)]
     optim = SimpleNamespace(lr_at=lambda step: 1e-5)
     loss = SimpleNamespace(truncated_wrong_reward=0.1)
     trainer = SimpleNamespace(s=SimpleNamespace(actor_optim=optim, head_optim=optim, loss=loss))
     row = step_row(1, [{"losses": {"loss/total": 0.0}, "records": records}], trainer)
-    assert row["reward/mean"] == pytest.approx(sum(rewards) / 12)
-    assert row["rollout/correct"] == pytest.approx(4 / 12) and row["reward/pass_at_g"] == pytest.approx(1 / 3)
-    assert row["grpo/mixed_groups"] == pytest.approx(2 / 3)  # the two groups of 0.1 and 0 rewards
+    assert row["reward/mean"] == pytest.approx(1 / 12)
+    assert row["rollout/correct"] == pytest.approx(1 / 12) and row["reward/pass_at_g"] == pytest.approx(1 / 3)
+    assert row["grpo/mixed_groups"] == pytest.approx(1 / 3)  # the group with a correct rollout alone
 
 
 def test_the_step_rows_aha_metrics_read_the_rollouts_the_spr_loss_trains_on():

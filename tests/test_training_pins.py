@@ -286,13 +286,15 @@ def test_rollout_and_dropout_seeds_differ_across_steps(fake_step):
 # -- rewards ------------------------------------------------------------------------------------
 
 
-# pins: a wrong answer cut at the token limit (reward 0.1) is logged as wrong, not correct
+# pins: a wrong answer cut at the token limit (reward 0.1) is logged as wrong, not correct, and
+# reward/mean / grpo/mixed_groups read GRPO's rewards, where it is 0 (as the reference's)
 def test_a_cut_wrong_rollout_is_not_correct(fake_step):
     t = trainer()
     cut = Rollout("p", (1,), (5,), (-0.1,), "x", "length", 0.5)
-    row = train.step_row(1, [report(t, PROBLEMS[:1], [cut, cut], [0.1, 0.1])], t)
+    ended = Rollout("p", (1,), (5,), (-0.1,), "x", "eos", 0.5)
+    row = train.step_row(1, [report(t, PROBLEMS[:1], [cut, ended], [0.1, 0.0])], t)
     assert (row["rollout/correct"], row["reward/pass_at_g"]) == (0.0, 0.0)
-    assert row["reward/mean"] == pytest.approx(0.1)
+    assert row["reward/mean"] == 0.0 and row["grpo/mixed_groups"] == 0.0
 
 
 # pins: train_loss.truncated_wrong_reward reaches rollout_reward (0 gives a cut wrong answer 0.0)
