@@ -49,8 +49,8 @@ def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProce
         ("budget=0", r"^budget=0 must be an integer >= 1$"),
         ("chunk=abc", r"^chunk='abc' must be an integer >= 1$"),
         ("progress=maybe", r"^progress='maybe' must be true or false$"),
-        ("policy.sampling.temperature=abc", r"^temperature='abc' must be a number$"),  # the policy's record
-        ("policy.sampling.top_p=2", r"^top_p=2 must be in \(0, 1\]$"),
+        ("policy.sampling.temperature=abc", r"^policy.sampling.temperature='abc' must be a number$"),  # the policy's record
+        ("policy.sampling.top_p=2", r"^policy.sampling.top_p=2 must be in \(0, 1\]$"),
         # recorded and not used: `-m search.seed=0,1` ran one draw twice, pooled as two seeds
         ("search.seed=5", r"^search.seed=5 differs from seed=0: each chunk's seed derives from the top-level seed"),
         # drew some problems (true: those of 1, filed under another folder name)
