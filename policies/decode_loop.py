@@ -517,11 +517,19 @@ def _score_boundaries(
 ) -> None:
     """Write the head's score of the rows [A] whose token t is a boundary (is_boundary [A]) into
     scores [R, T]; features [B, C] are the states that sampled token t (same forward as its
-    logits), row a's at row_slot[a] (None: at a)."""
+    logits), row a's at row_slot[a] (None: at a). The head reads each slot once and its rows
+    share that score: a slot's rows (forked siblings that drew the same step) then tie exactly,
+    as their log-probs do; a copy per row put them at different places in one matmul, whose
+    rounding differs by place (~1e-7), so a strategy's tie-break between identical steps, and
+    with it the search, changed with the batch (the prefix cache, continuous batching)."""
     hit = is_boundary.nonzero().squeeze(-1)  # [n]
-    if hit.numel():
-        states = features[hit] if row_slot is None else features[row_slot[hit]]
-        scores[rows[hit], t] = head.step_scores(states).to(scores.dtype)
+    if not hit.numel():
+        return
+    if row_slot is None:
+        scores[rows[hit], t] = head.step_scores(features[hit]).to(scores.dtype)
+        return
+    slots, inverse = torch.unique(row_slot[hit], return_inverse=True)  # [u], [n]
+    scores[rows[hit], t] = head.step_scores(features[slots]).to(scores.dtype)[inverse]
 
 
 def _start_batch(

@@ -213,3 +213,29 @@ def test_reflective_checkpoint_round_trip(tmp_path):
     (tmp_path / "ckpt" / SCORE_MODULE_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="score_module.pt"):
         ReflectiveModel.from_pretrained(tmp_path / "ckpt")
+
+
+def test_rows_of_one_slot_share_the_heads_one_reading():
+    """Forked siblings that drew the same step share a slot: the head reads it once, so they tie
+    exactly (a copy per row sat at another place in one matmul, rounding ~1e-7 apart, and a
+    strategy's tie-break between identical steps followed the batch's layout)."""
+    from policies.decode_loop import _score_boundaries
+
+    class PlaceDependentHead:  # a score that, like a matmul's rounding, depends on the row's place
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        def step_scores(self, features: torch.Tensor) -> torch.Tensor:
+            self.calls.append(len(features))
+            return features[:, 0] + 1e-7 * torch.arange(len(features))
+
+    head, features = PlaceDependentHead(), torch.tensor([[0.1], [0.5], [0.9]])
+    scores = torch.full((5, 2), -1.0)
+    row_slot = torch.tensor([1, 1, 2, 1, 0])  # rows 0, 1, 3 share slot 1
+    _score_boundaries(head, features, torch.tensor([True, True, True, True, False]), torch.arange(5), 1, scores, row_slot)
+    assert scores[:, 1].tolist() == pytest.approx([0.5, 0.5, 0.9, 0.5, -1.0], abs=1e-6)
+    assert scores[0, 1] == scores[1, 1] == scores[3, 1]  # exactly
+    assert head.calls == [2]  # slots 1 and 2, once each
+    unforked = torch.full((2, 2), -1.0)
+    _score_boundaries(head, features[:2], torch.tensor([False, True]), torch.tensor([1, 0]), 0, unforked)
+    assert unforked[:, 0].tolist() == pytest.approx([0.5, -1.0]) and head.calls == [2, 1]  # row 1's state -> row 0
