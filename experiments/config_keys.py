@@ -63,9 +63,13 @@ def check_target_located(node: DictConfig) -> None:
     try:
         get_object(path)
     except Exception as err:  # noqa: BLE001 - ImportError, a module's own error on import alike
+        key, cause = node._get_full_key("_target_"), err.__cause__
+        if cause is not None and not isinstance(cause, (ImportError, AttributeError)):  # the module's own error
+            message = " ".join(str(cause).split())
+            raise ValueError(f"{key}={path!r}: importing it raised {type(cause).__name__}: {message:.400}") from None
         lines = str(err).splitlines()  # Hydra's: "Error loading 'x.y':", the cause, "Are you sure that ..."
         message = " ".join(lines[1:] if len(lines) > 1 and lines[0].startswith("Error loading") else lines)
-        raise ValueError(f"{node._get_full_key('_target_')}={path!r} cannot be imported: {message:.400} "
+        raise ValueError(f"{key}={path!r} cannot be imported: {message:.400} "
                          "(a module of your own must be on PYTHONPATH)") from None
     finally:
         hydra_log.setLevel(level)

@@ -58,6 +58,7 @@ import errno
 import fcntl
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -117,7 +118,8 @@ from treesearch.config_checks import is_finite_number, is_int
 from treesearch.config_diff import config_differences, resume_overrides, with_added_settings
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
-from treesearch.registry import STRATEGIES, StrategySpec
+from treesearch import registry
+from treesearch.registry import StrategySpec
 from treesearch.result import Candidate, SearchResult
 from treesearch.steps import StepFormat
 
@@ -422,16 +424,17 @@ def set_num_threads(num_threads: int | None) -> None:
 
 def strategy_of(strategy_cfg: Any) -> tuple[str, StrategySpec]:
     """The registry entry whose config class `strategy_cfg` is an instance of."""
-    for name, spec in STRATEGIES.items():
+    for name, spec in registry.STRATEGIES.items():  # through the module: a sweep's joblib workers
+        # get `__main__`'s functions by value, with a copy of a dict read as a global of theirs
         if type(strategy_cfg) is spec.config:
             return name, spec
-    valid = ", ".join(f"{spec.config.__name__} ({name})" for name, spec in STRATEGIES.items())
+    valid = ", ".join(f"{spec.config.__name__} ({name})" for name, spec in registry.STRATEGIES.items())
     raise ValueError(f"search config {type(strategy_cfg).__name__} is not a registered strategy config; valid: {valid}")
 
 
 def strategy_label(spec: StrategySpec) -> str:
     """How an error names a strategy: `strategy shortest (mystrategy.ShortestConfig)`."""
-    names = [name for name, entry in STRATEGIES.items() if entry == spec]
+    names = [name for name, entry in registry.STRATEGIES.items() if entry == spec]
     config = f"{spec.config.__module__}.{spec.config.__qualname__}"
     return f"strategy {names[0]} ({config})" if names else f"strategy {config}"
 
@@ -536,13 +539,22 @@ def build_scorer(node: DictConfig) -> Scorer:
         raise FileNotFoundError(f"{err}. {checkpoint_hint(node.get('path'), err, 'scorer.path')}") from err
 
 
+TASK_FUNCTIONS: tuple[str, ...] = ("generate_problems", "prompt_text", "grade", "extract_answer")  # `Task`
+
+
 def import_task(module_name: str) -> Task:
     """The task module; a ValueError naming task.module when it (or one it imports) is not there
-    (a ModuleNotFoundError traceback before)."""
+    (a ModuleNotFoundError traceback before) or it lacks a function of `Task` (a missing grade
+    was an AttributeError after the policy had loaded and searched)."""
     try:
-        return importlib.import_module(module_name)  # type: ignore[return-value]
+        module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"task.module={module_name!r} cannot be imported: {err}") from None
+    missing = [name for name in TASK_FUNCTIONS if not callable(getattr(module, name, None))]
+    if missing:
+        raise ValueError(f"task.module={module_name!r} has no function {', '.join(missing)}: a task module provides "
+                         f"{', '.join(TASK_FUNCTIONS)} (the Task protocol in experiments/search.py)")
+    return module  # type: ignore[return-value]
 
 
 def load_task(task_cfg: DictConfig) -> tuple[Task, list[Problem]]:
@@ -552,11 +564,24 @@ def load_task(task_cfg: DictConfig) -> tuple[Task, list[Problem]]:
     check_int("task.seed", task_cfg.get("seed"))
     module = import_task(task_cfg.module)
     config = task_cfg.get("config")
-    if config is None:
-        problems = module.generate_problems(task_cfg.split, task_cfg.count, task_cfg.seed)  # type: ignore[call-arg]
-    else:
-        problems = module.generate_problems(task_cfg.split, task_cfg.count, task_cfg.seed, build_frozen(config))
-    return module, problems  # type: ignore[return-value]
+    args = (task_cfg.split, task_cfg.count, task_cfg.seed) + (() if config is None else (build_frozen(config),))
+    check_generate_arity(str(task_cfg.module), module.generate_problems, args)
+    problems = module.generate_problems(*args)  # type: ignore[call-arg]
+    return module, list(problems)  # a generator's too
+
+
+def check_generate_arity(module: str, generate: Any, args: tuple[Any, ...]) -> None:
+    """A ValueError, before it is called, when generate_problems cannot take these arguments: a
+    config where it takes none (add `'~task.config'`) or none where it needs one."""
+    try:
+        inspect.signature(generate).bind(*args)
+    except TypeError:
+        fix = ("it takes no config: add '~task.config'" if len(args) == 4 else
+               "it needs a config: task.config is missing or null ('+task.config={_target_:...}')")
+        raise ValueError(f"task.module={module!r}: generate_problems{inspect.signature(generate)} cannot be called "
+                         f"with split, count, seed{', config' if len(args) == 4 else ''}; {fix}") from None
+    except ValueError:  # no signature to read (a builtin): left to the call
+        return
 
 
 def check_has_problems(task_cfg: DictConfig, problems: Sequence[Problem]) -> None:
