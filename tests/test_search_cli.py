@@ -362,6 +362,8 @@ def test_an_internal_error_keeps_its_traceback(tmp_path):
     (tmp_path / "broken_task.py").write_text(  # importable: `python -m` puts the cwd on sys.path
         "def generate_problems(split, count, seed, cfg):\n    raise RuntimeError('a bug in the task')\n"
         "def prompt_text(problem):\n    return problem.question\n"  # policy.prompt_fn's path is checked first
+        "def grade(problem, text):\n    return False\n"
+        "def extract_answer(text):\n    return None\n"  # a module without them is refused first (`import_task`)
     )
     done = run_cli(["task.module=broken_task", f"out_dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert done.returncode == 1 and "Traceback" in done.stderr and "RuntimeError: a bug in the task" in done.stderr
