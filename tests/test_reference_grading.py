@@ -1,7 +1,8 @@
 """The benchmarks' grading modes (task.config.grading): lenient, this project's reading of a
 completion (the default, unchanged), and reference, MetaStone-S1's compute_metric.py: a math
-completion is right only when it writes "\\box" and its last \\boxed{} equals the answer
-(`int(is_correct and "\\box" in output)`), a C-Eval letter is the FIRST
+completion is right when the answer prime_math's match_answer reads from the prompt + completion
+(the last box, else the text after the last marker before the last ". ") equals the answer, a
+C-Eval letter is the FIRST
 `(?i)(?:答案|answer)\\s*[:：]\\s*([A-Da-d])` alone. The mode reaches `grade` through each Problem's
 meta["grading"] (none: lenient, as records and Problems made before the setting)."""
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from experiments.tasks import aime, ceval, grading, math500, math_task
+from experiments.tasks import aime, ceval, grading, math500, math_task, prompts
 from experiments.tasks.aime import AimeConfig
 from experiments.tasks.benchmark_split import BenchmarkConfig
 from experiments.tasks.loader_errors import default_data_dir
@@ -23,15 +24,22 @@ needs_data = pytest.mark.skipif(not (default_data_dir() / "metastone").is_dir(),
                                 reason=f"shared data folder missing: {default_data_dir()}")
 REF, LENIENT = {"grading": "reference"}, {}  # meta of a reference-graded problem / of one graded as before
 
-# (completion, lenient grade, reference grade) for the answer 204: the reviewer's cases
+# A question with ". " in it, as nearly every benchmark question has: the reference's cut at the
+# last ". " reaches back into it when a completion has none after its box-less answer.
+QUESTION = "Each of 3 boxes holds 68 balls. How many balls are there?"
+# (completion, lenient grade, reference grade) for the answer 204: the reviewers' cases, the
+# reference grades checked against prime_math's compute_score (MetaStone-S1 fa9980ad) on QUESTION's prompt
 MATH_CASES = [
     ("... so the total is \\boxed{204}.", True, True),
     ("<think>3 * 68 = 204</think>\nThe total is $\\boxed{204}$.", True, True),
     ("The total is 204.\nAnswer: 204", True, False),
     ("The total is 204.\n#### 204", True, False),
-    ("The total is 204. The answer is 204.", True, False),
-    ("<think>Let me count. 3 * 68 = 204. So the answer is 204.", True, False),  # cut off: no </think>, no box
-    ("\\fbox{204}", True, False),  # a box, but no "\box" written
+    ("The total is 204. The answer is 204.", True, True),  # no box needed: "... is 204" before the last ". "
+    ("<think>Let me count. 3 * 68 = 204. So the answer is 204.", True, True),  # cut off, still read
+    ("so the answer is 204.", True, False),  # no ". " after it: the cut falls in the question
+    ("\\fbox{204}", True, False),  # the prompt's \boxed{} is the last "\boxed": the \fbox is never read
+    ("x = \\boxed{204}", True, True),
+    ("$\\boxed{1}$ and $\\boxed{204}$", False, True),  # lenient: the list "1, 204"; reference: the last box
     ("First \\boxed{12}. No, recount: 204.\nAnswer: 204", True, False),  # the last box is what the reference reads
     ("\\boxed{204} is wrong; it is \\boxed{12}", False, False),
     ("no answer at all", False, False),
@@ -51,8 +59,8 @@ CHOICE_CASES = [
 ]
 
 
-def _math(answer: str, meta: dict) -> Problem:
-    return Problem(id="p", question="q", answer=answer, meta={"task": "aime", **meta})
+def _math(answer: str, meta: dict, question: str = QUESTION) -> Problem:
+    return Problem(id="p", question=question, answer=answer, meta={"task": "aime", **meta})
 
 
 @pytest.mark.parametrize("text, lenient, reference", MATH_CASES)
@@ -61,7 +69,32 @@ def test_math_cases_under_both_modes(text, lenient, reference):
     assert aime.grade(_math("204", {"grading": "lenient"}), text) is lenient  # the mode named is the default
     assert math_task.grade(_math("204", REF), text) is reference
     assert math500.grade(_math("204", REF), text) is reference
-    assert grading.grade_math_reference(text, "204") is reference
+    prompt = prompts.math_user_message(QUESTION)
+    assert grading.grade_math_reference(text, "204", prompt=prompt) is reference
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("\\boxed{x = 204}", "204"),  # the markers cut inside the box too
+    ("It is 204. Done", "204"),  # cut before the last ". ", then after "is "
+    ("3 * 68 = 204", "204"),
+    ("$\\boxed{1}$ and $\\boxed{-2}$", "-2"),  # one box: the last
+    ("\\boxed{} so it is 7", "7"),  # an empty box reads the whole text
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{12", "\\boxed{12"),  # a box that never closes is not one
+    ("no answer at all", "no answer at all"),
+])
+def test_reference_math_answer_reads_as_match_answer(text, answer):
+    assert grading.reference_math_answer(text) == answer
+
+
+def test_the_reference_reads_the_prompt_and_the_completion_together():
+    """The cut at the last ". " lands in the question when the completion has none: an
+    "Answer: 204" line is right after a question without ". " and wrong after one with it."""
+    assert math_task.grade(_math("204", REF, question="How many balls?"), "Answer: 204")
+    assert not math_task.grade(_math("204", REF), "Answer: 204")
+    assert grading.grade_math_reference("Answer: 204", "204")  # no prompt given: the completion alone
+    assert not grading.grade_math_reference("Answer: 204", "204", prompt=prompts.math_user_message(QUESTION))
+    assert not grading.grade_math_reference("Answer: 204", "204", prompt=None)  # type: ignore[arg-type]
 
 
 def test_reference_math_compares_the_box_as_math_verify_does():
@@ -121,9 +154,9 @@ def test_the_default_is_lenient_and_leaves_the_problems_as_they_were():
 
 @needs_data
 @pytest.mark.parametrize("option, right, unboxed", [
-    ("aime24", "\\boxed{{{}}}", "Answer: {}"),
-    ("aime25", "\\boxed{{{}}}", "Answer: {}"),
-    ("math500", "\\boxed{{{}}}", "Answer: {}"),
+    ("aime24", "\\boxed{{{}}}", "Answer: {}\nThat is all"),  # the reference reads "all"
+    ("aime25", "\\boxed{{{}}}", "Answer: {}\nThat is all"),  # the reference reads "all"
+    ("math500", "\\boxed{{{}}}", "Answer: {}\nThat is all"),  # the reference reads "all"
     ("ceval", "ANSWER: {}", "故选{}"),
 ])
 def test_grading_reference_reaches_grade_through_the_search_config(option, right, unboxed):
@@ -145,7 +178,8 @@ def test_gsm8k_has_no_reference_grading():
     from experiments.search import load_task
 
     with pytest.raises(ValueError, match=r"task.config.grading='reference': GSM8K has no reference grading"):
-        load_task(composed(["task=gsm8k", "task.count=1", "+task.config.grading=reference"]).task)
+        load_task(composed(["task=gsm8k", "task.count=1", "task.config.grading=reference"]).task)  # as README writes it
+    assert composed(["task=gsm8k"]).task.config.grading == "lenient"
 
 
 def test_an_aime_run_saved_before_the_setting_resumes():

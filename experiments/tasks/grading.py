@@ -24,9 +24,10 @@ pool) the same check runs in a helper process that is killed when it overruns. N
     grade_math("\\\\boxed{0.5}", reference="\\\\frac{1}{2}")   # True
 
 Two grading modes (a benchmark's `task.config.grading`, recorded in each Problem's meta): lenient,
-the reading above (it accepts more than MetaStone-S1 does), and reference, the rule of
-MetaStone-S1's compute_metric.py: a math completion is right only when it writes "\\box" and its
-last \\boxed{} equals the reference (`grade_math_reference`), a C-Eval letter is the first
+the reading above (not MetaStone-S1's: on the same outputs the two differ either way), and reference, the rule of
+MetaStone-S1's compute_metric.py: a math completion is right when the answer its grader reads from
+the prompt + completion (the last box, else the text after the last "is " / "=" / ": " ... before
+the last ". ") equals the reference (`grade_math_reference`), a C-Eval letter is the first
 "答案: X" / "answer: X" alone (`extract_choice_reference`).
 """
 from __future__ import annotations
@@ -720,6 +721,8 @@ def grade_choice(completion_text: str, reference: str | None, letters: str = CHO
 
 LENIENT, REFERENCE = "lenient", "reference"
 GRADING_MODES: tuple[str, ...] = (LENIENT, REFERENCE)
+# The words after which the reference's match_answer takes the answer, in the order it cuts at them.
+_REFERENCE_MARKERS = ("be ", "is ", "are ", "=", ": ", "get ", "be\n", "is\n", "are\n", ":\n", "get\n")
 # The reference's C-Eval letter: the FIRST "答案: X" / "answer: X" (any case), upper-cased.
 _REFERENCE_CHOICE_RE = re.compile(r"(?i)(?:答案|answer)\s*[:：]\s*([A-Da-d])\.?")
 
@@ -729,7 +732,7 @@ def check_grading(owner: str, value: object) -> None:
     if not isinstance(value, str) or value not in GRADING_MODES:
         raise ValueError(f"task.config.grading={value!r} ({owner}.grading); valid: lenient (this module's reading: "
                          "a box, '####', 'Answer:', 'The answer is'; a choice anywhere it is stated), reference "
-                         "(MetaStone-S1's: a \\boxed{} answer / the first 'ANSWER: X')")
+                         "(MetaStone-S1's: the last box, else the text after 'is ' / '=' / ': '; the first 'ANSWER: X')")
 
 
 def grading_mode(meta: Mapping[str, object]) -> str:
@@ -740,14 +743,54 @@ def grading_mode(meta: Mapping[str, object]) -> str:
     return str(mode)
 
 
-def grade_math_reference(completion_text: str, reference: str | None, timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
-    """The reference's rule, `int(is_correct and "\\\\box" in output)`: the completion must write
-    "\\box" somewhere, and its last \\boxed{} (math_verify's parse reads the last box first) must
-    equal the reference (`answers_match`, with its time limits). No "Answer: X", "#### X", "The
-    answer is X" or unboxed thinking counts."""
-    if not isinstance(completion_text, str) or "\\box" not in completion_text:
+def reference_box(text: str) -> str | None:
+    """What the reference reads as the last box: from the last "\\boxed" (or, with none, the last
+    "\\fbox"), the text inside the first brace pair after it, stripped; None when there is none or
+    it never closes. Unlike `last_boxed`, one box only, and an empty one is read as empty."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        start = text.rfind("\\fbox")
+    if start < 0:
+        return None
+    depth, opened = 0, None
+    for at in range(start, len(text)):
+        if text[at] == "{":
+            depth += 1
+            opened = at if opened is None else opened
+        elif text[at] == "}":
+            depth -= 1
+            if depth == 0 and opened is not None:
+                return text[opened + 1:at].strip()
+    return None
+
+
+def reference_math_answer(text: str) -> str:
+    """The answer MetaStone-S1's grader (prime_math's match_answer) reads from `text`: the last box's
+    contents when it is non-empty, else the whole text; then cut before the last ". ", then after the
+    last of each marker in turn ("be ", "is ", "are ", "=", ": ", "get ", and the first four and
+    "get" before a newline). No box needed: "... So the answer is 204." reads "204"."""
+    answer = reference_box(text) or text
+    cut = answer.lower().rfind(". ")
+    if cut != -1:
+        answer = answer[:cut].strip()
+    for marker in _REFERENCE_MARKERS:
+        at = answer.lower().rfind(marker)
+        if at != -1:
+            answer = answer[at + len(marker):].strip()
+    return answer
+
+
+def grade_math_reference(completion_text: str, reference: str | None, prompt: str = "",
+                         timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
+    """The reference's rule (compute_metric.get_res on AIME): the answer `reference_math_answer`
+    reads from prompt + completion (the reference grades the question and the output together, so
+    a completion without ". " or a marker is read back into the prompt) equals the reference
+    (`answers_match`, with its time limits, standing in for prime_math's grade_answer / math_equal).
+    The reference's "\\box" term only gates its second comparison and is met by every benchmark
+    prompt's boxed instruction, so it refuses nothing here."""
+    if not isinstance(completion_text, str) or not isinstance(prompt, str):
         return False
-    return answers_match(last_boxed(completion_text), reference, timeout_s=timeout_s)
+    return answers_match(reference_math_answer(prompt + completion_text), reference, timeout_s=timeout_s)
 
 
 def extract_choice_reference(text: str) -> str | None:

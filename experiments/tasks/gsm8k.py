@@ -87,7 +87,7 @@ def generate_problems(split: Split, count: int | None, seed: int, cfg: Benchmark
     check_count("gsm8k", count)
     if cfg.grading != LENIENT:  # a key every benchmark config has; MetaStone-S1's rule covers its own benchmarks
         raise ValueError(f"task.config.grading={cfg.grading!r}: GSM8K has no reference grading (MetaStone-S1 "
-                         "evaluates AIME, MATH-500 and C-Eval); leave it lenient")
+                         "grades AIME and C-Eval; its AIME rule is applied to MATH-500 too); leave it lenient")
     problems = load_gsm8k(split, cfg.path, cfg.hub)
     return select_problems(problems, "gsm8k", split, count, seed, cfg.shuffle)
 

@@ -31,9 +31,10 @@ def grade(problem: Problem, completion_text: str) -> bool:
     """True iff the completion's final answer is mathematically equal to the reference answer
     ("025" == "25", "$1,000" == "1000", "\\frac{1}{2}" == "0.5"), read as problem.meta["grading"]
     says (`with_grading`): lenient (no such key) takes `extract_final_answer`'s answer, reference
-    only the last \\boxed{} of a completion that writes "\\box" (MetaStone-S1's rule)."""
+    what MetaStone-S1's grader reads from the user message + completion (`grade_math_reference`)."""
     if grading.grading_mode(problem.meta) == grading.REFERENCE:
-        return grading.grade_math_reference(completion_text, problem.answer)
+        prompt = prompts.math_user_message(problem.question)
+        return grading.grade_math_reference(completion_text, problem.answer, prompt=prompt)
     return grading.grade_math(completion_text, problem.answer)
 
 
