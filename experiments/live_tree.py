@@ -19,17 +19,21 @@ the reason, so a watcher does not take a dead search's file for a live one.
     live.follow(problems[0].id, "mcts", asdict(cfg))
     with live.marking_stops():
         results = mcts(problems, policy, scorer, cfg, on_round=live)
-    live.finish(results)
+        live.finish(results)                        # within: a Ctrl-C during this write marks it stopped too
     live.close()                                    # the run's end: a final result still waiting is written
     python -m experiments.plot tree runs/live_tree.json --watch 1   # in another terminal
 
     python -m experiments.search search=mcts live_tree=true out_dir=runs/mcts
     python -m experiments.plot tree runs/mcts/live_tree.json --watch 1
 
+A run resumed without live_tree=true removes its folder's live file when that is still marked
+(`is_live_file`: an earlier live run's, stopped): nothing would update it again.
+
 Tests: `.venv/bin/pytest tests/test_live_tree.py`.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from contextlib import contextmanager
@@ -37,7 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from experiments.cli_errors import Terminated
-from experiments.result_json import save_result
+from experiments.result_json import LIVE_KEY, save_result
 from treesearch.compute import Compute
 from treesearch.records import Problem
 from treesearch.result import SearchResult
@@ -108,15 +112,18 @@ class LiveTree:
 
     def finish(self, results: Sequence[SearchResult]) -> None:
         """Write the followed problem's final result, when it is among `results` (while the one
-        before is held: once its hold is over, module docstring)."""
+        before is held: once its hold is over, module docstring). Call it within `marking_stops`:
+        an interrupted or failed write (a big tree takes seconds) then marks the file stopped."""
         for result in results:
             if result.problem.id == self.problem_id:
                 with self._lock:
-                    self._tree = None
                     if time.monotonic() < self._hold_until:
                         self._pending = result
                     else:
                         self._write_final(result)
+                    # only now, the final result written (or waiting while the file holds the one
+                    # before): a Ctrl-C during the write leaves the tree to `stop`, not "searching"
+                    self._tree = None
 
     def _write_final(self, result: SearchResult) -> None:
         save_result(self.path, result)
@@ -162,3 +169,13 @@ def stop_reason(err: BaseException) -> str:
 def growing_result(tree: Tree, strategy: str, config: Mapping[str, Any]) -> SearchResult:
     """A tree still growing, as a result: no candidates, nothing chosen, no compute counted yet."""
     return SearchResult(tree.problem, strategy, dict(config), (), None, tree, Compute())
+
+
+def is_live_file(path: Path) -> bool:
+    """Whether path holds a live tree's file still marked searching or stopped (a result JSON with
+    a "live" key), not a finished search's final result; False when it is missing or not JSON."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: not JSON, not UTF-8
+        return False
+    return isinstance(data, dict) and isinstance(data.get(LIVE_KEY), dict)

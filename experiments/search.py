@@ -66,7 +66,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 from experiments.startup_interrupt import quiet_start
 
@@ -92,7 +92,7 @@ from experiments.group_options import check_group_options
 from experiments.model_folder_target import check_not_model_folder
 from experiments.out_dir_args import check_out_dir_argument, with_experiment_job_folders
 from experiments.override_keys import check_override_keys, check_plain_keys, check_refused_keys
-from experiments.live_tree import LIVE_TREE_FILE, LiveTree
+from experiments.live_tree import LIVE_TREE_FILE, LiveTree, is_live_file
 from experiments.outcomes import chosen_fault, grade_results, record
 from experiments.record_log import append_rows, check_row_questions, load_rows
 from experiments.result_json import write_atomic
@@ -434,9 +434,21 @@ def strategy_of(strategy_cfg: Any) -> tuple[str, StrategySpec]:
 
 def strategy_label(spec: StrategySpec) -> str:
     """How an error names a strategy: `strategy shortest (mystrategy.ShortestConfig)`."""
-    names = [name for name, entry in registry.STRATEGIES.items() if entry == spec]
+    name = registered_name(spec)
     config = f"{spec.config.__module__}.{spec.config.__qualname__}"
-    return f"strategy {names[0]} ({config})" if names else f"strategy {config}"
+    return f"strategy {name} ({config})" if name else f"strategy {config}"
+
+
+def registered_name(spec: StrategySpec) -> str | None:
+    """The name the strategy is registered under (`shortest`), None when it is not registered."""
+    names = [name for name, entry in registry.STRATEGIES.items() if entry == spec]
+    return names[0] if names else None
+
+
+def strategy_name(spec: StrategySpec) -> str:
+    """How the live tree and the progress bar name a strategy: its registered name (not its
+    function's: a functools.partial has none), else its config class's name."""
+    return registered_name(spec) or spec.config.__qualname__
 
 
 def check_strategy_fields(name: str, spec: StrategySpec) -> None:
@@ -601,8 +613,9 @@ def check_has_problems(task_cfg: DictConfig, problems: Sequence[Problem]) -> Non
 
 def check_problem_fields(module: str, problems: Sequence[Problem]) -> None:
     """A ValueError naming the task module and the problem for one that is not a `Problem` with a
-    str id, a non-empty str question (what the policy is prompted with) and a str answer (what
-    grade compares with: None was searched and counted wrong)."""
+    str id, a non-empty str question (what the policy is prompted with), a str answer (what
+    grade compares with: None was searched and counted wrong) and a meta of JSON values
+    (`check_meta`)."""
     for index, problem in enumerate(problems, start=1):
         if not isinstance(problem, Problem):
             raise ValueError(f"task module {module}: problem {index} is a {type(problem).__name__}, "
@@ -615,6 +628,21 @@ def check_problem_fields(module: str, problems: Sequence[Problem]) -> None:
         if not isinstance(problem.answer, str):
             raise ValueError(f"{where} has answer={problem.answer!r:.60}, not a str (the reference answer grade "
                              "compares with)")
+        check_meta(where, problem.meta)
+
+
+def check_meta(where: str, meta: Any) -> None:
+    """A ValueError naming the key when a problem's meta is not a mapping of JSON values: every row
+    and the live tree write it, and a numpy number (a pandas / parquet loader's) was a TypeError
+    traceback after the chunk had been searched."""
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"{where} has meta={meta!r:.60}, not a dict")
+    for key, value in meta.items():
+        try:
+            json.dumps({key: value})
+        except (TypeError, ValueError) as err:  # ValueError: a circular reference
+            raise ValueError(f"{where} has meta[{key!r}]={value!r:.60}, not JSON ({err}): rows and result "
+                             "JSON hold meta; use str, int, float, bool, None, lists and dicts of them") from None
 
 
 def chunk_seed(seed: int, problem_ids: Sequence[str]) -> int:
@@ -881,10 +909,10 @@ def run_chunk(
     if live is None:
         results = search_chunk(part, spec, cfg, policy, scorer, batching)
     else:
-        live.follow(part[0].id, spec.fn.__name__, dataclasses.asdict(cfg), problem=part[0])
-        with live.marking_stops():  # a Ctrl-C'd or failed search's file says so
+        live.follow(part[0].id, strategy_name(spec), dataclasses.asdict(cfg), problem=part[0])
+        with live.marking_stops():  # a Ctrl-C'd or failed search's file says so, or its final write's
             results = search_chunk(part, spec, cfg, policy, scorer, batching, on_round=live)
-        live.finish(results)
+            live.finish(results)
     try:
         outcomes = grade_results(results, task.grade, task.extract_answer, task=f"task module {task_name(task)}")
     except ValueError as err:  # a task's extract_answer / grade that returned what no row can hold
@@ -912,6 +940,19 @@ def check_new_rows(rows: Sequence[dict[str, Any]], records: Path, spec: Strategy
                          f"hold: {what}; {UNWRITTEN}") from None
 
 
+def drop_stale_live_tree(out: Path) -> None:
+    """A run without live_tree=true removes the folder's live_tree.json when it is a live one
+    (`experiments.live_tree.is_live_file`: an earlier live run's, marked stopped or searching),
+    which nothing would rewrite: `plot tree` showed the resumed run as stopped for ever. It says
+    so in one line on stderr. A final result (the last tree an earlier live run finished) is
+    kept: it stays true of the run, and only a live run rewrites it."""
+    path = out / LIVE_TREE_FILE
+    if is_live_file(path):
+        path.unlink(missing_ok=True)
+        print(f"note: removed {path}: an earlier live_tree=true run's tree as it stood when it stopped; "
+              "this run does not update it (live_tree=false)", file=sys.stderr)
+
+
 def search_missing(
     cfg: DictConfig, out: Path, task: Task, parts: Sequence[Sequence[Problem]], strategy_cfg: Any, spec: StrategySpec,
 ) -> None:
@@ -921,6 +962,8 @@ def search_missing(
     check_row_questions(out / RECORDS, rows, [p for part in parts for p in part])
     done = {row["problem_id"] for row in rows}
     todo = [part for part in parts if any(p.id not in done for p in part)]
+    if not cfg.get("live_tree", False):
+        drop_stale_live_tree(out)
     if not todo:
         return
     live = LiveTree(out / LIVE_TREE_FILE) if cfg.get("live_tree", False) else None
@@ -933,7 +976,7 @@ def search_missing(
         if warning:
             print(warning, file=sys.stderr)
         with tqdm(total=total, initial=total - sum(p.id not in done for part in todo for p in part), unit="problem",
-                  disable=not cfg.progress, desc=spec.fn.__name__) as bar:
+                  disable=not cfg.progress, desc=strategy_name(spec)) as bar:
             for part in todo:
                 rows = run_chunk(part, spec, strategy_cfg, policy, scorer, task, cfg.seed, done,
                                  cfg.get("batching", "lockstep"), live)

@@ -101,7 +101,7 @@ def _page_data(tree_json: dict[str, Any], chosen_node: int | None, refresh_s: fl
         {
             "id": n["id"], "parent": n["parent"], "depth": n["depth"], "children": list(n["children"]),
             "text": "" if n["step"] is None else str(n["step"]["text"]),
-            "finish": None if n["step"] is None else n["step"].get("finish"),
+            "finish": None if n["step"] is None else _finite(n["step"].get("finish")),
             "score": _finite(n["score"]), "visits": n["visits"], "value": _finite(n["value"]),
             "prior": _finite(n["prior"]), "path_score": _finite(path_scores.get(n["id"])),
         }
@@ -109,7 +109,7 @@ def _page_data(tree_json: dict[str, Any], chosen_node: int | None, refresh_s: fl
     ]
     return {
         "problem": {"id": str(problem["id"]), "question": str(problem.get("question", "")),
-                    "answer": problem.get("answer")},
+                    "answer": _finite(problem.get("answer"))},
         "chosen_node": chosen_node,
         "chosen_path": chosen_path(tree_json, chosen_node),
         "refresh_s": refresh_s,
@@ -121,7 +121,16 @@ def _page_data(tree_json: dict[str, Any], chosen_node: int | None, refresh_s: fl
 
 
 def _finite(value: Any) -> Any:
-    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+    """value with each non-finite float in it as a string ("nan"), so the page's JSON stays strict:
+    a hand-edited file's NaN score, answer or finish (in a list or object too) is shown, not a
+    ValueError after the PNG was written."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    return value
 
 
 def _script_json(data: dict[str, Any]) -> str:

@@ -36,6 +36,7 @@ UNWRITTEN = "nothing of this chunk was written to records.jsonl"
 # one problem (`bad`) NaN
 STRATEGY = '''
 import dataclasses
+import functools
 from dataclasses import dataclass
 from treesearch.best_of_n import BestOfNConfig, best_of_n
 from treesearch.registry import STRATEGIES, StrategySpec, register
@@ -76,6 +77,12 @@ class ItersConfig:
 
 STRATEGIES["ext_noseed"] = StrategySpec(ext_search, NoSeedConfig)  # the old way in: no check
 register("ext_iters", ext_search, ItersConfig)  # register cannot know experiments.search's budget field
+
+@dataclass(frozen=True)
+class PartialConfig(ExtConfig):
+    pass
+
+register("ext_partial", functools.partial(ext_search), PartialConfig)  # a function without __name__
 '''
 TASKS = {
     # extract_answer returns an int: every reader of the records refused the run's rows
@@ -96,9 +103,11 @@ def generate_problems(split, count, seed):
 import dataclasses
 from experiments.tasks import arith
 from experiments.tasks.arith import prompt_text, grade, extract_answer
+import numpy as np
 def generate_problems(split, count, seed, cfg=None):
     problems = arith.generate_problems("test", count, seed)
-    broken = {"no_answer": {"answer": None}, "int_question": {"question": 42}, "blank_question": {"question": " "}}
+    broken = {"no_answer": {"answer": None}, "int_question": {"question": 42}, "blank_question": {"question": " "},
+              "numpy_meta": {"meta": {**problems[1].meta, "level": np.int64(3)}}}  # a pandas / parquet loader's
     return [problems[0], dataclasses.replace(problems[1], **broken[split]), *problems[2:]]
 ''',
 }
@@ -209,6 +218,8 @@ def test_register_checks_the_contract_and_a_registered_strategy_runs_end_to_end(
     assert register("ext", fn, config) == StrategySpec(fn, config)  # the same again (imported twice): a no-op
     with pytest.raises(ValueError, match=r"^strategy ext is registered already"):
         register("ext", ext_strategy.ext_search, ext_strategy.ItersConfig)
+    with pytest.raises(ValueError, match=r"^strategy ext_partial is registered already \(fn functools\.partial\("):
+        register("ext_partial", ext_strategy.ext_search, ext_strategy.ItersConfig)  # the held fn has no name
     with pytest.raises(ValueError, match=r"^strategy ext2: config ExtConfig is strategy ext's already"):
         register("ext2", fn, config)
     with pytest.raises(ValueError, match=r"^strategy ext3: config NoSeedConfig has no field 'seed'"):
@@ -226,6 +237,30 @@ def test_register_checks_the_contract_and_a_registered_strategy_runs_end_to_end(
     assert {row["strategy"] for row in rows} == {"ext"} and all(row["config"]["n"] == 2 for row in rows)
 
 
+def test_the_live_tree_and_progress_bar_name_a_strategy_by_its_registered_name(
+    ckpt, user_modules, tmp_path, monkeypatch, capsys,
+):
+    """They took the function's name: ext_search for ext, an AttributeError for a functools.partial."""
+    from experiments.live_tree import LiveTree
+    from experiments.search import strategy_name
+
+    followed = []
+    real_follow = LiveTree.follow
+
+    def follow(self, problem_id, strategy, config, problem=None):
+        followed.append(strategy)
+        return real_follow(self, problem_id, strategy, config, problem)
+
+    monkeypatch.setattr(LiveTree, "follow", follow)
+    out = tmp_path / "run"
+    progress = [arg if arg != "progress=false" else "progress=true" for arg in TINY]
+    run_in_process(["search._target_=ext_strategy.PartialConfig", "~search.aggregation", f"policy.path={ckpt}",
+                    f"out_dir={out}", "live_tree=true", *progress])
+    assert followed == ["ext_partial"] and (out / "live_tree.json").exists()
+    assert "ext_partial: 100%" in capsys.readouterr().err
+    assert strategy_name(STRATEGIES["ext"]) == "ext" and strategy_name(STRATEGIES["best_of_n"]) == "best_of_n"
+
+
 # -- D: a task's problems ----------------------------------------------------------------------
 
 
@@ -233,9 +268,12 @@ def test_register_checks_the_contract_and_a_registered_strategy_runs_end_to_end(
     ("no_answer", r"has answer=None, not a str \(the reference answer grade compares with\)$"),
     ("int_question", r"has question=42, not a non-empty str$"),
     ("blank_question", r"has question=' ', not a non-empty str$"),
+    ("numpy_meta", r"has meta\['level'\]=\S*3\)?, not JSON \(Object of type int64 is not JSON serializable\): rows "
+                   r"and result JSON hold meta; use str, int, float, bool, None, lists and dicts of them$"),
 ])
 def test_a_problem_without_question_or_answer_is_refused_before_the_policy_loads(user_modules, tmp_path, split, message):
-    """An answer of None was searched and counted wrong; question=42 searched and recorded."""
+    """An answer of None was searched and counted wrong; question=42 searched and recorded; a
+    numpy number in meta was a TypeError traceback once the chunk had been searched."""
     out, second = tmp_path / "run", first_ids(2)[1]
     with pytest.raises(ValueError, match=rf"^task module ext_task_bad: problem '{second}' \(#2\) {message}"):
         run_in_process(["task.module=ext_task_bad", f"task.split={split}", "~task.config", "task.count=2",

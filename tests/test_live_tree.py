@@ -11,12 +11,13 @@ from dataclasses import asdict
 
 import pytest
 
-from experiments.live_tree import LIVE_TREE_FILE, LiveTree
+from experiments.live_tree import LIVE_TREE_FILE, LiveTree, is_live_file
 from experiments.plot import render_tree
-from experiments.result_json import load_result
+from experiments.result_json import load_result, save_result
 from step_tree_fakes import ScriptedPolicy, ScriptedScorer, trap_problem
 from treesearch.tree import Tree
-from test_search_resume import ckpt, run_in_process  # noqa: F401 (ckpt: the module-scoped checkpoint fixture)
+import test_search_resume
+from test_search_resume import run_in_process
 from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.best_of_n import BestOfNConfig, best_of_n
 from treesearch.dvts import DVTSConfig, dvts
@@ -24,6 +25,8 @@ from treesearch.mcts import MCTSConfig, mcts
 from treesearch.particle_filtering import ParticleFilteringConfig, particle_filtering
 from treesearch.rebase import RebaseConfig, rebase
 from treesearch.registry import run_search
+
+ckpt = test_search_resume.ckpt  # its module fixture: a tiny policy checkpoint
 
 STRATEGIES = [
     (mcts, MCTSConfig(iterations=8, expand_width=2, leaves_per_round=2)),
@@ -114,6 +117,7 @@ def test_a_search_run_with_live_tree_leaves_the_last_chunks_tree_and_resumes_wit
     before = (out / "records.jsonl").read_text()
     run_in_process(base)  # live_tree is not part of the result: the same run, nothing to do
     assert (out / "records.jsonl").read_text() == before
+    assert load_result(out / LIVE_TREE_FILE).live is None  # a final tree stays true of the run: kept
     with pytest.raises(ValueError, match=r"^live_tree='maybe' must be true or false$"):
         run_in_process(base + ["live_tree=maybe"])
 
@@ -239,3 +243,87 @@ def test_an_interrupted_search_run_marks_its_live_tree_stopped(ckpt, tmp_path, m
         run_in_process([f"policy.path={ckpt}", f"out_dir={out}", "task.count=2", "search=beam", "search.n=2",
                         "search.beam_width=1", "progress=false", "live_tree=true"])
     assert load_result(out / LIVE_TREE_FILE).live == {"state": "stopped", "round": 1, "reason": "interrupted"}
+
+
+def interrupted_final_write(monkeypatch) -> None:
+    """Make live_tree's final write (save_result without `live`) raise KeyboardInterrupt, as a
+    Ctrl-C during a big tree's write (seconds for thousands of nodes) does."""
+    from experiments import live_tree
+
+    real_save = live_tree.save_result
+
+    def save(path, result, live=None):
+        if live is None:
+            raise KeyboardInterrupt
+        return real_save(path, result, live=live)
+
+    monkeypatch.setattr(live_tree, "save_result", save)
+
+
+def test_an_interrupt_while_the_final_result_is_written_marks_the_file_stopped(tmp_path, monkeypatch):
+    # finish dropped the tree before its write: a Ctrl-C during it left "searching" for ever
+    cfg = MCTSConfig(iterations=4, expand_width=2, leaves_per_round=2)
+    live = LiveTree(tmp_path / LIVE_TREE_FILE, interval_s=0)
+    live.follow("trap", "mcts", asdict(cfg))
+    interrupted_final_write(monkeypatch)
+    with pytest.raises(KeyboardInterrupt), live.marking_stops():
+        (result,) = run_search("mcts", [trap_problem()], ScriptedPolicy(), ScriptedScorer(), on_round=live,
+                               **asdict(cfg))
+        live.finish([result])
+    stopped = load_result(live.path)
+    assert stopped.live == {"state": "stopped", "round": live.rounds, "reason": "interrupted"}
+    assert len(stopped.tree["nodes"]) == len(result.tree.nodes)
+
+
+def test_a_run_interrupted_while_writing_its_final_tree_marks_it_stopped(ckpt, tmp_path, monkeypatch):
+    # experiments.search called finish outside marking_stops
+    interrupted_final_write(monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_in_process([f"policy.path={ckpt}", f"out_dir={out}", "task.count=2", "search=beam", "search.n=2",
+                        "search.beam_width=1", "policy.sampling.max_total_tokens=16",
+                        "policy.sampling.max_step_tokens=4", "progress=false", "num_threads=1", "live_tree=true"])
+    live = load_result(out / LIVE_TREE_FILE).live
+    assert (live["state"], live["reason"]) == ("stopped", "interrupted") and live["round"] >= 1
+
+
+def test_a_run_resumed_without_live_tree_removes_the_stopped_tree_an_earlier_run_left(ckpt, tmp_path, monkeypatch,
+                                                                                      capsys):
+    # `plot tree` showed the finished run as "stopped (interrupted)" for ever
+    from experiments import search
+
+    def interrupted(part, spec, cfg, policy, scorer, batching, on_round=None):
+        on_round([Tree(part[0])])
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    base = [f"policy.path={ckpt}", f"out_dir={out}", "task.count=2", "search=beam", "search.n=2",
+            "search.beam_width=1", "policy.sampling.max_total_tokens=16", "policy.sampling.max_step_tokens=4",
+            "progress=false", "num_threads=1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(search, "search_chunk", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_in_process(base + ["live_tree=true"])
+    assert is_live_file(out / LIVE_TREE_FILE)
+    capsys.readouterr()
+    run_in_process(base)
+    assert not (out / LIVE_TREE_FILE).exists() and (out / "records.jsonl").exists()
+    err = capsys.readouterr().err
+    assert f"note: removed {out / LIVE_TREE_FILE}: an earlier live_tree=true run's tree" in err
+    (out / LIVE_TREE_FILE).write_text("{not json")  # not a live tree's file: left alone
+    assert not is_live_file(out / LIVE_TREE_FILE) and not is_live_file(out / "missing.json")
+
+
+def test_a_hand_edited_nan_answer_or_finish_still_makes_the_page(tmp_path):
+    # the PNG was written, then json.dumps(allow_nan=False) raised a ValueError traceback
+    from experiments.plot import main
+
+    (result,) = run_search("best_of_n", [trap_problem()], ScriptedPolicy(), ScriptedScorer(), n=2)
+    path = save_result(tmp_path / "edited.json", result)
+    data = json.loads(path.read_text())
+    data["tree"]["problem"]["answer"] = float("nan")
+    data["tree"]["nodes"][1]["step"]["finish"] = float("nan")
+    path.write_text(json.dumps(data))
+    assert main(["tree", str(path)]) == 0
+    page = (tmp_path / "edited.html").read_text()
+    assert '"answer": "nan"' in page and '"finish": "nan"' in page

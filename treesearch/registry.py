@@ -84,8 +84,10 @@ def register(name: str, fn: SearchFn, config: type) -> StrategySpec:
     check_strategy_config(name, config)
     spec = StrategySpec(fn, config)
     if STRATEGIES.get(name, spec) != spec:
-        raise ValueError(f"strategy {name} is registered already (fn {STRATEGIES[name].fn.__qualname__}, config "
-                         f"{STRATEGIES[name].config.__qualname__}); pick another name")
+        held = STRATEGIES[name]
+        held_fn = getattr(held.fn, "__qualname__", repr(held.fn))  # a functools.partial has no name
+        raise ValueError(f"strategy {name} is registered already (fn {held_fn:.80}, config "
+                         f"{held.config.__qualname__}); pick another name")
     other = [key for key, entry in STRATEGIES.items() if entry.config is config and key != name]
     if other:
         raise ValueError(f"strategy {name}: config {config.__qualname__} is strategy {other[0]}'s already; give each "
