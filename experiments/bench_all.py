@@ -10,11 +10,14 @@ stderr (progress bars, errors) goes to the terminal. A section that fails is mar
 with its exit code and the last lines of its stderr, the sections after it still run, and the
 command exits 1 naming the failed ones (a failed benchmark never leaves an empty heading behind a
 successful exit). Sections that need vLLM are marked skipped where it is not installed
-(`make setup VLLM=`); one with vLLM rows runs without them. Ctrl-C stops the running child and marks the report interrupted.
+(`make setup VLLM=`); one with vLLM rows runs without them. Ctrl-C stops the running child and marks the report interrupted;
+SIGTERM / SIGHUP (`kill`, `timeout`, a CI cancel, a closed session) likewise, marked terminated
+(exit 143), so no benchmark runs on orphaned beside whatever is measured next.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import signal
@@ -23,9 +26,10 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Iterator, Sequence
 
 from experiments.cli_args import check_file_target
+from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT, Terminated
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "outputs" / "bench" / "report.md"
@@ -146,10 +150,10 @@ def run_section(section: Section, report: IO[str], vllm: bool = True) -> Outcome
             report.write(line)
             report.flush()
         code = child.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or Terminated: SIGTERM / SIGHUP (`stop_signals_raised`)
         child.kill()
         child.wait()
-        return Outcome(section, "interrupted")
+        return Outcome(section, "interrupted", "terminated" if isinstance(err, Terminated) else "")
     finally:
         if not line.endswith("\n"):
             sys.stdout.write("\n")
@@ -177,7 +181,8 @@ def failure_text(outcome: Outcome) -> str:
     if outcome.status == "skipped":
         return f"*skipped: {outcome.detail}*\n"
     if outcome.status == "interrupted":
-        return "*interrupted (Ctrl-C): the report stops here*\n"
+        why = "terminated (SIGTERM / SIGHUP)" if outcome.detail == "terminated" else "interrupted (Ctrl-C)"
+        return f"*{why}: the report stops here*\n"
     code, _, tail = outcome.detail.partition("\n")
     if not tail.strip():
         return f"**failed ({code})**, with nothing on its stderr\n"
@@ -214,6 +219,26 @@ def run_all(sections: Sequence[Section], out: Path) -> list[Outcome]:
     return outcomes
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(f"{signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def stop_signals_raised() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Terminated` (a KeyboardInterrupt) within the block, in the main
+    thread, so `run_section` kills its child as at Ctrl-C (they killed this process alone, and
+    the benchmark ran on, re-parented, for minutes on the cores the next measurement uses)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     names = [s.name for s in SECTIONS]
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_all", description=__doc__.split("\n")[0])
@@ -241,13 +266,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped = "   (skipped: no vLLM)" if s.needs_vllm and not vllm else ""
             print(f"{s.name:28} python {' '.join(s.command(vllm))}{skipped}")
         return 0
-    outcomes = run_all(sections, args.out)
+    with stop_signals_raised():
+        outcomes = run_all(sections, args.out)
     failed = [o.section.name for o in outcomes if o.status in ("failed", "interrupted")]
     skipped = [o.section.name for o in outcomes if o.status == "skipped"]
     print(f"report: {args.out}" + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
     if failed:
         print(f"not finished: {', '.join(failed)} (see the report)", file=sys.stderr)
-        return 130 if outcomes[-1].status == "interrupted" else 1
+        if outcomes[-1].status == "interrupted":
+            return TERMINATE_EXIT if outcomes[-1].detail == "terminated" else INTERRUPT_EXIT
+        return 1
     return 0
 
 

@@ -6,6 +6,9 @@ vLLM. The sections here are tiny `python -c` programs standing in for the benchm
 """
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 
 from experiments import bench_all
@@ -124,3 +127,24 @@ def test_list_prints_the_sections_and_writes_nothing(sections, tmp_path, capsys)
     assert [line.split()[0] for line in listed] == [s.name for s in SECTIONS]
     assert "(skipped: no vLLM)" in listed[-1]
     assert not (tmp_path / "new").exists()  # --list created the report's folder
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_terminated_run_kills_its_benchmark_and_says_so(monkeypatch, tmp_path, capsys, signame):
+    """SIGTERM / SIGHUP (`timeout`, a CI cancel) killed bench_all alone: its benchmark ran on,
+    orphaned, beside whatever was measured next. The section here signals bench_all (its parent),
+    then would sleep a minute."""
+    code = ("import os, signal, sys, time; print(os.getpid(), flush=True); "
+            f"os.kill(os.getppid(), signal.{signame}); time.sleep(60)")
+    monkeypatch.setattr(bench_all, "SECTIONS", (Section("slow", "Slow", _program(code)), *SECTIONS[:1]))
+    monkeypatch.setattr(bench_all, "has_vllm", lambda: False)
+    before = signal.getsignal(getattr(signal, signame))
+    out = tmp_path / "report.md"
+    assert bench_all.main(["--out", str(out)]) == 143
+    report = out.read_text()
+    assert "*terminated (SIGTERM / SIGHUP): the report stops here*" in report and "First table" not in report
+    child = int(report.split("## Slow\n")[1].split("\n")[0])
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left running
+        os.kill(child, 0)
+    assert signal.getsignal(getattr(signal, signame)) == before  # the handler is put back
+    assert "not finished: slow" in capsys.readouterr().err

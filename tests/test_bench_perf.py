@@ -88,7 +88,7 @@ def test_median_run_is_one_real_run():
 
     runs = [row(0.90), row(0.95), row(0.80)]  # CPU shares outside the forward 10%, 5%, 20%
     assert median_run(runs) is runs[0]
-    assert median_run(runs[:2]) is runs[1]  # an even count: the lower middle
+    assert median_run(runs[:2]) is runs[0]  # an even count: the upper middle (10%; the target is a ceiling)
     with pytest.raises(ValueError, match="rounds=0 must be >= 1"):
         from experiments import bench_engine_overhead
 
