@@ -122,5 +122,9 @@ def interval(values: Sequence[float], seed: int = 0, level: float = 0.95) -> Est
 
 
 def accuracy(outcomes: Sequence[ProblemOutcome], n: int, selector: str, seed: int = 0) -> Estimate:
-    """Accuracy over problems of `selector` on disjoint groups of n candidates."""
-    return interval([problem_accuracy(o, n, selector) for o in outcomes], seed=seed)
+    """Accuracy over problems of `selector` on disjoint groups of n candidates; a ValueError naming
+    `outcomes` when it holds none (it said "bootstrap needs at least one value")."""
+    values = [problem_accuracy(o, n, selector) for o in outcomes]
+    if not values:
+        raise ValueError("accuracy: outcomes is empty (no problem's outcome was given): nothing to average")
+    return interval(values, seed=seed)

@@ -20,9 +20,10 @@ search rewrites it.
 
     save_result("runs/trap_mcts.json", result)
     record = load_result("runs/trap_mcts.json")   # ResultRecord, or ResultFileError naming the problem
+    result = record.to_result()                    # the SearchResult again (meta tuples come back as lists)
     python -m experiments.plot tree runs/trap_mcts.json
 
-Tests: `.venv/bin/pytest tests/test_tree_plot.py`.
+Tests: `.venv/bin/pytest tests/test_tree_plot.py tests/test_library_api.py` (read back: `to_result`).
 """
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ import os
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from treesearch.result import SearchResult
+from treesearch.compute import Compute
+from treesearch.records import Problem
+from treesearch.result import Candidate, SearchResult
 from treesearch.tree import Tree
 
 RESULT_KEYS = ("problem", "strategy", "config", "chosen", "chosen_node", "candidates", "tree", "compute")
@@ -74,6 +77,10 @@ class ResultRecord:
     def to_tree(self) -> Tree:
         return Tree.from_json(self.tree)
 
+    def to_result(self) -> SearchResult:
+        """The `SearchResult` this record was written from (`result_from_record`)."""
+        return result_from_record(self)
+
 
 def result_to_json(result: SearchResult) -> dict[str, Any]:
     """The result as a JSON-ready dict (see the module docstring)."""
@@ -91,6 +98,47 @@ def result_to_json(result: SearchResult) -> dict[str, Any]:
         "tree": result.tree.to_json(),
         "compute": result.compute.to_dict(),
     }
+
+
+def result_from_record(record: ResultRecord) -> SearchResult:
+    """The `SearchResult` a record was written from: its problem, tree (nodes with their steps,
+    scores, priors, visits and values), candidates (each one's steps the tree path to its node),
+    chosen, config and compute, such that `load_result(save_result(path, r)).to_result() == r`,
+    except that JSON has no tuples: a tuple in a problem's meta or the config comes back as a list
+    (and a meta key that is no str as a str). A ResultFileError names a field that cannot be
+    rebuilt (`result_from_json` checked the tree and the candidates' node ids already)."""
+    tree = _rebuilt("tree", lambda: Tree.from_json(record.tree))
+    candidates = tuple(_candidate(tree, i, c) for i, c in enumerate(record.candidates))
+    chosen_node = None if record.chosen is None else candidates[record.chosen].node_id
+    if record.chosen_node != chosen_node:
+        raise ResultFileError(f"chosen_node={record.chosen_node!r} is not the node of the chosen candidate "
+                              f"({record.chosen!r}: node {chosen_node!r})")
+    return SearchResult(
+        problem=_rebuilt("problem", lambda: Problem(**record.problem)),
+        strategy=record.strategy,
+        config=dict(record.config),
+        candidates=candidates,
+        chosen=record.chosen,
+        tree=tree,
+        compute=_rebuilt("compute", lambda: Compute(**record.compute)),
+    )
+
+
+def _candidate(tree: Tree, index: int, data: Mapping[str, Any]) -> Candidate:
+    """Candidate `index` of a record: its steps are the tree's path to its node."""
+    scores = data.get("step_scores")
+    if not isinstance(scores, list):
+        raise ResultFileError(f"candidates[{index}].step_scores={scores!r:.80} must be a list of numbers")
+    return Candidate(tree.path(data["node_id"]), tuple(scores), data["score"], data["node_id"])
+
+
+def _rebuilt(name: str, build: Callable[[], Any]) -> Any:
+    """build(), with its TypeError / ValueError / KeyError (a key missing or unknown) as a
+    ResultFileError naming the field."""
+    try:
+        return build()
+    except (TypeError, ValueError, KeyError) as err:
+        raise ResultFileError(f"{name} cannot be rebuilt: {err}") from None
 
 
 def result_from_json(data: Any) -> ResultRecord:

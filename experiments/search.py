@@ -66,7 +66,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from experiments.startup_interrupt import quiet_start
 
@@ -114,7 +114,7 @@ from scorers.prm_loading import check_prm_folder
 from scorers.sprm_scorer import check_batch_size
 from treesearch.concurrent import problem_seed, search_each
 from treesearch.compute import Compute
-from treesearch.config_checks import is_finite_number, is_int
+from treesearch.config_checks import is_finite_number, is_int, problem_fault
 from treesearch.config_diff import config_differences, resume_overrides, with_added_settings
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
@@ -612,37 +612,19 @@ def check_has_problems(task_cfg: DictConfig, problems: Sequence[Problem]) -> Non
 
 
 def check_problem_fields(module: str, problems: Sequence[Problem]) -> None:
-    """A ValueError naming the task module and the problem for one that is not a `Problem` with a
-    str id, a non-empty str question (what the policy is prompted with), a str answer (what
-    grade compares with: None was searched and counted wrong) and a meta of JSON values
-    (`check_meta`)."""
+    """A ValueError naming the task module and the problem for one that is not a `Problem` a
+    search can use (`treesearch.config_checks.problem_fault`: a str id, a non-empty str question,
+    what the policy is prompted with, and a meta of JSON values, which every row and the live tree
+    write: a numpy number was a TypeError traceback after the chunk had been searched) or whose
+    answer is not a str (what grade compares with: None was searched and counted wrong)."""
     for index, problem in enumerate(problems, start=1):
         if not isinstance(problem, Problem):
             raise ValueError(f"task module {module}: problem {index} is a {type(problem).__name__}, "
                              "not a treesearch.records.Problem")
-        where = f"task module {module}: problem {problem.id!r} (#{index})"
-        if not isinstance(problem.id, str):
-            raise ValueError(f"task module {module}: problem {index} has id={problem.id!r:.60}, not a str")
-        if not isinstance(problem.question, str) or not problem.question.strip():
-            raise ValueError(f"{where} has question={problem.question!r:.60}, not a non-empty str")
-        if not isinstance(problem.answer, str):
-            raise ValueError(f"{where} has answer={problem.answer!r:.60}, not a str (the reference answer grade "
-                             "compares with)")
-        check_meta(where, problem.meta)
-
-
-def check_meta(where: str, meta: Any) -> None:
-    """A ValueError naming the key when a problem's meta is not a mapping of JSON values: every row
-    and the live tree write it, and a numpy number (a pandas / parquet loader's) was a TypeError
-    traceback after the chunk had been searched."""
-    if not isinstance(meta, Mapping):
-        raise ValueError(f"{where} has meta={meta!r:.60}, not a dict")
-    for key, value in meta.items():
-        try:
-            json.dumps({key: value})
-        except (TypeError, ValueError) as err:  # ValueError: a circular reference
-            raise ValueError(f"{where} has meta[{key!r}]={value!r:.60}, not JSON ({err}): rows and result "
-                             "JSON hold meta; use str, int, float, bool, None, lists and dicts of them") from None
+        fault = problem_fault(problem, answer_required=True)
+        if fault is not None:
+            named = f"{problem.id!r} (#{index})" if isinstance(problem.id, str) else f"{index}"
+            raise ValueError(f"task module {module}: problem {named} {fault}")
 
 
 def chunk_seed(seed: int, problem_ids: Sequence[str]) -> int:

@@ -288,6 +288,23 @@ def test_the_built_in_generated_tasks_pass_the_problem_check():
     check_problem_fields("experiments.tasks.countdown", countdown.generate_problems("test", 30, 0))
 
 
+def test_the_problem_check_is_the_strategies_own_with_the_task_module_named():
+    # one check (treesearch.config_checks.problem_fault) for both paths; the task's answer must be a str
+    from experiments.search import check_problem_fields
+
+    good = arith.generate_problems("test", 1, 0)[0]
+    cases = [
+        (dataclasses.replace(good, id=7), r"^task module m: problem 2 has id=7, not a str$"),
+        (dataclasses.replace(good, meta=None), r"^task module m: problem '[^']+' \(#2\) has meta=None, not a dict$"),
+        (dataclasses.replace(good, meta={"tags": {"a"}}),
+         r"^task module m: problem '[^']+' \(#2\) has meta\['tags'\]=\{'a'\}, not JSON \(Object of type set"),
+        (dataclasses.replace(good, answer=3), r"has answer=3, not a str \(the reference answer grade compares with\)$"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_problem_fields("m", [good, bad])
+
+
 # -- E: a task without a config ----------------------------------------------------------------
 
 

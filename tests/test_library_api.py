@@ -585,3 +585,164 @@ def test_a_numpy_number_in_a_config_is_named_as_such():
 
     with pytest.raises(ValueError, match=r"BestOfNConfig.n=np.int64\(4\) must be an integer >= 1 \(a Python int: int\(value\)"):
         BestOfNConfig(n=np.int64(4))
+
+
+# -- problems, equal results, results read back, a cell run again, on_round, no outcomes ----------
+
+
+def _bad_problems() -> list[tuple[Problem, str]]:
+    import pathlib
+
+    import numpy as np
+
+    meta = {"answers": ["3", "x"]}
+    return [
+        (Problem("q", None, "3", meta), r"^problems\[1\] \(problem 'q'\) has question=None, not a non-empty str$"),  # type: ignore[arg-type]
+        (Problem("q", 7, "3", meta), r"has question=7, not a non-empty str$"),  # type: ignore[arg-type]
+        (Problem("q", "  ", "3", meta), r"has question='  ', not a non-empty str$"),
+        (Problem(1, "q", "3", meta), r"^problems\[1\] has id=1, not a str$"),  # type: ignore[arg-type]
+        (Problem("q", "q", 3, meta), r"has answer=3, not a str or None \(the reference answer; None: unknown\)$"),  # type: ignore[arg-type]
+        (Problem("q", "q", "3", None), r"has meta=None, not a dict$"),  # type: ignore[arg-type]
+        (Problem("q", "q", "3", {**meta, "level": np.int64(3)}), r"has meta\['level'\]=.*3.*, not JSON \(Object of type int64"),
+        (Problem("q", "q", "3", {**meta, "tags": {"a"}}), r"has meta\['tags'\]=\{'a'\}, not JSON \(Object of type set"),
+        (Problem("q", "q", "3", {**meta, "src": pathlib.Path("/x")}), r"has meta\['src'\]=.*PosixPath.*, not JSON"),
+    ]
+
+
+@pytest.mark.parametrize("fn, cfg", STRATEGIES)
+def test_a_strategy_names_a_problem_it_cannot_search_before_any_policy_call(fn, cfg):
+    # before: question=None was searched as the prompt "None", meta=None / a numpy number searched and then
+    # failed save_result with a TypeError naming no key
+    for bad, message in _bad_problems():
+        policy = FakePolicy()
+        with pytest.raises(ValueError, match=message):
+            fn([problems(1)[0], bad], policy, OracleScorer(), cfg)
+        assert policy.calls == []
+    unknown = Problem("u", "q", None, {"answers": ["1"]})  # an unknown answer is a problem the library searches
+    assert [r.problem.id for r in fn([unknown], FakePolicy(), OracleScorer(), cfg)] == ["u"]
+
+
+def test_search_each_names_a_problem_it_cannot_search_before_any_policy_call():
+    policy = FakePolicy()
+    with pytest.raises(ValueError, match=r"^problems\[1\] \(problem 'q'\) has meta=None, not a dict$"):
+        search_each(best_of_n, [problems(1)[0], Problem("q", "q", "3", None)], policy, OracleScorer(),  # type: ignore[arg-type]
+                    BestOfNConfig(n=2))
+    assert policy.calls == []
+
+
+def _without_wall_time(results: list) -> list:
+    import dataclasses
+
+    return [dataclasses.replace(r, compute=dataclasses.replace(r.compute, wall_time_s=0.0)) for r in results]
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_two_identical_searches_give_equal_results(name):
+    # before: Tree had no __eq__, so results compared their trees by identity and never were equal
+    first = run_search(name, problems(2), FakePolicy(), OracleScorer(), **SMALL[name])
+    second = run_search(name, problems(2), FakePolicy(), OracleScorer(), **SMALL[name])
+    assert [r.tree for r in first] == [r.tree for r in second]
+    assert _without_wall_time(first) == _without_wall_time(second)  # wall time is all that differs
+    second[0].tree.nodes[-1].visits += 1
+    assert first[0].tree != second[0].tree and first[0].tree != "a tree"
+    second[0].tree.path(second[0].tree.leaves()[0])  # the path cache is no part of a tree's value
+    assert first[1].tree == second[1].tree
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(first[0].tree)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_a_saved_result_reads_back_as_the_search_result_it_was(name, tmp_path):
+    # before: load_result gave a ResultRecord of dicts, and grade_results on it an AttributeError
+    from experiments.outcomes import grade_results
+    from experiments.result_json import load_result, save_result
+    from experiments.tasks import arith
+
+    results = run_search(name, problems(3), FakePolicy(), OracleScorer(), **SMALL[name])
+    back = [load_result(save_result(tmp_path / f"{r.problem.id}.json", r)).to_result() for r in results]
+    assert back == results
+    assert any(r.candidates and r.tree.nodes[-1].score is not None for r in back)
+    grades = grade_results(back, arith.grade, arith.extract_answer)
+    assert grades == grade_results(results, arith.grade, arith.extract_answer)
+
+
+def test_a_read_back_result_has_lists_for_tuples_and_names_a_field_it_cannot_rebuild(tmp_path):
+    import json
+
+    from experiments.result_json import ResultFileError, load_result, save_result
+
+    (result,) = run_search("best_of_n", [Problem("t", "q", "1", {"answers": ("1",)})], FakePolicy(), OracleScorer(), n=2)
+    back = load_result(save_result(tmp_path / "t.json", result)).to_result()
+    assert back.problem.meta == {"answers": ["1"]} and back.tree.problem.meta == {"answers": ["1"]}
+    assert back.tree.nodes == result.tree.nodes and back.candidates == result.candidates
+    data = json.loads((tmp_path / "t.json").read_text())
+    data["compute"]["gpu_hours"] = 1.0
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ResultFileError, match=r"^compute cannot be rebuilt: .*'gpu_hours'"):
+        load_result(tmp_path / "bad.json").to_result()
+    data = json.loads((tmp_path / "t.json").read_text())
+    data["chosen_node"] = 0
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ResultFileError, match=r"^chosen_node=0 is not the node of the chosen candidate"):
+        load_result(tmp_path / "bad.json").to_result()
+
+
+def test_registering_a_strategy_again_from_a_cell_run_again_replaces_it():
+    # before: re-running the notebook cell that registers a strategy: "strategy cell is registered already"
+    import functools
+
+    from treesearch.registry import STRATEGIES, register
+
+    cell = '''
+from dataclasses import dataclass
+@dataclass(frozen=True)
+class CellConfig:
+    n: int = 4
+    seed: int = 0
+
+def cell_search(problems, policy, scorer, cfg, on_round=None):
+    return []
+
+spec = register("cell", cell_search, CellConfig)
+'''
+    saved = dict(STRATEGIES)
+    try:
+        first, again = {"register": register, "__name__": "__main__"}, {"register": register, "__name__": "__main__"}
+        exec(cell, first)
+        exec(cell, again)
+        assert again["cell_search"] is not first["cell_search"] and STRATEGIES["cell"] == again["spec"]
+        assert run_search("cell", problems(1), FakePolicy(), OracleScorer(), n=1) == []
+        elsewhere = {"register": register, "__name__": "fakes"}  # the same names in another module
+        with pytest.raises(ValueError, match=r"^strategy cell is registered already"):
+            exec(cell, elsewhere)
+        bare = [{"register": register} for _ in range(2)]  # exec'd without a __name__: the function's module is None
+        for namespace in bare:
+            exec(cell.replace('"cell"', '"cell_bare"'), namespace)
+        assert STRATEGIES["cell_bare"] == bare[1]["spec"]
+        register("cell_partial", functools.partial(bare[0]["cell_search"]), bare[0]["CellConfig"])
+        with pytest.raises(ValueError, match=r"^strategy cell_partial is registered already \(fn functools.partial"):
+            register("cell_partial", functools.partial(bare[1]["cell_search"]), bare[1]["CellConfig"])
+        with pytest.raises(ValueError, match=r"^strategy best_of_n is registered already"):
+            register("best_of_n", bare[1]["cell_search"], bare[1]["CellConfig"])
+    finally:
+        STRATEGIES.clear()
+        STRATEGIES.update(saved)
+
+
+@pytest.mark.parametrize("fn, cfg", STRATEGIES)
+def test_a_strategy_called_with_a_hook_that_is_not_callable_names_it_before_any_policy_call(fn, cfg):
+    # before: the whole first round ran, then "'int' object is not callable"
+    policy = FakePolicy()
+    with pytest.raises(TypeError, match=r"^on_round must be callable \(a RoundHook: trees -> None\), not a int$"):
+        fn(problems(2), policy, OracleScorer(), cfg, on_round=5)
+    assert policy.calls == []
+
+
+def test_accuracy_of_no_outcomes_names_the_argument():
+    # before: "bootstrap needs at least one value"
+    from experiments import metrics
+
+    with pytest.raises(ValueError, match=r"^accuracy: outcomes is empty \(no problem's outcome was given\)"):
+        metrics.accuracy([], 1, "first")
+    with pytest.raises(ValueError, match=r"^accuracy: outcomes is empty"):
+        metrics.accuracy(iter([]), 1, "first")

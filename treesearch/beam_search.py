@@ -271,7 +271,7 @@ def beam_search(
     on_round: RoundHook | None = None,
 ) -> list[SearchResult]:
     """Beam search over every problem at once (module docstring); on_round: see `RoundHook`."""
-    problems = search_inputs("beam_search", problems, cfg, BeamSearchConfig, policy, scorer)
+    problems = search_inputs("beam_search", problems, cfg, BeamSearchConfig, policy, scorer, on_round)
     start = time.perf_counter()
     trees = [Tree(p) for p in problems]
     ledgers = [Ledger() for _ in problems]

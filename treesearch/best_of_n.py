@@ -45,7 +45,7 @@ def best_of_n(
 ) -> list[SearchResult]:
     """Best-of-N over every problem at once (module docstring); on_round (`RoundHook`) is called
     once, with the finished trees: the search has one round."""
-    problems = search_inputs("best_of_n", problems, cfg, BestOfNConfig, policy, scorer)
+    problems = search_inputs("best_of_n", problems, cfg, BestOfNConfig, policy, scorer, on_round)
     start = time.perf_counter()
     rollouts = policy.rollout([Prefix(p) for p in problems], n=cfg.n, seed=cfg.seed)
     check_rows(rollouts, [cfg.n] * len(problems), "rollout", completions=True)

@@ -34,7 +34,7 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Sequence
 
-from treesearch.config_checks import is_int, problem_list
+from treesearch.config_checks import check_round_hook, is_int, problem_list
 from treesearch.merged_scorer import merged_for_threads
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
@@ -67,8 +67,7 @@ def search_each(
     (`treesearch.merged_scorer.merged_for_threads`); False calls it from each thread as it is."""
     if workers is not None and (not is_int(workers) or workers < 1):
         raise ValueError(f"search_each workers={workers!r} must be an integer >= 1 (or None: one per problem)")
-    if on_round is not None and not callable(on_round):  # a bare TypeError after the first round's policy call
-        raise TypeError(f"on_round must be callable (a RoundHook: trees -> None), not a {type(on_round).__name__}")
+    check_round_hook(on_round)  # wrapped in round_end below: fn's own check cannot see it
     problems = problem_list(problems)  # a generator or a lone Problem, named as the strategies do
     if not problems:
         return []

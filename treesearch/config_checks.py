@@ -4,15 +4,17 @@ error names the setting (or the argument) and what is valid, before any policy c
     check_int("BestOfNConfig", "n", n, minimum=1)          # ValueError: BestOfNConfig.n=0 must be ...
     check_flag("JointLossConfig", "bf16", bf16)            # a bool: "no" is no false
     check_finite("MCTSConfig", "c_puct", c_puct, minimum=0.0)
-    problems = search_inputs("beam_search", problems, cfg, BeamSearchConfig, policy, scorer)
+    problems = search_inputs("beam_search", problems, cfg, BeamSearchConfig, policy, scorer, on_round)
+    problem_fault(Problem("p1", "", "3"))                  # "has question='', not a non-empty str"
 
 Tests: `.venv/bin/python -m pytest tests/test_library_api.py`.
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from treesearch.aggregation import check_aggregation
 from treesearch.records import Problem
@@ -73,19 +75,31 @@ def check_finite(owner: str, name: str, value: object, minimum: float) -> None:
 
 def search_inputs(
     strategy: str, problems: Iterable[Problem], cfg: Any, config_type: type, policy: Any, scorer: Any,
+    on_round: Any = None,
 ) -> list[Problem]:
-    """The problems as a list, after checking that cfg is the strategy's own config, that every
-    problem is a `Problem` and that the policy and the scorer have what a search reads
-    (`check_components`): TypeError naming what is not, before any policy call."""
+    """The problems as a list, after checking that cfg is the strategy's own config, that the
+    policy and the scorer have what a search reads (`check_components`) and that on_round is None
+    or callable (`check_round_hook`): TypeError naming what is not; and that every problem is a
+    `Problem` a search can use (`problem_list`), all before any policy call."""
     if not isinstance(cfg, config_type):
         raise TypeError(f"{strategy} takes a {config_type.__name__}, not a {type(cfg).__name__}")
     check_components(policy, scorer)
+    check_round_hook(on_round)
     return problem_list(problems)
+
+
+def check_round_hook(on_round: Any) -> None:
+    """TypeError naming on_round unless it is None or callable (a `RoundHook`): a strategy called
+    with on_round=5 ran the whole first round, then failed with "'int' object is not callable"."""
+    if on_round is not None and not callable(on_round):
+        raise TypeError(f"on_round must be callable (a RoundHook: trees -> None), not a {type(on_round).__name__}")
 
 
 def problem_list(problems: Iterable[Problem]) -> list[Problem]:
     """The problems as a list (any iterable of them); TypeError naming a lone Problem, a str or an
-    item that is no Problem."""
+    item that is no Problem, ValueError naming `problems[i]` and its fault for a Problem a search
+    cannot use (`problem_fault`: question=None was searched as the prompt "None", a meta of numpy
+    numbers failed save_result after the search)."""
     if isinstance(problems, Problem):
         raise TypeError("problems must be a list of Problem, not a Problem (wrap it: [problem])")
     if isinstance(problems, str):
@@ -94,7 +108,43 @@ def problem_list(problems: Iterable[Problem]) -> list[Problem]:
     for i, problem in enumerate(out):
         if not isinstance(problem, Problem):
             raise TypeError(f"problems[{i}] is a {type(problem).__name__}, not a Problem")
+        fault = problem_fault(problem)
+        if fault is not None:
+            named = f" (problem {problem.id!r})" if isinstance(problem.id, str) else ""
+            raise ValueError(f"problems[{i}]{named} {fault}")
     return out
+
+
+def problem_fault(problem: Problem, answer_required: bool = False) -> str | None:
+    """What makes `problem` unusable by a search, as "has <field>=<value>, not ...", else None:
+    an id that is not a str, a question that is not a non-empty str (the policy's prompt), an
+    answer that is not a str or None (None: unknown; refused too with answer_required, where the
+    answer is graded against) or a meta that is not a mapping of JSON values (`meta_fault`).
+    Shared by the strategies (`problem_list`) and `experiments.search`, which names the task module."""
+    if not isinstance(problem.id, str):
+        return f"has id={problem.id!r:.60}, not a str"
+    if not isinstance(problem.question, str) or not problem.question.strip():
+        return f"has question={problem.question!r:.60}, not a non-empty str"
+    if not isinstance(problem.answer, str) and (answer_required or problem.answer is not None):
+        if answer_required:
+            return f"has answer={problem.answer!r:.60}, not a str (the reference answer grade compares with)"
+        return f"has answer={problem.answer!r:.60}, not a str or None (the reference answer; None: unknown)"
+    return meta_fault(problem.meta)
+
+
+def meta_fault(meta: Any) -> str | None:
+    """What makes a problem's meta unwritable, naming the key, else None: result JSON (and
+    experiments.search's rows) hold it, so a numpy number, a set or a Path in it failed
+    save_result after the search, naming no key."""
+    if not isinstance(meta, Mapping):
+        return f"has meta={meta!r:.60}, not a dict"
+    for key, value in meta.items():
+        try:
+            json.dumps({key: value})
+        except (TypeError, ValueError) as err:  # ValueError: a circular reference
+            return (f"has meta[{key!r}]={value!r:.60}, not JSON ({err}): rows and result JSON hold meta; "
+                    "use str, int, float, bool, None, lists and dicts of them")
+    return None
 
 
 def check_components(policy: Any, scorer: Any) -> None:

@@ -99,7 +99,7 @@ def dvts(
     problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: DVTSConfig, on_round: RoundHook | None = None,
 ) -> list[SearchResult]:
     """DVTS over every problem at once (module docstring); on_round: see `RoundHook`."""
-    problems = search_inputs("dvts", problems, cfg, DVTSConfig, policy, scorer)
+    problems = search_inputs("dvts", problems, cfg, DVTSConfig, policy, scorer, on_round)
     start = time.perf_counter()
     trees = [Tree(p) for p in problems]
     ledgers = [Ledger() for _ in problems]

@@ -300,7 +300,7 @@ def mcts(
     problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: MCTSConfig, on_round: RoundHook | None = None,
 ) -> list[SearchResult]:
     """MCTS over every problem at once (module docstring); on_round: see `RoundHook`."""
-    problems = search_inputs("mcts", problems, cfg, MCTSConfig, policy, scorer)
+    problems = search_inputs("mcts", problems, cfg, MCTSConfig, policy, scorer, on_round)
     start = time.perf_counter()
     searches = [_ProblemSearch(Tree(p)) for p in problems]
     ledgers = [Ledger() for _ in problems]

@@ -158,7 +158,7 @@ def particle_filtering(
     on_round: RoundHook | None = None,
 ) -> list[SearchResult]:
     """Particle filtering over every problem at once (module docstring); on_round: see `RoundHook`."""
-    problems = search_inputs("particle_filtering", problems, cfg, ParticleFilteringConfig, policy, scorer)
+    problems = search_inputs("particle_filtering", problems, cfg, ParticleFilteringConfig, policy, scorer, on_round)
     start = time.perf_counter()
     trees = [Tree(p) for p in problems]
     ledgers = [Ledger() for _ in problems]

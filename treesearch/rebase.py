@@ -122,7 +122,7 @@ def rebase(
     problems: Sequence[Problem], policy: Policy, scorer: Scorer, cfg: RebaseConfig, on_round: RoundHook | None = None,
 ) -> list[SearchResult]:
     """REBASE over every problem at once (module docstring); on_round: see `RoundHook`."""
-    problems = search_inputs("rebase", problems, cfg, RebaseConfig, policy, scorer)
+    problems = search_inputs("rebase", problems, cfg, RebaseConfig, policy, scorer, on_round)
     start = time.perf_counter()
     trees = [Tree(p) for p in problems]
     ledgers = [Ledger() for _ in problems]

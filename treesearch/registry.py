@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 
 from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.best_of_n import BestOfNConfig, best_of_n
+from treesearch.config_checks import check_round_hook
 from treesearch.dvts import DVTSConfig, dvts
 from treesearch.mcts import MCTSConfig, mcts
 from treesearch.particle_filtering import ParticleFilteringConfig, particle_filtering
@@ -74,16 +75,18 @@ STRATEGIES: dict[str, StrategySpec] = {
 
 def register(name: str, fn: SearchFn, config: type) -> StrategySpec:
     """Add strategy `name` (module docstring: the contract) and return its spec; registering the
-    same fn and config again (a module imported twice) is a no-op. A ValueError names what is
-    wrong: a name of another strategy, a config that is no dataclass or lacks `seed`, a config
-    class registered under another name, an fn that is not callable."""
+    same fn and config again (a module imported twice) is a no-op, and an fn and config defined
+    anew where the held ones were (the same module and qualified names: a notebook cell run
+    again, a module reloaded) replace them. A ValueError names what is wrong: a name of another
+    strategy, a config that is no dataclass or lacks `seed`, a config class registered under
+    another name, an fn that is not callable."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"a strategy's name must be a non-empty str, not {name!r}")
     if not callable(fn):
         raise ValueError(f"strategy {name}: fn={fn!r:.80} is not callable")
     check_strategy_config(name, config)
     spec = StrategySpec(fn, config)
-    if STRATEGIES.get(name, spec) != spec:
+    if STRATEGIES.get(name, spec) != spec and not is_redefinition(STRATEGIES[name], spec):
         held = STRATEGIES[name]
         held_fn = getattr(held.fn, "__qualname__", repr(held.fn))  # a functools.partial has no name
         raise ValueError(f"strategy {name} is registered already (fn {held_fn:.80}, config "
@@ -94,6 +97,21 @@ def register(name: str, fn: SearchFn, config: type) -> StrategySpec:
                          "strategy a config class of its own (experiments.search finds a strategy by its config's class)")
     STRATEGIES[name] = spec
     return spec
+
+
+def is_redefinition(held: StrategySpec, new: StrategySpec) -> bool:
+    """Whether new's fn and config are defined where held's were: each pair has one module and one
+    qualified name (a cell run again makes new function and class objects of the same names). An
+    object without a qualified name (a functools.partial) is no redefinition of anything."""
+    return all(_definition(old) is not None and _definition(old) == _definition(now)
+               for old, now in ((held.fn, new.fn), (held.config, new.config)))
+
+
+def _definition(obj: Any) -> tuple[Any, str] | None:
+    """(module, qualified name) of a function or class, None for an object without a qualified
+    name (the module is None for a function exec'd without a `__name__`)."""
+    qualname = getattr(obj, "__qualname__", None)
+    return None if not isinstance(qualname, str) else (getattr(obj, "__module__", None), qualname)
 
 
 def check_strategy_config(name: str, config: Any) -> None:
@@ -135,7 +153,6 @@ def run_search(
     if config is not None and cfg:
         raise TypeError(f"run_search({name!r}, ...) takes the strategy's config object or its settings as keywords, "
                         f"not both (got {type(config).__name__} and {', '.join(cfg)})")
-    if on_round is not None and not callable(on_round):
-        raise TypeError(f"on_round must be callable (a RoundHook: trees -> None), not a {type(on_round).__name__}")
+    check_round_hook(on_round)  # a strategy of one's own need not check it
     built = build_config(name, **cfg) if config is None else config
     return get_strategy(name).fn(problems, policy, scorer, built, on_round=on_round)

@@ -8,7 +8,7 @@ and is handed over in the frozen `SearchResult`; nodes are addressed by integer 
     a = tree.add(tree.root_id, step_a, prior=0.7)
     tree.path(a)             # (step_a,)
     tree.to_networkx()       # networkx.DiGraph with node attributes
-    Tree.from_json(tree.to_json())
+    Tree.from_json(tree.to_json()) == tree   # equal problem and nodes
 """
 from __future__ import annotations
 
@@ -124,6 +124,15 @@ class Tree:
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal problem and nodes (the path cache aside), so two searches that made the same tree,
+        and a result read back from its JSON (`experiments.result_json`), compare equal."""
+        if not isinstance(other, Tree):
+            return NotImplemented
+        return self.problem == other.problem and self.nodes == other.nodes
+
+    __hash__ = None  # type: ignore[assignment]  # mutable while a strategy builds it: no dict key, no set member
 
     def to_networkx(self) -> nx.DiGraph:
         """DiGraph with one node per step (attributes: text, score, visits, value, prior, depth,
