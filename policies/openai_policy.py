@@ -96,6 +96,7 @@ from policies.step_assembly import (
     sample_continuations, split_steps, whole_step,
 )
 from policies.step_stops import StepStopRule
+from policies.transformers_policy import check_policy_inputs
 from policies.vllm_policy import VLLMUsage, checkpoint_eos_ids, count_parameters
 from treesearch.config_checks import is_finite_number
 from treesearch.records import Prefix, Problem, Step
@@ -230,12 +231,12 @@ class CompletionsClient:
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """fn over items on the thread pool, in input order (the first failure is raised)."""
-        if self._closed.is_set():  # "cannot schedule new futures after shutdown" before
-            raise RuntimeError("this OpenAI-compatible client was closed (its policy's close()); build a new policy")
+        self._check_open()  # "cannot schedule new futures after shutdown" before
         return list(self._pool.map(fn, items))
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """One JSON request, retried on connection errors, timeouts, 5xx and 429."""
+        self._check_open()  # httpx's "Cannot send a request, as the client has been closed" before
         url = f"{self.config.root}{path}"
         for attempt in range(self.config.max_retries + 1):
             if attempt and self._closed.wait(self.config.backoff_s * 2 ** (attempt - 1)):
@@ -257,6 +258,11 @@ class CompletionsClient:
                 continue
             return data
         raise self._give_up(method, url, failure)
+
+    def _check_open(self) -> None:
+        """RuntimeError once `close()` ran: a new call is refused before it reaches the pool or httpx."""
+        if self._closed.is_set():
+            raise RuntimeError("this OpenAI-compatible client was closed (its policy's close()); build a new policy")
 
     def _give_up(self, method: str, url: str, failure: httpx.TransportError | httpx.Response) -> Exception:
         tries = f"{self.config.max_retries + 1} tries"
@@ -339,8 +345,7 @@ class OpenAIPolicy:
         backoff_s: float = 0.5,
         max_concurrency: int = 32,
     ) -> None:
-        if not isinstance(sampling, SamplingConfig):
-            raise TypeError(f"sampling is a {type(sampling).__name__}, not a SamplingConfig")
+        check_policy_inputs(sampling, prompt_fn)
         check_vllm_temperature(sampling.temperature, "OpenAIPolicy")
         server = OpenAIServerConfig(base_url, model, api_key, timeout_s, max_retries, backoff_s, max_concurrency)
         directory = _check_client_files(tokenizer_path)

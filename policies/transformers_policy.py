@@ -9,6 +9,7 @@ Usage:
     greedy = policy.with_temperature(0.0)                           # the same model and caches, greedy
     paths = policy.rollout([Prefix(problem)], n=32, seed=0)         # paths[0][j]: list of steps
     reuse = TransformersPolicy(model, tokenizer, sampling, prompt_fn, prefix_cache=PrefixCacheConfig())
+    with TransformersPolicy.from_pretrained(...) as policy: ...     # close(): model and prefix cache dropped
     scored = TransformersPolicy.from_pretrained("runs/tiny-sprm", sampling, prompt_fn, with_step_head=True)
     scored.rollout([Prefix(problem)], n=8, seed=0)[0][0][0].score   # SPRM step score, no 2nd forward
 
@@ -119,6 +120,21 @@ class _Sample:
         return [x for x in (self.scores or [])[start:end] if x == x]  # x == x drops NaN
 
 
+def check_policy_inputs(sampling: object, prompt_fn: object) -> None:
+    """TypeError naming the argument unless sampling is a SamplingConfig and prompt_fn is
+    callable: checked before a model loads (swapped arguments, or a dict of settings, failed
+    with an AttributeError only after loading; a prompt string at the first search)."""
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"sampling is a {type(sampling).__name__}, not a SamplingConfig")
+    check_prompt_fn(prompt_fn)
+
+
+def check_prompt_fn(prompt_fn: object) -> None:
+    """TypeError unless prompt_fn (the prompt template, Problem -> text) is callable."""
+    if not callable(prompt_fn):
+        raise TypeError(f"prompt_fn is a {type(prompt_fn).__name__}, not a callable (Problem -> prompt text)")
+
+
 def check_switches(shared_prefix: object, forked: object) -> None:
     """ValueError unless shared_prefix is true / false / None and forked true / false."""
     check_flag("TransformersPolicy", "shared_prefix", shared_prefix, or_none=True)
@@ -156,6 +172,11 @@ class TransformersPolicy:
     switched per chunk, so two decode loops, or a decode loop and a scorer, on one model object
     would corrupt each other); with
     `policies.continuous_engine.ContinuousEngine.attached(policy)` they decode together.
+
+    Lifetime: nothing on the policy refers back to it, so `del policy` frees it and (with no
+    other reference) its model at once. `close()` (or the end of a `with policy:` block) drops
+    the model, step head and prefix cache even while references to the policy remain; later
+    calls on it or its `with_temperature` copies are a RuntimeError.
     """
 
     def __init__(
@@ -169,6 +190,7 @@ class TransformersPolicy:
         shared_prefix: bool | None = None,
         forked: bool = True,
     ) -> None:
+        check_policy_inputs(sampling, prompt_fn)
         check_switches(shared_prefix, forked)
         keep_freed_memory()  # per-token temporaries reuse heap blocks (policies/allocator.py)
         self.model = model.eval()
@@ -205,11 +227,11 @@ class TransformersPolicy:
         self.prefix_cache: PrefixCache | None = (
             PrefixCache(prefix_cache) if prefix_cache is not None and prefix_cache.enabled else None
         )
-        # Who decodes a chunk: this thread (default), or `policies.continuous_engine`, which lets
-        # calls from many threads decode together; the lock guards the tokenizer and the prefix
-        # cache, which those threads share.
-        self.chunk_decoder: Callable[[ChunkRequest], ChunkOutput] = self._decode_here
+        # Who decodes a chunk (`chunk_decoder`): None is this thread; the lock guards the
+        # tokenizer and the prefix cache, which the threads of a continuous engine share.
+        self._chunk_decoder: Callable[[ChunkRequest], ChunkOutput] | None = None
         self.lock = threading.RLock()
+        self._closed = threading.Event()  # set by close(); shared with with_temperature copies
 
     @classmethod
     def from_pretrained(
@@ -238,6 +260,7 @@ class TransformersPolicy:
         `policies.devices.resolve_device` rejects one torch cannot see before loading); the
         prefix cache keeps its entries on that device (its `max_bytes` is then GPU memory)."""
         # settings named before minutes of loading (a YAML "no" was read as true)
+        check_policy_inputs(sampling, prompt_fn)
         check_flag("TransformersPolicy", "with_step_head", with_step_head)
         check_switches(shared_prefix, forked)
         prefix_cache = prefix_cache_config(prefix_cache)
@@ -310,6 +333,37 @@ class TransformersPolicy:
         other.chunk_decoder = lambda request: self.chunk_decoder(request)
         return other
 
+    @property
+    def chunk_decoder(self) -> Callable[[ChunkRequest], ChunkOutput]:
+        """Who decodes a chunk: this thread (`_decode_here`, the default) or an attached
+        `policies.continuous_engine`, which lets calls from many threads decode together. The
+        default is stored as None, not as the bound method: that would be a reference cycle
+        (policy -> method -> policy), which kept the policy and its model alive after `del
+        policy` until a garbage collection, and for good once `gc.freeze()` had frozen it."""
+        return self._decode_here if self._chunk_decoder is None else self._chunk_decoder
+
+    @chunk_decoder.setter
+    def chunk_decoder(self, decoder: Callable[[ChunkRequest], ChunkOutput]) -> None:
+        """Decode the chunks with decoder; this policy's own `_decode_here` restores the default."""
+        self._chunk_decoder = None if decoder == self._decode_here else decoder
+
+    def close(self) -> None:
+        """Drop the model, the step head and the prefix cache's entries (their memory is freed
+        once nothing else holds them, e.g. the caller's own `model`; a `with_temperature` copy
+        alive still holds the model). Later calls on this policy or its `with_temperature`
+        copies are a RuntimeError; closing again does nothing."""
+        self._closed.set()
+        with self.lock:
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
+            self.model, self.step_head, self.prefix_cache = None, None, None
+
+    def __enter__(self) -> "TransformersPolicy":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     # -- phases -------------------------------------------------------------------------------
 
     def _generate(
@@ -318,6 +372,7 @@ class TransformersPolicy:
         """Sample widths[i] sequences after prefixes[i] (a checked request), batched over all
         prefixes; result in input order (with_boundary: each sample's boundary flags too, to split
         it into steps)."""
+        self._check_open()
         with self.lock:
             contexts, prompt_lengths = encode_contexts(self.tokenizer, self.prompt_fn, prefixes)
         budgets = fit_window(
@@ -371,8 +426,17 @@ class TransformersPolicy:
     def _decode_here(self, request: ChunkRequest) -> ChunkOutput:
         """Decode one chunk in this thread, to the end (`policies.decode_loop.decode_request`),
         while nothing else runs this model object (`policies.model_lock`: another policy or a scorer on it)."""
-        with model_lock(self.model):
-            return decode_request(self.model, request, self.rule, self.pad_id, self.step_head)
+        model, step_head = self.model, self.step_head
+        if model is None:  # closed while a call was on its way (or through a with_temperature copy)
+            self._check_open()
+        with model_lock(model):
+            return decode_request(model, request, self.rule, self.pad_id, step_head)
+
+    def _check_open(self) -> None:
+        """RuntimeError once `close()` ran on this policy or the one it was copied from."""
+        if self._closed.is_set():
+            raise RuntimeError("this TransformersPolicy was closed (its close(), or the end of its with block); "
+                               "build a new one")
 
     def _cached_prefix(self, context: list[int], prompt_length: int, prefix: Prefix) -> PrefixKV | None:
         """The KV of the longest cached prefix of context (None: none, or no cache)."""

@@ -34,6 +34,7 @@ import torch
 from policies.model_lock import model_lock
 from policies.policy_requests import encode_contexts, model_vocabulary, name_out_of_vocabulary
 from policies.reflective_model import ReflectiveModel
+from policies.transformers_policy import check_prompt_fn
 from scorers.sprm_positions import StepMarkers, path_step_scores, score_positions, step_of_positions
 from treesearch.aggregation import aggregate
 from treesearch.records import Prefix, Problem
@@ -78,6 +79,8 @@ class SPRMScorer:
         step_format: StepFormat = StepFormat(),
         batch_size: int = 16,
     ) -> None:
+        check_reflective(model)
+        check_prompt_fn(prompt_fn)
         check_batch_size(batch_size)
         self.model = model.eval()
         self.tokenizer, self.prompt_fn, self.batch_size = tokenizer, prompt_fn, batch_size
@@ -110,7 +113,8 @@ class SPRMScorer:
         (`policies.devices.resolve_device`; Hydra: `scorer.device=cuda`); dtype: the LM's weights,
         "float32" or "bfloat16" / "float16" (half the memory: a 7B model in float32 takes ~28 GB;
         the head keeps the dtype it was saved in)."""
-        check_batch_size(batch_size)  # before minutes of loading a large model
+        check_prompt_fn(prompt_fn)  # before minutes of loading a large model
+        check_batch_size(batch_size)
         model, tokenizer = ReflectiveModel.from_pretrained(path, dtype=dtype, feature_layer=feature_layer, device=device)
         return cls(model, tokenizer, prompt_fn, step_format, batch_size)
 
@@ -178,6 +182,15 @@ class SPRMScorer:
             result.append((p, values[k : k + len(p)]))
             k += len(p)
         return result
+
+
+def check_reflective(model: object) -> None:
+    """TypeError unless model is a `ReflectiveModel` (an LM with its SPRM head): a plain LM
+    failed at `.lm` with an AttributeError that did not say what was wanted."""
+    if not isinstance(model, ReflectiveModel):
+        raise TypeError(
+            f"SPRMScorer takes a ReflectiveModel (an LM with its SPRM head: ReflectiveModel.from_pretrained, or "
+            f"SPRMScorer.from_pretrained(path, prompt_fn)), not a {type(model).__name__}")
 
 
 def check_batch_size(batch_size: object) -> None:
