@@ -107,7 +107,7 @@ from policies.checkpoint import torch_dtype
 from policies.devices import resolve_device
 from policies.gc_freeze import freeze_long_lived
 from policies.reflective_model import check_reflective_folder
-from policies.sampling_config import SamplingConfig
+from policies.sampling_config import SamplingConfig, check_vllm_temperature
 from policies.openai_policy import OpenAIServerError
 from policies.vllm_engine import VLLMMissingError, process_environment
 from scorers.prm_loading import check_prm_folder
@@ -235,6 +235,7 @@ def check_run_scalars(cfg: DictConfig) -> None:
     nothing), progress and live_tree true or false."""
     check_int("seed", cfg.get("seed"))
     search_seed = cfg.get("search", {}).get("seed", cfg.get("seed"))
+    check_int("search.seed", search_seed)  # 1.5 was told "pass seed=1.5 instead", which is refused
     if search_seed != cfg.get("seed"):  # run_chunk seeds every chunk from the top-level seed
         raise ValueError(f"search.seed={search_seed!r} differs from seed={cfg.get('seed')!r}: each chunk's seed derives "
                          f"from the top-level seed, so search.seed would be recorded and not used; pass seed={search_seed} "
@@ -508,6 +509,22 @@ def named_settings(prefix: str) -> Iterator[None]:
         if named is None:
             raise
         raise ValueError(prefix + str(err)[named.end():]) from None
+
+
+# the policy modules whose backend samples no temperature in (0, VLLM_MIN_TEMPERATURE)
+VLLM_SAMPLED_POLICIES = ("policies.vllm_policy.", "policies.openai_policy.")
+
+
+def check_lookahead_temperature(strategy_cfg: Any, policy_target: str | None) -> None:
+    """A beam search / DVTS lookahead_temperature the vLLM or OpenAI backend cannot sample at
+    (in (0, 0.01)) refused before the policy loads, named by its key: it was refused by
+    `with_temperature` once the engine had started (minutes on a GPU), naming VLLMPolicy's
+    temperature, which the user had not set."""
+    temperature = getattr(strategy_cfg, "lookahead_temperature", None)
+    if temperature is None or not getattr(strategy_cfg, "lookahead", 0):
+        return
+    if str(policy_target or "").startswith(VLLM_SAMPLED_POLICIES):
+        check_vllm_temperature(temperature, "search.lookahead_temperature")
 
 
 # the fields of a head scorer's step_format that must equal the policy's sampling fields
@@ -1086,6 +1103,7 @@ def run_search_experiment(cfg: DictConfig) -> Path:
     set_num_threads(cfg.get("num_threads"))
     strategy_cfg = build_frozen(cfg.search)
     check_policy_sampling(cfg.policy)
+    check_lookahead_temperature(strategy_cfg, OmegaConf.select(cfg, "policy._target_", default=None))
     check_batching(cfg.get("batching", "lockstep"), OmegaConf.select(cfg, "policy._target_", default=None))
     name, spec = strategy_of(strategy_cfg)
     check_strategy_fields(name, spec)

@@ -179,7 +179,7 @@ def test_length_cut_steps_are_candidates_and_empty_rows_end_the_search():
     ({"lookahead_temperature": -0.5}, r"lookahead_temperature=-0.5 must be a finite number >= 0"),
     ({"lookahead_temperature": float("nan")}, r"lookahead_temperature=nan must be a finite number"),
     ({"lookahead_temperature": "0"}, r"lookahead_temperature='0' must be a finite number"),
-    ({"aggregation": "median"}, "unknown aggregation 'median'"),
+    ({"aggregation": "median"}, "BeamSearchConfig.aggregation: unknown aggregation 'median'"),
 ])
 def test_bad_config_names_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -85,5 +85,5 @@ def test_bad_n_names_the_value(bad):
 
 
 def test_bad_aggregation_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown aggregation 'median'; valid: geometric_mean, last, mean, min, product"):
+    with pytest.raises(ValueError, match="BestOfNConfig.aggregation: unknown aggregation 'median'; valid: geometric_mean, last, mean, min, product"):
         BestOfNConfig(aggregation="median")

@@ -91,7 +91,7 @@ def test_empty_rows_end_the_search():
     ({"n": 9, "beam_width": 2}, "DVTSConfig.n=9 must be divisible by beam_width=2"),
     ({"n": -1}, r"DVTSConfig.n=-1 must be an integer >= 1"),
     ({"max_depth": 0}, r"DVTSConfig.max_depth=0 must be an integer >= 1"),
-    ({"aggregation": "median"}, "unknown aggregation 'median'"),
+    ({"aggregation": "median"}, "DVTSConfig.aggregation: unknown aggregation 'median'"),
     ({"lookahead": -2}, r"DVTSConfig.lookahead=-2 must be an integer >= 0"),
     ({"lookahead_temperature": -1.0}, r"DVTSConfig.lookahead_temperature=-1.0 must be a finite number >= 0"),
 ])

@@ -298,7 +298,7 @@ def test_length_cut_steps_and_empty_rows():
     ({"final": "score"}, "MCTSConfig.final='score'; valid: visits, value"),
     ({"rollout": "yes"}, "MCTSConfig.rollout='yes' must be a bool"),
     ({"token_budget": 0}, r"MCTSConfig.token_budget=0 must be None or an integer >= 1"),
-    ({"aggregation": "median"}, "unknown aggregation 'median'"),
+    ({"aggregation": "median"}, "MCTSConfig.aggregation: unknown aggregation 'median'"),
 ])
 def test_bad_config_names_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):

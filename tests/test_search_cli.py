@@ -53,6 +53,8 @@ def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProce
         ("policy.sampling.top_p=2", r"^policy.sampling.top_p=2 must be in \(0, 1\]$"),
         # recorded and not used: `-m search.seed=0,1` ran one draw twice, pooled as two seeds
         ("search.seed=5", r"^search.seed=5 differs from seed=0: each chunk's seed derives from the top-level seed"),
+        ("search.seed=1.5", r"^search.seed=1.5 must be an integer$"),  # was told "pass seed=1.5 instead"
+        ("search.seed=null", r"^search.seed=None must be an integer$"),
         # drew some problems (true: those of 1, filed under another folder name)
         ("task.seed=1.5", r"^task.seed=1.5 must be an integer$"), ("task.seed=true", r"^task.seed=True must be an integer$"),
     ],
@@ -93,6 +95,11 @@ def test_an_unknown_setting_is_named_before_anything_loads(override, message, tm
     # a plain scorer's settings: named only after the policy had loaded and the folder was written
     (["scorer.reduce=median"], r"^ConfidenceScorer.reduce='median'; valid: mean, min$"),
     (["scorer=oracle", "scorer.unfinished=2"], r"^OutcomeOracleScorer.unfinished=2 must be a number in \[0, 1\]$"),
+    # refused by with_temperature once the engine (or the server's model list) had answered, naming VLLMPolicy
+    (["policy=openai", "policy.base_url=http://127.0.0.1:9", "search=beam", "search.lookahead=1",
+      "search.lookahead_temperature=0.005"], r"^search.lookahead_temperature: temperature=0.005 is below vLLM's smallest"),
+    (["policy=vllm", "search=dvts", "search.lookahead=1", "search.lookahead_temperature=0.001"],
+     r"^search.lookahead_temperature: temperature=0.001 is below vLLM's smallest"),
 ])
 def test_a_task_prompt_or_plain_scorer_that_cannot_work_is_named_before_anything_loads(overrides, message, tmp_path):
     out = tmp_path / "run"

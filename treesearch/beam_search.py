@@ -8,8 +8,9 @@ paths), so a round samples fewer paths once candidates have left. A child whose 
 (finish "eos" or "length") leaves the beam and becomes a candidate. A problem stops when it has N
 candidates, when no beam is left, or at max_depth, where the beams that survive the last
 selection become candidates as they stand (their last step keeps its finish, "separator").
-Every finished child of a round is kept, so a problem can end with a few more than N
-candidates (N = 4, M = 2: three root samples finish, the one beam left adds two: 5); the choice
+Every finished child of a round is kept, so a problem can end with up to 2N - 1 candidates
+(N = 4, M = 2: three root samples finish, the one beam left adds two: 5; N = M = 8: seven root
+samples finish, the one beam left adds eight: 15), each one paid for in compute; the choice
 is the best of them all, and only the all-candidates metrics (maj / wmaj / pass over
 `candidates`) see the extra ones. search-and-learn cuts its finished beams back to N: the first N
 to finish by default, the N best by score with its `sort_completed`.
@@ -62,8 +63,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from treesearch.aggregation import aggregate, check_aggregation
-from treesearch.config_checks import check_finite, check_int, search_inputs
+from treesearch.aggregation import aggregate
+from treesearch.config_checks import check_aggregation_setting, check_finite, check_int, search_inputs
 from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, ranked_results, round_seed, score_rows
 from treesearch.protocols import Policy, RoundHook, Scorer, TemperaturePolicy
 from treesearch.records import Problem
@@ -103,7 +104,7 @@ class BeamSearchConfig:
 
     def __post_init__(self) -> None:
         check_beam_shape("BeamSearchConfig", self.n, self.beam_width, self.max_depth)
-        check_aggregation(self.aggregation)
+        check_aggregation_setting("BeamSearchConfig", "aggregation", self.aggregation)
         if not isinstance(self.dedup, bool):
             raise ValueError(f"BeamSearchConfig.dedup={self.dedup!r} must be a bool")
         check_lookahead("BeamSearchConfig", self.lookahead, self.lookahead_temperature)

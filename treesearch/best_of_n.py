@@ -14,9 +14,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from treesearch.aggregation import aggregate, check_aggregation
+from treesearch.aggregation import aggregate
 from treesearch.compute import Compute, step_compute
-from treesearch.config_checks import check_int, search_inputs
+from treesearch.config_checks import check_aggregation_setting, check_int, search_inputs
 from treesearch.frontier import check_rows, checked_scores, scorer_cost
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Prefix, Problem, Step
@@ -35,7 +35,7 @@ class BestOfNConfig:
 
     def __post_init__(self) -> None:
         check_int("BestOfNConfig", "n", self.n, minimum=1)
-        check_aggregation(self.aggregation)
+        check_aggregation_setting("BestOfNConfig", "aggregation", self.aggregation)
         check_int("BestOfNConfig", "seed", self.seed)
 
 

@@ -29,11 +29,10 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from treesearch.aggregation import check_aggregation
 from treesearch.beam_search import (
     Beam, ScoredChild, check_beam_shape, check_lookahead, expand_beams, lookahead_policy_of, top_by_rank,
 )
-from treesearch.config_checks import check_int, search_inputs
+from treesearch.config_checks import check_aggregation_setting, check_int, search_inputs
 from treesearch.frontier import Ledger, make_candidate, ranked_results
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
@@ -58,7 +57,7 @@ class DVTSConfig:
 
     def __post_init__(self) -> None:
         check_beam_shape("DVTSConfig", self.n, self.beam_width, self.max_depth)
-        check_aggregation(self.aggregation)
+        check_aggregation_setting("DVTSConfig", "aggregation", self.aggregation)
         check_lookahead("DVTSConfig", self.lookahead, self.lookahead_temperature)
         check_int("DVTSConfig", "seed", self.seed)
 

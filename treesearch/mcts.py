@@ -51,8 +51,8 @@ from dataclasses import asdict, dataclass, field
 from itertools import count
 from typing import Sequence
 
-from treesearch.aggregation import aggregate, check_aggregation
-from treesearch.config_checks import check_finite, check_int, is_int, search_inputs
+from treesearch.aggregation import aggregate
+from treesearch.config_checks import check_aggregation_setting, check_finite, check_int, is_int, search_inputs
 from treesearch.frontier import Item, Ledger, make_candidate, propose_rows, rollout_rows, round_seed, score_rows
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.puct import puct_score, sibling_priors, step_prior_logit, with_virtual_loss
@@ -100,7 +100,7 @@ class MCTSConfig:
             raise ValueError(f"MCTSConfig.rollout={self.rollout!r} must be a bool")
         if self.token_budget is not None and (not is_int(self.token_budget) or self.token_budget < 1):
             raise ValueError(f"MCTSConfig.token_budget={self.token_budget!r} must be None or an integer >= 1")
-        check_aggregation(self.aggregation)
+        check_aggregation_setting("MCTSConfig", "aggregation", self.aggregation)
         check_int("MCTSConfig", "seed", self.seed)
 
 
