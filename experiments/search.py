@@ -25,7 +25,9 @@ dir holding `.hydra/` and `search.log`; else outputs/search/<overrides>; a sweep
   metrics.json   `experiments.sweep_metrics.run_metrics` over the run's problems.
 
 Resuming: problems run in fixed chunks of `chunk` problems; each chunk's seed is a hash of the
-run seed and the chunk's problem ids, so a chunk gives the same results whenever it runs. Each
+run seed and the chunk's problem ids, so a chunk gives the same results whenever it runs (under
+batching=continuous up to float rounding, ~1e-7 in scores: thread timing decides which calls a
+decode step batches). Each
 finished chunk's rows are appended as complete lines with one write + fsync
 (`experiments.record_log`); after a kill, rerunning the same command drops a torn last line,
 reruns only chunks with a missing problem and appends only the missing rows: no duplicates,
