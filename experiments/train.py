@@ -27,10 +27,13 @@ One step, per process (its own share of the step's prompts):
      grad norms, rewards, tokens/s (`experiments.aha_metrics`); optional TensorBoard (when the
      `tensorboard` package is importable).
 Rerunning the same command resumes from out_dir/last: same weights and the same metric rows
-(time/* aside) as a run that was never stopped. When last/ is incomplete or damaged (a missing or
-truncated file) it resumes from the newest complete ckpt-<K> instead, printing one line that says
-which and why, and metrics.jsonl is cut back to step K; a folder with checkpoints of which none is
-complete, or without its config.yaml, is refused (nothing is deleted).
+(time/* aside) as a run that was never stopped. When last/ is missing, incomplete or damaged (a
+missing or truncated file) it resumes from the newest complete ckpt-<K> instead, printing one line
+that says which and why, and metrics.jsonl is cut back to step K; a folder with checkpoints of
+which none is complete, or without its config.yaml, is refused (nothing is deleted). A rerun may
+change RESUMABLE_KEYS (the budget, checkpointing, threads, device, ...): one stderr line names each
+change, saved -> current (num_threads and device change the weights by float rounding). A Ctrl-C
+before the run's first checkpoint says that nothing was saved to resume from.
 Checked before anything loads: device= (cpu, cuda, cuda:N: one torch cannot see is refused; auto:
 accelerate picks), and the configs (`settings`: e.g. run.rollouts_per_prompt >= 2 while the loss
 has a GRPO term). Randomness is explicit: the data order is a pure
@@ -105,8 +108,8 @@ from policies.rollout_batch import (  # noqa: E402
 )
 from policies.sampling_config import SamplingConfig  # noqa: E402
 from policies.train_state import (  # noqa: E402
-    STATE_FILE, JointTrainState, ResumePoint, capture_rng, load_policy_with_head, publish_checkpoint, restore_rng,
-    resume_point,
+    STATE_FILE, JointTrainState, ResumePoint, capture_rng, checkpoint_folders, load_policy_with_head,
+    publish_checkpoint, restore_rng, resume_point,
 )
 from policies.transformers_policy import TransformersPolicy  # noqa: E402
 from scorers.sprm_positions import StepMarkers  # noqa: E402
@@ -128,15 +131,23 @@ ADDED_SETTINGS: dict[str, Any] = {
     "prompt": "plain",  # 2026-12-06: the task's own prompt_text before
     "sampling.separator_match": "suffix",  # 2026-12-07: every token ending with the separator before
 }
-# keys that do not change what a run computes: a resume may change them
 # the task node's search settings, which training never reads (it draws its problems by `data`)
 UNUSED_TASK_KEYS: dict[str, str] = {"task.split": "data.train_problems / data.heldout_problems",
                                     "task.count": "data.train_problems / data.heldout_problems", "task.seed": "data.seed"}
+# keys a resume may change, each named on stderr when it does (`resume_changes`): where the run
+# is and how it shows, how long it trains and how often it saves, and settings training never
+# reads change nothing it computes; num_threads and device change it up to float rounding
+# (another thread count or device sums in another order: the tiny policy resumed at step 3 with
+# num_threads=2 ended a few steps later up to 6e-8 from an unbroken run's weights), device also
+# the random draws when it moves to another kind (a cuda torch.Generator's stream is not the
+# CPU's: other rollouts are sampled)
 RESUMABLE_KEYS: tuple[str, ...] = (
     "out_dir", "device", "num_threads", "progress", "tensorboard", "run.max_steps", "run.max_minutes",
     "run.checkpoint_every", "run.keep_checkpoints", *UNUSED_TASK_KEYS,
     "sampling.max_step_tokens",  # read by no rollout (they run to the end): a change blocked the resume for nothing
 )
+# the RESUMABLE_KEYS whose change makes the resumed run's weights differ from an unbroken run's
+INEXACT_KEYS: tuple[str, ...] = ("device", "num_threads")
 # the settings of the nodes no class is built from: `+num_thread=2` composed and was never read
 PLAIN_NODE_KEYS: dict[str, tuple[str, ...]] = {
     "": ("task", "train_loss", "init_from", "out_dir", "device", "num_threads", "progress", "tensorboard", "run",
@@ -477,14 +488,14 @@ def reference_lm(trainer_out: Path, reflective: ReflectiveModel, tokenizer: Any,
 
 def claim_out_dir(
     out: Path, config: dict[str, Any], resuming: bool, main: bool, held: contextlib.ExitStack | None = None,
-) -> None:
-    """Resuming: refuse a config that differs in a result-relevant key. Fresh: reset the run files
-    of this config's own start that stopped before its first checkpoint; refuse a folder holding
-    another run (`check_fresh_out_dir`). held: the main process takes the folder's lock into it
+) -> list[str]:
+    """Resuming: refuse a config that differs in a result-relevant key; return the RESUMABLE_KEYS
+    it changes ('key: saved -> current'). Fresh: reset the run files of this config's own start
+    that stopped before its first checkpoint; refuse a folder holding another run
+    (`check_fresh_out_dir`); return []. held: the main process takes the folder's lock into it
     once the checks pass (a refused folder gets no .lock), before anything is written."""
-    if resuming:
-        check_resume_config(out, config)
-    else:
+    changed = check_resume_config(out, config) if resuming else []
+    if not resuming:
         check_fresh_out_dir(out, config)
     if held is not None and main:
         held.enter_context(run_lock(out))
@@ -494,11 +505,13 @@ def claim_out_dir(
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / TENSORBOARD, ignore_errors=True)  # its step 0 was logged twice after such a stop
         write_atomic(out / CONFIG, OmegaConf.to_yaml(OmegaConf.create(config)))
+    return changed
 
 
-def check_resume_config(out: Path, config: dict[str, Any]) -> None:
+def check_resume_config(out: Path, config: dict[str, Any]) -> list[str]:
     """ValueError when the run being resumed in out ran another config (RESUMABLE_KEYS may differ),
-    saying which overrides resume it as it ran; FileNotFoundError when its config.yaml is gone."""
+    saying which overrides resume it as it ran; FileNotFoundError when its config.yaml is gone.
+    Returns the RESUMABLE_KEYS that differ, 'key: saved -> current' (`resume_changes`)."""
     path = out / CONFIG
     if not path.is_file():
         raise FileNotFoundError(
@@ -511,6 +524,19 @@ def check_resume_config(out: Path, config: dict[str, Any]) -> None:
         overrides = resume_overrides(saved, config, RESUMABLE_KEYS)  # type: ignore[arg-type]
         resume = f", or add `{' '.join(overrides)}` to resume it as it ran" if overrides else ""
         raise ValueError(f"{out} holds a run of another config ({'; '.join(diffs)}); use another out_dir{resume}")
+    return config_differences(saved, config)  # type: ignore[arg-type]  # RESUMABLE_KEYS alone, by now
+
+
+def resume_changes(changed: Sequence[str]) -> str:
+    """The one stderr line a resume that changes RESUMABLE_KEYS prints (as train_sft's "changed on
+    resume"): each key, saved -> current, and whether the weights now part from an unbroken run's."""
+    line = f"changed on resume: {'; '.join(changed)}"
+    inexact = [key for key in INEXACT_KEYS if any(change.startswith(f"{key}: ") for change in changed)]
+    if inexact:
+        line += f"; with another {' / '.join(inexact)} the weights differ from an unbroken run's by float rounding"
+    if "device" in inexact:
+        line += " (another kind of device also samples other rollouts)"
+    return line
 
 
 def saved_run_config(out: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -590,9 +616,11 @@ def open_run(
     check_separator_ends_tokens(s, markers)  # before the folder is claimed and reference/ saved
     state = point.state if point is not None else None
     config = pinned_reference_precision(resolved_config(cfg), accelerator.device)
-    claim_out_dir(out, config, state is not None, accelerator.is_main_process, held)
+    changed = claim_out_dir(out, config, state is not None, accelerator.is_main_process, held)
     if point is not None and point.passed_over and accelerator.is_main_process:
         print(resume_message(point), flush=True)
+    if changed and accelerator.is_main_process:
+        print(resume_changes(changed), file=sys.stderr, flush=True)
     accelerator.wait_for_everyone()
     ref_lm = reference_lm(out, reflective, tokenizer, state is None, accelerator.is_main_process, s)
     if ref_lm is not None:
@@ -1129,13 +1157,27 @@ def train_opened(cfg: DictConfig, t: Trainer, resumed: bool) -> None:
             log.close()
 
 
+_RUN_DIR: list[Path] = []  # the run folder of the job this process runs (`main`), for `interrupt_hint`
+
+
+def interrupt_hint() -> str:
+    """What a Ctrl-C says, at that moment: the run resumes when its folder holds a checkpoint
+    (`policies.train_state.checkpoint_folders`); before its first one (loading, the held-out
+    rollouts, the step-0 evaluation) nothing was saved and a rerun starts the run over."""
+    if _RUN_DIR and not checkpoint_folders(out := _RUN_DIR[-1]):
+        return hydra_rerun_hint(f"{out} holds no checkpoint yet (nothing to resume: a rerun starts this run over)")
+    return hydra_rerun_hint("a run resumes from its out_dir/last")
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     note_hydra_job(cfg.get("out_dir"))  # a sweep's folder, for the Ctrl-C hint
+    _RUN_DIR.clear()
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     try:
         with user_errors_reported("the checkpoints and metrics.jsonl rows already written are kept"):  # one line, exit 2
             check_no_chdir()
+            _RUN_DIR.append(resolve_out_dir(cfg))  # for the Ctrl-C hint (`interrupt_hint`)
             out = run_training(cfg)
         rows = load_rows(out / METRICS)
         if rows and PartialState().is_main_process:
@@ -1166,5 +1208,5 @@ if __name__ == "__main__":
     check_unused_task_keys(sys.argv[1:])
     check_override_keys(sys.argv[1:], CONFIG_DIR, "train", PLAIN_NODE_KEYS)  # grpo.bogus=1: one line, exit 2
     check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "train")  # a file; a sweep given one out_dir
-    with interrupt_reported(lambda: hydra_rerun_hint("a run resumes from its out_dir/last")):
+    with interrupt_reported(interrupt_hint):
         main()

@@ -16,10 +16,12 @@ a resume whose identity differs is refused with an SFTError naming each differin
 "how long / how" keys in RESUMABLE_KEYS may change: max_steps and max_minutes (a larger budget is
 how a run trains longer; from the resume on, the learning rate follows the new budget's schedule,
 so it rises from the old floor to where the longer schedule is at that point: an extended run is
-not bit-identical to one given the longer budget from the start), checkpoint_every, num_threads,
-eval_every, eval_max_examples. A damaged or missing last/ in a folder that holds a run is an
-SFTError naming it, never a silent fresh start. Ctrl-C stops after the current step, saves last/
-and raises TrainingInterrupted (a KeyboardInterrupt); a second Ctrl-C aborts at once.
+not bit-identical to one given the longer budget from the start), checkpoint_every, num_threads
+(what the run learns is the same up to float rounding: another thread count sums in another
+order, so the weights are not bit-identical to an unbroken run's), eval_every, eval_max_examples.
+A damaged or missing last/ in a folder that holds a run is an SFTError naming it, never a silent
+fresh start. Ctrl-C stops after the current step, saves last/ and raises TrainingInterrupted (a
+KeyboardInterrupt); a second Ctrl-C aborts at once.
 
 This module does not import `policies.sft` (which imports it): a `cfg` here is the run's
 `policies.sft.SFTConfig`, read only through `dataclasses.asdict`.
@@ -57,6 +59,7 @@ STATE_KEYS: tuple[str, ...] = ("step", "elapsed_s", "tokens", "history", "optimi
 SUMMARY_FILE = "sft_summary.json"
 LAST, FINAL = "last", "final"
 # identity keys a resume may change: how long the run trains and how it is run, not what it learns
+# (num_threads: up to float rounding, another thread count summing in another order)
 BUDGET_KEYS: tuple[str, ...] = ("sft.max_steps", "sft.max_minutes")
 RESUMABLE_KEYS: tuple[str, ...] = BUDGET_KEYS + (
     "sft.checkpoint_every", "sft.num_threads", "sft.eval_every", "sft.eval_max_examples",

@@ -17,7 +17,7 @@ never leaves half a checkpoint.
 
 Resuming (`resume_point`): last/ when it is complete, else the newest complete ckpt-<K> (a
 folder whose files are missing or truncated, e.g. by a full disk or a hand, is passed over and
-the reason kept); a run folder with checkpoint folders of which none is complete is a
+the reason kept, as is a missing last/); a run folder with checkpoint folders of which none is complete is a
 `DamagedCheckpointError` naming each folder's fault, so a rerun never starts over on top of it.
 
 Usage:
@@ -144,7 +144,8 @@ def load_joint_state(directory: Path) -> JointTrainState:
 @dataclass(frozen=True)
 class ResumePoint:
     """The checkpoint a rerun continues from: its folder, saved state, model and tokenizer;
-    passed_over: why each newer checkpoint folder was not used (empty when it is last/)."""
+    passed_over: why each newer checkpoint folder was not used, a missing last/ included (empty
+    when it is last/)."""
 
     directory: Path
     state: JointTrainState
@@ -193,15 +194,18 @@ def resume_point(out_dir: Path) -> ResumePoint | None:
             f"{last} is missing but {aside[-1]} holds the checkpoint before it (a checkpoint write was cut off): "
             f"rename it to {last} to resume from it, or remove it to resume from the newest ckpt-<K>; nothing was deleted"
         )
-    passed_over: list[str] = []
-    for directory in checkpoint_folders(out_dir):
+    folders = checkpoint_folders(out_dir)
+    # a resume from a ckpt-<K> says why last/ was not used when last/ is gone too (deleted, or a
+    # kill between a checkpoint's ckpt-<K> and its copy to last/)
+    passed_over = [] if last.is_dir() else [f"{last} is {'not a folder' if last.exists() else 'missing'}"]
+    for directory in folders:
         try:
             state, reflective, tokenizer = load_checkpoint_folder(directory)
         except (FileNotFoundError, DamagedCheckpointError) as error:
             passed_over.append(str(error))
             continue
         return ResumePoint(directory, state, reflective, tokenizer, tuple(passed_over))
-    if passed_over:
+    if folders:
         raise DamagedCheckpointError(
             f"{out_dir} holds a run but no complete checkpoint to resume from ({'; '.join(passed_over)}). "
             f"Nothing was deleted: restore the files, or pass another out_dir= to start a new run"

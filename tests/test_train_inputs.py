@@ -81,6 +81,15 @@ def test_a_damaged_last_resumes_from_the_newest_complete_checkpoint(init_dir, fi
     assert load_joint_state(out / "last").step == 3
 
 
+def test_a_deleted_last_is_named_when_a_numbered_checkpoint_is_resumed(init_dir, finished, tmp_path, capsys):
+    # last/ deleted: the run resumed from ckpt-2 and said nothing (only folders that exist were passed over)
+    out = copy_run(finished, tmp_path)
+    shutil.rmtree(out / "last")
+    run_training(composed(tiny(init_dir, out)))
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"resuming from {out / 'ckpt-2'} (step 2): {out / 'last'} is missing"
+    assert untimed(rows_of(out)) == untimed(rows_of(finished)) and load_joint_state(out / "last").step == 3
+
+
 def test_a_run_without_a_complete_checkpoint_is_refused_and_kept(init_dir, tmp_path):
     out = run_training(composed(tiny(init_dir, tmp_path / "run", "run.max_steps=2", "run.checkpoint_every=0")))
     truncate(out / "last" / "model.safetensors")
@@ -116,6 +125,19 @@ def test_a_resume_with_another_step_token_cap_goes_on(init_dir, finished, tmp_pa
     rows = (out / "metrics.jsonl").read_text()
     run_training(composed(tiny(init_dir, out, "sampling.max_step_tokens=32")))  # resumes: nothing left to run
     assert (out / "metrics.jsonl").read_text() == rows
+
+
+def test_a_resume_names_each_resumable_key_it_changes_on_stderr(init_dir, finished, tmp_path, capsys, monkeypatch):
+    # num_threads=2 moved the weights by float rounding (up to 6e-8 in a few steps), and the resume said nothing
+    out = copy_run(finished, tmp_path)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the module's one thread stays
+    run_training(composed(tiny(init_dir, out, "num_threads=2", "run.keep_checkpoints=5")))
+    assert (f"changed on resume: num_threads: 1 -> 2; out_dir: '{finished}' -> '{out}'; run.keep_checkpoints: 3 -> 5; "
+            "with another num_threads the weights differ from an unbroken run's by float rounding"
+            ) in capsys.readouterr().err.splitlines()
+    assert train.resume_changes(["device: 'cpu' -> 'cuda'"]) == (
+        "changed on resume: device: 'cpu' -> 'cuda'; with another device the weights differ from an unbroken "
+        "run's by float rounding (another kind of device also samples other rollouts)")
 
 
 def test_a_missing_kl_reference_says_what_it_was(init_dir, finished, tmp_path):

@@ -3,7 +3,8 @@ grad_clip 0 measures the gradient norm without clipping; run.max_minutes counted
 (60 s); one held-out problem among the training problems is refused; a held-out file with an
 extra row refused on resume; a repetition penalty accepted without GRPO (train_loss=spr_only);
 run.prompts_per_step not splitting into run.mini_batches refused before anything is read or
-written; the command's closing summary printing the last metrics row.
+written; the command's closing summary printing the last metrics row; a Ctrl-C's hint saying
+whether the run folder holds a checkpoint to resume from.
 
 Every test calls one function of experiments.train directly (a hand-made trainer, a composed
 config, `main` with run_training stubbed): no training run, no subprocess.
@@ -127,3 +128,29 @@ def test_main_prints_the_last_steps_summary(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2] == f"{tmp_path}: step 3, reward 0.75, fc/diff_prob 0.2"
     assert json.loads(lines[-1]) == {"fc/diff_prob": 0.2, "heldout/greedy_acc": 0.4, "heldout_fc/within_auc": 0.8}
+
+
+# pins: a Ctrl-C before the run's first checkpoint says nothing was saved (it said the run resumes
+# from out_dir/last, which did not exist), and one once a checkpoint exists says the run resumes
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_ctrl_c_says_whether_a_checkpoint_was_saved(tmp_path, monkeypatch, capsys, checkpointed):
+    out = tmp_path / "run"
+
+    def interrupted(cfg):  # the run claimed its folder (config.yaml), then Ctrl-C
+        out.mkdir()
+        (out / train.CONFIG).write_text("{}")
+        if checkpointed:
+            (out / "ckpt-2").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(train, "run_training", interrupted)
+    monkeypatch.setattr(train, "check_no_chdir", lambda: None)
+    monkeypatch.setattr(train, "freeze_long_lived", lambda: None)
+    monkeypatch.setattr(train, "close_process_group", lambda: None)  # see test_main_prints_the_last_steps_summary
+    with pytest.raises(SystemExit) as exit_info, train.interrupt_reported(train.interrupt_hint):
+        train.main.__wrapped__(OmegaConf.create({"out_dir": str(out)}))
+    hint = ("a run resumes from its out_dir/last" if checkpointed else
+            f"{out} holds no checkpoint yet (nothing to resume: a rerun starts this run over)")
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"interrupted: {hint}; rerun the same command to go on"
