@@ -90,13 +90,12 @@ from policies.model_folder import missing_folder_error
 from policies.policy_requests import (
     check_request, check_widths, close_full_paths, encode_contexts, fit_window, is_integer, split_rows, step_budget,
 )
-from policies.sampling_config import SamplingConfig, check_vllm_temperature
+from policies.sampling_config import SamplingConfig, check_policy_inputs, check_vllm_temperature
 from policies.step_assembly import (
     CompleteFn, Completion, CompletionRequest, SampleRequest, SampleTokens, StepMarks, decode_steps, derive_seed,
     sample_continuations, split_steps, whole_step,
 )
 from policies.step_stops import StepStopRule
-from policies.transformers_policy import check_policy_inputs
 from policies.vllm_policy import VLLMUsage, checkpoint_eos_ids, count_parameters
 from treesearch.config_checks import is_finite_number
 from treesearch.records import Prefix, Problem, Step

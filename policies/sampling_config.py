@@ -103,3 +103,18 @@ def check_vllm_temperature(temperature: float, owner: str) -> None:
             f"{owner}: temperature={temperature!r} is below vLLM's smallest, {VLLM_MIN_TEMPERATURE} (it would sample at "
             f"that instead): use 0 for greedy or a temperature >= {VLLM_MIN_TEMPERATURE}"
         )
+
+
+def check_policy_inputs(sampling: object, prompt_fn: object) -> None:
+    """TypeError naming the argument unless sampling is a SamplingConfig and prompt_fn is
+    callable: checked before a model loads (swapped arguments, or a dict of settings, failed
+    with an AttributeError only after loading; a prompt string at the first search)."""
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"sampling is a {type(sampling).__name__}, not a SamplingConfig")
+    check_prompt_fn(prompt_fn)
+
+
+def check_prompt_fn(prompt_fn: object) -> None:
+    """TypeError unless prompt_fn (the prompt template, Problem -> text) is callable."""
+    if not callable(prompt_fn):
+        raise TypeError(f"prompt_fn is a {type(prompt_fn).__name__}, not a callable (Problem -> prompt text)")

@@ -83,7 +83,7 @@ from policies.policy_requests import (
 )
 from policies.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixKV, candidate_lengths, prefix_cache_config
 from policies.reflective_model import ReflectiveModel
-from policies.sampling_config import SamplingConfig
+from policies.sampling_config import SamplingConfig, check_policy_inputs
 from policies.shared_prefix import has_latent_attention, supports_shared_prefix
 from policies.step_assembly import RawStep, decode_steps, decode_texts, text_ids
 from policies.step_stops import StepStopRule, split_step_ends
@@ -118,21 +118,6 @@ class _Sample:
     def own_scores(self, start: int, end: int) -> list[float]:
         """The head's readings on tokens [start, end) (empty without a head)."""
         return [x for x in (self.scores or [])[start:end] if x == x]  # x == x drops NaN
-
-
-def check_policy_inputs(sampling: object, prompt_fn: object) -> None:
-    """TypeError naming the argument unless sampling is a SamplingConfig and prompt_fn is
-    callable: checked before a model loads (swapped arguments, or a dict of settings, failed
-    with an AttributeError only after loading; a prompt string at the first search)."""
-    if not isinstance(sampling, SamplingConfig):
-        raise TypeError(f"sampling is a {type(sampling).__name__}, not a SamplingConfig")
-    check_prompt_fn(prompt_fn)
-
-
-def check_prompt_fn(prompt_fn: object) -> None:
-    """TypeError unless prompt_fn (the prompt template, Problem -> text) is callable."""
-    if not callable(prompt_fn):
-        raise TypeError(f"prompt_fn is a {type(prompt_fn).__name__}, not a callable (Problem -> prompt text)")
 
 
 def check_switches(shared_prefix: object, forked: object) -> None:

@@ -34,7 +34,7 @@ import torch
 from policies.model_lock import model_lock
 from policies.policy_requests import encode_contexts, model_vocabulary, name_out_of_vocabulary
 from policies.reflective_model import ReflectiveModel
-from policies.transformers_policy import check_prompt_fn
+from policies.sampling_config import check_prompt_fn
 from scorers.sprm_positions import StepMarkers, path_step_scores, score_positions, step_of_positions
 from treesearch.aggregation import aggregate
 from treesearch.records import Prefix, Problem
