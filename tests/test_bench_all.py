@@ -134,7 +134,8 @@ def test_a_terminated_run_kills_its_benchmark_and_says_so(monkeypatch, tmp_path,
     """SIGTERM / SIGHUP (`timeout`, a CI cancel) killed bench_all alone: its benchmark ran on,
     orphaned, beside whatever was measured next. The section here signals bench_all (its parent),
     then would sleep a minute."""
-    code = ("import os, signal, sys, time; print(os.getpid(), flush=True); "
+    pid_file = tmp_path / "child.pid"  # not its stdout: the signal may land before bench_all reads a line
+    code = (f"import os, pathlib, signal, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); "
             f"os.kill(os.getppid(), signal.{signame}); time.sleep(60)")
     monkeypatch.setattr(bench_all, "SECTIONS", (Section("slow", "Slow", _program(code)), *SECTIONS[:1]))
     monkeypatch.setattr(bench_all, "has_vllm", lambda: False)
@@ -143,7 +144,7 @@ def test_a_terminated_run_kills_its_benchmark_and_says_so(monkeypatch, tmp_path,
     assert bench_all.main(["--out", str(out)]) == 143
     report = out.read_text()
     assert "*terminated (SIGTERM / SIGHUP): the report stops here*" in report and "First table" not in report
-    child = int(report.split("## Slow\n")[1].split("\n")[0])
+    child = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):  # killed and reaped, not left running
         os.kill(child, 0)
     assert signal.getsignal(getattr(signal, signame)) == before  # the handler is put back
