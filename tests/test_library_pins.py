@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 import policies.transformers_policy as transformers_policy
-from experiments import bench_all, search
+from experiments import bench_all
 from experiments.bench_all import Section
 from experiments.bench_engine_overhead import OverheadRow, median_run
 from experiments.live_tree import LIVE_TREE_FILE, LiveTree, is_live_file
@@ -51,6 +51,7 @@ from policies.transformers_policy import TransformersPolicy
 from step_tree_fakes import ScriptedPolicy, ScriptedScorer, trap_problem
 import test_search_resume
 from test_search_resume import run_in_process
+from test_live_tree import stop_a_live_run, tiny_beam_run
 from treesearch import registry
 from treesearch.beam_search import beam_search
 from treesearch.mcts import MCTSConfig, mcts
@@ -312,20 +313,11 @@ def test_a_lookahead_temperature_without_lookahead_steps_is_not_refused(tmp_path
 
 
 def test_a_run_resumed_with_live_tree_keeps_its_live_file_and_notes_nothing(ckpt, tmp_path, monkeypatch, capsys):
-    def interrupted(part, spec, cfg, policy, scorer, batching, on_round=None):
-        on_round([Tree(part[0])])
-        raise KeyboardInterrupt
-
     out = tmp_path / "run"
-    base = [f"policy.path={ckpt}", f"out_dir={out}", "task.count=2", "search=beam", "search.n=2",
-            "search.beam_width=1", "policy.sampling.max_total_tokens=16", "policy.sampling.max_step_tokens=4",
-            "progress=false", "num_threads=1", "live_tree=true"]
-    with monkeypatch.context() as patch:
-        patch.setattr(search, "search_chunk", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            run_in_process(base)
+    base = tiny_beam_run(ckpt, out)
+    stop_a_live_run(monkeypatch, base)
     assert is_live_file(out / LIVE_TREE_FILE)
     capsys.readouterr()
-    run_in_process(base)  # resumed with live_tree=true: it rewrites the file itself
+    run_in_process(base + ["live_tree=true"])  # resumed with live_tree=true: it rewrites the file itself
     assert "removed" not in capsys.readouterr().err
     assert load_result(out / LIVE_TREE_FILE).live is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -287,23 +288,35 @@ def test_a_run_interrupted_while_writing_its_final_tree_marks_it_stopped(ckpt, t
     assert (live["state"], live["reason"]) == ("stopped", "interrupted") and live["round"] >= 1
 
 
+def interrupted_chunk(part, spec, cfg, policy, scorer, batching, on_round=None):
+    """experiments.search's search_chunk stopped by a Ctrl-C after its first round's tree."""
+    on_round([Tree(part[0])])
+    raise KeyboardInterrupt
+
+
+def tiny_beam_run(ckpt: Path, out: Path) -> list[str]:
+    """The overrides of a two-problem beam search on the tiny checkpoint into out."""
+    return [f"policy.path={ckpt}", f"out_dir={out}", "task.count=2", "search=beam", "search.n=2",
+            "search.beam_width=1", "policy.sampling.max_total_tokens=16", "policy.sampling.max_step_tokens=4",
+            "progress=false", "num_threads=1"]
+
+
+def stop_a_live_run(monkeypatch, base: list[str]) -> None:
+    """Run base with live_tree=true, stopped by a Ctrl-C in its first chunk (`interrupted_chunk`)."""
+    from experiments import search
+
+    with monkeypatch.context() as patch:
+        patch.setattr(search, "search_chunk", interrupted_chunk)
+        with pytest.raises(KeyboardInterrupt):
+            run_in_process(base + ["live_tree=true"])
+
+
 def test_a_run_resumed_without_live_tree_removes_the_stopped_tree_an_earlier_run_left(ckpt, tmp_path, monkeypatch,
                                                                                       capsys):
     # `plot tree` showed the finished run as "stopped (interrupted)" for ever
-    from experiments import search
-
-    def interrupted(part, spec, cfg, policy, scorer, batching, on_round=None):
-        on_round([Tree(part[0])])
-        raise KeyboardInterrupt
-
     out = tmp_path / "run"
-    base = [f"policy.path={ckpt}", f"out_dir={out}", "task.count=2", "search=beam", "search.n=2",
-            "search.beam_width=1", "policy.sampling.max_total_tokens=16", "policy.sampling.max_step_tokens=4",
-            "progress=false", "num_threads=1"]
-    with monkeypatch.context() as patch:
-        patch.setattr(search, "search_chunk", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            run_in_process(base + ["live_tree=true"])
+    base = tiny_beam_run(ckpt, out)
+    stop_a_live_run(monkeypatch, base)
     assert is_live_file(out / LIVE_TREE_FILE)
     capsys.readouterr()
     run_in_process(base)
