@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Iterator, Sequence
 
 from experiments.cli_args import check_file_target
-from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT, Terminated
+from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT, Terminated, raise_terminated
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "outputs" / "bench" / "report.md"
@@ -219,10 +219,6 @@ def run_all(sections: Sequence[Section], out: Path) -> list[Outcome]:
     return outcomes
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated(f"{signal.Signals(signum).name}")
-
-
 @contextlib.contextmanager
 def stop_signals_raised() -> Iterator[None]:
     """SIGTERM and SIGHUP raise `Terminated` (a KeyboardInterrupt) within the block, in the main
@@ -231,7 +227,7 @@ def stop_signals_raised() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:

@@ -41,7 +41,8 @@ INTERRUPT_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped
 TERMINATE_EXIT = 143  # 128 + SIGTERM
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
+def raise_terminated(signum: int, frame: object) -> None:
+    """A signal handler raising `Terminated` where the program is (SIGTERM here; bench_all's SIGHUP too)."""
     raise Terminated()
 
 
@@ -91,7 +92,7 @@ def interrupt_reported(how_to_go_on: str | Callable[[], str]) -> Iterator[None]:
     HYDRA_FULL_ERROR=1 the KeyboardInterrupt and its traceback pass through."""
     main_thread = threading.current_thread() is threading.main_thread()
     started()  # Ctrl-C raises KeyboardInterrupt again (experiments/startup_interrupt.py held it while starting)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         yield
     except KeyboardInterrupt as err:
