@@ -963,11 +963,12 @@ def search_missing(
     check_row_questions(out / RECORDS, rows, [p for part in parts for p in part])
     done = {row["problem_id"] for row in rows}
     todo = [part for part in parts if any(p.id not in done for p in part)]
-    if not cfg.get("live_tree", False):
+    live_tree = cfg.get("live_tree", False)
+    if not live_tree:
         drop_stale_live_tree(out)
     if not todo:
         return
-    live = LiveTree(out / LIVE_TREE_FILE) if cfg.get("live_tree", False) else None
+    live = LiveTree(out / LIVE_TREE_FILE) if live_tree else None
     total = sum(len(part) for part in parts)
     with contextlib.ExitStack() as built:  # closed when done: the scorer first, then the policy
         policy = built.enter_context(closing_component(build_policy(cfg.policy)))  # loaded only when there is work
