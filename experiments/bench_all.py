@@ -219,6 +219,18 @@ def run_all(sections: Sequence[Section], out: Path) -> list[Outcome]:
     return outcomes
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _terminate_once(signum: int, frame: object) -> None:
+    """The first stop signal raises `Terminated`; later ones are ignored while the child is killed
+    and reaped (GNU `timeout` signals its child and then the whole group: the second SIGTERM
+    landed in that clean-up, a traceback and exit 1 with the report unmarked)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise_terminated(signum, frame)
+
+
 @contextlib.contextmanager
 def stop_signals_raised() -> Iterator[None]:
     """SIGTERM and SIGHUP raise `Terminated` (a KeyboardInterrupt) within the block, in the main
@@ -227,7 +239,7 @@ def stop_signals_raised() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, _terminate_once) for sig in STOP_SIGNALS}
     try:
         yield
     finally:

@@ -501,11 +501,24 @@ def claim_out_dir(
         held.enter_context(run_lock(out))
     if main and not resuming:
         out.mkdir(parents=True, exist_ok=True)
+        note_starting_over(out)
         for name in (METRICS, HELDOUT):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / TENSORBOARD, ignore_errors=True)  # its step 0 was logged twice after such a stop
         write_atomic(out / CONFIG, OmegaConf.to_yaml(OmegaConf.create(config)))
     return changed
+
+
+def note_starting_over(out: Path) -> None:
+    """One stderr line when a fresh start resets metric rows a run left without any checkpoint (it
+    was killed before its first, or its last/ was deleted): the rows are dropped and step 0 runs
+    again, which it did in silence."""
+    path = out / METRICS
+    steps = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
+    if steps:
+        print(f"note: {out} holds {steps} metric row(s) of this config but no checkpoint to resume from (killed "
+              f"before its first, or last/ removed): starting over at step 0, its {METRICS} rewritten",
+              file=sys.stderr, flush=True)
 
 
 def check_resume_config(out: Path, config: dict[str, Any]) -> list[str]:
@@ -532,10 +545,11 @@ def resume_changes(changed: Sequence[str]) -> str:
     resume"): each key, saved -> current, and whether the weights now part from an unbroken run's."""
     line = f"changed on resume: {'; '.join(changed)}"
     inexact = [key for key in INEXACT_KEYS if any(change.startswith(f"{key}: ") for change in changed)]
-    if inexact:
-        line += f"; with another {' / '.join(inexact)} the weights differ from an unbroken run's by float rounding"
+    if "num_threads" in inexact:
+        line += "; another num_threads sums in another order: the weights differ from an unbroken run's by float rounding"
     if "device" in inexact:
-        line += " (another kind of device also samples other rollouts)"
+        line += ("; another device computes in another order, and another kind of device (cpu / cuda) draws other "
+                 "rollouts: the run goes on as another run would")
     return line
 
 
@@ -1164,7 +1178,9 @@ def interrupt_hint() -> str:
     """What a Ctrl-C says, at that moment: the run resumes when its folder holds a checkpoint
     (`policies.train_state.checkpoint_folders`); before its first one (loading, the held-out
     rollouts, the step-0 evaluation) nothing was saved and a rerun starts the run over."""
-    if _RUN_DIR and not checkpoint_folders(out := _RUN_DIR[-1]):
+    if not _RUN_DIR:  # Hydra still starting: no run folder taken yet
+        return hydra_rerun_hint("nothing was written by this command")
+    if not checkpoint_folders(out := _RUN_DIR[-1]):
         return hydra_rerun_hint(f"{out} holds no checkpoint yet (nothing to resume: a rerun starts this run over)")
     return hydra_rerun_hint("a run resumes from its out_dir/last")
 

@@ -149,3 +149,15 @@ def test_a_terminated_run_kills_its_benchmark_and_says_so(monkeypatch, tmp_path,
         os.kill(child, 0)
     assert signal.getsignal(getattr(signal, signame)) == before  # the handler is put back
     assert "not finished: slow" in capsys.readouterr().err
+
+
+def test_a_second_stop_signal_is_ignored_while_the_first_is_handled():
+    """GNU `timeout` sends SIGTERM to bench_all and then to its whole group: the second one landed
+    in run_section's clean-up (a traceback, exit 1, the report unmarked)."""
+    before = signal.getsignal(signal.SIGTERM)
+    with bench_all.stop_signals_raised():
+        with pytest.raises(bench_all.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored: nothing raised
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -133,11 +133,24 @@ def test_a_resume_names_each_resumable_key_it_changes_on_stderr(init_dir, finish
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the module's one thread stays
     run_training(composed(tiny(init_dir, out, "num_threads=2", "run.keep_checkpoints=5")))
     assert (f"changed on resume: num_threads: 1 -> 2; out_dir: '{finished}' -> '{out}'; run.keep_checkpoints: 3 -> 5; "
-            "with another num_threads the weights differ from an unbroken run's by float rounding"
+            "another num_threads sums in another order: the weights differ from an unbroken run's by float rounding"
             ) in capsys.readouterr().err.splitlines()
     assert train.resume_changes(["device: 'cpu' -> 'cuda'"]) == (
-        "changed on resume: device: 'cpu' -> 'cuda'; with another device the weights differ from an unbroken "
-        "run's by float rounding (another kind of device also samples other rollouts)")
+        "changed on resume: device: 'cpu' -> 'cuda'; another device computes in another order, and another kind "
+        "of device (cpu / cuda) draws other rollouts: the run goes on as another run would")
+
+
+def test_a_fresh_start_over_metric_rows_without_a_checkpoint_says_so(init_dir, finished, tmp_path, capsys):
+    # its last/ deleted by hand (or killed before its first checkpoint): step 0 ran again in silence
+    out = copy_run(finished, tmp_path)
+    for folder in out.iterdir():
+        if folder.is_dir() and (folder.name == "last" or folder.name.startswith("ckpt-")):
+            shutil.rmtree(folder)
+    rows = sum(1 for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip())
+    run_training(composed(tiny(init_dir, out)))
+    assert (f"note: {out} holds {rows} metric row(s) of this config but no checkpoint to resume from (killed before "
+            "its first, or last/ removed): starting over at step 0, its metrics.jsonl rewritten"
+            ) in capsys.readouterr().err.splitlines()
 
 
 def test_a_missing_kl_reference_says_what_it_was(init_dir, finished, tmp_path):

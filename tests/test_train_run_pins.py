@@ -154,3 +154,14 @@ def test_a_ctrl_c_says_whether_a_checkpoint_was_saved(tmp_path, monkeypatch, cap
             f"{out} holds no checkpoint yet (nothing to resume: a rerun starts this run over)")
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"interrupted: {hint}; rerun the same command to go on"
+
+
+def test_a_ctrl_c_before_the_run_folder_is_known_says_nothing_was_written(monkeypatch, capsys):
+    # Hydra still starting (no run folder taken yet): it said the run resumes from out_dir/last
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(train, "_RUN_DIR", [])
+    with pytest.raises(SystemExit) as exit_info, train.interrupt_reported(train.interrupt_hint):
+        raise KeyboardInterrupt
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "interrupted: nothing was written by this command; rerun the same command to go on")

@@ -768,7 +768,8 @@ def reference_math_answer(text: str) -> str:
     """The answer MetaStone-S1's grader (prime_math's match_answer) reads from `text`: the last box's
     contents when it is non-empty, else the whole text; then cut before the last ". ", then after the
     last of each marker in turn ("be ", "is ", "are ", "=", ": ", "get ", and the first four and
-    "get" before a newline). No box needed: "... So the answer is 204." reads "204"."""
+    "get" before a newline). No box needed: "So the answer is 204. Let me check." reads "204"
+(a text whose last ". " comes before its answer is read there instead)."""
     answer = reference_box(text) or text
     cut = answer.lower().rfind(". ")
     if cut != -1:
