@@ -34,8 +34,9 @@ geometric mean when it holds several, e.g. one whole-sequence "step" of
 terminal step, "</think>Answer: ..." with no separator) scores the geometric mean of the path's
 earlier step scores, and 0.0 when it has none (the reference scores a path with no separator 0).
 Why: the geometric mean over steps then equals the reference's path score (the geometric mean
-over separator positions only) for every rollout, since appending the mean G of a list to it
-leaves its geometric mean G. A plain "reuse the last separator's score" would count the last
+over separator positions only) for every rollout with a scored separator, since appending the
+mean G of a list to it leaves its geometric mean G; a rollout with none has step scores (0.0,),
+whose geometric mean is the 1e-10 clamp (`treesearch.aggregation`), where the reference gives 0. A plain "reuse the last separator's score" would count the last
 step twice.
 """
 from __future__ import annotations

@@ -15,7 +15,8 @@ followed by its steps' exact token_ids; the LM runs over it once (right padded i
 keeping only the feature layer's states, `policies.feature_tap`), the head reads the feature layer at `scorers.sprm_positions`
 positions of the completion, sigmoid. A step's score: the reading at its own separator; a step
 with none (the terminal step) the geometric mean of the earlier step scores, 0.0 with none (see
-`scorers.sprm_positions`): so the geometric-mean path score of a rollout equals `path_scores`. A
+`scorers.sprm_positions`): so the geometric-mean path score of a rollout equals `path_scores`
+(a rollout without a scored separator: the 1e-10 clamp, where `path_scores` gives 0). A
 path longer than the model's context window is a ValueError naming its problem.
 
 A policy built with the same model as step head (`TransformersPolicy.from_reflective`) attaches
