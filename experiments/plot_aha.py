@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -99,11 +100,22 @@ def load_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def drawn_series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) to draw: a null value (logged, undefined: no correct or no wrong rollout
+    that step) is NaN, a break in the line; rows without the key (between evaluations) are skipped,
+    so the line joins the evaluations on either side."""
+    points = [(int(r["step"]), math.nan if r[key] is None else float(r[key])) for r in rows
+              if key in r and (r[key] is None or isinstance(r[key], (int, float)))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
 def draw(ax: Axes, rows: Sequence[dict[str, Any]], curves: Sequence[tuple[str, str, str, str]]) -> None:
     for key, label, color, style in curves:
-        steps, values = series(rows, key)
-        if steps:
-            ax.plot(steps, values, style, color=color, label=label, marker="o" if len(steps) < 30 else None, ms=3)
+        steps, values = drawn_series(rows, key)
+        if any(not math.isnan(v) for v in values):
+            broken = any(math.isnan(v) for v in values)  # a point between two breaks shows only as a marker
+            ax.plot(steps, values, style, color=color, label=label,
+                    marker="o" if len(steps) < 30 or broken else None, ms=3 if len(steps) < 30 else 1.5)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # an empty legend is a stray box and a UserWarning
         ax.legend(fontsize=8)

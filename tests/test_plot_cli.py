@@ -430,6 +430,24 @@ def test_aha_of_a_run_whose_held_out_gap_is_never_a_number_marks_none(tmp_path, 
     assert split_step(rows) == (None, "heldout_fc/diff_prob")
 
 
+def test_aha_lines_break_where_a_value_is_null_and_join_evaluations_between_absent_rows(tmp_path, saved_figures):
+    # steps 3-4 had no correct rollout (fc/correct_prob null): the line was drawn straight from 2 to 5;
+    # held-out values absent at every fifth step: no break, the line joins its neighbours
+    rows = [{"step": s, "fc/correct_prob": None if s in (3, 4) else 0.5 + 0.01 * s, "fc/false_prob": 0.4,
+             **({"heldout_fc/correct_prob": 0.6} if s % 5 else {})} for s in range(40)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["aha", str(metrics)]) == 0
+    (fig,) = saved_figures
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    correct = next(line for label, line in lines.items() if label.startswith("correct (train"))
+    x, y = correct.get_xdata(), correct.get_ydata()
+    assert list(x) == list(range(40)) and [s for s, v in zip(x, y) if v != v] == [3, 4]
+    assert correct.get_marker() == "o"  # 40 points, but a point between breaks must stay visible
+    held = next(line for label, line in lines.items() if label.startswith("correct (held"))
+    assert list(held.get_xdata()) == [s for s in range(40) if s % 5] and held.get_marker() in ("None", None, "")
+
+
 def test_aha_out_whose_folder_cannot_be_made_is_a_one_line_error(tmp_path, capsys):
     # a folder name longer than the file system takes (as a read-only or forbidden folder): a traceback
     metrics = metrics_rows(tmp_path / "metrics.jsonl", [0.0, 0.2])
