@@ -7,9 +7,10 @@ scorer's (`treesearch.compute`): a search that scores with a PRM or a second SPR
 spends far more than its C says (a beam search over an SPRM forward: 3.1x Best-of-N's FLOPs at
 the same C), so compare strategies with scorers of different cost on "flops".
 Series: one per strategy (and scorer, when the sweep has several); a sweep folder holding runs of
-several workloads (task / policy configs, `experiments.sweep_metrics`) gets one series per
-workload and strategy, named "strategy [workload]", and a one-line note on stderr: runs of
-different problem sets are never pooled. Points: the runs of one series at one budget N are
+several workloads (task / policy configs, or policy weights recorded in the runs' weights.json:
+`experiments.sweep_metrics`) gets one series per workload and strategy, named "strategy
+[workload]", and a one-line note on stderr: runs of different problem sets or weights are never
+pooled. Points: the runs of one series at one budget N are
 pooled over their seeds (per problem: the mean correctness over seeds; then an interval over
 problems, `experiments.metrics.interval`), at their mean compute; a point also says how many
 problems it holds (fewer than its neighbours': a run still being written, see the stderr note). Fit: least squares of accuracy = a + b log2 C over the points

@@ -32,6 +32,17 @@ covers only the problems it has done; a folder with no complete row yet (a job n
 whose first write met a full disk) is left out, named in a third (`empty_note`), rather than
 failing every reader of the sweep.
 
+Weights: a run folder's weights.json (`experiments.run_weights`) records which weights its rows
+came from (a model folder's sha256 fingerprint, a served model's id); a policy trained again in
+place keeps its `policy.path`, and runs before and after it were pooled as seeds of one workload.
+The policy's record is part of the workload (`run_weights`: the first WEIGHTS_CHARS of a
+fingerprint), the scorer's part of the scorer; where weights alone tell runs apart, the labels
+show them (`arith (weights.policy.path=3f2a9c8d1e0b)`, `weights_labels`) and the workload note
+names them as the reason. A run that records less (no weights.json: a folder saved before it
+existed) pools with the runs equal to it but for weights when they recorded one set of weights,
+and keeps its own (`weights.policy.path=unset`) when they recorded several
+(`attach_unrecorded_weights`).
+
 Scorer: the scorer's class (`SPRMScorer` for `scorers.sprm_scorer.SPRMScorer.from_pretrained`);
 runs of one workload whose scorers share a class but differ in a setting (`scorer=sprm_forward,orm`
 are both SPRMScorer heads, at different paths; `scorer.reduce=mean,min`) are told apart by it
@@ -63,6 +74,7 @@ from omegaconf import OmegaConf
 
 from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, interval, problem_accuracy
 from experiments.record_log import load_rows
+from experiments.run_weights import WEIGHTS_FILE, read_saved
 from treesearch.config_checks import is_finite_number, is_int
 from treesearch.config_diff import flatten, with_added_settings
 from treesearch.registry import STRATEGIES
@@ -95,6 +107,9 @@ SWEEP_COLUMNS = ("run", "workload", "strategy", "scorer", "budget", "seed", "pro
                  "compute_C", "flops_per_problem", "accuracy", "accuracy_low", "accuracy_high")
 # the run config's nodes that say which problems were searched with which policy
 WORKLOAD_NODES: tuple[str, ...] = ("task", "policy")
+# the node of a workload or scorer key holding the weights.json records of its component (`run_weights`)
+WEIGHTS_NODE = "weights"
+WEIGHTS_CHARS = 12  # hex digits of a sha256 fingerprint kept in the key and its label
 # scorer settings that are a run's draw, not which scorer it is (RandomScorer's seed is ${seed})
 SCORER_DRAW_KEYS: tuple[str, ...] = ("seed",)
 # strategy settings that follow the run, not the series it belongs to: the budget (n, MCTS's
@@ -338,8 +353,9 @@ class RunSummary:
     seed; problems: problems with records; tokens_per_problem: mean tokens generated; compute_C:
     policy parameters x tokens_per_problem; flops_per_problem: mean FLOPs estimate; accuracy:
     chosen-answer accuracy with its CI; per_problem: (problem id, correct) pairs, for pooling
-    seeds of one budget; workload_key: canonical JSON of `run_workload` (equal for runs of one
-    workload; not a table column); scorer_key: canonical JSON of `run_scorer` (likewise).
+    seeds of one budget; workload_key: canonical JSON of `run_workload` and the policy's
+    `run_weights` (equal for runs of one workload; not a table column); scorer_key: canonical
+    JSON of `run_scorer` and the scorer's `run_weights` (likewise).
     """
 
     run: str
@@ -379,9 +395,13 @@ def run_workload(config: dict[str, Any]) -> dict[str, Any]:
 
 def run_strategy(label: str, strategy_config: dict[str, Any], run_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """{"strategy": its label, then its settings but STRATEGY_RUN_KEYS, then the run config's
-    RUN_SETTINGS}: which series a run is."""
+    RUN_SETTINGS}: which series a run is. Without lookahead (lookahead=0) the lookahead's
+    temperature samples nothing, so it is left out: an old beam / DVTS folder (null, ADDED_SETTINGS)
+    and a newer run of the default 0.0 are one series."""
     settings = {k: (run_config or {}).get(k, default) for k, default in RUN_SETTINGS.items()}
-    return {"strategy": label, **{k: v for k, v in strategy_config.items() if k not in STRATEGY_RUN_KEYS}, **settings}
+    unused = {"lookahead_temperature"} if strategy_config.get("lookahead") == 0 else set()
+    return {"strategy": label, **{k: v for k, v in strategy_config.items() if k not in STRATEGY_RUN_KEYS and k not in unused},
+            **settings}
 
 
 def run_scorer(config: dict[str, Any]) -> dict[str, Any]:
@@ -390,6 +410,55 @@ def run_scorer(config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(scorer, dict):
         return {"scorer": scorer}
     return {"scorer": {k: v for k, v in scorer.items() if k not in SCORER_DRAW_KEYS}}
+
+
+def run_weights(run_dir: Path) -> dict[str, dict[str, str]]:
+    """{"policy": {"policy.path": fingerprint, "policy.served_model": model id}, "scorer": {...}}:
+    what the run folder's weights.json records of each component (a model folder's fingerprint cut
+    to WEIGHTS_CHARS, a served model's id), a component it records nothing of left out; {} without
+    the file (a folder saved before it existed). RunFolderError naming a damaged one."""
+    path = run_dir / WEIGHTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        saved = read_saved(path)
+    except ValueError as err:
+        raise RunFolderError(str(err)) from None
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+    for key, record in sorted(saved.items()):
+        fingerprint, model = record.get("fingerprint"), record.get("model")
+        if isinstance(fingerprint, str):
+            out[key.split(".", 1)[0]][key] = fingerprint[:WEIGHTS_CHARS]
+        elif isinstance(model, str):
+            out[key.split(".", 1)[0]][key] = model
+    return dict(out)
+
+
+def with_weights(key: dict[str, Any], weights: dict[str, str]) -> dict[str, Any]:
+    """A workload or scorer key with its component's weights (`run_weights`) in WEIGHTS_NODE."""
+    return {**key, WEIGHTS_NODE: weights} if weights else key
+
+
+def without_weights(key: str) -> str:
+    """A workload or scorer key (canonical JSON) with its weights left out."""
+    nodes = json.loads(key)
+    nodes.pop(WEIGHTS_NODE, None)
+    return json.dumps(nodes, sort_keys=True)
+
+
+def attach_unrecorded_weights(keys: Sequence[str]) -> dict[str, str]:
+    """Each workload or scorer key -> itself, or, when it records less of its weights than others
+    equal to it but for their weights (no weights.json: a folder saved before it existed; a
+    served model's id not kept yet) and exactly one such key agrees with all it records, -> that
+    key: it pools with those runs, as before weights were recorded. With several it keeps its own
+    (labelled `weights...=unset`): which of them it ran is not known."""
+    weights = {key: json.loads(key).get(WEIGHTS_NODE, {}) for key in set(keys)}
+    out = {}
+    for key, own in weights.items():
+        match = [other for other, more in weights.items()
+                 if len(more) > len(own) and own.items() <= more.items() and without_weights(other) == without_weights(key)]
+        out[key] = match[0] if len(match) == 1 else key
+    return out
 
 
 def scorer_name(scorer_config: dict[str, Any]) -> str:
@@ -479,19 +548,40 @@ def distinct_labels(config_keys: Sequence[str], name_of: Callable[[dict[str, Any
     return labels
 
 
+def split_by_weights(keys: Sequence[str]) -> set[str]:
+    """The keys (canonical JSON) equal to another of keys but for their weights (`run_weights`)."""
+    bases: dict[str, set[str]] = defaultdict(set)
+    for key in keys:
+        bases[without_weights(key)].add(key)
+    return {key for group in bases.values() if len(group) > 1 for key in group}
+
+
+def weights_labels(keys: Sequence[str], name_of: Callable[[dict[str, Any]], str]) -> dict[str, str]:
+    """`distinct_labels`, the weights shown only when they tell apart configs that are otherwise
+    equal (`arith (weights.policy.path=3f2a9c8d1e0b)`; then every label shows them, `unset` for a
+    run that recorded none): two policies at other paths differ in their weights anyway, and
+    their path says so."""
+    split = bool(split_by_weights(keys))
+    shown = {key: key if split else without_weights(key) for key in sorted(set(keys))}
+    labels = distinct_labels(list(shown.values()), name_of)
+    return {key: labels[shown[key]] for key in shown}
+
+
 def workload_labels(workload_keys: Sequence[str]) -> dict[str, str]:
-    """{workload_key: label} for the distinct workloads (canonical JSON of `run_workload`): the task
-    name, plus the keys that differ between the workloads of that task (`distinct_labels`)."""
-    return distinct_labels(workload_keys, task_name)
+    """{workload_key: label} for the distinct workloads (canonical JSON of `run_workload` and
+    `run_weights`): the task name, plus the keys that differ between the workloads of that task
+    (`distinct_labels`; the weights where they alone tell two apart, `weights_labels`)."""
+    return weights_labels(workload_keys, task_name)
 
 
 def scorer_labels(summaries: Sequence[RunSummary]) -> list[RunSummary]:
     """Each run's scorer labelled within its workload: the class name, plus the settings that
-    differ between that workload's scorers of the class (`distinct_labels`)."""
+    differ between that workload's scorers of the class (`distinct_labels`; the weights where
+    they alone tell two apart, `weights_labels`)."""
     by_workload: dict[str, list[str]] = defaultdict(list)
     for s in summaries:
         by_workload[s.workload_key].append(s.scorer_key)
-    labels = {workload: distinct_labels(keys, scorer_name) for workload, keys in by_workload.items()}
+    labels = {workload: weights_labels(keys, scorer_name) for workload, keys in by_workload.items()}
     return [replace(s, scorer=labels[s.workload_key][s.scorer_key]) for s in summaries]
 
 
@@ -543,7 +633,9 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
     compute = mean_compute(rows)
     correct = [chosen_correct(r) for r in rows]
     label = strategy_label(strategy, strategy_config, temperature)
-    workload = run_workload(config)
+    weights = run_weights(run_dir)
+    workload = with_weights(run_workload(config), weights.get("policy", {}))
+    scorer = with_weights(run_scorer(config), weights.get("scorer", {}))
     return RunSummary(
         run=str(run_dir.relative_to(root)) if run_dir != root else ".",
         workload=task_name(workload),
@@ -558,7 +650,7 @@ def summarize_run(run_dir: Path, root: Path, seed: int = 0) -> RunSummary:
         accuracy=interval(correct, seed=seed),
         per_problem=tuple((r["problem_id"], c) for r, c in zip(rows, correct)),
         workload_key=json.dumps(workload, sort_keys=True),
-        scorer_key=json.dumps(run_scorer(config), sort_keys=True),
+        scorer_key=json.dumps(scorer, sort_keys=True),
         strategy_key=json.dumps(run_strategy(label, strategy_config, config), sort_keys=True),
     )
 
@@ -591,6 +683,9 @@ def sweep_summaries(sweep_dir: str | Path) -> list[RunSummary]:
         raise RunFolderError(f"{root}: no {RECORDS} at or below it has a complete row yet")
     workloads, scorers = settled_keys([s.workload_key for s in found]), settled_keys([s.scorer_key for s in found])
     found = [replace(s, workload_key=workloads[s.workload_key], scorer_key=scorers[s.scorer_key]) for s in found]
+    workloads = attach_unrecorded_weights([s.workload_key for s in found])
+    scorers = attach_unrecorded_weights([s.scorer_key for s in found])
+    found = [replace(s, workload_key=workloads[s.workload_key], scorer_key=scorers[s.scorer_key]) for s in found]
     summaries = strategy_labels(scorer_labels(attach_greedy(found)))
     labels = workload_labels([s.workload_key for s in summaries])
     summaries = [replace(s, workload=labels[s.workload_key]) for s in summaries]
@@ -614,14 +709,22 @@ def settled_keys(keys: Sequence[str]) -> dict[str, str]:
 
 def workload_note(summaries: Sequence[RunSummary], sweep_dir: str | Path) -> str | None:
     """One line for stderr when the runs measured more than one workload (None for one): how
-    many, and each label with its number of runs."""
+    many, why (their task / policy configs, or their policy's weights: weights.json), and each
+    label with its number of runs."""
     counts: dict[str, int] = defaultdict(int)
     for s in summaries:
         counts[s.workload] += 1
     if len(counts) < 2:
         return None
     groups = "; ".join(f"{label}: {n} run{'s' if n > 1 else ''}" for label, n in sorted(counts.items()))
-    return (f"note: {sweep_dir} holds runs of {len(counts)} workloads (task / policy configs); "
+    configs = {s.workload_key for s in summaries}
+    weights = bool(split_by_weights(list(configs)))
+    configs_differ = len({without_weights(k) for k in configs}) > 1
+    why = "task / policy configs"
+    if weights:
+        why = ("task / policy configs, and " if configs_differ else "") + (
+            f"the policy weights recorded in {WEIGHTS_FILE}: a model trained again in place?")
+    return (f"note: {sweep_dir} holds runs of {len(counts)} workloads ({why}); "
             f"each is its own group, never pooled: {groups}")
 
 

@@ -439,15 +439,15 @@ def test_labels_that_would_clash_name_every_setting_that_tells_them_apart(tmp_pa
 
 def test_a_run_saved_before_a_setting_existed_is_one_series_with_a_newer_one_of_its_value(tmp_path):
     # DVTS rows written before search.lookahead and lookahead_temperature existed ran with 0 and the
-    # policy's temperature (ADDED_SETTINGS): they were a series of their own ("lookahead=unset")
+    # policy's temperature (ADDED_SETTINGS): they were a series of their own ("lookahead=unset");
+    # without lookahead its temperature does nothing, so null (older rows) and 0.0 (the preset's) pool
     write_run(tmp_path / "old-4", "dvts", 4, 0, [True, False], 40)
     write_run(tmp_path / "new-8", "dvts", 8, 0, [True, True], 80, settings={"lookahead": 0, "lookahead_temperature": None})
-    write_run(tmp_path / "greedy-la-8", "dvts", 8, 0, [True, True], 80, settings={"lookahead": 0, "lookahead_temperature": 0.0})
+    write_run(tmp_path / "greedy-la-8", "dvts", 8, 1, [True, True], 80, settings={"lookahead": 0, "lookahead_temperature": 0.0})
     labels = {r.run: r.strategy for r in sweep_summaries(tmp_path)}
-    assert labels["old-4"] == labels["new-8"] != labels["greedy-la-8"]
-    assert "lookahead_temperature=null" in labels["old-4"] and "lookahead_temperature=0.0" in labels["greedy-la-8"]
+    assert labels["old-4"] == labels["new-8"] == labels["greedy-la-8"] and "lookahead_temperature" not in labels["old-4"]
     series = {s.name: s for s in scaling_by_strategy(sweep_summaries(tmp_path))}
-    assert [p.budget for p in series[labels["old-4"]].points] == [4, 8]
+    assert [(p.budget, p.runs) for p in series[labels["old-4"]].points] == [(4, 1), (8, 2)]
 
 
 def test_runs_with_other_batching_or_chunks_are_separate_series(tmp_path):
