@@ -17,8 +17,10 @@ One step, per process (its own share of the step's prompts):
      the head's path score comes attached, no extra forward), graded 1/0 by the task;
   2. one train-mode forward of `JointForward` over prompt + completion: token logits and the
      head's logits at the step positions; reference log-probs from the frozen initial policy;
-  3. loss = GRPO + SPR (`policies.joint_step`), one backward;
-  4. two AdamW optimisers (actor = backbone + LM head, and the SPRM head), each clipped;
+  3. loss = GRPO + SPR (`policies.joint_step`), one backward per PPO mini-batch (run.mini_batches),
+     or run.micro_batches accumulated ones, each over its part of the mini-batch's prompts;
+  4. two AdamW optimisers (actor = backbone + LM head, and the SPRM head), each clipped, a step
+     per mini-batch;
   5. every checkpoint_every steps: out_dir/ckpt-<step> and out_dir/last (`policies.train_state`);
   6. a metrics.jsonl row (main process): fc/* on the batch (the path scores attached at
      generation: the head before this step's update, without dropout), heldout_fc/* on a fixed
@@ -130,6 +132,7 @@ ADDED_SETTINGS: dict[str, Any] = {
     "train_loss.truncated_wrong_reward": 0.0,  # 2026-12-05: a cut wrong rollout was an ordinary wrong one
     "prompt": "plain",  # 2026-12-06: the task's own prompt_text before
     "sampling.separator_match": "suffix",  # 2026-12-07: every token ending with the separator before
+    "run.micro_batches": 1,  # 2026-12-07: each mini-batch was one forward and backward before
 }
 # the task node's search settings, which training never reads (it draws its problems by `data`)
 UNUSED_TASK_KEYS: dict[str, str] = {"task.split": "data.train_problems / data.heldout_problems",
@@ -176,6 +179,12 @@ class RunConfig:
     rollouts_per_prompt: G, the GRPO group (8 in the reference).
     mini_batches: optimizer steps per rollout batch, each over whole prompts (1: on-policy, the
         PPO ratio is 1 and the clip never binds; verl's ppo_mini_batch_size < batch gives > 1).
+    micro_batches: gradient accumulation inside each mini-batch (verl's ppo_micro_batch_size):
+        its prompt groups (per process) split into this many parts, each its own forward and
+        backward of `joint_step`'s loss / micro_batches, then one clip and optimizer step. The
+        SPR class weights and the GRPO token mean are then per part, averaged (the reference's
+        loss when its micro-batch holds the same prompts); peak activation memory falls with the
+        part. 1: the whole mini-batch in one forward. Must divide the groups of a mini-batch.
     old_logprobs: "recompute" (verl: the current weights before the update; free when
         mini_batches is 1) or "rollout" (the sampler's own log-probs, needs temperature 1).
     checkpoint_every: K, steps between out_dir/ckpt-<step> checkpoints (0: only out_dir/last at
@@ -193,6 +202,7 @@ class RunConfig:
     prompts_per_step: int = 8
     rollouts_per_prompt: int = 8
     mini_batches: int = 1
+    micro_batches: int = 1
     old_logprobs: str = "recompute"
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
@@ -205,7 +215,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         # by type first: "abc" was a TypeError traceback, 2.0 failed mid-run, 1.5 steps ran as 2
-        for name in ("max_steps", "prompts_per_step", "rollouts_per_prompt", "mini_batches", "eval_batch_size"):
+        for name in ("max_steps", "prompts_per_step", "rollouts_per_prompt", "mini_batches", "micro_batches",
+                     "eval_batch_size"):
             check_int(f"RunConfig.{name}", getattr(self, name), minimum=1)
         for name in ("checkpoint_every", "keep_checkpoints", "eval_every", "greedy_every"):
             check_int(f"RunConfig.{name}", getattr(self, name), minimum=0)
@@ -623,6 +634,7 @@ def open_run(
             f"run.prompts_per_step={s.run.prompts_per_step} must split evenly over {accelerator.num_processes} "
             f"processes and then into run.mini_batches={s.run.mini_batches}"
         )
+    check_micro_batches(s.run, per_process, accelerator.num_processes)
     problems = run_problems(s)  # before anything loads or is written: a split too small is a named error
     check_not_foreign(out)
     reflective, tokenizer, point = load_start(s, out, accelerator.num_processes)
@@ -651,6 +663,18 @@ def open_run(
         restore_rng(state.rng[trainer.rank])
         trainer.step, trainer.data_position, trainer.elapsed_s = state.step, state.data_position, state.elapsed_s
     return trainer, state is not None
+
+
+def check_micro_batches(run: RunConfig, per_process: int, processes: int) -> None:
+    """ValueError when run.micro_batches does not split each mini-batch's prompt groups (on one
+    process) into parts of whole groups: per_process / run.mini_batches groups, a multiple of it."""
+    groups = per_process // run.mini_batches
+    if groups % run.micro_batches:
+        raise ValueError(
+            f"run.micro_batches={run.micro_batches} must divide the {groups} prompt group(s) of each mini-batch "
+            f"(run.prompts_per_step={run.prompts_per_step} over {processes} process(es) and run.mini_batches="
+            f"{run.mini_batches}): each micro-batch holds whole groups"
+        )
 
 
 def run_problems(s: Settings) -> tuple[list[Problem], list[Problem]]:
@@ -867,7 +891,8 @@ def with_old_logprobs(t: Trainer, batch: RolloutBatch) -> RolloutBatch:
 
 
 def update(t: Trainer, batch: RolloutBatch, step: int) -> dict[str, float]:
-    """mini_batches optimizer steps of both optimisers on the batch; mean metrics over them."""
+    """mini_batches optimizer steps of both optimisers on the batch, each after micro_batches
+    accumulated backwards (`accumulate`); mean metrics over them."""
     t.reflective.train()
     torch.manual_seed(derived_seed(t.s.run.seed, "dropout", step, t.rank))  # the head's dropout
     for opt, optim_cfg in ((t.actor_opt, t.s.actor_optim), (t.head_opt, t.s.head_optim)):
@@ -877,8 +902,7 @@ def update(t: Trainer, batch: RolloutBatch, step: int) -> dict[str, float]:
     size = batch.num_groups // t.s.run.mini_batches
     rows: list[dict[str, float]] = []
     for k in range(t.s.run.mini_batches):
-        out = joint_step(t.model, batch.groups(k * size, (k + 1) * size), t.ref_lm, t.s.loss)
-        t.accelerator.backward(out.loss)
+        metrics = accumulate(t, batch.groups(k * size, (k + 1) * size))
         norms = {
             "grad_norm/actor": _clip(t, t.reflective.lm.parameters(), t.s.actor_optim.grad_clip),
             "grad_norm/head": _clip(t, t.reflective.head.parameters(), t.s.head_optim.grad_clip),
@@ -887,7 +911,37 @@ def update(t: Trainer, batch: RolloutBatch, step: int) -> dict[str, float]:
             opt.step()
         for opt in (t.actor_opt, t.head_opt):
             opt.zero_grad(set_to_none=True)
-        rows.append({**out.metrics, **norms})
+        rows.append({**metrics, **norms})
+    return mean_rows(rows)
+
+
+def accumulate(t: Trainer, mini_batch: RolloutBatch) -> dict[str, float]:
+    """The gradient of one mini-batch: run.micro_batches parts of whole prompt groups, each a
+    forward and a backward of `joint_step`'s loss / micro_batches (verl's ppo_micro_batch_size:
+    the SPR class weights and the GRPO token mean are per part, the losses averaged); one part is
+    the whole mini-batch. Under DDP only the last part's backward syncs the gradients. Returns
+    the parts' mean metrics."""
+    parts = micro_batch_parts(mini_batch, t.s.run.micro_batches)
+    rows: list[dict[str, float]] = []
+    for k, part in enumerate(parts):
+        with contextlib.nullcontext() if k == len(parts) - 1 else t.accelerator.no_sync(t.model):
+            out = joint_step(t.model, part, t.ref_lm, t.s.loss)
+            t.accelerator.backward(out.loss / len(parts))
+        rows.append(out.metrics)
+        del out  # its backward freed the graph; nothing of it stays alive through the next part's forward
+    return mean_rows(rows)
+
+
+def micro_batch_parts(mini_batch: RolloutBatch, parts: int) -> list[RolloutBatch]:
+    """mini_batch in `parts` equal parts of whole prompt groups, in order (1: the mini-batch itself)."""
+    if parts == 1:
+        return [mini_batch]
+    size = mini_batch.num_groups // parts
+    return [mini_batch.groups(k * size, (k + 1) * size) for k in range(parts)]
+
+
+def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each key over rows (all holding the same keys)."""
     return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
 
 

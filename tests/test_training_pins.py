@@ -74,7 +74,7 @@ def trainer(*, world: int = 1, rank: int = 0, prompts: int = 2, g: int = 2, mini
             loss: JointLossConfig | None = None, actor: OptimizerConfig | None = None,
             head: OptimizerConfig | None = None, grade=lambda p, text: True, answer=None) -> SimpleNamespace:
     run = SimpleNamespace(prompts_per_step=prompts, rollouts_per_prompt=g, seed=0, mini_batches=mini_batches,
-                          old_logprobs="recompute")
+                          micro_batches=1, old_logprobs="recompute")
     s = SimpleNamespace(run=run, loss=loss or JointLossConfig(), actor_optim=actor or OptimizerConfig(lr=1e-3),
                         head_optim=head or OptimizerConfig(lr=1e-3))
     lm_params, head_params = [torch.zeros(2)], [torch.zeros(3)]
