@@ -9,6 +9,11 @@ Usage:
     python -m experiments.serve policy --model DIR --backend vllm --kv-cache-gib auto --cuda-graphs   # a GPU
     python -m experiments.serve policy --help                # every limit and batching knob
 
+SIGTERM or Ctrl-C stops it: it stops listening at once, and requests in flight get
+--shutdown-timeout seconds (default 25) to finish before they are cut and the process exits
+(after Ctrl-C, once the batch the model is computing ends: its worker thread is waited for).
+Ctrl-C while it imports or loads the model prints one line and exits 130.
+
 The API key may also come from the environment variable TREESEARCH_API_KEY; with one set, every
 request needs `Authorization: Bearer KEY` (else 401). The default host is 127.0.0.1 (this machine
 only); binding another address without a key prints a warning. Request and response formats:
@@ -18,18 +23,24 @@ only); binding another address without a key prints a warning. Request and respo
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
+import logging
 import math
 import os
 import socket
 import sys
 from typing import TYPE_CHECKING, Sequence
 
-from experiments.cli_args import port_number, positive_float, positive_int
-from experiments.cli_errors import INPUT_ERRORS, USAGE_EXIT
-from experiments.services.micro_batcher import MAX_WAIT_S
-from policies.gc_freeze import freeze_long_lived
-from treesearch.steps import SEPARATOR_MATCHES, StepFormat
+from experiments.startup_interrupt import quiet_start, started
+
+quiet_start(__name__)  # Ctrl-C while it imports and loads the model: one line and exit 130, not a traceback
+
+from experiments.cli_args import port_number, positive_float, positive_int  # noqa: E402
+from experiments.cli_errors import INPUT_ERRORS, INTERRUPT_EXIT, USAGE_EXIT  # noqa: E402
+from experiments.services.micro_batcher import MAX_WAIT_S  # noqa: E402
+from policies.gc_freeze import freeze_long_lived  # noqa: E402
+from treesearch.steps import SEPARATOR_MATCHES, StepFormat  # noqa: E402
 
 if TYPE_CHECKING:  # heavy imports wait until a service is chosen, so --help is instant
     from fastapi import FastAPI
@@ -40,6 +51,7 @@ API_KEY_ENV = "TREESEARCH_API_KEY"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DTYPES = ("float32", "bfloat16", "float16")  # policies.checkpoint.DTYPES, named here so --help imports no torch
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+SHUTDOWN_TIMEOUT_S = 25.0  # under the 30 s Kubernetes gives before SIGKILL; uvicorn waits forever by default
 VLLM_ONLY = {"--kv-cache-gib": "kv_cache_gib", "--gpu-memory-utilization": "gpu_memory_utilization",
              "--cuda-graphs": "cuda_graphs"}  # flag -> its attribute, present only when given
 
@@ -82,6 +94,9 @@ def _common_arguments(parser: argparse.ArgumentParser, default_port: int) -> Non
     parser.add_argument("--max-wait-ms", type=batch_wait_ms, default=5.0,
                         help=f"longest wait for more requests to batch (0 to {MAX_WAIT_S * 1000:g} ms)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="uvicorn log level")
+    parser.add_argument("--shutdown-timeout", type=positive_float, default=SHUTDOWN_TIMEOUT_S, metavar="SECONDS",
+                        help="on SIGTERM or Ctrl-C, how long requests in flight (and clients still sending one) get "
+                        "to finish before they are cut and the process exits (default: %(default)g)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +196,18 @@ def address_problem(host: str, port: int) -> str | None:
     return None
 
 
+class CutRequestLog(logging.Filter):
+    """uvicorn logs each request its shutdown timeout cuts (after its own line "Cancel N running
+    task(s), timeout graceful shutdown exceeded") as "Exception in ASGI application" with the
+    CancelledError's 30-line traceback, which read as a crash: one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "a request still in flight at the shutdown timeout was cut (--shutdown-timeout)", (), None, None)
+        return True
+
+
 def _api_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get(API_KEY_ENV) or None
 
@@ -219,7 +246,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"model loaded; starting the {args.service} service of {args.model} on http://{host}:{args.port} "
           "(Ctrl-C stops)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # its filters survive uvicorn's logging set-up
+    if not any(isinstance(f, CutRequestLog) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(CutRequestLog())
+    started()  # Ctrl-C is Python's again: uvicorn takes it and SIGTERM over, to stop gracefully
+    try:
+        # SIGTERM / Ctrl-C: stop listening, give requests in flight --shutdown-timeout seconds, then cut
+        # them (uvicorn's default waits for every connection: a client that stalled mid-body kept it up)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=args.shutdown_timeout)
+    except KeyboardInterrupt:  # Ctrl-C in the instant before uvicorn took the signal over
+        print("interrupted before the service started", file=sys.stderr)
+        return INTERRUPT_EXIT
     return 0
 
 

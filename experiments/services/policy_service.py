@@ -18,7 +18,9 @@ handler on `POST /`; `GET /health`.
 
 Limits checked per request (422 naming the field): response_num <= config.max_response_num;
 a prompt of no token (`prefix_prompt`; the schema already refuses ""); a prompt over the
-model's context or config.max_prompt_chars, or a body over `api_schemas.body_limit` of it (413).
+model's context or config.max_prompt_chars, or a body over `api_schemas.body_limit` of it (413);
+a prompt of more characters than the context's tokens can cover is refused before it is
+tokenised (`token_chars`: its backend's `max_token_chars`, the longest token's characters).
 max_tokens is capped at the room the prompt leaves in the context, as the reference's vLLM
 `LLM.generate` ends a sequence there (its client always asks for 32768; the default 1024 too). The backend runs in one worker thread; a backend failure
 answers {"error": str} with status 500.
@@ -38,6 +40,7 @@ from experiments.services.api_schemas import (
 )
 from experiments.services.micro_batcher import BatcherConfig, ClientGone, MicroBatcher
 from experiments.services.text_completer import CompletionRequest, TextCompleter
+from experiments.services.token_chars import check_fits
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ def completion_request(request: GenerateRequest, completer: TextCompleter, confi
                                           f"{config.max_prompt_chars}", 413)
     if request.response_num > config.max_response_num:
         raise FieldError("response_num", f"{request.response_num} is over the server's limit {config.max_response_num}")
+    # a prompt of more characters than the context's tokens can cover: refused untokenised (~1 s a megabyte)
+    check_fits("prefix_prompt", request.prefix_prompt, completer.max_model_len,
+               getattr(completer, "max_token_chars", None), f"the model's context is {completer.max_model_len}")
     prompt_tokens = completer.count_tokens(request.prefix_prompt)
     if prompt_tokens == 0:
         raise FieldError("prefix_prompt", "is empty (no token to continue from)")

@@ -54,6 +54,7 @@ from experiments.services.api_schemas import (
     CLIENT_GONE_STATUS, FieldError, HealthResponse, ScoreRequest, ScoreResponse, body_limit, install_contract,
 )
 from experiments.services.micro_batcher import BatcherConfig, ClientGone, MicroBatcher
+from experiments.services.token_chars import check_fits, max_token_chars
 from policies.context_window import context_window
 from policies.reflective_model import ReflectiveModel
 from scorers.sprm_positions import StepMarkers, score_positions
@@ -101,6 +102,7 @@ class TextSPRM:
         self.pad_id = int(pad_id if pad_id is not None else tokenizer.eos_token_id)
         self.device = next(model.parameters()).device
         self.max_model_len = int(context_window(model.config) or model.config.max_position_embeddings)
+        self.max_token_chars = max_token_chars(tokenizer)  # most characters a token covers (None: unknown)
 
     def encode(self, text: str) -> list[int]:
         """The token ids forwarded for text (see "Tokenisation")."""
@@ -200,6 +202,9 @@ def build_scorer_app(scorer: TextSPRM, config: ScorerConfig, model_name: str, ap
     async def score(request: ScoreRequest, http: Request) -> Any:
         if len(request.text) > config.max_text_chars:
             raise FieldError("text", f"has {len(request.text)} characters, over the limit {config.max_text_chars}", 413)
+        # more characters than max_tokens tokens cover: refused untokenised (8 texts of 960k characters,
+        # each tokenised to be refused, held a small request 9 s)
+        check_fits("text", request.text, max_tokens, scorer.max_token_chars, f"over the limit {max_tokens}")
         ids = await asyncio.to_thread(scorer.encode, request.text)  # off the event loop: ~1 s a megabyte
         if len(ids) > max_tokens:
             raise FieldError("text", f"has {len(ids)} tokens, over the limit {max_tokens}", 413)

@@ -39,6 +39,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
+from experiments.services.token_chars import max_token_chars
 from policies.checkpoint import load_checkpoint
 from policies.context_window import context_window
 from policies.decode_loop import penalised, prefill
@@ -95,6 +96,8 @@ class TextCompleter(Protocol):
     """A backend of the policy service (owned here, the consumer).
 
     name: the backend's name for /health. max_model_len: most tokens of prompt + completion.
+    max_token_chars (optional): most characters one token covers (`token_chars.max_token_chars`),
+    so a prompt too long for the context is refused before it is tokenised; None or absent: no bound.
     """
 
     name: str
@@ -140,6 +143,7 @@ class TransformersCompleter:
         self.pad_id = int(pad_id if pad_id is not None else tokenizer.eos_token_id)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.vocab_size = int(model.config.vocab_size)
+        self.max_token_chars = max_token_chars(tokenizer)
         # the service counts prompt tokens on its event loop while a batch decodes in the worker
         # thread; a fast tokenizer used from two threads at once can fail ("Already borrowed"), so
         # each side has its own copy and lock: a long prompt being counted (~1 s for 1 MB, then a

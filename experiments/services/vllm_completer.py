@@ -33,6 +33,7 @@ from typing import Any, Sequence
 from transformers import AutoTokenizer
 
 from experiments.services.text_completer import CompletionRequest, SamplingDefaults, row_seeds
+from experiments.services.token_chars import max_token_chars
 from policies.vllm_engine import VLLMEngineConfig, build_llm, import_vllm, max_model_len
 
 
@@ -48,6 +49,7 @@ class VLLMCompleter:
     def __init__(self, llm: Any, tokenizer: Any, sampling: SamplingDefaults = SamplingDefaults()) -> None:
         self.llm, self.tokenizer, self.sampling = llm, tokenizer, sampling
         self.max_model_len = max_model_len(llm)
+        self.max_token_chars = max_token_chars(tokenizer)  # a prompt too long for the context: refused untokenised
         self._sampling_params = import_vllm().SamplingParams
         self._counting_lock = threading.Lock()
 
