@@ -22,6 +22,7 @@ from experiments import group_options
 from experiments.group_options import unknown_group_option
 from experiments.override_keys import missing_key_error, runs_to_check
 from experiments.search import with_run_budget
+from cli_batch import Case, CliRuns, Run
 from test_search_resume import ckpt, run_in_process  # noqa: F401 (ckpt: the module-scoped checkpoint fixture)
 
 torch.set_num_threads(1)
@@ -170,26 +171,37 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
     assert full.stderr.strip().endswith("ValueError: seed='abc' must be an integer")
 
 
-@pytest.mark.parametrize("module, args, message", [
+UNKNOWN_GROUP_OPTIONS = [
     ("experiments.search", ["search=nosuch"],
      "error: search=nosuch is not an option of group search; valid: beam, best_of_n, dvts, greedy, mcts, particle_filtering, rebase"),
     ("experiments.search", ["-m", "scorer=sprm,prm"], "error: scorer=prm is not an option of group scorer; valid: "),
     ("experiments.search", ["+experiment=nope"], "error: experiment=nope is not an option of group experiment; "),
     ("experiments.train", ["recipe=nope"], "error: recipe=nope is not an option of group recipe; valid: grpo_countdown"),
-])
-def test_an_unknown_group_option_is_one_error_line_before_hydra_composes(module, args, message, tmp_path):
-    assert_one_error_line_before_hydra(module, args, message, tmp_path)
+]
 
 
-@pytest.mark.parametrize("module, out, message", [
+@pytest.mark.parametrize("module, args, message", UNKNOWN_GROUP_OPTIONS)
+def test_an_unknown_group_option_is_one_error_line_before_hydra_composes(module, args, message, cli_runs):
+    assert_one_error_line_before_hydra(cli_runs[Case(module, tuple(args))], message)
+
+
+OUT_DIR_FILES = [
     ("experiments.search", "notes.txt", "error: out_dir=notes.txt is an existing file; give a folder"),
     ("experiments.train", "notes.txt/run", "error: out_dir=notes.txt/run lies under notes.txt, an existing file; give a folder"),
-])
-def test_an_out_dir_that_is_a_file_is_one_error_line_before_hydra_makes_it(module, out, message, tmp_path):
+]
+
+
+def out_dir_file_case(module: str, out: str) -> Case:
+    """`out_dir=<out>` run in a folder holding the file notes.txt."""
+    return Case(module, (f"out_dir={out}",), files=(("notes.txt", "mine"),))
+
+
+@pytest.mark.parametrize("module, out, message", OUT_DIR_FILES)
+def test_an_out_dir_that_is_a_file_is_one_error_line_before_hydra_makes_it(module, out, message, cli_runs):
     # Hydra's FileExistsError traceback before
-    (tmp_path / "notes.txt").write_text("mine")
-    assert_one_error_line_before_hydra(module, [f"out_dir={out}"], message, tmp_path)
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    done = cli_runs[out_dir_file_case(module, out)]
+    assert_one_error_line_before_hydra(done, message)
+    assert (done.cwd / "notes.txt").read_text() == "mine"
 
 
 def test_one_job_submitted_with_m_keeps_its_out_dir():
@@ -208,24 +220,24 @@ def test_one_job_submitted_with_m_keeps_its_out_dir():
     assert out_dir_error(["-m", "budget=interval(1,2)", "out_dir=runs/x"], conf, "search").startswith("error: out_dir=")
 
 
-@pytest.mark.parametrize("args", [["-m", "budget=2,4", "out_dir=runs/x"], ["experiment=budget_sweep", "out_dir=runs/x"]])
-def test_a_sweep_given_one_out_dir_is_one_error_line_before_hydra_runs(args, tmp_path):
+SWEEPS_GIVEN_ONE_OUT_DIR = [["-m", "budget=2,4", "out_dir=runs/x"], ["experiment=budget_sweep", "out_dir=runs/x"]]
+
+
+@pytest.mark.parametrize("args", SWEEPS_GIVEN_ONE_OUT_DIR)
+def test_a_sweep_given_one_out_dir_is_one_error_line_before_hydra_runs(args, cli_runs):
     # every job of the sweep went to one folder: the second was refused with advice no sweep can follow
-    assert_one_error_line_before_hydra("experiments.search", args, (
+    done = cli_runs[Case("experiments.search", tuple(args))]
+    assert_one_error_line_before_hydra(done, (
         "error: out_dir=runs/x with a sweep sends every job to that one folder; name the sweep's folder with "
-        "hydra.sweep.dir=runs/x instead (each job gets a sub-folder of it)"), tmp_path)
-    assert not (tmp_path / "runs").exists()
+        "hydra.sweep.dir=runs/x instead (each job gets a sub-folder of it)"))
+    assert not (done.cwd / "runs").exists()
 
 
-def assert_one_error_line_before_hydra(module: str, args: list[str], message: str, cwd) -> None:
-    """`python -m module *args` (HYDRA_FULL_ERROR unset) exits 2 with one stderr line starting with
-    message, and neither Hydra nor the run made a folder."""
-    environ = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
-    environ.update(PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=environ, capture_output=True,
-                          text=True, timeout=120)
+def assert_one_error_line_before_hydra(done: Run, message: str) -> None:
+    """The run of `python -m module *args` (HYDRA_FULL_ERROR unset; `cli_runs`) exited 2 with one
+    stderr line starting with message, and neither Hydra nor the run made a folder."""
     assert done.returncode == 2 and done.stderr.startswith(message) and len(done.stderr.splitlines()) == 1, done.stderr
-    assert not (cwd / "outputs").exists() and not (cwd / "multirun").exists()
+    assert not (done.cwd / "outputs").exists() and not (done.cwd / "multirun").exists()
 
 
 def test_group_options_checks_only_plain_group_choices():
@@ -252,7 +264,7 @@ def test_hydra_launcher_and_sweeper_options_are_checked_with_the_installed_plugi
     assert unknown_group_option(["-m", "hydra/launcher=submitit_slurm"], conf).endswith("pip install hydra-submitit-launcher")
 
 
-@pytest.mark.parametrize("module, args, message", [
+MISSING_KEYS = [
     ("experiments.search", ["search=mcts", "search.n=16"],
      "error: search.n is not a setting of MCTSConfig; it takes: aggregation, backup, c_puct, expand_width, "),
     ("experiments.search", ["-m", "search=beam,rebase", "search.dedup=true"],
@@ -275,9 +287,23 @@ def test_hydra_launcher_and_sweeper_options_are_checked_with_the_installed_plugi
     ("experiments.search", ["batching=continuous"],
      "error: batching is not in the config (Hydra adds a new key only as +batching=continuous)"),
     ("experiments.train", ["run.max_step=5"], "error: run.max_step is not a setting of RunConfig; it takes: "),
-])
-def test_an_override_of_a_missing_key_is_one_error_line_before_hydra_runs(module, args, message, tmp_path):
-    assert_one_error_line_before_hydra(module, args, message, tmp_path)
+]
+
+
+@pytest.mark.parametrize("module, args, message", MISSING_KEYS)
+def test_an_override_of_a_missing_key_is_one_error_line_before_hydra_runs(module, args, message, cli_runs):
+    assert_one_error_line_before_hydra(cli_runs[Case(module, tuple(args))], message)
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> CliRuns:
+    """The runs of the bad-input cases above, each in a folder of its own: those of one command in
+    one child Python that imports once (tests/cli_batch.py; test_bad_input_is_one_error_line_and_exit_2
+    runs a real `python -m experiments.search`)."""
+    return CliRuns([*(Case(module, tuple(args)) for module, args, _ in UNKNOWN_GROUP_OPTIONS + MISSING_KEYS),
+                    *(out_dir_file_case(module, out) for module, out, _ in OUT_DIR_FILES),
+                    *(Case("experiments.search", tuple(args)) for args in SWEEPS_GIVEN_ONE_OUT_DIR)],
+                   tmp_path_factory.mktemp("cli_runs"))
 
 
 def test_override_keys_composes_each_swept_group_option_and_leaves_flags_to_hydra():

@@ -29,6 +29,7 @@ from experiments.train import RESUMABLE_KEYS, run_training, settings
 from policies.checkpoint import DamagedCheckpointError, load_checkpoint, save_checkpoint
 from policies.reflective_model import ReflectiveModel
 from policies.train_state import STATE_FILE, load_joint_state
+from cli_batch import Case, CliRuns, command_env
 from test_joint_step import TOK, biased_lm
 from test_train_loop import composed, rows_of, tiny, untimed
 
@@ -348,30 +349,42 @@ def test_search_hints_fit_a_headless_folder_and_gpu_presets(init_dir, monkeypatc
             assert "hf download MetaStoneTec/XBai-o4 --local-dir" in str(caught.value)
 
 
-def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
+BAD_INPUTS = [
+    ("+run.bogus=1", "error: run.bogus is not a setting of RunConfig; it takes: checkpoint_every, "),
+    ("run.rollouts_per_prompt=1", "error: run.rollouts_per_prompt=1: a GRPO group of one rollout"),
+    ("num_threads=0", "error: num_threads=0 must be an integer >= 1, or null"),  # 0 was skipped in silence
+    ("run.max_steps=abc", "error: run.max_steps='abc' must be an integer >= 1"),  # a TypeError traceback
+    ("+num_thread=2", "error: num_thread is not a setting at the top level of experiments.train; it takes: "),
+    ("hydra.job.chdir=true", "error: hydra.job.chdir=true is not supported: out_dir, policy.path and "),
+]
+REAL_COMMAND = "run.rollouts_per_prompt=1"  # a real `python -m experiments.train`; the others share one child
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> CliRuns:
+    """The BAD_INPUTS runs other than REAL_COMMAND, each in a folder of its own, in one child Python
+    that imports once (tests/cli_batch.py)."""
+    return CliRuns([Case("experiments.train", (override, "out_dir={cwd}/run")) for override, _ in BAD_INPUTS
+                    if override != REAL_COMMAND], tmp_path_factory.mktemp("cli_runs"))
+
+
+@pytest.mark.parametrize("override, message", BAD_INPUTS)
+def test_bad_input_is_one_error_line_and_exit_2(override, message, request, tmp_path):
     """`python -m experiments.train` with a setting its config does not take, or a refused value:
     one line `error: ...` on stderr, exit 2, no run folder and none of Hydra's left behind."""
-    import os
-    import subprocess
-    import sys
+    if override == REAL_COMMAND:  # the command itself, as a user runs it
+        import subprocess
+        import sys
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
-    env.update(PYTHONPATH=str(repo), PYTHONWARNINGS="ignore")
-    out = tmp_path / "run"
-    for override, message in [
-        ("+run.bogus=1", "error: run.bogus is not a setting of RunConfig; it takes: checkpoint_every, "),
-        ("run.rollouts_per_prompt=1", "error: run.rollouts_per_prompt=1: a GRPO group of one rollout"),
-        ("num_threads=0", "error: num_threads=0 must be an integer >= 1, or null"),  # 0 was skipped in silence
-        ("run.max_steps=abc", "error: run.max_steps='abc' must be an integer >= 1"),  # a TypeError traceback
-        ("+num_thread=2", "error: num_thread is not a setting at the top level of experiments.train; it takes: "),
-        ("hydra.job.chdir=true", "error: hydra.job.chdir=true is not supported: out_dir, policy.path and "),
-    ]:
-        done = subprocess.run([sys.executable, "-m", "experiments.train", override, f"out_dir={out}"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2, done.stderr[-2000:]
-        assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith(message)
-    assert not out.exists() and not (tmp_path / "outputs").exists()
+        done = subprocess.run([sys.executable, "-m", "experiments.train", override, f"out_dir={tmp_path / 'run'}"],
+                              cwd=tmp_path, env=command_env(), capture_output=True, text=True, timeout=120)
+        cwd = tmp_path
+    else:
+        done = request.getfixturevalue("cli_runs")[Case("experiments.train", (override, "out_dir={cwd}/run"))]
+        cwd = done.cwd
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith(message), done.stderr[-2000:]
+    assert not (cwd / "run").exists() and not (cwd / "outputs").exists()
 
 
 @pytest.mark.parametrize("cls, values, message", [
