@@ -97,6 +97,9 @@ def check_caches(policy: Path, train: RolloutCache, test: RolloutCache) -> None:
     check_same_source(train, test)
     if train.task != "countdown":
         raise ValueError(f"the probe reads countdown rollouts; the caches hold task {train.task!r}")
+    if train.spec.get("split") != "train":  # its examples would hold the test problems --own-problems samples
+        raise ValueError(f"--train holds rollouts of the {train.spec.get('split')!r} split; give the train split's "
+                         "cache (python -m experiments.rollout_cache ... --split train)")
     if not read_from(train, policy):
         raise ValueError(f"--policy {policy} and the rollout caches (of {train.spec['policy_dir']}) "
                          "come from different policies (other weights)")
@@ -115,6 +118,8 @@ def run(policy: Path, train_cache: Path, test_cache: Path, cfg: BackboneTuneConf
     torch.manual_seed(cfg.seed)
     train_set, test = load_cache(train_cache), load_cache(test_cache)
     check_caches(policy, train_set, test)
+    if own_problems:  # a count the test split cannot give failed after the whole training, its table lost
+        countdown.generate_problems("test", own_problems, seed=0)
     lm, tokenizer = load_checkpoint(policy)
     if int(lm.config.hidden_size) != train_set.hidden_size:
         raise ValueError(f"--policy {policy} (C={lm.config.hidden_size}) and the rollout caches "

@@ -301,6 +301,23 @@ def test_caches_of_another_task_are_refused(caches):
         check_caches(path, *arith)
 
 
+def test_a_test_split_cache_given_as_train_is_refused(caches):
+    # the two caches swapped: its examples held the very test problems --own-problems samples
+    path, files, _, _ = caches
+    train_set, test = (load_cache(files[s]) for s in ("train", "test"))
+    with pytest.raises(ValueError, match=r"--train holds rollouts of the 'test' split; give the train split's cache"):
+        check_caches(path, test, train_set)
+
+
+def test_own_problems_the_test_split_cannot_give_are_refused_before_training(caches, monkeypatch):
+    # checked only after the whole training (~33 min at the README's scale), the before / after table lost
+    path, files, _, _ = caches
+    monkeypatch.setattr("experiments.probe_backbone_verifier.load_checkpoint",
+                        lambda *a: pytest.fail("loaded the policy before refusing own_problems"))
+    with pytest.raises(ValueError, match=r"count=100000: the test split of CountdownConfig.* holds only \d+"):
+        run(path, files["train"], files["test"], BackboneTuneConfig(steps=1), own_problems=100000)
+
+
 def test_check_examples_needs_half_a_batch_of_each_side():
     right, wrong = Example([1, 2, 3], 1, [2], True), Example([1, 2, 4], 1, [2], False)
     positives, negatives = check_examples([right, wrong, right, wrong], 4)  # exactly enough of each
