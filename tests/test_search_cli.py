@@ -22,7 +22,7 @@ from experiments import group_options
 from experiments.group_options import unknown_group_option
 from experiments.override_keys import missing_key_error, runs_to_check
 from experiments.search import with_run_budget
-from cli_batch import Case, CliRuns, Run
+from cli_batch import Case, CliRuns, Run, command_env
 from test_search_resume import ckpt, run_in_process  # noqa: F401 (ckpt: the module-scoped checkpoint fixture)
 
 torch.set_num_threads(1)
@@ -34,9 +34,7 @@ TINY = ["task.count=2", "chunk=2", "search.n=2", "policy.sampling.max_total_toke
 
 def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """The command in cwd (so Hydra's default folders would land there), the repo importable."""
-    environ = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
-    environ.update({"PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", **env})
-    return subprocess.run([sys.executable, "-m", "experiments.search", *args], cwd=cwd, env=environ,
+    return subprocess.run([sys.executable, "-m", "experiments.search", *args], cwd=cwd, env=command_env(**env),
                           capture_output=True, text=True, timeout=120)
 
 
