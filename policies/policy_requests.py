@@ -33,12 +33,23 @@ def check_request(prefixes: Sequence[Prefix], n: int, seed: int) -> list[int]:
     of the request, n per prefix (what `check_widths` checks and returns for propose_widths)."""
     if not is_integer(n) or n < 1:
         raise ValueError(f"n={n!r} must be an integer >= 1")
+    check_prefix_sequence(prefixes)
     return check_widths(prefixes, [n] * len(prefixes), seed)
+
+
+def check_prefix_sequence(prefixes: Sequence[Prefix]) -> None:
+    """A TypeError naming what prefixes is when it is not a sequence (a single Prefix, a
+    generator, a set): the policies read it by index and length."""
+    if isinstance(prefixes, Prefix):
+        raise TypeError("prefixes is a single Prefix, not a sequence of them; pass [prefix]")
+    if isinstance(prefixes, (str, bytes)) or not isinstance(prefixes, Sequence):
+        raise TypeError(f"prefixes is a {type(prefixes).__name__}, not a sequence of Prefix; pass a list")
 
 
 def check_widths(prefixes: Sequence[Prefix], widths: Sequence[int], seed: int) -> list[int]:
     """One integer width >= 1 per prefix, an integer seed; every prefix a Prefix that is not
     terminal. Returns the widths as a list of ints."""
+    check_prefix_sequence(prefixes)
     if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence):
         raise TypeError(f"widths is a {type(widths).__name__}, not a sequence of integers")
     if len(widths) != len(prefixes):

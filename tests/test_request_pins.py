@@ -65,6 +65,18 @@ def test_a_seed_that_is_no_integer_is_refused(tiny_policy_model, seed):
         tiny_policy_model.propose(think_prefix(), 1, seed=seed)
 
 
+@pytest.mark.parametrize("method", ["propose", "rollout", "propose_widths"])
+@pytest.mark.parametrize("given, named", [
+    (lambda: think_prefix()[0], r"prefixes is a single Prefix, not a sequence of them; pass \[prefix\]"),
+    (lambda: (p for p in think_prefix()), r"prefixes is a generator, not a sequence of Prefix; pass a list"),
+])
+def test_prefixes_that_are_no_sequence_are_named(tiny_policy_model, method, given, named):
+    """A single Prefix or a generator was a TypeError "object of type ... has no len()"."""
+    width = [1] if method == "propose_widths" else 1
+    with pytest.raises(TypeError, match=rf"^{named}$"):
+        getattr(tiny_policy_model, method)(given(), width, seed=0)
+
+
 def test_a_step_with_text_but_no_token_ids_is_named(tiny_policy_model):
     text_only = Step("+2=3\n", (), (), "separator")
     with pytest.raises(ValueError, match=r"problem 'p': step 0 has text but no token_ids; the model reads a path's "
