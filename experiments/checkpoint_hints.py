@@ -87,7 +87,7 @@ def checkpoint_hint(path: str | Path | None, error: BaseException, key: str) -> 
     path = Path(str(path))
     saved = saved_model_below(path)
     if saved is not None:
-        return f"The model is saved in {saved}: point {setting(key)} at it ({setting(key)}{saved})"
+        return f"The model is saved in {saved}: point {setting(key)} at it ({assignment(key, saved)})"
     if HEAD_FILE in str(error) or lies_under(path, "train/default/last"):
         return HEAD_HINT
     for suffix, how in MADE_CHECKPOINTS:
@@ -120,7 +120,7 @@ def check_not_a_run_folder(path: object, key: str) -> None:
     saved = saved_model_below(Path(path))
     if saved is not None:
         raise FileNotFoundError(f"checkpoint folder {path} has no config.json. "
-                                f"The model is saved in {saved}: point {setting(key)} at it ({setting(key)}{saved})")
+                                f"The model is saved in {saved}: point {setting(key)} at it ({assignment(key, saved)})")
 
 
 LINEAGE_HOPS = 4  # a head over a joint-trained policy over an SFT one, and room to spare
@@ -196,7 +196,7 @@ def trained_task_note(policy_path: object, task_module: str, key: str = "policy.
     if trained is None:
         return None
     suggestion = f" (e.g. outputs/checkpoints/tiny-{task}/final)" if task in EMBEDDED_TASKS else ""
-    given = given_setting(key, policy_path)
+    given = assignment(key, policy_path)
     fix = f"give a policy of {task} instead" if " " in key else f"point {setting(key)} at a policy of {task}"
     return f"note: {given} was trained on {trained}, not {task}: {fix}{suggestion}"
 
@@ -216,16 +216,17 @@ def stale_split_note(policy_path: str, task: str, key: str = "policy.path", info
     trained = info.get("split_version", 1)
     if trained == SPLIT_VERSIONS[task]:
         return None
-    given = given_setting(key, policy_path)
+    given = assignment(key, policy_path)
     return (f"note: {given} was trained on version {trained} of {task}'s splits, whose train split holds many of "
             f"today's test problems (version {SPLIT_VERSIONS[task]}): its test numbers read high; delete "
             f"{Path(source).parent} and train it again (`make demo`, or experiments.train_sft) to measure it"
             + (f" (and what was trained from it: {policy_path})" if source != policy_path else ""))
 
 
-def given_setting(key: str, value: object) -> str:
-    """How a note names a setting and its value: a flag as typed (--policy DIR), a config key
-    with its `=` (policy.path=DIR), a positional argument in words (the checkpoint DIR)."""
+def assignment(key: str, value: object) -> str:
+    """How a hint or note writes a setting with its value, as it is typed: a flag and its value
+    apart (--policy DIR), a config key with its `=` (policy.path=DIR), a positional argument in
+    words (the checkpoint DIR). E.g. assignment("--policy", "run/final") -> "--policy run/final"."""
     return f"{key} {value}" if key.startswith("--") or " " in key else f"{key}={value}"
 
 

@@ -16,7 +16,10 @@ the cached ones: `--own-problems K` lets it sample its own rollouts of K test pr
 them with its head (is it still a policy, and does its head still pick the right answers);
 `--save DIR` keeps the tuned reflective model. Settings and inputs are checked before anything is
 trained (the caches must be countdown rollouts of --policy); a bad one prints "error: <message>"
-on stderr and exits with code 2.
+on stderr and exits with code 2. Ctrl-C (or SIGTERM) prints one line and exits 130 (143): while
+it imports and checks its arguments "interrupted while starting: nothing was written", then what
+is kept (`interrupt_hint`): nothing until the tuned model is saved in --save (after training);
+--out is written last, atomically (an earlier file there is kept until then).
 
     python -m experiments.rollout_cache --policy outputs/checkpoints/tiny-countdown/final --task countdown \\
         --split train --problems 4096 --n 8 --out /tmp/cd/train.pt            # ~7 min, 32768 rollouts
@@ -24,6 +27,8 @@ on stderr and exits with code 2.
     python -m experiments.probe_backbone_verifier --train /tmp/cd/train.pt --test /tmp/cd/test.pt \\
         --steps 900 --backbone-lr 1e-3 --reference-solutions 2 --out /tmp/cd/probe.json   # ~15 min, 2 cores
     ... --kl-coef 0.1 --own-problems 200 --save /tmp/cd/tuned
+
+Tests: `.venv/bin/pytest tests/test_probe_backbone_verifier.py tests/test_cli_interrupts.py`.
 """
 from __future__ import annotations
 
@@ -31,7 +36,12 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see experiments/train_sft.py: shared cores
 
+from experiments.startup_interrupt import quiet_start  # noqa: E402
+
+quiet_start(__name__)  # Ctrl-C during the imports below: one line, not their traceback
+
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -42,11 +52,13 @@ from typing import Any, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.cli_args import check_file_target, check_folder_target, nonnegative_int, positive_int, seed_int  # noqa: E402
-from experiments.cli_errors import run_command  # noqa: E402
+from experiments.cli_errors import interrupt_reported, run_command  # noqa: E402
 from experiments.backbone_tuning import (BackboneTuneConfig, check_examples, paths_of, rollout_examples,  # noqa: E402
                                          solution_examples, train)
 from experiments.countdown_failures import cache_problems  # noqa: E402
-from experiments.rollout_cache import FeatureReader, RolloutCache, build_rollout_cache, load_cache, read_from  # noqa: E402
+from experiments.result_json import write_atomic  # noqa: E402
+from experiments.rollout_cache import (FeatureReader, FileId, RolloutCache, build_rollout_cache, file_id,  # noqa: E402
+                                       load_cache, read_from)
 from experiments.tasks import countdown  # noqa: E402
 from experiments.train_head import bon_table, cache_metrics, check_same_source  # noqa: E402
 from policies.checkpoint import load_checkpoint  # noqa: E402
@@ -159,12 +171,26 @@ def summary(result: dict[str, Any], n: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; our own input errors (ValueError, FileNotFoundError: a bad setting, a
     missing or damaged cache, caches of another policy) print "error: <message>" on stderr and
-    give exit code 2."""
+    give exit code 2; Ctrl-C (or SIGTERM) once the arguments are parsed: one line saying what is
+    kept (`interrupt_hint`)."""
     return run_command(probe_command, argv)
 
 
+def interrupt_hint(save: Path | None, out: Path | None, out_before: FileId | None) -> str:
+    """What a Ctrl-C says is kept at that moment; out_before: --out's `file_id` when the command
+    began. --save must be new or empty, so a --save with files holds this run's tuned model (saved
+    atomically after training, before --own-problems samples); --out is written last, atomically."""
+    if out is not None and file_id(out) != out_before:
+        return f"the probe finished: {out} was written"
+    if save is not None and save.is_dir() and any(save.iterdir()):
+        return (f"the tuned model saved in {save} is kept, the results were not written; rerun the same command "
+                f"with another --save (or {save} emptied) to run the probe again")
+    kept = f" ({out} is kept as it was)" if out is not None and out_before is not None else ""
+    return f"nothing was written{kept}; rerun the same command to run the probe again"
+
+
 def probe_command(argv: Sequence[str] | None = None) -> int:
-    """Parse argv (the config checked before anything is loaded), run the probe, print the tables."""
+    """Parse argv, then `probe` with Ctrl-C and SIGTERM reported in one line (`interrupt_hint`)."""
     d = BackboneTuneConfig()
     ap = argparse.ArgumentParser(prog="python -m experiments.probe_backbone_verifier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", type=Path, default=Path("outputs/checkpoints/tiny-countdown/final"))
@@ -191,6 +217,14 @@ def probe_command(argv: Sequence[str] | None = None) -> int:
         check_folder_target(args.save, "--save")
         if args.save.is_dir() and any(args.save.iterdir()):  # save_pretrained replaces it (a model, caches)
             ap.error(f"--save {args.save} is not empty; give a new or empty folder")
+    hint = functools.partial(interrupt_hint, args.save, args.out, None if args.out is None else file_id(args.out))
+    with interrupt_reported(hint):  # from here --save is new or empty (`interrupt_hint` reads it so)
+        return probe(args)
+
+
+def probe(args: argparse.Namespace) -> int:
+    """Check the config before anything is loaded, run the probe, print the tables, write --out."""
+    d = BackboneTuneConfig()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = BackboneTuneConfig(args.steps, args.batch, args.backbone_lr, args.head_lr, args.grad_scale, args.loss,
@@ -204,9 +238,8 @@ def probe_command(argv: Sequence[str] | None = None) -> int:
         print(f"\nthe tuned model's own samples ({args.own_problems} test problems x {n}):")
         print("| " + " | ".join(keys) + " |\n|" + "---:|" * len(keys))
         print("| " + " | ".join(f"{result['own'].get(k, float('nan')):.3f}" for k in keys) + " |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))  # after_step_scores: the held-out step scores
+    if args.out:  # atomic: a Ctrl-C while writing leaves no half file (after_step_scores: the held-out step scores)
+        write_atomic(args.out, json.dumps(result, indent=1))
     return 0
 
 

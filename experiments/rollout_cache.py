@@ -36,11 +36,19 @@ the same cache (batching changes the draws, as `TransformersPolicy` documents). 
 any model loads) is not part of the spec: a GPU draws other samples than the CPU from one seed,
 and its features differ in rounding, but the cache is of the same policy and problems.
 
-Tests: `.venv/bin/pytest tests/test_train_head.py tests/test_rollout_cache.py` (the latter: --device).
+Ctrl-C (or SIGTERM) in the command: one line and exit 130 (143), no traceback. While it imports
+and checks its arguments: "interrupted while starting: nothing was written"; then
+`interrupt_reported` says what --out holds at that moment (`interrupt_hint`): before the cache is
+saved, nothing was written and an earlier cache there is kept as it was (`save_cache` writes a
+temp file and renames it over the old one).
+
+Tests: `.venv/bin/pytest tests/test_train_head.py tests/test_rollout_cache.py` (the latter: --device),
+`tests/test_cli_interrupts.py` (Ctrl-C).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -50,12 +58,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from experiments.startup_interrupt import quiet_start
+
+quiet_start(__name__)  # Ctrl-C during the imports below: one line, not their traceback
+
 import torch
 from tqdm.auto import tqdm
 
 from experiments.checkpoint_hints import EMBEDDED_TASKS, hinted_checkpoint, trained_task_note
 from experiments.cli_args import check_file_target, device_name, positive_int, seed_int
-from experiments.cli_errors import run_command
+from experiments.cli_errors import interrupt_reported, run_command
 from experiments.sft_tasks import get_sft_task
 from experiments.tasks import arith, countdown
 from experiments.result_json import write_atomic
@@ -559,6 +571,19 @@ def confidence_path_scores(cache: RolloutCache, reduce: str = "mean") -> torch.T
 # -- files ----------------------------------------------------------------------------------------
 
 
+FileId = tuple[int, int, int]  # (device, inode, mtime_ns): a file replaced by a rename gets another
+
+
+def file_id(path: Path) -> FileId | None:
+    """path's identity (`FileId`), None when nothing is there: compared before and after a run,
+    it tells whether the run replaced the file."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_mtime_ns
+
+
 def save_cache(cache: RolloutCache, path: str | Path) -> Path:
     """Write the cache to path (one torch file, written to a temp file and renamed) and a JSON
     summary beside it (path with suffix .json)."""
@@ -629,6 +654,15 @@ def _is_cache_summary(path: Path) -> bool:
     return isinstance(data, dict) and "spec" in data and "rollouts" in data
 
 
+def _opens_as_json_object(path: Path) -> bool:
+    """Whether path's first bytes open a JSON object (`{`), read without the rest of the file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).lstrip().startswith(b"{")
+    except OSError:
+        return False
+
+
 def _read_payload(path: Path) -> Any:
     """torch.load of a cache file; a ValueError naming the file when it cannot be read as one (a
     truncated or overwritten file: torch raises RuntimeError, OSError, EOFError or an unpickling
@@ -646,11 +680,17 @@ def _read_payload(path: Path) -> Any:
 
 
 def load_cache(path: str | Path) -> RolloutCache:
-    """A cache written by `save_cache`; a ValueError names a damaged file or one of another format."""
+    """A cache written by `save_cache`; a ValueError names a damaged file, one of another format,
+    or a cache's JSON summary given for the cache (`summary_given_error`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no rollout cache {path}")
-    payload = _read_payload(path)
+    try:
+        payload = _read_payload(path)
+    except ValueError:
+        if _opens_as_json_object(path) and _is_cache_summary(path):  # a damaged cache is not read as text
+            raise summary_given_error(path) from None
+        raise
     if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path} is not a rollout cache of format {CACHE_FORMAT!r} (found {found!r})")
@@ -663,6 +703,15 @@ def load_cache(path: str | Path) -> RolloutCache:
     if saved_version < labels_version(cache.task):  # its grades were reused by the demo in silence
         cache = relabelled(cache, path)
     return cache
+
+
+def summary_given_error(path: Path) -> ValueError:
+    """The error for a cache's JSON summary given where the cache is read (it said "damaged" with
+    torch's advice on weights_only): it names the cache beside it and whether that exists. E.g.
+    "heads/a.json is the JSON summary of a rollout cache, not the cache: pass heads/a.pt (beside it)"."""
+    cache = path.with_suffix(".pt")
+    where = "beside it" if cache.is_file() else "which does not exist: build it with python -m experiments.rollout_cache"
+    return ValueError(f"{path} is the JSON summary of a rollout cache, not the cache: pass {cache} ({where})")
 
 
 def labels_version(task: str) -> int:
@@ -738,12 +787,28 @@ def summary(cache: RolloutCache) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; our own input errors (ValueError, FileNotFoundError: a bad setting, a
-    missing policy folder) print "error: <message>" on stderr and give exit code 2."""
+    missing policy folder) print "error: <message>" on stderr and give exit code 2; Ctrl-C (or
+    SIGTERM) once the arguments are parsed: one line saying what --out holds (`interrupt_hint`)."""
     return run_command(build_command, argv)
 
 
+def interrupt_hint(out: Path, before: tuple[FileId | None, FileId | None]) -> str:
+    """What a Ctrl-C says of --out at that moment; before: the `file_id`s of the cache and its
+    summary when the command began. `save_cache` renames the finished cache over --out, then its
+    summary over out.json: until the first rename an earlier cache is kept as it was."""
+    summary_path = out.with_suffix(".json")
+    cache_before, summary_before = before
+    if file_id(out) == cache_before:
+        kept = f"an earlier cache at {out} is kept as it was" if cache_before else f"no cache was written to {out}"
+        return f"{kept}; rerun the same command to build it"
+    if file_id(summary_path) == summary_before:
+        return (f"{out} was written but not its summary {summary_path} (missing, or an earlier cache's); "
+                "rerun the same command to write both")
+    return f"{out} and its summary {summary_path} were written"
+
+
 def build_command(argv: Sequence[str] | None = None) -> int:
-    """Parse argv, build the cache, save it and print a one-line summary."""
+    """Parse argv, then `build` with Ctrl-C and SIGTERM reported in one line (`interrupt_hint`)."""
     ap = argparse.ArgumentParser(prog="python -m experiments.rollout_cache", description="Build a rollout cache (rollouts, grades, SPRM-position features).")
     ap.add_argument("--policy", required=True, help="policy checkpoint folder")
     ap.add_argument("--task", required=True, help="embedded task: arith | countdown")
@@ -760,6 +825,13 @@ def build_command(argv: Sequence[str] | None = None) -> int:
                     help="where the policy runs: cpu, cuda or cuda:N (checked before any model loads)")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
+    before = file_id(args.out), file_id(args.out.with_suffix(".json"))
+    with interrupt_reported(functools.partial(interrupt_hint, args.out, before)):
+        return build(args)
+
+
+def build(args: argparse.Namespace) -> int:
+    """Check --out, build the cache, save it and print a one-line summary."""
     check_file_target(args.out, "--out", "cache.pt")  # before the rollouts: save_cache would fail only after them
     check_cache_target(args.out)
     torch.set_num_threads(args.threads)

@@ -44,11 +44,19 @@ disjoint groups of N in generation order (`experiments.metrics`); `conf` is
 `ConfidenceScorer("mean")`, `confmin` its "min" reduction (DESIGN.md section 4's best arith
 selector was a min-log-prob one); `sprm_wmaj` is majority weighted by the head's path scores.
 
-Tests: `.venv/bin/pytest tests/test_train_head.py`.
+Ctrl-C (or SIGTERM) in the command: one line and exit 130 (143), no traceback. While it imports
+and checks its arguments: "interrupted while starting: nothing was written"; then
+`interrupt_reported` says what --out holds at that moment (`interrupt_hint`). Nothing is written
+to --out until the head is trained and evaluated, so an earlier run's files there are kept as they
+were; then its metrics.json is removed first and written last, so a --out without metrics.json
+holds no finished run (the line names which of metrics.jsonl and final/ are this run's).
+
+Tests: `.venv/bin/pytest tests/test_train_head.py tests/test_cli_interrupts.py`.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -58,18 +66,23 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from experiments.startup_interrupt import quiet_start
+
+quiet_start(__name__)  # Ctrl-C during the imports below: one line, not their traceback
+
 import torch
 from torch import nn
 
 from experiments.cli_args import check_folder_target, positive_int, seed_int
 from experiments.model_folder_target import check_not_model_folder
-from experiments.cli_errors import run_command
+from experiments.cli_errors import interrupt_reported, run_command
 from experiments.aha_metrics import fc_metrics, prefixed
 from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, accuracy, problem_accuracy
 from experiments.record_log import encode_rows
 from experiments.result_json import write_atomic
 from experiments.rollout_cache import (
-    RolloutCache, check_policy, confidence_path_scores, labels_version, load_cache, read_from, same_policy,
+    FileId, RolloutCache, check_policy, confidence_path_scores, file_id, labels_version, load_cache, read_from,
+    same_policy,
 )
 from scorers.head_training import (
     HeadTrainConfig, LABEL_MODES, position_logits, position_probs, rollout_min_scores, rollout_path_scores,
@@ -92,6 +105,8 @@ BON_ROWS: tuple[tuple[str, str, str], ...] = (
 # what other commands' run folders hold (experiments.train: config.yaml, last/, ckpt-*; experiments.search:
 # records.jsonl; SFT: sft_summary.json, last/): --out never replaces their metrics.jsonl
 OTHER_RUN_FILES: tuple[str, ...] = ("config.yaml", "last", "records.jsonl", "sft_summary.json")
+# what a run writes into --out, in the order `run_head_training` writes them (metrics.json last)
+OUT_FILES: tuple[str, ...] = ("metrics.jsonl", "final", "metrics.json")
 
 
 # -- metrics on hand-checkable inputs -------------------------------------------------------------
@@ -382,12 +397,44 @@ def format_summary(metrics: dict[str, Any], task: str, n: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; our own input errors (ValueError, FileNotFoundError: a bad setting, a
     missing or damaged cache, caches of different policies) print "error: <message>" on stderr
-    and give exit code 2."""
+    and give exit code 2; Ctrl-C (or SIGTERM) once the arguments are parsed: one line saying
+    what --out holds (`interrupt_hint`)."""
     return run_command(train_command, argv)
 
 
+def out_state(out: Path) -> dict[str, FileId | None]:
+    """The `file_id` of each of OUT_FILES in out (None: not there)."""
+    return {name: file_id(out / name) for name in OUT_FILES}
+
+
+def _names(names: Sequence[str]) -> str:
+    """OUT_FILES as a line names them: final/ as a folder, "a and b"."""
+    return " and ".join(f"{name}/" if name == "final" else name for name in names)
+
+
+def interrupt_hint(out: Path, before: dict[str, FileId | None]) -> str:
+    """What a Ctrl-C says of --out at that moment; before: its `out_state` when the command began.
+    E.g. "nothing was written to runs/h (an earlier run's files there are kept as they were); ..."
+    while the head trains, "runs/h holds no finished run: no metrics.json (a finished run's last
+    file); metrics.jsonl is this run's, final/ an earlier run's; ..." while it is written."""
+    now = out_state(out)
+    changed = [name for name in OUT_FILES if now[name] != before[name]]
+    again = "rerun the same command to train again"
+    if not changed:
+        kept = " (an earlier run's files there are kept as they were)" if any(before.values()) else ""
+        return f"nothing was written to {out}{kept}; {again}"
+    if now["metrics.json"] is not None:  # changed and there: the run's last file is written
+        return f"the run finished: {out} holds its metrics.json and its other files"
+    ours = [name for name in changed if now[name] is not None]
+    earlier = [name for name in OUT_FILES if name not in changed and now[name] is not None]
+    whose = ([f"{_names(ours)} {'is' if len(ours) == 1 else 'are'} this run's"] if ours else []) + (
+        [f"{_names(earlier)} an earlier run's"] if earlier else [])
+    return (f"{out} holds no finished run: no metrics.json (a finished run's last file)"
+            + (f"; {', '.join(whose)}" if whose else "") + f"; {again}")
+
+
 def train_command(argv: Sequence[str] | None = None) -> int:
-    """Parse argv (every setting checked before a cache is read), train, write --out, print a summary."""
+    """Parse argv, then `train_and_report` with Ctrl-C and SIGTERM reported in one line (`interrupt_hint`)."""
     ap = argparse.ArgumentParser(prog="python -m experiments.train_head", description="Train an SPRM head on cached rollouts of a frozen policy.")
     ap.add_argument("--train", required=True, type=Path, help="train rollout cache (.pt)")
     ap.add_argument("--test", required=True, type=Path, help="held-out rollout cache (.pt)")
@@ -407,6 +454,12 @@ def train_command(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--no-save", action="store_true", help="do not write the final/ reflective folder")
     args = ap.parse_args(argv)
+    with interrupt_reported(functools.partial(interrupt_hint, args.out, out_state(args.out))):
+        return train_and_report(args)
+
+
+def train_and_report(args: argparse.Namespace) -> int:
+    """Check every setting before a cache is read, train, write --out, print a summary."""
     torch.set_num_threads(args.threads)
     # with --epochs the steps are counted from the train cache: until then any count past the warm-up
     steps = args.steps if args.epochs is None else max(args.steps, args.warmup_steps + 1)

@@ -19,7 +19,13 @@ out: the run's own) and --threads may change; another --task, --lr, --batch-size
 refused, naming the differing keys (policies/sft_resume.py RESUMABLE_KEYS), as is a damaged
 OUT/last (a run moved to a CPU of other bf16 support: add --bf16 or --no-bf16 as it ran).
 Ctrl-C stops after the current step, saves OUT/last and exits 130 saying how to resume.
+Ctrl-C outside the steps is one line and exit 130 too, no traceback: while it imports and checks
+its flags "interrupted while starting: nothing was written"; later (drawing the data, building
+the model, saving, the evaluation) whether OUT/last holds a checkpoint to resume from
+(`interrupt_hint`). SIGTERM alike, with exit 143.
 A bad value or run folder prints "error: <what is wrong>" and exits 2.
+
+Tests: `.venv/bin/pytest tests/test_sft_cli.py tests/test_cli_interrupts.py`.
 """
 from __future__ import annotations
 
@@ -30,7 +36,12 @@ import os
 # removed that loss. Set before torch is imported anywhere.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from experiments.startup_interrupt import quiet_start  # noqa: E402
+
+quiet_start(__name__)  # Ctrl-C during the imports below: one line, not their traceback
+
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
@@ -41,8 +52,9 @@ from typing import Sequence  # noqa: E402
 
 from experiments.cli_args import check_folder_target, named_as_flag, seed_int  # noqa: E402
 from experiments.model_folder_target import check_not_model_folder  # noqa: E402
-from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT, is_storage_error  # noqa: E402
+from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT, interrupt_reported, is_storage_error  # noqa: E402
 from experiments.quick_eval import QuickEvalConfig, format_report, quick_eval, eval_problems  # noqa: E402
+from experiments.result_json import write_atomic  # noqa: E402
 from experiments.sft_tasks import SFT_TASKS, SFTTask, get_sft_task  # noqa: E402
 from policies.checkpoint import load_checkpoint, load_torch_file  # noqa: E402
 from policies.sampling import NonFiniteLogitsError  # noqa: E402
@@ -214,11 +226,27 @@ def run(plan: RunPlan, out: Path, seed: int, progress: bool) -> None:
         drop_stale_evaluation(out, summary["steps"])
 
 
+def interrupt_hint(out: Path) -> str:
+    """What a Ctrl-C (or SIGTERM) outside the training steps says, at that moment (inside them the
+    trainer saves OUT/last after the step and says so itself: `TrainingInterrupted`): OUT/last is
+    written atomically, so a checkpoint there is whole and a rerun resumes from it."""
+    if (out / LAST / STATE_FILE).is_file():
+        return f"the checkpoint saved in {out / LAST} is kept; rerun the same command to resume from it"
+    return f"{out} holds no checkpoint yet (nothing to resume: rerunning the same command starts the run over)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse argv (default: sys.argv) and run. A bad value or run folder (SFTError) prints
     "error: ..." and gives 2; Ctrl-C during training saves OUT/last and gives 130 (SIGTERM: 143); any other
-    exception is a bug and keeps its traceback (Ctrl-C outside the steps: one line, 130)."""
+    exception is a bug and keeps its traceback. Ctrl-C (SIGTERM) outside the steps: one line
+    (`interrupt_hint`) and SystemExit(130) (143), from `interrupt_reported`."""
     args = build_parser().parse_args(argv)
+    with interrupt_reported(functools.partial(interrupt_hint, Path(args.out))):
+        return sft_command(args)
+
+
+def sft_command(args: argparse.Namespace) -> int:
+    """Plan and run the parsed command line; its exit code (module docstring)."""
     try:
         run(plan_run(args), Path(args.out), args.seed, progress=not args.no_progress)
     except SFTError as err:
@@ -230,13 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot write {err.filename or args.out}: {err.strerror or err} (the checkpoints saved before it "
               "are kept; free some space and rerun the same command to go on)", file=sys.stderr)
         return 2
-    except TrainingInterrupted as err:
+    except TrainingInterrupted as err:  # saved after the step; any other Ctrl-C: `interrupt_reported`'s line
         print(err, file=sys.stderr)
         return TERMINATE_EXIT if err.terminated else INTERRUPT_EXIT
-    except KeyboardInterrupt:  # outside the training steps (preparing the data, the evaluation): a traceback before
-        print("\ninterrupted outside the training steps: what was saved is kept; rerun the same command to go on",
-              file=sys.stderr)
-        return 130
     return 0
 
 
@@ -250,7 +274,8 @@ def evaluate(final: Path, cfg: QuickEvalConfig, task: SFTTask, out: Path, steps:
     except NonFiniteLogitsError as err:  # the run is saved: an error line, not a traceback
         raise SFTError(f"the quick evaluation of {final} failed: {err}; the trained checkpoint is kept") from err
     # written before it is printed: a closed stdout (`... | head -1`) cost the file, and an older one stayed
-    (out / QUICK_EVAL_FILE).write_text(json.dumps({"steps": steps, **asdict(report)}, indent=1))
+    # atomic: a Ctrl-C while it is written leaves the older file or none, not half of one
+    write_atomic(out / QUICK_EVAL_FILE, json.dumps({"steps": steps, **asdict(report)}, indent=1))
     print(format_report(report))
     print(f"evaluation took {time.perf_counter() - t0:.0f} s; wrote {out / QUICK_EVAL_FILE}")
 

@@ -227,9 +227,11 @@ def test_ctrl_c_while_preparing_the_data_is_one_line_and_130(tmp_path, monkeypat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "build_tokenizer", interrupted)  # before the first step: a traceback before
-    assert main("--out", str(tmp_path / "run"), "--max-steps", "2") == 130
-    assert capsys.readouterr().err == (
-        "\ninterrupted outside the training steps: what was saved is kept; rerun the same command to go on\n")
+    with pytest.raises(SystemExit) as exit_info:  # experiments.cli_errors.interrupt_reported's exit
+        main("--out", str(tmp_path / "run"), "--max-steps", "2")
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == (f"\ninterrupted: {tmp_path / 'run'} holds no checkpoint yet (nothing to resume: "
+                                       "rerunning the same command starts the run over)\n")
 
 
 def test_a_seed_torch_cannot_take_is_an_argument_error(tmp_path, capsys):
