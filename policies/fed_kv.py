@@ -29,7 +29,8 @@ def fed_kv_copier(
     batch: DecodeBatch, row_context: Sequence[int], past: Sequence[PrefixKV | None] | None
 ) -> CopyOut:
     """The function that copies out the fed KV of finished rows, for this batch's kind of cache."""
-    past = [None] * len(set(row_context)) if past is None else past
+    # no cached prefixes: one None per context index (a context may have no rows: len(set(...)) fell short)
+    past = [None] * (max(row_context, default=-1) + 1) if past is None else past
     past_width = max((p.length for p in past if p is not None), default=0)  # P: cached columns
     if isinstance(batch.cache, SharedPrefixCache):
         return ContextEntries(batch.cache, past, past_width, row_context, {}).copy_fed_kv
