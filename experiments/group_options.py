@@ -19,12 +19,20 @@ add their groups' yaml files to the options (`--config-dir my_conf task=my_task`
 
     if __name__ == "__main__":
         check_group_options(sys.argv[1:], CONFIG_DIR)
+        check_launcher_commands(sys.argv[1:], CONFIG_DIR, "search")  # after the key checks: a typo first
         main()
+
+`check_launcher_commands` refuses `hydra/launcher=submitit_slurm` in a sweep where SLURM's sbatch
+or srun is not on PATH (submitit's RuntimeError traceback after Hydra's warnings, exit 1, with
+multirun.yaml left in the sweep's folder):
+
+    error: hydra/launcher=submitit_slurm submits the sweep's jobs with SLURM's sbatch and srun, and sbatch and srun are not on PATH (no SLURM here): ...
 """
 from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -141,6 +149,61 @@ def missing_plugin(group: str, name: str) -> str | None:
     if needed in plugin_options(group):
         return None
     return f"error: {group}={name} needs Hydra's {package} plugin, which is not installed: pip install {package}"
+
+
+# hydra/launcher=submitit_slurm runs SLURM's commands: submitit's SlurmExecutor refuses to start
+# without srun on PATH ('Could not detect "srun", are you indeed on a slurm cluster?', a traceback
+# after Hydra had written the sweep's multirun.yaml) and submits each job array with sbatch
+SLURM_LAUNCHER = "submitit_slurm"
+SLURM_COMMANDS: tuple[str, ...] = ("sbatch", "srun")
+SWEEP_FLAGS = frozenset({"-m", "--multirun"})
+# Hydra's flags that print something and launch no job (`--cfg job`, `--help`), or run one job in process (`--run`)
+NOT_LAUNCHING = frozenset({"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info",
+                           "-sc", "--shell-completion", "-r", "--run"})
+
+
+def missing_launcher_commands(argv: Sequence[str], config_dir: Path, config_name: str) -> str | None:
+    """The error line for `hydra/launcher=submitit_slurm` in a sweep (-m, or a config that sets
+    Hydra's MULTIRUN mode: experiment=budget_sweep) on a machine where SLURM's sbatch or srun is
+    not on PATH, naming what is missing; else None (a single run uses no launcher)."""
+    chosen = [m for a in argv if (m := GROUP_ARGUMENT.match(a)) and m["group"] == "hydra/launcher"]
+    if not any(SLURM_LAUNCHER in m["names"].split(",") for m in chosen):
+        return None
+    missing = [command for command in SLURM_COMMANDS if shutil.which(command) is None]
+    if not missing or any(a.split("=", 1)[0] in NOT_LAUNCHING for a in argv) or not is_multirun(argv, config_dir, config_name):
+        return None
+    return (f"error: hydra/launcher={SLURM_LAUNCHER} submits the sweep's jobs with SLURM's {' and '.join(SLURM_COMMANDS)}, "
+            f"and {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH (no SLURM here): run it "
+            "on the cluster's login node, or leave the launcher out to run the jobs here (hydra/launcher=local: "
+            "two at a time)")
+
+
+def is_multirun(argv: Sequence[str], config_dir: Path, config_name: str) -> bool:
+    """Whether the command line runs a sweep, through the launcher: -m / --multirun, or a config
+    that sets Hydra's MULTIRUN mode (composed without the swept overrides); False where Hydra
+    cannot parse or compose it (its own message then says why)."""
+    if SWEEP_FLAGS & set(argv):
+        return True
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+
+    from experiments.override_keys import compose_config  # it imports Hydra's compose API: only when asked
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]  # compose takes no sweep
+        return compose_config(config_dir, config_name, fixed, hydra=True).hydra.mode == RunMode.MULTIRUN
+    except HydraException:
+        return False
+
+
+def check_launcher_commands(argv: Sequence[str], config_dir: Path, config_name: str) -> None:
+    """Print the error line of `missing_launcher_commands` on stderr and exit 2 when there is one."""
+    error = missing_launcher_commands(argv, config_dir, config_name)
+    if error is not None:
+        print(error, file=sys.stderr)
+        raise SystemExit(USAGE_EXIT)
 
 
 def check_group_options(argv: Sequence[str], config_dir: Path, config_name: str | None = None) -> None:

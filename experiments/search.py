@@ -42,7 +42,8 @@ loads or the run folder is written (a folder Hydra made for a refused run, holdi
 files, is removed again); so is the strategy's config class (a `seed` field and its budget field,
 `treesearch.registry`). What a strategy returns, and the rows made of it, are checked before a
 chunk's rows are appended (one `SearchResult` per problem in order, `chosen` an index of its
-candidates, finite scores, the task's extract_answer / grade types, `sweep_metrics.check_rows`):
+candidates, finite scores, the task's extract_answer / grade types, `sweep_metrics.check_rows`,
+`strategy` the registered name and `config` the one it ran with, `check_row_identity`):
 a refusal names the strategy or the task module, and nothing of that chunk is written. In a
 sweep (-m) each bad job's message is printed without a traceback as `error: job #<k> (<its
 overrides>): <message>`, the other jobs run, and the sweep exits 1 (Hydra's). HYDRA_FULL_ERROR=1
@@ -90,7 +91,7 @@ from experiments.cli_errors import (
     RunDirBusyError, check_no_chdir, error_text, hydra_rerun_hint, interrupt_reported, note_hydra_job, is_storage_error,
 )
 from experiments.gpu_room import VLLM_ENGINE_TARGET, check_room_for_scorer, cpu_scorer_note
-from experiments.group_options import check_group_options
+from experiments.group_options import check_group_options, check_launcher_commands
 from experiments.model_folder_target import check_not_model_folder
 from experiments.out_dir_args import check_out_dir_argument, with_experiment_job_folders
 from experiments.override_keys import check_override_keys, check_plain_keys, check_refused_keys
@@ -114,7 +115,7 @@ from policies.openai_policy import OpenAIServerError
 from policies.vllm_engine import VLLMMissingError, process_environment
 from scorers.prm_loading import check_prm_folder
 from scorers.sprm_scorer import check_batch_size
-from treesearch.concurrent import problem_seed, search_each
+from treesearch.concurrent import problem_seed, search_each, seeded_for
 from treesearch.compute import Compute
 from treesearch.config_checks import is_finite_number, is_int, problem_fault
 from treesearch.config_diff import config_differences, resume_overrides, with_added_settings
@@ -591,14 +592,65 @@ def import_task(module_name: str) -> Task:
 def load_task(task_cfg: DictConfig) -> tuple[Task, list[Problem]]:
     """(the task module, its problems for split / count / seed / config); task.seed must be an
     integer (1.5 or "abc" drew some problems, true those of 1, filed under another name). A
-    missing or null task.config is no config: generate_problems(split, count, seed) without cfg."""
+    missing or null task.config is no config: generate_problems(split, count, seed) without cfg. A
+    module of one's own given the default task's config (no `'~task.config'`) that fails on it is a
+    ValueError saying so (`default_config_hint`)."""
     check_int("task.seed", task_cfg.get("seed"))
     module = import_task(task_cfg.module)
     config = task_cfg.get("config")
     args = (task_cfg.split, task_cfg.count, task_cfg.seed) + (() if config is None else (build_frozen(config),))
     check_generate_arity(str(task_cfg.module), module.generate_problems, args)
-    problems = module.generate_problems(*args)  # type: ignore[call-arg]
-    return module, list(problems)  # a generator's too
+    try:
+        return module, list(module.generate_problems(*args))  # type: ignore[call-arg]  # a generator's too
+    except Exception as err:
+        hint = default_config_hint(task_cfg, args[3] if len(args) == 4 else None, err)
+        if hint is None:
+            raise
+        raise ValueError(hint) from err
+
+
+DEFAULT_TASK = ("search", "task")  # the primary config and group whose default gives task.config when none is set
+
+
+def default_task_config(config_dir: Path = CONFIG_DIR) -> tuple[str, str | None]:
+    """(the default task option, its config's `_target_`): search.yaml's defaults list names the
+    task (`task: arith`), whose yaml holds the config (`experiments.tasks.arith.ArithConfig`);
+    ("", None) when either cannot be read."""
+    primary, group = DEFAULT_TASK
+    try:
+        defaults = OmegaConf.load(config_dir / f"{primary}.yaml").get("defaults", [])
+        option = next(str(entry[group]) for entry in defaults if isinstance(entry, DictConfig) and group in entry)
+        return option, OmegaConf.select(OmegaConf.load(config_dir / group / f"{option}.yaml"), "config._target_")
+    except (OSError, StopIteration, ValueError):
+        return "", None
+
+
+def default_config_hint(task_cfg: DictConfig, config: Any, err: Exception) -> str | None:
+    """The one-line message for generate_problems raising `err` about the config it was given
+    (`blames_config`) when that was the default task's config (its `_target_` is the default task
+    yaml's) and task.module is another module than the config's: a module of one's own run without
+    `'~task.config'` got arith's ArithConfig in silence and failed inside (an AttributeError
+    traceback); else None (the error is the module's own, a bug in it keeps its traceback)."""
+    option, target = default_task_config()
+    given = OmegaConf.select(task_cfg, "config._target_", default=None)
+    module = str(task_cfg.module)
+    if config is None or target is None or given != target or type(config).__module__ == module:
+        return None
+    if not blames_config(err, config):
+        return None
+    raised = (str(err).splitlines() or [""])[0][:200]
+    return (f"task.module={module!r} was given {option}'s {type(config).__name__} (task.config of the default task, "
+            f"experiments/conf/task/{option}.yaml), and its generate_problems raised {type(err).__name__}: {raised}; "
+            f"set task.config for it ('~task.config' '+task.config={{_target_:{module}.MyConfig}}') or add "
+            "'~task.config' to run it without one")
+
+
+def blames_config(err: Exception, config: Any) -> bool:
+    """Whether err is about the config object: an AttributeError on it (`'ArithConfig' object has
+    no attribute 'base'`) or a message naming its class as Python's own errors do (`'ArithConfig'
+    object is not subscriptable`, `argument of type 'ArithConfig' is not iterable`)."""
+    on_config = isinstance(err, AttributeError) and getattr(err, "obj", None) is config
+    return on_config or f"'{type(config).__name__}'" in str(err)
 
 
 def check_generate_arity(module: str, generate: Any, args: tuple[Any, ...]) -> None:
@@ -906,7 +958,7 @@ def run_chunk(
 ) -> list[dict[str, Any]]:
     """Search one chunk (all of it, so its samples do not depend on what was done before) and
     return the rows of the problems not in skip. live: follows the chunk's first problem."""
-    cfg = dataclasses.replace(strategy_cfg, seed=chunk_seed(seed, [p.id for p in part]))
+    cfg = chunk_config(strategy_cfg, seed, part)
     if live is None:
         results = search_chunk(part, spec, cfg, policy, scorer, batching)
     else:
@@ -922,6 +974,68 @@ def run_chunk(
         {**record(result, outcome), "policy_parameters": policy.num_parameters}
         for result, outcome in zip(results, outcomes) if result.problem.id not in skip
     ]
+
+
+def chunk_config(strategy_cfg: Any, seed: int, part: Sequence[Problem]) -> Any:
+    """The strategy config one chunk is searched with: its seed a hash of the run seed and the
+    chunk's problem ids (`chunk_seed`)."""
+    return dataclasses.replace(strategy_cfg, seed=chunk_seed(seed, [p.id for p in part]))
+
+
+def ran_configs(part: Sequence[Problem], strategy_cfg: Any, seed: int, batching: str) -> dict[str, dict[str, Any]]:
+    """{problem id: `dataclasses.asdict` of the config its search ran with}: the chunk's config
+    (`chunk_config`), under continuous batching with each problem's own seed (`seeded_for`, as
+    `search_each` gives it)."""
+    cfg = chunk_config(strategy_cfg, seed, part)
+    return {p.id: dataclasses.asdict(cfg if batching == "lockstep" else seeded_for(cfg, p)) for p in part}
+
+
+def check_row_identity(rows: Sequence[dict[str, Any]], spec: StrategySpec, ran: dict[str, dict[str, Any]]) -> None:
+    """A ValueError naming the strategy when a row's `strategy` is not the name the strategy is
+    registered under or its `config` is not the config its search ran with (`ran`: the registry's
+    contract, `dataclasses.asdict(cfg)`), compared as records.jsonl writes them (`same_as_written`).
+    records.jsonl, metrics.json and the sweep tables file a run by both: results saying "other"
+    missed the strategy's ADDED_SETTINGS, a config of n=3 filed a run of n=8 under N=3."""
+    name = registered_name(spec)
+    for row in rows:
+        fault = identity_fault(row, name, ran[row["problem_id"]])
+        if fault is not None:
+            raise ValueError(f"{strategy_label(spec)} gave problem {row['problem_id']!r} {fault}; {UNWRITTEN}")
+
+
+def identity_fault(row: dict[str, Any], name: str | None, ran: dict[str, Any]) -> str | None:
+    """What is wrong with a row's strategy name or config (`check_row_identity`), else None."""
+    if row["strategy"] != name:
+        return (f"strategy={row['strategy']!r:.60}, not {name!r}, the name it is registered under (records.jsonl, "
+                "metrics.json and the sweep tables file its rows by it)")
+    got = row["config"]
+    if same_as_written(got, ran):
+        return None
+    if not isinstance(got, dict):
+        return f"config={got!r:.60}, not the config its search ran with as a dict (dataclasses.asdict(cfg))"
+    keys = [key for key in [*ran, *(key for key in got if key not in ran)]
+            if key not in got or key not in ran or not same_as_written(got[key], ran[key])]
+    shown = keys[:3] + (["..."] if len(keys) > 3 else [])
+    if not keys:  # equal key by key, apart as a whole: values JSON cannot hold
+        return f"config={got!r:.80} where its search ran with {ran!r:.80} (dataclasses.asdict(cfg))"
+    return (f"config {setting_list(got, shown)} where its search ran with {setting_list(ran, shown)} (a result's "
+            "config is dataclasses.asdict(cfg): records.jsonl and the sweep tables file its rows by it)")
+
+
+def setting_list(config: dict[str, Any], keys: Sequence[str]) -> str:
+    """`n=3, seed=0` of config's keys (`no lookahead` for a key it lacks; "..." as it is)."""
+    return ", ".join(key if key == "..." else f"{key}={config[key]!r:.40}" if key in config else f"no {key}"
+                     for key in keys)
+
+
+def same_as_written(got: Any, want: Any) -> bool:
+    """Whether two values are the same as a row of records.jsonl holds them: their JSON text, keys
+    sorted (a tuple is the list it is written as, a NaN equals NaN; 1 and 1.0, True and 1 are
+    written apart and differ); values JSON cannot hold are compared as they are."""
+    try:
+        return json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+    except (TypeError, ValueError):  # a Path, keys of mixed types to sort, a circular reference
+        return got == want
 
 
 def task_name(task: Task) -> str:
@@ -983,6 +1097,7 @@ def search_missing(
                 rows = run_chunk(part, spec, strategy_cfg, policy, scorer, task, cfg.seed, done,
                                  cfg.get("batching", "lockstep"), live)
                 check_new_rows(rows, out / RECORDS, spec, task)
+                check_row_identity(rows, spec, ran_configs(part, strategy_cfg, cfg.seed, cfg.get("batching", "lockstep")))
                 append_rows(out / RECORDS, rows)
                 bar.update(len(rows))
             if live is not None:
@@ -1265,6 +1380,7 @@ if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR, "search")  # search=nosuch: one line, exit 2, before Hydra composes
     check_no_api_key_argument(sys.argv[1:])  # before Hydra writes it into its files
     check_override_keys(sys.argv[1:], CONFIG_DIR, "search", PLAIN_NODE_KEYS)  # search.bogus=1: one line, exit 2
+    check_launcher_commands(sys.argv[1:], CONFIG_DIR, "search")  # -m hydra/launcher=submitit_slurm without SLURM
     check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "search")  # a file; -m ... out_dir=X: one folder for every job
     sys.argv = with_experiment_job_folders(sys.argv)  # -m experiment=a,b: a folder per experiment
     with interrupt_reported(lambda: hydra_rerun_hint("the rows of finished chunks are kept in records.jsonl")):

@@ -85,7 +85,7 @@ from experiments.result_json import write_atomic  # noqa: E402
 from experiments.checkpoint_hints import checkpoint_hint, trained_task_note  # noqa: E402
 from experiments.cli_args import check_seed  # noqa: E402
 from experiments.cli_errors import check_no_chdir, hydra_rerun_hint, interrupt_reported, note_hydra_job  # noqa: E402
-from experiments.group_options import check_group_options  # noqa: E402
+from experiments.group_options import check_group_options, check_launcher_commands  # noqa: E402
 from experiments.model_folder_target import check_not_model_folder  # noqa: E402
 from experiments.out_dir_args import check_out_dir_argument  # noqa: E402
 from experiments.tasks.benchmark_split import TAKE_ALL_HINT  # noqa: E402
@@ -1277,6 +1277,7 @@ if __name__ == "__main__":
     check_group_options(sys.argv[1:], CONFIG_DIR, "train")  # recipe=nosuch: one line, exit 2, before Hydra composes
     check_unused_task_keys(sys.argv[1:])
     check_override_keys(sys.argv[1:], CONFIG_DIR, "train", PLAIN_NODE_KEYS)  # grpo.bogus=1: one line, exit 2
+    check_launcher_commands(sys.argv[1:], CONFIG_DIR, "train")  # -m hydra/launcher=submitit_slurm without SLURM
     check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "train")  # a file; a sweep given one out_dir
     with interrupt_reported(interrupt_hint):
         main()

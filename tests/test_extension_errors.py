@@ -48,9 +48,9 @@ class ExtConfig:
     mode: str = "ok"
     bad: str = ""
 
-def ext_search(problems, policy, scorer, cfg, on_round=None):
+def ext_search(problems, policy, scorer, cfg, on_round=None, name="ext"):
     results = best_of_n(problems, policy, scorer, BestOfNConfig(n=cfg.n, seed=cfg.seed), on_round)
-    results = [dataclasses.replace(r, strategy="ext", config=dataclasses.asdict(cfg)) for r in results]
+    results = [dataclasses.replace(r, strategy=name, config=dataclasses.asdict(cfg)) for r in results]
     if cfg.bad:
         results = [r if r.problem.id != cfg.bad else dataclasses.replace(
             r, candidates=(dataclasses.replace(r.candidates[0], score=float("nan")), *r.candidates[1:]))
@@ -82,7 +82,8 @@ register("ext_iters", ext_search, ItersConfig)  # register cannot know experimen
 class PartialConfig(ExtConfig):
     pass
 
-register("ext_partial", functools.partial(ext_search), PartialConfig)  # a function without __name__
+# a function without __name__ (its results named as registered: experiments.search checks that)
+register("ext_partial", functools.partial(ext_search, name="ext_partial"), PartialConfig)
 '''
 TASKS = {
     # extract_answer returns an int: every reader of the records refused the run's rows
