@@ -92,6 +92,7 @@ from experiments.cli_errors import (
 )
 from experiments.gpu_room import VLLM_ENGINE_TARGET, check_room_for_scorer, cpu_scorer_note
 from experiments.group_options import check_group_options, check_launcher_commands
+from experiments.launcher_watch import launcher_watched
 from experiments.model_folder_target import check_not_model_folder
 from experiments.out_dir_args import check_out_dir_argument, with_experiment_job_folders
 from experiments.override_keys import check_override_keys, check_plain_keys, check_refused_keys
@@ -1367,7 +1368,9 @@ def check_greedy_temperature(search_option: str | None, cfg: DictConfig) -> None
 def main(cfg: DictConfig) -> None:
     note_hydra_job(cfg.get("out_dir"))  # a sweep's folder, for the Ctrl-C hint
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
-    with user_errors_reported():
+    # a hydra/launcher=local worker whose launcher was killed stops its job (experiments/launcher_watch.py)
+    with launcher_watched(lambda: hydra_rerun_hint("the rows of finished chunks are kept in records.jsonl")), \
+            user_errors_reported():
         check_no_chdir()
         check_greedy_temperature(HydraConfig.get().runtime.choices.get("search"), cfg)
         out = run_search_experiment(cfg)

@@ -86,6 +86,7 @@ from experiments.checkpoint_hints import checkpoint_hint, trained_task_note  # n
 from experiments.cli_args import check_seed  # noqa: E402
 from experiments.cli_errors import check_no_chdir, hydra_rerun_hint, interrupt_reported, note_hydra_job  # noqa: E402
 from experiments.group_options import check_group_options, check_launcher_commands  # noqa: E402
+from experiments.launcher_watch import launcher_watched  # noqa: E402
 from experiments.model_folder_target import check_not_model_folder  # noqa: E402
 from experiments.out_dir_args import check_out_dir_argument  # noqa: E402
 from experiments.tasks.benchmark_split import TAKE_ALL_HINT  # noqa: E402
@@ -1245,7 +1246,9 @@ def main(cfg: DictConfig) -> None:
     _RUN_DIR.clear()
     freeze_long_lived()  # the imports' objects: out of the garbage collector's walks (policies/gc_freeze.py)
     try:
-        with user_errors_reported("the checkpoints and metrics.jsonl rows already written are kept"):  # one line, exit 2
+        # a hydra/launcher=local worker whose launcher was killed saves and stops (experiments/launcher_watch.py)
+        with launcher_watched(interrupt_hint), \
+                user_errors_reported("the checkpoints and metrics.jsonl rows already written are kept"):  # one line, exit 2
             check_no_chdir()
             _RUN_DIR.append(resolve_out_dir(cfg))  # for the Ctrl-C hint (`interrupt_hint`)
             out = run_training(cfg)

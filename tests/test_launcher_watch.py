@@ -1,0 +1,145 @@
+"""A job in a worker of a killed `hydra/launcher=local` sweep stops (experiments/launcher_watch.py):
+the workers of a sweep whose launching process got SIGKILL ran their jobs to the end before.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments.launcher_watch import launcher_pid, launcher_watched
+from tiny_checkpoint import save_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a launcher starting one multiprocessing worker that runs a watched block; the worker writes its
+# pid once inside the block and "unwound" once the block's finally ran; argv: folder, "orphan" / "kill"
+LAUNCHER = r"""
+import multiprocessing, os, sys, time
+from pathlib import Path
+
+def job(folder):
+    from experiments.launcher_watch import launcher_watched
+    with launcher_watched(lambda: "the hint at that moment", poll_s=0.05):
+        try:
+            (Path(folder) / "worker.pid").write_text(str(os.getpid()))
+            time.sleep(60)
+        finally:
+            (Path(folder) / "unwound").write_text("yes")
+
+if __name__ == "__main__":
+    folder, how = sys.argv[1], sys.argv[2]
+    worker = multiprocessing.get_context("spawn").Process(target=job, args=(folder,))
+    worker.start()
+    pid_file = Path(folder) / "worker.pid"
+    while not pid_file.exists():
+        assert worker.is_alive(), worker.exitcode
+        time.sleep(0.01)
+    print(worker.pid, flush=True)
+    if how == "kill":  # a SIGTERM sent to the worker itself, its launcher alive
+        os.kill(worker.pid, 15)
+        worker.join()
+        print("exitcode", worker.exitcode, flush=True)
+    time.sleep(60)
+"""
+
+
+def gone(pid: int) -> bool:
+    """Whether pid has exited (a zombie its new parent has not reaped yet counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def wait_gone(pids: list[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if all(gone(pid) for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def start_launcher(tmp_path: Path, how: str) -> tuple[subprocess.Popen, int]:
+    script = tmp_path / "launcher.py"  # a file: a spawned worker imports its job from the launcher's __main__
+    script.write_text(LAUNCHER)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), how], cwd=REPO, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = proc.stdout.readline()
+    assert line, proc.stderr.read()
+    return proc, int(line)
+
+
+def test_a_worker_whose_launcher_is_killed_unwinds_its_job_and_exits(tmp_path):
+    proc, worker = start_launcher(tmp_path, "orphan")
+    proc.kill()  # SIGKILL: no chance to end its worker
+    proc.wait()
+    try:
+        assert wait_gone([worker], 20), "the orphaned worker went on with its job"
+    finally:
+        if not gone(worker):
+            os.kill(worker, signal.SIGKILL)
+    err = proc.stderr.read()
+    assert (tmp_path / "unwound").read_text() == "yes"  # Terminated where the job was: its finally ran
+    assert f"terminated: the sweep's launching process (pid {proc.pid}) is gone; the hint at that moment" in err
+    assert "Traceback" not in err
+
+
+def test_a_sigterm_of_the_worker_itself_takes_the_default_action(tmp_path):
+    proc, _ = start_launcher(tmp_path, "kill")
+    try:
+        assert proc.stdout.readline().split() == ["exitcode", "-15"]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / "unwound").exists()  # killed as before, not unwound
+
+
+def test_outside_a_multiprocessing_worker_the_block_changes_nothing():
+    # a plain run or a basic-launcher sweep: a nohup'd run whose shell is gone must go on
+    assert launcher_pid() is None
+    before = signal.getsignal(signal.SIGTERM)
+    threads = threading.active_count()
+    with launcher_watched("hint", poll_s=0.01):
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert threading.active_count() == threads
+    with pytest.raises(KeyboardInterrupt):  # a Ctrl-C passes through
+        with launcher_watched("hint"):
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_a_killed_local_sweep_leaves_no_job_running(tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "experiments.search", "-m", "hydra/launcher=local", "num_threads=1", "seed=0,1",
+           f"policy.path={ckpt}", "task.count=5000", "chunk=1", "search.n=4", "policy.sampling.max_total_tokens=24",
+           "progress=false", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while len(records := [path for path in sweep.glob("*/records.jsonl") if path.stat().st_size]) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.1)
+    workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    proc.kill()
+    proc.wait()
+    try:
+        assert wait_gone(workers, 30), "the sweep's jobs went on after its launcher was killed"
+    finally:
+        for pid in workers:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    err = proc.stderr.read()
+    assert err.count(f"terminated: the sweep's launching process (pid {proc.pid}) is gone; the rows of finished "
+                     f"chunks are kept in records.jsonl; rerun the same command with hydra.sweep.dir={sweep}") == 2
+    for path in records:  # what the jobs wrote is whole: a rerun goes on from it
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert 0 < len(rows) < 5000 and len({row["problem_id"] for row in rows}) == len(rows)
