@@ -57,8 +57,6 @@ quiet_start(__name__)  # Ctrl-C during the imports below: one line, not their tr
 import contextlib  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import hashlib  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -84,6 +82,7 @@ from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: 
 from experiments.result_json import write_atomic  # noqa: E402
 from experiments.checkpoint_hints import checkpoint_hint, trained_task_note  # noqa: E402
 from experiments.cli_args import check_seed  # noqa: E402
+from experiments.data_order import derived_seed, stream_indices  # noqa: E402
 from experiments.cli_errors import check_no_chdir, hydra_rerun_hint, interrupt_reported, note_hydra_job  # noqa: E402
 from experiments.group_options import check_group_options, check_launcher_commands  # noqa: E402
 from experiments.launcher_watch import launcher_watched  # noqa: E402
@@ -401,23 +400,6 @@ def make_accelerator(device: torch.device | None) -> Accelerator:
     if device is not None and accelerator.device.type != device.type:
         raise RuntimeError(f"device={device} asked, but accelerate placed the run on {accelerator.device}")
     return accelerator
-
-
-def derived_seed(*parts: Any) -> int:
-    """A 31-bit seed that is a pure function of parts (e.g. seed, "rollout", step, rank)."""
-    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, size: int) -> tuple[int, ...]:
-    generator = torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch))
-    return tuple(torch.randperm(size, generator=generator).tolist())
-
-
-def stream_indices(start: int, count: int, size: int, seed: int) -> list[int]:
-    """Positions [start, start + count) of an endless stream of shuffled epochs of range(size)."""
-    return [_epoch_order(seed, pos // size, size)[pos % size] for pos in range(start, start + count)]
 
 
 # -- the run ------------------------------------------------------------------------------------

@@ -143,3 +143,35 @@ def test_a_killed_local_sweep_leaves_no_job_running(tmp_path):
     for path in records:  # what the jobs wrote is whole: a rerun goes on from it
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         assert 0 < len(rows) < 5000 and len({row["problem_id"] for row in rows}) == len(rows)
+
+
+@pytest.mark.slow
+def test_a_local_train_sweep_runs_and_its_killed_jobs_save_their_step(tmp_path):
+    # every job of `experiments.train -m hydra/launcher=local` failed before it started: its cached
+    # data order, pickled by reference to a __main__ the workers lack (experiments/data_order.py)
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "experiments.train", "-m", "hydra/launcher=local", "num_threads=1", "run.seed=0,1",
+           f"init_from={ckpt}", "run.max_steps=500", "run.prompts_per_step=2", "run.rollouts_per_prompt=4",
+           "run.checkpoint_every=1000", "run.eval_every=1000", "data.train_problems=40", "data.heldout_problems=2",
+           "data.heldout_rollouts=4", "sampling.max_total_tokens=24", "progress=false", "tensorboard=false",
+           f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while len([path for path in sweep.glob("*/metrics.jsonl") if path.read_text().count("\n") >= 2]) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.1)
+    workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    proc.kill()
+    proc.wait()
+    try:
+        assert wait_gone(workers, 60), "the sweep's training jobs went on after its launcher was killed"
+    finally:
+        for pid in workers:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    err = proc.stderr.read()
+    assert err.count("SIGTERM: saved ") == 2, err[-2000:]  # each trainer finished its step and saved it
+    assert err.count(f"terminated: the sweep's launching process (pid {proc.pid}) is gone; a run resumes from its "
+                     f"out_dir/last; rerun the same command with hydra.sweep.dir={sweep}") == 2
+    assert len(list(sweep.glob("*/last"))) == 2
