@@ -6,7 +6,8 @@
 A task's extract_answer must return a str or None and its grade True or False (what the records'
 readers take, `experiments.sweep_metrics.check_rows`); anything else is a ValueError naming the
 task (`task`), the function, the problem and the candidate, before a row is made. A result whose
-`chosen` is not None or an index of its candidates is a ValueError too (`chosen_fault`).
+`chosen` is not None or an index of its candidates is a ValueError too
+(`treesearch.result_checks.chosen_fault`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from experiments.metrics import CandidateOutcome, ProblemOutcome
 from experiments.result_json import write_atomic
 from treesearch.records import Problem, Step
 from treesearch.result import SearchResult
+from treesearch.result_checks import chosen_fault
 
 Grader = Callable[[Problem, str], bool]
 Extractor = Callable[[str], "str | None"]
@@ -45,17 +47,6 @@ def grade_results(
 ) -> list[ProblemOutcome]:
     """`grade_result` of each result."""
     return [grade_result(r, grade, extract, task) for r in results]
-
-
-def chosen_fault(result: SearchResult) -> str | None:
-    """What is wrong with the result's `chosen` (None, or an int index of its candidates: -1
-    was graded as the last one), else None."""
-    chosen, count = result.chosen, len(result.candidates)
-    if chosen is None or (isinstance(chosen, int) and not isinstance(chosen, bool) and 0 <= chosen < count):
-        return None
-    if not count:
-        return f"chosen={chosen!r:.40} and no candidates (chosen must be None then)"
-    return f"chosen={chosen!r:.40}, not None or an index of its {count} candidates (0 to {count - 1})"
 
 
 def record(result: SearchResult, outcome: ProblemOutcome) -> dict:

@@ -43,7 +43,8 @@ files, is removed again); so is the strategy's config class (a `seed` field and 
 `treesearch.registry`). What a strategy returns, and the rows made of it, are checked before a
 chunk's rows are appended (one `SearchResult` per problem in order, `chosen` an index of its
 candidates, finite scores, the task's extract_answer / grade types, `sweep_metrics.check_rows`,
-`strategy` the registered name and `config` the one it ran with, `check_row_identity`):
+`strategy` the registered name and `config` the one it ran with, `check_row_identity`; the
+library's checks, `treesearch.result_checks`):
 a refusal names the strategy or the task module, and nothing of that chunk is written. In a
 sweep (-m) each bad job's message is printed without a traceback as `error: job #<k> (<its
 overrides>): <message>`, the other jobs run, and the sweep exits 1 (Hydra's). HYDRA_FULL_ERROR=1
@@ -97,7 +98,7 @@ from experiments.model_folder_target import check_not_model_folder
 from experiments.out_dir_args import check_out_dir_argument, with_experiment_job_folders
 from experiments.override_keys import check_override_keys, check_plain_keys, check_refused_keys
 from experiments.live_tree import LIVE_TREE_FILE, LiveTree, is_live_file
-from experiments.outcomes import chosen_fault, grade_results, record
+from experiments.outcomes import grade_results, record
 from experiments.record_log import append_rows, check_row_questions, load_rows
 from experiments.result_json import write_atomic
 from experiments.run_weights import (
@@ -117,14 +118,13 @@ from policies.vllm_engine import VLLMMissingError, process_environment
 from scorers.prm_loading import check_prm_folder
 from scorers.sprm_scorer import check_batch_size
 from treesearch.concurrent import problem_seed, search_each, seeded_for
-from treesearch.compute import Compute
-from treesearch.config_checks import is_finite_number, is_int, problem_fault
+from treesearch.config_checks import is_int, problem_fault
 from treesearch.config_diff import config_differences, resume_overrides, with_added_settings
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
 from treesearch import registry
 from treesearch.registry import StrategySpec
-from treesearch.result import Candidate, SearchResult
+from treesearch.result_checks import ResultError, check_results, identity_fault
 from treesearch.steps import StepFormat
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
@@ -894,63 +894,26 @@ def search_chunk(
     together by a `policies.continuous_engine.ContinuousEngine`; transformers policy only; each
     problem with its own seed, `treesearch.concurrent.problem_seed`).
     on_round: passed to the strategy (`treesearch.protocols.RoundHook`). What it returns is
-    checked (`check_results`)."""
-    if check_batching(batching) == "lockstep":
-        results = spec.fn(part, policy, scorer, cfg, on_round=on_round)
-    elif not hasattr(policy, "chunk_decoder"):
-        raise ValueError(f"batching=continuous needs the in-process transformers policy, not {type(policy).__name__}")
-    else:
-        from policies.continuous_engine import ContinuousEngine  # torch: only when asked for
+    checked once (`treesearch.result_checks.check_results`: here in lockstep, by `search_each` for
+    each problem under continuous batching), a ValueError naming the strategy; nothing written."""
+    label = strategy_label(spec)
+    try:
+        if check_batching(batching) == "lockstep":
+            results = spec.fn(part, policy, scorer, cfg, on_round=on_round)
+            check_results(results, part, label)
+        elif not hasattr(policy, "chunk_decoder"):
+            raise ValueError(f"batching=continuous needs the in-process transformers policy, not {type(policy).__name__}")
+        else:
+            from policies.continuous_engine import ContinuousEngine  # torch: only when asked for
 
-        with ContinuousEngine.attached(policy):
-            results = search_each(spec.fn, part, policy, scorer, cfg, on_round=on_round)
-    check_results(results, part, strategy_label(spec))
+            with ContinuousEngine.attached(policy):
+                results = search_each(spec.fn, part, policy, scorer, cfg, on_round=on_round, label=label)
+    except ResultError as err:
+        raise ValueError(f"{err}; {UNWRITTEN}") from None
     return results
 
 
 UNWRITTEN = "nothing of this chunk was written to records.jsonl"
-
-
-def check_results(results: Any, part: Sequence[Problem], label: str) -> None:
-    """A ValueError naming the strategy (`label`) unless results is a list or tuple of one
-    `SearchResult` per problem of part, in its order, each sound (`result_fault`)."""
-    if not isinstance(results, (list, tuple)):
-        raise ValueError(f"{label} returned {type(results).__name__} {results!r:.60}, not a list of SearchResult "
-                         f"(one per problem); {UNWRITTEN}")
-    if len(results) != len(part):
-        raise ValueError(f"{label} returned {len(results)} results for {len(part)} problems: one SearchResult per "
-                         f"problem, in the problems' order; {UNWRITTEN}")
-    for result, problem in zip(results, part):
-        fault = result_fault(result, problem)
-        if fault is not None:
-            raise ValueError(f"{label} {fault}; {UNWRITTEN}")
-
-
-def result_fault(result: Any, problem: Problem) -> str | None:
-    """What is wrong with the result a strategy returned for `problem` (phrased to follow the
-    strategy's name: "gave ..."), else None: not a SearchResult, another problem, a candidate that
-    is no Candidate or scores no finite number, a `chosen` that is no index of the candidates
-    (`chosen_fault`), a compute that is no Compute. The rest of a row (the budget in its config)
-    is `check_new_rows`'s."""
-    if not isinstance(result, SearchResult):
-        return f"gave a {type(result).__name__} for problem {problem.id!r}, not a SearchResult"
-    got = getattr(result.problem, "id", result.problem)
-    if got != problem.id:
-        return f"gave a result of problem {got!r:.60} where problem {problem.id!r} was due (the problems' order)"
-    where = f"problem {problem.id!r}"
-    if not isinstance(result.candidates, (list, tuple)):
-        return f"gave {where} candidates={result.candidates!r:.60}, not a tuple of Candidate"
-    for index, cand in enumerate(result.candidates):
-        if not isinstance(cand, Candidate):
-            return f"gave candidate {index} of {where} as a {type(cand).__name__}, not a Candidate"
-        if not is_finite_number(cand.score):
-            return f"gave candidate {index} of {where} score={cand.score!r:.40}, not a finite number"
-    fault = chosen_fault(result)
-    if fault is not None:
-        return f"gave {where} {fault}"
-    if not isinstance(result.compute, Compute):
-        return f"gave {where} compute={result.compute!r:.60}, not a treesearch.compute.Compute"
-    return None
 
 
 def run_chunk(
@@ -994,49 +957,14 @@ def ran_configs(part: Sequence[Problem], strategy_cfg: Any, seed: int, batching:
 def check_row_identity(rows: Sequence[dict[str, Any]], spec: StrategySpec, ran: dict[str, dict[str, Any]]) -> None:
     """A ValueError naming the strategy when a row's `strategy` is not the name the strategy is
     registered under or its `config` is not the config its search ran with (`ran`: the registry's
-    contract, `dataclasses.asdict(cfg)`), compared as records.jsonl writes them (`same_as_written`).
-    records.jsonl, metrics.json and the sweep tables file a run by both: results saying "other"
-    missed the strategy's ADDED_SETTINGS, a config of n=3 filed a run of n=8 under N=3."""
+    contract, `dataclasses.asdict(cfg)`), compared as records.jsonl writes them
+    (`treesearch.result_checks.identity_fault`). Run after `check_new_rows`, whose refusals of a
+    config the readers cannot hold come first."""
     name = registered_name(spec)
     for row in rows:
-        fault = identity_fault(row, name, ran[row["problem_id"]])
+        fault = identity_fault(row["strategy"], row["config"], name, ran[row["problem_id"]])
         if fault is not None:
             raise ValueError(f"{strategy_label(spec)} gave problem {row['problem_id']!r} {fault}; {UNWRITTEN}")
-
-
-def identity_fault(row: dict[str, Any], name: str | None, ran: dict[str, Any]) -> str | None:
-    """What is wrong with a row's strategy name or config (`check_row_identity`), else None."""
-    if row["strategy"] != name:
-        return (f"strategy={row['strategy']!r:.60}, not {name!r}, the name it is registered under (records.jsonl, "
-                "metrics.json and the sweep tables file its rows by it)")
-    got = row["config"]
-    if same_as_written(got, ran):
-        return None
-    if not isinstance(got, dict):
-        return f"config={got!r:.60}, not the config its search ran with as a dict (dataclasses.asdict(cfg))"
-    keys = [key for key in [*ran, *(key for key in got if key not in ran)]
-            if key not in got or key not in ran or not same_as_written(got[key], ran[key])]
-    shown = keys[:3] + (["..."] if len(keys) > 3 else [])
-    if not keys:  # equal key by key, apart as a whole: values JSON cannot hold
-        return f"config={got!r:.80} where its search ran with {ran!r:.80} (dataclasses.asdict(cfg))"
-    return (f"config {setting_list(got, shown)} where its search ran with {setting_list(ran, shown)} (a result's "
-            "config is dataclasses.asdict(cfg): records.jsonl and the sweep tables file its rows by it)")
-
-
-def setting_list(config: dict[str, Any], keys: Sequence[str]) -> str:
-    """`n=3, seed=0` of config's keys (`no lookahead` for a key it lacks; "..." as it is)."""
-    return ", ".join(key if key == "..." else f"{key}={config[key]!r:.40}" if key in config else f"no {key}"
-                     for key in keys)
-
-
-def same_as_written(got: Any, want: Any) -> bool:
-    """Whether two values are the same as a row of records.jsonl holds them: their JSON text, keys
-    sorted (a tuple is the list it is written as, a NaN equals NaN; 1 and 1.0, True and 1 are
-    written apart and differ); values JSON cannot hold are compared as they are."""
-    try:
-        return json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
-    except (TypeError, ValueError):  # a Path, keys of mixed types to sort, a circular reference
-        return got == want
 
 
 def task_name(task: Task) -> str:

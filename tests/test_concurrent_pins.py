@@ -29,7 +29,10 @@ from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.best_of_n import BestOfNConfig, best_of_n
 from treesearch.concurrent import SearchCancelled, problem_seed, raise_first_error, search_each
 from treesearch.merged_scorer import MergedScorer
+from treesearch.compute import Compute
 from treesearch.records import Prefix, Problem
+from treesearch.result import SearchResult
+from treesearch.tree import Tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,6 +57,11 @@ class NoModelScorer:
         return 0
 
 
+def stub_result(problem: Problem) -> SearchResult:
+    """The least result a search can return for a problem (no candidates), as search_each checks."""
+    return SearchResult(problem, "stub", {}, (), None, Tree(problem), Compute())
+
+
 def problems(count: int) -> list[Problem]:
     return [Problem(f"p{i}", f"{i}+{i}", str(2 * i), {"answers": ANSWERS}) for i in range(count)]
 
@@ -66,7 +74,7 @@ def seeds_seen(cfg_seed: int, searched: list[Problem]) -> dict[str, int]:
     def fn(batch, policy, scorer, cfg, on_round=None):
         with lock:
             seen[batch[0].id] = cfg.seed
-        return [batch[0].id]
+        return [stub_result(batch[0])]
 
     search_each(fn, searched, object(), NoModelScorer(), SeededConfig(seed=cfg_seed))
     return seen
@@ -131,11 +139,11 @@ def test_one_worker_runs_one_search_at_a_time():
         finally:
             with lock:
                 active[0] -= 1
-        return [batch[0].id]
+        return [stub_result(batch[0])]
 
     searched = problems(3)
     out = search_each(fn, searched, object(), NoModelScorer(), SeededConfig(), workers=1)
-    assert out == ["p0", "p1", "p2"]
+    assert [r.problem.id for r in out] == ["p0", "p1", "p2"]
     assert peak[0] == 1
 
 
@@ -156,10 +164,10 @@ def test_two_workers_run_two_searches_at_once_and_no_more():
         finally:
             with lock:
                 active[0] -= 1
-        return [batch[0].id]
+        return [stub_result(batch[0])]
 
     out = search_each(fn, problems(3), object(), NoModelScorer(), SeededConfig(), workers=2)
-    assert out == ["p0", "p1", "p2"] and peak[0] == 2
+    assert [r.problem.id for r in out] == ["p0", "p1", "p2"] and peak[0] == 2
 
 
 def done_future(error: BaseException) -> Future:

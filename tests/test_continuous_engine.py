@@ -25,6 +25,7 @@ from policies.decode_loop import ChunkRequest
 from policies.prefix_cache import PrefixCacheConfig, PrefixKV
 from policies.sampling import SplitDraws
 from scorers.confidence import ConfidenceScorer
+from test_concurrent_pins import stub_result
 from test_prefix_cache import assert_same_outputs, children, policy
 from test_reflective_policy import SCORER as SHARED_MODEL_SCORER, policy as reflective_policy
 from policies.sampling_config import SamplingConfig
@@ -353,7 +354,7 @@ def test_search_each_raises_a_problems_error_and_checks_workers():
     def fails_on_b(problems, policy, scorer, cfg, on_round=None):
         if problems[0].id == "b":
             raise RuntimeError("problem 'b' broke")
-        return [problems[0].id]
+        return [stub_result(problems[0])]
 
     problems = [Problem("a", "1"), Problem("b", "2")]
     with pytest.raises(RuntimeError, match="problem 'b' broke") as caught:
@@ -363,7 +364,7 @@ def test_search_each_raises_a_problems_error_and_checks_workers():
     def scorer_fails_on_b(problems, policy, scorer, cfg, on_round=None):
         if problems[0].id == "b":
             raise RuntimeError("scorer boom")  # no id: which of 500 problems was it?
-        return [problems[0].id]
+        return [stub_result(problems[0])]
 
     with pytest.raises(RuntimeError, match="scorer boom") as caught:
         search_each(scorer_fails_on_b, problems, None, None, None)
@@ -402,7 +403,7 @@ def test_an_error_or_interrupt_stops_the_other_searches_at_their_next_round(erro
         except BaseException as stopped:
             ended[pid] = stopped
             raise
-        return [pid]
+        return [stub_result(problems[0])]
 
     problems = [Problem(pid, "q") for pid in "abcde"]
     with pytest.raises(type(error)):

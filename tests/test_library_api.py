@@ -711,7 +711,7 @@ spec = register("cell", cell_search, CellConfig)
         exec(cell, first)
         exec(cell, again)
         assert again["cell_search"] is not first["cell_search"] and STRATEGIES["cell"] == again["spec"]
-        assert run_search("cell", problems(1), FakePolicy(), OracleScorer(), n=1) == []
+        assert run_search("cell", [], FakePolicy(), OracleScorer(), n=1) == []  # cell_search returns no result
         elsewhere = {"register": register, "__name__": "fakes"}  # the same names in another module
         with pytest.raises(ValueError, match=r"^strategy cell is registered already"):
             exec(cell, elsewhere)

@@ -27,10 +27,11 @@ from hydra import compose, initialize_config_dir
 from cli_batch import Case, CliRuns, Run
 from experiments import group_options
 from experiments.group_options import missing_launcher_commands
-from experiments.search import CONFIG_DIR, identity_fault, load_task, same_as_written
+from experiments.search import CONFIG_DIR, load_task
 import test_search_resume
 from test_search_resume import run_in_process
 from treesearch.registry import STRATEGIES
+from treesearch.result_checks import identity_fault, same_as_written
 
 torch.set_num_threads(1)
 ckpt = test_search_resume.ckpt  # its module fixture: a tiny policy checkpoint
@@ -168,10 +169,10 @@ def test_configs_are_compared_as_records_write_them():
     assert not same_as_written({"t": 1}, {"t": 1.0}) and not same_as_written({"f": True}, {"f": 1})  # written apart
     assert same_as_written({"p": Path("x")}, {"p": Path("x")})  # not JSON: compared as it is
     row = {"strategy": "s", "config": {"n": 2, "seed": 0}}
-    assert identity_fault(row, "s", {"n": 2, "seed": 0}) is None
-    assert identity_fault(row, "s", {"n": 2, "seed": 0, "depth": 3}).startswith(
+    assert identity_fault(row["strategy"], row["config"], "s", {"n": 2, "seed": 0}) is None
+    assert identity_fault(row["strategy"], row["config"], "s", {"n": 2, "seed": 0, "depth": 3}).startswith(
         "config no depth where its search ran with depth=3 (")
-    assert identity_fault({**row, "config": None}, "s", {"n": 2}).startswith("config=None, not the config its search ran")
+    assert identity_fault(row["strategy"], None, "s", {"n": 2}).startswith("config=None, not the config its search ran")
 
 
 # -- 2: the SLURM launcher where SLURM is not ------------------------------------------------

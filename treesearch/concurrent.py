@@ -13,6 +13,7 @@ candidates under each id); only
 the wall time a problem's compute ledger records includes waiting for the others' rows (and, for
 a PRM whose merged calls forward a start that several problems' paths share, such as its system
 prompt, which of them its `scorer_tokens` charge that start to; the total is the same).
+What fn returns for each problem is checked (`treesearch.result_checks`), naming the problem.
 An error in one problem's search, or an interrupt (Ctrl-C) here, stops the other searches at the
 end of their current round (`SearchCancelled` in their threads; the problems not started yet never
 start) and is then raised here: the error that stopped them (which one, when several searches
@@ -39,6 +40,7 @@ from treesearch.merged_scorer import merged_for_threads
 from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.records import Problem
 from treesearch.result import SearchResult
+from treesearch.result_checks import check_results, fn_label
 
 MAX_WORKERS = 256  # threads at most; more problems wait for a free one
 
@@ -57,6 +59,7 @@ def search_each(
     workers: int | None = None,
     on_round: RoundHook | None = None,
     merge_scores: bool = True,
+    label: str | None = None,
 ) -> list[SearchResult]:
     """fn([problem], policy, scorer, cfg) for every problem, `workers` at a time (default: all,
     up to MAX_WORKERS), in threads; the results in problem order. on_round, when given, is passed
@@ -64,10 +67,14 @@ def search_each(
     hook of its own either way (`on_round=`, as every strategy takes), which stops the search at
     the end of a round once another one failed or the caller was interrupted.
     merge_scores: run the threads' concurrent calls of a scorer that forwards a model as one
-    (`treesearch.merged_scorer.merged_for_threads`); False calls it from each thread as it is."""
+    (`treesearch.merged_scorer.merged_for_threads`); False calls it from each thread as it is.
+    What fn returns for each problem is checked (`treesearch.result_checks.check_results`: one sound
+    SearchResult of that problem): a ValueError (`ResultError`) naming the strategy (`label`, by
+    default fn's name: `strategy beam_search`), the problem and the fault."""
     if workers is not None and (not is_int(workers) or workers < 1):
         raise ValueError(f"search_each workers={workers!r} must be an integer >= 1 (or None: one per problem)")
     check_round_hook(on_round)  # wrapped in round_end below: fn's own check cannot see it
+    label = fn_label(fn) if label is None else label
     problems = problem_list(problems)  # a generator or a lone Problem, named as the strategies do
     if not problems:
         return []
@@ -87,7 +94,8 @@ def search_each(
         if stop.is_set():  # a worker freed by a failed search takes the next problem before the caller wakes
             raise SearchCancelled("not started: another problem's search failed or was interrupted")
         try:
-            (result,) = fn([problem], policy, scorer, seeded_for(cfg, problem), on_round=round_end)
+            results = fn([problem], policy, scorer, seeded_for(cfg, problem), on_round=round_end)
+            check_results(results, [problem], label)  # 0 or 2 results were "cannot unpack", naming no problem
         except BaseException as error:
             stop.set()  # in this thread, before its worker can take another problem
             # a scorer's own error names no problem; a TypeError (a policy or scorer that is not one) is no problem's
@@ -95,7 +103,7 @@ def search_each(
                     and repr(problem.id) not in str(error):
                 error.add_note(f"in the search of problem {problem.id!r}")
             raise
-        return result
+        return results[0]
 
     pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="search")
     try:

@@ -32,17 +32,21 @@ Adding a strategy: call `register(name, fn, config)` when your module is importe
         '~search.aggregation'
 
 (`~search.aggregation`: a setting of the default search=best_of_n that ShortestConfig lacks.)
-experiments.search checks a strategy's config before the policy loads and what fn returns before
-a row is written: a broken one is one `error:` line naming the strategy, nothing written.
+`run_search` checks what fn returns (`treesearch.result_checks`: a ValueError naming the strategy
+and the fault); experiments.search checks a strategy's config before the policy loads and what fn
+returns before a row is written: a broken one is one `error:` line naming the strategy, nothing
+written.
+
+Tests: `.venv/bin/python -m pytest tests/test_library_api.py tests/test_library_result_checks.py`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from treesearch.beam_search import BeamSearchConfig, beam_search
 from treesearch.best_of_n import BestOfNConfig, best_of_n
-from treesearch.config_checks import check_round_hook
+from treesearch.config_checks import check_round_hook, problem_list
 from treesearch.dvts import DVTSConfig, dvts
 from treesearch.mcts import MCTSConfig, mcts
 from treesearch.particle_filtering import ParticleFilteringConfig, particle_filtering
@@ -50,6 +54,7 @@ from treesearch.protocols import Policy, RoundHook, Scorer
 from treesearch.rebase import RebaseConfig, rebase
 from treesearch.records import Problem
 from treesearch.result import SearchResult
+from treesearch.result_checks import check_identity, check_results
 
 SearchFn = Callable[[Sequence[Problem], Policy, Scorer, Any], list[SearchResult]]
 
@@ -149,10 +154,25 @@ def run_search(
     strategy's own `search(problems, policy, scorer, cfg, on_round=None)` takes it) or with one built from keyword
     arguments (`build_config`), not both; on_round (keyword only): called after each round with
     every problem's tree (`treesearch.protocols.RoundHook`). A config object given where a hook was
-    expected ran the default config and failed at the first round end."""
+    expected ran the default config and failed at the first round end. What the strategy returns
+    is checked (`check_search_results`): a strategy of one's own that breaks the contract is a
+    ValueError naming it and the fault, not a confusing failure later."""
     if config is not None and cfg:
         raise TypeError(f"run_search({name!r}, ...) takes the strategy's config object or its settings as keywords, "
                         f"not both (got {type(config).__name__} and {', '.join(cfg)})")
     check_round_hook(on_round)  # a strategy of one's own need not check it
     built = build_config(name, **cfg) if config is None else config
-    return get_strategy(name).fn(problems, policy, scorer, built, on_round=on_round)
+    if isinstance(problems, Iterator):  # a generator: read once here, to check the results against
+        problems = list(problems)
+    results = get_strategy(name).fn(problems, policy, scorer, built, on_round=on_round)
+    check_search_results(results, problem_list(problems), name, built)
+    return results
+
+
+def check_search_results(results: Any, problems: Sequence[Problem], name: str, config: Any) -> None:
+    """A ValueError (`treesearch.result_checks.ResultError`) naming strategy `name` and the fault
+    unless results keep the contract (module docstring): one sound `SearchResult` per problem in
+    order (`check_results`), each naming `name` and `dataclasses.asdict(config)` (`check_identity`)."""
+    label = f"strategy {name}"
+    check_results(results, problems, label)
+    check_identity(results, name, config, label)
