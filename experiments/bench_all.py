@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
+from experiments.broken_pipe import stdout_closed_quietly
 from experiments.cli_args import check_file_target
 from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT, Terminated, raise_terminated
 
@@ -154,6 +155,10 @@ def run_section(section: Section, report: IO[str], vllm: bool = True) -> Outcome
         child.kill()
         child.wait()
         return Outcome(section, "interrupted", "terminated" if isinstance(err, Terminated) else "")
+    except BrokenPipeError:  # our stdout's reader left (`| head`): stop the benchmark, not orphan it
+        child.kill()
+        child.wait()
+        raise  # `stdout_closed_quietly` of __main__: exit 141
     finally:
         if not line.endswith("\n"):
             sys.stdout.write("\n")
@@ -288,4 +293,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        sys.exit(main())

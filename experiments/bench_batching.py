@@ -62,6 +62,7 @@ from typing import Any, Callable, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
+from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 from experiments.cli_args import check_beam_shape, positive_int  # noqa: E402
 from experiments.bench_timing import DecodeRows, Timing, best_of, interleaved, median_timing  # noqa: E402
 from policies.continuous_engine import ContinuousEngine  # noqa: E402
@@ -246,4 +247,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        main()

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from experiments.bench_ways import ways_report  # noqa: E402
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
+from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 from experiments.cli_args import check_beam_shape, positive_int  # noqa: E402
 from policies.bf16_support import native_bf16  # noqa: E402
 from policies.checkpoint import torch_dtype  # noqa: E402
@@ -65,4 +66,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        main()

@@ -54,6 +54,7 @@ import torch  # noqa: E402
 
 from experiments.bench_workload import Workload, add_device_argument, add_search_arguments, load_workload  # noqa: E402
 from experiments.bench_timing import ForwardClock, PhaseClock, PolicyClock, timed  # noqa: E402
+from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 from experiments.cli_args import check_beam_shape, nonnegative_int, positive_int  # noqa: E402
 from policies import decode_loop, fed_kv, transformers_policy  # noqa: E402
 from policies.decode_batch import DecodeBatch  # noqa: E402
@@ -290,4 +291,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        main()

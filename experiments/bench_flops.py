@@ -35,6 +35,7 @@ from typing import Any, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.bench_workload import add_checkpoint_argument  # noqa: E402
+from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 from experiments.cli_args import positive_int  # noqa: E402
 from experiments.bench_timing import best_of  # noqa: E402
 from experiments.bench_train_throughput import (  # noqa: E402
@@ -220,4 +221,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        main()

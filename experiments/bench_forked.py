@@ -22,6 +22,7 @@ from typing import Sequence  # noqa: E402
 
 from experiments.bench_ways import flag_ways_report, ways_main  # noqa: E402
 from experiments.bench_workload import Workload  # noqa: E402
+from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 
 WAYS: dict[str, bool] = {"forked": True, "every row alone": False}  # label -> TransformersPolicy(forked=)
 
@@ -38,4 +39,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        main()

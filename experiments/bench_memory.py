@@ -29,6 +29,7 @@ from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 from experiments.bench_workload import add_checkpoint_argument, has_checkpoint, load_tiny_parts  # noqa: E402
+from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 from experiments.cli_args import int_list, positive_int  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,4 +169,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        main()

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from experiments.bench_prm_prefix import RecordingScorer, add_prm_arguments, load_prm  # noqa: E402
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
+from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 from experiments.cli_args import check_beam_shape, positive_int  # noqa: E402
 from policies.continuous_engine import ContinuousEngine  # noqa: E402
 from scorers.lm_prm_scorer import LMPRMScorer  # noqa: E402
@@ -122,4 +123,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        raise SystemExit(main())

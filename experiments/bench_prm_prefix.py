@@ -36,6 +36,7 @@ from typing import Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.bench_workload import Workload, add_search_arguments, has_checkpoint, load_workload  # noqa: E402
+from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 from experiments.cli_args import check_beam_shape, positive_int  # noqa: E402
 from scorers.lm_prm_scorer import LMPRMScorer  # noqa: E402
 from scorers.prm_format import PRM_FORMATS  # noqa: E402
@@ -192,4 +193,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        raise SystemExit(main())

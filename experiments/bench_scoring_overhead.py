@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from experiments.bench_timing import Timing, interleaved, median_timing  # noqa: E402
 from experiments.bench_workload import add_checkpoint_argument, load_tiny_parts  # noqa: E402
+from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 from experiments.cli_args import positive_int  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
@@ -108,4 +109,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        main()

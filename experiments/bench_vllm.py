@@ -55,6 +55,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
+from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 from experiments.cli_args import check_beam_shape, int_list, positive_float, positive_int  # noqa: E402
 from experiments.bench_workload import add_checkpoint_argument  # noqa: E402
 from experiments.tasks import arith  # noqa: E402
@@ -348,4 +349,5 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        main()

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from experiments.bench_engine_overhead import TARGET, OverheadRow, overhead_table, strategies  # noqa: E402
 from experiments.bench_timing import GenerateClock, PolicyClock, timed  # noqa: E402
 from experiments.bench_workload import Workload, add_search_arguments, load_workload  # noqa: E402
+from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 from experiments.cli_args import check_beam_shape, positive_float  # noqa: E402
 from policies.checkpoint import save_checkpoint  # noqa: E402
 from policies.gc_freeze import freeze_long_lived  # noqa: E402
@@ -103,4 +104,5 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        main()

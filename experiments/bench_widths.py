@@ -23,6 +23,7 @@ from typing import Sequence  # noqa: E402
 
 from experiments.bench_ways import ways_main, ways_report  # noqa: E402
 from experiments.bench_workload import Workload  # noqa: E402
+from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 from treesearch.protocols import Policy  # noqa: E402
 from treesearch.records import Prefix, Step  # noqa: E402
 
@@ -59,4 +60,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        main()

@@ -1,7 +1,9 @@
 """One-line errors for the argparse command lines: our own input errors (ValueError,
 FileNotFoundError: a bad setting, a missing or damaged file) and a place that cannot be written
 (`is_storage_error`: a full disk, a read-only or forbidden folder) print `error: <message>` on
-stderr and give exit code 2; any other exception is a bug and keeps its traceback.
+stderr and give exit code 2; any other exception is a bug and keeps its traceback. A stdout whose
+reader is gone (`... | head -1`) stops the command quietly with exit 141
+(`experiments.broken_pipe.stdout_closed_quietly`).
 
     def main(argv: Sequence[str] | None = None) -> int:
         return run_command(train_command, argv)     # train_command(argv) -> exit code
@@ -32,6 +34,7 @@ import threading
 import traceback
 from typing import Callable, Iterator, Sequence
 
+from experiments.broken_pipe import stdout_closed_quietly
 from experiments.startup_interrupt import started
 from policies.disk_full import STORAGE_ERRNOS
 from policies.step_boundary import Terminated  # noqa: F401 (raised on SIGTERM here; re-exported)
@@ -71,9 +74,11 @@ def error_text(err: BaseException) -> str:
 
 
 def run_command(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """command(argv)'s exit code, or USAGE_EXIT after printing `error: <message>` for INPUT_ERRORS."""
+    """command(argv)'s exit code, or USAGE_EXIT after printing `error: <message>` for INPUT_ERRORS;
+    SystemExit(141), quietly, when stdout's reader is gone (`stdout_closed_quietly`)."""
     try:
-        return command(argv)
+        with stdout_closed_quietly():
+            return command(argv)
     except INPUT_ERRORS as err:
         print(f"error: {error_text(err)}", file=sys.stderr)
         return USAGE_EXIT

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import httpx
 
+from experiments.broken_pipe import stdout_closed_quietly
 from experiments.cli_args import positive_float, positive_int
 
 API_KEY_ENV = "TREESEARCH_API_KEY"  # experiments.serve.API_KEY_ENV (not imported: it loads the services)
@@ -305,4 +306,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        sys.exit(main())

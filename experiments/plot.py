@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from experiments.broken_pipe import stdout_closed_quietly, stdout_reader_gone
 from experiments.plot_aha import register_aha
 from experiments.plot_scaling import register_scaling
 from experiments.result_json import ResultFileError, ResultRecord, load_result
@@ -226,9 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ResultFileError, OutputDirError, OSError) as err:  # OSError: "[Errno 13] Permission denied: 'ro/sub'"
+        if isinstance(err, BrokenPipeError) and stdout_reader_gone():
+            raise  # `... | head`: `stdout_closed_quietly` ends it with 141, quietly
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        raise SystemExit(main())

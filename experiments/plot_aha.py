@@ -38,6 +38,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from experiments.aha_metrics import AHA_THRESHOLD, aha_step
+from experiments.broken_pipe import stdout_closed_quietly
 from experiments.plot_output import PlotOutputError, check_out_path, save_figure
 
 
@@ -225,4 +226,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        raise SystemExit(main())

@@ -41,6 +41,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from experiments.broken_pipe import stdout_closed_quietly
 from experiments.cli_args import finite_float
 from experiments.plot_output import PlotOutputError, check_out_path, save_figure
 from experiments.scaling import (
@@ -185,4 +186,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        raise SystemExit(main())

@@ -48,6 +48,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from experiments.broken_pipe import stdout_closed_quietly
 from experiments.cli_args import finite_float
 from experiments.metrics import Estimate, interval
 from experiments.sweep_metrics import RunFolderError, RunSummary, estimate_dict, sweep_notes, sweep_summaries
@@ -364,4 +365,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        raise SystemExit(main())

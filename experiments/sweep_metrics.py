@@ -72,6 +72,7 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import OmegaConf
 
+from experiments.broken_pipe import stdout_closed_quietly
 from experiments.metrics import CandidateOutcome, Estimate, ProblemOutcome, interval, problem_accuracy
 from experiments.record_log import load_rows
 from experiments.run_weights import WEIGHTS_FILE, read_saved
@@ -841,4 +842,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        raise SystemExit(main())

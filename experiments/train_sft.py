@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
+from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 from experiments.cli_args import check_folder_target, named_as_flag, seed_int  # noqa: E402
 from experiments.model_folder_target import check_not_model_folder  # noqa: E402
 from experiments.cli_errors import INTERRUPT_EXIT, TERMINATE_EXIT, interrupt_reported, is_storage_error  # noqa: E402
@@ -297,4 +298,5 @@ def drop_stale_evaluation(out: Path, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        raise SystemExit(main())
