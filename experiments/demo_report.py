@@ -10,7 +10,7 @@ Selection rules on the same sampled candidates (disjoint groups of N, see experi
   pass@N      oracle: any of the N is right
 
 With a strategy sweep (`experiments.demo_sweep`) per task, the report adds the compute-matched
-table of Best-of-N / beam search / DVTS / MCTS and the scaling plot, and metrics.json adds
+table of Best-of-N / beam search / DVTS / MCTS / REBASE / particle filtering and the scaling plot, and metrics.json adds
 `<task>.budget_table` (a list of {strategy, budget, tokens, accuracy, low, high}),
 `<task>.scaling.<strategy>.slope` and, for the first task swept, `scaling.<strategy>.slope`
 (accuracy gained per doubling of compute C = parameters x generated tokens).

@@ -18,7 +18,7 @@ rest of hydra/... is left to Hydra. Config folders of your own count as Hydra re
 add their groups' yaml files to the options (`--config-dir my_conf task=my_task`).
 
     if __name__ == "__main__":
-        check_group_options(sys.argv[1:], CONFIG_DIR)
+        check_group_options(sys.argv[1:], CONFIG_DIR, "search")  # the name: +policy=tiny (already in its defaults) refused
         check_launcher_commands(sys.argv[1:], CONFIG_DIR, "search")  # after the key checks: a typo first
         main()
 

@@ -15,8 +15,8 @@ HYDRA_FULL_ERROR=1 leaves the command line to Hydra as it is, and so do other co
 (Hydra's own messages name them).
 
     if __name__ == "__main__":
-        check_group_options(sys.argv[1:], CONFIG_DIR)
-        check_override_keys(sys.argv[1:], CONFIG_DIR, "search")
+        check_group_options(sys.argv[1:], CONFIG_DIR, "search")
+        check_override_keys(sys.argv[1:], CONFIG_DIR, "search", PLAIN_NODE_KEYS)  # +num_thread=2: a top-level typo
         main()
 """
 from __future__ import annotations

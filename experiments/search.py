@@ -32,7 +32,8 @@ finished chunk's rows are appended as complete lines with one write + fsync
 (`experiments.record_log`); after a kill, rerunning the same command drops a torn last line,
 reruns only chunks with a missing problem and appends only the missing rows: no duplicates,
 nothing lost, the same records as an uninterrupted run. A folder whose config.yaml differs from
-the current config (ignoring out_dir, progress, num_threads) is refused, never mixed. A lock
+the current config (ignoring `IGNORED_KEYS`: out_dir, progress, num_threads, live_tree and the
+policy's / scorer's connection settings) is refused, never mixed. A lock
 file stops two processes from writing one folder at once.
 
 Errors: bad input (a ValueError or FileNotFoundError: a bad value, a missing file, a task without

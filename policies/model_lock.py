@@ -15,7 +15,7 @@ A continuous engine (`policies.continuous_engine`) holds it for each of its step
 takes its turn between two. The lock is re-entrant and kept in a table weakly keyed by the model
 object (not on the object: a copy.deepcopy or pickle of the model must not meet a lock).
 
-Tests: `.venv/bin/pytest tests/test_continuous_engine.py -k "threads or takes_turns"`.
+Tests: `.venv/bin/pytest tests/test_continuous_engine.py -k takes_turns`.
 """
 from __future__ import annotations
 

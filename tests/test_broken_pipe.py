@@ -81,13 +81,14 @@ def run_reader_gone(args: tuple[str, ...], unbuffered: bool) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
-@pytest.mark.parametrize("command", ["sweep_metrics", "scaling", "plot_scaling", "bench_all", "run_command"])
+@pytest.mark.parametrize("command", ["sweep_metrics", "scaling", "plot_scaling", "bench_all", "run_command", "task"])
 def test_a_reader_that_left_stops_the_command_quietly_with_141(sweep, command, unbuffered):
     args = {"sweep_metrics": ("-m", "experiments.sweep_metrics", str(sweep)),
             "scaling": ("-m", "experiments.scaling", str(sweep)),
             "plot_scaling": ("-m", "experiments.plot", "scaling", str(sweep)),  # its OSError was "error: [Errno 32] ..."
             "bench_all": ("-m", "experiments.bench_all", "--list"),
-            "run_command": RUN_COMMAND_CHILD}[command]
+            "run_command": RUN_COMMAND_CHILD,
+            "task": ("-m", "experiments.tasks.arith")}[command]  # a task module's sample problems
     code, err = run_reader_gone(args, unbuffered)
     assert not any(word in err for word in NOISE), err
     assert code == PIPE_EXIT, err

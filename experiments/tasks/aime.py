@@ -167,4 +167,7 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    from experiments.broken_pipe import stdout_closed_quietly
+
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        _main()

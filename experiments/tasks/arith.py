@@ -1,14 +1,14 @@
 """The `arith` task: generated multi-step arithmetic word problems with exact integer answers.
 
-A problem starts from a quantity ("Ann has 23 coins.") and applies operations in words ("She gets
-14 more coins. She gives away 9 coins. Then her coins are tripled."); the default is 2-4
+A problem starts from a quantity ("Ann has 7 coins.") and applies operations in words ("She gets
+5 more coins. She gives away 9 coins. Then her coins are tripled."); the default is 2-4
 operations on distinct numbers up to 10 with values in [0, 99], which the tiny policy learns in
-8 minutes of SFT on 2 CPU cores to about the level the foundation issue asks for. The reference
+1400 steps of SFT (~18 minutes on 2 CPU cores) to about the level the foundation issue asks for. The reference
 solution writes one step per operation inside the think span, each step ending on the step
 separator, then the answer:
 
     prompt:    "<question>\\n<think>"
-    solution:  "23 + 14 = 37.\\n\\n37 - 9 = 28.\\n\\n28 * 3 = 84.\\n\\n</think>Answer: 84"
+    solution:  "7 + 5 = 12.\\n\\n12 - 9 = 3.\\n\\n3 * 3 = 9.\\n\\n</think>Answer: 9"
 
 `ArithConfig` is the difficulty knob. Splits are assigned by a stable hash of the problem's
 arithmetic skeleton with its operations as a multiset (start value and sorted operations, names,
@@ -476,4 +476,7 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    from experiments.broken_pipe import stdout_closed_quietly
+
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        _main()

@@ -13,7 +13,7 @@ moves are dead ends, which the exact solver sees at once (run this module for th
 
 Rules (`countdown_steps.Rules`): every intermediate value is a non-negative integer at most
 `max_value` (subtraction never goes negative, division only when exact), which keeps the
-arithmetic within what a 4M-parameter model learns: with the default single-digit numbers and
+arithmetic within what a 3.5M-parameter model learns: with the default single-digit numbers and
 values below 100 every step is a times-table or two-digit fact. Problems are generated only when
 the exact solver finds a solution under these rules (classic 24 puzzles that need a fraction,
 such as 3 3 8 8, are therefore left out, and so are the 12 whose every integer solution passes a
@@ -728,4 +728,7 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    from experiments.broken_pipe import stdout_closed_quietly
+
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+        _main()
