@@ -85,6 +85,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
+from experiments.broken_pipe import stdout_closed_quietly
 from experiments.checkpoint_hints import (
     HEAD_FILE, check_not_a_run_folder, checkpoint_hint, hinted_checkpoint, trained_task_note,
 )
@@ -1305,7 +1306,8 @@ def main(cfg: DictConfig) -> None:
         out = run_search_experiment(cfg)
     metrics = json.loads((out / METRICS).read_text())
     acc = metrics["accuracy"]
-    print(f"{out}: accuracy {acc['mean']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] over {metrics['problems']} problems")
+    with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback (a sweep stops there, as yes | head)
+        print(f"{out}: accuracy {acc['mean']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] over {metrics['problems']} problems")
 
 
 if __name__ == "__main__":

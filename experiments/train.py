@@ -81,6 +81,7 @@ from experiments.aha_metrics import fc_metrics, path_scores, prefixed  # noqa: E
 from experiments.record_log import append_rows, encode_rows, load_rows  # noqa: E402
 from experiments.result_json import write_atomic  # noqa: E402
 from experiments.checkpoint_hints import checkpoint_hint, trained_task_note  # noqa: E402
+from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 from experiments.cli_args import check_seed  # noqa: E402
 from experiments.data_order import derived_seed, stream_indices  # noqa: E402
 from experiments.cli_errors import check_no_chdir, hydra_rerun_hint, interrupt_reported, note_hydra_job  # noqa: E402
@@ -1237,8 +1238,9 @@ def main(cfg: DictConfig) -> None:
         rows = load_rows(out / METRICS)
         if rows and PartialState().is_main_process:
             last = rows[-1]
-            print(f"{out}: step {last['step']}, reward {last.get('reward/mean')}, fc/diff_prob {last.get('fc/diff_prob')}")
-            print(json.dumps({k: v for k, v in last.items() if k.startswith(("heldout", "fc/"))}))
+            with stdout_closed_quietly():  # `... | head`: exit 141 without a traceback
+                print(f"{out}: step {last['step']}, reward {last.get('reward/mean')}, fc/diff_prob {last.get('fc/diff_prob')}")
+                print(json.dumps({k: v for k, v in last.items() if k.startswith(("heldout", "fc/"))}))
     finally:
         close_process_group()
 

@@ -120,3 +120,18 @@ def test_a_readable_stdout_changes_nothing():
     assert done.value.code == 3
     with stdout_closed_quietly():
         print("kept")
+
+
+@pytest.mark.parametrize("sweep_jobs", [False, True], ids=["run", "sweep"])
+def test_search_into_a_reader_that_left_stops_quietly_with_141(tmp_path, sweep_jobs):
+    # its result line was a traceback through Hydra; a sweep's "[HYDRA] Launching jobs" lines (now on
+    # stderr) were "--- Logging error ---" tracebacks
+    from tiny_checkpoint import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    where = ["-m", "search.n=2,4", f"hydra.sweep.dir={tmp_path / 'sweep'}"] if sweep_jobs else [
+        "search.n=2", f"out_dir={tmp_path / 'run'}"]
+    code, err = run_reader_gone(("-m", "experiments.search", *where, f"policy.path={ckpt}", "task.count=2",
+                                 "progress=false", "num_threads=1"), unbuffered=True)
+    assert not any(word in err for word in NOISE), err
+    assert code == PIPE_EXIT, err
