@@ -226,8 +226,27 @@ def stale_split_note(policy_path: str, task: str, key: str = "policy.path", info
 def assignment(key: str, value: object) -> str:
     """How a hint or note writes a setting with its value, as it is typed: a flag and its value
     apart (--policy DIR), a config key with its `=` (policy.path=DIR), a positional argument in
-    words (the checkpoint DIR). E.g. assignment("--policy", "run/final") -> "--policy run/final"."""
-    return f"{key} {value}" if key.startswith("--") or " " in key else f"{key}={value}"
+    words (the checkpoint DIR). E.g. assignment("--policy", "run/final") -> "--policy run/final".
+    A value Hydra's override grammar would not read back as it is (a sweep job's folder,
+    `.../run.seed=0,train_loss=grpo/last`: "mismatched input '='") is quoted for Hydra and the
+    shell: "policy.path='.../run.seed=0,train_loss=grpo/last'"."""
+    if key.startswith("--") or " " in key:
+        return f"{key} {value}"
+    if hydra_reads_back(key, str(value)):
+        return f"{key}={value}"
+    quoted = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"\"{key}='{quoted}'\""
+
+
+def hydra_reads_back(key: str, value: str) -> bool:
+    """Whether the override `key=value` gives Hydra the string value as it is."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # hydra: only for such a hint
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_override(f"{key}={value}").value() == value
+    except HydraException:
+        return False
 
 
 def setting(key: str) -> str:

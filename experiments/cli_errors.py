@@ -149,6 +149,11 @@ def check_no_chdir() -> None:
                          "relative paths are read from where the command runs; leave hydra.job.chdir false")
 
 
+def noted_sweep_dir() -> str | None:
+    """The folder of the sweep this process runs or launches jobs of (`note_sweep_dir`), else None."""
+    return _SWEEP_DIR[0] if _SWEEP_DIR else None
+
+
 def hydra_rerun_hint(kept: str) -> str:
     """`<kept>; rerun the same command to go on`, naming the sweep's folder for a sweep (an ad-hoc
     -m sweep's default folder is new on every run: only hydra.sweep.dir= finds this one again)."""

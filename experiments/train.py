@@ -84,7 +84,9 @@ from experiments.checkpoint_hints import checkpoint_hint, trained_task_note  # n
 from experiments.broken_pipe import stdout_closed_quietly  # noqa: E402
 from experiments.cli_args import check_seed  # noqa: E402
 from experiments.data_order import derived_seed, stream_indices  # noqa: E402
-from experiments.cli_errors import check_no_chdir, hydra_rerun_hint, interrupt_reported, note_hydra_job  # noqa: E402
+from experiments.cli_errors import (  # noqa: E402
+    check_no_chdir, hydra_rerun_hint, interrupt_reported, note_hydra_job, noted_sweep_dir,
+)
 from experiments.group_options import check_group_options, check_launcher_commands  # noqa: E402
 from experiments.launcher_watch import launcher_watched  # noqa: E402
 from experiments.model_folder_target import check_not_model_folder  # noqa: E402
@@ -1216,6 +1218,8 @@ def interrupt_hint() -> str:
     """What a Ctrl-C says, at that moment: the run resumes when its folder holds a checkpoint
     (`policies.train_state.checkpoint_folders`); before its first one (loading, the held-out
     rollouts, the step-0 evaluation) nothing was saved and a rerun starts the run over."""
+    if not _RUN_DIR and noted_sweep_dir():  # a sweep's launcher (hydra/launcher=local: the jobs run elsewhere)
+        return hydra_rerun_hint("each job's checkpoints saved so far are kept in its folder")
     if not _RUN_DIR:  # Hydra still starting: no run folder taken yet
         return hydra_rerun_hint("nothing was written by this command")
     if not checkpoint_folders(out := _RUN_DIR[-1]):

@@ -252,6 +252,20 @@ def test_a_saved_model_hint_writes_a_flag_and_its_value_apart(tmp_path):
     assert assignment("the checkpoint", "a") == "the checkpoint a"
 
 
+@pytest.mark.parametrize("path", ["sweep/run.seed=0,train_loss=grpo/last", "it's/a=b", "a\\b=(c)", "sweep/#1"])
+def test_a_hinted_path_that_hydra_cannot_read_bare_is_quoted_for_hydra_and_the_shell(path):
+    # a training sweep job's folder holds '=' and ',': the hint's policy.path=... pasted was Hydra's
+    # "mismatched input '='"; typed into a shell, the quoted hint gives Hydra the path itself
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (typed,) = shlex.split(assignment("policy.path", path))
+    override = OverridesParser.create().parse_override(typed)
+    assert (override.key_or_group, override.value()) == ("policy.path", path)
+    assert assignment("policy.path", "runs/a-1/final") == "policy.path=runs/a-1/final"  # bare when it reads back
+
+
 def test_a_cache_summary_given_for_the_cache_names_the_cache(handmade, tmp_path):
     # it said the JSON was "damaged", with torch's advice on weights_only
     cache = save_cache(handmade[0], tmp_path / "arith_test.pt")

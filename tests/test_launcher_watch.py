@@ -175,3 +175,15 @@ def test_a_local_train_sweep_runs_and_its_killed_jobs_save_their_step(tmp_path):
     assert err.count(f"terminated: the sweep's launching process (pid {proc.pid}) is gone; a run resumes from its "
                      f"out_dir/last; rerun the same command with hydra.sweep.dir={sweep}") == 2
     assert len(list(sweep.glob("*/last"))) == 2
+
+
+def test_a_local_train_sweeps_launcher_names_the_jobs_checkpoints_on_ctrl_c(monkeypatch):
+    # the launcher holds no run folder of its own: it said "nothing was written by this command"
+    from experiments import cli_errors, train
+
+    monkeypatch.setattr(train, "_RUN_DIR", [])
+    monkeypatch.setattr(cli_errors, "_SWEEP_DIR", ["outputs/train-sweeps/mine"])
+    assert train.interrupt_hint() == ("each job's checkpoints saved so far are kept in its folder; rerun the same "
+                                      "command with hydra.sweep.dir=outputs/train-sweeps/mine (its folder) to go on")
+    monkeypatch.setattr(cli_errors, "_SWEEP_DIR", [])  # a single run before it took its folder
+    assert train.interrupt_hint() == "nothing was written by this command; rerun the same command to go on"
