@@ -1272,7 +1272,7 @@ def user_errors_reported(kept: str = "the rows already in records.jsonl are kept
             job = f"job #{hydra_cfg.job.num} ({','.join(hydra_cfg.overrides.task)})"
             print(f"error: {job}: {message}", file=sys.stderr, flush=True)
             raise SweepJobInputError("error: a job of the sweep was refused (the error line of each refused job is "
-                                     "above, where it ran); the other jobs ran") from err
+                                     "above, where it ran); every job not refused ran") from err
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(USAGE_EXIT) from None
 
