@@ -68,6 +68,21 @@ def wait_gone(pids: list[int], seconds: float) -> bool:
     return False
 
 
+def kill_launcher(proc: subprocess.Popen, seconds: float) -> str:
+    """SIGKILL a sweep's launching process, assert its workers exit within `seconds` (killing any
+    left), and return its stderr (the workers' too, which share it)."""
+    workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    proc.kill()
+    proc.wait()
+    try:
+        assert wait_gone(workers, seconds), "the sweep's jobs went on after its launcher was killed"
+    finally:
+        for pid in workers:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    return proc.stderr.read()
+
+
 def start_launcher(tmp_path: Path, how: str) -> tuple[subprocess.Popen, int]:
     script = tmp_path / "launcher.py"  # a file: a spawned worker imports its job from the launcher's __main__
     script.write_text(LAUNCHER)
@@ -128,16 +143,7 @@ def test_a_killed_local_sweep_leaves_no_job_running(tmp_path):
     while len(records := [path for path in sweep.glob("*/records.jsonl") if path.stat().st_size]) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.1)
-    workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-    proc.kill()
-    proc.wait()
-    try:
-        assert wait_gone(workers, 30), "the sweep's jobs went on after its launcher was killed"
-    finally:
-        for pid in workers:
-            if not gone(pid):
-                os.kill(pid, signal.SIGKILL)
-    err = proc.stderr.read()
+    err = kill_launcher(proc, seconds=30)
     assert err.count(f"terminated: the sweep's launching process (pid {proc.pid}) is gone; the rows of finished "
                      f"chunks are kept in records.jsonl; rerun the same command with hydra.sweep.dir={sweep}") == 2
     for path in records:  # what the jobs wrote is whole: a rerun goes on from it
@@ -161,16 +167,7 @@ def test_a_local_train_sweep_runs_and_its_killed_jobs_save_their_step(tmp_path):
     while len([path for path in sweep.glob("*/metrics.jsonl") if path.read_text().count("\n") >= 2]) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.1)
-    workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-    proc.kill()
-    proc.wait()
-    try:
-        assert wait_gone(workers, 60), "the sweep's training jobs went on after its launcher was killed"
-    finally:
-        for pid in workers:
-            if not gone(pid):
-                os.kill(pid, signal.SIGKILL)
-    err = proc.stderr.read()
+    err = kill_launcher(proc, seconds=60)
     assert err.count("SIGTERM: saved ") == 2, err[-2000:]  # each trainer finished its step and saved it
     assert err.count(f"terminated: the sweep's launching process (pid {proc.pid}) is gone; a run resumes from its "
                      f"out_dir/last; rerun the same command with hydra.sweep.dir={sweep}") == 2

@@ -20,21 +20,13 @@ from typing import Iterator
 import pytest
 
 from fakes import FakePolicy, OracleScorer
+from test_library_api import SMALL  # each built-in strategy at a few samples
 from treesearch.best_of_n import BestOfNConfig, best_of_n
 from treesearch.compute import Compute
 from treesearch.concurrent import search_each
 from treesearch.records import Problem
 from treesearch.registry import STRATEGIES, register, run_search
 from treesearch.result_checks import ResultError, identity_fault, same_as_written
-
-SMALL = {  # each built-in strategy at a few samples
-    "best_of_n": {"n": 2},
-    "beam_search": {"n": 2, "beam_width": 2},
-    "dvts": {"n": 2, "beam_width": 2},
-    "mcts": {"iterations": 3, "expand_width": 2},
-    "rebase": {"n": 2},
-    "particle_filtering": {"n": 2},
-}
 
 
 @dataclass(frozen=True)
