@@ -6,6 +6,15 @@ naming the option and the ones the group has, and exits 2, as the CLIs' other in
 
     error: search=nosuch is not an option of group search; valid: beam, best_of_n, dvts, greedy, mcts, particle_filtering, rebase
 
+A group the command's config does not choose (a group of the other command: `python -m
+experiments.train experiment=budget_sweep`, `policy=tiny`) was Hydra's "Could not override
+'experiment'. No match in the defaults list ..." (exit 1; a sweep left its multirun.yaml):
+
+    error: experiment is a config group of experiments.search, not of experiments.train (train.yaml's defaults list does not hold it)
+
+(`+policy=tiny` adds the group, and is left as before: train refuses it, once Hydra has composed
+its config, as a key it does not read, `experiments.override_keys.check_plain_keys`.)
+
 An argument is checked when it reads `[+|++]GROUP=NAMES` with GROUP a folder of the config
 directory and NAMES plain names, comma-separated for a sweep; anything else (a key with dots,
 Hydra's sweep functions, an interpolation) is left to Hydra. Of Hydra's own groups,
@@ -116,9 +125,11 @@ def default_groups(config_dir: Path, config_name: str) -> set[str]:
 
 def unknown_group_option(argv: Sequence[str], config_dir: Path, config_name: str | None = None) -> str | None:
     """The error line for the first argument naming an option its group lacks (or whose Hydra
-    plugin is not installed), or adding with `+` a group the primary config (config_name) already
-    chooses (Hydra: "Multiple values for experiment. To override a value use 'override
-    experiment: ...'", exit 1), else None."""
+    plugin is not installed), choosing without `+` a group the primary config (config_name) does
+    not hold (another command's: Hydra's "Could not override 'experiment'. No match in the
+    defaults list", exit 1), or adding with `+` a group the primary config already chooses
+    (Hydra: "Multiple values for experiment. To override a value use 'override experiment:
+    ...'", exit 1), else None."""
     chosen = default_groups(config_dir, config_name) if config_name else set()
     folders = [config_dir, *user_config_dirs(argv)]
     for argument in argv:
@@ -127,6 +138,9 @@ def unknown_group_option(argv: Sequence[str], config_dir: Path, config_name: str
         checked = group in HYDRA_GROUPS or (not group.startswith("hydra") and (config_dir / group).is_dir())
         if match is None or not checked:
             continue
+        if chosen and not argument.startswith("+") and not group.startswith("hydra") and group not in chosen \
+                and not names_primary_config(argv):
+            return other_command_group(group, config_dir, config_name or "")
         options = group_options(folders, group)
         for name in match["names"].split(","):
             if name not in options:
@@ -139,6 +153,22 @@ def unknown_group_option(argv: Sequence[str], config_dir: Path, config_name: str
             return (f"error: {argument}: group {group} is already in {config_name}.yaml's defaults list, so it is "
                     f"chosen without the +: {argument[1:]}")
     return None
+
+
+def other_command_group(group: str, config_dir: Path, config_name: str) -> str:
+    """The error line for `group=option` given to a command whose primary config (config_name)
+    does not choose group: the command that does (another primary config of config_dir whose
+    defaults list holds it) is named, e.g. experiment=budget_sweep given to experiments.train."""
+    primaries = sorted(p.stem for p in config_dir.glob("*.yaml") if p.stem != config_name)
+    others = [name for name in primaries if group in default_groups(config_dir, name)]
+    owner = f"a config group of {', '.join(f'experiments.{name}' for name in others)}, not" if others else "not a config group"
+    return f"error: {group} is {owner} of experiments.{config_name} ({config_name}.yaml's defaults list does not hold it)"
+
+
+def names_primary_config(argv: Sequence[str]) -> bool:
+    """Whether the command line picks another primary config (--config-name / -cn), whose
+    defaults list is not the one read here."""
+    return any(a in ("--config-name", "-cn") or a.startswith("--config-name=") for a in argv)
 
 
 def missing_plugin(group: str, name: str) -> str | None:

@@ -21,6 +21,9 @@ then put both jobs in one folder. `with_experiment_job_folders` adds
 `hydra.sweep.subdir` naming the experiment to such a command line (and to no other, so the folders
 of sweeps made before keep their names).
 
+`check_out_dir_argument` also refuses a sweep over a key the config leaves out of folder names
+(`-m run.max_steps=3,5`: both jobs in one folder; `experiments.sweep_folder_keys`).
+
     if __name__ == "__main__":
         check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "search")   # experiments.search, experiments.train
         sys.argv = with_experiment_job_folders(sys.argv)
@@ -40,6 +43,7 @@ from hydra.types import RunMode
 from experiments.cli_args import EXISTING_FILE, folder_problem
 from experiments.cli_errors import USAGE_EXIT
 from experiments.override_keys import SWEEP_FLAGS, compose_config
+from experiments.sweep_folder_keys import shared_folder_error
 
 OUT_DIR_ARGUMENT = re.compile(r"^\+{0,2}out_dir=(?P<value>.*)$")
 
@@ -108,8 +112,11 @@ def several_jobs(argv: Sequence[str], config_dir: Path, config_name: str) -> boo
 
 
 def check_out_dir_argument(argv: Sequence[str], config_dir: Path, config_name: str) -> None:
-    """Print the error line of `out_dir_error` on stderr and exit 2 when there is one."""
-    error = out_dir_error(argv, config_dir, config_name)
+    """Print the error line of `out_dir_error`, else of `shared_folder_error` (a sweep over a key
+    left out of folder names: its jobs would share one folder) on the command line as it will run
+    (`with_experiment_job_folders`), on stderr and exit 2 when there is one."""
+    error = (out_dir_error(argv, config_dir, config_name)
+             or shared_folder_error(with_experiment_job_folders(["", *argv])[1:], config_dir, config_name))
     if error is not None:
         print(error, file=sys.stderr)
         raise SystemExit(USAGE_EXIT)

@@ -127,7 +127,7 @@ def _runs(overrides: Sequence[Override], config_dir: Path) -> list[list[str]]:
             continue
         group = config_dir / override.key_or_group
         try:
-            swept = _swept_values(override, group)
+            swept = swept_values(override, group)
         except HydraException:
             return []
         values = [f"{override.get_key_element()}={value}" for value in swept]
@@ -135,7 +135,7 @@ def _runs(overrides: Sequence[Override], config_dir: Path) -> list[list[str]]:
     return [list(run) for run in itertools.product(*choices)]
 
 
-def _swept_values(override: Override, group: Path) -> list[str]:
+def swept_values(override: Override, group: Path) -> list[str]:
     """The values a sweep override takes: a glob over a config group (`search=glob(*,exclude=mcts)`)
     filtered from the group's options, as Hydra's sweeper lists them; choice and range sweeps as
     Hydra enumerates them (HydraException for the rest)."""

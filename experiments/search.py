@@ -1315,7 +1315,7 @@ if __name__ == "__main__":
     check_no_api_key_argument(sys.argv[1:])  # before Hydra writes it into its files
     check_override_keys(sys.argv[1:], CONFIG_DIR, "search", PLAIN_NODE_KEYS)  # search.bogus=1: one line, exit 2
     check_launcher_commands(sys.argv[1:], CONFIG_DIR, "search")  # -m hydra/launcher=submitit_slurm without SLURM
-    check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "search")  # a file; -m ... out_dir=X: one folder for every job
+    check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "search")  # a file; -m ... out_dir=X or num_threads=1,2: one folder for every job
     sys.argv = with_experiment_job_folders(sys.argv)  # -m experiment=a,b: a folder per experiment
     with interrupt_reported(lambda: hydra_rerun_hint("the rows of finished chunks are kept in records.jsonl")):
         main()

@@ -1269,6 +1269,6 @@ if __name__ == "__main__":
     check_unused_task_keys(sys.argv[1:])
     check_override_keys(sys.argv[1:], CONFIG_DIR, "train", PLAIN_NODE_KEYS)  # grpo.bogus=1: one line, exit 2
     check_launcher_commands(sys.argv[1:], CONFIG_DIR, "train")  # -m hydra/launcher=submitit_slurm without SLURM
-    check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "train")  # a file; a sweep given one out_dir
+    check_out_dir_argument(sys.argv[1:], CONFIG_DIR, "train")  # a file; a sweep given one out_dir or run.max_steps=3,5
     with interrupt_reported(interrupt_hint):
         main()
