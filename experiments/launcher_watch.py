@@ -67,8 +67,17 @@ def launcher_watched(hint: str | Callable[[], str], poll_s: float = POLL_S) -> I
         if orphaned.is_set():
             text = hint if isinstance(hint, str) else hint()
             print(f"terminated: the sweep's launching process (pid {launcher}) is gone; {text}", file=sys.stderr)
-            sys.stderr.flush()
+            flush_quietly()
             os._exit(TERMINATE_EXIT)  # noqa: SLF001 (the worker's loop would wait minutes for jobs that never come)
+
+
+def flush_quietly() -> None:
+    """Flush stdout and stderr before `os._exit` (which skips it), whatever their readers did."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # a reader gone, a closed or missing stream
+            pass
 
 
 def terminate_handler(orphaned: threading.Event) -> Callable[[int, Any], None]:

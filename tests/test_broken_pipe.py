@@ -94,6 +94,14 @@ def test_a_reader_that_left_stops_the_command_quietly_with_141(sweep, command, u
     assert code == PIPE_EXIT, err
 
 
+def test_a_failing_command_whose_reader_left_keeps_its_exit_code():
+    # only a command that would have succeeded says 141: one that failed says why with its own code
+    code, err = run_reader_gone(("-c", "from experiments.broken_pipe import stdout_closed_quietly\n"
+                                       "with stdout_closed_quietly():\n    print('a table')\n    raise SystemExit(2)"),
+                                unbuffered=False)
+    assert code == 2 and not any(word in err for word in NOISE), err
+
+
 def test_sweep_metrics_into_a_reader_of_one_line_stops_quietly_with_141(sweep):
     child = subprocess.Popen([sys.executable, "-c", AFTER_FIRST_LINE_CHILD, str(sweep)], cwd=REPO,
                              env=child_env(unbuffered=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -115,9 +123,11 @@ def test_a_broken_pipe_that_is_not_stdout_keeps_its_traceback():
 
 
 def test_a_readable_stdout_changes_nothing():
-    with pytest.raises(SystemExit) as done, stdout_closed_quietly():
-        raise SystemExit(3)
-    assert done.value.code == 3
+    assert PIPE_EXIT == 141  # what a shell shows for `yes | head` (${PIPESTATUS[0]})
+    for code in (3, 0, None):  # a finished command's code is its own
+        with pytest.raises(SystemExit) as done, stdout_closed_quietly():
+            raise SystemExit(code)
+        assert done.value.code == code
     with stdout_closed_quietly():
         print("kept")
 

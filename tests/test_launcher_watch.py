@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.launcher_watch import launcher_pid, launcher_watched
+from experiments.launcher_watch import launcher_pid, launcher_watched, watch_parent
 from tiny_checkpoint import save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,9 +30,11 @@ def job(folder):
     with launcher_watched(lambda: "the hint at that moment", poll_s=0.05):
         try:
             (Path(folder) / "worker.pid").write_text(str(os.getpid()))
-            time.sleep(60)
+            if not (Path(folder) / "finish").exists():
+                time.sleep(60)
         finally:
             (Path(folder) / "unwound").write_text("yes")
+    (Path(folder) / "after").write_text("yes")
 
 if __name__ == "__main__":
     folder, how = sys.argv[1], sys.argv[2]
@@ -45,6 +47,7 @@ if __name__ == "__main__":
     print(worker.pid, flush=True)
     if how == "kill":  # a SIGTERM sent to the worker itself, its launcher alive
         os.kill(worker.pid, 15)
+    if how in ("kill", "finish"):
         worker.join()
         print("exitcode", worker.exitcode, flush=True)
     time.sleep(60)
@@ -116,6 +119,31 @@ def test_a_sigterm_of_the_worker_itself_takes_the_default_action(tmp_path):
         proc.kill()
         proc.wait()
     assert not (tmp_path / "unwound").exists()  # killed as before, not unwound
+
+
+def test_a_watched_job_that_ends_goes_on_in_its_worker(tmp_path):
+    # the exit of an orphaned worker must not end a worker whose launcher is there
+    (tmp_path / "finish").write_text("")
+    proc, _ = start_launcher(tmp_path, "finish")
+    try:
+        assert proc.stdout.readline().split() == ["exitcode", "0"]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (tmp_path / "after").read_text() == "yes"
+
+
+def test_the_watcher_sends_one_sigterm(restored_signals):
+    # a second one makes a trainer's step boundary abort without saving (a step longer than a poll)
+    received = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    orphaned, done = threading.Event(), threading.Event()
+    watcher = threading.Thread(target=watch_parent, args=(-1, orphaned, done, 0.01))  # -1: never the parent
+    watcher.start()
+    time.sleep(0.3)
+    done.set()
+    watcher.join()
+    assert orphaned.is_set() and received == [signal.SIGTERM]
 
 
 def test_outside_a_multiprocessing_worker_the_block_changes_nothing():

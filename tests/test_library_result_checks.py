@@ -193,3 +193,39 @@ def test_a_config_is_compared_as_records_write_it():
     assert identity_fault("s", {"n": 2}, "s", {"n": 2}) is None
     assert identity_fault("s", {"n": 3}, "s", None) is None  # no dataclass config: the name only
     assert identity_fault("t", {"n": 2}, "s", {"n": 2}).startswith("strategy='t', not 's'")
+    # a key the search did not run with is named (not a KeyError)
+    assert identity_fault("s", {"n": 2, "extra": 1}, "s", {"n": 2}).startswith("config extra=1 where its search ran with "
+                                                                               "no extra")
+
+
+class Weights:  # a config value without value equality: asdict deep-copies it
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+
+@dataclass(frozen=True)
+class ObjConfig:
+    n: int = 2
+    seed: int = 0
+    weights: object = None
+
+
+def objsearch(problems, policy, scorer, cfg, on_round=None):
+    results = best_of_n(problems, policy, scorer, BestOfNConfig(n=cfg.n, seed=cfg.seed), on_round)
+    return [dataclasses.replace(r, strategy="objsearch", config=dataclasses.asdict(cfg)) for r in results]
+
+
+@pytest.mark.parametrize("weights", [Weights([1.0, 2.0]), pytest.param("numpy", id="array")])
+def test_a_sound_strategy_whose_config_holds_values_json_cannot_hold_passes(weights):
+    # asdict's deep copy of an object without __eq__ never equals the original, and an array's ==
+    # is no bool: run_search refused the strategy after its whole search (or raised numpy's error)
+    if weights == "numpy":
+        weights = pytest.importorskip("numpy").array([0.5, 0.5])
+    saved = dict(STRATEGIES)
+    register("objsearch", objsearch, ObjConfig)
+    try:
+        results = run_search("objsearch", problems(), FakePolicy(), OracleScorer(), ObjConfig(weights=weights))
+    finally:
+        STRATEGIES.clear()
+        STRATEGIES.update(saved)
+    assert [r.problem.id for r in results] == ["p0", "p1"]

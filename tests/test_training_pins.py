@@ -367,3 +367,12 @@ def test_a_separator_ending_the_prompt_is_not_scored():
 def test_a_repetition_penalty_other_than_1_is_refused_with_grpo(penalty):
     with pytest.raises(ValueError, match=f"sampling.repetition_penalty={penalty}: GRPO"):
         settings(composed([f"+sampling.repetition_penalty={penalty}"]))
+
+
+def test_the_data_order_and_seeds_keep_their_values():
+    # a run resumed from a checkpoint of an earlier version must draw the stream it began with
+    from experiments.data_order import derived_seed
+
+    assert stream_indices(0, 8, 10, seed=0) == [7, 3, 0, 5, 1, 4, 8, 9]
+    assert derived_seed(0, "rollout", 3, 0) == 1119134436
+    assert all(0 <= derived_seed(seed, "epoch", 0) < 2**31 for seed in range(64))  # a 31-bit seed
