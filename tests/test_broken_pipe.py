@@ -81,13 +81,17 @@ def run_reader_gone(args: tuple[str, ...], unbuffered: bool) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
-@pytest.mark.parametrize("command", ["sweep_metrics", "scaling", "plot_scaling", "bench_all", "run_command", "task"])
+@pytest.mark.parametrize("command", ["sweep_metrics", "scaling", "plot_scaling", "bench_all", "run_command",
+                                     "run_command_big", "task"])
 def test_a_reader_that_left_stops_the_command_quietly_with_141(sweep, command, unbuffered):
     args = {"sweep_metrics": ("-m", "experiments.sweep_metrics", str(sweep)),
             "scaling": ("-m", "experiments.scaling", str(sweep)),
             "plot_scaling": ("-m", "experiments.plot", "scaling", str(sweep)),  # its OSError was "error: [Errno 32] ..."
             "bench_all": ("-m", "experiments.bench_all", "--list"),
             "run_command": RUN_COMMAND_CHILD,
+            # a write past the buffer fails inside, with a short line still buffered for the exit
+            "run_command_big": ("-c", "from experiments.cli_errors import run_command\n"
+                                      "raise SystemExit(run_command(lambda argv: print('row') or print('x' * 100000) or 0))"),
             "task": ("-m", "experiments.tasks.arith")}[command]  # a task module's sample problems
     code, err = run_reader_gone(args, unbuffered)
     assert not any(word in err for word in NOISE), err

@@ -318,3 +318,17 @@ def test_a_task_without_config_gets_no_cfg_and_runs(ckpt, user_modules, tmp_path
     out = tmp_path / "run"
     run_in_process([f"task.module={module}", config, f"policy.path={ckpt}", f"out_dir={out}", *TINY])
     assert [row["problem_id"] for row in rows_of(out)] == first_ids(2)
+
+
+@pytest.mark.parametrize("mode, fault", [
+    ("dicts", r"gave a dict for problem '[^']+', not a SearchResult"),
+    ("none", r"returned NoneType None for problem '[^']+', not a list of SearchResult \(one per problem\)"),
+])
+def test_under_continuous_batching_what_a_strategy_returns_is_checked_naming_it(ckpt, user_modules, tmp_path, mode,
+                                                                                 fault):
+    # each problem's search runs in search_each, which names the strategy as experiments.search does
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=rf"^{LABEL} {fault}; {UNWRITTEN}$"):
+        run_in_process([*EXT, f"+search.mode={mode}", f"policy.path={ckpt}", f"out_dir={out}", *TINY,
+                        "+batching=continuous"])
+    assert not out.exists()
