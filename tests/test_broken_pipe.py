@@ -149,3 +149,38 @@ def test_search_into_a_reader_that_left_stops_quietly_with_141(tmp_path, sweep_j
                                  "progress=false", "num_threads=1"), unbuffered=True)
     assert not any(word in err for word in NOISE), err
     assert code == PIPE_EXIT, err
+
+
+def test_bench_all_into_a_reader_that_left_stops_its_running_benchmark(tmp_path):
+    # it exited 141 and left the section's benchmark running until its next print (minutes on a GPU)
+    pid_file = tmp_path / "bench.pid"
+    bench = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); print('| row 1 |', flush=True); "
+             "time.sleep(2); print('| row 2 |', flush=True); time.sleep(60)")
+    driver = ("import sys\nfrom experiments import bench_all\nfrom experiments.broken_pipe import stdout_closed_quietly\n"
+              f"bench_all.SECTIONS = (bench_all.Section('slow', 'a slow benchmark', ('-c', {bench!r})),)\n"
+              f"with stdout_closed_quietly():\n    sys.exit(bench_all.main(['--out', {str(tmp_path / 'report.md')!r}]))\n")
+    child = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO, env=child_env(unbuffered=False),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.readline()
+    child.stdout.close()  # `| head -1`
+    _, err = child.communicate(timeout=60)
+    pid = int(pid_file.read_text())
+    state = Path(f"/proc/{pid}/stat")
+    running = state.exists() and state.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    if running:
+        os.kill(pid, 9)
+    assert not running, "the benchmark went on after bench_all stopped"
+    assert child.returncode == PIPE_EXIT and not any(word in err.decode() for word in NOISE), err.decode()
+
+
+def test_a_socket_stdout_whose_peer_left_stops_quietly_with_141():
+    # a supervisor's socketpair as stdout reports a hang-up, not an error, once its peer is gone
+    import socket
+
+    ours, theirs = socket.socketpair()
+    child = subprocess.Popen([sys.executable, *RUN_COMMAND_CHILD], cwd=REPO, env=child_env(unbuffered=True),
+                             stdout=ours.fileno(), stderr=subprocess.PIPE)
+    ours.close()
+    theirs.close()
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == PIPE_EXIT and not any(word in err.decode() for word in NOISE), err.decode()
