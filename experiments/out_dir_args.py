@@ -38,11 +38,10 @@ from typing import Sequence
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from hydra.types import RunMode
 
 from experiments.cli_args import EXISTING_FILE, folder_problem
 from experiments.cli_errors import USAGE_EXIT
-from experiments.override_keys import SWEEP_FLAGS, compose_config
+from experiments.override_keys import sweep_command
 from experiments.sweep_folder_keys import shared_folder_error
 
 OUT_DIR_ARGUMENT = re.compile(r"^\+{0,2}out_dir=(?P<value>.*)$")
@@ -90,14 +89,10 @@ def several_jobs(argv: Sequence[str], config_dir: Path, config_name: str) -> boo
     MULTIRUN mode) with a swept override of several values, or a config that sets its own sweep
     (budget_sweep's hydra.sweeper.params). False where Hydra cannot parse or compose it (its own
     message then says why)."""
-    try:
-        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
-        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]  # compose takes no sweep
-        hydra_cfg = compose_config(config_dir, config_name, fixed, hydra=True).hydra
-    except HydraException:
+    sweep = sweep_command(argv, config_dir, config_name)
+    if sweep is None:
         return False
-    if not (SWEEP_FLAGS & set(argv) or hydra_cfg.mode == RunMode.MULTIRUN):
-        return False
+    parsed, hydra_cfg = sweep
     # the sweep's own params (budget_sweep's), each replaced by a command-line override of its key, as Hydra's sweeper does
     swept = {str(key): f"{key}={value}" for key, value in (hydra_cfg.sweeper.get("params") or {}).items()}
     swept.update({o.key_or_group: o.input_line for o in parsed if not o.key_or_group.startswith("hydra.")})

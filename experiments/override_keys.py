@@ -33,6 +33,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob, Override
 from hydra.errors import ConfigCompositionException, HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
@@ -207,6 +208,22 @@ def compose_config(config_dir: Path, config_name: str, overrides: Sequence[str],
     with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run itself gives Hydra's warnings (submitit's schema match), once
         return compose(config_name, overrides=list(overrides), return_hydra_config=hydra)
+
+
+def sweep_command(argv: Sequence[str], config_dir: Path, config_name: str) -> tuple[list[Override], DictConfig] | None:
+    """(the parsed overrides, Hydra's composed node) when the command line launches a sweep (-m, or
+    a config setting Hydra's MULTIRUN mode), else None; None too where Hydra cannot parse or
+    compose it (its own message then says why). The swept overrides are left out of the
+    composition, which takes none."""
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        hydra_cfg = compose_config(config_dir, config_name, fixed, hydra=True).hydra
+    except HydraException:
+        return None
+    if not (SWEEP_FLAGS & set(argv) or hydra_cfg.mode == RunMode.MULTIRUN):
+        return None
+    return parsed, hydra_cfg
 
 
 def _parent_node(

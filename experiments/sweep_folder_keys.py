@@ -39,12 +39,11 @@ from typing import Sequence
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.cli_errors import USAGE_EXIT
 from experiments.group_options import NOT_LAUNCHING
-from experiments.override_keys import SWEEP_FLAGS, compose_config, swept_values
+from experiments.override_keys import swept_values, sweep_command
 
 FOLDER_KEYS = frozenset({"out_dir"})  # the run folder itself: a sweep over it gives each job its own
 PER_JOB = re.compile(r"job[.:](?:num|id)\b")  # a hydra.sweep.subdir naming the job: a folder per job
@@ -55,14 +54,10 @@ def shared_folder_error(argv: Sequence[str], config_dir: Path, config_name: str)
     key its config leaves out of folder names (exclude_keys) more than one value, else None."""
     if any(a.split("=", 1)[0] in NOT_LAUNCHING for a in argv):
         return None
-    try:
-        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
-        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]  # compose takes no sweep
-        hydra_cfg = compose_config(config_dir, config_name, fixed, hydra=True).hydra
-    except HydraException:
+    sweep = sweep_command(argv, config_dir, config_name)
+    if sweep is None or gives_out_dir(sweep[0]):
         return None
-    if not (SWEEP_FLAGS & set(argv) or hydra_cfg.mode == RunMode.MULTIRUN) or gives_out_dir(parsed):
-        return None
+    parsed, hydra_cfg = sweep
     excluded = set(OmegaConf.select(hydra_cfg, "job.config.override_dirname.exclude_keys", default=None) or ()) - FOLDER_KEYS
     subdir = str(OmegaConf.to_container(hydra_cfg.sweep, resolve=False).get("subdir", ""))
     if PER_JOB.search(subdir):
