@@ -58,15 +58,13 @@ def launcher_watched(hint: str | Callable[[], str], poll_s: float = POLL_S) -> I
                      name="launcher-watch", daemon=True).start()
     try:
         yield
-    except KeyboardInterrupt:
-        if not orphaned.is_set():
-            raise
-    finally:
+    finally:  # an orphan's Terminated (or whatever its unwinding raised) ends here, with the worker
         done.set()
         signal.signal(signal.SIGTERM, previous)
         if orphaned.is_set():
             text = hint if isinstance(hint, str) else hint()
-            print(f"terminated: the sweep's launching process (pid {launcher}) is gone; {text}", file=sys.stderr)
+            with contextlib.suppress(OSError, ValueError):  # a stderr whose reader went with the launcher
+                print(f"terminated: the sweep's launching process (pid {launcher}) is gone; {text}", file=sys.stderr)
             flush_quietly()
             os._exit(TERMINATE_EXIT)  # noqa: SLF001 (the worker's loop would wait minutes for jobs that never come)
 
