@@ -24,7 +24,10 @@ generated `token_budget` tokens (checked before each round), or when its root is
 token budget a round selects only as many leaves as the tokens left pay for at the problem's
 mean cost of a leaf's expansion so far (its children's steps and their rollouts; at least one,
 `leaves_within_budget`), so the last round overshoots by about one leaf's expansion, not a whole
-round's (compute-matched sweeps).
+round's (compute-matched sweeps). The estimate is the cost seen so far: where a policy's later
+steps are much longer than its first ones, an early round may spend several leaves' worth more
+(a fake policy with 2-token first steps and 30-token later ones, budget 40: 368 tokens; the tiny
+arith policy at Best-of-N's tokens: 0.89-1.10x the budget on average, 1.29x at worst).
 
 Result: candidates are the closed leaves in creation order; if none is closed, the open leaves
 cut by the budget. With rollout=True each candidate leaf that was rolled out (not terminal: cut
@@ -153,7 +156,8 @@ def leaves_within_budget(ledger: Ledger, expansions: int, cfg: MCTSConfig) -> in
     """The most leaves this round may select: leaves_per_round, or under a token budget as many
     as the tokens left pay for at the problem's mean tokens per leaf expansion so far (its
     children's steps and, with rollout, their rollouts; at least 1; no cap before the first
-    expansion). expansions: the leaves expanded so far."""
+    expansion; a deeper leaf's steps may cost more than that mean, module docstring).
+    expansions: the leaves expanded so far."""
     if cfg.token_budget is None or expansions == 0 or ledger.tokens_generated == 0:
         return cfg.leaves_per_round
     per_leaf = ledger.tokens_generated / expansions
