@@ -74,7 +74,7 @@ def test_the_prefill_count_takes_one_token_prefills_and_no_decode_forward():
     # those went uncounted (7-15% of the reuse side's prefill), as decode forwards are
     from experiments.bench_prefix_reuse import PrefillCounter
     from policies.decode_loop import prefill
-    from tests.test_transformers_policy import make_model
+    from test_transformers_policy import make_model
 
     model, counter = make_model(16), PrefillCounter()
     handle = model.register_forward_pre_hook(counter.count, with_kwargs=True)

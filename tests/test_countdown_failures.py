@@ -70,7 +70,7 @@ def test_tables_count_per_outcome():
 
 def test_check_bon_ranks_by_the_check_then_by_confidence():
     from experiments.countdown_failures import check_bon
-    from tests.test_train_head import synthetic_cache
+    from test_train_head import synthetic_cache
 
     # problem 0: rollout 0 is correct; rollout 1 writes the target with false arithmetic and is
     # more confident. Problem 1: neither is correct.
@@ -101,7 +101,7 @@ def test_arithmetic_rows_count_true_results_by_step_operator_and_size():
 def test_cli_bad_caches_are_one_line_errors(tmp_path, capsys):
     from experiments.countdown_failures import main
     from experiments.rollout_cache import save_cache
-    from tests.test_train_head import synthetic_cache
+    from test_train_head import synthetic_cache
 
     arith = save_cache(synthetic_cache([True, False], n=2, steps_per_rollout=[1, 1]), tmp_path / "arith.pt")
     truncated = tmp_path / "truncated.pt"
