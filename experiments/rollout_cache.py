@@ -74,6 +74,7 @@ from experiments.result_json import write_atomic
 from policies.checkpoint import NOT_DAMAGE, TORCH_LOAD_ERRORS, load_checkpoint
 from policies.disk_full import disk_full_error
 from policies.model_folder import check_model_folder, weights_fingerprint
+from policies.rollout_batch import answer_written
 from policies.sampling_config import SamplingConfig
 from policies.transformers_policy import TransformersPolicy
 from scorers.sprm_positions import StepMarkers, score_positions, step_of_positions
@@ -253,8 +254,9 @@ class RolloutCache:
     @property
     def cut_wrong(self) -> torch.Tensor:
         """[R] bool: wrong rollouts cut at the token limit after writing an answer (the
-        reference's reward 0.1, `policies.rollout_batch.outcome_reward`)."""
-        cut = torch.tensor([f == "length" and a is not None for f, a in zip(self.finish, self.answers)], dtype=torch.bool)
+        reference's reward 0.1, `policies.rollout_batch.outcome_reward` and `answer_written`)."""
+        cut = torch.tensor([f == "length" and answer_written("".join(self.texts_of(r)), a)
+                            for r, (f, a) in enumerate(zip(self.finish, self.answers))], dtype=torch.bool)
         return cut & ~self.correct
 
     @property
@@ -277,6 +279,10 @@ class RolloutCache:
                 if key % self.num_hidden_states == feature_layer % self.num_hidden_states:
                     return value
         raise KeyError(f"feature_layer={feature_layer} is not in the cache (it holds {sorted(self.features)})")
+
+    def texts_of(self, r: int) -> tuple[str, ...]:
+        """Rollout r's step texts (joined: its completion, as graded)."""
+        return self.step_texts[int(self.rollout_steps[r]): int(self.rollout_steps[r + 1])]
 
     def steps_of(self, r: int) -> list[Step]:
         """Rollout r as Steps (token log-probs are not cached: zeros), e.g. to rescore it."""
@@ -739,7 +745,7 @@ def relabelled(cache: RolloutCache, path: Path) -> RolloutCache:
     labels: list[bool] = []
     correct, answers = [], []
     for r in range(cache.num_rollouts):
-        texts = cache.step_texts[int(cache.rollout_steps[r]): int(cache.rollout_steps[r + 1])]
+        texts = cache.texts_of(r)
         ok, answer, rollout_labels = grade_texts(problems[int(cache.rollout_problem[r])], texts, module, labeler)
         correct.append(ok)
         answers.append(answer)

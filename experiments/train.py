@@ -109,7 +109,8 @@ from policies.joint_step import (  # noqa: E402
 )
 from policies.reflective_model import ReflectiveModel  # noqa: E402
 from policies.rollout_batch import (  # noqa: E402
-    Rollout, RolloutBatch, RolloutSource, TransformersRolloutSource, collate_rollouts, outcome_reward,
+    Rollout, RolloutBatch, RolloutSource, TransformersRolloutSource, answer_written, collate_rollouts,
+    outcome_reward,
 )
 from policies.sampling_config import SamplingConfig  # noqa: E402
 from policies.train_state import (  # noqa: E402
@@ -861,10 +862,10 @@ def collect(t: Trainer, step: int) -> tuple[list[Problem], list[Rollout], list[f
 
 
 def rollout_reward(t: Trainer, problem: Problem, rollout: Rollout) -> float:
-    """`outcome_reward` of one rollout; its answer is extracted only for a wrong one cut at the
-    token limit, the one case that reads it."""
+    """`outcome_reward` of one rollout; whether it wrote an answer is read only for a wrong one
+    cut at the token limit, the one case that reads it."""
     correct = bool(t.task.grade(problem, rollout.text))
-    answered = not correct and rollout.finish == "length" and t.task.extract_answer(rollout.text) is not None
+    answered = not correct and rollout.finish == "length" and answer_written(rollout.text, t.task.extract_answer(rollout.text))
     return outcome_reward(correct, rollout, answered, t.s.loss.truncated_wrong_reward)
 
 

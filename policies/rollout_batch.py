@@ -9,7 +9,7 @@ Usage:
     source = TransformersRolloutSource(TransformersPolicy.from_reflective(model, tok, sampling, prompt_text))
     groups = source.rollouts(problems, n=8, seed=0)                    # [P][G] Rollout
     flat = [r for group in groups for r in group]
-    rewards = [outcome_reward(grade(p, r.text), r, extract_answer(r.text) is not None)
+    rewards = [outcome_reward(grade(p, r.text), r, answer_written(r.text, extract_answer(r.text)))
                for p, group in zip(problems, groups) for r in group]
     markers = StepMarkers.from_tokenizer(tok, len(tok))
     batch = collate_rollouts(flat, rewards, group_size=8, markers=markers, pad_id=tok.pad_token_id)
@@ -38,12 +38,23 @@ from treesearch.records import Prefix, Problem
 # limit (MetaStone-S1's math_v2.compute_score: 0.1 with no EOS, 0 with one); a mark, read as 0 by
 # GRPO (`policies.joint_step.grpo_rewards`)
 TRUNCATED_WRONG_REWARD = 0.1
+THINK_CLOSE = "</think>"
+
+
+def answer_written(text: str, extracted: str | None) -> bool:
+    """Whether a completion began its final answer, the reference's reading for its reward 0.1
+    (math_v2.extract_solution: any non-blank text after the last </think>, so a trace cut inside
+    "</think>Answer: " counts); a completion without </think> (a task without a think span, which
+    the reference never rewards 0.1): whether the task's extract_answer found one (`extracted`)."""
+    if THINK_CLOSE in text:
+        return text.rsplit(THINK_CLOSE, 1)[1].strip() != ""
+    return extracted is not None
 
 
 def outcome_reward(correct: bool, rollout: "Rollout", answered: bool,
                    truncated_wrong_reward: float = TRUNCATED_WRONG_REWARD) -> float:
     """A rollout's outcome reward: 1 correct; truncated_wrong_reward when it wrote a final answer
-    (answered: the task's extract_answer found one), a wrong one, and was cut at the token limit
+    (answered: `answer_written`), a wrong one, and was cut at the token limit
     (finish "length"); else 0 (`policies.joint_step.JointLossConfig.truncated_wrong_reward`)."""
     if correct:
         return 1.0

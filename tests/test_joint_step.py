@@ -22,7 +22,7 @@ from experiments.tasks import arith
 from policies.grpo import GRPOLossConfig, group_advantages, grpo_loss, token_entropy
 from policies.joint_step import JointForward, JointLossConfig, frozen_logprobs, joint_step
 from policies.reflective_model import ReflectiveModel
-from policies.rollout_batch import Rollout, TransformersRolloutSource, collate_rollouts, outcome_reward
+from policies.rollout_batch import Rollout, TransformersRolloutSource, answer_written, collate_rollouts, outcome_reward
 from policies.sampling_config import SamplingConfig
 from policies.tiny_model import TinyModelConfig, build_model
 from policies.tiny_tokenizer import build_tokenizer
@@ -187,6 +187,16 @@ def test_outcome_reward_is_the_references():
     assert outcome_reward(False, cut, True, truncated_wrong_reward=0.0) == 0.0
     with pytest.raises(ValueError, match="truncated_wrong_reward=0.5 must be >= 0 and < 0.5"):
         JointLossConfig(truncated_wrong_reward=0.5)
+
+
+def test_an_answer_is_written_once_text_follows_the_think_span_as_the_references_reading():
+    # math_v2.extract_solution: any non-blank text after the last </think>, whatever it extracts
+    assert answer_written("1 + 2 = 3.\n\n</think>Answer: ", None)  # cut inside the answer line
+    assert answer_written("</think>x</think>Ans", None)
+    assert not answer_written("1 + 2 = 3.\n\n</think> \n", "3")  # only blanks after it
+    assert not answer_written("</think>Answer: 4</think>", "4")  # the last </think> counts
+    # no think span: the task's extract_answer decides
+    assert answer_written("Answer: 4", "4") and not answer_written("Answer: ", None)
 
 
 def test_on_policy_policy_loss_in_closed_form():

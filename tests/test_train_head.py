@@ -235,6 +235,12 @@ def test_spr_modes_leave_out_wrong_rollouts_cut_at_the_token_limit():
                         answers=["4", "5", None, "7", "8", "9"]),
         finish=("length", "length", "length", "eos", "eos", "length"))
     assert cache.cut_wrong.tolist() == [False, True, False, False, False, True]  # no answer / correct / eos: kept
+    # with a think span, text after </think> is an answer written (the reference's reading)
+    texts = list(cache.step_texts)
+    texts[int(cache.rollout_steps[2])] = "</think>Ans"  # rollout 2: extracted no answer, cut inside it
+    texts[int(cache.rollout_steps[6]) - 1] = "</think>"  # rollout 5: cut right after </think>
+    think = dataclasses.replace(cache, step_texts=tuple(texts))
+    assert think.cut_wrong.tolist() == [False, True, True, False, False, False]
     for labels, expected in [("spr", [0, 2, 3, 4]), ("spr_paper", [0, 2, 3, 4]), ("outcome_bce", list(range(6)))]:
         cfg = HeadTrainConfig(labels=labels)
         batches = RolloutBatches(cache, 3, torch.Generator().manual_seed(0), trained_rollouts(cache, cfg))

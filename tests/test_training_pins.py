@@ -15,6 +15,7 @@ rather than launching runs; one tiny 2-step run pins the grpo_only head.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -304,6 +305,10 @@ def test_truncated_wrong_reward_reaches_the_rollout_reward():
     assert train.rollout_reward(trainer(**wrong), None, cut) == pytest.approx(0.1)
     assert train.rollout_reward(trainer(loss=JointLossConfig(truncated_wrong_reward=0.0), **wrong), None, cut) == 0.0
     assert train.rollout_reward(trainer(loss=JointLossConfig(truncated_wrong_reward=0.05), **wrong), None, cut) == 0.05
+    # text after </think> is a written answer (the reference's reading), whatever the task extracts
+    unread = dict(grade=lambda p, text: False, answer=None)
+    assert train.rollout_reward(trainer(**unread), None, replace(cut, text="3.\n\n</think>Ans")) == pytest.approx(0.1)
+    assert train.rollout_reward(trainer(**wrong), None, replace(cut, text="3.\n\n</think>")) == 0.0
 
 
 # -- checkpoints --------------------------------------------------------------------------------
