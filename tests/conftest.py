@@ -4,7 +4,12 @@ import signal
 import sys
 
 import pytest
-import torch
+
+# OpenMP threads that wait passively: two spinning threads slow down 100x while another process
+# holds a core (`make test` runs two test processes on two cores), and the commands the tests
+# start inherit it (experiments.train sets it too, but only when a test file imports it)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/fakes.py
 
