@@ -865,7 +865,8 @@ def rollout_reward(t: Trainer, problem: Problem, rollout: Rollout) -> float:
     """`outcome_reward` of one rollout; whether it wrote an answer is read only for a wrong one
     cut at the token limit, the one case that reads it."""
     correct = bool(t.task.grade(problem, rollout.text))
-    answered = not correct and rollout.finish == "length" and answer_written(rollout.text, t.task.extract_answer(rollout.text))
+    answered = not correct and rollout.finish == "length" and answer_written(
+        rollout.text, t.task.extract_answer(rollout.text), t.s.sampling.think_close)
     return outcome_reward(correct, rollout, answered, t.s.loss.truncated_wrong_reward)
 
 

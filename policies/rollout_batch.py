@@ -38,16 +38,16 @@ from treesearch.records import Prefix, Problem
 # limit (MetaStone-S1's math_v2.compute_score: 0.1 with no EOS, 0 with one); a mark, read as 0 by
 # GRPO (`policies.joint_step.grpo_rewards`)
 TRUNCATED_WRONG_REWARD = 0.1
-THINK_CLOSE = "</think>"
 
 
-def answer_written(text: str, extracted: str | None) -> bool:
+def answer_written(text: str, extracted: str | None, think_close: str = "</think>") -> bool:
     """Whether a completion began its final answer, the reference's reading for its reward 0.1
     (math_v2.extract_solution: any non-blank text after the last </think>, so a trace cut inside
-    "</think>Answer: " counts); a completion without </think> (a task without a think span, which
-    the reference never rewards 0.1): whether the task's extract_answer found one (`extracted`)."""
-    if THINK_CLOSE in text:
-        return text.rsplit(THINK_CLOSE, 1)[1].strip() != ""
+    "</think>Answer: " counts); a completion without think_close (a task without a think span,
+    which the reference never rewards 0.1): whether the task's extract_answer found one
+    (`extracted`). think_close: the policy's tag (`SamplingConfig.think_close`)."""
+    if think_close in text:
+        return text.rsplit(think_close, 1)[1].strip() != ""
     return extracted is not None
 
 

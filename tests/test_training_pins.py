@@ -28,6 +28,7 @@ from experiments.train import OptimizerConfig, run_training, settings, stream_in
 from policies.grpo import group_advantages
 from policies.joint_step import JointForward, JointLossConfig, joint_step, target_logprobs
 from policies.rollout_batch import Rollout, collate_rollouts
+from policies.sampling_config import SamplingConfig
 from policies.shared_prompt import shared_prompt_forward, shared_prompt_lengths
 from policies.train_state import STATE_FILE, JointTrainState, publish_checkpoint, resume_point
 from scorers.sprm_head import build_sprm_head
@@ -73,11 +74,12 @@ class Source:
 
 def trainer(*, world: int = 1, rank: int = 0, prompts: int = 2, g: int = 2, mini_batches: int = 1,
             loss: JointLossConfig | None = None, actor: OptimizerConfig | None = None,
-            head: OptimizerConfig | None = None, grade=lambda p, text: True, answer=None) -> SimpleNamespace:
+            head: OptimizerConfig | None = None, grade=lambda p, text: True, answer=None,
+            sampling: SamplingConfig | None = None) -> SimpleNamespace:
     run = SimpleNamespace(prompts_per_step=prompts, rollouts_per_prompt=g, seed=0, mini_batches=mini_batches,
                           micro_batches=1, old_logprobs="recompute")
     s = SimpleNamespace(run=run, loss=loss or JointLossConfig(), actor_optim=actor or OptimizerConfig(lr=1e-3),
-                        head_optim=head or OptimizerConfig(lr=1e-3))
+                        head_optim=head or OptimizerConfig(lr=1e-3), sampling=sampling or SamplingConfig())
     lm_params, head_params = [torch.zeros(2)], [torch.zeros(3)]
     model = SimpleNamespace(eval=lambda: None, train=lambda: None, lm=SimpleNamespace(parameters=lambda: lm_params),
                             head=SimpleNamespace(parameters=lambda: head_params))
@@ -309,6 +311,10 @@ def test_truncated_wrong_reward_reaches_the_rollout_reward():
     unread = dict(grade=lambda p, text: False, answer=None)
     assert train.rollout_reward(trainer(**unread), None, replace(cut, text="3.\n\n</think>Ans")) == pytest.approx(0.1)
     assert train.rollout_reward(trainer(**wrong), None, replace(cut, text="3.\n\n</think>")) == 0.0
+    # the policy's own think tag (sampling.think_close)
+    own = dict(unread, sampling=SamplingConfig(think_open="<t>", think_close="</t>"))
+    assert train.rollout_reward(trainer(**own), None, replace(cut, text="3.\n\n</t>Ans")) == pytest.approx(0.1)
+    assert train.rollout_reward(trainer(**own), None, replace(cut, text="3.\n\n</t>")) == 0.0
 
 
 # -- checkpoints --------------------------------------------------------------------------------
