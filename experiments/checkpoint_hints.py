@@ -250,8 +250,9 @@ def hydra_reads_back(key: str, value: str) -> bool:
 
 
 def setting(key: str) -> str:
-    """How a hint names the setting: a flag as it is (--policy), a config key with its `=`."""
-    return key if key.startswith("--") else f"{key}="
+    """How a hint names the setting: a flag as it is (--policy), a positional argument in words
+    (the checkpoint argument), a config key with its `=`."""
+    return key if key.startswith("--") or " " in key else f"{key}="
 
 
 @contextlib.contextmanager

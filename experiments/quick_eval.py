@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from experiments.cli_args import device_name, named_as_flag, seed_int
+from experiments.checkpoint_hints import hinted_checkpoint
 from experiments.cli_errors import run_command
 from experiments.metrics import Estimate, bootstrap
 from experiments.tasks import arith
@@ -312,11 +313,12 @@ def quick_eval_command(argv: Sequence[str] | None = None) -> int:
                               seed=args.seed, bf16=native_bf16(args.device))  # the CPU's support on cpu, as the default reads it
     except ValueError as err:  # "QuickEvalConfig.num_problems=0" named a field the user never typed
         raise ValueError(named_as_flag(str(err), "QuickEvalConfig", FLAG_OF_FIELD)) from None
-    for folder in (args.checkpoint, args.baseline):  # both, before minutes of generation
-        if folder is not None:  # any folder load_checkpoint takes: one file or shards, safetensors or .bin
-            for weights in weight_files(check_model_folder(folder)):
-                if weights.suffix == ".safetensors":
-                    check_safetensors(weights)
+    for folder, key in ((args.checkpoint, "the checkpoint argument"), (args.baseline, "--baseline")):
+        if folder is not None:  # both, before minutes of generation; any folder load_checkpoint takes
+            with hinted_checkpoint(folder, key):  # a missing folder says how to get it
+                for weights in weight_files(check_model_folder(folder)):
+                    if weights.suffix == ".safetensors":
+                        check_safetensors(weights)
     print_policy_notes(args.checkpoint, args.baseline, args.task)
     problems = eval_problems(cfg, task.default_config, task.module)
     grades = grade_policy(*load_policy(args.checkpoint, args.device), problems, cfg, task.module, progress=args.checkpoint)

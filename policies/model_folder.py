@@ -68,7 +68,8 @@ def missing_folder_error(directory: Path) -> FileNotFoundError:
         return FileNotFoundError(
             f"{directory} is a file, not a checkpoint folder; pass the folder that holds it ({directory.parent})"
         )
-    return FileNotFoundError(f"checkpoint folder {directory} does not exist")
+    where = "" if directory.is_absolute() else f" (relative to the current directory, {Path.cwd()})"
+    return FileNotFoundError(f"checkpoint folder {directory} does not exist{where}")
 
 
 def weight_files(directory: Path) -> list[Path]:

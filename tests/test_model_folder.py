@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -100,7 +101,7 @@ def test_what_a_folder_lacks_is_named(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"{weights_only} has no tokenizer \(tokenizer.json or "
                                                 r"tokenizer.model or vocab.json or vocab.txt or spiece.model\)"):
         load_checkpoint(weights_only)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist$"):  # an absolute path needs no more
         check_model_folder(tmp_path / "absent")
 
 
@@ -259,3 +260,12 @@ def test_an_atomic_directory_behind_a_symlink_is_written_where_it_points(tmp_pat
             (tmp / "config.json").write_text('{"new": 1}')
     assert (tmp_path / "target" / "config.json").read_text() == "{}"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_missing_relative_folder_names_the_directory_it_was_looked_for_in(tmp_path, monkeypatch):
+    # a default such as outputs/checkpoints/tiny-arith/final is read from the current directory:
+    # "does not exist" alone told a user running from elsewhere nothing of where it was looked for
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"^checkpoint folder outputs/x does not exist \(relative to the "
+                                                rf"current directory, {re.escape(str(tmp_path))}\)$"):
+        check_model_folder("outputs/x")

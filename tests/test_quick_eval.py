@@ -74,14 +74,18 @@ def test_cli_bad_inputs_are_one_line_errors_before_any_generation(tmp_path, monk
     with open(truncated / "model.safetensors", "r+b") as f:
         f.truncate(100)
     cases = [
-        ([str(tmp_path / "missing")], "checkpoint folder .*missing does not exist"),
+        ([str(tmp_path / "missing")], "checkpoint folder .*missing does not exist. Point the checkpoint argument at"),
         ([str(ckpt), "--task", "chess"], "unknown task 'chess'"),
         ([str(ckpt), "--samples", "0"], "^error: --samples 0; must be >= 1"),  # named QuickEvalConfig.num_samples
         ([str(ckpt), "--problems", "0"], "^error: --problems 0; must be >= 1"),
         ([str(ckpt), "--temperature", "inf"], r"^error: --temperature inf; must be a finite number > 0"),
         ([str(ckpt), "--baseline", str(truncated)], "truncated/model.safetensors is damaged"),  # the baseline too
-        ([str(ckpt), "--baseline", str(tmp_path / "missing")], "missing does not exist"),
+        ([str(ckpt), "--baseline", str(tmp_path / "missing")], "missing does not exist. Point --baseline at"),
+        # the README's default folder, relative: where it was looked for and how to make it
+        (["outputs/checkpoints/tiny-arith/final"], "does not exist \\(relative to the current directory, "
+                                                   f"{re.escape(str(tmp_path))}\\). Train the default tiny policy with"),
     ]
+    monkeypatch.chdir(tmp_path)
     for argv, message in cases:
         assert qe.main(argv) == 2, argv
         err = capsys.readouterr().err
