@@ -1243,6 +1243,21 @@ def discard_hydra_only_dir(run_dir: Path, job_name: str) -> None:
     log.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         run_dir.rmdir()
+        remove_empty_parents(run_dir)
+
+
+def remove_empty_parents(folder: Path) -> None:
+    """Remove the empty folders above `folder` inside the current directory, nearest first, up to
+    the first that holds anything (Hydra made `outputs/search/` for the run folder of a refused
+    first run in a new directory, and it stayed)."""
+    cwd = Path.cwd().resolve()
+    for parent in folder.resolve().parents:
+        if cwd not in parent.parents:
+            return
+        try:
+            parent.rmdir()
+        except OSError:  # not empty (or not ours to remove)
+            return
 
 
 @contextlib.contextmanager

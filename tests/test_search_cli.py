@@ -167,6 +167,14 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
     full = run_cli(["seed=abc", f"out_dir={out}"], cwd=tmp_path, HYDRA_FULL_ERROR="1")
     assert full.returncode == 1 and "Traceback" in full.stderr
     assert full.stderr.strip().endswith("ValueError: seed='abc' must be an integer")
+    # the default run folder: the outputs/search/ Hydra made above it in a new directory goes too
+    # (it stayed, empty), while a folder that holds anything stays
+    (tmp_path / "used" / "outputs" / "keep").mkdir(parents=True)
+    (tmp_path / "used" / "outputs" / "keep" / "f").touch()
+    for cwd, kept in ((tmp_path / "new", []), (tmp_path / "used", ["outputs", "outputs/keep", "outputs/keep/f"])):
+        cwd.mkdir(exist_ok=True)
+        assert run_cli(["seed=abc"], cwd=cwd).returncode == 2
+        assert sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*")) == kept
 
 
 UNKNOWN_GROUP_OPTIONS = [
