@@ -111,25 +111,25 @@ def test_a_worker_whose_launcher_is_killed_unwinds_its_job_and_exits(tmp_path):
     assert "Traceback" not in err
 
 
-def test_a_sigterm_of_the_worker_itself_takes_the_default_action(tmp_path):
-    proc, _ = start_launcher(tmp_path, "kill")
+def worker_exit(tmp_path: Path, how: str) -> list[str]:
+    """The launcher's report of its worker's exit (["exitcode", code]); the launcher is then stopped."""
+    proc, _ = start_launcher(tmp_path, how)
     try:
-        assert proc.stdout.readline().split() == ["exitcode", "-15"]
+        return proc.stdout.readline().split()
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_sigterm_of_the_worker_itself_takes_the_default_action(tmp_path):
+    assert worker_exit(tmp_path, "kill") == ["exitcode", "-15"]
     assert not (tmp_path / "unwound").exists()  # killed as before, not unwound
 
 
 def test_a_watched_job_that_ends_goes_on_in_its_worker(tmp_path):
     # the exit of an orphaned worker must not end a worker whose launcher is there
     (tmp_path / "finish").write_text("")
-    proc, _ = start_launcher(tmp_path, "finish")
-    try:
-        assert proc.stdout.readline().split() == ["exitcode", "0"]
-    finally:
-        proc.kill()
-        proc.wait()
+    assert worker_exit(tmp_path, "finish") == ["exitcode", "0"]
     assert (tmp_path / "after").read_text() == "yes"
 
 
