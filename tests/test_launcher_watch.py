@@ -31,7 +31,8 @@ def job(folder):
         try:
             (Path(folder) / "worker.pid").write_text(str(os.getpid()))
             if not (Path(folder) / "finish").exists():
-                time.sleep(60)
+                for _ in range(600):  # short sleeps: a SIGTERM landing just before a long one waits it out
+                    time.sleep(0.1)
         finally:
             (Path(folder) / "unwound").write_text("yes")
     (Path(folder) / "after").write_text("yes")
